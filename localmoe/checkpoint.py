@@ -1,0 +1,246 @@
+"""A Hugging Face checkpoint on local disk: its config files and lazy, zero-copy access to its tensors.
+
+A checkpoint comes from a local folder or a Hub repo id. Only `.safetensors` weights are read; pickled
+`.bin`/`.pt` files are refused, never loaded. Nothing under the checkpoint folder is ever written.
+"""
+
+import json
+import re
+from collections import defaultdict
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+
+from localmoe.errors import LocalMoEError
+
+INDEX_FILE = "model.safetensors.index.json"
+SINGLE_FILE = "model.safetensors"
+PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
+# What the first download pass fetches: configs, tokenizer and chat-template files, the weight index.
+# Weights come in a second pass restricted to the shards the index names, so a repo that also ships
+# `consolidated.safetensors` or `.bin` copies does not cost a second download of the whole model.
+METADATA_PATTERNS = ["*.json", "*.jinja", "tokenizer.model", "*.tiktoken", "*.txt"]
+REPO_ID = re.compile(r"[A-Za-z0-9][\w.-]*(/[\w.-]+)?")
+
+DTYPES = {
+    "F64": torch.float64,
+    "F32": torch.float32,
+    "F16": torch.float16,
+    "BF16": torch.bfloat16,
+    "F8_E4M3": torch.float8_e4m3fn,
+    "F8_E5M2": torch.float8_e5m2,
+    "I64": torch.int64,
+    "I32": torch.int32,
+    "I16": torch.int16,
+    "I8": torch.int8,
+    "U8": torch.uint8,
+    "BOOL": torch.bool,
+}
+
+
+@dataclass(frozen=True)
+class TensorInfo:
+    shape: tuple[int, ...]
+    dtype: torch.dtype
+
+    @property
+    def nbytes(self) -> int:
+        numel = 1
+        for size in self.shape:
+            numel *= size
+        return numel * self.dtype.itemsize
+
+
+class Checkpoint:
+    """A validated checkpoint folder: config, generation config, and every tensor by name.
+
+    Opening checks that every shard the index names is present and complete, so a half-finished
+    download fails here with the shard's name rather than halfway through loading.
+    """
+
+    def __init__(self, path: Path):
+        self.path = path
+        self.config = _read_json(path / "config.json", required=True)
+        self.generation_config = _read_json(path / "generation_config.json", required=False)
+        index = _read_index(path)
+        if index is None:
+            if not (path / SINGLE_FILE).is_file():
+                raise LocalMoEError(_no_weights_message(path))
+            handle = _open_shard(path / SINGLE_FILE)
+            self._files = {SINGLE_FILE: handle}
+            self._shard_of = dict.fromkeys(handle.keys(), SINGLE_FILE)
+        else:
+            self._shard_of = index
+            self._files = {shard: _open_shard(path / shard) for shard in sorted(set(index.values()))}
+            self._check_index_matches_shards()
+
+    @classmethod
+    def open(cls, source: str | Path, revision: str | None = None) -> "Checkpoint":
+        """Open a local folder, or a Hub repo id through the Hugging Face cache (downloading if needed)."""
+        return cls(resolve_snapshot(str(source), revision))
+
+    @property
+    def tensor_names(self) -> list[str]:
+        return list(self._shard_of)
+
+    def __contains__(self, name: str) -> bool:
+        return name in self._shard_of
+
+    def info(self, name: str) -> TensorInfo:
+        """Shape and dtype from the shard header, without reading the tensor."""
+        view = self._files[self._shard_of[name]].get_slice(name)
+        dtype = DTYPES.get(view.get_dtype())
+        if dtype is None:
+            raise LocalMoEError(
+                f"tensor {name} in {self.path} has dtype {view.get_dtype()}, which localmoe cannot read"
+            )
+        return TensorInfo(tuple(view.get_shape()), dtype)
+
+    def tensor(self, name: str) -> torch.Tensor:
+        """The tensor, memory-mapped from its shard: no copy is made until the caller converts it.
+
+        The mapping is private, so writing to the result never reaches the file.
+        """
+        try:
+            return self._files[self._shard_of[name]].get_tensor(name)
+        except KeyError:
+            raise LocalMoEError(f"{self.path} has no tensor {name}: the checkpoint is incomplete") from None
+
+    def _check_index_matches_shards(self) -> None:
+        listed = defaultdict(set)
+        for name, shard in self._shard_of.items():
+            listed[shard].add(name)
+        for shard, names in listed.items():
+            missing = names - set(self._files[shard].keys())
+            if missing:
+                raise LocalMoEError(
+                    f"{shard} in {self.path} lacks {len(missing)} tensor(s) its index lists (e.g. {min(missing)}): "
+                    "the shard and the index come from different revisions; download the checkpoint again"
+                )
+
+
+def resolve_snapshot(source: str, revision: str | None = None) -> Path:
+    """A local folder as is, or a Hub repo id resolved to its snapshot folder in the Hugging Face cache.
+
+    `HF_HUB_OFFLINE=1` and an unreachable Hub both fall back to the cache, so a repo that is already
+    downloaded opens with no network.
+    """
+    path = Path(source).expanduser()
+    if path.is_dir():
+        return path
+    if path.exists():
+        raise LocalMoEError(f"{source} is a file: give the folder that holds config.json, or a Hub repo id")
+    if not REPO_ID.fullmatch(source):
+        raise LocalMoEError(f"no such folder: {source} (give a checkpoint folder or a Hub repo id like owner/name)")
+    return _download(source, revision)
+
+
+def _download(repo_id: str, revision: str | None) -> Path:
+    from huggingface_hub import snapshot_download
+    from huggingface_hub.errors import (
+        GatedRepoError,
+        HfHubHTTPError,
+        HFValidationError,
+        IncompleteSnapshotError,
+        LocalEntryNotFoundError,
+        RepositoryNotFoundError,
+        RevisionNotFoundError,
+    )
+
+    try:
+        folder = Path(snapshot_download(repo_id, revision=revision, allow_patterns=METADATA_PATTERNS))
+        snapshot_download(repo_id, revision=revision, allow_patterns=_shards_to_fetch(folder))
+        return folder
+    except GatedRepoError:
+        raise LocalMoEError(
+            f"{repo_id} is gated: accept its terms on huggingface.co, then log in with `hf auth login`"
+        ) from None
+    except RepositoryNotFoundError:
+        raise LocalMoEError(
+            f"{repo_id} is neither a local folder nor a Hub repo you can access: check the name, or log in "
+            "with `hf auth login` for a private repo"
+        ) from None
+    except RevisionNotFoundError:
+        raise LocalMoEError(f"{repo_id} has no revision {revision!r} on the Hub") from None
+    except IncompleteSnapshotError:
+        raise LocalMoEError(
+            f"the cached copy of {repo_id} is incomplete and the Hub cannot be reached: finish the download "
+            f"where there is network (`hf download {repo_id}`)"
+        ) from None
+    except LocalEntryNotFoundError:
+        raise LocalMoEError(
+            f"{repo_id} is not a local folder and not in the Hugging Face cache, and the Hub cannot be reached "
+            f"(HF_HUB_OFFLINE or no network): download it first (`hf download {repo_id}`) or give a folder"
+        ) from None
+    except HFValidationError:
+        raise LocalMoEError(f"no such folder, and not a valid Hub repo id: {repo_id}") from None
+    except HfHubHTTPError as error:
+        first_line = str(error).splitlines()[0] if str(error) else type(error).__name__
+        raise LocalMoEError(f"the Hub refused the download of {repo_id}: {first_line}") from None
+
+
+def _shards_to_fetch(folder: Path) -> list[str]:
+    index = folder / INDEX_FILE
+    if index.is_file():
+        return sorted(set(_read_json(index, required=True).get("weight_map", {}).values()))
+    return [SINGLE_FILE]
+
+
+def _read_json(path: Path, required: bool) -> dict:
+    if not path.is_file():
+        if required:
+            raise LocalMoEError(f"{path.parent} has no {path.name}: it is not a Hugging Face model folder")
+        return {}
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+        raise LocalMoEError(
+            f"{path} is not valid JSON ({error}): the file is damaged or was not fully downloaded"
+        ) from None
+    if not isinstance(data, dict):
+        raise LocalMoEError(f"{path} does not hold a JSON object: the file is damaged")
+    return data
+
+
+def _read_index(path: Path) -> dict[str, str] | None:
+    """Tensor name -> shard file name from the index, or None for a single-file checkpoint."""
+    index = path / INDEX_FILE
+    if index.is_file():
+        weight_map = _read_json(index, required=True).get("weight_map")
+        if not isinstance(weight_map, dict) or not weight_map:
+            raise LocalMoEError(f"{index} has no weight_map: the index is damaged; download it again")
+        absent = sorted({shard for shard in weight_map.values() if not (path / shard).is_file()})
+        if absent:
+            more = f" and {len(absent) - 1} more" if len(absent) > 1 else ""
+            raise LocalMoEError(
+                f"{path} lacks shard {absent[0]}{more} that its index names: the download is incomplete; "
+                "download the checkpoint again"
+            )
+        return dict(weight_map)
+    return None
+
+
+def _no_weights_message(path: Path) -> str:
+    pickles = sorted(p.name for p in path.iterdir() if p.name.endswith(PICKLE_SUFFIXES))
+    if pickles:
+        return (
+            f"{path} holds only pickled PyTorch weights ({pickles[0]}); localmoe reads .safetensors only and never "
+            "unpickles checkpoint files: use a repo or revision that ships safetensors"
+        )
+    others = sorted(p.name for p in path.glob("*.safetensors"))
+    if others:
+        return (
+            f"{path} has {others[0]} but no {SINGLE_FILE} or {INDEX_FILE}: it is not in the Hugging Face "
+            "transformers layout"
+        )
+    return f"{path} has no model weights ({SINGLE_FILE} or {INDEX_FILE}): the download is incomplete"
+
+
+def _open_shard(path: Path):
+    try:
+        return safe_open(str(path), framework="pt")
+    except Exception as error:  # safetensors raises its own SafetensorError, or OSError
+        reason = str(error).splitlines()[0] if str(error) else type(error).__name__
+        raise LocalMoEError(f"{path} is damaged or truncated ({reason}): download the checkpoint again") from None

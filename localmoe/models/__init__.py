@@ -1,0 +1,32 @@
+"""The registry of model families, keyed by `config.architectures` and `model_type`."""
+
+from typing import Any
+
+from localmoe.errors import LocalMoEError
+from localmoe.models import mixtral, qwen3_moe
+from localmoe.models.family import Family
+
+FAMILIES: tuple[Family, ...] = (mixtral.FAMILY, qwen3_moe.FAMILY)
+
+
+def family_for(config: dict[str, Any]) -> Family:
+    """The family for a config: by its architecture, or by `model_type` when it names none.
+
+    Code shipped with a checkpoint (`auto_map`) is never run: a config that needs it for an
+    architecture localmoe does not have built in is refused.
+    """
+    architectures = config.get("architectures") or []
+    model_type = config.get("model_type")
+    for family in FAMILIES:
+        if architectures and architectures[0] in family.architectures:
+            return family
+        if not architectures and model_type == family.model_type:
+            return family
+    name = architectures[0] if architectures else f"model_type {model_type!r}"
+    supported = ", ".join(a for family in FAMILIES for a in family.architectures)
+    if config.get("auto_map"):
+        raise LocalMoEError(
+            f"{name} needs code shipped with the checkpoint (auto_map), and localmoe never runs checkpoint code; "
+            f"built-in architectures: {supported}"
+        )
+    raise LocalMoEError(f"unsupported architecture {name} (model_type {model_type!r}); localmoe runs: {supported}")

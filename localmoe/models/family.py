@@ -1,0 +1,66 @@
+"""What a model family declares: its config fields, how to build it, and where its weights live on disk."""
+
+import dataclasses
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+from torch import nn
+
+from localmoe.errors import LocalMoEError
+from localmoe.models.layers import rope_parameters
+from localmoe.models.moe import ExpertNames
+
+
+@dataclass
+class ModelArgs:
+    """Base of every family's config dataclass.
+
+    `from_config` takes the fields the family declares and ignores the rest, so a field added to
+    config.json by a newer release does not break loading. Defaults mirror transformers' config
+    classes, since a Hub config.json leaves out whatever equals the default.
+    """
+
+    default_rope_theta: ClassVar[float] = 10_000.0
+    # field -> other keys configs use for it (transformers' `attribute_map`, seen from the other side)
+    config_aliases: ClassVar[dict[str, tuple[str, ...]]] = {}
+
+    @classmethod
+    def from_config(cls, config: dict[str, Any]) -> "ModelArgs":
+        values = {}
+        for field in dataclasses.fields(cls):
+            keys = (field.name, *cls.config_aliases.get(field.name, ()))
+            value = next((config[key] for key in keys if config.get(key) is not None), None)
+            if field.name == "rope":
+                values["rope"] = rope_parameters(config, cls.default_rope_theta)
+            elif value is not None:
+                values[field.name] = value
+            elif field.default is dataclasses.MISSING and field.default_factory is dataclasses.MISSING:
+                raise LocalMoEError(
+                    f"config.json lacks {field.name}, which {cls.__name__} needs: the config is damaged"
+                )
+        return cls(**values)
+
+
+@dataclass(frozen=True)
+class Family:
+    """One model family: the architectures it serves, its args, its model, and its on-disk tensor names.
+
+    Resident weights are found under the model's own parameter names (which follow transformers'
+    in-memory names), or under those names with `hub_aliases` applied: pairs (our fragment, Hub
+    fragment) for checkpoints that spell a module differently. Routed experts are declared apart, in
+    `experts`, because the runtime, not the model, owns them.
+    """
+
+    architectures: tuple[str, ...]
+    model_type: str
+    args: type[ModelArgs]
+    model: Callable[[Any], nn.Module]
+    experts: ExpertNames
+    hub_aliases: tuple[tuple[str, str], ...] = ()
+    example: str = ""
+
+    def disk_names(self, name: str) -> list[str]:
+        """Names under which parameter `name` may be stored, the Hub's spelling first."""
+        aliased = [name.replace(ours, hub) for ours, hub in self.hub_aliases if ours in name]
+        return [*aliased, name]

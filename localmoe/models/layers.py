@@ -1,0 +1,305 @@
+"""Shared layers: RMSNorm, rotary embeddings, grouped-query attention, SwiGLU, the decoder stack.
+
+Parameter names follow transformers' in-memory module names (`model.layers.0.self_attn.q_proj.weight`),
+so most checkpoints load without renaming.
+
+Shapes in comments use B batch, T new tokens, S tokens in the cache, H heads, D head dim, E hidden size.
+"""
+
+import math
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from localmoe.errors import LocalMoEError
+from localmoe.runtime.kv_cache import AttentionKV, KVCache
+
+ACTIVATIONS = {
+    "silu": F.silu,
+    "swish": F.silu,
+    "gelu": F.gelu,
+    "gelu_pytorch_tanh": lambda x: F.gelu(x, approximate="tanh"),
+}
+
+
+def activation(name: str):
+    if name not in ACTIVATIONS:
+        raise LocalMoEError(f"activation {name!r} is not supported; localmoe knows {', '.join(ACTIVATIONS)}")
+    return ACTIVATIONS[name]
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(dim))
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # Normalise in float32 and cast back before the scale, as the reference implementations do.
+        x32 = x.float()
+        x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * x32.to(x.dtype)
+
+
+# --- rotary position embeddings ---------------------------------------------------------------------------
+
+
+def rope_parameters(config: dict[str, Any], default_theta: float) -> dict[str, Any]:
+    """The rotary settings of a config, whether written as 5.x `rope_parameters` or as older top-level
+    `rope_theta` plus `rope_scaling`; the result always has `rope_type` and `rope_theta`."""
+    params = dict(config.get("rope_scaling") or config.get("rope_parameters") or {})
+    params.setdefault("rope_type", params.pop("type", "default"))
+    theta = config.get("rope_theta")
+    params.setdefault("rope_theta", default_theta if theta is None else theta)
+    if config.get("partial_rotary_factor") is not None:
+        params.setdefault("partial_rotary_factor", config["partial_rotary_factor"])
+    if params["rope_type"] in ("llama3", "yarn", "longrope"):
+        if config.get("original_max_position_embeddings") is not None:
+            params["original_max_position_embeddings"] = config["original_max_position_embeddings"]
+        params.setdefault("original_max_position_embeddings", config.get("max_position_embeddings"))
+    return params
+
+
+def rope_inv_freq(params: dict[str, Any], head_dim: int, max_positions: int) -> tuple[torch.Tensor, float]:
+    """Inverse frequencies [dim/2] and the attention scaling applied to cos/sin, per `rope_type`."""
+    kind = params["rope_type"]
+    base = float(params["rope_theta"])
+    dim = int(head_dim * params.get("partial_rotary_factor", 1.0))
+    exponents = torch.arange(0, dim, 2, dtype=torch.int64).float() / dim
+    inv_freq = 1.0 / base**exponents
+    if kind == "default":
+        return inv_freq, 1.0
+    if kind == "linear":
+        return inv_freq / params["factor"], 1.0
+    if kind == "llama3":
+        return _llama3_inv_freq(inv_freq, params), 1.0
+    if kind == "yarn":
+        return _yarn_inv_freq(inv_freq, params, dim, base, max_positions)
+    raise LocalMoEError(f"rope_type {kind!r} is not supported yet; localmoe knows default, linear, llama3 and yarn")
+
+
+def _llama3_inv_freq(inv_freq: torch.Tensor, params: dict[str, Any]) -> torch.Tensor:
+    factor, low, high = params["factor"], params["low_freq_factor"], params["high_freq_factor"]
+    old_context = params["original_max_position_embeddings"]
+    wavelen = 2 * math.pi / inv_freq
+    scaled = torch.where(wavelen > old_context / low, inv_freq / factor, inv_freq)
+    smooth = (old_context / wavelen - low) / (high - low)
+    smoothed = (1 - smooth) * scaled / factor + smooth * scaled
+    medium = (wavelen >= old_context / high) & (wavelen <= old_context / low)
+    return torch.where(medium, smoothed, scaled)
+
+
+def _yarn_inv_freq(
+    inv_freq: torch.Tensor, params: dict[str, Any], dim: int, base: float, max_positions: int
+) -> tuple[torch.Tensor, float]:
+    original = params["original_max_position_embeddings"]
+    factor = params.get("factor") or max_positions / original
+
+    def mscale(scale: float, m: float = 1.0) -> float:
+        return 1.0 if scale <= 1 else 0.1 * m * math.log(scale) + 1.0
+
+    attention_factor = params.get("attention_factor")
+    if attention_factor is None:
+        m, m_all = params.get("mscale"), params.get("mscale_all_dim")
+        attention_factor = mscale(factor, m) / mscale(factor, m_all) if m and m_all else mscale(factor)
+
+    def correction_dim(rotations: float) -> float:
+        return dim * math.log(original / (rotations * 2 * math.pi)) / (2 * math.log(base))
+
+    low, high = correction_dim(params.get("beta_fast") or 32), correction_dim(params.get("beta_slow") or 1)
+    if params.get("truncate", True):
+        low, high = math.floor(low), math.ceil(high)
+    low, high = max(low, 0), min(high, dim - 1)
+    if low == high:
+        high += 0.001  # avoid a zero-width ramp
+    ramp = ((torch.arange(dim // 2, dtype=torch.float32) - low) / (high - low)).clamp(0, 1)
+    extrapolate = 1 - ramp
+    return inv_freq / factor * (1 - extrapolate) + inv_freq * extrapolate, float(attention_factor)
+
+
+class RotaryEmbedding(nn.Module):
+    def __init__(self, params: dict[str, Any], head_dim: int, max_positions: int):
+        super().__init__()
+        with torch.device("cpu"):  # real values even when the model is being built on `meta`
+            inv_freq, self.scaling = rope_inv_freq(params, head_dim, max_positions)
+        self.register_buffer("inv_freq", inv_freq, persistent=False)
+
+    def forward(self, start: int, length: int, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos and sin [T, rotary dim] for positions start .. start + length - 1."""
+        positions = torch.arange(start, start + length, device=self.inv_freq.device, dtype=torch.float32)
+        freqs = torch.outer(positions, self.inv_freq)
+        angles = torch.cat((freqs, freqs), dim=-1)
+        return (angles.cos() * self.scaling).to(dtype), (angles.sin() * self.scaling).to(dtype)
+
+
+def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate the first cos.shape[-1] dims of x [B, H, T, D] in halves; the rest pass through."""
+    rot, rest = x[..., : cos.shape[-1]], x[..., cos.shape[-1] :]
+    half = rot.shape[-1] // 2
+    rotated = torch.cat((-rot[..., half:], rot[..., :half]), dim=-1)
+    return torch.cat((rot * cos + rotated * sin, rest), dim=-1)
+
+
+# --- attention -------------------------------------------------------------------------------------------
+
+
+@dataclass
+class Step:
+    """Where one forward call sits in the sequence; shared by all its layers."""
+
+    start: int
+    length: int
+    cos: torch.Tensor
+    sin: torch.Tensor
+    _masks: dict = field(default_factory=dict)
+
+    def mask(self, window: int | None) -> tuple[torch.Tensor | None, bool]:
+        """(boolean mask [T, S] or None, is_causal) for scaled_dot_product_attention.
+
+        The common cases need no mask tensor: a first chunk with no window to cut, or one new token that
+        sees the whole cache.
+        """
+        start, length = self.start, self.length
+        within_window = window is None or start + length <= window
+        if within_window and start == 0:
+            return None, length > 1
+        if within_window and length == 1:
+            return None, False
+        if window not in self._masks:
+            queries = torch.arange(start, start + length, device=self.cos.device)[:, None]
+            keys = torch.arange(start + length, device=self.cos.device)[None, :]
+            visible = keys <= queries
+            if window is not None:
+                visible &= keys > queries - window
+            self._masks[window] = visible
+        return self._masks[window], False
+
+
+class Attention(nn.Module):
+    """Grouped-query attention with rotary embeddings, optional per-head q/k RMSNorm and sliding window."""
+
+    def __init__(
+        self,
+        hidden: int,
+        heads: int,
+        kv_heads: int,
+        head_dim: int,
+        *,
+        bias: bool = False,
+        qk_norm_eps: float | None = None,
+        sliding_window: int | None = None,
+    ):
+        super().__init__()
+        self.heads, self.kv_heads, self.head_dim = heads, kv_heads, head_dim
+        self.sliding_window = sliding_window
+        self.q_proj = nn.Linear(hidden, heads * head_dim, bias=bias)
+        self.k_proj = nn.Linear(hidden, kv_heads * head_dim, bias=bias)
+        self.v_proj = nn.Linear(hidden, kv_heads * head_dim, bias=bias)
+        self.o_proj = nn.Linear(heads * head_dim, hidden, bias=bias)
+        if qk_norm_eps is not None:
+            self.q_norm = RMSNorm(head_dim, qk_norm_eps)
+            self.k_norm = RMSNorm(head_dim, qk_norm_eps)
+
+    def new_state(self, batch: int, max_len: int, dtype: torch.dtype, device: torch.device) -> AttentionKV:
+        return AttentionKV(batch, self.kv_heads, self.head_dim, max_len, dtype, device)
+
+    def forward(self, x: torch.Tensor, step: Step, kv: AttentionKV) -> torch.Tensor:
+        B, T, _ = x.shape
+        q = self.q_proj(x).view(B, T, self.heads, self.head_dim)
+        k = self.k_proj(x).view(B, T, self.kv_heads, self.head_dim)
+        v = self.v_proj(x).view(B, T, self.kv_heads, self.head_dim)
+        if hasattr(self, "q_norm"):
+            q, k = self.q_norm(q), self.k_norm(k)
+        q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # [B, H, T, D]
+        q, k = apply_rotary(q, step.cos, step.sin), apply_rotary(k, step.cos, step.sin)
+        k, v = kv.update(k, v, step.start)  # [B, H_kv, S, D]
+        mask, is_causal = step.mask(self.sliding_window)
+        out = F.scaled_dot_product_attention(
+            q, k, v, attn_mask=mask, is_causal=is_causal, scale=self.head_dim**-0.5, enable_gqa=True
+        )
+        return self.o_proj(out.transpose(1, 2).reshape(B, T, -1))
+
+
+# --- feed-forward and the decoder stack --------------------------------------------------------------------
+
+
+class MLP(nn.Module):
+    """Dense SwiGLU feed-forward: down(act(gate(x)) * up(x))."""
+
+    def __init__(self, hidden: int, intermediate: int, act: str = "silu"):
+        super().__init__()
+        self.gate_proj = nn.Linear(hidden, intermediate, bias=False)
+        self.up_proj = nn.Linear(hidden, intermediate, bias=False)
+        self.down_proj = nn.Linear(intermediate, hidden, bias=False)
+        self.act = activation(act)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(self.act(self.gate_proj(x)) * self.up_proj(x))
+
+
+class DecoderLayer(nn.Module):
+    """Pre-norm attention, then pre-norm feed-forward (dense or MoE), each with a residual."""
+
+    def __init__(self, attention: Attention, mlp: nn.Module, hidden: int, eps: float):
+        super().__init__()
+        self.self_attn = attention
+        self.mlp = mlp
+        self.input_layernorm = RMSNorm(hidden, eps)
+        self.post_attention_layernorm = RMSNorm(hidden, eps)
+
+    def forward(self, h: torch.Tensor, step: Step, kv: AttentionKV) -> torch.Tensor:
+        h = h + self.self_attn(self.input_layernorm(h), step, kv)
+        return h + self.mlp(self.post_attention_layernorm(h))
+
+
+class Backbone(nn.Module):
+    def __init__(self, vocab_size: int, hidden: int, layers: list[DecoderLayer], eps: float):
+        super().__init__()
+        self.embed_tokens = nn.Embedding(vocab_size, hidden)
+        self.layers = nn.ModuleList(layers)
+        self.norm = RMSNorm(hidden, eps)
+
+
+class CausalLM(nn.Module):
+    """Embeddings, decoder layers, final norm and LM head, run over a KV cache."""
+
+    def __init__(
+        self,
+        backbone: Backbone,
+        rotary: RotaryEmbedding,
+        *,
+        tie_word_embeddings: bool,
+        max_position_embeddings: int,
+    ):
+        super().__init__()
+        self.model = backbone
+        self.rotary = rotary
+        vocab_size, hidden = backbone.embed_tokens.weight.shape
+        self.lm_head = None if tie_word_embeddings else nn.Linear(hidden, vocab_size, bias=False)
+        self.max_position_embeddings = max_position_embeddings
+
+    def new_cache(self, batch: int, max_len: int) -> KVCache:
+        weight = self.model.embed_tokens.weight
+        states = [layer.self_attn.new_state(batch, max_len, weight.dtype, weight.device) for layer in self.model.layers]
+        return KVCache(states, max_len)
+
+    def forward(self, ids: torch.Tensor, cache: KVCache, all_logits: bool = False) -> torch.Tensor:
+        """Logits [B, T, V] for ids [B, T] following what the cache holds (only the last position unless
+        `all_logits`); the cache advances by T."""
+        start, length = cache.pos, ids.shape[1]
+        if start + length > cache.max_len:
+            raise LocalMoEError(
+                f"{start + length} tokens do not fit the {cache.max_len}-token context allocated for this run"
+            )
+        h = self.model.embed_tokens(ids)
+        step = Step(start, length, *self.rotary(start, length, h.dtype))
+        for layer, kv in zip(self.model.layers, cache.layers, strict=True):
+            h = layer(h, step, kv)
+        cache.pos += length
+        h = self.model.norm(h if all_logits else h[:, -1:])
+        if self.lm_head is None:
+            return F.linear(h, self.model.embed_tokens.weight)
+        return self.lm_head(h)

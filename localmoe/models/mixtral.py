@@ -1,0 +1,79 @@
+"""Mixtral (MixtralForCausalLM): softmax top-k routing with renormalised weights, optional sliding window."""
+
+from dataclasses import dataclass, field
+from typing import ClassVar
+
+from localmoe.models.family import Family, ModelArgs
+from localmoe.models.layers import Attention, Backbone, CausalLM, DecoderLayer, RotaryEmbedding
+from localmoe.models.moe import FUSED_EXPERTS, ExpertNames, SparseMoE
+
+
+@dataclass
+class MixtralArgs(ModelArgs):
+    default_rope_theta: ClassVar[float] = 1_000_000.0
+
+    vocab_size: int
+    hidden_size: int
+    intermediate_size: int
+    num_hidden_layers: int
+    num_attention_heads: int
+    num_key_value_heads: int = 8
+    head_dim: int | None = None
+    num_local_experts: int = 8
+    num_experts_per_tok: int = 2
+    hidden_act: str = "silu"
+    rms_norm_eps: float = 1e-5
+    max_position_embeddings: int = 4096 * 32
+    sliding_window: int | None = None
+    tie_word_embeddings: bool = False
+    rope: dict = field(default_factory=dict)
+
+
+def build(args: MixtralArgs) -> CausalLM:
+    head_dim = args.head_dim or args.hidden_size // args.num_attention_heads
+    layers = [
+        DecoderLayer(
+            Attention(
+                args.hidden_size,
+                args.num_attention_heads,
+                args.num_key_value_heads,
+                head_dim,
+                sliding_window=args.sliding_window,
+            ),
+            SparseMoE(
+                i,
+                args.hidden_size,
+                args.intermediate_size,
+                args.num_local_experts,
+                args.num_experts_per_tok,
+                normalize=True,
+                act=args.hidden_act,
+            ),
+            args.hidden_size,
+            args.rms_norm_eps,
+        )
+        for i in range(args.num_hidden_layers)
+    ]
+    return CausalLM(
+        Backbone(args.vocab_size, args.hidden_size, layers, args.rms_norm_eps),
+        RotaryEmbedding(args.rope, head_dim, args.max_position_embeddings),
+        tie_word_embeddings=args.tie_word_embeddings,
+        max_position_embeddings=args.max_position_embeddings,
+    )
+
+
+FAMILY = Family(
+    architectures=("MixtralForCausalLM",),
+    model_type="mixtral",
+    args=MixtralArgs,
+    model=build,
+    experts=ExpertNames(
+        per_expert={
+            role: f"model.layers.{{layer}}.block_sparse_moe.experts.{{expert}}.{name}.weight"
+            for role, name in (("gate", "w1"), ("up", "w3"), ("down", "w2"))
+        },
+        fused=FUSED_EXPERTS,
+    ),
+    hub_aliases=((".mlp.gate.", ".block_sparse_moe.gate."),),
+    example="mistralai/Mixtral-8x7B-Instruct-v0.1",
+)

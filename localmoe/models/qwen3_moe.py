@@ -1,0 +1,97 @@
+"""Qwen3-MoE (Qwen3MoeForCausalLM): per-head q/k RMSNorm, optional top-k renormalisation, and dense
+layers where `mlp_only_layers` or `decoder_sparse_step` say so."""
+
+from dataclasses import dataclass, field
+from typing import ClassVar
+
+from localmoe.models.family import Family, ModelArgs
+from localmoe.models.layers import MLP, Attention, Backbone, CausalLM, DecoderLayer, RotaryEmbedding
+from localmoe.models.moe import FUSED_EXPERTS, ExpertNames, SparseMoE
+
+
+@dataclass
+class Qwen3MoeArgs(ModelArgs):
+    # Hub configs say num_experts; transformers 5 saves the same value as num_local_experts.
+    config_aliases: ClassVar[dict[str, tuple[str, ...]]] = {"num_experts": ("num_local_experts",)}
+
+    vocab_size: int
+    hidden_size: int
+    intermediate_size: int
+    num_hidden_layers: int
+    num_attention_heads: int
+    num_key_value_heads: int = 4
+    head_dim: int | None = None
+    moe_intermediate_size: int = 768
+    num_experts: int = 128
+    num_experts_per_tok: int = 8
+    norm_topk_prob: bool = False
+    decoder_sparse_step: int = 1
+    mlp_only_layers: list[int] = field(default_factory=list)
+    hidden_act: str = "silu"
+    rms_norm_eps: float = 1e-6
+    attention_bias: bool = False
+    max_position_embeddings: int = 32768
+    use_sliding_window: bool = False
+    sliding_window: int | None = 4096
+    tie_word_embeddings: bool = False
+    rope: dict = field(default_factory=dict)
+
+    def is_moe_layer(self, i: int) -> bool:
+        return i not in self.mlp_only_layers and self.num_experts > 0 and (i + 1) % self.decoder_sparse_step == 0
+
+
+def build(args: Qwen3MoeArgs) -> CausalLM:
+    head_dim = args.head_dim or args.hidden_size // args.num_attention_heads
+    window = args.sliding_window if args.use_sliding_window else None
+
+    def feed_forward(i: int):
+        if not args.is_moe_layer(i):
+            return MLP(args.hidden_size, args.intermediate_size, args.hidden_act)
+        return SparseMoE(
+            i,
+            args.hidden_size,
+            args.moe_intermediate_size,
+            args.num_experts,
+            args.num_experts_per_tok,
+            normalize=args.norm_topk_prob,
+            act=args.hidden_act,
+        )
+
+    layers = [
+        DecoderLayer(
+            Attention(
+                args.hidden_size,
+                args.num_attention_heads,
+                args.num_key_value_heads,
+                head_dim,
+                bias=args.attention_bias,
+                qk_norm_eps=args.rms_norm_eps,
+                sliding_window=window,
+            ),
+            feed_forward(i),
+            args.hidden_size,
+            args.rms_norm_eps,
+        )
+        for i in range(args.num_hidden_layers)
+    ]
+    return CausalLM(
+        Backbone(args.vocab_size, args.hidden_size, layers, args.rms_norm_eps),
+        RotaryEmbedding(args.rope, head_dim, args.max_position_embeddings),
+        tie_word_embeddings=args.tie_word_embeddings,
+        max_position_embeddings=args.max_position_embeddings,
+    )
+
+
+FAMILY = Family(
+    architectures=("Qwen3MoeForCausalLM",),
+    model_type="qwen3_moe",
+    args=Qwen3MoeArgs,
+    model=build,
+    experts=ExpertNames(
+        per_expert={
+            role: f"model.layers.{{layer}}.mlp.experts.{{expert}}.{role}_proj.weight" for role in ("gate", "up", "down")
+        },
+        fused=FUSED_EXPERTS,
+    ),
+    example="Qwen/Qwen3-30B-A3B-Instruct-2507",
+)

@@ -1,0 +1,103 @@
+"""Tiny random checkpoints written by transformers, the correctness oracle of the tests."""
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+SMALL_SHARDS = "20KB"  # small enough that one layer's experts land in several shards
+
+
+def randomize(model: torch.nn.Module, seed: int = 0) -> None:
+    """Give every parameter and buffer a random value: defaults such as zero biases or unit norms hide bugs.
+
+    Norm weights stay near one so that activations keep a sane scale through the stack.
+    """
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, tensor in model.state_dict().items():
+            if not tensor.is_floating_point() or "inv_freq" in name:
+                continue
+            noise = torch.randn(tensor.shape, generator=generator, dtype=torch.float32)
+            center = 1.0 if "norm" in name else 0.0
+            tensor.copy_(center + 0.1 * noise)
+
+
+def hf_model(config_class: str, **config):
+    """A randomised transformers causal LM in float32, in eval mode."""
+    import transformers
+
+    cfg = getattr(transformers, config_class)(**config)
+    torch.manual_seed(0)
+    model = transformers.AutoModelForCausalLM.from_config(cfg, dtype=torch.float32).eval()
+    randomize(model)
+    return model
+
+
+def save_hf(model, folder: Path, layout: str) -> Path:
+    """Write `model` as transformers does: `sharded` (index + small shards), `single` (one
+    model.safetensors), or `fused` (the in-memory 3-D expert tensors, as transformers 5 also loads)."""
+    if layout == "sharded":
+        model.save_pretrained(folder, max_shard_size=SMALL_SHARDS)
+    elif layout == "single":
+        model.save_pretrained(folder)
+    elif layout == "fused":
+        from safetensors.torch import save_file
+
+        model.save_pretrained(folder)
+        (folder / "model.safetensors").unlink()
+        state = {k: v.contiguous() for k, v in model.state_dict().items()}
+        if model.config.tie_word_embeddings:
+            state.pop("lm_head.weight")
+        save_file(state, str(folder / "model.safetensors"), metadata={"format": "pt"})
+    else:
+        raise ValueError(layout)
+    assert (folder / "config.json").is_file()
+    return folder
+
+
+def read_json(path: Path) -> dict:
+    return json.loads(path.read_text())
+
+
+@pytest.fixture
+def tiny_mixtral(tmp_path):
+    """A sharded tiny Mixtral checkpoint with a byte-level tokenizer."""
+    from localmoe.demo import byte_level_tokenizer
+
+    model = hf_model("MixtralConfig", **MIXTRAL)
+    folder = save_hf(model, tmp_path / "mixtral", "sharded")
+    byte_level_tokenizer().save(str(folder / "tokenizer.json"))
+    return folder
+
+
+MIXTRAL = dict(
+    vocab_size=258,
+    hidden_size=64,
+    intermediate_size=96,
+    num_hidden_layers=3,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    num_local_experts=5,
+    num_experts_per_tok=2,
+    max_position_embeddings=256,
+    bos_token_id=256,
+    eos_token_id=257,
+)
+
+QWEN3_MOE = dict(
+    vocab_size=258,
+    hidden_size=64,
+    intermediate_size=112,
+    moe_intermediate_size=48,
+    num_hidden_layers=4,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    head_dim=24,
+    num_experts=7,
+    num_experts_per_tok=3,
+    max_position_embeddings=256,
+    bos_token_id=256,
+    eos_token_id=257,
+)

@@ -1,0 +1,202 @@
+"""The checkpoint reader and the loader on good and broken checkpoints: every broken one is one clear line."""
+
+import hashlib
+import json
+import os
+import shutil
+
+import pytest
+import torch
+from conftest import MIXTRAL, hf_model, save_hf
+
+import localmoe
+from localmoe.checkpoint import Checkpoint
+from localmoe.errors import LocalMoEError
+
+COMMIT = "0123456789abcdef0123456789abcdef01234567"
+
+
+@pytest.fixture(scope="module")
+def sharded(tmp_path_factory):
+    return save_hf(hf_model("MixtralConfig", **MIXTRAL), tmp_path_factory.mktemp("ckpt"), "sharded")
+
+
+@pytest.fixture
+def broken(sharded, tmp_path):
+    """A private copy of the sharded checkpoint to damage."""
+    return shutil.copytree(sharded, tmp_path / "broken")
+
+
+def load_error(source) -> str:
+    with pytest.raises(LocalMoEError) as info:
+        localmoe.load(str(source), device="cpu")
+    message = str(info.value)
+    assert "\n" not in message
+    return message
+
+
+def index(folder) -> dict:
+    return json.loads((folder / "model.safetensors.index.json").read_text())
+
+
+def write_index(folder, data: dict) -> None:
+    (folder / "model.safetensors.index.json").write_text(json.dumps(data))
+
+
+def test_tensors_are_lazy_views_of_the_shards(sharded):
+    ckpt = Checkpoint.open(sharded)
+    name = "model.layers.1.block_sparse_moe.experts.3.w2.weight"
+    assert name in ckpt
+    assert ckpt.info(name).shape == (MIXTRAL["hidden_size"], MIXTRAL["intermediate_size"])
+    # the same memory-mapped bytes each time, not a fresh copy
+    assert ckpt.tensor(name).data_ptr() == ckpt.tensor(name).data_ptr()
+    assert ckpt.config["model_type"] == "mixtral"
+    assert ckpt.generation_config["eos_token_id"] == MIXTRAL["eos_token_id"]
+
+
+def test_loading_never_writes_to_the_checkpoint(sharded):
+    def digest():
+        return {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(sharded.iterdir())}
+
+    before = digest()
+    engine = localmoe.load(str(sharded), device="cpu")
+    list(engine.generate_ids([1, 2, 3], 4))
+    assert digest() == before
+
+
+def test_missing_path():
+    assert "no such folder" in load_error("/no/such/checkpoint")
+    assert "no such folder" in load_error("./relative/missing")
+
+
+def test_path_to_a_file(sharded):
+    assert "is a file" in load_error(sharded / "config.json")
+
+
+def test_missing_shard(broken):
+    shard = sorted(broken.glob("model-*.safetensors"))[3]
+    shard.unlink()
+    message = load_error(broken)
+    assert shard.name in message and "incomplete" in message
+
+
+def test_truncated_shard(broken):
+    shard = sorted(broken.glob("model-*.safetensors"))[2]
+    os.truncate(shard, shard.stat().st_size // 2)
+    message = load_error(broken)
+    assert shard.name in message and "truncated" in message
+
+
+def test_resident_tensor_missing_from_index(broken):
+    data = index(broken)
+    del data["weight_map"]["model.layers.1.self_attn.q_proj.weight"]
+    write_index(broken, data)
+    message = load_error(broken)
+    assert "lacks tensor model.layers.1.self_attn.q_proj.weight" in message
+
+
+def test_expert_tensor_missing_from_index(broken):
+    data = index(broken)
+    del data["weight_map"]["model.layers.2.block_sparse_moe.experts.4.w3.weight"]
+    write_index(broken, data)
+    assert "model.layers.2.block_sparse_moe.experts.4.w3.weight" in load_error(broken)
+
+
+def test_index_names_a_tensor_its_shard_lacks(broken):
+    data = index(broken)
+    name = "model.norm.weight"
+    other = next(s for s in sorted(set(data["weight_map"].values())) if s != data["weight_map"][name])
+    data["weight_map"][name] = other
+    write_index(broken, data)
+    message = load_error(broken)
+    assert other in message and "different revisions" in message
+
+
+def test_shapes_that_do_not_match_the_config(broken):
+    config = json.loads((broken / "config.json").read_text())
+    config["vocab_size"] += 1
+    (broken / "config.json").write_text(json.dumps(config))
+    assert "config.json implies" in load_error(broken)
+
+
+def test_damaged_config(broken):
+    (broken / "config.json").write_text('{"architectures": ["MixtralForCausalLM"],')
+    assert "not valid JSON" in load_error(broken)
+
+
+def test_no_config(broken):
+    (broken / "config.json").unlink()
+    assert "no config.json" in load_error(broken)
+
+
+def test_pickle_only_checkpoint_is_refused_unopened(tmp_path):
+    """A .bin whose unpickling would write a file: refusing must not unpickle it."""
+    marker = tmp_path / "unpickled"
+
+    class Payload:
+        def __reduce__(self):
+            return (open, (str(marker), "w"))
+
+    folder = tmp_path / "pickled"
+    folder.mkdir()
+    (folder / "config.json").write_text(json.dumps({"architectures": ["MixtralForCausalLM"], **MIXTRAL}))
+    torch.save(Payload(), folder / "pytorch_model.bin")
+    message = load_error(folder)
+    assert "pytorch_model.bin" in message and "never unpickles" in message
+    assert not marker.exists()
+
+
+def test_unknown_architecture(broken):
+    config = json.loads((broken / "config.json").read_text())
+    config.update(architectures=["FooMoeForCausalLM"], model_type="foo_moe")
+    (broken / "config.json").write_text(json.dumps(config))
+    message = load_error(broken)
+    assert "FooMoeForCausalLM" in message and "MixtralForCausalLM" in message and "Qwen3MoeForCausalLM" in message
+
+
+def test_remote_code_is_refused(broken):
+    config = json.loads((broken / "config.json").read_text())
+    config.update(architectures=["FooMoeForCausalLM"], auto_map={"AutoModelForCausalLM": "modeling_foo.FooMoe"})
+    (broken / "config.json").write_text(json.dumps(config))
+    assert "never runs checkpoint code" in load_error(broken)
+
+
+def test_auto_map_of_a_built_in_architecture_uses_the_built_in(broken):
+    config = json.loads((broken / "config.json").read_text())
+    config["auto_map"] = {"AutoModelForCausalLM": "modeling_mixtral.MixtralForCausalLM"}
+    (broken / "config.json").write_text(json.dumps(config))
+    (broken / "modeling_mixtral.py").write_text("raise SystemExit('checkpoint code ran')\n")
+    assert localmoe.load(str(broken), device="cpu").loaded.family.model_type == "mixtral"
+
+
+# --- Hub repo ids, through the Hugging Face cache ------------------------------------------------------------
+
+
+@pytest.fixture
+def hub_cache(sharded, tmp_path, monkeypatch):
+    """A Hugging Face cache holding `tiny/mixtral` at one commit, with the Hub unreachable (offline)."""
+    import huggingface_hub.constants
+
+    repo = tmp_path / "hub" / "models--tiny--mixtral"
+    shutil.copytree(sharded, repo / "snapshots" / COMMIT)
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text(COMMIT)
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+    return repo
+
+
+def test_repo_id_in_the_cache_opens_offline(hub_cache):
+    ckpt = Checkpoint.open("tiny/mixtral")
+    assert ckpt.path == hub_cache / "snapshots" / COMMIT
+    assert localmoe.load("tiny/mixtral", device="cpu").loaded.family.model_type == "mixtral"
+
+
+def test_repo_id_not_in_the_cache(hub_cache):
+    message = load_error("tiny/absent")
+    assert "not in the Hugging Face cache" in message and "hf download tiny/absent" in message
+
+
+def test_cached_repo_missing_a_shard(hub_cache):
+    next((hub_cache / "snapshots" / COMMIT).glob("model-*.safetensors")).unlink()
+    assert "download is incomplete" in load_error("tiny/mixtral")

@@ -1,0 +1,94 @@
+"""The `localmoe` command: output, one-line errors with exit status 2, the demo, and no transformers."""
+
+import os
+import subprocess
+import sys
+
+import pytest
+from click.testing import CliRunner
+
+import localmoe
+from localmoe.cli import main
+
+
+def run(*args: str, env: dict | None = None):
+    return CliRunner().invoke(main, list(args), env=env)
+
+
+def test_generate_prints_the_greedy_continuation(tiny_mixtral):
+    result = run("generate", str(tiny_mixtral), "--prompt", "Hello", "-n", "12", "--device", "cpu")
+    assert result.exit_code == 0, result.output
+    engine = localmoe.load(str(tiny_mixtral), device="cpu")
+    expected = "".join(engine.generate("Hello", 12))
+    assert result.stdout == expected + "\n"
+    assert "generated: " in result.stderr
+
+
+@pytest.mark.parametrize(
+    "args,needle",
+    [
+        (["generate", "/no/such/model", "-p", "hi"], "no such folder"),
+        (["generate", "{ckpt}", "-p", "hi", "--device", "cuda:7"], "cuda:7"),
+        (["generate", "{ckpt}", "-p", "x" * 300, "-n", "4"], "exceeds the model's context of 256 tokens"),
+        (["generate", "{ckpt}", "-p", "hi", "--device", "tpu"], "unknown device"),
+    ],
+)
+def test_errors_are_one_line_with_status_2(tiny_mixtral, args, needle):
+    result = run(*[arg.replace("{ckpt}", str(tiny_mixtral)) for arg in args])
+    assert result.exit_code == 2
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("localmoe: error: ") and needle in lines[0]
+
+
+def test_missing_tokenizer_is_an_error(tiny_mixtral):
+    (tiny_mixtral / "tokenizer.json").unlink()
+    result = run("generate", str(tiny_mixtral), "-p", "hi")
+    assert result.exit_code == 2 and "no tokenizer.json" in result.stderr
+
+
+def test_demo_writes_once_then_reuses(tmp_path):
+    env = {"LOCALMOE_CACHE": str(tmp_path)}
+    first = run("demo", "-n", "8", env=env)
+    assert first.exit_code == 0, first.output
+    assert "RANDOM weights" in first.stderr
+    folder = tmp_path / "demo-mixtral-tiny-v1"
+    assert (folder / "model.safetensors.index.json").is_file()
+    stamp = (folder / "config.json").stat().st_mtime_ns
+    second = run("demo", "-n", "8", env=env)
+    assert second.exit_code == 0 and second.stdout == first.stdout
+    assert (folder / "config.json").stat().st_mtime_ns == stamp
+
+
+def test_a_full_generate_never_imports_transformers(tiny_mixtral, tmp_path):
+    """In a fresh interpreter: the package, the Hub path (offline, from the cache) and a generation."""
+    commit = "0" * 40
+    repo = tmp_path / "hub" / "models--tiny--mixtral"
+    (repo / "snapshots").mkdir(parents=True)
+    (repo / "snapshots" / commit).symlink_to(tiny_mixtral, target_is_directory=True)
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text(commit)
+    script = (
+        "import sys\n"
+        "from localmoe.cli import main\n"
+        "try:\n"
+        "    main(['generate', 'tiny/mixtral', '-p', 'Hi', '-n', '4', '--device', 'cpu'])\n"
+        "except SystemExit as exit:\n"
+        "    assert not exit.code, exit.code\n"
+        "assert 'transformers' not in sys.modules, 'transformers was imported'\n"
+    )
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_HUB_CACHE": str(tmp_path / "hub")}
+    done = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    assert "generated: " in done.stderr
+
+
+def test_error_exit_from_a_real_process_has_no_traceback():
+    done = subprocess.run(
+        [sys.executable, "-m", "localmoe", "generate", "/no/such/model", "-p", "hi"],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert done.returncode == 2
+    assert "Traceback" not in done.stderr
+    assert done.stderr.strip().startswith("localmoe: error: no such folder")

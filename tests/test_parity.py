@@ -1,0 +1,113 @@
+"""Each family against transformers, in float32: logits over a prompt and over incremental decode steps
+within 1e-4, and identical greedy tokens."""
+
+import pytest
+import torch
+from conftest import MIXTRAL, QWEN3_MOE, hf_model, save_hf
+
+import localmoe
+from localmoe.runtime.generate import greedy_tokens
+
+TOLERANCE = 1e-4
+PROMPT_TOKENS, DECODE_STEPS, GREEDY_TOKENS = 24, 16, 32
+
+CASES = {
+    # name: (config class, base config, overrides, layout)
+    "mixtral-sharded": ("MixtralConfig", MIXTRAL, {}, "sharded"),
+    "mixtral-single-tied": ("MixtralConfig", MIXTRAL, {"tie_word_embeddings": True}, "single"),
+    # a window shorter than the prompt, so that the mask really cuts
+    "mixtral-sliding-window": ("MixtralConfig", MIXTRAL, {"sliding_window": 8}, "sharded"),
+    "mixtral-fused": ("MixtralConfig", MIXTRAL, {}, "fused"),
+    # top-k equal to the number of experts: every expert runs for every token
+    "mixtral-all-experts": (
+        "MixtralConfig",
+        MIXTRAL,
+        {"num_local_experts": 3, "num_experts_per_tok": 3},
+        "single",
+    ),
+    "qwen3-norm-topk": ("Qwen3MoeConfig", QWEN3_MOE, {"norm_topk_prob": True}, "sharded"),
+    "qwen3-no-norm-topk": ("Qwen3MoeConfig", QWEN3_MOE, {"norm_topk_prob": False}, "sharded"),
+    "qwen3-tied-bias": (
+        "Qwen3MoeConfig",
+        QWEN3_MOE,
+        {"tie_word_embeddings": True, "attention_bias": True},
+        "single",
+    ),
+    # dense layers where mlp_only_layers and decoder_sparse_step put them
+    "qwen3-dense-layers": (
+        "Qwen3MoeConfig",
+        QWEN3_MOE,
+        {"mlp_only_layers": [0], "decoder_sparse_step": 2},
+        "sharded",
+    ),
+    "qwen3-sliding-window": (
+        "Qwen3MoeConfig",
+        QWEN3_MOE,
+        {"use_sliding_window": True, "sliding_window": 8},
+        "single",
+    ),
+    "qwen3-fused": ("Qwen3MoeConfig", QWEN3_MOE, {"norm_topk_prob": True}, "fused"),
+    "qwen3-yarn": (
+        "Qwen3MoeConfig",
+        QWEN3_MOE,
+        {"rope_parameters": {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 64}},
+        "single",
+    ),
+}
+
+
+@pytest.fixture(params=list(CASES), scope="module")
+def pair(request, tmp_path_factory):
+    """(transformers model, localmoe engine) over the same checkpoint."""
+    config_class, base, overrides, layout = CASES[request.param]
+    reference = hf_model(config_class, **{**base, **overrides})
+    folder = save_hf(reference, tmp_path_factory.mktemp(request.param), layout)
+    return reference, localmoe.load(str(folder), device="cpu", dtype=torch.float32)
+
+
+def test_experts_read_in_the_layout_written(pair, request):
+    _, engine = pair
+    layout = CASES[request.node.callspec.params["pair"]][3]
+    assert set(engine.loaded.experts.fused.values()) == {layout == "fused"}
+
+
+def prompt_ids(length: int = PROMPT_TOKENS) -> torch.Tensor:
+    return torch.randint(0, 256, (1, length), generator=torch.Generator().manual_seed(1))
+
+
+def test_prefill_logits_match(pair):
+    reference, engine = pair
+    ids = prompt_ids()
+    with torch.no_grad():
+        expected = reference(ids).logits
+    got = engine.model(ids, engine.model.new_cache(1, ids.shape[1]), all_logits=True)
+    assert got.shape == expected.shape
+    assert (got - expected).abs().max().item() < TOLERANCE
+
+
+def test_decode_steps_match(pair):
+    reference, engine = pair
+    ids = prompt_ids()
+    steps = torch.randint(0, 256, (1, DECODE_STEPS), generator=torch.Generator().manual_seed(2))
+    cache = engine.model.new_cache(1, PROMPT_TOKENS + DECODE_STEPS)
+    with torch.no_grad():
+        out = reference(ids, use_cache=True)
+        engine.model(ids, cache)
+        past = out.past_key_values
+        for i in range(DECODE_STEPS):
+            token = steps[:, i : i + 1]
+            out = reference(token, past_key_values=past, use_cache=True)
+            past = out.past_key_values
+            got = engine.model(token, cache)
+            assert (got[:, -1] - out.logits[:, -1]).abs().max().item() < TOLERANCE, f"decode step {i}"
+
+
+def test_greedy_tokens_identical(pair):
+    reference, engine = pair
+    ids = prompt_ids()
+    with torch.no_grad():
+        expected = reference.generate(
+            ids, max_new_tokens=GREEDY_TOKENS, do_sample=False, eos_token_id=None, pad_token_id=0
+        )[0, PROMPT_TOKENS:].tolist()
+    got = list(greedy_tokens(engine.model, ids[0].tolist(), GREEDY_TOKENS))
+    assert got == expected
