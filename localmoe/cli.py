@@ -1,6 +1,7 @@
 """The `localmoe` command."""
 
 import sys
+from pathlib import Path
 
 import click
 import torch
@@ -30,52 +31,140 @@ def main():
     """Run Mixture-of-Experts models from Hugging Face checkpoints."""
 
 
-def _run_options(fn):
-    fn = click.option("--max-new-tokens", "-n", default=128, show_default=True, type=click.IntRange(min=1))(fn)
-    fn = click.option("--device", default=None, help="cpu, cuda or cuda:N  [default: cuda if present, else cpu]")(fn)
-    fn = click.option(
-        "--dtype",
-        type=click.Choice(list(DTYPE_CHOICES)),
-        default="auto",
-        help="Compute dtype; auto: the checkpoint's.",
-    )(fn)
+def _size(ctx, param, value: str | None) -> int | None:
+    from localmoe.runtime.memory import parse_size
+
+    return None if value is None else parse_size(value)
+
+
+def _placement_options(fn):
+    """Flags that decide where the model lives: device, dtype, budgets, context and the expert slots."""
+    options = [
+        click.option("--device", default=None, help="cpu, cuda or cuda:N  [default: cuda if present, else cpu]"),
+        click.option(
+            "--dtype",
+            type=click.Choice(list(DTYPE_CHOICES)),
+            default="auto",
+            help="Compute dtype; auto: the checkpoint's.",
+        ),
+        click.option("--vram-budget", callback=_size, help="Device memory to use, e.g. 12GiB  [default: what is free]"),
+        click.option(
+            "--host-budget", callback=_size, help="Host RAM for the experts, e.g. 32GiB  [default: available]"
+        ),
+        click.option("--expert-slots", type=int, default=None, help="Expert slots on the device (overrides the plan)."),
+        click.option(
+            "--context", type=click.IntRange(min=1), default=4096, show_default=True, help="Tokens of KV cache."
+        ),
+    ]
+    for option in reversed(options):
+        fn = option(fn)
     return fn
+
+
+def _cache_options(fn):
+    """Flags of the expert cache and prefetch, and what to report."""
+    options = [
+        click.option("--policy", type=click.Choice(["lru", "lfu"]), default="lru", show_default=True),
+        click.option(
+            "--pin-hot", type=click.IntRange(min=0), default=0, help="Pin the N experts the prompt used most."
+        ),
+        click.option(
+            "--prefetch",
+            type=click.IntRange(min=0),
+            default=1,
+            show_default=True,
+            help="MoE layers to look ahead; 0: off.",
+        ),
+        click.option("--prefetch-margin", type=click.IntRange(min=0), default=0, show_default=True),
+        click.option("--stats", is_flag=True, help="Print the memory plan and the cache counters."),
+        click.option(
+            "--trace", type=click.Path(dir_okay=False, path_type=Path), help="Write the routing as JSON lines."
+        ),
+    ]
+    for option in reversed(options):
+        fn = option(fn)
+    return fn
+
+
+def _runtime_options(values: dict):
+    from localmoe.engine import RuntimeOptions
+
+    return RuntimeOptions(
+        vram_budget=values["vram_budget"],
+        host_budget=values["host_budget"],
+        expert_slots=values["expert_slots"],
+        context=values["context"],
+        **{key: values[key] for key in ("policy", "pin_hot", "prefetch", "prefetch_margin", "trace") if key in values},
+    )
 
 
 @main.command()
 @click.argument("model")
 @click.option("--prompt", "-p", required=True, help="Text to continue.")
-@_run_options
+@click.option("--max-new-tokens", "-n", default=128, show_default=True, type=click.IntRange(min=1))
 @click.option("--revision", default=None, help="Hub branch, tag or commit (for a repo id).")
-def generate(model: str, prompt: str, max_new_tokens: int, device: str | None, dtype: str, revision: str | None):
+@_placement_options
+@_cache_options
+def generate(model: str, prompt: str, max_new_tokens: int, revision: str | None, **flags):
     """Print the greedy continuation of PROMPT. MODEL is a checkpoint folder or a Hub repo id."""
     from localmoe.engine import load
 
-    engine = load(model, device=device, dtype=DTYPE_CHOICES[dtype], revision=revision)
-    _stream(engine, prompt, max_new_tokens)
+    engine = load(
+        model,
+        device=flags["device"],
+        dtype=DTYPE_CHOICES[flags["dtype"]],
+        revision=revision,
+        options=_runtime_options(flags),
+    )
+    _stream(engine, prompt, max_new_tokens, flags["stats"])
+
+
+@main.command()
+@click.argument("model")
+@click.option("--revision", default=None, help="Hub branch, tag or commit (for a repo id).")
+@_placement_options
+def plan(model: str, revision: str | None, **flags):
+    """Print where MODEL's weights would live, without loading them. Works without the GPU: give
+    --device cuda --vram-budget SIZE to plan for a card that is not here."""
+    from localmoe.engine import plan_for
+
+    click.echo(
+        plan_for(
+            model,
+            device=flags["device"],
+            dtype=DTYPE_CHOICES[flags["dtype"]],
+            revision=revision,
+            options=_runtime_options(flags),
+        ).describe()
+    )
 
 
 @main.command()
 @click.option("--prompt", "-p", default="The quick brown fox", show_default=True)
-@_run_options
-def demo(prompt: str, max_new_tokens: int, device: str | None, dtype: str):
-    """Generate with a tiny random-weight MoE checkpoint: no download needed."""
-    from localmoe.demo import demo_checkpoint
-    from localmoe.engine import load
+@click.option("--max-new-tokens", "-n", default=48, show_default=True, type=click.IntRange(min=1))
+@click.option("--device", default=None, help="cpu, cuda or cuda:N  [default: cuda if present, else cpu]")
+def demo(prompt: str, max_new_tokens: int, device: str | None):
+    """Generate with a tiny random-weight MoE checkpoint, no download needed, with a quarter of its
+    experts in device slots so that the expert cache is at work; prints the cache counters."""
+    from localmoe.demo import DEMO_CONFIG, demo_checkpoint
+    from localmoe.engine import RuntimeOptions, load
 
     folder = demo_checkpoint()
     click.echo(
         f"localmoe demo: a tiny Mixtral-shaped checkpoint with RANDOM weights ({folder}); the text below is "
-        "noise, it shows that loading and generation work.",
+        "noise, it shows that loading, the expert cache and generation work.",
         err=True,
     )
-    engine = load(str(folder), device=device, dtype=DTYPE_CHOICES[dtype])
-    _stream(engine, prompt, max_new_tokens)
+    total = DEMO_CONFIG["num_hidden_layers"] * DEMO_CONFIG["num_local_experts"]
+    engine = load(str(folder), device=device, options=RuntimeOptions(expert_slots=total // 4))
+    _stream(engine, prompt, max_new_tokens, stats=True)
 
 
-def _stream(engine, prompt: str, max_new_tokens: int) -> None:
+def _stream(engine, prompt: str, max_new_tokens: int, stats: bool) -> None:
     for piece in engine.generate(prompt, max_new_tokens):
         sys.stdout.write(piece)
         sys.stdout.flush()
     sys.stdout.write("\n")
     click.echo(f"[{engine.stats.summary()}]", err=True)
+    if stats:
+        click.echo(engine.cache_report(), err=True)

@@ -1,42 +1,103 @@
 """`load` a checkpoint into an `Engine` that generates text: the entry point of the CLI and the API."""
 
 from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
 from functools import cached_property
+from pathlib import Path
 
 import torch
 
 from localmoe.checkpoint import Checkpoint
 from localmoe.errors import LocalMoEError
-from localmoe.loader import LoadedModel, load_model
+from localmoe.loader import ModelParts, footprint, load_resident_weights, model_skeleton
 from localmoe.models.moe import moe_blocks
+from localmoe.runtime.expert_cache import POLICIES, ExpertCache
+from localmoe.runtime.expert_store import ExpertStore
 from localmoe.runtime.generate import GenerationStats, greedy_tokens
+from localmoe.runtime.memory import MemoryPlan, plan_memory
+from localmoe.runtime.offload import OffloadedExperts
 from localmoe.runtime.resident import ResidentExperts
+from localmoe.runtime.stats import cache_report
+from localmoe.runtime.trace import RoutingTrace
 from localmoe.tokenizer import Tokenizer
+
+
+@dataclass
+class RuntimeOptions:
+    """How the runtime places the model: budgets, the expert cache and prefetch (the CLI's flags)."""
+
+    vram_budget: int | None = None  # bytes for everything on the device; default: its free memory
+    host_budget: int | None = None  # bytes of host RAM for the experts' host copy; default: what is available
+    expert_slots: int | None = None  # overrides the plan's slot count
+    policy: str = "lru"
+    pin_hot: int = 0  # experts the prompt used most, pinned after its prefill
+    prefetch: int = 1  # MoE layers to look ahead; 0 turns prefetch off
+    prefetch_margin: int = 0  # experts predicted beyond the top-k
+    context: int = 4096  # tokens of KV cache planned for (capped at the model's maximum)
+    prefill_chunk: int = 512
+    trace: Path | None = None  # write the routing of every token here (JSON lines)
 
 
 class Engine:
     """A model with its experts placed, its stop tokens, and the checkpoint's tokenizer when text is used."""
 
-    def __init__(self, checkpoint: Checkpoint, loaded: LoadedModel):
+    def __init__(
+        self,
+        checkpoint: Checkpoint,
+        parts: ModelParts,
+        plan: MemoryPlan,
+        experts: ResidentExperts | OffloadedExperts,
+        options: RuntimeOptions,
+    ):
         self.checkpoint = checkpoint
-        self.loaded = loaded
-        self.model = loaded.model
+        self.parts = parts
+        self.model = parts.model
+        self.plan = plan
+        self.experts = experts
+        self.options = options
         self.eos_ids = eos_ids(checkpoint)
         self.stats = GenerationStats()
-
-    def generate_ids(self, prompt: Sequence[int], max_new_tokens: int) -> Iterator[int]:
-        """Greedy token ids after `prompt`; `self.stats` describes the run as it goes."""
-        self.stats = GenerationStats()
-        return greedy_tokens(self.model, prompt, max_new_tokens, self.eos_ids, self.stats)
+        self._warmed_up = False
 
     @cached_property
     def tokenizer(self) -> Tokenizer:
         return Tokenizer(self.checkpoint.path)
 
+    def generate_ids(self, prompt: Sequence[int], max_new_tokens: int) -> Iterator[int]:
+        """Greedy token ids after `prompt`; `self.stats` describes the run as it goes."""
+        self.stats = GenerationStats()
+        tokens = greedy_tokens(
+            self.model,
+            prompt,
+            max_new_tokens,
+            self.eos_ids,
+            self.stats,
+            context=self.plan.context,
+            prefill_chunk=self.plan.prefill_chunk,
+            on_prefill=self._after_prefill,
+        )
+        try:
+            yield from tokens
+        finally:
+            if self.experts.trace:
+                self.experts.trace.flush()
+
     def generate(self, prompt: str, max_new_tokens: int) -> Iterator[str]:
         """Stream the greedy continuation of `prompt` as text pieces."""
         ids = self.generate_ids(self.tokenizer.encode(prompt), max_new_tokens)
         return self.tokenizer.stream(token for token in ids if token not in self.eos_ids)
+
+    def cache_report(self) -> str:
+        """The memory plan and, when experts are offloaded, the cache counters so far."""
+        if isinstance(self.experts, ResidentExperts):
+            return self.plan.describe() + "\nall experts resident: no expert is copied while generating"
+        return self.plan.describe() + "\n" + cache_report(self.experts.cache)
+
+    def _after_prefill(self) -> None:
+        # The first prompt is the warm-up that --pin-hot ranks experts by.
+        if self.options.pin_hot and not self._warmed_up and isinstance(self.experts, OffloadedExperts):
+            self.experts.pin_hottest(self.options.pin_hot)
+        self._warmed_up = True
 
 
 def load(
@@ -45,32 +106,96 @@ def load(
     device: str | None = None,
     dtype: torch.dtype | None = None,
     revision: str | None = None,
+    options: RuntimeOptions | None = None,
 ) -> Engine:
-    """Open a checkpoint (folder or Hub repo id) and load it for generation on `device`, all experts resident."""
+    """Open a checkpoint (folder or Hub repo id) and place it on `device` as the memory plan says: the
+    non-expert weights resident, the routed experts resident too when they fit, else in an expert cache
+    fed from host RAM or the checkpoint files."""
+    options = options or RuntimeOptions()
     device = resolve_device(device)
     checkpoint = Checkpoint.open(source, revision)
-    loaded = load_model(checkpoint, device, dtype)
-    experts = ResidentExperts(loaded.experts, device, loaded.dtype)
-    for block in moe_blocks(loaded.model):
+    parts = model_skeleton(checkpoint, dtype)
+    plan = _plan(parts, device, options)
+    load_resident_weights(parts, checkpoint, device)
+    blocks = moe_blocks(parts.model)
+    trace = RoutingTrace(options.trace, blocks[0].layer_idx) if options.trace else None
+    if plan.all_resident:
+        experts = ResidentExperts(parts.experts, device, parts.dtype, trace)
+    else:
+        store = ExpertStore(parts.experts, parts.dtype, "mmap" if plan.store == "mmap" else "ram", device)
+        cache = ExpertCache(store, plan.slots, device, options.policy)
+        experts = OffloadedExperts(
+            cache, blocks, prefetch=options.prefetch, margin=options.prefetch_margin, trace=trace
+        )
+    for block in blocks:
         block.experts = experts
-    return Engine(checkpoint, loaded)
+    return Engine(checkpoint, parts, plan, experts, options)
+
+
+def plan_for(
+    source: str,
+    *,
+    device: str | None = None,
+    dtype: torch.dtype | None = None,
+    revision: str | None = None,
+    options: RuntimeOptions | None = None,
+) -> MemoryPlan:
+    """The memory plan `load` would follow, without loading any weights; the device need not be here
+    when `vram_budget` says how much memory it has."""
+    options = options or RuntimeOptions()
+    target = _parse_device(device) if device else resolve_device(None)
+    if target.type == "cuda" and not torch.cuda.is_available() and options.vram_budget is None:
+        raise LocalMoEError("this machine has no CUDA device: give --vram-budget to plan for one")
+    return _plan(model_skeleton(Checkpoint.open(source, revision), dtype), target, options)
+
+
+def _plan(parts: ModelParts, device: torch.device, options: RuntimeOptions) -> MemoryPlan:
+    plan = plan_memory(
+        footprint(parts),
+        device,
+        vram_budget=options.vram_budget,
+        host_budget=options.host_budget,
+        expert_slots=options.expert_slots,
+        context=options.context,
+        prefill_chunk=options.prefill_chunk,
+    )
+    _check_options(options, plan)
+    return plan
+
+
+def _check_options(options: RuntimeOptions, plan: MemoryPlan) -> None:
+    if options.policy not in POLICIES:
+        raise LocalMoEError(f"unknown cache policy {options.policy!r}: choose one of {', '.join(POLICIES)}")
+    if options.prefetch < 0 or options.prefetch_margin < 0:
+        raise LocalMoEError("--prefetch and --prefetch-margin cannot be negative")
+    most = plan.slots - plan.footprint.top_k
+    if options.pin_hot < 0 or (options.pin_hot > most and not plan.all_resident):
+        raise LocalMoEError(
+            f"--pin-hot {options.pin_hot} must leave one layer's {plan.footprint.top_k} experts of the "
+            f"{plan.slots} slots free: use at most {max(most, 0)}, or more slots"
+        )
 
 
 def resolve_device(device: str | None) -> torch.device:
     """The requested device, or CUDA when present and the CPU otherwise."""
     if device is None:
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        resolved = torch.device(device)
-    except RuntimeError:
-        raise LocalMoEError(f"unknown device {device!r}: use cpu, cuda or cuda:N") from None
+    resolved = _parse_device(device)
     if resolved.type == "cuda" and not torch.cuda.is_available():
         raise LocalMoEError(f"{device} was asked for but this torch build sees no CUDA device: use --device cpu")
     if resolved.type == "cuda" and (resolved.index or 0) >= torch.cuda.device_count():
         raise LocalMoEError(f"{device} does not exist: this machine has {torch.cuda.device_count()} CUDA device(s)")
-    if resolved.type not in ("cpu", "cuda"):
-        raise LocalMoEError(f"device {device!r} is not supported: use cpu, cuda or cuda:N")
     return resolved
+
+
+def _parse_device(device: str) -> torch.device:
+    try:
+        parsed = torch.device(device)
+    except RuntimeError:
+        raise LocalMoEError(f"unknown device {device!r}: use cpu, cuda or cuda:N") from None
+    if parsed.type not in ("cpu", "cuda"):
+        raise LocalMoEError(f"device {device!r} is not supported: use cpu, cuda or cuda:N")
+    return parsed
 
 
 def eos_ids(checkpoint: Checkpoint) -> frozenset[int]:

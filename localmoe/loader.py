@@ -1,4 +1,5 @@
-"""Checkpoint + family -> a model with its resident weights loaded, and its routed experts left on disk.
+"""Checkpoint + family -> a model skeleton checked against the checkpoint, its resident weights, and
+its routed experts left on disk.
 
 Everything the checkpoint must provide is checked against the shard headers before a byte of weights
 is read, so a missing or misshapen tensor fails at once with its name. A tensor the model needs is
@@ -15,37 +16,71 @@ from localmoe.errors import LocalMoEError
 from localmoe.models import family_for
 from localmoe.models.family import Family, ModelArgs
 from localmoe.models.moe import ExpertNames, SparseMoE, moe_blocks
+from localmoe.runtime.memory import Footprint
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 @dataclass
-class LoadedModel:
+class ModelParts:
+    """A checkpoint's model with its family, args and compute dtype, and its routed experts on disk."""
+
     model: nn.Module
     experts: "ExpertSource"
     family: Family
     args: ModelArgs
     dtype: torch.dtype
+    resident_sources: dict[str, str]  # parameter name -> checkpoint tensor name
 
 
-def load_model(ckpt: Checkpoint, device: torch.device | str, dtype: torch.dtype | None = None) -> LoadedModel:
-    """Build the checkpoint's model on `device` with every non-expert weight loaded.
-
-    Routed experts are not loaded: the returned `ExpertSource` reads them on demand, and the runtime
-    decides where they live and binds them to the model's MoE blocks.
-    """
+def model_skeleton(ckpt: Checkpoint, dtype: torch.dtype | None = None) -> ModelParts:
+    """The model built on `meta`, with every tensor it needs found in the checkpoint and its shape
+    checked; no weights are read."""
     family = family_for(ckpt.config)
     args = family.args.from_config(ckpt.config)
     with torch.device("meta"):
         model = family.model(args)
     sources = _resident_sources(model, ckpt, family)
     experts = ExpertSource(ckpt, family.experts, moe_blocks(model))
-    dtype = dtype or checkpoint_dtype(ckpt)
-    state = {name: _to(ckpt.tensor(source), device, dtype) for name, source in sources.items()}
-    model.load_state_dict(state, strict=True, assign=True)
-    model.to(device)  # the buffers computed at construction (rotary frequencies)
-    model.requires_grad_(False).eval()
-    return LoadedModel(model, experts, family, args, dtype)
+    return ModelParts(model, experts, family, args, dtype or checkpoint_dtype(ckpt), sources)
+
+
+def load_resident_weights(parts: ModelParts, ckpt: Checkpoint, device: torch.device | str) -> None:
+    """Load every non-expert weight of the skeleton onto `device`, in the compute dtype.
+
+    Routed experts are not loaded: `parts.experts` reads them on demand, and the runtime decides
+    where they live and binds them to the model's MoE blocks.
+    """
+    state = {name: _to(ckpt.tensor(source), device, parts.dtype) for name, source in parts.resident_sources.items()}
+    parts.model.load_state_dict(state, strict=True, assign=True)
+    parts.model.to(device)  # the buffers computed at construction (rotary frequencies)
+    parts.model.requires_grad_(False).eval()
+
+
+def footprint(parts: ModelParts) -> Footprint:
+    """The sizes the memory plan needs, from the model's shapes in the compute dtype."""
+    blocks = moe_blocks(parts.model)
+    first = blocks[0]
+    shapes = {(b.hidden_size, b.intermediate_size, b.num_experts, b.top_k) for b in blocks}
+    if len(shapes) > 1:
+        raise LocalMoEError(
+            f"{parts.family.architectures[0]} with experts of different shapes per layer is not supported"
+        )
+    size = parts.dtype.itemsize
+    widest = max([m.in_features for m in parts.model.modules() if isinstance(m, nn.Linear)] + [first.intermediate_size])
+    hidden = first.hidden_size
+    return Footprint(
+        resident_bytes=sum(p.numel() for p in parts.model.parameters()) * size,
+        expert_bytes=3 * first.intermediate_size * hidden * size,
+        moe_layers=len(blocks),
+        experts_per_layer=first.num_experts,
+        top_k=first.top_k,
+        kv_bytes_per_token=parts.model.kv_bytes_per_token(parts.dtype),
+        # hidden-sized temporaries, the widest intermediate twice over (gate and up), and the per-choice
+        # expert outputs, all counted at float32 to stay on the safe side
+        activation_bytes_per_token=4 * (8 * hidden + 4 * widest + 3 * first.top_k * hidden),
+        max_positions=parts.model.max_position_embeddings,
+    )
 
 
 def checkpoint_dtype(ckpt: Checkpoint) -> torch.dtype:
@@ -61,8 +96,10 @@ def checkpoint_dtype(ckpt: Checkpoint) -> torch.dtype:
 
 
 def _to(tensor: torch.Tensor, device, dtype: torch.dtype) -> torch.Tensor:
-    # copy=True: the result must own its memory, not alias the read-only mapping of the shard.
-    return tensor.to(device=device, dtype=dtype if tensor.is_floating_point() else tensor.dtype, copy=True)
+    """A copy in host memory first (copy=True: never alias the shard's mapping), then on the device:
+    copying a mapped file straight to a GPU page-faults its way through at a crawl."""
+    staged = tensor.to(dtype=dtype if tensor.is_floating_point() else tensor.dtype, copy=True)
+    return staged.to(device)
 
 
 def _resident_sources(model: nn.Module, ckpt: Checkpoint, family: Family) -> dict[str, str]:

@@ -166,7 +166,7 @@ def test_auto_map_of_a_built_in_architecture_uses_the_built_in(broken):
     config["auto_map"] = {"AutoModelForCausalLM": "modeling_mixtral.MixtralForCausalLM"}
     (broken / "config.json").write_text(json.dumps(config))
     (broken / "modeling_mixtral.py").write_text("raise SystemExit('checkpoint code ran')\n")
-    assert localmoe.load(str(broken), device="cpu").loaded.family.model_type == "mixtral"
+    assert localmoe.load(str(broken), device="cpu").parts.family.model_type == "mixtral"
 
 
 # --- Hub repo ids, through the Hugging Face cache ------------------------------------------------------------
@@ -189,7 +189,7 @@ def hub_cache(sharded, tmp_path, monkeypatch):
 def test_repo_id_in_the_cache_opens_offline(hub_cache):
     ckpt = Checkpoint.open("tiny/mixtral")
     assert ckpt.path == hub_cache / "snapshots" / COMMIT
-    assert localmoe.load("tiny/mixtral", device="cpu").loaded.family.model_type == "mixtral"
+    assert localmoe.load("tiny/mixtral", device="cpu").parts.family.model_type == "mixtral"
 
 
 def test_repo_id_not_in_the_cache(hub_cache):

@@ -29,7 +29,7 @@ def test_generate_prints_the_greedy_continuation(tiny_mixtral):
     [
         (["generate", "/no/such/model", "-p", "hi"], "no such folder"),
         (["generate", "{ckpt}", "-p", "hi", "--device", "cuda:7"], "cuda:7"),
-        (["generate", "{ckpt}", "-p", "x" * 300, "-n", "4"], "exceeds the model's context of 256 tokens"),
+        (["generate", "{ckpt}", "-p", "x" * 300, "-n", "4"], "exceeds the 256-token context"),
         (["generate", "{ckpt}", "-p", "hi", "--device", "tpu"], "unknown device"),
     ],
 )

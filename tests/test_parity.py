@@ -68,7 +68,7 @@ def pair(request, tmp_path_factory):
 def test_experts_read_in_the_layout_written(pair, request):
     _, engine = pair
     layout = CASES[request.node.callspec.params["pair"]][3]
-    assert set(engine.loaded.experts.fused.values()) == {layout == "fused"}
+    assert set(engine.parts.experts.fused.values()) == {layout == "fused"}
 
 
 def prompt_ids(length: int = PROMPT_TOKENS) -> torch.Tensor:

@@ -103,7 +103,7 @@ def test_checkpoint_with_an_old_style_config_loads_the_same(tmp_path):
     config.update(rope_theta=5e5, rope_scaling={"type": "yarn", **scaling}, torch_dtype="float32")
     (folder / "config.json").write_text(json.dumps(config))
     old = localmoe.load(str(folder), device="cpu")
-    assert old.loaded.dtype == torch.float32
+    assert old.parts.dtype == torch.float32
     got = old.model(ids, old.model.new_cache(1, 12), all_logits=True)
     torch.testing.assert_close(got, expected, rtol=0, atol=0)
     with torch.no_grad():

@@ -1,9 +1,41 @@
-"""Plain-PyTorch expert computation: the CPU path, and the oracle for the fused kernels."""
+"""Plain-PyTorch expert computation: the CPU path, and the oracle for the fused kernels.
+
+Work is split in two so that experts can be computed in rounds (when the slot pool cannot hold a
+layer's experts at once) with results identical to one pass: `expert_pair_outputs` fills in the
+output of every (token, choice) pair whose expert has a slot, and `combine_pairs` sums each token's
+choices with their router weights, always in the same order.
+"""
 
 import torch
 import torch.nn.functional as F
 
 from localmoe.models.layers import activation
+
+
+def expert_pair_outputs(
+    out: torch.Tensor, x: torch.Tensor, gate_up: torch.Tensor, down: torch.Tensor, slots: torch.Tensor, act: str
+) -> None:
+    """out[t * k + j] = down[s] @ (act(gate[s] @ x[t]) * (up[s] @ x[t])) with s = slots[t, j], skipping s = -1.
+
+    out [T*k, E]; x [T, E]; gate_up [N, 2I, E] with gate rows first; down [N, E, I]; slots [T, k].
+    Loops over the distinct slots in use, so each expert's weights are read once.
+    """
+    act_fn = activation(act)
+    flat = slots.reshape(-1)
+    token_of_pair = torch.arange(x.shape[0], device=x.device).repeat_interleave(slots.shape[1])
+    for slot in flat.unique().tolist():
+        if slot < 0:
+            continue
+        pairs = (flat == slot).nonzero().squeeze(1)
+        gate, up = F.linear(x[token_of_pair[pairs]], gate_up[slot]).chunk(2, dim=-1)
+        out[pairs] = F.linear(act_fn(gate) * up, down[slot])
+
+
+def combine_pairs(pair_outputs: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+    """sum_j weights[t, j] * pair_outputs[t * k + j], in float32, cast back: [T, E]."""
+    tokens, k = weights.shape
+    per_token = pair_outputs.view(tokens, k, -1).float() * weights.unsqueeze(-1)
+    return per_token.sum(dim=1).to(pair_outputs.dtype)
 
 
 def expert_mlp(
@@ -14,20 +46,7 @@ def expert_mlp(
     slots: torch.Tensor,
     act: str = "silu",
 ) -> torch.Tensor:
-    """sum_k weights[t, k] * down[s] @ (act(gate[s] @ x[t]) * up[s] @ x[t]) with s = slots[t, k].
-
-    x [T, E]; gate_up [N, 2I, E] with gate rows first; down [N, E, I]; weights and slots [T, k].
-    Loops over the distinct slots in use, so each selected expert's weights are read once.
-    """
-    act_fn = activation(act)
-    out = torch.zeros_like(x)
-    flat_slots = slots.reshape(-1)
-    flat_weights = weights.reshape(-1)
-    token_of_pair = torch.arange(x.shape[0], device=x.device).repeat_interleave(slots.shape[1])
-    for slot in flat_slots.unique().tolist():
-        pairs = (flat_slots == slot).nonzero().squeeze(1)
-        tokens = token_of_pair[pairs]
-        gate, up = F.linear(x[tokens], gate_up[slot]).chunk(2, dim=-1)
-        y = F.linear(act_fn(gate) * up, down[slot])
-        out.index_add_(0, tokens, (y * flat_weights[pairs, None]).to(out.dtype))
-    return out
+    """sum_j weights[t, j] * expert slots[t, j] applied to x[t]: the whole MoE sum in one call. [T, E]"""
+    pairs = x.new_zeros(slots.numel(), x.shape[1])
+    expert_pair_outputs(pairs, x, gate_up, down, slots, act)
+    return combine_pairs(pairs, weights)

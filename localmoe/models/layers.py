@@ -206,6 +206,9 @@ class Attention(nn.Module):
     def new_state(self, batch: int, max_len: int, dtype: torch.dtype, device: torch.device) -> AttentionKV:
         return AttentionKV(batch, self.kv_heads, self.head_dim, max_len, dtype, device)
 
+    def state_bytes_per_token(self, dtype: torch.dtype) -> int:
+        return 2 * self.kv_heads * self.head_dim * dtype.itemsize
+
     def forward(self, x: torch.Tensor, step: Step, kv: AttentionKV) -> torch.Tensor:
         B, T, _ = x.shape
         q = self.q_proj(x).view(B, T, self.heads, self.head_dim)
@@ -285,6 +288,9 @@ class CausalLM(nn.Module):
         weight = self.model.embed_tokens.weight
         states = [layer.self_attn.new_state(batch, max_len, weight.dtype, weight.device) for layer in self.model.layers]
         return KVCache(states, max_len)
+
+    def kv_bytes_per_token(self, dtype: torch.dtype) -> int:
+        return sum(layer.self_attn.state_bytes_per_token(dtype) for layer in self.model.layers)
 
     def forward(self, ids: torch.Tensor, cache: KVCache, all_logits: bool = False) -> torch.Tensor:
         """Logits [B, T, V] for ids [B, T] following what the cache holds (only the last position unless

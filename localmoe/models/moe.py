@@ -45,10 +45,13 @@ class TopKRouter(nn.Module):
         self.top_k = top_k
         self.normalize = normalize
 
+    def scores(self, x: torch.Tensor) -> torch.Tensor:
+        """Selection scores [T, experts] (float32): the top k of these are chosen."""
+        return F.linear(x, self.weight).softmax(dim=-1, dtype=torch.float32)
+
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Router weights [T, k] (float32) and expert ids [T, k] for hidden states [T, E]."""
-        probs = F.linear(x, self.weight).softmax(dim=-1, dtype=torch.float32)
-        weights, ids = probs.topk(self.top_k, dim=-1)
+        weights, ids = self.scores(x).topk(self.top_k, dim=-1)
         if self.normalize:
             weights = weights / weights.sum(dim=-1, keepdim=True)
         return weights, ids

@@ -1,7 +1,7 @@
 """The generation loop, as a generator of token ids: the CLI, tests and benchmarks all consume it."""
 
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -36,22 +36,35 @@ def greedy_tokens(
     max_new_tokens: int,
     eos_ids: frozenset[int] = frozenset(),
     stats: GenerationStats | None = None,
+    *,
+    context: int | None = None,
+    prefill_chunk: int = 512,
+    on_prefill: Callable[[], None] | None = None,
 ) -> Iterator[int]:
-    """Yield up to `max_new_tokens` greedy tokens after `prompt`, stopping after an EOS id."""
+    """Yield up to `max_new_tokens` greedy tokens after `prompt`, stopping after an EOS id.
+
+    The prompt goes through the model in chunks of `prefill_chunk` tokens, which bounds the
+    activations a long prompt needs; `on_prefill` runs once the prompt is in the cache.
+    """
     if not prompt:
         raise LocalMoEError("the prompt is empty: give at least one token of text")
-    context = model.max_position_embeddings
+    limit = model.max_position_embeddings
+    context = min(context or limit, limit)
     if len(prompt) + max_new_tokens > context:
         raise LocalMoEError(
-            f"the prompt ({len(prompt)} tokens) plus {max_new_tokens} new tokens exceeds the model's context of "
-            f"{context} tokens: shorten the prompt or lower --max-new-tokens"
+            f"the prompt ({len(prompt)} tokens) plus {max_new_tokens} new tokens exceeds the {context}-token context: "
+            f"shorten the prompt, lower --max-new-tokens or raise --context (the model allows up to {limit})"
         )
     stats = stats or GenerationStats()
     stats.prompt_tokens = len(prompt)
     device = model.model.embed_tokens.weight.device
     cache = model.new_cache(1, len(prompt) + max_new_tokens)
+    ids = torch.tensor([list(prompt)], device=device)
     start = time.perf_counter()
-    logits = _forward(model, torch.tensor([list(prompt)], device=device), cache)
+    for chunk in range(0, len(prompt), prefill_chunk):
+        logits = _forward(model, ids[:, chunk : chunk + prefill_chunk], cache)
+    if on_prefill:
+        on_prefill()
     for produced in range(1, max_new_tokens + 1):
         token = int(logits[0, -1].argmax())  # waits for the device: the timings below are real
         now = time.perf_counter()

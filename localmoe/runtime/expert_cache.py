@@ -1,0 +1,247 @@
+"""The device tier: one pool of expert slots shared by every layer, allocated once at start-up.
+
+Accounting, per layer: every distinct expert a layer visit needs is one use. A use is a hit when the
+expert was already in a slot before anything was done for this use, and a miss when it had to be
+copied for it, whether on demand (the compute waits) or by a prefetch that arrived ahead of time
+(`prefetch_used`). A prefetch whose expert is not needed at the visit it was made for is wasted.
+So bytes copied = (misses + prefetch_wasted + warmup_copies) x expert bytes.
+"""
+
+import heapq
+from collections import Counter, OrderedDict
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, fields
+
+import torch
+
+from localmoe.runtime.expert_store import ExpertStore
+from localmoe.runtime.prefetch import Copies
+
+Key = tuple[int, int]  # (layer, expert)
+
+
+@dataclass
+class CacheCounters:
+    uses: int = 0
+    hits: int = 0
+    misses: int = 0
+    prefetch_issued: int = 0
+    prefetch_used: int = 0
+    prefetch_wasted: int = 0
+    warmup_copies: int = 0  # experts copied in to be pinned (--pin-hot)
+    bytes_copied: int = 0
+
+    def __iadd__(self, other: "CacheCounters") -> "CacheCounters":
+        for field in fields(self):
+            setattr(self, field.name, getattr(self, field.name) + getattr(other, field.name))
+        return self
+
+    @property
+    def hit_rate(self) -> float:
+        return self.hits / self.uses if self.uses else 0.0
+
+
+class LRU:
+    """Evict the expert used least recently."""
+
+    def __init__(self):
+        self._order: OrderedDict[Key, None] = OrderedDict()
+
+    def added(self, key: Key) -> None:
+        self.used(key)
+
+    def used(self, key: Key) -> None:
+        self._order[key] = None
+        self._order.move_to_end(key)
+
+    def removed(self, key: Key) -> None:
+        self._order.pop(key, None)
+
+    def victim(self, skip: Callable[[Key], bool]) -> Key | None:
+        return next((key for key in self._order if not skip(key)), None)
+
+
+class LFU:
+    """Evict the expert used least often (ties: least recently), with aging: every `half_life` uses
+    all counts halve, so experts that were popular long ago do not stay forever.
+
+    Counts are kept for every expert seen, not only cached ones, so an expert that returns keeps its
+    history. A heap with lazy deletion finds the victim without scanning the pool.
+    """
+
+    def __init__(self, half_life: int = 1024):
+        self.half_life = half_life
+        self._count: Counter[Key] = Counter()
+        self._last: dict[Key, int] = {}  # cached keys -> tick of their last use
+        self._heap: list[tuple[int, int, Key]] = []
+        self._tick = 0
+        self._uses = 0
+
+    def added(self, key: Key) -> None:
+        self._touch(key)
+
+    def used(self, key: Key) -> None:
+        self._count[key] += 1
+        self._uses += 1
+        if self._uses % self.half_life == 0:
+            self._age()
+        self._touch(key)
+
+    def removed(self, key: Key) -> None:
+        self._last.pop(key, None)
+
+    def victim(self, skip: Callable[[Key], bool]) -> Key | None:
+        skipped, found = [], None
+        while self._heap:
+            entry = heapq.heappop(self._heap)
+            count, tick, key = entry
+            if self._last.get(key) != tick or self._count[key] != count:
+                continue  # stale: the key was used again, aged or evicted since this entry
+            if skip(key):
+                skipped.append(entry)
+                continue
+            found = key
+            break
+        for entry in skipped:
+            heapq.heappush(self._heap, entry)
+        return found
+
+    def _touch(self, key: Key) -> None:
+        self._tick += 1
+        self._last[key] = self._tick
+        heapq.heappush(self._heap, (self._count[key], self._tick, key))
+        if len(self._heap) > 4 * len(self._last) + 64:
+            self._rebuild()
+
+    def _age(self) -> None:
+        for key in self._count:
+            self._count[key] //= 2
+        self._rebuild()
+
+    def _rebuild(self) -> None:
+        self._heap = [(self._count[key], tick, key) for key, tick in self._last.items()]
+        heapq.heapify(self._heap)
+
+
+POLICIES = {"lru": LRU, "lfu": LFU}
+
+
+class ExpertCache:
+    """Maps (layer, expert) to slots of a fixed pool; copies experts in from the store on demand,
+    ahead of time (prefetch) or to pin them; evicts by policy.
+
+    A slot is never taken from an expert the current layer is using (`acquire` .. `release`) or that
+    is pinned. A prefetch also never takes one from another prefetch that has not been used yet; a
+    demand copy does so only when no other slot can be freed, since the compute cannot go on without it.
+    """
+
+    def __init__(self, store: ExpertStore, slots: int, device: torch.device, policy: str = "lru"):
+        self.store = store
+        self.rows = torch.empty(slots, store.layout.numel, dtype=store.dtype, device=device)
+        self.gate_up = store.layout.gate_up(self.rows)
+        self.down = store.layout.down(self.rows)
+        self.copies = Copies(device, slots)
+        self.policy = POLICIES[policy]()
+        self.slot_of: dict[Key, int] = {}
+        self._free = list(reversed(range(slots)))
+        self.pinned: set[Key] = set()
+        self._in_use: set[Key] = set()
+        self._fresh: dict[Key, None] = {}  # prefetched and not used yet
+        self.counters: dict[int, CacheCounters] = {}
+        self.token_counts: Counter[Key] = Counter()  # tokens routed to each expert: what --pin-hot ranks by
+
+    @property
+    def slots(self) -> int:
+        return self.rows.shape[0]
+
+    @property
+    def capacity(self) -> int:
+        """Slots a layer can use at once: all but the pinned ones."""
+        return self.slots - len(self.pinned)
+
+    def __contains__(self, key: Key) -> bool:
+        return key in self.slot_of
+
+    def totals(self) -> CacheCounters:
+        total = CacheCounters()
+        for counters in self.counters.values():
+            total += counters
+        return total
+
+    def begin_layer(self, layer: int, needed: Iterable[int]) -> None:
+        """Settle the prefetches made for this layer visit: those it does not need were wasted."""
+        needed = set(needed)
+        for key in [key for key in self._fresh if key[0] == layer and key[1] not in needed]:
+            del self._fresh[key]
+            self._layer(layer).prefetch_wasted += 1
+
+    def acquire(self, layer: int, experts: list[int]) -> list[int]:
+        """Slots holding these experts, copying in the missing ones; they stay put until `release`."""
+        keys = [(layer, expert) for expert in experts]
+        self._in_use.update(keys)
+        counters = self._layer(layer)
+        for key in keys:
+            counters.uses += 1
+            if key in self._fresh:
+                del self._fresh[key]
+                counters.misses += 1
+                counters.prefetch_used += 1
+            elif key in self.slot_of:
+                counters.hits += 1
+            else:
+                counters.misses += 1
+                self._load(key, self._take_slot(for_prefetch=False))
+            self.policy.used(key)
+        return [self.slot_of[key] for key in keys]
+
+    def release(self, layer: int, experts: list[int]) -> None:
+        self._in_use.difference_update((layer, expert) for expert in experts)
+
+    def prefetch(self, layer: int, experts: list[int]) -> None:
+        """Start copying experts a coming layer is predicted to need; stop at the first that finds no slot."""
+        for expert in experts:
+            key = (layer, expert)
+            if key in self.slot_of:
+                continue
+            slot = self._take_slot(for_prefetch=True)
+            if slot is None:
+                return
+            self._load(key, slot)
+            self._fresh[key] = None
+            self._layer(layer).prefetch_issued += 1
+
+    def pin(self, keys: list[Key]) -> None:
+        """Keep these experts resident for good; at least one layer's worth of slots must stay free."""
+        for key in keys:
+            if key not in self.slot_of:
+                self._load(key, self._take_slot(for_prefetch=False))
+                self._layer(key[0]).warmup_copies += 1
+            self._fresh.pop(key, None)
+            self.pinned.add(key)
+            self.policy.removed(key)
+
+    def _layer(self, layer: int) -> CacheCounters:
+        return self.counters.setdefault(layer, CacheCounters())
+
+    def _take_slot(self, for_prefetch: bool) -> int | None:
+        if self._free:
+            return self._free.pop()
+        key = self.policy.victim(lambda k: k in self._in_use or k in self._fresh)
+        if key is None and not for_prefetch:
+            # A demand copy cannot wait: take a prefetched expert's slot when nothing else is free.
+            key = self.policy.victim(lambda k: k in self._in_use)
+        if key is None:
+            if for_prefetch:
+                return None
+            raise RuntimeError("expert cache: no slot can be freed for a demand copy (pool smaller than planned)")
+        if key in self._fresh:
+            del self._fresh[key]
+            self._layer(key[0]).prefetch_wasted += 1
+        self.policy.removed(key)
+        return self.slot_of.pop(key)
+
+    def _load(self, key: Key, slot: int) -> None:
+        self.copies.copy(slot, lambda: self.store.copy_to(self.rows[slot], *key))
+        self.slot_of[key] = slot
+        self.policy.added(key)
+        self._layer(key[0]).bytes_copied += self.store.expert_bytes

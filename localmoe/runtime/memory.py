@@ -1,0 +1,178 @@
+"""The memory plan: what lives on the device, how many expert slots the pool gets, and where the routed
+experts are kept on the host. Computed from checkpoint metadata and budgets alone, so it runs (and
+explains itself) on a machine without the target GPU.
+"""
+
+import re
+from dataclasses import dataclass
+
+import psutil
+import torch
+
+from localmoe.errors import LocalMoEError
+
+UNITS = {"": 1, "k": 10**3, "m": 10**6, "g": 10**9, "t": 10**12}
+BINARY_UNITS = {"k": 2**10, "m": 2**20, "g": 2**30, "t": 2**40}
+SIZE = re.compile(r"\s*([0-9]*\.?[0-9]+)\s*([kmgt]?)(i?)b?\s*", re.IGNORECASE)
+
+
+def parse_size(text: str) -> int:
+    """Bytes from '24GiB', '512MiB', '1.5G' (binary) or '24GB' (decimal) or a plain number of bytes."""
+    match = SIZE.fullmatch(text)
+    if not match:
+        raise LocalMoEError(f"cannot read the size {text!r}: write it like 12GiB, 512MiB or 24GB")
+    number, unit, binary = float(match[1]), match[2].lower(), match[3]
+    # A bare K/M/G/T means the binary unit, as memory sizes usually do; GB is decimal.
+    if binary or (unit and not text.strip().lower().endswith("b")):
+        return int(number * BINARY_UNITS[unit])
+    return int(number * UNITS[unit])
+
+
+def format_bytes(n: int) -> str:
+    for unit, size in (("TiB", 2**40), ("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
+        if abs(n) >= size:
+            return f"{n / size:.2f} {unit}"
+    return f"{n} B"
+
+
+@dataclass(frozen=True)
+class Footprint:
+    """Sizes the plan needs, from the model's shapes and the compute dtype; no weights are read."""
+
+    resident_bytes: int  # every non-expert weight
+    expert_bytes: int  # one routed expert, all its roles
+    moe_layers: int
+    experts_per_layer: int
+    top_k: int
+    kv_bytes_per_token: int
+    activation_bytes_per_token: int  # the largest activations one prefill token keeps alive at once
+    max_positions: int
+
+    @property
+    def total_experts(self) -> int:
+        return self.moe_layers * self.experts_per_layer
+
+
+@dataclass(frozen=True)
+class MemoryPlan:
+    device: str
+    footprint: Footprint
+    context: int
+    prefill_chunk: int
+    slots: int
+    store: str  # "none" (all experts in the pool), "pinned", "ram" or "mmap"
+    device_budget: int
+    host_budget: int
+
+    @property
+    def kv_bytes(self) -> int:
+        return self.footprint.kv_bytes_per_token * self.context
+
+    @property
+    def workspace_bytes(self) -> int:
+        return self.footprint.activation_bytes_per_token * self.prefill_chunk
+
+    @property
+    def pool_bytes(self) -> int:
+        return self.slots * self.footprint.expert_bytes
+
+    @property
+    def device_bytes(self) -> int:
+        return self.footprint.resident_bytes + self.kv_bytes + self.workspace_bytes + self.pool_bytes
+
+    @property
+    def all_resident(self) -> bool:
+        return self.slots == self.footprint.total_experts
+
+    def describe(self) -> str:
+        """The plan as a table (what, where, bytes) followed by the flags that reproduce it."""
+        fp = self.footprint
+        home = {"none": "-", "pinned": "host RAM (pinned)", "ram": "host RAM", "mmap": "checkpoint files (mmap)"}
+        rows = [
+            ("non-expert weights", self.device, fp.resident_bytes),
+            (f"KV cache ({self.context} tokens)", self.device, self.kv_bytes),
+            (f"workspace ({self.prefill_chunk}-token prefill chunks)", self.device, self.workspace_bytes),
+            (f"expert slots ({self.slots} of {fp.total_experts} experts)", self.device, self.pool_bytes),
+            (f"total on {self.device} (budget {format_bytes(self.device_budget)})", "", self.device_bytes),
+        ]
+        if not self.all_resident:
+            rows.append(
+                (f"all {fp.total_experts} routed experts", home[self.store], fp.total_experts * fp.expert_bytes)
+            )
+        width = max(len(what) for what, _, _ in rows)
+        lines = [f"{'what':<{width}}  {'where':<24}  bytes"]
+        lines += [f"{what:<{width}}  {where:<24}  {format_bytes(size)}" for what, where, size in rows]
+        lines.append(
+            f"one expert: {format_bytes(fp.expert_bytes)}; {fp.moe_layers} MoE layers x {fp.experts_per_layer} "
+            f"experts, top-{fp.top_k}"
+        )
+        lines.append(
+            f"flags: --device {self.device} --vram-budget {_flag_size(self.device_budget)} "
+            f"--host-budget {_flag_size(self.host_budget)} --expert-slots {self.slots} --context {self.context}"
+        )
+        return "\n".join(lines)
+
+
+def _flag_size(n: int) -> str:
+    return f"{n / 2**20:.0f}MiB" if n < 2**30 else f"{n / 2**30:.2f}GiB"
+
+
+def plan_memory(
+    footprint: Footprint,
+    device: torch.device,
+    *,
+    vram_budget: int | None = None,
+    host_budget: int | None = None,
+    expert_slots: int | None = None,
+    context: int = 4096,
+    prefill_chunk: int = 512,
+) -> MemoryPlan:
+    """Decide the slot count and the experts' host tier.
+
+    Everything but the routed experts is resident on the device; the rest of the device budget
+    becomes expert slots, at least one layer's top-k. The experts' host copy lives in RAM (pinned
+    for CUDA) when the host budget holds it, else it is read from the checkpoint through mmap;
+    when every expert has a slot, no host copy is kept at all.
+    """
+    fp = footprint
+    context = min(context, fp.max_positions)
+    prefill_chunk = min(prefill_chunk, context)
+    fixed = fp.resident_bytes + fp.kv_bytes_per_token * context + fp.activation_bytes_per_token * prefill_chunk
+    device_budget = vram_budget if vram_budget is not None else _free_device_memory(device)
+    host_budget = host_budget if host_budget is not None else psutil.virtual_memory().available
+    if expert_slots is None:
+        slots = min(fp.total_experts, max(device_budget - fixed, 0) // fp.expert_bytes)
+    else:
+        if not fp.top_k <= expert_slots <= fp.total_experts:
+            raise LocalMoEError(
+                f"--expert-slots {expert_slots} is out of range: this model needs at least {fp.top_k} (its top-k) "
+                f"and has {fp.total_experts} experts in all"
+            )
+        slots = expert_slots
+    needed = fixed + fp.top_k * fp.expert_bytes
+    over_budget = vram_budget is not None and fixed + slots * fp.expert_bytes > vram_budget
+    if slots < fp.top_k or over_budget:
+        raise LocalMoEError(
+            f"a device budget of {format_bytes(device_budget)} is too small: this model needs at least "
+            f"{format_bytes(needed)} ({format_bytes(fp.resident_bytes)} of non-expert weights, the KV cache and "
+            f"workspace for {context} tokens, and {max(slots, fp.top_k)} expert slots of "
+            f"{format_bytes(fp.expert_bytes)}); raise --vram-budget, or lower --context or --expert-slots"
+        )
+    store = _expert_home(fp, device, slots, fixed, host_budget)
+    return MemoryPlan(str(device), fp, context, prefill_chunk, slots, store, device_budget, host_budget)
+
+
+def _expert_home(fp: Footprint, device: torch.device, slots: int, fixed: int, host_budget: int) -> str:
+    if slots == fp.total_experts:
+        return "none"
+    room = host_budget - (fixed + slots * fp.expert_bytes if device.type == "cpu" else 0)
+    if room < fp.total_experts * fp.expert_bytes:
+        return "mmap"
+    return "pinned" if device.type == "cuda" else "ram"
+
+
+def _free_device_memory(device: torch.device) -> int:
+    """What is free, less a headroom for what the plan does not count (allocator slack, library
+    workspaces): 5%, and at least 512 MiB."""
+    free = torch.cuda.mem_get_info(device)[0] if device.type == "cuda" else psutil.virtual_memory().available
+    return max(free - max(free // 20, 512 * 2**20), 0)

@@ -1,0 +1,111 @@
+"""Experts computed from the expert cache: the runtime's side of a model's MoE blocks when the routed
+experts do not all fit on the device.
+
+Per MoE layer: one host read of the routing (and of the coming layers' predicted experts), then copies
+for the experts not in a slot, prefetches for the coming layers, and the expert computation over the
+slots. When a layer needs more experts than the pool holds (a long prefill), it runs in rounds, and
+the next round's copies are issued before the current round computes.
+"""
+
+from collections import Counter
+
+import torch
+
+from localmoe.kernels.reference import combine_pairs, expert_pair_outputs
+from localmoe.models.moe import SparseMoE
+from localmoe.runtime.expert_cache import ExpertCache
+from localmoe.runtime.prefetch import HostReader, predict_experts
+from localmoe.runtime.trace import RoutingTrace
+
+
+class OffloadedExperts:
+    def __init__(
+        self,
+        cache: ExpertCache,
+        blocks: list[SparseMoE],
+        *,
+        prefetch: int = 1,
+        margin: int = 0,
+        trace: RoutingTrace | None = None,
+    ):
+        """`prefetch`: how many MoE layers ahead to predict and copy; `margin`: extra experts per prediction."""
+        self.cache = cache
+        self.blocks = {block.layer_idx: block for block in blocks}
+        order = sorted(self.blocks)
+        self.ahead = {layer: order[i + 1 : i + 1 + prefetch] for i, layer in enumerate(order)}
+        self.margin = margin
+        self.trace = trace
+        self.reader = HostReader(cache.rows.device)
+
+    def __call__(self, layer: int, x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+        block = self.blocks[layer]
+        coming = self.ahead[layer]
+        predicted = [self._predict(self.blocks[c], x) for c in coming]
+        host = self.reader.read([ids, *predicted, *([weights] if self.trace else [])])
+        chosen = [int(v) for v in host[0]]
+        if self.trace:
+            self.trace.record(layer, chosen, host[-1], block.top_k)
+        need = Counter(chosen)
+        self.cache.token_counts.update({(layer, expert): n for expert, n in need.items()})
+        self.cache.begin_layer(layer, need)
+
+        pairs = x.new_zeros(ids.numel(), x.shape[1])
+        rounds, overlap = self._rounds(layer, list(need))
+        self.cache.acquire(layer, rounds[0])
+        for i, experts in enumerate(rounds):
+            if i + 1 < len(rounds):
+                if overlap:
+                    self.cache.acquire(layer, rounds[i + 1])
+            else:
+                self._prefetch(coming, host[1 : 1 + len(coming)])
+            self._compute(block, x, ids, experts, pairs)
+            self.cache.release(layer, experts)
+            if i + 1 < len(rounds) and not overlap:
+                self.cache.acquire(layer, rounds[i + 1])
+        return combine_pairs(pairs, weights)
+
+    def pin_hottest(self, count: int) -> None:
+        """Pin the `count` experts that the tokens so far were routed to most (the warm-up)."""
+        self.cache.pin([key for key, _ in self.cache.token_counts.most_common(count)])
+
+    def _predict(self, block: SparseMoE, x: torch.Tensor) -> torch.Tensor:
+        return predict_experts(block.gate, x, min(block.top_k + self.margin, block.num_experts))
+
+    def _rounds(self, layer: int, need: list[int]) -> tuple[list[list[int]], bool]:
+        """The layer's experts split into rounds that fit the pool, those already cached first; and
+        whether two rounds fit at once, so the next can be copied while one computes."""
+        pinned = [e for e in need if (layer, e) in self.cache.pinned]
+        rest = sorted(
+            (e for e in need if (layer, e) not in self.cache.pinned), key=lambda e: (layer, e) not in self.cache
+        )
+        capacity = self.cache.capacity
+        if len(rest) <= capacity:
+            return [pinned + rest], False
+        overlap = capacity >= 2
+        size = capacity // 2 if overlap else capacity
+        rounds = [rest[i : i + size] for i in range(0, len(rest), size)]
+        rounds[0] = pinned + rounds[0]
+        return rounds, overlap
+
+    def _prefetch(self, coming: list[int], predicted: list[list[float]]) -> None:
+        for layer, ids in zip(coming, predicted, strict=True):
+            # most tokens first; for one token, the router's own ranking
+            ranked = Counter(int(v) for v in ids)
+            self.cache.prefetch(layer, [expert for expert, _ in ranked.most_common()])
+
+    def _compute(self, block: SparseMoE, x: torch.Tensor, ids: torch.Tensor, experts: list[int], pairs) -> None:
+        slots = [self.cache.slot_of[(block.layer_idx, expert)] for expert in experts]
+        self.cache.copies.wait(slots)
+        table = [-1] * block.num_experts
+        for expert, slot in zip(experts, slots, strict=True):
+            table[expert] = slot
+        expert_pair_outputs(pairs, x, self.cache.gate_up, self.cache.down, _to_device(table, x.device)[ids], block.act)
+        self.cache.copies.read_by_compute(slots)
+
+
+def _to_device(values: list[int], device: torch.device) -> torch.Tensor:
+    table = torch.tensor(values, dtype=torch.int64)
+    if device.type == "cuda":
+        # pinned, so the copy is asynchronous and the host does not wait for the device
+        return table.pin_memory().to(device, non_blocking=True)
+    return table

@@ -1,0 +1,30 @@
+"""`--stats`: the expert cache counters as a table, per MoE layer and in all."""
+
+from localmoe.runtime.expert_cache import CacheCounters, ExpertCache
+from localmoe.runtime.memory import format_bytes
+
+COLUMNS = ("uses", "hits", "misses", "hit rate", "prefetched", "used", "wasted", "copied")
+
+
+def cache_report(cache: ExpertCache) -> str:
+    rows = [(str(layer), cache.counters[layer]) for layer in sorted(cache.counters)]
+    rows.append(("all", cache.totals()))
+    lines = [f"{'layer':>5}  " + "  ".join(f"{name:>10}" for name in COLUMNS)]
+    lines += [f"{name:>5}  " + "  ".join(f"{cell:>10}" for cell in _cells(counters)) for name, counters in rows]
+    stall = cache.copies.stall_seconds()
+    waited = "compute waited for copies" if cache.copies.cuda else "copying (synchronous on the CPU)"
+    lines.append(f"{waited}: {stall:.3f} s; pinned experts: {len(cache.pinned)}; slots: {cache.slots}")
+    return "\n".join(lines)
+
+
+def _cells(c: CacheCounters) -> list[str]:
+    return [
+        str(c.uses),
+        str(c.hits),
+        str(c.misses),
+        f"{c.hit_rate:.3f}",
+        str(c.prefetch_issued),
+        str(c.prefetch_used),
+        str(c.prefetch_wasted),
+        format_bytes(c.bytes_copied),
+    ]

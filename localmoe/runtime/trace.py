@@ -1,0 +1,32 @@
+"""`--trace FILE`: the routing of every token at every MoE layer, as JSON lines for offline analysis."""
+
+import json
+from pathlib import Path
+
+
+class RoutingTrace:
+    """Rows {"token", "layer", "experts", "weights"}; `token` is the position in the sequence."""
+
+    def __init__(self, path: Path, first_layer: int):
+        self.path = path
+        self.first_layer = first_layer
+        self._rows: list[str] = []
+        self._seen = 0  # tokens before the current forward pass
+        self._start = 0
+        path.write_text("")
+
+    def record(self, layer: int, experts: list[int], weights: list[float], top_k: int) -> None:
+        """One layer's routing for the tokens of the current forward pass, flattened [T * k]."""
+        tokens = len(experts) // top_k
+        if layer == self.first_layer:
+            self._start, self._seen = self._seen, self._seen + tokens
+        for t in range(tokens):
+            row = slice(t * top_k, (t + 1) * top_k)
+            self._rows.append(
+                json.dumps({"token": self._start + t, "layer": layer, "experts": experts[row], "weights": weights[row]})
+            )
+
+    def flush(self) -> None:
+        with self.path.open("a") as file:
+            file.writelines(row + "\n" for row in self._rows)
+        self._rows.clear()

@@ -1,0 +1,96 @@
+"""The memory plan: sizes, the slot count a budget buys, where the experts' host copy goes, and the
+one-line error when a budget cannot work."""
+
+import pytest
+import torch
+from click.testing import CliRunner
+from conftest import MIXTRAL, hf_model, save_hf
+
+from localmoe.cli import main
+from localmoe.errors import LocalMoEError
+from localmoe.runtime.memory import Footprint, format_bytes, parse_size, plan_memory
+
+MiB, GiB = 2**20, 2**30
+# Mixtral-8x7B in bf16, roughly: 1.6 GB of non-expert weights, 256 experts of 352 MB, top-2.
+MIXTRAL_8X7B = Footprint(
+    resident_bytes=1_600 * MiB,
+    expert_bytes=336 * MiB,
+    moe_layers=32,
+    experts_per_layer=8,
+    top_k=2,
+    kv_bytes_per_token=128 * 1024,
+    activation_bytes_per_token=400 * 1024,
+    max_positions=32768,
+)
+CUDA = torch.device("cuda")
+
+
+@pytest.mark.parametrize(
+    "text,expected",
+    [("12GiB", 12 * GiB), ("512MiB", 512 * MiB), ("1.5G", int(1.5 * GiB)), ("24GB", 24 * 10**9), ("4096", 4096)],
+)
+def test_parse_size(text, expected):
+    assert parse_size(text) == expected
+
+
+def test_parse_size_rejects_nonsense():
+    with pytest.raises(LocalMoEError, match="cannot read the size 'lots'"):
+        parse_size("lots")
+
+
+def test_budget_buys_slots():
+    small = plan_memory(MIXTRAL_8X7B, CUDA, vram_budget=12 * GiB, host_budget=128 * GiB)
+    large = plan_memory(MIXTRAL_8X7B, CUDA, vram_budget=24 * GiB, host_budget=128 * GiB)
+    assert 2 <= small.slots < large.slots < MIXTRAL_8X7B.total_experts
+    assert small.device_bytes <= 12 * GiB and large.device_bytes <= 24 * GiB
+    assert small.store == "pinned"  # 84 GiB of experts fit the 128 GiB host budget
+
+
+def test_short_host_ram_reads_experts_through_mmap():
+    plan = plan_memory(MIXTRAL_8X7B, CUDA, vram_budget=12 * GiB, host_budget=32 * GiB)
+    assert plan.store == "mmap"
+
+
+def test_everything_fits():
+    plan = plan_memory(MIXTRAL_8X7B, CUDA, vram_budget=200 * GiB, host_budget=1 * GiB)
+    assert plan.all_resident and plan.store == "none"
+
+
+def test_budget_too_small_says_what_is_needed():
+    with pytest.raises(LocalMoEError) as info:
+        plan_memory(MIXTRAL_8X7B, CUDA, vram_budget=2 * GiB, host_budget=128 * GiB)
+    message = str(info.value)
+    needed = MIXTRAL_8X7B.resident_bytes + 4096 * (128 + 0) * 1024 + 512 * 400 * 1024 + 2 * 336 * MiB
+    assert "too small" in message and format_bytes(needed) in message and "\n" not in message
+
+
+def test_expert_slots_override_the_plan_within_the_budget():
+    plan = plan_memory(MIXTRAL_8X7B, CUDA, vram_budget=24 * GiB, host_budget=128 * GiB, expert_slots=10)
+    assert plan.slots == 10
+    with pytest.raises(LocalMoEError, match="too small"):
+        plan_memory(MIXTRAL_8X7B, CUDA, vram_budget=12 * GiB, host_budget=128 * GiB, expert_slots=60)
+
+
+def test_context_is_capped_at_the_model_maximum():
+    plan = plan_memory(MIXTRAL_8X7B, CUDA, vram_budget=24 * GiB, context=10**6)
+    assert plan.context == MIXTRAL_8X7B.max_positions
+
+
+def test_plan_command_without_a_gpu(tmp_path):
+    folder = save_hf(hf_model("MixtralConfig", **MIXTRAL), tmp_path / "m", "sharded")
+
+    def plan(*flags):
+        result = CliRunner().invoke(main, ["plan", str(folder), *flags])
+        return result.exit_code, result.stdout + result.stderr
+
+    # float32: 1.7 MiB of weights, KV cache and workspace, then 72 KiB per expert
+    code, wide = plan("--device", "cuda", "--vram-budget", "4MiB", "--host-budget", "1GiB")
+    assert code == 0 and "--expert-slots 15" in wide and "host RAM (pinned)" not in wide
+    code, narrow = plan("--device", "cuda", "--vram-budget", "2MiB", "--host-budget", "1GiB")
+    assert code == 0 and "--expert-slots 4 " in narrow and "host RAM (pinned)" in narrow
+    code, forced = plan("--device", "cuda", "--vram-budget", "4MiB", "--expert-slots", "4", "--host-budget", "1GiB")
+    assert code == 0 and "expert slots (4 of 15 experts)" in forced
+    code, error = plan("--device", "cuda", "--vram-budget", "100KiB")
+    assert code == 2 and "too small" in error and len(error.strip().splitlines()) == 1
+    code, error = plan("--device", "cuda")
+    assert code == 2 and "give --vram-budget" in error

@@ -1,0 +1,208 @@
+"""The offloading runtime: any slot count, policy and prefetch setting gives exactly the all-resident
+tokens and logits, and the cache's counters and buffers keep their invariants."""
+
+import json
+
+import pytest
+import torch
+from conftest import MIXTRAL, QWEN3_MOE, hf_model, save_hf
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+import localmoe
+from localmoe.engine import RuntimeOptions
+from localmoe.runtime.expert_cache import ExpertCache
+from localmoe.runtime.expert_store import ExpertStore
+from localmoe.runtime.offload import OffloadedExperts
+from localmoe.runtime.resident import ResidentExperts
+
+PROMPT, DECODE = 24, 10
+FAMILIES = {
+    "mixtral": ("MixtralConfig", MIXTRAL),  # 3 MoE layers x 5 experts, top-2
+    "qwen3": ("Qwen3MoeConfig", {**QWEN3_MOE, "mlp_only_layers": [1]}),  # 3 MoE layers x 7 experts, top-3
+}
+
+
+@pytest.fixture(scope="module")
+def checkpoints(tmp_path_factory):
+    return {
+        name: str(save_hf(hf_model(config_class, **config), tmp_path_factory.mktemp(name), "sharded"))
+        for name, (config_class, config) in FAMILIES.items()
+    }
+
+
+@pytest.fixture(scope="module")
+def references(checkpoints):
+    """The all-resident run of each family: greedy tokens and the logits of every step."""
+    return {name: run(localmoe.load(path, device="cpu", dtype=torch.float32)) for name, path in checkpoints.items()}
+
+
+def prompt() -> list[int]:
+    return torch.randint(0, 256, (PROMPT,), generator=torch.Generator().manual_seed(5)).tolist()
+
+
+def run(engine) -> tuple[list[int], list[torch.Tensor]]:
+    """Greedy tokens from the engine, and the logits of the prompt and of each decode step of a fixed
+    continuation, through the same experts backend."""
+    tokens = list(engine.generate_ids(prompt(), DECODE))
+    cache = engine.model.new_cache(1, PROMPT + DECODE)
+    logits = [engine.model(torch.tensor([prompt()]), cache, all_logits=True)]
+    logits += [engine.model(torch.tensor([[token]]), cache) for token in tokens[:-1]]
+    return tokens, logits
+
+
+def total_experts(engine) -> int:
+    return engine.plan.footprint.total_experts
+
+
+def offloaded(path: str, **options) -> localmoe.Engine:
+    engine = localmoe.load(path, device="cpu", dtype=torch.float32, options=RuntimeOptions(**options))
+    assert isinstance(engine.experts, OffloadedExperts)
+    return engine
+
+
+@settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(
+    family=st.sampled_from(sorted(FAMILIES)),
+    spare=st.integers(min_value=0, max_value=20),
+    policy=st.sampled_from(["lru", "lfu"]),
+    prefetch=st.integers(min_value=0, max_value=2),
+    margin=st.integers(min_value=0, max_value=2),
+)
+def test_any_cache_gives_the_all_resident_tokens_and_logits(
+    checkpoints, references, family, spare, policy, prefetch, margin
+):
+    path = checkpoints[family]
+    top_k = FAMILIES[family][1].get("num_experts_per_tok")
+    total = localmoe.load(path, device="cpu").plan.footprint.total_experts
+    slots = min(top_k + spare, total - 1)  # from the smallest pool that works to all but one expert
+    engine = offloaded(path, expert_slots=slots, policy=policy, prefetch=prefetch, prefetch_margin=margin)
+    tokens, logits = run(engine)
+    expected_tokens, expected_logits = references[family]
+    assert tokens == expected_tokens
+    for got, expected in zip(logits, expected_logits, strict=True):
+        assert torch.equal(got, expected)
+
+
+def test_pinned_hot_experts_and_mmap_store_give_the_same_tokens(checkpoints, references):
+    for family, path in checkpoints.items():
+        top_k = FAMILIES[family][1]["num_experts_per_tok"]
+        engine = offloaded(path, expert_slots=top_k + 3, pin_hot=3, host_budget=1)
+        assert engine.plan.store == "mmap"
+        tokens, _ = run(engine)
+        assert tokens == references[family][0]
+        assert len(engine.experts.cache.pinned) == 3
+
+
+def test_counters_add_up(checkpoints):
+    engine = offloaded(checkpoints["qwen3"], expert_slots=5, prefetch=2, prefetch_margin=1, pin_hot=1)
+    run(engine)
+    cache = engine.experts.cache
+    total = cache.totals()
+    assert total.uses > 0 and total.prefetch_issued > 0 and total.warmup_copies > 0
+    for counters in [*cache.counters.values(), total]:
+        assert counters.hits + counters.misses == counters.uses
+        copies = counters.misses + counters.prefetch_wasted + counters.warmup_copies
+        assert counters.bytes_copied == copies * cache.store.expert_bytes
+        assert counters.prefetch_used + counters.prefetch_wasted <= counters.prefetch_issued
+
+
+def cache_path_engine(path: str, slots: int) -> localmoe.Engine:
+    """An engine whose experts go through the expert cache even when every expert has a slot."""
+    engine = localmoe.load(path, device="cpu", dtype=torch.float32)
+    store = ExpertStore(engine.parts.experts, torch.float32, "ram", torch.device("cpu"))
+    blocks = list(engine.parts.experts.blocks.values())
+    engine.experts = OffloadedExperts(ExpertCache(store, slots, torch.device("cpu")), blocks)
+    for block in blocks:
+        block.experts = engine.experts
+    return engine
+
+
+def test_no_misses_once_every_expert_is_cached(checkpoints, references):
+    engine = cache_path_engine(checkpoints["mixtral"], slots=15)
+    warm = run(engine)
+    before = engine.experts.cache.totals()
+    assert before.bytes_copied == 15 * engine.experts.cache.store.expert_bytes  # each expert copied once
+    again = run(engine)
+    assert again[0] == warm[0] and all(torch.equal(a, b) for a, b in zip(again[1], warm[1], strict=True))
+    after = engine.experts.cache.totals()
+    assert after.misses == before.misses and after.bytes_copied == before.bytes_copied
+    assert after.uses > before.uses
+    assert warm[0] == references["mixtral"][0]
+
+
+def test_each_expert_copied_at_most_once_per_layer_visit(checkpoints):
+    engine = offloaded(checkpoints["mixtral"], expert_slots=6, prefetch=2, prefetch_margin=1)
+    experts, cache = engine.experts, engine.experts.cache
+    spans: list[list[tuple[int, int]]] = []
+    copy_to = cache.store.copy_to
+
+    def recording_copy(row, layer, expert):
+        spans[-1].append((layer, expert))
+        copy_to(row, layer, expert)
+
+    def visit(layer, x, weights, ids):
+        spans.append([])
+        return experts(layer, x, weights, ids)
+
+    cache.store.copy_to = recording_copy
+    for block in experts.blocks.values():
+        block.experts = visit
+    list(engine.generate_ids(prompt(), DECODE))
+    assert any(spans)
+    for span in spans:
+        assert len(span) == len(set(span))
+    # In decode (one round per layer), what a visit prefetched is not copied again by the next visit.
+    layers = sorted(experts.blocks)
+    decode_spans = spans[len(layers) :]
+    for this, following in zip(decode_spans, decode_spans[1:], strict=False):
+        assert not set(this) & set(following)
+
+
+def test_pool_is_allocated_once_within_the_plan(checkpoints):
+    engine = offloaded(checkpoints["qwen3"], expert_slots=4)
+    cache = engine.experts.cache
+    pointers = (cache.rows.data_ptr(), cache.gate_up.data_ptr(), cache.down.data_ptr())
+    run(engine)
+    run(engine)
+    assert (cache.rows.data_ptr(), cache.gate_up.data_ptr(), cache.down.data_ptr()) == pointers
+    assert cache.rows.numel() * cache.rows.element_size() == engine.plan.pool_bytes
+    assert engine.plan.device_bytes <= engine.plan.device_budget
+
+
+def test_trace_has_every_token_at_every_moe_layer(checkpoints, tmp_path):
+    trace = tmp_path / "routing.jsonl"
+    engine = offloaded(checkpoints["mixtral"], expert_slots=4, trace=trace)
+    tokens = list(engine.generate_ids(prompt(), 6))
+    rows = [json.loads(line) for line in trace.read_text().splitlines()]
+    layers = sorted(engine.experts.blocks)
+    positions = PROMPT + len(tokens) - 1  # the last token is never fed back
+    assert len(rows) == positions * len(layers)
+    assert {row["token"] for row in rows} == set(range(positions))
+    assert all(len(row["experts"]) == 2 and len(row["weights"]) == 2 for row in rows)
+    assert abs(sum(rows[0]["weights"]) - 1) < 1e-6  # Mixtral renormalises its top-k
+
+
+def test_resident_run_writes_the_same_trace(checkpoints, tmp_path):
+    resident = localmoe.load(
+        checkpoints["mixtral"], device="cpu", dtype=torch.float32, options=RuntimeOptions(trace=tmp_path / "a")
+    )
+    assert isinstance(resident.experts, ResidentExperts)
+    list(resident.generate_ids(prompt(), 4))
+    offload = offloaded(checkpoints["mixtral"], expert_slots=3, trace=tmp_path / "b")
+    list(offload.generate_ids(prompt(), 4))
+    assert (tmp_path / "a").read_text() == (tmp_path / "b").read_text()
+
+
+@pytest.mark.parametrize(
+    "options,needle",
+    [
+        ({"expert_slots": 1}, "--expert-slots 1 is out of range"),
+        ({"expert_slots": 99}, "--expert-slots 99 is out of range"),
+        ({"expert_slots": 4, "pin_hot": 3}, "use at most 2"),
+        ({"vram_budget": 10_000}, "too small"),
+    ],
+)
+def test_bad_runtime_options(checkpoints, options, needle):
+    with pytest.raises(localmoe.LocalMoEError, match=needle):
+        localmoe.load(checkpoints["mixtral"], device="cpu", options=RuntimeOptions(**options))
