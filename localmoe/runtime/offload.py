@@ -51,17 +51,15 @@ class OffloadedExperts:
 
         pairs = x.new_zeros(ids.numel(), x.shape[1])
         rounds, overlap = self._rounds(layer, list(need))
-        self.cache.acquire(layer, rounds[0])
         for i, experts in enumerate(rounds):
-            if i + 1 < len(rounds):
-                if overlap:
-                    self.cache.acquire(layer, rounds[i + 1])
-            else:
+            if i == 0 or not overlap:
+                self.cache.acquire(layer, experts)
+            if overlap and i + 1 < len(rounds):
+                self.cache.acquire(layer, rounds[i + 1])  # copied while this round computes
+            if i + 1 == len(rounds):
                 self._prefetch(coming, host[1 : 1 + len(coming)])
             self._compute(block, x, ids, experts, pairs)
             self.cache.release(layer, experts)
-            if i + 1 < len(rounds) and not overlap:
-                self.cache.acquire(layer, rounds[i + 1])
         return combine_pairs(pairs, weights)
 
     def pin_hottest(self, count: int) -> None:
