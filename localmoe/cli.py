@@ -1,5 +1,6 @@
 """The `localmoe` command."""
 
+import json
 import sys
 from pathlib import Path
 
@@ -86,6 +87,41 @@ def _cache_options(fn):
     return fn
 
 
+def _sampling_options(fn):
+    """Sampling flags; each left out keeps the checkpoint's default (generation_config.json)."""
+    options = [
+        click.option("--temperature", type=float, default=None, help="0 is greedy.  [default: the checkpoint's]"),
+        click.option("--top-k", type=int, default=None),
+        click.option("--top-p", type=float, default=None),
+        click.option("--min-p", type=float, default=None),
+        click.option("--repetition-penalty", type=float, default=None),
+        click.option("--seed", type=int, default=None, help="Make sampling reproducible."),
+        click.option("--stop", multiple=True, help="Stop before this text (repeatable); it is not printed."),
+    ]
+    for option in reversed(options):
+        fn = option(fn)
+    return fn
+
+
+def _sampling(engine, values: dict):
+    names = ("temperature", "top_k", "top_p", "min_p", "repetition_penalty", "seed")
+    return engine.sampling(**{name: values[name] for name in names})
+
+
+def _load(model: str, revision: str | None, flags: dict):
+    from localmoe.engine import load
+
+    engine = load(
+        model,
+        device=flags["device"],
+        dtype=DTYPE_CHOICES[flags["dtype"]],
+        revision=revision,
+        options=_runtime_options(flags),
+    )
+    click.echo(engine.summary(), err=True)
+    return engine
+
+
 def _runtime_options(values: dict):
     from localmoe.engine import RuntimeOptions
 
@@ -102,21 +138,40 @@ def _runtime_options(values: dict):
 @click.argument("model")
 @click.option("--prompt", "-p", required=True, help="Text to continue.")
 @click.option("--max-new-tokens", "-n", default=128, show_default=True, type=click.IntRange(min=1))
+@click.option("--chat", is_flag=True, help="Send the prompt as a user message through the chat template.")
+@click.option("--system", default=None, help="System message, with --chat.")
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object: the text, timings and counters.")
 @click.option("--revision", default=None, help="Hub branch, tag or commit (for a repo id).")
+@_sampling_options
 @_placement_options
 @_cache_options
-def generate(model: str, prompt: str, max_new_tokens: int, revision: str | None, **flags):
-    """Print the greedy continuation of PROMPT. MODEL is a checkpoint folder or a Hub repo id."""
-    from localmoe.engine import load
+def generate(model: str, prompt: str, max_new_tokens: int, chat: bool, system, as_json: bool, revision, **flags):
+    """Print the continuation of PROMPT. MODEL is a checkpoint folder or a Hub repo id."""
+    engine = _load(model, revision, flags)
+    pieces = engine.generate(prompt, max_new_tokens, _sampling(engine, flags), flags["stop"], chat=chat, system=system)
+    if as_json:
+        click.echo(json.dumps(_report(engine, "".join(pieces)), indent=2))
+        return
+    _stream(engine, pieces, flags["stats"])
 
-    engine = load(
-        model,
-        device=flags["device"],
-        dtype=DTYPE_CHOICES[flags["dtype"]],
-        revision=revision,
-        options=_runtime_options(flags),
-    )
-    _stream(engine, prompt, max_new_tokens, flags["stats"])
+
+@main.command()
+@click.argument("model")
+@click.option("--system", default=None, help="System message.")
+@click.option("--max-new-tokens", "-n", default=1024, show_default=True, type=click.IntRange(min=1), help="Per answer.")
+@click.option("--revision", default=None, help="Hub branch, tag or commit (for a repo id).")
+@_sampling_options
+@_placement_options
+@_cache_options
+def chat(model: str, system: str | None, max_new_tokens: int, revision: str | None, **flags):
+    """Chat with MODEL. In a terminal: a prompt with history and /commands (/help). With piped input:
+    each line is a message, and the answers are printed as plain text."""
+    from localmoe.chat import ChatSession, run
+
+    engine = _load(model, revision, flags)
+    engine.tokenizer.render_chat([{"role": "user", "content": "hi"}])  # fail now if there is no template
+    session = ChatSession(engine, _sampling(engine, flags), max_new_tokens, list(flags["stop"]), system)
+    run(session, interactive=sys.stdin.isatty())
 
 
 @main.command()
@@ -157,14 +212,38 @@ def demo(prompt: str, max_new_tokens: int, device: str | None):
     )
     total = DEMO_CONFIG["num_hidden_layers"] * DEMO_CONFIG["num_local_experts"]
     engine = load(str(folder), device=device, options=RuntimeOptions(expert_slots=total // 4))
-    _stream(engine, prompt, max_new_tokens, stats=True)
+    click.echo(engine.summary(), err=True)
+    _stream(engine, engine.generate(prompt, max_new_tokens), stats=True)
 
 
-def _stream(engine, prompt: str, max_new_tokens: int, stats: bool) -> None:
-    for piece in engine.generate(prompt, max_new_tokens):
+def _stream(engine, pieces, stats: bool) -> None:
+    for piece in pieces:
         sys.stdout.write(piece)
         sys.stdout.flush()
     sys.stdout.write("\n")
     click.echo(f"[{engine.stats.summary()}]", err=True)
     if stats:
         click.echo(engine.cache_report(), err=True)
+
+
+def _report(engine, text: str) -> dict:
+    """`generate --json`: the text with the run's timings, plan and expert cache counters."""
+    from dataclasses import asdict
+
+    from localmoe.runtime.offload import OffloadedExperts
+
+    stats = engine.stats
+    cache = engine.experts.cache if isinstance(engine.experts, OffloadedExperts) else None
+    return {
+        "text": text,
+        "prompt_tokens": stats.prompt_tokens,
+        "new_tokens": stats.new_tokens,
+        "time_to_first_token_s": stats.prefill_seconds,
+        "prefill_tokens_per_s": stats.prefill_rate,
+        "decode_tokens_per_s": stats.decode_rate,
+        "device": engine.plan.device,
+        "expert_slots": engine.plan.slots,
+        "total_experts": engine.plan.footprint.total_experts,
+        "cache": None if cache is None else {**asdict(cache.totals()), "hit_rate": cache.totals().hit_rate},
+        "cache_per_layer": None if cache is None else {str(k): asdict(v) for k, v in sorted(cache.counters.items())},
+    }

@@ -13,13 +13,15 @@ from localmoe.loader import ModelParts, footprint, load_resident_weights, model_
 from localmoe.models.moe import moe_blocks
 from localmoe.runtime.expert_cache import POLICIES, ExpertCache
 from localmoe.runtime.expert_store import ExpertStore
-from localmoe.runtime.generate import GenerationStats, greedy_tokens
-from localmoe.runtime.memory import MemoryPlan, plan_memory
+from localmoe.runtime.generate import GenerationStats, generate_tokens
+from localmoe.runtime.kv_cache import KVCache
+from localmoe.runtime.memory import MemoryPlan, format_bytes, plan_memory
 from localmoe.runtime.offload import OffloadedExperts
 from localmoe.runtime.resident import ResidentExperts
+from localmoe.runtime.sampling import Sampler, SamplingParams
 from localmoe.runtime.stats import cache_report
 from localmoe.runtime.trace import RoutingTrace
-from localmoe.tokenizer import Tokenizer
+from localmoe.tokenizer import StopStrings, Tokenizer
 
 
 @dataclass
@@ -39,7 +41,8 @@ class RuntimeOptions:
 
 
 class Engine:
-    """A model with its experts placed, its stop tokens, and the checkpoint's tokenizer when text is used."""
+    """A model with its experts placed, its stop tokens and sampling defaults, and the checkpoint's
+    tokenizer when text is used."""
 
     def __init__(
         self,
@@ -63,15 +66,39 @@ class Engine:
     def tokenizer(self) -> Tokenizer:
         return Tokenizer(self.checkpoint.path)
 
-    def generate_ids(self, prompt: Sequence[int], max_new_tokens: int) -> Iterator[int]:
-        """Greedy token ids after `prompt`; `self.stats` describes the run as it goes."""
+    @property
+    def device(self) -> torch.device:
+        return self.model.model.embed_tokens.weight.device
+
+    def sampling(self, **overrides) -> SamplingParams:
+        """The checkpoint's sampling defaults (generation_config.json) with `overrides` (None: keep)."""
+        return SamplingParams.from_generation_config(self.checkpoint.generation_config, **overrides)
+
+    def new_cache(self) -> KVCache:
+        """A KV cache for the planned context, for conversations that keep theirs between turns."""
+        return self.model.new_cache(1, self.plan.context)
+
+    def generate_ids(
+        self,
+        prompt: Sequence[int],
+        max_new_tokens: int,
+        sampling: SamplingParams | None = None,
+        *,
+        cache: KVCache | None = None,
+        reuse: int = 0,
+    ) -> Iterator[int]:
+        """Token ids after `prompt` (greedy unless `sampling` says otherwise); `self.stats` describes the
+        run as it goes. `cache` and `reuse`: see `generate_tokens`."""
         self.stats = GenerationStats()
-        tokens = greedy_tokens(
+        tokens = generate_tokens(
             self.model,
             prompt,
             max_new_tokens,
-            self.eos_ids,
-            self.stats,
+            sampler=Sampler(sampling or SamplingParams(), self.device),
+            eos_ids=self.eos_ids,
+            stats=self.stats,
+            cache=cache,
+            reuse=reuse,
             context=self.plan.context,
             prefill_chunk=self.plan.prefill_chunk,
             on_prefill=self._after_prefill,
@@ -82,10 +109,49 @@ class Engine:
             if self.experts.trace:
                 self.experts.trace.flush()
 
-    def generate(self, prompt: str, max_new_tokens: int) -> Iterator[str]:
-        """Stream the greedy continuation of `prompt` as text pieces."""
-        ids = self.generate_ids(self.tokenizer.encode(prompt), max_new_tokens)
-        return self.tokenizer.stream(token for token in ids if token not in self.eos_ids)
+    def text(self, ids: Iterator[int], stop: Sequence[str] = ()) -> Iterator[str]:
+        """Stream `ids` as text pieces, without EOS tokens, ending before the first of the `stop` strings."""
+        stops = StopStrings(stop)
+        for piece in self.tokenizer.stream(token for token in ids if token not in self.eos_ids):
+            if text := stops.feed(piece):
+                yield text
+            if stops.stopped:
+                ids.close()
+                return
+        if rest := stops.flush():
+            yield rest
+
+    def generate(
+        self,
+        prompt: str,
+        max_new_tokens: int,
+        sampling: SamplingParams | None = None,
+        stop: Sequence[str] = (),
+        *,
+        chat: bool = False,
+        system: str | None = None,
+    ) -> Iterator[str]:
+        """Stream the continuation of `prompt` as text; with `chat`, of the prompt as a user message
+        rendered by the checkpoint's chat template. `sampling` defaults to the checkpoint's."""
+        if chat:
+            messages = [
+                *([{"role": "system", "content": system}] if system else []),
+                {"role": "user", "content": prompt},
+            ]
+            ids = self.tokenizer.encode_chat(messages)
+        else:
+            ids = self.tokenizer.encode(prompt)
+        return self.text(self.generate_ids(ids, max_new_tokens, sampling or self.sampling()), stop)
+
+    def summary(self) -> str:
+        """One line: what was loaded, where, and how the experts are placed."""
+        plan, fp = self.plan, self.plan.footprint
+        home = {"none": "none needed", "pinned": "pinned RAM", "ram": "RAM", "mmap": "checkpoint files (mmap)"}
+        return (
+            f"{self.checkpoint.path.name}: {self.parts.family.architectures[0]} on {plan.device}, {self.parts.dtype}; "
+            f"resident {format_bytes(fp.resident_bytes)}; expert slots {plan.slots}/{fp.total_experts}; "
+            f"experts' host copy: {home[plan.store]}; context {plan.context}"
+        )
 
     def cache_report(self) -> str:
         """The memory plan and, when experts are offloaded, the cache counters so far."""

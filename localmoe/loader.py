@@ -16,6 +16,7 @@ from localmoe.errors import LocalMoEError
 from localmoe.models import family_for
 from localmoe.models.family import Family, ModelArgs
 from localmoe.models.moe import ExpertNames, SparseMoE, moe_blocks
+from localmoe.progress import progress
 from localmoe.runtime.memory import Footprint
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -51,7 +52,11 @@ def load_resident_weights(parts: ModelParts, ckpt: Checkpoint, device: torch.dev
     Routed experts are not loaded: `parts.experts` reads them on demand, and the runtime decides
     where they live and binds them to the model's MoE blocks.
     """
-    state = {name: _to(ckpt.tensor(source), device, parts.dtype) for name, source in parts.resident_sources.items()}
+    sources = parts.resident_sources
+    state = {
+        name: _to(ckpt.tensor(source), device, parts.dtype)
+        for name, source in progress(sources.items(), len(sources), "loading resident weights")
+    }
     parts.model.load_state_dict(state, strict=True, assign=True)
     parts.model.to(device)  # the buffers computed at construction (rotary frequencies)
     parts.model.requires_grad_(False).eval()

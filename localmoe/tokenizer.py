@@ -1,11 +1,24 @@
-"""The checkpoint's fast tokenizer (`tokenizer.json`, through `tokenizers`)."""
+"""The checkpoint's tokenizer: `tokenizer.json` through `tokenizers`, its special tokens, and its chat
+template rendered the way transformers renders it (sandboxed jinja2, same helpers, same JSON spacing).
+"""
 
+import functools
+import json
 from collections.abc import Iterable, Iterator
+from datetime import datetime
 from pathlib import Path
+from typing import Any
 
+import jinja2
+import jinja2.ext
+import jinja2.nodes
+from jinja2.sandbox import ImmutableSandboxedEnvironment
 from tokenizers import Tokenizer as FastTokenizer
+from tokenizers import processors
 
 from localmoe.errors import LocalMoEError
+
+SPECIAL_TOKEN_NAMES = ("bos_token", "eos_token", "unk_token", "sep_token", "pad_token", "cls_token", "mask_token")
 
 
 class Tokenizer:
@@ -19,29 +32,197 @@ class Tokenizer:
             self._tok = FastTokenizer.from_file(str(path))
         except Exception as error:  # tokenizers raises a bare Exception on malformed files
             raise LocalMoEError(f"{path} cannot be read ({error}): the file is damaged; download it again") from None
+        config = _read_json(folder / "tokenizer_config.json")
+        self.special_tokens = {
+            name: _token_text(config[name]) for name in SPECIAL_TOKEN_NAMES if config.get(name) is not None
+        }
+        self._apply_bos_eos_flags(config)
+        self.chat_templates = _chat_templates(folder, config)
+        self._byte_tokens = _byte_fallback_tokens(self._tok)
+        self._special_ids = frozenset(i for i, t in self._tok.get_added_tokens_decoder().items() if t.special)
 
-    def encode(self, text: str) -> list[int]:
-        """Token ids, with the special tokens (such as BOS) that the tokenizer's post-processor adds."""
-        return self._tok.encode(text).ids
+    def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
+        """Token ids; with `add_special_tokens`, plus what the post-processor adds (such as BOS)."""
+        return self._tok.encode(text, add_special_tokens=add_special_tokens).ids
 
     def decode(self, ids: list[int]) -> str:
         return self._tok.decode(ids, skip_special_tokens=True)
+
+    def token_id(self, text: str) -> int | None:
+        return self._tok.token_to_id(text)
+
+    def render_chat(
+        self, messages: list[dict], add_generation_prompt: bool = True, tools: list[dict] | None = None, **kwargs
+    ) -> str:
+        """The conversation as the model was trained to see it, rendered from the checkpoint's chat template."""
+        template = self._template(tools)
+        try:
+            return _compile(template).render(
+                messages=messages,
+                tools=tools,
+                documents=None,
+                add_generation_prompt=add_generation_prompt,
+                **{**self.special_tokens, **kwargs},
+            )
+        except jinja2.TemplateError as error:
+            raise LocalMoEError(f"the chat template refused the conversation: {error}") from None
+
+    def encode_chat(self, messages: list[dict], add_generation_prompt: bool = True, **kwargs) -> list[int]:
+        """Token ids of the rendered conversation: the template writes the special tokens itself."""
+        return self.encode(self.render_chat(messages, add_generation_prompt, **kwargs), add_special_tokens=False)
 
     def stream(self, ids: Iterable[int]) -> Iterator[str]:
         """Text pieces as tokens arrive, never splitting a multi-byte character.
 
         Each step decodes only a short window: the tokens since the last emitted piece, with the ones
-        before them as context, so decoders that drop a leading space still join pieces correctly.
+        before them as context, so decoders that drop a leading space (metaspace) or assemble bytes
+        from several tokens (byte fallback, byte-level) still join pieces correctly. Text is held back
+        while it ends in an unfinished character, or in byte-fallback tokens: the decoder renders a run
+        of those as a whole, and a later byte can change how the earlier ones read.
         """
         tokens: list[int] = []
         prefix = read = 0
+        after_byte = False  # the last token that decodes to anything was a byte-fallback token
         for token in ids:
             tokens.append(token)
+            if token not in self._special_ids:  # skipped in decode: bytes on both sides still join
+                after_byte = token in self._byte_tokens
             before = self.decode(tokens[prefix:read])
             text = self.decode(tokens[prefix:])
-            if len(text) > len(before) and not text.endswith("\ufffd"):
+            if len(text) > len(before) and not text.endswith("\ufffd") and not after_byte:
                 yield text[len(before) :]
                 prefix, read = read, len(tokens)
         rest = self.decode(tokens[prefix:])[len(self.decode(tokens[prefix:read])) :]
         if rest:
             yield rest
+
+    def _apply_bos_eos_flags(self, config: dict) -> None:
+        """tokenizer.json's post-processor decides what encode adds; where it has none, the
+        add_bos_token/add_eos_token flags of tokenizer_config.json do, as older Llama-style repos expect."""
+        if self._tok.post_processor is not None:
+            return
+        single, special = "$A:0", []
+        for flag, name, before in (("add_bos_token", "bos_token", True), ("add_eos_token", "eos_token", False)):
+            token = self.special_tokens.get(name)
+            token_id = self._tok.token_to_id(token) if token else None
+            if config.get(flag) and token_id is not None:
+                single = f"{token}:0 {single}" if before else f"{single} {token}:0"
+                special.append((token, token_id))
+        pair = f"{single} " + single.replace("$A", "$B").replace(":0", ":1")
+        self._tok.post_processor = processors.TemplateProcessing(single=single, pair=pair, special_tokens=special)
+
+    def _template(self, tools: list[dict] | None) -> str:
+        templates = self.chat_templates
+        if not templates:
+            raise LocalMoEError(
+                "this checkpoint has no chat template (a base model?): use `localmoe generate` without --chat"
+            )
+        if tools is not None and "tool_use" in templates:
+            return templates["tool_use"]
+        if "default" in templates:
+            return templates["default"]
+        raise LocalMoEError(f"the checkpoint has chat templates {sorted(templates)} but none named default")
+
+
+def _byte_fallback_tokens(tok: FastTokenizer) -> frozenset[int]:
+    """Ids of the <0xNN> tokens of a byte-fallback tokenizer (SentencePiece style); empty otherwise."""
+    if "ByteFallback" not in repr(tok.decoder):
+        return frozenset()
+    vocab = tok.get_vocab()
+    return frozenset(vocab[f"<0x{byte:02X}>"] for byte in range(256) if f"<0x{byte:02X}>" in vocab)
+
+
+def _read_json(path: Path) -> dict:
+    if not path.is_file():
+        return {}
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+        raise LocalMoEError(f"{path} is not valid JSON ({error}): the file is damaged; download it again") from None
+
+
+def _token_text(value: Any) -> str:
+    """Special tokens are written as text, or as {"content": text, ...} in older configs."""
+    return value["content"] if isinstance(value, dict) else str(value)
+
+
+def _chat_templates(folder: Path, config: dict) -> dict[str, str]:
+    """Named chat templates, from the first place that has any: chat_template.jinja (plus
+    additional_chat_templates/*.jinja), tokenizer_config.json, then chat_template.json."""
+    templates = {}
+    if (folder / "chat_template.jinja").is_file():
+        templates["default"] = (folder / "chat_template.jinja").read_text(encoding="utf-8")
+    for file in sorted((folder / "additional_chat_templates").glob("*.jinja")):
+        templates[file.name.removesuffix(".jinja")] = file.read_text(encoding="utf-8")
+    if templates:
+        return templates
+    value = config.get("chat_template") or _read_json(folder / "chat_template.json").get("chat_template")
+    if isinstance(value, list):
+        return {entry["name"]: entry["template"] for entry in value}
+    return {"default": value} if value else {}
+
+
+class _GenerationTag(jinja2.ext.Extension):
+    """`{% generation %}...{% endgeneration %}` marks assistant text for training masks; it renders its body."""
+
+    tags = {"generation"}
+
+    def parse(self, parser):
+        lineno = next(parser.stream).lineno
+        body = parser.parse_statements(("name:endgeneration",), drop_needle=True)
+        return jinja2.nodes.CallBlock(self.call_method("_render"), [], [], body).set_lineno(lineno)
+
+    def _render(self, caller):
+        return caller()
+
+
+@functools.lru_cache(maxsize=8)
+def _compile(template: str) -> jinja2.Template:
+    """Compile in the sandbox transformers uses, with the helpers real templates call."""
+    env = ImmutableSandboxedEnvironment(
+        trim_blocks=True, lstrip_blocks=True, extensions=[jinja2.ext.loopcontrols, _GenerationTag]
+    )
+    env.filters["tojson"] = _tojson
+    env.globals["raise_exception"] = _raise_exception
+    env.globals["strftime_now"] = lambda fmt: datetime.now().strftime(fmt)
+    try:
+        return env.from_string(template)
+    except jinja2.TemplateSyntaxError as error:
+        raise LocalMoEError(f"the checkpoint's chat template does not parse (line {error.lineno}: {error})") from None
+
+
+def _tojson(value, ensure_ascii=False, indent=None, separators=None, sort_keys=False) -> str:
+    # Unlike jinja2's own filter: no HTML escaping, and json.dumps' spacing, as transformers renders it.
+    return json.dumps(value, ensure_ascii=ensure_ascii, indent=indent, separators=separators, sort_keys=sort_keys)
+
+
+def _raise_exception(message: str):
+    raise jinja2.TemplateError(message)
+
+
+class StopStrings:
+    """Cuts streamed text at the first user stop string, which is never printed.
+
+    Text that might be the start of a stop string is held back until the next piece settles it.
+    """
+
+    def __init__(self, stops: Iterable[str]):
+        self.stops = [stop for stop in stops if stop]
+        self.stopped = False
+        self._pending = ""
+
+    def feed(self, piece: str) -> str:
+        """The part of the text so far that is safe to print; sets `stopped` at a stop string."""
+        text = self._pending + piece
+        hits = [i for i in (text.find(stop) for stop in self.stops) if i >= 0]
+        if hits:
+            self.stopped, self._pending = True, ""
+            return text[: min(hits)]
+        hold = max((n for stop in self.stops for n in range(1, len(stop)) if text.endswith(stop[:n])), default=0)
+        self._pending = text[len(text) - hold :] if hold else ""
+        return text[: len(text) - hold]
+
+    def flush(self) -> str:
+        """What was held back, once the text has ended without a stop string."""
+        rest, self._pending = self._pending, ""
+        return rest

@@ -101,3 +101,51 @@ QWEN3_MOE = dict(
     bos_token_id=256,
     eos_token_id=257,
 )
+
+
+CORPUS = [
+    "The quick brown fox jumps over the lazy dog. Hello world! How are you today?",
+    "Mixture-of-Experts models route every token to a few experts; caching the hot ones saves copies.",
+    "héllo wörld, 世界 and emoji 🙂 — unicode text for the merges, 12345 numbers too.",
+]
+
+
+def train_tokenizer(style: str, specials: list[str], vocab_size: int = 420):
+    """A small trained BPE tokenizer, in one of the two families real checkpoints use:
+    `byte_level` (GPT-2, Qwen, DeepSeek) or `metaspace` (SentencePiece-style with byte fallback:
+    Llama 2, Mistral, Mixtral)."""
+    from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
+
+    if style == "byte_level":
+        tok = Tokenizer(models.BPE())
+        tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+        tok.decoder = decoders.ByteLevel()
+        trainer = trainers.BpeTrainer(
+            vocab_size=vocab_size, special_tokens=specials, initial_alphabet=pre_tokenizers.ByteLevel.alphabet()
+        )
+        tok.train_from_iterator(CORPUS * 20, trainer)
+        return tok
+    base = Tokenizer(models.BPE(unk_token="<unk>"))
+    base.normalizer = normalizers.Sequence([normalizers.Prepend("▁"), normalizers.Replace(" ", "▁")])
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=["<unk>", *specials])
+    base.train_from_iterator(CORPUS * 20, trainer)
+    trained = json.loads(base.to_str())["model"]
+    vocab = dict(trained["vocab"])
+    for byte in range(256):  # byte fallback: characters outside the vocab become <0xNN> tokens
+        vocab.setdefault(f"<0x{byte:02X}>", len(vocab))
+    merges = [tuple(m.split(" ")) if isinstance(m, str) else tuple(m) for m in trained["merges"]]
+    tok = Tokenizer(models.BPE(vocab=vocab, merges=merges, unk_token="<unk>", byte_fallback=True, fuse_unk=True))
+    tok.normalizer = base.normalizer
+    tok.decoder = decoders.Sequence(
+        [decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse(), decoders.Strip(" ", 1, 0)]
+    )
+    tok.add_special_tokens(["<unk>", *specials])
+    return tok
+
+
+def save_tokenizer(tok, folder: Path, chat_template=None, **special) -> Path:
+    """Write a tokenizer the way transformers 5 does (tokenizer.json, tokenizer_config.json, chat_template.jinja)."""
+    from transformers import PreTrainedTokenizerFast
+
+    PreTrainedTokenizerFast(tokenizer_object=tok, chat_template=chat_template, **special).save_pretrained(folder)
+    return folder

@@ -6,7 +6,7 @@ import torch
 from conftest import MIXTRAL, QWEN3_MOE, hf_model, save_hf
 
 import localmoe
-from localmoe.runtime.generate import greedy_tokens
+from localmoe.runtime.generate import generate_tokens
 
 TOLERANCE = 1e-4
 PROMPT_TOKENS, DECODE_STEPS, GREEDY_TOKENS = 24, 16, 32
@@ -109,5 +109,5 @@ def test_greedy_tokens_identical(pair):
         expected = reference.generate(
             ids, max_new_tokens=GREEDY_TOKENS, do_sample=False, eos_token_id=None, pad_token_id=0
         )[0, PROMPT_TOKENS:].tolist()
-    got = list(greedy_tokens(engine.model, ids[0].tolist(), GREEDY_TOKENS))
+    got = list(generate_tokens(engine.model, ids[0].tolist(), GREEDY_TOKENS))
     assert got == expected

@@ -169,7 +169,12 @@ class ExpertCache:
         return total
 
     def begin_layer(self, layer: int, needed: Iterable[int]) -> None:
-        """Settle the prefetches made for this layer visit: those it does not need were wasted."""
+        """Settle the prefetches made for this layer visit: those it does not need were wasted.
+
+        Also forget what the previous visit held in use: only one layer computes at a time, and a
+        visit cut short (Ctrl-C in a chat) must not leave its experts protected for good.
+        """
+        self._in_use.clear()
         needed = set(needed)
         for key in [key for key in self._fresh if key[0] == layer and key[1] not in needed]:
             del self._fresh[key]

@@ -6,13 +6,13 @@ which rounds each block up to a power of two). When RAM is short the store reads
 from the checkpoint's memory-mapped shards instead, role by role.
 """
 
-import sys
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import torch
 
 from localmoe.loader import ExpertSource
+from localmoe.progress import progress
 
 PAGE = 4096
 
@@ -86,7 +86,7 @@ class ExpertStore:
     def _pack_all(self) -> Iterator[torch.Tensor]:
         """Pack each layer's experts into rows [E, numel], yielding each layer's rows once filled."""
         layers = self.source.blocks
-        for layer, block in _progress(layers.items(), len(layers), "packing experts into host RAM"):
+        for layer, block in progress(layers.items(), len(layers), "packing experts into host RAM (layers)"):
             rows = _page_aligned_empty(block.num_experts, self.layout.numel, self.dtype)
             for expert in range(block.num_experts):
                 roles = self.source.read(layer, expert)
@@ -117,15 +117,3 @@ def _pin_in_place(tensor: torch.Tensor) -> bool:
     if int(code) != 0 and hasattr(cudart, "cudaGetLastError"):
         cudart.cudaGetLastError()  # clear it, so that a later launch check does not report it
     return int(code) == 0
-
-
-def _progress(items: Iterable, total: int, label: str) -> Iterator:
-    """Yield items, showing `label: i/total` on a terminal."""
-    show = sys.stderr.isatty()
-    for done, item in enumerate(items, start=1):
-        yield item
-        if show:
-            sys.stderr.write(f"\r{label}: {done}/{total}")
-            sys.stderr.flush()
-    if show:
-        sys.stderr.write("\n")

@@ -1,4 +1,4 @@
-"""The generation loop, as a generator of token ids: the CLI, tests and benchmarks all consume it."""
+"""The generation loop, as a generator of token ids: the CLI, the chat, tests and benchmarks all consume it."""
 
 import time
 from collections.abc import Callable, Iterator, Sequence
@@ -8,65 +8,83 @@ import torch
 from torch import nn
 
 from localmoe.errors import LocalMoEError
+from localmoe.runtime.kv_cache import KVCache
+from localmoe.runtime.sampling import Sampler, SamplingParams
 
 
 @dataclass
 class GenerationStats:
     """Filled in by the generator as it runs."""
 
-    prompt_tokens: int = 0
+    prompt_tokens: int = 0  # tokens fed to the model for the prompt (the reused ones not counted)
     new_tokens: int = 0
-    prefill_seconds: float = 0.0
+    prefill_seconds: float = 0.0  # until the first new token was chosen: the time to first token
     decode_seconds: float = 0.0
 
-    def summary(self) -> str:
-        prefill = self.prompt_tokens / self.prefill_seconds if self.prefill_seconds else 0.0
+    @property
+    def prefill_rate(self) -> float:
+        return self.prompt_tokens / self.prefill_seconds if self.prefill_seconds else 0.0
+
+    @property
+    def decode_rate(self) -> float:
         # The first new token comes from the prefill; the rest each cost one decode step.
-        steps = max(self.new_tokens - 1, 0)
-        decode = steps / self.decode_seconds if self.decode_seconds else 0.0
+        return max(self.new_tokens - 1, 0) / self.decode_seconds if self.decode_seconds else 0.0
+
+    def summary(self) -> str:
         return (
-            f"prompt: {self.prompt_tokens} tokens, {prefill:.1f} tok/s; "
-            f"generated: {self.new_tokens} tokens, {decode:.1f} tok/s"
+            f"prompt: {self.prompt_tokens} tokens, {self.prefill_rate:.1f} tok/s, first token after "
+            f"{self.prefill_seconds:.2f} s; generated: {self.new_tokens} tokens, {self.decode_rate:.1f} tok/s"
         )
 
 
-def greedy_tokens(
+def generate_tokens(
     model: nn.Module,
     prompt: Sequence[int],
     max_new_tokens: int,
+    *,
+    sampler: Sampler | None = None,
     eos_ids: frozenset[int] = frozenset(),
     stats: GenerationStats | None = None,
-    *,
+    cache: KVCache | None = None,
+    reuse: int = 0,
     context: int | None = None,
     prefill_chunk: int = 512,
     on_prefill: Callable[[], None] | None = None,
 ) -> Iterator[int]:
-    """Yield up to `max_new_tokens` greedy tokens after `prompt`, stopping after an EOS id.
+    """Yield up to `max_new_tokens` tokens after `prompt`, stopping after an EOS id.
 
-    The prompt goes through the model in chunks of `prefill_chunk` tokens, which bounds the
-    activations a long prompt needs; `on_prefill` runs once the prompt is in the cache.
+    With `cache`, its first `reuse` positions already hold the start of `prompt` (an earlier turn of
+    a conversation) and only the rest is fed; without, a cache is allocated for this call. The prompt
+    goes through the model in chunks of `prefill_chunk` tokens, which bounds a long prompt's
+    activations; `on_prefill` runs once the prompt is in the cache. Greedy without a `sampler`.
     """
     if not prompt:
         raise LocalMoEError("the prompt is empty: give at least one token of text")
     limit = model.max_position_embeddings
-    context = min(context or limit, limit)
+    context = min(context or limit, limit, cache.max_len if cache else limit)
     if len(prompt) + max_new_tokens > context:
         raise LocalMoEError(
             f"the prompt ({len(prompt)} tokens) plus {max_new_tokens} new tokens exceeds the {context}-token context: "
             f"shorten the prompt, lower --max-new-tokens or raise --context (the model allows up to {limit})"
         )
+    sampler = sampler or Sampler(SamplingParams(), model.model.embed_tokens.weight.device)
     stats = stats or GenerationStats()
-    stats.prompt_tokens = len(prompt)
     device = model.model.embed_tokens.weight.device
-    cache = model.new_cache(1, len(prompt) + max_new_tokens)
-    ids = torch.tensor([list(prompt)], device=device)
+    if cache is None:
+        cache = model.new_cache(1, len(prompt) + max_new_tokens)
+    reuse = min(reuse, len(prompt) - 1)  # the last prompt token is always fed: its logits pick the first token
+    cache.pos = reuse
+    seen = torch.tensor([*prompt, *[0] * max_new_tokens], device=device)
+    stats.prompt_tokens = len(prompt) - reuse
     start = time.perf_counter()
-    for chunk in range(0, len(prompt), prefill_chunk):
-        logits = _forward(model, ids[:, chunk : chunk + prefill_chunk], cache)
+    for chunk in range(reuse, len(prompt), prefill_chunk):
+        logits = _forward(model, seen[None, chunk : min(chunk + prefill_chunk, len(prompt))], cache)
     if on_prefill:
         on_prefill()
     for produced in range(1, max_new_tokens + 1):
-        token = int(logits[0, -1].argmax())  # waits for the device: the timings below are real
+        position = len(prompt) + produced - 1
+        seen[position] = sampler(logits[0, -1], seen[:position])
+        token = int(seen[position])  # waits for the device: the timings below are real
         now = time.perf_counter()
         if produced == 1:
             stats.prefill_seconds = now - start
@@ -77,9 +95,9 @@ def greedy_tokens(
         if token in eos_ids or produced == max_new_tokens:
             return
         start = time.perf_counter()
-        logits = _forward(model, torch.tensor([[token]], device=device), cache)
+        logits = _forward(model, seen[None, position : position + 1], cache)
 
 
 @torch.inference_mode()
-def _forward(model: nn.Module, ids: torch.Tensor, cache) -> torch.Tensor:
+def _forward(model: nn.Module, ids: torch.Tensor, cache: KVCache) -> torch.Tensor:
     return model(ids, cache)

@@ -1,0 +1,159 @@
+"""Conversations: the KV cache kept between turns gives exactly what a fresh run gives, the context
+overflows gracefully, and `localmoe chat` works in a real terminal and over a pipe."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+from conftest import MIXTRAL, hf_model, save_hf, save_tokenizer, train_tokenizer
+from test_chat_template import CHATML_WITH_TOOLS
+
+import localmoe
+from localmoe.chat import ChatSession
+from localmoe.engine import RuntimeOptions
+from localmoe.errors import LocalMoEError
+
+SPECIALS = ["<|im_start|>", "<|im_end|>"]
+
+
+@pytest.fixture(scope="module")
+def chat_model(tmp_path_factory):
+    """A tiny Mixtral with a trained byte-level tokenizer and a ChatML template. It has no EOS id, so
+    answers run to their token limit, which gives Ctrl-C something to interrupt."""
+    tok = train_tokenizer("byte_level", SPECIALS)
+    config = {**MIXTRAL, "vocab_size": tok.get_vocab_size(), "max_position_embeddings": 4096}
+    config.update(bos_token_id=None, eos_token_id=None)
+    folder = save_hf(hf_model("MixtralConfig", **config), tmp_path_factory.mktemp("chat"), "sharded")
+    return save_tokenizer(tok, folder, CHATML_WITH_TOOLS, eos_token="<|im_end|>")
+
+
+def session(folder, max_new_tokens=12, **options) -> ChatSession:
+    engine = localmoe.load(str(folder), device="cpu", options=RuntimeOptions(**options))
+    return ChatSession(engine, engine.sampling(), max_new_tokens)
+
+
+def fresh_answer(folder, conversation, max_new_tokens=12, **options) -> str:
+    """What a new engine answers to the whole conversation, prefilled from scratch."""
+    engine = localmoe.load(str(folder), device="cpu", options=RuntimeOptions(**options))
+    ids = engine.tokenizer.encode_chat(conversation)
+    return "".join(engine.text(engine.generate_ids(ids, max_new_tokens)))
+
+
+def say(chat: ChatSession, text: str, notices: list | None = None) -> str:
+    return "".join(chat.reply(text, (notices if notices is not None else []).append))
+
+
+@pytest.mark.parametrize("options", [{}, {"expert_slots": 5}], ids=["resident", "offloaded"])
+def test_later_turns_reuse_the_cache_and_equal_a_fresh_run(chat_model, options):
+    chat = session(chat_model, **options)
+    chat.system = "Be brief."
+    say(chat, "Hello there")
+    first_prompt = chat.engine.tokenizer.encode_chat(chat.conversation()[:-1])
+    second = say(chat, "And now?")
+    whole = chat.engine.tokenizer.encode_chat(chat.conversation()[:-1])
+    # At least the first turn's prompt came from the cache. (The answer itself may be re-fed: random
+    # weights write invalid UTF-8, which does not re-tokenize to the same ids.)
+    assert chat.engine.stats.prompt_tokens <= len(whole) - len(first_prompt) + 1
+    assert second == fresh_answer(chat_model, chat.conversation()[:-1], **options)
+
+
+def test_an_interrupted_answer_is_kept_and_the_next_turn_is_right(chat_model):
+    chat = session(chat_model, max_new_tokens=40)
+    pieces = chat.reply("Tell me a long story", [].append)
+    next(pieces)
+    next(pieces)
+    pieces.close()  # what Ctrl-C does to the stream
+    partial = chat.messages[-1]
+    assert partial["role"] == "assistant" and len(partial["content"]) > 0
+    after = say(chat, "Go on")
+    assert after == fresh_answer(chat_model, chat.conversation()[:-1], max_new_tokens=40)
+
+
+def test_oldest_turns_are_dropped_to_fit_the_context(chat_model):
+    chat = session(chat_model, max_new_tokens=8, context=160)
+    chat.system = "System stays."
+    notices: list[str] = []
+    for turn in range(8):
+        say(chat, f"Message number {turn} with some words in it", notices)
+    assert any("dropped the" in notice for notice in notices)
+    assert chat.conversation()[0] == {"role": "system", "content": "System stays."}
+    assert chat.messages[0]["role"] == "user"  # roles still alternate after dropping
+    assert len(chat.engine.tokenizer.encode_chat(chat.conversation())) <= 160
+
+
+def test_a_message_longer_than_the_context_is_refused_cleanly(chat_model):
+    chat = session(chat_model, context=64)
+    with pytest.raises(LocalMoEError, match="shorten it, or raise --context"):
+        say(chat, "word " * 200)
+    assert chat.messages == []
+    assert say(chat, "short") is not None  # the session is still usable
+
+
+def test_save_and_load(chat_model, tmp_path):
+    chat = session(chat_model)
+    chat.system = "S"
+    say(chat, "one")
+    chat.save(tmp_path / "c.json")
+    other = session(chat_model)
+    other.load(tmp_path / "c.json")
+    assert (other.system, other.messages) == (chat.system, chat.messages)
+    (tmp_path / "bad.json").write_text('{"messages": [{"role": "user"}]}')
+    with pytest.raises(LocalMoEError, match="cannot load a conversation"):
+        other.load(tmp_path / "bad.json")
+
+
+def test_piped_lines_are_turns(chat_model, tmp_path):
+    saved = tmp_path / "piped.json"
+    done = subprocess.run(
+        [sys.executable, "-m", "localmoe", "chat", str(chat_model), "--device", "cpu", "-n", "6"],
+        input=f"hello\n\nsecond line\n/save {saved}\n",
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert done.returncode == 0, done.stderr
+    assert "Traceback" not in done.stderr
+    roles = [m["role"] for m in json.loads(saved.read_text())["messages"]]
+    assert roles == ["user", "assistant", "user", "assistant"]
+
+
+def test_generate_with_chat_template_and_json(chat_model):
+    from click.testing import CliRunner
+
+    from localmoe.cli import main
+
+    result = CliRunner().invoke(
+        main,
+        ["generate", str(chat_model), "-p", "hi", "--chat", "--system", "S", "-n", "5", "--json", "--device", "cpu"],
+    )
+    assert result.exit_code == 0, result.output
+    report = json.loads(result.stdout)
+    assert report["new_tokens"] == 5 and report["prompt_tokens"] > 5
+    assert report["text"] == fresh_answer(
+        chat_model, [{"role": "system", "content": "S"}, {"role": "user", "content": "hi"}], 5
+    )
+
+
+def test_chat_in_a_terminal(chat_model, tmp_path):
+    pexpect = pytest.importorskip("pexpect")
+    command = f"{sys.executable} -m localmoe chat {chat_model} --device cpu --expert-slots 6 -n 3000"
+    child = pexpect.spawn(command, cwd=str(tmp_path), encoding="utf-8", timeout=120, dimensions=(40, 200))
+    child.expect("Type /help")
+    child.expect("> ")
+    child.sendline("hello")
+    child.expect("> ", timeout=120)  # the answer ran to its end
+    child.sendline("/stats")
+    child.expect("hit rate")
+    child.expect("> ")
+    child.sendline("tell me everything")
+    child.expect("assistant|\\S", timeout=60)  # the answer has started streaming
+    child.sendintr()
+    child.expect(r"\[stopped\]", timeout=60)
+    child.expect("> ")
+    child.sendline("/reset")
+    child.expect("conversation cleared")
+    child.sendline("/exit")
+    child.expect(pexpect.EOF, timeout=60)
+    child.close()
+    assert child.exitstatus == 0
