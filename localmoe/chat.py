@@ -1,5 +1,6 @@
 """`localmoe chat`: a conversation with the model, in a terminal or over piped lines."""
 
+import contextlib
 import json
 import sys
 from collections.abc import Callable, Iterator
@@ -121,8 +122,8 @@ def run(session: ChatSession, interactive: bool) -> None:
     """The read-answer loop. Interactive: a prompt with line editing and history. Piped: each input
     line is a user turn and answers are plain text, one block per line read."""
     if interactive:
-        import readline  # noqa: F401  (line editing and history for input())
-
+        with contextlib.suppress(ImportError):  # not on every platform; input() works without it
+            import readline  # noqa: F401  (line editing and history for input())
         print("Type /help for commands. Ctrl-C stops an answer, Ctrl-D exits.", file=sys.stderr)
     while True:
         try:
