@@ -98,6 +98,20 @@ class Checkpoint:
             )
         return TensorInfo(tuple(view.get_shape()), dtype)
 
+    def check_tensor(self, name: str, shape: tuple[int, ...]) -> None:
+        """Refuse a checkpoint that lacks `name` or stores it in another shape than the config implies."""
+        if name not in self:
+            raise LocalMoEError(
+                f"{self.path} lacks tensor {name}: the checkpoint is incomplete or its index is damaged; "
+                "download it again"
+            )
+        actual = self.info(name).shape
+        if actual != shape:
+            raise LocalMoEError(
+                f"tensor {name} in {self.path} has shape {list(actual)} but config.json implies {list(shape)}: "
+                "the config and the weights do not belong together"
+            )
+
     def tensor(self, name: str) -> torch.Tensor:
         """The tensor, memory-mapped from its shard: no copy is made until the caller converts it.
 

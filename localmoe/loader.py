@@ -6,6 +6,7 @@ is read, so a missing or misshapen tensor fails at once with its name. A tensor 
 never invented: where transformers would initialise it randomly and carry on, localmoe refuses.
 """
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -14,8 +15,9 @@ from torch import nn
 from localmoe.checkpoint import Checkpoint
 from localmoe.errors import LocalMoEError
 from localmoe.models import family_for
+from localmoe.models.expert_tensors import ExpertTensors, role_shapes
 from localmoe.models.family import Family, ModelArgs
-from localmoe.models.moe import ExpertNames, SparseMoE, moe_blocks
+from localmoe.models.moe import SparseMoE, moe_blocks
 from localmoe.progress import progress
 from localmoe.runtime.memory import Footprint
 
@@ -52,9 +54,9 @@ def load_resident_weights(parts: ModelParts, ckpt: Checkpoint, device: torch.dev
     Routed experts are not loaded: `parts.experts` reads them on demand, and the runtime decides
     where they live and binds them to the model's MoE blocks.
     """
-    sources = parts.resident_sources
+    sources, keep = parts.resident_sources, parts.family.keep_float32
     state = {
-        name: _to(ckpt.tensor(source), device, parts.dtype)
+        name: _to(ckpt.tensor(source), device, torch.float32 if any(k in name for k in keep) else parts.dtype)
         for name, source in progress(sources.items(), len(sources), "loading resident weights")
     }
     parts.model.load_state_dict(state, strict=True, assign=True)
@@ -66,7 +68,7 @@ def footprint(parts: ModelParts) -> Footprint:
     """The sizes the memory plan needs, from the model's shapes in the compute dtype."""
     blocks = moe_blocks(parts.model)
     first = blocks[0]
-    shapes = {(b.hidden_size, b.intermediate_size, b.num_experts, b.top_k) for b in blocks}
+    shapes = {(b.hidden_size, b.intermediate_size, b.num_experts, b.top_k, b.expert_bias) for b in blocks}
     if len(shapes) > 1:
         raise LocalMoEError(
             f"{parts.family.architectures[0]} with experts of different shapes per layer is not supported"
@@ -76,7 +78,10 @@ def footprint(parts: ModelParts) -> Footprint:
     hidden = first.hidden_size
     return Footprint(
         resident_bytes=sum(p.numel() for p in parts.model.parameters()) * size,
-        expert_bytes=3 * first.intermediate_size * hidden * size,
+        expert_bytes=sum(
+            math.prod(shape) for shape in role_shapes(hidden, first.intermediate_size, first.expert_bias).values()
+        )
+        * size,
         moe_layers=len(blocks),
         experts_per_layer=first.num_experts,
         top_k=first.top_k,
@@ -118,70 +123,32 @@ def _resident_sources(model: nn.Module, ckpt: Checkpoint, family: Family) -> dic
                 f"{ckpt.path} lacks tensor {candidates[0]}, which {family.architectures[0]} needs: the checkpoint "
                 "is incomplete or its index is damaged; download it again"
             )
-        _check_shape(ckpt, found, tuple(param.shape))
+        ckpt.check_tensor(found, tuple(param.shape))
         sources[name] = found
     return sources
 
 
-def _check_shape(ckpt: Checkpoint, name: str, expected: tuple[int, ...]) -> None:
-    shape = ckpt.info(name).shape
-    if shape != expected:
-        raise LocalMoEError(
-            f"tensor {name} in {ckpt.path} has shape {list(shape)} but config.json implies {list(expected)}: "
-            "the config and the weights do not belong together"
-        )
-
-
 class ExpertSource:
-    """The routed experts of a checkpoint, read one expert at a time as memory-mapped views.
+    """The routed experts of a checkpoint, read one expert at a time.
 
-    Whatever the file layout (one tensor per expert and role, or one fused tensor per layer), an
-    expert comes back as roles gate and up [I, E] and down [E, I].
+    Each MoE layer is read in the first of the family's layouts the checkpoint has for it; an expert
+    comes back as roles gate and up [I, E], down [E, I] (and biases where the experts have them).
     """
 
-    def __init__(self, ckpt: Checkpoint, names: ExpertNames, blocks: list[SparseMoE]):
+    def __init__(self, ckpt: Checkpoint, layouts: tuple[ExpertTensors, ...], blocks: list[SparseMoE]):
         self.ckpt = ckpt
-        self.names = names
         self.blocks = {block.layer_idx: block for block in blocks}
-        self.fused = {layer: self._check_layer(block) for layer, block in self.blocks.items()}
+        self.layouts = {layer: self._layout(layouts, block) for layer, block in self.blocks.items()}
 
     @property
     def layers(self) -> list[int]:
         return list(self.blocks)
 
     def read(self, layer: int, expert: int) -> dict[str, torch.Tensor]:
-        if self.fused[layer]:
-            inter = self.blocks[layer].intermediate_size
-            gate_up = self.ckpt.tensor(self.names.fused["gate_up"].format(layer=layer))[expert]
-            down = self.ckpt.tensor(self.names.fused["down"].format(layer=layer))[expert]
-            return {"gate": gate_up[:inter], "up": gate_up[inter:], "down": down}
-        return {
-            role: self.ckpt.tensor(template.format(layer=layer, expert=expert))
-            for role, template in self.names.per_expert.items()
-        }
+        return self.layouts[layer].read(self.ckpt, self.blocks[layer], expert)
 
-    def _check_layer(self, block: SparseMoE) -> bool:
-        """Check every expert tensor of a layer; True where the layer is stored fused."""
-        layer, hidden, inter, count = (
-            block.layer_idx,
-            block.hidden_size,
-            block.intermediate_size,
-            block.num_experts,
-        )
-        first = self.names.per_expert["gate"].format(layer=layer, expert=0)
-        fused = {key: template.format(layer=layer) for key, template in self.names.fused.items()}
-        if first not in self.ckpt and fused and all(name in self.ckpt for name in fused.values()):
-            _check_shape(self.ckpt, fused["gate_up"], (count, 2 * inter, hidden))
-            _check_shape(self.ckpt, fused["down"], (count, hidden, inter))
-            return True
-        shapes = {"gate": (inter, hidden), "up": (inter, hidden), "down": (hidden, inter)}
-        for expert in range(count):
-            for role, template in self.names.per_expert.items():
-                name = template.format(layer=layer, expert=expert)
-                if name not in self.ckpt:
-                    raise LocalMoEError(
-                        f"{self.ckpt.path} lacks expert tensor {name}: the checkpoint is incomplete or its index "
-                        "is damaged; download it again"
-                    )
-                _check_shape(self.ckpt, name, shapes[role])
-        return False
+    def _layout(self, layouts: tuple[ExpertTensors, ...], block: SparseMoE) -> ExpertTensors:
+        """The first layout present for this layer, with every expert tensor it needs checked."""
+        layout = next((layout for layout in layouts if layout.present(self.ckpt, block.layer_idx)), layouts[0])
+        layout.check(self.ckpt, block)
+        return layout

@@ -6,6 +6,7 @@ import torch
 from conftest import MIXTRAL, QWEN3_MOE, hf_model, save_hf
 
 import localmoe
+from localmoe.models.expert_tensors import Fused, PerExpert
 from localmoe.runtime.generate import generate_tokens
 
 TOLERANCE = 1e-4
@@ -68,7 +69,8 @@ def pair(request, tmp_path_factory):
 def test_experts_read_in_the_layout_written(pair, request):
     _, engine = pair
     layout = CASES[request.node.callspec.params["pair"]][3]
-    assert set(engine.parts.experts.fused.values()) == {layout == "fused"}
+    expected = Fused if layout == "fused" else PerExpert
+    assert {type(found) for found in engine.parts.experts.layouts.values()} == {expected}
 
 
 def prompt_ids(length: int = PROMPT_TOKENS) -> torch.Tensor:

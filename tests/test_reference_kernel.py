@@ -5,16 +5,26 @@ import torch
 import torch.nn.functional as F
 
 from localmoe.kernels.reference import expert_mlp
+from localmoe.models.moe import GatedActivation
 
 HIDDEN, INTER = 16, 24
+SWIGLU = GatedActivation()
 
 
-def per_token(x, gate_up, down, weights, slots):
+def per_token(x, gate_up, down, weights, slots, biases=None, clamped=False):
     out = torch.zeros_like(x)
     for t in range(x.shape[0]):
         for w, s in zip(weights[t].tolist(), slots[t].tolist(), strict=True):
             gate, up = gate_up[s, :INTER] @ x[t], gate_up[s, INTER:] @ x[t]
-            out[t] += w * (down[s] @ (F.silu(gate) * up))
+            if biases is not None:
+                gate, up = gate + biases[0][s, :INTER], up + biases[0][s, INTER:]
+            if clamped:  # gpt-oss, written out
+                gate, up = gate.clamp(max=7.0), up.clamp(-7.0, 7.0)
+                hidden = gate * torch.sigmoid(1.702 * gate) * (up + 1)
+            else:
+                hidden = F.silu(gate) * up
+            y = down[s] @ hidden
+            out[t] += w * (y + biases[1][s] if biases is not None else y)
     return out
 
 
@@ -34,8 +44,22 @@ def test_matches_the_definition(tokens, slots, top_k):
     down = torch.randn(slots, HIDDEN, INTER, generator=g) / 4
     chosen = torch.stack([torch.randperm(slots, generator=g)[:top_k] for _ in range(tokens)])
     weights = torch.rand(tokens, top_k, generator=g)
-    got = expert_mlp(x, gate_up, down, weights, chosen)
+    got = expert_mlp(x, gate_up, down, weights, chosen, SWIGLU)
     torch.testing.assert_close(got, per_token(x, gate_up, down, weights, chosen), rtol=1e-5, atol=1e-5)
+
+
+def test_biases_and_the_clamped_activation():
+    """gpt-oss experts: biases on both projections, and the clamped SwiGLU (inputs big enough to clamp)."""
+    g = torch.Generator().manual_seed(9)
+    x = torch.randn(7, HIDDEN, generator=g) * 3
+    gate_up, down = torch.randn(5, 2 * INTER, HIDDEN, generator=g), torch.randn(5, HIDDEN, INTER, generator=g) / 4
+    biases = (torch.randn(5, 2 * INTER, generator=g), torch.randn(5, HIDDEN, generator=g))
+    chosen = torch.stack([torch.randperm(5, generator=g)[:2] for _ in range(7)])
+    weights = torch.rand(7, 2, generator=g)
+    clamped = GatedActivation(kind="clamped_swiglu", alpha=1.702, limit=7.0)
+    got = expert_mlp(x, gate_up, down, weights, chosen, clamped, *biases)
+    expected = per_token(x, gate_up, down, weights, chosen, biases, clamped=True)
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-4)
 
 
 def test_all_tokens_to_one_slot():
@@ -43,6 +67,5 @@ def test_all_tokens_to_one_slot():
     gate_up, down = torch.randn(3, 2 * INTER, HIDDEN), torch.randn(3, HIDDEN, INTER)
     slots = torch.full((6, 1), 2)
     weights = torch.ones(6, 1)
-    torch.testing.assert_close(
-        expert_mlp(x, gate_up, down, weights, slots), per_token(x, gate_up, down, weights, slots)
-    )
+    got = expert_mlp(x, gate_up, down, weights, slots, SWIGLU)
+    torch.testing.assert_close(got, per_token(x, gate_up, down, weights, slots))

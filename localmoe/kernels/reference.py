@@ -9,26 +9,33 @@ choices with their router weights, always in the same order.
 import torch
 import torch.nn.functional as F
 
-from localmoe.models.layers import activation
-
 
 def expert_pair_outputs(
-    out: torch.Tensor, x: torch.Tensor, gate_up: torch.Tensor, down: torch.Tensor, slots: torch.Tensor, act: str
+    out: torch.Tensor,
+    x: torch.Tensor,
+    gate_up: torch.Tensor,
+    down: torch.Tensor,
+    slots: torch.Tensor,
+    act,
+    gate_up_bias: torch.Tensor | None = None,
+    down_bias: torch.Tensor | None = None,
 ) -> None:
-    """out[t * k + j] = down[s] @ (act(gate[s] @ x[t]) * (up[s] @ x[t])) with s = slots[t, j], skipping s = -1.
+    """out[t * k + j] = down[s] @ act(gate[s] @ x[t], up[s] @ x[t]) with s = slots[t, j], skipping s = -1.
 
-    out [T*k, E]; x [T, E]; gate_up [N, 2I, E] with gate rows first; down [N, E, I]; slots [T, k].
-    Loops over the distinct slots in use, so each expert's weights are read once.
+    out [T*k, E]; x [T, E]; gate_up [N, 2I, E] with gate rows first; down [N, E, I]; slots [T, k];
+    `act(gate, up)` combines the two projections (a `GatedActivation`); biases [N, 2I] and [N, E] where
+    the experts have them. Loops over the distinct slots in use, so each expert's weights are read once.
     """
-    act_fn = activation(act)
     flat = slots.reshape(-1)
     token_of_pair = torch.arange(x.shape[0], device=x.device).repeat_interleave(slots.shape[1])
     for slot in flat.unique().tolist():
         if slot < 0:
             continue
         pairs = (flat == slot).nonzero().squeeze(1)
-        gate, up = F.linear(x[token_of_pair[pairs]], gate_up[slot]).chunk(2, dim=-1)
-        out[pairs] = F.linear(act_fn(gate) * up, down[slot])
+        bias_in = None if gate_up_bias is None else gate_up_bias[slot]
+        bias_out = None if down_bias is None else down_bias[slot]
+        gate, up = F.linear(x[token_of_pair[pairs]], gate_up[slot], bias_in).chunk(2, dim=-1)
+        out[pairs] = F.linear(act(gate, up), down[slot], bias_out)
 
 
 def combine_pairs(pair_outputs: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
@@ -44,9 +51,11 @@ def expert_mlp(
     down: torch.Tensor,
     weights: torch.Tensor,
     slots: torch.Tensor,
-    act: str = "silu",
+    act,
+    gate_up_bias: torch.Tensor | None = None,
+    down_bias: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """sum_j weights[t, j] * expert slots[t, j] applied to x[t]: the whole MoE sum in one call. [T, E]"""
     pairs = x.new_zeros(slots.numel(), x.shape[1])
-    expert_pair_outputs(pairs, x, gate_up, down, slots, act)
+    expert_pair_outputs(pairs, x, gate_up, down, slots, act, gate_up_bias, down_bias)
     return combine_pairs(pairs, weights)

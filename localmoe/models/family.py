@@ -8,8 +8,8 @@ from typing import Any, ClassVar
 from torch import nn
 
 from localmoe.errors import LocalMoEError
+from localmoe.models.expert_tensors import ExpertTensors
 from localmoe.models.layers import rope_parameters
-from localmoe.models.moe import ExpertNames
 
 
 @dataclass
@@ -22,6 +22,7 @@ class ModelArgs:
     """
 
     default_rope_theta: ClassVar[float] = 10_000.0
+    default_rope: ClassVar[dict[str, Any]] = {}  # rotary settings where the config is silent
     # field -> other keys configs use for it (transformers' `attribute_map`, seen from the other side)
     config_aliases: ClassVar[dict[str, tuple[str, ...]]] = {}
 
@@ -32,7 +33,7 @@ class ModelArgs:
             keys = (field.name, *cls.config_aliases.get(field.name, ()))
             value = next((config[key] for key in keys if config.get(key) is not None), None)
             if field.name == "rope":
-                values["rope"] = rope_parameters(config, cls.default_rope_theta)
+                values["rope"] = rope_parameters(config, cls.default_rope_theta, cls.default_rope)
             elif value is not None:
                 values[field.name] = value
             elif field.default is dataclasses.MISSING and field.default_factory is dataclasses.MISSING:
@@ -48,16 +49,19 @@ class Family:
 
     Resident weights are found under the model's own parameter names (which follow transformers'
     in-memory names), or under those names with `hub_aliases` applied: pairs (our fragment, Hub
-    fragment) for checkpoints that spell a module differently. Routed experts are declared apart, in
-    `experts`, because the runtime, not the model, owns them.
+    fragment) for checkpoints that spell a module differently. Those whose names contain a fragment
+    of `keep_float32` stay in float32 whatever the compute dtype. Routed experts are declared apart,
+    in `experts` (the layouts their checkpoints come in, in order of preference), because the
+    runtime, not the model, owns them.
     """
 
     architectures: tuple[str, ...]
     model_type: str
     args: type[ModelArgs]
     model: Callable[[Any], nn.Module]
-    experts: ExpertNames
+    experts: tuple[ExpertTensors, ...]
     hub_aliases: tuple[tuple[str, str], ...] = ()
+    keep_float32: tuple[str, ...] = ()
     example: str = ""
 
     def disk_names(self, name: str) -> list[str]:

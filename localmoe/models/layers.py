@@ -1,4 +1,4 @@
-"""Shared layers: RMSNorm, rotary embeddings, grouped-query attention, SwiGLU, the decoder stack.
+"""Shared layers: norms, rotary embeddings, SwiGLU, the decoder stack (attention lives in attention.py).
 
 Parameter names follow transformers' in-memory module names (`model.layers.0.self_attn.q_proj.weight`),
 so most checkpoints load without renaming.
@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from localmoe.errors import LocalMoEError
-from localmoe.runtime.kv_cache import AttentionKV, KVCache
+from localmoe.runtime.kv_cache import KVCache
 
 ACTIVATIONS = {
     "silu": F.silu,
@@ -47,15 +47,22 @@ class RMSNorm(nn.Module):
 # --- rotary position embeddings ---------------------------------------------------------------------------
 
 
-def rope_parameters(config: dict[str, Any], default_theta: float) -> dict[str, Any]:
+def rope_parameters(
+    config: dict[str, Any], default_theta: float, defaults: dict[str, Any] | None = None
+) -> dict[str, Any]:
     """The rotary settings of a config, whether written as 5.x `rope_parameters` or as older top-level
-    `rope_theta` plus `rope_scaling`; the result always has `rope_type` and `rope_theta`."""
+    `rope_theta` plus `rope_scaling`, with the family's `defaults` where the config is silent; the
+    result always has `rope_type` and `rope_theta`."""
     params = dict(config.get("rope_scaling") or config.get("rope_parameters") or {})
-    params.setdefault("rope_type", params.pop("type", "default"))
-    theta = config.get("rope_theta")
-    params.setdefault("rope_theta", default_theta if theta is None else theta)
+    if "type" in params:  # the oldest spelling
+        params.setdefault("rope_type", params.pop("type"))
     if config.get("partial_rotary_factor") is not None:
         params.setdefault("partial_rotary_factor", config["partial_rotary_factor"])
+    for key, value in (defaults or {}).items():
+        params.setdefault(key, value)
+    params.setdefault("rope_type", "default")
+    theta = config.get("rope_theta")
+    params.setdefault("rope_theta", default_theta if theta is None else theta)
     if params["rope_type"] in ("llama3", "yarn", "longrope"):
         if config.get("original_max_position_embeddings") is not None:
             params["original_max_position_embeddings"] = config["original_max_position_embeddings"]
@@ -143,7 +150,19 @@ def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch
     return torch.cat((rot * cos + rotated * sin, rest), dim=-1)
 
 
-# --- attention -------------------------------------------------------------------------------------------
+def apply_rotary_interleaved(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate x [B, H, T, D] by pairs of adjacent dims (x0, x1), (x2, x3), ... as DeepSeek lays them out.
+
+    The result lists the rotated first members of the pairs, then the second ones: a fixed permutation
+    of the dims, harmless since queries and keys get the same one.
+    """
+    half = cos.shape[-1] // 2
+    cos, sin = cos[..., :half], sin[..., :half]
+    even, odd = x[..., 0::2], x[..., 1::2]
+    return torch.cat((even * cos - odd * sin, odd * cos + even * sin), dim=-1)
+
+
+# --- where a forward pass is --------------------------------------------------------------------------------
 
 
 @dataclass
@@ -168,75 +187,31 @@ class Step:
             return None, length > 1
         if within_window and length == 1:
             return None, False
+        return self.visible(window), False
+
+    def visible(self, window: int | None) -> torch.Tensor:
+        """Which cached positions each new token sees: [T, S] booleans."""
         if window not in self._masks:
-            queries = torch.arange(start, start + length, device=self.cos.device)[:, None]
-            keys = torch.arange(start + length, device=self.cos.device)[None, :]
+            queries = torch.arange(self.start, self.start + self.length, device=self.cos.device)[:, None]
+            keys = torch.arange(self.start + self.length, device=self.cos.device)[None, :]
             visible = keys <= queries
             if window is not None:
                 visible &= keys > queries - window
             self._masks[window] = visible
-        return self._masks[window], False
-
-
-class Attention(nn.Module):
-    """Grouped-query attention with rotary embeddings, optional per-head q/k RMSNorm and sliding window."""
-
-    def __init__(
-        self,
-        hidden: int,
-        heads: int,
-        kv_heads: int,
-        head_dim: int,
-        *,
-        bias: bool = False,
-        qk_norm_eps: float | None = None,
-        sliding_window: int | None = None,
-    ):
-        super().__init__()
-        self.heads, self.kv_heads, self.head_dim = heads, kv_heads, head_dim
-        self.sliding_window = sliding_window
-        self.q_proj = nn.Linear(hidden, heads * head_dim, bias=bias)
-        self.k_proj = nn.Linear(hidden, kv_heads * head_dim, bias=bias)
-        self.v_proj = nn.Linear(hidden, kv_heads * head_dim, bias=bias)
-        self.o_proj = nn.Linear(heads * head_dim, hidden, bias=bias)
-        if qk_norm_eps is not None:
-            self.q_norm = RMSNorm(head_dim, qk_norm_eps)
-            self.k_norm = RMSNorm(head_dim, qk_norm_eps)
-
-    def new_state(self, batch: int, max_len: int, dtype: torch.dtype, device: torch.device) -> AttentionKV:
-        return AttentionKV(batch, self.kv_heads, self.head_dim, max_len, dtype, device)
-
-    def state_bytes_per_token(self, dtype: torch.dtype) -> int:
-        return 2 * self.kv_heads * self.head_dim * dtype.itemsize
-
-    def forward(self, x: torch.Tensor, step: Step, kv: AttentionKV) -> torch.Tensor:
-        B, T, _ = x.shape
-        q = self.q_proj(x).view(B, T, self.heads, self.head_dim)
-        k = self.k_proj(x).view(B, T, self.kv_heads, self.head_dim)
-        v = self.v_proj(x).view(B, T, self.kv_heads, self.head_dim)
-        if hasattr(self, "q_norm"):
-            q, k = self.q_norm(q), self.k_norm(k)
-        q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # [B, H, T, D]
-        q, k = apply_rotary(q, step.cos, step.sin), apply_rotary(k, step.cos, step.sin)
-        k, v = kv.update(k, v, step.start)  # [B, H_kv, S, D]
-        mask, is_causal = step.mask(self.sliding_window)
-        out = F.scaled_dot_product_attention(
-            q, k, v, attn_mask=mask, is_causal=is_causal, scale=self.head_dim**-0.5, enable_gqa=True
-        )
-        return self.o_proj(out.transpose(1, 2).reshape(B, T, -1))
+        return self._masks[window]
 
 
 # --- feed-forward and the decoder stack --------------------------------------------------------------------
 
 
 class MLP(nn.Module):
-    """Dense SwiGLU feed-forward: down(act(gate(x)) * up(x))."""
+    """Dense SwiGLU feed-forward: down(act(gate(x)) * up(x)). Also the shared experts of MoE layers."""
 
-    def __init__(self, hidden: int, intermediate: int, act: str = "silu"):
+    def __init__(self, hidden: int, intermediate: int, act: str = "silu", bias: bool = False):
         super().__init__()
-        self.gate_proj = nn.Linear(hidden, intermediate, bias=False)
-        self.up_proj = nn.Linear(hidden, intermediate, bias=False)
-        self.down_proj = nn.Linear(intermediate, hidden, bias=False)
+        self.gate_proj = nn.Linear(hidden, intermediate, bias=bias)
+        self.up_proj = nn.Linear(hidden, intermediate, bias=bias)
+        self.down_proj = nn.Linear(intermediate, hidden, bias=bias)
         self.act = activation(act)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -244,26 +219,29 @@ class MLP(nn.Module):
 
 
 class DecoderLayer(nn.Module):
-    """Pre-norm attention, then pre-norm feed-forward (dense or MoE), each with a residual."""
+    """Pre-norm attention, then pre-norm feed-forward (dense or MoE), each with a residual.
 
-    def __init__(self, attention: Attention, mlp: nn.Module, hidden: int, eps: float):
+    `norm` is RMSNorm, or nn.LayerNorm for families that use it (both take (dim, eps)).
+    """
+
+    def __init__(self, attention: nn.Module, mlp: nn.Module, hidden: int, eps: float, norm=RMSNorm):
         super().__init__()
         self.self_attn = attention
         self.mlp = mlp
-        self.input_layernorm = RMSNorm(hidden, eps)
-        self.post_attention_layernorm = RMSNorm(hidden, eps)
+        self.input_layernorm = norm(hidden, eps)
+        self.post_attention_layernorm = norm(hidden, eps)
 
-    def forward(self, h: torch.Tensor, step: Step, kv: AttentionKV) -> torch.Tensor:
+    def forward(self, h: torch.Tensor, step: Step, kv) -> torch.Tensor:
         h = h + self.self_attn(self.input_layernorm(h), step, kv)
         return h + self.mlp(self.post_attention_layernorm(h))
 
 
 class Backbone(nn.Module):
-    def __init__(self, vocab_size: int, hidden: int, layers: list[DecoderLayer], eps: float):
+    def __init__(self, vocab_size: int, hidden: int, layers: list[DecoderLayer], eps: float, norm=RMSNorm):
         super().__init__()
         self.embed_tokens = nn.Embedding(vocab_size, hidden)
         self.layers = nn.ModuleList(layers)
-        self.norm = RMSNorm(hidden, eps)
+        self.norm = norm(hidden, eps)
 
 
 class CausalLM(nn.Module):
@@ -276,12 +254,13 @@ class CausalLM(nn.Module):
         *,
         tie_word_embeddings: bool,
         max_position_embeddings: int,
+        lm_head_bias: bool = False,
     ):
         super().__init__()
         self.model = backbone
         self.rotary = rotary
         vocab_size, hidden = backbone.embed_tokens.weight.shape
-        self.lm_head = None if tie_word_embeddings else nn.Linear(hidden, vocab_size, bias=False)
+        self.lm_head = None if tie_word_embeddings else nn.Linear(hidden, vocab_size, bias=lm_head_bias)
         self.max_position_embeddings = max_position_embeddings
 
     def new_cache(self, batch: int, max_len: int) -> KVCache:

@@ -3,9 +3,11 @@
 from dataclasses import dataclass, field
 from typing import ClassVar
 
+from localmoe.models.attention import Attention
+from localmoe.models.expert_tensors import PerExpert
 from localmoe.models.family import Family, ModelArgs
-from localmoe.models.layers import Attention, Backbone, CausalLM, DecoderLayer, RotaryEmbedding
-from localmoe.models.moe import FUSED_EXPERTS, ExpertNames, SparseMoE
+from localmoe.models.layers import Backbone, CausalLM, DecoderLayer, RotaryEmbedding
+from localmoe.models.moe import FUSED_EXPERTS, GatedActivation, SparseMoE, TopKRouter
 
 
 @dataclass
@@ -30,32 +32,29 @@ class MixtralArgs(ModelArgs):
 
 
 def build(args: MixtralArgs) -> CausalLM:
-    head_dim = args.head_dim or args.hidden_size // args.num_attention_heads
+    hidden, experts, top_k = args.hidden_size, args.num_local_experts, args.num_experts_per_tok
+    head_dim = args.head_dim or hidden // args.num_attention_heads
     layers = [
         DecoderLayer(
             Attention(
-                args.hidden_size,
-                args.num_attention_heads,
-                args.num_key_value_heads,
-                head_dim,
-                sliding_window=args.sliding_window,
+                hidden, args.num_attention_heads, args.num_key_value_heads, head_dim, sliding_window=args.sliding_window
             ),
             SparseMoE(
                 i,
-                args.hidden_size,
+                hidden,
                 args.intermediate_size,
-                args.num_local_experts,
-                args.num_experts_per_tok,
-                normalize=True,
-                act=args.hidden_act,
+                experts,
+                top_k,
+                TopKRouter(hidden, experts, top_k, normalize=True),
+                act=GatedActivation(act=args.hidden_act),
             ),
-            args.hidden_size,
+            hidden,
             args.rms_norm_eps,
         )
         for i in range(args.num_hidden_layers)
     ]
     return CausalLM(
-        Backbone(args.vocab_size, args.hidden_size, layers, args.rms_norm_eps),
+        Backbone(args.vocab_size, hidden, layers, args.rms_norm_eps),
         RotaryEmbedding(args.rope, head_dim, args.max_position_embeddings),
         tie_word_embeddings=args.tie_word_embeddings,
         max_position_embeddings=args.max_position_embeddings,
@@ -67,12 +66,14 @@ FAMILY = Family(
     model_type="mixtral",
     args=MixtralArgs,
     model=build,
-    experts=ExpertNames(
-        per_expert={
-            role: f"model.layers.{{layer}}.block_sparse_moe.experts.{{expert}}.{name}.weight"
-            for role, name in (("gate", "w1"), ("up", "w3"), ("down", "w2"))
-        },
-        fused=FUSED_EXPERTS,
+    experts=(
+        PerExpert(
+            {
+                role: f"model.layers.{{layer}}.block_sparse_moe.experts.{{expert}}.{name}.weight"
+                for role, name in (("gate", "w1"), ("up", "w3"), ("down", "w2"))
+            }
+        ),
+        FUSED_EXPERTS,
     ),
     hub_aliases=((".mlp.gate.", ".block_sparse_moe.gate."),),
     example="mistralai/Mixtral-8x7B-Instruct-v0.1",

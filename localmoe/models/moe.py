@@ -1,53 +1,66 @@
-"""Routers and the sparse MoE block.
+"""Routers, expert activations and the sparse MoE block.
 
-The block routes tokens and hands the choice to `experts`, a callable the runtime binds: families
-declare where routed expert weights live on disk (`ExpertNames`) but never hold or place them.
+The block routes tokens and hands the choice to `experts`, a callable the runtime binds: a family
+declares where its routed experts are stored (`expert_tensors`) but never holds or places them.
+Shared experts and the shared expert gate are ordinary resident modules of the block.
 """
 
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from localmoe.models.expert_tensors import Fused
+from localmoe.models.layers import activation
+
 # (layer index, hidden states [T, E], router weights [T, k] float32, expert ids [T, k]) -> [T, E]
 ExpertsFn = Callable[[int, torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
 
-
-@dataclass(frozen=True)
-class ExpertNames:
-    """Where a family's routed experts are stored, as name templates with {layer} and {expert}.
-
-    `per_expert` maps the roles gate, up and down to one 2-D tensor per expert, the layout Hub
-    checkpoints use. `fused` maps gate_up ([experts, 2 x intermediate, hidden], gate rows first) and
-    down ([experts, hidden, intermediate]) to one 3-D tensor per layer, the layout transformers 5
-    keeps in memory and that also loads.
-    """
-
-    per_expert: dict[str, str]
-    fused: dict[str, str] = field(default_factory=dict)
-
-
 # transformers 5 keeps every family's experts under these names in memory; checkpoints saved that way load.
-FUSED_EXPERTS = {
-    "gate_up": "model.layers.{layer}.mlp.experts.gate_up_proj",
-    "down": "model.layers.{layer}.mlp.experts.down_proj",
+FUSED_EXPERTS = Fused("model.layers.{layer}.mlp.experts.gate_up_proj", "model.layers.{layer}.mlp.experts.down_proj")
+# The per-expert Hub names of the families whose experts are MLPs like their dense layers (Qwen, OLMoE, DeepSeek...)
+MLP_EXPERTS = {
+    role: f"model.layers.{{layer}}.mlp.experts.{{expert}}.{role}_proj.weight" for role in ("gate", "up", "down")
 }
 
 
-class TopKRouter(nn.Module):
-    """Softmax over all experts, then the top k, optionally renormalised to sum to one."""
+@dataclass(frozen=True)
+class GatedActivation:
+    """How an expert combines its gate and up projections.
 
-    def __init__(self, hidden: int, num_experts: int, top_k: int, normalize: bool):
+    `glu`: act(gate) * up. `clamped_swiglu` (gpt-oss): gate clamped above at `limit`, up clamped to
+    [-limit, limit], then gate * sigmoid(alpha * gate) * (up + 1).
+    """
+
+    kind: str = "glu"
+    act: str = "silu"
+    alpha: float = 1.702
+    limit: float = 7.0
+
+    def __call__(self, gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+        if self.kind == "clamped_swiglu":
+            gate = gate.clamp(max=self.limit)
+            up = up.clamp(min=-self.limit, max=self.limit)
+            return gate * torch.sigmoid(gate * self.alpha) * (up + 1)
+        return activation(self.act)(gate) * up
+
+
+class TopKRouter(nn.Module):
+    """Softmax over all experts, then the top k, optionally renormalised to sum to one (the same as a
+    softmax over the top k logits, as gpt-oss computes it)."""
+
+    def __init__(self, hidden: int, num_experts: int, top_k: int, normalize: bool, bias: bool = False):
         super().__init__()
         self.weight = nn.Parameter(torch.empty(num_experts, hidden))
+        self.bias = nn.Parameter(torch.empty(num_experts)) if bias else None
         self.top_k = top_k
         self.normalize = normalize
 
     def scores(self, x: torch.Tensor) -> torch.Tensor:
         """Selection scores [T, experts] (float32): the top k of these are chosen."""
-        return F.linear(x, self.weight).softmax(dim=-1, dtype=torch.float32)
+        return F.linear(x, self.weight, self.bias).softmax(dim=-1, dtype=torch.float32)
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Router weights [T, k] (float32) and expert ids [T, k] for hidden states [T, E]."""
@@ -57,8 +70,61 @@ class TopKRouter(nn.Module):
         return weights, ids
 
 
+class GroupedTopKRouter(nn.Module):
+    """DeepSeek-style routing, in float32: score every expert (softmax or sigmoid), keep the
+    `topk_group` best of `n_group` groups, take the top k there, optionally renormalise, scale.
+
+    V2 ranks groups by their best expert; V3 and GLM-4.5 by the sum of their best two, and add a
+    learned correction bias to the scores for choosing only (the weights use the plain scores).
+    """
+
+    def __init__(
+        self,
+        hidden: int,
+        num_experts: int,
+        top_k: int,
+        *,
+        scoring: str,
+        n_group: int,
+        topk_group: int,
+        normalize: bool,
+        scaling: float,
+        correction_bias: bool,
+    ):
+        super().__init__()
+        self.weight = nn.Parameter(torch.empty(num_experts, hidden))
+        if correction_bias:
+            self.e_score_correction_bias = nn.Parameter(torch.empty(num_experts))
+        self.top_k, self.scoring, self.normalize, self.scaling = top_k, scoring, normalize, scaling
+        self.n_group, self.topk_group = n_group, topk_group
+
+    def scores(self, x: torch.Tensor) -> torch.Tensor:
+        logits = F.linear(x.float(), self.weight.float())
+        return logits.sigmoid() if self.scoring == "sigmoid" else logits.softmax(dim=-1)
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        scores = self.scores(x)
+        choice = scores + self.e_score_correction_bias.float() if hasattr(self, "e_score_correction_bias") else scores
+        groups = choice.view(choice.shape[0], self.n_group, -1)
+        if hasattr(self, "e_score_correction_bias"):
+            group_scores = groups.topk(2, dim=-1).values.sum(dim=-1)
+        else:
+            group_scores = groups.max(dim=-1).values
+        kept = torch.zeros_like(group_scores).scatter_(1, group_scores.topk(self.topk_group, dim=-1).indices, 1)
+        # Experts of dropped groups can never win: -inf for sigmoid scores, 0 for softmax ones as V2 does.
+        floor = float("-inf") if hasattr(self, "e_score_correction_bias") else 0.0
+        choice = groups.masked_fill(kept.unsqueeze(-1) == 0, floor).view_as(choice)
+        ids = choice.topk(self.top_k, dim=-1).indices
+        weights = scores.gather(1, ids)
+        if self.normalize:
+            weights = weights / (weights.sum(dim=-1, keepdim=True) + 1e-20)
+        return weights * self.scaling, ids
+
+
 class SparseMoE(nn.Module):
-    """The routed experts of one layer: route, then let the bound `experts` compute the weighted sum."""
+    """The routed experts of one layer, plus the layer's shared expert if it has one: route, let the
+    bound `experts` compute the weighted sum of the chosen ones, add the shared expert's output
+    (scaled by sigmoid(shared_expert_gate(x)) where there is that gate)."""
 
     def __init__(
         self,
@@ -67,22 +133,35 @@ class SparseMoE(nn.Module):
         intermediate: int,
         num_experts: int,
         top_k: int,
+        router: nn.Module,
         *,
-        normalize: bool,
-        act: str = "silu",
+        act: GatedActivation = GatedActivation(),
+        expert_bias: bool = False,
+        shared_expert: nn.Module | None = None,
+        shared_expert_gate: bool = False,
     ):
         super().__init__()
-        self.gate = TopKRouter(hidden, num_experts, top_k, normalize)
+        self.gate = router
         self.layer_idx = layer_idx
         self.hidden_size, self.intermediate_size = hidden, intermediate
         self.num_experts, self.top_k = num_experts, top_k
-        self.act = act
+        self.act, self.expert_bias = act, expert_bias
+        if shared_expert is not None:
+            self.shared_expert = shared_expert
+        if shared_expert_gate:
+            self.shared_expert_gate = nn.Linear(hidden, 1, bias=False)
         self.experts: ExpertsFn | None = None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         flat = x.reshape(-1, x.shape[-1])
         weights, ids = self.gate(flat)
-        return self.experts(self.layer_idx, flat, weights, ids).view(x.shape)
+        out = self.experts(self.layer_idx, flat, weights, ids)
+        if hasattr(self, "shared_expert"):
+            shared = self.shared_expert(flat)
+            if hasattr(self, "shared_expert_gate"):
+                shared = torch.sigmoid(self.shared_expert_gate(flat)) * shared
+            out = out + shared
+        return out.view(x.shape)
 
 
 def moe_blocks(model: nn.Module) -> list[SparseMoE]:

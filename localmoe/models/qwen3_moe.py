@@ -4,9 +4,11 @@ layers where `mlp_only_layers` or `decoder_sparse_step` say so."""
 from dataclasses import dataclass, field
 from typing import ClassVar
 
+from localmoe.models.attention import Attention
+from localmoe.models.expert_tensors import PerExpert
 from localmoe.models.family import Family, ModelArgs
-from localmoe.models.layers import MLP, Attention, Backbone, CausalLM, DecoderLayer, RotaryEmbedding
-from localmoe.models.moe import FUSED_EXPERTS, ExpertNames, SparseMoE
+from localmoe.models.layers import MLP, Backbone, CausalLM, DecoderLayer, RotaryEmbedding
+from localmoe.models.moe import FUSED_EXPERTS, MLP_EXPERTS, GatedActivation, SparseMoE, TopKRouter
 
 
 @dataclass
@@ -47,14 +49,15 @@ def build(args: Qwen3MoeArgs) -> CausalLM:
     def feed_forward(i: int):
         if not args.is_moe_layer(i):
             return MLP(args.hidden_size, args.intermediate_size, args.hidden_act)
+        router = TopKRouter(args.hidden_size, args.num_experts, args.num_experts_per_tok, args.norm_topk_prob)
         return SparseMoE(
             i,
             args.hidden_size,
             args.moe_intermediate_size,
             args.num_experts,
             args.num_experts_per_tok,
-            normalize=args.norm_topk_prob,
-            act=args.hidden_act,
+            router,
+            act=GatedActivation(act=args.hidden_act),
         )
 
     layers = [
@@ -64,8 +67,10 @@ def build(args: Qwen3MoeArgs) -> CausalLM:
                 args.num_attention_heads,
                 args.num_key_value_heads,
                 head_dim,
-                bias=args.attention_bias,
-                qk_norm_eps=args.rms_norm_eps,
+                qkv_bias=args.attention_bias,
+                out_bias=args.attention_bias,
+                qk_norm="head",
+                norm_eps=args.rms_norm_eps,
                 sliding_window=window,
             ),
             feed_forward(i),
@@ -87,11 +92,6 @@ FAMILY = Family(
     model_type="qwen3_moe",
     args=Qwen3MoeArgs,
     model=build,
-    experts=ExpertNames(
-        per_expert={
-            role: f"model.layers.{{layer}}.mlp.experts.{{expert}}.{role}_proj.weight" for role in ("gate", "up", "down")
-        },
-        fused=FUSED_EXPERTS,
-    ),
+    experts=(PerExpert(MLP_EXPERTS), FUSED_EXPERTS),
     example="Qwen/Qwen3-30B-A3B-Instruct-2507",
 )

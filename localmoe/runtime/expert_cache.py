@@ -140,6 +140,7 @@ class ExpertCache:
         self.rows = torch.empty(slots, store.layout.numel, dtype=store.dtype, device=device)
         self.gate_up = store.layout.gate_up(self.rows)
         self.down = store.layout.down(self.rows)
+        self.biases = store.layout.biases(self.rows)
         self.copies = Copies(device, slots)
         self.policy = POLICIES[policy]()
         self.slot_of: dict[Key, int] = {}

@@ -1,17 +1,19 @@
 """The host tier: every routed expert, ready to be copied into a device slot.
 
-In RAM, each expert is one contiguous row [gate | up | down] in the compute dtype, so a miss is one
-copy; for CUDA the rows are pinned (registered in place, not through PyTorch's pinned allocator,
-which rounds each block up to a power of two). When RAM is short the store reads experts straight
-from the checkpoint's memory-mapped shards instead, role by role.
+In RAM, each expert is one contiguous row [gate | up | down | biases] in the compute dtype, so a miss
+is one copy; for CUDA the rows are pinned (registered in place, not through PyTorch's pinned
+allocator, which rounds each block up to a power of two). When RAM is short the store reads experts
+straight from the checkpoint's memory-mapped shards instead, role by role.
 """
 
+import math
 from collections.abc import Iterator
 from dataclasses import dataclass
 
 import torch
 
 from localmoe.loader import ExpertSource
+from localmoe.models.expert_tensors import role_shapes
 from localmoe.progress import progress
 
 PAGE = 4096
@@ -19,38 +21,66 @@ PAGE = 4096
 
 @dataclass(frozen=True)
 class ExpertLayout:
-    """Where the roles sit in one expert's flat row, and how to view a stack of rows."""
+    """Where the roles sit in one expert's flat row, and views of a stack of rows [N, numel] by role."""
 
     hidden: int
     intermediate: int
+    bias: bool = False
+
+    @property
+    def shapes(self) -> dict[str, tuple[int, ...]]:
+        return role_shapes(self.hidden, self.intermediate, self.bias)  # in row order
 
     @property
     def numel(self) -> int:
-        return 3 * self.intermediate * self.hidden
+        return sum(math.prod(shape) for shape in self.shapes.values())
 
     def gate_up(self, rows: torch.Tensor) -> torch.Tensor:
-        """[N, 2I, E] view of rows [N, numel]."""
-        return rows[:, : 2 * self.intermediate * self.hidden].view(-1, 2 * self.intermediate, self.hidden)
+        """[N, 2I, E], gate rows first."""
+        i, h = self.intermediate, self.hidden
+        return rows[:, : 2 * i * h].view(-1, 2 * i, h)
 
     def down(self, rows: torch.Tensor) -> torch.Tensor:
-        """[N, E, I] view of rows [N, numel]."""
-        return rows[:, 2 * self.intermediate * self.hidden :].view(-1, self.hidden, self.intermediate)
+        """[N, E, I]."""
+        i, h = self.intermediate, self.hidden
+        return rows[:, 2 * i * h : 3 * i * h].view(-1, h, i)
 
-    def roles(self, row: torch.Tensor) -> dict[str, torch.Tensor]:
-        """Views of one flat row [numel] as gate, up [I, E] and down [E, I]."""
-        rows = row.view(1, -1)
-        gate_up = self.gate_up(rows)[0]
-        return {"gate": gate_up[: self.intermediate], "up": gate_up[self.intermediate :], "down": self.down(rows)[0]}
+    def biases(self, rows: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        """gate_up bias [N, 2I] and down bias [N, E], or (None, None) for experts without biases."""
+        if not self.bias:
+            return None, None
+        start = 3 * self.intermediate * self.hidden
+        middle = start + 2 * self.intermediate
+        return rows[:, start:middle], rows[:, middle : middle + self.hidden]
+
+    def pack(self, row: torch.Tensor, roles: dict[str, torch.Tensor]) -> None:
+        """Copy an expert's roles into its flat row [numel], converting to the row's dtype."""
+        offset = 0
+        for role, shape in self.shapes.items():
+            size = math.prod(shape)
+            row[offset : offset + size].view(shape).copy_(roles[role])
+            offset += size
+
+
+def layout_of(source: ExpertSource) -> ExpertLayout:
+    block = next(iter(source.blocks.values()))
+    return ExpertLayout(block.hidden_size, block.intermediate_size, block.expert_bias)
+
+
+def packed_layer(source: ExpertSource, layer: int, layout: ExpertLayout, rows: torch.Tensor) -> torch.Tensor:
+    """Fill `rows` [E, numel] with the layer's experts, in expert order."""
+    for expert in range(rows.shape[0]):
+        layout.pack(rows[expert], source.read(layer, expert))
+    return rows
 
 
 class ExpertStore:
     def __init__(self, source: ExpertSource, dtype: torch.dtype, mode: str, device: torch.device):
         """mode "ram": packed rows in host memory, pinned in place for a CUDA `device`; "mmap": read from
         the shards, through a pinned staging row for CUDA."""
-        block = next(iter(source.blocks.values()))
         self.source = source
         self.dtype = dtype
-        self.layout = ExpertLayout(block.hidden_size, block.intermediate_size)
+        self.layout = layout_of(source)
         self.mode = mode
         self.rows: dict[int, torch.Tensor] = {}
         self.pinned_layers = 0
@@ -75,12 +105,10 @@ class ExpertStore:
             return
         roles = self.source.read(layer, expert)
         if row.device.type == "cpu":
-            for role, view in self.layout.roles(row).items():
-                view.copy_(roles[role])
+            self.layout.pack(row, roles)
             return
         # The copy out of the staging row is synchronous, so the row is free again on return.
-        for role, view in self.layout.roles(self._staging).items():
-            view.copy_(roles[role])
+        self.layout.pack(self._staging, roles)
         row.copy_(self._staging)
 
     def _pack_all(self) -> Iterator[torch.Tensor]:
@@ -88,11 +116,7 @@ class ExpertStore:
         layers = self.source.blocks
         for layer, block in progress(layers.items(), len(layers), "packing experts into host RAM (layers)"):
             rows = _page_aligned_empty(block.num_experts, self.layout.numel, self.dtype)
-            for expert in range(block.num_experts):
-                roles = self.source.read(layer, expert)
-                for role, view in self.layout.roles(rows[expert]).items():
-                    view.copy_(roles[role])
-            self.rows[layer] = rows
+            self.rows[layer] = packed_layer(self.source, layer, self.layout, rows)
             yield rows
 
 

@@ -18,6 +18,21 @@ class AttentionKV:
         return self.k[:, :, :end], self.v[:, :, :end]
 
 
+class LatentKV:
+    """Multi-head latent attention's state: the latent [B, max_len, rank] and the shared rotary key
+    [B, 1, max_len, rope dim] of every token; keys and values are expanded from them when attending."""
+
+    def __init__(self, batch: int, rank: int, rope_dim: int, max_len: int, dtype: torch.dtype, device):
+        self.latent = torch.zeros(batch, max_len, rank, dtype=dtype, device=device)
+        self.k_rot = torch.zeros(batch, 1, max_len, rope_dim, dtype=dtype, device=device)
+
+    def update(self, latent: torch.Tensor, k_rot: torch.Tensor, start: int) -> tuple[torch.Tensor, torch.Tensor]:
+        end = start + latent.shape[1]
+        self.latent[:, start:end] = latent
+        self.k_rot[:, :, start:end] = k_rot
+        return self.latent[:, :end], self.k_rot[:, :, :end]
+
+
 class KVCache:
     """The state of every layer plus how many positions are filled."""
 

@@ -97,7 +97,9 @@ class OffloadedExperts:
         table = [-1] * block.num_experts
         for expert, slot in zip(experts, slots, strict=True):
             table[expert] = slot
-        expert_pair_outputs(pairs, x, self.cache.gate_up, self.cache.down, _to_device(table, x.device)[ids], block.act)
+        slots_of_pairs = _to_device(table, x.device)[ids]
+        cache = self.cache
+        expert_pair_outputs(pairs, x, cache.gate_up, cache.down, slots_of_pairs, block.act, *cache.biases)
         self.cache.copies.read_by_compute(slots)
 
 

@@ -1,4 +1,5 @@
-"""All-resident experts: every routed expert on the device, stacked per layer.
+"""All-resident experts: every routed expert on the device, packed per layer in the same row layout as
+the expert cache's slots.
 
 This is the reference the offloading runtime must reproduce token for token, and the runtime itself
 when the memory plan finds room for every expert.
@@ -8,33 +9,31 @@ import torch
 
 from localmoe.kernels.reference import expert_mlp
 from localmoe.loader import ExpertSource
+from localmoe.runtime.expert_store import layout_of, packed_layer
 from localmoe.runtime.trace import RoutingTrace
 
 
 class ResidentExperts:
-    """Per MoE layer, gate_up [E, 2I, H] (gate rows first) and down [E, H, I], indexed by expert id."""
+    """Per MoE layer, rows [E, numel] indexed by expert id."""
 
     def __init__(
         self, source: ExpertSource, device: torch.device | str, dtype: torch.dtype, trace: RoutingTrace | None = None
     ):
-        self.gate_up: dict[int, torch.Tensor] = {}
-        self.down: dict[int, torch.Tensor] = {}
+        self.layout = layout_of(source)
         self.blocks = source.blocks
         self.trace = trace
-        for layer, block in source.blocks.items():
-            # Stacked in host memory, then moved in one copy: the mapped shards are read sequentially.
-            inter, hidden = block.intermediate_size, block.hidden_size
-            gate_up = torch.empty(block.num_experts, 2 * inter, hidden, dtype=dtype)
-            down = torch.empty(block.num_experts, hidden, inter, dtype=dtype)
-            for expert in range(block.num_experts):
-                roles = source.read(layer, expert)
-                gate_up[expert, :inter].copy_(roles["gate"])
-                gate_up[expert, inter:].copy_(roles["up"])
-                down[expert].copy_(roles["down"])
-            self.gate_up[layer], self.down[layer] = gate_up.to(device), down.to(device)
+        # Packed in host memory, then moved in one copy: the mapped shards are read sequentially.
+        self.rows = {
+            layer: packed_layer(
+                source, layer, self.layout, torch.empty(block.num_experts, self.layout.numel, dtype=dtype)
+            ).to(device)
+            for layer, block in source.blocks.items()
+        }
 
     def __call__(self, layer: int, x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
-        block = self.blocks[layer]
+        block, rows = self.blocks[layer], self.rows[layer]
         if self.trace:
             self.trace.record(layer, ids.reshape(-1).tolist(), weights.reshape(-1).tolist(), block.top_k)
-        return expert_mlp(x, self.gate_up[layer], self.down[layer], weights, ids, block.act)
+        return expert_mlp(
+            x, self.layout.gate_up(rows), self.layout.down(rows), weights, ids, block.act, *self.layout.biases(rows)
+        )

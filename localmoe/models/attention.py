@@ -1,0 +1,163 @@
+"""Attention variants: grouped-query attention (with the options families add to it) and DeepSeek's
+multi-head latent attention, whose KV cache holds one compressed latent per token.
+
+Shapes: B batch, T new tokens, S tokens in the cache, H heads, D head dim.
+"""
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from localmoe.models.layers import RMSNorm, Step, apply_rotary, apply_rotary_interleaved
+from localmoe.runtime.kv_cache import AttentionKV, LatentKV
+
+
+class Attention(nn.Module):
+    """Grouped-query attention with rotary embeddings.
+
+    Options: biases on q/k/v and on the output projection; RMSNorm of queries and keys per head
+    (`qk_norm="head"`, Qwen3) or over the whole projection (`"full"`, OLMoE); clipping of q/k/v;
+    a sliding window; and attention sinks (gpt-oss), a learned logit per head that takes part in
+    the softmax without a value.
+    """
+
+    def __init__(
+        self,
+        hidden: int,
+        heads: int,
+        kv_heads: int,
+        head_dim: int,
+        *,
+        qkv_bias: bool = False,
+        out_bias: bool = False,
+        qk_norm: str | None = None,
+        norm_eps: float = 1e-6,
+        clip_qkv: float | None = None,
+        sliding_window: int | None = None,
+        sinks: bool = False,
+    ):
+        super().__init__()
+        self.heads, self.kv_heads, self.head_dim = heads, kv_heads, head_dim
+        self.qk_norm, self.clip_qkv, self.sliding_window = qk_norm, clip_qkv, sliding_window
+        self.q_proj = nn.Linear(hidden, heads * head_dim, bias=qkv_bias)
+        self.k_proj = nn.Linear(hidden, kv_heads * head_dim, bias=qkv_bias)
+        self.v_proj = nn.Linear(hidden, kv_heads * head_dim, bias=qkv_bias)
+        self.o_proj = nn.Linear(heads * head_dim, hidden, bias=out_bias)
+        if qk_norm == "head":
+            self.q_norm, self.k_norm = RMSNorm(head_dim, norm_eps), RMSNorm(head_dim, norm_eps)
+        elif qk_norm == "full":
+            self.q_norm, self.k_norm = RMSNorm(heads * head_dim, norm_eps), RMSNorm(kv_heads * head_dim, norm_eps)
+        if sinks:
+            self.sinks = nn.Parameter(torch.empty(heads))
+
+    def new_state(self, batch: int, max_len: int, dtype: torch.dtype, device: torch.device) -> AttentionKV:
+        return AttentionKV(batch, self.kv_heads, self.head_dim, max_len, dtype, device)
+
+    def state_bytes_per_token(self, dtype: torch.dtype) -> int:
+        return 2 * self.kv_heads * self.head_dim * dtype.itemsize
+
+    def forward(self, x: torch.Tensor, step: Step, kv: AttentionKV) -> torch.Tensor:
+        B, T, _ = x.shape
+        q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
+        if self.qk_norm == "full":
+            q, k = self.q_norm(q), self.k_norm(k)
+        if self.clip_qkv is not None:
+            q, k, v = (t.clamp(-self.clip_qkv, self.clip_qkv) for t in (q, k, v))
+        q = q.view(B, T, self.heads, self.head_dim)
+        k = k.view(B, T, self.kv_heads, self.head_dim)
+        v = v.view(B, T, self.kv_heads, self.head_dim)
+        if self.qk_norm == "head":
+            q, k = self.q_norm(q), self.k_norm(k)
+        q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # [B, H, T, D]
+        q, k = apply_rotary(q, step.cos, step.sin), apply_rotary(k, step.cos, step.sin)
+        k, v = kv.update(k, v, step.start)  # [B, H_kv, S, D]
+        if hasattr(self, "sinks"):
+            out = attend_with_sinks(q, k, v, step.visible(self.sliding_window), self.sinks, self.head_dim**-0.5)
+        else:
+            mask, is_causal = step.mask(self.sliding_window)
+            out = F.scaled_dot_product_attention(
+                q, k, v, attn_mask=mask, is_causal=is_causal, scale=self.head_dim**-0.5, enable_gqa=True
+            )
+        return self.o_proj(out.transpose(1, 2).reshape(B, T, -1))
+
+
+def attend_with_sinks(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, visible: torch.Tensor, sinks: torch.Tensor, scale: float
+) -> torch.Tensor:
+    """softmax over [scores, sink] with the sink's column dropped before weighting the values. [B, H, T, D]"""
+    groups = q.shape[1] // k.shape[1]
+    k, v = k.repeat_interleave(groups, dim=1), v.repeat_interleave(groups, dim=1)
+    scores = ((q @ k.transpose(2, 3)) * scale).masked_fill(~visible, float("-inf"))
+    sink = sinks.view(1, -1, 1, 1).expand(q.shape[0], -1, q.shape[2], 1).to(scores.dtype)
+    logits = torch.cat((scores, sink), dim=-1)
+    logits = logits - logits.max(dim=-1, keepdim=True).values
+    return logits.softmax(dim=-1)[..., :-1].to(v.dtype) @ v
+
+
+class LatentAttention(nn.Module):
+    """Multi-head latent attention (DeepSeek-V2/V3, Kimi-K2).
+
+    Each token's keys and values come from one low-rank latent (kv_lora_rank wide, RMS-normalised)
+    plus one rotary key shared by all heads: the cache keeps those two, which for DeepSeek-V3 is
+    about a fifteenth of full keys and values, and expands them for every head when attending.
+    Queries come from the hidden state directly or through their own low-rank bottleneck.
+    """
+
+    def __init__(
+        self,
+        hidden: int,
+        heads: int,
+        *,
+        q_lora_rank: int | None,
+        kv_lora_rank: int,
+        qk_nope_head_dim: int,
+        qk_rope_head_dim: int,
+        v_head_dim: int,
+        bias: bool,
+        interleaved_rope: bool,
+        scale: float,
+        latent_eps: float = 1e-6,
+    ):
+        super().__init__()
+        self.heads, self.kv_lora_rank = heads, kv_lora_rank
+        self.nope_dim, self.rope_dim, self.v_dim = qk_nope_head_dim, qk_rope_head_dim, v_head_dim
+        self.interleaved_rope, self.scale = interleaved_rope, scale
+        qk_head_dim = qk_nope_head_dim + qk_rope_head_dim
+        if q_lora_rank is None:
+            self.q_proj = nn.Linear(hidden, heads * qk_head_dim, bias=False)
+        else:
+            self.q_a_proj = nn.Linear(hidden, q_lora_rank, bias=bias)
+            self.q_a_layernorm = RMSNorm(q_lora_rank, latent_eps)
+            self.q_b_proj = nn.Linear(q_lora_rank, heads * qk_head_dim, bias=False)
+        self.kv_a_proj_with_mqa = nn.Linear(hidden, kv_lora_rank + qk_rope_head_dim, bias=bias)
+        self.kv_a_layernorm = RMSNorm(kv_lora_rank, latent_eps)
+        self.kv_b_proj = nn.Linear(kv_lora_rank, heads * (qk_nope_head_dim + v_head_dim), bias=False)
+        self.o_proj = nn.Linear(heads * v_head_dim, hidden, bias=bias)
+
+    def new_state(self, batch: int, max_len: int, dtype: torch.dtype, device: torch.device) -> LatentKV:
+        return LatentKV(batch, self.kv_lora_rank, self.rope_dim, max_len, dtype, device)
+
+    def state_bytes_per_token(self, dtype: torch.dtype) -> int:
+        return (self.kv_lora_rank + self.rope_dim) * dtype.itemsize
+
+    def forward(self, x: torch.Tensor, step: Step, kv: LatentKV) -> torch.Tensor:
+        B, T, _ = x.shape
+        q = self.q_proj(x) if hasattr(self, "q_proj") else self.q_b_proj(self.q_a_layernorm(self.q_a_proj(x)))
+        q = q.view(B, T, self.heads, -1).transpose(1, 2)  # [B, H, T, nope + rope]
+        q_nope, q_rot = q.split((self.nope_dim, self.rope_dim), dim=-1)
+        latent, k_rot = self.kv_a_proj_with_mqa(x).split((self.kv_lora_rank, self.rope_dim), dim=-1)
+        latent = self.kv_a_layernorm(latent)  # [B, T, rank]
+        k_rot = k_rot.view(B, 1, T, self.rope_dim)
+        rotate = apply_rotary_interleaved if self.interleaved_rope else apply_rotary
+        q_rot, k_rot = rotate(q_rot, step.cos, step.sin), rotate(k_rot, step.cos, step.sin)
+        latent, k_rot = kv.update(latent, k_rot, step.start)  # [B, S, rank], [B, 1, S, rope]
+        S = latent.shape[1]
+        k_nope, v = (
+            self.kv_b_proj(latent).view(B, S, self.heads, -1).transpose(1, 2).split((self.nope_dim, self.v_dim), -1)
+        )
+        k = torch.cat((k_nope, k_rot.expand(-1, self.heads, -1, -1)), dim=-1)
+        mask, is_causal = step.mask(None)
+        out = F.scaled_dot_product_attention(
+            torch.cat((q_nope, q_rot), dim=-1), k, v, attn_mask=mask, is_causal=is_causal, scale=self.scale
+        )
+        return self.o_proj(out.transpose(1, 2).reshape(B, T, -1))

@@ -1,0 +1,154 @@
+"""Where a family's routed experts are stored in a checkpoint, and how to read one expert from there.
+
+A family lists the layouts its checkpoints come in; the loader uses, per layer, the first one present.
+Whatever the layout, an expert comes back as roles gate and up [I, E] and down [E, I], plus gate_bias,
+up_bias [I] and down_bias [E] for experts with biases: views of the memory-mapped shards where the
+layout allows, a fresh tensor where it must be decoded (MXFP4).
+"""
+
+from dataclasses import dataclass
+
+import torch
+
+from localmoe.checkpoint import Checkpoint
+from localmoe.errors import LocalMoEError
+
+
+def role_shapes(hidden: int, intermediate: int, bias: bool) -> dict[str, tuple[int, ...]]:
+    shapes = {"gate": (intermediate, hidden), "up": (intermediate, hidden), "down": (hidden, intermediate)}
+    if bias:
+        shapes.update(gate_bias=(intermediate,), up_bias=(intermediate,), down_bias=(hidden,))
+    return shapes
+
+
+@dataclass(frozen=True)
+class PerExpert:
+    """One tensor per expert and role, named by templates with {layer} and {expert}: the Hub layout of
+    most families."""
+
+    names: dict[str, str]
+
+    def present(self, ckpt: Checkpoint, layer: int) -> bool:
+        return self.names["gate"].format(layer=layer, expert=0) in ckpt
+
+    def check(self, ckpt: Checkpoint, block) -> None:
+        shapes = role_shapes(block.hidden_size, block.intermediate_size, block.expert_bias)
+        for expert in range(block.num_experts):
+            for role, shape in shapes.items():
+                ckpt.check_tensor(self.names[role].format(layer=block.layer_idx, expert=expert), shape)
+
+    def read(self, ckpt: Checkpoint, block, expert: int) -> dict[str, torch.Tensor]:
+        roles = role_shapes(block.hidden_size, block.intermediate_size, block.expert_bias)
+        return {role: ckpt.tensor(self.names[role].format(layer=block.layer_idx, expert=expert)) for role in roles}
+
+
+@dataclass(frozen=True)
+class Fused:
+    """One 3-D tensor per layer for gate and up, one for down, named by templates with {layer}.
+
+    As transformers 5 keeps experts in memory: gate_up [E, 2I, H] with the gate rows first, down
+    [E, H, I]. `transposed` is gpt-oss's layout: gate_up [E, H, 2I] with gate and up in alternate
+    columns, down [E, I, H]. Biases, where the experts have them: [E, 2I] (same order as gate_up) and [E, H].
+    """
+
+    gate_up: str
+    down: str
+    gate_up_bias: str | None = None
+    down_bias: str | None = None
+    transposed: bool = False
+
+    def present(self, ckpt: Checkpoint, layer: int) -> bool:
+        return self.gate_up.format(layer=layer) in ckpt and self.down.format(layer=layer) in ckpt
+
+    def check(self, ckpt: Checkpoint, block) -> None:
+        count, hidden, inter, layer = block.num_experts, block.hidden_size, block.intermediate_size, block.layer_idx
+        gate_up, down = (count, 2 * inter, hidden), (count, hidden, inter)
+        if self.transposed:
+            gate_up, down = (count, hidden, 2 * inter), (count, inter, hidden)
+        ckpt.check_tensor(self.gate_up.format(layer=layer), gate_up)
+        ckpt.check_tensor(self.down.format(layer=layer), down)
+        if block.expert_bias:
+            ckpt.check_tensor(_required(self.gate_up_bias, "gate_up_bias").format(layer=layer), (count, 2 * inter))
+            ckpt.check_tensor(_required(self.down_bias, "down_bias").format(layer=layer), (count, hidden))
+
+    def read(self, ckpt: Checkpoint, block, expert: int) -> dict[str, torch.Tensor]:
+        layer = block.layer_idx
+        gate_up = ckpt.tensor(self.gate_up.format(layer=layer))[expert]
+        down = ckpt.tensor(self.down.format(layer=layer))[expert]
+        if self.transposed:
+            gate_up, down = gate_up.T, down.T  # [2I, H] with interleaved rows, [H, I]
+        roles = {**_split_gate_up(gate_up, block, self.transposed), "down": down}
+        if block.expert_bias:
+            bias = ckpt.tensor(self.gate_up_bias.format(layer=layer))[expert]
+            gate_bias, up_bias = (bias[::2], bias[1::2]) if self.transposed else bias.chunk(2)
+            roles.update(
+                gate_bias=gate_bias, up_bias=up_bias, down_bias=ckpt.tensor(self.down_bias.format(layer=layer))[expert]
+            )
+        return roles
+
+
+# FP4 (e2m1) values by their 4-bit code
+FP4_VALUES = (0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0, -0.0, -0.5, -1.0, -1.5, -2.0, -3.0, -4.0, -6.0)
+
+
+@dataclass(frozen=True)
+class Mxfp4:
+    """gpt-oss experts as shipped on the Hub: `{prefix}.gate_up_proj_blocks` [E, 2I, H/32, 16] and
+    `_scales` [E, 2I, H/32] (uint8), the same for down_proj ([E, H, I/32, ...]); gate and up in
+    alternate rows; biases as in `Fused` (transposed). Decoded to the compute dtype when read."""
+
+    prefix: str  # with {layer}
+
+    def present(self, ckpt: Checkpoint, layer: int) -> bool:
+        return f"{self.prefix.format(layer=layer)}.gate_up_proj_blocks" in ckpt
+
+    def check(self, ckpt: Checkpoint, block) -> None:
+        prefix, count = self.prefix.format(layer=block.layer_idx), block.num_experts
+        hidden, inter = block.hidden_size, block.intermediate_size
+        for name, rows, cols in (("gate_up_proj", 2 * inter, hidden), ("down_proj", hidden, inter)):
+            if cols % 32:
+                raise LocalMoEError(f"{prefix}.{name}: MXFP4 needs a multiple of 32 inputs, the config says {cols}")
+            ckpt.check_tensor(f"{prefix}.{name}_blocks", (count, rows, cols // 32, 16))
+            ckpt.check_tensor(f"{prefix}.{name}_scales", (count, rows, cols // 32))
+        ckpt.check_tensor(f"{prefix}.gate_up_proj_bias", (count, 2 * inter))
+        ckpt.check_tensor(f"{prefix}.down_proj_bias", (count, hidden))
+
+    def read(self, ckpt: Checkpoint, block, expert: int) -> dict[str, torch.Tensor]:
+        prefix = self.prefix.format(layer=block.layer_idx)
+
+        def decoded(name: str) -> torch.Tensor:
+            blocks = ckpt.tensor(f"{prefix}.{name}_blocks")[expert]
+            return dequantize_mxfp4(blocks, ckpt.tensor(f"{prefix}.{name}_scales")[expert])
+
+        bias = ckpt.tensor(f"{prefix}.gate_up_proj_bias")[expert]
+        return {
+            **_split_gate_up(decoded("gate_up_proj"), block, interleaved=True),
+            "down": decoded("down_proj"),
+            "gate_bias": bias[::2],
+            "up_bias": bias[1::2],
+            "down_bias": ckpt.tensor(f"{prefix}.down_proj_bias")[expert],
+        }
+
+
+def dequantize_mxfp4(blocks: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
+    """[rows, G, 16] bytes of two FP4 codes each (low nibble first) and [rows, G] power-of-two
+    exponents (biased by 127) -> [rows, G * 32] float32."""
+    table = torch.tensor(FP4_VALUES, dtype=torch.float32)
+    codes = torch.stack((blocks & 0x0F, blocks >> 4), dim=-1).reshape(*blocks.shape[:-1], 32)
+    values = table[codes.long()] * torch.exp2(scales.float() - 127).unsqueeze(-1)
+    return values.reshape(blocks.shape[0], -1)
+
+
+ExpertTensors = PerExpert | Fused | Mxfp4
+
+
+def _split_gate_up(gate_up: torch.Tensor, block, interleaved: bool) -> dict[str, torch.Tensor]:
+    if interleaved:
+        return {"gate": gate_up[::2], "up": gate_up[1::2]}
+    return {"gate": gate_up[: block.intermediate_size], "up": gate_up[block.intermediate_size :]}
+
+
+def _required(template: str | None, what: str) -> str:
+    if template is None:
+        raise LocalMoEError(f"the experts have biases but the family declares no {what} tensor for them")
+    return template
