@@ -5,7 +5,7 @@ import json
 
 import pytest
 import torch
-from conftest import MIXTRAL, QWEN3_MOE, hf_model, save_hf
+from conftest import DEEPSEEK_V2, MIXTRAL, QWEN3_MOE, hf_model, save_hf
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -20,6 +20,8 @@ PROMPT, DECODE = 24, 10
 FAMILIES = {
     "mixtral": ("MixtralConfig", MIXTRAL),  # 3 MoE layers x 5 experts, top-2
     "qwen3": ("Qwen3MoeConfig", {**QWEN3_MOE, "mlp_only_layers": [1]}),  # 3 MoE layers x 7 experts, top-3
+    # latent attention, a dense first layer, a shared expert and grouped sigmoid routing: 2 x 8, top-2
+    "deepseek_v3": ("DeepseekV3Config", {**DEEPSEEK_V2, "n_group": 4, "topk_group": 2}),
 }
 
 
@@ -73,7 +75,7 @@ def test_any_cache_gives_the_all_resident_tokens_and_logits(
     checkpoints, references, family, spare, policy, prefetch, margin
 ):
     path = checkpoints[family]
-    top_k = FAMILIES[family][1].get("num_experts_per_tok")
+    top_k = FAMILIES[family][1]["num_experts_per_tok"]
     total = localmoe.load(path, device="cpu").plan.footprint.total_experts
     slots = min(top_k + spare, total - 1)  # from the smallest pool that works to all but one expert
     engine = offloaded(path, expert_slots=slots, policy=policy, prefetch=prefetch, prefetch_margin=margin)

@@ -3,7 +3,7 @@ within 1e-4, and identical greedy tokens."""
 
 import pytest
 import torch
-from conftest import MIXTRAL, QWEN3_MOE, hf_model, save_hf
+from conftest import DEEPSEEK_V2, GLM4_MOE, MIXTRAL, OLMOE, QWEN2_MOE, QWEN3_MOE, hf_model, save_hf
 
 import localmoe
 from localmoe.models.expert_tensors import Fused, PerExpert
@@ -54,6 +54,73 @@ CASES = {
         {"rope_parameters": {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 64}},
         "single",
     ),
+    "qwen2-sharded": ("Qwen2MoeConfig", QWEN2_MOE, {}, "sharded"),
+    "qwen2-norm-topk-tied": (
+        "Qwen2MoeConfig",
+        QWEN2_MOE,
+        {"norm_topk_prob": True, "tie_word_embeddings": True},
+        "single",
+    ),
+    # sliding window on the layers transformers derives (even ones below max_window_layers), a dense layer
+    "qwen2-window-dense": (
+        "Qwen2MoeConfig",
+        QWEN2_MOE,
+        {"use_sliding_window": True, "sliding_window": 8, "max_window_layers": 2, "mlp_only_layers": [1]},
+        "sharded",
+    ),
+    "qwen2-fused": ("Qwen2MoeConfig", QWEN2_MOE, {}, "fused"),
+    "olmoe-sharded": ("OlmoeConfig", OLMOE, {}, "sharded"),
+    "olmoe-clip-bias-norm": (
+        "OlmoeConfig",
+        OLMOE,
+        {"clip_qkv": 0.5, "attention_bias": True, "norm_topk_prob": True},
+        "single",
+    ),
+    "olmoe-fused-tied": ("OlmoeConfig", OLMOE, {"tie_word_embeddings": True}, "fused"),
+    "deepseek-v2-sharded": ("DeepseekV2Config", DEEPSEEK_V2, {}, "sharded"),
+    # queries without their low-rank bottleneck, as in DeepSeek-V2-Lite; group-limited routing; yarn
+    # whose mscale_all_dim scales the attention
+    "deepseek-v2-lite-style": (
+        "DeepseekV2Config",
+        DEEPSEEK_V2,
+        {
+            "q_lora_rank": None,
+            "topk_method": "group_limited_greedy",
+            "n_group": 4,
+            "topk_group": 2,
+            "routed_scaling_factor": 1.5,
+            "rope_parameters": {
+                "rope_type": "yarn",
+                "rope_theta": 10000.0,
+                "factor": 4.0,
+                "original_max_position_embeddings": 64,
+                "mscale": 0.9,
+                "mscale_all_dim": 0.8,
+            },
+        },
+        "single",
+    ),
+    "deepseek-v2-fused": ("DeepseekV2Config", DEEPSEEK_V2, {"attention_bias": True}, "fused"),
+    "deepseek-v3-sharded": (
+        "DeepseekV3Config",
+        DEEPSEEK_V2,
+        {"n_group": 4, "topk_group": 2, "routed_scaling_factor": 2.5},
+        "sharded",
+    ),
+    "deepseek-v3-plain-rope": (
+        "DeepseekV3Config",
+        DEEPSEEK_V2,
+        {"n_group": 2, "topk_group": 1, "rope_interleave": False, "norm_topk_prob": False, "q_lora_rank": None},
+        "single",
+    ),
+    "glm4-sharded": ("Glm4MoeConfig", GLM4_MOE, {}, "sharded"),
+    "glm4-bias-qknorm-groups": (
+        "Glm4MoeConfig",
+        GLM4_MOE,
+        {"attention_bias": True, "use_qk_norm": True, "n_group": 2, "topk_group": 1, "routed_scaling_factor": 1.8},
+        "single",
+    ),
+    "glm4-fused": ("Glm4MoeConfig", GLM4_MOE, {}, "fused"),
 }
 
 
@@ -71,6 +138,14 @@ def test_experts_read_in_the_layout_written(pair, request):
     layout = CASES[request.node.callspec.params["pair"]][3]
     expected = Fused if layout == "fused" else PerExpert
     assert {type(found) for found in engine.parts.experts.layouts.values()} == {expected}
+
+
+def test_float32_where_the_family_keeps_it(tmp_path):
+    """DeepSeek-V3's correction bias steers routing by small margins: it stays float32 in a bf16 model."""
+    folder = save_hf(hf_model("DeepseekV3Config", **DEEPSEEK_V2, n_group=4, topk_group=2), tmp_path, "single")
+    model = localmoe.load(str(folder), device="cpu", dtype=torch.bfloat16).model
+    gate = model.model.layers[1].mlp.gate
+    assert gate.e_score_correction_bias.dtype == torch.float32 and gate.weight.dtype == torch.bfloat16
 
 
 def prompt_ids(length: int = PROMPT_TOKENS) -> torch.Tensor:

@@ -3,10 +3,18 @@
 from typing import Any
 
 from localmoe.errors import LocalMoEError
-from localmoe.models import mixtral, qwen3_moe
+from localmoe.models import deepseek_v2, deepseek_v3, glm4_moe, mixtral, olmoe, qwen2_moe, qwen3_moe
 from localmoe.models.family import Family
 
-FAMILIES: tuple[Family, ...] = (mixtral.FAMILY, qwen3_moe.FAMILY)
+FAMILIES: tuple[Family, ...] = (
+    mixtral.FAMILY,
+    qwen2_moe.FAMILY,
+    qwen3_moe.FAMILY,
+    olmoe.FAMILY,
+    deepseek_v2.FAMILY,
+    deepseek_v3.FAMILY,
+    glm4_moe.FAMILY,
+)
 
 
 def family_for(config: dict[str, Any]) -> Family:

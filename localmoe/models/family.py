@@ -30,13 +30,14 @@ class ModelArgs:
     def from_config(cls, config: dict[str, Any]) -> "ModelArgs":
         values = {}
         for field in dataclasses.fields(cls):
-            keys = (field.name, *cls.config_aliases.get(field.name, ()))
-            value = next((config[key] for key in keys if config.get(key) is not None), None)
             if field.name == "rope":
                 values["rope"] = rope_parameters(config, cls.default_rope_theta, cls.default_rope)
-            elif value is not None:
-                values[field.name] = value
-            elif field.default is dataclasses.MISSING and field.default_factory is dataclasses.MISSING:
+                continue
+            present = [key for key in (field.name, *cls.config_aliases.get(field.name, ())) if key in config]
+            required = field.default is dataclasses.MISSING and field.default_factory is dataclasses.MISSING
+            if present and (config[present[0]] is not None or not required):
+                values[field.name] = config[present[0]]  # an explicit null counts: it means "none" (q_lora_rank)
+            elif required:
                 raise LocalMoEError(
                     f"config.json lacks {field.name}, which {cls.__name__} needs: the config is damaged"
                 )

@@ -37,7 +37,11 @@ def build(args: MixtralArgs) -> CausalLM:
     layers = [
         DecoderLayer(
             Attention(
-                hidden, args.num_attention_heads, args.num_key_value_heads, head_dim, sliding_window=args.sliding_window
+                hidden,
+                args.num_attention_heads,
+                args.num_key_value_heads or args.num_attention_heads,
+                head_dim,
+                sliding_window=args.sliding_window,
             ),
             SparseMoE(
                 i,

@@ -28,7 +28,7 @@ class Qwen3MoeArgs(ModelArgs):
     num_experts_per_tok: int = 8
     norm_topk_prob: bool = False
     decoder_sparse_step: int = 1
-    mlp_only_layers: list[int] = field(default_factory=list)
+    mlp_only_layers: list[int] | None = None
     hidden_act: str = "silu"
     rms_norm_eps: float = 1e-6
     attention_bias: bool = False
@@ -39,7 +39,9 @@ class Qwen3MoeArgs(ModelArgs):
     rope: dict = field(default_factory=dict)
 
     def is_moe_layer(self, i: int) -> bool:
-        return i not in self.mlp_only_layers and self.num_experts > 0 and (i + 1) % self.decoder_sparse_step == 0
+        return (
+            i not in (self.mlp_only_layers or []) and self.num_experts > 0 and (i + 1) % self.decoder_sparse_step == 0
+        )
 
 
 def build(args: Qwen3MoeArgs) -> CausalLM:
@@ -65,7 +67,7 @@ def build(args: Qwen3MoeArgs) -> CausalLM:
             Attention(
                 args.hidden_size,
                 args.num_attention_heads,
-                args.num_key_value_heads,
+                args.num_key_value_heads or args.num_attention_heads,
                 head_dim,
                 qkv_bias=args.attention_bias,
                 out_bias=args.attention_bias,

@@ -1,0 +1,111 @@
+"""GLM-4.5 and GLM-4.5-Air (Glm4MoeForCausalLM): grouped-query attention with q/k/v biases, rotary on
+part of each head (half by default), optional per-head q/k norm, dense first layers, shared experts,
+and DeepSeek-V3's sigmoid routing with a correction bias. Multi-token-prediction layers are not loaded."""
+
+from dataclasses import dataclass, field
+from typing import ClassVar
+
+from torch import nn
+
+from localmoe.models.attention import Attention
+from localmoe.models.expert_tensors import PerExpert
+from localmoe.models.family import Family, ModelArgs
+from localmoe.models.layers import MLP, Backbone, CausalLM, DecoderLayer, RotaryEmbedding
+from localmoe.models.moe import FUSED_EXPERTS, MLP_EXPERTS, GatedActivation, GroupedTopKRouter, SparseMoE
+
+
+@dataclass
+class Glm4MoeArgs(ModelArgs):
+    config_aliases: ClassVar[dict[str, tuple[str, ...]]] = {"n_routed_experts": ("num_local_experts",)}
+    default_rope: ClassVar[dict] = {"partial_rotary_factor": 0.5}
+
+    vocab_size: int
+    hidden_size: int
+    intermediate_size: int
+    num_hidden_layers: int
+    num_attention_heads: int
+    num_key_value_heads: int = 8
+    head_dim: int | None = None
+    moe_intermediate_size: int = 1408
+    num_experts_per_tok: int = 8
+    n_shared_experts: int = 1
+    n_routed_experts: int = 128
+    routed_scaling_factor: float = 1.0
+    n_group: int = 1
+    topk_group: int = 1
+    first_k_dense_replace: int = 1
+    norm_topk_prob: bool = True
+    use_qk_norm: bool = False
+    attention_bias: bool = False
+    hidden_act: str = "silu"
+    rms_norm_eps: float = 1e-5
+    max_position_embeddings: int = 131072
+    tie_word_embeddings: bool = False
+    rope: dict = field(default_factory=dict)
+
+
+def build(args: Glm4MoeArgs) -> CausalLM:
+    hidden = args.hidden_size
+    head_dim = args.head_dim or hidden // args.num_attention_heads
+
+    def feed_forward(i: int) -> nn.Module:
+        if i < args.first_k_dense_replace:
+            return MLP(hidden, args.intermediate_size, args.hidden_act)
+        router = GroupedTopKRouter(
+            hidden,
+            args.n_routed_experts,
+            args.num_experts_per_tok,
+            scoring="sigmoid",
+            n_group=args.n_group,
+            topk_group=args.topk_group,
+            normalize=args.norm_topk_prob,
+            scaling=args.routed_scaling_factor,
+            correction_bias=True,
+        )
+        shared = MLP(hidden, args.moe_intermediate_size * args.n_shared_experts, args.hidden_act)
+        return SparseMoE(
+            i,
+            hidden,
+            args.moe_intermediate_size,
+            args.n_routed_experts,
+            args.num_experts_per_tok,
+            router,
+            act=GatedActivation(act=args.hidden_act),
+            shared_expert=shared if args.n_shared_experts else None,
+        )
+
+    layers = [
+        DecoderLayer(
+            Attention(
+                hidden,
+                args.num_attention_heads,
+                args.num_key_value_heads or args.num_attention_heads,
+                head_dim,
+                qkv_bias=args.attention_bias,
+                qk_norm="head" if args.use_qk_norm else None,
+                norm_eps=args.rms_norm_eps,
+            ),
+            feed_forward(i),
+            hidden,
+            args.rms_norm_eps,
+        )
+        for i in range(args.num_hidden_layers)
+    ]
+    return CausalLM(
+        Backbone(args.vocab_size, hidden, layers, args.rms_norm_eps),
+        RotaryEmbedding(args.rope, head_dim, args.max_position_embeddings),
+        tie_word_embeddings=args.tie_word_embeddings,
+        max_position_embeddings=args.max_position_embeddings,
+    )
+
+
+FAMILY = Family(
+    architectures=("Glm4MoeForCausalLM",),
+    model_type="glm4_moe",
+    args=Glm4MoeArgs,
+    model=build,
+    experts=(PerExpert(MLP_EXPERTS), FUSED_EXPERTS),
+    hub_aliases=((".mlp.shared_expert.", ".mlp.shared_experts."),),
+    keep_float32=("e_score_correction_bias",),
+    example="zai-org/GLM-4.5-Air",
+)
