@@ -155,6 +155,31 @@ GLM4_MOE = dict(
     eos_token_id=257,
 )
 
+GPT_OSS = dict(
+    vocab_size=258,
+    hidden_size=64,
+    intermediate_size=32,  # MXFP4 groups inputs by 32
+    num_hidden_layers=3,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    head_dim=16,
+    num_local_experts=5,
+    num_experts_per_tok=2,
+    sliding_window=8,
+    max_position_embeddings=256,
+    rope_parameters={
+        "rope_type": "yarn",
+        "rope_theta": 150000.0,
+        "factor": 4.0,
+        "beta_fast": 32.0,
+        "beta_slow": 1.0,
+        "truncate": False,
+        "original_max_position_embeddings": 64,
+    },
+    bos_token_id=256,
+    eos_token_id=257,
+)
+
 QWEN3_MOE = dict(
     vocab_size=258,
     hidden_size=64,

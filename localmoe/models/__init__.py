@@ -3,7 +3,7 @@
 from typing import Any
 
 from localmoe.errors import LocalMoEError
-from localmoe.models import deepseek_v2, deepseek_v3, glm4_moe, mixtral, olmoe, qwen2_moe, qwen3_moe
+from localmoe.models import deepseek_v2, deepseek_v3, glm4_moe, gpt_oss, mixtral, olmoe, qwen2_moe, qwen3_moe
 from localmoe.models.family import Family
 
 FAMILIES: tuple[Family, ...] = (
@@ -14,6 +14,7 @@ FAMILIES: tuple[Family, ...] = (
     deepseek_v2.FAMILY,
     deepseek_v3.FAMILY,
     glm4_moe.FAMILY,
+    gpt_oss.FAMILY,
 )
 
 
