@@ -195,6 +195,14 @@ def plan(model: str, revision: str | None, **flags):
 
 
 @main.command()
+def families():
+    """List the model families localmoe runs, with an example Hub id for each."""
+    from localmoe.models import families_table
+
+    click.echo(families_table())
+
+
+@main.command()
 @click.option("--prompt", "-p", default="The quick brown fox", show_default=True)
 @click.option("--max-new-tokens", "-n", default=48, show_default=True, type=click.IntRange(min=1))
 @click.option("--device", default=None, help="cpu, cuda or cuda:N  [default: cuda if present, else cpu]")

@@ -40,12 +40,23 @@ def model_skeleton(ckpt: Checkpoint, dtype: torch.dtype | None = None) -> ModelP
     """The model built on `meta`, with every tensor it needs found in the checkpoint and its shape
     checked; no weights are read."""
     family = family_for(ckpt.config)
+    _check_quantization(ckpt, family)
     args = family.args.from_config(ckpt.config)
     with torch.device("meta"):
         model = family.model(args)
     sources = _resident_sources(model, ckpt, family)
     experts = ExpertSource(ckpt, family.experts, moe_blocks(model))
     return ModelParts(model, experts, family, args, dtype or checkpoint_dtype(ckpt), sources)
+
+
+def _check_quantization(ckpt: Checkpoint, family: Family) -> None:
+    """Refuse quantized checkpoints the family cannot decode, rather than read their raw values as weights."""
+    method = (ckpt.config.get("quantization_config") or {}).get("quant_method")
+    if method is not None and method not in family.quantizations:
+        raise LocalMoEError(
+            f"{ckpt.path} is quantized ({method}), which localmoe cannot read yet for {family.architectures[0]}: "
+            "use an unquantized (bf16) release of the model"
+        )
 
 
 def load_resident_weights(parts: ModelParts, ckpt: Checkpoint, device: torch.device | str) -> None:
@@ -90,6 +101,7 @@ def footprint(parts: ModelParts) -> Footprint:
         # expert outputs, all counted at float32 to stay on the safe side
         activation_bytes_per_token=4 * (8 * hidden + 4 * widest + 3 * first.top_k * hidden),
         max_positions=parts.model.max_position_embeddings,
+        fixed_state_bytes=parts.model.fixed_state_bytes(parts.dtype),
     )
 
 

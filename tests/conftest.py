@@ -9,15 +9,18 @@ import torch
 SMALL_SHARDS = "20KB"  # small enough that one layer's experts land in several shards
 
 
-def randomize(model: torch.nn.Module, seed: int = 0) -> None:
-    """Give every parameter and buffer a random value: defaults such as zero biases or unit norms hide bugs.
+# Buffers derived from the architecture rather than learned: MiniMax's decay rates and their powers.
+DERIVED_BUFFERS = ("inv_freq", "slope_rate", "_decay")
 
-    Norm weights stay near one so that activations keep a sane scale through the stack.
+
+def randomize(model: torch.nn.Module, seed: int = 0) -> None:
+    """Give every parameter and learned buffer a random value: defaults such as zero biases or unit
+    norms hide bugs. Norm weights stay near one so that activations keep a sane scale through the stack.
     """
     generator = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for name, tensor in model.state_dict().items():
-            if not tensor.is_floating_point() or "inv_freq" in name:
+            if not tensor.is_floating_point() or any(derived in name for derived in DERIVED_BUFFERS):
                 continue
             noise = torch.randn(tensor.shape, generator=generator, dtype=torch.float32)
             center = 1.0 if "norm" in name else 0.0
@@ -176,6 +179,35 @@ GPT_OSS = dict(
         "truncate": False,
         "original_max_position_embeddings": 64,
     },
+    bos_token_id=256,
+    eos_token_id=257,
+)
+
+PHIMOE = dict(
+    vocab_size=258,
+    hidden_size=64,
+    intermediate_size=48,
+    num_hidden_layers=3,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    num_local_experts=6,
+    num_experts_per_tok=2,
+    max_position_embeddings=256,
+    bos_token_id=256,
+    eos_token_id=257,
+)
+
+MINIMAX = dict(
+    vocab_size=258,
+    hidden_size=64,
+    intermediate_size=48,
+    num_hidden_layers=4,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    num_local_experts=5,
+    num_experts_per_tok=2,
+    block_size=8,  # prompts span several blocks
+    max_position_embeddings=256,
     bos_token_id=256,
     eos_token_id=257,
 )

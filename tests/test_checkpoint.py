@@ -200,3 +200,22 @@ def test_repo_id_not_in_the_cache(hub_cache):
 def test_cached_repo_missing_a_shard(hub_cache):
     next((hub_cache / "snapshots" / COMMIT).glob("model-*.safetensors")).unlink()
     assert "download is incomplete" in load_error("tiny/mixtral")
+
+
+def test_quantized_checkpoint_the_family_cannot_read_is_refused(broken):
+    """An FP8 release read as plain weights would load and talk nonsense: refuse it instead."""
+    config = json.loads((broken / "config.json").read_text())
+    config["quantization_config"] = {"quant_method": "fp8", "weight_block_size": [128, 128]}
+    (broken / "config.json").write_text(json.dumps(config))
+    message = load_error(broken)
+    assert "quantized (fp8)" in message and "bf16" in message
+
+
+def test_readme_lists_the_registry():
+    from pathlib import Path
+
+    from localmoe.models import families_table
+
+    readme = (Path(__file__).parent.parent / "README.md").read_text()
+    listed = readme.split("<!-- families:start -->\n")[1].split("\n<!-- families:end -->")[0]
+    assert listed == families_table(), "README.md's family table is stale: paste `localmoe families` into it"

@@ -2,7 +2,7 @@
 
 import pytest
 import torch
-from conftest import MIXTRAL, QWEN3_MOE, hf_model, save_hf
+from conftest import DEEPSEEK_V2, GPT_OSS, MINIMAX, MIXTRAL, QWEN3_MOE, hf_model, save_hf
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -18,8 +18,12 @@ TOLERANCE = 1e-5
         # a window shorter than the sequence exercises the explicit-mask path of chunked prefill
         ("MixtralConfig", {**MIXTRAL, "sliding_window": 6}),
         ("Qwen3MoeConfig", {**QWEN3_MOE, "mlp_only_layers": [1]}),
+        ("DeepseekV3Config", {**DEEPSEEK_V2, "n_group": 4, "topk_group": 2}),
+        ("GptOssConfig", GPT_OSS),
+        # lightning attention first: its state carries across chunks and blocks
+        ("MiniMaxConfig", {**MINIMAX, "layer_types": ["linear_attention", "full_attention"] * 2}),
     ],
-    ids=["mixtral", "mixtral-window", "qwen3"],
+    ids=["mixtral", "mixtral-window", "qwen3", "deepseek-v3", "gpt-oss", "minimax"],
 )
 def model(request, tmp_path_factory):
     config_class, config = request.param
@@ -69,3 +73,35 @@ def test_overrunning_the_allocated_context_is_an_error(model):
     model(tokens(1, 6), cache)
     with pytest.raises(localmoe.LocalMoEError, match="do not fit the 8-token context"):
         model(tokens(1, 3), cache)
+
+
+def test_rewinding_keeps_what_it_can(model):
+    """Keys and values can be kept for any prefix; a linear-attention state only when nothing is dropped."""
+    ids = tokens(1, 12)
+    expected = full_forward(model, ids)
+    cache = model.new_cache(1, 12)
+    model(ids[:, :8], cache)
+    recurrent = any(getattr(state, "recurrent", False) for state in cache.layers)
+    assert cache.rewind(8) == 8
+    kept = cache.rewind(5)
+    assert kept == (0 if recurrent else 5)
+    got = model(ids[:, kept:], cache, all_logits=True)
+    assert (got - expected[:, kept:]).abs().max().item() < TOLERANCE
+
+
+def test_a_forward_cut_short_is_not_trusted(model, monkeypatch):
+    """Ctrl-C in the middle of a forward pass: some layers have taken the new tokens, others not."""
+    ids = tokens(1, 12)
+    expected = full_forward(model, ids)
+    cache = model.new_cache(1, 12)
+    model(ids[:, :6], cache)
+    last = model.model.layers[-1]
+    monkeypatch.setattr(last, "forward", lambda *args: (_ for _ in ()).throw(KeyboardInterrupt))
+    with pytest.raises(KeyboardInterrupt):
+        model(ids[:, 6:], cache)
+    monkeypatch.undo()
+    kept = cache.rewind(6)
+    recurrent = any(getattr(state, "recurrent", False) for state in cache.layers)
+    assert kept == (0 if recurrent else 6)
+    got = model(ids[:, kept:], cache, all_logits=True)
+    assert (got - expected[:, kept:]).abs().max().item() < TOLERANCE

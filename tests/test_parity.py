@@ -3,7 +3,19 @@ within 1e-4, and identical greedy tokens."""
 
 import pytest
 import torch
-from conftest import DEEPSEEK_V2, GLM4_MOE, GPT_OSS, MIXTRAL, OLMOE, QWEN2_MOE, QWEN3_MOE, hf_model, save_hf
+from conftest import (
+    DEEPSEEK_V2,
+    GLM4_MOE,
+    GPT_OSS,
+    MINIMAX,
+    MIXTRAL,
+    OLMOE,
+    PHIMOE,
+    QWEN2_MOE,
+    QWEN3_MOE,
+    hf_model,
+    save_hf,
+)
 
 import localmoe
 from localmoe.models.expert_tensors import Fused, PerExpert
@@ -11,6 +23,16 @@ from localmoe.runtime.generate import generate_tokens
 
 TOLERANCE = 1e-4
 PROMPT_TOKENS, DECODE_STEPS, GREEDY_TOKENS = 24, 16, 32
+
+PHIMOE_LONGROPE = {
+    "rope_type": "longrope",
+    "rope_theta": 10000.0,
+    "short_factor": [1.0 + 0.1 * i for i in range(8)],
+    "long_factor": [2.0 + 0.3 * i for i in range(8)],
+    "short_mscale": 1.2,
+    "long_mscale": 1.2,
+    "original_max_position_embeddings": 30,
+}
 
 CASES = {
     # name: (config class, base config, overrides, layout)
@@ -124,7 +146,32 @@ CASES = {
     # transformers writes gpt-oss experts fused and transposed; sinks, alternating windows, yarn
     "gpt-oss-sharded": ("GptOssConfig", GPT_OSS, {}, "sharded"),
     "gpt-oss-all-full-attention": ("GptOssConfig", GPT_OSS, {"layer_types": ["full_attention"] * 3}, "single"),
+    "phimoe-sharded": ("PhimoeConfig", PHIMOE, {"attention_bias": True, "lm_head_bias": True}, "sharded"),
+    # longrope as Phi-3.5-MoE ships it (equal short and long mscale), crossing its original context
+    "phimoe-longrope": ("PhimoeConfig", PHIMOE, {"rope_parameters": PHIMOE_LONGROPE, "sliding_window": 12}, "single"),
+    "phimoe-fused": ("PhimoeConfig", PHIMOE, {}, "fused"),
+    "minimax-sharded": ("MiniMaxConfig", MINIMAX, {}, "sharded"),
+    "minimax-residual-factors": (
+        "MiniMaxConfig",
+        MINIMAX,
+        {
+            "layer_types": ["linear_attention", "linear_attention", "full_attention", "linear_attention"],
+            "full_attn_alpha_factor": 1.5,
+            "full_attn_beta_factor": 0.7,
+            "linear_attn_alpha_factor": 0.9,
+            "linear_attn_beta_factor": 1.2,
+            "mlp_alpha_factor": 1.1,
+            "mlp_beta_factor": 0.8,
+        },
+        "single",
+    ),
 }
+
+
+# transformers 5.23 takes a cached run's position from layer 0's KV cache, which a linear-attention
+# first layer leaves empty: its cached decode restarts positions at 0. For these cases the reference is
+# transformers given the true positions (decode steps) and transformers without a cache (greedy).
+POSITIONS_FROM_LINEAR_LAYER = {"minimax-residual-factors"}
 
 
 @pytest.fixture(params=list(CASES), scope="module")
@@ -152,6 +199,17 @@ def test_float32_where_the_family_keeps_it(tmp_path):
     assert gate.e_score_correction_bias.dtype == torch.float32 and gate.weight.dtype == torch.bfloat16
 
 
+def test_phimoe_long_mscale_past_the_original_context(tmp_path):
+    """With different short and long mscales, decode steps past the original context use the long one,
+    as transformers' forward does. (Its generate() also re-encodes the whole sequence at that point;
+    localmoe keeps its cache, which is the same thing for Phi-3.5-MoE, whose two mscales are equal.)"""
+    rope = {**PHIMOE_LONGROPE, "short_mscale": 1.1, "long_mscale": 1.3}
+    reference = hf_model("PhimoeConfig", **PHIMOE, rope_parameters=rope)
+    engine = localmoe.load(str(save_hf(reference, tmp_path, "single")), device="cpu", dtype=torch.float32)
+    test_prefill_logits_match((reference, engine))
+    test_decode_steps_match((reference, engine))
+
+
 def prompt_ids(length: int = PROMPT_TOKENS) -> torch.Tensor:
     return torch.randint(0, 256, (1, length), generator=torch.Generator().manual_seed(1))
 
@@ -177,18 +235,25 @@ def test_decode_steps_match(pair):
         past = out.past_key_values
         for i in range(DECODE_STEPS):
             token = steps[:, i : i + 1]
-            out = reference(token, past_key_values=past, use_cache=True)
+            position = torch.tensor([[PROMPT_TOKENS + i]])
+            out = reference(token, past_key_values=past, use_cache=True, position_ids=position)
             past = out.past_key_values
             got = engine.model(token, cache)
             assert (got[:, -1] - out.logits[:, -1]).abs().max().item() < TOLERANCE, f"decode step {i}"
 
 
-def test_greedy_tokens_identical(pair):
+def test_greedy_tokens_identical(pair, request):
     reference, engine = pair
     ids = prompt_ids()
     with torch.no_grad():
-        expected = reference.generate(
-            ids, max_new_tokens=GREEDY_TOKENS, do_sample=False, eos_token_id=None, pad_token_id=0
-        )[0, PROMPT_TOKENS:].tolist()
+        if request.node.callspec.params["pair"] in POSITIONS_FROM_LINEAR_LAYER:
+            sequence = ids
+            for _ in range(GREEDY_TOKENS):
+                sequence = torch.cat((sequence, reference(sequence).logits[:, -1:].argmax(-1)), dim=1)
+            expected = sequence[0, PROMPT_TOKENS:].tolist()
+        else:
+            expected = reference.generate(
+                ids, max_new_tokens=GREEDY_TOKENS, do_sample=False, eos_token_id=None, pad_token_id=0
+            )[0, PROMPT_TOKENS:].tolist()
     got = list(generate_tokens(engine.model, ids[0].tolist(), GREEDY_TOKENS))
     assert got == expected

@@ -3,7 +3,18 @@
 from typing import Any
 
 from localmoe.errors import LocalMoEError
-from localmoe.models import deepseek_v2, deepseek_v3, glm4_moe, gpt_oss, mixtral, olmoe, qwen2_moe, qwen3_moe
+from localmoe.models import (
+    deepseek_v2,
+    deepseek_v3,
+    glm4_moe,
+    gpt_oss,
+    minimax,
+    mixtral,
+    olmoe,
+    phimoe,
+    qwen2_moe,
+    qwen3_moe,
+)
 from localmoe.models.family import Family
 
 FAMILIES: tuple[Family, ...] = (
@@ -15,6 +26,8 @@ FAMILIES: tuple[Family, ...] = (
     deepseek_v3.FAMILY,
     glm4_moe.FAMILY,
     gpt_oss.FAMILY,
+    phimoe.FAMILY,
+    minimax.FAMILY,
 )
 
 
@@ -39,3 +52,10 @@ def family_for(config: dict[str, Any]) -> Family:
             f"built-in architectures: {supported}"
         )
     raise LocalMoEError(f"unsupported architecture {name} (model_type {model_type!r}); localmoe runs: {supported}")
+
+
+def families_table() -> str:
+    """The supported families as a Markdown table: README.md embeds it, and a test keeps the two equal."""
+    rows = ["| architecture | `model_type` | example Hub id |", "|---|---|---|"]
+    rows += [f"| `{f.architectures[0]}` | `{f.model_type}` | `{f.example}` |" for f in FAMILIES]
+    return "\n".join(rows)

@@ -56,5 +56,5 @@ FAMILY = Family(
     experts=(PerExpert(MLP_EXPERTS), FUSED_EXPERTS),
     hub_aliases=((".mlp.shared_expert.", ".mlp.shared_experts."),),
     keep_float32=("e_score_correction_bias",),
-    example="moonshotai/Kimi-K2-Instruct",
+    example="moonshotai/Moonlight-16B-A3B-Instruct",
 )

@@ -63,6 +63,7 @@ class Family:
     experts: tuple[ExpertTensors, ...]
     hub_aliases: tuple[tuple[str, str], ...] = ()
     keep_float32: tuple[str, ...] = ()
+    quantizations: tuple[str, ...] = ()  # quantization_config.quant_method values it reads
     example: str = ""
 
     def disk_names(self, name: str) -> list[str]:

@@ -118,5 +118,6 @@ FAMILY = Family(
         ),
     ),
     hub_aliases=((".mlp.gate.", ".mlp.router."),),
+    quantizations=("mxfp4",),
     example="openai/gpt-oss-20b",
 )

@@ -85,7 +85,11 @@ def rope_inv_freq(params: dict[str, Any], head_dim: int, max_positions: int) -> 
         return _llama3_inv_freq(inv_freq, params), 1.0
     if kind == "yarn":
         return _yarn_inv_freq(inv_freq, params, dim, base, max_positions)
-    raise LocalMoEError(f"rope_type {kind!r} is not supported yet; localmoe knows default, linear, llama3 and yarn")
+    if kind == "longrope":
+        return _longrope_inv_freq(inv_freq, params, max_positions)
+    raise LocalMoEError(
+        f"rope_type {kind!r} is not supported yet; localmoe knows default, linear, llama3, yarn and longrope"
+    )
 
 
 def _llama3_inv_freq(inv_freq: torch.Tensor, params: dict[str, Any]) -> torch.Tensor:
@@ -127,6 +131,19 @@ def _yarn_inv_freq(
     return inv_freq / factor * (1 - extrapolate) + inv_freq * extrapolate, float(attention_factor)
 
 
+def _longrope_inv_freq(
+    inv_freq: torch.Tensor, params: dict[str, Any], max_positions: int
+) -> tuple[torch.Tensor, float]:
+    """The short factors' frequencies (what transformers computes without a sequence length) and the
+    attention factor; a family that switches to the long factors or scales does so itself."""
+    original = params["original_max_position_embeddings"]
+    factor = params.get("factor") or max_positions / original
+    attention_factor = params.get("attention_factor")
+    if attention_factor is None:
+        attention_factor = 1.0 if factor <= 1 else math.sqrt(1 + math.log(factor) / math.log(original))
+    return inv_freq / torch.tensor(params["short_factor"], dtype=torch.float32), float(attention_factor)
+
+
 class RotaryEmbedding(nn.Module):
     def __init__(self, params: dict[str, Any], head_dim: int, max_positions: int):
         super().__init__()
@@ -134,12 +151,17 @@ class RotaryEmbedding(nn.Module):
             inv_freq, self.scaling = rope_inv_freq(params, head_dim, max_positions)
         self.register_buffer("inv_freq", inv_freq, persistent=False)
 
+    def scale(self, start: int, length: int) -> float:
+        """The factor on cos and sin for a forward pass over positions start .. start + length - 1."""
+        return self.scaling
+
     def forward(self, start: int, length: int, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
         """cos and sin [T, rotary dim] for positions start .. start + length - 1."""
         positions = torch.arange(start, start + length, device=self.inv_freq.device, dtype=torch.float32)
         freqs = torch.outer(positions, self.inv_freq)
         angles = torch.cat((freqs, freqs), dim=-1)
-        return (angles.cos() * self.scaling).to(dtype), (angles.sin() * self.scaling).to(dtype)
+        scale = self.scale(start, length)
+        return (angles.cos() * scale).to(dtype), (angles.sin() * scale).to(dtype)
 
 
 def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
@@ -271,6 +293,10 @@ class CausalLM(nn.Module):
     def kv_bytes_per_token(self, dtype: torch.dtype) -> int:
         return sum(layer.self_attn.state_bytes_per_token(dtype) for layer in self.model.layers)
 
+    def fixed_state_bytes(self, dtype: torch.dtype) -> int:
+        """Generation state whose size does not grow with the context (recurrent layers)."""
+        return sum(getattr(layer.self_attn, "fixed_state_bytes", lambda _: 0)(dtype) for layer in self.model.layers)
+
     def forward(self, ids: torch.Tensor, cache: KVCache, all_logits: bool = False) -> torch.Tensor:
         """Logits [B, T, V] for ids [B, T] following what the cache holds (only the last position unless
         `all_logits`); the cache advances by T."""
@@ -281,9 +307,11 @@ class CausalLM(nn.Module):
             )
         h = self.model.embed_tokens(ids)
         step = Step(start, length, *self.rotary(start, length, h.dtype))
+        cache.writing = True
         for layer, kv in zip(self.model.layers, cache.layers, strict=True):
             h = layer(h, step, kv)
         cache.pos += length
+        cache.writing = False
         h = self.model.norm(h if all_logits else h[:, -1:])
         if self.lm_head is None:
             return F.linear(h, self.model.embed_tokens.weight)

@@ -72,8 +72,8 @@ def generate_tokens(
     device = model.model.embed_tokens.weight.device
     if cache is None:
         cache = model.new_cache(1, len(prompt) + max_new_tokens)
-    reuse = min(reuse, len(prompt) - 1)  # the last prompt token is always fed: its logits pick the first token
-    cache.pos = reuse
+    # the last prompt token is always fed: its logits pick the first token
+    reuse = cache.rewind(min(reuse, len(prompt) - 1))
     seen = torch.tensor([*prompt, *[0] * max_new_tokens], device=device)
     stats.prompt_tokens = len(prompt) - reuse
     start = time.perf_counter()

@@ -33,6 +33,19 @@ class LatentKV:
         return self.latent[:, :end], self.k_rot[:, :, :end]
 
 
+class LinearAttentionState:
+    """A linear-attention layer's state: one [B, H, D, D] matrix that sums (decayed) key-value products
+    over every token so far. It cannot be rewound to an earlier position."""
+
+    recurrent = True
+
+    def __init__(self, batch: int, heads: int, head_dim: int, dtype: torch.dtype, device):
+        self.kv = torch.zeros(batch, heads, head_dim, head_dim, dtype=dtype, device=device)
+
+    def reset(self) -> None:
+        self.kv.zero_()
+
+
 class KVCache:
     """The state of every layer plus how many positions are filled."""
 
@@ -40,3 +53,19 @@ class KVCache:
         self.layers = layers
         self.max_len = max_len
         self.pos = 0
+        self.writing = False  # a forward pass started and did not finish (interrupted)
+
+    def rewind(self, pos: int) -> int:
+        """Keep the first `pos` positions, for a prompt that shares them; returns the positions kept.
+
+        Keys and values are per position, so any prefix can be kept. A recurrent state holds a sum over
+        every position, so it is kept only when nothing is dropped and no forward pass was cut short;
+        otherwise everything restarts.
+        """
+        recurrent = [state for state in self.layers if getattr(state, "recurrent", False)]
+        if recurrent and (pos < self.pos or self.writing):
+            for state in recurrent:
+                state.reset()
+            pos = 0
+        self.pos, self.writing = pos, False
+        return pos

@@ -47,6 +47,7 @@ class Footprint:
     kv_bytes_per_token: int
     activation_bytes_per_token: int  # the largest activations one prefill token keeps alive at once
     max_positions: int
+    fixed_state_bytes: int = 0  # generation state that does not grow with the context (recurrent layers)
 
     @property
     def total_experts(self) -> int:
@@ -66,7 +67,7 @@ class MemoryPlan:
 
     @property
     def kv_bytes(self) -> int:
-        return self.footprint.kv_bytes_per_token * self.context
+        return self.footprint.kv_bytes_per_token * self.context + self.footprint.fixed_state_bytes
 
     @property
     def workspace_bytes(self) -> int:
@@ -137,7 +138,12 @@ def plan_memory(
     fp = footprint
     context = min(context, fp.max_positions)
     prefill_chunk = min(prefill_chunk, context)
-    fixed = fp.resident_bytes + fp.kv_bytes_per_token * context + fp.activation_bytes_per_token * prefill_chunk
+    fixed = (
+        fp.resident_bytes
+        + fp.kv_bytes_per_token * context
+        + fp.fixed_state_bytes
+        + fp.activation_bytes_per_token * prefill_chunk
+    )
     device_budget = vram_budget if vram_budget is not None else _free_device_memory(device)
     host_budget = host_budget if host_budget is not None else psutil.virtual_memory().available
     if expert_slots is None:
