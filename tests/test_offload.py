@@ -5,7 +5,19 @@ import json
 
 import pytest
 import torch
-from conftest import DEEPSEEK_V2, MIXTRAL, QWEN3_MOE, hf_model, save_hf
+from conftest import (
+    DEEPSEEK_V2,
+    GLM4_MOE,
+    GPT_OSS,
+    MINIMAX,
+    MIXTRAL,
+    OLMOE,
+    PHIMOE,
+    QWEN2_MOE,
+    QWEN3_MOE,
+    hf_model,
+    save_hf,
+)
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -208,3 +220,40 @@ def test_resident_run_writes_the_same_trace(checkpoints, tmp_path):
 def test_bad_runtime_options(checkpoints, options, needle):
     with pytest.raises(localmoe.LocalMoEError, match=needle):
         localmoe.load(checkpoints["mixtral"], device="cpu", options=RuntimeOptions(**options))
+
+
+EVERY_FAMILY = {
+    "mixtral": ("MixtralConfig", MIXTRAL),
+    "qwen2_moe": ("Qwen2MoeConfig", QWEN2_MOE),
+    "qwen3_moe": ("Qwen3MoeConfig", QWEN3_MOE),
+    "olmoe": ("OlmoeConfig", OLMOE),
+    "deepseek_v2": (
+        "DeepseekV2Config",
+        {**DEEPSEEK_V2, "topk_method": "group_limited_greedy", "n_group": 4, "topk_group": 2},
+    ),
+    "deepseek_v3": ("DeepseekV3Config", {**DEEPSEEK_V2, "n_group": 4, "topk_group": 2}),
+    "glm4_moe": ("Glm4MoeConfig", GLM4_MOE),
+    "gpt_oss": ("GptOssConfig", GPT_OSS),
+    "phimoe": ("PhimoeConfig", PHIMOE),
+    "minimax": ("MiniMaxConfig", MINIMAX),
+}
+
+
+def test_the_list_covers_every_registered_family():
+    from localmoe.models import FAMILIES
+
+    assert set(EVERY_FAMILY) == {family.model_type for family in FAMILIES}
+
+
+@pytest.mark.parametrize("family", list(EVERY_FAMILY))
+def test_every_family_offloaded_equals_resident(family, tmp_path):
+    """The smallest pool, a middling one and all but one expert, with prefetch two layers ahead."""
+    config_class, config = EVERY_FAMILY[family]
+    path = str(save_hf(hf_model(config_class, **config), tmp_path, "sharded"))
+    resident = localmoe.load(path, device="cpu", dtype=torch.float32)
+    expected_tokens, expected_logits = run(resident)
+    fp = resident.plan.footprint
+    for slots in sorted({fp.top_k, (fp.top_k + fp.total_experts) // 2, fp.total_experts - 1}):
+        tokens, logits = run(offloaded(path, expert_slots=slots, prefetch=2, prefetch_margin=1))
+        assert tokens == expected_tokens, f"{slots} slots"
+        assert all(torch.equal(a, b) for a, b in zip(logits, expected_logits, strict=True)), f"{slots} slots"

@@ -4,13 +4,22 @@ import json
 
 import pytest
 import torch
-from conftest import MIXTRAL, hf_model, save_hf
+from conftest import DEEPSEEK_V2, GLM4_MOE, GPT_OSS, MIXTRAL, PHIMOE, hf_model, save_hf
+from test_parity import PHIMOE_LONGROPE
 
 import localmoe
 from localmoe.errors import LocalMoEError
 from localmoe.models.layers import rope_inv_freq, rope_parameters
 
 HEAD_DIM, MAX_POSITIONS = 64, 4096
+MLA_YARN = {
+    "rope_type": "yarn",
+    "rope_theta": 10000.0,
+    "factor": 4.0,
+    "original_max_position_embeddings": 64,
+    "mscale": 0.9,
+    "mscale_all_dim": 0.8,
+}
 
 VARIANTS = {
     "default": {"rope_type": "default"},
@@ -108,3 +117,37 @@ def test_checkpoint_with_an_old_style_config_loads_the_same(tmp_path):
     torch.testing.assert_close(got, expected, rtol=0, atol=0)
     with torch.no_grad():
         assert (got - reference(ids).logits).abs().max().item() < 1e-4
+
+
+def old_style(config: dict) -> dict:
+    """A 5.x config rewritten the way older Hub repos spell it: top-level rope_theta and
+    partial_rotary_factor, rope_scaling with `type` (none for plain rotary), torch_dtype."""
+    config = dict(config)
+    rope = dict(config.pop("rope_parameters"))
+    config["rope_theta"] = rope.pop("rope_theta")
+    if "partial_rotary_factor" in rope:
+        config["partial_rotary_factor"] = rope.pop("partial_rotary_factor")
+    kind = rope.pop("rope_type")
+    config["rope_scaling"] = None if kind == "default" else {"type": kind, **rope}
+    config["torch_dtype"] = config.pop("dtype")
+    return config
+
+
+@pytest.mark.parametrize(
+    "config_class,config",
+    [
+        ("Glm4MoeConfig", GLM4_MOE),  # partial rotary at the top level
+        ("DeepseekV2Config", {**DEEPSEEK_V2, "rope_parameters": MLA_YARN}),  # yarn with mscale_all_dim
+        ("GptOssConfig", GPT_OSS),  # yarn without truncation
+        ("PhimoeConfig", {**PHIMOE, "rope_parameters": PHIMOE_LONGROPE}),  # longrope with its mscales
+    ],
+    ids=["glm4", "deepseek-v2", "gpt-oss", "phimoe"],
+)
+def test_every_rotary_setting_reads_the_same_in_the_old_spelling(tmp_path, config_class, config):
+    folder = save_hf(hf_model(config_class, **config), tmp_path, "single")
+    ids = torch.randint(0, 256, (1, 40), generator=torch.Generator().manual_seed(0))
+    new = localmoe.load(str(folder), device="cpu").model
+    expected = new(ids, new.new_cache(1, 40), all_logits=True)
+    (folder / "config.json").write_text(json.dumps(old_style(json.loads((folder / "config.json").read_text()))))
+    old = localmoe.load(str(folder), device="cpu").model
+    torch.testing.assert_close(old(ids, old.new_cache(1, 40), all_logits=True), expected, rtol=0, atol=0)
