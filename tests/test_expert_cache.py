@@ -1,5 +1,7 @@
 """Eviction policies and the cache's slot rules, on a store of toy experts."""
 
+from collections import Counter
+
 import torch
 
 from localmoe.runtime.expert_cache import LFU, LRU, ExpertCache
@@ -90,7 +92,7 @@ def test_prefetch_never_evicts_a_prefetch_and_waste_is_counted():
     c.prefetch(1, [4, 5, 6])  # room for two; the third would have to evict a fresh prefetch
     assert held(c, 1, 4) and held(c, 1, 5) and (1, 6) not in c
     c.release(0, [0])
-    c.begin_layer(1, {4})
+    c.begin_layer(1, Counter({4: 1}))
     c.acquire(1, [4])
     counters = c.counters[1]
     assert (counters.prefetch_issued, counters.prefetch_used, counters.prefetch_wasted) == (2, 1, 1)
@@ -100,6 +102,8 @@ def test_prefetch_never_evicts_a_prefetch_and_waste_is_counted():
 def test_pinned_experts_stay():
     c = cache(3)
     c.pin([(0, 7)])
+    c.acquire(0, [7])  # using a pinned expert must not make it a victim again
+    c.release(0, [7])
     for expert in range(6):
         c.acquire(1, [expert])
         c.release(1, [expert])

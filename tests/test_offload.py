@@ -203,9 +203,18 @@ def test_resident_run_writes_the_same_trace(checkpoints, tmp_path):
     )
     assert isinstance(resident.experts, ResidentExperts)
     list(resident.generate_ids(prompt(), 4))
-    offload = offloaded(checkpoints["mixtral"], expert_slots=3, trace=tmp_path / "b")
+    offload = offloaded(checkpoints["mixtral"], expert_slots=3, prefetch=0, trace=tmp_path / "b")
     list(offload.generate_ids(prompt(), 4))
     assert (tmp_path / "a").read_text() == (tmp_path / "b").read_text()
+
+
+def test_trace_with_prefetch_records_the_predictions(checkpoints, tmp_path):
+    offload = offloaded(checkpoints["mixtral"], expert_slots=3, prefetch=1, prefetch_margin=1, trace=tmp_path / "t")
+    list(offload.generate_ids(prompt(), 4))
+    rows = [json.loads(line) for line in (tmp_path / "t").read_text().splitlines()]
+    last = max(offload.experts.blocks)
+    assert all(len(row["predicted"]) == 3 for row in rows if row["layer"] != last)  # top-2 + margin 1
+    assert all("predicted" not in row for row in rows if row["layer"] == last)
 
 
 @pytest.mark.parametrize(

@@ -9,7 +9,7 @@ So bytes copied = (misses + prefetch_wasted + warmup_copies) x expert bytes.
 
 import heapq
 from collections import Counter, OrderedDict
-from collections.abc import Callable, Iterable
+from collections.abc import Callable
 from dataclasses import dataclass, fields
 
 import torch
@@ -135,15 +135,17 @@ class ExpertCache:
     demand copy does so only when no other slot can be freed, since the compute cannot go on without it.
     """
 
-    def __init__(self, store: ExpertStore, slots: int, device: torch.device, policy: str = "lru"):
+    def __init__(self, store: ExpertStore, slots: int, device: torch.device, policy="lru"):
+        """`policy`: a name from POLICIES, or a policy object (the simulator passes Belady's)."""
         self.store = store
         self.rows = torch.empty(slots, store.layout.numel, dtype=store.dtype, device=device)
         self.gate_up = store.layout.gate_up(self.rows)
         self.down = store.layout.down(self.rows)
         self.biases = store.layout.biases(self.rows)
         self.copies = Copies(device, slots)
-        self.policy = POLICIES[policy]()
+        self.policy = POLICIES[policy]() if isinstance(policy, str) else policy
         self.slot_of: dict[Key, int] = {}
+        self.slots = slots  # in use, at most the rows allocated (see `resize`)
         self._free = list(reversed(range(slots)))
         self.pinned: set[Key] = set()
         self._in_use: set[Key] = set()
@@ -151,9 +153,26 @@ class ExpertCache:
         self.counters: dict[int, CacheCounters] = {}
         self.token_counts: Counter[Key] = Counter()  # tokens routed to each expert: what --pin-hot ranks by
 
-    @property
-    def slots(self) -> int:
-        return self.rows.shape[0]
+    def resize(self, slots: int) -> None:
+        """Use `slots` of the rows allocated at start-up: growing frees more, shrinking evicts what the
+        dropped rows hold (pinned experts included). Nothing is allocated or freed."""
+        if not 1 <= slots <= self.rows.shape[0]:
+            raise ValueError(f"the pool has {self.rows.shape[0]} rows; {slots} slots do not fit")
+        for key, slot in list(self.slot_of.items()):
+            if slot >= slots:
+                self._evict(key)
+        self._free = [slot for slot in self._free if slot < slots] + list(range(self.slots, slots))[::-1]
+        self.slots = slots
+
+    def clear(self, policy=None) -> None:
+        """Empty the pool and forget counters and history, optionally switching policy."""
+        for key in list(self.slot_of):
+            self._evict(key)
+        self._free = list(reversed(range(self.slots)))
+        self.pinned.clear()
+        self.counters.clear()
+        self.token_counts.clear()
+        self.policy = POLICIES[policy]() if isinstance(policy, str) else (policy or type(self.policy)())
 
     @property
     def capacity(self) -> int:
@@ -169,14 +188,16 @@ class ExpertCache:
             total += counters
         return total
 
-    def begin_layer(self, layer: int, needed: Iterable[int]) -> None:
-        """Settle the prefetches made for this layer visit: those it does not need were wasted.
+    def begin_layer(self, layer: int, routed: Counter[int]) -> None:
+        """Start a layer visit whose tokens were routed to these experts (expert -> tokens): count them
+        for --pin-hot, and settle the prefetches made for this visit (those it does not need were wasted).
 
         Also forget what the previous visit held in use: only one layer computes at a time, and a
         visit cut short (Ctrl-C in a chat) must not leave its experts protected for good.
         """
         self._in_use.clear()
-        needed = set(needed)
+        self.token_counts.update({(layer, expert): n for expert, n in routed.items()})
+        needed = set(routed)
         for key in [key for key in self._fresh if key[0] == layer and key[1] not in needed]:
             del self._fresh[key]
             self._layer(layer).prefetch_wasted += 1
@@ -197,7 +218,8 @@ class ExpertCache:
             else:
                 counters.misses += 1
                 self._load(key, self._take_slot(for_prefetch=False))
-            self.policy.used(key)
+            if key not in self.pinned:  # pinned experts are outside the policy: never its victims
+                self.policy.used(key)
         return [self.slot_of[key] for key in keys]
 
     def release(self, layer: int, experts: list[int]) -> None:
@@ -240,9 +262,14 @@ class ExpertCache:
             if for_prefetch:
                 return None
             raise RuntimeError("expert cache: no slot can be freed for a demand copy (pool smaller than planned)")
+        return self._evict(key)
+
+    def _evict(self, key: Key) -> int:
+        """Drop `key` from the pool; its slot is the caller's to reuse."""
         if key in self._fresh:
             del self._fresh[key]
             self._layer(key[0]).prefetch_wasted += 1
+        self.pinned.discard(key)
         self.policy.removed(key)
         return self.slot_of.pop(key)
 

@@ -44,9 +44,9 @@ class OffloadedExperts:
         host = self.reader.read([ids, *predicted, *([weights] if self.trace else [])])
         chosen = [int(v) for v in host[0]]
         if self.trace:
-            self.trace.record(layer, chosen, host[-1], block.top_k)
+            predicted_next = [int(v) for v in host[1]] if coming else None
+            self.trace.record(layer, chosen, host[-1], block.top_k, predicted_next)
         need = Counter(chosen)
-        self.cache.token_counts.update({(layer, expert): n for expert, n in need.items()})
         self.cache.begin_layer(layer, need)
 
         pairs = x.new_zeros(ids.numel(), x.shape[1])

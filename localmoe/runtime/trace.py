@@ -5,7 +5,8 @@ from pathlib import Path
 
 
 class RoutingTrace:
-    """Rows {"token", "layer", "experts", "weights"}; `token` is the position in the sequence."""
+    """Rows {"token", "layer", "experts", "weights"}; `token` is the position in the sequence. With
+    prefetch on, rows also have "predicted": the experts predicted for the next MoE layer."""
 
     def __init__(self, path: Path, first_layer: int):
         self.path = path
@@ -15,16 +16,21 @@ class RoutingTrace:
         self._start = 0
         path.write_text("")
 
-    def record(self, layer: int, experts: list[int], weights: list[float], top_k: int) -> None:
-        """One layer's routing for the tokens of the current forward pass, flattened [T * k]."""
+    def record(
+        self, layer: int, experts: list[int], weights: list[float], top_k: int, predicted: list[int] | None = None
+    ) -> None:
+        """One layer's routing for the tokens of the current forward pass, flattened [T * k] (and the
+        next layer's predicted experts, flattened [T * count])."""
         tokens = len(experts) // top_k
         if layer == self.first_layer:
             self._start, self._seen = self._seen, self._seen + tokens
         for t in range(tokens):
-            row = slice(t * top_k, (t + 1) * top_k)
-            self._rows.append(
-                json.dumps({"token": self._start + t, "layer": layer, "experts": experts[row], "weights": weights[row]})
-            )
+            row = {"token": self._start + t, "layer": layer}
+            row.update(experts=experts[t * top_k : (t + 1) * top_k], weights=weights[t * top_k : (t + 1) * top_k])
+            if predicted is not None:
+                count = len(predicted) // tokens
+                row["predicted"] = predicted[t * count : (t + 1) * count]
+            self._rows.append(json.dumps(row))
 
     def flush(self) -> None:
         with self.path.open("a") as file:

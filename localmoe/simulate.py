@@ -1,0 +1,234 @@
+"""Replaying routing traces through the expert cache's own code, to compare policies and slot counts
+without a model or a GPU, against offline bounds.
+
+The replay drives the same `ExpertCache` the runtime uses (with a store of one-number experts), so the
+counters it reports are the ones a run would report for the same routing.
+"""
+
+import bisect
+import csv
+import json
+from collections import Counter, defaultdict
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from localmoe.errors import LocalMoEError
+from localmoe.runtime.expert_cache import CacheCounters, ExpertCache, Key
+from localmoe.runtime.expert_store import ExpertLayout
+
+
+@dataclass
+class Trace:
+    """Routing by request, token and MoE layer: `requests[r][t][i]` lists the experts token t of request r
+    chose at MoE layer `layers[i]`. `predicted`, where the run recorded it, has the same shape and lists
+    the experts predicted at that layer for the next MoE layer (what prefetch copied)."""
+
+    requests: list[list[list[list[int]]]]
+    layers: list[int]
+    num_experts: int
+    predicted: list[list[list[list[int]]]] | None = None
+
+    @property
+    def tokens(self) -> int:
+        return sum(len(request) for request in self.requests)
+
+    @property
+    def top_k(self) -> int:
+        return len(self.requests[0][0][0])
+
+    def keys(self) -> list[Key]:
+        """Every (layer, expert) use, in the order a run makes them."""
+        return [
+            (layer, expert)
+            for request in self.requests
+            for token in request
+            for layer, experts in zip(self.layers, token, strict=True)
+            for expert in experts
+        ]
+
+
+@dataclass
+class Replay:
+    counters: CacheCounters
+    tokens: int
+    expert_bytes: int = 1
+    per_layer: dict[int, CacheCounters] = field(default_factory=dict)
+
+    @property
+    def hit_rate(self) -> float:
+        return self.counters.hit_rate
+
+    @property
+    def bytes_per_token(self) -> float:
+        c = self.counters
+        return (c.misses + c.prefetch_wasted + c.warmup_copies) * self.expert_bytes / self.tokens
+
+    @property
+    def prefetch_precision(self) -> float:
+        """Of the experts prefetched, the share the layer then used."""
+        c = self.counters
+        return c.prefetch_used / c.prefetch_issued if c.prefetch_issued else 0.0
+
+    @property
+    def prefetch_recall(self) -> float:
+        """Of the misses, the share a prefetch had already brought in."""
+        c = self.counters
+        return c.prefetch_used / c.misses if c.misses else 0.0
+
+
+class Belady:
+    """Offline optimal replacement for a known sequence of uses: evict the cached expert needed again
+    furthest in the future. It follows the cache's policy interface, so the cache's own rules (a miss
+    is always admitted, what the current layer uses is never evicted) bound it as they bind others."""
+
+    def __init__(self, sequence: list[Key]):
+        self._uses: dict[Key, list[int]] = defaultdict(list)
+        for time, key in enumerate(sequence):
+            self._uses[key].append(time)
+        self._sequence = sequence
+        self._now = -1
+        self._cached: set[Key] = set()
+
+    def added(self, key: Key) -> None:
+        self._cached.add(key)
+
+    def used(self, key: Key) -> None:
+        self._now += 1
+        if self._sequence[self._now] != key:
+            raise ValueError("Belady was given uses in another order than its sequence")
+
+    def removed(self, key: Key) -> None:
+        self._cached.discard(key)
+
+    def victim(self, skip) -> Key | None:
+        candidates = [key for key in self._cached if not skip(key)]
+        return max(candidates, key=self._next_use, default=None)
+
+    def _next_use(self, key: Key) -> float:
+        uses = self._uses[key]
+        i = bisect.bisect_right(uses, self._now)
+        return uses[i] if i < len(uses) else float("inf")
+
+
+class _OneNumberStore:
+    """A store whose experts are one number each: the replay exercises the cache, not the copies."""
+
+    layout = ExpertLayout(hidden=1, intermediate=1)
+    dtype = torch.float32
+    expert_bytes = 1
+
+    def copy_to(self, row: torch.Tensor, layer: int, expert: int) -> None:
+        row.fill_(expert)
+
+
+def replay(trace: Trace, slots: int, policy: str = "lru", prefetch: bool = False, pin_hot: int = 0) -> Replay:
+    """Run the trace through an `ExpertCache` of `slots` slots shared by all layers.
+
+    `policy` is a cache policy name or "belady". With `prefetch`, the experts the trace records as
+    predicted for the next layer are prefetched after each layer, as the runtime does. With `pin_hot`,
+    the first request is the warm-up whose hottest experts get pinned, as `--pin-hot` does.
+    """
+    if prefetch and trace.predicted is None:
+        raise LocalMoEError("this trace has no predictions of the next layer's experts: replay it without prefetch")
+    if policy == "belady" and (prefetch or pin_hot):
+        raise LocalMoEError("Belady's bound is computed without prefetch or pinning")
+    cache = ExpertCache(
+        _OneNumberStore(), slots, torch.device("cpu"), Belady(trace.keys()) if policy == "belady" else policy
+    )
+    for r, request in enumerate(trace.requests):
+        for t, token in enumerate(request):
+            for i, (layer, experts) in enumerate(zip(trace.layers, token, strict=True)):
+                cache.begin_layer(layer, Counter(experts))
+                cache.acquire(layer, experts)
+                if prefetch and i + 1 < len(trace.layers):
+                    cache.prefetch(trace.layers[i + 1], trace.predicted[r][t][i])
+                cache.release(layer, experts)
+        if r == 0 and pin_hot:
+            cache.pin([key for key, _ in cache.token_counts.most_common(pin_hot)])
+    return Replay(cache.totals(), trace.tokens, per_layer=dict(cache.counters))
+
+
+def static_oracle_hit_rate(trace: Trace, slots: int) -> float:
+    """Hits if the `slots` experts the trace uses most were pinned from the start and nothing else cached."""
+    counts = Counter(trace.keys())
+    return sum(n for _, n in counts.most_common(slots)) / sum(counts.values())
+
+
+def load_trace(path: Path) -> Trace:
+    """A routing trace from `localmoe generate --trace` (.jsonl), or in a plain form: .npz/.npy
+    [requests x] tokens x layers x k expert ids (.npz: `expert_ids`, with optional `layers` and
+    `num_experts`), .json (the same nested lists), .csv (request,token,layer,expert...)."""
+    if not path.is_file():
+        raise LocalMoEError(f"no such trace file: {path}")
+    loaders = {".jsonl": _from_jsonl, ".npz": _from_numpy, ".npy": _from_numpy, ".json": _from_json, ".csv": _from_csv}
+    if path.suffix not in loaders:
+        raise LocalMoEError(f"{path}: trace formats are {', '.join(loaders)}")
+    try:
+        return loaders[path.suffix](path)
+    except (ValueError, KeyError, IndexError, TypeError) as error:
+        raise LocalMoEError(f"{path} is not a routing trace this reader knows: {error}") from None
+
+
+def _from_nested(ids: list, layers: list[int] | None, num_experts: int | None) -> Trace:
+    if ids and ids[0] and isinstance(ids[0][0][0], int):
+        ids = [ids]  # one request: tokens x layers x k
+    layers = layers or list(range(len(ids[0][0])))
+    num_experts = num_experts or 1 + max(e for request in ids for token in request for row in token for e in row)
+    return Trace(ids, list(layers), int(num_experts))
+
+
+def _from_numpy(path: Path) -> Trace:
+    import numpy
+
+    data = numpy.load(path)
+    if path.suffix == ".npy":
+        return _from_nested(data.tolist(), None, None)
+    layers = data["layers"].tolist() if "layers" in data.files else None
+    num_experts = int(data["num_experts"]) if "num_experts" in data.files else None
+    return _from_nested(data["expert_ids"].tolist(), layers, num_experts)
+
+
+def _from_json(path: Path) -> Trace:
+    data = json.loads(path.read_text())
+    if isinstance(data, dict):
+        return _from_nested(data["expert_ids"], data.get("layers"), data.get("num_experts"))
+    return _from_nested(data, None, None)
+
+
+def _from_csv(path: Path) -> Trace:
+    rows = defaultdict(lambda: defaultdict(dict))
+    with path.open() as file:
+        for row in csv.reader(file):
+            if not row or not row[0].strip().lstrip("-").isdigit():
+                continue  # a header
+            request, token, layer, *experts = (int(v) for v in row)
+            rows[request][token][layer] = experts
+    layers = sorted({layer for request in rows.values() for token in request.values() for layer in token})
+    ids = [
+        [[token[layer] for layer in layers] for _, token in sorted(request.items())]
+        for _, request in sorted(rows.items())
+    ]
+    return _from_nested(ids, layers, None)
+
+
+def _from_jsonl(path: Path) -> Trace:
+    """Rows of one run; a token position that goes back to 0 starts a new request."""
+    rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    layers = sorted({row["layer"] for row in rows})
+    requests: list[dict[int, dict[int, dict]]] = []
+    last = None
+    for row in rows:
+        if last is None or (row["token"] < last and row["layer"] == layers[0]):
+            requests.append(defaultdict(dict))
+        requests[-1][row["token"]][row["layer"]] = row
+        last = row["token"]
+    ids = [[[token[layer]["experts"] for layer in layers] for _, token in sorted(r.items())] for r in requests]
+    trace = _from_nested(ids, layers, None)
+    if any("predicted" in row for row in rows):  # the last MoE layer predicts nothing
+        trace.predicted = [
+            [[token[layer].get("predicted", []) for layer in layers] for _, token in sorted(r.items())]
+            for r in requests
+        ]
+    return trace
