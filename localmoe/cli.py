@@ -195,6 +195,65 @@ def plan(model: str, revision: str | None, **flags):
 
 
 @main.command()
+@click.argument("model")
+@click.option("--tokens", default=16, show_default=True, type=click.IntRange(min=2), help="Decode tokens per try.")
+@click.option("--revision", default=None, help="Hub branch, tag or commit (for a repo id).")
+@_placement_options
+def tune(model: str, tokens: int, revision: str | None, **flags):
+    """Try expert cache settings on this machine within the budget and print the fastest flags."""
+    from localmoe.tune import Tuner
+
+    engine = _load(model, revision, flags)
+    base = _placement_flags(model, flags, engine)
+    if not hasattr(engine.experts, "cache"):
+        click.echo("every expert fits on the device: there is no expert cache to tune. Run:")
+        click.echo(f"localmoe generate {base}")
+        return
+
+    def report(setting, result):
+        click.echo(f"{result.decode_tokens_per_s:8.2f} tok/s  hit rate {result.hit_rate:.3f}  {setting.flags()}")
+
+    click.echo(f"decode tokens/s over {tokens} tokens, {engine.plan.slots} expert slots:")
+    best = Tuner(engine, _bench_prompt(engine), tokens, report).run()
+    click.echo(f"fastest: localmoe generate {base} {best.flags()}")
+
+
+@main.command()
+@click.argument("model")
+@click.option("--tokens", default=32, show_default=True, type=click.IntRange(min=2), help="Decode tokens.")
+@click.option("--revision", default=None, help="Hub branch, tag or commit (for a repo id).")
+@_placement_options
+@_cache_options
+def bench(model: str, tokens: int, revision: str | None, **flags):
+    """Measure prefill and decode speed on this machine, against the physical floor."""
+    from localmoe.bench import decode_floor, measure_bandwidth, results_table, run_engine
+
+    engine = _load(model, revision, flags)
+    result = run_engine(engine, "localmoe", _bench_prompt(engine), tokens)
+    floor = decode_floor(engine.plan.footprint, measure_bandwidth(engine.device), result.bytes_copied_per_token or 0)
+    click.echo(results_table([result], floor["floor_s"]))
+    click.echo(f"floor: {floor['floor_s'] * 1000:.1f} ms per token, set by {floor['bound']}")
+
+
+def _bench_prompt(engine) -> list[int]:
+    """A fixed prompt of 32 token ids (no tokenizer needed)."""
+    vocab = engine.model.model.embed_tokens.weight.shape[0]
+    return [(7 * i + 3) % min(vocab, 1000) for i in range(32)]
+
+
+def _placement_flags(model: str, flags: dict, engine) -> str:
+    """The flags that reproduce this engine's placement, for a command line to copy."""
+    from localmoe.runtime.memory import flag_size
+
+    words = [model, "--device", str(engine.device), "--context", str(engine.plan.context)]
+    if flags["dtype"] != "auto":
+        words += ["--dtype", flags["dtype"]]
+    if not engine.plan.all_resident:
+        words += ["--vram-budget", flag_size(engine.plan.device_budget), "--expert-slots", str(engine.plan.slots)]
+    return " ".join(words)
+
+
+@main.command()
 def families():
     """List the model families localmoe runs, with an example Hub id for each."""
     from localmoe.models import families_table

@@ -1,6 +1,6 @@
 """`load` a checkpoint into an `Engine` that generates text: the entry point of the CLI and the API."""
 
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
@@ -86,10 +86,17 @@ class Engine:
         *,
         cache: KVCache | None = None,
         reuse: int = 0,
+        on_prefill: Callable[[], None] | None = None,
     ) -> Iterator[int]:
         """Token ids after `prompt` (greedy unless `sampling` says otherwise); `self.stats` describes the
-        run as it goes. `cache` and `reuse`: see `generate_tokens`."""
+        run as it goes. `cache` and `reuse`: see `generate_tokens`; `on_prefill` runs once the prompt is in."""
         self.stats = GenerationStats()
+
+        def after_prefill() -> None:
+            self._after_prefill()
+            if on_prefill:
+                on_prefill()
+
         tokens = generate_tokens(
             self.model,
             prompt,
@@ -101,7 +108,7 @@ class Engine:
             reuse=reuse,
             context=self.plan.context,
             prefill_chunk=self.plan.prefill_chunk,
-            on_prefill=self._after_prefill,
+            on_prefill=after_prefill,
         )
         try:
             yield from tokens
@@ -158,6 +165,10 @@ class Engine:
         if isinstance(self.experts, ResidentExperts):
             return self.plan.describe() + "\nall experts resident: no expert is copied while generating"
         return self.plan.describe() + "\n" + cache_report(self.experts.cache)
+
+    def rewarm(self) -> None:
+        """Let the next prompt be the warm-up again (after the cache was emptied)."""
+        self._warmed_up = False
 
     def _after_prefill(self) -> None:
         # The first prompt is the warm-up that --pin-hot ranks experts by.

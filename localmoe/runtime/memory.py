@@ -108,13 +108,14 @@ class MemoryPlan:
             f"experts, top-{fp.top_k}"
         )
         lines.append(
-            f"flags: --device {self.device} --vram-budget {_flag_size(self.device_budget)} "
-            f"--host-budget {_flag_size(self.host_budget)} --expert-slots {self.slots} --context {self.context}"
+            f"flags: --device {self.device} --vram-budget {flag_size(self.device_budget)} "
+            f"--host-budget {flag_size(self.host_budget)} --expert-slots {self.slots} --context {self.context}"
         )
         return "\n".join(lines)
 
 
-def _flag_size(n: int) -> str:
+def flag_size(n: int) -> str:
+    """A size as a flag value that parse_size reads back (rounded to MiB or to a hundredth of a GiB)."""
     return f"{n / 2**20:.0f}MiB" if n < 2**30 else f"{n / 2**30:.2f}GiB"
 
 

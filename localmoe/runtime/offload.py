@@ -28,14 +28,17 @@ class OffloadedExperts:
         margin: int = 0,
         trace: RoutingTrace | None = None,
     ):
-        """`prefetch`: how many MoE layers ahead to predict and copy; `margin`: extra experts per prediction."""
         self.cache = cache
         self.blocks = {block.layer_idx: block for block in blocks}
-        order = sorted(self.blocks)
-        self.ahead = {layer: order[i + 1 : i + 1 + prefetch] for i, layer in enumerate(order)}
-        self.margin = margin
         self.trace = trace
         self.reader = HostReader(cache.rows.device)
+        self.configure_prefetch(prefetch, margin)
+
+    def configure_prefetch(self, depth: int, margin: int) -> None:
+        """Predict and copy the experts of the next `depth` MoE layers, `margin` beyond each top-k."""
+        order = sorted(self.blocks)
+        self.ahead = {layer: order[i + 1 : i + 1 + depth] for i, layer in enumerate(order)}
+        self.depth, self.margin = depth, margin
 
     def __call__(self, layer: int, x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
         block = self.blocks[layer]

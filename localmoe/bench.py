@@ -1,0 +1,151 @@
+"""Measuring decode speed and setting it against the physical floor: shared by `localmoe bench`,
+`localmoe tune` and scripts/bench_decode.py.
+
+The floor for one decode token is max(bytes that must cross the bus / bus bandwidth, bytes the device
+must read / device memory bandwidth): the experts a token misses must be copied, and every weight it
+uses must be read at least once. Bandwidths are measured on the spot.
+"""
+
+import platform
+import time
+from dataclasses import asdict, dataclass, field
+
+import psutil
+import torch
+
+from localmoe.engine import Engine
+from localmoe.runtime.memory import Footprint, format_bytes
+from localmoe.runtime.offload import OffloadedExperts
+
+BANDWIDTH_BYTES = 256 * 2**20
+
+
+@dataclass
+class RunResult:
+    """One configuration's measured run."""
+
+    name: str
+    prefill_tokens_per_s: float
+    time_to_first_token_s: float
+    decode_tokens_per_s: float
+    peak_memory_bytes: int  # CUDA: peak allocated on the device; CPU: the process's resident set after the run
+    hit_rate: float | None = None
+    bytes_copied_per_token: float | None = None  # decode tokens only
+    detail: str = ""
+    tokens: list[int] = field(default_factory=list)
+
+    def as_dict(self) -> dict:
+        return {key: value for key, value in asdict(self).items() if key != "tokens"}
+
+
+def measure_bandwidth(device: torch.device) -> dict[str, float]:
+    """Bytes per second: pinned host to device and device to device on CUDA; RAM copies on the CPU."""
+    if device.type == "cuda":
+        host = torch.empty(BANDWIDTH_BYTES, dtype=torch.uint8, pin_memory=True)
+        target = torch.empty(BANDWIDTH_BYTES, dtype=torch.uint8, device=device)
+        other = torch.empty_like(target)
+        return {
+            "host_to_device": _copy_rate(target, host, device),
+            "device_memory": 2 * _copy_rate(other, target, device),
+        }
+    source = torch.ones(BANDWIDTH_BYTES, dtype=torch.uint8)
+    target = torch.empty_like(source)
+    # a copy reads and writes each byte once
+    return {"ram": 2 * _copy_rate(target, source, device)}
+
+
+def _copy_rate(target: torch.Tensor, source: torch.Tensor, device: torch.device, repeats: int = 5) -> float:
+    target.copy_(source)  # warm up (page faults, lazy allocation)
+    _sync(device)
+    start = time.perf_counter()
+    for _ in range(repeats):
+        target.copy_(source, non_blocking=True)
+    _sync(device)
+    return repeats * source.numel() / (time.perf_counter() - start)
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def decode_floor(footprint: Footprint, bandwidth: dict[str, float], copied_per_token: float) -> dict[str, float]:
+    """Seconds per decode token that no runtime can beat on this machine, and what bounds it."""
+    read_per_token = footprint.resident_bytes + footprint.moe_layers * footprint.top_k * footprint.expert_bytes
+    if "ram" in bandwidth:
+        # on the CPU, a copy into a slot reads and writes RAM too
+        seconds = (read_per_token + 2 * copied_per_token) / bandwidth["ram"]
+        return {"floor_s": seconds, "read_bytes_per_token": read_per_token, "bound": "RAM bandwidth"}
+    bus = copied_per_token / bandwidth["host_to_device"]
+    memory = read_per_token / bandwidth["device_memory"]
+    return {
+        "floor_s": max(bus, memory),
+        "read_bytes_per_token": read_per_token,
+        "bound": "host-to-device copies" if bus > memory else "device memory bandwidth",
+    }
+
+
+def run_engine(engine: Engine, name: str, prompt: list[int], new_tokens: int, detail: str = "") -> RunResult:
+    """Time one greedy generation on a loaded engine, after a two-token warm-up (whose cache traffic
+    is then cleared, so the run starts cold as a fresh process would)."""
+    device = engine.device
+    list(engine.generate_ids(prompt[:1], 2))
+    cache = engine.experts.cache if isinstance(engine.experts, OffloadedExperts) else None
+    if cache is not None:
+        cache.clear()
+        engine.rewarm()  # the timed prompt, not the warm-up, decides what --pin-hot pins
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    prefill_copies = []
+    tokens = list(engine.generate_ids(prompt, new_tokens, on_prefill=lambda: prefill_copies.append(_copied(cache))))
+    stats = engine.stats
+    peak = torch.cuda.max_memory_allocated(device) if device.type == "cuda" else psutil.Process().memory_info().rss
+    result = RunResult(
+        name=name,
+        prefill_tokens_per_s=stats.prefill_rate,
+        time_to_first_token_s=stats.prefill_seconds,
+        decode_tokens_per_s=stats.decode_rate,
+        peak_memory_bytes=peak,
+        detail=detail,
+        tokens=tokens,
+    )
+    if cache is not None:
+        decode_steps = max(len(tokens) - 1, 1)
+        result.hit_rate = cache.totals().hit_rate
+        result.bytes_copied_per_token = (_copied(cache) - prefill_copies[0]) / decode_steps
+    return result
+
+
+def _copied(cache) -> int:
+    return cache.totals().bytes_copied if cache is not None else 0
+
+
+def machine() -> dict[str, str]:
+    gpu = torch.cuda.get_device_name() if torch.cuda.is_available() else None
+    return {
+        "cpu": platform.processor() or platform.machine(),
+        "cpu_cores": str(psutil.cpu_count()),
+        "ram": format_bytes(psutil.virtual_memory().total),
+        "gpu": gpu or "none",
+        "torch": torch.__version__,
+        "python": platform.python_version(),
+    }
+
+
+def results_table(results: list[RunResult], floor_s: float | None = None, baseline: str | None = None) -> str:
+    """A Markdown table of the runs, with the ratio of each decode speed to the baseline's and the
+    floor's multiple where given."""
+    base = next((r for r in results if r.name == baseline), None)
+    columns = ["run", "prefill tok/s", "first token s", "decode tok/s", "vs baseline", "x floor", "peak memory"]
+    columns += ["hit rate", "copied/token"]
+    lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
+    for r in results:
+        ratio = f"{r.decode_tokens_per_s / base.decode_tokens_per_s:.2f}x" if base and base.decode_tokens_per_s else ""
+        multiple = f"{(1 / r.decode_tokens_per_s) / floor_s:.1f}" if floor_s and r.decode_tokens_per_s else ""
+        hit = "" if r.hit_rate is None else f"{r.hit_rate:.3f}"
+        copied = "" if r.bytes_copied_per_token is None else format_bytes(int(r.bytes_copied_per_token))
+        lines.append(
+            f"| {r.name} | {r.prefill_tokens_per_s:.1f} | {r.time_to_first_token_s:.2f} | {r.decode_tokens_per_s:.2f} "
+            f"| {ratio} | {multiple} | {format_bytes(r.peak_memory_bytes)} | {hit} | {copied} |"
+        )
+    return "\n".join(lines)

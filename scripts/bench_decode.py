@@ -1,0 +1,271 @@
+"""Decode benchmark, side by side in one process, on one checkpoint, prompt, device and dtype:
+
+  1. localmoe with a device budget that holds only part of the routed experts;
+  2. transformers with accelerate's device_map="auto" and the same budget as max_memory (what users
+     try first): what does not fit goes to host RAM, or to disk when the device is the CPU;
+  3. localmoe with every expert resident, where that fits the device.
+
+It measures the bandwidths of the machine and reports the physical floor of a decode token, then
+writes bench/results/<date>-<device>-<model>.json and regenerates docs/benchmarks.md from every result.
+
+    python scripts/bench_decode.py --random mixtral --experts-gib 1.4 --budget-share 0.33 --device cpu
+    python scripts/bench_decode.py --checkpoint ~/models/Qwen3-30B-A3B --device cuda --vram-budget 12GiB
+
+On the CPU, localmoe reads the experts it has no slot for from the checkpoint files (mmap), as
+accelerate reads them from its offload folder: the same memory envelope for both.
+"""
+
+import argparse
+import datetime
+import gc
+import json
+import shlex
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))  # run from a checkout without installing
+
+from localmoe.bench import RunResult, decode_floor, machine, measure_bandwidth, results_table, run_engine  # noqa: E402
+from localmoe.demo import write_random_checkpoint  # noqa: E402
+from localmoe.engine import RuntimeOptions, load, plan_for  # noqa: E402
+from localmoe.loader import DTYPES  # noqa: E402
+from localmoe.paths import cache_dir  # noqa: E402
+from localmoe.runtime.memory import format_bytes, parse_size  # noqa: E402
+
+SHAPES = {
+    # one expert of 22 MB in bf16, 8 per layer, top-2
+    "mixtral": {
+        "architectures": ["MixtralForCausalLM"],
+        "model_type": "mixtral",
+        "hidden_size": 1024,
+        "intermediate_size": 3584,
+        "num_attention_heads": 16,
+        "num_key_value_heads": 4,
+        "num_local_experts": 8,
+        "num_experts_per_tok": 2,
+    },
+    # one expert of 4.7 MB in bf16, 64 per layer, top-8
+    "qwen3_moe": {
+        "architectures": ["Qwen3MoeForCausalLM"],
+        "model_type": "qwen3_moe",
+        "hidden_size": 1024,
+        "intermediate_size": 3072,
+        "moe_intermediate_size": 768,
+        "num_attention_heads": 16,
+        "num_key_value_heads": 4,
+        "head_dim": 64,
+        "num_experts": 64,
+        "num_experts_per_tok": 8,
+        "norm_topk_prob": True,
+    },
+}
+
+
+def random_checkpoint(shape: str, experts_gib: float) -> Path:
+    """A random checkpoint of the given shape with about `experts_gib` of routed experts (bf16), written
+    once into localmoe's cache folder."""
+    config = {**SHAPES[shape], "vocab_size": 32000, "max_position_embeddings": 4096, "torch_dtype": "bfloat16"}
+    inter = config.get("moe_intermediate_size", config["intermediate_size"])
+    experts = config.get("num_local_experts") or config["num_experts"]
+    expert_bytes = 3 * config["hidden_size"] * inter * 2
+    config["num_hidden_layers"] = max(1, round(experts_gib * 2**30 / (experts * expert_bytes)))
+    folder = cache_dir() / "bench" / f"random-{shape}-{config['num_hidden_layers']}layers"
+    if not (folder / "config.json").is_file():
+        print(f"writing a random {shape} checkpoint to {folder} ...", flush=True)
+        write_random_checkpoint(folder, {**config, "bos_token_id": 1, "eos_token_id": None}, shard_bytes=1 << 30)
+    return folder
+
+
+def run_baseline(path: Path, device: torch.device, dtype: torch.dtype, budget: int, prompt: list[int], new_tokens: int):
+    """transformers + accelerate: device_map="auto" under the budget, greedy decode with its KV cache."""
+    from transformers import AutoModelForCausalLM
+
+    with tempfile.TemporaryDirectory() as offload:
+        memory = {"cpu": budget} if device.type == "cpu" else {device.index or 0: budget, "cpu": "1000GiB"}
+        if device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(device)
+        model = AutoModelForCausalLM.from_pretrained(
+            path, device_map="auto", max_memory=memory, offload_folder=offload, dtype=dtype
+        )
+        model.eval()
+        first_device = next(model.parameters()).device if device.type == "cpu" else device
+        ids = torch.tensor([prompt], device=first_device)
+        tokens, timings = [], []
+        with torch.no_grad():
+            model(ids[:, :1])  # warm up
+            start = time.perf_counter()
+            out = model(ids, use_cache=True)
+            for _ in range(new_tokens):
+                token = out.logits[:, -1:].argmax(-1)
+                tokens.append(int(token))
+                timings.append(time.perf_counter() - start)
+                if len(tokens) == new_tokens:
+                    break
+                start = time.perf_counter()
+                out = model(token.to(first_device), past_key_values=out.past_key_values, use_cache=True)
+        placement = sorted({str(d) for d in model.hf_device_map.values()})
+        del model
+    import psutil
+
+    decode = sum(timings[1:])
+    return RunResult(
+        name="transformers + accelerate",
+        prefill_tokens_per_s=len(prompt) / timings[0],
+        time_to_first_token_s=timings[0],
+        decode_tokens_per_s=(len(timings) - 1) / decode if decode else 0.0,
+        peak_memory_bytes=torch.cuda.max_memory_allocated(device)
+        if device.type == "cuda"
+        else psutil.Process().memory_info().rss,
+        detail=f"device_map over {', '.join(placement)}",
+        tokens=tokens,
+    )
+
+
+def free_memory() -> None:
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
+def write_docs(results_dir: Path, docs: Path) -> None:
+    """docs/benchmarks.md from every result file: the latest per device and model first."""
+    results = [json.loads(p.read_text()) for p in sorted(results_dir.glob("*.json"))]
+    results.sort(key=lambda r: r["date"], reverse=True)
+    lines = [
+        "# Benchmarks",
+        "",
+        "Every figure below was measured by `scripts/bench_decode.py`; each section gives the command and the",
+        "machine. This file is regenerated from `bench/results/` by that script: do not edit it by hand. A",
+        "configuration that was not measured has no row.",
+        "",
+        "Columns: prefill and decode speed in tokens per second, time to the first token, decode speed as a",
+        "multiple of the transformers + accelerate baseline's, decode time per token as a multiple of the",
+        "physical floor (see below), peak memory (CUDA: allocated on the device; CPU: the process's resident",
+        "set after the run), the expert cache's hit rate and the bytes it copied per decode token.",
+        "",
+        "The floor is max(bytes a token must copy / host-to-device bandwidth, bytes it must read / device",
+        "memory bandwidth), with both bandwidths measured in the same run; on the CPU, bytes read and copied",
+        "over the measured RAM bandwidth.",
+    ]
+    for r in results:
+        lines += ["", f"## {r['model']} on {r['device']} ({r['dtype']}), {r['date']}", ""]
+        lines += [f"Command: `{r['command']}`", ""]
+        lines += [f"Machine: {', '.join(f'{k} {v}' for k, v in r['machine'].items())}.", ""]
+        floor = r["floor"]
+        bw = ", ".join(f"{k.replace('_', ' ')} {v / 1e9:.1f} GB/s" for k, v in r["bandwidth"].items())
+        lines += [
+            f"Checkpoint: {r['checkpoint']}. Budget: {r['budget']}. Prompt {r['prompt_tokens']} tokens, "
+            f"{r['new_tokens']} new tokens. Measured bandwidth: {bw}. Floor: {floor['floor_s'] * 1000:.1f} ms per "
+            f"token ({floor['bound']}; {format_bytes(floor['read_bytes_per_token'])} read per token).",
+            "",
+        ]
+        runs = [RunResult(**{k: v for k, v in run.items()}) for run in r["runs"]]
+        lines += [results_table(runs, floor["floor_s"], "transformers + accelerate"), ""]
+        lines += [f"- {run.name}: {run.detail}" for run in runs if run.detail]
+        lines += [f"- greedy tokens equal to the reference run's, before the first difference: {r['same_tokens']}"]
+    docs.write_text("\n".join(lines) + "\n")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    source = parser.add_mutually_exclusive_group(required=True)
+    source.add_argument("--checkpoint", help="a checkpoint folder or Hub repo id")
+    source.add_argument("--random", choices=sorted(SHAPES), help="write and use a random checkpoint of this shape")
+    parser.add_argument("--experts-gib", type=float, default=1.4, help="routed expert bytes of --random")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--dtype", default="bfloat16", choices=sorted(DTYPES))
+    parser.add_argument("--vram-budget", help="device budget, e.g. 12GiB (default: from --budget-share)")
+    parser.add_argument("--budget-share", type=float, default=0.33, help="share of the experts the budget holds")
+    parser.add_argument("--prompt-tokens", type=int, default=32)
+    parser.add_argument("--new-tokens", type=int, default=32)
+    parser.add_argument("--no-baseline", action="store_true")
+    parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results")
+    parser.add_argument("--docs", type=Path, default=ROOT / "docs" / "benchmarks.md")
+    args = parser.parse_args()
+
+    device, dtype = torch.device(args.device), DTYPES[args.dtype]
+    path = str(random_checkpoint(args.random, args.experts_gib) if args.random else args.checkpoint)
+    everything = plan_for(path, device=args.device, dtype=dtype, options=RuntimeOptions(vram_budget=2**62))
+    fp = everything.footprint
+    fixed = everything.device_bytes - everything.pool_bytes
+    budget = (
+        parse_size(args.vram_budget)
+        if args.vram_budget
+        else int(fixed + args.budget_share * fp.total_experts * fp.expert_bytes)
+    )
+    prompt = torch.randint(3, 3000, (args.prompt_tokens,), generator=torch.Generator().manual_seed(0)).tolist()
+    print(
+        f"{path}: {fp.total_experts} experts of {format_bytes(fp.expert_bytes)}, budget {format_bytes(budget)}",
+        flush=True,
+    )
+
+    bandwidth = measure_bandwidth(device)
+    runs = []
+    # On the CPU the "device" is RAM too: the experts without a slot stay in the checkpoint files (mmap).
+    host_budget = 1 if device.type == "cpu" else None
+    engine = load(
+        path, device=args.device, dtype=dtype, options=RuntimeOptions(vram_budget=budget, host_budget=host_budget)
+    )
+    detail = f"{engine.plan.slots} of {fp.total_experts} experts in slots, host copy: {engine.plan.store}"
+    runs.append(run_engine(engine, "localmoe", prompt, args.new_tokens, detail))
+    del engine
+    free_memory()
+    if not args.no_baseline:
+        runs.append(run_baseline(Path(path), device, dtype, budget, prompt, args.new_tokens))
+        free_memory()
+    if everything.device_bytes <= _free(device):
+        engine = load(path, device=args.device, dtype=dtype)
+        runs.append(run_engine(engine, "localmoe all-resident", prompt, args.new_tokens, "every expert on the device"))
+        del engine
+        free_memory()
+
+    floor = decode_floor(fp, bandwidth, runs[0].bytes_copied_per_token or 0.0)
+    reference = runs[-1].tokens if runs[-1].name == "localmoe all-resident" else runs[0].tokens
+    same = ", ".join(f"{run.name} {common_prefix(run.tokens, reference)}/{len(reference)}" for run in runs)
+    print(results_table(runs, floor["floor_s"], "transformers + accelerate"))
+    print(f"floor {floor['floor_s'] * 1000:.1f} ms/token ({floor['bound']}); same tokens: {same}")
+
+    now = datetime.datetime.now(datetime.timezone.utc)
+    model = Path(path).name
+    result = {
+        "date": now.strftime("%Y-%m-%d %H:%M UTC"),
+        "command": "python scripts/bench_decode.py " + " ".join(shlex.quote(a) for a in sys.argv[1:]),
+        "machine": machine(),
+        "device": str(device) if device.type == "cpu" else torch.cuda.get_device_name(device),
+        "dtype": args.dtype,
+        "model": model,
+        "checkpoint": f"{model}, {fp.moe_layers} MoE layers x {fp.experts_per_layer} experts of "
+        f"{format_bytes(fp.expert_bytes)}, top-{fp.top_k}, {format_bytes(fp.resident_bytes)} of other weights",
+        "budget": format_bytes(budget),
+        "prompt_tokens": len(prompt),
+        "new_tokens": args.new_tokens,
+        "bandwidth": bandwidth,
+        "floor": floor,
+        "runs": [run.as_dict() for run in runs],
+        "same_tokens": same,
+    }
+    args.out.mkdir(parents=True, exist_ok=True)
+    out = args.out / f"{now:%Y%m%d-%H%M}-{device.type}-{model}.json"
+    out.write_text(json.dumps(result, indent=2))
+    write_docs(args.out, args.docs)
+    print(f"wrote {out} and {args.docs}")
+
+
+def common_prefix(tokens: list[int], reference: list[int]) -> int:
+    """How many greedy tokens agree before the first difference."""
+    return next((i for i, (a, b) in enumerate(zip(tokens, reference, strict=False)) if a != b), len(reference))
+
+
+def _free(device: torch.device) -> int:
+    import psutil
+
+    return torch.cuda.mem_get_info(device)[0] if device.type == "cuda" else psutil.virtual_memory().available
+
+
+if __name__ == "__main__":
+    main()
