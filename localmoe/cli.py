@@ -254,6 +254,37 @@ def _placement_flags(model: str, flags: dict, engine) -> str:
 
 
 @main.command()
+@click.argument("model")
+@click.option(
+    "--host", default="127.0.0.1", show_default=True, help="Address to listen on (localhost only by default)."
+)
+@click.option("--port", default=8000, show_default=True, type=int)
+@click.option("--api-key", default=None, help="Require `Authorization: Bearer KEY` on every endpoint but /health.")
+@click.option("--name", default=None, help="The model name clients use  [default: the checkpoint's name].")
+@click.option("--queue", default=8, show_default=True, type=click.IntRange(min=1), help="Requests that may wait.")
+@click.option(
+    "--max-tokens-limit", default=None, type=click.IntRange(min=1), help="Largest max_tokens a request may ask."
+)
+@click.option("--revision", default=None, help="Hub branch, tag or commit (for a repo id).")
+@_placement_options
+@_cache_options
+def serve(model, host, port, api_key, name, queue, max_tokens_limit, revision, **flags):
+    """Serve MODEL over an OpenAI-compatible HTTP API (/v1/chat/completions, /v1/completions, /v1/models,
+    /health, /metrics), one generation at a time."""
+    try:
+        import uvicorn
+
+        from localmoe.server import Server
+    except ImportError:
+        raise LocalMoEError("localmoe serve needs its extra: pip install 'localmoe[serve]'") from None
+    engine = _load(model, revision, flags)
+    served = name or model.rstrip("/").split("/")[-1]
+    server = Server(engine, served, api_key, queue, max_tokens_limit or engine.plan.context)
+    click.echo(f"serving {served} on http://{host}:{port}/v1", err=True)
+    uvicorn.run(server.app(), host=host, port=port, log_level="warning")
+
+
+@main.command()
 def families():
     """List the model families localmoe runs, with an example Hub id for each."""
     from localmoe.models import families_table

@@ -275,3 +275,16 @@ def save_tokenizer(tok, folder: Path, chat_template=None, **special) -> Path:
 
     PreTrainedTokenizerFast(tokenizer_object=tok, chat_template=chat_template, **special).save_pretrained(folder)
     return folder
+
+
+@pytest.fixture(scope="session")
+def chat_model(tmp_path_factory):
+    """A tiny Mixtral with a trained byte-level tokenizer and a ChatML template. It has no EOS id, so
+    answers run to their token limit, which gives Ctrl-C something to interrupt."""
+    from test_chat_template import CHATML_WITH_TOOLS
+
+    tok = train_tokenizer("byte_level", ["<|im_start|>", "<|im_end|>"])
+    config = {**MIXTRAL, "vocab_size": tok.get_vocab_size(), "max_position_embeddings": 4096}
+    config.update(bos_token_id=None, eos_token_id=None)
+    folder = save_hf(hf_model("MixtralConfig", **config), tmp_path_factory.mktemp("chat"), "sharded")
+    return save_tokenizer(tok, folder, CHATML_WITH_TOOLS, eos_token="<|im_end|>")

@@ -6,26 +6,11 @@ import subprocess
 import sys
 
 import pytest
-from conftest import MIXTRAL, hf_model, save_hf, save_tokenizer, train_tokenizer
-from test_chat_template import CHATML_WITH_TOOLS
 
 import localmoe
 from localmoe.chat import ChatSession
 from localmoe.engine import RuntimeOptions
 from localmoe.errors import LocalMoEError
-
-SPECIALS = ["<|im_start|>", "<|im_end|>"]
-
-
-@pytest.fixture(scope="module")
-def chat_model(tmp_path_factory):
-    """A tiny Mixtral with a trained byte-level tokenizer and a ChatML template. It has no EOS id, so
-    answers run to their token limit, which gives Ctrl-C something to interrupt."""
-    tok = train_tokenizer("byte_level", SPECIALS)
-    config = {**MIXTRAL, "vocab_size": tok.get_vocab_size(), "max_position_embeddings": 4096}
-    config.update(bos_token_id=None, eos_token_id=None)
-    folder = save_hf(hf_model("MixtralConfig", **config), tmp_path_factory.mktemp("chat"), "sharded")
-    return save_tokenizer(tok, folder, CHATML_WITH_TOOLS, eos_token="<|im_end|>")
 
 
 def session(folder, max_new_tokens=12, **options) -> ChatSession:

@@ -45,11 +45,11 @@ class SamplingParams:
 
     def check(self) -> None:
         problems = [
-            (self.temperature < 0, "--temperature must be 0 (greedy) or more"),
-            (self.top_k < 0, "--top-k must be 0 (off) or more"),
-            (not 0 < self.top_p <= 1, "--top-p must be in (0, 1]"),
-            (not 0 <= self.min_p < 1, "--min-p must be in [0, 1)"),
-            (self.repetition_penalty <= 0, "--repetition-penalty must be positive"),
+            (self.temperature < 0, "temperature must be 0 (greedy) or more"),
+            (self.top_k < 0, "top_k must be 0 (off) or more"),
+            (not 0 < self.top_p <= 1, "top_p must be in (0, 1]"),
+            (not 0 <= self.min_p < 1, "min_p must be in [0, 1)"),
+            (self.repetition_penalty <= 0, "repetition_penalty must be positive"),
         ]
         for bad, message in problems:
             if bad:
