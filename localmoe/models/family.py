@@ -9,7 +9,7 @@ from torch import nn
 
 from localmoe.errors import LocalMoEError
 from localmoe.models.expert_tensors import ExpertTensors
-from localmoe.models.layers import rope_parameters
+from localmoe.models.layers import Backbone, CausalLM, RMSNorm, RotaryEmbedding, rope_parameters
 
 
 @dataclass
@@ -70,3 +70,17 @@ class Family:
         """Names under which parameter `name` may be stored, the Hub's spelling first."""
         aliased = [name.replace(ours, hub) for ours, hub in self.hub_aliases if ours in name]
         return [*aliased, name]
+
+
+def causal_lm(
+    args: Any, layers: list[nn.Module], rotary_dim: int, *, norm=RMSNorm, rotary=RotaryEmbedding, lm_head_bias=False
+) -> CausalLM:
+    """The stack around a family's decoder layers, from the config fields every family has (vocab_size,
+    hidden_size, rms_norm_eps, rope, max_position_embeddings, tie_word_embeddings)."""
+    return CausalLM(
+        Backbone(args.vocab_size, args.hidden_size, layers, args.rms_norm_eps, norm=norm),
+        rotary(args.rope, rotary_dim, args.max_position_embeddings),
+        tie_word_embeddings=args.tie_word_embeddings,
+        max_position_embeddings=args.max_position_embeddings,
+        lm_head_bias=lm_head_bias,
+    )

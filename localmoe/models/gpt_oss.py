@@ -10,8 +10,8 @@ import torch
 
 from localmoe.models.attention import Attention
 from localmoe.models.expert_tensors import Fused, Mxfp4
-from localmoe.models.family import Family, ModelArgs
-from localmoe.models.layers import Backbone, CausalLM, DecoderLayer, RMSNorm, RotaryEmbedding
+from localmoe.models.family import Family, ModelArgs, causal_lm
+from localmoe.models.layers import CausalLM, DecoderLayer, RMSNorm
 from localmoe.models.moe import GatedActivation, SparseMoE, TopKRouter
 
 EXPERTS = "model.layers.{layer}.mlp.experts"
@@ -94,12 +94,7 @@ def build(args: GptOssArgs) -> CausalLM:
         )
         for i in range(args.num_hidden_layers)
     ]
-    return CausalLM(
-        Backbone(args.vocab_size, hidden, layers, args.rms_norm_eps, norm=GptOssRMSNorm),
-        RotaryEmbedding(args.rope, head_dim, args.max_position_embeddings),
-        tie_word_embeddings=args.tie_word_embeddings,
-        max_position_embeddings=args.max_position_embeddings,
-    )
+    return causal_lm(args, layers, head_dim, norm=GptOssRMSNorm)
 
 
 FAMILY = Family(

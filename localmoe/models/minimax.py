@@ -14,9 +14,9 @@ from torch import nn
 
 from localmoe.models.attention import Attention
 from localmoe.models.expert_tensors import PerExpert
-from localmoe.models.family import Family, ModelArgs
-from localmoe.models.layers import Backbone, CausalLM, RMSNorm, RotaryEmbedding, Step, activation
-from localmoe.models.moe import FUSED_EXPERTS, GatedActivation, SparseMoE, TopKRouter
+from localmoe.models.family import Family, ModelArgs, causal_lm
+from localmoe.models.layers import CausalLM, RMSNorm, Step, activation
+from localmoe.models.moe import FUSED_EXPERTS, MIXTRAL_EXPERTS, GatedActivation, SparseMoE, TopKRouter
 from localmoe.runtime.kv_cache import LinearAttentionState
 
 
@@ -157,12 +157,7 @@ def build(args: MiniMaxArgs) -> CausalLM:
             attention, moe, hidden, args.rms_norm_eps, attn_ab, (args.mlp_alpha_factor, args.mlp_beta_factor)
         )
 
-    return CausalLM(
-        Backbone(args.vocab_size, hidden, [layer(i) for i in range(args.num_hidden_layers)], args.rms_norm_eps),
-        RotaryEmbedding(args.rope, head_dim, args.max_position_embeddings),
-        tie_word_embeddings=args.tie_word_embeddings,
-        max_position_embeddings=args.max_position_embeddings,
-    )
+    return causal_lm(args, [layer(i) for i in range(args.num_hidden_layers)], head_dim)
 
 
 FAMILY = Family(
@@ -171,12 +166,7 @@ FAMILY = Family(
     args=MiniMaxArgs,
     model=build,
     experts=(
-        PerExpert(
-            {
-                role: f"model.layers.{{layer}}.block_sparse_moe.experts.{{expert}}.{name}.weight"
-                for role, name in (("gate", "w1"), ("up", "w3"), ("down", "w2"))
-            }
-        ),
+        PerExpert(MIXTRAL_EXPERTS),
         FUSED_EXPERTS,
     ),
     hub_aliases=((".mlp.gate.", ".block_sparse_moe.gate."),),

@@ -5,9 +5,9 @@ from typing import ClassVar
 
 from localmoe.models.attention import Attention
 from localmoe.models.expert_tensors import PerExpert
-from localmoe.models.family import Family, ModelArgs
-from localmoe.models.layers import Backbone, CausalLM, DecoderLayer, RotaryEmbedding
-from localmoe.models.moe import FUSED_EXPERTS, GatedActivation, SparseMoE, TopKRouter
+from localmoe.models.family import Family, ModelArgs, causal_lm
+from localmoe.models.layers import CausalLM, DecoderLayer
+from localmoe.models.moe import FUSED_EXPERTS, MIXTRAL_EXPERTS, GatedActivation, SparseMoE, TopKRouter
 
 
 @dataclass
@@ -57,12 +57,7 @@ def build(args: MixtralArgs) -> CausalLM:
         )
         for i in range(args.num_hidden_layers)
     ]
-    return CausalLM(
-        Backbone(args.vocab_size, hidden, layers, args.rms_norm_eps),
-        RotaryEmbedding(args.rope, head_dim, args.max_position_embeddings),
-        tie_word_embeddings=args.tie_word_embeddings,
-        max_position_embeddings=args.max_position_embeddings,
-    )
+    return causal_lm(args, layers, head_dim)
 
 
 FAMILY = Family(
@@ -71,12 +66,7 @@ FAMILY = Family(
     args=MixtralArgs,
     model=build,
     experts=(
-        PerExpert(
-            {
-                role: f"model.layers.{{layer}}.block_sparse_moe.experts.{{expert}}.{name}.weight"
-                for role, name in (("gate", "w1"), ("up", "w3"), ("down", "w2"))
-            }
-        ),
+        PerExpert(MIXTRAL_EXPERTS),
         FUSED_EXPERTS,
     ),
     hub_aliases=((".mlp.gate.", ".block_sparse_moe.gate."),),

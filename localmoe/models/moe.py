@@ -20,6 +20,11 @@ ExpertsFn = Callable[[int, torch.Tensor, torch.Tensor, torch.Tensor], torch.Tens
 
 # transformers 5 keeps every family's experts under these names in memory; checkpoints saved that way load.
 FUSED_EXPERTS = Fused("model.layers.{layer}.mlp.experts.gate_up_proj", "model.layers.{layer}.mlp.experts.down_proj")
+# Per-expert Hub names of Mixtral and the families that kept its layout (Phi-MoE, MiniMax): w1 gate, w3 up, w2 down
+MIXTRAL_EXPERTS = {
+    role: f"model.layers.{{layer}}.block_sparse_moe.experts.{{expert}}.{name}.weight"
+    for role, name in (("gate", "w1"), ("up", "w3"), ("down", "w2"))
+}
 # The per-expert Hub names of the families whose experts are MLPs like their dense layers (Qwen, OLMoE, DeepSeek...)
 MLP_EXPERTS = {
     role: f"model.layers.{{layer}}.mlp.experts.{{expert}}.{role}_proj.weight" for role in ("gate", "up", "down")

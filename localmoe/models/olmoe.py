@@ -6,8 +6,8 @@ from typing import ClassVar
 
 from localmoe.models.attention import Attention
 from localmoe.models.expert_tensors import PerExpert
-from localmoe.models.family import Family, ModelArgs
-from localmoe.models.layers import Backbone, CausalLM, DecoderLayer, RotaryEmbedding
+from localmoe.models.family import Family, ModelArgs, causal_lm
+from localmoe.models.layers import CausalLM, DecoderLayer
 from localmoe.models.moe import FUSED_EXPERTS, MLP_EXPERTS, GatedActivation, SparseMoE, TopKRouter
 
 
@@ -64,12 +64,7 @@ def build(args: OlmoeArgs) -> CausalLM:
         )
         for i in range(args.num_hidden_layers)
     ]
-    return CausalLM(
-        Backbone(args.vocab_size, hidden, layers, args.rms_norm_eps),
-        RotaryEmbedding(args.rope, head_dim, args.max_position_embeddings),
-        tie_word_embeddings=args.tie_word_embeddings,
-        max_position_embeddings=args.max_position_embeddings,
-    )
+    return causal_lm(args, layers, head_dim)
 
 
 FAMILY = Family(

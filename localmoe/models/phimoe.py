@@ -11,9 +11,9 @@ from torch import nn
 
 from localmoe.models.attention import Attention
 from localmoe.models.expert_tensors import PerExpert
-from localmoe.models.family import Family, ModelArgs
-from localmoe.models.layers import Backbone, CausalLM, DecoderLayer, RotaryEmbedding
-from localmoe.models.moe import FUSED_EXPERTS, GatedActivation, SparseMoE
+from localmoe.models.family import Family, ModelArgs, causal_lm
+from localmoe.models.layers import CausalLM, DecoderLayer, RotaryEmbedding
+from localmoe.models.moe import FUSED_EXPERTS, MIXTRAL_EXPERTS, GatedActivation, SparseMoE
 
 
 class SparseMixerRouter(nn.Module):
@@ -108,13 +108,7 @@ def build(args: PhimoeArgs) -> CausalLM:
         )
         for i in range(args.num_hidden_layers)
     ]
-    return CausalLM(
-        Backbone(args.vocab_size, hidden, layers, args.rms_norm_eps, norm=nn.LayerNorm),
-        PhimoeRotary(args.rope, head_dim, args.max_position_embeddings),
-        tie_word_embeddings=args.tie_word_embeddings,
-        max_position_embeddings=args.max_position_embeddings,
-        lm_head_bias=args.lm_head_bias,
-    )
+    return causal_lm(args, layers, head_dim, norm=nn.LayerNorm, rotary=PhimoeRotary, lm_head_bias=args.lm_head_bias)
 
 
 FAMILY = Family(
@@ -123,12 +117,7 @@ FAMILY = Family(
     args=PhimoeArgs,
     model=build,
     experts=(
-        PerExpert(
-            {
-                role: f"model.layers.{{layer}}.block_sparse_moe.experts.{{expert}}.{name}.weight"
-                for role, name in (("gate", "w1"), ("up", "w3"), ("down", "w2"))
-            }
-        ),
+        PerExpert(MIXTRAL_EXPERTS),
         FUSED_EXPERTS,
     ),
     hub_aliases=((".mlp.gate.", ".block_sparse_moe.gate."), (".mlp.gate.", ".mlp.router.")),
