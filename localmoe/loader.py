@@ -79,7 +79,7 @@ def footprint(parts: ModelParts) -> Footprint:
     """The sizes the memory plan needs, from the model's shapes in the compute dtype."""
     blocks = moe_blocks(parts.model)
     first = blocks[0]
-    shapes = {(b.hidden_size, b.intermediate_size, b.num_experts, b.top_k, b.expert_bias) for b in blocks}
+    shapes = {(b.hidden_size, b.intermediate_size, b.num_experts, b.expert_bias) for b in blocks}
     if len(shapes) > 1:
         raise LocalMoEError(
             f"{parts.family.architectures[0]} with experts of different shapes per layer is not supported"
@@ -95,7 +95,8 @@ def footprint(parts: ModelParts) -> Footprint:
         * size,
         moe_layers=len(blocks),
         experts_per_layer=first.num_experts,
-        top_k=first.top_k,
+        top_k=max(b.top_k for b in blocks),
+        active_experts_per_token=sum(b.top_k for b in blocks),
         kv_bytes_per_token=parts.model.kv_bytes_per_token(parts.dtype),
         # hidden-sized temporaries, the widest intermediate twice over (gate and up), and the per-choice
         # expert outputs, all counted at float32 to stay on the safe side

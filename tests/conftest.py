@@ -212,6 +212,53 @@ MINIMAX = dict(
     eos_token_id=257,
 )
 
+MINIMAX_M2 = dict(
+    vocab_size=258,
+    hidden_size=64,
+    intermediate_size=32,
+    num_hidden_layers=3,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    head_dim=16,
+    rotary_dim=8,  # the older spelling of partial rotary: half of each head
+    num_local_experts=6,
+    num_experts_per_tok=2,
+    max_position_embeddings=256,
+    bos_token_id=256,
+    eos_token_id=257,
+)
+
+ERNIE = dict(
+    vocab_size=258,
+    hidden_size=64,
+    intermediate_size=96,
+    moe_intermediate_size=32,
+    num_hidden_layers=3,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    moe_num_experts=6,
+    moe_k=2,
+    moe_num_shared_experts=1,
+    max_position_embeddings=256,
+    bos_token_id=256,
+    eos_token_id=257,
+)
+
+HUNYUAN = dict(
+    vocab_size=258,
+    hidden_size=64,
+    intermediate_size=32,
+    num_hidden_layers=3,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    head_dim=16,
+    num_experts=5,
+    moe_topk=2,
+    max_position_embeddings=256,
+    bos_token_id=256,
+    eos_token_id=257,
+)
+
 QWEN3_MOE = dict(
     vocab_size=258,
     hidden_size=64,

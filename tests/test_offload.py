@@ -7,9 +7,12 @@ import pytest
 import torch
 from conftest import (
     DEEPSEEK_V2,
+    ERNIE,
     GLM4_MOE,
     GPT_OSS,
+    HUNYUAN,
     MINIMAX,
+    MINIMAX_M2,
     MIXTRAL,
     OLMOE,
     PHIMOE,
@@ -245,6 +248,9 @@ EVERY_FAMILY = {
     "gpt_oss": ("GptOssConfig", GPT_OSS),
     "phimoe": ("PhimoeConfig", PHIMOE),
     "minimax": ("MiniMaxConfig", MINIMAX),
+    "minimax_m2": ("MiniMaxM2Config", MINIMAX_M2),
+    "ernie4_5_moe": ("Ernie4_5_MoeConfig", {**ERNIE, "use_bias": True}),
+    "hunyuan_v1_moe": ("HunYuanMoEV1Config", {**HUNYUAN, "moe_topk": [1, 3, 2]}),
 }
 
 

@@ -5,9 +5,12 @@ import pytest
 import torch
 from conftest import (
     DEEPSEEK_V2,
+    ERNIE,
     GLM4_MOE,
     GPT_OSS,
+    HUNYUAN,
     MINIMAX,
+    MINIMAX_M2,
     MIXTRAL,
     OLMOE,
     PHIMOE,
@@ -150,6 +153,30 @@ CASES = {
     # longrope as Phi-3.5-MoE ships it (equal short and long mscale), crossing its original context
     "phimoe-longrope": ("PhimoeConfig", PHIMOE, {"rope_parameters": PHIMOE_LONGROPE, "sliding_window": 12}, "single"),
     "phimoe-fused": ("PhimoeConfig", PHIMOE, {}, "fused"),
+    "minimax-m2-sharded": ("MiniMaxM2Config", MINIMAX_M2, {}, "sharded"),
+    "minimax-m2-fused": ("MiniMaxM2Config", MINIMAX_M2, {"tie_word_embeddings": True}, "fused"),
+    "ernie-sharded-tied": ("Ernie4_5_MoeConfig", ERNIE, {}, "sharded"),
+    # biases everywhere, the tied LM head's own bias included; MoE on every other layer
+    "ernie-bias-interval": (
+        "Ernie4_5_MoeConfig",
+        ERNIE,
+        {"use_bias": True, "moe_layer_start_index": 0, "moe_layer_interval": 2},
+        "single",
+    ),
+    "ernie-fused-untied": ("Ernie4_5_MoeConfig", ERNIE, {"tie_word_embeddings": False}, "fused"),
+    "hunyuan-sharded": ("HunYuanMoEV1Config", HUNYUAN, {}, "sharded"),
+    # per-layer top-k, attention biases, NTK-alpha rotary
+    "hunyuan-alpha-bias": (
+        "HunYuanMoEV1Config",
+        HUNYUAN,
+        {
+            "moe_topk": [1, 3, 2],
+            "attention_bias": True,
+            "rope_parameters": {"rope_type": "dynamic", "alpha": 1000.0, "factor": 1.0, "rope_theta": 10000.0},
+        },
+        "single",
+    ),
+    "hunyuan-fused": ("HunYuanMoEV1Config", HUNYUAN, {}, "fused"),
     "minimax-sharded": ("MiniMaxConfig", MINIMAX, {}, "sharded"),
     "minimax-residual-factors": (
         "MiniMaxConfig",

@@ -6,9 +6,12 @@ from localmoe.errors import LocalMoEError
 from localmoe.models import (
     deepseek_v2,
     deepseek_v3,
+    ernie4_5_moe,
     glm4_moe,
     gpt_oss,
+    hunyuan_v1_moe,
     minimax,
+    minimax_m2,
     mixtral,
     olmoe,
     phimoe,
@@ -28,6 +31,9 @@ FAMILIES: tuple[Family, ...] = (
     gpt_oss.FAMILY,
     phimoe.FAMILY,
     minimax.FAMILY,
+    minimax_m2.FAMILY,
+    ernie4_5_moe.FAMILY,
+    hunyuan_v1_moe.FAMILY,
 )
 
 

@@ -16,9 +16,10 @@ class Attention(nn.Module):
     """Grouped-query attention with rotary embeddings.
 
     Options: biases on q/k/v and on the output projection; RMSNorm of queries and keys per head
-    (`qk_norm="head"`, Qwen3) or over the whole projection (`"full"`, OLMoE); clipping of q/k/v;
-    a sliding window; and attention sinks (gpt-oss), a learned logit per head that takes part in
-    the softmax without a value.
+    (`qk_norm="head"`, Qwen3; `"head_after_rope"`, Hunyuan) or over the whole projection (`"full"`,
+    OLMoE, MiniMax-M2); clipping of q/k/v; rotary on adjacent pairs of dims (`interleaved_rope`,
+    ERNIE); a sliding window; and attention sinks (gpt-oss), a learned logit per head that takes
+    part in the softmax without a value.
     """
 
     def __init__(
@@ -35,15 +36,17 @@ class Attention(nn.Module):
         clip_qkv: float | None = None,
         sliding_window: int | None = None,
         sinks: bool = False,
+        interleaved_rope: bool = False,
     ):
         super().__init__()
         self.heads, self.kv_heads, self.head_dim = heads, kv_heads, head_dim
         self.qk_norm, self.clip_qkv, self.sliding_window = qk_norm, clip_qkv, sliding_window
+        self.rotate = apply_rotary_interleaved if interleaved_rope else apply_rotary
         self.q_proj = nn.Linear(hidden, heads * head_dim, bias=qkv_bias)
         self.k_proj = nn.Linear(hidden, kv_heads * head_dim, bias=qkv_bias)
         self.v_proj = nn.Linear(hidden, kv_heads * head_dim, bias=qkv_bias)
         self.o_proj = nn.Linear(heads * head_dim, hidden, bias=out_bias)
-        if qk_norm == "head":
+        if qk_norm in ("head", "head_after_rope"):
             self.q_norm, self.k_norm = RMSNorm(head_dim, norm_eps), RMSNorm(head_dim, norm_eps)
         elif qk_norm == "full":
             self.q_norm, self.k_norm = RMSNorm(heads * head_dim, norm_eps), RMSNorm(kv_heads * head_dim, norm_eps)
@@ -69,7 +72,9 @@ class Attention(nn.Module):
         if self.qk_norm == "head":
             q, k = self.q_norm(q), self.k_norm(k)
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # [B, H, T, D]
-        q, k = apply_rotary(q, step.cos, step.sin), apply_rotary(k, step.cos, step.sin)
+        q, k = self.rotate(q, step.cos, step.sin), self.rotate(k, step.cos, step.sin)
+        if self.qk_norm == "head_after_rope":
+            q, k = self.q_norm(q), self.k_norm(k)
         k, v = kv.update(k, v, step.start)  # [B, H_kv, S, D]
         if hasattr(self, "sinks"):
             out = attend_with_sinks(q, k, v, step.visible(self.sliding_window), self.sinks, self.head_dim**-0.5)

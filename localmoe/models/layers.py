@@ -87,6 +87,9 @@ def rope_inv_freq(params: dict[str, Any], head_dim: int, max_positions: int) -> 
         return _yarn_inv_freq(inv_freq, params, dim, base, max_positions)
     if kind == "longrope":
         return _longrope_inv_freq(inv_freq, params, max_positions)
+    if kind == "dynamic" and "alpha" in params:
+        # NTK-alpha (Hunyuan): a fixed change of base, whatever the length
+        return 1.0 / (base * params["alpha"] ** (dim / (dim - 2))) ** exponents, 1.0
     raise LocalMoEError(
         f"rope_type {kind!r} is not supported yet; localmoe knows default, linear, llama3, yarn and longrope"
     )
@@ -283,6 +286,8 @@ class CausalLM(nn.Module):
         self.rotary = rotary
         vocab_size, hidden = backbone.embed_tokens.weight.shape
         self.lm_head = None if tie_word_embeddings else nn.Linear(hidden, vocab_size, bias=lm_head_bias)
+        if tie_word_embeddings and lm_head_bias:  # ERNIE: tied weights, and still a bias of its own
+            self.lm_head_bias = nn.Parameter(torch.empty(vocab_size))
         self.max_position_embeddings = max_position_embeddings
 
     def new_cache(self, batch: int, max_len: int) -> KVCache:
@@ -314,5 +319,5 @@ class CausalLM(nn.Module):
         cache.writing = False
         h = self.model.norm(h if all_logits else h[:, -1:])
         if self.lm_head is None:
-            return F.linear(h, self.model.embed_tokens.weight)
+            return F.linear(h, self.model.embed_tokens.weight, getattr(self, "lm_head_bias", None))
         return self.lm_head(h)

@@ -64,8 +64,9 @@ class TopKRouter(nn.Module):
         self.normalize = normalize
 
     def scores(self, x: torch.Tensor) -> torch.Tensor:
-        """Selection scores [T, experts] (float32): the top k of these are chosen."""
-        return F.linear(x, self.weight, self.bias).softmax(dim=-1, dtype=torch.float32)
+        """Selection scores [T, experts] (float32): the top k of these are chosen. In the router's own
+        dtype, which some families keep in float32."""
+        return F.linear(x.to(self.weight.dtype), self.weight, self.bias).softmax(dim=-1, dtype=torch.float32)
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Router weights [T, k] (float32) and expert ids [T, k] for hidden states [T, E]."""

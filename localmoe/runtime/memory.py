@@ -43,11 +43,12 @@ class Footprint:
     expert_bytes: int  # one routed expert, all its roles
     moe_layers: int
     experts_per_layer: int
-    top_k: int
+    top_k: int  # the largest of any layer: one layer's experts must fit the pool
     kv_bytes_per_token: int
     activation_bytes_per_token: int  # the largest activations one prefill token keeps alive at once
     max_positions: int
     fixed_state_bytes: int = 0  # generation state that does not grow with the context (recurrent layers)
+    active_experts_per_token: int = 0  # experts one token runs through, all layers (0: MoE layers x top_k)
 
     @property
     def total_experts(self) -> int:

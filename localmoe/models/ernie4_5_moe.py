@@ -1,0 +1,127 @@
+"""ERNIE 4.5 MoE (Ernie4_5_MoeForCausalLM): rotary on adjacent pairs of dims, biases everywhere or nowhere
+(`use_bias`, the LM head included even when tied), dense first layers, shared experts, and softmax
+routing whose choice (not weights) a learned correction bias steers; the router stays in float32."""
+
+from dataclasses import dataclass, field
+from typing import ClassVar
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from localmoe.models.attention import Attention
+from localmoe.models.expert_tensors import PerExpert
+from localmoe.models.family import Family, ModelArgs, causal_lm
+from localmoe.models.layers import MLP, DecoderLayer
+from localmoe.models.moe import FUSED_EXPERTS, MLP_EXPERTS, GatedActivation, SparseMoE
+
+
+class ErnieRouter(nn.Module):
+    """softmax in float32; top-k of (probabilities + correction bias); weights are the plain
+    probabilities of the chosen, renormalised (the sum floored at `norm_min`)."""
+
+    def __init__(self, hidden: int, num_experts: int, top_k: int, norm_min: float):
+        super().__init__()
+        self.weight = nn.Parameter(torch.empty(num_experts, hidden))
+        self.moe_statics = nn.Module()
+        self.moe_statics.e_score_correction_bias = nn.Parameter(torch.empty(1, num_experts))
+        self.top_k, self.norm_min = top_k, norm_min
+
+    def scores(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(x.float(), self.weight.float()).softmax(dim=-1)
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        probs = self.scores(x)
+        ids = (probs + self.moe_statics.e_score_correction_bias.float()).topk(self.top_k, dim=-1).indices
+        weights = probs.gather(-1, ids)
+        return weights / weights.sum(dim=-1, keepdim=True).clamp(min=self.norm_min), ids
+
+
+@dataclass
+class Ernie45MoeArgs(ModelArgs):
+    default_rope_theta: ClassVar[float] = 500_000.0
+    config_aliases: ClassVar[dict[str, tuple[str, ...]]] = {
+        "moe_num_experts": ("num_experts",),
+        "moe_k": ("num_experts_per_tok",),
+    }
+
+    vocab_size: int
+    hidden_size: int
+    intermediate_size: int
+    num_hidden_layers: int
+    num_attention_heads: int
+    num_key_value_heads: int | None = 4
+    head_dim: int | None = None
+    moe_intermediate_size: int = 1536
+    moe_num_experts: int = 64
+    moe_k: int = 6
+    moe_num_shared_experts: int = 2
+    moe_layer_start_index: int = 1
+    moe_layer_end_index: int = -1
+    moe_layer_interval: int = 1
+    moe_norm_min: float = 1e-12
+    use_bias: bool = False
+    hidden_act: str = "silu"
+    rms_norm_eps: float = 1e-5
+    max_position_embeddings: int = 131072
+    tie_word_embeddings: bool = True
+    rope: dict = field(default_factory=dict)
+
+    def is_moe_layer(self, i: int) -> bool:
+        end = self.num_hidden_layers - 1 if self.moe_layer_end_index == -1 else self.moe_layer_end_index
+        return (i + 1) % self.moe_layer_interval == 0 and self.moe_layer_start_index <= i <= end
+
+
+def build(args: Ernie45MoeArgs) -> "CausalLM":  # noqa: F821
+    hidden, bias = args.hidden_size, args.use_bias
+    head_dim = args.head_dim or hidden // args.num_attention_heads
+
+    def feed_forward(i: int) -> nn.Module:
+        if not args.is_moe_layer(i):
+            return MLP(hidden, args.intermediate_size, args.hidden_act, bias=bias)
+        shared = args.moe_intermediate_size * args.moe_num_shared_experts
+        return SparseMoE(
+            i,
+            hidden,
+            args.moe_intermediate_size,
+            args.moe_num_experts,
+            args.moe_k,
+            ErnieRouter(hidden, args.moe_num_experts, args.moe_k, args.moe_norm_min),
+            act=GatedActivation(act=args.hidden_act),
+            shared_expert=MLP(hidden, shared, args.hidden_act, bias=bias) if shared else None,
+        )
+
+    layers = [
+        DecoderLayer(
+            Attention(
+                hidden,
+                args.num_attention_heads,
+                args.num_key_value_heads or args.num_attention_heads,
+                head_dim,
+                qkv_bias=bias,
+                out_bias=bias,
+                interleaved_rope=True,
+            ),
+            feed_forward(i),
+            hidden,
+            args.rms_norm_eps,
+        )
+        for i in range(args.num_hidden_layers)
+    ]
+    return causal_lm(args, layers, head_dim, lm_head_bias=bias)
+
+
+FAMILY = Family(
+    architectures=("Ernie4_5_MoeForCausalLM",),
+    model_type="ernie4_5_moe",
+    args=Ernie45MoeArgs,
+    model=build,
+    experts=(PerExpert(MLP_EXPERTS), FUSED_EXPERTS),
+    hub_aliases=(
+        (".mlp.gate.moe_statics.", ".mlp.moe_statics."),
+        (".mlp.shared_expert.", ".mlp.shared_experts."),
+        ("lm_head_bias", "lm_head.bias"),
+    ),
+    keep_float32=("mlp.gate.weight", "moe_statics"),
+    example="baidu/ERNIE-4.5-21B-A3B-PT",
+)
