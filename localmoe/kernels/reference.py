@@ -19,12 +19,15 @@ def expert_pair_outputs(
     act,
     gate_up_bias: torch.Tensor | None = None,
     down_bias: torch.Tensor | None = None,
+    input_scale: torch.Tensor | None = None,
 ) -> None:
     """out[t * k + j] = down[s] @ act(gate[s] @ x[t], up[s] @ x[t]) with s = slots[t, j], skipping s = -1.
 
     out [T*k, E]; x [T, E]; gate_up [N, 2I, E] with gate rows first; down [N, E, I]; slots [T, k];
     `act(gate, up)` combines the two projections (a `GatedActivation`); biases [N, 2I] and [N, E] where
-    the experts have them. Loops over the distinct slots in use, so each expert's weights are read once.
+    the experts have them; `input_scale` [T*k] multiplies each pair's input (Llama 4 weights the
+    expert's input, not its output). Loops over the distinct slots in use, so each expert's weights
+    are read once.
     """
     flat = slots.reshape(-1)
     token_of_pair = torch.arange(x.shape[0], device=x.device).repeat_interleave(slots.shape[1])
@@ -34,7 +37,10 @@ def expert_pair_outputs(
         pairs = (flat == slot).nonzero().squeeze(1)
         bias_in = None if gate_up_bias is None else gate_up_bias[slot]
         bias_out = None if down_bias is None else down_bias[slot]
-        gate, up = F.linear(x[token_of_pair[pairs]], gate_up[slot], bias_in).chunk(2, dim=-1)
+        inputs = x[token_of_pair[pairs]]
+        if input_scale is not None:
+            inputs = (inputs * input_scale[pairs, None]).to(x.dtype)
+        gate, up = F.linear(inputs, gate_up[slot], bias_in).chunk(2, dim=-1)
         out[pairs] = F.linear(act(gate, up), down[slot], bias_out)
 
 
@@ -54,8 +60,11 @@ def expert_mlp(
     act,
     gate_up_bias: torch.Tensor | None = None,
     down_bias: torch.Tensor | None = None,
+    weights_on_input: bool = False,
 ) -> torch.Tensor:
-    """sum_j weights[t, j] * expert slots[t, j] applied to x[t]: the whole MoE sum in one call. [T, E]"""
+    """sum_j weights[t, j] * expert slots[t, j] applied to x[t] (or, `weights_on_input`, the sum of the
+    experts applied to weights[t, j] * x[t]): the whole MoE sum in one call. [T, E]"""
     pairs = x.new_zeros(slots.numel(), x.shape[1])
-    expert_pair_outputs(pairs, x, gate_up, down, slots, act, gate_up_bias, down_bias)
-    return combine_pairs(pairs, weights)
+    scale = weights.reshape(-1) if weights_on_input else None
+    expert_pair_outputs(pairs, x, gate_up, down, slots, act, gate_up_bias, down_bias, scale)
+    return combine_pairs(pairs, torch.ones_like(weights) if weights_on_input else weights)

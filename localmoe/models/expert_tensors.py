@@ -47,8 +47,9 @@ class Fused:
     """One 3-D tensor per layer for gate and up, one for down, named by templates with {layer}.
 
     As transformers 5 keeps experts in memory: gate_up [E, 2I, H] with the gate rows first, down
-    [E, H, I]. `transposed` is gpt-oss's layout: gate_up [E, H, 2I] with gate and up in alternate
-    columns, down [E, I, H]. Biases, where the experts have them: [E, 2I] (same order as gate_up) and [E, H].
+    [E, H, I]. `transposed`: gate_up [E, H, 2I] and down [E, I, H] (Llama 4, gpt-oss); `interleaved`:
+    gate and up alternate instead of the gate coming first (gpt-oss). Biases, where the experts have
+    them: [E, 2I] (same order as gate_up) and [E, H].
     """
 
     gate_up: str
@@ -56,6 +57,7 @@ class Fused:
     gate_up_bias: str | None = None
     down_bias: str | None = None
     transposed: bool = False
+    interleaved: bool = False
 
     def present(self, ckpt: Checkpoint, layer: int) -> bool:
         return self.gate_up.format(layer=layer) in ckpt and self.down.format(layer=layer) in ckpt
@@ -77,10 +79,10 @@ class Fused:
         down = ckpt.tensor(self.down.format(layer=layer))[expert]
         if self.transposed:
             gate_up, down = gate_up.T, down.T  # [2I, H] with interleaved rows, [H, I]
-        roles = {**_split_gate_up(gate_up, block, self.transposed), "down": down}
+        roles = {**_split_gate_up(gate_up, block, self.interleaved), "down": down}
         if block.expert_bias:
             bias = ckpt.tensor(self.gate_up_bias.format(layer=layer))[expert]
-            gate_bias, up_bias = (bias[::2], bias[1::2]) if self.transposed else bias.chunk(2)
+            gate_bias, up_bias = (bias[::2], bias[1::2]) if self.interleaved else bias.chunk(2)
             roles.update(
                 gate_bias=gate_bias, up_bias=up_bias, down_bias=ckpt.tensor(self.down_bias.format(layer=layer))[expert]
             )

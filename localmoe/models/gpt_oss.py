@@ -110,6 +110,7 @@ FAMILY = Family(
             gate_up_bias=f"{EXPERTS}.gate_up_proj_bias",
             down_bias=f"{EXPERTS}.down_proj_bias",
             transposed=True,
+            interleaved=True,
         ),
     ),
     hub_aliases=((".mlp.gate.", ".mlp.router."),),

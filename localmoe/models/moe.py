@@ -143,6 +143,7 @@ class SparseMoE(nn.Module):
         *,
         act: GatedActivation = GatedActivation(),
         expert_bias: bool = False,
+        weights_on_input: bool = False,
         shared_expert: nn.Module | None = None,
         shared_expert_gate: bool = False,
     ):
@@ -152,6 +153,7 @@ class SparseMoE(nn.Module):
         self.hidden_size, self.intermediate_size = hidden, intermediate
         self.num_experts, self.top_k = num_experts, top_k
         self.act, self.expert_bias = act, expert_bias
+        self.weights_on_input = weights_on_input  # Llama 4: the router weight scales the expert's input
         if shared_expert is not None:
             self.shared_expert = shared_expert
         if shared_expert_gate:

@@ -61,9 +61,9 @@ class OffloadedExperts:
                 self.cache.acquire(layer, rounds[i + 1])  # copied while this round computes
             if i + 1 == len(rounds):
                 self._prefetch(coming, host[1 : 1 + len(coming)])
-            self._compute(block, x, ids, experts, pairs)
+            self._compute(block, x, ids, weights, experts, pairs)
             self.cache.release(layer, experts)
-        return combine_pairs(pairs, weights)
+        return combine_pairs(pairs, torch.ones_like(weights) if block.weights_on_input else weights)
 
     def pin_hottest(self, count: int) -> None:
         """Pin the `count` experts that the tokens so far were routed to most (the warm-up)."""
@@ -94,7 +94,7 @@ class OffloadedExperts:
             ranked = Counter(int(v) for v in ids)
             self.cache.prefetch(layer, [expert for expert, _ in ranked.most_common()])
 
-    def _compute(self, block: SparseMoE, x: torch.Tensor, ids: torch.Tensor, experts: list[int], pairs) -> None:
+    def _compute(self, block: SparseMoE, x: torch.Tensor, ids, weights, experts: list[int], pairs) -> None:
         slots = [self.cache.slot_of[(block.layer_idx, expert)] for expert in experts]
         self.cache.copies.wait(slots)
         table = [-1] * block.num_experts
@@ -102,7 +102,8 @@ class OffloadedExperts:
             table[expert] = slot
         slots_of_pairs = _to_device(table, x.device)[ids]
         cache = self.cache
-        expert_pair_outputs(pairs, x, cache.gate_up, cache.down, slots_of_pairs, block.act, *cache.biases)
+        scale = weights.reshape(-1) if block.weights_on_input else None
+        expert_pair_outputs(pairs, x, cache.gate_up, cache.down, slots_of_pairs, block.act, *cache.biases, scale)
         self.cache.copies.read_by_compute(slots)
 
 

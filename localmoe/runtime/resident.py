@@ -34,6 +34,5 @@ class ResidentExperts:
         block, rows = self.blocks[layer], self.rows[layer]
         if self.trace:
             self.trace.record(layer, ids.reshape(-1).tolist(), weights.reshape(-1).tolist(), block.top_k)
-        return expert_mlp(
-            x, self.layout.gate_up(rows), self.layout.down(rows), weights, ids, block.act, *self.layout.biases(rows)
-        )
+        gate_up, down, biases = self.layout.gate_up(rows), self.layout.down(rows), self.layout.biases(rows)
+        return expert_mlp(x, gate_up, down, weights, ids, block.act, *biases, block.weights_on_input)
