@@ -4,6 +4,7 @@ A checkpoint comes from a local folder or a Hub repo id. Only `.safetensors` wei
 `.bin`/`.pt` files are refused, never loaded. Nothing under the checkpoint folder is ever written.
 """
 
+import copy
 import json
 import re
 from collections import defaultdict
@@ -62,6 +63,8 @@ class Checkpoint:
 
     def __init__(self, path: Path):
         self.path = path
+        self.part = ""  # the part of the model a view shows, for messages (see `part_view`)
+        self._prefixes: tuple[tuple[str, str], ...] = ()  # a view's (name prefix, stored prefix) pairs
         self.config = _read_json(path / "config.json", required=True)
         self.generation_config = _read_json(path / "generation_config.json", required=False)
         index = _read_index(path)
@@ -88,27 +91,47 @@ class Checkpoint:
     def __contains__(self, name: str) -> bool:
         return name in self._shard_of
 
+    def part_view(self, part: str, config: dict, prefixes: tuple[tuple[str, str], ...]) -> "Checkpoint":
+        """This checkpoint as one `part` of its model (a multimodal model's language model): `config`
+        as its config, and only the tensors whose names start with a stored prefix of `prefixes`
+        (pairs of (view prefix, stored prefix)), under their view names."""
+        view = copy.copy(self)
+        view.part, view.config, view._prefixes = part, config, prefixes
+        view._shard_of = {}
+        for name, shard in self._shard_of.items():
+            new = next((ours + name[len(disk) :] for ours, disk in prefixes if name.startswith(disk)), None)
+            if new is not None:
+                view._shard_of[new] = shard
+        return view
+
+    def stored_name(self, name: str) -> str:
+        """The name under which tensor `name` is stored (other than `name` in a part view only)."""
+        ours, disk = next(((o, d) for o, d in self._prefixes if name.startswith(o)), ("", ""))
+        return disk + name[len(ours) :]
+
     def info(self, name: str) -> TensorInfo:
         """Shape and dtype from the shard header, without reading the tensor."""
-        view = self._files[self._shard_of[name]].get_slice(name)
+        view = self._files[self._shard_of[name]].get_slice(self.stored_name(name))
         dtype = DTYPES.get(view.get_dtype())
         if dtype is None:
             raise LocalMoEError(
-                f"tensor {name} in {self.path} has dtype {view.get_dtype()}, which localmoe cannot read"
+                f"tensor {self.stored_name(name)} in {self.path} has dtype {view.get_dtype()}, which localmoe "
+                "cannot read"
             )
         return TensorInfo(tuple(view.get_shape()), dtype)
 
     def check_tensor(self, name: str, shape: tuple[int, ...]) -> None:
         """Refuse a checkpoint that lacks `name` or stores it in another shape than the config implies."""
+        stored = self.stored_name(name)
         if name not in self:
             raise LocalMoEError(
-                f"{self.path} lacks tensor {name}: the checkpoint is incomplete or its index is damaged; "
+                f"{self.path} lacks tensor {stored}: the checkpoint is incomplete or its index is damaged; "
                 "download it again"
             )
         actual = self.info(name).shape
         if actual != shape:
             raise LocalMoEError(
-                f"tensor {name} in {self.path} has shape {list(actual)} but config.json implies {list(shape)}: "
+                f"tensor {stored} in {self.path} has shape {list(actual)} but config.json implies {list(shape)}: "
                 "the config and the weights do not belong together"
             )
 
@@ -118,9 +141,11 @@ class Checkpoint:
         The mapping is private, so writing to the result never reaches the file.
         """
         try:
-            return self._files[self._shard_of[name]].get_tensor(name)
+            return self._files[self._shard_of[name]].get_tensor(self.stored_name(name))
         except KeyError:
-            raise LocalMoEError(f"{self.path} has no tensor {name}: the checkpoint is incomplete") from None
+            raise LocalMoEError(
+                f"{self.path} has no tensor {self.stored_name(name)}: the checkpoint is incomplete"
+            ) from None
 
     def _check_index_matches_shards(self) -> None:
         listed = defaultdict(set)

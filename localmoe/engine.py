@@ -9,7 +9,7 @@ import torch
 
 from localmoe.checkpoint import Checkpoint
 from localmoe.errors import LocalMoEError
-from localmoe.loader import ModelParts, footprint, load_resident_weights, model_skeleton
+from localmoe.loader import ModelParts, footprint, load_resident_weights, model_skeleton, open_checkpoint
 from localmoe.models.moe import moe_blocks
 from localmoe.runtime.expert_cache import POLICIES, ExpertCache
 from localmoe.runtime.expert_store import ExpertStore
@@ -154,8 +154,9 @@ class Engine:
         """One line: what was loaded, where, and how the experts are placed."""
         plan, fp = self.plan, self.plan.footprint
         home = {"none": "none needed", "pinned": "pinned RAM", "ram": "RAM", "mmap": "checkpoint files (mmap)"}
+        model = self.checkpoint.part or self.parts.family.architectures[0]
         return (
-            f"{self.checkpoint.path.name}: {self.parts.family.architectures[0]} on {plan.device}, {self.parts.dtype}; "
+            f"{self.checkpoint.path.name}: {model} on {plan.device}, {self.parts.dtype}; "
             f"resident {format_bytes(fp.resident_bytes)}; expert slots {plan.slots}/{fp.total_experts}; "
             f"experts' host copy: {home[plan.store]}; context {plan.context}"
         )
@@ -190,7 +191,7 @@ def load(
     fed from host RAM or the checkpoint files."""
     options = options or RuntimeOptions()
     device = resolve_device(device)
-    checkpoint = Checkpoint.open(source, revision)
+    checkpoint = open_checkpoint(source, revision)
     parts = model_skeleton(checkpoint, dtype)
     plan = _plan(parts, device, options)
     load_resident_weights(parts, checkpoint, device)
@@ -223,7 +224,7 @@ def plan_for(
     target = _parse_device(device) if device else resolve_device(None)
     if target.type == "cuda" and not torch.cuda.is_available() and options.vram_budget is None:
         raise LocalMoEError("this machine has no CUDA device: give --vram-budget to plan for one")
-    return _plan(model_skeleton(Checkpoint.open(source, revision), dtype), target, options)
+    return _plan(model_skeleton(open_checkpoint(source, revision), dtype), target, options)
 
 
 def _plan(parts: ModelParts, device: torch.device, options: RuntimeOptions) -> MemoryPlan:

@@ -36,6 +36,25 @@ class ModelParts:
     resident_sources: dict[str, str]  # parameter name -> checkpoint tensor name
 
 
+def open_checkpoint(source: str, revision: str | None = None) -> Checkpoint:
+    """`Checkpoint.open`, seeing a multimodal checkpoint as the language model it holds."""
+    ckpt = Checkpoint.open(source, revision)
+    architectures = ckpt.config.get("architectures") or [None]
+    family = family_for(ckpt.config)
+    wrapper = next((w for w in family.multimodal if w.architecture == architectures[0]), None)
+    if wrapper is None:
+        return ckpt
+    text = ckpt.config.get("text_config")
+    if not isinstance(text, dict):
+        raise LocalMoEError(f"{ckpt.path}/config.json declares {wrapper.architecture} but has no text_config")
+    # top-level settings (dtype, quantization_config) hold for the language model unless it says otherwise
+    config = {key: value for key, value in ckpt.config.items() if not key.endswith("_config")}
+    config |= {"quantization_config": ckpt.config.get("quantization_config"), **text}
+    config["architectures"] = [family.architectures[0]]
+    part = f"the language model of {wrapper.architecture} (text only)"
+    return ckpt.part_view(part, config, wrapper.prefixes)
+
+
 def model_skeleton(ckpt: Checkpoint, dtype: torch.dtype | None = None) -> ModelParts:
     """The model built on `meta`, with every tensor it needs found in the checkpoint and its shape
     checked; no weights are read."""
@@ -133,8 +152,8 @@ def _resident_sources(model: nn.Module, ckpt: Checkpoint, family: Family) -> dic
         found = next((c for c in candidates if c in ckpt), None)
         if found is None:
             raise LocalMoEError(
-                f"{ckpt.path} lacks tensor {candidates[0]}, which {family.architectures[0]} needs: the checkpoint "
-                "is incomplete or its index is damaged; download it again"
+                f"{ckpt.path} lacks tensor {ckpt.stored_name(candidates[0])}, which {family.architectures[0]} "
+                "needs: the checkpoint is incomplete or its index is damaged; download it again"
             )
         ckpt.check_tensor(found, tuple(param.shape))
         sources[name] = found

@@ -335,3 +335,22 @@ def chat_model(tmp_path_factory):
     config.update(bos_token_id=None, eos_token_id=None)
     folder = save_hf(hf_model("MixtralConfig", **config), tmp_path_factory.mktemp("chat"), "sharded")
     return save_tokenizer(tok, folder, CHATML_WITH_TOOLS, eos_token="<|im_end|>")
+
+
+LLAMA4 = dict(
+    vocab_size=258,
+    hidden_size=64,
+    intermediate_size=32,
+    intermediate_size_mlp=48,
+    num_hidden_layers=4,  # the fourth has no rotary and attends to everything
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    head_dim=16,
+    num_local_experts=5,
+    num_experts_per_tok=1,
+    attention_chunk_size=8,  # prompts span several chunks
+    floor_scale=8,  # and the query temperature changes within them
+    max_position_embeddings=256,
+    bos_token_id=256,
+    eos_token_id=257,
+)

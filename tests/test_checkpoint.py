@@ -154,6 +154,13 @@ def test_unknown_architecture(broken):
     assert "FooMoeForCausalLM" in message and "MixtralForCausalLM" in message and "Qwen3MoeForCausalLM" in message
 
 
+def test_multimodal_config_without_text_config(broken):
+    config = json.loads((broken / "config.json").read_text())
+    config.update(architectures=["Llama4ForConditionalGeneration"], model_type="llama4")
+    (broken / "config.json").write_text(json.dumps(config))
+    assert "declares Llama4ForConditionalGeneration but has no text_config" in load_error(broken)
+
+
 def test_remote_code_is_refused(broken):
     config = json.loads((broken / "config.json").read_text())
     config.update(architectures=["FooMoeForCausalLM"], auto_map={"AutoModelForCausalLM": "modeling_foo.FooMoe"})

@@ -11,6 +11,7 @@ from conftest import (
     GLM4_MOE,
     GPT_OSS,
     HUNYUAN,
+    LLAMA4,
     MINIMAX,
     MINIMAX_M2,
     MIXTRAL,
@@ -251,6 +252,7 @@ EVERY_FAMILY = {
     "minimax_m2": ("MiniMaxM2Config", MINIMAX_M2),
     "ernie4_5_moe": ("Ernie4_5_MoeConfig", {**ERNIE, "use_bias": True}),
     "hunyuan_v1_moe": ("HunYuanMoEV1Config", {**HUNYUAN, "moe_topk": [1, 3, 2]}),
+    "llama4_text": ("Llama4TextConfig", {**LLAMA4, "num_experts_per_tok": 2}),
 }
 
 

@@ -9,6 +9,7 @@ from conftest import (
     GLM4_MOE,
     GPT_OSS,
     HUNYUAN,
+    LLAMA4,
     MINIMAX,
     MINIMAX_M2,
     MIXTRAL,
@@ -17,6 +18,7 @@ from conftest import (
     QWEN2_MOE,
     QWEN3_MOE,
     hf_model,
+    randomize,
     save_hf,
 )
 
@@ -192,6 +194,26 @@ CASES = {
         },
         "single",
     ),
+    "llama4-sharded": ("Llama4TextConfig", LLAMA4, {}, "sharded"),
+    # as Maverick: MoE every other layer, no q/k norm; and top-2 with llama3 rotary
+    "llama4-interleaved-llama3": (
+        "Llama4TextConfig",
+        LLAMA4,
+        {
+            "interleave_moe_layer_step": 2,
+            "use_qk_norm": False,
+            "num_experts_per_tok": 2,
+            "rope_parameters": {
+                "rope_type": "llama3",
+                "factor": 8.0,
+                "low_freq_factor": 1.0,
+                "high_freq_factor": 4.0,
+                "original_max_position_embeddings": 16,
+                "rope_theta": 500000.0,
+            },
+        },
+        "single",
+    ),
 }
 
 
@@ -213,8 +235,8 @@ def pair(request, tmp_path_factory):
 def test_experts_read_in_the_layout_written(pair, request):
     _, engine = pair
     name = request.node.callspec.params["pair"]
-    # save_pretrained writes the Hub's per-expert names, except for gpt-oss, whose Hub layout is fused
-    expected = Fused if CASES[name][3] == "fused" or name.startswith("gpt-oss") else PerExpert
+    # save_pretrained writes the Hub's per-expert names, except for gpt-oss and Llama 4, whose Hub layout is fused
+    expected = Fused if CASES[name][3] == "fused" or name.startswith(("gpt-oss", "llama4")) else PerExpert
     assert {type(found) for found in engine.parts.experts.layouts.values()} == {expected}
 
 
@@ -284,3 +306,30 @@ def test_greedy_tokens_identical(pair, request):
             )[0, PROMPT_TOKENS:].tolist()
     got = list(generate_tokens(engine.model, ids[0].tolist(), GREEDY_TOKENS))
     assert got == expected
+
+
+def test_llama4_multimodal_checkpoint_runs_its_language_model(tmp_path):
+    """Llama4ForConditionalGeneration (how Scout and Maverick ship): the text weights under
+    `language_model.`, the config in `text_config`, a vision tower beside them that localmoe ignores."""
+    import transformers
+
+    vision = dict(
+        hidden_size=16,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        intermediate_size=32,
+        image_size=28,
+        patch_size=14,
+        vision_output_dim=16,
+        projector_input_dim=16,
+        projector_output_dim=64,
+    )
+    config = transformers.Llama4Config(text_config=LLAMA4, vision_config=vision)
+    wrapper = transformers.Llama4ForConditionalGeneration(config).eval()
+    randomize(wrapper)
+    wrapper.save_pretrained(tmp_path)
+    engine = localmoe.load(str(tmp_path), device="cpu", dtype=torch.float32)
+    assert "Llama4ForConditionalGeneration (text only)" in engine.summary()
+    pair = (wrapper.language_model, engine)
+    test_prefill_logits_match(pair)
+    test_decode_steps_match(pair)

@@ -10,6 +10,7 @@ from localmoe.models import (
     glm4_moe,
     gpt_oss,
     hunyuan_v1_moe,
+    llama4,
     minimax,
     minimax_m2,
     mixtral,
@@ -34,6 +35,7 @@ FAMILIES: tuple[Family, ...] = (
     minimax_m2.FAMILY,
     ernie4_5_moe.FAMILY,
     hunyuan_v1_moe.FAMILY,
+    llama4.FAMILY,
 )
 
 
@@ -46,12 +48,12 @@ def family_for(config: dict[str, Any]) -> Family:
     architectures = config.get("architectures") or []
     model_type = config.get("model_type")
     for family in FAMILIES:
-        if architectures and architectures[0] in family.architectures:
+        if architectures and architectures[0] in family.architectures + family.wrapper_architectures:
             return family
         if not architectures and model_type == family.model_type:
             return family
     name = architectures[0] if architectures else f"model_type {model_type!r}"
-    supported = ", ".join(a for family in FAMILIES for a in family.architectures)
+    supported = ", ".join(a for family in FAMILIES for a in family.architectures + family.wrapper_architectures)
     if config.get("auto_map"):
         raise LocalMoEError(
             f"{name} needs code shipped with the checkpoint (auto_map), and localmoe never runs checkpoint code; "
@@ -63,5 +65,10 @@ def family_for(config: dict[str, Any]) -> Family:
 def families_table() -> str:
     """The supported families as a Markdown table: README.md embeds it, and a test keeps the two equal."""
     rows = ["| architecture | `model_type` | example Hub id |", "|---|---|---|"]
-    rows += [f"| `{f.architectures[0]}` | `{f.model_type}` | `{f.example}` |" for f in FAMILIES]
+    rows += [f"| {_architectures(f)} | `{f.model_type}` | `{f.example}` |" for f in FAMILIES]
     return "\n".join(rows)
+
+
+def _architectures(family: Family) -> str:
+    names = [f"`{family.architectures[0]}`"] + [f"`{a}` (text only)" for a in family.wrapper_architectures]
+    return ", ".join(names)

@@ -45,6 +45,16 @@ class ModelArgs:
 
 
 @dataclass(frozen=True)
+class Multimodal:
+    """A multimodal architecture whose checkpoints hold a family's language model beside other towers:
+    its text config is `text_config`, its text tensors are under the stored prefixes of `prefixes`
+    (pairs of (our prefix, stored prefix)). localmoe runs the language model alone."""
+
+    architecture: str
+    prefixes: tuple[tuple[str, str], ...]
+
+
+@dataclass(frozen=True)
 class Family:
     """One model family: the architectures it serves, its args, its model, and its on-disk tensor names.
 
@@ -53,7 +63,8 @@ class Family:
     fragment) for checkpoints that spell a module differently. Those whose names contain a fragment
     of `keep_float32` stay in float32 whatever the compute dtype. Routed experts are declared apart,
     in `experts` (the layouts their checkpoints come in, in order of preference), because the
-    runtime, not the model, owns them.
+    runtime, not the model, owns them. `multimodal` lists the architectures that wrap the family's
+    language model with other inputs.
     """
 
     architectures: tuple[str, ...]
@@ -64,7 +75,12 @@ class Family:
     hub_aliases: tuple[tuple[str, str], ...] = ()
     keep_float32: tuple[str, ...] = ()
     quantizations: tuple[str, ...] = ()  # quantization_config.quant_method values it reads
+    multimodal: tuple[Multimodal, ...] = ()
     example: str = ""
+
+    @property
+    def wrapper_architectures(self) -> tuple[str, ...]:
+        return tuple(wrapper.architecture for wrapper in self.multimodal)
 
     def disk_names(self, name: str) -> list[str]:
         """Names under which parameter `name` may be stored, the Hub's spelling first."""
