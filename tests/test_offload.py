@@ -18,6 +18,7 @@ from conftest import (
     OLMOE,
     PHIMOE,
     QWEN2_MOE,
+    QWEN3_5_MOE,
     QWEN3_MOE,
     hf_model,
     save_hf,
@@ -253,6 +254,7 @@ EVERY_FAMILY = {
     "ernie4_5_moe": ("Ernie4_5_MoeConfig", {**ERNIE, "use_bias": True}),
     "hunyuan_v1_moe": ("HunYuanMoEV1Config", {**HUNYUAN, "moe_topk": [1, 3, 2]}),
     "llama4_text": ("Llama4TextConfig", {**LLAMA4, "num_experts_per_tok": 2}),
+    "qwen3_5_moe_text": ("Qwen3_5MoeTextConfig", QWEN3_5_MOE),
 }
 
 

@@ -16,6 +16,7 @@ from conftest import (
     OLMOE,
     PHIMOE,
     QWEN2_MOE,
+    QWEN3_5_MOE,
     QWEN3_MOE,
     hf_model,
     randomize,
@@ -214,6 +215,14 @@ CASES = {
         },
         "single",
     ),
+    "qwen3.5-sharded": ("Qwen3_5MoeTextConfig", QWEN3_5_MOE, {}, "sharded"),
+    # full attention every other layer, rotary on half of each head, tied embeddings
+    "qwen3.5-interval-tied": (
+        "Qwen3_5MoeTextConfig",
+        QWEN3_5_MOE,
+        {"full_attention_interval": 2, "partial_rotary_factor": 0.5, "tie_word_embeddings": True},
+        "fused",
+    ),
 }
 
 
@@ -333,3 +342,35 @@ def test_llama4_multimodal_checkpoint_runs_its_language_model(tmp_path):
     pair = (wrapper.language_model, engine)
     test_prefill_logits_match(pair)
     test_decode_steps_match(pair)
+
+
+def test_qwen3_5_prompt_longer_than_a_delta_rule_chunk(tmp_path):
+    """Prefill crosses transformers' 64-token chunks of the delta rule, then decodes past it."""
+    reference = hf_model("Qwen3_5MoeTextConfig", **QWEN3_5_MOE)
+    engine = localmoe.load(str(save_hf(reference, tmp_path, "single")), device="cpu", dtype=torch.float32)
+    ids = prompt_ids(150)
+    with torch.no_grad():
+        expected = reference(ids).logits
+        got = engine.model(ids, engine.model.new_cache(1, ids.shape[1]), all_logits=True)
+        assert (got - expected).abs().max().item() < TOLERANCE
+        generated = reference.generate(ids, max_new_tokens=8, do_sample=False, eos_token_id=None, pad_token_id=0)
+    assert list(generate_tokens(engine.model, ids[0].tolist(), 8)) == generated[0, 150:].tolist()
+
+
+def test_qwen3_5_multimodal_checkpoint_runs_its_language_model(tmp_path):
+    """Qwen3_5MoeForConditionalGeneration (how the Hub ships Qwen3.5): the text weights under
+    `model.language_model.`, the LM head at the top, a vision tower beside them that localmoe ignores."""
+    import transformers
+
+    vision = dict(depth=1, hidden_size=16, intermediate_size=32, num_heads=2, out_hidden_size=64, patch_size=4)
+    config = transformers.Qwen3_5MoeConfig(text_config=QWEN3_5_MOE, vision_config=vision)
+    wrapper = transformers.Qwen3_5MoeForConditionalGeneration(config).eval()
+    randomize(wrapper)
+    wrapper.save_pretrained(tmp_path)
+    engine = localmoe.load(str(tmp_path), device="cpu", dtype=torch.float32)
+    assert "Qwen3_5MoeForConditionalGeneration (text only)" in engine.summary()
+    ids = prompt_ids()
+    with torch.no_grad():
+        expected = wrapper(ids).logits
+    got = engine.model(ids, engine.model.new_cache(1, ids.shape[1]), all_logits=True)
+    assert (got - expected).abs().max().item() < TOLERANCE

@@ -63,9 +63,11 @@ def test_biases_and_the_clamped_activation():
 
 
 def test_all_tokens_to_one_slot():
-    x = torch.randn(6, HIDDEN)
-    gate_up, down = torch.randn(3, 2 * INTER, HIDDEN), torch.randn(3, HIDDEN, INTER)
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(6, HIDDEN, generator=g)
+    gate_up, down = torch.randn(3, 2 * INTER, HIDDEN, generator=g), torch.randn(3, HIDDEN, INTER, generator=g)
     slots = torch.full((6, 1), 2)
     weights = torch.ones(6, 1)
     got = expert_mlp(x, gate_up, down, weights, slots, SWIGLU)
-    torch.testing.assert_close(got, per_token(x, gate_up, down, weights, slots))
+    # batched and one-row products round differently: the same tolerance as the other cases
+    torch.testing.assert_close(got, per_token(x, gate_up, down, weights, slots), rtol=1e-5, atol=1e-4)

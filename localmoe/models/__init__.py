@@ -17,6 +17,7 @@ from localmoe.models import (
     olmoe,
     phimoe,
     qwen2_moe,
+    qwen3_5_moe,
     qwen3_moe,
 )
 from localmoe.models.family import Family
@@ -36,6 +37,7 @@ FAMILIES: tuple[Family, ...] = (
     ernie4_5_moe.FAMILY,
     hunyuan_v1_moe.FAMILY,
     llama4.FAMILY,
+    qwen3_5_moe.FAMILY,
 )
 
 

@@ -18,8 +18,9 @@ class Attention(nn.Module):
     Options: biases on q/k/v and on the output projection; RMSNorm of queries and keys per head
     (`qk_norm="head"`, Qwen3; `"head_after_rope"`, Hunyuan) or over the whole projection (`"full"`,
     OLMoE, MiniMax-M2); clipping of q/k/v; rotary on adjacent pairs of dims (`interleaved_rope`,
-    ERNIE); a sliding window; and attention sinks (gpt-oss), a learned logit per head that takes
-    part in the softmax without a value.
+    ERNIE); a sliding window; attention sinks (gpt-oss), a learned logit per head that takes
+    part in the softmax without a value; and an output gate (Qwen3.5), for which q_proj also gives
+    each head a gate, sigmoid(gate) scaling the head's output. `norm` is the q/k norm's class.
     """
 
     def __init__(
@@ -37,19 +38,22 @@ class Attention(nn.Module):
         sliding_window: int | None = None,
         sinks: bool = False,
         interleaved_rope: bool = False,
+        output_gate: bool = False,
+        norm=RMSNorm,
     ):
         super().__init__()
         self.heads, self.kv_heads, self.head_dim = heads, kv_heads, head_dim
         self.qk_norm, self.clip_qkv, self.sliding_window = qk_norm, clip_qkv, sliding_window
         self.rotate = apply_rotary_interleaved if interleaved_rope else apply_rotary
-        self.q_proj = nn.Linear(hidden, heads * head_dim, bias=qkv_bias)
+        self.output_gate = output_gate
+        self.q_proj = nn.Linear(hidden, heads * head_dim * (2 if output_gate else 1), bias=qkv_bias)
         self.k_proj = nn.Linear(hidden, kv_heads * head_dim, bias=qkv_bias)
         self.v_proj = nn.Linear(hidden, kv_heads * head_dim, bias=qkv_bias)
         self.o_proj = nn.Linear(heads * head_dim, hidden, bias=out_bias)
         if qk_norm in ("head", "head_after_rope"):
-            self.q_norm, self.k_norm = RMSNorm(head_dim, norm_eps), RMSNorm(head_dim, norm_eps)
+            self.q_norm, self.k_norm = norm(head_dim, norm_eps), norm(head_dim, norm_eps)
         elif qk_norm == "full":
-            self.q_norm, self.k_norm = RMSNorm(heads * head_dim, norm_eps), RMSNorm(kv_heads * head_dim, norm_eps)
+            self.q_norm, self.k_norm = norm(heads * head_dim, norm_eps), norm(kv_heads * head_dim, norm_eps)
         if sinks:
             self.sinks = nn.Parameter(torch.empty(heads))
 
@@ -62,6 +66,8 @@ class Attention(nn.Module):
     def forward(self, x: torch.Tensor, step: Step, kv: AttentionKV) -> torch.Tensor:
         B, T, _ = x.shape
         q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
+        if self.output_gate:  # per head: [query | gate]
+            q, gate = q.view(B, T, self.heads, 2 * self.head_dim).chunk(2, dim=-1)
         if self.qk_norm == "full":
             q, k = self.q_norm(q), self.k_norm(k)
         if self.clip_qkv is not None:
@@ -83,7 +89,10 @@ class Attention(nn.Module):
             out = F.scaled_dot_product_attention(
                 q, k, v, attn_mask=mask, is_causal=is_causal, scale=self.head_dim**-0.5, enable_gqa=True
             )
-        return self.o_proj(out.transpose(1, 2).reshape(B, T, -1))
+        out = out.transpose(1, 2).reshape(B, T, -1)
+        if self.output_gate:
+            out = out * torch.sigmoid(gate.reshape(B, T, -1))
+        return self.o_proj(out)
 
 
 def attend_with_sinks(

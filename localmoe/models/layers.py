@@ -44,6 +44,14 @@ class RMSNorm(nn.Module):
         return self.weight * x32.to(x.dtype)
 
 
+class ZeroCenteredRMSNorm(RMSNorm):
+    """Scales by 1 + weight (the checkpoint stores the offset from one), in float32 before casting back."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x32 = x.float()
+        return (x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps) * (1 + self.weight.float())).to(x.dtype)
+
+
 # --- rotary position embeddings ---------------------------------------------------------------------------
 
 

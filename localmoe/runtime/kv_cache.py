@@ -46,6 +46,22 @@ class LinearAttentionState:
         self.kv.zero_()
 
 
+class DeltaNetState:
+    """A Gated DeltaNet layer's state: the last `kernel - 1` inputs of its causal convolution [B, C, K-1],
+    and the delta rule's [B, H, Dk, Dv] matrix, kept in float32 as it sums over every token so far.
+    It cannot be rewound to an earlier position."""
+
+    recurrent = True
+
+    def __init__(self, batch: int, channels: int, kernel: int, heads: int, k_dim: int, v_dim: int, dtype, device):
+        self.conv = torch.zeros(batch, channels, kernel - 1, dtype=dtype, device=device)
+        self.matrix = torch.zeros(batch, heads, k_dim, v_dim, dtype=torch.float32, device=device)
+
+    def reset(self) -> None:
+        self.conv.zero_()
+        self.matrix.zero_()
+
+
 class KVCache:
     """The state of every layer plus how many positions are filled."""
 

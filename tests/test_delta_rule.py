@@ -1,0 +1,51 @@
+"""The chunked gated delta rule against the token-by-token one it must equal."""
+
+import pytest
+import torch
+
+from localmoe.kernels.delta_rule import gated_delta_rule, gated_delta_rule_chunked
+
+
+def inputs(T: int, seed: int = 0):
+    generator = torch.Generator().manual_seed(seed)
+    B, H, Dk, Dv = 2, 3, 8, 5
+
+    def randn(*shape):
+        return torch.randn(*shape, generator=generator)
+
+    q, v = randn(B, H, T, Dk), randn(B, H, T, Dv)
+    k = torch.nn.functional.normalize(randn(B, H, T, Dk), dim=-1)
+    g = -2 * torch.rand(B, H, T, generator=generator)
+    beta = torch.rand(B, H, T, generator=generator)
+    return (q, k, v, g, beta), randn(B, H, Dk, Dv)
+
+
+@pytest.mark.parametrize("T, chunk", [(1, 64), (7, 64), (64, 64), (150, 64), (37, 5)])
+def test_chunked_equals_token_by_token(T, chunk):
+    args, state = inputs(T)
+    expected_state, got_state = state.clone(), state.clone()
+    expected = gated_delta_rule(*args, expected_state)
+    got = gated_delta_rule_chunked(*args, got_state, chunk=chunk)
+    torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(got_state, expected_state, atol=1e-5, rtol=1e-5)
+
+
+def test_a_sequence_split_in_two_carries_its_state():
+    args, state = inputs(40)
+    whole_state, split_state = state.clone(), state.clone()
+    whole = gated_delta_rule_chunked(*args, whole_state, chunk=16)
+    first = gated_delta_rule_chunked(*(x[:, :, :25] for x in args), split_state, chunk=16)
+    second = gated_delta_rule(*(x[:, :, 25:] for x in args), split_state)
+    torch.testing.assert_close(torch.cat((first, second), dim=2), whole, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(split_state, whole_state, atol=1e-5, rtol=1e-5)
+
+
+def test_zero_write_rate_leaves_only_decay():
+    """beta = 0 writes nothing: the state only decays, and the output reads the decayed state."""
+    (q, k, v, g, _), state = inputs(6)
+    before = state.clone()
+    out = gated_delta_rule_chunked(q, k, v, g, torch.zeros_like(g), state)
+    decay = g.sum(-1).exp()[..., None, None]
+    torch.testing.assert_close(state, before * decay)
+    expected_first = (q[..., 0, None, :] @ (before * g[..., 0, None, None].exp())).squeeze(-2)
+    torch.testing.assert_close(out[..., 0, :], expected_first)
