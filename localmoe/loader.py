@@ -51,7 +51,7 @@ def open_checkpoint(source: str, revision: str | None = None) -> Checkpoint:
     config = {key: value for key, value in ckpt.config.items() if not key.endswith("_config")}
     config |= {"quantization_config": ckpt.config.get("quantization_config"), **text}
     config["architectures"] = [family.architectures[0]]
-    part = f"the language model of {wrapper.architecture} (text only)"
+    part = f"the language model of {wrapper.architecture} (text only; its other towers stay on disk)"
     return ckpt.part_view(part, config, wrapper.prefixes)
 
 

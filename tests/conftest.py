@@ -374,3 +374,28 @@ QWEN3_5_MOE = dict(
     bos_token_id=256,
     eos_token_id=257,
 )
+
+GEMMA4 = dict(
+    vocab_size=258,
+    hidden_size=64,
+    intermediate_size=48,
+    num_hidden_layers=4,  # three sliding-window layers, then a global one
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    head_dim=16,
+    global_head_dim=32,
+    num_global_key_value_heads=1,
+    attention_k_eq_v=True,
+    sliding_window=8,  # shorter than the prompts
+    enable_moe_block=True,
+    num_experts=6,
+    top_k_experts=2,
+    moe_intermediate_size=24,
+    hidden_size_per_layer_input=8,
+    vocab_size_per_layer_input=258,
+    final_logit_softcapping=30.0,
+    max_position_embeddings=256,
+    bos_token_id=256,
+    eos_token_id=257,
+    pad_token_id=0,
+)

@@ -8,6 +8,7 @@ import torch
 from conftest import (
     DEEPSEEK_V2,
     ERNIE,
+    GEMMA4,
     GLM4_MOE,
     GPT_OSS,
     HUNYUAN,
@@ -255,6 +256,7 @@ EVERY_FAMILY = {
     "hunyuan_v1_moe": ("HunYuanMoEV1Config", {**HUNYUAN, "moe_topk": [1, 3, 2]}),
     "llama4_text": ("Llama4TextConfig", {**LLAMA4, "num_experts_per_tok": 2}),
     "qwen3_5_moe_text": ("Qwen3_5MoeTextConfig", QWEN3_5_MOE),
+    "gemma4_text": ("Gemma4TextConfig", GEMMA4),
 }
 
 

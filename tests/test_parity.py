@@ -6,6 +6,7 @@ import torch
 from conftest import (
     DEEPSEEK_V2,
     ERNIE,
+    GEMMA4,
     GLM4_MOE,
     GPT_OSS,
     HUNYUAN,
@@ -223,6 +224,20 @@ CASES = {
         {"full_attention_interval": 2, "partial_rotary_factor": 0.5, "tie_word_embeddings": True},
         "fused",
     ),
+    "gemma4-sharded": ("Gemma4TextConfig", GEMMA4, {}, "sharded"),
+    # no per-layer embeddings, values of their own on global layers, untied head, no soft-capping
+    "gemma4-plain": (
+        "Gemma4TextConfig",
+        GEMMA4,
+        {
+            "hidden_size_per_layer_input": 0,
+            "attention_k_eq_v": False,
+            "tie_word_embeddings": False,
+            "final_logit_softcapping": None,
+            "layer_types": ["sliding_attention", "full_attention", "sliding_attention", "full_attention"],
+        },
+        "single",
+    ),
 }
 
 
@@ -244,8 +259,8 @@ def pair(request, tmp_path_factory):
 def test_experts_read_in_the_layout_written(pair, request):
     _, engine = pair
     name = request.node.callspec.params["pair"]
-    # save_pretrained writes the Hub's per-expert names, except for gpt-oss and Llama 4, whose Hub layout is fused
-    expected = Fused if CASES[name][3] == "fused" or name.startswith(("gpt-oss", "llama4")) else PerExpert
+    # save_pretrained writes the Hub's per-expert names, except for the families whose Hub layout is fused
+    expected = Fused if CASES[name][3] == "fused" or name.startswith(("gpt-oss", "llama4", "gemma4")) else PerExpert
     assert {type(found) for found in engine.parts.experts.layouts.values()} == {expected}
 
 
@@ -317,33 +332,6 @@ def test_greedy_tokens_identical(pair, request):
     assert got == expected
 
 
-def test_llama4_multimodal_checkpoint_runs_its_language_model(tmp_path):
-    """Llama4ForConditionalGeneration (how Scout and Maverick ship): the text weights under
-    `language_model.`, the config in `text_config`, a vision tower beside them that localmoe ignores."""
-    import transformers
-
-    vision = dict(
-        hidden_size=16,
-        num_hidden_layers=1,
-        num_attention_heads=2,
-        intermediate_size=32,
-        image_size=28,
-        patch_size=14,
-        vision_output_dim=16,
-        projector_input_dim=16,
-        projector_output_dim=64,
-    )
-    config = transformers.Llama4Config(text_config=LLAMA4, vision_config=vision)
-    wrapper = transformers.Llama4ForConditionalGeneration(config).eval()
-    randomize(wrapper)
-    wrapper.save_pretrained(tmp_path)
-    engine = localmoe.load(str(tmp_path), device="cpu", dtype=torch.float32)
-    assert "Llama4ForConditionalGeneration (text only)" in engine.summary()
-    pair = (wrapper.language_model, engine)
-    test_prefill_logits_match(pair)
-    test_decode_steps_match(pair)
-
-
 def test_qwen3_5_prompt_longer_than_a_delta_rule_chunk(tmp_path):
     """Prefill crosses transformers' 64-token chunks of the delta rule, then decodes past it."""
     reference = hf_model("Qwen3_5MoeTextConfig", **QWEN3_5_MOE)
@@ -357,18 +345,61 @@ def test_qwen3_5_prompt_longer_than_a_delta_rule_chunk(tmp_path):
     assert list(generate_tokens(engine.model, ids[0].tolist(), 8)) == generated[0, 150:].tolist()
 
 
-def test_qwen3_5_multimodal_checkpoint_runs_its_language_model(tmp_path):
-    """Qwen3_5MoeForConditionalGeneration (how the Hub ships Qwen3.5): the text weights under
-    `model.language_model.`, the LM head at the top, a vision tower beside them that localmoe ignores."""
+# the multimodal classes the Hub ships these families as: (config class, model class, text config, vision config)
+MULTIMODAL = {
+    "llama4": (
+        "Llama4Config",
+        "Llama4ForConditionalGeneration",
+        LLAMA4,
+        dict(
+            hidden_size=16,
+            num_hidden_layers=1,
+            num_attention_heads=2,
+            intermediate_size=32,
+            image_size=28,
+            patch_size=14,
+            vision_output_dim=16,
+            projector_input_dim=16,
+            projector_output_dim=64,
+        ),
+    ),
+    "qwen3.5": (
+        "Qwen3_5MoeConfig",
+        "Qwen3_5MoeForConditionalGeneration",
+        QWEN3_5_MOE,
+        dict(depth=1, hidden_size=16, intermediate_size=32, num_heads=2, out_hidden_size=64, patch_size=4),
+    ),
+    "gemma4": (
+        "Gemma4Config",
+        "Gemma4ForConditionalGeneration",
+        GEMMA4,
+        dict(
+            hidden_size=16,
+            intermediate_size=32,
+            num_hidden_layers=1,
+            num_attention_heads=2,
+            num_key_value_heads=2,
+            head_dim=8,
+            patch_size=4,
+            position_embedding_size=64,
+        ),
+    ),
+}
+
+
+@pytest.mark.parametrize("name", list(MULTIMODAL))
+def test_multimodal_checkpoint_runs_its_language_model(name, tmp_path):
+    """The text weights sit under a prefix beside a vision tower, the config in `text_config`: localmoe
+    loads the language model alone, says so, and matches the whole model on text."""
     import transformers
 
-    vision = dict(depth=1, hidden_size=16, intermediate_size=32, num_heads=2, out_hidden_size=64, patch_size=4)
-    config = transformers.Qwen3_5MoeConfig(text_config=QWEN3_5_MOE, vision_config=vision)
-    wrapper = transformers.Qwen3_5MoeForConditionalGeneration(config).eval()
+    config_class, model_class, text, vision = MULTIMODAL[name]
+    config = getattr(transformers, config_class)(text_config=text, vision_config=vision)
+    wrapper = getattr(transformers, model_class)(config).eval()
     randomize(wrapper)
     wrapper.save_pretrained(tmp_path)
     engine = localmoe.load(str(tmp_path), device="cpu", dtype=torch.float32)
-    assert "Qwen3_5MoeForConditionalGeneration (text only)" in engine.summary()
+    assert f"{model_class} (text only;" in engine.summary()
     ids = prompt_ids()
     with torch.no_grad():
         expected = wrapper(ids).logits

@@ -7,6 +7,7 @@ from localmoe.models import (
     deepseek_v2,
     deepseek_v3,
     ernie4_5_moe,
+    gemma4,
     glm4_moe,
     gpt_oss,
     hunyuan_v1_moe,
@@ -38,6 +39,7 @@ FAMILIES: tuple[Family, ...] = (
     hunyuan_v1_moe.FAMILY,
     llama4.FAMILY,
     qwen3_5_moe.FAMILY,
+    gemma4.FAMILY,
 )
 
 

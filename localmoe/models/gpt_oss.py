@@ -6,23 +6,13 @@ which are decoded to the compute dtype when read."""
 from dataclasses import dataclass, field
 from typing import ClassVar
 
-import torch
-
 from localmoe.models.attention import Attention
 from localmoe.models.expert_tensors import Fused, Mxfp4
 from localmoe.models.family import Family, ModelArgs, causal_lm
-from localmoe.models.layers import CausalLM, DecoderLayer, RMSNorm
+from localmoe.models.layers import CausalLM, DecoderLayer, UpcastRMSNorm
 from localmoe.models.moe import GatedActivation, SparseMoE, TopKRouter
 
 EXPERTS = "model.layers.{layer}.mlp.experts"
-
-
-class GptOssRMSNorm(RMSNorm):
-    """Scales before casting back to the input dtype (other families cast first)."""
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x32 = x.float()
-        return (self.weight * (x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps))).to(x.dtype)
 
 
 @dataclass
@@ -90,11 +80,11 @@ def build(args: GptOssArgs) -> CausalLM:
             ),
             hidden,
             args.rms_norm_eps,
-            norm=GptOssRMSNorm,
+            norm=UpcastRMSNorm,
         )
         for i in range(args.num_hidden_layers)
     ]
-    return causal_lm(args, layers, head_dim, norm=GptOssRMSNorm)
+    return causal_lm(args, layers, head_dim, norm=UpcastRMSNorm)
 
 
 FAMILY = Family(

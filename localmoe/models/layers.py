@@ -44,6 +44,19 @@ class RMSNorm(nn.Module):
         return self.weight * x32.to(x.dtype)
 
 
+class UpcastRMSNorm(RMSNorm):
+    """Scales in float32 before casting back to the input dtype (gpt-oss, Gemma 4)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return (self.weight * rms_normalize(x.float(), self.eps)).to(x.dtype)
+
+
+def rms_normalize(x: torch.Tensor, eps: float) -> torch.Tensor:
+    """RMS normalisation without a weight, computed in float32."""
+    x32 = x.float()
+    return (x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + eps)).to(x.dtype)
+
+
 class ZeroCenteredRMSNorm(RMSNorm):
     """Scales by 1 + weight (the checkpoint stores the offset from one), in float32 before casting back."""
 
@@ -82,6 +95,12 @@ def rope_inv_freq(params: dict[str, Any], head_dim: int, max_positions: int) -> 
     """Inverse frequencies [dim/2] and the attention scaling applied to cos/sin, per `rope_type`."""
     kind = params["rope_type"]
     base = float(params["rope_theta"])
+    if kind == "proportional":
+        # Gemma 4: the first fraction of each half of the head rotates, at the frequencies a full-width
+        # rotary would give those dims; the rest get frequency zero, so cos and sin span the whole head
+        rotated = int(params.get("partial_rotary_factor", 1.0) * head_dim // 2)
+        inv_freq = 1.0 / base ** (torch.arange(0, 2 * rotated, 2, dtype=torch.int64).float() / head_dim)
+        return torch.cat((inv_freq, torch.zeros(head_dim // 2 - rotated))) / params.get("factor", 1.0), 1.0
     dim = int(head_dim * params.get("partial_rotary_factor", 1.0))
     exponents = torch.arange(0, dim, 2, dtype=torch.int64).float() / dim
     inv_freq = 1.0 / base**exponents
@@ -99,7 +118,8 @@ def rope_inv_freq(params: dict[str, Any], head_dim: int, max_positions: int) -> 
         # NTK-alpha (Hunyuan): a fixed change of base, whatever the length
         return 1.0 / (base * params["alpha"] ** (dim / (dim - 2))) ** exponents, 1.0
     raise LocalMoEError(
-        f"rope_type {kind!r} is not supported yet; localmoe knows default, linear, llama3, yarn and longrope"
+        f"rope_type {kind!r} is not supported yet; localmoe knows default, linear, llama3, yarn, longrope, "
+        "proportional and dynamic with alpha"
     )
 
 
@@ -206,7 +226,15 @@ class Step:
     length: int
     cos: torch.Tensor
     sin: torch.Tensor
-    _masks: dict = field(default_factory=dict)
+    layer_inputs: torch.Tensor | None = None  # [B, T, layers, D]: Gemma 4's per-layer embeddings
+    _memo: dict = field(default_factory=dict)
+
+    def rotary(self, rotary: "RotaryEmbedding") -> tuple[torch.Tensor, torch.Tensor]:
+        """cos and sin from a rotary embedding other than the model's (for layers of another kind),
+        computed once per step."""
+        if rotary not in self._memo:
+            self._memo[rotary] = rotary(self.start, self.length, self.cos.dtype)
+        return self._memo[rotary]
 
     def mask(self, window: int | None) -> tuple[torch.Tensor | None, bool]:
         """(boolean mask [T, S] or None, is_causal) for scaled_dot_product_attention.
@@ -224,14 +252,14 @@ class Step:
 
     def visible(self, window: int | None) -> torch.Tensor:
         """Which cached positions each new token sees: [T, S] booleans."""
-        if window not in self._masks:
+        if window not in self._memo:
             queries = torch.arange(self.start, self.start + self.length, device=self.cos.device)[:, None]
             keys = torch.arange(self.start + self.length, device=self.cos.device)[None, :]
             visible = keys <= queries
             if window is not None:
                 visible &= keys > queries - window
-            self._masks[window] = visible
-        return self._masks[window]
+            self._memo[window] = visible
+        return self._memo[window]
 
 
 # --- feed-forward and the decoder stack --------------------------------------------------------------------
@@ -288,8 +316,11 @@ class CausalLM(nn.Module):
         tie_word_embeddings: bool,
         max_position_embeddings: int,
         lm_head_bias: bool = False,
+        embed_scale: float = 1.0,
+        logit_softcap: float | None = None,
     ):
         super().__init__()
+        self.embed_scale, self.logit_softcap = embed_scale, logit_softcap  # Gemma: sqrt(hidden), tanh capping
         self.model = backbone
         self.rotary = rotary
         vocab_size, hidden = backbone.embed_tokens.weight.shape
@@ -318,8 +349,8 @@ class CausalLM(nn.Module):
             raise LocalMoEError(
                 f"{start + length} tokens do not fit the {cache.max_len}-token context allocated for this run"
             )
-        h = self.model.embed_tokens(ids)
-        step = Step(start, length, *self.rotary(start, length, h.dtype))
+        step = Step(start, length, *self.rotary(start, length, self.model.embed_tokens.weight.dtype))
+        h = self.embed(ids, step)
         cache.writing = True
         for layer, kv in zip(self.model.layers, cache.layers, strict=True):
             h = layer(h, step, kv)
@@ -327,5 +358,16 @@ class CausalLM(nn.Module):
         cache.writing = False
         h = self.model.norm(h if all_logits else h[:, -1:])
         if self.lm_head is None:
-            return F.linear(h, self.model.embed_tokens.weight, getattr(self, "lm_head_bias", None))
-        return self.lm_head(h)
+            logits = F.linear(h, self.model.embed_tokens.weight, getattr(self, "lm_head_bias", None))
+        else:
+            logits = self.lm_head(h)
+        if self.logit_softcap is not None:
+            logits = torch.tanh(logits / self.logit_softcap) * self.logit_softcap
+        return logits
+
+    def embed(self, ids: torch.Tensor, step: Step) -> torch.Tensor:
+        """The hidden states [B, T, E] the first layer takes, for ids [B, T]."""
+        h = self.model.embed_tokens(ids)
+        if self.embed_scale != 1.0:
+            h = h * torch.tensor(self.embed_scale, dtype=h.dtype)  # rounded to the dtype first, as Gemma does
+        return h

@@ -14,7 +14,7 @@ from torch import nn
 from localmoe.models.attention import Attention
 from localmoe.models.expert_tensors import Fused
 from localmoe.models.family import Family, ModelArgs, Multimodal, causal_lm
-from localmoe.models.layers import MLP, CausalLM, DecoderLayer, Step
+from localmoe.models.layers import MLP, CausalLM, DecoderLayer, Step, rms_normalize
 from localmoe.models.moe import GatedActivation, SparseMoE
 from localmoe.runtime.kv_cache import AttentionKV
 
@@ -97,7 +97,7 @@ class Llama4Attention(Attention):
         if self.use_rope:
             q, k = self.rotate(q, step.cos, step.sin), self.rotate(k, step.cos, step.sin)
         if self.norm_qk:
-            q, k = _rms(q, self.eps), _rms(k, self.eps)
+            q, k = rms_normalize(q, self.eps), rms_normalize(k, self.eps)
         if self.temperature is not None:
             floor_scale, attn_scale = self.temperature
             positions = torch.arange(step.start, step.start + T, device=x.device, dtype=torch.float32)
@@ -109,11 +109,6 @@ class Llama4Attention(Attention):
             q, k, v, attn_mask=mask, is_causal=is_causal, scale=self.head_dim**-0.5, enable_gqa=True
         )
         return self.o_proj(out.transpose(1, 2).reshape(B, T, -1))
-
-
-def _rms(x: torch.Tensor, eps: float) -> torch.Tensor:
-    x32 = x.float()
-    return (x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + eps)).to(x.dtype)
 
 
 def _mask(step: Step, chunk: int | None) -> tuple[torch.Tensor | None, bool]:
