@@ -15,7 +15,8 @@ DERIVED_BUFFERS = ("inv_freq", "slope_rate", "_decay")
 
 def randomize(model: torch.nn.Module, seed: int = 0) -> None:
     """Give every parameter and learned buffer a random value: defaults such as zero biases or unit
-    norms hide bugs. Norm weights stay near one so that activations keep a sane scale through the stack.
+    norms hide bugs. Norm weights (and Gemma 4's layer scalars) stay near one so that activations keep a
+    sane scale through the stack.
     """
     generator = torch.Generator().manual_seed(seed)
     with torch.no_grad():
@@ -23,7 +24,7 @@ def randomize(model: torch.nn.Module, seed: int = 0) -> None:
             if not tensor.is_floating_point() or any(derived in name for derived in DERIVED_BUFFERS):
                 continue
             noise = torch.randn(tensor.shape, generator=generator, dtype=torch.float32)
-            center = 1.0 if "norm" in name else 0.0
+            center = 1.0 if "norm" in name or "layer_scalar" in name else 0.0
             tensor.copy_(center + 0.1 * noise)
 
 

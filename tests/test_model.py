@@ -2,33 +2,54 @@
 
 import pytest
 import torch
-from conftest import DEEPSEEK_V2, GPT_OSS, MINIMAX, MIXTRAL, QWEN3_MOE, hf_model, save_hf
-from hypothesis import given, settings
+from conftest import DEEPSEEK_V2, GEMMA4, GPT_OSS, LLAMA4, MINIMAX, MIXTRAL, QWEN3_5_MOE, QWEN3_MOE, hf_model, save_hf
+from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import localmoe
+from localmoe.runtime import kv_cache
 
 TOLERANCE = 1e-5
+# Rounding that grows through the stack of a random model, not a mismatch: the chunked and the
+# token-by-token delta rule round differently, and Gemma 4 renormalises four times a layer.
+LOOSER = {"qwen3.5": 1e-4, "gemma4-ring": 1e-4}
+
+# name: (config class, config, the rewind slack of windowed layers: small, so that they use rings)
+MODELS = {
+    "mixtral": ("MixtralConfig", MIXTRAL, None),
+    # a window shorter than the sequence exercises the explicit-mask path of chunked prefill
+    "mixtral-window": ("MixtralConfig", {**MIXTRAL, "sliding_window": 6}, None),
+    "mixtral-window-ring": ("MixtralConfig", {**MIXTRAL, "sliding_window": 6}, 4),
+    "qwen3": ("Qwen3MoeConfig", {**QWEN3_MOE, "mlp_only_layers": [1]}, None),
+    "deepseek-v3": ("DeepseekV3Config", {**DEEPSEEK_V2, "n_group": 4, "topk_group": 2}, None),
+    "gpt-oss-ring": ("GptOssConfig", GPT_OSS, 0),
+    # lightning attention first: its state carries across chunks and blocks
+    "minimax": ("MiniMaxConfig", {**MINIMAX, "layer_types": ["linear_attention", "full_attention"] * 2}, None),
+    "qwen3.5": ("Qwen3_5MoeTextConfig", QWEN3_5_MOE, None),
+    "llama4-ring": ("Llama4TextConfig", {**LLAMA4, "attention_chunk_size": 5}, 2),
+    "gemma4-ring": ("Gemma4TextConfig", {**GEMMA4, "sliding_window": 5}, 3),
+}
 
 
-@pytest.fixture(
-    scope="module",
-    params=[
-        ("MixtralConfig", MIXTRAL),
-        # a window shorter than the sequence exercises the explicit-mask path of chunked prefill
-        ("MixtralConfig", {**MIXTRAL, "sliding_window": 6}),
-        ("Qwen3MoeConfig", {**QWEN3_MOE, "mlp_only_layers": [1]}),
-        ("DeepseekV3Config", {**DEEPSEEK_V2, "n_group": 4, "topk_group": 2}),
-        ("GptOssConfig", GPT_OSS),
-        # lightning attention first: its state carries across chunks and blocks
-        ("MiniMaxConfig", {**MINIMAX, "layer_types": ["linear_attention", "full_attention"] * 2}),
-    ],
-    ids=["mixtral", "mixtral-window", "qwen3", "deepseek-v3", "gpt-oss", "minimax"],
-)
+@pytest.fixture(scope="module", params=list(MODELS))
 def model(request, tmp_path_factory):
-    config_class, config = request.param
+    config_class, config, _ = MODELS[request.param]
     folder = save_hf(hf_model(config_class, **config), tmp_path_factory.mktemp("m"), "sharded")
     return localmoe.load(str(folder), device="cpu", dtype=torch.float32).model
+
+
+@pytest.fixture
+def tolerance(request) -> float:
+    return LOOSER.get(request.node.callspec.params["model"], TOLERANCE)
+
+
+@pytest.fixture(autouse=True)
+def rewind_slack(request, monkeypatch):
+    """The model's rewind slack while the test allocates caches."""
+    callspec = getattr(request.node, "callspec", None)
+    slack = MODELS[callspec.params["model"]][2] if callspec and "model" in callspec.params else None
+    if slack is not None:
+        monkeypatch.setattr(kv_cache, "REWIND_SLACK", slack)
 
 
 def tokens(batch: int, length: int, seed: int = 3) -> torch.Tensor:
@@ -39,9 +60,9 @@ def full_forward(model, ids):
     return model(ids, model.new_cache(ids.shape[0], ids.shape[1]), all_logits=True)
 
 
-@settings(max_examples=12, deadline=None)
+@settings(max_examples=12, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(chunks=st.lists(st.integers(min_value=1, max_value=9), min_size=1, max_size=6))
-def test_any_chunking_equals_full_forward(model, chunks):
+def test_any_chunking_equals_full_forward(model, tolerance, chunks):
     """Prefill in pieces of any size, then decode: the same logits as one pass over everything."""
     ids = tokens(1, sum(chunks))
     expected = full_forward(model, ids)
@@ -51,10 +72,10 @@ def test_any_chunking_equals_full_forward(model, chunks):
         got.append(model(ids[:, start : start + size], cache, all_logits=True))
         start += size
     assert cache.pos == ids.shape[1]
-    assert (torch.cat(got, dim=1) - expected).abs().max().item() < TOLERANCE
+    assert (torch.cat(got, dim=1) - expected).abs().max().item() < tolerance
 
 
-def test_batch_of_two_equals_each_alone(model):
+def test_batch_of_two_equals_each_alone(model, tolerance):
     ids = tokens(2, 10)
     batched = full_forward(model, ids)
     cache = model.new_cache(2, 14)
@@ -63,9 +84,9 @@ def test_batch_of_two_equals_each_alone(model):
     decoded = [model(steps[:, i : i + 1], cache) for i in range(4)]
     for row in range(2):
         alone = full_forward(model, torch.cat([ids[row : row + 1], steps[row : row + 1]], dim=1))
-        assert (batched[row] - alone[0, :10]).abs().max().item() < TOLERANCE
+        assert (batched[row] - alone[0, :10]).abs().max().item() < tolerance
         for i, logits in enumerate(decoded):
-            assert (logits[row, -1] - alone[0, 10 + i]).abs().max().item() < TOLERANCE
+            assert (logits[row, -1] - alone[0, 10 + i]).abs().max().item() < tolerance
 
 
 def test_overrunning_the_allocated_context_is_an_error(model):
@@ -75,21 +96,30 @@ def test_overrunning_the_allocated_context_is_an_error(model):
         model(tokens(1, 3), cache)
 
 
-def test_rewinding_keeps_what_it_can(model):
-    """Keys and values can be kept for any prefix; a linear-attention state only when nothing is dropped."""
-    ids = tokens(1, 12)
+def test_rewinding_keeps_what_it_can(model, tolerance):
+    """Keys and values can be kept for any prefix; a ring of them for a rewind up to its slack; a
+    recurrent state only when nothing is dropped."""
+    ids = tokens(1, 20)
     expected = full_forward(model, ids)
-    cache = model.new_cache(1, 12)
-    model(ids[:, :8], cache)
-    recurrent = any(getattr(state, "recurrent", False) for state in cache.layers)
-    assert cache.rewind(8) == 8
-    kept = cache.rewind(5)
-    assert kept == (0 if recurrent else 5)
+    cache = model.new_cache(1, 20)
+    model(ids[:, :14], cache)
+    assert cache.rewind(14) == 14
+    kept = cache.rewind(14 - 3)
+    assert kept == (0 if any(map(cannot_rewind(3), cache.layers)) else 11)
     got = model(ids[:, kept:], cache, all_logits=True)
-    assert (got - expected[:, kept:]).abs().max().item() < TOLERANCE
+    assert (got - expected[:, kept:]).abs().max().item() < tolerance
 
 
-def test_a_forward_cut_short_is_not_trusted(model, monkeypatch):
+def cannot_rewind(positions: int):
+    def test(state) -> bool:
+        if isinstance(state, kv_cache.WindowKV):
+            return positions > kv_cache.REWIND_SLACK
+        return isinstance(state, (kv_cache.LinearAttentionState, kv_cache.DeltaNetState))
+
+    return test
+
+
+def test_a_forward_cut_short_is_not_trusted(model, tolerance, monkeypatch):
     """Ctrl-C in the middle of a forward pass: some layers have taken the new tokens, others not."""
     ids = tokens(1, 12)
     expected = full_forward(model, ids)
@@ -101,7 +131,7 @@ def test_a_forward_cut_short_is_not_trusted(model, monkeypatch):
         model(ids[:, 6:], cache)
     monkeypatch.undo()
     kept = cache.rewind(6)
-    recurrent = any(getattr(state, "recurrent", False) for state in cache.layers)
-    assert kept == (0 if recurrent else 6)
+    plain = all(isinstance(state, (kv_cache.AttentionKV, kv_cache.LatentKV)) for state in cache.layers)
+    assert kept == (6 if plain else 0)
     got = model(ids[:, kept:], cache, all_logits=True)
-    assert (got - expected[:, kept:]).abs().max().item() < TOLERANCE
+    assert (got - expected[:, kept:]).abs().max().item() < tolerance

@@ -9,7 +9,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from localmoe.models.layers import RMSNorm, Step, apply_rotary, apply_rotary_interleaved
-from localmoe.runtime.kv_cache import AttentionKV, LatentKV
+from localmoe.runtime.kv_cache import REWIND_SLACK, AttentionKV, LatentKV, WindowKV, attention_state
 
 
 class Attention(nn.Module):
@@ -57,11 +57,22 @@ class Attention(nn.Module):
         if sinks:
             self.sinks = nn.Parameter(torch.empty(heads))
 
-    def new_state(self, batch: int, max_len: int, dtype: torch.dtype, device: torch.device) -> AttentionKV:
-        return AttentionKV(batch, self.kv_heads, self.head_dim, max_len, dtype, device)
+    def new_state(self, batch: int, max_len: int, dtype: torch.dtype, device) -> AttentionKV | WindowKV:
+        return attention_state(batch, self.kv_heads, self.head_dim, max_len, self.span, dtype, device)
+
+    @property
+    def span(self) -> int | None:
+        """The most recent positions a query can see, if fewer than all."""
+        return self.sliding_window
 
     def state_bytes_per_token(self, dtype: torch.dtype) -> int:
-        return 2 * self.kv_heads * self.head_dim * dtype.itemsize
+        return 0 if self.span is not None else 2 * self.kv_heads * self.head_dim * dtype.itemsize
+
+    def fixed_state_bytes(self, dtype: torch.dtype) -> int:
+        """A windowed layer's ring (at most: a shorter context gets one slot per position instead)."""
+        return (
+            0 if self.span is None else 2 * self.kv_heads * self.head_dim * dtype.itemsize * (self.span + REWIND_SLACK)
+        )
 
     def forward(self, x: torch.Tensor, step: Step, kv: AttentionKV) -> torch.Tensor:
         B, T, _ = x.shape
@@ -81,11 +92,14 @@ class Attention(nn.Module):
         q, k = self.rotate(q, step.cos, step.sin), self.rotate(k, step.cos, step.sin)
         if self.qk_norm == "head_after_rope":
             q, k = self.q_norm(q), self.k_norm(k)
-        k, v = kv.update(k, v, step.start)  # [B, H_kv, S, D]
+        k, v, positions = kv.update(k, v, step.start)  # [B, H_kv, S, D]
         if hasattr(self, "sinks"):
-            out = attend_with_sinks(q, k, v, step.visible(self.sliding_window), self.sinks, self.head_dim**-0.5)
+            visible = (
+                step.visible(self.sliding_window) if positions is None else step.mask(self.sliding_window, positions)[0]
+            )
+            out = attend_with_sinks(q, k, v, visible, self.sinks, self.head_dim**-0.5)
         else:
-            mask, is_causal = step.mask(self.sliding_window)
+            mask, is_causal = step.mask(self.sliding_window, positions)
             out = F.scaled_dot_product_attention(
                 q, k, v, attn_mask=mask, is_causal=is_causal, scale=self.head_dim**-0.5, enable_gqa=True
             )

@@ -33,7 +33,7 @@ from localmoe.models.layers import (
     rope_parameters,
 )
 from localmoe.models.moe import GatedActivation, SparseMoE
-from localmoe.runtime.kv_cache import AttentionKV
+from localmoe.runtime.kv_cache import AttentionKV, WindowKV
 
 EXPERTS = "model.layers.{layer}.experts"
 
@@ -130,7 +130,7 @@ class Gemma4Attention(Attention):
         self.eps = args.rms_norm_eps
         self.rotary = rotary  # shared by the global layers; None: the model's
 
-    def forward(self, x: torch.Tensor, step: Step, kv: AttentionKV) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, step: Step, kv: AttentionKV | WindowKV) -> torch.Tensor:
         B, T, _ = x.shape
         q = self.q_norm(self.q_proj(x).view(B, T, self.heads, self.head_dim)).transpose(1, 2)
         k = self.k_proj(x).view(B, T, self.kv_heads, self.head_dim)
@@ -139,8 +139,8 @@ class Gemma4Attention(Attention):
         v = rms_normalize(v, self.eps).transpose(1, 2)
         cos, sin = (step.cos, step.sin) if self.rotary is None else step.rotary(self.rotary)
         q, k = self.rotate(q, cos, sin), self.rotate(k, cos, sin)
-        k, v = kv.update(k, v, step.start)
-        mask, is_causal = step.mask(self.sliding_window)
+        k, v, positions = kv.update(k, v, step.start)
+        mask, is_causal = step.mask(self.sliding_window, positions)
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=is_causal, scale=1.0, enable_gqa=True)
         return self.o_proj(out.transpose(1, 2).reshape(B, T, -1))
 

@@ -236,12 +236,17 @@ class Step:
             self._memo[rotary] = rotary(self.start, self.length, self.cos.dtype)
         return self._memo[rotary]
 
-    def mask(self, window: int | None) -> tuple[torch.Tensor | None, bool]:
-        """(boolean mask [T, S] or None, is_causal) for scaled_dot_product_attention.
+    def mask(self, window: int | None, positions: torch.Tensor | None = None) -> tuple[torch.Tensor | None, bool]:
+        """(boolean mask [T, S] or None, is_causal) for scaled_dot_product_attention, over keys at
+        `positions` [S] (-1: an empty slot), or at 0 .. S-1 in order when None.
 
         The common cases need no mask tensor: a first chunk with no window to cut, or one new token that
         sees the whole cache.
         """
+        if positions is not None:
+            queries = self.positions()[:, None]
+            visible = (positions >= 0) & (positions <= queries)
+            return visible & (positions > queries - window) if window is not None else visible, False
         start, length = self.start, self.length
         within_window = window is None or start + length <= window
         if within_window and start == 0:
@@ -253,13 +258,17 @@ class Step:
     def visible(self, window: int | None) -> torch.Tensor:
         """Which cached positions each new token sees: [T, S] booleans."""
         if window not in self._memo:
-            queries = torch.arange(self.start, self.start + self.length, device=self.cos.device)[:, None]
+            queries = self.positions()[:, None]
             keys = torch.arange(self.start + self.length, device=self.cos.device)[None, :]
             visible = keys <= queries
             if window is not None:
                 visible &= keys > queries - window
             self._memo[window] = visible
         return self._memo[window]
+
+    def positions(self) -> torch.Tensor:
+        """The positions of the new tokens [T]."""
+        return torch.arange(self.start, self.start + self.length, device=self.cos.device)
 
 
 # --- feed-forward and the decoder stack --------------------------------------------------------------------

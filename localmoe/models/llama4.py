@@ -16,7 +16,7 @@ from localmoe.models.expert_tensors import Fused
 from localmoe.models.family import Family, ModelArgs, Multimodal, causal_lm
 from localmoe.models.layers import MLP, CausalLM, DecoderLayer, Step, rms_normalize
 from localmoe.models.moe import GatedActivation, SparseMoE
-from localmoe.runtime.kv_cache import AttentionKV
+from localmoe.runtime.kv_cache import AttentionKV, WindowKV
 
 EXPERTS = "model.layers.{layer}.feed_forward.experts"
 
@@ -89,7 +89,11 @@ class Llama4Attention(Attention):
             (args.floor_scale, args.attn_scale) if args.attn_temperature_tuning and not self.use_rope else None
         )
 
-    def forward(self, x: torch.Tensor, step: Step, kv: AttentionKV) -> torch.Tensor:
+    @property
+    def span(self) -> int | None:
+        return self.chunk
+
+    def forward(self, x: torch.Tensor, step: Step, kv: AttentionKV | WindowKV) -> torch.Tensor:
         B, T, _ = x.shape
         q = self.q_proj(x).view(B, T, self.heads, self.head_dim).transpose(1, 2)
         k = self.k_proj(x).view(B, T, self.kv_heads, self.head_dim).transpose(1, 2)
@@ -103,22 +107,22 @@ class Llama4Attention(Attention):
             positions = torch.arange(step.start, step.start + T, device=x.device, dtype=torch.float32)
             scale = torch.log1p(torch.floor((positions + 1) / floor_scale)) * attn_scale + 1
             q = (q * scale[:, None]).to(q.dtype)
-        k, v = kv.update(k, v, step.start)
-        mask, is_causal = _mask(step, self.chunk)
+        k, v, positions = kv.update(k, v, step.start)
+        mask, is_causal = _mask(step, self.chunk, positions)
         out = F.scaled_dot_product_attention(
             q, k, v, attn_mask=mask, is_causal=is_causal, scale=self.head_dim**-0.5, enable_gqa=True
         )
         return self.o_proj(out.transpose(1, 2).reshape(B, T, -1))
 
 
-def _mask(step: Step, chunk: int | None) -> tuple[torch.Tensor | None, bool]:
+def _mask(step: Step, chunk: int | None, positions: torch.Tensor | None) -> tuple[torch.Tensor | None, bool]:
     """`Step.mask`, cut to the chunk of each query where the step reaches past the first chunk."""
-    if chunk is None or step.start + step.length <= chunk:
+    if chunk is None or (positions is None and step.start + step.length <= chunk):
         return step.mask(None)
-    visible = step.visible(None)
-    queries = torch.arange(step.start, step.start + step.length, device=visible.device)[:, None]
-    keys = torch.arange(visible.shape[1], device=visible.device)[None, :]
-    return visible & (keys // chunk == queries // chunk), False
+    if positions is None:
+        positions = torch.arange(step.start + step.length, device=step.cos.device)
+    visible, _ = step.mask(None, positions)
+    return visible & (positions // chunk == step.positions()[:, None] // chunk), False
 
 
 class SigmoidTopKRouter(nn.Module):

@@ -1,6 +1,24 @@
-"""Per-layer generation state, allocated once for the whole context of a run."""
+"""Per-layer generation state, allocated once for the whole context of a run.
+
+Every state can `truncate` itself to its first positions (or say it cannot, and the whole cache
+restarts) and `reset`.
+"""
 
 import torch
+
+# Positions a windowed layer keeps beyond its window, so that a conversation can be rewound that far
+# (a chat template that re-renders the last reply) without feeding everything again.
+REWIND_SLACK = 1024
+
+
+def attention_state(
+    batch: int, kv_heads: int, head_dim: int, max_len: int, span: int | None, dtype: torch.dtype, device
+):
+    """Keys and values for an attention layer that sees at most the last `span` positions (None: all):
+    a ring when that takes less memory than one slot per position."""
+    if span is not None and span + REWIND_SLACK < max_len:
+        return WindowKV(batch, kv_heads, head_dim, span, dtype, device)
+    return AttentionKV(batch, kv_heads, head_dim, max_len, dtype, device)
 
 
 class AttentionKV:
@@ -10,12 +28,59 @@ class AttentionKV:
         self.k = torch.zeros(batch, kv_heads, max_len, head_dim, dtype=dtype, device=device)
         self.v = torch.zeros_like(self.k)
 
-    def update(self, k: torch.Tensor, v: torch.Tensor, start: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """Write the new [B, H_kv, T, D] keys and values at `start`; return all of them so far."""
+    def update(self, k: torch.Tensor, v: torch.Tensor, start: int) -> tuple[torch.Tensor, torch.Tensor, None]:
+        """Write the new [B, H_kv, T, D] keys and values at `start`; return all of them so far, and None
+        for their positions: they are 0, 1, ... in order."""
         end = start + k.shape[2]
         self.k[:, :, start:end] = k
         self.v[:, :, start:end] = v
-        return self.k[:, :, :end], self.v[:, :, :end]
+        return self.k[:, :, :end], self.v[:, :, :end], None
+
+    def truncate(self, pos: int, current: int, interrupted: bool) -> bool:
+        return True  # positions past `pos` are overwritten before they are read again
+
+    def reset(self) -> None:
+        pass
+
+
+class WindowKV:
+    """Keys and values of a layer that sees at most the last `span` positions (a sliding window, Llama 4's
+    chunks), in a ring of span + REWIND_SLACK slots: position p lives in slot p % size, so memory does
+    not grow with the context. `positions` [size] says which position each slot holds (-1: none)."""
+
+    def __init__(self, batch: int, kv_heads: int, head_dim: int, span: int, dtype: torch.dtype, device):
+        self.span, self.size = span, span + REWIND_SLACK
+        self.k = torch.zeros(batch, kv_heads, self.size, head_dim, dtype=dtype, device=device)
+        self.v = torch.zeros_like(self.k)
+        self.positions = torch.full((self.size,), -1, dtype=torch.long, device=device)
+
+    def update(self, k: torch.Tensor, v: torch.Tensor, start: int):
+        """Take the new [B, H_kv, T, D] keys and values at `start`; return keys and values that include
+        every one the new queries may see, with their positions [S], in no particular order."""
+        new = torch.arange(start, start + k.shape[2], device=k.device)
+        if k.shape[2] == 1:  # its slot held a position too old for any query from now on
+            self._write(k, v, new)
+            return self.k, self.v, self.positions
+        seen = (torch.cat((self.k, k), dim=2), torch.cat((self.v, v), dim=2), torch.cat((self.positions, new)))
+        self._write(k[:, :, -self.size :], v[:, :, -self.size :], new[-self.size :])
+        return seen
+
+    def _write(self, k: torch.Tensor, v: torch.Tensor, positions: torch.Tensor) -> None:
+        slots = positions % self.size
+        self.k[:, :, slots] = k
+        self.v[:, :, slots] = v
+        self.positions[slots] = positions
+
+    def truncate(self, pos: int, current: int, interrupted: bool) -> bool:
+        """Possible while the ring still holds the window before `pos`: a rewind of at most REWIND_SLACK
+        positions, after a forward pass that finished (a cut-short one may have overwritten it)."""
+        if interrupted or current - pos > REWIND_SLACK:
+            return False
+        self.positions.masked_fill_(self.positions >= pos, -1)
+        return True
+
+    def reset(self) -> None:
+        self.positions.fill_(-1)
 
 
 class LatentKV:
@@ -32,15 +97,22 @@ class LatentKV:
         self.k_rot[:, :, start:end] = k_rot
         return self.latent[:, :end], self.k_rot[:, :, :end]
 
+    def truncate(self, pos: int, current: int, interrupted: bool) -> bool:
+        return True
+
+    def reset(self) -> None:
+        pass
+
 
 class LinearAttentionState:
     """A linear-attention layer's state: one [B, H, D, D] matrix that sums (decayed) key-value products
     over every token so far. It cannot be rewound to an earlier position."""
 
-    recurrent = True
-
     def __init__(self, batch: int, heads: int, head_dim: int, dtype: torch.dtype, device):
         self.kv = torch.zeros(batch, heads, head_dim, head_dim, dtype=dtype, device=device)
+
+    def truncate(self, pos: int, current: int, interrupted: bool) -> bool:
+        return pos == current and not interrupted
 
     def reset(self) -> None:
         self.kv.zero_()
@@ -51,11 +123,12 @@ class DeltaNetState:
     and the delta rule's [B, H, Dk, Dv] matrix, kept in float32 as it sums over every token so far.
     It cannot be rewound to an earlier position."""
 
-    recurrent = True
-
     def __init__(self, batch: int, channels: int, kernel: int, heads: int, k_dim: int, v_dim: int, dtype, device):
         self.conv = torch.zeros(batch, channels, kernel - 1, dtype=dtype, device=device)
         self.matrix = torch.zeros(batch, heads, k_dim, v_dim, dtype=torch.float32, device=device)
+
+    def truncate(self, pos: int, current: int, interrupted: bool) -> bool:
+        return pos == current and not interrupted
 
     def reset(self) -> None:
         self.conv.zero_()
@@ -72,15 +145,11 @@ class KVCache:
         self.writing = False  # a forward pass started and did not finish (interrupted)
 
     def rewind(self, pos: int) -> int:
-        """Keep the first `pos` positions, for a prompt that shares them; returns the positions kept.
-
-        Keys and values are per position, so any prefix can be kept. A recurrent state holds a sum over
-        every position, so it is kept only when nothing is dropped and no forward pass was cut short;
-        otherwise everything restarts.
-        """
-        recurrent = [state for state in self.layers if getattr(state, "recurrent", False)]
-        if recurrent and (pos < self.pos or self.writing):
-            for state in recurrent:
+        """Keep the first `pos` positions, for a prompt that shares them; returns the positions kept:
+        `pos`, or 0 when a layer's state cannot be cut there (see each state's `truncate`) and
+        everything restarts."""
+        if not all(state.truncate(pos, self.pos, self.writing) for state in self.layers):
+            for state in self.layers:
                 state.reset()
             pos = 0
         self.pos, self.writing = pos, False
