@@ -94,9 +94,7 @@ class Attention(nn.Module):
             q, k = self.q_norm(q), self.k_norm(k)
         k, v, positions = kv.update(k, v, step.start)  # [B, H_kv, S, D]
         if hasattr(self, "sinks"):
-            visible = (
-                step.visible(self.sliding_window) if positions is None else step.mask(self.sliding_window, positions)[0]
-            )
+            visible = step.visible(self.sliding_window, positions)
             out = attend_with_sinks(q, k, v, visible, self.sinks, self.head_dim**-0.5)
         else:
             mask, is_causal = step.mask(self.sliding_window, positions)

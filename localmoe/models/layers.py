@@ -61,8 +61,7 @@ class ZeroCenteredRMSNorm(RMSNorm):
     """Scales by 1 + weight (the checkpoint stores the offset from one), in float32 before casting back."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x32 = x.float()
-        return (x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps) * (1 + self.weight.float())).to(x.dtype)
+        return (rms_normalize(x.float(), self.eps) * (1 + self.weight.float())).to(x.dtype)
 
 
 # --- rotary position embeddings ---------------------------------------------------------------------------
@@ -237,28 +236,28 @@ class Step:
         return self._memo[rotary]
 
     def mask(self, window: int | None, positions: torch.Tensor | None = None) -> tuple[torch.Tensor | None, bool]:
-        """(boolean mask [T, S] or None, is_causal) for scaled_dot_product_attention, over keys at
-        `positions` [S] (-1: an empty slot), or at 0 .. S-1 in order when None.
+        """(boolean mask [T, S] or None, is_causal) for scaled_dot_product_attention; keys as `visible` takes them.
 
         The common cases need no mask tensor: a first chunk with no window to cut, or one new token that
         sees the whole cache.
         """
-        if positions is not None:
-            queries = self.positions()[:, None]
-            visible = (positions >= 0) & (positions <= queries)
-            return visible & (positions > queries - window) if window is not None else visible, False
-        start, length = self.start, self.length
-        within_window = window is None or start + length <= window
-        if within_window and start == 0:
-            return None, length > 1
-        if within_window and length == 1:
-            return None, False
-        return self.visible(window), False
+        if positions is None:
+            start, length = self.start, self.length
+            within_window = window is None or start + length <= window
+            if within_window and start == 0:
+                return None, length > 1
+            if within_window and length == 1:
+                return None, False
+        return self.visible(window, positions), False
 
-    def visible(self, window: int | None) -> torch.Tensor:
-        """Which cached positions each new token sees: [T, S] booleans."""
+    def visible(self, window: int | None, positions: torch.Tensor | None = None) -> torch.Tensor:
+        """Which keys each new token sees, [T, S] booleans, for keys at `positions` [S] (-1: an empty
+        slot), or at 0 .. S-1 when None (then computed once per step)."""
+        queries = self.positions()[:, None]
+        if positions is not None:
+            visible = (positions >= 0) & (positions <= queries)
+            return visible & (positions > queries - window) if window is not None else visible
         if window not in self._memo:
-            queries = self.positions()[:, None]
             keys = torch.arange(self.start + self.length, device=self.cos.device)[None, :]
             visible = keys <= queries
             if window is not None:

@@ -121,8 +121,7 @@ def _mask(step: Step, chunk: int | None, positions: torch.Tensor | None) -> tupl
         return step.mask(None)
     if positions is None:
         positions = torch.arange(step.start + step.length, device=step.cos.device)
-    visible, _ = step.mask(None, positions)
-    return visible & (positions // chunk == step.positions()[:, None] // chunk), False
+    return step.visible(None, positions) & (positions // chunk == step.positions()[:, None] // chunk), False
 
 
 class SigmoidTopKRouter(nn.Module):
