@@ -48,9 +48,7 @@ def open_checkpoint(source: str, revision: str | None = None) -> Checkpoint:
     if not isinstance(text, dict):
         raise LocalMoEError(f"{ckpt.path}/config.json declares {wrapper.architecture} but has no text_config")
     # top-level settings (dtype, quantization_config) hold for the language model unless it says otherwise
-    config = {key: value for key, value in ckpt.config.items() if not key.endswith("_config")}
-    config |= {"quantization_config": ckpt.config.get("quantization_config"), **text}
-    config["architectures"] = [family.architectures[0]]
+    config = {**ckpt.config, **text, "architectures": [family.architectures[0]]}
     part = f"the language model of {wrapper.architecture} (text only; its other towers stay on disk)"
     return ckpt.part_view(part, config, wrapper.prefixes)
 
