@@ -31,6 +31,7 @@ class RunResult:
     peak_memory_bytes: int  # CUDA: peak allocated on the device; CPU: the process's resident set after the run
     hit_rate: float | None = None
     bytes_copied_per_token: float | None = None  # decode tokens only
+    miss_policy: str = ""  # localmoe with an expert cache: what it does with a miss
     detail: str = ""
     tokens: list[int] = field(default_factory=list)
 
@@ -111,6 +112,7 @@ def run_engine(engine: Engine, name: str, prompt: list[int], new_tokens: int, de
         tokens=tokens,
     )
     if cache is not None:
+        result.miss_policy = engine.experts.miss_policy
         decode_steps = max(len(tokens) - 1, 1)
         result.hit_rate = cache.totals().hit_rate
         result.bytes_copied_per_token = (_copied(cache) - prefill_copies[0]) / decode_steps
@@ -137,7 +139,8 @@ def results_table(results: list[RunResult], floor_s: float | None = None, baseli
     """A Markdown table of the runs, with the ratio of each decode speed to the baseline's and the
     floor's multiple where given."""
     base = next((r for r in results if r.name == baseline), None)
-    columns = ["run", "prefill tok/s", "first token s", "decode tok/s", "vs baseline", "x floor", "peak memory"]
+    columns = ["run", "misses", "prefill tok/s", "first token s", "decode tok/s", "vs baseline", "x floor"]
+    columns += ["peak memory"]
     columns += ["hit rate", "copied/token"]
     lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
     for r in results:
@@ -146,7 +149,8 @@ def results_table(results: list[RunResult], floor_s: float | None = None, baseli
         hit = "" if r.hit_rate is None else f"{r.hit_rate:.3f}"
         copied = "" if r.bytes_copied_per_token is None else format_bytes(int(r.bytes_copied_per_token))
         lines.append(
-            f"| {r.name} | {r.prefill_tokens_per_s:.1f} | {r.time_to_first_token_s:.2f} | {r.decode_tokens_per_s:.2f} "
+            f"| {r.name} | {r.miss_policy} | {r.prefill_tokens_per_s:.1f} | {r.time_to_first_token_s:.2f} "
+            f"| {r.decode_tokens_per_s:.2f} "
             f"| {ratio} | {multiple} | {format_bytes(r.peak_memory_bytes)} | {hit} | {copied} |"
         )
     return "\n".join(lines)

@@ -77,6 +77,22 @@ def _cache_options(fn):
             help="MoE layers to look ahead; 0: off.",
         ),
         click.option("--prefetch-margin", type=click.IntRange(min=0), default=0, show_default=True),
+        click.option(
+            "--miss-policy",
+            type=click.Choice(["auto", "copy", "cpu"]),
+            default="auto",
+            show_default=True,
+            help="An expert not in a slot: copy it to the device, compute it on the CPU from the host copy, "
+            "or whichever the measured bandwidths say is faster.",
+        ),
+        click.option(
+            "--copy-bandwidth", type=click.FloatRange(min=0, min_open=True), help="GB/s for --miss-policy auto"
+        ),
+        click.option(
+            "--cpu-bandwidth",
+            type=click.FloatRange(min=0, min_open=True),
+            help="GB/s of expert weights the CPU gets through per token, for --miss-policy auto",
+        ),
         click.option("--stats", is_flag=True, help="Print the memory plan and the cache counters."),
         click.option(
             "--trace", type=click.Path(dir_okay=False, path_type=Path), help="Write the routing as JSON lines."
@@ -130,7 +146,16 @@ def _runtime_options(values: dict):
         host_budget=values["host_budget"],
         expert_slots=values["expert_slots"],
         context=values["context"],
-        **{key: values[key] for key in ("policy", "pin_hot", "prefetch", "prefetch_margin", "trace") if key in values},
+        **{
+            key: values[key]
+            for key in ("policy", "pin_hot", "prefetch", "prefetch_margin", "trace", "miss_policy")
+            if key in values
+        },
+        **{
+            f"{kind}_bandwidth": values[f"{kind}_bandwidth"] * 1e9
+            for kind in ("copy", "cpu")
+            if values.get(f"{kind}_bandwidth") is not None
+        },
     )
 
 

@@ -11,6 +11,7 @@ from localmoe.checkpoint import Checkpoint
 from localmoe.errors import LocalMoEError
 from localmoe.loader import ModelParts, footprint, load_resident_weights, model_skeleton, open_checkpoint
 from localmoe.models.moe import moe_blocks
+from localmoe.runtime.cpu_experts import MISS_POLICIES, calibrated
 from localmoe.runtime.expert_cache import POLICIES, ExpertCache
 from localmoe.runtime.expert_store import ExpertStore
 from localmoe.runtime.generate import GenerationStats, generate_tokens
@@ -38,6 +39,9 @@ class RuntimeOptions:
     context: int = 4096  # tokens of KV cache planned for (capped at the model's maximum)
     prefill_chunk: int = 512
     trace: Path | None = None  # write the routing of every token here (JSON lines)
+    miss_policy: str = "auto"  # a miss is copied to the device, computed on the CPU, or whichever is faster
+    copy_bandwidth: float | None = None  # bytes/s for the miss policy's cost model; default: measured
+    cpu_bandwidth: float | None = None
 
 
 class Engine:
@@ -158,8 +162,15 @@ class Engine:
         return (
             f"{self.checkpoint.path.name}: {model} on {plan.device}, {self.parts.dtype}; "
             f"resident {format_bytes(fp.resident_bytes)}; expert slots {plan.slots}/{fp.total_experts}; "
-            f"experts' host copy: {home[plan.store]}; context {plan.context}"
+            f"experts' host copy: {home[plan.store]}; context {plan.context}{self._misses()}"
         )
+
+    def _misses(self) -> str:
+        if not isinstance(self.experts, OffloadedExperts):
+            return ""
+        rates = self.experts.bandwidths
+        measured = f" (copy {rates.copy / 1e9:.1f} GB/s, CPU {rates.cpu / 1e9:.1f} GB/s)" if rates else ""
+        return f"; misses: {self.experts.miss_policy}{measured}"
 
     def cache_report(self) -> str:
         """The memory plan and, when experts are offloaded, the cache counters so far."""
@@ -202,8 +213,17 @@ def load(
     else:
         store = ExpertStore(parts.experts, parts.dtype, "mmap" if plan.store == "mmap" else "ram", device)
         cache = ExpertCache(store, plan.slots, device, options.policy)
+        bandwidths = None
+        if options.miss_policy == "auto":
+            bandwidths = calibrated(store, cache.rows[0], blocks[0], options.copy_bandwidth, options.cpu_bandwidth)
         experts = OffloadedExperts(
-            cache, blocks, prefetch=options.prefetch, margin=options.prefetch_margin, trace=trace
+            cache,
+            blocks,
+            prefetch=options.prefetch,
+            margin=options.prefetch_margin,
+            trace=trace,
+            miss_policy=options.miss_policy,
+            bandwidths=bandwidths,
         )
     for block in blocks:
         block.experts = experts
@@ -244,6 +264,10 @@ def _plan(parts: ModelParts, device: torch.device, options: RuntimeOptions) -> M
 def _check_options(options: RuntimeOptions, plan: MemoryPlan) -> None:
     if options.policy not in POLICIES:
         raise LocalMoEError(f"unknown cache policy {options.policy!r}: choose one of {', '.join(POLICIES)}")
+    if options.miss_policy not in MISS_POLICIES:
+        raise LocalMoEError(f"unknown miss policy {options.miss_policy!r}: choose one of {', '.join(MISS_POLICIES)}")
+    if any(rate is not None and rate <= 0 for rate in (options.copy_bandwidth, options.cpu_bandwidth)):
+        raise LocalMoEError("--copy-bandwidth and --cpu-bandwidth must be positive")
     if options.prefetch < 0 or options.prefetch_margin < 0:
         raise LocalMoEError("--prefetch and --prefetch-margin cannot be negative")
     most = plan.slots - plan.footprint.top_k

@@ -2,8 +2,9 @@
 say which flags were fastest.
 
 One knob at a time, from the planned slot count: the policy, then prefetch depth, then its margin,
-then pinning the prompt's hottest experts. Every setting runs on the same loaded model (the cache is
-emptied between tries), so nothing is reloaded and the memory plan, hence the budget, never changes.
+then pinning the prompt's hottest experts, then what a miss does. Every setting runs on the same
+loaded model (the cache is emptied between tries), so nothing is reloaded and the memory plan, hence
+the budget, never changes.
 """
 
 from collections.abc import Callable
@@ -19,11 +20,12 @@ class Setting:
     prefetch: int = 1
     prefetch_margin: int = 0
     pin_hot: int = 0
+    miss_policy: str = "copy"
 
     def flags(self) -> str:
         return (
             f"--policy {self.policy} --prefetch {self.prefetch} --prefetch-margin {self.prefetch_margin} "
-            f"--pin-hot {self.pin_hot}"
+            f"--pin-hot {self.pin_hot} --miss-policy {self.miss_policy}"
         )
 
 
@@ -35,11 +37,15 @@ class Tuner:
     def run(self) -> Setting:
         """The fastest setting found (its decode tokens/s in `rates`)."""
         hot = max(0, (self.engine.plan.slots - self.engine.plan.footprint.top_k) // 4)
-        best = max((Setting(), Setting(policy="lfu")), key=self.rate)
+        start = Setting(miss_policy=self.engine.experts.miss_policy)
+        best = max((start, replace(start, policy="lfu")), key=self.rate)
         best = max((replace(best, prefetch=depth) for depth in (0, 1, 2)), key=self.rate)
         if best.prefetch:
             best = max((replace(best, prefetch_margin=margin) for margin in (0, 2)), key=self.rate)
-        return max((replace(best, pin_hot=count) for count in {0, hot}), key=self.rate)
+        best = max((replace(best, pin_hot=count) for count in {0, hot}), key=self.rate)
+        # auto needs the bandwidths measured at load, which a model loaded with another policy lacks
+        misses = ("copy", "cpu", "auto") if self.engine.experts.bandwidths else ("copy", "cpu")
+        return max((replace(best, miss_policy=miss) for miss in misses), key=self.rate)
 
     def rate(self, setting: Setting) -> float:
         """Decode tokens/s of one setting, measured once."""
@@ -47,6 +53,7 @@ class Tuner:
             experts = self.engine.experts
             experts.cache.clear(setting.policy)
             experts.configure_prefetch(setting.prefetch, setting.prefetch_margin)
+            experts.miss_policy = setting.miss_policy
             self.engine.options.pin_hot = setting.pin_hot
             result = run_engine(self.engine, setting.flags(), self.prompt, self.tokens)
             self.rates[setting] = result.decode_tokens_per_s

@@ -1,6 +1,7 @@
 """Decode benchmark, side by side in one process, on one checkpoint, prompt, device and dtype:
 
-  1. localmoe with a device budget that holds only part of the routed experts;
+  1. localmoe with a device budget that holds only part of the routed experts, once per miss policy
+     (copy every miss to the device, compute it on the CPU from the host copy, or choose per miss);
   2. transformers with accelerate's device_map="auto" and the same budget as max_memory (what users
      try first): what does not fit goes to host RAM, or to disk when the device is the CPU;
   3. localmoe with every expert resident, where that fits the device.
@@ -12,7 +13,8 @@ writes bench/results/<date>-<device>-<model>.json and regenerates docs/benchmark
     python scripts/bench_decode.py --checkpoint ~/models/Qwen3-30B-A3B --device cuda --vram-budget 12GiB
 
 On the CPU, localmoe reads the experts it has no slot for from the checkpoint files (mmap), as
-accelerate reads them from its offload folder: the same memory envelope for both.
+accelerate reads them from its offload folder: the same memory envelope for both. The shards are read
+once before the runs, so that all of them start with the checkpoint in the page cache.
 """
 
 import argparse
@@ -126,6 +128,15 @@ def run_baseline(path: Path, device: torch.device, dtype: torch.dtype, budget: i
     )
 
 
+def read_once(folder: Path) -> None:
+    """Read the checkpoint's shards once, so that every run finds them in the page cache alike, not only
+    the runs after the first."""
+    for shard in sorted(folder.glob("*.safetensors")):
+        with shard.open("rb") as f:
+            while f.read(2**24):
+                pass
+
+
 def free_memory() -> None:
     gc.collect()
     if torch.cuda.is_available():
@@ -166,7 +177,7 @@ def write_docs(results_dir: Path, docs: Path) -> None:
         ]
         runs = [RunResult(**{k: v for k, v in run.items()}) for run in r["runs"]]
         lines += [results_table(runs, floor["floor_s"], "transformers + accelerate"), ""]
-        lines += [f"- {run.name}: {run.detail}" for run in runs if run.detail]
+        lines += [f"- {label(run)}: {run.detail}" for run in runs if run.detail]
         lines += [f"- greedy tokens equal to the reference run's, before the first difference: {r['same_tokens']}"]
     docs.write_text("\n".join(lines) + "\n")
 
@@ -183,6 +194,7 @@ def main() -> None:
     parser.add_argument("--budget-share", type=float, default=0.33, help="share of the experts the budget holds")
     parser.add_argument("--prompt-tokens", type=int, default=32)
     parser.add_argument("--new-tokens", type=int, default=32)
+    parser.add_argument("--miss-policies", default="copy,cpu,auto", help="comma-separated, one localmoe run each")
     parser.add_argument("--no-baseline", action="store_true")
     parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results")
     parser.add_argument("--docs", type=Path, default=ROOT / "docs" / "benchmarks.md")
@@ -205,16 +217,20 @@ def main() -> None:
     )
 
     bandwidth = measure_bandwidth(device)
+    read_once(Path(path))
     runs = []
     # On the CPU the "device" is RAM too: the experts without a slot stay in the checkpoint files (mmap).
     host_budget = 1 if device.type == "cpu" else None
-    engine = load(
-        path, device=args.device, dtype=dtype, options=RuntimeOptions(vram_budget=budget, host_budget=host_budget)
-    )
-    detail = f"{engine.plan.slots} of {fp.total_experts} experts in slots, host copy: {engine.plan.store}"
-    runs.append(run_engine(engine, "localmoe", prompt, args.new_tokens, detail))
-    del engine
-    free_memory()
+    for miss_policy in args.miss_policies.split(","):
+        options = RuntimeOptions(vram_budget=budget, host_budget=host_budget, miss_policy=miss_policy)
+        engine = load(path, device=args.device, dtype=dtype, options=options)
+        detail = f"{engine.plan.slots} of {fp.total_experts} experts in slots, host copy: {engine.plan.store}"
+        if engine.experts.bandwidths:
+            rates = engine.experts.bandwidths
+            detail += f", calibrated copy {rates.copy / 1e9:.2f} GB/s and CPU {rates.cpu / 1e9:.2f} GB/s"
+        runs.append(run_engine(engine, "localmoe", prompt, args.new_tokens, detail))
+        del engine
+        free_memory()
     if not args.no_baseline:
         runs.append(run_baseline(Path(path), device, dtype, budget, prompt, args.new_tokens))
         free_memory()
@@ -226,7 +242,7 @@ def main() -> None:
 
     floor = decode_floor(fp, bandwidth, runs[0].bytes_copied_per_token or 0.0)
     reference = runs[-1].tokens if runs[-1].name == "localmoe all-resident" else runs[0].tokens
-    same = ", ".join(f"{run.name} {common_prefix(run.tokens, reference)}/{len(reference)}" for run in runs)
+    same = ", ".join(f"{label(run)} {common_prefix(run.tokens, reference)}/{len(reference)}" for run in runs)
     print(results_table(runs, floor["floor_s"], "transformers + accelerate"))
     print(f"floor {floor['floor_s'] * 1000:.1f} ms/token ({floor['bound']}); same tokens: {same}")
 
@@ -254,6 +270,10 @@ def main() -> None:
     out.write_text(json.dumps(result, indent=2))
     write_docs(args.out, args.docs)
     print(f"wrote {out} and {args.docs}")
+
+
+def label(run: RunResult) -> str:
+    return f"{run.name} (misses: {run.miss_policy})" if run.miss_policy else run.name
 
 
 def common_prefix(tokens: list[int], reference: list[int]) -> int:

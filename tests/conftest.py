@@ -1,6 +1,7 @@
 """Tiny random checkpoints written by transformers, the correctness oracle of the tests."""
 
 import json
+import os
 from pathlib import Path
 
 import pytest
@@ -11,6 +12,19 @@ SMALL_SHARDS = "20KB"  # small enough that one layer's experts land in several s
 
 # Buffers derived from the architecture rather than learned: MiniMax's decay rates and their powers.
 DERIVED_BUFFERS = ("inv_freq", "slope_rate", "_decay")
+
+
+@pytest.fixture(scope="session", autouse=True)
+def localmoe_cache(tmp_path_factory):
+    """localmoe's cache folder (the miss policy's calibration, the demo) in a temporary place, never the user's."""
+    folder = tmp_path_factory.mktemp("localmoe-cache")
+    previous = os.environ.get("LOCALMOE_CACHE")
+    os.environ["LOCALMOE_CACHE"] = str(folder)
+    yield folder
+    if previous is None:
+        del os.environ["LOCALMOE_CACHE"]
+    else:
+        os.environ["LOCALMOE_CACHE"] = previous
 
 
 def randomize(model: torch.nn.Module, seed: int = 0) -> None:

@@ -21,7 +21,8 @@ def test_tune_prints_flags_generate_accepts_within_the_budget(tiny_mixtral):
     )
     assert tuned.exit_code == 0, tuned.output
     tries = [line for line in tuned.stdout.splitlines() if "tok/s" in line and "--policy" in line]
-    assert len(tries) >= 4  # policy, prefetch depth, margin and pinning were each tried
+    assert len(tries) >= 5  # policy, prefetch depth, margin, pinning and the miss policy were each tried
+    assert {"copy", "cpu", "auto"} <= {line.split("--miss-policy ")[1].split()[0] for line in tries}
     command = tuned.stdout.strip().splitlines()[-1].split("localmoe ", 1)[1]
     words = shlex.split(command)
     assert words[0] == "generate"

@@ -88,15 +88,28 @@ def offloaded(path: str, **options) -> localmoe.Engine:
     policy=st.sampled_from(["lru", "lfu"]),
     prefetch=st.integers(min_value=0, max_value=2),
     margin=st.integers(min_value=0, max_value=2),
+    miss=st.sampled_from(["copy", "cpu", "auto"]),
+    cpu_bandwidth=st.sampled_from([1e8, 1e9, 1e10]),  # against copies at 1e9: auto gives the CPU none, some, most
+    mmap=st.booleans(),
 )
 def test_any_cache_gives_the_all_resident_tokens_and_logits(
-    checkpoints, references, family, spare, policy, prefetch, margin
+    checkpoints, references, family, spare, policy, prefetch, margin, miss, cpu_bandwidth, mmap
 ):
     path = checkpoints[family]
     top_k = FAMILIES[family][1]["num_experts_per_tok"]
     total = localmoe.load(path, device="cpu").plan.footprint.total_experts
     slots = min(top_k + spare, total - 1)  # from the smallest pool that works to all but one expert
-    engine = offloaded(path, expert_slots=slots, policy=policy, prefetch=prefetch, prefetch_margin=margin)
+    engine = offloaded(
+        path,
+        expert_slots=slots,
+        policy=policy,
+        prefetch=prefetch,
+        prefetch_margin=margin,
+        miss_policy=miss,
+        copy_bandwidth=1e9,
+        cpu_bandwidth=cpu_bandwidth,
+        host_budget=1 if mmap else None,
+    )
     tokens, logits = run(engine)
     expected_tokens, expected_logits = references[family]
     assert tokens == expected_tokens
@@ -114,14 +127,26 @@ def test_pinned_hot_experts_and_mmap_store_give_the_same_tokens(checkpoints, ref
         assert len(engine.experts.cache.pinned) == 3
 
 
-def test_counters_add_up(checkpoints):
-    engine = offloaded(checkpoints["qwen3"], expert_slots=5, prefetch=2, prefetch_margin=1, pin_hot=1)
+@pytest.mark.parametrize("miss", ["copy", "auto"])
+def test_counters_add_up(checkpoints, miss):
+    """Every use is a hit, a miss or computed on the CPU; copies account for every byte copied."""
+    engine = offloaded(
+        checkpoints["qwen3"],
+        expert_slots=5,
+        prefetch=2,
+        prefetch_margin=1,
+        pin_hot=1,
+        miss_policy=miss,
+        copy_bandwidth=1e9,
+        cpu_bandwidth=1e9,
+    )
     run(engine)
     cache = engine.experts.cache
     total = cache.totals()
     assert total.uses > 0 and total.prefetch_issued > 0 and total.warmup_copies > 0
+    assert (total.on_cpu > 0) == (miss == "auto") and (total.cpu_seconds > 0) == (miss == "auto")
     for counters in [*cache.counters.values(), total]:
-        assert counters.hits + counters.misses == counters.uses
+        assert counters.hits + counters.misses + counters.on_cpu == counters.uses
         copies = counters.misses + counters.prefetch_wasted + counters.warmup_copies
         assert counters.bytes_copied == copies * cache.store.expert_bytes
         assert counters.prefetch_used + counters.prefetch_wasted <= counters.prefetch_issued
@@ -268,13 +293,15 @@ def test_the_list_covers_every_registered_family():
 
 @pytest.mark.parametrize("family", list(EVERY_FAMILY))
 def test_every_family_offloaded_equals_resident(family, tmp_path):
-    """The smallest pool, a middling one and all but one expert, with prefetch two layers ahead."""
+    """The smallest pool, a middling one and all but one expert, with prefetch two layers ahead, misses
+    copied; and the smallest pool with misses computed on the CPU."""
     config_class, config = EVERY_FAMILY[family]
     path = str(save_hf(hf_model(config_class, **config), tmp_path, "sharded"))
     resident = localmoe.load(path, device="cpu", dtype=torch.float32)
     expected_tokens, expected_logits = run(resident)
     fp = resident.plan.footprint
-    for slots in sorted({fp.top_k, (fp.top_k + fp.total_experts) // 2, fp.total_experts - 1}):
-        tokens, logits = run(offloaded(path, expert_slots=slots, prefetch=2, prefetch_margin=1))
-        assert tokens == expected_tokens, f"{slots} slots"
-        assert all(torch.equal(a, b) for a, b in zip(logits, expected_logits, strict=True)), f"{slots} slots"
+    sizes = sorted({fp.top_k, (fp.top_k + fp.total_experts) // 2, fp.total_experts - 1})
+    for slots, miss in [*((size, "copy") for size in sizes), (fp.top_k, "cpu")]:
+        tokens, logits = run(offloaded(path, expert_slots=slots, prefetch=2, prefetch_margin=1, miss_policy=miss))
+        assert tokens == expected_tokens, f"{slots} slots, {miss}"
+        assert all(torch.equal(a, b) for a, b in zip(logits, expected_logits, strict=True)), f"{slots} slots, {miss}"

@@ -4,7 +4,8 @@ Accounting, per layer: every distinct expert a layer visit needs is one use. A u
 expert was already in a slot before anything was done for this use, and a miss when it had to be
 copied for it, whether on demand (the compute waits) or by a prefetch that arrived ahead of time
 (`prefetch_used`). A prefetch whose expert is not needed at the visit it was made for is wasted.
-So bytes copied = (misses + prefetch_wasted + warmup_copies) x expert bytes.
+So bytes copied = (misses + prefetch_wasted + warmup_copies) x expert bytes. A use the miss policy
+computed on the CPU instead (`on_cpu`) is neither a hit nor a miss and copies nothing.
 """
 
 import heapq
@@ -30,6 +31,8 @@ class CacheCounters:
     prefetch_wasted: int = 0
     warmup_copies: int = 0  # experts copied in to be pinned (--pin-hot)
     bytes_copied: int = 0
+    on_cpu: int = 0  # uses computed on the CPU from the host store
+    cpu_seconds: float = 0.0
 
     def __iadd__(self, other: "CacheCounters") -> "CacheCounters":
         for field in fields(self):
@@ -221,6 +224,13 @@ class ExpertCache:
             if key not in self.pinned:  # pinned experts are outside the policy: never its victims
                 self.policy.used(key)
         return [self.slot_of[key] for key in keys]
+
+    def computed_on_cpu(self, layer: int, experts: int, seconds: float) -> None:
+        """Count uses that the CPU computed from the host store: nothing was copied or cached for them."""
+        counters = self._layer(layer)
+        counters.uses += experts
+        counters.on_cpu += experts
+        counters.cpu_seconds += seconds
 
     def release(self, layer: int, experts: list[int]) -> None:
         self._in_use.difference_update((layer, expert) for expert in experts)

@@ -4,15 +4,18 @@ experts do not all fit on the device.
 Per MoE layer: one host read of the routing (and of the coming layers' predicted experts), then copies
 for the experts not in a slot, prefetches for the coming layers, and the expert computation over the
 slots. When a layer needs more experts than the pool holds (a long prefill), it runs in rounds, and
-the next round's copies are issued before the current round computes.
+the next round's copies are issued before the current round computes. Misses the miss policy gives to
+the CPU are computed from the host store while the device works on the rest.
 """
 
+import time
 from collections import Counter
 
 import torch
 
 from localmoe.kernels.reference import combine_pairs, expert_pair_outputs
 from localmoe.models.moe import SparseMoE
+from localmoe.runtime.cpu_experts import Bandwidths, HostExperts, experts_for_cpu
 from localmoe.runtime.expert_cache import ExpertCache
 from localmoe.runtime.prefetch import HostReader, predict_experts
 from localmoe.runtime.trace import RoutingTrace
@@ -27,11 +30,17 @@ class OffloadedExperts:
         prefetch: int = 1,
         margin: int = 0,
         trace: RoutingTrace | None = None,
+        miss_policy: str = "copy",
+        bandwidths: Bandwidths | None = None,
     ):
+        """`miss_policy`: "copy" every miss to the device, compute every one on the "cpu", or "auto":
+        per miss, whichever `bandwidths` say finishes first."""
         self.cache = cache
         self.blocks = {block.layer_idx: block for block in blocks}
         self.trace = trace
         self.reader = HostReader(cache.rows.device)
+        self.host = HostExperts(cache.store)
+        self.miss_policy, self.bandwidths = miss_policy, bandwidths
         self.configure_prefetch(prefetch, margin)
 
     def configure_prefetch(self, depth: int, margin: int) -> None:
@@ -51,9 +60,12 @@ class OffloadedExperts:
             self.trace.record(layer, chosen, host[-1], block.top_k, predicted_next)
         need = Counter(chosen)
         self.cache.begin_layer(layer, need)
+        on_cpu = self._for_cpu(layer, need)
+        if on_cpu:  # the inputs reach the host now, while the device is idle, not after its work is queued
+            inputs = x.cpu(), weights.reshape(-1).cpu() if block.weights_on_input else None
 
         pairs = x.new_zeros(ids.numel(), x.shape[1])
-        rounds, overlap = self._rounds(layer, list(need))
+        rounds, overlap = self._rounds(layer, [expert for expert in need if expert not in on_cpu])
         for i, experts in enumerate(rounds):
             if i == 0 or not overlap:
                 self.cache.acquire(layer, experts)
@@ -63,11 +75,34 @@ class OffloadedExperts:
                 self._prefetch(coming, host[1 : 1 + len(coming)])
             self._compute(block, x, ids, weights, experts, pairs)
             self.cache.release(layer, experts)
+        if on_cpu:
+            self._compute_on_cpu(block, *inputs, torch.tensor(chosen).view(ids.shape), sorted(on_cpu), pairs)
         return combine_pairs(pairs, torch.ones_like(weights) if block.weights_on_input else weights)
 
     def pin_hottest(self, count: int) -> None:
         """Pin the `count` experts that the tokens so far were routed to most (the warm-up)."""
         self.cache.pin([key for key, _ in self.cache.token_counts.most_common(count)])
+
+    def _for_cpu(self, layer: int, need: Counter[int]) -> set[int]:
+        """The experts this layer visit computes on the CPU: misses only (an expert in a slot, or on its
+        way there, is used from the device), as the miss policy says."""
+        if self.miss_policy == "copy":
+            return set()
+        misses = {expert: tokens for expert, tokens in need.items() if (layer, expert) not in self.cache}
+        if self.miss_policy == "cpu":
+            return set(misses)
+        return experts_for_cpu(misses, self.cache.store.expert_bytes, self.bandwidths)
+
+    def _compute_on_cpu(self, block: SparseMoE, x, scale, ids, experts: list[int], pairs: torch.Tensor) -> None:
+        start = time.perf_counter()
+        if pairs.device.type == "cpu":
+            self.host.compute(block, x, ids, scale, experts, pairs)  # writes only its own pairs' rows
+        else:
+            out = torch.empty_like(pairs, device="cpu")
+            self.host.compute(block, x, ids, scale, experts, out)
+            rows = torch.isin(ids.reshape(-1), torch.tensor(experts)).nonzero().squeeze(1)
+            pairs.index_copy_(0, rows.to(pairs.device), out[rows].to(pairs.device))
+        self.cache.computed_on_cpu(block.layer_idx, len(experts), time.perf_counter() - start)
 
     def _predict(self, block: SparseMoE, x: torch.Tensor) -> torch.Tensor:
         return predict_experts(block.gate, x, min(block.top_k + self.margin, block.num_experts))

@@ -3,7 +3,7 @@
 from localmoe.runtime.expert_cache import CacheCounters, ExpertCache
 from localmoe.runtime.memory import format_bytes
 
-COLUMNS = ("uses", "hits", "misses", "hit rate", "prefetched", "used", "wasted", "copied")
+COLUMNS = ("uses", "hits", "misses", "on cpu", "hit rate", "prefetched", "used", "wasted", "copied")
 
 
 def cache_report(cache: ExpertCache) -> str:
@@ -14,6 +14,11 @@ def cache_report(cache: ExpertCache) -> str:
     stall = cache.copies.stall_seconds()
     waited = "compute waited for copies" if cache.copies.cuda else "copying (synchronous on the CPU)"
     lines.append(f"{waited}: {stall:.3f} s; pinned experts: {len(cache.pinned)}; slots: {cache.slots}")
+    total = cache.totals()
+    if total.on_cpu:
+        lines.append(
+            f"computed on the CPU from the host store: {total.on_cpu} expert uses in {total.cpu_seconds:.3f} s"
+        )
     return "\n".join(lines)
 
 
@@ -22,6 +27,7 @@ def _cells(c: CacheCounters) -> list[str]:
         str(c.uses),
         str(c.hits),
         str(c.misses),
+        str(c.on_cpu),
         f"{c.hit_rate:.3f}",
         str(c.prefetch_issued),
         str(c.prefetch_used),
