@@ -40,6 +40,8 @@ class OffloadedExperts:
         self.trace = trace
         self.reader = HostReader(cache.rows.device)
         self.host = HostExperts(cache.store)
+        if miss_policy == "auto" and bandwidths is None:
+            raise ValueError("the auto miss policy needs the bandwidths it weighs")
         self.miss_policy, self.bandwidths = miss_policy, bandwidths
         self.configure_prefetch(prefetch, margin)
 
@@ -94,15 +96,14 @@ class OffloadedExperts:
         return experts_for_cpu(misses, self.cache.store.expert_bytes, self.bandwidths)
 
     def _compute_on_cpu(self, block: SparseMoE, x, scale, ids, experts: list[int], pairs: torch.Tensor) -> None:
+        """The pairs of `experts` into `pairs`, computed by the CPU (the host writes only their rows)."""
+        out = pairs if pairs.device.type == "cpu" else torch.empty_like(pairs, device="cpu")
         start = time.perf_counter()
-        if pairs.device.type == "cpu":
-            self.host.compute(block, x, ids, scale, experts, pairs)  # writes only its own pairs' rows
-        else:
-            out = torch.empty_like(pairs, device="cpu")
-            self.host.compute(block, x, ids, scale, experts, out)
+        self.host.compute(block, x, ids, scale, experts, out)
+        self.cache.computed_on_cpu(block.layer_idx, len(experts), time.perf_counter() - start)
+        if out is not pairs:  # this copy waits for the device's share of the layer, not the timing above
             rows = torch.isin(ids.reshape(-1), torch.tensor(experts)).nonzero().squeeze(1)
             pairs.index_copy_(0, rows.to(pairs.device), out[rows].to(pairs.device))
-        self.cache.computed_on_cpu(block.layer_idx, len(experts), time.perf_counter() - start)
 
     def _predict(self, block: SparseMoE, x: torch.Tensor) -> torch.Tensor:
         return predict_experts(block.gate, x, min(block.top_k + self.margin, block.num_experts))
