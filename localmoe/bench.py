@@ -6,9 +6,11 @@ must read / device memory bandwidth): the experts a token misses must be copied,
 uses must be read at least once. Bandwidths are measured on the spot.
 """
 
+import json
 import platform
 import time
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 
 import psutil
 import torch
@@ -154,3 +156,75 @@ def results_table(results: list[RunResult], floor_s: float | None = None, baseli
             f"| {ratio} | {multiple} | {format_bytes(r.peak_memory_bytes)} | {hit} | {copied} |"
         )
     return "\n".join(lines)
+
+
+def label(run: RunResult) -> str:
+    return f"{run.name} (misses: {run.miss_policy})" if run.miss_policy else run.name
+
+
+def write_benchmarks(results_dir: Path, docs: Path) -> None:
+    """docs/benchmarks.md from every result file: decode runs (scripts/bench_decode.py, the latest per
+    device and model first), then expert kernels (scripts/bench_kernels.py, in `kernels/`)."""
+    results = [json.loads(p.read_text()) for p in sorted(results_dir.glob("*.json"))]
+    results.sort(key=lambda r: r["date"], reverse=True)
+    lines = [
+        "# Benchmarks",
+        "",
+        "Every figure below was measured by `scripts/bench_decode.py`; each section gives the command and the",
+        "machine. This file is regenerated from `bench/results/` by that script: do not edit it by hand. A",
+        "configuration that was not measured has no row.",
+        "",
+        "Columns: prefill and decode speed in tokens per second, time to the first token, decode speed as a",
+        "multiple of the transformers + accelerate baseline's, decode time per token as a multiple of the",
+        "physical floor (see below), peak memory (CUDA: allocated on the device; CPU: the process's resident",
+        "set after the run), the expert cache's hit rate and the bytes it copied per decode token.",
+        "",
+        "The floor is max(bytes a token must copy / host-to-device bandwidth, bytes it must read / device",
+        "memory bandwidth), with both bandwidths measured in the same run; on the CPU, bytes read and copied",
+        "over the measured RAM bandwidth. The expert kernels (`scripts/bench_kernels.py`) come last.",
+    ]
+    for r in results:
+        lines += ["", f"## {r['model']} on {r['device']} ({r['dtype']}), {r['date']}", ""]
+        lines += [f"Command: `{r['command']}`", ""]
+        lines += [f"Machine: {', '.join(f'{k} {v}' for k, v in r['machine'].items())}.", ""]
+        floor = r["floor"]
+        bw = ", ".join(f"{k.replace('_', ' ')} {v / 1e9:.1f} GB/s" for k, v in r["bandwidth"].items())
+        lines += [
+            f"Checkpoint: {r['checkpoint']}. Budget: {r['budget']}. Prompt {r['prompt_tokens']} tokens, "
+            f"{r['new_tokens']} new tokens. Measured bandwidth: {bw}. Floor: {floor['floor_s'] * 1000:.1f} ms per "
+            f"token ({floor['bound']}; {format_bytes(floor['read_bytes_per_token'])} read per token).",
+            "",
+        ]
+        runs = [RunResult(**{k: v for k, v in run.items()}) for run in r["runs"]]
+        lines += [results_table(runs, floor["floor_s"], "transformers + accelerate"), ""]
+        lines += [f"- {label(run)}: {run.detail}" for run in runs if run.detail]
+        lines += [f"- greedy tokens equal to the reference run's, before the first difference: {r['same_tokens']}"]
+    docs.write_text("\n".join(lines + _kernel_sections(results_dir / "kernels")) + "\n")
+
+
+def _kernel_sections(folder: Path) -> list[str]:
+    results = [json.loads(p.read_text()) for p in sorted(folder.glob("*.json"))]
+    results.sort(key=lambda r: r["date"], reverse=True)
+    lines = []
+    for r in results:
+        lines += ["", f"## Expert kernels on {r['device']} ({r['dtype']}), {r['date']}", ""]
+        lines += [f"Command: `{r['command']}`", ""]
+        lines += [f"Machine: {', '.join(f'{k} {v}' for k, v in r['machine'].items())}.", ""]
+        lines += [
+            "Milliseconds per MoE layer call, the median of the timed repeats: the fused Triton kernels, the",
+            "PyTorch reference (one expert at a time, pair outputs summed once), and a per-expert loop as",
+            "transformers computes it. Bandwidth: expert bytes the call reads over its time, and that as a share",
+            f"of the device's measured copy bandwidth ({r['bandwidth'] / 1e9:.1f} GB/s). {r['note']}",
+            "",
+            "| shape | tokens | triton ms | reference ms | per-expert loop ms | triton GB/s | share of copy bw |",
+            "|---|---|---|---|---|---|---|",
+        ]
+        for row in r["rows"]:
+            triton, rate = row["triton_ms"], row["triton_bandwidth"]
+            measured = ["", "", ""] if triton is None else [f"{triton:.3f}", f"{rate / 1e9:.1f}"]
+            if triton is not None:
+                measured.append(f"{rate / r['bandwidth']:.0%}")
+            cells = [row["shape"], str(row["tokens"]), measured[0], f"{row['reference_ms']:.3f}"]
+            cells += [f"{row['loop_ms']:.3f}", *measured[1:]]
+            lines.append("| " + " | ".join(cells) + " |")
+    return lines

@@ -93,6 +93,13 @@ def _cache_options(fn):
             type=click.FloatRange(min=0, min_open=True),
             help="GB/s of expert weights the CPU gets through per token, for --miss-policy auto",
         ),
+        click.option(
+            "--kernels",
+            type=click.Choice(["auto", "reference", "triton"]),
+            default="auto",
+            show_default=True,
+            help="Expert kernels: the PyTorch reference, the fused Triton kernels (CUDA), or Triton where it works.",
+        ),
         click.option("--stats", is_flag=True, help="Print the memory plan and the cache counters."),
         click.option(
             "--trace", type=click.Path(dir_okay=False, path_type=Path), help="Write the routing as JSON lines."
@@ -148,7 +155,7 @@ def _runtime_options(values: dict):
         context=values["context"],
         **{
             key: values[key]
-            for key in ("policy", "pin_hot", "prefetch", "prefetch_margin", "trace", "miss_policy")
+            for key in ("policy", "pin_hot", "prefetch", "prefetch_margin", "trace", "miss_policy", "kernels")
             if key in values
         },
         **{

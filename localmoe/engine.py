@@ -9,6 +9,7 @@ import torch
 
 from localmoe.checkpoint import Checkpoint
 from localmoe.errors import LocalMoEError
+from localmoe.kernels import pair_kernel
 from localmoe.loader import ModelParts, footprint, load_resident_weights, model_skeleton, open_checkpoint
 from localmoe.models.moe import moe_blocks
 from localmoe.runtime.cpu_experts import MISS_POLICIES, calibrated
@@ -40,6 +41,7 @@ class RuntimeOptions:
     prefill_chunk: int = 512
     trace: Path | None = None  # write the routing of every token here (JSON lines)
     miss_policy: str = "auto"  # a miss is copied to the device, computed on the CPU, or whichever is faster
+    kernels: str = "auto"  # the expert kernels: reference, triton, or triton where it works (CUDA)
     copy_bandwidth: float | None = None  # bytes/s for the miss policy's cost model; default: measured
     cpu_bandwidth: float | None = None
 
@@ -55,6 +57,7 @@ class Engine:
         plan: MemoryPlan,
         experts: ResidentExperts | OffloadedExperts,
         options: RuntimeOptions,
+        kernels: str = "reference",
     ):
         self.checkpoint = checkpoint
         self.parts = parts
@@ -62,6 +65,7 @@ class Engine:
         self.plan = plan
         self.experts = experts
         self.options = options
+        self.kernels = kernels  # which expert kernels run, and why
         self.eos_ids = eos_ids(checkpoint)
         self.stats = GenerationStats()
         self._warmed_up = False
@@ -162,7 +166,8 @@ class Engine:
         return (
             f"{self.checkpoint.path.name}: {model} on {plan.device}, {self.parts.dtype}; "
             f"resident {format_bytes(fp.resident_bytes)}; expert slots {plan.slots}/{fp.total_experts}; "
-            f"experts' host copy: {home[plan.store]}; context {plan.context}{self._misses()}"
+            f"experts' host copy: {home[plan.store]}; context {plan.context}{self._misses()}; "
+            f"kernels: {self.kernels}"
         )
 
     def _misses(self) -> str:
@@ -208,8 +213,9 @@ def load(
     load_resident_weights(parts, checkpoint, device)
     blocks = moe_blocks(parts.model)
     trace = RoutingTrace(options.trace, blocks[0].layer_idx) if options.trace else None
+    kernel, kernels = pair_kernel(options.kernels, device, parts.dtype, [block.act for block in blocks])
     if plan.all_resident:
-        experts = ResidentExperts(parts.experts, device, parts.dtype, trace)
+        experts = ResidentExperts(parts.experts, device, parts.dtype, trace, kernel)
     else:
         store = ExpertStore(parts.experts, parts.dtype, "mmap" if plan.store == "mmap" else "ram", device)
         cache = ExpertCache(store, plan.slots, device, options.policy)
@@ -224,10 +230,11 @@ def load(
             trace=trace,
             miss_policy=options.miss_policy,
             bandwidths=bandwidths,
+            pair_outputs=kernel,
         )
     for block in blocks:
         block.experts = experts
-    return Engine(checkpoint, parts, plan, experts, options)
+    return Engine(checkpoint, parts, plan, experts, options, kernels)
 
 
 def plan_for(

@@ -32,7 +32,16 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))  # run from a checkout without installing
 
-from localmoe.bench import RunResult, decode_floor, machine, measure_bandwidth, results_table, run_engine  # noqa: E402
+from localmoe.bench import (  # noqa: E402
+    RunResult,
+    decode_floor,
+    label,
+    machine,
+    measure_bandwidth,
+    results_table,
+    run_engine,
+    write_benchmarks,
+)
 from localmoe.demo import write_random_checkpoint  # noqa: E402
 from localmoe.engine import RuntimeOptions, load, plan_for  # noqa: E402
 from localmoe.loader import DTYPES  # noqa: E402
@@ -143,45 +152,6 @@ def free_memory() -> None:
         torch.cuda.empty_cache()
 
 
-def write_docs(results_dir: Path, docs: Path) -> None:
-    """docs/benchmarks.md from every result file: the latest per device and model first."""
-    results = [json.loads(p.read_text()) for p in sorted(results_dir.glob("*.json"))]
-    results.sort(key=lambda r: r["date"], reverse=True)
-    lines = [
-        "# Benchmarks",
-        "",
-        "Every figure below was measured by `scripts/bench_decode.py`; each section gives the command and the",
-        "machine. This file is regenerated from `bench/results/` by that script: do not edit it by hand. A",
-        "configuration that was not measured has no row.",
-        "",
-        "Columns: prefill and decode speed in tokens per second, time to the first token, decode speed as a",
-        "multiple of the transformers + accelerate baseline's, decode time per token as a multiple of the",
-        "physical floor (see below), peak memory (CUDA: allocated on the device; CPU: the process's resident",
-        "set after the run), the expert cache's hit rate and the bytes it copied per decode token.",
-        "",
-        "The floor is max(bytes a token must copy / host-to-device bandwidth, bytes it must read / device",
-        "memory bandwidth), with both bandwidths measured in the same run; on the CPU, bytes read and copied",
-        "over the measured RAM bandwidth.",
-    ]
-    for r in results:
-        lines += ["", f"## {r['model']} on {r['device']} ({r['dtype']}), {r['date']}", ""]
-        lines += [f"Command: `{r['command']}`", ""]
-        lines += [f"Machine: {', '.join(f'{k} {v}' for k, v in r['machine'].items())}.", ""]
-        floor = r["floor"]
-        bw = ", ".join(f"{k.replace('_', ' ')} {v / 1e9:.1f} GB/s" for k, v in r["bandwidth"].items())
-        lines += [
-            f"Checkpoint: {r['checkpoint']}. Budget: {r['budget']}. Prompt {r['prompt_tokens']} tokens, "
-            f"{r['new_tokens']} new tokens. Measured bandwidth: {bw}. Floor: {floor['floor_s'] * 1000:.1f} ms per "
-            f"token ({floor['bound']}; {format_bytes(floor['read_bytes_per_token'])} read per token).",
-            "",
-        ]
-        runs = [RunResult(**{k: v for k, v in run.items()}) for run in r["runs"]]
-        lines += [results_table(runs, floor["floor_s"], "transformers + accelerate"), ""]
-        lines += [f"- {label(run)}: {run.detail}" for run in runs if run.detail]
-        lines += [f"- greedy tokens equal to the reference run's, before the first difference: {r['same_tokens']}"]
-    docs.write_text("\n".join(lines) + "\n")
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     source = parser.add_mutually_exclusive_group(required=True)
@@ -268,12 +238,8 @@ def main() -> None:
     args.out.mkdir(parents=True, exist_ok=True)
     out = args.out / f"{now:%Y%m%d-%H%M}-{device.type}-{model}.json"
     out.write_text(json.dumps(result, indent=2))
-    write_docs(args.out, args.docs)
+    write_benchmarks(args.out, args.docs)
     print(f"wrote {out} and {args.docs}")
-
-
-def label(run: RunResult) -> str:
-    return f"{run.name} (misses: {run.miss_policy})" if run.miss_policy else run.name
 
 
 def common_prefix(tokens: list[int], reference: list[int]) -> int:

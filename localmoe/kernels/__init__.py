@@ -1,0 +1,70 @@
+"""Expert kernels: the plain-PyTorch reference (the CPU path and the oracle) and the fused Triton kernels
+for CUDA, behind one signature (`reference.expert_pair_outputs`'s). `pair_kernel` picks one."""
+
+import os
+from collections.abc import Callable
+
+import torch
+
+from localmoe.errors import LocalMoEError
+from localmoe.kernels.reference import expert_pair_outputs
+
+KERNELS = ("auto", "reference", "triton")
+
+
+def pair_kernel(choice: str, device: torch.device, dtype: torch.dtype, acts) -> tuple[Callable, str]:
+    """(the pair-output function, a few words on why it was chosen) for `--kernels choice`.
+
+    auto: Triton on CUDA where it is installed, has the model's activations and passes a self-check
+    against the reference on this device; the reference otherwise. triton: those kernels or an error
+    (on the CPU they need TRITON_INTERPRET=1, which is for tests).
+    """
+    if choice == "reference":
+        return expert_pair_outputs, "reference"
+    if choice not in KERNELS:
+        raise LocalMoEError(f"unknown kernels {choice!r}: choose one of {', '.join(KERNELS)}")
+    if choice == "auto" and device.type != "cuda":
+        return expert_pair_outputs, "reference"
+    try:
+        from localmoe.kernels.triton_experts import activation_code, triton_pair_outputs
+    except ImportError:
+        if choice == "auto":
+            return expert_pair_outputs, "reference (Triton is not installed)"
+        raise LocalMoEError("--kernels triton needs Triton: pip install triton, or use --kernels reference") from None
+    missing = sorted({f"{act.kind}/{act.act}" for act in acts if activation_code(act) is None})
+    if missing:
+        if choice == "auto":
+            return expert_pair_outputs, f"reference (Triton kernels lack {', '.join(missing)})"
+        raise LocalMoEError(f"the Triton expert kernels lack the {', '.join(missing)} activation: --kernels reference")
+    if device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
+        raise LocalMoEError("the Triton expert kernels run on CUDA (on the CPU only under TRITON_INTERPRET=1)")
+    if choice == "auto" and (failure := self_check(triton_pair_outputs, device, dtype, acts)):
+        return expert_pair_outputs, f"reference (Triton failed its self-check: {failure})"
+    return triton_pair_outputs, "triton"
+
+
+def self_check(kernel: Callable, device: torch.device, dtype: torch.dtype, acts) -> str | None:
+    """None if `kernel` matches the reference on small random experts on this device, both kernel
+    shapes (few and many tokens), each activation; else what went wrong, in a line."""
+    generator = torch.Generator().manual_seed(0)
+    experts, hidden, inter = 4, 96, 80
+
+    def rand(*shape, scale=0.25):
+        return (torch.randn(*shape, generator=generator) * scale).to(device=device, dtype=dtype)
+
+    gate_up, down = rand(experts, 2 * inter, hidden), rand(experts, hidden, inter)
+    for act in {(a.kind, a.act, a.alpha, a.limit): a for a in acts}.values():
+        for tokens in (1, 40):
+            x = rand(tokens, hidden, scale=1.0)
+            slots = torch.randint(-1, experts, (tokens, 2), generator=generator).to(device)
+            expected, got = (x.new_zeros(slots.numel(), hidden) for _ in range(2))
+            expert_pair_outputs(expected, x, gate_up, down, slots, act)
+            try:
+                kernel(got, x, gate_up, down, slots, act)
+            except Exception as error:  # a compiler or driver error, whatever its type
+                return f"{type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}"
+            tolerance = 1e-3 if dtype == torch.float32 else 5e-2
+            error = (got.float() - expected.float()).abs().max().item()
+            if not error <= tolerance * max(1.0, expected.float().abs().max().item()):
+                return f"max error {error:.3g} with {act.kind}/{act.act}, {tokens} tokens"
+    return None

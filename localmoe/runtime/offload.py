@@ -32,9 +32,11 @@ class OffloadedExperts:
         trace: RoutingTrace | None = None,
         miss_policy: str = "copy",
         bandwidths: Bandwidths | None = None,
+        pair_outputs=expert_pair_outputs,
     ):
         """`miss_policy`: "copy" every miss to the device, compute every one on the "cpu", or "auto":
-        per miss, whichever `bandwidths` say finishes first."""
+        per miss, whichever `bandwidths` say finishes first. `pair_outputs`: the kernel computing the
+        experts in slots (see localmoe.kernels.pair_kernel); the CPU's share always runs the reference."""
         self.cache = cache
         self.blocks = {block.layer_idx: block for block in blocks}
         self.trace = trace
@@ -43,6 +45,7 @@ class OffloadedExperts:
         if miss_policy == "auto" and bandwidths is None:
             raise ValueError("the auto miss policy needs the bandwidths it weighs")
         self.miss_policy, self.bandwidths = miss_policy, bandwidths
+        self.pair_outputs = pair_outputs
         self.configure_prefetch(prefetch, margin)
 
     def configure_prefetch(self, depth: int, margin: int) -> None:
@@ -139,7 +142,7 @@ class OffloadedExperts:
         slots_of_pairs = _to_device(table, x.device)[ids]
         cache = self.cache
         scale = weights.reshape(-1) if block.weights_on_input else None
-        expert_pair_outputs(pairs, x, cache.gate_up, cache.down, slots_of_pairs, block.act, *cache.biases, scale)
+        self.pair_outputs(pairs, x, cache.gate_up, cache.down, slots_of_pairs, block.act, *cache.biases, scale)
         self.cache.copies.read_by_compute(slots)
 
 

@@ -7,7 +7,7 @@ when the memory plan finds room for every expert.
 
 import torch
 
-from localmoe.kernels.reference import expert_mlp
+from localmoe.kernels.reference import expert_mlp, expert_pair_outputs
 from localmoe.loader import ExpertSource
 from localmoe.runtime.expert_store import layout_of, packed_layer
 from localmoe.runtime.trace import RoutingTrace
@@ -17,11 +17,17 @@ class ResidentExperts:
     """Per MoE layer, rows [E, numel] indexed by expert id."""
 
     def __init__(
-        self, source: ExpertSource, device: torch.device | str, dtype: torch.dtype, trace: RoutingTrace | None = None
+        self,
+        source: ExpertSource,
+        device: torch.device | str,
+        dtype: torch.dtype,
+        trace: RoutingTrace | None = None,
+        pair_outputs=expert_pair_outputs,
     ):
         self.layout = layout_of(source)
         self.blocks = source.blocks
         self.trace = trace
+        self.pair_outputs = pair_outputs  # the kernel (see localmoe.kernels.pair_kernel)
         # Packed in host memory, then moved in one copy: the mapped shards are read sequentially.
         self.rows = {
             layer: packed_layer(
@@ -35,4 +41,4 @@ class ResidentExperts:
         if self.trace:
             self.trace.record(layer, ids.reshape(-1).tolist(), weights.reshape(-1).tolist(), block.top_k)
         gate_up, down, biases = self.layout.gate_up(rows), self.layout.down(rows), self.layout.biases(rows)
-        return expert_mlp(x, gate_up, down, weights, ids, block.act, *biases, block.weights_on_input)
+        return expert_mlp(x, gate_up, down, weights, ids, block.act, *biases, block.weights_on_input, self.pair_outputs)

@@ -1,0 +1,323 @@
+"""Fused expert kernels in Triton: the (token, choice) pair outputs of a MoE layer in two launches, as
+`reference.expert_pair_outputs` computes them one expert at a time.
+
+Launch one computes act(gate(x), up(x)) for every pair into an float32 buffer [P, I]; launch two
+applies down to it into the pair outputs [P, E]. Two shapes of each:
+
+- few tokens (decode): one program per (pair, block of output rows), a matrix-vector product that
+  reduces along the input; with one token each selected expert's weights are read once;
+- many tokens (prefill): pairs sorted by slot and padded per slot to the block height, so each
+  program multiplies a block of one slot's pairs by a tile of that slot's weights (a grouped GEMM).
+
+The pair buffers, the activation (SwiGLU, tanh-GELU GLU, gpt-oss's clamped SwiGLU), expert biases and
+Llama 4's input scale match the reference. The sort runs on the device without a host sync.
+Under TRITON_INTERPRET=1 the kernels run on the CPU (float32 and float16 only), which is how the
+tests check them.
+"""
+
+import torch
+import triton
+import triton.language as tl
+
+# activation codes: act(gate, up)
+SILU_GLU, GELU_TANH_GLU, CLAMPED_SWIGLU = 0, 1, 2
+ACTIVATIONS = {("glu", "silu"): SILU_GLU, ("glu", "swish"): SILU_GLU, ("glu", "gelu_pytorch_tanh"): GELU_TANH_GLU}
+DECODE_PAIRS = 16  # up to this many pairs, the matrix-vector kernels
+BLOCK_M = 16  # pairs per block of the grouped kernels (tl.dot wants at least 16)
+
+
+def activation_code(act) -> int | None:
+    """The kernels' code for a `GatedActivation`, or None where they lack it."""
+    if act.kind == "clamped_swiglu":
+        return CLAMPED_SWIGLU
+    return ACTIVATIONS.get((act.kind, act.act))
+
+
+@triton.jit
+def _activate(gate, up, ACT: tl.constexpr, alpha, limit):
+    # one return after compile-time branches: the compiler rejects returns inside control flow
+    if ACT == 0:
+        out = gate * tl.sigmoid(gate) * up
+    elif ACT == 1:
+        # 0.5 g (1 + tanh(c (g + 0.044715 g^3))) = g * sigmoid(2 c (g + 0.044715 g^3))
+        out = gate * tl.sigmoid(1.5957691216057308 * (gate + 0.044715 * gate * gate * gate)) * up
+    else:
+        clamped = tl.minimum(gate, limit)
+        out = clamped * tl.sigmoid(clamped * alpha) * (tl.minimum(tl.maximum(up, -limit), limit) + 1.0)
+    return out
+
+
+@triton.jit
+def _gate_up_rows(
+    x_ptr,
+    w_ptr,
+    bias_ptr,
+    scale_ptr,
+    slot_ptr,
+    h_ptr,
+    HIDDEN,
+    INTER,
+    K_CHOICES,
+    stride_x,
+    stride_ws,
+    stride_wr,
+    stride_bs,
+    ACT: tl.constexpr,
+    HAS_BIAS: tl.constexpr,
+    HAS_SCALE: tl.constexpr,
+    alpha,
+    limit,
+    BLOCK_I: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+):
+    pair = tl.program_id(0)
+    slot = tl.load(slot_ptr + pair)
+    if slot >= 0:
+        token = pair // K_CHOICES
+        rows = tl.program_id(1) * BLOCK_I + tl.arange(0, BLOCK_I)
+        row_ok = rows < INTER
+        weights = w_ptr + slot.to(tl.int64) * stride_ws
+        gate = tl.zeros([BLOCK_I], dtype=tl.float32)
+        up = tl.zeros([BLOCK_I], dtype=tl.float32)
+        for start in range(0, HIDDEN, BLOCK_K):
+            cols = start + tl.arange(0, BLOCK_K)
+            col_ok = cols < HIDDEN
+            xk = tl.load(x_ptr + token * stride_x + cols, mask=col_ok, other=0.0).to(tl.float32)
+            ok = row_ok[:, None] & col_ok[None, :]
+            wg = tl.load(weights + rows[:, None] * stride_wr + cols[None, :], mask=ok, other=0.0).to(tl.float32)
+            wu = tl.load(weights + (rows[:, None] + INTER) * stride_wr + cols[None, :], mask=ok, other=0.0).to(
+                tl.float32
+            )
+            gate += tl.sum(wg * xk[None, :], axis=1)
+            up += tl.sum(wu * xk[None, :], axis=1)
+        if HAS_SCALE:
+            scale = tl.load(scale_ptr + pair).to(tl.float32)
+            gate = gate * scale
+            up = up * scale
+        if HAS_BIAS:
+            gate += tl.load(bias_ptr + slot * stride_bs + rows, mask=row_ok, other=0.0).to(tl.float32)
+            up += tl.load(bias_ptr + slot * stride_bs + INTER + rows, mask=row_ok, other=0.0).to(tl.float32)
+        tl.store(h_ptr + pair * INTER + rows, _activate(gate, up, ACT, alpha, limit), mask=row_ok)
+
+
+@triton.jit
+def _down_rows(
+    h_ptr,
+    w_ptr,
+    bias_ptr,
+    slot_ptr,
+    out_ptr,
+    HIDDEN,
+    INTER,
+    stride_out,
+    stride_ws,
+    stride_wr,
+    stride_bs,
+    HAS_BIAS: tl.constexpr,
+    BLOCK_E: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+):
+    pair = tl.program_id(0)
+    slot = tl.load(slot_ptr + pair)
+    if slot >= 0:
+        rows = tl.program_id(1) * BLOCK_E + tl.arange(0, BLOCK_E)
+        row_ok = rows < HIDDEN
+        weights = w_ptr + slot.to(tl.int64) * stride_ws
+        acc = tl.zeros([BLOCK_E], dtype=tl.float32)
+        for start in range(0, INTER, BLOCK_K):
+            cols = start + tl.arange(0, BLOCK_K)
+            col_ok = cols < INTER
+            hk = tl.load(h_ptr + pair * INTER + cols, mask=col_ok, other=0.0)
+            ok = row_ok[:, None] & col_ok[None, :]
+            w = tl.load(weights + rows[:, None] * stride_wr + cols[None, :], mask=ok, other=0.0)
+            acc += tl.sum(w.to(tl.float32) * hk[None, :], axis=1)
+        if HAS_BIAS:
+            acc += tl.load(bias_ptr + slot * stride_bs + rows, mask=row_ok, other=0.0).to(tl.float32)
+        tl.store(out_ptr + pair * stride_out + rows, acc.to(out_ptr.dtype.element_ty), mask=row_ok)
+
+
+@triton.jit
+def _grouped_gate_up(
+    x_ptr,
+    w_ptr,
+    bias_ptr,
+    scale_ptr,
+    sorted_ptr,
+    block_slot_ptr,
+    h_ptr,
+    HIDDEN,
+    INTER,
+    K_CHOICES,
+    stride_x,
+    stride_ws,
+    stride_wr,
+    stride_bs,
+    ACT: tl.constexpr,
+    HAS_BIAS: tl.constexpr,
+    HAS_SCALE: tl.constexpr,
+    alpha,
+    limit,
+    IEEE: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+):
+    block = tl.program_id(0)
+    slot = tl.load(block_slot_ptr + block)
+    if slot >= 0:
+        pairs = tl.load(sorted_ptr + block * BLOCK_M + tl.arange(0, BLOCK_M))
+        valid = pairs >= 0
+        tokens = tl.where(valid, pairs, 0) // K_CHOICES
+        rows = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+        row_ok = rows < INTER
+        weights = w_ptr + slot.to(tl.int64) * stride_ws
+        gate = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+        up = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+        for start in range(0, HIDDEN, BLOCK_K):
+            cols = start + tl.arange(0, BLOCK_K)
+            col_ok = cols < HIDDEN
+            a_ok = valid[:, None] & col_ok[None, :]
+            a = tl.load(x_ptr + tokens[:, None] * stride_x + cols[None, :], mask=a_ok, other=0.0)
+            ok = col_ok[:, None] & row_ok[None, :]
+            wg = tl.load(weights + rows[None, :] * stride_wr + cols[:, None], mask=ok, other=0.0)
+            wu = tl.load(weights + (rows[None, :] + INTER) * stride_wr + cols[:, None], mask=ok, other=0.0)
+            a = a.to(wg.dtype)
+            if IEEE:
+                gate += tl.dot(a, wg, input_precision="ieee")
+                up += tl.dot(a, wu, input_precision="ieee")
+            else:
+                gate += tl.dot(a, wg)
+                up += tl.dot(a, wu)
+        if HAS_SCALE:
+            scale = tl.load(scale_ptr + pairs, mask=valid, other=0.0).to(tl.float32)
+            gate = gate * scale[:, None]
+            up = up * scale[:, None]
+        if HAS_BIAS:
+            gate += tl.load(bias_ptr + slot * stride_bs + rows, mask=row_ok, other=0.0).to(tl.float32)[None, :]
+            up += tl.load(bias_ptr + slot * stride_bs + INTER + rows, mask=row_ok, other=0.0).to(tl.float32)[None, :]
+        h = _activate(gate, up, ACT, alpha, limit)
+        tl.store(h_ptr + pairs[:, None] * INTER + rows[None, :], h, mask=valid[:, None] & row_ok[None, :])
+
+
+@triton.jit
+def _grouped_down(
+    h_ptr,
+    w_ptr,
+    bias_ptr,
+    sorted_ptr,
+    block_slot_ptr,
+    out_ptr,
+    HIDDEN,
+    INTER,
+    stride_out,
+    stride_ws,
+    stride_wr,
+    stride_bs,
+    HAS_BIAS: tl.constexpr,
+    IEEE: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+):
+    block = tl.program_id(0)
+    slot = tl.load(block_slot_ptr + block)
+    if slot >= 0:
+        pairs = tl.load(sorted_ptr + block * BLOCK_M + tl.arange(0, BLOCK_M))
+        valid = pairs >= 0
+        safe = tl.where(valid, pairs, 0)
+        rows = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+        row_ok = rows < HIDDEN
+        weights = w_ptr + slot.to(tl.int64) * stride_ws
+        acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+        for start in range(0, INTER, BLOCK_K):
+            cols = start + tl.arange(0, BLOCK_K)
+            col_ok = cols < INTER
+            a = tl.load(h_ptr + safe[:, None] * INTER + cols[None, :], mask=valid[:, None] & col_ok[None, :], other=0.0)
+            ok = col_ok[:, None] & row_ok[None, :]
+            w = tl.load(weights + rows[None, :] * stride_wr + cols[:, None], mask=ok, other=0.0)
+            a = a.to(w.dtype)
+            if IEEE:
+                acc += tl.dot(a, w, input_precision="ieee")
+            else:
+                acc += tl.dot(a, w)
+        if HAS_BIAS:
+            acc += tl.load(bias_ptr + slot * stride_bs + rows, mask=row_ok, other=0.0).to(tl.float32)[None, :]
+        out = out_ptr + safe[:, None] * stride_out + rows[None, :]
+        tl.store(out, acc.to(out_ptr.dtype.element_ty), mask=valid[:, None] & row_ok[None, :])
+
+
+def triton_pair_outputs(
+    out: torch.Tensor,
+    x: torch.Tensor,
+    gate_up: torch.Tensor,
+    down: torch.Tensor,
+    slots: torch.Tensor,
+    act,
+    gate_up_bias: torch.Tensor | None = None,
+    down_bias: torch.Tensor | None = None,
+    input_scale: torch.Tensor | None = None,
+) -> None:
+    """`reference.expert_pair_outputs`, fused: same arguments, same rows of `out` written."""
+    code = activation_code(act)
+    if code is None:
+        raise ValueError(f"the Triton expert kernels have no {act.kind}/{act.act} activation")
+    tokens, k = slots.shape
+    hidden, inter = x.shape[1], down.shape[2]
+    flat = slots.reshape(-1).to(torch.int32).contiguous()
+    x = x.contiguous()
+    h = torch.empty(flat.numel(), inter, dtype=torch.float32, device=x.device)
+    bias_in = gate_up_bias if gate_up_bias is not None else flat  # any pointer: unused without biases
+    bias_out = down_bias if down_bias is not None else flat
+    scale = input_scale.contiguous() if input_scale is not None else flat
+    common = dict(alpha=float(act.alpha), limit=float(act.limit), ACT=code)
+    has_bias, has_scale = gate_up_bias is not None, input_scale is not None
+    bias_stride = gate_up_bias.stride(0) if has_bias else 0
+    down_bias_stride = down_bias.stride(0) if has_bias else 0
+    if flat.numel() <= DECODE_PAIRS:
+        _gate_up_rows[(flat.numel(), triton.cdiv(inter, 32))](
+            x, gate_up, bias_in, scale, flat, h, hidden, inter, k, x.stride(0), gate_up.stride(0),
+            gate_up.stride(1), bias_stride, HAS_BIAS=has_bias, HAS_SCALE=has_scale, BLOCK_I=32, BLOCK_K=128,
+            **common,
+        )  # fmt: skip
+        _down_rows[(flat.numel(), triton.cdiv(hidden, 32))](
+            h, down, bias_out, flat, out, hidden, inter, out.stride(0), down.stride(0), down.stride(1),
+            down_bias_stride, HAS_BIAS=has_bias, BLOCK_E=32, BLOCK_K=128,
+        )  # fmt: skip
+        return
+    order, block_slot = sorted_blocks(flat, gate_up.shape[0], BLOCK_M)
+    ieee = gate_up.dtype == torch.float32
+    _grouped_gate_up[(block_slot.numel(), triton.cdiv(inter, 64))](
+        x, gate_up, bias_in, scale, order, block_slot, h, hidden, inter, k, x.stride(0), gate_up.stride(0),
+        gate_up.stride(1), bias_stride, HAS_BIAS=has_bias, HAS_SCALE=has_scale, IEEE=ieee, BLOCK_M=BLOCK_M,
+        BLOCK_N=64, BLOCK_K=64, **common,
+    )  # fmt: skip
+    _grouped_down[(block_slot.numel(), triton.cdiv(hidden, 64))](
+        h, down, bias_out, order, block_slot, out, hidden, inter, out.stride(0), down.stride(0), down.stride(1),
+        down_bias_stride, HAS_BIAS=has_bias, IEEE=ieee, BLOCK_M=BLOCK_M, BLOCK_N=64, BLOCK_K=64,
+    )  # fmt: skip
+
+
+def sorted_blocks(slots: torch.Tensor, num_slots: int, block: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Pairs grouped by slot, each group padded to a multiple of `block` with -1: (pair indices [M],
+    the slot of each block of `block` entries [M / block], -1 for blocks past the end). M is the most
+    the padding can need, so nothing here waits for the device."""
+    pairs = slots.numel()
+    key = torch.where(slots >= 0, slots.long(), num_slots)  # skipped pairs sort last
+    order = torch.argsort(key, stable=True)
+    counts = torch.zeros(num_slots + 1, dtype=torch.long, device=slots.device).scatter_add_(
+        0, key, torch.ones_like(key)
+    )[:num_slots]
+    padded = (counts + block - 1) // block * block
+    ends = padded.cumsum(0)
+    sorted_key = key[order]
+    valid = sorted_key < num_slots
+    first_of_slot = counts.cumsum(0) - counts  # where each slot's pairs start in `order`
+    safe = sorted_key.clamp(max=num_slots - 1)
+    position = (ends - padded)[safe] + torch.arange(pairs, device=slots.device) - first_of_slot[safe]
+    capacity = triton.cdiv(pairs + min(pairs, num_slots) * (block - 1), block) * block
+    grouped = torch.full((capacity + 1,), -1, dtype=torch.int32, device=slots.device)
+    grouped[torch.where(valid, position, capacity)] = order.to(torch.int32)  # skipped pairs land in the spare
+    starts = torch.arange(0, capacity, block, device=slots.device)
+    block_slot = torch.searchsorted(ends, starts, right=True)
+    block_slot = torch.where(block_slot < num_slots, block_slot, -1).to(torch.int32)
+    return grouped[:capacity], block_slot
