@@ -56,6 +56,16 @@ def _placement_options(fn):
         click.option(
             "--context", type=click.IntRange(min=1), default=4096, show_default=True, help="Tokens of KV cache."
         ),
+        click.option(
+            "--expert-bits",
+            type=click.Choice(["16", "8", "4"]),
+            default="16",
+            show_default=True,
+            help="Keep the routed experts quantized to 8 or 4 bits (cached on disk after the first start).",
+        ),
+        click.option(
+            "--expert-group-size", type=click.IntRange(min=2), default=64, show_default=True, help="Columns per scale."
+        ),
     ]
     for option in reversed(options):
         fn = option(fn)
@@ -153,6 +163,8 @@ def _runtime_options(values: dict):
         host_budget=values["host_budget"],
         expert_slots=values["expert_slots"],
         context=values["context"],
+        expert_bits=int(values["expert_bits"]),
+        expert_group_size=values["expert_group_size"],
         **{
             key: values[key]
             for key in ("policy", "pin_hot", "prefetch", "prefetch_margin", "trace", "miss_policy", "kernels")

@@ -1,7 +1,7 @@
 """`load` a checkpoint into an `Engine` that generates text: the entry point of the CLI and the API."""
 
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from functools import cached_property
 from pathlib import Path
 
@@ -10,15 +10,17 @@ import torch
 from localmoe.checkpoint import Checkpoint
 from localmoe.errors import LocalMoEError
 from localmoe.kernels import pair_kernel
+from localmoe.kernels.quantized import QuantSpec
 from localmoe.loader import ModelParts, footprint, load_resident_weights, model_skeleton, open_checkpoint
 from localmoe.models.moe import moe_blocks
 from localmoe.runtime.cpu_experts import MISS_POLICIES, calibrated
 from localmoe.runtime.expert_cache import POLICIES, ExpertCache
-from localmoe.runtime.expert_store import ExpertStore
+from localmoe.runtime.expert_store import ExpertStore, layout_of
 from localmoe.runtime.generate import GenerationStats, generate_tokens
 from localmoe.runtime.kv_cache import KVCache
 from localmoe.runtime.memory import MemoryPlan, format_bytes, plan_memory
 from localmoe.runtime.offload import OffloadedExperts
+from localmoe.runtime.quantized_cache import QuantizedLayers, cache_folder
 from localmoe.runtime.resident import ResidentExperts
 from localmoe.runtime.sampling import Sampler, SamplingParams
 from localmoe.runtime.stats import cache_report
@@ -42,6 +44,8 @@ class RuntimeOptions:
     trace: Path | None = None  # write the routing of every token here (JSON lines)
     miss_policy: str = "auto"  # a miss is copied to the device, computed on the CPU, or whichever is faster
     kernels: str = "auto"  # the expert kernels: reference, triton, or triton where it works (CUDA)
+    expert_bits: int = 16  # 8 or 4: routed experts quantized group-wise, kept so on disk between runs
+    expert_group_size: int = 64
     copy_bandwidth: float | None = None  # bytes/s for the miss policy's cost model; default: measured
     cpu_bandwidth: float | None = None
 
@@ -214,10 +218,13 @@ def load(
     blocks = moe_blocks(parts.model)
     trace = RoutingTrace(options.trace, blocks[0].layer_idx) if options.trace else None
     kernel, kernels = pair_kernel(options.kernels, device, parts.dtype, [block.act for block in blocks])
+    quant = _quant(options)
+    quantized = QuantizedLayers(cache_folder(checkpoint, _quant_settings(quant, parts.dtype))) if quant else None
     if plan.all_resident:
-        experts = ResidentExperts(parts.experts, device, parts.dtype, trace, kernel)
+        experts = ResidentExperts(parts.experts, device, parts.dtype, trace, kernel, quant, quantized)
     else:
-        store = ExpertStore(parts.experts, parts.dtype, "mmap" if plan.store == "mmap" else "ram", device)
+        mode = "mmap" if plan.store == "mmap" else "ram"
+        store = ExpertStore(parts.experts, parts.dtype, mode, device, quant, quantized)
         cache = ExpertCache(store, plan.slots, device, options.policy)
         bandwidths = None
         if options.miss_policy == "auto":
@@ -254,9 +261,22 @@ def plan_for(
     return _plan(model_skeleton(open_checkpoint(source, revision), dtype), target, options)
 
 
+def _quant(options: RuntimeOptions) -> QuantSpec | None:
+    if options.expert_bits == 16:
+        return None
+    return QuantSpec(options.expert_bits, options.expert_group_size)
+
+
+def _quant_settings(quant: QuantSpec, dtype: torch.dtype) -> str:
+    return f"bits={quant.bits} group={quant.group} dtype={dtype}"
+
+
 def _plan(parts: ModelParts, device: torch.device, options: RuntimeOptions) -> MemoryPlan:
+    fp = footprint(parts)
+    if quant := _quant(options):  # the plan counts experts at their quantized size
+        fp = replace(fp, expert_bytes=layout_of(parts.experts, quant, parts.dtype).numel)
     plan = plan_memory(
-        footprint(parts),
+        fp,
         device,
         vram_budget=options.vram_budget,
         host_budget=options.host_budget,

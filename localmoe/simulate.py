@@ -116,7 +116,7 @@ class _OneNumberStore:
     """A store whose experts are one number each: the replay exercises the cache, not the copies."""
 
     layout = ExpertLayout(hidden=1, intermediate=1)
-    dtype = torch.float32
+    dtype = row_dtype = torch.float32
     expert_bytes = 1
 
     def copy_to(self, row: torch.Tensor, layer: int, expert: int) -> None:

@@ -12,7 +12,7 @@ class ToyStore:
     """Experts whose every weight equals a code of (layer, expert): a slot shows what it holds."""
 
     layout = ExpertLayout(hidden=2, intermediate=3)
-    dtype = torch.float32
+    dtype = row_dtype = torch.float32
     expert_bytes = layout.numel * 4
 
     def copy_to(self, row, layer, expert):

@@ -26,9 +26,9 @@ CALIBRATION_FILE = "calibration.json"
 
 
 class HostExperts:
-    """Runs experts of the host store on the CPU with the reference kernel: on the packed rows in place
-    (RAM store), or on rows packed from the checkpoint's mapped shards first, a few experts at a time
-    through one reused buffer (mmap store, where RAM is short)."""
+    """Runs experts of the host store on the CPU with the reference kernel: on the rows in place (RAM
+    store, or quantized rows however kept), or on rows packed from the checkpoint's mapped shards first,
+    a few experts at a time through one reused buffer (mmap store, where RAM is short)."""
 
     MMAP_GROUP = 4  # experts packed at once from the mapped shards
 
@@ -48,7 +48,7 @@ class HostExperts:
         """out[p] for each (token, choice) pair p routed to one of `experts`; other rows untouched.
         All on the CPU: x [T, E], ids [T, k], scale [T*k] or None, out [T*k, E]."""
         layer = block.layer_idx
-        if self.store.mode == "ram":
+        if layer in self.store.rows:  # packed in RAM, or quantized and mapped
             self._run(block, x, ids, scale, self.store.rows[layer], experts, experts, out)
             return
         for start in range(0, len(experts), self.MMAP_GROUP):
@@ -69,7 +69,7 @@ class HostExperts:
     def _rows(self, count: int) -> torch.Tensor:
         if self._scratch is None:  # allocated once: fresh memory would page-fault on every call
             with torch.inference_mode(False):  # a normal tensor, writable in and out of inference mode
-                self._scratch = torch.empty(self.MMAP_GROUP, self.store.layout.numel, dtype=self.store.dtype)
+                self._scratch = torch.empty(self.MMAP_GROUP, self.store.layout.numel, dtype=self.store.row_dtype)
         return self._scratch[:count]
 
 

@@ -141,7 +141,7 @@ class ExpertCache:
     def __init__(self, store: ExpertStore, slots: int, device: torch.device, policy="lru"):
         """`policy`: a name from POLICIES, or a policy object (the simulator passes Belady's)."""
         self.store = store
-        self.rows = torch.empty(slots, store.layout.numel, dtype=store.dtype, device=device)
+        self.rows = torch.empty(slots, store.layout.numel, dtype=store.row_dtype, device=device)
         self.gate_up = store.layout.gate_up(self.rows)
         self.down = store.layout.down(self.rows)
         self.biases = store.layout.biases(self.rows)

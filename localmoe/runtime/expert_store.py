@@ -6,15 +6,17 @@ allocator, which rounds each block up to a power of two). When RAM is short the 
 straight from the checkpoint's memory-mapped shards instead, role by role.
 """
 
+import functools
 import math
-from collections.abc import Iterator
 from dataclasses import dataclass
 
 import torch
 
+from localmoe.kernels.quantized import QuantizedWeights, QuantSpec, quantize
 from localmoe.loader import ExpertSource
 from localmoe.models.expert_tensors import role_shapes
 from localmoe.progress import progress
+from localmoe.runtime.quantized_cache import QuantizedLayers
 
 PAGE = 4096
 
@@ -26,6 +28,8 @@ class ExpertLayout:
     hidden: int
     intermediate: int
     bias: bool = False
+
+    row_dtype = None  # rows are in the compute dtype
 
     @property
     def shapes(self) -> dict[str, tuple[int, ...]]:
@@ -62,9 +66,89 @@ class ExpertLayout:
             offset += size
 
 
-def layout_of(source: ExpertSource) -> ExpertLayout:
+@dataclass(frozen=True)
+class QuantizedLayout:
+    """One expert as a byte row: gate_up and down quantized group-wise along their input (see
+    kernels/quantized.py), each followed by its float16 scales and zero points, then the biases in the
+    compute dtype; every section starts on a 16-byte boundary, so typed views of it line up."""
+
+    hidden: int
+    intermediate: int
+    bias: bool
+    spec: QuantSpec
+    dtype: torch.dtype  # of the biases, and of the dequantized weights
+
+    row_dtype = torch.uint8
+
+    @property
+    def _sections(self) -> dict[str, tuple[int, tuple[int, ...], torch.dtype]]:
+        """name -> (byte offset, shape, dtype)."""
+        h, i, spec = self.hidden, self.intermediate, self.spec
+        parts = [
+            ("gate_up", (2 * i, spec.packed_columns(h)), torch.uint8),
+            ("gate_up_scale", (2 * i, h // spec.group), torch.float16),
+            ("gate_up_zero", (2 * i, h // spec.group), torch.float16),
+            ("down", (h, spec.packed_columns(i)), torch.uint8),
+            ("down_scale", (h, i // spec.group), torch.float16),
+            ("down_zero", (h, i // spec.group), torch.float16),
+        ]
+        if self.bias:
+            parts += [("gate_up_bias", (2 * i,), self.dtype), ("down_bias", (h,), self.dtype)]
+        sections, offset = {}, 0
+        for name, shape, dtype in parts:
+            sections[name] = (offset, shape, dtype)
+            offset += _aligned(math.prod(shape) * dtype.itemsize)
+        return sections
+
+    @property
+    def numel(self) -> int:
+        """Bytes per expert."""
+        offset, shape, dtype = list(self._sections.values())[-1]
+        return offset + _aligned(math.prod(shape) * dtype.itemsize)
+
+    def _view(self, rows: torch.Tensor, name: str) -> torch.Tensor:
+        offset, shape, dtype = self._sections[name]
+        size = math.prod(shape) * dtype.itemsize
+        return rows[:, offset : offset + size].view(dtype).view(rows.shape[0], *shape)
+
+    def _weights(self, rows: torch.Tensor, name: str) -> QuantizedWeights:
+        q, scale, zero = (self._view(rows, name + suffix) for suffix in ("", "_scale", "_zero"))
+        return QuantizedWeights(q, scale, zero, self.spec, self.dtype)
+
+    def gate_up(self, rows: torch.Tensor) -> QuantizedWeights:
+        return self._weights(rows, "gate_up")
+
+    def down(self, rows: torch.Tensor) -> QuantizedWeights:
+        return self._weights(rows, "down")
+
+    def biases(self, rows: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        if not self.bias:
+            return None, None
+        return self._view(rows, "gate_up_bias"), self._view(rows, "down_bias")
+
+    def pack(self, row: torch.Tensor, roles: dict[str, torch.Tensor]) -> None:
+        """Quantize an expert's roles into its byte row [numel]."""
+        rows = row[None]
+        gate_up = torch.cat((roles["gate"], roles["up"]))
+        for name, matrix in (("gate_up", gate_up), ("down", roles["down"])):
+            for suffix, part in zip(("", "_scale", "_zero"), quantize(matrix, self.spec), strict=True):
+                self._view(rows, name + suffix)[0].copy_(part)
+        if self.bias:
+            self._view(rows, "gate_up_bias")[0].copy_(torch.cat((roles["gate_bias"], roles["up_bias"])))
+            self._view(rows, "down_bias")[0].copy_(roles["down_bias"])
+
+
+def _aligned(nbytes: int, to: int = 16) -> int:
+    return (nbytes + to - 1) // to * to
+
+
+def layout_of(source: ExpertSource, quant: QuantSpec | None = None, dtype: torch.dtype | None = None):
+    """The row layout of the source's experts: in the compute dtype, or quantized by `quant`."""
     block = next(iter(source.blocks.values()))
-    return ExpertLayout(block.hidden_size, block.intermediate_size, block.expert_bias)
+    if quant is None:
+        return ExpertLayout(block.hidden_size, block.intermediate_size, block.expert_bias)
+    quant.check(block.hidden_size, block.intermediate_size)
+    return QuantizedLayout(block.hidden_size, block.intermediate_size, block.expert_bias, quant, dtype)
 
 
 def packed_layer(source: ExpertSource, layer: int, layout: ExpertLayout, rows: torch.Tensor) -> torch.Tensor:
@@ -74,28 +158,57 @@ def packed_layer(source: ExpertSource, layer: int, layout: ExpertLayout, rows: t
     return rows
 
 
+def host_rows(source: ExpertSource, layout, dtype: torch.dtype, quantized: QuantizedLayers | None, mapped=False):
+    """Each MoE layer's experts as host rows [E, numel], in layer order: (layer, rows). Packed from the
+    checkpoint in the compute dtype; or, for a quantized layout, through the on-disk cache of quantized
+    rows (read into RAM, or `mapped` from its files), quantizing the layers it lacks."""
+    row_dtype = layout.row_dtype or dtype
+    layers = source.blocks
+    what = "reading quantized experts" if quantized and quantized.complete(layers) else "quantizing experts"
+    label = f"{what} (layers)" if quantized else "packing experts into host RAM (layers)"
+    for layer, block in progress(layers.items(), len(layers), label):
+        shape = (block.num_experts, layout.numel)
+        if quantized is None:
+            yield layer, packed_layer(source, layer, layout, _page_aligned_empty(*shape, row_dtype))
+            continue
+        build = functools.partial(packed_layer, source, layer, layout)
+        yield layer, quantized.rows(layer, shape, lambda shape: _page_aligned_empty(*shape, row_dtype), build, mapped)
+
+
 class ExpertStore:
-    def __init__(self, source: ExpertSource, dtype: torch.dtype, mode: str, device: torch.device):
+    def __init__(
+        self,
+        source: ExpertSource,
+        dtype: torch.dtype,
+        mode: str,
+        device: torch.device,
+        quant: QuantSpec | None = None,
+        quantized: QuantizedLayers | None = None,
+    ):
         """mode "ram": packed rows in host memory, pinned in place for a CUDA `device`; "mmap": read from
-        the shards, through a pinned staging row for CUDA."""
+        the shards, through a pinned staging row for CUDA. With `quant`, experts are kept quantized, their
+        rows coming from (and going to) the on-disk cache `quantized`: "mmap" then maps its files."""
         self.source = source
         self.dtype = dtype
-        self.layout = layout_of(source)
+        self.layout = layout_of(source, quant, dtype)
+        self.row_dtype = self.layout.row_dtype or dtype
         self.mode = mode
         self.rows: dict[int, torch.Tensor] = {}
         self.pinned_layers = 0
         cuda = device.type == "cuda"
-        if mode == "ram":
-            self.pinned_layers = sum(cuda and _pin_in_place(rows) for rows in self._pack_all())
+        if mode == "ram" or quant is not None:
+            for layer, rows in host_rows(source, self.layout, dtype, quantized, mapped=mode == "mmap"):
+                self.rows[layer] = rows
+                self.pinned_layers += cuda and mode == "ram" and _pin_in_place(rows)
         # Page faults make direct copies from a mapped file to the GPU crawl: a miss gathers its roles
         # in this pinned row first.
         self._staging = (
-            torch.empty(self.layout.numel, dtype=dtype, pin_memory=True) if cuda and mode == "mmap" else None
+            torch.empty(self.layout.numel, dtype=self.row_dtype, pin_memory=True) if cuda and mode == "mmap" else None
         )
 
     @property
     def expert_bytes(self) -> int:
-        return self.layout.numel * self.dtype.itemsize
+        return self.layout.numel * self.row_dtype.itemsize
 
     def copy_to(self, row: torch.Tensor, layer: int, expert: int) -> None:
         """Copy one expert into the flat device row `row`, on the current stream."""
@@ -103,21 +216,13 @@ class ExpertStore:
             # Asynchronous from pinned rows; from a layer whose pinning was refused it is synchronous.
             row.copy_(self.rows[layer][expert], non_blocking=row.is_cuda)
             return
-        roles = self.source.read(layer, expert)
-        if row.device.type == "cpu":
-            self.layout.pack(row, roles)
-            return
-        # The copy out of the staging row is synchronous, so the row is free again on return.
-        self.layout.pack(self._staging, roles)
-        row.copy_(self._staging)
-
-    def _pack_all(self) -> Iterator[torch.Tensor]:
-        """Pack each layer's experts into rows [E, numel], yielding each layer's rows once filled."""
-        layers = self.source.blocks
-        for layer, block in progress(layers.items(), len(layers), "packing experts into host RAM (layers)"):
-            rows = _page_aligned_empty(block.num_experts, self.layout.numel, self.dtype)
-            self.rows[layer] = packed_layer(self.source, layer, self.layout, rows)
-            yield rows
+        staging = row if row.device.type == "cpu" else self._staging
+        if layer in self.rows:  # mapped quantized rows
+            staging.copy_(self.rows[layer][expert])
+        else:
+            self.layout.pack(staging, self.source.read(layer, expert))
+        if staging is not row:
+            row.copy_(staging)  # synchronous, so the staging row is free again on return
 
 
 def _page_aligned_empty(rows: int, numel: int, dtype: torch.dtype) -> torch.Tensor:

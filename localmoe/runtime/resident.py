@@ -7,9 +7,11 @@ when the memory plan finds room for every expert.
 
 import torch
 
+from localmoe.kernels.quantized import QuantSpec
 from localmoe.kernels.reference import expert_mlp, expert_pair_outputs
 from localmoe.loader import ExpertSource
-from localmoe.runtime.expert_store import layout_of, packed_layer
+from localmoe.runtime.expert_store import host_rows, layout_of
+from localmoe.runtime.quantized_cache import QuantizedLayers
 from localmoe.runtime.trace import RoutingTrace
 
 
@@ -23,18 +25,16 @@ class ResidentExperts:
         dtype: torch.dtype,
         trace: RoutingTrace | None = None,
         pair_outputs=expert_pair_outputs,
+        quant: QuantSpec | None = None,
+        quantized: QuantizedLayers | None = None,
     ):
-        self.layout = layout_of(source)
+        """`quant`: keep the experts quantized, their rows from the on-disk cache `quantized`."""
+        self.layout = layout_of(source, quant, dtype)
         self.blocks = source.blocks
         self.trace = trace
         self.pair_outputs = pair_outputs  # the kernel (see localmoe.kernels.pair_kernel)
         # Packed in host memory, then moved in one copy: the mapped shards are read sequentially.
-        self.rows = {
-            layer: packed_layer(
-                source, layer, self.layout, torch.empty(block.num_experts, self.layout.numel, dtype=dtype)
-            ).to(device)
-            for layer, block in source.blocks.items()
-        }
+        self.rows = {layer: rows.to(device) for layer, rows in host_rows(source, self.layout, dtype, quantized)}
 
     def __call__(self, layer: int, x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
         block, rows = self.blocks[layer], self.rows[layer]

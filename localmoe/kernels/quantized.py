@@ -1,0 +1,80 @@
+"""Group-wise affine quantization of expert weights, and its plain-PyTorch dequantization (the CPU path
+and the oracle of the Triton kernels' quantized variants).
+
+A matrix [R, C] is cut into groups of `group` consecutive columns per row; each group keeps a float16
+scale and zero point, and its values as unsigned `bits`-bit integers: w = (q - zero) * scale. The
+range of a group always includes 0, so the zero point lies within [0, 2^bits - 1]. At 4 bits two
+values share a byte along the row, the even column in the low nibble.
+"""
+
+from dataclasses import dataclass
+
+import torch
+
+from localmoe.errors import LocalMoEError
+
+
+@dataclass(frozen=True)
+class QuantSpec:
+    bits: int  # 8 or 4
+    group: int  # columns per scale and zero point
+
+    def check(self, *columns: int) -> None:
+        if self.bits not in (4, 8):
+            raise LocalMoEError(f"--expert-bits {self.bits} is not supported: use 16, 8 or 4")
+        if self.group < 2 or self.group % 2 or any(c % self.group for c in columns):
+            raise LocalMoEError(
+                f"--expert-group-size {self.group} must be even and divide the experts' widths "
+                f"({', '.join(map(str, columns))}): try 32 or 16"
+            )
+
+    def packed_columns(self, columns: int) -> int:
+        return columns * self.bits // 8
+
+
+def quantize(w: torch.Tensor, spec: QuantSpec) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """w [R, C] -> (packed uint8 [R, C * bits / 8], scale and zero float16 [R, C / group])."""
+    rows, columns = w.shape
+    groups = w.float().reshape(rows, columns // spec.group, spec.group)
+    low = groups.amin(-1).clamp(max=0)
+    high = groups.amax(-1).clamp(min=0)
+    levels = 2**spec.bits - 1
+    scale = ((high - low) / levels).to(torch.float16)
+    scale = torch.where(scale > 0, scale, torch.ones_like(scale))  # an all-zero group
+    zero = (-low / scale.float()).round().clamp(0, levels).to(torch.float16)
+    q = (groups / scale.float()[..., None] + zero.float()[..., None]).round().clamp(0, levels).to(torch.uint8)
+    q = q.reshape(rows, columns)
+    if spec.bits == 4:
+        q = q[:, 0::2] | (q[:, 1::2] << 4)
+    return q, scale, zero
+
+
+def dequantize(
+    q: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, spec: QuantSpec, dtype: torch.dtype
+) -> torch.Tensor:
+    """The inverse of `quantize`, in `dtype`: [..., R, C] from q [..., R, C * bits / 8] and scale, zero
+    [..., R, C / group]."""
+    if spec.bits == 4:
+        q = torch.stack((q & 0xF, q >> 4), dim=-1).flatten(-2)
+    values = q.float().unflatten(-1, (-1, spec.group))
+    return ((values - zero.float()[..., None]) * scale.float()[..., None]).flatten(-2).to(dtype)
+
+
+@dataclass(frozen=True)
+class QuantizedWeights:
+    """A stack of quantized matrices [N, R, C] that dequantizes one at a time on indexing, so the reference
+    kernel (which indexes weights by slot) runs on it unchanged; the fused kernels read its parts."""
+
+    q: torch.Tensor  # [N, R, C * bits / 8] uint8
+    scale: torch.Tensor  # [N, R, C / group] float16
+    zero: torch.Tensor
+    spec: QuantSpec
+    dtype: torch.dtype  # what indexing dequantizes to
+
+    @property
+    def shape(self) -> tuple[int, int, int]:
+        n, rows, packed = self.q.shape
+        return n, rows, packed * 8 // self.spec.bits
+
+    def __getitem__(self, index: int) -> torch.Tensor:
+        return dequantize(self.q[index], self.scale[index], self.zero[index], self.spec, self.dtype)
