@@ -181,7 +181,8 @@ def write_benchmarks(results_dir: Path, docs: Path) -> None:
         "",
         "The floor is max(bytes a token must copy / host-to-device bandwidth, bytes it must read / device",
         "memory bandwidth), with both bandwidths measured in the same run; on the CPU, bytes read and copied",
-        "over the measured RAM bandwidth. The expert kernels (`scripts/bench_kernels.py`) come last.",
+        "over the measured RAM bandwidth. The expert kernels (`scripts/bench_kernels.py`) and the quality of",
+        "quantized experts (`scripts/quant_quality.py`) come last.",
     ]
     for r in results:
         lines += ["", f"## {r['model']} on {r['device']} ({r['dtype']}), {r['date']}", ""]
@@ -199,7 +200,32 @@ def write_benchmarks(results_dir: Path, docs: Path) -> None:
         lines += [results_table(runs, floor["floor_s"], "transformers + accelerate"), ""]
         lines += [f"- {label(run)}: {run.detail}" for run in runs if run.detail]
         lines += [f"- greedy tokens equal to the reference run's, before the first difference: {r['same_tokens']}"]
-    docs.write_text("\n".join(lines + _kernel_sections(results_dir / "kernels")) + "\n")
+    sections = _kernel_sections(results_dir / "kernels") + _quality_sections(results_dir / "quant")
+    docs.write_text("\n".join(lines + sections) + "\n")
+
+
+def _quality_sections(folder: Path) -> list[str]:
+    results = [json.loads(p.read_text()) for p in sorted(folder.glob("*.json"))]
+    results.sort(key=lambda r: r["date"], reverse=True)
+    lines = []
+    for r in results:
+        lines += ["", f"## Quantized experts: quality on {r['model']} ({r['dtype']}), {r['date']}", ""]
+        lines += [f"Command: `{r['command']}`", ""]
+        lines += [f"Machine: {', '.join(f'{k} {v}' for k, v in r['machine'].items())}.", ""]
+        lines += [
+            f"Against the same experts unquantized, over {r['prompts']}: the experts' relative output error",
+            "per MoE layer (mean and worst layer), the KL divergence of next-token distributions per position,",
+            "and how often the greedy token given the same prefix agrees.",
+            "",
+            "| bits | group | expert error mean | expert error worst layer | KL per token | greedy agreement |",
+            "|---|---|---|---|---|---|",
+        ]
+        for row in r["rows"]:
+            lines.append(
+                f"| {row['bits']} | {row['group']} | {row['expert_error_mean']:.4f} | {row['expert_error_max']:.4f} "
+                f"| {row['kl']:.2e} | {row['agreement']:.2%} |"
+            )
+    return lines
 
 
 def _kernel_sections(folder: Path) -> list[str]:

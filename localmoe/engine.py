@@ -10,7 +10,7 @@ import torch
 from localmoe.checkpoint import Checkpoint
 from localmoe.errors import LocalMoEError
 from localmoe.kernels import pair_kernel
-from localmoe.kernels.quantized import QuantSpec
+from localmoe.kernels.quantized import MXFP4, QuantSpec
 from localmoe.loader import ModelParts, footprint, load_resident_weights, model_skeleton, open_checkpoint
 from localmoe.models.moe import moe_blocks
 from localmoe.runtime.cpu_experts import MISS_POLICIES, calibrated
@@ -217,8 +217,9 @@ def load(
     load_resident_weights(parts, checkpoint, device)
     blocks = moe_blocks(parts.model)
     trace = RoutingTrace(options.trace, blocks[0].layer_idx) if options.trace else None
-    kernel, kernels = pair_kernel(options.kernels, device, parts.dtype, [block.act for block in blocks])
     quant = _quant(options)
+    weights = MXFP4 if quant is None and parts.experts.all_mxfp4 else quant  # what the kernels will read
+    kernel, kernels = pair_kernel(options.kernels, device, parts.dtype, [block.act for block in blocks], weights)
     quantized = QuantizedLayers(cache_folder(checkpoint, _quant_settings(quant, parts.dtype))) if quant else None
     if plan.all_resident:
         experts = ResidentExperts(parts.experts, device, parts.dtype, trace, kernel, quant, quantized)
@@ -273,8 +274,9 @@ def _quant_settings(quant: QuantSpec, dtype: torch.dtype) -> str:
 
 def _plan(parts: ModelParts, device: torch.device, options: RuntimeOptions) -> MemoryPlan:
     fp = footprint(parts)
-    if quant := _quant(options):  # the plan counts experts at their quantized size
-        fp = replace(fp, expert_bytes=layout_of(parts.experts, quant, parts.dtype).numel)
+    layout = layout_of(parts.experts, _quant(options), parts.dtype)
+    if layout.row_dtype is not None:  # quantized or MXFP4 byte rows: the plan counts their size
+        fp = replace(fp, expert_bytes=layout.numel)
     plan = plan_memory(
         fp,
         device,

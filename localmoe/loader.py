@@ -15,7 +15,7 @@ from torch import nn
 from localmoe.checkpoint import Checkpoint
 from localmoe.errors import LocalMoEError
 from localmoe.models import family_for
-from localmoe.models.expert_tensors import ExpertTensors, role_shapes
+from localmoe.models.expert_tensors import ExpertTensors, Mxfp4, role_shapes
 from localmoe.models.family import Family, ModelArgs
 from localmoe.models.moe import SparseMoE, moe_blocks
 from localmoe.progress import progress
@@ -174,8 +174,16 @@ class ExpertSource:
     def layers(self) -> list[int]:
         return list(self.blocks)
 
-    def read(self, layer: int, expert: int) -> dict[str, torch.Tensor]:
-        return self.layouts[layer].read(self.ckpt, self.blocks[layer], expert)
+    @property
+    def all_mxfp4(self) -> bool:
+        return all(isinstance(layout, Mxfp4) for layout in self.layouts.values())
+
+    def read(self, layer: int, expert: int, packed: bool = False) -> dict[str, torch.Tensor]:
+        """The expert's roles, decoded; or, `packed`, as stored (MXFP4 checkpoints only)."""
+        layout = self.layouts[layer]
+        if packed:
+            return layout.read_packed(self.ckpt, self.blocks[layer], expert)
+        return layout.read(self.ckpt, self.blocks[layer], expert)
 
     def _layout(self, layouts: tuple[ExpertTensors, ...], block: SparseMoE) -> ExpertTensors:
         """The first layout present for this layer, with every expert tensor it needs checked."""

@@ -165,6 +165,8 @@ def main() -> None:
     parser.add_argument("--prompt-tokens", type=int, default=32)
     parser.add_argument("--new-tokens", type=int, default=32)
     parser.add_argument("--miss-policies", default="copy,cpu,auto", help="comma-separated, one localmoe run each")
+    parser.add_argument("--expert-bits", type=int, default=16, choices=[16, 8, 4], help="for the localmoe runs")
+    parser.add_argument("--expert-group-size", type=int, default=64)
     parser.add_argument("--no-baseline", action="store_true")
     parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results")
     parser.add_argument("--docs", type=Path, default=ROOT / "docs" / "benchmarks.md")
@@ -192,10 +194,18 @@ def main() -> None:
     # On the CPU the "device" is RAM too: the experts without a slot stay in the checkpoint files (mmap).
     host_budget = 1 if device.type == "cpu" else None
     for miss_policy in args.miss_policies.split(","):
-        options = RuntimeOptions(vram_budget=budget, host_budget=host_budget, miss_policy=miss_policy)
+        options = RuntimeOptions(
+            vram_budget=budget,
+            host_budget=host_budget,
+            miss_policy=miss_policy,
+            expert_bits=args.expert_bits,
+            expert_group_size=args.expert_group_size,
+        )
         engine = load(path, device=args.device, dtype=dtype, options=options)
         detail = f"{engine.plan.slots} of {fp.total_experts} experts in slots, host copy: {engine.plan.store}"
-        if engine.experts.bandwidths:
+        if args.expert_bits < 16:
+            detail += f", experts at {args.expert_bits} bits (groups of {args.expert_group_size})"
+        if getattr(engine.experts, "bandwidths", None):
             rates = engine.experts.bandwidths
             detail += f", calibrated copy {rates.copy / 1e9:.2f} GB/s and CPU {rates.cpu / 1e9:.2f} GB/s"
         runs.append(run_engine(engine, "localmoe", prompt, args.new_tokens, detail))

@@ -9,7 +9,8 @@ from conftest import GPT_OSS, hf_model
 from safetensors.torch import save_file
 
 import localmoe
-from localmoe.models.expert_tensors import FP4_VALUES, Mxfp4, dequantize_mxfp4
+from localmoe.kernels.quantized import FP4_VALUES, dequantize_mxfp4
+from localmoe.models.expert_tensors import Mxfp4
 
 
 def quantize_mxfp4(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -77,3 +78,28 @@ def test_mxfp4_offloaded_equals_resident(mxfp4_pair):
         str(folder), device="cpu", dtype=torch.float32, options=localmoe.engine.RuntimeOptions(expert_slots=3)
     )
     assert list(offloaded.generate_ids(ids, 12)) == list(resident.generate_ids(ids, 12))
+
+
+def test_the_runtime_keeps_mxfp4_as_stored(mxfp4_pair):
+    """Store rows and slots hold the FP4 codes and exponents: a miss copies those bytes, not bf16."""
+    from localmoe.engine import RuntimeOptions
+    from localmoe.runtime.expert_store import Mxfp4Layout
+
+    _, folder = mxfp4_pair
+    ids = torch.randint(0, 256, (16,), generator=torch.Generator().manual_seed(6)).tolist()
+    options = RuntimeOptions(expert_slots=3, miss_policy="copy", prefetch=0)
+    engine = localmoe.load(str(folder), device="cpu", dtype=torch.float32, options=options)
+    store = engine.experts.cache.store
+    hidden, inter = GPT_OSS["hidden_size"], GPT_OSS["intermediate_size"]
+    assert isinstance(store.layout, Mxfp4Layout)
+    weights = 3 * hidden * inter
+    assert weights // 2 + weights // 32 <= store.expert_bytes < weights  # about half a byte per weight
+    assert engine.plan.footprint.expert_bytes == store.expert_bytes
+    list(engine.generate_ids(ids, 6))
+    total = engine.experts.cache.totals()
+    assert total.misses > 0 and total.bytes_copied == total.misses * store.expert_bytes
+    # asked for, other quantization replaces MXFP4: decoded, then quantized again
+    requantized = localmoe.load(
+        str(folder), device="cpu", dtype=torch.float32, options=RuntimeOptions(expert_bits=8, expert_group_size=16)
+    )
+    assert not isinstance(requantized.experts.layout, Mxfp4Layout)

@@ -90,6 +90,18 @@ def test_eight_bits_stay_close_to_sixteen(checkpoint):
     assert error8 < 0.05 * logits16.abs().max().item() and error8 < error4
 
 
+@torch.inference_mode()
+def test_eight_bits_agree_on_greedy_tokens(checkpoint):
+    """Given the same prefixes, the 8-bit model picks the 16-bit model's token at 99% of positions or more."""
+    prompts = torch.randint(0, 256, (8, 32), generator=torch.Generator().manual_seed(4))
+    agree = 0
+    engines = load(checkpoint), load(checkpoint, expert_bits=8)
+    for prompt in prompts:
+        picks = [e.model(prompt[None], e.model.new_cache(1, 32), all_logits=True).argmax(-1) for e in engines]
+        agree += (picks[0] == picks[1]).sum().item()
+    assert agree >= 0.99 * prompts.numel()
+
+
 def test_copies_move_quantized_bytes_and_the_plan_fits_more_slots(checkpoint):
     engine = load(checkpoint, expert_bits=4, expert_slots=4, miss_policy="copy", prefetch=0)
     run(engine)

@@ -8,6 +8,7 @@ from conftest import GPT_OSS, LLAMA4, MIXTRAL, hf_model, save_hf
 import localmoe
 from localmoe.engine import RuntimeOptions
 from localmoe.kernels import pair_kernel, self_check
+from localmoe.kernels.quantized import MXFP4, Mxfp4Weights, QuantSpec, quantized_stack
 from localmoe.kernels.reference import expert_pair_outputs
 from localmoe.models.moe import GatedActivation
 
@@ -61,6 +62,38 @@ def test_activations_biases_and_input_scales(act, tokens):
     compare(ACTS[act], tokens, 2, seed=3, biases=True, scale=True)
 
 
+@pytest.mark.parametrize("bits", [8, 4])
+@pytest.mark.parametrize("tokens", [1, 24])
+def test_quantized_weights_dequantized_in_registers(bits, tokens):
+    x, gate_up, down, slots, extra = case(tokens, 2, seed=bits + tokens, biases=True)
+    gate_up, down = quantized_stack(gate_up, QuantSpec(bits, 8)), quantized_stack(down, QuantSpec(bits, 8))
+    expected, got = torch.zeros(tokens * 2, HIDDEN), torch.zeros(tokens * 2, HIDDEN)
+    expert_pair_outputs(expected, x, gate_up, down, slots, ACTS["clamped"], *extra)  # dequantizes per slot
+    triton_experts.triton_pair_outputs(got, x, gate_up, down, slots, ACTS["clamped"], *extra)
+    assert (got - expected).abs().max().item() <= 1e-5 * expected.abs().max().item()
+
+
+@pytest.mark.parametrize("tokens", [1, 24])
+def test_mxfp4_weights_decoded_in_registers(tokens):
+    x, _, _, slots, extra = case(tokens, 2, seed=tokens, biases=True)
+    g = torch.Generator().manual_seed(tokens)
+
+    def mxfp4(rows: int, columns: int) -> Mxfp4Weights:
+        blocks = torch.randint(0, 256, (SLOTS, rows, columns // 2), generator=g, dtype=torch.uint8)
+        return Mxfp4Weights(
+            blocks, torch.randint(120, 128, (SLOTS, rows, columns // 32), generator=g).to(torch.uint8), torch.float32
+        )
+
+    hidden, inter = 64, 32  # MXFP4 needs multiples of 32
+    x = torch.randn(tokens, hidden, generator=g)
+    gate_up, down = mxfp4(2 * inter, hidden), mxfp4(hidden, inter)
+    biases = torch.randn(SLOTS, 2 * inter, generator=g), torch.randn(SLOTS, hidden, generator=g)
+    expected, got = torch.zeros(tokens * 2, hidden), torch.zeros(tokens * 2, hidden)
+    expert_pair_outputs(expected, x, gate_up, down, slots, ACTS["clamped"], *biases)
+    triton_experts.triton_pair_outputs(got, x, gate_up, down, slots, ACTS["clamped"], *biases)
+    assert (got - expected).abs().max().item() <= 1e-5 * expected.abs().max().item()
+
+
 def test_float16():
     compare(ACTS["swiglu"], 24, 2, dtype=torch.float16, tolerance=2e-3)
     compare(ACTS["swiglu"], 2, 2, dtype=torch.float16, tolerance=2e-3)
@@ -89,10 +122,12 @@ def test_sorted_blocks_group_pairs_by_slot():
     assert by_slot == {0: [2, 5], 2: [0, 3, 4]}  # pair 1 is skipped; slot 2's three pairs take two blocks
 
 
-@pytest.mark.filterwarnings("ignore:overflow encountered in exp")  # sigmoid of a large negative, in NumPy
 def test_self_check_passes_and_catches_a_broken_kernel():
     acts = list(ACTS.values())
     assert self_check(triton_experts.triton_pair_outputs, torch.device("cpu"), torch.float32, acts) is None
+    cpu = torch.device("cpu")
+    assert self_check(triton_experts.triton_pair_outputs, cpu, torch.float32, acts, QuantSpec(4, 8)) is None
+    assert self_check(triton_experts.triton_pair_outputs, cpu, torch.float32, acts, MXFP4) is None
 
     def off_by_one(out, *args):
         triton_experts.triton_pair_outputs(out, *args)
@@ -128,3 +163,5 @@ def test_greedy_tokens_equal_the_reference_path(config_class, config, tmp_path):
     assert resident == expected and "kernels: triton" in engine.summary()
     offloaded, _ = tokens(kernels="triton", expert_slots=engine.plan.footprint.top_k + 1, miss_policy="copy")
     assert offloaded == expected
+    quantized_reference, _ = tokens(kernels="reference", expert_bits=4, expert_group_size=16)
+    assert tokens(kernels="triton", expert_bits=4, expert_group_size=16)[0] == quantized_reference

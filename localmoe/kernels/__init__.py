@@ -7,16 +7,20 @@ from collections.abc import Callable
 import torch
 
 from localmoe.errors import LocalMoEError
+from localmoe.kernels.quantized import MXFP4, Mxfp4Weights, QuantSpec, quantized_stack
 from localmoe.kernels.reference import expert_pair_outputs
 
 KERNELS = ("auto", "reference", "triton")
 
 
-def pair_kernel(choice: str, device: torch.device, dtype: torch.dtype, acts) -> tuple[Callable, str]:
+def pair_kernel(
+    choice: str, device: torch.device, dtype: torch.dtype, acts, quant: QuantSpec | str | None = None
+) -> tuple[Callable, str]:
     """(the pair-output function, a few words on why it was chosen) for `--kernels choice`.
 
     auto: Triton on CUDA where it is installed, has the model's activations and passes a self-check
-    against the reference on this device; the reference otherwise. triton: those kernels or an error
+    against the reference on this device (with weights quantized as `quant` says); the reference
+    otherwise. triton: those kernels or an error
     (on the CPU they need TRITON_INTERPRET=1, which is for tests).
     """
     if choice == "reference":
@@ -38,21 +42,32 @@ def pair_kernel(choice: str, device: torch.device, dtype: torch.dtype, acts) -> 
         raise LocalMoEError(f"the Triton expert kernels lack the {', '.join(missing)} activation: --kernels reference")
     if device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
         raise LocalMoEError("the Triton expert kernels run on CUDA (on the CPU only under TRITON_INTERPRET=1)")
-    if choice == "auto" and (failure := self_check(triton_pair_outputs, device, dtype, acts)):
+    if choice == "auto" and (failure := self_check(triton_pair_outputs, device, dtype, acts, quant)):
         return expert_pair_outputs, f"reference (Triton failed its self-check: {failure})"
     return triton_pair_outputs, "triton"
 
 
-def self_check(kernel: Callable, device: torch.device, dtype: torch.dtype, acts) -> str | None:
+def self_check(
+    kernel: Callable, device: torch.device, dtype: torch.dtype, acts, quant: QuantSpec | str | None = None
+) -> str | None:
     """None if `kernel` matches the reference on small random experts on this device, both kernel
-    shapes (few and many tokens), each activation; else what went wrong, in a line."""
+    shapes (few and many tokens), each activation, weights quantized by `quant` if given; else what
+    went wrong, in a line."""
     generator = torch.Generator().manual_seed(0)
-    experts, hidden, inter = 4, 96, 80
+    unit = quant.group if isinstance(quant, QuantSpec) else 32  # widths the group divides
+    experts, hidden, inter = 4, 6 * unit, 5 * unit
 
     def rand(*shape, scale=0.25):
         return (torch.randn(*shape, generator=generator) * scale).to(device=device, dtype=dtype)
 
     gate_up, down = rand(experts, 2 * inter, hidden), rand(experts, hidden, inter)
+    if quant == MXFP4:
+        gate_up, down = (
+            _random_mxfp4(experts, 2 * inter, hidden, dtype, device),
+            _random_mxfp4(experts, hidden, inter, dtype, device),
+        )
+    elif quant is not None:
+        gate_up, down = quantized_stack(gate_up, quant), quantized_stack(down, quant)
     for act in {(a.kind, a.act, a.alpha, a.limit): a for a in acts}.values():
         for tokens in (1, 40):
             x = rand(tokens, hidden, scale=1.0)
@@ -68,3 +83,10 @@ def self_check(kernel: Callable, device: torch.device, dtype: torch.dtype, acts)
             if not error <= tolerance * max(1.0, expected.float().abs().max().item()):
                 return f"max error {error:.3g} with {act.kind}/{act.act}, {tokens} tokens"
     return None
+
+
+def _random_mxfp4(experts: int, rows: int, columns: int, dtype: torch.dtype, device) -> Mxfp4Weights:
+    generator = torch.Generator().manual_seed(1)
+    blocks = torch.randint(0, 256, (experts, rows, columns // 2), generator=generator, dtype=torch.uint8)
+    scales = torch.randint(122, 126, (experts, rows, columns // 32), generator=generator, dtype=torch.uint8)
+    return Mxfp4Weights(blocks.to(device), scales.to(device), dtype)

@@ -78,3 +78,42 @@ class QuantizedWeights:
 
     def __getitem__(self, index: int) -> torch.Tensor:
         return dequantize(self.q[index], self.scale[index], self.zero[index], self.spec, self.dtype)
+
+
+def quantized_stack(weights: torch.Tensor, spec: QuantSpec) -> QuantizedWeights:
+    """Matrices [N, R, C] quantized one by one, as QuantizedWeights dequantizing to their dtype."""
+    parts = [quantize(matrix, spec) for matrix in weights]
+    return QuantizedWeights(*(torch.stack(part) for part in zip(*parts, strict=True)), spec, weights.dtype)
+
+
+# FP4 (e2m1) values by their 4-bit code
+FP4_VALUES = (0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0, -0.0, -0.5, -1.0, -1.5, -2.0, -3.0, -4.0, -6.0)
+MXFP4 = "mxfp4"  # as a quantization: the checkpoint's own MXFP4 blocks, kept
+
+
+def dequantize_mxfp4(blocks: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
+    """[rows, G, 16] bytes of two FP4 codes each (low nibble first) and [rows, G] power-of-two
+    exponents (biased by 127) -> [rows, G * 32] float32."""
+    table = torch.tensor(FP4_VALUES, dtype=torch.float32, device=blocks.device)
+    codes = torch.stack((blocks & 0x0F, blocks >> 4), dim=-1).reshape(*blocks.shape[:-1], 32)
+    values = table[codes.long()] * torch.exp2(scales.float() - 127).unsqueeze(-1)
+    return values.reshape(blocks.shape[0], -1)
+
+
+@dataclass(frozen=True)
+class Mxfp4Weights:
+    """A stack of MXFP4 matrices [N, R, C]: codes [N, R, C / 2] and exponents [N, R, C / 32], dequantized
+    one at a time on indexing (see QuantizedWeights)."""
+
+    blocks: torch.Tensor
+    scales: torch.Tensor
+    dtype: torch.dtype
+
+    @property
+    def shape(self) -> tuple[int, int, int]:
+        n, rows, packed = self.blocks.shape
+        return n, rows, packed * 2
+
+    def __getitem__(self, index: int) -> torch.Tensor:
+        blocks = self.blocks[index]
+        return dequantize_mxfp4(blocks.reshape(blocks.shape[0], -1, 16), self.scales[index]).to(self.dtype)

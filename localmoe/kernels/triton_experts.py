@@ -10,7 +10,9 @@ applies down to it into the pair outputs [P, E]. Two shapes of each:
   program multiplies a block of one slot's pairs by a tile of that slot's weights (a grouped GEMM).
 
 The pair buffers, the activation (SwiGLU, tanh-GELU GLU, gpt-oss's clamped SwiGLU), expert biases and
-Llama 4's input scale match the reference. The sort runs on the device without a host sync.
+Llama 4's input scale match the reference. Weights are in the compute dtype, quantized to 8 or 4 bits
+(kernels/quantized.py), or MXFP4 as gpt-oss ships them, dequantized in registers as they are
+loaded. The sort runs on the device without a host sync.
 Under TRITON_INTERPRET=1 the kernels run on the CPU (float32 and float16 only), which is how the
 tests check them.
 """
@@ -18,6 +20,8 @@ tests check them.
 import torch
 import triton
 import triton.language as tl
+
+from localmoe.kernels.quantized import Mxfp4Weights, QuantizedWeights
 
 # activation codes: act(gate, up)
 SILU_GLU, GELU_TANH_GLU, CLAMPED_SWIGLU = 0, 1, 2
@@ -48,9 +52,40 @@ def _activate(gate, up, ACT: tl.constexpr, alpha, limit):
 
 
 @triton.jit
+def _weights(w_ptr, s_ptr, z_ptr, r, c, mask, stride_r, stride_sr, BITS: tl.constexpr, GROUP: tl.constexpr):
+    """One expert's weights at rows r and columns c (broadcastable index tensors), in float32: loaded, or
+    unpacked and dequantized, (q - zero) * scale, with each column's group."""
+    if BITS == 16:
+        w = tl.load(w_ptr + r * stride_r + c, mask=mask, other=0.0).to(tl.float32)
+    elif BITS == 1:  # MXFP4: e2m1 codes, two per byte, and a power-of-two exponent per 32 columns
+        byte = tl.load(w_ptr + r * stride_r + c // 2, mask=mask, other=0).to(tl.int32)
+        code = tl.where(c % 2 == 0, byte & 0xF, (byte >> 4) & 0xF)
+        exponent = (code >> 1) & 3
+        mantissa = (code & 1).to(tl.float32)
+        magnitude = tl.where(
+            exponent == 0, 0.5 * mantissa, (1.0 + 0.5 * mantissa) * tl.exp2((exponent - 1).to(tl.float32))
+        )
+        scale = tl.load(s_ptr + r * stride_sr + c // 32, mask=mask, other=127).to(tl.float32)
+        w = tl.where(code >= 8, -magnitude, magnitude) * tl.exp2(scale - 127.0)
+    else:
+        if BITS == 8:
+            q = tl.load(w_ptr + r * stride_r + c, mask=mask, other=0).to(tl.float32)
+        else:
+            byte = tl.load(w_ptr + r * stride_r + c // 2, mask=mask, other=0).to(tl.int32)
+            q = tl.where(c % 2 == 0, byte & 0xF, (byte >> 4) & 0xF).to(tl.float32)
+        group = r * stride_sr + c // GROUP
+        scale = tl.load(s_ptr + group, mask=mask, other=0.0).to(tl.float32)
+        zero = tl.load(z_ptr + group, mask=mask, other=0.0).to(tl.float32)
+        w = (q - zero) * scale
+    return w
+
+
+@triton.jit
 def _gate_up_rows(
     x_ptr,
     w_ptr,
+    s_ptr,
+    z_ptr,
     bias_ptr,
     scale_ptr,
     slot_ptr,
@@ -61,10 +96,14 @@ def _gate_up_rows(
     stride_x,
     stride_ws,
     stride_wr,
+    stride_ss,
+    stride_sr,
     stride_bs,
     ACT: tl.constexpr,
     HAS_BIAS: tl.constexpr,
     HAS_SCALE: tl.constexpr,
+    BITS: tl.constexpr,
+    GROUP: tl.constexpr,
     alpha,
     limit,
     BLOCK_I: tl.constexpr,
@@ -76,7 +115,9 @@ def _gate_up_rows(
         token = pair // K_CHOICES
         rows = tl.program_id(1) * BLOCK_I + tl.arange(0, BLOCK_I)
         row_ok = rows < INTER
-        weights = w_ptr + slot.to(tl.int64) * stride_ws
+        w = w_ptr + slot.to(tl.int64) * stride_ws
+        s = s_ptr + slot.to(tl.int64) * stride_ss
+        z = z_ptr + slot.to(tl.int64) * stride_ss
         gate = tl.zeros([BLOCK_I], dtype=tl.float32)
         up = tl.zeros([BLOCK_I], dtype=tl.float32)
         for start in range(0, HIDDEN, BLOCK_K):
@@ -84,10 +125,8 @@ def _gate_up_rows(
             col_ok = cols < HIDDEN
             xk = tl.load(x_ptr + token * stride_x + cols, mask=col_ok, other=0.0).to(tl.float32)
             ok = row_ok[:, None] & col_ok[None, :]
-            wg = tl.load(weights + rows[:, None] * stride_wr + cols[None, :], mask=ok, other=0.0).to(tl.float32)
-            wu = tl.load(weights + (rows[:, None] + INTER) * stride_wr + cols[None, :], mask=ok, other=0.0).to(
-                tl.float32
-            )
+            wg = _weights(w, s, z, rows[:, None], cols[None, :], ok, stride_wr, stride_sr, BITS, GROUP)
+            wu = _weights(w, s, z, rows[:, None] + INTER, cols[None, :], ok, stride_wr, stride_sr, BITS, GROUP)
             gate += tl.sum(wg * xk[None, :], axis=1)
             up += tl.sum(wu * xk[None, :], axis=1)
         if HAS_SCALE:
@@ -104,6 +143,8 @@ def _gate_up_rows(
 def _down_rows(
     h_ptr,
     w_ptr,
+    s_ptr,
+    z_ptr,
     bias_ptr,
     slot_ptr,
     out_ptr,
@@ -112,8 +153,12 @@ def _down_rows(
     stride_out,
     stride_ws,
     stride_wr,
+    stride_ss,
+    stride_sr,
     stride_bs,
     HAS_BIAS: tl.constexpr,
+    BITS: tl.constexpr,
+    GROUP: tl.constexpr,
     BLOCK_E: tl.constexpr,
     BLOCK_K: tl.constexpr,
 ):
@@ -122,15 +167,17 @@ def _down_rows(
     if slot >= 0:
         rows = tl.program_id(1) * BLOCK_E + tl.arange(0, BLOCK_E)
         row_ok = rows < HIDDEN
-        weights = w_ptr + slot.to(tl.int64) * stride_ws
+        w = w_ptr + slot.to(tl.int64) * stride_ws
+        s = s_ptr + slot.to(tl.int64) * stride_ss
+        z = z_ptr + slot.to(tl.int64) * stride_ss
         acc = tl.zeros([BLOCK_E], dtype=tl.float32)
         for start in range(0, INTER, BLOCK_K):
             cols = start + tl.arange(0, BLOCK_K)
             col_ok = cols < INTER
             hk = tl.load(h_ptr + pair * INTER + cols, mask=col_ok, other=0.0)
             ok = row_ok[:, None] & col_ok[None, :]
-            w = tl.load(weights + rows[:, None] * stride_wr + cols[None, :], mask=ok, other=0.0)
-            acc += tl.sum(w.to(tl.float32) * hk[None, :], axis=1)
+            wd = _weights(w, s, z, rows[:, None], cols[None, :], ok, stride_wr, stride_sr, BITS, GROUP)
+            acc += tl.sum(wd * hk[None, :], axis=1)
         if HAS_BIAS:
             acc += tl.load(bias_ptr + slot * stride_bs + rows, mask=row_ok, other=0.0).to(tl.float32)
         tl.store(out_ptr + pair * stride_out + rows, acc.to(out_ptr.dtype.element_ty), mask=row_ok)
@@ -140,6 +187,8 @@ def _down_rows(
 def _grouped_gate_up(
     x_ptr,
     w_ptr,
+    s_ptr,
+    z_ptr,
     bias_ptr,
     scale_ptr,
     sorted_ptr,
@@ -151,13 +200,17 @@ def _grouped_gate_up(
     stride_x,
     stride_ws,
     stride_wr,
+    stride_ss,
+    stride_sr,
     stride_bs,
     ACT: tl.constexpr,
     HAS_BIAS: tl.constexpr,
     HAS_SCALE: tl.constexpr,
+    BITS: tl.constexpr,
+    GROUP: tl.constexpr,
     alpha,
     limit,
-    IEEE: tl.constexpr,
+    PRECISION: tl.constexpr,  # of float32 products: ieee, not the tf32 default
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
@@ -170,7 +223,9 @@ def _grouped_gate_up(
         tokens = tl.where(valid, pairs, 0) // K_CHOICES
         rows = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
         row_ok = rows < INTER
-        weights = w_ptr + slot.to(tl.int64) * stride_ws
+        w = w_ptr + slot.to(tl.int64) * stride_ws
+        s = s_ptr + slot.to(tl.int64) * stride_ss
+        z = z_ptr + slot.to(tl.int64) * stride_ss
         gate = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
         up = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
         for start in range(0, HIDDEN, BLOCK_K):
@@ -179,15 +234,10 @@ def _grouped_gate_up(
             a_ok = valid[:, None] & col_ok[None, :]
             a = tl.load(x_ptr + tokens[:, None] * stride_x + cols[None, :], mask=a_ok, other=0.0)
             ok = col_ok[:, None] & row_ok[None, :]
-            wg = tl.load(weights + rows[None, :] * stride_wr + cols[:, None], mask=ok, other=0.0)
-            wu = tl.load(weights + (rows[None, :] + INTER) * stride_wr + cols[:, None], mask=ok, other=0.0)
-            a = a.to(wg.dtype)
-            if IEEE:
-                gate += tl.dot(a, wg, input_precision="ieee")
-                up += tl.dot(a, wu, input_precision="ieee")
-            else:
-                gate += tl.dot(a, wg)
-                up += tl.dot(a, wu)
+            wg = _weights(w, s, z, rows[None, :], cols[:, None], ok, stride_wr, stride_sr, BITS, GROUP)
+            wu = _weights(w, s, z, rows[None, :] + INTER, cols[:, None], ok, stride_wr, stride_sr, BITS, GROUP)
+            gate += tl.dot(a, wg.to(a.dtype), input_precision=PRECISION)
+            up += tl.dot(a, wu.to(a.dtype), input_precision=PRECISION)
         if HAS_SCALE:
             scale = tl.load(scale_ptr + pairs, mask=valid, other=0.0).to(tl.float32)
             gate = gate * scale[:, None]
@@ -203,6 +253,8 @@ def _grouped_gate_up(
 def _grouped_down(
     h_ptr,
     w_ptr,
+    s_ptr,
+    z_ptr,
     bias_ptr,
     sorted_ptr,
     block_slot_ptr,
@@ -212,9 +264,13 @@ def _grouped_down(
     stride_out,
     stride_ws,
     stride_wr,
+    stride_ss,
+    stride_sr,
     stride_bs,
     HAS_BIAS: tl.constexpr,
-    IEEE: tl.constexpr,
+    BITS: tl.constexpr,
+    GROUP: tl.constexpr,
+    PRECISION: tl.constexpr,  # of float32 products: ieee, not the tf32 default
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
@@ -227,37 +283,52 @@ def _grouped_down(
         safe = tl.where(valid, pairs, 0)
         rows = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
         row_ok = rows < HIDDEN
-        weights = w_ptr + slot.to(tl.int64) * stride_ws
+        w = w_ptr + slot.to(tl.int64) * stride_ws
+        s = s_ptr + slot.to(tl.int64) * stride_ss
+        z = z_ptr + slot.to(tl.int64) * stride_ss
         acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
         for start in range(0, INTER, BLOCK_K):
             cols = start + tl.arange(0, BLOCK_K)
             col_ok = cols < INTER
-            a = tl.load(h_ptr + safe[:, None] * INTER + cols[None, :], mask=valid[:, None] & col_ok[None, :], other=0.0)
+            a_ok = valid[:, None] & col_ok[None, :]
+            a = tl.load(h_ptr + safe[:, None] * INTER + cols[None, :], mask=a_ok, other=0.0)
             ok = col_ok[:, None] & row_ok[None, :]
-            w = tl.load(weights + rows[None, :] * stride_wr + cols[:, None], mask=ok, other=0.0)
-            a = a.to(w.dtype)
-            if IEEE:
-                acc += tl.dot(a, w, input_precision="ieee")
-            else:
-                acc += tl.dot(a, w)
+            wd = _weights(w, s, z, rows[None, :], cols[:, None], ok, stride_wr, stride_sr, BITS, GROUP)
+            dtype = out_ptr.dtype.element_ty  # the compute dtype, as the reference multiplies in
+            acc += tl.dot(a.to(dtype), wd.to(dtype), input_precision=PRECISION)
         if HAS_BIAS:
             acc += tl.load(bias_ptr + slot * stride_bs + rows, mask=row_ok, other=0.0).to(tl.float32)[None, :]
         out = out_ptr + safe[:, None] * stride_out + rows[None, :]
         tl.store(out, acc.to(out_ptr.dtype.element_ty), mask=valid[:, None] & row_ok[None, :])
 
 
+def _weight_args(weights) -> tuple[list, dict]:
+    """(pointer and stride arguments, compile-time arguments) for compute-dtype, quantized or MXFP4
+    weights."""
+    if isinstance(weights, Mxfp4Weights):
+        blocks, scales = weights.blocks, weights.scales
+        args = [blocks, scales, scales, blocks.stride(0), blocks.stride(1), scales.stride(0), scales.stride(1)]
+        return args, dict(BITS=1, GROUP=32)
+    if isinstance(weights, QuantizedWeights):
+        q, scale = weights.q, weights.scale
+        args = [q, scale, weights.zero, q.stride(0), q.stride(1), scale.stride(0), scale.stride(1)]
+        return args, dict(BITS=weights.spec.bits, GROUP=weights.spec.group)
+    return [weights, weights, weights, weights.stride(0), weights.stride(1), 0, 0], dict(BITS=16, GROUP=1)
+
+
 def triton_pair_outputs(
     out: torch.Tensor,
     x: torch.Tensor,
-    gate_up: torch.Tensor,
-    down: torch.Tensor,
+    gate_up,
+    down,
     slots: torch.Tensor,
     act,
     gate_up_bias: torch.Tensor | None = None,
     down_bias: torch.Tensor | None = None,
     input_scale: torch.Tensor | None = None,
 ) -> None:
-    """`reference.expert_pair_outputs`, fused: same arguments, same rows of `out` written."""
+    """`reference.expert_pair_outputs`, fused: same arguments (weights in the compute dtype or
+    `QuantizedWeights`), same rows of `out` written."""
     code = activation_code(act)
     if code is None:
         raise ValueError(f"the Triton expert kernels have no {act.kind}/{act.act} activation")
@@ -266,34 +337,35 @@ def triton_pair_outputs(
     flat = slots.reshape(-1).to(torch.int32).contiguous()
     x = x.contiguous()
     h = torch.empty(flat.numel(), inter, dtype=torch.float32, device=x.device)
-    bias_in = gate_up_bias if gate_up_bias is not None else flat  # any pointer: unused without biases
-    bias_out = down_bias if down_bias is not None else flat
-    scale = input_scale.contiguous() if input_scale is not None else flat
-    common = dict(alpha=float(act.alpha), limit=float(act.limit), ACT=code)
     has_bias, has_scale = gate_up_bias is not None, input_scale is not None
-    bias_stride = gate_up_bias.stride(0) if has_bias else 0
-    down_bias_stride = down_bias.stride(0) if has_bias else 0
+    bias_in = gate_up_bias if has_bias else flat  # any pointer: unused without biases
+    bias_out = down_bias if has_bias else flat
+    bias_strides = (gate_up_bias.stride(0), down_bias.stride(0)) if has_bias else (0, 0)
+    scale = input_scale.contiguous() if has_scale else flat
+    gate_up_args, gate_up_bits = _weight_args(gate_up)
+    down_args, down_bits = _weight_args(down)
+    activation = dict(ACT=code, alpha=float(act.alpha), limit=float(act.limit))
     if flat.numel() <= DECODE_PAIRS:
         _gate_up_rows[(flat.numel(), triton.cdiv(inter, 32))](
-            x, gate_up, bias_in, scale, flat, h, hidden, inter, k, x.stride(0), gate_up.stride(0),
-            gate_up.stride(1), bias_stride, HAS_BIAS=has_bias, HAS_SCALE=has_scale, BLOCK_I=32, BLOCK_K=128,
-            **common,
+            x, *gate_up_args[:3], bias_in, scale, flat, h, hidden, inter, k, x.stride(0), *gate_up_args[3:],
+            bias_strides[0], HAS_BIAS=has_bias, HAS_SCALE=has_scale, BLOCK_I=32, BLOCK_K=128, **gate_up_bits,
+            **activation,
         )  # fmt: skip
         _down_rows[(flat.numel(), triton.cdiv(hidden, 32))](
-            h, down, bias_out, flat, out, hidden, inter, out.stride(0), down.stride(0), down.stride(1),
-            down_bias_stride, HAS_BIAS=has_bias, BLOCK_E=32, BLOCK_K=128,
+            h, *down_args[:3], bias_out, flat, out, hidden, inter, out.stride(0), *down_args[3:], bias_strides[1],
+            HAS_BIAS=has_bias, BLOCK_E=32, BLOCK_K=128, **down_bits,
         )  # fmt: skip
         return
     order, block_slot = sorted_blocks(flat, gate_up.shape[0], BLOCK_M)
-    ieee = gate_up.dtype == torch.float32
+    precision = "ieee" if x.dtype == torch.float32 else "tf32"  # tf32 is ignored for 16-bit inputs
     _grouped_gate_up[(block_slot.numel(), triton.cdiv(inter, 64))](
-        x, gate_up, bias_in, scale, order, block_slot, h, hidden, inter, k, x.stride(0), gate_up.stride(0),
-        gate_up.stride(1), bias_stride, HAS_BIAS=has_bias, HAS_SCALE=has_scale, IEEE=ieee, BLOCK_M=BLOCK_M,
-        BLOCK_N=64, BLOCK_K=64, **common,
+        x, *gate_up_args[:3], bias_in, scale, order, block_slot, h, hidden, inter, k, x.stride(0),
+        *gate_up_args[3:], bias_strides[0], HAS_BIAS=has_bias, HAS_SCALE=has_scale, PRECISION=precision,
+        BLOCK_M=BLOCK_M, BLOCK_N=64, BLOCK_K=64, **gate_up_bits, **activation,
     )  # fmt: skip
     _grouped_down[(block_slot.numel(), triton.cdiv(hidden, 64))](
-        h, down, bias_out, order, block_slot, out, hidden, inter, out.stride(0), down.stride(0), down.stride(1),
-        down_bias_stride, HAS_BIAS=has_bias, IEEE=ieee, BLOCK_M=BLOCK_M, BLOCK_N=64, BLOCK_K=64,
+        h, *down_args[:3], bias_out, order, block_slot, out, hidden, inter, out.stride(0), *down_args[3:],
+        bias_strides[1], HAS_BIAS=has_bias, PRECISION=precision, BLOCK_M=BLOCK_M, BLOCK_N=64, BLOCK_K=64, **down_bits,
     )  # fmt: skip
 
 

@@ -12,6 +12,7 @@ import torch
 
 from localmoe.checkpoint import Checkpoint
 from localmoe.errors import LocalMoEError
+from localmoe.kernels.quantized import dequantize_mxfp4
 
 
 def role_shapes(hidden: int, intermediate: int, bias: bool) -> dict[str, tuple[int, ...]]:
@@ -89,15 +90,12 @@ class Fused:
         return roles
 
 
-# FP4 (e2m1) values by their 4-bit code
-FP4_VALUES = (0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0, -0.0, -0.5, -1.0, -1.5, -2.0, -3.0, -4.0, -6.0)
-
-
 @dataclass(frozen=True)
 class Mxfp4:
     """gpt-oss experts as shipped on the Hub: `{prefix}.gate_up_proj_blocks` [E, 2I, H/32, 16] and
     `_scales` [E, 2I, H/32] (uint8), the same for down_proj ([E, H, I/32, ...]); gate and up in
-    alternate rows; biases as in `Fused` (transposed). Decoded to the compute dtype when read."""
+    alternate rows; biases as in `Fused` (transposed). Decoded to the compute dtype when read, or read
+    as they are stored (`read_packed`), for a runtime that keeps them in MXFP4."""
 
     prefix: str  # with {layer}
 
@@ -131,14 +129,28 @@ class Mxfp4:
             "down_bias": ckpt.tensor(f"{prefix}.down_proj_bias")[expert],
         }
 
+    def read_packed(self, ckpt: Checkpoint, block, expert: int) -> dict[str, torch.Tensor]:
+        """The expert's FP4 codes [rows, inputs / 2] and exponents [rows, inputs / 32] (uint8) per role,
+        gate and up apart, and its biases."""
+        prefix = self.prefix.format(layer=block.layer_idx)
 
-def dequantize_mxfp4(blocks: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
-    """[rows, G, 16] bytes of two FP4 codes each (low nibble first) and [rows, G] power-of-two
-    exponents (biased by 127) -> [rows, G * 32] float32."""
-    table = torch.tensor(FP4_VALUES, dtype=torch.float32)
-    codes = torch.stack((blocks & 0x0F, blocks >> 4), dim=-1).reshape(*blocks.shape[:-1], 32)
-    values = table[codes.long()] * torch.exp2(scales.float() - 127).unsqueeze(-1)
-    return values.reshape(blocks.shape[0], -1)
+        def stored(name: str) -> tuple[torch.Tensor, torch.Tensor]:
+            blocks = ckpt.tensor(f"{prefix}.{name}_blocks")[expert]
+            return blocks.reshape(blocks.shape[0], -1), ckpt.tensor(f"{prefix}.{name}_scales")[expert]
+
+        (gate_up, gate_up_scales), (down, down_scales) = stored("gate_up_proj"), stored("down_proj")
+        bias = ckpt.tensor(f"{prefix}.gate_up_proj_bias")[expert]
+        return {
+            "gate": gate_up[::2],
+            "up": gate_up[1::2],
+            "gate_scales": gate_up_scales[::2],
+            "up_scales": gate_up_scales[1::2],
+            "down": down,
+            "down_scales": down_scales,
+            "gate_bias": bias[::2],
+            "up_bias": bias[1::2],
+            "down_bias": ckpt.tensor(f"{prefix}.down_proj_bias")[expert],
+        }
 
 
 ExpertTensors = PerExpert | Fused | Mxfp4

@@ -55,7 +55,9 @@ class HostExperts:
             group = experts[start : start + self.MMAP_GROUP]
             rows = self._rows(len(group))
             for row, expert in zip(rows, group, strict=True):
-                self.store.layout.pack(row, self.store.source.read(layer, expert))
+                self.store.layout.pack(
+                    row, self.store.source.read(layer, expert, packed=self.store.layout.reads_packed)
+                )
             self._run(block, x, ids, scale, rows, group, list(range(len(group))), out)
 
     def _run(self, block, x, ids, scale, rows: torch.Tensor, experts: list[int], indices: list[int], out) -> None:

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 import torch
 
-from localmoe.kernels.quantized import QuantizedWeights, QuantSpec, quantize
+from localmoe.kernels.quantized import Mxfp4Weights, QuantizedWeights, QuantSpec, quantize
 from localmoe.loader import ExpertSource
 from localmoe.models.expert_tensors import role_shapes
 from localmoe.progress import progress
@@ -30,6 +30,7 @@ class ExpertLayout:
     bias: bool = False
 
     row_dtype = None  # rows are in the compute dtype
+    reads_packed = False
 
     @property
     def shapes(self) -> dict[str, tuple[int, ...]]:
@@ -66,36 +67,21 @@ class ExpertLayout:
             offset += size
 
 
-@dataclass(frozen=True)
-class QuantizedLayout:
-    """One expert as a byte row: gate_up and down quantized group-wise along their input (see
-    kernels/quantized.py), each followed by its float16 scales and zero points, then the biases in the
-    compute dtype; every section starts on a 16-byte boundary, so typed views of it line up."""
-
-    hidden: int
-    intermediate: int
-    bias: bool
-    spec: QuantSpec
-    dtype: torch.dtype  # of the biases, and of the dequantized weights
+class _ByteRows:
+    """A layout whose expert row is bytes cut into typed sections, each starting on a 16-byte boundary
+    so that typed views of it line up. Subclasses list the sections in `_parts`."""
 
     row_dtype = torch.uint8
+    reads_packed = False  # whether `pack` takes the checkpoint's stored form rather than decoded weights
+
+    def _parts(self) -> list[tuple[str, tuple[int, ...], torch.dtype]]:
+        raise NotImplementedError
 
     @property
     def _sections(self) -> dict[str, tuple[int, tuple[int, ...], torch.dtype]]:
         """name -> (byte offset, shape, dtype)."""
-        h, i, spec = self.hidden, self.intermediate, self.spec
-        parts = [
-            ("gate_up", (2 * i, spec.packed_columns(h)), torch.uint8),
-            ("gate_up_scale", (2 * i, h // spec.group), torch.float16),
-            ("gate_up_zero", (2 * i, h // spec.group), torch.float16),
-            ("down", (h, spec.packed_columns(i)), torch.uint8),
-            ("down_scale", (h, i // spec.group), torch.float16),
-            ("down_zero", (h, i // spec.group), torch.float16),
-        ]
-        if self.bias:
-            parts += [("gate_up_bias", (2 * i,), self.dtype), ("down_bias", (h,), self.dtype)]
         sections, offset = {}, 0
-        for name, shape, dtype in parts:
+        for name, shape, dtype in self._parts():
             sections[name] = (offset, shape, dtype)
             offset += _aligned(math.prod(shape) * dtype.itemsize)
         return sections
@@ -111,6 +97,45 @@ class QuantizedLayout:
         size = math.prod(shape) * dtype.itemsize
         return rows[:, offset : offset + size].view(dtype).view(rows.shape[0], *shape)
 
+    def _bias_parts(self) -> list[tuple[str, tuple[int, ...], torch.dtype]]:
+        i, h = self.intermediate, self.hidden
+        return [("gate_up_bias", (2 * i,), self.dtype), ("down_bias", (h,), self.dtype)] if self.bias else []
+
+    def biases(self, rows: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        if not self.bias:
+            return None, None
+        return self._view(rows, "gate_up_bias"), self._view(rows, "down_bias")
+
+    def _pack_biases(self, rows: torch.Tensor, roles: dict[str, torch.Tensor]) -> None:
+        if self.bias:
+            self._view(rows, "gate_up_bias")[0].copy_(torch.cat((roles["gate_bias"], roles["up_bias"])))
+            self._view(rows, "down_bias")[0].copy_(roles["down_bias"])
+
+
+@dataclass(frozen=True)
+class QuantizedLayout(_ByteRows):
+    """One expert as a byte row: gate_up and down quantized group-wise along their input (see
+    kernels/quantized.py), each followed by its float16 scales and zero points, then the biases in the
+    compute dtype."""
+
+    hidden: int
+    intermediate: int
+    bias: bool
+    spec: QuantSpec
+    dtype: torch.dtype  # of the biases, and of the dequantized weights
+
+    def _parts(self):
+        h, i, spec = self.hidden, self.intermediate, self.spec
+        return [
+            ("gate_up", (2 * i, spec.packed_columns(h)), torch.uint8),
+            ("gate_up_scale", (2 * i, h // spec.group), torch.float16),
+            ("gate_up_zero", (2 * i, h // spec.group), torch.float16),
+            ("down", (h, spec.packed_columns(i)), torch.uint8),
+            ("down_scale", (h, i // spec.group), torch.float16),
+            ("down_zero", (h, i // spec.group), torch.float16),
+            *self._bias_parts(),
+        ]
+
     def _weights(self, rows: torch.Tensor, name: str) -> QuantizedWeights:
         q, scale, zero = (self._view(rows, name + suffix) for suffix in ("", "_scale", "_zero"))
         return QuantizedWeights(q, scale, zero, self.spec, self.dtype)
@@ -121,11 +146,6 @@ class QuantizedLayout:
     def down(self, rows: torch.Tensor) -> QuantizedWeights:
         return self._weights(rows, "down")
 
-    def biases(self, rows: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor | None]:
-        if not self.bias:
-            return None, None
-        return self._view(rows, "gate_up_bias"), self._view(rows, "down_bias")
-
     def pack(self, row: torch.Tensor, roles: dict[str, torch.Tensor]) -> None:
         """Quantize an expert's roles into its byte row [numel]."""
         rows = row[None]
@@ -133,9 +153,45 @@ class QuantizedLayout:
         for name, matrix in (("gate_up", gate_up), ("down", roles["down"])):
             for suffix, part in zip(("", "_scale", "_zero"), quantize(matrix, self.spec), strict=True):
                 self._view(rows, name + suffix)[0].copy_(part)
-        if self.bias:
-            self._view(rows, "gate_up_bias")[0].copy_(torch.cat((roles["gate_bias"], roles["up_bias"])))
-            self._view(rows, "down_bias")[0].copy_(roles["down_bias"])
+        self._pack_biases(rows, roles)
+
+
+@dataclass(frozen=True)
+class Mxfp4Layout(_ByteRows):
+    """gpt-oss's MXFP4 experts kept as the checkpoint stores them: FP4 codes (two per byte) and a
+    power-of-two exponent per 32 inputs, gate rows first; the biases in the compute dtype."""
+
+    hidden: int
+    intermediate: int
+    bias: bool
+    dtype: torch.dtype
+
+    reads_packed = True
+
+    def _parts(self):
+        h, i = self.hidden, self.intermediate
+        return [
+            ("gate_up", (2 * i, h // 2), torch.uint8),
+            ("gate_up_scales", (2 * i, h // 32), torch.uint8),
+            ("down", (h, i // 2), torch.uint8),
+            ("down_scales", (h, i // 32), torch.uint8),
+            *self._bias_parts(),
+        ]
+
+    def gate_up(self, rows: torch.Tensor) -> Mxfp4Weights:
+        return Mxfp4Weights(self._view(rows, "gate_up"), self._view(rows, "gate_up_scales"), self.dtype)
+
+    def down(self, rows: torch.Tensor) -> Mxfp4Weights:
+        return Mxfp4Weights(self._view(rows, "down"), self._view(rows, "down_scales"), self.dtype)
+
+    def pack(self, row: torch.Tensor, roles: dict[str, torch.Tensor]) -> None:
+        """Copy an expert's stored MXFP4 roles (see `Mxfp4.read_packed`) into its byte row."""
+        rows = row[None]
+        for name, first, second in (("gate_up", "gate", "up"), ("gate_up_scales", "gate_scales", "up_scales")):
+            self._view(rows, name)[0].copy_(torch.cat((roles[first], roles[second])))
+        self._view(rows, "down")[0].copy_(roles["down"])
+        self._view(rows, "down_scales")[0].copy_(roles["down_scales"])
+        self._pack_biases(rows, roles)
 
 
 def _aligned(nbytes: int, to: int = 16) -> int:
@@ -143,8 +199,11 @@ def _aligned(nbytes: int, to: int = 16) -> int:
 
 
 def layout_of(source: ExpertSource, quant: QuantSpec | None = None, dtype: torch.dtype | None = None):
-    """The row layout of the source's experts: in the compute dtype, or quantized by `quant`."""
+    """The row layout of the source's experts: in the compute dtype; quantized by `quant`; or, for a
+    checkpoint whose experts are MXFP4 (gpt-oss) and no other quantization asked for, MXFP4 as stored."""
     block = next(iter(source.blocks.values()))
+    if quant is None and source.all_mxfp4:
+        return Mxfp4Layout(block.hidden_size, block.intermediate_size, block.expert_bias, dtype)
     if quant is None:
         return ExpertLayout(block.hidden_size, block.intermediate_size, block.expert_bias)
     quant.check(block.hidden_size, block.intermediate_size)
@@ -154,7 +213,7 @@ def layout_of(source: ExpertSource, quant: QuantSpec | None = None, dtype: torch
 def packed_layer(source: ExpertSource, layer: int, layout: ExpertLayout, rows: torch.Tensor) -> torch.Tensor:
     """Fill `rows` [E, numel] with the layer's experts, in expert order."""
     for expert in range(rows.shape[0]):
-        layout.pack(rows[expert], source.read(layer, expert))
+        layout.pack(rows[expert], source.read(layer, expert, packed=layout.reads_packed))
     return rows
 
 
@@ -220,7 +279,7 @@ class ExpertStore:
         if layer in self.rows:  # mapped quantized rows
             staging.copy_(self.rows[layer][expert])
         else:
-            self.layout.pack(staging, self.source.read(layer, expert))
+            self.layout.pack(staging, self.source.read(layer, expert, packed=self.layout.reads_packed))
         if staging is not row:
             row.copy_(staging)  # synchronous, so the staging row is free again on return
 
