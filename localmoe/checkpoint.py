@@ -15,6 +15,7 @@ import torch
 from safetensors import safe_open
 
 from localmoe.errors import LocalMoEError
+from localmoe.kernels.quantized import dequantize_fp8_blocks
 
 INDEX_FILE = "model.safetensors.index.json"
 SINGLE_FILE = "model.safetensors"
@@ -146,6 +147,33 @@ class Checkpoint:
             raise LocalMoEError(
                 f"{self.path} has no tensor {self.stored_name(name)}: the checkpoint is incomplete"
             ) from None
+
+    @property
+    def fp8_block(self) -> tuple[int, int] | None:
+        """The block size of a block-scaled FP8 checkpoint (quant_method fp8), else None."""
+        quant = self.config.get("quantization_config") or {}
+        if quant.get("quant_method") != "fp8":
+            return None
+        block = quant.get("weight_block_size")
+        if not (isinstance(block, list) and len(block) == 2 and all(isinstance(b, int) and b > 0 for b in block)):
+            raise LocalMoEError(
+                f"{self.path}/config.json: FP8 without a [rows, columns] weight_block_size is not supported"
+            )
+        return block[0], block[1]
+
+    def weight(self, name: str) -> torch.Tensor:
+        """The tensor as a weight: `tensor(name)`, or for an FP8 tensor with a `_scale_inv` beside it
+        (block-scaled FP8 checkpoints), its float32 decoding."""
+        tensor = self.tensor(name)
+        if tensor.dtype != torch.float8_e4m3fn:
+            return tensor
+        scale = name + "_scale_inv"
+        if self.fp8_block is None or scale not in self:
+            raise LocalMoEError(
+                f"{self.path}: tensor {self.stored_name(name)} is FP8 without a block scale "
+                f"({self.stored_name(scale)}) or an fp8 quantization_config: localmoe cannot decode it"
+            )
+        return dequantize_fp8_blocks(tensor, self.tensor(scale), self.fp8_block)
 
     def _check_index_matches_shards(self) -> None:
         listed = defaultdict(set)

@@ -10,7 +10,7 @@ import torch
 from localmoe.checkpoint import Checkpoint
 from localmoe.errors import LocalMoEError
 from localmoe.kernels import pair_kernel
-from localmoe.kernels.quantized import MXFP4, QuantSpec
+from localmoe.kernels.quantized import MXFP4, QuantSpec, StoredFormat
 from localmoe.loader import ModelParts, footprint, load_resident_weights, model_skeleton, open_checkpoint
 from localmoe.models.moe import moe_blocks
 from localmoe.runtime.cpu_experts import MISS_POLICIES, calibrated
@@ -218,7 +218,7 @@ def load(
     blocks = moe_blocks(parts.model)
     trace = RoutingTrace(options.trace, blocks[0].layer_idx) if options.trace else None
     quant = _quant(options)
-    weights = MXFP4 if quant is None and parts.experts.all_mxfp4 else quant  # what the kernels will read
+    weights = quant or _stored_format(parts.experts)  # what the kernels will read
     kernel, kernels = pair_kernel(options.kernels, device, parts.dtype, [block.act for block in blocks], weights)
     quantized = QuantizedLayers(cache_folder(checkpoint, _quant_settings(quant, parts.dtype))) if quant else None
     if plan.all_resident:
@@ -266,6 +266,13 @@ def _quant(options: RuntimeOptions) -> QuantSpec | None:
     if options.expert_bits == 16:
         return None
     return QuantSpec(options.expert_bits, options.expert_group_size)
+
+
+def _stored_format(source) -> StoredFormat | None:
+    """The checkpoint's own quantized format where the runtime keeps its experts so."""
+    if block := source.fp8_block:
+        return StoredFormat("fp8", block)
+    return MXFP4 if source.all_mxfp4 else None
 
 
 def _quant_settings(quant: QuantSpec, dtype: torch.dtype) -> str:

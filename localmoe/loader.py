@@ -15,7 +15,7 @@ from torch import nn
 from localmoe.checkpoint import Checkpoint
 from localmoe.errors import LocalMoEError
 from localmoe.models import family_for
-from localmoe.models.expert_tensors import ExpertTensors, Mxfp4, role_shapes
+from localmoe.models.expert_tensors import ExpertTensors, Mxfp4, PerExpert, role_shapes
 from localmoe.models.family import Family, ModelArgs
 from localmoe.models.moe import SparseMoE, moe_blocks
 from localmoe.progress import progress
@@ -69,6 +69,8 @@ def model_skeleton(ckpt: Checkpoint, dtype: torch.dtype | None = None) -> ModelP
 def _check_quantization(ckpt: Checkpoint, family: Family) -> None:
     """Refuse quantized checkpoints the family cannot decode, rather than read their raw values as weights."""
     method = (ckpt.config.get("quantization_config") or {}).get("quant_method")
+    if method == "fp8" and ckpt.fp8_block is not None:  # block-scaled FP8: every family reads it
+        return
     if method is not None and method not in family.quantizations:
         raise LocalMoEError(
             f"{ckpt.path} is quantized ({method}), which localmoe cannot read yet for {family.architectures[0]}: "
@@ -84,7 +86,7 @@ def load_resident_weights(parts: ModelParts, ckpt: Checkpoint, device: torch.dev
     """
     sources, keep = parts.resident_sources, parts.family.keep_float32
     state = {
-        name: _to(ckpt.tensor(source), device, torch.float32 if any(k in name for k in keep) else parts.dtype)
+        name: _to(ckpt.weight(source), device, torch.float32 if any(k in name for k in keep) else parts.dtype)
         for name, source in progress(sources.items(), len(sources), "loading resident weights")
     }
     parts.model.load_state_dict(state, strict=True, assign=True)
@@ -177,6 +179,20 @@ class ExpertSource:
     @property
     def all_mxfp4(self) -> bool:
         return all(isinstance(layout, Mxfp4) for layout in self.layouts.values())
+
+    @property
+    def fp8_block(self) -> int | None:
+        """The block size where every expert is stored one tensor per role in block-scaled FP8 with square
+        blocks that tile its matrices, so the runtime can keep it so; else None."""
+        block = self.ckpt.fp8_block
+        per_expert = all(isinstance(layout, PerExpert) for layout in self.layouts.values())
+        if block is None or block[0] != block[1] or not per_expert:
+            return None
+        first = next(iter(self.blocks.values()))
+        if first.hidden_size % block[0] or first.intermediate_size % block[0] or first.expert_bias:
+            return None
+        gate = next(iter(self.layouts.values())).names["gate"].format(layer=first.layer_idx, expert=0)
+        return block[0] if self.ckpt.info(gate).dtype == torch.float8_e4m3fn else None
 
     def read(self, layer: int, expert: int, packed: bool = False) -> dict[str, torch.Tensor]:
         """The expert's roles, decoded; or, `packed`, as stored (MXFP4 checkpoints only)."""

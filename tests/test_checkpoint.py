@@ -210,12 +210,12 @@ def test_cached_repo_missing_a_shard(hub_cache):
 
 
 def test_quantized_checkpoint_the_family_cannot_read_is_refused(broken):
-    """An FP8 release read as plain weights would load and talk nonsense: refuse it instead."""
+    """An AWQ release read as plain weights would load and talk nonsense: refuse it instead."""
     config = json.loads((broken / "config.json").read_text())
-    config["quantization_config"] = {"quant_method": "fp8", "weight_block_size": [128, 128]}
+    config["quantization_config"] = {"quant_method": "awq", "bits": 4, "group_size": 128}
     (broken / "config.json").write_text(json.dumps(config))
     message = load_error(broken)
-    assert "quantized (fp8)" in message and "bf16" in message
+    assert "quantized (awq)" in message and "bf16" in message
 
 
 def test_readme_lists_the_registry():

@@ -8,7 +8,7 @@ from conftest import GPT_OSS, LLAMA4, MIXTRAL, hf_model, save_hf
 import localmoe
 from localmoe.engine import RuntimeOptions
 from localmoe.kernels import pair_kernel, self_check
-from localmoe.kernels.quantized import MXFP4, Mxfp4Weights, QuantSpec, quantized_stack
+from localmoe.kernels.quantized import MXFP4, Mxfp4Weights, QuantSpec, StoredFormat, quantized_stack
 from localmoe.kernels.reference import expert_pair_outputs
 from localmoe.models.moe import GatedActivation
 
@@ -128,6 +128,7 @@ def test_self_check_passes_and_catches_a_broken_kernel():
     cpu = torch.device("cpu")
     assert self_check(triton_experts.triton_pair_outputs, cpu, torch.float32, acts, QuantSpec(4, 8)) is None
     assert self_check(triton_experts.triton_pair_outputs, cpu, torch.float32, acts, MXFP4) is None
+    assert self_check(triton_experts.triton_pair_outputs, cpu, torch.float32, acts, StoredFormat("fp8", 8)) is None
 
     def off_by_one(out, *args):
         triton_experts.triton_pair_outputs(out, *args)

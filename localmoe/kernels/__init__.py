@@ -7,14 +7,14 @@ from collections.abc import Callable
 import torch
 
 from localmoe.errors import LocalMoEError
-from localmoe.kernels.quantized import MXFP4, Mxfp4Weights, QuantSpec, quantized_stack
+from localmoe.kernels.quantized import Fp8Weights, Mxfp4Weights, QuantSpec, StoredFormat, quantized_stack
 from localmoe.kernels.reference import expert_pair_outputs
 
 KERNELS = ("auto", "reference", "triton")
 
 
 def pair_kernel(
-    choice: str, device: torch.device, dtype: torch.dtype, acts, quant: QuantSpec | str | None = None
+    choice: str, device: torch.device, dtype: torch.dtype, acts, quant: QuantSpec | StoredFormat | None = None
 ) -> tuple[Callable, str]:
     """(the pair-output function, a few words on why it was chosen) for `--kernels choice`.
 
@@ -48,26 +48,25 @@ def pair_kernel(
 
 
 def self_check(
-    kernel: Callable, device: torch.device, dtype: torch.dtype, acts, quant: QuantSpec | str | None = None
+    kernel: Callable, device: torch.device, dtype: torch.dtype, acts, quant: QuantSpec | StoredFormat | None = None
 ) -> str | None:
     """None if `kernel` matches the reference on small random experts on this device, both kernel
     shapes (few and many tokens), each activation, weights quantized by `quant` if given; else what
     went wrong, in a line."""
     generator = torch.Generator().manual_seed(0)
-    unit = quant.group if isinstance(quant, QuantSpec) else 32  # widths the group divides
-    experts, hidden, inter = 4, 6 * unit, 5 * unit
+    unit = quant.group if isinstance(quant, QuantSpec) else quant.block if quant else 16  # widths it divides
+    experts, hidden, inter = 4, 3 * unit, 2 * unit
 
     def rand(*shape, scale=0.25):
         return (torch.randn(*shape, generator=generator) * scale).to(device=device, dtype=dtype)
 
     gate_up, down = rand(experts, 2 * inter, hidden), rand(experts, hidden, inter)
-    if quant == MXFP4:
-        gate_up, down = (
-            _random_mxfp4(experts, 2 * inter, hidden, dtype, device),
-            _random_mxfp4(experts, hidden, inter, dtype, device),
-        )
-    elif quant is not None:
+    if isinstance(quant, QuantSpec):
         gate_up, down = quantized_stack(gate_up, quant), quantized_stack(down, quant)
+    elif quant is not None:
+        gate_up, down = (
+            _random_stored(quant, experts, shape, dtype, device) for shape in (gate_up.shape[1:], down.shape[1:])
+        )
     for act in {(a.kind, a.act, a.alpha, a.limit): a for a in acts}.values():
         for tokens in (1, 40):
             x = rand(tokens, hidden, scale=1.0)
@@ -85,8 +84,14 @@ def self_check(
     return None
 
 
-def _random_mxfp4(experts: int, rows: int, columns: int, dtype: torch.dtype, device) -> Mxfp4Weights:
+def _random_stored(fmt: StoredFormat, experts: int, shape, dtype: torch.dtype, device):
+    """Random weights in a checkpoint's stored format, with scales that keep them near unit size."""
     generator = torch.Generator().manual_seed(1)
-    blocks = torch.randint(0, 256, (experts, rows, columns // 2), generator=generator, dtype=torch.uint8)
-    scales = torch.randint(122, 126, (experts, rows, columns // 32), generator=generator, dtype=torch.uint8)
-    return Mxfp4Weights(blocks.to(device), scales.to(device), dtype)
+    rows, columns = shape
+    if fmt.kind == "mxfp4":
+        blocks = torch.randint(0, 256, (experts, rows, columns // 2), generator=generator, dtype=torch.uint8)
+        scales = torch.randint(122, 126, (experts, rows, columns // 32), generator=generator, dtype=torch.uint8)
+        return Mxfp4Weights(blocks.to(device), scales.to(device), dtype)
+    bits = torch.randn(experts, rows, columns, generator=generator).to(torch.float8_e4m3fn).view(torch.uint8)
+    scales = torch.rand(experts, rows // fmt.block, columns // fmt.block, generator=generator) / 8
+    return Fp8Weights(bits.to(device), scales.to(device), fmt.block, dtype)

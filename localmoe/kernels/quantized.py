@@ -88,7 +88,18 @@ def quantized_stack(weights: torch.Tensor, spec: QuantSpec) -> QuantizedWeights:
 
 # FP4 (e2m1) values by their 4-bit code
 FP4_VALUES = (0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0, -0.0, -0.5, -1.0, -1.5, -2.0, -3.0, -4.0, -6.0)
-MXFP4 = "mxfp4"  # as a quantization: the checkpoint's own MXFP4 blocks, kept
+
+
+@dataclass(frozen=True)
+class StoredFormat:
+    """A checkpoint's own quantized format, kept as stored: "mxfp4" (32 columns per exponent) or "fp8"
+    (`block` x `block` tiles per multiplier)."""
+
+    kind: str
+    block: int
+
+
+MXFP4 = StoredFormat("mxfp4", 32)
 
 
 def dequantize_mxfp4(blocks: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
@@ -117,3 +128,31 @@ class Mxfp4Weights:
     def __getitem__(self, index: int) -> torch.Tensor:
         blocks = self.blocks[index]
         return dequantize_mxfp4(blocks.reshape(blocks.shape[0], -1, 16), self.scales[index]).to(self.dtype)
+
+
+def dequantize_fp8_blocks(w: torch.Tensor, scale: torch.Tensor, block: tuple[int, int]) -> torch.Tensor:
+    """Block-scaled FP8 (as DeepSeek, Kimi, MiniMax and Qwen ship FP8 checkpoints): w [R, C] float8
+    (or its bits as uint8), scale [ceil(R / b0), ceil(C / b1)] float32 multipliers -> float32 [R, C]."""
+    if w.dtype == torch.uint8:
+        w = w.view(torch.float8_e4m3fn)
+    rows, columns = w.shape
+    full = scale.float().repeat_interleave(block[0], 0)[:rows].repeat_interleave(block[1], 1)[:, :columns]
+    return w.float() * full
+
+
+@dataclass(frozen=True)
+class Fp8Weights:
+    """A stack of block-scaled FP8 matrices [N, R, C]: bits [N, R, C] uint8 and scales [N, R / b, C / b]
+    float32, dequantized one at a time on indexing (see QuantizedWeights)."""
+
+    bits: torch.Tensor
+    scales: torch.Tensor
+    block: int
+    dtype: torch.dtype
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        return tuple(self.bits.shape)
+
+    def __getitem__(self, index: int) -> torch.Tensor:
+        return dequantize_fp8_blocks(self.bits[index], self.scales[index], (self.block, self.block)).to(self.dtype)

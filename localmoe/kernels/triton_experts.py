@@ -11,8 +11,8 @@ applies down to it into the pair outputs [P, E]. Two shapes of each:
 
 The pair buffers, the activation (SwiGLU, tanh-GELU GLU, gpt-oss's clamped SwiGLU), expert biases and
 Llama 4's input scale match the reference. Weights are in the compute dtype, quantized to 8 or 4 bits
-(kernels/quantized.py), or MXFP4 as gpt-oss ships them, dequantized in registers as they are
-loaded. The sort runs on the device without a host sync.
+(kernels/quantized.py), or block-scaled FP8 and MXFP4 as checkpoints ship them, dequantized in
+registers as they are loaded. The sort runs on the device without a host sync.
 Under TRITON_INTERPRET=1 the kernels run on the CPU (float32 and float16 only), which is how the
 tests check them.
 """
@@ -21,7 +21,7 @@ import torch
 import triton
 import triton.language as tl
 
-from localmoe.kernels.quantized import Mxfp4Weights, QuantizedWeights
+from localmoe.kernels.quantized import Fp8Weights, Mxfp4Weights, QuantizedWeights
 
 # activation codes: act(gate, up)
 SILU_GLU, GELU_TANH_GLU, CLAMPED_SWIGLU = 0, 1, 2
@@ -57,6 +57,17 @@ def _weights(w_ptr, s_ptr, z_ptr, r, c, mask, stride_r, stride_sr, BITS: tl.cons
     unpacked and dequantized, (q - zero) * scale, with each column's group."""
     if BITS == 16:
         w = tl.load(w_ptr + r * stride_r + c, mask=mask, other=0.0).to(tl.float32)
+    elif BITS == 2:  # block-scaled FP8 (e4m3fn bits), a float32 multiplier per GROUP x GROUP tile
+        byte = tl.load(w_ptr + r * stride_r + c, mask=mask, other=0).to(tl.int32)
+        exponent = (byte >> 3) & 0xF
+        mantissa = (byte & 7).to(tl.float32)
+        magnitude = tl.where(
+            exponent == 0,
+            mantissa * 0.001953125,  # subnormal: m / 8 * 2^-6
+            (1.0 + mantissa * 0.125) * tl.exp2((exponent - 7).to(tl.float32)),
+        )
+        scale = tl.load(s_ptr + (r // GROUP) * stride_sr + c // GROUP, mask=mask, other=0.0)
+        w = tl.where(byte >= 128, -magnitude, magnitude) * scale
     elif BITS == 1:  # MXFP4: e2m1 codes, two per byte, and a power-of-two exponent per 32 columns
         byte = tl.load(w_ptr + r * stride_r + c // 2, mask=mask, other=0).to(tl.int32)
         code = tl.where(c % 2 == 0, byte & 0xF, (byte >> 4) & 0xF)
@@ -305,6 +316,10 @@ def _grouped_down(
 def _weight_args(weights) -> tuple[list, dict]:
     """(pointer and stride arguments, compile-time arguments) for compute-dtype, quantized or MXFP4
     weights."""
+    if isinstance(weights, Fp8Weights):
+        bits, scales = weights.bits, weights.scales
+        args = [bits, scales, scales, bits.stride(0), bits.stride(1), scales.stride(0), scales.stride(1)]
+        return args, dict(BITS=2, GROUP=weights.block)
     if isinstance(weights, Mxfp4Weights):
         blocks, scales = weights.blocks, weights.scales
         args = [blocks, scales, scales, blocks.stride(0), blocks.stride(1), scales.stride(0), scales.stride(1)]

@@ -40,7 +40,15 @@ class PerExpert:
 
     def read(self, ckpt: Checkpoint, block, expert: int) -> dict[str, torch.Tensor]:
         roles = role_shapes(block.hidden_size, block.intermediate_size, block.expert_bias)
-        return {role: ckpt.tensor(self.names[role].format(layer=block.layer_idx, expert=expert)) for role in roles}
+        return {role: ckpt.weight(self.names[role].format(layer=block.layer_idx, expert=expert)) for role in roles}
+
+    def read_packed(self, ckpt: Checkpoint, block, expert: int) -> dict[str, torch.Tensor]:
+        """A block-scaled FP8 expert as stored: each role's bits (uint8) and `<role>_scale` multipliers."""
+        roles = {}
+        for role in ("gate", "up", "down"):
+            name = self.names[role].format(layer=block.layer_idx, expert=expert)
+            roles[role], roles[f"{role}_scale"] = ckpt.tensor(name).view(torch.uint8), ckpt.tensor(name + "_scale_inv")
+        return roles
 
 
 @dataclass(frozen=True)
@@ -78,6 +86,8 @@ class Fused:
         layer = block.layer_idx
         gate_up = ckpt.tensor(self.gate_up.format(layer=layer))[expert]
         down = ckpt.tensor(self.down.format(layer=layer))[expert]
+        if gate_up.dtype == torch.float8_e4m3fn:
+            raise LocalMoEError(f"{ckpt.path}: FP8 experts stored fused per layer are not supported yet")
         if self.transposed:
             gate_up, down = gate_up.T, down.T  # [2I, H] with interleaved rows, [H, I]
         roles = {**_split_gate_up(gate_up, block, self.interleaved), "down": down}

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 import torch
 
-from localmoe.kernels.quantized import Mxfp4Weights, QuantizedWeights, QuantSpec, quantize
+from localmoe.kernels.quantized import Fp8Weights, Mxfp4Weights, QuantizedWeights, QuantSpec, quantize
 from localmoe.loader import ExpertSource
 from localmoe.models.expert_tensors import role_shapes
 from localmoe.progress import progress
@@ -194,14 +194,54 @@ class Mxfp4Layout(_ByteRows):
         self._pack_biases(rows, roles)
 
 
+@dataclass(frozen=True)
+class Fp8Layout(_ByteRows):
+    """Block-scaled FP8 experts kept as the checkpoint stores them: each matrix's bits (one byte per
+    weight) and a float32 multiplier per `block` x `block` tile, gate rows first."""
+
+    hidden: int
+    intermediate: int
+    bias: bool
+    block: int
+    dtype: torch.dtype
+
+    reads_packed = True
+
+    def _parts(self):
+        h, i, b = self.hidden, self.intermediate, self.block
+        return [
+            ("gate_up", (2 * i, h), torch.uint8),
+            ("gate_up_scale", (2 * i // b, h // b), torch.float32),
+            ("down", (h, i), torch.uint8),
+            ("down_scale", (h // b, i // b), torch.float32),
+        ]
+
+    def gate_up(self, rows: torch.Tensor) -> Fp8Weights:
+        return Fp8Weights(self._view(rows, "gate_up"), self._view(rows, "gate_up_scale"), self.block, self.dtype)
+
+    def down(self, rows: torch.Tensor) -> Fp8Weights:
+        return Fp8Weights(self._view(rows, "down"), self._view(rows, "down_scale"), self.block, self.dtype)
+
+    def pack(self, row: torch.Tensor, roles: dict[str, torch.Tensor]) -> None:
+        """Copy an expert's stored FP8 roles (see `PerExpert.read_packed`) into its byte row."""
+        rows = row[None]
+        self._view(rows, "gate_up")[0].copy_(torch.cat((roles["gate"], roles["up"])))
+        self._view(rows, "gate_up_scale")[0].copy_(torch.cat((roles["gate_scale"], roles["up_scale"])))
+        self._view(rows, "down")[0].copy_(roles["down"])
+        self._view(rows, "down_scale")[0].copy_(roles["down_scale"])
+
+
 def _aligned(nbytes: int, to: int = 16) -> int:
     return (nbytes + to - 1) // to * to
 
 
 def layout_of(source: ExpertSource, quant: QuantSpec | None = None, dtype: torch.dtype | None = None):
     """The row layout of the source's experts: in the compute dtype; quantized by `quant`; or, for a
-    checkpoint whose experts are MXFP4 (gpt-oss) and no other quantization asked for, MXFP4 as stored."""
+    checkpoint whose experts are block-scaled FP8 or MXFP4 (gpt-oss) and no other quantization asked
+    for, as stored."""
     block = next(iter(source.blocks.values()))
+    if quant is None and (fp8_block := source.fp8_block):
+        return Fp8Layout(block.hidden_size, block.intermediate_size, block.expert_bias, fp8_block, dtype)
     if quant is None and source.all_mxfp4:
         return Mxfp4Layout(block.hidden_size, block.intermediate_size, block.expert_bias, dtype)
     if quant is None:
