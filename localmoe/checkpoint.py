@@ -6,7 +6,9 @@ A checkpoint comes from a local folder or a Hub repo id. Only `.safetensors` wei
 
 import copy
 import json
+import os
 import re
+import time
 from collections import defaultdict
 from dataclasses import dataclass
 from pathlib import Path
@@ -311,3 +313,20 @@ def _open_shard(path: Path):
     except Exception as error:  # safetensors raises its own SafetensorError, or OSError
         reason = str(error).splitlines()[0] if str(error) else type(error).__name__
         raise LocalMoEError(f"{path} is damaged or truncated ({reason}): download the checkpoint again") from None
+
+
+def read_bandwidth(folder: Path, nbytes: int = 256 * 2**20) -> float:
+    """Bytes per second reading a checkpoint's shards from disk: their pages are first dropped from the
+    page cache (posix_fadvise, which leaves the files as they are) so that the reads reach the disk;
+    then up to `nbytes` are read. Where the cache cannot be dropped the figure may be the cache's."""
+    shards = sorted(folder.glob("*.safetensors"), key=lambda p: p.stat().st_size, reverse=True)
+    done, start = 0, time.perf_counter()
+    for shard in shards:
+        with shard.open("rb") as f:
+            if hasattr(os, "posix_fadvise"):
+                os.posix_fadvise(f.fileno(), 0, 0, os.POSIX_FADV_DONTNEED)
+            while done < nbytes and (chunk := f.read(min(16 * 2**20, nbytes - done))):
+                done += len(chunk)
+        if done >= nbytes:
+            break
+    return done / max(time.perf_counter() - start, 1e-9)

@@ -66,6 +66,7 @@ def _placement_options(fn):
         click.option(
             "--expert-group-size", type=click.IntRange(min=2), default=64, show_default=True, help="Columns per scale."
         ),
+        click.option("--yes", is_flag=True, help="Start even a run estimated below 0.2 tokens/s (experts from disk)."),
     ]
     for option in reversed(options):
         fn = option(fn)
@@ -144,15 +145,35 @@ def _sampling(engine, values: dict):
 def _load(model: str, revision: str | None, flags: dict):
     from localmoe.engine import load
 
+    options = _runtime_options(flags)
+    _check_disk_speed(model, revision, flags, options)
     engine = load(
-        model,
-        device=flags["device"],
-        dtype=DTYPE_CHOICES[flags["dtype"]],
-        revision=revision,
-        options=_runtime_options(flags),
+        model, device=flags["device"], dtype=DTYPE_CHOICES[flags["dtype"]], revision=revision, options=options
     )
     click.echo(engine.summary(), err=True)
     return engine
+
+
+SLOWEST_WITHOUT_YES = 0.2  # decode tokens/s below which a run from disk needs --yes
+
+
+def _check_disk_speed(model: str, revision: str | None, flags: dict, options) -> None:
+    """Where experts would come from disk, say how slow that allows, and refuse below 0.2 tokens/s
+    unless --yes."""
+    from localmoe.checkpoint import read_bandwidth, resolve_snapshot
+    from localmoe.engine import plan_for, resolve_device
+
+    device = str(resolve_device(flags["device"]))  # an unusable device is the first thing to say
+    plan = plan_for(model, device=device, dtype=DTYPE_CHOICES[flags["dtype"]], revision=revision, options=options)
+    if plan.store != "mmap":
+        return
+    bandwidth = read_bandwidth(resolve_snapshot(model, revision))
+    click.echo(plan.disk_notice(bandwidth), err=True)
+    if plan.disk_tokens_per_s(bandwidth) < SLOWEST_WITHOUT_YES and not flags.get("yes"):
+        raise LocalMoEError(
+            f"from disk this run would decode below {SLOWEST_WITHOUT_YES} tokens/s: give it more --host-budget or "
+            "--vram-budget, or pass --yes to start it anyway"
+        )
 
 
 def _runtime_options(values: dict):
@@ -183,16 +204,24 @@ def _runtime_options(values: dict):
 @click.option("--prompt", "-p", required=True, help="Text to continue.")
 @click.option("--max-new-tokens", "-n", default=128, show_default=True, type=click.IntRange(min=1))
 @click.option("--chat", is_flag=True, help="Send the prompt as a user message through the chat template.")
+@click.option(
+    "--raw", is_flag=True, help="Encode the prompt exactly as written, adding no special tokens (code completion)."
+)
 @click.option("--system", default=None, help="System message, with --chat.")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object: the text, timings and counters.")
 @click.option("--revision", default=None, help="Hub branch, tag or commit (for a repo id).")
 @_sampling_options
 @_placement_options
 @_cache_options
-def generate(model: str, prompt: str, max_new_tokens: int, chat: bool, system, as_json: bool, revision, **flags):
+def generate(
+    model: str, prompt: str, max_new_tokens: int, chat: bool, raw: bool, system, as_json: bool, revision, **flags
+):
     """Print the continuation of PROMPT. MODEL is a checkpoint folder or a Hub repo id."""
+    if chat and raw:
+        raise LocalMoEError("--chat and --raw exclude each other: --raw sends the prompt with no template at all")
     engine = _load(model, revision, flags)
-    pieces = engine.generate(prompt, max_new_tokens, _sampling(engine, flags), flags["stop"], chat=chat, system=system)
+    sampling = _sampling(engine, flags)
+    pieces = engine.generate(prompt, max_new_tokens, sampling, flags["stop"], chat=chat, raw=raw, system=system)
     if as_json:
         click.echo(json.dumps(_report(engine, "".join(pieces)), indent=2))
         return
@@ -225,17 +254,18 @@ def chat(model: str, system: str | None, max_new_tokens: int, revision: str | No
 def plan(model: str, revision: str | None, **flags):
     """Print where MODEL's weights would live, without loading them. Works without the GPU: give
     --device cuda --vram-budget SIZE to plan for a card that is not here."""
+    from localmoe.checkpoint import read_bandwidth, resolve_snapshot
     from localmoe.engine import plan_for
 
-    click.echo(
-        plan_for(
-            model,
-            device=flags["device"],
-            dtype=DTYPE_CHOICES[flags["dtype"]],
-            revision=revision,
-            options=_runtime_options(flags),
-        ).describe()
+    plan = plan_for(
+        model,
+        device=flags["device"],
+        dtype=DTYPE_CHOICES[flags["dtype"]],
+        revision=revision,
+        options=_runtime_options(flags),
     )
+    bandwidth = read_bandwidth(resolve_snapshot(model, revision)) if plan.store == "mmap" else None
+    click.echo(plan.describe(bandwidth))
 
 
 @main.command()

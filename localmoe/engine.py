@@ -148,10 +148,12 @@ class Engine:
         stop: Sequence[str] = (),
         *,
         chat: bool = False,
+        raw: bool = False,
         system: str | None = None,
     ) -> Iterator[str]:
         """Stream the continuation of `prompt` as text; with `chat`, of the prompt as a user message
-        rendered by the checkpoint's chat template. `sampling` defaults to the checkpoint's."""
+        rendered by the checkpoint's chat template; `raw`, of exactly its tokens, with no special token
+        added (code completion). `sampling` defaults to the checkpoint's."""
         if chat:
             messages = [
                 *([{"role": "system", "content": system}] if system else []),
@@ -159,7 +161,7 @@ class Engine:
             ]
             ids = self.tokenizer.encode_chat(messages)
         else:
-            ids = self.tokenizer.encode(prompt)
+            ids = self.tokenizer.encode(prompt, add_special_tokens=not raw)
         return self.text(self.generate_ids(ids, max_new_tokens, sampling or self.sampling()), stop)
 
     def summary(self) -> str:

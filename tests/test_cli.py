@@ -35,6 +35,34 @@ def test_misses_computed_on_the_cpu_give_the_same_text(tiny_mixtral):
     assert "misses: auto (copy 1.0 GB/s, CPU 1.5 GB/s)" in auto.stderr
 
 
+def test_raw_adds_no_special_tokens(tiny_mixtral):
+    engine = localmoe.load(str(tiny_mixtral), device="cpu")
+    assert engine.tokenizer.encode("def f(") != engine.tokenizer.encode("def f(", add_special_tokens=False)
+    result = run("generate", str(tiny_mixtral), "-p", "def f(", "-n", "8", "--device", "cpu", "--raw")
+    ids = engine.tokenizer.encode("def f(", add_special_tokens=False)
+    assert result.exit_code == 0 and result.stdout == "".join(engine.text(engine.generate_ids(ids, 8))) + "\n"
+    both = run("generate", str(tiny_mixtral), "-p", "x", "--raw", "--chat")
+    assert both.exit_code == 2 and "--chat and --raw exclude each other" in both.stderr
+
+
+def test_a_run_from_disk_says_how_slow_and_waits_for_yes(tiny_mixtral, monkeypatch):
+    import localmoe.checkpoint
+
+    args = ["--device", "cpu", "--host-budget", "1", "--expert-slots", "2"]  # the experts stay in the files
+    monkeypatch.setattr(localmoe.checkpoint, "read_bandwidth", lambda folder: 1e6)
+    planned = run("plan", str(tiny_mixtral), *args)
+    assert (
+        planned.exit_code == 0
+        and "disk tier: the experts without a slot are read from disk at about 1 MB/s" in planned.stdout
+    )
+    monkeypatch.setattr(localmoe.checkpoint, "read_bandwidth", lambda folder: 100.0)  # a very slow disk
+    refused = run("generate", str(tiny_mixtral), "-p", "hi", "-n", "2", *args)
+    assert refused.exit_code == 2 and "pass --yes to start it anyway" in refused.stderr
+    assert "disk tier" in refused.stderr
+    started = run("generate", str(tiny_mixtral), "-p", "hi", "-n", "2", *args, "--yes")
+    assert started.exit_code == 0, started.output
+
+
 @pytest.mark.parametrize(
     "args,needle",
     [

@@ -94,3 +94,23 @@ def test_plan_command_without_a_gpu(tmp_path):
     assert code == 2 and "too small" in error and len(error.strip().splitlines()) == 1
     code, error = plan("--device", "cuda")
     assert code == 2 and "give --vram-budget" in error
+
+
+def test_disk_speed_estimate():
+    from localmoe.runtime.memory import MemoryPlan
+
+    fp = Footprint(
+        resident_bytes=0,
+        expert_bytes=100 * 2**20,
+        moe_layers=10,
+        experts_per_layer=8,
+        top_k=2,
+        active_experts_per_token=20,
+        kv_bytes_per_token=0,
+        activation_bytes_per_token=0,
+        max_positions=4096,
+    )
+    plan = MemoryPlan("cuda", fp, 4096, 512, slots=20, store="mmap", device_budget=0, host_budget=0)
+    # 20 experts a token, a quarter of them in slots: 15 reads of 100 MiB at 1.5 GiB/s -> 1 token/s
+    assert abs(plan.disk_tokens_per_s(15 * 100 * 2**20) - 1.0) < 1e-9
+    assert "at most about 1 decode tokens/s" in plan.describe(15 * 100 * 2**20)

@@ -86,8 +86,22 @@ class MemoryPlan:
     def all_resident(self) -> bool:
         return self.slots == self.footprint.total_experts
 
-    def describe(self) -> str:
-        """The plan as a table (what, where, bytes) followed by the flags that reproduce it."""
+    def disk_tokens_per_s(self, read_bandwidth: float) -> float:
+        """Decode tokens per second at most, when experts come from disk: the experts a token uses
+        that have no slot, as if routing were uniform, each read at `read_bandwidth` bytes/s."""
+        fp = self.footprint
+        misses = fp.active_experts_per_token * (1 - self.slots / fp.total_experts)
+        return float("inf") if misses <= 0 else read_bandwidth / (misses * fp.expert_bytes)
+
+    def disk_notice(self, disk_bandwidth: float) -> str:
+        return (
+            f"disk tier: the experts without a slot are read from disk at about {disk_bandwidth / 1e6:.0f} MB/s "
+            f"(measured): at most about {self.disk_tokens_per_s(disk_bandwidth):.2g} decode tokens/s"
+        )
+
+    def describe(self, disk_bandwidth: float | None = None) -> str:
+        """The plan as a table (what, where, bytes) followed by the flags that reproduce it, and, for
+        experts read from disk, the speed that allows (`disk_bandwidth`: measured, bytes/s)."""
         fp = self.footprint
         home = {"none": "-", "pinned": "host RAM (pinned)", "ram": "host RAM", "mmap": "checkpoint files (mmap)"}
         rows = [
@@ -108,6 +122,8 @@ class MemoryPlan:
             f"one expert: {format_bytes(fp.expert_bytes)}; {fp.moe_layers} MoE layers x {fp.experts_per_layer} "
             f"experts, top-{fp.top_k}"
         )
+        if self.store == "mmap" and disk_bandwidth:
+            lines.append(self.disk_notice(disk_bandwidth))
         lines.append(
             f"flags: --device {self.device} --vram-budget {flag_size(self.device_budget)} "
             f"--host-budget {flag_size(self.host_budget)} --expert-slots {self.slots} --context {self.context}"
