@@ -47,8 +47,17 @@ def open_checkpoint(source: str, revision: str | None = None) -> Checkpoint:
     text = ckpt.config.get("text_config")
     if not isinstance(text, dict):
         raise LocalMoEError(f"{ckpt.path}/config.json declares {wrapper.architecture} but has no text_config")
-    # top-level settings (dtype, quantization_config) hold for the language model unless it says otherwise
+    if wrapper.text_model_type and text.get("model_type") != wrapper.text_model_type:
+        raise LocalMoEError(
+            f"{ckpt.path} is a {wrapper.architecture} whose language model is {text.get('model_type')!r}, not a "
+            f"MoE model localmoe runs (it runs the {wrapper.text_model_type} ones)"
+        )
+    # top-level settings (dtype, quantization_config) hold for the language model unless it says otherwise;
+    # the LM head belongs to the wrapper, so the wrapper's tie_word_embeddings (default True in several)
+    # decides whether it is stored
     config = {**ckpt.config, **text, "architectures": [family.architectures[0]]}
+    if "tie_word_embeddings" in ckpt.config:
+        config["tie_word_embeddings"] = ckpt.config["tie_word_embeddings"]
     part = f"the language model of {wrapper.architecture} (text only; its other towers stay on disk)"
     return ckpt.part_view(part, config, wrapper.prefixes)
 

@@ -13,8 +13,10 @@ from conftest import (
     GPT_OSS,
     HUNYUAN,
     LLAMA4,
+    MELLUM,
     MINIMAX,
     MINIMAX_M2,
+    MISTRAL4,
     MIXTRAL,
     OLMOE,
     PHIMOE,
@@ -282,6 +284,8 @@ EVERY_FAMILY = {
     "llama4_text": ("Llama4TextConfig", {**LLAMA4, "num_experts_per_tok": 2}),
     "qwen3_5_moe_text": ("Qwen3_5MoeTextConfig", QWEN3_5_MOE),
     "gemma4_text": ("Gemma4TextConfig", GEMMA4),
+    "mellum": ("MellumConfig", MELLUM),
+    "mistral4": ("Mistral4Config", MISTRAL4),
 }
 
 

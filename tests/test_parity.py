@@ -11,8 +11,10 @@ from conftest import (
     GPT_OSS,
     HUNYUAN,
     LLAMA4,
+    MELLUM,
     MINIMAX,
     MINIMAX_M2,
+    MISTRAL4,
     MIXTRAL,
     OLMOE,
     PHIMOE,
@@ -238,6 +240,36 @@ CASES = {
         },
         "single",
     ),
+    "mellum-sharded": ("MellumConfig", MELLUM, {}, "sharded"),
+    # llama3 rotary on full layers, every layer MoE, biases, no renormalisation
+    "mellum-llama3-bias": (
+        "MellumConfig",
+        MELLUM,
+        {
+            "mlp_layer_types": ["sparse"] * 4,
+            "attention_bias": True,
+            "norm_topk_prob": False,
+            "rope_parameters": {
+                "full_attention": {
+                    "rope_type": "llama3",
+                    "rope_theta": 500000.0,
+                    "factor": 8.0,
+                    "low_freq_factor": 1.0,
+                    "high_freq_factor": 4.0,
+                    "original_max_position_embeddings": 16,
+                },
+                "sliding_attention": {"rope_type": "default", "rope_theta": 10000.0},
+            },
+        },
+        "single",
+    ),
+    "mistral4-fused": ("Mistral4Config", MISTRAL4, {}, "single"),
+    "mistral4-q-proj-ungrouped": (
+        "Mistral4Config",
+        MISTRAL4,
+        {"q_lora_rank": None, "n_group": 1, "topk_group": 1, "norm_topk_prob": False},
+        "sharded",
+    ),
 }
 
 
@@ -260,7 +292,8 @@ def test_experts_read_in_the_layout_written(pair, request):
     _, engine = pair
     name = request.node.callspec.params["pair"]
     # save_pretrained writes the Hub's per-expert names, except for the families whose Hub layout is fused
-    expected = Fused if CASES[name][3] == "fused" or name.startswith(("gpt-oss", "llama4", "gemma4")) else PerExpert
+    fused_on_the_hub = ("gpt-oss", "llama4", "gemma4", "mistral4")
+    expected = Fused if CASES[name][3] == "fused" or name.startswith(fused_on_the_hub) else PerExpert
     assert {type(found) for found in engine.parts.experts.layouts.values()} == {expected}
 
 
@@ -369,6 +402,21 @@ MULTIMODAL = {
         QWEN3_5_MOE,
         dict(depth=1, hidden_size=16, intermediate_size=32, num_heads=2, out_hidden_size=64, patch_size=4),
     ),
+    "mistral4": (
+        "Mistral3Config",
+        "Mistral3ForConditionalGeneration",
+        {**MISTRAL4, "model_type": "mistral4"},  # the wrapper's default language model is the dense "mistral"
+        dict(
+            model_type="pixtral",
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=1,
+            num_attention_heads=2,
+            head_dim=16,
+            image_size=28,
+            patch_size=14,
+        ),
+    ),
     "gemma4": (
         "Gemma4Config",
         "Gemma4ForConditionalGeneration",
@@ -400,6 +448,51 @@ def test_multimodal_checkpoint_runs_its_language_model(name, tmp_path):
     wrapper.save_pretrained(tmp_path)
     engine = localmoe.load(str(tmp_path), device="cpu", dtype=torch.float32)
     assert f"{model_class} (text only;" in engine.summary()
+    ids = prompt_ids()
+    with torch.no_grad():
+        expected = wrapper(ids).logits
+    got = engine.model(ids, engine.model.new_cache(1, ids.shape[1]), all_logits=True)
+    assert (got - expected).abs().max().item() < TOLERANCE
+
+
+def test_kimi_k25_checkpoint_runs_its_deepseek_v3_language_model(tmp_path):
+    """Kimi-K2.5 ships a DeepSeek-V3 under `language_model.` beside a vision tower."""
+    import transformers
+    from safetensors.torch import load_file, save_file
+
+    text = dict(model_type="deepseek_v3", **DEEPSEEK_V2, n_group=2, topk_group=1, routed_scaling_factor=2.5)
+    vision = dict(
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        patch_size=14,
+        pos_emb_height=4,
+        pos_emb_width=4,
+        pos_emb_time=2,
+    )
+    config = transformers.Kimi_K25Config(
+        text_config=text,
+        vision_config=vision,
+        projection_hidden_size=32,
+        image_token_id=250,
+        video_token_id=251,
+        vision_start_token_id=252,
+        vision_end_token_id=253,
+        tie_word_embeddings=False,
+    )
+    wrapper = transformers.Kimi_K25ForConditionalGeneration(config).eval()
+    randomize(wrapper)
+    wrapper.save_pretrained(tmp_path)
+    # transformers 5.23 saves the text layers as `.model.blocks.` (its vision renaming applied to them too);
+    # the Hub's files say `.model.layers.`, as written here
+    state = load_file(str(tmp_path / "model.safetensors"))
+    save_file(
+        {k.replace(".model.blocks.", ".model.layers."): v for k, v in state.items()},
+        str(tmp_path / "model.safetensors"),
+    )
+    engine = localmoe.load(str(tmp_path), device="cpu", dtype=torch.float32)
+    assert "Kimi_K25ForConditionalGeneration (text only;" in engine.summary()
     ids = prompt_ids()
     with torch.no_grad():
         expected = wrapper(ids).logits

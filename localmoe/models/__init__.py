@@ -12,8 +12,10 @@ from localmoe.models import (
     gpt_oss,
     hunyuan_v1_moe,
     llama4,
+    mellum,
     minimax,
     minimax_m2,
+    mistral4,
     mixtral,
     olmoe,
     phimoe,
@@ -40,6 +42,8 @@ FAMILIES: tuple[Family, ...] = (
     llama4.FAMILY,
     qwen3_5_moe.FAMILY,
     gemma4.FAMILY,
+    mellum.FAMILY,
+    mistral4.FAMILY,
 )
 
 

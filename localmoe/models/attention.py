@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from localmoe.models.layers import RMSNorm, Step, apply_rotary, apply_rotary_interleaved
+from localmoe.models.layers import RMSNorm, RotaryEmbedding, Step, apply_rotary, apply_rotary_interleaved
 from localmoe.runtime.kv_cache import REWIND_SLACK, AttentionKV, LatentKV, WindowKV, attention_state
 
 
@@ -20,7 +20,8 @@ class Attention(nn.Module):
     OLMoE, MiniMax-M2); clipping of q/k/v; rotary on adjacent pairs of dims (`interleaved_rope`,
     ERNIE); a sliding window; attention sinks (gpt-oss), a learned logit per head that takes
     part in the softmax without a value; and an output gate (Qwen3.5), for which q_proj also gives
-    each head a gate, sigmoid(gate) scaling the head's output. `norm` is the q/k norm's class.
+    each head a gate, sigmoid(gate) scaling the head's output. `norm` is the q/k norm's class; `rotary`
+    a rotary embedding for this kind of layer where the model has several (Gemma 4, Mellum).
     """
 
     def __init__(
@@ -40,12 +41,14 @@ class Attention(nn.Module):
         interleaved_rope: bool = False,
         output_gate: bool = False,
         norm=RMSNorm,
+        rotary: RotaryEmbedding | None = None,
     ):
         super().__init__()
         self.heads, self.kv_heads, self.head_dim = heads, kv_heads, head_dim
         self.qk_norm, self.clip_qkv, self.sliding_window = qk_norm, clip_qkv, sliding_window
         self.rotate = apply_rotary_interleaved if interleaved_rope else apply_rotary
         self.output_gate = output_gate
+        self.rotary = rotary  # a rotary of this layer's kind, shared by such layers; None: the model's
         self.q_proj = nn.Linear(hidden, heads * head_dim * (2 if output_gate else 1), bias=qkv_bias)
         self.k_proj = nn.Linear(hidden, kv_heads * head_dim, bias=qkv_bias)
         self.v_proj = nn.Linear(hidden, kv_heads * head_dim, bias=qkv_bias)
@@ -89,7 +92,8 @@ class Attention(nn.Module):
         if self.qk_norm == "head":
             q, k = self.q_norm(q), self.k_norm(k)
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # [B, H, T, D]
-        q, k = self.rotate(q, step.cos, step.sin), self.rotate(k, step.cos, step.sin)
+        cos, sin = (step.cos, step.sin) if self.rotary is None else step.rotary(self.rotary)
+        q, k = self.rotate(q, cos, sin), self.rotate(k, cos, sin)
         if self.qk_norm == "head_after_rope":
             q, k = self.q_norm(q), self.k_norm(k)
         k, v, positions = kv.update(k, v, step.start)  # [B, H_kv, S, D]
@@ -143,11 +147,14 @@ class LatentAttention(nn.Module):
         interleaved_rope: bool,
         scale: float,
         latent_eps: float = 1e-6,
+        position_scaling: tuple[float, int] | None = None,
     ):
         super().__init__()
         self.heads, self.kv_lora_rank = heads, kv_lora_rank
         self.nope_dim, self.rope_dim, self.v_dim = qk_nope_head_dim, qk_rope_head_dim, v_head_dim
         self.interleaved_rope, self.scale = interleaved_rope, scale
+        # Mistral 4: queries times 1 + beta * log(1 + floor(position / original context)), as (beta, context)
+        self.position_scaling = position_scaling
         qk_head_dim = qk_nope_head_dim + qk_rope_head_dim
         if q_lora_rank is None:
             self.q_proj = nn.Linear(hidden, heads * qk_head_dim, bias=False)
@@ -176,6 +183,10 @@ class LatentAttention(nn.Module):
         k_rot = k_rot.view(B, 1, T, self.rope_dim)
         rotate = apply_rotary_interleaved if self.interleaved_rope else apply_rotary
         q_rot, k_rot = rotate(q_rot, step.cos, step.sin), rotate(k_rot, step.cos, step.sin)
+        if self.position_scaling is not None:
+            beta, context = self.position_scaling
+            scale = (1 + beta * torch.log1p(torch.floor(step.positions().float() / context))).to(q_rot.dtype)
+            q_nope, q_rot = q_nope * scale[:, None], q_rot * scale[:, None]
         latent, k_rot = kv.update(latent, k_rot, step.start)  # [B, S, rank], [B, 1, S, rope]
         S = latent.shape[1]
         k_nope, v = (

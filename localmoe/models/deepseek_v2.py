@@ -65,6 +65,15 @@ class DeepseekV2Args(ModelArgs):
     def interleaved_rope(self) -> bool:
         return True
 
+    @property
+    def rotary_dim(self) -> int:
+        """The head size the rotary is built for (times its partial factor, the dims it rotates)."""
+        return self.qk_rope_head_dim
+
+    @property
+    def position_scaling(self) -> tuple[float, int] | None:
+        return None
+
 
 def attention_scale(args: DeepseekV2Args) -> float:
     """1/sqrt(query-key head dim), times yarn's mscale squared where the config asks for it."""
@@ -108,6 +117,7 @@ def build(args: DeepseekV2Args) -> CausalLM:
                 bias=args.attention_bias,
                 interleaved_rope=args.interleaved_rope,
                 scale=attention_scale(args),
+                position_scaling=args.position_scaling,
             ),
             feed_forward(i),
             hidden,
@@ -115,7 +125,7 @@ def build(args: DeepseekV2Args) -> CausalLM:
         )
         for i in range(args.num_hidden_layers)
     ]
-    return causal_lm(args, layers, args.qk_rope_head_dim)
+    return causal_lm(args, layers, args.rotary_dim)
 
 
 FAMILY = Family(

@@ -10,7 +10,7 @@ from torch import nn
 
 from localmoe.models.deepseek_v2 import DeepseekV2Args, build
 from localmoe.models.expert_tensors import PerExpert
-from localmoe.models.family import Family
+from localmoe.models.family import Family, Multimodal
 from localmoe.models.moe import FUSED_EXPERTS, MLP_EXPERTS, GroupedTopKRouter
 
 
@@ -56,5 +56,10 @@ FAMILY = Family(
     experts=(PerExpert(MLP_EXPERTS), FUSED_EXPERTS),
     hub_aliases=((".mlp.shared_expert.", ".mlp.shared_experts."),),
     keep_float32=("e_score_correction_bias",),
+    # Kimi-K2.5/K2.6: a DeepSeek-V3 language model beside a vision tower (the Hub's remote-code name first)
+    multimodal=tuple(
+        Multimodal(name, (("model.", "language_model.model."), ("lm_head.", "language_model.lm_head.")))
+        for name in ("KimiK25ForConditionalGeneration", "Kimi_K25ForConditionalGeneration")
+    ),
     example="moonshotai/Moonlight-16B-A3B-Instruct",
 )

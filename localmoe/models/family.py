@@ -52,6 +52,7 @@ class Multimodal:
 
     architecture: str
     prefixes: tuple[tuple[str, str], ...]
+    text_model_type: str | None = None  # where the wrapper also ships other language models
 
 
 @dataclass(frozen=True)

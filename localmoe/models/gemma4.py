@@ -124,11 +124,11 @@ class Gemma4Attention(Attention):
             norm_eps=args.rms_norm_eps,
             sliding_window=args.sliding_window if sliding else None,
             norm=UpcastRMSNorm,
+            rotary=rotary,
         )
         if args.attention_k_eq_v and not sliding:
             del self.v_proj
         self.eps = args.rms_norm_eps
-        self.rotary = rotary  # shared by the global layers; None: the model's
 
     def forward(self, x: torch.Tensor, step: Step, kv: AttentionKV | WindowKV) -> torch.Tensor:
         B, T, _ = x.shape

@@ -82,6 +82,7 @@ class GroupedTopKRouter(nn.Module):
 
     V2 ranks groups by their best expert; V3 and GLM-4.5 by the sum of their best two, and add a
     learned correction bias to the scores for choosing only (the weights use the plain scores).
+    `group_by_top2` overrides the ranking (Mistral 4: softmax scores, best-two sums, no bias).
     """
 
     def __init__(
@@ -96,6 +97,7 @@ class GroupedTopKRouter(nn.Module):
         normalize: bool,
         scaling: float,
         correction_bias: bool,
+        group_by_top2: bool | None = None,
     ):
         super().__init__()
         self.weight = nn.Parameter(torch.empty(num_experts, hidden))
@@ -103,6 +105,7 @@ class GroupedTopKRouter(nn.Module):
             self.e_score_correction_bias = nn.Parameter(torch.empty(num_experts))
         self.top_k, self.scoring, self.normalize, self.scaling = top_k, scoring, normalize, scaling
         self.n_group, self.topk_group = n_group, topk_group
+        self.group_by_top2 = correction_bias if group_by_top2 is None else group_by_top2
 
     def scores(self, x: torch.Tensor) -> torch.Tensor:
         logits = F.linear(x.float(), self.weight.float())
@@ -112,10 +115,8 @@ class GroupedTopKRouter(nn.Module):
         scores = self.scores(x)
         choice = scores + self.e_score_correction_bias.float() if hasattr(self, "e_score_correction_bias") else scores
         groups = choice.view(choice.shape[0], self.n_group, -1)
-        if hasattr(self, "e_score_correction_bias"):
-            group_scores = groups.topk(2, dim=-1).values.sum(dim=-1)
-        else:
-            group_scores = groups.max(dim=-1).values
+        top2 = self.group_by_top2
+        group_scores = groups.topk(2, dim=-1).values.sum(dim=-1) if top2 else groups.max(dim=-1).values
         kept = torch.zeros_like(group_scores).scatter_(1, group_scores.topk(self.topk_group, dim=-1).indices, 1)
         # Experts of dropped groups can never win: -inf for sigmoid scores, 0 for softmax ones as V2 does.
         floor = float("-inf") if hasattr(self, "e_score_correction_bias") else 0.0
