@@ -2,7 +2,19 @@
 
 import pytest
 import torch
-from conftest import DEEPSEEK_V2, GEMMA4, GPT_OSS, LLAMA4, MINIMAX, MIXTRAL, QWEN3_5_MOE, QWEN3_MOE, hf_model, save_hf
+from conftest import (
+    DEEPSEEK_V2,
+    GEMMA4,
+    GLM_MOE_DSA,
+    GPT_OSS,
+    LLAMA4,
+    MINIMAX,
+    MIXTRAL,
+    QWEN3_5_MOE,
+    QWEN3_MOE,
+    hf_model,
+    save_hf,
+)
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -28,6 +40,8 @@ MODELS = {
     "qwen3.5": ("Qwen3_5MoeTextConfig", QWEN3_5_MOE, None),
     "llama4-ring": ("Llama4TextConfig", {**LLAMA4, "attention_chunk_size": 5}, 2),
     "gemma4-ring": ("Gemma4TextConfig", {**GEMMA4, "sliding_window": 5}, 3),
+    # the indexer picks 4 of the earlier tokens: its keys carry over chunks, its choice reaches shared layers
+    "glm5": ("GlmMoeDsaConfig", {**GLM_MOE_DSA, "index_topk": 4}, None),
 }
 
 

@@ -10,6 +10,7 @@ from conftest import (
     ERNIE,
     GEMMA4,
     GLM4_MOE,
+    GLM_MOE_DSA,
     GPT_OSS,
     HUNYUAN,
     LLAMA4,
@@ -286,6 +287,7 @@ EVERY_FAMILY = {
     "gemma4_text": ("Gemma4TextConfig", GEMMA4),
     "mellum": ("MellumConfig", MELLUM),
     "mistral4": ("Mistral4Config", MISTRAL4),
+    "glm_moe_dsa": ("GlmMoeDsaConfig", GLM_MOE_DSA),
 }
 
 

@@ -8,6 +8,7 @@ from conftest import (
     ERNIE,
     GEMMA4,
     GLM4_MOE,
+    GLM_MOE_DSA,
     GPT_OSS,
     HUNYUAN,
     LLAMA4,
@@ -270,6 +271,10 @@ CASES = {
         {"q_lora_rank": None, "n_group": 1, "topk_group": 1, "norm_topk_prob": False},
         "sharded",
     ),
+    "glm5-sharded": ("GlmMoeDsaConfig", GLM_MOE_DSA, {}, "sharded"),
+    # every layer its own selection; a selection wider than the prompt (plain causal attention)
+    "glm5-all-full": ("GlmMoeDsaConfig", GLM_MOE_DSA, {"index_topk_freq": 1}, "single"),
+    "glm5-wide-topk": ("GlmMoeDsaConfig", GLM_MOE_DSA, {"index_topk": 64}, "single"),
 }
 
 

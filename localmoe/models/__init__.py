@@ -9,6 +9,7 @@ from localmoe.models import (
     ernie4_5_moe,
     gemma4,
     glm4_moe,
+    glm_moe_dsa,
     gpt_oss,
     hunyuan_v1_moe,
     llama4,
@@ -44,6 +45,7 @@ FAMILIES: tuple[Family, ...] = (
     gemma4.FAMILY,
     mellum.FAMILY,
     mistral4.FAMILY,
+    glm_moe_dsa.FAMILY,
 )
 
 

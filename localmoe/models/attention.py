@@ -175,7 +175,8 @@ class LatentAttention(nn.Module):
 
     def forward(self, x: torch.Tensor, step: Step, kv: LatentKV) -> torch.Tensor:
         B, T, _ = x.shape
-        q = self.q_proj(x) if hasattr(self, "q_proj") else self.q_b_proj(self.q_a_layernorm(self.q_a_proj(x)))
+        q_low = None if hasattr(self, "q_proj") else self.q_a_layernorm(self.q_a_proj(x))  # the query's bottleneck
+        q = self.q_proj(x) if q_low is None else self.q_b_proj(q_low)
         q = q.view(B, T, self.heads, -1).transpose(1, 2)  # [B, H, T, nope + rope]
         q_nope, q_rot = q.split((self.nope_dim, self.rope_dim), dim=-1)
         latent, k_rot = self.kv_a_proj_with_mqa(x).split((self.kv_lora_rank, self.rope_dim), dim=-1)
@@ -193,8 +194,13 @@ class LatentAttention(nn.Module):
             self.kv_b_proj(latent).view(B, S, self.heads, -1).transpose(1, 2).split((self.nope_dim, self.v_dim), -1)
         )
         k = torch.cat((k_nope, k_rot.expand(-1, self.heads, -1, -1)), dim=-1)
-        mask, is_causal = step.mask(None)
+        mask, is_causal = self.mask(x, q_low, step, kv)
         out = F.scaled_dot_product_attention(
             torch.cat((q_nope, q_rot), dim=-1), k, v, attn_mask=mask, is_causal=is_causal, scale=self.scale
         )
         return self.o_proj(out.transpose(1, 2).reshape(B, T, -1))
+
+    def mask(self, x: torch.Tensor, q_low: torch.Tensor | None, step: Step, kv: LatentKV):
+        """Which cached tokens each query attends to (as `Step.mask`): all before it, unless a subclass
+        selects among them (GLM-5's indexer)."""
+        return step.mask(None)

@@ -74,6 +74,24 @@ class DeepseekV2Args(ModelArgs):
     def position_scaling(self) -> tuple[float, int] | None:
         return None
 
+    def is_dense(self, i: int) -> bool:
+        return i < self.first_k_dense_replace
+
+    def attention(self, i: int) -> nn.Module:
+        return LatentAttention(
+            self.hidden_size,
+            self.num_attention_heads,
+            q_lora_rank=self.q_lora_rank,
+            kv_lora_rank=self.kv_lora_rank,
+            qk_nope_head_dim=self.qk_nope_head_dim,
+            qk_rope_head_dim=self.qk_rope_head_dim,
+            v_head_dim=self.v_head_dim,
+            bias=self.attention_bias,
+            interleaved_rope=self.interleaved_rope,
+            scale=attention_scale(self),
+            position_scaling=self.position_scaling,
+        )
+
 
 def attention_scale(args: DeepseekV2Args) -> float:
     """1/sqrt(query-key head dim), times yarn's mscale squared where the config asks for it."""
@@ -90,7 +108,7 @@ def build(args: DeepseekV2Args) -> CausalLM:
     hidden = args.hidden_size
 
     def feed_forward(i: int) -> nn.Module:
-        if i < args.first_k_dense_replace:
+        if args.is_dense(i):
             return MLP(hidden, args.intermediate_size, args.hidden_act, bias=args.mlp_bias)
         shared = args.moe_intermediate_size * (args.n_shared_experts or 0)
         return SparseMoE(
@@ -105,24 +123,7 @@ def build(args: DeepseekV2Args) -> CausalLM:
         )
 
     layers = [
-        DecoderLayer(
-            LatentAttention(
-                hidden,
-                args.num_attention_heads,
-                q_lora_rank=args.q_lora_rank,
-                kv_lora_rank=args.kv_lora_rank,
-                qk_nope_head_dim=args.qk_nope_head_dim,
-                qk_rope_head_dim=args.qk_rope_head_dim,
-                v_head_dim=args.v_head_dim,
-                bias=args.attention_bias,
-                interleaved_rope=args.interleaved_rope,
-                scale=attention_scale(args),
-                position_scaling=args.position_scaling,
-            ),
-            feed_forward(i),
-            hidden,
-            args.rms_norm_eps,
-        )
+        DecoderLayer(args.attention(i), feed_forward(i), hidden, args.rms_norm_eps)
         for i in range(args.num_hidden_layers)
     ]
     return causal_lm(args, layers, args.rotary_dim)
