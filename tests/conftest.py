@@ -39,6 +39,11 @@ def randomize(model: torch.nn.Module, seed: int = 0) -> None:
     generator = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for name, tensor in model.state_dict().items():
+            if name.endswith("tid2eid"):  # DeepSeek-V4's token -> experts table: distinct experts per token
+                experts = model.config.n_routed_experts
+                tensor.copy_(
+                    torch.rand(tensor.shape[0], experts, generator=generator).argsort(-1)[:, : tensor.shape[1]]
+                )
             if not tensor.is_floating_point() or any(derived in name for derived in DERIVED_BUFFERS):
                 continue
             noise = torch.randn(tensor.shape, generator=generator, dtype=torch.float32)
@@ -511,6 +516,40 @@ GLM_MOE_DSA = dict(
     first_k_dense_replace=1,
     max_position_embeddings=256,
     rope_parameters={"rope_type": "default", "rope_theta": 10000.0},
+    bos_token_id=256,
+    eos_token_id=257,
+)
+
+DEEPSEEK_V4 = dict(
+    vocab_size=258,
+    hidden_size=64,
+    moe_intermediate_size=32,
+    num_hidden_layers=4,
+    num_attention_heads=4,
+    num_key_value_heads=1,
+    head_dim=32,
+    q_lora_rank=32,
+    partial_rotary_factor=0.25,
+    num_experts_per_tok=2,
+    n_routed_experts=8,
+    n_shared_experts=1,
+    layer_types=[
+        "sliding_attention",
+        "compressed_sparse_attention",
+        "heavily_compressed_attention",
+        "compressed_sparse_attention",
+    ],
+    mlp_layer_types=["hash_moe", "hash_moe", "moe", "moe"],
+    compress_rates={"compressed_sparse_attention": 4, "heavily_compressed_attention": 8},
+    sliding_window=8,  # shorter than the prompts
+    o_groups=2,
+    o_lora_rank=16,
+    index_n_heads=2,
+    index_head_dim=16,
+    index_topk=64,  # at least the entries of the tests: no top-k ties (relu zeros) to break either way
+    hc_mult=3,  # with 2 streams, a doubly stochastic mix is symmetric and hides a transposition
+    hc_sinkhorn_iters=5,
+    max_position_embeddings=256,
     bos_token_id=256,
     eos_token_id=257,
 )

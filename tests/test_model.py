@@ -4,6 +4,7 @@ import pytest
 import torch
 from conftest import (
     DEEPSEEK_V2,
+    DEEPSEEK_V4,
     GEMMA4,
     GLM_MOE_DSA,
     GPT_OSS,
@@ -19,6 +20,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import localmoe
+from localmoe.models.deepseek_v4 import V4State
 from localmoe.runtime import kv_cache
 
 TOLERANCE = 1e-5
@@ -42,6 +44,8 @@ MODELS = {
     "gemma4-ring": ("Gemma4TextConfig", {**GEMMA4, "sliding_window": 5}, 3),
     # the indexer picks 4 of the earlier tokens: its keys carry over chunks, its choice reaches shared layers
     "glm5": ("GlmMoeDsaConfig", {**GLM_MOE_DSA, "index_topk": 4}, None),
+    # compressor windows that close inside and across chunks, and pending tokens carried between them
+    "deepseek-v4": ("DeepseekV4Config", DEEPSEEK_V4, None),
 }
 
 
@@ -128,7 +132,7 @@ def cannot_rewind(positions: int):
     def test(state) -> bool:
         if isinstance(state, kv_cache.WindowKV):
             return positions > kv_cache.REWIND_SLACK
-        return isinstance(state, (kv_cache.LinearAttentionState, kv_cache.DeltaNetState))
+        return isinstance(state, (kv_cache.LinearAttentionState, kv_cache.DeltaNetState, V4State))
 
     return test
 

@@ -7,6 +7,7 @@ import pytest
 import torch
 from conftest import (
     DEEPSEEK_V2,
+    DEEPSEEK_V4,
     ERNIE,
     GEMMA4,
     GLM4_MOE,
@@ -288,6 +289,7 @@ EVERY_FAMILY = {
     "mellum": ("MellumConfig", MELLUM),
     "mistral4": ("Mistral4Config", MISTRAL4),
     "glm_moe_dsa": ("GlmMoeDsaConfig", GLM_MOE_DSA),
+    "deepseek_v4": ("DeepseekV4Config", DEEPSEEK_V4),
 }
 
 

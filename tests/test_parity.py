@@ -5,6 +5,7 @@ import pytest
 import torch
 from conftest import (
     DEEPSEEK_V2,
+    DEEPSEEK_V4,
     ERNIE,
     GEMMA4,
     GLM4_MOE,
@@ -275,6 +276,24 @@ CASES = {
     # every layer its own selection; a selection wider than the prompt (plain causal attention)
     "glm5-all-full": ("GlmMoeDsaConfig", GLM_MOE_DSA, {"index_topk_freq": 1}, "single"),
     "glm5-wide-topk": ("GlmMoeDsaConfig", GLM_MOE_DSA, {"index_topk": 64}, "single"),
+    "deepseek-v4-sharded": ("DeepseekV4Config", DEEPSEEK_V4, {}, "sharded"),
+    # the selection cuts (3 of the entries), no hash layers, yarn on the compressed layers
+    "deepseek-v4-topk-yarn": (
+        "DeepseekV4Config",
+        DEEPSEEK_V4,
+        {
+            "index_topk": 3,
+            "mlp_layer_types": ["moe"] * 4,
+            "rope_parameters": {
+                "rope_type": "yarn",
+                "factor": 4.0,
+                "original_max_position_embeddings": 16,
+                "beta_fast": 32.0,
+                "beta_slow": 1.0,
+            },
+        },
+        "single",
+    ),
 }
 
 

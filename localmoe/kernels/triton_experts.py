@@ -24,7 +24,7 @@ import triton.language as tl
 from localmoe.kernels.quantized import Fp8Weights, Mxfp4Weights, QuantizedWeights
 
 # activation codes: act(gate, up)
-SILU_GLU, GELU_TANH_GLU, CLAMPED_SWIGLU = 0, 1, 2
+SILU_GLU, GELU_TANH_GLU, CLAMPED_SWIGLU, CLAMPED_SILU_GLU = 0, 1, 2, 3
 ACTIVATIONS = {("glu", "silu"): SILU_GLU, ("glu", "swish"): SILU_GLU, ("glu", "gelu_pytorch_tanh"): GELU_TANH_GLU}
 DECODE_PAIRS = 16  # up to this many pairs, the matrix-vector kernels
 BLOCK_M = 16  # pairs per block of the grouped kernels (tl.dot wants at least 16)
@@ -34,6 +34,8 @@ def activation_code(act) -> int | None:
     """The kernels' code for a `GatedActivation`, or None where they lack it."""
     if act.kind == "clamped_swiglu":
         return CLAMPED_SWIGLU
+    if act.kind == "clamped_glu":
+        return CLAMPED_SILU_GLU if act.act in ("silu", "swish") else None
     return ACTIVATIONS.get((act.kind, act.act))
 
 
@@ -45,6 +47,9 @@ def _activate(gate, up, ACT: tl.constexpr, alpha, limit):
     elif ACT == 1:
         # 0.5 g (1 + tanh(c (g + 0.044715 g^3))) = g * sigmoid(2 c (g + 0.044715 g^3))
         out = gate * tl.sigmoid(1.5957691216057308 * (gate + 0.044715 * gate * gate * gate)) * up
+    elif ACT == 3:
+        clamped = tl.minimum(gate, limit)
+        out = clamped * tl.sigmoid(clamped) * tl.minimum(tl.maximum(up, -limit), limit)
     else:
         clamped = tl.minimum(gate, limit)
         out = clamped * tl.sigmoid(clamped * alpha) * (tl.minimum(tl.maximum(up, -limit), limit) + 1.0)

@@ -6,6 +6,7 @@ from localmoe.errors import LocalMoEError
 from localmoe.models import (
     deepseek_v2,
     deepseek_v3,
+    deepseek_v4,
     ernie4_5_moe,
     gemma4,
     glm4_moe,
@@ -46,6 +47,7 @@ FAMILIES: tuple[Family, ...] = (
     mellum.FAMILY,
     mistral4.FAMILY,
     glm_moe_dsa.FAMILY,
+    deepseek_v4.FAMILY,
 )
 
 

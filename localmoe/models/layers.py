@@ -187,10 +187,14 @@ class RotaryEmbedding(nn.Module):
 
     def forward(self, start: int, length: int, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
         """cos and sin [T, rotary dim] for positions start .. start + length - 1."""
-        positions = torch.arange(start, start + length, device=self.inv_freq.device, dtype=torch.float32)
-        freqs = torch.outer(positions, self.inv_freq)
+        positions = torch.arange(start, start + length, device=self.inv_freq.device)
+        return self.at(positions, dtype, self.scale(start, length))
+
+    def at(self, positions: torch.Tensor, dtype: torch.dtype, scale: float | None = None):
+        """cos and sin [N, rotary dim] for any positions [N]."""
+        freqs = torch.outer(positions.to(self.inv_freq.device, torch.float32), self.inv_freq)
         angles = torch.cat((freqs, freqs), dim=-1)
-        scale = self.scale(start, length)
+        scale = self.scaling if scale is None else scale
         return (angles.cos() * scale).to(dtype), (angles.sin() * scale).to(dtype)
 
 
@@ -226,6 +230,7 @@ class Step:
     cos: torch.Tensor
     sin: torch.Tensor
     layer_inputs: torch.Tensor | None = None  # [B, T, layers, D]: Gemma 4's per-layer embeddings
+    ids: torch.Tensor | None = None  # [B, T] the tokens, where routing reads them (DeepSeek-V4's hash layers)
     _memo: dict = field(default_factory=dict)
 
     def rotary(self, rotary: "RotaryEmbedding") -> tuple[torch.Tensor, torch.Tensor]:
@@ -364,7 +369,11 @@ class CausalLM(nn.Module):
             h = layer(h, step, kv)
         cache.pos += length
         cache.writing = False
-        h = self.model.norm(h if all_logits else h[:, -1:])
+        return self.logits(h if all_logits else h[:, -1:])
+
+    def logits(self, h: torch.Tensor) -> torch.Tensor:
+        """Logits [B, T, V] from the last layer's hidden states."""
+        h = self.model.norm(h)
         if self.lm_head is None:
             logits = F.linear(h, self.model.embed_tokens.weight, getattr(self, "lm_head_bias", None))
         else:

@@ -36,7 +36,8 @@ class GatedActivation:
     """How an expert combines its gate and up projections.
 
     `glu`: act(gate) * up. `clamped_swiglu` (gpt-oss): gate clamped above at `limit`, up clamped to
-    [-limit, limit], then gate * sigmoid(alpha * gate) * (up + 1).
+    [-limit, limit], then gate * sigmoid(alpha * gate) * (up + 1). `clamped_glu` (DeepSeek-V4): the
+    same clamps, then act(gate) * up.
     """
 
     kind: str = "glu"
@@ -45,9 +46,10 @@ class GatedActivation:
     limit: float = 7.0
 
     def __call__(self, gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
-        if self.kind == "clamped_swiglu":
+        if self.kind in ("clamped_swiglu", "clamped_glu"):
             gate = gate.clamp(max=self.limit)
             up = up.clamp(min=-self.limit, max=self.limit)
+        if self.kind == "clamped_swiglu":
             return gate * torch.sigmoid(gate * self.alpha) * (up + 1)
         return activation(self.act)(gate) * up
 
