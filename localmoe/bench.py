@@ -181,8 +181,9 @@ def write_benchmarks(results_dir: Path, docs: Path) -> None:
         "",
         "The floor is max(bytes a token must copy / host-to-device bandwidth, bytes it must read / device",
         "memory bandwidth), with both bandwidths measured in the same run; on the CPU, bytes read and copied",
-        "over the measured RAM bandwidth. The expert kernels (`scripts/bench_kernels.py`) and the quality of",
-        "quantized experts (`scripts/quant_quality.py`) come last.",
+        "over the measured RAM bandwidth. Cache policies replayed on real routing (`scripts/simulate_cache.py`),",
+        "the expert kernels (`scripts/bench_kernels.py`) and the quality of quantized experts",
+        "(`scripts/quant_quality.py`) come last.",
     ]
     for r in results:
         lines += ["", f"## {r['model']} on {r['device']} ({r['dtype']}), {r['date']}", ""]
@@ -200,8 +201,50 @@ def write_benchmarks(results_dir: Path, docs: Path) -> None:
         lines += [results_table(runs, floor["floor_s"], "transformers + accelerate"), ""]
         lines += [f"- {label(run)}: {run.detail}" for run in runs if run.detail]
         lines += [f"- greedy tokens equal to the reference run's, before the first difference: {r['same_tokens']}"]
-    sections = _kernel_sections(results_dir / "kernels") + _quality_sections(results_dir / "quant")
+    sections = _cache_sections(results_dir / "cache") + _kernel_sections(results_dir / "kernels")
+    sections += _quality_sections(results_dir / "quant")
     docs.write_text("\n".join(lines + sections) + "\n")
+
+
+def _cache_sections(folder: Path) -> list[str]:
+    results = [json.loads(p.read_text()) for p in sorted(folder.glob("*.json"))]
+    results.sort(key=lambda r: r["date"], reverse=True)
+    lines = []
+    for r in results:
+        total = r["layers"] * r["experts"]
+        lines += ["", f"## Cache policies on the routing of {r['trace']}, {r['date']}", ""]
+        lines += [f"Command: `{r['command']}`", ""]
+        lines += [f"Machine: {', '.join(f'{k} {v}' for k, v in r['machine'].items())}.", ""]
+        lines += [
+            f"{r['requests']} requests, {r['tokens']} tokens, {r['layers']} MoE layers x {r['experts']} experts, "
+            f"top-{r['top_k']}, replayed through the runtime's own `ExpertCache`. Hit rate: share of expert uses "
+            "found in a slot. Belady: the offline optimum, which may leave a miss uncached; admit-all: Belady made "
+            "to cache every miss, the bound of a policy that copies every miss. Static oracle: the experts the "
+            "trace uses most, pinned from the start. Start: one cache through the whole trace (continuing), each "
+            "request a run of its own from an empty cache (fresh), or from the routing profile of the other "
+            "requests (profile). Copied and CPU: experts per token.",
+        ]
+        for size in r["sizes"]:
+            lines += [
+                "",
+                f"**{size['slots']} slots ({size['slots'] / total:.0%} of experts)**: Belady {size['belady']:.3f}, "
+                f"admit-all Belady {size['belady_admit_all']:.3f}, static oracle {size['static_oracle']:.3f}.",
+                "",
+                "| policy | pool | start | hit rate | of Belady | of admit-all Belady | copied | CPU |",
+                "|---|---|---|---|---|---|---|---|",
+            ]
+            for row in size["rows"]:
+                lines.append(
+                    f"| {row['policy']} | {row['pool']} | {row['start']} | {row['hit_rate']:.3f} | "
+                    f"{row['of_belady']:.2f} | {row['of_belady_admit_all']:.2f} | {row['copied_per_token']:.2f} | "
+                    f"{row['on_cpu_per_token']:.2f} |"
+                )
+        sweep = r["decay_sweep"]
+        if sweep["rows"]:
+            lines += ["", f"Score policy by decay, {sweep['slots']} slots, per-layer pool:", ""]
+            lines += ["| decay | continuing | from a profile |", "|---|---|---|"]
+            lines += [f"| {s['decay']} | {s['continuing']:.3f} | {s['profile']:.3f} |" for s in sweep["rows"]]
+    return lines
 
 
 def _quality_sections(folder: Path) -> list[str]:

@@ -16,6 +16,7 @@ HELP = """commands:
   /reset         forget the conversation (the system message stays)
   /system TEXT   set the system message (empty TEXT removes it)
   /stats         speed of the last answer and the expert cache counters
+  /cache [SLOTS] show, or change, how many expert slots the cache uses (within those allocated)
   /save FILE     write the conversation to FILE as JSON
   /load FILE     continue the conversation saved in FILE
   /exit          leave (or Ctrl-D); Ctrl-C stops an answer and keeps what was said"""
@@ -162,6 +163,18 @@ def _answer(session: ChatSession, text: str) -> None:
     sys.stdout.flush()
 
 
+def _cache_command(engine: Engine, argument: str) -> None:
+    if argument and not argument.isdigit():
+        raise LocalMoEError(f"/cache takes a number of expert slots, not {argument!r}")
+    if argument:
+        engine.resize_cache(int(argument))
+    cache = getattr(engine.experts, "cache", None)
+    if cache is None:
+        print("[every expert is resident: there is no expert cache]", file=sys.stderr)
+    else:
+        print(f"[expert cache: {cache.slots} of {cache.rows.shape[0]} allocated slots in use]", file=sys.stderr)
+
+
 def _command(session: ChatSession, line: str) -> str | None:
     name, _, argument = line.partition(" ")
     argument = argument.strip()
@@ -179,6 +192,8 @@ def _command(session: ChatSession, line: str) -> str | None:
         elif name == "/stats":
             print(session.engine.stats.summary(), file=sys.stderr)
             print(session.engine.cache_report(), file=sys.stderr)
+        elif name == "/cache":
+            _cache_command(session.engine, argument)
         elif name in ("/save", "/load") and not argument:
             print(f"{name} needs a file name", file=sys.stderr)
         elif name == "/save":

@@ -76,9 +76,25 @@ def _placement_options(fn):
 def _cache_options(fn):
     """Flags of the expert cache and prefetch, and what to report."""
     options = [
-        click.option("--policy", type=click.Choice(["lru", "lfu"]), default="lru", show_default=True),
         click.option(
-            "--pin-hot", type=click.IntRange(min=0), default=0, help="Pin the N experts the prompt used most."
+            "--policy",
+            type=click.Choice(["score", "lfu", "lru"]),
+            default="score",
+            show_default=True,
+            help="Which expert a full cache evicts: lowest decayed router score, least often or least recently used.",
+        ),
+        click.option(
+            "--profile",
+            default="auto",
+            show_default=True,
+            help="Routing profile to start from and update: auto (this checkpoint's, in localmoe's cache "
+            "folder), a FILE, or off.",
+        ),
+        click.option(
+            "--pin-hot",
+            type=click.IntRange(min=0),
+            default=0,
+            help="Pin the N hottest experts: the profile's, or else those the first prompt used most.",
         ),
         click.option(
             "--prefetch",
@@ -90,11 +106,12 @@ def _cache_options(fn):
         click.option("--prefetch-margin", type=click.IntRange(min=0), default=0, show_default=True),
         click.option(
             "--miss-policy",
-            type=click.Choice(["auto", "copy", "cpu"]),
+            type=click.Choice(["auto", "copy", "cpu", "bypass"]),
             default="auto",
             show_default=True,
             help="An expert not in a slot: copy it to the device, compute it on the CPU from the host copy, "
-            "or whichever the measured bandwidths say is faster.",
+            "whichever the measured bandwidths say is faster, or (bypass) on the CPU when the policy ranks it "
+            "below the expert it would evict.",
         ),
         click.option(
             "--copy-bandwidth", type=click.FloatRange(min=0, min_open=True), help="GB/s for --miss-policy auto"
@@ -151,7 +168,15 @@ def _load(model: str, revision: str | None, flags: dict):
         model, device=flags["device"], dtype=DTYPE_CHOICES[flags["dtype"]], revision=revision, options=options
     )
     click.echo(engine.summary(), err=True)
+    click.get_current_context().call_on_close(lambda: _save_profile(engine))
     return engine
+
+
+def _save_profile(engine) -> None:
+    try:
+        engine.save_profile()
+    except OSError as error:
+        click.echo(f"localmoe: the routing profile was not saved: {error}", err=True)
 
 
 SLOWEST_WITHOUT_YES = 0.2  # decode tokens/s below which a run from disk needs --yes
@@ -186,6 +211,7 @@ def _runtime_options(values: dict):
         context=values["context"],
         expert_bits=int(values["expert_bits"]),
         expert_group_size=values["expert_group_size"],
+        profile=None if values.get("profile", "off") == "off" else values["profile"],
         **{
             key: values[key]
             for key in ("policy", "pin_hot", "prefetch", "prefetch_margin", "trace", "miss_policy", "kernels")
@@ -285,7 +311,11 @@ def tune(model: str, tokens: int, revision: str | None, **flags):
         return
 
     def report(setting, result):
-        click.echo(f"{result.decode_tokens_per_s:8.2f} tok/s  hit rate {result.hit_rate:.3f}  {setting.flags()}")
+        slots = setting.slots or engine.plan.slots
+        line = (
+            f"{result.decode_tokens_per_s:8.2f} tok/s  hit rate {result.hit_rate:.3f}  {slots} slots  {setting.flags()}"
+        )
+        click.echo(line)
 
     click.echo(f"decode tokens/s over {tokens} tokens, {engine.plan.slots} expert slots:")
     best = Tuner(engine, _bench_prompt(engine), tokens, report).run()

@@ -1,5 +1,6 @@
 """`load` a checkpoint into an `Engine` that generates text: the entry point of the CLI and the API."""
 
+from collections import Counter
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, replace
 from functools import cached_property
@@ -20,6 +21,7 @@ from localmoe.runtime.generate import GenerationStats, generate_tokens
 from localmoe.runtime.kv_cache import KVCache
 from localmoe.runtime.memory import MemoryPlan, format_bytes, plan_memory
 from localmoe.runtime.offload import OffloadedExperts
+from localmoe.runtime.profile import RoutingProfile, default_profile_path, start_from_profile
 from localmoe.runtime.quantized_cache import QuantizedLayers, cache_folder
 from localmoe.runtime.resident import ResidentExperts
 from localmoe.runtime.sampling import Sampler, SamplingParams
@@ -35,8 +37,9 @@ class RuntimeOptions:
     vram_budget: int | None = None  # bytes for everything on the device; default: its free memory
     host_budget: int | None = None  # bytes of host RAM for the experts' host copy; default: what is available
     expert_slots: int | None = None  # overrides the plan's slot count
-    policy: str = "lru"
-    pin_hot: int = 0  # experts the prompt used most, pinned after its prefill
+    policy: str = "score"
+    pin_hot: int = 0  # experts pinned: the profile's hottest, or else those the first prompt used most
+    profile: str | None = None  # routing profile: "auto" (this checkpoint's, in the cache folder), a file, or none
     prefetch: int = 1  # MoE layers to look ahead; 0 turns prefetch off
     prefetch_margin: int = 0  # experts predicted beyond the top-k
     context: int = 4096  # tokens of KV cache planned for (capped at the model's maximum)
@@ -73,6 +76,20 @@ class Engine:
         self.eos_ids = eos_ids(checkpoint)
         self.stats = GenerationStats()
         self._warmed_up = False
+        self.profile_path: Path | None = None  # set by `load` when a routing profile is kept
+        self.profile = RoutingProfile()
+        self._profiled = Counter()  # what of the cache's token counts the profile has
+
+    def save_profile(self) -> None:
+        """Add the routing seen since the last save to the routing profile, and write it."""
+        if self.profile_path is None:
+            return
+        counts = self.experts.cache.token_counts
+        if any(counts[key] < n for key, n in self._profiled.items()):
+            self._profiled = Counter()  # the cache was emptied since: its counts start again
+        self.profile.add(counts - self._profiled, self.plan.footprint.top_k)
+        self._profiled = Counter(counts)
+        self.profile.save(self.profile_path)
 
     @cached_property
     def tokenizer(self) -> Tokenizer:
@@ -189,6 +206,24 @@ class Engine:
             return self.plan.describe() + "\nall experts resident: no expert is copied while generating"
         return self.plan.describe() + "\n" + cache_report(self.experts.cache)
 
+    def resize_cache(self, slots: int) -> None:
+        """Use `slots` of the expert pool allocated at load: grow or shrink it without reloading."""
+        if not isinstance(self.experts, OffloadedExperts):
+            raise LocalMoEError("every expert is resident on the device: there is no expert cache to resize")
+        cache, top_k = self.experts.cache, self.plan.footprint.top_k
+        allocated, least = cache.rows.shape[0], top_k + len(cache.pinned)
+        if slots > allocated:
+            raise LocalMoEError(
+                f"the memory plan allocated {allocated} expert slots at start-up: {slots} do not fit; to have more, "
+                "restart with a larger --vram-budget or --expert-slots"
+            )
+        if slots < least:
+            raise LocalMoEError(
+                f"{slots} slots leave no room for one layer's {top_k} experts beside the {len(cache.pinned)} "
+                f"pinned: use at least {least}"
+            )
+        cache.resize(slots)
+
     def rewarm(self) -> None:
         """Let the next prompt be the warm-up again (after the cache was emptied)."""
         self._warmed_up = False
@@ -228,7 +263,7 @@ def load(
     else:
         mode = "mmap" if plan.store == "mmap" else "ram"
         store = ExpertStore(parts.experts, parts.dtype, mode, device, quant, quantized)
-        cache = ExpertCache(store, plan.slots, device, options.policy)
+        cache = ExpertCache(store, plan.slots, device, options.policy, layers=len(blocks))
         bandwidths = None
         if options.miss_policy == "auto":
             bandwidths = calibrated(store, cache.rows[0], blocks[0], options.copy_bandwidth, options.cpu_bandwidth)
@@ -244,7 +279,23 @@ def load(
         )
     for block in blocks:
         block.experts = experts
-    return Engine(checkpoint, parts, plan, experts, options, kernels)
+    engine = Engine(checkpoint, parts, plan, experts, options, kernels)
+    if options.profile and isinstance(experts, OffloadedExperts):
+        _start_from_profile(engine, blocks)
+    return engine
+
+
+def _start_from_profile(engine: Engine, blocks) -> None:
+    """Read the routing profile; warm the pool and pin from it where it has something to say."""
+    options, cache = engine.options, engine.experts.cache
+    path = default_profile_path(engine.checkpoint) if options.profile == "auto" else Path(options.profile)
+    profile = RoutingProfile.load(path)
+    profile.check({block.layer_idx for block in blocks}, blocks[0].num_experts, path)
+    engine.profile_path, engine.profile = path, profile
+    if options.pin_hot and profile.counts:
+        cache.pin(profile.hottest()[: options.pin_hot])
+        engine._warmed_up = True  # the profile stands in for the first prompt's warm-up
+    start_from_profile(cache, profile)
 
 
 def plan_for(

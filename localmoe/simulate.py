@@ -9,7 +9,9 @@ import bisect
 import csv
 import json
 from collections import Counter, defaultdict
+from collections.abc import Callable
 from dataclasses import dataclass, field
+from itertools import accumulate
 from pathlib import Path
 
 import torch
@@ -17,18 +19,22 @@ import torch
 from localmoe.errors import LocalMoEError
 from localmoe.runtime.expert_cache import CacheCounters, ExpertCache, Key
 from localmoe.runtime.expert_store import ExpertLayout
+from localmoe.runtime.profile import RoutingProfile, start_from_profile
 
 
 @dataclass
 class Trace:
     """Routing by request, token and MoE layer: `requests[r][t][i]` lists the experts token t of request r
     chose at MoE layer `layers[i]`. `predicted`, where the run recorded it, has the same shape and lists
-    the experts predicted at that layer for the next MoE layer (what prefetch copied)."""
+    the experts predicted at that layer for the next MoE layer (what prefetch copied). `probabilities`,
+    where known, has the same shape and maps experts to the router probability they got (all experts
+    for a run's own trace, the chosen ones for a trace that kept only their weights)."""
 
     requests: list[list[list[list[int]]]]
     layers: list[int]
     num_experts: int
     predicted: list[list[list[list[int]]]] | None = None
+    probabilities: list[list[list[dict[int, float]]]] | None = None
 
     @property
     def tokens(self) -> int:
@@ -38,15 +44,26 @@ class Trace:
     def top_k(self) -> int:
         return len(self.requests[0][0][0])
 
-    def keys(self) -> list[Key]:
-        """Every (layer, expert) use, in the order a run makes them."""
+    def visits(self) -> list[list[Key]]:
+        """The (layer, expert) uses of every layer visit, in the order a run makes them."""
         return [
-            (layer, expert)
+            [(layer, expert) for expert in experts]
             for request in self.requests
             for token in request
             for layer, experts in zip(self.layers, token, strict=True)
-            for expert in experts
         ]
+
+    def uses(self) -> list[Key]:
+        """Every (layer, expert) use, in the order a run makes them."""
+        return [key for visit in self.visits() for key in visit]
+
+    def request(self, r: int) -> "Trace":
+        """Request `r` alone."""
+
+        def one(rows):
+            return None if rows is None else [rows[r]]
+
+        return Trace([self.requests[r]], self.layers, self.num_experts, one(self.predicted), one(self.probabilities))
 
 
 @dataclass
@@ -79,37 +96,45 @@ class Replay:
 
 
 class Belady:
-    """Offline optimal replacement for a known sequence of uses: evict the cached expert needed again
-    furthest in the future. It follows the cache's policy interface, so the cache's own rules (a miss
-    is always admitted, what the current layer uses is never evicted) bound it as they bind others."""
+    """Offline optimal replacement for a known sequence of layer visits: evict the cached expert needed
+    again furthest in the future. It follows the cache's policy interface, so the cache's own rules
+    (what the current layer uses is never evicted) bound it as they bind others. With bypass admission
+    its `rank` lets a miss take a slot only from an expert needed again later than it: the offline
+    optimum of a cache that may leave misses to the CPU."""
 
-    def __init__(self, sequence: list[Key]):
+    def __init__(self, visits: list[list[Key]]):
+        self._visits = visits
+        self._starts = list(accumulate((len(visit) for visit in visits), initial=0))
         self._uses: dict[Key, list[int]] = defaultdict(list)
-        for time, key in enumerate(sequence):
+        for time, key in enumerate(key for visit in visits for key in visit):
             self._uses[key].append(time)
-        self._sequence = sequence
-        self._now = -1
+        self._visit = -1
         self._cached: set[Key] = set()
+
+    def visit(self, layer: int, routed: Counter[int], probabilities: dict[int, float]) -> None:
+        self._visit += 1
+        if self._visit >= len(self._visits) or self._visits[self._visit][0][0] != layer:
+            raise ValueError("Belady was given layer visits in another order than its sequence")
 
     def added(self, key: Key) -> None:
         self._cached.add(key)
 
     def used(self, key: Key) -> None:
-        self._now += 1
-        if self._sequence[self._now] != key:
-            raise ValueError("Belady was given uses in another order than its sequence")
+        if key not in self._visits[self._visit]:
+            raise ValueError(f"Belady was given a use of {key} that its sequence does not have here")
 
     def removed(self, key: Key) -> None:
         self._cached.discard(key)
 
-    def victim(self, skip) -> Key | None:
-        candidates = [key for key in self._cached if not skip(key)]
-        return max(candidates, key=self._next_use, default=None)
+    def victim(self, skip, layers: set[int] | None = None) -> Key | None:
+        candidates = [key for key in self._cached if not skip(key) and (layers is None or key[0] in layers)]
+        return min(candidates, key=self.rank, default=None)
 
-    def _next_use(self, key: Key) -> float:
+    def rank(self, key: Key) -> float:
+        """Minus the expert's next use after the visit under way: the sooner, the higher."""
         uses = self._uses[key]
-        i = bisect.bisect_right(uses, self._now)
-        return uses[i] if i < len(uses) else float("inf")
+        i = bisect.bisect_left(uses, self._starts[self._visit + 1])
+        return -uses[i] if i < len(uses) else float("-inf")
 
 
 class _OneNumberStore:
@@ -123,36 +148,70 @@ class _OneNumberStore:
         row.fill_(expert)
 
 
-def replay(trace: Trace, slots: int, policy: str = "lru", prefetch: bool = False, pin_hot: int = 0) -> Replay:
-    """Run the trace through an `ExpertCache` of `slots` slots shared by all layers.
+def replay(
+    trace: Trace,
+    slots: int,
+    policy: str | Callable[[], object] = "lru",
+    prefetch: bool = False,
+    pin_hot: int = 0,
+    bypass: bool = False,
+    shared: bool = False,
+    profile: RoutingProfile | None = None,
+) -> Replay:
+    """Run the trace through an `ExpertCache` of `slots` slots, as the runtime does: with a quota per
+    layer, or with `shared`, one pool shared freely.
 
-    `policy` is a cache policy name or "belady". With `prefetch`, the experts the trace records as
+    `policy` is a cache policy name, "belady", or a function making a policy (`Score` with another
+    decay, say). With `prefetch`, the experts the trace records as
     predicted for the next layer are prefetched after each layer, as the runtime does. With `pin_hot`,
-    the first request is the warm-up whose hottest experts get pinned, as `--pin-hot` does.
+    the first request is the warm-up whose hottest experts get pinned, as `--pin-hot` does. With
+    `bypass`, the misses the policy does not admit are computed on the CPU (`--miss-policy bypass`).
+    With a routing `profile`, the cache starts from it as a run with `--profile` does.
     """
     if prefetch and trace.predicted is None:
         raise LocalMoEError("this trace has no predictions of the next layer's experts: replay it without prefetch")
-    if policy == "belady" and (prefetch or pin_hot):
-        raise LocalMoEError("Belady's bound is computed without prefetch or pinning")
-    cache = ExpertCache(
-        _OneNumberStore(), slots, torch.device("cpu"), Belady(trace.keys()) if policy == "belady" else policy
-    )
+    if policy == "belady" and (prefetch or pin_hot or profile):
+        raise LocalMoEError("Belady's bound is computed without prefetch, pinning or a profile")
+    chosen = Belady(trace.visits()) if policy == "belady" else policy if isinstance(policy, str) else policy()
+    cache = ExpertCache(_OneNumberStore(), slots, torch.device("cpu"), chosen, None if shared else len(trace.layers))
+    if profile:
+        start_from_profile(cache, profile)
     for r, request in enumerate(trace.requests):
         for t, token in enumerate(request):
             for i, (layer, experts) in enumerate(zip(trace.layers, token, strict=True)):
-                cache.begin_layer(layer, Counter(experts))
-                cache.acquire(layer, experts)
+                cache.begin_layer(
+                    layer, Counter(experts), trace.probabilities[r][t][i] if trace.probabilities else None
+                )
+                on_cpu = cache.bypassed(layer, experts) if bypass else set()
+                if on_cpu:
+                    cache.computed_on_cpu(layer, len(on_cpu), 0.0)
+                copied = [expert for expert in experts if expert not in on_cpu]
+                cache.acquire(layer, copied)
                 if prefetch and i + 1 < len(trace.layers):
                     cache.prefetch(trace.layers[i + 1], trace.predicted[r][t][i])
-                cache.release(layer, experts)
+                cache.release(layer, copied)
         if r == 0 and pin_hot:
             cache.pin([key for key, _ in cache.token_counts.most_common(pin_hot)])
     return Replay(cache.totals(), trace.tokens, per_layer=dict(cache.counters))
 
 
+def fresh_runs(trace: Trace, slots: int, policy: str | Callable[[], object], profiled: bool, **options) -> Replay:
+    """Each request replayed as a run of its own, from an empty cache; with `profiled`, started from the
+    routing profile of all the other requests (leave one out: a profile never holds the run it warms)."""
+    total = CacheCounters()
+    for r in range(len(trace.requests)):
+        profile = None
+        if profiled:
+            profile = RoutingProfile()
+            others = [trace.request(i) for i in range(len(trace.requests)) if i != r]
+            profile.add(Counter(key for other in others for key in other.uses()), trace.top_k)
+        total += replay(trace.request(r), slots, policy, profile=profile, **options).counters
+    return Replay(total, trace.tokens)
+
+
 def static_oracle_hit_rate(trace: Trace, slots: int) -> float:
     """Hits if the `slots` experts the trace uses most were pinned from the start and nothing else cached."""
-    counts = Counter(trace.keys())
+    counts = Counter(trace.uses())
     return sum(n for _, n in counts.most_common(slots)) / sum(counts.values())
 
 
@@ -187,7 +246,24 @@ def _from_numpy(path: Path) -> Trace:
         return _from_nested(data.tolist(), None, None)
     layers = data["layers"].tolist() if "layers" in data.files else None
     num_experts = int(data["num_experts"]) if "num_experts" in data.files else None
-    return _from_nested(data["expert_ids"].tolist(), layers, num_experts)
+    trace = _from_nested(data["expert_ids"].tolist(), layers, num_experts)
+    if "expert_weights" in data.files:
+        weights = data["expert_weights"].astype("float32").tolist()
+        trace.probabilities = _chosen_probabilities(
+            trace.requests, [weights] if isinstance(weights[0][0][0], float) else weights
+        )
+    return trace
+
+
+def _chosen_probabilities(ids: list, weights: list) -> list:
+    """Per visit, the chosen experts' router weights: all a trace kept of the router's distribution."""
+    return [
+        [
+            [dict(zip(e, w, strict=True)) for e, w in zip(token, wt, strict=True)]
+            for token, wt in zip(r, wr, strict=True)
+        ]
+        for r, wr in zip(ids, weights, strict=True)
+    ]
 
 
 def _from_json(path: Path) -> Trace:
@@ -229,6 +305,11 @@ def _from_jsonl(path: Path) -> Trace:
     if any("predicted" in row for row in rows):  # the last MoE layer predicts nothing
         trace.predicted = [
             [[token[layer].get("predicted", []) for layer in layers] for _, token in sorted(r.items())]
+            for r in requests
+        ]
+    if all("probabilities" in row for row in rows):
+        trace.probabilities = [
+            [[dict(enumerate(token[layer]["probabilities"])) for layer in layers] for _, token in sorted(r.items())]
             for r in requests
         ]
     return trace

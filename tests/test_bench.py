@@ -22,7 +22,11 @@ def test_tune_prints_flags_generate_accepts_within_the_budget(tiny_mixtral):
     assert tuned.exit_code == 0, tuned.output
     tries = [line for line in tuned.stdout.splitlines() if "tok/s" in line and "--policy" in line]
     assert len(tries) >= 5  # policy, prefetch depth, margin, pinning and the miss policy were each tried
-    assert {"copy", "cpu", "auto"} <= {line.split("--miss-policy ")[1].split()[0] for line in tries}
+    assert {"copy", "cpu", "auto", "bypass"} <= {line.split("--miss-policy ")[1].split()[0] for line in tries}
+    assert {"score", "lfu", "lru"} <= {line.split("--policy ")[1].split()[0] for line in tries}
+    planned = int(tuned.stdout.split(" expert slots:")[0].split()[-1])
+    pools = {int(line.split(" slots ")[0].split()[-1]) for line in tries}
+    assert min(pools) < planned == max(pools)  # smaller pools tried by resizing, then back
     command = tuned.stdout.strip().splitlines()[-1].split("localmoe ", 1)[1]
     words = shlex.split(command)
     assert words[0] == "generate"

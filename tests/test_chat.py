@@ -8,7 +8,7 @@ import sys
 import pytest
 
 import localmoe
-from localmoe.chat import ChatSession
+from localmoe.chat import ChatSession, _command
 from localmoe.engine import RuntimeOptions
 from localmoe.errors import LocalMoEError
 
@@ -142,3 +142,21 @@ def test_chat_in_a_terminal(chat_model, tmp_path):
     child.expect(pexpect.EOF, timeout=60)
     child.close()
     assert child.exitstatus == 0
+
+
+def test_cache_command_resizes_the_pool_without_reloading(chat_model, capsys):
+    chat = session(chat_model, expert_slots=6)
+    rows = chat.engine.experts.cache.rows
+    _command(chat, "/cache")
+    assert "6 of 6 allocated slots" in capsys.readouterr().err
+    _command(chat, "/cache 3")
+    assert "3 of 6 allocated slots" in capsys.readouterr().err
+    assert say(chat, "hello") == fresh_answer(chat_model, [{"role": "user", "content": "hello"}])
+    assert chat.engine.experts.cache.rows is rows
+    _command(chat, "/cache 6")
+    for argument, error in (("99", "allocated 6 expert slots at start-up"), ("1", "use at least 2"), ("x", "a number")):
+        _command(chat, f"/cache {argument}")
+        assert error in capsys.readouterr().err
+    assert chat.engine.experts.cache.slots == 6
+    _command(session(chat_model), "/cache 3")
+    assert "no expert cache to resize" in capsys.readouterr().err

@@ -1,5 +1,6 @@
 """The `localmoe` command: output, one-line errors with exit status 2, the demo, and no transformers."""
 
+import json
 import os
 import subprocess
 import sys
@@ -33,6 +34,25 @@ def test_misses_computed_on_the_cpu_give_the_same_text(tiny_mixtral):
     assert copied.stdout == on_cpu.stdout == auto.stdout
     assert "misses: cpu" in on_cpu.stderr and "computed on the CPU from the host store" in on_cpu.stderr
     assert "misses: auto (copy 1.0 GB/s, CPU 1.5 GB/s)" in auto.stderr
+
+
+def test_a_run_keeps_a_routing_profile_that_the_next_starts_from(tiny_mixtral, tmp_path):
+    env = {"LOCALMOE_CACHE": str(tmp_path)}
+    args = ["generate", str(tiny_mixtral), "-p", "Hello", "-n", "8", "--device", "cpu", "--expert-slots", "4"]
+    first = run(*args, "--stats", env=env)
+    assert first.exit_code == 0, first.output
+    [profile] = (tmp_path / "profiles").iterdir()
+    data = json.loads(profile.read_text())
+    assert sum(data["tokens"].values()) > 0 and "warm-up copies: 0" in first.stderr
+    second = run(*args, "--pin-hot", "1", "--stats", env=env)
+    assert second.exit_code == 0 and second.stdout == first.stdout
+    assert "warm-up copies: 0" not in second.stderr and "pinned experts: 1" in second.stderr
+    assert json.loads(profile.read_text())["tokens"] != data["tokens"]  # updated when the run ended
+    off = run(*args, "--profile", "off", env={"LOCALMOE_CACHE": str(tmp_path / "other")})
+    assert off.exit_code == 0 and not (tmp_path / "other" / "profiles").exists()
+    profile.write_text("{")
+    broken = run(*args, env=env)
+    assert broken.exit_code == 2 and "is not a routing profile" in broken.stderr
 
 
 def test_raw_adds_no_special_tokens(tiny_mixtral):

@@ -4,7 +4,7 @@ from collections import Counter
 
 import torch
 
-from localmoe.runtime.expert_cache import LFU, LRU, ExpertCache
+from localmoe.runtime.expert_cache import LFU, LRU, ExpertCache, Score
 from localmoe.runtime.expert_store import ExpertLayout
 
 
@@ -19,8 +19,15 @@ class ToyStore:
         row.fill_(100 * layer + expert)
 
 
-def cache(slots: int, policy: str = "lru") -> ExpertCache:
-    return ExpertCache(ToyStore(), slots, torch.device("cpu"), policy)
+def cache(slots: int, policy: str = "lru", layers: int | None = None) -> ExpertCache:
+    return ExpertCache(ToyStore(), slots, torch.device("cpu"), policy, layers)
+
+
+def visit(c: ExpertCache, layer: int, experts: list[int], probabilities: dict[int, float] | None = None) -> None:
+    """One token's layer visit, as the runtime makes it."""
+    c.begin_layer(layer, Counter(experts), probabilities)
+    c.acquire(layer, experts)
+    c.release(layer, experts)
 
 
 def held(c: ExpertCache, layer: int, expert: int) -> bool:
@@ -109,3 +116,86 @@ def test_pinned_experts_stay():
         c.release(1, [expert])
     assert held(c, 0, 7) and c.capacity == 2
     assert c.counters[0].warmup_copies == 1
+
+
+def test_score_weighs_tokens_and_router_probability_and_decays():
+    policy = Score(decay=0.5, prior_weight=0)
+    for key in [(0, 0), (0, 1), (0, 2)]:
+        policy.added(key)
+    policy.visit(0, Counter({0: 1}), {0: 0.6, 1: 0.3, 2: 0.1})
+    assert policy.victim(lambda key: False) == (0, 2)  # never chosen, least probability
+    assert policy.rank((0, 0)) == 1.6
+    policy.visit(0, Counter({2: 1}), {2: 0.9, 0: 0.1})
+    assert policy.rank((0, 0)) == 0.5 * 1.6 + 0.1 and policy.rank((0, 1)) == 0.5 * 0.3
+    assert policy.victim(lambda key: False) == (0, 1)
+    policy.visit(1, Counter({3: 1}), {3: 1.0})  # another layer's visit decays nothing here
+    assert policy.rank((0, 1)) == 0.5 * 0.3
+
+
+def test_score_prior_lets_a_profiles_hot_expert_outrank_a_recent_cold_one():
+    policy = Score(decay=0.9, prior_weight=20)
+    policy.seed({(0, 5): 0.5})  # half the tokens of earlier runs chose it
+    policy.visit(0, Counter({1: 1}), {1: 0.7})
+    assert policy.rank((0, 5)) == 10 > policy.rank((0, 1))
+
+
+def test_a_layer_at_its_quota_evicts_its_own_experts():
+    c = cache(4, "lru", layers=2)
+    visit(c, 0, [0, 1])
+    visit(c, 1, [0, 1])
+    visit(c, 0, [2])  # layer 1's experts are older, but layer 0 holds its quota of 2
+    assert (0, 2) in c and (1, 0) in c and (1, 1) in c and (0, 0) not in c
+
+
+def test_a_layer_below_its_quota_takes_a_slot_from_one_above():
+    c = cache(4, "lru", layers=2)
+    visit(c, 0, [0, 1, 2, 3])  # free slots: layer 0 may go over its quota of 2
+    visit(c, 1, [0])
+    visit(c, 0, [1, 2, 3])  # layer 0's least recent use, expert 0, is gone, not layer 1's
+    visit(c, 1, [1])  # layer 1 is below its quota: it takes layer 0's least recent
+    assert (1, 0) in c and (1, 1) in c and (0, 1) not in c and c.quota == 2
+
+
+def test_shared_pool_evicts_across_layers():
+    for layers, evicted in ((None, (1, 0)), (2, (0, 0))):
+        c = cache(4, "lru", layers)
+        visit(c, 0, [0, 1])
+        visit(c, 1, [0, 1])
+        visit(c, 0, [0, 1])
+        visit(c, 0, [2])  # least recent: layer 1's expert 0, but with quotas layer 0 evicts its own
+        assert evicted not in c and len(c.slot_of) == 4
+
+
+def test_bypass_admits_a_miss_only_over_a_weaker_victim():
+    c = cache(2, Score(decay=1.0, prior_weight=0))
+    visit(c, 0, [0], {0: 1.0})
+    assert c.bypassed(0, [1]) == set()  # a free slot: admitted
+    visit(c, 0, [1], {1: 1.0})
+    for _ in range(3):
+        visit(c, 0, [0], {0: 1.0})
+    c.begin_layer(0, Counter({2: 1}), {2: 1.0})
+    assert c.bypassed(0, [2]) == {2}  # 2 scores 2: it would evict expert 1 (also 2), not above it
+    c.begin_layer(0, Counter({2: 1}), {2: 1.0})
+    assert c.bypassed(0, [2]) == set()  # now 4 against 2: worth the copy
+    assert cache(1, "lru").bypassed(0, [3]) == set()  # recency has no rank: every miss is admitted
+
+
+def test_warm_fills_free_slots_up_to_each_layers_quota():
+    c = cache(4, "lru", layers=2)
+    c.warm([(0, 0), (0, 1), (0, 2), (1, 0), (1, 1)])
+    assert set(c.slot_of) == {(0, 0), (0, 1), (1, 0), (1, 1)}
+    assert c.totals().warmup_copies == 4
+    visit(c, 0, [0, 1])
+    assert c.counters[0].hits == 2
+
+
+def test_resize_shrinks_evicting_the_dropped_rows_and_grows_back():
+    c = cache(4, "lru", layers=2)
+    visit(c, 0, [0, 1])
+    visit(c, 1, [0, 1])
+    c.resize(2)
+    assert len(c.slot_of) == 2 and c.quota == 1 and all(slot < 2 for slot in c.slot_of.values())
+    c.resize(4)
+    visit(c, 0, [5, 6])
+    visit(c, 1, [5])
+    assert len(c.slot_of) == 4 and all(held(c, *key) for key in c.slot_of)

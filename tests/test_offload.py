@@ -2,6 +2,7 @@
 tokens and logits, and the cache's counters and buffers keep their invariants."""
 
 import json
+from collections import Counter
 
 import pytest
 import torch
@@ -33,9 +34,11 @@ from hypothesis import strategies as st
 
 import localmoe
 from localmoe.engine import RuntimeOptions
+from localmoe.errors import LocalMoEError
 from localmoe.runtime.expert_cache import ExpertCache
 from localmoe.runtime.expert_store import ExpertStore
 from localmoe.runtime.offload import OffloadedExperts
+from localmoe.runtime.profile import RoutingProfile
 from localmoe.runtime.resident import ResidentExperts
 
 PROMPT, DECODE = 24, 10
@@ -89,10 +92,10 @@ def offloaded(path: str, **options) -> localmoe.Engine:
 @given(
     family=st.sampled_from(sorted(FAMILIES)),
     spare=st.integers(min_value=0, max_value=20),
-    policy=st.sampled_from(["lru", "lfu"]),
+    policy=st.sampled_from(["lru", "lfu", "score"]),
     prefetch=st.integers(min_value=0, max_value=2),
     margin=st.integers(min_value=0, max_value=2),
-    miss=st.sampled_from(["copy", "cpu", "auto"]),
+    miss=st.sampled_from(["copy", "cpu", "auto", "bypass"]),
     cpu_bandwidth=st.sampled_from([1e8, 1e9, 1e10]),  # against copies at 1e9: auto gives the CPU none, some, most
     mmap=st.booleans(),
 )
@@ -131,6 +134,29 @@ def test_pinned_hot_experts_and_mmap_store_give_the_same_tokens(checkpoints, ref
         assert len(engine.experts.cache.pinned) == 3
 
 
+def test_a_routing_profile_warms_the_next_run_and_pins_its_hottest(checkpoints, references, tmp_path):
+    path, profile = checkpoints["qwen3"], tmp_path / "profile.json"
+    first = offloaded(path, expert_slots=9, profile=str(profile))
+    assert run(first)[0] == references["qwen3"][0]
+    first.save_profile()
+    first.save_profile()  # nothing new since: the counts are not added twice
+    saved = RoutingProfile.load(profile)
+    assert sum(saved.counts.values()) == sum(first.experts.cache.token_counts.values())
+    second = offloaded(path, expert_slots=9, profile=str(profile), pin_hot=2)
+    cache = second.experts.cache
+    assert cache.pinned == set(saved.hottest()[:2])
+    assert len(cache.slot_of) == cache.totals().warmup_copies > 2  # the rest warmed, within quotas
+    assert run(second)[0] == references["qwen3"][0]
+    assert cache.totals().hits > first.experts.cache.totals().hits
+
+
+def test_a_profile_of_another_model_is_refused(checkpoints, tmp_path):
+    profile = tmp_path / "profile.json"
+    RoutingProfile(Counter({0: 1}), Counter({(0, 99): 1})).save(profile)
+    with pytest.raises(LocalMoEError, match="recorded for another model"):
+        offloaded(checkpoints["qwen3"], expert_slots=9, profile=str(profile))
+
+
 @pytest.mark.parametrize("miss", ["copy", "auto"])
 def test_counters_add_up(checkpoints, miss):
     """Every use is a hit, a miss or computed on the CPU; copies account for every byte copied."""
@@ -147,7 +173,7 @@ def test_counters_add_up(checkpoints, miss):
     run(engine)
     cache = engine.experts.cache
     total = cache.totals()
-    assert total.uses > 0 and total.prefetch_issued > 0 and total.warmup_copies > 0
+    assert total.uses > 0 and total.prefetch_issued > 0 and len(cache.pinned) == 1
     assert (total.on_cpu > 0) == (miss == "auto") and (total.cpu_seconds > 0) == (miss == "auto")
     for counters in [*cache.counters.values(), total]:
         assert counters.hits + counters.misses + counters.on_cpu == counters.uses
@@ -238,7 +264,8 @@ def test_resident_run_writes_the_same_trace(checkpoints, tmp_path):
     )
     assert isinstance(resident.experts, ResidentExperts)
     list(resident.generate_ids(prompt(), 4))
-    offload = offloaded(checkpoints["mixtral"], expert_slots=3, prefetch=0, trace=tmp_path / "b")
+    # LRU: the score policy's runs also record the router's distribution, which the resident run has no use for
+    offload = offloaded(checkpoints["mixtral"], expert_slots=3, prefetch=0, trace=tmp_path / "b", policy="lru")
     list(offload.generate_ids(prompt(), 4))
     assert (tmp_path / "a").read_text() == (tmp_path / "b").read_text()
 

@@ -2,7 +2,10 @@
 formats, and the same numbers as a real run for the same routing."""
 
 import json
+import subprocess
+import sys
 from dataclasses import replace
+from pathlib import Path
 
 import numpy
 import pytest
@@ -37,7 +40,7 @@ def test_counts_worked_out_by_hand():
     assert static_oracle_hit_rate(trace, 1) == 3 / 6  # A alone, pinned
 
 
-@settings(max_examples=40, deadline=None)
+@settings(max_examples=60, deadline=None)
 @given(
     data=st.data(),
     layers=st.integers(1, 3),
@@ -46,16 +49,37 @@ def test_counts_worked_out_by_hand():
     tokens=st.integers(1, 30),
 )
 def test_belady_bounds_every_online_policy(data, layers, experts, top_k, tokens):
+    """Must-admit Belady (one shared pool) bounds every policy that copies each miss, with quotas or
+    without; Belady with bypass bounds those, every policy with bypass, and the static oracle."""
     top_k = min(top_k, experts)
     choose = st.lists(st.integers(0, experts - 1), min_size=top_k, max_size=top_k, unique=True)
     requests = [[[data.draw(choose) for _ in range(layers)] for _ in range(tokens)]]
-    trace = Trace(requests, list(range(layers)), experts)
+    weigh = st.floats(0, 1, allow_nan=False)
+    probabilities = [[[{e: data.draw(weigh) for e in row} for row in token] for token in requests[0]]]
+    trace = Trace(requests, list(range(layers)), experts, probabilities=probabilities)
     slots = data.draw(st.integers(top_k, layers * experts))
-    best = replay(trace, slots, "belady").counters.hits
-    for policy in ("lru", "lfu"):
-        counters = replay(trace, slots, policy).counters
-        assert counters.hits <= best
-        assert counters.hits + counters.misses == counters.uses == tokens * layers * top_k
+    best = replay(trace, slots, "belady", shared=True).counters.hits
+    best_bypass = replay(trace, slots, "belady", shared=True, bypass=True).counters.hits
+    assert best <= best_bypass
+    # the static oracle starts with its experts in place: up to their first uses, which Belady misses
+    static = static_oracle_hit_rate(trace, slots) * tokens * layers * top_k
+    assert static <= best_bypass + min(slots, len(set(trace.uses()))) + 1e-9
+    for policy in ("lru", "lfu", "score"):
+        for shared in (True, False):
+            counters = replay(trace, slots, policy, shared=shared).counters
+            assert counters.hits <= best
+            assert counters.hits + counters.misses == counters.uses == tokens * layers * top_k
+            bypassed = replay(trace, slots, policy, shared=shared, bypass=True).counters
+            assert bypassed.hits <= best_bypass
+            assert bypassed.hits + bypassed.misses + bypassed.on_cpu == tokens * layers * top_k
+
+
+def test_belady_keeps_the_expert_needed_soonest():
+    trace = one_layer(A, B, C, A, B)  # at C, A is needed again before B: B goes, then misses once more
+    assert replay(trace, 2, "belady").counters.hits == 1
+    assert replay(trace, 2, "belady", bypass=True).counters.hits == 2  # C is not worth a slot
+    with pytest.raises(LocalMoEError, match="without prefetch, pinning or a profile"):
+        replay(trace, 2, "belady", pin_hot=1)
 
 
 def test_trace_formats_read_the_same(tmp_path):
@@ -79,14 +103,35 @@ def test_trace_formats_read_the_same(tmp_path):
         load_trace(tmp_path / "t.txt")
 
 
-def test_a_run_and_its_replay_count_the_same(tmp_path):
-    """One prompt token, so every forward pass is one token: the replay makes the same layer visits."""
+@pytest.mark.parametrize(
+    ("policy", "miss"), [("lfu", "copy"), ("score", "copy"), ("score", "bypass")], ids=["lfu", "score", "bypass"]
+)
+def test_a_run_and_its_replay_count_the_same(tmp_path, policy, miss):
+    """One prompt token, so every forward pass is one token: the replay makes the same layer visits,
+    with the router's probabilities the run recorded where the policy weighs them."""
     folder = save_hf(hf_model("MixtralConfig", **MIXTRAL), tmp_path / "m", "sharded")
-    options = RuntimeOptions(expert_slots=5, policy="lfu", prefetch=1, prefetch_margin=1, trace=tmp_path / "run.jsonl")
+    options = RuntimeOptions(
+        expert_slots=5, policy=policy, prefetch=1, prefetch_margin=1, trace=tmp_path / "run.jsonl", miss_policy=miss
+    )
     engine = localmoe.load(str(folder), device="cpu", dtype=torch.float32, options=options)
     list(engine.generate_ids([7], 40))
     trace = load_trace(tmp_path / "run.jsonl")
     assert trace.tokens == 40 and trace.predicted is not None  # the last token is never fed back, the prompt is
-    simulated, real = replay(trace, 5, "lfu", prefetch=True).counters, engine.experts.cache.totals()
-    assert replace(simulated, bytes_copied=0) == replace(real, bytes_copied=0)
+    assert (trace.probabilities is not None) == (policy == "score")
+    simulated = replay(trace, 5, policy, prefetch=True, bypass=miss == "bypass").counters
+    real = engine.experts.cache.totals()
+    assert replace(simulated, bytes_copied=0) == replace(real, bytes_copied=0, cpu_seconds=0.0)
     assert simulated.bytes_copied * engine.experts.cache.store.expert_bytes == real.bytes_copied  # one-byte experts
+    assert miss == "copy" or real.on_cpu > 0
+
+
+def test_the_script_writes_its_tables_into_the_benchmarks_page(tmp_path):
+    ids = [[[[t % 5, (t + 2) % 5], [(3 * t) % 5, (t + 1) % 5]] for t in range(12)] for _ in range(3)]
+    (tmp_path / "t.json").write_text(json.dumps({"expert_ids": ids, "num_experts": 5}))
+    script = Path(__file__).resolve().parent.parent / "scripts" / "simulate_cache.py"
+    args = [str(tmp_path / "t.json"), "--out", str(tmp_path / "results"), "--docs", str(tmp_path / "b.md")]
+    done = subprocess.run([sys.executable, str(script), *args, "--decays", "0.9,1.0"], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    page = (tmp_path / "b.md").read_text()
+    assert "## Cache policies on the routing of t.json" in page and "| score | per layer | profile |" in page
+    assert "| 0.9 |" in page and "Belady" in done.stdout

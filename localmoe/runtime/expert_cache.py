@@ -44,6 +44,11 @@ class CacheCounters:
         return self.hits / self.uses if self.uses else 0.0
 
 
+def _skipped(key: Key, skip: Callable[[Key], bool], layers: set[int] | None) -> bool:
+    """Whether a policy must pass over `key`: the cache's rule says so, or it is outside `layers`."""
+    return (layers is not None and key[0] not in layers) or skip(key)
+
+
 class LRU:
     """Evict the expert used least recently."""
 
@@ -60,8 +65,8 @@ class LRU:
     def removed(self, key: Key) -> None:
         self._order.pop(key, None)
 
-    def victim(self, skip: Callable[[Key], bool]) -> Key | None:
-        return next((key for key in self._order if not skip(key)), None)
+    def victim(self, skip: Callable[[Key], bool], layers: set[int] | None = None) -> Key | None:
+        return next((key for key in self._order if not _skipped(key, skip, layers)), None)
 
 
 class LFU:
@@ -93,14 +98,14 @@ class LFU:
     def removed(self, key: Key) -> None:
         self._last.pop(key, None)
 
-    def victim(self, skip: Callable[[Key], bool]) -> Key | None:
+    def victim(self, skip: Callable[[Key], bool], layers: set[int] | None = None) -> Key | None:
         skipped, found = [], None
         while self._heap:
             entry = heapq.heappop(self._heap)
             count, tick, key = entry
             if self._last.get(key) != tick or self._count[key] != count:
                 continue  # stale: the key was used again, aged or evicted since this entry
-            if skip(key):
+            if _skipped(key, skip, layers):
                 skipped.append(entry)
                 continue
             found = key
@@ -126,7 +131,59 @@ class LFU:
         heapq.heapify(self._heap)
 
 
-POLICIES = {"lru": LRU, "lfu": LFU}
+class Score:
+    """Evict the expert of lowest score. Each visit of a layer decays its experts' scores by `decay`
+    and adds to each the tokens routed to it plus the router probability it got, summed over the
+    visit's tokens, from every expert the router scored, chosen or not (the probability breaks ties
+    among experts no token chose and lifts those that nearly were). A routing profile adds a prior:
+    `prior_weight` visits' worth of each expert's share of tokens in earlier runs.
+
+    Scores are kept as one list per layer, decayed in a single pass per visit, and the victim is
+    searched among the candidate layers' cached experts only: with quotas, one layer's share.
+    """
+
+    weighs_router = True  # the runtime gives `visit` the router's probabilities of every expert
+
+    def __init__(self, decay: float = 0.99, prior_weight: float = 20.0):
+        self.decay, self.prior_weight = decay, prior_weight
+        self._scores: dict[int, list[float]] = {}
+        self._prior: dict[Key, float] = {}
+        self._cached: dict[int, set[int]] = {}
+
+    def added(self, key: Key) -> None:
+        self._cached.setdefault(key[0], set()).add(key[1])
+
+    def used(self, key: Key) -> None:
+        pass  # what `visit` is given counts, not the cache's own uses
+
+    def removed(self, key: Key) -> None:
+        self._cached.get(key[0], set()).discard(key[1])
+
+    def visit(self, layer: int, routed: Counter[int], probabilities: dict[int, float]) -> None:
+        row = self._scores.setdefault(layer, [])
+        row[:] = [value * self.decay for value in row]
+        for gains in (routed, probabilities):
+            for expert, gain in gains.items():
+                if expert >= len(row):
+                    row.extend([0.0] * (expert + 1 - len(row)))
+                row[expert] += gain
+
+    def seed(self, shares: dict[Key, float]) -> None:
+        """Earlier runs' share of tokens routed to each expert (a routing profile), as the prior."""
+        self._prior = {key: self.prior_weight * share for key, share in shares.items()}
+
+    def rank(self, key: Key) -> float:
+        """What bypass admission compares: the higher, the more an expert deserves a slot."""
+        row = self._scores.get(key[0], ())
+        return (row[key[1]] if key[1] < len(row) else 0.0) + self._prior.get(key, 0.0)
+
+    def victim(self, skip: Callable[[Key], bool], layers: set[int] | None = None) -> Key | None:
+        among = self._cached if layers is None else layers
+        candidates = ((layer, expert) for layer in among for expert in self._cached.get(layer, ()))
+        return min((key for key in candidates if not skip(key)), key=self.rank, default=None)
+
+
+POLICIES = {"lru": LRU, "lfu": LFU, "score": Score}
 
 
 class ExpertCache:
@@ -136,9 +193,15 @@ class ExpertCache:
     A slot is never taken from an expert the current layer is using (`acquire` .. `release`) or that
     is pinned. A prefetch also never takes one from another prefetch that has not been used yet; a
     demand copy does so only when no other slot can be freed, since the compute cannot go on without it.
+
+    With `layers` (the number of MoE layers sharing the pool), each layer has a quota of an equal
+    share of the unpinned slots: a layer at its quota evicts its own experts, one below it evicts from
+    the layers above theirs. A layer may go over while slots are free or when a long prefill needs
+    more experts at once; it gives them back first. On real routing, quotas beat one freely shared
+    pool for every policy (docs/benchmarks.md): one layer's burst cannot flush the others' experts.
     """
 
-    def __init__(self, store: ExpertStore, slots: int, device: torch.device, policy="lru"):
+    def __init__(self, store: ExpertStore, slots: int, device: torch.device, policy="lru", layers: int | None = None):
         """`policy`: a name from POLICIES, or a policy object (the simulator passes Belady's)."""
         self.store = store
         self.rows = torch.empty(slots, store.layout.numel, dtype=store.row_dtype, device=device)
@@ -149,6 +212,8 @@ class ExpertCache:
         self.policy = POLICIES[policy]() if isinstance(policy, str) else policy
         self.slot_of: dict[Key, int] = {}
         self.slots = slots  # in use, at most the rows allocated (see `resize`)
+        self.layers = layers
+        self._held: Counter[int] = Counter()  # unpinned experts in slots, per layer
         self._free = list(reversed(range(slots)))
         self.pinned: set[Key] = set()
         self._in_use: set[Key] = set()
@@ -182,6 +247,10 @@ class ExpertCache:
         """Slots a layer can use at once: all but the pinned ones."""
         return self.slots - len(self.pinned)
 
+    @property
+    def quota(self) -> int | None:
+        return self.capacity // self.layers if self.layers else None
+
     def __contains__(self, key: Key) -> bool:
         return key in self.slot_of
 
@@ -191,15 +260,19 @@ class ExpertCache:
             total += counters
         return total
 
-    def begin_layer(self, layer: int, routed: Counter[int]) -> None:
+    def begin_layer(self, layer: int, routed: Counter[int], probabilities: dict[int, float] | None = None) -> None:
         """Start a layer visit whose tokens were routed to these experts (expert -> tokens): count them
-        for --pin-hot, and settle the prefetches made for this visit (those it does not need were wasted).
+        for --pin-hot, show the visit to a policy that weighs visits (with the router's `probabilities`,
+        expert -> summed over the tokens, where known), and settle the prefetches made for this visit
+        (those it does not need were wasted).
 
         Also forget what the previous visit held in use: only one layer computes at a time, and a
         visit cut short (Ctrl-C in a chat) must not leave its experts protected for good.
         """
         self._in_use.clear()
         self.token_counts.update({(layer, expert): n for expert, n in routed.items()})
+        if hasattr(self.policy, "visit"):
+            self.policy.visit(layer, routed, probabilities or {})
         needed = set(routed)
         for key in [key for key in self._fresh if key[0] == layer and key[1] not in needed]:
             del self._fresh[key]
@@ -220,10 +293,32 @@ class ExpertCache:
                 counters.hits += 1
             else:
                 counters.misses += 1
-                self._load(key, self._take_slot(for_prefetch=False))
+                self._load(key, self._take_slot(layer, for_prefetch=False))
             if key not in self.pinned:  # pinned experts are outside the policy: never its victims
                 self.policy.used(key)
         return [self.slot_of[key] for key in keys]
+
+    def bypassed(self, layer: int, experts: list[int]) -> set[int]:
+        """Of a layer visit's experts, the misses the policy would not admit (bypass admission): each
+        miss, best ranked first, takes a free slot, or else the slot of the victim it would evict if
+        the policy ranks it above that victim. Policies without a `rank` (LRU, LFU) admit every miss."""
+        if not hasattr(self.policy, "rank"):
+            return set()
+        misses = [expert for expert in experts if (layer, expert) not in self.slot_of]
+        needed = {(layer, expert) for expert in experts}
+        free, displaced, refused = len(self._free), set(), set()
+        for expert in sorted(misses, key=lambda e: self.policy.rank((layer, e)), reverse=True):
+            if free:
+                free -= 1
+                continue
+            victim = self._victim(
+                layer, lambda k: k in self._in_use or k in self._fresh or k in needed or k in displaced
+            )
+            if victim is not None and self.policy.rank((layer, expert)) > self.policy.rank(victim):
+                displaced.add(victim)
+            else:
+                refused.add(expert)
+        return refused
 
     def computed_on_cpu(self, layer: int, experts: int, seconds: float) -> None:
         """Count uses that the CPU computed from the host store: nothing was copied or cached for them."""
@@ -241,19 +336,32 @@ class ExpertCache:
             key = (layer, expert)
             if key in self.slot_of:
                 continue
-            slot = self._take_slot(for_prefetch=True)
+            slot = self._take_slot(layer, for_prefetch=True)
             if slot is None:
                 return
             self._load(key, slot)
             self._fresh[key] = None
             self._layer(layer).prefetch_issued += 1
 
+    def warm(self, keys: list[Key]) -> None:
+        """Copy in these experts (a routing profile's hottest, best first) into free slots, each layer
+        up to its quota."""
+        for key in keys:
+            if not self._free:
+                return
+            if key not in self.slot_of and (self.quota is None or self._held[key[0]] < self.quota):
+                self._load(key, self._free.pop())
+                self._layer(key[0]).warmup_copies += 1
+
     def pin(self, keys: list[Key]) -> None:
         """Keep these experts resident for good; at least one layer's worth of slots must stay free."""
         for key in keys:
+            if key in self.pinned:
+                continue
             if key not in self.slot_of:
-                self._load(key, self._take_slot(for_prefetch=False))
+                self._load(key, self._take_slot(key[0], for_prefetch=False))
                 self._layer(key[0]).warmup_copies += 1
+            self._held[key[0]] -= 1
             self._fresh.pop(key, None)
             self.pinned.add(key)
             self.policy.removed(key)
@@ -261,30 +369,44 @@ class ExpertCache:
     def _layer(self, layer: int) -> CacheCounters:
         return self.counters.setdefault(layer, CacheCounters())
 
-    def _take_slot(self, for_prefetch: bool) -> int | None:
+    def _take_slot(self, layer: int, for_prefetch: bool) -> int | None:
+        """A slot for an expert of `layer`: a free one, else a victim's."""
         if self._free:
             return self._free.pop()
-        key = self.policy.victim(lambda k: k in self._in_use or k in self._fresh)
+        key = self._victim(layer, lambda k: k in self._in_use or k in self._fresh)
         if key is None and not for_prefetch:
             # A demand copy cannot wait: take a prefetched expert's slot when nothing else is free.
-            key = self.policy.victim(lambda k: k in self._in_use)
+            key = self._victim(layer, lambda k: k in self._in_use)
         if key is None:
             if for_prefetch:
                 return None
             raise RuntimeError("expert cache: no slot can be freed for a demand copy (pool smaller than planned)")
         return self._evict(key)
 
+    def _victim(self, layer: int, skip: Callable[[Key], bool]) -> Key | None:
+        """The policy's victim, taken first from the layers quotas say should give a slot up."""
+        if self.quota is not None:
+            held = self._held
+            over = {layer} if held[layer] >= self.quota else {other for other, n in held.items() if n > self.quota}
+            if key := self.policy.victim(skip, over):
+                return key
+        return self.policy.victim(skip)
+
     def _evict(self, key: Key) -> int:
         """Drop `key` from the pool; its slot is the caller's to reuse."""
         if key in self._fresh:
             del self._fresh[key]
             self._layer(key[0]).prefetch_wasted += 1
-        self.pinned.discard(key)
+        if key in self.pinned:
+            self.pinned.discard(key)
+        else:
+            self._held[key[0]] -= 1
         self.policy.removed(key)
         return self.slot_of.pop(key)
 
     def _load(self, key: Key, slot: int) -> None:
         self.copies.copy(slot, lambda: self.store.copy_to(self.rows[slot], *key))
         self.slot_of[key] = slot
+        self._held[key[0]] += 1
         self.policy.added(key)
         self._layer(key[0]).bytes_copied += self.store.expert_bytes

@@ -34,8 +34,9 @@ class OffloadedExperts:
         bandwidths: Bandwidths | None = None,
         pair_outputs=expert_pair_outputs,
     ):
-        """`miss_policy`: "copy" every miss to the device, compute every one on the "cpu", or "auto":
-        per miss, whichever `bandwidths` say finishes first. `pair_outputs`: the kernel computing the
+        """`miss_policy`: "copy" every miss to the device, compute every one on the "cpu", "auto": per
+        miss, whichever `bandwidths` say finishes first, or "bypass": on the CPU the misses the cache
+        policy would not admit (see `ExpertCache.bypassed`). `pair_outputs`: the kernel computing the
         experts in slots (see localmoe.kernels.pair_kernel); the CPU's share always runs the reference."""
         self.cache = cache
         self.blocks = {block.layer_idx: block for block in blocks}
@@ -58,13 +59,22 @@ class OffloadedExperts:
         block = self.blocks[layer]
         coming = self.ahead[layer]
         predicted = [self._predict(self.blocks[c], x) for c in coming]
-        host = self.reader.read([ids, *predicted, *([weights] if self.trace else [])])
+        router = _distribution(block, x) if getattr(self.cache.policy, "weighs_router", False) else None
+        extra = [weights] if self.trace else []
+        if router is not None:  # per token for the trace, else only the sum the policy is given
+            extra.append(router if self.trace else router.sum(0))
+        host = self.reader.read([ids, *predicted, *extra])
         chosen = [int(v) for v in host[0]]
+        probabilities = None
+        if router is not None:
+            rows = [host[-1][i : i + block.num_experts] for i in range(0, len(host[-1]), block.num_experts)]
+            probabilities = dict(enumerate(map(sum, zip(*rows, strict=True))))
         if self.trace:
             predicted_next = [int(v) for v in host[1]] if coming else None
-            self.trace.record(layer, chosen, host[-1], block.top_k, predicted_next)
+            every = host[-1] if router is not None else None
+            self.trace.record(layer, chosen, host[1 + len(coming)], block.top_k, predicted_next, every)
         need = Counter(chosen)
-        self.cache.begin_layer(layer, need)
+        self.cache.begin_layer(layer, need, probabilities)
         on_cpu = self._for_cpu(layer, need)
         if on_cpu:  # the inputs reach the host now, while the device is idle, not after its work is queued
             inputs = x.cpu(), weights.reshape(-1).cpu() if block.weights_on_input else None
@@ -93,6 +103,8 @@ class OffloadedExperts:
         way there, is used from the device), as the miss policy says."""
         if self.miss_policy == "copy":
             return set()
+        if self.miss_policy == "bypass":
+            return self.cache.bypassed(layer, list(need))
         misses = {expert: tokens for expert, tokens in need.items() if (layer, expert) not in self.cache}
         if self.miss_policy == "cpu":
             return set(misses)
@@ -144,6 +156,12 @@ class OffloadedExperts:
         scale = weights.reshape(-1) if block.weights_on_input else None
         self.pair_outputs(pairs, x, cache.gate_up, cache.down, slots_of_pairs, block.act, *cache.biases, scale)
         self.cache.copies.read_by_compute(slots)
+
+
+def _distribution(block: SparseMoE, x: torch.Tensor) -> torch.Tensor:
+    """The router's scores of every expert for each token, as a distribution [T, experts]."""
+    scores = block.gate.scores(x)
+    return scores / scores.sum(dim=-1, keepdim=True)
 
 
 def _to_device(values: list[int], device: torch.device) -> torch.Tensor:

@@ -13,8 +13,11 @@ def cache_report(cache: ExpertCache) -> str:
     lines += [f"{name:>5}  " + "  ".join(f"{cell:>10}" for cell in _cells(counters)) for name, counters in rows]
     stall = cache.copies.stall_seconds()
     waited = "compute waited for copies" if cache.copies.cuda else "copying (synchronous on the CPU)"
-    lines.append(f"{waited}: {stall:.3f} s; pinned experts: {len(cache.pinned)}; slots: {cache.slots}")
     total = cache.totals()
+    lines.append(
+        f"{waited}: {stall:.3f} s; pinned experts: {len(cache.pinned)}; slots: {cache.slots} "
+        f"(per layer: {cache.quota or 'shared'}); warm-up copies: {total.warmup_copies}"
+    )
     if total.on_cpu:
         lines.append(
             f"computed on the CPU from the host store: {total.on_cpu} expert uses in {total.cpu_seconds:.3f} s"

@@ -6,7 +6,8 @@ from pathlib import Path
 
 class RoutingTrace:
     """Rows {"token", "layer", "experts", "weights"}; `token` is the position in the sequence. With
-    prefetch on, rows also have "predicted": the experts predicted for the next MoE layer."""
+    prefetch on, rows also have "predicted": the experts predicted for the next MoE layer; with a
+    cache policy that weighs the router, "probabilities": the router's distribution over all experts."""
 
     def __init__(self, path: Path, first_layer: int):
         self.path = path
@@ -17,10 +18,16 @@ class RoutingTrace:
         path.write_text("")
 
     def record(
-        self, layer: int, experts: list[int], weights: list[float], top_k: int, predicted: list[int] | None = None
+        self,
+        layer: int,
+        experts: list[int],
+        weights: list[float],
+        top_k: int,
+        predicted: list[int] | None = None,
+        probabilities: list[float] | None = None,
     ) -> None:
         """One layer's routing for the tokens of the current forward pass, flattened [T * k] (and the
-        next layer's predicted experts, flattened [T * count])."""
+        next layer's predicted experts, flattened [T * count], and the router's distribution, [T * E])."""
         tokens = len(experts) // top_k
         if layer == self.first_layer:
             self._start, self._seen = self._seen, self._seen + tokens
@@ -30,6 +37,9 @@ class RoutingTrace:
             if predicted is not None:
                 count = len(predicted) // tokens
                 row["predicted"] = predicted[t * count : (t + 1) * count]
+            if probabilities is not None:
+                count = len(probabilities) // tokens
+                row["probabilities"] = probabilities[t * count : (t + 1) * count]
             self._rows.append(json.dumps(row))
 
     def flush(self) -> None:
