@@ -165,8 +165,7 @@ def label(run: RunResult) -> str:
 def write_benchmarks(results_dir: Path, docs: Path) -> None:
     """docs/benchmarks.md from every result file: decode runs (scripts/bench_decode.py, the latest per
     device and model first), then expert kernels (scripts/bench_kernels.py, in `kernels/`)."""
-    results = [json.loads(p.read_text()) for p in sorted(results_dir.glob("*.json"))]
-    results.sort(key=lambda r: r["date"], reverse=True)
+    results = _latest_first(results_dir)
     lines = [
         "# Benchmarks",
         "",
@@ -186,9 +185,7 @@ def write_benchmarks(results_dir: Path, docs: Path) -> None:
         "(`scripts/quant_quality.py`) come last.",
     ]
     for r in results:
-        lines += ["", f"## {r['model']} on {r['device']} ({r['dtype']}), {r['date']}", ""]
-        lines += [f"Command: `{r['command']}`", ""]
-        lines += [f"Machine: {', '.join(f'{k} {v}' for k, v in r['machine'].items())}.", ""]
+        lines += _heading(f"{r['model']} on {r['device']} ({r['dtype']}), {r['date']}", r)
         floor = r["floor"]
         bw = ", ".join(f"{k.replace('_', ' ')} {v / 1e9:.1f} GB/s" for k, v in r["bandwidth"].items())
         lines += [
@@ -206,15 +203,24 @@ def write_benchmarks(results_dir: Path, docs: Path) -> None:
     docs.write_text("\n".join(lines + sections) + "\n")
 
 
-def _cache_sections(folder: Path) -> list[str]:
+def _latest_first(folder: Path) -> list[dict]:
+    """The result files in `folder`, newest first."""
     results = [json.loads(p.read_text()) for p in sorted(folder.glob("*.json"))]
-    results.sort(key=lambda r: r["date"], reverse=True)
+    return sorted(results, key=lambda r: r["date"], reverse=True)
+
+
+def _heading(title: str, result: dict) -> list[str]:
+    """A section's title, the command that measured it and the machine it ran on."""
+    machine = ", ".join(f"{k} {v}" for k, v in result["machine"].items())
+    return ["", f"## {title}", "", f"Command: `{result['command']}`", "", f"Machine: {machine}.", ""]
+
+
+def _cache_sections(folder: Path) -> list[str]:
+    results = _latest_first(folder)
     lines = []
     for r in results:
         total = r["layers"] * r["experts"]
-        lines += ["", f"## Cache policies on the routing of {r['trace']}, {r['date']}", ""]
-        lines += [f"Command: `{r['command']}`", ""]
-        lines += [f"Machine: {', '.join(f'{k} {v}' for k, v in r['machine'].items())}.", ""]
+        lines += _heading(f"Cache policies on the routing of {r['trace']}, {r['date']}", r)
         lines += [
             f"{r['requests']} requests, {r['tokens']} tokens, {r['layers']} MoE layers x {r['experts']} experts, "
             f"top-{r['top_k']}, replayed through the runtime's own `ExpertCache`. Hit rate: share of expert uses "
@@ -248,13 +254,10 @@ def _cache_sections(folder: Path) -> list[str]:
 
 
 def _quality_sections(folder: Path) -> list[str]:
-    results = [json.loads(p.read_text()) for p in sorted(folder.glob("*.json"))]
-    results.sort(key=lambda r: r["date"], reverse=True)
+    results = _latest_first(folder)
     lines = []
     for r in results:
-        lines += ["", f"## Quantized experts: quality on {r['model']} ({r['dtype']}), {r['date']}", ""]
-        lines += [f"Command: `{r['command']}`", ""]
-        lines += [f"Machine: {', '.join(f'{k} {v}' for k, v in r['machine'].items())}.", ""]
+        lines += _heading(f"Quantized experts: quality on {r['model']} ({r['dtype']}), {r['date']}", r)
         lines += [
             f"Against the same experts unquantized, over {r['prompts']}: the experts' relative output error",
             "per MoE layer (mean and worst layer), the KL divergence of next-token distributions per position,",
@@ -272,13 +275,10 @@ def _quality_sections(folder: Path) -> list[str]:
 
 
 def _kernel_sections(folder: Path) -> list[str]:
-    results = [json.loads(p.read_text()) for p in sorted(folder.glob("*.json"))]
-    results.sort(key=lambda r: r["date"], reverse=True)
+    results = _latest_first(folder)
     lines = []
     for r in results:
-        lines += ["", f"## Expert kernels on {r['device']} ({r['dtype']}), {r['date']}", ""]
-        lines += [f"Command: `{r['command']}`", ""]
-        lines += [f"Machine: {', '.join(f'{k} {v}' for k, v in r['machine'].items())}.", ""]
+        lines += _heading(f"Expert kernels on {r['device']} ({r['dtype']}), {r['date']}", r)
         lines += [
             "Milliseconds per MoE layer call, the median of the timed repeats: the fused Triton kernels, the",
             "PyTorch reference (one expert at a time, pair outputs summed once), and a per-expert loop as",

@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 
 from localmoe.errors import LocalMoEError
-from localmoe.runtime.expert_cache import CacheCounters, ExpertCache, Key
+from localmoe.runtime.expert_cache import CacheCounters, ExpertCache, Key, passed_over
 from localmoe.runtime.expert_store import ExpertLayout
 from localmoe.runtime.profile import RoutingProfile, start_from_profile
 
@@ -127,7 +127,7 @@ class Belady:
         self._cached.discard(key)
 
     def victim(self, skip, layers: set[int] | None = None) -> Key | None:
-        candidates = [key for key in self._cached if not skip(key) and (layers is None or key[0] in layers)]
+        candidates = [key for key in self._cached if not passed_over(key, skip, layers)]
         return min(candidates, key=self.rank, default=None)
 
     def rank(self, key: Key) -> float:
@@ -198,14 +198,13 @@ def replay(
 def fresh_runs(trace: Trace, slots: int, policy: str | Callable[[], object], profiled: bool, **options) -> Replay:
     """Each request replayed as a run of its own, from an empty cache; with `profiled`, started from the
     routing profile of all the other requests (leave one out: a profile never holds the run it warms)."""
-    total = CacheCounters()
+    total, everything = CacheCounters(), Counter(trace.uses())
     for r in range(len(trace.requests)):
-        profile = None
+        request, profile = trace.request(r), None
         if profiled:
             profile = RoutingProfile()
-            others = [trace.request(i) for i in range(len(trace.requests)) if i != r]
-            profile.add(Counter(key for other in others for key in other.uses()), trace.top_k)
-        total += replay(trace.request(r), slots, policy, profile=profile, **options).counters
+            profile.add(everything - Counter(request.uses()), trace.top_k)
+        total += replay(request, slots, policy, profile=profile, **options).counters
     return Replay(total, trace.tokens)
 
 

@@ -44,7 +44,7 @@ class CacheCounters:
         return self.hits / self.uses if self.uses else 0.0
 
 
-def _skipped(key: Key, skip: Callable[[Key], bool], layers: set[int] | None) -> bool:
+def passed_over(key: Key, skip: Callable[[Key], bool], layers: set[int] | None) -> bool:
     """Whether a policy must pass over `key`: the cache's rule says so, or it is outside `layers`."""
     return (layers is not None and key[0] not in layers) or skip(key)
 
@@ -66,7 +66,7 @@ class LRU:
         self._order.pop(key, None)
 
     def victim(self, skip: Callable[[Key], bool], layers: set[int] | None = None) -> Key | None:
-        return next((key for key in self._order if not _skipped(key, skip, layers)), None)
+        return next((key for key in self._order if not passed_over(key, skip, layers)), None)
 
 
 class LFU:
@@ -105,7 +105,7 @@ class LFU:
             count, tick, key = entry
             if self._last.get(key) != tick or self._count[key] != count:
                 continue  # stale: the key was used again, aged or evicted since this entry
-            if _skipped(key, skip, layers):
+            if passed_over(key, skip, layers):
                 skipped.append(entry)
                 continue
             found = key
