@@ -88,6 +88,7 @@ def test_save_and_load(chat_model, tmp_path):
         other.load(tmp_path / "bad.json")
 
 
+@pytest.mark.slow
 def test_piped_lines_are_turns(chat_model, tmp_path):
     saved = tmp_path / "piped.json"
     done = subprocess.run(
@@ -120,28 +121,51 @@ def test_generate_with_chat_template_and_json(chat_model):
     )
 
 
-def test_chat_in_a_terminal(chat_model, tmp_path):
+# pexpect waits: generous, since a loaded CI machine can take minutes where an idle one takes seconds
+PATIENCE = 600
+
+
+def _chat_in_a_terminal(chat_model, tmp_path, max_new_tokens: int):
     pexpect = pytest.importorskip("pexpect")
-    command = f"{sys.executable} -m localmoe chat {chat_model} --device cpu --expert-slots 6 -n 3000"
-    child = pexpect.spawn(command, cwd=str(tmp_path), encoding="utf-8", timeout=120, dimensions=(40, 200))
+    command = f"{sys.executable} -m localmoe chat {chat_model} --device cpu --expert-slots 6 -n {max_new_tokens}"
+    child = pexpect.spawn(command, cwd=str(tmp_path), encoding="utf-8", timeout=PATIENCE, dimensions=(40, 200))
     child.expect("Type /help")
     child.expect("> ")
+    return pexpect, child
+
+
+def _leave(pexpect, child) -> None:
+    child.sendline("/exit")
+    child.expect(pexpect.EOF)
+    child.close()
+    assert child.exitstatus == 0
+
+
+@pytest.mark.slow
+def test_chat_in_a_terminal(chat_model, tmp_path):
+    pexpect, child = _chat_in_a_terminal(chat_model, tmp_path, 8)
     child.sendline("hello")
-    child.expect("> ", timeout=120)  # the answer ran to its end
+    child.expect("> ")  # the answer ran to its end
     child.sendline("/stats")
     child.expect("hit rate")
     child.expect("> ")
+    child.sendline("/reset")
+    child.expect("conversation cleared")
+    _leave(pexpect, child)
+
+
+@pytest.mark.slow
+def test_ctrl_c_in_a_terminal_stops_the_answer_and_keeps_the_chat(chat_model, tmp_path):
+    # an answer far longer than the test waits for: Ctrl-C is what ends it
+    pexpect, child = _chat_in_a_terminal(chat_model, tmp_path, 3000)
     child.sendline("tell me everything")
-    child.expect("assistant|\\S", timeout=60)  # the answer has started streaming
+    child.expect("assistant|\\S")  # the answer has started streaming
     child.sendintr()
-    child.expect(r"\[stopped\]", timeout=60)
+    child.expect(r"\[stopped\]")
     child.expect("> ")
     child.sendline("/reset")
     child.expect("conversation cleared")
-    child.sendline("/exit")
-    child.expect(pexpect.EOF, timeout=60)
-    child.close()
-    assert child.exitstatus == 0
+    _leave(pexpect, child)
 
 
 def test_cache_command_resizes_the_pool_without_reloading(chat_model, capsys):

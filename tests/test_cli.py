@@ -120,6 +120,7 @@ def test_demo_writes_once_then_reuses(tmp_path):
     assert (folder / "config.json").stat().st_mtime_ns == stamp
 
 
+@pytest.mark.slow
 def test_a_full_generate_never_imports_transformers(tiny_mixtral, tmp_path):
     """In a fresh interpreter: the package, the Hub path (offline, from the cache) and a generation."""
     commit = "0" * 40
@@ -143,6 +144,7 @@ def test_a_full_generate_never_imports_transformers(tiny_mixtral, tmp_path):
     assert "generated: " in done.stderr
 
 
+@pytest.mark.slow
 def test_error_exit_from_a_real_process_has_no_traceback():
     done = subprocess.run(
         [sys.executable, "-m", "localmoe", "generate", "/no/such/model", "-p", "hi"],

@@ -474,7 +474,10 @@ def test_multimodal_checkpoint_runs_its_language_model(name, tmp_path):
     assert f"{model_class} (text only;" in engine.summary()
     ids = prompt_ids()
     with torch.no_grad():
-        expected = wrapper(ids).logits
+        # transformers 5.24's Llama 4 wrapper computes text-only logits with its language model and then
+        # fails building its output object ('image_outputs'): ask that language model directly
+        whole = wrapper.language_model if name == "llama4" else wrapper
+        expected = whole(ids).logits
     got = engine.model(ids, engine.model.new_cache(1, ids.shape[1]), all_logits=True)
     assert (got - expected).abs().max().item() < TOLERANCE
 

@@ -125,6 +125,7 @@ def test_a_run_and_its_replay_count_the_same(tmp_path, policy, miss):
     assert miss == "copy" or real.on_cpu > 0
 
 
+@pytest.mark.slow
 def test_the_script_writes_its_tables_into_the_benchmarks_page(tmp_path):
     ids = [[[[t % 5, (t + 2) % 5], [(3 * t) % 5, (t + 1) % 5]] for t in range(12)] for _ in range(3)]
     (tmp_path / "t.json").write_text(json.dumps({"expert_ids": ids, "num_experts": 5}))

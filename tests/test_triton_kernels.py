@@ -145,6 +145,7 @@ def test_the_choice_of_kernels():
         pair_kernel("triton", cpu, torch.float32, [GatedActivation(act="gelu")])
 
 
+@pytest.mark.slow  # whole models through Triton's interpreter
 @pytest.mark.parametrize(
     "config_class, config",
     [("MixtralConfig", MIXTRAL), ("GptOssConfig", GPT_OSS), ("Llama4TextConfig", {**LLAMA4, "num_experts_per_tok": 2})],
