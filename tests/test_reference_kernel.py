@@ -4,7 +4,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from localmoe.kernels.reference import expert_mlp
+from localmoe.kernels.reference import ExpertStack, expert_mlp, expert_pair_outputs
 from localmoe.models.moe import GatedActivation
 
 HIDDEN, INTER = 16, 24
@@ -71,3 +71,24 @@ def test_all_tokens_to_one_slot():
     got = expert_mlp(x, gate_up, down, weights, slots, SWIGLU)
     # batched and one-row products round differently: the same tolerance as the other cases
     torch.testing.assert_close(got, per_token(x, gate_up, down, weights, slots), rtol=1e-5, atol=1e-4)
+
+
+def test_pairs_outside_the_pool_are_computed_from_the_host_stack():
+    """A slot of -1 reads the expert where it lies (the host stack, by expert id), bit for bit what the
+    same expert gives from a slot; without a host stack such a pair is skipped."""
+    torch.manual_seed(0)
+    experts, hidden, inter, tokens, k = 6, 8, 4, 3, 2
+    host = ExpertStack(torch.randn(experts, 2 * inter, hidden), torch.randn(experts, hidden, inter))
+    pool = ExpertStack(host.gate_up[[4, 1]].clone(), host.down[[4, 1]].clone())  # experts 4 and 1 in slots 0, 1
+    x = torch.randn(tokens, hidden)
+    ids = torch.tensor([[4, 2], [1, 5], [2, 4]])
+    slots = torch.tensor([[0, -1], [1, -1], [-1, 0]])
+    act = GatedActivation()
+    everything = torch.zeros(tokens * k, hidden)
+    expert_pair_outputs(everything, x, *host[:2], ids, act)
+    mixed = torch.zeros(tokens * k, hidden)
+    expert_pair_outputs(mixed, x, *pool[:2], slots, act, ids=ids, host=host)
+    assert torch.equal(mixed, everything)
+    skipped = torch.full((tokens * k, hidden), 7.0)
+    expert_pair_outputs(skipped, x, *pool[:2], slots, act)
+    assert torch.equal(skipped[slots.reshape(-1) < 0], torch.full((3, hidden), 7.0))

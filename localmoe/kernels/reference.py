@@ -6,8 +6,22 @@ output of every (token, choice) pair whose expert has a slot, and `combine_pairs
 choices with their router weights, always in the same order.
 """
 
+from typing import NamedTuple
+
 import torch
 import torch.nn.functional as F
+
+
+class ExpertStack(NamedTuple):
+    """Experts stacked in one row layout, indexed by their position in the stack (a slot of the pool, or
+    an expert id of the host store): gate_up [N, 2I, E] with gate rows first, down [N, E, I] (tensors in
+    the compute dtype, or the quantized stacks of kernels/quantized.py), and biases [N, 2I] and [N, E]
+    where the experts have them."""
+
+    gate_up: object
+    down: object
+    gate_up_bias: torch.Tensor | None = None
+    down_bias: torch.Tensor | None = None
 
 
 def expert_pair_outputs(
@@ -20,28 +34,42 @@ def expert_pair_outputs(
     gate_up_bias: torch.Tensor | None = None,
     down_bias: torch.Tensor | None = None,
     input_scale: torch.Tensor | None = None,
+    *,
+    ids: torch.Tensor | None = None,
+    host: ExpertStack | None = None,
 ) -> None:
-    """out[t * k + j] = down[s] @ act(gate[s] @ x[t], up[s] @ x[t]) with s = slots[t, j], skipping s = -1.
+    """out[t * k + j] = down[s] @ act(gate[s] @ x[t], up[s] @ x[t]) with s = slots[t, j].
 
     out [T*k, E]; x [T, E]; gate_up [N, 2I, E] with gate rows first; down [N, E, I]; slots [T, k];
     `act(gate, up)` combines the two projections (a `GatedActivation`); biases [N, 2I] and [N, E] where
     the experts have them; `input_scale` [T*k] multiplies each pair's input (Llama 4 weights the
-    expert's input, not its output). Loops over the distinct slots in use, so each expert's weights
-    are read once.
+    expert's input, not its output). A pair whose slot is -1 is computed from `host` (the layer's
+    experts where they lie, in the same layout, indexed by expert id) at its expert `ids[t, j]` when
+    both are given, and skipped (its row untouched) otherwise. Loops over the distinct experts in use,
+    so each expert's weights are read once.
     """
     flat = slots.reshape(-1)
     token_of_pair = torch.arange(x.shape[0], device=x.device).repeat_interleave(slots.shape[1])
-    for slot in flat.unique().tolist():
-        if slot < 0:
-            continue
-        pairs = (flat == slot).nonzero().squeeze(1)
-        bias_in = None if gate_up_bias is None else gate_up_bias[slot]
-        bias_out = None if down_bias is None else down_bias[slot]
-        inputs = x[token_of_pair[pairs]]
-        if input_scale is not None:
-            inputs = (inputs * input_scale[pairs, None]).to(x.dtype)
-        gate, up = F.linear(inputs, gate_up[slot], bias_in).chunk(2, dim=-1)
-        out[pairs] = F.linear(act(gate, up), down[slot], bias_out)
+    sources = [(flat, ExpertStack(gate_up, down, gate_up_bias, down_bias))]
+    if host is not None and ids is not None:
+        sources.append((torch.where(flat < 0, ids.reshape(-1).to(flat.dtype), -1), host))
+    for index, stack in sources:
+        for row in index.unique().tolist():
+            if row < 0:
+                continue
+            pairs = (index == row).nonzero().squeeze(1)
+            inputs = x[token_of_pair[pairs]]
+            if input_scale is not None:
+                inputs = (inputs * input_scale[pairs, None]).to(x.dtype)
+            out[pairs] = _expert(inputs, stack, row, act)
+
+
+def _expert(inputs: torch.Tensor, stack: ExpertStack, row: int, act) -> torch.Tensor:
+    """One expert of `stack` (at `row`) applied to inputs [P, E]."""
+    bias_in = None if stack.gate_up_bias is None else stack.gate_up_bias[row]
+    bias_out = None if stack.down_bias is None else stack.down_bias[row]
+    gate, up = F.linear(inputs, stack.gate_up[row], bias_in).chunk(2, dim=-1)
+    return F.linear(act(gate, up), stack.down[row], bias_out)
 
 
 def combine_pairs(pair_outputs: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
