@@ -1,6 +1,8 @@
 """The fused Triton expert kernels against the reference, in Triton's interpreter on the CPU (tiny
 shapes: the interpreter runs every program one after another), and the kernel choice."""
 
+import dataclasses
+
 import pytest
 import torch
 from conftest import GPT_OSS, LLAMA4, MIXTRAL, hf_model, save_hf
@@ -8,8 +10,8 @@ from conftest import GPT_OSS, LLAMA4, MIXTRAL, hf_model, save_hf
 import localmoe
 from localmoe.engine import RuntimeOptions
 from localmoe.kernels import pair_kernel, self_check
-from localmoe.kernels.quantized import MXFP4, Mxfp4Weights, QuantSpec, StoredFormat, quantized_stack
-from localmoe.kernels.reference import expert_pair_outputs
+from localmoe.kernels.quantized import MXFP4, Fp8Weights, Mxfp4Weights, QuantSpec, StoredFormat, quantized_stack
+from localmoe.kernels.reference import ExpertStack, expert_pair_outputs
 from localmoe.models.moe import GatedActivation
 
 triton_experts = pytest.importorskip("localmoe.kernels.triton_experts")
@@ -167,3 +169,163 @@ def test_greedy_tokens_equal_the_reference_path(config_class, config, tmp_path):
     assert offloaded == expected
     quantized_reference, _ = tokens(kernels="reference", expert_bits=4, expert_group_size=16)
     assert tokens(kernels="triton", expert_bits=4, expert_group_size=16)[0] == quantized_reference
+
+
+def stored_stack(fmt: str, rows: int, columns: int, experts: int, g: torch.Generator):
+    """Random experts [experts, rows, columns] in one of the kernels' weight formats (float32 compute)."""
+    if fmt == "float32":
+        return torch.randn(experts, rows, columns, generator=g) / 4
+    if fmt in ("int8", "int4"):
+        return quantized_stack(torch.randn(experts, rows, columns, generator=g) / 4, QuantSpec(int(fmt[3:]), 8))
+    if fmt == "mxfp4":
+        blocks = torch.randint(0, 256, (experts, rows, columns // 2), generator=g, dtype=torch.uint8)
+        return Mxfp4Weights(
+            blocks, torch.randint(120, 128, (experts, rows, columns // 32), generator=g).to(torch.uint8), torch.float32
+        )
+    bits = (torch.randn(experts, rows, columns, generator=g) * 4).to(torch.float8_e4m3fn).view(torch.uint8)
+    return Fp8Weights(bits, torch.rand(experts, -(-rows // 16), -(-columns // 16), generator=g) / 8, 16, torch.float32)
+
+
+def take(stack, rows: list[int]):
+    """The experts `rows` of a stack, in that order, as a new stack of the same format (copies)."""
+    if isinstance(stack, torch.Tensor):
+        return stack[rows].clone()
+    parts = {
+        f.name: getattr(stack, f.name)[rows].clone()
+        for f in dataclasses.fields(stack)
+        if isinstance(getattr(stack, f.name), torch.Tensor)
+    }
+    return dataclasses.replace(stack, **parts)
+
+
+FORMATS = ["float32", "int8", "int4", "mxfp4", "fp8"]
+
+
+@pytest.mark.parametrize("fmt", FORMATS)
+@pytest.mark.parametrize("tokens, k", [(1, 4), (3, 2), (12, 2)])  # decode, decode, grouped
+def test_pairs_outside_the_pool_read_from_the_host_stack(fmt, tokens, k):
+    """The direct-read path: a pair whose slot is -1 is computed from the host stack at its expert id, bit
+    for bit what the same expert gives from a slot (same bytes, same operations); pairs with neither a
+    slot nor an id (-1) are skipped. Biases and input scales included; within tolerance of the reference."""
+    g = torch.Generator().manual_seed(len(fmt) * 10 + tokens)
+    experts, hidden, inter = 6, 64, 32
+    host = ExpertStack(
+        stored_stack(fmt, 2 * inter, hidden, experts, g),
+        stored_stack(fmt, hidden, inter, experts, g),
+        torch.randn(experts, 2 * inter, generator=g),
+        torch.randn(experts, hidden, generator=g),
+    )
+    in_pool = [4, 1, 5]  # the experts the pool holds, in slots 0, 1, 2
+    pool = ExpertStack(*(take(part, in_pool) for part in host))
+    ids = torch.stack([torch.randperm(experts, generator=g)[:k] for _ in range(tokens)])
+    table = torch.full((experts,), -1)
+    table[in_pool] = torch.arange(len(in_pool))
+    slots = table[ids]
+    ids_or_none = torch.where(torch.rand(ids.shape, generator=g) < 0.2, -1, ids)  # some pairs skipped
+    x = torch.randn(tokens, hidden, generator=g)
+    scale = torch.rand(tokens * k, generator=g)
+    act = ACTS["clamped"]
+    everything = torch.full((tokens * k, hidden), 7.0)  # every expert read as if from a slot of the host stack
+    triton_experts.triton_pair_outputs(everything, x, *host[:2], ids_or_none, act, *host[2:], scale)
+    mixed = torch.full((tokens * k, hidden), 7.0)
+    skipped = ids_or_none < 0
+    mixed_slots = torch.where(skipped, -1, slots)
+    triton_experts.triton_pair_outputs(
+        mixed, x, *pool[:2], mixed_slots, act, *pool[2:], scale, ids=ids_or_none, host=host
+    )
+    assert torch.equal(mixed, everything)
+    assert torch.equal(mixed[skipped.reshape(-1)], torch.full((int(skipped.sum()), hidden), 7.0))
+    expected = torch.full((tokens * k, hidden), 7.0)
+    expert_pair_outputs(expected, x, *pool[:2], mixed_slots, act, *pool[2:], scale, ids=ids_or_none, host=host)
+    assert (mixed - expected).abs().max().item() <= 1e-4 * expected.abs().max().item()
+
+
+def spread(values: torch.Tensor, stride: int) -> torch.Tensor:
+    """values [n, ...] (contiguous) in rows `stride` elements apart, in an allocation left untouched between
+    them: offsets past 2^31 elements at the cost of a few pages."""
+    big = torch.empty((values.shape[0] - 1) * stride + values[0].numel(), dtype=values.dtype)
+    rows = big.as_strided(values.shape, (stride, *values[0].stride()))
+    rows.copy_(values)
+    return rows
+
+
+@pytest.mark.parametrize("tokens, k", [(1, 3), (9, 2)])  # decode, grouped
+def test_offsets_past_two_to_the_31_elements(tokens, k):
+    """Slots, host experts and output rows 2^31 elements and more from their base (gpt-oss's MXFP4 pool
+    puts its biases there from slot 325 on): every offset along slots, experts and pairs is 64-bit; a
+    32-bit product would wrap and read or write elsewhere."""
+    g = torch.Generator().manual_seed(tokens)
+    experts, hidden, inter = 3, 32, 16
+    weights = (
+        torch.randn(experts, 2 * inter, hidden, generator=g) / 4,
+        torch.randn(experts, hidden, inter, generator=g) / 4,
+        torch.randn(experts, 2 * inter, generator=g),
+        torch.randn(experts, hidden, generator=g),
+    )
+    far = 2**30 + 64  # expert 2 starts past 2^31 elements
+    pool, host = (ExpertStack(*(spread(part, far) for part in weights)) for _ in range(2))
+    ids = torch.stack([torch.randperm(experts, generator=g)[:k] for _ in range(tokens)])
+    slots = torch.where(torch.arange(tokens)[:, None] % 2 == 0, ids, -1)  # odd tokens read the host stack
+    x = torch.randn(tokens, hidden, generator=g)
+    pairs = tokens * k
+    out = spread(torch.zeros(pairs, hidden), 2**31 // (pairs - 1) + 64)  # the last pair's row past 2^31
+    triton_experts.triton_pair_outputs(out, x, *pool[:2], slots, ACTS["swiglu"], *pool[2:], ids=ids, host=host)
+    expected = torch.zeros(pairs, hidden)
+    expert_pair_outputs(expected, x, *weights[:2], ids, ACTS["swiglu"], *weights[2:])
+    assert (out - expected).abs().max().item() <= 1e-5 * expected.abs().max().item()
+
+
+def test_a_failed_self_check_is_loud_and_an_error_when_triton_was_asked_for(monkeypatch):
+    import localmoe.kernels as kernels
+
+    monkeypatch.setattr(kernels, "self_check", lambda *args: "max error 3 with glu/silu, 1 tokens")
+    cuda, acts = torch.device("cuda"), [ACTS["swiglu"]]  # the check is faked: nothing runs on the device
+    kernel, why = pair_kernel("auto", cuda, torch.float32, acts)
+    assert kernel is expert_pair_outputs
+    first, loud = why.splitlines()
+    assert first == "reference" and loud.startswith("WARNING: the Triton expert kernels failed their self-check")
+    with pytest.raises(localmoe.LocalMoEError, match="--kernels triton: .* failed their self-check"):
+        pair_kernel("triton", torch.device("cpu"), torch.float32, acts)
+
+
+def launcher_error(**changes) -> str:
+    """The launcher's error for a decode call with one argument changed."""
+    x, gate_up, down, slots, _ = case(1, 2, 0)
+    arguments = dict(out=torch.zeros(2, HIDDEN), x=x, gate_up=gate_up, down=down, slots=slots, act=ACTS["swiglu"])
+    arguments.update(changes)
+    with pytest.raises(ValueError) as error:
+        triton_experts.triton_pair_outputs(**arguments)
+    return str(error.value)
+
+
+def test_the_launcher_refuses_what_would_be_read_wrong():
+    _, gate_up, down, slots, _ = case(1, 2, 0)
+    assert "out must be [2, 40] torch.float32" in launcher_error(out=torch.zeros(2, HIDDEN, dtype=torch.float16))
+    assert "x must be [T, E]" in launcher_error(x=torch.zeros(1, HIDDEN, dtype=torch.int32))
+    assert "do not fit x" in launcher_error(down=down[:, :, :-1])
+    assert "gate_up part 0 has strided rows" in launcher_error(
+        gate_up=gate_up.transpose(1, 2).contiguous().transpose(1, 2)
+    )
+    assert "gate_up is torch.float16" in launcher_error(gate_up=gate_up.half())
+    assert "down_bias must be [5, 40]" in launcher_error(
+        gate_up_bias=torch.zeros(5, 2 * INTER), down_bias=torch.zeros(5, 4)
+    )
+    assert "one value per pair" in launcher_error(input_scale=torch.ones(3))
+    far = 2**26  # rows this far apart: one expert spans 47 * 2^26 elements, past 2^31 (untouched memory)
+    huge_rows = torch.empty((2 * INTER - 1) * far + HIDDEN).as_strided((SLOTS, 2 * INTER, HIDDEN), (0, far, 1))
+    assert "spans 2^31 elements or more" in launcher_error(gate_up=huge_rows)
+    quantized = quantized_stack(gate_up, QuantSpec(4, 8))
+    zero = quantized.zero.transpose(1, 2).contiguous().transpose(1, 2)
+    unmatched = dataclasses.replace(quantized, zero=zero)
+    assert "scales and zero points must have the same shape and strides" in launcher_error(
+        gate_up=unmatched, down=quantized_stack(down, QuantSpec(4, 8))
+    )
+    host = ExpertStack(gate_up, down)
+    assert "ids and host go together" in launcher_error(host=host)
+    ids = slots.clamp(min=0)
+    assert "not in the pool's format" in launcher_error(ids=ids, host=ExpertStack(quantized, down))
+    wider_rows = torch.zeros(SLOTS, 2 * INTER, HIDDEN + 8)[:, :, :HIDDEN]
+    assert "laid out unlike the pool's" in launcher_error(ids=ids, host=ExpertStack(wider_rows, down))
+    assert "both have it or both lack it" in launcher_error(
+        ids=ids, host=ExpertStack(gate_up, down, torch.zeros(SLOTS, 2 * INTER), None)
+    )

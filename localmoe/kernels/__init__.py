@@ -20,7 +20,8 @@ def pair_kernel(
 
     auto: Triton on CUDA where it is installed, has the model's activations and passes a self-check
     against the reference on this device (with weights quantized as `quant` says); the reference
-    otherwise. triton: those kernels or an error
+    otherwise, and when that is for a failed self-check, the words end in a loud line of their own for
+    the load summary. triton: those kernels, checked the same way, or an error
     (on the CPU they need TRITON_INTERPRET=1, which is for tests).
     """
     if choice == "reference":
@@ -42,8 +43,16 @@ def pair_kernel(
         raise LocalMoEError(f"the Triton expert kernels lack the {', '.join(missing)} activation: --kernels reference")
     if device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
         raise LocalMoEError("the Triton expert kernels run on CUDA (on the CPU only under TRITON_INTERPRET=1)")
-    if choice == "auto" and (failure := self_check(triton_pair_outputs, device, dtype, acts, quant)):
-        return expert_pair_outputs, f"reference (Triton failed its self-check: {failure})"
+    if failure := self_check(triton_pair_outputs, device, dtype, acts, quant):
+        if choice == "triton":
+            raise LocalMoEError(
+                f"--kernels triton: the Triton expert kernels failed their self-check on {device} ({failure}); "
+                "use --kernels reference, and please report this"
+            )
+        return expert_pair_outputs, (
+            "reference\nWARNING: the Triton expert kernels failed their self-check on this device "
+            f"({failure}): the slower reference kernels run instead; please report this"
+        )
     return triton_pair_outputs, "triton"
 
 
