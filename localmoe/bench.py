@@ -74,8 +74,7 @@ def _sync(device: torch.device) -> None:
 
 def decode_floor(footprint: Footprint, bandwidth: dict[str, float], copied_per_token: float) -> dict[str, float]:
     """Seconds per decode token that no runtime can beat on this machine, and what bounds it."""
-    active = footprint.active_experts_per_token or footprint.moe_layers * footprint.top_k
-    read_per_token = footprint.resident_bytes + active * footprint.expert_bytes
+    read_per_token = footprint.read_per_token
     if "ram" in bandwidth:
         # on the CPU, a copy into a slot reads and writes RAM too
         seconds = (read_per_token + 2 * copied_per_token) / bandwidth["ram"]

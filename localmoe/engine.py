@@ -182,7 +182,8 @@ class Engine:
         return self.text(self.generate_ids(ids, max_new_tokens, sampling or self.sampling()), stop)
 
     def summary(self) -> str:
-        """One line: what was loaded, where, and how the experts are placed."""
+        """One line: what was loaded, where, and how the experts are placed; then a line for each thing the
+        plan changed from what was asked, and any warning about the kernels."""
         plan, fp = self.plan, self.plan.footprint
         home = {"none": "none needed", "pinned": "pinned RAM", "ram": "RAM", "mmap": "checkpoint files (mmap)"}
         model = self.checkpoint.part or self.parts.family.architectures[0]
@@ -191,7 +192,7 @@ class Engine:
             f"resident {format_bytes(fp.resident_bytes)}; expert slots {plan.slots}/{fp.total_experts}; "
             f"experts' host copy: {home[plan.store]}; context {plan.context}{self._misses()}; "
             f"kernels: {self.kernels}"
-        )
+        ) + "".join(f"\n{notice}" for notice in plan.notices)
 
     def _misses(self) -> str:
         if not isinstance(self.experts, OffloadedExperts):

@@ -113,6 +113,11 @@ def footprint(parts: ModelParts) -> Footprint:
             f"{parts.family.architectures[0]} with experts of different shapes per layer is not supported"
         )
     size = parts.dtype.itemsize
+    # an embedding table is read one row per token, unless it is the LM head as well (tied)
+    lookups = [m for m in parts.model.modules() if isinstance(m, nn.Embedding)]
+    if getattr(parts.model, "lm_head", True) is None:
+        lookups = [m for m in lookups if m is not parts.model.model.embed_tokens]
+    attention = [m.prefill_attention_shape() for m in parts.model.modules() if hasattr(m, "prefill_attention_shape")]
     widest = max([m.in_features for m in parts.model.modules() if isinstance(m, nn.Linear)] + [first.intermediate_size])
     hidden = first.hidden_size
     return Footprint(
@@ -131,6 +136,10 @@ def footprint(parts: ModelParts) -> Footprint:
         activation_bytes_per_token=4 * (8 * hidden + 4 * widest + 3 * first.top_k * hidden),
         max_positions=parts.model.max_position_embeddings,
         fixed_state_bytes=parts.model.fixed_state_bytes(parts.dtype),
+        lookup_bytes=sum(m.weight.numel() for m in lookups) * size,
+        lookup_row_bytes=sum(m.embedding_dim for m in lookups) * size,
+        attention_heads=max((heads for heads, _ in attention), default=0),
+        attention_head_width=max((width for _, width in attention), default=0),
     )
 
 

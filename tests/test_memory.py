@@ -1,6 +1,9 @@
 """The memory plan: sizes, the slot count a budget buys, where the experts' host copy goes, and the
 one-line error when a budget cannot work."""
 
+from dataclasses import replace
+from types import SimpleNamespace
+
 import pytest
 import torch
 from click.testing import CliRunner
@@ -8,6 +11,7 @@ from conftest import MIXTRAL, hf_model, save_hf
 
 from localmoe.cli import main
 from localmoe.errors import LocalMoEError
+from localmoe.runtime import memory
 from localmoe.runtime.memory import Footprint, format_bytes, parse_size, plan_memory
 
 MiB, GiB = 2**20, 2**30
@@ -60,7 +64,8 @@ def test_budget_too_small_says_what_is_needed():
     with pytest.raises(LocalMoEError) as info:
         plan_memory(MIXTRAL_8X7B, CUDA, vram_budget=2 * GiB, host_budget=128 * GiB)
     message = str(info.value)
-    needed = MIXTRAL_8X7B.resident_bytes + 4096 * (128 + 0) * 1024 + 512 * 400 * 1024 + 2 * 336 * MiB
+    # with prefill chunks of 64 tokens, the smallest the plan tries to make room
+    needed = MIXTRAL_8X7B.resident_bytes + 4096 * (128 + 0) * 1024 + 64 * 400 * 1024 + 2 * 336 * MiB
     assert "too small" in message and format_bytes(needed) in message and "\n" not in message
 
 
@@ -87,7 +92,8 @@ def test_plan_command_without_a_gpu(tmp_path):
     code, wide = plan("--device", "cuda", "--vram-budget", "4MiB", "--host-budget", "1GiB")
     assert code == 0 and "--expert-slots 15" in wide and "host RAM (pinned)" not in wide
     code, narrow = plan("--device", "cuda", "--vram-budget", "2MiB", "--host-budget", "1GiB")
-    assert code == 0 and "--expert-slots 4 " in narrow and "host RAM (pinned)" in narrow
+    assert code == 0 and "--expert-slots 5 " in narrow and "host RAM (pinned)" in narrow
+    assert "prefill in chunks of 64 tokens, not 256" in narrow  # the prefill attention made room for a slot
     code, forced = plan("--device", "cuda", "--vram-budget", "4MiB", "--expert-slots", "4", "--host-budget", "1GiB")
     assert code == 0 and "expert slots (4 of 15 experts)" in forced
     code, error = plan("--device", "cuda", "--vram-budget", "100KiB")
@@ -114,3 +120,61 @@ def test_disk_speed_estimate():
     # 20 experts a token, a quarter of them in slots: 15 reads of 100 MiB at 1.5 GiB/s -> 1 token/s
     assert abs(plan.disk_tokens_per_s(15 * 100 * 2**20) - 1.0) < 1e-9
     assert "at most about 1 decode tokens/s" in plan.describe(15 * 100 * 2**20)
+
+
+# Qwen3-30B-A3B's attention: 32 query heads of 128 (keys and values 256 wide per head)
+QWEN3_30B = replace(
+    MIXTRAL_8X7B, expert_bytes=9 * MiB, moe_layers=48, experts_per_layer=128, top_k=8, attention_heads=32,
+    attention_head_width=256,
+)  # fmt: skip
+
+
+def test_the_workspace_counts_the_prefill_attention():
+    """SDPA's math kernel (grouped-query heads with a mask, on CUDA) keeps three float32 [heads, chunk,
+    context] score tensors and every head's keys and values: about 0.9 GiB at a 4K context."""
+    plan = plan_memory(QWEN3_30B, CUDA, vram_budget=24 * GiB, host_budget=128 * GiB)
+    attention = 4 * 32 * (3 * 512 * 4096 + 256 * 4096)
+    assert plan.workspace_bytes == 512 * 400 * 1024 + attention and 0.85 * GiB < attention < 0.9 * GiB
+    assert "workspace (512-token prefill chunks)" in plan.describe()
+
+
+def test_the_prefill_chunk_shrinks_where_its_attention_would_crowd_out_the_experts():
+    fixed = QWEN3_30B.resident_bytes + 4096 * QWEN3_30B.kv_bytes_per_token + 8 * QWEN3_30B.expert_bytes
+    room = fixed + QWEN3_30B.activation_bytes_per_token * 512 + QWEN3_30B.attention_bytes(128, 4096)
+    plan = plan_memory(QWEN3_30B, CUDA, vram_budget=room, host_budget=128 * GiB)
+    assert plan.prefill_chunk == 128 and plan.slots >= 8
+    assert "prefill in chunks of 128 tokens, not 512" in plan.describe()
+    assert plan_memory(QWEN3_30B, CUDA, vram_budget=24 * GiB).prefill_chunk == 512  # room enough: as asked
+
+
+def test_a_budget_above_the_free_memory_is_lowered_to_it(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(memory, "_free_device_memory", lambda device: 10 * GiB)
+    plan = plan_memory(MIXTRAL_8X7B, CUDA, vram_budget=12 * GiB, host_budget=128 * GiB)
+    assert plan.device_budget == 10 * GiB and plan.device_bytes <= 10 * GiB
+    notice = [line for line in plan.describe().splitlines() if line.startswith("--vram-budget 12.00 GiB")]
+    assert notice == [
+        "--vram-budget 12.00 GiB is more than the 10.00 GiB free on cuda (less a headroom): planning for that"
+    ]
+    assert plan_memory(MIXTRAL_8X7B, CUDA, vram_budget=8 * GiB, host_budget=128 * GiB).notices == ()
+
+
+def test_a_pinned_store_leaves_a_margin_of_ram(monkeypatch):
+    """84 GiB of Mixtral experts: pinned when the RAM available holds them with the margin to spare, else
+    read through mmap; the plan says what the margin is."""
+    total = 128 * GiB
+    for available, store in ((100 * GiB, "pinned"), (90 * GiB, "mmap")):
+        monkeypatch.setattr(
+            memory.psutil, "virtual_memory", lambda a=available: SimpleNamespace(available=a, total=total)
+        )
+        plan = plan_memory(MIXTRAL_8X7B, CUDA, vram_budget=12 * GiB)
+        assert plan.host_margin == total // 10 and plan.host_budget == available - total // 10
+        assert plan.store == store
+        assert f"less {format_bytes(total // 10)} kept for the OS and the load" in plan.describe()
+    assert memory.host_ram_margin() >= 2 * GiB
+
+
+def test_the_floor_reads_one_row_of_an_embedding_table():
+    tables = replace(MIXTRAL_8X7B, lookup_bytes=32000 * 4096 * 2, lookup_row_bytes=4096 * 2)
+    saved = MIXTRAL_8X7B.read_per_token - tables.read_per_token
+    assert saved == 32000 * 4096 * 2 - 4096 * 2

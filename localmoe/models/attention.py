@@ -71,6 +71,11 @@ class Attention(nn.Module):
     def state_bytes_per_token(self, dtype: torch.dtype) -> int:
         return 0 if self.span is not None else 2 * self.kv_heads * self.head_dim * dtype.itemsize
 
+    def prefill_attention_shape(self) -> tuple[int, int]:
+        """(query heads, key plus value width per head) of what a prefill chunk's attention materialises
+        (the memory plan's workspace)."""
+        return self.heads, 2 * self.head_dim
+
     def fixed_state_bytes(self, dtype: torch.dtype) -> int:
         """A windowed layer's ring (at most: a shorter context gets one slot per position instead)."""
         return (
@@ -114,14 +119,19 @@ class Attention(nn.Module):
 def attend_with_sinks(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, visible: torch.Tensor, sinks: torch.Tensor, scale: float
 ) -> torch.Tensor:
-    """softmax over [scores, sink] with the sink's column dropped before weighting the values. [B, H, T, D]"""
-    groups = q.shape[1] // k.shape[1]
-    k, v = k.repeat_interleave(groups, dim=1), v.repeat_interleave(groups, dim=1)
-    scores = ((q @ k.transpose(2, 3)) * scale).masked_fill(~visible, float("-inf"))
-    sink = sinks.view(1, -1, 1, 1).expand(q.shape[0], -1, q.shape[2], 1).to(scores.dtype)
+    """softmax over [scores, sink] with the sink's column dropped before weighting the values. [B, H, T, D]
+
+    Query heads are grouped by the key head they share ([B, H_kv, G, T, D]) and broadcast against it,
+    so keys and values are never copied for every head."""
+    B, H, T, D = q.shape
+    groups = H // k.shape[1]
+    q = q.view(B, k.shape[1], groups, T, D)
+    k, v = k.unsqueeze(2), v.unsqueeze(2)  # [B, H_kv, 1, S, D]
+    scores = ((q @ k.transpose(-1, -2)) * scale).masked_fill(~visible, float("-inf"))  # [B, H_kv, G, T, S]
+    sink = sinks.view(1, k.shape[1], groups, 1, 1).expand(B, -1, -1, T, 1).to(scores.dtype)
     logits = torch.cat((scores, sink), dim=-1)
     logits = logits - logits.max(dim=-1, keepdim=True).values
-    return logits.softmax(dim=-1)[..., :-1].to(v.dtype) @ v
+    return (logits.softmax(dim=-1)[..., :-1].to(v.dtype) @ v).view(B, H, T, D)
 
 
 class LatentAttention(nn.Module):
@@ -173,6 +183,10 @@ class LatentAttention(nn.Module):
     def state_bytes_per_token(self, dtype: torch.dtype) -> int:
         return (self.kv_lora_rank + self.rope_dim) * dtype.itemsize
 
+    def prefill_attention_shape(self) -> tuple[int, int]:
+        """As `Attention.prefill_attention_shape`: a long chunk expands the latents to every head."""
+        return self.heads, self.nope_dim + self.rope_dim + self.v_dim
+
     def forward(self, x: torch.Tensor, step: Step, kv: LatentKV) -> torch.Tensor:
         B, T, _ = x.shape
         q_low = None if hasattr(self, "q_proj") else self.q_a_layernorm(self.q_a_proj(x))  # the query's bottleneck
@@ -189,16 +203,44 @@ class LatentAttention(nn.Module):
             scale = (1 + beta * torch.log1p(torch.floor(step.positions().float() / context))).to(q_rot.dtype)
             q_nope, q_rot = q_nope * scale[:, None], q_rot * scale[:, None]
         latent, k_rot = kv.update(latent, k_rot, step.start)  # [B, S, rank], [B, 1, S, rope]
-        S = latent.shape[1]
+        mask, is_causal = self.mask(x, q_low, step, kv)
+        attend = self._absorbed if self.absorbs(T) else self._expanded
+        out = attend(q_nope, q_rot, latent, k_rot, mask, is_causal)  # [B, H, T, v]
+        return self.o_proj(out.transpose(1, 2).reshape(B, T, -1))
+
+    def absorbs(self, queries: int) -> bool:
+        """Whether attending in the latent space costs fewer multiplies for this many queries: per query
+        and key it costs 2 rank + rope per head against nope + rope + v, but it skips expanding every
+        cached latent to each head's keys and values (rank x (nope + v) per key and head)."""
+        rank, expand = self.kv_lora_rank, self.nope_dim + self.v_dim
+        return queries * (2 * rank - expand) < rank * expand
+
+    def _expanded(self, q_nope, q_rot, latent, k_rot, mask, is_causal) -> torch.Tensor:
+        """Attention over every head's keys and values, expanded from the cached latents."""
+        B, S = latent.shape[:2]
         k_nope, v = (
             self.kv_b_proj(latent).view(B, S, self.heads, -1).transpose(1, 2).split((self.nope_dim, self.v_dim), -1)
         )
         k = torch.cat((k_nope, k_rot.expand(-1, self.heads, -1, -1)), dim=-1)
-        mask, is_causal = self.mask(x, q_low, step, kv)
+        q = torch.cat((q_nope, q_rot), dim=-1)
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=is_causal, scale=self.scale)
+
+    def _absorbed(self, q_nope, q_rot, latent, k_rot, mask, is_causal) -> torch.Tensor:
+        """The same attention in the latent space, as DeepSeek's own inference code runs it
+        (deepseek-ai/DeepSeek-V3, inference/model.py, `MLA.forward` without attn_impl "naive"): each head's
+        key up-projection folded into its query, q_nope W_k . latent = q_nope . (W_k latent), and its value
+        up-projection applied once to the attended latent, so a decode token reads the latent cache
+        instead of expanding it for every head."""
+        w_key, w_value = self.kv_b_proj.weight.view(self.heads, -1, self.kv_lora_rank).split(
+            (self.nope_dim, self.v_dim), dim=1
+        )  # [H, nope, rank], [H, v, rank]
+        q = torch.cat((q_nope @ w_key, q_rot), dim=-1)  # [B, H, T, rank + rope]
+        latent = latent.unsqueeze(1)  # one key and value head, shared by all: [B, 1, S, rank]
+        k = torch.cat((latent, k_rot), dim=-1)
         out = F.scaled_dot_product_attention(
-            torch.cat((q_nope, q_rot), dim=-1), k, v, attn_mask=mask, is_causal=is_causal, scale=self.scale
-        )
-        return self.o_proj(out.transpose(1, 2).reshape(B, T, -1))
+            q, k, latent, attn_mask=mask, is_causal=is_causal, scale=self.scale, enable_gqa=True
+        )  # [B, H, T, rank]
+        return out @ w_value.transpose(1, 2)
 
     def mask(self, x: torch.Tensor, q_low: torch.Tensor | None, step: Step, kv: LatentKV):
         """Which cached tokens each query attends to (as `Step.mask`): all before it, unless a subclass

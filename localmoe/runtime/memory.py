@@ -13,6 +13,7 @@ from localmoe.errors import LocalMoEError
 
 UNITS = {"": 1, "k": 10**3, "m": 10**6, "g": 10**9, "t": 10**12}
 BINARY_UNITS = {"k": 2**10, "m": 2**20, "g": 2**30, "t": 2**40}
+MIN_PREFILL_CHUNK = 64  # the prefill chunk is halved no further to make room for the experts
 SIZE = re.compile(r"\s*([0-9]*\.?[0-9]+)\s*([kmgt]?)(i?)b?\s*", re.IGNORECASE)
 
 
@@ -49,10 +50,30 @@ class Footprint:
     max_positions: int
     fixed_state_bytes: int = 0  # generation state that does not grow with the context (recurrent layers)
     active_experts_per_token: int = 0  # experts one token runs through, all layers (0: MoE layers x top_k)
+    lookup_bytes: int = 0  # resident embedding tables a token reads one row of (not an LM head too)
+    lookup_row_bytes: int = 0  # what one token reads of those tables
+    attention_heads: int = 0  # the most query heads of any attention layer
+    attention_head_width: int = 0  # the widest key plus value width per head of any attention layer
+
+    def attention_bytes(self, queries: int, keys: int) -> int:
+        """The prefill attention's transient memory for `queries` new tokens against `keys` positions, as
+        scaled_dot_product_attention's math kernel spends it (what CUDA falls back to with grouped-query
+        heads and a mask): scores, masked scores and their softmax in float32, [heads, queries, keys]
+        each, and keys and values repeated for every head in float32."""
+        heads = self.attention_heads
+        return 4 * heads * (3 * queries * keys + self.attention_head_width * keys)
 
     @property
     def total_experts(self) -> int:
         return self.moe_layers * self.experts_per_layer
+
+    @property
+    def read_per_token(self) -> int:
+        """Weight bytes one decode token reads: the resident weights (one row of each embedding table)
+        and the experts it runs through."""
+        active = self.active_experts_per_token or self.moe_layers * self.top_k
+        resident = self.resident_bytes - self.lookup_bytes + self.lookup_row_bytes
+        return resident + active * self.expert_bytes
 
 
 @dataclass(frozen=True)
@@ -65,6 +86,8 @@ class MemoryPlan:
     store: str  # "none" (all experts in the pool), "pinned", "ram" or "mmap"
     device_budget: int
     host_budget: int
+    host_margin: int = 0  # RAM left to the OS and the load out of what was available (pinned stores)
+    notices: tuple[str, ...] = ()  # what the plan changed from what was asked, a line each
 
     @property
     def kv_bytes(self) -> int:
@@ -72,7 +95,7 @@ class MemoryPlan:
 
     @property
     def workspace_bytes(self) -> int:
-        return self.footprint.activation_bytes_per_token * self.prefill_chunk
+        return _workspace(self.footprint, self.prefill_chunk, self.context)
 
     @property
     def pool_bytes(self) -> int:
@@ -122,6 +145,12 @@ class MemoryPlan:
             f"one expert: {format_bytes(fp.expert_bytes)}; {fp.moe_layers} MoE layers x {fp.experts_per_layer} "
             f"experts, top-{fp.top_k}"
         )
+        if self.host_margin and not self.all_resident:
+            lines.append(
+                f"host budget {format_bytes(self.host_budget)}: the RAM available at start less "
+                f"{format_bytes(self.host_margin)} kept for the OS and the load"
+            )
+        lines += self.notices
         if self.store == "mmap" and disk_bandwidth:
             lines.append(self.disk_notice(disk_bandwidth))
         lines.append(
@@ -149,21 +178,31 @@ def plan_memory(
     """Decide the slot count and the experts' host tier.
 
     Everything but the routed experts is resident on the device; the rest of the device budget
-    becomes expert slots, at least one layer's top-k. The experts' host copy lives in RAM (pinned
-    for CUDA) when the host budget holds it, else it is read from the checkpoint through mmap;
-    when every expert has a slot, no host copy is kept at all.
+    becomes expert slots, at least one layer's top-k. The device budget is what is free (less a
+    headroom), and an explicit one larger than that is lowered to it, with a notice. The workspace
+    counts the prefill attention at the full context; where it leaves no room for one layer's experts,
+    the prefill chunk is halved (down to MIN_PREFILL_CHUNK) until it does. The experts' host copy lives
+    in RAM (pinned for CUDA, leaving a margin of the available RAM to the OS) when the host budget
+    holds it, else it is read from the checkpoint through mmap; when every expert has a slot, no host
+    copy is kept at all.
     """
     fp = footprint
     context = min(context, fp.max_positions)
-    prefill_chunk = min(prefill_chunk, context)
-    fixed = (
-        fp.resident_bytes
-        + fp.kv_bytes_per_token * context
-        + fp.fixed_state_bytes
-        + fp.activation_bytes_per_token * prefill_chunk
-    )
-    device_budget = vram_budget if vram_budget is not None else _free_device_memory(device)
-    host_budget = host_budget if host_budget is not None else psutil.virtual_memory().available
+    notices = []
+    device_budget = _device_budget(device, vram_budget, notices)
+    host_margin = 0
+    if host_budget is None:
+        available = psutil.virtual_memory().available
+        host_margin = host_ram_margin() if device.type == "cuda" else 0
+        host_budget = max(available - host_margin, 0)
+    asked = min(prefill_chunk, context)
+    chunk = _prefill_chunk(fp, asked, context, device_budget)
+    if chunk < asked:
+        notices.append(
+            f"prefill in chunks of {chunk} tokens, not {asked}: the prefill attention of a {context}-token "
+            "context leaves no room for the experts otherwise"
+        )
+    fixed = _fixed_bytes(fp, chunk, context)
     if expert_slots is None:
         slots = min(fp.total_experts, max(device_budget - fixed, 0) // fp.expert_bytes)
     else:
@@ -174,7 +213,7 @@ def plan_memory(
             )
         slots = expert_slots
     needed = fixed + fp.top_k * fp.expert_bytes
-    over_budget = vram_budget is not None and fixed + slots * fp.expert_bytes > vram_budget
+    over_budget = vram_budget is not None and fixed + slots * fp.expert_bytes > device_budget
     if slots < fp.top_k or over_budget:
         raise LocalMoEError(
             f"a device budget of {format_bytes(device_budget)} is too small: this model needs at least "
@@ -183,7 +222,50 @@ def plan_memory(
             f"{format_bytes(fp.expert_bytes)}); raise --vram-budget, or lower --context or --expert-slots"
         )
     store = _expert_home(fp, device, slots, fixed, host_budget)
-    return MemoryPlan(str(device), fp, context, prefill_chunk, slots, store, device_budget, host_budget)
+    return MemoryPlan(
+        str(device), fp, context, chunk, slots, store, device_budget, host_budget, host_margin, tuple(notices)
+    )
+
+
+def _device_budget(device: torch.device, vram_budget: int | None, notices: list[str]) -> int:
+    """What is free on the device (less a headroom); or the explicit budget, lowered to what is free with
+    a notice when it is more (it would fail to allocate)."""
+    if vram_budget is None:
+        return _free_device_memory(device)
+    if device.type != "cuda" or not torch.cuda.is_available():
+        return vram_budget  # planning for a device that is not here
+    free = _free_device_memory(device)
+    if vram_budget <= free:
+        return vram_budget
+    notices.append(
+        f"--vram-budget {format_bytes(vram_budget)} is more than the {format_bytes(free)} free on {device} "
+        "(less a headroom): planning for that"
+    )
+    return free
+
+
+def _fixed_bytes(fp: Footprint, chunk: int, context: int) -> int:
+    """Everything on the device but the expert slots."""
+    return fp.resident_bytes + fp.kv_bytes_per_token * context + fp.fixed_state_bytes + _workspace(fp, chunk, context)
+
+
+def _workspace(fp: Footprint, chunk: int, context: int) -> int:
+    """Transient device memory of a prefill chunk: its activations and its attention over the context."""
+    return fp.activation_bytes_per_token * chunk + fp.attention_bytes(chunk, context)
+
+
+def _prefill_chunk(fp: Footprint, chunk: int, context: int, device_budget: int) -> int:
+    """The requested prefill chunk, halved while its workspace leaves no room for one layer's experts."""
+    while chunk > MIN_PREFILL_CHUNK and _fixed_bytes(fp, chunk, context) + fp.top_k * fp.expert_bytes > device_budget:
+        chunk = max(chunk // 2, MIN_PREFILL_CHUNK)
+    return chunk
+
+
+def host_ram_margin() -> int:
+    """RAM a pinned expert store leaves to the OS and the load (page cache for the checkpoint's shards,
+    the resident weights on their way to the device, the interpreter): a tenth of the machine's RAM,
+    at least 2 GiB. Pinned pages cannot be swapped out, so taking them all starves everything else."""
+    return max(psutil.virtual_memory().total // 10, 2 * 2**30)
 
 
 def _expert_home(fp: Footprint, device: torch.device, slots: int, fixed: int, host_budget: int) -> str:
