@@ -131,7 +131,7 @@ def _row_sums(
     rows,
     row_ok,
     x_ptr,
-    K,
+    STORED,
     stride_r,
     stride_sr,
     BITS: tl.constexpr,
@@ -140,21 +140,26 @@ def _row_sums(
     BLOCK_R: tl.constexpr,
     BLOCK_K: tl.constexpr,
 ):
-    """sum_c W[rows, c] * x[c] over the K columns of one expert's matrix (parts w, s, z) and one input row,
-    in float32 [BLOCK_R]. Each step covers BLOCK_K columns as groups of SPAN sharing a scale: every weight
-    byte is loaded once (4-bit formats unpack both nibbles of it), each group is reduced in float32 and
-    then scaled once, (sum q x - zero sum x) * scale for the affine formats."""
+    """sum_c W[rows, c] * x[c] over the columns of one expert's matrix (parts w, s, z; STORED elements a
+    row, bytes for the 4-bit formats) and one input row, in float32 [BLOCK_R]. Each step covers BLOCK_K
+    columns as groups of SPAN sharing a scale: every weight byte is loaded once (4-bit formats unpack
+    both nibbles of it), each group is reduced in float32 and then scaled once, (sum q x - zero sum x)
+    * scale for the affine formats."""
     PACKED: tl.constexpr = BITS == 4 or BITS == 1  # two columns per byte
     STRIDE: tl.constexpr = 1 + PACKED  # columns per stored element
     groups = tl.arange(0, BLOCK_K // SPAN)
-    first = groups[:, None] * SPAN + tl.arange(0, SPAN // STRIDE)[None, :] * STRIDE  # [NG, J] first columns
+    # the stored elements of a step as [NG, J], counted in stored units so that the compiler sees each
+    # row's bytes as contiguous (and loads them as 16-byte vectors)
+    in_step = groups[:, None] * (SPAN // STRIDE) + tl.arange(0, SPAN // STRIDE)[None, :]
     acc = tl.zeros([BLOCK_R], dtype=tl.float32)
-    for start in range(0, K, BLOCK_K):
-        cols = start + first
-        col_ok = cols < K
+    for first in range(0, STORED, BLOCK_K // STRIDE):
+        start = first * STRIDE  # the step's first column
+        stored_at = first + in_step
+        cols = stored_at * STRIDE  # each stored element's first column
+        col_ok = stored_at < STORED  # (not cols < K: a mask constant over 16 bytes lets them load at once)
         ok = row_ok[:, None, None] & col_ok[None, :, :]
         x0 = tl.load(x_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)[None, :, :]
-        where = w + rows[:, None, None] * stride_r + (cols // STRIDE)[None, :, :]
+        where = w + rows[:, None, None] * stride_r + stored_at[None, :, :]
         if BITS == 16:
             acc += tl.sum(tl.sum(tl.load(where, mask=ok, other=0.0).to(tl.float32) * x0, axis=2), axis=1)
         else:
@@ -174,7 +179,7 @@ def _row_sums(
                 part = tl.sum(stored.to(tl.float32) * x0, axis=2)
                 x_sum = tl.sum(x0, axis=2)
             group = (start + groups * SPAN) // GROUP  # [NG]
-            scale_ok = row_ok[:, None] & (group[None, :] * GROUP < K)
+            scale_ok = row_ok[:, None] & (group[None, :] * GROUP < STORED * STRIDE)
             if BITS == 1:
                 scale_at = rows[:, None] * stride_sr + group[None, :]
                 acc += tl.sum(part * _power_of_two(tl.load(s + scale_at, mask=scale_ok, other=127)), axis=1)
@@ -204,7 +209,7 @@ def _gate_up_rows(
     slot_ptr,
     id_ptr,
     h_ptr,
-    HIDDEN,
+    HIDDEN_STORED,  # stored elements of a gate_up row
     INTER,
     K_CHOICES,
     stride_x,
@@ -239,9 +244,10 @@ def _gate_up_rows(
         s = _source(slot, expert, s_ptr, host_s_ptr, stride_ss, stride_host_ss, HAS_HOST)
         z = _source(slot, expert, z_ptr, host_z_ptr, stride_ss, stride_host_ss, HAS_HOST)
         x = x_ptr + token.to(tl.int64) * stride_x
-        gate = _row_sums(w, s, z, rows, row_ok, x, HIDDEN, stride_wr, stride_sr, BITS, GROUP, SPAN, BLOCK_R, BLOCK_K)
+        stored = HIDDEN_STORED
+        gate = _row_sums(w, s, z, rows, row_ok, x, stored, stride_wr, stride_sr, BITS, GROUP, SPAN, BLOCK_R, BLOCK_K)
         up = _row_sums(
-            w, s, z, rows + INTER, row_ok, x, HIDDEN, stride_wr, stride_sr, BITS, GROUP, SPAN, BLOCK_R, BLOCK_K
+            w, s, z, rows + INTER, row_ok, x, stored, stride_wr, stride_sr, BITS, GROUP, SPAN, BLOCK_R, BLOCK_K
         )
         if HAS_SCALE:
             scale = tl.load(scale_ptr + pair).to(tl.float32)
@@ -271,6 +277,7 @@ def _down_rows(
     out_ptr,
     HIDDEN,
     INTER,
+    INTER_STORED,  # stored elements of a down row
     stride_out,
     stride_ws,
     stride_ss,
@@ -298,7 +305,8 @@ def _down_rows(
         s = _source(slot, expert, s_ptr, host_s_ptr, stride_ss, stride_host_ss, HAS_HOST)
         z = _source(slot, expert, z_ptr, host_z_ptr, stride_ss, stride_host_ss, HAS_HOST)
         h = h_ptr + pair.to(tl.int64) * INTER
-        acc = _row_sums(w, s, z, rows, row_ok, h, INTER, stride_wr, stride_sr, BITS, GROUP, SPAN, BLOCK_R, BLOCK_K)
+        stored = INTER_STORED
+        acc = _row_sums(w, s, z, rows, row_ok, h, stored, stride_wr, stride_sr, BITS, GROUP, SPAN, BLOCK_R, BLOCK_K)
         if HAS_BIAS:
             bias = _source(slot, expert, bias_ptr, host_bias_ptr, stride_bs, stride_host_bs, HAS_HOST)
             acc += tl.load(bias + rows, mask=row_ok, other=0.0).to(tl.float32)
@@ -617,8 +625,7 @@ def _part_shapes(args: WeightArgs, rows: int, columns: int) -> list[tuple[int, i
     if args.bits == FP8:
         scales = (-(-rows // args.group), -(-columns // args.group))
         return [(rows, columns), scales, scales]
-    stored = columns // 2 if args.bits in (INT4, MXFP4) else columns
-    return [(rows, stored), (rows, columns // args.group), (rows, columns // args.group)]
+    return [(rows, _stored(args, columns)), (rows, columns // args.group), (rows, columns // args.group)]
 
 
 def _check_stack(name: str, args: WeightArgs, rows: int, columns: int, experts: int | None) -> list[str]:
@@ -797,14 +804,15 @@ def kernel_launches(
             Launch(
                 _gate_up_rows,
                 (pairs, triton.cdiv(inter, DECODE_ROWS)),
-                (x, *sources_in.pointers, scale, flat, id_of_pair, h, hidden, inter, slots.shape[1], x.stride(0),
-                 *sources_in.strides),
+                (x, *sources_in.pointers, scale, flat, id_of_pair, h, _stored(pool_in, hidden), inter, slots.shape[1],
+                 x.stride(0), *sources_in.strides),
                 {**flags_in, **activation, **tiling_in},
             ),
             Launch(
                 _down_rows,
                 (pairs, triton.cdiv(hidden, DECODE_ROWS)),
-                (h, *sources_out.pointers, flat, id_of_pair, out, hidden, inter, out.stride(0), *sources_out.strides),
+                (h, *sources_out.pointers, flat, id_of_pair, out, hidden, inter, _stored(pool_out, inter),
+                 out.stride(0), *sources_out.strides),
                 {**flags_out, **tiling_out},
             ),
         ]  # fmt: skip
@@ -851,6 +859,11 @@ def _source_args(pool: WeightArgs, host: WeightArgs, bias, host_bias, anything) 
         (pool.stride_w, pool.stride_s, bias_stride, host.stride_w, host.stride_s, host_bias_stride, pool.stride_r,
          pool.stride_sr),
     )  # fmt: skip
+
+
+def _stored(args: WeightArgs, columns: int) -> int:
+    """Stored elements of a row of `columns` weights: bytes of two weights each for the 4-bit formats."""
+    return columns // 2 if args.bits in (INT4, MXFP4) else columns
 
 
 def _decode_tiling(args: WeightArgs) -> dict:
