@@ -163,7 +163,9 @@ def label(run: RunResult) -> str:
 
 def write_benchmarks(results_dir: Path, docs: Path) -> None:
     """docs/benchmarks.md from every result file: decode runs (scripts/bench_decode.py, the latest per
-    device and model first), then expert kernels (scripts/bench_kernels.py, in `kernels/`)."""
+    device and model first), then cache policies (`cache/`), expert kernels (scripts/bench_kernels.py, in
+    `kernels/`), quantization quality (`quant/`) and the kernels compiled for GPUs
+    (scripts/check_kernels.py, the latest, in `compile/`)."""
     results = _latest_first(results_dir)
     lines = [
         "# Benchmarks",
@@ -180,8 +182,9 @@ def write_benchmarks(results_dir: Path, docs: Path) -> None:
         "The floor is max(bytes a token must copy / host-to-device bandwidth, bytes it must read / device",
         "memory bandwidth), with both bandwidths measured in the same run; on the CPU, bytes read and copied",
         "over the measured RAM bandwidth. Cache policies replayed on real routing (`scripts/simulate_cache.py`),",
-        "the expert kernels (`scripts/bench_kernels.py`) and the quality of quantized experts",
-        "(`scripts/quant_quality.py`) come last.",
+        "the expert kernels (`scripts/bench_kernels.py`), the quality of quantized experts",
+        "(`scripts/quant_quality.py`) and the kernels' registers when compiled for GPUs",
+        "(`scripts/check_kernels.py`) come last.",
     ]
     for r in results:
         lines += _heading(f"{r['model']} on {r['device']} ({r['dtype']}), {r['date']}", r)
@@ -198,7 +201,7 @@ def write_benchmarks(results_dir: Path, docs: Path) -> None:
         lines += [f"- {label(run)}: {run.detail}" for run in runs if run.detail]
         lines += [f"- greedy tokens equal to the reference run's, before the first difference: {r['same_tokens']}"]
     sections = _cache_sections(results_dir / "cache") + _kernel_sections(results_dir / "kernels")
-    sections += _quality_sections(results_dir / "quant")
+    sections += _quality_sections(results_dir / "quant") + _compile_sections(results_dir / "compile")
     docs.write_text("\n".join(lines + sections) + "\n")
 
 
@@ -295,4 +298,35 @@ def _kernel_sections(folder: Path) -> list[str]:
             cells = [row["shape"], str(row["tokens"]), measured[0], f"{row['reference_ms']:.3f}"]
             cells += [f"{row['loop_ms']:.3f}", *measured[1:]]
             lines.append("| " + " | ".join(cells) + " |")
+    return lines
+
+
+def _compile_sections(folder: Path) -> list[str]:
+    lines = []
+    for r in _latest_first(folder)[:1]:  # the kernels as they are now
+        lines += _heading(f"Expert kernels compiled for GPUs (Triton {r['triton']}), {r['date']}", r)
+        lines += [
+            "`scripts/check_kernels.py` compiled every variant of the Triton expert kernels ahead of time with",
+            "Triton's compiler and ptxas, without a GPU: registers per thread for each target (and bytes of",
+            "register spills, if any), and the most shared memory of any target. Biases, input scale, direct",
+            "read: all three at once, the most a variant needs. Shapes enter the kernels as runtime integers, so",
+            "rows that differ only in shape are mostly the same binary. It took "
+            f"{r['seconds']} s with {r['jobs']} processes, {r['cpu_seconds']} s of CPU, for {r['compiles']} "
+            "distinct compiles (the machine's other work slows the first figure, not the second).",
+            "",
+            *compile_table(r["rows"], r["targets"]),
+        ]
+    return lines
+
+
+def compile_table(rows: list[dict], targets: list[int]) -> list[str]:
+    """The lines of check_kernels' table: one row per variant, registers per target, shared memory."""
+    head = "| shape | format | kernel | biases, input scale, direct read | " + " | ".join(f"sm_{t}" for t in targets)
+    lines = [head + " | shared KiB |", "|---" * (5 + len(targets)) + "|"]
+    for row in rows:
+        label = row["label"]
+        kernel = label["kernel"] + (f" ({label['activation']})" if "activation" in label else "")
+        cells = [label["shape"], label["format"], kernel, "yes" if label["extras"] else "no"]
+        cells += [row["cells"][str(t)] for t in targets]
+        lines.append("| " + " | ".join(cells) + f" | {row['shared'] / 1024:.1f} |")
     return lines

@@ -54,6 +54,7 @@ import triton  # noqa: E402
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))  # run from a checkout without installing
 
+from localmoe.bench import compile_table  # noqa: E402
 from localmoe.kernels import triton_experts  # noqa: E402
 from localmoe.kernels.quantized import Fp8Weights, Mxfp4Weights, QuantizedWeights, QuantSpec  # noqa: E402
 from localmoe.kernels.reference import ExpertStack  # noqa: E402
@@ -269,7 +270,7 @@ def main() -> int:
             print(f"FAIL sm_{capability} {describe(label)}: {problem}")
     elapsed = time.perf_counter() - started
     table = summary_rows(rows, results, targets)
-    print(render(table, targets))
+    print("\n".join(compile_table(table, targets)))
     print(
         f"{len(rows)} variants, {len(unique)} distinct compiles: {elapsed:.0f} s with {args.jobs} processes, "
         f"{cpu:.0f} s of CPU time; {failures} problems"
@@ -305,18 +306,6 @@ def summary_rows(rows, results, targets) -> list[dict]:
         shared = max(r.get("shared", 0) for r in per_target.values())
         out.append(dict(label=json.loads(label), cells=cells, shared=shared))
     return out
-
-
-def render(table: list[dict], targets) -> str:
-    head = "| shape | format | kernel | biases, input scale, direct read | " + " | ".join(f"sm_{t}" for t in targets)
-    lines = [head + " | shared KiB |", "|---" * (5 + len(targets)) + "|"]
-    for row in table:
-        label = row["label"]
-        kernel = label["kernel"] + (f" ({label['activation']})" if "activation" in label else "")
-        cells = [label["shape"], label["format"], kernel, "yes" if label["extras"] else "no"]
-        cells += [row["cells"][str(t)] for t in targets]
-        lines.append("| " + " | ".join(cells) + f" | {row['shared'] / 1024:.1f} |")
-    return "\n".join(lines)
 
 
 def write(table: list[dict], targets, cost: dict) -> None:
