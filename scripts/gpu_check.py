@@ -420,17 +420,22 @@ def measured_run(engine, prompt: list[int], new_tokens: int) -> tuple[list[int],
     """bench.run_engine's run (a warm-up, then a cold cache) with the copy stall over it, where offloaded."""
     from localmoe.bench import run_engine
 
-    copies = getattr(getattr(engine.experts, "cache", None), "copies", None)
-    stall = copies.stall_seconds() if copies is not None else None
+    stall = _stall_seconds(engine)
     run = run_engine(engine, "gpu check", prompt, new_tokens)
     figures = {"decode_tok_s": round(run.decode_tokens_per_s, 2), "prefill_tok_s": round(run.prefill_tokens_per_s, 1)}
-    if copies is not None:
+    if stall is not None:
         figures.update(
             hit_rate=round(run.hit_rate, 3),
             MB_copied_per_decode_token=round(run.bytes_copied_per_token / 1e6, 1),
-            stall_s=round(copies.stall_seconds() - stall, 3),
+            stall_s=round(_stall_seconds(engine) - stall, 3),
         )
     return run.tokens, figures
+
+
+def _stall_seconds(engine) -> float | None:
+    """How long the compute has waited for copies (the runtime's own counter); None when all is resident."""
+    offloaded = engine._offloaded  # the counter is not part of the engine's snapshot yet
+    return None if offloaded is None else offloaded.cache.copies.stall_seconds()
 
 
 def phase_offload(work: Path) -> None:

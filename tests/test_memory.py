@@ -152,9 +152,9 @@ def test_a_budget_above_the_free_memory_is_lowered_to_it(monkeypatch):
     monkeypatch.setattr(memory, "_free_device_memory", lambda device: 10 * GiB)
     plan = plan_memory(MIXTRAL_8X7B, CUDA, vram_budget=12 * GiB, host_budget=128 * GiB)
     assert plan.device_budget == 10 * GiB and plan.device_bytes <= 10 * GiB
-    notice = [line for line in plan.describe().splitlines() if line.startswith("--vram-budget 12.00 GiB")]
+    notice = [line for line in plan.describe().splitlines() if line.startswith("the device budget of 12.00 GiB")]
     assert notice == [
-        "--vram-budget 12.00 GiB is more than the 10.00 GiB free on cuda (less a headroom): planning for that"
+        "the device budget of 12.00 GiB is more than the 10.00 GiB free on cuda (less a headroom): planning for that"
     ]
     assert plan_memory(MIXTRAL_8X7B, CUDA, vram_budget=8 * GiB, host_budget=128 * GiB).notices == ()
 

@@ -50,8 +50,8 @@ def pair_kernel(
     if failure := self_check(triton_pair_outputs, device, dtype, acts, quant):
         if choice == "triton":
             raise LocalMoEError(
-                f"--kernels triton: the Triton expert kernels failed their self-check on {device} ({failure}); "
-                "use --kernels reference, and please report this"
+                f"{setting('kernels')} triton: the Triton expert kernels failed their self-check on {device} "
+                f"({failure}); use {setting('kernels')} reference, and please report this"
             )
         return expert_pair_outputs, (
             "reference\nWARNING: the Triton expert kernels failed their self-check on this device "

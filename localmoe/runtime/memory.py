@@ -242,7 +242,7 @@ def _device_budget(device: torch.device, vram_budget: int | None, notices: list[
     if vram_budget <= free:
         return vram_budget
     notices.append(
-        f"--vram-budget {format_bytes(vram_budget)} is more than the {format_bytes(free)} free on {device} "
+        f"the device budget of {format_bytes(vram_budget)} is more than the {format_bytes(free)} free on {device} "
         "(less a headroom): planning for that"
     )
     return free
