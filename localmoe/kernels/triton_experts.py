@@ -112,6 +112,18 @@ def _source(slot, expert, pool, host, stride_pool, stride_host, HAS_HOST: tl.con
 
 
 @triton.jit
+def _matrix_source(
+    slot, expert, w, s, z, host_w, host_s, host_z, stride_w, stride_s, stride_host_w, stride_host_s, HAS_HOST
+):  # fmt: skip
+    """The parts (weights, scales, zero points) of one expert's matrix where they lie (see `_source`)."""
+    return (
+        _source(slot, expert, w, host_w, stride_w, stride_host_w, HAS_HOST),
+        _source(slot, expert, s, host_s, stride_s, stride_host_s, HAS_HOST),
+        _source(slot, expert, z, host_z, stride_s, stride_host_s, HAS_HOST),
+    )
+
+
+@triton.jit
 def _pair_source(slot, id_ptr, pair, HAS_HOST: tl.constexpr):
     """(the pair's expert id where the host stack is given, whether the pair is computed at all)."""
     if HAS_HOST:
@@ -240,9 +252,10 @@ def _gate_up_rows(
         token = pair // K_CHOICES
         rows = tl.program_id(1) * BLOCK_R + tl.arange(0, BLOCK_R)
         row_ok = rows < INTER
-        w = _source(slot, expert, w_ptr, host_w_ptr, stride_ws, stride_host_ws, HAS_HOST)
-        s = _source(slot, expert, s_ptr, host_s_ptr, stride_ss, stride_host_ss, HAS_HOST)
-        z = _source(slot, expert, z_ptr, host_z_ptr, stride_ss, stride_host_ss, HAS_HOST)
+        w, s, z = _matrix_source(
+            slot, expert, w_ptr, s_ptr, z_ptr, host_w_ptr, host_s_ptr, host_z_ptr, stride_ws, stride_ss,
+            stride_host_ws, stride_host_ss, HAS_HOST
+        )  # fmt: skip
         x = x_ptr + token.to(tl.int64) * stride_x
         stored = HIDDEN_STORED
         gate = _row_sums(w, s, z, rows, row_ok, x, stored, stride_wr, stride_sr, BITS, GROUP, SPAN, BLOCK_R, BLOCK_K)
@@ -301,9 +314,10 @@ def _down_rows(
     if active:
         rows = tl.program_id(1) * BLOCK_R + tl.arange(0, BLOCK_R)
         row_ok = rows < HIDDEN
-        w = _source(slot, expert, w_ptr, host_w_ptr, stride_ws, stride_host_ws, HAS_HOST)
-        s = _source(slot, expert, s_ptr, host_s_ptr, stride_ss, stride_host_ss, HAS_HOST)
-        z = _source(slot, expert, z_ptr, host_z_ptr, stride_ss, stride_host_ss, HAS_HOST)
+        w, s, z = _matrix_source(
+            slot, expert, w_ptr, s_ptr, z_ptr, host_w_ptr, host_s_ptr, host_z_ptr, stride_ws, stride_ss,
+            stride_host_ws, stride_host_ss, HAS_HOST
+        )  # fmt: skip
         h = h_ptr + pair.to(tl.int64) * INTER
         stored = INTER_STORED
         acc = _row_sums(w, s, z, rows, row_ok, h, stored, stride_wr, stride_sr, BITS, GROUP, SPAN, BLOCK_R, BLOCK_K)
@@ -457,48 +471,21 @@ def _grouped_gate_up(
         tokens = tl.where(valid, pairs, 0) // K_CHOICES
         rows = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
         row_ok = rows < INTER
-        w = _source(slot, expert, w_ptr, host_w_ptr, stride_ws, stride_host_ws, HAS_HOST)
-        s = _source(slot, expert, s_ptr, host_s_ptr, stride_ss, stride_host_ss, HAS_HOST)
-        z = _source(slot, expert, z_ptr, host_z_ptr, stride_ss, stride_host_ss, HAS_HOST)
+        w, s, z = _matrix_source(
+            slot, expert, w_ptr, s_ptr, z_ptr, host_w_ptr, host_s_ptr, host_z_ptr, stride_ws, stride_ss,
+            stride_host_ws, stride_host_ss, HAS_HOST
+        )  # fmt: skip
         x_rows = x_ptr + tokens.to(tl.int64) * stride_x
         dtype = x_ptr.dtype.element_ty
         zeros = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
         gate = _grouped_product(
-            x_rows,
-            valid,
-            w,
-            s,
-            z,
-            rows,
-            row_ok,
-            HIDDEN,
-            stride_wr,
-            stride_sr,
-            zeros,
-            dtype,
-            PRECISION,
-            BITS,
-            GROUP,
-            BLOCK_K,
-        )
+            x_rows, valid, w, s, z, rows, row_ok, HIDDEN, stride_wr, stride_sr, zeros, dtype, PRECISION, BITS, GROUP,
+            BLOCK_K
+        )  # fmt: skip
         up = _grouped_product(
-            x_rows,
-            valid,
-            w,
-            s,
-            z,
-            rows + INTER,
-            row_ok,
-            HIDDEN,
-            stride_wr,
-            stride_sr,
-            zeros,
-            dtype,
-            PRECISION,
-            BITS,
-            GROUP,
-            BLOCK_K,
-        )
+            x_rows, valid, w, s, z, rows + INTER, row_ok, HIDDEN, stride_wr, stride_sr, zeros, dtype, PRECISION,
+            BITS, GROUP, BLOCK_K
+        )  # fmt: skip
         if HAS_SCALE:
             scale = tl.load(scale_ptr + pairs, mask=valid, other=0.0).to(tl.float32)
             gate = gate * scale[:, None]
@@ -556,29 +543,16 @@ def _grouped_down(
         safe = tl.where(valid, pairs, 0).to(tl.int64)
         rows = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
         row_ok = rows < HIDDEN
-        w = _source(slot, expert, w_ptr, host_w_ptr, stride_ws, stride_host_ws, HAS_HOST)
-        s = _source(slot, expert, s_ptr, host_s_ptr, stride_ss, stride_host_ss, HAS_HOST)
-        z = _source(slot, expert, z_ptr, host_z_ptr, stride_ss, stride_host_ss, HAS_HOST)
+        w, s, z = _matrix_source(
+            slot, expert, w_ptr, s_ptr, z_ptr, host_w_ptr, host_s_ptr, host_z_ptr, stride_ws, stride_ss,
+            stride_host_ws, stride_host_ss, HAS_HOST
+        )  # fmt: skip
         dtype = out_ptr.dtype.element_ty  # the compute dtype, as the reference multiplies in
         acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
         acc = _grouped_product(
-            h_ptr + safe * INTER,
-            valid,
-            w,
-            s,
-            z,
-            rows,
-            row_ok,
-            INTER,
-            stride_wr,
-            stride_sr,
-            acc,
-            dtype,
-            PRECISION,
-            BITS,
-            GROUP,
-            BLOCK_K,
-        )
+            h_ptr + safe * INTER, valid, w, s, z, rows, row_ok, INTER, stride_wr, stride_sr, acc, dtype, PRECISION,
+            BITS, GROUP, BLOCK_K
+        )  # fmt: skip
         if HAS_BIAS:
             bias = _source(slot, expert, bias_ptr, host_bias_ptr, stride_bs, stride_host_bs, HAS_HOST)
             acc += tl.load(bias + rows, mask=row_ok, other=0.0).to(tl.float32)[None, :]
