@@ -72,3 +72,16 @@ def test_floor_on_a_gpu_is_set_by_the_slower_of_bus_and_memory():
 def test_floor_on_the_cpu_counts_copies_as_ram_traffic():
     floor = decode_floor(FOOTPRINT, {"ram": 100.0}, copied_per_token=100)
     assert floor["floor_s"] == pytest.approx((1800 + 200) / 100)
+
+
+def test_the_floor_reads_one_embedding_row_a_token(tiny_mixtral):
+    """The tiny Mixtral's untied embedding table (258 x 64 in float32) counts one row per token; its LM
+    head, the same size, is read whole."""
+    footprint = plan_for(str(tiny_mixtral), device="cpu", dtype=torch.float32).footprint
+    assert (footprint.lookup_bytes, footprint.lookup_row_bytes) == (258 * 64 * 4, 64 * 4)
+    bandwidth = {"host_to_device": 1.0, "device_memory": 1.0}
+    read = decode_floor(footprint, bandwidth, copied_per_token=0)["read_bytes_per_token"]
+    assert (
+        read
+        == footprint.resident_bytes - 257 * 64 * 4 + footprint.moe_layers * footprint.top_k * footprint.expert_bytes
+    )

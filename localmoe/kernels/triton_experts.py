@@ -20,7 +20,7 @@ biases and Llama 4's input scale match the reference. Weights are in the compute
 or 4 bits (kernels/quantized.py), or block-scaled FP8 and MXFP4 as checkpoints ship them, decoded in
 registers with integer bit operations. Offsets along pairs, tokens, slots and experts are 64-bit;
 offsets inside one expert's matrix are 32-bit, which the launcher's checks keep below 2^31
-(scripts/check_kernels.py proves both on the compiled kernels). The sort runs on the device without a
+(scripts/check_kernels.py finds any 32-bit product along pairs or slots in the compiled kernels). The sort runs on the device without a
 host sync. Under TRITON_INTERPRET=1 the kernels run on the CPU (float32 and float16 only), which is how
 the tests check them.
 """
@@ -42,8 +42,9 @@ PLAIN, INT8, INT4, FP8, MXFP4 = 16, 8, 4, 2, 1  # compute dtype, 8- and 4-bit af
 DECODE_PAIRS = 16  # up to this many pairs, the matrix-vector kernels
 BLOCK_M = 16  # pairs per block of the grouped kernels (tl.dot wants at least 16)
 DECODE_ROWS = 32  # output rows per decode program
-# columns per step of the decode kernels (so 256 bytes of each row for 16-bit and 8-bit weights, 64-128 for
-# 4-bit ones): the widest that compile with no register spill (scripts/check_kernels.py)
+# columns per step of the decode kernels (256 bytes of each row for 16-bit and 8-bit weights, 128 and 64 for
+# int4 and MXFP4), so that every variant compiles without register spills (scripts/check_kernels.py; 256
+# columns of MXFP4 spilled on sm_90)
 DECODE_COLUMNS = {PLAIN: 128, FP8: 256, INT8: 256, MXFP4: 128, INT4: 256}
 INDEX_LIMIT = 2**31  # 32-bit offsets inside one expert's matrix
 
