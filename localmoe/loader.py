@@ -37,9 +37,9 @@ class ModelParts:
     resident_sources: dict[str, str]  # parameter name -> checkpoint tensor name
 
 
-def open_checkpoint(source: str, revision: str | None = None) -> tuple[Checkpoint, Family]:
+def open_checkpoint(source: str, revision: str | None = None, weights: bool = True) -> tuple[Checkpoint, Family]:
     """`Checkpoint.open`, seeing a multimodal checkpoint as the language model it holds; and its family."""
-    ckpt = Checkpoint.open(source, revision)
+    ckpt = Checkpoint.open(source, revision, weights)
     architectures = ckpt.config.get("architectures") or [None]
     family = family_for(ckpt.config)
     wrapper = next((w for w in family.multimodal if w.architecture == architectures[0]), None)

@@ -9,7 +9,8 @@ from click.testing import CliRunner
 from localmoe.bench import decode_floor
 from localmoe.cli import main
 from localmoe.engine import RuntimeOptions, plan_for
-from localmoe.runtime.memory import Footprint, parse_size
+from localmoe.options import parse_size
+from localmoe.runtime.memory import Footprint
 
 BUDGET = "2MiB"  # the tiny Mixtral in float32: room for 4 of its 15 experts
 

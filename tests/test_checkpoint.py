@@ -225,4 +225,6 @@ def test_readme_lists_the_registry():
 
     readme = (Path(__file__).parent.parent / "README.md").read_text()
     listed = readme.split("<!-- families:start -->\n")[1].split("\n<!-- families:end -->")[0]
-    assert listed == families_table(), "README.md's family table is stale: paste `localmoe families` into it"
+    assert listed == families_table(markdown=True), (
+        "README.md's family table is stale: paste `localmoe families --markdown` into it"
+    )

@@ -68,7 +68,7 @@ def test_raw_adds_no_special_tokens(tiny_mixtral):
 def test_a_run_from_disk_says_how_slow_and_waits_for_yes(tiny_mixtral, monkeypatch):
     import localmoe.checkpoint
 
-    args = ["--device", "cpu", "--host-budget", "1", "--expert-slots", "2"]  # the experts stay in the files
+    args = ["--device", "cpu", "--host-budget", "1B", "--expert-slots", "2"]  # the experts stay in the files
     monkeypatch.setattr(localmoe.checkpoint, "read_bandwidth", lambda folder: 1e6)
     planned = run("plan", str(tiny_mixtral), *args)
     assert (

@@ -56,8 +56,8 @@ def test_calibration_is_measured_once_per_machine(checkpoint, localmoe_cache, mo
     first = load(checkpoint).bandwidths
     assert len(measured) == 1 and first.copy > 0 and first.cpu > 0
     assert load(checkpoint).bandwidths == first and len(measured) == 1
-    assert load(checkpoint, copy_bandwidth=5e9, cpu_bandwidth=7e9).bandwidths == Bandwidths(5e9, 7e9)
-    assert load(checkpoint, cpu_bandwidth=7e9).bandwidths == Bandwidths(first.copy, 7e9)
+    assert load(checkpoint, copy_bandwidth=5, cpu_bandwidth=7).bandwidths == Bandwidths(5e9, 7e9)  # GB/s
+    assert load(checkpoint, cpu_bandwidth=7).bandwidths == Bandwidths(first.copy, 7e9)
     assert len(measured) == 1
     # a damaged file is measured again, not trusted
     path = localmoe_cache / cpu_experts.CALIBRATION_FILE
@@ -82,10 +82,7 @@ def test_the_report_counts_the_cpu(checkpoint):
     report = engine.cache_report()
     assert "on cpu" in report and "computed on the CPU from the host store:" in report
     assert "misses: cpu" in engine.summary()
-    assert (
-        "misses: auto (copy 1.0 GB/s, CPU 2.0 GB/s)"
-        in load(checkpoint, copy_bandwidth=1e9, cpu_bandwidth=2e9).summary()
-    )
+    assert "misses: auto (copy 1.0 GB/s, CPU 2.0 GB/s)" in load(checkpoint, copy_bandwidth=1, cpu_bandwidth=2).summary()
 
 
 def test_an_unknown_policy_is_refused(checkpoint):

@@ -26,6 +26,7 @@ from localmoe.models import (
     qwen3_moe,
 )
 from localmoe.models.family import Family
+from localmoe.tables import render
 
 FAMILIES: tuple[Family, ...] = (
     mixtral.FAMILY,
@@ -74,13 +75,13 @@ def family_for(config: dict[str, Any]) -> Family:
     raise LocalMoEError(f"unsupported architecture {name} (model_type {model_type!r}); localmoe runs: {supported}")
 
 
-def families_table() -> str:
-    """The supported families as a Markdown table: README.md embeds it, and a test keeps the two equal."""
-    rows = ["| architecture | `model_type` | example Hub id |", "|---|---|---|"]
-    rows += [f"| {_architectures(f)} | `{f.model_type}` | `{f.example}` |" for f in FAMILIES]
-    return "\n".join(rows)
+def families_table(markdown: bool = False) -> str:
+    """The supported families as a table; in Markdown, as README.md embeds it (a test keeps the two equal)."""
+    code = "`{}`".format if markdown else str
+    rows = [[_architectures(f, code), code(f.model_type), code(f.example)] for f in FAMILIES]
+    return render(["architecture", code("model_type"), "example Hub id"], rows, markdown)
 
 
-def _architectures(family: Family) -> str:
-    names = [f"`{family.architectures[0]}`"] + [f"`{a}` (text only)" for a in family.wrapper_architectures]
+def _architectures(family: Family, code) -> str:
+    names = [code(family.architectures[0])] + [f"{code(a)} (text only)" for a in family.wrapper_architectures]
     return ", ".join(names)

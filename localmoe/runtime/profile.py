@@ -93,7 +93,7 @@ def default_profile_path(checkpoint: Checkpoint) -> Path:
     """Where a checkpoint's profile lives under localmoe's cache folder, keyed by its folder."""
     identity = f"{checkpoint.path.resolve()}\n{checkpoint.part}"
     key = hashlib.sha256(identity.encode()).hexdigest()[:16]
-    return cache_dir() / "profiles" / f"{checkpoint.path.name}-{key}.json"
+    return cache_dir() / "profiles" / f"{checkpoint.file_label}-{key}.json"
 
 
 def start_from_profile(cache, profile: RoutingProfile) -> None:

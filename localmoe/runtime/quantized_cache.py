@@ -28,7 +28,7 @@ def cache_folder(ckpt: Checkpoint, settings: str) -> Path:
     files = sorted(p for p in ckpt.path.iterdir() if p.suffix in (".json", ".safetensors"))
     identity = [str(ckpt.path.resolve())] + [f"{p.name}:{p.stat().st_size}:{p.stat().st_mtime_ns}" for p in files]
     key = hashlib.sha256("\n".join([str(FORMAT), settings, *identity]).encode()).hexdigest()[:24]
-    return cache_dir() / "quantized" / f"{ckpt.path.name}-{key}"
+    return cache_dir() / "quantized" / f"{ckpt.file_label}-{key}"
 
 
 class QuantizedLayers:
