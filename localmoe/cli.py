@@ -306,11 +306,12 @@ def _check_flags_take_effect(flags: dict) -> None:
         )
 
 
-def _fits(tokens: int, asked: int | None, default: int):
-    """A check, before loading, that `asked` new tokens after a prompt of `tokens` fit the planned context."""
+def _fits(tokens: int, asked: int | None, default: int, flag: str = "max_new_tokens"):
+    """A check, before loading, that `asked` new tokens (the flag `flag`) after a prompt of `tokens` fit the
+    planned context."""
     from localmoe.engine import fit_new_tokens
 
-    return lambda prepared: fit_new_tokens(tokens, asked, default, prepared.plan)
+    return lambda prepared: fit_new_tokens(tokens, asked, default, prepared.plan, flag)
 
 
 def _prompt_text(prompt: str | None, file: Path | None) -> str:
@@ -386,9 +387,9 @@ def chat(model: str, system: str | None, max_new_tokens: int | None, revision: s
     from localmoe.chat import ChatSession, run
 
     def check(prepared) -> None:
+        _fits(1, max_new_tokens, CHAT_TOKENS)(prepared)
         # a checkpoint without a chat template is refused before its weights are read
         prepared.tokenizer.render_chat([{"role": "user", "content": "hi"}])
-        _fits(1, max_new_tokens, CHAT_TOKENS)(prepared)
 
     engine = _load(model, revision, flags, check)
     per_answer = max_new_tokens or CHAT_TOKENS  # the session gives each answer what the context leaves, at most
@@ -434,7 +435,7 @@ def tune(model: str, tokens: int, repeats: int, revision: str | None, **flags):
     """Try expert cache settings on this machine within the budget and print a command with the fastest."""
     from localmoe.tune import Tuner
 
-    engine = _load(model, revision, flags, _fits(len(BENCH_PROMPT), tokens, tokens))
+    engine = _load(model, revision, flags, _fits(len(BENCH_PROMPT), tokens, tokens, "tokens"))
     base = _placement_flags(model, revision, flags, engine)
     if engine.expert_cache() is None:
         click.echo("every expert fits on the device: there is no expert cache to tune. Run:")
@@ -465,7 +466,7 @@ def bench(model: str, tokens: int, markdown: bool, revision: str | None, **flags
     """Measure prefill and decode speed on this machine, against the physical floor."""
     from localmoe.bench import decode_floor, measure_bandwidth, results_table, run_engine
 
-    engine = _load(model, revision, flags, _fits(len(BENCH_PROMPT), tokens, tokens))
+    engine = _load(model, revision, flags, _fits(len(BENCH_PROMPT), tokens, tokens, "tokens"))
     result = run_engine(engine, "localmoe", _bench_prompt(engine), tokens)
     floor = decode_floor(engine.plan.footprint, measure_bandwidth(engine.device), result.bytes_copied_per_token or 0)
     click.echo(results_table([result], floor["floor_s"], markdown=markdown))
@@ -530,7 +531,7 @@ def serve(model, host, port, api_key, name, queue, max_tokens_limit, revision, *
         from localmoe.server import Server
     except ImportError:
         raise LocalMoEError("localmoe serve needs its extra: pip install 'localmoe[serve]'") from None
-    engine = _load(model, revision, flags, _fits(1, max_tokens_limit, 1))
+    engine = _load(model, revision, flags, _fits(1, max_tokens_limit, 1, "max_tokens_limit"))
     served = name or model.rstrip("/").split("/")[-1]
     server = Server(engine, served, api_key, queue, max_tokens_limit or engine.plan.context)
     click.echo(f"serving {served} on http://{host}:{port}/v1", err=True)

@@ -37,11 +37,14 @@ from localmoe.runtime.trace import RoutingTrace
 from localmoe.tokenizer import StopStrings, Tokenizer
 
 
-def fit_new_tokens(prompt_tokens: int, asked: int | None, default: int, plan: MemoryPlan) -> int:
-    """New tokens for a generation: those `asked`, refused when the prompt and they overflow the planned
-    context (never cut short); where none are asked, `default`, lowered to what the context leaves."""
+def fit_new_tokens(
+    prompt_tokens: int, asked: int | None, default: int, plan: MemoryPlan, name: str = "max_new_tokens"
+) -> int:
+    """New tokens for a generation: those `asked` (by the setting `name`), refused when the prompt and they
+    overflow the planned context (never cut short); where none are asked, `default`, lowered to what the
+    context leaves."""
     new_tokens = max(min(default, plan.context - prompt_tokens), 1) if asked is None else asked
-    check_fits(prompt_tokens, new_tokens, plan.context, plan.footprint.max_positions)
+    check_fits(prompt_tokens, new_tokens, plan.context, plan.footprint.max_positions, name)
     return new_tokens
 
 

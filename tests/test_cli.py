@@ -5,6 +5,7 @@ import os
 import subprocess
 import sys
 
+import click
 import pytest
 from click.testing import CliRunner
 
@@ -155,3 +156,109 @@ def test_error_exit_from_a_real_process_has_no_traceback():
     assert done.returncode == 2
     assert "Traceback" not in done.stderr
     assert done.stderr.strip().startswith("localmoe: error: no such folder")
+
+
+def test_every_flag_says_what_it_does():
+    for name, command in main.commands.items():
+        for param in command.params:
+            if isinstance(param, click.Option):
+                assert param.help, f"localmoe {name} {param.opts[0]} has no help text"
+
+
+def test_help_starts_without_torch():
+    script = (
+        "import sys\n"
+        "from localmoe.cli import main\n"
+        "main(['--help'], standalone_mode=False)\n"
+        "assert 'torch' not in sys.modules, 'localmoe --help imported torch'\n"
+    )
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    assert "generate" in done.stdout
+
+
+def test_the_prompt_from_standard_input_or_a_file(tiny_mixtral, tmp_path):
+    args = ["generate", str(tiny_mixtral), "-n", "6", "--device", "cpu"]
+    typed = run(*args, "-p", "Hello there")
+    piped = CliRunner().invoke(main, [*args, "-p", "-"], input="Hello there")
+    (tmp_path / "prompt.txt").write_text("Hello there", encoding="utf-8")
+    read = run(*args, "--file", str(tmp_path / "prompt.txt"))
+    assert typed.exit_code == piped.exit_code == read.exit_code == 0, piped.output
+    assert typed.stdout == piped.stdout == read.stdout
+    for wrong in ([], ["-p", "x", "--file", str(tmp_path / "prompt.txt")]):
+        refused = run(*args, *wrong)
+        assert refused.exit_code == 2 and "give the prompt as --prompt TEXT" in refused.stderr
+
+
+def test_the_spellings_of_llama_cpp_and_mlx_lm():
+    ours = main.commands["generate"].make_context(
+        "generate",
+        ["m", "-p", "x", "--temperature", "0.5", "--repetition-penalty", "1.1", "-n", "7", "--context", "64"],
+    )
+    theirs = main.commands["generate"].make_context(
+        "generate", ["m", "-p", "x", "--temp", "0.5", "--repeat-penalty", "1.1", "--max-tokens", "7", "-c", "64"]
+    )
+    assert ours.params == theirs.params
+    llama = main.commands["chat"].make_context(
+        "chat", ["m", "--n-predict", "7", "--ctx-size", "64", "--system-prompt", "S"]
+    )
+    assert (llama.params["max_new_tokens"], llama.params["context"], llama.params["system"]) == (7, 64, "S")
+
+
+@pytest.mark.parametrize(
+    "args,message",
+    [
+        (["plan", "m", "--yes"], "No such option '--yes'"),
+        (["chat", "m", "--stats"], "No such option '--stats'"),
+        (["serve", "m", "--stats"], "No such option '--stats'"),
+        (["generate", "m", "-p", "x", "--system", "S"], "--system is a message for the chat template: add --chat"),
+        (["plan", "m", "--expert-group-size", "32"], "--expert-group-size sets how experts are quantized"),
+        (["generate", "m", "-p", "x", "--prefetch", "0", "--prefetch-margin", "2"], "--prefetch 0 turns off"),
+        (["generate", "m", "-p", "x", "--miss-policy", "copy", "--cpu-bandwidth", "5"], "not copy"),
+    ],
+)
+def test_a_flag_that_would_do_nothing_is_refused(args, message):
+    result = run(*args)
+    assert result.exit_code == 2 and message in result.stderr, result.output
+
+
+def test_chat_without_a_template_says_so_before_loading(tiny_mixtral, monkeypatch):
+    import localmoe.engine
+
+    monkeypatch.setattr(localmoe.engine, "place", lambda prepared: pytest.fail("the weights were loaded"))
+    for args in (["chat"], ["generate", "-p", "hi", "--chat"]):
+        result = run(args[0], str(tiny_mixtral), *args[1:], "--device", "cpu")
+        assert result.exit_code == 2 and "has no chat template" in result.stderr, result.output
+
+
+def test_one_rule_for_lengths_before_loading(tiny_mixtral, monkeypatch):
+    """The tiny model has 256 positions: a context beyond them, or new tokens beyond the context, are refused
+    on every command before a weight is read; left out, the defaults fit."""
+    import localmoe.engine
+
+    monkeypatch.setattr(localmoe.engine, "place", lambda prepared: pytest.fail("the weights were loaded"))
+    model = str(tiny_mixtral)
+    for args, message in [
+        (["generate", model, "-p", "Hello", "-n", "300"], "plus 300 new tokens exceeds the 256-token context"),
+        (["generate", model, "-p", "Hello", "-n", "100", "-c", "64"], "exceeds the 64-token context"),
+        (["generate", model, "-p", "Hello", "--context", "1000"], "--context 1000 is out of range"),
+        (["chat", model, "-n", "256"], "plus 256 new tokens exceeds the 256-token context"),
+        (
+            ["bench", model, "--tokens", "250"],
+            "plus 250 new tokens exceeds the 256-token context: shorten the prompt, lower --tokens",
+        ),
+        (["tune", model, "--tokens", "250"], "lower --tokens"),
+        (["serve", model, "--max-tokens-limit", "300"], "lower --max-tokens-limit"),
+    ]:
+        result = run(*args, "--device", "cpu")
+        assert result.exit_code == 2 and message in result.stderr, (args, result.output)
+
+
+def test_families_prints_an_aligned_table_or_markdown():
+    from localmoe.models import FAMILIES, families_table
+
+    aligned = run("families").stdout.splitlines()
+    assert "|" not in "".join(aligned) and len(aligned) == len(FAMILIES) + 2
+    column = aligned[0].index("model_type")
+    assert all(line[column - 2 : column] == "  " for line in aligned[2:])  # every row's second column lines up
+    assert run("families", "--markdown").stdout == families_table(markdown=True) + "\n"

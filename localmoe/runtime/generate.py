@@ -91,15 +91,16 @@ def generate_tokens(
         logits = _forward(model, seen[None, position : position + 1], cache)
 
 
-def check_fits(prompt_tokens: int, max_new_tokens: int, context: int, limit: int) -> None:
+def check_fits(prompt_tokens: int, max_new_tokens: int, context: int, limit: int, name: str = "max_new_tokens") -> None:
     """The one rule for a generation's length: the prompt and `max_new_tokens` must fit the `context`
-    (`limit`: the model's maximum), or the request is refused before it starts, never cut short."""
+    (`limit`: the model's maximum), or the request is refused before it starts, never cut short. `name`:
+    the setting that asked for them."""
     if not prompt_tokens:
         raise LocalMoEError("the prompt is empty: give at least one token of text")
     if prompt_tokens + max_new_tokens > context:
         raise LocalMoEError(
             f"the prompt ({prompt_tokens} tokens) plus {max_new_tokens} new tokens exceeds the {context}-token "
-            f"context: shorten the prompt, lower {setting('max_new_tokens')} or raise {setting('context')} (the model "
+            f"context: shorten the prompt, lower {setting(name)} or raise {setting('context')} (the model "
             f"allows up to {limit})"
         )
 
