@@ -25,7 +25,7 @@ from localmoe.runtime.expert_cache import POLICIES, ExpertCache
 from localmoe.runtime.expert_store import ExpertStore
 from localmoe.runtime.generate import GenerationStats, check_fits, generate_tokens
 from localmoe.runtime.layouts import layout_of
-from localmoe.runtime.memory import MemoryPlan, format_bytes, plan_memory
+from localmoe.runtime.memory import MemoryPlan, format_bytes, format_rate, plan_memory
 from localmoe.runtime.miss_policy import MISS_POLICIES, miss_policy
 from localmoe.runtime.offload import OffloadedExperts
 from localmoe.runtime.profile import default_profile_path
@@ -238,7 +238,7 @@ class Engine:
         if self.miss_policy is None:
             return ""
         rates = self.bandwidths
-        measured = f" (copy {rates.copy / 1e9:.1f} GB/s, CPU {rates.cpu / 1e9:.1f} GB/s)" if rates else ""
+        measured = f" (copy {format_rate(rates.copy)}, CPU {format_rate(rates.cpu)})" if rates else ""
         return f"; misses: {self.miss_policy}{measured}"
 
     def cache_report(self) -> str:

@@ -34,7 +34,7 @@ def test_misses_computed_on_the_cpu_give_the_same_text(tiny_mixtral):
     assert copied.exit_code == on_cpu.exit_code == auto.exit_code == 0, on_cpu.output
     assert copied.stdout == on_cpu.stdout == auto.stdout
     assert "misses: cpu" in on_cpu.stderr and "computed on the CPU from the host store" in on_cpu.stderr
-    assert "misses: auto (copy 1.0 GB/s, CPU 1.5 GB/s)" in auto.stderr
+    assert "misses: auto (copy 1 GB/s, CPU 1.5 GB/s)" in auto.stderr
 
 
 def test_a_run_keeps_a_routing_profile_that_the_next_starts_from(tiny_mixtral, tmp_path):

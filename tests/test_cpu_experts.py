@@ -82,7 +82,7 @@ def test_the_report_counts_the_cpu(checkpoint):
     report = engine.cache_report()
     assert "on cpu" in report and "computed on the CPU from the host store:" in report
     assert "misses: cpu" in engine.summary()
-    assert "misses: auto (copy 1.0 GB/s, CPU 2.0 GB/s)" in load(checkpoint, copy_bandwidth=1, cpu_bandwidth=2).summary()
+    assert "misses: auto (copy 1 GB/s, CPU 2 GB/s)" in load(checkpoint, copy_bandwidth=1, cpu_bandwidth=2).summary()
 
 
 def test_an_unknown_policy_is_refused(checkpoint):

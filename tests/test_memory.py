@@ -11,7 +11,7 @@ from conftest import MIXTRAL, hf_model, save_hf
 from localmoe.cli import main
 from localmoe.errors import LocalMoEError
 from localmoe.options import parse_size
-from localmoe.runtime.memory import Footprint, format_bytes, plan_memory
+from localmoe.runtime.memory import Footprint, format_bytes, format_rate, plan_memory
 
 MiB, GiB = 2**20, 2**30
 # Mixtral-8x7B in bf16, roughly: 1.6 GB of non-expert weights, 256 experts of 352 MB, top-2.
@@ -34,6 +34,11 @@ CUDA = torch.device("cuda")
 )
 def test_parse_size(text, expected):
     assert parse_size(text) == expected
+
+
+def test_a_slow_rate_is_not_shown_as_zero():
+    """A calibration that measured 24.5 MB/s once read "0.0 GB/s" in every summary line."""
+    assert [format_rate(r) for r in (24.5e6, 13.52e9, 850e3, 12)] == ["24.5 MB/s", "13.5 GB/s", "850 kB/s", "12 B/s"]
 
 
 def test_parse_size_rejects_nonsense():

@@ -19,6 +19,14 @@ def format_bytes(n: int) -> str:
     return f"{n} B"
 
 
+def format_rate(bytes_per_s: float) -> str:
+    """A bandwidth with three significant figures in the unit that suits it: 24.5 MB/s, not 0.0 GB/s."""
+    for unit, size in (("GB/s", 1e9), ("MB/s", 1e6), ("kB/s", 1e3)):
+        if bytes_per_s >= size:
+            return f"{bytes_per_s / size:.3g} {unit}"
+    return f"{bytes_per_s:.3g} B/s"
+
+
 @dataclass(frozen=True)
 class Footprint:
     """Sizes the plan needs, from the model's shapes and the compute dtype; no weights are read."""
