@@ -68,13 +68,14 @@ class Checkpoint:
         self.path = path
         self.part = ""  # the part of the model a view shows, for messages (see `part_view`)
         self._prefixes: tuple[tuple[str, str], ...] = ()  # a view's (name prefix, stored prefix) pairs
-        self.config = _read_json(path / "config.json", required=True)
-        self.generation_config = _read_json(path / "generation_config.json", required=False)
+        self.config = _read_json(checkpoint_file(path, "config.json"), required=True)
+        self.generation_config = _read_json(checkpoint_file(path, "generation_config.json"), required=False)
         index = _read_index(path)
         if index is None:
-            if not (path / SINGLE_FILE).is_file():
+            single = checkpoint_file(path, SINGLE_FILE)
+            if not single.is_file():
                 raise LocalMoEError(_no_weights_message(path))
-            handle = _open_shard(path / SINGLE_FILE)
+            handle = _open_shard(single)
             self._files = {SINGLE_FILE: handle}
             self._shard_of = dict.fromkeys(handle.keys(), SINGLE_FILE)
         else:
@@ -273,13 +274,37 @@ def _read_json(path: Path, required: bool) -> dict:
     return data
 
 
+def checkpoint_file(folder: Path, name: str) -> Path:
+    """`folder / name`, refused in one line where the name or a symlink on the way leads outside the
+    checkpoint folder: localmoe reads nothing else. In a Hugging Face cache snapshot, files are symlinks
+    into the repo's `blobs/` folder, which counts as inside."""
+    path = folder / name
+    if not _inside(folder, path):
+        raise LocalMoEError(
+            f"{folder}: {name} leads outside the checkpoint folder (to {path.resolve()}); localmoe reads only the "
+            "files in the folder: put the file itself there"
+        )
+    return path
+
+
+def _inside(folder: Path, path: Path) -> bool:
+    real, roots = path.resolve(), [folder.resolve()]
+    if roots[0].parent.name == "snapshots" and (blobs := roots[0].parent.parent / "blobs").is_dir():
+        roots.append(blobs.resolve())
+    return any(real.is_relative_to(root) for root in roots)
+
+
 def _read_index(path: Path) -> dict[str, str] | None:
     """Tensor name -> shard file name from the index, or None for a single-file checkpoint."""
-    index = path / INDEX_FILE
+    index = checkpoint_file(path, INDEX_FILE)
     if index.is_file():
         weight_map = _read_json(index, required=True).get("weight_map")
         if not isinstance(weight_map, dict) or not weight_map:
             raise LocalMoEError(f"{index} has no weight_map: the index is damaged; download it again")
+        if not all(isinstance(shard, str) and shard for shard in weight_map.values()):
+            raise LocalMoEError(f"{index} maps a tensor to something other than a file name: the index is damaged")
+        for shard in sorted(set(weight_map.values())):
+            checkpoint_file(path, shard)
         absent = sorted({shard for shard in weight_map.values() if not (path / shard).is_file()})
         if absent:
             more = f" and {len(absent) - 1} more" if len(absent) > 1 else ""
@@ -319,7 +344,8 @@ def read_bandwidth(folder: Path, nbytes: int = 256 * 2**20) -> float:
     """Bytes per second reading a checkpoint's shards from disk: their pages are first dropped from the
     page cache (posix_fadvise, which leaves the files as they are) so that the reads reach the disk;
     then up to `nbytes` are read. Where the cache cannot be dropped the figure may be the cache's."""
-    shards = sorted(folder.glob("*.safetensors"), key=lambda p: p.stat().st_size, reverse=True)
+    inside = [shard for shard in folder.glob("*.safetensors") if _inside(folder, shard)]
+    shards = sorted(inside, key=lambda p: p.stat().st_size, reverse=True)
     done, start = 0, time.perf_counter()
     for shard in shards:
         with shard.open("rb") as f:

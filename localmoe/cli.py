@@ -38,6 +38,22 @@ def _size(ctx, param, value: str | None) -> int | None:
     return None if value is None else parse_size(value)
 
 
+def _text(ctx, param, value):
+    """Refuse text flags that are not valid UTF-8: the shell passes their bytes as they are, and the
+    undecodable ones reach Python as lone surrogates."""
+    for text in value if isinstance(value, tuple) else [value]:
+        if text is not None and (bad := next((c for c in text if "\ud800" <= c <= "\udfff"), None)):
+            byte = f"byte 0x{ord(bad) - 0xDC00:02x}" if ord(bad) >= 0xDC80 else "a surrogate"
+            raise LocalMoEError(f"--{param.name.replace('_', '-')} is not valid UTF-8 text ({byte}): write it in UTF-8")
+    return value
+
+
+def _port(ctx, param, value: int) -> int:
+    if not 1 <= value <= 65535:
+        raise LocalMoEError(f"--port {value} is not a TCP port: use one from 1 to 65535")
+    return value
+
+
 def _placement_options(fn):
     """Flags that decide where the model lives: device, dtype, budgets, context and the expert slots."""
     options = [
@@ -147,7 +163,9 @@ def _sampling_options(fn):
         click.option("--min-p", type=float, default=None),
         click.option("--repetition-penalty", type=float, default=None),
         click.option("--seed", type=int, default=None, help="Make sampling reproducible."),
-        click.option("--stop", multiple=True, help="Stop before this text (repeatable); it is not printed."),
+        click.option(
+            "--stop", multiple=True, callback=_text, help="Stop before this text (repeatable); it is not printed."
+        ),
     ]
     for option in reversed(options):
         fn = option(fn)
@@ -175,7 +193,7 @@ def _load(model: str, revision: str | None, flags: dict):
 def _save_profile(engine) -> None:
     try:
         engine.save_profile()
-    except OSError as error:
+    except (OSError, LocalMoEError) as error:
         click.echo(f"localmoe: the routing profile was not saved: {error}", err=True)
 
 
@@ -227,13 +245,13 @@ def _runtime_options(values: dict):
 
 @main.command()
 @click.argument("model")
-@click.option("--prompt", "-p", required=True, help="Text to continue.")
+@click.option("--prompt", "-p", required=True, callback=_text, help="Text to continue.")
 @click.option("--max-new-tokens", "-n", default=128, show_default=True, type=click.IntRange(min=1))
 @click.option("--chat", is_flag=True, help="Send the prompt as a user message through the chat template.")
 @click.option(
     "--raw", is_flag=True, help="Encode the prompt exactly as written, adding no special tokens (code completion)."
 )
-@click.option("--system", default=None, help="System message, with --chat.")
+@click.option("--system", default=None, callback=_text, help="System message, with --chat.")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object: the text, timings and counters.")
 @click.option("--revision", default=None, help="Hub branch, tag or commit (for a repo id).")
 @_sampling_options
@@ -256,7 +274,7 @@ def generate(
 
 @main.command()
 @click.argument("model")
-@click.option("--system", default=None, help="System message.")
+@click.option("--system", default=None, callback=_text, help="System message.")
 @click.option("--max-new-tokens", "-n", default=1024, show_default=True, type=click.IntRange(min=1), help="Per answer.")
 @click.option("--revision", default=None, help="Hub branch, tag or commit (for a repo id).")
 @_sampling_options
@@ -362,7 +380,7 @@ def _placement_flags(model: str, flags: dict, engine) -> str:
 @click.option(
     "--host", default="127.0.0.1", show_default=True, help="Address to listen on (localhost only by default)."
 )
-@click.option("--port", default=8000, show_default=True, type=int)
+@click.option("--port", default=8000, show_default=True, type=int, callback=_port)
 @click.option("--api-key", default=None, help="Require `Authorization: Bearer KEY` on every endpoint but /health.")
 @click.option("--name", default=None, help="The model name clients use  [default: the checkpoint's name].")
 @click.option("--queue", default=8, show_default=True, type=click.IntRange(min=1), help="Requests that may wait.")
@@ -397,7 +415,7 @@ def families():
 
 
 @main.command()
-@click.option("--prompt", "-p", default="The quick brown fox", show_default=True)
+@click.option("--prompt", "-p", default="The quick brown fox", show_default=True, callback=_text)
 @click.option("--max-new-tokens", "-n", default=48, show_default=True, type=click.IntRange(min=1))
 @click.option("--device", default=None, help="cpu, cuda or cuda:N  [default: cuda if present, else cpu]")
 def demo(prompt: str, max_new_tokens: int, device: str | None):

@@ -10,10 +10,12 @@ import torch
 
 from localmoe.checkpoint import Checkpoint
 from localmoe.errors import LocalMoEError
+from localmoe.files import sweep_temporaries
 from localmoe.kernels import pair_kernel
 from localmoe.kernels.quantized import MXFP4, QuantSpec, StoredFormat
 from localmoe.loader import ModelParts, footprint, load_resident_weights, model_skeleton, open_checkpoint
 from localmoe.models.moe import moe_blocks
+from localmoe.paths import cache_dir
 from localmoe.runtime.cpu_experts import MISS_POLICIES, calibrated
 from localmoe.runtime.expert_cache import POLICIES, ExpertCache
 from localmoe.runtime.expert_store import ExpertStore, layout_of
@@ -21,7 +23,7 @@ from localmoe.runtime.generate import GenerationStats, generate_tokens
 from localmoe.runtime.kv_cache import KVCache
 from localmoe.runtime.memory import MemoryPlan, format_bytes, plan_memory
 from localmoe.runtime.offload import OffloadedExperts
-from localmoe.runtime.profile import RoutingProfile, default_profile_path, start_from_profile
+from localmoe.runtime.profile import RoutingProfile, default_profile_path, merge_into, read_profile, start_from_profile
 from localmoe.runtime.quantized_cache import QuantizedLayers, cache_folder
 from localmoe.runtime.resident import ResidentExperts
 from localmoe.runtime.sampling import Sampler, SamplingParams
@@ -87,9 +89,16 @@ class Engine:
         counts = self.experts.cache.token_counts
         if any(counts[key] < n for key, n in self._profiled.items()):
             self._profiled = Counter()  # the cache was emptied since: its counts start again
-        self.profile.add(counts - self._profiled, self.plan.footprint.top_k)
+        blocks = self.experts.blocks
+        self.profile = merge_into(
+            self.profile_path,
+            counts - self._profiled,
+            self.plan.footprint.top_k,
+            own=self.options.profile == "auto",
+            layers=set(blocks),
+            num_experts=next(iter(blocks.values())).num_experts,
+        )
         self._profiled = Counter(counts)
-        self.profile.save(self.profile_path)
 
     @cached_property
     def tokenizer(self) -> Tokenizer:
@@ -248,12 +257,13 @@ def load(
     fed from host RAM or the checkpoint files."""
     options = options or RuntimeOptions()
     device = resolve_device(device)
+    sweep_temporaries(cache_dir(), recursive=True)  # left by runs killed while writing
     checkpoint = open_checkpoint(source, revision)
     parts = model_skeleton(checkpoint, dtype)
     plan = _plan(parts, device, options)
-    load_resident_weights(parts, checkpoint, device)
     blocks = moe_blocks(parts.model)
-    trace = RoutingTrace(options.trace, blocks[0].layer_idx) if options.trace else None
+    trace = RoutingTrace(options.trace, blocks[0].layer_idx) if options.trace else None  # an unwritable path fails now
+    load_resident_weights(parts, checkpoint, device)
     quant = _quant(options)
     weights = quant or _stored_format(parts.experts)  # what the kernels will read
     kernel, kernels = pair_kernel(options.kernels, device, parts.dtype, [block.act for block in blocks], weights)
@@ -289,8 +299,10 @@ def _start_from_profile(engine: Engine, blocks) -> None:
     """Read the routing profile; warm the pool and pin from it where it has something to say."""
     options, cache = engine.options, engine.experts.cache
     path = default_profile_path(engine.checkpoint) if options.profile == "auto" else Path(options.profile)
-    profile = RoutingProfile.load(path)
-    profile.check({block.layer_idx for block in blocks}, blocks[0].num_experts, path)
+    sweep_temporaries(path.parent, path.name)
+    profile = read_profile(
+        path, options.profile == "auto", {block.layer_idx for block in blocks}, blocks[0].num_experts
+    )
     engine.profile_path, engine.profile = path, profile
     if options.pin_hot and profile.counts:
         cache.pin(profile.hottest()[: options.pin_hot])

@@ -10,6 +10,7 @@ import torch
 from conftest import MIXTRAL, hf_model, save_hf
 
 import localmoe
+from localmoe import checkpoint
 from localmoe.checkpoint import Checkpoint
 from localmoe.errors import LocalMoEError
 
@@ -181,11 +182,18 @@ def test_auto_map_of_a_built_in_architecture_uses_the_built_in(broken):
 
 @pytest.fixture
 def hub_cache(sharded, tmp_path, monkeypatch):
-    """A Hugging Face cache holding `tiny/mixtral` at one commit, with the Hub unreachable (offline)."""
+    """A Hugging Face cache holding `tiny/mixtral` at one commit, with the Hub unreachable (offline): as
+    the Hub writes it, each snapshot file a relative symlink to its blob."""
     import huggingface_hub.constants
 
     repo = tmp_path / "hub" / "models--tiny--mixtral"
-    shutil.copytree(sharded, repo / "snapshots" / COMMIT)
+    snapshot = repo / "snapshots" / COMMIT
+    snapshot.mkdir(parents=True)
+    (repo / "blobs").mkdir()
+    for file in sharded.iterdir():
+        blob = hashlib.sha256(file.read_bytes()).hexdigest()
+        shutil.copy(file, repo / "blobs" / blob)
+        (snapshot / file.name).symlink_to(f"../../blobs/{blob}")
     (repo / "refs").mkdir()
     (repo / "refs" / "main").write_text(COMMIT)
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
@@ -202,6 +210,51 @@ def test_repo_id_in_the_cache_opens_offline(hub_cache):
 def test_repo_id_not_in_the_cache(hub_cache):
     message = load_error("tiny/absent")
     assert "not in the Hugging Face cache" in message and "hf download tiny/absent" in message
+
+
+def test_a_snapshot_symlink_that_leaves_the_repo_is_refused(hub_cache, tmp_path):
+    outside = tmp_path / "elsewhere.safetensors"
+    shard = next((hub_cache / "snapshots" / COMMIT).glob("model-*.safetensors"))
+    shutil.copy(shard.resolve(), outside)
+    shard.unlink()
+    shard.symlink_to(outside)
+    message = load_error("tiny/mixtral")
+    assert f"{shard.name} leads outside the checkpoint folder" in message
+
+
+@pytest.mark.parametrize(
+    "shard",
+    ["../outside.safetensors", "{abs}", "sub/../../outside.safetensors", "link.safetensors"],
+    ids=["parent", "absolute", "through a subfolder", "symlink"],
+)
+def test_a_shard_outside_the_folder_is_refused_unopened(broken, tmp_path, shard, monkeypatch):
+    outside = tmp_path / "outside.safetensors"
+    outside.write_bytes(next(broken.glob("model-*.safetensors")).read_bytes())
+    (broken / "link.safetensors").symlink_to(outside)
+    shard = shard.replace("{abs}", str(outside))
+    data = index(broken)
+    data["weight_map"] = {name: shard for name in data["weight_map"]}
+    write_index(broken, data)
+    opened = []
+    monkeypatch.setattr(checkpoint, "safe_open", lambda path, **kw: opened.append(path))
+    message = load_error(broken)
+    assert "leads outside the checkpoint folder" in message and "localmoe reads only the files in" in message
+    assert opened == []
+
+
+@pytest.mark.parametrize("name", ["config.json", "model.safetensors.index.json"])
+def test_a_metadata_file_that_leaves_the_folder_is_refused(broken, tmp_path, name):
+    outside = tmp_path / name
+    shutil.move(broken / name, outside)
+    (broken / name).symlink_to(outside)
+    assert f"{name} leads outside the checkpoint folder" in load_error(broken)
+
+
+def test_a_weight_map_of_the_wrong_shape_is_refused(broken):
+    data = index(broken)
+    data["weight_map"][next(iter(data["weight_map"]))] = 3
+    write_index(broken, data)
+    assert "maps a tensor to something other than a file name" in load_error(broken)
 
 
 def test_cached_repo_missing_a_shard(hub_cache):
