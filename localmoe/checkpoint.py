@@ -44,6 +44,11 @@ DTYPES = {
 }
 
 
+# What a weight may be stored as: floating point, or block-scaled FP8 (decoded with its scales)
+WEIGHT_DTYPES = frozenset({torch.float64, torch.float32, torch.float16, torch.bfloat16, torch.float8_e4m3fn})
+INTEGER_DTYPES = frozenset({torch.int64, torch.int32, torch.int16, torch.int8, torch.uint8})
+
+
 @dataclass(frozen=True)
 class TensorInfo:
     shape: tuple[int, ...]
@@ -124,19 +129,27 @@ class Checkpoint:
             )
         return TensorInfo(tuple(view.get_shape()), dtype)
 
-    def check_tensor(self, name: str, shape: tuple[int, ...]) -> None:
-        """Refuse a checkpoint that lacks `name` or stores it in another shape than the config implies."""
+    def check_tensor(self, name: str, shape: tuple[int, ...], dtypes: frozenset[torch.dtype] = WEIGHT_DTYPES) -> None:
+        """Refuse a checkpoint that lacks `name`, stores it in another shape than the config implies, or
+        in a dtype outside `dtypes` (by default those of weights): bytes read as another type than they
+        were written in would be used as weights, silently wrong."""
         stored = self.stored_name(name)
         if name not in self:
             raise LocalMoEError(
                 f"{self.path} lacks tensor {stored}: the checkpoint is incomplete or its index is damaged; "
                 "download it again"
             )
-        actual = self.info(name).shape
-        if actual != shape:
+        info = self.info(name)
+        if info.shape != shape:
             raise LocalMoEError(
-                f"tensor {stored} in {self.path} has shape {list(actual)} but config.json implies {list(shape)}: "
+                f"tensor {stored} in {self.path} has shape {list(info.shape)} but config.json implies {list(shape)}: "
                 "the config and the weights do not belong together"
+            )
+        if info.dtype not in dtypes:
+            expected = ", ".join(sorted(str(dtype).removeprefix("torch.") for dtype in dtypes))
+            raise LocalMoEError(
+                f"tensor {stored} in {self.path} is stored as {str(info.dtype).removeprefix('torch.')}, where the "
+                f"model reads one of {expected}: the checkpoint is damaged or not in the layout its config names"
             )
 
     def tensor(self, name: str) -> torch.Tensor:

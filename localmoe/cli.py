@@ -80,7 +80,10 @@ def _placement_options(fn):
             help="Keep the routed experts quantized to 8 or 4 bits (cached on disk after the first start).",
         ),
         click.option(
-            "--expert-group-size", type=click.IntRange(min=2), default=64, show_default=True, help="Columns per scale."
+            "--expert-group-size",
+            type=click.IntRange(min=2),
+            default=None,
+            help="Columns per scale.  [default: the largest of 64, 62, ... 2 that divides the experts' widths]",
         ),
         click.option("--yes", is_flag=True, help="Start even a run estimated below 0.2 tokens/s (experts from disk)."),
     ]

@@ -50,7 +50,7 @@ class RuntimeOptions:
     miss_policy: str = "auto"  # a miss is copied to the device, computed on the CPU, or whichever is faster
     kernels: str = "auto"  # the expert kernels: reference, triton, or triton where it works (CUDA)
     expert_bits: int = 16  # 8 or 4: routed experts quantized group-wise, kept so on disk between runs
-    expert_group_size: int = 64
+    expert_group_size: int | None = None  # columns per scale; default: the largest up to 64 that fits the experts
     copy_bandwidth: float | None = None  # bytes/s for the miss policy's cost model; default: measured
     cpu_bandwidth: float | None = None
 
@@ -264,7 +264,7 @@ def load(
     blocks = moe_blocks(parts.model)
     trace = RoutingTrace(options.trace, blocks[0].layer_idx) if options.trace else None  # an unwritable path fails now
     load_resident_weights(parts, checkpoint, device)
-    quant = _quant(options)
+    quant = _quant(options, parts.experts)
     weights = quant or _stored_format(parts.experts)  # what the kernels will read
     kernel, kernels = pair_kernel(options.kernels, device, parts.dtype, [block.act for block in blocks], weights)
     quantized = QuantizedLayers(cache_folder(checkpoint, _quant_settings(quant, parts.dtype))) if quant else None
@@ -327,10 +327,11 @@ def plan_for(
     return _plan(model_skeleton(open_checkpoint(source, revision), dtype), target, options)
 
 
-def _quant(options: RuntimeOptions) -> QuantSpec | None:
+def _quant(options: RuntimeOptions, source) -> QuantSpec | None:
     if options.expert_bits == 16:
         return None
-    return QuantSpec(options.expert_bits, options.expert_group_size)
+    block = next(iter(source.blocks.values()))
+    return QuantSpec.fitting(options.expert_bits, options.expert_group_size, block.hidden_size, block.intermediate_size)
 
 
 def _stored_format(source) -> StoredFormat | None:
@@ -346,7 +347,7 @@ def _quant_settings(quant: QuantSpec, dtype: torch.dtype) -> str:
 
 def _plan(parts: ModelParts, device: torch.device, options: RuntimeOptions) -> MemoryPlan:
     fp = footprint(parts)
-    layout = layout_of(parts.experts, _quant(options), parts.dtype)
+    layout = layout_of(parts.experts, _quant(options, parts.experts), parts.dtype)
     if layout.row_dtype is not None:  # quantized or MXFP4 byte rows: the plan counts their size
         fp = replace(fp, expert_bytes=layout.numel)
     plan = plan_memory(

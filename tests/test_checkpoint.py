@@ -1,16 +1,18 @@
 """The checkpoint reader and the loader on good and broken checkpoints: every broken one is one clear line."""
 
+import dataclasses
 import hashlib
 import json
 import os
+import re
 import shutil
 
 import pytest
 import torch
-from conftest import MIXTRAL, hf_model, save_hf
+from conftest import MISTRAL4, MIXTRAL, hf_model, save_hf
 
 import localmoe
-from localmoe import checkpoint
+from localmoe import checkpoint, loader
 from localmoe.checkpoint import Checkpoint
 from localmoe.errors import LocalMoEError
 
@@ -118,6 +120,82 @@ def test_shapes_that_do_not_match_the_config(broken):
     config["vocab_size"] += 1
     (broken / "config.json").write_text(json.dumps(config))
     assert "config.json implies" in load_error(broken)
+
+
+def edit_config(folder, **changes) -> None:
+    config = json.loads((folder / "config.json").read_text())
+    (folder / "config.json").write_text(json.dumps({**config, **changes}))  # NaN is written as JSON allows
+
+
+def test_a_layer_count_the_weights_lack_fails_before_the_model_is_built(broken, monkeypatch):
+    edit_config(broken, num_hidden_layers=1_000_000)
+    real = loader.family_for
+    unbuilt = lambda config: dataclasses.replace(real(config), model=lambda args: pytest.fail("built"))  # noqa: E731
+    monkeypatch.setattr(loader, "family_for", unbuilt)
+    message = load_error(broken)
+    assert "num_hidden_layers 1000000" in message and "no tensor of layer 3 (3 layers in all)" in message
+
+
+@pytest.mark.parametrize(
+    "changes, problem",
+    [
+        ({"num_hidden_layers": 0}, "num_hidden_layers is 0, and must be at least 1"),
+        ({"hidden_size": -64}, "hidden_size is -64, and must be at least 1"),
+        ({"num_attention_heads": "4"}, "num_attention_heads is '4', not an integer"),
+        ({"num_local_experts": 2.5}, "num_local_experts is 2.5, not an integer"),
+        ({"rms_norm_eps": float("nan")}, "rms_norm_eps is nan, not a finite number"),
+        ({"tie_word_embeddings": "no"}, "tie_word_embeddings is 'no', not true or false"),
+        ({"sliding_window": [4]}, "sliding_window is [4], not an integer or null"),
+        ({"rope_parameters": {"rope_theta": float("nan")}}, "rope_theta is nan, not a positive number"),
+        ({"num_experts_per_tok": 9}, "routes each token to 9 experts, and has 5 per layer"),
+        ({"num_key_value_heads": 3}, "4 attention heads, which cannot share 3 key-value heads"),
+        ({"head_dim": None, "hidden_size": 66}, "hidden_size 66 does not split over 4 attention heads"),
+    ],
+    ids=lambda value: "-" if isinstance(value, str) else "+".join(value),
+)
+def test_a_damaged_config_value_is_one_line_naming_it(broken, changes, problem):
+    edit_config(broken, **changes)
+    message = load_error(broken)
+    assert problem in message and "the config is damaged" in message
+
+
+@pytest.mark.parametrize(
+    "changes, problem",
+    [
+        ({"n_group": 0}, "n_group is 0, and must be at least 1"),
+        ({"n_group": 3}, "n_group 3, which does not divide its 8 experts"),
+        ({"topk_group": 3}, "topk_group 3, more than its n_group 2"),
+        ({"topk_group": 1, "num_experts_per_tok": 5}, "routes each token to 5 experts, more than 1 groups of 4 hold"),
+    ],
+)
+def test_grouped_routing_that_contradicts_itself_is_refused(changes, problem):
+    from localmoe.models import family_for
+
+    config = {"architectures": ["Mistral4ForCausalLM"], "model_type": "mistral4", **MISTRAL4, **changes}
+    with pytest.raises(LocalMoEError, match=re.escape(problem)):
+        family_for(config).args.from_config(config)
+
+
+def retype(folder, tensor: str, dtype: str) -> None:
+    """Rewrite the header of `tensor`'s shard to claim `dtype` for it, leaving its bytes as they are."""
+    shard = folder / index(folder)["weight_map"][tensor]
+    data = shard.read_bytes()
+    length = int.from_bytes(data[:8], "little")
+    header = json.loads(data[8 : 8 + length])
+    header[tensor]["dtype"] = dtype
+    text = json.dumps(header, separators=(",", ":")).encode()
+    shard.write_bytes(len(text).to_bytes(8, "little") + text + data[8 + length :])
+
+
+@pytest.mark.parametrize(
+    "tensor",
+    ["model.layers.1.self_attn.q_proj.weight", "model.layers.2.block_sparse_moe.experts.4.w3.weight"],
+    ids=["resident", "expert"],
+)
+def test_a_tensor_whose_dtype_is_not_a_weights_is_refused(broken, tensor):
+    retype(broken, tensor, "I32")  # the same four bytes per value as the F32 it holds
+    message = load_error(broken)
+    assert f"tensor {tensor}" in message and "stored as int32" in message and "float32" in message
 
 
 def test_damaged_config(broken):

@@ -2,6 +2,7 @@
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 
@@ -115,9 +116,10 @@ def test_errors_are_one_line_with_status_2(tiny_mixtral, args, needle):
     assert "Traceback" not in result.stderr
 
 
-def test_missing_tokenizer_is_an_error(tiny_mixtral):
-    (tiny_mixtral / "tokenizer.json").unlink()
-    result = run("generate", str(tiny_mixtral), "-p", "hi")
+def test_missing_tokenizer_is_an_error(tiny_mixtral, tmp_path):
+    without = shutil.copytree(tiny_mixtral, tmp_path / "without-tokenizer")
+    (without / "tokenizer.json").unlink()
+    result = run("generate", str(without), "-p", "hi")
     assert result.exit_code == 2 and "no tokenizer.json" in result.stderr
 
 

@@ -248,3 +248,28 @@ def test_a_start_sweeps_what_killed_runs_left(checkpoint, localmoe_cache):
     orphan.write_bytes(bytes(1000))
     load(checkpoint)
     assert not orphan.exists()
+
+
+@pytest.mark.parametrize(
+    "widths, default",
+    [((4096, 14336), 64), ((64, 48), 16), ((48, 40), 8), ((30, 50), 10)],
+    ids=["mixtral", "tiny", "issue 24", "not a power of two"],
+)
+def test_the_default_group_size_is_the_largest_that_divides_every_width(widths, default):
+    assert QuantSpec.fitting(4, None, *widths).group == default
+    assert QuantSpec.fitting(8, 2, *widths).group == 2  # as asked, where it fits
+    if default < 64:
+        with pytest.raises(localmoe.LocalMoEError, match=f"must be even and divide .*: try {default}$"):
+            QuantSpec.fitting(4, default * 2, *widths)
+
+
+def test_widths_without_an_even_divisor_cannot_be_quantized():
+    with pytest.raises(localmoe.LocalMoEError, match=r"widths \(63, 45\) have no even common divisor"):
+        QuantSpec.fitting(4, None, 63, 45)
+    with pytest.raises(localmoe.LocalMoEError, match="none does, so they cannot be quantized"):
+        QuantSpec.fitting(4, 2, 63, 45)
+
+
+def test_a_start_with_the_default_group_size_uses_the_fitting_one(checkpoint):
+    engine = localmoe.load(checkpoint, device="cpu", dtype=torch.float32, options=RuntimeOptions(expert_bits=8))
+    assert engine.experts.layout.spec == QuantSpec(8, 16)  # widths 64 and 48: 64 and 32 do not divide 48
