@@ -10,8 +10,7 @@ from pathlib import Path
 
 from localmoe.engine import Engine
 from localmoe.errors import LocalMoEError
-from localmoe.files import sweep_temporaries, write_atomic
-from localmoe.runtime.memory import format_bytes
+from localmoe.files import read_limited, sweep_temporaries, write_atomic
 from localmoe.runtime.sampling import SamplingParams
 
 HELP = """commands:
@@ -93,11 +92,7 @@ class ChatSession:
     def load(self, path: Path) -> None:
         """Continue the conversation saved in `path`; a file that is not one leaves this one as it was."""
         try:
-            with path.open("rb") as file:
-                data = file.read(MAX_SAVED_BYTES + 1)
-            if len(data) > MAX_SAVED_BYTES:
-                raise ValueError(f"it is larger than {format_bytes(MAX_SAVED_BYTES)}")
-            system, messages = _conversation(json.loads(data.decode("utf-8")))
+            system, messages = _conversation(json.loads(read_limited(path, MAX_SAVED_BYTES).decode("utf-8")))
         except (OSError, ValueError, RecursionError) as error:  # ValueError: UnicodeDecodeError, JSONDecodeError
             raise LocalMoEError(f"cannot load a conversation from {path}: {error}") from None
         self.system, self.messages = system, messages

@@ -1,5 +1,6 @@
 """How localmoe writes files: whole or not at all (`write_atomic`), one run at a time where runs meet
-(`locked`), and no temporary file left behind for good (`sweep_temporaries`).
+(`locked`), and no temporary file left behind for good (`sweep_temporaries`); and how it reads a file
+a user names (`read_limited`).
 
 A temporary file is named `<name>.<host>.<pid>.<random>.tmp` beside the file it will replace, so that a
 later run can tell whose it is. Its writer removes it on every failure it sees (a full disk, Ctrl-C); one
@@ -60,6 +61,16 @@ def write_atomic(path: Path, data: str | bytes | memoryview) -> None:
         with contextlib.suppress(OSError):
             temporary.unlink()
         raise
+
+
+def read_limited(path: Path, limit: int) -> bytes:
+    """The bytes of `path`, refused with ValueError beyond `limit`, without reading more than that
+    (a path the user gives may be /dev/zero)."""
+    with path.open("rb") as file:
+        data = file.read(limit + 1)
+    if len(data) > limit:
+        raise ValueError(f"it is larger than {limit / 2**20:g} MiB")
+    return data
 
 
 def lock_path(target: Path) -> Path:

@@ -131,7 +131,7 @@ TURN = [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"}]
         ("[]", "not a JSON object with a list of messages"),
         (b"\xff\xfe", "can't decode"),
         ("[" * 100_000, "recursion"),
-        (json.dumps({"messages": TURN, "system": "x" * 200_000}), "larger than 195.31 KiB"),
+        (json.dumps({"messages": TURN, "system": "x" * 200_000}), "larger than 0.190735 MiB"),
         ("/dev/zero", "larger than"),
     ],
     ids=[

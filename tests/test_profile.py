@@ -2,6 +2,7 @@
 
 import threading
 from collections import Counter
+from pathlib import Path
 
 import pytest
 
@@ -35,7 +36,7 @@ def test_counts_halve_past_the_horizon(monkeypatch):
     assert profile.tokens == {0: 6, 1: 2} and profile.counts == {(0, 0): 4, (0, 1): 2, (1, 0): 2}
 
 
-BROKEN = ["{", '{"format": 99}', '{"format": 1, "tokens": {"0": 1}, "counts": {"0": "x"}}', "[]"]
+BROKEN = ["{", '{"format": 99}', '{"format": 1, "tokens": {"0": 1}, "counts": {"0": "x"}}', "[]", "[" * 100_000]
 
 
 @pytest.mark.parametrize("text", BROKEN)
@@ -48,6 +49,13 @@ def test_a_broken_profile_of_the_users_is_refused_in_one_line_and_left_alone(tmp
     assert "is not a routing profile" in message and str(path) in message and "\n" not in message
     assert "delete" not in message  # the file is the user's: it may be anything of theirs
     assert path.read_text() == text
+
+
+@pytest.mark.skipif(not Path("/dev/zero").exists(), reason="no /dev/zero here")
+def test_an_endless_file_is_read_no_further_than_a_profile_can_be(monkeypatch):
+    monkeypatch.setattr(profiles, "MAX_BYTES", 1000)
+    with pytest.raises(LocalMoEError, match="/dev/zero is not a routing profile .*larger than"):
+        read_profile(Path("/dev/zero"), own=False, layers={0}, num_experts=4)
 
 
 @pytest.mark.parametrize("text", BROKEN)

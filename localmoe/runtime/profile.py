@@ -16,11 +16,13 @@ from pathlib import Path
 
 from localmoe.checkpoint import Checkpoint
 from localmoe.errors import LocalMoEError
-from localmoe.files import locked, write_atomic
+from localmoe.files import locked, read_limited, write_atomic
 from localmoe.paths import cache_dir
 
 FORMAT = 1
 HORIZON = 1_000_000  # tokens per layer before the counts halve
+# A profile holds a number per expert: some MiB for the largest models. Beyond this a file is no profile.
+MAX_BYTES = 64 * 2**20
 
 Key = tuple[int, int]  # (layer, expert)
 
@@ -37,14 +39,14 @@ class RoutingProfile:
         if not path.exists():
             return cls()
         try:
-            data = json.loads(path.read_text(encoding="utf-8"))
+            data = json.loads(read_limited(path, MAX_BYTES).decode("utf-8"))
             if data.get("format") != FORMAT:
                 raise ValueError(f"format {data.get('format')!r}, this localmoe writes {FORMAT}")
             tokens = Counter({int(layer): int(n) for layer, n in data["tokens"].items()})
             counts = Counter(
                 {(int(layer), e): int(n) for layer, row in data["counts"].items() for e, n in enumerate(row) if n}
             )
-        except (OSError, ValueError, KeyError, TypeError, AttributeError) as error:
+        except (OSError, ValueError, KeyError, TypeError, AttributeError, RecursionError) as error:
             raise ProfileError(f"{path} is not a routing profile this localmoe reads ({error})") from None
         return cls(tokens, counts)
 
