@@ -59,11 +59,11 @@ def test_calibration_is_measured_once_per_machine(checkpoint, localmoe_cache, mo
 
     monkeypatch.setattr(cpu_experts, "_measure", measure)
     monkeypatch.setattr(cpu_experts, "FAR", 1e9)  # this test's checks never differ enough
-    first = load(checkpoint).experts.bandwidths
+    first = load(checkpoint).bandwidths
     assert len(measured) == 1 and not checked and first.copy > 0 and first.cpu > 0
-    assert load(checkpoint).experts.bandwidths == first and len(measured) == 1 and len(checked) == 1
-    assert load(checkpoint, copy_bandwidth=5e9, cpu_bandwidth=7e9).experts.bandwidths == Bandwidths(5e9, 7e9)
-    assert load(checkpoint, cpu_bandwidth=7e9).experts.bandwidths == Bandwidths(first.copy, 7e9)
+    assert load(checkpoint).bandwidths == first and len(measured) == 1 and len(checked) == 1
+    assert load(checkpoint, copy_bandwidth=5e9, cpu_bandwidth=7e9).bandwidths == Bandwidths(5e9, 7e9)
+    assert load(checkpoint, cpu_bandwidth=7e9).bandwidths == Bandwidths(first.copy, 7e9)
     assert len(measured) == 1
     # a damaged file is measured again, not trusted
     path = localmoe_cache / cpu_experts.CALIBRATION_FILE
@@ -87,11 +87,11 @@ def test_a_calibration_far_from_a_start_check_is_measured_again(checkpoint, loca
     path.write_text(json.dumps({**known, key: slow}))
     checks = [Bandwidths(**slow), Bandwidths(**near)]  # what the start's check finds, then the measurement
     monkeypatch.setattr(cpu_experts, "_measure", lambda *args, samples=3: checks.pop(0))
-    assert load(checkpoint).experts.bandwidths == Bandwidths(**slow)  # near enough to its check: kept
+    assert load(checkpoint).bandwidths == Bandwidths(**slow)  # near enough to its check: kept
     assert json.loads(path.read_text())[key] == slow
     checks = [Bandwidths(**near), Bandwidths(**near)]
     monkeypatch.setattr(cpu_experts, "_measure", lambda *args, samples=3: checks.pop(0))
-    assert load(checkpoint).experts.bandwidths == Bandwidths(**near)
+    assert load(checkpoint).bandwidths == Bandwidths(**near)
     assert json.loads(path.read_text())[key] == near and not checks
     assert "far from those measured now: measuring again" in capsys.readouterr().err
 
@@ -99,7 +99,7 @@ def test_a_calibration_far_from_a_start_check_is_measured_again(checkpoint, loca
 def test_copy_and_cpu_policies_measure_nothing(checkpoint, monkeypatch):
     monkeypatch.setattr(cpu_experts, "_measure", lambda *args: pytest.fail("measured"))
     for miss in ("copy", "cpu"):
-        assert load(checkpoint, miss_policy=miss).experts.bandwidths is None
+        assert load(checkpoint, miss_policy=miss).bandwidths is None
 
 
 def test_the_report_counts_the_cpu(checkpoint):
@@ -115,5 +115,5 @@ def test_the_report_counts_the_cpu(checkpoint):
 
 
 def test_an_unknown_policy_is_refused(checkpoint):
-    with pytest.raises(localmoe.LocalMoEError, match="unknown miss policy 'gpu'"):
+    with pytest.raises(localmoe.LocalMoEError, match="unknown miss_policy 'gpu'"):
         load(checkpoint, miss_policy="gpu")

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 import torch
 
-from localmoe.errors import LocalMoEError
+from localmoe.errors import LocalMoEError, setting
 
 DEFAULT_GROUP = 64  # columns per scale by default, where the experts' widths allow it
 
@@ -36,7 +36,7 @@ class QuantSpec:
         if group is None and not fits:
             raise LocalMoEError(
                 f"the experts' widths ({', '.join(map(str, columns))}) have no even common divisor to group their "
-                "columns by: they cannot be quantized; keep --expert-bits 16"
+                f"columns by: they cannot be quantized; keep {setting('expert_bits')} 16"
             )
         spec = cls(bits, fits[0] if group is None else group)
         spec.check(*columns)
@@ -44,12 +44,12 @@ class QuantSpec:
 
     def check(self, *columns: int) -> None:
         if self.bits not in (4, 8):
-            raise LocalMoEError(f"--expert-bits {self.bits} is not supported: use 16, 8 or 4")
+            raise LocalMoEError(f"{setting('expert_bits')} {self.bits} is not supported: use 16, 8 or 4")
         if self.group < 2 or self.group % 2 or any(c % self.group for c in columns):
             fits = fitting_groups(*columns)
             hint = f"try {fits[0]}" if fits else "none does, so they cannot be quantized"
             raise LocalMoEError(
-                f"--expert-group-size {self.group} must be even and divide the experts' widths "
+                f"{setting('expert_group_size')} {self.group} must be even and divide the experts' widths "
                 f"({', '.join(map(str, columns))}): {hint}"
             )
 

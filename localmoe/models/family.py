@@ -12,7 +12,8 @@ from torch import nn
 
 from localmoe.errors import LocalMoEError
 from localmoe.models.expert_tensors import ExpertTensors
-from localmoe.models.layers import Backbone, CausalLM, RMSNorm, RotaryEmbedding, rope_parameters
+from localmoe.models.layers import Backbone, CausalLM, RMSNorm
+from localmoe.models.rotary import RotaryEmbedding, rope_parameters
 
 
 @dataclass
@@ -33,7 +34,7 @@ class ModelArgs:
     def from_config(cls, config: dict[str, Any]) -> "ModelArgs":
         """The family's fields from `config`, each checked against its declared type and range, and
         then against each other (`check`): a damaged value is one line naming it."""
-        values, keys = {}, {}
+        values = {}
         hints = typing.get_type_hints(cls)
         for field in dataclasses.fields(cls):
             if field.name == "rope":
@@ -44,7 +45,6 @@ class ModelArgs:
             required = field.default is dataclasses.MISSING and field.default_factory is dataclasses.MISSING
             if present and (config[present[0]] is not None or not required):
                 values[field.name] = config[present[0]]  # an explicit null counts: it means "none" (q_lora_rank)
-                keys[field.name] = present[0]
                 _check_value(present[0], config[present[0]], hints[field.name])
             elif required:
                 raise LocalMoEError(
@@ -53,6 +53,16 @@ class ModelArgs:
         args = cls(**values)
         args.check()
         return args
+
+    @property
+    def attention_head_dim(self) -> int:
+        """`head_dim` where the config gives one, else the hidden size split over the attention heads."""
+        return getattr(self, "head_dim", None) or self.hidden_size // self.num_attention_heads
+
+    @property
+    def key_value_heads(self) -> int:
+        """`num_key_value_heads` where the config gives one, else one per attention head."""
+        return getattr(self, "num_key_value_heads", None) or self.num_attention_heads
 
     def check(self) -> None:
         """Refuse values that contradict each other: more experts per token than experts, groups that do

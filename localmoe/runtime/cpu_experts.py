@@ -23,7 +23,6 @@ from localmoe.models.moe import SparseMoE
 from localmoe.paths import cache_dir
 from localmoe.runtime.expert_store import ExpertStore
 
-MISS_POLICIES = ("auto", "copy", "cpu", "bypass")
 CALIBRATION_FILE = "calibration.json"
 FAR = 2.0  # a start's check this many times off the kept calibration, either way, has it measured again
 

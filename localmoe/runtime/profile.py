@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from localmoe.checkpoint import Checkpoint
-from localmoe.errors import LocalMoEError
+from localmoe.errors import LocalMoEError, setting
 from localmoe.files import locked, read_limited, write_atomic
 from localmoe.paths import cache_dir
 
@@ -110,7 +110,9 @@ def read_profile(path: Path, own: bool, layers: set[int], num_experts: int) -> R
         profile.check(layers, num_experts, path)
     except ProfileError as error:
         if not own:
-            raise ProfileError(f"{error}: give this checkpoint's routing profile, or --profile auto or off") from None
+            raise ProfileError(
+                f"{error}: give this checkpoint's routing profile, or {setting('profile')} auto or off"
+            ) from None
         print(f"localmoe: {error}: starting a new one", file=sys.stderr)
         return RoutingProfile()
     return profile
@@ -130,5 +132,4 @@ def start_from_profile(cache, profile: RoutingProfile) -> None:
     """Fill the free slots of an `ExpertCache` with the profile's hottest experts and give its policy
     their history, where the policy keeps one."""
     cache.warm(profile.hottest())
-    if hasattr(cache.policy, "seed"):
-        cache.policy.seed(profile.shares())
+    cache.policy.seed(profile.shares())
