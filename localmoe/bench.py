@@ -16,6 +16,7 @@ import psutil
 import torch
 
 from localmoe.engine import Engine
+from localmoe.files import write_atomic
 from localmoe.runtime.memory import Footprint, format_bytes
 from localmoe.tables import render
 
@@ -199,7 +200,7 @@ def write_benchmarks(results_dir: Path, docs: Path) -> None:
         lines += [f"- greedy tokens equal to the reference run's, before the first difference: {r['same_tokens']}"]
     sections = _cache_sections(results_dir / "cache") + _kernel_sections(results_dir / "kernels")
     sections += _quality_sections(results_dir / "quant")
-    docs.write_text("\n".join(lines + sections) + "\n")
+    write_atomic(docs, "\n".join(lines + sections) + "\n")
 
 
 def _latest_first(folder: Path) -> list[dict]:

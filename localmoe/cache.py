@@ -16,7 +16,7 @@ from localmoe.paths import cache_dir
 from localmoe.runtime.cpu_experts import CALIBRATION_FILE
 from localmoe.runtime.memory import format_rate
 from localmoe.runtime.profile import PROFILES, RoutingProfile
-from localmoe.runtime.quantized_cache import QUANTIZED, QuantizedLayers
+from localmoe.runtime.quantized_cache import QUANTIZED, recorded_settings
 
 
 @dataclass(frozen=True)
@@ -48,7 +48,9 @@ def remove(names: list[str]) -> list[Entry]:
     """Remove the entries `names` name: by their name in the listing, or all of a checkpoint's by its name;
     each under the lock that runs writing it take. Nothing is removed where a name matches nothing."""
     every = entries()
-    chosen = {entry.path: entry for name in names for entry in _named(every, name)}
+    chosen: dict[Path, Entry] = {}
+    for entry in (entry for name in names for entry in _named(every, name)):
+        chosen.setdefault(entry.path, entry)  # the calibration is one file of several rows: its first has the size
     for entry in chosen.values():
         with locked(entry.path):
             if entry.path.is_dir():
@@ -59,7 +61,8 @@ def remove(names: list[str]) -> list[Entry]:
 
 
 def _named(every: list[Entry], name: str) -> list[Entry]:
-    matched = [entry for entry in every if name.rstrip("/") in (entry.name, entry.checkpoint)]
+    name = name.rstrip("/")
+    matched = [entry for entry in every if name == entry.name or (entry.checkpoint and name == entry.checkpoint)]
     if not matched:
         raise LocalMoEError(
             f"localmoe's cache holds nothing named {name!r}: give a name or a checkpoint as `localmoe cache` lists "
@@ -81,7 +84,7 @@ def _checkpoint(label: str) -> str:
 
 
 def _quantized(path: Path) -> Entry:
-    settings = QuantizedLayers(path).settings or "settings not recorded"
+    settings = recorded_settings(path) or "settings not recorded"
     return Entry("quantized experts", path, _checkpoint(path.name), settings, _size(path))
 
 
@@ -101,7 +104,7 @@ def _calibration(path: Path) -> list[Entry]:
     except (OSError, ValueError):
         return [Entry("calibration", path, "", "damaged: measured again", _size(path))] if path.exists() else []
     rows = []
-    for key, rates in (measured.items() if isinstance(measured, dict) else []):
+    for key, rates in measured.items() if isinstance(measured, dict) else []:
         try:
             detail = f"{key}: copy {format_rate(rates['copy'])}, CPU {format_rate(rates['cpu'])}"
         except (TypeError, KeyError):

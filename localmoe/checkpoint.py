@@ -45,6 +45,11 @@ DTYPES = {
 }
 
 
+# What a weight may be stored as: floating point, or block-scaled FP8 (decoded with its scales)
+WEIGHT_DTYPES = frozenset({torch.float64, torch.float32, torch.float16, torch.bfloat16, torch.float8_e4m3fn})
+INTEGER_DTYPES = frozenset({torch.int64, torch.int32, torch.int16, torch.int8, torch.uint8})
+
+
 @dataclass(frozen=True)
 class TensorInfo:
     shape: tuple[int, ...]
@@ -73,13 +78,14 @@ class Checkpoint:
         self.part = ""  # the part of the model a view shows, for messages (see `part_view`)
         self._prefixes: tuple[tuple[str, str], ...] = ()  # a view's (name prefix, stored prefix) pairs
         self.weights_here = headers is None
-        self.config = _read_json(path / "config.json", required=True)
-        self.generation_config = _read_json(path / "generation_config.json", required=False)
+        self.config = _read_json(checkpoint_file(path, "config.json"), required=True)
+        self.generation_config = _read_json(checkpoint_file(path, "generation_config.json"), required=False)
         index = _read_index(path, shards_here=self.weights_here)
         if index is None:
-            if headers is None and not (path / SINGLE_FILE).is_file():
+            single = checkpoint_file(path, SINGLE_FILE)
+            if headers is None and not single.is_file():
                 raise LocalMoEError(_no_weights_message(path))
-            handle = headers[SINGLE_FILE] if headers else _open_shard(path / SINGLE_FILE)
+            handle = headers[SINGLE_FILE] if headers else _open_shard(single)
             self._files = {SINGLE_FILE: handle}
             self._shard_of = dict.fromkeys(handle.keys(), SINGLE_FILE)
         else:
@@ -147,19 +153,27 @@ class Checkpoint:
             )
         return TensorInfo(tuple(view.get_shape()), dtype)
 
-    def check_tensor(self, name: str, shape: tuple[int, ...]) -> None:
-        """Refuse a checkpoint that lacks `name` or stores it in another shape than the config implies."""
+    def check_tensor(self, name: str, shape: tuple[int, ...], dtypes: frozenset[torch.dtype] = WEIGHT_DTYPES) -> None:
+        """Refuse a checkpoint that lacks `name`, stores it in another shape than the config implies, or
+        in a dtype outside `dtypes` (by default those of weights): bytes read as another type than they
+        were written in would be used as weights, silently wrong."""
         stored = self.stored_name(name)
         if name not in self:
             raise LocalMoEError(
                 f"{self.path} lacks tensor {stored}: the checkpoint is incomplete or its index is damaged; "
                 "download it again"
             )
-        actual = self.info(name).shape
-        if actual != shape:
+        info = self.info(name)
+        if info.shape != shape:
             raise LocalMoEError(
-                f"tensor {stored} in {self.path} has shape {list(actual)} but config.json implies {list(shape)}: "
+                f"tensor {stored} in {self.path} has shape {list(info.shape)} but config.json implies {list(shape)}: "
                 "the config and the weights do not belong together"
+            )
+        if info.dtype not in dtypes:
+            expected = ", ".join(sorted(str(dtype).removeprefix("torch.") for dtype in dtypes))
+            raise LocalMoEError(
+                f"tensor {stored} in {self.path} is stored as {str(info.dtype).removeprefix('torch.')}, where the "
+                f"model reads one of {expected}: the checkpoint is damaged or not in the layout its config names"
             )
 
     def tensor(self, name: str) -> torch.Tensor:
@@ -372,14 +386,38 @@ def _read_json(path: Path, required: bool) -> dict:
     return data
 
 
+def checkpoint_file(folder: Path, name: str) -> Path:
+    """`folder / name`, refused in one line where the name or a symlink on the way leads outside the
+    checkpoint folder: localmoe reads nothing else. In a Hugging Face cache snapshot, files are symlinks
+    into the repo's `blobs/` folder, which counts as inside."""
+    path = folder / name
+    if not _inside(folder, path):
+        raise LocalMoEError(
+            f"{folder}: {name} leads outside the checkpoint folder (to {path.resolve()}); localmoe reads only the "
+            "files in the folder: put the file itself there"
+        )
+    return path
+
+
+def _inside(folder: Path, path: Path) -> bool:
+    real, roots = path.resolve(), [folder.resolve()]
+    if roots[0].parent.name == "snapshots" and (blobs := roots[0].parent.parent / "blobs").is_dir():
+        roots.append(blobs.resolve())
+    return any(real.is_relative_to(root) for root in roots)
+
+
 def _read_index(path: Path, shards_here: bool = True) -> dict[str, str] | None:
     """Tensor name -> shard file name from the index, or None for a single-file checkpoint; each shard it
     names checked to be in the folder (`shards_here`)."""
-    index = path / INDEX_FILE
+    index = checkpoint_file(path, INDEX_FILE)
     if index.is_file():
         weight_map = _read_json(index, required=True).get("weight_map")
         if not isinstance(weight_map, dict) or not weight_map:
             raise LocalMoEError(f"{index} has no weight_map: the index is damaged; download it again")
+        if not all(isinstance(shard, str) and shard for shard in weight_map.values()):
+            raise LocalMoEError(f"{index} maps a tensor to something other than a file name: the index is damaged")
+        for shard in sorted(set(weight_map.values())):
+            checkpoint_file(path, shard)
         absent = sorted({shard for shard in weight_map.values() if shards_here and not (path / shard).is_file()})
         if absent:
             more = f" and {len(absent) - 1} more" if len(absent) > 1 else ""
@@ -419,7 +457,8 @@ def read_bandwidth(folder: Path, nbytes: int = 256 * 2**20) -> float:
     """Bytes per second reading a checkpoint's shards from disk: their pages are first dropped from the
     page cache (posix_fadvise, which leaves the files as they are) so that the reads reach the disk;
     then up to `nbytes` are read. Where the cache cannot be dropped the figure may be the cache's."""
-    shards = sorted(folder.glob("*.safetensors"), key=lambda p: p.stat().st_size, reverse=True)
+    inside = [shard for shard in folder.glob("*.safetensors") if _inside(folder, shard)]
+    shards = sorted(inside, key=lambda p: p.stat().st_size, reverse=True)
     done, start = 0, time.perf_counter()
     for shard in shards:
         with shard.open("rb") as f:

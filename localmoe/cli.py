@@ -57,6 +57,22 @@ def _options(options: list):
     return decorate
 
 
+def _text(ctx, param, value):
+    """Refuse text flags that are not valid UTF-8: the shell passes their bytes as they are, and the
+    undecodable ones reach Python as lone surrogates."""
+    for text in value if isinstance(value, tuple) else [value]:
+        if text is not None and (bad := next((c for c in text if "\ud800" <= c <= "\udfff"), None)):
+            byte = f"byte 0x{ord(bad) - 0xDC00:02x}" if ord(bad) >= 0xDC80 else "a surrogate"
+            raise LocalMoEError(f"--{param.name.replace('_', '-')} is not valid UTF-8 text ({byte}): write it in UTF-8")
+    return value
+
+
+def _port(ctx, param, value: int) -> int:
+    if not 1 <= value <= 65535:
+        raise LocalMoEError(f"--port {value} is not a TCP port: use one from 1 to 65535")
+    return value
+
+
 def _placement(yes: bool) -> list:
     """Flags that decide where the model lives: device, dtype, budgets, context and the expert slots; with
     `yes`, the consent a run from disk needs (commands that load the weights)."""
@@ -100,7 +116,8 @@ def _placement(yes: bool) -> list:
             "--expert-group-size",
             type=click.IntRange(min=2),
             default=None,
-            help="Columns per scale, with --expert-bits 8 or 4  [default: 64]",
+            help="Columns per scale, with --expert-bits 8 or 4  [default: the largest of 64, 62, ... 2 that divides "
+            "the experts' widths]",
         ),
     ]
     if yes:
@@ -212,7 +229,9 @@ def _sampling_options(fn):
             help="Divide the logits of tokens already seen by this (1: off).  [default: the checkpoint's]",
         ),
         click.option("--seed", type=int, help="Make sampling reproducible."),
-        click.option("--stop", multiple=True, help="Stop before this text (repeatable); it is not printed."),
+        click.option(
+            "--stop", multiple=True, callback=_text, help="Stop before this text (repeatable); it is not printed."
+        ),
     ]
     return _options(options)(fn)
 
@@ -232,7 +251,12 @@ def _max_new_tokens(default: int, what: str):
 
 _revision_option = click.option("--revision", default=None, help="Hub branch, tag or commit (for a repo id).")
 _system_option = click.option(
-    "--system", "--system-prompt", "system", default=None, help="System message (generate: with --chat)."
+    "--system",
+    "--system-prompt",
+    "system",
+    default=None,
+    callback=_text,
+    help="System message (generate: with --chat).",
 )
 
 
@@ -259,7 +283,7 @@ def _load(model: str, revision: str | None, flags: dict, check=None):
 def _save_profile(engine) -> None:
     try:
         engine.save_profile()
-    except OSError as error:
+    except (OSError, LocalMoEError) as error:
         click.echo(f"localmoe: the routing profile was not saved: {error}", err=True)
 
 
@@ -330,7 +354,7 @@ def _prompt_text(prompt: str | None, file: Path | None) -> str:
 
 @main.command()
 @click.argument("model")
-@click.option("--prompt", "-p", default=None, help="Text to continue; - reads it from standard input.")
+@click.option("--prompt", "-p", default=None, callback=_text, help="Text to continue; - reads it from standard input.")
 @click.option(
     "--file",
     "-f",
@@ -509,7 +533,7 @@ def _placement_flags(model: str, revision: str | None, flags: dict, engine) -> l
 @click.option(
     "--host", default="127.0.0.1", show_default=True, help="Address to listen on (localhost only by default)."
 )
-@click.option("--port", default=8000, show_default=True, type=int, help="TCP port to listen on.")
+@click.option("--port", default=8000, show_default=True, type=int, callback=_port, help="TCP port to listen on.")
 @click.option("--api-key", default=None, help="Require `Authorization: Bearer KEY` on every endpoint but /health.")
 @click.option("--name", default=None, help="The model name clients use  [default: the checkpoint's name].")
 @click.option("--queue", default=8, show_default=True, type=click.IntRange(min=1), help="Requests that may wait.")
@@ -547,8 +571,58 @@ def families(markdown: bool):
     click.echo(families_table(markdown))
 
 
+@main.group(invoke_without_command=True)
+@click.option(
+    "--recalibrate",
+    is_flag=True,
+    help="Forget the measured copy and CPU bandwidths: the next run with --miss-policy auto measures them again.",
+)
+@click.pass_context
+def cache(ctx: click.Context, recalibrate: bool):
+    """List what localmoe keeps in its cache folder ($LOCALMOE_CACHE): quantized experts per checkpoint and
+    setting, routing profiles, the bandwidth calibration, the demo checkpoint; `cache rm NAME...` removes
+    entries. All of it is rebuilt or measured again when needed; downloaded models are not here."""
+    from localmoe.cache import entries, remove
+    from localmoe.paths import cache_dir
+    from localmoe.runtime.cpu_experts import CALIBRATION_FILE
+
+    if recalibrate:
+        calibration = [entry for entry in entries() if entry.name == CALIBRATION_FILE]
+        _removed(remove([CALIBRATION_FILE]) if calibration else [])
+    if ctx.invoked_subcommand is None and not recalibrate:
+        from localmoe.runtime.memory import format_bytes
+        from localmoe.tables import render
+
+        kept = entries()
+        click.echo(f"{cache_dir()}: {format_bytes(sum(entry.size for entry in kept))}")
+        rows = [[e.kind, e.checkpoint, e.detail, format_bytes(e.size) if e.size else "", e.name] for e in kept]
+        if rows:
+            click.echo(render(["kind", "checkpoint", "detail", "size", "name (for cache rm)"], rows))
+
+
+@cache.command("rm")
+@click.argument("names", nargs=-1, required=True)
+def cache_rm(names: tuple[str, ...]):
+    """Remove NAMES from localmoe's cache folder: entries by the name `localmoe cache` lists, or all of a
+    checkpoint's (its quantized experts and routing profile) by the checkpoint's name."""
+    from localmoe.cache import remove
+
+    _removed(remove(list(names)))
+
+
+def _removed(entries) -> None:
+    from localmoe.runtime.memory import format_bytes
+
+    for entry in entries:
+        click.echo(f"removed {entry.name} ({entry.kind}, {format_bytes(entry.size)})")
+    if not entries:
+        click.echo("nothing to remove")
+
+
 @main.command()
-@click.option("--prompt", "-p", default="The quick brown fox", show_default=True, help="Text to continue.")
+@click.option(
+    "--prompt", "-p", default="The quick brown fox", show_default=True, callback=_text, help="Text to continue."
+)
 @click.option(
     "--max-new-tokens", "-n", default=48, show_default=True, type=click.IntRange(min=1), help="New tokens at most."
 )

@@ -6,7 +6,6 @@
 
 import json
 import shutil
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -15,6 +14,7 @@ from safetensors.torch import save_file
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors
 
 from localmoe.checkpoint import INDEX_FILE
+from localmoe.files import temporary_path
 from localmoe.loader import DTYPES
 from localmoe.models import family_for
 from localmoe.models.expert_tensors import role_shapes
@@ -54,7 +54,8 @@ def demo_checkpoint() -> Path:
     if folder.is_dir():
         return folder
     folder.parent.mkdir(parents=True, exist_ok=True)
-    scratch = Path(tempfile.mkdtemp(prefix=".demo-", dir=folder.parent))
+    scratch = temporary_path(folder)  # a run killed while writing it leaves a folder the next run sweeps
+    scratch.mkdir()
     try:
         write_random_checkpoint(scratch, DEMO_CONFIG, shard_bytes=1 << 20)
         byte_level_tokenizer().save(str(scratch / "tokenizer.json"))

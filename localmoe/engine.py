@@ -14,12 +14,14 @@ import torch
 
 from localmoe.checkpoint import Checkpoint
 from localmoe.errors import LocalMoEError, setting
+from localmoe.files import sweep_temporaries
 from localmoe.kernels import KERNELS, pair_kernel
 from localmoe.kernels.quantized import MXFP4, QuantSpec, StoredFormat
 from localmoe.loader import DTYPES, ModelParts, footprint, load_resident_weights, model_skeleton, open_checkpoint
 from localmoe.models.moe import moe_blocks
 from localmoe.models.state import KVCache
-from localmoe.options import CHAT_TOKENS, EXPERT_GROUP_SIZE, GENERATE_TOKENS, RuntimeOptions
+from localmoe.options import CHAT_TOKENS, GENERATE_TOKENS, RuntimeOptions
+from localmoe.paths import cache_dir
 from localmoe.runtime.cpu_experts import Bandwidths, calibrated
 from localmoe.runtime.expert_cache import POLICIES, ExpertCache
 from localmoe.runtime.expert_store import ExpertStore
@@ -347,7 +349,7 @@ def prepare(
         raise LocalMoEError(f"this machine has no CUDA device: give {setting('vram_budget')} to plan for one")
     checkpoint, family = open_checkpoint(source, revision, weights=not headers_only)
     parts = model_skeleton(checkpoint, family, _dtype(dtype))
-    quant = _quant(options)
+    quant = _quant(options, parts.experts)
     return Prepared(checkpoint, parts, target, options, _plan(parts, target, options, quant), quant)
 
 
@@ -362,12 +364,14 @@ def place(prepared: Prepared) -> Engine:
         prepared.quant,
     )
     device = resolve_device(str(prepared.device))
-    load_resident_weights(parts, checkpoint, device)
+    sweep_temporaries(cache_dir(), recursive=True)  # left by runs killed while writing
     blocks = moe_blocks(parts.model)
-    trace = RoutingTrace(options.trace, blocks[0].layer_idx) if options.trace else None
+    trace = RoutingTrace(options.trace, blocks[0].layer_idx) if options.trace else None  # an unwritable path fails now
+    load_resident_weights(parts, checkpoint, device)
     weights = quant or _stored_format(parts.experts)  # what the kernels will read
     kernel, kernels = pair_kernel(options.kernels, device, parts.dtype, [block.act for block in blocks], weights)
-    quantized = QuantizedLayers(cache_folder(checkpoint, _quant_settings(quant, parts.dtype))) if quant else None
+    settings = _quant_settings(quant, parts.dtype) if quant else ""
+    quantized = QuantizedLayers(cache_folder(checkpoint, settings), settings) if quant else None
     offloaded = None
     if plan.all_resident:
         experts = ResidentExperts(parts.experts, device, parts.dtype, trace, kernel, quant, quantized)
@@ -388,8 +392,8 @@ def place(prepared: Prepared) -> Engine:
     for block in blocks:
         block.experts = experts
     if options.profile and offloaded is not None:
-        path = default_profile_path(checkpoint) if options.profile == "auto" else Path(options.profile)
-        offloaded.start_from_profile(path)
+        own = options.profile == "auto"
+        offloaded.start_from_profile(default_profile_path(checkpoint) if own else Path(options.profile), own)
     tokenizer = prepared.__dict__.get("tokenizer")  # where the preparation has read it already
     return Engine(checkpoint, parts, plan, experts, options, kernels, offloaded, tokenizer)
 
@@ -436,10 +440,11 @@ def _miss_policy(options: RuntimeOptions, cache: ExpertCache, blocks):
     return miss_policy(options.miss_policy, rates)
 
 
-def _quant(options: RuntimeOptions) -> QuantSpec | None:
+def _quant(options: RuntimeOptions, source) -> QuantSpec | None:
     if options.expert_bits == 16:
         return None
-    return QuantSpec(options.expert_bits, options.expert_group_size or EXPERT_GROUP_SIZE)
+    block = next(iter(source.blocks.values()))
+    return QuantSpec.fitting(options.expert_bits, options.expert_group_size, block.hidden_size, block.intermediate_size)
 
 
 def _stored_format(source) -> StoredFormat | None:

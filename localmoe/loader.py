@@ -7,12 +7,13 @@ never invented: where transformers would initialise it randomly and carry on, lo
 """
 
 import math
+import re
 from dataclasses import dataclass
 
 import torch
 from torch import nn
 
-from localmoe.checkpoint import Checkpoint
+from localmoe.checkpoint import INTEGER_DTYPES, WEIGHT_DTYPES, Checkpoint
 from localmoe.errors import LocalMoEError
 from localmoe.models import family_for
 from localmoe.models.expert_source import ExpertSource
@@ -22,6 +23,7 @@ from localmoe.models.moe import moe_blocks
 from localmoe.progress import progress
 from localmoe.runtime.memory import Footprint
 
+LAYER_INDEX = re.compile(r"(?:^|\.)layers\.(\d+)\.")  # in tensor names: model.layers.N.*
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
@@ -68,11 +70,24 @@ def model_skeleton(ckpt: Checkpoint, family: Family, dtype: torch.dtype | None =
     shape checked; no weights are read."""
     _check_quantization(ckpt, family)
     args = family.args.from_config(ckpt.config)
+    _check_layer_count(ckpt, args)
     with torch.device("meta"):
         model = family.model(args)
     sources = _resident_sources(model, ckpt, family)
     experts = ExpertSource(ckpt, family.experts, moe_blocks(model))
     return ModelParts(model, experts, family, args, dtype or checkpoint_dtype(ckpt), sources)
+
+
+def _check_layer_count(ckpt: Checkpoint, args: ModelArgs) -> None:
+    """Refuse a config that names more decoder layers than the checkpoint holds tensors for, before they
+    are built: a damaged num_hidden_layers would otherwise build for minutes, then fail."""
+    stored = {int(match[1]) for name in ckpt.tensor_names if (match := LAYER_INDEX.search(name))}
+    missing = next((layer for layer in range(args.num_hidden_layers) if layer not in stored), None)
+    if stored and missing is not None:
+        raise LocalMoEError(
+            f"config.json gives num_hidden_layers {args.num_hidden_layers}, and {ckpt.path} holds no tensor of layer "
+            f"{missing} ({len(stored)} layers in all): the config and the weights do not belong together"
+        )
 
 
 def _check_quantization(ckpt: Checkpoint, family: Family) -> None:
@@ -164,6 +179,6 @@ def _resident_sources(model: nn.Module, ckpt: Checkpoint, family: Family) -> dic
                 f"{ckpt.path} lacks tensor {ckpt.stored_name(candidates[0])}, which {family.architectures[0]} "
                 "needs: the checkpoint is incomplete or its index is damaged; download it again"
             )
-        ckpt.check_tensor(found, tuple(param.shape))
+        ckpt.check_tensor(found, tuple(param.shape), WEIGHT_DTYPES if param.is_floating_point() else INTEGER_DTYPES)
         sources[name] = found
     return sources

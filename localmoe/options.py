@@ -15,7 +15,6 @@ DEFAULT_CONTEXT = 4096  # tokens of KV cache when none is asked for (fewer where
 GENERATE_TOKENS = 128  # new tokens by default: `Engine.generate` and `stream`, `localmoe generate`
 CHAT_TOKENS = 1024  # per answer by default: `Engine.chat`, `localmoe chat`
 EXPERT_BITS = (16, 8, 4)
-EXPERT_GROUP_SIZE = 64  # columns per scale of quantized experts, where none is asked for
 GIGA = 1e9  # bandwidths are written in GB/s
 
 
@@ -57,7 +56,8 @@ class RuntimeOptions:
     miss_policy: str = "auto"  # one of MISS_POLICIES: copied to the device, computed on the CPU, or whichever is faster
     kernels: str = "auto"  # one of KERNELS: reference, triton, or triton where it works (CUDA)
     expert_bits: int | str = 16  # 8 or 4: routed experts quantized group-wise, kept so on disk between runs
-    expert_group_size: int | None = None  # columns per scale, with expert_bits 8 or 4; default: EXPERT_GROUP_SIZE
+    expert_group_size: int | None = None  # columns per scale, with expert_bits 8 or 4; default: the largest up to
+    # 64 that divides the experts' widths
     copy_bandwidth: float | None = None  # GB/s for the miss policy's cost model; default: measured
     cpu_bandwidth: float | None = None
 

@@ -1,5 +1,6 @@
 """Tiny random checkpoints written by transformers, the correctness oracle of the tests."""
 
+import hashlib
 import json
 import os
 from pathlib import Path
@@ -29,6 +30,44 @@ def localmoe_cache(tmp_path_factory):
         del os.environ["LOCALMOE_CACHE"]
     else:
         os.environ["LOCALMOE_CACHE"] = previous
+
+
+DAMAGED_ON_PURPOSE = ("broken",)  # fixtures that are private copies of a checkpoint for a test to damage
+
+
+def digest(folder: Path) -> dict[str, str]:
+    """Every file under `folder`, by name, with the SHA-256 of its bytes."""
+    files = sorted(path for path in folder.rglob("*") if path.is_file())
+    return {str(path.relative_to(folder)): hashlib.sha256(path.read_bytes()).hexdigest() for path in files}
+
+
+def checkpoint_folders(value) -> list[Path]:
+    """The checkpoint folders in a fixture's value: a folder with a config.json, given as a path or a
+    string, alone or in a tuple, list or dict."""
+    if isinstance(value, tuple | list):
+        return [folder for item in value for folder in checkpoint_folders(item)]
+    if isinstance(value, dict):
+        return checkpoint_folders(list(value.values()))
+    try:
+        if isinstance(value, str | Path) and (Path(value) / "config.json").is_file():
+            return [Path(value)]
+    except (OSError, ValueError):  # a string that is no path at all
+        pass
+    return []
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_call(item):
+    """Every checkpoint a test is given hashes the same after the test: localmoe never writes to one."""
+    fixtures = getattr(item, "funcargs", {})
+    folders = {
+        f for name, value in fixtures.items() if name not in DAMAGED_ON_PURPOSE for f in checkpoint_folders(value)
+    }
+    before = {folder: digest(folder) for folder in folders}
+    result = yield
+    for folder, files in before.items():
+        assert digest(folder) == files, f"the test changed the checkpoint in {folder}"
+    return result
 
 
 def randomize(model: torch.nn.Module, seed: int = 0) -> None:

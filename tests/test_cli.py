@@ -2,6 +2,7 @@
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 
@@ -42,7 +43,7 @@ def test_a_run_keeps_a_routing_profile_that_the_next_starts_from(tiny_mixtral, t
     args = ["generate", str(tiny_mixtral), "-p", "Hello", "-n", "8", "--device", "cpu", "--expert-slots", "4"]
     first = run(*args, "--stats", env=env)
     assert first.exit_code == 0, first.output
-    [profile] = (tmp_path / "profiles").iterdir()
+    [profile] = (tmp_path / "profiles").glob("*.json")
     data = json.loads(profile.read_text())
     assert sum(data["tokens"].values()) > 0 and "warm-up copies: 0" in first.stderr
     second = run(*args, "--pin-hot", "1", "--stats", env=env)
@@ -51,9 +52,16 @@ def test_a_run_keeps_a_routing_profile_that_the_next_starts_from(tiny_mixtral, t
     assert json.loads(profile.read_text())["tokens"] != data["tokens"]  # updated when the run ended
     off = run(*args, "--profile", "off", env={"LOCALMOE_CACHE": str(tmp_path / "other")})
     assert off.exit_code == 0 and not (tmp_path / "other" / "profiles").exists()
-    profile.write_text("{")
+    profile.write_text("{")  # localmoe's own: started again, with a notice
     broken = run(*args, env=env)
-    assert broken.exit_code == 2 and "is not a routing profile" in broken.stderr
+    assert (
+        broken.exit_code == 0 and "is not a routing profile" in broken.stderr and "starting a new one" in broken.stderr
+    )
+    assert json.loads(profile.read_text())["format"] == 1
+    # the user's own file, which is not a profile: named, refused, and neither written nor to be deleted
+    theirs = run(*args, "--profile", str(tiny_mixtral / "config.json"), env=env)
+    assert theirs.exit_code == 2 and "config.json is not a routing profile" in theirs.stderr
+    assert "delete" not in theirs.stderr and len(theirs.stderr.strip().splitlines()) <= 2
 
 
 def test_raw_adds_no_special_tokens(tiny_mixtral):
@@ -91,6 +99,13 @@ def test_a_run_from_disk_says_how_slow_and_waits_for_yes(tiny_mixtral, monkeypat
         (["generate", "{ckpt}", "-p", "hi", "--device", "cuda:7"], "cuda:7"),
         (["generate", "{ckpt}", "-p", "x" * 300, "-n", "4"], "exceeds the 256-token context"),
         (["generate", "{ckpt}", "-p", "hi", "--device", "tpu"], "unknown device"),
+        # the bytes of a Latin-1 "é" in the shell: Python sees a lone surrogate
+        (["generate", "{ckpt}", "-p", "caf\udce9"], "--prompt is not valid UTF-8 text (byte 0xe9)"),
+        (["chat", "{ckpt}", "--system", "\udcff"], "--system is not valid UTF-8 text (byte 0xff)"),
+        (["generate", "{ckpt}", "-p", "hi", "--stop", "ok", "--stop", "\udc80"], "--stop is not valid UTF-8"),
+        (["generate", "{ckpt}", "-p", "hi", "--seed", str(2**70)], "seed must be from -2**63 to 2**64 - 1"),
+        (["serve", "{ckpt}", "--port", "99999"], "--port 99999 is not a TCP port"),
+        (["generate", "{ckpt}", "-p", "hi", "--trace", "/no/such/folder/t.jsonl"], "cannot write the routing trace"),
     ],
 )
 def test_errors_are_one_line_with_status_2(tiny_mixtral, args, needle):
@@ -102,9 +117,10 @@ def test_errors_are_one_line_with_status_2(tiny_mixtral, args, needle):
     assert "Traceback" not in result.stderr
 
 
-def test_missing_tokenizer_is_an_error(tiny_mixtral):
-    (tiny_mixtral / "tokenizer.json").unlink()
-    result = run("generate", str(tiny_mixtral), "-p", "hi")
+def test_missing_tokenizer_is_an_error(tiny_mixtral, tmp_path):
+    without = shutil.copytree(tiny_mixtral, tmp_path / "without-tokenizer")
+    (without / "tokenizer.json").unlink()
+    result = run("generate", str(without), "-p", "hi")
     assert result.exit_code == 2 and "no tokenizer.json" in result.stderr
 
 

@@ -14,6 +14,8 @@ from localmoe.checkpoint import Checkpoint
 from localmoe.errors import LocalMoEError
 from localmoe.kernels.quantized import dequantize_mxfp4
 
+MXFP4_DTYPES = frozenset({torch.uint8})  # FP4 codes two to a byte, and exponents
+
 
 def role_shapes(hidden: int, intermediate: int, bias: bool) -> dict[str, tuple[int, ...]]:
     shapes = {"gate": (intermediate, hidden), "up": (intermediate, hidden), "down": (hidden, intermediate)}
@@ -118,8 +120,8 @@ class Mxfp4:
         for name, rows, cols in (("gate_up_proj", 2 * inter, hidden), ("down_proj", hidden, inter)):
             if cols % 32:
                 raise LocalMoEError(f"{prefix}.{name}: MXFP4 needs a multiple of 32 inputs, the config says {cols}")
-            ckpt.check_tensor(f"{prefix}.{name}_blocks", (count, rows, cols // 32, 16))
-            ckpt.check_tensor(f"{prefix}.{name}_scales", (count, rows, cols // 32))
+            ckpt.check_tensor(f"{prefix}.{name}_blocks", (count, rows, cols // 32, 16), MXFP4_DTYPES)
+            ckpt.check_tensor(f"{prefix}.{name}_scales", (count, rows, cols // 32), MXFP4_DTYPES)
         ckpt.check_tensor(f"{prefix}.gate_up_proj_bias", (count, 2 * inter))
         ckpt.check_tensor(f"{prefix}.down_proj_bias", (count, hidden))
 

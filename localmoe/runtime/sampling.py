@@ -50,6 +50,7 @@ class SamplingParams:
             (not 0 < self.top_p <= 1, "top_p must be in (0, 1]"),
             (not 0 <= self.min_p < 1, "min_p must be in [0, 1)"),
             (self.repetition_penalty <= 0, "repetition_penalty must be positive"),
+            (self.seed is not None and not -(2**63) <= self.seed < 2**64, "seed must be from -2**63 to 2**64 - 1"),
         ]
         for bad, message in problems:
             if bad:
