@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 from safetensors import safe_open
 
-from localmoe.errors import LocalMoEError
+from localmoe.errors import LocalMoEError, setting
 from localmoe.kernels.quantized import dequantize_fp8_blocks
 
 INDEX_FILE = "model.safetensors.index.json"
@@ -101,6 +101,8 @@ class Checkpoint:
         headers are read, by HTTP range requests (see `Checkpoint`)."""
         path = Path(source).expanduser()
         if path.is_dir():
+            if revision is not None:
+                raise LocalMoEError(f"{source} is a local folder: {setting('revision')} picks a revision of a Hub repo")
             return cls(path)
         repo_id = _repo_id(str(source), path)
         with _hub_errors(repo_id, revision):

@@ -393,6 +393,8 @@ def generate(model: str, prompt, file, max_new_tokens, chat: bool, raw: bool, sy
     pieces = engine.stream(prompt_in, max_new_tokens, **settings, stop=flags["stop"], raw=raw)
     if as_json:
         click.echo(json.dumps(_report(engine, "".join(pieces)), indent=2))
+        if flags["stats"]:
+            click.echo(engine.cache_report(), err=True)
         return
     _stream(engine, pieces, flags["stats"])
 

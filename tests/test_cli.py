@@ -221,6 +221,11 @@ def test_the_spellings_of_llama_cpp_and_mlx_lm():
     assert (llama.params["max_new_tokens"], llama.params["context"], llama.params["system"]) == (7, 64, "S")
 
 
+def test_revision_of_a_local_folder_is_refused(tiny_mixtral):
+    result = run("plan", str(tiny_mixtral), "--revision", "v2", "--device", "cpu")
+    assert result.exit_code == 2 and "is a local folder: --revision picks a revision of a Hub repo" in result.stderr
+
+
 @pytest.mark.parametrize(
     "args,message",
     [
