@@ -45,17 +45,34 @@ class Tokenizer:
         """Token ids; with `add_special_tokens`, plus what the post-processor adds (such as BOS)."""
         return self._tok.encode(text, add_special_tokens=add_special_tokens).ids
 
-    def decode(self, ids: list[int]) -> str:
-        return self._tok.decode(ids, skip_special_tokens=True)
+    def decode(self, ids: list[int], keep: frozenset[int] = frozenset()) -> str:
+        """Text of `ids` without special tokens, except those in `keep` (a tool-call format's markers)."""
+        if not keep:
+            return self._tok.decode(ids, skip_special_tokens=True)
+        return self._tok.decode([i for i in ids if i not in self._special_ids or i in keep], skip_special_tokens=False)
+
+    def special_ids(self, texts: Iterable[str]) -> frozenset[int]:
+        """The ids of those `texts` that are special tokens (decoding drops them unless kept)."""
+        return frozenset(i for i in map(self._tok.token_to_id, texts) if i is not None and i in self._special_ids)
 
     def token_id(self, text: str) -> int | None:
         return self._tok.token_to_id(text)
+
+    @functools.cached_property
+    def longest_token(self) -> int:
+        """Characters in the longest token's vocabulary entry (at least its text's): a text of n
+        characters is at least n / longest_token tokens, which bounds a prompt before it is tokenized."""
+        return max(map(len, self._tok.get_vocab(with_added_tokens=True)), default=1)
+
+    @property
+    def vocab_size(self) -> int:
+        return self._tok.get_vocab_size(with_added_tokens=True)
 
     def render_chat(
         self, messages: list[dict], add_generation_prompt: bool = True, tools: list[dict] | None = None, **kwargs
     ) -> str:
         """The conversation as the model was trained to see it, rendered from the checkpoint's chat template."""
-        template = self._template(tools)
+        template = self.template(tools)
         try:
             return _compile(template).render(
                 messages=messages,
@@ -71,7 +88,7 @@ class Tokenizer:
         """Token ids of the rendered conversation: the template writes the special tokens itself."""
         return self.encode(self.render_chat(messages, add_generation_prompt, **kwargs), add_special_tokens=False)
 
-    def stream(self, ids: Iterable[int]) -> Iterator[str]:
+    def stream(self, ids: Iterable[int], keep: frozenset[int] = frozenset()) -> Iterator[str]:
         """Text pieces as tokens arrive, never splitting a multi-byte character.
 
         Each step decodes only a short window: the tokens since the last emitted piece, with the ones
@@ -85,14 +102,14 @@ class Tokenizer:
         after_byte = False  # the last token that decodes to anything was a byte-fallback token
         for token in ids:
             tokens.append(token)
-            if token not in self._special_ids:  # skipped in decode: bytes on both sides still join
+            if token not in self._special_ids or token in keep:  # skipped in decode: bytes on both sides join
                 after_byte = token in self._byte_tokens
-            before = self.decode(tokens[prefix:read])
-            text = self.decode(tokens[prefix:])
+            before = self.decode(tokens[prefix:read], keep)
+            text = self.decode(tokens[prefix:], keep)
             if len(text) > len(before) and not text.endswith("\ufffd") and not after_byte:
                 yield text[len(before) :]
                 prefix, read = read, len(tokens)
-        rest = self.decode(tokens[prefix:])[len(self.decode(tokens[prefix:read])) :]
+        rest = self.decode(tokens[prefix:], keep)[len(self.decode(tokens[prefix:read], keep)) :]
         if rest:
             yield rest
 
@@ -111,7 +128,7 @@ class Tokenizer:
         pair = f"{single} " + single.replace("$A", "$B").replace(":0", ":1")
         self._tok.post_processor = processors.TemplateProcessing(single=single, pair=pair, special_tokens=special)
 
-    def _template(self, tools: list[dict] | None) -> str:
+    def template(self, tools: list[dict] | None) -> str:
         templates = self.chat_templates
         if not templates:
             raise LocalMoEError(
@@ -209,15 +226,17 @@ class StopStrings:
     def __init__(self, stops: Iterable[str]):
         self.stops = [stop for stop in stops if stop]
         self.stopped = False
+        self.matched: str | None = None  # the stop string that ended the text
         self._pending = ""
 
     def feed(self, piece: str) -> str:
         """The part of the text so far that is safe to print; sets `stopped` at a stop string."""
         text = self._pending + piece
-        hits = [i for i in (text.find(stop) for stop in self.stops) if i >= 0]
+        hits = [(i, stop) for stop in self.stops if (i := text.find(stop)) >= 0]
         if hits:
+            at, self.matched = min(hits)
             self.stopped, self._pending = True, ""
-            return text[: min(hits)]
+            return text[:at]
         hold = max((n for stop in self.stops for n in range(1, len(stop)) if text.endswith(stop[:n])), default=0)
         self._pending = text[len(text) - hold :] if hold else ""
         return text[: len(text) - hold]
