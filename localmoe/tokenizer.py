@@ -4,6 +4,8 @@ template rendered the way transformers renders it (sandboxed jinja2, same helper
 
 import functools
 import json
+import sys
+import time
 from collections.abc import Iterable, Iterator
 from datetime import datetime
 from pathlib import Path
@@ -34,7 +36,9 @@ class Tokenizer:
             raise LocalMoEError(f"{path} cannot be read ({error}): the file is damaged; download it again") from None
         config = _read_json(folder / "tokenizer_config.json")
         self.special_tokens = {
-            name: _token_text(config[name]) for name in SPECIAL_TOKEN_NAMES if config.get(name) is not None
+            name: _token_text(config[name], folder / "tokenizer_config.json", name)
+            for name in SPECIAL_TOKEN_NAMES
+            if config.get(name) is not None
         }
         self._apply_bos_eos_flags(config)
         self.chat_templates = _chat_templates(folder, config)
@@ -72,17 +76,14 @@ class Tokenizer:
         self, messages: list[dict], add_generation_prompt: bool = True, tools: list[dict] | None = None, **kwargs
     ) -> str:
         """The conversation as the model was trained to see it, rendered from the checkpoint's chat template."""
-        template = self.template(tools)
-        try:
-            return _compile(template).render(
-                messages=messages,
-                tools=tools,
-                documents=None,
-                add_generation_prompt=add_generation_prompt,
-                **{**self.special_tokens, **kwargs},
-            )
-        except jinja2.TemplateError as error:
-            raise LocalMoEError(f"the chat template refused the conversation: {error}") from None
+        context = {
+            "messages": messages,
+            "tools": tools,
+            "documents": None,
+            "add_generation_prompt": add_generation_prompt,
+            **{**self.special_tokens, **kwargs},
+        }
+        return render_bounded(_compile(self.template(tools)), context)
 
     def encode_chat(self, messages: list[dict], add_generation_prompt: bool = True, **kwargs) -> list[int]:
         """Token ids of the rendered conversation: the template writes the special tokens itself."""
@@ -153,14 +154,20 @@ def _read_json(path: Path) -> dict:
     if not path.is_file():
         return {}
     try:
-        return json.loads(path.read_text(encoding="utf-8"))
+        value = json.loads(path.read_text(encoding="utf-8"))
     except (json.JSONDecodeError, UnicodeDecodeError) as error:
         raise LocalMoEError(f"{path} is not valid JSON ({error}): the file is damaged; download it again") from None
+    if not isinstance(value, dict):
+        raise LocalMoEError(f"{path} must hold a JSON object, not {type(value).__name__}: the file is damaged")
+    return value
 
 
-def _token_text(value: Any) -> str:
+def _token_text(value: Any, path: Path, name: str) -> str:
     """Special tokens are written as text, or as {"content": text, ...} in older configs."""
-    return value["content"] if isinstance(value, dict) else str(value)
+    text = value.get("content") if isinstance(value, dict) else value
+    if not isinstance(text, str):
+        raise LocalMoEError(f'{path}: {name} must be text or {{"content": text}}, not {value!r}'[:300])
+    return text
 
 
 def _chat_templates(folder: Path, config: dict) -> dict[str, str]:
@@ -173,9 +180,15 @@ def _chat_templates(folder: Path, config: dict) -> dict[str, str]:
         templates[file.name.removesuffix(".jinja")] = file.read_text(encoding="utf-8")
     if templates:
         return templates
+    source = "tokenizer_config.json" if config.get("chat_template") else "chat_template.json"
     value = config.get("chat_template") or _read_json(folder / "chat_template.json").get("chat_template")
     if isinstance(value, list):
-        return {entry["name"]: entry["template"] for entry in value}
+        named = [e for e in value if isinstance(e, dict) and isinstance(e.get("name"), str)]
+        if len(named) < len(value) or not all(isinstance(e.get("template"), str) for e in named):
+            raise LocalMoEError(f"{folder / source}: chat_template must list {{name, template}} objects of text")
+        return {entry["name"]: entry["template"] for entry in named}
+    if value and not isinstance(value, str):
+        raise LocalMoEError(f"{folder / source}: chat_template must be text or a list of named templates")
     return {"default": value} if value else {}
 
 
@@ -193,13 +206,98 @@ class _GenerationTag(jinja2.ext.Extension):
         return caller()
 
 
+RENDER_SECONDS = 10.0  # a template still rendering after this is looping: real ones take milliseconds
+RENDER_CHARACTERS = 16 * 2**20  # more text than any context holds
+TEMPLATE_FILE = "<template>"  # the file name jinja2 gives the code it compiles from a string
+
+
+class _BoundedSandbox(ImmutableSandboxedEnvironment):
+    """transformers' sandbox, where no single operation may build a huge value: repeating a string or a
+    list, a large power, or a call (method, filter or function) given an integer beyond the output limit
+    is refused. Loops and output are bounded by `render_bounded`."""
+
+    intercepted_binops = frozenset({"*", "**", "%"})
+
+    def call_binop(self, context, operator, left, right):
+        numbers = [v for v in (left, right) if isinstance(v, int)]
+        if operator == "**" and isinstance(right, int) and isinstance(left, int) and abs(right) > 64 and abs(left) > 1:
+            raise jinja2.exceptions.SecurityError("the chat template computes a power too large to build")
+        if operator == "*" and numbers and any(isinstance(v, str | list | tuple) for v in (left, right)):
+            size = max(numbers) * max(len(v) for v in (left, right) if isinstance(v, str | list | tuple))
+            if size > RENDER_CHARACTERS:
+                raise jinja2.exceptions.SecurityError("the chat template repeats a value beyond the output limit")
+        if operator == "%":
+            _check_sizes((right,) if not isinstance(right, tuple) else right, {})
+        return super().call_binop(context, operator, left, right)
+
+    def call(self, context, obj, *args, **kwargs):
+        _check_sizes(args, kwargs)
+        return super().call(context, obj, *args, **kwargs)
+
+
+def _check_sizes(args, kwargs) -> None:
+    if any(isinstance(v, int) and abs(v) > RENDER_CHARACTERS for v in (*args, *kwargs.values())):
+        raise jinja2.exceptions.SecurityError("the chat template asks for a value beyond the output limit")
+
+
+def _bounded_filter(filter_function):
+    @functools.wraps(filter_function)
+    def bounded(*args, **kwargs):
+        _check_sizes(args[1:], kwargs)
+        return filter_function(*args, **kwargs)
+
+    return bounded
+
+
+class _TooLong(Exception):
+    pass
+
+
+def render_bounded(template: jinja2.Template, context: dict) -> str:
+    """Render within RENDER_SECONDS and RENDER_CHARACTERS, and turn every failure into one line: the
+    template is the checkpoint's code, run on the caller's thread, and must neither hang nor flood it.
+    The deadline is checked on each line the template's compiled code runs (a trace on this thread)."""
+    deadline = time.monotonic() + RENDER_SECONDS
+
+    def each_line(frame, event, arg):
+        if time.monotonic() > deadline:
+            raise _TooLong(f"it ran for more than {RENDER_SECONDS:.0f} s")
+        return each_line
+
+    def trace(frame, event, arg):
+        return each_line if frame.f_code.co_filename == TEMPLATE_FILE else None
+
+    previous, pieces, size = sys.gettrace(), [], 0
+    sys.settrace(trace)
+    try:
+        for piece in template.generate(**context):
+            size += len(piece)
+            if size > RENDER_CHARACTERS:
+                raise _TooLong(f"it wrote more than {RENDER_CHARACTERS} characters")
+            pieces.append(piece)
+    except _TooLong as error:
+        raise LocalMoEError(f"the chat template was stopped: {error}") from None
+    except jinja2.TemplateError as error:
+        raise LocalMoEError(f"the chat template refused the conversation: {_one_line(error)}") from None
+    except RecursionError:
+        raise LocalMoEError("the chat template failed: it recursed without end") from None
+    except Exception as error:  # the template is code from the checkpoint: any failure is its own
+        raise LocalMoEError(f"the chat template failed: {type(error).__name__}: {_one_line(error)}") from None
+    finally:
+        sys.settrace(previous)
+    return "".join(pieces)
+
+
+def _one_line(error: Exception) -> str:
+    return " ".join(str(error).split())[:300]
+
+
 @functools.lru_cache(maxsize=8)
 def _compile(template: str) -> jinja2.Template:
     """Compile in the sandbox transformers uses, with the helpers real templates call."""
-    env = ImmutableSandboxedEnvironment(
-        trim_blocks=True, lstrip_blocks=True, extensions=[jinja2.ext.loopcontrols, _GenerationTag]
-    )
+    env = _BoundedSandbox(trim_blocks=True, lstrip_blocks=True, extensions=[jinja2.ext.loopcontrols, _GenerationTag])
     env.filters["tojson"] = _tojson
+    env.filters = {name: _bounded_filter(function) for name, function in env.filters.items()}
     env.globals["raise_exception"] = _raise_exception
     env.globals["strftime_now"] = lambda fmt: datetime.now().strftime(fmt)
     try:

@@ -178,6 +178,10 @@ def _json_after_marker(region: str, tools: list[dict], final: bool) -> list[Tool
     return _name_and_arguments(_json_objects(region)) if final else []
 
 
+def _mistral_v3(region: str, tools: list[dict], final: bool) -> list[ToolCall]:
+    return _json_after_marker(region.replace("[TOOL_CALLS]", ""), tools, final)  # its brackets are no JSON
+
+
 def _minimax(region: str, tools: list[dict], final: bool) -> list[ToolCall]:
     return _name_and_arguments(
         [obj for block in _blocks(r"<tool_calls>(.*?)</tool_calls>")(region) for obj in _json_objects(block)]
@@ -268,7 +272,7 @@ FORMATS = (
     ),
     ToolFormat("hermes", ("<tool_call>",), ("<tool_call>",), ("<tool_call>", "</tool_call>"), _hermes),
     ToolFormat("mistral", ("[TOOL_CALLS]", "[ARGS]"), ("[TOOL_CALLS]",), ("[TOOL_CALLS]", "[ARGS]"), _mistral),
-    ToolFormat("mistral_v3", ("[TOOL_CALLS]",), ("[TOOL_CALLS]",), ("[TOOL_CALLS]",), _json_after_marker),
+    ToolFormat("mistral_v3", ("[TOOL_CALLS]",), ("[TOOL_CALLS]",), ("[TOOL_CALLS]",), _mistral_v3),
     ToolFormat(
         "llama4",
         ("<|python_start|>",),

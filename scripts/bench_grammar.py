@@ -193,7 +193,9 @@ def main() -> None:
             continue
         setup_s[kind.name] = time.perf_counter() - start
         print(f"{kind.name}: vocabulary set up in {setup_s[kind.name]:.2f} s (once per model)")
-    documents = {name: tokenizer.encode(json.dumps(doc), add_special_tokens=False).ids for name, (_, doc) in SCHEMAS.items()}
+    documents = {
+        name: tokenizer.encode(json.dumps(doc), add_special_tokens=False).ids for name, (_, doc) in SCHEMAS.items()
+    }
     times: dict[tuple[str, str], list[tuple[float, float]]] = {}
     for _ in range(args.repeats):
         for name, (schema, _) in SCHEMAS.items():
@@ -214,7 +216,13 @@ def main() -> None:
         )
     args.out.mkdir(parents=True, exist_ok=True)
     stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M")
-    result = {"command": " ".join(sys.argv), "machine": machine(), "vocab": len(vocab), "setup_s": setup_s, "rows": rows}
+    result = {
+        "command": " ".join(sys.argv),
+        "machine": machine(),
+        "vocab": len(vocab),
+        "setup_s": setup_s,
+        "rows": rows,
+    }
     (args.out / f"{stamp}.json").write_text(json.dumps(result, indent=2) + "\n")
 
 

@@ -185,7 +185,8 @@ def test_twenty_clients_queue_or_get_429(server, client):
 def test_a_client_that_leaves_mid_stream_cancels_its_generation(server, client):
     body = json.dumps({"model": "tiny", "messages": MESSAGES, "max_tokens": 3000, "stream": True}).encode()
     connection = http.client.HTTPConnection("127.0.0.1", server, timeout=120)
-    connection.request("POST", "/v1/chat/completions", body=body, headers={"Authorization": f"Bearer {KEY}"})
+    headers = {"Authorization": f"Bearer {KEY}", "Content-Type": "application/json"}
+    connection.request("POST", "/v1/chat/completions", body=body, headers=headers)
     response = connection.getresponse()
     assert response.status == 200
     response.readline()  # the stream has started
