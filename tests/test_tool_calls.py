@@ -43,7 +43,8 @@ SAY = "Let me look. "
 # forced for the test: text, then one call to get_weather(city="Paris", days=2).
 CALLS = {
     "hermes": (
-        '<tool_call>\n{"name": "{{ c.function.name }}", "arguments": {{ c.function.arguments | tojson }}}\n</tool_call>',
+        '<tool_call>\n{"name": "{{ c.function.name }}", "arguments": {{ c.function.arguments | tojson }}}'
+        "\n</tool_call>",
         SAY + '<tool_call>\n{"name": "get_weather", "arguments": {"city": "Paris", "days": 2}}\n</tool_call>',
     ),
     "qwen3_coder": (
