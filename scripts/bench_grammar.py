@@ -3,9 +3,10 @@ outlines-core, each given the same byte-level tokenizer and the same JSON schema
 
 For each library it measures the time to set up the vocabulary (once per model), and for each schema
 the time to compile the schema for the vocabulary (what a request waits before its first token) and
-the time to compute one token's mask of allowed tokens and advance past the token (what every generated token pays), walking the tokens of a document that
-satisfies the schema. Repetitions are interleaved across libraries, so a loaded machine slows them
-alike; it prints medians with the spread and writes bench/results/grammar/.
+the time to compute one token's mask of allowed tokens and advance past the token (what every
+generated token pays), walking the tokens of a document that satisfies the schema. Repetitions are
+interleaved across libraries, so a loaded machine slows them alike; it prints medians with the
+spread and writes bench/results/grammar/.
 
     pip install llguidance xgrammar outlines-core     # xgrammar: --no-deps, or it pulls transformers
     python scripts/bench_grammar.py TOKENIZER.json [--repeats 5]
