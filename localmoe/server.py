@@ -39,6 +39,13 @@ from localmoe.tokenizer import StopStrings
 from localmoe.tool_calls import HarmonyParser, Parsed, ToolCallParser, markers, output_parser, template_messages
 
 RETRY_AFTER_S = 2
+TOTALS = {
+    "accepted": "requests queued for generation",
+    "requests": "generations finished",
+    "cancelled": "generations cancelled because the client went away",
+    "prompt_tokens": "prompt tokens fed to the model",
+    "generated_tokens": "tokens generated",
+}
 log = logging.getLogger("localmoe.server")
 
 
@@ -73,12 +80,13 @@ class Worker(threading.Thread):
         super().__init__(daemon=True, name="localmoe-generation")
         self.engine = engine
         self.jobs: queue.Queue[Job] = queue.Queue(maxsize=queue_size)
-        self.totals = {"requests": 0, "cancelled": 0, "prompt_tokens": 0, "generated_tokens": 0}
+        self.totals = {"accepted": 0, "requests": 0, "cancelled": 0, "prompt_tokens": 0, "generated_tokens": 0}
         self.last_decode_rate = 0.0
 
     def submit(self, job: Job) -> bool:
         try:
             self.jobs.put_nowait(job)
+            self.totals["accepted"] += 1
             return True
         except queue.Full:
             return False
@@ -272,7 +280,8 @@ class Server:
             lines.extend([f"# HELP {name} {what}", f"# TYPE {name} {kind}", f"{name} {value}"])
 
         for name, value in self.worker.totals.items():
-            metric(f"localmoe_{name}_total", "counter", f"{name.replace('_', ' ')} since the server started", value)
+            what = TOTALS[name]
+            metric(f"localmoe_{name}_total", "counter", what, value)
         metric(
             "localmoe_decode_tokens_per_second",
             "gauge",
@@ -319,6 +328,7 @@ class Server:
             model or self.names[0], spec, parser, len(job.ids)
         )
         request.state.tokens = lambda: reply.usage
+        request.state.user = spec.user
         if spec.stream:
             return StreamingResponse(self._stream(job, reply), media_type="text/event-stream")
         return await self._whole(request, job, reply)
@@ -348,6 +358,12 @@ class Server:
         try:
             if spec.messages is not None:
                 template = tokenizer.template(spec.tools)
+                unused = [key for key in spec.template_kwargs if key not in template]
+                if unused:
+                    raise BadRequest(
+                        f"'{unused[0]}' is not supported: this checkpoint's chat template does not take it",
+                        param=unused[0],
+                    )
                 parser = output_parser(template, spec.tools)
                 self._check_length(sum(len(m.get("content") or "") for m in spec.messages))
                 messages = list(template_messages(spec.messages, template))
@@ -402,19 +418,18 @@ class Server:
         return asked
 
     async def _whole(self, request: Request, job: Job, reply) -> Response:
-        """Wait for the whole answer; a client that disconnects meanwhile cancels its generation."""
-        waiting = None
+        """Wait for the whole answer; a client that disconnects meanwhile cancels its generation (the
+        ASGI server's next message after the body is the disconnect)."""
+        gone = asyncio.ensure_future(request.receive())
         try:
             while True:
-                waiting = waiting or asyncio.ensure_future(job.events.get())
-                done, _ = await asyncio.wait({waiting}, timeout=0.5)
-                if not done:
-                    if await request.is_disconnected():
-                        job.cancelled.set()
-                        raise BadRequest("the client went away", 499)
-                    continue
-                kind, *values = waiting.result()
-                waiting = None
+                event = asyncio.ensure_future(job.events.get())
+                await asyncio.wait({event, gone}, return_when=asyncio.FIRST_COMPLETED)
+                if not event.done():
+                    event.cancel()
+                    job.cancelled.set()
+                    raise BadRequest("the client went away", 499)
+                kind, *values = event.result()
                 if kind == "error":
                     raise BadRequest(values[0], 500 if values[0].startswith("internal error") else 400, "server_error")
                 if kind == "text":
@@ -422,8 +437,7 @@ class Server:
                 else:
                     return JSONResponse(reply.whole(*values))
         finally:
-            if waiting is not None:
-                waiting.cancel()
+            gone.cancel()
 
     async def _stream(self, job: Job, reply) -> AsyncIterator[str]:
         try:
@@ -457,14 +471,16 @@ def _log_line(request: Request, response: Response, started: float) -> None:
     """One line per request: its id, endpoint, status, tokens and time."""
     usage = getattr(request.state, "tokens", lambda: None)()
     tokens = f" prompt={usage['prompt_tokens']} completion={usage['completion_tokens']}" if usage else ""
+    user = getattr(request.state, "user", None)
     log.info(
-        "request %s %s %s status=%d%s seconds=%.3f",
+        "request %s %s %s status=%d%s seconds=%.3f%s",
         uuid.uuid4().hex[:8],
         request.method,
         request.url.path,
         response.status_code,
         tokens,
         time.perf_counter() - started,
+        f" user={json.dumps(user)}" if user else "",
     )
 
 
