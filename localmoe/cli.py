@@ -495,8 +495,9 @@ def serve(model, host, port, api_key, names, queue, max_tokens_limit, max_body, 
 
 
 def _exit_on_sigterm_as_on_ctrl_c() -> None:
-    """systemd and docker stop with SIGTERM: end as Ctrl-C does (exit 130), the routing profile saved.
-    uvicorn shuts down on either signal, then raises it again, which lands here."""
+    """systemd and docker stop with SIGTERM: end as Ctrl-C does, the routing profile saved. uvicorn shuts
+    down gracefully on either signal, then raises it again: SIGINT's KeyboardInterrupt, which uvicorn.run
+    swallows, and SIGTERM's default action, which would kill the process before the profile is written."""
 
     def interrupt(signum, frame):
         raise KeyboardInterrupt

@@ -310,3 +310,34 @@ def test_anthropic_tool_use_round_trip_and_streaming(tool_checkpoint, tmp_path, 
         ]
         again = client.messages.create(model="tiny", max_tokens=150, messages=back, tools=tools)
         assert again.usage.input_tokens > message.usage.input_tokens
+
+
+def test_parallel_tool_calls_false_keeps_the_first_call(tool_checkpoint, tmp_path, monkeypatch):
+    template, output = TEMPLATES["hermes"]
+    folder = checkpoint_with(tool_checkpoint, tmp_path / "hermes", template)
+    second = '<tool_call>\n{"name": "get_weather", "arguments": {"city": "Rome", "days": 1}}\n</tool_call>'
+    with serving(folder, output + second, monkeypatch) as (port, _):
+        client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="-", max_retries=0, timeout=120)
+        user = [{"role": "user", "content": "Weather in Paris and Rome?"}]
+        both = client.chat.completions.create(model="tiny", messages=user, tools=TOOLS, max_tokens=150)
+        assert [json.loads(c.function.arguments)["city"] for c in both.choices[0].message.tool_calls] == [
+            "Paris",
+            "Rome",
+        ]
+        one = client.chat.completions.create(
+            model="tiny", messages=user, tools=TOOLS, max_tokens=150, parallel_tool_calls=False
+        )
+        assert [json.loads(c.function.arguments)["city"] for c in one.choices[0].message.tool_calls] == ["Paris"]
+
+
+def test_a_looping_template_is_stopped_and_the_server_goes_on(tool_checkpoint, tmp_path, monkeypatch):
+    import localmoe.tokenizer
+
+    monkeypatch.setattr(localmoe.tokenizer, "RENDER_SECONDS", 1.0)
+    looping = "{% for i in range(100000) %}{% for j in range(100000) %}{% endfor %}{% endfor %}"
+    folder = checkpoint_with(tool_checkpoint, tmp_path / "loop", looping)
+    with serving(folder, "x", monkeypatch) as (port, _):
+        client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="-", max_retries=0, timeout=120)
+        with pytest.raises(openai.BadRequestError, match="ran for more than"):
+            client.chat.completions.create(model="tiny", messages=[{"role": "user", "content": "hi"}])
+        assert client.completions.create(model="tiny", prompt="hi", max_tokens=1).choices[0].finish_reason
