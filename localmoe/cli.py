@@ -479,6 +479,7 @@ def serve(model, host, port, api_key, names, queue, max_tokens_limit, max_body, 
         cors=tuple(cors),
         sampling=_sampling(engine, flags),
         stop=tuple(flags["stop"]),
+        host=host,
     )
     logging.basicConfig(level=logging.INFO, format="localmoe: %(message)s")
     click.echo(f"serving {', '.join(served)} on http://{host}:{port}/v1", err=True)

@@ -180,9 +180,12 @@ class Server:
         cors: tuple[str, ...] = (),
         sampling: SamplingParams | None = None,
         stop: tuple[str, ...] = (),
+        host: str = "127.0.0.1",
     ):
         """`sampling` and `stop`: the defaults of every request (the checkpoint's and no stop string
-        unless given); a request's own fields override them."""
+        unless given); a request's own fields override them. Listening on a loopback `host`, requests
+        must name a loopback host in their Host header (a DNS-rebinding page names its own)."""
+        self.loopback_only = is_loopback(host)
         self.engine, self.api_key = engine, api_key
         self.sampling, self.stop = sampling or engine.sampling(), list(stop)
         self.names = [names] if isinstance(names, str) else list(names)
@@ -248,6 +251,10 @@ class Server:
         }
 
     def _check(self, request: Request) -> None:
+        if self.loopback_only and not is_loopback(_host_name(request.headers.get("host", ""))):
+            raise BadRequest(
+                "this server answers requests for localhost only (the Host header)", 403, "permission_error"
+            )
         if self.api_key is not None:
             given = request.headers.get("authorization", "")
             key = request.headers.get("x-api-key")  # Anthropic's clients send the key so
@@ -365,7 +372,7 @@ class Server:
                         param=unused[0],
                     )
                 parser = output_parser(template, spec.tools)
-                self._check_length(sum(len(m.get("content") or "") for m in spec.messages))
+                self._check_length(sum(len(m["content"]) for m in spec.messages) + len(json.dumps(spec.tools or [])))
                 messages = list(template_messages(spec.messages, template))
                 ids = tokenizer.encode_chat(messages, tools=spec.tools, **spec.template_kwargs)
                 keep = tokenizer.special_ids(markers(template)) if parser else frozenset()
@@ -614,6 +621,13 @@ def _offsets(entries: list[dict]) -> list[int]:
 
 def _sse(data: dict) -> str:
     return f"data: {json.dumps(data, ensure_ascii=False)}\n\n"
+
+
+def _host_name(header: str) -> str:
+    """The host of a Host header, without its port: "[::1]:8000" -> "::1", "localhost:8000" -> "localhost"."""
+    if header.startswith("["):
+        return header[1:].split("]")[0]
+    return header.rsplit(":", 1)[0] if header.count(":") == 1 else header
 
 
 def is_loopback(host: str) -> bool:

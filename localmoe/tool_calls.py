@@ -108,36 +108,30 @@ def _next_json(text: str, at: int) -> int | None:
     return min(starts) if starts else None
 
 
-def _blocks(pattern: str) -> Callable[[str], list[str]]:
-    compiled = re.compile(pattern, re.DOTALL)
-    return lambda text: compiled.findall(text)
+def _json_blocks(opening: str, closing: str) -> Callable[[str, list[dict], bool], list[ToolCall]]:
+    """Calls written as JSON objects ({"name", "arguments"}) between two tags, one or more per block."""
+    blocks = re.compile(re.escape(opening) + "(.*?)" + re.escape(closing), re.DOTALL)
+
+    def read(region: str, tools: list[dict], final: bool) -> list[ToolCall]:
+        return _name_and_arguments([obj for block in blocks.findall(region) for obj in _json_objects(block)])
+
+    return read
 
 
-def _hermes(region: str, tools: list[dict], final: bool) -> list[ToolCall]:
-    return _name_and_arguments(
-        [obj for block in _blocks(r"<tool_call>(.*?)</tool_call>")(region) for obj in _json_objects(block)]
-    )
+def _xml_calls(call: str, parameter: str) -> Callable[[str, list[dict], bool], list[ToolCall]]:
+    """Calls written as markup: `call` finds (name, body) pairs, `parameter` (key, value) pairs in a body;
+    values are typed by the tool's schema."""
+    calls, parameters = re.compile(call, re.DOTALL), re.compile(parameter, re.DOTALL)
 
+    def read(region: str, tools: list[dict], final: bool) -> list[ToolCall]:
+        found = []
+        for name, body in calls.findall(region):
+            name = name.strip()
+            arguments = {k.strip(): _typed(v.strip(), name, k.strip(), tools) for k, v in parameters.findall(body)}
+            found.append(ToolCall(name, _json_arguments(arguments)))
+        return found
 
-def _qwen3_coder(region: str, tools: list[dict], final: bool) -> list[ToolCall]:
-    calls = []
-    for name, body in re.findall(r"<function=([^>\n]+)>(.*?)</function>", region, re.DOTALL):
-        pairs = re.findall(r"<parameter=([^>\n]+)>\n?(.*?)\n?</parameter>", body, re.DOTALL)
-        calls.append(
-            ToolCall(
-                name.strip(), _json_arguments({k.strip(): _typed(v, name.strip(), k.strip(), tools) for k, v in pairs})
-            )
-        )
-    return calls
-
-
-def _glm45(region: str, tools: list[dict], final: bool) -> list[ToolCall]:
-    calls = []
-    for block in _blocks(r"<tool_call>(.*?)</tool_call>")(region):
-        name = block.split("<arg_key>", 1)[0].strip()
-        pairs = re.findall(r"<arg_key>(.*?)</arg_key>\s*<arg_value>(.*?)</arg_value>", block, re.DOTALL)
-        calls.append(ToolCall(name, _json_arguments({k.strip(): _typed(v, name, k.strip(), tools) for k, v in pairs})))
-    return calls
+    return read
 
 
 def _deepseek_v3(region: str, tools: list[dict], final: bool) -> list[ToolCall]:
@@ -180,20 +174,6 @@ def _json_after_marker(region: str, tools: list[dict], final: bool) -> list[Tool
 
 def _mistral_v3(region: str, tools: list[dict], final: bool) -> list[ToolCall]:
     return _json_after_marker(region.replace("[TOOL_CALLS]", ""), tools, final)  # its brackets are no JSON
-
-
-def _minimax(region: str, tools: list[dict], final: bool) -> list[ToolCall]:
-    return _name_and_arguments(
-        [obj for block in _blocks(r"<tool_calls>(.*?)</tool_calls>")(region) for obj in _json_objects(block)]
-    )
-
-
-def _minimax_m2(region: str, tools: list[dict], final: bool) -> list[ToolCall]:
-    calls = []
-    for name, body in re.findall(r'<invoke name="([^"]+)">(.*?)</invoke>', region, re.DOTALL):
-        pairs = re.findall(r'<parameter name="([^"]+)">(.*?)</parameter>', body, re.DOTALL)
-        calls.append(ToolCall(name, _json_arguments({k: _typed(v.strip(), name, k, tools) for k, v in pairs})))
-    return calls
 
 
 @dataclass(frozen=True)
@@ -257,20 +237,36 @@ FORMATS = (
         ("<minimax:tool_call>",),
         ("<minimax:tool_call>",),
         ("<minimax:tool_call>", "</minimax:tool_call>"),
-        _minimax_m2,
+        _xml_calls(r'<invoke name="([^"]+)">(.*?)</invoke>', r'<parameter name="([^"]+)">(.*?)</parameter>'),
     ),
-    ToolFormat("minimax", ("<tool_calls>",), ("<tool_calls>",), ("<tool_calls>", "</tool_calls>"), _minimax),
+    ToolFormat(
+        "minimax",
+        ("<tool_calls>",),
+        ("<tool_calls>",),
+        ("<tool_calls>", "</tool_calls>"),
+        _json_blocks("<tool_calls>", "</tool_calls>"),
+    ),
     ToolFormat(
         "glm45",
         ("<tool_call>", "<arg_key>"),
         ("<tool_call>",),
         ("<tool_call>", "</tool_call>", "<arg_key>", "</arg_key>", "<arg_value>", "</arg_value>"),
-        _glm45,
+        _xml_calls(r"<tool_call>([^<]*)(.*?)</tool_call>", r"<arg_key>(.*?)</arg_key>\s*<arg_value>(.*?)</arg_value>"),
     ),
     ToolFormat(
-        "qwen3_coder", ("<tool_call>", "<function="), ("<tool_call>",), ("<tool_call>", "</tool_call>"), _qwen3_coder
+        "qwen3_coder",
+        ("<tool_call>", "<function="),
+        ("<tool_call>",),
+        ("<tool_call>", "</tool_call>"),
+        _xml_calls(r"<function=([^>\n]+)>(.*?)</function>", r"<parameter=([^>\n]+)>(.*?)</parameter>"),
     ),
-    ToolFormat("hermes", ("<tool_call>",), ("<tool_call>",), ("<tool_call>", "</tool_call>"), _hermes),
+    ToolFormat(
+        "hermes",
+        ("<tool_call>",),
+        ("<tool_call>",),
+        ("<tool_call>", "</tool_call>"),
+        _json_blocks("<tool_call>", "</tool_call>"),
+    ),
     ToolFormat("mistral", ("[TOOL_CALLS]", "[ARGS]"), ("[TOOL_CALLS]",), ("[TOOL_CALLS]", "[ARGS]"), _mistral),
     ToolFormat("mistral_v3", ("[TOOL_CALLS]",), ("[TOOL_CALLS]",), ("[TOOL_CALLS]",), _mistral_v3),
     ToolFormat(

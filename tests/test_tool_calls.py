@@ -5,16 +5,12 @@ the call goes back as a `role: tool` (or tool_result) conversation rendered by t
 import contextlib
 import json
 import shutil
-import socket
-import threading
-import time
 
 import anthropic
 import openai
 import pytest
 import torch
-import uvicorn
-from conftest import MIXTRAL, hf_model, save_hf, save_tokenizer, train_tokenizer
+from conftest import MIXTRAL, hf_model, save_hf, save_tokenizer, serve_app, train_tokenizer
 
 import localmoe
 import localmoe.engine
@@ -173,19 +169,8 @@ def serving(folder, output: str, monkeypatch):
     monkeypatch.setattr(
         localmoe.engine, "Sampler", forced(tok.encode(output, add_special_tokens=False), min(engine.eos_ids))
     )
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    uv = uvicorn.Server(uvicorn.Config(Server(engine, "tiny", None, 2, 200).app(), port=port, log_level="warning"))
-    thread = threading.Thread(target=uv.run, daemon=True)
-    thread.start()
-    while not uv.started:
-        time.sleep(0.05)
-    try:
+    with serve_app(Server(engine, "tiny", None, 2, 200).app()) as port:
         yield port, engine
-    finally:
-        uv.should_exit = True
-        thread.join(timeout=10)
 
 
 def streamed_calls(stream) -> tuple[str, list[dict], str]:
@@ -261,15 +246,7 @@ def test_tool_call_round_trip(name, tool_checkpoint, tmp_path, monkeypatch):
 def test_tools_with_an_unknown_format_are_refused(chat_model):
     """The ChatML test template renders tools but writes no call syntax: a 400, not ignored tools."""
     engine = localmoe.load(str(chat_model), device="cpu")
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    uv = uvicorn.Server(uvicorn.Config(Server(engine, "tiny", None, 2, 20).app(), port=port, log_level="warning"))
-    thread = threading.Thread(target=uv.run, daemon=True)
-    thread.start()
-    while not uv.started:
-        time.sleep(0.05)
-    try:
+    with serve_app(Server(engine, "tiny", None, 2, 20).app()) as port:
         client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="-", max_retries=0, timeout=120)
         with pytest.raises(openai.BadRequestError, match="tool-call format"):
             client.chat.completions.create(model="tiny", messages=[{"role": "user", "content": "hi"}], tools=TOOLS)
@@ -277,9 +254,6 @@ def test_tools_with_an_unknown_format_are_refused(chat_model):
             model="tiny", messages=[{"role": "user", "content": "hi"}], tools=TOOLS, tool_choice="none", max_tokens=3
         )
         assert plain.choices[0].finish_reason == "length"
-    finally:
-        uv.should_exit = True
-        thread.join(timeout=10)
 
 
 def test_anthropic_tool_use_round_trip_and_streaming(tool_checkpoint, tmp_path, monkeypatch):
