@@ -189,6 +189,14 @@ class ToolFormat:
     arguments_as_text: bool = False  # the template concatenates the arguments: give it JSON text, not a dict
 
 
+DEEPSEEK_MARKERS = (
+    "<｜tool▁calls▁begin｜>",
+    "<｜tool▁calls▁end｜>",
+    "<｜tool▁call▁begin｜>",
+    "<｜tool▁call▁end｜>",
+    "<｜tool▁sep｜>",
+)
+
 # Most specific first: glm45 and qwen3_coder also write <tool_call>, minimax_m2 also writes <invoke.
 FORMATS = (
     ToolFormat(
@@ -208,13 +216,7 @@ FORMATS = (
         "deepseek_v3",
         ("<｜tool▁calls▁begin｜>", "```json"),
         ("<｜tool▁calls▁begin｜>", "<｜tool▁call▁begin｜>"),
-        (
-            "<｜tool▁calls▁begin｜>",
-            "<｜tool▁calls▁end｜>",
-            "<｜tool▁call▁begin｜>",
-            "<｜tool▁call▁end｜>",
-            "<｜tool▁sep｜>",
-        ),
+        DEEPSEEK_MARKERS,
         _deepseek_v3,
         arguments_as_text=True,
     ),
@@ -222,13 +224,7 @@ FORMATS = (
         "deepseek_v31",
         ("<｜tool▁calls▁begin｜>",),
         ("<｜tool▁calls▁begin｜>", "<｜tool▁call▁begin｜>"),
-        (
-            "<｜tool▁calls▁begin｜>",
-            "<｜tool▁calls▁end｜>",
-            "<｜tool▁call▁begin｜>",
-            "<｜tool▁call▁end｜>",
-            "<｜tool▁sep｜>",
-        ),
+        DEEPSEEK_MARKERS,
         _deepseek_v31,
         arguments_as_text=True,
     ),
