@@ -408,7 +408,7 @@ def _placement_flags(model: str, flags: dict, engine) -> str:
     "--name",
     "names",
     multiple=True,
-    help="A model name clients may use (repeatable)  [default: the Hub id or folder given, and its last part].",
+    help="A model name clients may use (repeatable)  [default: the Hub id and its last part, or the folder's name].",
 )
 @click.option("--queue", default=8, show_default=True, type=click.IntRange(min=1), help="Requests that may wait.")
 @click.option(
@@ -468,7 +468,7 @@ def serve(model, host, port, api_key, names, queue, max_tokens_limit, max_body, 
             bold=True,
         )
     engine = _load(model, revision, flags)
-    served = list(dict.fromkeys(names or (model, model.rstrip("/").split("/")[-1])))
+    served = list(names or _default_names(model))
     server = Server(
         engine,
         served,
@@ -493,6 +493,13 @@ def serve(model, host, port, api_key, names, queue, max_tokens_limit, max_body, 
         timeout_keep_alive=flags["timeout_keep_alive"],
         limit_concurrency=flags["limit_concurrency"],
     )
+
+
+def _default_names(model: str) -> list[str]:
+    """A Hub id and its last part ("Qwen/Qwen3-30B-A3B", "Qwen3-30B-A3B"); a folder by its name only, so
+    that no path of this machine is shown to clients."""
+    last = model.rstrip("/").split("/")[-1]
+    return [last] if Path(model).exists() else list(dict.fromkeys([model, last]))
 
 
 def _exit_on_sigterm_as_on_ctrl_c() -> None:

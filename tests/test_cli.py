@@ -212,3 +212,10 @@ def test_sigterm_saves_the_routing_profile_as_ctrl_c_does(tiny_mixtral, tmp_path
     finally:
         process.kill()
     assert json.loads(profile.read_text())["counts"]  # written on the way out
+
+
+def test_default_model_names_show_no_local_path(tmp_path):
+    from localmoe.cli import _default_names
+
+    assert _default_names("Qwen/Qwen3-30B-A3B") == ["Qwen/Qwen3-30B-A3B", "Qwen3-30B-A3B"]
+    assert _default_names(str(tmp_path)) == [tmp_path.name]
