@@ -32,8 +32,7 @@ from uvicorn.protocols.http.h11_impl import H11Protocol
 from localmoe import anthropic
 from localmoe.api import BadRequest, GenerationRequest, parse_chat, parse_completion, parse_messages
 from localmoe.engine import Engine
-from localmoe.errors import LocalMoEError
-from localmoe.runtime.offload import OffloadedExperts
+from localmoe.errors import LocalMoEError, as_flag
 from localmoe.runtime.sampling import Constraint, SamplingParams, StepLogprobs
 from localmoe.tokenizer import StopStrings
 from localmoe.tool_calls import HarmonyParser, Parsed, ToolCallParser, markers, output_parser, template_messages
@@ -47,6 +46,13 @@ TOTALS = {
     "generated_tokens": "tokens generated",
 }
 log = logging.getLogger("localmoe.server")
+REQUEST_FIELDS = {"max_new_tokens": "max_tokens"}  # the setting as a request names it
+
+
+def for_client(error: LocalMoEError) -> str:
+    """An error's message for an HTTP client: settings of a request as its fields, the others as the
+    server's start flags, which only whoever runs the server can change."""
+    return error.phrased(lambda name: REQUEST_FIELDS.get(name) or f"the server's {as_flag(name)}")
 
 
 def error_response(error: BadRequest, headers: dict | None = None) -> JSONResponse:
@@ -100,7 +106,7 @@ class Worker(threading.Thread):
             try:
                 self._generate(job)
             except LocalMoEError as error:
-                job.send("error", str(error))
+                job.send("error", for_client(error))
             except Exception as error:  # a bug must not take the server down: report it and go on
                 job.send("error", f"internal error: {type(error).__name__}: {error}")
 
@@ -296,8 +302,8 @@ class Server:
             f"{self.worker.last_decode_rate:.3f}",
         )
         metric("localmoe_queue_length", "gauge", "requests waiting for the model", self.worker.jobs.qsize())
-        if isinstance(self.engine.experts, OffloadedExperts):
-            totals = self.engine.experts.cache.totals()
+        if (cache := self.engine.expert_cache()) is not None:
+            totals = cache.total
             for name in (
                 "uses",
                 "hits",
@@ -389,7 +395,7 @@ class Server:
         except BadRequest:
             raise
         except LocalMoEError as error:
-            raise BadRequest(str(error)) from None
+            raise BadRequest(for_client(error)) from None
         max_tokens = self._max_tokens(spec.max_tokens, len(ids))
         job = Job(ids, max_tokens, sampling, [*self.stop, *spec.stop], loop, constraint, spec.top_logprobs, keep)
         return job, parser

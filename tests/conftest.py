@@ -104,57 +104,50 @@ def tiny_mixtral(tmp_path):
     return folder
 
 
-MIXTRAL = dict(
+# What every tiny config shares: a byte-level vocabulary with BOS and EOS after it, 64 wide, 4 heads.
+BASE = dict(
     vocab_size=258,
     hidden_size=64,
-    intermediate_size=96,
-    num_hidden_layers=3,
     num_attention_heads=4,
-    num_key_value_heads=2,
-    num_local_experts=5,
-    num_experts_per_tok=2,
     max_position_embeddings=256,
     bos_token_id=256,
     eos_token_id=257,
 )
 
+MIXTRAL = dict(
+    BASE,
+    intermediate_size=96,
+    num_hidden_layers=3,
+    num_key_value_heads=2,
+    num_local_experts=5,
+    num_experts_per_tok=2,
+)
+
 QWEN2_MOE = dict(
-    vocab_size=258,
-    hidden_size=64,
+    BASE,
     intermediate_size=112,
     moe_intermediate_size=40,
     shared_expert_intermediate_size=72,
     num_hidden_layers=3,
-    num_attention_heads=4,
     num_key_value_heads=2,
     num_experts=6,
     num_experts_per_tok=2,
-    max_position_embeddings=256,
-    bos_token_id=256,
-    eos_token_id=257,
 )
 
 OLMOE = dict(
-    vocab_size=258,
-    hidden_size=64,
+    BASE,
     intermediate_size=48,
     num_hidden_layers=3,
-    num_attention_heads=4,
     num_key_value_heads=2,
     num_experts=6,
     num_experts_per_tok=3,
-    max_position_embeddings=256,
-    bos_token_id=256,
-    eos_token_id=257,
 )
 
 DEEPSEEK_V2 = dict(
-    vocab_size=258,
-    hidden_size=64,
+    BASE,
     intermediate_size=96,
     moe_intermediate_size=24,
     num_hidden_layers=3,
-    num_attention_heads=4,
     n_routed_experts=8,
     num_experts_per_tok=2,
     n_shared_experts=1,
@@ -164,41 +157,30 @@ DEEPSEEK_V2 = dict(
     qk_nope_head_dim=16,
     qk_rope_head_dim=8,
     v_head_dim=12,
-    max_position_embeddings=256,
-    bos_token_id=256,
-    eos_token_id=257,
 )
 
 GLM4_MOE = dict(
-    vocab_size=258,
-    hidden_size=64,
+    BASE,
     intermediate_size=96,
     moe_intermediate_size=24,
     num_hidden_layers=3,
-    num_attention_heads=4,
     num_key_value_heads=2,
     head_dim=16,
     n_routed_experts=8,
     num_experts_per_tok=2,
     n_shared_experts=1,
     first_k_dense_replace=1,
-    max_position_embeddings=256,
-    bos_token_id=256,
-    eos_token_id=257,
 )
 
 GPT_OSS = dict(
-    vocab_size=258,
-    hidden_size=64,
+    BASE,
     intermediate_size=32,  # MXFP4 groups inputs by 32
     num_hidden_layers=3,
-    num_attention_heads=4,
     num_key_value_heads=2,
     head_dim=16,
     num_local_experts=5,
     num_experts_per_tok=2,
     sliding_window=8,
-    max_position_embeddings=256,
     rope_parameters={
         "rope_type": "yarn",
         "rope_theta": 150000.0,
@@ -208,100 +190,68 @@ GPT_OSS = dict(
         "truncate": False,
         "original_max_position_embeddings": 64,
     },
-    bos_token_id=256,
-    eos_token_id=257,
 )
 
 PHIMOE = dict(
-    vocab_size=258,
-    hidden_size=64,
+    BASE,
     intermediate_size=48,
     num_hidden_layers=3,
-    num_attention_heads=4,
     num_key_value_heads=2,
     num_local_experts=6,
     num_experts_per_tok=2,
-    max_position_embeddings=256,
-    bos_token_id=256,
-    eos_token_id=257,
 )
 
 MINIMAX = dict(
-    vocab_size=258,
-    hidden_size=64,
+    BASE,
     intermediate_size=48,
     num_hidden_layers=4,
-    num_attention_heads=4,
     num_key_value_heads=2,
     num_local_experts=5,
     num_experts_per_tok=2,
     block_size=8,  # prompts span several blocks
-    max_position_embeddings=256,
-    bos_token_id=256,
-    eos_token_id=257,
 )
 
 MINIMAX_M2 = dict(
-    vocab_size=258,
-    hidden_size=64,
+    BASE,
     intermediate_size=32,
     num_hidden_layers=3,
-    num_attention_heads=4,
     num_key_value_heads=2,
     head_dim=16,
     rotary_dim=8,  # the older spelling of partial rotary: half of each head
     num_local_experts=6,
     num_experts_per_tok=2,
-    max_position_embeddings=256,
-    bos_token_id=256,
-    eos_token_id=257,
 )
 
 ERNIE = dict(
-    vocab_size=258,
-    hidden_size=64,
+    BASE,
     intermediate_size=96,
     moe_intermediate_size=32,
     num_hidden_layers=3,
-    num_attention_heads=4,
     num_key_value_heads=2,
     moe_num_experts=6,
     moe_k=2,
     moe_num_shared_experts=1,
-    max_position_embeddings=256,
-    bos_token_id=256,
-    eos_token_id=257,
 )
 
 HUNYUAN = dict(
-    vocab_size=258,
-    hidden_size=64,
+    BASE,
     intermediate_size=32,
     num_hidden_layers=3,
-    num_attention_heads=4,
     num_key_value_heads=2,
     head_dim=16,
     num_experts=5,
     moe_topk=2,
-    max_position_embeddings=256,
-    bos_token_id=256,
-    eos_token_id=257,
 )
 
 QWEN3_MOE = dict(
-    vocab_size=258,
-    hidden_size=64,
+    BASE,
     intermediate_size=112,
     moe_intermediate_size=48,
     num_hidden_layers=4,
-    num_attention_heads=4,
     num_key_value_heads=2,
     head_dim=24,
     num_experts=7,
     num_experts_per_tok=3,
-    max_position_embeddings=256,
-    bos_token_id=256,
-    eos_token_id=257,
 )
 
 
@@ -367,28 +317,21 @@ def chat_model(tmp_path_factory):
 
 
 LLAMA4 = dict(
-    vocab_size=258,
-    hidden_size=64,
+    BASE,
     intermediate_size=32,
     intermediate_size_mlp=48,
     num_hidden_layers=4,  # the fourth has no rotary and attends to everything
-    num_attention_heads=4,
     num_key_value_heads=2,
     head_dim=16,
     num_local_experts=5,
     num_experts_per_tok=1,
     attention_chunk_size=8,  # prompts span several chunks
     floor_scale=8,  # and the query temperature changes within them
-    max_position_embeddings=256,
-    bos_token_id=256,
-    eos_token_id=257,
 )
 
 QWEN3_5_MOE = dict(
-    vocab_size=258,
-    hidden_size=64,
+    BASE,
     num_hidden_layers=4,  # three Gated DeltaNet layers, then full attention
-    num_attention_heads=4,
     num_key_value_heads=2,
     head_dim=16,
     linear_num_key_heads=2,
@@ -399,17 +342,12 @@ QWEN3_5_MOE = dict(
     shared_expert_intermediate_size=48,
     num_experts=6,
     num_experts_per_tok=2,
-    max_position_embeddings=256,
-    bos_token_id=256,
-    eos_token_id=257,
 )
 
 GEMMA4 = dict(
-    vocab_size=258,
-    hidden_size=64,
+    BASE,
     intermediate_size=48,
     num_hidden_layers=4,  # three sliding-window layers, then a global one
-    num_attention_heads=4,
     num_key_value_heads=2,
     head_dim=16,
     global_head_dim=32,
@@ -423,19 +361,14 @@ GEMMA4 = dict(
     hidden_size_per_layer_input=8,
     vocab_size_per_layer_input=258,
     final_logit_softcapping=30.0,
-    max_position_embeddings=256,
-    bos_token_id=256,
-    eos_token_id=257,
     pad_token_id=0,
 )
 
 MELLUM = dict(
-    vocab_size=258,
-    hidden_size=64,
+    BASE,
     intermediate_size=96,
     moe_intermediate_size=32,
     num_hidden_layers=4,
-    num_attention_heads=4,
     num_key_value_heads=2,
     head_dim=16,
     num_experts=8,
@@ -447,18 +380,13 @@ MELLUM = dict(
         "full_attention": {"rope_type": "default", "rope_theta": 500000.0},
         "sliding_attention": {"rope_type": "default", "rope_theta": 10000.0},
     },
-    max_position_embeddings=256,
-    bos_token_id=256,
-    eos_token_id=257,
 )
 
 MISTRAL4 = dict(
-    vocab_size=258,
-    hidden_size=64,
+    BASE,
     intermediate_size=96,
     moe_intermediate_size=32,
     num_hidden_layers=3,
-    num_attention_heads=4,
     num_key_value_heads=4,
     n_shared_experts=1,
     n_routed_experts=8,
@@ -485,18 +413,14 @@ MISTRAL4 = dict(
         "mscale_all_dim": 1.0,
         "llama_4_scaling_beta": 0.1,
     },
-    bos_token_id=256,
-    eos_token_id=257,
     pad_token_id=0,
 )
 
 GLM_MOE_DSA = dict(
-    vocab_size=258,
-    hidden_size=64,
+    BASE,
     intermediate_size=96,
     moe_intermediate_size=32,
     num_hidden_layers=4,
-    num_attention_heads=4,
     num_key_value_heads=4,
     n_shared_experts=1,
     n_routed_experts=8,
@@ -515,18 +439,13 @@ GLM_MOE_DSA = dict(
     index_topk_freq=2,
     index_skip_topk_offset=2,  # full, full, shared, full
     first_k_dense_replace=1,
-    max_position_embeddings=256,
     rope_parameters={"rope_type": "default", "rope_theta": 10000.0},
-    bos_token_id=256,
-    eos_token_id=257,
 )
 
 DEEPSEEK_V4 = dict(
-    vocab_size=258,
-    hidden_size=64,
+    BASE,
     moe_intermediate_size=32,
     num_hidden_layers=4,
-    num_attention_heads=4,
     num_key_value_heads=1,
     head_dim=32,
     q_lora_rank=32,
@@ -550,10 +469,35 @@ DEEPSEEK_V4 = dict(
     index_topk=64,  # at least the entries of the tests: no top-k ties (relu zeros) to break either way
     hc_mult=3,  # with 2 streams, a doubly stochastic mix is symmetric and hides a transposition
     hc_sinkhorn_iters=5,
-    max_position_embeddings=256,
-    bos_token_id=256,
-    eos_token_id=257,
 )
+
+# Every family at tiny size, keyed by model_type: (transformers config class, config).
+TINY_FAMILIES = {
+    "mixtral": ("MixtralConfig", MIXTRAL),  # 3 MoE layers x 5 experts, top-2
+    "qwen2_moe": ("Qwen2MoeConfig", QWEN2_MOE),
+    "qwen3_moe": ("Qwen3MoeConfig", QWEN3_MOE),
+    "olmoe": ("OlmoeConfig", OLMOE),
+    "deepseek_v2": (
+        "DeepseekV2Config",
+        {**DEEPSEEK_V2, "topk_method": "group_limited_greedy", "n_group": 4, "topk_group": 2},
+    ),
+    # latent attention, a dense first layer, a shared expert and grouped sigmoid routing: 2 x 8, top-2
+    "deepseek_v3": ("DeepseekV3Config", {**DEEPSEEK_V2, "n_group": 4, "topk_group": 2}),
+    "glm4_moe": ("Glm4MoeConfig", GLM4_MOE),
+    "gpt_oss": ("GptOssConfig", GPT_OSS),
+    "phimoe": ("PhimoeConfig", PHIMOE),
+    "minimax": ("MiniMaxConfig", MINIMAX),
+    "minimax_m2": ("MiniMaxM2Config", MINIMAX_M2),
+    "ernie4_5_moe": ("Ernie4_5_MoeConfig", {**ERNIE, "use_bias": True}),
+    "hunyuan_v1_moe": ("HunYuanMoEV1Config", {**HUNYUAN, "moe_topk": [1, 3, 2]}),
+    "llama4_text": ("Llama4TextConfig", {**LLAMA4, "num_experts_per_tok": 2}),
+    "qwen3_5_moe_text": ("Qwen3_5MoeTextConfig", QWEN3_5_MOE),
+    "gemma4_text": ("Gemma4TextConfig", GEMMA4),
+    "mellum": ("MellumConfig", MELLUM),
+    "mistral4": ("Mistral4Config", MISTRAL4),
+    "glm_moe_dsa": ("GlmMoeDsaConfig", GLM_MOE_DSA),
+    "deepseek_v4": ("DeepseekV4Config", DEEPSEEK_V4),
+}
 
 
 @contextlib.contextmanager

@@ -17,7 +17,7 @@ from localmoe.models.expert_tensors import PerExpert
 from localmoe.models.family import Family, ModelArgs, causal_lm
 from localmoe.models.layers import CausalLM, RMSNorm, Step, activation
 from localmoe.models.moe import FUSED_EXPERTS, MIXTRAL_EXPERTS, GatedActivation, SparseMoE, TopKRouter
-from localmoe.runtime.kv_cache import LinearAttentionState
+from localmoe.models.state import LinearAttentionState
 
 
 class LightningAttention(nn.Module):
@@ -133,7 +133,7 @@ def build(args: MiniMaxArgs) -> CausalLM:
         args.num_local_experts,
         args.num_experts_per_tok,
     )
-    head_dim = args.head_dim or hidden // heads
+    head_dim = args.attention_head_dim
 
     def layer(i: int) -> MiniMaxDecoderLayer:
         if args.linear(i):
@@ -141,7 +141,7 @@ def build(args: MiniMaxArgs) -> CausalLM:
             attention = LightningAttention(hidden, heads, head_dim, args.hidden_act, args.block_size, slope)
             attn_ab = (args.linear_attn_alpha_factor, args.linear_attn_beta_factor)
         else:
-            kv_heads = args.num_key_value_heads or heads
+            kv_heads = args.key_value_heads
             attention = Attention(hidden, heads, kv_heads, head_dim, sliding_window=args.sliding_window)
             attn_ab = (args.full_attn_alpha_factor, args.full_attn_beta_factor)
         moe = SparseMoE(

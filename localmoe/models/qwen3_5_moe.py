@@ -16,7 +16,7 @@ from localmoe.models.expert_tensors import PerExpert
 from localmoe.models.family import Family, ModelArgs, Multimodal, causal_lm
 from localmoe.models.layers import MLP, CausalLM, DecoderLayer, RMSNorm, Step, ZeroCenteredRMSNorm
 from localmoe.models.moe import FUSED_EXPERTS, MLP_EXPERTS, GatedActivation, SparseMoE, TopKRouter
-from localmoe.runtime.kv_cache import DeltaNetState
+from localmoe.models.state import DeltaNetState
 
 # transformers names a linear layer's token mixer `linear_attn`; ours is `self_attn` in every layer
 DELTANET_WEIGHTS = ("in_proj_", "conv1d.", "dt_bias", "A_log", "norm.", "out_proj.")
@@ -118,7 +118,7 @@ def _l2_normalize(x: torch.Tensor) -> torch.Tensor:
 
 def build(args: Qwen3_5MoeArgs) -> CausalLM:
     hidden, experts, top_k = args.hidden_size, args.num_experts, args.num_experts_per_tok
-    head_dim = args.head_dim or hidden // args.num_attention_heads
+    head_dim = args.attention_head_dim
 
     def mixer(i: int) -> nn.Module:
         if args.linear(i):
@@ -126,7 +126,7 @@ def build(args: Qwen3_5MoeArgs) -> CausalLM:
         return Attention(
             hidden,
             args.num_attention_heads,
-            args.num_key_value_heads or args.num_attention_heads,
+            args.key_value_heads,
             head_dim,
             qkv_bias=args.attention_bias,
             out_bias=args.attention_bias,

@@ -1,14 +1,29 @@
-"""Per-layer generation state, allocated once for the whole context of a run.
+"""Per-layer generation state, allocated once for the whole context of a run: keys and values (whole or
+in a ring), latents, compressed entries, recurrent matrices.
 
-Every state can `truncate` itself to its first positions (or say it cannot, and the whole cache
+Every state follows `LayerState`: it takes what its layer writes (`update`, whose arguments are each
+kind's own), can `truncate` itself to its first positions (or say it cannot, and the whole cache
 restarts) and `reset`.
 """
+
+from typing import Protocol
 
 import torch
 
 # Positions a windowed layer keeps beyond its window, so that a conversation can be rewound that far
 # (a chat template that re-renders the last reply) without feeding everything again.
 REWIND_SLACK = 1024
+
+
+class LayerState(Protocol):
+    """What the generation loop asks of every layer's state (mlx-lm's cache base class, reduced to ours)."""
+
+    def truncate(self, pos: int, current: int, interrupted: bool) -> bool:
+        """Keep the first `pos` of the `current` positions; False where that is impossible (then `reset`
+        follows). `interrupted`: the last forward pass did not finish."""
+        ...
+
+    def reset(self) -> None: ...
 
 
 def attention_state(
@@ -104,6 +119,53 @@ class LatentKV:
         pass
 
 
+class IndexedLatentKV(LatentKV):
+    """LatentKV plus an indexer's key [B, max_len, dim] of every token (GLM-5's sparse attention)."""
+
+    def __init__(self, batch: int, rank: int, rope_dim: int, index_dim: int, max_len: int, dtype, device):
+        super().__init__(batch, rank, rope_dim, max_len, dtype, device)
+        self.index_k = torch.zeros(batch, max_len, index_dim, dtype=dtype, device=device)
+
+    def update_index(self, k: torch.Tensor, start: int) -> torch.Tensor:
+        end = start + k.shape[1]
+        self.index_k[:, start:end] = k
+        return self.index_k[:, :end]
+
+
+class PooledState:
+    """A compressor's state: one entry per `rate` tokens pooled from their projections (DeepSeek-V4).
+    It keeps the projections of tokens not yet making a full window, the previous window's first half
+    for overlapping windows, and the entries emitted so far."""
+
+    def __init__(self, batch: int, width: int, dim: int, rate: int, max_len: int, dtype, device):
+        self.empty = torch.zeros(batch, 0, width, dtype=dtype, device=device)
+        self.entries = torch.zeros(batch, max_len // rate + 1, dim, dtype=dtype, device=device)
+        self.reset()
+
+    def reset(self) -> None:
+        self.pending_kv = self.pending_gate = self.empty
+        self.overlap: tuple[torch.Tensor, torch.Tensor] | None = None
+        self.count = 0
+
+
+class CompressedKV:
+    """Keys of a sliding window (a ring) beside compressed entries of the whole past (DeepSeek-V4): the
+    compressor's and, where entries are selected, the indexer's. Pooled entries cannot be cut back to
+    an earlier position: like a recurrent state, it is fed again."""
+
+    def __init__(self, window: WindowKV, compressor: PooledState | None, indexer: PooledState | None):
+        self.window, self.compressor, self.indexer = window, compressor, indexer
+
+    def truncate(self, pos: int, current: int, interrupted: bool) -> bool:
+        return pos == current and not interrupted
+
+    def reset(self) -> None:
+        self.window.reset()
+        for state in (self.compressor, self.indexer):
+            if state is not None:
+                state.reset()
+
+
 class LinearAttentionState:
     """A linear-attention layer's state: one [B, H, D, D] matrix that sums (decayed) key-value products
     over every token so far. It cannot be rewound to an earlier position."""
@@ -138,7 +200,7 @@ class DeltaNetState:
 class KVCache:
     """The state of every layer plus how many positions are filled."""
 
-    def __init__(self, layers: list, max_len: int):
+    def __init__(self, layers: list[LayerState], max_len: int):
         self.layers = layers
         self.max_len = max_len
         self.pos = 0
