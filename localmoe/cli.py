@@ -3,17 +3,19 @@ is imported inside the commands, and the choices of a flag that come from a regi
 
 import importlib
 import json
+import logging
 import shlex
+import signal
 import sys
 from pathlib import Path
 
 import click
 
 from localmoe.errors import LocalMoEError, as_flag
-from localmoe.options import CHAT_TOKENS, DEFAULT_CONTEXT, GENERATE_TOKENS, RuntimeOptions
+from localmoe.options import CHAT_TOKENS, DEFAULT_CONTEXT, GENERATE_TOKENS, RuntimeOptions, parse_size
 
 DEFAULTS = RuntimeOptions()  # every setting's one default
-SAMPLING = ("temperature", "top_k", "top_p", "min_p", "repetition_penalty", "seed")
+SAMPLING_FLAGS = ("temperature", "top_k", "top_p", "min_p", "repetition_penalty", "seed")
 
 
 class _Commands(click.Group):
@@ -68,9 +70,13 @@ def _text(ctx, param, value):
 
 
 def _port(ctx, param, value: int) -> int:
-    if not 1 <= value <= 65535:
-        raise LocalMoEError(f"--port {value} is not a TCP port: use one from 1 to 65535")
+    if not 0 <= value <= 65535:
+        raise LocalMoEError(f"--port {value} is not a TCP port: use one from 1 to 65535 (0: any free one)")
     return value
+
+
+def _size(ctx, param, value: str) -> int:
+    return parse_size(value)
 
 
 def _placement(yes: bool) -> list:
@@ -261,7 +267,14 @@ _system_option = click.option(
 
 
 def _sampling(engine, values: dict):
-    return engine.sampling(**{name: values[name] for name in SAMPLING})
+    return engine.sampling(**{name: values[name] for name in SAMPLING_FLAGS})
+
+
+def _check_sampling_flags(values: dict) -> None:
+    """Bad sampling flags are refused before the model loads (the checkpoint's defaults once it does)."""
+    from localmoe.runtime.sampling import SamplingParams
+
+    SamplingParams.check_overrides(**{name: values[name] for name in SAMPLING_FLAGS})
 
 
 def _load(model: str, revision: str | None, flags: dict, check=None):
@@ -368,12 +381,30 @@ def _prompt_text(prompt: str | None, file: Path | None) -> str:
 )
 @_system_option
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object: the text, timings and counters.")
+@click.option(
+    "--json-schema",
+    type=click.Path(dir_okay=False, path_type=Path),
+    default=None,
+    help="Constrain the output to JSON that this JSON Schema file validates (needs localmoe[json]).",
+)
 @_revision_option
 @_sampling_options
 @_placement_options
 @_cache_options
 @_stats_option
-def generate(model: str, prompt, file, max_new_tokens, chat: bool, raw: bool, system, as_json: bool, revision, **flags):
+def generate(
+    model: str,
+    prompt,
+    file,
+    max_new_tokens,
+    chat: bool,
+    raw: bool,
+    system,
+    as_json: bool,
+    json_schema: Path | None,
+    revision,
+    **flags,
+):
     """Print the continuation of a prompt. MODEL is a checkpoint folder or a Hub repo id."""
     from localmoe.engine import encode_prompt
 
@@ -382,6 +413,12 @@ def generate(model: str, prompt, file, max_new_tokens, chat: bool, raw: bool, sy
         raise LocalMoEError("--chat and --raw exclude each other: --raw sends the prompt with no template at all")
     if system is not None and not chat:
         raise LocalMoEError("--system is a message for the chat template: add --chat")
+    _check_sampling_flags(flags)
+    schema = None
+    if json_schema is not None:
+        from localmoe.grammar import read_schema
+
+        schema = read_schema(json_schema)
     messages = [*([{"role": "system", "content": system}] if system else []), {"role": "user", "content": text}]
     prompt_in = messages if chat else text
 
@@ -389,8 +426,8 @@ def generate(model: str, prompt, file, max_new_tokens, chat: bool, raw: bool, sy
         _fits(len(encode_prompt(prepared.tokenizer, prompt_in, raw)), max_new_tokens, GENERATE_TOKENS)(prepared)
 
     engine = _load(model, revision, flags, check)
-    settings = {name: flags[name] for name in SAMPLING}
-    pieces = engine.stream(prompt_in, max_new_tokens, **settings, stop=flags["stop"], raw=raw)
+    settings = {name: flags[name] for name in SAMPLING_FLAGS}
+    pieces = engine.stream(prompt_in, max_new_tokens, **settings, stop=flags["stop"], raw=raw, json_schema=schema)
     if as_json:
         click.echo(json.dumps(_report(engine, "".join(pieces)), indent=2))
         if flags["stats"]:
@@ -411,6 +448,8 @@ def chat(model: str, system: str | None, max_new_tokens: int | None, revision: s
     """Chat with MODEL. In a terminal: a prompt with history and /commands (/help). With piped input:
     each line is a message, and the answers are printed as plain text."""
     from localmoe.chat import ChatSession, run
+
+    _check_sampling_flags(flags)
 
     def check(prepared) -> None:
         _fits(1, max_new_tokens, CHAT_TOKENS)(prepared)
@@ -536,8 +575,18 @@ def _placement_flags(model: str, revision: str | None, flags: dict, engine) -> l
     "--host", default="127.0.0.1", show_default=True, help="Address to listen on (localhost only by default)."
 )
 @click.option("--port", default=8000, show_default=True, type=int, callback=_port, help="TCP port to listen on.")
-@click.option("--api-key", default=None, help="Require `Authorization: Bearer KEY` on every endpoint but /health.")
-@click.option("--name", default=None, help="The model name clients use  [default: the checkpoint's name].")
+@click.option(
+    "--api-key",
+    default=None,
+    help="Require `Authorization: Bearer KEY` (or `x-api-key: KEY`) on every endpoint but /health.",
+)
+@click.option(
+    "--served-model-name",
+    "--name",
+    "names",
+    multiple=True,
+    help="A model name clients may use (repeatable)  [default: the Hub id and its last part, or the folder's name].",
+)
 @click.option("--queue", default=8, show_default=True, type=click.IntRange(min=1), help="Requests that may wait.")
 @click.option(
     "--max-tokens-limit",
@@ -545,23 +594,103 @@ def _placement_flags(model: str, revision: str | None, flags: dict, engine) -> l
     type=click.IntRange(min=1),
     help="Largest max_tokens a request may ask; it must fit --context  [default: the context]",
 )
-@click.option("--revision", default=None, help="Hub branch, tag or commit (for a repo id).")
+@click.option(
+    "--max-body", default="4MiB", show_default=True, callback=_size, help="Largest request body; larger ones get 413."
+)
+@click.option(
+    "--cors",
+    multiple=True,
+    help="A browser origin allowed to call the API, e.g. http://localhost:3000 (repeatable; * allows any). "
+    "Requests from other origins get 403.",
+)
+@click.option(
+    "--timeout-keep-alive",
+    default=5,
+    show_default=True,
+    type=click.IntRange(min=1),
+    help="Seconds an idle connection stays open.",
+)
+@click.option(
+    "--header-timeout",
+    default=10.0,
+    show_default=True,
+    type=click.FloatRange(min=0, min_open=True),
+    help="Seconds a client has to send a request's headers.",
+)
+@click.option(
+    "--limit-concurrency",
+    default=64,
+    show_default=True,
+    type=click.IntRange(min=1),
+    help="Open connections beyond which new requests get 503.",
+)
+@_revision_option
+@_sampling_options
 @_placement_options
 @_cache_options
-def serve(model, host, port, api_key, name, queue, max_tokens_limit, revision, **flags):
-    """Serve MODEL over an OpenAI-compatible HTTP API (/v1/chat/completions, /v1/completions, /v1/models,
-    /health, /metrics), one generation at a time."""
+def serve(model, host, port, api_key, names, queue, max_tokens_limit, max_body, cors, revision, **flags):
+    """Serve MODEL over the OpenAI API (/v1/chat/completions, /v1/completions, /v1/models) and Anthropic's
+    (/v1/messages), with /health and /metrics, one generation at a time. Sampling flags set the
+    defaults that requests may override."""
     try:
         import uvicorn
 
-        from localmoe.server import Server
+        from localmoe.server import Server, is_loopback, protocol_with_header_timeout
     except ImportError:
         raise LocalMoEError("localmoe serve needs its extra: pip install 'localmoe[serve]'") from None
+    _check_sampling_flags(flags)
+    if not is_loopback(host) and api_key is None:
+        click.secho(
+            f"localmoe: WARNING: listening on {host} without --api-key: anyone who can reach this address can use "
+            "the model. Give --api-key KEY, or keep --host 127.0.0.1.",
+            err=True,
+            fg="red",
+            bold=True,
+        )
     engine = _load(model, revision, flags, _fits(1, max_tokens_limit, 1, "max_tokens_limit"))
-    served = name or model.rstrip("/").split("/")[-1]
-    server = Server(engine, served, api_key, queue, max_tokens_limit or engine.plan.context)
-    click.echo(f"serving {served} on http://{host}:{port}/v1", err=True)
-    uvicorn.run(server.app(), host=host, port=port, log_level="warning")
+    served = list(names or _default_names(model))
+    server = Server(
+        engine,
+        served,
+        api_key,
+        queue,
+        max_tokens_limit or engine.plan.context,
+        max_body=max_body,
+        cors=tuple(cors),
+        sampling=_sampling(engine, flags),
+        stop=tuple(flags["stop"]),
+        host=host,
+    )
+    logging.basicConfig(level=logging.INFO, format="localmoe: %(message)s")
+    click.echo(f"serving {', '.join(served)} on http://{host}:{port}/v1", err=True)
+    _exit_on_sigterm_as_on_ctrl_c()
+    uvicorn.run(
+        server.app(),
+        host=host,
+        port=port,
+        log_level="warning",
+        http=protocol_with_header_timeout(flags["header_timeout"]),
+        timeout_keep_alive=flags["timeout_keep_alive"],
+        limit_concurrency=flags["limit_concurrency"],
+    )
+
+
+def _default_names(model: str) -> list[str]:
+    """A Hub id and its last part ("Qwen/Qwen3-30B-A3B", "Qwen3-30B-A3B"); a folder by its name only, so
+    that no path of this machine is shown to clients."""
+    last = model.rstrip("/").split("/")[-1]
+    return [last] if Path(model).exists() else list(dict.fromkeys([model, last]))
+
+
+def _exit_on_sigterm_as_on_ctrl_c() -> None:
+    """systemd and docker stop with SIGTERM: end as Ctrl-C does, the routing profile saved. uvicorn shuts
+    down gracefully on either signal, then raises it again: SIGINT's KeyboardInterrupt, which uvicorn.run
+    swallows, and SIGTERM's default action, which would kill the process before the profile is written."""
+
+    def interrupt(signum, frame):
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGTERM, interrupt)
 
 
 @main.command()

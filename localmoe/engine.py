@@ -15,6 +15,7 @@ import torch
 from localmoe.checkpoint import Checkpoint
 from localmoe.errors import LocalMoEError, setting
 from localmoe.files import sweep_temporaries
+from localmoe.grammar import ANY_OBJECT, JsonConstraint
 from localmoe.kernels import KERNELS, pair_kernel
 from localmoe.kernels.quantized import MXFP4, QuantSpec, StoredFormat
 from localmoe.loader import DTYPES, ModelParts, footprint, load_resident_weights, model_skeleton, open_checkpoint
@@ -33,7 +34,7 @@ from localmoe.runtime.offload import OffloadedExperts
 from localmoe.runtime.profile import default_profile_path
 from localmoe.runtime.quantized_cache import QuantizedLayers, cache_folder
 from localmoe.runtime.resident import ResidentExperts
-from localmoe.runtime.sampling import Sampler, SamplingParams
+from localmoe.runtime.sampling import Constraint, Sampler, SamplingParams
 from localmoe.runtime.stats import CacheSnapshot, cache_report
 from localmoe.runtime.trace import RoutingTrace
 from localmoe.tokenizer import StopStrings, Tokenizer
@@ -91,6 +92,7 @@ class Engine:
         self.eos_ids = eos_ids(checkpoint)
         self.stats = GenerationStats()
         self._tokenizer = tokenizer
+        self.sampler: Sampler | None = None  # the last run's, with its record of log-probabilities
 
     @property
     def tokenizer(self) -> Tokenizer:
@@ -119,10 +121,17 @@ class Engine:
         cache: KVCache | None = None,
         reuse: int = 0,
         on_prefill: Callable[[], None] | None = None,
+        constraint: Constraint | None = None,
+        top_logprobs: int | None = None,
     ) -> Iterator[int]:
         """Token ids after `prompt` (greedy unless `sampling` says otherwise); `self.stats` describes the
-        run as it goes. `cache` and `reuse`: see `generate_tokens`; `on_prefill` runs once the prompt is in."""
+        run as it goes. `cache` and `reuse`: see `generate_tokens`; `on_prefill` runs once the prompt is in.
+        A `constraint` (`json_constraint`) limits the tokens and ends the run once complete; with
+        `top_logprobs`, `self.sampler.steps` records each token's log-probabilities as it comes."""
         self.stats = GenerationStats()
+        self.sampler = sampler = Sampler(
+            sampling or SamplingParams(), self.device, constraint=constraint, top_logprobs=top_logprobs
+        )
 
         def after_prefill() -> None:
             if self._offloaded is not None:
@@ -134,7 +143,7 @@ class Engine:
             self.model,
             prompt,
             max_new_tokens,
-            sampler=Sampler(sampling or SamplingParams(), self.device),
+            sampler=sampler,
             eos_ids=self.eos_ids,
             stats=self.stats,
             cache=cache,
@@ -144,15 +153,30 @@ class Engine:
             on_prefill=after_prefill,
         )
         try:
-            yield from tokens
+            for token in tokens:
+                yield token
+                if sampler.finished:
+                    break
         finally:
+            tokens.close()
             if self.experts.trace:
                 self.experts.trace.flush()
 
-    def text(self, ids: Iterator[int], stop: Sequence[str] = ()) -> Iterator[str]:
-        """Stream `ids` as text pieces, without EOS tokens, ending before the first of the `stop` strings."""
-        stops = StopStrings(stop)
-        for piece in self.tokenizer.stream(token for token in ids if token not in self.eos_ids):
+    def json_constraint(self, schema: dict | None = None) -> JsonConstraint:
+        """Output that is JSON valid under `schema` (any JSON object without one), for `generate_ids`."""
+        tokenizer = self.tokenizer
+        eos = min(self.eos_ids, default=tokenizer.token_id(tokenizer.special_tokens.get("eos_token", "")) or 0)
+        vocab = max(self.model.model.embed_tokens.weight.shape[0], tokenizer.vocab_size)
+        return JsonConstraint(self.checkpoint.path / "tokenizer.json", vocab, eos, schema or ANY_OBJECT)
+
+    def text(
+        self, ids: Iterator[int], stop: Sequence[str] | StopStrings = (), keep: frozenset[int] = frozenset()
+    ) -> Iterator[str]:
+        """Stream `ids` as text pieces, without EOS tokens, ending before the first of the `stop` strings
+        (given as StopStrings, it tells which one matched); special tokens are left out but for those in
+        `keep`."""
+        stops = stop if isinstance(stop, StopStrings) else StopStrings(stop)
+        for piece in self.tokenizer.stream((token for token in ids if token not in self.eos_ids), keep):
             if text := stops.feed(piece):
                 yield text
             if stops.stopped:
@@ -174,13 +198,15 @@ class Engine:
         seed: int | None = None,
         stop: str | Sequence[str] = (),
         raw: bool = False,
+        json_schema: dict | None = None,
     ) -> Iterator[str]:
         """Stream the continuation of `prompt` as text pieces. A list of messages ({"role": ..., "content":
         ...}) goes through the checkpoint's chat template; text is encoded with the special tokens the
         tokenizer adds (BOS), or, `raw`, with none (code completion). `max_new_tokens` left out:
         GENERATE_TOKENS, or what the context leaves where that is less. A sampling setting left out keeps
         the checkpoint's (generation_config.json: greedy unless it sets do_sample); temperature 0 is greedy.
-        The text ends at an EOS token or before the first `stop` string; `self.stats` times the run."""
+        The text ends at an EOS token or before the first `stop` string; `self.stats` times the run. With
+        `json_schema`, the text is JSON that the schema validates (needs localmoe[json])."""
         ids = self.prompt_ids(prompt, raw)
         new_tokens = fit_new_tokens(len(ids), max_new_tokens, GENERATE_TOKENS, self.plan)
         sampling = self.sampling(
@@ -191,7 +217,9 @@ class Engine:
             repetition_penalty=repetition_penalty,
             seed=seed,
         )
-        return self.text(self.generate_ids(ids, new_tokens, sampling), [stop] if isinstance(stop, str) else stop)
+        constraint = self.json_constraint(json_schema) if json_schema is not None else None
+        tokens = self.generate_ids(ids, new_tokens, sampling, constraint=constraint)
+        return self.text(tokens, [stop] if isinstance(stop, str) else stop)
 
     def generate(self, prompt: str | list[dict], max_new_tokens: int | None = None, **settings) -> str:
         """The continuation of `prompt`, whole: `stream`'s text joined (same arguments)."""

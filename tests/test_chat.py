@@ -119,6 +119,14 @@ def test_a_failed_save_leaves_the_old_file(chat_model, tmp_path, monkeypatch, ca
 TURN = [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"}]
 
 
+@pytest.fixture(scope="module")
+def talked(chat_model):
+    """A session one exchange in, shared by tests that leave it as it is."""
+    chat = session(chat_model)
+    say(chat, "one")
+    return chat
+
+
 @pytest.mark.parametrize(
     "content, reason",
     [
@@ -148,10 +156,9 @@ TURN = [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"}]
         "endless",
     ],
 )
-def test_load_refuses_what_is_not_a_saved_conversation(chat_model, tmp_path, monkeypatch, content, reason):
+def test_load_refuses_what_is_not_a_saved_conversation(talked, tmp_path, monkeypatch, content, reason):
     monkeypatch.setattr(chat_module, "MAX_SAVED_BYTES", 200_000)
-    chat = session(chat_model)
-    say(chat, "one")
+    chat = talked
     before = [dict(message) for message in chat.messages]
     path = tmp_path / "bad.json"
     if content == "/dev/zero":

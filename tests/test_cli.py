@@ -103,7 +103,6 @@ def test_a_run_from_disk_says_how_slow_and_waits_for_yes(tiny_mixtral, monkeypat
         (["generate", "{ckpt}", "-p", "caf\udce9"], "--prompt is not valid UTF-8 text (byte 0xe9)"),
         (["chat", "{ckpt}", "--system", "\udcff"], "--system is not valid UTF-8 text (byte 0xff)"),
         (["generate", "{ckpt}", "-p", "hi", "--stop", "ok", "--stop", "\udc80"], "--stop is not valid UTF-8"),
-        (["generate", "{ckpt}", "-p", "hi", "--seed", str(2**70)], "seed must be from -2**63 to 2**64 - 1"),
         (["serve", "{ckpt}", "--port", "99999"], "--port 99999 is not a TCP port"),
         (["generate", "{ckpt}", "-p", "hi", "--trace", "/no/such/folder/t.jsonl"], "cannot write the routing trace"),
     ],
@@ -283,3 +282,67 @@ def test_families_prints_an_aligned_table_or_markdown():
     column = aligned[0].index("model_type")
     assert all(line[column - 2 : column] == "  " for line in aligned[2:])  # every row's second column lines up
     assert run("families", "--markdown").stdout == families_table(markdown=True) + "\n"
+
+
+@pytest.mark.parametrize(
+    "args,needle",
+    [
+        (["--temperature", "nan"], "temperature"),
+        (["--repetition-penalty", "nan"], "repetition_penalty"),
+        (["--seed", str(2**70)], "seed"),
+    ],
+)
+def test_sampling_flags_are_checked_before_loading(tmp_path, args, needle):
+    """The model does not exist: the flag's error comes first, so nothing was loaded."""
+    result = CliRunner().invoke(main, ["generate", str(tmp_path / "missing"), "-p", "x", *args])
+    assert result.exit_code == 2 and needle in result.output and "missing" not in result.output
+
+
+def test_serve_warns_loudly_on_a_public_host_without_a_key(tmp_path):
+    result = CliRunner().invoke(main, ["serve", str(tmp_path / "missing"), "--host", "0.0.0.0"])
+    assert "WARNING" in result.output and "--api-key" in result.output and result.exit_code == 2
+    result = CliRunner().invoke(main, ["serve", str(tmp_path / "missing"), "--port", "99999"])
+    assert result.exit_code == 2 and "99999" in result.output
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("signal_name", ["SIGTERM", "SIGINT"])
+def test_sigterm_saves_the_routing_profile_as_ctrl_c_does(tiny_mixtral, tmp_path, signal_name):
+    """systemd's and docker's stop (SIGTERM) ends the server as Ctrl-C (SIGINT) does: a clean exit
+    with the routing profile written."""
+    import signal
+    import socket
+    import time
+    import urllib.request
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    profile = tmp_path / "profile.json"
+    command = [sys.executable, "-m", "localmoe", "serve", str(tiny_mixtral), "--device", "cpu", "--port", str(port)]
+    command += ["--expert-slots", "6", "--profile", str(profile)]
+    process = subprocess.Popen(command, stderr=subprocess.PIPE, text=True, env=os.environ.copy())
+    try:
+        for _ in range(600):  # the model loads, then uvicorn listens
+            try:
+                urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=5)
+                break
+            except OSError:
+                time.sleep(0.2)
+        body = json.dumps({"prompt": "Hello", "max_tokens": 4}).encode()
+        request = urllib.request.Request(
+            f"http://127.0.0.1:{port}/v1/completions", body, {"Content-Type": "application/json"}
+        )
+        assert json.load(urllib.request.urlopen(request, timeout=120))["usage"]["completion_tokens"] == 4
+        process.send_signal(getattr(signal, signal_name))
+        assert process.wait(timeout=60) == 0
+    finally:
+        process.kill()
+    assert json.loads(profile.read_text())["counts"]  # written on the way out
+
+
+def test_default_model_names_show_no_local_path(tmp_path):
+    from localmoe.cli import _default_names
+
+    assert _default_names("Qwen/Qwen3-30B-A3B") == ["Qwen/Qwen3-30B-A3B", "Qwen3-30B-A3B"]
+    assert _default_names(str(tmp_path)) == [tmp_path.name]

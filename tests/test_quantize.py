@@ -1,6 +1,7 @@
 """Quantized experts: the packing round trip, the runtime on quantized rows, and the on-disk cache."""
 
 import errno
+import io
 import json
 import subprocess
 import sys
@@ -213,12 +214,16 @@ def test_runs_that_meet_quantize_each_layer_once(tmp_path):
     thread = threading.Thread(target=first_run)
     thread.start()
     assert building.wait(timeout=120)
+    second = QuantizedLayers(folder)
     with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(files, "_stderr", lambda message: waiting.set())
-        second = QuantizedLayers(folder)
+        patch.setattr(sys, "stderr", io.StringIO())
+        patch.setattr(second, "_waiting", lambda message: waiting.set() or QuantizedLayers._waiting(second, message))
         rows = second.rows(0, (3, 8), allocate, lambda rows: pytest.fail("quantized twice"), mapped=True)
+        QuantizedLayers._waiting(second, "localmoe: waiting for another localmoe run, for the next layer")
+        told = sys.stderr.getvalue()  # once for the run, not once per layer
     thread.join(timeout=120)
     assert torch.equal(rows, first[0]) and second.built == 0
+    assert told.count("waiting for another localmoe run") == 1 and second.waited
 
 
 def allocate(shape):

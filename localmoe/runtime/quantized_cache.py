@@ -46,6 +46,7 @@ class QuantizedLayers:
         self.manifest_path = folder / "manifest.json"
         self.layers = self._read_manifest()
         self.built = 0  # layers quantized by this run
+        self.waited = False  # for another run's lock
 
     def complete(self, layers) -> bool:
         """Whether the manifest lists every one of `layers` (they may still fail their checks)."""
@@ -57,7 +58,7 @@ class QuantizedLayers:
         path = self.folder / f"layer-{layer}.bin"
         if (rows := self._kept(layer, path, shape, allocate, mapped)) is not None:
             return rows
-        with locked(self.folder):
+        with locked(self.folder, self._waiting):
             self.layers = self._read_manifest()
             if (rows := self._kept(layer, path, shape, allocate, mapped)) is not None:
                 return rows
@@ -67,6 +68,12 @@ class QuantizedLayers:
             build(rows)
             saved = self._save(path, rows, layer)
         return _map(path, shape) if mapped and saved else rows
+
+    def _waiting(self, message: str) -> None:
+        """Say once, not once per layer, that another run is building what this one needs."""
+        if not self.waited:
+            print(message, file=sys.stderr)
+        self.waited = True
 
     def _kept(self, layer: int, path: Path, shape: tuple[int, int], allocate, mapped: bool) -> torch.Tensor | None:
         """The layer's rows as kept, where the manifest lists them and their size and checksum match."""
