@@ -70,7 +70,7 @@ class RuntimeOptions:
         if isinstance(self.trace, str):
             self.trace = Path(self.trace)
         if str(self.expert_bits) not in {str(bits) for bits in EXPERT_BITS}:
-            raise LocalMoEError(f"{setting('expert_bits')} {self.expert_bits!r}: choose 16, 8 or 4")
+            raise LocalMoEError(f"{setting('expert_bits')} {self.expert_bits} is not supported: use 16, 8 or 4")
         self.expert_bits = int(self.expert_bits)
         if any(rate is not None and not rate > 0 for rate in (self.copy_bandwidth, self.cpu_bandwidth)):
             raise LocalMoEError(f"{setting('copy_bandwidth')} and {setting('cpu_bandwidth')} must be positive (GB/s)")

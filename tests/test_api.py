@@ -32,7 +32,7 @@ def test_load_takes_the_flags_by_name_and_as_written(tiny_mixtral):
         ({"vram": "2GiB"}, "unknown setting 'vram'"),
         ({"vram_budget": "12"}, "has no unit"),
         ({"dtype": "float8"}, "unknown dtype 'float8'"),
-        ({"expert_bits": 3}, "expert_bits 3: choose 16, 8 or 4"),
+        ({"expert_bits": 3}, "expert_bits 3 is not supported: use 16, 8 or 4"),
         ({"options": RuntimeOptions(), "policy": "lru"}, "not both"),
     ],
 )
