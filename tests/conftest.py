@@ -553,3 +553,94 @@ DEEPSEEK_V4 = dict(
     bos_token_id=256,
     eos_token_id=257,
 )
+
+DOTS1 = dict(
+    vocab_size=258,
+    hidden_size=64,
+    intermediate_size=96,
+    moe_intermediate_size=24,
+    num_hidden_layers=4,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    n_routed_experts=8,
+    num_experts_per_tok=2,
+    n_shared_experts=1,
+    n_group=4,
+    topk_group=2,
+    first_k_dense_replace=1,
+    norm_topk_prob=True,
+    routed_scaling_factor=2.0,
+    sliding_window=8,  # shorter than the prompts, on the layers from max_window_layers on
+    max_window_layers=2,
+    max_position_embeddings=256,
+    bos_token_id=256,
+    eos_token_id=257,
+)
+
+SOLAR_OPEN = dict(
+    vocab_size=258,
+    hidden_size=64,
+    moe_intermediate_size=24,
+    num_hidden_layers=3,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    head_dim=16,
+    n_routed_experts=8,
+    num_experts_per_tok=2,
+    n_shared_experts=1,
+    routed_scaling_factor=1.5,
+    max_position_embeddings=256,
+    bos_token_id=256,
+    eos_token_id=257,
+)
+
+EXAONE_MOE = dict(
+    vocab_size=258,
+    hidden_size=64,
+    intermediate_size=96,
+    moe_intermediate_size=24,
+    num_hidden_layers=4,  # three sliding-window layers with rotary, then a global one without
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    num_experts=8,
+    num_experts_per_tok=2,
+    num_shared_experts=1,
+    sliding_window=8,  # shorter than the prompts
+    max_position_embeddings=256,
+    bos_token_id=256,
+    eos_token_id=257,
+    pad_token_id=0,
+)
+
+HY_V3 = dict(
+    vocab_size=258,
+    hidden_size=64,
+    intermediate_size=96,
+    moe_intermediate_size=24,
+    num_hidden_layers=3,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    head_dim=16,
+    num_experts=8,
+    num_experts_per_tok=2,
+    max_position_embeddings=256,
+    bos_token_id=256,
+    eos_token_id=257,
+)
+
+SARVAM_MOE = dict(
+    vocab_size=258,
+    hidden_size=64,
+    intermediate_size=96,
+    moe_intermediate_size=24,
+    num_hidden_layers=3,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    head_dim=16,
+    num_experts=8,  # the original config's names
+    num_shared_experts=1,
+    num_experts_per_tok=2,
+    max_position_embeddings=256,
+    bos_token_id=256,
+    eos_token_id=257,
+)

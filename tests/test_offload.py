@@ -9,12 +9,15 @@ import torch
 from conftest import (
     DEEPSEEK_V2,
     DEEPSEEK_V4,
+    DOTS1,
     ERNIE,
+    EXAONE_MOE,
     GEMMA4,
     GLM4_MOE,
     GLM_MOE_DSA,
     GPT_OSS,
     HUNYUAN,
+    HY_V3,
     LLAMA4,
     MELLUM,
     MINIMAX,
@@ -26,6 +29,8 @@ from conftest import (
     QWEN2_MOE,
     QWEN3_5_MOE,
     QWEN3_MOE,
+    SARVAM_MOE,
+    SOLAR_OPEN,
     hf_model,
     save_hf,
 )
@@ -317,6 +322,11 @@ EVERY_FAMILY = {
     "mistral4": ("Mistral4Config", MISTRAL4),
     "glm_moe_dsa": ("GlmMoeDsaConfig", GLM_MOE_DSA),
     "deepseek_v4": ("DeepseekV4Config", DEEPSEEK_V4),
+    "dots1": ("Dots1Config", DOTS1),
+    "solar_open": ("SolarOpenConfig", SOLAR_OPEN),
+    "exaone_moe": ("ExaoneMoeConfig", EXAONE_MOE),
+    "hy_v3": ("HYV3Config", HY_V3),
+    "sarvam_moe": ("SarvamMoEConfig", SARVAM_MOE),
 }
 
 

@@ -7,12 +7,15 @@ from localmoe.models import (
     deepseek_v2,
     deepseek_v3,
     deepseek_v4,
+    dots1,
     ernie4_5_moe,
+    exaone_moe,
     gemma4,
     glm4_moe,
     glm_moe_dsa,
     gpt_oss,
     hunyuan_v1_moe,
+    hy_v3,
     llama4,
     mellum,
     minimax,
@@ -24,6 +27,8 @@ from localmoe.models import (
     qwen2_moe,
     qwen3_5_moe,
     qwen3_moe,
+    sarvam_moe,
+    solar_open,
 )
 from localmoe.models.family import Family
 
@@ -48,18 +53,28 @@ FAMILIES: tuple[Family, ...] = (
     mistral4.FAMILY,
     glm_moe_dsa.FAMILY,
     deepseek_v4.FAMILY,
+    dots1.FAMILY,
+    solar_open.FAMILY,
+    exaone_moe.FAMILY,
+    hy_v3.FAMILY,
+    sarvam_moe.FAMILY,
 )
 
 
 def family_for(config: dict[str, Any]) -> Family:
     """The family for a config: by its architecture, or by `model_type` when it names none.
 
-    Code shipped with a checkpoint (`auto_map`) is never run: a config that needs it for an
-    architecture localmoe does not have built in is refused.
+    transformers saves some families under the class it runs them with (Sarvam's as
+    Glm4MoeForCausalLM): there the model_type, naming a family of its own, decides. Code shipped with a
+    checkpoint (`auto_map`) is never run: a config that needs it for an architecture localmoe does not
+    have built in is refused.
     """
     architectures = config.get("architectures") or []
     model_type = config.get("model_type")
+    own_type = next((family for family in FAMILIES if family.model_type == model_type), None)
     for family in FAMILIES:
+        if architectures and architectures[0] in family.architectures and own_type is not None:
+            return own_type
         if architectures and architectures[0] in family.architectures + family.wrapper_architectures:
             return family
         if not architectures and model_type == family.model_type:

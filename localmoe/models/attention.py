@@ -21,7 +21,9 @@ class Attention(nn.Module):
     ERNIE); a sliding window; attention sinks (gpt-oss), a learned logit per head that takes
     part in the softmax without a value; and an output gate (Qwen3.5), for which q_proj also gives
     each head a gate, sigmoid(gate) scaling the head's output. `norm` is the q/k norm's class; `rotary`
-    a rotary embedding for this kind of layer where the model has several (Gemma 4, Mellum).
+    a rotary embedding for this kind of layer where the model has several (Gemma 4, Mellum);
+    `use_rope=False` a layer without positions (NoPE); `v_head_dim` values narrower or wider than
+    queries and keys (MiMo-V2-Flash).
     """
 
     def __init__(
@@ -42,17 +44,21 @@ class Attention(nn.Module):
         output_gate: bool = False,
         norm=RMSNorm,
         rotary: RotaryEmbedding | None = None,
+        use_rope: bool = True,
+        v_head_dim: int | None = None,
     ):
         super().__init__()
         self.heads, self.kv_heads, self.head_dim = heads, kv_heads, head_dim
+        self.v_head_dim = v_head_dim or head_dim
+        self.use_rope = use_rope
         self.qk_norm, self.clip_qkv, self.sliding_window = qk_norm, clip_qkv, sliding_window
         self.rotate = apply_rotary_interleaved if interleaved_rope else apply_rotary
         self.output_gate = output_gate
         self.rotary = rotary  # a rotary of this layer's kind, shared by such layers; None: the model's
         self.q_proj = nn.Linear(hidden, heads * head_dim * (2 if output_gate else 1), bias=qkv_bias)
         self.k_proj = nn.Linear(hidden, kv_heads * head_dim, bias=qkv_bias)
-        self.v_proj = nn.Linear(hidden, kv_heads * head_dim, bias=qkv_bias)
-        self.o_proj = nn.Linear(heads * head_dim, hidden, bias=out_bias)
+        self.v_proj = nn.Linear(hidden, kv_heads * self.v_head_dim, bias=qkv_bias)
+        self.o_proj = nn.Linear(heads * self.v_head_dim, hidden, bias=out_bias)
         if qk_norm in ("head", "head_after_rope"):
             self.q_norm, self.k_norm = norm(head_dim, norm_eps), norm(head_dim, norm_eps)
         elif qk_norm == "full":
@@ -61,7 +67,9 @@ class Attention(nn.Module):
             self.sinks = nn.Parameter(torch.empty(heads))
 
     def new_state(self, batch: int, max_len: int, dtype: torch.dtype, device) -> AttentionKV | WindowKV:
-        return attention_state(batch, self.kv_heads, self.head_dim, max_len, self.span, dtype, device)
+        return attention_state(
+            batch, self.kv_heads, self.head_dim, max_len, self.span, dtype, device, v_dim=self.v_head_dim
+        )
 
     @property
     def span(self) -> int | None:
@@ -69,17 +77,22 @@ class Attention(nn.Module):
         return self.sliding_window
 
     def state_bytes_per_token(self, dtype: torch.dtype) -> int:
-        return 0 if self.span is not None else 2 * self.kv_heads * self.head_dim * dtype.itemsize
+        return 0 if self.span is not None else self._bytes_per_position(dtype)
 
     def fixed_state_bytes(self, dtype: torch.dtype) -> int:
         """A windowed layer's ring (at most: a shorter context gets one slot per position instead)."""
-        return (
-            0 if self.span is None else 2 * self.kv_heads * self.head_dim * dtype.itemsize * (self.span + REWIND_SLACK)
-        )
+        return 0 if self.span is None else self._bytes_per_position(dtype) * (self.span + REWIND_SLACK)
+
+    def _bytes_per_position(self, dtype: torch.dtype) -> int:
+        return self.kv_heads * (self.head_dim + self.v_head_dim) * dtype.itemsize
+
+    def project(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Queries, keys and values [B, T, heads x dim] of hidden states x [B, T, E]."""
+        return self.q_proj(x), self.k_proj(x), self.v_proj(x)
 
     def forward(self, x: torch.Tensor, step: Step, kv: AttentionKV) -> torch.Tensor:
         B, T, _ = x.shape
-        q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
+        q, k, v = self.project(x)
         if self.output_gate:  # per head: [query | gate]
             q, gate = q.view(B, T, self.heads, 2 * self.head_dim).chunk(2, dim=-1)
         if self.qk_norm == "full":
@@ -88,12 +101,13 @@ class Attention(nn.Module):
             q, k, v = (t.clamp(-self.clip_qkv, self.clip_qkv) for t in (q, k, v))
         q = q.view(B, T, self.heads, self.head_dim)
         k = k.view(B, T, self.kv_heads, self.head_dim)
-        v = v.view(B, T, self.kv_heads, self.head_dim)
+        v = v.view(B, T, self.kv_heads, self.v_head_dim)
         if self.qk_norm == "head":
             q, k = self.q_norm(q), self.k_norm(k)
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # [B, H, T, D]
-        cos, sin = (step.cos, step.sin) if self.rotary is None else step.rotary(self.rotary)
-        q, k = self.rotate(q, cos, sin), self.rotate(k, cos, sin)
+        if self.use_rope:
+            cos, sin = (step.cos, step.sin) if self.rotary is None else step.rotary(self.rotary)
+            q, k = self.rotate(q, cos, sin), self.rotate(k, cos, sin)
         if self.qk_norm == "head_after_rope":
             q, k = self.q_norm(q), self.k_norm(k)
         k, v, positions = kv.update(k, v, step.start)  # [B, H_kv, S, D]

@@ -12,21 +12,30 @@ REWIND_SLACK = 1024
 
 
 def attention_state(
-    batch: int, kv_heads: int, head_dim: int, max_len: int, span: int | None, dtype: torch.dtype, device
+    batch: int,
+    kv_heads: int,
+    head_dim: int,
+    max_len: int,
+    span: int | None,
+    dtype: torch.dtype,
+    device,
+    v_dim: int | None = None,
 ):
-    """Keys and values for an attention layer that sees at most the last `span` positions (None: all):
-    a ring when that takes less memory than one slot per position."""
+    """Keys and values (`v_dim` wide if not head_dim) for an attention layer that sees at most the last
+    `span` positions (None: all): a ring when that takes less memory than one slot per position."""
     if span is not None and span + REWIND_SLACK < max_len:
-        return WindowKV(batch, kv_heads, head_dim, span, dtype, device)
-    return AttentionKV(batch, kv_heads, head_dim, max_len, dtype, device)
+        return WindowKV(batch, kv_heads, head_dim, span, dtype, device, v_dim)
+    return AttentionKV(batch, kv_heads, head_dim, max_len, dtype, device, v_dim)
 
 
 class AttentionKV:
-    """Keys and values of one attention layer: [B, H_kv, max_len, D] each."""
+    """Keys and values of one attention layer: [B, H_kv, max_len, D] each (values `v_dim` wide if given)."""
 
-    def __init__(self, batch: int, kv_heads: int, head_dim: int, max_len: int, dtype: torch.dtype, device):
+    def __init__(
+        self, batch: int, kv_heads: int, head_dim: int, max_len: int, dtype: torch.dtype, device, v_dim: int | None = None
+    ):
         self.k = torch.zeros(batch, kv_heads, max_len, head_dim, dtype=dtype, device=device)
-        self.v = torch.zeros_like(self.k)
+        self.v = torch.zeros(batch, kv_heads, max_len, v_dim or head_dim, dtype=dtype, device=device)
 
     def update(self, k: torch.Tensor, v: torch.Tensor, start: int) -> tuple[torch.Tensor, torch.Tensor, None]:
         """Write the new [B, H_kv, T, D] keys and values at `start`; return all of them so far, and None
@@ -48,10 +57,10 @@ class WindowKV:
     chunks), in a ring of span + REWIND_SLACK slots: position p lives in slot p % size, so memory does
     not grow with the context. `positions` [size] says which position each slot holds (-1: none)."""
 
-    def __init__(self, batch: int, kv_heads: int, head_dim: int, span: int, dtype: torch.dtype, device):
+    def __init__(self, batch: int, kv_heads: int, head_dim: int, span: int, dtype: torch.dtype, device, v_dim: int | None = None):
         self.span, self.size = span, span + REWIND_SLACK
         self.k = torch.zeros(batch, kv_heads, self.size, head_dim, dtype=dtype, device=device)
-        self.v = torch.zeros_like(self.k)
+        self.v = torch.zeros(batch, kv_heads, self.size, v_dim or head_dim, dtype=dtype, device=device)
         self.positions = torch.full((self.size,), -1, dtype=torch.long, device=device)
 
     def update(self, k: torch.Tensor, v: torch.Tensor, start: int):
