@@ -644,3 +644,32 @@ SARVAM_MOE = dict(
     bos_token_id=256,
     eos_token_id=257,
 )
+
+DEEPSEEK_V32 = dict(
+    vocab_size=258,
+    hidden_size=64,
+    intermediate_size=96,
+    moe_intermediate_size=32,
+    num_hidden_layers=3,
+    num_attention_heads=4,
+    num_key_value_heads=4,
+    n_shared_experts=1,
+    n_routed_experts=8,
+    num_experts_per_tok=2,
+    n_group=2,
+    topk_group=1,
+    routed_scaling_factor=2.5,
+    kv_lora_rank=16,
+    q_lora_rank=24,
+    qk_rope_head_dim=8,
+    qk_nope_head_dim=16,
+    v_head_dim=12,
+    index_topk=8,  # fewer than the prompt's tokens: the selection cuts
+    index_head_dim=16,
+    index_n_heads=16,  # enough heads that relu leaves no exact ties for top-k to break either way
+    first_k_dense_replace=1,
+    max_position_embeddings=256,
+    rope_parameters={"rope_type": "default", "rope_theta": 10000.0},
+    bos_token_id=256,
+    eos_token_id=257,
+)

@@ -9,6 +9,7 @@ import torch
 from conftest import (
     DEEPSEEK_V2,
     DEEPSEEK_V4,
+    DEEPSEEK_V32,
     DOTS1,
     ERNIE,
     EXAONE_MOE,
@@ -327,6 +328,7 @@ EVERY_FAMILY = {
     "exaone_moe": ("ExaoneMoeConfig", EXAONE_MOE),
     "hy_v3": ("HYV3Config", HY_V3),
     "sarvam_moe": ("SarvamMoEConfig", SARVAM_MOE),
+    "deepseek_v32": ("DeepseekV32Config", DEEPSEEK_V32),
 }
 
 

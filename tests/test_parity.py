@@ -6,6 +6,7 @@ import torch
 from conftest import (
     DEEPSEEK_V2,
     DEEPSEEK_V4,
+    DEEPSEEK_V32,
     DOTS1,
     ERNIE,
     EXAONE_MOE,
@@ -299,6 +300,28 @@ CASES = {
         },
         "single",
     ),
+    "deepseek-v32-sharded": ("DeepseekV32Config", DEEPSEEK_V32, {}, "sharded"),
+    # a selection wider than the prompt (plain causal attention), yarn whose mscale_all_dim scales the
+    # attention, attention biases, a dense layer between MoE ones
+    "deepseek-v32-wide-yarn": (
+        "DeepseekV32Config",
+        DEEPSEEK_V32,
+        {
+            "index_topk": 64,
+            "attention_bias": True,
+            "mlp_layer_types": ["sparse", "dense", "sparse"],
+            "rope_parameters": {
+                "rope_type": "yarn",
+                "rope_theta": 10000.0,
+                "factor": 4.0,
+                "original_max_position_embeddings": 64,
+                "mscale": 0.9,
+                "mscale_all_dim": 0.8,
+            },
+        },
+        "single",
+    ),
+    "deepseek-v32-fused": ("DeepseekV32Config", DEEPSEEK_V32, {}, "fused"),
     "dots1-sharded": ("Dots1Config", DOTS1, {}, "sharded"),
     # no shared expert, no windows, biases, ungrouped routing without renormalisation, tied embeddings
     "dots1-plain-bias-tied": (

@@ -7,6 +7,7 @@ from localmoe.models import (
     deepseek_v2,
     deepseek_v3,
     deepseek_v4,
+    deepseek_v32,
     dots1,
     ernie4_5_moe,
     exaone_moe,
@@ -58,6 +59,7 @@ FAMILIES: tuple[Family, ...] = (
     exaone_moe.FAMILY,
     hy_v3.FAMILY,
     sarvam_moe.FAMILY,
+    deepseek_v32.FAMILY,
 )
 
 
