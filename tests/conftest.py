@@ -673,3 +673,23 @@ DEEPSEEK_V32 = dict(
     bos_token_id=256,
     eos_token_id=257,
 )
+
+COHERE2_MOE = dict(
+    vocab_size=258,
+    hidden_size=64,
+    intermediate_size=24,  # routed and shared experts
+    prefix_dense_intermediate_size=48,
+    num_hidden_layers=5,  # a dense prefix layer, then three sliding-window layers and a global one
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    head_dim=16,
+    num_experts=6,
+    num_experts_per_tok=2,
+    num_shared_experts=1,
+    first_k_dense_replace=1,
+    sliding_window=8,  # shorter than the prompts
+    max_position_embeddings=256,
+    bos_token_id=256,
+    eos_token_id=257,
+    pad_token_id=0,
+)

@@ -7,6 +7,7 @@ from collections import Counter
 import pytest
 import torch
 from conftest import (
+    COHERE2_MOE,
     DEEPSEEK_V2,
     DEEPSEEK_V4,
     DEEPSEEK_V32,
@@ -329,6 +330,7 @@ EVERY_FAMILY = {
     "hy_v3": ("HYV3Config", HY_V3),
     "sarvam_moe": ("SarvamMoEConfig", SARVAM_MOE),
     "deepseek_v32": ("DeepseekV32Config", DEEPSEEK_V32),
+    "cohere2_moe": ("Cohere2MoeConfig", COHERE2_MOE),
 }
 
 

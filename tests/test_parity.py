@@ -4,6 +4,7 @@ within 1e-4, and identical greedy tokens."""
 import pytest
 import torch
 from conftest import (
+    COHERE2_MOE,
     DEEPSEEK_V2,
     DEEPSEEK_V4,
     DEEPSEEK_V32,
@@ -322,6 +323,24 @@ CASES = {
         "single",
     ),
     "deepseek-v32-fused": ("DeepseekV32Config", DEEPSEEK_V32, {}, "fused"),
+    "cohere2-moe-sharded": ("Cohere2MoeConfig", COHERE2_MOE, {}, "sharded"),
+    # sigmoid routing renormalised, shared experts summed in, RMSNorm, untied head with attention biases,
+    # a dense prefix with its own window pattern (a windowed dense layer, a global one without rotary)
+    "cohere2-moe-sigmoid-sum-rms": (
+        "Cohere2MoeConfig",
+        COHERE2_MOE,
+        {
+            "expert_selection_fn": "sigmoid",
+            "shared_expert_combination_strategy": "sum",
+            "rms_norm_eps": 1e-6,
+            "tie_word_embeddings": False,
+            "attention_bias": True,
+            "first_k_dense_replace": 2,
+            "prefix_dense_sliding_window_pattern": 2,
+        },
+        "single",
+    ),
+    "cohere2-moe-fused": ("Cohere2MoeConfig", COHERE2_MOE, {"num_shared_experts": 0}, "fused"),
     "dots1-sharded": ("Dots1Config", DOTS1, {}, "sharded"),
     # no shared expert, no windows, biases, ungrouped routing without renormalisation, tied embeddings
     "dots1-plain-bias-tied": (

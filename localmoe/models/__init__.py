@@ -4,6 +4,7 @@ from typing import Any
 
 from localmoe.errors import LocalMoEError
 from localmoe.models import (
+    cohere2_moe,
     deepseek_v2,
     deepseek_v3,
     deepseek_v4,
@@ -60,6 +61,7 @@ FAMILIES: tuple[Family, ...] = (
     hy_v3.FAMILY,
     sarvam_moe.FAMILY,
     deepseek_v32.FAMILY,
+    cohere2_moe.FAMILY,
 )
 
 
