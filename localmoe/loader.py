@@ -55,7 +55,8 @@ def open_checkpoint(source: str, revision: str | None = None) -> Checkpoint:
     # top-level settings (dtype, quantization_config) hold for the language model unless it says otherwise;
     # the LM head belongs to the wrapper, so the wrapper's tie_word_embeddings (default True in several)
     # decides whether it is stored
-    config = {**ckpt.config, **text, "architectures": [family.architectures[0]]}
+    # without a text architecture of its own, the language model is found by its model_type
+    config = {**ckpt.config, **text, "architectures": list(family.architectures[:1])}
     if "tie_word_embeddings" in ckpt.config:
         config["tie_word_embeddings"] = ckpt.config["tie_word_embeddings"]
     part = f"the language model of {wrapper.architecture} (text only; its other towers stay on disk)"
@@ -82,7 +83,7 @@ def _check_quantization(ckpt: Checkpoint, family: Family) -> None:
         return
     if method is not None and method not in family.quantizations:
         raise LocalMoEError(
-            f"{ckpt.path} is quantized ({method}), which localmoe cannot read yet for {family.architectures[0]}: "
+            f"{ckpt.path} is quantized ({method}), which localmoe cannot read yet for {family.name}: "
             "use an unquantized (bf16) release of the model"
         )
 
@@ -110,7 +111,7 @@ def footprint(parts: ModelParts) -> Footprint:
     shapes = {(b.hidden_size, b.intermediate_size, b.num_experts, b.expert_bias) for b in blocks}
     if len(shapes) > 1:
         raise LocalMoEError(
-            f"{parts.family.architectures[0]} with experts of different shapes per layer is not supported"
+            f"{parts.family.name} with experts of different shapes per layer is not supported"
         )
     size = parts.dtype.itemsize
     widest = max([m.in_features for m in parts.model.modules() if isinstance(m, nn.Linear)] + [first.intermediate_size])
@@ -161,7 +162,7 @@ def _resident_sources(model: nn.Module, ckpt: Checkpoint, family: Family) -> dic
         found = next((c for c in candidates if c in ckpt), None)
         if found is None:
             raise LocalMoEError(
-                f"{ckpt.path} lacks tensor {ckpt.stored_name(candidates[0])}, which {family.architectures[0]} "
+                f"{ckpt.path} lacks tensor {ckpt.stored_name(candidates[0])}, which {family.name} "
                 "needs: the checkpoint is incomplete or its index is damaged; download it again"
             )
         ckpt.check_tensor(found, tuple(param.shape))

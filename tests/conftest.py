@@ -59,8 +59,13 @@ def hf_model(config_class: str, **config):
     torch.manual_seed(0)
     try:
         model = transformers.AutoModelForCausalLM.from_config(cfg, dtype=torch.float32).eval()
-    except ValueError:  # a text model the auto classes do not list (Mistral 4): its own causal LM class
-        model_class = getattr(transformers, config_class.removesuffix("Config") + "ForCausalLM")
+    except ValueError:
+        # a text model the auto classes do not list (Mistral 4): its own causal LM class; a language model
+        # that transformers defines only inside its multimodal model (GLM-4.5V): that whole model
+        name = config_class.removesuffix("Config")
+        model_class = getattr(transformers, f"{name}ForCausalLM", None) or getattr(
+            transformers, f"{name}ForConditionalGeneration"
+        )
         model = model_class._from_config(cfg, dtype=torch.float32).eval()
     randomize(model)
     return model
@@ -692,4 +697,16 @@ COHERE2_MOE = dict(
     bos_token_id=256,
     eos_token_id=257,
     pad_token_id=0,
+)
+
+# GLM-4.5V's language model, only ever built inside its multimodal model
+GLM4V_MOE = dict(
+    text_config={
+        **GLM4_MOE,
+        "n_group": 2,
+        "topk_group": 1,
+        # sections of the 4 rotated frequencies (half of a 16-wide head) for time, height and width
+        "rope_parameters": {"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [2, 1, 1]},
+    },
+    vision_config=dict(depth=1, hidden_size=32, intermediate_size=32, num_heads=2, out_hidden_size=64, patch_size=4),
 )

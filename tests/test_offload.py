@@ -16,6 +16,7 @@ from conftest import (
     EXAONE_MOE,
     GEMMA4,
     GLM4_MOE,
+    GLM4V_MOE,
     GLM_MOE_DSA,
     GPT_OSS,
     HUNYUAN,
@@ -331,6 +332,7 @@ EVERY_FAMILY = {
     "sarvam_moe": ("SarvamMoEConfig", SARVAM_MOE),
     "deepseek_v32": ("DeepseekV32Config", DEEPSEEK_V32),
     "cohere2_moe": ("Cohere2MoeConfig", COHERE2_MOE),
+    "glm4v_moe_text": ("Glm4vMoeConfig", GLM4V_MOE),
 }
 
 

@@ -13,6 +13,7 @@ from conftest import (
     EXAONE_MOE,
     GEMMA4,
     GLM4_MOE,
+    GLM4V_MOE,
     GLM_MOE_DSA,
     GPT_OSS,
     HUNYUAN,
@@ -341,6 +342,14 @@ CASES = {
         "single",
     ),
     "cohere2-moe-fused": ("Cohere2MoeConfig", COHERE2_MOE, {"num_shared_experts": 0}, "fused"),
+    # transformers defines GLM-4.5V's language model only inside its multimodal model: the reference is that
+    "glm4v-moe-sharded": ("Glm4vMoeConfig", GLM4V_MOE, {}, "sharded"),
+    "glm4v-moe-no-bias-tied": (
+        "Glm4vMoeConfig",
+        GLM4V_MOE,
+        {"text_config": {**GLM4V_MOE["text_config"], "attention_bias": False}, "tie_word_embeddings": True},
+        "single",
+    ),
     "dots1-sharded": ("Dots1Config", DOTS1, {}, "sharded"),
     # no shared expert, no windows, biases, ungrouped routing without renormalisation, tied embeddings
     "dots1-plain-bias-tied": (
@@ -570,6 +579,12 @@ MULTIMODAL = {
             patch_size=4,
             position_embedding_size=64,
         ),
+    ),
+    "glm4v_moe": (
+        "Glm4vMoeConfig",
+        "Glm4vMoeForConditionalGeneration",
+        GLM4V_MOE["text_config"],
+        GLM4V_MOE["vision_config"],
     ),
 }
 

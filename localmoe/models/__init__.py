@@ -14,6 +14,7 @@ from localmoe.models import (
     exaone_moe,
     gemma4,
     glm4_moe,
+    glm4v_moe,
     glm_moe_dsa,
     gpt_oss,
     hunyuan_v1_moe,
@@ -62,6 +63,7 @@ FAMILIES: tuple[Family, ...] = (
     sarvam_moe.FAMILY,
     deepseek_v32.FAMILY,
     cohere2_moe.FAMILY,
+    glm4v_moe.FAMILY,
 )
 
 
@@ -101,5 +103,5 @@ def families_table() -> str:
 
 
 def _architectures(family: Family) -> str:
-    names = [f"`{family.architectures[0]}`"] + [f"`{a}` (text only)" for a in family.wrapper_architectures]
+    names = [f"`{a}`" for a in family.architectures[:1]] + [f"`{a}` (text only)" for a in family.wrapper_architectures]
     return ", ".join(names)

@@ -65,7 +65,7 @@ class Family:
     of `keep_float32` stay in float32 whatever the compute dtype. Routed experts are declared apart,
     in `experts` (the layouts their checkpoints come in, in order of preference), because the
     runtime, not the model, owns them. `multimodal` lists the architectures that wrap the family's
-    language model with other inputs.
+    language model with other inputs; a family with no `architectures` of its own is run only from them.
     """
 
     architectures: tuple[str, ...]
@@ -78,6 +78,12 @@ class Family:
     quantizations: tuple[str, ...] = ()  # quantization_config.quant_method values it reads
     multimodal: tuple[Multimodal, ...] = ()
     example: str = ""
+
+    @property
+    def name(self) -> str:
+        """The family's name in messages: its first architecture, or its first wrapper's where transformers
+        defines only the wrapper (GLM-4.5V)."""
+        return (self.architectures or self.wrapper_architectures)[0]
 
     @property
     def wrapper_architectures(self) -> tuple[str, ...]:
