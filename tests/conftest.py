@@ -710,3 +710,22 @@ GLM4V_MOE = dict(
     },
     vision_config=dict(depth=1, hidden_size=32, intermediate_size=32, num_heads=2, out_hidden_size=64, patch_size=4),
 )
+
+MIMO_V2_FLASH = dict(
+    vocab_size=258,
+    hidden_size=64,
+    intermediate_size=96,
+    moe_intermediate_size=24,
+    num_hidden_layers=4,
+    num_attention_heads=4,
+    num_key_value_heads=1,  # two on the sliding-window layers
+    head_dim=24,  # rotary on int(24 x 0.334) = 8 dims by default
+    v_head_dim=16,
+    n_routed_experts=8,
+    num_experts_per_tok=2,
+    sliding_window=8,  # shorter than the prompts
+    layer_types=["full_attention", "sliding_attention", "sliding_attention", "full_attention"],
+    max_position_embeddings=256,
+    bos_token_id=256,
+    eos_token_id=257,
+)

@@ -25,6 +25,7 @@ from conftest import (
     MELLUM,
     MINIMAX,
     MINIMAX_M2,
+    MIMO_V2_FLASH,
     MISTRAL4,
     MIXTRAL,
     OLMOE,
@@ -333,6 +334,7 @@ EVERY_FAMILY = {
     "deepseek_v32": ("DeepseekV32Config", DEEPSEEK_V32),
     "cohere2_moe": ("Cohere2MoeConfig", COHERE2_MOE),
     "glm4v_moe_text": ("Glm4vMoeConfig", GLM4V_MOE),
+    "mimo_v2_flash": ("MiMoV2FlashConfig", MIMO_V2_FLASH),
 }
 
 

@@ -22,6 +22,7 @@ from conftest import (
     MELLUM,
     MINIMAX,
     MINIMAX_M2,
+    MIMO_V2_FLASH,
     MISTRAL4,
     MIXTRAL,
     OLMOE,
@@ -350,6 +351,29 @@ CASES = {
         {"text_config": {**GLM4V_MOE["text_config"], "attention_bias": False}, "tie_word_embeddings": True},
         "single",
     ),
+    "mimo-v2-flash-sharded": ("MiMoV2FlashConfig", MIMO_V2_FLASH, {}, "sharded"),
+    # the release's window spelling, grouped routing with a scaling, MoE on every layer, biases, tied
+    # embeddings, each kind of layer with rotary of its own width
+    "mimo-v2-flash-groups-bias": (
+        "MiMoV2FlashConfig",
+        MIMO_V2_FLASH,
+        {
+            "sliding_window_size": 6,
+            "n_group": 2,
+            "topk_group": 1,
+            "routed_scaling_factor": 2.0,
+            "mlp_layer_types": ["sparse"] * 4,
+            "attention_bias": True,
+            "tie_word_embeddings": True,
+            "attention_value_scale": None,
+            "rope_parameters": {
+                "full_attention": {"rope_type": "default", "rope_theta": 1000000.0, "partial_rotary_factor": 0.5},
+                "sliding_attention": {"rope_type": "default", "rope_theta": 10000.0},
+            },
+        },
+        "single",
+    ),
+    "mimo-v2-flash-fused": ("MiMoV2FlashConfig", MIMO_V2_FLASH, {}, "fused"),
     "dots1-sharded": ("Dots1Config", DOTS1, {}, "sharded"),
     # no shared expert, no windows, biases, ungrouped routing without renormalisation, tied embeddings
     "dots1-plain-bias-tied": (

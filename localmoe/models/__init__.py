@@ -21,6 +21,7 @@ from localmoe.models import (
     hy_v3,
     llama4,
     mellum,
+    mimo_v2_flash,
     minimax,
     minimax_m2,
     mistral4,
@@ -64,6 +65,7 @@ FAMILIES: tuple[Family, ...] = (
     deepseek_v32.FAMILY,
     cohere2_moe.FAMILY,
     glm4v_moe.FAMILY,
+    mimo_v2_flash.FAMILY,
 )
 
 
