@@ -55,8 +55,9 @@ def open_checkpoint(source: str, revision: str | None = None) -> Checkpoint:
     # top-level settings (dtype, quantization_config) hold for the language model unless it says otherwise;
     # the LM head belongs to the wrapper, so the wrapper's tie_word_embeddings (default True in several)
     # decides whether it is stored
-    # without a text architecture of its own, the language model is found by its model_type
-    config = {**ckpt.config, **text, "architectures": list(family.architectures[:1])}
+    # the wrapper decides its language model's family (transformers ignores the model_type some of their
+    # text configs carry); without a text architecture of its own, the family is found by model_type
+    config = {**ckpt.config, **text, "architectures": list(family.architectures[:1]), "model_type": family.model_type}
     if "tie_word_embeddings" in ckpt.config:
         config["tie_word_embeddings"] = ckpt.config["tie_word_embeddings"]
     part = f"the language model of {wrapper.architecture} (text only; its other towers stay on disk)"

@@ -729,3 +729,32 @@ MIMO_V2_FLASH = dict(
     bos_token_id=256,
     eos_token_id=257,
 )
+
+# Step-3.7-Flash's language model, only ever built inside its multimodal model
+STEP3P7 = dict(
+    text_config=dict(
+        vocab_size=258,
+        hidden_size=64,
+        intermediate_size=96,
+        moe_intermediate_size=24,
+        share_expert_dim=32,
+        num_hidden_layers=4,
+        num_attention_heads=4,
+        num_sliding_attention_heads=2,
+        num_key_value_heads=2,
+        head_dim=16,
+        n_routed_experts=8,
+        num_experts_per_tok=2,
+        moe_router_scaling_factor=1.5,
+        sliding_window=8,  # shorter than the prompts
+        layer_types=["full_attention", "sliding_attention", "sliding_attention", "full_attention"],
+        mlp_layer_types=["dense", "sparse", "sparse", "sparse"],
+        # small enough to clamp the random activations: the dense layer, a MoE layer's experts and shared expert
+        swiglu_limits=[0.0, 0.0, 0.3, 0.0],
+        swiglu_limits_shared=[0.3, 0.0, 0.3, 0.0],
+        max_position_embeddings=256,
+        bos_token_id=256,
+        eos_token_id=257,
+    ),
+    vision_config=dict(hidden_size=32, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2, patch_size=4),
+)

@@ -32,13 +32,14 @@ from conftest import (
     QWEN3_MOE,
     SARVAM_MOE,
     SOLAR_OPEN,
+    STEP3P7,
     hf_model,
     randomize,
     save_hf,
 )
 
 import localmoe
-from localmoe.models.expert_tensors import Fused, PerExpert
+from localmoe.models.expert_tensors import Fused, PerExpert, Stacked
 from localmoe.runtime.generate import generate_tokens
 
 TOLERANCE = 1e-4
@@ -374,6 +375,29 @@ CASES = {
         "single",
     ),
     "mimo-v2-flash-fused": ("MiMoV2FlashConfig", MIMO_V2_FLASH, {}, "fused"),
+    # transformers defines Step-3.7's language model only inside its multimodal model: the reference is that
+    "step3p7-sharded": ("Step3p7Config", STEP3P7, {}, "sharded"),
+    # per-kind rotary thetas and widths, a query scale of its own, biases, tied embeddings, no clamps
+    "step3p7-rope-bias": (
+        "Step3p7Config",
+        STEP3P7,
+        {
+            "text_config": {
+                **STEP3P7["text_config"],
+                "rope_parameters": {
+                    "full_attention": {"rope_type": "default", "rope_theta": 500000.0, "partial_rotary_factor": 0.5},
+                    "sliding_attention": {"rope_type": "default", "rope_theta": 10000.0},
+                },
+                "query_pre_attn_scalar": 12,
+                "attention_bias": True,
+                "mlp_bias": True,
+                "swiglu_limits": None,
+                "swiglu_limits_shared": None,
+            },
+            "tie_word_embeddings": True,
+        },
+        "single",
+    ),
     "dots1-sharded": ("Dots1Config", DOTS1, {}, "sharded"),
     # no shared expert, no windows, biases, ungrouped routing without renormalisation, tied embeddings
     "dots1-plain-bias-tied": (
@@ -464,8 +488,10 @@ def test_experts_read_in_the_layout_written(pair, request):
     _, engine = pair
     name = request.node.callspec.params["pair"]
     # save_pretrained writes the Hub's per-expert names, except for the families whose Hub layout is fused
+    # (one tensor for gate and up) or stacked (one per role)
     fused_on_the_hub = ("gpt-oss", "llama4", "gemma4", "mistral4")
     expected = Fused if CASES[name][3] == "fused" or name.startswith(fused_on_the_hub) else PerExpert
+    expected = Stacked if name.startswith("step3p7") else expected
     assert {type(found) for found in engine.parts.experts.layouts.values()} == {expected}
 
 

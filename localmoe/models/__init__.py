@@ -33,6 +33,7 @@ from localmoe.models import (
     qwen3_moe,
     sarvam_moe,
     solar_open,
+    step3p7,
 )
 from localmoe.models.family import Family
 
@@ -66,6 +67,7 @@ FAMILIES: tuple[Family, ...] = (
     cohere2_moe.FAMILY,
     glm4v_moe.FAMILY,
     mimo_v2_flash.FAMILY,
+    step3p7.FAMILY,
 )
 
 

@@ -23,7 +23,7 @@ class Attention(nn.Module):
     each head a gate, sigmoid(gate) scaling the head's output. `norm` is the q/k norm's class; `rotary`
     a rotary embedding for this kind of layer where the model has several (Gemma 4, Mellum);
     `use_rope=False` a layer without positions (NoPE); `v_head_dim` values narrower or wider than
-    queries and keys (MiMo-V2-Flash).
+    queries and keys (MiMo-V2-Flash); `scale` the query-key scale where it is not 1/sqrt(head_dim).
     """
 
     def __init__(
@@ -46,11 +46,13 @@ class Attention(nn.Module):
         rotary: RotaryEmbedding | None = None,
         use_rope: bool = True,
         v_head_dim: int | None = None,
+        scale: float | None = None,
     ):
         super().__init__()
         self.heads, self.kv_heads, self.head_dim = heads, kv_heads, head_dim
         self.v_head_dim = v_head_dim or head_dim
         self.use_rope = use_rope
+        self.scale = head_dim**-0.5 if scale is None else scale
         self.qk_norm, self.clip_qkv, self.sliding_window = qk_norm, clip_qkv, sliding_window
         self.rotate = apply_rotary_interleaved if interleaved_rope else apply_rotary
         self.output_gate = output_gate
@@ -113,15 +115,19 @@ class Attention(nn.Module):
         k, v, positions = kv.update(k, v, step.start)  # [B, H_kv, S, D]
         if hasattr(self, "sinks"):
             visible = step.visible(self.sliding_window, positions)
-            out = attend_with_sinks(q, k, v, visible, self.sinks, self.head_dim**-0.5)
+            out = attend_with_sinks(q, k, v, visible, self.sinks, self.scale)
         else:
             mask, is_causal = step.mask(self.sliding_window, positions)
             out = F.scaled_dot_product_attention(
-                q, k, v, attn_mask=mask, is_causal=is_causal, scale=self.head_dim**-0.5, enable_gqa=True
+                q, k, v, attn_mask=mask, is_causal=is_causal, scale=self.scale, enable_gqa=True
             )
         out = out.transpose(1, 2).reshape(B, T, -1)
         if self.output_gate:
             out = out * torch.sigmoid(gate.reshape(B, T, -1))
+        return self.output(x, out)
+
+    def output(self, x: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+        """The layer's output [B, T, E] from the heads' outputs [B, T, heads x v dim] (x: its input)."""
         return self.o_proj(out)
 
 

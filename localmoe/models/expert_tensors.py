@@ -101,6 +101,27 @@ class Fused:
 
 
 @dataclass(frozen=True)
+class Stacked:
+    """One 3-D tensor per layer and role, the experts first: gate and up [E, I, H], down [E, H, I], named
+    by templates with {layer} (Step-3.7's checkpoints)."""
+
+    names: dict[str, str]
+
+    def present(self, ckpt: Checkpoint, layer: int) -> bool:
+        return all(name.format(layer=layer) in ckpt for name in self.names.values())
+
+    def check(self, ckpt: Checkpoint, block) -> None:
+        for role, shape in role_shapes(block.hidden_size, block.intermediate_size, False).items():
+            ckpt.check_tensor(self.names[role].format(layer=block.layer_idx), (block.num_experts, *shape))
+
+    def read(self, ckpt: Checkpoint, block, expert: int) -> dict[str, torch.Tensor]:
+        roles = {role: ckpt.tensor(name.format(layer=block.layer_idx))[expert] for role, name in self.names.items()}
+        if roles["gate"].dtype == torch.float8_e4m3fn:
+            raise LocalMoEError(f"{ckpt.path}: FP8 experts stored stacked per layer are not supported yet")
+        return roles
+
+
+@dataclass(frozen=True)
 class Mxfp4:
     """gpt-oss experts as shipped on the Hub: `{prefix}.gate_up_proj_blocks` [E, 2I, H/32, 16] and
     `_scales` [E, 2I, H/32] (uint8), the same for down_proj ([E, H, I/32, ...]); gate and up in
@@ -163,7 +184,7 @@ class Mxfp4:
         }
 
 
-ExpertTensors = PerExpert | Fused | Mxfp4
+ExpertTensors = PerExpert | Fused | Stacked | Mxfp4
 
 
 def _split_gate_up(gate_up: torch.Tensor, block, interleaved: bool) -> dict[str, torch.Tensor]:

@@ -37,7 +37,8 @@ class GatedActivation:
 
     `glu`: act(gate) * up. `clamped_swiglu` (gpt-oss): gate clamped above at `limit`, up clamped to
     [-limit, limit], then gate * sigmoid(alpha * gate) * (up + 1). `clamped_glu` (DeepSeek-V4): the
-    same clamps, then act(gate) * up.
+    same clamps, then act(gate) * up. `glu_clamped_after` (Step-3.7): act(gate) clamped above at
+    `limit`, times up clamped to [-limit, limit].
     """
 
     kind: str = "glu"
@@ -51,6 +52,8 @@ class GatedActivation:
             up = up.clamp(min=-self.limit, max=self.limit)
         if self.kind == "clamped_swiglu":
             return gate * torch.sigmoid(gate * self.alpha) * (up + 1)
+        if self.kind == "glu_clamped_after":
+            return activation(self.act)(gate).clamp(max=self.limit) * up.clamp(min=-self.limit, max=self.limit)
         return activation(self.act)(gate) * up
 
 
