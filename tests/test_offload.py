@@ -35,6 +35,7 @@ from conftest import (
     QWEN3_MOE,
     SARVAM_MOE,
     SOLAR_OPEN,
+    STEP3P7,
     hf_model,
     save_hf,
 )
@@ -335,6 +336,7 @@ EVERY_FAMILY = {
     "cohere2_moe": ("Cohere2MoeConfig", COHERE2_MOE),
     "glm4v_moe_text": ("Glm4vMoeConfig", GLM4V_MOE),
     "mimo_v2_flash": ("MiMoV2FlashConfig", MIMO_V2_FLASH),
+    "step3p5": ("Step3p7Config", STEP3P7),
 }
 
 

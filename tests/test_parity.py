@@ -636,6 +636,12 @@ MULTIMODAL = {
         GLM4V_MOE["text_config"],
         GLM4V_MOE["vision_config"],
     ),
+    "step3p7": (
+        "Step3p7Config",
+        "Step3p7ForConditionalGeneration",
+        STEP3P7["text_config"],
+        STEP3P7["vision_config"],
+    ),
 }
 
 
