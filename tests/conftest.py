@@ -553,3 +553,25 @@ DEEPSEEK_V4 = dict(
     bos_token_id=256,
     eos_token_id=257,
 )
+
+QWEN3_NEXT = dict(
+    vocab_size=258,
+    hidden_size=64,
+    intermediate_size=40,
+    num_hidden_layers=4,  # three Gated DeltaNet layers, then full attention
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    head_dim=16,
+    linear_num_key_heads=2,
+    linear_num_value_heads=4,  # two value heads per key head: the grouped projections interleave them
+    linear_key_head_dim=16,
+    linear_value_head_dim=8,
+    moe_intermediate_size=32,
+    shared_expert_intermediate_size=48,
+    num_experts=6,
+    num_experts_per_tok=2,
+    mlp_only_layers=[1],  # a dense layer between sparse ones
+    max_position_embeddings=256,
+    bos_token_id=256,
+    eos_token_id=257,
+)

@@ -26,6 +26,7 @@ from conftest import (
     QWEN2_MOE,
     QWEN3_5_MOE,
     QWEN3_MOE,
+    QWEN3_NEXT,
     hf_model,
     save_hf,
 )
@@ -317,6 +318,7 @@ EVERY_FAMILY = {
     "mistral4": ("Mistral4Config", MISTRAL4),
     "glm_moe_dsa": ("GlmMoeDsaConfig", GLM_MOE_DSA),
     "deepseek_v4": ("DeepseekV4Config", DEEPSEEK_V4),
+    "qwen3_next": ("Qwen3NextConfig", QWEN3_NEXT),
 }
 
 

@@ -23,6 +23,7 @@ from conftest import (
     QWEN2_MOE,
     QWEN3_5_MOE,
     QWEN3_MOE,
+    QWEN3_NEXT,
     hf_model,
     randomize,
     save_hf,
@@ -294,6 +295,24 @@ CASES = {
         },
         "single",
     ),
+    "qwen3-next-sharded": ("Qwen3NextConfig", QWEN3_NEXT, {}, "sharded"),
+    # one value head per key head, full attention every other layer, no renormalisation, sparse every
+    # other layer, tied embeddings
+    "qwen3-next-interval-tied": (
+        "Qwen3NextConfig",
+        QWEN3_NEXT,
+        {
+            "linear_num_value_heads": 2,
+            "layer_types": ["linear_attention", "full_attention"] * 2,
+            "partial_rotary_factor": 0.5,
+            "norm_topk_prob": False,
+            "mlp_only_layers": [],
+            "decoder_sparse_step": 2,
+            "tie_word_embeddings": True,
+        },
+        "single",
+    ),
+    "qwen3-next-fused": ("Qwen3NextConfig", QWEN3_NEXT, {}, "fused"),
 }
 
 

@@ -24,6 +24,7 @@ from localmoe.models import (
     qwen2_moe,
     qwen3_5_moe,
     qwen3_moe,
+    qwen3_next,
 )
 from localmoe.models.family import Family
 
@@ -48,6 +49,7 @@ FAMILIES: tuple[Family, ...] = (
     mistral4.FAMILY,
     glm_moe_dsa.FAMILY,
     deepseek_v4.FAMILY,
+    qwen3_next.FAMILY,
 )
 
 
