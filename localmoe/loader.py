@@ -55,7 +55,7 @@ def open_checkpoint(source: str, revision: str | None = None) -> Checkpoint:
     # top-level settings (dtype, quantization_config) hold for the language model unless it says otherwise;
     # the LM head belongs to the wrapper, so the wrapper's tie_word_embeddings (default True in several)
     # decides whether it is stored
-    config = {**ckpt.config, **text, "architectures": [family.architectures[0]]}
+    config = {**ckpt.config, **text, "architectures": [family.name]}
     if "tie_word_embeddings" in ckpt.config:
         config["tie_word_embeddings"] = ckpt.config["tie_word_embeddings"]
     part = f"the language model of {wrapper.architecture} (text only; its other towers stay on disk)"
@@ -82,7 +82,7 @@ def _check_quantization(ckpt: Checkpoint, family: Family) -> None:
         return
     if method is not None and method not in family.quantizations:
         raise LocalMoEError(
-            f"{ckpt.path} is quantized ({method}), which localmoe cannot read yet for {family.architectures[0]}: "
+            f"{ckpt.path} is quantized ({method}), which localmoe cannot read yet for {family.name}: "
             "use an unquantized (bf16) release of the model"
         )
 
@@ -109,9 +109,7 @@ def footprint(parts: ModelParts) -> Footprint:
     first = blocks[0]
     shapes = {(b.hidden_size, b.intermediate_size, b.num_experts, b.expert_bias) for b in blocks}
     if len(shapes) > 1:
-        raise LocalMoEError(
-            f"{parts.family.architectures[0]} with experts of different shapes per layer is not supported"
-        )
+        raise LocalMoEError(f"{parts.family.name} with experts of different shapes per layer is not supported")
     size = parts.dtype.itemsize
     widest = max([m.in_features for m in parts.model.modules() if isinstance(m, nn.Linear)] + [first.intermediate_size])
     hidden = first.hidden_size
@@ -161,7 +159,7 @@ def _resident_sources(model: nn.Module, ckpt: Checkpoint, family: Family) -> dic
         found = next((c for c in candidates if c in ckpt), None)
         if found is None:
             raise LocalMoEError(
-                f"{ckpt.path} lacks tensor {ckpt.stored_name(candidates[0])}, which {family.architectures[0]} "
+                f"{ckpt.path} lacks tensor {ckpt.stored_name(candidates[0])}, which {family.name} "
                 "needs: the checkpoint is incomplete or its index is damaged; download it again"
             )
         ckpt.check_tensor(found, tuple(param.shape))
@@ -212,6 +210,6 @@ class ExpertSource:
 
     def _layout(self, layouts: tuple[ExpertTensors, ...], block: SparseMoE) -> ExpertTensors:
         """The first layout present for this layer, with every expert tensor it needs checked."""
-        layout = next((layout for layout in layouts if layout.present(self.ckpt, block.layer_idx)), layouts[0])
+        layout = next((layout for layout in layouts if layout.present(self.ckpt, block)), layouts[0])
         layout.check(self.ckpt, block)
         return layout

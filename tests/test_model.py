@@ -14,6 +14,8 @@ from conftest import (
     QWEN3_5_MOE,
     QWEN3_MOE,
     QWEN3_NEXT,
+    QWEN3_VL_MOE_TEXT,
+    QWEN3_VL_VISION,
     hf_model,
     save_hf,
 )
@@ -49,6 +51,7 @@ MODELS = {
     # compressor windows that close inside and across chunks, and pending tokens carried between them
     "deepseek-v4": ("DeepseekV4Config", DEEPSEEK_V4, None),
     "qwen3-next": ("Qwen3NextConfig", QWEN3_NEXT, None),
+    "qwen3-vl-moe": ("Qwen3VLMoeConfig", {"text_config": QWEN3_VL_MOE_TEXT, "vision_config": QWEN3_VL_VISION}, None),
 }
 
 

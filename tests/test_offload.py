@@ -27,6 +27,8 @@ from conftest import (
     QWEN3_5_MOE,
     QWEN3_MOE,
     QWEN3_NEXT,
+    QWEN3_VL_MOE_TEXT,
+    QWEN3_VL_VISION,
     hf_model,
     save_hf,
 )
@@ -319,6 +321,7 @@ EVERY_FAMILY = {
     "glm_moe_dsa": ("GlmMoeDsaConfig", GLM_MOE_DSA),
     "deepseek_v4": ("DeepseekV4Config", DEEPSEEK_V4),
     "qwen3_next": ("Qwen3NextConfig", QWEN3_NEXT),
+    "qwen3_vl_moe_text": ("Qwen3VLMoeConfig", {"text_config": QWEN3_VL_MOE_TEXT, "vision_config": QWEN3_VL_VISION}),
 }
 
 

@@ -24,6 +24,8 @@ from conftest import (
     QWEN3_5_MOE,
     QWEN3_MOE,
     QWEN3_NEXT,
+    QWEN3_VL_MOE_TEXT,
+    QWEN3_VL_VISION,
     hf_model,
     randomize,
     save_hf,
@@ -313,6 +315,28 @@ CASES = {
         "single",
     ),
     "qwen3-next-fused": ("Qwen3NextConfig", QWEN3_NEXT, {}, "fused"),
+    # Qwen3-VL-MoE exists in transformers only with its vision tower: the cases run the whole model
+    "qwen3-vl-moe-transposed": (
+        "Qwen3VLMoeConfig",
+        {"text_config": QWEN3_VL_MOE_TEXT, "vision_config": QWEN3_VL_VISION},
+        {},
+        "transposed",
+    ),
+    # sparse every other layer, attention biases, tied embeddings, sharded with the names transformers writes
+    "qwen3-vl-moe-sharded-tied": (
+        "Qwen3VLMoeConfig",
+        {"vision_config": QWEN3_VL_VISION, "tie_word_embeddings": True},
+        {
+            "text_config": {
+                **QWEN3_VL_MOE_TEXT,
+                "mlp_only_layers": [],
+                "decoder_sparse_step": 2,
+                "attention_bias": True,
+                "tie_word_embeddings": True,
+            }
+        },
+        "sharded",
+    ),
 }
 
 
@@ -335,7 +359,7 @@ def test_experts_read_in_the_layout_written(pair, request):
     _, engine = pair
     name = request.node.callspec.params["pair"]
     # save_pretrained writes the Hub's per-expert names, except for the families whose Hub layout is fused
-    fused_on_the_hub = ("gpt-oss", "llama4", "gemma4", "mistral4")
+    fused_on_the_hub = ("gpt-oss", "llama4", "gemma4", "mistral4", "qwen3-vl-moe")
     expected = Fused if CASES[name][3] == "fused" or name.startswith(fused_on_the_hub) else PerExpert
     assert {type(found) for found in engine.parts.experts.layouts.values()} == {expected}
 
@@ -423,6 +447,7 @@ def test_qwen3_5_prompt_longer_than_a_delta_rule_chunk(tmp_path):
 
 # the multimodal classes the Hub ships these families as: (config class, model class, text config, vision config)
 MULTIMODAL = {
+    "qwen3-vl-moe": ("Qwen3VLMoeConfig", "Qwen3VLMoeForConditionalGeneration", QWEN3_VL_MOE_TEXT, QWEN3_VL_VISION),
     "llama4": (
         "Llama4Config",
         "Llama4ForConditionalGeneration",

@@ -25,6 +25,7 @@ from localmoe.models import (
     qwen3_5_moe,
     qwen3_moe,
     qwen3_next,
+    qwen3_vl_moe,
 )
 from localmoe.models.family import Family
 
@@ -50,6 +51,7 @@ FAMILIES: tuple[Family, ...] = (
     glm_moe_dsa.FAMILY,
     deepseek_v4.FAMILY,
     qwen3_next.FAMILY,
+    qwen3_vl_moe.FAMILY,
 )
 
 
@@ -84,5 +86,5 @@ def families_table() -> str:
 
 
 def _architectures(family: Family) -> str:
-    names = [f"`{family.architectures[0]}`"] + [f"`{a}` (text only)" for a in family.wrapper_architectures]
+    names = [f"`{a}`" for a in family.architectures[:1]] + [f"`{a}` (text only)" for a in family.wrapper_architectures]
     return ", ".join(names)

@@ -29,8 +29,8 @@ class PerExpert:
 
     names: dict[str, str]
 
-    def present(self, ckpt: Checkpoint, layer: int) -> bool:
-        return self.names["gate"].format(layer=layer, expert=0) in ckpt
+    def present(self, ckpt: Checkpoint, block) -> bool:
+        return self.names["gate"].format(layer=block.layer_idx, expert=0) in ckpt
 
     def check(self, ckpt: Checkpoint, block) -> None:
         shapes = role_shapes(block.hidden_size, block.intermediate_size, block.expert_bias)
@@ -68,14 +68,26 @@ class Fused:
     transposed: bool = False
     interleaved: bool = False
 
-    def present(self, ckpt: Checkpoint, layer: int) -> bool:
-        return self.gate_up.format(layer=layer) in ckpt and self.down.format(layer=layer) in ckpt
+    def present(self, ckpt: Checkpoint, block) -> bool:
+        """Its tensors are there, in its orientation: Qwen3-VL-MoE's Hub files store transposed experts
+        under the names transformers keeps them under untransposed, and down's shape tells them apart."""
+        down = self.down.format(layer=block.layer_idx)
+        return (
+            self.gate_up.format(layer=block.layer_idx) in ckpt
+            and down in ckpt
+            and ckpt.info(down).shape == self._shapes(block)[1]
+        )
+
+    def _shapes(self, block) -> tuple[tuple[int, ...], tuple[int, ...]]:
+        """The shapes of gate_up and down."""
+        count, hidden, inter = block.num_experts, block.hidden_size, block.intermediate_size
+        if self.transposed:
+            return (count, hidden, 2 * inter), (count, inter, hidden)
+        return (count, 2 * inter, hidden), (count, hidden, inter)
 
     def check(self, ckpt: Checkpoint, block) -> None:
         count, hidden, inter, layer = block.num_experts, block.hidden_size, block.intermediate_size, block.layer_idx
-        gate_up, down = (count, 2 * inter, hidden), (count, hidden, inter)
-        if self.transposed:
-            gate_up, down = (count, hidden, 2 * inter), (count, inter, hidden)
+        gate_up, down = self._shapes(block)
         ckpt.check_tensor(self.gate_up.format(layer=layer), gate_up)
         ckpt.check_tensor(self.down.format(layer=layer), down)
         if block.expert_bias:
@@ -109,8 +121,8 @@ class Mxfp4:
 
     prefix: str  # with {layer}
 
-    def present(self, ckpt: Checkpoint, layer: int) -> bool:
-        return f"{self.prefix.format(layer=layer)}.gate_up_proj_blocks" in ckpt
+    def present(self, ckpt: Checkpoint, block) -> bool:
+        return f"{self.prefix.format(layer=block.layer_idx)}.gate_up_proj_blocks" in ckpt
 
     def check(self, ckpt: Checkpoint, block) -> None:
         prefix, count = self.prefix.format(layer=block.layer_idx), block.num_experts

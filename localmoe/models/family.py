@@ -80,6 +80,12 @@ class Family:
     example: str = ""
 
     @property
+    def name(self) -> str:
+        """The family's text-only architecture, or its wrapper where transformers has no text-only one
+        (Qwen3-VL-MoE)."""
+        return (self.architectures or self.wrapper_architectures)[0]
+
+    @property
     def wrapper_architectures(self) -> tuple[str, ...]:
         return tuple(wrapper.architecture for wrapper in self.multimodal)
 
