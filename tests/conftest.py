@@ -609,3 +609,24 @@ QWEN3_VL_MOE_TEXT = dict(
     eos_token_id=257,
 )
 QWEN3_VL_VISION = dict(depth=1, hidden_size=16, intermediate_size=32, num_heads=2, out_hidden_size=64, patch_size=4)
+
+GLM4_MOE_LITE = dict(
+    vocab_size=258,
+    hidden_size=64,
+    intermediate_size=96,
+    moe_intermediate_size=24,
+    num_hidden_layers=4,
+    num_attention_heads=4,
+    n_routed_experts=8,
+    num_experts_per_tok=2,
+    n_shared_experts=1,
+    mlp_layer_types=["dense", "sparse", "dense", "sparse"],  # a dense layer between sparse ones
+    kv_lora_rank=32,
+    q_lora_rank=24,
+    qk_nope_head_dim=16,
+    qk_rope_head_dim=8,
+    v_head_dim=12,
+    max_position_embeddings=256,
+    bos_token_id=256,
+    eos_token_id=257,
+)

@@ -12,6 +12,7 @@ from conftest import (
     ERNIE,
     GEMMA4,
     GLM4_MOE,
+    GLM4_MOE_LITE,
     GLM_MOE_DSA,
     GPT_OSS,
     HUNYUAN,
@@ -321,6 +322,7 @@ EVERY_FAMILY = {
     "glm_moe_dsa": ("GlmMoeDsaConfig", GLM_MOE_DSA),
     "deepseek_v4": ("DeepseekV4Config", DEEPSEEK_V4),
     "qwen3_next": ("Qwen3NextConfig", QWEN3_NEXT),
+    "glm4_moe_lite": ("Glm4MoeLiteConfig", GLM4_MOE_LITE),
     "qwen3_vl_moe_text": ("Qwen3VLMoeConfig", {"text_config": QWEN3_VL_MOE_TEXT, "vision_config": QWEN3_VL_VISION}),
 }
 

@@ -9,6 +9,7 @@ from conftest import (
     ERNIE,
     GEMMA4,
     GLM4_MOE,
+    GLM4_MOE_LITE,
     GLM_MOE_DSA,
     GPT_OSS,
     HUNYUAN,
@@ -337,6 +338,31 @@ CASES = {
         },
         "sharded",
     ),
+    "glm4-lite-sharded": ("Glm4MoeLiteConfig", GLM4_MOE_LITE, {}, "sharded"),
+    # transformers' default layer kinds, groups, plain rotary, queries without their bottleneck, yarn
+    # whose mscale_all_dim scales the attention
+    "glm4-lite-groups-yarn": (
+        "Glm4MoeLiteConfig",
+        GLM4_MOE_LITE,
+        {
+            "mlp_layer_types": None,
+            "n_group": 4,
+            "topk_group": 2,
+            "norm_topk_prob": False,
+            "rope_interleave": False,
+            "q_lora_rank": None,
+            "rope_parameters": {
+                "rope_type": "yarn",
+                "rope_theta": 10000.0,
+                "factor": 4.0,
+                "original_max_position_embeddings": 64,
+                "mscale": 0.9,
+                "mscale_all_dim": 0.8,
+            },
+        },
+        "single",
+    ),
+    "glm4-lite-fused-tied": ("Glm4MoeLiteConfig", GLM4_MOE_LITE, {"tie_word_embeddings": True}, "fused"),
 }
 
 

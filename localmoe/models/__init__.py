@@ -10,6 +10,7 @@ from localmoe.models import (
     ernie4_5_moe,
     gemma4,
     glm4_moe,
+    glm4_moe_lite,
     glm_moe_dsa,
     gpt_oss,
     hunyuan_v1_moe,
@@ -52,6 +53,7 @@ FAMILIES: tuple[Family, ...] = (
     deepseek_v4.FAMILY,
     qwen3_next.FAMILY,
     qwen3_vl_moe.FAMILY,
+    glm4_moe_lite.FAMILY,
 )
 
 
