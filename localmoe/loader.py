@@ -15,7 +15,7 @@ from torch import nn
 from localmoe.checkpoint import Checkpoint
 from localmoe.errors import LocalMoEError
 from localmoe.models import family_for
-from localmoe.models.expert_tensors import ExpertTensors, Mxfp4, PerExpert, role_shapes
+from localmoe.models.expert_tensors import ExpertTensors, Mxfp4, PerExpert, block_shapes
 from localmoe.models.family import Family, ModelArgs
 from localmoe.models.moe import SparseMoE, moe_blocks
 from localmoe.progress import progress
@@ -55,9 +55,7 @@ def open_checkpoint(source: str, revision: str | None = None) -> Checkpoint:
     # top-level settings (dtype, quantization_config) hold for the language model unless it says otherwise;
     # the LM head belongs to the wrapper, so the wrapper's tie_word_embeddings (default True in several)
     # decides whether it is stored
-    # the wrapper decides its language model's family (transformers ignores the model_type some of their
-    # text configs carry); without a text architecture of its own, the family is found by model_type
-    config = {**ckpt.config, **text, "architectures": list(family.architectures[:1]), "model_type": family.model_type}
+    config = {**ckpt.config, **text, "architectures": [family.name]}
     if "tie_word_embeddings" in ckpt.config:
         config["tie_word_embeddings"] = ckpt.config["tie_word_embeddings"]
     part = f"the language model of {wrapper.architecture} (text only; its other towers stay on disk)"
@@ -109,20 +107,15 @@ def footprint(parts: ModelParts) -> Footprint:
     """The sizes the memory plan needs, from the model's shapes in the compute dtype."""
     blocks = moe_blocks(parts.model)
     first = blocks[0]
-    shapes = {(b.hidden_size, b.intermediate_size, b.num_experts, b.expert_bias) for b in blocks}
+    shapes = {(b.hidden_size, b.intermediate_size, b.num_experts, b.expert_bias, b.gated) for b in blocks}
     if len(shapes) > 1:
-        raise LocalMoEError(
-            f"{parts.family.name} with experts of different shapes per layer is not supported"
-        )
+        raise LocalMoEError(f"{parts.family.name} with experts of different shapes per layer is not supported")
     size = parts.dtype.itemsize
     widest = max([m.in_features for m in parts.model.modules() if isinstance(m, nn.Linear)] + [first.intermediate_size])
     hidden = first.hidden_size
     return Footprint(
         resident_bytes=sum(p.numel() for p in parts.model.parameters()) * size,
-        expert_bytes=sum(
-            math.prod(shape) for shape in role_shapes(hidden, first.intermediate_size, first.expert_bias).values()
-        )
-        * size,
+        expert_bytes=sum(math.prod(shape) for shape in block_shapes(first).values()) * size,
         moe_layers=len(blocks),
         experts_per_layer=first.num_experts,
         top_k=max(b.top_k for b in blocks),
@@ -200,7 +193,7 @@ class ExpertSource:
         if block is None or block[0] != block[1] or not per_expert:
             return None
         first = next(iter(self.blocks.values()))
-        if first.hidden_size % block[0] or first.intermediate_size % block[0] or first.expert_bias:
+        if first.hidden_size % block[0] or first.intermediate_size % block[0] or first.expert_bias or not first.gated:
             return None
         gate = next(iter(self.layouts.values())).names["gate"].format(layer=first.layer_idx, expert=0)
         return block[0] if self.ckpt.info(gate).dtype == torch.float8_e4m3fn else None
@@ -214,6 +207,6 @@ class ExpertSource:
 
     def _layout(self, layouts: tuple[ExpertTensors, ...], block: SparseMoE) -> ExpertTensors:
         """The first layout present for this layer, with every expert tensor it needs checked."""
-        layout = next((layout for layout in layouts if layout.present(self.ckpt, block.layer_idx)), layouts[0])
+        layout = next((layout for layout in layouts if layout.present(self.ckpt, block)), layouts[0])
         layout.check(self.ckpt, block)
         return layout

@@ -52,19 +52,18 @@ def randomize(model: torch.nn.Module, seed: int = 0) -> None:
 
 
 def hf_model(config_class: str, **config):
-    """A randomised transformers causal LM in float32, in eval mode."""
+    """A randomised transformers causal LM in float32, in eval mode: the whole multimodal model for a
+    family that transformers has only that way (Qwen3-VL-MoE)."""
     import transformers
 
     cfg = getattr(transformers, config_class)(**config)
     torch.manual_seed(0)
     try:
         model = transformers.AutoModelForCausalLM.from_config(cfg, dtype=torch.float32).eval()
-    except ValueError:
-        # a text model the auto classes do not list (Mistral 4): its own causal LM class; a language model
-        # that transformers defines only inside its multimodal model (GLM-4.5V): that whole model
+    except ValueError:  # a model the auto classes do not list (Mistral 4): its own causal LM or wrapper class
         name = config_class.removesuffix("Config")
-        model_class = getattr(transformers, f"{name}ForCausalLM", None) or getattr(
-            transformers, f"{name}ForConditionalGeneration"
+        model_class = getattr(transformers, name + "ForCausalLM", None) or getattr(
+            transformers, name + "ForConditionalGeneration"
         )
         model = model_class._from_config(cfg, dtype=torch.float32).eval()
     randomize(model)
@@ -73,7 +72,9 @@ def hf_model(config_class: str, **config):
 
 def save_hf(model, folder: Path, layout: str) -> Path:
     """Write `model` as transformers does: `sharded` (index + small shards), `single` (one
-    model.safetensors), or `fused` (the in-memory 3-D expert tensors, as transformers 5 also loads)."""
+    model.safetensors), or `fused` (the in-memory 3-D expert tensors, as transformers 5 also loads);
+    or `transposed`: single, with the fused experts transposed as Qwen3-VL-MoE's releases store them
+    (transformers 5.24 transposes them when loading, and writes them untransposed)."""
     if layout == "sharded":
         model.save_pretrained(folder, max_shard_size=SMALL_SHARDS)
     elif layout == "single":
@@ -86,6 +87,14 @@ def save_hf(model, folder: Path, layout: str) -> Path:
         state = {k: v.contiguous() for k, v in model.state_dict().items()}
         if model.config.tie_word_embeddings:
             state.pop("lm_head.weight")
+        save_file(state, str(folder / "model.safetensors"), metadata={"format": "pt"})
+    elif layout == "transposed":
+        from safetensors.torch import load_file, save_file
+
+        model.save_pretrained(folder)
+        state = load_file(str(folder / "model.safetensors"))
+        fused = (".experts.gate_up_proj", ".experts.down_proj")
+        state = {k: v.transpose(1, 2).contiguous() if k.endswith(fused) else v for k, v in state.items()}
         save_file(state, str(folder / "model.safetensors"), metadata={"format": "pt"})
     else:
         raise ValueError(layout)
@@ -554,6 +563,69 @@ DEEPSEEK_V4 = dict(
     index_topk=64,  # at least the entries of the tests: no top-k ties (relu zeros) to break either way
     hc_mult=3,  # with 2 streams, a doubly stochastic mix is symmetric and hides a transposition
     hc_sinkhorn_iters=5,
+    max_position_embeddings=256,
+    bos_token_id=256,
+    eos_token_id=257,
+)
+
+QWEN3_NEXT = dict(
+    vocab_size=258,
+    hidden_size=64,
+    intermediate_size=40,
+    num_hidden_layers=4,  # three Gated DeltaNet layers, then full attention
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    head_dim=16,
+    linear_num_key_heads=2,
+    linear_num_value_heads=4,  # two value heads per key head: the grouped projections interleave them
+    linear_key_head_dim=16,
+    linear_value_head_dim=8,
+    moe_intermediate_size=32,
+    shared_expert_intermediate_size=48,
+    num_experts=6,
+    num_experts_per_tok=2,
+    mlp_only_layers=[1],  # a dense layer between sparse ones
+    max_position_embeddings=256,
+    bos_token_id=256,
+    eos_token_id=257,
+)
+
+QWEN3_VL_MOE_TEXT = dict(
+    vocab_size=258,
+    hidden_size=64,
+    intermediate_size=112,
+    moe_intermediate_size=48,
+    num_hidden_layers=4,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    head_dim=24,
+    num_experts=7,
+    num_experts_per_tok=3,
+    mlp_only_layers=[1],  # a dense layer between sparse ones
+    max_position_embeddings=256,
+    # sections of rotary frequencies for time, height and width: the same positions for text tokens
+    rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [4, 4, 4]},
+    bos_token_id=256,
+    eos_token_id=257,
+)
+QWEN3_VL_VISION = dict(depth=1, hidden_size=16, intermediate_size=32, num_heads=2, out_hidden_size=64, patch_size=4)
+
+GLM4_MOE_LITE = dict(
+    vocab_size=258,
+    hidden_size=64,
+    intermediate_size=96,
+    moe_intermediate_size=24,
+    num_hidden_layers=4,
+    num_attention_heads=4,
+    n_routed_experts=8,
+    num_experts_per_tok=2,
+    n_shared_experts=1,
+    mlp_layer_types=["dense", "sparse", "dense", "sparse"],  # a dense layer between sparse ones
+    kv_lora_rank=32,
+    q_lora_rank=24,
+    qk_nope_head_dim=16,
+    qk_rope_head_dim=8,
+    v_head_dim=12,
     max_position_embeddings=256,
     bos_token_id=256,
     eos_token_id=257,

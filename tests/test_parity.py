@@ -13,6 +13,7 @@ from conftest import (
     EXAONE_MOE,
     GEMMA4,
     GLM4_MOE,
+    GLM4_MOE_LITE,
     GLM4V_MOE,
     GLM_MOE_DSA,
     GPT_OSS,
@@ -20,9 +21,9 @@ from conftest import (
     HY_V3,
     LLAMA4,
     MELLUM,
+    MIMO_V2_FLASH,
     MINIMAX,
     MINIMAX_M2,
-    MIMO_V2_FLASH,
     MISTRAL4,
     MIXTRAL,
     OLMOE,
@@ -30,6 +31,9 @@ from conftest import (
     QWEN2_MOE,
     QWEN3_5_MOE,
     QWEN3_MOE,
+    QWEN3_NEXT,
+    QWEN3_VL_MOE_TEXT,
+    QWEN3_VL_VISION,
     SARVAM_MOE,
     SOLAR_OPEN,
     STEP3P7,
@@ -304,6 +308,71 @@ CASES = {
         },
         "single",
     ),
+    "qwen3-next-sharded": ("Qwen3NextConfig", QWEN3_NEXT, {}, "sharded"),
+    # one value head per key head, full attention every other layer, no renormalisation, sparse every
+    # other layer, tied embeddings
+    "qwen3-next-interval-tied": (
+        "Qwen3NextConfig",
+        QWEN3_NEXT,
+        {
+            "linear_num_value_heads": 2,
+            "layer_types": ["linear_attention", "full_attention"] * 2,
+            "partial_rotary_factor": 0.5,
+            "norm_topk_prob": False,
+            "mlp_only_layers": [],
+            "decoder_sparse_step": 2,
+            "tie_word_embeddings": True,
+        },
+        "single",
+    ),
+    "qwen3-next-fused": ("Qwen3NextConfig", QWEN3_NEXT, {}, "fused"),
+    # Qwen3-VL-MoE exists in transformers only with its vision tower: the cases run the whole model
+    "qwen3-vl-moe-transposed": (
+        "Qwen3VLMoeConfig",
+        {"text_config": QWEN3_VL_MOE_TEXT, "vision_config": QWEN3_VL_VISION},
+        {},
+        "transposed",
+    ),
+    # sparse every other layer, attention biases, tied embeddings, sharded with the names transformers writes
+    "qwen3-vl-moe-sharded-tied": (
+        "Qwen3VLMoeConfig",
+        {"vision_config": QWEN3_VL_VISION, "tie_word_embeddings": True},
+        {
+            "text_config": {
+                **QWEN3_VL_MOE_TEXT,
+                "mlp_only_layers": [],
+                "decoder_sparse_step": 2,
+                "attention_bias": True,
+                "tie_word_embeddings": True,
+            }
+        },
+        "sharded",
+    ),
+    "glm4-lite-sharded": ("Glm4MoeLiteConfig", GLM4_MOE_LITE, {}, "sharded"),
+    # transformers' default layer kinds, groups, plain rotary, queries without their bottleneck, yarn
+    # whose mscale_all_dim scales the attention
+    "glm4-lite-groups-yarn": (
+        "Glm4MoeLiteConfig",
+        GLM4_MOE_LITE,
+        {
+            "mlp_layer_types": None,
+            "n_group": 4,
+            "topk_group": 2,
+            "norm_topk_prob": False,
+            "rope_interleave": False,
+            "q_lora_rank": None,
+            "rope_parameters": {
+                "rope_type": "yarn",
+                "rope_theta": 10000.0,
+                "factor": 4.0,
+                "original_max_position_embeddings": 64,
+                "mscale": 0.9,
+                "mscale_all_dim": 0.8,
+            },
+        },
+        "single",
+    ),
+    "glm4-lite-fused-tied": ("Glm4MoeLiteConfig", GLM4_MOE_LITE, {"tie_word_embeddings": True}, "fused"),
     "deepseek-v32-sharded": ("DeepseekV32Config", DEEPSEEK_V32, {}, "sharded"),
     # a selection wider than the prompt (plain causal attention), yarn whose mscale_all_dim scales the
     # attention, attention biases, a dense layer between MoE ones
@@ -489,7 +558,7 @@ def test_experts_read_in_the_layout_written(pair, request):
     name = request.node.callspec.params["pair"]
     # save_pretrained writes the Hub's per-expert names, except for the families whose Hub layout is fused
     # (one tensor for gate and up) or stacked (one per role)
-    fused_on_the_hub = ("gpt-oss", "llama4", "gemma4", "mistral4")
+    fused_on_the_hub = ("gpt-oss", "llama4", "gemma4", "mistral4", "qwen3-vl-moe")
     expected = Fused if CASES[name][3] == "fused" or name.startswith(fused_on_the_hub) else PerExpert
     expected = Stacked if name.startswith("step3p7") else expected
     assert {type(found) for found in engine.parts.experts.layouts.values()} == {expected}
@@ -578,6 +647,7 @@ def test_qwen3_5_prompt_longer_than_a_delta_rule_chunk(tmp_path):
 
 # the multimodal classes the Hub ships these families as: (config class, model class, text config, vision config)
 MULTIMODAL = {
+    "qwen3-vl-moe": ("Qwen3VLMoeConfig", "Qwen3VLMoeForConditionalGeneration", QWEN3_VL_MOE_TEXT, QWEN3_VL_VISION),
     "llama4": (
         "Llama4Config",
         "Llama4ForConditionalGeneration",

@@ -62,9 +62,9 @@ class Cohere2MoeArgs(ModelArgs):
             raise LocalMoEError(f"expert_selection_fn {self.expert_selection_fn!r} is not softmax or sigmoid")
         dense = self.first_k_dense_replace
         if self.layer_types is None:  # as transformers derives them: the dense prefix has its own pattern
-            self.layer_types = [
-                self._kind(i, self.prefix_dense_sliding_window_pattern) for i in range(dense)
-            ] + [self._kind(i, self.sliding_window_pattern) for i in range(self.num_hidden_layers - dense)]
+            self.layer_types = [self._kind(i, self.prefix_dense_sliding_window_pattern) for i in range(dense)] + [
+                self._kind(i, self.sliding_window_pattern) for i in range(self.num_hidden_layers - dense)
+            ]
         if self.mlp_layer_types is None:
             self.mlp_layer_types = ["dense" if i < dense else "sparse" for i in range(self.num_hidden_layers)]
 

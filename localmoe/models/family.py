@@ -81,8 +81,8 @@ class Family:
 
     @property
     def name(self) -> str:
-        """The family's name in messages: its first architecture, or its first wrapper's where transformers
-        defines only the wrapper (GLM-4.5V)."""
+        """The family's name in messages: its text-only architecture, or its wrapper where transformers has
+        no text-only one (Qwen3-VL-MoE, GLM-4.5V, Step-3.7)."""
         return (self.architectures or self.wrapper_architectures)[0]
 
     @property

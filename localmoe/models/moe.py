@@ -38,13 +38,26 @@ class GatedActivation:
     `glu`: act(gate) * up. `clamped_swiglu` (gpt-oss): gate clamped above at `limit`, up clamped to
     [-limit, limit], then gate * sigmoid(alpha * gate) * (up + 1). `clamped_glu` (DeepSeek-V4): the
     same clamps, then act(gate) * up. `glu_clamped_after` (Step-3.7): act(gate) clamped above at
-    `limit`, times up clamped to [-limit, limit].
+    `limit`, times up clamped to [-limit, limit]. `ungated` (Nemotron-H): experts without a gate
+    projection, act(up).
     """
 
     kind: str = "glu"
     act: str = "silu"
     alpha: float = 1.702
     limit: float = 7.0
+
+    @property
+    def gated(self) -> bool:
+        """Whether the experts have a gate projection beside up (else their input projection is up alone)."""
+        return self.kind != "ungated"
+
+    def combine(self, projected: torch.Tensor) -> torch.Tensor:
+        """The activation of an expert's input projection [..., 2I] (gate then up; [..., I], up alone,
+        for ungated experts)."""
+        if not self.gated:
+            return activation(self.act)(projected)
+        return self(*projected.chunk(2, dim=-1))
 
     def __call__(self, gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
         if self.kind in ("clamped_swiglu", "clamped_glu"):
@@ -136,7 +149,12 @@ class GroupedTopKRouter(nn.Module):
 class SparseMoE(nn.Module):
     """The routed experts of one layer, plus the layer's shared expert if it has one: route, let the
     bound `experts` compute the weighted sum of the chosen ones, add the shared expert's output
-    (scaled by sigmoid(shared_expert_gate(x)) where there is that gate)."""
+    (scaled by sigmoid(shared_expert_gate(x)) where there is that gate).
+
+    With `latent` (Nemotron-H), the experts work in a narrower space: the routed tokens go through
+    fc1_latent_proj to it and their sum through fc2_latent_proj back, while routing and the shared
+    expert see the hidden states; `hidden_size` is then the experts' width, the latent one.
+    """
 
     def __init__(
         self,
@@ -152,11 +170,16 @@ class SparseMoE(nn.Module):
         weights_on_input: bool = False,
         shared_expert: nn.Module | None = None,
         shared_expert_gate: bool = False,
+        latent: int | None = None,
+        latent_bias: bool = False,
     ):
         super().__init__()
         self.gate = router
         self.layer_idx = layer_idx
-        self.hidden_size, self.intermediate_size = hidden, intermediate
+        self.hidden_size, self.intermediate_size = latent or hidden, intermediate
+        if latent is not None:
+            self.fc1_latent_proj = nn.Linear(hidden, latent, bias=latent_bias)
+            self.fc2_latent_proj = nn.Linear(latent, hidden, bias=latent_bias)
         self.num_experts, self.top_k = num_experts, top_k
         self.act, self.expert_bias = act, expert_bias
         self.weights_on_input = weights_on_input  # Llama 4: the router weight scales the expert's input
@@ -166,10 +189,17 @@ class SparseMoE(nn.Module):
             self.shared_expert_gate = nn.Linear(hidden, 1, bias=False)
         self.experts: ExpertsFn | None = None
 
+    @property
+    def gated(self) -> bool:
+        return self.act.gated
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         flat = x.reshape(-1, x.shape[-1])
         weights, ids = self.gate(flat)
-        out = self.experts(self.layer_idx, flat, weights, ids)
+        if hasattr(self, "fc1_latent_proj"):
+            out = self.fc2_latent_proj(self.experts(self.layer_idx, self.fc1_latent_proj(flat), weights, ids))
+        else:
+            out = self.experts(self.layer_idx, flat, weights, ids)
         if hasattr(self, "shared_expert"):
             shared = self.shared_expert(flat)
             if hasattr(self, "shared_expert_gate"):

@@ -98,7 +98,9 @@ class Step3p7Args(ModelArgs):
     def heads(self, i: int) -> int:
         if self.per_layer_config is not None:
             return self.per_layer_config.get(str(i), {}).get("num_attention_heads", self.num_attention_heads)
-        return self.num_sliding_attention_heads if self.layer_types[i] == "sliding_attention" else self.num_attention_heads
+        return (
+            self.num_sliding_attention_heads if self.layer_types[i] == "sliding_attention" else self.num_attention_heads
+        )
 
     def rope(self, kind: str) -> dict[str, Any]:
         """The rotary settings of a kind of layer: as saved per kind, or from an older config's per-layer
@@ -114,7 +116,9 @@ class Step3p7Args(ModelArgs):
                 params["partial_rotary_factor"] = self.partial_rotary_factors[i]
             if self.rope_scaling and kind == "full_attention":
                 params.update(self.rope_scaling)
-        return rope_parameters({"rope_parameters": params, "max_position_embeddings": self.max_position_embeddings}, 10_000.0)
+        return rope_parameters(
+            {"rope_parameters": params, "max_position_embeddings": self.max_position_embeddings}, 10_000.0
+        )
 
     def limit(self, limits: list | None, i: int) -> float | None:
         """Layer i's SwiGLU clamp from a per-layer list; a zero or missing entry means none."""

@@ -32,7 +32,14 @@ class AttentionKV:
     """Keys and values of one attention layer: [B, H_kv, max_len, D] each (values `v_dim` wide if given)."""
 
     def __init__(
-        self, batch: int, kv_heads: int, head_dim: int, max_len: int, dtype: torch.dtype, device, v_dim: int | None = None
+        self,
+        batch: int,
+        kv_heads: int,
+        head_dim: int,
+        max_len: int,
+        dtype: torch.dtype,
+        device,
+        v_dim: int | None = None,
     ):
         self.k = torch.zeros(batch, kv_heads, max_len, head_dim, dtype=dtype, device=device)
         self.v = torch.zeros(batch, kv_heads, max_len, v_dim or head_dim, dtype=dtype, device=device)
@@ -57,7 +64,9 @@ class WindowKV:
     chunks), in a ring of span + REWIND_SLACK slots: position p lives in slot p % size, so memory does
     not grow with the context. `positions` [size] says which position each slot holds (-1: none)."""
 
-    def __init__(self, batch: int, kv_heads: int, head_dim: int, span: int, dtype: torch.dtype, device, v_dim: int | None = None):
+    def __init__(
+        self, batch: int, kv_heads: int, head_dim: int, span: int, dtype: torch.dtype, device, v_dim: int | None = None
+    ):
         self.span, self.size = span, span + REWIND_SLACK
         self.k = torch.zeros(batch, kv_heads, self.size, head_dim, dtype=dtype, device=device)
         self.v = torch.zeros(batch, kv_heads, self.size, v_dim or head_dim, dtype=dtype, device=device)
