@@ -60,12 +60,17 @@ def hf_model(config_class: str, **config):
     torch.manual_seed(0)
     try:
         model = transformers.AutoModelForCausalLM.from_config(cfg, dtype=torch.float32).eval()
-    except ValueError:  # a model the auto classes do not list (Mistral 4): its own causal LM or wrapper class
-        name = config_class.removesuffix("Config")
-        model_class = getattr(transformers, name + "ForCausalLM", None) or getattr(
-            transformers, name + "ForConditionalGeneration"
-        )
-        model = model_class._from_config(cfg, dtype=torch.float32).eval()
+    except ValueError:
+        # a language model transformers defines only inside its multimodal model: that whole model; a model
+        # the auto classes do not list (Mistral 4): its own causal LM or wrapper class
+        try:
+            model = transformers.AutoModelForImageTextToText.from_config(cfg, dtype=torch.float32).eval()
+        except ValueError:
+            name = config_class.removesuffix("Config")
+            model_class = getattr(transformers, name + "ForCausalLM", None) or getattr(
+                transformers, name + "ForConditionalGeneration"
+            )
+            model = model_class._from_config(cfg, dtype=torch.float32).eval()
     randomize(model)
     return model
 
@@ -829,4 +834,37 @@ STEP3P7 = dict(
         eos_token_id=257,
     ),
     vision_config=dict(hidden_size=32, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2, patch_size=4),
+)
+
+# MiniMax-M3's language model, inside its multimodal model (the release's layout)
+MINIMAX_M3 = dict(
+    text_config=dict(
+        vocab_size=258,
+        hidden_size=64,
+        intermediate_size=24,
+        dense_intermediate_size=48,
+        shared_intermediate_size=32,
+        num_hidden_layers=4,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=16,
+        rotary_dim=8,
+        # transformers reads the rotated width from here only (see test_parity)
+        rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "partial_rotary_factor": 0.5},
+        num_local_experts=8,
+        num_experts_per_tok=2,
+        swiglu_limit=0.5,  # small enough to clamp
+        index_n_heads=2,  # one per KV head
+        index_head_dim=16,
+        index_block_size=4,  # prompts span several blocks, more than the selection keeps
+        index_topk_blocks=3,
+        index_local_blocks=2,
+        layer_types=["full_attention", "minimax_m3_sparse", "minimax_m3_sparse", "full_attention"],
+        mlp_layer_types=["dense", "sparse", "sparse", "sparse"],
+        max_position_embeddings=256,
+        bos_token_id=256,
+        eos_token_id=257,
+    ),
+    vision_config=dict(hidden_size=32, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2, patch_size=4),
+    projector_hidden_size=32,
 )

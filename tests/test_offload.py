@@ -27,6 +27,7 @@ from conftest import (
     MIMO_V2_FLASH,
     MINIMAX,
     MINIMAX_M2,
+    MINIMAX_M3,
     MISTRAL4,
     MIXTRAL,
     OLMOE,
@@ -344,6 +345,7 @@ EVERY_FAMILY = {
     "glm4v_moe_text": ("Glm4vMoeConfig", GLM4V_MOE),
     "mimo_v2_flash": ("MiMoV2FlashConfig", MIMO_V2_FLASH),
     "step3p5": ("Step3p7Config", STEP3P7),
+    "minimax_m3_vl_text": ("MiniMaxM3VLConfig", MINIMAX_M3),
 }
 
 

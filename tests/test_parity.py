@@ -24,6 +24,7 @@ from conftest import (
     MIMO_V2_FLASH,
     MINIMAX,
     MINIMAX_M2,
+    MINIMAX_M3,
     MISTRAL4,
     MIXTRAL,
     OLMOE,
@@ -462,6 +463,26 @@ CASES = {
                 "mlp_bias": True,
                 "swiglu_limits": None,
                 "swiglu_limits_shared": None,
+            },
+            "tie_word_embeddings": True,
+        },
+        "single",
+    ),
+    # MiniMax-M3's language model inside its multimodal model, as released. transformers 5.24 reads the
+    # rotated width from rope_parameters' partial_rotary_factor and ignores `rotary_dim`, which its config
+    # documents as that width; localmoe takes `rotary_dim` where the factor is absent, so the tests give both
+    "minimax-m3-sharded": ("MiniMaxM3VLConfig", MINIMAX_M3, {}, "sharded"),
+    # only the query's own block always kept, two blocks in all, no clamps that bite, tied embeddings
+    "minimax-m3-one-local-block": (
+        "MiniMaxM3VLConfig",
+        MINIMAX_M3,
+        {
+            "text_config": {
+                **MINIMAX_M3["text_config"],
+                "index_local_blocks": 1,
+                "index_topk_blocks": 2,
+                "swiglu_limit": 7.0,
+                "routed_scaling_factor": 1.0,
             },
             "tie_word_embeddings": True,
         },

@@ -25,6 +25,7 @@ from localmoe.models import (
     mimo_v2_flash,
     minimax,
     minimax_m2,
+    minimax_m3_vl,
     mistral4,
     mixtral,
     olmoe,
@@ -74,6 +75,7 @@ FAMILIES: tuple[Family, ...] = (
     glm4v_moe.FAMILY,
     mimo_v2_flash.FAMILY,
     step3p7.FAMILY,
+    minimax_m3_vl.FAMILY,
 )
 
 

@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from localmoe.models.expert_tensors import Fused
-from localmoe.models.layers import activation
+from localmoe.models.layers import MLP, activation
 
 # (layer index, hidden states [T, E], router weights [T, k] float32, expert ids [T, k]) -> [T, E]
 ExpertsFn = Callable[[int, torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
@@ -68,6 +68,18 @@ class GatedActivation:
         if self.kind == "glu_clamped_after":
             return activation(self.act)(gate).clamp(max=self.limit) * up.clamp(min=-self.limit, max=self.limit)
         return activation(self.act)(gate) * up
+
+
+class GatedMLP(MLP):
+    """A dense MLP whose gate and up projections combine as `glu` says (the clamped SwiGLUs of dense
+    layers and shared experts: DeepSeek-V4, Step-3.7, MiniMax-M3)."""
+
+    def __init__(self, hidden: int, intermediate: int, glu: GatedActivation, bias: bool = False):
+        super().__init__(hidden, intermediate, glu.act, bias)
+        self.glu = glu
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(self.glu(self.gate_proj(x), self.up_proj(x)))
 
 
 class TopKRouter(nn.Module):

@@ -18,7 +18,6 @@ from localmoe.models.attention import Attention
 from localmoe.models.expert_tensors import Stacked
 from localmoe.models.family import Family, ModelArgs, Multimodal
 from localmoe.models.layers import (
-    MLP,
     Backbone,
     CausalLM,
     DecoderLayer,
@@ -26,7 +25,7 @@ from localmoe.models.layers import (
     ZeroCenteredRMSNorm,
     rope_parameters,
 )
-from localmoe.models.moe import GatedActivation, GroupedTopKRouter, SparseMoE
+from localmoe.models.moe import GatedActivation, GatedMLP, GroupedTopKRouter, SparseMoE
 
 EXPERTS = {role: f"model.layers.{{layer}}.moe.{role}_proj.weight" for role in ("gate", "up", "down")}
 
@@ -129,17 +128,6 @@ def clamped(act: str, limit: float | None) -> GatedActivation:
     return GatedActivation(act=act) if limit is None else GatedActivation("glu_clamped_after", act, limit=limit)
 
 
-class ClampedMLP(MLP):
-    """A SwiGLU MLP whose activation may clamp (see `GatedActivation`)."""
-
-    def __init__(self, hidden: int, intermediate: int, bias: bool, glu: GatedActivation):
-        super().__init__(hidden, intermediate, glu.act, bias)
-        self.glu = glu
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(self.glu(self.gate_proj(x), self.up_proj(x)))
-
-
 class HeadGatedAttention(Attention):
     """Attention whose heads' outputs are each scaled by sigmoid(g_proj(x)), one gate per head."""
 
@@ -179,7 +167,7 @@ def build(args: Step3p7Args) -> CausalLM:
     def feed_forward(i: int) -> nn.Module:
         shared_glu = clamped("silu", args.limit(args.swiglu_limits_shared, i))
         if args.mlp_layer_types[i] == "dense":
-            return ClampedMLP(hidden, args.intermediate_size, args.mlp_bias, shared_glu)
+            return GatedMLP(hidden, args.intermediate_size, shared_glu, args.mlp_bias)
         router = GroupedTopKRouter(
             hidden,
             args.n_routed_experts,
@@ -199,7 +187,7 @@ def build(args: Step3p7Args) -> CausalLM:
             args.num_experts_per_tok,
             router,
             act=clamped("silu", args.limit(args.swiglu_limits, i)),
-            shared_expert=ClampedMLP(hidden, args.share_expert_dim, args.mlp_bias, shared_glu),
+            shared_expert=GatedMLP(hidden, args.share_expert_dim, shared_glu, args.mlp_bias),
         )
 
     layers = [
