@@ -868,3 +868,27 @@ MINIMAX_M3 = dict(
     vision_config=dict(hidden_size=32, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2, patch_size=4),
     projector_hidden_size=32,
 )
+
+ZAYA = dict(
+    vocab_size=258,
+    hidden_size=64,
+    moe_intermediate_size=24,
+    num_hidden_layers=3,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    head_dim=16,
+    cca_time0=2,
+    cca_time1=3,  # the convolutions read the three tokens before each
+    num_experts=4,
+    router_hidden_size=16,
+    sliding_window=8,  # shorter than the prompts
+    layer_types=["hybrid", "hybrid_sliding", "hybrid"],
+    rope_parameters={
+        "hybrid": {"rope_type": "default", "rope_theta": 500000.0, "partial_rotary_factor": 0.5},
+        "hybrid_sliding": {"rope_type": "default", "rope_theta": 10000.0, "partial_rotary_factor": 0.25},
+    },
+    max_position_embeddings=256,
+    bos_token_id=256,
+    eos_token_id=257,
+    pad_token_id=0,
+)

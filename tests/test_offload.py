@@ -41,6 +41,7 @@ from conftest import (
     SARVAM_MOE,
     SOLAR_OPEN,
     STEP3P7,
+    ZAYA,
     hf_model,
     save_hf,
 )
@@ -346,6 +347,7 @@ EVERY_FAMILY = {
     "mimo_v2_flash": ("MiMoV2FlashConfig", MIMO_V2_FLASH),
     "step3p5": ("Step3p7Config", STEP3P7),
     "minimax_m3_vl_text": ("MiniMaxM3VLConfig", MINIMAX_M3),
+    "zaya": ("ZayaConfig", ZAYA),
 }
 
 

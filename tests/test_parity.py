@@ -38,6 +38,7 @@ from conftest import (
     SARVAM_MOE,
     SOLAR_OPEN,
     STEP3P7,
+    ZAYA,
     hf_model,
     randomize,
     save_hf,
@@ -488,6 +489,20 @@ CASES = {
         },
         "single",
     ),
+    "zaya-sharded": ("ZayaConfig", ZAYA, {}, "sharded"),
+    # transformers' default rotary, biases, an untied head with a bias, one convolution a single tap wide
+    "zaya-biases-untied": (
+        "ZayaConfig",
+        ZAYA,
+        {
+            "rope_parameters": None,
+            "attention_bias": True,
+            "tie_word_embeddings": False,
+            "lm_head_bias": True,
+            "cca_time0": 1,
+        },
+        "single",
+    ),
     "dots1-sharded": ("Dots1Config", DOTS1, {}, "sharded"),
     # no shared expert, no windows, biases, ungrouped routing without renormalisation, tied embeddings
     "dots1-plain-bias-tied": (
@@ -579,7 +594,7 @@ def test_experts_read_in_the_layout_written(pair, request):
     name = request.node.callspec.params["pair"]
     # save_pretrained writes the Hub's per-expert names, except for the families whose Hub layout is fused
     # (one tensor for gate and up) or stacked (one per role)
-    fused_on_the_hub = ("gpt-oss", "llama4", "gemma4", "mistral4", "qwen3-vl-moe")
+    fused_on_the_hub = ("gpt-oss", "llama4", "gemma4", "mistral4", "qwen3-vl-moe", "zaya")
     expected = Fused if CASES[name][3] == "fused" or name.startswith(fused_on_the_hub) else PerExpert
     expected = Stacked if name.startswith("step3p7") else expected
     assert {type(found) for found in engine.parts.experts.layouts.values()} == {expected}

@@ -38,6 +38,7 @@ from localmoe.models import (
     sarvam_moe,
     solar_open,
     step3p7,
+    zaya,
 )
 from localmoe.models.family import Family
 
@@ -76,6 +77,7 @@ FAMILIES: tuple[Family, ...] = (
     mimo_v2_flash.FAMILY,
     step3p7.FAMILY,
     minimax_m3_vl.FAMILY,
+    zaya.FAMILY,
 )
 
 
