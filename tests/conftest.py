@@ -630,3 +630,28 @@ GLM4_MOE_LITE = dict(
     bos_token_id=256,
     eos_token_id=257,
 )
+
+NEMOTRON_H = dict(
+    vocab_size=258,
+    hidden_size=64,
+    # every kind of block, attention (without position embeddings) after recurrent state has built up
+    layers_block_type=["linear_attention", "moe", "full_attention", "mlp", "linear_attention", "moe"],
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    head_dim=16,
+    intermediate_size=48,
+    ssm_state_size=8,
+    mamba_num_heads=8,
+    mamba_head_dim=8,
+    n_groups=2,
+    conv_kernel=4,
+    n_routed_experts=6,
+    num_experts_per_tok=2,
+    moe_intermediate_size=32,
+    moe_shared_expert_intermediate_size=40,
+    routed_scaling_factor=1.5,
+    max_position_embeddings=256,
+    bos_token_id=256,
+    eos_token_id=257,
+    pad_token_id=0,
+)

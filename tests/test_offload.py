@@ -22,6 +22,7 @@ from conftest import (
     MINIMAX_M2,
     MISTRAL4,
     MIXTRAL,
+    NEMOTRON_H,
     OLMOE,
     PHIMOE,
     QWEN2_MOE,
@@ -323,6 +324,7 @@ EVERY_FAMILY = {
     "deepseek_v4": ("DeepseekV4Config", DEEPSEEK_V4),
     "qwen3_next": ("Qwen3NextConfig", QWEN3_NEXT),
     "glm4_moe_lite": ("Glm4MoeLiteConfig", GLM4_MOE_LITE),
+    "nemotron_h": ("NemotronHConfig", NEMOTRON_H),
     "qwen3_vl_moe_text": ("Qwen3VLMoeConfig", {"text_config": QWEN3_VL_MOE_TEXT, "vision_config": QWEN3_VL_VISION}),
 }
 

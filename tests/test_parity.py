@@ -19,6 +19,7 @@ from conftest import (
     MINIMAX_M2,
     MISTRAL4,
     MIXTRAL,
+    NEMOTRON_H,
     OLMOE,
     PHIMOE,
     QWEN2_MOE,
@@ -363,6 +364,25 @@ CASES = {
         "single",
     ),
     "glm4-lite-fused-tied": ("Glm4MoeLiteConfig", GLM4_MOE_LITE, {"tie_word_embeddings": True}, "fused"),
+    "nemotron-h-sharded": ("NemotronHConfig", NEMOTRON_H, {}, "sharded"),
+    # experts in a latent space, grouped routing without renormalisation, biases on the projections but not
+    # on the convolution; tie_word_embeddings, which transformers ignores for Nemotron-H
+    "nemotron-h-latent-groups-biases": (
+        "NemotronHConfig",
+        NEMOTRON_H,
+        {
+            "moe_latent_size": 24,
+            "n_group": 2,
+            "topk_group": 1,
+            "norm_topk_prob": False,
+            "mlp_bias": True,
+            "use_bias": True,
+            "use_conv_bias": False,
+            "tie_word_embeddings": True,
+        },
+        "single",
+    ),
+    "nemotron-h-fused": ("NemotronHConfig", NEMOTRON_H, {}, "fused"),
 }
 
 
@@ -458,9 +478,18 @@ def test_greedy_tokens_identical(pair, request):
     assert got == expected
 
 
-def test_qwen3_5_prompt_longer_than_a_delta_rule_chunk(tmp_path):
-    """Prefill crosses transformers' 64-token chunks of the delta rule, then decodes past it."""
-    reference = hf_model("Qwen3_5MoeTextConfig", **QWEN3_5_MOE)
+# families whose recurrent layers run in chunks: prompts that cross transformers' chunks and localmoe's
+LONG_PROMPTS = {
+    "qwen3.5": ("Qwen3_5MoeTextConfig", QWEN3_5_MOE),  # delta rule chunks of 64
+    "nemotron-h": ("NemotronHConfig", NEMOTRON_H),  # state space scan chunks of 128
+}
+
+
+@pytest.mark.parametrize("name", list(LONG_PROMPTS))
+def test_prompt_longer_than_a_recurrent_chunk(name, tmp_path):
+    """Prefill crosses the chunks of the recurrent layers' scans, then decodes past it."""
+    config_class, config = LONG_PROMPTS[name]
+    reference = hf_model(config_class, **config)
     engine = localmoe.load(str(save_hf(reference, tmp_path, "single")), device="cpu", dtype=torch.float32)
     ids = prompt_ids(150)
     with torch.no_grad():
@@ -469,6 +498,19 @@ def test_qwen3_5_prompt_longer_than_a_delta_rule_chunk(tmp_path):
         assert (got - expected).abs().max().item() < TOLERANCE
         generated = reference.generate(ids, max_new_tokens=8, do_sample=False, eos_token_id=None, pad_token_id=0)
     assert list(generate_tokens(engine.model, ids[0].tolist(), 8)) == generated[0, 150:].tolist()
+
+
+def test_nemotron_h_block_kinds_as_older_configs_spell_them():
+    """Releases list the blocks as a pattern of letters, or with the older names mamba and attention."""
+    from localmoe.models.nemotron_h import NemotronHArgs
+
+    kinds = ["linear_attention", "moe", "full_attention", "mlp"]
+    sizes = {"vocab_size": 258, "hidden_size": 64}
+    assert NemotronHArgs.from_config({**sizes, "hybrid_override_pattern": "ME*-"}).kinds() == kinds
+    legacy = NemotronHArgs.from_config({**sizes, "layers_block_type": ["mamba", "moe", "attention", "mlp"]})
+    assert legacy.kinds() == kinds
+    with pytest.raises(localmoe.LocalMoEError, match="block types localmoe does not know: convolution"):
+        NemotronHArgs.from_config({**sizes, "layers_block_type": ["convolution"]}).kinds()
 
 
 # the multimodal classes the Hub ships these families as: (config class, model class, text config, vision config)

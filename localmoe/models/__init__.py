@@ -20,6 +20,7 @@ from localmoe.models import (
     minimax_m2,
     mistral4,
     mixtral,
+    nemotron_h,
     olmoe,
     phimoe,
     qwen2_moe,
@@ -54,6 +55,7 @@ FAMILIES: tuple[Family, ...] = (
     qwen3_next.FAMILY,
     qwen3_vl_moe.FAMILY,
     glm4_moe_lite.FAMILY,
+    nemotron_h.FAMILY,
 )
 
 

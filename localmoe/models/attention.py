@@ -21,7 +21,8 @@ class Attention(nn.Module):
     ERNIE); a sliding window; attention sinks (gpt-oss), a learned logit per head that takes
     part in the softmax without a value; and an output gate (Qwen3.5), for which q_proj also gives
     each head a gate, sigmoid(gate) scaling the head's output. `norm` is the q/k norm's class; `rotary`
-    a rotary embedding for this kind of layer where the model has several (Gemma 4, Mellum).
+    a rotary embedding for this kind of layer where the model has several (Gemma 4, Mellum);
+    `rope=False` for layers without position embeddings (NoPE: Nemotron-H, Granite 4.0-H).
     """
 
     def __init__(
@@ -42,9 +43,11 @@ class Attention(nn.Module):
         output_gate: bool = False,
         norm=RMSNorm,
         rotary: RotaryEmbedding | None = None,
+        rope: bool = True,
     ):
         super().__init__()
         self.heads, self.kv_heads, self.head_dim = heads, kv_heads, head_dim
+        self.rope = rope
         self.qk_norm, self.clip_qkv, self.sliding_window = qk_norm, clip_qkv, sliding_window
         self.rotate = apply_rotary_interleaved if interleaved_rope else apply_rotary
         self.output_gate = output_gate
@@ -92,8 +95,9 @@ class Attention(nn.Module):
         if self.qk_norm == "head":
             q, k = self.q_norm(q), self.k_norm(k)
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # [B, H, T, D]
-        cos, sin = (step.cos, step.sin) if self.rotary is None else step.rotary(self.rotary)
-        q, k = self.rotate(q, cos, sin), self.rotate(k, cos, sin)
+        if self.rope:
+            cos, sin = (step.cos, step.sin) if self.rotary is None else step.rotary(self.rotary)
+            q, k = self.rotate(q, cos, sin), self.rotate(k, cos, sin)
         if self.qk_norm == "head_after_rope":
             q, k = self.q_norm(q), self.k_norm(k)
         k, v, positions = kv.update(k, v, step.start)  # [B, H_kv, S, D]

@@ -31,3 +31,17 @@ class NoState:
 
     def reset(self) -> None:
         pass
+
+
+class Stateless:
+    """What a layer that mixes nothing across positions answers where its token mixer is asked about
+    generation state."""
+
+    def new_state(self, batch: int, max_len: int, dtype: torch.dtype, device) -> NoState:
+        return NoState()
+
+    def state_bytes_per_token(self, dtype: torch.dtype) -> int:
+        return 0
+
+    def fixed_state_bytes(self, dtype: torch.dtype) -> int:
+        return 0
