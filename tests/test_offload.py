@@ -324,7 +324,8 @@ EVERY_FAMILY = {
     "deepseek_v4": ("DeepseekV4Config", DEEPSEEK_V4),
     "qwen3_next": ("Qwen3NextConfig", QWEN3_NEXT),
     "glm4_moe_lite": ("Glm4MoeLiteConfig", GLM4_MOE_LITE),
-    "nemotron_h": ("NemotronHConfig", NEMOTRON_H),
+    # experts in a latent space: coming layers are predicted from the hidden states, not the latent ones
+    "nemotron_h": ("NemotronHConfig", {**NEMOTRON_H, "moe_latent_size": 24}),
     "qwen3_vl_moe_text": ("Qwen3VLMoeConfig", {"text_config": QWEN3_VL_MOE_TEXT, "vision_config": QWEN3_VL_VISION}),
 }
 

@@ -15,8 +15,10 @@ from torch import nn
 from localmoe.models.expert_tensors import Fused
 from localmoe.models.layers import activation
 
-# (layer index, hidden states [T, E], router weights [T, k] float32, expert ids [T, k]) -> [T, E]
-ExpertsFn = Callable[[int, torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
+# (layer index, the experts' inputs [T, E], router weights [T, k] float32, expert ids [T, k]) -> [T, E]; for
+# experts in a latent space also `routed=`, the hidden states the router saw, from which a runtime predicts
+# coming layers' experts
+ExpertsFn = Callable[..., torch.Tensor]
 
 # transformers 5 keeps every family's experts under these names in memory; checkpoints saved that way load.
 FUSED_EXPERTS = Fused("model.layers.{layer}.mlp.experts.gate_up_proj", "model.layers.{layer}.mlp.experts.down_proj")
@@ -194,7 +196,8 @@ class SparseMoE(nn.Module):
         flat = x.reshape(-1, x.shape[-1])
         weights, ids = self.gate(flat)
         if hasattr(self, "fc1_latent_proj"):
-            out = self.fc2_latent_proj(self.experts(self.layer_idx, self.fc1_latent_proj(flat), weights, ids))
+            latent = self.fc1_latent_proj(flat)
+            out = self.fc2_latent_proj(self.experts(self.layer_idx, latent, weights, ids, routed=flat))
         else:
             out = self.experts(self.layer_idx, flat, weights, ids)
         if hasattr(self, "shared_expert"):
