@@ -655,3 +655,29 @@ NEMOTRON_H = dict(
     eos_token_id=257,
     pad_token_id=0,
 )
+
+GRANITE_MOE_HYBRID = dict(
+    vocab_size=258,
+    hidden_size=64,
+    intermediate_size=32,
+    shared_intermediate_size=48,
+    num_hidden_layers=4,
+    layer_types=["linear_attention", "full_attention", "linear_attention", "linear_attention"],
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    num_local_experts=6,
+    num_experts_per_tok=2,
+    mamba_n_heads=8,
+    mamba_d_head=16,
+    mamba_d_state=8,
+    mamba_n_groups=2,
+    # muP multipliers
+    embedding_multiplier=12.0,
+    residual_multiplier=0.22,
+    attention_multiplier=0.015625,
+    logits_scaling=2.0,
+    max_position_embeddings=256,
+    bos_token_id=256,
+    eos_token_id=257,
+    pad_token_id=0,
+)

@@ -8,6 +8,7 @@ from conftest import (
     GEMMA4,
     GLM_MOE_DSA,
     GPT_OSS,
+    GRANITE_MOE_HYBRID,
     LLAMA4,
     MINIMAX,
     MIXTRAL,
@@ -55,6 +56,7 @@ MODELS = {
     "qwen3-next": ("Qwen3NextConfig", QWEN3_NEXT, None),
     # Mamba-2 state, keys and values, and blocks with no state
     "nemotron-h": ("NemotronHConfig", NEMOTRON_H, None),
+    "granite-h": ("GraniteMoeHybridConfig", {**GRANITE_MOE_HYBRID, "position_embedding_type": "rope"}, None),
     "qwen3-vl-moe": ("Qwen3VLMoeConfig", {"text_config": QWEN3_VL_MOE_TEXT, "vision_config": QWEN3_VL_VISION}, None),
 }
 

@@ -15,6 +15,7 @@ from conftest import (
     GLM4_MOE_LITE,
     GLM_MOE_DSA,
     GPT_OSS,
+    GRANITE_MOE_HYBRID,
     HUNYUAN,
     LLAMA4,
     MELLUM,
@@ -326,6 +327,7 @@ EVERY_FAMILY = {
     "glm4_moe_lite": ("Glm4MoeLiteConfig", GLM4_MOE_LITE),
     # experts in a latent space: coming layers are predicted from the hidden states, not the latent ones
     "nemotron_h": ("NemotronHConfig", {**NEMOTRON_H, "moe_latent_size": 24}),
+    "granitemoehybrid": ("GraniteMoeHybridConfig", GRANITE_MOE_HYBRID),
     "qwen3_vl_moe_text": ("Qwen3VLMoeConfig", {"text_config": QWEN3_VL_MOE_TEXT, "vision_config": QWEN3_VL_VISION}),
 }
 

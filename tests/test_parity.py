@@ -12,6 +12,7 @@ from conftest import (
     GLM4_MOE_LITE,
     GLM_MOE_DSA,
     GPT_OSS,
+    GRANITE_MOE_HYBRID,
     HUNYUAN,
     LLAMA4,
     MELLUM,
@@ -383,6 +384,23 @@ CASES = {
         "single",
     ),
     "nemotron-h-fused": ("NemotronHConfig", NEMOTRON_H, {}, "fused"),
+    "granite-h-sharded": ("GraniteMoeHybridConfig", GRANITE_MOE_HYBRID, {}, "sharded"),
+    # rotary on the attention layers, biases on attention and the Mamba projections but not its convolution,
+    # one group of B and C for all heads, tied embeddings
+    "granite-h-rope-biases-tied": (
+        "GraniteMoeHybridConfig",
+        GRANITE_MOE_HYBRID,
+        {
+            "position_embedding_type": "rope",
+            "attention_bias": True,
+            "mamba_proj_bias": True,
+            "mamba_conv_bias": False,
+            "mamba_n_groups": 1,
+            "tie_word_embeddings": True,
+        },
+        "single",
+    ),
+    "granite-h-fused": ("GraniteMoeHybridConfig", GRANITE_MOE_HYBRID, {}, "fused"),
 }
 
 
@@ -405,7 +423,7 @@ def test_experts_read_in_the_layout_written(pair, request):
     _, engine = pair
     name = request.node.callspec.params["pair"]
     # save_pretrained writes the Hub's per-expert names, except for the families whose Hub layout is fused
-    fused_on_the_hub = ("gpt-oss", "llama4", "gemma4", "mistral4", "qwen3-vl-moe")
+    fused_on_the_hub = ("gpt-oss", "llama4", "gemma4", "mistral4", "qwen3-vl-moe", "granite-h")
     expected = Fused if CASES[name][3] == "fused" or name.startswith(fused_on_the_hub) else PerExpert
     assert {type(found) for found in engine.parts.experts.layouts.values()} == {expected}
 
@@ -482,6 +500,7 @@ def test_greedy_tokens_identical(pair, request):
 LONG_PROMPTS = {
     "qwen3.5": ("Qwen3_5MoeTextConfig", QWEN3_5_MOE),  # delta rule chunks of 64
     "nemotron-h": ("NemotronHConfig", NEMOTRON_H),  # state space scan chunks of 128
+    "granite-h": ("GraniteMoeHybridConfig", GRANITE_MOE_HYBRID),  # transformers' chunks of 256, localmoe's 128
 }
 
 
@@ -498,6 +517,27 @@ def test_prompt_longer_than_a_recurrent_chunk(name, tmp_path):
         assert (got - expected).abs().max().item() < TOLERANCE
         generated = reference.generate(ids, max_new_tokens=8, do_sample=False, eos_token_id=None, pad_token_id=0)
     assert list(generate_tokens(engine.model, ids[0].tolist(), 8)) == generated[0, 150:].tolist()
+
+
+def test_mamba_time_step_limit_holds_in_decode_too(tmp_path):
+    """transformers 5.24 (as mamba_ssm) clamps Mamba-2's time steps to `time_step_limit` in its chunked
+    prefill but not in its one-token decode step, so its decode disagrees with its own prefill when the
+    limit bites. localmoe clamps both, as the models were trained (on the chunked scan): its prefill
+    matches transformers', and its decode steps match its prefill."""
+    config = {**GRANITE_MOE_HYBRID, "time_step_limit": (0.0, 0.5)}  # below most steps of the random model
+    reference = hf_model("GraniteMoeHybridConfig", **config)
+    engine = localmoe.load(str(save_hf(reference, tmp_path, "single")), device="cpu", dtype=torch.float32)
+    ids = prompt_ids()
+    with torch.no_grad():
+        expected = reference(ids).logits
+        past = reference(ids[:, :-1], use_cache=True).past_key_values
+        stepped = reference(ids[:, -1:], past_key_values=past, use_cache=True).logits
+    assert (stepped[:, -1] - expected[:, -1]).abs().max().item() > 1e-2  # transformers' own disagreement
+    got = engine.model(ids, engine.model.new_cache(1, PROMPT_TOKENS), all_logits=True)
+    assert (got - expected).abs().max().item() < TOLERANCE
+    cache = engine.model.new_cache(1, PROMPT_TOKENS)
+    engine.model(ids[:, :-1], cache)
+    assert (engine.model(ids[:, -1:], cache)[:, -1] - expected[:, -1]).abs().max().item() < TOLERANCE
 
 
 def test_nemotron_h_block_kinds_as_older_configs_spell_them():

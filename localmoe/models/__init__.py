@@ -13,6 +13,7 @@ from localmoe.models import (
     glm4_moe_lite,
     glm_moe_dsa,
     gpt_oss,
+    granitemoehybrid,
     hunyuan_v1_moe,
     llama4,
     mellum,
@@ -56,6 +57,7 @@ FAMILIES: tuple[Family, ...] = (
     qwen3_vl_moe.FAMILY,
     glm4_moe_lite.FAMILY,
     nemotron_h.FAMILY,
+    granitemoehybrid.FAMILY,
 )
 
 

@@ -22,7 +22,8 @@ class Attention(nn.Module):
     part in the softmax without a value; and an output gate (Qwen3.5), for which q_proj also gives
     each head a gate, sigmoid(gate) scaling the head's output. `norm` is the q/k norm's class; `rotary`
     a rotary embedding for this kind of layer where the model has several (Gemma 4, Mellum);
-    `rope=False` for layers without position embeddings (NoPE: Nemotron-H, Granite 4.0-H).
+    `rope=False` for layers without position embeddings (NoPE: Nemotron-H, Granite 4.0-H); `scale` the
+    factor on query-key products where it is not 1/sqrt(head_dim) (Granite's attention_multiplier).
     """
 
     def __init__(
@@ -44,10 +45,11 @@ class Attention(nn.Module):
         norm=RMSNorm,
         rotary: RotaryEmbedding | None = None,
         rope: bool = True,
+        scale: float | None = None,
     ):
         super().__init__()
         self.heads, self.kv_heads, self.head_dim = heads, kv_heads, head_dim
-        self.rope = rope
+        self.rope, self.scale = rope, head_dim**-0.5 if scale is None else scale
         self.qk_norm, self.clip_qkv, self.sliding_window = qk_norm, clip_qkv, sliding_window
         self.rotate = apply_rotary_interleaved if interleaved_rope else apply_rotary
         self.output_gate = output_gate
@@ -103,11 +105,11 @@ class Attention(nn.Module):
         k, v, positions = kv.update(k, v, step.start)  # [B, H_kv, S, D]
         if hasattr(self, "sinks"):
             visible = step.visible(self.sliding_window, positions)
-            out = attend_with_sinks(q, k, v, visible, self.sinks, self.head_dim**-0.5)
+            out = attend_with_sinks(q, k, v, visible, self.sinks, self.scale)
         else:
             mask, is_causal = step.mask(self.sliding_window, positions)
             out = F.scaled_dot_product_attention(
-                q, k, v, attn_mask=mask, is_causal=is_causal, scale=self.head_dim**-0.5, enable_gqa=True
+                q, k, v, attn_mask=mask, is_causal=is_causal, scale=self.scale, enable_gqa=True
             )
         out = out.transpose(1, 2).reshape(B, T, -1)
         if self.output_gate:
