@@ -681,3 +681,21 @@ GRANITE_MOE_HYBRID = dict(
     eos_token_id=257,
     pad_token_id=0,
 )
+
+LFM2_MOE = dict(
+    vocab_size=258,
+    hidden_size=64,
+    intermediate_size=96,
+    moe_intermediate_size=32,
+    num_hidden_layers=4,
+    layer_types=["conv", "conv", "full_attention", "conv"],
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    num_dense_layers=1,
+    num_experts=6,
+    num_experts_per_tok=2,
+    routed_scaling_factor=1.5,
+    max_position_embeddings=256,
+    bos_token_id=256,
+    eos_token_id=257,
+)

@@ -9,6 +9,7 @@ from conftest import (
     GLM_MOE_DSA,
     GPT_OSS,
     GRANITE_MOE_HYBRID,
+    LFM2_MOE,
     LLAMA4,
     MINIMAX,
     MIXTRAL,
@@ -26,7 +27,7 @@ from hypothesis import strategies as st
 
 import localmoe
 from localmoe.models.deepseek_v4 import V4State
-from localmoe.models.layer_states import NoState, RecurrentState
+from localmoe.models.layer_states import ConvRing, NoState, RecurrentState
 from localmoe.runtime import kv_cache
 
 TOLERANCE = 1e-5
@@ -57,6 +58,9 @@ MODELS = {
     # Mamba-2 state, keys and values, and blocks with no state
     "nemotron-h": ("NemotronHConfig", NEMOTRON_H, None),
     "granite-h": ("GraniteMoeHybridConfig", {**GRANITE_MOE_HYBRID, "position_embedding_type": "rope"}, None),
+    # short convolutions whose rings of past inputs rewind within their slack (4), or not (2)
+    "lfm2-moe-ring": ("Lfm2MoeConfig", LFM2_MOE, 4),
+    "lfm2-moe-short-ring": ("Lfm2MoeConfig", LFM2_MOE, 2),
     "qwen3-vl-moe": ("Qwen3VLMoeConfig", {"text_config": QWEN3_VL_MOE_TEXT, "vision_config": QWEN3_VL_VISION}, None),
 }
 
@@ -142,7 +146,7 @@ def test_rewinding_keeps_what_it_can(model, tolerance):
 
 def cannot_rewind(positions: int):
     def test(state) -> bool:
-        if isinstance(state, kv_cache.WindowKV):
+        if isinstance(state, (kv_cache.WindowKV, ConvRing)):
             return positions > kv_cache.REWIND_SLACK
         return isinstance(state, (kv_cache.LinearAttentionState, kv_cache.DeltaNetState, RecurrentState, V4State))
 

@@ -17,6 +17,7 @@ from conftest import (
     GPT_OSS,
     GRANITE_MOE_HYBRID,
     HUNYUAN,
+    LFM2_MOE,
     LLAMA4,
     MELLUM,
     MINIMAX,
@@ -328,6 +329,7 @@ EVERY_FAMILY = {
     # experts in a latent space: coming layers are predicted from the hidden states, not the latent ones
     "nemotron_h": ("NemotronHConfig", {**NEMOTRON_H, "moe_latent_size": 24}),
     "granitemoehybrid": ("GraniteMoeHybridConfig", GRANITE_MOE_HYBRID),
+    "lfm2_moe": ("Lfm2MoeConfig", LFM2_MOE),
     "qwen3_vl_moe_text": ("Qwen3VLMoeConfig", {"text_config": QWEN3_VL_MOE_TEXT, "vision_config": QWEN3_VL_VISION}),
 }
 

@@ -14,6 +14,7 @@ from conftest import (
     GPT_OSS,
     GRANITE_MOE_HYBRID,
     HUNYUAN,
+    LFM2_MOE,
     LLAMA4,
     MELLUM,
     MINIMAX,
@@ -401,6 +402,23 @@ CASES = {
         "single",
     ),
     "granite-h-fused": ("GraniteMoeHybridConfig", GRANITE_MOE_HYBRID, {}, "fused"),
+    "lfm2-moe-sharded-tied": ("Lfm2MoeConfig", LFM2_MOE, {}, "sharded"),
+    # attention first, no dense layers, routing without the bias or renormalisation, convolution biases,
+    # an LM head of its own
+    "lfm2-moe-plain-routing": (
+        "Lfm2MoeConfig",
+        LFM2_MOE,
+        {
+            "layer_types": ["full_attention", "conv", "conv", "full_attention"],
+            "num_dense_layers": 0,
+            "use_expert_bias": False,
+            "norm_topk_prob": False,
+            "conv_bias": True,
+            "tie_word_embeddings": False,
+        },
+        "single",
+    ),
+    "lfm2-moe-fused": ("Lfm2MoeConfig", LFM2_MOE, {}, "fused"),
 }
 
 

@@ -15,6 +15,7 @@ from localmoe.models import (
     gpt_oss,
     granitemoehybrid,
     hunyuan_v1_moe,
+    lfm2_moe,
     llama4,
     mellum,
     minimax,
@@ -58,6 +59,7 @@ FAMILIES: tuple[Family, ...] = (
     glm4_moe_lite.FAMILY,
     nemotron_h.FAMILY,
     granitemoehybrid.FAMILY,
+    lfm2_moe.FAMILY,
 )
 
 

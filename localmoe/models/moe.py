@@ -99,7 +99,8 @@ class GroupedTopKRouter(nn.Module):
 
     V2 ranks groups by their best expert; V3 and GLM-4.5 by the sum of their best two, and add a
     learned correction bias to the scores for choosing only (the weights use the plain scores).
-    `group_by_top2` overrides the ranking (Mistral 4: softmax scores, best-two sums, no bias).
+    `group_by_top2` overrides the ranking (Mistral 4: softmax scores, best-two sums, no bias);
+    `norm_eps` is added to the sum the weights are renormalised by.
     """
 
     def __init__(
@@ -115,6 +116,7 @@ class GroupedTopKRouter(nn.Module):
         scaling: float,
         correction_bias: bool,
         group_by_top2: bool | None = None,
+        norm_eps: float = 1e-20,
     ):
         super().__init__()
         self.weight = nn.Parameter(torch.empty(num_experts, hidden))
@@ -123,6 +125,7 @@ class GroupedTopKRouter(nn.Module):
         self.top_k, self.scoring, self.normalize, self.scaling = top_k, scoring, normalize, scaling
         self.n_group, self.topk_group = n_group, topk_group
         self.group_by_top2 = correction_bias if group_by_top2 is None else group_by_top2
+        self.norm_eps = norm_eps
 
     def scores(self, x: torch.Tensor) -> torch.Tensor:
         logits = F.linear(x.float(), self.weight.float())
@@ -141,7 +144,7 @@ class GroupedTopKRouter(nn.Module):
         ids = choice.topk(self.top_k, dim=-1).indices
         weights = scores.gather(1, ids)
         if self.normalize:
-            weights = weights / (weights.sum(dim=-1, keepdim=True) + 1e-20)
+            weights = weights / (weights.sum(dim=-1, keepdim=True) + self.norm_eps)
         return weights * self.scaling, ids
 
 
