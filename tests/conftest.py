@@ -636,6 +636,75 @@ GLM4_MOE_LITE = dict(
     eos_token_id=257,
 )
 
+NEMOTRON_H = dict(
+    vocab_size=258,
+    hidden_size=64,
+    # every kind of block, attention (without position embeddings) after recurrent state has built up
+    layers_block_type=["linear_attention", "moe", "full_attention", "mlp", "linear_attention", "moe"],
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    head_dim=16,
+    intermediate_size=48,
+    ssm_state_size=8,
+    mamba_num_heads=8,
+    mamba_head_dim=8,
+    n_groups=2,
+    conv_kernel=4,
+    n_routed_experts=6,
+    num_experts_per_tok=2,
+    moe_intermediate_size=32,
+    moe_shared_expert_intermediate_size=40,
+    routed_scaling_factor=1.5,
+    max_position_embeddings=256,
+    bos_token_id=256,
+    eos_token_id=257,
+    pad_token_id=0,
+)
+
+GRANITE_MOE_HYBRID = dict(
+    vocab_size=258,
+    hidden_size=64,
+    intermediate_size=32,
+    shared_intermediate_size=48,
+    num_hidden_layers=4,
+    layer_types=["linear_attention", "full_attention", "linear_attention", "linear_attention"],
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    num_local_experts=6,
+    num_experts_per_tok=2,
+    mamba_n_heads=8,
+    mamba_d_head=16,
+    mamba_d_state=8,
+    mamba_n_groups=2,
+    # muP multipliers
+    embedding_multiplier=12.0,
+    residual_multiplier=0.22,
+    attention_multiplier=0.015625,
+    logits_scaling=2.0,
+    max_position_embeddings=256,
+    bos_token_id=256,
+    eos_token_id=257,
+    pad_token_id=0,
+)
+
+LFM2_MOE = dict(
+    vocab_size=258,
+    hidden_size=64,
+    intermediate_size=96,
+    moe_intermediate_size=32,
+    num_hidden_layers=4,
+    layer_types=["conv", "conv", "full_attention", "conv"],
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    num_dense_layers=1,
+    num_experts=6,
+    num_experts_per_tok=2,
+    routed_scaling_factor=1.5,
+    max_position_embeddings=256,
+    bos_token_id=256,
+    eos_token_id=257,
+)
+
 DOTS1 = dict(
     vocab_size=258,
     hidden_size=64,

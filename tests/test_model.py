@@ -8,9 +8,12 @@ from conftest import (
     GEMMA4,
     GLM_MOE_DSA,
     GPT_OSS,
+    GRANITE_MOE_HYBRID,
+    LFM2_MOE,
     LLAMA4,
     MINIMAX,
     MIXTRAL,
+    NEMOTRON_H,
     QWEN3_5_MOE,
     QWEN3_MOE,
     QWEN3_NEXT,
@@ -24,6 +27,7 @@ from hypothesis import strategies as st
 
 import localmoe
 from localmoe.models.deepseek_v4 import V4State
+from localmoe.models.layer_states import ConvRing, NoState, RecurrentState
 from localmoe.runtime import kv_cache
 
 TOLERANCE = 1e-5
@@ -51,6 +55,12 @@ MODELS = {
     # compressor windows that close inside and across chunks, and pending tokens carried between them
     "deepseek-v4": ("DeepseekV4Config", DEEPSEEK_V4, None),
     "qwen3-next": ("Qwen3NextConfig", QWEN3_NEXT, None),
+    # Mamba-2 state, keys and values, and blocks with no state
+    "nemotron-h": ("NemotronHConfig", NEMOTRON_H, None),
+    "granite-h": ("GraniteMoeHybridConfig", {**GRANITE_MOE_HYBRID, "position_embedding_type": "rope"}, None),
+    # short convolutions whose rings of past inputs rewind within their slack (4), or not (2)
+    "lfm2-moe-ring": ("Lfm2MoeConfig", LFM2_MOE, 4),
+    "lfm2-moe-short-ring": ("Lfm2MoeConfig", LFM2_MOE, 2),
     "qwen3-vl-moe": ("Qwen3VLMoeConfig", {"text_config": QWEN3_VL_MOE_TEXT, "vision_config": QWEN3_VL_VISION}, None),
 }
 
@@ -136,9 +146,9 @@ def test_rewinding_keeps_what_it_can(model, tolerance):
 
 def cannot_rewind(positions: int):
     def test(state) -> bool:
-        if isinstance(state, kv_cache.WindowKV):
+        if isinstance(state, (kv_cache.WindowKV, ConvRing)):
             return positions > kv_cache.REWIND_SLACK
-        return isinstance(state, (kv_cache.LinearAttentionState, kv_cache.DeltaNetState, V4State))
+        return isinstance(state, (kv_cache.LinearAttentionState, kv_cache.DeltaNetState, RecurrentState, V4State))
 
     return test
 
@@ -155,7 +165,7 @@ def test_a_forward_cut_short_is_not_trusted(model, tolerance, monkeypatch):
         model(ids[:, 6:], cache)
     monkeypatch.undo()
     kept = cache.rewind(6)
-    plain = all(isinstance(state, (kv_cache.AttentionKV, kv_cache.LatentKV)) for state in cache.layers)
+    plain = all(isinstance(state, (kv_cache.AttentionKV, kv_cache.LatentKV, NoState)) for state in cache.layers)
     assert kept == (6 if plain else 0)
     got = model(ids[:, kept:], cache, all_logits=True)
     assert (got - expected[:, kept:]).abs().max().item() < tolerance

@@ -17,8 +17,10 @@ from conftest import (
     GLM4V_MOE,
     GLM_MOE_DSA,
     GPT_OSS,
+    GRANITE_MOE_HYBRID,
     HUNYUAN,
     HY_V3,
+    LFM2_MOE,
     LLAMA4,
     MELLUM,
     MIMO_V2_FLASH,
@@ -27,6 +29,7 @@ from conftest import (
     MINIMAX_M3,
     MISTRAL4,
     MIXTRAL,
+    NEMOTRON_H,
     OLMOE,
     PHIMOE,
     QWEN2_MOE,
@@ -375,6 +378,59 @@ CASES = {
         "single",
     ),
     "glm4-lite-fused-tied": ("Glm4MoeLiteConfig", GLM4_MOE_LITE, {"tie_word_embeddings": True}, "fused"),
+    "nemotron-h-sharded": ("NemotronHConfig", NEMOTRON_H, {}, "sharded"),
+    # experts in a latent space, grouped routing without renormalisation, biases on the projections but not
+    # on the convolution; tie_word_embeddings, which transformers ignores for Nemotron-H
+    "nemotron-h-latent-groups-biases": (
+        "NemotronHConfig",
+        NEMOTRON_H,
+        {
+            "moe_latent_size": 24,
+            "n_group": 2,
+            "topk_group": 1,
+            "norm_topk_prob": False,
+            "mlp_bias": True,
+            "use_bias": True,
+            "use_conv_bias": False,
+            "tie_word_embeddings": True,
+        },
+        "single",
+    ),
+    "nemotron-h-fused": ("NemotronHConfig", NEMOTRON_H, {}, "fused"),
+    "granite-h-sharded": ("GraniteMoeHybridConfig", GRANITE_MOE_HYBRID, {}, "sharded"),
+    # rotary on the attention layers, biases on attention and the Mamba projections but not its convolution,
+    # one group of B and C for all heads, tied embeddings
+    "granite-h-rope-biases-tied": (
+        "GraniteMoeHybridConfig",
+        GRANITE_MOE_HYBRID,
+        {
+            "position_embedding_type": "rope",
+            "attention_bias": True,
+            "mamba_proj_bias": True,
+            "mamba_conv_bias": False,
+            "mamba_n_groups": 1,
+            "tie_word_embeddings": True,
+        },
+        "single",
+    ),
+    "granite-h-fused": ("GraniteMoeHybridConfig", GRANITE_MOE_HYBRID, {}, "fused"),
+    "lfm2-moe-sharded-tied": ("Lfm2MoeConfig", LFM2_MOE, {}, "sharded"),
+    # attention first, no dense layers, routing without the bias or renormalisation, convolution biases,
+    # an LM head of its own
+    "lfm2-moe-plain-routing": (
+        "Lfm2MoeConfig",
+        LFM2_MOE,
+        {
+            "layer_types": ["full_attention", "conv", "conv", "full_attention"],
+            "num_dense_layers": 0,
+            "use_expert_bias": False,
+            "norm_topk_prob": False,
+            "conv_bias": True,
+            "tie_word_embeddings": False,
+        },
+        "single",
+    ),
+    "lfm2-moe-fused": ("Lfm2MoeConfig", LFM2_MOE, {}, "fused"),
     "deepseek-v32-sharded": ("DeepseekV32Config", DEEPSEEK_V32, {}, "sharded"),
     # a selection wider than the prompt (plain causal attention), yarn whose mscale_all_dim scales the
     # attention, attention biases, a dense layer between MoE ones
@@ -594,7 +650,7 @@ def test_experts_read_in_the_layout_written(pair, request):
     name = request.node.callspec.params["pair"]
     # save_pretrained writes the Hub's per-expert names, except for the families whose Hub layout is fused
     # (one tensor for gate and up) or stacked (one per role)
-    fused_on_the_hub = ("gpt-oss", "llama4", "gemma4", "mistral4", "qwen3-vl-moe", "zaya")
+    fused_on_the_hub = ("gpt-oss", "llama4", "gemma4", "mistral4", "qwen3-vl-moe", "granite-h", "zaya")
     expected = Fused if CASES[name][3] == "fused" or name.startswith(fused_on_the_hub) else PerExpert
     expected = Stacked if name.startswith("step3p7") else expected
     assert {type(found) for found in engine.parts.experts.layouts.values()} == {expected}
@@ -668,9 +724,19 @@ def test_greedy_tokens_identical(pair, request):
     assert got == expected
 
 
-def test_qwen3_5_prompt_longer_than_a_delta_rule_chunk(tmp_path):
-    """Prefill crosses transformers' 64-token chunks of the delta rule, then decodes past it."""
-    reference = hf_model("Qwen3_5MoeTextConfig", **QWEN3_5_MOE)
+# families whose recurrent layers run in chunks: prompts that cross transformers' chunks and localmoe's
+LONG_PROMPTS = {
+    "qwen3.5": ("Qwen3_5MoeTextConfig", QWEN3_5_MOE),  # delta rule chunks of 64
+    "nemotron-h": ("NemotronHConfig", NEMOTRON_H),  # state space scan chunks of 128
+    "granite-h": ("GraniteMoeHybridConfig", GRANITE_MOE_HYBRID),  # transformers' chunks of 256, localmoe's 128
+}
+
+
+@pytest.mark.parametrize("name", list(LONG_PROMPTS))
+def test_prompt_longer_than_a_recurrent_chunk(name, tmp_path):
+    """Prefill crosses the chunks of the recurrent layers' scans, then decodes past it."""
+    config_class, config = LONG_PROMPTS[name]
+    reference = hf_model(config_class, **config)
     engine = localmoe.load(str(save_hf(reference, tmp_path, "single")), device="cpu", dtype=torch.float32)
     ids = prompt_ids(150)
     with torch.no_grad():
@@ -679,6 +745,40 @@ def test_qwen3_5_prompt_longer_than_a_delta_rule_chunk(tmp_path):
         assert (got - expected).abs().max().item() < TOLERANCE
         generated = reference.generate(ids, max_new_tokens=8, do_sample=False, eos_token_id=None, pad_token_id=0)
     assert list(generate_tokens(engine.model, ids[0].tolist(), 8)) == generated[0, 150:].tolist()
+
+
+def test_mamba_time_step_limit_holds_in_decode_too(tmp_path):
+    """transformers 5.24 (as mamba_ssm) clamps Mamba-2's time steps to `time_step_limit` in its chunked
+    prefill but not in its one-token decode step, so its decode disagrees with its own prefill when the
+    limit bites. localmoe clamps both, as the models were trained (on the chunked scan): its prefill
+    matches transformers', and its decode steps match its prefill."""
+    config = {**GRANITE_MOE_HYBRID, "time_step_limit": (0.0, 0.5)}  # below most steps of the random model
+    reference = hf_model("GraniteMoeHybridConfig", **config)
+    engine = localmoe.load(str(save_hf(reference, tmp_path, "single")), device="cpu", dtype=torch.float32)
+    ids = prompt_ids()
+    with torch.no_grad():
+        expected = reference(ids).logits
+        past = reference(ids[:, :-1], use_cache=True).past_key_values
+        stepped = reference(ids[:, -1:], past_key_values=past, use_cache=True).logits
+    assert (stepped[:, -1] - expected[:, -1]).abs().max().item() > 1e-2  # transformers' own disagreement
+    got = engine.model(ids, engine.model.new_cache(1, PROMPT_TOKENS), all_logits=True)
+    assert (got - expected).abs().max().item() < TOLERANCE
+    cache = engine.model.new_cache(1, PROMPT_TOKENS)
+    engine.model(ids[:, :-1], cache)
+    assert (engine.model(ids[:, -1:], cache)[:, -1] - expected[:, -1]).abs().max().item() < TOLERANCE
+
+
+def test_nemotron_h_block_kinds_as_older_configs_spell_them():
+    """Releases list the blocks as a pattern of letters, or with the older names mamba and attention."""
+    from localmoe.models.nemotron_h import NemotronHArgs
+
+    kinds = ["linear_attention", "moe", "full_attention", "mlp"]
+    sizes = {"vocab_size": 258, "hidden_size": 64}
+    assert NemotronHArgs.from_config({**sizes, "hybrid_override_pattern": "ME*-"}).kinds() == kinds
+    legacy = NemotronHArgs.from_config({**sizes, "layers_block_type": ["mamba", "moe", "attention", "mlp"]})
+    assert legacy.kinds() == kinds
+    with pytest.raises(localmoe.LocalMoEError, match="block types localmoe does not know: convolution"):
+        NemotronHArgs.from_config({**sizes, "layers_block_type": ["convolution"]}).kinds()
 
 
 # the multimodal classes the Hub ships these families as: (config class, model class, text config, vision config)

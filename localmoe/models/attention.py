@@ -22,8 +22,10 @@ class Attention(nn.Module):
     part in the softmax without a value; and an output gate (Qwen3.5), for which q_proj also gives
     each head a gate, sigmoid(gate) scaling the head's output. `norm` is the q/k norm's class; `rotary`
     a rotary embedding for this kind of layer where the model has several (Gemma 4, Mellum);
-    `use_rope=False` a layer without positions (NoPE); `v_head_dim` values narrower or wider than
-    queries and keys (MiMo-V2-Flash); `scale` the query-key scale where it is not 1/sqrt(head_dim).
+    `rope=False` for layers without position embeddings (NoPE: Nemotron-H, Granite 4.0-H, K-EXAONE's and
+    Command A+'s global layers); `scale` the factor on query-key products where it is not
+    1/sqrt(head_dim) (Granite's attention_multiplier, Step-3.7's query_pre_attn_scalar); `v_head_dim`
+    values narrower or wider than queries and keys (MiMo-V2-Flash).
     """
 
     def __init__(
@@ -44,15 +46,14 @@ class Attention(nn.Module):
         output_gate: bool = False,
         norm=RMSNorm,
         rotary: RotaryEmbedding | None = None,
-        use_rope: bool = True,
+        rope: bool = True,
         v_head_dim: int | None = None,
         scale: float | None = None,
     ):
         super().__init__()
         self.heads, self.kv_heads, self.head_dim = heads, kv_heads, head_dim
         self.v_head_dim = v_head_dim or head_dim
-        self.use_rope = use_rope
-        self.scale = head_dim**-0.5 if scale is None else scale
+        self.rope, self.scale = rope, head_dim**-0.5 if scale is None else scale
         self.qk_norm, self.clip_qkv, self.sliding_window = qk_norm, clip_qkv, sliding_window
         self.rotate = apply_rotary_interleaved if interleaved_rope else apply_rotary
         self.output_gate = output_gate
@@ -107,7 +108,7 @@ class Attention(nn.Module):
         if self.qk_norm == "head":
             q, k = self.q_norm(q), self.k_norm(k)
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # [B, H, T, D]
-        if self.use_rope:
+        if self.rope:
             cos, sin = (step.cos, step.sin) if self.rotary is None else step.rotary(self.rotary)
             q, k = self.rotate(q, cos, sin), self.rotate(k, cos, sin)
         if self.qk_norm == "head_after_rope":

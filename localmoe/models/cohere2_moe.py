@@ -92,7 +92,7 @@ class Cohere2MoeArgs(ModelArgs):
             out_bias=self.attention_bias,
             sliding_window=self.sliding_window if sliding else None,
             interleaved_rope=True,
-            use_rope=sliding or dense_prefix_rope,
+            rope=sliding or dense_prefix_rope,
         )
 
     def feed_forward(self, i: int) -> nn.Module:

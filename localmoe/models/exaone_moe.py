@@ -111,7 +111,7 @@ def build(args: ExaoneMoeArgs) -> CausalLM:
                 norm_eps=args.rms_norm_eps,
                 sliding_window=args.sliding_window if args.sliding(i) else None,
                 # global layers of a model with windows attend without positions
-                use_rope=args.sliding_window is None or args.sliding(i),
+                rope=args.sliding_window is None or args.sliding(i),
             ),
             feed_forward(i),
             hidden,

@@ -90,9 +90,13 @@ class Family:
         return tuple(wrapper.architecture for wrapper in self.multimodal)
 
     def disk_names(self, name: str) -> list[str]:
-        """Names under which parameter `name` may be stored, the Hub's spelling first."""
-        aliased = [name.replace(ours, hub) for ours, hub in self.hub_aliases if ours in name]
-        return [*aliased, name]
+        """Names under which parameter `name` may be stored, the Hub's spelling first: with every alias
+        that matches applied (Nemotron-H's `backbone.layers.N.mixer.shared_experts.`), then with each alone."""
+        matching = [(ours, hub) for ours, hub in self.hub_aliases if ours in name]
+        every = name
+        for ours, hub in matching:
+            every = every.replace(ours, hub)
+        return list(dict.fromkeys([every, *(name.replace(ours, hub) for ours, hub in matching), name]))
 
 
 def causal_lm(

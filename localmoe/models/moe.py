@@ -15,8 +15,10 @@ from torch import nn
 from localmoe.models.expert_tensors import Fused
 from localmoe.models.layers import MLP, activation
 
-# (layer index, hidden states [T, E], router weights [T, k] float32, expert ids [T, k]) -> [T, E]
-ExpertsFn = Callable[[int, torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
+# (layer index, the experts' inputs [T, E], router weights [T, k] float32, expert ids [T, k]) -> [T, E]; for
+# experts in a latent space also `routed=`, the hidden states the router saw, from which a runtime predicts
+# coming layers' experts
+ExpertsFn = Callable[..., torch.Tensor]
 
 # transformers 5 keeps every family's experts under these names in memory; checkpoints saved that way load.
 FUSED_EXPERTS = Fused("model.layers.{layer}.mlp.experts.gate_up_proj", "model.layers.{layer}.mlp.experts.down_proj")
@@ -112,7 +114,8 @@ class GroupedTopKRouter(nn.Module):
 
     V2 ranks groups by their best expert; V3 and GLM-4.5 by the sum of their best two, and add a
     learned correction bias to the scores for choosing only (the weights use the plain scores).
-    `group_by_top2` overrides the ranking (Mistral 4: softmax scores, best-two sums, no bias).
+    `group_by_top2` overrides the ranking (Mistral 4: softmax scores, best-two sums, no bias);
+    `norm_eps` is added to the sum the weights are renormalised by.
     """
 
     def __init__(
@@ -128,6 +131,7 @@ class GroupedTopKRouter(nn.Module):
         scaling: float,
         correction_bias: bool,
         group_by_top2: bool | None = None,
+        norm_eps: float = 1e-20,
     ):
         super().__init__()
         self.weight = nn.Parameter(torch.empty(num_experts, hidden))
@@ -136,6 +140,7 @@ class GroupedTopKRouter(nn.Module):
         self.top_k, self.scoring, self.normalize, self.scaling = top_k, scoring, normalize, scaling
         self.n_group, self.topk_group = n_group, topk_group
         self.group_by_top2 = correction_bias if group_by_top2 is None else group_by_top2
+        self.norm_eps = norm_eps
 
     def scores(self, x: torch.Tensor) -> torch.Tensor:
         logits = F.linear(x.float(), self.weight.float())
@@ -154,7 +159,7 @@ class GroupedTopKRouter(nn.Module):
         ids = choice.topk(self.top_k, dim=-1).indices
         weights = scores.gather(1, ids)
         if self.normalize:
-            weights = weights / (weights.sum(dim=-1, keepdim=True) + 1e-20)
+            weights = weights / (weights.sum(dim=-1, keepdim=True) + self.norm_eps)
         return weights * self.scaling, ids
 
 
@@ -209,7 +214,8 @@ class SparseMoE(nn.Module):
         flat = x.reshape(-1, x.shape[-1])
         weights, ids = self.gate(flat)
         if hasattr(self, "fc1_latent_proj"):
-            out = self.fc2_latent_proj(self.experts(self.layer_idx, self.fc1_latent_proj(flat), weights, ids))
+            latent = self.fc1_latent_proj(flat)
+            out = self.fc2_latent_proj(self.experts(self.layer_idx, latent, weights, ids, routed=flat))
         else:
             out = self.experts(self.layer_idx, flat, weights, ids)
         if hasattr(self, "shared_expert"):
