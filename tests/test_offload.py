@@ -17,6 +17,7 @@ from conftest import (
     GPT_OSS,
     GRANITE_MOE_HYBRID,
     HUNYUAN,
+    KIMI_LINEAR,
     LFM2_MOE,
     LLAMA4,
     MELLUM,
@@ -330,6 +331,7 @@ EVERY_FAMILY = {
     "nemotron_h": ("NemotronHConfig", {**NEMOTRON_H, "moe_latent_size": 24}),
     "granitemoehybrid": ("GraniteMoeHybridConfig", GRANITE_MOE_HYBRID),
     "lfm2_moe": ("Lfm2MoeConfig", LFM2_MOE),
+    "kimi_linear": ("KimiLinearConfig", KIMI_LINEAR),
     "qwen3_vl_moe_text": ("Qwen3VLMoeConfig", {"text_config": QWEN3_VL_MOE_TEXT, "vision_config": QWEN3_VL_VISION}),
 }
 

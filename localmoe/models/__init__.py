@@ -15,6 +15,7 @@ from localmoe.models import (
     gpt_oss,
     granitemoehybrid,
     hunyuan_v1_moe,
+    kimi_linear,
     lfm2_moe,
     llama4,
     mellum,
@@ -60,6 +61,7 @@ FAMILIES: tuple[Family, ...] = (
     nemotron_h.FAMILY,
     granitemoehybrid.FAMILY,
     lfm2_moe.FAMILY,
+    kimi_linear.FAMILY,
 )
 
 
