@@ -705,6 +705,31 @@ LFM2_MOE = dict(
     eos_token_id=257,
 )
 
+KIMI_LINEAR = dict(
+    vocab_size=258,
+    hidden_size=64,
+    intermediate_size=96,
+    moe_intermediate_size=24,
+    num_hidden_layers=4,
+    layer_types=["linear_attention", "linear_attention", "full_attention", "linear_attention"],
+    mlp_layer_types=["dense", "sparse", "sparse", "dense"],  # a dense layer after sparse ones too
+    num_attention_heads=4,
+    num_local_experts=8,
+    num_experts_per_tok=2,
+    n_shared_experts=1,
+    routed_scaling_factor=1.5,
+    kv_lora_rank=32,
+    qk_nope_head_dim=16,
+    qk_rope_head_dim=8,
+    v_head_dim=12,
+    linear_head_dim=16,
+    linear_num_heads=4,
+    max_position_embeddings=256,
+    pad_token_id=0,
+    bos_token_id=256,
+    eos_token_id=257,
+)
+
 DOTS1 = dict(
     vocab_size=258,
     hidden_size=64,

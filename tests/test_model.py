@@ -9,6 +9,7 @@ from conftest import (
     GLM_MOE_DSA,
     GPT_OSS,
     GRANITE_MOE_HYBRID,
+    KIMI_LINEAR,
     LFM2_MOE,
     LLAMA4,
     MINIMAX,
@@ -61,6 +62,8 @@ MODELS = {
     # short convolutions whose rings of past inputs rewind within their slack (4), or not (2)
     "lfm2-moe-ring": ("Lfm2MoeConfig", LFM2_MOE, 4),
     "lfm2-moe-short-ring": ("Lfm2MoeConfig", LFM2_MOE, 2),
+    # Kimi Delta Attention (three convolution windows and a matrix) beside latent attention
+    "kimi-linear": ("KimiLinearConfig", KIMI_LINEAR, None),
     "qwen3-vl-moe": ("Qwen3VLMoeConfig", {"text_config": QWEN3_VL_MOE_TEXT, "vision_config": QWEN3_VL_VISION}, None),
 }
 

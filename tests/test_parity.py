@@ -20,6 +20,7 @@ from conftest import (
     GRANITE_MOE_HYBRID,
     HUNYUAN,
     HY_V3,
+    KIMI_LINEAR,
     LFM2_MOE,
     LLAMA4,
     MELLUM,
@@ -431,6 +432,26 @@ CASES = {
         "single",
     ),
     "lfm2-moe-fused": ("Lfm2MoeConfig", LFM2_MOE, {}, "fused"),
+    "kimi-linear-sharded": ("KimiLinearConfig", KIMI_LINEAR, {}, "sharded"),
+    # latent attention first, queries through their bottleneck, grouped routing without renormalisation,
+    # biases, a convolution of 3; tie_word_embeddings, which transformers ignores for Kimi-Linear
+    "kimi-linear-groups-q-lora": (
+        "KimiLinearConfig",
+        KIMI_LINEAR,
+        {
+            "layer_types": ["full_attention", "linear_attention", "linear_attention", "linear_attention"],
+            "q_lora_rank": 24,
+            "n_group": 4,
+            "topk_group": 2,
+            "norm_topk_prob": False,
+            "attention_bias": True,
+            "linear_conv_kernel_dim": 3,
+            "tie_word_embeddings": True,
+        },
+        "single",
+    ),
+    # (no "fused" case: transformers holds the three convolutions of a layer as one tensor in memory,
+    # which no release stores)
     "deepseek-v32-sharded": ("DeepseekV32Config", DEEPSEEK_V32, {}, "sharded"),
     # a selection wider than the prompt (plain causal attention), yarn whose mscale_all_dim scales the
     # attention, attention biases, a dense layer between MoE ones
@@ -729,6 +750,7 @@ LONG_PROMPTS = {
     "qwen3.5": ("Qwen3_5MoeTextConfig", QWEN3_5_MOE),  # delta rule chunks of 64
     "nemotron-h": ("NemotronHConfig", NEMOTRON_H),  # state space scan chunks of 128
     "granite-h": ("GraniteMoeHybridConfig", GRANITE_MOE_HYBRID),  # transformers' chunks of 256, localmoe's 128
+    "kimi-linear": ("KimiLinearConfig", KIMI_LINEAR),  # delta rule chunks of 64, a decay per key channel
 }
 
 
@@ -766,6 +788,24 @@ def test_mamba_time_step_limit_holds_in_decode_too(tmp_path):
     cache = engine.model.new_cache(1, PROMPT_TOKENS)
     engine.model(ids[:, :-1], cache)
     assert (engine.model(ids[:, -1:], cache)[:, -1] - expected[:, -1]).abs().max().item() < TOLERANCE
+
+
+def test_kimi_linear_layers_as_the_release_lists_them():
+    """The release's config lists its layers (1-based) and linear attention sizes in linear_attn_config."""
+    from localmoe.models.kimi_linear import KimiLinearArgs
+
+    config = {
+        "vocab_size": 258,
+        "hidden_size": 64,
+        "intermediate_size": 96,
+        "num_hidden_layers": 4,
+        "num_attention_heads": 4,
+        "num_experts_per_token": 2,
+        "linear_attn_config": {"full_attn_layers": [2], "kda_layers": [1, 3, 4], "head_dim": 16, "num_heads": 4},
+    }
+    args = KimiLinearArgs.from_config(config)
+    assert [args.linear(i) for i in range(4)] == [True, False, True, True]
+    assert args.attention(0).head_dim == 16 and args.num_experts_per_tok == 2
 
 
 def test_nemotron_h_block_kinds_as_older_configs_spell_them():

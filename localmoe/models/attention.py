@@ -151,7 +151,8 @@ class LatentAttention(nn.Module):
     Each token's keys and values come from one low-rank latent (kv_lora_rank wide, RMS-normalised)
     plus one rotary key shared by all heads: the cache keeps those two, which for DeepSeek-V3 is
     about a fifteenth of full keys and values, and expands them for every head when attending.
-    Queries come from the hidden state directly or through their own low-rank bottleneck.
+    Queries come from the hidden state directly or through their own low-rank bottleneck. With
+    `rope=False` (Kimi-Linear) the "rotary" parts are not rotated: a shared key part like any other.
     """
 
     def __init__(
@@ -169,11 +170,12 @@ class LatentAttention(nn.Module):
         scale: float,
         latent_eps: float = 1e-6,
         position_scaling: tuple[float, int] | None = None,
+        rope: bool = True,
     ):
         super().__init__()
         self.heads, self.kv_lora_rank = heads, kv_lora_rank
         self.nope_dim, self.rope_dim, self.v_dim = qk_nope_head_dim, qk_rope_head_dim, v_head_dim
-        self.interleaved_rope, self.scale = interleaved_rope, scale
+        self.interleaved_rope, self.scale, self.rope = interleaved_rope, scale, rope
         # Mistral 4: queries times 1 + beta * log(1 + floor(position / original context)), as (beta, context)
         self.position_scaling = position_scaling
         qk_head_dim = qk_nope_head_dim + qk_rope_head_dim
@@ -203,8 +205,9 @@ class LatentAttention(nn.Module):
         latent, k_rot = self.kv_a_proj_with_mqa(x).split((self.kv_lora_rank, self.rope_dim), dim=-1)
         latent = self.kv_a_layernorm(latent)  # [B, T, rank]
         k_rot = k_rot.view(B, 1, T, self.rope_dim)
-        rotate = apply_rotary_interleaved if self.interleaved_rope else apply_rotary
-        q_rot, k_rot = rotate(q_rot, step.cos, step.sin), rotate(k_rot, step.cos, step.sin)
+        if self.rope:
+            rotate = apply_rotary_interleaved if self.interleaved_rope else apply_rotary
+            q_rot, k_rot = rotate(q_rot, step.cos, step.sin), rotate(k_rot, step.cos, step.sin)
         if self.position_scaling is not None:
             beta, context = self.position_scaling
             scale = (1 + beta * torch.log1p(torch.floor(step.positions().float() / context))).to(q_rot.dtype)
