@@ -986,3 +986,29 @@ ZAYA = dict(
     eos_token_id=257,
     pad_token_id=0,
 )
+
+BAILING_HYBRID = dict(
+    vocab_size=258,
+    hidden_size=64,
+    intermediate_size=96,
+    moe_intermediate_size=24,
+    num_hidden_layers=4,  # two delta attention layers, latent attention, delta attention
+    layer_group_size=3,
+    num_attention_heads=4,
+    num_key_value_heads=4,
+    head_dim=16,  # the delta attention's
+    kv_lora_rank=16,
+    q_lora_rank=24,
+    qk_rope_head_dim=8,
+    qk_nope_head_dim=8,
+    v_head_dim=12,
+    num_local_experts=8,
+    num_experts_per_tok=2,
+    n_group=2,
+    topk_group=1,
+    first_k_dense_replace=1,
+    max_position_embeddings=256,
+    bos_token_id=256,
+    eos_token_id=257,
+    pad_token_id=0,
+)

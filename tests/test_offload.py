@@ -7,6 +7,7 @@ from collections import Counter
 import pytest
 import torch
 from conftest import (
+    BAILING_HYBRID,
     COHERE2_MOE,
     DEEPSEEK_V2,
     DEEPSEEK_V4,
@@ -357,6 +358,7 @@ EVERY_FAMILY = {
     "step3p5": ("Step3p7Config", STEP3P7),
     "minimax_m3_vl_text": ("MiniMaxM3VLConfig", MINIMAX_M3),
     "zaya": ("ZayaConfig", ZAYA),
+    "bailing_hybrid": ("BailingHybridConfig", BAILING_HYBRID),
 }
 
 

@@ -4,6 +4,7 @@ within 1e-4, and identical greedy tokens."""
 import pytest
 import torch
 from conftest import (
+    BAILING_HYBRID,
     COHERE2_MOE,
     DEEPSEEK_V2,
     DEEPSEEK_V4,
@@ -577,6 +578,29 @@ CASES = {
             "tie_word_embeddings": False,
             "lm_head_bias": True,
             "cca_time0": 1,
+        },
+        "single",
+    ),
+    "bailing-hybrid-sharded": ("BailingHybridConfig", BAILING_HYBRID, {}, "sharded"),
+    # the forget gate unbounded, queries without their bottleneck, yarn whose mscale_all_dim scales the
+    # latent attention, ungrouped routing; tie_word_embeddings, which transformers ignores here
+    "bailing-hybrid-unsafe-gate-yarn": (
+        "BailingHybridConfig",
+        BAILING_HYBRID,
+        {
+            "kda_safe_gate": False,
+            "q_lora_rank": None,
+            "n_group": 1,
+            "topk_group": 1,
+            "tie_word_embeddings": True,
+            "rope_parameters": {
+                "rope_type": "yarn",
+                "rope_theta": 10000.0,
+                "factor": 4.0,
+                "original_max_position_embeddings": 64,
+                "mscale": 0.9,
+                "mscale_all_dim": 0.8,
+            },
         },
         "single",
     ),

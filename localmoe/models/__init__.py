@@ -4,6 +4,7 @@ from typing import Any
 
 from localmoe.errors import LocalMoEError
 from localmoe.models import (
+    bailing_hybrid,
     cohere2_moe,
     deepseek_v2,
     deepseek_v3,
@@ -86,6 +87,7 @@ FAMILIES: tuple[Family, ...] = (
     step3p7.FAMILY,
     minimax_m3_vl.FAMILY,
     zaya.FAMILY,
+    bailing_hybrid.FAMILY,
 )
 
 

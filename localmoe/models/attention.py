@@ -222,7 +222,11 @@ class LatentAttention(nn.Module):
         out = F.scaled_dot_product_attention(
             torch.cat((q_nope, q_rot), dim=-1), k, v, attn_mask=mask, is_causal=is_causal, scale=self.scale
         )
-        return self.o_proj(out.transpose(1, 2).reshape(B, T, -1))
+        return self.output(x, out.transpose(1, 2).reshape(B, T, -1))
+
+    def output(self, x: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+        """The layer's output [B, T, E] from the heads' outputs [B, T, heads x v dim] (x: its input)."""
+        return self.o_proj(out)
 
     def mask(self, x: torch.Tensor, q_low: torch.Tensor | None, step: Step, kv: LatentKV):
         """Which cached tokens each query attends to (as `Step.mask`): all before it, unless a subclass

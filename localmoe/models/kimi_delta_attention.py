@@ -55,13 +55,21 @@ class KimiDeltaAttention(nn.Module):
             for proj, window, conv in zip((self.q_proj, self.k_proj, self.v_proj), windows, convs, strict=True)
         )
         q, k = _l2_normalize(q) * self.head_dim**-0.5, _l2_normalize(k)
-        g = self.f_b_proj(self.f_a_proj(x)).float() + self.dt_bias.float()
-        g = -self.A_log.float().exp() * F.softplus(g.view(B, T, self.heads, self.head_dim))  # [B, T, H, D]
+        g = self.log_decay(x).view(B, T, self.heads, self.head_dim)  # [B, T, H, D] float32
         beta = torch.sigmoid(self.b_proj(x)).float().transpose(1, 2)  # [B, H, T]
         rule = gated_delta_rule if T == 1 else gated_delta_rule_chunked
         out = rule(q, k, v, g.transpose(1, 2), beta, state.matrix).transpose(1, 2)  # [B, T, H, D] float32
-        gate = self.g_b_proj(self.g_a_proj(x)).view(B, T, self.heads, self.head_dim)
+        gate = self.output_gate(x).view(B, T, self.heads, self.head_dim)
         return self.o_proj(self.o_norm(out, gate).to(x.dtype).reshape(B, T, -1))
+
+    def log_decay(self, x: torch.Tensor) -> torch.Tensor:
+        """The state's log decay per head and key channel, [B, T, H x D] float32: -exp(A_log) * softplus(...)."""
+        g = (self.f_b_proj(self.f_a_proj(x)).float() + self.dt_bias.float()).view(*x.shape[:2], self.heads, -1)
+        return (-self.A_log.float().exp() * F.softplus(g)).flatten(2)
+
+    def output_gate(self, x: torch.Tensor) -> torch.Tensor:
+        """The output norm's gate, [B, T, H x D]."""
+        return self.g_b_proj(self.g_a_proj(x))
 
     def _heads(self, t: torch.Tensor) -> torch.Tensor:
         """[B, T, H * D] -> [B, H, T, D] in float32."""
