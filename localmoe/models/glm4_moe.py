@@ -46,7 +46,7 @@ class Glm4MoeArgs(ModelArgs):
 
 def build(args: Glm4MoeArgs) -> CausalLM:
     hidden = args.hidden_size
-    head_dim = args.head_dim or hidden // args.num_attention_heads
+    head_dim = args.attention_head_dim
 
     def feed_forward(i: int) -> nn.Module:
         if i < args.first_k_dense_replace:
@@ -79,7 +79,7 @@ def build(args: Glm4MoeArgs) -> CausalLM:
             Attention(
                 hidden,
                 args.num_attention_heads,
-                args.num_key_value_heads or args.num_attention_heads,
+                args.key_value_heads,
                 head_dim,
                 qkv_bias=args.attention_bias,
                 qk_norm="head" if args.use_qk_norm else None,

@@ -1,14 +1,29 @@
-"""Per-layer generation state, allocated once for the whole context of a run.
+"""Per-layer generation state, allocated once for the whole context of a run: keys and values (whole or
+in a ring), latents, compressed entries, recurrent matrices, rings of a convolution's inputs.
 
-Every state can `truncate` itself to its first positions (or say it cannot, and the whole cache
+Every state follows `LayerState`: it takes what its layer writes (`update`, whose arguments are each
+kind's own), can `truncate` itself to its first positions (or say it cannot, and the whole cache
 restarts) and `reset`.
 """
+
+from typing import Protocol
 
 import torch
 
 # Positions a windowed layer keeps beyond its window, so that a conversation can be rewound that far
 # (a chat template that re-renders the last reply) without feeding everything again.
 REWIND_SLACK = 1024
+
+
+class LayerState(Protocol):
+    """What the generation loop asks of every layer's state (mlx-lm's cache base class, reduced to ours)."""
+
+    def truncate(self, pos: int, current: int, interrupted: bool) -> bool:
+        """Keep the first `pos` of the `current` positions; False where that is impossible (then `reset`
+        follows). `interrupted`: the last forward pass did not finish."""
+        ...
+
+    def reset(self) -> None: ...
 
 
 def attention_state(
@@ -104,41 +119,115 @@ class LatentKV:
         pass
 
 
-class LinearAttentionState:
-    """A linear-attention layer's state: one [B, H, D, D] matrix that sums (decayed) key-value products
-    over every token so far. It cannot be rewound to an earlier position."""
+class IndexedLatentKV(LatentKV):
+    """LatentKV plus an indexer's key [B, max_len, dim] of every token (GLM-5's sparse attention)."""
 
-    def __init__(self, batch: int, heads: int, head_dim: int, dtype: torch.dtype, device):
-        self.kv = torch.zeros(batch, heads, head_dim, head_dim, dtype=dtype, device=device)
+    def __init__(self, batch: int, rank: int, rope_dim: int, index_dim: int, max_len: int, dtype, device):
+        super().__init__(batch, rank, rope_dim, max_len, dtype, device)
+        self.index_k = torch.zeros(batch, max_len, index_dim, dtype=dtype, device=device)
+
+    def update_index(self, k: torch.Tensor, start: int) -> torch.Tensor:
+        end = start + k.shape[1]
+        self.index_k[:, start:end] = k
+        return self.index_k[:, :end]
+
+
+class PooledState:
+    """A compressor's state: one entry per `rate` tokens pooled from their projections (DeepSeek-V4).
+    It keeps the projections of tokens not yet making a full window, the previous window's first half
+    for overlapping windows, and the entries emitted so far."""
+
+    def __init__(self, batch: int, width: int, dim: int, rate: int, max_len: int, dtype, device):
+        self.empty = torch.zeros(batch, 0, width, dtype=dtype, device=device)
+        self.entries = torch.zeros(batch, max_len // rate + 1, dim, dtype=dtype, device=device)
+        self.reset()
+
+    def reset(self) -> None:
+        self.pending_kv = self.pending_gate = self.empty
+        self.overlap: tuple[torch.Tensor, torch.Tensor] | None = None
+        self.count = 0
+
+
+class CompressedKV:
+    """Keys of a sliding window (a ring) beside compressed entries of the whole past (DeepSeek-V4): the
+    compressor's and, where entries are selected, the indexer's. Pooled entries cannot be cut back to
+    an earlier position: like a recurrent state, it is fed again."""
+
+    def __init__(self, window: WindowKV, compressor: PooledState | None, indexer: PooledState | None):
+        self.window, self.compressor, self.indexer = window, compressor, indexer
 
     def truncate(self, pos: int, current: int, interrupted: bool) -> bool:
         return pos == current and not interrupted
 
     def reset(self) -> None:
-        self.kv.zero_()
+        self.window.reset()
+        for state in (self.compressor, self.indexer):
+            if state is not None:
+                state.reset()
 
 
-class DeltaNetState:
-    """A Gated DeltaNet layer's state: the last `kernel - 1` inputs of its causal convolution [B, C, K-1],
-    and the delta rule's [B, H, Dk, Dv] matrix, kept in float32 as it sums over every token so far.
-    It cannot be rewound to an earlier position."""
+class RecurrentState:
+    """A recurrent layer's state (linear attention, Gated DeltaNet, Mamba-2, Kimi Delta Attention): named
+    tensors that sum over every token so far, such as a convolution's last inputs [B, C, K - 1] or a
+    scan's matrices (kept in float32). It cannot be rewound to an earlier position, only kept when
+    nothing is dropped."""
 
-    def __init__(self, batch: int, channels: int, kernel: int, heads: int, k_dim: int, v_dim: int, dtype, device):
-        self.conv = torch.zeros(batch, channels, kernel - 1, dtype=dtype, device=device)
-        self.matrix = torch.zeros(batch, heads, k_dim, v_dim, dtype=torch.float32, device=device)
+    def __init__(self, **tensors: torch.Tensor):
+        self.tensors = tensors
+        self.__dict__.update(tensors)
 
     def truncate(self, pos: int, current: int, interrupted: bool) -> bool:
         return pos == current and not interrupted
 
     def reset(self) -> None:
-        self.conv.zero_()
-        self.matrix.zero_()
+        for tensor in self.tensors.values():
+            tensor.zero_()
+
+
+class ConvRing:
+    """A short convolution's inputs [B, C, size] for the last `size` = K - 1 + REWIND_SLACK positions,
+    position p in slot p % size: enough to convolve the next tokens (which see the K - 1 before them)
+    after a rewind of up to REWIND_SLACK positions, in memory that does not grow with the context."""
+
+    def __init__(self, batch: int, channels: int, kernel: int, dtype: torch.dtype, device):
+        self.past = kernel - 1
+        self.size = self.past + REWIND_SLACK
+        self.inputs = torch.zeros(batch, channels, self.size, dtype=dtype, device=device)
+
+    def window(self, start: int) -> torch.Tensor:
+        """The inputs of the K - 1 positions before `start` [B, C, K - 1], zeros before the first."""
+        positions = torch.arange(start - self.past, start, device=self.inputs.device)
+        return self.inputs[..., positions % self.size] * (positions >= 0).to(self.inputs.dtype)
+
+    def write(self, x: torch.Tensor, start: int) -> None:
+        """Keep the inputs x [B, C, T] of positions start .. start + T - 1 (the last `size` of them)."""
+        kept = x[..., -self.size :]
+        positions = torch.arange(start + x.shape[-1] - kept.shape[-1], start + x.shape[-1], device=x.device)
+        self.inputs[..., positions % self.size] = kept
+
+    def truncate(self, pos: int, current: int, interrupted: bool) -> bool:
+        """Possible while the ring still holds the K - 1 inputs before `pos`, after a forward pass that
+        finished."""
+        return not interrupted and current - pos <= self.size - self.past
+
+    def reset(self) -> None:
+        self.inputs.zero_()
+
+
+class NoState:
+    """The state of a layer that mixes nothing across positions (Nemotron-H's MLP and MoE layers)."""
+
+    def truncate(self, pos: int, current: int, interrupted: bool) -> bool:
+        return True
+
+    def reset(self) -> None:
+        pass
 
 
 class KVCache:
     """The state of every layer plus how many positions are filled."""
 
-    def __init__(self, layers: list, max_len: int):
+    def __init__(self, layers: list[LayerState], max_len: int):
         self.layers = layers
         self.max_len = max_len
         self.pos = 0
