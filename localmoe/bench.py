@@ -17,7 +17,6 @@ import torch
 
 from localmoe.engine import Engine
 from localmoe.runtime.memory import Footprint, format_bytes
-from localmoe.runtime.offload import OffloadedExperts
 
 BANDWIDTH_BYTES = 256 * 2**20
 
@@ -94,14 +93,12 @@ def run_engine(engine: Engine, name: str, prompt: list[int], new_tokens: int, de
     is then cleared, so the run starts cold as a fresh process would)."""
     device = engine.device
     list(engine.generate_ids(prompt[:1], 2))
-    cache = engine.experts.cache if isinstance(engine.experts, OffloadedExperts) else None
-    if cache is not None:
-        cache.clear()
-        engine.rewarm()  # the timed prompt, not the warm-up, decides what --pin-hot pins
+    if engine.expert_cache() is not None:
+        engine.reconfigure(cold=True)  # the timed prompt, not the warm-up, decides what --pin-hot pins
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     prefill_copies = []
-    tokens = list(engine.generate_ids(prompt, new_tokens, on_prefill=lambda: prefill_copies.append(_copied(cache))))
+    tokens = list(engine.generate_ids(prompt, new_tokens, on_prefill=lambda: prefill_copies.append(_copied(engine))))
     stats = engine.stats
     peak = torch.cuda.max_memory_allocated(device) if device.type == "cuda" else psutil.Process().memory_info().rss
     result = RunResult(
@@ -113,16 +110,17 @@ def run_engine(engine: Engine, name: str, prompt: list[int], new_tokens: int, de
         detail=detail,
         tokens=tokens,
     )
-    if cache is not None:
-        result.miss_policy = engine.experts.miss_policy
+    if (cache := engine.expert_cache()) is not None:
+        result.miss_policy = engine.miss_policy
         decode_steps = max(len(tokens) - 1, 1)
-        result.hit_rate = cache.totals().hit_rate
-        result.bytes_copied_per_token = (_copied(cache) - prefill_copies[0]) / decode_steps
+        result.hit_rate = cache.total.hit_rate
+        result.bytes_copied_per_token = (_copied(engine) - prefill_copies[0]) / decode_steps
     return result
 
 
-def _copied(cache) -> int:
-    return cache.totals().bytes_copied if cache is not None else 0
+def _copied(engine: Engine) -> int:
+    cache = engine.expert_cache()
+    return cache.total.bytes_copied if cache is not None else 0
 
 
 def machine() -> dict[str, str]:

@@ -8,7 +8,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from localmoe.engine import Engine
-from localmoe.errors import LocalMoEError
+from localmoe.errors import LocalMoEError, as_flag
 from localmoe.runtime.sampling import SamplingParams
 
 HELP = """commands:
@@ -159,7 +159,7 @@ def _answer(session: ChatSession, text: str) -> None:
         sys.stdout.write("\n")
         print("[stopped]", file=sys.stderr)
     except LocalMoEError as error:
-        print(f"localmoe: {error}", file=sys.stderr)
+        print(f"localmoe: {error.phrased(as_flag)}", file=sys.stderr)
     sys.stdout.flush()
 
 
@@ -167,12 +167,12 @@ def _cache_command(engine: Engine, argument: str) -> None:
     if argument and not argument.isdigit():
         raise LocalMoEError(f"/cache takes a number of expert slots, not {argument!r}")
     if argument:
-        engine.resize_cache(int(argument))
-    cache = getattr(engine.experts, "cache", None)
+        engine.reconfigure(slots=int(argument))
+    cache = engine.expert_cache()
     if cache is None:
         print("[every expert is resident: there is no expert cache]", file=sys.stderr)
     else:
-        print(f"[expert cache: {cache.slots} of {cache.rows.shape[0]} allocated slots in use]", file=sys.stderr)
+        print(f"[expert cache: {cache.slots} of {cache.allocated} allocated slots in use]", file=sys.stderr)
 
 
 def _command(session: ChatSession, line: str) -> str | None:
@@ -205,7 +205,7 @@ def _command(session: ChatSession, line: str) -> str | None:
         else:
             print(f"unknown command {name}: /help lists them", file=sys.stderr)
     except LocalMoEError as error:
-        print(f"localmoe: {error}", file=sys.stderr)
+        print(f"localmoe: {error.phrased(as_flag)}", file=sys.stderr)
     except OSError as error:
         print(f"localmoe: {error.strerror or error}: {argument}", file=sys.stderr)
     return None

@@ -7,19 +7,24 @@ from pathlib import Path
 import click
 import torch
 
-from localmoe.errors import LocalMoEError
+from localmoe.engine import RuntimeOptions
+from localmoe.errors import LocalMoEError, as_flag
+from localmoe.kernels import KERNELS
+from localmoe.runtime.expert_cache import POLICIES
+from localmoe.runtime.miss_policy import MISS_POLICIES
 
 DTYPE_CHOICES = {"auto": None, "float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+DEFAULTS = RuntimeOptions()  # every setting's one default
 
 
 class _Commands(click.Group):
-    """Prints a LocalMoEError as one line and exits 2, instead of a traceback."""
+    """Prints a LocalMoEError as one line, naming settings as flags, and exits 2, instead of a traceback."""
 
     def invoke(self, ctx: click.Context):
         try:
             return super().invoke(ctx)
         except LocalMoEError as error:
-            click.echo(f"localmoe: error: {error}", err=True)
+            click.echo(f"localmoe: error: {error.phrased(as_flag)}", err=True)
             ctx.exit(2)
         except KeyboardInterrupt:
             click.echo("", err=True)
@@ -52,9 +57,18 @@ def _placement_options(fn):
         click.option(
             "--host-budget", callback=_size, help="Host RAM for the experts, e.g. 32GiB  [default: available]"
         ),
-        click.option("--expert-slots", type=int, default=None, help="Expert slots on the device (overrides the plan)."),
         click.option(
-            "--context", type=click.IntRange(min=1), default=4096, show_default=True, help="Tokens of KV cache."
+            "--expert-slots",
+            type=click.IntRange(min=1),
+            default=None,
+            help="Expert slots on the device (overrides the plan).",
+        ),
+        click.option(
+            "--context",
+            type=click.IntRange(min=1),
+            default=DEFAULTS.context,
+            show_default=True,
+            help="Tokens of KV cache.",
         ),
         click.option(
             "--expert-bits",
@@ -64,7 +78,11 @@ def _placement_options(fn):
             help="Keep the routed experts quantized to 8 or 4 bits (cached on disk after the first start).",
         ),
         click.option(
-            "--expert-group-size", type=click.IntRange(min=2), default=64, show_default=True, help="Columns per scale."
+            "--expert-group-size",
+            type=click.IntRange(min=2),
+            default=DEFAULTS.expert_group_size,
+            show_default=True,
+            help="Columns per scale.",
         ),
         click.option("--yes", is_flag=True, help="Start even a run estimated below 0.2 tokens/s (experts from disk)."),
     ]
@@ -78,8 +96,8 @@ def _cache_options(fn):
     options = [
         click.option(
             "--policy",
-            type=click.Choice(["score", "lfu", "lru"]),
-            default="score",
+            type=click.Choice(list(POLICIES)),
+            default=DEFAULTS.policy,
             show_default=True,
             help="Which expert a full cache evicts: lowest decayed router score, least often or least recently used.",
         ),
@@ -93,21 +111,23 @@ def _cache_options(fn):
         click.option(
             "--pin-hot",
             type=click.IntRange(min=0),
-            default=0,
+            default=DEFAULTS.pin_hot,
             help="Pin the N hottest experts: the profile's, or else those the first prompt used most.",
         ),
         click.option(
             "--prefetch",
             type=click.IntRange(min=0),
-            default=1,
+            default=DEFAULTS.prefetch,
             show_default=True,
             help="MoE layers to look ahead; 0: off.",
         ),
-        click.option("--prefetch-margin", type=click.IntRange(min=0), default=0, show_default=True),
+        click.option(
+            "--prefetch-margin", type=click.IntRange(min=0), default=DEFAULTS.prefetch_margin, show_default=True
+        ),
         click.option(
             "--miss-policy",
-            type=click.Choice(["auto", "copy", "cpu", "bypass"]),
-            default="auto",
+            type=click.Choice(list(MISS_POLICIES)),
+            default=DEFAULTS.miss_policy,
             show_default=True,
             help="An expert not in a slot: copy it to the device, compute it on the CPU from the host copy, "
             "whichever the measured bandwidths say is faster, or (bypass) on the CPU when the policy ranks it "
@@ -123,8 +143,8 @@ def _cache_options(fn):
         ),
         click.option(
             "--kernels",
-            type=click.Choice(["auto", "reference", "triton"]),
-            default="auto",
+            type=click.Choice(list(KERNELS)),
+            default=DEFAULTS.kernels,
             show_default=True,
             help="Expert kernels: the PyTorch reference, the fused Triton kernels (CUDA), or Triton where it works.",
         ),
@@ -160,13 +180,14 @@ def _sampling(engine, values: dict):
 
 
 def _load(model: str, revision: str | None, flags: dict):
-    from localmoe.engine import load
+    from localmoe.engine import place, prepare, resolve_device
 
-    options = _runtime_options(flags)
-    _check_disk_speed(model, revision, flags, options)
-    engine = load(
-        model, device=flags["device"], dtype=DTYPE_CHOICES[flags["dtype"]], revision=revision, options=options
+    device = str(resolve_device(flags["device"]))  # an unusable device is the first thing to say
+    prepared = prepare(
+        model, device=device, dtype=DTYPE_CHOICES[flags["dtype"]], revision=revision, options=_runtime_options(flags)
     )
+    _check_disk_speed(prepared, flags)
+    engine = place(prepared)
     click.echo(engine.summary(), err=True)
     click.get_current_context().call_on_close(lambda: _save_profile(engine))
     return engine
@@ -182,17 +203,15 @@ def _save_profile(engine) -> None:
 SLOWEST_WITHOUT_YES = 0.2  # decode tokens/s below which a run from disk needs --yes
 
 
-def _check_disk_speed(model: str, revision: str | None, flags: dict, options) -> None:
+def _check_disk_speed(prepared, flags: dict) -> None:
     """Where experts would come from disk, say how slow that allows, and refuse below 0.2 tokens/s
     unless --yes."""
-    from localmoe.checkpoint import read_bandwidth, resolve_snapshot
-    from localmoe.engine import plan_for, resolve_device
+    from localmoe.checkpoint import read_bandwidth
 
-    device = str(resolve_device(flags["device"]))  # an unusable device is the first thing to say
-    plan = plan_for(model, device=device, dtype=DTYPE_CHOICES[flags["dtype"]], revision=revision, options=options)
+    plan = prepared.plan
     if plan.store != "mmap":
         return
-    bandwidth = read_bandwidth(resolve_snapshot(model, revision))
+    bandwidth = read_bandwidth(prepared.checkpoint.path)
     click.echo(plan.disk_notice(bandwidth), err=True)
     if plan.disk_tokens_per_s(bandwidth) < SLOWEST_WITHOUT_YES and not flags.get("yes"):
         raise LocalMoEError(
@@ -201,9 +220,7 @@ def _check_disk_speed(model: str, revision: str | None, flags: dict, options) ->
         )
 
 
-def _runtime_options(values: dict):
-    from localmoe.engine import RuntimeOptions
-
+def _runtime_options(values: dict) -> RuntimeOptions:
     return RuntimeOptions(
         vram_budget=values["vram_budget"],
         host_budget=values["host_budget"],
@@ -280,17 +297,18 @@ def chat(model: str, system: str | None, max_new_tokens: int, revision: str | No
 def plan(model: str, revision: str | None, **flags):
     """Print where MODEL's weights would live, without loading them. Works without the GPU: give
     --device cuda --vram-budget SIZE to plan for a card that is not here."""
-    from localmoe.checkpoint import read_bandwidth, resolve_snapshot
-    from localmoe.engine import plan_for
+    from localmoe.checkpoint import read_bandwidth
+    from localmoe.engine import prepare
 
-    plan = plan_for(
+    prepared = prepare(
         model,
         device=flags["device"],
         dtype=DTYPE_CHOICES[flags["dtype"]],
         revision=revision,
         options=_runtime_options(flags),
     )
-    bandwidth = read_bandwidth(resolve_snapshot(model, revision)) if plan.store == "mmap" else None
+    plan = prepared.plan
+    bandwidth = read_bandwidth(prepared.checkpoint.path) if plan.store == "mmap" else None
     click.echo(plan.describe(bandwidth))
 
 
@@ -305,7 +323,7 @@ def tune(model: str, tokens: int, revision: str | None, **flags):
 
     engine = _load(model, revision, flags)
     base = _placement_flags(model, flags, engine)
-    if not hasattr(engine.experts, "cache"):
+    if engine.expert_cache() is None:
         click.echo("every expert fits on the device: there is no expert cache to tune. Run:")
         click.echo(f"localmoe generate {base}")
         return
@@ -432,10 +450,8 @@ def _report(engine, text: str) -> dict:
     """`generate --json`: the text with the run's timings, plan and expert cache counters."""
     from dataclasses import asdict
 
-    from localmoe.runtime.offload import OffloadedExperts
-
     stats = engine.stats
-    cache = engine.experts.cache if isinstance(engine.experts, OffloadedExperts) else None
+    cache = engine.expert_cache()
     return {
         "text": text,
         "prompt_tokens": stats.prompt_tokens,
@@ -444,8 +460,8 @@ def _report(engine, text: str) -> dict:
         "prefill_tokens_per_s": stats.prefill_rate,
         "decode_tokens_per_s": stats.decode_rate,
         "device": engine.plan.device,
-        "expert_slots": engine.plan.slots,
+        "expert_slots": engine.plan.slots if cache is None else cache.slots,
         "total_experts": engine.plan.footprint.total_experts,
-        "cache": None if cache is None else {**asdict(cache.totals()), "hit_rate": cache.totals().hit_rate},
-        "cache_per_layer": None if cache is None else {str(k): asdict(v) for k, v in sorted(cache.counters.items())},
+        "cache": None if cache is None else {**asdict(cache.total), "hit_rate": cache.total.hit_rate},
+        "cache_per_layer": None if cache is None else {str(k): asdict(v) for k, v in cache.per_layer.items()},
     }

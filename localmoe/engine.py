@@ -1,6 +1,10 @@
-"""`load` a checkpoint into an `Engine` that generates text: the entry point of the CLI and the API."""
+"""`load` a checkpoint into an `Engine` that generates text: the entry point of the CLI and the API.
 
-from collections import Counter
+Loading is two steps: `prepare` (open the checkpoint, build the model skeleton, plan memory, choose the
+row layout; no weights read) and `place` (load the weights, fill the host store and the slots, bind the
+experts). `plan` and the CLI's disk-speed check look at a preparation before anything is placed.
+"""
+
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, replace
 from functools import cached_property
@@ -9,23 +13,25 @@ from pathlib import Path
 import torch
 
 from localmoe.checkpoint import Checkpoint
-from localmoe.errors import LocalMoEError
-from localmoe.kernels import pair_kernel
+from localmoe.errors import LocalMoEError, setting
+from localmoe.kernels import KERNELS, pair_kernel
 from localmoe.kernels.quantized import MXFP4, QuantSpec, StoredFormat
 from localmoe.loader import ModelParts, footprint, load_resident_weights, model_skeleton, open_checkpoint
 from localmoe.models.moe import moe_blocks
-from localmoe.runtime.cpu_experts import MISS_POLICIES, calibrated
+from localmoe.models.state import KVCache
+from localmoe.runtime.cpu_experts import Bandwidths, calibrated
 from localmoe.runtime.expert_cache import POLICIES, ExpertCache
-from localmoe.runtime.expert_store import ExpertStore, layout_of
+from localmoe.runtime.expert_store import ExpertStore
 from localmoe.runtime.generate import GenerationStats, generate_tokens
-from localmoe.runtime.kv_cache import KVCache
+from localmoe.runtime.layouts import layout_of
 from localmoe.runtime.memory import MemoryPlan, format_bytes, plan_memory
+from localmoe.runtime.miss_policy import MISS_POLICIES, miss_policy
 from localmoe.runtime.offload import OffloadedExperts
-from localmoe.runtime.profile import RoutingProfile, default_profile_path, start_from_profile
+from localmoe.runtime.profile import default_profile_path
 from localmoe.runtime.quantized_cache import QuantizedLayers, cache_folder
 from localmoe.runtime.resident import ResidentExperts
 from localmoe.runtime.sampling import Sampler, SamplingParams
-from localmoe.runtime.stats import cache_report
+from localmoe.runtime.stats import CacheSnapshot, cache_report
 from localmoe.runtime.trace import RoutingTrace
 from localmoe.tokenizer import StopStrings, Tokenizer
 
@@ -37,7 +43,7 @@ class RuntimeOptions:
     vram_budget: int | None = None  # bytes for everything on the device; default: its free memory
     host_budget: int | None = None  # bytes of host RAM for the experts' host copy; default: what is available
     expert_slots: int | None = None  # overrides the plan's slot count
-    policy: str = "score"
+    policy: str = "score"  # one of POLICIES
     pin_hot: int = 0  # experts pinned: the profile's hottest, or else those the first prompt used most
     profile: str | None = None  # routing profile: "auto" (this checkpoint's, in the cache folder), a file, or none
     prefetch: int = 1  # MoE layers to look ahead; 0 turns prefetch off
@@ -45,8 +51,8 @@ class RuntimeOptions:
     context: int = 4096  # tokens of KV cache planned for (capped at the model's maximum)
     prefill_chunk: int = 512
     trace: Path | None = None  # write the routing of every token here (JSON lines)
-    miss_policy: str = "auto"  # a miss is copied to the device, computed on the CPU, or whichever is faster
-    kernels: str = "auto"  # the expert kernels: reference, triton, or triton where it works (CUDA)
+    miss_policy: str = "auto"  # one of MISS_POLICIES: copied to the device, computed on the CPU, or whichever is faster
+    kernels: str = "auto"  # one of KERNELS: reference, triton, or triton where it works (CUDA)
     expert_bits: int = 16  # 8 or 4: routed experts quantized group-wise, kept so on disk between runs
     expert_group_size: int = 64
     copy_bandwidth: float | None = None  # bytes/s for the miss policy's cost model; default: measured
@@ -55,41 +61,31 @@ class RuntimeOptions:
 
 class Engine:
     """A model with its experts placed, its stop tokens and sampling defaults, and the checkpoint's
-    tokenizer when text is used."""
+    tokenizer when text is used. Callers learn about the expert cache from `expert_cache` (None when every
+    expert is resident), `miss_policy` and `bandwidths`, and change it with `reconfigure`."""
 
     def __init__(
         self,
         checkpoint: Checkpoint,
         parts: ModelParts,
         plan: MemoryPlan,
-        experts: ResidentExperts | OffloadedExperts,
+        experts: ResidentExperts,
         options: RuntimeOptions,
         kernels: str = "reference",
+        offloaded: OffloadedExperts | None = None,
     ):
+        """`experts` computes the routed experts; `offloaded`, the same object when they go through the
+        expert cache, else None."""
         self.checkpoint = checkpoint
         self.parts = parts
         self.model = parts.model
         self.plan = plan
         self.experts = experts
+        self._offloaded = offloaded
         self.options = options
         self.kernels = kernels  # which expert kernels run, and why
         self.eos_ids = eos_ids(checkpoint)
         self.stats = GenerationStats()
-        self._warmed_up = False
-        self.profile_path: Path | None = None  # set by `load` when a routing profile is kept
-        self.profile = RoutingProfile()
-        self._profiled = Counter()  # what of the cache's token counts the profile has
-
-    def save_profile(self) -> None:
-        """Add the routing seen since the last save to the routing profile, and write it."""
-        if self.profile_path is None:
-            return
-        counts = self.experts.cache.token_counts
-        if any(counts[key] < n for key, n in self._profiled.items()):
-            self._profiled = Counter()  # the cache was emptied since: its counts start again
-        self.profile.add(counts - self._profiled, self.plan.footprint.top_k)
-        self._profiled = Counter(counts)
-        self.profile.save(self.profile_path)
 
     @cached_property
     def tokenizer(self) -> Tokenizer:
@@ -122,7 +118,8 @@ class Engine:
         self.stats = GenerationStats()
 
         def after_prefill() -> None:
-            self._after_prefill()
+            if self._offloaded is not None:
+                self._offloaded.after_prefill()
             if on_prefill:
                 on_prefill()
 
@@ -181,6 +178,20 @@ class Engine:
             ids = self.tokenizer.encode(prompt, add_special_tokens=not raw)
         return self.text(self.generate_ids(ids, max_new_tokens, sampling or self.sampling()), stop)
 
+    def expert_cache(self) -> CacheSnapshot | None:
+        """The expert cache's slots and counters so far, or None when every expert is resident."""
+        return None if self._offloaded is None else self._offloaded.snapshot()
+
+    @property
+    def miss_policy(self) -> str | None:
+        """What a miss does (None: every expert is resident, there are no misses)."""
+        return None if self._offloaded is None else str(self._offloaded.miss_policy)
+
+    @property
+    def bandwidths(self) -> Bandwidths | None:
+        """The copy and CPU bandwidths the miss policy weighs, where it weighs them."""
+        return None if self._offloaded is None else getattr(self._offloaded.miss_policy, "bandwidths", None)
+
     def summary(self) -> str:
         """One line: what was loaded, where, and how the experts are placed."""
         plan, fp = self.plan, self.plan.footprint
@@ -194,28 +205,67 @@ class Engine:
         )
 
     def _misses(self) -> str:
-        if not isinstance(self.experts, OffloadedExperts):
+        if self.miss_policy is None:
             return ""
-        rates = self.experts.bandwidths
+        rates = self.bandwidths
         measured = f" (copy {rates.copy / 1e9:.1f} GB/s, CPU {rates.cpu / 1e9:.1f} GB/s)" if rates else ""
-        return f"; misses: {self.experts.miss_policy}{measured}"
+        return f"; misses: {self.miss_policy}{measured}"
 
     def cache_report(self) -> str:
         """The memory plan and, when experts are offloaded, the cache counters so far."""
-        if isinstance(self.experts, ResidentExperts):
+        if self._offloaded is None:
             return self.plan.describe() + "\nall experts resident: no expert is copied while generating"
-        return self.plan.describe() + "\n" + cache_report(self.experts.cache)
+        cache = self._offloaded.snapshot()
+        return self.plan.describe(slots_in_use=cache.slots) + "\n" + cache_report(self._offloaded.cache)
 
-    def resize_cache(self, slots: int) -> None:
-        """Use `slots` of the expert pool allocated at load: grow or shrink it without reloading."""
-        if not isinstance(self.experts, OffloadedExperts):
-            raise LocalMoEError("every expert is resident on the device: there is no expert cache to resize")
-        cache, top_k = self.experts.cache, self.plan.footprint.top_k
+    def reconfigure(
+        self,
+        *,
+        slots: int | None = None,
+        policy: str | None = None,
+        prefetch: int | None = None,
+        prefetch_margin: int | None = None,
+        pin_hot: int | None = None,
+        miss_policy: str | None = None,
+        cold: bool = False,
+    ) -> None:
+        """Change the expert cache's settings without reloading (None: keep): the `slots` in use, within
+        those allocated at load (`/cache`); and for `tune`, the policy, prefetch, pinning and miss policy.
+        A new policy, or `cold`, empties the cache and its counters, and makes the next prompt the
+        warm-up that `pin_hot` ranks experts by."""
+        if self._offloaded is None:
+            raise LocalMoEError("every expert is resident on the device: there is no expert cache to resize or tune")
+        changes = {
+            "policy": policy,
+            "prefetch": prefetch,
+            "prefetch_margin": prefetch_margin,
+            "pin_hot": pin_hot,
+            "miss_policy": miss_policy,
+        }
+        options = replace(self.options, **{key: value for key, value in changes.items() if value is not None})
+        _check_settings(options)
+        runtime = self._offloaded
+        if cold or policy is not None:
+            runtime.clear(options.policy)
+        if slots is not None:
+            self._resize(slots)
+        runtime.configure_prefetch(options.prefetch, options.prefetch_margin)
+        runtime.pin_hot = options.pin_hot
+        if miss_policy is not None:
+            runtime.miss_policy = _miss_policy(options, runtime.cache, self._blocks)
+        self.options = options
+
+    @property
+    def _blocks(self):
+        return moe_blocks(self.model)
+
+    def _resize(self, slots: int) -> None:
+        cache, top_k = self._offloaded.cache, self.plan.footprint.top_k
         allocated, least = cache.rows.shape[0], top_k + len(cache.pinned)
         if slots > allocated:
             raise LocalMoEError(
                 f"the memory plan allocated {allocated} expert slots at start-up: {slots} do not fit; to have more, "
-                "restart with a larger --vram-budget or --expert-slots"
+                f"restart with a larger {setting('vram_budget')} or {setting('expert_slots')}"
             )
         if slots < least:
             raise LocalMoEError(
@@ -224,15 +274,85 @@ class Engine:
             )
         cache.resize(slots)
 
-    def rewarm(self) -> None:
-        """Let the next prompt be the warm-up again (after the cache was emptied)."""
-        self._warmed_up = False
+    def save_profile(self) -> None:
+        """Add the routing seen since the last save to the routing profile, and write it (where one is kept)."""
+        if self._offloaded is not None:
+            self._offloaded.save_profile(self.plan.footprint.top_k)
 
-    def _after_prefill(self) -> None:
-        # The first prompt is the warm-up that --pin-hot ranks experts by.
-        if self.options.pin_hot and not self._warmed_up and isinstance(self.experts, OffloadedExperts):
-            self.experts.pin_hottest(self.options.pin_hot)
-        self._warmed_up = True
+
+@dataclass
+class Prepared:
+    """What `place` needs, decided without reading a weight: the checkpoint, the model skeleton, the
+    memory plan and the experts' row layout."""
+
+    checkpoint: Checkpoint
+    parts: ModelParts
+    device: torch.device
+    options: RuntimeOptions
+    plan: MemoryPlan
+    quant: QuantSpec | None
+
+
+def prepare(
+    source: str,
+    *,
+    device: str | None = None,
+    dtype: torch.dtype | None = None,
+    revision: str | None = None,
+    options: RuntimeOptions | None = None,
+) -> Prepared:
+    """Open a checkpoint (folder or Hub repo id) and plan its placement on `device`; the device need not
+    be here when `vram_budget` says how much memory it has (to plan for it)."""
+    options = options or RuntimeOptions()
+    target = _parse_device(device) if device else resolve_device(None)
+    if target.type == "cuda" and not torch.cuda.is_available() and options.vram_budget is None:
+        raise LocalMoEError(f"this machine has no CUDA device: give {setting('vram_budget')} to plan for one")
+    checkpoint, family = open_checkpoint(source, revision)
+    parts = model_skeleton(checkpoint, family, dtype)
+    quant = _quant(options)
+    return Prepared(checkpoint, parts, target, options, _plan(parts, target, options, quant), quant)
+
+
+def place(prepared: Prepared) -> Engine:
+    """Load a preparation onto its device as the plan says: the non-expert weights resident, the routed
+    experts resident too when they fit, else in an expert cache fed from host RAM or the checkpoint files."""
+    checkpoint, parts, plan, options, quant = (
+        prepared.checkpoint,
+        prepared.parts,
+        prepared.plan,
+        prepared.options,
+        prepared.quant,
+    )
+    device = resolve_device(str(prepared.device))
+    load_resident_weights(parts, checkpoint, device)
+    blocks = moe_blocks(parts.model)
+    trace = RoutingTrace(options.trace, blocks[0].layer_idx) if options.trace else None
+    weights = quant or _stored_format(parts.experts)  # what the kernels will read
+    kernel, kernels = pair_kernel(options.kernels, device, parts.dtype, [block.act for block in blocks], weights)
+    quantized = QuantizedLayers(cache_folder(checkpoint, _quant_settings(quant, parts.dtype))) if quant else None
+    offloaded = None
+    if plan.all_resident:
+        experts = ResidentExperts(parts.experts, device, parts.dtype, trace, kernel, quant, quantized)
+    else:
+        mode = "mmap" if plan.store == "mmap" else "ram"
+        store = ExpertStore(parts.experts, parts.dtype, mode, device, quant, quantized)
+        cache = ExpertCache(store, plan.slots, device, options.policy, layers=len(blocks))
+        experts = offloaded = OffloadedExperts(
+            cache,
+            blocks,
+            prefetch=options.prefetch,
+            margin=options.prefetch_margin,
+            trace=trace,
+            miss_policy=_miss_policy(options, cache, blocks),
+            pair_outputs=kernel,
+            pin_hot=options.pin_hot,
+        )
+    for block in blocks:
+        block.experts = experts
+    if options.profile and offloaded is not None:
+        path = default_profile_path(checkpoint) if options.profile == "auto" else Path(options.profile)
+        offloaded.start_from_profile(path)
+    return Engine(checkpoint, parts, plan, experts, options, kernels, offloaded)
 
 
 def load(
@@ -243,59 +363,9 @@ def load(
     revision: str | None = None,
     options: RuntimeOptions | None = None,
 ) -> Engine:
-    """Open a checkpoint (folder or Hub repo id) and place it on `device` as the memory plan says: the
-    non-expert weights resident, the routed experts resident too when they fit, else in an expert cache
-    fed from host RAM or the checkpoint files."""
-    options = options or RuntimeOptions()
-    device = resolve_device(device)
-    checkpoint = open_checkpoint(source, revision)
-    parts = model_skeleton(checkpoint, dtype)
-    plan = _plan(parts, device, options)
-    load_resident_weights(parts, checkpoint, device)
-    blocks = moe_blocks(parts.model)
-    trace = RoutingTrace(options.trace, blocks[0].layer_idx) if options.trace else None
-    quant = _quant(options)
-    weights = quant or _stored_format(parts.experts)  # what the kernels will read
-    kernel, kernels = pair_kernel(options.kernels, device, parts.dtype, [block.act for block in blocks], weights)
-    quantized = QuantizedLayers(cache_folder(checkpoint, _quant_settings(quant, parts.dtype))) if quant else None
-    if plan.all_resident:
-        experts = ResidentExperts(parts.experts, device, parts.dtype, trace, kernel, quant, quantized)
-    else:
-        mode = "mmap" if plan.store == "mmap" else "ram"
-        store = ExpertStore(parts.experts, parts.dtype, mode, device, quant, quantized)
-        cache = ExpertCache(store, plan.slots, device, options.policy, layers=len(blocks))
-        bandwidths = None
-        if options.miss_policy == "auto":
-            bandwidths = calibrated(store, cache.rows[0], blocks[0], options.copy_bandwidth, options.cpu_bandwidth)
-        experts = OffloadedExperts(
-            cache,
-            blocks,
-            prefetch=options.prefetch,
-            margin=options.prefetch_margin,
-            trace=trace,
-            miss_policy=options.miss_policy,
-            bandwidths=bandwidths,
-            pair_outputs=kernel,
-        )
-    for block in blocks:
-        block.experts = experts
-    engine = Engine(checkpoint, parts, plan, experts, options, kernels)
-    if options.profile and isinstance(experts, OffloadedExperts):
-        _start_from_profile(engine, blocks)
-    return engine
-
-
-def _start_from_profile(engine: Engine, blocks) -> None:
-    """Read the routing profile; warm the pool and pin from it where it has something to say."""
-    options, cache = engine.options, engine.experts.cache
-    path = default_profile_path(engine.checkpoint) if options.profile == "auto" else Path(options.profile)
-    profile = RoutingProfile.load(path)
-    profile.check({block.layer_idx for block in blocks}, blocks[0].num_experts, path)
-    engine.profile_path, engine.profile = path, profile
-    if options.pin_hot and profile.counts:
-        cache.pin(profile.hottest()[: options.pin_hot])
-        engine._warmed_up = True  # the profile stands in for the first prompt's warm-up
-    start_from_profile(cache, profile)
+    """Open a checkpoint (folder or Hub repo id) and place it on `device` (default: CUDA when present):
+    `prepare`, then `place`."""
+    return place(prepare(source, device=str(resolve_device(device)), dtype=dtype, revision=revision, options=options))
 
 
 def plan_for(
@@ -306,13 +376,16 @@ def plan_for(
     revision: str | None = None,
     options: RuntimeOptions | None = None,
 ) -> MemoryPlan:
-    """The memory plan `load` would follow, without loading any weights; the device need not be here
-    when `vram_budget` says how much memory it has."""
-    options = options or RuntimeOptions()
-    target = _parse_device(device) if device else resolve_device(None)
-    if target.type == "cuda" and not torch.cuda.is_available() and options.vram_budget is None:
-        raise LocalMoEError("this machine has no CUDA device: give --vram-budget to plan for one")
-    return _plan(model_skeleton(open_checkpoint(source, revision), dtype), target, options)
+    """The memory plan `load` would follow, without loading any weights (see `prepare`)."""
+    return prepare(source, device=device, dtype=dtype, revision=revision, options=options).plan
+
+
+def _miss_policy(options: RuntimeOptions, cache: ExpertCache, blocks):
+    """The miss policy the options name, with the bandwidths it weighs, measured once per machine."""
+    if not MISS_POLICIES[options.miss_policy].weighs_bandwidths:
+        return miss_policy(options.miss_policy)
+    rates = calibrated(cache.store, cache.rows[0], blocks[0], options.copy_bandwidth, options.cpu_bandwidth)
+    return miss_policy(options.miss_policy, rates)
 
 
 def _quant(options: RuntimeOptions) -> QuantSpec | None:
@@ -332,11 +405,12 @@ def _quant_settings(quant: QuantSpec, dtype: torch.dtype) -> str:
     return f"bits={quant.bits} group={quant.group} dtype={dtype}"
 
 
-def _plan(parts: ModelParts, device: torch.device, options: RuntimeOptions) -> MemoryPlan:
+def _plan(parts: ModelParts, device: torch.device, options: RuntimeOptions, quant: QuantSpec | None) -> MemoryPlan:
     fp = footprint(parts)
-    layout = layout_of(parts.experts, _quant(options), parts.dtype)
+    layout = layout_of(parts.experts, quant, parts.dtype)
     if layout.row_dtype is not None:  # quantized or MXFP4 byte rows: the plan counts their size
         fp = replace(fp, expert_bytes=layout.numel)
+    _check_settings(options)
     plan = plan_memory(
         fp,
         device,
@@ -346,24 +420,25 @@ def _plan(parts: ModelParts, device: torch.device, options: RuntimeOptions) -> M
         context=options.context,
         prefill_chunk=options.prefill_chunk,
     )
-    _check_options(options, plan)
+    most = plan.slots - plan.footprint.top_k
+    if options.pin_hot > most and not plan.all_resident:
+        raise LocalMoEError(
+            f"{setting('pin_hot')} {options.pin_hot} must leave one layer's {plan.footprint.top_k} experts of the "
+            f"{plan.slots} slots free: use at most {max(most, 0)}, or more slots"
+        )
     return plan
 
 
-def _check_options(options: RuntimeOptions, plan: MemoryPlan) -> None:
-    if options.policy not in POLICIES:
-        raise LocalMoEError(f"unknown cache policy {options.policy!r}: choose one of {', '.join(POLICIES)}")
-    if options.miss_policy not in MISS_POLICIES:
-        raise LocalMoEError(f"unknown miss policy {options.miss_policy!r}: choose one of {', '.join(MISS_POLICIES)}")
+def _check_settings(options: RuntimeOptions) -> None:
+    """Settings that are wrong whatever the model."""
+    for name, table in (("policy", POLICIES), ("miss_policy", MISS_POLICIES), ("kernels", KERNELS)):
+        if getattr(options, name) not in table:
+            raise LocalMoEError(f"unknown {setting(name)} {getattr(options, name)!r}: choose one of {', '.join(table)}")
     if any(rate is not None and rate <= 0 for rate in (options.copy_bandwidth, options.cpu_bandwidth)):
-        raise LocalMoEError("--copy-bandwidth and --cpu-bandwidth must be positive")
-    if options.prefetch < 0 or options.prefetch_margin < 0:
-        raise LocalMoEError("--prefetch and --prefetch-margin cannot be negative")
-    most = plan.slots - plan.footprint.top_k
-    if options.pin_hot < 0 or (options.pin_hot > most and not plan.all_resident):
+        raise LocalMoEError(f"{setting('copy_bandwidth')} and {setting('cpu_bandwidth')} must be positive")
+    if options.prefetch < 0 or options.prefetch_margin < 0 or options.pin_hot < 0:
         raise LocalMoEError(
-            f"--pin-hot {options.pin_hot} must leave one layer's {plan.footprint.top_k} experts of the "
-            f"{plan.slots} slots free: use at most {max(most, 0)}, or more slots"
+            f"{setting('prefetch')}, {setting('prefetch_margin')} and {setting('pin_hot')} cannot be negative"
         )
 
 
@@ -373,7 +448,9 @@ def resolve_device(device: str | None) -> torch.device:
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     resolved = _parse_device(device)
     if resolved.type == "cuda" and not torch.cuda.is_available():
-        raise LocalMoEError(f"{device} was asked for but this torch build sees no CUDA device: use --device cpu")
+        raise LocalMoEError(
+            f"{device} was asked for but this torch build sees no CUDA device: use {setting('device')} cpu"
+        )
     if resolved.type == "cuda" and (resolved.index or 0) >= torch.cuda.device_count():
         raise LocalMoEError(f"{device} does not exist: this machine has {torch.cuda.device_count()} CUDA device(s)")
     return resolved

@@ -15,9 +15,10 @@ from torch import nn
 from localmoe.checkpoint import Checkpoint
 from localmoe.errors import LocalMoEError
 from localmoe.models import family_for
-from localmoe.models.expert_tensors import ExpertTensors, Mxfp4, PerExpert, block_shapes
+from localmoe.models.expert_source import ExpertSource
+from localmoe.models.expert_tensors import block_shapes
 from localmoe.models.family import Family, ModelArgs
-from localmoe.models.moe import SparseMoE, moe_blocks
+from localmoe.models.moe import moe_blocks
 from localmoe.progress import progress
 from localmoe.runtime.memory import Footprint
 
@@ -29,21 +30,21 @@ class ModelParts:
     """A checkpoint's model with its family, args and compute dtype, and its routed experts on disk."""
 
     model: nn.Module
-    experts: "ExpertSource"
+    experts: ExpertSource
     family: Family
     args: ModelArgs
     dtype: torch.dtype
     resident_sources: dict[str, str]  # parameter name -> checkpoint tensor name
 
 
-def open_checkpoint(source: str, revision: str | None = None) -> Checkpoint:
-    """`Checkpoint.open`, seeing a multimodal checkpoint as the language model it holds."""
+def open_checkpoint(source: str, revision: str | None = None) -> tuple[Checkpoint, Family]:
+    """`Checkpoint.open`, seeing a multimodal checkpoint as the language model it holds; and its family."""
     ckpt = Checkpoint.open(source, revision)
     architectures = ckpt.config.get("architectures") or [None]
     family = family_for(ckpt.config)
     wrapper = next((w for w in family.multimodal if w.architecture == architectures[0]), None)
     if wrapper is None:
-        return ckpt
+        return ckpt, family
     text = ckpt.config.get("text_config")
     if not isinstance(text, dict):
         raise LocalMoEError(f"{ckpt.path}/config.json declares {wrapper.architecture} but has no text_config")
@@ -59,13 +60,12 @@ def open_checkpoint(source: str, revision: str | None = None) -> Checkpoint:
     if "tie_word_embeddings" in ckpt.config:
         config["tie_word_embeddings"] = ckpt.config["tie_word_embeddings"]
     part = f"the language model of {wrapper.architecture} (text only; its other towers stay on disk)"
-    return ckpt.part_view(part, config, wrapper.prefixes)
+    return ckpt.part_view(part, config, wrapper.prefixes), family
 
 
-def model_skeleton(ckpt: Checkpoint, dtype: torch.dtype | None = None) -> ModelParts:
-    """The model built on `meta`, with every tensor it needs found in the checkpoint and its shape
-    checked; no weights are read."""
-    family = family_for(ckpt.config)
+def model_skeleton(ckpt: Checkpoint, family: Family, dtype: torch.dtype | None = None) -> ModelParts:
+    """The model of `family` built on `meta`, with every tensor it needs found in the checkpoint and its
+    shape checked; no weights are read."""
     _check_quantization(ckpt, family)
     args = family.args.from_config(ckpt.config)
     with torch.device("meta"):
@@ -162,51 +162,3 @@ def _resident_sources(model: nn.Module, ckpt: Checkpoint, family: Family) -> dic
         ckpt.check_tensor(found, tuple(param.shape))
         sources[name] = found
     return sources
-
-
-class ExpertSource:
-    """The routed experts of a checkpoint, read one expert at a time.
-
-    Each MoE layer is read in the first of the family's layouts the checkpoint has for it; an expert
-    comes back as roles gate and up [I, E], down [E, I] (and biases where the experts have them).
-    """
-
-    def __init__(self, ckpt: Checkpoint, layouts: tuple[ExpertTensors, ...], blocks: list[SparseMoE]):
-        self.ckpt = ckpt
-        self.blocks = {block.layer_idx: block for block in blocks}
-        self.layouts = {layer: self._layout(layouts, block) for layer, block in self.blocks.items()}
-
-    @property
-    def layers(self) -> list[int]:
-        return list(self.blocks)
-
-    @property
-    def all_mxfp4(self) -> bool:
-        return all(isinstance(layout, Mxfp4) for layout in self.layouts.values())
-
-    @property
-    def fp8_block(self) -> int | None:
-        """The block size where every expert is stored one tensor per role in block-scaled FP8 with square
-        blocks that tile its matrices, so the runtime can keep it so; else None."""
-        block = self.ckpt.fp8_block
-        per_expert = all(isinstance(layout, PerExpert) for layout in self.layouts.values())
-        if block is None or block[0] != block[1] or not per_expert:
-            return None
-        first = next(iter(self.blocks.values()))
-        if first.hidden_size % block[0] or first.intermediate_size % block[0] or first.expert_bias or not first.gated:
-            return None
-        gate = next(iter(self.layouts.values())).names["gate"].format(layer=first.layer_idx, expert=0)
-        return block[0] if self.ckpt.info(gate).dtype == torch.float8_e4m3fn else None
-
-    def read(self, layer: int, expert: int, packed: bool = False) -> dict[str, torch.Tensor]:
-        """The expert's roles, decoded; or, `packed`, as stored (MXFP4 checkpoints only)."""
-        layout = self.layouts[layer]
-        if packed:
-            return layout.read_packed(self.ckpt, self.blocks[layer], expert)
-        return layout.read(self.ckpt, self.blocks[layer], expert)
-
-    def _layout(self, layouts: tuple[ExpertTensors, ...], block: SparseMoE) -> ExpertTensors:
-        """The first layout present for this layer, with every expert tensor it needs checked."""
-        layout = next((layout for layout in layouts if layout.present(self.ckpt, block)), layouts[0])
-        layout.check(self.ckpt, block)
-        return layout

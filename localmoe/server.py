@@ -25,11 +25,19 @@ from starlette.responses import JSONResponse, PlainTextResponse, Response, Strea
 from starlette.routing import Route
 
 from localmoe.engine import Engine
-from localmoe.errors import LocalMoEError
-from localmoe.runtime.offload import OffloadedExperts
+from localmoe.errors import LocalMoEError, as_flag
 from localmoe.runtime.sampling import SamplingParams
 
 RETRY_AFTER_S = 2
+
+
+REQUEST_FIELDS = {"max_new_tokens": "max_tokens"}  # the setting as a request names it
+
+
+def for_client(error: LocalMoEError) -> str:
+    """An error's message for an HTTP client: settings of a request as its fields, the others as the
+    server's start flags, which only whoever runs the server can change."""
+    return error.phrased(lambda name: REQUEST_FIELDS.get(name) or f"the server's {as_flag(name)}")
 
 
 class BadRequest(Exception):
@@ -85,7 +93,7 @@ class Worker(threading.Thread):
             try:
                 self._generate(job)
             except LocalMoEError as error:
-                job.send("error", str(error))
+                job.send("error", for_client(error))
             except Exception as error:  # a bug must not take the server down: report it and go on
                 job.send("error", f"internal error: {type(error).__name__}: {error}")
 
@@ -164,8 +172,8 @@ class Server:
         lines = [f"localmoe_{name}_total {value}" for name, value in self.worker.totals.items()]
         lines += [f"localmoe_decode_tokens_per_second {self.worker.last_decode_rate:.3f}"]
         lines += [f"localmoe_queue_length {self.worker.jobs.qsize()}"]
-        if isinstance(self.engine.experts, OffloadedExperts):
-            totals = self.engine.experts.cache.totals()
+        if (cache := self.engine.expert_cache()) is not None:
+            totals = cache.total
             for name in (
                 "uses",
                 "hits",
@@ -187,7 +195,7 @@ class Server:
         try:
             ids = self.engine.tokenizer.encode_chat([_message(m) for m in messages])
         except LocalMoEError as error:
-            raise BadRequest(str(error), param="messages") from None
+            raise BadRequest(for_client(error), param="messages") from None
         return await self._answer(request, body, ids, chat=True)
 
     async def completions(self, request: Request) -> Response:
@@ -286,7 +294,7 @@ class Server:
         try:
             return self.engine.sampling(**values)
         except LocalMoEError as error:
-            raise BadRequest(str(error)) from None
+            raise BadRequest(for_client(error)) from None
 
 
 class _Reply:

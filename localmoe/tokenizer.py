@@ -115,7 +115,7 @@ class Tokenizer:
         templates = self.chat_templates
         if not templates:
             raise LocalMoEError(
-                "this checkpoint has no chat template (a base model?): use `localmoe generate` without --chat"
+                "this checkpoint has no chat template (a base model?): give it plain text to continue, not a chat"
             )
         if tools is not None and "tool_use" in templates:
             return templates["tool_use"]

@@ -5,7 +5,7 @@ One knob at a time, from the planned slot count: the policy, then prefetch depth
 then pinning the prompt's hottest experts, then what a miss does. Then the best setting at a half and
 three quarters of the slots, to show what a smaller budget would cost. Every setting runs on the same
 loaded model: the cache is emptied between tries and resized within the pool allocated at load, so
-nothing is reloaded and the memory plan never changes.
+nothing is reloaded and the memory plan never changes. The candidates are the registries' entries.
 """
 
 from collections.abc import Callable
@@ -13,15 +13,19 @@ from dataclasses import dataclass, replace
 
 from localmoe.bench import RunResult, run_engine
 from localmoe.engine import Engine
+from localmoe.runtime.expert_cache import POLICIES
+from localmoe.runtime.miss_policy import MISS_POLICIES
+
+PREFETCH_DEPTHS, PREFETCH_MARGINS = (0, 1, 2), (0, 2)
 
 
 @dataclass(frozen=True)
 class Setting:
-    policy: str = "score"
-    prefetch: int = 1
-    prefetch_margin: int = 0
-    pin_hot: int = 0
-    miss_policy: str = "copy"
+    policy: str
+    prefetch: int
+    prefetch_margin: int
+    pin_hot: int
+    miss_policy: str
     slots: int = 0  # 0: the plan's
 
     def flags(self) -> str:
@@ -38,17 +42,16 @@ class Tuner:
 
     def run(self) -> Setting:
         """The fastest setting found (its decode tokens/s in `rates`)."""
-        hot = max(0, (self.engine.plan.slots - self.engine.plan.footprint.top_k) // 4)
-        start = Setting(miss_policy=self.engine.experts.miss_policy)
-        best = max((replace(start, policy=policy) for policy in ("score", "lfu", "lru")), key=self.rate)
-        best = max((replace(best, prefetch=depth) for depth in (0, 1, 2)), key=self.rate)
+        plan, options = self.engine.plan, self.engine.options
+        hot = max(0, (plan.slots - plan.footprint.top_k) // 4)
+        start = Setting(options.policy, options.prefetch, options.prefetch_margin, 0, options.miss_policy)
+        best = max((replace(start, policy=policy) for policy in POLICIES), key=self.rate)
+        best = max((replace(best, prefetch=depth) for depth in PREFETCH_DEPTHS), key=self.rate)
         if best.prefetch:
-            best = max((replace(best, prefetch_margin=margin) for margin in (0, 2)), key=self.rate)
+            best = max((replace(best, prefetch_margin=margin) for margin in PREFETCH_MARGINS), key=self.rate)
         best = max((replace(best, pin_hot=count) for count in {0, hot}), key=self.rate)
-        # auto needs the bandwidths measured at load, which a model loaded with another policy lacks
-        misses = ("copy", "cpu", "bypass", "auto") if self.engine.experts.bandwidths else ("copy", "cpu", "bypass")
-        best = max((replace(best, miss_policy=miss) for miss in misses), key=self.rate)
-        planned, least = self.engine.plan.slots, self.engine.plan.footprint.top_k + best.pin_hot
+        best = max((replace(best, miss_policy=miss) for miss in MISS_POLICIES), key=self.rate)
+        planned, least = plan.slots, plan.footprint.top_k + best.pin_hot
         for slots in sorted({planned // 2, planned * 3 // 4} - {planned}):
             if slots >= least:
                 self.rate(replace(best, slots=slots))
@@ -57,12 +60,14 @@ class Tuner:
     def rate(self, setting: Setting) -> float:
         """Decode tokens/s of one setting, measured once."""
         if setting not in self.rates:
-            experts = self.engine.experts
-            experts.cache.clear(setting.policy)
-            self.engine.resize_cache(setting.slots or self.engine.plan.slots)
-            experts.configure_prefetch(setting.prefetch, setting.prefetch_margin)
-            experts.miss_policy = setting.miss_policy
-            self.engine.options.pin_hot = setting.pin_hot
+            self.engine.reconfigure(
+                slots=setting.slots or self.engine.plan.slots,
+                policy=setting.policy,
+                prefetch=setting.prefetch,
+                prefetch_margin=setting.prefetch_margin,
+                pin_hot=setting.pin_hot,
+                miss_policy=setting.miss_policy,
+            )
             result = run_engine(self.engine, setting.flags(), self.prompt, self.tokens)
             self.rates[setting] = result.decode_tokens_per_s
             self.report(setting, result)

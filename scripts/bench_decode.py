@@ -205,8 +205,8 @@ def main() -> None:
         detail = f"{engine.plan.slots} of {fp.total_experts} experts in slots, host copy: {engine.plan.store}"
         if args.expert_bits < 16:
             detail += f", experts at {args.expert_bits} bits (groups of {args.expert_group_size})"
-        if getattr(engine.experts, "bandwidths", None):
-            rates = engine.experts.bandwidths
+        if engine.bandwidths:
+            rates = engine.bandwidths
             detail += f", calibrated copy {rates.copy / 1e9:.2f} GB/s and CPU {rates.cpu / 1e9:.2f} GB/s"
         runs.append(run_engine(engine, "localmoe", prompt, args.new_tokens, detail))
         del engine

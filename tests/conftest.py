@@ -122,57 +122,50 @@ def tiny_mixtral(tmp_path):
     return folder
 
 
-MIXTRAL = dict(
+# What every tiny config shares: a byte-level vocabulary with BOS and EOS after it, 64 wide, 4 heads.
+BASE = dict(
     vocab_size=258,
     hidden_size=64,
-    intermediate_size=96,
-    num_hidden_layers=3,
     num_attention_heads=4,
-    num_key_value_heads=2,
-    num_local_experts=5,
-    num_experts_per_tok=2,
     max_position_embeddings=256,
     bos_token_id=256,
     eos_token_id=257,
 )
 
+MIXTRAL = dict(
+    BASE,
+    intermediate_size=96,
+    num_hidden_layers=3,
+    num_key_value_heads=2,
+    num_local_experts=5,
+    num_experts_per_tok=2,
+)
+
 QWEN2_MOE = dict(
-    vocab_size=258,
-    hidden_size=64,
+    BASE,
     intermediate_size=112,
     moe_intermediate_size=40,
     shared_expert_intermediate_size=72,
     num_hidden_layers=3,
-    num_attention_heads=4,
     num_key_value_heads=2,
     num_experts=6,
     num_experts_per_tok=2,
-    max_position_embeddings=256,
-    bos_token_id=256,
-    eos_token_id=257,
 )
 
 OLMOE = dict(
-    vocab_size=258,
-    hidden_size=64,
+    BASE,
     intermediate_size=48,
     num_hidden_layers=3,
-    num_attention_heads=4,
     num_key_value_heads=2,
     num_experts=6,
     num_experts_per_tok=3,
-    max_position_embeddings=256,
-    bos_token_id=256,
-    eos_token_id=257,
 )
 
 DEEPSEEK_V2 = dict(
-    vocab_size=258,
-    hidden_size=64,
+    BASE,
     intermediate_size=96,
     moe_intermediate_size=24,
     num_hidden_layers=3,
-    num_attention_heads=4,
     n_routed_experts=8,
     num_experts_per_tok=2,
     n_shared_experts=1,
@@ -182,41 +175,30 @@ DEEPSEEK_V2 = dict(
     qk_nope_head_dim=16,
     qk_rope_head_dim=8,
     v_head_dim=12,
-    max_position_embeddings=256,
-    bos_token_id=256,
-    eos_token_id=257,
 )
 
 GLM4_MOE = dict(
-    vocab_size=258,
-    hidden_size=64,
+    BASE,
     intermediate_size=96,
     moe_intermediate_size=24,
     num_hidden_layers=3,
-    num_attention_heads=4,
     num_key_value_heads=2,
     head_dim=16,
     n_routed_experts=8,
     num_experts_per_tok=2,
     n_shared_experts=1,
     first_k_dense_replace=1,
-    max_position_embeddings=256,
-    bos_token_id=256,
-    eos_token_id=257,
 )
 
 GPT_OSS = dict(
-    vocab_size=258,
-    hidden_size=64,
+    BASE,
     intermediate_size=32,  # MXFP4 groups inputs by 32
     num_hidden_layers=3,
-    num_attention_heads=4,
     num_key_value_heads=2,
     head_dim=16,
     num_local_experts=5,
     num_experts_per_tok=2,
     sliding_window=8,
-    max_position_embeddings=256,
     rope_parameters={
         "rope_type": "yarn",
         "rope_theta": 150000.0,
@@ -226,100 +208,68 @@ GPT_OSS = dict(
         "truncate": False,
         "original_max_position_embeddings": 64,
     },
-    bos_token_id=256,
-    eos_token_id=257,
 )
 
 PHIMOE = dict(
-    vocab_size=258,
-    hidden_size=64,
+    BASE,
     intermediate_size=48,
     num_hidden_layers=3,
-    num_attention_heads=4,
     num_key_value_heads=2,
     num_local_experts=6,
     num_experts_per_tok=2,
-    max_position_embeddings=256,
-    bos_token_id=256,
-    eos_token_id=257,
 )
 
 MINIMAX = dict(
-    vocab_size=258,
-    hidden_size=64,
+    BASE,
     intermediate_size=48,
     num_hidden_layers=4,
-    num_attention_heads=4,
     num_key_value_heads=2,
     num_local_experts=5,
     num_experts_per_tok=2,
     block_size=8,  # prompts span several blocks
-    max_position_embeddings=256,
-    bos_token_id=256,
-    eos_token_id=257,
 )
 
 MINIMAX_M2 = dict(
-    vocab_size=258,
-    hidden_size=64,
+    BASE,
     intermediate_size=32,
     num_hidden_layers=3,
-    num_attention_heads=4,
     num_key_value_heads=2,
     head_dim=16,
     rotary_dim=8,  # the older spelling of partial rotary: half of each head
     num_local_experts=6,
     num_experts_per_tok=2,
-    max_position_embeddings=256,
-    bos_token_id=256,
-    eos_token_id=257,
 )
 
 ERNIE = dict(
-    vocab_size=258,
-    hidden_size=64,
+    BASE,
     intermediate_size=96,
     moe_intermediate_size=32,
     num_hidden_layers=3,
-    num_attention_heads=4,
     num_key_value_heads=2,
     moe_num_experts=6,
     moe_k=2,
     moe_num_shared_experts=1,
-    max_position_embeddings=256,
-    bos_token_id=256,
-    eos_token_id=257,
 )
 
 HUNYUAN = dict(
-    vocab_size=258,
-    hidden_size=64,
+    BASE,
     intermediate_size=32,
     num_hidden_layers=3,
-    num_attention_heads=4,
     num_key_value_heads=2,
     head_dim=16,
     num_experts=5,
     moe_topk=2,
-    max_position_embeddings=256,
-    bos_token_id=256,
-    eos_token_id=257,
 )
 
 QWEN3_MOE = dict(
-    vocab_size=258,
-    hidden_size=64,
+    BASE,
     intermediate_size=112,
     moe_intermediate_size=48,
     num_hidden_layers=4,
-    num_attention_heads=4,
     num_key_value_heads=2,
     head_dim=24,
     num_experts=7,
     num_experts_per_tok=3,
-    max_position_embeddings=256,
-    bos_token_id=256,
-    eos_token_id=257,
 )
 
 
@@ -385,28 +335,21 @@ def chat_model(tmp_path_factory):
 
 
 LLAMA4 = dict(
-    vocab_size=258,
-    hidden_size=64,
+    BASE,
     intermediate_size=32,
     intermediate_size_mlp=48,
     num_hidden_layers=4,  # the fourth has no rotary and attends to everything
-    num_attention_heads=4,
     num_key_value_heads=2,
     head_dim=16,
     num_local_experts=5,
     num_experts_per_tok=1,
     attention_chunk_size=8,  # prompts span several chunks
     floor_scale=8,  # and the query temperature changes within them
-    max_position_embeddings=256,
-    bos_token_id=256,
-    eos_token_id=257,
 )
 
 QWEN3_5_MOE = dict(
-    vocab_size=258,
-    hidden_size=64,
+    BASE,
     num_hidden_layers=4,  # three Gated DeltaNet layers, then full attention
-    num_attention_heads=4,
     num_key_value_heads=2,
     head_dim=16,
     linear_num_key_heads=2,
@@ -417,17 +360,12 @@ QWEN3_5_MOE = dict(
     shared_expert_intermediate_size=48,
     num_experts=6,
     num_experts_per_tok=2,
-    max_position_embeddings=256,
-    bos_token_id=256,
-    eos_token_id=257,
 )
 
 GEMMA4 = dict(
-    vocab_size=258,
-    hidden_size=64,
+    BASE,
     intermediate_size=48,
     num_hidden_layers=4,  # three sliding-window layers, then a global one
-    num_attention_heads=4,
     num_key_value_heads=2,
     head_dim=16,
     global_head_dim=32,
@@ -441,19 +379,14 @@ GEMMA4 = dict(
     hidden_size_per_layer_input=8,
     vocab_size_per_layer_input=258,
     final_logit_softcapping=30.0,
-    max_position_embeddings=256,
-    bos_token_id=256,
-    eos_token_id=257,
     pad_token_id=0,
 )
 
 MELLUM = dict(
-    vocab_size=258,
-    hidden_size=64,
+    BASE,
     intermediate_size=96,
     moe_intermediate_size=32,
     num_hidden_layers=4,
-    num_attention_heads=4,
     num_key_value_heads=2,
     head_dim=16,
     num_experts=8,
@@ -465,18 +398,13 @@ MELLUM = dict(
         "full_attention": {"rope_type": "default", "rope_theta": 500000.0},
         "sliding_attention": {"rope_type": "default", "rope_theta": 10000.0},
     },
-    max_position_embeddings=256,
-    bos_token_id=256,
-    eos_token_id=257,
 )
 
 MISTRAL4 = dict(
-    vocab_size=258,
-    hidden_size=64,
+    BASE,
     intermediate_size=96,
     moe_intermediate_size=32,
     num_hidden_layers=3,
-    num_attention_heads=4,
     num_key_value_heads=4,
     n_shared_experts=1,
     n_routed_experts=8,
@@ -503,18 +431,14 @@ MISTRAL4 = dict(
         "mscale_all_dim": 1.0,
         "llama_4_scaling_beta": 0.1,
     },
-    bos_token_id=256,
-    eos_token_id=257,
     pad_token_id=0,
 )
 
 GLM_MOE_DSA = dict(
-    vocab_size=258,
-    hidden_size=64,
+    BASE,
     intermediate_size=96,
     moe_intermediate_size=32,
     num_hidden_layers=4,
-    num_attention_heads=4,
     num_key_value_heads=4,
     n_shared_experts=1,
     n_routed_experts=8,
@@ -533,18 +457,13 @@ GLM_MOE_DSA = dict(
     index_topk_freq=2,
     index_skip_topk_offset=2,  # full, full, shared, full
     first_k_dense_replace=1,
-    max_position_embeddings=256,
     rope_parameters={"rope_type": "default", "rope_theta": 10000.0},
-    bos_token_id=256,
-    eos_token_id=257,
 )
 
 DEEPSEEK_V4 = dict(
-    vocab_size=258,
-    hidden_size=64,
+    BASE,
     moe_intermediate_size=32,
     num_hidden_layers=4,
-    num_attention_heads=4,
     num_key_value_heads=1,
     head_dim=32,
     q_lora_rank=32,
@@ -568,17 +487,13 @@ DEEPSEEK_V4 = dict(
     index_topk=64,  # at least the entries of the tests: no top-k ties (relu zeros) to break either way
     hc_mult=3,  # with 2 streams, a doubly stochastic mix is symmetric and hides a transposition
     hc_sinkhorn_iters=5,
-    max_position_embeddings=256,
-    bos_token_id=256,
-    eos_token_id=257,
 )
 
+# Every family at tiny size, keyed by model_type: (transformers config class, config).
 QWEN3_NEXT = dict(
-    vocab_size=258,
-    hidden_size=64,
+    BASE,
     intermediate_size=40,
     num_hidden_layers=4,  # three Gated DeltaNet layers, then full attention
-    num_attention_heads=4,
     num_key_value_heads=2,
     head_dim=16,
     linear_num_key_heads=2,
@@ -590,38 +505,30 @@ QWEN3_NEXT = dict(
     num_experts=6,
     num_experts_per_tok=2,
     mlp_only_layers=[1],  # a dense layer between sparse ones
-    max_position_embeddings=256,
-    bos_token_id=256,
-    eos_token_id=257,
 )
 
 QWEN3_VL_MOE_TEXT = dict(
-    vocab_size=258,
-    hidden_size=64,
+    BASE,
     intermediate_size=112,
     moe_intermediate_size=48,
     num_hidden_layers=4,
-    num_attention_heads=4,
     num_key_value_heads=2,
     head_dim=24,
     num_experts=7,
     num_experts_per_tok=3,
     mlp_only_layers=[1],  # a dense layer between sparse ones
-    max_position_embeddings=256,
     # sections of rotary frequencies for time, height and width: the same positions for text tokens
     rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [4, 4, 4]},
-    bos_token_id=256,
-    eos_token_id=257,
 )
 QWEN3_VL_VISION = dict(depth=1, hidden_size=16, intermediate_size=32, num_heads=2, out_hidden_size=64, patch_size=4)
+# Qwen3-VL-MoE exists in transformers only with its vision tower: its tests run the whole model
+QWEN3_VL_MOE = dict(text_config=QWEN3_VL_MOE_TEXT, vision_config=QWEN3_VL_VISION)
 
 GLM4_MOE_LITE = dict(
-    vocab_size=258,
-    hidden_size=64,
+    BASE,
     intermediate_size=96,
     moe_intermediate_size=24,
     num_hidden_layers=4,
-    num_attention_heads=4,
     n_routed_experts=8,
     num_experts_per_tok=2,
     n_shared_experts=1,
@@ -631,17 +538,12 @@ GLM4_MOE_LITE = dict(
     qk_nope_head_dim=16,
     qk_rope_head_dim=8,
     v_head_dim=12,
-    max_position_embeddings=256,
-    bos_token_id=256,
-    eos_token_id=257,
 )
 
 NEMOTRON_H = dict(
-    vocab_size=258,
-    hidden_size=64,
+    BASE,
     # every kind of block, attention (without position embeddings) after recurrent state has built up
     layers_block_type=["linear_attention", "moe", "full_attention", "mlp", "linear_attention", "moe"],
-    num_attention_heads=4,
     num_key_value_heads=2,
     head_dim=16,
     intermediate_size=48,
@@ -655,20 +557,15 @@ NEMOTRON_H = dict(
     moe_intermediate_size=32,
     moe_shared_expert_intermediate_size=40,
     routed_scaling_factor=1.5,
-    max_position_embeddings=256,
-    bos_token_id=256,
-    eos_token_id=257,
     pad_token_id=0,
 )
 
 GRANITE_MOE_HYBRID = dict(
-    vocab_size=258,
-    hidden_size=64,
+    BASE,
     intermediate_size=32,
     shared_intermediate_size=48,
     num_hidden_layers=4,
     layer_types=["linear_attention", "full_attention", "linear_attention", "linear_attention"],
-    num_attention_heads=4,
     num_key_value_heads=2,
     num_local_experts=6,
     num_experts_per_tok=2,
@@ -681,39 +578,29 @@ GRANITE_MOE_HYBRID = dict(
     residual_multiplier=0.22,
     attention_multiplier=0.015625,
     logits_scaling=2.0,
-    max_position_embeddings=256,
-    bos_token_id=256,
-    eos_token_id=257,
     pad_token_id=0,
 )
 
 LFM2_MOE = dict(
-    vocab_size=258,
-    hidden_size=64,
+    BASE,
     intermediate_size=96,
     moe_intermediate_size=32,
     num_hidden_layers=4,
     layer_types=["conv", "conv", "full_attention", "conv"],
-    num_attention_heads=4,
     num_key_value_heads=2,
     num_dense_layers=1,
     num_experts=6,
     num_experts_per_tok=2,
     routed_scaling_factor=1.5,
-    max_position_embeddings=256,
-    bos_token_id=256,
-    eos_token_id=257,
 )
 
 KIMI_LINEAR = dict(
-    vocab_size=258,
-    hidden_size=64,
+    BASE,
     intermediate_size=96,
     moe_intermediate_size=24,
     num_hidden_layers=4,
     layer_types=["linear_attention", "linear_attention", "full_attention", "linear_attention"],
     mlp_layer_types=["dense", "sparse", "sparse", "dense"],  # a dense layer after sparse ones too
-    num_attention_heads=4,
     num_local_experts=8,
     num_experts_per_tok=2,
     n_shared_experts=1,
@@ -724,19 +611,14 @@ KIMI_LINEAR = dict(
     v_head_dim=12,
     linear_head_dim=16,
     linear_num_heads=4,
-    max_position_embeddings=256,
     pad_token_id=0,
-    bos_token_id=256,
-    eos_token_id=257,
 )
 
 DOTS1 = dict(
-    vocab_size=258,
-    hidden_size=64,
+    BASE,
     intermediate_size=96,
     moe_intermediate_size=24,
     num_hidden_layers=4,
-    num_attention_heads=4,
     num_key_value_heads=2,
     n_routed_experts=8,
     num_experts_per_tok=2,
@@ -748,86 +630,61 @@ DOTS1 = dict(
     routed_scaling_factor=2.0,
     sliding_window=8,  # shorter than the prompts, on the layers from max_window_layers on
     max_window_layers=2,
-    max_position_embeddings=256,
-    bos_token_id=256,
-    eos_token_id=257,
 )
 
 SOLAR_OPEN = dict(
-    vocab_size=258,
-    hidden_size=64,
+    BASE,
     moe_intermediate_size=24,
     num_hidden_layers=3,
-    num_attention_heads=4,
     num_key_value_heads=2,
     head_dim=16,
     n_routed_experts=8,
     num_experts_per_tok=2,
     n_shared_experts=1,
     routed_scaling_factor=1.5,
-    max_position_embeddings=256,
-    bos_token_id=256,
-    eos_token_id=257,
 )
 
 EXAONE_MOE = dict(
-    vocab_size=258,
-    hidden_size=64,
+    BASE,
     intermediate_size=96,
     moe_intermediate_size=24,
     num_hidden_layers=4,  # three sliding-window layers with rotary, then a global one without
-    num_attention_heads=4,
     num_key_value_heads=2,
     num_experts=8,
     num_experts_per_tok=2,
     num_shared_experts=1,
     sliding_window=8,  # shorter than the prompts
-    max_position_embeddings=256,
-    bos_token_id=256,
-    eos_token_id=257,
     pad_token_id=0,
 )
 
 HY_V3 = dict(
-    vocab_size=258,
-    hidden_size=64,
+    BASE,
     intermediate_size=96,
     moe_intermediate_size=24,
     num_hidden_layers=3,
-    num_attention_heads=4,
     num_key_value_heads=2,
     head_dim=16,
     num_experts=8,
     num_experts_per_tok=2,
-    max_position_embeddings=256,
-    bos_token_id=256,
-    eos_token_id=257,
 )
 
 SARVAM_MOE = dict(
-    vocab_size=258,
-    hidden_size=64,
+    BASE,
     intermediate_size=96,
     moe_intermediate_size=24,
     num_hidden_layers=3,
-    num_attention_heads=4,
     num_key_value_heads=2,
     head_dim=16,
     num_experts=8,  # the original config's names
     num_shared_experts=1,
     num_experts_per_tok=2,
-    max_position_embeddings=256,
-    bos_token_id=256,
-    eos_token_id=257,
 )
 
 DEEPSEEK_V32 = dict(
-    vocab_size=258,
-    hidden_size=64,
+    BASE,
     intermediate_size=96,
     moe_intermediate_size=32,
     num_hidden_layers=3,
-    num_attention_heads=4,
     num_key_value_heads=4,
     n_shared_experts=1,
     n_routed_experts=8,
@@ -844,19 +701,14 @@ DEEPSEEK_V32 = dict(
     index_head_dim=16,
     index_n_heads=16,  # enough heads that relu leaves no exact ties for top-k to break either way
     first_k_dense_replace=1,
-    max_position_embeddings=256,
     rope_parameters={"rope_type": "default", "rope_theta": 10000.0},
-    bos_token_id=256,
-    eos_token_id=257,
 )
 
 COHERE2_MOE = dict(
-    vocab_size=258,
-    hidden_size=64,
+    BASE,
     intermediate_size=24,  # routed and shared experts
     prefix_dense_intermediate_size=48,
     num_hidden_layers=5,  # a dense prefix layer, then three sliding-window layers and a global one
-    num_attention_heads=4,
     num_key_value_heads=2,
     head_dim=16,
     num_experts=6,
@@ -864,9 +716,6 @@ COHERE2_MOE = dict(
     num_shared_experts=1,
     first_k_dense_replace=1,
     sliding_window=8,  # shorter than the prompts
-    max_position_embeddings=256,
-    bos_token_id=256,
-    eos_token_id=257,
     pad_token_id=0,
 )
 
@@ -883,12 +732,10 @@ GLM4V_MOE = dict(
 )
 
 MIMO_V2_FLASH = dict(
-    vocab_size=258,
-    hidden_size=64,
+    BASE,
     intermediate_size=96,
     moe_intermediate_size=24,
     num_hidden_layers=4,
-    num_attention_heads=4,
     num_key_value_heads=1,  # two on the sliding-window layers
     head_dim=24,  # rotary on int(24 x 0.334) = 8 dims by default
     v_head_dim=16,
@@ -896,21 +743,16 @@ MIMO_V2_FLASH = dict(
     num_experts_per_tok=2,
     sliding_window=8,  # shorter than the prompts
     layer_types=["full_attention", "sliding_attention", "sliding_attention", "full_attention"],
-    max_position_embeddings=256,
-    bos_token_id=256,
-    eos_token_id=257,
 )
 
 # Step-3.7-Flash's language model, only ever built inside its multimodal model
 STEP3P7 = dict(
     text_config=dict(
-        vocab_size=258,
-        hidden_size=64,
+        BASE,
         intermediate_size=96,
         moe_intermediate_size=24,
         share_expert_dim=32,
         num_hidden_layers=4,
-        num_attention_heads=4,
         num_sliding_attention_heads=2,
         num_key_value_heads=2,
         head_dim=16,
@@ -923,9 +765,6 @@ STEP3P7 = dict(
         # small enough to clamp the random activations: the dense layer, a MoE layer's experts and shared expert
         swiglu_limits=[0.0, 0.0, 0.3, 0.0],
         swiglu_limits_shared=[0.3, 0.0, 0.3, 0.0],
-        max_position_embeddings=256,
-        bos_token_id=256,
-        eos_token_id=257,
     ),
     vision_config=dict(hidden_size=32, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2, patch_size=4),
 )
@@ -933,13 +772,11 @@ STEP3P7 = dict(
 # MiniMax-M3's language model, inside its multimodal model (the release's layout)
 MINIMAX_M3 = dict(
     text_config=dict(
-        vocab_size=258,
-        hidden_size=64,
+        BASE,
         intermediate_size=24,
         dense_intermediate_size=48,
         shared_intermediate_size=32,
         num_hidden_layers=4,
-        num_attention_heads=4,
         num_key_value_heads=2,
         head_dim=16,
         rotary_dim=8,
@@ -955,20 +792,15 @@ MINIMAX_M3 = dict(
         index_local_blocks=2,
         layer_types=["full_attention", "minimax_m3_sparse", "minimax_m3_sparse", "full_attention"],
         mlp_layer_types=["dense", "sparse", "sparse", "sparse"],
-        max_position_embeddings=256,
-        bos_token_id=256,
-        eos_token_id=257,
     ),
     vision_config=dict(hidden_size=32, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2, patch_size=4),
     projector_hidden_size=32,
 )
 
 ZAYA = dict(
-    vocab_size=258,
-    hidden_size=64,
+    BASE,
     moe_intermediate_size=24,
     num_hidden_layers=3,
-    num_attention_heads=4,
     num_key_value_heads=2,
     head_dim=16,
     cca_time0=2,
@@ -981,20 +813,15 @@ ZAYA = dict(
         "hybrid": {"rope_type": "default", "rope_theta": 500000.0, "partial_rotary_factor": 0.5},
         "hybrid_sliding": {"rope_type": "default", "rope_theta": 10000.0, "partial_rotary_factor": 0.25},
     },
-    max_position_embeddings=256,
-    bos_token_id=256,
-    eos_token_id=257,
     pad_token_id=0,
 )
 
 BAILING_HYBRID = dict(
-    vocab_size=258,
-    hidden_size=64,
+    BASE,
     intermediate_size=96,
     moe_intermediate_size=24,
     num_hidden_layers=4,  # two delta attention layers, latent attention, delta attention
     layer_group_size=3,
-    num_attention_heads=4,
     num_key_value_heads=4,
     head_dim=16,  # the delta attention's
     kv_lora_rank=16,
@@ -1007,8 +834,53 @@ BAILING_HYBRID = dict(
     n_group=2,
     topk_group=1,
     first_k_dense_replace=1,
-    max_position_embeddings=256,
-    bos_token_id=256,
-    eos_token_id=257,
     pad_token_id=0,
 )
+
+TINY_FAMILIES = {
+    "mixtral": ("MixtralConfig", MIXTRAL),  # 3 MoE layers x 5 experts, top-2
+    "qwen2_moe": ("Qwen2MoeConfig", QWEN2_MOE),
+    "qwen3_moe": ("Qwen3MoeConfig", QWEN3_MOE),
+    "olmoe": ("OlmoeConfig", OLMOE),
+    "deepseek_v2": (
+        "DeepseekV2Config",
+        {**DEEPSEEK_V2, "topk_method": "group_limited_greedy", "n_group": 4, "topk_group": 2},
+    ),
+    # latent attention, a dense first layer, a shared expert and grouped sigmoid routing: 2 x 8, top-2
+    "deepseek_v3": ("DeepseekV3Config", {**DEEPSEEK_V2, "n_group": 4, "topk_group": 2}),
+    "glm4_moe": ("Glm4MoeConfig", GLM4_MOE),
+    "gpt_oss": ("GptOssConfig", GPT_OSS),
+    "phimoe": ("PhimoeConfig", PHIMOE),
+    "minimax": ("MiniMaxConfig", MINIMAX),
+    "minimax_m2": ("MiniMaxM2Config", MINIMAX_M2),
+    "ernie4_5_moe": ("Ernie4_5_MoeConfig", {**ERNIE, "use_bias": True}),
+    "hunyuan_v1_moe": ("HunYuanMoEV1Config", {**HUNYUAN, "moe_topk": [1, 3, 2]}),
+    "llama4_text": ("Llama4TextConfig", {**LLAMA4, "num_experts_per_tok": 2}),
+    "qwen3_5_moe_text": ("Qwen3_5MoeTextConfig", QWEN3_5_MOE),
+    "gemma4_text": ("Gemma4TextConfig", GEMMA4),
+    "mellum": ("MellumConfig", MELLUM),
+    "mistral4": ("Mistral4Config", MISTRAL4),
+    "glm_moe_dsa": ("GlmMoeDsaConfig", GLM_MOE_DSA),
+    "deepseek_v4": ("DeepseekV4Config", DEEPSEEK_V4),
+    "qwen3_next": ("Qwen3NextConfig", QWEN3_NEXT),
+    "qwen3_vl_moe_text": ("Qwen3VLMoeConfig", QWEN3_VL_MOE),
+    "glm4_moe_lite": ("Glm4MoeLiteConfig", GLM4_MOE_LITE),
+    # experts in a latent space: coming layers are predicted from the hidden states, not the latent ones
+    "nemotron_h": ("NemotronHConfig", {**NEMOTRON_H, "moe_latent_size": 24}),
+    "granitemoehybrid": ("GraniteMoeHybridConfig", GRANITE_MOE_HYBRID),
+    "lfm2_moe": ("Lfm2MoeConfig", LFM2_MOE),
+    "kimi_linear": ("KimiLinearConfig", KIMI_LINEAR),
+    "dots1": ("Dots1Config", DOTS1),
+    "solar_open": ("SolarOpenConfig", SOLAR_OPEN),
+    "exaone_moe": ("ExaoneMoeConfig", EXAONE_MOE),
+    "hy_v3": ("HYV3Config", HY_V3),
+    "sarvam_moe": ("SarvamMoEConfig", SARVAM_MOE),
+    "deepseek_v32": ("DeepseekV32Config", DEEPSEEK_V32),
+    "cohere2_moe": ("Cohere2MoeConfig", COHERE2_MOE),
+    "glm4v_moe_text": ("Glm4vMoeConfig", GLM4V_MOE),
+    "mimo_v2_flash": ("MiMoV2FlashConfig", MIMO_V2_FLASH),
+    "step3p5": ("Step3p7Config", STEP3P7),
+    "minimax_m3_vl_text": ("MiniMaxM3VLConfig", MINIMAX_M3),
+    "zaya": ("ZayaConfig", ZAYA),
+    "bailing_hybrid": ("BailingHybridConfig", BAILING_HYBRID),
+}

@@ -53,11 +53,11 @@ def test_calibration_is_measured_once_per_machine(checkpoint, localmoe_cache, mo
     measured = []
     real = cpu_experts._measure
     monkeypatch.setattr(cpu_experts, "_measure", lambda *args: measured.append(1) or real(*args))
-    first = load(checkpoint).experts.bandwidths
+    first = load(checkpoint).bandwidths
     assert len(measured) == 1 and first.copy > 0 and first.cpu > 0
-    assert load(checkpoint).experts.bandwidths == first and len(measured) == 1
-    assert load(checkpoint, copy_bandwidth=5e9, cpu_bandwidth=7e9).experts.bandwidths == Bandwidths(5e9, 7e9)
-    assert load(checkpoint, cpu_bandwidth=7e9).experts.bandwidths == Bandwidths(first.copy, 7e9)
+    assert load(checkpoint).bandwidths == first and len(measured) == 1
+    assert load(checkpoint, copy_bandwidth=5e9, cpu_bandwidth=7e9).bandwidths == Bandwidths(5e9, 7e9)
+    assert load(checkpoint, cpu_bandwidth=7e9).bandwidths == Bandwidths(first.copy, 7e9)
     assert len(measured) == 1
     # a damaged file is measured again, not trusted
     path = localmoe_cache / cpu_experts.CALIBRATION_FILE
@@ -73,7 +73,7 @@ def test_calibration_is_measured_once_per_machine(checkpoint, localmoe_cache, mo
 def test_copy_and_cpu_policies_measure_nothing(checkpoint, monkeypatch):
     monkeypatch.setattr(cpu_experts, "_measure", lambda *args: pytest.fail("measured"))
     for miss in ("copy", "cpu"):
-        assert load(checkpoint, miss_policy=miss).experts.bandwidths is None
+        assert load(checkpoint, miss_policy=miss).bandwidths is None
 
 
 def test_the_report_counts_the_cpu(checkpoint):
@@ -89,5 +89,5 @@ def test_the_report_counts_the_cpu(checkpoint):
 
 
 def test_an_unknown_policy_is_refused(checkpoint):
-    with pytest.raises(localmoe.LocalMoEError, match="unknown miss policy 'gpu'"):
+    with pytest.raises(localmoe.LocalMoEError, match="unknown miss_policy 'gpu'"):
         load(checkpoint, miss_policy="gpu")

@@ -5,7 +5,7 @@ import json
 
 import pytest
 import torch
-from conftest import DEEPSEEK_V2, QWEN3_MOE, hf_model
+from conftest import TINY_FAMILIES, hf_model
 from safetensors.torch import load_file, save_file
 
 import localmoe
@@ -13,13 +13,10 @@ from localmoe.engine import RuntimeOptions
 from localmoe.kernels.quantized import Fp8Weights, dequantize_fp8_blocks
 from localmoe.kernels.reference import expert_pair_outputs
 from localmoe.models.moe import GatedActivation
-from localmoe.runtime.expert_store import Fp8Layout
+from localmoe.runtime.layouts import Fp8Layout
 
 BLOCK = 8  # divides the tiny models' widths, as 128 divides real ones
-FAMILIES = {
-    "deepseek_v3": ("DeepseekV3Config", {**DEEPSEEK_V2, "n_group": 4, "topk_group": 2}),
-    "qwen3_moe": ("Qwen3MoeConfig", QWEN3_MOE),
-}
+FAMILIES = {name: TINY_FAMILIES[name] for name in ("deepseek_v3", "qwen3_moe")}
 
 
 def quantize_fp8(w: torch.Tensor, block: int) -> tuple[torch.Tensor, torch.Tensor]:

@@ -2,34 +2,12 @@
 
 import pytest
 import torch
-from conftest import (
-    DEEPSEEK_V2,
-    DEEPSEEK_V4,
-    GEMMA4,
-    GLM_MOE_DSA,
-    GPT_OSS,
-    GRANITE_MOE_HYBRID,
-    KIMI_LINEAR,
-    LFM2_MOE,
-    LLAMA4,
-    MINIMAX,
-    MIXTRAL,
-    NEMOTRON_H,
-    QWEN3_5_MOE,
-    QWEN3_MOE,
-    QWEN3_NEXT,
-    QWEN3_VL_MOE_TEXT,
-    QWEN3_VL_VISION,
-    hf_model,
-    save_hf,
-)
+from conftest import TINY_FAMILIES, hf_model, save_hf
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import localmoe
-from localmoe.models.deepseek_v4 import V4State
-from localmoe.models.layer_states import ConvRing, NoState, RecurrentState
-from localmoe.runtime import kv_cache
+from localmoe.models import state as layer_state
 
 TOLERANCE = 1e-5
 # Rounding that grows through the stack of a random model, not a mismatch: the chunked and the
@@ -37,41 +15,43 @@ TOLERANCE = 1e-5
 # them), and Gemma 4 renormalises four times a layer.
 LOOSER = {"qwen3.5": 1e-4, "qwen3-next": 2e-4, "gemma4-ring": 1e-4}
 
-# name: (config class, config, the rewind slack of windowed layers: small, so that they use rings)
+# name: (family in TINY_FAMILIES, overrides of its config, the rewind slack of windowed layers: small,
+# so that they use rings)
 MODELS = {
-    "mixtral": ("MixtralConfig", MIXTRAL, None),
+    "mixtral": ("mixtral", {}, None),
     # a window shorter than the sequence exercises the explicit-mask path of chunked prefill
-    "mixtral-window": ("MixtralConfig", {**MIXTRAL, "sliding_window": 6}, None),
-    "mixtral-window-ring": ("MixtralConfig", {**MIXTRAL, "sliding_window": 6}, 4),
-    "qwen3": ("Qwen3MoeConfig", {**QWEN3_MOE, "mlp_only_layers": [1]}, None),
-    "deepseek-v3": ("DeepseekV3Config", {**DEEPSEEK_V2, "n_group": 4, "topk_group": 2}, None),
-    "gpt-oss-ring": ("GptOssConfig", GPT_OSS, 0),
+    "mixtral-window": ("mixtral", {"sliding_window": 6}, None),
+    "mixtral-window-ring": ("mixtral", {"sliding_window": 6}, 4),
+    "qwen3": ("qwen3_moe", {"mlp_only_layers": [1]}, None),
+    "deepseek-v3": ("deepseek_v3", {}, None),
+    "gpt-oss-ring": ("gpt_oss", {}, 0),
     # lightning attention first: its state carries across chunks and blocks
-    "minimax": ("MiniMaxConfig", {**MINIMAX, "layer_types": ["linear_attention", "full_attention"] * 2}, None),
-    "qwen3.5": ("Qwen3_5MoeTextConfig", QWEN3_5_MOE, None),
-    "llama4-ring": ("Llama4TextConfig", {**LLAMA4, "attention_chunk_size": 5}, 2),
-    "gemma4-ring": ("Gemma4TextConfig", {**GEMMA4, "sliding_window": 5}, 3),
+    "minimax": ("minimax", {"layer_types": ["linear_attention", "full_attention"] * 2}, None),
+    "qwen3.5": ("qwen3_5_moe_text", {}, None),
+    "llama4-ring": ("llama4_text", {"num_experts_per_tok": 1, "attention_chunk_size": 5}, 2),
+    "gemma4-ring": ("gemma4_text", {"sliding_window": 5}, 3),
     # the indexer picks 4 of the earlier tokens: its keys carry over chunks, its choice reaches shared layers
-    "glm5": ("GlmMoeDsaConfig", {**GLM_MOE_DSA, "index_topk": 4}, None),
+    "glm5": ("glm_moe_dsa", {"index_topk": 4}, None),
     # compressor windows that close inside and across chunks, and pending tokens carried between them
-    "deepseek-v4": ("DeepseekV4Config", DEEPSEEK_V4, None),
-    "qwen3-next": ("Qwen3NextConfig", QWEN3_NEXT, None),
-    # Mamba-2 state, keys and values, and blocks with no state
-    "nemotron-h": ("NemotronHConfig", NEMOTRON_H, None),
-    "granite-h": ("GraniteMoeHybridConfig", {**GRANITE_MOE_HYBRID, "position_embedding_type": "rope"}, None),
+    "deepseek-v4": ("deepseek_v4", {}, None),
+    "qwen3-next": ("qwen3_next", {}, None),
+    "qwen3-vl-moe": ("qwen3_vl_moe_text", {}, None),
+    # Mamba-2 state, keys and values without rotary, and blocks with no state
+    "nemotron-h": ("nemotron_h", {}, None),
+    "granite-h": ("granitemoehybrid", {"position_embedding_type": "rope"}, None),
     # short convolutions whose rings of past inputs rewind within their slack (4), or not (2)
-    "lfm2-moe-ring": ("Lfm2MoeConfig", LFM2_MOE, 4),
-    "lfm2-moe-short-ring": ("Lfm2MoeConfig", LFM2_MOE, 2),
+    "lfm2-moe-ring": ("lfm2_moe", {}, 4),
+    "lfm2-moe-short-ring": ("lfm2_moe", {}, 2),
     # Kimi Delta Attention (three convolution windows and a matrix) beside latent attention
-    "kimi-linear": ("KimiLinearConfig", KIMI_LINEAR, None),
-    "qwen3-vl-moe": ("Qwen3VLMoeConfig", {"text_config": QWEN3_VL_MOE_TEXT, "vision_config": QWEN3_VL_VISION}, None),
+    "kimi-linear": ("kimi_linear", {}, None),
 }
 
 
 @pytest.fixture(scope="module", params=list(MODELS))
 def model(request, tmp_path_factory):
-    config_class, config, _ = MODELS[request.param]
-    folder = save_hf(hf_model(config_class, **config), tmp_path_factory.mktemp("m"), "sharded")
+    family, overrides, _ = MODELS[request.param]
+    config_class, config = TINY_FAMILIES[family]
+    folder = save_hf(hf_model(config_class, **{**config, **overrides}), tmp_path_factory.mktemp("m"), "sharded")
     return localmoe.load(str(folder), device="cpu", dtype=torch.float32).model
 
 
@@ -86,7 +66,7 @@ def rewind_slack(request, monkeypatch):
     callspec = getattr(request.node, "callspec", None)
     slack = MODELS[callspec.params["model"]][2] if callspec and "model" in callspec.params else None
     if slack is not None:
-        monkeypatch.setattr(kv_cache, "REWIND_SLACK", slack)
+        monkeypatch.setattr(layer_state, "REWIND_SLACK", slack)
 
 
 def tokens(batch: int, length: int, seed: int = 3) -> torch.Tensor:
@@ -149,9 +129,9 @@ def test_rewinding_keeps_what_it_can(model, tolerance):
 
 def cannot_rewind(positions: int):
     def test(state) -> bool:
-        if isinstance(state, (kv_cache.WindowKV, ConvRing)):
-            return positions > kv_cache.REWIND_SLACK
-        return isinstance(state, (kv_cache.LinearAttentionState, kv_cache.DeltaNetState, RecurrentState, V4State))
+        if isinstance(state, (layer_state.WindowKV, layer_state.ConvRing)):
+            return positions > layer_state.REWIND_SLACK
+        return isinstance(state, (layer_state.RecurrentState, layer_state.CompressedKV))
 
     return test
 
@@ -168,7 +148,8 @@ def test_a_forward_cut_short_is_not_trusted(model, tolerance, monkeypatch):
         model(ids[:, 6:], cache)
     monkeypatch.undo()
     kept = cache.rewind(6)
-    plain = all(isinstance(state, (kv_cache.AttentionKV, kv_cache.LatentKV, NoState)) for state in cache.layers)
+    plain_kinds = (layer_state.AttentionKV, layer_state.LatentKV, layer_state.NoState)
+    plain = all(isinstance(state, plain_kinds) for state in cache.layers)
     assert kept == (6 if plain else 0)
     got = model(ids[:, kept:], cache, all_logits=True)
     assert (got - expected[:, kept:]).abs().max().item() < tolerance

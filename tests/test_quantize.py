@@ -133,11 +133,11 @@ def test_copies_move_quantized_bytes_and_the_plan_fits_more_slots(checkpoint):
 
 
 def test_bad_settings_are_one_line_errors(checkpoint):
-    with pytest.raises(localmoe.LocalMoEError, match="--expert-group-size 20 must be even and divide"):
+    with pytest.raises(localmoe.LocalMoEError, match="expert_group_size 20 must be even and divide"):
         load(checkpoint, expert_bits=8, expert_group_size=20)
-    with pytest.raises(localmoe.LocalMoEError, match="--expert-bits 3 is not supported: use 16, 8 or 4"):
+    with pytest.raises(localmoe.LocalMoEError, match="expert_bits 3 is not supported: use 16, 8 or 4"):
         load(checkpoint, expert_bits=3)
-    with pytest.raises(localmoe.LocalMoEError, match="--expert-group-size 0 must be even"):
+    with pytest.raises(localmoe.LocalMoEError, match="expert_group_size 0 must be even"):
         load(checkpoint, expert_bits=4, expert_group_size=0)
 
 

@@ -6,7 +6,7 @@ from collections.abc import Callable
 
 import torch
 
-from localmoe.errors import LocalMoEError
+from localmoe.errors import LocalMoEError, setting
 from localmoe.kernels.quantized import Fp8Weights, Mxfp4Weights, QuantSpec, StoredFormat, quantized_stack
 from localmoe.kernels.reference import expert_pair_outputs
 
@@ -34,12 +34,16 @@ def pair_kernel(
     except ImportError:
         if choice == "auto":
             return expert_pair_outputs, "reference (Triton is not installed)"
-        raise LocalMoEError("--kernels triton needs Triton: pip install triton, or use --kernels reference") from None
+        raise LocalMoEError(
+            f"{setting('kernels')} triton needs Triton: pip install triton, or use {setting('kernels')} reference"
+        ) from None
     missing = sorted({f"{act.kind}/{act.act}" for act in acts if activation_code(act) is None})
     if missing:
         if choice == "auto":
             return expert_pair_outputs, f"reference (Triton kernels lack {', '.join(missing)})"
-        raise LocalMoEError(f"the Triton expert kernels lack the {', '.join(missing)} activation: --kernels reference")
+        raise LocalMoEError(
+            f"the Triton expert kernels lack the {', '.join(missing)} activation: {setting('kernels')} reference"
+        )
     if device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
         raise LocalMoEError("the Triton expert kernels run on CUDA (on the CPU only under TRITON_INTERPRET=1)")
     if choice == "auto" and (failure := self_check(triton_pair_outputs, device, dtype, acts, quant)):

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 
 import torch
 
-from localmoe.errors import LocalMoEError
+from localmoe.errors import LocalMoEError, setting
 
 
 @dataclass(frozen=True)
@@ -21,10 +21,10 @@ class QuantSpec:
 
     def check(self, *columns: int) -> None:
         if self.bits not in (4, 8):
-            raise LocalMoEError(f"--expert-bits {self.bits} is not supported: use 16, 8 or 4")
+            raise LocalMoEError(f"{setting('expert_bits')} {self.bits} is not supported: use 16, 8 or 4")
         if self.group < 2 or self.group % 2 or any(c % self.group for c in columns):
             raise LocalMoEError(
-                f"--expert-group-size {self.group} must be even and divide the experts' widths "
+                f"{setting('expert_group_size')} {self.group} must be even and divide the experts' widths "
                 f"({', '.join(map(str, columns))}): try 32 or 16"
             )
 

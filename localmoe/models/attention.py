@@ -8,8 +8,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from localmoe.models.layers import RMSNorm, RotaryEmbedding, Step, apply_rotary, apply_rotary_interleaved
-from localmoe.runtime.kv_cache import REWIND_SLACK, AttentionKV, LatentKV, WindowKV, attention_state
+from localmoe.models.layers import RMSNorm, Step
+from localmoe.models.rotary import RotaryEmbedding, apply_rotary, apply_rotary_interleaved
+from localmoe.models.state import REWIND_SLACK, AttentionKV, LatentKV, WindowKV, attention_state
 
 
 class Attention(nn.Module):

@@ -15,8 +15,9 @@ from localmoe.errors import LocalMoEError
 from localmoe.models.attention import Attention
 from localmoe.models.expert_tensors import PerExpert
 from localmoe.models.family import Family, ModelArgs
-from localmoe.models.layers import MLP, Backbone, CausalLM, RMSNorm, RotaryEmbedding, Step
+from localmoe.models.layers import MLP, Backbone, CausalLM, RMSNorm, Step
 from localmoe.models.moe import FUSED_EXPERTS, MLP_EXPERTS, GatedActivation, SparseMoE
+from localmoe.models.rotary import RotaryEmbedding
 
 COMBINATIONS = ("average", "sum")  # how the shared experts' output joins the routed experts'
 
@@ -86,8 +87,8 @@ class Cohere2MoeArgs(ModelArgs):
         return Attention(
             self.hidden_size,
             self.num_attention_heads,
-            self.num_key_value_heads or self.num_attention_heads,
-            self.head_dim or self.hidden_size // self.num_attention_heads,
+            self.key_value_heads,
+            self.attention_head_dim,
             qkv_bias=self.attention_bias,
             out_bias=self.attention_bias,
             sliding_window=self.sliding_window if sliding else None,
@@ -196,7 +197,7 @@ def build(args: Cohere2MoeArgs) -> CausalLM:
         ParallelDecoderLayer(args.attention(i), args.feed_forward(i), norm(args.hidden_size, eps))
         for i in range(args.num_hidden_layers)
     ]
-    head_dim = args.head_dim or args.hidden_size // args.num_attention_heads
+    head_dim = args.attention_head_dim
     return ScaledLogitsLM(
         Backbone(args.vocab_size, args.hidden_size, layers, eps, norm=norm),
         RotaryEmbedding(args.rope, head_dim, args.max_position_embeddings),

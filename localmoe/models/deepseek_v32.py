@@ -16,9 +16,10 @@ from localmoe.models.deepseek_v2 import attention_scale, build
 from localmoe.models.deepseek_v3 import DeepseekV3Args
 from localmoe.models.expert_tensors import PerExpert
 from localmoe.models.family import Family
-from localmoe.models.layers import Step, apply_rotary, apply_rotary_interleaved
+from localmoe.models.layers import Step
 from localmoe.models.moe import FUSED_EXPERTS, MLP_EXPERTS
-from localmoe.runtime.kv_cache import LatentKV
+from localmoe.models.rotary import apply_rotary, apply_rotary_interleaved
+from localmoe.models.state import IndexedLatentKV, LatentKV
 
 SELECTION = "dsa_selection"  # where a step keeps the last indexer's choice, for layers that share it
 # transformers keeps these in float32 whatever the compute dtype: routing and the indexer's head weights
@@ -86,19 +87,6 @@ class Indexer(nn.Module):
     def _rotate(self, x: torch.Tensor, step: Step) -> torch.Tensor:
         rot, rest = x[..., : self.rope_dim], x[..., self.rope_dim :]
         return torch.cat((self.rotate(rot, step.cos, step.sin), rest), dim=-1)
-
-
-class IndexedLatentKV(LatentKV):
-    """LatentKV plus the indexer's key [B, max_len, dim] of every token."""
-
-    def __init__(self, batch: int, rank: int, rope_dim: int, index_dim: int, max_len: int, dtype, device):
-        super().__init__(batch, rank, rope_dim, max_len, dtype, device)
-        self.index_k = torch.zeros(batch, max_len, index_dim, dtype=dtype, device=device)
-
-    def update_index(self, k: torch.Tensor, start: int) -> torch.Tensor:
-        end = start + k.shape[1]
-        self.index_k[:, start:end] = k
-        return self.index_k[:, :end]
 
 
 class SparseLatentAttention(LatentAttention):

@@ -55,7 +55,7 @@ class Dots1Args(ModelArgs):
 
 def build(args: Dots1Args) -> CausalLM:
     hidden = args.hidden_size
-    head_dim = args.head_dim or hidden // args.num_attention_heads
+    head_dim = args.attention_head_dim
 
     def feed_forward(i: int) -> nn.Module:
         if i < (args.first_k_dense_replace or 0):
@@ -88,7 +88,7 @@ def build(args: Dots1Args) -> CausalLM:
             Attention(
                 hidden,
                 args.num_attention_heads,
-                args.num_key_value_heads or args.num_attention_heads,
+                args.key_value_heads,
                 head_dim,
                 qkv_bias=args.attention_bias,
                 out_bias=args.attention_bias,

@@ -72,7 +72,7 @@ class ExaoneMoeArgs(ModelArgs):
 
 def build(args: ExaoneMoeArgs) -> CausalLM:
     hidden = args.hidden_size
-    head_dim = args.head_dim or hidden // args.num_attention_heads
+    head_dim = args.attention_head_dim
 
     def feed_forward(i: int) -> nn.Module:
         if args.mlp_layer_types[i] == "dense":
@@ -105,7 +105,7 @@ def build(args: ExaoneMoeArgs) -> CausalLM:
             Attention(
                 hidden,
                 args.num_attention_heads,
-                args.num_key_value_heads or args.num_attention_heads,
+                args.key_value_heads,
                 head_dim,
                 qk_norm="head",
                 norm_eps=args.rms_norm_eps,

@@ -9,7 +9,8 @@ from torch import nn
 
 from localmoe.errors import LocalMoEError
 from localmoe.models.expert_tensors import ExpertTensors
-from localmoe.models.layers import Backbone, CausalLM, RMSNorm, RotaryEmbedding, rope_parameters
+from localmoe.models.layers import Backbone, CausalLM, RMSNorm
+from localmoe.models.rotary import RotaryEmbedding, rope_parameters
 
 
 @dataclass
@@ -42,6 +43,16 @@ class ModelArgs:
                     f"config.json lacks {field.name}, which {cls.__name__} needs: the config is damaged"
                 )
         return cls(**values)
+
+    @property
+    def attention_head_dim(self) -> int:
+        """`head_dim` where the config gives one, else the hidden size split over the attention heads."""
+        return getattr(self, "head_dim", None) or self.hidden_size // self.num_attention_heads
+
+    @property
+    def key_value_heads(self) -> int:
+        """`num_key_value_heads` where the config gives one, else one per attention head."""
+        return getattr(self, "num_key_value_heads", None) or self.num_attention_heads
 
 
 @dataclass(frozen=True)

@@ -10,7 +10,7 @@ from torch import nn
 from localmoe.kernels.delta_rule import gated_delta_rule, gated_delta_rule_chunked
 from localmoe.models.layers import RMSNorm, Step
 from localmoe.models.short_conv import causal_conv
-from localmoe.runtime.kv_cache import DeltaNetState
+from localmoe.models.state import RecurrentState
 
 # transformers names a linear layer's token mixer `linear_attn`; ours is `self_attn` in every layer
 DELTANET_WEIGHTS = ("in_proj_", "conv1d.", "dt_bias", "A_log", "norm.", "out_proj.")
@@ -45,8 +45,10 @@ class GatedDeltaNet(nn.Module):
         self.norm = RMSNorm(self.v_dim, args.rms_norm_eps)
         self.out_proj = nn.Linear(values, hidden, bias=False)
 
-    def new_state(self, batch: int, max_len: int, dtype: torch.dtype, device) -> DeltaNetState:
-        return DeltaNetState(batch, self.channels, self.kernel, self.v_heads, self.k_dim, self.v_dim, dtype, device)
+    def new_state(self, batch: int, max_len: int, dtype: torch.dtype, device) -> RecurrentState:
+        conv = torch.zeros(batch, self.channels, self.kernel - 1, dtype=dtype, device=device)
+        matrix = torch.zeros(batch, self.v_heads, self.k_dim, self.v_dim, dtype=torch.float32, device=device)
+        return RecurrentState(conv=conv, matrix=matrix)
 
     def state_bytes_per_token(self, dtype: torch.dtype) -> int:
         return 0
@@ -67,7 +69,7 @@ class GatedDeltaNet(nn.Module):
         qkv = torch.cat([t.reshape(B, T, -1) for t in (q, k, v)], dim=-1)
         return qkv, z.reshape(B, T, self.v_heads, self.v_dim), b.reshape(B, T, -1), a.reshape(B, T, -1)
 
-    def forward(self, x: torch.Tensor, step: Step, state: DeltaNetState) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, step: Step, state: RecurrentState) -> torch.Tensor:
         B, T, _ = x.shape
         qkv, z, b, a = self.projections(x)
         mixed = F.silu(causal_conv(qkv, state.conv, self.conv1d.weight))  # [B, T, C]

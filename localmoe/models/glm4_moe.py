@@ -47,13 +47,13 @@ class Glm4MoeArgs(ModelArgs):
 def build(args: Glm4MoeArgs, attention: type[Attention] = Attention) -> CausalLM:
     """The model; `attention` is the attention class, for families that store its weights otherwise."""
     hidden = args.hidden_size
-    head_dim = args.head_dim or hidden // args.num_attention_heads
+    head_dim = args.attention_head_dim
     layers = [
         DecoderLayer(
             attention(
                 hidden,
                 args.num_attention_heads,
-                args.num_key_value_heads or args.num_attention_heads,
+                args.key_value_heads,
                 head_dim,
                 qkv_bias=args.attention_bias,
                 qk_norm="head" if args.use_qk_norm else None,

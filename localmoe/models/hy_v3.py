@@ -50,7 +50,7 @@ class HYV3Args(ModelArgs):
 
 def build(args: HYV3Args) -> CausalLM:
     hidden = args.hidden_size
-    head_dim = args.head_dim or hidden // args.num_attention_heads
+    head_dim = args.attention_head_dim
 
     def feed_forward(i: int) -> nn.Module:
         if args.is_dense(i):
@@ -82,7 +82,7 @@ def build(args: HYV3Args) -> CausalLM:
             Attention(
                 hidden,
                 args.num_attention_heads,
-                args.num_key_value_heads or args.num_attention_heads,
+                args.key_value_heads,
                 head_dim,
                 qkv_bias=args.attention_bias,
                 out_bias=args.attention_bias,

@@ -8,9 +8,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from localmoe.kernels.delta_rule import gated_delta_rule, gated_delta_rule_chunked
-from localmoe.models.layer_states import RecurrentState
 from localmoe.models.layers import Step, activation
 from localmoe.models.short_conv import causal_conv
+from localmoe.models.state import RecurrentState
 
 
 class KimiDeltaAttention(nn.Module):

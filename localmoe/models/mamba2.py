@@ -8,9 +8,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from localmoe.kernels.ssd import ssd_chunked, ssd_scan
-from localmoe.models.layer_states import RecurrentState
 from localmoe.models.layers import Step, activation
 from localmoe.models.short_conv import causal_conv
+from localmoe.models.state import RecurrentState
 
 
 class GroupGatedRMSNorm(nn.Module):

@@ -14,8 +14,9 @@ from torch import nn
 from localmoe.models.attention import Attention
 from localmoe.models.expert_tensors import PerExpert
 from localmoe.models.family import Family, ModelArgs
-from localmoe.models.layers import MLP, Backbone, CausalLM, DecoderLayer, RotaryEmbedding, rope_parameters
+from localmoe.models.layers import MLP, Backbone, CausalLM, DecoderLayer
 from localmoe.models.moe import FUSED_EXPERTS, MLP_EXPERTS, GatedActivation, GroupedTopKRouter, SparseMoE
+from localmoe.models.rotary import RotaryEmbedding, rope_parameters
 
 # transformers' rotary per kind of layer where the config gives none (the release's thetas)
 DEFAULT_ROPE = {

@@ -21,9 +21,10 @@ from torch import nn
 from localmoe.models.attention import Attention
 from localmoe.models.expert_tensors import PerExpert
 from localmoe.models.family import Family, ModelArgs, Multimodal, causal_lm
-from localmoe.models.layers import DecoderLayer, Step, ZeroCenteredRMSNorm, apply_rotary
+from localmoe.models.layers import DecoderLayer, Step, ZeroCenteredRMSNorm
 from localmoe.models.moe import MIXTRAL_EXPERTS, GatedActivation, GatedMLP, GroupedTopKRouter, SparseMoE
-from localmoe.runtime.kv_cache import AttentionKV
+from localmoe.models.rotary import apply_rotary
+from localmoe.models.state import IndexedKV
 
 SPARSE = "minimax_m3_sparse"  # the layer type with block-sparse attention
 
@@ -112,19 +113,6 @@ class BlockIndexer(nn.Module):
     def _rotate(self, x: torch.Tensor, step: Step) -> torch.Tensor:
         # the attention's cos and sin, cut to this head size as transformers cuts them
         return apply_rotary(x, step.cos[..., : self.dim], step.sin[..., : self.dim])
-
-
-class IndexedKV(AttentionKV):
-    """AttentionKV plus the indexer's key [B, max_len, dim] of every token."""
-
-    def __init__(self, batch: int, kv_heads: int, head_dim: int, index_dim: int, max_len: int, dtype, device):
-        super().__init__(batch, kv_heads, head_dim, max_len, dtype, device)
-        self.index_k = torch.zeros(batch, max_len, index_dim, dtype=dtype, device=device)
-
-    def update_index(self, k: torch.Tensor, start: int) -> torch.Tensor:
-        end = start + k.shape[1]
-        self.index_k[:, start:end] = k
-        return self.index_k[:, :end]
 
 
 class BlockSparseAttention(Attention):

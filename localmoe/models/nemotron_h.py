@@ -15,10 +15,10 @@ from localmoe.errors import LocalMoEError
 from localmoe.models.attention import Attention
 from localmoe.models.expert_tensors import Fused, PerExpert
 from localmoe.models.family import Family, ModelArgs, causal_lm
-from localmoe.models.layer_states import Stateless
 from localmoe.models.layers import CausalLM, Step, UngatedMLP, UpcastRMSNorm
 from localmoe.models.mamba2 import Mamba2Mixer
 from localmoe.models.moe import GatedActivation, GroupedTopKRouter, SparseMoE
+from localmoe.models.state import NoState
 
 # one letter per block in `hybrid_override_pattern`, and the older names of `layers_block_type`
 PATTERN = {"M": "linear_attention", "E": "moe", "*": "full_attention", "-": "mlp"}
@@ -90,6 +90,20 @@ class NemotronHArgs(ModelArgs):
         if unknown:
             raise LocalMoEError(f"config.json names block types localmoe does not know: {', '.join(unknown)}")
         return kinds
+
+
+class Stateless:
+    """What a block that mixes nothing across positions (MLP, MoE) answers where the model asks its token
+    mixer about generation state."""
+
+    def new_state(self, batch: int, max_len: int, dtype: torch.dtype, device) -> NoState:
+        return NoState()
+
+    def state_bytes_per_token(self, dtype: torch.dtype) -> int:
+        return 0
+
+    def fixed_state_bytes(self, dtype: torch.dtype) -> int:
+        return 0
 
 
 class NemotronHBlock(nn.Module):

@@ -57,8 +57,8 @@ def token_mixer(args: Qwen3_5MoeArgs, i: int, grouped: bool = False) -> nn.Modul
     return Attention(
         args.hidden_size,
         args.num_attention_heads,
-        args.num_key_value_heads or args.num_attention_heads,
-        args.head_dim or args.hidden_size // args.num_attention_heads,
+        args.key_value_heads,
+        args.attention_head_dim,
         qkv_bias=args.attention_bias,
         out_bias=args.attention_bias,
         qk_norm="head",
@@ -85,9 +85,7 @@ def sparse_moe(args: Qwen3_5MoeArgs, i: int, normalize: bool = True) -> SparseMo
 
 
 def decoder(args: Qwen3_5MoeArgs, layers: list[DecoderLayer]) -> CausalLM:
-    return causal_lm(
-        args, layers, args.head_dim or args.hidden_size // args.num_attention_heads, norm=ZeroCenteredRMSNorm
-    )
+    return causal_lm(args, layers, args.attention_head_dim, norm=ZeroCenteredRMSNorm)
 
 
 def build(args: Qwen3_5MoeArgs) -> CausalLM:

@@ -9,9 +9,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from localmoe.models.layer_states import ConvRing
 from localmoe.models.layers import Step
-from localmoe.runtime import kv_cache
+from localmoe.models.state import REWIND_SLACK, ConvRing
 
 
 def causal_conv(x: torch.Tensor, window: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None):
@@ -42,7 +41,7 @@ class GatedShortConv(nn.Module):
         return 0
 
     def fixed_state_bytes(self, dtype: torch.dtype) -> int:
-        return self.hidden * (self.kernel - 1 + kv_cache.REWIND_SLACK) * dtype.itemsize
+        return self.hidden * (self.kernel - 1 + REWIND_SLACK) * dtype.itemsize
 
     def forward(self, x: torch.Tensor, step: Step, state: ConvRing) -> torch.Tensor:
         b, c, inputs = self.in_proj(x).chunk(3, dim=-1)

@@ -17,15 +17,9 @@ from torch import nn
 from localmoe.models.attention import Attention
 from localmoe.models.expert_tensors import Stacked
 from localmoe.models.family import Family, ModelArgs, Multimodal
-from localmoe.models.layers import (
-    Backbone,
-    CausalLM,
-    DecoderLayer,
-    RotaryEmbedding,
-    ZeroCenteredRMSNorm,
-    rope_parameters,
-)
+from localmoe.models.layers import Backbone, CausalLM, DecoderLayer, ZeroCenteredRMSNorm
 from localmoe.models.moe import GatedActivation, GatedMLP, GroupedTopKRouter, SparseMoE
+from localmoe.models.rotary import RotaryEmbedding, rope_parameters
 
 EXPERTS = {role: f"model.layers.{{layer}}.moe.{role}_proj.weight" for role in ("gate", "up", "down")}
 

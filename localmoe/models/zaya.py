@@ -5,8 +5,8 @@ CCA: queries and keys are projected, mixed over the last few tokens by two causa
 per channel, one per head), and added to residuals averaged between queries and their keys; then
 L2-normalised to sqrt(head_dim), the keys times a learned scale per KV head; partial rotary of the
 layer's kind (full or sliding-window layers). Half of the values' width comes from the token, half
-from the token before it (a delayed projection). The layer keeps, besides keys and values, the
-convolutions' last inputs and the last delayed projection: a state that cannot be rewound.
+from the token before it (a delayed projection). Besides keys and values, the layer keeps rings of
+the convolutions' inputs and of the delayed projections, so that it rewinds as a windowed layer does.
 
 Routing: a small MLP over a projection of the hidden state picks one expert, or none (a "skip" class
 that weighs the expert by zero); the projection of each layer after the first adds the previous
@@ -21,10 +21,10 @@ from torch import nn
 
 from localmoe.errors import LocalMoEError
 from localmoe.models.family import Family, ModelArgs
-from localmoe.models.layer_states import RecurrentState
-from localmoe.models.layers import Backbone, CausalLM, RMSNorm, RotaryEmbedding, Step, apply_rotary, rope_parameters
+from localmoe.models.layers import Backbone, CausalLM, RMSNorm, Step
 from localmoe.models.moe import FUSED_EXPERTS, GatedActivation, SparseMoE
-from localmoe.runtime.kv_cache import REWIND_SLACK, attention_state
+from localmoe.models.rotary import RotaryEmbedding, apply_rotary, rope_parameters
+from localmoe.models.state import REWIND_SLACK, CombinedState, ConvRing, attention_state
 
 ROUTER_STATES = "zaya_router_states"  # where a step keeps the last router's state for the next layer
 DEFAULT_ROPE = {
@@ -87,25 +87,27 @@ class CCAProjection(nn.Module):
         self.conv_qk_grouped = nn.Conv1d(channels, channels, args.cca_time1, groups=self.heads + self.kv_heads)
         self.window = (args.cca_time0 - 1) + (args.cca_time1 - 1)  # past inputs the convolutions read
 
-    def forward(self, x: torch.Tensor, step: Step, state: RecurrentState):
-        """q [B, T, H, D], k and v [B, T, H_kv, D] of x [B, T, E]; `state` holds the convolutions' last
-        inputs [B, C, window] and the last token's delayed value projection [B, kv width / 2]."""
+    def forward(self, x: torch.Tensor, step: Step, state: CombinedState):
+        """q [B, T, H, D], k and v [B, T, H_kv, D] of x [B, T, E]; `state.conv` rings the convolutions'
+        inputs, `state.delayed` the delayed value projections."""
         B, T, _ = x.shape
         q, k = self.q_proj(x), self.k_proj(x)
         groups = self.heads // self.kv_heads
         q_residual = (q.view(B, T, self.heads, -1) + k.view(B, T, self.kv_heads, -1).repeat_interleave(groups, 2)) / 2
         k_residual = q_residual.view(B, T, self.kv_heads, groups, -1).mean(dim=-2)
-        inputs = torch.cat((state.conv, torch.cat((q, k), dim=-1).transpose(1, 2)), dim=-1)  # [B, C, window + T]
-        state.conv.copy_(inputs[..., inputs.shape[-1] - self.window :])
+        new = torch.cat((q, k), dim=-1).transpose(1, 2)  # [B, C, T]
+        inputs = torch.cat((state.conv.window(step.start), new), dim=-1)
+        state.conv.write(new, step.start)
         mixed = self.conv_qk_grouped(self.conv_qk_depthwise(inputs)).transpose(1, 2)  # [B, T, C]
         q_mixed, k_mixed = mixed.split((q.shape[-1], k.shape[-1]), dim=-1)
         q = q_mixed.view(B, T, self.heads, -1) + q_residual
         k = k_mixed.view(B, T, self.kv_heads, -1) + k_residual
         delayed = self.v_proj_delayed(x)
         # before the first token, the delayed projection of a zero input (its bias)
-        before = self.v_proj_delayed(x.new_zeros(B, x.shape[-1])) if step.start == 0 else state.delayed
-        previous = torch.cat((before[:, None], delayed[:, :-1]), dim=1)
-        state.delayed.copy_(delayed[:, -1])  # after its old value is read
+        first = self.v_proj_delayed(x.new_zeros(B, 1, x.shape[-1]))
+        before = first if step.start == 0 else state.delayed.window(step.start).transpose(1, 2)  # [B, 1, W]
+        state.delayed.write(delayed.transpose(1, 2), step.start)
+        previous = torch.cat((before, delayed[:, :-1]), dim=1)
         v = torch.cat((self.v_proj_current(x), previous), dim=-1).view(B, T, self.kv_heads, -1)
         return q, k, v
 
@@ -125,21 +127,6 @@ class KeyScaledNorm(nn.Module):
         return q, k * self.temp[:, None]
 
 
-class ZayaState:
-    """A CCA layer's keys and values (a ring for a sliding-window layer) and its recurrent part; it can
-    be cut back only where both can."""
-
-    def __init__(self, kv, cca: RecurrentState):
-        self.kv, self.cca = kv, cca
-
-    def truncate(self, pos: int, current: int, interrupted: bool) -> bool:
-        return all([self.kv.truncate(pos, current, interrupted), self.cca.truncate(pos, current, interrupted)])
-
-    def reset(self) -> None:
-        self.kv.reset()
-        self.cca.reset()
-
-
 class ZayaAttention(nn.Module):
     def __init__(self, args: ZayaArgs, window: int | None, rotary: RotaryEmbedding | None):
         super().__init__()
@@ -149,14 +136,13 @@ class ZayaAttention(nn.Module):
         self.qk_norm = KeyScaledNorm(args)
         self.o_proj = nn.Linear(self.heads * self.head_dim, args.hidden_size, bias=args.attention_bias)
 
-    def new_state(self, batch: int, max_len: int, dtype: torch.dtype, device) -> ZayaState:
-        kv = attention_state(batch, self.kv_heads, self.head_dim, max_len, self.sliding_window, dtype, device)
-        channels = (self.heads + self.kv_heads) * self.head_dim
-        cca = RecurrentState(
-            conv=torch.zeros(batch, channels, self.qkv_proj.window, dtype=dtype, device=device),
-            delayed=torch.zeros(batch, self.kv_heads * self.head_dim // 2, dtype=dtype, device=device),
+    def new_state(self, batch: int, max_len: int, dtype: torch.dtype, device) -> CombinedState:
+        channels, width = (self.heads + self.kv_heads) * self.head_dim, self.kv_heads * self.head_dim // 2
+        return CombinedState(
+            kv=attention_state(batch, self.kv_heads, self.head_dim, max_len, self.sliding_window, dtype, device),
+            conv=ConvRing(batch, channels, self.qkv_proj.window + 1, dtype, device),
+            delayed=ConvRing(batch, width, 2, dtype, device),  # the token before
         )
-        return ZayaState(kv, cca)
 
     def state_bytes_per_token(self, dtype: torch.dtype) -> int:
         return 0 if self.sliding_window is not None else 2 * self.kv_heads * self.head_dim * dtype.itemsize
@@ -170,9 +156,9 @@ class ZayaAttention(nn.Module):
         conv = (self.heads + self.kv_heads) * self.head_dim * self.qkv_proj.window
         return (ring + conv + self.kv_heads * self.head_dim // 2) * dtype.itemsize
 
-    def forward(self, x: torch.Tensor, step: Step, state: ZayaState) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, step: Step, state: CombinedState) -> torch.Tensor:
         B, T, _ = x.shape
-        q, k, v = self.qkv_proj(x, step, state.cca)
+        q, k, v = self.qkv_proj(x, step, state)
         q, k = self.qk_norm(q, k)
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # [B, H, T, D]
         cos, sin = (step.cos, step.sin) if self.rotary is None else step.rotary(self.rotary)
@@ -270,7 +256,7 @@ class ZayaDecoderLayer(nn.Module):
             ResidualScaling(hidden),
         )
 
-    def forward(self, h: torch.Tensor, step: Step, state: ZayaState) -> torch.Tensor:
+    def forward(self, h: torch.Tensor, step: Step, state: CombinedState) -> torch.Tensor:
         dtype = self.input_layernorm.weight.dtype  # h, the residual stream, is float32
         h = self.post_attention_residual_scale(self.self_attn(self.input_layernorm(h.to(dtype)), step, state), h)
         out, step._memo[ROUTER_STATES] = self.mlp(

@@ -21,7 +21,6 @@ from localmoe.models.moe import SparseMoE
 from localmoe.paths import cache_dir
 from localmoe.runtime.expert_store import ExpertStore
 
-MISS_POLICIES = ("auto", "copy", "cpu", "bypass")
 CALIBRATION_FILE = "calibration.json"
 
 

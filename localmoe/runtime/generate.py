@@ -7,8 +7,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from localmoe.errors import LocalMoEError
-from localmoe.runtime.kv_cache import KVCache
+from localmoe.errors import LocalMoEError, setting
+from localmoe.models.state import KVCache
 from localmoe.runtime.sampling import Sampler, SamplingParams
 
 
@@ -65,7 +65,8 @@ def generate_tokens(
     if len(prompt) + max_new_tokens > context:
         raise LocalMoEError(
             f"the prompt ({len(prompt)} tokens) plus {max_new_tokens} new tokens exceeds the {context}-token context: "
-            f"shorten the prompt, lower --max-new-tokens or raise --context (the model allows up to {limit})"
+            f"shorten the prompt, lower {setting('max_new_tokens')} or raise {setting('context')} (the model allows up "
+            f"to {limit})"
         )
     sampler = sampler or Sampler(SamplingParams(), model.model.embed_tokens.weight.device)
     stats = stats or GenerationStats()

@@ -9,7 +9,7 @@ from dataclasses import dataclass
 import psutil
 import torch
 
-from localmoe.errors import LocalMoEError
+from localmoe.errors import LocalMoEError, setting
 
 UNITS = {"": 1, "k": 10**3, "m": 10**6, "g": 10**9, "t": 10**12}
 BINARY_UNITS = {"k": 2**10, "m": 2**20, "g": 2**30, "t": 2**40}
@@ -99,16 +99,18 @@ class MemoryPlan:
             f"(measured): at most about {self.disk_tokens_per_s(disk_bandwidth):.2g} decode tokens/s"
         )
 
-    def describe(self, disk_bandwidth: float | None = None) -> str:
+    def describe(self, disk_bandwidth: float | None = None, slots_in_use: int | None = None) -> str:
         """The plan as a table (what, where, bytes) followed by the flags that reproduce it, and, for
-        experts read from disk, the speed that allows (`disk_bandwidth`: measured, bytes/s)."""
+        experts read from disk, the speed that allows (`disk_bandwidth`: measured, bytes/s). `slots_in_use`:
+        how many of the allocated slots the cache uses now, where it was resized since."""
         fp = self.footprint
+        slots = f"{self.slots}" if slots_in_use in (None, self.slots) else f"{slots_in_use} in use of {self.slots}"
         home = {"none": "-", "pinned": "host RAM (pinned)", "ram": "host RAM", "mmap": "checkpoint files (mmap)"}
         rows = [
             ("non-expert weights", self.device, fp.resident_bytes),
             (f"KV cache ({self.context} tokens)", self.device, self.kv_bytes),
             (f"workspace ({self.prefill_chunk}-token prefill chunks)", self.device, self.workspace_bytes),
-            (f"expert slots ({self.slots} of {fp.total_experts} experts)", self.device, self.pool_bytes),
+            (f"expert slots ({slots} of {fp.total_experts} experts)", self.device, self.pool_bytes),
             (f"total on {self.device} (budget {format_bytes(self.device_budget)})", "", self.device_bytes),
         ]
         if not self.all_resident:
@@ -126,7 +128,8 @@ class MemoryPlan:
             lines.append(self.disk_notice(disk_bandwidth))
         lines.append(
             f"flags: --device {self.device} --vram-budget {flag_size(self.device_budget)} "
-            f"--host-budget {flag_size(self.host_budget)} --expert-slots {self.slots} --context {self.context}"
+            f"--host-budget {flag_size(self.host_budget)} --expert-slots {slots_in_use or self.slots} "
+            f"--context {self.context}"
         )
         return "\n".join(lines)
 
@@ -169,8 +172,8 @@ def plan_memory(
     else:
         if not fp.top_k <= expert_slots <= fp.total_experts:
             raise LocalMoEError(
-                f"--expert-slots {expert_slots} is out of range: this model needs at least {fp.top_k} (its top-k) "
-                f"and has {fp.total_experts} experts in all"
+                f"{setting('expert_slots')} {expert_slots} is out of range: this model needs at least {fp.top_k} "
+                f"(its top-k) and has {fp.total_experts} experts in all"
             )
         slots = expert_slots
     needed = fixed + fp.top_k * fp.expert_bytes
@@ -180,7 +183,8 @@ def plan_memory(
             f"a device budget of {format_bytes(device_budget)} is too small: this model needs at least "
             f"{format_bytes(needed)} ({format_bytes(fp.resident_bytes)} of non-expert weights, the KV cache and "
             f"workspace for {context} tokens, and {max(slots, fp.top_k)} expert slots of "
-            f"{format_bytes(fp.expert_bytes)}); raise --vram-budget, or lower --context or --expert-slots"
+            f"{format_bytes(fp.expert_bytes)}); raise {setting('vram_budget')}, or lower {setting('context')} or "
+            f"{setting('expert_slots')}"
         )
     store = _expert_home(fp, device, slots, fixed, host_budget)
     return MemoryPlan(str(device), fp, context, prefill_chunk, slots, store, device_budget, host_budget)

@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from localmoe.checkpoint import Checkpoint
-from localmoe.errors import LocalMoEError
+from localmoe.errors import LocalMoEError, setting
 from localmoe.paths import cache_dir
 
 FORMAT = 1
@@ -76,7 +76,7 @@ class RoutingProfile:
             if layer not in layers or expert >= num_experts:
                 raise LocalMoEError(
                     f"{path} was recorded for another model (it has expert {expert} of MoE layer {layer}): "
-                    "give the profile of this checkpoint, or --profile off"
+                    f"give the profile of this checkpoint, or {setting('profile')} off"
                 )
 
     def shares(self) -> dict[Key, float]:
@@ -100,5 +100,4 @@ def start_from_profile(cache, profile: RoutingProfile) -> None:
     """Fill the free slots of an `ExpertCache` with the profile's hottest experts and give its policy
     their history, where the policy keeps one."""
     cache.warm(profile.hottest())
-    if hasattr(cache.policy, "seed"):
-        cache.policy.seed(profile.shares())
+    cache.policy.seed(profile.shares())

@@ -9,8 +9,9 @@ import torch
 
 from localmoe.kernels.quantized import QuantSpec
 from localmoe.kernels.reference import expert_mlp, expert_pair_outputs
-from localmoe.loader import ExpertSource
-from localmoe.runtime.expert_store import host_rows, layout_of
+from localmoe.models.expert_source import ExpertSource
+from localmoe.runtime.expert_store import host_rows
+from localmoe.runtime.layouts import layout_of
 from localmoe.runtime.quantized_cache import QuantizedLayers
 from localmoe.runtime.trace import RoutingTrace
 
