@@ -1,6 +1,8 @@
 """Each family against transformers, in float32: logits over a prompt and over incremental decode steps
 within 1e-4, and identical greedy tokens."""
 
+import json
+
 import pytest
 import torch
 from conftest import (
@@ -938,3 +940,32 @@ def test_kimi_k25_checkpoint_runs_its_deepseek_v3_language_model(tmp_path):
         expected = wrapper(ids).logits
     got = engine.model(ids, engine.model.new_cache(1, ids.shape[1]), all_logits=True)
     assert (got - expected).abs().max().item() < TOLERANCE
+
+
+def test_sarvam_as_released(tmp_path):
+    """The release's config names its remote-code class (never run) and spells fields its own way:
+    localmoe reads it as transformers reads it."""
+    config_class, config = TINY_FAMILIES["sarvam_moe"]
+    reference = hf_model(config_class, **{**config, "attention_bias": True})
+    folder = save_hf(reference, tmp_path, "single")
+    saved = json.loads((folder / "config.json").read_text())
+    assert saved["architectures"] == ["Glm4MoeForCausalLM"]  # what transformers writes
+    for ours, theirs in (("n_routed_experts", "num_experts"), ("n_shared_experts", "num_shared_experts")):
+        saved[theirs] = saved.pop(ours)
+    saved["use_qkv_bias"] = saved.pop("attention_bias")
+    saved["architectures"] = ["SarvamMoEForCausalLM"]
+    saved["auto_map"] = {"AutoModelForCausalLM": "modeling_sarvam_moe.SarvamMoEForCausalLM"}
+    (folder / "config.json").write_text(json.dumps(saved))
+    engine = localmoe.load(str(folder), device="cpu", dtype=torch.float32)
+    test_prefill_logits_match((reference, engine))
+
+
+def test_minimax_m3_rotates_the_width_rotary_dim_says():
+    """transformers 5.24 takes MiniMax-M3's rotated width from rope_parameters alone and rotates whole
+    heads where a config gives only `rotary_dim`, which its config documents as that width (and the
+    parity cases give both): localmoe rotates `rotary_dim` dims."""
+    from localmoe.models.minimax_m3_vl import MiniMaxM3Args
+
+    config = {**TINY_FAMILIES["minimax_m3_vl_text"][1]["text_config"], "rope_parameters": None}
+    args = MiniMaxM3Args.from_config(config)
+    assert args.rope["partial_rotary_factor"] == config["rotary_dim"] / config["head_dim"]
