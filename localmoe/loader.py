@@ -87,15 +87,20 @@ def _check_quantization(ckpt: Checkpoint, family: Family) -> None:
         )
 
 
+def resident_dtype(parts: ModelParts, name: str) -> torch.dtype:
+    """The dtype parameter `name` is kept in: float32 where the family keeps it so, else the compute dtype."""
+    return torch.float32 if any(fragment in name for fragment in parts.family.keep_float32) else parts.dtype
+
+
 def load_resident_weights(parts: ModelParts, ckpt: Checkpoint, device: torch.device | str) -> None:
     """Load every non-expert weight of the skeleton onto `device`, in the compute dtype.
 
     Routed experts are not loaded: `parts.experts` reads them on demand, and the runtime decides
     where they live and binds them to the model's MoE blocks.
     """
-    sources, keep = parts.resident_sources, parts.family.keep_float32
+    sources = parts.resident_sources
     state = {
-        name: _to(ckpt.weight(source), device, torch.float32 if any(k in name for k in keep) else parts.dtype)
+        name: _to(ckpt.weight(source), device, resident_dtype(parts, name))
         for name, source in progress(sources.items(), len(sources), "loading resident weights")
     }
     parts.model.load_state_dict(state, strict=True, assign=True)
@@ -104,7 +109,7 @@ def load_resident_weights(parts: ModelParts, ckpt: Checkpoint, device: torch.dev
 
 
 def footprint(parts: ModelParts) -> Footprint:
-    """The sizes the memory plan needs, from the model's shapes in the compute dtype."""
+    """The sizes the memory plan needs, from the model's shapes in the dtypes it keeps them in."""
     blocks = moe_blocks(parts.model)
     first = blocks[0]
     shapes = {(b.hidden_size, b.intermediate_size, b.num_experts, b.expert_bias, b.gated) for b in blocks}
@@ -114,7 +119,9 @@ def footprint(parts: ModelParts) -> Footprint:
     widest = max([m.in_features for m in parts.model.modules() if isinstance(m, nn.Linear)] + [first.intermediate_size])
     hidden = first.hidden_size
     return Footprint(
-        resident_bytes=sum(p.numel() for p in parts.model.parameters()) * size,
+        resident_bytes=sum(
+            p.numel() * resident_dtype(parts, name).itemsize for name, p in parts.model.named_parameters()
+        ),
         expert_bytes=sum(math.prod(shape) for shape in block_shapes(first).values()) * size,
         moe_layers=len(blocks),
         experts_per_layer=first.num_experts,

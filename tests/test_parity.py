@@ -661,11 +661,14 @@ def test_experts_read_in_the_layout_written(pair, request):
 
 
 def test_float32_where_the_family_keeps_it(tmp_path):
-    """DeepSeek-V3's correction bias steers routing by small margins: it stays float32 in a bf16 model."""
+    """DeepSeek-V3's correction bias steers routing by small margins: it stays float32 in a bf16 model,
+    and the memory plan counts it so."""
     folder = save_hf(hf_model("DeepseekV3Config", **DEEPSEEK_V2, n_group=4, topk_group=2), tmp_path, "single")
-    model = localmoe.load(str(folder), device="cpu", dtype=torch.bfloat16).model
-    gate = model.model.layers[1].mlp.gate
+    engine = localmoe.load(str(folder), device="cpu", dtype=torch.bfloat16)
+    gate = engine.model.model.layers[1].mlp.gate
     assert gate.e_score_correction_bias.dtype == torch.float32 and gate.weight.dtype == torch.bfloat16
+    sizes = [p.numel() * p.dtype.itemsize for p in engine.model.parameters()]
+    assert engine.plan.footprint.resident_bytes == sum(sizes)
 
 
 def test_phimoe_long_mscale_past_the_original_context(tmp_path):

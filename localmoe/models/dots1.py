@@ -11,7 +11,7 @@ from localmoe.models.attention import Attention
 from localmoe.models.expert_tensors import PerExpert
 from localmoe.models.family import Family, ModelArgs, causal_lm
 from localmoe.models.layers import MLP, CausalLM, DecoderLayer
-from localmoe.models.moe import FUSED_EXPERTS, MLP_EXPERTS, GatedActivation, GroupedTopKRouter, SparseMoE
+from localmoe.models.moe import FUSED_EXPERTS, MLP_EXPERTS, sigmoid_moe
 
 
 @dataclass
@@ -60,27 +60,18 @@ def build(args: Dots1Args) -> CausalLM:
     def feed_forward(i: int) -> nn.Module:
         if i < (args.first_k_dense_replace or 0):
             return MLP(hidden, args.intermediate_size, args.hidden_act)
-        router = GroupedTopKRouter(
-            hidden,
-            args.n_routed_experts,
-            args.num_experts_per_tok,
-            scoring="sigmoid",
-            n_group=args.n_group or 1,
-            topk_group=args.topk_group or 1,
-            normalize=bool(args.norm_topk_prob),
-            scaling=args.routed_scaling_factor,
-            correction_bias=True,
-        )
-        shared = args.moe_intermediate_size * (args.n_shared_experts or 0)
-        return SparseMoE(
+        return sigmoid_moe(
             i,
             hidden,
             args.moe_intermediate_size,
             args.n_routed_experts,
             args.num_experts_per_tok,
-            router,
-            act=GatedActivation(act=args.hidden_act),
-            shared_expert=MLP(hidden, shared, args.hidden_act) if shared else None,
+            shared=args.moe_intermediate_size * (args.n_shared_experts or 0),
+            act=args.hidden_act,
+            n_group=args.n_group or 1,
+            topk_group=args.topk_group or 1,
+            normalize=bool(args.norm_topk_prob),
+            scaling=args.routed_scaling_factor,
         )
 
     layers = [

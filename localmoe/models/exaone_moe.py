@@ -13,7 +13,7 @@ from localmoe.models.attention import Attention
 from localmoe.models.expert_tensors import PerExpert
 from localmoe.models.family import Family, ModelArgs, causal_lm
 from localmoe.models.layers import MLP, CausalLM, DecoderLayer
-from localmoe.models.moe import FUSED_EXPERTS, MLP_EXPERTS, GatedActivation, GroupedTopKRouter, SparseMoE
+from localmoe.models.moe import FUSED_EXPERTS, MLP_EXPERTS, sigmoid_moe
 
 
 @dataclass
@@ -77,27 +77,18 @@ def build(args: ExaoneMoeArgs) -> CausalLM:
     def feed_forward(i: int) -> nn.Module:
         if args.mlp_layer_types[i] == "dense":
             return MLP(hidden, args.intermediate_size, args.hidden_act)
-        router = GroupedTopKRouter(
-            hidden,
-            args.num_experts,
-            args.num_experts_per_tok,
-            scoring="sigmoid",
-            n_group=args.n_group,
-            topk_group=args.topk_group,
-            normalize=args.norm_topk_prob,
-            scaling=args.routed_scaling_factor,
-            correction_bias=True,
-        )
-        shared = args.moe_intermediate_size * args.num_shared_experts
-        return SparseMoE(
+        return sigmoid_moe(
             i,
             hidden,
             args.moe_intermediate_size,
             args.num_experts,
             args.num_experts_per_tok,
-            router,
-            act=GatedActivation(act=args.hidden_act),
-            shared_expert=MLP(hidden, shared, args.hidden_act) if shared else None,
+            shared=args.moe_intermediate_size * args.num_shared_experts,
+            act=args.hidden_act,
+            n_group=args.n_group,
+            topk_group=args.topk_group,
+            normalize=args.norm_topk_prob,
+            scaling=args.routed_scaling_factor,
         )
 
     layers = [

@@ -14,7 +14,7 @@ from localmoe.models.attention import Attention
 from localmoe.models.expert_tensors import PerExpert
 from localmoe.models.family import Family, ModelArgs, causal_lm
 from localmoe.models.layers import MLP, CausalLM, DecoderLayer
-from localmoe.models.moe import FUSED_EXPERTS, MLP_EXPERTS, GatedActivation, GroupedTopKRouter, SparseMoE
+from localmoe.models.moe import FUSED_EXPERTS, MLP_EXPERTS, sigmoid_moe
 
 
 @dataclass
@@ -55,26 +55,15 @@ def build(args: HYV3Args) -> CausalLM:
     def feed_forward(i: int) -> nn.Module:
         if args.is_dense(i):
             return MLP(hidden, args.intermediate_size, args.hidden_act)
-        router = GroupedTopKRouter(
-            hidden,
-            args.num_experts,
-            args.num_experts_per_tok,
-            scoring="sigmoid",
-            n_group=1,
-            topk_group=1,
-            normalize=True,
-            scaling=args.router_scaling_factor,
-            correction_bias=True,
-        )
-        return SparseMoE(
+        return sigmoid_moe(
             i,
             hidden,
             args.moe_intermediate_size,
             args.num_experts,
             args.num_experts_per_tok,
-            router,
-            act=GatedActivation(act=args.hidden_act),
-            shared_expert=MLP(hidden, args.moe_intermediate_size * args.num_shared_experts, args.hidden_act),
+            shared=args.moe_intermediate_size * args.num_shared_experts,
+            act=args.hidden_act,
+            scaling=args.router_scaling_factor,
         )
 
     layers = [

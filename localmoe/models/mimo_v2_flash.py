@@ -15,7 +15,7 @@ from localmoe.models.attention import Attention
 from localmoe.models.expert_tensors import PerExpert
 from localmoe.models.family import Family, ModelArgs
 from localmoe.models.layers import MLP, Backbone, CausalLM, DecoderLayer
-from localmoe.models.moe import FUSED_EXPERTS, MLP_EXPERTS, GatedActivation, GroupedTopKRouter, SparseMoE
+from localmoe.models.moe import FUSED_EXPERTS, MLP_EXPERTS, sigmoid_moe
 from localmoe.models.rotary import RotaryEmbedding, rope_parameters
 
 # transformers' rotary per kind of layer where the config gives none (the release's thetas)
@@ -112,25 +112,17 @@ def build(args: MiMoV2FlashArgs) -> CausalLM:
     def feed_forward(i: int) -> nn.Module:
         if args.mlp_layer_types[i] == "dense":
             return MLP(hidden, args.intermediate_size, args.hidden_act)
-        router = GroupedTopKRouter(
-            hidden,
-            args.n_routed_experts,
-            args.num_experts_per_tok,
-            scoring="sigmoid",
-            n_group=args.n_group,
-            topk_group=args.topk_group,
-            normalize=args.norm_topk_prob,
-            scaling=1.0 if args.routed_scaling_factor is None else args.routed_scaling_factor,
-            correction_bias=True,
-        )
-        return SparseMoE(
+        return sigmoid_moe(
             i,
             hidden,
             args.moe_intermediate_size,
             args.n_routed_experts,
             args.num_experts_per_tok,
-            router,
-            act=GatedActivation(act=args.hidden_act),
+            act=args.hidden_act,
+            n_group=args.n_group,
+            topk_group=args.topk_group,
+            normalize=args.norm_topk_prob,
+            scaling=1.0 if args.routed_scaling_factor is None else args.routed_scaling_factor,
         )
 
     layers = [

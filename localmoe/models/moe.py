@@ -226,6 +226,40 @@ class SparseMoE(nn.Module):
         return out.view(x.shape)
 
 
+def sigmoid_moe(
+    layer: int,
+    hidden: int,
+    intermediate: int,
+    experts: int,
+    top_k: int,
+    *,
+    shared: int = 0,
+    act: str = "silu",
+    n_group: int = 1,
+    topk_group: int = 1,
+    normalize: bool = True,
+    scaling: float = 1.0,
+) -> SparseMoE:
+    """DeepSeek-V3's MoE block, which many families reuse: sigmoid scores whose learned correction bias
+    steers the choice of experts over the best groups (not their weights), and a shared expert
+    `shared` wide where that is not 0."""
+    router = GroupedTopKRouter(
+        hidden,
+        experts,
+        top_k,
+        scoring="sigmoid",
+        n_group=n_group,
+        topk_group=topk_group,
+        normalize=normalize,
+        scaling=scaling,
+        correction_bias=True,
+    )
+    shared_expert = MLP(hidden, shared, act) if shared else None
+    return SparseMoE(
+        layer, hidden, intermediate, experts, top_k, router, act=GatedActivation(act=act), shared_expert=shared_expert
+    )
+
+
 def moe_blocks(model: nn.Module) -> list[SparseMoE]:
     """The model's MoE blocks in layer order."""
     return sorted((m for m in model.modules() if isinstance(m, SparseMoE)), key=lambda m: m.layer_idx)
