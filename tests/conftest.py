@@ -609,6 +609,39 @@ KIMI_LINEAR = dict(
     pad_token_id=0,
 )
 
+AFMOE = dict(
+    BASE,
+    intermediate_size=96,
+    moe_intermediate_size=32,
+    num_hidden_layers=4,  # three sliding-window layers, then a global one without rotary
+    num_key_value_heads=2,
+    head_dim=16,
+    num_dense_layers=1,
+    num_experts=6,
+    num_experts_per_tok=2,
+    num_shared_experts=1,
+    route_scale=1.5,
+    sliding_window=8,  # shorter than the prompts
+    mup_enabled=True,
+)
+
+LAGUNA = dict(
+    BASE,
+    intermediate_size=96,
+    moe_intermediate_size=32,
+    shared_expert_intermediate_size=40,
+    num_hidden_layers=4,
+    num_attention_heads_per_layer=[4, 8, 4, 8],  # more heads on the full layers
+    num_key_value_heads=2,
+    head_dim=16,
+    num_experts=6,
+    num_experts_per_tok=2,
+    layer_types=["sliding_attention", "full_attention", "sliding_attention", "full_attention"],
+    sliding_window=8,  # shorter than the prompts
+    moe_routed_scaling_factor=1.5,
+    moe_router_logit_softcapping=2.0,
+)
+
 TINY_FAMILIES = {
     "mixtral": ("MixtralConfig", MIXTRAL),  # 3 MoE layers x 5 experts, top-2
     "qwen2_moe": ("Qwen2MoeConfig", QWEN2_MOE),
@@ -642,4 +675,6 @@ TINY_FAMILIES = {
     "granitemoehybrid": ("GraniteMoeHybridConfig", GRANITE_MOE_HYBRID),
     "lfm2_moe": ("Lfm2MoeConfig", LFM2_MOE),
     "kimi_linear": ("KimiLinearConfig", KIMI_LINEAR),
+    "laguna": ("LagunaConfig", LAGUNA),
+    "afmoe": ("AfmoeConfig", AFMOE),
 }

@@ -44,6 +44,9 @@ MODELS = {
     "lfm2-moe-short-ring": ("lfm2_moe", {}, 2),
     # Kimi Delta Attention (three convolution windows and a matrix) beside latent attention
     "kimi-linear": ("kimi_linear", {}, None),
+    # rings of keys and values with a small slack, per-layer head counts, a global layer without rotary
+    "laguna-ring": ("laguna", {}, 3),
+    "afmoe-ring": ("afmoe", {}, 3),
 }
 
 

@@ -4,6 +4,7 @@ from typing import Any
 
 from localmoe.errors import LocalMoEError
 from localmoe.models import (
+    afmoe,
     deepseek_v2,
     deepseek_v3,
     deepseek_v4,
@@ -16,6 +17,7 @@ from localmoe.models import (
     granitemoehybrid,
     hunyuan_v1_moe,
     kimi_linear,
+    laguna,
     lfm2_moe,
     llama4,
     mellum,
@@ -62,6 +64,8 @@ FAMILIES: tuple[Family, ...] = (
     granitemoehybrid.FAMILY,
     lfm2_moe.FAMILY,
     kimi_linear.FAMILY,
+    laguna.FAMILY,
+    afmoe.FAMILY,
 )
 
 
