@@ -1,5 +1,6 @@
 """Tiny random checkpoints written by transformers, the correctness oracle of the tests."""
 
+import contextlib
 import json
 import os
 from pathlib import Path
@@ -678,3 +679,27 @@ TINY_FAMILIES = {
     "laguna": ("LagunaConfig", LAGUNA),
     "afmoe": ("AfmoeConfig", AFMOE),
 }
+
+
+@contextlib.contextmanager
+def serve_app(app, **config):
+    """A real uvicorn server for `app` on a free loopback port, in a thread; yields the port."""
+    import socket
+    import threading
+    import time
+
+    import uvicorn
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning", **config))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    while not server.started:
+        time.sleep(0.05)
+    try:
+        yield port
+    finally:
+        server.should_exit = True
+        thread.join(timeout=10)
