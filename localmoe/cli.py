@@ -1,6 +1,8 @@
 """The `localmoe` command."""
 
 import json
+import logging
+import signal
 import sys
 from pathlib import Path
 
@@ -174,9 +176,18 @@ def _sampling_options(fn):
     return fn
 
 
+SAMPLING_FLAGS = ("temperature", "top_k", "top_p", "min_p", "repetition_penalty", "seed")
+
+
 def _sampling(engine, values: dict):
-    names = ("temperature", "top_k", "top_p", "min_p", "repetition_penalty", "seed")
-    return engine.sampling(**{name: values[name] for name in names})
+    return engine.sampling(**{name: values[name] for name in SAMPLING_FLAGS})
+
+
+def _check_sampling_flags(values: dict) -> None:
+    """Bad sampling flags are refused before the model loads (the checkpoint's defaults once it does)."""
+    from localmoe.runtime.sampling import SamplingParams
+
+    SamplingParams.check_overrides(**{name: values[name] for name in SAMPLING_FLAGS})
 
 
 def _load(model: str, revision: str | None, flags: dict):
@@ -252,19 +263,42 @@ def _runtime_options(values: dict) -> RuntimeOptions:
 )
 @click.option("--system", default=None, help="System message, with --chat.")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object: the text, timings and counters.")
+@click.option(
+    "--json-schema",
+    type=click.Path(dir_okay=False, path_type=Path),
+    default=None,
+    help="Constrain the output to JSON that this JSON Schema file validates (needs localmoe[json]).",
+)
 @click.option("--revision", default=None, help="Hub branch, tag or commit (for a repo id).")
 @_sampling_options
 @_placement_options
 @_cache_options
 def generate(
-    model: str, prompt: str, max_new_tokens: int, chat: bool, raw: bool, system, as_json: bool, revision, **flags
+    model: str,
+    prompt: str,
+    max_new_tokens: int,
+    chat: bool,
+    raw: bool,
+    system,
+    as_json: bool,
+    json_schema: Path | None,
+    revision,
+    **flags,
 ):
     """Print the continuation of PROMPT. MODEL is a checkpoint folder or a Hub repo id."""
     if chat and raw:
         raise LocalMoEError("--chat and --raw exclude each other: --raw sends the prompt with no template at all")
+    _check_sampling_flags(flags)
+    schema = None
+    if json_schema is not None:
+        from localmoe.grammar import read_schema
+
+        schema = read_schema(json_schema)
     engine = _load(model, revision, flags)
     sampling = _sampling(engine, flags)
-    pieces = engine.generate(prompt, max_new_tokens, sampling, flags["stop"], chat=chat, raw=raw, system=system)
+    pieces = engine.generate(
+        prompt, max_new_tokens, sampling, flags["stop"], chat=chat, raw=raw, system=system, json_schema=schema
+    )
     if as_json:
         click.echo(json.dumps(_report(engine, "".join(pieces)), indent=2))
         return
@@ -284,6 +318,7 @@ def chat(model: str, system: str | None, max_new_tokens: int, revision: str | No
     each line is a message, and the answers are printed as plain text."""
     from localmoe.chat import ChatSession, run
 
+    _check_sampling_flags(flags)
     engine = _load(model, revision, flags)
     engine.tokenizer.render_chat([{"role": "user", "content": "hi"}])  # fail now if there is no template
     session = ChatSession(engine, _sampling(engine, flags), max_new_tokens, list(flags["stop"]), system)
@@ -380,30 +415,120 @@ def _placement_flags(model: str, flags: dict, engine) -> str:
 @click.option(
     "--host", default="127.0.0.1", show_default=True, help="Address to listen on (localhost only by default)."
 )
-@click.option("--port", default=8000, show_default=True, type=int)
-@click.option("--api-key", default=None, help="Require `Authorization: Bearer KEY` on every endpoint but /health.")
-@click.option("--name", default=None, help="The model name clients use  [default: the checkpoint's name].")
+@click.option("--port", default=8000, show_default=True, type=click.IntRange(0, 65535))
+@click.option(
+    "--api-key",
+    default=None,
+    help="Require `Authorization: Bearer KEY` (or `x-api-key: KEY`) on every endpoint but /health.",
+)
+@click.option(
+    "--served-model-name",
+    "--name",
+    "names",
+    multiple=True,
+    help="A model name clients may use (repeatable)  [default: the Hub id and its last part, or the folder's name].",
+)
 @click.option("--queue", default=8, show_default=True, type=click.IntRange(min=1), help="Requests that may wait.")
 @click.option(
     "--max-tokens-limit", default=None, type=click.IntRange(min=1), help="Largest max_tokens a request may ask."
 )
+@click.option(
+    "--max-body", default="4MiB", show_default=True, callback=_size, help="Largest request body; larger ones get 413."
+)
+@click.option(
+    "--cors",
+    multiple=True,
+    help="A browser origin allowed to call the API, e.g. http://localhost:3000 (repeatable; * allows any). "
+    "Requests from other origins get 403.",
+)
+@click.option(
+    "--timeout-keep-alive",
+    default=5,
+    show_default=True,
+    type=click.IntRange(min=1),
+    help="Seconds an idle connection stays open.",
+)
+@click.option(
+    "--header-timeout",
+    default=10.0,
+    show_default=True,
+    type=click.FloatRange(min=0, min_open=True),
+    help="Seconds a client has to send a request's headers.",
+)
+@click.option(
+    "--limit-concurrency",
+    default=64,
+    show_default=True,
+    type=click.IntRange(min=1),
+    help="Open connections beyond which new requests get 503.",
+)
 @click.option("--revision", default=None, help="Hub branch, tag or commit (for a repo id).")
+@_sampling_options
 @_placement_options
 @_cache_options
-def serve(model, host, port, api_key, name, queue, max_tokens_limit, revision, **flags):
-    """Serve MODEL over an OpenAI-compatible HTTP API (/v1/chat/completions, /v1/completions, /v1/models,
-    /health, /metrics), one generation at a time."""
+def serve(model, host, port, api_key, names, queue, max_tokens_limit, max_body, cors, revision, **flags):
+    """Serve MODEL over the OpenAI API (/v1/chat/completions, /v1/completions, /v1/models) and Anthropic's
+    (/v1/messages), with /health and /metrics, one generation at a time. Sampling flags set the
+    defaults that requests may override."""
     try:
         import uvicorn
 
-        from localmoe.server import Server
+        from localmoe.server import Server, is_loopback, protocol_with_header_timeout
     except ImportError:
         raise LocalMoEError("localmoe serve needs its extra: pip install 'localmoe[serve]'") from None
+    _check_sampling_flags(flags)
+    if not is_loopback(host) and api_key is None:
+        click.secho(
+            f"localmoe: WARNING: listening on {host} without --api-key: anyone who can reach this address can use "
+            "the model. Give --api-key KEY, or keep --host 127.0.0.1.",
+            err=True,
+            fg="red",
+            bold=True,
+        )
     engine = _load(model, revision, flags)
-    served = name or model.rstrip("/").split("/")[-1]
-    server = Server(engine, served, api_key, queue, max_tokens_limit or engine.plan.context)
-    click.echo(f"serving {served} on http://{host}:{port}/v1", err=True)
-    uvicorn.run(server.app(), host=host, port=port, log_level="warning")
+    served = list(names or _default_names(model))
+    server = Server(
+        engine,
+        served,
+        api_key,
+        queue,
+        max_tokens_limit or engine.plan.context,
+        max_body=max_body,
+        cors=tuple(cors),
+        sampling=_sampling(engine, flags),
+        stop=tuple(flags["stop"]),
+        host=host,
+    )
+    logging.basicConfig(level=logging.INFO, format="localmoe: %(message)s")
+    click.echo(f"serving {', '.join(served)} on http://{host}:{port}/v1", err=True)
+    _exit_on_sigterm_as_on_ctrl_c()
+    uvicorn.run(
+        server.app(),
+        host=host,
+        port=port,
+        log_level="warning",
+        http=protocol_with_header_timeout(flags["header_timeout"]),
+        timeout_keep_alive=flags["timeout_keep_alive"],
+        limit_concurrency=flags["limit_concurrency"],
+    )
+
+
+def _default_names(model: str) -> list[str]:
+    """A Hub id and its last part ("Qwen/Qwen3-30B-A3B", "Qwen3-30B-A3B"); a folder by its name only, so
+    that no path of this machine is shown to clients."""
+    last = model.rstrip("/").split("/")[-1]
+    return [last] if Path(model).exists() else list(dict.fromkeys([model, last]))
+
+
+def _exit_on_sigterm_as_on_ctrl_c() -> None:
+    """systemd and docker stop with SIGTERM: end as Ctrl-C does, the routing profile saved. uvicorn shuts
+    down gracefully on either signal, then raises it again: SIGINT's KeyboardInterrupt, which uvicorn.run
+    swallows, and SIGTERM's default action, which would kill the process before the profile is written."""
+
+    def interrupt(signum, frame):
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGTERM, interrupt)
 
 
 @main.command()

@@ -14,6 +14,7 @@ import torch
 
 from localmoe.checkpoint import Checkpoint
 from localmoe.errors import LocalMoEError, setting
+from localmoe.grammar import ANY_OBJECT, JsonConstraint
 from localmoe.kernels import KERNELS, pair_kernel
 from localmoe.kernels.quantized import MXFP4, QuantSpec, StoredFormat
 from localmoe.loader import ModelParts, footprint, load_resident_weights, model_skeleton, open_checkpoint
@@ -30,7 +31,7 @@ from localmoe.runtime.offload import OffloadedExperts
 from localmoe.runtime.profile import default_profile_path
 from localmoe.runtime.quantized_cache import QuantizedLayers, cache_folder
 from localmoe.runtime.resident import ResidentExperts
-from localmoe.runtime.sampling import Sampler, SamplingParams
+from localmoe.runtime.sampling import Constraint, Sampler, SamplingParams
 from localmoe.runtime.stats import CacheSnapshot, cache_report
 from localmoe.runtime.trace import RoutingTrace
 from localmoe.tokenizer import StopStrings, Tokenizer
@@ -86,6 +87,7 @@ class Engine:
         self.kernels = kernels  # which expert kernels run, and why
         self.eos_ids = eos_ids(checkpoint)
         self.stats = GenerationStats()
+        self.sampler: Sampler | None = None  # the last run's, with its record of log-probabilities
 
     @cached_property
     def tokenizer(self) -> Tokenizer:
@@ -112,10 +114,17 @@ class Engine:
         cache: KVCache | None = None,
         reuse: int = 0,
         on_prefill: Callable[[], None] | None = None,
+        constraint: Constraint | None = None,
+        top_logprobs: int | None = None,
     ) -> Iterator[int]:
         """Token ids after `prompt` (greedy unless `sampling` says otherwise); `self.stats` describes the
-        run as it goes. `cache` and `reuse`: see `generate_tokens`; `on_prefill` runs once the prompt is in."""
+        run as it goes. `cache` and `reuse`: see `generate_tokens`; `on_prefill` runs once the prompt is in.
+        A `constraint` (`json_constraint`) limits the tokens and ends the run once complete; with
+        `top_logprobs`, `self.sampler.steps` records each token's log-probabilities as it comes."""
         self.stats = GenerationStats()
+        self.sampler = sampler = Sampler(
+            sampling or SamplingParams(), self.device, constraint=constraint, top_logprobs=top_logprobs
+        )
 
         def after_prefill() -> None:
             if self._offloaded is not None:
@@ -127,7 +136,7 @@ class Engine:
             self.model,
             prompt,
             max_new_tokens,
-            sampler=Sampler(sampling or SamplingParams(), self.device),
+            sampler=sampler,
             eos_ids=self.eos_ids,
             stats=self.stats,
             cache=cache,
@@ -137,15 +146,30 @@ class Engine:
             on_prefill=after_prefill,
         )
         try:
-            yield from tokens
+            for token in tokens:
+                yield token
+                if sampler.finished:
+                    break
         finally:
+            tokens.close()
             if self.experts.trace:
                 self.experts.trace.flush()
 
-    def text(self, ids: Iterator[int], stop: Sequence[str] = ()) -> Iterator[str]:
-        """Stream `ids` as text pieces, without EOS tokens, ending before the first of the `stop` strings."""
-        stops = StopStrings(stop)
-        for piece in self.tokenizer.stream(token for token in ids if token not in self.eos_ids):
+    def json_constraint(self, schema: dict | None = None) -> JsonConstraint:
+        """Output that is JSON valid under `schema` (any JSON object without one), for `generate_ids`."""
+        tokenizer = self.tokenizer
+        eos = min(self.eos_ids, default=tokenizer.token_id(tokenizer.special_tokens.get("eos_token", "")) or 0)
+        vocab = max(self.model.model.embed_tokens.weight.shape[0], tokenizer.vocab_size)
+        return JsonConstraint(self.checkpoint.path / "tokenizer.json", vocab, eos, schema or ANY_OBJECT)
+
+    def text(
+        self, ids: Iterator[int], stop: Sequence[str] | StopStrings = (), keep: frozenset[int] = frozenset()
+    ) -> Iterator[str]:
+        """Stream `ids` as text pieces, without EOS tokens, ending before the first of the `stop` strings
+        (given as StopStrings, it tells which one matched); special tokens are left out but for those in
+        `keep`."""
+        stops = stop if isinstance(stop, StopStrings) else StopStrings(stop)
+        for piece in self.tokenizer.stream((token for token in ids if token not in self.eos_ids), keep):
             if text := stops.feed(piece):
                 yield text
             if stops.stopped:
@@ -164,10 +188,12 @@ class Engine:
         chat: bool = False,
         raw: bool = False,
         system: str | None = None,
+        json_schema: dict | None = None,
     ) -> Iterator[str]:
         """Stream the continuation of `prompt` as text; with `chat`, of the prompt as a user message
         rendered by the checkpoint's chat template; `raw`, of exactly its tokens, with no special token
-        added (code completion). `sampling` defaults to the checkpoint's."""
+        added (code completion). `sampling` defaults to the checkpoint's. With `json_schema`, the text is
+        JSON that the schema validates."""
         if chat:
             messages = [
                 *([{"role": "system", "content": system}] if system else []),
@@ -176,7 +202,10 @@ class Engine:
             ids = self.tokenizer.encode_chat(messages)
         else:
             ids = self.tokenizer.encode(prompt, add_special_tokens=not raw)
-        return self.text(self.generate_ids(ids, max_new_tokens, sampling or self.sampling()), stop)
+        constraint = self.json_constraint(json_schema) if json_schema is not None else None
+        return self.text(
+            self.generate_ids(ids, max_new_tokens, sampling or self.sampling(), constraint=constraint), stop
+        )
 
     def expert_cache(self) -> CacheSnapshot | None:
         """The expert cache's slots and counters so far, or None when every expert is resident."""

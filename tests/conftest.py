@@ -1,5 +1,6 @@
 """Tiny random checkpoints written by transformers, the correctness oracle of the tests."""
 
+import contextlib
 import json
 import os
 from pathlib import Path
@@ -614,6 +615,39 @@ KIMI_LINEAR = dict(
     pad_token_id=0,
 )
 
+AFMOE = dict(
+    BASE,
+    intermediate_size=96,
+    moe_intermediate_size=32,
+    num_hidden_layers=4,  # three sliding-window layers, then a global one without rotary
+    num_key_value_heads=2,
+    head_dim=16,
+    num_dense_layers=1,
+    num_experts=6,
+    num_experts_per_tok=2,
+    num_shared_experts=1,
+    route_scale=1.5,
+    sliding_window=8,  # shorter than the prompts
+    mup_enabled=True,
+)
+
+LAGUNA = dict(
+    BASE,
+    intermediate_size=96,
+    moe_intermediate_size=32,
+    shared_expert_intermediate_size=40,
+    num_hidden_layers=4,
+    num_attention_heads_per_layer=[4, 8, 4, 8],  # more heads on the full layers
+    num_key_value_heads=2,
+    head_dim=16,
+    num_experts=6,
+    num_experts_per_tok=2,
+    layer_types=["sliding_attention", "full_attention", "sliding_attention", "full_attention"],
+    sliding_window=8,  # shorter than the prompts
+    moe_routed_scaling_factor=1.5,
+    moe_router_logit_softcapping=2.0,
+)
+
 DOTS1 = dict(
     BASE,
     intermediate_size=96,
@@ -870,6 +904,8 @@ TINY_FAMILIES = {
     "granitemoehybrid": ("GraniteMoeHybridConfig", GRANITE_MOE_HYBRID),
     "lfm2_moe": ("Lfm2MoeConfig", LFM2_MOE),
     "kimi_linear": ("KimiLinearConfig", KIMI_LINEAR),
+    "laguna": ("LagunaConfig", LAGUNA),
+    "afmoe": ("AfmoeConfig", AFMOE),
     "dots1": ("Dots1Config", DOTS1),
     "solar_open": ("SolarOpenConfig", SOLAR_OPEN),
     "exaone_moe": ("ExaoneMoeConfig", EXAONE_MOE),
@@ -884,3 +920,27 @@ TINY_FAMILIES = {
     "zaya": ("ZayaConfig", ZAYA),
     "bailing_hybrid": ("BailingHybridConfig", BAILING_HYBRID),
 }
+
+
+@contextlib.contextmanager
+def serve_app(app, **config):
+    """A real uvicorn server for `app` on a free loopback port, in a thread; yields the port."""
+    import socket
+    import threading
+    import time
+
+    import uvicorn
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning", **config))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    while not server.started:
+        time.sleep(0.05)
+    try:
+        yield port
+    finally:
+        server.should_exit = True
+        thread.join(timeout=10)

@@ -155,3 +155,67 @@ def test_error_exit_from_a_real_process_has_no_traceback():
     assert done.returncode == 2
     assert "Traceback" not in done.stderr
     assert done.stderr.strip().startswith("localmoe: error: no such folder")
+
+
+@pytest.mark.parametrize(
+    "args,needle",
+    [
+        (["--temperature", "nan"], "temperature"),
+        (["--repetition-penalty", "nan"], "repetition_penalty"),
+        (["--seed", str(2**70)], "seed"),
+    ],
+)
+def test_sampling_flags_are_checked_before_loading(tmp_path, args, needle):
+    """The model does not exist: the flag's error comes first, so nothing was loaded."""
+    result = CliRunner().invoke(main, ["generate", str(tmp_path / "missing"), "-p", "x", *args])
+    assert result.exit_code == 2 and needle in result.output and "missing" not in result.output
+
+
+def test_serve_warns_loudly_on_a_public_host_without_a_key(tmp_path):
+    result = CliRunner().invoke(main, ["serve", str(tmp_path / "missing"), "--host", "0.0.0.0"])
+    assert "WARNING" in result.output and "--api-key" in result.output and result.exit_code == 2
+    result = CliRunner().invoke(main, ["serve", str(tmp_path / "missing"), "--port", "99999"])
+    assert result.exit_code == 2 and "99999" in result.output
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("signal_name", ["SIGTERM", "SIGINT"])
+def test_sigterm_saves_the_routing_profile_as_ctrl_c_does(tiny_mixtral, tmp_path, signal_name):
+    """systemd's and docker's stop (SIGTERM) ends the server as Ctrl-C (SIGINT) does: a clean exit
+    with the routing profile written."""
+    import signal
+    import socket
+    import time
+    import urllib.request
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    profile = tmp_path / "profile.json"
+    command = [sys.executable, "-m", "localmoe", "serve", str(tiny_mixtral), "--device", "cpu", "--port", str(port)]
+    command += ["--expert-slots", "6", "--profile", str(profile)]
+    process = subprocess.Popen(command, stderr=subprocess.PIPE, text=True, env=os.environ.copy())
+    try:
+        for _ in range(600):  # the model loads, then uvicorn listens
+            try:
+                urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=5)
+                break
+            except OSError:
+                time.sleep(0.2)
+        body = json.dumps({"prompt": "Hello", "max_tokens": 4}).encode()
+        request = urllib.request.Request(
+            f"http://127.0.0.1:{port}/v1/completions", body, {"Content-Type": "application/json"}
+        )
+        assert json.load(urllib.request.urlopen(request, timeout=120))["usage"]["completion_tokens"] == 4
+        process.send_signal(getattr(signal, signal_name))
+        assert process.wait(timeout=60) == 0
+    finally:
+        process.kill()
+    assert json.loads(profile.read_text())["counts"]  # written on the way out
+
+
+def test_default_model_names_show_no_local_path(tmp_path):
+    from localmoe.cli import _default_names
+
+    assert _default_names("Qwen/Qwen3-30B-A3B") == ["Qwen/Qwen3-30B-A3B", "Qwen3-30B-A3B"]
+    assert _default_names(str(tmp_path)) == [tmp_path.name]

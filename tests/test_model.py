@@ -45,6 +45,9 @@ MODELS = {
     "lfm2-moe-short-ring": ("lfm2_moe", {}, 2),
     # Kimi Delta Attention (three convolution windows and a matrix) beside latent attention
     "kimi-linear": ("kimi_linear", {}, None),
+    # rings of keys and values with a small slack, per-layer head counts, a global layer without rotary
+    "laguna-ring": ("laguna", {}, 3),
+    "afmoe-ring": ("afmoe", {}, 3),
     # rings of narrower values, on layers with sinks and twice the KV heads
     "mimo-v2-flash-ring": ("mimo_v2_flash", {}, 3),
     # windowed layers with their own head count in rings, global ones whole

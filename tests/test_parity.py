@@ -424,6 +424,52 @@ CASES = {
     ),
     # (no "fused" case: transformers holds the three convolutions of a layer as one tensor in memory,
     # which no release stores)
+    "laguna-sharded": ("laguna", {}, "sharded"),
+    # a gate per channel, uncapped router logits, biases, tied embeddings, a sparse first layer, yarn on the
+    # full layers and the sliding layers' rotary over the whole head
+    "laguna-per-element-yarn": (
+        "laguna",
+        {
+            "gating": "per-element",
+            "moe_router_logit_softcapping": 0.0,
+            "attention_bias": True,
+            "tie_word_embeddings": True,
+            "mlp_layer_types": ["sparse", "dense", "sparse", "sparse"],
+            "rope_parameters": {
+                "full_attention": {
+                    "rope_type": "yarn",
+                    "rope_theta": 500000.0,
+                    "factor": 4.0,
+                    "original_max_position_embeddings": 64,
+                    "partial_rotary_factor": 0.5,
+                },
+                "sliding_attention": {"rope_type": "default", "rope_theta": 10000.0},
+            },
+        },
+        "single",
+    ),
+    # transformers' defaults: every layer full, one head count, the first layer dense, default rotaries
+    "laguna-defaults": (
+        "laguna",
+        {"layer_types": None, "num_attention_heads_per_layer": None, "mlp_layer_types": None, "rope_parameters": None},
+        "single",
+    ),
+    "laguna-fused": ("laguna", {}, "fused"),
+    "afmoe-sharded": ("afmoe", {}, "sharded"),
+    # full attention (without rotary) first, no muP, attention biases, tied embeddings, no dense layer
+    "afmoe-global-first-tied": (
+        "afmoe",
+        {
+            "layer_types": ["full_attention", "sliding_attention", "full_attention", "sliding_attention"],
+            "mup_enabled": False,
+            "attention_bias": True,
+            "tie_word_embeddings": True,
+            "num_dense_layers": 0,
+            "num_shared_experts": 2,
+        },
+        "single",
+    ),
+    "afmoe-fused": ("afmoe", {}, "fused"),
     "deepseek-v32-sharded": ("deepseek_v32", {}, "sharded"),
     # a selection wider than the prompt (plain causal attention), yarn whose mscale_all_dim scales the
     # attention, attention biases, a dense layer between MoE ones
@@ -792,6 +838,16 @@ def test_kimi_linear_layers_as_the_release_lists_them():
     args = KimiLinearArgs.from_config(config)
     assert [args.linear(i) for i in range(4)] == [True, False, True, True]
     assert args.attention(0).head_dim == 16 and args.num_experts_per_tok == 2
+
+
+def test_laguna_router_weights_on_the_input_are_refused(tmp_path):
+    """transformers 5.24 refuses moe_apply_router_weight_on_input=True; localmoe says it cannot check it."""
+    config_class, config = TINY_FAMILIES["laguna"]
+    folder = save_hf(hf_model(config_class, **config), tmp_path, "single")
+    saved = json.loads((folder / "config.json").read_text())
+    (folder / "config.json").write_text(json.dumps({**saved, "moe_apply_router_weight_on_input": True}))
+    with pytest.raises(localmoe.LocalMoEError, match="moe_apply_router_weight_on_input"):
+        localmoe.load(str(folder), device="cpu", dtype=torch.float32)
 
 
 def test_nemotron_h_block_kinds_as_older_configs_spell_them():

@@ -4,6 +4,7 @@ from typing import Any
 
 from localmoe.errors import LocalMoEError
 from localmoe.models import (
+    afmoe,
     bailing_hybrid,
     cohere2_moe,
     deepseek_v2,
@@ -23,6 +24,7 @@ from localmoe.models import (
     hunyuan_v1_moe,
     hy_v3,
     kimi_linear,
+    laguna,
     lfm2_moe,
     llama4,
     mellum,
@@ -75,6 +77,8 @@ FAMILIES: tuple[Family, ...] = (
     granitemoehybrid.FAMILY,
     lfm2_moe.FAMILY,
     kimi_linear.FAMILY,
+    laguna.FAMILY,
+    afmoe.FAMILY,
     dots1.FAMILY,
     solar_open.FAMILY,
     exaone_moe.FAMILY,

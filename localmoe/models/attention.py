@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from localmoe.models.layers import RMSNorm, Step
+from localmoe.models.layers import RMSNorm, Step, activation
 from localmoe.models.rotary import RotaryEmbedding, apply_rotary, apply_rotary_interleaved
 from localmoe.models.state import REWIND_SLACK, AttentionKV, LatentKV, WindowKV, attention_state
 
@@ -25,8 +25,10 @@ class Attention(nn.Module):
     a rotary embedding for this kind of layer where the model has several (Gemma 4, Mellum);
     `rope=False` for layers without position embeddings (NoPE: Nemotron-H, Granite 4.0-H, K-EXAONE's and
     Command A+'s global layers); `scale` the factor on query-key products where it is not
-    1/sqrt(head_dim) (Granite's attention_multiplier, Step-3.7's query_pre_attn_scalar); `v_head_dim`
-    values narrower or wider than queries and keys (MiMo-V2-Flash).
+    1/sqrt(head_dim) (Granite's attention_multiplier, Step-3.7's query_pre_attn_scalar); `gate` an
+    output gate of its own projection, act(gate_proj(x)) scaling each output channel or, with
+    `gate_per_head`, each head (AFMoE: sigmoid per channel; Laguna: softplus per head; Step-3.7:
+    sigmoid per head); `v_head_dim` values narrower or wider than queries and keys (MiMo-V2-Flash).
     """
 
     def __init__(
@@ -50,6 +52,8 @@ class Attention(nn.Module):
         rope: bool = True,
         v_head_dim: int | None = None,
         scale: float | None = None,
+        gate: str | None = None,
+        gate_per_head: bool = False,
     ):
         super().__init__()
         self.heads, self.kv_heads, self.head_dim = heads, kv_heads, head_dim
@@ -69,6 +73,9 @@ class Attention(nn.Module):
             self.q_norm, self.k_norm = norm(heads * head_dim, norm_eps), norm(kv_heads * head_dim, norm_eps)
         if sinks:
             self.sinks = nn.Parameter(torch.empty(heads))
+        if gate is not None:
+            self.gate_proj = nn.Linear(hidden, heads if gate_per_head else heads * head_dim, bias=False)
+            self.gate_act = activation(gate)
 
     def new_state(self, batch: int, max_len: int, dtype: torch.dtype, device) -> AttentionKV | WindowKV:
         return attention_state(
@@ -126,10 +133,9 @@ class Attention(nn.Module):
         out = out.transpose(1, 2).reshape(B, T, -1)
         if self.output_gate:
             out = out * torch.sigmoid(gate.reshape(B, T, -1))
-        return self.output(x, out)
-
-    def output(self, x: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
-        """The layer's output [B, T, E] from the heads' outputs [B, T, heads x v dim] (x: its input)."""
+        if hasattr(self, "gate_proj"):
+            scale = self.gate_act(self.gate_proj(x).float()).to(out.dtype).view(B, T, self.heads, -1)
+            out = (out.view(B, T, self.heads, -1) * scale).reshape(B, T, -1)
         return self.o_proj(out)
 
 

@@ -111,14 +111,26 @@ class Family:
 
 
 def causal_lm(
-    args: Any, layers: list[nn.Module], rotary_dim: int, *, norm=RMSNorm, rotary=RotaryEmbedding, lm_head_bias=False
+    args: Any,
+    layers: list[nn.Module],
+    rotary_dim: int,
+    *,
+    norm=RMSNorm,
+    rotary=RotaryEmbedding,
+    lm_head_bias=False,
+    embed_scale: float = 1.0,
+    model=CausalLM,
+    **extra,
 ) -> CausalLM:
     """The stack around a family's decoder layers, from the config fields every family has (vocab_size,
-    hidden_size, rms_norm_eps, rope, max_position_embeddings, tie_word_embeddings)."""
-    return CausalLM(
+    hidden_size, rms_norm_eps, rope, max_position_embeddings, tie_word_embeddings): a `model` (CausalLM
+    or a subclass, given `extra` arguments of its own)."""
+    return model(
         Backbone(args.vocab_size, args.hidden_size, layers, args.rms_norm_eps, norm=norm),
         rotary(args.rope, rotary_dim, args.max_position_embeddings),
         tie_word_embeddings=args.tie_word_embeddings,
         max_position_embeddings=args.max_position_embeddings,
         lm_head_bias=lm_head_bias,
+        embed_scale=embed_scale,
+        **extra,
     )

@@ -143,13 +143,12 @@ def build(args: GraniteMoeHybridArgs) -> CausalLM:
         )
 
     layers = [GraniteDecoderLayer(mixer(i), moe(i), args) for i in range(args.num_hidden_layers)]
-    base = causal_lm(args, layers, head_dim)
-    return GraniteCausalLM(
-        base.model,
-        base.rotary,
-        tie_word_embeddings=args.tie_word_embeddings,
-        max_position_embeddings=args.max_position_embeddings,
+    return causal_lm(
+        args,
+        layers,
+        head_dim,
         embed_scale=args.embedding_multiplier,
+        model=GraniteCausalLM,
         logits_scaling=args.logits_scaling,
     )
 

@@ -22,6 +22,8 @@ ACTIVATIONS = {
     "gelu": F.gelu,
     "gelu_pytorch_tanh": lambda x: F.gelu(x, approximate="tanh"),
     "relu2": lambda x: F.relu(x).square(),  # Nemotron-H's experts
+    "sigmoid": torch.sigmoid,  # output gates (AFMoE)
+    "softplus": F.softplus,  # output gates (Laguna)
 }
 
 

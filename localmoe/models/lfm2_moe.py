@@ -13,7 +13,7 @@ from localmoe.models.attention import Attention
 from localmoe.models.expert_tensors import Fused, PerExpert
 from localmoe.models.family import Family, ModelArgs, causal_lm
 from localmoe.models.layers import MLP, CausalLM, RMSNorm, Step
-from localmoe.models.moe import GatedActivation, GroupedTopKRouter, SparseMoE
+from localmoe.models.moe import GatedActivation, SparseMoE, biased_sigmoid_router
 from localmoe.models.short_conv import GatedShortConv
 
 
@@ -76,16 +76,13 @@ def build(args: Lfm2MoeArgs) -> CausalLM:
         if i < args.num_dense_layers:
             return MLP(hidden, args.intermediate_size)
         experts, top_k = args.num_experts, args.num_experts_per_tok
-        router = GroupedTopKRouter(
+        router = biased_sigmoid_router(
             hidden,
             experts,
             top_k,
-            scoring="sigmoid",
-            n_group=1,
-            topk_group=1,
             normalize=args.norm_topk_prob,
             scaling=args.routed_scaling_factor,
-            correction_bias=args.use_expert_bias,
+            bias=args.use_expert_bias,
             norm_eps=1e-6,
         )
         return SparseMoE(i, hidden, args.moe_intermediate_size, experts, top_k, router, act=GatedActivation())

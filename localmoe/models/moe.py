@@ -115,7 +115,8 @@ class GroupedTopKRouter(nn.Module):
     V2 ranks groups by their best expert; V3 and GLM-4.5 by the sum of their best two, and add a
     learned correction bias to the scores for choosing only (the weights use the plain scores).
     `group_by_top2` overrides the ranking (Mistral 4: softmax scores, best-two sums, no bias);
-    `norm_eps` is added to the sum the weights are renormalised by.
+    `norm_eps` is added to the sum the weights are renormalised by; `softcap` caps the logits at
+    +-softcap by tanh before scoring (Laguna).
     """
 
     def __init__(
@@ -132,6 +133,7 @@ class GroupedTopKRouter(nn.Module):
         correction_bias: bool,
         group_by_top2: bool | None = None,
         norm_eps: float = 1e-20,
+        softcap: float | None = None,
     ):
         super().__init__()
         self.weight = nn.Parameter(torch.empty(num_experts, hidden))
@@ -140,10 +142,12 @@ class GroupedTopKRouter(nn.Module):
         self.top_k, self.scoring, self.normalize, self.scaling = top_k, scoring, normalize, scaling
         self.n_group, self.topk_group = n_group, topk_group
         self.group_by_top2 = correction_bias if group_by_top2 is None else group_by_top2
-        self.norm_eps = norm_eps
+        self.norm_eps, self.softcap = norm_eps, softcap
 
     def scores(self, x: torch.Tensor) -> torch.Tensor:
         logits = F.linear(x.float(), self.weight.float())
+        if self.softcap:
+            logits = torch.tanh(logits / self.softcap) * self.softcap
         return logits.sigmoid() if self.scoring == "sigmoid" else logits.softmax(dim=-1)
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -161,6 +165,34 @@ class GroupedTopKRouter(nn.Module):
         if self.normalize:
             weights = weights / (weights.sum(dim=-1, keepdim=True) + self.norm_eps)
         return weights * self.scaling, ids
+
+
+def biased_sigmoid_router(
+    hidden: int,
+    num_experts: int,
+    top_k: int,
+    *,
+    normalize: bool = True,
+    scaling: float = 1.0,
+    bias: bool = True,
+    norm_eps: float = 1e-20,
+    softcap: float | None = None,
+) -> GroupedTopKRouter:
+    """Sigmoid scores, the top k chosen with a learned bias added (where the experts have one), no
+    groups (LFM2-MoE, AFMoE, Laguna)."""
+    return GroupedTopKRouter(
+        hidden,
+        num_experts,
+        top_k,
+        scoring="sigmoid",
+        n_group=1,
+        topk_group=1,
+        normalize=normalize,
+        scaling=scaling,
+        correction_bias=bias,
+        norm_eps=norm_eps,
+        softcap=softcap,
+    )
 
 
 class SparseMoE(nn.Module):

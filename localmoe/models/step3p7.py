@@ -11,7 +11,6 @@ after the last one are not used."""
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
-import torch
 from torch import nn
 
 from localmoe.models.attention import Attention
@@ -122,19 +121,6 @@ def clamped(act: str, limit: float | None) -> GatedActivation:
     return GatedActivation(act=act) if limit is None else GatedActivation("glu_clamped_after", act, limit=limit)
 
 
-class HeadGatedAttention(Attention):
-    """Attention whose heads' outputs are each scaled by sigmoid(g_proj(x)), one gate per head."""
-
-    def __init__(self, hidden: int, heads: int, *args, **kwargs):
-        super().__init__(hidden, heads, *args, **kwargs)
-        self.g_proj = nn.Linear(hidden, heads, bias=False)
-
-    def output(self, x: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
-        B, T, _ = out.shape
-        gated = out.view(B, T, self.heads, -1) * torch.sigmoid(self.g_proj(x))[..., None]
-        return self.o_proj(gated.view(B, T, -1))
-
-
 def build(args: Step3p7Args) -> CausalLM:
     hidden, eps = args.hidden_size, args.rms_norm_eps
     kinds = sorted(set(args.layer_types))
@@ -143,7 +129,7 @@ def build(args: Step3p7Args) -> CausalLM:
 
     def attention(i: int) -> nn.Module:
         kind = args.layer_types[i]
-        return HeadGatedAttention(
+        return Attention(
             hidden,
             args.heads(i),
             args.num_key_value_heads,
@@ -156,6 +142,8 @@ def build(args: Step3p7Args) -> CausalLM:
             norm=ZeroCenteredRMSNorm,
             rotary=None if kind == main else rotaries[kind],
             scale=args.query_pre_attn_scalar**-0.5,
+            gate="sigmoid",
+            gate_per_head=True,
         )
 
     def feed_forward(i: int) -> nn.Module:
@@ -203,6 +191,7 @@ FAMILY = Family(
     model=build,
     experts=(Stacked(EXPERTS),),
     hub_aliases=(
+        (".self_attn.gate_proj.", ".self_attn.g_proj."),
         (".mlp.gate.e_score_correction_bias", ".moe.router_bias"),
         (".mlp.gate.", ".moe.gate."),
         (".mlp.shared_expert.", ".share_expert."),
