@@ -630,7 +630,8 @@ CASES = {
     ),
     "dots1-fused": ("dots1", {}, "fused"),
     "solar-open-sharded": ("solar_open", {}, "sharded"),
-    # q/k/v biases, grouped routing without renormalisation, tied embeddings
+    # q/k/v biases, grouped routing without renormalisation, tied embeddings. No partial rotary: transformers
+    # 5.24's Solar Open builds frequencies for part of each head but rotates whole heads, and fails
     "solar-open-bias-groups": (
         "solar_open",
         {

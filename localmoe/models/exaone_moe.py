@@ -52,7 +52,7 @@ class ExaoneMoeArgs(ModelArgs):
                 "dense" if i < self.first_k_dense_replace else "sparse" for i in range(self.num_hidden_layers)
             ]
         if self.layer_types is None:
-            if self.sliding_window is None:
+            if self.sliding_window is None:  # (transformers 5.24 divides by a zero pattern here and fails)
                 self.layer_types = ["full_attention"] * self.num_hidden_layers
             elif isinstance(self.sliding_window_pattern, int) and self.sliding_window_pattern > 0:
                 pattern = self.sliding_window_pattern

@@ -148,13 +148,12 @@ class ZayaAttention(nn.Module):
         return 0 if self.sliding_window is not None else 2 * self.kv_heads * self.head_dim * dtype.itemsize
 
     def fixed_state_bytes(self, dtype: torch.dtype) -> int:
-        ring = (
-            0
-            if self.sliding_window is None
-            else 2 * self.kv_heads * self.head_dim * (self.sliding_window + REWIND_SLACK)
-        )
-        conv = (self.heads + self.kv_heads) * self.head_dim * self.qkv_proj.window
-        return (ring + conv + self.kv_heads * self.head_dim // 2) * dtype.itemsize
+        """A windowed layer's ring of keys and values, and every layer's rings of convolution inputs and
+        delayed values (at most: a shorter context allocates less)."""
+        width = self.kv_heads * self.head_dim
+        kv = 0 if self.sliding_window is None else 2 * width * (self.sliding_window + REWIND_SLACK)
+        conv = (self.heads + self.kv_heads) * self.head_dim * (self.qkv_proj.window + REWIND_SLACK)
+        return (kv + conv + width // 2 * (1 + REWIND_SLACK)) * dtype.itemsize
 
     def forward(self, x: torch.Tensor, step: Step, state: CombinedState) -> torch.Tensor:
         B, T, _ = x.shape
