@@ -378,7 +378,7 @@ def _read_json(path: Path, required: bool) -> dict:
             raise LocalMoEError(f"{path.parent} has no {path.name}: it is not a Hugging Face model folder")
         return {}
     try:
-        data = json.loads(path.read_text(encoding="utf-8"))
+        data = json.loads(path.read_text(encoding="utf-8"), object_hook=_special_float)
     except (json.JSONDecodeError, UnicodeDecodeError) as error:
         raise LocalMoEError(
             f"{path} is not valid JSON ({error}): the file is damaged or was not fully downloaded"
@@ -386,6 +386,13 @@ def _read_json(path: Path, required: bool) -> dict:
     if not isinstance(data, dict):
         raise LocalMoEError(f"{path} does not hold a JSON object: the file is damaged")
     return data
+
+
+def _special_float(value: dict):
+    """transformers 5 writes floats JSON cannot spell as {"__float__": "Infinity"} (Mamba's time step limit)."""
+    if set(value) == {"__float__"}:
+        return float(value["__float__"])
+    return value
 
 
 def checkpoint_file(folder: Path, name: str) -> Path:

@@ -256,7 +256,7 @@ class Engine:
         """One line: what was loaded, where, and how the experts are placed."""
         plan, fp = self.plan, self.plan.footprint
         home = {"none": "none needed", "pinned": "pinned RAM", "ram": "RAM", "mmap": "checkpoint files (mmap)"}
-        model = self.checkpoint.part or self.parts.family.architectures[0]
+        model = self.checkpoint.part or self.parts.family.name
         return (
             f"{self.checkpoint.name}: {model} on {plan.device}, {self.parts.dtype}; "
             f"resident {format_bytes(fp.resident_bytes)}; expert slots {plan.slots}/{fp.total_experts}; "

@@ -9,7 +9,7 @@ import threading
 
 import pytest
 import torch
-from conftest import MIXTRAL, QWEN3_MOE, hf_model, save_hf
+from conftest import MIXTRAL, NEMOTRON_H, QWEN3_MOE, hf_model, save_hf
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -88,6 +88,18 @@ def test_offloaded_quantized_experts_equal_resident_ones(checkpoint, bits):
     ):
         got_tokens, got_logits = run(load(checkpoint, expert_bits=bits, miss_policy=miss, **options))
         assert got_tokens == tokens and torch.equal(got_logits, logits), (miss, options)
+
+
+def test_ungated_experts_quantized(tmp_path):
+    """Nemotron-H's experts (up and down only, in a latent space 32 wide): offloaded equals resident, and
+    8 bits stay close to 16."""
+    config = {**NEMOTRON_H, "moe_latent_size": 32}
+    path = str(save_hf(hf_model("NemotronHConfig", **config), tmp_path, "sharded"))
+    tokens, logits = run(load(path, expert_bits=8))
+    got_tokens, got_logits = run(load(path, expert_bits=8, expert_slots=3, miss_policy="copy"))
+    assert got_tokens == tokens and torch.equal(got_logits, logits)
+    _, logits16 = run(load(path))
+    assert (logits - logits16).abs().max().item() < 0.05 * logits16.abs().max().item()
 
 
 def test_eight_bits_stay_close_to_sixteen(checkpoint):

@@ -186,7 +186,7 @@ class Family:
     of `keep_float32` stay in float32 whatever the compute dtype. Routed experts are declared apart,
     in `experts` (the layouts their checkpoints come in, in order of preference), because the
     runtime, not the model, owns them. `multimodal` lists the architectures that wrap the family's
-    language model with other inputs.
+    language model with other inputs; a family with no `architectures` of its own is run only from them.
     """
 
     architectures: tuple[str, ...]
@@ -201,24 +201,46 @@ class Family:
     example: str = ""
 
     @property
+    def name(self) -> str:
+        """The family's name in messages: its text-only architecture, or its wrapper where transformers has
+        no text-only one (Qwen3-VL-MoE, GLM-4.5V, Step-3.7)."""
+        return (self.architectures or self.wrapper_architectures)[0]
+
+    @property
     def wrapper_architectures(self) -> tuple[str, ...]:
         return tuple(wrapper.architecture for wrapper in self.multimodal)
 
     def disk_names(self, name: str) -> list[str]:
-        """Names under which parameter `name` may be stored, the Hub's spelling first."""
-        aliased = [name.replace(ours, hub) for ours, hub in self.hub_aliases if ours in name]
-        return [*aliased, name]
+        """Names under which parameter `name` may be stored, the Hub's spelling first: with every alias
+        that matches applied (Nemotron-H's `backbone.layers.N.mixer.shared_experts.`), then with each alone."""
+        matching = [(ours, hub) for ours, hub in self.hub_aliases if ours in name]
+        every = name
+        for ours, hub in matching:
+            every = every.replace(ours, hub)
+        return list(dict.fromkeys([every, *(name.replace(ours, hub) for ours, hub in matching), name]))
 
 
 def causal_lm(
-    args: Any, layers: list[nn.Module], rotary_dim: int, *, norm=RMSNorm, rotary=RotaryEmbedding, lm_head_bias=False
+    args: Any,
+    layers: list[nn.Module],
+    rotary_dim: int,
+    *,
+    norm=RMSNorm,
+    rotary=RotaryEmbedding,
+    lm_head_bias=False,
+    embed_scale: float = 1.0,
+    model=CausalLM,
+    **extra,
 ) -> CausalLM:
     """The stack around a family's decoder layers, from the config fields every family has (vocab_size,
-    hidden_size, rms_norm_eps, rope, max_position_embeddings, tie_word_embeddings)."""
-    return CausalLM(
+    hidden_size, rms_norm_eps, rope, max_position_embeddings, tie_word_embeddings): a `model` (CausalLM
+    or a subclass, given `extra` arguments of its own)."""
+    return model(
         Backbone(args.vocab_size, args.hidden_size, layers, args.rms_norm_eps, norm=norm),
         rotary(args.rope, rotary_dim, args.max_position_embeddings),
         tie_word_embeddings=args.tie_word_embeddings,
         max_position_embeddings=args.max_position_embeddings,
         lm_head_bias=lm_head_bias,
+        embed_scale=embed_scale,
+        **extra,
     )

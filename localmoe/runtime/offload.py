@@ -61,11 +61,16 @@ class OffloadedExperts:
         self.ahead = {layer: order[i + 1 : i + 1 + depth] for i, layer in enumerate(order)}
         self.depth, self.margin = depth, margin
 
-    def __call__(self, layer: int, x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+    def __call__(
+        self, layer: int, x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor, routed: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """The layer's experts applied to x; routers (this layer's, to weigh, and coming layers', to
+        predict) see `routed` where the experts' inputs are not the router's (a latent space)."""
         block = self.blocks[layer]
         coming = self.ahead[layer]
-        predicted = [self._predict(self.blocks[c], x) for c in coming]
-        router = _distribution(block, x) if self.cache.policy.weighs_router else None
+        hidden = x if routed is None else routed
+        predicted = [self._predict(self.blocks[c], hidden) for c in coming]
+        router = _distribution(block, hidden) if self.cache.policy.weighs_router else None
         extra = [weights] if self.trace else []
         if router is not None:  # per token for the trace, else only the sum the policy is given
             extra.append(router if self.trace else router.sum(0))
