@@ -46,8 +46,8 @@ from localmoe.demo import write_random_checkpoint  # noqa: E402
 from localmoe.engine import RuntimeOptions, load, plan_for  # noqa: E402
 from localmoe.files import write_atomic  # noqa: E402
 from localmoe.loader import DTYPES  # noqa: E402
-from localmoe.paths import cache_dir  # noqa: E402
 from localmoe.options import parse_size  # noqa: E402
+from localmoe.paths import cache_dir  # noqa: E402
 from localmoe.runtime.memory import format_bytes  # noqa: E402
 
 SHAPES = {
