@@ -21,19 +21,26 @@ ACTS = {
     "swiglu": GatedActivation(),
     "gelu-tanh": GatedActivation(act="gelu_pytorch_tanh"),
     "clamped": GatedActivation(kind="clamped_swiglu", alpha=1.702, limit=0.5),  # a limit that clamps
+    "clamped-glu": GatedActivation(kind="clamped_glu", limit=0.5),
+    "clamped-after": GatedActivation(kind="glu_clamped_after", limit=0.2),
+    "relu2-ungated": GatedActivation(kind="ungated", act="relu2"),  # Nemotron-H: up alone, no gate
 }
+UNGATED = ACTS["relu2-ungated"]
 
 
-def case(tokens: int, k: int, seed: int, biases: bool = False, scale: bool = False, dtype=torch.float32):
+def case(
+    tokens: int, k: int, seed: int, biases: bool = False, scale: bool = False, dtype=torch.float32, gated=True
+):
     g = torch.Generator().manual_seed(seed)
+    in_rows = (2 if gated else 1) * INTER  # gate and up rows, or up alone
     x = torch.randn(tokens, HIDDEN, generator=g).to(dtype)
-    gate_up = (torch.randn(SLOTS, 2 * INTER, HIDDEN, generator=g) / 4).to(dtype)
+    gate_up = (torch.randn(SLOTS, in_rows, HIDDEN, generator=g) / 4).to(dtype)
     down = (torch.randn(SLOTS, HIDDEN, INTER, generator=g) / 4).to(dtype)
     slots = torch.randint(-1, SLOTS, (tokens, k), generator=g)
     extra = [None, None, None]
     if biases:
         extra[:2] = (
-            torch.randn(SLOTS, 2 * INTER, generator=g).to(dtype),
+            torch.randn(SLOTS, in_rows, generator=g).to(dtype),
             torch.randn(SLOTS, HIDDEN, generator=g).to(dtype),
         )
     if scale:
@@ -42,7 +49,7 @@ def case(tokens: int, k: int, seed: int, biases: bool = False, scale: bool = Fal
 
 
 def compare(act, tokens, k, seed=0, dtype=torch.float32, tolerance=1e-5, **options):
-    x, gate_up, down, slots, extra = case(tokens, k, seed, dtype=dtype, **options)
+    x, gate_up, down, slots, extra = case(tokens, k, seed, dtype=dtype, gated=act.gated, **options)
     expected = torch.full((tokens * k, HIDDEN), 7.0, dtype=dtype)  # rows of skipped pairs stay as they were
     got = expected.clone()
     expert_pair_outputs(expected, x, gate_up, down, slots, act, *extra)
@@ -66,12 +73,14 @@ def test_activations_biases_and_input_scales(act, tokens):
 
 @pytest.mark.parametrize("bits", [8, 4])
 @pytest.mark.parametrize("tokens", [1, 24])
-def test_quantized_weights_dequantized_in_registers(bits, tokens):
-    x, gate_up, down, slots, extra = case(tokens, 2, seed=bits + tokens, biases=True)
+@pytest.mark.parametrize("act", ["clamped", "relu2-ungated"])
+def test_quantized_weights_dequantized_in_registers(bits, tokens, act):
+    act = ACTS[act]
+    x, gate_up, down, slots, extra = case(tokens, 2, seed=bits + tokens, biases=True, gated=act.gated)
     gate_up, down = quantized_stack(gate_up, QuantSpec(bits, 8)), quantized_stack(down, QuantSpec(bits, 8))
     expected, got = torch.zeros(tokens * 2, HIDDEN), torch.zeros(tokens * 2, HIDDEN)
-    expert_pair_outputs(expected, x, gate_up, down, slots, ACTS["clamped"], *extra)  # dequantizes per slot
-    triton_experts.triton_pair_outputs(got, x, gate_up, down, slots, ACTS["clamped"], *extra)
+    expert_pair_outputs(expected, x, gate_up, down, slots, act, *extra)  # dequantizes per slot
+    triton_experts.triton_pair_outputs(got, x, gate_up, down, slots, act, *extra)
     assert (got - expected).abs().max().item() <= 1e-5 * expected.abs().max().item()
 
 
@@ -125,7 +134,7 @@ def test_sorted_blocks_group_pairs_by_slot():
 
 
 def test_self_check_passes_and_catches_a_broken_kernel():
-    acts = list(ACTS.values())
+    acts = list(ACTS.values())  # gated and ungated experts at once
     assert self_check(triton_experts.triton_pair_outputs, torch.device("cpu"), torch.float32, acts) is None
     cpu = torch.device("cpu")
     assert self_check(triton_experts.triton_pair_outputs, cpu, torch.float32, acts, QuantSpec(4, 8)) is None
@@ -207,12 +216,23 @@ def test_pairs_outside_the_pool_read_from_the_host_stack(fmt, tokens, k):
     """The direct-read path: a pair whose slot is -1 is computed from the host stack at its expert id, bit
     for bit what the same expert gives from a slot (same bytes, same operations); pairs with neither a
     slot nor an id (-1) are skipped. Biases and input scales included; within tolerance of the reference."""
+    check_host_stack(fmt, tokens, k, ACTS["clamped"])
+
+
+@pytest.mark.parametrize("fmt", ["float32", "mxfp4"])
+@pytest.mark.parametrize("tokens, k", [(1, 4), (12, 2)])  # decode, grouped
+def test_ungated_experts_from_the_pool_and_the_host_stack(fmt, tokens, k):
+    check_host_stack(fmt, tokens, k, UNGATED)
+
+
+def check_host_stack(fmt: str, tokens: int, k: int, act: GatedActivation) -> None:
     g = torch.Generator().manual_seed(len(fmt) * 10 + tokens)
     experts, hidden, inter = 6, 64, 32
+    in_rows = (2 if act.gated else 1) * inter
     host = ExpertStack(
-        stored_stack(fmt, 2 * inter, hidden, experts, g),
+        stored_stack(fmt, in_rows, hidden, experts, g),
         stored_stack(fmt, hidden, inter, experts, g),
-        torch.randn(experts, 2 * inter, generator=g),
+        torch.randn(experts, in_rows, generator=g),
         torch.randn(experts, hidden, generator=g),
     )
     in_pool = [4, 1, 5]  # the experts the pool holds, in slots 0, 1, 2
@@ -224,7 +244,6 @@ def test_pairs_outside_the_pool_read_from_the_host_stack(fmt, tokens, k):
     ids_or_none = torch.where(torch.rand(ids.shape, generator=g) < 0.2, -1, ids)  # some pairs skipped
     x = torch.randn(tokens, hidden, generator=g)
     scale = torch.rand(tokens * k, generator=g)
-    act = ACTS["clamped"]
     everything = torch.full((tokens * k, hidden), 7.0)  # every expert read as if from a slot of the host stack
     triton_experts.triton_pair_outputs(everything, x, *host[:2], ids_or_none, act, *host[2:], scale)
     mixed = torch.full((tokens * k, hidden), 7.0)
@@ -302,7 +321,8 @@ def test_the_launcher_refuses_what_would_be_read_wrong():
     _, gate_up, down, slots, _ = case(1, 2, 0)
     assert "out must be [2, 40] torch.float32" in launcher_error(out=torch.zeros(2, HIDDEN, dtype=torch.float16))
     assert "x must be [T, E]" in launcher_error(x=torch.zeros(1, HIDDEN, dtype=torch.int32))
-    assert "do not fit x" in launcher_error(down=down[:, :, :-1])
+    assert "are not [N, 2I, 40] and [N, 40, I]" in launcher_error(down=down[:, :, :-1])
+    assert "are not [N, I, 40] and [N, 40, I]" in launcher_error(act=UNGATED)  # gate rows where up alone lies
     assert "gate_up part 0 has strided rows" in launcher_error(
         gate_up=gate_up.transpose(1, 2).contiguous().transpose(1, 2)
     )

@@ -73,14 +73,14 @@ def self_check(
     def rand(*shape, scale=0.25):
         return (torch.randn(*shape, generator=generator) * scale).to(device=device, dtype=dtype)
 
-    gate_up, down = rand(experts, 2 * inter, hidden), rand(experts, hidden, inter)
-    if isinstance(quant, QuantSpec):
-        gate_up, down = quantized_stack(gate_up, quant), quantized_stack(down, quant)
-    elif quant is not None:
-        gate_up, down = (
-            _random_stored(quant, experts, shape, dtype, device) for shape in (gate_up.shape[1:], down.shape[1:])
-        )
     for act in {(a.kind, a.act, a.alpha, a.limit): a for a in acts}.values():
+        gate_up, down = rand(experts, (2 if act.gated else 1) * inter, hidden), rand(experts, hidden, inter)
+        if isinstance(quant, QuantSpec):
+            gate_up, down = quantized_stack(gate_up, quant), quantized_stack(down, quant)
+        elif quant is not None:
+            gate_up, down = (
+                _random_stored(quant, experts, shape, dtype, device) for shape in (gate_up.shape[1:], down.shape[1:])
+            )
         for tokens in (1, 40):
             x = rand(tokens, hidden, scale=1.0)
             slots = torch.randint(-1, experts, (tokens, 2), generator=generator).to(device)

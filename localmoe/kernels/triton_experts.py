@@ -15,13 +15,14 @@ host stack at its expert id: on CUDA those are pinned host rows mapped into the 
 which the kernel reads over the bus (see `triton_pair_outputs`). Both sources run the same code on the
 same bytes, so a pair's output does not depend on where its expert lies.
 
-The activation (SwiGLU, tanh-GELU GLU, gpt-oss's clamped SwiGLU, DeepSeek-V4's clamped GLU), expert
-biases and Llama 4's input scale match the reference. Weights are in the compute dtype, quantized to 8
+The activation (SwiGLU, tanh-GELU GLU, gpt-oss's clamped SwiGLU, DeepSeek-V4's clamped GLU, Step-3.7's
+SwiGLU clamped after the activation, and Nemotron-H's ungated ReLU-squared, whose experts have an up
+projection and no gate: gate_up [N, I, E]), expert biases and Llama 4's input scale match the reference. Weights are in the compute dtype, quantized to 8
 or 4 bits (kernels/quantized.py), or block-scaled FP8 and MXFP4 as checkpoints ship them, decoded in
 registers with integer bit operations. Offsets along pairs, tokens, slots and experts are 64-bit;
 offsets inside one expert's matrix are 32-bit, which the launcher's checks keep below 2^31
-(scripts/check_kernels.py finds any 32-bit product along pairs or slots in the compiled kernels). The sort runs on the device without a
-host sync. Under TRITON_INTERPRET=1 the kernels run on the CPU (float32 and float16 only), which is how
+(scripts/check_kernels.py finds any 32-bit product along pairs or slots in the compiled kernels).
+The sort runs on the device without a host sync. Under TRITON_INTERPRET=1 the kernels run on the CPU (float32 and float16 only), which is how
 the tests check them.
 """
 
@@ -34,9 +35,18 @@ import triton.language as tl
 from localmoe.kernels.quantized import Fp8Weights, Mxfp4Weights, QuantizedWeights
 from localmoe.kernels.reference import ExpertStack
 
-# activation codes: act(gate, up)
-SILU_GLU, GELU_TANH_GLU, CLAMPED_SWIGLU, CLAMPED_SILU_GLU = 0, 1, 2, 3
-ACTIVATIONS = {("glu", "silu"): SILU_GLU, ("glu", "swish"): SILU_GLU, ("glu", "gelu_pytorch_tanh"): GELU_TANH_GLU}
+# activation codes: act(gate, up), or act(up) for ungated experts (the codes from UNGATED on, whose input
+# projection is up alone)
+SILU_GLU, GELU_TANH_GLU, CLAMPED_SWIGLU, CLAMPED_SILU_GLU, SILU_GLU_CLAMPED_AFTER = 0, 1, 2, 3, 4
+UNGATED = RELU2 = 5
+ACTIVATIONS = {
+    ("glu", "silu"): SILU_GLU,
+    ("glu", "swish"): SILU_GLU,
+    ("glu", "gelu_pytorch_tanh"): GELU_TANH_GLU,
+    ("glu_clamped_after", "silu"): SILU_GLU_CLAMPED_AFTER,
+    ("glu_clamped_after", "swish"): SILU_GLU_CLAMPED_AFTER,
+    ("ungated", "relu2"): RELU2,
+}
 # weight formats, the kernels' BITS (literals in the kernels, which cannot read Python globals)
 PLAIN, INT8, INT4, FP8, MXFP4 = 16, 8, 4, 2, 1  # compute dtype, 8- and 4-bit affine, e4m3fn blocks, MXFP4
 DECODE_PAIRS = 16  # up to this many pairs, the matrix-vector kernels
@@ -60,7 +70,8 @@ def activation_code(act) -> int | None:
 
 @triton.jit
 def _activate(gate, up, ACT: tl.constexpr, alpha, limit):
-    # one return after compile-time branches: the compiler rejects returns inside control flow
+    # one return after compile-time branches: the compiler rejects returns inside control flow; ungated
+    # activations (ACT >= 5) read up only
     if ACT == 0:
         out = gate * tl.sigmoid(gate) * up
     elif ACT == 1:
@@ -69,6 +80,11 @@ def _activate(gate, up, ACT: tl.constexpr, alpha, limit):
     elif ACT == 3:
         clamped = tl.minimum(gate, limit)
         out = clamped * tl.sigmoid(clamped) * tl.minimum(tl.maximum(up, -limit), limit)
+    elif ACT == 4:
+        out = tl.minimum(gate * tl.sigmoid(gate), limit) * tl.minimum(tl.maximum(up, -limit), limit)
+    elif ACT == 5:
+        positive = tl.maximum(up, 0.0)
+        out = positive * positive
     else:
         clamped = tl.minimum(gate, limit)
         out = clamped * tl.sigmoid(clamped * alpha) * (tl.minimum(tl.maximum(up, -limit), limit) + 1.0)
@@ -259,10 +275,15 @@ def _gate_up_rows(
         )  # fmt: skip
         x = x_ptr + token.to(tl.int64) * stride_x
         stored = HIDDEN_STORED
-        gate = _row_sums(w, s, z, rows, row_ok, x, stored, stride_wr, stride_sr, BITS, GROUP, SPAN, BLOCK_R, BLOCK_K)
-        up = _row_sums(
-            w, s, z, rows + INTER, row_ok, x, stored, stride_wr, stride_sr, BITS, GROUP, SPAN, BLOCK_R, BLOCK_K
-        )
+        GATED: tl.constexpr = ACT < 5  # else the rows are up's alone
+        up_rows = rows + INTER if GATED else rows
+        up = _row_sums(w, s, z, up_rows, row_ok, x, stored, stride_wr, stride_sr, BITS, GROUP, SPAN, BLOCK_R, BLOCK_K)
+        if GATED:
+            gate = _row_sums(
+                w, s, z, rows, row_ok, x, stored, stride_wr, stride_sr, BITS, GROUP, SPAN, BLOCK_R, BLOCK_K
+            )
+        else:
+            gate = up
         if HAS_SCALE:
             scale = tl.load(scale_ptr + pair).to(tl.float32)
             gate = gate * scale
@@ -270,7 +291,7 @@ def _gate_up_rows(
         if HAS_BIAS:
             bias = _source(slot, expert, bias_ptr, host_bias_ptr, stride_bs, stride_host_bs, HAS_HOST)
             gate += tl.load(bias + rows, mask=row_ok, other=0.0).to(tl.float32)
-            up += tl.load(bias + INTER + rows, mask=row_ok, other=0.0).to(tl.float32)
+            up += tl.load(bias + up_rows, mask=row_ok, other=0.0).to(tl.float32)
         h = _activate(gate, up, ACT, alpha, limit)
         tl.store(h_ptr + pair.to(tl.int64) * INTER + rows, h, mask=row_ok)
 
@@ -479,14 +500,19 @@ def _grouped_gate_up(
         x_rows = x_ptr + tokens.to(tl.int64) * stride_x
         dtype = x_ptr.dtype.element_ty
         zeros = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
-        gate = _grouped_product(
-            x_rows, valid, w, s, z, rows, row_ok, HIDDEN, stride_wr, stride_sr, zeros, dtype, PRECISION, BITS, GROUP,
-            BLOCK_K
-        )  # fmt: skip
+        GATED: tl.constexpr = ACT < 5  # else the rows are up's alone
+        up_rows = rows + INTER if GATED else rows
         up = _grouped_product(
-            x_rows, valid, w, s, z, rows + INTER, row_ok, HIDDEN, stride_wr, stride_sr, zeros, dtype, PRECISION,
-            BITS, GROUP, BLOCK_K
+            x_rows, valid, w, s, z, up_rows, row_ok, HIDDEN, stride_wr, stride_sr, zeros, dtype, PRECISION, BITS,
+            GROUP, BLOCK_K
         )  # fmt: skip
+        if GATED:
+            gate = _grouped_product(
+                x_rows, valid, w, s, z, rows, row_ok, HIDDEN, stride_wr, stride_sr, zeros, dtype, PRECISION, BITS,
+                GROUP, BLOCK_K
+            )  # fmt: skip
+        else:
+            gate = up
         if HAS_SCALE:
             scale = tl.load(scale_ptr + pairs, mask=valid, other=0.0).to(tl.float32)
             gate = gate * scale[:, None]
@@ -494,7 +520,7 @@ def _grouped_gate_up(
         if HAS_BIAS:
             bias = _source(slot, expert, bias_ptr, host_bias_ptr, stride_bs, stride_host_bs, HAS_HOST)
             gate += tl.load(bias + rows, mask=row_ok, other=0.0).to(tl.float32)[None, :]
-            up += tl.load(bias + INTER + rows, mask=row_ok, other=0.0).to(tl.float32)[None, :]
+            up += tl.load(bias + up_rows, mask=row_ok, other=0.0).to(tl.float32)[None, :]
         h = _activate(gate, up, ACT, alpha, limit)
         h_rows = h_ptr + tl.where(valid, pairs, 0).to(tl.int64) * INTER
         tl.store(h_rows[:, None] + rows[None, :], h, mask=valid[:, None] & row_ok[None, :])
@@ -630,7 +656,7 @@ def _check_bias(name: str, bias: torch.Tensor | None, width: int, experts: int) 
     return [] if bias.is_floating_point() else [f"{name} is {bias.dtype}, not floating point"]
 
 
-def _check_launch(out, x, gate_up, down, slots, biases, input_scale, ids, host) -> list[str]:
+def _check_launch(out, x, gate_up, down, slots, biases, input_scale, ids, host, gated: bool) -> list[str]:
     """Everything the kernels assume of their arguments that the arguments could get wrong."""
     problems = []
     if x.dim() != 2 or x.dtype not in (torch.float16, torch.bfloat16, torch.float32):
@@ -647,18 +673,25 @@ def _check_launch(out, x, gate_up, down, slots, biases, input_scale, ids, host) 
         )
     if input_scale is not None and input_scale.numel() != pairs:
         problems.append(f"input_scale must have one value per pair ({pairs}), not {input_scale.numel()}")
-    experts, inter2, columns = gate_up.shape
-    inter = inter2 // 2
-    if columns != hidden or tuple(down.shape) != (experts, hidden, inter) or type(gate_up) is not type(down):
-        problems.append(f"gate_up {tuple(gate_up.shape)} and down {tuple(down.shape)} do not fit x [T, {hidden}]")
+    experts, in_rows, columns = gate_up.shape
+    inter = down.shape[2] if len(down.shape) == 3 else -1
+    parts = 2 if gated else 1  # gate and up rows, or up alone
+    if (
+        columns != hidden
+        or in_rows != parts * inter
+        or tuple(down.shape) != (experts, hidden, inter)
+        or type(gate_up) is not type(down)
+    ):
+        shape = f"[N, {'2I' if gated else 'I'}, {hidden}] and [N, {hidden}, I]"
+        problems.append(f"gate_up {tuple(gate_up.shape)} and down {tuple(down.shape)} are not {shape}")
         return problems
-    stacks = [("gate_up", gate_up, 2 * inter, hidden), ("down", down, hidden, inter)]
+    stacks = [("gate_up", gate_up, in_rows, hidden), ("down", down, hidden, inter)]
     for name, stack, rows, cols in stacks:
         args = _weight_args(stack)
         problems += _check_stack(name, args, rows, cols, experts)
         if args.bits == PLAIN and stack.dtype != x.dtype:
             problems.append(f"{name} is {stack.dtype}, not x's {x.dtype}")
-    problems += _check_bias("gate_up_bias", biases[0], 2 * inter, experts)
+    problems += _check_bias("gate_up_bias", biases[0], in_rows, experts)
     problems += _check_bias("down_bias", biases[1], hidden, experts)
     devices = {t.device for t in (out, x, slots, *_weight_args(gate_up).parts, *_weight_args(down).parts)}
     devices |= {t.device for t in (*biases, input_scale) if t is not None}
@@ -737,7 +770,8 @@ def triton_pair_outputs(
     code = activation_code(act)
     if code is None:
         raise ValueError(f"the Triton expert kernels have no {act.kind}/{act.act} activation")
-    if problems := _check_launch(out, x, gate_up, down, slots, (gate_up_bias, down_bias), input_scale, ids, host):
+    biases = (gate_up_bias, down_bias)
+    if problems := _check_launch(out, x, gate_up, down, slots, biases, input_scale, ids, host, code < UNGATED):
         raise ValueError("triton_pair_outputs: " + "; ".join(problems))
     for launch in kernel_launches(
         out, x, gate_up, down, slots, code, act, gate_up_bias, down_bias, input_scale, ids, host
