@@ -5,7 +5,7 @@ import dataclasses
 
 import pytest
 import torch
-from conftest import GPT_OSS, LLAMA4, MIXTRAL, hf_model, save_hf
+from conftest import GPT_OSS, LLAMA4, MIXTRAL, TINY_FAMILIES, hf_model, save_hf
 
 import localmoe
 from localmoe.engine import RuntimeOptions
@@ -159,8 +159,14 @@ def test_the_choice_of_kernels():
 @pytest.mark.slow  # whole models through Triton's interpreter
 @pytest.mark.parametrize(
     "config_class, config",
-    [("MixtralConfig", MIXTRAL), ("GptOssConfig", GPT_OSS), ("Llama4TextConfig", {**LLAMA4, "num_experts_per_tok": 2})],
-    ids=["mixtral", "gpt-oss", "llama4"],
+    [
+        ("MixtralConfig", MIXTRAL),
+        ("GptOssConfig", GPT_OSS),
+        ("Llama4TextConfig", {**LLAMA4, "num_experts_per_tok": 2}),
+        TINY_FAMILIES["nemotron_h"],  # ungated ReLU-squared experts in a latent space
+        TINY_FAMILIES["step3p5"],  # SwiGLU clamped after the activation
+    ],
+    ids=["mixtral", "gpt-oss", "llama4", "nemotron-h", "step-3.7"],
 )
 def test_greedy_tokens_equal_the_reference_path(config_class, config, tmp_path):
     """End to end in float32, resident and offloaded, with the kernels in the interpreter."""
@@ -176,8 +182,8 @@ def test_greedy_tokens_equal_the_reference_path(config_class, config, tmp_path):
     assert resident == expected and "kernels: triton" in engine.summary()
     offloaded, _ = tokens(kernels="triton", expert_slots=engine.plan.footprint.top_k + 1, miss_policy="copy")
     assert offloaded == expected
-    quantized_reference, _ = tokens(kernels="reference", expert_bits=4, expert_group_size=16)
-    assert tokens(kernels="triton", expert_bits=4, expert_group_size=16)[0] == quantized_reference
+    quantized_reference, _ = tokens(kernels="reference", expert_bits=4, expert_group_size=8)
+    assert tokens(kernels="triton", expert_bits=4, expert_group_size=8)[0] == quantized_reference
 
 
 def stored_stack(fmt: str, rows: int, columns: int, experts: int, g: torch.Generator):

@@ -107,6 +107,7 @@ MAY_BE_ZERO = frozenset(
         "moe_layer_start_index",
         "sliding_window",
         "hidden_size_per_layer_input",
+        "num_nextn_predict_layers",  # Step-3.7: the multi-token prediction layers after the decoder's
     }
 )
 MAY_BE_NEGATIVE = frozenset({"moe_layer_end_index"})  # ERNIE: -1 for the last layer
