@@ -17,13 +17,14 @@ same bytes, so a pair's output does not depend on where its expert lies.
 
 The activation (SwiGLU, tanh-GELU GLU, gpt-oss's clamped SwiGLU, DeepSeek-V4's clamped GLU, Step-3.7's
 SwiGLU clamped after the activation, and Nemotron-H's ungated ReLU-squared, whose experts have an up
-projection and no gate: gate_up [N, I, E]), expert biases and Llama 4's input scale match the reference. Weights are in the compute dtype, quantized to 8
-or 4 bits (kernels/quantized.py), or block-scaled FP8 and MXFP4 as checkpoints ship them, decoded in
-registers with integer bit operations. Offsets along pairs, tokens, slots and experts are 64-bit;
-offsets inside one expert's matrix are 32-bit, which the launcher's checks keep below 2^31
-(scripts/check_kernels.py finds any 32-bit product along pairs or slots in the compiled kernels).
-The sort runs on the device without a host sync. Under TRITON_INTERPRET=1 the kernels run on the CPU (float32 and float16 only), which is how
-the tests check them.
+projection and no gate: gate_up [N, I, E]), expert biases and Llama 4's input scale match the
+reference. Weights are in the compute dtype, quantized to 8 or 4 bits (kernels/quantized.py), or
+block-scaled FP8 and MXFP4 as checkpoints ship them, decoded in registers with integer bit operations.
+Offsets along pairs, tokens, slots and experts are 64-bit; offsets inside one expert's matrix are
+32-bit, which the launcher's checks keep below 2^31 (scripts/check_kernels.py finds any 32-bit product
+along pairs or slots in the compiled kernels). The sort runs on the device without a host sync. Under
+TRITON_INTERPRET=1 the kernels run on the CPU (float32 and float16 only), which is how the tests check
+them.
 """
 
 from typing import NamedTuple
