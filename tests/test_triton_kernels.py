@@ -28,9 +28,7 @@ ACTS = {
 UNGATED = ACTS["relu2-ungated"]
 
 
-def case(
-    tokens: int, k: int, seed: int, biases: bool = False, scale: bool = False, dtype=torch.float32, gated=True
-):
+def case(tokens: int, k: int, seed: int, biases: bool = False, scale: bool = False, dtype=torch.float32, gated=True):
     g = torch.Generator().manual_seed(seed)
     in_rows = (2 if gated else 1) * INTER  # gate and up rows, or up alone
     x = torch.randn(tokens, HIDDEN, generator=g).to(dtype)
