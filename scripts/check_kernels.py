@@ -3,8 +3,9 @@
 For each weight format (bfloat16, float16, float32, int8, int4, MXFP4, FP8), each kernel (decode and
 grouped; gate_up and down), plain and with everything optional at once (biases, input scales and the
 direct-read path, pairs computed from host rows: the most registers a variant can need), at the expert
-shapes of Mixtral (4096 x 14336), Qwen3-30B-A3B (2048 x 768), DeepSeek-V3 (7168 x 2048) and gpt-oss
-(2880 x 2880, MXFP4), and the activations those shapes do not use, it builds the launches
+shapes of Mixtral (4096 x 14336), Qwen3-30B-A3B (2048 x 768), DeepSeek-V3 (7168 x 2048), gpt-oss
+(2880 x 2880, MXFP4) and Nemotron-3's ungated ReLU-squared experts (Nano: 2688 x 1856; Super: 1024 x
+2688, in its latent space), and the activations those shapes do not use, it builds the launches
 `triton_pair_outputs` would make (`kernel_launches`, on untouched `torch.empty` tensors) and compiles
 them with Triton's own compiler and ptxas for sm_80, sm_86, sm_89 and sm_90. It fails (exit 1) on:
 
@@ -63,17 +64,22 @@ from localmoe.models.moe import GatedActivation  # noqa: E402
 TARGETS = (80, 86, 89, 90)
 SHARED_LIMIT = {80: 166912, 86: 101376, 89: 101376, 90: 232448}  # bytes one block may opt into
 SWIGLU, CLAMPED = GatedActivation(), GatedActivation(kind="clamped_swiglu", alpha=1.702, limit=7.0)
-# name: (hidden, expert intermediate, formats, activation)
+RELU2 = GatedActivation(kind="ungated", act="relu2")  # up projection only: gate_up is [N, I, E]
+# name: (hidden, expert intermediate, formats, activation); the experts' hidden width, the latent one where
+# they work in a latent space
 SHAPES = {
     "mixtral-8x7b": (4096, 14336, ("bf16", "fp16", "fp32", "int8", "int4"), SWIGLU),
     "qwen3-30b-a3b": (2048, 768, ("bf16", "int8", "int4"), SWIGLU),
     "deepseek-v3": (7168, 2048, ("fp8", "bf16"), SWIGLU),
     "gpt-oss": (2880, 2880, ("mxfp4",), CLAMPED),
+    "nemotron-3-nano": (2688, 1856, ("bf16", "int8", "int4"), RELU2),
+    "nemotron-3-super": (1024, 2688, ("bf16", "int4"), RELU2),
 }
 # the activations the shapes above do not use, compiled once each
 OTHER_ACTIVATIONS = {
     "gelu-tanh": GatedActivation(act="gelu_pytorch_tanh"),
     "clamped-glu": GatedActivation("clamped_glu"),
+    "clamped-after": GatedActivation("glu_clamped_after", limit=7.0),  # Step-3.7
 }
 FORMATS = ("bf16", "fp16", "fp32", "int8", "int4", "mxfp4", "fp8")
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
@@ -111,8 +117,9 @@ def variants(formats=FORMATS):
     for shape, fmt, act, act_name, extras in cases:
         hidden, inter = SHAPES[shape][:2]
         dtype = DTYPES.get(fmt, torch.bfloat16)
-        gate_up, down = stack(fmt, 2 * inter, hidden), stack(fmt, hidden, inter)
-        biases = (torch.empty(SLOTS, 2 * inter, dtype=dtype), torch.empty(SLOTS, hidden, dtype=dtype))
+        in_rows = (2 if act.gated else 1) * inter  # gate and up rows, or up alone
+        gate_up, down = stack(fmt, in_rows, hidden), stack(fmt, hidden, inter)
+        biases = (torch.empty(SLOTS, in_rows, dtype=dtype), torch.empty(SLOTS, hidden, dtype=dtype))
         experts = ExpertStack(gate_up, down, *biases) if extras else ExpertStack(gate_up, down)
         for size, tokens in TOKENS.items():
             x, out = torch.empty(tokens, hidden, dtype=dtype), torch.empty(tokens * TOP_K, hidden, dtype=dtype)

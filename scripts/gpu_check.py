@@ -129,45 +129,47 @@ def unregister(tensor: torch.Tensor) -> int:
     return ctypes.CDLL("libcuda.so.1").cuMemHostUnregister(ctypes.c_void_p(tensor.data_ptr()))
 
 
-# name: (hidden, expert intermediate, top-k, weight format, activation kind)
+# name: (hidden, expert intermediate, top-k, weight format, the activation's GatedActivation fields)
 KERNEL_SHAPES = {
-    "qwen3-30b-a3b bf16": (2048, 768, 8, "bf16", "glu"),
-    "mixtral-8x7b bf16": (4096, 14336, 2, "bf16", "glu"),
-    "qwen3-30b-a3b int4 g64": (2048, 768, 8, "int4", "glu"),
-    "qwen3-30b-a3b int8 g64": (2048, 768, 8, "int8", "glu"),
-    "deepseek-v3 fp8 b128": (7168, 2048, 8, "fp8", "glu"),
-    "gpt-oss mxfp4 + biases": (2880, 2880, 4, "mxfp4", "clamped_swiglu"),
+    "qwen3-30b-a3b bf16": (2048, 768, 8, "bf16", {}),
+    "mixtral-8x7b bf16": (4096, 14336, 2, "bf16", {}),
+    "qwen3-30b-a3b int4 g64": (2048, 768, 8, "int4", {}),
+    "qwen3-30b-a3b int8 g64": (2048, 768, 8, "int8", {}),
+    "deepseek-v3 fp8 b128": (7168, 2048, 8, "fp8", {}),
+    "gpt-oss mxfp4 + biases": (2880, 2880, 4, "mxfp4", {"kind": "clamped_swiglu"}),
+    "nemotron-3-nano bf16 ungated relu2": (2688, 1856, 6, "bf16", {"kind": "ungated", "act": "relu2"}),
 }
 
 
-def random_experts(fmt: str, experts: int, hidden: int, inter: int, device):
-    """gate_up and down of `experts` random experts in a weight format, and their bytes per expert."""
+def random_experts(fmt: str, experts: int, hidden: int, inter: int, device, gated=True, dtype=torch.bfloat16):
+    """gate_up and down of `experts` random experts in a weight format (gate_up up alone where not
+    `gated`), and their bytes per expert."""
     from localmoe.kernels.quantized import Fp8Weights, Mxfp4Weights, QuantSpec, quantized_stack
 
+    in_rows = (2 if gated else 1) * inter
+
     def matrices(rows, columns):
-        return (torch.randn(experts, rows, columns, device=device) * columns**-0.5).to(torch.bfloat16)
+        return (torch.randn(experts, rows, columns, device=device) * columns**-0.5).to(dtype)
 
     if fmt in ("bf16", "int8", "int4"):
-        stacks = [matrices(2 * inter, hidden), matrices(hidden, inter)]
+        stacks = [matrices(in_rows, hidden), matrices(hidden, inter)]
         if fmt != "bf16":
             stacks = [quantized_stack(stack, QuantSpec(int(fmt[3:]), 64)) for stack in stacks]
     elif fmt == "fp8":
 
         def fp8(rows, columns):
             bits = torch.randn(experts, rows, columns, device=device).to(torch.float8_e4m3fn).view(torch.uint8)
-            return Fp8Weights(
-                bits, torch.rand(experts, rows // 128, columns // 128, device=device) / 64, 128, torch.bfloat16
-            )
+            return Fp8Weights(bits, torch.rand(experts, rows // 128, columns // 128, device=device) / 64, 128, dtype)
 
-        stacks = [fp8(2 * inter, hidden), fp8(hidden, inter)]
+        stacks = [fp8(in_rows, hidden), fp8(hidden, inter)]
     else:
 
         def mxfp4(rows, columns):
             blocks = torch.randint(0, 256, (experts, rows, columns // 2), device=device, dtype=torch.uint8)
             scales = torch.randint(117, 121, (experts, rows, columns // 32), device=device, dtype=torch.uint8)
-            return Mxfp4Weights(blocks, scales, torch.bfloat16)
+            return Mxfp4Weights(blocks, scales, dtype)
 
-        stacks = [mxfp4(2 * inter, hidden), mxfp4(hidden, inter)]
+        stacks = [mxfp4(in_rows, hidden), mxfp4(hidden, inter)]
     nbytes = sum(part.numel() * part.element_size() for stack in stacks for part in _parts(stack)) // experts
     return stacks, nbytes
 
@@ -215,36 +217,29 @@ def phase_kernels() -> None:
         "kernels.bandwidth", device_copy_GBps=round(device_copy / 1e9, 1), host_to_device_GBps=round(host_copy / 1e9, 1)
     )
     torch.manual_seed(0)
-    for name, (hidden, inter, top_k, fmt, kind) in KERNEL_SHAPES.items():
+    for name, (hidden, inter, top_k, fmt, fields) in KERNEL_SHAPES.items():
         result(
             "kernels",
             name=name,
-            **kernel_row(hidden, inter, top_k, fmt, GatedActivation(kind=kind), device_copy, host_copy),
+            **kernel_row(hidden, inter, top_k, fmt, GatedActivation(**fields), device_copy, host_copy),
         )
         torch.cuda.empty_cache()
 
 
 def kernel_row(hidden, inter, top_k, fmt, act, device_copy: float, host_copy: float) -> dict:
     """One shape and format: errors against the reference, decode speed from slots and from host rows."""
-    from localmoe.kernels.reference import ExpertStack, expert_pair_outputs
+    from localmoe.kernels.reference import ExpertStack
     from localmoe.kernels.triton_experts import triton_pair_outputs
 
     device, experts = torch.device("cuda"), top_k + 4
-    (gate_up, down), nbytes = random_experts(fmt, experts, hidden, inter, device)
+    (gate_up, down), nbytes = random_experts(fmt, experts, hidden, inter, device, act.gated)
     biases = [None, None]
     if fmt == "mxfp4":
         biases = [torch.randn(experts, n, device=device).to(torch.bfloat16) / 10 for n in (2 * inter, hidden)]
-    row = {}
     decode_slots = torch.randperm(experts, device=device)[:top_k].view(1, top_k)
-    for tokens in (1, 256):
-        x = torch.randn(tokens, hidden, device=device).to(torch.bfloat16)
-        slots = decode_slots if tokens == 1 else torch.randint(0, experts, (tokens, top_k), device=device)
-        expected, got = x.new_zeros(tokens * top_k, hidden), x.new_zeros(tokens * top_k, hidden)
-        expert_pair_outputs(expected, x, gate_up, down, slots, act, *biases)
-        triton_pair_outputs(got, x, gate_up, down, slots, act, *biases)
-        error = (got.float() - expected.float()).norm() / expected.float().norm()
-        row[f"T{tokens}_relative_error"] = round(error.item(), 5)
-    x, out = x[:1], got[:top_k]
+    row = kernel_errors(gate_up, down, biases, decode_slots, act)
+    x = torch.randn(1, hidden, device=device).to(torch.bfloat16)
+    out = x.new_zeros(top_k, hidden)
     seconds = seconds_per_call(lambda: triton_pair_outputs(out, x, gate_up, down, decode_slots, act, *biases))
     rate = top_k * nbytes / seconds
     row.update(
@@ -270,6 +265,26 @@ def kernel_row(hidden, inter, top_k, fmt, act, device_copy: float, host_copy: fl
         row["direct_of_host_copy"] = round(rate / host_copy, 2)
         unregister(buffer)
     row["ok"] = all(v < 2e-2 for k, v in row.items() if k.endswith("error")) and row.get("direct_equal_to_slots", True)
+    return row
+
+
+def kernel_errors(gate_up, down, biases, decode_slots, act, prefill_tokens: int = 256) -> dict:
+    """The Triton kernels' relative error against the reference for one decode token (on `decode_slots`)
+    and a prefill of random slots, in the weights' compute dtype on their device."""
+    from localmoe.kernels.reference import expert_pair_outputs
+    from localmoe.kernels.triton_experts import triton_pair_outputs
+
+    device, (experts, hidden), dtype = decode_slots.device, down.shape[:2], gate_up.dtype
+    row = {}
+    for tokens in (1, prefill_tokens):
+        x = torch.randn(tokens, hidden, device=device).to(dtype)
+        top_k = decode_slots.shape[1]
+        slots = decode_slots if tokens == 1 else torch.randint(0, experts, (tokens, top_k), device=device)
+        expected, got = x.new_zeros(slots.numel(), hidden), x.new_zeros(slots.numel(), hidden)
+        expert_pair_outputs(expected, x, gate_up, down, slots, act, *biases)
+        triton_pair_outputs(got, x, gate_up, down, slots, act, *biases)
+        error = (got.float() - expected.float()).norm() / expected.float().norm()
+        row[f"T{tokens}_relative_error"] = round(error.item(), 5)
     return row
 
 
