@@ -276,14 +276,16 @@ def _gate_up_rows(
         )  # fmt: skip
         x = x_ptr + token.to(tl.int64) * stride_x
         stored = HIDDEN_STORED
-        GATED: tl.constexpr = ACT < 5  # else the rows are up's alone
-        up_rows = rows + INTER if GATED else rows
-        up = _row_sums(w, s, z, up_rows, row_ok, x, stored, stride_wr, stride_sr, BITS, GROUP, SPAN, BLOCK_R, BLOCK_K)
+        GATED: tl.constexpr = ACT < 5  # else the rows are up's alone, and up's offset is 0, not INTER
         if GATED:
             gate = _row_sums(
                 w, s, z, rows, row_ok, x, stored, stride_wr, stride_sr, BITS, GROUP, SPAN, BLOCK_R, BLOCK_K
             )
-        else:
+        up = _row_sums(
+            w, s, z, rows + INTER if GATED else rows, row_ok, x, stored, stride_wr, stride_sr, BITS, GROUP, SPAN,
+            BLOCK_R, BLOCK_K
+        )  # fmt: skip
+        if not GATED:
             gate = up
         if HAS_SCALE:
             scale = tl.load(scale_ptr + pair).to(tl.float32)
@@ -292,7 +294,8 @@ def _gate_up_rows(
         if HAS_BIAS:
             bias = _source(slot, expert, bias_ptr, host_bias_ptr, stride_bs, stride_host_bs, HAS_HOST)
             gate += tl.load(bias + rows, mask=row_ok, other=0.0).to(tl.float32)
-            up += tl.load(bias + up_rows, mask=row_ok, other=0.0).to(tl.float32)
+            up_bias = bias + INTER if GATED else bias
+            up += tl.load(up_bias + rows, mask=row_ok, other=0.0).to(tl.float32)
         h = _activate(gate, up, ACT, alpha, limit)
         tl.store(h_ptr + pair.to(tl.int64) * INTER + rows, h, mask=row_ok)
 
@@ -501,18 +504,19 @@ def _grouped_gate_up(
         x_rows = x_ptr + tokens.to(tl.int64) * stride_x
         dtype = x_ptr.dtype.element_ty
         zeros = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
-        GATED: tl.constexpr = ACT < 5  # else the rows are up's alone
-        up_rows = rows + INTER if GATED else rows
-        up = _grouped_product(
-            x_rows, valid, w, s, z, up_rows, row_ok, HIDDEN, stride_wr, stride_sr, zeros, dtype, PRECISION, BITS,
-            GROUP, BLOCK_K
-        )  # fmt: skip
+        GATED: tl.constexpr = ACT < 5  # else the rows are up's alone, and up's offset is 0, not INTER
         if GATED:
             gate = _grouped_product(
                 x_rows, valid, w, s, z, rows, row_ok, HIDDEN, stride_wr, stride_sr, zeros, dtype, PRECISION, BITS,
                 GROUP, BLOCK_K
             )  # fmt: skip
-        else:
+        # (the offset added here and to the bias pointer below, not kept in a row vector across the loop: that
+        # cost gpt-oss's MXFP4 kernel a spill on sm_80)
+        up = _grouped_product(
+            x_rows, valid, w, s, z, rows + INTER if GATED else rows, row_ok, HIDDEN, stride_wr, stride_sr, zeros,
+            dtype, PRECISION, BITS, GROUP, BLOCK_K
+        )  # fmt: skip
+        if not GATED:
             gate = up
         if HAS_SCALE:
             scale = tl.load(scale_ptr + pairs, mask=valid, other=0.0).to(tl.float32)
@@ -521,7 +525,8 @@ def _grouped_gate_up(
         if HAS_BIAS:
             bias = _source(slot, expert, bias_ptr, host_bias_ptr, stride_bs, stride_host_bs, HAS_HOST)
             gate += tl.load(bias + rows, mask=row_ok, other=0.0).to(tl.float32)[None, :]
-            up += tl.load(bias + up_rows, mask=row_ok, other=0.0).to(tl.float32)[None, :]
+            up_bias = bias + INTER if GATED else bias
+            up += tl.load(up_bias + rows, mask=row_ok, other=0.0).to(tl.float32)[None, :]
         h = _activate(gate, up, ACT, alpha, limit)
         h_rows = h_ptr + tl.where(valid, pairs, 0).to(tl.int64) * INTER
         tl.store(h_rows[:, None] + rows[None, :], h, mask=valid[:, None] & row_ok[None, :])
