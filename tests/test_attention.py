@@ -23,14 +23,18 @@ def sinks_per_head(q, k, v, visible, sinks, scale):
 
 @pytest.mark.parametrize("queries", [1, 5])  # decode, a prefill chunk after cached tokens
 def test_sinks_over_grouped_heads_equal_the_per_head_definition(queries):
-    batch, heads, kv_heads, keys, dim = 2, 8, 2, 11, 16
+    batch, heads, kv_heads, keys, dim, v_dim = 2, 8, 2, 11, 16, 12  # values narrower, as MiMo-V2-Flash's
     q = torch.randn(batch, heads, queries, dim)
-    k, v = torch.randn(batch, kv_heads, keys, dim), torch.randn(batch, kv_heads, keys, dim)
+    k, v = torch.randn(batch, kv_heads, keys, dim), torch.randn(batch, kv_heads, keys, v_dim)
     positions = torch.arange(keys - queries, keys)[:, None]
     visible = (torch.arange(keys)[None, :] <= positions) & (torch.arange(keys)[None, :] > positions - 4)  # a window
     sinks = torch.randn(heads)
-    got = attend_with_sinks(q, k, v, visible, sinks, dim**-0.5)
-    torch.testing.assert_close(got, sinks_per_head(q, k, v, visible, sinks, dim**-0.5), rtol=1e-6, atol=1e-6)
+    # one mask for all, one per sequence ([B, 1, T, S], as DeepSeek-V4 gives), one per sequence and head
+    per_sequence = visible & torch.tensor([True, False]).repeat(keys)[None, None, :keys].roll(1, -1)
+    per_head = visible & (torch.rand(batch, heads, queries, keys) < 0.7)
+    for mask in (visible, torch.stack((visible, per_sequence[0]))[:, None], per_head):
+        got = attend_with_sinks(q, k, v, mask, sinks, dim**-0.5)
+        torch.testing.assert_close(got, sinks_per_head(q, k, v, mask, sinks, dim**-0.5), rtol=1e-6, atol=1e-6)
 
 
 def latent_attention(rank=32, nope=16, rope=8, v=12, heads=4) -> LatentAttention:

@@ -147,7 +147,8 @@ class Attention(nn.Module):
 def attend_with_sinks(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, visible: torch.Tensor, sinks: torch.Tensor, scale: float
 ) -> torch.Tensor:
-    """softmax over [scores, sink] with the sink's column dropped before weighting the values. [B, H, T, D]
+    """softmax over [scores, sink] with the sink's column dropped before weighting the values. [B, H, T, Dv]
+    (Dv: the values' width, which may differ from the queries' and keys')
 
     Query heads are grouped by the key head they share ([B, H_kv, G, T, D]) and broadcast against it,
     so keys and values are never copied for every head."""
@@ -155,11 +156,13 @@ def attend_with_sinks(
     groups = H // k.shape[1]
     q = q.view(B, k.shape[1], groups, T, D)
     k, v = k.unsqueeze(2), v.unsqueeze(2)  # [B, H_kv, 1, S, D]
+    if visible.dim() == 4:  # [B, 1 or H, T, S]: grouped as the query heads are
+        visible = visible.unflatten(1, (k.shape[1], groups) if visible.shape[1] == H else (1, 1))
     scores = ((q @ k.transpose(-1, -2)) * scale).masked_fill(~visible, float("-inf"))  # [B, H_kv, G, T, S]
     sink = sinks.view(1, k.shape[1], groups, 1, 1).expand(B, -1, -1, T, 1).to(scores.dtype)
     logits = torch.cat((scores, sink), dim=-1)
     logits = logits - logits.max(dim=-1, keepdim=True).values
-    return (logits.softmax(dim=-1)[..., :-1].to(v.dtype) @ v).view(B, H, T, D)
+    return (logits.softmax(dim=-1)[..., :-1].to(v.dtype) @ v).view(B, H, T, v.shape[-1])
 
 
 class LatentAttention(nn.Module):
