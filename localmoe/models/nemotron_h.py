@@ -80,7 +80,6 @@ class NemotronHArgs(ModelArgs):
 
     @property
     def num_hidden_layers(self) -> int:
-        """The blocks the layer list names (the loader checks the checkpoint holds each)."""
         return len(self.kinds())
 
     def kinds(self) -> list[str]:
