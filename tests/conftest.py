@@ -910,6 +910,30 @@ BAILING_HYBRID = dict(
     pad_token_id=0,
 )
 
+GRANITE_MOE = dict(
+    BASE,
+    intermediate_size=32,
+    shared_intermediate_size=48,  # GraniteMoe ignores it; GraniteMoeShared adds the shared MLP
+    num_hidden_layers=3,
+    num_key_value_heads=2,
+    num_local_experts=6,
+    num_experts_per_tok=2,
+    # muP multipliers
+    embedding_multiplier=12.0,
+    residual_multiplier=0.22,
+    attention_multiplier=0.015625,
+    logits_scaling=2.0,
+    pad_token_id=0,
+)
+
+GRANITE_MOE_SWA = dict(
+    GRANITE_MOE,
+    num_hidden_layers=4,
+    sliding_window=8,  # shorter than the prompts
+    layer_types=["full_attention", "sliding_attention", "sliding_attention", "full_attention"],
+    layer_rope_theta=[10000.0, 0, 500000.0, 0],  # two bases, and layers without position embeddings
+)
+
 TINY_FAMILIES = {
     "mixtral": ("MixtralConfig", MIXTRAL),  # 3 MoE layers x 5 experts, top-2
     "qwen2_moe": ("Qwen2MoeConfig", QWEN2_MOE),
@@ -958,6 +982,9 @@ TINY_FAMILIES = {
     "minimax_m3_vl_text": ("MiniMaxM3VLConfig", MINIMAX_M3),
     "zaya": ("ZayaConfig", ZAYA),
     "bailing_hybrid": ("BailingHybridConfig", BAILING_HYBRID),
+    "granitemoe": ("GraniteMoeConfig", GRANITE_MOE),
+    "granitemoeshared": ("GraniteMoeSharedConfig", GRANITE_MOE),
+    "granitemoe_swa": ("GraniteMoeSWAConfig", GRANITE_MOE_SWA),
 }
 
 

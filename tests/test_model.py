@@ -78,6 +78,10 @@ REWIND_ONLY = {
     "deepseek-v32": ("deepseek_v32", None),
     "cohere2-moe-ring": ("cohere2_moe", 3),
     "glm4v-moe": ("glm4v_moe_text", None),
+    "granitemoe": ("granitemoe", None),
+    "granitemoeshared": ("granitemoeshared", None),
+    # rings of keys and values on layers with sinks, some without position embeddings
+    "granitemoe-swa-ring": ("granitemoe_swa", 3),
 }
 
 

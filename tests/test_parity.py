@@ -677,6 +677,32 @@ CASES = {
         {"use_qkv_bias": True, "n_group": 2, "topk_group": 1, "tie_word_embeddings": True},
         "single",
     ),
+    "granitemoe-sharded": ("granitemoe", {}, "sharded"),
+    # attention biases, tied embeddings, every expert for every token
+    "granitemoe-bias-tied-all": (
+        "granitemoe",
+        {"attention_bias": True, "tie_word_embeddings": True, "num_local_experts": 3, "num_experts_per_tok": 3},
+        "single",
+    ),
+    "granitemoe-fused": ("granitemoe", {}, "fused"),
+    "granitemoeshared-sharded": ("granitemoeshared", {}, "sharded"),
+    # no shared MLP, yarn, tied embeddings
+    "granitemoeshared-none-yarn-tied": (
+        "granitemoeshared",
+        {
+            "shared_intermediate_size": 0,
+            "tie_word_embeddings": True,
+            "rope_parameters": {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 64},
+        },
+        "single",
+    ),
+    "granitemoe-swa-sharded": ("granitemoe_swa", {}, "sharded"),
+    # transformers' default layer kinds (every fourth full) and one rotary base, biases, no shared MLP
+    "granitemoe-swa-defaults-bias": (
+        "granitemoe_swa",
+        {"layer_types": None, "layer_rope_theta": None, "attention_bias": True, "shared_intermediate_size": 0},
+        "single",
+    ),
 }
 
 
@@ -701,7 +727,7 @@ def test_experts_read_in_the_layout_written(pair, request):
     name = request.node.callspec.params["pair"]
     # save_pretrained writes the Hub's per-expert names, except for the families whose Hub layout is fused
     # (one tensor for gate and up) or stacked (one per role)
-    fused_on_the_hub = ("gpt-oss", "llama4", "gemma4", "mistral4", "qwen3-vl-moe", "granite-h", "zaya")
+    fused_on_the_hub = ("gpt-oss", "llama4", "gemma4", "mistral4", "qwen3-vl-moe", "granite", "zaya")
     expected = Fused if CASES[name][2] == "fused" or name.startswith(fused_on_the_hub) else PerExpert
     expected = Stacked if name.startswith("step3p7") else expected
     assert {type(found) for found in engine.parts.experts.layouts.values()} == {expected}

@@ -20,7 +20,10 @@ from localmoe.models import (
     glm4v_moe,
     glm_moe_dsa,
     gpt_oss,
+    granitemoe,
+    granitemoe_swa,
     granitemoehybrid,
+    granitemoeshared,
     hunyuan_v1_moe,
     hy_v3,
     kimi_linear,
@@ -93,6 +96,9 @@ FAMILIES: tuple[Family, ...] = (
     minimax_m3_vl.FAMILY,
     zaya.FAMILY,
     bailing_hybrid.FAMILY,
+    granitemoe.FAMILY,
+    granitemoeshared.FAMILY,
+    granitemoe_swa.FAMILY,
 )
 
 

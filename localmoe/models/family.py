@@ -107,6 +107,7 @@ MAY_BE_ZERO = frozenset(
         "moe_layer_start_index",
         "sliding_window",
         "hidden_size_per_layer_input",
+        "shared_intermediate_size",  # GraniteMoeShared: no shared MLP
     }
 )
 MAY_BE_NEGATIVE = frozenset({"moe_layer_end_index"})  # ERNIE: -1 for the last layer
