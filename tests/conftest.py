@@ -934,6 +934,16 @@ GRANITE_MOE_SWA = dict(
     layer_rope_theta=[10000.0, 0, 500000.0, 0],  # two bases, and layers without position embeddings
 )
 
+FLEX_OLMO = dict(
+    BASE,
+    intermediate_size=48,
+    num_hidden_layers=3,
+    num_key_value_heads=2,
+    num_experts=6,
+    num_experts_per_tok=2,
+    pad_token_id=0,
+)
+
 TINY_FAMILIES = {
     "mixtral": ("MixtralConfig", MIXTRAL),  # 3 MoE layers x 5 experts, top-2
     "qwen2_moe": ("Qwen2MoeConfig", QWEN2_MOE),
@@ -985,6 +995,7 @@ TINY_FAMILIES = {
     "granitemoe": ("GraniteMoeConfig", GRANITE_MOE),
     "granitemoeshared": ("GraniteMoeSharedConfig", GRANITE_MOE),
     "granitemoe_swa": ("GraniteMoeSWAConfig", GRANITE_MOE_SWA),
+    "flex_olmo": ("FlexOlmoConfig", FLEX_OLMO),
 }
 
 

@@ -82,6 +82,7 @@ REWIND_ONLY = {
     "granitemoeshared": ("granitemoeshared", None),
     # rings of keys and values on layers with sinks, some without position embeddings
     "granitemoe-swa-ring": ("granitemoe_swa", 3),
+    "flex-olmo": ("flex_olmo", None),
 }
 
 

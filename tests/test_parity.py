@@ -703,6 +703,14 @@ CASES = {
         {"layer_types": None, "layer_rope_theta": None, "attention_bias": True, "shared_intermediate_size": 0},
         "single",
     ),
+    "flex-olmo-sharded": ("flex_olmo", {}, "sharded"),
+    # renormalised routing, attention biases, tied embeddings
+    "flex-olmo-norm-bias-tied": (
+        "flex_olmo",
+        {"norm_topk_prob": True, "attention_bias": True, "tie_word_embeddings": True},
+        "single",
+    ),
+    "flex-olmo-fused": ("flex_olmo", {}, "fused"),
 }
 
 

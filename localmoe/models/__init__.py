@@ -14,6 +14,7 @@ from localmoe.models import (
     dots1,
     ernie4_5_moe,
     exaone_moe,
+    flex_olmo,
     gemma4,
     glm4_moe,
     glm4_moe_lite,
@@ -99,6 +100,7 @@ FAMILIES: tuple[Family, ...] = (
     granitemoe.FAMILY,
     granitemoeshared.FAMILY,
     granitemoe_swa.FAMILY,
+    flex_olmo.FAMILY,
 )
 
 
