@@ -87,7 +87,8 @@ def randomize(model: torch.nn.Module, seed: int = 0) -> None:
             if not tensor.is_floating_point() or any(derived in name for derived in DERIVED_BUFFERS):
                 continue
             noise = torch.randn(tensor.shape, generator=generator, dtype=torch.float32)
-            center = 1.0 if "norm" in name or "layer_scalar" in name else 0.0
+            module = name.rsplit(".", 1)[0].rsplit(".", 1)[-1]  # DBRX's attention sits inside `norm_attn_norm`
+            center = 1.0 if "norm" in module or "layer_scalar" in name else 0.0
             tensor.copy_(center + 0.1 * noise)
 
 
@@ -944,6 +945,19 @@ FLEX_OLMO = dict(
     pad_token_id=0,
 )
 
+DBRX = dict(
+    BASE,
+    d_model=64,
+    n_heads=4,
+    n_layers=3,
+    max_seq_len=256,
+    # transformers 5.24 needs attn_config's rope_theta and rotates by the top-level one: both given
+    attn_config={"kv_n_heads": 2, "clip_qkv": 0.3, "rope_theta": 500000.0},
+    rope_parameters={"rope_type": "default", "rope_theta": 500000.0},
+    ffn_config={"ffn_hidden_size": 32, "moe_num_experts": 6, "moe_top_k": 2},
+    pad_token_id=0,
+)
+
 TINY_FAMILIES = {
     "mixtral": ("MixtralConfig", MIXTRAL),  # 3 MoE layers x 5 experts, top-2
     "qwen2_moe": ("Qwen2MoeConfig", QWEN2_MOE),
@@ -996,6 +1010,7 @@ TINY_FAMILIES = {
     "granitemoeshared": ("GraniteMoeSharedConfig", GRANITE_MOE),
     "granitemoe_swa": ("GraniteMoeSWAConfig", GRANITE_MOE_SWA),
     "flex_olmo": ("FlexOlmoConfig", FLEX_OLMO),
+    "dbrx": ("DbrxConfig", DBRX),
 }
 
 

@@ -83,6 +83,7 @@ REWIND_ONLY = {
     # rings of keys and values on layers with sinks, some without position embeddings
     "granitemoe-swa-ring": ("granitemoe_swa", 3),
     "flex-olmo": ("flex_olmo", None),
+    "dbrx": ("dbrx", None),
 }
 
 

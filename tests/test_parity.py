@@ -24,7 +24,7 @@ from conftest import (
 )
 
 import localmoe
-from localmoe.models.expert_tensors import Fused, PerExpert, Stacked
+from localmoe.models.expert_tensors import Concatenated, Fused, PerExpert, Stacked
 from localmoe.runtime.generate import generate_tokens
 
 TOLERANCE = 1e-4
@@ -711,6 +711,36 @@ CASES = {
         "single",
     ),
     "flex-olmo-fused": ("flex_olmo", {}, "fused"),
+    "dbrx-sharded": ("dbrx", {}, "sharded"),
+    # a clip that does not bite (transformers 5.24 fails without one: clamp(None, None)), weights divided
+    # by their 2-norm, gelu experts
+    "dbrx-unclipped-p2-gelu": (
+        "dbrx",
+        {
+            "attn_config": {"kv_n_heads": 4, "clip_qkv": 8.0, "rope_theta": 500000.0},
+            "ffn_config": {
+                "ffn_hidden_size": 32,
+                "moe_num_experts": 6,
+                "moe_top_k": 3,
+                "moe_normalize_expert_weights": 2.0,
+                "ffn_act_fn": {"name": "gelu"},
+            },
+        },
+        "single",
+    ),
+    # the weights as they come
+    "dbrx-unnormalised": (
+        "dbrx",
+        {
+            "ffn_config": {
+                "ffn_hidden_size": 32,
+                "moe_num_experts": 6,
+                "moe_top_k": 2,
+                "moe_normalize_expert_weights": None,
+            }
+        },
+        "single",
+    ),
 }
 
 
@@ -738,6 +768,7 @@ def test_experts_read_in_the_layout_written(pair, request):
     fused_on_the_hub = ("gpt-oss", "llama4", "gemma4", "mistral4", "qwen3-vl-moe", "granite", "zaya")
     expected = Fused if CASES[name][2] == "fused" or name.startswith(fused_on_the_hub) else PerExpert
     expected = Stacked if name.startswith("step3p7") else expected
+    expected = Concatenated if name.startswith("dbrx") else expected
     assert {type(found) for found in engine.parts.experts.layouts.values()} == {expected}
 
 
@@ -1063,3 +1094,25 @@ def test_minimax_m3_rotates_the_width_rotary_dim_says():
     config = {**TINY_FAMILIES["minimax_m3_vl_text"][1]["text_config"], "rope_parameters": None}
     args = MiniMaxM3Args.from_config(config)
     assert args.rope["partial_rotary_factor"] == config["rotary_dim"] / config["head_dim"]
+
+
+def test_dbrx_settings_as_the_release_nests_them():
+    """DBRX's release keeps attention and expert settings in attn_config and ffn_config, and its rotary
+    base only there: localmoe rotates at it, where transformers 5.24 falls back to 10000."""
+    from localmoe.models.dbrx import DbrxArgs
+
+    config = {
+        "d_model": 6144,
+        "n_heads": 48,
+        "n_layers": 40,
+        "max_seq_len": 32768,
+        "vocab_size": 100352,
+        "attn_config": {"clip_qkv": 8, "kv_n_heads": 8, "rope_theta": 500000},
+        "ffn_config": {"ffn_hidden_size": 10752, "moe_num_experts": 16, "moe_top_k": 4, "moe_jitter_eps": 0.01},
+    }
+    args = DbrxArgs.from_config(config)
+    assert (args.hidden_size, args.num_key_value_heads, args.clip_qkv) == (6144, 8, 8)
+    assert (args.moe_num_experts, args.moe_top_k, args.moe_normalize_expert_weights) == (16, 4, 1.0)
+    assert args.rope["rope_theta"] == 500000
+    with pytest.raises(localmoe.LocalMoEError, match="routes each token to 20 experts"):
+        DbrxArgs.from_config({**config, "ffn_config": {**config["ffn_config"], "moe_top_k": 20}})

@@ -7,6 +7,7 @@ from localmoe.models import (
     afmoe,
     bailing_hybrid,
     cohere2_moe,
+    dbrx,
     deepseek_v2,
     deepseek_v3,
     deepseek_v4,
@@ -101,6 +102,7 @@ FAMILIES: tuple[Family, ...] = (
     granitemoeshared.FAMILY,
     granitemoe_swa.FAMILY,
     flex_olmo.FAMILY,
+    dbrx.FAMILY,
 )
 
 

@@ -92,7 +92,7 @@ class ModelArgs:
 
 # Names configs give the experts per MoE layer and the experts each token is routed to.
 EXPERT_COUNTS = ("num_local_experts", "num_experts", "n_routed_experts", "moe_num_experts")
-EXPERTS_PER_TOKEN = ("num_experts_per_tok", "moe_k", "moe_topk", "top_k_experts")
+EXPERTS_PER_TOKEN = ("num_experts_per_tok", "moe_k", "moe_topk", "top_k_experts", "moe_top_k")
 # Integer fields that may be 0 (none of something) or negative (counted from the end); every other integer
 # field counts or sizes something and is at least 1, and the integers in lists (layer indices) at least 0.
 MAY_BE_ZERO = frozenset(
