@@ -958,6 +958,40 @@ DBRX = dict(
     pad_token_id=0,
 )
 
+QWEN3_OMNI_MOE_TEXT = dict(
+    BASE,
+    intermediate_size=96,
+    moe_intermediate_size=32,
+    num_hidden_layers=3,
+    num_key_value_heads=2,
+    head_dim=16,
+    num_experts=6,
+    num_experts_per_tok=2,
+    rope_parameters={"rope_type": "default", "rope_theta": 1000000.0, "mrope_section": [2, 3, 3], "interleaved": True},
+)
+QWEN3_OMNI_MOE = dict(  # the thinker: the language model beside tiny audio and vision towers
+    text_config=QWEN3_OMNI_MOE_TEXT,
+    audio_config=dict(
+        num_mel_bins=16,
+        encoder_layers=1,
+        encoder_attention_heads=2,
+        encoder_ffn_dim=32,
+        d_model=16,
+        output_dim=64,
+        n_window=4,
+        downsample_hidden_size=8,
+    ),
+    vision_config=dict(
+        depth=1,
+        hidden_size=16,
+        intermediate_size=32,
+        num_heads=2,
+        out_hidden_size=64,
+        patch_size=4,
+        deepstack_visual_indexes=[0],
+    ),
+)
+
 TINY_FAMILIES = {
     "mixtral": ("MixtralConfig", MIXTRAL),  # 3 MoE layers x 5 experts, top-2
     "qwen2_moe": ("Qwen2MoeConfig", QWEN2_MOE),
@@ -1011,6 +1045,7 @@ TINY_FAMILIES = {
     "granitemoe_swa": ("GraniteMoeSWAConfig", GRANITE_MOE_SWA),
     "flex_olmo": ("FlexOlmoConfig", FLEX_OLMO),
     "dbrx": ("DbrxConfig", DBRX),
+    "qwen3_omni_moe_text": ("Qwen3OmniMoeThinkerConfig", QWEN3_OMNI_MOE),
 }
 
 

@@ -84,6 +84,7 @@ REWIND_ONLY = {
     "granitemoe-swa-ring": ("granitemoe_swa", 3),
     "flex-olmo": ("flex_olmo", None),
     "dbrx": ("dbrx", None),
+    "qwen3-omni-moe": ("qwen3_omni_moe_text", None),
 }
 
 

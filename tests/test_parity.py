@@ -14,6 +14,7 @@ from conftest import (
     MISTRAL4,
     PHIMOE,
     QWEN3_5_MOE,
+    QWEN3_OMNI_MOE,
     QWEN3_VL_MOE_TEXT,
     QWEN3_VL_VISION,
     STEP3P7,
@@ -741,6 +742,24 @@ CASES = {
         },
         "single",
     ),
+    # transformers defines Qwen3-Omni's language model only inside its thinker: the reference is that
+    "qwen3-omni-moe-sharded": ("qwen3_omni_moe_text", {}, "sharded"),
+    # no renormalisation, a dense layer, attention biases, tied embeddings (the thinker's setting)
+    "qwen3-omni-moe-dense-bias-tied": (
+        "qwen3_omni_moe_text",
+        {
+            "text_config": {
+                **QWEN3_OMNI_MOE["text_config"],
+                "norm_topk_prob": False,
+                "mlp_only_layers": [1],
+                "attention_bias": True,
+            },
+            "tie_word_embeddings": True,
+        },
+        "single",
+    ),
+    # (no "fused" case: the thinker keeps its language model under model.language_model. in memory, which no
+    # release stores)
 }
 
 
@@ -748,6 +767,9 @@ CASES = {
 # first layer leaves empty: its cached decode restarts positions at 0. For these cases the reference is
 # transformers given the true positions (decode steps) and transformers without a cache (greedy).
 POSITIONS_FROM_LINEAR_LAYER = {"minimax-residual-factors"}
+# transformers 5.24's Qwen3-Omni thinker cannot generate() from text alone (its config lacks the
+# vision_start_token_id its position code reads): the reference for greedy tokens is it without a cache.
+GENERATE_FAILS = {"qwen3-omni-moe-sharded", "qwen3-omni-moe-dense-bias-tied"}
 
 
 @pytest.fixture(params=list(CASES), scope="module")
@@ -830,7 +852,7 @@ def test_greedy_tokens_identical(pair, request):
     reference, engine = pair
     ids = prompt_ids()
     with torch.no_grad():
-        if request.node.callspec.params["pair"] in POSITIONS_FROM_LINEAR_LAYER:
+        if request.node.callspec.params["pair"] in POSITIONS_FROM_LINEAR_LAYER | GENERATE_FAILS:
             sequence = ids
             for _ in range(GREEDY_TOKENS):
                 sequence = torch.cat((sequence, reference(sequence).logits[:, -1:].argmax(-1)), dim=1)
@@ -1116,3 +1138,21 @@ def test_dbrx_settings_as_the_release_nests_them():
     assert args.rope["rope_theta"] == 500000
     with pytest.raises(localmoe.LocalMoEError, match="routes each token to 20 experts"):
         DbrxArgs.from_config({**config, "ffn_config": {**config["ffn_config"], "moe_top_k": 20}})
+
+
+def test_qwen3_omni_release_runs_its_thinkers_language_model(tmp_path):
+    """Qwen3-Omni's release holds the thinker under `thinker.`, its text config in thinker_config: localmoe
+    loads the thinker's language model alone and matches the thinker on text."""
+    import transformers
+
+    config = transformers.Qwen3OmniMoeConfig(thinker_config=QWEN3_OMNI_MOE, enable_audio_output=False)
+    whole = transformers.Qwen3OmniMoeForConditionalGeneration(config).eval()
+    randomize(whole)
+    whole.save_pretrained(tmp_path)
+    engine = localmoe.load(str(tmp_path), device="cpu", dtype=torch.float32)
+    assert "Qwen3OmniMoeForConditionalGeneration (text only;" in engine.summary()
+    ids = prompt_ids()
+    with torch.no_grad():
+        expected = whole.thinker(ids).logits
+    got = engine.model(ids, engine.model.new_cache(1, ids.shape[1]), all_logits=True)
+    assert (got - expected).abs().max().item() < TOLERANCE

@@ -46,6 +46,7 @@ from localmoe.models import (
     qwen3_5_moe,
     qwen3_moe,
     qwen3_next,
+    qwen3_omni_moe,
     qwen3_vl_moe,
     sarvam_moe,
     solar_open,
@@ -103,6 +104,7 @@ FAMILIES: tuple[Family, ...] = (
     granitemoe_swa.FAMILY,
     flex_olmo.FAMILY,
     dbrx.FAMILY,
+    qwen3_omni_moe.FAMILY,
 )
 
 

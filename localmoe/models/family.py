@@ -169,12 +169,14 @@ def _describe(kind: Any) -> str:
 @dataclass(frozen=True)
 class Multimodal:
     """A multimodal architecture whose checkpoints hold a family's language model beside other towers:
-    its text config is `text_config`, its text tensors are under the stored prefixes of `prefixes`
-    (pairs of (our prefix, stored prefix)). localmoe runs the language model alone."""
+    its text config is where the keys of `text_config` lead (the config's `text_config`, usually), its text
+    tensors are under the stored prefixes of `prefixes` (pairs of (our prefix, stored prefix)). localmoe runs
+    the language model alone."""
 
     architecture: str
     prefixes: tuple[tuple[str, str], ...]
     text_model_type: str | None = None  # where the wrapper also ships other language models
+    text_config: tuple[str, ...] = ("text_config",)  # the keys leading to it (Qwen3-Omni: thinker_config first)
 
 
 @dataclass(frozen=True)
