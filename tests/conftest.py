@@ -992,6 +992,22 @@ QWEN3_OMNI_MOE = dict(  # the thinker: the language model beside tiny audio and 
     ),
 )
 
+JAMBA = dict(
+    BASE,
+    intermediate_size=48,
+    num_hidden_layers=4,  # Mamba, attention, Mamba, Mamba; experts on the odd layers
+    num_key_value_heads=2,
+    attn_layer_period=2,
+    attn_layer_offset=1,
+    expert_layer_period=2,
+    expert_layer_offset=1,
+    num_experts=6,
+    num_experts_per_tok=2,
+    mamba_d_state=8,
+    mamba_dt_rank=8,
+    pad_token_id=0,
+)
+
 TINY_FAMILIES = {
     "mixtral": ("MixtralConfig", MIXTRAL),  # 3 MoE layers x 5 experts, top-2
     "qwen2_moe": ("Qwen2MoeConfig", QWEN2_MOE),
@@ -1046,6 +1062,7 @@ TINY_FAMILIES = {
     "flex_olmo": ("FlexOlmoConfig", FLEX_OLMO),
     "dbrx": ("DbrxConfig", DBRX),
     "qwen3_omni_moe_text": ("Qwen3OmniMoeThinkerConfig", QWEN3_OMNI_MOE),
+    "jamba": ("JambaConfig", JAMBA),
 }
 
 

@@ -65,6 +65,8 @@ MODELS = {
     # keys and values beside rings of the convolutions' inputs and of the delayed values
     "zaya-ring": ("zaya", {}, 4),
     "bailing-hybrid": ("bailing_hybrid", {}, None),
+    # Mamba-1 state (a convolution window and a state per channel) beside keys and values without rotary
+    "jamba": ("jamba", {}, None),
 }
 
 # The chat rewind alone for families whose kinds of state MODELS already covers in depth:

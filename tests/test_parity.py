@@ -760,6 +760,23 @@ CASES = {
     ),
     # (no "fused" case: the thinker keeps its language model under model.language_model. in memory, which no
     # release stores)
+    "jamba-sharded": ("jamba", {}, "sharded"),
+    # attention first, experts on every layer, biases on the Mamba projections but not its convolution,
+    # the rank of dt derived from the width, tied embeddings
+    "jamba-attention-first-biases": (
+        "jamba",
+        {
+            "attn_layer_offset": 0,
+            "expert_layer_period": 1,
+            "expert_layer_offset": 0,
+            "mamba_proj_bias": True,
+            "mamba_conv_bias": False,
+            "mamba_dt_rank": "auto",
+            "tie_word_embeddings": True,
+        },
+        "single",
+    ),
+    "jamba-fused": ("jamba", {}, "fused"),
 }
 
 
@@ -871,6 +888,7 @@ LONG_PROMPTS = {
     "nemotron_h": {},  # state space scan chunks of 128
     "granitemoehybrid": {},  # transformers' chunks of 256, localmoe's 128
     "kimi_linear": {},  # delta rule chunks of 64, a decay per key channel
+    "jamba": {},  # selective scan chunks of 16, a decay per state entry
 }
 
 

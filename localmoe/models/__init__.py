@@ -28,6 +28,7 @@ from localmoe.models import (
     granitemoeshared,
     hunyuan_v1_moe,
     hy_v3,
+    jamba,
     kimi_linear,
     laguna,
     lfm2_moe,
@@ -105,6 +106,7 @@ FAMILIES: tuple[Family, ...] = (
     flex_olmo.FAMILY,
     dbrx.FAMILY,
     qwen3_omni_moe.FAMILY,
+    jamba.FAMILY,
 )
 
 

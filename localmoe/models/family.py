@@ -108,6 +108,8 @@ MAY_BE_ZERO = frozenset(
         "sliding_window",
         "hidden_size_per_layer_input",
         "shared_intermediate_size",  # GraniteMoeShared: no shared MLP
+        "attn_layer_offset",  # Jamba
+        "expert_layer_offset",
     }
 )
 MAY_BE_NEGATIVE = frozenset({"moe_layer_end_index"})  # ERNIE: -1 for the last layer
