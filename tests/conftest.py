@@ -1008,6 +1008,18 @@ JAMBA = dict(
     pad_token_id=0,
 )
 
+ARIA_TEXT = dict(
+    BASE,
+    intermediate_size=32,
+    num_hidden_layers=3,
+    num_key_value_heads=2,
+    moe_num_experts=6,
+    moe_topk=2,
+    moe_num_shared_experts=2,
+    hidden_act="gelu",  # the shared experts' activation; the routed ones are SiLU-gated regardless
+    pad_token_id=0,
+)
+
 TINY_FAMILIES = {
     "mixtral": ("MixtralConfig", MIXTRAL),  # 3 MoE layers x 5 experts, top-2
     "qwen2_moe": ("Qwen2MoeConfig", QWEN2_MOE),
@@ -1063,6 +1075,7 @@ TINY_FAMILIES = {
     "dbrx": ("DbrxConfig", DBRX),
     "qwen3_omni_moe_text": ("Qwen3OmniMoeThinkerConfig", QWEN3_OMNI_MOE),
     "jamba": ("JambaConfig", JAMBA),
+    "aria_text": ("AriaTextConfig", ARIA_TEXT),
 }
 
 

@@ -87,6 +87,7 @@ REWIND_ONLY = {
     "flex-olmo": ("flex_olmo", None),
     "dbrx": ("dbrx", None),
     "qwen3-omni-moe": ("qwen3_omni_moe_text", None),
+    "aria-text": ("aria_text", None),
 }
 
 

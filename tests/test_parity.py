@@ -6,6 +6,7 @@ import json
 import pytest
 import torch
 from conftest import (
+    ARIA_TEXT,
     DEEPSEEK_V2,
     GEMMA4,
     GLM4V_MOE,
@@ -777,6 +778,14 @@ CASES = {
         "single",
     ),
     "jamba-fused": ("jamba", {}, "fused"),
+    "aria-text-sharded": ("aria_text", {}, "sharded"),
+    # biases on attention and the shared experts, one shared expert, tied embeddings
+    "aria-text-bias-tied": (
+        "aria_text",
+        {"attention_bias": True, "mlp_bias": True, "moe_num_shared_experts": 1, "tie_word_embeddings": True},
+        "single",
+    ),
+    "aria-text-fused": ("aria_text", {}, "fused"),
 }
 
 
@@ -804,7 +813,7 @@ def test_experts_read_in_the_layout_written(pair, request):
     name = request.node.callspec.params["pair"]
     # save_pretrained writes the Hub's per-expert names, except for the families whose Hub layout is fused
     # (one tensor for gate and up) or stacked (one per role)
-    fused_on_the_hub = ("gpt-oss", "llama4", "gemma4", "mistral4", "qwen3-vl-moe", "granite", "zaya")
+    fused_on_the_hub = ("gpt-oss", "llama4", "gemma4", "mistral4", "qwen3-vl-moe", "granite", "zaya", "aria")
     expected = Fused if CASES[name][2] == "fused" or name.startswith(fused_on_the_hub) else PerExpert
     expected = Stacked if name.startswith("step3p7") else expected
     expected = Concatenated if name.startswith("dbrx") else expected
@@ -1029,6 +1038,19 @@ MULTIMODAL = {
         "Glm4vMoeForConditionalGeneration",
         GLM4V_MOE["text_config"],
         GLM4V_MOE["vision_config"],
+    ),
+    "aria": (
+        "AriaConfig",
+        "AriaForConditionalGeneration",
+        {**ARIA_TEXT, "model_type": "aria_text"},
+        dict(
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=1,
+            num_attention_heads=2,
+            image_size=28,
+            patch_size=14,
+        ),
     ),
     "step3p7": (
         "Step3p7Config",

@@ -5,6 +5,7 @@ from typing import Any
 from localmoe.errors import LocalMoEError
 from localmoe.models import (
     afmoe,
+    aria_text,
     bailing_hybrid,
     cohere2_moe,
     dbrx,
@@ -107,6 +108,7 @@ FAMILIES: tuple[Family, ...] = (
     dbrx.FAMILY,
     qwen3_omni_moe.FAMILY,
     jamba.FAMILY,
+    aria_text.FAMILY,
 )
 
 
