@@ -1020,6 +1020,18 @@ ARIA_TEXT = dict(
     pad_token_id=0,
 )
 
+JETMOE = dict(
+    BASE,
+    num_hidden_layers=3,
+    num_key_value_heads=2,
+    kv_channels=16,
+    intermediate_size=32,
+    num_local_experts=5,
+    num_experts_per_tok=2,
+    rms_norm_eps=1e-5,  # the final norm's; the layers' keep 1e-6
+    pad_token_id=0,
+)
+
 TINY_FAMILIES = {
     "mixtral": ("MixtralConfig", MIXTRAL),  # 3 MoE layers x 5 experts, top-2
     "qwen2_moe": ("Qwen2MoeConfig", QWEN2_MOE),
@@ -1076,6 +1088,7 @@ TINY_FAMILIES = {
     "qwen3_omni_moe_text": ("Qwen3OmniMoeThinkerConfig", QWEN3_OMNI_MOE),
     "jamba": ("JambaConfig", JAMBA),
     "aria_text": ("AriaTextConfig", ARIA_TEXT),
+    "jetmoe": ("JetMoeConfig", JETMOE),
 }
 
 

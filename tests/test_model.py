@@ -67,6 +67,8 @@ MODELS = {
     "bailing-hybrid": ("bailing_hybrid", {}, None),
     # Mamba-1 state (a convolution window and a state per channel) beside keys and values without rotary
     "jamba": ("jamba", {}, None),
+    # queries from routed attention experts, keys and values shared by them
+    "jetmoe": ("jetmoe", {}, None),
 }
 
 # The chat rewind alone for families whose kinds of state MODELS already covers in depth:

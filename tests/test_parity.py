@@ -786,6 +786,13 @@ CASES = {
         "single",
     ),
     "aria-text-fused": ("aria_text", {}, "fused"),
+    "jetmoe-sharded": ("jetmoe", {}, "sharded"),
+    # every expert for every token, an LM head of its own
+    "jetmoe-all-experts-untied": (
+        "jetmoe",
+        {"num_local_experts": 3, "num_experts_per_tok": 3, "tie_word_embeddings": False},
+        "single",
+    ),
 }
 
 
@@ -813,7 +820,7 @@ def test_experts_read_in_the_layout_written(pair, request):
     name = request.node.callspec.params["pair"]
     # save_pretrained writes the Hub's per-expert names, except for the families whose Hub layout is fused
     # (one tensor for gate and up) or stacked (one per role)
-    fused_on_the_hub = ("gpt-oss", "llama4", "gemma4", "mistral4", "qwen3-vl-moe", "granite", "zaya", "aria")
+    fused_on_the_hub = ("gpt-oss", "llama4", "gemma4", "mistral4", "qwen3-vl-moe", "granite", "zaya", "aria", "jetmoe")
     expected = Fused if CASES[name][2] == "fused" or name.startswith(fused_on_the_hub) else PerExpert
     expected = Stacked if name.startswith("step3p7") else expected
     expected = Concatenated if name.startswith("dbrx") else expected
@@ -1196,3 +1203,26 @@ def test_qwen3_omni_release_runs_its_thinkers_language_model(tmp_path):
         expected = whole.thinker(ids).logits
     got = engine.model(ids, engine.model.new_cache(1, ids.shape[1]), all_logits=True)
     assert (got - expected).abs().max().item() < TOLERANCE
+
+
+def test_jetmoe_config_as_the_release_writes_it():
+    """JetMoE-8B's config names its own class and spells the expert settings its own way."""
+    from localmoe.models import family_for
+
+    config = {
+        "architectures": ["JetMoEForCausalLM"],
+        "model_type": "jetmoe",
+        "vocab_size": 32000,
+        "hidden_size": 2048,
+        "num_hidden_layers": 24,
+        "num_key_value_heads": 16,
+        "kv_channels": 128,
+        "ffn_hidden_size": 5632,
+        "moe_num_experts": 8,
+        "moe_top_k": 2,
+        "rms_norm_eps": 1e-05,
+    }
+    family = family_for(config)
+    args = family.args.from_config(config)
+    assert family.model_type == "jetmoe"
+    assert (args.intermediate_size, args.num_local_experts, args.num_experts_per_tok) == (5632, 8, 2)

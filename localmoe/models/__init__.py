@@ -30,6 +30,7 @@ from localmoe.models import (
     hunyuan_v1_moe,
     hy_v3,
     jamba,
+    jetmoe,
     kimi_linear,
     laguna,
     lfm2_moe,
@@ -109,6 +110,7 @@ FAMILIES: tuple[Family, ...] = (
     qwen3_omni_moe.FAMILY,
     jamba.FAMILY,
     aria_text.FAMILY,
+    jetmoe.FAMILY,
 )
 
 
