@@ -1032,6 +1032,21 @@ JETMOE = dict(
     pad_token_id=0,
 )
 
+ERNIE4_5_VL_MOE = dict(  # the language model beside a tiny vision tower
+    text_config=dict(
+        BASE,
+        intermediate_size=96,
+        moe_intermediate_size=[32, 24],  # text experts, vision experts
+        num_hidden_layers=3,
+        num_key_value_heads=2,
+        moe_num_experts=6,
+        moe_k=2,
+        moe_num_shared_experts=1,
+        rope_parameters={"rope_type": "default", "rope_theta": 500000.0, "mrope_section": [2, 2, 4]},
+    ),
+    vision_config=dict(depth=1, hidden_size=32, intermediate_size=64, num_heads=2, patch_size=4),
+)
+
 TINY_FAMILIES = {
     "mixtral": ("MixtralConfig", MIXTRAL),  # 3 MoE layers x 5 experts, top-2
     "qwen2_moe": ("Qwen2MoeConfig", QWEN2_MOE),
@@ -1089,6 +1104,7 @@ TINY_FAMILIES = {
     "jamba": ("JambaConfig", JAMBA),
     "aria_text": ("AriaTextConfig", ARIA_TEXT),
     "jetmoe": ("JetMoeConfig", JETMOE),
+    "ernie4_5_vl_moe_text": ("Ernie4_5_VLMoeConfig", ERNIE4_5_VL_MOE),
 }
 
 

@@ -8,6 +8,7 @@ import torch
 from conftest import (
     ARIA_TEXT,
     DEEPSEEK_V2,
+    ERNIE4_5_VL_MOE,
     GEMMA4,
     GLM4V_MOE,
     LLAMA4,
@@ -793,6 +794,24 @@ CASES = {
         {"num_local_experts": 3, "num_experts_per_tok": 3, "tie_word_embeddings": False},
         "single",
     ),
+    # transformers defines ERNIE-4.5-VL's language model only inside its multimodal model: the reference is that
+    "ernie4-5-vl-moe-sharded": ("ernie4_5_vl_moe_text", {}, "sharded"),
+    # biases, two shared experts, every layer sparse, an LM head of its own
+    "ernie4-5-vl-moe-bias-untied": (
+        "ernie4_5_vl_moe_text",
+        {
+            "text_config": {
+                **ERNIE4_5_VL_MOE["text_config"],
+                "use_bias": True,
+                "moe_num_shared_experts": 2,
+                "mlp_layer_types": ["sparse"] * 3,
+            },
+            "tie_word_embeddings": False,
+        },
+        "single",
+    ),
+    # (no "fused" case: transformers keeps the text and vision experts apart under
+    # model.language_model. in memory, which no release stores)
 }
 
 

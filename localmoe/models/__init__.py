@@ -15,6 +15,7 @@ from localmoe.models import (
     deepseek_v32,
     dots1,
     ernie4_5_moe,
+    ernie4_5_vl_moe,
     exaone_moe,
     flex_olmo,
     gemma4,
@@ -111,6 +112,7 @@ FAMILIES: tuple[Family, ...] = (
     jamba.FAMILY,
     aria_text.FAMILY,
     jetmoe.FAMILY,
+    ernie4_5_vl_moe.FAMILY,
 )
 
 
