@@ -1047,6 +1047,19 @@ ERNIE4_5_VL_MOE = dict(  # the language model beside a tiny vision tower
     vision_config=dict(depth=1, hidden_size=32, intermediate_size=64, num_heads=2, patch_size=4),
 )
 
+AXK1 = dict(
+    DEEPSEEK_V2,
+    num_key_value_heads=4,  # unused by latent attention; transformers' default (64) does not divide 4 heads
+    n_routed_experts=8,
+    num_experts_per_tok=2,
+    n_group=4,
+    topk_group=2,
+    q_lora_rank=24,
+    mlp_layer_types=["dense", "sparse", "sparse"],
+    bos_token_id=256,
+    eos_token_id=257,
+)
+
 TINY_FAMILIES = {
     "mixtral": ("MixtralConfig", MIXTRAL),  # 3 MoE layers x 5 experts, top-2
     "qwen2_moe": ("Qwen2MoeConfig", QWEN2_MOE),
@@ -1105,6 +1118,7 @@ TINY_FAMILIES = {
     "aria_text": ("AriaTextConfig", ARIA_TEXT),
     "jetmoe": ("JetMoeConfig", JETMOE),
     "ernie4_5_vl_moe_text": ("Ernie4_5_VLMoeConfig", ERNIE4_5_VL_MOE),
+    "axk1": ("AXK1Config", AXK1),
 }
 
 

@@ -91,6 +91,7 @@ REWIND_ONLY = {
     "qwen3-omni-moe": ("qwen3_omni_moe_text", None),
     "aria-text": ("aria_text", None),
     "ernie4-5-vl-moe": ("ernie4_5_vl_moe_text", None),
+    "axk1": ("axk1", None),
 }
 
 

@@ -812,6 +812,23 @@ CASES = {
     ),
     # (no "fused" case: transformers keeps the text and vision experts apart under
     # model.language_model. in memory, which no release stores)
+    "axk1-sharded": ("axk1", {}, "sharded"),
+    # the layers by the older spelling (first dense, then MoE every other layer), plain rotary, no
+    # renormalisation, tied embeddings
+    "axk1-legacy-layers-plain-rope": (
+        "axk1",
+        {
+            "mlp_layer_types": None,
+            "first_k_dense_replace": 1,
+            "moe_layer_freq": 2,
+            "num_hidden_layers": 4,
+            "rope_interleave": False,
+            "norm_topk_prob": False,
+            "tie_word_embeddings": True,
+        },
+        "single",
+    ),
+    "axk1-fused": ("axk1", {}, "fused"),
 }
 
 

@@ -6,6 +6,7 @@ from localmoe.errors import LocalMoEError
 from localmoe.models import (
     afmoe,
     aria_text,
+    axk1,
     bailing_hybrid,
     cohere2_moe,
     dbrx,
@@ -113,6 +114,7 @@ FAMILIES: tuple[Family, ...] = (
     aria_text.FAMILY,
     jetmoe.FAMILY,
     ernie4_5_vl_moe.FAMILY,
+    axk1.FAMILY,
 )
 
 
