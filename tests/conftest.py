@@ -1060,6 +1060,21 @@ AXK1 = dict(
     eos_token_id=257,
 )
 
+FLINT = dict(
+    BASE,
+    intermediate_size=96,
+    moe_intermediate_size=32,
+    shared_expert_intermediate_size=40,
+    num_hidden_layers=4,
+    num_key_value_heads=2,
+    head_dim=16,
+    num_experts=6,
+    num_experts_per_tok=2,
+    sliding_window=8,  # shorter than the prompts
+    layer_types=["sliding_attention", "full_attention", "sliding_attention", "full_attention"],
+    mlp_only_layers=[1],
+)
+
 TINY_FAMILIES = {
     "mixtral": ("MixtralConfig", MIXTRAL),  # 3 MoE layers x 5 experts, top-2
     "qwen2_moe": ("Qwen2MoeConfig", QWEN2_MOE),
@@ -1119,6 +1134,7 @@ TINY_FAMILIES = {
     "jetmoe": ("JetMoeConfig", JETMOE),
     "ernie4_5_vl_moe_text": ("Ernie4_5_VLMoeConfig", ERNIE4_5_VL_MOE),
     "axk1": ("AXK1Config", AXK1),
+    "flint": ("FlintConfig", FLINT),
 }
 
 

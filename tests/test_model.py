@@ -92,6 +92,7 @@ REWIND_ONLY = {
     "aria-text": ("aria_text", None),
     "ernie4-5-vl-moe": ("ernie4_5_vl_moe_text", None),
     "axk1": ("axk1", None),
+    "flint-ring": ("flint", 3),
 }
 
 

@@ -829,6 +829,21 @@ CASES = {
         "single",
     ),
     "axk1-fused": ("axk1", {}, "fused"),
+    "flint-sharded": ("flint", {}, "sharded"),
+    # transformers' default layer kinds and dense layers, no renormalisation, biases, tied embeddings
+    "flint-defaults-bias-tied": (
+        "flint",
+        {
+            "num_hidden_layers": 6,
+            "layer_types": None,
+            "mlp_only_layers": None,
+            "norm_topk_prob": False,
+            "attention_bias": True,
+            "tie_word_embeddings": True,
+        },
+        "single",
+    ),
+    "flint-fused": ("flint", {}, "fused"),
 }
 
 

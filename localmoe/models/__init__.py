@@ -19,6 +19,7 @@ from localmoe.models import (
     ernie4_5_vl_moe,
     exaone_moe,
     flex_olmo,
+    flint,
     gemma4,
     glm4_moe,
     glm4_moe_lite,
@@ -115,6 +116,7 @@ FAMILIES: tuple[Family, ...] = (
     jetmoe.FAMILY,
     ernie4_5_vl_moe.FAMILY,
     axk1.FAMILY,
+    flint.FAMILY,
 )
 
 
