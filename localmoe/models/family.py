@@ -92,7 +92,7 @@ class ModelArgs:
 
 # Names configs give the experts per MoE layer and the experts each token is routed to.
 EXPERT_COUNTS = ("num_local_experts", "num_experts", "n_routed_experts", "moe_num_experts")
-EXPERTS_PER_TOKEN = ("num_experts_per_tok", "moe_k", "moe_topk", "top_k_experts")
+EXPERTS_PER_TOKEN = ("num_experts_per_tok", "moe_k", "moe_topk", "top_k_experts", "moe_top_k")
 # Integer fields that may be 0 (none of something) or negative (counted from the end); every other integer
 # field counts or sizes something and is at least 1, and the integers in lists (layer indices) at least 0.
 MAY_BE_ZERO = frozenset(
@@ -110,6 +110,9 @@ MAY_BE_ZERO = frozenset(
         "num_dense_layers",
         "num_nextn_predict_layers",
         "num_shared_experts",
+        "shared_intermediate_size",  # GraniteMoeShared: no shared MLP
+        "attn_layer_offset",  # Jamba
+        "expert_layer_offset",
     }
 )
 MAY_BE_NEGATIVE = frozenset({"moe_layer_end_index"})  # ERNIE: -1 for the last layer
@@ -176,12 +179,14 @@ def _describe(kind: Any) -> str:
 @dataclass(frozen=True)
 class Multimodal:
     """A multimodal architecture whose checkpoints hold a family's language model beside other towers:
-    its text config is `text_config`, its text tensors are under the stored prefixes of `prefixes`
-    (pairs of (our prefix, stored prefix)). localmoe runs the language model alone."""
+    its text config is where the keys of `text_config` lead (the config's `text_config`, usually), its text
+    tensors are under the stored prefixes of `prefixes` (pairs of (our prefix, stored prefix)). localmoe runs
+    the language model alone."""
 
     architecture: str
     prefixes: tuple[tuple[str, str], ...]
     text_model_type: str | None = None  # where the wrapper also ships other language models
+    text_config: tuple[str, ...] = ("text_config",)  # the keys leading to it (Qwen3-Omni: thinker_config first)
 
 
 @dataclass(frozen=True)
