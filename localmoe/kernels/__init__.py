@@ -44,11 +44,27 @@ def pair_kernel(
         raise LocalMoEError(
             f"the Triton expert kernels lack the {', '.join(missing)} activation: {setting('kernels')} reference"
         )
+    if not triton_reads(quant):
+        if choice == "auto":
+            return expert_pair_outputs, f"reference (the Triton kernels do not read {quant.words} yet)"
+        raise LocalMoEError(
+            f"the Triton expert kernels do not read {quant.words} yet: use {setting('kernels')} reference"
+        )
     if device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
         raise LocalMoEError("the Triton expert kernels run on CUDA (on the CPU only under TRITON_INTERPRET=1)")
     if choice == "auto" and (failure := self_check(triton_pair_outputs, device, dtype, acts, quant)):
         return expert_pair_outputs, f"reference (Triton failed its self-check: {failure})"
     return triton_pair_outputs, "triton"
+
+
+def triton_reads(form: QuantSpec | StoredFormat | None) -> bool:
+    """Whether the Triton kernels read experts in `form`: the compute dtype, localmoe's own integers,
+    MXFP4, and FP8 in square blocks. The other forms checkpoints store run on the reference kernel."""
+    if isinstance(form, QuantSpec):
+        return form.plain
+    if isinstance(form, StoredFormat):
+        return form.kind == "mxfp4" or (form.kind == "fp8" and isinstance(form.block, int))
+    return True
 
 
 def self_check(
