@@ -52,10 +52,10 @@ def pack_words(values: torch.Tensor, bits: int) -> torch.Tensor:
     return (grouped << shifts).sum(-1).to(torch.int64).bitwise_and(0xFFFFFFFF).to(torch.int32)
 
 
-def int_groups(w: torch.Tensor, bits: int, group: int, g_idx: torch.Tensor | None = None):
-    """Asymmetric min-max quantization of w [R, C] by groups of input columns (`g_idx[c]` is column c's
-    group; by default c // group): (q [R, C] ints, scale [G, R] float16, zero [G, R] ints), with
-    w ~ (q - zero) * scale."""
+def int_groups(w: torch.Tensor, bits: int, group: int, g_idx: torch.Tensor | None = None, symmetric=False):
+    """Min-max quantization of w [R, C] by groups of input columns (`g_idx[c]` is column c's group; by
+    default c // group): (q [R, C] ints, scale [G, R] float16, zero [G, R] ints), with
+    w ~ (q - zero) * scale; `symmetric` as GPTQ's sym: every zero 2^(bits - 1)."""
     rows, columns = w.shape
     g_idx = torch.arange(columns) // group if g_idx is None else g_idx
     groups = int(g_idx.max()) + 1
@@ -64,21 +64,25 @@ def int_groups(w: torch.Tensor, bits: int, group: int, g_idx: torch.Tensor | Non
     for g in range(groups):
         part = w[:, g_idx == g].float()
         low, high = part.amin(1).clamp(max=0), part.amax(1).clamp(min=0)
-        scale[g] = ((high - low) / levels).clamp(min=1e-6)
-        zero[g] = (-low / scale[g]).round().clamp(0, levels)
+        if symmetric:
+            scale[g] = (2 * torch.maximum(-low, high) / levels).clamp(min=1e-6)
+            zero[g] = (levels + 1) // 2
+        else:
+            scale[g] = ((high - low) / levels).clamp(min=1e-6)
+            zero[g] = (-low / scale[g]).round().clamp(0, levels)
     scale = scale.half()
     q = (w.float() / scale.float()[g_idx].T + zero[g_idx].T).round().clamp(0, levels)
     return q.long(), scale, zero.long()
 
 
-def pack_gptq(w: torch.Tensor, bits: int, group: int, g_idx: torch.Tensor | None = None, v1: bool = True):
+def pack_gptq(w: torch.Tensor, bits: int, group: int, g_idx=None, v1: bool = True, symmetric: bool = False):
     """A linear weight [R, C] as GPTQ stores it: qweight [C * bits / 32, R] (inputs packed along a word),
     qzeros [G, R * bits / 32] (outputs packed, less one in the v1 format), scales [G, R], g_idx [C]; and
     the weight it decodes to."""
     columns = w.shape[1]
     if g_idx is None:
         g_idx = torch.arange(columns) // group if group else torch.zeros(columns, dtype=torch.long)
-    q, scale, zero = int_groups(w, bits, group, g_idx)
+    q, scale, zero = int_groups(w, bits, group, g_idx, symmetric)
     stored_zero = (zero - 1) & (2**bits - 1) if v1 else zero
     tensors = {
         "qweight": pack_words(q, bits).T.contiguous(),  # word k of output r: inputs k * 32 / bits onwards

@@ -17,7 +17,7 @@ TOLERANCE = 1e-4  # float32 logits: the same decoded weights, multiplied and sum
 
 def linear(name: str, tensor: torch.Tensor) -> bool:
     """A linear layer's weight (not an embedding, a norm or a router), as quantizers see them."""
-    skip = ("embed_tokens", "norm", "mlp.gate.weight", "lm_head")
+    skip = ("embed_tokens", "norm", ".gate.weight", "lm_head")  # .gate: the routers
     return tensor.dim() == 2 and name.endswith(".weight") and not any(part in name for part in skip)
 
 
@@ -40,7 +40,7 @@ def quantized_checkpoint(
         if parts is None:
             stored[name] = tensor
             continue
-        state[name] = parts.pop("decoded").float()
+        state[name] = parts.pop("decoded").float().contiguous()
         stored.update({f"{name.removesuffix('.weight')}.{suffix}": part for suffix, part in parts.items()})
     save_file(state, str(plain / "model.safetensors"), metadata={"format": "pt"})
     quantized = folder / "quantized"

@@ -1,0 +1,137 @@
+"""GPTQ, AWQ and ModelOpt NVFP4 checkpoints in Qwen3-MoE and Mixtral, against transformers run on the
+weights each format decodes to (packers.py writes them, and decodes them as the formats' own code does);
+and the variants localmoe does not read, refused in one line."""
+
+import json
+import re
+import shutil
+
+import pytest
+import torch
+from conftest import TINY_FAMILIES
+from packers import pack_awq, pack_gptq, pack_nvfp4
+from quantized_models import check_against_transformers, linear, quantized_checkpoint
+
+from localmoe.runtime.layouts import Nvfp4Layout, QuantizedLayout
+
+QWEN3 = ("Qwen3MoeConfig", {**TINY_FAMILIES["qwen3_moe"][1], "moe_intermediate_size": 32, "head_dim": 16})
+MIXTRAL = TINY_FAMILIES["mixtral"]  # experts 96 wide: groups of 32 and 16 divide both widths
+FAMILIES = pytest.mark.parametrize("family", [QWEN3, MIXTRAL], ids=["qwen3-moe", "mixtral"])
+
+
+def act_order_groups(columns: int, group: int, seed: int) -> torch.Tensor:
+    """GPTQ's g_idx with desc_act: columns quantized in a shuffled order, `group` at a time."""
+    order = torch.randperm(columns, generator=torch.Generator().manual_seed(seed))
+    return torch.empty(columns, dtype=torch.long).scatter_(0, order, torch.arange(columns) // group)
+
+
+# name -> (quantization_config, how to pack a weight); the Hub's default is GPTQ v1, 4 bits, sym
+GPTQ = {
+    "gptq-4bit-sym": (dict(bits=4, group_size=32, desc_act=False, sym=True), dict(bits=4, group=32, symmetric=True)),
+    "gptq-4bit-act-order": (dict(bits=4, group_size=16, desc_act=True, sym=False), dict(bits=4, group=16)),
+    "gptq-8bit-per-row-v2": (dict(bits=8, group_size=-1, desc_act=False, sym=False, checkpoint_format="gptq_v2"),
+                             dict(bits=8, group=0, v1=False)),
+}  # fmt: skip
+
+
+def gptq(name: str, family) -> tuple:
+    config, packing = GPTQ[name]
+
+    def quantize(weight_name, tensor):
+        if not linear(weight_name, tensor):
+            return None
+        g_idx = None
+        if config["desc_act"]:
+            g_idx = act_order_groups(tensor.shape[1], config["group_size"], seed=len(weight_name))
+        if packing["group"] == 0:
+            g_idx = torch.zeros(tensor.shape[1], dtype=torch.long)
+        tensors, decoded = pack_gptq(tensor, g_idx=g_idx, **packing)
+        return {**tensors, "decoded": decoded}
+
+    return quantize, {"quant_method": "gptq", "checkpoint_format": "gptq", **config}
+
+
+@FAMILIES
+@pytest.mark.parametrize("variant", list(GPTQ))
+def test_gptq_matches_transformers(tmp_path, family, variant):
+    quantize, config = gptq(variant, family)
+    reference, folder = quantized_checkpoint(*family, tmp_path, quantize, config)
+    store = check_against_transformers(reference, folder, QuantizedLayout)
+    spec, layout = store.layout.spec, store.layout
+    assert (spec.bits, spec.act_order, spec.symmetric) == (config["bits"], config["desc_act"], False)
+    # the row holds the checkpoint's bytes, with the zero points widened to float16, and g_idx only where
+    # the groups follow it
+    shapes = ((2 * layout.intermediate, layout.hidden), (layout.hidden, layout.intermediate))
+    zeros = sum(spec.groups(columns) * rows for rows, columns in shapes)
+    g_idx = 0 if spec.act_order else 4 * (2 * layout.hidden + layout.intermediate)
+    assert store.expert_bytes == stored_bytes(store.source) + zeros * (2 - spec.bits / 8) - g_idx
+
+
+@FAMILIES
+def test_awq_matches_transformers(tmp_path, family):
+    def quantize(name, tensor):
+        if not linear(name, tensor):
+            return None
+        tensors, decoded = pack_awq(tensor, group=32)
+        return {**tensors, "decoded": decoded}
+
+    config = {"quant_method": "awq", "bits": 4, "group_size": 32, "zero_point": True, "version": "gemm"}
+    reference, folder = quantized_checkpoint(*family, tmp_path, quantize, config)
+    store = check_against_transformers(reference, folder, QuantizedLayout)
+    layout = store.layout
+    shapes = ((2 * layout.intermediate, layout.hidden), (layout.hidden, layout.intermediate))
+    zeros = sum(layout.spec.groups(columns) * rows for rows, columns in shapes)
+    assert store.expert_bytes == stored_bytes(store.source) + zeros * (2 - 0.5)  # zero points: float16, not nibbles
+
+
+@FAMILIES
+def test_modelopt_nvfp4_matches_transformers(tmp_path, family):
+    def quantize(name, tensor):
+        if not linear(name, tensor):
+            return None
+        codes, scales, multiplier, decoded = pack_nvfp4(tensor, divides=False)
+        return {"weight": codes, "weight_scale": scales, "weight_scale_2": multiplier[0], "decoded": decoded}
+
+    config = {"quant_method": "modelopt", "quant_algo": "NVFP4", "group_size": 16, "ignore": ["lm_head"]}
+    reference, folder = quantized_checkpoint(*family, tmp_path, quantize, config)
+    store = check_against_transformers(reference, folder, Nvfp4Layout)
+    assert not store.layout.divides
+    assert store.expert_bytes == stored_bytes(store.source) + 32 - 3 * 4  # the three global scales in 2 sections
+
+
+def stored_bytes(source) -> int:
+    """What the checkpoint stores for the first MoE layer's expert 0."""
+    layer = source.layers[0]
+    names, ckpt = source.layouts[layer].names, source.ckpt
+    prefixes = tuple(names[role].format(layer=layer, expert=0).removesuffix("weight") for role in names)
+    return sum(ckpt.info(name).nbytes for name in ckpt.tensor_names if name.startswith(prefixes))
+
+
+REFUSED = {
+    "GPTQ with 3 bits": {"quant_method": "gptq", "bits": 3, "group_size": 128},
+    "GPTQ in the 'marlin' format": {"quant_method": "gptq", "bits": 4, "checkpoint_format": "marlin"},
+    "AWQ version 'gemv'": {"quant_method": "awq", "bits": 4, "group_size": 128, "version": "gemv"},
+    "compressed-tensors format 'marlin-24'": {"quant_method": "compressed-tensors", "format": "marlin-24",
+                                              "config_groups": {"group_0": {"targets": ["Linear"], "weights": {}}}},
+    "ModelOpt quant_algo 'FP8'": {"quant_method": "modelopt", "quant_algo": "FP8"},
+    "is quantized \\(bitsandbytes\\)": {"quant_method": "bitsandbytes"},
+}  # fmt: skip
+
+
+@pytest.mark.parametrize("words", list(REFUSED))
+def test_variants_not_read_are_refused_in_one_line(tiny_mixtral, tmp_path, words):
+    """By the command line: one line naming the variant, exit status 2, no weight read as it is."""
+    from click.testing import CliRunner
+
+    from localmoe.cli import main
+
+    folder = tmp_path / "quantized"
+    shutil.copytree(tiny_mixtral, folder)
+    config = json.loads((tiny_mixtral / "config.json").read_text())
+    config["quantization_config"] = REFUSED[words]
+    (folder / "config.json").write_text(json.dumps(config))
+    result = CliRunner().invoke(main, ["generate", str(folder), "--prompt", "Hi", "-n", "2", "--device", "cpu"])
+    assert result.exit_code == 2
+    [line] = result.stderr.strip().splitlines()
+    assert line.startswith("localmoe: error: ")
+    assert re.search(words, line), line
