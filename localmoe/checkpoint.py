@@ -71,7 +71,7 @@ class Checkpoint:
         self._prefixes: tuple[tuple[str, str], ...] = ()  # a view's (name prefix, stored prefix) pairs
         self.config = _read_json(path / "config.json", required=True)
         self.generation_config = _read_json(path / "generation_config.json", required=False)
-        self.quantization = quantization_for(self.config, path)
+        self.quantization = quantization_for(_with_modelopt_config(self.config, path), path)
         index = _read_index(path)
         if index is None:
             if not (path / SINGLE_FILE).is_file():
@@ -102,7 +102,7 @@ class Checkpoint:
         (pairs of (view prefix, stored prefix)), under their view names."""
         view = copy.copy(self)
         view.part, view.config, view._prefixes = part, config, prefixes
-        view.quantization = quantization_for(config, self.path)
+        view.quantization = quantization_for(_with_modelopt_config(config, self.path), self.path)
         view._shard_of = {}
         for name, shard in self._shard_of.items():
             new = next((ours + name[len(disk) :] for ours, disk in prefixes if name.startswith(disk)), None)
@@ -293,6 +293,15 @@ def _read_json(path: Path, required: bool) -> dict:
     if not isinstance(data, dict):
         raise LocalMoEError(f"{path} does not hold a JSON object: the file is damaged")
     return data
+
+
+def _with_modelopt_config(config: dict, path: Path) -> dict:
+    """The config, with the quantization ModelOpt's hf_quant_config.json describes where config.json has
+    none (ModelOpt's releases before it wrote quantization_config into config.json, early 2025)."""
+    if config.get("quantization_config") or not (path / "hf_quant_config.json").is_file():
+        return config
+    modelopt = _read_json(path / "hf_quant_config.json", required=True)
+    return {**config, "quantization_config": {"quant_method": "modelopt", **modelopt}}
 
 
 def _read_index(path: Path) -> dict[str, str] | None:

@@ -1,11 +1,12 @@
 """Writers of quantized weights in the formats checkpoints ship, for the tests' tiny checkpoints.
 
-compressed-tensors' own package writes its formats (see test_compressed_tensors.py). GPTQ, AWQ and
-ModelOpt have no writer that installs without replacing torch (GPTQModel, AutoAWQ, nvidia-modelopt), so
-their packers are written here from the formats' definitions; each test also decodes what it packed with
-an implementation of the reading side taken from the formats' own code (GPTQModel's dequantize_weight,
-vLLM's and SGLang's awq_dequantize_torch oracles, vLLM's NVFP4 embedding lookup), so a packer and
-localmoe cannot share a mistake.
+compressed-tensors' and ModelOpt's own packages write their formats (test_compressed_tensors.py,
+test_quantized_checkpoints.py). GPTQ and AWQ have no writer that runs here: GPTQModel and AutoAWQ build
+from source against CUDA, and AutoGPTQ 0.7.1 and AutoAWQ 0.2.9 (installed without their dependencies)
+fail to import under transformers 5 (no_init_weights moved; awq imports datasets at the top). Their
+packers are written here from the formats' definitions, and each test decodes what it packed with the
+reading side taken from the formats' own code (GPTQModel's dequantize_weight, vLLM's and SGLang's
+awq_dequantize_torch oracles), so a packer and localmoe cannot share a mistake.
 """
 
 import torch
@@ -130,20 +131,3 @@ def dequantize_awq(tensors: dict, group: int) -> torch.Tensor:
     weights, zeros = unpack(tensors["qweight"]), unpack(tensors["qzeros"]).repeat_interleave(group, 0)
     scales = tensors["scales"].float().repeat_interleave(group, 0)
     return ((weights - zeros).float() * scales).T
-
-
-def pack_nvfp4(w: torch.Tensor, divides: bool):
-    """A linear weight [R, C] in NVFP4: codes [R, C / 2] (low nibble first), an e4m3 scale per 16 inputs,
-    and a float32 scale for the matrix: ModelOpt's weight_scale_2 = amax / (6 * 448), which multiplies, or
-    compressed-tensors' weight_global_scale, its inverse, which divides. Returns (codes, scales, global
-    scale, the weight it decodes to: code x (scale x or / global scale), as both define it)."""
-    multiplier = w.abs().amax().float() / (6.0 * 448.0)
-    blocks = w.float().unflatten(-1, (-1, 16))
-    scales = (blocks.abs().amax(-1) / 6.0 / multiplier).to(torch.float8_e4m3fn)
-    block_scale = scales.float() * multiplier
-    codes = nearest_fp4(blocks / block_scale.clamp(min=1e-12)[..., None]).flatten(-2)
-    packed = codes[:, 0::2] | (codes[:, 1::2] << 4)
-    stored = 1.0 / multiplier if divides else multiplier
-    decoded = torch.tensor(FP4_VALUES)[codes.long()].unflatten(-1, (-1, 16))
-    factor = scales.float() / stored if divides else scales.float() * stored
-    return packed, scales, stored.reshape(1), (decoded * factor[..., None]).flatten(-2)

@@ -8,19 +8,17 @@ import json
 
 import pytest
 import torch
+from compressed_tensors.compressors import BaseCompressor
+from compressed_tensors.compressors.nvfp4.helpers import unpack_fp4_from_uint8
+from compressed_tensors.quantization import QuantizationConfig, preset_name_to_scheme
+from compressed_tensors.quantization.lifecycle.forward import dequantize
+from compressed_tensors.quantization.utils import calculate_qparams, generate_gparam
+from compressed_tensors.utils.match import match_name
 from conftest import TINY_FAMILIES
 from quantized_models import check_against_transformers, linear, quantized_checkpoint
 
 import localmoe
 from localmoe.runtime.layouts import Fp8Layout, Mxfp4Layout, Nvfp4Layout, QuantizedLayout
-
-ct = pytest.importorskip("compressed_tensors")
-from compressed_tensors.compressors import BaseCompressor  # noqa: E402
-from compressed_tensors.compressors.nvfp4.helpers import unpack_fp4_from_uint8  # noqa: E402
-from compressed_tensors.quantization import QuantizationConfig, preset_name_to_scheme  # noqa: E402
-from compressed_tensors.quantization.lifecycle.forward import dequantize  # noqa: E402
-from compressed_tensors.quantization.utils import calculate_qparams, generate_gparam  # noqa: E402
-from compressed_tensors.utils.match import match_name  # noqa: E402
 
 # Kimi K2 is DeepSeek-V3 with its own model_type; both families with experts 32 wide, as the formats' groups need
 KIMI = ("DeepseekV3Config", {**TINY_FAMILIES["deepseek_v3"][1], "moe_intermediate_size": 32})

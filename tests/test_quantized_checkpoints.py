@@ -9,7 +9,7 @@ import shutil
 import pytest
 import torch
 from conftest import TINY_FAMILIES
-from packers import pack_awq, pack_gptq, pack_nvfp4
+from packers import pack_awq, pack_gptq
 from quantized_models import check_against_transformers, linear, quantized_checkpoint
 
 from localmoe.runtime.layouts import Nvfp4Layout, QuantizedLayout
@@ -84,19 +84,51 @@ def test_awq_matches_transformers(tmp_path, family):
     assert store.expert_bytes == stored_bytes(store.source) + zeros * (2 - 0.5)  # zero points: float16, not nibbles
 
 
-@FAMILIES
-def test_modelopt_nvfp4_matches_transformers(tmp_path, family):
-    def quantize(name, tensor):
-        if not linear(name, tensor):
-            return None
-        codes, scales, multiplier, decoded = pack_nvfp4(tensor, divides=False)
-        return {"weight": codes, "weight_scale": scales, "weight_scale_2": multiplier[0], "decoded": decoded}
+def modelopt_nvfp4(name: str, tensor: torch.Tensor) -> dict | None:
+    """A linear weight as ModelOpt's unified export stores it in NVFP4, packed and decoded by ModelOpt's own
+    NVFP4QTensor: `weight` uint8, `weight_scale` e4m3 per 16 inputs, `weight_scale_2` and the activations'
+    `input_scale` (float32 numbers; localmoe keeps activations in floating point and reads no input_scale)."""
+    from modelopt.torch.quantization.qtensor import NVFP4QTensor
 
-    config = {"quant_method": "modelopt", "quant_algo": "NVFP4", "group_size": 16, "ignore": ["lm_head"]}
-    reference, folder = quantized_checkpoint(*family, tmp_path, quantize, config)
+    if not linear(name, tensor):
+        return None
+    packed, scale, scale_2 = NVFP4QTensor.quantize(tensor.float(), 16)
+    decoded = packed.dequantize(torch.float32, scale=scale, double_scale=scale_2, block_sizes={-1: 16})
+    input_scale = torch.tensor(0.5 / 2688)  # amax / (6 * 448), as ModelOpt writes it after calibration
+    return {"weight": packed._quantized_data, "weight_scale": scale, "weight_scale_2": scale_2.reshape(()),
+            "input_scale": input_scale, "decoded": decoded}  # fmt: skip
+
+
+MODELOPT_EXCLUDE = ["lm_head", "model.layers.*.mlp.gate", "model.layers.*.block_sparse_moe.gate"]
+
+
+def modelopt_hf_quant_config() -> dict:
+    """hf_quant_config.json as ModelOpt's unified export writes it."""
+    quantization = {"quant_algo": "NVFP4", "kv_cache_quant_algo": None, "group_size": 16}
+    return {"producer": {"name": "modelopt", "version": "0.47.0"}, "quantization": quantization}
+
+
+@FAMILIES
+@pytest.mark.parametrize("config_in", ["config.json", "hf_quant_config.json only"])
+def test_modelopt_nvfp4_matches_transformers(tmp_path, family, config_in):
+    """ModelOpt writes hf_quant_config.json, and since 2025 the same in config.json's quantization_config
+    (convert_hf_quant_config_format); its earlier releases (nvidia/DeepSeek-R1-FP4) have only the first."""
+    from modelopt.torch.export.convert_hf_config import convert_hf_quant_config_format
+
+    hf_quant_config = modelopt_hf_quant_config()
+    hf_quant_config["quantization"]["exclude_modules"] = MODELOPT_EXCLUDE
+    config = convert_hf_quant_config_format(hf_quant_config)
+    reference, folder = quantized_checkpoint(*family, tmp_path, modelopt_nvfp4, config)
+    (folder / "hf_quant_config.json").write_text(json.dumps(hf_quant_config))
+    if config_in != "config.json":
+        config_json = json.loads((folder / "config.json").read_text())
+        del config_json["quantization_config"]
+        (folder / "config.json").write_text(json.dumps(config_json))
     store = check_against_transformers(reference, folder, Nvfp4Layout)
     assert not store.layout.divides
-    assert store.expert_bytes == stored_bytes(store.source) + 32 - 3 * 4  # the three global scales in 2 sections
+    # the row: codes and block scales as stored, and the three global scales (no input_scale) in 2 sections
+    input_scales = 3 * 4
+    assert store.expert_bytes == stored_bytes(store.source) - input_scales + 32 - 3 * 4
 
 
 def stored_bytes(source) -> int:
