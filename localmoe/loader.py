@@ -87,6 +87,13 @@ def _check_quantization(ckpt: Checkpoint, family: Family) -> None:
             f"{ckpt.path} is quantized ({method}), which localmoe cannot read yet for {family.architectures[0]}: "
             "use an unquantized (bf16) release of the model"
         )
+    formats = ckpt.quantization.formats
+    modules = {name.rpartition(".")[0] for name in ckpt.tensor_names}
+    if formats and not any(fmt.stores(ckpt, module) for module in modules for fmt in formats):
+        raise LocalMoEError(
+            f"{ckpt.path}/config.json says it is quantized ({method}), yet no weight is stored so: remove "
+            "quantization_config if the weights are an unquantized (bf16) release, or download the quantized one"
+        )
 
 
 def load_resident_weights(parts: ModelParts, ckpt: Checkpoint, device: torch.device | str) -> None:

@@ -81,9 +81,11 @@ class Format:
         raise NotImplementedError
 
 
-def _part(ckpt, module: str, name: str, dtypes, shape: tuple[int, ...] | None = None) -> tuple[int, ...]:
+def _part(
+    ckpt, module: str, name: str, dtypes, shape: tuple[int, ...] | None = None, said: str = ""
+) -> tuple[int, ...]:
     """The shape of `<module>.<name>`, refused in one line where it is missing, of another dtype, or not
-    `shape`."""
+    `shape` (which the quantization config's settings `said`, when given, imply)."""
     tensor = f"{module}.{name}"
     if tensor not in ckpt:
         raise LocalMoEError(f"{ckpt.path} lacks {ckpt.stored_name(tensor)}, which its quantized module needs")
@@ -92,6 +94,12 @@ def _part(ckpt, module: str, name: str, dtypes, shape: tuple[int, ...] | None = 
         raise LocalMoEError(
             f"{ckpt.stored_name(tensor)} in {ckpt.path} is {str(info.dtype).removeprefix('torch.')}, which its "
             "quantization format does not store there: the checkpoint is damaged or its config names another format"
+        )
+    if shape is not None and info.shape != shape and said:
+        raise LocalMoEError(
+            f"{ckpt.stored_name(tensor)} in {ckpt.path} has shape {list(info.shape)} where the quantization_config's "
+            f"{said} implies {list(shape)}: correct quantization_config to describe the weights, or the checkpoint "
+            "is damaged"
         )
     if shape is not None and info.shape != shape:
         raise LocalMoEError(
@@ -141,11 +149,27 @@ class Gptq(Format):
         words, out = _part(ckpt, module, "qweight", (INT32,))
         inputs = words * 32 // self.bits
         groups = inputs // self.group if self.group else 1
-        _part(ckpt, module, "qzeros", (INT32,), (groups, out * self.bits // 32))
-        _part(ckpt, module, "scales", (torch.float16,), (groups, out))
+        if f"{module}.g_idx" in ckpt:
+            self._check_config(ckpt, module, words, inputs)
+        said = f"bits {self.bits}, group_size {self.group or -1}"
+        _part(ckpt, module, "qzeros", (INT32,), (groups, out * self.bits // 32), said)
+        _part(ckpt, module, "scales", (torch.float16,), (groups, out), said)
         if self.act_order or f"{module}.g_idx" in ckpt:
             _part(ckpt, module, "g_idx", (INT32,), (inputs,))
         return out, inputs
+
+    def _check_config(self, ckpt, module: str, words: int, inputs: int):
+        """g_idx [in] gives the module's inputs, so the bits and group size it is stored at, which must be
+        the config's: named in one line where they are not."""
+        (stored_inputs,) = _part(ckpt, module, "g_idx", (INT32,))
+        groups = _part(ckpt, module, "scales", (torch.float16,))[0]
+        bits, stored_group = words * 32 // max(stored_inputs, 1), -1 if groups == 1 else stored_inputs // max(groups, 1)
+        if bits != self.bits or groups != (-(-stored_inputs // self.group) if self.group else 1):
+            raise LocalMoEError(
+                f"{ckpt.path}: {ckpt.stored_name(module)} is stored at {bits} bits with group_size {stored_group} "
+                f"while its config.json's quantization_config says bits {self.bits}, group_size {self.group or -1}: "
+                "correct quantization_config to match the weights"
+            )
 
     def read(self, ckpt, module):
         out, inputs = self.shape(ckpt, module)
@@ -176,9 +200,9 @@ class AwqGemm(Format):
 
     def shape(self, ckpt, module):
         inputs, words = _part(ckpt, module, "qweight", (INT32,))
-        out, groups = words * 8, inputs // self.group
-        _part(ckpt, module, "qzeros", (INT32,), (groups, words))
-        _part(ckpt, module, "scales", (torch.float16,), (groups, out))
+        out, groups, said = words * 8, inputs // self.group, f"group_size {self.group}"
+        _part(ckpt, module, "qzeros", (INT32,), (groups, words), said)
+        _part(ckpt, module, "scales", (torch.float16,), (groups, out), said)
         return out, inputs
 
     def read(self, ckpt, module):
@@ -213,13 +237,19 @@ class PackedInt(Format):
         _part(ckpt, module, "weight_shape", (INT32, torch.int64), (2,))
         stored = tuple(ckpt.tensor(f"{module}.weight_shape").tolist())
         inputs = stored[1]
+        if stored[0] == out and inputs and inputs * self.bits != words * 32 and words * 32 % inputs == 0:
+            raise LocalMoEError(
+                f"{ckpt.path}: {ckpt.stored_name(module)} is packed at {words * 32 // inputs} bits while its config "
+                f"group says num_bits {self.bits}: correct quantization_config to match the weights"
+            )
         if stored[0] != out or inputs * self.bits != words * 32:
             raise LocalMoEError(
                 f"{ckpt.stored_name(module)} in {ckpt.path}: weight_shape {list(stored)} does not match its packed "
                 f"weight {[out, words]} (localmoe reads inputs that fill whole int32 words)"
             )
         groups = inputs // self.group if self.group else 1
-        _part(ckpt, module, "weight_scale", SCALE_DTYPES, (out, groups))
+        said = f"group_size {self.group}" if self.group else "channel strategy"
+        _part(ckpt, module, "weight_scale", SCALE_DTYPES, (out, groups), said)
         if not self.symmetric:
             _part(ckpt, module, "weight_zero_point", (INT32,), (-(-out * self.bits // 32), groups))
         if f"{module}.weight_g_idx" in ckpt:
@@ -260,7 +290,8 @@ class BlockFp8(Format):
     def shape(self, ckpt, module):
         out, inputs = _part(ckpt, module, "weight", (FP8,))
         grid = (-(-out // self.block[0]), -(-inputs // self.block[1]))
-        _part(ckpt, module, self._scale(ckpt, module).removeprefix(f"{module}."), SCALE_DTYPES + E8M0, grid)
+        said = f"weight_block_size {list(self.block)}"
+        _part(ckpt, module, self._scale(ckpt, module).removeprefix(f"{module}."), SCALE_DTYPES + E8M0, grid, said)
         return out, inputs
 
     def read(self, ckpt, module):
@@ -478,6 +509,15 @@ def _gptq(quant: dict, config: dict, path) -> Quantization:
         raise _refuse(path, f"GPTQ in the {checkpoint_format!r} format", "the gptq and gptq_v2 formats")
     if not isinstance(group, int) or (group < 1 and group != -1):
         raise _refuse(path, f"GPTQ group_size {group!r}", "a positive group size, or -1")
+    overrides = [
+        rule
+        for rule, change in (quant.get("dynamic") or {}).items()
+        if not rule.startswith("-:") and any(quant.get(key) != value for key, value in (change or {}).items())
+    ]
+    if overrides:  # GPTQModel's per-module settings; "-:" rules only leave modules unquantized, stored plain
+        raise _refuse(
+            path, f"GPTQ with per-module settings in dynamic ({overrides[0]!r})", "one setting for all modules"
+        )
     gptq = Gptq(bits, max(group, 0), bool(quant.get("desc_act")), checkpoint_format == "gptq")
     return Quantization("gptq", (gptq,))
 

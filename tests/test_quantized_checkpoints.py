@@ -12,6 +12,7 @@ from conftest import TINY_FAMILIES
 from packers import pack_awq, pack_gptq
 from quantized_models import check_against_transformers, linear, quantized_checkpoint
 
+import localmoe
 from localmoe.runtime.layouts import Nvfp4Layout, QuantizedLayout
 
 QWEN3 = ("Qwen3MoeConfig", {**TINY_FAMILIES["qwen3_moe"][1], "moe_intermediate_size": 32, "head_dim": 16})
@@ -166,4 +167,39 @@ def test_variants_not_read_are_refused_in_one_line(tiny_mixtral, tmp_path, words
     assert result.exit_code == 2
     [line] = result.stderr.strip().splitlines()
     assert line.startswith("localmoe: error: ")
+    assert re.search(words, line), line
+
+
+@pytest.fixture(scope="module")
+def gptq_mixtral(tmp_path_factory):
+    """A 4-bit GPTQ Mixtral in groups of 32 (the quantized folder), for configs that misdescribe it."""
+    quantize, config = gptq("gptq-4bit-sym", MIXTRAL)
+    return quantized_checkpoint(*MIXTRAL, tmp_path_factory.mktemp("gptq"), quantize, config)[1]
+
+
+# what the config says -> the words of the one line that must name it
+MISDESCRIBED = {
+    "bits 8": ({"bits": 8}, "stored at 4 bits with group_size 32 while .* says bits 8, group_size 32"),
+    "group_size 16": ({"group_size": 16}, "stored at 4 bits with group_size 32 while .* says bits 4, group_size 16"),
+    "group_size -1": ({"group_size": -1}, "with group_size 32 while .* says bits 4, group_size -1"),
+    "dynamic": ({"dynamic": {"+:.*experts.*": {"bits": 8}, "-:.*lm_head": {}}},
+                "GPTQ with per-module settings in dynamic \\('\\+:\\.\\*experts\\.\\*'\\) is not supported"),
+    "awq": ({"quant_method": "awq", "version": "gemm", "zero_point": True},
+            "qzeros .* where the quantization_config's group_size 32 implies"),
+}  # fmt: skip
+
+
+@pytest.mark.parametrize("change", list(MISDESCRIBED))
+def test_configs_that_misdescribe_the_weights_are_named_in_one_line(gptq_mixtral, tmp_path, change):
+    from localmoe.errors import LocalMoEError
+
+    folder = tmp_path / "misdescribed"
+    shutil.copytree(gptq_mixtral, folder)
+    config = json.loads((folder / "config.json").read_text())
+    changes, words = MISDESCRIBED[change]
+    config["quantization_config"].update(changes)
+    (folder / "config.json").write_text(json.dumps(config))
+    with pytest.raises(LocalMoEError) as error:
+        localmoe.load(str(folder), device="cpu", dtype=torch.float32)
+    [line] = str(error.value).splitlines()
     assert re.search(words, line), line
