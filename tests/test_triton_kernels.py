@@ -62,11 +62,20 @@ def test_activations_biases_and_input_scales(act, tokens):
     compare(ACTS[act], tokens, 2, seed=3, biases=True, scale=True)
 
 
-@pytest.mark.parametrize("bits", [8, 4])
+SPECS = {  # localmoe's own, and the integer forms checkpoints store (Kimi K2's: symmetric, bfloat16 scales)
+    "int8": QuantSpec(8, 8),
+    "int4": QuantSpec(4, 8),
+    "int4-symmetric-bf16": QuantSpec(4, 8, symmetric=True, scale_dtype=torch.bfloat16),
+    "int8-per-row-fp32": QuantSpec(8, 0, scale_dtype=torch.float32),
+    "int4-per-row-symmetric": QuantSpec(4, 0, symmetric=True),
+}
+
+
+@pytest.mark.parametrize("spec", list(SPECS))
 @pytest.mark.parametrize("tokens", [1, 24])
-def test_quantized_weights_dequantized_in_registers(bits, tokens):
-    x, gate_up, down, slots, extra = case(tokens, 2, seed=bits + tokens, biases=True)
-    gate_up, down = quantized_stack(gate_up, QuantSpec(bits, 8)), quantized_stack(down, QuantSpec(bits, 8))
+def test_quantized_weights_dequantized_in_registers(spec, tokens):
+    x, gate_up, down, slots, extra = case(tokens, 2, seed=len(spec) + tokens, biases=True)
+    gate_up, down = quantized_stack(gate_up, SPECS[spec]), quantized_stack(down, SPECS[spec])
     expected, got = torch.zeros(tokens * 2, HIDDEN), torch.zeros(tokens * 2, HIDDEN)
     expert_pair_outputs(expected, x, gate_up, down, slots, ACTS["clamped"], *extra)  # dequantizes per slot
     triton_experts.triton_pair_outputs(got, x, gate_up, down, slots, ACTS["clamped"], *extra)
@@ -127,6 +136,8 @@ def test_self_check_passes_and_catches_a_broken_kernel():
     assert self_check(triton_experts.triton_pair_outputs, torch.device("cpu"), torch.float32, acts) is None
     cpu = torch.device("cpu")
     assert self_check(triton_experts.triton_pair_outputs, cpu, torch.float32, acts, QuantSpec(4, 8)) is None
+    kimi = QuantSpec(4, 32, symmetric=True, scale_dtype=torch.bfloat16)
+    assert self_check(triton_experts.triton_pair_outputs, cpu, torch.float32, acts, kimi) is None
     assert self_check(triton_experts.triton_pair_outputs, cpu, torch.float32, acts, MXFP4) is None
     assert self_check(triton_experts.triton_pair_outputs, cpu, torch.float32, acts, StoredFormat("fp8", 8)) is None
 
@@ -143,6 +154,9 @@ def test_the_choice_of_kernels():
     assert pair_kernel("triton", cpu, torch.float32, acts)[1] == "triton"  # here, in the interpreter
     with pytest.raises(localmoe.LocalMoEError, match="lack the glu/gelu activation"):
         pair_kernel("triton", cpu, torch.float32, [GatedActivation(act="gelu")])
+    act_order = QuantSpec(4, 128, act_order=True)  # GPTQ's desc_act: each column's group from a table
+    with pytest.raises(localmoe.LocalMoEError, match="do not read int4 .*act order. yet"):
+        pair_kernel("triton", cpu, torch.float32, acts, act_order)
 
 
 @pytest.mark.slow  # whole models through Triton's interpreter

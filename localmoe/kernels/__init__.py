@@ -58,10 +58,12 @@ def pair_kernel(
 
 
 def triton_reads(form: QuantSpec | StoredFormat | None) -> bool:
-    """Whether the Triton kernels read experts in `form`: the compute dtype, localmoe's own integers,
-    MXFP4, and FP8 in square blocks. The other forms checkpoints store run on the reference kernel."""
+    """Whether the Triton kernels read experts in `form`: the compute dtype, integers with groups by
+    position (asymmetric or symmetric, scales of any float dtype, per group or per row), MXFP4, and FP8
+    in square blocks. The other forms checkpoints store (act order, NVFP4, FP8 by row or in oblong
+    blocks) run on the reference kernel."""
     if isinstance(form, QuantSpec):
-        return form.plain
+        return not form.act_order
     if isinstance(form, StoredFormat):
         return form.kind == "mxfp4" or (form.kind == "fp8" and isinstance(form.block, int))
     return True
@@ -74,7 +76,7 @@ def self_check(
     shapes (few and many tokens), each activation, weights quantized by `quant` if given; else what
     went wrong, in a line."""
     generator = torch.Generator().manual_seed(0)
-    unit = quant.group if isinstance(quant, QuantSpec) else quant.block if quant else 16  # widths it divides
+    unit = (quant.group or 16) if isinstance(quant, QuantSpec) else quant.block if quant else 16  # widths it divides
     experts, hidden, inter = 4, 3 * unit, 2 * unit
 
     def rand(*shape, scale=0.25):

@@ -31,12 +31,6 @@ class QuantSpec:
     scale_dtype: torch.dtype = torch.float16
     act_order: bool = False  # each column's group read from a table per matrix (GPTQ's g_idx)
 
-    @property
-    def plain(self) -> bool:
-        """Whether this is localmoe's own form (float16 scales and zero points, groups by position), the
-        one every kernel reads."""
-        return self.group > 0 and not self.symmetric and self.scale_dtype == torch.float16 and not self.act_order
-
     def groups(self, columns: int) -> int:
         """Groups per row of a matrix with `columns` columns."""
         return columns // self.group if self.group else 1

@@ -57,9 +57,22 @@ def _activate(gate, up, ACT: tl.constexpr, alpha, limit):
 
 
 @triton.jit
-def _weights(w_ptr, s_ptr, z_ptr, r, c, mask, stride_r, stride_sr, BITS: tl.constexpr, GROUP: tl.constexpr):
+def _weights(
+    w_ptr,
+    s_ptr,
+    z_ptr,
+    r,
+    c,
+    mask,
+    stride_r,
+    stride_sr,
+    BITS: tl.constexpr,
+    GROUP: tl.constexpr,
+    SYMMETRIC: tl.constexpr,
+):
     """One expert's weights at rows r and columns c (broadcastable index tensors), in float32: loaded, or
-    unpacked and dequantized, (q - zero) * scale, with each column's group."""
+    unpacked and dequantized, (q - zero) * scale, with each column's group (scales of any float dtype; a
+    SYMMETRIC form's zero is 2^(BITS - 1), stored nowhere)."""
     if BITS == 16:
         w = tl.load(w_ptr + r * stride_r + c, mask=mask, other=0.0).to(tl.float32)
     elif BITS == 2:  # block-scaled FP8 (e4m3fn bits), a float32 multiplier per GROUP x GROUP tile
@@ -91,8 +104,11 @@ def _weights(w_ptr, s_ptr, z_ptr, r, c, mask, stride_r, stride_sr, BITS: tl.cons
             q = tl.where(c % 2 == 0, byte & 0xF, (byte >> 4) & 0xF).to(tl.float32)
         group = r * stride_sr + c // GROUP
         scale = tl.load(s_ptr + group, mask=mask, other=0.0).to(tl.float32)
-        zero = tl.load(z_ptr + group, mask=mask, other=0.0).to(tl.float32)
-        w = (q - zero) * scale
+        if SYMMETRIC:
+            w = (q - (1 << (BITS - 1))) * scale
+        else:
+            zero = tl.load(z_ptr + group, mask=mask, other=0.0).to(tl.float32)
+            w = (q - zero) * scale
     return w
 
 
@@ -120,6 +136,7 @@ def _gate_up_rows(
     HAS_SCALE: tl.constexpr,
     BITS: tl.constexpr,
     GROUP: tl.constexpr,
+    SYMMETRIC: tl.constexpr,
     alpha,
     limit,
     BLOCK_I: tl.constexpr,
@@ -141,8 +158,10 @@ def _gate_up_rows(
             col_ok = cols < HIDDEN
             xk = tl.load(x_ptr + token * stride_x + cols, mask=col_ok, other=0.0).to(tl.float32)
             ok = row_ok[:, None] & col_ok[None, :]
-            wg = _weights(w, s, z, rows[:, None], cols[None, :], ok, stride_wr, stride_sr, BITS, GROUP)
-            wu = _weights(w, s, z, rows[:, None] + INTER, cols[None, :], ok, stride_wr, stride_sr, BITS, GROUP)
+            wg = _weights(w, s, z, rows[:, None], cols[None, :], ok, stride_wr, stride_sr, BITS, GROUP, SYMMETRIC)
+            wu = _weights(
+                w, s, z, rows[:, None] + INTER, cols[None, :], ok, stride_wr, stride_sr, BITS, GROUP, SYMMETRIC
+            )
             gate += tl.sum(wg * xk[None, :], axis=1)
             up += tl.sum(wu * xk[None, :], axis=1)
         if HAS_SCALE:
@@ -175,6 +194,7 @@ def _down_rows(
     HAS_BIAS: tl.constexpr,
     BITS: tl.constexpr,
     GROUP: tl.constexpr,
+    SYMMETRIC: tl.constexpr,
     BLOCK_E: tl.constexpr,
     BLOCK_K: tl.constexpr,
 ):
@@ -192,7 +212,7 @@ def _down_rows(
             col_ok = cols < INTER
             hk = tl.load(h_ptr + pair * INTER + cols, mask=col_ok, other=0.0)
             ok = row_ok[:, None] & col_ok[None, :]
-            wd = _weights(w, s, z, rows[:, None], cols[None, :], ok, stride_wr, stride_sr, BITS, GROUP)
+            wd = _weights(w, s, z, rows[:, None], cols[None, :], ok, stride_wr, stride_sr, BITS, GROUP, SYMMETRIC)
             acc += tl.sum(wd * hk[None, :], axis=1)
         if HAS_BIAS:
             acc += tl.load(bias_ptr + slot * stride_bs + rows, mask=row_ok, other=0.0).to(tl.float32)
@@ -224,6 +244,7 @@ def _grouped_gate_up(
     HAS_SCALE: tl.constexpr,
     BITS: tl.constexpr,
     GROUP: tl.constexpr,
+    SYMMETRIC: tl.constexpr,
     alpha,
     limit,
     PRECISION: tl.constexpr,  # of float32 products: ieee, not the tf32 default
@@ -250,8 +271,10 @@ def _grouped_gate_up(
             a_ok = valid[:, None] & col_ok[None, :]
             a = tl.load(x_ptr + tokens[:, None] * stride_x + cols[None, :], mask=a_ok, other=0.0)
             ok = col_ok[:, None] & row_ok[None, :]
-            wg = _weights(w, s, z, rows[None, :], cols[:, None], ok, stride_wr, stride_sr, BITS, GROUP)
-            wu = _weights(w, s, z, rows[None, :] + INTER, cols[:, None], ok, stride_wr, stride_sr, BITS, GROUP)
+            wg = _weights(w, s, z, rows[None, :], cols[:, None], ok, stride_wr, stride_sr, BITS, GROUP, SYMMETRIC)
+            wu = _weights(
+                w, s, z, rows[None, :] + INTER, cols[:, None], ok, stride_wr, stride_sr, BITS, GROUP, SYMMETRIC
+            )
             gate += tl.dot(a, wg.to(a.dtype), input_precision=PRECISION)
             up += tl.dot(a, wu.to(a.dtype), input_precision=PRECISION)
         if HAS_SCALE:
@@ -286,6 +309,7 @@ def _grouped_down(
     HAS_BIAS: tl.constexpr,
     BITS: tl.constexpr,
     GROUP: tl.constexpr,
+    SYMMETRIC: tl.constexpr,
     PRECISION: tl.constexpr,  # of float32 products: ieee, not the tf32 default
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
@@ -309,7 +333,7 @@ def _grouped_down(
             a_ok = valid[:, None] & col_ok[None, :]
             a = tl.load(h_ptr + safe[:, None] * INTER + cols[None, :], mask=a_ok, other=0.0)
             ok = col_ok[:, None] & row_ok[None, :]
-            wd = _weights(w, s, z, rows[None, :], cols[:, None], ok, stride_wr, stride_sr, BITS, GROUP)
+            wd = _weights(w, s, z, rows[None, :], cols[:, None], ok, stride_wr, stride_sr, BITS, GROUP, SYMMETRIC)
             dtype = out_ptr.dtype.element_ty  # the compute dtype, as the reference multiplies in
             acc += tl.dot(a.to(dtype), wd.to(dtype), input_precision=PRECISION)
         if HAS_BIAS:
@@ -324,16 +348,19 @@ def _weight_args(weights) -> tuple[list, dict]:
     if isinstance(weights, Fp8Weights):
         bits, scales = weights.bits, weights.scales
         args = [bits, scales, scales, bits.stride(0), bits.stride(1), scales.stride(0), scales.stride(1)]
-        return args, dict(BITS=2, GROUP=weights.block)
+        return args, dict(BITS=2, GROUP=weights.block, SYMMETRIC=False)
     if isinstance(weights, Mxfp4Weights):
         blocks, scales = weights.blocks, weights.scales
         args = [blocks, scales, scales, blocks.stride(0), blocks.stride(1), scales.stride(0), scales.stride(1)]
-        return args, dict(BITS=1, GROUP=32)
+        return args, dict(BITS=1, GROUP=32, SYMMETRIC=False)
     if isinstance(weights, QuantizedWeights):
-        q, scale = weights.q, weights.scale
-        args = [q, scale, weights.zero, q.stride(0), q.stride(1), scale.stride(0), scale.stride(1)]
-        return args, dict(BITS=weights.spec.bits, GROUP=weights.spec.group)
-    return [weights, weights, weights, weights.stride(0), weights.stride(1), 0, 0], dict(BITS=16, GROUP=1)
+        q, scale, spec = weights.q, weights.scale, weights.spec
+        zero = scale if spec.symmetric else weights.zero  # a symmetric form reads no zero points
+        args = [q, scale, zero, q.stride(0), q.stride(1), scale.stride(0), scale.stride(1)]
+        group = spec.group or weights.shape[2]  # one group per row: as wide as the row
+        return args, dict(BITS=spec.bits, GROUP=group, SYMMETRIC=spec.symmetric)
+    args = [weights, weights, weights, weights.stride(0), weights.stride(1), 0, 0]
+    return args, dict(BITS=16, GROUP=1, SYMMETRIC=False)
 
 
 def triton_pair_outputs(
