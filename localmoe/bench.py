@@ -16,7 +16,9 @@ import psutil
 import torch
 
 from localmoe.engine import Engine
+from localmoe.files import write_atomic
 from localmoe.runtime.memory import Footprint, format_bytes
+from localmoe.tables import render
 
 BANDWIDTH_BYTES = 256 * 2**20
 
@@ -135,25 +137,25 @@ def machine() -> dict[str, str]:
     }
 
 
-def results_table(results: list[RunResult], floor_s: float | None = None, baseline: str | None = None) -> str:
-    """A Markdown table of the runs, with the ratio of each decode speed to the baseline's and the
-    floor's multiple where given."""
+def results_table(
+    results: list[RunResult], floor_s: float | None = None, baseline: str | None = None, markdown: bool = True
+) -> str:
+    """The runs as a table (Markdown, or aligned columns for a terminal), with the ratio of each decode
+    speed to the baseline's and the floor's multiple where given."""
     base = next((r for r in results if r.name == baseline), None)
     columns = ["run", "misses", "prefill tok/s", "first token s", "decode tok/s", "vs baseline", "x floor"]
-    columns += ["peak memory"]
-    columns += ["hit rate", "copied/token"]
-    lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
+    columns += ["peak memory", "hit rate", "copied/token"]
+    rows = []
     for r in results:
         ratio = f"{r.decode_tokens_per_s / base.decode_tokens_per_s:.2f}x" if base and base.decode_tokens_per_s else ""
         multiple = f"{(1 / r.decode_tokens_per_s) / floor_s:.1f}" if floor_s and r.decode_tokens_per_s else ""
         hit = "" if r.hit_rate is None else f"{r.hit_rate:.3f}"
         copied = "" if r.bytes_copied_per_token is None else format_bytes(int(r.bytes_copied_per_token))
-        lines.append(
-            f"| {r.name} | {r.miss_policy} | {r.prefill_tokens_per_s:.1f} | {r.time_to_first_token_s:.2f} "
-            f"| {r.decode_tokens_per_s:.2f} "
-            f"| {ratio} | {multiple} | {format_bytes(r.peak_memory_bytes)} | {hit} | {copied} |"
+        rows.append(
+            [r.name, r.miss_policy, f"{r.prefill_tokens_per_s:.1f}", f"{r.time_to_first_token_s:.2f}"]
+            + [f"{r.decode_tokens_per_s:.2f}", ratio, multiple, format_bytes(r.peak_memory_bytes), hit, copied]
         )
-    return "\n".join(lines)
+    return render(columns, rows, markdown)
 
 
 def label(run: RunResult) -> str:
@@ -198,7 +200,7 @@ def write_benchmarks(results_dir: Path, docs: Path) -> None:
         lines += [f"- greedy tokens equal to the reference run's, before the first difference: {r['same_tokens']}"]
     sections = _cache_sections(results_dir / "cache") + _kernel_sections(results_dir / "kernels")
     sections += _quality_sections(results_dir / "quant")
-    docs.write_text("\n".join(lines + sections) + "\n")
+    write_atomic(docs, "\n".join(lines + sections) + "\n")
 
 
 def _latest_first(folder: Path) -> list[dict]:

@@ -14,18 +14,21 @@ import torch
 
 from localmoe.checkpoint import Checkpoint
 from localmoe.errors import LocalMoEError, setting
+from localmoe.files import sweep_temporaries
 from localmoe.grammar import ANY_OBJECT, JsonConstraint
 from localmoe.kernels import KERNELS, pair_kernel
 from localmoe.kernels.quantized import QuantSpec
-from localmoe.loader import ModelParts, footprint, load_resident_weights, model_skeleton, open_checkpoint
+from localmoe.loader import DTYPES, ModelParts, footprint, load_resident_weights, model_skeleton, open_checkpoint
 from localmoe.models.moe import moe_blocks
 from localmoe.models.state import KVCache
+from localmoe.options import CHAT_TOKENS, GENERATE_TOKENS, RuntimeOptions
+from localmoe.paths import cache_dir
 from localmoe.runtime.cpu_experts import Bandwidths, calibrated
 from localmoe.runtime.expert_cache import POLICIES, ExpertCache
 from localmoe.runtime.expert_store import ExpertStore
-from localmoe.runtime.generate import GenerationStats, generate_tokens
+from localmoe.runtime.generate import GenerationStats, check_fits, generate_tokens
 from localmoe.runtime.layouts import layout_of
-from localmoe.runtime.memory import MemoryPlan, format_bytes, plan_memory
+from localmoe.runtime.memory import MemoryPlan, format_bytes, format_rate, plan_memory
 from localmoe.runtime.miss_policy import MISS_POLICIES, miss_policy
 from localmoe.runtime.offload import OffloadedExperts
 from localmoe.runtime.profile import default_profile_path
@@ -37,27 +40,27 @@ from localmoe.runtime.trace import RoutingTrace
 from localmoe.tokenizer import StopStrings, Tokenizer
 
 
-@dataclass
-class RuntimeOptions:
-    """How the runtime places the model: budgets, the expert cache and prefetch (the CLI's flags)."""
+def fit_new_tokens(
+    prompt_tokens: int, asked: int | None, default: int, plan: MemoryPlan, name: str = "max_new_tokens"
+) -> int:
+    """New tokens for a generation: those `asked` (by the setting `name`), refused when the prompt and they
+    overflow the planned context (never cut short); where none are asked, `default`, lowered to what the
+    context leaves."""
+    new_tokens = max(min(default, plan.context - prompt_tokens), 1) if asked is None else asked
+    check_fits(prompt_tokens, new_tokens, plan.context, plan.footprint.max_positions, name)
+    return new_tokens
 
-    vram_budget: int | None = None  # bytes for everything on the device; default: its free memory
-    host_budget: int | None = None  # bytes of host RAM for the experts' host copy; default: what is available
-    expert_slots: int | None = None  # overrides the plan's slot count
-    policy: str = "score"  # one of POLICIES
-    pin_hot: int = 0  # experts pinned: the profile's hottest, or else those the first prompt used most
-    profile: str | None = None  # routing profile: "auto" (this checkpoint's, in the cache folder), a file, or none
-    prefetch: int = 1  # MoE layers to look ahead; 0 turns prefetch off
-    prefetch_margin: int = 0  # experts predicted beyond the top-k
-    context: int = 4096  # tokens of KV cache planned for (capped at the model's maximum)
-    prefill_chunk: int = 512
-    trace: Path | None = None  # write the routing of every token here (JSON lines)
-    miss_policy: str = "auto"  # one of MISS_POLICIES: copied to the device, computed on the CPU, or whichever is faster
-    kernels: str = "auto"  # one of KERNELS: reference, triton, or triton where it works (CUDA)
-    expert_bits: int = 16  # 8 or 4: routed experts quantized group-wise, kept so on disk between runs
-    expert_group_size: int = 64
-    copy_bandwidth: float | None = None  # bytes/s for the miss policy's cost model; default: measured
-    cpu_bandwidth: float | None = None
+
+def encode_prompt(tokenizer: Tokenizer, prompt: str | list[dict], raw: bool = False) -> list[int]:
+    """Token ids of a text prompt (with the special tokens the tokenizer adds, unless `raw`), or of a list
+    of messages rendered by the chat template."""
+    if isinstance(prompt, list):
+        if raw:
+            raise LocalMoEError("raw encodes text as written: a list of messages goes through the chat template")
+        return tokenizer.encode_chat(prompt)
+    if not isinstance(prompt, str):
+        raise LocalMoEError(f"the prompt is a {type(prompt).__name__}: give text or a list of messages")
+    return tokenizer.encode(prompt, add_special_tokens=not raw)
 
 
 class Engine:
@@ -74,9 +77,10 @@ class Engine:
         options: RuntimeOptions,
         kernels: str = "reference",
         offloaded: OffloadedExperts | None = None,
+        tokenizer: Tokenizer | None = None,
     ):
         """`experts` computes the routed experts; `offloaded`, the same object when they go through the
-        expert cache, else None."""
+        expert cache, else None; `tokenizer`, the checkpoint's where it was read already."""
         self.checkpoint = checkpoint
         self.parts = parts
         self.model = parts.model
@@ -87,11 +91,14 @@ class Engine:
         self.kernels = kernels  # which expert kernels run, and why
         self.eos_ids = eos_ids(checkpoint)
         self.stats = GenerationStats()
+        self._tokenizer = tokenizer
         self.sampler: Sampler | None = None  # the last run's, with its record of log-probabilities
 
-    @cached_property
+    @property
     def tokenizer(self) -> Tokenizer:
-        return Tokenizer(self.checkpoint.path)
+        if self._tokenizer is None:
+            self._tokenizer = Tokenizer(self.checkpoint.path)
+        return self._tokenizer
 
     @property
     def device(self) -> torch.device:
@@ -178,34 +185,58 @@ class Engine:
         if rest := stops.flush():
             yield rest
 
-    def generate(
+    def stream(
         self,
-        prompt: str,
-        max_new_tokens: int,
-        sampling: SamplingParams | None = None,
-        stop: Sequence[str] = (),
+        prompt: str | list[dict],
+        max_new_tokens: int | None = None,
         *,
-        chat: bool = False,
+        temperature: float | None = None,
+        top_k: int | None = None,
+        top_p: float | None = None,
+        min_p: float | None = None,
+        repetition_penalty: float | None = None,
+        seed: int | None = None,
+        stop: str | Sequence[str] = (),
         raw: bool = False,
-        system: str | None = None,
         json_schema: dict | None = None,
     ) -> Iterator[str]:
-        """Stream the continuation of `prompt` as text; with `chat`, of the prompt as a user message
-        rendered by the checkpoint's chat template; `raw`, of exactly its tokens, with no special token
-        added (code completion). `sampling` defaults to the checkpoint's. With `json_schema`, the text is
-        JSON that the schema validates."""
-        if chat:
-            messages = [
-                *([{"role": "system", "content": system}] if system else []),
-                {"role": "user", "content": prompt},
-            ]
-            ids = self.tokenizer.encode_chat(messages)
-        else:
-            ids = self.tokenizer.encode(prompt, add_special_tokens=not raw)
-        constraint = self.json_constraint(json_schema) if json_schema is not None else None
-        return self.text(
-            self.generate_ids(ids, max_new_tokens, sampling or self.sampling(), constraint=constraint), stop
+        """Stream the continuation of `prompt` as text pieces. A list of messages ({"role": ..., "content":
+        ...}) goes through the checkpoint's chat template; text is encoded with the special tokens the
+        tokenizer adds (BOS), or, `raw`, with none (code completion). `max_new_tokens` left out:
+        GENERATE_TOKENS, or what the context leaves where that is less. A sampling setting left out keeps
+        the checkpoint's (generation_config.json: greedy unless it sets do_sample); temperature 0 is greedy.
+        The text ends at an EOS token or before the first `stop` string; `self.stats` times the run. With
+        `json_schema`, the text is JSON that the schema validates (needs localmoe[json])."""
+        ids = self.prompt_ids(prompt, raw)
+        new_tokens = fit_new_tokens(len(ids), max_new_tokens, GENERATE_TOKENS, self.plan)
+        sampling = self.sampling(
+            temperature=temperature,
+            top_k=top_k,
+            top_p=top_p,
+            min_p=min_p,
+            repetition_penalty=repetition_penalty,
+            seed=seed,
         )
+        constraint = self.json_constraint(json_schema) if json_schema is not None else None
+        tokens = self.generate_ids(ids, new_tokens, sampling, constraint=constraint)
+        return self.text(tokens, [stop] if isinstance(stop, str) else stop)
+
+    def generate(self, prompt: str | list[dict], max_new_tokens: int | None = None, **settings) -> str:
+        """The continuation of `prompt`, whole: `stream`'s text joined (same arguments)."""
+        return "".join(self.stream(prompt, max_new_tokens, **settings))
+
+    def chat(self, messages: list[dict], max_new_tokens: int | None = None, **settings) -> str:
+        """The assistant's answer to `messages`, rendered by the chat template: `generate` with up to
+        CHAT_TOKENS new tokens by default (as `localmoe chat`)."""
+        if not isinstance(messages, list):
+            raise LocalMoEError("chat takes a list of messages such as [{'role': 'user', 'content': 'Hi'}]")
+        if max_new_tokens is None:
+            max_new_tokens = fit_new_tokens(len(self.prompt_ids(messages)), None, CHAT_TOKENS, self.plan)
+        return self.generate(messages, max_new_tokens, **settings)
+
+    def prompt_ids(self, prompt: str | list[dict], raw: bool = False) -> list[int]:
+        """Token ids of a text prompt, or of a list of messages rendered by the chat template."""
+        return encode_prompt(self.tokenizer, prompt, raw)
 
     def expert_cache(self) -> CacheSnapshot | None:
         """The expert cache's slots and counters so far, or None when every expert is resident."""
@@ -225,9 +256,9 @@ class Engine:
         """One line: what was loaded, where, and how the experts are placed."""
         plan, fp = self.plan, self.plan.footprint
         home = {"none": "none needed", "pinned": "pinned RAM", "ram": "RAM", "mmap": "checkpoint files (mmap)"}
-        model = self.checkpoint.part or self.parts.family.architectures[0]
+        model = self.checkpoint.part or self.parts.family.name
         return (
-            f"{self.checkpoint.path.name}: {model} on {plan.device}, {self.parts.dtype}; "
+            f"{self.checkpoint.name}: {model} on {plan.device}, {self.parts.dtype}; "
             f"resident {format_bytes(fp.resident_bytes)}; expert slots {plan.slots}/{fp.total_experts}; "
             f"experts' host copy: {home[plan.store]}; context {plan.context}{self._misses()}; "
             f"kernels: {self.kernels}"
@@ -237,7 +268,7 @@ class Engine:
         if self.miss_policy is None:
             return ""
         rates = self.bandwidths
-        measured = f" (copy {rates.copy / 1e9:.1f} GB/s, CPU {rates.cpu / 1e9:.1f} GB/s)" if rates else ""
+        measured = f" (copy {format_rate(rates.copy)}, CPU {format_rate(rates.cpu)})" if rates else ""
         return f"; misses: {self.miss_policy}{measured}"
 
     def cache_report(self) -> str:
@@ -321,24 +352,32 @@ class Prepared:
     plan: MemoryPlan
     quant: QuantSpec | None
 
+    @cached_property
+    def tokenizer(self) -> Tokenizer:
+        """The checkpoint's tokenizer, read before the weights where a caller checks a prompt or a chat
+        template first; the engine then takes it over."""
+        return Tokenizer(self.checkpoint.path)
+
 
 def prepare(
     source: str,
     *,
     device: str | None = None,
-    dtype: torch.dtype | None = None,
+    dtype: torch.dtype | str | None = None,
     revision: str | None = None,
     options: RuntimeOptions | None = None,
+    headers_only: bool = False,
 ) -> Prepared:
     """Open a checkpoint (folder or Hub repo id) and plan its placement on `device`; the device need not
-    be here when `vram_budget` says how much memory it has (to plan for it)."""
+    be here when `vram_budget` says how much memory it has (to plan for it). `headers_only`: a Hub
+    checkpoint's shards are not downloaded, only their headers read (enough to plan; see `Checkpoint.open`)."""
     options = options or RuntimeOptions()
     target = _parse_device(device) if device else resolve_device(None)
     if target.type == "cuda" and not torch.cuda.is_available() and options.vram_budget is None:
         raise LocalMoEError(f"this machine has no CUDA device: give {setting('vram_budget')} to plan for one")
-    checkpoint, family = open_checkpoint(source, revision)
-    parts = model_skeleton(checkpoint, family, dtype)
-    quant = _quant(options)
+    checkpoint, family = open_checkpoint(source, revision, weights=not headers_only)
+    parts = model_skeleton(checkpoint, family, _dtype(dtype))
+    quant = _quant(options, parts.experts)
     return Prepared(checkpoint, parts, target, options, _plan(parts, target, options, quant), quant)
 
 
@@ -353,12 +392,14 @@ def place(prepared: Prepared) -> Engine:
         prepared.quant,
     )
     device = resolve_device(str(prepared.device))
-    load_resident_weights(parts, checkpoint, device)
+    sweep_temporaries(cache_dir(), recursive=True)  # left by runs killed while writing
     blocks = moe_blocks(parts.model)
-    trace = RoutingTrace(options.trace, blocks[0].layer_idx) if options.trace else None
+    trace = RoutingTrace(options.trace, blocks[0].layer_idx) if options.trace else None  # an unwritable path fails now
+    load_resident_weights(parts, checkpoint, device)
     weights = layout_of(parts.experts, quant, parts.dtype).format  # what the kernels will read
     kernel, kernels = pair_kernel(options.kernels, device, parts.dtype, [block.act for block in blocks], weights)
-    quantized = QuantizedLayers(cache_folder(checkpoint, _quant_settings(quant, parts.dtype))) if quant else None
+    settings = _quant_settings(quant, parts.dtype) if quant else ""
+    quantized = QuantizedLayers(cache_folder(checkpoint, settings), settings) if quant else None
     offloaded = None
     if plan.all_resident:
         experts = ResidentExperts(parts.experts, device, parts.dtype, trace, kernel, quant, quantized)
@@ -379,21 +420,31 @@ def place(prepared: Prepared) -> Engine:
     for block in blocks:
         block.experts = experts
     if options.profile and offloaded is not None:
-        path = default_profile_path(checkpoint) if options.profile == "auto" else Path(options.profile)
-        offloaded.start_from_profile(path)
-    return Engine(checkpoint, parts, plan, experts, options, kernels, offloaded)
+        own = options.profile == "auto"
+        offloaded.start_from_profile(default_profile_path(checkpoint) if own else Path(options.profile), own)
+    tokenizer = prepared.__dict__.get("tokenizer")  # where the preparation has read it already
+    return Engine(checkpoint, parts, plan, experts, options, kernels, offloaded, tokenizer)
 
 
 def load(
     source: str,
     *,
     device: str | None = None,
-    dtype: torch.dtype | None = None,
+    dtype: torch.dtype | str | None = None,
     revision: str | None = None,
     options: RuntimeOptions | None = None,
+    **settings,
 ) -> Engine:
-    """Open a checkpoint (folder or Hub repo id) and place it on `device` (default: CUDA when present):
-    `prepare`, then `place`."""
+    """Open a checkpoint (a folder, or a Hub repo id, downloaded through the Hugging Face cache) and place
+    it on `device` ("cpu", "cuda" or "cuda:N"; default: CUDA when present) in `dtype` ("bfloat16",
+    "float16", "float32", a torch dtype; default: the checkpoint's). `settings` are the runtime's, named
+    and written as `localmoe generate`'s flags: vram_budget="12GiB", host_budget, expert_slots, context,
+    policy, profile, pin_hot, prefetch, prefetch_margin, miss_policy, copy_bandwidth and cpu_bandwidth
+    (GB/s), expert_bits, expert_group_size, kernels, trace (see `RuntimeOptions`); or `options`, a
+    RuntimeOptions, instead."""
+    if options is not None and settings:
+        raise LocalMoEError("give the settings as keywords or as options=RuntimeOptions(...), not both")
+    options = options or RuntimeOptions.named(settings)
     return place(prepare(source, device=str(resolve_device(device)), dtype=dtype, revision=revision, options=options))
 
 
@@ -401,26 +452,27 @@ def plan_for(
     source: str,
     *,
     device: str | None = None,
-    dtype: torch.dtype | None = None,
+    dtype: torch.dtype | str | None = None,
     revision: str | None = None,
     options: RuntimeOptions | None = None,
 ) -> MemoryPlan:
-    """The memory plan `load` would follow, without loading any weights (see `prepare`)."""
-    return prepare(source, device=device, dtype=dtype, revision=revision, options=options).plan
+    """The memory plan `load` would follow, from the checkpoint's headers alone (see `prepare`)."""
+    return prepare(source, device=device, dtype=dtype, revision=revision, options=options, headers_only=True).plan
 
 
 def _miss_policy(options: RuntimeOptions, cache: ExpertCache, blocks):
     """The miss policy the options name, with the bandwidths it weighs, measured once per machine."""
     if not MISS_POLICIES[options.miss_policy].weighs_bandwidths:
         return miss_policy(options.miss_policy)
-    rates = calibrated(cache.store, cache.rows[0], blocks[0], options.copy_bandwidth, options.cpu_bandwidth)
+    rates = calibrated(cache.store, cache.rows[0], blocks[0], *options.bandwidths())
     return miss_policy(options.miss_policy, rates)
 
 
-def _quant(options: RuntimeOptions) -> QuantSpec | None:
+def _quant(options: RuntimeOptions, source) -> QuantSpec | None:
     if options.expert_bits == 16:
         return None
-    return QuantSpec(options.expert_bits, options.expert_group_size)
+    block = next(iter(source.blocks.values()))
+    return QuantSpec.fitting(options.expert_bits, options.expert_group_size, block.hidden_size, block.intermediate_size)
 
 
 def _quant_settings(quant: QuantSpec, dtype: torch.dtype) -> str:
@@ -456,12 +508,19 @@ def _check_settings(options: RuntimeOptions) -> None:
     for name, table in (("policy", POLICIES), ("miss_policy", MISS_POLICIES), ("kernels", KERNELS)):
         if getattr(options, name) not in table:
             raise LocalMoEError(f"unknown {setting(name)} {getattr(options, name)!r}: choose one of {', '.join(table)}")
-    if any(rate is not None and rate <= 0 for rate in (options.copy_bandwidth, options.cpu_bandwidth)):
-        raise LocalMoEError(f"{setting('copy_bandwidth')} and {setting('cpu_bandwidth')} must be positive")
     if options.prefetch < 0 or options.prefetch_margin < 0 or options.pin_hot < 0:
         raise LocalMoEError(
             f"{setting('prefetch')}, {setting('prefetch_margin')} and {setting('pin_hot')} cannot be negative"
         )
+
+
+def _dtype(dtype: torch.dtype | str | None) -> torch.dtype | None:
+    """A compute dtype from its name ("bfloat16"; "auto": the checkpoint's, as None) or as a torch dtype."""
+    if dtype is None or isinstance(dtype, torch.dtype):
+        return dtype
+    if dtype != "auto" and dtype not in DTYPES:
+        raise LocalMoEError(f"unknown {setting('dtype')} {dtype!r}: choose auto, {', '.join(DTYPES)}")
+    return DTYPES.get(dtype)
 
 
 def resolve_device(device: str | None) -> torch.device:

@@ -30,6 +30,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))  # run from a checkout without installing
 
 from localmoe.bench import machine  # noqa: E402
+from localmoe.files import write_atomic  # noqa: E402
 
 SCHEMAS = {
     "flat": (
@@ -224,7 +225,7 @@ def main() -> None:
         "setup_s": setup_s,
         "rows": rows,
     }
-    (args.out / f"{stamp}.json").write_text(json.dumps(result, indent=2) + "\n")
+    write_atomic(args.out / f"{stamp}.json", json.dumps(result, indent=2) + "\n")
 
 
 if __name__ == "__main__":

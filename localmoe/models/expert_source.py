@@ -40,6 +40,6 @@ class ExpertSource:
 
     def _layout(self, layouts: tuple[ExpertTensors, ...], block: SparseMoE) -> ExpertTensors:
         """The first layout present for this layer, with every expert tensor it needs checked."""
-        layout = next((layout for layout in layouts if layout.present(self.ckpt, block.layer_idx)), layouts[0])
+        layout = next((layout for layout in layouts if layout.present(self.ckpt, block)), layouts[0])
         layout.check(self.ckpt, block)
         return layout

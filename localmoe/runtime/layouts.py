@@ -1,5 +1,6 @@
-"""Row layouts: one routed expert as one flat row [gate | up | down | biases], in the compute dtype or as
-typed byte sections (quantized integers, MXFP4, NVFP4, FP8), and views of a stack of such rows by role. The host store,
+"""Row layouts: one routed expert as one flat row [gate | up | down | biases] ([up | down | biases] for
+ungated experts), in the compute dtype or as typed byte sections (quantized integers, MXFP4, NVFP4, FP8),
+and views of a stack of such rows by role. The host store,
 the slot pool and the resident experts all hold rows of one layout, so a miss is one row copied and
 every kernel reads a slot and a host row alike."""
 
@@ -19,7 +20,7 @@ from localmoe.kernels.quantized import (
     quantize,
 )
 from localmoe.models.expert_source import ExpertSource
-from localmoe.models.expert_tensors import role_shapes
+from localmoe.models.expert_tensors import input_roles, role_shapes
 
 
 @dataclass(frozen=True)
@@ -29,6 +30,7 @@ class ExpertLayout:
     hidden: int
     intermediate: int
     bias: bool = False
+    gated: bool = True
 
     row_dtype = None  # rows are in the compute dtype
     reads_packed = False
@@ -36,28 +38,33 @@ class ExpertLayout:
 
     @property
     def shapes(self) -> dict[str, tuple[int, ...]]:
-        return role_shapes(self.hidden, self.intermediate, self.bias)  # in row order
+        return role_shapes(self.hidden, self.intermediate, self.bias, self.gated)  # in row order
 
     @property
     def numel(self) -> int:
         return sum(math.prod(shape) for shape in self.shapes.values())
 
+    @property
+    def inputs(self) -> int:
+        """The rows of the input projection: 2I (gate and up), or I (up alone) for ungated experts."""
+        return len(input_roles(self.gated)) * self.intermediate
+
     def gate_up(self, rows: torch.Tensor) -> torch.Tensor:
-        """[N, 2I, E], gate rows first."""
-        i, h = self.intermediate, self.hidden
-        return rows[:, : 2 * i * h].view(-1, 2 * i, h)
+        """[N, 2I, E], gate rows first ([N, I, E] for ungated experts)."""
+        return rows[:, : self.inputs * self.hidden].view(-1, self.inputs, self.hidden)
 
     def down(self, rows: torch.Tensor) -> torch.Tensor:
         """[N, E, I]."""
         i, h = self.intermediate, self.hidden
-        return rows[:, 2 * i * h : 3 * i * h].view(-1, h, i)
+        start = self.inputs * h
+        return rows[:, start : start + h * i].view(-1, h, i)
 
     def biases(self, rows: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor | None]:
         """gate_up bias [N, 2I] and down bias [N, E], or (None, None) for experts without biases."""
         if not self.bias:
             return None, None
-        start = 3 * self.intermediate * self.hidden
-        middle = start + 2 * self.intermediate
+        start = (self.inputs + self.intermediate) * self.hidden
+        middle = start + self.inputs
         return rows[:, start:middle], rows[:, middle : middle + self.hidden]
 
     def pack(self, row: torch.Tensor, roles: dict[str, torch.Tensor]) -> None:
@@ -75,6 +82,7 @@ class _ByteRows:
 
     row_dtype = torch.uint8
     reads_packed = False  # whether `pack` takes the checkpoint's stored form rather than decoded weights
+    gated = True  # the experts have gate projections (MXFP4 and FP8 experts as stored all do)
 
     def _parts(self) -> list[tuple[str, tuple[int, ...], torch.dtype]]:
         raise NotImplementedError
@@ -99,9 +107,17 @@ class _ByteRows:
         size = math.prod(shape) * dtype.itemsize
         return rows[:, offset : offset + size].view(dtype).view(rows.shape[0], *shape)
 
+    @property
+    def inputs(self) -> int:
+        """The rows of the input projection: 2I (gate and up), or I (up alone) for ungated experts."""
+        return len(input_roles(self.gated)) * self.intermediate
+
     def _bias_parts(self) -> list[tuple[str, tuple[int, ...], torch.dtype]]:
-        i, h = self.intermediate, self.hidden
-        return [("gate_up_bias", (2 * i,), self.dtype), ("down_bias", (h,), self.dtype)] if self.bias else []
+        return (
+            [("gate_up_bias", (self.inputs,), self.dtype), ("down_bias", (self.hidden,), self.dtype)]
+            if self.bias
+            else []
+        )
 
     def biases(self, rows: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor | None]:
         if not self.bias:
@@ -110,7 +126,8 @@ class _ByteRows:
 
     def _pack_biases(self, rows: torch.Tensor, roles: dict[str, torch.Tensor]) -> None:
         if self.bias:
-            self._view(rows, "gate_up_bias")[0].copy_(torch.cat((roles["gate_bias"], roles["up_bias"])))
+            inputs = input_roles(self.gated)
+            self._view(rows, "gate_up_bias")[0].copy_(torch.cat([roles[f"{role}_bias"] for role in inputs]))
             self._view(rows, "down_bias")[0].copy_(roles["down_bias"])
 
     def _pack_stored(self, row: torch.Tensor, roles: dict) -> None:
@@ -118,8 +135,8 @@ class _ByteRows:
         `packed`) into its byte row: gate and up stacked along the rows of every part (and along the parts
         of per-part tables: act-order groups, NVFP4's global scales), then down, then the biases."""
         rows = row[None]
-        gate, up = roles["gate"].parts(), roles["up"].parts()
-        gate_up = {suffix: torch.cat((gate[suffix], up[suffix]), dim=1) for suffix in gate}
+        inputs = [roles[role].parts() for role in input_roles(self.gated)]
+        gate_up = {suffix: torch.cat([parts[suffix] for parts in inputs], dim=1) for suffix in inputs[0]}
         for name, parts in (("gate_up", gate_up), ("down", roles["down"].parts())):
             for suffix, tensor in parts.items():
                 self._view(rows, name + suffix)[0].copy_(tensor[0])
@@ -138,7 +155,8 @@ class QuantizedLayout(_ByteRows):
     bias: bool
     spec: QuantSpec
     dtype: torch.dtype  # of the biases, and of the dequantized weights
-    stored: bool = False
+    gated: bool = True
+    stored: bool = False  # the checkpoint's own integers, copied as stored rather than quantized here
 
     @property
     def reads_packed(self) -> bool:
@@ -149,8 +167,8 @@ class QuantizedLayout(_ByteRows):
         return self.spec
 
     def _parts(self):
-        h, i = self.hidden, self.intermediate
-        return [*self._matrix("gate_up", 2 * i, h, 2), *self._matrix("down", h, i, 1), *self._bias_parts()]
+        h, i, pieces = self.hidden, self.intermediate, len(input_roles(self.gated))
+        return [*self._matrix("gate_up", self.inputs, h, pieces), *self._matrix("down", h, i, 1), *self._bias_parts()]
 
     def _matrix(self, name: str, rows: int, columns: int, pieces: int):
         spec, groups = self.spec, self.spec.groups(columns)
@@ -182,7 +200,7 @@ class QuantizedLayout(_ByteRows):
             self._pack_stored(row, roles)
             return
         rows = row[None]
-        gate_up = torch.cat((roles["gate"], roles["up"]))
+        gate_up = torch.cat([roles[role] for role in input_roles(self.gated)])
         for name, matrix in (("gate_up", gate_up), ("down", roles["down"])):
             q, scale, zero = quantize(matrix, self.spec)
             for suffix, part in (("", q), ("_scale", scale), ("_zero", zero)):
@@ -339,7 +357,9 @@ def layout_of(source: ExpertSource, quant: QuantSpec | None = None, dtype: torch
     h, i, bias = block.hidden_size, block.intermediate_size, block.expert_bias
     form = source.stored_form if quant is None else None
     if isinstance(form, QuantSpec):
-        return QuantizedLayout(h, i, bias, form, dtype, stored=True)
+        return QuantizedLayout(h, i, bias, form, dtype, block.gated, stored=True)
+    if not block.gated:  # the other stored forms' rows hold gate and up: ungated experts are decoded
+        form = None
     if form == MXFP4:
         return Mxfp4Layout(h, i, bias, dtype)
     if isinstance(form, StoredFormat) and form.kind == "nvfp4":
@@ -347,6 +367,6 @@ def layout_of(source: ExpertSource, quant: QuantSpec | None = None, dtype: torch
     if isinstance(form, StoredFormat) and form.kind == "fp8" and not bias and _tiles(form.block, h, i):
         return Fp8Layout(h, i, bias, form.block, dtype)
     if quant is None:
-        return ExpertLayout(h, i, bias)
+        return ExpertLayout(h, i, bias, block.gated)
     quant.check(h, i)
-    return QuantizedLayout(h, i, bias, quant, dtype)
+    return QuantizedLayout(h, i, bias, quant, dtype, block.gated)
