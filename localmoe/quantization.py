@@ -235,7 +235,12 @@ class PackedInt(Format):
     def shape(self, ckpt, module):
         out, words = _part(ckpt, module, "weight_packed", (INT32,))
         _part(ckpt, module, "weight_shape", (INT32, torch.int64), (2,))
-        stored = tuple(ckpt.tensor(f"{module}.weight_shape").tolist())
+        # a plan from shard headers alone (weights not downloaded) takes the shape the packing implies
+        stored = (
+            tuple(ckpt.tensor(f"{module}.weight_shape").tolist())
+            if ckpt.weights_here
+            else (out, words * 32 // self.bits)
+        )
         inputs = stored[1]
         if stored[0] == out and inputs and inputs * self.bits != words * 32 and words * 32 % inputs == 0:
             raise LocalMoEError(
