@@ -203,3 +203,18 @@ def test_configs_that_misdescribe_the_weights_are_named_in_one_line(gptq_mixtral
         localmoe.load(str(folder), device="cpu", dtype=torch.float32)
     [line] = str(error.value).splitlines()
     assert re.search(words, line), line
+
+
+def test_readme_lists_the_formats_read():
+    """README's format table names every quant_method localmoe/quantization.py reads, and no other than
+    those and the families' own (gpt-oss's mxfp4)."""
+    from pathlib import Path
+
+    from localmoe.models import FAMILIES
+    from localmoe.quantization import READERS
+
+    readme = (Path(__file__).parent.parent / "README.md").read_text()
+    table = readme.split("<!-- formats:start -->\n")[1].split("\n<!-- formats:end -->")[0]
+    methods = {row.split("|")[2].strip().strip("`") for row in table.splitlines()[2:]}
+    own = {method for family in FAMILIES for method in family.quantizations}
+    assert set(READERS) <= methods <= set(READERS) | own
