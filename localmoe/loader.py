@@ -21,6 +21,7 @@ from localmoe.models.expert_tensors import block_shapes
 from localmoe.models.family import Family, ModelArgs
 from localmoe.models.moe import moe_blocks
 from localmoe.progress import progress
+from localmoe.quantization import describe
 from localmoe.runtime.memory import Footprint
 
 LAYER_INDEX = re.compile(r"(?:^|\.)layers\.(\d+)\.")  # in tensor names: model.layers.N.*
@@ -105,9 +106,10 @@ def _check_quantization(ckpt: Checkpoint, family: Family) -> None:
     formats = ckpt.quantization.formats
     modules = {name.rpartition(".")[0] for name in ckpt.tensor_names}
     if formats and not any(fmt.stores(ckpt, module) for module in modules for fmt in formats):
+        said = " or ".join(describe(fmt) for fmt in formats)
         raise LocalMoEError(
-            f"{ckpt.path}/config.json says it is quantized ({method}), yet no weight is stored so: remove "
-            "quantization_config if the weights are an unquantized (bf16) release, or download the quantized one"
+            f"{ckpt.path}/config.json says it is quantized ({method}: {said}), yet no weight is stored so: the "
+            "config does not describe these weights (for an unquantized (bf16) release, remove quantization_config)"
         )
 
 

@@ -17,6 +17,9 @@ Conventions, and where they were checked:
   byte, low nibble first, and a ue8m0 exponent per 32 inputs (`scale` [out, in / 32]). Checked against
   transformers 5.24's Fp8Dequantize (integrations/finegrained_fp8.py) and vLLM's DeepSeek-V4 loader
   (model_executor/models/deepseek_v4.py: `.scale` -> weight_scale, e8m0 bytes viewed as uint8).
+  Without a `weight_block_size` (AutoFP8's per-tensor FP8), `weight` float8 e4m3 and `weight_scale`, one
+  float32 per matrix (its `input_scale`, for static activation quantization, is not used). Checked
+  against vLLM's Fp8LinearMethod (model_executor/layers/quantization/fp8.py).
 - gptq: `qweight` int32 [in * bits / 32, out], inputs packed low bits first; `qzeros` int32
   [groups, out * bits / 32] packed the same way along the outputs; `scales` float16 [groups, out];
   `g_idx` int32 [in], each input's group (act order with desc_act). w = (q - z) * s, where checkpoints
@@ -447,9 +450,9 @@ class CompressedTensors(Quantization):
         name = ckpt.stored_name(module)
         chosen = None if any(_matches(name, t) for t in self.ignore) else _group_format(self.groups, name)
         if chosen is None or type(chosen) is not type(stored):
-            said = "ignores it" if chosen is None else f"gives it {_describe(chosen)}"
+            said = "ignores it" if chosen is None else f"gives it {describe(chosen)}"
             raise LocalMoEError(
-                f"{ckpt.path}: {name} is stored as {_describe(stored)}, and the quantization config {said}: "
+                f"{ckpt.path}: {name} is stored as {describe(stored)}, and the quantization config {said}: "
                 "the checkpoint and its config disagree"
             )
         return chosen
@@ -467,7 +470,10 @@ def _matches(name: str, target: str) -> bool:
     return target == name or target == "Linear"
 
 
-def _describe(fmt: Format) -> str:
+def describe(fmt: Format) -> str:
+    """The format in a few words, for messages."""
+    if isinstance(fmt, FloatFp8):
+        return f"FP8 by {fmt.strategy}"
     return {
         Gptq: "GPTQ",
         AwqGemm: "AWQ",
@@ -494,9 +500,12 @@ def _refuse(path, what: str, reads: str) -> LocalMoEError:
 
 def _fp8(quant: dict, config: dict, path) -> Quantization:
     block = quant.get("weight_block_size")
-    if not (isinstance(block, list) and len(block) == 2 and all(isinstance(b, int) and b > 0 for b in block)):
-        raise LocalMoEError(f"{path}/config.json: FP8 without a [rows, columns] weight_block_size is not supported")
-    formats: tuple[Format, ...] = (BlockFp8((block[0], block[1])),)
+    if block is None:  # AutoFP8's per-tensor FP8 (Neural Magic's releases): `weight_scale`, one float32
+        formats: tuple[Format, ...] = (FloatFp8("tensor"),)
+    elif isinstance(block, list) and len(block) == 2 and all(isinstance(b, int) and b > 0 for b in block):
+        formats = (BlockFp8((block[0], block[1])),)
+    else:
+        raise LocalMoEError(f"{path}/config.json: FP8 weight_block_size {block!r} is not [rows, columns]")
     expert_dtype = quant.get("expert_dtype", config.get("expert_dtype", "fp8"))
     if expert_dtype == "fp4":  # DeepSeek-V4's experts
         formats += (Mxfp4Packed(codes="weight", scales="scale"),)

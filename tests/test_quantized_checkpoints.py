@@ -13,7 +13,7 @@ from packers import pack_awq, pack_gptq
 from quantized_models import check_against_transformers, linear, quantized_checkpoint
 
 import localmoe
-from localmoe.runtime.layouts import Nvfp4Layout, QuantizedLayout
+from localmoe.runtime.layouts import Fp8Layout, Nvfp4Layout, QuantizedLayout
 
 QWEN3 = ("Qwen3MoeConfig", {**TINY_FAMILIES["qwen3_moe"][1], "moe_intermediate_size": 32, "head_dim": 16})
 MIXTRAL = TINY_FAMILIES["mixtral"]  # experts 96 wide: groups of 32 and 16 divide both widths
@@ -130,6 +130,28 @@ def test_modelopt_nvfp4_matches_transformers(tmp_path, family, config_in):
     # the row: codes and block scales as stored, and the three global scales (no input_scale) in 2 sections
     input_scales = 3 * 4
     assert store.expert_bytes == stored_bytes(store.source) - input_scales + 32 - 3 * 4
+
+
+@FAMILIES
+def test_autofp8_per_tensor_matches_transformers(tmp_path, family):
+    """AutoFP8's FP8 (quant_method fp8 without weight_block_size): `weight` e4m3 and one float32
+    `weight_scale` per matrix, w = weight x scale as vLLM's Fp8LinearMethod reads it; with the static
+    activations' `input_scale` beside, which localmoe does not use."""
+
+    def quantize(name, tensor):
+        if not linear(name, tensor):
+            return None
+        scale = tensor.float().abs().amax() / 448.0
+        weight = (tensor.float() / scale).to(torch.float8_e4m3fn)
+        return {"weight": weight, "weight_scale": scale, "input_scale": torch.tensor(0.01),
+                "decoded": weight.float() * scale}  # fmt: skip
+
+    config = {"quant_method": "fp8", "activation_scheme": "static", "ignored_layers": ["lm_head"]}
+    reference, folder = quantized_checkpoint(*family, tmp_path, quantize, config)
+    store = check_against_transformers(reference, folder, Fp8Layout)
+    layout = store.layout
+    rows = 2 * layout.intermediate + layout.hidden  # a float32 multiplier per row, in place of one per matrix
+    assert store.expert_bytes == stored_bytes(store.source) - 3 * 4 + rows * 4 - 3 * 4
 
 
 def stored_bytes(source) -> int:
