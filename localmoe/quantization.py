@@ -23,7 +23,8 @@ Conventions, and where they were checked:
 - gptq: `qweight` int32 [in * bits / 32, out], inputs packed low bits first; `qzeros` int32
   [groups, out * bits / 32] packed the same way along the outputs; `scales` float16 [groups, out];
   `g_idx` int32 [in], each input's group (act order with desc_act). w = (q - z) * s, where checkpoints
-  in the v1 format (checkpoint_format "gptq", the Hub's default) store z - 1. Checked against GPTQModel's
+  in the v1 format (checkpoint_format "gptq", the Hub's default) store z - 1; with sym every z is
+  2^(bits - 1) (checked, then not kept). Checked against GPTQModel's
   dequantize_weight and convert_gptq_v1_to_v2_format (nn_modules/qlinear, utils/model.py).
 - awq (GEMM): `qweight` int32 [in, out / 8] and `qzeros` [groups, out / 8], eight outputs a word in the
   order 0 2 4 6 1 3 5 7; `scales` float16 [groups, out]; w = (q - z) * s. Checked against vLLM's and
@@ -144,9 +145,10 @@ class Gptq(Format):
     group: int  # 0: one group per row (group_size -1)
     act_order: bool
     v1: bool  # zero points stored less one
+    symmetric: bool = False  # sym: every zero point 2^(bits - 1), checked when read and then not kept
 
     def spec(self, ckpt, module):
-        return QuantSpec(self.bits, self.group, act_order=self.act_order)
+        return QuantSpec(self.bits, self.group, self.symmetric, act_order=self.act_order)
 
     def shape(self, ckpt, module):
         words, out = _part(ckpt, module, "qweight", (INT32,))
@@ -185,8 +187,14 @@ class Gptq(Format):
                 f"{ckpt.stored_name(module)}.g_idx in {ckpt.path} reorders the groups while the config says "
                 "desc_act false: the checkpoint and its config disagree"
             )
+        if self.symmetric and not bool((zeros == 2 ** (self.bits - 1)).all()):
+            raise LocalMoEError(
+                f"{ckpt.path}: {ckpt.stored_name(module)}.qzeros are not all {2 ** (self.bits - 1)} while its "
+                "config.json's quantization_config says sym true: correct quantization_config to match the weights"
+            )
         g_idx = g_idx.view(1, -1) if self.act_order else None
-        weights = _stack(_pack_nibbles(q, self.bits), scales.T, zeros.T.to(torch.float16), g_idx)
+        zeros = None if self.symmetric else zeros.T.to(torch.float16)
+        weights = _stack(_pack_nibbles(q, self.bits), scales.T, zeros, g_idx)
         return QuantizedWeights(*weights[:3], self.spec(ckpt, module), torch.float32, weights[3])
 
 
@@ -532,7 +540,8 @@ def _gptq(quant: dict, config: dict, path) -> Quantization:
         raise _refuse(
             path, f"GPTQ with per-module settings in dynamic ({overrides[0]!r})", "one setting for all modules"
         )
-    gptq = Gptq(bits, max(group, 0), bool(quant.get("desc_act")), checkpoint_format == "gptq")
+    symmetric = quant.get("sym") is True
+    gptq = Gptq(bits, max(group, 0), bool(quant.get("desc_act")), checkpoint_format == "gptq", symmetric)
     return Quantization("gptq", (gptq,))
 
 

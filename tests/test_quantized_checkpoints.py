@@ -59,13 +59,14 @@ def test_gptq_matches_transformers(tmp_path, family, variant):
     reference, folder = quantized_checkpoint(*family, tmp_path, quantize, config)
     store = check_against_transformers(reference, folder, QuantizedLayout)
     spec, layout = store.layout.spec, store.layout
-    assert (spec.bits, spec.act_order, spec.symmetric) == (config["bits"], config["desc_act"], False)
-    # the row holds the checkpoint's bytes, with the zero points widened to float16, and g_idx only where
-    # the groups follow it
+    assert (spec.bits, spec.act_order, spec.symmetric) == (config["bits"], config["desc_act"], config["sym"])
+    # the row holds the checkpoint's bytes, with the zero points widened to float16 (none where sym makes
+    # them all 2^(bits - 1)), and g_idx only where the groups follow it
     shapes = ((2 * layout.intermediate, layout.hidden), (layout.hidden, layout.intermediate))
     zeros = sum(spec.groups(columns) * rows for rows, columns in shapes)
+    zeros_kept = 0 if spec.symmetric else zeros * 2
     g_idx = 0 if spec.act_order else 4 * (2 * layout.hidden + layout.intermediate)
-    assert store.expert_bytes == stored_bytes(store.source) + zeros * (2 - spec.bits / 8) - g_idx
+    assert store.expert_bytes == stored_bytes(store.source) - zeros * spec.bits / 8 + zeros_kept - g_idx
 
 
 @FAMILIES
@@ -240,3 +241,13 @@ def test_readme_lists_the_formats_read():
     methods = {row.split("|")[2].strip().strip("`") for row in table.splitlines()[2:]}
     own = {method for family in FAMILIES for method in family.quantizations}
     assert set(READERS) <= methods <= set(READERS) | own
+
+
+def test_gptq_sym_over_asymmetric_zero_points_is_named(tmp_path):
+    from localmoe.errors import LocalMoEError
+
+    quantize, config = gptq("gptq-4bit-act-order", MIXTRAL)
+    _, folder = quantized_checkpoint(*MIXTRAL, tmp_path, quantize, {**config, "sym": True})
+    with pytest.raises(LocalMoEError, match="qzeros are not all 8 while .* says sym true") as error:
+        localmoe.load(str(folder), device="cpu", dtype=torch.float32)
+    assert "\n" not in str(error.value)
