@@ -18,7 +18,7 @@ import torch
 from safetensors import safe_open
 
 from localmoe.errors import LocalMoEError, setting
-from localmoe.kernels.quantized import dequantize_fp8_blocks
+from localmoe.quantization import quantization_for
 
 INDEX_FILE = "model.safetensors.index.json"
 SINGLE_FILE = "model.safetensors"
@@ -36,6 +36,7 @@ DTYPES = {
     "BF16": torch.bfloat16,
     "F8_E4M3": torch.float8_e4m3fn,
     "F8_E5M2": torch.float8_e5m2,
+    "F8_E8M0": torch.float8_e8m0fnu,  # power-of-two scales (DeepSeek-V4's ue8m0)
     "I64": torch.int64,
     "I32": torch.int32,
     "I16": torch.int16,
@@ -80,6 +81,7 @@ class Checkpoint:
         self.weights_here = headers is None
         self.config = _read_json(checkpoint_file(path, "config.json"), required=True)
         self.generation_config = _read_json(checkpoint_file(path, "generation_config.json"), required=False)
+        self.quantization = quantization_for(_with_modelopt_config(self.config, path), path)
         index = _read_index(path, shards_here=self.weights_here)
         if index is None:
             single = checkpoint_file(path, SINGLE_FILE)
@@ -132,6 +134,7 @@ class Checkpoint:
         (pairs of (view prefix, stored prefix)), under their view names."""
         view = copy.copy(self)
         view.part, view.config, view._prefixes = part, config, prefixes
+        view.quantization = quantization_for(_with_modelopt_config(config, self.path), self.path)
         view._shard_of = {}
         for name, shard in self._shard_of.items():
             new = next((ours + name[len(disk) :] for ours, disk in prefixes if name.startswith(disk)), None)
@@ -190,32 +193,51 @@ class Checkpoint:
                 f"{self.path} has no tensor {self.stored_name(name)}: the checkpoint is incomplete"
             ) from None
 
-    @property
-    def fp8_block(self) -> tuple[int, int] | None:
-        """The block size of a block-scaled FP8 checkpoint (quant_method fp8), else None."""
-        quant = self.config.get("quantization_config") or {}
-        if quant.get("quant_method") != "fp8":
-            return None
-        block = quant.get("weight_block_size")
-        if not (isinstance(block, list) and len(block) == 2 and all(isinstance(b, int) and b > 0 for b in block)):
+    def has_weight(self, name: str) -> bool:
+        """Whether the checkpoint holds weight `name` (`<module>.weight`), plain or quantized."""
+        return name in self or self._format(name) is not None
+
+    def check_weight(self, name: str, shape: tuple[int, ...], dtypes: frozenset[torch.dtype] = WEIGHT_DTYPES) -> None:
+        """`check_tensor` for a weight, which a quantized checkpoint may store in another form: then every
+        part it is stored in is checked against the others and against `shape`."""
+        fmt = self._format(name)
+        if fmt is None:
+            self.check_tensor(name, shape, dtypes)
+            return
+        stored = fmt.shape(self, name.removesuffix(".weight"))
+        if stored != shape:
             raise LocalMoEError(
-                f"{self.path}/config.json: FP8 without a [rows, columns] weight_block_size is not supported"
+                f"{self.stored_name(name)} in {self.path} is quantized with shape {list(stored)} but config.json "
+                f"implies {list(shape)}: the config and the weights do not belong together"
             )
-        return block[0], block[1]
+
+    def stored_form(self, name: str):
+        """The form the kernels read weight `name` in, as stored (a QuantSpec or StoredFormat), or None for
+        a plain floating-point weight."""
+        fmt = self._format(name)
+        return None if fmt is None else fmt.spec(self, name.removesuffix(".weight"))
+
+    def stored(self, name: str):
+        """Weight `name` as stored, a stack of one matrix in its `stored_form` (kernels/quantized.py)."""
+        return self._format(name).read(self, name.removesuffix(".weight"))
 
     def weight(self, name: str) -> torch.Tensor:
-        """The tensor as a weight: `tensor(name)`, or for an FP8 tensor with a `_scale_inv` beside it
-        (block-scaled FP8 checkpoints), its float32 decoding."""
+        """The tensor as a weight: `tensor(name)`, or for a quantized weight its float32 decoding."""
+        if (fmt := self._format(name)) is not None:
+            return fmt.read(self, name.removesuffix(".weight"))[0]
         tensor = self.tensor(name)
-        if tensor.dtype != torch.float8_e4m3fn:
-            return tensor
-        scale = name + "_scale_inv"
-        if self.fp8_block is None or scale not in self:
+        if tensor.dtype in (torch.float8_e4m3fn, torch.float8_e5m2):
             raise LocalMoEError(
                 f"{self.path}: tensor {self.stored_name(name)} is FP8 without a block scale "
-                f"({self.stored_name(scale)}) or an fp8 quantization_config: localmoe cannot decode it"
+                f"({self.stored_name(name)}_scale_inv) or an fp8 quantization_config: localmoe cannot decode it"
             )
-        return dequantize_fp8_blocks(tensor, self.tensor(scale), self.fp8_block)
+        return tensor
+
+    def _format(self, name: str):
+        """The quantization format that stores weight `name`, or None where it is plain."""
+        if not name.endswith(".weight"):
+            return None
+        return self.quantization.format_of(self, name.removesuffix(".weight"))
 
     def _check_index_matches_shards(self) -> None:
         listed = defaultdict(set)
@@ -386,6 +408,16 @@ def _read_json(path: Path, required: bool) -> dict:
     if not isinstance(data, dict):
         raise LocalMoEError(f"{path} does not hold a JSON object: the file is damaged")
     return data
+
+
+def _with_modelopt_config(config: dict, path: Path) -> dict:
+    """The config, with the quantization ModelOpt's hf_quant_config.json describes where config.json has
+    none (ModelOpt's releases before it wrote quantization_config into config.json, early 2025)."""
+    modelopt_file = checkpoint_file(path, "hf_quant_config.json")
+    if config.get("quantization_config") or not modelopt_file.is_file():
+        return config
+    modelopt = _read_json(modelopt_file, required=True)
+    return {**config, "quantization_config": {"quant_method": "modelopt", **modelopt}}
 
 
 def _special_float(value: dict):

@@ -17,7 +17,7 @@ from localmoe.errors import LocalMoEError, setting
 from localmoe.files import sweep_temporaries
 from localmoe.grammar import ANY_OBJECT, JsonConstraint
 from localmoe.kernels import KERNELS, pair_kernel
-from localmoe.kernels.quantized import MXFP4, QuantSpec, StoredFormat
+from localmoe.kernels.quantized import QuantSpec
 from localmoe.loader import DTYPES, ModelParts, footprint, load_resident_weights, model_skeleton, open_checkpoint
 from localmoe.models.moe import moe_blocks
 from localmoe.models.state import KVCache
@@ -397,7 +397,7 @@ def place(prepared: Prepared) -> Engine:
     blocks = moe_blocks(parts.model)
     trace = RoutingTrace(options.trace, blocks[0].layer_idx) if options.trace else None  # an unwritable path fails now
     load_resident_weights(parts, checkpoint, device)
-    weights = quant or _stored_format(parts.experts)  # what the kernels will read
+    weights = layout_of(parts.experts, quant, parts.dtype).format  # what the kernels will read
     kernel, kernels = pair_kernel(options.kernels, device, parts.dtype, [block.act for block in blocks], weights)
     settings = _quant_settings(quant, parts.dtype) if quant else ""
     quantized = QuantizedLayers(cache_folder(checkpoint, settings), settings) if quant else None
@@ -476,13 +476,6 @@ def _quant(options: RuntimeOptions, source) -> QuantSpec | None:
     return QuantSpec.fitting(options.expert_bits, options.expert_group_size, block.hidden_size, block.intermediate_size)
 
 
-def _stored_format(source) -> StoredFormat | None:
-    """The checkpoint's own quantized format where the runtime keeps its experts so."""
-    if block := source.fp8_block:
-        return StoredFormat("fp8", block)
-    return MXFP4 if source.all_mxfp4 else None
-
-
 def _quant_settings(quant: QuantSpec, dtype: torch.dtype) -> str:
     return f"bits={quant.bits} group={quant.group} dtype={dtype}"
 
@@ -490,7 +483,7 @@ def _quant_settings(quant: QuantSpec, dtype: torch.dtype) -> str:
 def _plan(parts: ModelParts, device: torch.device, options: RuntimeOptions, quant: QuantSpec | None) -> MemoryPlan:
     fp = footprint(parts)
     layout = layout_of(parts.experts, quant, parts.dtype)
-    if layout.row_dtype is not None:  # quantized or MXFP4 byte rows: the plan counts their size
+    if layout.row_dtype is not None:  # quantized or stored byte rows: the plan counts their size
         fp = replace(fp, expert_bytes=layout.numel)
     _check_settings(options)
     plan = plan_memory(

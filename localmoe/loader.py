@@ -21,6 +21,7 @@ from localmoe.models.expert_tensors import block_shapes
 from localmoe.models.family import Family, ModelArgs
 from localmoe.models.moe import moe_blocks
 from localmoe.progress import progress
+from localmoe.quantization import describe
 from localmoe.runtime.memory import Footprint
 
 LAYER_INDEX = re.compile(r"(?:^|\.)layers\.(\d+)\.")  # in tensor names: model.layers.N.*
@@ -40,10 +41,13 @@ class ModelParts:
 
 
 def open_checkpoint(source: str, revision: str | None = None, weights: bool = True) -> tuple[Checkpoint, Family]:
-    """`Checkpoint.open`, seeing a multimodal checkpoint as the language model it holds; and its family."""
+    """`Checkpoint.open`, seeing a multimodal checkpoint as the language model it holds and a maker's own
+    release in transformers' names; and its family."""
     ckpt = Checkpoint.open(source, revision, weights)
     architectures = ckpt.config.get("architectures") or [None]
     family = family_for(ckpt.config)
+    if family.release is not None and family.release.marker in ckpt:
+        return ckpt.part_view("", ckpt.config, family.release.prefixes), family
     wrapper = next((w for w in family.multimodal if w.architecture == architectures[0]), None)
     if wrapper is None:
         return ckpt, family
@@ -95,14 +99,21 @@ def _check_layer_count(ckpt: Checkpoint, args: ModelArgs) -> None:
 
 
 def _check_quantization(ckpt: Checkpoint, family: Family) -> None:
-    """Refuse quantized checkpoints the family cannot decode, rather than read their raw values as weights."""
-    method = (ckpt.config.get("quantization_config") or {}).get("quant_method")
-    if method == "fp8" and ckpt.fp8_block is not None:  # block-scaled FP8: every family reads it
-        return
-    if method is not None and method not in family.quantizations:
+    """Refuse quantized checkpoints the family cannot decode, rather than read their raw values as weights:
+    every family reads the methods of localmoe/quantization.py, a family its own besides (gpt-oss: mxfp4)."""
+    method = ckpt.quantization.method
+    if method is not None and not ckpt.quantization.formats and method not in family.quantizations:
         raise LocalMoEError(
             f"{ckpt.path} is quantized ({method}), which localmoe cannot read yet for {family.name}: "
             "use an unquantized (bf16) release of the model"
+        )
+    formats = ckpt.quantization.formats
+    modules = {name.rpartition(".")[0] for name in ckpt.tensor_names}
+    if formats and not any(fmt.stores(ckpt, module) for module in modules for fmt in formats):
+        said = " or ".join(describe(fmt) for fmt in formats)
+        raise LocalMoEError(
+            f"{ckpt.path}/config.json says it is quantized ({method}: {said}), yet no weight is stored so: the "
+            "config does not describe these weights (for an unquantized (bf16) release, remove quantization_config)"
         )
 
 
@@ -178,8 +189,9 @@ def checkpoint_dtype(ckpt: Checkpoint) -> torch.dtype:
 
 def _to(tensor: torch.Tensor, device, dtype: torch.dtype) -> torch.Tensor:
     """A copy in host memory first (copy=True: never alias the shard's mapping), then on the device:
-    copying a mapped file straight to a GPU page-faults its way through at a crawl."""
-    staged = tensor.to(dtype=dtype if tensor.is_floating_point() else tensor.dtype, copy=True)
+    copying a mapped file straight to a GPU page-faults its way through at a crawl. Integer tables are
+    read as int64 whatever their width on disk (DeepSeek-V4's release stores tid2eid as int32)."""
+    staged = tensor.to(dtype=dtype if tensor.is_floating_point() else torch.int64, copy=True)
     return staged.to(device)
 
 
@@ -188,12 +200,12 @@ def _resident_sources(model: nn.Module, ckpt: Checkpoint, family: Family) -> dic
     sources = {}
     for name, param in model.named_parameters():
         candidates = family.disk_names(name)
-        found = next((c for c in candidates if c in ckpt), None)
+        found = next((c for c in candidates if ckpt.has_weight(c)), None)
         if found is None:
             raise LocalMoEError(
                 f"{ckpt.path} lacks tensor {ckpt.stored_name(candidates[0])}, which {family.name} "
                 "needs: the checkpoint is incomplete or its index is damaged; download it again"
             )
-        ckpt.check_tensor(found, tuple(param.shape), WEIGHT_DTYPES if param.is_floating_point() else INTEGER_DTYPES)
+        ckpt.check_weight(found, tuple(param.shape), WEIGHT_DTYPES if param.is_floating_point() else INTEGER_DTYPES)
         sources[name] = found
     return sources

@@ -340,13 +340,14 @@ def test_cached_repo_missing_a_shard(hub_cache):
     assert "download is incomplete" in load_error("tiny/mixtral")
 
 
-def test_quantized_checkpoint_the_family_cannot_read_is_refused(broken):
-    """An AWQ release read as plain weights would load and talk nonsense: refuse it instead."""
+def test_a_quantization_config_over_plain_weights_is_refused(broken):
+    """An AWQ config over plain weights: the config misdescribes them, and is refused rather than trusted
+    or ignored."""
     config = json.loads((broken / "config.json").read_text())
     config["quantization_config"] = {"quant_method": "awq", "bits": 4, "group_size": 128}
     (broken / "config.json").write_text(json.dumps(config))
     message = load_error(broken)
-    assert "quantized (awq)" in message and "bf16" in message
+    assert "quantized (awq: AWQ), yet no weight is stored so" in message and "bf16" in message
 
 
 def test_readme_lists_the_registry():

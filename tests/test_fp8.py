@@ -95,7 +95,9 @@ def test_experts_stay_fp8_from_disk_to_slot(fp8_pair):
     assert total.misses > 0 and total.bytes_copied == total.misses * store.expert_bytes
 
 
-def test_fp8_without_a_block_size_is_refused(fp8_pair, tmp_path):
+def test_a_per_tensor_fp8_config_over_block_scaled_weights_is_refused(fp8_pair, tmp_path):
+    """Without weight_block_size the config describes AutoFP8's per-tensor `weight_scale`, which these
+    block-scaled weights (`weight_scale_inv`) are not."""
     _, folder = fp8_pair
     broken = tmp_path / "broken"
     broken.mkdir()
@@ -103,7 +105,7 @@ def test_fp8_without_a_block_size_is_refused(fp8_pair, tmp_path):
     config = json.loads((folder / "config.json").read_text())
     del config["quantization_config"]["weight_block_size"]
     (broken / "config.json").write_text(json.dumps(config))
-    with pytest.raises(localmoe.LocalMoEError, match="FP8 without a .rows, columns. weight_block_size"):
+    with pytest.raises(localmoe.LocalMoEError, match="quantized .fp8: FP8 by tensor., yet no weight is stored so"):
         localmoe.load(str(broken), device="cpu")
 
 

@@ -66,3 +66,16 @@ def test_a_hub_model_is_named_by_its_repo_id(checkpoint, tmp_path):
     [profile] = (tmp_path / "localmoe" / "profiles").glob("*.json")
     [quantized] = (p for p in (tmp_path / "localmoe" / "quantized").iterdir() if p.is_dir())
     assert profile.name.startswith("someone--tiny-moe-") and quantized.name.startswith("someone--tiny-moe-")
+
+
+def test_plan_of_a_quantized_hub_model_from_its_headers(tmp_path):
+    """Kimi K2's INT4 compressed-tensors: the plan from shard headers alone (which cannot read the
+    `weight_shape` tensors) counts the same stored expert rows as from the files."""
+    from test_compressed_tensors import KIMI, write
+
+    _, folder = write(tmp_path / "write", KIMI, "int4-kimi")
+    with FakeHub(REPO, folder) as hub:
+        planned = localmoe("plan", REPO, *PLAN, hub=hub, home=tmp_path)
+        assert planned.returncode == 0, planned.stderr
+        local = localmoe("plan", str(folder), *PLAN, hub=hub, home=tmp_path)
+    assert planned.stdout == local.stdout

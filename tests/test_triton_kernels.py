@@ -69,13 +69,30 @@ def test_activations_biases_and_input_scales(act, tokens):
     compare(ACTS[act], tokens, 2, seed=3, biases=True, scale=True)
 
 
-@pytest.mark.parametrize("bits", [8, 4])
+SPECS = {"int8": QuantSpec(8, 8), "int4": QuantSpec(4, 8)}  # localmoe's own forms, which the kernels read
+# Forms checkpoints store that the kernels do not read yet: `auto` takes the reference for them
+REFERENCE_ONLY = [
+    QuantSpec(4, 8, symmetric=True, scale_dtype=torch.bfloat16),  # Kimi K2's experts
+    QuantSpec(8, 0, scale_dtype=torch.float32),
+    QuantSpec(4, 0, symmetric=True),
+    QuantSpec(4, 8, act_order=True),
+]
+
+
+@pytest.mark.parametrize("spec", REFERENCE_ONLY, ids=lambda spec: spec.words)
+def test_forms_the_kernels_do_not_read_are_refused_when_triton_is_asked_for(spec):
+    acts = [ACTS["clamped"]]
+    with pytest.raises(localmoe.LocalMoEError, match="do not read"):
+        pair_kernel("triton", torch.device("cpu"), torch.float32, acts, spec)
+
+
+@pytest.mark.parametrize("spec", list(SPECS))
 @pytest.mark.parametrize("tokens", [1, 24])
 @pytest.mark.parametrize("act", ["clamped", "relu2-ungated"])
-def test_quantized_weights_dequantized_in_registers(bits, tokens, act):
+def test_quantized_weights_dequantized_in_registers(spec, tokens, act):
     act = ACTS[act]
-    x, gate_up, down, slots, extra = case(tokens, 2, seed=bits + tokens, biases=True, gated=act.gated)
-    gate_up, down = quantized_stack(gate_up, QuantSpec(bits, 8)), quantized_stack(down, QuantSpec(bits, 8))
+    x, gate_up, down, slots, extra = case(tokens, 2, seed=len(spec) + tokens, biases=True, gated=act.gated)
+    gate_up, down = quantized_stack(gate_up, SPECS[spec]), quantized_stack(down, SPECS[spec])
     expected, got = torch.zeros(tokens * 2, HIDDEN), torch.zeros(tokens * 2, HIDDEN)
     expert_pair_outputs(expected, x, gate_up, down, slots, act, *extra)  # dequantizes per slot
     triton_experts.triton_pair_outputs(got, x, gate_up, down, slots, act, *extra)
@@ -136,6 +153,8 @@ def test_self_check_passes_and_catches_a_broken_kernel():
     assert self_check(triton_experts.triton_pair_outputs, torch.device("cpu"), torch.float32, acts) is None
     cpu = torch.device("cpu")
     assert self_check(triton_experts.triton_pair_outputs, cpu, torch.float32, acts, QuantSpec(4, 8)) is None
+    kimi = QuantSpec(4, 32, symmetric=True, scale_dtype=torch.bfloat16)
+    assert self_check(triton_experts.triton_pair_outputs, cpu, torch.float32, acts, kimi) is None
     assert self_check(triton_experts.triton_pair_outputs, cpu, torch.float32, acts, MXFP4) is None
     assert self_check(triton_experts.triton_pair_outputs, cpu, torch.float32, acts, StoredFormat("fp8", 8)) is None
 
@@ -152,6 +171,9 @@ def test_the_choice_of_kernels():
     assert pair_kernel("triton", cpu, torch.float32, acts)[1] == "triton"  # here, in the interpreter
     with pytest.raises(localmoe.LocalMoEError, match="lack the glu/gelu activation"):
         pair_kernel("triton", cpu, torch.float32, [GatedActivation(act="gelu")])
+    act_order = QuantSpec(4, 128, act_order=True)  # GPTQ's desc_act: each column's group from a table
+    with pytest.raises(localmoe.LocalMoEError, match="do not read int4 .*act order. yet"):
+        pair_kernel("triton", cpu, torch.float32, acts, act_order)
 
 
 @pytest.mark.slow  # whole models through Triton's interpreter

@@ -45,6 +45,12 @@ def pair_kernel(
         raise LocalMoEError(
             f"the Triton expert kernels lack the {', '.join(missing)} activation: {setting('kernels')} reference"
         )
+    if not triton_reads(quant):
+        if choice == "auto":
+            return expert_pair_outputs, f"reference (the Triton kernels do not read {quant.words} yet)"
+        raise LocalMoEError(
+            f"the Triton expert kernels do not read {quant.words} yet: use {setting('kernels')} reference"
+        )
     if device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
         raise LocalMoEError("the Triton expert kernels run on CUDA (on the CPU only under TRITON_INTERPRET=1)")
     if failure := self_check(triton_pair_outputs, device, dtype, acts, quant):
@@ -60,6 +66,18 @@ def pair_kernel(
     return triton_pair_outputs, "triton"
 
 
+def triton_reads(form: QuantSpec | StoredFormat | None) -> bool:
+    """Whether the Triton kernels read experts in `form`: the compute dtype, localmoe's own integers
+    (asymmetric, float16 scales per group of columns), MXFP4, and FP8 in square blocks. The other forms
+    checkpoints store (symmetric integers, other scale dtypes, one group per row, act order, NVFP4, FP8
+    by row or in oblong blocks) run on the reference kernel."""
+    if isinstance(form, QuantSpec):
+        return form.group > 0 and not (form.symmetric or form.act_order) and form.scale_dtype == torch.float16
+    if isinstance(form, StoredFormat):
+        return form.kind == "mxfp4" or (form.kind == "fp8" and isinstance(form.block, int))
+    return True
+
+
 def self_check(
     kernel: Callable, device: torch.device, dtype: torch.dtype, acts, quant: QuantSpec | StoredFormat | None = None
 ) -> str | None:
@@ -67,7 +85,7 @@ def self_check(
     shapes (few and many tokens), each activation, weights quantized by `quant` if given; else what
     went wrong, in a line."""
     generator = torch.Generator().manual_seed(0)
-    unit = quant.group if isinstance(quant, QuantSpec) else quant.block if quant else 16  # widths it divides
+    unit = (quant.group or 16) if isinstance(quant, QuantSpec) else quant.block if quant else 16  # widths it divides
     experts, hidden, inter = 4, 3 * unit, 2 * unit
 
     def rand(*shape, scale=0.25):

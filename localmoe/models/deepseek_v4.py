@@ -1,4 +1,4 @@
-"""DeepSeek-V4 (DeepseekV4ForCausalLM, as transformers 5.23 defines and saves it).
+"""DeepSeek-V4 (DeepseekV4ForCausalLM, as transformers 5.23 defines and saves it, and as DeepSeek releases it).
 
 - The residual is `hc_mult` parallel streams (manifold-constrained hyper-connections): before each
   attention and MoE block a learned, Sinkhorn-normalised mix collapses them into one input, and the
@@ -24,7 +24,7 @@ from torch import nn
 
 from localmoe.models.attention import attend_with_sinks
 from localmoe.models.expert_tensors import PerExpert
-from localmoe.models.family import Family, ModelArgs
+from localmoe.models.family import Family, ModelArgs, ReleaseLayout
 from localmoe.models.layers import Backbone, CausalLM, Step, UpcastRMSNorm
 from localmoe.models.moe import FUSED_EXPERTS, GatedActivation, GatedMLP, SparseMoE
 from localmoe.models.rotary import RotaryEmbedding, rope_parameters
@@ -512,6 +512,20 @@ HUB_NAMES = (
     ("lm_head.", "head."),
 )
 
+# DeepSeek's own release (deepseek-ai/DeepSeek-V4-Flash, -Pro; inference/ in the repo): transformers' names
+# without `model.`, the embedding `embed`, the last collapse `hc_head_{fn,base,scale}`; `mtp.N.*` (the
+# multi-token prediction layers) are no part of the causal LM. Quantized as localmoe/quantization.py says.
+RELEASE = ReleaseLayout(
+    marker="embed.weight",
+    prefixes=(
+        ("model.layers.", "layers."),
+        ("model.embed_tokens.", "embed."),
+        ("model.norm.", "norm."),
+        ("model.hc_head.hc_", "hc_head_"),
+        ("head.", "head."),
+    ),
+)
+
 FAMILY = Family(
     architectures=("DeepseekV4ForCausalLM",),
     model_type="deepseek_v4",
@@ -528,5 +542,6 @@ FAMILY = Family(
     ),
     hub_aliases=HUB_NAMES,
     keep_float32=("_hc.", "hc_head", "sinks", "position_bias", "e_score_correction_bias", "norm"),
+    release=RELEASE,
     example="deepseek-ai/DeepSeek-V4-Flash",
 )

@@ -1,10 +1,10 @@
 """A checkpoint's routed experts, read one expert at a time: what the runtime's host tier and slots are
 filled from, in the layout the family declares."""
 
-import torch
+from functools import cached_property
 
 from localmoe.checkpoint import Checkpoint
-from localmoe.models.expert_tensors import ExpertTensors, Mxfp4, PerExpert
+from localmoe.models.expert_tensors import ExpertTensors
 from localmoe.models.moe import SparseMoE
 
 
@@ -24,26 +24,15 @@ class ExpertSource:
     def layers(self) -> list[int]:
         return list(self.blocks)
 
-    @property
-    def all_mxfp4(self) -> bool:
-        return all(isinstance(layout, Mxfp4) for layout in self.layouts.values())
+    @cached_property
+    def stored_form(self):
+        """The form every routed expert is stored in where they all share one (a QuantSpec or StoredFormat
+        of kernels/quantized.py), so the runtime can keep them so; else None (plain, or mixed forms)."""
+        forms = {layer.stored_form(self.ckpt, self.blocks[i]) for i, layer in self.layouts.items()}
+        return forms.pop() if len(forms) == 1 else None
 
-    @property
-    def fp8_block(self) -> int | None:
-        """The block size where every expert is stored one tensor per role in block-scaled FP8 with square
-        blocks that tile its matrices, so the runtime can keep it so; else None."""
-        block = self.ckpt.fp8_block
-        per_expert = all(isinstance(layout, PerExpert) for layout in self.layouts.values())
-        if block is None or block[0] != block[1] or not per_expert:
-            return None
-        first = next(iter(self.blocks.values()))
-        if first.hidden_size % block[0] or first.intermediate_size % block[0] or first.expert_bias or not first.gated:
-            return None
-        gate = next(iter(self.layouts.values())).names["gate"].format(layer=first.layer_idx, expert=0)
-        return block[0] if self.ckpt.info(gate).dtype == torch.float8_e4m3fn else None
-
-    def read(self, layer: int, expert: int, packed: bool = False) -> dict[str, torch.Tensor]:
-        """The expert's roles, decoded; or, `packed`, as stored (MXFP4 checkpoints only)."""
+    def read(self, layer: int, expert: int, packed: bool = False) -> dict:
+        """The expert's roles, decoded; or, `packed`, as stored (see `stored_form`)."""
         layout = self.layouts[layer]
         if packed:
             return layout.read_packed(self.ckpt, self.blocks[layer], expert)

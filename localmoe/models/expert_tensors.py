@@ -12,7 +12,7 @@ import torch
 
 from localmoe.checkpoint import Checkpoint
 from localmoe.errors import LocalMoEError
-from localmoe.kernels.quantized import dequantize_mxfp4
+from localmoe.kernels.quantized import MXFP4, Mxfp4Weights, dequantize_mxfp4
 
 MXFP4_DTYPES = frozenset({torch.uint8})  # FP4 codes two to a byte, and exponents
 
@@ -32,6 +32,11 @@ def input_roles(gated: bool) -> tuple[str, ...]:
     return ("gate", "up") if gated else ("up",)
 
 
+def matrix_roles(block) -> tuple[str, ...]:
+    """The roles of an MoE block's experts that are matrices, in a row's order."""
+    return (*input_roles(block.gated), "down")
+
+
 def block_shapes(block) -> dict[str, tuple[int, ...]]:
     """`role_shapes` of an MoE block's experts."""
     return role_shapes(block.hidden_size, block.intermediate_size, block.expert_bias, block.gated)
@@ -40,30 +45,36 @@ def block_shapes(block) -> dict[str, tuple[int, ...]]:
 @dataclass(frozen=True)
 class PerExpert:
     """One tensor per expert and role, named by templates with {layer} and {expert}: the Hub layout of
-    most families."""
+    most families. A quantized checkpoint may store each in its own format (localmoe/quantization.py)."""
 
     names: dict[str, str]
 
     def present(self, ckpt: Checkpoint, block) -> bool:
-        return self.names["up"].format(layer=block.layer_idx, expert=0) in ckpt
+        return ckpt.has_weight(self.names["up"].format(layer=block.layer_idx, expert=0))
 
     def check(self, ckpt: Checkpoint, block) -> None:
         shapes = block_shapes(block)
         for expert in range(block.num_experts):
             for role, shape in shapes.items():
-                ckpt.check_tensor(self.names[role].format(layer=block.layer_idx, expert=expert), shape)
+                ckpt.check_weight(self.names[role].format(layer=block.layer_idx, expert=expert), shape)
+
+    def stored_form(self, ckpt: Checkpoint, block):
+        """The form every expert of the layer is stored in (a QuantSpec or StoredFormat), or None where
+        they are plain or not all alike."""
+        layer, forms = block.layer_idx, set()
+        for expert in range(block.num_experts):
+            names = (self.names[role].format(layer=layer, expert=expert) for role in matrix_roles(block))
+            forms |= {ckpt.stored_form(name) for name in names}
+        return forms.pop() if len(forms) == 1 else None
 
     def read(self, ckpt: Checkpoint, block, expert: int) -> dict[str, torch.Tensor]:
         roles = block_shapes(block)
         return {role: ckpt.weight(self.names[role].format(layer=block.layer_idx, expert=expert)) for role in roles}
 
-    def read_packed(self, ckpt: Checkpoint, block, expert: int) -> dict[str, torch.Tensor]:
-        """A block-scaled FP8 expert as stored: each role's bits (uint8) and `<role>_scale` multipliers."""
-        roles = {}
-        for role in ("gate", "up", "down"):
-            name = self.names[role].format(layer=block.layer_idx, expert=expert)
-            roles[role], roles[f"{role}_scale"] = ckpt.tensor(name).view(torch.uint8), ckpt.tensor(name + "_scale_inv")
-        return roles
+    def read_packed(self, ckpt: Checkpoint, block, expert: int) -> dict:
+        """The expert as stored: each role a stack of one matrix in its stored form (kernels/quantized.py)."""
+        names = {role: self.names[role].format(layer=block.layer_idx, expert=expert) for role in matrix_roles(block)}
+        return {role: ckpt.stored(name) for role, name in names.items()}
 
 
 @dataclass(frozen=True)
@@ -112,6 +123,9 @@ class Fused:
             ckpt.check_tensor(_required(self.gate_up_bias, "gate_up_bias").format(layer=layer), (count, inputs))
             ckpt.check_tensor(_required(self.down_bias, "down_bias").format(layer=layer), (count, block.hidden_size))
 
+    def stored_form(self, ckpt: Checkpoint, block) -> None:
+        return None  # read as floats (quantized checkpoints store experts one matrix each)
+
     def read(self, ckpt: Checkpoint, block, expert: int) -> dict[str, torch.Tensor]:
         layer = block.layer_idx
         gate_up = ckpt.tensor(self.gate_up.format(layer=layer))[expert]
@@ -141,6 +155,9 @@ class Stacked:
     def check(self, ckpt: Checkpoint, block) -> None:
         for role, shape in role_shapes(block.hidden_size, block.intermediate_size, False).items():
             ckpt.check_tensor(self.names[role].format(layer=block.layer_idx), (block.num_experts, *shape))
+
+    def stored_form(self, ckpt: Checkpoint, block) -> None:
+        return None  # read as floats
 
     def read(self, ckpt: Checkpoint, block, expert: int) -> dict[str, torch.Tensor]:
         roles = {role: ckpt.tensor(name.format(layer=block.layer_idx))[expert] for role, name in self.names.items()}
@@ -212,28 +229,27 @@ class Mxfp4:
             "down_bias": ckpt.tensor(f"{prefix}.down_proj_bias")[expert],
         }
 
-    def read_packed(self, ckpt: Checkpoint, block, expert: int) -> dict[str, torch.Tensor]:
-        """The expert's FP4 codes [rows, inputs / 2] and exponents [rows, inputs / 32] (uint8) per role,
-        gate and up apart, and its biases."""
+    def read_packed(self, ckpt: Checkpoint, block, expert: int) -> dict:
+        """The expert as stored: gate, up and down each a stack of one MXFP4 matrix, and its biases."""
         prefix = self.prefix.format(layer=block.layer_idx)
 
-        def stored(name: str) -> tuple[torch.Tensor, torch.Tensor]:
+        def stored(name: str, rows=slice(None)) -> Mxfp4Weights:
             blocks = ckpt.tensor(f"{prefix}.{name}_blocks")[expert]
-            return blocks.reshape(blocks.shape[0], -1), ckpt.tensor(f"{prefix}.{name}_scales")[expert]
+            codes, scales = blocks.reshape(blocks.shape[0], -1)[rows], ckpt.tensor(f"{prefix}.{name}_scales")[expert]
+            return Mxfp4Weights(codes[None], scales[rows][None], torch.float32)
 
-        (gate_up, gate_up_scales), (down, down_scales) = stored("gate_up_proj"), stored("down_proj")
         bias = ckpt.tensor(f"{prefix}.gate_up_proj_bias")[expert]
         return {
-            "gate": gate_up[::2],
-            "up": gate_up[1::2],
-            "gate_scales": gate_up_scales[::2],
-            "up_scales": gate_up_scales[1::2],
-            "down": down,
-            "down_scales": down_scales,
+            "gate": stored("gate_up_proj", slice(0, None, 2)),
+            "up": stored("gate_up_proj", slice(1, None, 2)),
+            "down": stored("down_proj"),
             "gate_bias": bias[::2],
             "up_bias": bias[1::2],
             "down_bias": ckpt.tensor(f"{prefix}.down_proj_bias")[expert],
         }
+
+    def stored_form(self, ckpt: Checkpoint, block):
+        return MXFP4
 
 
 ExpertTensors = PerExpert | Fused | Stacked | Concatenated | Mxfp4

@@ -190,6 +190,16 @@ class Multimodal:
 
 
 @dataclass(frozen=True)
+class ReleaseLayout:
+    """A maker's own checkpoint layout beside transformers' (DeepSeek-V4's release): a checkpoint holding
+    `marker` is read through `prefixes`, pairs of (transformers' prefix, the release's prefix); tensors
+    under no prefix (multi-token prediction layers) are not the model's."""
+
+    marker: str
+    prefixes: tuple[tuple[str, str], ...]
+
+
+@dataclass(frozen=True)
 class Family:
     """One model family: the architectures it serves, its args, its model, and its on-disk tensor names.
 
@@ -200,6 +210,7 @@ class Family:
     in `experts` (the layouts their checkpoints come in, in order of preference), because the
     runtime, not the model, owns them. `multimodal` lists the architectures that wrap the family's
     language model with other inputs; a family with no `architectures` of its own is run only from them.
+    `release` is a layout of the maker's own that it also reads.
     """
 
     architectures: tuple[str, ...]
@@ -209,8 +220,9 @@ class Family:
     experts: tuple[ExpertTensors, ...]
     hub_aliases: tuple[tuple[str, str], ...] = ()
     keep_float32: tuple[str, ...] = ()
-    quantizations: tuple[str, ...] = ()  # quantization_config.quant_method values it reads
+    quantizations: tuple[str, ...] = ()  # quantization_config.quant_method values only it reads
     multimodal: tuple[Multimodal, ...] = ()
+    release: ReleaseLayout | None = None
     example: str = ""
 
     @property

@@ -1,6 +1,6 @@
 """Row layouts: one routed expert as one flat row [gate | up | down | biases] ([up | down | biases] for
-ungated experts), in the compute dtype or as
-typed byte sections (quantized, MXFP4, FP8), and views of a stack of such rows by role. The host store,
+ungated experts), in the compute dtype or as typed byte sections (quantized integers, MXFP4, NVFP4, FP8),
+and views of a stack of such rows by role. The host store,
 the slot pool and the resident experts all hold rows of one layout, so a miss is one row copied and
 every kernel reads a slot and a host row alike."""
 
@@ -9,7 +9,16 @@ from dataclasses import dataclass
 
 import torch
 
-from localmoe.kernels.quantized import Fp8Weights, Mxfp4Weights, QuantizedWeights, QuantSpec, quantize
+from localmoe.kernels.quantized import (
+    MXFP4,
+    Fp8Weights,
+    Mxfp4Weights,
+    Nvfp4Weights,
+    QuantizedWeights,
+    QuantSpec,
+    StoredFormat,
+    quantize,
+)
 from localmoe.models.expert_source import ExpertSource
 from localmoe.models.expert_tensors import input_roles, role_shapes
 
@@ -25,6 +34,7 @@ class ExpertLayout:
 
     row_dtype = None  # rows are in the compute dtype
     reads_packed = False
+    format = None  # what the kernels read: weights in the compute dtype
 
     @property
     def shapes(self) -> dict[str, tuple[int, ...]]:
@@ -120,12 +130,25 @@ class _ByteRows:
             self._view(rows, "gate_up_bias")[0].copy_(torch.cat([roles[f"{role}_bias"] for role in inputs]))
             self._view(rows, "down_bias")[0].copy_(roles["down_bias"])
 
+    def _pack_stored(self, row: torch.Tensor, roles: dict) -> None:
+        """Copy an expert as stored (its roles each a stack of one matrix, see `ExpertSource.read` with
+        `packed`) into its byte row: gate and up stacked along the rows of every part (and along the parts
+        of per-part tables: act-order groups, NVFP4's global scales), then down, then the biases."""
+        rows = row[None]
+        inputs = [roles[role].parts() for role in input_roles(self.gated)]
+        gate_up = {suffix: torch.cat([parts[suffix] for parts in inputs], dim=1) for suffix in inputs[0]}
+        for name, parts in (("gate_up", gate_up), ("down", roles["down"].parts())):
+            for suffix, tensor in parts.items():
+                self._view(rows, name + suffix)[0].copy_(tensor[0])
+        self._pack_biases(rows, roles)
+
 
 @dataclass(frozen=True)
 class QuantizedLayout(_ByteRows):
     """One expert as a byte row: gate_up and down quantized group-wise along their input (see
-    kernels/quantized.py), each followed by its float16 scales and zero points, then the biases in the
-    compute dtype."""
+    kernels/quantized.py), each followed by its scales, zero points (unless symmetric) and act-order
+    groups (where the spec has them), then the biases in the compute dtype. Quantized by localmoe from
+    decoded weights, or (`stored`) repacked from a checkpoint's own integers."""
 
     hidden: int
     intermediate: int
@@ -133,22 +156,37 @@ class QuantizedLayout(_ByteRows):
     spec: QuantSpec
     dtype: torch.dtype  # of the biases, and of the dequantized weights
     gated: bool = True
+    stored: bool = False  # the checkpoint's own integers, copied as stored rather than quantized here
+
+    @property
+    def reads_packed(self) -> bool:
+        return self.stored
+
+    @property
+    def format(self) -> QuantSpec:
+        return self.spec
 
     def _parts(self):
-        h, i, spec, inputs = self.hidden, self.intermediate, self.spec, self.inputs
-        return [
-            ("gate_up", (inputs, spec.packed_columns(h)), torch.uint8),
-            ("gate_up_scale", (inputs, h // spec.group), torch.float16),
-            ("gate_up_zero", (inputs, h // spec.group), torch.float16),
-            ("down", (h, spec.packed_columns(i)), torch.uint8),
-            ("down_scale", (h, i // spec.group), torch.float16),
-            ("down_zero", (h, i // spec.group), torch.float16),
-            *self._bias_parts(),
+        h, i, pieces = self.hidden, self.intermediate, len(input_roles(self.gated))
+        return [*self._matrix("gate_up", self.inputs, h, pieces), *self._matrix("down", h, i, 1), *self._bias_parts()]
+
+    def _matrix(self, name: str, rows: int, columns: int, pieces: int):
+        spec, groups = self.spec, self.spec.groups(columns)
+        parts = [
+            (name, (rows, spec.packed_columns(columns)), torch.uint8),
+            (f"{name}_scale", (rows, groups), spec.scale_dtype),
         ]
+        if not spec.symmetric:
+            parts.append((f"{name}_zero", (rows, groups), torch.float16))
+        if spec.act_order:
+            parts.append((f"{name}_g_idx", (pieces, columns), torch.int32))
+        return parts
 
     def _weights(self, rows: torch.Tensor, name: str) -> QuantizedWeights:
-        q, scale, zero = (self._view(rows, name + suffix) for suffix in ("", "_scale", "_zero"))
-        return QuantizedWeights(q, scale, zero, self.spec, self.dtype)
+        q, scale = self._view(rows, name), self._view(rows, f"{name}_scale")
+        zero = None if self.spec.symmetric else self._view(rows, f"{name}_zero")
+        g_idx = self._view(rows, f"{name}_g_idx") if self.spec.act_order else None
+        return QuantizedWeights(q, scale, zero, self.spec, self.dtype, g_idx)
 
     def gate_up(self, rows: torch.Tensor) -> QuantizedWeights:
         return self._weights(rows, "gate_up")
@@ -156,20 +194,26 @@ class QuantizedLayout(_ByteRows):
     def down(self, rows: torch.Tensor) -> QuantizedWeights:
         return self._weights(rows, "down")
 
-    def pack(self, row: torch.Tensor, roles: dict[str, torch.Tensor]) -> None:
-        """Quantize an expert's roles into its byte row [numel]."""
+    def pack(self, row: torch.Tensor, roles: dict) -> None:
+        """Quantize an expert's roles into its byte row [numel], or copy them as stored."""
+        if self.stored:
+            self._pack_stored(row, roles)
+            return
         rows = row[None]
         gate_up = torch.cat([roles[role] for role in input_roles(self.gated)])
         for name, matrix in (("gate_up", gate_up), ("down", roles["down"])):
-            for suffix, part in zip(("", "_scale", "_zero"), quantize(matrix, self.spec), strict=True):
-                self._view(rows, name + suffix)[0].copy_(part)
+            q, scale, zero = quantize(matrix, self.spec)
+            for suffix, part in (("", q), ("_scale", scale), ("_zero", zero)):
+                if part is not None:
+                    self._view(rows, name + suffix)[0].copy_(part)
         self._pack_biases(rows, roles)
 
 
 @dataclass(frozen=True)
 class Mxfp4Layout(_ByteRows):
-    """gpt-oss's MXFP4 experts kept as the checkpoint stores them: FP4 codes (two per byte) and a
-    power-of-two exponent per 32 inputs, gate rows first; the biases in the compute dtype."""
+    """MXFP4 experts kept as the checkpoint stores them (gpt-oss, DeepSeek-V4, compressed-tensors'
+    mxfp4-pack-quantized): FP4 codes (two per byte) and a power-of-two exponent per 32 inputs, gate rows
+    first; the biases in the compute dtype."""
 
     hidden: int
     intermediate: int
@@ -177,6 +221,7 @@ class Mxfp4Layout(_ByteRows):
     dtype: torch.dtype
 
     reads_packed = True
+    format = MXFP4
 
     def _parts(self):
         h, i = self.hidden, self.intermediate
@@ -194,36 +239,79 @@ class Mxfp4Layout(_ByteRows):
     def down(self, rows: torch.Tensor) -> Mxfp4Weights:
         return Mxfp4Weights(self._view(rows, "down"), self._view(rows, "down_scales"), self.dtype)
 
-    def pack(self, row: torch.Tensor, roles: dict[str, torch.Tensor]) -> None:
-        """Copy an expert's stored MXFP4 roles (see `Mxfp4.read_packed`) into its byte row."""
-        rows = row[None]
-        for name, first, second in (("gate_up", "gate", "up"), ("gate_up_scales", "gate_scales", "up_scales")):
-            self._view(rows, name)[0].copy_(torch.cat((roles[first], roles[second])))
-        self._view(rows, "down")[0].copy_(roles["down"])
-        self._view(rows, "down_scales")[0].copy_(roles["down_scales"])
-        self._pack_biases(rows, roles)
+    def pack(self, row: torch.Tensor, roles: dict) -> None:
+        self._pack_stored(row, roles)
+
+
+@dataclass(frozen=True)
+class Nvfp4Layout(_ByteRows):
+    """NVFP4 experts kept as the checkpoint stores them (ModelOpt, compressed-tensors): FP4 codes, an e4m3
+    scale per 16 inputs, and the float32 scale of each matrix (gate's and up's, then down's), which
+    multiplies or `divides`; the biases in the compute dtype."""
+
+    hidden: int
+    intermediate: int
+    bias: bool
+    divides: bool
+    dtype: torch.dtype
+
+    reads_packed = True
+
+    @property
+    def format(self) -> StoredFormat:
+        return StoredFormat("nvfp4", 16, self.divides)
+
+    def _parts(self):
+        h, i = self.hidden, self.intermediate
+        return [
+            ("gate_up", (2 * i, h // 2), torch.uint8),
+            ("gate_up_scales", (2 * i, h // 16), torch.uint8),
+            ("gate_up_global", (2,), torch.float32),
+            ("down", (h, i // 2), torch.uint8),
+            ("down_scales", (h, i // 16), torch.uint8),
+            ("down_global", (1,), torch.float32),
+            *self._bias_parts(),
+        ]
+
+    def _weights(self, rows: torch.Tensor, name: str) -> Nvfp4Weights:
+        parts = (self._view(rows, name + suffix) for suffix in ("", "_scales", "_global"))
+        return Nvfp4Weights(*parts, self.divides, self.dtype)
+
+    def gate_up(self, rows: torch.Tensor) -> Nvfp4Weights:
+        return self._weights(rows, "gate_up")
+
+    def down(self, rows: torch.Tensor) -> Nvfp4Weights:
+        return self._weights(rows, "down")
+
+    def pack(self, row: torch.Tensor, roles: dict) -> None:
+        self._pack_stored(row, roles)
 
 
 @dataclass(frozen=True)
 class Fp8Layout(_ByteRows):
     """Block-scaled FP8 experts kept as the checkpoint stores them: each matrix's bits (one byte per
-    weight) and a float32 multiplier per `block` x `block` tile, gate rows first."""
+    weight) and a float32 multiplier per `block` x `block` tile, or per (rows, columns) tile where 0
+    spans the whole width (one per row: (1, 0)), gate rows first."""
 
     hidden: int
     intermediate: int
     bias: bool
-    block: int
+    block: int | tuple[int, int]
     dtype: torch.dtype
 
     reads_packed = True
 
+    @property
+    def format(self) -> StoredFormat:
+        return StoredFormat("fp8", self.block)
+
     def _parts(self):
-        h, i, b = self.hidden, self.intermediate, self.block
+        h, i = self.hidden, self.intermediate
         return [
             ("gate_up", (2 * i, h), torch.uint8),
-            ("gate_up_scale", (2 * i // b, h // b), torch.float32),
+            ("gate_up_scale", _grid(self.block, 2 * i, h), torch.float32),
             ("down", (h, i), torch.uint8),
-            ("down_scale", (h // b, i // b), torch.float32),
+            ("down_scale", _grid(self.block, h, i), torch.float32),
         ]
 
     def gate_up(self, rows: torch.Tensor) -> Fp8Weights:
@@ -232,13 +320,29 @@ class Fp8Layout(_ByteRows):
     def down(self, rows: torch.Tensor) -> Fp8Weights:
         return Fp8Weights(self._view(rows, "down"), self._view(rows, "down_scale"), self.block, self.dtype)
 
-    def pack(self, row: torch.Tensor, roles: dict[str, torch.Tensor]) -> None:
-        """Copy an expert's stored FP8 roles (see `PerExpert.read_packed`) into its byte row."""
-        rows = row[None]
-        self._view(rows, "gate_up")[0].copy_(torch.cat((roles["gate"], roles["up"])))
-        self._view(rows, "gate_up_scale")[0].copy_(torch.cat((roles["gate_scale"], roles["up_scale"])))
-        self._view(rows, "down")[0].copy_(roles["down"])
-        self._view(rows, "down_scale")[0].copy_(roles["down_scale"])
+    def pack(self, row: torch.Tensor, roles: dict) -> None:
+        self._pack_stored(row, roles)
+
+
+def _tile(block: int | tuple[int, int], rows: int, columns: int) -> tuple[int, int]:
+    """An FP8 scale's tile in a matrix [rows, columns] (0 spans the whole width)."""
+    tile = (block, block) if isinstance(block, int) else block
+    return tile[0] or rows, tile[1] or columns
+
+
+def _grid(block: int | tuple[int, int], rows: int, columns: int) -> tuple[int, int]:
+    tile = _tile(block, rows, columns)
+    return rows // tile[0], columns // tile[1]
+
+
+def _tiles(block: int | tuple[int, int], hidden: int, intermediate: int) -> bool:
+    """Whether FP8 scale tiles tile the gate and up [I, E] and down [E, I] matrices exactly, so that the
+    experts' stored scales fit one row layout."""
+    return all(
+        rows % tile[0] == 0 and columns % tile[1] == 0
+        for rows, columns in ((intermediate, hidden), (hidden, intermediate))
+        for tile in [_tile(block, rows, columns)]
+    )
 
 
 def _aligned(nbytes: int, to: int = 16) -> int:
@@ -246,15 +350,23 @@ def _aligned(nbytes: int, to: int = 16) -> int:
 
 
 def layout_of(source: ExpertSource, quant: QuantSpec | None = None, dtype: torch.dtype | None = None):
-    """The row layout of the source's experts: in the compute dtype; quantized by `quant`; or, for a
-    checkpoint whose experts are block-scaled FP8 or MXFP4 (gpt-oss) and no other quantization asked
-    for, as stored."""
+    """The row layout of the source's experts: in the compute dtype; quantized by `quant`; or, where no
+    other quantization is asked for and the checkpoint stores every expert in one form a layout holds,
+    as stored (repacked without loss where the checkpoint packs its integers otherwise)."""
     block = next(iter(source.blocks.values()))
-    if quant is None and (fp8_block := source.fp8_block):
-        return Fp8Layout(block.hidden_size, block.intermediate_size, block.expert_bias, fp8_block, dtype)
-    if quant is None and source.all_mxfp4:
-        return Mxfp4Layout(block.hidden_size, block.intermediate_size, block.expert_bias, dtype)
+    h, i, bias = block.hidden_size, block.intermediate_size, block.expert_bias
+    form = source.stored_form if quant is None else None
+    if isinstance(form, QuantSpec):
+        return QuantizedLayout(h, i, bias, form, dtype, block.gated, stored=True)
+    if not block.gated:  # the other stored forms' rows hold gate and up: ungated experts are decoded
+        form = None
+    if form == MXFP4:
+        return Mxfp4Layout(h, i, bias, dtype)
+    if isinstance(form, StoredFormat) and form.kind == "nvfp4":
+        return Nvfp4Layout(h, i, bias, form.divides, dtype)
+    if isinstance(form, StoredFormat) and form.kind == "fp8" and not bias and _tiles(form.block, h, i):
+        return Fp8Layout(h, i, bias, form.block, dtype)
     if quant is None:
-        return ExpertLayout(block.hidden_size, block.intermediate_size, block.expert_bias, block.gated)
-    quant.check(block.hidden_size, block.intermediate_size)
-    return QuantizedLayout(block.hidden_size, block.intermediate_size, block.expert_bias, quant, dtype, block.gated)
+        return ExpertLayout(h, i, bias, block.gated)
+    quant.check(h, i)
+    return QuantizedLayout(h, i, bias, quant, dtype, block.gated)
