@@ -1,0 +1,681 @@
+// Expert kernels for the CPU: one op, localmoe::expert_pairs, computes every (token, choice) pair of a
+// MoE layer as kernels/reference.py:expert_pair_outputs does, with the same arguments.
+//
+// Pairs are grouped by expert (a slot of the pool, or an expert id of the host stack). An expert with
+// few pairs (decode) runs the fused matrix-vector path: its weights are read once, dequantized in
+// registers, and every pair's dot products accumulate in float32; gate and up rows are computed
+// together, so the activation follows at once, then the down rows. Work is shared by the threads of
+// PyTorch's pool (torch.set_num_threads) as blocks of rows, handed out in turn. Each output is one
+// row's dot product, summed in a fixed order: the result does not depend on the thread count, on the
+// other pairs of the call, or on where the expert's bytes lie (pool or host).
+//
+// An expert with many pairs (prefill) runs the reference's own arithmetic (dequantize to the compute
+// dtype, then one matrix product for gate/up and one for down through ATen), so it equals the
+// reference bit for bit; only the dequantization is done here, in parallel.
+//
+// Built by kernels/cpu_experts.py for the CPU it runs on: the AVX-512 or AVX2 paths below, else
+// plain loops the compiler vectorizes as it can.
+
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <atomic>
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <optional>
+#include <vector>
+
+#if defined(__AVX512F__) || defined(__AVX2__)
+#include <immintrin.h>
+#endif
+
+namespace {
+
+// ---------------------------------------------------------------------------------------------------
+// W floats at a time
+
+#if defined(__AVX512F__)
+constexpr int W = 16;
+constexpr int MAX_PAIRS = 4;  // pairs sharing one pass over a row: 2 rows x 4 pairs x 2 accumulators
+using F = __m512;
+using I = __m512i;
+inline F zero() { return _mm512_setzero_ps(); }
+inline F set1(float v) { return _mm512_set1_ps(v); }
+inline F loadf(const float* p) { return _mm512_loadu_ps(p); }
+inline void storef(float* p, F v) { _mm512_storeu_ps(p, v); }
+inline F fmadd(F a, F b, F c) { return _mm512_fmadd_ps(a, b, c); }
+inline F add(F a, F b) { return _mm512_add_ps(a, b); }
+inline F sub(F a, F b) { return _mm512_sub_ps(a, b); }
+inline F mul(F a, F b) { return _mm512_mul_ps(a, b); }
+inline float hsum(F a) { return _mm512_reduce_add_ps(a); }
+inline F from_bf16(const void* p) {
+  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i*)p)), 16));
+}
+inline F from_f16(const void* p) { return _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i*)p)); }
+inline I bytes(const uint8_t* p) { return _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i*)p)); }
+inline I andi(I a, int m) { return _mm512_and_si512(a, _mm512_set1_epi32(m)); }
+inline I ori(I a, I b) { return _mm512_or_si512(a, b); }
+inline I shr(I a, int n) { return _mm512_srli_epi32(a, n); }
+inline I shl(I a, int n) { return _mm512_slli_epi32(a, n); }
+inline F to_float(I a) { return _mm512_cvtepi32_ps(a); }
+inline F as_float(I a) { return _mm512_castsi512_ps(a); }
+inline F lookup16(I code, const float* table) { return _mm512_permutexvar_ps(code, _mm512_loadu_ps(table)); }
+#elif defined(__AVX2__)
+constexpr int W = 8;
+constexpr int MAX_PAIRS = 2;  // 16 registers: 2 rows x 2 pairs x 2 accumulators
+using F = __m256;
+using I = __m256i;
+inline F zero() { return _mm256_setzero_ps(); }
+inline F set1(float v) { return _mm256_set1_ps(v); }
+inline F loadf(const float* p) { return _mm256_loadu_ps(p); }
+inline void storef(float* p, F v) { _mm256_storeu_ps(p, v); }
+inline F fmadd(F a, F b, F c) { return _mm256_fmadd_ps(a, b, c); }
+inline F add(F a, F b) { return _mm256_add_ps(a, b); }
+inline F sub(F a, F b) { return _mm256_sub_ps(a, b); }
+inline F mul(F a, F b) { return _mm256_mul_ps(a, b); }
+inline float hsum(F a) {
+  __m128 s = _mm_add_ps(_mm256_castps256_ps128(a), _mm256_extractf128_ps(a, 1));
+  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+  return _mm_cvtss_f32(_mm_add_ss(s, _mm_movehdup_ps(s)));
+}
+inline F from_bf16(const void* p) {
+  return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(_mm_loadu_si128((const __m128i*)p)), 16));
+}
+inline F from_f16(const void* p) { return _mm256_cvtph_ps(_mm_loadu_si128((const __m128i*)p)); }
+inline I bytes(const uint8_t* p) { return _mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i*)p)); }
+inline I andi(I a, int m) { return _mm256_and_si256(a, _mm256_set1_epi32(m)); }
+inline I ori(I a, I b) { return _mm256_or_si256(a, b); }
+inline I shr(I a, int n) { return _mm256_srli_epi32(a, n); }
+inline I shl(I a, int n) { return _mm256_slli_epi32(a, n); }
+inline F to_float(I a) { return _mm256_cvtepi32_ps(a); }
+inline F as_float(I a) { return _mm256_castsi256_ps(a); }
+inline F lookup16(I code, const float* table) {
+  F low = _mm256_permutevar8x32_ps(_mm256_loadu_ps(table), code);  // by the code's low 3 bits
+  F high = _mm256_permutevar8x32_ps(_mm256_loadu_ps(table + 8), code);
+  return _mm256_blendv_ps(low, high, _mm256_castsi256_ps(_mm256_slli_epi32(code, 28)));  // by bit 3
+}
+#else
+// Plain arrays: the compiler vectorizes these loops for whatever the target has.
+constexpr int W = 8;
+constexpr int MAX_PAIRS = 2;
+struct F {
+  float v[W];
+};
+struct I {
+  int32_t v[W];
+};
+#define LANES for (int l = 0; l < W; ++l)
+inline F zero() { F r; LANES r.v[l] = 0.f; return r; }
+inline F set1(float x) { F r; LANES r.v[l] = x; return r; }
+inline F loadf(const float* p) { F r; LANES r.v[l] = p[l]; return r; }
+inline void storef(float* p, F a) { LANES p[l] = a.v[l]; }
+inline F fmadd(F a, F b, F c) { F r; LANES r.v[l] = std::fma(a.v[l], b.v[l], c.v[l]); return r; }
+inline F add(F a, F b) { F r; LANES r.v[l] = a.v[l] + b.v[l]; return r; }
+inline F sub(F a, F b) { F r; LANES r.v[l] = a.v[l] - b.v[l]; return r; }
+inline F mul(F a, F b) { F r; LANES r.v[l] = a.v[l] * b.v[l]; return r; }
+inline float hsum(F a) { float s = 0.f; LANES s += a.v[l]; return s; }
+inline F from_bf16(const void* p) {
+  F r; LANES { uint32_t b = uint32_t(((const uint16_t*)p)[l]) << 16; std::memcpy(&r.v[l], &b, 4); } return r;
+}
+inline F from_f16(const void* p) { F r; LANES r.v[l] = float(((const c10::Half*)p)[l]); return r; }
+inline I bytes(const uint8_t* p) { I r; LANES r.v[l] = p[l]; return r; }
+inline I andi(I a, int m) { I r; LANES r.v[l] = a.v[l] & m; return r; }
+inline I ori(I a, I b) { I r; LANES r.v[l] = a.v[l] | b.v[l]; return r; }
+inline I shr(I a, int n) { I r; LANES r.v[l] = int32_t(uint32_t(a.v[l]) >> n); return r; }
+inline I shl(I a, int n) { I r; LANES r.v[l] = int32_t(uint32_t(a.v[l]) << n); return r; }
+inline F to_float(I a) { F r; LANES r.v[l] = float(a.v[l]); return r; }
+inline F as_float(I a) { F r; std::memcpy(r.v, a.v, sizeof r.v); return r; }
+inline F lookup16(I code, const float* table) { F r; LANES r.v[l] = table[code.v[l] & 15]; return r; }
+#undef LANES
+#endif
+
+// ---------------------------------------------------------------------------------------------------
+// Weight formats: how one row of one expert's matrix is stored, and how to read it
+
+enum Format { F32, BF16, F16, INT8, INT4, FP8, MXFP4 };
+
+// FP4 (e2m1) values by code, as kernels/quantized.py's FP4_VALUES
+alignas(64) constexpr float FP4[16] = {0.f,  0.5f,  1.f,  1.5f,  2.f,  3.f,  4.f,  6.f,
+                                       -0.f, -0.5f, -1.f, -1.5f, -2.f, -3.f, -4.f, -6.f};
+
+inline float half_at(const uint8_t* p, int64_t i) { return float(((const c10::Half*)p)[i]); }
+
+inline float fp8_value(uint8_t b) {  // e4m3fn; its two NaN codes never occur in weights
+  uint32_t bits = (uint32_t(b & 0x7F) << 20) | (uint32_t(b & 0x80) << 24);
+  float f;
+  std::memcpy(&f, &bits, 4);
+  return f * 0x1p120f;  // the exponent bias moved from 7 to float32's 127: exact, subnormals included
+}
+
+struct Row {  // one row of one expert: its weights, and its block of scales and zero points
+  const uint8_t* w;
+  const uint8_t* s;
+  const uint8_t* z;
+};
+
+// Decode<FMT>: V vectors of W consecutive weights per step (nibble formats: the low nibbles, which are
+// the even columns, then the high ones); `scales` loads what a block of `block` columns shares.
+template <int FMT>
+struct Decode;
+
+template <>
+struct Decode<F32> {
+  static constexpr int V = 1;
+  static void scales(const Row&, int64_t, F*) {}
+  static void load(const Row& r, int64_t c, const F*, F* w) { w[0] = loadf((const float*)r.w + c); }
+  static float at(const Row& r, int64_t c, int64_t) { return ((const float*)r.w)[c]; }
+};
+
+template <>
+struct Decode<BF16> {
+  static constexpr int V = 1;
+  static void scales(const Row&, int64_t, F*) {}
+  static void load(const Row& r, int64_t c, const F*, F* w) { w[0] = from_bf16((const uint16_t*)r.w + c); }
+  static float at(const Row& r, int64_t c, int64_t) { return float(((const c10::BFloat16*)r.w)[c]); }
+};
+
+template <>
+struct Decode<F16> {
+  static constexpr int V = 1;
+  static void scales(const Row&, int64_t, F*) {}
+  static void load(const Row& r, int64_t c, const F*, F* w) { w[0] = from_f16((const uint16_t*)r.w + c); }
+  static float at(const Row& r, int64_t c, int64_t) { return half_at(r.w, c); }
+};
+
+// Group-wise affine (kernels/quantized.py): w = (q - zero) * scale, float16 scale and zero per group.
+template <>
+struct Decode<INT8> {
+  static constexpr int V = 1;
+  static void scales(const Row& r, int64_t g, F* s) {
+    s[0] = set1(half_at(r.s, g));
+    s[1] = set1(half_at(r.z, g));
+  }
+  static void load(const Row& r, int64_t c, const F* s, F* w) { w[0] = mul(sub(to_float(bytes(r.w + c)), s[1]), s[0]); }
+  static float at(const Row& r, int64_t c, int64_t g) { return (float(r.w[c]) - half_at(r.z, g)) * half_at(r.s, g); }
+};
+
+template <>
+struct Decode<INT4> {
+  static constexpr int V = 2;
+  static void scales(const Row& r, int64_t g, F* s) { Decode<INT8>::scales(r, g, s); }
+  static void load(const Row& r, int64_t c, const F* s, F* w) {
+    I q = bytes(r.w + c / 2);
+    w[0] = mul(sub(to_float(andi(q, 15)), s[1]), s[0]);
+    w[1] = mul(sub(to_float(shr(q, 4)), s[1]), s[0]);
+  }
+  static float at(const Row& r, int64_t c, int64_t g) {
+    int q = c % 2 ? r.w[c / 2] >> 4 : r.w[c / 2] & 15;
+    return (float(q) - half_at(r.z, g)) * half_at(r.s, g);
+  }
+};
+
+// Block-scaled FP8 (e4m3fn bits), a float32 multiplier per block x block tile.
+template <>
+struct Decode<FP8> {
+  static constexpr int V = 1;
+  static void scales(const Row& r, int64_t g, F* s) { s[0] = set1(((const float*)r.s)[g]); }
+  static void load(const Row& r, int64_t c, const F* s, F* w) {
+    I b = bytes(r.w + c);
+    F v = as_float(ori(shl(andi(b, 0x7F), 20), shl(andi(b, 0x80), 24)));
+    w[0] = mul(mul(v, set1(0x1p120f)), s[0]);
+  }
+  static float at(const Row& r, int64_t c, int64_t g) { return fp8_value(r.w[c]) * ((const float*)r.s)[g]; }
+};
+
+// MXFP4 (gpt-oss): e2m1 codes, two per byte (low nibble first), a power-of-two exponent per 32 columns.
+template <>
+struct Decode<MXFP4> {
+  static constexpr int V = 2;
+  static void scales(const Row& r, int64_t g, F* s) { s[0] = set1(std::ldexp(1.f, int(r.s[g]) - 127)); }
+  static void load(const Row& r, int64_t c, const F* s, F* w) {
+    I q = bytes(r.w + c / 2);
+    w[0] = mul(lookup16(andi(q, 15), FP4), s[0]);
+    w[1] = mul(lookup16(shr(q, 4), FP4), s[0]);
+  }
+  static float at(const Row& r, int64_t c, int64_t g) {
+    int q = c % 2 ? r.w[c / 2] >> 4 : r.w[c / 2] & 15;
+    return FP4[q] * std::ldexp(1.f, int(r.s[g]) - 127);
+  }
+};
+
+// One role (gate_up or down) of a stack of experts: [experts, rows, cols] in one format.
+struct Matrix {
+  at::Tensor tensor;  // the weights (the dense path's matrix product reads them as they are)
+  int64_t rows = 0, cols = 0, block = 0;  // block: columns sharing a scale (all of them for dense)
+  const uint8_t *w = nullptr, *s = nullptr, *z = nullptr;
+  int64_t w_expert = 0, w_row = 0, s_expert = 0, s_row = 0, z_expert = 0, z_row = 0;  // in bytes
+  bool square_blocks = false;  // FP8: a scale row covers `block` weight rows
+  bool vector = false;  // whether the W-wide path fits its shape
+
+  Row row(int64_t expert, int64_t r) const {
+    int64_t sr = square_blocks ? r / block : r;
+    return {w + expert * w_expert + r * w_row, s ? s + expert * s_expert + sr * s_row : nullptr,
+            z ? z + expert * z_expert + r * z_row : nullptr};
+  }
+};
+
+constexpr int chunk_of(int format) { return (format == INT4 || format == MXFP4) ? 2 * W : W; }
+
+// A vector of activations arranged as the vector path of a nibble format reads it: within each chunk
+// of 2W columns, the even columns first, then the odd ones.
+inline int64_t arranged(const Matrix& m, int format, int64_t c) {
+  if (!m.vector || chunk_of(format) == W) return c;
+  int64_t j = c % (2 * W);
+  return c - j + (j % 2) * W + j / 2;
+}
+
+// ---------------------------------------------------------------------------------------------------
+// Dot products of two rows with NP activation vectors (x + p * stride, arranged as `arranged` says)
+
+template <int FMT, int NP>
+void dot2(const Matrix& m, Row r0, Row r1, const float* x, int64_t stride, float* out0, float* out1) {
+  using D = Decode<FMT>;
+  constexpr int V = D::V;
+  F acc0[NP][V], acc1[NP][V];
+  for (int p = 0; p < NP; ++p)
+    for (int v = 0; v < V; ++v) acc0[p][v] = acc1[p][v] = zero();
+  const int64_t blocks = m.cols / m.block;
+  for (int64_t g = 0; g < blocks; ++g) {
+    F s0[2], s1[2];
+    D::scales(r0, g, s0);
+    D::scales(r1, g, s1);
+    for (int64_t c = g * m.block, end = c + m.block; c < end; c += V * W) {
+      F w0[V], w1[V];
+      D::load(r0, c, s0, w0);
+      D::load(r1, c, s1, w1);
+      for (int p = 0; p < NP; ++p)
+        for (int v = 0; v < V; ++v) {
+          F xv = loadf(x + p * stride + c + v * W);
+          acc0[p][v] = fmadd(w0[v], xv, acc0[p][v]);
+          acc1[p][v] = fmadd(w1[v], xv, acc1[p][v]);
+        }
+    }
+  }
+  for (int p = 0; p < NP; ++p) {
+    F a0 = acc0[p][0], a1 = acc1[p][0];
+    if constexpr (V == 2) a0 = add(a0, acc0[p][1]), a1 = add(a1, acc1[p][1]);
+    out0[p] = hsum(a0);
+    out1[p] = hsum(a1);
+  }
+}
+
+// For shapes the vector path does not fit (small ragged test shapes): one weight at a time.
+template <int FMT>
+void dot2_scalar(const Matrix& m, Row r0, Row r1, const float* x, int64_t stride, int pairs, float* out0, float* out1) {
+  for (int p = 0; p < pairs; ++p) {
+    float a0 = 0.f, a1 = 0.f;
+    for (int64_t c = 0; c < m.cols; ++c) {
+      a0 += Decode<FMT>::at(r0, c, c / m.block) * x[p * stride + c];
+      a1 += Decode<FMT>::at(r1, c, c / m.block) * x[p * stride + c];
+    }
+    out0[p] = a0, out1[p] = a1;
+  }
+}
+
+// Rows r0 and r1 of `expert` against `pairs` activation vectors, MAX_PAIRS at a time.
+template <int FMT>
+void rows2(const Matrix& m, int64_t expert, int64_t r0, int64_t r1, const float* x, int64_t stride, int pairs,
+           float* out0, float* out1) {
+  Row a = m.row(expert, r0), b = m.row(expert, r1);
+  if (!m.vector) return dot2_scalar<FMT>(m, a, b, x, stride, pairs, out0, out1);
+  for (int p = 0; p < pairs; p += MAX_PAIRS) {
+    const float* xp = x + p * stride;
+    const int n = std::min(pairs - p, MAX_PAIRS);
+    if constexpr (MAX_PAIRS == 4) {
+      if (n == 4) dot2<FMT, 4>(m, a, b, xp, stride, out0 + p, out1 + p);
+      if (n == 3) dot2<FMT, 3>(m, a, b, xp, stride, out0 + p, out1 + p);
+    }
+    if (n == 2) dot2<FMT, 2>(m, a, b, xp, stride, out0 + p, out1 + p);
+    if (n == 1) dot2<FMT, 1>(m, a, b, xp, stride, out0 + p, out1 + p);
+  }
+}
+
+// Row r of `expert`, dequantized to float32 in natural column order.
+template <int FMT>
+void dequantize_row(const Matrix& m, int64_t expert, int64_t r, float* out) {
+  using D = Decode<FMT>;
+  Row row = m.row(expert, r);
+  if (!m.vector) {
+    for (int64_t c = 0; c < m.cols; ++c) out[c] = D::at(row, c, c / m.block);
+    return;
+  }
+  alignas(64) float part[2][W];
+  for (int64_t g = 0; g < m.cols / m.block; ++g) {
+    F s[2];
+    D::scales(row, g, s);
+    for (int64_t c = g * m.block, end = c + m.block; c < end; c += D::V * W) {
+      F w[D::V];
+      D::load(row, c, s, w);
+      if constexpr (D::V == 1) {
+        storef(out + c, w[0]);
+      } else {
+        storef(part[0], w[0]), storef(part[1], w[1]);
+        for (int l = 0; l < W; ++l) out[c + 2 * l] = part[0][l], out[c + 2 * l + 1] = part[1][l];
+      }
+    }
+  }
+}
+
+// ---------------------------------------------------------------------------------------------------
+// The activation, rounding to the compute dtype T wherever the reference's tensor ops do
+
+enum Kind { GLU, CLAMPED_SWIGLU, CLAMPED_GLU };
+enum Act { SILU, GELU, GELU_TANH };
+
+struct Activation {
+  int64_t kind, act;
+  double alpha, limit;
+};
+
+template <class T>
+inline float rd(float v) {
+  return float(T(v));
+}
+
+inline float apply(int64_t act, float g) {
+  switch (act) {
+    case SILU: return g / (1.f + std::exp(-g));
+    case GELU: return 0.5f * g * (1.f + std::erf(g * float(M_SQRT1_2)));
+    default: return 0.5f * g * (1.f + std::tanh(0.7978845608028654f * (g + 0.044715f * g * g * g)));
+  }
+}
+
+template <class T>
+inline float activate(const Activation& a, float g, float u) {  // g, u: the projections, in T
+  if (a.kind != GLU) {
+    float limit = float(a.limit);
+    g = rd<T>(std::min(g, limit));
+    u = rd<T>(std::min(std::max(u, -limit), limit));
+  }
+  if (a.kind == CLAMPED_SWIGLU) {
+    float sig = rd<T>(1.f / (1.f + std::exp(-rd<T>(g * float(a.alpha)))));
+    return rd<T>(rd<T>(g * sig) * rd<T>(u + 1.f));
+  }
+  return rd<T>(rd<T>(apply(a.act, g)) * u);
+}
+
+// The same on tensors, as models/moe.py's GatedActivation computes it (the matrix-product path).
+at::Tensor activate_tensors(const Activation& a, at::Tensor gate, at::Tensor up) {
+  if (a.kind != GLU) {
+    gate = gate.clamp(std::nullopt, a.limit);
+    up = up.clamp(-a.limit, a.limit);
+  }
+  if (a.kind == CLAMPED_SWIGLU) return gate * at::sigmoid(gate * a.alpha) * (up + 1);
+  if (a.act == SILU) return at::silu(gate) * up;
+  return at::gelu(gate, a.act == GELU ? "none" : "tanh") * up;
+}
+
+// ---------------------------------------------------------------------------------------------------
+// A call
+
+struct Stack {  // a stack of experts: the pool's slots, or the host's experts by id
+  Matrix gate_up, down;
+  std::optional<at::Tensor> gate_up_bias, down_bias;  // [experts, 2I] and [experts, E], in the compute dtype
+  int64_t experts = 0;
+
+  template <class T>
+  static const T* bias(const std::optional<at::Tensor>& b, int64_t expert) {
+    return b ? b->data_ptr<T>() + expert * b->stride(0) : nullptr;
+  }
+};
+
+struct Unit {  // one expert of one stack and the pairs routed to it
+  const Stack* stack;
+  int64_t expert;
+  std::vector<int64_t> pairs;
+  int64_t first = 0;  // its first row in the pair buffers of the matrix-vector path
+};
+
+// Pairs of one expert from which on the matrix product beats the matrix-vector path (measured with
+// scripts/bench_cpu.py's kernel rows on 2 threads).
+constexpr int64_t GEMM_PAIRS = 8;
+
+const uint8_t* bytes_of(const at::Tensor& t) { return (const uint8_t*)t.data_ptr(); }
+
+Matrix matrix(int64_t format, int64_t block, const at::Tensor& w, const std::optional<at::Tensor>& s,
+              const std::optional<at::Tensor>& z, bool nibbles) {
+  TORCH_CHECK(w.dim() == 3 && w.stride(2) == 1, "expert weights must be [experts, rows, cols], rows contiguous");
+  Matrix m;
+  m.tensor = w;
+  m.rows = w.size(1);
+  m.cols = w.size(2) * (nibbles ? 2 : 1);
+  m.w = bytes_of(w), m.w_expert = w.stride(0) * w.element_size(), m.w_row = w.stride(1) * w.element_size();
+  m.block = format <= F16 ? m.cols : block;
+  if (s) {
+    TORCH_CHECK(s->dim() == 3 && s->stride(2) == 1, "expert scales must be [experts, rows, blocks]");
+    m.s = bytes_of(*s), m.s_expert = s->stride(0) * s->element_size(), m.s_row = s->stride(1) * s->element_size();
+  }
+  if (z) {
+    TORCH_CHECK(z->dim() == 3 && z->stride(2) == 1, "expert zero points must be [experts, rows, groups]");
+    m.z = bytes_of(*z), m.z_expert = z->stride(0) * z->element_size(), m.z_row = z->stride(1) * z->element_size();
+  }
+  m.square_blocks = format == FP8;
+  TORCH_CHECK(m.block > 0 && m.cols % m.block == 0, "the block size must divide the columns");
+  m.vector = m.block % chunk_of(int(format)) == 0;
+  return m;
+}
+
+Stack stack_of(const c10::List<std::optional<at::Tensor>>& parts, int64_t format, int64_t block) {
+  // parts: gate_up, gate_up scales, gate_up zeros, down, down scales, down zeros, gate_up bias, down bias
+  TORCH_CHECK(parts.size() == 8, "a stack is 8 optional tensors");
+  std::vector<std::optional<at::Tensor>> p(parts.begin(), parts.end());
+  TORCH_CHECK(p[0] && p[3], "a stack needs its gate_up and down weights");
+  bool nibbles = format == INT4 || format == MXFP4;
+  Stack st;
+  st.gate_up = matrix(format, block, *p[0], p[1], p[2], nibbles);
+  st.down = matrix(format, block, *p[3], p[4], p[5], nibbles);
+  st.gate_up_bias = p[6], st.down_bias = p[7];
+  st.experts = p[0]->size(0);
+  TORCH_CHECK(st.gate_up.rows == 2 * st.down.cols && st.down.rows == st.gate_up.cols,
+              "gate_up must be [N, 2I, E] and down [N, E, I]");
+  return st;
+}
+
+struct Call {
+  at::Tensor out, x;
+  std::optional<at::Tensor> scale;
+  int64_t k = 1, hidden = 0, inter = 0;
+  Activation act{};
+  std::vector<Unit> units;
+};
+
+template <class Index>
+std::vector<int64_t> as_int64(const at::Tensor& t) {
+  auto c = t.contiguous();
+  const Index* p = c.data_ptr<Index>();
+  return std::vector<int64_t>(p, p + c.numel());
+}
+
+std::vector<int64_t> indices(const at::Tensor& t) {
+  TORCH_CHECK(t.scalar_type() == at::kLong || t.scalar_type() == at::kInt, "slots and ids must be integers");
+  return t.scalar_type() == at::kLong ? as_int64<int64_t>(t) : as_int64<int32_t>(t);
+}
+
+// Runs `work(task)` for tasks [0, count) on PyTorch's threads, each taking the next task when done.
+template <class Work>
+void share(int64_t count, const Work& work) {
+  std::atomic<int64_t> next{0};
+  at::parallel_for(0, std::min<int64_t>(count, at::get_num_threads()), 1, [&](int64_t, int64_t) {
+    for (int64_t t; (t = next.fetch_add(1)) < count;) work(t);
+  });
+}
+
+constexpr int64_t ROW_BLOCK = 16;  // rows per task
+
+// The matrix-vector path over `units`: gate/up and activation into h, then down into out.
+template <int FMT, class T>
+void matrix_vector(Call& c, std::vector<Unit*>& units) {
+  if (units.empty()) return;
+  const Matrix& gu = units[0]->stack->gate_up;  // how activations are arranged: the same for every stack
+  const Matrix& dn = units[0]->stack->down;
+  const int64_t H = c.hidden, I = c.inter;
+  int64_t pairs = 0;
+  for (Unit* u : units) u->first = pairs, pairs += int64_t(u->pairs.size());
+  // inputs, as float32 and arranged for gate_up: x of each pair's token, scaled where asked
+  std::vector<float> xin(pairs * H), h(pairs * I);
+  const T* x = c.x.data_ptr<T>();
+  const int64_t xs = c.x.stride(0);
+  const float* scale = c.scale ? c.scale->data_ptr<float>() : nullptr;
+  for (Unit* u : units)
+    for (int64_t i = 0; i < int64_t(u->pairs.size()); ++i) {
+      int64_t pair = u->pairs[i];
+      const T* row = x + (pair / c.k) * xs;
+      float* dst = xin.data() + (u->first + i) * H;
+      for (int64_t e = 0; e < H; ++e) {
+        float v = float(row[e]);
+        dst[arranged(gu, FMT, e)] = scale ? rd<T>(v * scale[pair]) : v;
+      }
+    }
+  const int64_t gu_blocks = (I + ROW_BLOCK - 1) / ROW_BLOCK;
+  share(int64_t(units.size()) * gu_blocks, [&](int64_t task) {
+    const Unit& u = *units[task / gu_blocks];
+    const int P = int(u.pairs.size());
+    const T* bias = Stack::bias<T>(u.stack->gate_up_bias, u.expert);
+    float gate[GEMM_PAIRS], up[GEMM_PAIRS];
+    for (int64_t r = (task % gu_blocks) * ROW_BLOCK, end = std::min(I, r + ROW_BLOCK); r < end; ++r) {
+      rows2<FMT>(u.stack->gate_up, u.expert, r, r + I, xin.data() + u.first * H, H, P, gate, up);
+      for (int p = 0; p < P; ++p) {
+        float g = rd<T>(gate[p] + (bias ? float(bias[r]) : 0.f));
+        float v = rd<T>(up[p] + (bias ? float(bias[r + I]) : 0.f));
+        h[(u.first + p) * I + arranged(dn, FMT, r)] = activate<T>(c.act, g, v);
+      }
+    }
+  });
+  const int64_t dn_blocks = (H + ROW_BLOCK - 1) / ROW_BLOCK;
+  T* out = c.out.data_ptr<T>();
+  const int64_t os = c.out.stride(0);
+  share(int64_t(units.size()) * dn_blocks, [&](int64_t task) {
+    const Unit& u = *units[task / dn_blocks];
+    const int P = int(u.pairs.size());
+    const T* bias = Stack::bias<T>(u.stack->down_bias, u.expert);
+    float y0[GEMM_PAIRS], y1[GEMM_PAIRS];
+    for (int64_t r = (task % dn_blocks) * ROW_BLOCK, end = std::min(H, r + ROW_BLOCK); r < end; r += 2) {
+      int64_t r1 = std::min(r + 1, end - 1);  // an odd last row is computed twice
+      rows2<FMT>(u.stack->down, u.expert, r, r1, h.data() + u.first * I, I, P, y0, y1);
+      for (int p = 0; p < P; ++p) {
+        T* o = out + u.pairs[p] * os;
+        o[r] = T(y0[p] + (bias ? float(bias[r]) : 0.f));
+        o[r1] = T(y1[p] + (bias ? float(bias[r1]) : 0.f));
+      }
+    }
+  });
+}
+
+// An expert's matrix in the compute dtype: the stack's own (dense), or dequantized into `scratch`
+// exactly as kernels/quantized.py does (float32 arithmetic, one rounding to T).
+template <int FMT, class T>
+at::Tensor weights(const Matrix& m, int64_t expert, at::Tensor& scratch) {
+  if constexpr (FMT <= F16) {
+    return m.tensor.select(0, expert);
+  } else {
+    at::Tensor dst = scratch.narrow(0, 0, m.rows * m.cols).view({m.rows, m.cols});
+    T* base = dst.data_ptr<T>();
+    at::parallel_for(0, m.rows, 16, [&](int64_t begin, int64_t end) {
+      std::vector<float> row(m.cols);
+      for (int64_t r = begin; r < end; ++r) {
+        dequantize_row<FMT>(m, expert, r, row.data());
+        for (int64_t c = 0; c < m.cols; ++c) base[r * m.cols + c] = T(row[c]);
+      }
+    });
+    return dst;
+  }
+}
+
+// The matrix-product path: one expert with many pairs, the reference's arithmetic.
+template <int FMT, class T>
+void matrix_product(Call& c, Unit& u, at::Tensor& scratch) {
+  std::vector<int64_t> tokens(u.pairs);
+  for (int64_t& t : tokens) t /= c.k;
+  auto pairs = at::tensor(u.pairs, at::kLong);
+  at::Tensor inputs = c.x.index_select(0, at::tensor(tokens, at::kLong));
+  if (c.scale) inputs = (inputs * c.scale->index_select(0, pairs).unsqueeze(1)).to(c.x.scalar_type());
+  const Stack& st = *u.stack;
+  std::optional<at::Tensor> gate_up_bias, down_bias;
+  if (st.gate_up_bias) gate_up_bias = st.gate_up_bias->select(0, u.expert);
+  if (st.down_bias) down_bias = st.down_bias->select(0, u.expert);
+  auto gate_up = at::linear(inputs, weights<FMT, T>(st.gate_up, u.expert, scratch), gate_up_bias).chunk(2, -1);
+  at::Tensor hidden = activate_tensors(c.act, gate_up[0], gate_up[1]);
+  c.out.index_copy_(0, pairs, at::linear(hidden, weights<FMT, T>(st.down, u.expert, scratch), down_bias));
+}
+
+template <int FMT, class T>
+void run(Call& c) {
+  std::vector<Unit*> few;
+  std::vector<Unit*> many;
+  for (Unit& u : c.units) (int64_t(u.pairs.size()) < GEMM_PAIRS ? few : many).push_back(&u);
+  matrix_vector<FMT, T>(c, few);
+  if (many.empty()) return;
+  at::Tensor scratch;
+  if constexpr (FMT > F16) {
+    const Matrix& gu = many[0]->stack->gate_up;
+    scratch = at::empty({gu.rows * gu.cols}, c.x.options());  // the larger role; reused by each expert
+  }
+  for (Unit* u : many) matrix_product<FMT, T>(c, *u, scratch);
+}
+
+template <class T>
+void run_format(int64_t format, Call& c) {
+  switch (format) {
+    case F32: return run<F32, T>(c);
+    case BF16: return run<BF16, T>(c);
+    case F16: return run<F16, T>(c);
+    case INT8: return run<INT8, T>(c);
+    case INT4: return run<INT4, T>(c);
+    case FP8: return run<FP8, T>(c);
+    case MXFP4: return run<MXFP4, T>(c);
+  }
+  TORCH_CHECK(false, "unknown expert format ", format);
+}
+
+void expert_pairs(at::Tensor out, const at::Tensor& x, const at::Tensor& slots, const std::optional<at::Tensor>& ids,
+                  const std::optional<at::Tensor>& input_scale, const c10::List<std::optional<at::Tensor>>& pool,
+                  const c10::List<std::optional<at::Tensor>>& host, int64_t format, int64_t block, int64_t kind,
+                  int64_t act, double alpha, double limit) {
+  TORCH_CHECK(x.dim() == 2 && x.stride(1) == 1 && out.dim() == 2 && out.stride(1) == 1, "x and out must be 2-D, rows contiguous");
+  TORCH_CHECK(out.scalar_type() == x.scalar_type(), "out must have x's dtype");
+  TORCH_CHECK(slots.dim() == 2 && slots.size(0) == x.size(0) && out.size(0) == slots.numel(), "slots must be [T, k], out [T*k, E]");
+  TORCH_CHECK(!input_scale || (input_scale->scalar_type() == at::kFloat && input_scale->is_contiguous() &&
+                               input_scale->numel() == slots.numel()), "input_scale must be float32 [T*k]");
+  Call c;
+  c.out = out, c.x = x, c.scale = input_scale, c.k = slots.size(1), c.act = {kind, act, alpha, limit};
+  Stack stacks[2] = {stack_of(pool, format, block), host.empty() ? Stack{} : stack_of(host, format, block)};
+  const bool with_host = !host.empty() && ids.has_value();
+  c.hidden = stacks[0].gate_up.cols, c.inter = stacks[0].down.cols;
+  TORCH_CHECK(x.size(1) == c.hidden && out.size(1) == c.hidden, "x and out must be [*, E] with the experts' E");
+  if (with_host)
+    TORCH_CHECK(stacks[1].gate_up.cols == c.hidden && stacks[1].down.cols == c.inter, "host and pool shapes differ");
+  auto slot = indices(slots);
+  auto id = with_host ? indices(*ids) : std::vector<int64_t>();
+  TORCH_CHECK(!with_host || int64_t(id.size()) == slots.numel(), "ids must be [T, k] like slots");
+  // one unit per expert in use, pairs in order within each
+  std::vector<int64_t> unit_of[2] = {std::vector<int64_t>(stacks[0].experts, -1),
+                                     std::vector<int64_t>(with_host ? stacks[1].experts : 0, -1)};
+  for (int64_t p = 0; p < int64_t(slot.size()); ++p) {
+    int which = slot[p] >= 0 ? 0 : 1;
+    int64_t row = which == 0 ? slot[p] : (with_host ? id[p] : -1);
+    if (row < 0) continue;
+    TORCH_CHECK(row < stacks[which].experts, "slot or expert id out of range: ", row);
+    int64_t& u = unit_of[which][row];
+    if (u < 0) u = int64_t(c.units.size()), c.units.push_back({&stacks[which], row, {}});
+    c.units[u].pairs.push_back(p);
+  }
+  switch (x.scalar_type()) {
+    case at::kFloat: return run_format<float>(format, c);
+    case at::kBFloat16: return run_format<c10::BFloat16>(format, c);
+    case at::kHalf: return run_format<c10::Half>(format, c);
+    default: TORCH_CHECK(false, "the CPU expert kernels take float32, bfloat16 or float16 activations");
+  }
+}
+
+}  // namespace
+
+TORCH_LIBRARY(localmoe, m) {
+  m.def(
+      "expert_pairs(Tensor(a!) out, Tensor x, Tensor slots, Tensor? ids, Tensor? input_scale, Tensor?[] pool, "
+      "Tensor?[] host, int format, int block, int kind, int act, float alpha, float limit) -> ()");
+}
+
+TORCH_LIBRARY_IMPL(localmoe, CPU, m) { m.impl("expert_pairs", &expert_pairs); }
