@@ -67,6 +67,12 @@ def _placement_options(fn):
             "--expert-group-size", type=click.IntRange(min=2), default=64, show_default=True, help="Columns per scale."
         ),
         click.option("--yes", is_flag=True, help="Start even a run estimated below 0.2 tokens/s (experts from disk)."),
+        click.option(
+            "--threads",
+            type=click.IntRange(min=1),
+            help="CPU threads for the work the CPU does (experts computed on the CPU, and everything with "
+            "--device cpu).  [default: the physical cores]",
+        ),
     ]
     for option in reversed(options):
         fn = option(fn)
@@ -123,10 +129,11 @@ def _cache_options(fn):
         ),
         click.option(
             "--kernels",
-            type=click.Choice(["auto", "reference", "triton"]),
+            type=click.Choice(["auto", "reference", "triton", "cpu"]),
             default="auto",
             show_default=True,
-            help="Expert kernels: the PyTorch reference, the fused Triton kernels (CUDA), or Triton where it works.",
+            help="Expert kernels: the PyTorch reference, the fused Triton kernels (CUDA), the compiled CPU "
+            "kernels (--device cpu; built at first use), or the fastest that works here.",
         ),
         click.option("--stats", is_flag=True, help="Print the memory plan and the cache counters."),
         click.option(
@@ -211,6 +218,7 @@ def _runtime_options(values: dict):
         context=values["context"],
         expert_bits=int(values["expert_bits"]),
         expert_group_size=values["expert_group_size"],
+        threads=values.get("threads"),
         profile=None if values.get("profile", "off") == "off" else values["profile"],
         **{
             key: values[key]

@@ -1,16 +1,18 @@
 """`load` a checkpoint into an `Engine` that generates text: the entry point of the CLI and the API."""
 
+import os
 from collections import Counter
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, replace
 from functools import cached_property
 from pathlib import Path
 
+import psutil
 import torch
 
 from localmoe.checkpoint import Checkpoint
 from localmoe.errors import LocalMoEError
-from localmoe.kernels import pair_kernel
+from localmoe.kernels import host_kernel, pair_kernel
 from localmoe.kernels.quantized import MXFP4, QuantSpec, StoredFormat
 from localmoe.loader import ModelParts, footprint, load_resident_weights, model_skeleton, open_checkpoint
 from localmoe.models.moe import moe_blocks
@@ -46,7 +48,8 @@ class RuntimeOptions:
     prefill_chunk: int = 512
     trace: Path | None = None  # write the routing of every token here (JSON lines)
     miss_policy: str = "auto"  # a miss is copied to the device, computed on the CPU, or whichever is faster
-    kernels: str = "auto"  # the expert kernels: reference, triton, or triton where it works (CUDA)
+    kernels: str = "auto"  # the expert kernels: reference, triton, cpu, or the fastest that works here
+    threads: int | None = None  # CPU threads (torch.set_num_threads); default: the physical cores
     expert_bits: int = 16  # 8 or 4: routed experts quantized group-wise, kept so on disk between runs
     expert_group_size: int = 64
     copy_bandwidth: float | None = None  # bytes/s for the miss policy's cost model; default: measured
@@ -190,7 +193,7 @@ class Engine:
             f"{self.checkpoint.path.name}: {model} on {plan.device}, {self.parts.dtype}; "
             f"resident {format_bytes(fp.resident_bytes)}; expert slots {plan.slots}/{fp.total_experts}; "
             f"experts' host copy: {home[plan.store]}; context {plan.context}{self._misses()}; "
-            f"kernels: {self.kernels}"
+            f"kernels: {self.kernels}; {torch.get_num_threads()} CPU threads"
         )
 
     def _misses(self) -> str:
@@ -248,6 +251,7 @@ def load(
     fed from host RAM or the checkpoint files."""
     options = options or RuntimeOptions()
     device = resolve_device(device)
+    torch.set_num_threads(options.threads or physical_cores())
     checkpoint = open_checkpoint(source, revision)
     parts = model_skeleton(checkpoint, dtype)
     plan = _plan(parts, device, options)
@@ -265,8 +269,13 @@ def load(
         store = ExpertStore(parts.experts, parts.dtype, mode, device, quant, quantized)
         cache = ExpertCache(store, plan.slots, device, options.policy, layers=len(blocks))
         bandwidths = None
+        # the CPU's share of the misses: on a CPU device the device's kernel, so both give the same bits;
+        # copying all of them needs none (and no build of the CPU kernels)
+        on_cpu = kernel if device.type == "cpu" else None if options.miss_policy == "copy" else host_kernel()
         if options.miss_policy == "auto":
-            bandwidths = calibrated(store, cache.rows[0], blocks[0], options.copy_bandwidth, options.cpu_bandwidth)
+            bandwidths = calibrated(
+                store, cache.rows[0], blocks[0], on_cpu, options.copy_bandwidth, options.cpu_bandwidth
+            )
         experts = OffloadedExperts(
             cache,
             blocks,
@@ -276,6 +285,7 @@ def load(
             miss_policy=options.miss_policy,
             bandwidths=bandwidths,
             pair_outputs=kernel,
+            host_kernel=on_cpu,
         )
     for block in blocks:
         block.experts = experts
@@ -283,6 +293,12 @@ def load(
     if options.profile and isinstance(experts, OffloadedExperts):
         _start_from_profile(engine, blocks)
     return engine
+
+
+def physical_cores() -> int:
+    """The CPU's cores, not counting the second thread of a hyper-threaded core (which adds little to
+    memory-bound kernels and slows them by sharing a core's caches)."""
+    return psutil.cpu_count(logical=False) or os.cpu_count() or 1
 
 
 def _start_from_profile(engine: Engine, blocks) -> None:

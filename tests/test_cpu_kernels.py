@@ -12,7 +12,8 @@ import pytest
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from localmoe.kernels import _random_stored
+from localmoe.errors import LocalMoEError
+from localmoe.kernels import _random_stored, pair_kernel
 from localmoe.kernels import cpu_experts as cpu
 from localmoe.kernels.quantized import MXFP4, QuantSpec, StoredFormat, quantized_stack
 from localmoe.kernels.reference import ExpertStack, expert_pair_outputs
@@ -223,6 +224,20 @@ def test_lower_instruction_sets_match_the_reference(isa):
     env = {**os.environ, "LOCALMOE_CPU_ISA": isa, "PYTHONPATH": os.pathsep.join([str(Path(__file__).parent), *sys.path])}
     done = subprocess.run([sys.executable, "-c", CHILD.format(isa=isa)], env=env, capture_output=True, text=True)
     assert done.returncode == 0 and done.stdout.strip().endswith("ok"), done.stderr[-3000:]
+
+
+def test_the_choice_of_kernels_on_the_cpu(monkeypatch):
+    here, acts = torch.device("cpu"), [ACTS["swiglu"], ACTS["clamped-swiglu"]]
+    isa = cpu.cpu_kernel()[1]
+    assert pair_kernel("auto", here, torch.bfloat16, acts, QuantSpec(4, 32)) == (cpu.cpu_pair_outputs, f"cpu ({isa})")
+    assert pair_kernel("cpu", here, torch.float32, acts, MXFP4)[0] is cpu.cpu_pair_outputs
+    with pytest.raises(LocalMoEError, match="--kernels cpu computes on the CPU"):
+        pair_kernel("cpu", torch.device("cuda"), torch.float32, acts)
+    monkeypatch.setattr(cpu, "cpu_kernel", lambda: (False, "no C++ compiler found"))
+    expected = (expert_pair_outputs, "reference (CPU kernels: they could not be built: no C++ compiler found)")
+    assert pair_kernel("auto", here, torch.float32, acts) == expected
+    with pytest.raises(LocalMoEError, match="could not be built"):
+        pair_kernel("cpu", here, torch.float32, acts)
 
 
 def test_without_a_compiler_the_reference_is_kept_with_one_notice(monkeypatch, tmp_path, capsys):

@@ -18,6 +18,7 @@
 
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
+#include <c10/util/Float8_e4m3fn.h>
 #include <torch/library.h>
 
 #include <algorithm>
@@ -26,6 +27,7 @@
 #include <cstdint>
 #include <cstring>
 #include <optional>
+#include <type_traits>
 #include <vector>
 
 #if defined(__AVX512F__) || defined(__AVX2__)
@@ -33,6 +35,8 @@
 #endif
 
 namespace {
+
+inline float fp8_value(uint8_t bits) { return float(c10::Float8_e4m3fn(bits, c10::Float8_e4m3fn::from_bits())); }
 
 // ---------------------------------------------------------------------------------------------------
 // W floats at a time
@@ -57,12 +61,15 @@ inline F from_bf16(const void* p) {
 inline F from_f16(const void* p) { return _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i*)p)); }
 inline I bytes(const uint8_t* p) { return _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i*)p)); }
 inline I andi(I a, int m) { return _mm512_and_si512(a, _mm512_set1_epi32(m)); }
-inline I ori(I a, I b) { return _mm512_or_si512(a, b); }
 inline I shr(I a, int n) { return _mm512_srli_epi32(a, n); }
-inline I shl(I a, int n) { return _mm512_slli_epi32(a, n); }
 inline F to_float(I a) { return _mm512_cvtepi32_ps(a); }
-inline F as_float(I a) { return _mm512_castsi512_ps(a); }
 inline F lookup16(I code, const float* table) { return _mm512_permutexvar_ps(code, _mm512_loadu_ps(table)); }
+inline F from_fp8(const uint8_t* p) {  // e4m3fn as float16 bits (subnormals included), 2^-8 times its value
+  __m256i b = _mm256_cvtepu8_epi16(_mm_loadu_si128((const __m128i*)p));
+  __m256i magnitude = _mm256_and_si256(_mm256_slli_epi16(b, 7), _mm256_set1_epi16(0x3F80));
+  __m256i sign = _mm256_and_si256(_mm256_slli_epi16(b, 8), _mm256_set1_epi16(int16_t(0x8000)));
+  return _mm512_cvtph_ps(_mm256_or_si256(magnitude, sign));
+}
 #elif defined(__AVX2__)
 constexpr int W = 8;
 constexpr int MAX_PAIRS = 2;  // 16 registers: 2 rows x 2 pairs x 2 accumulators
@@ -87,15 +94,18 @@ inline F from_bf16(const void* p) {
 inline F from_f16(const void* p) { return _mm256_cvtph_ps(_mm_loadu_si128((const __m128i*)p)); }
 inline I bytes(const uint8_t* p) { return _mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i*)p)); }
 inline I andi(I a, int m) { return _mm256_and_si256(a, _mm256_set1_epi32(m)); }
-inline I ori(I a, I b) { return _mm256_or_si256(a, b); }
 inline I shr(I a, int n) { return _mm256_srli_epi32(a, n); }
-inline I shl(I a, int n) { return _mm256_slli_epi32(a, n); }
 inline F to_float(I a) { return _mm256_cvtepi32_ps(a); }
-inline F as_float(I a) { return _mm256_castsi256_ps(a); }
 inline F lookup16(I code, const float* table) {
   F low = _mm256_permutevar8x32_ps(_mm256_loadu_ps(table), code);  // by the code's low 3 bits
   F high = _mm256_permutevar8x32_ps(_mm256_loadu_ps(table + 8), code);
   return _mm256_blendv_ps(low, high, _mm256_castsi256_ps(_mm256_slli_epi32(code, 28)));  // by bit 3
+}
+inline F from_fp8(const uint8_t* p) {  // e4m3fn as float16 bits (subnormals included), 2^-8 times its value
+  __m128i b = _mm_cvtepu8_epi16(_mm_loadl_epi64((const __m128i*)p));
+  __m128i magnitude = _mm_and_si128(_mm_slli_epi16(b, 7), _mm_set1_epi16(0x3F80));
+  __m128i sign = _mm_and_si128(_mm_slli_epi16(b, 8), _mm_set1_epi16(int16_t(0x8000)));
+  return _mm256_cvtph_ps(_mm_or_si128(magnitude, sign));
 }
 #else
 // Plain arrays: the compiler vectorizes these loops for whatever the target has.
@@ -123,12 +133,10 @@ inline F from_bf16(const void* p) {
 inline F from_f16(const void* p) { F r; LANES r.v[l] = float(((const c10::Half*)p)[l]); return r; }
 inline I bytes(const uint8_t* p) { I r; LANES r.v[l] = p[l]; return r; }
 inline I andi(I a, int m) { I r; LANES r.v[l] = a.v[l] & m; return r; }
-inline I ori(I a, I b) { I r; LANES r.v[l] = a.v[l] | b.v[l]; return r; }
 inline I shr(I a, int n) { I r; LANES r.v[l] = int32_t(uint32_t(a.v[l]) >> n); return r; }
-inline I shl(I a, int n) { I r; LANES r.v[l] = int32_t(uint32_t(a.v[l]) << n); return r; }
 inline F to_float(I a) { F r; LANES r.v[l] = float(a.v[l]); return r; }
-inline F as_float(I a) { F r; std::memcpy(r.v, a.v, sizeof r.v); return r; }
 inline F lookup16(I code, const float* table) { F r; LANES r.v[l] = table[code.v[l] & 15]; return r; }
+inline F from_fp8(const uint8_t* p) { F r; LANES r.v[l] = fp8_value(p[l]) * 0x1p-8f; return r; }
 #undef LANES
 #endif
 
@@ -141,13 +149,12 @@ enum Format { F32, BF16, F16, INT8, INT4, FP8, MXFP4 };
 alignas(64) constexpr float FP4[16] = {0.f,  0.5f,  1.f,  1.5f,  2.f,  3.f,  4.f,  6.f,
                                        -0.f, -0.5f, -1.f, -1.5f, -2.f, -3.f, -4.f, -6.f};
 
-inline float half_at(const uint8_t* p, int64_t i) { return float(((const c10::Half*)p)[i]); }
-
-inline float fp8_value(uint8_t b) {  // e4m3fn; its two NaN codes never occur in weights
-  uint32_t bits = (uint32_t(b & 0x7F) << 20) | (uint32_t(b & 0x80) << 24);
-  float f;
-  std::memcpy(&f, &bits, 4);
-  return f * 0x1p120f;  // the exponent bias moved from 7 to float32's 127: exact, subnormals included
+inline float half_at(const uint8_t* p, int64_t i) {
+#if defined(__F16C__)
+  return _cvtsh_ss(((const uint16_t*)p)[i]);  // one instruction, where c10::Half converts in software
+#else
+  return float(((const c10::Half*)p)[i]);
+#endif
 }
 
 struct Row {  // one row of one expert: its weights, and its block of scales and zero points
@@ -217,11 +224,7 @@ template <>
 struct Decode<FP8> {
   static constexpr int V = 1;
   static void scales(const Row& r, int64_t g, F* s) { s[0] = set1(((const float*)r.s)[g]); }
-  static void load(const Row& r, int64_t c, const F* s, F* w) {
-    I b = bytes(r.w + c);
-    F v = as_float(ori(shl(andi(b, 0x7F), 20), shl(andi(b, 0x80), 24)));
-    w[0] = mul(mul(v, set1(0x1p120f)), s[0]);
-  }
+  static void load(const Row& r, int64_t c, const F* s, F* w) { w[0] = mul(mul(from_fp8(r.w + c), set1(256.f)), s[0]); }
   static float at(const Row& r, int64_t c, int64_t g) { return fp8_value(r.w[c]) * ((const float*)r.s)[g]; }
 };
 
@@ -259,12 +262,11 @@ struct Matrix {
 
 constexpr int chunk_of(int format) { return (format == INT4 || format == MXFP4) ? 2 * W : W; }
 
-// A vector of activations arranged as the vector path of a nibble format reads it: within each chunk
-// of 2W columns, the even columns first, then the odd ones.
-inline int64_t arranged(const Matrix& m, int format, int64_t c) {
-  if (!m.vector || chunk_of(format) == W) return c;
-  int64_t j = c % (2 * W);
-  return c - j + (j % 2) * W + j / 2;
+// Where column c of an activation vector goes for a vector path that reads nibble codes in chunks of
+// `chunk` columns: within each chunk, the even columns first, then the odd ones.
+inline int64_t deinterleaved(int64_t c, int64_t chunk) {
+  int64_t j = c % chunk;
+  return c - j + (j % 2) * (chunk / 2) + j / 2;
 }
 
 // ---------------------------------------------------------------------------------------------------
@@ -315,23 +317,198 @@ void dot2_scalar(const Matrix& m, Row r0, Row r1, const float* x, int64_t stride
   }
 }
 
-// Rows r0 and r1 of `expert` against `pairs` activation vectors, MAX_PAIRS at a time.
-template <int FMT>
-void rows2(const Matrix& m, int64_t expert, int64_t r0, int64_t r1, const float* x, int64_t stride, int pairs,
-           float* out0, float* out1) {
-  Row a = m.row(expert, r0), b = m.row(expert, r1);
-  if (!m.vector) return dot2_scalar<FMT>(m, a, b, x, stride, pairs, out0, out1);
+// `pairs` activation vectors MAX_PAIRS at a time through dot(count, offset) (a dot2 instantiation).
+template <class Dot>
+inline void in_groups(int pairs, const Dot& dot) {
   for (int p = 0; p < pairs; p += MAX_PAIRS) {
-    const float* xp = x + p * stride;
     const int n = std::min(pairs - p, MAX_PAIRS);
     if constexpr (MAX_PAIRS == 4) {
-      if (n == 4) dot2<FMT, 4>(m, a, b, xp, stride, out0 + p, out1 + p);
-      if (n == 3) dot2<FMT, 3>(m, a, b, xp, stride, out0 + p, out1 + p);
+      if (n == 4) dot(std::integral_constant<int, 4>(), p);
+      if (n == 3) dot(std::integral_constant<int, 3>(), p);
     }
-    if (n == 2) dot2<FMT, 2>(m, a, b, xp, stride, out0 + p, out1 + p);
-    if (n == 1) dot2<FMT, 1>(m, a, b, xp, stride, out0 + p, out1 + p);
+    if (n == 2) dot(std::integral_constant<int, 2>(), p);
+    if (n == 1) dot(std::integral_constant<int, 1>(), p);
   }
 }
+
+// The float32 path: activations as float32, weights decoded to float32, fused multiply-adds; for shapes
+// no vector fits, one weight at a time.
+template <int FMT>
+struct FloatPath {
+  using X = float;
+  static X value(float v) { return v; }
+  static int64_t arranged(const Matrix& m, int64_t c) {
+    return m.vector && chunk_of(FMT) == 2 * W ? deinterleaved(c, 2 * W) : c;
+  }
+  static constexpr bool SUMS = false;
+  // rows r0 and r1 of `expert` against `pairs` activation vectors (the bfloat16 path's group sums and
+  // scale buffer unused)
+  static void rows2(const Matrix& m, int64_t expert, int64_t r0, int64_t r1, const X* x, int64_t stride,
+                    const float*, int64_t, float*, int pairs, float* out0, float* out1) {
+    Row a = m.row(expert, r0), b = m.row(expert, r1);
+    if (!m.vector) return dot2_scalar<FMT>(m, a, b, x, stride, pairs, out0, out1);
+    in_groups(pairs, [&](auto np, int p) { dot2<FMT, decltype(np)::value>(m, a, b, x + p * stride, stride, out0 + p, out1 + p); });
+  }
+};
+
+#if defined(__AVX512BF16__)
+// The bfloat16 path (AVX512-BF16), for bfloat16 activations: products of pairs of bfloat16 summed into
+// float32 (vdpbf16ps: exact products, float32 sums). Dense weights go in as they are. Grouped formats
+// go in as their codes' values, exact in bfloat16 (integers 0-255, FP4 values), each group's sum then
+// scaled: sum_g s_g * (sum_{c in g} q_c x_c - zero_g * sum_{c in g} x_c), the zero points through the
+// groups' sums of x computed once per vector.
+using BH = __m512bh;  // 32 bfloat16
+inline BH bh(__m512i v) { return (BH)v; }
+inline BH load_bh(const void* p) { return bh(_mm512_loadu_si512(p)); }
+inline BH pack_bh(F low, F high) { return _mm512_cvtne2ps_pbh(high, low); }  // 16 + 16, rounded to nearest even
+alignas(64) constexpr float IOTA[16] = {0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15};
+
+template <int FMT>
+struct Grouped;  // per format: columns per step, code values, per-group scales
+
+template <>
+struct Grouped<INT8> {
+  static constexpr int STEP = 32, V = 1;
+  static void load(const uint8_t* w, int64_t c, __m512i, BH* out) {
+    out[0] = pack_bh(to_float(bytes(w + c)), to_float(bytes(w + c + 16)));
+  }
+  static void scales(const Row& r, int64_t groups, float* s) { halves_to_float(r.s, groups, s); }
+  static __m512i table() { return _mm512_setzero_si512(); }
+  static void halves_to_float(const uint8_t* p, int64_t n, float* out) {
+    int64_t g = 0;
+    for (; g + 16 <= n; g += 16) storef(out + g, from_f16((const uint16_t*)p + g));
+    for (; g < n; ++g) out[g] = half_at(p, g);
+  }
+};
+
+// 4-bit codes: 64 columns per step, the low nibbles (even columns) then the high ones, through a table
+template <int FMT>
+struct Nibbles {
+  static constexpr int STEP = 64, V = 2;
+  static void load(const uint8_t* w, int64_t c, __m512i table, BH* out) {
+    __m512i codes = _mm512_cvtepu8_epi16(_mm256_loadu_si256((const __m256i*)(w + c / 2)));
+    out[0] = bh(_mm512_permutexvar_epi16(_mm512_and_si512(codes, _mm512_set1_epi16(15)), table));
+    out[1] = bh(_mm512_permutexvar_epi16(_mm512_srli_epi16(codes, 4), table));
+  }
+};
+
+template <>
+struct Grouped<INT4> : Nibbles<INT4> {
+  static __m512i table() { return (__m512i)pack_bh(loadf(IOTA), loadf(IOTA)); }
+  static void scales(const Row& r, int64_t groups, float* s) { Grouped<INT8>::halves_to_float(r.s, groups, s); }
+};
+
+template <>
+struct Grouped<MXFP4> : Nibbles<MXFP4> {
+  static __m512i table() { return (__m512i)pack_bh(loadf(FP4), loadf(FP4)); }
+  static void scales(const Row& r, int64_t blocks, float* s) {  // 2^(e - 127), exactly
+    for (int64_t g = 0; g < blocks; ++g) s[g] = std::ldexp(1.f, int(r.s[g]) - 127);
+  }
+};
+
+// sum_g scale_g * zero_g * sum_g(x)
+inline float zero_points(const float* scales, const uint8_t* zeros, const float* sums, int64_t groups) {
+  F acc = zero();
+  int64_t g = 0;
+  for (; g + W <= groups; g += W) acc = fmadd(mul(loadf(scales + g), from_f16((const uint16_t*)zeros + g)), loadf(sums + g), acc);
+  float total = hsum(acc);
+  for (; g < groups; ++g) total += scales[g] * half_at(zeros, g) * sums[g];
+  return total;
+}
+
+template <int FMT, int NP>
+void dot2_grouped(const Matrix& m, Row r0, Row r1, const uint16_t* x, int64_t stride, const float* sums,
+                  int64_t sum_stride, float* scales, float* out0, float* out1) {
+  using G = Grouped<FMT>;
+  constexpr int V = G::V;
+  const int64_t groups = m.cols / m.block;
+  float *s0 = scales, *s1 = scales + groups;
+  G::scales(r0, groups, s0);
+  G::scales(r1, groups, s1);
+  const __m512i table = G::table();
+  const bool paired = m.block < G::STEP;  // 32-column groups, two per step: lanes 0-7 and 8-15
+  F total0[NP], total1[NP];
+  for (int p = 0; p < NP; ++p) total0[p] = total1[p] = zero();
+  for (int64_t c = 0, g = 0; c < m.cols; g += paired ? 2 : 1) {
+    const int64_t end = c + (paired ? G::STEP : m.block);
+    F acc0[NP][V], acc1[NP][V];
+    for (int p = 0; p < NP; ++p)
+      for (int v = 0; v < V; ++v) acc0[p][v] = acc1[p][v] = zero();
+    for (; c < end; c += G::STEP) {
+      BH w0[V], w1[V];
+      G::load(r0.w, c, table, w0);
+      G::load(r1.w, c, table, w1);
+      for (int p = 0; p < NP; ++p)
+        for (int v = 0; v < V; ++v) {
+          BH xv = load_bh(x + p * stride + c + 32 * v);
+          acc0[p][v] = _mm512_dpbf16_ps(acc0[p][v], w0[v], xv);
+          acc1[p][v] = _mm512_dpbf16_ps(acc1[p][v], w1[v], xv);
+        }
+    }
+    F scale0 = paired ? _mm512_insertf32x8(set1(s0[g]), _mm256_set1_ps(s0[g + 1]), 1) : set1(s0[g]);
+    F scale1 = paired ? _mm512_insertf32x8(set1(s1[g]), _mm256_set1_ps(s1[g + 1]), 1) : set1(s1[g]);
+    for (int p = 0; p < NP; ++p) {
+      F a0 = acc0[p][0], a1 = acc1[p][0];
+      if constexpr (V == 2) a0 = add(a0, acc0[p][1]), a1 = add(a1, acc1[p][1]);
+      total0[p] = fmadd(a0, scale0, total0[p]);
+      total1[p] = fmadd(a1, scale1, total1[p]);
+    }
+  }
+  for (int p = 0; p < NP; ++p) {
+    out0[p] = hsum(total0[p]);
+    out1[p] = hsum(total1[p]);
+    if constexpr (FMT != MXFP4) {
+      out0[p] -= zero_points(s0, r0.z, sums + p * sum_stride, groups);
+      out1[p] -= zero_points(s1, r1.z, sums + p * sum_stride, groups);
+    }
+  }
+}
+
+template <int NP>
+void dot2_dense_bf16(const Matrix& m, Row r0, Row r1, const uint16_t* x, int64_t stride, float* out0, float* out1) {
+  F acc0[NP][2], acc1[NP][2];
+  for (int p = 0; p < NP; ++p) acc0[p][0] = acc0[p][1] = acc1[p][0] = acc1[p][1] = zero();
+  const uint16_t *w0 = (const uint16_t*)r0.w, *w1 = (const uint16_t*)r1.w;
+  for (int64_t c = 0; c < m.cols; c += 64)
+    for (int v = 0; v < 2; ++v) {
+      BH a = load_bh(w0 + c + 32 * v), b = load_bh(w1 + c + 32 * v);
+      for (int p = 0; p < NP; ++p) {
+        BH xv = load_bh(x + p * stride + c + 32 * v);
+        acc0[p][v] = _mm512_dpbf16_ps(acc0[p][v], a, xv);
+        acc1[p][v] = _mm512_dpbf16_ps(acc1[p][v], b, xv);
+      }
+    }
+  for (int p = 0; p < NP; ++p) {
+    out0[p] = hsum(add(acc0[p][0], acc0[p][1]));
+    out1[p] = hsum(add(acc1[p][0], acc1[p][1]));
+  }
+}
+
+template <int FMT>
+struct Bf16Path {
+  using X = uint16_t;  // bfloat16 bits
+  static constexpr bool SUMS = FMT == INT8 || FMT == INT4;  // zero points need the groups' sums of x
+  static X value(float v) { return c10::BFloat16(v).x; }  // exact: v is a bfloat16 already
+  static bool fits(const Matrix& m) {
+    if (FMT == BF16) return m.cols % 64 == 0;
+    if (FMT == INT8) return m.block % 32 == 0;
+    return m.cols % 64 == 0 && (m.block == 32 || m.block % 64 == 0);  // INT4 (MXFP4's blocks are 32)
+  }
+  static int64_t arranged(const Matrix&, int64_t c) { return FMT == INT4 || FMT == MXFP4 ? deinterleaved(c, 64) : c; }
+  static void rows2(const Matrix& m, int64_t expert, int64_t r0, int64_t r1, const X* x, int64_t stride,
+                    const float* sums, int64_t sum_stride, float* scales, int pairs, float* out0, float* out1) {
+    Row a = m.row(expert, r0), b = m.row(expert, r1);
+    in_groups(pairs, [&](auto np, int p) {
+      constexpr int n = decltype(np)::value;
+      if constexpr (FMT == BF16)
+        dot2_dense_bf16<n>(m, a, b, x + p * stride, stride, out0 + p, out1 + p);
+      else
+        dot2_grouped<FMT, n>(m, a, b, x + p * stride, stride, sums + p * sum_stride, sum_stride, scales, out0 + p,
+                             out1 + p);
+    });
+  }
+};
+#endif
 
 // Row r of `expert`, dequantized to float32 in natural column order.
 template <int FMT>
@@ -506,16 +683,27 @@ void share(int64_t count, const Work& work) {
 constexpr int64_t ROW_BLOCK = 16;  // rows per task
 
 // The matrix-vector path over `units`: gate/up and activation into h, then down into out.
-template <int FMT, class T>
+// Each pair's activations summed per group of a matrix's columns (natural order): [pairs, groups].
+template <class Path>
+std::vector<float> group_sums(const Matrix& m, const typename Path::X* v, int64_t pairs) {
+  if (!Path::SUMS) return {};
+  const int64_t groups = m.cols / m.block;
+  std::vector<float> sums(pairs * groups, 0.f);
+  for (int64_t p = 0; p < pairs; ++p)
+    for (int64_t c = 0; c < m.cols; ++c) sums[p * groups + c / m.block] += float(c10::BFloat16(v[p * m.cols + Path::arranged(m, c)], c10::BFloat16::from_bits()));
+  return sums;
+}
+
+template <class Path, class T>
 void matrix_vector(Call& c, std::vector<Unit*>& units) {
-  if (units.empty()) return;
+  using X = typename Path::X;
   const Matrix& gu = units[0]->stack->gate_up;  // how activations are arranged: the same for every stack
   const Matrix& dn = units[0]->stack->down;
-  const int64_t H = c.hidden, I = c.inter;
+  const int64_t H = c.hidden, I = c.inter, gu_groups = gu.cols / gu.block, dn_groups = dn.cols / dn.block;
   int64_t pairs = 0;
   for (Unit* u : units) u->first = pairs, pairs += int64_t(u->pairs.size());
-  // inputs, as float32 and arranged for gate_up: x of each pair's token, scaled where asked
-  std::vector<float> xin(pairs * H), h(pairs * I);
+  // inputs, arranged for gate_up: x of each pair's token, scaled where asked
+  std::vector<X> xin(pairs * H), h(pairs * I);
   const T* x = c.x.data_ptr<T>();
   const int64_t xs = c.x.stride(0);
   const float* scale = c.scale ? c.scale->data_ptr<float>() : nullptr;
@@ -523,27 +711,32 @@ void matrix_vector(Call& c, std::vector<Unit*>& units) {
     for (int64_t i = 0; i < int64_t(u->pairs.size()); ++i) {
       int64_t pair = u->pairs[i];
       const T* row = x + (pair / c.k) * xs;
-      float* dst = xin.data() + (u->first + i) * H;
+      X* dst = xin.data() + (u->first + i) * H;
       for (int64_t e = 0; e < H; ++e) {
         float v = float(row[e]);
-        dst[arranged(gu, FMT, e)] = scale ? rd<T>(v * scale[pair]) : v;
+        dst[Path::arranged(gu, e)] = Path::value(scale ? rd<T>(v * scale[pair]) : v);
       }
     }
+  const std::vector<float> x_sums = group_sums<Path>(gu, xin.data(), pairs);
   const int64_t gu_blocks = (I + ROW_BLOCK - 1) / ROW_BLOCK;
   share(int64_t(units.size()) * gu_blocks, [&](int64_t task) {
     const Unit& u = *units[task / gu_blocks];
     const int P = int(u.pairs.size());
     const T* bias = Stack::bias<T>(u.stack->gate_up_bias, u.expert);
+    const float* sums = x_sums.empty() ? nullptr : x_sums.data() + u.first * gu_groups;
+    std::vector<float> scales(2 * gu_groups);
     float gate[GEMM_PAIRS], up[GEMM_PAIRS];
     for (int64_t r = (task % gu_blocks) * ROW_BLOCK, end = std::min(I, r + ROW_BLOCK); r < end; ++r) {
-      rows2<FMT>(u.stack->gate_up, u.expert, r, r + I, xin.data() + u.first * H, H, P, gate, up);
+      Path::rows2(u.stack->gate_up, u.expert, r, r + I, xin.data() + u.first * H, H, sums, gu_groups, scales.data(),
+                  P, gate, up);
       for (int p = 0; p < P; ++p) {
         float g = rd<T>(gate[p] + (bias ? float(bias[r]) : 0.f));
         float v = rd<T>(up[p] + (bias ? float(bias[r + I]) : 0.f));
-        h[(u.first + p) * I + arranged(dn, FMT, r)] = activate<T>(c.act, g, v);
+        h[(u.first + p) * I + Path::arranged(dn, r)] = Path::value(activate<T>(c.act, g, v));
       }
     }
   });
+  const std::vector<float> h_sums = group_sums<Path>(dn, h.data(), pairs);
   const int64_t dn_blocks = (H + ROW_BLOCK - 1) / ROW_BLOCK;
   T* out = c.out.data_ptr<T>();
   const int64_t os = c.out.stride(0);
@@ -551,10 +744,12 @@ void matrix_vector(Call& c, std::vector<Unit*>& units) {
     const Unit& u = *units[task / dn_blocks];
     const int P = int(u.pairs.size());
     const T* bias = Stack::bias<T>(u.stack->down_bias, u.expert);
+    const float* sums = h_sums.empty() ? nullptr : h_sums.data() + u.first * dn_groups;
+    std::vector<float> scales(2 * dn_groups);
     float y0[GEMM_PAIRS], y1[GEMM_PAIRS];
     for (int64_t r = (task % dn_blocks) * ROW_BLOCK, end = std::min(H, r + ROW_BLOCK); r < end; r += 2) {
       int64_t r1 = std::min(r + 1, end - 1);  // an odd last row is computed twice
-      rows2<FMT>(u.stack->down, u.expert, r, r1, h.data() + u.first * I, I, P, y0, y1);
+      Path::rows2(u.stack->down, u.expert, r, r1, h.data() + u.first * I, I, sums, dn_groups, scales.data(), P, y0, y1);
       for (int p = 0; p < P; ++p) {
         T* o = out + u.pairs[p] * os;
         o[r] = T(y0[p] + (bias ? float(bias[r]) : 0.f));
@@ -606,7 +801,19 @@ void run(Call& c) {
   std::vector<Unit*> few;
   std::vector<Unit*> many;
   for (Unit& u : c.units) (int64_t(u.pairs.size()) < GEMM_PAIRS ? few : many).push_back(&u);
-  matrix_vector<FMT, T>(c, few);
+  if (!few.empty()) {
+#if defined(__AVX512BF16__)
+    constexpr bool bf16_dot = std::is_same_v<T, c10::BFloat16> && (FMT == BF16 || FMT == INT8 || FMT == INT4 || FMT == MXFP4);
+    const Stack& st = *few[0]->stack;
+    if constexpr (bf16_dot) {
+      if (Bf16Path<FMT>::fits(st.gate_up) && Bf16Path<FMT>::fits(st.down)) {
+        matrix_vector<Bf16Path<FMT>, T>(c, few);
+        few.clear();
+      }
+    }
+#endif
+    if (!few.empty()) matrix_vector<FloatPath<FMT>, T>(c, few);
+  }
   if (many.empty()) return;
   at::Tensor scratch;
   if constexpr (FMT > F16) {

@@ -4,8 +4,8 @@ as one op, `localmoe::expert_pairs`, called with `reference.expert_pair_outputs`
 
 Building at first use, rather than at `pip install`, keeps installation free of a build environment
 (pip's would fetch a CUDA torch to build against) and matches the binary to the CPU: AVX-512, AVX2, or
-plain C++ elsewhere. Where no build is possible (no compiler), `cpu_kernel()` says why and the caller
-keeps the reference. LOCALMOE_CPU_ISA=avx2|generic forces a lower instruction set (for tests).
+plain C++ elsewhere (AVX512-BF16 adds the bfloat16 dot products). Where no build is possible (no compiler), `cpu_kernel()` says why and the caller
+keeps the reference. LOCALMOE_CPU_ISA=avx512|avx2|generic forces a lower instruction set (for tests).
 """
 
 import contextlib
@@ -28,6 +28,10 @@ SOURCE = Path(__file__).with_name("cpu_experts.cpp")
 
 # instruction sets, best first: the CPU flags each needs (/proc/cpuinfo's names) and the compiler's
 ISAS = {
+    "avx512bf16": (
+        ("avx512f", "avx512bw", "avx512vl", "avx512dq", "avx512_bf16", "avx2", "fma", "f16c"),
+        ["-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq", "-mavx512bf16", "-mavx2", "-mfma", "-mf16c"],
+    ),
     "avx512": (
         ("avx512f", "avx512bw", "avx512vl", "avx512dq", "avx2", "fma", "f16c"),
         ["-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq", "-mavx2", "-mfma", "-mf16c"],
@@ -149,6 +153,11 @@ def _locked(path: Path):
             yield
         finally:
             fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+def missing_activations(acts) -> list[str]:
+    """The activations of `acts` (GatedActivation) that the kernels lack, as kind/act."""
+    return sorted({f"{a.kind}/{a.act}" for a in acts if a.kind not in KINDS or a.act not in ACTS})
 
 
 def _format(weights) -> tuple[int, int]:

@@ -26,14 +26,16 @@ CALIBRATION_FILE = "calibration.json"
 
 
 class HostExperts:
-    """Runs experts of the host store on the CPU with the reference kernel: on the rows in place (RAM
-    store, or quantized rows however kept), or on rows packed from the checkpoint's mapped shards first,
-    a few experts at a time through one reused buffer (mmap store, where RAM is short)."""
+    """Runs experts of the host store on the CPU with `kernel` (see localmoe.kernels.host_kernel): on the
+    rows in place (RAM store, or quantized rows however kept), or on rows packed from the checkpoint's
+    mapped shards first, a few experts at a time through one reused buffer (mmap store, where RAM is
+    short)."""
 
     MMAP_GROUP = 4  # experts packed at once from the mapped shards
 
-    def __init__(self, store: ExpertStore):
+    def __init__(self, store: ExpertStore, kernel=expert_pair_outputs):
         self.store = store
+        self.kernel = kernel
         self._scratch: torch.Tensor | None = None
 
     def compute(
@@ -61,12 +63,12 @@ class HostExperts:
             self._run(block, x, ids, scale, rows, group, list(range(len(group))), out)
 
     def _run(self, block, x, ids, scale, rows: torch.Tensor, experts: list[int], indices: list[int], out) -> None:
-        """The reference kernel over `rows`, where expert experts[i] is row indices[i]."""
+        """The kernel over `rows`, where expert experts[i] is row indices[i]."""
         layout = self.store.layout
         table = torch.full((block.num_experts,), -1, dtype=torch.int64)
         table[experts] = torch.tensor(indices)
         gate_up, down = layout.gate_up(rows), layout.down(rows)
-        expert_pair_outputs(out, x, gate_up, down, table[ids], block.act, *layout.biases(rows), scale)
+        self.kernel(out, x, gate_up, down, table[ids], block.act, *layout.biases(rows), scale)
 
     def _rows(self, count: int) -> torch.Tensor:
         if self._scratch is None:  # allocated once: fresh memory would page-fault on every call
@@ -105,21 +107,26 @@ def experts_for_cpu(misses: dict[int, int], expert_bytes: int, bandwidths: Bandw
 
 
 def calibrated(
-    store: ExpertStore, slot: torch.Tensor, block: SparseMoE, copy: float | None = None, cpu: float | None = None
+    store: ExpertStore,
+    slot: torch.Tensor,
+    block: SparseMoE,
+    kernel=expert_pair_outputs,
+    copy: float | None = None,
+    cpu: float | None = None,
 ) -> Bandwidths:
-    """The two bandwidths for this machine, device, dtype and expert size: `copy` and `cpu` where given,
-    else measured once (copying into `slot`, an unused device row, and computing `block`'s experts) and
-    kept in localmoe's cache folder."""
+    """The two bandwidths for this machine, device, dtype, expert size and CPU kernel: `copy` and `cpu`
+    where given, else measured once (copying into `slot`, an unused device row, and computing `block`'s
+    experts with `kernel`) and kept in localmoe's cache folder."""
     if copy is not None and cpu is not None:
         return Bandwidths(copy, cpu)
     device = slot.device
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu"
-    key = f"{platform.node()}|{device.type}:{name}|{store.dtype}|{store.mode}|{store.expert_bytes}"
+    key = f"{platform.node()}|{device.type}:{name}|{store.dtype}|{store.mode}|{store.expert_bytes}|{kernel.__name__}"
     path = cache_dir() / CALIBRATION_FILE
     known = _read(path)
     entry = known.get(key)
     if not (isinstance(entry, dict) and all(_positive(entry.get(name)) for name in ("copy", "cpu"))):
-        entry = known[key] = asdict(_measure(store, slot, block))
+        entry = known[key] = asdict(_measure(store, slot, block, kernel))
         _write(path, known)
     return Bandwidths(copy or entry["copy"], cpu or entry["cpu"])
 
@@ -128,9 +135,9 @@ def _positive(value) -> bool:
     return isinstance(value, int | float) and value > 0
 
 
-def _measure(store: ExpertStore, slot: torch.Tensor, block: SparseMoE) -> Bandwidths:
+def _measure(store: ExpertStore, slot: torch.Tensor, block: SparseMoE, kernel) -> Bandwidths:
     """Median of three experts each way, after a warm-up."""
-    host = HostExperts(store)
+    host = HostExperts(store, kernel)
     experts = [e % block.num_experts for e in range(4)]
     x = torch.randn(1, block.hidden_size).to(store.dtype)
     out = torch.empty(1, block.hidden_size, dtype=store.dtype)

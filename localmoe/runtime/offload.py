@@ -33,16 +33,18 @@ class OffloadedExperts:
         miss_policy: str = "copy",
         bandwidths: Bandwidths | None = None,
         pair_outputs=expert_pair_outputs,
+        host_kernel=None,
     ):
         """`miss_policy`: "copy" every miss to the device, compute every one on the "cpu", "auto": per
         miss, whichever `bandwidths` say finishes first, or "bypass": on the CPU the misses the cache
         policy would not admit (see `ExpertCache.bypassed`). `pair_outputs`: the kernel computing the
-        experts in slots (see localmoe.kernels.pair_kernel); the CPU's share always runs the reference."""
+        experts in slots (see localmoe.kernels.pair_kernel); `host_kernel`: the CPU's share (on a CPU
+        device the same kernel, so that both give the same bits)."""
         self.cache = cache
         self.blocks = {block.layer_idx: block for block in blocks}
         self.trace = trace
         self.reader = HostReader(cache.rows.device)
-        self.host = HostExperts(cache.store)
+        self.host = HostExperts(cache.store, host_kernel or expert_pair_outputs)
         if miss_policy == "auto" and bandwidths is None:
             raise ValueError("the auto miss policy needs the bandwidths it weighs")
         self.miss_policy, self.bandwidths = miss_policy, bandwidths
