@@ -4,12 +4,13 @@ shared machine falls on all of them alike; each figure is the median of the roun
 
 Two checkpoints, written once with random weights: Mixtral-like (hidden 2048, 8 experts of 5632, top-2,
 8 layers) and Qwen3-30B-like (hidden 2048, 128 experts of 768, top-8, 6 layers), in bfloat16, with a
-byte-level vocabulary (258 tokens: the LM head costs nearly nothing, as the bench is about experts).
+small byte-level vocabulary (320 tokens: the LM head costs nearly nothing, as the bench is about experts).
 llama.cpp reads them through its own converter (convert_hf_to_gguf.py, with the gguf-py package of the
-same source: PyPI's gguf 0.19.0 lacks what this converter uses) as BF16, then llama-quantize makes Q8_0 and Q4_0; its Q8_0/Q4_0 quantize attention too, so each is
-also run with only the experts quantized ("experts only"), which reads the same bytes per token as
-localmoe, whose other weights stay in bfloat16. localmoe runs all-resident on the CPU with
---expert-bits 16, 8 and 4 (groups of 32, as Q8_0 and Q4_0); transformers in bfloat16.
+same source: PyPI's gguf 0.19.0 lacks what this converter uses) as BF16, then llama-quantize makes Q8_0
+and Q4_0; its Q8_0/Q4_0 quantize attention too, so each is also run with only the experts quantized
+("experts only"), which reads the same bytes per token as localmoe, whose other weights stay in
+bfloat16. localmoe runs all-resident on the CPU with --expert-bits 16, 8 and 4 (groups of 32, as Q8_0
+and Q4_0); transformers in bfloat16.
 
 Build llama.cpp once, outside the repository (2 cores: about half an hour):
 
@@ -72,23 +73,26 @@ MODELS = {
         "norm_topk_prob": True,
     },
 }
+VOCAB = 320
 COMMON = {
-    "vocab_size": 258,  # 256 bytes + BOS + EOS
+    "vocab_size": VOCAB,
     "max_position_embeddings": 4096,
     "rms_norm_eps": 1e-6,
     "rope_theta": 1_000_000.0,
     "tie_word_embeddings": False,
-    "bos_token_id": 256,
-    "eos_token_id": 257,
+    "bos_token_id": 0,
+    "eos_token_id": 1,
     "torch_dtype": "bfloat16",
 }
+# everything but the experts kept in BF16 (attention; the token embeddings and the LM head)
+BF16_REST = ["--tensor-type", "attn=bf16", "--token-embedding-type", "bf16", "--output-tensor-type", "bf16"]
 # (name, localmoe's --expert-bits, llama.cpp's type, llama-quantize's extra arguments)
 FORMATS = [
     ("bf16", 16, "BF16", None),
     ("8 bit", 8, "Q8_0", []),
-    ("8 bit, experts only", 8, "Q8_0", ["--tensor-type", "ffn_.*_exps=q8_0", "--pure"]),
+    ("8 bit, experts only", 8, "Q8_0", BF16_REST),
     ("4 bit", 4, "Q4_0", []),
-    ("4 bit, experts only", 4, "Q4_0", ["--tensor-type", "ffn_.*_exps=q4_0", "--pure"]),
+    ("4 bit, experts only", 4, "Q4_0", BF16_REST),
 ]
 GROUP = 32  # localmoe's quantization groups: Q8_0's and Q4_0's blocks
 
@@ -106,7 +110,7 @@ runpy.run_path({script!r}, run_name="__main__")
 
 def checkpoint(work: Path, model: str) -> Path:
     """The random checkpoint of `model`, written once."""
-    from localmoe.demo import byte_level_tokenizer, write_random_checkpoint
+    from localmoe.demo import write_random_checkpoint
 
     folder = work / model
     if not (folder / "tokenizer.json").is_file():
@@ -114,8 +118,22 @@ def checkpoint(work: Path, model: str) -> Path:
         write_random_checkpoint(folder, {**MODELS[model], **COMMON}, shard_bytes=1 << 30)
         tokenizer = {"tokenizer_class": "PreTrainedTokenizerFast", "bos_token": "<s>", "eos_token": "</s>"}
         (folder / "tokenizer_config.json").write_text(json.dumps(tokenizer))
-        byte_level_tokenizer().save(str(folder / "tokenizer.json"))
+        byte_level_bpe().save(str(folder / "tokenizer.json"))
     return folder
+
+
+def byte_level_bpe():
+    """A byte-level BPE vocabulary of VOCAB tokens, merges learnt from this file's docstring (llama.cpp
+    refuses a BPE vocabulary without merges)."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    tokenizer = Tokenizer(models.BPE())
+    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tokenizer.decoder = decoders.ByteLevel()
+    alphabet = pre_tokenizers.ByteLevel.alphabet()
+    trainer = trainers.BpeTrainer(vocab_size=VOCAB, initial_alphabet=alphabet, special_tokens=["<s>", "</s>"])
+    tokenizer.train_from_iterator([__doc__], trainer)
+    return tokenizer
 
 
 def gguf_files(work: Path, model: str, folder: Path, llama_cpp: Path, source: Path) -> dict[str, Path]:
@@ -132,7 +150,7 @@ def gguf_files(work: Path, model: str, folder: Path, llama_cpp: Path, source: Pa
             continue
         path = work / f"{model}-{kind}{'-experts' if extra else ''}.gguf"
         if not path.is_file():
-            command = [str(llama_cpp / "bin" / "llama-quantize"), *extra, str(bf16), str(path), kind if not extra else "BF16"]
+            command = [str(llama_cpp / "bin" / "llama-quantize"), *extra, str(bf16), str(path), kind]
             subprocess.run(command, check=True)
         files[name] = path
     return files
@@ -226,7 +244,6 @@ def bench_model(args, model: str) -> dict:
     files = gguf_files(args.work, model, folder, args.llama_cpp, args.llama_source)
     config = MODELS[model]
     top_k, experts = config["num_experts_per_tok"], config.get("num_local_experts") or config["num_experts"]
-    prompt = torch.randint(0, 256, (args.prompt,), generator=torch.Generator().manual_seed(0)).tolist()
     runs: dict[tuple[str, str], list[dict]] = {}
     bandwidths = []
     for round_ in range(args.rounds):
@@ -265,8 +282,12 @@ def bench_model(args, model: str) -> dict:
     return {"model": model, "config": config, "bandwidth": spread(bandwidths), "rows": rows}
 
 
+def random_prompt(tokens: int) -> list[int]:
+    return torch.randint(2, VOCAB, (tokens,), generator=torch.Generator().manual_seed(0)).tolist()
+
+
 def child_main(args) -> None:
-    prompt = torch.randint(0, 256, (args.prompt,), generator=torch.Generator().manual_seed(0)).tolist()
+    prompt = random_prompt(args.prompt)
     if args.child == "localmoe":
         result = child_localmoe(args.checkpoint, args.bits, prompt, args.new, args.threads)
     else:

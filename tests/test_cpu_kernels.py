@@ -20,7 +20,6 @@ from localmoe.kernels.reference import ExpertStack, expert_pair_outputs
 from localmoe.models.moe import GatedActivation
 
 
-
 @pytest.fixture(autouse=True)
 def threads():
     """Skip where the kernels cannot be built; give the next test back the thread count a test set."""
@@ -30,6 +29,7 @@ def threads():
     before = torch.get_num_threads()
     yield
     torch.set_num_threads(before)
+
 
 ACTS = {
     "swiglu": GatedActivation(),
@@ -57,7 +57,9 @@ def experts(fmt: str, count: int, hidden: int, inter: int, dtype, seed: int, bia
         gate_up, down = quantized_stack(gate_up, spec), quantized_stack(down, spec)
     elif fmt == "fp8":
         block = 128 if hidden % 128 == 0 and inter % 128 == 0 else 8
-        gate_up, down = (_random_stored(StoredFormat("fp8", block), count, w.shape[1:], dtype, "cpu") for w in (gate_up, down))
+        gate_up, down = (
+            _random_stored(StoredFormat("fp8", block), count, w.shape[1:], dtype, "cpu") for w in (gate_up, down)
+        )
     elif fmt == "mxfp4":
         gate_up, down = (_random_stored(MXFP4, count, w.shape[1:], dtype, "cpu") for w in (gate_up, down))
     biases = (torch.randn(count, 2 * inter, generator=g).to(dtype), torch.randn(count, hidden, generator=g).to(dtype))
@@ -221,7 +223,11 @@ def test_lower_instruction_sets_match_the_reference(isa):
     on this CPU; each is its own library, so each runs in its own process."""
     if isa == "avx2" and not set(cpu.ISAS["avx2"][0]) <= cpu._cpu_flags():
         pytest.skip("this CPU has no AVX2")
-    env = {**os.environ, "LOCALMOE_CPU_ISA": isa, "PYTHONPATH": os.pathsep.join([str(Path(__file__).parent), *sys.path])}
+    env = {
+        **os.environ,
+        "LOCALMOE_CPU_ISA": isa,
+        "PYTHONPATH": os.pathsep.join([str(Path(__file__).parent), *sys.path]),
+    }
     done = subprocess.run([sys.executable, "-c", CHILD.format(isa=isa)], env=env, capture_output=True, text=True)
     assert done.returncode == 0 and done.stdout.strip().endswith("ok"), done.stderr[-3000:]
 

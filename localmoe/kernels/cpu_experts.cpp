@@ -1,32 +1,24 @@
-// Expert kernels for the CPU: one op, localmoe::expert_pairs, computes every (token, choice) pair of a
-// MoE layer as kernels/reference.py:expert_pair_outputs does, with the same arguments.
+// Expert kernels for the CPU, for kernels/cpu_experts.py (which registers them as the op
+// localmoe::expert_pairs): every (token, choice) pair of a MoE layer whose expert has few pairs, as
+// kernels/reference.py:expert_pair_outputs computes it.
 //
 // Pairs are grouped by expert (a slot of the pool, or an expert id of the host stack). An expert with
-// few pairs (decode) runs the fused matrix-vector path: its weights are read once, dequantized in
+// fewer than `many` pairs (decode) runs matrix-vector products: its weights are read once, decoded in
 // registers, and every pair's dot products accumulate in float32; gate and up rows are computed
-// together, so the activation follows at once, then the down rows. Work is shared by the threads of
-// PyTorch's pool (torch.set_num_threads) as blocks of rows, handed out in turn. Each output is one
-// row's dot product, summed in a fixed order: the result does not depend on the thread count, on the
-// other pairs of the call, or on where the expert's bytes lie (pool or host).
+// together, so the activation follows at once, then the down rows. Blocks of rows are handed to the
+// threads (OpenMP, the runtime torch uses) in turn. Each output is one row's dot product, summed in a
+// fixed order: the result depends neither on the thread count, nor on the other pairs of the call, nor
+// on where the expert's bytes lie (pool or host). Experts with more pairs are left to the caller, which
+// runs the reference's own matrix products on weights `lm_dequantize` decodes exactly as the reference.
 //
-// An expert with many pairs (prefill) runs the reference's own arithmetic (dequantize to the compute
-// dtype, then one matrix product for gate/up and one for down through ATen), so it equals the
-// reference bit for bit; only the dequantization is done here, in parallel.
-//
-// Built by kernels/cpu_experts.py for the CPU it runs on: the AVX-512 or AVX2 paths below, else
-// plain loops the compiler vectorizes as it can.
-
-#include <ATen/ATen.h>
-#include <ATen/Parallel.h>
-#include <c10/util/Float8_e4m3fn.h>
-#include <torch/library.h>
+// Plain C ABI, no torch headers: it compiles in seconds with any C++17 compiler, for the instruction
+// set the caller picks (the AVX-512 and AVX2 paths below, else loops the compiler vectorizes).
 
 #include <algorithm>
 #include <atomic>
 #include <cmath>
 #include <cstdint>
 #include <cstring>
-#include <optional>
 #include <type_traits>
 #include <vector>
 
@@ -36,7 +28,94 @@
 
 namespace {
 
-inline float fp8_value(uint8_t bits) { return float(c10::Float8_e4m3fn(bits, c10::Float8_e4m3fn::from_bits())); }
+// ---------------------------------------------------------------------------------------------------
+// Scalar conversions, rounding as PyTorch's (c10's) do
+
+inline float from_bits(uint32_t bits) {
+  float f;
+  std::memcpy(&f, &bits, 4);
+  return f;
+}
+
+inline uint32_t to_bits(float f) {
+  uint32_t bits;
+  std::memcpy(&bits, &f, 4);
+  return bits;
+}
+
+inline float bf16_value(uint16_t bits) { return from_bits(uint32_t(bits) << 16); }
+
+inline uint16_t bf16_bits(float f) {  // round to nearest even, as c10::BFloat16
+  if (std::isnan(f)) return 0x7FC0;
+  uint32_t bits = to_bits(f);
+  return uint16_t((bits + 0x7FFF + ((bits >> 16) & 1)) >> 16);
+}
+
+inline float half_value(uint16_t h) {  // exact
+#if defined(__F16C__)
+  return _cvtsh_ss(h);
+#else
+  const uint32_t sign = uint32_t(h & 0x8000) << 16, rest = uint32_t(h & 0x7FFF) << 13;
+  if ((h & 0x7C00) == 0x7C00) return from_bits(sign | 0x7F800000 | rest);  // infinity, NaN
+  if ((h & 0x7C00) == 0) return from_bits(sign) + (sign ? -1.f : 1.f) * float(h & 0x3FF) * 0x1p-24f;  // subnormal
+  return from_bits(sign | (rest + (uint32_t(112) << 23)));
+#endif
+}
+
+inline uint16_t half_bits(float f) {  // round to nearest even, as c10::Half
+#if defined(__F16C__)
+  return _cvtss_sh(f, _MM_FROUND_TO_NEAREST_INT);
+#else
+  // the method of FP16 (c10's fp16_ieee_from_fp32_value): scale so that float32 arithmetic rounds
+  float base = (std::fabs(f) * 0x1.0p+112f) * 0x1.0p-110f;
+  const uint32_t w = to_bits(f), shl1_w = w + w, sign = w & 0x80000000u;
+  uint32_t bias = shl1_w & 0xFF000000u;
+  if (bias < 0x71000000u) bias = 0x71000000u;
+  base = from_bits((bias >> 1) + 0x07800000u) + base;
+  const uint32_t bits = to_bits(base), exp_bits = (bits >> 13) & 0x00007C00u, mantissa_bits = bits & 0x00000FFFu;
+  const uint32_t nonsign = exp_bits + mantissa_bits;
+  return uint16_t((sign >> 16) | (shl1_w > 0xFF000000u ? 0x7E00u : nonsign));
+#endif
+}
+
+inline float half_at(const uint8_t* p, int64_t i) { return half_value(((const uint16_t*)p)[i]); }
+
+inline float fp8_value(uint8_t b) {  // e4m3fn, exact (0x7F and 0xFF are NaN)
+  if ((b & 0x7F) == 0x7F) return NAN;
+  const int exponent = (b >> 3) & 15, mantissa = b & 7;
+  const float magnitude = exponent ? std::ldexp(float(8 + mantissa), exponent - 10) : std::ldexp(float(mantissa), -9);
+  return b & 0x80 ? -magnitude : magnitude;
+}
+
+// The compute dtypes: how a value is read, written and rounded
+enum Dtype { DT_F32, DT_BF16, DT_F16 };
+
+template <int DT>
+struct Num;
+
+template <>
+struct Num<DT_F32> {
+  using type = float;
+  static float get(const void* p, int64_t i) { return ((const float*)p)[i]; }
+  static void put(void* p, int64_t i, float v) { ((float*)p)[i] = v; }
+  static float round(float v) { return v; }
+};
+
+template <>
+struct Num<DT_BF16> {
+  using type = uint16_t;
+  static float get(const void* p, int64_t i) { return bf16_value(((const uint16_t*)p)[i]); }
+  static void put(void* p, int64_t i, float v) { ((uint16_t*)p)[i] = bf16_bits(v); }
+  static float round(float v) { return bf16_value(bf16_bits(v)); }
+};
+
+template <>
+struct Num<DT_F16> {
+  using type = uint16_t;
+  static float get(const void* p, int64_t i) { return half_value(((const uint16_t*)p)[i]); }
+  static void put(void* p, int64_t i, float v) { ((uint16_t*)p)[i] = half_bits(v); }
+  static float round(float v) { return half_value(half_bits(v)); }
+};
 
 // ---------------------------------------------------------------------------------------------------
 // W floats at a time
@@ -130,7 +209,7 @@ inline float hsum(F a) { float s = 0.f; LANES s += a.v[l]; return s; }
 inline F from_bf16(const void* p) {
   F r; LANES { uint32_t b = uint32_t(((const uint16_t*)p)[l]) << 16; std::memcpy(&r.v[l], &b, 4); } return r;
 }
-inline F from_f16(const void* p) { F r; LANES r.v[l] = float(((const c10::Half*)p)[l]); return r; }
+inline F from_f16(const void* p) { F r; LANES r.v[l] = half_value(((const uint16_t*)p)[l]); return r; }
 inline I bytes(const uint8_t* p) { I r; LANES r.v[l] = p[l]; return r; }
 inline I andi(I a, int m) { I r; LANES r.v[l] = a.v[l] & m; return r; }
 inline I shr(I a, int n) { I r; LANES r.v[l] = int32_t(uint32_t(a.v[l]) >> n); return r; }
@@ -148,14 +227,6 @@ enum Format { F32, BF16, F16, INT8, INT4, FP8, MXFP4 };
 // FP4 (e2m1) values by code, as kernels/quantized.py's FP4_VALUES
 alignas(64) constexpr float FP4[16] = {0.f,  0.5f,  1.f,  1.5f,  2.f,  3.f,  4.f,  6.f,
                                        -0.f, -0.5f, -1.f, -1.5f, -2.f, -3.f, -4.f, -6.f};
-
-inline float half_at(const uint8_t* p, int64_t i) {
-#if defined(__F16C__)
-  return _cvtsh_ss(((const uint16_t*)p)[i]);  // one instruction, where c10::Half converts in software
-#else
-  return float(((const c10::Half*)p)[i]);
-#endif
-}
 
 struct Row {  // one row of one expert: its weights, and its block of scales and zero points
   const uint8_t* w;
@@ -181,7 +252,7 @@ struct Decode<BF16> {
   static constexpr int V = 1;
   static void scales(const Row&, int64_t, F*) {}
   static void load(const Row& r, int64_t c, const F*, F* w) { w[0] = from_bf16((const uint16_t*)r.w + c); }
-  static float at(const Row& r, int64_t c, int64_t) { return float(((const c10::BFloat16*)r.w)[c]); }
+  static float at(const Row& r, int64_t c, int64_t) { return bf16_value(((const uint16_t*)r.w)[c]); }
 };
 
 template <>
@@ -246,15 +317,12 @@ struct Decode<MXFP4> {
 
 // One role (gate_up or down) of a stack of experts: [experts, rows, cols] in one format.
 struct Matrix {
-  at::Tensor tensor;  // the weights (the dense path's matrix product reads them as they are)
-  int64_t rows = 0, cols = 0, block = 0;  // block: columns sharing a scale (all of them for dense)
-  const uint8_t *w = nullptr, *s = nullptr, *z = nullptr;
-  int64_t w_expert = 0, w_row = 0, s_expert = 0, s_row = 0, z_expert = 0, z_row = 0;  // in bytes
-  bool square_blocks = false;  // FP8: a scale row covers `block` weight rows
-  bool vector = false;  // whether the W-wide path fits its shape
+  const uint8_t *w, *s, *z;  // weights, scales, zero points (null where the format has none)
+  int64_t w_expert, w_row, s_expert, s_row, z_expert, z_row;  // strides in bytes
+  int64_t rows, cols, block;  // block: columns sharing a scale (all of them for dense weights)
 
-  Row row(int64_t expert, int64_t r) const {
-    int64_t sr = square_blocks ? r / block : r;
+  Row row(int64_t expert, int64_t r, int64_t format) const {
+    const int64_t sr = format == FP8 ? r / block : r;  // FP8: a scale row covers `block` weight rows
     return {w + expert * w_expert + r * w_row, s ? s + expert * s_expert + sr * s_row : nullptr,
             z ? z + expert * z_expert + r * z_row : nullptr};
   }
@@ -336,17 +404,18 @@ inline void in_groups(int pairs, const Dot& dot) {
 template <int FMT>
 struct FloatPath {
   using X = float;
+  static bool vector_fits(const Matrix& m) { return m.block % chunk_of(FMT) == 0; }
   static X value(float v) { return v; }
   static int64_t arranged(const Matrix& m, int64_t c) {
-    return m.vector && chunk_of(FMT) == 2 * W ? deinterleaved(c, 2 * W) : c;
+    return vector_fits(m) && chunk_of(FMT) == 2 * W ? deinterleaved(c, 2 * W) : c;
   }
   static constexpr bool SUMS = false;
   // rows r0 and r1 of `expert` against `pairs` activation vectors (the bfloat16 path's group sums and
   // scale buffer unused)
   static void rows2(const Matrix& m, int64_t expert, int64_t r0, int64_t r1, const X* x, int64_t stride,
                     const float*, int64_t, float*, int pairs, float* out0, float* out1) {
-    Row a = m.row(expert, r0), b = m.row(expert, r1);
-    if (!m.vector) return dot2_scalar<FMT>(m, a, b, x, stride, pairs, out0, out1);
+    Row a = m.row(expert, r0, FMT), b = m.row(expert, r1, FMT);
+    if (!vector_fits(m)) return dot2_scalar<FMT>(m, a, b, x, stride, pairs, out0, out1);
     in_groups(pairs, [&](auto np, int p) { dot2<FMT, decltype(np)::value>(m, a, b, x + p * stride, stride, out0 + p, out1 + p); });
   }
 };
@@ -488,7 +557,7 @@ template <int FMT>
 struct Bf16Path {
   using X = uint16_t;  // bfloat16 bits
   static constexpr bool SUMS = FMT == INT8 || FMT == INT4;  // zero points need the groups' sums of x
-  static X value(float v) { return c10::BFloat16(v).x; }  // exact: v is a bfloat16 already
+  static X value(float v) { return bf16_bits(v); }  // exact: v is a bfloat16 already
   static bool fits(const Matrix& m) {
     if (FMT == BF16) return m.cols % 64 == 0;
     if (FMT == INT8) return m.block % 32 == 0;
@@ -497,7 +566,7 @@ struct Bf16Path {
   static int64_t arranged(const Matrix&, int64_t c) { return FMT == INT4 || FMT == MXFP4 ? deinterleaved(c, 64) : c; }
   static void rows2(const Matrix& m, int64_t expert, int64_t r0, int64_t r1, const X* x, int64_t stride,
                     const float* sums, int64_t sum_stride, float* scales, int pairs, float* out0, float* out1) {
-    Row a = m.row(expert, r0), b = m.row(expert, r1);
+    Row a = m.row(expert, r0, FMT), b = m.row(expert, r1, FMT);
     in_groups(pairs, [&](auto np, int p) {
       constexpr int n = decltype(np)::value;
       if constexpr (FMT == BF16)
@@ -514,8 +583,8 @@ struct Bf16Path {
 template <int FMT>
 void dequantize_row(const Matrix& m, int64_t expert, int64_t r, float* out) {
   using D = Decode<FMT>;
-  Row row = m.row(expert, r);
-  if (!m.vector) {
+  Row row = m.row(expert, r, FMT);
+  if (!FloatPath<FMT>::vector_fits(m)) {
     for (int64_t c = 0; c < m.cols; ++c) out[c] = D::at(row, c, c / m.block);
     return;
   }
@@ -537,166 +606,109 @@ void dequantize_row(const Matrix& m, int64_t expert, int64_t r, float* out) {
 }
 
 // ---------------------------------------------------------------------------------------------------
-// The activation, rounding to the compute dtype T wherever the reference's tensor ops do
+// The activation, rounding to the compute dtype wherever the reference's tensor ops do
 
 enum Kind { GLU, CLAMPED_SWIGLU, CLAMPED_GLU };
 enum Act { SILU, GELU, GELU_TANH };
 
-struct Activation {
-  int64_t kind, act;
-  double alpha, limit;
-};
-
-template <class T>
-inline float rd(float v) {
-  return float(T(v));
-}
-
 inline float apply(int64_t act, float g) {
   switch (act) {
     case SILU: return g / (1.f + std::exp(-g));
-    case GELU: return 0.5f * g * (1.f + std::erf(g * float(M_SQRT1_2)));
+    case GELU: return 0.5f * g * (1.f + std::erf(g * 0.70710678118654752f));
     default: return 0.5f * g * (1.f + std::tanh(0.7978845608028654f * (g + 0.044715f * g * g * g)));
   }
 }
 
-template <class T>
-inline float activate(const Activation& a, float g, float u) {  // g, u: the projections, in T
-  if (a.kind != GLU) {
-    float limit = float(a.limit);
-    g = rd<T>(std::min(g, limit));
-    u = rd<T>(std::min(std::max(u, -limit), limit));
+template <int DT>
+inline float activate(int64_t kind, int64_t act, float alpha, float limit, float g, float u) {  // g, u: rounded already
+  auto rd = Num<DT>::round;
+  if (kind != GLU) {
+    g = rd(std::min(g, limit));
+    u = rd(std::min(std::max(u, -limit), limit));
   }
-  if (a.kind == CLAMPED_SWIGLU) {
-    float sig = rd<T>(1.f / (1.f + std::exp(-rd<T>(g * float(a.alpha)))));
-    return rd<T>(rd<T>(g * sig) * rd<T>(u + 1.f));
+  if (kind == CLAMPED_SWIGLU) {
+    const float sig = rd(1.f / (1.f + std::exp(-rd(g * alpha))));
+    return rd(rd(g * sig) * rd(u + 1.f));
   }
-  return rd<T>(rd<T>(apply(a.act, g)) * u);
+  return rd(rd(apply(act, g)) * u);
 }
 
-// The same on tensors, as models/moe.py's GatedActivation computes it (the matrix-product path).
-at::Tensor activate_tensors(const Activation& a, at::Tensor gate, at::Tensor up) {
-  if (a.kind != GLU) {
-    gate = gate.clamp(std::nullopt, a.limit);
-    up = up.clamp(-a.limit, a.limit);
-  }
-  if (a.kind == CLAMPED_SWIGLU) return gate * at::sigmoid(gate * a.alpha) * (up + 1);
-  if (a.act == SILU) return at::silu(gate) * up;
-  return at::gelu(gate, a.act == GELU ? "none" : "tanh") * up;
-}
+}  // namespace
 
 // ---------------------------------------------------------------------------------------------------
-// A call
+// The C interface. Every field is 8 bytes (pointers and int64), so that kernels/cpu_experts.py passes a
+// call as one array of int64, in this order.
 
-struct Stack {  // a stack of experts: the pool's slots, or the host's experts by id
-  Matrix gate_up, down;
-  std::optional<at::Tensor> gate_up_bias, down_bias;  // [experts, 2I] and [experts, E], in the compute dtype
-  int64_t experts = 0;
+extern "C" {
 
-  template <class T>
-  static const T* bias(const std::optional<at::Tensor>& b, int64_t expert) {
-    return b ? b->data_ptr<T>() + expert * b->stride(0) : nullptr;
-  }
+struct lm_stack {  // a stack of experts: the pool's slots, or the host's experts by id
+  Matrix gate_up, down;  // [experts, 2I, E] and [experts, E, I]
+  const uint8_t *gate_up_bias, *down_bias;  // [experts, 2I] and [experts, E] in the compute dtype, or null
+  int64_t gate_up_bias_expert, down_bias_expert;  // strides in bytes
+  int64_t experts;
 };
+
+struct lm_call {
+  uint8_t* out;  // [tokens * k, E], rows `out_row` bytes apart
+  const uint8_t* x;  // [tokens, E]
+  int64_t out_row, x_row, tokens, k, hidden, inter;
+  const int64_t* slots;  // [tokens * k]: a slot of the pool, or -1
+  const int64_t* ids;  // [tokens * k]: expert ids, for pairs without a slot (null: those are skipped)
+  const float* input_scale;  // [tokens * k] or null
+  lm_stack pool, host;
+  int64_t format, dtype, kind, act;
+  int64_t threads, many;  // experts with `many` pairs or more are left to the caller
+  int64_t* left;  // out: (0 pool / 1 host, expert) of each expert left, room for tokens * k
+  int64_t left_count;  // out
+  float alpha, limit;  // set from the arguments of lm_expert_pairs
+};
+
+}  // extern "C"
+
+namespace {
 
 struct Unit {  // one expert of one stack and the pairs routed to it
-  const Stack* stack;
+  const lm_stack* stack;
   int64_t expert;
   std::vector<int64_t> pairs;
-  int64_t first = 0;  // its first row in the pair buffers of the matrix-vector path
+  int64_t first = 0;  // its first row in the pair buffers
 };
-
-// Pairs of one expert from which on the matrix product beats the matrix-vector path (measured with
-// scripts/bench_cpu.py's kernel rows on 2 threads).
-constexpr int64_t GEMM_PAIRS = 8;
-
-const uint8_t* bytes_of(const at::Tensor& t) { return (const uint8_t*)t.data_ptr(); }
-
-Matrix matrix(int64_t format, int64_t block, const at::Tensor& w, const std::optional<at::Tensor>& s,
-              const std::optional<at::Tensor>& z, bool nibbles) {
-  TORCH_CHECK(w.dim() == 3 && w.stride(2) == 1, "expert weights must be [experts, rows, cols], rows contiguous");
-  Matrix m;
-  m.tensor = w;
-  m.rows = w.size(1);
-  m.cols = w.size(2) * (nibbles ? 2 : 1);
-  m.w = bytes_of(w), m.w_expert = w.stride(0) * w.element_size(), m.w_row = w.stride(1) * w.element_size();
-  m.block = format <= F16 ? m.cols : block;
-  if (s) {
-    TORCH_CHECK(s->dim() == 3 && s->stride(2) == 1, "expert scales must be [experts, rows, blocks]");
-    m.s = bytes_of(*s), m.s_expert = s->stride(0) * s->element_size(), m.s_row = s->stride(1) * s->element_size();
-  }
-  if (z) {
-    TORCH_CHECK(z->dim() == 3 && z->stride(2) == 1, "expert zero points must be [experts, rows, groups]");
-    m.z = bytes_of(*z), m.z_expert = z->stride(0) * z->element_size(), m.z_row = z->stride(1) * z->element_size();
-  }
-  m.square_blocks = format == FP8;
-  TORCH_CHECK(m.block > 0 && m.cols % m.block == 0, "the block size must divide the columns");
-  m.vector = m.block % chunk_of(int(format)) == 0;
-  return m;
-}
-
-Stack stack_of(const c10::List<std::optional<at::Tensor>>& parts, int64_t format, int64_t block) {
-  // parts: gate_up, gate_up scales, gate_up zeros, down, down scales, down zeros, gate_up bias, down bias
-  TORCH_CHECK(parts.size() == 8, "a stack is 8 optional tensors");
-  std::vector<std::optional<at::Tensor>> p(parts.begin(), parts.end());
-  TORCH_CHECK(p[0] && p[3], "a stack needs its gate_up and down weights");
-  bool nibbles = format == INT4 || format == MXFP4;
-  Stack st;
-  st.gate_up = matrix(format, block, *p[0], p[1], p[2], nibbles);
-  st.down = matrix(format, block, *p[3], p[4], p[5], nibbles);
-  st.gate_up_bias = p[6], st.down_bias = p[7];
-  st.experts = p[0]->size(0);
-  TORCH_CHECK(st.gate_up.rows == 2 * st.down.cols && st.down.rows == st.gate_up.cols,
-              "gate_up must be [N, 2I, E] and down [N, E, I]");
-  return st;
-}
-
-struct Call {
-  at::Tensor out, x;
-  std::optional<at::Tensor> scale;
-  int64_t k = 1, hidden = 0, inter = 0;
-  Activation act{};
-  std::vector<Unit> units;
-};
-
-template <class Index>
-std::vector<int64_t> as_int64(const at::Tensor& t) {
-  auto c = t.contiguous();
-  const Index* p = c.data_ptr<Index>();
-  return std::vector<int64_t>(p, p + c.numel());
-}
-
-std::vector<int64_t> indices(const at::Tensor& t) {
-  TORCH_CHECK(t.scalar_type() == at::kLong || t.scalar_type() == at::kInt, "slots and ids must be integers");
-  return t.scalar_type() == at::kLong ? as_int64<int64_t>(t) : as_int64<int32_t>(t);
-}
-
-// Runs `work(task)` for tasks [0, count) on PyTorch's threads, each taking the next task when done.
-template <class Work>
-void share(int64_t count, const Work& work) {
-  std::atomic<int64_t> next{0};
-  at::parallel_for(0, std::min<int64_t>(count, at::get_num_threads()), 1, [&](int64_t, int64_t) {
-    for (int64_t t; (t = next.fetch_add(1)) < count;) work(t);
-  });
-}
 
 constexpr int64_t ROW_BLOCK = 16;  // rows per task
+constexpr int MAX_PAIRS_PER_UNIT = 64;  // more pairs than this are always left to the caller
 
-// The matrix-vector path over `units`: gate/up and activation into h, then down into out.
+// Runs `work(task)` for tasks [0, count) on `threads` threads, each taking the next task when done.
+template <class Work>
+void share(int64_t count, int64_t threads, const Work& work) {
+  std::atomic<int64_t> next{0};
+  const int n = int(std::max<int64_t>(1, std::min<int64_t>(count, threads)));
+#pragma omp parallel num_threads(n)
+  for (int64_t t; (t = next.fetch_add(1)) < count;) work(t);
+}
+
 // Each pair's activations summed per group of a matrix's columns (natural order): [pairs, groups].
 template <class Path>
 std::vector<float> group_sums(const Matrix& m, const typename Path::X* v, int64_t pairs) {
-  if (!Path::SUMS) return {};
-  const int64_t groups = m.cols / m.block;
-  std::vector<float> sums(pairs * groups, 0.f);
-  for (int64_t p = 0; p < pairs; ++p)
-    for (int64_t c = 0; c < m.cols; ++c) sums[p * groups + c / m.block] += float(c10::BFloat16(v[p * m.cols + Path::arranged(m, c)], c10::BFloat16::from_bits()));
-  return sums;
+  if constexpr (!Path::SUMS) {
+    return {};
+  } else {
+    const int64_t groups = m.cols / m.block;
+    std::vector<float> sums(pairs * groups, 0.f);
+    for (int64_t p = 0; p < pairs; ++p)
+      for (int64_t c = 0; c < m.cols; ++c) sums[p * groups + c / m.block] += bf16_value(v[p * m.cols + Path::arranged(m, c)]);
+    return sums;
+  }
 }
 
-template <class Path, class T>
-void matrix_vector(Call& c, std::vector<Unit*>& units) {
+inline const uint8_t* bias_of(const uint8_t* base, int64_t stride, int64_t expert) {
+  return base ? base + expert * stride : nullptr;
+}
+
+// The matrix-vector path over `units`: gate/up and activation into h, then down into out.
+template <class Path, int FMT, int DT>
+void matrix_vector(lm_call& c, std::vector<Unit*>& units) {
   using X = typename Path::X;
+  using N = Num<DT>;
   const Matrix& gu = units[0]->stack->gate_up;  // how activations are arranged: the same for every stack
   const Matrix& dn = units[0]->stack->down;
   const int64_t H = c.hidden, I = c.inter, gu_groups = gu.cols / gu.block, dn_groups = dn.cols / dn.block;
@@ -704,185 +716,150 @@ void matrix_vector(Call& c, std::vector<Unit*>& units) {
   for (Unit* u : units) u->first = pairs, pairs += int64_t(u->pairs.size());
   // inputs, arranged for gate_up: x of each pair's token, scaled where asked
   std::vector<X> xin(pairs * H), h(pairs * I);
-  const T* x = c.x.data_ptr<T>();
-  const int64_t xs = c.x.stride(0);
-  const float* scale = c.scale ? c.scale->data_ptr<float>() : nullptr;
   for (Unit* u : units)
     for (int64_t i = 0; i < int64_t(u->pairs.size()); ++i) {
-      int64_t pair = u->pairs[i];
-      const T* row = x + (pair / c.k) * xs;
+      const int64_t pair = u->pairs[i];
+      const uint8_t* row = c.x + (pair / c.k) * c.x_row;
       X* dst = xin.data() + (u->first + i) * H;
       for (int64_t e = 0; e < H; ++e) {
-        float v = float(row[e]);
-        dst[Path::arranged(gu, e)] = Path::value(scale ? rd<T>(v * scale[pair]) : v);
+        const float v = N::get(row, e);
+        dst[Path::arranged(gu, e)] = Path::value(c.input_scale ? N::round(v * c.input_scale[pair]) : v);
       }
     }
   const std::vector<float> x_sums = group_sums<Path>(gu, xin.data(), pairs);
   const int64_t gu_blocks = (I + ROW_BLOCK - 1) / ROW_BLOCK;
-  share(int64_t(units.size()) * gu_blocks, [&](int64_t task) {
+  share(int64_t(units.size()) * gu_blocks, c.threads, [&](int64_t task) {
     const Unit& u = *units[task / gu_blocks];
     const int P = int(u.pairs.size());
-    const T* bias = Stack::bias<T>(u.stack->gate_up_bias, u.expert);
+    const lm_stack& st = *u.stack;
+    const uint8_t* bias = bias_of(st.gate_up_bias, st.gate_up_bias_expert, u.expert);
     const float* sums = x_sums.empty() ? nullptr : x_sums.data() + u.first * gu_groups;
     std::vector<float> scales(2 * gu_groups);
-    float gate[GEMM_PAIRS], up[GEMM_PAIRS];
+    float gate[MAX_PAIRS_PER_UNIT], up[MAX_PAIRS_PER_UNIT];
     for (int64_t r = (task % gu_blocks) * ROW_BLOCK, end = std::min(I, r + ROW_BLOCK); r < end; ++r) {
-      Path::rows2(u.stack->gate_up, u.expert, r, r + I, xin.data() + u.first * H, H, sums, gu_groups, scales.data(),
-                  P, gate, up);
+      Path::rows2(st.gate_up, u.expert, r, r + I, xin.data() + u.first * H, H, sums, gu_groups, scales.data(), P, gate,
+                  up);
       for (int p = 0; p < P; ++p) {
-        float g = rd<T>(gate[p] + (bias ? float(bias[r]) : 0.f));
-        float v = rd<T>(up[p] + (bias ? float(bias[r + I]) : 0.f));
-        h[(u.first + p) * I + Path::arranged(dn, r)] = Path::value(activate<T>(c.act, g, v));
+        const float g = N::round(gate[p] + (bias ? N::get(bias, r) : 0.f));
+        const float v = N::round(up[p] + (bias ? N::get(bias, r + I) : 0.f));
+        h[(u.first + p) * I + Path::arranged(dn, r)] = Path::value(activate<DT>(c.kind, c.act, c.alpha, c.limit, g, v));
       }
     }
   });
   const std::vector<float> h_sums = group_sums<Path>(dn, h.data(), pairs);
   const int64_t dn_blocks = (H + ROW_BLOCK - 1) / ROW_BLOCK;
-  T* out = c.out.data_ptr<T>();
-  const int64_t os = c.out.stride(0);
-  share(int64_t(units.size()) * dn_blocks, [&](int64_t task) {
+  share(int64_t(units.size()) * dn_blocks, c.threads, [&](int64_t task) {
     const Unit& u = *units[task / dn_blocks];
     const int P = int(u.pairs.size());
-    const T* bias = Stack::bias<T>(u.stack->down_bias, u.expert);
+    const lm_stack& st = *u.stack;
+    const uint8_t* bias = bias_of(st.down_bias, st.down_bias_expert, u.expert);
     const float* sums = h_sums.empty() ? nullptr : h_sums.data() + u.first * dn_groups;
     std::vector<float> scales(2 * dn_groups);
-    float y0[GEMM_PAIRS], y1[GEMM_PAIRS];
+    float y0[MAX_PAIRS_PER_UNIT], y1[MAX_PAIRS_PER_UNIT];
     for (int64_t r = (task % dn_blocks) * ROW_BLOCK, end = std::min(H, r + ROW_BLOCK); r < end; r += 2) {
-      int64_t r1 = std::min(r + 1, end - 1);  // an odd last row is computed twice
-      Path::rows2(u.stack->down, u.expert, r, r1, h.data() + u.first * I, I, sums, dn_groups, scales.data(), P, y0, y1);
+      const int64_t r1 = std::min(r + 1, end - 1);  // an odd last row is computed twice
+      Path::rows2(st.down, u.expert, r, r1, h.data() + u.first * I, I, sums, dn_groups, scales.data(), P, y0, y1);
       for (int p = 0; p < P; ++p) {
-        T* o = out + u.pairs[p] * os;
-        o[r] = T(y0[p] + (bias ? float(bias[r]) : 0.f));
-        o[r1] = T(y1[p] + (bias ? float(bias[r1]) : 0.f));
+        uint8_t* o = c.out + u.pairs[p] * c.out_row;
+        N::put(o, r, y0[p] + (bias ? N::get(bias, r) : 0.f));
+        N::put(o, r1, y1[p] + (bias ? N::get(bias, r1) : 0.f));
       }
     }
   });
 }
 
-// An expert's matrix in the compute dtype: the stack's own (dense), or dequantized into `scratch`
-// exactly as kernels/quantized.py does (float32 arithmetic, one rounding to T).
-template <int FMT, class T>
-at::Tensor weights(const Matrix& m, int64_t expert, at::Tensor& scratch) {
-  if constexpr (FMT <= F16) {
-    return m.tensor.select(0, expert);
-  } else {
-    at::Tensor dst = scratch.narrow(0, 0, m.rows * m.cols).view({m.rows, m.cols});
-    T* base = dst.data_ptr<T>();
-    at::parallel_for(0, m.rows, 16, [&](int64_t begin, int64_t end) {
-      std::vector<float> row(m.cols);
-      for (int64_t r = begin; r < end; ++r) {
-        dequantize_row<FMT>(m, expert, r, row.data());
-        for (int64_t c = 0; c < m.cols; ++c) base[r * m.cols + c] = T(row[c]);
-      }
-    });
-    return dst;
-  }
-}
-
-// The matrix-product path: one expert with many pairs, the reference's arithmetic.
-template <int FMT, class T>
-void matrix_product(Call& c, Unit& u, at::Tensor& scratch) {
-  std::vector<int64_t> tokens(u.pairs);
-  for (int64_t& t : tokens) t /= c.k;
-  auto pairs = at::tensor(u.pairs, at::kLong);
-  at::Tensor inputs = c.x.index_select(0, at::tensor(tokens, at::kLong));
-  if (c.scale) inputs = (inputs * c.scale->index_select(0, pairs).unsqueeze(1)).to(c.x.scalar_type());
-  const Stack& st = *u.stack;
-  std::optional<at::Tensor> gate_up_bias, down_bias;
-  if (st.gate_up_bias) gate_up_bias = st.gate_up_bias->select(0, u.expert);
-  if (st.down_bias) down_bias = st.down_bias->select(0, u.expert);
-  auto gate_up = at::linear(inputs, weights<FMT, T>(st.gate_up, u.expert, scratch), gate_up_bias).chunk(2, -1);
-  at::Tensor hidden = activate_tensors(c.act, gate_up[0], gate_up[1]);
-  c.out.index_copy_(0, pairs, at::linear(hidden, weights<FMT, T>(st.down, u.expert, scratch), down_bias));
-}
-
-template <int FMT, class T>
-void run(Call& c) {
-  std::vector<Unit*> few;
-  std::vector<Unit*> many;
-  for (Unit& u : c.units) (int64_t(u.pairs.size()) < GEMM_PAIRS ? few : many).push_back(&u);
-  if (!few.empty()) {
+template <int FMT, int DT>
+void run(lm_call& c, std::vector<Unit*>& units) {
+  if (units.empty()) return;
 #if defined(__AVX512BF16__)
-    constexpr bool bf16_dot = std::is_same_v<T, c10::BFloat16> && (FMT == BF16 || FMT == INT8 || FMT == INT4 || FMT == MXFP4);
-    const Stack& st = *few[0]->stack;
-    if constexpr (bf16_dot) {
-      if (Bf16Path<FMT>::fits(st.gate_up) && Bf16Path<FMT>::fits(st.down)) {
-        matrix_vector<Bf16Path<FMT>, T>(c, few);
-        few.clear();
-      }
-    }
+  if constexpr (DT == DT_BF16 && (FMT == BF16 || FMT == INT8 || FMT == INT4 || FMT == MXFP4)) {
+    const lm_stack& st = *units[0]->stack;
+    if (Bf16Path<FMT>::fits(st.gate_up) && Bf16Path<FMT>::fits(st.down))
+      return matrix_vector<Bf16Path<FMT>, FMT, DT>(c, units);
+  }
 #endif
-    if (!few.empty()) matrix_vector<FloatPath<FMT>, T>(c, few);
-  }
-  if (many.empty()) return;
-  at::Tensor scratch;
-  if constexpr (FMT > F16) {
-    const Matrix& gu = many[0]->stack->gate_up;
-    scratch = at::empty({gu.rows * gu.cols}, c.x.options());  // the larger role; reused by each expert
-  }
-  for (Unit* u : many) matrix_product<FMT, T>(c, *u, scratch);
+  matrix_vector<FloatPath<FMT>, FMT, DT>(c, units);
 }
 
-template <class T>
-void run_format(int64_t format, Call& c) {
+template <int DT>
+void run_format(lm_call& c, std::vector<Unit*>& units) {
+  switch (c.format) {
+    case F32: return run<F32, DT>(c, units);
+    case BF16: return run<BF16, DT>(c, units);
+    case F16: return run<F16, DT>(c, units);
+    case INT8: return run<INT8, DT>(c, units);
+    case INT4: return run<INT4, DT>(c, units);
+    case FP8: return run<FP8, DT>(c, units);
+    case MXFP4: return run<MXFP4, DT>(c, units);
+  }
+}
+
+template <int FMT, int DT>
+void dequantize(const Matrix& m, int64_t expert, uint8_t* out, int64_t threads) {
+  share((m.rows + ROW_BLOCK - 1) / ROW_BLOCK, threads, [&](int64_t task) {
+    std::vector<float> row(m.cols);
+    for (int64_t r = task * ROW_BLOCK, end = std::min(m.rows, r + ROW_BLOCK); r < end; ++r) {
+      dequantize_row<FMT>(m, expert, r, row.data());
+      for (int64_t c = 0; c < m.cols; ++c) Num<DT>::put(out, r * m.cols + c, row[c]);
+    }
+  });
+}
+
+template <int DT>
+void dequantize_format(const Matrix& m, int64_t format, int64_t expert, uint8_t* out, int64_t threads) {
   switch (format) {
-    case F32: return run<F32, T>(c);
-    case BF16: return run<BF16, T>(c);
-    case F16: return run<F16, T>(c);
-    case INT8: return run<INT8, T>(c);
-    case INT4: return run<INT4, T>(c);
-    case FP8: return run<FP8, T>(c);
-    case MXFP4: return run<MXFP4, T>(c);
-  }
-  TORCH_CHECK(false, "unknown expert format ", format);
-}
-
-void expert_pairs(at::Tensor out, const at::Tensor& x, const at::Tensor& slots, const std::optional<at::Tensor>& ids,
-                  const std::optional<at::Tensor>& input_scale, const c10::List<std::optional<at::Tensor>>& pool,
-                  const c10::List<std::optional<at::Tensor>>& host, int64_t format, int64_t block, int64_t kind,
-                  int64_t act, double alpha, double limit) {
-  TORCH_CHECK(x.dim() == 2 && x.stride(1) == 1 && out.dim() == 2 && out.stride(1) == 1, "x and out must be 2-D, rows contiguous");
-  TORCH_CHECK(out.scalar_type() == x.scalar_type(), "out must have x's dtype");
-  TORCH_CHECK(slots.dim() == 2 && slots.size(0) == x.size(0) && out.size(0) == slots.numel(), "slots must be [T, k], out [T*k, E]");
-  TORCH_CHECK(!input_scale || (input_scale->scalar_type() == at::kFloat && input_scale->is_contiguous() &&
-                               input_scale->numel() == slots.numel()), "input_scale must be float32 [T*k]");
-  Call c;
-  c.out = out, c.x = x, c.scale = input_scale, c.k = slots.size(1), c.act = {kind, act, alpha, limit};
-  Stack stacks[2] = {stack_of(pool, format, block), host.empty() ? Stack{} : stack_of(host, format, block)};
-  const bool with_host = !host.empty() && ids.has_value();
-  c.hidden = stacks[0].gate_up.cols, c.inter = stacks[0].down.cols;
-  TORCH_CHECK(x.size(1) == c.hidden && out.size(1) == c.hidden, "x and out must be [*, E] with the experts' E");
-  if (with_host)
-    TORCH_CHECK(stacks[1].gate_up.cols == c.hidden && stacks[1].down.cols == c.inter, "host and pool shapes differ");
-  auto slot = indices(slots);
-  auto id = with_host ? indices(*ids) : std::vector<int64_t>();
-  TORCH_CHECK(!with_host || int64_t(id.size()) == slots.numel(), "ids must be [T, k] like slots");
-  // one unit per expert in use, pairs in order within each
-  std::vector<int64_t> unit_of[2] = {std::vector<int64_t>(stacks[0].experts, -1),
-                                     std::vector<int64_t>(with_host ? stacks[1].experts : 0, -1)};
-  for (int64_t p = 0; p < int64_t(slot.size()); ++p) {
-    int which = slot[p] >= 0 ? 0 : 1;
-    int64_t row = which == 0 ? slot[p] : (with_host ? id[p] : -1);
-    if (row < 0) continue;
-    TORCH_CHECK(row < stacks[which].experts, "slot or expert id out of range: ", row);
-    int64_t& u = unit_of[which][row];
-    if (u < 0) u = int64_t(c.units.size()), c.units.push_back({&stacks[which], row, {}});
-    c.units[u].pairs.push_back(p);
-  }
-  switch (x.scalar_type()) {
-    case at::kFloat: return run_format<float>(format, c);
-    case at::kBFloat16: return run_format<c10::BFloat16>(format, c);
-    case at::kHalf: return run_format<c10::Half>(format, c);
-    default: TORCH_CHECK(false, "the CPU expert kernels take float32, bfloat16 or float16 activations");
+    case INT8: return dequantize<INT8, DT>(m, expert, out, threads);
+    case INT4: return dequantize<INT4, DT>(m, expert, out, threads);
+    case FP8: return dequantize<FP8, DT>(m, expert, out, threads);
+    case MXFP4: return dequantize<MXFP4, DT>(m, expert, out, threads);
   }
 }
 
 }  // namespace
 
-TORCH_LIBRARY(localmoe, m) {
-  m.def(
-      "expert_pairs(Tensor(a!) out, Tensor x, Tensor slots, Tensor? ids, Tensor? input_scale, Tensor?[] pool, "
-      "Tensor?[] host, int format, int block, int kind, int act, float alpha, float limit) -> ()");
+extern "C" {
+
+// The pairs of experts with fewer than `many` pairs into `out`; the others listed in `left`. 0, or 1
+// for a slot or expert id out of its stack's range.
+int lm_expert_pairs(lm_call* c, double alpha, double limit) {
+  c->alpha = float(alpha), c->limit = float(limit);
+  const int64_t count = c->tokens * c->k;
+  std::vector<int64_t> unit_of[2] = {std::vector<int64_t>(c->pool.experts, -1),
+                                     std::vector<int64_t>(c->ids ? c->host.experts : 0, -1)};
+  std::vector<Unit> units;
+  for (int64_t p = 0; p < count; ++p) {
+    const int which = c->slots[p] >= 0 ? 0 : 1;
+    const int64_t row = which == 0 ? c->slots[p] : (c->ids ? c->ids[p] : -1);
+    if (row < 0) continue;
+    if (row >= int64_t(unit_of[which].size())) return 1;
+    int64_t& u = unit_of[which][row];
+    if (u < 0) u = int64_t(units.size()), units.push_back({which == 0 ? &c->pool : &c->host, row, {}});
+    units[u].pairs.push_back(p);
+  }
+  std::vector<Unit*> few;
+  c->left_count = 0;
+  const int64_t many = std::min<int64_t>(c->many, MAX_PAIRS_PER_UNIT);
+  for (Unit& u : units) {
+    if (int64_t(u.pairs.size()) < many) {
+      few.push_back(&u);
+    } else {
+      c->left[2 * c->left_count] = u.stack == &c->pool ? 0 : 1;
+      c->left[2 * c->left_count + 1] = u.expert;
+      ++c->left_count;
+    }
+  }
+  if (c->dtype == DT_F32) run_format<DT_F32>(*c, few);
+  if (c->dtype == DT_BF16) run_format<DT_BF16>(*c, few);
+  if (c->dtype == DT_F16) run_format<DT_F16>(*c, few);
+  return 0;
 }
 
-TORCH_LIBRARY_IMPL(localmoe, CPU, m) { m.impl("expert_pairs", &expert_pairs); }
+// One expert's matrix dequantized into `out` [rows, cols] in the compute dtype, exactly as
+// kernels/quantized.py does (float32 arithmetic, one rounding).
+void lm_dequantize(const Matrix* m, int64_t format, int64_t expert, int64_t dtype, uint8_t* out, int64_t threads) {
+  if (dtype == DT_F32) dequantize_format<DT_F32>(*m, format, expert, out, threads);
+  if (dtype == DT_BF16) dequantize_format<DT_BF16>(*m, format, expert, out, threads);
+  if (dtype == DT_F16) dequantize_format<DT_F16>(*m, format, expert, out, threads);
+}
+
+}  // extern "C"
