@@ -16,8 +16,9 @@ import psutil
 import torch
 
 from localmoe.engine import Engine
+from localmoe.files import write_atomic
 from localmoe.runtime.memory import Footprint, format_bytes
-from localmoe.runtime.offload import OffloadedExperts
+from localmoe.tables import render
 
 BANDWIDTH_BYTES = 256 * 2**20
 
@@ -94,14 +95,12 @@ def run_engine(engine: Engine, name: str, prompt: list[int], new_tokens: int, de
     is then cleared, so the run starts cold as a fresh process would)."""
     device = engine.device
     list(engine.generate_ids(prompt[:1], 2))
-    cache = engine.experts.cache if isinstance(engine.experts, OffloadedExperts) else None
-    if cache is not None:
-        cache.clear()
-        engine.rewarm()  # the timed prompt, not the warm-up, decides what --pin-hot pins
+    if engine.expert_cache() is not None:
+        engine.reconfigure(cold=True)  # the timed prompt, not the warm-up, decides what --pin-hot pins
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     prefill_copies = []
-    tokens = list(engine.generate_ids(prompt, new_tokens, on_prefill=lambda: prefill_copies.append(_copied(cache))))
+    tokens = list(engine.generate_ids(prompt, new_tokens, on_prefill=lambda: prefill_copies.append(_copied(engine))))
     stats = engine.stats
     peak = torch.cuda.max_memory_allocated(device) if device.type == "cuda" else psutil.Process().memory_info().rss
     result = RunResult(
@@ -113,16 +112,17 @@ def run_engine(engine: Engine, name: str, prompt: list[int], new_tokens: int, de
         detail=detail,
         tokens=tokens,
     )
-    if cache is not None:
-        result.miss_policy = engine.experts.miss_policy
+    if (cache := engine.expert_cache()) is not None:
+        result.miss_policy = engine.miss_policy
         decode_steps = max(len(tokens) - 1, 1)
-        result.hit_rate = cache.totals().hit_rate
-        result.bytes_copied_per_token = (_copied(cache) - prefill_copies[0]) / decode_steps
+        result.hit_rate = cache.total.hit_rate
+        result.bytes_copied_per_token = (_copied(engine) - prefill_copies[0]) / decode_steps
     return result
 
 
-def _copied(cache) -> int:
-    return cache.totals().bytes_copied if cache is not None else 0
+def _copied(engine: Engine) -> int:
+    cache = engine.expert_cache()
+    return cache.total.bytes_copied if cache is not None else 0
 
 
 def machine() -> dict[str, str]:
@@ -137,25 +137,25 @@ def machine() -> dict[str, str]:
     }
 
 
-def results_table(results: list[RunResult], floor_s: float | None = None, baseline: str | None = None) -> str:
-    """A Markdown table of the runs, with the ratio of each decode speed to the baseline's and the
-    floor's multiple where given."""
+def results_table(
+    results: list[RunResult], floor_s: float | None = None, baseline: str | None = None, markdown: bool = True
+) -> str:
+    """The runs as a table (Markdown, or aligned columns for a terminal), with the ratio of each decode
+    speed to the baseline's and the floor's multiple where given."""
     base = next((r for r in results if r.name == baseline), None)
     columns = ["run", "misses", "prefill tok/s", "first token s", "decode tok/s", "vs baseline", "x floor"]
-    columns += ["peak memory"]
-    columns += ["hit rate", "copied/token"]
-    lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
+    columns += ["peak memory", "hit rate", "copied/token"]
+    rows = []
     for r in results:
         ratio = f"{r.decode_tokens_per_s / base.decode_tokens_per_s:.2f}x" if base and base.decode_tokens_per_s else ""
         multiple = f"{(1 / r.decode_tokens_per_s) / floor_s:.1f}" if floor_s and r.decode_tokens_per_s else ""
         hit = "" if r.hit_rate is None else f"{r.hit_rate:.3f}"
         copied = "" if r.bytes_copied_per_token is None else format_bytes(int(r.bytes_copied_per_token))
-        lines.append(
-            f"| {r.name} | {r.miss_policy} | {r.prefill_tokens_per_s:.1f} | {r.time_to_first_token_s:.2f} "
-            f"| {r.decode_tokens_per_s:.2f} "
-            f"| {ratio} | {multiple} | {format_bytes(r.peak_memory_bytes)} | {hit} | {copied} |"
+        rows.append(
+            [r.name, r.miss_policy, f"{r.prefill_tokens_per_s:.1f}", f"{r.time_to_first_token_s:.2f}"]
+            + [f"{r.decode_tokens_per_s:.2f}", ratio, multiple, format_bytes(r.peak_memory_bytes), hit, copied]
         )
-    return "\n".join(lines)
+    return render(columns, rows, markdown)
 
 
 def label(run: RunResult) -> str:
@@ -199,8 +199,8 @@ def write_benchmarks(results_dir: Path, docs: Path) -> None:
         lines += [f"- {label(run)}: {run.detail}" for run in runs if run.detail]
         lines += [f"- greedy tokens equal to the reference run's, before the first difference: {r['same_tokens']}"]
     sections = _cache_sections(results_dir / "cache") + _kernel_sections(results_dir / "kernels")
-    sections += _quality_sections(results_dir / "quant")
-    docs.write_text("\n".join(lines + sections) + "\n")
+    sections += _quality_sections(results_dir / "quant") + _cpu_sections(results_dir / "cpu")
+    write_atomic(docs, "\n".join(lines + sections) + "\n")
 
 
 def _latest_first(folder: Path) -> list[dict]:
@@ -271,6 +271,47 @@ def _quality_sections(folder: Path) -> list[str]:
                 f"| {row['bits']} | {row['group']} | {row['expert_error_mean']:.4f} | {row['expert_error_max']:.4f} "
                 f"| {row['kl']:.2e} | {row['agreement']:.2%} |"
             )
+    return lines
+
+
+def _cpu_sections(folder: Path) -> list[str]:
+    """scripts/bench_cpu.py's runs: localmoe's CPU kernels beside llama.cpp and transformers."""
+    lines = []
+    for r in _latest_first(folder):
+        lines += _heading(f"CPU decode and prefill beside llama.cpp, {r['threads']} threads, {r['date']}", r)
+        lines += [
+            f"Prompt {r['prompt_tokens']} tokens, {r['new_tokens']} new tokens, {r['rounds']} rounds with every engine "
+            "once per round: the median tokens/s and (in brackets) the range over the rounds. x llama.cpp: the median "
+            "as a multiple of llama.cpp's in the same format (its experts-only file where there is one: the same "
+            "bytes per token as localmoe); of floor: the median as a share of the tokens/s that reading the weights "
+            "at the RAM bandwidth measured in each round would allow.",
+        ]
+        for model in r["models"]:
+            config, bw = model["config"], model["bandwidth"]
+            experts = config.get("num_local_experts") or config.get("num_experts")
+            inter = config.get("moe_intermediate_size") or config["intermediate_size"]
+            lines += [
+                "",
+                f"**{config['model_type']}**: hidden {config['hidden_size']}, {experts} experts of "
+                f"{inter}, top-{config['num_experts_per_tok']}, "
+                f"{config['num_hidden_layers']} layers; RAM read {bw['median'] / 1e9:.1f} GB/s "
+                f"({bw['min'] / 1e9:.1f}-{bw['max'] / 1e9:.1f}).",
+                "",
+                "| engine | format | decode tok/s | x llama.cpp | of floor | prefill tok/s | x llama.cpp | of floor | "
+                "read per token |",
+                "|---|---|---|---|---|---|---|---|---|",
+            ]
+            llama = {row["format"]: row for row in model["rows"] if row["engine"] == "llama.cpp"}
+            for row in model["rows"]:
+                base = llama.get(f"{row['format']}, experts only") or llama.get(row["format"])
+                cells = [row["engine"], row["format"]]
+                for kind in ("decode", "prefill"):
+                    rate = row[kind]
+                    cells.append(f"{rate['median']:.1f} ({rate['min']:.1f}-{rate['max']:.1f})")
+                    cells.append(f"{rate['median'] / base[kind]['median']:.2f}" if base else "")
+                    cells.append(f"{rate['median'] / row[f'floor_{kind}']:.0%}")
+                lines.append("| " + " | ".join([*cells, format_bytes(row["read_per_token"])]) + " |")
+            lines += [f"- {row['engine']} {row['format']}: {row['detail']}" for row in model["rows"] if row["detail"]]
     return lines
 
 

@@ -1,7 +1,11 @@
-"""`load` a checkpoint into an `Engine` that generates text: the entry point of the CLI and the API."""
+"""`load` a checkpoint into an `Engine` that generates text: the entry point of the CLI and the API.
+
+Loading is two steps: `prepare` (open the checkpoint, build the model skeleton, plan memory, choose the
+row layout; no weights read) and `place` (load the weights, fill the host store and the slots, bind the
+experts). `plan` and the CLI's disk-speed check look at a preparation before anything is placed.
+"""
 
 import os
-from collections import Counter
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, replace
 from functools import cached_property
@@ -11,92 +15,93 @@ import psutil
 import torch
 
 from localmoe.checkpoint import Checkpoint
-from localmoe.errors import LocalMoEError
-from localmoe.kernels import host_kernel, pair_kernel
+from localmoe.errors import LocalMoEError, setting
+from localmoe.files import sweep_temporaries
+from localmoe.grammar import ANY_OBJECT, JsonConstraint
+from localmoe.kernels import KERNELS, host_kernel, pair_kernel
 from localmoe.kernels.quantized import MXFP4, QuantSpec, StoredFormat
-from localmoe.loader import ModelParts, footprint, load_resident_weights, model_skeleton, open_checkpoint
+from localmoe.kernels.reference import expert_pair_outputs
+from localmoe.loader import DTYPES, ModelParts, footprint, load_resident_weights, model_skeleton, open_checkpoint
 from localmoe.models.moe import moe_blocks
-from localmoe.runtime.cpu_experts import MISS_POLICIES, calibrated
+from localmoe.models.state import KVCache
+from localmoe.options import CHAT_TOKENS, GENERATE_TOKENS, RuntimeOptions
+from localmoe.paths import cache_dir
+from localmoe.runtime.cpu_experts import Bandwidths, calibrated
 from localmoe.runtime.expert_cache import POLICIES, ExpertCache
-from localmoe.runtime.expert_store import ExpertStore, layout_of
-from localmoe.runtime.generate import GenerationStats, generate_tokens
-from localmoe.runtime.kv_cache import KVCache
-from localmoe.runtime.memory import MemoryPlan, format_bytes, plan_memory
+from localmoe.runtime.expert_store import ExpertStore
+from localmoe.runtime.generate import GenerationStats, check_fits, generate_tokens
+from localmoe.runtime.layouts import layout_of
+from localmoe.runtime.memory import MemoryPlan, format_bytes, format_rate, plan_memory
+from localmoe.runtime.miss_policy import MISS_POLICIES, miss_policy
 from localmoe.runtime.offload import OffloadedExperts
-from localmoe.runtime.profile import RoutingProfile, default_profile_path, start_from_profile
+from localmoe.runtime.profile import default_profile_path
 from localmoe.runtime.quantized_cache import QuantizedLayers, cache_folder
 from localmoe.runtime.resident import ResidentExperts
-from localmoe.runtime.sampling import Sampler, SamplingParams
-from localmoe.runtime.stats import cache_report
+from localmoe.runtime.sampling import Constraint, Sampler, SamplingParams
+from localmoe.runtime.stats import CacheSnapshot, cache_report
 from localmoe.runtime.trace import RoutingTrace
 from localmoe.tokenizer import StopStrings, Tokenizer
 
 
-@dataclass
-class RuntimeOptions:
-    """How the runtime places the model: budgets, the expert cache and prefetch (the CLI's flags)."""
+def fit_new_tokens(
+    prompt_tokens: int, asked: int | None, default: int, plan: MemoryPlan, name: str = "max_new_tokens"
+) -> int:
+    """New tokens for a generation: those `asked` (by the setting `name`), refused when the prompt and they
+    overflow the planned context (never cut short); where none are asked, `default`, lowered to what the
+    context leaves."""
+    new_tokens = max(min(default, plan.context - prompt_tokens), 1) if asked is None else asked
+    check_fits(prompt_tokens, new_tokens, plan.context, plan.footprint.max_positions, name)
+    return new_tokens
 
-    vram_budget: int | None = None  # bytes for everything on the device; default: its free memory
-    host_budget: int | None = None  # bytes of host RAM for the experts' host copy; default: what is available
-    expert_slots: int | None = None  # overrides the plan's slot count
-    policy: str = "score"
-    pin_hot: int = 0  # experts pinned: the profile's hottest, or else those the first prompt used most
-    profile: str | None = None  # routing profile: "auto" (this checkpoint's, in the cache folder), a file, or none
-    prefetch: int = 1  # MoE layers to look ahead; 0 turns prefetch off
-    prefetch_margin: int = 0  # experts predicted beyond the top-k
-    context: int = 4096  # tokens of KV cache planned for (capped at the model's maximum)
-    prefill_chunk: int = 512
-    trace: Path | None = None  # write the routing of every token here (JSON lines)
-    miss_policy: str = "auto"  # a miss is copied to the device, computed on the CPU, or whichever is faster
-    kernels: str = "auto"  # the expert kernels: reference, triton, cpu, or the fastest that works here
-    threads: int | None = None  # CPU threads (torch.set_num_threads); default: the physical cores
-    expert_bits: int = 16  # 8 or 4: routed experts quantized group-wise, kept so on disk between runs
-    expert_group_size: int = 64
-    copy_bandwidth: float | None = None  # bytes/s for the miss policy's cost model; default: measured
-    cpu_bandwidth: float | None = None
+
+def encode_prompt(tokenizer: Tokenizer, prompt: str | list[dict], raw: bool = False) -> list[int]:
+    """Token ids of a text prompt (with the special tokens the tokenizer adds, unless `raw`), or of a list
+    of messages rendered by the chat template."""
+    if isinstance(prompt, list):
+        if raw:
+            raise LocalMoEError("raw encodes text as written: a list of messages goes through the chat template")
+        return tokenizer.encode_chat(prompt)
+    if not isinstance(prompt, str):
+        raise LocalMoEError(f"the prompt is a {type(prompt).__name__}: give text or a list of messages")
+    return tokenizer.encode(prompt, add_special_tokens=not raw)
 
 
 class Engine:
     """A model with its experts placed, its stop tokens and sampling defaults, and the checkpoint's
-    tokenizer when text is used."""
+    tokenizer when text is used. Callers learn about the expert cache from `expert_cache` (None when every
+    expert is resident), `miss_policy` and `bandwidths`, and change it with `reconfigure`."""
 
     def __init__(
         self,
         checkpoint: Checkpoint,
         parts: ModelParts,
         plan: MemoryPlan,
-        experts: ResidentExperts | OffloadedExperts,
+        experts: ResidentExperts,
         options: RuntimeOptions,
         kernels: str = "reference",
+        offloaded: OffloadedExperts | None = None,
+        tokenizer: Tokenizer | None = None,
     ):
+        """`experts` computes the routed experts; `offloaded`, the same object when they go through the
+        expert cache, else None; `tokenizer`, the checkpoint's where it was read already."""
         self.checkpoint = checkpoint
         self.parts = parts
         self.model = parts.model
         self.plan = plan
         self.experts = experts
+        self._offloaded = offloaded
         self.options = options
         self.kernels = kernels  # which expert kernels run, and why
         self.eos_ids = eos_ids(checkpoint)
         self.stats = GenerationStats()
-        self._warmed_up = False
-        self.profile_path: Path | None = None  # set by `load` when a routing profile is kept
-        self.profile = RoutingProfile()
-        self._profiled = Counter()  # what of the cache's token counts the profile has
+        self._tokenizer = tokenizer
+        self.sampler: Sampler | None = None  # the last run's, with its record of log-probabilities
 
-    def save_profile(self) -> None:
-        """Add the routing seen since the last save to the routing profile, and write it."""
-        if self.profile_path is None:
-            return
-        counts = self.experts.cache.token_counts
-        if any(counts[key] < n for key, n in self._profiled.items()):
-            self._profiled = Counter()  # the cache was emptied since: its counts start again
-        self.profile.add(counts - self._profiled, self.plan.footprint.top_k)
-        self._profiled = Counter(counts)
-        self.profile.save(self.profile_path)
-
-    @cached_property
+    @property
     def tokenizer(self) -> Tokenizer:
-        return Tokenizer(self.checkpoint.path)
+        if self._tokenizer is None:
+            self._tokenizer = Tokenizer(self.checkpoint.path)
+        return self._tokenizer
 
     @property
     def device(self) -> torch.device:
@@ -119,13 +124,21 @@ class Engine:
         cache: KVCache | None = None,
         reuse: int = 0,
         on_prefill: Callable[[], None] | None = None,
+        constraint: Constraint | None = None,
+        top_logprobs: int | None = None,
     ) -> Iterator[int]:
         """Token ids after `prompt` (greedy unless `sampling` says otherwise); `self.stats` describes the
-        run as it goes. `cache` and `reuse`: see `generate_tokens`; `on_prefill` runs once the prompt is in."""
+        run as it goes. `cache` and `reuse`: see `generate_tokens`; `on_prefill` runs once the prompt is in.
+        A `constraint` (`json_constraint`) limits the tokens and ends the run once complete; with
+        `top_logprobs`, `self.sampler.steps` records each token's log-probabilities as it comes."""
         self.stats = GenerationStats()
+        self.sampler = sampler = Sampler(
+            sampling or SamplingParams(), self.device, constraint=constraint, top_logprobs=top_logprobs
+        )
 
         def after_prefill() -> None:
-            self._after_prefill()
+            if self._offloaded is not None:
+                self._offloaded.after_prefill()
             if on_prefill:
                 on_prefill()
 
@@ -133,7 +146,7 @@ class Engine:
             self.model,
             prompt,
             max_new_tokens,
-            sampler=Sampler(sampling or SamplingParams(), self.device),
+            sampler=sampler,
             eos_ids=self.eos_ids,
             stats=self.stats,
             cache=cache,
@@ -143,15 +156,30 @@ class Engine:
             on_prefill=after_prefill,
         )
         try:
-            yield from tokens
+            for token in tokens:
+                yield token
+                if sampler.finished:
+                    break
         finally:
+            tokens.close()
             if self.experts.trace:
                 self.experts.trace.flush()
 
-    def text(self, ids: Iterator[int], stop: Sequence[str] = ()) -> Iterator[str]:
-        """Stream `ids` as text pieces, without EOS tokens, ending before the first of the `stop` strings."""
-        stops = StopStrings(stop)
-        for piece in self.tokenizer.stream(token for token in ids if token not in self.eos_ids):
+    def json_constraint(self, schema: dict | None = None) -> JsonConstraint:
+        """Output that is JSON valid under `schema` (any JSON object without one), for `generate_ids`."""
+        tokenizer = self.tokenizer
+        eos = min(self.eos_ids, default=tokenizer.token_id(tokenizer.special_tokens.get("eos_token", "")) or 0)
+        vocab = max(self.model.model.embed_tokens.weight.shape[0], tokenizer.vocab_size)
+        return JsonConstraint(self.checkpoint.path / "tokenizer.json", vocab, eos, schema or ANY_OBJECT)
+
+    def text(
+        self, ids: Iterator[int], stop: Sequence[str] | StopStrings = (), keep: frozenset[int] = frozenset()
+    ) -> Iterator[str]:
+        """Stream `ids` as text pieces, without EOS tokens, ending before the first of the `stop` strings
+        (given as StopStrings, it tells which one matched); special tokens are left out but for those in
+        `keep`."""
+        stops = stop if isinstance(stop, StopStrings) else StopStrings(stop)
+        for piece in self.tokenizer.stream((token for token in ids if token not in self.eos_ids), keep):
             if text := stops.feed(piece):
                 yield text
             if stops.stopped:
@@ -160,65 +188,148 @@ class Engine:
         if rest := stops.flush():
             yield rest
 
-    def generate(
+    def stream(
         self,
-        prompt: str,
-        max_new_tokens: int,
-        sampling: SamplingParams | None = None,
-        stop: Sequence[str] = (),
+        prompt: str | list[dict],
+        max_new_tokens: int | None = None,
         *,
-        chat: bool = False,
+        temperature: float | None = None,
+        top_k: int | None = None,
+        top_p: float | None = None,
+        min_p: float | None = None,
+        repetition_penalty: float | None = None,
+        seed: int | None = None,
+        stop: str | Sequence[str] = (),
         raw: bool = False,
-        system: str | None = None,
+        json_schema: dict | None = None,
     ) -> Iterator[str]:
-        """Stream the continuation of `prompt` as text; with `chat`, of the prompt as a user message
-        rendered by the checkpoint's chat template; `raw`, of exactly its tokens, with no special token
-        added (code completion). `sampling` defaults to the checkpoint's."""
-        if chat:
-            messages = [
-                *([{"role": "system", "content": system}] if system else []),
-                {"role": "user", "content": prompt},
-            ]
-            ids = self.tokenizer.encode_chat(messages)
-        else:
-            ids = self.tokenizer.encode(prompt, add_special_tokens=not raw)
-        return self.text(self.generate_ids(ids, max_new_tokens, sampling or self.sampling()), stop)
+        """Stream the continuation of `prompt` as text pieces. A list of messages ({"role": ..., "content":
+        ...}) goes through the checkpoint's chat template; text is encoded with the special tokens the
+        tokenizer adds (BOS), or, `raw`, with none (code completion). `max_new_tokens` left out:
+        GENERATE_TOKENS, or what the context leaves where that is less. A sampling setting left out keeps
+        the checkpoint's (generation_config.json: greedy unless it sets do_sample); temperature 0 is greedy.
+        The text ends at an EOS token or before the first `stop` string; `self.stats` times the run. With
+        `json_schema`, the text is JSON that the schema validates (needs localmoe[json])."""
+        ids = self.prompt_ids(prompt, raw)
+        new_tokens = fit_new_tokens(len(ids), max_new_tokens, GENERATE_TOKENS, self.plan)
+        sampling = self.sampling(
+            temperature=temperature,
+            top_k=top_k,
+            top_p=top_p,
+            min_p=min_p,
+            repetition_penalty=repetition_penalty,
+            seed=seed,
+        )
+        constraint = self.json_constraint(json_schema) if json_schema is not None else None
+        tokens = self.generate_ids(ids, new_tokens, sampling, constraint=constraint)
+        return self.text(tokens, [stop] if isinstance(stop, str) else stop)
+
+    def generate(self, prompt: str | list[dict], max_new_tokens: int | None = None, **settings) -> str:
+        """The continuation of `prompt`, whole: `stream`'s text joined (same arguments)."""
+        return "".join(self.stream(prompt, max_new_tokens, **settings))
+
+    def chat(self, messages: list[dict], max_new_tokens: int | None = None, **settings) -> str:
+        """The assistant's answer to `messages`, rendered by the chat template: `generate` with up to
+        CHAT_TOKENS new tokens by default (as `localmoe chat`)."""
+        if not isinstance(messages, list):
+            raise LocalMoEError("chat takes a list of messages such as [{'role': 'user', 'content': 'Hi'}]")
+        if max_new_tokens is None:
+            max_new_tokens = fit_new_tokens(len(self.prompt_ids(messages)), None, CHAT_TOKENS, self.plan)
+        return self.generate(messages, max_new_tokens, **settings)
+
+    def prompt_ids(self, prompt: str | list[dict], raw: bool = False) -> list[int]:
+        """Token ids of a text prompt, or of a list of messages rendered by the chat template."""
+        return encode_prompt(self.tokenizer, prompt, raw)
+
+    def expert_cache(self) -> CacheSnapshot | None:
+        """The expert cache's slots and counters so far, or None when every expert is resident."""
+        return None if self._offloaded is None else self._offloaded.snapshot()
+
+    @property
+    def miss_policy(self) -> str | None:
+        """What a miss does (None: every expert is resident, there are no misses)."""
+        return None if self._offloaded is None else str(self._offloaded.miss_policy)
+
+    @property
+    def bandwidths(self) -> Bandwidths | None:
+        """The copy and CPU bandwidths the miss policy weighs, where it weighs them."""
+        return None if self._offloaded is None else getattr(self._offloaded.miss_policy, "bandwidths", None)
 
     def summary(self) -> str:
         """One line: what was loaded, where, and how the experts are placed."""
         plan, fp = self.plan, self.plan.footprint
         home = {"none": "none needed", "pinned": "pinned RAM", "ram": "RAM", "mmap": "checkpoint files (mmap)"}
-        model = self.checkpoint.part or self.parts.family.architectures[0]
+        model = self.checkpoint.part or self.parts.family.name
         return (
-            f"{self.checkpoint.path.name}: {model} on {plan.device}, {self.parts.dtype}; "
+            f"{self.checkpoint.name}: {model} on {plan.device}, {self.parts.dtype}; "
             f"resident {format_bytes(fp.resident_bytes)}; expert slots {plan.slots}/{fp.total_experts}; "
             f"experts' host copy: {home[plan.store]}; context {plan.context}{self._misses()}; "
             f"kernels: {self.kernels}; {torch.get_num_threads()} CPU threads"
         )
 
     def _misses(self) -> str:
-        if not isinstance(self.experts, OffloadedExperts):
+        if self.miss_policy is None:
             return ""
-        rates = self.experts.bandwidths
-        measured = f" (copy {rates.copy / 1e9:.1f} GB/s, CPU {rates.cpu / 1e9:.1f} GB/s)" if rates else ""
-        return f"; misses: {self.experts.miss_policy}{measured}"
+        rates = self.bandwidths
+        measured = f" (copy {format_rate(rates.copy)}, CPU {format_rate(rates.cpu)})" if rates else ""
+        return f"; misses: {self.miss_policy}{measured}"
 
     def cache_report(self) -> str:
         """The memory plan and, when experts are offloaded, the cache counters so far."""
-        if isinstance(self.experts, ResidentExperts):
+        if self._offloaded is None:
             return self.plan.describe() + "\nall experts resident: no expert is copied while generating"
-        return self.plan.describe() + "\n" + cache_report(self.experts.cache)
+        cache = self._offloaded.snapshot()
+        return self.plan.describe(slots_in_use=cache.slots) + "\n" + cache_report(self._offloaded.cache)
 
-    def resize_cache(self, slots: int) -> None:
-        """Use `slots` of the expert pool allocated at load: grow or shrink it without reloading."""
-        if not isinstance(self.experts, OffloadedExperts):
-            raise LocalMoEError("every expert is resident on the device: there is no expert cache to resize")
-        cache, top_k = self.experts.cache, self.plan.footprint.top_k
+    def reconfigure(
+        self,
+        *,
+        slots: int | None = None,
+        policy: str | None = None,
+        prefetch: int | None = None,
+        prefetch_margin: int | None = None,
+        pin_hot: int | None = None,
+        miss_policy: str | None = None,
+        cold: bool = False,
+    ) -> None:
+        """Change the expert cache's settings without reloading (None: keep): the `slots` in use, within
+        those allocated at load (`/cache`); and for `tune`, the policy, prefetch, pinning and miss policy.
+        A new policy, or `cold`, empties the cache and its counters, and makes the next prompt the
+        warm-up that `pin_hot` ranks experts by."""
+        if self._offloaded is None:
+            raise LocalMoEError("every expert is resident on the device: there is no expert cache to resize or tune")
+        changes = {
+            "policy": policy,
+            "prefetch": prefetch,
+            "prefetch_margin": prefetch_margin,
+            "pin_hot": pin_hot,
+            "miss_policy": miss_policy,
+        }
+        options = replace(self.options, **{key: value for key, value in changes.items() if value is not None})
+        _check_settings(options)
+        runtime = self._offloaded
+        if cold or policy is not None:
+            runtime.clear(options.policy)
+        if slots is not None:
+            self._resize(slots)
+        runtime.configure_prefetch(options.prefetch, options.prefetch_margin)
+        runtime.pin_hot = options.pin_hot
+        if miss_policy is not None:
+            runtime.host.kernel = _host_kernel(runtime.cache.rows.device, runtime.pair_outputs, miss_policy)
+            runtime.miss_policy = _miss_policy(options, runtime.cache, self._blocks, runtime.host.kernel)
+        self.options = options
+
+    @property
+    def _blocks(self):
+        return moe_blocks(self.model)
+
+    def _resize(self, slots: int) -> None:
+        cache, top_k = self._offloaded.cache, self.plan.footprint.top_k
         allocated, least = cache.rows.shape[0], top_k + len(cache.pinned)
         if slots > allocated:
             raise LocalMoEError(
                 f"the memory plan allocated {allocated} expert slots at start-up: {slots} do not fit; to have more, "
-                "restart with a larger --vram-budget or --expert-slots"
+                f"restart with a larger {setting('vram_budget')} or {setting('expert_slots')}"
             )
         if slots < least:
             raise LocalMoEError(
@@ -227,72 +338,99 @@ class Engine:
             )
         cache.resize(slots)
 
-    def rewarm(self) -> None:
-        """Let the next prompt be the warm-up again (after the cache was emptied)."""
-        self._warmed_up = False
-
-    def _after_prefill(self) -> None:
-        # The first prompt is the warm-up that --pin-hot ranks experts by.
-        if self.options.pin_hot and not self._warmed_up and isinstance(self.experts, OffloadedExperts):
-            self.experts.pin_hottest(self.options.pin_hot)
-        self._warmed_up = True
+    def save_profile(self) -> None:
+        """Add the routing seen since the last save to the routing profile, and write it (where one is kept)."""
+        if self._offloaded is not None:
+            self._offloaded.save_profile(self.plan.footprint.top_k)
 
 
-def load(
+@dataclass
+class Prepared:
+    """What `place` needs, decided without reading a weight: the checkpoint, the model skeleton, the
+    memory plan and the experts' row layout."""
+
+    checkpoint: Checkpoint
+    parts: ModelParts
+    device: torch.device
+    options: RuntimeOptions
+    plan: MemoryPlan
+    quant: QuantSpec | None
+
+    @cached_property
+    def tokenizer(self) -> Tokenizer:
+        """The checkpoint's tokenizer, read before the weights where a caller checks a prompt or a chat
+        template first; the engine then takes it over."""
+        return Tokenizer(self.checkpoint.path)
+
+
+def prepare(
     source: str,
     *,
     device: str | None = None,
-    dtype: torch.dtype | None = None,
+    dtype: torch.dtype | str | None = None,
     revision: str | None = None,
     options: RuntimeOptions | None = None,
-) -> Engine:
-    """Open a checkpoint (folder or Hub repo id) and place it on `device` as the memory plan says: the
-    non-expert weights resident, the routed experts resident too when they fit, else in an expert cache
-    fed from host RAM or the checkpoint files."""
+    headers_only: bool = False,
+) -> Prepared:
+    """Open a checkpoint (folder or Hub repo id) and plan its placement on `device`; the device need not
+    be here when `vram_budget` says how much memory it has (to plan for it). `headers_only`: a Hub
+    checkpoint's shards are not downloaded, only their headers read (enough to plan; see `Checkpoint.open`)."""
     options = options or RuntimeOptions()
-    device = resolve_device(device)
+    target = _parse_device(device) if device else resolve_device(None)
+    if target.type == "cuda" and not torch.cuda.is_available() and options.vram_budget is None:
+        raise LocalMoEError(f"this machine has no CUDA device: give {setting('vram_budget')} to plan for one")
+    checkpoint, family = open_checkpoint(source, revision, weights=not headers_only)
+    parts = model_skeleton(checkpoint, family, _dtype(dtype))
+    quant = _quant(options, parts.experts)
+    return Prepared(checkpoint, parts, target, options, _plan(parts, target, options, quant), quant)
+
+
+def place(prepared: Prepared) -> Engine:
+    """Load a preparation onto its device as the plan says: the non-expert weights resident, the routed
+    experts resident too when they fit, else in an expert cache fed from host RAM or the checkpoint files."""
+    checkpoint, parts, plan, options, quant = (
+        prepared.checkpoint,
+        prepared.parts,
+        prepared.plan,
+        prepared.options,
+        prepared.quant,
+    )
+    device = resolve_device(str(prepared.device))
     torch.set_num_threads(options.threads or physical_cores())
-    checkpoint = open_checkpoint(source, revision)
-    parts = model_skeleton(checkpoint, dtype)
-    plan = _plan(parts, device, options)
-    load_resident_weights(parts, checkpoint, device)
+    sweep_temporaries(cache_dir(), recursive=True)  # left by runs killed while writing
     blocks = moe_blocks(parts.model)
-    trace = RoutingTrace(options.trace, blocks[0].layer_idx) if options.trace else None
-    quant = _quant(options)
+    trace = RoutingTrace(options.trace, blocks[0].layer_idx) if options.trace else None  # an unwritable path fails now
+    load_resident_weights(parts, checkpoint, device)
     weights = quant or _stored_format(parts.experts)  # what the kernels will read
     kernel, kernels = pair_kernel(options.kernels, device, parts.dtype, [block.act for block in blocks], weights)
-    quantized = QuantizedLayers(cache_folder(checkpoint, _quant_settings(quant, parts.dtype))) if quant else None
+    settings = _quant_settings(quant, parts.dtype) if quant else ""
+    quantized = QuantizedLayers(cache_folder(checkpoint, settings), settings) if quant else None
+    offloaded = None
     if plan.all_resident:
         experts = ResidentExperts(parts.experts, device, parts.dtype, trace, kernel, quant, quantized)
     else:
         mode = "mmap" if plan.store == "mmap" else "ram"
         store = ExpertStore(parts.experts, parts.dtype, mode, device, quant, quantized)
         cache = ExpertCache(store, plan.slots, device, options.policy, layers=len(blocks))
-        bandwidths = None
-        # the CPU's share of the misses: on a CPU device the device's kernel, so both give the same bits;
-        # copying all of them needs none (and no build of the CPU kernels)
-        on_cpu = kernel if device.type == "cpu" else None if options.miss_policy == "copy" else host_kernel()
-        if options.miss_policy == "auto":
-            bandwidths = calibrated(
-                store, cache.rows[0], blocks[0], on_cpu, options.copy_bandwidth, options.cpu_bandwidth
-            )
-        experts = OffloadedExperts(
+        on_cpu = _host_kernel(device, kernel, options.miss_policy)
+        experts = offloaded = OffloadedExperts(
             cache,
             blocks,
             prefetch=options.prefetch,
             margin=options.prefetch_margin,
             trace=trace,
-            miss_policy=options.miss_policy,
-            bandwidths=bandwidths,
+            miss_policy=_miss_policy(options, cache, blocks, on_cpu),
             pair_outputs=kernel,
+            pin_hot=options.pin_hot,
             host_kernel=on_cpu,
         )
     for block in blocks:
         block.experts = experts
-    engine = Engine(checkpoint, parts, plan, experts, options, kernels)
-    if options.profile and isinstance(experts, OffloadedExperts):
-        _start_from_profile(engine, blocks)
-    return engine
+    if options.profile and offloaded is not None:
+        own = options.profile == "auto"
+        offloaded.start_from_profile(default_profile_path(checkpoint) if own else Path(options.profile), own)
+    tokenizer = prepared.__dict__.get("tokenizer")  # where the preparation has read it already
+    return Engine(checkpoint, parts, plan, experts, options, kernels, offloaded, tokenizer)
 
 
 def physical_cores() -> int:
@@ -301,40 +439,63 @@ def physical_cores() -> int:
     return psutil.cpu_count(logical=False) or os.cpu_count() or 1
 
 
-def _start_from_profile(engine: Engine, blocks) -> None:
-    """Read the routing profile; warm the pool and pin from it where it has something to say."""
-    options, cache = engine.options, engine.experts.cache
-    path = default_profile_path(engine.checkpoint) if options.profile == "auto" else Path(options.profile)
-    profile = RoutingProfile.load(path)
-    profile.check({block.layer_idx for block in blocks}, blocks[0].num_experts, path)
-    engine.profile_path, engine.profile = path, profile
-    if options.pin_hot and profile.counts:
-        cache.pin(profile.hottest()[: options.pin_hot])
-        engine._warmed_up = True  # the profile stands in for the first prompt's warm-up
-    start_from_profile(cache, profile)
+def load(
+    source: str,
+    *,
+    device: str | None = None,
+    dtype: torch.dtype | str | None = None,
+    revision: str | None = None,
+    options: RuntimeOptions | None = None,
+    **settings,
+) -> Engine:
+    """Open a checkpoint (a folder, or a Hub repo id, downloaded through the Hugging Face cache) and place
+    it on `device` ("cpu", "cuda" or "cuda:N"; default: CUDA when present) in `dtype` ("bfloat16",
+    "float16", "float32", a torch dtype; default: the checkpoint's). `settings` are the runtime's, named
+    and written as `localmoe generate`'s flags: vram_budget="12GiB", host_budget, expert_slots, context,
+    policy, profile, pin_hot, prefetch, prefetch_margin, miss_policy, copy_bandwidth and cpu_bandwidth
+    (GB/s), expert_bits, expert_group_size, kernels, trace (see `RuntimeOptions`); or `options`, a
+    RuntimeOptions, instead."""
+    if options is not None and settings:
+        raise LocalMoEError("give the settings as keywords or as options=RuntimeOptions(...), not both")
+    options = options or RuntimeOptions.named(settings)
+    return place(prepare(source, device=str(resolve_device(device)), dtype=dtype, revision=revision, options=options))
 
 
 def plan_for(
     source: str,
     *,
     device: str | None = None,
-    dtype: torch.dtype | None = None,
+    dtype: torch.dtype | str | None = None,
     revision: str | None = None,
     options: RuntimeOptions | None = None,
 ) -> MemoryPlan:
-    """The memory plan `load` would follow, without loading any weights; the device need not be here
-    when `vram_budget` says how much memory it has."""
-    options = options or RuntimeOptions()
-    target = _parse_device(device) if device else resolve_device(None)
-    if target.type == "cuda" and not torch.cuda.is_available() and options.vram_budget is None:
-        raise LocalMoEError("this machine has no CUDA device: give --vram-budget to plan for one")
-    return _plan(model_skeleton(open_checkpoint(source, revision), dtype), target, options)
+    """The memory plan `load` would follow, from the checkpoint's headers alone (see `prepare`)."""
+    return prepare(source, device=device, dtype=dtype, revision=revision, options=options, headers_only=True).plan
 
 
-def _quant(options: RuntimeOptions) -> QuantSpec | None:
+def _host_kernel(device: torch.device, kernel: Callable, policy: str) -> Callable:
+    """The kernel for the CPU's share of the misses: on a CPU device the device's own `kernel`, so that both
+    give the same bits; the compiled CPU kernels elsewhere, but none to build where the policy copies every
+    miss."""
+    if device.type == "cpu":
+        return kernel
+    return expert_pair_outputs if policy == "copy" else host_kernel()
+
+
+def _miss_policy(options: RuntimeOptions, cache: ExpertCache, blocks, on_cpu):
+    """The miss policy the options name, with the bandwidths it weighs, measured once per machine with the
+    kernel `on_cpu` that computes the CPU's share."""
+    if not MISS_POLICIES[options.miss_policy].weighs_bandwidths:
+        return miss_policy(options.miss_policy)
+    rates = calibrated(cache.store, cache.rows[0], blocks[0], on_cpu, *options.bandwidths())
+    return miss_policy(options.miss_policy, rates)
+
+
+def _quant(options: RuntimeOptions, source) -> QuantSpec | None:
     if options.expert_bits == 16:
         return None
-    return QuantSpec(options.expert_bits, options.expert_group_size)
+    block = next(iter(source.blocks.values()))
+    return QuantSpec.fitting(options.expert_bits, options.expert_group_size, block.hidden_size, block.intermediate_size)
 
 
 def _stored_format(source) -> StoredFormat | None:
@@ -348,11 +509,12 @@ def _quant_settings(quant: QuantSpec, dtype: torch.dtype) -> str:
     return f"bits={quant.bits} group={quant.group} dtype={dtype}"
 
 
-def _plan(parts: ModelParts, device: torch.device, options: RuntimeOptions) -> MemoryPlan:
+def _plan(parts: ModelParts, device: torch.device, options: RuntimeOptions, quant: QuantSpec | None) -> MemoryPlan:
     fp = footprint(parts)
-    layout = layout_of(parts.experts, _quant(options), parts.dtype)
+    layout = layout_of(parts.experts, quant, parts.dtype)
     if layout.row_dtype is not None:  # quantized or MXFP4 byte rows: the plan counts their size
         fp = replace(fp, expert_bytes=layout.numel)
+    _check_settings(options)
     plan = plan_memory(
         fp,
         device,
@@ -362,25 +524,33 @@ def _plan(parts: ModelParts, device: torch.device, options: RuntimeOptions) -> M
         context=options.context,
         prefill_chunk=options.prefill_chunk,
     )
-    _check_options(options, plan)
+    most = plan.slots - plan.footprint.top_k
+    if options.pin_hot > most and not plan.all_resident:
+        raise LocalMoEError(
+            f"{setting('pin_hot')} {options.pin_hot} must leave one layer's {plan.footprint.top_k} experts of the "
+            f"{plan.slots} slots free: use at most {max(most, 0)}, or more slots"
+        )
     return plan
 
 
-def _check_options(options: RuntimeOptions, plan: MemoryPlan) -> None:
-    if options.policy not in POLICIES:
-        raise LocalMoEError(f"unknown cache policy {options.policy!r}: choose one of {', '.join(POLICIES)}")
-    if options.miss_policy not in MISS_POLICIES:
-        raise LocalMoEError(f"unknown miss policy {options.miss_policy!r}: choose one of {', '.join(MISS_POLICIES)}")
-    if any(rate is not None and rate <= 0 for rate in (options.copy_bandwidth, options.cpu_bandwidth)):
-        raise LocalMoEError("--copy-bandwidth and --cpu-bandwidth must be positive")
-    if options.prefetch < 0 or options.prefetch_margin < 0:
-        raise LocalMoEError("--prefetch and --prefetch-margin cannot be negative")
-    most = plan.slots - plan.footprint.top_k
-    if options.pin_hot < 0 or (options.pin_hot > most and not plan.all_resident):
+def _check_settings(options: RuntimeOptions) -> None:
+    """Settings that are wrong whatever the model."""
+    for name, table in (("policy", POLICIES), ("miss_policy", MISS_POLICIES), ("kernels", KERNELS)):
+        if getattr(options, name) not in table:
+            raise LocalMoEError(f"unknown {setting(name)} {getattr(options, name)!r}: choose one of {', '.join(table)}")
+    if options.prefetch < 0 or options.prefetch_margin < 0 or options.pin_hot < 0:
         raise LocalMoEError(
-            f"--pin-hot {options.pin_hot} must leave one layer's {plan.footprint.top_k} experts of the "
-            f"{plan.slots} slots free: use at most {max(most, 0)}, or more slots"
+            f"{setting('prefetch')}, {setting('prefetch_margin')} and {setting('pin_hot')} cannot be negative"
         )
+
+
+def _dtype(dtype: torch.dtype | str | None) -> torch.dtype | None:
+    """A compute dtype from its name ("bfloat16"; "auto": the checkpoint's, as None) or as a torch dtype."""
+    if dtype is None or isinstance(dtype, torch.dtype):
+        return dtype
+    if dtype != "auto" and dtype not in DTYPES:
+        raise LocalMoEError(f"unknown {setting('dtype')} {dtype!r}: choose auto, {', '.join(DTYPES)}")
+    return DTYPES.get(dtype)
 
 
 def resolve_device(device: str | None) -> torch.device:
@@ -389,7 +559,9 @@ def resolve_device(device: str | None) -> torch.device:
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     resolved = _parse_device(device)
     if resolved.type == "cuda" and not torch.cuda.is_available():
-        raise LocalMoEError(f"{device} was asked for but this torch build sees no CUDA device: use --device cpu")
+        raise LocalMoEError(
+            f"{device} was asked for but this torch build sees no CUDA device: use {setting('device')} cpu"
+        )
     if resolved.type == "cuda" and (resolved.index or 0) >= torch.cuda.device_count():
         raise LocalMoEError(f"{device} does not exist: this machine has {torch.cuda.device_count()} CUDA device(s)")
     return resolved

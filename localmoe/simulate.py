@@ -17,8 +17,8 @@ from pathlib import Path
 import torch
 
 from localmoe.errors import LocalMoEError
-from localmoe.runtime.expert_cache import CacheCounters, ExpertCache, Key, passed_over
-from localmoe.runtime.expert_store import ExpertLayout
+from localmoe.runtime.expert_cache import CacheCounters, CachePolicy, ExpertCache, Key, passed_over
+from localmoe.runtime.layouts import ExpertLayout
 from localmoe.runtime.profile import RoutingProfile, start_from_profile
 
 
@@ -95,12 +95,14 @@ class Replay:
         return c.prefetch_used / c.misses if c.misses else 0.0
 
 
-class Belady:
+class Belady(CachePolicy):
     """Offline optimal replacement for a known sequence of layer visits: evict the cached expert needed
     again furthest in the future. It follows the cache's policy interface, so the cache's own rules
     (what the current layer uses is never evicted) bound it as they bind others. With bypass admission
     its `rank` lets a miss take a slot only from an expert needed again later than it: the offline
     optimum of a cache that may leave misses to the CPU."""
+
+    ranks = True
 
     def __init__(self, visits: list[list[Key]]):
         self._visits = visits
@@ -151,7 +153,7 @@ class _OneNumberStore:
 def replay(
     trace: Trace,
     slots: int,
-    policy: str | Callable[[], object] = "lru",
+    policy: str | Callable[[], object],
     prefetch: bool = False,
     pin_hot: int = 0,
     bypass: bool = False,

@@ -2,26 +2,32 @@
 say which flags were fastest.
 
 One knob at a time, from the planned slot count: the policy, then prefetch depth, then its margin,
-then pinning the prompt's hottest experts, then what a miss does. Then the best setting at a half and
-three quarters of the slots, to show what a smaller budget would cost. Every setting runs on the same
-loaded model: the cache is emptied between tries and resized within the pool allocated at load, so
-nothing is reloaded and the memory plan never changes.
+then pinning the prompt's hottest experts, then what a miss does, each candidate timed several times
+(interleaved, the median kept). Then the best setting at a half and three quarters of the slots, to
+show what a smaller budget would cost. Every setting runs on the same loaded model: the cache is
+emptied between tries and resized within the pool allocated at load, so nothing is reloaded and the
+memory plan never changes. The candidates are the registries' entries.
 """
 
+import statistics
 from collections.abc import Callable
 from dataclasses import dataclass, replace
 
 from localmoe.bench import RunResult, run_engine
 from localmoe.engine import Engine
+from localmoe.runtime.expert_cache import POLICIES
+from localmoe.runtime.miss_policy import MISS_POLICIES
+
+PREFETCH_DEPTHS, PREFETCH_MARGINS = (0, 1, 2), (0, 2)
 
 
 @dataclass(frozen=True)
 class Setting:
-    policy: str = "score"
-    prefetch: int = 1
-    prefetch_margin: int = 0
-    pin_hot: int = 0
-    miss_policy: str = "copy"
+    policy: str
+    prefetch: int
+    prefetch_margin: int
+    pin_hot: int
+    miss_policy: str
     slots: int = 0  # 0: the plan's
 
     def flags(self) -> str:
@@ -31,39 +37,73 @@ class Setting:
         )
 
 
+@dataclass(frozen=True)
+class Timing:
+    """A setting's decode tokens/s over its runs, and the hit rate of the last."""
+
+    rates: tuple[float, ...]
+    hit_rate: float
+
+    @property
+    def median(self) -> float:
+        return statistics.median(self.rates)
+
+
 class Tuner:
-    def __init__(self, engine: Engine, prompt: list[int], tokens: int, report: Callable[[Setting, RunResult], None]):
-        self.engine, self.prompt, self.tokens, self.report = engine, prompt, tokens, report
-        self.rates: dict[Setting, float] = {}
+    """Times settings on a loaded engine: each knob's candidates run `repeats` times, interleaved (one
+    run of each, then again), so that a load that comes and goes on the machine falls on all of them; a
+    candidate's speed is its median."""
+
+    def __init__(
+        self,
+        engine: Engine,
+        prompt: list[int],
+        tokens: int,
+        report: Callable[[Setting, Timing], None],
+        repeats: int = 3,
+    ):
+        self.engine, self.prompt, self.tokens, self.report, self.repeats = engine, prompt, tokens, report, repeats
+        self.timings: dict[Setting, Timing] = {}
 
     def run(self) -> Setting:
-        """The fastest setting found (its decode tokens/s in `rates`)."""
-        hot = max(0, (self.engine.plan.slots - self.engine.plan.footprint.top_k) // 4)
-        start = Setting(miss_policy=self.engine.experts.miss_policy)
-        best = max((replace(start, policy=policy) for policy in ("score", "lfu", "lru")), key=self.rate)
-        best = max((replace(best, prefetch=depth) for depth in (0, 1, 2)), key=self.rate)
+        """The fastest setting found (its timing in `timings`)."""
+        plan, options = self.engine.plan, self.engine.options
+        hot = max(0, (plan.slots - plan.footprint.top_k) // 4)
+        start = Setting(options.policy, options.prefetch, options.prefetch_margin, 0, options.miss_policy)
+        best = self.fastest([replace(start, policy=policy) for policy in POLICIES])
+        best = self.fastest([replace(best, prefetch=depth) for depth in PREFETCH_DEPTHS])
         if best.prefetch:
-            best = max((replace(best, prefetch_margin=margin) for margin in (0, 2)), key=self.rate)
-        best = max((replace(best, pin_hot=count) for count in {0, hot}), key=self.rate)
-        # auto needs the bandwidths measured at load, which a model loaded with another policy lacks
-        misses = ("copy", "cpu", "bypass", "auto") if self.engine.experts.bandwidths else ("copy", "cpu", "bypass")
-        best = max((replace(best, miss_policy=miss) for miss in misses), key=self.rate)
-        planned, least = self.engine.plan.slots, self.engine.plan.footprint.top_k + best.pin_hot
-        for slots in sorted({planned // 2, planned * 3 // 4} - {planned}):
-            if slots >= least:
-                self.rate(replace(best, slots=slots))
+            best = self.fastest([replace(best, prefetch_margin=margin) for margin in PREFETCH_MARGINS])
+        best = self.fastest([replace(best, pin_hot=count) for count in sorted({0, hot})])
+        best = self.fastest([replace(best, miss_policy=miss) for miss in MISS_POLICIES])
+        planned, least = plan.slots, plan.footprint.top_k + best.pin_hot
+        smaller = [replace(best, slots=slots) for slots in sorted({planned // 2, planned * 3 // 4} - {planned})]
+        self.time([setting for setting in smaller if setting.slots >= least])
         return best
 
-    def rate(self, setting: Setting) -> float:
-        """Decode tokens/s of one setting, measured once."""
-        if setting not in self.rates:
-            experts = self.engine.experts
-            experts.cache.clear(setting.policy)
-            self.engine.resize_cache(setting.slots or self.engine.plan.slots)
-            experts.configure_prefetch(setting.prefetch, setting.prefetch_margin)
-            experts.miss_policy = setting.miss_policy
-            self.engine.options.pin_hot = setting.pin_hot
-            result = run_engine(self.engine, setting.flags(), self.prompt, self.tokens)
-            self.rates[setting] = result.decode_tokens_per_s
-            self.report(setting, result)
-        return self.rates[setting]
+    def fastest(self, candidates: list[Setting]) -> Setting:
+        self.time(candidates)
+        return max(candidates, key=lambda setting: self.timings[setting].median)
+
+    def time(self, settings: list[Setting]) -> None:
+        """Run each setting `repeats` times, round by round, and report each."""
+        runs: dict[Setting, list[RunResult]] = {setting: [] for setting in settings}
+        for _ in range(self.repeats):
+            for setting in settings:
+                runs[setting].append(self._run(setting))
+        for setting, results in runs.items():
+            earlier = self.timings[setting].rates if setting in self.timings else ()
+            rates = earlier + tuple(result.decode_tokens_per_s for result in results)
+            self.timings[setting] = Timing(rates, results[-1].hit_rate or 0.0)
+            self.report(setting, self.timings[setting])
+
+    def _run(self, setting: Setting) -> RunResult:
+        self.engine.reconfigure(
+            slots=setting.slots or self.engine.plan.slots,
+            policy=setting.policy,
+            prefetch=setting.prefetch,
+            prefetch_margin=setting.prefetch_margin,
+            pin_hot=setting.pin_hot,
+            miss_policy=setting.miss_policy,
+        )
+        return run_engine(self.engine, setting.flags(), self.prompt, self.tokens)

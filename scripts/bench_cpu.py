@@ -108,14 +108,19 @@ runpy.run_path({script!r}, run_name="__main__")
 """
 
 
-def checkpoint(work: Path, model: str) -> Path:
-    """The random checkpoint of `model`, written once."""
+def config_of(model: str, layers: int | None) -> dict:
+    """`model`'s configuration, with `layers` layers where given (a smaller file, the same per-layer work)."""
+    return {**MODELS[model], **COMMON, **({"num_hidden_layers": layers} if layers else {})}
+
+
+def checkpoint(work: Path, name: str, config: dict) -> Path:
+    """The random checkpoint `name` of `config`, written once."""
     from localmoe.demo import write_random_checkpoint
 
-    folder = work / model
+    folder = work / name
     if not (folder / "tokenizer.json").is_file():
-        print(f"writing a random {model} checkpoint to {folder}", flush=True)
-        write_random_checkpoint(folder, {**MODELS[model], **COMMON}, shard_bytes=1 << 30)
+        print(f"writing a random checkpoint to {folder}", flush=True)
+        write_random_checkpoint(folder, config, shard_bytes=1 << 30)
         tokenizer = {"tokenizer_class": "PreTrainedTokenizerFast", "bos_token": "<s>", "eos_token": "</s>"}
         (folder / "tokenizer_config.json").write_text(json.dumps(tokenizer))
         byte_level_bpe().save(str(folder / "tokenizer.json"))
@@ -136,15 +141,15 @@ def byte_level_bpe():
     return tokenizer
 
 
-def gguf_files(work: Path, model: str, folder: Path, llama_cpp: Path, source: Path) -> dict[str, Path]:
-    """llama.cpp's files for each format, converted from `folder` once."""
+def gguf_files(work: Path, model: str, folder: Path, llama_cpp: Path, source: Path, formats) -> dict[str, Path]:
+    """llama.cpp's files for each of `formats`, converted from `folder` once."""
     bf16 = work / f"{model}-BF16.gguf"
     if not bf16.is_file():
         argv = ["convert_hf_to_gguf.py", str(folder), "--outfile", str(bf16), "--outtype", "bf16"]
         script = CONVERT.format(source=str(source), argv=argv, script=str(source / "convert_hf_to_gguf.py"))
         subprocess.run([sys.executable, "-c", script], check=True)
     files = {}
-    for name, _, kind, extra in FORMATS:
+    for name, _, kind, extra in formats:
         if extra is None:
             files[name] = bf16
             continue
@@ -240,16 +245,18 @@ def spread(values: list[float]) -> dict:
 
 
 def bench_model(args, model: str) -> dict:
-    folder = checkpoint(args.work, model)
-    files = gguf_files(args.work, model, folder, args.llama_cpp, args.llama_source)
-    config = MODELS[model]
+    config = config_of(model, args.layers)
+    tag = f"{model}-{config['num_hidden_layers']}layers"
+    folder = checkpoint(args.work, tag, config)
+    formats = [f for f in FORMATS if f[0] in args.formats.split(";")]
+    files = gguf_files(args.work, tag, folder, args.llama_cpp, args.llama_source, formats)
     top_k, experts = config["num_experts_per_tok"], config.get("num_local_experts") or config["num_experts"]
     runs: dict[tuple[str, str], list[dict]] = {}
     bandwidths = []
     for round_ in range(args.rounds):
         print(f"{model}: round {round_ + 1} of {args.rounds}", flush=True)
         bandwidths.append(read_bandwidth(args.threads))
-        for name, bits, _, _ in FORMATS:
+        for name, bits, _, _ in formats:
             runs.setdefault(("llama.cpp", name), []).append(
                 run_llama(args.llama_cpp, files[name], args.prompt, args.new, args.threads)
             )
@@ -300,6 +307,9 @@ def main() -> None:
     parser.add_argument("--llama-cpp", type=Path, help="llama.cpp's build folder (with bin/llama-bench)")
     parser.add_argument("--llama-source", type=Path, help="llama.cpp's source (with convert_hf_to_gguf.py)")
     parser.add_argument("--models", default="mixtral,qwen3")
+    parser.add_argument("--layers", type=int, help="layers of each model  [default: the table's, 8 and 6]")
+    names = [f[0] for f in FORMATS]
+    parser.add_argument("--formats", default=";".join(names), help=f"separated by ';', of: {'; '.join(names)}")
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--prompt", type=int, default=64, help="prompt tokens (prefill)")

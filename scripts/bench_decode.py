@@ -44,9 +44,11 @@ from localmoe.bench import (  # noqa: E402
 )
 from localmoe.demo import write_random_checkpoint  # noqa: E402
 from localmoe.engine import RuntimeOptions, load, plan_for  # noqa: E402
+from localmoe.files import write_atomic  # noqa: E402
 from localmoe.loader import DTYPES  # noqa: E402
+from localmoe.options import parse_size  # noqa: E402
 from localmoe.paths import cache_dir  # noqa: E402
-from localmoe.runtime.memory import format_bytes, parse_size  # noqa: E402
+from localmoe.runtime.memory import format_bytes  # noqa: E402
 
 SHAPES = {
     # one expert of 22 MB in bf16, 8 per layer, top-2
@@ -205,8 +207,8 @@ def main() -> None:
         detail = f"{engine.plan.slots} of {fp.total_experts} experts in slots, host copy: {engine.plan.store}"
         if args.expert_bits < 16:
             detail += f", experts at {args.expert_bits} bits (groups of {args.expert_group_size})"
-        if getattr(engine.experts, "bandwidths", None):
-            rates = engine.experts.bandwidths
+        if engine.bandwidths:
+            rates = engine.bandwidths
             detail += f", calibrated copy {rates.copy / 1e9:.2f} GB/s and CPU {rates.cpu / 1e9:.2f} GB/s"
         runs.append(run_engine(engine, "localmoe", prompt, args.new_tokens, detail))
         del engine
@@ -247,7 +249,7 @@ def main() -> None:
     }
     args.out.mkdir(parents=True, exist_ok=True)
     out = args.out / f"{now:%Y%m%d-%H%M}-{device.type}-{model}.json"
-    out.write_text(json.dumps(result, indent=2))
+    write_atomic(out, json.dumps(result, indent=2))
     write_benchmarks(args.out, args.docs)
     print(f"wrote {out} and {args.docs}")
 

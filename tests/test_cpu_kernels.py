@@ -237,7 +237,7 @@ def test_the_choice_of_kernels_on_the_cpu(monkeypatch):
     isa = cpu.cpu_kernel()[1]
     assert pair_kernel("auto", here, torch.bfloat16, acts, QuantSpec(4, 32)) == (cpu.cpu_pair_outputs, f"cpu ({isa})")
     assert pair_kernel("cpu", here, torch.float32, acts, MXFP4)[0] is cpu.cpu_pair_outputs
-    with pytest.raises(LocalMoEError, match="--kernels cpu computes on the CPU"):
+    with pytest.raises(LocalMoEError, match="cpu computes on the CPU"):
         pair_kernel("cpu", torch.device("cuda"), torch.float32, acts)
     monkeypatch.setattr(cpu, "cpu_kernel", lambda: (False, "no C++ compiler found"))
     expected = (expert_pair_outputs, "reference (CPU kernels: they could not be built: no C++ compiler found)")
@@ -252,3 +252,28 @@ def test_without_a_compiler_the_reference_is_kept_with_one_notice(monkeypatch, t
     available, reason = cpu.load()
     assert not available and "no-such-compiler" in reason
     assert capsys.readouterr().err.count("using the slower reference") == 1
+
+
+BUILD = """
+from localmoe.kernels import cpu_experts as cpu
+available, isa = cpu.cpu_kernel()
+print(available, isa)
+"""
+
+
+def test_two_processes_starting_at_once_build_the_library_once(tmp_path):
+    """The second waits on the first's lock and loads what it built; neither sees a half-written file,
+    and no temporary file is left."""
+    env = {**os.environ, "LOCALMOE_CACHE": str(tmp_path), "LOCALMOE_CPU_ISA": "generic"}
+    runs = [
+        subprocess.Popen(
+            [sys.executable, "-c", BUILD], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+        )
+        for _ in range(2)
+    ]
+    done = [run.communicate() for run in runs]
+    assert [out.split() for out, _ in done] == [["True", "generic"]] * 2, [err for _, err in done]
+    assert sum(err.count("building the CPU expert kernels") for _, err in done) == 1
+    built = sorted(path.name for path in (tmp_path / "kernels").iterdir())
+    assert len([name for name in built if name.endswith(".so")]) == 1
+    assert not [name for name in built if name.endswith(".tmp")], built

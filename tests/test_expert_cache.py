@@ -5,7 +5,7 @@ from collections import Counter
 import torch
 
 from localmoe.runtime.expert_cache import LFU, LRU, ExpertCache, Score
-from localmoe.runtime.expert_store import ExpertLayout
+from localmoe.runtime.layouts import ExpertLayout
 
 
 class ToyStore:

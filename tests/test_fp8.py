@@ -2,10 +2,11 @@
 transformers run on the decoded weights, with the routed experts kept in FP8 from disk to slot."""
 
 import json
+import shutil
 
 import pytest
 import torch
-from conftest import DEEPSEEK_V2, QWEN3_MOE, hf_model
+from conftest import TINY_FAMILIES, hf_model
 from safetensors.torch import load_file, save_file
 
 import localmoe
@@ -13,13 +14,10 @@ from localmoe.engine import RuntimeOptions
 from localmoe.kernels.quantized import Fp8Weights, dequantize_fp8_blocks
 from localmoe.kernels.reference import expert_pair_outputs
 from localmoe.models.moe import GatedActivation
-from localmoe.runtime.expert_store import Fp8Layout
+from localmoe.runtime.layouts import Fp8Layout
 
 BLOCK = 8  # divides the tiny models' widths, as 128 divides real ones
-FAMILIES = {
-    "deepseek_v3": ("DeepseekV3Config", {**DEEPSEEK_V2, "n_group": 4, "topk_group": 2}),
-    "qwen3_moe": ("Qwen3MoeConfig", QWEN3_MOE),
-}
+FAMILIES = {name: TINY_FAMILIES[name] for name in ("deepseek_v3", "qwen3_moe")}
 
 
 def quantize_fp8(w: torch.Tensor, block: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -101,7 +99,7 @@ def test_fp8_without_a_block_size_is_refused(fp8_pair, tmp_path):
     _, folder = fp8_pair
     broken = tmp_path / "broken"
     broken.mkdir()
-    (broken / "model.safetensors").symlink_to(folder / "model.safetensors")
+    shutil.copy(folder / "model.safetensors", broken)  # a symlink would lead outside the folder: refused
     config = json.loads((folder / "config.json").read_text())
     del config["quantization_config"]["weight_block_size"]
     (broken / "config.json").write_text(json.dumps(config))

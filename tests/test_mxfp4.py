@@ -83,7 +83,7 @@ def test_mxfp4_offloaded_equals_resident(mxfp4_pair):
 def test_the_runtime_keeps_mxfp4_as_stored(mxfp4_pair):
     """Store rows and slots hold the FP4 codes and exponents: a miss copies those bytes, not bf16."""
     from localmoe.engine import RuntimeOptions
-    from localmoe.runtime.expert_store import Mxfp4Layout
+    from localmoe.runtime.layouts import Mxfp4Layout
 
     _, folder = mxfp4_pair
     ids = torch.randint(0, 256, (16,), generator=torch.Generator().manual_seed(6)).tolist()

@@ -6,29 +6,7 @@ from collections import Counter
 
 import pytest
 import torch
-from conftest import (
-    DEEPSEEK_V2,
-    DEEPSEEK_V4,
-    ERNIE,
-    GEMMA4,
-    GLM4_MOE,
-    GLM_MOE_DSA,
-    GPT_OSS,
-    HUNYUAN,
-    LLAMA4,
-    MELLUM,
-    MINIMAX,
-    MINIMAX_M2,
-    MISTRAL4,
-    MIXTRAL,
-    OLMOE,
-    PHIMOE,
-    QWEN2_MOE,
-    QWEN3_5_MOE,
-    QWEN3_MOE,
-    hf_model,
-    save_hf,
-)
+from conftest import QWEN3_MOE, TINY_FAMILIES, hf_model, save_hf
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -37,16 +15,16 @@ from localmoe.engine import RuntimeOptions
 from localmoe.errors import LocalMoEError
 from localmoe.runtime.expert_cache import ExpertCache
 from localmoe.runtime.expert_store import ExpertStore
+from localmoe.runtime.miss_policy import MissPolicy
 from localmoe.runtime.offload import OffloadedExperts
 from localmoe.runtime.profile import RoutingProfile
 from localmoe.runtime.resident import ResidentExperts
 
 PROMPT, DECODE = 24, 10
 FAMILIES = {
-    "mixtral": ("MixtralConfig", MIXTRAL),  # 3 MoE layers x 5 experts, top-2
+    "mixtral": TINY_FAMILIES["mixtral"],
     "qwen3": ("Qwen3MoeConfig", {**QWEN3_MOE, "mlp_only_layers": [1]}),  # 3 MoE layers x 7 experts, top-3
-    # latent attention, a dense first layer, a shared expert and grouped sigmoid routing: 2 x 8, top-2
-    "deepseek_v3": ("DeepseekV3Config", {**DEEPSEEK_V2, "n_group": 4, "topk_group": 2}),
+    "deepseek_v3": TINY_FAMILIES["deepseek_v3"],
 }
 
 
@@ -187,7 +165,9 @@ def cache_path_engine(path: str, slots: int) -> localmoe.Engine:
     engine = localmoe.load(path, device="cpu", dtype=torch.float32)
     store = ExpertStore(engine.parts.experts, torch.float32, "ram", torch.device("cpu"))
     blocks = list(engine.parts.experts.blocks.values())
-    engine.experts = OffloadedExperts(ExpertCache(store, slots, torch.device("cpu")), blocks)
+    engine.experts = OffloadedExperts(
+        ExpertCache(store, slots, torch.device("cpu"), "lru"), blocks, miss_policy=MissPolicy()
+    )
     for block in blocks:
         block.experts = engine.experts
     return engine
@@ -282,8 +262,8 @@ def test_trace_with_prefetch_records_the_predictions(checkpoints, tmp_path):
 @pytest.mark.parametrize(
     "options,needle",
     [
-        ({"expert_slots": 1}, "--expert-slots 1 is out of range"),
-        ({"expert_slots": 99}, "--expert-slots 99 is out of range"),
+        ({"expert_slots": 1}, "expert_slots 1 is out of range"),
+        ({"expert_slots": 99}, "expert_slots 99 is out of range"),
         ({"expert_slots": 4, "pin_hot": 3}, "use at most 2"),
         ({"vram_budget": 10_000}, "too small"),
     ],
@@ -293,44 +273,17 @@ def test_bad_runtime_options(checkpoints, options, needle):
         localmoe.load(checkpoints["mixtral"], device="cpu", options=RuntimeOptions(**options))
 
 
-EVERY_FAMILY = {
-    "mixtral": ("MixtralConfig", MIXTRAL),
-    "qwen2_moe": ("Qwen2MoeConfig", QWEN2_MOE),
-    "qwen3_moe": ("Qwen3MoeConfig", QWEN3_MOE),
-    "olmoe": ("OlmoeConfig", OLMOE),
-    "deepseek_v2": (
-        "DeepseekV2Config",
-        {**DEEPSEEK_V2, "topk_method": "group_limited_greedy", "n_group": 4, "topk_group": 2},
-    ),
-    "deepseek_v3": ("DeepseekV3Config", {**DEEPSEEK_V2, "n_group": 4, "topk_group": 2}),
-    "glm4_moe": ("Glm4MoeConfig", GLM4_MOE),
-    "gpt_oss": ("GptOssConfig", GPT_OSS),
-    "phimoe": ("PhimoeConfig", PHIMOE),
-    "minimax": ("MiniMaxConfig", MINIMAX),
-    "minimax_m2": ("MiniMaxM2Config", MINIMAX_M2),
-    "ernie4_5_moe": ("Ernie4_5_MoeConfig", {**ERNIE, "use_bias": True}),
-    "hunyuan_v1_moe": ("HunYuanMoEV1Config", {**HUNYUAN, "moe_topk": [1, 3, 2]}),
-    "llama4_text": ("Llama4TextConfig", {**LLAMA4, "num_experts_per_tok": 2}),
-    "qwen3_5_moe_text": ("Qwen3_5MoeTextConfig", QWEN3_5_MOE),
-    "gemma4_text": ("Gemma4TextConfig", GEMMA4),
-    "mellum": ("MellumConfig", MELLUM),
-    "mistral4": ("Mistral4Config", MISTRAL4),
-    "glm_moe_dsa": ("GlmMoeDsaConfig", GLM_MOE_DSA),
-    "deepseek_v4": ("DeepseekV4Config", DEEPSEEK_V4),
-}
-
-
 def test_the_list_covers_every_registered_family():
     from localmoe.models import FAMILIES
 
-    assert set(EVERY_FAMILY) == {family.model_type for family in FAMILIES}
+    assert set(TINY_FAMILIES) == {family.model_type for family in FAMILIES}
 
 
-@pytest.mark.parametrize("family", list(EVERY_FAMILY))
+@pytest.mark.parametrize("family", list(TINY_FAMILIES))
 def test_every_family_offloaded_equals_resident(family, tmp_path):
     """The smallest pool, a middling one and all but one expert, with prefetch two layers ahead, misses
     copied; and the smallest pool with misses computed on the CPU."""
-    config_class, config = EVERY_FAMILY[family]
+    config_class, config = TINY_FAMILIES[family]
     path = str(save_hf(hf_model(config_class, **config), tmp_path, "sharded"))
     resident = localmoe.load(path, device="cpu", dtype=torch.float32)
     expected_tokens, expected_logits = run(resident)

@@ -9,7 +9,7 @@ from test_parity import PHIMOE_LONGROPE
 
 import localmoe
 from localmoe.errors import LocalMoEError
-from localmoe.models.layers import rope_inv_freq, rope_parameters
+from localmoe.models.rotary import rope_inv_freq, rope_parameters
 
 HEAD_DIM, MAX_POSITIONS = 64, 4096
 MLA_YARN = {

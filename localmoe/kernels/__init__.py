@@ -7,7 +7,7 @@ from collections.abc import Callable
 
 import torch
 
-from localmoe.errors import LocalMoEError
+from localmoe.errors import LocalMoEError, setting
 from localmoe.kernels.quantized import Fp8Weights, Mxfp4Weights, QuantSpec, StoredFormat, quantized_stack
 from localmoe.kernels.reference import expert_pair_outputs
 
@@ -29,7 +29,7 @@ def pair_kernel(
     if choice not in KERNELS:
         raise LocalMoEError(f"unknown kernels {choice!r}: choose one of {', '.join(KERNELS)}")
     if choice == "cpu" and device.type != "cpu":
-        raise LocalMoEError("--kernels cpu computes on the CPU: use it with --device cpu")
+        raise LocalMoEError(f"{setting('kernels')} cpu computes on the CPU: use it with the CPU device")
     if device.type == "cpu" and choice in ("auto", "cpu"):
         return _cpu_kernel(choice, device, dtype, acts, quant)
     if choice == "auto" and device.type != "cuda":
@@ -39,12 +39,16 @@ def pair_kernel(
     except ImportError:
         if choice == "auto":
             return expert_pair_outputs, "reference (Triton is not installed)"
-        raise LocalMoEError("--kernels triton needs Triton: pip install triton, or use --kernels reference") from None
+        raise LocalMoEError(
+            f"{setting('kernels')} triton needs Triton: pip install triton, or use {setting('kernels')} reference"
+        ) from None
     missing = sorted({f"{act.kind}/{act.act}" for act in acts if activation_code(act) is None})
     if missing:
         if choice == "auto":
             return expert_pair_outputs, f"reference (Triton kernels lack {', '.join(missing)})"
-        raise LocalMoEError(f"the Triton expert kernels lack the {', '.join(missing)} activation: --kernels reference")
+        raise LocalMoEError(
+            f"the Triton expert kernels lack the {', '.join(missing)} activation: {setting('kernels')} reference"
+        )
     if device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
         raise LocalMoEError("the Triton expert kernels run on CUDA (on the CPU only under TRITON_INTERPRET=1)")
     if choice == "auto" and (failure := self_check(triton_pair_outputs, device, dtype, acts, quant)):
@@ -73,7 +77,7 @@ def _cpu_kernel(choice: str, device, dtype, acts, quant) -> tuple[Callable, str]
         return cpu_pair_outputs, f"cpu ({isa})"
     if choice == "auto":
         return expert_pair_outputs, f"reference (CPU kernels: {failure})"
-    raise LocalMoEError(f"--kernels cpu: {failure}; use --kernels reference")
+    raise LocalMoEError(f"{setting('kernels')} cpu: {failure}; use {setting('kernels')} reference")
 
 
 def self_check(

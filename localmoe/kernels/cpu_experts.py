@@ -15,7 +15,6 @@ dequantizes exactly as kernels/quantized.py does: bit for bit the reference.
 """
 
 import array
-import contextlib
 import ctypes
 import functools
 import hashlib
@@ -29,6 +28,7 @@ from pathlib import Path
 
 import torch
 
+from localmoe.files import locked, temporary_path
 from localmoe.kernels.quantized import Fp8Weights, Mxfp4Weights, QuantizedWeights
 from localmoe.kernels.reference import ExpertStack, _expert
 from localmoe.paths import cache_dir
@@ -121,10 +121,10 @@ def _built(isa: str) -> Path:
     if library.exists():
         return library
     folder.mkdir(parents=True, exist_ok=True)
-    with _locked(folder / f"{library.name}.lock"):
+    with locked(library):
         if not library.exists():  # built by another process while this one waited
             print(f"localmoe: building the CPU expert kernels for {isa} (once)", file=sys.stderr)
-            objects, partial = library.with_suffix(f".{os.getpid()}.o"), library.with_suffix(f".{os.getpid()}.tmp")
+            objects, partial = temporary_path(library.with_suffix(".o")), temporary_path(library)
             try:
                 _run([compiler, *compile_flags, "-c", str(SOURCE), "-o", str(objects)])
                 _run([compiler, "-shared", str(objects), "-o", str(partial), *link_flags])
@@ -152,22 +152,6 @@ def _flags(isa: str) -> tuple[str, list[str], list[str]]:
     gomp = sorted([*torch_lib.glob("libgomp*.so*"), *(torch_lib.parent.parent / "torch.libs").glob("libgomp*.so*")])
     link = [str(gomp[0]), f"-Wl,-rpath,{gomp[0].parent}"] if gomp else ["-fopenmp"]
     return compiler, ["-O3", "-std=c++17", "-fPIC", "-fopenmp", "-DNDEBUG", *ISAS[isa][1]], link
-
-
-@contextlib.contextmanager
-def _locked(path: Path):
-    """Hold an exclusive lock on `path` (where the system has them), so one process builds at a time."""
-    try:
-        import fcntl
-    except ImportError:  # no locks: concurrent builds each write their own file and rename it in place
-        yield
-        return
-    with open(path, "w") as handle:
-        fcntl.flock(handle, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(handle, fcntl.LOCK_UN)
 
 
 def missing_activations(acts) -> list[str]:

@@ -14,7 +14,8 @@ import torch.nn.functional as F
 
 class ExpertStack(NamedTuple):
     """Experts stacked in one row layout, indexed by their position in the stack (a slot of the pool, or
-    an expert id of the host store): gate_up [N, 2I, E] with gate rows first, down [N, E, I] (tensors in
+    an expert id of the host store): gate_up [N, 2I, E] with gate rows first (up alone, [N, I, E], for
+    ungated experts), down [N, E, I] (tensors in
     the compute dtype, or the quantized stacks of kernels/quantized.py), and biases [N, 2I] and [N, E]
     where the experts have them."""
 
@@ -41,7 +42,8 @@ def expert_pair_outputs(
     """out[t * k + j] = down[s] @ act(gate[s] @ x[t], up[s] @ x[t]) with s = slots[t, j].
 
     out [T*k, E]; x [T, E]; gate_up [N, 2I, E] with gate rows first; down [N, E, I]; slots [T, k];
-    `act(gate, up)` combines the two projections (a `GatedActivation`); biases [N, 2I] and [N, E] where
+    `act` (a `GatedActivation`) combines the two projections (`act.combine`, which also takes up alone,
+    gate_up [N, I, E], for ungated experts); biases [N, 2I] and [N, E] where
     the experts have them; `input_scale` [T*k] multiplies each pair's input (Llama 4 weights the
     expert's input, not its output). A pair whose slot is -1 is computed from `host` (the layer's
     experts where they lie, in the same layout, indexed by expert id) at its expert `ids[t, j]` when
@@ -68,8 +70,7 @@ def _expert(inputs: torch.Tensor, stack: ExpertStack, row: int, act) -> torch.Te
     """One expert of `stack` (at `row`) applied to inputs [P, E]."""
     bias_in = None if stack.gate_up_bias is None else stack.gate_up_bias[row]
     bias_out = None if stack.down_bias is None else stack.down_bias[row]
-    gate, up = F.linear(inputs, stack.gate_up[row], bias_in).chunk(2, dim=-1)
-    return F.linear(act(gate, up), stack.down[row], bias_out)
+    return F.linear(act.combine(F.linear(inputs, stack.gate_up[row], bias_in)), stack.down[row], bias_out)
 
 
 def combine_pairs(pair_outputs: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:

@@ -25,9 +25,10 @@ from torch import nn
 from localmoe.models.attention import attend_with_sinks
 from localmoe.models.expert_tensors import PerExpert
 from localmoe.models.family import Family, ModelArgs
-from localmoe.models.layers import MLP, Backbone, CausalLM, RotaryEmbedding, Step, UpcastRMSNorm, rope_parameters
-from localmoe.models.moe import FUSED_EXPERTS, GatedActivation, SparseMoE
-from localmoe.runtime.kv_cache import REWIND_SLACK, WindowKV
+from localmoe.models.layers import Backbone, CausalLM, Step, UpcastRMSNorm
+from localmoe.models.moe import FUSED_EXPERTS, GatedActivation, GatedMLP, SparseMoE
+from localmoe.models.rotary import RotaryEmbedding, rope_parameters
+from localmoe.models.state import REWIND_SLACK, CompressedKV, PooledState, WindowKV
 
 SLIDING, CSA, HCA = "sliding_attention", "compressed_sparse_attention", "heavily_compressed_attention"
 RATIO_TO_KIND = {0: SLIDING, 4: CSA, 128: HCA}
@@ -136,40 +137,6 @@ def rotate_pairs(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch
 def unweighted_rms(x: torch.Tensor, eps: float) -> torch.Tensor:
     """RMS normalisation whose factor is computed in float32 and applied in x's dtype."""
     return x * torch.rsqrt(x.float().square().mean(-1, keepdim=True) + eps).to(x.dtype)
-
-
-# --- generation state -----------------------------------------------------------------------------------
-
-
-class PooledState:
-    """One compressor's state: the projections of tokens not yet making a full window, the previous
-    window's first half for overlapping windows, and the entries emitted so far."""
-
-    def __init__(self, batch: int, width: int, dim: int, rate: int, max_len: int, dtype, device):
-        self.empty = torch.zeros(batch, 0, width, dtype=dtype, device=device)
-        self.entries = torch.zeros(batch, max_len // rate + 1, dim, dtype=dtype, device=device)
-        self.reset()
-
-    def reset(self) -> None:
-        self.pending_kv = self.pending_gate = self.empty
-        self.overlap: tuple[torch.Tensor, torch.Tensor] | None = None
-        self.count = 0
-
-
-class V4State:
-    """A layer's state: keys of the sliding window (a ring), and its compressors' states."""
-
-    def __init__(self, window: WindowKV, compressor: PooledState | None, indexer: PooledState | None):
-        self.window, self.compressor, self.indexer = window, compressor, indexer
-
-    def truncate(self, pos: int, current: int, interrupted: bool) -> bool:
-        return pos == current and not interrupted
-
-    def reset(self) -> None:
-        self.window.reset()
-        for state in (self.compressor, self.indexer):
-            if state is not None:
-                state.reset()
 
 
 # --- attention -------------------------------------------------------------------------------------------
@@ -286,15 +253,15 @@ class CompressedAttention(nn.Module):
             if kind == CSA:
                 self.compressor.indexer = Indexer(args)
 
-    def new_state(self, batch: int, max_len: int, dtype: torch.dtype, device) -> V4State:
+    def new_state(self, batch: int, max_len: int, dtype: torch.dtype, device) -> CompressedKV:
         window = WindowKV(batch, 1, self.dim, self.window, dtype, device)
         if self.kind == SLIDING:
-            return V4State(window, None, None)
+            return CompressedKV(window, None, None)
         compressor = self.compressor.new_state(batch, max_len, dtype, device)
         indexer = (
             self.compressor.indexer.compressor.new_state(batch, max_len, dtype, device) if self.kind == CSA else None
         )
-        return V4State(window, compressor, indexer)
+        return CompressedKV(window, compressor, indexer)
 
     def state_bytes_per_token(self, dtype: torch.dtype) -> int:
         if self.kind == SLIDING:
@@ -305,7 +272,7 @@ class CompressedAttention(nn.Module):
     def fixed_state_bytes(self, dtype: torch.dtype) -> int:
         return 2 * (self.window + REWIND_SLACK) * self.dim * dtype.itemsize
 
-    def forward(self, x: torch.Tensor, step: Step, state: V4State) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, step: Step, state: CompressedKV) -> torch.Tensor:
         B, T, _ = x.shape
         cos, sin = (step.cos, step.sin) if self.kind == SLIDING else step.rotary(self.compress_rotary)
         q_low = self.q_a_norm(self.q_a_proj(x))
@@ -434,17 +401,6 @@ def _weights(scores: torch.Tensor, ids: torch.Tensor, scaling: float) -> torch.T
     return (weights / (weights.sum(dim=-1, keepdim=True) + 1e-20) * scaling).float()
 
 
-class ClampedMLP(MLP):
-    def __init__(self, hidden: int, intermediate: int, limit: float):
-        super().__init__(hidden, intermediate)
-        self.limit = limit
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        gate = self.gate_proj(x).clamp(max=self.limit)
-        up = self.up_proj(x).clamp(min=-self.limit, max=self.limit)
-        return self.down_proj(F.silu(gate) * up)
-
-
 class V4MoE(SparseMoE):
     """Routes with the tokens' ids as well as their hidden states; adds the shared expert ungated."""
 
@@ -469,13 +425,13 @@ class V4DecoderLayer(nn.Module):
         self.self_attn = CompressedAttention(args, args.layer_types[i], compress_rotary)
         router = HashRouter(args) if args.mlp_layer_types[i] == "hash_moe" else V4Router(args)
         act = GatedActivation(kind="clamped_glu", act=args.hidden_act, limit=args.swiglu_limit)
-        shared = ClampedMLP(hidden, inter, args.swiglu_limit)
+        shared = GatedMLP(hidden, inter, GatedActivation(kind="clamped_glu", limit=args.swiglu_limit))
         self.mlp = V4MoE(i, hidden, inter, experts, top_k, router, act=act, shared_expert=shared)
         self.input_layernorm = UpcastRMSNorm(hidden, args.rms_norm_eps)
         self.post_attention_layernorm = UpcastRMSNorm(hidden, args.rms_norm_eps)
         self.attn_hc, self.ffn_hc = HyperConnection(args), HyperConnection(args)
 
-    def forward(self, streams: torch.Tensor, step: Step, state: V4State) -> torch.Tensor:
+    def forward(self, streams: torch.Tensor, step: Step, state: CompressedKV) -> torch.Tensor:
         post, comb, collapsed = self.attn_hc(streams)
         streams = _spread(self.self_attn(self.input_layernorm(collapsed), step, state), post, comb, streams)
         post, comb, collapsed = self.ffn_hc(streams)

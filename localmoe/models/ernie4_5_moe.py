@@ -12,7 +12,7 @@ from torch import nn
 from localmoe.models.attention import Attention
 from localmoe.models.expert_tensors import PerExpert
 from localmoe.models.family import Family, ModelArgs, causal_lm
-from localmoe.models.layers import MLP, DecoderLayer
+from localmoe.models.layers import MLP, CausalLM, DecoderLayer
 from localmoe.models.moe import FUSED_EXPERTS, MLP_EXPERTS, GatedActivation, SparseMoE
 
 
@@ -72,9 +72,9 @@ class Ernie45MoeArgs(ModelArgs):
         return (i + 1) % self.moe_layer_interval == 0 and self.moe_layer_start_index <= i <= end
 
 
-def build(args: Ernie45MoeArgs) -> "CausalLM":  # noqa: F821
+def build(args: Ernie45MoeArgs) -> CausalLM:
     hidden, bias = args.hidden_size, args.use_bias
-    head_dim = args.head_dim or hidden // args.num_attention_heads
+    head_dim = args.attention_head_dim
 
     def feed_forward(i: int) -> nn.Module:
         if not args.is_moe_layer(i):
@@ -96,7 +96,7 @@ def build(args: Ernie45MoeArgs) -> "CausalLM":  # noqa: F821
             Attention(
                 hidden,
                 args.num_attention_heads,
-                args.num_key_value_heads or args.num_attention_heads,
+                args.key_value_heads,
                 head_dim,
                 qkv_bias=bias,
                 out_bias=bias,

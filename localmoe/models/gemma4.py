@@ -21,19 +21,10 @@ from localmoe.errors import LocalMoEError
 from localmoe.models.attention import Attention
 from localmoe.models.expert_tensors import Fused
 from localmoe.models.family import Family, ModelArgs, Multimodal
-from localmoe.models.layers import (
-    MLP,
-    Backbone,
-    CausalLM,
-    RotaryEmbedding,
-    Step,
-    UpcastRMSNorm,
-    activation,
-    rms_normalize,
-    rope_parameters,
-)
+from localmoe.models.layers import MLP, Backbone, CausalLM, Step, UpcastRMSNorm, activation, rms_normalize
 from localmoe.models.moe import GatedActivation, SparseMoE
-from localmoe.runtime.kv_cache import AttentionKV, WindowKV
+from localmoe.models.rotary import RotaryEmbedding, rope_parameters
+from localmoe.models.state import AttentionKV, WindowKV
 
 EXPERTS = "model.layers.{layer}.experts"
 

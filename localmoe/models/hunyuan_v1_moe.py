@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 from localmoe.models.attention import Attention
 from localmoe.models.expert_tensors import PerExpert
 from localmoe.models.family import Family, ModelArgs, causal_lm
-from localmoe.models.layers import MLP, DecoderLayer
+from localmoe.models.layers import MLP, CausalLM, DecoderLayer
 from localmoe.models.moe import FUSED_EXPERTS, MLP_EXPERTS, GatedActivation, SparseMoE, TopKRouter
 
 
@@ -33,15 +33,15 @@ class HunyuanMoeArgs(ModelArgs):
         return self.moe_topk[i] if isinstance(self.moe_topk, list) else self.moe_topk
 
 
-def build(args: HunyuanMoeArgs) -> "CausalLM":  # noqa: F821
+def build(args: HunyuanMoeArgs) -> CausalLM:
     hidden, experts = args.hidden_size, args.num_experts
-    head_dim = args.head_dim or hidden // args.num_attention_heads
+    head_dim = args.attention_head_dim
     layers = [
         DecoderLayer(
             Attention(
                 hidden,
                 args.num_attention_heads,
-                args.num_key_value_heads or args.num_attention_heads,
+                args.key_value_heads,
                 head_dim,
                 qkv_bias=args.attention_bias,
                 out_bias=args.attention_bias,

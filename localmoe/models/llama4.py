@@ -16,7 +16,7 @@ from localmoe.models.expert_tensors import Fused
 from localmoe.models.family import Family, ModelArgs, Multimodal, causal_lm
 from localmoe.models.layers import MLP, CausalLM, DecoderLayer, Step, rms_normalize
 from localmoe.models.moe import GatedActivation, SparseMoE
-from localmoe.runtime.kv_cache import AttentionKV, WindowKV
+from localmoe.models.state import AttentionKV, WindowKV
 
 EXPERTS = "model.layers.{layer}.feed_forward.experts"
 
@@ -76,7 +76,7 @@ class Llama4Attention(Attention):
         super().__init__(
             args.hidden_size,
             args.num_attention_heads,
-            args.num_key_value_heads or args.num_attention_heads,
+            args.key_value_heads,
             head_dim,
             qkv_bias=args.attention_bias,
             out_bias=args.attention_bias,
@@ -144,7 +144,7 @@ class SigmoidTopKRouter(nn.Module):
 
 def build(args: Llama4Args) -> CausalLM:
     hidden = args.hidden_size
-    head_dim = args.head_dim or hidden // args.num_attention_heads
+    head_dim = args.attention_head_dim
 
     def feed_forward(i: int) -> nn.Module:
         if not args.is_moe_layer(i):

@@ -9,8 +9,9 @@ from typing import Any, ClassVar
 from localmoe.models.attention import Attention
 from localmoe.models.expert_tensors import PerExpert
 from localmoe.models.family import Family, ModelArgs
-from localmoe.models.layers import MLP, Backbone, CausalLM, DecoderLayer, RotaryEmbedding, rope_parameters
+from localmoe.models.layers import MLP, Backbone, CausalLM, DecoderLayer
 from localmoe.models.moe import FUSED_EXPERTS, MLP_EXPERTS, GatedActivation, SparseMoE, TopKRouter
+from localmoe.models.rotary import RotaryEmbedding, rope_parameters
 
 ROPE_THETAS = {"full_attention": 500_000.0, "sliding_attention": 10_000.0}
 
@@ -51,7 +52,7 @@ class MellumArgs(ModelArgs):
 
 def build(args: MellumArgs) -> CausalLM:
     hidden, experts, top_k = args.hidden_size, args.num_experts, args.num_experts_per_tok
-    head_dim = args.head_dim or hidden // args.num_attention_heads
+    head_dim = args.attention_head_dim
     kinds = sorted({args.kind(i) for i in range(args.num_hidden_layers)})
     rotaries = {kind: RotaryEmbedding(args.rope(kind), head_dim, args.max_position_embeddings) for kind in kinds}
     main = kinds[0]  # the model's rotary; layers of the other kind use theirs through the step
@@ -69,7 +70,7 @@ def build(args: MellumArgs) -> CausalLM:
             Attention(
                 hidden,
                 args.num_attention_heads,
-                args.num_key_value_heads or args.num_attention_heads,
+                args.key_value_heads,
                 head_dim,
                 qkv_bias=args.attention_bias,
                 out_bias=args.attention_bias,

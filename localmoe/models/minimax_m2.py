@@ -8,7 +8,7 @@ from typing import Any, ClassVar
 from localmoe.models.attention import Attention
 from localmoe.models.expert_tensors import PerExpert
 from localmoe.models.family import Family, ModelArgs, causal_lm
-from localmoe.models.layers import DecoderLayer
+from localmoe.models.layers import CausalLM, DecoderLayer
 from localmoe.models.moe import FUSED_EXPERTS, MIXTRAL_EXPERTS, GatedActivation, GroupedTopKRouter, SparseMoE
 
 
@@ -41,9 +41,9 @@ class MiniMaxM2Args(ModelArgs):
         return super().from_config(config)
 
 
-def build(args: MiniMaxM2Args) -> "CausalLM":  # noqa: F821
+def build(args: MiniMaxM2Args) -> CausalLM:
     hidden, experts, top_k = args.hidden_size, args.num_local_experts, args.num_experts_per_tok
-    head_dim = args.head_dim or hidden // args.num_attention_heads
+    head_dim = args.attention_head_dim
     router = lambda: GroupedTopKRouter(  # noqa: E731
         hidden,
         experts,
@@ -60,7 +60,7 @@ def build(args: MiniMaxM2Args) -> "CausalLM":  # noqa: F821
             Attention(
                 hidden,
                 args.num_attention_heads,
-                args.num_key_value_heads or args.num_attention_heads,
+                args.key_value_heads,
                 head_dim,
                 qk_norm="full",
                 norm_eps=args.rms_norm_eps,

@@ -36,13 +36,13 @@ class OlmoeArgs(ModelArgs):
 
 def build(args: OlmoeArgs) -> CausalLM:
     hidden, experts, top_k = args.hidden_size, args.num_experts, args.num_experts_per_tok
-    head_dim = args.head_dim or hidden // args.num_attention_heads
+    head_dim = args.attention_head_dim
     layers = [
         DecoderLayer(
             Attention(
                 hidden,
                 args.num_attention_heads,
-                args.num_key_value_heads or args.num_attention_heads,
+                args.key_value_heads,
                 head_dim,
                 qkv_bias=args.attention_bias,
                 out_bias=args.attention_bias,

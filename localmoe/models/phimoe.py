@@ -12,8 +12,9 @@ from torch import nn
 from localmoe.models.attention import Attention
 from localmoe.models.expert_tensors import PerExpert
 from localmoe.models.family import Family, ModelArgs, causal_lm
-from localmoe.models.layers import CausalLM, DecoderLayer, RotaryEmbedding
+from localmoe.models.layers import CausalLM, DecoderLayer
 from localmoe.models.moe import FUSED_EXPERTS, MIXTRAL_EXPERTS, GatedActivation, SparseMoE
+from localmoe.models.rotary import RotaryEmbedding
 
 
 class SparseMixerRouter(nn.Module):
@@ -81,13 +82,13 @@ class PhimoeArgs(ModelArgs):
 
 def build(args: PhimoeArgs) -> CausalLM:
     hidden, experts = args.hidden_size, args.num_local_experts
-    head_dim = args.head_dim or hidden // args.num_attention_heads
+    head_dim = args.attention_head_dim
     layers = [
         DecoderLayer(
             Attention(
                 hidden,
                 args.num_attention_heads,
-                args.num_key_value_heads or args.num_attention_heads,
+                args.key_value_heads,
                 head_dim,
                 qkv_bias=args.attention_bias,
                 out_bias=args.attention_bias,

@@ -51,7 +51,7 @@ class Qwen2MoeArgs(ModelArgs):
 
 def build(args: Qwen2MoeArgs) -> CausalLM:
     hidden = args.hidden_size
-    head_dim = args.head_dim or hidden // args.num_attention_heads
+    head_dim = args.attention_head_dim
 
     def feed_forward(i: int):
         if i in (args.mlp_only_layers or []) or args.num_experts == 0 or (i + 1) % args.decoder_sparse_step:
@@ -73,7 +73,7 @@ def build(args: Qwen2MoeArgs) -> CausalLM:
             Attention(
                 hidden,
                 args.num_attention_heads,
-                args.num_key_value_heads or args.num_attention_heads,
+                args.key_value_heads,
                 head_dim,
                 qkv_bias=args.qkv_bias,
                 sliding_window=args.window(i),

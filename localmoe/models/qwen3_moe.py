@@ -45,7 +45,7 @@ class Qwen3MoeArgs(ModelArgs):
 
 
 def build(args: Qwen3MoeArgs) -> CausalLM:
-    head_dim = args.head_dim or args.hidden_size // args.num_attention_heads
+    head_dim = args.attention_head_dim
     window = args.sliding_window if args.use_sliding_window else None
 
     def feed_forward(i: int):
@@ -67,7 +67,7 @@ def build(args: Qwen3MoeArgs) -> CausalLM:
             Attention(
                 args.hidden_size,
                 args.num_attention_heads,
-                args.num_key_value_heads or args.num_attention_heads,
+                args.key_value_heads,
                 head_dim,
                 qkv_bias=args.attention_bias,
                 out_bias=args.attention_bias,

@@ -11,7 +11,7 @@ computed on the CPU instead (`on_cpu`) is neither a hit nor a miss and copies no
 import heapq
 from collections import Counter, OrderedDict
 from collections.abc import Callable
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, fields, replace
 
 import torch
 
@@ -34,6 +34,9 @@ class CacheCounters:
     on_cpu: int = 0  # uses computed on the CPU from the host store
     cpu_seconds: float = 0.0
 
+    def copy(self) -> "CacheCounters":
+        return replace(self)
+
     def __iadd__(self, other: "CacheCounters") -> "CacheCounters":
         for field in fields(self):
             setattr(self, field.name, getattr(self, field.name) + getattr(other, field.name))
@@ -49,7 +52,40 @@ def passed_over(key: Key, skip: Callable[[Key], bool], layers: set[int] | None) 
     return (layers is not None and key[0] not in layers) or skip(key)
 
 
-class LRU:
+class CachePolicy:
+    """What the cache asks of an eviction policy: `added`, `used` and `removed` keep it told about the pool,
+    `victim` names the expert to evict. The optional hooks do nothing here: `visit` sees each layer visit's
+    routing (with the router's probabilities of every expert where `weighs_router`), `seed` takes a routing
+    profile's shares as a prior, and `rank` orders experts for admission where `ranks` (without an order,
+    every miss is admitted)."""
+
+    weighs_router = False
+    ranks = False
+
+    def added(self, key: Key) -> None:
+        raise NotImplementedError
+
+    def used(self, key: Key) -> None:
+        raise NotImplementedError
+
+    def removed(self, key: Key) -> None:
+        raise NotImplementedError
+
+    def victim(self, skip: Callable[[Key], bool], layers: set[int] | None = None) -> Key | None:
+        raise NotImplementedError
+
+    def visit(self, layer: int, routed: Counter[int], probabilities: dict[int, float]) -> None:
+        pass
+
+    def seed(self, shares: dict[Key, float]) -> None:
+        pass
+
+    def rank(self, key: Key) -> float:
+        """The higher, the more an expert deserves a slot (where `ranks`)."""
+        return 0.0
+
+
+class LRU(CachePolicy):
     """Evict the expert used least recently."""
 
     def __init__(self):
@@ -69,7 +105,7 @@ class LRU:
         return next((key for key in self._order if not passed_over(key, skip, layers)), None)
 
 
-class LFU:
+class LFU(CachePolicy):
     """Evict the expert used least often (ties: least recently), with aging: every `half_life` uses
     all counts halve, so experts that were popular long ago do not stay forever.
 
@@ -131,7 +167,7 @@ class LFU:
         heapq.heapify(self._heap)
 
 
-class Score:
+class Score(CachePolicy):
     """Evict the expert of lowest score. Each visit of a layer decays its experts' scores by `decay`
     and adds to each the tokens routed to it plus the router probability it got, summed over the
     visit's tokens, from every expert the router scored, chosen or not (the probability breaks ties
@@ -143,6 +179,7 @@ class Score:
     """
 
     weighs_router = True  # the runtime gives `visit` the router's probabilities of every expert
+    ranks = True
 
     def __init__(self, decay: float = 0.99, prior_weight: float = 20.0):
         self.decay, self.prior_weight = decay, prior_weight
@@ -183,7 +220,7 @@ class Score:
         return min((key for key in candidates if not skip(key)), key=self.rank, default=None)
 
 
-POLICIES = {"lru": LRU, "lfu": LFU, "score": Score}
+POLICIES: dict[str, type[CachePolicy]] = {"lru": LRU, "lfu": LFU, "score": Score}
 
 
 class ExpertCache:
@@ -201,7 +238,9 @@ class ExpertCache:
     pool for every policy (docs/benchmarks.md): one layer's burst cannot flush the others' experts.
     """
 
-    def __init__(self, store: ExpertStore, slots: int, device: torch.device, policy="lru", layers: int | None = None):
+    def __init__(
+        self, store: ExpertStore, slots: int, device: torch.device, policy: str | CachePolicy, layers: int | None = None
+    ):
         """`policy`: a name from POLICIES, or a policy object (the simulator passes Belady's)."""
         self.store = store
         self.rows = torch.empty(slots, store.layout.numel, dtype=store.row_dtype, device=device)
@@ -271,8 +310,7 @@ class ExpertCache:
         """
         self._in_use.clear()
         self.token_counts.update({(layer, expert): n for expert, n in routed.items()})
-        if hasattr(self.policy, "visit"):
-            self.policy.visit(layer, routed, probabilities or {})
+        self.policy.visit(layer, routed, probabilities or {})
         needed = set(routed)
         for key in [key for key in self._fresh if key[0] == layer and key[1] not in needed]:
             del self._fresh[key]
@@ -302,7 +340,7 @@ class ExpertCache:
         """Of a layer visit's experts, the misses the policy would not admit (bypass admission): each
         miss, best ranked first, takes a free slot, or else the slot of the victim it would evict if
         the policy ranks it above that victim. Policies without a `rank` (LRU, LFU) admit every miss."""
-        if not hasattr(self.policy, "rank"):
+        if not self.policy.ranks:
             return set()
         misses = [expert for expert in experts if (layer, expert) not in self.slot_of]
         needed = {(layer, expert) for expert in experts}

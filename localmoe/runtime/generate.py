@@ -7,8 +7,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from localmoe.errors import LocalMoEError
-from localmoe.runtime.kv_cache import KVCache
+from localmoe.errors import LocalMoEError, setting
+from localmoe.models.state import KVCache
 from localmoe.runtime.sampling import Sampler, SamplingParams
 
 
@@ -58,15 +58,8 @@ def generate_tokens(
     goes through the model in chunks of `prefill_chunk` tokens, which bounds a long prompt's
     activations; `on_prefill` runs once the prompt is in the cache. Greedy without a `sampler`.
     """
-    if not prompt:
-        raise LocalMoEError("the prompt is empty: give at least one token of text")
     limit = model.max_position_embeddings
-    context = min(context or limit, limit, cache.max_len if cache else limit)
-    if len(prompt) + max_new_tokens > context:
-        raise LocalMoEError(
-            f"the prompt ({len(prompt)} tokens) plus {max_new_tokens} new tokens exceeds the {context}-token context: "
-            f"shorten the prompt, lower --max-new-tokens or raise --context (the model allows up to {limit})"
-        )
+    check_fits(len(prompt), max_new_tokens, min(context or limit, limit, cache.max_len if cache else limit), limit)
     sampler = sampler or Sampler(SamplingParams(), model.model.embed_tokens.weight.device)
     stats = stats or GenerationStats()
     device = model.model.embed_tokens.weight.device
@@ -96,6 +89,20 @@ def generate_tokens(
             return
         start = time.perf_counter()
         logits = _forward(model, seen[None, position : position + 1], cache)
+
+
+def check_fits(prompt_tokens: int, max_new_tokens: int, context: int, limit: int, name: str = "max_new_tokens") -> None:
+    """The one rule for a generation's length: the prompt and `max_new_tokens` must fit the `context`
+    (`limit`: the model's maximum), or the request is refused before it starts, never cut short. `name`:
+    the setting that asked for them."""
+    if not prompt_tokens:
+        raise LocalMoEError("the prompt is empty: give at least one token of text")
+    if prompt_tokens + max_new_tokens > context:
+        raise LocalMoEError(
+            f"the prompt ({prompt_tokens} tokens) plus {max_new_tokens} new tokens exceeds the {context}-token "
+            f"context: shorten the prompt, lower {setting(name)} or raise {setting('context')} (the model "
+            f"allows up to {limit})"
+        )
 
 
 @torch.inference_mode()

@@ -3,29 +3,13 @@ experts are kept on the host. Computed from checkpoint metadata and budgets alon
 explains itself) on a machine without the target GPU.
 """
 
-import re
 from dataclasses import dataclass
 
 import psutil
 import torch
 
-from localmoe.errors import LocalMoEError
-
-UNITS = {"": 1, "k": 10**3, "m": 10**6, "g": 10**9, "t": 10**12}
-BINARY_UNITS = {"k": 2**10, "m": 2**20, "g": 2**30, "t": 2**40}
-SIZE = re.compile(r"\s*([0-9]*\.?[0-9]+)\s*([kmgt]?)(i?)b?\s*", re.IGNORECASE)
-
-
-def parse_size(text: str) -> int:
-    """Bytes from '24GiB', '512MiB', '1.5G' (binary) or '24GB' (decimal) or a plain number of bytes."""
-    match = SIZE.fullmatch(text)
-    if not match:
-        raise LocalMoEError(f"cannot read the size {text!r}: write it like 12GiB, 512MiB or 24GB")
-    number, unit, binary = float(match[1]), match[2].lower(), match[3]
-    # A bare K/M/G/T means the binary unit, as memory sizes usually do; GB is decimal.
-    if binary or (unit and not text.strip().lower().endswith("b")):
-        return int(number * BINARY_UNITS[unit])
-    return int(number * UNITS[unit])
+from localmoe.errors import LocalMoEError, setting
+from localmoe.options import DEFAULT_CONTEXT
 
 
 def format_bytes(n: int) -> str:
@@ -33,6 +17,14 @@ def format_bytes(n: int) -> str:
         if abs(n) >= size:
             return f"{n / size:.2f} {unit}"
     return f"{n} B"
+
+
+def format_rate(bytes_per_s: float) -> str:
+    """A bandwidth with three significant figures in the unit that suits it: 24.5 MB/s, not 0.0 GB/s."""
+    for unit, size in (("GB/s", 1e9), ("MB/s", 1e6), ("kB/s", 1e3)):
+        if bytes_per_s >= size:
+            return f"{bytes_per_s / size:.3g} {unit}"
+    return f"{bytes_per_s:.3g} B/s"
 
 
 @dataclass(frozen=True)
@@ -99,16 +91,18 @@ class MemoryPlan:
             f"(measured): at most about {self.disk_tokens_per_s(disk_bandwidth):.2g} decode tokens/s"
         )
 
-    def describe(self, disk_bandwidth: float | None = None) -> str:
+    def describe(self, disk_bandwidth: float | None = None, slots_in_use: int | None = None) -> str:
         """The plan as a table (what, where, bytes) followed by the flags that reproduce it, and, for
-        experts read from disk, the speed that allows (`disk_bandwidth`: measured, bytes/s)."""
+        experts read from disk, the speed that allows (`disk_bandwidth`: measured, bytes/s). `slots_in_use`:
+        how many of the allocated slots the cache uses now, where it was resized since."""
         fp = self.footprint
+        slots = f"{self.slots}" if slots_in_use in (None, self.slots) else f"{slots_in_use} in use of {self.slots}"
         home = {"none": "-", "pinned": "host RAM (pinned)", "ram": "host RAM", "mmap": "checkpoint files (mmap)"}
         rows = [
             ("non-expert weights", self.device, fp.resident_bytes),
             (f"KV cache ({self.context} tokens)", self.device, self.kv_bytes),
             (f"workspace ({self.prefill_chunk}-token prefill chunks)", self.device, self.workspace_bytes),
-            (f"expert slots ({self.slots} of {fp.total_experts} experts)", self.device, self.pool_bytes),
+            (f"expert slots ({slots} of {fp.total_experts} experts)", self.device, self.pool_bytes),
             (f"total on {self.device} (budget {format_bytes(self.device_budget)})", "", self.device_bytes),
         ]
         if not self.all_resident:
@@ -126,7 +120,8 @@ class MemoryPlan:
             lines.append(self.disk_notice(disk_bandwidth))
         lines.append(
             f"flags: --device {self.device} --vram-budget {flag_size(self.device_budget)} "
-            f"--host-budget {flag_size(self.host_budget)} --expert-slots {self.slots} --context {self.context}"
+            f"--host-budget {flag_size(self.host_budget)} --expert-slots {slots_in_use or self.slots} "
+            f"--context {self.context}"
         )
         return "\n".join(lines)
 
@@ -143,7 +138,7 @@ def plan_memory(
     vram_budget: int | None = None,
     host_budget: int | None = None,
     expert_slots: int | None = None,
-    context: int = 4096,
+    context: int | None = None,
     prefill_chunk: int = 512,
 ) -> MemoryPlan:
     """Decide the slot count and the experts' host tier.
@@ -151,10 +146,11 @@ def plan_memory(
     Everything but the routed experts is resident on the device; the rest of the device budget
     becomes expert slots, at least one layer's top-k. The experts' host copy lives in RAM (pinned
     for CUDA) when the host budget holds it, else it is read from the checkpoint through mmap;
-    when every expert has a slot, no host copy is kept at all.
+    when every expert has a slot, no host copy is kept at all. `context`: tokens of KV cache, at most the
+    model's maximum; None: DEFAULT_CONTEXT, or the maximum where it is smaller.
     """
     fp = footprint
-    context = min(context, fp.max_positions)
+    context = _context(context, fp.max_positions)
     prefill_chunk = min(prefill_chunk, context)
     fixed = (
         fp.resident_bytes
@@ -169,8 +165,8 @@ def plan_memory(
     else:
         if not fp.top_k <= expert_slots <= fp.total_experts:
             raise LocalMoEError(
-                f"--expert-slots {expert_slots} is out of range: this model needs at least {fp.top_k} (its top-k) "
-                f"and has {fp.total_experts} experts in all"
+                f"{setting('expert_slots')} {expert_slots} is out of range: this model needs at least {fp.top_k} "
+                f"(its top-k) and has {fp.total_experts} experts in all"
             )
         slots = expert_slots
     needed = fixed + fp.top_k * fp.expert_bytes
@@ -180,10 +176,21 @@ def plan_memory(
             f"a device budget of {format_bytes(device_budget)} is too small: this model needs at least "
             f"{format_bytes(needed)} ({format_bytes(fp.resident_bytes)} of non-expert weights, the KV cache and "
             f"workspace for {context} tokens, and {max(slots, fp.top_k)} expert slots of "
-            f"{format_bytes(fp.expert_bytes)}); raise --vram-budget, or lower --context or --expert-slots"
+            f"{format_bytes(fp.expert_bytes)}); raise {setting('vram_budget')}, or lower {setting('context')} or "
+            f"{setting('expert_slots')}"
         )
     store = _expert_home(fp, device, slots, fixed, host_budget)
     return MemoryPlan(str(device), fp, context, prefill_chunk, slots, store, device_budget, host_budget)
+
+
+def _context(asked: int | None, most: int) -> int:
+    if asked is None:
+        return min(DEFAULT_CONTEXT, most)
+    if not 1 <= asked <= most:
+        raise LocalMoEError(
+            f"{setting('context')} {asked} is out of range: this model has {most} positions, use 1 to {most}"
+        )
+    return asked
 
 
 def _expert_home(fp: Footprint, device: torch.device, slots: int, fixed: int, host_budget: int) -> str:

@@ -10,14 +10,19 @@ the CPU are computed from the host store while the device works on the rest.
 
 import time
 from collections import Counter
+from pathlib import Path
 
 import torch
 
+from localmoe.files import sweep_temporaries
 from localmoe.kernels.reference import combine_pairs, expert_pair_outputs
 from localmoe.models.moe import SparseMoE
-from localmoe.runtime.cpu_experts import Bandwidths, HostExperts, experts_for_cpu
+from localmoe.runtime.cpu_experts import HostExperts
 from localmoe.runtime.expert_cache import ExpertCache
+from localmoe.runtime.miss_policy import MissPolicy
 from localmoe.runtime.prefetch import HostReader, predict_experts
+from localmoe.runtime.profile import RoutingProfile, merge_into, read_profile, start_from_profile
+from localmoe.runtime.stats import CacheSnapshot
 from localmoe.runtime.trace import RoutingTrace
 
 
@@ -30,26 +35,27 @@ class OffloadedExperts:
         prefetch: int = 1,
         margin: int = 0,
         trace: RoutingTrace | None = None,
-        miss_policy: str = "copy",
-        bandwidths: Bandwidths | None = None,
+        miss_policy: MissPolicy,
         pair_outputs=expert_pair_outputs,
-        host_kernel=None,
+        pin_hot: int = 0,
+        host_kernel=expert_pair_outputs,
     ):
-        """`miss_policy`: "copy" every miss to the device, compute every one on the "cpu", "auto": per
-        miss, whichever `bandwidths` say finishes first, or "bypass": on the CPU the misses the cache
-        policy would not admit (see `ExpertCache.bypassed`). `pair_outputs`: the kernel computing the
-        experts in slots (see localmoe.kernels.pair_kernel); `host_kernel`: the CPU's share (on a CPU
-        device the same kernel, so that both give the same bits)."""
+        """`miss_policy`: what a miss does (see localmoe.runtime.miss_policy). `pair_outputs`: the kernel
+        computing the experts in slots (see localmoe.kernels.pair_kernel); `host_kernel`: the CPU's share
+        (see localmoe.kernels.host_kernel; on a CPU device the same kernel, so that both give the same bits).
+        `pin_hot`: experts pinned after the first prompt (the warm-up), those it used most, unless a routing
+        profile named them at load."""
         self.cache = cache
         self.blocks = {block.layer_idx: block for block in blocks}
         self.trace = trace
         self.reader = HostReader(cache.rows.device)
-        self.host = HostExperts(cache.store, host_kernel or expert_pair_outputs)
-        if miss_policy == "auto" and bandwidths is None:
-            raise ValueError("the auto miss policy needs the bandwidths it weighs")
-        self.miss_policy, self.bandwidths = miss_policy, bandwidths
+        self.host = HostExperts(cache.store, host_kernel)
+        self.miss_policy = miss_policy
         self.pair_outputs = pair_outputs
         self.configure_prefetch(prefetch, margin)
+        self.pin_hot, self.warmed_up = pin_hot, False
+        self.profile, self.profile_path, self._own_profile = RoutingProfile(), None, True
+        self._profiled = Counter()  # what of the cache's token counts the profile has
 
     def configure_prefetch(self, depth: int, margin: int) -> None:
         """Predict and copy the experts of the next `depth` MoE layers, `margin` beyond each top-k."""
@@ -57,11 +63,16 @@ class OffloadedExperts:
         self.ahead = {layer: order[i + 1 : i + 1 + depth] for i, layer in enumerate(order)}
         self.depth, self.margin = depth, margin
 
-    def __call__(self, layer: int, x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+    def __call__(
+        self, layer: int, x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor, routed: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """The layer's experts applied to x; routers (this layer's, to weigh, and coming layers', to
+        predict) see `routed` where the experts' inputs are not the router's (a latent space)."""
         block = self.blocks[layer]
         coming = self.ahead[layer]
-        predicted = [self._predict(self.blocks[c], x) for c in coming]
-        router = _distribution(block, x) if getattr(self.cache.policy, "weighs_router", False) else None
+        hidden = x if routed is None else routed
+        predicted = [self._predict(self.blocks[c], hidden) for c in coming]
+        router = _distribution(block, hidden) if self.cache.policy.weighs_router else None
         extra = [weights] if self.trace else []
         if router is not None:  # per token for the trace, else only the sum the policy is given
             extra.append(router if self.trace else router.sum(0))
@@ -77,7 +88,7 @@ class OffloadedExperts:
             self.trace.record(layer, chosen, host[1 + len(coming)], block.top_k, predicted_next, every)
         need = Counter(chosen)
         self.cache.begin_layer(layer, need, probabilities)
-        on_cpu = self._for_cpu(layer, need)
+        on_cpu = self.miss_policy.for_cpu(self.cache, layer, need)
         if on_cpu:  # the inputs reach the host now, while the device is idle, not after its work is queued
             inputs = x.cpu(), weights.reshape(-1).cpu() if block.weights_on_input else None
 
@@ -96,21 +107,44 @@ class OffloadedExperts:
             self._compute_on_cpu(block, *inputs, torch.tensor(chosen).view(ids.shape), sorted(on_cpu), pairs)
         return combine_pairs(pairs, torch.ones_like(weights) if block.weights_on_input else weights)
 
-    def pin_hottest(self, count: int) -> None:
-        """Pin the `count` experts that the tokens so far were routed to most (the warm-up)."""
-        self.cache.pin([key for key, _ in self.cache.token_counts.most_common(count)])
+    def after_prefill(self) -> None:
+        """The first prompt is the warm-up: pin the `pin_hot` experts its tokens were routed to most."""
+        if self.pin_hot and not self.warmed_up:
+            self.cache.pin([key for key, _ in self.cache.token_counts.most_common(self.pin_hot)])
+        self.warmed_up = True
 
-    def _for_cpu(self, layer: int, need: Counter[int]) -> set[int]:
-        """The experts this layer visit computes on the CPU: misses only (an expert in a slot, or on its
-        way there, is used from the device), as the miss policy says."""
-        if self.miss_policy == "copy":
-            return set()
-        if self.miss_policy == "bypass":
-            return self.cache.bypassed(layer, list(need))
-        misses = {expert: tokens for expert, tokens in need.items() if (layer, expert) not in self.cache}
-        if self.miss_policy == "cpu":
-            return set(misses)
-        return experts_for_cpu(misses, self.cache.store.expert_bytes, self.bandwidths)
+    def clear(self, policy: str) -> None:
+        """Empty the cache and its counters under `policy`; the next prompt is the warm-up again."""
+        self.cache.clear(policy)
+        self.warmed_up = False
+
+    def snapshot(self) -> CacheSnapshot:
+        return CacheSnapshot.of(self.cache)
+
+    def start_from_profile(self, path: Path, own: bool) -> None:
+        """Read the routing profile at `path` (kept there from now on; `own`: localmoe's, else the user's:
+        see `read_profile`); warm the pool from it, and pin its `pin_hot` hottest, where it has something
+        to say."""
+        sweep_temporaries(path.parent, path.name)
+        profile = read_profile(path, own, set(self.blocks), next(iter(self.blocks.values())).num_experts)
+        self.profile, self.profile_path, self._own_profile = profile, path, own
+        if self.pin_hot and profile.counts:
+            self.cache.pin(profile.hottest()[: self.pin_hot])
+            self.warmed_up = True  # the profile stands in for the first prompt's warm-up
+        start_from_profile(self.cache, profile)
+
+    def save_profile(self, top_k: int) -> None:
+        """Add the routing seen since the last save to the routing profile as the file holds it now (other
+        runs may have added theirs), and write it."""
+        if self.profile_path is None:
+            return
+        counts = self.cache.token_counts
+        if any(counts[key] < n for key, n in self._profiled.items()):
+            self._profiled = Counter()  # the cache was emptied since: its counts start again
+        experts = next(iter(self.blocks.values())).num_experts
+        added = counts - self._profiled
+        self.profile = merge_into(self.profile_path, added, top_k, self._own_profile, set(self.blocks), experts)
+        self._profiled = Counter(counts)
 
     def _compute_on_cpu(self, block: SparseMoE, x, scale, ids, experts: list[int], pairs: torch.Tensor) -> None:
         """The pairs of `experts` into `pairs`, computed by the CPU (the host writes only their rows)."""

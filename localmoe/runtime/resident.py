@@ -9,8 +9,9 @@ import torch
 
 from localmoe.kernels.quantized import QuantSpec
 from localmoe.kernels.reference import expert_mlp, expert_pair_outputs
-from localmoe.loader import ExpertSource
-from localmoe.runtime.expert_store import host_rows, layout_of
+from localmoe.models.expert_source import ExpertSource
+from localmoe.runtime.expert_store import host_rows
+from localmoe.runtime.layouts import layout_of
 from localmoe.runtime.quantized_cache import QuantizedLayers
 from localmoe.runtime.trace import RoutingTrace
 
@@ -36,7 +37,10 @@ class ResidentExperts:
         # Packed in host memory, then moved in one copy: the mapped shards are read sequentially.
         self.rows = {layer: rows.to(device) for layer, rows in host_rows(source, self.layout, dtype, quantized)}
 
-    def __call__(self, layer: int, x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+    def __call__(
+        self, layer: int, x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor, routed=None
+    ) -> torch.Tensor:
+        """The layer's experts applied to x (`routed`, the router's inputs, is for runtimes that predict)."""
         block, rows = self.blocks[layer], self.rows[layer]
         if self.trace:
             self.trace.record(layer, ids.reshape(-1).tolist(), weights.reshape(-1).tolist(), block.top_k)

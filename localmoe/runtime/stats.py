@@ -1,9 +1,26 @@
-"""`--stats`: the expert cache counters as a table, per MoE layer and in all."""
+"""What callers see of the expert cache: a snapshot of its slots and counters, and `--stats`'s table of the
+counters per MoE layer and in all."""
+
+from dataclasses import dataclass
 
 from localmoe.runtime.expert_cache import CacheCounters, ExpertCache
 from localmoe.runtime.memory import format_bytes
 
 COLUMNS = ("uses", "hits", "misses", "on cpu", "hit rate", "prefetched", "used", "wasted", "copied")
+
+
+@dataclass(frozen=True)
+class CacheSnapshot:
+    slots: int  # in use now
+    allocated: int  # rows allocated at load: the most `slots` can grow to
+    pinned: int
+    total: CacheCounters
+    per_layer: dict[int, CacheCounters]
+
+    @classmethod
+    def of(cls, cache: ExpertCache) -> "CacheSnapshot":
+        per_layer = {layer: counters.copy() for layer, counters in sorted(cache.counters.items())}
+        return cls(cache.slots, cache.rows.shape[0], len(cache.pinned), cache.totals(), per_layer)
 
 
 def cache_report(cache: ExpertCache) -> str:

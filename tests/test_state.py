@@ -3,8 +3,8 @@
 import pytest
 import torch
 
-from localmoe.runtime import kv_cache
-from localmoe.runtime.kv_cache import AttentionKV, KVCache, WindowKV, attention_state
+from localmoe.models import state as layer_state
+from localmoe.models.state import AttentionKV, KVCache, WindowKV, attention_state
 
 
 def keys(start: int, length: int) -> torch.Tensor:
@@ -13,7 +13,7 @@ def keys(start: int, length: int) -> torch.Tensor:
 
 
 def test_a_ring_only_where_it_saves_memory(monkeypatch):
-    monkeypatch.setattr(kv_cache, "REWIND_SLACK", 4)
+    monkeypatch.setattr(layer_state, "REWIND_SLACK", 4)
     assert isinstance(attention_state(1, 2, 8, 100, 16, torch.float32, "cpu"), WindowKV)
     assert isinstance(attention_state(1, 2, 8, 20, 16, torch.float32, "cpu"), AttentionKV)
     assert isinstance(attention_state(1, 2, 8, 100, None, torch.float32, "cpu"), AttentionKV)
@@ -21,7 +21,7 @@ def test_a_ring_only_where_it_saves_memory(monkeypatch):
 
 
 def test_the_ring_returns_every_key_a_query_may_see(monkeypatch):
-    monkeypatch.setattr(kv_cache, "REWIND_SLACK", 2)
+    monkeypatch.setattr(layer_state, "REWIND_SLACK", 2)
     ring = WindowKV(1, 1, 1, 3, torch.float32, "cpu")
     k, _, positions = ring.update(keys(0, 7), keys(0, 7), 0)  # more new tokens than slots
     assert positions.tolist() == [-1] * 5 + list(range(7)) and k[0, 0, :, 0].tolist()[5:] == list(range(7))
@@ -34,7 +34,7 @@ def test_the_ring_returns_every_key_a_query_may_see(monkeypatch):
 
 
 def test_rewinding_a_ring(monkeypatch):
-    monkeypatch.setattr(kv_cache, "REWIND_SLACK", 2)
+    monkeypatch.setattr(layer_state, "REWIND_SLACK", 2)
     ring = WindowKV(1, 1, 1, 3, torch.float32, "cpu")
     cache = KVCache([ring], 100)
     ring.update(keys(0, 10), keys(0, 10), 0)
@@ -49,7 +49,7 @@ def test_rewinding_a_ring(monkeypatch):
 
 @pytest.mark.parametrize("interrupted", [False, True])
 def test_a_ring_cut_short_is_not_kept(monkeypatch, interrupted):
-    monkeypatch.setattr(kv_cache, "REWIND_SLACK", 2)
+    monkeypatch.setattr(layer_state, "REWIND_SLACK", 2)
     ring = WindowKV(1, 1, 1, 3, torch.float32, "cpu")
     cache = KVCache([ring], 100)
     ring.update(keys(0, 6), keys(0, 6), 0)
