@@ -164,7 +164,8 @@ def label(run: RunResult) -> str:
 
 def write_benchmarks(results_dir: Path, docs: Path) -> None:
     """docs/benchmarks.md from every result file: decode runs (scripts/bench_decode.py, the latest per
-    device and model first), then expert kernels (scripts/bench_kernels.py, in `kernels/`)."""
+    device and model first), then cache policies, expert kernels (scripts/bench_kernels.py, in `kernels/`),
+    quantized experts' quality and the CPU kernels beside llama.cpp (scripts/bench_cpu.py, in `cpu/`)."""
     results = _latest_first(results_dir)
     lines = [
         "# Benchmarks",
@@ -181,8 +182,8 @@ def write_benchmarks(results_dir: Path, docs: Path) -> None:
         "The floor is max(bytes a token must copy / host-to-device bandwidth, bytes it must read / device",
         "memory bandwidth), with both bandwidths measured in the same run; on the CPU, bytes read and copied",
         "over the measured RAM bandwidth. Cache policies replayed on real routing (`scripts/simulate_cache.py`),",
-        "the expert kernels (`scripts/bench_kernels.py`) and the quality of quantized experts",
-        "(`scripts/quant_quality.py`) come last.",
+        "the expert kernels (`scripts/bench_kernels.py`), the quality of quantized experts",
+        "(`scripts/quant_quality.py`) and the CPU kernels beside llama.cpp (`scripts/bench_cpu.py`) come last.",
     ]
     for r in results:
         lines += _heading(f"{r['model']} on {r['device']} ({r['dtype']}), {r['date']}", r)
@@ -303,7 +304,8 @@ def _cpu_sections(folder: Path) -> list[str]:
             ]
             llama = {row["format"]: row for row in model["rows"] if row["engine"] == "llama.cpp"}
             for row in model["rows"]:
-                base = llama.get(f"{row['format']}, experts only") or llama.get(row["format"])
+                same = llama.get(f"{row['format']}, experts only") or llama.get(row["format"])
+                base = None if row["engine"] == "llama.cpp" else same
                 cells = [row["engine"], row["format"]]
                 for kind in ("decode", "prefill"):
                     rate = row[kind]

@@ -260,9 +260,10 @@ def bench_model(args, model: str) -> dict:
             runs.setdefault(("llama.cpp", name), []).append(
                 run_llama(args.llama_cpp, files[name], args.prompt, args.new, args.threads)
             )
-            if "experts only" not in name:
+            own = name.split(",")[0]  # localmoe's format: its other weights stay bfloat16 either way
+            if len(runs.get(("localmoe", own), [])) == round_:
                 result = run_child("localmoe", folder, bits, args.prompt, args.new, args.threads)
-                runs.setdefault(("localmoe", name), []).append(result)
+                runs.setdefault(("localmoe", own), []).append(result)
             if bits == 16 and not args.no_transformers:
                 result = run_child("transformers", folder, bits, args.prompt, args.new, args.threads)
                 runs.setdefault(("transformers", name), []).append(result)
