@@ -296,7 +296,7 @@ def _cpu_sections(folder: Path) -> list[str]:
                 f"**{config['model_type']}**: hidden {config['hidden_size']}, {experts} experts of "
                 f"{inter}, top-{config['num_experts_per_tok']}, "
                 f"{config['num_hidden_layers']} layers; RAM read {bw['median'] / 1e9:.1f} GB/s "
-                f"({bw['min'] / 1e9:.1f}-{bw['max'] / 1e9:.1f}).",
+                f"({bw['min'] / 1e9:.1f}-{bw['max'] / 1e9:.1f}). {_load(model)}",
                 "",
                 "| engine | format | decode tok/s | x llama.cpp | of floor | prefill tok/s | x llama.cpp | of floor | "
                 "read per token |",
@@ -315,6 +315,15 @@ def _cpu_sections(folder: Path) -> list[str]:
                 lines.append("| " + " | ".join([*cells, format_bytes(row["read_per_token"])]) + " |")
             lines += [f"- {row['engine']} {row['format']}: {row['detail']}" for row in model["rows"] if row["detail"]]
     return lines
+
+
+def _load(model: dict) -> str:
+    """The machine's load average during a model's rounds, where measured, else a note on it."""
+    if "load" in model:
+        load = model["load"]
+        spread = f"{load['median']:.1f} ({load['min']:.1f}-{load['max']:.1f})"
+        return f"Load average (1 minute) at each round's start: {spread}."
+    return model.get("note", "")
 
 
 def _kernel_sections(folder: Path) -> list[str]:

@@ -31,6 +31,7 @@ files (about 25 GB) go to --work (default: localmoe's cache folder, bench-cpu/).
 import argparse
 import datetime
 import json
+import os
 import shlex
 import statistics
 import subprocess
@@ -252,9 +253,10 @@ def bench_model(args, model: str) -> dict:
     files = gguf_files(args.work, tag, folder, args.llama_cpp, args.llama_source, formats)
     top_k, experts = config["num_experts_per_tok"], config.get("num_local_experts") or config["num_experts"]
     runs: dict[tuple[str, str], list[dict]] = {}
-    bandwidths = []
+    bandwidths, loads = [], []
     for round_ in range(args.rounds):
         print(f"{model}: round {round_ + 1} of {args.rounds}", flush=True)
+        loads.append(os.getloadavg()[0])  # what else the machine runs: the runs of a round share it
         bandwidths.append(read_bandwidth(args.threads))
         for name, bits, _, _ in formats:
             runs.setdefault(("llama.cpp", name), []).append(
@@ -287,7 +289,7 @@ def bench_model(args, model: str) -> dict:
                 "detail": results[0].get("kernels", ""),
             }
         )
-    return {"model": model, "config": config, "bandwidth": spread(bandwidths), "rows": rows}
+    return {"model": model, "config": config, "bandwidth": spread(bandwidths), "load": spread(loads), "rows": rows}
 
 
 def random_prompt(tokens: int) -> list[int]:
