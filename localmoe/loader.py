@@ -47,20 +47,24 @@ def open_checkpoint(source: str, revision: str | None = None, weights: bool = Tr
     wrapper = next((w for w in family.multimodal if w.architecture == architectures[0]), None)
     if wrapper is None:
         return ckpt, family
-    text = ckpt.config.get("text_config")
-    if not isinstance(text, dict):
-        raise LocalMoEError(f"{ckpt.path}/config.json declares {wrapper.architecture} but has no text_config")
+    levels = [ckpt.config]  # the config, and each one nested in it on the way to the text config
+    for key in wrapper.text_config:
+        levels.append(levels[-1].get(key))
+        if not isinstance(levels[-1], dict):
+            path = ".".join(wrapper.text_config)
+            raise LocalMoEError(f"{ckpt.path}/config.json declares {wrapper.architecture} but has no {path}")
+    text, holder = levels[-1], levels[-2]
     if wrapper.text_model_type and text.get("model_type") != wrapper.text_model_type:
         raise LocalMoEError(
             f"{ckpt.path} is a {wrapper.architecture} whose language model is {text.get('model_type')!r}, not a "
             f"MoE model localmoe runs (it runs the {wrapper.text_model_type} ones)"
         )
     # top-level settings (dtype, quantization_config) hold for the language model unless it says otherwise;
-    # the LM head belongs to the wrapper, so the wrapper's tie_word_embeddings (default True in several)
-    # decides whether it is stored
+    # the LM head belongs to the wrapper that holds the text config, so its tie_word_embeddings (default True
+    # in several) decides whether it is stored
     config = {**ckpt.config, **text, "architectures": [family.name]}
-    if "tie_word_embeddings" in ckpt.config:
-        config["tie_word_embeddings"] = ckpt.config["tie_word_embeddings"]
+    if "tie_word_embeddings" in holder:
+        config["tie_word_embeddings"] = holder["tie_word_embeddings"]
     part = f"the language model of {wrapper.architecture} (text only; its other towers stay on disk)"
     return ckpt.part_view(part, config, wrapper.prefixes), family
 

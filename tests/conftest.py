@@ -87,7 +87,8 @@ def randomize(model: torch.nn.Module, seed: int = 0) -> None:
             if not tensor.is_floating_point() or any(derived in name for derived in DERIVED_BUFFERS):
                 continue
             noise = torch.randn(tensor.shape, generator=generator, dtype=torch.float32)
-            center = 1.0 if "norm" in name or "layer_scalar" in name else 0.0
+            module = name.rsplit(".", 1)[0].rsplit(".", 1)[-1]  # DBRX's attention sits inside `norm_attn_norm`
+            center = 1.0 if "norm" in module or "layer_scalar" in name else 0.0
             tensor.copy_(center + 0.1 * noise)
 
 
@@ -910,6 +911,170 @@ BAILING_HYBRID = dict(
     pad_token_id=0,
 )
 
+GRANITE_MOE = dict(
+    BASE,
+    intermediate_size=32,
+    shared_intermediate_size=48,  # GraniteMoe ignores it; GraniteMoeShared adds the shared MLP
+    num_hidden_layers=3,
+    num_key_value_heads=2,
+    num_local_experts=6,
+    num_experts_per_tok=2,
+    # muP multipliers
+    embedding_multiplier=12.0,
+    residual_multiplier=0.22,
+    attention_multiplier=0.015625,
+    logits_scaling=2.0,
+    pad_token_id=0,
+)
+
+GRANITE_MOE_SWA = dict(
+    GRANITE_MOE,
+    num_hidden_layers=4,
+    sliding_window=8,  # shorter than the prompts
+    layer_types=["full_attention", "sliding_attention", "sliding_attention", "full_attention"],
+    layer_rope_theta=[10000.0, 0, 500000.0, 0],  # two bases, and layers without position embeddings
+)
+
+FLEX_OLMO = dict(
+    BASE,
+    intermediate_size=48,
+    num_hidden_layers=3,
+    num_key_value_heads=2,
+    num_experts=6,
+    num_experts_per_tok=2,
+    pad_token_id=0,
+)
+
+DBRX = dict(
+    BASE,
+    d_model=64,
+    n_heads=4,
+    n_layers=3,
+    max_seq_len=256,
+    # transformers 5.24 needs attn_config's rope_theta and rotates by the top-level one: both given
+    attn_config={"kv_n_heads": 2, "clip_qkv": 0.3, "rope_theta": 500000.0},
+    rope_parameters={"rope_type": "default", "rope_theta": 500000.0},
+    ffn_config={"ffn_hidden_size": 32, "moe_num_experts": 6, "moe_top_k": 2},
+    pad_token_id=0,
+)
+
+QWEN3_OMNI_MOE_TEXT = dict(
+    BASE,
+    intermediate_size=96,
+    moe_intermediate_size=32,
+    num_hidden_layers=3,
+    num_key_value_heads=2,
+    head_dim=16,
+    num_experts=6,
+    num_experts_per_tok=2,
+    rope_parameters={"rope_type": "default", "rope_theta": 1000000.0, "mrope_section": [2, 3, 3], "interleaved": True},
+)
+QWEN3_OMNI_MOE = dict(  # the thinker: the language model beside tiny audio and vision towers
+    text_config=QWEN3_OMNI_MOE_TEXT,
+    audio_config=dict(
+        num_mel_bins=16,
+        encoder_layers=1,
+        encoder_attention_heads=2,
+        encoder_ffn_dim=32,
+        d_model=16,
+        output_dim=64,
+        n_window=4,
+        downsample_hidden_size=8,
+    ),
+    vision_config=dict(
+        depth=1,
+        hidden_size=16,
+        intermediate_size=32,
+        num_heads=2,
+        out_hidden_size=64,
+        patch_size=4,
+        deepstack_visual_indexes=[0],
+    ),
+)
+
+JAMBA = dict(
+    BASE,
+    intermediate_size=48,
+    num_hidden_layers=4,  # Mamba, attention, Mamba, Mamba; experts on the odd layers
+    num_key_value_heads=2,
+    attn_layer_period=2,
+    attn_layer_offset=1,
+    expert_layer_period=2,
+    expert_layer_offset=1,
+    num_experts=6,
+    num_experts_per_tok=2,
+    mamba_d_state=8,
+    mamba_dt_rank=8,
+    pad_token_id=0,
+)
+
+ARIA_TEXT = dict(
+    BASE,
+    intermediate_size=32,
+    num_hidden_layers=3,
+    num_key_value_heads=2,
+    moe_num_experts=6,
+    moe_topk=2,
+    moe_num_shared_experts=2,
+    hidden_act="gelu",  # the shared experts' activation; the routed ones are SiLU-gated regardless
+    pad_token_id=0,
+)
+
+JETMOE = dict(
+    BASE,
+    num_hidden_layers=3,
+    num_key_value_heads=2,
+    kv_channels=16,
+    intermediate_size=32,
+    num_local_experts=5,
+    num_experts_per_tok=2,
+    rms_norm_eps=1e-5,  # the final norm's; the layers' keep 1e-6
+    pad_token_id=0,
+)
+
+ERNIE4_5_VL_MOE = dict(  # the language model beside a tiny vision tower
+    text_config=dict(
+        BASE,
+        intermediate_size=96,
+        moe_intermediate_size=[32, 24],  # text experts, vision experts
+        num_hidden_layers=3,
+        num_key_value_heads=2,
+        moe_num_experts=6,
+        moe_k=2,
+        moe_num_shared_experts=1,
+        rope_parameters={"rope_type": "default", "rope_theta": 500000.0, "mrope_section": [2, 2, 4]},
+    ),
+    vision_config=dict(depth=1, hidden_size=32, intermediate_size=64, num_heads=2, patch_size=4),
+)
+
+AXK1 = dict(
+    DEEPSEEK_V2,
+    num_key_value_heads=4,  # unused by latent attention; transformers' default (64) does not divide 4 heads
+    n_routed_experts=8,
+    num_experts_per_tok=2,
+    n_group=4,
+    topk_group=2,
+    q_lora_rank=24,
+    mlp_layer_types=["dense", "sparse", "sparse"],
+    bos_token_id=256,
+    eos_token_id=257,
+)
+
+FLINT = dict(
+    BASE,
+    intermediate_size=96,
+    moe_intermediate_size=32,
+    shared_expert_intermediate_size=40,
+    num_hidden_layers=4,
+    num_key_value_heads=2,
+    head_dim=16,
+    num_experts=6,
+    num_experts_per_tok=2,
+    sliding_window=8,  # shorter than the prompts
+    layer_types=["sliding_attention", "full_attention", "sliding_attention", "full_attention"],
+    mlp_only_layers=[1],
+)
+
 TINY_FAMILIES = {
     "mixtral": ("MixtralConfig", MIXTRAL),  # 3 MoE layers x 5 experts, top-2
     "qwen2_moe": ("Qwen2MoeConfig", QWEN2_MOE),
@@ -958,6 +1123,18 @@ TINY_FAMILIES = {
     "minimax_m3_vl_text": ("MiniMaxM3VLConfig", MINIMAX_M3),
     "zaya": ("ZayaConfig", ZAYA),
     "bailing_hybrid": ("BailingHybridConfig", BAILING_HYBRID),
+    "granitemoe": ("GraniteMoeConfig", GRANITE_MOE),
+    "granitemoeshared": ("GraniteMoeSharedConfig", GRANITE_MOE),
+    "granitemoe_swa": ("GraniteMoeSWAConfig", GRANITE_MOE_SWA),
+    "flex_olmo": ("FlexOlmoConfig", FLEX_OLMO),
+    "dbrx": ("DbrxConfig", DBRX),
+    "qwen3_omni_moe_text": ("Qwen3OmniMoeThinkerConfig", QWEN3_OMNI_MOE),
+    "jamba": ("JambaConfig", JAMBA),
+    "aria_text": ("AriaTextConfig", ARIA_TEXT),
+    "jetmoe": ("JetMoeConfig", JETMOE),
+    "ernie4_5_vl_moe_text": ("Ernie4_5_VLMoeConfig", ERNIE4_5_VL_MOE),
+    "axk1": ("AXK1Config", AXK1),
+    "flint": ("FlintConfig", FLINT),
 }
 
 

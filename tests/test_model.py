@@ -65,6 +65,10 @@ MODELS = {
     # keys and values beside rings of the convolutions' inputs and of the delayed values
     "zaya-ring": ("zaya", {}, 4),
     "bailing-hybrid": ("bailing_hybrid", {}, None),
+    # Mamba-1 state (a convolution window and a state per channel) beside keys and values without rotary
+    "jamba": ("jamba", {}, None),
+    # queries from routed attention experts, keys and values shared by them
+    "jetmoe": ("jetmoe", {}, None),
 }
 
 # The chat rewind alone for families whose kinds of state MODELS already covers in depth:
@@ -78,6 +82,17 @@ REWIND_ONLY = {
     "deepseek-v32": ("deepseek_v32", None),
     "cohere2-moe-ring": ("cohere2_moe", 3),
     "glm4v-moe": ("glm4v_moe_text", None),
+    "granitemoe": ("granitemoe", None),
+    "granitemoeshared": ("granitemoeshared", None),
+    # rings of keys and values on layers with sinks, some without position embeddings
+    "granitemoe-swa-ring": ("granitemoe_swa", 3),
+    "flex-olmo": ("flex_olmo", None),
+    "dbrx": ("dbrx", None),
+    "qwen3-omni-moe": ("qwen3_omni_moe_text", None),
+    "aria-text": ("aria_text", None),
+    "ernie4-5-vl-moe": ("ernie4_5_vl_moe_text", None),
+    "axk1": ("axk1", None),
+    "flint-ring": ("flint", 3),
 }
 
 

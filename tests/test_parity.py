@@ -6,7 +6,9 @@ import json
 import pytest
 import torch
 from conftest import (
+    ARIA_TEXT,
     DEEPSEEK_V2,
+    ERNIE4_5_VL_MOE,
     GEMMA4,
     GLM4V_MOE,
     LLAMA4,
@@ -14,6 +16,7 @@ from conftest import (
     MISTRAL4,
     PHIMOE,
     QWEN3_5_MOE,
+    QWEN3_OMNI_MOE,
     QWEN3_VL_MOE_TEXT,
     QWEN3_VL_VISION,
     STEP3P7,
@@ -24,7 +27,7 @@ from conftest import (
 )
 
 import localmoe
-from localmoe.models.expert_tensors import Fused, PerExpert, Stacked
+from localmoe.models.expert_tensors import Concatenated, Fused, PerExpert, Stacked
 from localmoe.runtime.generate import generate_tokens
 
 TOLERANCE = 1e-4
@@ -677,6 +680,170 @@ CASES = {
         {"use_qkv_bias": True, "n_group": 2, "topk_group": 1, "tie_word_embeddings": True},
         "single",
     ),
+    "granitemoe-sharded": ("granitemoe", {}, "sharded"),
+    # attention biases, tied embeddings, every expert for every token
+    "granitemoe-bias-tied-all": (
+        "granitemoe",
+        {"attention_bias": True, "tie_word_embeddings": True, "num_local_experts": 3, "num_experts_per_tok": 3},
+        "single",
+    ),
+    "granitemoe-fused": ("granitemoe", {}, "fused"),
+    "granitemoeshared-sharded": ("granitemoeshared", {}, "sharded"),
+    # no shared MLP, yarn, tied embeddings
+    "granitemoeshared-none-yarn-tied": (
+        "granitemoeshared",
+        {
+            "shared_intermediate_size": 0,
+            "tie_word_embeddings": True,
+            "rope_parameters": {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 64},
+        },
+        "single",
+    ),
+    "granitemoe-swa-sharded": ("granitemoe_swa", {}, "sharded"),
+    # transformers' default layer kinds (every fourth full) and one rotary base, biases, no shared MLP
+    "granitemoe-swa-defaults-bias": (
+        "granitemoe_swa",
+        {"layer_types": None, "layer_rope_theta": None, "attention_bias": True, "shared_intermediate_size": 0},
+        "single",
+    ),
+    "flex-olmo-sharded": ("flex_olmo", {}, "sharded"),
+    # renormalised routing, attention biases, tied embeddings
+    "flex-olmo-norm-bias-tied": (
+        "flex_olmo",
+        {"norm_topk_prob": True, "attention_bias": True, "tie_word_embeddings": True},
+        "single",
+    ),
+    "flex-olmo-fused": ("flex_olmo", {}, "fused"),
+    "dbrx-sharded": ("dbrx", {}, "sharded"),
+    # a clip that does not bite (transformers 5.24 fails without one: clamp(None, None)), weights divided
+    # by their 2-norm, gelu experts
+    "dbrx-unclipped-p2-gelu": (
+        "dbrx",
+        {
+            "attn_config": {"kv_n_heads": 4, "clip_qkv": 8.0, "rope_theta": 500000.0},
+            "ffn_config": {
+                "ffn_hidden_size": 32,
+                "moe_num_experts": 6,
+                "moe_top_k": 3,
+                "moe_normalize_expert_weights": 2.0,
+                "ffn_act_fn": {"name": "gelu"},
+            },
+        },
+        "single",
+    ),
+    # the weights as they come
+    "dbrx-unnormalised": (
+        "dbrx",
+        {
+            "ffn_config": {
+                "ffn_hidden_size": 32,
+                "moe_num_experts": 6,
+                "moe_top_k": 2,
+                "moe_normalize_expert_weights": None,
+            }
+        },
+        "single",
+    ),
+    # transformers defines Qwen3-Omni's language model only inside its thinker: the reference is that
+    "qwen3-omni-moe-sharded": ("qwen3_omni_moe_text", {}, "sharded"),
+    # no renormalisation, a dense layer, attention biases, tied embeddings (the thinker's setting)
+    "qwen3-omni-moe-dense-bias-tied": (
+        "qwen3_omni_moe_text",
+        {
+            "text_config": {
+                **QWEN3_OMNI_MOE["text_config"],
+                "norm_topk_prob": False,
+                "mlp_only_layers": [1],
+                "attention_bias": True,
+            },
+            "tie_word_embeddings": True,
+        },
+        "single",
+    ),
+    # (no "fused" case: the thinker keeps its language model under model.language_model. in memory, which no
+    # release stores)
+    "jamba-sharded": ("jamba", {}, "sharded"),
+    # attention first, experts on every layer, biases on the Mamba projections but not its convolution,
+    # the rank of dt derived from the width, tied embeddings
+    "jamba-attention-first-biases": (
+        "jamba",
+        {
+            "attn_layer_offset": 0,
+            "expert_layer_period": 1,
+            "expert_layer_offset": 0,
+            "mamba_proj_bias": True,
+            "mamba_conv_bias": False,
+            "mamba_dt_rank": "auto",
+            "tie_word_embeddings": True,
+        },
+        "single",
+    ),
+    "jamba-fused": ("jamba", {}, "fused"),
+    "aria-text-sharded": ("aria_text", {}, "sharded"),
+    # biases on attention and the shared experts, one shared expert, tied embeddings
+    "aria-text-bias-tied": (
+        "aria_text",
+        {"attention_bias": True, "mlp_bias": True, "moe_num_shared_experts": 1, "tie_word_embeddings": True},
+        "single",
+    ),
+    "aria-text-fused": ("aria_text", {}, "fused"),
+    "jetmoe-sharded": ("jetmoe", {}, "sharded"),
+    # every expert for every token, an LM head of its own
+    "jetmoe-all-experts-untied": (
+        "jetmoe",
+        {"num_local_experts": 3, "num_experts_per_tok": 3, "tie_word_embeddings": False},
+        "single",
+    ),
+    # transformers defines ERNIE-4.5-VL's language model only inside its multimodal model: the reference is that
+    "ernie4-5-vl-moe-sharded": ("ernie4_5_vl_moe_text", {}, "sharded"),
+    # biases, two shared experts, every layer sparse, an LM head of its own
+    "ernie4-5-vl-moe-bias-untied": (
+        "ernie4_5_vl_moe_text",
+        {
+            "text_config": {
+                **ERNIE4_5_VL_MOE["text_config"],
+                "use_bias": True,
+                "moe_num_shared_experts": 2,
+                "mlp_layer_types": ["sparse"] * 3,
+            },
+            "tie_word_embeddings": False,
+        },
+        "single",
+    ),
+    # (no "fused" case: transformers keeps the text and vision experts apart under
+    # model.language_model. in memory, which no release stores)
+    "axk1-sharded": ("axk1", {}, "sharded"),
+    # the layers by the older spelling (first dense, then MoE every other layer), plain rotary, no
+    # renormalisation, tied embeddings
+    "axk1-legacy-layers-plain-rope": (
+        "axk1",
+        {
+            "mlp_layer_types": None,
+            "first_k_dense_replace": 1,
+            "moe_layer_freq": 2,
+            "num_hidden_layers": 4,
+            "rope_interleave": False,
+            "norm_topk_prob": False,
+            "tie_word_embeddings": True,
+        },
+        "single",
+    ),
+    "axk1-fused": ("axk1", {}, "fused"),
+    "flint-sharded": ("flint", {}, "sharded"),
+    # transformers' default layer kinds and dense layers, no renormalisation, biases, tied embeddings
+    "flint-defaults-bias-tied": (
+        "flint",
+        {
+            "num_hidden_layers": 6,
+            "layer_types": None,
+            "mlp_only_layers": None,
+            "norm_topk_prob": False,
+            "attention_bias": True,
+            "tie_word_embeddings": True,
+        },
+        "single",
+    ),
+    "flint-fused": ("flint", {}, "fused"),
 }
 
 
@@ -684,6 +851,9 @@ CASES = {
 # first layer leaves empty: its cached decode restarts positions at 0. For these cases the reference is
 # transformers given the true positions (decode steps) and transformers without a cache (greedy).
 POSITIONS_FROM_LINEAR_LAYER = {"minimax-residual-factors"}
+# transformers 5.24's Qwen3-Omni thinker cannot generate() from text alone (its config lacks the
+# vision_start_token_id its position code reads): the reference for greedy tokens is it without a cache.
+GENERATE_FAILS = {"qwen3-omni-moe-sharded", "qwen3-omni-moe-dense-bias-tied"}
 
 
 @pytest.fixture(params=list(CASES), scope="module")
@@ -701,9 +871,10 @@ def test_experts_read_in_the_layout_written(pair, request):
     name = request.node.callspec.params["pair"]
     # save_pretrained writes the Hub's per-expert names, except for the families whose Hub layout is fused
     # (one tensor for gate and up) or stacked (one per role)
-    fused_on_the_hub = ("gpt-oss", "llama4", "gemma4", "mistral4", "qwen3-vl-moe", "granite-h", "zaya")
+    fused_on_the_hub = ("gpt-oss", "llama4", "gemma4", "mistral4", "qwen3-vl-moe", "granite", "zaya", "aria", "jetmoe")
     expected = Fused if CASES[name][2] == "fused" or name.startswith(fused_on_the_hub) else PerExpert
     expected = Stacked if name.startswith("step3p7") else expected
+    expected = Concatenated if name.startswith("dbrx") else expected
     assert {type(found) for found in engine.parts.experts.layouts.values()} == {expected}
 
 
@@ -765,7 +936,7 @@ def test_greedy_tokens_identical(pair, request):
     reference, engine = pair
     ids = prompt_ids()
     with torch.no_grad():
-        if request.node.callspec.params["pair"] in POSITIONS_FROM_LINEAR_LAYER:
+        if request.node.callspec.params["pair"] in POSITIONS_FROM_LINEAR_LAYER | GENERATE_FAILS:
             sequence = ids
             for _ in range(GREEDY_TOKENS):
                 sequence = torch.cat((sequence, reference(sequence).logits[:, -1:].argmax(-1)), dim=1)
@@ -784,6 +955,7 @@ LONG_PROMPTS = {
     "nemotron_h": {},  # state space scan chunks of 128
     "granitemoehybrid": {},  # transformers' chunks of 256, localmoe's 128
     "kimi_linear": {},  # delta rule chunks of 64, a decay per key channel
+    "jamba": {},  # selective scan chunks of 16, a decay per state entry
 }
 
 
@@ -925,6 +1097,19 @@ MULTIMODAL = {
         GLM4V_MOE["text_config"],
         GLM4V_MOE["vision_config"],
     ),
+    "aria": (
+        "AriaConfig",
+        "AriaForConditionalGeneration",
+        {**ARIA_TEXT, "model_type": "aria_text"},
+        dict(
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=1,
+            num_attention_heads=2,
+            image_size=28,
+            patch_size=14,
+        ),
+    ),
     "step3p7": (
         "Step3p7Config",
         "Step3p7ForConditionalGeneration",
@@ -1029,3 +1214,66 @@ def test_minimax_m3_rotates_the_width_rotary_dim_says():
     config = {**TINY_FAMILIES["minimax_m3_vl_text"][1]["text_config"], "rope_parameters": None}
     args = MiniMaxM3Args.from_config(config)
     assert args.rope["partial_rotary_factor"] == config["rotary_dim"] / config["head_dim"]
+
+
+def test_dbrx_settings_as_the_release_nests_them():
+    """DBRX's release keeps attention and expert settings in attn_config and ffn_config, and its rotary
+    base only there: localmoe rotates at it, where transformers 5.24 falls back to 10000."""
+    from localmoe.models.dbrx import DbrxArgs
+
+    config = {
+        "d_model": 6144,
+        "n_heads": 48,
+        "n_layers": 40,
+        "max_seq_len": 32768,
+        "vocab_size": 100352,
+        "attn_config": {"clip_qkv": 8, "kv_n_heads": 8, "rope_theta": 500000},
+        "ffn_config": {"ffn_hidden_size": 10752, "moe_num_experts": 16, "moe_top_k": 4, "moe_jitter_eps": 0.01},
+    }
+    args = DbrxArgs.from_config(config)
+    assert (args.hidden_size, args.num_key_value_heads, args.clip_qkv) == (6144, 8, 8)
+    assert (args.moe_num_experts, args.moe_top_k, args.moe_normalize_expert_weights) == (16, 4, 1.0)
+    assert args.rope["rope_theta"] == 500000
+    with pytest.raises(localmoe.LocalMoEError, match="routes each token to 20 experts"):
+        DbrxArgs.from_config({**config, "ffn_config": {**config["ffn_config"], "moe_top_k": 20}})
+
+
+def test_qwen3_omni_release_runs_its_thinkers_language_model(tmp_path):
+    """Qwen3-Omni's release holds the thinker under `thinker.`, its text config in thinker_config: localmoe
+    loads the thinker's language model alone and matches the thinker on text."""
+    import transformers
+
+    config = transformers.Qwen3OmniMoeConfig(thinker_config=QWEN3_OMNI_MOE, enable_audio_output=False)
+    whole = transformers.Qwen3OmniMoeForConditionalGeneration(config).eval()
+    randomize(whole)
+    whole.save_pretrained(tmp_path)
+    engine = localmoe.load(str(tmp_path), device="cpu", dtype=torch.float32)
+    assert "Qwen3OmniMoeForConditionalGeneration (text only;" in engine.summary()
+    ids = prompt_ids()
+    with torch.no_grad():
+        expected = whole.thinker(ids).logits
+    got = engine.model(ids, engine.model.new_cache(1, ids.shape[1]), all_logits=True)
+    assert (got - expected).abs().max().item() < TOLERANCE
+
+
+def test_jetmoe_config_as_the_release_writes_it():
+    """JetMoE-8B's config names its own class and spells the expert settings its own way."""
+    from localmoe.models import family_for
+
+    config = {
+        "architectures": ["JetMoEForCausalLM"],
+        "model_type": "jetmoe",
+        "vocab_size": 32000,
+        "hidden_size": 2048,
+        "num_hidden_layers": 24,
+        "num_key_value_heads": 16,
+        "kv_channels": 128,
+        "ffn_hidden_size": 5632,
+        "moe_num_experts": 8,
+        "moe_top_k": 2,
+        "rms_norm_eps": 1e-05,
+    }
+    family = family_for(config)
+    args = family.args.from_config(config)
+    assert family.model_type == "jetmoe"
+    assert (args.intermediate_size, args.num_local_experts, args.num_experts_per_tok) == (5632, 8, 2)

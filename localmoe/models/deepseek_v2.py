@@ -3,6 +3,7 @@ interleaved pairs, dense first layers, shared experts, and softmax routing limit
 of experts, scaled by `routed_scaling_factor`. DeepSeek-V3 builds on this file."""
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import ClassVar
 
@@ -104,14 +105,15 @@ def attention_scale(args: DeepseekV2Args) -> float:
     return scale
 
 
-def build(args: DeepseekV2Args) -> CausalLM:
+def build(args: DeepseekV2Args, moe: Callable[..., SparseMoE] = SparseMoE) -> CausalLM:
+    """`moe` the MoE block's class, where a family adds to it (A.X-K1's norm after it)."""
     hidden = args.hidden_size
 
     def feed_forward(i: int) -> nn.Module:
         if args.is_dense(i):
             return MLP(hidden, args.intermediate_size, args.hidden_act, bias=args.mlp_bias)
         shared = args.moe_intermediate_size * (args.n_shared_experts or 0)
-        return SparseMoE(
+        return moe(
             i,
             hidden,
             args.moe_intermediate_size,

@@ -71,22 +71,27 @@ class Ernie45MoeArgs(ModelArgs):
         end = self.num_hidden_layers - 1 if self.moe_layer_end_index == -1 else self.moe_layer_end_index
         return (i + 1) % self.moe_layer_interval == 0 and self.moe_layer_start_index <= i <= end
 
+    def expert_size(self) -> int:
+        """The routed experts' intermediate size (of the text experts, where there are others)."""
+        return self.moe_intermediate_size
 
-def build(args: Ernie45MoeArgs) -> CausalLM:
+
+def build(args: Ernie45MoeArgs, router=ErnieRouter, lm_head_bias: bool | None = None) -> CausalLM:
+    """`router` its class (ERNIE-4.5-VL stores its weight transposed); `lm_head_bias` where it is not use_bias."""
     hidden, bias = args.hidden_size, args.use_bias
     head_dim = args.attention_head_dim
 
     def feed_forward(i: int) -> nn.Module:
         if not args.is_moe_layer(i):
             return MLP(hidden, args.intermediate_size, args.hidden_act, bias=bias)
-        shared = args.moe_intermediate_size * args.moe_num_shared_experts
+        shared = args.expert_size() * args.moe_num_shared_experts
         return SparseMoE(
             i,
             hidden,
-            args.moe_intermediate_size,
+            args.expert_size(),
             args.moe_num_experts,
             args.moe_k,
-            ErnieRouter(hidden, args.moe_num_experts, args.moe_k, args.moe_norm_min),
+            router(hidden, args.moe_num_experts, args.moe_k, args.moe_norm_min),
             act=GatedActivation(act=args.hidden_act),
             shared_expert=MLP(hidden, shared, args.hidden_act, bias=bias) if shared else None,
         )
@@ -108,7 +113,7 @@ def build(args: Ernie45MoeArgs) -> CausalLM:
         )
         for i in range(args.num_hidden_layers)
     ]
-    return causal_lm(args, layers, head_dim, lm_head_bias=bias)
+    return causal_lm(args, layers, head_dim, lm_head_bias=bias if lm_head_bias is None else lm_head_bias)
 
 
 FAMILY = Family(

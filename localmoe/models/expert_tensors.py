@@ -150,6 +150,30 @@ class Stacked:
 
 
 @dataclass(frozen=True)
+class Concatenated:
+    """One 2-D tensor per layer and role, the experts' rows one after another: gate, up and down each
+    [E x I, H], down holding each expert's transpose (DBRX's checkpoints); named by templates with {layer}."""
+
+    names: dict[str, str]
+
+    def present(self, ckpt: Checkpoint, block) -> bool:
+        return all(name.format(layer=block.layer_idx) in ckpt for name in self.names.values())
+
+    def check(self, ckpt: Checkpoint, block) -> None:
+        rows = block.num_experts * block.intermediate_size
+        for name in self.names.values():
+            ckpt.check_tensor(name.format(layer=block.layer_idx), (rows, block.hidden_size))
+
+    def read(self, ckpt: Checkpoint, block, expert: int) -> dict[str, torch.Tensor]:
+        shape = (block.num_experts, block.intermediate_size, block.hidden_size)
+        roles = {
+            role: ckpt.tensor(name.format(layer=block.layer_idx)).view(shape)[expert]
+            for role, name in self.names.items()
+        }
+        return {**roles, "down": roles["down"].T}
+
+
+@dataclass(frozen=True)
 class Mxfp4:
     """gpt-oss experts as shipped on the Hub: `{prefix}.gate_up_proj_blocks` [E, 2I, H/32, 16] and
     `_scales` [E, 2I, H/32] (uint8), the same for down_proj ([E, H, I/32, ...]); gate and up in
@@ -212,7 +236,7 @@ class Mxfp4:
         }
 
 
-ExpertTensors = PerExpert | Fused | Stacked | Mxfp4
+ExpertTensors = PerExpert | Fused | Stacked | Concatenated | Mxfp4
 
 
 def _split_gate_up(gate_up: torch.Tensor, block, interleaved: bool) -> dict[str, torch.Tensor]:

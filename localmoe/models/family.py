@@ -84,7 +84,7 @@ class ModelArgs:
         elif experts and groups and chosen and top_k and top_k > chosen * (experts // groups):
             yield f"routes each token to {top_k} experts, more than {chosen} groups of {experts // groups} hold"
         heads, kv_heads = getattr(self, "num_attention_heads", None), getattr(self, "num_key_value_heads", None)
-        if heads and kv_heads and heads % kv_heads:
+        if heads and kv_heads and kv_heads <= heads and heads % kv_heads:  # more: latent attention ignores it
             yield f"has {heads} attention heads, which cannot share {kv_heads} key-value heads evenly"
         if heads and hasattr(self, "head_dim") and self.head_dim is None and self.hidden_size % heads:
             yield f"has no head_dim, and hidden_size {self.hidden_size} does not split over {heads} attention heads"
@@ -92,7 +92,7 @@ class ModelArgs:
 
 # Names configs give the experts per MoE layer and the experts each token is routed to.
 EXPERT_COUNTS = ("num_local_experts", "num_experts", "n_routed_experts", "moe_num_experts")
-EXPERTS_PER_TOKEN = ("num_experts_per_tok", "moe_k", "moe_topk", "top_k_experts")
+EXPERTS_PER_TOKEN = ("num_experts_per_tok", "moe_k", "moe_topk", "top_k_experts", "moe_top_k")
 # Integer fields that may be 0 (none of something) or negative (counted from the end); every other integer
 # field counts or sizes something and is at least 1, and the integers in lists (layer indices) at least 0.
 MAY_BE_ZERO = frozenset(
@@ -107,12 +107,23 @@ MAY_BE_ZERO = frozenset(
         "moe_layer_start_index",
         "sliding_window",
         "hidden_size_per_layer_input",
+        "num_dense_layers",
+        "num_nextn_predict_layers",
+        "num_shared_experts",
+        "shared_intermediate_size",  # GraniteMoeShared: no shared MLP
+        "attn_layer_offset",  # Jamba
+        "expert_layer_offset",
     }
 )
 MAY_BE_NEGATIVE = frozenset({"moe_layer_end_index"})  # ERNIE: -1 for the last layer
+# Fields whose infinity is a setting (Mamba's time step limit (0, inf): no upper clamp); transformers 5
+# writes it as {"__float__": "Infinity"}.
+MAY_BE_INFINITE = frozenset({"time_step_limit"})
 
 
 def _check_value(key: str, value: Any, kind: Any) -> None:
+    if key in MAY_BE_INFINITE and isinstance(value, list):
+        value = [0.0 if isinstance(item, float) and math.isinf(item) else item for item in value]
     if not _fits(value, kind):
         shown = repr(value) if len(repr(value)) <= 40 else repr(value)[:37] + "..."
         raise LocalMoEError(f"config.json: {key} is {shown}, not {_describe(kind)}: the config is damaged")
@@ -168,12 +179,14 @@ def _describe(kind: Any) -> str:
 @dataclass(frozen=True)
 class Multimodal:
     """A multimodal architecture whose checkpoints hold a family's language model beside other towers:
-    its text config is `text_config`, its text tensors are under the stored prefixes of `prefixes`
-    (pairs of (our prefix, stored prefix)). localmoe runs the language model alone."""
+    its text config is where the keys of `text_config` lead (the config's `text_config`, usually), its text
+    tensors are under the stored prefixes of `prefixes` (pairs of (our prefix, stored prefix)). localmoe runs
+    the language model alone."""
 
     architecture: str
     prefixes: tuple[tuple[str, str], ...]
     text_model_type: str | None = None  # where the wrapper also ships other language models
+    text_config: tuple[str, ...] = ("text_config",)  # the keys leading to it (Qwen3-Omni: thinker_config first)
 
 
 @dataclass(frozen=True)
