@@ -164,8 +164,8 @@ def label(run: RunResult) -> str:
 def write_benchmarks(results_dir: Path, docs: Path) -> None:
     """docs/benchmarks.md from every result file: decode runs (scripts/bench_decode.py, the latest per
     device and model first), then cache policies (`cache/`), expert kernels (scripts/bench_kernels.py, in
-    `kernels/`), quantization quality (`quant/`) and the kernels compiled for GPUs
-    (scripts/check_kernels.py, the latest, in `compile/`)."""
+    `kernels/`), quantization quality (`quant/`), the CPU kernels beside llama.cpp (scripts/bench_cpu.py, in
+    `cpu/`) and the kernels compiled for GPUs (scripts/check_kernels.py, the latest, in `compile/`)."""
     results = _latest_first(results_dir)
     lines = [
         "# Benchmarks",
@@ -183,8 +183,8 @@ def write_benchmarks(results_dir: Path, docs: Path) -> None:
         "memory bandwidth), with both bandwidths measured in the same run; on the CPU, bytes read and copied",
         "over the measured RAM bandwidth. Cache policies replayed on real routing (`scripts/simulate_cache.py`),",
         "the expert kernels (`scripts/bench_kernels.py`), the quality of quantized experts",
-        "(`scripts/quant_quality.py`) and the kernels' registers when compiled for GPUs",
-        "(`scripts/check_kernels.py`) come last.",
+        "(`scripts/quant_quality.py`), the CPU kernels beside llama.cpp (`scripts/bench_cpu.py`) and the",
+        "kernels' registers when compiled for GPUs (`scripts/check_kernels.py`) come last.",
     ]
     for r in results:
         lines += _heading(f"{r['model']} on {r['device']} ({r['dtype']}), {r['date']}", r)
@@ -201,7 +201,8 @@ def write_benchmarks(results_dir: Path, docs: Path) -> None:
         lines += [f"- {label(run)}: {run.detail}" for run in runs if run.detail]
         lines += [f"- greedy tokens equal to the reference run's, before the first difference: {r['same_tokens']}"]
     sections = _cache_sections(results_dir / "cache") + _kernel_sections(results_dir / "kernels")
-    sections += _quality_sections(results_dir / "quant") + _compile_sections(results_dir / "compile")
+    sections += _quality_sections(results_dir / "quant") + _cpu_sections(results_dir / "cpu")
+    sections += _compile_sections(results_dir / "compile")
     write_atomic(docs, "\n".join(lines + sections) + "\n")
 
 
@@ -274,6 +275,57 @@ def _quality_sections(folder: Path) -> list[str]:
                 f"| {row['kl']:.2e} | {row['agreement']:.2%} |"
             )
     return lines
+
+
+def _cpu_sections(folder: Path) -> list[str]:
+    """scripts/bench_cpu.py's runs: localmoe's CPU kernels beside llama.cpp and transformers."""
+    lines = []
+    for r in _latest_first(folder):
+        lines += _heading(f"CPU decode and prefill beside llama.cpp, {r['threads']} threads, {r['date']}", r)
+        lines += [
+            f"Prompt {r['prompt_tokens']} tokens, {r['new_tokens']} new tokens, {r['rounds']} rounds with every engine "
+            "once per round: the median tokens/s and (in brackets) the range over the rounds. x llama.cpp: the median "
+            "as a multiple of llama.cpp's in the same format (its experts-only file where there is one: the same "
+            "bytes per token as localmoe); of floor: the median as a share of the tokens/s that reading the weights "
+            "at the RAM bandwidth measured in each round would allow.",
+        ]
+        for model in r["models"]:
+            config, bw = model["config"], model["bandwidth"]
+            experts = config.get("num_local_experts") or config.get("num_experts")
+            inter = config.get("moe_intermediate_size") or config["intermediate_size"]
+            lines += [
+                "",
+                f"**{config['model_type']}**: hidden {config['hidden_size']}, {experts} experts of "
+                f"{inter}, top-{config['num_experts_per_tok']}, "
+                f"{config['num_hidden_layers']} layers; RAM read {bw['median'] / 1e9:.1f} GB/s "
+                f"({bw['min'] / 1e9:.1f}-{bw['max'] / 1e9:.1f}). {_load(model)}",
+                "",
+                "| engine | format | decode tok/s | x llama.cpp | of floor | prefill tok/s | x llama.cpp | of floor | "
+                "read per token |",
+                "|---|---|---|---|---|---|---|---|---|",
+            ]
+            llama = {row["format"]: row for row in model["rows"] if row["engine"] == "llama.cpp"}
+            for row in model["rows"]:
+                same = llama.get(f"{row['format']}, experts only") or llama.get(row["format"])
+                base = None if row["engine"] == "llama.cpp" else same
+                cells = [row["engine"], row["format"]]
+                for kind in ("decode", "prefill"):
+                    rate = row[kind]
+                    cells.append(f"{rate['median']:.1f} ({rate['min']:.1f}-{rate['max']:.1f})")
+                    cells.append(f"{rate['median'] / base[kind]['median']:.2f}" if base else "")
+                    cells.append(f"{rate['median'] / row[f'floor_{kind}']:.0%}")
+                lines.append("| " + " | ".join([*cells, format_bytes(row["read_per_token"])]) + " |")
+            lines += [f"- {row['engine']} {row['format']}: {row['detail']}" for row in model["rows"] if row["detail"]]
+    return lines
+
+
+def _load(model: dict) -> str:
+    """The machine's load average during a model's rounds, where measured, else a note on it."""
+    if "load" in model:
+        load = model["load"]
+        spread = f"{load['median']:.1f} ({load['min']:.1f}-{load['max']:.1f})"
+        return f"Load average (1 minute) at each round's start: {spread}."
+    return model.get("note", "")
 
 
 def _kernel_sections(folder: Path) -> list[str]:

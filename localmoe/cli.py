@@ -125,6 +125,12 @@ def _placement(yes: bool) -> list:
             help="Columns per scale, with --expert-bits 8 or 4  [default: the largest of 64, 62, ... 2 that divides "
             "the experts' widths]",
         ),
+        click.option(
+            "--threads",
+            type=click.IntRange(min=1),
+            help="CPU threads for the work the CPU does (experts computed on the CPU, and everything with "
+            "--device cpu).  [default: the physical cores]",
+        ),
     ]
     if yes:
         options.append(
@@ -201,7 +207,8 @@ def _cache_options(fn):
             type=_Registry("localmoe.kernels", "KERNELS"),
             default=DEFAULTS.kernels,
             show_default=True,
-            help="Expert kernels: the PyTorch reference, the fused Triton kernels (CUDA), or Triton where it works.",
+            help="Expert kernels: the PyTorch reference, the fused Triton kernels (CUDA), the compiled CPU "
+            "kernels (--device cpu; built at first use), or the fastest that works here.",
         ),
         click.option(
             "--trace", type=click.Path(dir_okay=False, path_type=Path), help="Write the routing as JSON lines."

@@ -5,19 +5,22 @@ row layout; no weights read) and `place` (load the weights, fill the host store 
 experts). `plan` and the CLI's disk-speed check look at a preparation before anything is placed.
 """
 
+import os
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, replace
 from functools import cached_property
 from pathlib import Path
 
+import psutil
 import torch
 
 from localmoe.checkpoint import Checkpoint
 from localmoe.errors import LocalMoEError, setting
 from localmoe.files import sweep_temporaries
 from localmoe.grammar import ANY_OBJECT, JsonConstraint
-from localmoe.kernels import KERNELS, pair_kernel
+from localmoe.kernels import KERNELS, host_kernel, pair_kernel
 from localmoe.kernels.quantized import QuantSpec
+from localmoe.kernels.reference import expert_pair_outputs
 from localmoe.loader import DTYPES, ModelParts, footprint, load_resident_weights, model_skeleton, open_checkpoint
 from localmoe.models.moe import moe_blocks
 from localmoe.models.state import KVCache
@@ -262,7 +265,7 @@ class Engine:
             f"{self.checkpoint.name}: {model} on {plan.device}, {self.parts.dtype}; "
             f"resident {format_bytes(fp.resident_bytes)}; expert slots {plan.slots}/{fp.total_experts}; "
             f"experts' host copy: {home[plan.store]}; context {plan.context}{self._misses()}; "
-            f"kernels: {self.kernels}"
+            f"kernels: {self.kernels}; {torch.get_num_threads()} CPU threads"
         ) + "".join(f"\n{notice}" for notice in plan.notices)
 
     def _misses(self) -> str:
@@ -313,7 +316,8 @@ class Engine:
         runtime.configure_prefetch(options.prefetch, options.prefetch_margin)
         runtime.pin_hot = options.pin_hot
         if miss_policy is not None:
-            runtime.miss_policy = _miss_policy(options, runtime.cache, self._blocks)
+            runtime.host.kernel = _host_kernel(runtime.cache.rows.device, runtime.pair_outputs, miss_policy)
+            runtime.miss_policy = _miss_policy(options, runtime.cache, self._blocks, runtime.host.kernel)
         self.options = options
 
     @property
@@ -393,6 +397,7 @@ def place(prepared: Prepared) -> Engine:
         prepared.quant,
     )
     device = resolve_device(str(prepared.device))
+    torch.set_num_threads(options.threads or physical_cores())
     sweep_temporaries(cache_dir(), recursive=True)  # left by runs killed while writing
     blocks = moe_blocks(parts.model)
     trace = RoutingTrace(options.trace, blocks[0].layer_idx) if options.trace else None  # an unwritable path fails now
@@ -408,15 +413,17 @@ def place(prepared: Prepared) -> Engine:
         mode = "mmap" if plan.store == "mmap" else "ram"
         store = ExpertStore(parts.experts, parts.dtype, mode, device, quant, quantized)
         cache = ExpertCache(store, plan.slots, device, options.policy, layers=len(blocks))
+        on_cpu = _host_kernel(device, kernel, options.miss_policy)
         experts = offloaded = OffloadedExperts(
             cache,
             blocks,
             prefetch=options.prefetch,
             margin=options.prefetch_margin,
             trace=trace,
-            miss_policy=_miss_policy(options, cache, blocks),
+            miss_policy=_miss_policy(options, cache, blocks, on_cpu),
             pair_outputs=kernel,
             pin_hot=options.pin_hot,
+            host_kernel=on_cpu,
         )
     for block in blocks:
         block.experts = experts
@@ -425,6 +432,12 @@ def place(prepared: Prepared) -> Engine:
         offloaded.start_from_profile(default_profile_path(checkpoint) if own else Path(options.profile), own)
     tokenizer = prepared.__dict__.get("tokenizer")  # where the preparation has read it already
     return Engine(checkpoint, parts, plan, experts, options, kernels, offloaded, tokenizer)
+
+
+def physical_cores() -> int:
+    """The CPU's cores, not counting the second thread of a hyper-threaded core (which adds little to
+    memory-bound kernels and slows them by sharing a core's caches)."""
+    return psutil.cpu_count(logical=False) or os.cpu_count() or 1
 
 
 def load(
@@ -461,11 +474,21 @@ def plan_for(
     return prepare(source, device=device, dtype=dtype, revision=revision, options=options, headers_only=True).plan
 
 
-def _miss_policy(options: RuntimeOptions, cache: ExpertCache, blocks):
-    """The miss policy the options name, with the bandwidths it weighs, measured once per machine."""
+def _host_kernel(device: torch.device, kernel: Callable, policy: str) -> Callable:
+    """The kernel for the CPU's share of the misses: on a CPU device the device's own `kernel`, so that both
+    give the same bits; the compiled CPU kernels elsewhere, but none to build where the policy copies every
+    miss."""
+    if device.type == "cpu":
+        return kernel
+    return expert_pair_outputs if policy == "copy" else host_kernel()
+
+
+def _miss_policy(options: RuntimeOptions, cache: ExpertCache, blocks, on_cpu):
+    """The miss policy the options name, with the bandwidths it weighs, measured once per machine with the
+    kernel `on_cpu` that computes the CPU's share."""
     if not MISS_POLICIES[options.miss_policy].weighs_bandwidths:
         return miss_policy(options.miss_policy)
-    rates = calibrated(cache.store, cache.rows[0], blocks[0], *options.bandwidths())
+    rates = calibrated(cache.store, cache.rows[0], blocks[0], on_cpu, *options.bandwidths())
     return miss_policy(options.miss_policy, rates)
 
 

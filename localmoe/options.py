@@ -54,7 +54,8 @@ class RuntimeOptions:
     prefill_chunk: int = 512
     trace: str | Path | None = None  # write the routing of every token here (JSON lines)
     miss_policy: str = "auto"  # one of MISS_POLICIES: copied to the device, computed on the CPU, or whichever is faster
-    kernels: str = "auto"  # one of KERNELS: reference, triton, or triton where it works (CUDA)
+    kernels: str = "auto"  # one of KERNELS: reference, triton (CUDA), cpu (compiled CPU kernels), or the fastest here
+    threads: int | None = None  # CPU threads (torch.set_num_threads); default: the physical cores
     expert_bits: int | str = 16  # 8 or 4: routed experts quantized group-wise, kept so on disk between runs
     expert_group_size: int | None = None  # columns per scale, with expert_bits 8 or 4; default: the largest up to
     # 64 that divides the experts' widths

@@ -1,12 +1,13 @@
 """`localmoe tune` and `localmoe bench` on a tiny model, and the floor arithmetic."""
 
+import json
 import shlex
 
 import pytest
 import torch
 from click.testing import CliRunner
 
-from localmoe.bench import decode_floor
+from localmoe.bench import decode_floor, write_benchmarks
 from localmoe.cli import main
 from localmoe.engine import RuntimeOptions, plan_for
 from localmoe.options import parse_size
@@ -92,3 +93,28 @@ def test_the_floor_reads_one_embedding_row_a_token(tiny_mixtral):
         read
         == footprint.resident_bytes - 257 * 64 * 4 + footprint.moe_layers * footprint.top_k * footprint.expert_bytes
     )
+
+
+def test_cpu_results_are_written_as_multiples_of_llama_cpp_and_of_the_floor(tmp_path):
+    """scripts/bench_cpu.py's section: localmoe's 4-bit row set against llama.cpp's experts-only file (the
+    same bytes per token), not against the file with everything quantized."""
+
+    def row(engine, fmt, decode, floor):
+        rate = {"median": decode, "min": decode - 1, "max": decode + 1, "runs": [decode]}
+        return {"engine": engine, "format": fmt, "prefill": rate, "decode": rate, "read_per_token": 2**20,
+                "floor_decode": floor, "floor_prefill": floor, "detail": ""}  # fmt: skip
+
+    config = {"model_type": "mixtral", "hidden_size": 64, "intermediate_size": 128, "num_local_experts": 8}
+    config |= {"num_experts_per_tok": 2, "num_hidden_layers": 2}
+    rows = [row("llama.cpp", "4 bit", 5.0, 50.0), row("llama.cpp", "4 bit, experts only", 4.0, 40.0)]
+    rows.append(row("localmoe", "4 bit", 6.0, 40.0))
+    bandwidth = {"median": 1e10, "min": 1e10, "max": 1e10, "runs": [1e10]}
+    result = {"date": "2026-12-02 03:00 UTC", "command": "python scripts/bench_cpu.py", "machine": {"cpu": "x"}}
+    result |= {"threads": 2, "prompt_tokens": 32, "new_tokens": 16, "rounds": 1}
+    result["models"] = [{"model": "mixtral", "config": config, "bandwidth": bandwidth, "rows": rows}]
+    (tmp_path / "cpu").mkdir()
+    (tmp_path / "cpu" / "one.json").write_text(json.dumps(result))
+    write_benchmarks(tmp_path, tmp_path / "benchmarks.md")
+    text = (tmp_path / "benchmarks.md").read_text()
+    assert "| localmoe | 4 bit | 6.0 (5.0-7.0) | 1.50 | 15% |" in text
+    assert "| llama.cpp | 4 bit, experts only | 4.0 (3.0-5.0) |  | 10% |" in text

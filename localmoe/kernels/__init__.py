@@ -1,5 +1,6 @@
-"""Expert kernels: the plain-PyTorch reference (the CPU path and the oracle) and the fused Triton kernels
-for CUDA, behind one signature (`reference.expert_pair_outputs`'s). `pair_kernel` picks one."""
+"""Expert kernels: the plain-PyTorch reference (the oracle), the fused Triton kernels for CUDA and the
+CPU kernels (one compiled op), behind one signature (`reference.expert_pair_outputs`'s). `pair_kernel`
+picks one."""
 
 import os
 from collections.abc import Callable
@@ -10,7 +11,7 @@ from localmoe.errors import LocalMoEError, setting
 from localmoe.kernels.quantized import Fp8Weights, Mxfp4Weights, QuantSpec, StoredFormat, quantized_stack
 from localmoe.kernels.reference import expert_pair_outputs
 
-KERNELS = ("auto", "reference", "triton")
+KERNELS = ("auto", "reference", "triton", "cpu")
 
 
 def pair_kernel(
@@ -18,16 +19,19 @@ def pair_kernel(
 ) -> tuple[Callable, str]:
     """(the pair-output function, a few words on why it was chosen) for `--kernels choice`.
 
-    auto: Triton on CUDA where it is installed, has the model's activations and passes a self-check
-    against the reference on this device (with weights quantized as `quant` says); the reference
-    otherwise, and when that is for a failed self-check, the words end in a loud line of their own for
-    the load summary. triton: those kernels, checked the same way, or an error
-    (on the CPU they need TRITON_INTERPRET=1, which is for tests).
+    auto: on CUDA, Triton where it is installed, has the model's activations and passes a self-check
+    against the reference on this device (with weights quantized as `quant` says); on the CPU, the CPU
+    kernels where they build and pass the same check; the reference otherwise. triton, cpu: those
+    kernels or an error (Triton on the CPU needs TRITON_INTERPRET=1, which is for tests).
     """
     if choice == "reference":
         return expert_pair_outputs, "reference"
     if choice not in KERNELS:
         raise LocalMoEError(f"unknown kernels {choice!r}: choose one of {', '.join(KERNELS)}")
+    if choice == "cpu" and device.type != "cpu":
+        raise LocalMoEError(f"{setting('kernels')} cpu computes on the CPU: use it with the CPU device")
+    if device.type == "cpu" and choice in ("auto", "cpu"):
+        return _cpu_kernel(choice, device, dtype, acts, quant)
     if choice == "auto" and device.type != "cuda":
         return expert_pair_outputs, "reference"
     try:
@@ -45,7 +49,7 @@ def pair_kernel(
         raise LocalMoEError(
             f"the Triton expert kernels lack the {', '.join(missing)} activation: {setting('kernels')} reference"
         )
-    if not triton_reads(quant):
+    if not fused_reads(quant):
         if choice == "auto":
             return expert_pair_outputs, f"reference (the Triton kernels do not read {quant.words} yet)"
         raise LocalMoEError(
@@ -66,8 +70,8 @@ def pair_kernel(
     return triton_pair_outputs, "triton"
 
 
-def triton_reads(form: QuantSpec | StoredFormat | None) -> bool:
-    """Whether the Triton kernels read experts in `form`: the compute dtype, localmoe's own integers
+def fused_reads(form: QuantSpec | StoredFormat | None) -> bool:
+    """Whether the fused kernels (Triton and CPU) read experts in `form`: the compute dtype, localmoe's own integers
     (asymmetric, float16 scales per group of columns), MXFP4, and FP8 in square blocks. The other forms
     checkpoints store (symmetric integers, other scale dtypes, one group per row, act order, NVFP4, FP8
     by row or in oblong blocks) run on the reference kernel."""
@@ -76,6 +80,32 @@ def triton_reads(form: QuantSpec | StoredFormat | None) -> bool:
     if isinstance(form, StoredFormat):
         return form.kind == "mxfp4" or (form.kind == "fp8" and isinstance(form.block, int))
     return True
+
+
+def host_kernel() -> Callable:
+    """The kernel for experts computed where they lie in host RAM while the device works (the miss
+    policies' CPU share): the CPU kernels, or the reference where they cannot be built."""
+    from localmoe.kernels.cpu_experts import cpu_kernel, cpu_pair_outputs
+
+    return cpu_pair_outputs if cpu_kernel()[0] else expert_pair_outputs
+
+
+def _cpu_kernel(choice: str, device, dtype, acts, quant) -> tuple[Callable, str]:
+    from localmoe.kernels.cpu_experts import cpu_kernel, cpu_pair_outputs, missing_activations
+
+    available, isa = cpu_kernel()
+    failure = f"they could not be built: {isa}" if not available else None
+    if failure is None and not fused_reads(quant):
+        failure = f"they do not read {quant.words} yet"
+    if failure is None and (missing := missing_activations(acts)):
+        failure = f"they lack the {', '.join(missing)} activation"
+    if failure is None and choice == "auto" and (error := self_check(cpu_pair_outputs, device, dtype, acts, quant)):
+        failure = f"they failed their self-check: {error}"
+    if failure is None:
+        return cpu_pair_outputs, f"cpu ({isa})"
+    if choice == "auto":
+        return expert_pair_outputs, f"reference (CPU kernels: {failure})"
+    raise LocalMoEError(f"{setting('kernels')} cpu: {failure}; use {setting('kernels')} reference")
 
 
 def self_check(

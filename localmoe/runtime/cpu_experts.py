@@ -28,14 +28,16 @@ FAR = 2.0  # a start's check this many times off the kept calibration, either wa
 
 
 class HostExperts:
-    """Runs experts of the host store on the CPU with the reference kernel: on the rows in place (RAM
-    store, or quantized rows however kept), or on rows packed from the checkpoint's mapped shards first,
-    a few experts at a time through one reused buffer (mmap store, where RAM is short)."""
+    """Runs experts of the host store on the CPU with `kernel` (see localmoe.kernels.host_kernel): on the
+    rows in place (RAM store, or quantized rows however kept), or on rows packed from the checkpoint's
+    mapped shards first, a few experts at a time through one reused buffer (mmap store, where RAM is
+    short)."""
 
     MMAP_GROUP = 4  # experts packed at once from the mapped shards
 
-    def __init__(self, store: ExpertStore):
+    def __init__(self, store: ExpertStore, kernel=expert_pair_outputs):
         self.store = store
+        self.kernel = kernel
         self._scratch: torch.Tensor | None = None
 
     def compute(
@@ -63,12 +65,12 @@ class HostExperts:
             self._run(block, x, ids, scale, rows, group, list(range(len(group))), out)
 
     def _run(self, block, x, ids, scale, rows: torch.Tensor, experts: list[int], indices: list[int], out) -> None:
-        """The reference kernel over `rows`, where expert experts[i] is row indices[i]."""
+        """The kernel over `rows`, where expert experts[i] is row indices[i]."""
         layout = self.store.layout
         table = torch.full((block.num_experts,), -1, dtype=torch.int64)
         table[experts] = torch.tensor(indices)
         gate_up, down = layout.gate_up(rows), layout.down(rows)
-        expert_pair_outputs(out, x, gate_up, down, table[ids], block.act, *layout.biases(rows), scale)
+        self.kernel(out, x, gate_up, down, table[ids], block.act, *layout.biases(rows), scale)
 
     def _rows(self, count: int) -> torch.Tensor:
         if self._scratch is None:  # allocated once: fresh memory would page-fault on every call
@@ -107,30 +109,35 @@ def experts_for_cpu(misses: dict[int, int], expert_bytes: int, bandwidths: Bandw
 
 
 def calibrated(
-    store: ExpertStore, slot: torch.Tensor, block: SparseMoE, copy: float | None = None, cpu: float | None = None
+    store: ExpertStore,
+    slot: torch.Tensor,
+    block: SparseMoE,
+    kernel=expert_pair_outputs,
+    copy: float | None = None,
+    cpu: float | None = None,
 ) -> Bandwidths:
-    """The two bandwidths for this machine, device, dtype and expert size: `copy` and `cpu` where given,
-    else the calibration kept in localmoe's cache folder, measured (copying into `slot`, an unused device
-    row, and computing `block`'s experts) where there is none yet. A kept one is checked at each start
-    with a one-expert measurement, and measured again where that is `FAR` from it: one measured while the
-    machine was busy is not kept for good. Runs measure one at a time, under the file's lock: two at once
-    would slow each other down."""
+    """The two bandwidths for this machine, device, dtype, expert size and CPU kernel: `copy` and `cpu`
+    where given, else the calibration kept in localmoe's cache folder, measured (copying into `slot`, an
+    unused device row, and computing `block`'s experts with `kernel`) where there is none yet. A kept one
+    is checked at each start with a one-expert measurement, and measured again where that is `FAR` from
+    it: one measured while the machine was busy is not kept for good. Runs measure one at a time, under
+    the file's lock: two at once would slow each other down."""
     if copy is not None and cpu is not None:
         return Bandwidths(copy, cpu)
     device = slot.device
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu"
-    key = f"{platform.node()}|{device.type}:{name}|{store.dtype}|{store.mode}|{store.expert_bytes}"
+    key = f"{platform.node()}|{device.type}:{name}|{store.dtype}|{store.mode}|{store.expert_bytes}|{kernel.__name__}"
     path = cache_dir() / CALIBRATION_FILE
     with locked(path):
         known = _read(path)
         kept = _bandwidths(known.get(key))
-        if kept is None or _far(_measure(store, slot, block, samples=1), kept):
+        if kept is None or _far(_measure(store, slot, block, kernel, samples=1), kept):
             if kept is not None:
                 print(
                     f"localmoe: the bandwidths of {path} are far from those measured now: measuring again",
                     file=sys.stderr,
                 )
-            kept = _measure(store, slot, block)
+            kept = _measure(store, slot, block, kernel)
             known[key] = asdict(kept)
             _write(path, known)
     return Bandwidths(copy or kept.copy, cpu or kept.cpu)
@@ -151,9 +158,9 @@ def _positive(value) -> bool:
     return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value) and value > 0
 
 
-def _measure(store: ExpertStore, slot: torch.Tensor, block: SparseMoE, samples: int = 3) -> Bandwidths:
+def _measure(store: ExpertStore, slot: torch.Tensor, block: SparseMoE, kernel, samples: int = 3) -> Bandwidths:
     """Median of `samples` experts each way, after a warm-up."""
-    host = HostExperts(store)
+    host = HostExperts(store, kernel)
     experts = [e % block.num_experts for e in range(samples + 1)]
     x = torch.randn(1, block.hidden_size).to(store.dtype)
     out = torch.empty(1, block.hidden_size, dtype=store.dtype)

@@ -38,16 +38,18 @@ class OffloadedExperts:
         miss_policy: MissPolicy,
         pair_outputs=expert_pair_outputs,
         pin_hot: int = 0,
+        host_kernel=expert_pair_outputs,
     ):
         """`miss_policy`: what a miss does (see localmoe.runtime.miss_policy). `pair_outputs`: the kernel
-        computing the experts in slots (see localmoe.kernels.pair_kernel); the CPU's share always runs
-        the reference. `pin_hot`: experts pinned after the first prompt (the warm-up), those it used most,
-        unless a routing profile named them at load."""
+        computing the experts in slots (see localmoe.kernels.pair_kernel); `host_kernel`: the CPU's share
+        (see localmoe.kernels.host_kernel; on a CPU device the same kernel, so that both give the same bits).
+        `pin_hot`: experts pinned after the first prompt (the warm-up), those it used most, unless a routing
+        profile named them at load."""
         self.cache = cache
         self.blocks = {block.layer_idx: block for block in blocks}
         self.trace = trace
         self.reader = HostReader(cache.rows.device)
-        self.host = HostExperts(cache.store)
+        self.host = HostExperts(cache.store, host_kernel)
         self.miss_policy = miss_policy
         self.pair_outputs = pair_outputs
         self.configure_prefetch(prefetch, margin)

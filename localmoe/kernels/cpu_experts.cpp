@@ -1,0 +1,865 @@
+// Expert kernels for the CPU, for kernels/cpu_experts.py (which registers them as the op
+// localmoe::expert_pairs): every (token, choice) pair of a MoE layer whose expert has few pairs, as
+// kernels/reference.py:expert_pair_outputs computes it.
+//
+// Pairs are grouped by expert (a slot of the pool, or an expert id of the host stack). An expert with
+// fewer than `many` pairs (decode) runs matrix-vector products: its weights are read once, decoded in
+// registers, and every pair's dot products accumulate in float32; gate and up rows are computed
+// together, so the activation follows at once, then the down rows. Blocks of rows are handed to the
+// threads (OpenMP, the runtime torch uses) in turn. Each output is one row's dot product, summed in a
+// fixed order: the result depends neither on the thread count, nor on the other pairs of the call, nor
+// on where the expert's bytes lie (pool or host). Experts with more pairs are left to the caller, which
+// runs the reference's own matrix products on weights `lm_dequantize` decodes exactly as the reference.
+//
+// Plain C ABI, no torch headers: it compiles in seconds with any C++17 compiler, for the instruction
+// set the caller picks (the AVX-512 and AVX2 paths below, else loops the compiler vectorizes).
+
+#include <algorithm>
+#include <atomic>
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <type_traits>
+#include <vector>
+
+#if defined(__AVX512F__) || defined(__AVX2__)
+#include <immintrin.h>
+#endif
+
+namespace {
+
+// ---------------------------------------------------------------------------------------------------
+// Scalar conversions, rounding as PyTorch's (c10's) do
+
+inline float from_bits(uint32_t bits) {
+  float f;
+  std::memcpy(&f, &bits, 4);
+  return f;
+}
+
+inline uint32_t to_bits(float f) {
+  uint32_t bits;
+  std::memcpy(&bits, &f, 4);
+  return bits;
+}
+
+inline float bf16_value(uint16_t bits) { return from_bits(uint32_t(bits) << 16); }
+
+inline uint16_t bf16_bits(float f) {  // round to nearest even, as c10::BFloat16
+  if (std::isnan(f)) return 0x7FC0;
+  uint32_t bits = to_bits(f);
+  return uint16_t((bits + 0x7FFF + ((bits >> 16) & 1)) >> 16);
+}
+
+inline float half_value(uint16_t h) {  // exact
+#if defined(__F16C__)
+  return _cvtsh_ss(h);
+#else
+  const uint32_t sign = uint32_t(h & 0x8000) << 16, rest = uint32_t(h & 0x7FFF) << 13;
+  if ((h & 0x7C00) == 0x7C00) return from_bits(sign | 0x7F800000 | rest);  // infinity, NaN
+  if ((h & 0x7C00) == 0) return from_bits(sign) + (sign ? -1.f : 1.f) * float(h & 0x3FF) * 0x1p-24f;  // subnormal
+  return from_bits(sign | (rest + (uint32_t(112) << 23)));
+#endif
+}
+
+inline uint16_t half_bits(float f) {  // round to nearest even, as c10::Half
+#if defined(__F16C__)
+  return _cvtss_sh(f, _MM_FROUND_TO_NEAREST_INT);
+#else
+  // the method of FP16 (c10's fp16_ieee_from_fp32_value): scale so that float32 arithmetic rounds
+  float base = (std::fabs(f) * 0x1.0p+112f) * 0x1.0p-110f;
+  const uint32_t w = to_bits(f), shl1_w = w + w, sign = w & 0x80000000u;
+  uint32_t bias = shl1_w & 0xFF000000u;
+  if (bias < 0x71000000u) bias = 0x71000000u;
+  base = from_bits((bias >> 1) + 0x07800000u) + base;
+  const uint32_t bits = to_bits(base), exp_bits = (bits >> 13) & 0x00007C00u, mantissa_bits = bits & 0x00000FFFu;
+  const uint32_t nonsign = exp_bits + mantissa_bits;
+  return uint16_t((sign >> 16) | (shl1_w > 0xFF000000u ? 0x7E00u : nonsign));
+#endif
+}
+
+inline float half_at(const uint8_t* p, int64_t i) { return half_value(((const uint16_t*)p)[i]); }
+
+inline float fp8_value(uint8_t b) {  // e4m3fn, exact (0x7F and 0xFF are NaN)
+  if ((b & 0x7F) == 0x7F) return NAN;
+  const int exponent = (b >> 3) & 15, mantissa = b & 7;
+  const float magnitude = exponent ? std::ldexp(float(8 + mantissa), exponent - 10) : std::ldexp(float(mantissa), -9);
+  return b & 0x80 ? -magnitude : magnitude;
+}
+
+// The compute dtypes: how a value is read, written and rounded
+enum Dtype { DT_F32, DT_BF16, DT_F16 };
+
+template <int DT>
+struct Num;
+
+template <>
+struct Num<DT_F32> {
+  using type = float;
+  static float get(const void* p, int64_t i) { return ((const float*)p)[i]; }
+  static void put(void* p, int64_t i, float v) { ((float*)p)[i] = v; }
+  static float round(float v) { return v; }
+};
+
+template <>
+struct Num<DT_BF16> {
+  using type = uint16_t;
+  static float get(const void* p, int64_t i) { return bf16_value(((const uint16_t*)p)[i]); }
+  static void put(void* p, int64_t i, float v) { ((uint16_t*)p)[i] = bf16_bits(v); }
+  static float round(float v) { return bf16_value(bf16_bits(v)); }
+};
+
+template <>
+struct Num<DT_F16> {
+  using type = uint16_t;
+  static float get(const void* p, int64_t i) { return half_value(((const uint16_t*)p)[i]); }
+  static void put(void* p, int64_t i, float v) { ((uint16_t*)p)[i] = half_bits(v); }
+  static float round(float v) { return half_value(half_bits(v)); }
+};
+
+// ---------------------------------------------------------------------------------------------------
+// W floats at a time
+
+#if defined(__AVX512F__)
+constexpr int W = 16;
+constexpr int MAX_PAIRS = 4;  // pairs sharing one pass over a row: 2 rows x 4 pairs x 2 accumulators
+using F = __m512;
+using I = __m512i;
+inline F zero() { return _mm512_setzero_ps(); }
+inline F set1(float v) { return _mm512_set1_ps(v); }
+inline F loadf(const float* p) { return _mm512_loadu_ps(p); }
+inline void storef(float* p, F v) { _mm512_storeu_ps(p, v); }
+inline F fmadd(F a, F b, F c) { return _mm512_fmadd_ps(a, b, c); }
+inline F add(F a, F b) { return _mm512_add_ps(a, b); }
+inline F sub(F a, F b) { return _mm512_sub_ps(a, b); }
+inline F mul(F a, F b) { return _mm512_mul_ps(a, b); }
+inline float hsum(F a) { return _mm512_reduce_add_ps(a); }
+inline F from_bf16(const void* p) {
+  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i*)p)), 16));
+}
+inline F from_f16(const void* p) { return _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i*)p)); }
+inline I bytes(const uint8_t* p) { return _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i*)p)); }
+inline I andi(I a, int m) { return _mm512_and_si512(a, _mm512_set1_epi32(m)); }
+inline I shr(I a, int n) { return _mm512_srli_epi32(a, n); }
+inline F to_float(I a) { return _mm512_cvtepi32_ps(a); }
+inline F lookup16(I code, const float* table) { return _mm512_permutexvar_ps(code, _mm512_loadu_ps(table)); }
+inline F from_fp8(const uint8_t* p) {  // e4m3fn as float16 bits (subnormals included), 2^-8 times its value
+  __m256i b = _mm256_cvtepu8_epi16(_mm_loadu_si128((const __m128i*)p));
+  __m256i magnitude = _mm256_and_si256(_mm256_slli_epi16(b, 7), _mm256_set1_epi16(0x3F80));
+  __m256i sign = _mm256_and_si256(_mm256_slli_epi16(b, 8), _mm256_set1_epi16(int16_t(0x8000)));
+  return _mm512_cvtph_ps(_mm256_or_si256(magnitude, sign));
+}
+#elif defined(__AVX2__)
+constexpr int W = 8;
+constexpr int MAX_PAIRS = 2;  // 16 registers: 2 rows x 2 pairs x 2 accumulators
+using F = __m256;
+using I = __m256i;
+inline F zero() { return _mm256_setzero_ps(); }
+inline F set1(float v) { return _mm256_set1_ps(v); }
+inline F loadf(const float* p) { return _mm256_loadu_ps(p); }
+inline void storef(float* p, F v) { _mm256_storeu_ps(p, v); }
+inline F fmadd(F a, F b, F c) { return _mm256_fmadd_ps(a, b, c); }
+inline F add(F a, F b) { return _mm256_add_ps(a, b); }
+inline F sub(F a, F b) { return _mm256_sub_ps(a, b); }
+inline F mul(F a, F b) { return _mm256_mul_ps(a, b); }
+inline float hsum(F a) {
+  __m128 s = _mm_add_ps(_mm256_castps256_ps128(a), _mm256_extractf128_ps(a, 1));
+  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+  return _mm_cvtss_f32(_mm_add_ss(s, _mm_movehdup_ps(s)));
+}
+inline F from_bf16(const void* p) {
+  return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(_mm_loadu_si128((const __m128i*)p)), 16));
+}
+inline F from_f16(const void* p) { return _mm256_cvtph_ps(_mm_loadu_si128((const __m128i*)p)); }
+inline I bytes(const uint8_t* p) { return _mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i*)p)); }
+inline I andi(I a, int m) { return _mm256_and_si256(a, _mm256_set1_epi32(m)); }
+inline I shr(I a, int n) { return _mm256_srli_epi32(a, n); }
+inline F to_float(I a) { return _mm256_cvtepi32_ps(a); }
+inline F lookup16(I code, const float* table) {
+  F low = _mm256_permutevar8x32_ps(_mm256_loadu_ps(table), code);  // by the code's low 3 bits
+  F high = _mm256_permutevar8x32_ps(_mm256_loadu_ps(table + 8), code);
+  return _mm256_blendv_ps(low, high, _mm256_castsi256_ps(_mm256_slli_epi32(code, 28)));  // by bit 3
+}
+inline F from_fp8(const uint8_t* p) {  // e4m3fn as float16 bits (subnormals included), 2^-8 times its value
+  __m128i b = _mm_cvtepu8_epi16(_mm_loadl_epi64((const __m128i*)p));
+  __m128i magnitude = _mm_and_si128(_mm_slli_epi16(b, 7), _mm_set1_epi16(0x3F80));
+  __m128i sign = _mm_and_si128(_mm_slli_epi16(b, 8), _mm_set1_epi16(int16_t(0x8000)));
+  return _mm256_cvtph_ps(_mm_or_si128(magnitude, sign));
+}
+#else
+// Plain arrays: the compiler vectorizes these loops for whatever the target has.
+constexpr int W = 8;
+constexpr int MAX_PAIRS = 2;
+struct F {
+  float v[W];
+};
+struct I {
+  int32_t v[W];
+};
+#define LANES for (int l = 0; l < W; ++l)
+inline F zero() { F r; LANES r.v[l] = 0.f; return r; }
+inline F set1(float x) { F r; LANES r.v[l] = x; return r; }
+inline F loadf(const float* p) { F r; LANES r.v[l] = p[l]; return r; }
+inline void storef(float* p, F a) { LANES p[l] = a.v[l]; }
+inline F fmadd(F a, F b, F c) { F r; LANES r.v[l] = std::fma(a.v[l], b.v[l], c.v[l]); return r; }
+inline F add(F a, F b) { F r; LANES r.v[l] = a.v[l] + b.v[l]; return r; }
+inline F sub(F a, F b) { F r; LANES r.v[l] = a.v[l] - b.v[l]; return r; }
+inline F mul(F a, F b) { F r; LANES r.v[l] = a.v[l] * b.v[l]; return r; }
+inline float hsum(F a) { float s = 0.f; LANES s += a.v[l]; return s; }
+inline F from_bf16(const void* p) {
+  F r; LANES { uint32_t b = uint32_t(((const uint16_t*)p)[l]) << 16; std::memcpy(&r.v[l], &b, 4); } return r;
+}
+inline F from_f16(const void* p) { F r; LANES r.v[l] = half_value(((const uint16_t*)p)[l]); return r; }
+inline I bytes(const uint8_t* p) { I r; LANES r.v[l] = p[l]; return r; }
+inline I andi(I a, int m) { I r; LANES r.v[l] = a.v[l] & m; return r; }
+inline I shr(I a, int n) { I r; LANES r.v[l] = int32_t(uint32_t(a.v[l]) >> n); return r; }
+inline F to_float(I a) { F r; LANES r.v[l] = float(a.v[l]); return r; }
+inline F lookup16(I code, const float* table) { F r; LANES r.v[l] = table[code.v[l] & 15]; return r; }
+inline F from_fp8(const uint8_t* p) { F r; LANES r.v[l] = fp8_value(p[l]) * 0x1p-8f; return r; }
+#undef LANES
+#endif
+
+// ---------------------------------------------------------------------------------------------------
+// Weight formats: how one row of one expert's matrix is stored, and how to read it
+
+enum Format { F32, BF16, F16, INT8, INT4, FP8, MXFP4 };
+
+// FP4 (e2m1) values by code, as kernels/quantized.py's FP4_VALUES
+alignas(64) constexpr float FP4[16] = {0.f,  0.5f,  1.f,  1.5f,  2.f,  3.f,  4.f,  6.f,
+                                       -0.f, -0.5f, -1.f, -1.5f, -2.f, -3.f, -4.f, -6.f};
+
+struct Row {  // one row of one expert: its weights, and its block of scales and zero points
+  const uint8_t* w;
+  const uint8_t* s;
+  const uint8_t* z;
+};
+
+// Decode<FMT>: V vectors of W consecutive weights per step (nibble formats: the low nibbles, which are
+// the even columns, then the high ones); `scales` loads what a block of `block` columns shares.
+template <int FMT>
+struct Decode;
+
+template <>
+struct Decode<F32> {
+  static constexpr int V = 1;
+  static void scales(const Row&, int64_t, F*) {}
+  static void load(const Row& r, int64_t c, const F*, F* w) { w[0] = loadf((const float*)r.w + c); }
+  static float at(const Row& r, int64_t c, int64_t) { return ((const float*)r.w)[c]; }
+};
+
+template <>
+struct Decode<BF16> {
+  static constexpr int V = 1;
+  static void scales(const Row&, int64_t, F*) {}
+  static void load(const Row& r, int64_t c, const F*, F* w) { w[0] = from_bf16((const uint16_t*)r.w + c); }
+  static float at(const Row& r, int64_t c, int64_t) { return bf16_value(((const uint16_t*)r.w)[c]); }
+};
+
+template <>
+struct Decode<F16> {
+  static constexpr int V = 1;
+  static void scales(const Row&, int64_t, F*) {}
+  static void load(const Row& r, int64_t c, const F*, F* w) { w[0] = from_f16((const uint16_t*)r.w + c); }
+  static float at(const Row& r, int64_t c, int64_t) { return half_at(r.w, c); }
+};
+
+// Group-wise affine (kernels/quantized.py): w = (q - zero) * scale, float16 scale and zero per group.
+template <>
+struct Decode<INT8> {
+  static constexpr int V = 1;
+  static void scales(const Row& r, int64_t g, F* s) {
+    s[0] = set1(half_at(r.s, g));
+    s[1] = set1(half_at(r.z, g));
+  }
+  static void load(const Row& r, int64_t c, const F* s, F* w) { w[0] = mul(sub(to_float(bytes(r.w + c)), s[1]), s[0]); }
+  static float at(const Row& r, int64_t c, int64_t g) { return (float(r.w[c]) - half_at(r.z, g)) * half_at(r.s, g); }
+};
+
+template <>
+struct Decode<INT4> {
+  static constexpr int V = 2;
+  static void scales(const Row& r, int64_t g, F* s) { Decode<INT8>::scales(r, g, s); }
+  static void load(const Row& r, int64_t c, const F* s, F* w) {
+    I q = bytes(r.w + c / 2);
+    w[0] = mul(sub(to_float(andi(q, 15)), s[1]), s[0]);
+    w[1] = mul(sub(to_float(shr(q, 4)), s[1]), s[0]);
+  }
+  static float at(const Row& r, int64_t c, int64_t g) {
+    int q = c % 2 ? r.w[c / 2] >> 4 : r.w[c / 2] & 15;
+    return (float(q) - half_at(r.z, g)) * half_at(r.s, g);
+  }
+};
+
+// Block-scaled FP8 (e4m3fn bits), a float32 multiplier per block x block tile.
+template <>
+struct Decode<FP8> {
+  static constexpr int V = 1;
+  static void scales(const Row& r, int64_t g, F* s) { s[0] = set1(((const float*)r.s)[g]); }
+  static void load(const Row& r, int64_t c, const F* s, F* w) { w[0] = mul(mul(from_fp8(r.w + c), set1(256.f)), s[0]); }
+  static float at(const Row& r, int64_t c, int64_t g) { return fp8_value(r.w[c]) * ((const float*)r.s)[g]; }
+};
+
+// MXFP4 (gpt-oss): e2m1 codes, two per byte (low nibble first), a power-of-two exponent per 32 columns.
+template <>
+struct Decode<MXFP4> {
+  static constexpr int V = 2;
+  static void scales(const Row& r, int64_t g, F* s) { s[0] = set1(std::ldexp(1.f, int(r.s[g]) - 127)); }
+  static void load(const Row& r, int64_t c, const F* s, F* w) {
+    I q = bytes(r.w + c / 2);
+    w[0] = mul(lookup16(andi(q, 15), FP4), s[0]);
+    w[1] = mul(lookup16(shr(q, 4), FP4), s[0]);
+  }
+  static float at(const Row& r, int64_t c, int64_t g) {
+    int q = c % 2 ? r.w[c / 2] >> 4 : r.w[c / 2] & 15;
+    return FP4[q] * std::ldexp(1.f, int(r.s[g]) - 127);
+  }
+};
+
+// One role (gate_up or down) of a stack of experts: [experts, rows, cols] in one format.
+struct Matrix {
+  const uint8_t *w, *s, *z;  // weights, scales, zero points (null where the format has none)
+  int64_t w_expert, w_row, s_expert, s_row, z_expert, z_row;  // strides in bytes
+  int64_t rows, cols, block;  // block: columns sharing a scale (all of them for dense weights)
+
+  Row row(int64_t expert, int64_t r, int64_t format) const {
+    const int64_t sr = format == FP8 ? r / block : r;  // FP8: a scale row covers `block` weight rows
+    return {w + expert * w_expert + r * w_row, s ? s + expert * s_expert + sr * s_row : nullptr,
+            z ? z + expert * z_expert + r * z_row : nullptr};
+  }
+};
+
+constexpr int chunk_of(int format) { return (format == INT4 || format == MXFP4) ? 2 * W : W; }
+
+// Where column c of an activation vector goes for a vector path that reads nibble codes in chunks of
+// `chunk` columns: within each chunk, the even columns first, then the odd ones.
+inline int64_t deinterleaved(int64_t c, int64_t chunk) {
+  int64_t j = c % chunk;
+  return c - j + (j % 2) * (chunk / 2) + j / 2;
+}
+
+// ---------------------------------------------------------------------------------------------------
+// Dot products of two rows with NP activation vectors (x + p * stride, arranged as `arranged` says)
+
+template <int FMT, int NP>
+void dot2(const Matrix& m, Row r0, Row r1, const float* x, int64_t stride, float* out0, float* out1) {
+  using D = Decode<FMT>;
+  constexpr int V = D::V;
+  F acc0[NP][V], acc1[NP][V];
+  for (int p = 0; p < NP; ++p)
+    for (int v = 0; v < V; ++v) acc0[p][v] = acc1[p][v] = zero();
+  const int64_t blocks = m.cols / m.block;
+  for (int64_t g = 0; g < blocks; ++g) {
+    F s0[2], s1[2];
+    D::scales(r0, g, s0);
+    D::scales(r1, g, s1);
+    for (int64_t c = g * m.block, end = c + m.block; c < end; c += V * W) {
+      F w0[V], w1[V];
+      D::load(r0, c, s0, w0);
+      D::load(r1, c, s1, w1);
+      for (int p = 0; p < NP; ++p)
+        for (int v = 0; v < V; ++v) {
+          F xv = loadf(x + p * stride + c + v * W);
+          acc0[p][v] = fmadd(w0[v], xv, acc0[p][v]);
+          acc1[p][v] = fmadd(w1[v], xv, acc1[p][v]);
+        }
+    }
+  }
+  for (int p = 0; p < NP; ++p) {
+    F a0 = acc0[p][0], a1 = acc1[p][0];
+    if constexpr (V == 2) a0 = add(a0, acc0[p][1]), a1 = add(a1, acc1[p][1]);
+    out0[p] = hsum(a0);
+    out1[p] = hsum(a1);
+  }
+}
+
+// For shapes the vector path does not fit (small ragged test shapes): one weight at a time.
+template <int FMT>
+void dot2_scalar(const Matrix& m, Row r0, Row r1, const float* x, int64_t stride, int pairs, float* out0, float* out1) {
+  for (int p = 0; p < pairs; ++p) {
+    float a0 = 0.f, a1 = 0.f;
+    for (int64_t c = 0; c < m.cols; ++c) {
+      a0 += Decode<FMT>::at(r0, c, c / m.block) * x[p * stride + c];
+      a1 += Decode<FMT>::at(r1, c, c / m.block) * x[p * stride + c];
+    }
+    out0[p] = a0, out1[p] = a1;
+  }
+}
+
+// `pairs` activation vectors MAX_PAIRS at a time through dot(count, offset) (a dot2 instantiation).
+template <class Dot>
+inline void in_groups(int pairs, const Dot& dot) {
+  for (int p = 0; p < pairs; p += MAX_PAIRS) {
+    const int n = std::min(pairs - p, MAX_PAIRS);
+    if constexpr (MAX_PAIRS == 4) {
+      if (n == 4) dot(std::integral_constant<int, 4>(), p);
+      if (n == 3) dot(std::integral_constant<int, 3>(), p);
+    }
+    if (n == 2) dot(std::integral_constant<int, 2>(), p);
+    if (n == 1) dot(std::integral_constant<int, 1>(), p);
+  }
+}
+
+// The float32 path: activations as float32, weights decoded to float32, fused multiply-adds; for shapes
+// no vector fits, one weight at a time.
+template <int FMT>
+struct FloatPath {
+  using X = float;
+  static bool vector_fits(const Matrix& m) { return m.block % chunk_of(FMT) == 0; }
+  static X value(float v) { return v; }
+  static int64_t arranged(const Matrix& m, int64_t c) {
+    return vector_fits(m) && chunk_of(FMT) == 2 * W ? deinterleaved(c, 2 * W) : c;
+  }
+  static constexpr bool SUMS = false;
+  // rows r0 and r1 of `expert` against `pairs` activation vectors (the bfloat16 path's group sums and
+  // scale buffer unused)
+  static void rows2(const Matrix& m, int64_t expert, int64_t r0, int64_t r1, const X* x, int64_t stride,
+                    const float*, int64_t, float*, int pairs, float* out0, float* out1) {
+    Row a = m.row(expert, r0, FMT), b = m.row(expert, r1, FMT);
+    if (!vector_fits(m)) return dot2_scalar<FMT>(m, a, b, x, stride, pairs, out0, out1);
+    in_groups(pairs, [&](auto np, int p) { dot2<FMT, decltype(np)::value>(m, a, b, x + p * stride, stride, out0 + p, out1 + p); });
+  }
+};
+
+#if defined(__AVX512BF16__)
+// The bfloat16 path (AVX512-BF16), for bfloat16 activations: products of pairs of bfloat16 summed into
+// float32 (vdpbf16ps: exact products, float32 sums). Dense weights go in as they are. Grouped formats
+// go in as their codes' values, exact in bfloat16 (integers 0-255, FP4 values), each group's sum then
+// scaled: sum_g s_g * (sum_{c in g} q_c x_c - zero_g * sum_{c in g} x_c), the zero points through the
+// groups' sums of x computed once per vector.
+using BH = __m512bh;  // 32 bfloat16
+inline BH bh(__m512i v) { return (BH)v; }
+inline BH load_bh(const void* p) { return bh(_mm512_loadu_si512(p)); }
+inline BH pack_bh(F low, F high) { return _mm512_cvtne2ps_pbh(high, low); }  // 16 + 16, rounded to nearest even
+alignas(64) constexpr float IOTA[16] = {0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15};
+
+template <int FMT>
+struct Grouped;  // per format: columns per step, code values, per-group scales
+
+template <>
+struct Grouped<INT8> {
+  static constexpr int STEP = 32, V = 1;
+  static void load(const uint8_t* w, int64_t c, __m512i, BH* out) {
+    out[0] = pack_bh(to_float(bytes(w + c)), to_float(bytes(w + c + 16)));
+  }
+  static void scales(const Row& r, int64_t groups, float* s) { halves_to_float(r.s, groups, s); }
+  static __m512i table() { return _mm512_setzero_si512(); }
+  static void halves_to_float(const uint8_t* p, int64_t n, float* out) {
+    int64_t g = 0;
+    for (; g + 16 <= n; g += 16) storef(out + g, from_f16((const uint16_t*)p + g));
+    for (; g < n; ++g) out[g] = half_at(p, g);
+  }
+};
+
+// 4-bit codes: 64 columns per step, the low nibbles (even columns) then the high ones, through a table
+template <int FMT>
+struct Nibbles {
+  static constexpr int STEP = 64, V = 2;
+  static void load(const uint8_t* w, int64_t c, __m512i table, BH* out) {
+    __m512i codes = _mm512_cvtepu8_epi16(_mm256_loadu_si256((const __m256i*)(w + c / 2)));
+    out[0] = bh(_mm512_permutexvar_epi16(_mm512_and_si512(codes, _mm512_set1_epi16(15)), table));
+    out[1] = bh(_mm512_permutexvar_epi16(_mm512_srli_epi16(codes, 4), table));
+  }
+};
+
+template <>
+struct Grouped<INT4> : Nibbles<INT4> {
+  static __m512i table() { return (__m512i)pack_bh(loadf(IOTA), loadf(IOTA)); }
+  static void scales(const Row& r, int64_t groups, float* s) { Grouped<INT8>::halves_to_float(r.s, groups, s); }
+};
+
+template <>
+struct Grouped<MXFP4> : Nibbles<MXFP4> {
+  static __m512i table() { return (__m512i)pack_bh(loadf(FP4), loadf(FP4)); }
+  static void scales(const Row& r, int64_t blocks, float* s) {  // 2^(e - 127), exactly
+    for (int64_t g = 0; g < blocks; ++g) s[g] = std::ldexp(1.f, int(r.s[g]) - 127);
+  }
+};
+
+// sum_g scale_g * zero_g * sum_g(x)
+inline float zero_points(const float* scales, const uint8_t* zeros, const float* sums, int64_t groups) {
+  F acc = zero();
+  int64_t g = 0;
+  for (; g + W <= groups; g += W) acc = fmadd(mul(loadf(scales + g), from_f16((const uint16_t*)zeros + g)), loadf(sums + g), acc);
+  float total = hsum(acc);
+  for (; g < groups; ++g) total += scales[g] * half_at(zeros, g) * sums[g];
+  return total;
+}
+
+template <int FMT, int NP>
+void dot2_grouped(const Matrix& m, Row r0, Row r1, const uint16_t* x, int64_t stride, const float* sums,
+                  int64_t sum_stride, float* scales, float* out0, float* out1) {
+  using G = Grouped<FMT>;
+  constexpr int V = G::V;
+  const int64_t groups = m.cols / m.block;
+  float *s0 = scales, *s1 = scales + groups;
+  G::scales(r0, groups, s0);
+  G::scales(r1, groups, s1);
+  const __m512i table = G::table();
+  const bool paired = m.block < G::STEP;  // 32-column groups, two per step: lanes 0-7 and 8-15
+  F total0[NP], total1[NP];
+  for (int p = 0; p < NP; ++p) total0[p] = total1[p] = zero();
+  for (int64_t c = 0, g = 0; c < m.cols; g += paired ? 2 : 1) {
+    const int64_t end = c + (paired ? G::STEP : m.block);
+    F acc0[NP][V], acc1[NP][V];
+    for (int p = 0; p < NP; ++p)
+      for (int v = 0; v < V; ++v) acc0[p][v] = acc1[p][v] = zero();
+    for (; c < end; c += G::STEP) {
+      BH w0[V], w1[V];
+      G::load(r0.w, c, table, w0);
+      G::load(r1.w, c, table, w1);
+      for (int p = 0; p < NP; ++p)
+        for (int v = 0; v < V; ++v) {
+          BH xv = load_bh(x + p * stride + c + 32 * v);
+          acc0[p][v] = _mm512_dpbf16_ps(acc0[p][v], w0[v], xv);
+          acc1[p][v] = _mm512_dpbf16_ps(acc1[p][v], w1[v], xv);
+        }
+    }
+    F scale0 = paired ? _mm512_insertf32x8(set1(s0[g]), _mm256_set1_ps(s0[g + 1]), 1) : set1(s0[g]);
+    F scale1 = paired ? _mm512_insertf32x8(set1(s1[g]), _mm256_set1_ps(s1[g + 1]), 1) : set1(s1[g]);
+    for (int p = 0; p < NP; ++p) {
+      F a0 = acc0[p][0], a1 = acc1[p][0];
+      if constexpr (V == 2) a0 = add(a0, acc0[p][1]), a1 = add(a1, acc1[p][1]);
+      total0[p] = fmadd(a0, scale0, total0[p]);
+      total1[p] = fmadd(a1, scale1, total1[p]);
+    }
+  }
+  for (int p = 0; p < NP; ++p) {
+    out0[p] = hsum(total0[p]);
+    out1[p] = hsum(total1[p]);
+    if constexpr (FMT != MXFP4) {
+      out0[p] -= zero_points(s0, r0.z, sums + p * sum_stride, groups);
+      out1[p] -= zero_points(s1, r1.z, sums + p * sum_stride, groups);
+    }
+  }
+}
+
+template <int NP>
+void dot2_dense_bf16(const Matrix& m, Row r0, Row r1, const uint16_t* x, int64_t stride, float* out0, float* out1) {
+  F acc0[NP][2], acc1[NP][2];
+  for (int p = 0; p < NP; ++p) acc0[p][0] = acc0[p][1] = acc1[p][0] = acc1[p][1] = zero();
+  const uint16_t *w0 = (const uint16_t*)r0.w, *w1 = (const uint16_t*)r1.w;
+  for (int64_t c = 0; c < m.cols; c += 64)
+    for (int v = 0; v < 2; ++v) {
+      BH a = load_bh(w0 + c + 32 * v), b = load_bh(w1 + c + 32 * v);
+      for (int p = 0; p < NP; ++p) {
+        BH xv = load_bh(x + p * stride + c + 32 * v);
+        acc0[p][v] = _mm512_dpbf16_ps(acc0[p][v], a, xv);
+        acc1[p][v] = _mm512_dpbf16_ps(acc1[p][v], b, xv);
+      }
+    }
+  for (int p = 0; p < NP; ++p) {
+    out0[p] = hsum(add(acc0[p][0], acc0[p][1]));
+    out1[p] = hsum(add(acc1[p][0], acc1[p][1]));
+  }
+}
+
+template <int FMT>
+struct Bf16Path {
+  using X = uint16_t;  // bfloat16 bits
+  static constexpr bool SUMS = FMT == INT8 || FMT == INT4;  // zero points need the groups' sums of x
+  static X value(float v) { return bf16_bits(v); }  // exact: v is a bfloat16 already
+  static bool fits(const Matrix& m) {
+    if (FMT == BF16) return m.cols % 64 == 0;
+    if (FMT == INT8) return m.block % 32 == 0;
+    return m.cols % 64 == 0 && (m.block == 32 || m.block % 64 == 0);  // INT4 (MXFP4's blocks are 32)
+  }
+  static int64_t arranged(const Matrix&, int64_t c) { return FMT == INT4 || FMT == MXFP4 ? deinterleaved(c, 64) : c; }
+  static void rows2(const Matrix& m, int64_t expert, int64_t r0, int64_t r1, const X* x, int64_t stride,
+                    const float* sums, int64_t sum_stride, float* scales, int pairs, float* out0, float* out1) {
+    Row a = m.row(expert, r0, FMT), b = m.row(expert, r1, FMT);
+    in_groups(pairs, [&](auto np, int p) {
+      constexpr int n = decltype(np)::value;
+      if constexpr (FMT == BF16)
+        dot2_dense_bf16<n>(m, a, b, x + p * stride, stride, out0 + p, out1 + p);
+      else
+        dot2_grouped<FMT, n>(m, a, b, x + p * stride, stride, sums + p * sum_stride, sum_stride, scales, out0 + p,
+                             out1 + p);
+    });
+  }
+};
+#endif
+
+// Row r of `expert`, dequantized to float32 in natural column order.
+template <int FMT>
+void dequantize_row(const Matrix& m, int64_t expert, int64_t r, float* out) {
+  using D = Decode<FMT>;
+  Row row = m.row(expert, r, FMT);
+  if (!FloatPath<FMT>::vector_fits(m)) {
+    for (int64_t c = 0; c < m.cols; ++c) out[c] = D::at(row, c, c / m.block);
+    return;
+  }
+  alignas(64) float part[2][W];
+  for (int64_t g = 0; g < m.cols / m.block; ++g) {
+    F s[2];
+    D::scales(row, g, s);
+    for (int64_t c = g * m.block, end = c + m.block; c < end; c += D::V * W) {
+      F w[D::V];
+      D::load(row, c, s, w);
+      if constexpr (D::V == 1) {
+        storef(out + c, w[0]);
+      } else {
+        storef(part[0], w[0]), storef(part[1], w[1]);
+        for (int l = 0; l < W; ++l) out[c + 2 * l] = part[0][l], out[c + 2 * l + 1] = part[1][l];
+      }
+    }
+  }
+}
+
+// ---------------------------------------------------------------------------------------------------
+// The activation, rounding to the compute dtype wherever the reference's tensor ops do
+
+enum Kind { GLU, CLAMPED_SWIGLU, CLAMPED_GLU };
+enum Act { SILU, GELU, GELU_TANH };
+
+inline float apply(int64_t act, float g) {
+  switch (act) {
+    case SILU: return g / (1.f + std::exp(-g));
+    case GELU: return 0.5f * g * (1.f + std::erf(g * 0.70710678118654752f));
+    default: return 0.5f * g * (1.f + std::tanh(0.7978845608028654f * (g + 0.044715f * g * g * g)));
+  }
+}
+
+template <int DT>
+inline float activate(int64_t kind, int64_t act, float alpha, float limit, float g, float u) {  // g, u: rounded already
+  auto rd = Num<DT>::round;
+  if (kind != GLU) {
+    g = rd(std::min(g, limit));
+    u = rd(std::min(std::max(u, -limit), limit));
+  }
+  if (kind == CLAMPED_SWIGLU) {
+    const float sig = rd(1.f / (1.f + std::exp(-rd(g * alpha))));
+    return rd(rd(g * sig) * rd(u + 1.f));
+  }
+  return rd(rd(apply(act, g)) * u);
+}
+
+}  // namespace
+
+// ---------------------------------------------------------------------------------------------------
+// The C interface. Every field is 8 bytes (pointers and int64), so that kernels/cpu_experts.py passes a
+// call as one array of int64, in this order.
+
+extern "C" {
+
+struct lm_stack {  // a stack of experts: the pool's slots, or the host's experts by id
+  Matrix gate_up, down;  // [experts, 2I, E] and [experts, E, I]
+  const uint8_t *gate_up_bias, *down_bias;  // [experts, 2I] and [experts, E] in the compute dtype, or null
+  int64_t gate_up_bias_expert, down_bias_expert;  // strides in bytes
+  int64_t experts;
+};
+
+struct lm_call {
+  uint8_t* out;  // [tokens * k, E], rows `out_row` bytes apart
+  const uint8_t* x;  // [tokens, E]
+  int64_t out_row, x_row, tokens, k, hidden, inter;
+  const int64_t* slots;  // [tokens * k]: a slot of the pool, or -1
+  const int64_t* ids;  // [tokens * k]: expert ids, for pairs without a slot (null: those are skipped)
+  const float* input_scale;  // [tokens * k] or null
+  lm_stack pool, host;
+  int64_t format, dtype, kind, act;
+  int64_t threads, many;  // experts with `many` pairs or more are left to the caller
+  int64_t* left;  // out: (0 pool / 1 host, expert) of each expert left, room for tokens * k
+  int64_t left_count;  // out
+  float alpha, limit;  // set from the arguments of lm_expert_pairs
+};
+
+}  // extern "C"
+
+namespace {
+
+struct Unit {  // one expert of one stack and the pairs routed to it
+  const lm_stack* stack;
+  int64_t expert;
+  std::vector<int64_t> pairs;
+  int64_t first = 0;  // its first row in the pair buffers
+};
+
+constexpr int64_t ROW_BLOCK = 16;  // rows per task
+constexpr int MAX_PAIRS_PER_UNIT = 64;  // more pairs than this are always left to the caller
+
+// Runs `work(task)` for tasks [0, count) on `threads` threads, each taking the next task when done.
+template <class Work>
+void share(int64_t count, int64_t threads, const Work& work) {
+  std::atomic<int64_t> next{0};
+  const int n = int(std::max<int64_t>(1, std::min<int64_t>(count, threads)));
+#pragma omp parallel num_threads(n)
+  for (int64_t t; (t = next.fetch_add(1)) < count;) work(t);
+}
+
+// Each pair's activations summed per group of a matrix's columns (natural order): [pairs, groups].
+template <class Path>
+std::vector<float> group_sums(const Matrix& m, const typename Path::X* v, int64_t pairs) {
+  if constexpr (!Path::SUMS) {
+    return {};
+  } else {
+    const int64_t groups = m.cols / m.block;
+    std::vector<float> sums(pairs * groups, 0.f);
+    for (int64_t p = 0; p < pairs; ++p)
+      for (int64_t c = 0; c < m.cols; ++c) sums[p * groups + c / m.block] += bf16_value(v[p * m.cols + Path::arranged(m, c)]);
+    return sums;
+  }
+}
+
+inline const uint8_t* bias_of(const uint8_t* base, int64_t stride, int64_t expert) {
+  return base ? base + expert * stride : nullptr;
+}
+
+// The matrix-vector path over `units`: gate/up and activation into h, then down into out.
+template <class Path, int FMT, int DT>
+void matrix_vector(lm_call& c, std::vector<Unit*>& units) {
+  using X = typename Path::X;
+  using N = Num<DT>;
+  const Matrix& gu = units[0]->stack->gate_up;  // how activations are arranged: the same for every stack
+  const Matrix& dn = units[0]->stack->down;
+  const int64_t H = c.hidden, I = c.inter, gu_groups = gu.cols / gu.block, dn_groups = dn.cols / dn.block;
+  int64_t pairs = 0;
+  for (Unit* u : units) u->first = pairs, pairs += int64_t(u->pairs.size());
+  // inputs, arranged for gate_up: x of each pair's token, scaled where asked
+  std::vector<X> xin(pairs * H), h(pairs * I);
+  for (Unit* u : units)
+    for (int64_t i = 0; i < int64_t(u->pairs.size()); ++i) {
+      const int64_t pair = u->pairs[i];
+      const uint8_t* row = c.x + (pair / c.k) * c.x_row;
+      X* dst = xin.data() + (u->first + i) * H;
+      for (int64_t e = 0; e < H; ++e) {
+        const float v = N::get(row, e);
+        dst[Path::arranged(gu, e)] = Path::value(c.input_scale ? N::round(v * c.input_scale[pair]) : v);
+      }
+    }
+  const std::vector<float> x_sums = group_sums<Path>(gu, xin.data(), pairs);
+  const int64_t gu_blocks = (I + ROW_BLOCK - 1) / ROW_BLOCK;
+  share(int64_t(units.size()) * gu_blocks, c.threads, [&](int64_t task) {
+    const Unit& u = *units[task / gu_blocks];
+    const int P = int(u.pairs.size());
+    const lm_stack& st = *u.stack;
+    const uint8_t* bias = bias_of(st.gate_up_bias, st.gate_up_bias_expert, u.expert);
+    const float* sums = x_sums.empty() ? nullptr : x_sums.data() + u.first * gu_groups;
+    std::vector<float> scales(2 * gu_groups);
+    float gate[MAX_PAIRS_PER_UNIT], up[MAX_PAIRS_PER_UNIT];
+    for (int64_t r = (task % gu_blocks) * ROW_BLOCK, end = std::min(I, r + ROW_BLOCK); r < end; ++r) {
+      Path::rows2(st.gate_up, u.expert, r, r + I, xin.data() + u.first * H, H, sums, gu_groups, scales.data(), P, gate,
+                  up);
+      for (int p = 0; p < P; ++p) {
+        const float g = N::round(gate[p] + (bias ? N::get(bias, r) : 0.f));
+        const float v = N::round(up[p] + (bias ? N::get(bias, r + I) : 0.f));
+        h[(u.first + p) * I + Path::arranged(dn, r)] = Path::value(activate<DT>(c.kind, c.act, c.alpha, c.limit, g, v));
+      }
+    }
+  });
+  const std::vector<float> h_sums = group_sums<Path>(dn, h.data(), pairs);
+  const int64_t dn_blocks = (H + ROW_BLOCK - 1) / ROW_BLOCK;
+  share(int64_t(units.size()) * dn_blocks, c.threads, [&](int64_t task) {
+    const Unit& u = *units[task / dn_blocks];
+    const int P = int(u.pairs.size());
+    const lm_stack& st = *u.stack;
+    const uint8_t* bias = bias_of(st.down_bias, st.down_bias_expert, u.expert);
+    const float* sums = h_sums.empty() ? nullptr : h_sums.data() + u.first * dn_groups;
+    std::vector<float> scales(2 * dn_groups);
+    float y0[MAX_PAIRS_PER_UNIT], y1[MAX_PAIRS_PER_UNIT];
+    for (int64_t r = (task % dn_blocks) * ROW_BLOCK, end = std::min(H, r + ROW_BLOCK); r < end; r += 2) {
+      const int64_t r1 = std::min(r + 1, end - 1);  // an odd last row is computed twice
+      Path::rows2(st.down, u.expert, r, r1, h.data() + u.first * I, I, sums, dn_groups, scales.data(), P, y0, y1);
+      for (int p = 0; p < P; ++p) {
+        uint8_t* o = c.out + u.pairs[p] * c.out_row;
+        N::put(o, r, y0[p] + (bias ? N::get(bias, r) : 0.f));
+        N::put(o, r1, y1[p] + (bias ? N::get(bias, r1) : 0.f));
+      }
+    }
+  });
+}
+
+template <int FMT, int DT>
+void run(lm_call& c, std::vector<Unit*>& units) {
+  if (units.empty()) return;
+#if defined(__AVX512BF16__)
+  if constexpr (DT == DT_BF16 && (FMT == BF16 || FMT == INT8 || FMT == INT4 || FMT == MXFP4)) {
+    const lm_stack& st = *units[0]->stack;
+    if (Bf16Path<FMT>::fits(st.gate_up) && Bf16Path<FMT>::fits(st.down))
+      return matrix_vector<Bf16Path<FMT>, FMT, DT>(c, units);
+  }
+#endif
+  matrix_vector<FloatPath<FMT>, FMT, DT>(c, units);
+}
+
+template <int DT>
+void run_format(lm_call& c, std::vector<Unit*>& units) {
+  switch (c.format) {
+    case F32: return run<F32, DT>(c, units);
+    case BF16: return run<BF16, DT>(c, units);
+    case F16: return run<F16, DT>(c, units);
+    case INT8: return run<INT8, DT>(c, units);
+    case INT4: return run<INT4, DT>(c, units);
+    case FP8: return run<FP8, DT>(c, units);
+    case MXFP4: return run<MXFP4, DT>(c, units);
+  }
+}
+
+template <int FMT, int DT>
+void dequantize(const Matrix& m, int64_t expert, uint8_t* out, int64_t threads) {
+  share((m.rows + ROW_BLOCK - 1) / ROW_BLOCK, threads, [&](int64_t task) {
+    std::vector<float> row(m.cols);
+    for (int64_t r = task * ROW_BLOCK, end = std::min(m.rows, r + ROW_BLOCK); r < end; ++r) {
+      dequantize_row<FMT>(m, expert, r, row.data());
+      for (int64_t c = 0; c < m.cols; ++c) Num<DT>::put(out, r * m.cols + c, row[c]);
+    }
+  });
+}
+
+template <int DT>
+void dequantize_format(const Matrix& m, int64_t format, int64_t expert, uint8_t* out, int64_t threads) {
+  switch (format) {
+    case INT8: return dequantize<INT8, DT>(m, expert, out, threads);
+    case INT4: return dequantize<INT4, DT>(m, expert, out, threads);
+    case FP8: return dequantize<FP8, DT>(m, expert, out, threads);
+    case MXFP4: return dequantize<MXFP4, DT>(m, expert, out, threads);
+  }
+}
+
+}  // namespace
+
+extern "C" {
+
+// The pairs of experts with fewer than `many` pairs into `out`; the others listed in `left`. 0, or 1
+// for a slot or expert id out of its stack's range.
+int lm_expert_pairs(lm_call* c, double alpha, double limit) {
+  c->alpha = float(alpha), c->limit = float(limit);
+  const int64_t count = c->tokens * c->k;
+  std::vector<int64_t> unit_of[2] = {std::vector<int64_t>(c->pool.experts, -1),
+                                     std::vector<int64_t>(c->ids ? c->host.experts : 0, -1)};
+  std::vector<Unit> units;
+  for (int64_t p = 0; p < count; ++p) {
+    const int which = c->slots[p] >= 0 ? 0 : 1;
+    const int64_t row = which == 0 ? c->slots[p] : (c->ids ? c->ids[p] : -1);
+    if (row < 0) continue;
+    if (row >= int64_t(unit_of[which].size())) return 1;
+    int64_t& u = unit_of[which][row];
+    if (u < 0) u = int64_t(units.size()), units.push_back({which == 0 ? &c->pool : &c->host, row, {}});
+    units[u].pairs.push_back(p);
+  }
+  std::vector<Unit*> few;
+  c->left_count = 0;
+  const int64_t many = std::min<int64_t>(c->many, MAX_PAIRS_PER_UNIT);
+  for (Unit& u : units) {
+    if (int64_t(u.pairs.size()) < many) {
+      few.push_back(&u);
+    } else {
+      c->left[2 * c->left_count] = u.stack == &c->pool ? 0 : 1;
+      c->left[2 * c->left_count + 1] = u.expert;
+      ++c->left_count;
+    }
+  }
+  if (c->dtype == DT_F32) run_format<DT_F32>(*c, few);
+  if (c->dtype == DT_BF16) run_format<DT_BF16>(*c, few);
+  if (c->dtype == DT_F16) run_format<DT_F16>(*c, few);
+  return 0;
+}
+
+// One expert's matrix dequantized into `out` [rows, cols] in the compute dtype, exactly as
+// kernels/quantized.py does (float32 arithmetic, one rounding).
+void lm_dequantize(const Matrix* m, int64_t format, int64_t expert, int64_t dtype, uint8_t* out, int64_t threads) {
+  if (dtype == DT_F32) dequantize_format<DT_F32>(*m, format, expert, out, threads);
+  if (dtype == DT_BF16) dequantize_format<DT_BF16>(*m, format, expert, out, threads);
+  if (dtype == DT_F16) dequantize_format<DT_F16>(*m, format, expert, out, threads);
+}
+
+}  // extern "C"

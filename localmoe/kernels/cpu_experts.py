@@ -1,0 +1,323 @@
+"""The CPU expert kernels (cpu_experts.cpp): compiled at first use for the instruction set of this CPU,
+kept in localmoe's cache folder, loaded with ctypes, and registered as one op, `localmoe::expert_pairs`,
+called with `reference.expert_pair_outputs`'s arguments (a dispatch mode sees one op per MoE layer).
+
+The library has a plain C interface and no torch headers: it compiles in seconds with any C++17
+compiler and does not depend on how torch was built. Compiling at first use, rather than at `pip
+install`, keeps installation free of a build environment (pip's would fetch a CUDA torch) and matches
+the binary to the CPU: AVX512-BF16, AVX-512, AVX2, or plain C++ elsewhere. Its OpenMP threads are
+torch's own where torch ships its libgomp, so the two never compete for the cores. Where no build is
+possible (no compiler), `cpu_kernel()` says why and the caller keeps the reference.
+LOCALMOE_CPU_ISA=avx512|avx2|generic forces a lower instruction set (for tests).
+
+Experts with many pairs (prefill) go through the reference's own code here, on weights the library
+dequantizes exactly as kernels/quantized.py does: bit for bit the reference.
+"""
+
+import array
+import ctypes
+import functools
+import hashlib
+import os
+import platform
+import shutil
+import subprocess
+import sys
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+
+from localmoe.files import locked, temporary_path
+from localmoe.kernels import fused_reads
+from localmoe.kernels.quantized import Fp8Weights, Mxfp4Weights, QuantizedWeights
+from localmoe.kernels.reference import ExpertStack, _expert, expert_pair_outputs
+from localmoe.paths import cache_dir
+
+SOURCE = Path(__file__).with_name("cpu_experts.cpp")
+
+# instruction sets, best first: the CPU flags each needs (/proc/cpuinfo's names) and the compiler's
+ISAS = {
+    "avx512bf16": (
+        ("avx512f", "avx512bw", "avx512vl", "avx512dq", "avx512_bf16", "avx2", "fma", "f16c"),
+        ["-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq", "-mavx512bf16", "-mavx2", "-mfma", "-mf16c"],
+    ),
+    "avx512": (
+        ("avx512f", "avx512bw", "avx512vl", "avx512dq", "avx2", "fma", "f16c"),
+        ["-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq", "-mavx2", "-mfma", "-mf16c"],
+    ),
+    "avx2": (("avx2", "fma", "f16c"), ["-mavx2", "-mfma", "-mf16c"]),
+    "generic": ((), []),
+}
+
+# the library's codes (cpu_experts.cpp's Format, Dtype, Kind, Act)
+DENSE_FORMATS = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
+INT8, INT4, FP8, MXFP4 = 3, 4, 5, 6
+DTYPES = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
+KINDS = {"glu": 0, "clamped_swiglu": 1, "clamped_glu": 2}
+ACTS = {"silu": 0, "swish": 0, "gelu": 1, "gelu_pytorch_tanh": 2}
+MANY_PAIRS = 8  # pairs of one expert from which the matrix products of the reference take over (prefill)
+
+
+MATRIX_FIELDS = 12  # cpu_experts.cpp's Matrix: 3 pointers, 6 strides, rows, columns, block
+
+
+def cpu_isa() -> str:
+    """The best instruction set of ISAS this CPU has, or the one LOCALMOE_CPU_ISA names."""
+    forced = os.environ.get("LOCALMOE_CPU_ISA")
+    if forced:
+        if forced not in ISAS:
+            raise ValueError(f"LOCALMOE_CPU_ISA={forced}: choose one of {', '.join(ISAS)}")
+        return forced
+    flags = _cpu_flags()
+    return next(isa for isa, (needs, _) in ISAS.items() if set(needs) <= flags)
+
+
+def _cpu_flags() -> set[str]:
+    if platform.machine() not in ("x86_64", "AMD64"):
+        return set()
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return set()
+    line = next((line for line in text.splitlines() if line.startswith("flags")), "")
+    return set(line.partition(":")[2].split())
+
+
+@functools.cache
+def cpu_kernel() -> tuple[bool, str]:
+    """(whether the op is there, a few words: the instruction set, or why it is not), once per process."""
+    return load()
+
+
+_library: ctypes.CDLL | None = None
+
+
+def load() -> tuple[bool, str]:
+    """Build (where not yet built) and load the library, and register the op: `cpu_kernel`'s answer,
+    with a notice where it fails."""
+    global _library
+    try:
+        isa = cpu_isa()
+        library = ctypes.CDLL(str(_built(isa)))
+    except (OSError, ValueError, subprocess.SubprocessError) as error:
+        reason = str(error).strip().splitlines()[-1] if str(error).strip() else type(error).__name__
+        print(f"localmoe: the CPU expert kernels are not available ({reason}); using the slower reference",
+              file=sys.stderr)  # fmt: skip
+        return False, reason
+    library.lm_expert_pairs.argtypes = [ctypes.c_void_p, ctypes.c_double, ctypes.c_double]
+    library.lm_dequantize.argtypes = [ctypes.c_void_p, *[ctypes.c_int64] * 3, ctypes.c_void_p, ctypes.c_int64]
+    if _library is None:
+        _define_op()
+    _library = library
+    return True, isa
+
+
+def _built(isa: str) -> Path:
+    """The shared library for `isa`, compiled once per source and compiler flags."""
+    compiler, compile_flags, link_flags = _flags(isa)
+    key = hashlib.sha256("\0".join([SOURCE.read_text(), compiler, *compile_flags, *link_flags]).encode())
+    folder = cache_dir() / "kernels"
+    library = folder / f"cpu_experts-{isa}-{key.hexdigest()[:16]}.so"
+    if library.exists():
+        return library
+    folder.mkdir(parents=True, exist_ok=True)
+    with locked(library):
+        if not library.exists():  # built by another process while this one waited
+            print(f"localmoe: building the CPU expert kernels for {isa} (once)", file=sys.stderr)
+            objects, partial = temporary_path(library.with_suffix(".o")), temporary_path(library)
+            try:
+                _run([compiler, *compile_flags, "-c", str(SOURCE), "-o", str(objects)])
+                _run([compiler, "-shared", str(objects), "-o", str(partial), *link_flags])
+                partial.replace(library)
+            finally:
+                objects.unlink(missing_ok=True)
+                partial.unlink(missing_ok=True)
+    return library
+
+
+def _run(command: list[str]) -> None:
+    done = subprocess.run(command, capture_output=True, text=True)
+    if done.returncode != 0:
+        errors = [line for line in done.stderr.splitlines() if "error" in line] or done.stderr.splitlines()
+        raise OSError(f"the compiler failed: {errors[0] if errors else done.returncode}")
+
+
+def _flags(isa: str) -> tuple[str, list[str], list[str]]:
+    """The compiler, its flags and the link flags. OpenMP's pragmas are linked to the libgomp that
+    torch ships where there is one (one thread pool for both), else to the compiler's."""
+    compiler = os.environ.get("CXX") or shutil.which("c++") or shutil.which("g++") or shutil.which("clang++")
+    if compiler is None:
+        raise OSError("no C++ compiler found: install g++ (or set CXX)")
+    torch_lib = Path(torch.__file__).parent / "lib"
+    gomp = sorted([*torch_lib.glob("libgomp*.so*"), *(torch_lib.parent.parent / "torch.libs").glob("libgomp*.so*")])
+    link = [str(gomp[0]), f"-Wl,-rpath,{gomp[0].parent}"] if gomp else ["-fopenmp"]
+    return compiler, ["-O3", "-std=c++17", "-fPIC", "-fopenmp", "-DNDEBUG", *ISAS[isa][1]], link
+
+
+def missing_activations(acts) -> list[str]:
+    """The activations of `acts` (GatedActivation) that the kernels lack, as kind/act."""
+    return sorted({f"{a.kind}/{a.act}" for a in acts if a.kind not in KINDS or a.act not in ACTS})
+
+
+def _reads(weights, act) -> bool:
+    """Whether the op reads a stack of `weights` with activation `act`."""
+    if missing_activations([act]):
+        return False
+    if isinstance(weights, QuantizedWeights):
+        return fused_reads(weights.spec)
+    if isinstance(weights, Fp8Weights):
+        return isinstance(weights.block, int)
+    return isinstance(weights, Mxfp4Weights) or (isinstance(weights, torch.Tensor) and weights.dtype in DENSE_FORMATS)
+
+
+def _format(weights) -> tuple[int, int]:
+    """(the library's format code, its block: columns per scale, 0 for dense) of a stack of weights."""
+    if isinstance(weights, QuantizedWeights):
+        return (INT8 if weights.spec.bits == 8 else INT4), weights.spec.group
+    if isinstance(weights, Fp8Weights):
+        return FP8, weights.block
+    if isinstance(weights, Mxfp4Weights):
+        return MXFP4, 32
+    return DENSE_FORMATS[weights.dtype], 0
+
+
+def _tensors(weights) -> list[torch.Tensor | None]:
+    """The weights, scales and zero points of a stack, as the op takes them."""
+    if isinstance(weights, QuantizedWeights):
+        return [weights.q, weights.scale, weights.zero]
+    if isinstance(weights, Fp8Weights):
+        return [weights.bits, weights.scales, None]
+    if isinstance(weights, Mxfp4Weights):
+        return [weights.blocks, weights.scales, None]
+    return [weights, None, None]
+
+
+def _stack(stack: ExpertStack) -> list[torch.Tensor | None]:
+    return [*_tensors(stack.gate_up), *_tensors(stack.down), stack.gate_up_bias, stack.down_bias]
+
+
+# the activations the op has been called with, by its codes: the matrix-product path runs the object
+_activations: dict[tuple[int, int, float, float], Callable] = {}
+
+
+def cpu_pair_outputs(
+    out: torch.Tensor,
+    x: torch.Tensor,
+    gate_up,
+    down,
+    slots: torch.Tensor,
+    act,
+    gate_up_bias: torch.Tensor | None = None,
+    down_bias: torch.Tensor | None = None,
+    input_scale: torch.Tensor | None = None,
+    *,
+    ids: torch.Tensor | None = None,
+    host: ExpertStack | None = None,
+) -> None:
+    """`reference.expert_pair_outputs` in one call of the op: same arguments, same rows of `out` written;
+    bit for bit the reference for experts with MANY_PAIRS pairs or more, within float32 summation order
+    (see tests/test_cpu_kernels.py) for the others. Experts in a form or with an activation the op does not
+    read (a checkpoint's symmetric integers, NVFP4, ...) are computed by the reference: the misses' CPU
+    share takes this function whatever the model stores."""
+    if not _reads(gate_up, act):
+        expert_pair_outputs(out, x, gate_up, down, slots, act, gate_up_bias, down_bias, input_scale, ids=ids, host=host)
+        return
+    code, block = _format(gate_up)
+    if host is not None and _format(host.gate_up) != (code, block):
+        raise ValueError("the host stack and the pool hold experts in different formats")
+    key = (KINDS[act.kind], ACTS[act.act], float(act.alpha), float(act.limit))
+    _activations.setdefault(key, act)
+    pool = _stack(ExpertStack(gate_up, down, gate_up_bias, down_bias))
+    host_parts = _stack(host) if host is not None and ids is not None else []
+    torch.ops.localmoe.expert_pairs(out, x, slots, ids, input_scale, pool, host_parts, code, block, *key)
+
+
+_op_library: torch.library.Library | None = None  # the op lives as long as this does
+
+
+def _define_op() -> None:
+    global _op_library
+    _op_library = torch.library.Library("localmoe", "DEF")
+    _op_library.define(
+        "expert_pairs(Tensor(a!) out, Tensor x, Tensor slots, Tensor? ids, Tensor? input_scale, Tensor?[] pool, "
+        "Tensor?[] host, int format, int block, int kind, int act, float alpha, float limit) -> ()"
+    )
+    _op_library.impl("expert_pairs", _expert_pairs, "CPU")
+
+
+def _expert_pairs(out, x, slots, ids, input_scale, pool, host, fmt, block, kind, act, alpha, limit) -> None:
+    """The op on CPU tensors: the library's matrix-vector path, then the reference's matrix products for
+    the experts it leaves."""
+    if x.dtype not in DTYPES or out.dtype != x.dtype or out.stride(1) != 1 or x.stride(1) != 1:
+        raise ValueError("the CPU expert kernels take float32, bfloat16 or float16 x and out, rows contiguous")
+    tokens, k = slots.shape
+    slots = _int64(slots)
+    ids = _int64(ids) if ids is not None and host else None
+    if input_scale is not None and (input_scale.dtype != torch.float32 or not input_scale.is_contiguous()):
+        input_scale = input_scale.float().contiguous()
+    nibbles = fmt in (INT4, MXFP4)
+    call = [out.data_ptr(), x.data_ptr(), out.stride(0) * out.element_size(), x.stride(0) * x.element_size()]
+    call += [tokens, k, x.shape[1], pool[3].shape[2] * (2 if nibbles else 1), slots.data_ptr()]
+    call += [0 if ids is None else ids.data_ptr(), 0 if input_scale is None else input_scale.data_ptr()]
+    call += _stack_fields(pool, nibbles, block)
+    call += _stack_fields(host, nibbles, block) if ids is not None else [0] * (2 * MATRIX_FIELDS + 5)
+    left = array.array("q", bytes(16 * tokens * k))
+    call += [fmt, DTYPES[x.dtype], kind, act, torch.get_num_threads(), MANY_PAIRS, left.buffer_info()[0], 0, 0]
+    fields = array.array("q", call)
+    if _library.lm_expert_pairs(fields.buffer_info()[0], alpha, limit) != 0:
+        raise ValueError("a slot or expert id is out of its stack's range")
+    for i in range(fields[-2]):  # left_count
+        which, expert = left[2 * i], left[2 * i + 1]
+        parts = pool if which == 0 else host
+        index = slots if which == 0 else torch.where(slots < 0, ids, -1)
+        pairs = (index == expert).nonzero().squeeze(1)
+        inputs = x[pairs // k]
+        if input_scale is not None:
+            inputs = (inputs * input_scale[pairs, None]).to(x.dtype)
+        weights = [_dense(parts[i : i + 3], fmt, block, expert, x.dtype) for i in (0, 3)]
+        biases = [None if b is None else b[expert : expert + 1] for b in parts[6:]]
+        stack = ExpertStack(weights[0][None], weights[1][None], *biases)
+        out[pairs] = _expert(inputs, stack, 0, _activations[(kind, act, alpha, limit)])
+
+
+def _int64(index: torch.Tensor) -> torch.Tensor:
+    if index.dtype == torch.int64 and index.is_contiguous():
+        return index.view(-1)
+    return index.reshape(-1).to(torch.int64).contiguous()
+
+
+def _dense(parts: list, fmt: int, block: int, expert: int, dtype: torch.dtype) -> torch.Tensor:
+    """One expert's matrix (weights, scales, zero points) in the compute dtype: the stack's own, or
+    dequantized by the library."""
+    if fmt < INT8:
+        return parts[0][expert]
+    matrix = array.array("q", _matrix_fields(*parts, fmt in (INT4, MXFP4), block))
+    out = torch.empty(matrix[9], matrix[10], dtype=dtype)  # rows, columns
+    address = matrix.buffer_info()[0]
+    _library.lm_dequantize(address, fmt, expert, DTYPES[dtype], out.data_ptr(), torch.get_num_threads())
+    return out
+
+
+def _matrix_fields(w: torch.Tensor, s: torch.Tensor | None, z: torch.Tensor | None, nibbles: bool, block: int):
+    """cpu_experts.cpp's Matrix of weights [experts, rows, columns] with their scales and zero points."""
+    if w.dim() != 3 or w.stride(2) != 1:
+        raise ValueError("expert weights must be [experts, rows, columns], rows contiguous")
+    experts, rows, cols = w.shape
+    cols *= 2 if nibbles else 1
+    block = block or cols
+    if cols % block:
+        raise ValueError(f"the block size {block} must divide the {cols} columns")
+    fields = [w.data_ptr(), 0 if s is None else s.data_ptr(), 0 if z is None else z.data_ptr()]
+    for t in (w, s, z):
+        fields += [0, 0] if t is None else [t.stride(0) * t.element_size(), t.stride(1) * t.element_size()]
+    return [*fields, rows, cols, block]
+
+
+def _stack_fields(parts: list, nibbles: bool, block: int) -> list[int]:
+    """cpu_experts.cpp's lm_stack: gate_up, its scales and zeros, down, its scales and zeros, biases."""
+    fields = _matrix_fields(*parts[0:3], nibbles, block) + _matrix_fields(*parts[3:6], nibbles, block)
+    biases = parts[6:]
+    fields += [0 if b is None else b.data_ptr() for b in biases]
+    fields += [0 if b is None else b.stride(0) * b.element_size() for b in biases]
+    return [*fields, parts[0].shape[0]]

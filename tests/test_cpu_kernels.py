@@ -1,0 +1,279 @@
+"""The CPU expert kernels (kernels/cpu_experts.cpp) against the reference: every weight format, the
+activations, biases and input scales, real models' expert shapes and ragged small ones, 1-8 tokens, 1-2
+threads; the instruction set forced down to AVX2 and to plain C++ in a subprocess; the build's fallback;
+one op per call."""
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+
+from localmoe.errors import LocalMoEError
+from localmoe.kernels import _random_stored, pair_kernel
+from localmoe.kernels import cpu_experts as cpu
+from localmoe.kernels.quantized import MXFP4, QuantSpec, StoredFormat, quantized_stack
+from localmoe.kernels.reference import ExpertStack, expert_pair_outputs
+from localmoe.models.moe import GatedActivation
+
+
+@pytest.fixture(autouse=True)
+def threads():
+    """Skip where the kernels cannot be built; give the next test back the thread count a test set."""
+    available, why = cpu.cpu_kernel()  # here, not at import: localmoe's cache folder is the tests' by now
+    if not available:
+        pytest.skip(f"the CPU kernels could not be built: {why}")
+    before = torch.get_num_threads()
+    yield
+    torch.set_num_threads(before)
+
+
+ACTS = {
+    "swiglu": GatedActivation(),
+    "gelu-tanh": GatedActivation(act="gelu_pytorch_tanh"),
+    "gelu": GatedActivation(act="gelu"),
+    "clamped-swiglu": GatedActivation(kind="clamped_swiglu", alpha=1.702, limit=0.5),  # a limit that clamps
+    "clamped-glu": GatedActivation(kind="clamped_glu", limit=0.5),
+}
+FORMATS = ("dense", "int8", "int4", "fp8", "mxfp4")
+# |kernel - reference| <= TOLERANCE * max |reference|, for experts with few pairs (the matrix-vector path):
+# float32 differs by summation order only; in 16 bits the reference also rounds each dequantized
+# weight to the compute dtype, and an accumulation one float32 ulp apart can flip a 16-bit rounding of
+# gate, up or the activation, which moves the output by about one unit of its last place.
+TOLERANCE = {torch.float32: 2e-5, torch.bfloat16: 2e-2, torch.float16: 3e-3}
+
+
+def experts(fmt: str, count: int, hidden: int, inter: int, dtype, seed: int, bias: bool = False) -> ExpertStack:
+    """A random stack of `count` experts in `fmt`, with weights near the size real checkpoints have."""
+    g = torch.Generator().manual_seed(seed)
+    gate_up = (torch.randn(count, 2 * inter, hidden, generator=g) / hidden**0.5).to(dtype)
+    down = (torch.randn(count, hidden, inter, generator=g) / inter**0.5).to(dtype)
+    if fmt in ("int8", "int4"):
+        group = 64 if hidden % 64 == 0 and inter % 64 == 0 else 2  # 2: every shape, the scalar path
+        spec = QuantSpec(int(fmt[3:]), group)
+        gate_up, down = quantized_stack(gate_up, spec), quantized_stack(down, spec)
+    elif fmt == "fp8":
+        block = 128 if hidden % 128 == 0 and inter % 128 == 0 else 8
+        gate_up, down = (
+            _random_stored(StoredFormat("fp8", block), count, w.shape[1:], dtype, "cpu") for w in (gate_up, down)
+        )
+    elif fmt == "mxfp4":
+        gate_up, down = (_random_stored(MXFP4, count, w.shape[1:], dtype, "cpu") for w in (gate_up, down))
+    biases = (torch.randn(count, 2 * inter, generator=g).to(dtype), torch.randn(count, hidden, generator=g).to(dtype))
+    return ExpertStack(gate_up, down, *(biases if bias else (None, None)))
+
+
+def outputs(kernel, stack: ExpertStack, x, slots, act, scale=None, **host) -> torch.Tensor:
+    out = torch.full((slots.numel(), x.shape[1]), 7.0, dtype=x.dtype)  # rows of skipped pairs stay as they were
+    kernel(out, x, stack.gate_up, stack.down, slots, act, stack.gate_up_bias, stack.down_bias, scale, **host)
+    return out
+
+
+def assert_near(got, expected, dtype):
+    scale = expected.float().abs().max().item()
+    error = (got.float() - expected.float()).abs().max().item()
+    assert error <= TOLERANCE[dtype] * scale, f"max error {error:.3g} of {scale:.3g}"
+
+
+def small(fmt: str) -> tuple[int, int]:
+    """Widths that no vector fits (MXFP4's exponents cover 32 columns: the smallest it has)."""
+    return (96, 32) if fmt == "mxfp4" else (40, 24)
+
+
+def case(tokens: int, k: int, count: int, hidden: int, seed: int, dtype, skipped: bool = True):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(tokens, hidden, generator=g).to(dtype)
+    slots = torch.stack([torch.randperm(count, generator=g)[:k] for _ in range(tokens)])
+    if skipped:
+        slots[torch.rand(tokens, k, generator=g) < 0.2] = -1  # pairs without a slot are left alone
+    return x, slots
+
+
+@pytest.mark.parametrize("fmt", FORMATS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("tokens", [1, 2, 5, 8])
+@pytest.mark.parametrize("thread_count", [1, 2])
+def test_small_shapes_match_the_reference(fmt, dtype, tokens, thread_count):
+    """Ragged widths (the scalar path) and widths the vector path takes, 1-8 tokens, top-1 to top-4, on
+    `thread_count` threads."""
+    torch.set_num_threads(thread_count)
+    for hidden, inter in (small(fmt), (256, 128)):
+        stack = experts(fmt, 6, hidden, inter, dtype, seed=tokens)
+        x, slots = case(tokens, 1 + tokens % 4, 6, hidden, seed=tokens + thread_count, dtype=dtype)
+        expected = outputs(expert_pair_outputs, stack, x, slots, ACTS["swiglu"])
+        assert_near(outputs(cpu.cpu_pair_outputs, stack, x, slots, ACTS["swiglu"]), expected, dtype)
+
+
+@pytest.mark.parametrize("act", list(ACTS))
+@pytest.mark.parametrize("fmt", FORMATS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_activations_biases_and_input_scales(act, fmt, dtype):
+    stack = experts(fmt, 5, 256, 128, dtype, seed=1, bias=True)
+    x, slots = case(3, 2, 5, 256, seed=2, dtype=dtype)
+    x = x * 3  # large enough to clamp
+    scale = torch.rand(slots.numel(), generator=torch.Generator().manual_seed(3))
+    expected = outputs(expert_pair_outputs, stack, x, slots, ACTS[act], scale)
+    assert_near(outputs(cpu.cpu_pair_outputs, stack, x, slots, ACTS[act], scale), expected, dtype)
+
+
+# real models' expert shapes (hidden, intermediate), with few cases each: they are large
+MODELS = {
+    "mixtral": (4096, 14336, "int4", 1),
+    "qwen3-30b": (2048, 768, "dense", 8),
+    "deepseek": (7168, 2048, "fp8", 2),
+    "gpt-oss": (2880, 2880, "mxfp4", 3),
+}
+
+
+@pytest.mark.parametrize("model", list(MODELS))
+def test_model_shapes_match_the_reference(model):
+    hidden, inter, fmt, tokens = MODELS[model]
+    stack = experts(fmt, 2, hidden, inter, torch.bfloat16, seed=4, bias=model == "gpt-oss")
+    x, slots = case(tokens, 2, 2, hidden, seed=5, dtype=torch.bfloat16, skipped=False)
+    act = ACTS["clamped-swiglu"] if model == "gpt-oss" else ACTS["swiglu"]
+    expected = outputs(expert_pair_outputs, stack, x, slots, act)
+    assert_near(outputs(cpu.cpu_pair_outputs, stack, x, slots, act), expected, torch.bfloat16)
+
+
+@pytest.mark.parametrize("fmt", FORMATS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_experts_with_many_pairs_equal_the_reference_bit_for_bit(fmt, dtype):
+    """From GEMM_PAIRS pairs on, an expert runs the reference's own arithmetic (a prefill)."""
+    stack = experts(fmt, 3, 256, 128, dtype, seed=6, bias=True)
+    x, _ = case(24, 1, 3, 256, seed=7, dtype=dtype)
+    slots = torch.tensor([[0, 1]] * 12 + [[1, 2]] * 12)  # 12, 24 and 12 pairs per expert
+    scale = torch.rand(slots.numel(), generator=torch.Generator().manual_seed(8))
+    for act in ("swiglu", "clamped-swiglu"):
+        expected = outputs(expert_pair_outputs, stack, x, slots, ACTS[act], scale)
+        assert torch.equal(outputs(cpu.cpu_pair_outputs, stack, x, slots, ACTS[act], scale), expected)
+
+
+@pytest.mark.parametrize("fmt", FORMATS)
+def test_a_pair_does_not_depend_on_the_others_the_threads_or_where_its_expert_lies(fmt):
+    """What makes an offloaded run equal the all-resident one: each output is computed alone, in one
+    order, the same from a slot of the pool as from the host stack by expert id."""
+    host = experts(fmt, 6, 256, 128, torch.bfloat16, seed=9, bias=True)
+    x, ids = case(4, 3, 6, 256, seed=10, dtype=torch.bfloat16, skipped=False)
+    act = ACTS["swiglu"]
+    torch.set_num_threads(2)
+    everything = outputs(cpu.cpu_pair_outputs, host, x, ids, act)
+    torch.set_num_threads(1)
+    assert torch.equal(outputs(cpu.cpu_pair_outputs, host, x, ids, act), everything)
+    alone = outputs(cpu.cpu_pair_outputs, host, x[2:3], ids[2:3], act)
+    assert torch.equal(alone, everything[6:9])
+    # experts 4 and 1 in slots 0 and 1 of a pool; the rest read from the host stack
+    pool = ExpertStack(*(_rows(part, [4, 1]) for part in host))
+    slots = torch.where(ids == 4, 0, torch.where(ids == 1, 1, -1))
+    mixed = outputs(cpu.cpu_pair_outputs, pool, x, slots, act, ids=ids, host=host)
+    assert torch.equal(mixed, everything)
+    expected = outputs(expert_pair_outputs, pool, x, slots, act, ids=ids, host=host)
+    assert_near(mixed, expected, torch.bfloat16)
+
+
+def _rows(part, rows: list[int]):
+    """Rows of a stack (tensor or quantized stack), copied into a new one."""
+    if isinstance(part, torch.Tensor):
+        return part[rows].clone()
+    fields = {name: getattr(part, name) for name in part.__dataclass_fields__}
+    return type(part)(**{n: v[rows].clone() if isinstance(v, torch.Tensor) else v for n, v in fields.items()})
+
+
+def test_one_op_per_call():
+    """A dispatch mode sees the whole layer as one op (core's count of ops per MoE layer relies on it)."""
+    stack = experts("int4", 8, 256, 128, torch.bfloat16, seed=11, bias=True)
+    x, slots = case(1, 4, 8, 256, seed=12, dtype=torch.bfloat16)
+    out, scale = torch.zeros(slots.numel(), 256, dtype=torch.bfloat16), torch.ones(slots.numel())
+
+    class Seen(TorchDispatchMode):
+        ops: list = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            self.ops.append(str(func))
+            return func(*args, **(kwargs or {}))
+
+    with Seen() as seen:
+        cpu.cpu_pair_outputs(out, x, *stack[:2], slots, ACTS["swiglu"], *stack[2:], scale)
+    assert seen.ops == ["localmoe.expert_pairs.default"]
+
+
+CHILD = """
+import torch
+from localmoe.kernels import cpu_experts as cpu
+available, isa = cpu.cpu_kernel()
+assert available and isa == {isa!r}, (available, isa)
+import test_cpu_kernels as t
+for fmt in t.FORMATS:
+    for hidden, inter in (t.small(fmt), (256, 128)):
+        for dtype in (torch.float32, torch.bfloat16, torch.float16):
+            stack = t.experts(fmt, 5, hidden, inter, dtype, seed=13, bias=True)
+            x, slots = t.case(3, 3, 5, hidden, seed=14, dtype=dtype)
+            for act in t.ACTS.values():
+                expected = t.outputs(t.expert_pair_outputs, stack, x, slots, act)
+                t.assert_near(t.outputs(cpu.cpu_pair_outputs, stack, x, slots, act), expected, dtype)
+print("ok")
+"""
+
+
+@pytest.mark.parametrize("isa", ["avx2", "generic"])
+def test_lower_instruction_sets_match_the_reference(isa):
+    """The AVX2 path (consumer CPUs without AVX-512) and the plain C++ one (other architectures), forced
+    on this CPU; each is its own library, so each runs in its own process."""
+    if isa == "avx2" and not set(cpu.ISAS["avx2"][0]) <= cpu._cpu_flags():
+        pytest.skip("this CPU has no AVX2")
+    env = {
+        **os.environ,
+        "LOCALMOE_CPU_ISA": isa,
+        "PYTHONPATH": os.pathsep.join([str(Path(__file__).parent), *sys.path]),
+    }
+    done = subprocess.run([sys.executable, "-c", CHILD.format(isa=isa)], env=env, capture_output=True, text=True)
+    assert done.returncode == 0 and done.stdout.strip().endswith("ok"), done.stderr[-3000:]
+
+
+def test_the_choice_of_kernels_on_the_cpu(monkeypatch):
+    here, acts = torch.device("cpu"), [ACTS["swiglu"], ACTS["clamped-swiglu"]]
+    isa = cpu.cpu_kernel()[1]
+    assert pair_kernel("auto", here, torch.bfloat16, acts, QuantSpec(4, 32)) == (cpu.cpu_pair_outputs, f"cpu ({isa})")
+    assert pair_kernel("cpu", here, torch.float32, acts, MXFP4)[0] is cpu.cpu_pair_outputs
+    with pytest.raises(LocalMoEError, match="cpu computes on the CPU"):
+        pair_kernel("cpu", torch.device("cuda"), torch.float32, acts)
+    monkeypatch.setattr(cpu, "cpu_kernel", lambda: (False, "no C++ compiler found"))
+    expected = (expert_pair_outputs, "reference (CPU kernels: they could not be built: no C++ compiler found)")
+    assert pair_kernel("auto", here, torch.float32, acts) == expected
+    with pytest.raises(LocalMoEError, match="could not be built"):
+        pair_kernel("cpu", here, torch.float32, acts)
+
+
+def test_without_a_compiler_the_reference_is_kept_with_one_notice(monkeypatch, tmp_path, capsys):
+    monkeypatch.setenv("CXX", str(tmp_path / "no-such-compiler"))
+    monkeypatch.setenv("LOCALMOE_CACHE", str(tmp_path))
+    available, reason = cpu.load()
+    assert not available and "no-such-compiler" in reason
+    assert capsys.readouterr().err.count("using the slower reference") == 1
+
+
+BUILD = """
+from localmoe.kernels import cpu_experts as cpu
+available, isa = cpu.cpu_kernel()
+print(available, isa)
+"""
+
+
+def test_two_processes_starting_at_once_build_the_library_once(tmp_path):
+    """The second waits on the first's lock and loads what it built; neither sees a half-written file,
+    and no temporary file is left."""
+    env = {**os.environ, "LOCALMOE_CACHE": str(tmp_path), "LOCALMOE_CPU_ISA": "generic"}
+    runs = [
+        subprocess.Popen(
+            [sys.executable, "-c", BUILD], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+        )
+        for _ in range(2)
+    ]
+    done = [run.communicate() for run in runs]
+    assert [out.split() for out, _ in done] == [["True", "generic"]] * 2, [err for _, err in done]
+    assert sum(err.count("building the CPU expert kernels") for _, err in done) == 1
+    built = sorted(path.name for path in (tmp_path / "kernels").iterdir())
+    assert len([name for name in built if name.endswith(".so")]) == 1
+    assert not [name for name in built if name.endswith(".tmp")], built
