@@ -16,16 +16,17 @@ from localmoe.checkpoint import Checkpoint
 from localmoe.errors import LocalMoEError, setting
 from localmoe.kernels import KERNELS, pair_kernel
 from localmoe.kernels.quantized import MXFP4, QuantSpec, StoredFormat
+from localmoe.kernels.reference import expert_pair_outputs
 from localmoe.loader import ModelParts, footprint, load_resident_weights, model_skeleton, open_checkpoint
-from localmoe.models.moe import moe_blocks
+from localmoe.models.moe import MoESpec, moe_blocks
 from localmoe.models.state import KVCache
 from localmoe.runtime.cpu_experts import Bandwidths, calibrated
-from localmoe.runtime.expert_cache import POLICIES, ExpertCache
+from localmoe.runtime.expert_cache import POLICIES, ExpertCache, SlotTable
 from localmoe.runtime.expert_store import ExpertStore
-from localmoe.runtime.generate import GenerationStats, generate_tokens
+from localmoe.runtime.generate import GenerationStats, StepHooks, generate_tokens
 from localmoe.runtime.layouts import layout_of
 from localmoe.runtime.memory import MemoryPlan, format_bytes, plan_memory
-from localmoe.runtime.miss_policy import MISS_POLICIES, miss_policy
+from localmoe.runtime.miss_policy import DEFAULT, FALLBACK, MISS_POLICIES, miss_policy
 from localmoe.runtime.offload import OffloadedExperts
 from localmoe.runtime.profile import default_profile_path
 from localmoe.runtime.quantized_cache import QuantizedLayers, cache_folder
@@ -34,6 +35,8 @@ from localmoe.runtime.sampling import Sampler, SamplingParams
 from localmoe.runtime.stats import CacheSnapshot, cache_report
 from localmoe.runtime.trace import RoutingTrace
 from localmoe.tokenizer import StopStrings, Tokenizer
+
+CUDA_GRAPHS = ("auto", "on", "off")
 
 
 @dataclass
@@ -46,13 +49,14 @@ class RuntimeOptions:
     policy: str = "score"  # one of POLICIES
     pin_hot: int = 0  # experts pinned: the profile's hottest, or else those the first prompt used most
     profile: str | None = None  # routing profile: "auto" (this checkpoint's, in the cache folder), a file, or none
-    prefetch: int = 1  # MoE layers to look ahead; 0 turns prefetch off
+    prefetch: int | None = None  # MoE layers to look ahead; None: 1 where the miss policy decides on the host, else 0
     prefetch_margin: int = 0  # experts predicted beyond the top-k
     context: int = 4096  # tokens of KV cache planned for (capped at the model's maximum)
     prefill_chunk: int = 512
     trace: Path | None = None  # write the routing of every token here (JSON lines)
-    miss_policy: str = "auto"  # one of MISS_POLICIES: copied to the device, computed on the CPU, or whichever is faster
+    miss_policy: str | None = None  # one of MISS_POLICIES; None: direct where the host copy can be read in place
     kernels: str = "auto"  # one of KERNELS: reference, triton, or triton where it works (CUDA)
+    cuda_graphs: str = "auto"  # one of CUDA_GRAPHS: decode steps captured as CUDA graphs
     expert_bits: int = 16  # 8 or 4: routed experts quantized group-wise, kept so on disk between runs
     expert_group_size: int = 64
     copy_bandwidth: float | None = None  # bytes/s for the miss policy's cost model; default: measured
@@ -73,9 +77,11 @@ class Engine:
         options: RuntimeOptions,
         kernels: str = "reference",
         offloaded: OffloadedExperts | None = None,
+        graphs_barred: list[str] = (),
     ):
         """`experts` computes the routed experts; `offloaded`, the same object when they go through the
-        expert cache, else None."""
+        expert cache, else None. `graphs_barred`: why decode steps cannot be CUDA graphs, whatever the
+        miss policy (none: they can)."""
         self.checkpoint = checkpoint
         self.parts = parts
         self.model = parts.model
@@ -84,6 +90,7 @@ class Engine:
         self._offloaded = offloaded
         self.options = options
         self.kernels = kernels  # which expert kernels run, and why
+        self._graphs_barred = list(graphs_barred)
         self.eos_ids = eos_ids(checkpoint)
         self.stats = GenerationStats()
 
@@ -123,6 +130,7 @@ class Engine:
             if on_prefill:
                 on_prefill()
 
+        runtime = self._offloaded
         tokens = generate_tokens(
             self.model,
             prompt,
@@ -135,12 +143,27 @@ class Engine:
             context=self.plan.context,
             prefill_chunk=self.plan.prefill_chunk,
             on_prefill=after_prefill,
+            hooks=None if runtime is None else StepHooks(runtime.begin_step, runtime.end_step),
+            graphs=not self.graphs_barred(),
         )
         try:
             yield from tokens
         finally:
+            if runtime is not None:
+                runtime.settle()
             if self.experts.trace:
                 self.experts.trace.flush()
+
+    def graphs_barred(self) -> list[str]:
+        """Why decode steps run eagerly, not as CUDA graphs (empty: they are captured)."""
+        barred = list(self._graphs_barred)
+        if self._offloaded is not None and not self._offloaded.miss_policy.in_place:
+            barred.append(f"the {self.miss_policy} miss policy reads the routing on the host at every layer")
+        if self.options.cuda_graphs == "on" and barred:
+            raise LocalMoEError(
+                f"{setting('cuda_graphs')} on: decode steps cannot be captured here: {'; '.join(barred)}"
+            )
+        return barred if self.options.cuda_graphs != "off" else ["off as asked"]
 
     def text(self, ids: Iterator[int], stop: Sequence[str] = ()) -> Iterator[str]:
         """Stream `ids` as text pieces, without EOS tokens, ending before the first of the `stop` strings."""
@@ -197,11 +220,14 @@ class Engine:
         plan, fp = self.plan, self.plan.footprint
         home = {"none": "none needed", "pinned": "pinned RAM", "ram": "RAM", "mmap": "checkpoint files (mmap)"}
         model = self.checkpoint.part or self.parts.family.architectures[0]
+        barred = self.graphs_barred()
+        decode = "static steps" if self.model.static_decode else "eager (the model has layers without static steps)"
+        graphs = "CUDA graphs" if not barred else f"no CUDA graphs ({'; '.join(barred)})"
         return (
             f"{self.checkpoint.path.name}: {model} on {plan.device}, {self.parts.dtype}; "
             f"resident {format_bytes(fp.resident_bytes)}; expert slots {plan.slots}/{fp.total_experts}; "
             f"experts' host copy: {home[plan.store]}; context {plan.context}{self._misses()}; "
-            f"kernels: {self.kernels}"
+            f"kernels: {self.kernels}; decode: {decode}, {graphs}"
         )
 
     def _misses(self) -> str:
@@ -209,7 +235,9 @@ class Engine:
             return ""
         rates = self.bandwidths
         measured = f" (copy {rates.copy / 1e9:.1f} GB/s, CPU {rates.cpu / 1e9:.1f} GB/s)" if rates else ""
-        return f"; misses: {self.miss_policy}{measured}"
+        why = self._offloaded.cache.store.not_in_place()
+        fallback = f" ({DEFAULT} cannot be: {why})" if self.options.miss_policy is None and why else ""
+        return f"; misses: {self.miss_policy}{measured}{fallback}"
 
     def cache_report(self) -> str:
         """The memory plan and, when experts are offloaded, the cache counters so far."""
@@ -245,19 +273,16 @@ class Engine:
         options = replace(self.options, **{key: value for key, value in changes.items() if value is not None})
         _check_settings(options)
         runtime = self._offloaded
+        if miss_policy is not None:
+            runtime.settle()  # what the old policy left to learn
+            runtime.miss_policy = _miss_policy(options, runtime.cache, next(iter(runtime.specs.values())))
+        runtime.configure_prefetch(*_prefetch(options, runtime.miss_policy))
         if cold or policy is not None:
             runtime.clear(options.policy)
         if slots is not None:
             self._resize(slots)
-        runtime.configure_prefetch(options.prefetch, options.prefetch_margin)
         runtime.pin_hot = options.pin_hot
-        if miss_policy is not None:
-            runtime.miss_policy = _miss_policy(options, runtime.cache, self._blocks)
         self.options = options
-
-    @property
-    def _blocks(self):
-        return moe_blocks(self.model)
 
     def _resize(self, slots: int) -> None:
         cache, top_k = self._offloaded.cache, self.plan.footprint.top_k
@@ -336,14 +361,19 @@ def place(prepared: Prepared) -> Engine:
     else:
         mode = "mmap" if plan.store == "mmap" else "ram"
         store = ExpertStore(parts.experts, parts.dtype, mode, device, quant, quantized)
-        cache = ExpertCache(store, plan.slots, device, options.policy, layers=len(blocks))
+        specs = [block.spec for block in blocks]
+        table = SlotTable([spec.layer for spec in specs], specs[0].experts, device)
+        cache = ExpertCache(store, plan.slots, device, options.policy, layers=len(blocks), table=table)
+        misses = _miss_policy(options, cache, specs[0])
+        depth, margin = _prefetch(options, misses)
         experts = offloaded = OffloadedExperts(
             cache,
-            blocks,
-            prefetch=options.prefetch,
-            margin=options.prefetch_margin,
+            specs,
+            {block.layer_idx: block.gate.scores for block in blocks},
+            prefetch=depth,
+            margin=margin,
             trace=trace,
-            miss_policy=_miss_policy(options, cache, blocks),
+            miss_policy=misses,
             pair_outputs=kernel,
             pin_hot=options.pin_hot,
         )
@@ -352,7 +382,8 @@ def place(prepared: Prepared) -> Engine:
     if options.profile and offloaded is not None:
         path = default_profile_path(checkpoint) if options.profile == "auto" else Path(options.profile)
         offloaded.start_from_profile(path)
-    return Engine(checkpoint, parts, plan, experts, options, kernels, offloaded)
+    barred = _graphs_barred(device, kernel, parts.model, options)
+    return Engine(checkpoint, parts, plan, experts, options, kernels, offloaded, barred)
 
 
 def load(
@@ -380,12 +411,48 @@ def plan_for(
     return prepare(source, device=device, dtype=dtype, revision=revision, options=options).plan
 
 
-def _miss_policy(options: RuntimeOptions, cache: ExpertCache, blocks):
-    """The miss policy the options name, with the bandwidths it weighs, measured once per machine."""
-    if not MISS_POLICIES[options.miss_policy].weighs_bandwidths:
-        return miss_policy(options.miss_policy)
-    rates = calibrated(cache.store, cache.rows[0], blocks[0], options.copy_bandwidth, options.cpu_bandwidth)
-    return miss_policy(options.miss_policy, rates)
+def _miss_policy(options: RuntimeOptions, cache: ExpertCache, spec: MoESpec):
+    """The miss policy the options name (by default, direct where the host copy can be read in place,
+    else copy), with the bandwidths it weighs, measured once per machine."""
+    why = cache.store.not_in_place()
+    name = options.miss_policy or (FALLBACK if why else DEFAULT)
+    if MISS_POLICIES[name].in_place and why:
+        raise LocalMoEError(
+            f"{setting('miss_policy')} {name} reads each miss where it lies, which cannot be done here: {why}; "
+            f"use {setting('miss_policy')} {FALLBACK}"
+        )
+    if not MISS_POLICIES[name].weighs_bandwidths:
+        return miss_policy(name)
+    rates = calibrated(cache.store, cache.rows[0], spec, options.copy_bandwidth, options.cpu_bandwidth)
+    return miss_policy(name, rates)
+
+
+def _prefetch(options: RuntimeOptions, misses) -> tuple[int, int]:
+    """Prefetch depth and margin: by default one layer ahead where misses are decided on the host. The
+    direct miss policy has no host decision in the middle of a step to prefetch with: it admits misses
+    one step later instead."""
+    if misses.in_place and options.prefetch:
+        raise LocalMoEError(
+            f"{setting('prefetch')} predicts the next layer's experts on the host in the middle of a step, which the "
+            f"{misses} miss policy never does (it admits misses a step later): use {setting('miss_policy')} copy "
+            f"to prefetch, or {setting('prefetch')} 0"
+        )
+    depth = (0 if misses.in_place else 1) if options.prefetch is None else options.prefetch
+    return depth, options.prefetch_margin
+
+
+def _graphs_barred(device: torch.device, kernel, model, options: RuntimeOptions) -> list[str]:
+    """Why decode steps cannot be CUDA graphs whatever the miss policy."""
+    barred = []
+    if device.type != "cuda":
+        barred.append("not on CUDA")
+    if kernel is expert_pair_outputs:
+        barred.append("the reference expert kernel reads which experts are chosen on the host")
+    if not model.static_decode:
+        barred.append("the model has layers without static steps")
+    if options.trace:
+        barred.append("a trace reads the routing on the host")
+    return barred
 
 
 def _quant(options: RuntimeOptions) -> QuantSpec | None:
@@ -431,12 +498,17 @@ def _plan(parts: ModelParts, device: torch.device, options: RuntimeOptions, quan
 
 def _check_settings(options: RuntimeOptions) -> None:
     """Settings that are wrong whatever the model."""
-    for name, table in (("policy", POLICIES), ("miss_policy", MISS_POLICIES), ("kernels", KERNELS)):
-        if getattr(options, name) not in table:
+    for name, table in (
+        ("policy", POLICIES),
+        ("miss_policy", MISS_POLICIES),
+        ("kernels", KERNELS),
+        ("cuda_graphs", CUDA_GRAPHS),
+    ):
+        if getattr(options, name) not in table and not (name == "miss_policy" and options.miss_policy is None):
             raise LocalMoEError(f"unknown {setting(name)} {getattr(options, name)!r}: choose one of {', '.join(table)}")
     if any(rate is not None and rate <= 0 for rate in (options.copy_bandwidth, options.cpu_bandwidth)):
         raise LocalMoEError(f"{setting('copy_bandwidth')} and {setting('cpu_bandwidth')} must be positive")
-    if options.prefetch < 0 or options.prefetch_margin < 0 or options.pin_hot < 0:
+    if (options.prefetch or 0) < 0 or options.prefetch_margin < 0 or options.pin_hot < 0:
         raise LocalMoEError(
             f"{setting('prefetch')}, {setting('prefetch_margin')} and {setting('pin_hot')} cannot be negative"
         )

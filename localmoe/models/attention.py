@@ -25,6 +25,8 @@ class Attention(nn.Module):
     a rotary embedding for this kind of layer where the model has several (Gemma 4, Mellum).
     """
 
+    static = True  # runs static decode steps (see layers.Step)
+
     def __init__(
         self,
         hidden: int,
@@ -78,26 +80,33 @@ class Attention(nn.Module):
             0 if self.span is None else 2 * self.kv_heads * self.head_dim * dtype.itemsize * (self.span + REWIND_SLACK)
         )
 
+    def prepare_decode(self) -> None:
+        """Once the weights are loaded: q, k and v's weights become views of one matrix, so that a decode
+        token projects them in one matmul (one token: the same bits as three on every shape measured;
+        many tokens keep three, where BLAS may block a wider matrix differently); and q_norm and k_norm's
+        weights are laid side by side, for one norm over queries and keys."""
+        if self.qk_norm in ("head", "head_after_rope"):
+            q_weight, k_weight = self.q_norm.weight, self.k_norm.weight
+            self.qk_norm_weight = torch.cat((q_weight.expand(self.heads, -1), k_weight.expand(self.kv_heads, -1)))
+        projections = (self.q_proj, self.k_proj, self.v_proj)
+        weight = torch.cat([p.weight for p in projections])
+        biases = [p.bias for p in projections]
+        self.qkv_bias = None if biases[0] is None else torch.cat(biases)
+        for projection, part in zip(projections, weight.split([p.out_features for p in projections]), strict=True):
+            projection.weight = nn.Parameter(part, requires_grad=False)
+        self.qkv_weight = weight
+
     def forward(self, x: torch.Tensor, step: Step, kv: AttentionKV) -> torch.Tensor:
         B, T, _ = x.shape
-        q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
-        if self.output_gate:  # per head: [query | gate]
-            q, gate = q.view(B, T, self.heads, 2 * self.head_dim).chunk(2, dim=-1)
-        if self.qk_norm == "full":
-            q, k = self.q_norm(q), self.k_norm(k)
-        if self.clip_qkv is not None:
-            q, k, v = (t.clamp(-self.clip_qkv, self.clip_qkv) for t in (q, k, v))
-        q = q.view(B, T, self.heads, self.head_dim)
-        k = k.view(B, T, self.kv_heads, self.head_dim)
-        v = v.view(B, T, self.kv_heads, self.head_dim)
+        qk, v, gate = self._projections(x)  # queries and keys side by side: one norm, one rotation for both
         if self.qk_norm == "head":
-            q, k = self.q_norm(q), self.k_norm(k)
-        q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # [B, H, T, D]
+            qk = self._head_norm(qk)
         cos, sin = (step.cos, step.sin) if self.rotary is None else step.rotary(self.rotary)
-        q, k = self.rotate(q, cos, sin), self.rotate(k, cos, sin)
+        qk = self.rotate(qk.transpose(1, 2), cos, sin)  # [B, H + H_kv, T, D]
         if self.qk_norm == "head_after_rope":
-            q, k = self.q_norm(q), self.k_norm(k)
-        k, v, positions = kv.update(k, v, step.start)  # [B, H_kv, S, D]
+            qk = self._head_norm(qk.transpose(1, 2)).transpose(1, 2)
+        q, k = qk.split((self.heads, self.kv_heads), dim=1)
+        k, v, positions = kv.update(k, v.transpose(1, 2), step)  # [B, H_kv, S, D]
         if hasattr(self, "sinks"):
             visible = step.visible(self.sliding_window, positions)
             out = attend_with_sinks(q, k, v, visible, self.sinks, self.head_dim**-0.5)
@@ -110,6 +119,32 @@ class Attention(nn.Module):
         if self.output_gate:
             out = out * torch.sigmoid(gate.reshape(B, T, -1))
         return self.o_proj(out)
+
+    def _projections(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """Queries and keys as heads side by side [B, T, H + H_kv, D], values [B, T, H_kv, D] and the
+        output gate where the layer has one: a decode token's from one matmul where the weights are fused."""
+        B, T, _ = x.shape
+        q_width, kv_width = self.heads * self.head_dim, self.kv_heads * self.head_dim
+        if T == 1 and hasattr(self, "qkv_weight") and not self.output_gate and self.qk_norm != "full":
+            qkv = F.linear(x, self.qkv_weight, self.qkv_bias)
+            if self.clip_qkv is not None:
+                qkv = qkv.clamp(-self.clip_qkv, self.clip_qkv)
+            qk, v = qkv.split((q_width + kv_width, kv_width), dim=-1)
+            return qk.view(B, T, -1, self.head_dim), v.view(B, T, self.kv_heads, self.head_dim), None
+        q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
+        if self.clip_qkv is not None:
+            q, k, v = (t.clamp(-self.clip_qkv, self.clip_qkv) for t in (q, k, v))
+        gate = None
+        if self.output_gate:  # per head: [query | gate]
+            q, gate = q.view(B, T, self.heads, 2 * self.head_dim).chunk(2, dim=-1)
+        if self.qk_norm == "full":
+            q, k = self.q_norm(q), self.k_norm(k)
+        q, k = q.reshape(B, T, self.heads, self.head_dim), k.view(B, T, self.kv_heads, self.head_dim)
+        return torch.cat((q, k), dim=2), v.view(B, T, self.kv_heads, self.head_dim), gate
+
+    def _head_norm(self, qk: torch.Tensor) -> torch.Tensor:
+        """q_norm on the query heads and k_norm on the key heads of qk [B, T, H + H_kv, D], at once."""
+        return self.q_norm.scaled(qk, self.qk_norm_weight)
 
 
 def attend_with_sinks(
@@ -133,6 +168,8 @@ class LatentAttention(nn.Module):
     about a fifteenth of full keys and values, and expands them for every head when attending.
     Queries come from the hidden state directly or through their own low-rank bottleneck.
     """
+
+    static = True
 
     def __init__(
         self,
@@ -189,7 +226,7 @@ class LatentAttention(nn.Module):
             beta, context = self.position_scaling
             scale = (1 + beta * torch.log1p(torch.floor(step.positions().float() / context))).to(q_rot.dtype)
             q_nope, q_rot = q_nope * scale[:, None], q_rot * scale[:, None]
-        latent, k_rot = kv.update(latent, k_rot, step.start)  # [B, S, rank], [B, 1, S, rope]
+        latent, k_rot = kv.update(latent, k_rot, step)  # [B, S, rank], [B, 1, S, rope]
         S = latent.shape[1]
         k_nope, v = (
             self.kv_b_proj(latent).view(B, S, self.heads, -1).transpose(1, 2).split((self.nope_dim, self.v_dim), -1)

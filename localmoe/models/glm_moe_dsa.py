@@ -107,6 +107,8 @@ class Indexer(nn.Module):
 
 
 class SparseLatentAttention(LatentAttention):
+    static = False  # the indexer's selection depends on how many keys there are
+
     def __init__(self, args: GlmMoeDsaArgs, computes_selection: bool):
         super().__init__(
             args.hidden_size,

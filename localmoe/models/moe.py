@@ -2,11 +2,13 @@
 
 The block routes tokens and hands the choice to `experts`, a callable the runtime binds: a family
 declares where its routed experts are stored (`expert_tensors`) but never holds or places them.
-Shared experts and the shared expert gate are ordinary resident modules of the block.
+Shared experts and the shared expert gate are ordinary resident modules of the block. What the
+runtime learns of a block is its `MoESpec`, and of each call the `Routing`: the seam runs one way.
 """
 
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -15,8 +17,18 @@ from torch import nn
 from localmoe.models.expert_tensors import Fused
 from localmoe.models.layers import activation
 
-# (layer index, hidden states [T, E], router weights [T, k] float32, expert ids [T, k]) -> [T, E]
-ExpertsFn = Callable[[int, torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
+
+class Routing(NamedTuple):
+    """A router's choice for T tokens: weights [T, k] float32, expert ids [T, k], and its scores of every
+    expert [T, experts] (float32), which the cache's score policy weighs."""
+
+    weights: torch.Tensor
+    ids: torch.Tensor
+    scores: torch.Tensor
+
+
+# (layer index, hidden states [T, E], routing) -> [T, E]
+ExpertsFn = Callable[[int, torch.Tensor, Routing], torch.Tensor]
 
 # transformers 5 keeps every family's experts under these names in memory; checkpoints saved that way load.
 FUSED_EXPERTS = Fused("model.layers.{layer}.mlp.experts.gate_up_proj", "model.layers.{layer}.mlp.experts.down_proj")
@@ -54,6 +66,21 @@ class GatedActivation:
         return activation(self.act)(gate) * up
 
 
+@dataclass(frozen=True)
+class MoESpec:
+    """What the runtime needs to know of one MoE block: its layer, the shapes of its routed experts and
+    how they compute (`weights_on_input`: the router weight scales an expert's input, not its output)."""
+
+    layer: int
+    hidden: int
+    intermediate: int
+    experts: int
+    top_k: int
+    act: GatedActivation
+    bias: bool
+    weights_on_input: bool
+
+
 class TopKRouter(nn.Module):
     """Softmax over all experts, then the top k, optionally renormalised to sum to one (the same as a
     softmax over the top k logits, as gpt-oss computes it)."""
@@ -70,12 +97,13 @@ class TopKRouter(nn.Module):
         dtype, which some families keep in float32."""
         return F.linear(x.to(self.weight.dtype), self.weight, self.bias).softmax(dim=-1, dtype=torch.float32)
 
-    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Router weights [T, k] (float32) and expert ids [T, k] for hidden states [T, E]."""
-        weights, ids = self.scores(x).topk(self.top_k, dim=-1)
+    def forward(self, x: torch.Tensor) -> Routing:
+        """The routing of hidden states [T, E]."""
+        scores = self.scores(x)
+        weights, ids = scores.topk(self.top_k, dim=-1)
         if self.normalize:
             weights = weights / weights.sum(dim=-1, keepdim=True)
-        return weights, ids
+        return Routing(weights, ids, scores)
 
 
 class GroupedTopKRouter(nn.Module):
@@ -113,7 +141,7 @@ class GroupedTopKRouter(nn.Module):
         logits = F.linear(x.float(), self.weight.float())
         return logits.sigmoid() if self.scoring == "sigmoid" else logits.softmax(dim=-1)
 
-    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def forward(self, x: torch.Tensor) -> Routing:
         scores = self.scores(x)
         choice = scores + self.e_score_correction_bias.float() if hasattr(self, "e_score_correction_bias") else scores
         groups = choice.view(choice.shape[0], self.n_group, -1)
@@ -127,7 +155,7 @@ class GroupedTopKRouter(nn.Module):
         weights = scores.gather(1, ids)
         if self.normalize:
             weights = weights / (weights.sum(dim=-1, keepdim=True) + 1e-20)
-        return weights * self.scaling, ids
+        return Routing(weights * self.scaling, ids, scores)
 
 
 class SparseMoE(nn.Module):
@@ -163,16 +191,34 @@ class SparseMoE(nn.Module):
             self.shared_expert_gate = nn.Linear(hidden, 1, bias=False)
         self.experts: ExpertsFn | None = None
 
+    @property
+    def spec(self) -> MoESpec:
+        return MoESpec(
+            self.layer_idx,
+            self.hidden_size,
+            self.intermediate_size,
+            self.num_experts,
+            self.top_k,
+            self.act,
+            self.expert_bias,
+            self.weights_on_input,
+        )
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         flat = x.reshape(-1, x.shape[-1])
-        weights, ids = self.gate(flat)
-        out = self.experts(self.layer_idx, flat, weights, ids)
-        if hasattr(self, "shared_expert"):
-            shared = self.shared_expert(flat)
-            if hasattr(self, "shared_expert_gate"):
-                shared = torch.sigmoid(self.shared_expert_gate(flat)) * shared
-            out = out + shared
-        return out.view(x.shape)
+        routing = self.gate(flat)
+        shared = self.shared(flat)  # queued first: it does not depend on the routing
+        out = self.experts(self.layer_idx, flat, routing)
+        return (out if shared is None else out + shared).view(x.shape)
+
+    def shared(self, flat: torch.Tensor) -> torch.Tensor | None:
+        """The shared expert's output for tokens [T, E] (gated where the block has that gate), if any."""
+        if not hasattr(self, "shared_expert"):
+            return None
+        shared = self.shared_expert(flat)
+        if hasattr(self, "shared_expert_gate"):
+            shared = torch.sigmoid(self.shared_expert_gate(flat)) * shared
+        return shared
 
 
 def moe_blocks(model: nn.Module) -> list[SparseMoE]:

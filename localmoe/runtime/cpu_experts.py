@@ -17,7 +17,7 @@ from dataclasses import asdict, dataclass
 import torch
 
 from localmoe.kernels.reference import expert_pair_outputs
-from localmoe.models.moe import SparseMoE
+from localmoe.models.moe import MoESpec
 from localmoe.paths import cache_dir
 from localmoe.runtime.expert_store import ExpertStore
 
@@ -37,7 +37,7 @@ class HostExperts:
 
     def compute(
         self,
-        block: SparseMoE,
+        spec: MoESpec,
         x: torch.Tensor,
         ids: torch.Tensor,
         scale: torch.Tensor | None,
@@ -46,9 +46,9 @@ class HostExperts:
     ) -> None:
         """out[p] for each (token, choice) pair p routed to one of `experts`; other rows untouched.
         All on the CPU: x [T, E], ids [T, k], scale [T*k] or None, out [T*k, E]."""
-        layer = block.layer_idx
+        layer = spec.layer
         if layer in self.store.rows:  # packed in RAM, or quantized and mapped
-            self._run(block, x, ids, scale, self.store.rows[layer], experts, experts, out)
+            self._run(spec, x, ids, scale, self.store.rows[layer], experts, experts, out)
             return
         for start in range(0, len(experts), self.MMAP_GROUP):
             group = experts[start : start + self.MMAP_GROUP]
@@ -57,15 +57,15 @@ class HostExperts:
                 self.store.layout.pack(
                     row, self.store.source.read(layer, expert, packed=self.store.layout.reads_packed)
                 )
-            self._run(block, x, ids, scale, rows, group, list(range(len(group))), out)
+            self._run(spec, x, ids, scale, rows, group, list(range(len(group))), out)
 
-    def _run(self, block, x, ids, scale, rows: torch.Tensor, experts: list[int], indices: list[int], out) -> None:
+    def _run(self, spec, x, ids, scale, rows: torch.Tensor, experts: list[int], indices: list[int], out) -> None:
         """The reference kernel over `rows`, where expert experts[i] is row indices[i]."""
         layout = self.store.layout
-        table = torch.full((block.num_experts,), -1, dtype=torch.int64)
+        table = torch.full((spec.experts,), -1, dtype=torch.int64)
         table[experts] = torch.tensor(indices)
         gate_up, down = layout.gate_up(rows), layout.down(rows)
-        expert_pair_outputs(out, x, gate_up, down, table[ids], block.act, *layout.biases(rows), scale)
+        expert_pair_outputs(out, x, gate_up, down, table[ids], spec.act, *layout.biases(rows), scale)
 
     def _rows(self, count: int) -> torch.Tensor:
         if self._scratch is None:  # allocated once: fresh memory would page-fault on every call
@@ -104,11 +104,11 @@ def experts_for_cpu(misses: dict[int, int], expert_bytes: int, bandwidths: Bandw
 
 
 def calibrated(
-    store: ExpertStore, slot: torch.Tensor, block: SparseMoE, copy: float | None = None, cpu: float | None = None
+    store: ExpertStore, slot: torch.Tensor, spec: MoESpec, copy: float | None = None, cpu: float | None = None
 ) -> Bandwidths:
     """The two bandwidths for this machine, device, dtype and expert size: `copy` and `cpu` where given,
-    else measured once (copying into `slot`, an unused device row, and computing `block`'s experts) and
-    kept in localmoe's cache folder."""
+    else measured once (copying into `slot`, an unused device row, and computing experts of `spec`'s
+    layer) and kept in localmoe's cache folder."""
     if copy is not None and cpu is not None:
         return Bandwidths(copy, cpu)
     device = slot.device
@@ -118,7 +118,7 @@ def calibrated(
     known = _read(path)
     entry = known.get(key)
     if not (isinstance(entry, dict) and all(_positive(entry.get(name)) for name in ("copy", "cpu"))):
-        entry = known[key] = asdict(_measure(store, slot, block))
+        entry = known[key] = asdict(_measure(store, slot, spec))
         _write(path, known)
     return Bandwidths(copy or entry["copy"], cpu or entry["cpu"])
 
@@ -127,20 +127,20 @@ def _positive(value) -> bool:
     return isinstance(value, int | float) and value > 0
 
 
-def _measure(store: ExpertStore, slot: torch.Tensor, block: SparseMoE) -> Bandwidths:
+def _measure(store: ExpertStore, slot: torch.Tensor, spec: MoESpec) -> Bandwidths:
     """Median of three experts each way, after a warm-up."""
     host = HostExperts(store)
-    experts = [e % block.num_experts for e in range(4)]
-    x = torch.randn(1, block.hidden_size).to(store.dtype)
-    out = torch.empty(1, block.hidden_size, dtype=store.dtype)
+    experts = [e % spec.experts for e in range(4)]
+    x = torch.randn(1, spec.hidden).to(store.dtype)
+    out = torch.empty(1, spec.hidden, dtype=store.dtype)
 
     def copy(expert: int) -> None:
-        store.copy_to(slot, block.layer_idx, expert)
+        store.copy_to(slot, spec.layer, expert)
         if slot.is_cuda:
             torch.cuda.synchronize(slot.device)
 
     def compute(expert: int) -> None:
-        host.compute(block, x, torch.tensor([[expert]]), None, [expert], out)
+        host.compute(spec, x, torch.tensor([[expert]]), None, [expert], out)
 
     return Bandwidths(
         copy=store.expert_bytes / _median_seconds(copy, experts),

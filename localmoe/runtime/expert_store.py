@@ -11,6 +11,7 @@ import functools
 import torch
 
 from localmoe.kernels.quantized import QuantSpec
+from localmoe.kernels.reference import ExpertStack
 from localmoe.models.expert_source import ExpertSource
 from localmoe.progress import progress
 from localmoe.runtime.layouts import ExpertLayout, layout_of
@@ -62,12 +63,13 @@ class ExpertStore:
         self.row_dtype = self.layout.row_dtype or dtype
         self.mode = mode
         self.rows: dict[int, torch.Tensor] = {}
-        self.pinned_layers = 0
-        cuda = device.type == "cuda"
+        self.pinned: set[int] = set()  # layers whose rows are page-locked (and mapped for the device)
+        self.cuda = cuda = device.type == "cuda"
         if mode == "ram" or quant is not None:
             for layer, rows in host_rows(source, self.layout, dtype, quantized, mapped=mode == "mmap"):
                 self.rows[layer] = rows
-                self.pinned_layers += cuda and mode == "ram" and _pin_in_place(rows)
+                if cuda and mode == "ram" and _pin_in_place(rows):
+                    self.pinned.add(layer)
         # Page faults make direct copies from a mapped file to the GPU crawl: a miss gathers its roles
         # in this pinned row first.
         self._staging = (
@@ -77,6 +79,28 @@ class ExpertStore:
     @property
     def expert_bytes(self) -> int:
         return self.layout.numel * self.row_dtype.itemsize
+
+    @property
+    def readable_in_place(self) -> bool:
+        return self.not_in_place() is None
+
+    def not_in_place(self) -> str | None:
+        """Why a kernel cannot read every layer's experts where they lie, or None when it can: rows in
+        memory (RAM, or mapped quantized files on the CPU), pinned for CUDA, whose device reads them over
+        the bus."""
+        layers = set(self.source.blocks)
+        if set(self.rows) != layers:
+            return "the experts are read from the checkpoint files (mmap), RAM being short"
+        if self.cuda and self.mode == "mmap":
+            return "the quantized experts are mapped from their files, whose pages are not pinned"
+        if self.cuda and self.pinned != layers:
+            return f"pinning the experts' host copy was refused for {len(layers - self.pinned)} layers"
+        return None
+
+    def in_place(self, layer: int) -> ExpertStack:
+        """The layer's experts as a kernel reads them where they lie, indexed by expert id."""
+        rows = self.rows[layer]
+        return ExpertStack(self.layout.gate_up(rows), self.layout.down(rows), *self.layout.biases(rows))
 
     def copy_to(self, row: torch.Tensor, layer: int, expert: int) -> None:
         """Copy one expert into the flat device row `row`, on the current stream."""

@@ -9,10 +9,13 @@ from localmoe.runtime.expert_cache import ExpertCache
 
 
 class MissPolicy:
-    """Copies every miss into a slot before the layer computes (the compute waits for it)."""
+    """Copies every miss into a slot before the layer computes (the compute waits for it). Like every
+    policy but `direct`, it reads each MoE layer's routing on the host before the layer's experts run:
+    one device-to-host wait per layer, which keeps decode host-bound on a GPU."""
 
     name: ClassVar[str] = "copy"
     weighs_bandwidths: ClassVar[bool] = False  # needs the machine's copy and CPU bandwidths
+    in_place: ClassVar[bool] = False  # misses read by the kernel where they lie, the routing learned later
 
     def for_cpu(self, cache: ExpertCache, layer: int, need: Counter[int]) -> set[int]:
         """Of a layer visit's experts (expert -> tokens routed to it), those the CPU computes from the
@@ -22,6 +25,16 @@ class MissPolicy:
 
     def __str__(self) -> str:
         return self.name
+
+
+class Direct(MissPolicy):
+    """Misses are read by the kernel where they lie, in the host store (pinned memory over the bus on
+    CUDA), in the same launch as the hits: no layer waits for the host. The cache learns the routing one
+    step later and admits the misses its policy ranks above their victims. Needs a host store that can be
+    read in place: rows in RAM, pinned for CUDA."""
+
+    name = "direct"
+    in_place = True
 
 
 class OnCpu(MissPolicy):
@@ -56,7 +69,10 @@ class Bypass(MissPolicy):
         return cache.bypassed(layer, list(need))
 
 
-MISS_POLICIES: dict[str, type[MissPolicy]] = {policy.name: policy for policy in (Auto, MissPolicy, OnCpu, Bypass)}
+MISS_POLICIES: dict[str, type[MissPolicy]] = {
+    policy.name: policy for policy in (Direct, MissPolicy, OnCpu, Auto, Bypass)
+}
+DEFAULT, FALLBACK = "direct", "copy"  # the fallback where the host store cannot be read in place
 
 
 def miss_policy(name: str, bandwidths: Bandwidths | None = None) -> MissPolicy:
