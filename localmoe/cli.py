@@ -7,7 +7,7 @@ from pathlib import Path
 import click
 import torch
 
-from localmoe.engine import RuntimeOptions
+from localmoe.engine import CUDA_GRAPHS, RuntimeOptions
 from localmoe.errors import LocalMoEError, as_flag
 from localmoe.kernels import KERNELS
 from localmoe.runtime.expert_cache import POLICIES
@@ -118,8 +118,8 @@ def _cache_options(fn):
             "--prefetch",
             type=click.IntRange(min=0),
             default=DEFAULTS.prefetch,
-            show_default=True,
-            help="MoE layers to look ahead; 0: off.",
+            help="MoE layers to look ahead, for the miss policies that decide on the host (copy, cpu, auto, "
+            "bypass); 0: off.  [default: 1 for those, 0 for direct]",
         ),
         click.option(
             "--prefetch-margin", type=click.IntRange(min=0), default=DEFAULTS.prefetch_margin, show_default=True
@@ -128,10 +128,13 @@ def _cache_options(fn):
             "--miss-policy",
             type=click.Choice(list(MISS_POLICIES)),
             default=DEFAULTS.miss_policy,
-            show_default=True,
-            help="An expert not in a slot: copy it to the device, compute it on the CPU from the host copy, "
-            "whichever the measured bandwidths say is faster, or (bypass) on the CPU when the policy ranks it "
-            "below the expert it would evict.",
+            help="An expert not in a slot: direct: read by the kernel where it lies in the host copy (over the bus "
+            "on CUDA), nothing waiting for the host, the cache learning a token later; copy: copied to the device "
+            "first; cpu: computed on the CPU from the host copy; auto: whichever the measured bandwidths say is "
+            "faster; bypass: on the CPU when the policy ranks it below the expert it would evict. All but direct "
+            "read each MoE layer's routing on the host before its experts run: one wait for the device per layer, "
+            "which on a GPU keeps decode bound by the host.  [default: direct, or copy where the host copy cannot be "
+            "read in place (experts mapped from disk)]",
         ),
         click.option(
             "--copy-bandwidth", type=click.FloatRange(min=0, min_open=True), help="GB/s for --miss-policy auto"
@@ -147,6 +150,14 @@ def _cache_options(fn):
             default=DEFAULTS.kernels,
             show_default=True,
             help="Expert kernels: the PyTorch reference, the fused Triton kernels (CUDA), or Triton where it works.",
+        ),
+        click.option(
+            "--cuda-graphs",
+            type=click.Choice(list(CUDA_GRAPHS)),
+            default=DEFAULTS.cuda_graphs,
+            show_default=True,
+            help="Capture decode steps as CUDA graphs: auto where they can be (CUDA, fused kernels, direct misses, "
+            "a model whose layers all run static steps), on (or an error saying why not), off.",
         ),
         click.option("--stats", is_flag=True, help="Print the memory plan and the cache counters."),
         click.option(
@@ -231,7 +242,16 @@ def _runtime_options(values: dict) -> RuntimeOptions:
         profile=None if values.get("profile", "off") == "off" else values["profile"],
         **{
             key: values[key]
-            for key in ("policy", "pin_hot", "prefetch", "prefetch_margin", "trace", "miss_policy", "kernels")
+            for key in (
+                "policy",
+                "pin_hot",
+                "prefetch",
+                "prefetch_margin",
+                "trace",
+                "miss_policy",
+                "kernels",
+                "cuda_graphs",
+            )
             if key in values
         },
         **{

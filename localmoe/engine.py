@@ -210,6 +210,12 @@ class Engine:
         """What a miss does (None: every expert is resident, there are no misses)."""
         return None if self._offloaded is None else str(self._offloaded.miss_policy)
 
+    def can_use(self, miss_policy: str) -> bool:
+        """Whether the expert cache can run this miss policy (direct needs a host copy it can read in place)."""
+        if self._offloaded is None:
+            return False
+        return not MISS_POLICIES[miss_policy].in_place or self._offloaded.cache.store.readable_in_place
+
     @property
     def bandwidths(self) -> Bandwidths | None:
         """The copy and CPU bandwidths the miss policy weighs, where it weighs them."""
@@ -437,8 +443,7 @@ def _prefetch(options: RuntimeOptions, misses) -> tuple[int, int]:
             f"{misses} miss policy never does (it admits misses a step later): use {setting('miss_policy')} copy "
             f"to prefetch, or {setting('prefetch')} 0"
         )
-    depth = (0 if misses.in_place else 1) if options.prefetch is None else options.prefetch
-    return depth, options.prefetch_margin
+    return misses.prefetch if options.prefetch is None else options.prefetch, options.prefetch_margin
 
 
 def _graphs_barred(device: torch.device, kernel, model, options: RuntimeOptions) -> list[str]:

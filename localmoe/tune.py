@@ -1,11 +1,12 @@
 """`localmoe tune`: time a short decode at a few expert cache settings on the user's own machine, and
 say which flags were fastest.
 
-One knob at a time, from the planned slot count: the policy, then prefetch depth, then its margin,
-then pinning the prompt's hottest experts, then what a miss does. Then the best setting at a half and
-three quarters of the slots, to show what a smaller budget would cost. Every setting runs on the same
-loaded model: the cache is emptied between tries and resized within the pool allocated at load, so
-nothing is reloaded and the memory plan never changes. The candidates are the registries' entries.
+One knob at a time, from the planned slot count: the policy, then what a miss does, then, for a miss
+policy that decides on the host, prefetch depth and its margin, then pinning the prompt's hottest
+experts. Then the best setting at a half and three quarters of the slots, to show what a smaller
+budget would cost. Every setting runs on the same loaded model: the cache is emptied between tries and
+resized within the pool allocated at load, so nothing is reloaded and the memory plan never changes.
+The candidates are the registries' entries.
 """
 
 from collections.abc import Callable
@@ -42,15 +43,17 @@ class Tuner:
 
     def run(self) -> Setting:
         """The fastest setting found (its decode tokens/s in `rates`)."""
-        plan, options = self.engine.plan, self.engine.options
+        plan, options, miss = self.engine.plan, self.engine.options, self.engine.miss_policy
         hot = max(0, (plan.slots - plan.footprint.top_k) // 4)
-        start = Setting(options.policy, options.prefetch, options.prefetch_margin, 0, options.miss_policy)
+        start = Setting(options.policy, MISS_POLICIES[miss].prefetch, options.prefetch_margin, 0, miss)
         best = max((replace(start, policy=policy) for policy in POLICIES), key=self.rate)
-        best = max((replace(best, prefetch=depth) for depth in PREFETCH_DEPTHS), key=self.rate)
-        if best.prefetch:
-            best = max((replace(best, prefetch_margin=margin) for margin in PREFETCH_MARGINS), key=self.rate)
+        misses = [replace(best, miss_policy=name, prefetch=kind.prefetch) for name, kind in MISS_POLICIES.items()]
+        best = max((setting for setting in misses if self.engine.can_use(setting.miss_policy)), key=self.rate)
+        if not MISS_POLICIES[best.miss_policy].in_place:
+            best = max((replace(best, prefetch=depth) for depth in PREFETCH_DEPTHS), key=self.rate)
+            if best.prefetch:
+                best = max((replace(best, prefetch_margin=margin) for margin in PREFETCH_MARGINS), key=self.rate)
         best = max((replace(best, pin_hot=count) for count in {0, hot}), key=self.rate)
-        best = max((replace(best, miss_policy=miss) for miss in MISS_POLICIES), key=self.rate)
         planned, least = plan.slots, plan.footprint.top_k + best.pin_hot
         for slots in sorted({planned // 2, planned * 3 // 4} - {planned}):
             if slots >= least:

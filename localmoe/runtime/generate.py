@@ -23,6 +23,7 @@ class GenerationStats:
     new_tokens: int = 0
     prefill_seconds: float = 0.0  # until the first new token was chosen: the time to first token
     decode_seconds: float = 0.0
+    decode_host_seconds: float = 0.0  # of which the host spent queueing decode steps and sampling (not waiting)
 
     @property
     def prefill_rate(self) -> float:
@@ -163,12 +164,14 @@ def generate_tokens(
     for produced in range(1, max_new_tokens + 1):
         position = len(prompt) + produced - 1
         seen[position] = sampler(logits[0, -1], seen[:position])
+        queued = time.perf_counter()
         token = int(seen[position])  # waits for the device: the timings below are real
         now = time.perf_counter()
         if produced == 1:
             stats.prefill_seconds = now - start
         else:
             stats.decode_seconds += now - start
+            stats.decode_host_seconds += queued - start
         stats.new_tokens = produced
         yield token
         if token in eos_ids or produced == max_new_tokens:

@@ -16,6 +16,7 @@ class MissPolicy:
     name: ClassVar[str] = "copy"
     weighs_bandwidths: ClassVar[bool] = False  # needs the machine's copy and CPU bandwidths
     in_place: ClassVar[bool] = False  # misses read by the kernel where they lie, the routing learned later
+    prefetch: ClassVar[int] = 1  # MoE layers looked ahead by default: predicting needs the host mid-step
 
     def for_cpu(self, cache: ExpertCache, layer: int, need: Counter[int]) -> set[int]:
         """Of a layer visit's experts (expert -> tokens routed to it), those the CPU computes from the
@@ -35,6 +36,7 @@ class Direct(MissPolicy):
 
     name = "direct"
     in_place = True
+    prefetch = 0  # no host decision in the middle of a step to prefetch with: misses are admitted a step later
 
 
 class OnCpu(MissPolicy):
