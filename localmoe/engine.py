@@ -94,6 +94,18 @@ class Engine:
         self.eos_ids = eos_ids(checkpoint)
         self.stats = GenerationStats()
 
+    def use_device(self) -> None:
+        """Make the engine's CUDA device the current one of the calling thread (the current device is per
+        thread: a worker thread that generates calls this first); nothing on the CPU."""
+        if self.device.type == "cuda":
+            torch.cuda.set_device(self.device)
+
+    def close(self) -> None:
+        """Release what outlives the Python objects: the experts' host copy is unpinned. The engine is not
+        used after."""
+        if self._offloaded is not None:
+            self._offloaded.cache.store.close()
+
     @cached_property
     def tokenizer(self) -> Tokenizer:
         return Tokenizer(self.checkpoint.path)
@@ -355,6 +367,9 @@ def place(prepared: Prepared) -> Engine:
         prepared.quant,
     )
     device = resolve_device(str(prepared.device))
+    if device.type == "cuda":  # Triton launches, streams and events on this device, not device 0
+        device = torch.device("cuda", device.index if device.index is not None else torch.cuda.current_device())
+        torch.cuda.set_device(device)
     load_resident_weights(parts, checkpoint, device)
     blocks = moe_blocks(parts.model)
     trace = RoutingTrace(options.trace, blocks[0].layer_idx) if options.trace else None

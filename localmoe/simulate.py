@@ -146,8 +146,10 @@ class _OneNumberStore:
     dtype = row_dtype = torch.float32
     expert_bytes = 1
 
-    def copy_to(self, row: torch.Tensor, layer: int, expert: int) -> None:
+    def copy_to(self, row: torch.Tensor, layer: int, expert: int, then=None) -> None:
         row.fill_(expert)
+        if then is not None:
+            then()
 
 
 def replay(

@@ -200,9 +200,9 @@ def test_each_expert_copied_at_most_once_per_layer_visit(checkpoints):
     spans: list[list[tuple[int, int]]] = []
     copy_to = cache.store.copy_to
 
-    def recording_copy(row, layer, expert):
+    def recording_copy(row, layer, expert, then=None):
         spans[-1].append((layer, expert))
-        copy_to(row, layer, expert)
+        return copy_to(row, layer, expert, then)
 
     def visit(layer, x, routing):
         spans.append([])

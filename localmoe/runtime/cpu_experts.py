@@ -135,7 +135,8 @@ def _measure(store: ExpertStore, slot: torch.Tensor, spec: MoESpec) -> Bandwidth
     out = torch.empty(1, spec.hidden, dtype=store.dtype)
 
     def copy(expert: int) -> None:
-        store.copy_to(slot, spec.layer, expert)
+        if queued := store.copy_to(slot, spec.layer, expert):
+            queued.wait()  # the reader thread has queued it
         if slot.is_cuda:
             torch.cuda.synchronize(slot.device)
 

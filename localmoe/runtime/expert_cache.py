@@ -547,7 +547,7 @@ class ExpertCache:
     def _load(self, key: Key, slot: int, urgent: bool = True) -> None:
         """Copy `key` into `slot` (`urgent`: a layer waits for it, ahead of speculative copies)."""
         publish = None if self.table is None else (lambda: self.table.set(key, slot))
-        self.copies.copy(slot, lambda: self.store.copy_to(self.rows[slot], *key), publish, urgent)
+        self.copies.copy(slot, lambda then: self.store.copy_to(self.rows[slot], *key, then), publish, urgent)
         self.slot_of[key] = slot
         self._held[key[0]] += 1
         self.policy.added(key)

@@ -156,9 +156,9 @@ class OffloadedExperts:
                 self.cache.acquire(layer, experts)
             if overlap and i + 1 < len(rounds):
                 self.cache.acquire(layer, rounds[i + 1])  # copied while this round computes
-            if i + 1 == len(rounds):
-                self._prefetch(coming, host[1 : 1 + len(coming)])
             self._compute(spec, x, routing, experts, pairs)
+            if i + 1 == len(rounds):  # queued after the compute, which it must not delay
+                self._prefetch(coming, host[1 : 1 + len(coming)])
             self.cache.release(layer, experts)
         if on_cpu:
             self._compute_on_cpu(spec, *inputs, torch.tensor(chosen).view(ids.shape), sorted(on_cpu), pairs)
@@ -201,10 +201,14 @@ class OffloadedExperts:
 
     def _compute(self, spec: MoESpec, x: torch.Tensor, routing: Routing, experts: list[int], pairs) -> None:
         """The pairs whose expert has a slot, after this round's copies have landed (those of the round's
-        experts; any other expert in a slot gives the same output again)."""
-        self.cache.copies.wait([self.cache.slot_of[(spec.layer, expert)] for expert in experts])
-        slots = self.cache.table.row(spec.layer)[routing.ids]
-        self._pairs(spec, x, routing, slots, pairs, None)
+        experts; any other expert in a slot gives the same output again). While a reader thread still
+        reads some from disk, what is in slots already is computed first."""
+        slots = [self.cache.slot_of[(spec.layer, expert)] for expert in experts]
+        table = self.cache.table.row(spec.layer)
+        if self.cache.copies.queuing(slots):
+            self._pairs(spec, x, routing, table[routing.ids], pairs, None)
+        self.cache.copies.wait(slots)
+        self._pairs(spec, x, routing, table[routing.ids], pairs, None)
 
     # --- both ------------------------------------------------------------------------------------------
 

@@ -8,6 +8,7 @@ the compute that may still read a slot's previous expert (write after read). One
 direction covers both. On the CPU everything is synchronous and the same calls only keep time.
 """
 
+import threading
 import time
 from collections.abc import Callable
 
@@ -34,6 +35,7 @@ class Copies:
         self.copy_seconds = 0.0  # CPU: time spent copying, all of it on the critical path
         self._stall_seconds = 0.0
         self._waits: list[tuple[torch.cuda.Event, torch.cuda.Event]] = []
+        self._queuing: dict[int, threading.Event] = {}  # slots whose copy a reader thread has yet to queue
         if self.cuda:
             low, high = torch.cuda.Stream.priority_range()
             self.urgent = torch.cuda.Stream(device, priority=high)
@@ -41,23 +43,27 @@ class Copies:
             self._copied = [torch.cuda.Event() for _ in range(slots)]
             self._freed = [torch.cuda.Event() for _ in range(slots)]
 
-    def copy(self, slot: int, fill: Callable[[], None], publish: Callable[[], None] | None, urgent: bool) -> None:
-        """Run `fill`, which writes slot `slot`, then `publish` (which says on the device that it has),
-        after the compute that read the slot's previous expert."""
+    def copy(self, slot: int, fill, publish: Callable[[], None] | None, urgent: bool) -> None:
+        """Run `fill(then)`, which writes slot `slot` and then runs `then` on the same stream, after the
+        compute that read the slot's previous expert; `then` publishes the slot (says on the device that
+        it has its expert) and marks the copy done. `fill` may leave the copy to a reader thread: it then
+        returns an event set once the copy is queued."""
         if not self.cuda:
             start = time.perf_counter()
-            fill()
+            fill(publish)
             self.copy_seconds += time.perf_counter() - start
-            if publish:
-                publish()
             return
         stream = self.urgent if urgent else self.speculative
-        with torch.cuda.stream(stream):
-            stream.wait_event(self._freed[slot])
-            fill()
+
+        def then() -> None:
             if publish:
                 publish()
             self._copied[slot].record(stream)
+
+        with torch.cuda.stream(stream):
+            stream.wait_event(self._freed[slot])
+            if queuing := fill(then):
+                self._queuing[slot] = queuing
 
     def freed(self, slot: int) -> None:
         """The slot's expert was evicted: a later copy into it waits for the compute queued so far."""
@@ -67,11 +73,24 @@ class Copies:
     def after_copy(self, slot: int) -> None:
         """Make the compute stream wait for the slot's last copy (a no-op once it has landed)."""
         if self.cuda:
+            self._queued(slot)
             torch.cuda.current_stream().wait_event(self._copied[slot])
 
     def landed(self, slot: int) -> bool:
-        """Whether the slot's last copy has completed (asks the device, does not wait)."""
-        return not self.cuda or self._copied[slot].query()
+        """Whether the slot's last copy has completed (asks, does not wait)."""
+        if not self.cuda:
+            return True
+        queuing = self._queuing.get(slot)
+        return (queuing is None or queuing.is_set()) and self._copied[slot].query()
+
+    def queuing(self, slots: list[int]) -> bool:
+        """Whether a reader thread has yet to queue the copy of one of these slots."""
+        return any(not self._queuing[slot].is_set() for slot in slots if slot in self._queuing)
+
+    def _queued(self, slot: int) -> None:
+        """Wait (on the host) until the slot's copy is queued, so that its event means that copy."""
+        if (queuing := self._queuing.pop(slot, None)) is not None:
+            queuing.wait()
 
     def wait(self, slots: list[int]) -> None:
         """Make the compute stream wait until these slots' copies have landed (no host sync)."""
@@ -81,6 +100,7 @@ class Copies:
         before, after = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
         before.record(stream)
         for slot in slots:
+            self._queued(slot)
             stream.wait_event(self._copied[slot])
         after.record(stream)
         self._waits.append((before, after))
