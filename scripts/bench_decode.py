@@ -249,7 +249,9 @@ def main() -> None:
         if args.vram_budget
         else int(fixed + args.budget_share * fp.total_experts * fp.expert_bytes)
     )
-    prompt = torch.randint(3, 3000, (args.prompt_tokens,), generator=torch.Generator().manual_seed(0)).tolist()
+    vocab = json.loads((Path(path) / "config.json").read_text())["vocab_size"]
+    prompt = torch.randint(3, min(3000, vocab), (args.prompt_tokens,), generator=torch.Generator().manual_seed(0))
+    prompt = prompt.tolist()
     print(
         f"{path}: {fp.total_experts} experts of {format_bytes(fp.expert_bytes)}, budget {format_bytes(budget)}",
         flush=True,
