@@ -86,8 +86,7 @@ class OffloadedExperts:
 
     def _read_in_place(self, spec: MoESpec, x: torch.Tensor, routing: Routing) -> torch.Tensor:
         """Every pair in one kernel call, from its slot or its host row; only device work, no host read."""
-        slots = self.log.slots(spec.layer, routing.ids.shape[0])  # [T, k], a view of the log
-        torch.index_select(self.cache.table.row(spec.layer), 0, routing.ids.view(-1), out=slots.view(-1))
+        slots = self.log.lookup(spec.layer, self.cache.table.row(spec.layer), routing.ids)  # [T, k]
         self.log.record(spec.layer, routing)
         pairs = x.new_empty(routing.ids.numel(), x.shape[1])  # every pair is written
         self._pairs(spec, x, routing, slots, pairs, self.in_place[spec.layer])

@@ -33,8 +33,8 @@ class LayerRouting:
 class RoutingLog:
     def __init__(self, top_k: dict[int, int], experts: int, device: torch.device, weights: bool):
         """`top_k`: the MoE layers in order, with the experts each chooses per token; `weights`: whether to
-        log the router's weights of the chosen experts too. Each layer's rows are the start of a flat
-        buffer row, [T * k] or [T * experts], so that they stay contiguous whatever T."""
+        log the router's weights of the chosen experts too. Buffers are [tokens, layers, k or experts]:
+        a step's rows are their first `tokens`, one contiguous block to send to the host."""
         self.top_k, self.experts, self.device = top_k, experts, device
         self.layers = list(top_k)
         self.row = {layer: i for i, layer in enumerate(self.layers)}
@@ -45,12 +45,17 @@ class RoutingLog:
         self._spare: list[dict[str, torch.Tensor]] = []  # pinned host buffers to reuse
         self._allocate(1)
 
-    def slots(self, layer: int, tokens: int) -> torch.Tensor:
-        """Where layer `layer`'s kernel lookup writes the slots of its [tokens, k] pairs (a view of the log)."""
+    def lookup(self, layer: int, table: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+        """The slots of a layer's [T, k] pairs, `table` [experts] at `ids`, written into the log (one op
+        for a decode token) and returned, for the kernel to read."""
+        tokens = ids.shape[0]
         if tokens > self._capacity:
             self._allocate(tokens)
         self._tokens = tokens
-        return self._rows("slots", layer, tokens)
+        slots = self._rows("slots", layer, tokens)
+        if slots.is_contiguous():
+            return torch.index_select(table, 0, ids.view(-1), out=slots.view(-1)).view(slots.shape)
+        return slots.copy_(table[ids])
 
     def record(self, layer: int, routing: Routing) -> None:
         """Log the layer's routing beside the slots written through `slots` (device copies, no sync)."""
@@ -60,25 +65,19 @@ class RoutingLog:
         if self.logs_weights:
             self._rows("weights", layer, tokens).copy_(routing.weights)
 
-    def _used(self, name: str, tokens: int) -> tuple[torch.Tensor, int]:
-        """A buffer and how many of its columns a step of `tokens` tokens wrote."""
-        buffer = self._buffers[name]
-        return buffer, tokens * buffer.shape[1] // self._capacity
-
     def _rows(self, name: str, layer: int, tokens: int, buffers: dict | None = None) -> torch.Tensor:
         width = self.experts if name == "scores" else self.top_k[layer]
-        return (buffers or self._buffers)[name][self.row[layer], : tokens * width].view(tokens, width)
+        return (buffers or self._buffers)[name][:tokens, self.row[layer], :width]
 
     def close(self) -> None:
         """The step is complete: send its rows to the host (CUDA: asynchronously, on the current stream)."""
         tokens = self._tokens
-        used = {name: self._used(name, tokens) for name in self._buffers}
         if not self.cuda:
-            self._pending.append(({name: buffer[:, :n].clone() for name, (buffer, n) in used.items()}, tokens, None))
+            self._pending.append(({name: rows[:tokens].clone() for name, rows in self._buffers.items()}, tokens, None))
             return
         host = self._host_buffers()
-        for name, (buffer, n) in used.items():
-            host[name][:, :n].copy_(buffer[:, :n], non_blocking=True)
+        for name, rows in self._buffers.items():
+            host[name][:tokens].copy_(rows[:tokens], non_blocking=True)
         event = torch.cuda.Event()
         event.record()
         self._pending.append((host, tokens, event))
@@ -124,6 +123,6 @@ class RoutingLog:
             kinds["weights"] = (k, torch.float32)
         with torch.inference_mode(False):  # normal tensors, written in and out of inference mode
             return {
-                name: torch.zeros(layers, tokens * width, dtype=dtype, device=device, pin_memory=pin)
+                name: torch.zeros(tokens, layers, width, dtype=dtype, device=device, pin_memory=pin)
                 for name, (width, dtype) in kinds.items()
             }
