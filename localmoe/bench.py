@@ -23,6 +23,24 @@ from localmoe.runtime.memory import Footprint, format_bytes
 
 BANDWIDTH_BYTES = 256 * 2**20
 
+# Qwen3-30B-A3B's routing (48 MoE layers x 128 experts, top-8) at a width where compute is nothing: what is
+# left of a decode token is the host's share, and the ops it launches
+QWEN3_ROUTING_TINY = {
+    "architectures": ["Qwen3MoeForCausalLM"],
+    "model_type": "qwen3_moe",
+    "vocab_size": 512,
+    "hidden_size": 32,
+    "intermediate_size": 64,
+    "moe_intermediate_size": 16,
+    "num_hidden_layers": 48,
+    "num_attention_heads": 4,
+    "num_key_value_heads": 2,
+    "head_dim": 8,
+    "num_experts": 128,
+    "num_experts_per_tok": 8,
+    "norm_topk_prob": True,
+}
+
 
 @dataclass
 class RunResult:

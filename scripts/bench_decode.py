@@ -43,6 +43,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))  # run from a checkout without installing
 
 from localmoe.bench import (  # noqa: E402
+    QWEN3_ROUTING_TINY,
     LaunchCounter,
     RunResult,
     baseline_of,
@@ -87,22 +88,7 @@ SHAPES = {
         "num_experts_per_tok": 8,
         "norm_topk_prob": True,
     },
-    # Qwen3-30B-A3B's routing (48 MoE layers x 128 experts, top-8) at tiny width: the host's share of a token
-    "qwen3_moe_48x128": {
-        "architectures": ["Qwen3MoeForCausalLM"],
-        "model_type": "qwen3_moe",
-        "vocab_size": 512,
-        "hidden_size": 32,
-        "intermediate_size": 64,
-        "moe_intermediate_size": 16,
-        "num_hidden_layers": 48,
-        "num_attention_heads": 4,
-        "num_key_value_heads": 2,
-        "head_dim": 8,
-        "num_experts": 128,
-        "num_experts_per_tok": 8,
-        "norm_topk_prob": True,
-    },
+    "qwen3_moe_48x128": QWEN3_ROUTING_TINY,
 }
 
 

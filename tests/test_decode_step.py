@@ -9,7 +9,7 @@ import torch
 from conftest import TINY_FAMILIES, hf_model, save_hf
 
 import localmoe
-from localmoe.bench import LaunchCounter, decode_ops
+from localmoe.bench import QWEN3_ROUTING_TINY, LaunchCounter, decode_ops
 from localmoe.demo import write_random_checkpoint
 from localmoe.engine import RuntimeOptions
 from localmoe.kernels import pair_kernel
@@ -126,26 +126,8 @@ def test_the_direct_decode_step_reads_nothing_from_the_device(checkpoints):
 def qwen3_48_layers(tmp_path_factory) -> str:
     """Qwen3-30B-A3B's routing shape at tiny width: 48 MoE layers of 128 experts, top-8."""
     folder = tmp_path_factory.mktemp("qwen3-48")
-    config = dict(
-        architectures=["Qwen3MoeForCausalLM"],
-        model_type="qwen3_moe",
-        vocab_size=512,
-        hidden_size=32,
-        intermediate_size=64,
-        moe_intermediate_size=16,
-        num_hidden_layers=48,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        head_dim=8,
-        num_experts=128,
-        num_experts_per_tok=8,
-        norm_topk_prob=True,
-        max_position_embeddings=4096,
-        bos_token_id=1,
-        eos_token_id=None,
-        torch_dtype="float32",
-    )
-    write_random_checkpoint(folder, config)
+    config = {**QWEN3_ROUTING_TINY, "max_position_embeddings": 4096, "torch_dtype": "float32"}
+    write_random_checkpoint(folder, {**config, "bos_token_id": 1, "eos_token_id": None})
     return str(folder)
 
 
