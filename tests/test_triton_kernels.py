@@ -9,7 +9,7 @@ import localmoe
 from localmoe.engine import RuntimeOptions
 from localmoe.kernels import pair_kernel, self_check
 from localmoe.kernels.quantized import MXFP4, Mxfp4Weights, QuantSpec, StoredFormat, quantized_stack
-from localmoe.kernels.reference import expert_pair_outputs
+from localmoe.kernels.reference import ExpertStack, expert_pair_outputs
 from localmoe.models.moe import GatedActivation
 
 triton_experts = pytest.importorskip("localmoe.kernels.triton_experts")
@@ -110,6 +110,27 @@ def test_one_expert_for_every_token_and_a_zero_weight():
     assert torch.equal(got, expected) and not got.any()  # a weight of 0 on the input: exactly nothing
 
 
+@pytest.mark.parametrize("tokens", [1, 24], ids=["matrix-vector", "grouped"])
+def test_pairs_without_a_slot_read_from_the_host_rows_give_the_same_bits(tokens):
+    """The direct miss policy's call: experts in slots of a pool, the rest read from the host stack by
+    expert id. The same outputs, bit for bit, as with every expert in the pool."""
+    act, k = ACTS["clamped"], 2
+    x, gate_up, down, _, (bias_in, bias_out, _) = case(tokens, k, seed=3, biases=True)
+    ids = torch.randint(0, SLOTS, (tokens, k), generator=torch.Generator().manual_seed(4))
+    pool = [3, 0]  # experts 3 and 0 have slots 0 and 1; the others are read from the host
+    table = torch.full((SLOTS,), -1)
+    table[pool] = torch.arange(len(pool))
+    slots = table[ids]
+    assert (slots < 0).any() and (slots >= 0).any()
+    expected, got = torch.zeros(tokens * k, HIDDEN), torch.zeros(tokens * k, HIDDEN)
+    triton_experts.triton_pair_outputs(expected, x, gate_up, down, ids, act, bias_in, bias_out)
+    host = ExpertStack(gate_up, down, bias_in, bias_out)
+    triton_experts.triton_pair_outputs(
+        got, x, gate_up[pool], down[pool], slots, act, bias_in[pool], bias_out[pool], ids=ids, host=host
+    )
+    assert torch.equal(got, expected)
+
+
 def test_sorted_blocks_group_pairs_by_slot():
     slots = torch.tensor([2, -1, 0, 2, 2, 0], dtype=torch.int32)
     order, block_slot = triton_experts.sorted_blocks(slots, 4, block=2)
@@ -163,7 +184,8 @@ def test_greedy_tokens_equal_the_reference_path(config_class, config, tmp_path):
     expected, _ = tokens(kernels="reference")
     resident, engine = tokens(kernels="triton")
     assert resident == expected and "kernels: triton" in engine.summary()
-    offloaded, _ = tokens(kernels="triton", expert_slots=engine.plan.footprint.top_k + 1, miss_policy="copy")
-    assert offloaded == expected
+    for misses in ("copy", "direct"):  # direct: the kernels read the misses from the host rows
+        offloaded, _ = tokens(kernels="triton", expert_slots=engine.plan.footprint.top_k + 1, miss_policy=misses)
+        assert offloaded == expected
     quantized_reference, _ = tokens(kernels="reference", expert_bits=4, expert_group_size=16)
     assert tokens(kernels="triton", expert_bits=4, expert_group_size=16)[0] == quantized_reference

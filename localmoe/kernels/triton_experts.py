@@ -22,6 +22,7 @@ import triton
 import triton.language as tl
 
 from localmoe.kernels.quantized import Fp8Weights, Mxfp4Weights, QuantizedWeights
+from localmoe.kernels.reference import ExpertStack
 
 # activation codes: act(gate, up)
 SILU_GLU, GELU_TANH_GLU, CLAMPED_SWIGLU, CLAMPED_SILU_GLU = 0, 1, 2, 3
@@ -346,9 +347,22 @@ def triton_pair_outputs(
     gate_up_bias: torch.Tensor | None = None,
     down_bias: torch.Tensor | None = None,
     input_scale: torch.Tensor | None = None,
+    *,
+    ids: torch.Tensor | None = None,
+    host: ExpertStack | None = None,
 ) -> None:
     """`reference.expert_pair_outputs`, fused: same arguments (weights in the compute dtype or
-    `QuantizedWeights`), same rows of `out` written."""
+    `QuantizedWeights`), same rows of `out` written. With `ids` and `host`, the pairs without a slot are
+    computed by the same kernels from the host rows where they lie: on CUDA, page-locked and mapped
+    memory the device reads over the bus (Triton takes its device address), with nothing decided on the
+    host, the same arithmetic as from a slot."""
+    _pair_outputs(out, x, gate_up, down, slots, act, gate_up_bias, down_bias, input_scale)
+    if ids is not None and host is not None:
+        misses = torch.where(slots < 0, ids.to(slots.dtype), -1)
+        _pair_outputs(out, x, host.gate_up, host.down, misses, act, host.gate_up_bias, host.down_bias, input_scale)
+
+
+def _pair_outputs(out, x, gate_up, down, slots, act, gate_up_bias, down_bias, input_scale) -> None:
     code = activation_code(act)
     if code is None:
         raise ValueError(f"the Triton expert kernels have no {act.kind}/{act.act} activation")
