@@ -19,7 +19,9 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from localmoe.engine import Engine
+from localmoe.files import write_atomic
 from localmoe.runtime.memory import Footprint, format_bytes
+from localmoe.tables import render
 
 BANDWIDTH_BYTES = 256 * 2**20
 
@@ -213,17 +215,20 @@ def machine() -> dict[str, str]:
         "gpu": gpu or "none",
         "torch": torch.__version__,
         "python": platform.python_version(),
+        # other work on the machine slows every run: the spread of interleaved repeats shows how much
+        "load average": ", ".join(f"{v:.1f}" for v in psutil.getloadavg()) + " (1, 5, 15 min, when written)",
     }
 
 
-def results_table(results: list[RunResult], floor_s: float | None = None, baseline: str | None = None) -> str:
-    """A Markdown table of the runs, with the ratio of each decode speed to the baseline's and the
-    floor's multiple where given."""
+def results_table(
+    results: list[RunResult], floor_s: float | None = None, baseline: str | None = None, markdown: bool = True
+) -> str:
+    """The runs as a table (Markdown, or aligned columns for a terminal), with the ratio of each decode
+    speed to the baseline's and the floor's multiple where given."""
     base = next((r for r in results if r.name == baseline), None)
     columns = ["run", "misses", "prefill tok/s", "first token s", "decode tok/s", "vs baseline", "x floor"]
-    columns += ["host ms/token", "ops/layer", "peak memory"]
-    columns += ["hit rate", "copied/token"]
-    lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
+    columns += ["host ms/token", "ops/layer", "peak memory", "hit rate", "copied/token"]
+    rows = []
     for r in results:
         ratio = f"{r.decode_tokens_per_s / base.decode_tokens_per_s:.2f}x" if base and base.decode_tokens_per_s else ""
         multiple = f"{(1 / r.decode_tokens_per_s) / floor_s:.1f}" if floor_s and r.decode_tokens_per_s else ""
@@ -231,12 +236,12 @@ def results_table(results: list[RunResult], floor_s: float | None = None, baseli
         copied = "" if r.bytes_copied_per_token is None else format_bytes(int(r.bytes_copied_per_token))
         host = "" if r.host_ms_per_token is None else f"{r.host_ms_per_token:.2f}"
         ops = "" if r.ops_per_layer is None else f"{r.ops_per_layer:.0f}"
-        lines.append(
-            f"| {r.name} | {r.miss_policy} | {r.prefill_tokens_per_s:.1f} | {r.time_to_first_token_s:.2f} "
-            f"| {r.decode_tokens_per_s:.2f} | {ratio} | {multiple} | {host} | {ops} "
-            f"| {format_bytes(r.peak_memory_bytes)} | {hit} | {copied} |"
+        rows.append(
+            [r.name, r.miss_policy, f"{r.prefill_tokens_per_s:.1f}", f"{r.time_to_first_token_s:.2f}"]
+            + [f"{r.decode_tokens_per_s:.2f}", ratio, multiple, host, ops, format_bytes(r.peak_memory_bytes)]
+            + [hit, copied]
         )
-    return "\n".join(lines)
+    return render(columns, rows, markdown)
 
 
 def baseline_of(runs: list[RunResult]) -> str | None:
@@ -289,7 +294,7 @@ def write_benchmarks(results_dir: Path, docs: Path) -> None:
         lines += [f"- greedy tokens equal to the reference run's, before the first difference: {r['same_tokens']}"]
     sections = _cache_sections(results_dir / "cache") + _kernel_sections(results_dir / "kernels")
     sections += _quality_sections(results_dir / "quant")
-    docs.write_text("\n".join(lines + sections) + "\n")
+    write_atomic(docs, "\n".join(lines + sections) + "\n")
 
 
 def _latest_first(folder: Path) -> list[dict]:

@@ -1,6 +1,7 @@
 """`localmoe chat`: a conversation with the model, in a terminal or over piped lines."""
 
 import contextlib
+import functools
 import json
 import sys
 from collections.abc import Callable, Iterator
@@ -9,6 +10,7 @@ from pathlib import Path
 
 from localmoe.engine import Engine
 from localmoe.errors import LocalMoEError, as_flag
+from localmoe.files import read_limited, sweep_temporaries, write_atomic
 from localmoe.runtime.sampling import SamplingParams
 
 HELP = """commands:
@@ -20,6 +22,12 @@ HELP = """commands:
   /save FILE     write the conversation to FILE as JSON
   /load FILE     continue the conversation saved in FILE
   /exit          leave (or Ctrl-D); Ctrl-C stops an answer and keeps what was said"""
+
+
+ROLES = ("user", "assistant")  # the turns of a session, in order; the system message is kept apart
+# A session holds at most a context of text (older turns are dropped), a few MiB even for a million tokens:
+# a file much larger than that was not written by /save.
+MAX_SAVED_BYTES = 64 * 2**20
 
 
 @dataclass
@@ -41,8 +49,10 @@ class ChatSession:
     def context(self) -> int:
         return self.engine.plan.context
 
-    def conversation(self) -> list[dict]:
-        return [*([{"role": "system", "content": self.system}] if self.system else []), *self.messages]
+    def conversation(self, messages: list[dict] | None = None) -> list[dict]:
+        """The system message, then `messages` (default: the session's)."""
+        system = [{"role": "system", "content": self.system}] if self.system else []
+        return [*system, *(self.messages if messages is None else messages)]
 
     def reset(self) -> None:
         self.messages.clear()
@@ -54,7 +64,11 @@ class ChatSession:
         message stays) and `notice` says so.
         """
         self.messages.append({"role": "user", "content": text})
-        ids = self._fit(notice)
+        try:
+            ids = self._fit(notice)
+        except BaseException:
+            self.messages.pop()  # refused: the conversation stays as it was
+            raise
         reuse = _common_prefix(self._cached, ids)
         budget = min(self.max_new_tokens, self.context - len(ids))
         generated: list[int] = []
@@ -71,37 +85,54 @@ class ChatSession:
             self.messages.append({"role": "assistant", "content": "".join(answer)})
 
     def save(self, path: Path) -> None:
-        path.write_text(json.dumps({"system": self.system, "messages": self.messages}, indent=2, ensure_ascii=False))
+        """Write the conversation to `path` as JSON, whole: a run killed meanwhile leaves the old file."""
+        sweep_temporaries(path.parent, path.name)
+        write_atomic(path, json.dumps({"system": self.system, "messages": self.messages}, indent=2, ensure_ascii=False))
 
     def load(self, path: Path) -> None:
+        """Continue the conversation saved in `path`; a file that is not one leaves this one as it was."""
         try:
-            data = json.loads(path.read_text(encoding="utf-8"))
-            messages = data["messages"]
-            if not all(isinstance(m, dict) and {"role", "content"} <= m.keys() for m in messages):
-                raise ValueError("every message needs a role and a content")
-        except (OSError, ValueError, KeyError, TypeError) as error:
+            system, messages = _conversation(json.loads(read_limited(path, MAX_SAVED_BYTES).decode("utf-8")))
+        except (OSError, ValueError, RecursionError) as error:  # ValueError: UnicodeDecodeError, JSONDecodeError
             raise LocalMoEError(f"cannot load a conversation from {path}: {error}") from None
-        self.system, self.messages = data.get("system"), messages
+        self.system, self.messages = system, messages
 
     def _fit(self, notice: Callable[[str], None]) -> list[int]:
-        """Token ids of the conversation, dropping its oldest exchanges until there is room to answer."""
+        """Token ids of the conversation, dropping its oldest exchanges until there is room to answer.
+        A last message that leaves no room even alone is refused before anything is dropped."""
         room = min(self.max_new_tokens, self.context // 4)
+        alone = self.engine.tokenizer.encode_chat(self.conversation(self.messages[-1:]))
+        if len(alone) + room > self.context:
+            raise LocalMoEError(
+                f"that message is {len(alone)} tokens with the template, and the context is {self.context} "
+                f"with {room} kept for the answer: shorten it, or raise --context"
+            )
         dropped = 0
-        while True:
-            ids = self.engine.tokenizer.encode_chat(self.conversation())
-            if len(ids) + room <= self.context:
-                break
-            if len(self.messages) == 1:
-                self.messages.pop()
-                raise LocalMoEError(
-                    f"that message is {len(ids)} tokens with the template, and the context is {self.context} "
-                    f"with {room} kept for the answer: shorten it, or raise --context"
-                )
+        while len(ids := self.engine.tokenizer.encode_chat(self.conversation())) + room > self.context:
             del self.messages[:2]  # one user message and its answer, so roles keep alternating
             dropped += 2
         if dropped:
             notice(f"[dropped the {dropped} oldest messages to fit the {self.context}-token context]")
         return ids
+
+
+def _conversation(data) -> tuple[str | None, list[dict]]:
+    """The system message and the messages of a saved conversation, its shape checked."""
+    if not isinstance(data, dict) or not isinstance(data.get("messages"), list):
+        raise ValueError("it is not a JSON object with a list of messages")
+    system = data.get("system")
+    if system is not None and not isinstance(system, str):
+        raise ValueError("its system message is not text")
+    for number, message in enumerate(data["messages"]):
+        if not (isinstance(message, dict) and message.keys() == {"role", "content"}):
+            raise ValueError(f"message {number + 1} is not an object with a role and a content, and nothing else")
+        if message["role"] != ROLES[number % 2] or not isinstance(message["content"], str):
+            raise ValueError(
+                f"message {number + 1} should be text from the {ROLES[number % 2]}: turns alternate, the user's first"
+            )
+    if len(data["messages"]) % 2:
+        raise ValueError("its last message is the user's: a saved conversation ends with an answer")
+    return system, data["messages"]
 
 
 def _recorded(tokens: Iterator[int], into: list[int]) -> Iterator[int]:
@@ -126,16 +157,18 @@ def run(session: ChatSession, interactive: bool) -> None:
         with contextlib.suppress(ImportError):  # not on every platform; input() works without it
             import readline  # noqa: F401  (line editing and history for input())
         print("Type /help for commands. Ctrl-C stops an answer, Ctrl-D exits.", file=sys.stderr)
+    read = functools.partial(input, "> ") if interactive else _piped_line
     while True:
         try:
-            line = input("> ") if interactive else sys.stdin.readline()
+            line = read()
         except EOFError:
             break
         except KeyboardInterrupt:
             print(file=sys.stderr)
             continue
-        if not interactive and not line:
-            break
+        except UnicodeDecodeError as error:  # typed in a terminal: it can be typed again
+            print(f"localmoe: that line is not valid {error.encoding} text: it was not sent", file=sys.stderr)
+            continue
         line = line.strip()
         if not line:
             continue
@@ -144,6 +177,27 @@ def run(session: ChatSession, interactive: bool) -> None:
                 break
             continue
         _answer(session, line)
+
+
+def _piped_line() -> str:
+    """The next line of piped input; invalid text in it read with U+FFFD in place, with a notice, so that
+    the conversation goes on. EOFError at the end."""
+    binary = getattr(sys.stdin, "buffer", None)
+    if binary is None:  # a text stream without bytes beneath (an embedding program's)
+        line = sys.stdin.readline()
+    else:
+        raw, encoding = binary.readline(), sys.stdin.encoding or "utf-8"
+        try:
+            line = raw.decode(encoding)
+        except UnicodeDecodeError:
+            line = raw.decode(encoding, errors="replace")
+            print(
+                f"localmoe: a line of input is not valid {encoding} text: read with U+FFFD in its place",
+                file=sys.stderr,
+            )
+    if not line:
+        raise EOFError
+    return line
 
 
 def _answer(session: ChatSession, text: str) -> None:

@@ -4,6 +4,7 @@ A checkpoint comes from a local folder or a Hub repo id. Only `.safetensors` wei
 `.bin`/`.pt` files are refused, never loaded. Nothing under the checkpoint folder is ever written.
 """
 
+import contextlib
 import copy
 import json
 import os
@@ -16,7 +17,7 @@ from pathlib import Path
 import torch
 from safetensors import safe_open
 
-from localmoe.errors import LocalMoEError
+from localmoe.errors import LocalMoEError, setting
 from localmoe.kernels.quantized import dequantize_fp8_blocks
 
 INDEX_FILE = "model.safetensors.index.json"
@@ -44,6 +45,11 @@ DTYPES = {
 }
 
 
+# What a weight may be stored as: floating point, or block-scaled FP8 (decoded with its scales)
+WEIGHT_DTYPES = frozenset({torch.float64, torch.float32, torch.float16, torch.bfloat16, torch.float8_e4m3fn})
+INTEGER_DTYPES = frozenset({torch.int64, torch.int32, torch.int16, torch.int8, torch.uint8})
+
+
 @dataclass(frozen=True)
 class TensorInfo:
     shape: tuple[int, ...]
@@ -61,31 +67,57 @@ class Checkpoint:
     """A validated checkpoint folder: config, generation config, and every tensor by name.
 
     Opening checks that every shard the index names is present and complete, so a half-finished
-    download fails here with the shard's name rather than halfway through loading.
+    download fails here with the shard's name rather than halfway through loading. A checkpoint opened
+    from its shards' `headers` alone (a Hub repo whose shards are not downloaded) knows every tensor's
+    name, dtype and shape, which is all a plan needs, and reads no weight.
     """
 
-    def __init__(self, path: Path):
+    def __init__(self, path: Path, name: str | None = None, headers: dict[str, "ShardHeader"] | None = None):
         self.path = path
+        self.name = name or path.name  # for people: a Hub repo id, or the folder's name
         self.part = ""  # the part of the model a view shows, for messages (see `part_view`)
         self._prefixes: tuple[tuple[str, str], ...] = ()  # a view's (name prefix, stored prefix) pairs
-        self.config = _read_json(path / "config.json", required=True)
-        self.generation_config = _read_json(path / "generation_config.json", required=False)
-        index = _read_index(path)
+        self.weights_here = headers is None
+        self.config = _read_json(checkpoint_file(path, "config.json"), required=True)
+        self.generation_config = _read_json(checkpoint_file(path, "generation_config.json"), required=False)
+        index = _read_index(path, shards_here=self.weights_here)
         if index is None:
-            if not (path / SINGLE_FILE).is_file():
+            single = checkpoint_file(path, SINGLE_FILE)
+            if headers is None and not single.is_file():
                 raise LocalMoEError(_no_weights_message(path))
-            handle = _open_shard(path / SINGLE_FILE)
+            handle = headers[SINGLE_FILE] if headers else _open_shard(single)
             self._files = {SINGLE_FILE: handle}
             self._shard_of = dict.fromkeys(handle.keys(), SINGLE_FILE)
         else:
             self._shard_of = index
-            self._files = {shard: _open_shard(path / shard) for shard in sorted(set(index.values()))}
+            shards = sorted(set(index.values()))
+            self._files = {shard: headers[shard] if headers else _open_shard(path / shard) for shard in shards}
             self._check_index_matches_shards()
 
     @classmethod
-    def open(cls, source: str | Path, revision: str | None = None) -> "Checkpoint":
-        """Open a local folder, or a Hub repo id through the Hugging Face cache (downloading if needed)."""
-        return cls(resolve_snapshot(str(source), revision))
+    def open(cls, source: str | Path, revision: str | None = None, weights: bool = True) -> "Checkpoint":
+        """Open a local folder, or a Hub repo id through the Hugging Face cache (downloading if needed).
+        Without `weights`, a Hub repo's shards are not downloaded where they are not already: only their
+        headers are read, by HTTP range requests (see `Checkpoint`)."""
+        path = Path(source).expanduser()
+        if path.is_dir():
+            if revision is not None:
+                raise LocalMoEError(f"{source} is a local folder: {setting('revision')} picks a revision of a Hub repo")
+            return cls(path)
+        repo_id = _repo_id(str(source), path)
+        with _hub_errors(repo_id, revision):
+            folder = _download_metadata(repo_id, revision)
+            shards = _shards_to_fetch(folder)
+            if weights or all((folder / shard).is_file() for shard in shards):
+                _download_shards(repo_id, revision, shards)
+                return cls(folder, repo_id)
+            return cls(folder, repo_id, _remote_headers(repo_id, folder.name))
+
+    @property
+    def file_label(self) -> str:
+        """`name` as the start of a file name in localmoe's cache folder: a repo id's owner and name joined
+        by '--', as the Hugging Face cache writes them."""
+        return self.name.replace("/", "--")
 
     @property
     def tensor_names(self) -> list[str]:
@@ -123,19 +155,27 @@ class Checkpoint:
             )
         return TensorInfo(tuple(view.get_shape()), dtype)
 
-    def check_tensor(self, name: str, shape: tuple[int, ...]) -> None:
-        """Refuse a checkpoint that lacks `name` or stores it in another shape than the config implies."""
+    def check_tensor(self, name: str, shape: tuple[int, ...], dtypes: frozenset[torch.dtype] = WEIGHT_DTYPES) -> None:
+        """Refuse a checkpoint that lacks `name`, stores it in another shape than the config implies, or
+        in a dtype outside `dtypes` (by default those of weights): bytes read as another type than they
+        were written in would be used as weights, silently wrong."""
         stored = self.stored_name(name)
         if name not in self:
             raise LocalMoEError(
                 f"{self.path} lacks tensor {stored}: the checkpoint is incomplete or its index is damaged; "
                 "download it again"
             )
-        actual = self.info(name).shape
-        if actual != shape:
+        info = self.info(name)
+        if info.shape != shape:
             raise LocalMoEError(
-                f"tensor {stored} in {self.path} has shape {list(actual)} but config.json implies {list(shape)}: "
+                f"tensor {stored} in {self.path} has shape {list(info.shape)} but config.json implies {list(shape)}: "
                 "the config and the weights do not belong together"
+            )
+        if info.dtype not in dtypes:
+            expected = ", ".join(sorted(str(dtype).removeprefix("torch.") for dtype in dtypes))
+            raise LocalMoEError(
+                f"tensor {stored} in {self.path} is stored as {str(info.dtype).removeprefix('torch.')}, where the "
+                f"model reads one of {expected}: the checkpoint is damaged or not in the layout its config names"
             )
 
     def tensor(self, name: str) -> torch.Tensor:
@@ -190,38 +230,93 @@ class Checkpoint:
                 )
 
 
-def resolve_snapshot(source: str, revision: str | None = None) -> Path:
-    """A local folder as is, or a Hub repo id resolved to its snapshot folder in the Hugging Face cache.
-
-    `HF_HUB_OFFLINE=1` and an unreachable Hub both fall back to the cache, so a repo that is already
-    downloaded opens with no network.
-    """
-    path = Path(source).expanduser()
-    if path.is_dir():
-        return path
+def _repo_id(source: str, path: Path) -> str:
+    """`source` as a Hub repo id, where it is no local folder; refused in one line where it is neither."""
     if path.exists():
         raise LocalMoEError(f"{source} is a file: give the folder that holds config.json, or a Hub repo id")
     if not REPO_ID.fullmatch(source):
         raise LocalMoEError(f"no such folder: {source} (give a checkpoint folder or a Hub repo id like owner/name)")
-    return _download(source, revision)
+    return source
 
 
-def _download(repo_id: str, revision: str | None) -> Path:
+def _download_metadata(repo_id: str, revision: str | None) -> Path:
+    """The repo's snapshot folder in the Hugging Face cache, with its configs, tokenizer and weight index.
+
+    `HF_HUB_OFFLINE=1` and an unreachable Hub both fall back to the cache, so a repo that is already
+    downloaded opens with no network.
+    """
     from huggingface_hub import snapshot_download
+
+    return Path(snapshot_download(repo_id, revision=revision, allow_patterns=METADATA_PATTERNS))
+
+
+def _download_shards(repo_id: str, revision: str | None, shards: list[str]) -> None:
+    """Only the shards the index names: a repo that also ships `consolidated.safetensors` or `.bin` copies
+    does not cost a second download of the whole model."""
+    from huggingface_hub import snapshot_download
+
+    snapshot_download(repo_id, revision=revision, allow_patterns=shards)
+
+
+class ShardHeader:
+    """A shard's header, fetched without its weights: what safetensors' file handle tells of it (names,
+    dtypes, shapes), under the same calls; reading a tensor from it is refused."""
+
+    def __init__(self, repo_id: str, shard: str, tensors: dict[str, tuple[str, list[int]]]):
+        self._where, self._tensors = f"{repo_id}/{shard}", tensors
+
+    def keys(self) -> list[str]:
+        return list(self._tensors)
+
+    def get_slice(self, name: str) -> "_TensorHeader":
+        return _TensorHeader(*self._tensors[name])
+
+    def get_tensor(self, name: str):
+        raise LocalMoEError(f"{self._where} is not downloaded (its header was read to plan): load the model to read it")
+
+
+@dataclass(frozen=True)
+class _TensorHeader:
+    dtype: str
+    shape: list[int]
+
+    def get_dtype(self) -> str:
+        return self.dtype
+
+    def get_shape(self) -> list[int]:
+        return self.shape
+
+
+def _remote_headers(repo_id: str, commit: str) -> dict[str, ShardHeader]:
+    """Every shard's header, read from the Hub by HTTP range requests (huggingface_hub fetches the first
+    100 kB of each shard, and the rest of a longer header): megabytes for a model of hundreds of GB."""
+    from huggingface_hub import get_safetensors_metadata
+
+    metadata = get_safetensors_metadata(repo_id, revision=commit)
+    return {
+        shard: ShardHeader(repo_id, shard, {name: (t.dtype, t.shape) for name, t in info.tensors.items()})
+        for shard, info in metadata.files_metadata.items()
+    }
+
+
+@contextlib.contextmanager
+def _hub_errors(repo_id: str, revision: str | None):
+    """What the Hub says, as one line saying what to do."""
     from huggingface_hub.errors import (
         GatedRepoError,
         HfHubHTTPError,
         HFValidationError,
         IncompleteSnapshotError,
         LocalEntryNotFoundError,
+        NotASafetensorsRepoError,
+        OfflineModeIsEnabled,
         RepositoryNotFoundError,
         RevisionNotFoundError,
+        SafetensorsParsingError,
     )
 
     try:
-        folder = Path(snapshot_download(repo_id, revision=revision, allow_patterns=METADATA_PATTERNS))
-        snapshot_download(repo_id, revision=revision, allow_patterns=_shards_to_fetch(folder))
-        return folder
+        yield
     except GatedRepoError:
         raise LocalMoEError(
             f"{repo_id} is gated: accept its terms on huggingface.co, then log in with `hf auth login`"
@@ -245,9 +340,29 @@ def _download(repo_id: str, revision: str | None) -> Path:
         ) from None
     except HFValidationError:
         raise LocalMoEError(f"no such folder, and not a valid Hub repo id: {repo_id}") from None
+    except (NotASafetensorsRepoError, SafetensorsParsingError) as error:
+        raise LocalMoEError(f"{repo_id}: {_first_line(error)}: localmoe reads safetensors checkpoints only") from None
     except HfHubHTTPError as error:
-        first_line = str(error).splitlines()[0] if str(error) else type(error).__name__
-        raise LocalMoEError(f"the Hub refused the download of {repo_id}: {first_line}") from None
+        raise LocalMoEError(f"the Hub refused the download of {repo_id}: {_first_line(error)}") from None
+    except OfflineModeIsEnabled:
+        raise LocalMoEError(
+            f"the shards of {repo_id} are not downloaded and HF_HUB_OFFLINE is set: reading their headers needs "
+            f"the Hub; unset it, or download the checkpoint first (`hf download {repo_id}`)"
+        ) from None
+    except LocalMoEError:
+        raise
+    except Exception as error:
+        # the HTTP client's own errors (connection refused, timeout): huggingface_hub does not wrap them, and
+        # its client changed between releases (httpx, httpx2), so they are told by their module
+        if not type(error).__module__.startswith(("httpx", "httpcore")):
+            raise
+        raise LocalMoEError(
+            f"the Hub cannot be reached for {repo_id} ({_first_line(error)}): check the network"
+        ) from None
+
+
+def _first_line(error: Exception) -> str:
+    return str(error).splitlines()[0] if str(error) else type(error).__name__
 
 
 def _shards_to_fetch(folder: Path) -> list[str]:
@@ -263,7 +378,7 @@ def _read_json(path: Path, required: bool) -> dict:
             raise LocalMoEError(f"{path.parent} has no {path.name}: it is not a Hugging Face model folder")
         return {}
     try:
-        data = json.loads(path.read_text(encoding="utf-8"))
+        data = json.loads(path.read_text(encoding="utf-8"), object_hook=_special_float)
     except (json.JSONDecodeError, UnicodeDecodeError) as error:
         raise LocalMoEError(
             f"{path} is not valid JSON ({error}): the file is damaged or was not fully downloaded"
@@ -273,14 +388,46 @@ def _read_json(path: Path, required: bool) -> dict:
     return data
 
 
-def _read_index(path: Path) -> dict[str, str] | None:
-    """Tensor name -> shard file name from the index, or None for a single-file checkpoint."""
-    index = path / INDEX_FILE
+def _special_float(value: dict):
+    """transformers 5 writes floats JSON cannot spell as {"__float__": "Infinity"} (Mamba's time step limit)."""
+    if set(value) == {"__float__"}:
+        return float(value["__float__"])
+    return value
+
+
+def checkpoint_file(folder: Path, name: str) -> Path:
+    """`folder / name`, refused in one line where the name or a symlink on the way leads outside the
+    checkpoint folder: localmoe reads nothing else. In a Hugging Face cache snapshot, files are symlinks
+    into the repo's `blobs/` folder, which counts as inside."""
+    path = folder / name
+    if not _inside(folder, path):
+        raise LocalMoEError(
+            f"{folder}: {name} leads outside the checkpoint folder (to {path.resolve()}); localmoe reads only the "
+            "files in the folder: put the file itself there"
+        )
+    return path
+
+
+def _inside(folder: Path, path: Path) -> bool:
+    real, roots = path.resolve(), [folder.resolve()]
+    if roots[0].parent.name == "snapshots" and (blobs := roots[0].parent.parent / "blobs").is_dir():
+        roots.append(blobs.resolve())
+    return any(real.is_relative_to(root) for root in roots)
+
+
+def _read_index(path: Path, shards_here: bool = True) -> dict[str, str] | None:
+    """Tensor name -> shard file name from the index, or None for a single-file checkpoint; each shard it
+    names checked to be in the folder (`shards_here`)."""
+    index = checkpoint_file(path, INDEX_FILE)
     if index.is_file():
         weight_map = _read_json(index, required=True).get("weight_map")
         if not isinstance(weight_map, dict) or not weight_map:
             raise LocalMoEError(f"{index} has no weight_map: the index is damaged; download it again")
-        absent = sorted({shard for shard in weight_map.values() if not (path / shard).is_file()})
+        if not all(isinstance(shard, str) and shard for shard in weight_map.values()):
+            raise LocalMoEError(f"{index} maps a tensor to something other than a file name: the index is damaged")
+        for shard in sorted(set(weight_map.values())):
+            checkpoint_file(path, shard)
+        absent = sorted({shard for shard in weight_map.values() if shards_here and not (path / shard).is_file()})
         if absent:
             more = f" and {len(absent) - 1} more" if len(absent) > 1 else ""
             raise LocalMoEError(
@@ -319,7 +466,8 @@ def read_bandwidth(folder: Path, nbytes: int = 256 * 2**20) -> float:
     """Bytes per second reading a checkpoint's shards from disk: their pages are first dropped from the
     page cache (posix_fadvise, which leaves the files as they are) so that the reads reach the disk;
     then up to `nbytes` are read. Where the cache cannot be dropped the figure may be the cache's."""
-    shards = sorted(folder.glob("*.safetensors"), key=lambda p: p.stat().st_size, reverse=True)
+    inside = [shard for shard in folder.glob("*.safetensors") if _inside(folder, shard)]
+    shards = sorted(inside, key=lambda p: p.stat().st_size, reverse=True)
     done, start = 0, time.perf_counter()
     for shard in shards:
         with shard.open("rb") as f:

@@ -6,7 +6,6 @@
 
 import json
 import shutil
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -15,9 +14,10 @@ from safetensors.torch import save_file
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors
 
 from localmoe.checkpoint import INDEX_FILE
+from localmoe.files import temporary_path
 from localmoe.loader import DTYPES
 from localmoe.models import family_for
-from localmoe.models.expert_tensors import role_shapes
+from localmoe.models.expert_tensors import block_shapes
 from localmoe.models.moe import moe_blocks
 from localmoe.paths import cache_dir
 
@@ -54,7 +54,8 @@ def demo_checkpoint() -> Path:
     if folder.is_dir():
         return folder
     folder.parent.mkdir(parents=True, exist_ok=True)
-    scratch = Path(tempfile.mkdtemp(prefix=".demo-", dir=folder.parent))
+    scratch = temporary_path(folder)  # a run killed while writing it leaves a folder the next run sweeps
+    scratch.mkdir()
     try:
         write_random_checkpoint(scratch, DEMO_CONFIG, shard_bytes=1 << 20)
         byte_level_tokenizer().save(str(scratch / "tokenizer.json"))
@@ -83,7 +84,7 @@ def write_random_checkpoint(folder: Path, config: dict[str, Any], *, seed: int =
     tensors = {family.disk_names(name)[0]: random(p.shape, "norm" in name) for name, p in model.named_parameters()}
     hub_layout = family.experts[0]  # the Hub's own layout comes first: one tensor per expert and role
     for block in moe_blocks(model):
-        shapes = role_shapes(block.hidden_size, block.intermediate_size, block.expert_bias)
+        shapes = block_shapes(block)
         for expert in range(block.num_experts):
             for role, shape in shapes.items():
                 tensors[hub_layout.names[role].format(layer=block.layer_idx, expert=expert)] = random(shape)

@@ -14,53 +14,54 @@ import torch
 
 from localmoe.checkpoint import Checkpoint
 from localmoe.errors import LocalMoEError, setting
+from localmoe.files import sweep_temporaries
+from localmoe.grammar import ANY_OBJECT, JsonConstraint
 from localmoe.kernels import KERNELS, pair_kernel
 from localmoe.kernels.quantized import MXFP4, QuantSpec, StoredFormat
 from localmoe.kernels.reference import expert_pair_outputs
-from localmoe.loader import ModelParts, footprint, load_resident_weights, model_skeleton, open_checkpoint
+from localmoe.loader import DTYPES, ModelParts, footprint, load_resident_weights, model_skeleton, open_checkpoint
 from localmoe.models.moe import MoESpec, moe_blocks
 from localmoe.models.state import KVCache
+from localmoe.options import CHAT_TOKENS, CUDA_GRAPHS, GENERATE_TOKENS, RuntimeOptions
+from localmoe.paths import cache_dir
 from localmoe.runtime.cpu_experts import Bandwidths, calibrated
 from localmoe.runtime.expert_cache import POLICIES, ExpertCache, SlotTable
 from localmoe.runtime.expert_store import ExpertStore
-from localmoe.runtime.generate import GenerationStats, StepHooks, generate_tokens
+from localmoe.runtime.generate import GenerationStats, StepHooks, check_fits, generate_tokens
 from localmoe.runtime.layouts import layout_of
-from localmoe.runtime.memory import MemoryPlan, format_bytes, plan_memory
+from localmoe.runtime.memory import MemoryPlan, format_bytes, format_rate, plan_memory
 from localmoe.runtime.miss_policy import DEFAULT, FALLBACK, MISS_POLICIES, miss_policy
 from localmoe.runtime.offload import OffloadedExperts
 from localmoe.runtime.profile import default_profile_path
 from localmoe.runtime.quantized_cache import QuantizedLayers, cache_folder
 from localmoe.runtime.resident import ResidentExperts
-from localmoe.runtime.sampling import Sampler, SamplingParams
+from localmoe.runtime.sampling import Constraint, Sampler, SamplingParams
 from localmoe.runtime.stats import CacheSnapshot, cache_report
 from localmoe.runtime.trace import RoutingTrace
 from localmoe.tokenizer import StopStrings, Tokenizer
 
-CUDA_GRAPHS = ("auto", "on", "off")
+
+def fit_new_tokens(
+    prompt_tokens: int, asked: int | None, default: int, plan: MemoryPlan, name: str = "max_new_tokens"
+) -> int:
+    """New tokens for a generation: those `asked` (by the setting `name`), refused when the prompt and they
+    overflow the planned context (never cut short); where none are asked, `default`, lowered to what the
+    context leaves."""
+    new_tokens = max(min(default, plan.context - prompt_tokens), 1) if asked is None else asked
+    check_fits(prompt_tokens, new_tokens, plan.context, plan.footprint.max_positions, name)
+    return new_tokens
 
 
-@dataclass
-class RuntimeOptions:
-    """How the runtime places the model: budgets, the expert cache and prefetch (the CLI's flags)."""
-
-    vram_budget: int | None = None  # bytes for everything on the device; default: its free memory
-    host_budget: int | None = None  # bytes of host RAM for the experts' host copy; default: what is available
-    expert_slots: int | None = None  # overrides the plan's slot count
-    policy: str = "score"  # one of POLICIES
-    pin_hot: int = 0  # experts pinned: the profile's hottest, or else those the first prompt used most
-    profile: str | None = None  # routing profile: "auto" (this checkpoint's, in the cache folder), a file, or none
-    prefetch: int | None = None  # MoE layers to look ahead; None: 1 where the miss policy decides on the host, else 0
-    prefetch_margin: int = 0  # experts predicted beyond the top-k
-    context: int = 4096  # tokens of KV cache planned for (capped at the model's maximum)
-    prefill_chunk: int = 512
-    trace: Path | None = None  # write the routing of every token here (JSON lines)
-    miss_policy: str | None = None  # one of MISS_POLICIES; None: direct where the host copy can be read in place
-    kernels: str = "auto"  # one of KERNELS: reference, triton, or triton where it works (CUDA)
-    cuda_graphs: str = "auto"  # one of CUDA_GRAPHS: decode steps captured as CUDA graphs
-    expert_bits: int = 16  # 8 or 4: routed experts quantized group-wise, kept so on disk between runs
-    expert_group_size: int = 64
-    copy_bandwidth: float | None = None  # bytes/s for the miss policy's cost model; default: measured
-    cpu_bandwidth: float | None = None
+def encode_prompt(tokenizer: Tokenizer, prompt: str | list[dict], raw: bool = False) -> list[int]:
+    """Token ids of a text prompt (with the special tokens the tokenizer adds, unless `raw`), or of a list
+    of messages rendered by the chat template."""
+    if isinstance(prompt, list):
+        if raw:
+            raise LocalMoEError("raw encodes text as written: a list of messages goes through the chat template")
+        return tokenizer.encode_chat(prompt)
+    if not isinstance(prompt, str):
+        raise LocalMoEError(f"the prompt is a {type(prompt).__name__}: give text or a list of messages")
+    return tokenizer.encode(prompt, add_special_tokens=not raw)
 
 
 class Engine:
@@ -77,11 +78,12 @@ class Engine:
         options: RuntimeOptions,
         kernels: str = "reference",
         offloaded: OffloadedExperts | None = None,
+        tokenizer: Tokenizer | None = None,
         graphs_barred: list[str] = (),
     ):
         """`experts` computes the routed experts; `offloaded`, the same object when they go through the
-        expert cache, else None. `graphs_barred`: why decode steps cannot be CUDA graphs, whatever the
-        miss policy (none: they can)."""
+        expert cache, else None; `tokenizer`, the checkpoint's where it was read already. `graphs_barred`:
+        why decode steps cannot be CUDA graphs, whatever the miss policy (none: they can)."""
         self.checkpoint = checkpoint
         self.parts = parts
         self.model = parts.model
@@ -93,6 +95,8 @@ class Engine:
         self._graphs_barred = list(graphs_barred)
         self.eos_ids = eos_ids(checkpoint)
         self.stats = GenerationStats()
+        self._tokenizer = tokenizer
+        self.sampler: Sampler | None = None  # the last run's, with its record of log-probabilities
 
     def use_device(self) -> None:
         """Make the engine's CUDA device the current one of the calling thread (the current device is per
@@ -106,9 +110,11 @@ class Engine:
         if self._offloaded is not None:
             self._offloaded.cache.store.close()
 
-    @cached_property
+    @property
     def tokenizer(self) -> Tokenizer:
-        return Tokenizer(self.checkpoint.path)
+        if self._tokenizer is None:
+            self._tokenizer = Tokenizer(self.checkpoint.path)
+        return self._tokenizer
 
     @property
     def device(self) -> torch.device:
@@ -131,10 +137,17 @@ class Engine:
         cache: KVCache | None = None,
         reuse: int = 0,
         on_prefill: Callable[[], None] | None = None,
+        constraint: Constraint | None = None,
+        top_logprobs: int | None = None,
     ) -> Iterator[int]:
         """Token ids after `prompt` (greedy unless `sampling` says otherwise); `self.stats` describes the
-        run as it goes. `cache` and `reuse`: see `generate_tokens`; `on_prefill` runs once the prompt is in."""
+        run as it goes. `cache` and `reuse`: see `generate_tokens`; `on_prefill` runs once the prompt is in.
+        A `constraint` (`json_constraint`) limits the tokens and ends the run once complete; with
+        `top_logprobs`, `self.sampler.steps` records each token's log-probabilities as it comes."""
         self.stats = GenerationStats()
+        self.sampler = sampler = Sampler(
+            sampling or SamplingParams(), self.device, constraint=constraint, top_logprobs=top_logprobs
+        )
 
         def after_prefill() -> None:
             if self._offloaded is not None:
@@ -147,7 +160,7 @@ class Engine:
             self.model,
             prompt,
             max_new_tokens,
-            sampler=Sampler(sampling or SamplingParams(), self.device),
+            sampler=sampler,
             eos_ids=self.eos_ids,
             stats=self.stats,
             cache=cache,
@@ -159,8 +172,12 @@ class Engine:
             graphs=not self.graphs_barred(),
         )
         try:
-            yield from tokens
+            for token in tokens:
+                yield token
+                if sampler.finished:
+                    break
         finally:
+            tokens.close()
             if runtime is not None:
                 runtime.settle()
             if self.experts.trace:
@@ -177,10 +194,21 @@ class Engine:
             )
         return barred if self.options.cuda_graphs != "off" else ["off as asked"]
 
-    def text(self, ids: Iterator[int], stop: Sequence[str] = ()) -> Iterator[str]:
-        """Stream `ids` as text pieces, without EOS tokens, ending before the first of the `stop` strings."""
-        stops = StopStrings(stop)
-        for piece in self.tokenizer.stream(token for token in ids if token not in self.eos_ids):
+    def json_constraint(self, schema: dict | None = None) -> JsonConstraint:
+        """Output that is JSON valid under `schema` (any JSON object without one), for `generate_ids`."""
+        tokenizer = self.tokenizer
+        eos = min(self.eos_ids, default=tokenizer.token_id(tokenizer.special_tokens.get("eos_token", "")) or 0)
+        vocab = max(self.model.model.embed_tokens.weight.shape[0], tokenizer.vocab_size)
+        return JsonConstraint(self.checkpoint.path / "tokenizer.json", vocab, eos, schema or ANY_OBJECT)
+
+    def text(
+        self, ids: Iterator[int], stop: Sequence[str] | StopStrings = (), keep: frozenset[int] = frozenset()
+    ) -> Iterator[str]:
+        """Stream `ids` as text pieces, without EOS tokens, ending before the first of the `stop` strings
+        (given as StopStrings, it tells which one matched); special tokens are left out but for those in
+        `keep`."""
+        stops = stop if isinstance(stop, StopStrings) else StopStrings(stop)
+        for piece in self.tokenizer.stream((token for token in ids if token not in self.eos_ids), keep):
             if text := stops.feed(piece):
                 yield text
             if stops.stopped:
@@ -189,29 +217,58 @@ class Engine:
         if rest := stops.flush():
             yield rest
 
-    def generate(
+    def stream(
         self,
-        prompt: str,
-        max_new_tokens: int,
-        sampling: SamplingParams | None = None,
-        stop: Sequence[str] = (),
+        prompt: str | list[dict],
+        max_new_tokens: int | None = None,
         *,
-        chat: bool = False,
+        temperature: float | None = None,
+        top_k: int | None = None,
+        top_p: float | None = None,
+        min_p: float | None = None,
+        repetition_penalty: float | None = None,
+        seed: int | None = None,
+        stop: str | Sequence[str] = (),
         raw: bool = False,
-        system: str | None = None,
+        json_schema: dict | None = None,
     ) -> Iterator[str]:
-        """Stream the continuation of `prompt` as text; with `chat`, of the prompt as a user message
-        rendered by the checkpoint's chat template; `raw`, of exactly its tokens, with no special token
-        added (code completion). `sampling` defaults to the checkpoint's."""
-        if chat:
-            messages = [
-                *([{"role": "system", "content": system}] if system else []),
-                {"role": "user", "content": prompt},
-            ]
-            ids = self.tokenizer.encode_chat(messages)
-        else:
-            ids = self.tokenizer.encode(prompt, add_special_tokens=not raw)
-        return self.text(self.generate_ids(ids, max_new_tokens, sampling or self.sampling()), stop)
+        """Stream the continuation of `prompt` as text pieces. A list of messages ({"role": ..., "content":
+        ...}) goes through the checkpoint's chat template; text is encoded with the special tokens the
+        tokenizer adds (BOS), or, `raw`, with none (code completion). `max_new_tokens` left out:
+        GENERATE_TOKENS, or what the context leaves where that is less. A sampling setting left out keeps
+        the checkpoint's (generation_config.json: greedy unless it sets do_sample); temperature 0 is greedy.
+        The text ends at an EOS token or before the first `stop` string; `self.stats` times the run. With
+        `json_schema`, the text is JSON that the schema validates (needs localmoe[json])."""
+        ids = self.prompt_ids(prompt, raw)
+        new_tokens = fit_new_tokens(len(ids), max_new_tokens, GENERATE_TOKENS, self.plan)
+        sampling = self.sampling(
+            temperature=temperature,
+            top_k=top_k,
+            top_p=top_p,
+            min_p=min_p,
+            repetition_penalty=repetition_penalty,
+            seed=seed,
+        )
+        constraint = self.json_constraint(json_schema) if json_schema is not None else None
+        tokens = self.generate_ids(ids, new_tokens, sampling, constraint=constraint)
+        return self.text(tokens, [stop] if isinstance(stop, str) else stop)
+
+    def generate(self, prompt: str | list[dict], max_new_tokens: int | None = None, **settings) -> str:
+        """The continuation of `prompt`, whole: `stream`'s text joined (same arguments)."""
+        return "".join(self.stream(prompt, max_new_tokens, **settings))
+
+    def chat(self, messages: list[dict], max_new_tokens: int | None = None, **settings) -> str:
+        """The assistant's answer to `messages`, rendered by the chat template: `generate` with up to
+        CHAT_TOKENS new tokens by default (as `localmoe chat`)."""
+        if not isinstance(messages, list):
+            raise LocalMoEError("chat takes a list of messages such as [{'role': 'user', 'content': 'Hi'}]")
+        if max_new_tokens is None:
+            max_new_tokens = fit_new_tokens(len(self.prompt_ids(messages)), None, CHAT_TOKENS, self.plan)
+        return self.generate(messages, max_new_tokens, **settings)
+
+    def prompt_ids(self, prompt: str | list[dict], raw: bool = False) -> list[int]:
+        """Token ids of a text prompt, or of a list of messages rendered by the chat template."""
+        return encode_prompt(self.tokenizer, prompt, raw)
 
     def expert_cache(self) -> CacheSnapshot | None:
         """The expert cache's slots and counters so far, or None when every expert is resident."""
@@ -237,12 +294,12 @@ class Engine:
         """One line: what was loaded, where, and how the experts are placed."""
         plan, fp = self.plan, self.plan.footprint
         home = {"none": "none needed", "pinned": "pinned RAM", "ram": "RAM", "mmap": "checkpoint files (mmap)"}
-        model = self.checkpoint.part or self.parts.family.architectures[0]
+        model = self.checkpoint.part or self.parts.family.name
         barred = self.graphs_barred()
         decode = "static steps" if self.model.static_decode else "eager (the model has layers without static steps)"
         graphs = "CUDA graphs" if not barred else f"no CUDA graphs ({'; '.join(barred)})"
         return (
-            f"{self.checkpoint.path.name}: {model} on {plan.device}, {self.parts.dtype}; "
+            f"{self.checkpoint.name}: {model} on {plan.device}, {self.parts.dtype}; "
             f"resident {format_bytes(fp.resident_bytes)}; expert slots {plan.slots}/{fp.total_experts}; "
             f"experts' host copy: {home[plan.store]}; context {plan.context}{self._misses()}; "
             f"kernels: {self.kernels}; decode: {decode}, {graphs}"
@@ -252,7 +309,7 @@ class Engine:
         if self.miss_policy is None:
             return ""
         rates = self.bandwidths
-        measured = f" (copy {rates.copy / 1e9:.1f} GB/s, CPU {rates.cpu / 1e9:.1f} GB/s)" if rates else ""
+        measured = f" (copy {format_rate(rates.copy)}, CPU {format_rate(rates.cpu)})" if rates else ""
         why = self._offloaded.cache.store.not_in_place()
         fallback = f" ({DEFAULT} cannot be: {why})" if self.options.miss_policy is None and why else ""
         return f"; misses: {self.miss_policy}{measured}{fallback}"
@@ -335,24 +392,32 @@ class Prepared:
     plan: MemoryPlan
     quant: QuantSpec | None
 
+    @cached_property
+    def tokenizer(self) -> Tokenizer:
+        """The checkpoint's tokenizer, read before the weights where a caller checks a prompt or a chat
+        template first; the engine then takes it over."""
+        return Tokenizer(self.checkpoint.path)
+
 
 def prepare(
     source: str,
     *,
     device: str | None = None,
-    dtype: torch.dtype | None = None,
+    dtype: torch.dtype | str | None = None,
     revision: str | None = None,
     options: RuntimeOptions | None = None,
+    headers_only: bool = False,
 ) -> Prepared:
     """Open a checkpoint (folder or Hub repo id) and plan its placement on `device`; the device need not
-    be here when `vram_budget` says how much memory it has (to plan for it)."""
+    be here when `vram_budget` says how much memory it has (to plan for it). `headers_only`: a Hub
+    checkpoint's shards are not downloaded, only their headers read (enough to plan; see `Checkpoint.open`)."""
     options = options or RuntimeOptions()
     target = _parse_device(device) if device else resolve_device(None)
     if target.type == "cuda" and not torch.cuda.is_available() and options.vram_budget is None:
         raise LocalMoEError(f"this machine has no CUDA device: give {setting('vram_budget')} to plan for one")
-    checkpoint, family = open_checkpoint(source, revision)
-    parts = model_skeleton(checkpoint, family, dtype)
-    quant = _quant(options)
+    checkpoint, family = open_checkpoint(source, revision, weights=not headers_only)
+    parts = model_skeleton(checkpoint, family, _dtype(dtype))
+    quant = _quant(options, parts.experts)
     return Prepared(checkpoint, parts, target, options, _plan(parts, target, options, quant), quant)
 
 
@@ -370,12 +435,14 @@ def place(prepared: Prepared) -> Engine:
     if device.type == "cuda":  # Triton launches, streams and events on this device, not device 0
         device = torch.device("cuda", device.index if device.index is not None else torch.cuda.current_device())
         torch.cuda.set_device(device)
-    load_resident_weights(parts, checkpoint, device)
+    sweep_temporaries(cache_dir(), recursive=True)  # left by runs killed while writing
     blocks = moe_blocks(parts.model)
-    trace = RoutingTrace(options.trace, blocks[0].layer_idx) if options.trace else None
+    trace = RoutingTrace(options.trace, blocks[0].layer_idx) if options.trace else None  # an unwritable path fails now
+    load_resident_weights(parts, checkpoint, device)
     weights = quant or _stored_format(parts.experts)  # what the kernels will read
     kernel, kernels = pair_kernel(options.kernels, device, parts.dtype, [block.act for block in blocks], weights)
-    quantized = QuantizedLayers(cache_folder(checkpoint, _quant_settings(quant, parts.dtype))) if quant else None
+    settings = _quant_settings(quant, parts.dtype) if quant else ""
+    quantized = QuantizedLayers(cache_folder(checkpoint, settings), settings) if quant else None
     offloaded = None
     if plan.all_resident:
         experts = ResidentExperts(parts.experts, device, parts.dtype, trace, kernel, quant, quantized)
@@ -401,22 +468,32 @@ def place(prepared: Prepared) -> Engine:
     for block in blocks:
         block.experts = experts
     if options.profile and offloaded is not None:
-        path = default_profile_path(checkpoint) if options.profile == "auto" else Path(options.profile)
-        offloaded.start_from_profile(path)
+        own = options.profile == "auto"
+        offloaded.start_from_profile(default_profile_path(checkpoint) if own else Path(options.profile), own)
+    tokenizer = prepared.__dict__.get("tokenizer")  # where the preparation has read it already
     barred = _graphs_barred(device, kernel, parts.model, options)
-    return Engine(checkpoint, parts, plan, experts, options, kernels, offloaded, barred)
+    return Engine(checkpoint, parts, plan, experts, options, kernels, offloaded, tokenizer, barred)
 
 
 def load(
     source: str,
     *,
     device: str | None = None,
-    dtype: torch.dtype | None = None,
+    dtype: torch.dtype | str | None = None,
     revision: str | None = None,
     options: RuntimeOptions | None = None,
+    **settings,
 ) -> Engine:
-    """Open a checkpoint (folder or Hub repo id) and place it on `device` (default: CUDA when present):
-    `prepare`, then `place`."""
+    """Open a checkpoint (a folder, or a Hub repo id, downloaded through the Hugging Face cache) and place
+    it on `device` ("cpu", "cuda" or "cuda:N"; default: CUDA when present) in `dtype` ("bfloat16",
+    "float16", "float32", a torch dtype; default: the checkpoint's). `settings` are the runtime's, named
+    and written as `localmoe generate`'s flags: vram_budget="12GiB", host_budget, expert_slots, context,
+    policy, profile, pin_hot, prefetch, prefetch_margin, miss_policy, copy_bandwidth and cpu_bandwidth
+    (GB/s), expert_bits, expert_group_size, kernels, trace (see `RuntimeOptions`); or `options`, a
+    RuntimeOptions, instead."""
+    if options is not None and settings:
+        raise LocalMoEError("give the settings as keywords or as options=RuntimeOptions(...), not both")
+    options = options or RuntimeOptions.named(settings)
     return place(prepare(source, device=str(resolve_device(device)), dtype=dtype, revision=revision, options=options))
 
 
@@ -424,12 +501,12 @@ def plan_for(
     source: str,
     *,
     device: str | None = None,
-    dtype: torch.dtype | None = None,
+    dtype: torch.dtype | str | None = None,
     revision: str | None = None,
     options: RuntimeOptions | None = None,
 ) -> MemoryPlan:
-    """The memory plan `load` would follow, without loading any weights (see `prepare`)."""
-    return prepare(source, device=device, dtype=dtype, revision=revision, options=options).plan
+    """The memory plan `load` would follow, from the checkpoint's headers alone (see `prepare`)."""
+    return prepare(source, device=device, dtype=dtype, revision=revision, options=options, headers_only=True).plan
 
 
 def _miss_policy(options: RuntimeOptions, cache: ExpertCache, spec: MoESpec):
@@ -444,7 +521,7 @@ def _miss_policy(options: RuntimeOptions, cache: ExpertCache, spec: MoESpec):
         )
     if not MISS_POLICIES[name].weighs_bandwidths:
         return miss_policy(name)
-    rates = calibrated(cache.store, cache.rows[0], spec, options.copy_bandwidth, options.cpu_bandwidth)
+    rates = calibrated(cache.store, cache.rows[0], spec, *options.bandwidths())
     return miss_policy(name, rates)
 
 
@@ -475,10 +552,11 @@ def _graphs_barred(device: torch.device, kernel, model, options: RuntimeOptions)
     return barred
 
 
-def _quant(options: RuntimeOptions) -> QuantSpec | None:
+def _quant(options: RuntimeOptions, source) -> QuantSpec | None:
     if options.expert_bits == 16:
         return None
-    return QuantSpec(options.expert_bits, options.expert_group_size)
+    block = next(iter(source.blocks.values()))
+    return QuantSpec.fitting(options.expert_bits, options.expert_group_size, block.hidden_size, block.intermediate_size)
 
 
 def _stored_format(source) -> StoredFormat | None:
@@ -526,12 +604,19 @@ def _check_settings(options: RuntimeOptions) -> None:
     ):
         if getattr(options, name) not in table and not (name == "miss_policy" and options.miss_policy is None):
             raise LocalMoEError(f"unknown {setting(name)} {getattr(options, name)!r}: choose one of {', '.join(table)}")
-    if any(rate is not None and rate <= 0 for rate in (options.copy_bandwidth, options.cpu_bandwidth)):
-        raise LocalMoEError(f"{setting('copy_bandwidth')} and {setting('cpu_bandwidth')} must be positive")
     if (options.prefetch or 0) < 0 or options.prefetch_margin < 0 or options.pin_hot < 0:
         raise LocalMoEError(
             f"{setting('prefetch')}, {setting('prefetch_margin')} and {setting('pin_hot')} cannot be negative"
         )
+
+
+def _dtype(dtype: torch.dtype | str | None) -> torch.dtype | None:
+    """A compute dtype from its name ("bfloat16"; "auto": the checkpoint's, as None) or as a torch dtype."""
+    if dtype is None or isinstance(dtype, torch.dtype):
+        return dtype
+    if dtype != "auto" and dtype not in DTYPES:
+        raise LocalMoEError(f"unknown {setting('dtype')} {dtype!r}: choose auto, {', '.join(DTYPES)}")
+    return DTYPES.get(dtype)
 
 
 def resolve_device(device: str | None) -> torch.device:

@@ -7,22 +7,24 @@ never invented: where transformers would initialise it randomly and carry on, lo
 """
 
 import math
+import re
 from dataclasses import dataclass
 
 import torch
 from torch import nn
 
-from localmoe.checkpoint import Checkpoint
+from localmoe.checkpoint import INTEGER_DTYPES, WEIGHT_DTYPES, Checkpoint
 from localmoe.errors import LocalMoEError
 from localmoe.models import family_for
 from localmoe.models.attention import Attention
 from localmoe.models.expert_source import ExpertSource
-from localmoe.models.expert_tensors import role_shapes
+from localmoe.models.expert_tensors import block_shapes
 from localmoe.models.family import Family, ModelArgs
 from localmoe.models.moe import moe_blocks
 from localmoe.progress import progress
 from localmoe.runtime.memory import Footprint
 
+LAYER_INDEX = re.compile(r"(?:^|\.)layers\.(\d+)\.")  # in tensor names: model.layers.N.*
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
@@ -38,9 +40,9 @@ class ModelParts:
     resident_sources: dict[str, str]  # parameter name -> checkpoint tensor name
 
 
-def open_checkpoint(source: str, revision: str | None = None) -> tuple[Checkpoint, Family]:
+def open_checkpoint(source: str, revision: str | None = None, weights: bool = True) -> tuple[Checkpoint, Family]:
     """`Checkpoint.open`, seeing a multimodal checkpoint as the language model it holds; and its family."""
-    ckpt = Checkpoint.open(source, revision)
+    ckpt = Checkpoint.open(source, revision, weights)
     architectures = ckpt.config.get("architectures") or [None]
     family = family_for(ckpt.config)
     wrapper = next((w for w in family.multimodal if w.architecture == architectures[0]), None)
@@ -57,7 +59,7 @@ def open_checkpoint(source: str, revision: str | None = None) -> tuple[Checkpoin
     # top-level settings (dtype, quantization_config) hold for the language model unless it says otherwise;
     # the LM head belongs to the wrapper, so the wrapper's tie_word_embeddings (default True in several)
     # decides whether it is stored
-    config = {**ckpt.config, **text, "architectures": [family.architectures[0]]}
+    config = {**ckpt.config, **text, "architectures": [family.name]}
     if "tie_word_embeddings" in ckpt.config:
         config["tie_word_embeddings"] = ckpt.config["tie_word_embeddings"]
     part = f"the language model of {wrapper.architecture} (text only; its other towers stay on disk)"
@@ -69,11 +71,24 @@ def model_skeleton(ckpt: Checkpoint, family: Family, dtype: torch.dtype | None =
     shape checked; no weights are read."""
     _check_quantization(ckpt, family)
     args = family.args.from_config(ckpt.config)
+    _check_layer_count(ckpt, args)
     with torch.device("meta"):
         model = family.model(args)
     sources = _resident_sources(model, ckpt, family)
     experts = ExpertSource(ckpt, family.experts, moe_blocks(model))
     return ModelParts(model, experts, family, args, dtype or checkpoint_dtype(ckpt), sources)
+
+
+def _check_layer_count(ckpt: Checkpoint, args: ModelArgs) -> None:
+    """Refuse a config that names more decoder layers than the checkpoint holds tensors for, before they
+    are built: a damaged num_hidden_layers would otherwise build for minutes, then fail."""
+    stored = {int(match[1]) for name in ckpt.tensor_names if (match := LAYER_INDEX.search(name))}
+    missing = next((layer for layer in range(args.num_hidden_layers) if layer not in stored), None)
+    if stored and missing is not None:
+        raise LocalMoEError(
+            f"config.json gives num_hidden_layers {args.num_hidden_layers}, and {ckpt.path} holds no tensor of layer "
+            f"{missing} ({len(stored)} layers in all): the config and the weights do not belong together"
+        )
 
 
 def _check_quantization(ckpt: Checkpoint, family: Family) -> None:
@@ -83,9 +98,14 @@ def _check_quantization(ckpt: Checkpoint, family: Family) -> None:
         return
     if method is not None and method not in family.quantizations:
         raise LocalMoEError(
-            f"{ckpt.path} is quantized ({method}), which localmoe cannot read yet for {family.architectures[0]}: "
+            f"{ckpt.path} is quantized ({method}), which localmoe cannot read yet for {family.name}: "
             "use an unquantized (bf16) release of the model"
         )
+
+
+def resident_dtype(parts: ModelParts, name: str) -> torch.dtype:
+    """The dtype parameter `name` is kept in: float32 where the family keeps it so, else the compute dtype."""
+    return torch.float32 if any(fragment in name for fragment in parts.family.keep_float32) else parts.dtype
 
 
 def load_resident_weights(parts: ModelParts, ckpt: Checkpoint, device: torch.device | str) -> None:
@@ -94,9 +114,9 @@ def load_resident_weights(parts: ModelParts, ckpt: Checkpoint, device: torch.dev
     Routed experts are not loaded: `parts.experts` reads them on demand, and the runtime decides
     where they live and binds them to the model's MoE blocks.
     """
-    sources, keep = parts.resident_sources, parts.family.keep_float32
+    sources = parts.resident_sources
     state = {
-        name: _to(ckpt.weight(source), device, torch.float32 if any(k in name for k in keep) else parts.dtype)
+        name: _to(ckpt.weight(source), device, resident_dtype(parts, name))
         for name, source in progress(sources.items(), len(sources), "loading resident weights")
     }
     parts.model.load_state_dict(state, strict=True, assign=True)
@@ -108,23 +128,20 @@ def load_resident_weights(parts: ModelParts, ckpt: Checkpoint, device: torch.dev
 
 
 def footprint(parts: ModelParts) -> Footprint:
-    """The sizes the memory plan needs, from the model's shapes in the compute dtype."""
+    """The sizes the memory plan needs, from the model's shapes in the dtypes it keeps them in."""
     blocks = moe_blocks(parts.model)
     first = blocks[0]
-    shapes = {(b.hidden_size, b.intermediate_size, b.num_experts, b.expert_bias) for b in blocks}
+    shapes = {(b.hidden_size, b.intermediate_size, b.num_experts, b.expert_bias, b.gated) for b in blocks}
     if len(shapes) > 1:
-        raise LocalMoEError(
-            f"{parts.family.architectures[0]} with experts of different shapes per layer is not supported"
-        )
+        raise LocalMoEError(f"{parts.family.name} with experts of different shapes per layer is not supported")
     size = parts.dtype.itemsize
     widest = max([m.in_features for m in parts.model.modules() if isinstance(m, nn.Linear)] + [first.intermediate_size])
     hidden = first.hidden_size
     return Footprint(
-        resident_bytes=sum(p.numel() for p in parts.model.parameters()) * size,
-        expert_bytes=sum(
-            math.prod(shape) for shape in role_shapes(hidden, first.intermediate_size, first.expert_bias).values()
-        )
-        * size,
+        resident_bytes=sum(
+            p.numel() * resident_dtype(parts, name).itemsize for name, p in parts.model.named_parameters()
+        ),
+        expert_bytes=sum(math.prod(shape) for shape in block_shapes(first).values()) * size,
         moe_layers=len(blocks),
         experts_per_layer=first.num_experts,
         top_k=max(b.top_k for b in blocks),
@@ -165,9 +182,9 @@ def _resident_sources(model: nn.Module, ckpt: Checkpoint, family: Family) -> dic
         found = next((c for c in candidates if c in ckpt), None)
         if found is None:
             raise LocalMoEError(
-                f"{ckpt.path} lacks tensor {ckpt.stored_name(candidates[0])}, which {family.architectures[0]} "
+                f"{ckpt.path} lacks tensor {ckpt.stored_name(candidates[0])}, which {family.name} "
                 "needs: the checkpoint is incomplete or its index is damaged; download it again"
             )
-        ckpt.check_tensor(found, tuple(param.shape))
+        ckpt.check_tensor(found, tuple(param.shape), WEIGHT_DTYPES if param.is_floating_point() else INTEGER_DTYPES)
         sources[name] = found
     return sources

@@ -4,6 +4,8 @@ template rendered the way transformers renders it (sandboxed jinja2, same helper
 
 import functools
 import json
+import sys
+import time
 from collections.abc import Iterable, Iterator
 from datetime import datetime
 from pathlib import Path
@@ -34,7 +36,9 @@ class Tokenizer:
             raise LocalMoEError(f"{path} cannot be read ({error}): the file is damaged; download it again") from None
         config = _read_json(folder / "tokenizer_config.json")
         self.special_tokens = {
-            name: _token_text(config[name]) for name in SPECIAL_TOKEN_NAMES if config.get(name) is not None
+            name: _token_text(config[name], folder / "tokenizer_config.json", name)
+            for name in SPECIAL_TOKEN_NAMES
+            if config.get(name) is not None
         }
         self._apply_bos_eos_flags(config)
         self.chat_templates = _chat_templates(folder, config)
@@ -45,33 +49,47 @@ class Tokenizer:
         """Token ids; with `add_special_tokens`, plus what the post-processor adds (such as BOS)."""
         return self._tok.encode(text, add_special_tokens=add_special_tokens).ids
 
-    def decode(self, ids: list[int]) -> str:
-        return self._tok.decode(ids, skip_special_tokens=True)
+    def decode(self, ids: list[int], keep: frozenset[int] = frozenset()) -> str:
+        """Text of `ids` without special tokens, except those in `keep` (a tool-call format's markers)."""
+        if not keep:
+            return self._tok.decode(ids, skip_special_tokens=True)
+        return self._tok.decode([i for i in ids if i not in self._special_ids or i in keep], skip_special_tokens=False)
+
+    def special_ids(self, texts: Iterable[str]) -> frozenset[int]:
+        """The ids of those `texts` that are special tokens (decoding drops them unless kept)."""
+        return frozenset(i for i in map(self._tok.token_to_id, texts) if i is not None and i in self._special_ids)
 
     def token_id(self, text: str) -> int | None:
         return self._tok.token_to_id(text)
+
+    @functools.cached_property
+    def longest_token(self) -> int:
+        """Characters in the longest token's vocabulary entry (at least its text's): a text of n
+        characters is at least n / longest_token tokens, which bounds a prompt before it is tokenized."""
+        return max(map(len, self._tok.get_vocab(with_added_tokens=True)), default=1)
+
+    @property
+    def vocab_size(self) -> int:
+        return self._tok.get_vocab_size(with_added_tokens=True)
 
     def render_chat(
         self, messages: list[dict], add_generation_prompt: bool = True, tools: list[dict] | None = None, **kwargs
     ) -> str:
         """The conversation as the model was trained to see it, rendered from the checkpoint's chat template."""
-        template = self._template(tools)
-        try:
-            return _compile(template).render(
-                messages=messages,
-                tools=tools,
-                documents=None,
-                add_generation_prompt=add_generation_prompt,
-                **{**self.special_tokens, **kwargs},
-            )
-        except jinja2.TemplateError as error:
-            raise LocalMoEError(f"the chat template refused the conversation: {error}") from None
+        context = {
+            "messages": messages,
+            "tools": tools,
+            "documents": None,
+            "add_generation_prompt": add_generation_prompt,
+            **{**self.special_tokens, **kwargs},
+        }
+        return render_bounded(_compile(self.template(tools)), context)
 
     def encode_chat(self, messages: list[dict], add_generation_prompt: bool = True, **kwargs) -> list[int]:
         """Token ids of the rendered conversation: the template writes the special tokens itself."""
         return self.encode(self.render_chat(messages, add_generation_prompt, **kwargs), add_special_tokens=False)
 
-    def stream(self, ids: Iterable[int]) -> Iterator[str]:
+    def stream(self, ids: Iterable[int], keep: frozenset[int] = frozenset()) -> Iterator[str]:
         """Text pieces as tokens arrive, never splitting a multi-byte character.
 
         Each step decodes only a short window: the tokens since the last emitted piece, with the ones
@@ -85,14 +103,14 @@ class Tokenizer:
         after_byte = False  # the last token that decodes to anything was a byte-fallback token
         for token in ids:
             tokens.append(token)
-            if token not in self._special_ids:  # skipped in decode: bytes on both sides still join
+            if token not in self._special_ids or token in keep:  # skipped in decode: bytes on both sides join
                 after_byte = token in self._byte_tokens
-            before = self.decode(tokens[prefix:read])
-            text = self.decode(tokens[prefix:])
+            before = self.decode(tokens[prefix:read], keep)
+            text = self.decode(tokens[prefix:], keep)
             if len(text) > len(before) and not text.endswith("\ufffd") and not after_byte:
                 yield text[len(before) :]
                 prefix, read = read, len(tokens)
-        rest = self.decode(tokens[prefix:])[len(self.decode(tokens[prefix:read])) :]
+        rest = self.decode(tokens[prefix:], keep)[len(self.decode(tokens[prefix:read], keep)) :]
         if rest:
             yield rest
 
@@ -111,7 +129,7 @@ class Tokenizer:
         pair = f"{single} " + single.replace("$A", "$B").replace(":0", ":1")
         self._tok.post_processor = processors.TemplateProcessing(single=single, pair=pair, special_tokens=special)
 
-    def _template(self, tools: list[dict] | None) -> str:
+    def template(self, tools: list[dict] | None) -> str:
         templates = self.chat_templates
         if not templates:
             raise LocalMoEError(
@@ -136,14 +154,20 @@ def _read_json(path: Path) -> dict:
     if not path.is_file():
         return {}
     try:
-        return json.loads(path.read_text(encoding="utf-8"))
+        value = json.loads(path.read_text(encoding="utf-8"))
     except (json.JSONDecodeError, UnicodeDecodeError) as error:
         raise LocalMoEError(f"{path} is not valid JSON ({error}): the file is damaged; download it again") from None
+    if not isinstance(value, dict):
+        raise LocalMoEError(f"{path} must hold a JSON object, not {type(value).__name__}: the file is damaged")
+    return value
 
 
-def _token_text(value: Any) -> str:
+def _token_text(value: Any, path: Path, name: str) -> str:
     """Special tokens are written as text, or as {"content": text, ...} in older configs."""
-    return value["content"] if isinstance(value, dict) else str(value)
+    text = value.get("content") if isinstance(value, dict) else value
+    if not isinstance(text, str):
+        raise LocalMoEError(f'{path}: {name} must be text or {{"content": text}}, not {value!r}'[:300])
+    return text
 
 
 def _chat_templates(folder: Path, config: dict) -> dict[str, str]:
@@ -156,9 +180,15 @@ def _chat_templates(folder: Path, config: dict) -> dict[str, str]:
         templates[file.name.removesuffix(".jinja")] = file.read_text(encoding="utf-8")
     if templates:
         return templates
+    source = "tokenizer_config.json" if config.get("chat_template") else "chat_template.json"
     value = config.get("chat_template") or _read_json(folder / "chat_template.json").get("chat_template")
     if isinstance(value, list):
-        return {entry["name"]: entry["template"] for entry in value}
+        named = [e for e in value if isinstance(e, dict) and isinstance(e.get("name"), str)]
+        if len(named) < len(value) or not all(isinstance(e.get("template"), str) for e in named):
+            raise LocalMoEError(f"{folder / source}: chat_template must list {{name, template}} objects of text")
+        return {entry["name"]: entry["template"] for entry in named}
+    if value and not isinstance(value, str):
+        raise LocalMoEError(f"{folder / source}: chat_template must be text or a list of named templates")
     return {"default": value} if value else {}
 
 
@@ -176,13 +206,98 @@ class _GenerationTag(jinja2.ext.Extension):
         return caller()
 
 
+RENDER_SECONDS = 10.0  # a template still rendering after this is looping: real ones take milliseconds
+RENDER_CHARACTERS = 16 * 2**20  # more text than any context holds
+TEMPLATE_FILE = "<template>"  # the file name jinja2 gives the code it compiles from a string
+
+
+class _BoundedSandbox(ImmutableSandboxedEnvironment):
+    """transformers' sandbox, where no single operation may build a huge value: repeating a string or a
+    list, a large power, or a call (method, filter or function) given an integer beyond the output limit
+    is refused. Loops and output are bounded by `render_bounded`."""
+
+    intercepted_binops = frozenset({"*", "**", "%"})
+
+    def call_binop(self, context, operator, left, right):
+        numbers = [v for v in (left, right) if isinstance(v, int)]
+        if operator == "**" and isinstance(right, int) and isinstance(left, int) and abs(right) > 64 and abs(left) > 1:
+            raise jinja2.exceptions.SecurityError("the chat template computes a power too large to build")
+        if operator == "*" and numbers and any(isinstance(v, str | list | tuple) for v in (left, right)):
+            size = max(numbers) * max(len(v) for v in (left, right) if isinstance(v, str | list | tuple))
+            if size > RENDER_CHARACTERS:
+                raise jinja2.exceptions.SecurityError("the chat template repeats a value beyond the output limit")
+        if operator == "%":
+            _check_sizes((right,) if not isinstance(right, tuple) else right, {})
+        return super().call_binop(context, operator, left, right)
+
+    def call(self, context, obj, *args, **kwargs):
+        _check_sizes(args, kwargs)
+        return super().call(context, obj, *args, **kwargs)
+
+
+def _check_sizes(args, kwargs) -> None:
+    if any(isinstance(v, int) and abs(v) > RENDER_CHARACTERS for v in (*args, *kwargs.values())):
+        raise jinja2.exceptions.SecurityError("the chat template asks for a value beyond the output limit")
+
+
+def _bounded_filter(filter_function):
+    @functools.wraps(filter_function)
+    def bounded(*args, **kwargs):
+        _check_sizes(args[1:], kwargs)
+        return filter_function(*args, **kwargs)
+
+    return bounded
+
+
+class _TooLong(Exception):
+    pass
+
+
+def render_bounded(template: jinja2.Template, context: dict) -> str:
+    """Render within RENDER_SECONDS and RENDER_CHARACTERS, and turn every failure into one line: the
+    template is the checkpoint's code, run on the caller's thread, and must neither hang nor flood it.
+    The deadline is checked on each line the template's compiled code runs (a trace on this thread)."""
+    deadline = time.monotonic() + RENDER_SECONDS
+
+    def each_line(frame, event, arg):
+        if time.monotonic() > deadline:
+            raise _TooLong(f"it ran for more than {RENDER_SECONDS:.0f} s")
+        return each_line
+
+    def trace(frame, event, arg):
+        return each_line if frame.f_code.co_filename == TEMPLATE_FILE else None
+
+    previous, pieces, size = sys.gettrace(), [], 0
+    sys.settrace(trace)
+    try:
+        for piece in template.generate(**context):
+            size += len(piece)
+            if size > RENDER_CHARACTERS:
+                raise _TooLong(f"it wrote more than {RENDER_CHARACTERS} characters")
+            pieces.append(piece)
+    except _TooLong as error:
+        raise LocalMoEError(f"the chat template was stopped: {error}") from None
+    except jinja2.TemplateError as error:
+        raise LocalMoEError(f"the chat template refused the conversation: {_one_line(error)}") from None
+    except RecursionError:
+        raise LocalMoEError("the chat template failed: it recursed without end") from None
+    except Exception as error:  # the template is code from the checkpoint: any failure is its own
+        raise LocalMoEError(f"the chat template failed: {type(error).__name__}: {_one_line(error)}") from None
+    finally:
+        sys.settrace(previous)
+    return "".join(pieces)
+
+
+def _one_line(error: Exception) -> str:
+    return " ".join(str(error).split())[:300]
+
+
 @functools.lru_cache(maxsize=8)
 def _compile(template: str) -> jinja2.Template:
     """Compile in the sandbox transformers uses, with the helpers real templates call."""
-    env = ImmutableSandboxedEnvironment(
-        trim_blocks=True, lstrip_blocks=True, extensions=[jinja2.ext.loopcontrols, _GenerationTag]
-    )
+    env = _BoundedSandbox(trim_blocks=True, lstrip_blocks=True, extensions=[jinja2.ext.loopcontrols, _GenerationTag])
     env.filters["tojson"] = _tojson
+    env.filters = {name: _bounded_filter(function) for name, function in env.filters.items()}
     env.globals["raise_exception"] = _raise_exception
     env.globals["strftime_now"] = lambda fmt: datetime.now().strftime(fmt)
     try:
@@ -209,15 +324,17 @@ class StopStrings:
     def __init__(self, stops: Iterable[str]):
         self.stops = [stop for stop in stops if stop]
         self.stopped = False
+        self.matched: str | None = None  # the stop string that ended the text
         self._pending = ""
 
     def feed(self, piece: str) -> str:
         """The part of the text so far that is safe to print; sets `stopped` at a stop string."""
         text = self._pending + piece
-        hits = [i for i in (text.find(stop) for stop in self.stops) if i >= 0]
+        hits = [(i, stop) for stop in self.stops if (i := text.find(stop)) >= 0]
         if hits:
+            at, self.matched = min(hits)
             self.stopped, self._pending = True, ""
-            return text[: min(hits)]
+            return text[:at]
         hold = max((n for stop in self.stops for n in range(1, len(stop)) if text.endswith(stop[:n])), default=0)
         self._pending = text[len(text) - hold :] if hold else ""
         return text[: len(text) - hold]

@@ -58,9 +58,11 @@ from localmoe.bench import (  # noqa: E402
 )
 from localmoe.demo import write_random_checkpoint  # noqa: E402
 from localmoe.engine import RuntimeOptions, load, plan_for  # noqa: E402
+from localmoe.files import write_atomic  # noqa: E402
 from localmoe.loader import DTYPES  # noqa: E402
+from localmoe.options import parse_size  # noqa: E402
 from localmoe.paths import cache_dir  # noqa: E402
-from localmoe.runtime.memory import format_bytes, parse_size  # noqa: E402
+from localmoe.runtime.memory import format_bytes  # noqa: E402
 
 SHAPES = {
     # one expert of 22 MB in bf16, 8 per layer, top-2
@@ -316,7 +318,7 @@ def main() -> None:
     }
     args.out.mkdir(parents=True, exist_ok=True)
     out = args.out / f"{now:%Y%m%d-%H%M}-{device.type}-{model}.json"
-    out.write_text(json.dumps(result, indent=2))
+    write_atomic(out, json.dumps(result, indent=2))
     write_benchmarks(args.out, args.docs)
     print(f"wrote {out} and {args.docs}")
 

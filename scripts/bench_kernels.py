@@ -29,6 +29,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))  # run from a checkout without installing
 
 from localmoe.bench import machine, measure_bandwidth, write_benchmarks  # noqa: E402
+from localmoe.files import write_atomic  # noqa: E402
 from localmoe.kernels.reference import combine_pairs, expert_pair_outputs  # noqa: E402
 from localmoe.loader import DTYPES  # noqa: E402
 from localmoe.models.moe import GatedActivation  # noqa: E402
@@ -135,7 +136,7 @@ def main() -> None:
     folder = args.out / "kernels"
     folder.mkdir(parents=True, exist_ok=True)
     out = folder / f"{now:%Y%m%d-%H%M}-{device.type}.json"
-    out.write_text(json.dumps(result, indent=2))
+    write_atomic(out, json.dumps(result, indent=2))
     write_benchmarks(args.out, args.docs)
     print(f"wrote {out} and {args.docs}")
 

@@ -28,6 +28,7 @@ sys.path.insert(0, str(ROOT))  # run from a checkout without installing
 from localmoe.bench import machine, write_benchmarks  # noqa: E402
 from localmoe.demo import demo_checkpoint  # noqa: E402
 from localmoe.engine import RuntimeOptions, load  # noqa: E402
+from localmoe.files import write_atomic  # noqa: E402
 from localmoe.loader import DTYPES  # noqa: E402
 from localmoe.models.moe import Routing, moe_blocks  # noqa: E402
 
@@ -122,7 +123,7 @@ def main() -> None:
     folder = args.out / "quant"
     folder.mkdir(parents=True, exist_ok=True)
     out = folder / f"{now:%Y%m%d-%H%M}-{Path(path).name}.json"
-    out.write_text(json.dumps(result, indent=2))
+    write_atomic(out, json.dumps(result, indent=2))
     write_benchmarks(args.out, args.docs)
     print(f"wrote {out} and {args.docs}")
 

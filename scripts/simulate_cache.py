@@ -32,6 +32,7 @@ sys.path.insert(0, str(ROOT))  # run from a checkout without installing
 
 from localmoe.bench import write_benchmarks  # noqa: E402
 from localmoe.errors import LocalMoEError  # noqa: E402
+from localmoe.files import write_atomic  # noqa: E402
 from localmoe.runtime.expert_cache import Score  # noqa: E402
 from localmoe.simulate import Trace, fresh_runs, load_trace, replay, static_oracle_hit_rate  # noqa: E402
 
@@ -235,8 +236,8 @@ def write_result(folder: Path, path: Path, trace: Trace, sizes: list[dict], swee
         "decay_sweep": {"slots": sweep_slots, "rows": sweep},
     }
     folder.mkdir(parents=True, exist_ok=True)
-    (folder / f"{time.strftime('%Y%m%d-%H%M', time.gmtime())}-{path.stem}.json").write_text(
-        json.dumps(result, indent=1)
+    write_atomic(
+        folder / f"{time.strftime('%Y%m%d-%H%M', time.gmtime())}-{path.stem}.json", json.dumps(result, indent=1)
     )
 
 

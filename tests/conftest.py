@@ -1,5 +1,7 @@
 """Tiny random checkpoints written by transformers, the correctness oracle of the tests."""
 
+import contextlib
+import hashlib
 import json
 import os
 from pathlib import Path
@@ -31,6 +33,44 @@ def localmoe_cache(tmp_path_factory):
         os.environ["LOCALMOE_CACHE"] = previous
 
 
+DAMAGED_ON_PURPOSE = ("broken",)  # fixtures that are private copies of a checkpoint for a test to damage
+
+
+def digest(folder: Path) -> dict[str, str]:
+    """Every file under `folder`, by name, with the SHA-256 of its bytes."""
+    files = sorted(path for path in folder.rglob("*") if path.is_file())
+    return {str(path.relative_to(folder)): hashlib.sha256(path.read_bytes()).hexdigest() for path in files}
+
+
+def checkpoint_folders(value) -> list[Path]:
+    """The checkpoint folders in a fixture's value: a folder with a config.json, given as a path or a
+    string, alone or in a tuple, list or dict."""
+    if isinstance(value, tuple | list):
+        return [folder for item in value for folder in checkpoint_folders(item)]
+    if isinstance(value, dict):
+        return checkpoint_folders(list(value.values()))
+    try:
+        if isinstance(value, str | Path) and (Path(value) / "config.json").is_file():
+            return [Path(value)]
+    except (OSError, ValueError):  # a string that is no path at all
+        pass
+    return []
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_call(item):
+    """Every checkpoint a test is given hashes the same after the test: localmoe never writes to one."""
+    fixtures = getattr(item, "funcargs", {})
+    folders = {
+        f for name, value in fixtures.items() if name not in DAMAGED_ON_PURPOSE for f in checkpoint_folders(value)
+    }
+    before = {folder: digest(folder) for folder in folders}
+    result = yield
+    for folder, files in before.items():
+        assert digest(folder) == files, f"the test changed the checkpoint in {folder}"
+    return result
+
+
 def randomize(model: torch.nn.Module, seed: int = 0) -> None:
     """Give every parameter and learned buffer a random value: defaults such as zero biases or unit
     norms hide bugs. Norm weights (and Gemma 4's layer scalars) stay near one so that activations keep a
@@ -52,23 +92,34 @@ def randomize(model: torch.nn.Module, seed: int = 0) -> None:
 
 
 def hf_model(config_class: str, **config):
-    """A randomised transformers causal LM in float32, in eval mode."""
+    """A randomised transformers causal LM in float32, in eval mode: the whole multimodal model for a
+    family that transformers has only that way (Qwen3-VL-MoE)."""
     import transformers
 
     cfg = getattr(transformers, config_class)(**config)
     torch.manual_seed(0)
     try:
         model = transformers.AutoModelForCausalLM.from_config(cfg, dtype=torch.float32).eval()
-    except ValueError:  # a text model the auto classes do not list (Mistral 4): its own causal LM class
-        model_class = getattr(transformers, config_class.removesuffix("Config") + "ForCausalLM")
-        model = model_class._from_config(cfg, dtype=torch.float32).eval()
+    except ValueError:
+        # a language model transformers defines only inside its multimodal model: that whole model; a model
+        # the auto classes do not list (Mistral 4): its own causal LM or wrapper class
+        try:
+            model = transformers.AutoModelForImageTextToText.from_config(cfg, dtype=torch.float32).eval()
+        except ValueError:
+            name = config_class.removesuffix("Config")
+            model_class = getattr(transformers, name + "ForCausalLM", None) or getattr(
+                transformers, name + "ForConditionalGeneration"
+            )
+            model = model_class._from_config(cfg, dtype=torch.float32).eval()
     randomize(model)
     return model
 
 
 def save_hf(model, folder: Path, layout: str) -> Path:
     """Write `model` as transformers does: `sharded` (index + small shards), `single` (one
-    model.safetensors), or `fused` (the in-memory 3-D expert tensors, as transformers 5 also loads)."""
+    model.safetensors), or `fused` (the in-memory 3-D expert tensors, as transformers 5 also loads);
+    or `transposed`: single, with the fused experts transposed as Qwen3-VL-MoE's releases store them
+    (transformers 5.24 transposes them when loading, and writes them untransposed)."""
     if layout == "sharded":
         model.save_pretrained(folder, max_shard_size=SMALL_SHARDS)
     elif layout == "single":
@@ -81,6 +132,14 @@ def save_hf(model, folder: Path, layout: str) -> Path:
         state = {k: v.contiguous() for k, v in model.state_dict().items()}
         if model.config.tie_word_embeddings:
             state.pop("lm_head.weight")
+        save_file(state, str(folder / "model.safetensors"), metadata={"format": "pt"})
+    elif layout == "transposed":
+        from safetensors.torch import load_file, save_file
+
+        model.save_pretrained(folder)
+        state = load_file(str(folder / "model.safetensors"))
+        fused = (".experts.gate_up_proj", ".experts.down_proj")
+        state = {k: v.transpose(1, 2).contiguous() if k.endswith(fused) else v for k, v in state.items()}
         save_file(state, str(folder / "model.safetensors"), metadata={"format": "pt"})
     else:
         raise ValueError(layout)
@@ -471,6 +530,386 @@ DEEPSEEK_V4 = dict(
 )
 
 # Every family at tiny size, keyed by model_type: (transformers config class, config).
+QWEN3_NEXT = dict(
+    BASE,
+    intermediate_size=40,
+    num_hidden_layers=4,  # three Gated DeltaNet layers, then full attention
+    num_key_value_heads=2,
+    head_dim=16,
+    linear_num_key_heads=2,
+    linear_num_value_heads=4,  # two value heads per key head: the grouped projections interleave them
+    linear_key_head_dim=16,
+    linear_value_head_dim=8,
+    moe_intermediate_size=32,
+    shared_expert_intermediate_size=48,
+    num_experts=6,
+    num_experts_per_tok=2,
+    mlp_only_layers=[1],  # a dense layer between sparse ones
+)
+
+QWEN3_VL_MOE_TEXT = dict(
+    BASE,
+    intermediate_size=112,
+    moe_intermediate_size=48,
+    num_hidden_layers=4,
+    num_key_value_heads=2,
+    head_dim=24,
+    num_experts=7,
+    num_experts_per_tok=3,
+    mlp_only_layers=[1],  # a dense layer between sparse ones
+    # sections of rotary frequencies for time, height and width: the same positions for text tokens
+    rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [4, 4, 4]},
+)
+QWEN3_VL_VISION = dict(depth=1, hidden_size=16, intermediate_size=32, num_heads=2, out_hidden_size=64, patch_size=4)
+# Qwen3-VL-MoE exists in transformers only with its vision tower: its tests run the whole model
+QWEN3_VL_MOE = dict(text_config=QWEN3_VL_MOE_TEXT, vision_config=QWEN3_VL_VISION)
+
+GLM4_MOE_LITE = dict(
+    BASE,
+    intermediate_size=96,
+    moe_intermediate_size=24,
+    num_hidden_layers=4,
+    n_routed_experts=8,
+    num_experts_per_tok=2,
+    n_shared_experts=1,
+    mlp_layer_types=["dense", "sparse", "dense", "sparse"],  # a dense layer between sparse ones
+    kv_lora_rank=32,
+    q_lora_rank=24,
+    qk_nope_head_dim=16,
+    qk_rope_head_dim=8,
+    v_head_dim=12,
+)
+
+NEMOTRON_H = dict(
+    BASE,
+    # every kind of block, attention (without position embeddings) after recurrent state has built up
+    layers_block_type=["linear_attention", "moe", "full_attention", "mlp", "linear_attention", "moe"],
+    num_key_value_heads=2,
+    head_dim=16,
+    intermediate_size=48,
+    ssm_state_size=8,
+    mamba_num_heads=8,
+    mamba_head_dim=8,
+    n_groups=2,
+    conv_kernel=4,
+    n_routed_experts=6,
+    num_experts_per_tok=2,
+    moe_intermediate_size=32,
+    moe_shared_expert_intermediate_size=40,
+    routed_scaling_factor=1.5,
+    pad_token_id=0,
+)
+
+GRANITE_MOE_HYBRID = dict(
+    BASE,
+    intermediate_size=32,
+    shared_intermediate_size=48,
+    num_hidden_layers=4,
+    layer_types=["linear_attention", "full_attention", "linear_attention", "linear_attention"],
+    num_key_value_heads=2,
+    num_local_experts=6,
+    num_experts_per_tok=2,
+    mamba_n_heads=8,
+    mamba_d_head=16,
+    mamba_d_state=8,
+    mamba_n_groups=2,
+    # muP multipliers
+    embedding_multiplier=12.0,
+    residual_multiplier=0.22,
+    attention_multiplier=0.015625,
+    logits_scaling=2.0,
+    pad_token_id=0,
+)
+
+LFM2_MOE = dict(
+    BASE,
+    intermediate_size=96,
+    moe_intermediate_size=32,
+    num_hidden_layers=4,
+    layer_types=["conv", "conv", "full_attention", "conv"],
+    num_key_value_heads=2,
+    num_dense_layers=1,
+    num_experts=6,
+    num_experts_per_tok=2,
+    routed_scaling_factor=1.5,
+)
+
+KIMI_LINEAR = dict(
+    BASE,
+    intermediate_size=96,
+    moe_intermediate_size=24,
+    num_hidden_layers=4,
+    layer_types=["linear_attention", "linear_attention", "full_attention", "linear_attention"],
+    mlp_layer_types=["dense", "sparse", "sparse", "dense"],  # a dense layer after sparse ones too
+    num_local_experts=8,
+    num_experts_per_tok=2,
+    n_shared_experts=1,
+    routed_scaling_factor=1.5,
+    kv_lora_rank=32,
+    qk_nope_head_dim=16,
+    qk_rope_head_dim=8,
+    v_head_dim=12,
+    linear_head_dim=16,
+    linear_num_heads=4,
+    pad_token_id=0,
+)
+
+AFMOE = dict(
+    BASE,
+    intermediate_size=96,
+    moe_intermediate_size=32,
+    num_hidden_layers=4,  # three sliding-window layers, then a global one without rotary
+    num_key_value_heads=2,
+    head_dim=16,
+    num_dense_layers=1,
+    num_experts=6,
+    num_experts_per_tok=2,
+    num_shared_experts=1,
+    route_scale=1.5,
+    sliding_window=8,  # shorter than the prompts
+    mup_enabled=True,
+)
+
+LAGUNA = dict(
+    BASE,
+    intermediate_size=96,
+    moe_intermediate_size=32,
+    shared_expert_intermediate_size=40,
+    num_hidden_layers=4,
+    num_attention_heads_per_layer=[4, 8, 4, 8],  # more heads on the full layers
+    num_key_value_heads=2,
+    head_dim=16,
+    num_experts=6,
+    num_experts_per_tok=2,
+    layer_types=["sliding_attention", "full_attention", "sliding_attention", "full_attention"],
+    sliding_window=8,  # shorter than the prompts
+    moe_routed_scaling_factor=1.5,
+    moe_router_logit_softcapping=2.0,
+)
+
+DOTS1 = dict(
+    BASE,
+    intermediate_size=96,
+    moe_intermediate_size=24,
+    num_hidden_layers=4,
+    num_key_value_heads=2,
+    n_routed_experts=8,
+    num_experts_per_tok=2,
+    n_shared_experts=1,
+    n_group=4,
+    topk_group=2,
+    first_k_dense_replace=1,
+    norm_topk_prob=True,
+    routed_scaling_factor=2.0,
+    sliding_window=8,  # shorter than the prompts, on the layers from max_window_layers on
+    max_window_layers=2,
+)
+
+SOLAR_OPEN = dict(
+    BASE,
+    moe_intermediate_size=24,
+    num_hidden_layers=3,
+    num_key_value_heads=2,
+    head_dim=16,
+    n_routed_experts=8,
+    num_experts_per_tok=2,
+    n_shared_experts=1,
+    routed_scaling_factor=1.5,
+)
+
+EXAONE_MOE = dict(
+    BASE,
+    intermediate_size=96,
+    moe_intermediate_size=24,
+    num_hidden_layers=4,  # three sliding-window layers with rotary, then a global one without
+    num_key_value_heads=2,
+    num_experts=8,
+    num_experts_per_tok=2,
+    num_shared_experts=1,
+    sliding_window=8,  # shorter than the prompts
+    pad_token_id=0,
+)
+
+HY_V3 = dict(
+    BASE,
+    intermediate_size=96,
+    moe_intermediate_size=24,
+    num_hidden_layers=3,
+    num_key_value_heads=2,
+    head_dim=16,
+    num_experts=8,
+    num_experts_per_tok=2,
+)
+
+SARVAM_MOE = dict(
+    BASE,
+    intermediate_size=96,
+    moe_intermediate_size=24,
+    num_hidden_layers=3,
+    num_key_value_heads=2,
+    head_dim=16,
+    num_experts=8,  # the original config's names
+    num_shared_experts=1,
+    num_experts_per_tok=2,
+)
+
+DEEPSEEK_V32 = dict(
+    BASE,
+    intermediate_size=96,
+    moe_intermediate_size=32,
+    num_hidden_layers=3,
+    num_key_value_heads=4,
+    n_shared_experts=1,
+    n_routed_experts=8,
+    num_experts_per_tok=2,
+    n_group=2,
+    topk_group=1,
+    routed_scaling_factor=2.5,
+    kv_lora_rank=16,
+    q_lora_rank=24,
+    qk_rope_head_dim=8,
+    qk_nope_head_dim=16,
+    v_head_dim=12,
+    index_topk=8,  # fewer than the prompt's tokens: the selection cuts
+    index_head_dim=16,
+    index_n_heads=16,  # enough heads that relu leaves no exact ties for top-k to break either way
+    first_k_dense_replace=1,
+    rope_parameters={"rope_type": "default", "rope_theta": 10000.0},
+)
+
+COHERE2_MOE = dict(
+    BASE,
+    intermediate_size=24,  # routed and shared experts
+    prefix_dense_intermediate_size=48,
+    num_hidden_layers=5,  # a dense prefix layer, then three sliding-window layers and a global one
+    num_key_value_heads=2,
+    head_dim=16,
+    num_experts=6,
+    num_experts_per_tok=2,
+    num_shared_experts=1,
+    first_k_dense_replace=1,
+    sliding_window=8,  # shorter than the prompts
+    pad_token_id=0,
+)
+
+# GLM-4.5V's language model, only ever built inside its multimodal model
+GLM4V_MOE = dict(
+    text_config={
+        **GLM4_MOE,
+        "n_group": 2,
+        "topk_group": 1,
+        # sections of the 4 rotated frequencies (half of a 16-wide head) for time, height and width
+        "rope_parameters": {"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [2, 1, 1]},
+    },
+    vision_config=dict(depth=1, hidden_size=32, intermediate_size=32, num_heads=2, out_hidden_size=64, patch_size=4),
+)
+
+MIMO_V2_FLASH = dict(
+    BASE,
+    intermediate_size=96,
+    moe_intermediate_size=24,
+    num_hidden_layers=4,
+    num_key_value_heads=1,  # two on the sliding-window layers
+    head_dim=24,  # rotary on int(24 x 0.334) = 8 dims by default
+    v_head_dim=16,
+    n_routed_experts=8,
+    num_experts_per_tok=2,
+    sliding_window=8,  # shorter than the prompts
+    layer_types=["full_attention", "sliding_attention", "sliding_attention", "full_attention"],
+)
+
+# Step-3.7-Flash's language model, only ever built inside its multimodal model
+STEP3P7 = dict(
+    text_config=dict(
+        BASE,
+        intermediate_size=96,
+        moe_intermediate_size=24,
+        share_expert_dim=32,
+        num_hidden_layers=4,
+        num_sliding_attention_heads=2,
+        num_key_value_heads=2,
+        head_dim=16,
+        n_routed_experts=8,
+        num_experts_per_tok=2,
+        moe_router_scaling_factor=1.5,
+        sliding_window=8,  # shorter than the prompts
+        layer_types=["full_attention", "sliding_attention", "sliding_attention", "full_attention"],
+        mlp_layer_types=["dense", "sparse", "sparse", "sparse"],
+        # small enough to clamp the random activations: the dense layer, a MoE layer's experts and shared expert
+        swiglu_limits=[0.0, 0.0, 0.3, 0.0],
+        swiglu_limits_shared=[0.3, 0.0, 0.3, 0.0],
+    ),
+    vision_config=dict(hidden_size=32, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2, patch_size=4),
+)
+
+# MiniMax-M3's language model, inside its multimodal model (the release's layout)
+MINIMAX_M3 = dict(
+    text_config=dict(
+        BASE,
+        intermediate_size=24,
+        dense_intermediate_size=48,
+        shared_intermediate_size=32,
+        num_hidden_layers=4,
+        num_key_value_heads=2,
+        head_dim=16,
+        rotary_dim=8,
+        # transformers reads the rotated width from here only (see test_parity)
+        rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "partial_rotary_factor": 0.5},
+        num_local_experts=8,
+        num_experts_per_tok=2,
+        swiglu_limit=0.5,  # small enough to clamp
+        index_n_heads=2,  # one per KV head
+        index_head_dim=16,
+        index_block_size=4,  # prompts span several blocks, more than the selection keeps
+        index_topk_blocks=3,
+        index_local_blocks=2,
+        layer_types=["full_attention", "minimax_m3_sparse", "minimax_m3_sparse", "full_attention"],
+        mlp_layer_types=["dense", "sparse", "sparse", "sparse"],
+    ),
+    vision_config=dict(hidden_size=32, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2, patch_size=4),
+    projector_hidden_size=32,
+)
+
+ZAYA = dict(
+    BASE,
+    moe_intermediate_size=24,
+    num_hidden_layers=3,
+    num_key_value_heads=2,
+    head_dim=16,
+    cca_time0=2,
+    cca_time1=3,  # the convolutions read the three tokens before each
+    num_experts=4,
+    router_hidden_size=16,
+    sliding_window=8,  # shorter than the prompts
+    layer_types=["hybrid", "hybrid_sliding", "hybrid"],
+    rope_parameters={
+        "hybrid": {"rope_type": "default", "rope_theta": 500000.0, "partial_rotary_factor": 0.5},
+        "hybrid_sliding": {"rope_type": "default", "rope_theta": 10000.0, "partial_rotary_factor": 0.25},
+    },
+    pad_token_id=0,
+)
+
+BAILING_HYBRID = dict(
+    BASE,
+    intermediate_size=96,
+    moe_intermediate_size=24,
+    num_hidden_layers=4,  # two delta attention layers, latent attention, delta attention
+    layer_group_size=3,
+    num_key_value_heads=4,
+    head_dim=16,  # the delta attention's
+    kv_lora_rank=16,
+    q_lora_rank=24,
+    qk_rope_head_dim=8,
+    qk_nope_head_dim=8,
+    v_head_dim=12,
+    num_local_experts=8,
+    num_experts_per_tok=2,
+    n_group=2,
+    topk_group=1,
+    first_k_dense_replace=1,
+    pad_token_id=0,
+)
+
 TINY_FAMILIES = {
     "mixtral": ("MixtralConfig", MIXTRAL),  # 3 MoE layers x 5 experts, top-2
     "qwen2_moe": ("Qwen2MoeConfig", QWEN2_MOE),
@@ -496,4 +935,51 @@ TINY_FAMILIES = {
     "mistral4": ("Mistral4Config", MISTRAL4),
     "glm_moe_dsa": ("GlmMoeDsaConfig", GLM_MOE_DSA),
     "deepseek_v4": ("DeepseekV4Config", DEEPSEEK_V4),
+    "qwen3_next": ("Qwen3NextConfig", QWEN3_NEXT),
+    "qwen3_vl_moe_text": ("Qwen3VLMoeConfig", QWEN3_VL_MOE),
+    "glm4_moe_lite": ("Glm4MoeLiteConfig", GLM4_MOE_LITE),
+    # experts in a latent space: coming layers are predicted from the hidden states, not the latent ones
+    "nemotron_h": ("NemotronHConfig", {**NEMOTRON_H, "moe_latent_size": 24}),
+    "granitemoehybrid": ("GraniteMoeHybridConfig", GRANITE_MOE_HYBRID),
+    "lfm2_moe": ("Lfm2MoeConfig", LFM2_MOE),
+    "kimi_linear": ("KimiLinearConfig", KIMI_LINEAR),
+    "laguna": ("LagunaConfig", LAGUNA),
+    "afmoe": ("AfmoeConfig", AFMOE),
+    "dots1": ("Dots1Config", DOTS1),
+    "solar_open": ("SolarOpenConfig", SOLAR_OPEN),
+    "exaone_moe": ("ExaoneMoeConfig", EXAONE_MOE),
+    "hy_v3": ("HYV3Config", HY_V3),
+    "sarvam_moe": ("SarvamMoEConfig", SARVAM_MOE),
+    "deepseek_v32": ("DeepseekV32Config", DEEPSEEK_V32),
+    "cohere2_moe": ("Cohere2MoeConfig", COHERE2_MOE),
+    "glm4v_moe_text": ("Glm4vMoeConfig", GLM4V_MOE),
+    "mimo_v2_flash": ("MiMoV2FlashConfig", MIMO_V2_FLASH),
+    "step3p5": ("Step3p7Config", STEP3P7),
+    "minimax_m3_vl_text": ("MiniMaxM3VLConfig", MINIMAX_M3),
+    "zaya": ("ZayaConfig", ZAYA),
+    "bailing_hybrid": ("BailingHybridConfig", BAILING_HYBRID),
 }
+
+
+@contextlib.contextmanager
+def serve_app(app, **config):
+    """A real uvicorn server for `app` on a free loopback port, in a thread; yields the port."""
+    import socket
+    import threading
+    import time
+
+    import uvicorn
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning", **config))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    while not server.started:
+        time.sleep(0.05)
+    try:
+        yield port
+    finally:
+        server.should_exit = True
+        thread.join(timeout=10)

@@ -9,12 +9,13 @@ from click.testing import CliRunner
 from localmoe.bench import decode_floor
 from localmoe.cli import main
 from localmoe.engine import RuntimeOptions, plan_for
-from localmoe.runtime.memory import Footprint, parse_size
+from localmoe.options import parse_size
+from localmoe.runtime.memory import Footprint
 
 BUDGET = "2MiB"  # the tiny Mixtral in float32: room for 4 of its 15 experts
 
 
-def test_tune_prints_flags_generate_accepts_within_the_budget(tiny_mixtral):
+def test_tune_times_each_setting_several_times_and_prints_a_command_that_runs(tiny_mixtral):
     runner = CliRunner()
     tuned = runner.invoke(
         main, ["tune", str(tiny_mixtral), "--vram-budget", BUDGET, "--dtype", "float32", "--tokens", "4"]
@@ -22,16 +23,17 @@ def test_tune_prints_flags_generate_accepts_within_the_budget(tiny_mixtral):
     assert tuned.exit_code == 0, tuned.output
     tries = [line for line in tuned.stdout.splitlines() if "tok/s" in line and "--policy" in line]
     assert len(tries) >= 5  # policy, prefetch depth, margin, pinning and the miss policy were each tried
+    for line in tries:  # each with the speeds of its runs (3 by default, more where tried again)
+        assert len(line.split("(")[1].split(")")[0].split(", ")) >= 3
     assert {"copy", "cpu", "auto", "bypass"} <= {line.split("--miss-policy ")[1].split()[0] for line in tries}
     assert {"score", "lfu", "lru"} <= {line.split("--policy ")[1].split()[0] for line in tries}
     planned = int(tuned.stdout.split(" expert slots:")[0].split()[-1])
     pools = {int(line.split(" slots ")[0].split()[-1]) for line in tries}
     assert min(pools) < planned == max(pools)  # smaller pools tried by resizing, then back
-    command = tuned.stdout.strip().splitlines()[-1].split("localmoe ", 1)[1]
-    words = shlex.split(command)
-    assert words[0] == "generate"
-    generated = runner.invoke(main, [*words, "-p", "hi", "-n", "3"])
-    assert generated.exit_code == 0, generated.output
+    words = shlex.split(tuned.stdout.strip().splitlines()[-1].removeprefix("fastest: "))
+    assert words[:2] == ["localmoe", "generate"]
+    pasted = runner.invoke(main, words[1:])  # as pasted: nothing to add
+    assert pasted.exit_code == 0, pasted.output
     budget = parse_size(words[words.index("--vram-budget") + 1])
     assert budget <= parse_size(BUDGET)
     options = RuntimeOptions(vram_budget=budget, expert_slots=int(words[words.index("--expert-slots") + 1]))
@@ -46,7 +48,12 @@ def test_tune_says_when_there_is_nothing_to_tune(tiny_mixtral):
 def test_bench_reports_the_floor(tiny_mixtral):
     result = CliRunner().invoke(main, ["bench", str(tiny_mixtral), "--vram-budget", BUDGET, "--tokens", "4"])
     assert result.exit_code == 0, result.output
-    assert "decode tok/s" in result.stdout and "floor:" in result.stdout
+    assert "decode tok/s" in result.stdout and "floor:" in result.stdout and "|" not in result.stdout
+    markdown = CliRunner().invoke(
+        main, ["bench", str(tiny_mixtral), "--vram-budget", BUDGET, "--tokens", "4", "--markdown", "--stats"]
+    )
+    assert markdown.exit_code == 0 and markdown.stdout.startswith("| run | misses |")
+    assert "expert slots" in markdown.stderr  # --stats: the plan and the counters
 
 
 FOOTPRINT = Footprint(

@@ -1,13 +1,19 @@
 """Conversations: the KV cache kept between turns gives exactly what a fresh run gives, the context
 overflows gracefully, and `localmoe chat` works in a real terminal and over a pipe."""
 
+import errno
+import io
 import json
+import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
 import localmoe
+from localmoe import chat as chat_module
+from localmoe import files
 from localmoe.chat import ChatSession, _command
 from localmoe.engine import RuntimeOptions
 from localmoe.errors import LocalMoEError
@@ -67,11 +73,19 @@ def test_oldest_turns_are_dropped_to_fit_the_context(chat_model):
     assert len(chat.engine.tokenizer.encode_chat(chat.conversation())) <= 160
 
 
-def test_a_message_longer_than_the_context_is_refused_cleanly(chat_model):
-    chat = session(chat_model, context=64)
+def test_a_message_longer_than_the_context_is_refused_and_the_conversation_kept(chat_model, tmp_path):
+    chat = session(chat_model, max_new_tokens=4, context=64)
     with pytest.raises(LocalMoEError, match="shorten it, or raise --context"):
         say(chat, "word " * 200)
     assert chat.messages == []
+    say(chat, "one")
+    say(chat, "two")
+    kept = [dict(message) for message in chat.messages]
+    with pytest.raises(LocalMoEError, match="shorten it, or raise --context"):
+        say(chat, "word " * 200)
+    assert chat.messages == kept and len(kept) == 4  # nothing dropped for a message that is refused
+    chat.save(tmp_path / "c.json")
+    assert json.loads((tmp_path / "c.json").read_text())["messages"] == kept
     assert say(chat, "short") is not None  # the session is still usable
 
 
@@ -83,9 +97,89 @@ def test_save_and_load(chat_model, tmp_path):
     other = session(chat_model)
     other.load(tmp_path / "c.json")
     assert (other.system, other.messages) == (chat.system, chat.messages)
-    (tmp_path / "bad.json").write_text('{"messages": [{"role": "user"}]}')
-    with pytest.raises(LocalMoEError, match="cannot load a conversation"):
-        other.load(tmp_path / "bad.json")
+    assert [p.name for p in tmp_path.iterdir()] == ["c.json"]
+
+
+def test_a_failed_save_leaves_the_old_file(chat_model, tmp_path, monkeypatch, capsys):
+    chat = session(chat_model)
+    say(chat, "one")
+    saved = tmp_path / "c.json"
+    saved.write_text("the conversation saved before")
+
+    def full_disk(descriptor):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(files.os, "fsync", full_disk)
+    _command(chat, f"/save {saved}")
+    assert capsys.readouterr().err.strip() == f"localmoe: No space left on device: {saved}"
+    assert saved.read_text() == "the conversation saved before"
+    assert [p.name for p in tmp_path.iterdir()] == ["c.json"]
+
+
+TURN = [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"}]
+
+
+@pytest.fixture(scope="module")
+def talked(chat_model):
+    """A session one exchange in, shared by tests that leave it as it is."""
+    chat = session(chat_model)
+    say(chat, "one")
+    return chat
+
+
+@pytest.mark.parametrize(
+    "content, reason",
+    [
+        ('{"messages": [{"role": "user"}]}', "not an object with a role and a content"),
+        (json.dumps({"messages": [{"role": "user", "content": 5}, TURN[1]]}), "should be text from the user"),
+        (json.dumps({"messages": TURN[::-1]}), "should be text from the user"),
+        (json.dumps({"messages": TURN[:1]}), "ends with an answer"),
+        (json.dumps({"messages": [{**TURN[0], "extra": 1}, TURN[1]]}), "and nothing else"),
+        (json.dumps({"system": 3, "messages": TURN}), "system message is not text"),
+        ("[]", "not a JSON object with a list of messages"),
+        (b"\xff\xfe", "can't decode"),
+        ("[" * 100_000, "recursion"),
+        (json.dumps({"messages": TURN, "system": "x" * 200_000}), "larger than 0.190735 MiB"),
+        ("/dev/zero", "larger than"),
+    ],
+    ids=[
+        "no content",
+        "content not text",
+        "roles swapped",
+        "ends with the user",
+        "other keys",
+        "system not text",
+        "not an object",
+        "not UTF-8",
+        "nested too deep",
+        "too large",
+        "endless",
+    ],
+)
+def test_load_refuses_what_is_not_a_saved_conversation(talked, tmp_path, monkeypatch, content, reason):
+    monkeypatch.setattr(chat_module, "MAX_SAVED_BYTES", 200_000)
+    chat = talked
+    before = [dict(message) for message in chat.messages]
+    path = tmp_path / "bad.json"
+    if content == "/dev/zero":
+        if not os.path.exists(content):
+            pytest.skip("no /dev/zero here")
+        path = Path(content)
+    else:
+        path.write_bytes(content if isinstance(content, bytes) else content.encode())
+    with pytest.raises(LocalMoEError, match="cannot load a conversation from") as refused:
+        chat.load(path)
+    assert reason in str(refused.value) and "\n" not in str(refused.value)
+    assert chat.messages == before  # the conversation goes on as it was
+
+
+def test_piped_input_that_is_not_utf8_is_read_with_replacement(monkeypatch, capsys):
+    monkeypatch.setattr(sys, "stdin", io.TextIOWrapper(io.BytesIO(b"fine\ncaf\xe9 au lait\n"), encoding="utf-8"))
+    assert chat_module._piped_line() == "fine\n"
+    assert chat_module._piped_line() == "caf\ufffd au lait\n"
+    assert "not valid utf-8 text: read with U+FFFD" in capsys.readouterr().err
+    with pytest.raises(EOFError):
+        chat_module._piped_line()
 
 
 @pytest.mark.slow
@@ -93,15 +187,16 @@ def test_piped_lines_are_turns(chat_model, tmp_path):
     saved = tmp_path / "piped.json"
     done = subprocess.run(
         [sys.executable, "-m", "localmoe", "chat", str(chat_model), "--device", "cpu", "-n", "6"],
-        input=f"hello\n\nsecond line\n/save {saved}\n",
+        input=f"hello\n\nsecond line\ncaf\xe9 in Latin-1\n/save {saved}\n".encode("latin-1"),
         capture_output=True,
-        text=True,
         timeout=300,
     )
-    assert done.returncode == 0, done.stderr
-    assert "Traceback" not in done.stderr
-    roles = [m["role"] for m in json.loads(saved.read_text())["messages"]]
-    assert roles == ["user", "assistant", "user", "assistant"]
+    stderr = done.stderr.decode()
+    assert done.returncode == 0, stderr
+    assert "Traceback" not in stderr and "not valid utf-8 text" in stderr
+    messages = json.loads(saved.read_text())["messages"]
+    assert [m["role"] for m in messages] == ["user", "assistant"] * 3
+    assert messages[4]["content"] == "caf\ufffd in Latin-1"
 
 
 def test_generate_with_chat_template_and_json(chat_model):

@@ -222,3 +222,46 @@ def test_sandbox_blocks_attribute_escapes(tmp_path):
     escape = "{{ messages.__class__.__mro__[1].__subclasses__() }}"
     with pytest.raises(LocalMoEError, match="unsafe"):
         Tokenizer(save_tokenizer(tok, tmp_path, escape)).render_chat([{"role": "user", "content": "x"}])
+
+
+@pytest.mark.parametrize(
+    "template,needle",
+    [
+        ("{% for i in range(100000) %}{% for j in range(100000) %}{% endfor %}{% endfor %}", "ran for more than"),
+        ("{% for i in range(100000) %}{{ 'x' * 50 }}{% endfor %}", "wrote more than"),
+        ("{{ 'x' * 1000000000 }}", "beyond the output limit"),
+        ("{{ 'x' | center(1000000000) }}", "beyond the output limit"),
+        ("{{ 2 ** 100000000 }}", "power too large"),
+        ("{{ 1 / 0 }}", "ZeroDivisionError"),
+        ("{{ 1 + 'a' }}", "TypeError"),
+        ("{% include 'other.jinja' %}", "failed"),
+        ("{% macro f() %}{{ f() }}{% endmacro %}{{ f() }}", "recursed"),
+    ],
+)
+def test_a_template_that_loops_floods_or_fails_is_one_line(tmp_path, monkeypatch, template, needle):
+    import localmoe.tokenizer
+
+    monkeypatch.setattr(localmoe.tokenizer, "RENDER_SECONDS", 1.0)
+    monkeypatch.setattr(localmoe.tokenizer, "RENDER_CHARACTERS", 100_000)
+    folder = save_tokenizer(train_tokenizer("byte_level", []), tmp_path, template)
+    with pytest.raises(LocalMoEError, match=needle) as error:
+        Tokenizer(folder).render_chat(CONVERSATIONS["one-turn"])
+    assert "\n" not in str(error.value)
+
+
+@pytest.mark.parametrize(
+    "config,needle",
+    [
+        ([1, 2], "must hold a JSON object"),
+        ({"bos_token": ["<s>"]}, "bos_token must be text"),
+        ({"eos_token": {"id": 3}}, "eos_token must be text"),
+        ({"chat_template": 5}, "chat_template must be text"),
+        ({"chat_template": [{"name": "default"}]}, "chat_template must list"),
+    ],
+)
+def test_malformed_tokenizer_config_is_one_line(tmp_path, config, needle):
+    folder = save_tokenizer(train_tokenizer("byte_level", []), tmp_path)
+    (folder / "chat_template.jinja").unlink(missing_ok=True)
+    (folder / "tokenizer_config.json").write_text(json.dumps(config))
+    with pytest.raises(LocalMoEError, match=needle):
+        Tokenizer(folder)

@@ -1,15 +1,18 @@
 """The checkpoint reader and the loader on good and broken checkpoints: every broken one is one clear line."""
 
+import dataclasses
 import hashlib
 import json
 import os
+import re
 import shutil
 
 import pytest
 import torch
-from conftest import MIXTRAL, hf_model, save_hf
+from conftest import MISTRAL4, MIXTRAL, hf_model, save_hf
 
 import localmoe
+from localmoe import checkpoint, loader
 from localmoe.checkpoint import Checkpoint
 from localmoe.errors import LocalMoEError
 
@@ -119,6 +122,82 @@ def test_shapes_that_do_not_match_the_config(broken):
     assert "config.json implies" in load_error(broken)
 
 
+def edit_config(folder, **changes) -> None:
+    config = json.loads((folder / "config.json").read_text())
+    (folder / "config.json").write_text(json.dumps({**config, **changes}))  # NaN is written as JSON allows
+
+
+def test_a_layer_count_the_weights_lack_fails_before_the_model_is_built(broken, monkeypatch):
+    edit_config(broken, num_hidden_layers=1_000_000)
+    real = loader.family_for
+    unbuilt = lambda config: dataclasses.replace(real(config), model=lambda args: pytest.fail("built"))  # noqa: E731
+    monkeypatch.setattr(loader, "family_for", unbuilt)
+    message = load_error(broken)
+    assert "num_hidden_layers 1000000" in message and "no tensor of layer 3 (3 layers in all)" in message
+
+
+@pytest.mark.parametrize(
+    "changes, problem",
+    [
+        ({"num_hidden_layers": 0}, "num_hidden_layers is 0, and must be at least 1"),
+        ({"hidden_size": -64}, "hidden_size is -64, and must be at least 1"),
+        ({"num_attention_heads": "4"}, "num_attention_heads is '4', not an integer"),
+        ({"num_local_experts": 2.5}, "num_local_experts is 2.5, not an integer"),
+        ({"rms_norm_eps": float("nan")}, "rms_norm_eps is nan, not a finite number"),
+        ({"tie_word_embeddings": "no"}, "tie_word_embeddings is 'no', not true or false"),
+        ({"sliding_window": [4]}, "sliding_window is [4], not an integer or null"),
+        ({"rope_parameters": {"rope_theta": float("nan")}}, "rope_theta is nan, not a positive number"),
+        ({"num_experts_per_tok": 9}, "routes each token to 9 experts, and has 5 per layer"),
+        ({"num_key_value_heads": 3}, "4 attention heads, which cannot share 3 key-value heads"),
+        ({"head_dim": None, "hidden_size": 66}, "hidden_size 66 does not split over 4 attention heads"),
+    ],
+    ids=lambda value: "-" if isinstance(value, str) else "+".join(value),
+)
+def test_a_damaged_config_value_is_one_line_naming_it(broken, changes, problem):
+    edit_config(broken, **changes)
+    message = load_error(broken)
+    assert problem in message and "the config is damaged" in message
+
+
+@pytest.mark.parametrize(
+    "changes, problem",
+    [
+        ({"n_group": 0}, "n_group is 0, and must be at least 1"),
+        ({"n_group": 3}, "n_group 3, which does not divide its 8 experts"),
+        ({"topk_group": 3}, "topk_group 3, more than its n_group 2"),
+        ({"topk_group": 1, "num_experts_per_tok": 5}, "routes each token to 5 experts, more than 1 groups of 4 hold"),
+    ],
+)
+def test_grouped_routing_that_contradicts_itself_is_refused(changes, problem):
+    from localmoe.models import family_for
+
+    config = {"architectures": ["Mistral4ForCausalLM"], "model_type": "mistral4", **MISTRAL4, **changes}
+    with pytest.raises(LocalMoEError, match=re.escape(problem)):
+        family_for(config).args.from_config(config)
+
+
+def retype(folder, tensor: str, dtype: str) -> None:
+    """Rewrite the header of `tensor`'s shard to claim `dtype` for it, leaving its bytes as they are."""
+    shard = folder / index(folder)["weight_map"][tensor]
+    data = shard.read_bytes()
+    length = int.from_bytes(data[:8], "little")
+    header = json.loads(data[8 : 8 + length])
+    header[tensor]["dtype"] = dtype
+    text = json.dumps(header, separators=(",", ":")).encode()
+    shard.write_bytes(len(text).to_bytes(8, "little") + text + data[8 + length :])
+
+
+@pytest.mark.parametrize(
+    "tensor",
+    ["model.layers.1.self_attn.q_proj.weight", "model.layers.2.block_sparse_moe.experts.4.w3.weight"],
+    ids=["resident", "expert"],
+)
+def test_a_tensor_whose_dtype_is_not_a_weights_is_refused(broken, tensor):
+    retype(broken, tensor, "I32")  # the same four bytes per value as the F32 it holds
+    message = load_error(broken)
+    assert f"tensor {tensor}" in message and "stored as int32" in message and "float32" in message
+
+
 def test_damaged_config(broken):
     (broken / "config.json").write_text('{"architectures": ["MixtralForCausalLM"],')
     assert "not valid JSON" in load_error(broken)
@@ -181,11 +260,18 @@ def test_auto_map_of_a_built_in_architecture_uses_the_built_in(broken):
 
 @pytest.fixture
 def hub_cache(sharded, tmp_path, monkeypatch):
-    """A Hugging Face cache holding `tiny/mixtral` at one commit, with the Hub unreachable (offline)."""
+    """A Hugging Face cache holding `tiny/mixtral` at one commit, with the Hub unreachable (offline): as
+    the Hub writes it, each snapshot file a relative symlink to its blob."""
     import huggingface_hub.constants
 
     repo = tmp_path / "hub" / "models--tiny--mixtral"
-    shutil.copytree(sharded, repo / "snapshots" / COMMIT)
+    snapshot = repo / "snapshots" / COMMIT
+    snapshot.mkdir(parents=True)
+    (repo / "blobs").mkdir()
+    for file in sharded.iterdir():
+        blob = hashlib.sha256(file.read_bytes()).hexdigest()
+        shutil.copy(file, repo / "blobs" / blob)
+        (snapshot / file.name).symlink_to(f"../../blobs/{blob}")
     (repo / "refs").mkdir()
     (repo / "refs" / "main").write_text(COMMIT)
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
@@ -202,6 +288,51 @@ def test_repo_id_in_the_cache_opens_offline(hub_cache):
 def test_repo_id_not_in_the_cache(hub_cache):
     message = load_error("tiny/absent")
     assert "not in the Hugging Face cache" in message and "hf download tiny/absent" in message
+
+
+def test_a_snapshot_symlink_that_leaves_the_repo_is_refused(hub_cache, tmp_path):
+    outside = tmp_path / "elsewhere.safetensors"
+    shard = next((hub_cache / "snapshots" / COMMIT).glob("model-*.safetensors"))
+    shutil.copy(shard.resolve(), outside)
+    shard.unlink()
+    shard.symlink_to(outside)
+    message = load_error("tiny/mixtral")
+    assert f"{shard.name} leads outside the checkpoint folder" in message
+
+
+@pytest.mark.parametrize(
+    "shard",
+    ["../outside.safetensors", "{abs}", "sub/../../outside.safetensors", "link.safetensors"],
+    ids=["parent", "absolute", "through a subfolder", "symlink"],
+)
+def test_a_shard_outside_the_folder_is_refused_unopened(broken, tmp_path, shard, monkeypatch):
+    outside = tmp_path / "outside.safetensors"
+    outside.write_bytes(next(broken.glob("model-*.safetensors")).read_bytes())
+    (broken / "link.safetensors").symlink_to(outside)
+    shard = shard.replace("{abs}", str(outside))
+    data = index(broken)
+    data["weight_map"] = {name: shard for name in data["weight_map"]}
+    write_index(broken, data)
+    opened = []
+    monkeypatch.setattr(checkpoint, "safe_open", lambda path, **kw: opened.append(path))
+    message = load_error(broken)
+    assert "leads outside the checkpoint folder" in message and "localmoe reads only the files in" in message
+    assert opened == []
+
+
+@pytest.mark.parametrize("name", ["config.json", "model.safetensors.index.json"])
+def test_a_metadata_file_that_leaves_the_folder_is_refused(broken, tmp_path, name):
+    outside = tmp_path / name
+    shutil.move(broken / name, outside)
+    (broken / name).symlink_to(outside)
+    assert f"{name} leads outside the checkpoint folder" in load_error(broken)
+
+
+def test_a_weight_map_of_the_wrong_shape_is_refused(broken):
+    data = index(broken)
+    data["weight_map"][next(iter(data["weight_map"]))] = 3
+    write_index(broken, data)
+    assert "maps a tensor to something other than a file name" in load_error(broken)
 
 
 def test_cached_repo_missing_a_shard(hub_cache):
@@ -225,4 +356,6 @@ def test_readme_lists_the_registry():
 
     readme = (Path(__file__).parent.parent / "README.md").read_text()
     listed = readme.split("<!-- families:start -->\n")[1].split("\n<!-- families:end -->")[0]
-    assert listed == families_table(), "README.md's family table is stale: paste `localmoe families` into it"
+    assert listed == families_table(markdown=True), (
+        "README.md's family table is stale: paste `localmoe families --markdown` into it"
+    )

@@ -50,14 +50,20 @@ def load(path: str, **options) -> localmoe.Engine:
 
 def test_calibration_is_measured_once_per_machine(checkpoint, localmoe_cache, monkeypatch):
     (localmoe_cache / cpu_experts.CALIBRATION_FILE).unlink(missing_ok=True)
-    measured = []
+    measured, checked = [], []
     real = cpu_experts._measure
-    monkeypatch.setattr(cpu_experts, "_measure", lambda *args: measured.append(1) or real(*args))
+
+    def measure(*args, samples=3):
+        (measured if samples == 3 else checked).append(1)
+        return real(*args, samples=samples)
+
+    monkeypatch.setattr(cpu_experts, "_measure", measure)
+    monkeypatch.setattr(cpu_experts, "FAR", 1e9)  # this test's checks never differ enough
     first = load(checkpoint).bandwidths
-    assert len(measured) == 1 and first.copy > 0 and first.cpu > 0
-    assert load(checkpoint).bandwidths == first and len(measured) == 1
-    assert load(checkpoint, copy_bandwidth=5e9, cpu_bandwidth=7e9).bandwidths == Bandwidths(5e9, 7e9)
-    assert load(checkpoint, cpu_bandwidth=7e9).bandwidths == Bandwidths(first.copy, 7e9)
+    assert len(measured) == 1 and not checked and first.copy > 0 and first.cpu > 0
+    assert load(checkpoint).bandwidths == first and len(measured) == 1 and len(checked) == 1
+    assert load(checkpoint, copy_bandwidth=5, cpu_bandwidth=7).bandwidths == Bandwidths(5e9, 7e9)  # GB/s
+    assert load(checkpoint, cpu_bandwidth=7).bandwidths == Bandwidths(first.copy, 7e9)
     assert len(measured) == 1
     # a damaged file is measured again, not trusted
     path = localmoe_cache / cpu_experts.CALIBRATION_FILE
@@ -68,6 +74,26 @@ def test_calibration_is_measured_once_per_machine(checkpoint, localmoe_cache, mo
     path.write_text("{not json")
     load(checkpoint)
     assert len(measured) == 3
+
+
+def test_a_calibration_far_from_a_start_check_is_measured_again(checkpoint, localmoe_cache, monkeypatch, capsys):
+    """One measured while the machine was busy (here: a thousand times too slow) is not kept for good."""
+    load(checkpoint)
+    path = localmoe_cache / cpu_experts.CALIBRATION_FILE
+    known = json.loads(path.read_text())
+    key = next(iter(known))
+    near = {**known[key]}
+    slow = {"copy": known[key]["copy"] / 1000, "cpu": known[key]["cpu"] / 1000}
+    path.write_text(json.dumps({**known, key: slow}))
+    checks = [Bandwidths(**slow), Bandwidths(**near)]  # what the start's check finds, then the measurement
+    monkeypatch.setattr(cpu_experts, "_measure", lambda *args, samples=3: checks.pop(0))
+    assert load(checkpoint).bandwidths == Bandwidths(**slow)  # near enough to its check: kept
+    assert json.loads(path.read_text())[key] == slow
+    checks = [Bandwidths(**near), Bandwidths(**near)]
+    monkeypatch.setattr(cpu_experts, "_measure", lambda *args, samples=3: checks.pop(0))
+    assert load(checkpoint).bandwidths == Bandwidths(**near)
+    assert json.loads(path.read_text())[key] == near and not checks
+    assert "far from those measured now: measuring again" in capsys.readouterr().err
 
 
 def test_copy_and_cpu_policies_measure_nothing(checkpoint, monkeypatch):
@@ -82,10 +108,7 @@ def test_the_report_counts_the_cpu(checkpoint):
     report = engine.cache_report()
     assert "on cpu" in report and "computed on the CPU from the host store:" in report
     assert "misses: cpu" in engine.summary()
-    assert (
-        "misses: auto (copy 1.0 GB/s, CPU 2.0 GB/s)"
-        in load(checkpoint, copy_bandwidth=1e9, cpu_bandwidth=2e9).summary()
-    )
+    assert "misses: auto (copy 1 GB/s, CPU 2 GB/s)" in load(checkpoint, copy_bandwidth=1, cpu_bandwidth=2).summary()
 
 
 def test_an_unknown_policy_is_refused(checkpoint):

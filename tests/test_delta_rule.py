@@ -6,7 +6,7 @@ import torch
 from localmoe.kernels.delta_rule import gated_delta_rule, gated_delta_rule_chunked
 
 
-def inputs(T: int, seed: int = 0):
+def inputs(T: int, seed: int = 0, per_channel: bool = False):
     generator = torch.Generator().manual_seed(seed)
     B, H, Dk, Dv = 2, 3, 8, 5
 
@@ -15,14 +15,16 @@ def inputs(T: int, seed: int = 0):
 
     q, v = randn(B, H, T, Dk), randn(B, H, T, Dv)
     k = torch.nn.functional.normalize(randn(B, H, T, Dk), dim=-1)
-    g = -2 * torch.rand(B, H, T, generator=generator)
+    g = -2 * torch.rand(B, H, T, *((Dk,) if per_channel else ()), generator=generator)
     beta = torch.rand(B, H, T, generator=generator)
     return (q, k, v, g, beta), randn(B, H, Dk, Dv)
 
 
+# per_channel: Kimi Delta Attention's decay, one per key channel rather than one per head
+@pytest.mark.parametrize("per_channel", [False, True])
 @pytest.mark.parametrize("T, chunk", [(1, 64), (7, 64), (64, 64), (150, 64), (37, 5)])
-def test_chunked_equals_token_by_token(T, chunk):
-    args, state = inputs(T)
+def test_chunked_equals_token_by_token(T, chunk, per_channel):
+    args, state = inputs(T, per_channel=per_channel)
     expected_state, got_state = state.clone(), state.clone()
     expected = gated_delta_rule(*args, expected_state)
     got = gated_delta_rule_chunked(*args, got_state, chunk=chunk)
@@ -30,8 +32,9 @@ def test_chunked_equals_token_by_token(T, chunk):
     torch.testing.assert_close(got_state, expected_state, atol=1e-5, rtol=1e-5)
 
 
-def test_a_sequence_split_in_two_carries_its_state():
-    args, state = inputs(40)
+@pytest.mark.parametrize("per_channel", [False, True])
+def test_a_sequence_split_in_two_carries_its_state(per_channel):
+    args, state = inputs(40, per_channel=per_channel)
     whole_state, split_state = state.clone(), state.clone()
     whole = gated_delta_rule_chunked(*args, whole_state, chunk=16)
     first = gated_delta_rule_chunked(*(x[:, :, :25] for x in args), split_state, chunk=16)
@@ -49,3 +52,13 @@ def test_zero_write_rate_leaves_only_decay():
     torch.testing.assert_close(state, before * decay)
     expected_first = (q[..., 0, None, :] @ (before * g[..., 0, None, None].exp())).squeeze(-2)
     torch.testing.assert_close(out[..., 0, :], expected_first)
+
+
+def test_a_decay_shared_by_every_channel_is_a_decay_per_head():
+    """Kimi Delta Attention with the same decay on every key channel is the gated delta rule."""
+    (q, k, v, g, beta), state = inputs(70)
+    per_head, per_channel = state.clone(), state.clone()
+    expected = gated_delta_rule_chunked(q, k, v, g, beta, per_head)
+    got = gated_delta_rule_chunked(q, k, v, g[..., None].expand(*g.shape, k.shape[-1]), beta, per_channel)
+    torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(per_channel, per_head, atol=1e-5, rtol=1e-5)

@@ -2,6 +2,7 @@
 transformers run on the decoded weights, with the routed experts kept in FP8 from disk to slot."""
 
 import json
+import shutil
 
 import pytest
 import torch
@@ -98,7 +99,7 @@ def test_fp8_without_a_block_size_is_refused(fp8_pair, tmp_path):
     _, folder = fp8_pair
     broken = tmp_path / "broken"
     broken.mkdir()
-    (broken / "model.safetensors").symlink_to(folder / "model.safetensors")
+    shutil.copy(folder / "model.safetensors", broken)  # a symlink would lead outside the folder: refused
     config = json.loads((folder / "config.json").read_text())
     del config["quantization_config"]["weight_block_size"]
     (broken / "config.json").write_text(json.dumps(config))

@@ -1,6 +1,8 @@
 """The memory plan: sizes, the slot count a budget buys, where the experts' host copy goes, and the
 one-line error when a budget cannot work."""
 
+from dataclasses import replace
+
 import pytest
 import torch
 from click.testing import CliRunner
@@ -8,7 +10,8 @@ from conftest import MIXTRAL, hf_model, save_hf
 
 from localmoe.cli import main
 from localmoe.errors import LocalMoEError
-from localmoe.runtime.memory import Footprint, format_bytes, parse_size, plan_memory
+from localmoe.options import parse_size
+from localmoe.runtime.memory import Footprint, format_bytes, format_rate, plan_memory
 
 MiB, GiB = 2**20, 2**30
 # Mixtral-8x7B in bf16, roughly: 1.6 GB of non-expert weights, 256 experts of 352 MB, top-2.
@@ -27,15 +30,28 @@ CUDA = torch.device("cuda")
 
 @pytest.mark.parametrize(
     "text,expected",
-    [("12GiB", 12 * GiB), ("512MiB", 512 * MiB), ("1.5G", int(1.5 * GiB)), ("24GB", 24 * 10**9), ("4096", 4096)],
+    [("12GiB", 12 * GiB), ("512MiB", 512 * MiB), ("1.5G", int(1.5 * GiB)), ("24GB", 24 * 10**9), ("4096B", 4096)],
 )
 def test_parse_size(text, expected):
     assert parse_size(text) == expected
 
 
+def test_a_slow_rate_is_not_shown_as_zero():
+    """A calibration that measured 24.5 MB/s once read "0.0 GB/s" in every summary line."""
+    assert [format_rate(r) for r in (24.5e6, 13.52e9, 850e3, 12)] == ["24.5 MB/s", "13.5 GB/s", "850 kB/s", "12 B/s"]
+
+
 def test_parse_size_rejects_nonsense():
     with pytest.raises(LocalMoEError, match="cannot read the size 'lots'"):
         parse_size("lots")
+
+
+def test_a_size_without_a_unit_is_refused():
+    """`--vram-budget 12` meant as 12 GiB would plan for 12 bytes: refused, with the spellings that work."""
+    with pytest.raises(LocalMoEError, match="'12' has no unit: write 12GiB, 12GB or, in bytes, 12B"):
+        parse_size("12")
+    result = CliRunner().invoke(main, ["plan", "no-such-model", "--vram-budget", "12"])
+    assert result.exit_code == 2 and "has no unit" in result.stderr
 
 
 def test_budget_buys_slots():
@@ -71,9 +87,14 @@ def test_expert_slots_override_the_plan_within_the_budget():
         plan_memory(MIXTRAL_8X7B, CUDA, vram_budget=12 * GiB, host_budget=128 * GiB, expert_slots=60)
 
 
-def test_context_is_capped_at_the_model_maximum():
-    plan = plan_memory(MIXTRAL_8X7B, CUDA, vram_budget=24 * GiB, context=10**6)
-    assert plan.context == MIXTRAL_8X7B.max_positions
+def test_context_beyond_the_model_is_refused_and_the_default_fits_it():
+    """One rule: a context asked for beyond the model's positions is refused; left out, the default
+    context is lowered to the model's."""
+    with pytest.raises(LocalMoEError, match="context 1000000 is out of range: this model has 32768 positions"):
+        plan_memory(MIXTRAL_8X7B, CUDA, vram_budget=24 * GiB, context=10**6)
+    assert plan_memory(MIXTRAL_8X7B, CUDA, vram_budget=24 * GiB).context == 4096
+    short = replace(MIXTRAL_8X7B, max_positions=1000)
+    assert plan_memory(short, CUDA, vram_budget=24 * GiB).context == 1000
 
 
 def test_plan_command_without_a_gpu(tmp_path):

@@ -1,15 +1,22 @@
 """Each family against transformers, in float32: logits over a prompt and over incremental decode steps
 within 1e-4, and identical greedy tokens."""
 
+import json
+
 import pytest
 import torch
 from conftest import (
     DEEPSEEK_V2,
     GEMMA4,
+    GLM4V_MOE,
     LLAMA4,
+    MINIMAX_M3,
     MISTRAL4,
     PHIMOE,
     QWEN3_5_MOE,
+    QWEN3_VL_MOE_TEXT,
+    QWEN3_VL_VISION,
+    STEP3P7,
     TINY_FAMILIES,
     hf_model,
     randomize,
@@ -17,7 +24,7 @@ from conftest import (
 )
 
 import localmoe
-from localmoe.models.expert_tensors import Fused, PerExpert
+from localmoe.models.expert_tensors import Fused, PerExpert, Stacked
 from localmoe.runtime.generate import generate_tokens
 
 TOLERANCE = 1e-4
@@ -291,6 +298,385 @@ CASES = {
         },
         "single",
     ),
+    "qwen3-next-sharded": ("qwen3_next", {}, "sharded"),
+    # one value head per key head, full attention every other layer, no renormalisation, sparse every
+    # other layer, tied embeddings
+    "qwen3-next-interval-tied": (
+        "qwen3_next",
+        {
+            "linear_num_value_heads": 2,
+            "layer_types": ["linear_attention", "full_attention"] * 2,
+            "partial_rotary_factor": 0.5,
+            "norm_topk_prob": False,
+            "mlp_only_layers": [],
+            "decoder_sparse_step": 2,
+            "tie_word_embeddings": True,
+        },
+        "single",
+    ),
+    "qwen3-next-fused": ("qwen3_next", {}, "fused"),
+    # the experts transposed, as the release stores them
+    "qwen3-vl-moe-transposed": ("qwen3_vl_moe_text", {}, "transposed"),
+    # sparse every other layer, attention biases, tied embeddings, sharded with the names transformers writes
+    "qwen3-vl-moe-sharded-tied": (
+        "qwen3_vl_moe_text",
+        {
+            "tie_word_embeddings": True,
+            "text_config": {
+                **QWEN3_VL_MOE_TEXT,
+                "mlp_only_layers": [],
+                "decoder_sparse_step": 2,
+                "attention_bias": True,
+                "tie_word_embeddings": True,
+            },
+        },
+        "sharded",
+    ),
+    "glm4-lite-sharded": ("glm4_moe_lite", {}, "sharded"),
+    # transformers' default layer kinds, groups, plain rotary, queries without their bottleneck, yarn
+    # whose mscale_all_dim scales the attention
+    "glm4-lite-groups-yarn": (
+        "glm4_moe_lite",
+        {
+            "mlp_layer_types": None,
+            "n_group": 4,
+            "topk_group": 2,
+            "norm_topk_prob": False,
+            "rope_interleave": False,
+            "q_lora_rank": None,
+            "rope_parameters": {
+                "rope_type": "yarn",
+                "rope_theta": 10000.0,
+                "factor": 4.0,
+                "original_max_position_embeddings": 64,
+                "mscale": 0.9,
+                "mscale_all_dim": 0.8,
+            },
+        },
+        "single",
+    ),
+    "glm4-lite-fused-tied": ("glm4_moe_lite", {"tie_word_embeddings": True}, "fused"),
+    "nemotron-h-sharded": ("nemotron_h", {"moe_latent_size": None}, "sharded"),
+    # experts in a latent space, grouped routing without renormalisation, biases on the projections but not
+    # on the convolution; tie_word_embeddings, which transformers ignores for Nemotron-H
+    "nemotron-h-latent-groups-biases": (
+        "nemotron_h",
+        {
+            "n_group": 2,
+            "topk_group": 1,
+            "norm_topk_prob": False,
+            "mlp_bias": True,
+            "use_bias": True,
+            "use_conv_bias": False,
+            "tie_word_embeddings": True,
+        },
+        "single",
+    ),
+    "nemotron-h-fused": ("nemotron_h", {}, "fused"),
+    "granite-h-sharded": ("granitemoehybrid", {}, "sharded"),
+    # rotary on the attention layers, biases on attention and the Mamba projections but not its convolution,
+    # one group of B and C for all heads, tied embeddings
+    "granite-h-rope-biases-tied": (
+        "granitemoehybrid",
+        {
+            "position_embedding_type": "rope",
+            "attention_bias": True,
+            "mamba_proj_bias": True,
+            "mamba_conv_bias": False,
+            "mamba_n_groups": 1,
+            "tie_word_embeddings": True,
+        },
+        "single",
+    ),
+    "granite-h-fused": ("granitemoehybrid", {}, "fused"),
+    "lfm2-moe-sharded-tied": ("lfm2_moe", {}, "sharded"),
+    # attention first, no dense layers, routing without the bias or renormalisation, convolution biases,
+    # an LM head of its own
+    "lfm2-moe-plain-routing": (
+        "lfm2_moe",
+        {
+            "layer_types": ["full_attention", "conv", "conv", "full_attention"],
+            "num_dense_layers": 0,
+            "use_expert_bias": False,
+            "norm_topk_prob": False,
+            "conv_bias": True,
+            "tie_word_embeddings": False,
+        },
+        "single",
+    ),
+    "lfm2-moe-fused": ("lfm2_moe", {}, "fused"),
+    "kimi-linear-sharded": ("kimi_linear", {}, "sharded"),
+    # latent attention first, queries through their bottleneck, grouped routing without renormalisation,
+    # biases, a convolution of 3; tie_word_embeddings, which transformers ignores for Kimi-Linear
+    "kimi-linear-groups-q-lora": (
+        "kimi_linear",
+        {
+            "layer_types": ["full_attention", "linear_attention", "linear_attention", "linear_attention"],
+            "q_lora_rank": 24,
+            "n_group": 4,
+            "topk_group": 2,
+            "norm_topk_prob": False,
+            "attention_bias": True,
+            "linear_conv_kernel_dim": 3,
+            "tie_word_embeddings": True,
+        },
+        "single",
+    ),
+    # (no "fused" case: transformers holds the three convolutions of a layer as one tensor in memory,
+    # which no release stores)
+    "laguna-sharded": ("laguna", {}, "sharded"),
+    # a gate per channel, uncapped router logits, biases, tied embeddings, a sparse first layer, yarn on the
+    # full layers and the sliding layers' rotary over the whole head
+    "laguna-per-element-yarn": (
+        "laguna",
+        {
+            "gating": "per-element",
+            "moe_router_logit_softcapping": 0.0,
+            "attention_bias": True,
+            "tie_word_embeddings": True,
+            "mlp_layer_types": ["sparse", "dense", "sparse", "sparse"],
+            "rope_parameters": {
+                "full_attention": {
+                    "rope_type": "yarn",
+                    "rope_theta": 500000.0,
+                    "factor": 4.0,
+                    "original_max_position_embeddings": 64,
+                    "partial_rotary_factor": 0.5,
+                },
+                "sliding_attention": {"rope_type": "default", "rope_theta": 10000.0},
+            },
+        },
+        "single",
+    ),
+    # transformers' defaults: every layer full, one head count, the first layer dense, default rotaries
+    "laguna-defaults": (
+        "laguna",
+        {"layer_types": None, "num_attention_heads_per_layer": None, "mlp_layer_types": None, "rope_parameters": None},
+        "single",
+    ),
+    "laguna-fused": ("laguna", {}, "fused"),
+    "afmoe-sharded": ("afmoe", {}, "sharded"),
+    # full attention (without rotary) first, no muP, attention biases, tied embeddings, no dense layer
+    "afmoe-global-first-tied": (
+        "afmoe",
+        {
+            "layer_types": ["full_attention", "sliding_attention", "full_attention", "sliding_attention"],
+            "mup_enabled": False,
+            "attention_bias": True,
+            "tie_word_embeddings": True,
+            "num_dense_layers": 0,
+            "num_shared_experts": 2,
+        },
+        "single",
+    ),
+    "afmoe-fused": ("afmoe", {}, "fused"),
+    "deepseek-v32-sharded": ("deepseek_v32", {}, "sharded"),
+    # a selection wider than the prompt (plain causal attention), yarn whose mscale_all_dim scales the
+    # attention, attention biases, a dense layer between MoE ones
+    "deepseek-v32-wide-yarn": (
+        "deepseek_v32",
+        {
+            "index_topk": 64,
+            "attention_bias": True,
+            "mlp_layer_types": ["sparse", "dense", "sparse"],
+            "rope_parameters": {
+                "rope_type": "yarn",
+                "rope_theta": 10000.0,
+                "factor": 4.0,
+                "original_max_position_embeddings": 64,
+                "mscale": 0.9,
+                "mscale_all_dim": 0.8,
+            },
+        },
+        "single",
+    ),
+    "deepseek-v32-fused": ("deepseek_v32", {}, "fused"),
+    "cohere2-moe-sharded": ("cohere2_moe", {}, "sharded"),
+    # sigmoid routing renormalised, shared experts summed in, RMSNorm, untied head with attention biases,
+    # a dense prefix with its own window pattern (a windowed dense layer, a global one without rotary)
+    "cohere2-moe-sigmoid-sum-rms": (
+        "cohere2_moe",
+        {
+            "expert_selection_fn": "sigmoid",
+            "shared_expert_combination_strategy": "sum",
+            "rms_norm_eps": 1e-6,
+            "tie_word_embeddings": False,
+            "attention_bias": True,
+            "first_k_dense_replace": 2,
+            "prefix_dense_sliding_window_pattern": 2,
+        },
+        "single",
+    ),
+    "cohere2-moe-fused": ("cohere2_moe", {"num_shared_experts": 0}, "fused"),
+    # transformers defines GLM-4.5V's language model only inside its multimodal model: the reference is that
+    "glm4v-moe-sharded": ("glm4v_moe_text", {}, "sharded"),
+    "glm4v-moe-no-bias-tied": (
+        "glm4v_moe_text",
+        {"text_config": {**GLM4V_MOE["text_config"], "attention_bias": False}, "tie_word_embeddings": True},
+        "single",
+    ),
+    "mimo-v2-flash-sharded": ("mimo_v2_flash", {}, "sharded"),
+    # the release's window spelling, grouped routing with a scaling, MoE on every layer, biases, tied
+    # embeddings, each kind of layer with rotary of its own width
+    "mimo-v2-flash-groups-bias": (
+        "mimo_v2_flash",
+        {
+            "sliding_window_size": 6,
+            "n_group": 2,
+            "topk_group": 1,
+            "routed_scaling_factor": 2.0,
+            "mlp_layer_types": ["sparse"] * 4,
+            "attention_bias": True,
+            "tie_word_embeddings": True,
+            "attention_value_scale": None,
+            "rope_parameters": {
+                "full_attention": {"rope_type": "default", "rope_theta": 1000000.0, "partial_rotary_factor": 0.5},
+                "sliding_attention": {"rope_type": "default", "rope_theta": 10000.0},
+            },
+        },
+        "single",
+    ),
+    "mimo-v2-flash-fused": ("mimo_v2_flash", {}, "fused"),
+    # transformers defines Step-3.7's language model only inside its multimodal model: the reference is that
+    "step3p7-sharded": ("step3p5", {}, "sharded"),
+    # per-kind rotary thetas and widths, a query scale of its own, biases, tied embeddings, no clamps
+    "step3p7-rope-bias": (
+        "step3p5",
+        {
+            "text_config": {
+                **STEP3P7["text_config"],
+                "rope_parameters": {
+                    "full_attention": {"rope_type": "default", "rope_theta": 500000.0, "partial_rotary_factor": 0.5},
+                    "sliding_attention": {"rope_type": "default", "rope_theta": 10000.0},
+                },
+                "query_pre_attn_scalar": 12,
+                "attention_bias": True,
+                "mlp_bias": True,
+                "swiglu_limits": None,
+                "swiglu_limits_shared": None,
+            },
+            "tie_word_embeddings": True,
+        },
+        "single",
+    ),
+    # MiniMax-M3's language model inside its multimodal model, as released. transformers 5.24 reads the
+    # rotated width from rope_parameters' partial_rotary_factor and ignores `rotary_dim`, which its config
+    # documents as that width; localmoe takes `rotary_dim` where the factor is absent, so the tests give both
+    "minimax-m3-sharded": ("minimax_m3_vl_text", {}, "sharded"),
+    # only the query's own block always kept, two blocks in all, no clamps that bite, tied embeddings
+    "minimax-m3-one-local-block": (
+        "minimax_m3_vl_text",
+        {
+            "text_config": {
+                **MINIMAX_M3["text_config"],
+                "index_local_blocks": 1,
+                "index_topk_blocks": 2,
+                "swiglu_limit": 7.0,
+                "routed_scaling_factor": 1.0,
+            },
+            "tie_word_embeddings": True,
+        },
+        "single",
+    ),
+    "zaya-sharded": ("zaya", {}, "sharded"),
+    # transformers' default rotary, biases, an untied head with a bias, one convolution a single tap wide
+    "zaya-biases-untied": (
+        "zaya",
+        {
+            "rope_parameters": None,
+            "attention_bias": True,
+            "tie_word_embeddings": False,
+            "lm_head_bias": True,
+            "cca_time0": 1,
+        },
+        "single",
+    ),
+    "bailing-hybrid-sharded": ("bailing_hybrid", {}, "sharded"),
+    # the forget gate unbounded, queries without their bottleneck, yarn whose mscale_all_dim scales the
+    # latent attention, ungrouped routing; tie_word_embeddings, which transformers ignores here
+    "bailing-hybrid-unsafe-gate-yarn": (
+        "bailing_hybrid",
+        {
+            "kda_safe_gate": False,
+            "q_lora_rank": None,
+            "n_group": 1,
+            "topk_group": 1,
+            "tie_word_embeddings": True,
+            "rope_parameters": {
+                "rope_type": "yarn",
+                "rope_theta": 10000.0,
+                "factor": 4.0,
+                "original_max_position_embeddings": 64,
+                "mscale": 0.9,
+                "mscale_all_dim": 0.8,
+            },
+        },
+        "single",
+    ),
+    "dots1-sharded": ("dots1", {}, "sharded"),
+    # no shared expert, no windows, biases, ungrouped routing without renormalisation, tied embeddings
+    "dots1-plain-bias-tied": (
+        "dots1",
+        {
+            "n_shared_experts": 0,
+            "sliding_window": None,
+            "attention_bias": True,
+            "n_group": 1,
+            "topk_group": 1,
+            "norm_topk_prob": False,
+            "tie_word_embeddings": True,
+        },
+        "single",
+    ),
+    "dots1-fused": ("dots1", {}, "fused"),
+    "solar-open-sharded": ("solar_open", {}, "sharded"),
+    # q/k/v biases, grouped routing without renormalisation, tied embeddings. No partial rotary: transformers
+    # 5.24's Solar Open builds frequencies for part of each head but rotates whole heads, and fails
+    "solar-open-bias-groups": (
+        "solar_open",
+        {
+            "attention_bias": True,
+            "n_group": 2,
+            "topk_group": 1,
+            "norm_topk_prob": False,
+            "tie_word_embeddings": True,
+        },
+        "single",
+    ),
+    "exaone-moe-sharded": ("exaone_moe", {}, "sharded"),
+    # every other layer global (no rotary), a dense layer between MoE ones, grouped routing, tied embeddings
+    "exaone-moe-pattern-dense": (
+        "exaone_moe",
+        {
+            "sliding_window_pattern": 2,
+            "mlp_layer_types": ["sparse", "dense", "sparse", "sparse"],
+            "n_group": 2,
+            "topk_group": 1,
+            "tie_word_embeddings": True,
+        },
+        "single",
+    ),
+    "exaone-moe-fused": ("exaone_moe", {}, "fused"),
+    "hy-v3-sharded": ("hy_v3", {}, "sharded"),
+    # attention biases, a dense layer between MoE ones, two shared experts, tied embeddings
+    "hy-v3-bias-dense": (
+        "hy_v3",
+        {
+            "attention_bias": True,
+            "mlp_layer_types": ["sparse", "dense", "sparse"],
+            "num_shared_experts": 2,
+            "tie_word_embeddings": True,
+        },
+        "single",
+    ),
+    "hy-v3-fused": ("hy_v3", {}, "fused"),
+    # transformers saves it as Glm4MoeForCausalLM, under Sarvam's own tensor names
+    "sarvam-moe-sharded": ("sarvam_moe", {}, "sharded"),
+    "sarvam-moe-bias-groups": (
+        "sarvam_moe",
+        {"use_qkv_bias": True, "n_group": 2, "topk_group": 1, "tie_word_embeddings": True},
+        "single",
+    ),
 }
 
 
@@ -314,17 +700,22 @@ def test_experts_read_in_the_layout_written(pair, request):
     _, engine = pair
     name = request.node.callspec.params["pair"]
     # save_pretrained writes the Hub's per-expert names, except for the families whose Hub layout is fused
-    fused_on_the_hub = ("gpt-oss", "llama4", "gemma4", "mistral4")
+    # (one tensor for gate and up) or stacked (one per role)
+    fused_on_the_hub = ("gpt-oss", "llama4", "gemma4", "mistral4", "qwen3-vl-moe", "granite-h", "zaya")
     expected = Fused if CASES[name][2] == "fused" or name.startswith(fused_on_the_hub) else PerExpert
+    expected = Stacked if name.startswith("step3p7") else expected
     assert {type(found) for found in engine.parts.experts.layouts.values()} == {expected}
 
 
 def test_float32_where_the_family_keeps_it(tmp_path):
-    """DeepSeek-V3's correction bias steers routing by small margins: it stays float32 in a bf16 model."""
+    """DeepSeek-V3's correction bias steers routing by small margins: it stays float32 in a bf16 model,
+    and the memory plan counts it so."""
     folder = save_hf(hf_model("DeepseekV3Config", **DEEPSEEK_V2, n_group=4, topk_group=2), tmp_path, "single")
-    model = localmoe.load(str(folder), device="cpu", dtype=torch.bfloat16).model
-    gate = model.model.layers[1].mlp.gate
+    engine = localmoe.load(str(folder), device="cpu", dtype=torch.bfloat16)
+    gate = engine.model.model.layers[1].mlp.gate
     assert gate.e_score_correction_bias.dtype == torch.float32 and gate.weight.dtype == torch.bfloat16
+    sizes = [p.numel() * p.dtype.itemsize for p in engine.model.parameters()]
+    assert engine.plan.footprint.resident_bytes == sum(sizes)
 
 
 def test_phimoe_long_mscale_past_the_original_context(tmp_path):
@@ -387,9 +778,20 @@ def test_greedy_tokens_identical(pair, request):
     assert got == expected
 
 
-def test_qwen3_5_prompt_longer_than_a_delta_rule_chunk(tmp_path):
-    """Prefill crosses transformers' 64-token chunks of the delta rule, then decodes past it."""
-    reference = hf_model("Qwen3_5MoeTextConfig", **QWEN3_5_MOE)
+# families whose recurrent layers run in chunks: prompts that cross transformers' chunks and localmoe's
+LONG_PROMPTS = {
+    "qwen3_5_moe_text": {},  # delta rule chunks of 64
+    "nemotron_h": {},  # state space scan chunks of 128
+    "granitemoehybrid": {},  # transformers' chunks of 256, localmoe's 128
+    "kimi_linear": {},  # delta rule chunks of 64, a decay per key channel
+}
+
+
+@pytest.mark.parametrize("family", list(LONG_PROMPTS))
+def test_prompt_longer_than_a_recurrent_chunk(family, tmp_path):
+    """Prefill crosses the chunks of the recurrent layers' scans, then decodes past it."""
+    config_class, config = TINY_FAMILIES[family]
+    reference = hf_model(config_class, **{**config, **LONG_PROMPTS[family]})
     engine = localmoe.load(str(save_hf(reference, tmp_path, "single")), device="cpu", dtype=torch.float32)
     ids = prompt_ids(150)
     with torch.no_grad():
@@ -400,8 +802,71 @@ def test_qwen3_5_prompt_longer_than_a_delta_rule_chunk(tmp_path):
     assert list(generate_tokens(engine.model, ids[0].tolist(), 8)) == generated[0, 150:].tolist()
 
 
+def test_mamba_time_step_limit_holds_in_decode_too(tmp_path):
+    """transformers 5.24 (as mamba_ssm) clamps Mamba-2's time steps to `time_step_limit` in its chunked
+    prefill but not in its one-token decode step, so its decode disagrees with its own prefill when the
+    limit bites. localmoe clamps both, as the models were trained (on the chunked scan): its prefill
+    matches transformers', and its decode steps match its prefill."""
+    config_class, config = TINY_FAMILIES["granitemoehybrid"]
+    reference = hf_model(config_class, **{**config, "time_step_limit": (0.0, 0.5)})  # below most steps here
+    engine = localmoe.load(str(save_hf(reference, tmp_path, "single")), device="cpu", dtype=torch.float32)
+    ids = prompt_ids()
+    with torch.no_grad():
+        expected = reference(ids).logits
+        past = reference(ids[:, :-1], use_cache=True).past_key_values
+        stepped = reference(ids[:, -1:], past_key_values=past, use_cache=True).logits
+    assert (stepped[:, -1] - expected[:, -1]).abs().max().item() > 1e-2  # transformers' own disagreement
+    got = engine.model(ids, engine.model.new_cache(1, PROMPT_TOKENS), all_logits=True)
+    assert (got - expected).abs().max().item() < TOLERANCE
+    cache = engine.model.new_cache(1, PROMPT_TOKENS)
+    engine.model(ids[:, :-1], cache)
+    assert (engine.model(ids[:, -1:], cache)[:, -1] - expected[:, -1]).abs().max().item() < TOLERANCE
+
+
+def test_kimi_linear_layers_as_the_release_lists_them():
+    """The release's config lists its layers (1-based) and linear attention sizes in linear_attn_config."""
+    from localmoe.models.kimi_linear import KimiLinearArgs
+
+    config = {
+        "vocab_size": 258,
+        "hidden_size": 64,
+        "intermediate_size": 96,
+        "num_hidden_layers": 4,
+        "num_attention_heads": 4,
+        "num_experts_per_token": 2,
+        "linear_attn_config": {"full_attn_layers": [2], "kda_layers": [1, 3, 4], "head_dim": 16, "num_heads": 4},
+    }
+    args = KimiLinearArgs.from_config(config)
+    assert [args.linear(i) for i in range(4)] == [True, False, True, True]
+    assert args.attention(0).head_dim == 16 and args.num_experts_per_tok == 2
+
+
+def test_laguna_router_weights_on_the_input_are_refused(tmp_path):
+    """transformers 5.24 refuses moe_apply_router_weight_on_input=True; localmoe says it cannot check it."""
+    config_class, config = TINY_FAMILIES["laguna"]
+    folder = save_hf(hf_model(config_class, **config), tmp_path, "single")
+    saved = json.loads((folder / "config.json").read_text())
+    (folder / "config.json").write_text(json.dumps({**saved, "moe_apply_router_weight_on_input": True}))
+    with pytest.raises(localmoe.LocalMoEError, match="moe_apply_router_weight_on_input"):
+        localmoe.load(str(folder), device="cpu", dtype=torch.float32)
+
+
+def test_nemotron_h_block_kinds_as_older_configs_spell_them():
+    """Releases list the blocks as a pattern of letters, or with the older names mamba and attention."""
+    from localmoe.models.nemotron_h import NemotronHArgs
+
+    kinds = ["linear_attention", "moe", "full_attention", "mlp"]
+    sizes = {"vocab_size": 258, "hidden_size": 64}
+    assert NemotronHArgs.from_config({**sizes, "hybrid_override_pattern": "ME*-"}).kinds() == kinds
+    legacy = NemotronHArgs.from_config({**sizes, "layers_block_type": ["mamba", "moe", "attention", "mlp"]})
+    assert legacy.kinds() == kinds
+    with pytest.raises(localmoe.LocalMoEError, match="block types localmoe does not know: convolution"):
+        NemotronHArgs.from_config({**sizes, "layers_block_type": ["convolution"]}).kinds()
+
+
 # the multimodal classes the Hub ships these families as: (config class, model class, text config, vision config)
 MULTIMODAL = {
+    "qwen3-vl-moe": ("Qwen3VLMoeConfig", "Qwen3VLMoeForConditionalGeneration", QWEN3_VL_MOE_TEXT, QWEN3_VL_VISION),
     "llama4": (
         "Llama4Config",
         "Llama4ForConditionalGeneration",
@@ -453,6 +918,18 @@ MULTIMODAL = {
             patch_size=4,
             position_embedding_size=64,
         ),
+    ),
+    "glm4v_moe": (
+        "Glm4vMoeConfig",
+        "Glm4vMoeForConditionalGeneration",
+        GLM4V_MOE["text_config"],
+        GLM4V_MOE["vision_config"],
+    ),
+    "step3p7": (
+        "Step3p7Config",
+        "Step3p7ForConditionalGeneration",
+        STEP3P7["text_config"],
+        STEP3P7["vision_config"],
     ),
 }
 
@@ -523,3 +1000,32 @@ def test_kimi_k25_checkpoint_runs_its_deepseek_v3_language_model(tmp_path):
         expected = wrapper(ids).logits
     got = engine.model(ids, engine.model.new_cache(1, ids.shape[1]), all_logits=True)
     assert (got - expected).abs().max().item() < TOLERANCE
+
+
+def test_sarvam_as_released(tmp_path):
+    """The release's config names its remote-code class (never run) and spells fields its own way:
+    localmoe reads it as transformers reads it."""
+    config_class, config = TINY_FAMILIES["sarvam_moe"]
+    reference = hf_model(config_class, **{**config, "attention_bias": True})
+    folder = save_hf(reference, tmp_path, "single")
+    saved = json.loads((folder / "config.json").read_text())
+    assert saved["architectures"] == ["Glm4MoeForCausalLM"]  # what transformers writes
+    for ours, theirs in (("n_routed_experts", "num_experts"), ("n_shared_experts", "num_shared_experts")):
+        saved[theirs] = saved.pop(ours)
+    saved["use_qkv_bias"] = saved.pop("attention_bias")
+    saved["architectures"] = ["SarvamMoEForCausalLM"]
+    saved["auto_map"] = {"AutoModelForCausalLM": "modeling_sarvam_moe.SarvamMoEForCausalLM"}
+    (folder / "config.json").write_text(json.dumps(saved))
+    engine = localmoe.load(str(folder), device="cpu", dtype=torch.float32)
+    test_prefill_logits_match((reference, engine))
+
+
+def test_minimax_m3_rotates_the_width_rotary_dim_says():
+    """transformers 5.24 takes MiniMax-M3's rotated width from rope_parameters alone and rotates whole
+    heads where a config gives only `rotary_dim`, which its config documents as that width (and the
+    parity cases give both): localmoe rotates `rotary_dim` dims."""
+    from localmoe.models.minimax_m3_vl import MiniMaxM3Args
+
+    config = {**TINY_FAMILIES["minimax_m3_vl_text"][1]["text_config"], "rope_parameters": None}
+    args = MiniMaxM3Args.from_config(config)
+    assert args.rope["partial_rotary_factor"] == config["rotary_dim"] / config["head_dim"]

@@ -1,17 +1,26 @@
 """Quantized experts: the packing round trip, the runtime on quantized rows, and the on-disk cache."""
 
+import errno
+import io
 import json
+import subprocess
+import sys
+import threading
 
 import pytest
 import torch
-from conftest import MIXTRAL, QWEN3_MOE, hf_model, save_hf
+from conftest import MIXTRAL, NEMOTRON_H, QWEN3_MOE, hf_model, save_hf
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import localmoe
+from localmoe import files
+from localmoe.checkpoint import Checkpoint
 from localmoe.engine import RuntimeOptions, plan_for
+from localmoe.files import HOST
 from localmoe.kernels.quantized import QuantSpec, dequantize, quantize
 from localmoe.runtime import expert_store
+from localmoe.runtime.quantized_cache import QuantizedLayers, cache_folder
 
 GROUP = 16  # divides the tiny models' widths (64, 96, 48)
 
@@ -81,6 +90,18 @@ def test_offloaded_quantized_experts_equal_resident_ones(checkpoint, bits):
         assert got_tokens == tokens and torch.equal(got_logits, logits), (miss, options)
 
 
+def test_ungated_experts_quantized(tmp_path):
+    """Nemotron-H's experts (up and down only, in a latent space 32 wide): offloaded equals resident, and
+    8 bits stay close to 16."""
+    config = {**NEMOTRON_H, "moe_latent_size": 32}
+    path = str(save_hf(hf_model("NemotronHConfig", **config), tmp_path, "sharded"))
+    tokens, logits = run(load(path, expert_bits=8))
+    got_tokens, got_logits = run(load(path, expert_bits=8, expert_slots=3, miss_policy="copy"))
+    assert got_tokens == tokens and torch.equal(got_logits, logits)
+    _, logits16 = run(load(path))
+    assert (logits - logits16).abs().max().item() < 0.05 * logits16.abs().max().item()
+
+
 def test_eight_bits_stay_close_to_sixteen(checkpoint):
     _, logits16 = run(load(checkpoint))
     _, logits8 = run(load(checkpoint, expert_bits=8))
@@ -131,8 +152,13 @@ def test_bad_settings_are_one_line_errors(checkpoint):
 
 def quantized_folder(localmoe_cache, checkpoint_name: str):
     folders = [f for f in (localmoe_cache / "quantized").iterdir() if f.name.startswith(checkpoint_name)]
+    folders = [f for f in folders if f.is_dir()]  # beside each folder: its lock file
     assert len(folders) == 1
     return folders[0]
+
+
+def settings_folder(checkpoint: str, bits: int, group: int):
+    return cache_folder(Checkpoint.open(checkpoint), f"bits={bits} group={group} dtype={torch.float32}")
 
 
 def test_the_second_start_reads_the_cache_and_damage_is_rebuilt(tmp_path, localmoe_cache, monkeypatch, capsys):
@@ -169,5 +195,98 @@ def test_other_settings_get_their_own_cache(tmp_path, localmoe_cache):
     load(path, expert_bits=8)
     load(path, expert_bits=4)
     load(path, expert_bits=8, expert_group_size=32)
-    folders = [f for f in (localmoe_cache / "quantized").iterdir() if f.name.startswith("other")]
+    folders = [f for f in (localmoe_cache / "quantized").iterdir() if f.name.startswith("other") and f.is_dir()]
     assert len(folders) == 3
+
+
+@pytest.mark.parametrize("manifest", ["[]", '{"layers": []}', '{"layers": {"0": 5}}', "{"])
+def test_a_manifest_of_the_wrong_shape_is_rebuilt_with_a_notice(checkpoint, localmoe_cache, manifest, capsys):
+    tokens, _ = run(load(checkpoint, expert_bits=8, expert_group_size=8))
+    folder = settings_folder(checkpoint, 8, 8)
+    (folder / "manifest.json").write_text(manifest)
+    capsys.readouterr()
+    assert run(load(checkpoint, expert_bits=8, expert_group_size=8))[0] == tokens
+    assert "the manifest of the quantized experts" in capsys.readouterr().err
+    assert sorted(json.loads((folder / "manifest.json").read_text())["layers"]) == ["0", "1", "2", "3"]
+
+
+def test_runs_that_meet_quantize_each_layer_once(tmp_path):
+    """A run that finds a layer missing while another builds it waits for the other's lock, then reads
+    what the other built."""
+    folder, building, waiting, first = tmp_path / "quantized", threading.Event(), threading.Event(), []
+
+    def build(rows):
+        building.set()
+        assert waiting.wait(timeout=120)  # the second run asks for the layer meanwhile
+        rows.copy_(torch.arange(rows.numel(), dtype=torch.uint8).view(rows.shape))
+
+    def first_run():
+        first.append(QuantizedLayers(folder).rows(0, (3, 8), allocate, build, mapped=False))
+
+    thread = threading.Thread(target=first_run)
+    thread.start()
+    assert building.wait(timeout=120)
+    second = QuantizedLayers(folder)
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(sys, "stderr", io.StringIO())
+        patch.setattr(second, "_waiting", lambda message: waiting.set() or QuantizedLayers._waiting(second, message))
+        rows = second.rows(0, (3, 8), allocate, lambda rows: pytest.fail("quantized twice"), mapped=True)
+        QuantizedLayers._waiting(second, "localmoe: waiting for another localmoe run, for the next layer")
+        told = sys.stderr.getvalue()  # once for the run, not once per layer
+    thread.join(timeout=120)
+    assert torch.equal(rows, first[0]) and second.built == 0
+    assert told.count("waiting for another localmoe run") == 1 and second.waited
+
+
+def allocate(shape):
+    return torch.empty(shape, dtype=torch.uint8)
+
+
+def test_a_full_disk_costs_the_cache_and_nothing_else(checkpoint, localmoe_cache, monkeypatch, capsys):
+    tokens, _ = run(load(checkpoint))
+
+    def full_disk(descriptor):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(files.os, "fsync", full_disk)
+    settings = {"expert_bits": 4, "expert_group_size": 8}
+    resident, _ = run(load(checkpoint, **settings))
+    assert "could not keep the quantized experts" in capsys.readouterr().err
+    mapped, _ = run(load(checkpoint, **settings, expert_slots=3, host_budget=1, miss_policy="copy"))
+    assert mapped == resident
+    folder = settings_folder(checkpoint, 4, 8)
+    assert not list(folder.parent.rglob("*.tmp")) and not (folder / "manifest.json").exists()
+
+
+def test_a_start_sweeps_what_killed_runs_left(checkpoint, localmoe_cache):
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    orphan = localmoe_cache / "quantized" / "some-folder" / f"layer-3.bin.{HOST}.{int(dead.stdout)}.00c0ffee.tmp"
+    orphan.parent.mkdir(parents=True, exist_ok=True)
+    orphan.write_bytes(bytes(1000))
+    load(checkpoint)
+    assert not orphan.exists()
+
+
+@pytest.mark.parametrize(
+    "widths, default",
+    [((4096, 14336), 64), ((64, 48), 16), ((48, 40), 8), ((30, 50), 10)],
+    ids=["mixtral", "tiny", "issue 24", "not a power of two"],
+)
+def test_the_default_group_size_is_the_largest_that_divides_every_width(widths, default):
+    assert QuantSpec.fitting(4, None, *widths).group == default
+    assert QuantSpec.fitting(8, 2, *widths).group == 2  # as asked, where it fits
+    if default < 64:
+        with pytest.raises(localmoe.LocalMoEError, match=f"must be even and divide .*: try {default}$"):
+            QuantSpec.fitting(4, default * 2, *widths)
+
+
+def test_widths_without_an_even_divisor_cannot_be_quantized():
+    with pytest.raises(localmoe.LocalMoEError, match=r"widths \(63, 45\) have no even common divisor"):
+        QuantSpec.fitting(4, None, 63, 45)
+    with pytest.raises(localmoe.LocalMoEError, match="none does, so they cannot be quantized"):
+        QuantSpec.fitting(4, 2, 63, 45)
+
+
+def test_a_start_with_the_default_group_size_uses_the_fitting_one(checkpoint):
+    engine = localmoe.load(checkpoint, device="cpu", dtype=torch.float32, options=RuntimeOptions(expert_bits=8))
+    assert engine.experts.layout.spec == QuantSpec(8, 16)  # widths 64 and 48: 64 and 32 do not divide 48

@@ -7,11 +7,20 @@ range of a group always includes 0, so the zero point lies within [0, 2^bits - 1
 values share a byte along the row, the even column in the low nibble.
 """
 
+import math
 from dataclasses import dataclass
 
 import torch
 
 from localmoe.errors import LocalMoEError, setting
+
+DEFAULT_GROUP = 64  # columns per scale by default, where the experts' widths allow it
+
+
+def fitting_groups(*columns: int) -> list[int]:
+    """The even group sizes up to DEFAULT_GROUP that divide every one of `columns`, largest first."""
+    common = math.gcd(*columns)
+    return [group for group in range(DEFAULT_GROUP, 1, -2) if common % group == 0]
 
 
 @dataclass(frozen=True)
@@ -19,13 +28,29 @@ class QuantSpec:
     bits: int  # 8 or 4
     group: int  # columns per scale and zero point
 
+    @classmethod
+    def fitting(cls, bits: int, group: int | None, *columns: int) -> "QuantSpec":
+        """`bits` with `group` columns per scale, or by default the largest that divides every one of
+        `columns` (the experts' widths), checked."""
+        fits = fitting_groups(*columns)
+        if group is None and not fits:
+            raise LocalMoEError(
+                f"the experts' widths ({', '.join(map(str, columns))}) have no even common divisor to group their "
+                f"columns by: they cannot be quantized; keep {setting('expert_bits')} 16"
+            )
+        spec = cls(bits, fits[0] if group is None else group)
+        spec.check(*columns)
+        return spec
+
     def check(self, *columns: int) -> None:
         if self.bits not in (4, 8):
             raise LocalMoEError(f"{setting('expert_bits')} {self.bits} is not supported: use 16, 8 or 4")
         if self.group < 2 or self.group % 2 or any(c % self.group for c in columns):
+            fits = fitting_groups(*columns)
+            hint = f"try {fits[0]}" if fits else "none does, so they cannot be quantized"
             raise LocalMoEError(
                 f"{setting('expert_group_size')} {self.group} must be even and divide the experts' widths "
-                f"({', '.join(map(str, columns))}): try 32 or 16"
+                f"({', '.join(map(str, columns))}): {hint}"
             )
 
     def packed_columns(self, columns: int) -> int:

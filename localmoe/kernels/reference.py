@@ -14,7 +14,8 @@ import torch.nn.functional as F
 
 class ExpertStack(NamedTuple):
     """Experts stacked in one row layout, indexed by their position in the stack (a slot of the pool, or
-    an expert id of the host store): gate_up [N, 2I, E] with gate rows first, down [N, E, I] (tensors in
+    an expert id of the host store): gate_up [N, 2I, E] with gate rows first (up alone, [N, I, E], for
+    ungated experts), down [N, E, I] (tensors in
     the compute dtype, or the quantized stacks of kernels/quantized.py), and biases [N, 2I] and [N, E]
     where the experts have them."""
 
@@ -41,7 +42,8 @@ def expert_pair_outputs(
     """out[t * k + j] = down[s] @ act(gate[s] @ x[t], up[s] @ x[t]) with s = slots[t, j].
 
     out [T*k, E]; x [T, E]; gate_up [N, 2I, E] with gate rows first; down [N, E, I]; slots [T, k];
-    `act(gate, up)` combines the two projections (a `GatedActivation`); biases [N, 2I] and [N, E] where
+    `act` (a `GatedActivation`) combines the two projections (`act.combine`, which also takes up alone,
+    gate_up [N, I, E], for ungated experts); biases [N, 2I] and [N, E] where
     the experts have them; `input_scale` [T*k] multiplies each pair's input (Llama 4 weights the
     expert's input, not its output). A pair whose slot is -1 is computed from `host` (the layer's
     experts where they lie, in the same layout, indexed by expert id) at its expert `ids[t, j]` when
@@ -71,8 +73,8 @@ def _expert(inputs: torch.Tensor, stack: ExpertStack, row: int, act) -> torch.Te
     def weights(rows):
         return None if rows is None else rows[row].to(inputs.device)
 
-    gate, up = F.linear(inputs, weights(stack.gate_up), weights(stack.gate_up_bias)).chunk(2, dim=-1)
-    return F.linear(act(gate, up), weights(stack.down), weights(stack.down_bias))
+    gate_up = F.linear(inputs, weights(stack.gate_up), weights(stack.gate_up_bias))
+    return F.linear(act.combine(gate_up), weights(stack.down), weights(stack.down_bias))
 
 
 def combine_pairs(pair_outputs: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:

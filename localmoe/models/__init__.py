@@ -4,28 +4,51 @@ from typing import Any
 
 from localmoe.errors import LocalMoEError
 from localmoe.models import (
+    afmoe,
+    bailing_hybrid,
+    cohere2_moe,
     deepseek_v2,
     deepseek_v3,
     deepseek_v4,
+    deepseek_v32,
+    dots1,
     ernie4_5_moe,
+    exaone_moe,
     gemma4,
     glm4_moe,
+    glm4_moe_lite,
+    glm4v_moe,
     glm_moe_dsa,
     gpt_oss,
+    granitemoehybrid,
     hunyuan_v1_moe,
+    hy_v3,
+    kimi_linear,
+    laguna,
+    lfm2_moe,
     llama4,
     mellum,
+    mimo_v2_flash,
     minimax,
     minimax_m2,
+    minimax_m3_vl,
     mistral4,
     mixtral,
+    nemotron_h,
     olmoe,
     phimoe,
     qwen2_moe,
     qwen3_5_moe,
     qwen3_moe,
+    qwen3_next,
+    qwen3_vl_moe,
+    sarvam_moe,
+    solar_open,
+    step3p7,
+    zaya,
 )
 from localmoe.models.family import Family
+from localmoe.tables import render
 
 FAMILIES: tuple[Family, ...] = (
     mixtral.FAMILY,
@@ -48,18 +71,45 @@ FAMILIES: tuple[Family, ...] = (
     mistral4.FAMILY,
     glm_moe_dsa.FAMILY,
     deepseek_v4.FAMILY,
+    qwen3_next.FAMILY,
+    qwen3_vl_moe.FAMILY,
+    glm4_moe_lite.FAMILY,
+    nemotron_h.FAMILY,
+    granitemoehybrid.FAMILY,
+    lfm2_moe.FAMILY,
+    kimi_linear.FAMILY,
+    laguna.FAMILY,
+    afmoe.FAMILY,
+    dots1.FAMILY,
+    solar_open.FAMILY,
+    exaone_moe.FAMILY,
+    hy_v3.FAMILY,
+    sarvam_moe.FAMILY,
+    deepseek_v32.FAMILY,
+    cohere2_moe.FAMILY,
+    glm4v_moe.FAMILY,
+    mimo_v2_flash.FAMILY,
+    step3p7.FAMILY,
+    minimax_m3_vl.FAMILY,
+    zaya.FAMILY,
+    bailing_hybrid.FAMILY,
 )
 
 
 def family_for(config: dict[str, Any]) -> Family:
     """The family for a config: by its architecture, or by `model_type` when it names none.
 
-    Code shipped with a checkpoint (`auto_map`) is never run: a config that needs it for an
-    architecture localmoe does not have built in is refused.
+    transformers saves some families under the class it runs them with (Sarvam's as
+    Glm4MoeForCausalLM): there the model_type, naming a family of its own, decides. Code shipped with a
+    checkpoint (`auto_map`) is never run: a config that needs it for an architecture localmoe does not
+    have built in is refused.
     """
     architectures = config.get("architectures") or []
     model_type = config.get("model_type")
+    own_type = next((family for family in FAMILIES if family.model_type == model_type), None)
     for family in FAMILIES:
+        if architectures and architectures[0] in family.architectures and own_type is not None:
+            return own_type
         if architectures and architectures[0] in family.architectures + family.wrapper_architectures:
             return family
         if not architectures and model_type == family.model_type:
@@ -74,13 +124,14 @@ def family_for(config: dict[str, Any]) -> Family:
     raise LocalMoEError(f"unsupported architecture {name} (model_type {model_type!r}); localmoe runs: {supported}")
 
 
-def families_table() -> str:
-    """The supported families as a Markdown table: README.md embeds it, and a test keeps the two equal."""
-    rows = ["| architecture | `model_type` | example Hub id |", "|---|---|---|"]
-    rows += [f"| {_architectures(f)} | `{f.model_type}` | `{f.example}` |" for f in FAMILIES]
-    return "\n".join(rows)
+def families_table(markdown: bool = False) -> str:
+    """The supported families as a table; in Markdown, as README.md embeds it (a test keeps the two equal)."""
+    code = "`{}`".format if markdown else str
+    rows = [[_architectures(f, code), code(f.model_type), code(f.example)] for f in FAMILIES]
+    return render(["architecture", code("model_type"), "example Hub id"], rows, markdown)
 
 
-def _architectures(family: Family) -> str:
-    names = [f"`{family.architectures[0]}`"] + [f"`{a}` (text only)" for a in family.wrapper_architectures]
+def _architectures(family: Family, code) -> str:
+    names = [code(a) for a in family.architectures[:1]]
+    names += [f"{code(a)} (text only)" for a in family.wrapper_architectures]
     return ", ".join(names)

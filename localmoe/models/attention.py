@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from localmoe.models.layers import RMSNorm, Step
+from localmoe.models.layers import RMSNorm, Step, activation
 from localmoe.models.rotary import RotaryEmbedding, apply_rotary, apply_rotary_interleaved
 from localmoe.models.state import REWIND_SLACK, AttentionKV, LatentKV, WindowKV, attention_state
 
@@ -22,7 +22,13 @@ class Attention(nn.Module):
     ERNIE); a sliding window; attention sinks (gpt-oss), a learned logit per head that takes
     part in the softmax without a value; and an output gate (Qwen3.5), for which q_proj also gives
     each head a gate, sigmoid(gate) scaling the head's output. `norm` is the q/k norm's class; `rotary`
-    a rotary embedding for this kind of layer where the model has several (Gemma 4, Mellum).
+    a rotary embedding for this kind of layer where the model has several (Gemma 4, Mellum);
+    `rope=False` for layers without position embeddings (NoPE: Nemotron-H, Granite 4.0-H, K-EXAONE's and
+    Command A+'s global layers); `scale` the factor on query-key products where it is not
+    1/sqrt(head_dim) (Granite's attention_multiplier, Step-3.7's query_pre_attn_scalar); `gate` an
+    output gate of its own projection, act(gate_proj(x)) scaling each output channel or, with
+    `gate_per_head`, each head (AFMoE: sigmoid per channel; Laguna: softplus per head; Step-3.7:
+    sigmoid per head); `v_head_dim` values narrower or wider than queries and keys (MiMo-V2-Flash).
     """
 
     static = True  # runs static decode steps (see layers.Step)
@@ -45,26 +51,38 @@ class Attention(nn.Module):
         output_gate: bool = False,
         norm=RMSNorm,
         rotary: RotaryEmbedding | None = None,
+        rope: bool = True,
+        v_head_dim: int | None = None,
+        scale: float | None = None,
+        gate: str | None = None,
+        gate_per_head: bool = False,
     ):
         super().__init__()
         self.heads, self.kv_heads, self.head_dim = heads, kv_heads, head_dim
+        self.v_head_dim = v_head_dim or head_dim
+        self.rope, self.scale = rope, head_dim**-0.5 if scale is None else scale
         self.qk_norm, self.clip_qkv, self.sliding_window = qk_norm, clip_qkv, sliding_window
         self.rotate = apply_rotary_interleaved if interleaved_rope else apply_rotary
         self.output_gate = output_gate
         self.rotary = rotary  # a rotary of this layer's kind, shared by such layers; None: the model's
         self.q_proj = nn.Linear(hidden, heads * head_dim * (2 if output_gate else 1), bias=qkv_bias)
         self.k_proj = nn.Linear(hidden, kv_heads * head_dim, bias=qkv_bias)
-        self.v_proj = nn.Linear(hidden, kv_heads * head_dim, bias=qkv_bias)
-        self.o_proj = nn.Linear(heads * head_dim, hidden, bias=out_bias)
+        self.v_proj = nn.Linear(hidden, kv_heads * self.v_head_dim, bias=qkv_bias)
+        self.o_proj = nn.Linear(heads * self.v_head_dim, hidden, bias=out_bias)
         if qk_norm in ("head", "head_after_rope"):
             self.q_norm, self.k_norm = norm(head_dim, norm_eps), norm(head_dim, norm_eps)
         elif qk_norm == "full":
             self.q_norm, self.k_norm = norm(heads * head_dim, norm_eps), norm(kv_heads * head_dim, norm_eps)
         if sinks:
             self.sinks = nn.Parameter(torch.empty(heads))
+        if gate is not None:
+            self.gate_proj = nn.Linear(hidden, heads if gate_per_head else heads * head_dim, bias=False)
+            self.gate_act = activation(gate)
 
     def new_state(self, batch: int, max_len: int, dtype: torch.dtype, device) -> AttentionKV | WindowKV:
-        return attention_state(batch, self.kv_heads, self.head_dim, max_len, self.span, dtype, device)
+        return attention_state(
+            batch, self.kv_heads, self.head_dim, max_len, self.span, dtype, device, v_dim=self.v_head_dim
+        )
 
     @property
     def span(self) -> int | None:
@@ -72,22 +90,30 @@ class Attention(nn.Module):
         return self.sliding_window
 
     def state_bytes_per_token(self, dtype: torch.dtype) -> int:
-        return 0 if self.span is not None else 2 * self.kv_heads * self.head_dim * dtype.itemsize
+        return 0 if self.span is not None else self._bytes_per_position(dtype)
 
     def fixed_state_bytes(self, dtype: torch.dtype) -> int:
         """A windowed layer's ring (at most: a shorter context gets one slot per position instead)."""
-        return (
-            0 if self.span is None else 2 * self.kv_heads * self.head_dim * dtype.itemsize * (self.span + REWIND_SLACK)
-        )
+        return 0 if self.span is None else self._bytes_per_position(dtype) * (self.span + REWIND_SLACK)
+
+    def _bytes_per_position(self, dtype: torch.dtype) -> int:
+        return self.kv_heads * (self.head_dim + self.v_head_dim) * dtype.itemsize
+
+    def project(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Queries, keys and values [B, T, heads x dim] of hidden states x [B, T, E]."""
+        return self.q_proj(x), self.k_proj(x), self.v_proj(x)
 
     def prepare_decode(self) -> None:
         """Once the weights are loaded: q, k and v's weights become views of one matrix, so that a decode
         token projects them in one matmul (one token: the same bits as three on every shape measured;
         many tokens keep three, where BLAS may block a wider matrix differently); and q_norm and k_norm's
-        weights are laid side by side, for one norm over queries and keys."""
+        weights are laid side by side, for one norm over queries and keys. Not fused: an output gate or a
+        norm over all heads between the projections, or projections of a family's own."""
         if self.qk_norm in ("head", "head_after_rope"):
             q_weight, k_weight = self.q_norm.weight, self.k_norm.weight
             self.qk_norm_weight = torch.cat((q_weight.expand(self.heads, -1), k_weight.expand(self.kv_heads, -1)))
+        if self.output_gate or self.qk_norm == "full" or type(self).project is not Attention.project:
+            return
         projections = (self.q_proj, self.k_proj, self.v_proj)
         weight = torch.cat([p.weight for p in projections])
         biases = [p.bias for p in projections]
@@ -101,23 +127,28 @@ class Attention(nn.Module):
         qk, v, gate = self._projections(x)  # queries and keys side by side: one norm, one rotation for both
         if self.qk_norm == "head":
             qk = self._head_norm(qk)
-        cos, sin = (step.cos, step.sin) if self.rotary is None else step.rotary(self.rotary)
-        qk = self.rotate(qk.transpose(1, 2), cos, sin)  # [B, H + H_kv, T, D]
+        qk = qk.transpose(1, 2)  # [B, H + H_kv, T, D]
+        if self.rope:
+            cos, sin = (step.cos, step.sin) if self.rotary is None else step.rotary(self.rotary)
+            qk = self.rotate(qk, cos, sin)
         if self.qk_norm == "head_after_rope":
             qk = self._head_norm(qk.transpose(1, 2)).transpose(1, 2)
         q, k = qk.split((self.heads, self.kv_heads), dim=1)
         k, v, positions = kv.update(k, v.transpose(1, 2), step)  # [B, H_kv, S, D]
         if hasattr(self, "sinks"):
             visible = step.visible(self.sliding_window, positions)
-            out = attend_with_sinks(q, k, v, visible, self.sinks, self.head_dim**-0.5)
+            out = attend_with_sinks(q, k, v, visible, self.sinks, self.scale)
         else:
             mask, is_causal = step.mask(self.sliding_window, positions)
             out = F.scaled_dot_product_attention(
-                q, k, v, attn_mask=mask, is_causal=is_causal, scale=self.head_dim**-0.5, enable_gqa=True
+                q, k, v, attn_mask=mask, is_causal=is_causal, scale=self.scale, enable_gqa=True
             )
         out = out.transpose(1, 2).reshape(B, T, -1)
         if self.output_gate:
             out = out * torch.sigmoid(gate.reshape(B, T, -1))
+        if hasattr(self, "gate_proj"):
+            scale = self.gate_act(self.gate_proj(x).float()).to(out.dtype).view(B, T, self.heads, -1)
+            out = (out.view(B, T, self.heads, -1) * scale).reshape(B, T, -1)
         return self.o_proj(out)
 
     def _projections(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
@@ -125,22 +156,22 @@ class Attention(nn.Module):
         output gate where the layer has one: a decode token's from one matmul where the weights are fused."""
         B, T, _ = x.shape
         q_width, kv_width = self.heads * self.head_dim, self.kv_heads * self.head_dim
-        if T == 1 and hasattr(self, "qkv_weight") and not self.output_gate and self.qk_norm != "full":
+        if T == 1 and hasattr(self, "qkv_weight"):
             qkv = F.linear(x, self.qkv_weight, self.qkv_bias)
             if self.clip_qkv is not None:
                 qkv = qkv.clamp(-self.clip_qkv, self.clip_qkv)
-            qk, v = qkv.split((q_width + kv_width, kv_width), dim=-1)
-            return qk.view(B, T, -1, self.head_dim), v.view(B, T, self.kv_heads, self.head_dim), None
-        q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
-        if self.clip_qkv is not None:
-            q, k, v = (t.clamp(-self.clip_qkv, self.clip_qkv) for t in (q, k, v))
+            qk, v = qkv.split((q_width + kv_width, self.kv_heads * self.v_head_dim), dim=-1)
+            return qk.view(B, T, -1, self.head_dim), v.view(B, T, self.kv_heads, self.v_head_dim), None
+        q, k, v = self.project(x)
         gate = None
         if self.output_gate:  # per head: [query | gate]
             q, gate = q.view(B, T, self.heads, 2 * self.head_dim).chunk(2, dim=-1)
         if self.qk_norm == "full":
             q, k = self.q_norm(q), self.k_norm(k)
-        q, k = q.reshape(B, T, self.heads, self.head_dim), k.view(B, T, self.kv_heads, self.head_dim)
-        return torch.cat((q, k), dim=2), v.view(B, T, self.kv_heads, self.head_dim), gate
+        if self.clip_qkv is not None:
+            q, k, v = (t.clamp(-self.clip_qkv, self.clip_qkv) for t in (q, k, v))
+        q, k = q.reshape(B, T, self.heads, self.head_dim), k.reshape(B, T, self.kv_heads, self.head_dim)
+        return torch.cat((q, k), dim=2), v.reshape(B, T, self.kv_heads, self.v_head_dim), gate
 
     def _head_norm(self, qk: torch.Tensor) -> torch.Tensor:
         """q_norm on the query heads and k_norm on the key heads of qk [B, T, H + H_kv, D], at once."""
@@ -166,7 +197,8 @@ class LatentAttention(nn.Module):
     Each token's keys and values come from one low-rank latent (kv_lora_rank wide, RMS-normalised)
     plus one rotary key shared by all heads: the cache keeps those two, which for DeepSeek-V3 is
     about a fifteenth of full keys and values, and expands them for every head when attending.
-    Queries come from the hidden state directly or through their own low-rank bottleneck.
+    Queries come from the hidden state directly or through their own low-rank bottleneck. With
+    `rope=False` (Kimi-Linear) the "rotary" parts are not rotated: a shared key part like any other.
     """
 
     static = True
@@ -186,11 +218,12 @@ class LatentAttention(nn.Module):
         scale: float,
         latent_eps: float = 1e-6,
         position_scaling: tuple[float, int] | None = None,
+        rope: bool = True,
     ):
         super().__init__()
         self.heads, self.kv_lora_rank = heads, kv_lora_rank
         self.nope_dim, self.rope_dim, self.v_dim = qk_nope_head_dim, qk_rope_head_dim, v_head_dim
-        self.interleaved_rope, self.scale = interleaved_rope, scale
+        self.interleaved_rope, self.scale, self.rope = interleaved_rope, scale, rope
         # Mistral 4: queries times 1 + beta * log(1 + floor(position / original context)), as (beta, context)
         self.position_scaling = position_scaling
         qk_head_dim = qk_nope_head_dim + qk_rope_head_dim
@@ -220,8 +253,9 @@ class LatentAttention(nn.Module):
         latent, k_rot = self.kv_a_proj_with_mqa(x).split((self.kv_lora_rank, self.rope_dim), dim=-1)
         latent = self.kv_a_layernorm(latent)  # [B, T, rank]
         k_rot = k_rot.view(B, 1, T, self.rope_dim)
-        rotate = apply_rotary_interleaved if self.interleaved_rope else apply_rotary
-        q_rot, k_rot = rotate(q_rot, step.cos, step.sin), rotate(k_rot, step.cos, step.sin)
+        if self.rope:
+            rotate = apply_rotary_interleaved if self.interleaved_rope else apply_rotary
+            q_rot, k_rot = rotate(q_rot, step.cos, step.sin), rotate(k_rot, step.cos, step.sin)
         if self.position_scaling is not None:
             beta, context = self.position_scaling
             scale = (1 + beta * torch.log1p(torch.floor(step.positions().float() / context))).to(q_rot.dtype)
@@ -236,7 +270,11 @@ class LatentAttention(nn.Module):
         out = F.scaled_dot_product_attention(
             torch.cat((q_nope, q_rot), dim=-1), k, v, attn_mask=mask, is_causal=is_causal, scale=self.scale
         )
-        return self.o_proj(out.transpose(1, 2).reshape(B, T, -1))
+        return self.output(x, out.transpose(1, 2).reshape(B, T, -1))
+
+    def output(self, x: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+        """The layer's output [B, T, E] from the heads' outputs [B, T, heads x v dim] (x: its input)."""
+        return self.o_proj(out)
 
     def mask(self, x: torch.Tensor, q_low: torch.Tensor | None, step: Step, kv: LatentKV):
         """Which cached tokens each query attends to (as `Step.mask`): all before it, unless a subclass

@@ -25,8 +25,8 @@ from torch import nn
 from localmoe.models.attention import attend_with_sinks
 from localmoe.models.expert_tensors import PerExpert
 from localmoe.models.family import Family, ModelArgs
-from localmoe.models.layers import MLP, Backbone, CausalLM, Step, UpcastRMSNorm
-from localmoe.models.moe import FUSED_EXPERTS, GatedActivation, Routing, SparseMoE
+from localmoe.models.layers import Backbone, CausalLM, Step, UpcastRMSNorm
+from localmoe.models.moe import FUSED_EXPERTS, GatedActivation, GatedMLP, Routing, SparseMoE
 from localmoe.models.rotary import RotaryEmbedding, rope_parameters
 from localmoe.models.state import REWIND_SLACK, CompressedKV, PooledState, WindowKV
 
@@ -406,17 +406,6 @@ def _weights(scores: torch.Tensor, ids: torch.Tensor, scaling: float) -> torch.T
     return (weights / (weights.sum(dim=-1, keepdim=True) + 1e-20) * scaling).float()
 
 
-class ClampedMLP(MLP):
-    def __init__(self, hidden: int, intermediate: int, limit: float):
-        super().__init__(hidden, intermediate)
-        self.limit = limit
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        gate = self.gate_proj(x).clamp(max=self.limit)
-        up = self.up_proj(x).clamp(min=-self.limit, max=self.limit)
-        return self.down_proj(F.silu(gate) * up)
-
-
 class V4MoE(SparseMoE):
     """Routes with the tokens' ids as well as their hidden states; adds the shared expert ungated."""
 
@@ -442,7 +431,7 @@ class V4DecoderLayer(nn.Module):
         self.self_attn = CompressedAttention(args, args.layer_types[i], compress_rotary)
         router = HashRouter(args) if args.mlp_layer_types[i] == "hash_moe" else V4Router(args)
         act = GatedActivation(kind="clamped_glu", act=args.hidden_act, limit=args.swiglu_limit)
-        shared = ClampedMLP(hidden, inter, args.swiglu_limit)
+        shared = GatedMLP(hidden, inter, GatedActivation(kind="clamped_glu", limit=args.swiglu_limit))
         self.mlp = V4MoE(i, hidden, inter, experts, top_k, router, act=act, shared_expert=shared)
         self.input_layernorm = UpcastRMSNorm(hidden, args.rms_norm_eps)
         self.post_attention_layernorm = UpcastRMSNorm(hidden, args.rms_norm_eps)

@@ -37,7 +37,7 @@ class ExpertSource:
         if block is None or block[0] != block[1] or not per_expert:
             return None
         first = next(iter(self.blocks.values()))
-        if first.hidden_size % block[0] or first.intermediate_size % block[0] or first.expert_bias:
+        if first.hidden_size % block[0] or first.intermediate_size % block[0] or first.expert_bias or not first.gated:
             return None
         gate = next(iter(self.layouts.values())).names["gate"].format(layer=first.layer_idx, expert=0)
         return block[0] if self.ckpt.info(gate).dtype == torch.float8_e4m3fn else None
@@ -51,6 +51,6 @@ class ExpertSource:
 
     def _layout(self, layouts: tuple[ExpertTensors, ...], block: SparseMoE) -> ExpertTensors:
         """The first layout present for this layer, with every expert tensor it needs checked."""
-        layout = next((layout for layout in layouts if layout.present(self.ckpt, block.layer_idx)), layouts[0])
+        layout = next((layout for layout in layouts if layout.present(self.ckpt, block)), layouts[0])
         layout.check(self.ckpt, block)
         return layout

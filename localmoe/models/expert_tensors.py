@@ -2,8 +2,8 @@
 
 A family lists the layouts its checkpoints come in; the loader uses, per layer, the first one present.
 Whatever the layout, an expert comes back as roles gate and up [I, E] and down [E, I], plus gate_bias,
-up_bias [I] and down_bias [E] for experts with biases: views of the memory-mapped shards where the
-layout allows, a fresh tensor where it must be decoded (MXFP4).
+up_bias [I] and down_bias [E] for experts with biases (ungated experts have no gate roles): views of
+the memory-mapped shards where the layout allows, a fresh tensor where it must be decoded (MXFP4).
 """
 
 from dataclasses import dataclass
@@ -14,12 +14,27 @@ from localmoe.checkpoint import Checkpoint
 from localmoe.errors import LocalMoEError
 from localmoe.kernels.quantized import dequantize_mxfp4
 
+MXFP4_DTYPES = frozenset({torch.uint8})  # FP4 codes two to a byte, and exponents
 
-def role_shapes(hidden: int, intermediate: int, bias: bool) -> dict[str, tuple[int, ...]]:
-    shapes = {"gate": (intermediate, hidden), "up": (intermediate, hidden), "down": (hidden, intermediate)}
+
+def role_shapes(hidden: int, intermediate: int, bias: bool, gated: bool = True) -> dict[str, tuple[int, ...]]:
+    """Each role's shape, in the order an expert's row holds them: its input projections (gate and up, or
+    up alone for an ungated expert), down, then the biases."""
+    inputs = input_roles(gated)
+    shapes = {**{role: (intermediate, hidden) for role in inputs}, "down": (hidden, intermediate)}
     if bias:
-        shapes.update(gate_bias=(intermediate,), up_bias=(intermediate,), down_bias=(hidden,))
+        shapes.update({f"{role}_bias": (intermediate,) for role in inputs}, down_bias=(hidden,))
     return shapes
+
+
+def input_roles(gated: bool) -> tuple[str, ...]:
+    """The roles an expert's input projection stacks, in order."""
+    return ("gate", "up") if gated else ("up",)
+
+
+def block_shapes(block) -> dict[str, tuple[int, ...]]:
+    """`role_shapes` of an MoE block's experts."""
+    return role_shapes(block.hidden_size, block.intermediate_size, block.expert_bias, block.gated)
 
 
 @dataclass(frozen=True)
@@ -29,17 +44,17 @@ class PerExpert:
 
     names: dict[str, str]
 
-    def present(self, ckpt: Checkpoint, layer: int) -> bool:
-        return self.names["gate"].format(layer=layer, expert=0) in ckpt
+    def present(self, ckpt: Checkpoint, block) -> bool:
+        return self.names["up"].format(layer=block.layer_idx, expert=0) in ckpt
 
     def check(self, ckpt: Checkpoint, block) -> None:
-        shapes = role_shapes(block.hidden_size, block.intermediate_size, block.expert_bias)
+        shapes = block_shapes(block)
         for expert in range(block.num_experts):
             for role, shape in shapes.items():
                 ckpt.check_tensor(self.names[role].format(layer=block.layer_idx, expert=expert), shape)
 
     def read(self, ckpt: Checkpoint, block, expert: int) -> dict[str, torch.Tensor]:
-        roles = role_shapes(block.hidden_size, block.intermediate_size, block.expert_bias)
+        roles = block_shapes(block)
         return {role: ckpt.weight(self.names[role].format(layer=block.layer_idx, expert=expert)) for role in roles}
 
     def read_packed(self, ckpt: Checkpoint, block, expert: int) -> dict[str, torch.Tensor]:
@@ -58,7 +73,8 @@ class Fused:
     As transformers 5 keeps experts in memory: gate_up [E, 2I, H] with the gate rows first, down
     [E, H, I]. `transposed`: gate_up [E, H, 2I] and down [E, I, H] (Llama 4, gpt-oss); `interleaved`:
     gate and up alternate instead of the gate coming first (gpt-oss). Biases, where the experts have
-    them: [E, 2I] (same order as gate_up) and [E, H].
+    them: [E, 2I] (same order as gate_up) and [E, H]. For ungated experts `gate_up` names up alone,
+    [E, I, H] (Nemotron-H).
     """
 
     gate_up: str
@@ -68,19 +84,33 @@ class Fused:
     transposed: bool = False
     interleaved: bool = False
 
-    def present(self, ckpt: Checkpoint, layer: int) -> bool:
-        return self.gate_up.format(layer=layer) in ckpt and self.down.format(layer=layer) in ckpt
+    def present(self, ckpt: Checkpoint, block) -> bool:
+        """Its tensors are there, in its orientation: Qwen3-VL-MoE's Hub files store transposed experts
+        under the names transformers keeps them under untransposed, and down's shape tells them apart."""
+        down = self.down.format(layer=block.layer_idx)
+        return (
+            self.gate_up.format(layer=block.layer_idx) in ckpt
+            and down in ckpt
+            and ckpt.info(down).shape == self._shapes(block)[1]
+        )
+
+    def _shapes(self, block) -> tuple[tuple[int, ...], tuple[int, ...]]:
+        """The shapes of gate_up and down."""
+        count, hidden, inter = block.num_experts, block.hidden_size, block.intermediate_size
+        inputs = len(input_roles(block.gated)) * inter
+        if self.transposed:
+            return (count, hidden, inputs), (count, inter, hidden)
+        return (count, inputs, hidden), (count, hidden, inter)
 
     def check(self, ckpt: Checkpoint, block) -> None:
-        count, hidden, inter, layer = block.num_experts, block.hidden_size, block.intermediate_size, block.layer_idx
-        gate_up, down = (count, 2 * inter, hidden), (count, hidden, inter)
-        if self.transposed:
-            gate_up, down = (count, hidden, 2 * inter), (count, inter, hidden)
+        layer, count = block.layer_idx, block.num_experts
+        gate_up, down = self._shapes(block)
         ckpt.check_tensor(self.gate_up.format(layer=layer), gate_up)
         ckpt.check_tensor(self.down.format(layer=layer), down)
         if block.expert_bias:
-            ckpt.check_tensor(_required(self.gate_up_bias, "gate_up_bias").format(layer=layer), (count, 2 * inter))
-            ckpt.check_tensor(_required(self.down_bias, "down_bias").format(layer=layer), (count, hidden))
+            inputs = len(input_roles(block.gated)) * block.intermediate_size
+            ckpt.check_tensor(_required(self.gate_up_bias, "gate_up_bias").format(layer=layer), (count, inputs))
+            ckpt.check_tensor(_required(self.down_bias, "down_bias").format(layer=layer), (count, block.hidden_size))
 
     def read(self, ckpt: Checkpoint, block, expert: int) -> dict[str, torch.Tensor]:
         layer = block.layer_idx
@@ -92,11 +122,30 @@ class Fused:
             gate_up, down = gate_up.T, down.T  # [2I, H] with interleaved rows, [H, I]
         roles = {**_split_gate_up(gate_up, block, self.interleaved), "down": down}
         if block.expert_bias:
-            bias = ckpt.tensor(self.gate_up_bias.format(layer=layer))[expert]
-            gate_bias, up_bias = (bias[::2], bias[1::2]) if self.interleaved else bias.chunk(2)
-            roles.update(
-                gate_bias=gate_bias, up_bias=up_bias, down_bias=ckpt.tensor(self.down_bias.format(layer=layer))[expert]
-            )
+            bias = _split_gate_up(ckpt.tensor(self.gate_up_bias.format(layer=layer))[expert], block, self.interleaved)
+            roles.update({f"{role}_bias": b for role, b in bias.items()})
+            roles["down_bias"] = ckpt.tensor(self.down_bias.format(layer=layer))[expert]
+        return roles
+
+
+@dataclass(frozen=True)
+class Stacked:
+    """One 3-D tensor per layer and role, the experts first: gate and up [E, I, H], down [E, H, I], named
+    by templates with {layer} (Step-3.7's checkpoints)."""
+
+    names: dict[str, str]
+
+    def present(self, ckpt: Checkpoint, block) -> bool:
+        return all(name.format(layer=block.layer_idx) in ckpt for name in self.names.values())
+
+    def check(self, ckpt: Checkpoint, block) -> None:
+        for role, shape in role_shapes(block.hidden_size, block.intermediate_size, False).items():
+            ckpt.check_tensor(self.names[role].format(layer=block.layer_idx), (block.num_experts, *shape))
+
+    def read(self, ckpt: Checkpoint, block, expert: int) -> dict[str, torch.Tensor]:
+        roles = {role: ckpt.tensor(name.format(layer=block.layer_idx))[expert] for role, name in self.names.items()}
+        if roles["gate"].dtype == torch.float8_e4m3fn:
+            raise LocalMoEError(f"{ckpt.path}: FP8 experts stored stacked per layer are not supported yet")
         return roles
 
 
@@ -109,8 +158,8 @@ class Mxfp4:
 
     prefix: str  # with {layer}
 
-    def present(self, ckpt: Checkpoint, layer: int) -> bool:
-        return f"{self.prefix.format(layer=layer)}.gate_up_proj_blocks" in ckpt
+    def present(self, ckpt: Checkpoint, block) -> bool:
+        return f"{self.prefix.format(layer=block.layer_idx)}.gate_up_proj_blocks" in ckpt
 
     def check(self, ckpt: Checkpoint, block) -> None:
         prefix, count = self.prefix.format(layer=block.layer_idx), block.num_experts
@@ -118,8 +167,8 @@ class Mxfp4:
         for name, rows, cols in (("gate_up_proj", 2 * inter, hidden), ("down_proj", hidden, inter)):
             if cols % 32:
                 raise LocalMoEError(f"{prefix}.{name}: MXFP4 needs a multiple of 32 inputs, the config says {cols}")
-            ckpt.check_tensor(f"{prefix}.{name}_blocks", (count, rows, cols // 32, 16))
-            ckpt.check_tensor(f"{prefix}.{name}_scales", (count, rows, cols // 32))
+            ckpt.check_tensor(f"{prefix}.{name}_blocks", (count, rows, cols // 32, 16), MXFP4_DTYPES)
+            ckpt.check_tensor(f"{prefix}.{name}_scales", (count, rows, cols // 32), MXFP4_DTYPES)
         ckpt.check_tensor(f"{prefix}.gate_up_proj_bias", (count, 2 * inter))
         ckpt.check_tensor(f"{prefix}.down_proj_bias", (count, hidden))
 
@@ -163,10 +212,13 @@ class Mxfp4:
         }
 
 
-ExpertTensors = PerExpert | Fused | Mxfp4
+ExpertTensors = PerExpert | Fused | Stacked | Mxfp4
 
 
 def _split_gate_up(gate_up: torch.Tensor, block, interleaved: bool) -> dict[str, torch.Tensor]:
+    """gate and up from their stack [2I, ...] (rows, or a bias), or up alone for ungated experts."""
+    if not block.gated:
+        return {"up": gate_up}
     if interleaved:
         return {"gate": gate_up[::2], "up": gate_up[1::2]}
     return {"gate": gate_up[: block.intermediate_size], "up": gate_up[block.intermediate_size :]}

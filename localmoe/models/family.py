@@ -1,7 +1,10 @@
 """What a model family declares: its config fields, how to build it, and where its weights live on disk."""
 
 import dataclasses
-from collections.abc import Callable
+import math
+import types
+import typing
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
@@ -29,20 +32,27 @@ class ModelArgs:
 
     @classmethod
     def from_config(cls, config: dict[str, Any]) -> "ModelArgs":
+        """The family's fields from `config`, each checked against its declared type and range, and
+        then against each other (`check`): a damaged value is one line naming it."""
         values = {}
+        hints = typing.get_type_hints(cls)
         for field in dataclasses.fields(cls):
             if field.name == "rope":
                 values["rope"] = rope_parameters(config, cls.default_rope_theta, cls.default_rope)
+                _check_rope(values["rope"])
                 continue
             present = [key for key in (field.name, *cls.config_aliases.get(field.name, ())) if key in config]
             required = field.default is dataclasses.MISSING and field.default_factory is dataclasses.MISSING
             if present and (config[present[0]] is not None or not required):
                 values[field.name] = config[present[0]]  # an explicit null counts: it means "none" (q_lora_rank)
+                _check_value(present[0], config[present[0]], hints[field.name])
             elif required:
                 raise LocalMoEError(
                     f"config.json lacks {field.name}, which {cls.__name__} needs: the config is damaged"
                 )
-        return cls(**values)
+        args = cls(**values)
+        args.check()
+        return args
 
     @property
     def attention_head_dim(self) -> int:
@@ -53,6 +63,106 @@ class ModelArgs:
     def key_value_heads(self) -> int:
         """`num_key_value_heads` where the config gives one, else one per attention head."""
         return getattr(self, "num_key_value_heads", None) or self.num_attention_heads
+
+    def check(self) -> None:
+        """Refuse values that contradict each other: more experts per token than experts, groups that do
+        not divide the experts, heads that do not share key-value heads evenly."""
+        for contradiction in self._contradictions():
+            raise LocalMoEError(f"config.json {contradiction}: the config is damaged")
+
+    def _contradictions(self) -> Iterator[str]:
+        experts = next((getattr(self, n) for n in EXPERT_COUNTS if getattr(self, n, None) is not None), None)
+        top_k = next((getattr(self, n) for n in EXPERTS_PER_TOKEN if getattr(self, n, None) is not None), None)
+        top_k = max(top_k, default=None) if isinstance(top_k, list) else top_k
+        if experts and top_k and top_k > experts:
+            yield f"routes each token to {top_k} experts, and has {experts} per layer"
+        groups, chosen = getattr(self, "n_group", None), getattr(self, "topk_group", None)
+        if experts and groups and experts % groups:
+            yield f"has n_group {groups}, which does not divide its {experts} experts"
+        elif groups and chosen and chosen > groups:
+            yield f"has topk_group {chosen}, more than its n_group {groups}"
+        elif experts and groups and chosen and top_k and top_k > chosen * (experts // groups):
+            yield f"routes each token to {top_k} experts, more than {chosen} groups of {experts // groups} hold"
+        heads, kv_heads = getattr(self, "num_attention_heads", None), getattr(self, "num_key_value_heads", None)
+        if heads and kv_heads and heads % kv_heads:
+            yield f"has {heads} attention heads, which cannot share {kv_heads} key-value heads evenly"
+        if heads and hasattr(self, "head_dim") and self.head_dim is None and self.hidden_size % heads:
+            yield f"has no head_dim, and hidden_size {self.hidden_size} does not split over {heads} attention heads"
+
+
+# Names configs give the experts per MoE layer and the experts each token is routed to.
+EXPERT_COUNTS = ("num_local_experts", "num_experts", "n_routed_experts", "moe_num_experts")
+EXPERTS_PER_TOKEN = ("num_experts_per_tok", "moe_k", "moe_topk", "top_k_experts")
+# Integer fields that may be 0 (none of something) or negative (counted from the end); every other integer
+# field counts or sizes something and is at least 1, and the integers in lists (layer indices) at least 0.
+MAY_BE_ZERO = frozenset(
+    {
+        "first_k_dense_replace",
+        "n_shared_experts",
+        "moe_num_shared_experts",
+        "num_kv_shared_layers",
+        "num_hash_layers",
+        "index_skip_topk_offset",
+        "max_window_layers",
+        "moe_layer_start_index",
+        "sliding_window",
+        "hidden_size_per_layer_input",
+    }
+)
+MAY_BE_NEGATIVE = frozenset({"moe_layer_end_index"})  # ERNIE: -1 for the last layer
+
+
+def _check_value(key: str, value: Any, kind: Any) -> None:
+    if not _fits(value, kind):
+        shown = repr(value) if len(repr(value)) <= 40 else repr(value)[:37] + "..."
+        raise LocalMoEError(f"config.json: {key} is {shown}, not {_describe(kind)}: the config is damaged")
+    if _is_int(value):
+        least = None if key in MAY_BE_NEGATIVE else 0 if key in MAY_BE_ZERO else 1
+        if least is not None and value < least:
+            raise LocalMoEError(f"config.json: {key} is {value}, and must be at least {least}: the config is damaged")
+    if isinstance(value, list) and any(_is_int(item) and item < 0 for item in value):
+        raise LocalMoEError(f"config.json: {key} holds a negative number: the config is damaged")
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _check_rope(params: dict[str, Any]) -> None:
+    theta = params.get("rope_theta")
+    if not (_fits(theta, float) and theta > 0):
+        raise LocalMoEError(f"config.json: rope_theta is {theta!r}, not a positive number: the config is damaged")
+
+
+def _fits(value: Any, kind: Any) -> bool:
+    """Whether a JSON value has the declared type; a type this check does not know, the family reads as it will."""
+    origin, arguments = typing.get_origin(kind), typing.get_args(kind)
+    if origin in (types.UnionType, typing.Union):
+        return any(_fits(value, option) for option in arguments)
+    if kind is type(None):
+        return value is None
+    if kind is bool:
+        return isinstance(value, bool)
+    if kind is int:
+        return _is_int(value)
+    if kind is float:  # JSON writes 1e6 as an integer too; NaN and infinity are no setting
+        return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
+    if kind is str:
+        return isinstance(value, str)
+    if kind is list or origin is list:
+        return isinstance(value, list) and all(_fits(item, arguments[0]) for item in value if arguments)
+    if kind is dict or origin is dict:
+        return isinstance(value, dict)
+    return True
+
+
+def _describe(kind: Any) -> str:
+    if typing.get_origin(kind) in (types.UnionType, typing.Union):
+        return " or ".join(_describe(option) for option in typing.get_args(kind))
+    if typing.get_origin(kind) is list and typing.get_args(kind):
+        return f"a list of ({_describe(typing.get_args(kind)[0])})"
+    names = {type(None): "null", bool: "true or false", int: "an integer", float: "a finite number", str: "text"}
+    return names.get(kind, "a list" if kind is list else "an object" if kind is dict else str(kind))
 
 
 @dataclass(frozen=True)
@@ -76,7 +186,7 @@ class Family:
     of `keep_float32` stay in float32 whatever the compute dtype. Routed experts are declared apart,
     in `experts` (the layouts their checkpoints come in, in order of preference), because the
     runtime, not the model, owns them. `multimodal` lists the architectures that wrap the family's
-    language model with other inputs.
+    language model with other inputs; a family with no `architectures` of its own is run only from them.
     """
 
     architectures: tuple[str, ...]
@@ -91,24 +201,46 @@ class Family:
     example: str = ""
 
     @property
+    def name(self) -> str:
+        """The family's name in messages: its text-only architecture, or its wrapper where transformers has
+        no text-only one (Qwen3-VL-MoE, GLM-4.5V, Step-3.7)."""
+        return (self.architectures or self.wrapper_architectures)[0]
+
+    @property
     def wrapper_architectures(self) -> tuple[str, ...]:
         return tuple(wrapper.architecture for wrapper in self.multimodal)
 
     def disk_names(self, name: str) -> list[str]:
-        """Names under which parameter `name` may be stored, the Hub's spelling first."""
-        aliased = [name.replace(ours, hub) for ours, hub in self.hub_aliases if ours in name]
-        return [*aliased, name]
+        """Names under which parameter `name` may be stored, the Hub's spelling first: with every alias
+        that matches applied (Nemotron-H's `backbone.layers.N.mixer.shared_experts.`), then with each alone."""
+        matching = [(ours, hub) for ours, hub in self.hub_aliases if ours in name]
+        every = name
+        for ours, hub in matching:
+            every = every.replace(ours, hub)
+        return list(dict.fromkeys([every, *(name.replace(ours, hub) for ours, hub in matching), name]))
 
 
 def causal_lm(
-    args: Any, layers: list[nn.Module], rotary_dim: int, *, norm=RMSNorm, rotary=RotaryEmbedding, lm_head_bias=False
+    args: Any,
+    layers: list[nn.Module],
+    rotary_dim: int,
+    *,
+    norm=RMSNorm,
+    rotary=RotaryEmbedding,
+    lm_head_bias=False,
+    embed_scale: float = 1.0,
+    model=CausalLM,
+    **extra,
 ) -> CausalLM:
     """The stack around a family's decoder layers, from the config fields every family has (vocab_size,
-    hidden_size, rms_norm_eps, rope, max_position_embeddings, tie_word_embeddings)."""
-    return CausalLM(
+    hidden_size, rms_norm_eps, rope, max_position_embeddings, tie_word_embeddings): a `model` (CausalLM
+    or a subclass, given `extra` arguments of its own)."""
+    return model(
         Backbone(args.vocab_size, args.hidden_size, layers, args.rms_norm_eps, norm=norm),
         rotary(args.rope, rotary_dim, args.max_position_embeddings),
         tie_word_embeddings=args.tie_word_embeddings,
         max_position_embeddings=args.max_position_embeddings,
         lm_head_bias=lm_head_bias,
+        embed_scale=embed_scale,
+        **extra,
     )

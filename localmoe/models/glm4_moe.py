@@ -11,7 +11,7 @@ from localmoe.models.attention import Attention
 from localmoe.models.expert_tensors import PerExpert
 from localmoe.models.family import Family, ModelArgs, causal_lm
 from localmoe.models.layers import MLP, CausalLM, DecoderLayer
-from localmoe.models.moe import FUSED_EXPERTS, MLP_EXPERTS, GatedActivation, GroupedTopKRouter, SparseMoE
+from localmoe.models.moe import FUSED_EXPERTS, MLP_EXPERTS, sigmoid_moe
 
 
 @dataclass
@@ -44,39 +44,13 @@ class Glm4MoeArgs(ModelArgs):
     rope: dict = field(default_factory=dict)
 
 
-def build(args: Glm4MoeArgs) -> CausalLM:
+def build(args: Glm4MoeArgs, attention: type[Attention] = Attention) -> CausalLM:
+    """The model; `attention` is the attention class, for families that store its weights otherwise."""
     hidden = args.hidden_size
     head_dim = args.attention_head_dim
-
-    def feed_forward(i: int) -> nn.Module:
-        if i < args.first_k_dense_replace:
-            return MLP(hidden, args.intermediate_size, args.hidden_act)
-        router = GroupedTopKRouter(
-            hidden,
-            args.n_routed_experts,
-            args.num_experts_per_tok,
-            scoring="sigmoid",
-            n_group=args.n_group,
-            topk_group=args.topk_group,
-            normalize=args.norm_topk_prob,
-            scaling=args.routed_scaling_factor,
-            correction_bias=True,
-        )
-        shared = MLP(hidden, args.moe_intermediate_size * args.n_shared_experts, args.hidden_act)
-        return SparseMoE(
-            i,
-            hidden,
-            args.moe_intermediate_size,
-            args.n_routed_experts,
-            args.num_experts_per_tok,
-            router,
-            act=GatedActivation(act=args.hidden_act),
-            shared_expert=shared if args.n_shared_experts else None,
-        )
-
     layers = [
         DecoderLayer(
-            Attention(
+            attention(
                 hidden,
                 args.num_attention_heads,
                 args.key_value_heads,
@@ -85,13 +59,32 @@ def build(args: Glm4MoeArgs) -> CausalLM:
                 qk_norm="head" if args.use_qk_norm else None,
                 norm_eps=args.rms_norm_eps,
             ),
-            feed_forward(i),
+            feed_forward(args, i),
             hidden,
             args.rms_norm_eps,
         )
         for i in range(args.num_hidden_layers)
     ]
     return causal_lm(args, layers, head_dim)
+
+
+def feed_forward(args: Glm4MoeArgs, i: int) -> nn.Module:
+    """Layer i's dense MLP, or its MoE block (see `sigmoid_moe`)."""
+    if i < args.first_k_dense_replace:
+        return MLP(args.hidden_size, args.intermediate_size, args.hidden_act)
+    return sigmoid_moe(
+        i,
+        args.hidden_size,
+        args.moe_intermediate_size,
+        args.n_routed_experts,
+        args.num_experts_per_tok,
+        shared=args.moe_intermediate_size * args.n_shared_experts,
+        act=args.hidden_act,
+        n_group=args.n_group,
+        topk_group=args.topk_group,
+        normalize=args.norm_topk_prob,
+        scaling=args.routed_scaling_factor,
+    )
 
 
 FAMILY = Family(

@@ -21,6 +21,9 @@ ACTIVATIONS = {
     "swish": F.silu,
     "gelu": F.gelu,
     "gelu_pytorch_tanh": lambda x: F.gelu(x, approximate="tanh"),
+    "relu2": lambda x: F.relu(x).square(),  # Nemotron-H's experts
+    "sigmoid": torch.sigmoid,  # output gates (AFMoE)
+    "softplus": F.softplus,  # output gates (Laguna)
 }
 
 
@@ -168,6 +171,19 @@ class MLP(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.down_proj(self.act(self.gate_proj(x)) * self.up_proj(x))
+
+
+class UngatedMLP(nn.Module):
+    """Feed-forward without a gate: down(act(up(x))) (Nemotron-H's shared expert and dense layers)."""
+
+    def __init__(self, hidden: int, intermediate: int, act: str, bias: bool = False):
+        super().__init__()
+        self.up_proj = nn.Linear(hidden, intermediate, bias=bias)
+        self.down_proj = nn.Linear(intermediate, hidden, bias=bias)
+        self.act = activation(act)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(self.act(self.up_proj(x)))
 
 
 class DecoderLayer(nn.Module):

@@ -17,7 +17,7 @@ from localmoe.models.expert_tensors import PerExpert
 from localmoe.models.family import Family, ModelArgs, causal_lm
 from localmoe.models.layers import CausalLM, RMSNorm, Step, activation
 from localmoe.models.moe import FUSED_EXPERTS, MIXTRAL_EXPERTS, GatedActivation, SparseMoE, TopKRouter
-from localmoe.models.state import LinearAttentionState
+from localmoe.models.state import RecurrentState
 
 
 class LightningAttention(nn.Module):
@@ -36,8 +36,10 @@ class LightningAttention(nn.Module):
         self.out_proj = nn.Linear(heads * head_dim, hidden, bias=False)
         self.register_buffer("slope", slope.view(heads, 1, 1), persistent=False)
 
-    def new_state(self, batch: int, max_len: int, dtype: torch.dtype, device) -> LinearAttentionState:
-        return LinearAttentionState(batch, self.heads, self.head_dim, dtype, device)
+    def new_state(self, batch: int, max_len: int, dtype: torch.dtype, device) -> RecurrentState:
+        return RecurrentState(
+            kv=torch.zeros(batch, self.heads, self.head_dim, self.head_dim, dtype=dtype, device=device)
+        )
 
     def state_bytes_per_token(self, dtype: torch.dtype) -> int:
         return 0
@@ -45,7 +47,7 @@ class LightningAttention(nn.Module):
     def fixed_state_bytes(self, dtype: torch.dtype) -> int:
         return self.heads * self.head_dim * self.head_dim * dtype.itemsize
 
-    def forward(self, x: torch.Tensor, step: Step, state: LinearAttentionState) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, step: Step, state: RecurrentState) -> torch.Tensor:
         B, T, _ = x.shape
         qkv = self.act(self.qkv_proj(x)).view(B, T, self.heads, 3 * self.head_dim).transpose(1, 2)
         q, k, v = qkv.split(self.head_dim, dim=-1)  # [B, H, T, D]
@@ -53,7 +55,7 @@ class LightningAttention(nn.Module):
         out = self.norm(out.transpose(1, 2).reshape(B, T, -1))
         return self.out_proj(torch.sigmoid(self.output_gate(x)) * out)
 
-    def _block(self, q, k, v, state: LinearAttentionState, start: int) -> torch.Tensor:
+    def _block(self, q, k, v, state: RecurrentState, start: int) -> torch.Tensor:
         q, k, v = (t[:, :, start : start + self.block_size] for t in (q, k, v))
         n = q.shape[2]
         steps = torch.arange(1, n + 1, device=q.device, dtype=torch.float32)

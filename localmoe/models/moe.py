@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from localmoe.models.expert_tensors import Fused
-from localmoe.models.layers import activation
+from localmoe.models.layers import MLP, activation
 
 
 class Routing(NamedTuple):
@@ -27,8 +27,9 @@ class Routing(NamedTuple):
     scores: torch.Tensor
 
 
-# (layer index, hidden states [T, E], routing) -> [T, E]
-ExpertsFn = Callable[[int, torch.Tensor, Routing], torch.Tensor]
+# (layer index, the experts' inputs [T, E], routing) -> [T, E]; for experts in a latent space also `routed=`,
+# the hidden states the router saw, from which a runtime predicts coming layers' experts
+ExpertsFn = Callable[..., torch.Tensor]
 
 # transformers 5 keeps every family's experts under these names in memory; checkpoints saved that way load.
 FUSED_EXPERTS = Fused("model.layers.{layer}.mlp.experts.gate_up_proj", "model.layers.{layer}.mlp.experts.down_proj")
@@ -49,7 +50,9 @@ class GatedActivation:
 
     `glu`: act(gate) * up. `clamped_swiglu` (gpt-oss): gate clamped above at `limit`, up clamped to
     [-limit, limit], then gate * sigmoid(alpha * gate) * (up + 1). `clamped_glu` (DeepSeek-V4): the
-    same clamps, then act(gate) * up.
+    same clamps, then act(gate) * up. `glu_clamped_after` (Step-3.7): act(gate) clamped above at
+    `limit`, times up clamped to [-limit, limit]. `ungated` (Nemotron-H): experts without a gate
+    projection, act(up).
     """
 
     kind: str = "glu"
@@ -57,12 +60,26 @@ class GatedActivation:
     alpha: float = 1.702
     limit: float = 7.0
 
+    @property
+    def gated(self) -> bool:
+        """Whether the experts have a gate projection beside up (else their input projection is up alone)."""
+        return self.kind != "ungated"
+
+    def combine(self, projected: torch.Tensor) -> torch.Tensor:
+        """The activation of an expert's input projection [..., 2I] (gate then up; [..., I], up alone,
+        for ungated experts)."""
+        if not self.gated:
+            return activation(self.act)(projected)
+        return self(*projected.chunk(2, dim=-1))
+
     def __call__(self, gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
         if self.kind in ("clamped_swiglu", "clamped_glu"):
             gate = gate.clamp(max=self.limit)
             up = up.clamp(min=-self.limit, max=self.limit)
         if self.kind == "clamped_swiglu":
             return gate * torch.sigmoid(gate * self.alpha) * (up + 1)
+        if self.kind == "glu_clamped_after":
+            return activation(self.act)(gate).clamp(max=self.limit) * up.clamp(min=-self.limit, max=self.limit)
         return activation(self.act)(gate) * up
 
 
@@ -79,6 +96,18 @@ class MoESpec:
     act: GatedActivation
     bias: bool
     weights_on_input: bool
+
+
+class GatedMLP(MLP):
+    """A dense MLP whose gate and up projections combine as `glu` says (the clamped SwiGLUs of dense
+    layers and shared experts: DeepSeek-V4, Step-3.7, MiniMax-M3)."""
+
+    def __init__(self, hidden: int, intermediate: int, glu: GatedActivation, bias: bool = False):
+        super().__init__(hidden, intermediate, glu.act, bias)
+        self.glu = glu
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(self.glu(self.gate_proj(x), self.up_proj(x)))
 
 
 class TopKRouter(nn.Module):
@@ -112,7 +141,9 @@ class GroupedTopKRouter(nn.Module):
 
     V2 ranks groups by their best expert; V3 and GLM-4.5 by the sum of their best two, and add a
     learned correction bias to the scores for choosing only (the weights use the plain scores).
-    `group_by_top2` overrides the ranking (Mistral 4: softmax scores, best-two sums, no bias).
+    `group_by_top2` overrides the ranking (Mistral 4: softmax scores, best-two sums, no bias);
+    `norm_eps` is added to the sum the weights are renormalised by; `softcap` caps the logits at
+    +-softcap by tanh before scoring (Laguna).
     """
 
     def __init__(
@@ -128,6 +159,8 @@ class GroupedTopKRouter(nn.Module):
         scaling: float,
         correction_bias: bool,
         group_by_top2: bool | None = None,
+        norm_eps: float = 1e-20,
+        softcap: float | None = None,
     ):
         super().__init__()
         self.weight = nn.Parameter(torch.empty(num_experts, hidden))
@@ -136,9 +169,12 @@ class GroupedTopKRouter(nn.Module):
         self.top_k, self.scoring, self.normalize, self.scaling = top_k, scoring, normalize, scaling
         self.n_group, self.topk_group = n_group, topk_group
         self.group_by_top2 = correction_bias if group_by_top2 is None else group_by_top2
+        self.norm_eps, self.softcap = norm_eps, softcap
 
     def scores(self, x: torch.Tensor) -> torch.Tensor:
         logits = F.linear(x.float(), self.weight.float())
+        if self.softcap:
+            logits = torch.tanh(logits / self.softcap) * self.softcap
         return logits.sigmoid() if self.scoring == "sigmoid" else logits.softmax(dim=-1)
 
     def forward(self, x: torch.Tensor) -> Routing:
@@ -154,14 +190,47 @@ class GroupedTopKRouter(nn.Module):
         ids = choice.topk(self.top_k, dim=-1).indices
         weights = scores.gather(1, ids)
         if self.normalize:
-            weights = weights / (weights.sum(dim=-1, keepdim=True) + 1e-20)
+            weights = weights / (weights.sum(dim=-1, keepdim=True) + self.norm_eps)
         return Routing(weights * self.scaling, ids, scores)
+
+
+def biased_sigmoid_router(
+    hidden: int,
+    num_experts: int,
+    top_k: int,
+    *,
+    normalize: bool = True,
+    scaling: float = 1.0,
+    bias: bool = True,
+    norm_eps: float = 1e-20,
+    softcap: float | None = None,
+) -> GroupedTopKRouter:
+    """Sigmoid scores, the top k chosen with a learned bias added (where the experts have one), no
+    groups (LFM2-MoE, AFMoE, Laguna)."""
+    return GroupedTopKRouter(
+        hidden,
+        num_experts,
+        top_k,
+        scoring="sigmoid",
+        n_group=1,
+        topk_group=1,
+        normalize=normalize,
+        scaling=scaling,
+        correction_bias=bias,
+        norm_eps=norm_eps,
+        softcap=softcap,
+    )
 
 
 class SparseMoE(nn.Module):
     """The routed experts of one layer, plus the layer's shared expert if it has one: route, let the
     bound `experts` compute the weighted sum of the chosen ones, add the shared expert's output
-    (scaled by sigmoid(shared_expert_gate(x)) where there is that gate)."""
+    (scaled by sigmoid(shared_expert_gate(x)) where there is that gate).
+
+    With `latent` (Nemotron-H), the experts work in a narrower space: the routed tokens go through
+    fc1_latent_proj to it and their sum through fc2_latent_proj back, while routing and the shared
+    expert see the hidden states; `hidden_size` is then the experts' width, the latent one.
+    """
 
     def __init__(
         self,
@@ -177,11 +246,16 @@ class SparseMoE(nn.Module):
         weights_on_input: bool = False,
         shared_expert: nn.Module | None = None,
         shared_expert_gate: bool = False,
+        latent: int | None = None,
+        latent_bias: bool = False,
     ):
         super().__init__()
         self.gate = router
         self.layer_idx = layer_idx
-        self.hidden_size, self.intermediate_size = hidden, intermediate
+        self.hidden_size, self.intermediate_size = latent or hidden, intermediate
+        if latent is not None:
+            self.fc1_latent_proj = nn.Linear(hidden, latent, bias=latent_bias)
+            self.fc2_latent_proj = nn.Linear(latent, hidden, bias=latent_bias)
         self.num_experts, self.top_k = num_experts, top_k
         self.act, self.expert_bias = act, expert_bias
         self.weights_on_input = weights_on_input  # Llama 4: the router weight scales the expert's input
@@ -190,6 +264,10 @@ class SparseMoE(nn.Module):
         if shared_expert_gate:
             self.shared_expert_gate = nn.Linear(hidden, 1, bias=False)
         self.experts: ExpertsFn | None = None
+
+    @property
+    def gated(self) -> bool:
+        return self.act.gated
 
     @property
     def spec(self) -> MoESpec:
@@ -208,7 +286,10 @@ class SparseMoE(nn.Module):
         flat = x.reshape(-1, x.shape[-1])
         routing = self.gate(flat)
         shared = self.shared(flat)  # queued first: it does not depend on the routing
-        out = self.experts(self.layer_idx, flat, routing)
+        if hasattr(self, "fc1_latent_proj"):
+            out = self.fc2_latent_proj(self.experts(self.layer_idx, self.fc1_latent_proj(flat), routing, routed=flat))
+        else:
+            out = self.experts(self.layer_idx, flat, routing)
         return (out if shared is None else out + shared).view(x.shape)
 
     def shared(self, flat: torch.Tensor) -> torch.Tensor | None:
@@ -219,6 +300,40 @@ class SparseMoE(nn.Module):
         if hasattr(self, "shared_expert_gate"):
             shared = torch.sigmoid(self.shared_expert_gate(flat)) * shared
         return shared
+
+
+def sigmoid_moe(
+    layer: int,
+    hidden: int,
+    intermediate: int,
+    experts: int,
+    top_k: int,
+    *,
+    shared: int = 0,
+    act: str = "silu",
+    n_group: int = 1,
+    topk_group: int = 1,
+    normalize: bool = True,
+    scaling: float = 1.0,
+) -> SparseMoE:
+    """DeepSeek-V3's MoE block, which many families reuse: sigmoid scores whose learned correction bias
+    steers the choice of experts over the best groups (not their weights), and a shared expert
+    `shared` wide where that is not 0."""
+    router = GroupedTopKRouter(
+        hidden,
+        experts,
+        top_k,
+        scoring="sigmoid",
+        n_group=n_group,
+        topk_group=topk_group,
+        normalize=normalize,
+        scaling=scaling,
+        correction_bias=True,
+    )
+    shared_expert = MLP(hidden, shared, act) if shared else None
+    return SparseMoE(
+        layer, hidden, intermediate, experts, top_k, router, act=GatedActivation(act=act), shared_expert=shared_expert
+    )
 
 
 def moe_blocks(model: nn.Module) -> list[SparseMoE]:

@@ -1,5 +1,5 @@
 """Per-layer generation state, allocated once for the whole context of a run: keys and values (whole or
-in a ring), latents, compressed entries, recurrent matrices.
+in a ring), latents, compressed entries, recurrent matrices, rings of a convolution's inputs.
 
 Every state follows `LayerState`: it takes what its layer writes (`update`, whose arguments are each
 kind's own), can `truncate` itself to its first positions (or say it cannot, and the whole cache
@@ -27,21 +27,37 @@ class LayerState(Protocol):
 
 
 def attention_state(
-    batch: int, kv_heads: int, head_dim: int, max_len: int, span: int | None, dtype: torch.dtype, device
+    batch: int,
+    kv_heads: int,
+    head_dim: int,
+    max_len: int,
+    span: int | None,
+    dtype: torch.dtype,
+    device,
+    v_dim: int | None = None,
 ):
-    """Keys and values for an attention layer that sees at most the last `span` positions (None: all):
-    a ring when that takes less memory than one slot per position."""
+    """Keys and values (`v_dim` wide if not head_dim) for an attention layer that sees at most the last
+    `span` positions (None: all): a ring when that takes less memory than one slot per position."""
     if span is not None and span + REWIND_SLACK < max_len:
-        return WindowKV(batch, kv_heads, head_dim, span, dtype, device)
-    return AttentionKV(batch, kv_heads, head_dim, max_len, dtype, device)
+        return WindowKV(batch, kv_heads, head_dim, span, dtype, device, v_dim)
+    return AttentionKV(batch, kv_heads, head_dim, max_len, dtype, device, v_dim)
 
 
 class AttentionKV:
-    """Keys and values of one attention layer: [B, H_kv, max_len, D] each."""
+    """Keys and values of one attention layer: [B, H_kv, max_len, D] each (values `v_dim` wide if given)."""
 
-    def __init__(self, batch: int, kv_heads: int, head_dim: int, max_len: int, dtype: torch.dtype, device):
+    def __init__(
+        self,
+        batch: int,
+        kv_heads: int,
+        head_dim: int,
+        max_len: int,
+        dtype: torch.dtype,
+        device,
+        v_dim: int | None = None,
+    ):
         self.k = torch.zeros(batch, kv_heads, max_len, head_dim, dtype=dtype, device=device)
-        self.v = torch.zeros_like(self.k)
+        self.v = torch.zeros(batch, kv_heads, max_len, v_dim or head_dim, dtype=dtype, device=device)
 
     def update(self, k: torch.Tensor, v: torch.Tensor, step) -> tuple[torch.Tensor, torch.Tensor, None]:
         """Write the new [B, H_kv, T, D] keys and values at the step's positions; return all of them so far
@@ -67,10 +83,12 @@ class WindowKV:
     chunks), in a ring of span + REWIND_SLACK slots: position p lives in slot p % size, so memory does
     not grow with the context. `positions` [size] says which position each slot holds (-1: none)."""
 
-    def __init__(self, batch: int, kv_heads: int, head_dim: int, span: int, dtype: torch.dtype, device):
+    def __init__(
+        self, batch: int, kv_heads: int, head_dim: int, span: int, dtype: torch.dtype, device, v_dim: int | None = None
+    ):
         self.span, self.size = span, span + REWIND_SLACK
         self.k = torch.zeros(batch, kv_heads, self.size, head_dim, dtype=dtype, device=device)
-        self.v = torch.zeros_like(self.k)
+        self.v = torch.zeros(batch, kv_heads, self.size, v_dim or head_dim, dtype=dtype, device=device)
         self.positions = torch.full((self.size,), -1, dtype=torch.long, device=device)
 
     def update(self, k: torch.Tensor, v: torch.Tensor, step):
@@ -142,6 +160,19 @@ class IndexedLatentKV(LatentKV):
         return self.index_k[:, :end]
 
 
+class IndexedKV(AttentionKV):
+    """AttentionKV plus an indexer's key [B, max_len, dim] of every token (MiniMax-M3's block-sparse attention)."""
+
+    def __init__(self, batch: int, kv_heads: int, head_dim: int, index_dim: int, max_len: int, dtype, device):
+        super().__init__(batch, kv_heads, head_dim, max_len, dtype, device)
+        self.index_k = torch.zeros(batch, max_len, index_dim, dtype=dtype, device=device)
+
+    def update_index(self, k: torch.Tensor, start: int) -> torch.Tensor:
+        end = start + k.shape[1]
+        self.index_k[:, start:end] = k
+        return self.index_k[:, :end]
+
+
 class PooledState:
     """A compressor's state: one entry per `rate` tokens pooled from their projections (DeepSeek-V4).
     It keeps the projections of tokens not yet making a full window, the previous window's first half
@@ -176,35 +207,78 @@ class CompressedKV:
                 state.reset()
 
 
-class LinearAttentionState:
-    """A linear-attention layer's state: one [B, H, D, D] matrix that sums (decayed) key-value products
-    over every token so far. It cannot be rewound to an earlier position."""
+class RecurrentState:
+    """A recurrent layer's state (linear attention, Gated DeltaNet, Mamba-2, Kimi Delta Attention): named
+    tensors that sum over every token so far, such as a convolution's last inputs [B, C, K - 1] or a
+    scan's matrices (kept in float32). It cannot be rewound to an earlier position, only kept when
+    nothing is dropped."""
 
-    def __init__(self, batch: int, heads: int, head_dim: int, dtype: torch.dtype, device):
-        self.kv = torch.zeros(batch, heads, head_dim, head_dim, dtype=dtype, device=device)
-
-    def truncate(self, pos: int, current: int, interrupted: bool) -> bool:
-        return pos == current and not interrupted
-
-    def reset(self) -> None:
-        self.kv.zero_()
-
-
-class DeltaNetState:
-    """A Gated DeltaNet layer's state: the last `kernel - 1` inputs of its causal convolution [B, C, K-1],
-    and the delta rule's [B, H, Dk, Dv] matrix, kept in float32 as it sums over every token so far.
-    It cannot be rewound to an earlier position."""
-
-    def __init__(self, batch: int, channels: int, kernel: int, heads: int, k_dim: int, v_dim: int, dtype, device):
-        self.conv = torch.zeros(batch, channels, kernel - 1, dtype=dtype, device=device)
-        self.matrix = torch.zeros(batch, heads, k_dim, v_dim, dtype=torch.float32, device=device)
+    def __init__(self, **tensors: torch.Tensor):
+        self.tensors = tensors
+        self.__dict__.update(tensors)
 
     def truncate(self, pos: int, current: int, interrupted: bool) -> bool:
         return pos == current and not interrupted
 
     def reset(self) -> None:
-        self.conv.zero_()
-        self.matrix.zero_()
+        for tensor in self.tensors.values():
+            tensor.zero_()
+
+
+class ConvRing:
+    """A short convolution's inputs [B, C, size] for the last `size` = K - 1 + REWIND_SLACK positions,
+    position p in slot p % size: enough to convolve the next tokens (which see the K - 1 before them)
+    after a rewind of up to REWIND_SLACK positions, in memory that does not grow with the context."""
+
+    def __init__(self, batch: int, channels: int, kernel: int, dtype: torch.dtype, device):
+        self.past = kernel - 1
+        self.size = self.past + REWIND_SLACK
+        self.inputs = torch.zeros(batch, channels, self.size, dtype=dtype, device=device)
+
+    def window(self, start: int) -> torch.Tensor:
+        """The inputs of the K - 1 positions before `start` [B, C, K - 1], zeros before the first."""
+        positions = torch.arange(start - self.past, start, device=self.inputs.device)
+        return self.inputs[..., positions % self.size] * (positions >= 0).to(self.inputs.dtype)
+
+    def write(self, x: torch.Tensor, start: int) -> None:
+        """Keep the inputs x [B, C, T] of positions start .. start + T - 1 (the last `size` of them)."""
+        kept = x[..., -self.size :]
+        positions = torch.arange(start + x.shape[-1] - kept.shape[-1], start + x.shape[-1], device=x.device)
+        self.inputs[..., positions % self.size] = kept
+
+    def truncate(self, pos: int, current: int, interrupted: bool) -> bool:
+        """Possible while the ring still holds the K - 1 inputs before `pos`, after a forward pass that
+        finished."""
+        return not interrupted and current - pos <= self.size - self.past
+
+    def reset(self) -> None:
+        self.inputs.zero_()
+
+
+class CombinedState:
+    """A layer's states side by side, by name (ZAYA's keys and values beside its two rings of past
+    inputs): it can be cut back only where every one of them can."""
+
+    def __init__(self, **states):
+        self.states = states
+        self.__dict__.update(states)
+
+    def truncate(self, pos: int, current: int, interrupted: bool) -> bool:
+        return all([state.truncate(pos, current, interrupted) for state in self.states.values()])
+
+    def reset(self) -> None:
+        for state in self.states.values():
+            state.reset()
+
+
+class NoState:
+    """The state of a layer that mixes nothing across positions (Nemotron-H's MLP and MoE layers)."""
+
+    def truncate(self, pos: int, current: int, interrupted: bool) -> bool:
+        return True
+
+    def reset(self) -> None:
+        pass
 
 
 class KVCache:

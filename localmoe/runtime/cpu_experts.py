@@ -8,20 +8,23 @@ dtype and how many tokens the expert serves, so it is decided per miss from meas
 """
 
 import json
-import os
+import math
 import platform
 import statistics
+import sys
 import time
 from dataclasses import asdict, dataclass
 
 import torch
 
+from localmoe.files import locked, write_atomic
 from localmoe.kernels.reference import expert_pair_outputs
 from localmoe.models.moe import MoESpec
 from localmoe.paths import cache_dir
 from localmoe.runtime.expert_store import ExpertStore
 
 CALIBRATION_FILE = "calibration.json"
+FAR = 2.0  # a start's check this many times off the kept calibration, either way, has it measured again
 
 
 class HostExperts:
@@ -107,30 +110,51 @@ def calibrated(
     store: ExpertStore, slot: torch.Tensor, spec: MoESpec, copy: float | None = None, cpu: float | None = None
 ) -> Bandwidths:
     """The two bandwidths for this machine, device, dtype and expert size: `copy` and `cpu` where given,
-    else measured once (copying into `slot`, an unused device row, and computing experts of `spec`'s
-    layer) and kept in localmoe's cache folder."""
+    else the calibration kept in localmoe's cache folder, measured (copying into `slot`, an unused device
+    row, and computing experts of `spec`'s layer) where there is none yet. A kept one is checked at each
+    start with a one-expert measurement, and measured again where that is `FAR` from it: one measured while
+    the machine was busy is not kept for good. Runs measure one at a time, under the file's lock: two at
+    once would slow each other down."""
     if copy is not None and cpu is not None:
         return Bandwidths(copy, cpu)
     device = slot.device
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu"
     key = f"{platform.node()}|{device.type}:{name}|{store.dtype}|{store.mode}|{store.expert_bytes}"
     path = cache_dir() / CALIBRATION_FILE
-    known = _read(path)
-    entry = known.get(key)
-    if not (isinstance(entry, dict) and all(_positive(entry.get(name)) for name in ("copy", "cpu"))):
-        entry = known[key] = asdict(_measure(store, slot, spec))
-        _write(path, known)
-    return Bandwidths(copy or entry["copy"], cpu or entry["cpu"])
+    with locked(path):
+        known = _read(path)
+        kept = _bandwidths(known.get(key))
+        if kept is None or _far(_measure(store, slot, spec, samples=1), kept):
+            if kept is not None:
+                print(
+                    f"localmoe: the bandwidths of {path} are far from those measured now: measuring again",
+                    file=sys.stderr,
+                )
+            kept = _measure(store, slot, spec)
+            known[key] = asdict(kept)
+            _write(path, known)
+    return Bandwidths(copy or kept.copy, cpu or kept.cpu)
+
+
+def _bandwidths(entry) -> Bandwidths | None:
+    if isinstance(entry, dict) and all(_positive(entry.get(name)) for name in ("copy", "cpu")):
+        return Bandwidths(entry["copy"], entry["cpu"])
+    return None  # none yet, or damaged: measure again
+
+
+def _far(measured: Bandwidths, kept: Bandwidths) -> bool:
+    ratios = (measured.copy / kept.copy, measured.cpu / kept.cpu)
+    return any(not 1 / FAR <= ratio <= FAR for ratio in ratios)
 
 
 def _positive(value) -> bool:
-    return isinstance(value, int | float) and value > 0
+    return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value) and value > 0
 
 
-def _measure(store: ExpertStore, slot: torch.Tensor, spec: MoESpec) -> Bandwidths:
-    """Median of three experts each way, after a warm-up."""
+def _measure(store: ExpertStore, slot: torch.Tensor, spec: MoESpec, samples: int = 3) -> Bandwidths:
+    """Median of `samples` experts each way, after a warm-up."""
     host = HostExperts(store)
-    experts = [e % spec.experts for e in range(4)]
+    experts = [e % spec.experts for e in range(samples + 1)]
     x = torch.randn(1, spec.hidden).to(store.dtype)
     out = torch.empty(1, spec.hidden, dtype=store.dtype)
 
@@ -168,11 +192,8 @@ def _read(path) -> dict:
 
 
 def _write(path, data: dict) -> None:
-    """Replace the file whole, so that a concurrent reader never sees half of it."""
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        partial = path.with_suffix(f".{os.getpid()}.tmp")
-        partial.write_text(json.dumps(data, indent=1))
-        partial.replace(path)
+        write_atomic(path, json.dumps(data, indent=1))
     except OSError:
         pass  # a read-only cache folder costs a measurement per start, nothing more

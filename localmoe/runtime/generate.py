@@ -133,16 +133,8 @@ def generate_tokens(
     activations; `on_prefill` runs once the prompt is in the cache. Greedy without a `sampler`. `hooks`
     run around every forward step; `graphs`: capture the decode steps as CUDA graphs (see DecodeSteps).
     """
-    if not prompt:
-        raise LocalMoEError("the prompt is empty: give at least one token of text")
     limit = model.max_position_embeddings
-    context = min(context or limit, limit, cache.max_len if cache else limit)
-    if len(prompt) + max_new_tokens > context:
-        raise LocalMoEError(
-            f"the prompt ({len(prompt)} tokens) plus {max_new_tokens} new tokens exceeds the {context}-token context: "
-            f"shorten the prompt, lower {setting('max_new_tokens')} or raise {setting('context')} (the model allows up "
-            f"to {limit})"
-        )
+    check_fits(len(prompt), max_new_tokens, min(context or limit, limit, cache.max_len if cache else limit), limit)
     sampler = sampler or Sampler(SamplingParams(), model.model.embed_tokens.weight.device)
     stats = stats or GenerationStats()
     device = model.model.embed_tokens.weight.device
@@ -178,6 +170,20 @@ def generate_tokens(
             return
         start = time.perf_counter()
         logits = decode(seen[None, position : position + 1])
+
+
+def check_fits(prompt_tokens: int, max_new_tokens: int, context: int, limit: int, name: str = "max_new_tokens") -> None:
+    """The one rule for a generation's length: the prompt and `max_new_tokens` must fit the `context`
+    (`limit`: the model's maximum), or the request is refused before it starts, never cut short. `name`:
+    the setting that asked for them."""
+    if not prompt_tokens:
+        raise LocalMoEError("the prompt is empty: give at least one token of text")
+    if prompt_tokens + max_new_tokens > context:
+        raise LocalMoEError(
+            f"the prompt ({prompt_tokens} tokens) plus {max_new_tokens} new tokens exceeds the {context}-token "
+            f"context: shorten the prompt, lower {setting(name)} or raise {setting('context')} (the model "
+            f"allows up to {limit})"
+        )
 
 
 @torch.inference_mode()

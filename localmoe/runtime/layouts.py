@@ -1,4 +1,5 @@
-"""Row layouts: one routed expert as one flat row [gate | up | down | biases], in the compute dtype or as
+"""Row layouts: one routed expert as one flat row [gate | up | down | biases] ([up | down | biases] for
+ungated experts), in the compute dtype or as
 typed byte sections (quantized, MXFP4, FP8), and views of a stack of such rows by role. The host store,
 the slot pool and the resident experts all hold rows of one layout, so a miss is one row copied and
 every kernel reads a slot and a host row alike."""
@@ -10,7 +11,7 @@ import torch
 
 from localmoe.kernels.quantized import Fp8Weights, Mxfp4Weights, QuantizedWeights, QuantSpec, quantize
 from localmoe.models.expert_source import ExpertSource
-from localmoe.models.expert_tensors import role_shapes
+from localmoe.models.expert_tensors import input_roles, role_shapes
 
 
 @dataclass(frozen=True)
@@ -20,34 +21,40 @@ class ExpertLayout:
     hidden: int
     intermediate: int
     bias: bool = False
+    gated: bool = True
 
     row_dtype = None  # rows are in the compute dtype
     reads_packed = False
 
     @property
     def shapes(self) -> dict[str, tuple[int, ...]]:
-        return role_shapes(self.hidden, self.intermediate, self.bias)  # in row order
+        return role_shapes(self.hidden, self.intermediate, self.bias, self.gated)  # in row order
 
     @property
     def numel(self) -> int:
         return sum(math.prod(shape) for shape in self.shapes.values())
 
+    @property
+    def inputs(self) -> int:
+        """The rows of the input projection: 2I (gate and up), or I (up alone) for ungated experts."""
+        return len(input_roles(self.gated)) * self.intermediate
+
     def gate_up(self, rows: torch.Tensor) -> torch.Tensor:
-        """[N, 2I, E], gate rows first."""
-        i, h = self.intermediate, self.hidden
-        return rows[:, : 2 * i * h].view(-1, 2 * i, h)
+        """[N, 2I, E], gate rows first ([N, I, E] for ungated experts)."""
+        return rows[:, : self.inputs * self.hidden].view(-1, self.inputs, self.hidden)
 
     def down(self, rows: torch.Tensor) -> torch.Tensor:
         """[N, E, I]."""
         i, h = self.intermediate, self.hidden
-        return rows[:, 2 * i * h : 3 * i * h].view(-1, h, i)
+        start = self.inputs * h
+        return rows[:, start : start + h * i].view(-1, h, i)
 
     def biases(self, rows: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor | None]:
         """gate_up bias [N, 2I] and down bias [N, E], or (None, None) for experts without biases."""
         if not self.bias:
             return None, None
-        start = 3 * self.intermediate * self.hidden
-        middle = start + 2 * self.intermediate
+        start = (self.inputs + self.intermediate) * self.hidden
+        middle = start + self.inputs
         return rows[:, start:middle], rows[:, middle : middle + self.hidden]
 
     def pack(self, row: torch.Tensor, roles: dict[str, torch.Tensor]) -> None:
@@ -65,6 +72,7 @@ class _ByteRows:
 
     row_dtype = torch.uint8
     reads_packed = False  # whether `pack` takes the checkpoint's stored form rather than decoded weights
+    gated = True  # the experts have gate projections (MXFP4 and FP8 experts as stored all do)
 
     def _parts(self) -> list[tuple[str, tuple[int, ...], torch.dtype]]:
         raise NotImplementedError
@@ -89,9 +97,17 @@ class _ByteRows:
         size = math.prod(shape) * dtype.itemsize
         return rows[:, offset : offset + size].view(dtype).view(rows.shape[0], *shape)
 
+    @property
+    def inputs(self) -> int:
+        """The rows of the input projection: 2I (gate and up), or I (up alone) for ungated experts."""
+        return len(input_roles(self.gated)) * self.intermediate
+
     def _bias_parts(self) -> list[tuple[str, tuple[int, ...], torch.dtype]]:
-        i, h = self.intermediate, self.hidden
-        return [("gate_up_bias", (2 * i,), self.dtype), ("down_bias", (h,), self.dtype)] if self.bias else []
+        return (
+            [("gate_up_bias", (self.inputs,), self.dtype), ("down_bias", (self.hidden,), self.dtype)]
+            if self.bias
+            else []
+        )
 
     def biases(self, rows: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor | None]:
         if not self.bias:
@@ -100,7 +116,8 @@ class _ByteRows:
 
     def _pack_biases(self, rows: torch.Tensor, roles: dict[str, torch.Tensor]) -> None:
         if self.bias:
-            self._view(rows, "gate_up_bias")[0].copy_(torch.cat((roles["gate_bias"], roles["up_bias"])))
+            inputs = input_roles(self.gated)
+            self._view(rows, "gate_up_bias")[0].copy_(torch.cat([roles[f"{role}_bias"] for role in inputs]))
             self._view(rows, "down_bias")[0].copy_(roles["down_bias"])
 
 
@@ -115,13 +132,14 @@ class QuantizedLayout(_ByteRows):
     bias: bool
     spec: QuantSpec
     dtype: torch.dtype  # of the biases, and of the dequantized weights
+    gated: bool = True
 
     def _parts(self):
-        h, i, spec = self.hidden, self.intermediate, self.spec
+        h, i, spec, inputs = self.hidden, self.intermediate, self.spec, self.inputs
         return [
-            ("gate_up", (2 * i, spec.packed_columns(h)), torch.uint8),
-            ("gate_up_scale", (2 * i, h // spec.group), torch.float16),
-            ("gate_up_zero", (2 * i, h // spec.group), torch.float16),
+            ("gate_up", (inputs, spec.packed_columns(h)), torch.uint8),
+            ("gate_up_scale", (inputs, h // spec.group), torch.float16),
+            ("gate_up_zero", (inputs, h // spec.group), torch.float16),
             ("down", (h, spec.packed_columns(i)), torch.uint8),
             ("down_scale", (h, i // spec.group), torch.float16),
             ("down_zero", (h, i // spec.group), torch.float16),
@@ -141,7 +159,7 @@ class QuantizedLayout(_ByteRows):
     def pack(self, row: torch.Tensor, roles: dict[str, torch.Tensor]) -> None:
         """Quantize an expert's roles into its byte row [numel]."""
         rows = row[None]
-        gate_up = torch.cat((roles["gate"], roles["up"]))
+        gate_up = torch.cat([roles[role] for role in input_roles(self.gated)])
         for name, matrix in (("gate_up", gate_up), ("down", roles["down"])):
             for suffix, part in zip(("", "_scale", "_zero"), quantize(matrix, self.spec), strict=True):
                 self._view(rows, name + suffix)[0].copy_(part)
@@ -237,6 +255,6 @@ def layout_of(source: ExpertSource, quant: QuantSpec | None = None, dtype: torch
     if quant is None and source.all_mxfp4:
         return Mxfp4Layout(block.hidden_size, block.intermediate_size, block.expert_bias, dtype)
     if quant is None:
-        return ExpertLayout(block.hidden_size, block.intermediate_size, block.expert_bias)
+        return ExpertLayout(block.hidden_size, block.intermediate_size, block.expert_bias, block.gated)
     quant.check(block.hidden_size, block.intermediate_size)
-    return QuantizedLayout(block.hidden_size, block.intermediate_size, block.expert_bias, quant, dtype)
+    return QuantizedLayout(block.hidden_size, block.intermediate_size, block.expert_bias, quant, dtype, block.gated)

@@ -3,29 +3,13 @@ experts are kept on the host. Computed from checkpoint metadata and budgets alon
 explains itself) on a machine without the target GPU.
 """
 
-import re
 from dataclasses import dataclass
 
 import psutil
 import torch
 
 from localmoe.errors import LocalMoEError, setting
-
-UNITS = {"": 1, "k": 10**3, "m": 10**6, "g": 10**9, "t": 10**12}
-BINARY_UNITS = {"k": 2**10, "m": 2**20, "g": 2**30, "t": 2**40}
-SIZE = re.compile(r"\s*([0-9]*\.?[0-9]+)\s*([kmgt]?)(i?)b?\s*", re.IGNORECASE)
-
-
-def parse_size(text: str) -> int:
-    """Bytes from '24GiB', '512MiB', '1.5G' (binary) or '24GB' (decimal) or a plain number of bytes."""
-    match = SIZE.fullmatch(text)
-    if not match:
-        raise LocalMoEError(f"cannot read the size {text!r}: write it like 12GiB, 512MiB or 24GB")
-    number, unit, binary = float(match[1]), match[2].lower(), match[3]
-    # A bare K/M/G/T means the binary unit, as memory sizes usually do; GB is decimal.
-    if binary or (unit and not text.strip().lower().endswith("b")):
-        return int(number * BINARY_UNITS[unit])
-    return int(number * UNITS[unit])
+from localmoe.options import DEFAULT_CONTEXT
 
 
 def format_bytes(n: int) -> str:
@@ -33,6 +17,14 @@ def format_bytes(n: int) -> str:
         if abs(n) >= size:
             return f"{n / size:.2f} {unit}"
     return f"{n} B"
+
+
+def format_rate(bytes_per_s: float) -> str:
+    """A bandwidth with three significant figures in the unit that suits it: 24.5 MB/s, not 0.0 GB/s."""
+    for unit, size in (("GB/s", 1e9), ("MB/s", 1e6), ("kB/s", 1e3)):
+        if bytes_per_s >= size:
+            return f"{bytes_per_s / size:.3g} {unit}"
+    return f"{bytes_per_s:.3g} B/s"
 
 
 @dataclass(frozen=True)
@@ -153,7 +145,7 @@ def plan_memory(
     vram_budget: int | None = None,
     host_budget: int | None = None,
     expert_slots: int | None = None,
-    context: int = 4096,
+    context: int | None = None,
     prefill_chunk: int = 512,
 ) -> MemoryPlan:
     """Decide the slot count and the experts' host tier.
@@ -161,10 +153,11 @@ def plan_memory(
     Everything but the routed experts is resident on the device; the rest of the device budget
     becomes expert slots, at least one layer's top-k. The experts' host copy lives in RAM (pinned
     for CUDA) when the host budget holds it, else it is read from the checkpoint through mmap;
-    when every expert has a slot, no host copy is kept at all.
+    when every expert has a slot, no host copy is kept at all. `context`: tokens of KV cache, at most the
+    model's maximum; None: DEFAULT_CONTEXT, or the maximum where it is smaller.
     """
     fp = footprint
-    context = min(context, fp.max_positions)
+    context = _context(context, fp.max_positions)
     prefill_chunk = min(prefill_chunk, context)
     fixed = (
         fp.resident_bytes
@@ -195,6 +188,16 @@ def plan_memory(
         )
     store = _expert_home(fp, device, slots, fixed, host_budget)
     return MemoryPlan(str(device), fp, context, prefill_chunk, slots, store, device_budget, host_budget)
+
+
+def _context(asked: int | None, most: int) -> int:
+    if asked is None:
+        return min(DEFAULT_CONTEXT, most)
+    if not 1 <= asked <= most:
+        raise LocalMoEError(
+            f"{setting('context')} {asked} is out of range: this model has {most} positions, use 1 to {most}"
+        )
+    return asked
 
 
 def _expert_home(fp: Footprint, device: torch.device, slots: int, fixed: int, host_budget: int) -> str:

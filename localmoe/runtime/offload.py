@@ -20,13 +20,14 @@ from pathlib import Path
 
 import torch
 
+from localmoe.files import sweep_temporaries
 from localmoe.kernels.reference import combine_pairs, expert_pair_outputs
 from localmoe.models.moe import MoESpec, Routing
 from localmoe.runtime.cpu_experts import HostExperts
 from localmoe.runtime.expert_cache import ExpertCache, Visit
 from localmoe.runtime.miss_policy import MissPolicy
 from localmoe.runtime.prefetch import HostReader, predict_experts
-from localmoe.runtime.profile import RoutingProfile, start_from_profile
+from localmoe.runtime.profile import RoutingProfile, merge_into, read_profile, start_from_profile
 from localmoe.runtime.routing_log import LayerRouting, RoutingLog
 from localmoe.runtime.stats import CacheSnapshot
 from localmoe.runtime.trace import RoutingTrace
@@ -67,7 +68,7 @@ class OffloadedExperts:
         self.pair_outputs = pair_outputs
         self.configure_prefetch(prefetch, margin)
         self.pin_hot, self.warmed_up = pin_hot, False
-        self.profile, self.profile_path = RoutingProfile(), None
+        self.profile, self.profile_path, self._own_profile = RoutingProfile(), None, True
         self._profiled = Counter()  # what of the cache's token counts the profile has
 
     def configure_prefetch(self, depth: int, margin: int) -> None:
@@ -76,11 +77,15 @@ class OffloadedExperts:
         self.ahead = {layer: order[i + 1 : i + 1 + depth] for i, layer in enumerate(order)}
         self.depth, self.margin = depth, margin
 
-    def __call__(self, layer: int, x: torch.Tensor, routing: Routing) -> torch.Tensor:
+    def __call__(
+        self, layer: int, x: torch.Tensor, routing: Routing, routed: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """The layer's experts applied to x; coming layers' routers, to predict, see `routed` where the
+        experts' inputs are not the router's (a latent space)."""
         spec = self.specs[layer]
         if self.miss_policy.in_place:
             return self._read_in_place(spec, x, routing)
-        return self._decided_on_host(spec, x, routing)
+        return self._decided_on_host(spec, x, routing, x if routed is None else routed)
 
     # --- misses read where they lie -------------------------------------------------------------------
 
@@ -123,10 +128,10 @@ class OffloadedExperts:
 
     # --- misses decided on the host -------------------------------------------------------------------
 
-    def _decided_on_host(self, spec: MoESpec, x: torch.Tensor, routing: Routing) -> torch.Tensor:
+    def _decided_on_host(self, spec: MoESpec, x: torch.Tensor, routing: Routing, routed: torch.Tensor) -> torch.Tensor:
         layer, ids, weights = spec.layer, routing.ids, routing.weights
         coming = self.ahead[layer]
-        predicted = [self._predict(self.specs[c], x) for c in coming]
+        predicted = [self._predict(self.specs[c], routed) for c in coming]
         weighs = self.cache.policy.weighs_router
         distribution = routing.scores / routing.scores.sum(dim=-1, keepdim=True) if weighs else None
         extra = [weights] if self.trace else []
@@ -240,25 +245,28 @@ class OffloadedExperts:
         self.settle()
         return CacheSnapshot.of(self.cache)
 
-    def start_from_profile(self, path: Path) -> None:
-        """Read the routing profile at `path` (kept there from now on); warm the pool from it, and pin its
-        `pin_hot` hottest, where it has something to say."""
-        profile = RoutingProfile.load(path)
-        profile.check(set(self.specs), next(iter(self.specs.values())).experts, path)
-        self.profile, self.profile_path = profile, path
+    def start_from_profile(self, path: Path, own: bool) -> None:
+        """Read the routing profile at `path` (kept there from now on; `own`: localmoe's, else the user's:
+        see `read_profile`); warm the pool from it, and pin its `pin_hot` hottest, where it has something
+        to say."""
+        sweep_temporaries(path.parent, path.name)
+        profile = read_profile(path, own, set(self.specs), next(iter(self.specs.values())).experts)
+        self.profile, self.profile_path, self._own_profile = profile, path, own
         if self.pin_hot and profile.counts:
             self.cache.pin(profile.hottest()[: self.pin_hot])
             self.warmed_up = True  # the profile stands in for the first prompt's warm-up
         start_from_profile(self.cache, profile)
 
     def save_profile(self, top_k: int) -> None:
-        """Add the routing seen since the last save to the routing profile, and write it."""
+        """Add the routing seen since the last save to the routing profile as the file holds it now (other
+        runs may have added theirs), and write it."""
         if self.profile_path is None:
             return
         self.settle()
         counts = self.cache.token_counts
         if any(counts[key] < n for key, n in self._profiled.items()):
             self._profiled = Counter()  # the cache was emptied since: its counts start again
-        self.profile.add(counts - self._profiled, top_k)
+        experts = next(iter(self.specs.values())).experts
+        added = counts - self._profiled
+        self.profile = merge_into(self.profile_path, added, top_k, self._own_profile, set(self.specs), experts)
         self._profiled = Counter(counts)
-        self.profile.save(self.profile_path)

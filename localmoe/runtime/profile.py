@@ -4,22 +4,26 @@ starts with the experts it will likely need already in slots, and its policy wit
 A profile is a small JSON file: per MoE layer, the tokens seen and the tokens routed to each expert.
 Its size is bounded by the model (one number per expert); a layer's counts are halved whenever it has
 seen more than `HORIZON` tokens, so recent runs weigh more and the numbers stay small. It is written
-to a temporary file then renamed, so a run killed while saving leaves the previous profile whole.
+whole (`write_atomic`), and runs that save at once merge their counts under its lock (`merge_into`).
 """
 
 import hashlib
 import json
-import os
+import sys
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from localmoe.checkpoint import Checkpoint
 from localmoe.errors import LocalMoEError, setting
+from localmoe.files import locked, read_limited, write_atomic
 from localmoe.paths import cache_dir
 
 FORMAT = 1
+PROFILES = "profiles"  # the folder of localmoe's cache folder that holds them
 HORIZON = 1_000_000  # tokens per layer before the counts halve
+# A profile holds a number per expert: some MiB for the largest models. Beyond this a file is no profile.
+MAX_BYTES = 64 * 2**20
 
 Key = tuple[int, int]  # (layer, expert)
 
@@ -31,19 +35,20 @@ class RoutingProfile:
 
     @classmethod
     def load(cls, path: Path) -> "RoutingProfile":
-        """The profile in `path`; an empty one where there is none yet."""
+        """The profile in `path`; an empty one where there is none yet. A file that is not a profile
+        raises ProfileError."""
         if not path.exists():
             return cls()
         try:
-            data = json.loads(path.read_text())
+            data = json.loads(read_limited(path, MAX_BYTES).decode("utf-8"))
             if data.get("format") != FORMAT:
                 raise ValueError(f"format {data.get('format')!r}, this localmoe writes {FORMAT}")
             tokens = Counter({int(layer): int(n) for layer, n in data["tokens"].items()})
             counts = Counter(
                 {(int(layer), e): int(n) for layer, row in data["counts"].items() for e, n in enumerate(row) if n}
             )
-        except (OSError, ValueError, KeyError, TypeError, AttributeError) as error:
-            raise LocalMoEError(f"{path} is not a routing profile this localmoe reads ({error}): delete it") from None
+        except (OSError, ValueError, KeyError, TypeError, AttributeError, RecursionError) as error:
+            raise ProfileError(f"{path} is not a routing profile this localmoe reads ({error})") from None
         return cls(tokens, counts)
 
     def save(self, path: Path) -> None:
@@ -51,11 +56,8 @@ class RoutingProfile:
         rows = {layer: [0] * experts for layer in self.tokens}
         for (layer, expert), n in self.counts.items():
             rows[layer][expert] = n
-        data = {"format": FORMAT, "tokens": self.tokens, "counts": rows}
         path.parent.mkdir(parents=True, exist_ok=True)
-        temporary = path.with_name(path.name + f".{os.getpid()}.tmp")
-        temporary.write_text(json.dumps(data))
-        temporary.replace(path)
+        write_atomic(path, json.dumps({"format": FORMAT, "tokens": self.tokens, "counts": rows}))
 
     def add(self, counts: Counter[Key], top_k: int) -> None:
         """Add a run's tokens routed per expert (`top_k` experts per token)."""
@@ -74,9 +76,8 @@ class RoutingProfile:
         """Refuse a profile recorded for another model: one naming layers or experts this one lacks."""
         for layer, expert in self.counts:
             if layer not in layers or expert >= num_experts:
-                raise LocalMoEError(
-                    f"{path} was recorded for another model (it has expert {expert} of MoE layer {layer}): "
-                    f"give the profile of this checkpoint, or {setting('profile')} off"
+                raise ProfileError(
+                    f"{path} was recorded for another model (it has expert {expert} of MoE layer {layer})"
                 )
 
     def shares(self) -> dict[Key, float]:
@@ -93,7 +94,39 @@ def default_profile_path(checkpoint: Checkpoint) -> Path:
     """Where a checkpoint's profile lives under localmoe's cache folder, keyed by its folder."""
     identity = f"{checkpoint.path.resolve()}\n{checkpoint.part}"
     key = hashlib.sha256(identity.encode()).hexdigest()[:16]
-    return cache_dir() / "profiles" / f"{checkpoint.path.name}-{key}.json"
+    return cache_dir() / PROFILES / f"{checkpoint.file_label}-{key}.json"
+
+
+class ProfileError(LocalMoEError):
+    """A file that is not a routing profile of this model."""
+
+
+def read_profile(path: Path, own: bool, layers: set[int], num_experts: int) -> RoutingProfile:
+    """The routing profile in `path` for a model with these MoE `layers` and experts per layer. `own`: the
+    file is localmoe's (the checkpoint's profile in its cache folder), so a damaged one, or one of another
+    model that once stood at the checkpoint's path, is replaced by an empty one, with a notice; else it is
+    the user's, and refused in one line."""
+    try:
+        profile = RoutingProfile.load(path)
+        profile.check(layers, num_experts, path)
+    except ProfileError as error:
+        if not own:
+            raise ProfileError(
+                f"{error}: give this checkpoint's routing profile, or {setting('profile')} auto or off"
+            ) from None
+        print(f"localmoe: {error}: starting a new one", file=sys.stderr)
+        return RoutingProfile()
+    return profile
+
+
+def merge_into(path: Path, counts: Counter[Key], top_k: int, own: bool, layers: set[int], num_experts: int):
+    """Add a run's routing `counts` to the profile in `path` as it is now, under its lock, so that runs
+    saving at once each add theirs; the merged profile is returned."""
+    with locked(path):
+        profile = read_profile(path, own, layers, num_experts)
+        profile.add(counts, top_k)
+        profile.save(path)
+    return profile
 
 
 def start_from_profile(cache, profile: RoutingProfile) -> None:

@@ -38,7 +38,8 @@ class ResidentExperts:
         # Packed in host memory, then moved in one copy: the mapped shards are read sequentially.
         self.rows = {layer: rows.to(device) for layer, rows in host_rows(source, self.layout, dtype, quantized)}
 
-    def __call__(self, layer: int, x: torch.Tensor, routing: Routing) -> torch.Tensor:
+    def __call__(self, layer: int, x: torch.Tensor, routing: Routing, routed=None) -> torch.Tensor:
+        """The layer's experts applied to x (`routed`, the router's inputs, is for runtimes that predict)."""
         spec, rows, (weights, ids, _) = self.specs[layer], self.rows[layer], routing
         if self.trace:  # a host read per layer: a trace is for analysis, not speed
             self.trace.record(layer, ids.reshape(-1).tolist(), weights.reshape(-1).tolist(), spec.top_k)

@@ -3,6 +3,8 @@
 import json
 from pathlib import Path
 
+from localmoe.errors import LocalMoEError
+
 
 class RoutingTrace:
     """Rows {"token", "layer", "experts", "weights"}; `token` is the position in the sequence. With
@@ -15,7 +17,10 @@ class RoutingTrace:
         self._rows: list[str] = []
         self._seen = 0  # tokens before the current forward pass
         self._start = 0
-        path.write_text("")
+        try:
+            path.write_text("")
+        except OSError as error:
+            raise LocalMoEError(f"cannot write the routing trace to {path}: {error.strerror or error}") from None
 
     def record(
         self,

@@ -1,0 +1,51 @@
+"""GLM-4.7-Flash (Glm4MoeLiteForCausalLM, zai-org/GLM-4.7-Flash): DeepSeek-V3's latent attention on a
+GLM-4.5 body (dense or MoE layers as `mlp_layer_types` lists them, a shared expert, sigmoid routing with
+a correction bias). The multi-token-prediction layer after the last one is not loaded."""
+
+from dataclasses import dataclass
+from typing import ClassVar
+
+from localmoe.models.deepseek_v2 import build
+from localmoe.models.deepseek_v3 import DeepseekV3Args
+from localmoe.models.expert_tensors import PerExpert
+from localmoe.models.family import Family
+from localmoe.models.moe import FUSED_EXPERTS, MLP_EXPERTS
+
+
+@dataclass
+class Glm4MoeLiteArgs(DeepseekV3Args):
+    default_rope_theta: ClassVar[float] = 10_000.0
+
+    num_key_value_heads: int = 20
+    num_experts_per_tok: int = 4
+    n_routed_experts: int = 64
+    n_shared_experts: int | None = 1
+    moe_intermediate_size: int = 1536
+    kv_lora_rank: int = 512
+    q_lora_rank: int | None = 768
+    qk_nope_head_dim: int = 192
+    qk_rope_head_dim: int = 64
+    v_head_dim: int = 256
+    n_group: int | None = 1
+    topk_group: int | None = 1
+    routed_scaling_factor: float = 1.8
+    rms_norm_eps: float = 1e-5
+    max_position_embeddings: int = 202752
+    mlp_layer_types: list[str] | None = None
+
+    def is_dense(self, i: int) -> bool:
+        if self.mlp_layer_types is None:  # transformers' default: MoE from the second layer on
+            return i == 0
+        return self.mlp_layer_types[i] == "dense"
+
+
+FAMILY = Family(
+    architectures=("Glm4MoeLiteForCausalLM",),
+    model_type="glm4_moe_lite",
+    args=Glm4MoeLiteArgs,
+    model=build,
+    experts=(PerExpert(MLP_EXPERTS), FUSED_EXPERTS),
+    hub_aliases=((".mlp.shared_expert.", ".mlp.shared_experts."),),
+    keep_float32=("e_score_correction_bias",),
+    example="zai-org/GLM-4.7-Flash",
+)
