@@ -164,6 +164,8 @@ def test_counters_add_up(checkpoints, miss):
         assert counters.bytes_copied == copies * cache.store.expert_bytes
         assert counters.bytes_direct == counters.direct * cache.store.expert_bytes
         assert counters.prefetch_used + counters.prefetch_wasted <= counters.prefetch_issued
+    # every copy took a free slot or evicted an expert: what is left is what the pool holds
+    assert total.bytes_copied // cache.store.expert_bytes - total.evictions == len(cache.slot_of)
 
 
 def cache_path_engine(path: str, slots: int) -> localmoe.Engine:
