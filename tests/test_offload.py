@@ -103,6 +103,7 @@ def test_any_cache_gives_the_all_resident_tokens_and_logits(
     assert tokens == expected_tokens
     for got, expected in zip(logits, expected_logits, strict=True):
         assert torch.equal(got, expected)
+    assert_counters_add_up(engine)
 
 
 def test_pinned_hot_experts_and_mmap_store_give_the_same_tokens(checkpoints, references):
@@ -154,18 +155,23 @@ def test_counters_add_up(checkpoints, miss):
     )
     run(engine)
     snapshot = engine.expert_cache()
-    cache, total = engine.experts.cache, snapshot.total
+    total = snapshot.total
     assert total.uses > 0 and (total.prefetch_issued > 0) == (miss != "direct") and snapshot.pinned == 1
     assert (total.on_cpu > 0) == (miss == "auto") and (total.cpu_seconds > 0) == (miss == "auto")
     assert (total.direct > 0) == (total.admissions > 0) == (miss == "direct")
-    for counters in [*snapshot.per_layer.values(), total]:
+    assert_counters_add_up(engine)
+
+
+def assert_counters_add_up(engine: localmoe.Engine) -> None:
+    snapshot, cache = engine.expert_cache(), engine.experts.cache
+    for counters in [*snapshot.per_layer.values(), snapshot.total]:
         assert counters.hits + counters.misses + counters.direct + counters.on_cpu == counters.uses
         copies = counters.misses + counters.prefetch_wasted + counters.warmup_copies + counters.admissions
         assert counters.bytes_copied == copies * cache.store.expert_bytes
         assert counters.bytes_direct == counters.direct * cache.store.expert_bytes
         assert counters.prefetch_used + counters.prefetch_wasted <= counters.prefetch_issued
     # every copy took a free slot or evicted an expert: what is left is what the pool holds
-    assert total.bytes_copied // cache.store.expert_bytes - total.evictions == len(cache.slot_of)
+    assert snapshot.total.bytes_copied // cache.store.expert_bytes - snapshot.total.evictions == len(cache.slot_of)
 
 
 def cache_path_engine(path: str, slots: int) -> localmoe.Engine:
