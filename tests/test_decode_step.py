@@ -103,15 +103,19 @@ class NoDeviceReads(torch.utils._python_dispatch.TorchDispatchMode):
         return func(*args, **(kwargs or {}))
 
 
-def test_the_direct_decode_step_reads_nothing_from_the_device(checkpoints):
+@pytest.mark.parametrize("kernel", ["stand-in", "triton"])
+def test_the_direct_decode_step_reads_nothing_from_the_device(checkpoints, kernel):
     """Between the embedding and the logits, no op waits for the device, and the routing still reaches
-    the cache (a step later, through the routing log). With a kernel that reads nothing back itself."""
-    engine = localmoe.load(
-        checkpoints["qwen3_moe"], device="cpu", dtype=torch.float32, options=RuntimeOptions(expert_slots=8)
-    )
+    the cache (a step later, through the routing log). With a kernel that reads nothing back itself: a
+    stand-in, or the fused kernels (in Triton's interpreter: their launches are no aten ops)."""
+    if kernel == "triton":
+        pytest.importorskip("triton")
+    options = RuntimeOptions(expert_slots=8, kernels="triton" if kernel == "triton" else "reference")
+    engine = localmoe.load(checkpoints["qwen3_moe"], device="cpu", dtype=torch.float32, options=options)
     runtime = engine.experts
     assert engine.miss_policy == "direct"
-    runtime.pair_outputs = gathered_pairs
+    if kernel == "stand-in":
+        runtime.pair_outputs = gathered_pairs
     cache = engine.model.new_cache(1, 64)
     steps = DecodeSteps(engine.model, cache, hooks=StepHooks(runtime.begin_step, runtime.end_step))
     with torch.inference_mode():
