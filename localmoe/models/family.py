@@ -84,7 +84,7 @@ class ModelArgs:
         elif experts and groups and chosen and top_k and top_k > chosen * (experts // groups):
             yield f"routes each token to {top_k} experts, more than {chosen} groups of {experts // groups} hold"
         heads, kv_heads = getattr(self, "num_attention_heads", None), getattr(self, "num_key_value_heads", None)
-        if heads and kv_heads and heads % kv_heads:
+        if heads and kv_heads and kv_heads <= heads and heads % kv_heads:  # more: latent attention ignores it
             yield f"has {heads} attention heads, which cannot share {kv_heads} key-value heads evenly"
         if heads and hasattr(self, "head_dim") and self.head_dim is None and self.hidden_size % heads:
             yield f"has no head_dim, and hidden_size {self.hidden_size} does not split over {heads} attention heads"
@@ -107,12 +107,20 @@ MAY_BE_ZERO = frozenset(
         "moe_layer_start_index",
         "sliding_window",
         "hidden_size_per_layer_input",
+        "num_dense_layers",
+        "num_nextn_predict_layers",
+        "num_shared_experts",
     }
 )
 MAY_BE_NEGATIVE = frozenset({"moe_layer_end_index"})  # ERNIE: -1 for the last layer
+# Fields whose infinity is a setting (Mamba's time step limit (0, inf): no upper clamp); transformers 5
+# writes it as {"__float__": "Infinity"}.
+MAY_BE_INFINITE = frozenset({"time_step_limit"})
 
 
 def _check_value(key: str, value: Any, kind: Any) -> None:
+    if key in MAY_BE_INFINITE and isinstance(value, list):
+        value = [0.0 if isinstance(item, float) and math.isinf(item) else item for item in value]
     if not _fits(value, kind):
         shown = repr(value) if len(repr(value)) <= 40 else repr(value)[:37] + "..."
         raise LocalMoEError(f"config.json: {key} is {shown}, not {_describe(kind)}: the config is damaged")

@@ -78,6 +78,10 @@ class NemotronHArgs(ModelArgs):
         no tied weights, and save_pretrained writes lm_head.weight)."""
         return False
 
+    @property
+    def num_hidden_layers(self) -> int:
+        return len(self.kinds())
+
     def kinds(self) -> list[str]:
         """Each block's mixer: linear_attention (Mamba-2), full_attention, mlp or moe."""
         if self.layers_block_type is None and self.hybrid_override_pattern is None:
