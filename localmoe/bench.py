@@ -9,11 +9,14 @@ uses must be read at least once. Bandwidths are measured on the spot.
 import json
 import platform
 import time
+from collections import Counter
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import psutil
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from localmoe.engine import Engine
 from localmoe.files import write_atomic
@@ -21,6 +24,24 @@ from localmoe.runtime.memory import Footprint, format_bytes
 from localmoe.tables import render
 
 BANDWIDTH_BYTES = 256 * 2**20
+
+# Qwen3-30B-A3B's routing (48 MoE layers x 128 experts, top-8) at a width where compute is nothing: what is
+# left of a decode token is the host's share, and the ops it launches
+QWEN3_ROUTING_TINY = {
+    "architectures": ["Qwen3MoeForCausalLM"],
+    "model_type": "qwen3_moe",
+    "vocab_size": 512,
+    "hidden_size": 32,
+    "intermediate_size": 64,
+    "moe_intermediate_size": 16,
+    "num_hidden_layers": 48,
+    "num_attention_heads": 4,
+    "num_key_value_heads": 2,
+    "head_dim": 8,
+    "num_experts": 128,
+    "num_experts_per_tok": 8,
+    "norm_topk_prob": True,
+}
 
 
 @dataclass
@@ -35,6 +56,8 @@ class RunResult:
     hit_rate: float | None = None
     bytes_copied_per_token: float | None = None  # decode tokens only
     miss_policy: str = ""  # localmoe with an expert cache: what it does with a miss
+    host_ms_per_token: float | None = None  # decode: time the host spent queueing a step and sampling
+    ops_per_layer: float | None = None  # decode: kernel-launching ops of one token per MoE layer
     detail: str = ""
     tokens: list[int] = field(default_factory=list)
 
@@ -111,12 +134,70 @@ def run_engine(engine: Engine, name: str, prompt: list[int], new_tokens: int, de
         detail=detail,
         tokens=tokens,
     )
+    decode_steps = max(len(tokens) - 1, 1)
+    result.host_ms_per_token = 1000 * stats.decode_host_seconds / decode_steps
     if (cache := engine.expert_cache()) is not None:
         result.miss_policy = engine.miss_policy
-        decode_steps = max(len(tokens) - 1, 1)
         result.hit_rate = cache.total.hit_rate
         result.bytes_copied_per_token = (_copied(engine) - prefill_copies[0]) / decode_steps
     return result
+
+
+class LaunchCounter(TorchDispatchMode):
+    """Counts the aten ops that launch work: views, allocations and aliases launch none. A function
+    wrapped by `as_one` counts once, whatever it runs (a fused kernel stand-in)."""
+
+    NONE = {"empty", "empty_strided", "empty_like", "new_empty", "lift_fresh", "detach", "detach_", "alias"}
+    NONE |= {"_unsafe_view"}
+
+    def __init__(self):
+        super().__init__()
+        self.ops: Counter[str] = Counter()
+        self._inside, self._counting = 0, False
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        returned = func._schema.returns
+        view = returned and returned[0].alias_info is not None and not returned[0].alias_info.is_write
+        if not self._inside and not view and func.name().split("::")[-1].split(".")[0] not in self.NONE:
+            self.ops[func.name()] += 1
+        return func(*args, **(kwargs or {}))
+
+    def __enter__(self):
+        self._counting = True
+        return super().__enter__()
+
+    def __exit__(self, *exc):
+        self._counting = False
+        return super().__exit__(*exc)
+
+    def as_one(self, fn: Callable) -> Callable:
+        def counted(*args, **kwargs):
+            if self._counting:
+                self.ops[getattr(fn, "__name__", "kernel")] += 1
+            self._inside += 1
+            try:
+                return fn(*args, **kwargs)
+            finally:
+                self._inside -= 1
+
+        return counted
+
+
+def decode_ops(engine: Engine, prompt: list[int], counter: LaunchCounter | None = None) -> Counter[str]:
+    """The kernel-launching ops of one decode token after `prompt`, as generation runs it (the second
+    one: the first may allocate), counted by `counter` (a fresh one by default)."""
+    from localmoe.runtime.generate import DecodeSteps
+
+    counter = counter or LaunchCounter()
+    model = engine.model
+    cache = model.new_cache(1, len(prompt) + 2)
+    steps = DecodeSteps(model, cache)
+    with torch.inference_mode():
+        model(torch.tensor([prompt], device=engine.device), cache)
+        steps(torch.tensor([[prompt[-1]]], device=engine.device))
+        with counter:
+            steps(torch.tensor([[prompt[0]]], device=engine.device))
+    return counter.ops
 
 
 def _copied(engine: Engine) -> int:
@@ -133,6 +214,8 @@ def machine() -> dict[str, str]:
         "gpu": gpu or "none",
         "torch": torch.__version__,
         "python": platform.python_version(),
+        # other work on the machine slows every run: the spread of interleaved repeats shows how much
+        "load average": ", ".join(f"{v:.1f}" for v in psutil.getloadavg()) + " (1, 5, 15 min, when written)",
     }
 
 
@@ -143,18 +226,26 @@ def results_table(
     speed to the baseline's and the floor's multiple where given."""
     base = next((r for r in results if r.name == baseline), None)
     columns = ["run", "misses", "prefill tok/s", "first token s", "decode tok/s", "vs baseline", "x floor"]
-    columns += ["peak memory", "hit rate", "copied/token"]
+    columns += ["host ms/token", "ops/layer", "peak memory", "hit rate", "copied/token"]
     rows = []
     for r in results:
         ratio = f"{r.decode_tokens_per_s / base.decode_tokens_per_s:.2f}x" if base and base.decode_tokens_per_s else ""
         multiple = f"{(1 / r.decode_tokens_per_s) / floor_s:.1f}" if floor_s and r.decode_tokens_per_s else ""
         hit = "" if r.hit_rate is None else f"{r.hit_rate:.3f}"
         copied = "" if r.bytes_copied_per_token is None else format_bytes(int(r.bytes_copied_per_token))
+        host = "" if r.host_ms_per_token is None else f"{r.host_ms_per_token:.2f}"
+        ops = "" if r.ops_per_layer is None else f"{r.ops_per_layer:.0f}"
         rows.append(
             [r.name, r.miss_policy, f"{r.prefill_tokens_per_s:.1f}", f"{r.time_to_first_token_s:.2f}"]
-            + [f"{r.decode_tokens_per_s:.2f}", ratio, multiple, format_bytes(r.peak_memory_bytes), hit, copied]
+            + [f"{r.decode_tokens_per_s:.2f}", ratio, multiple, host, ops, format_bytes(r.peak_memory_bytes)]
+            + [hit, copied]
         )
     return render(columns, rows, markdown)
+
+
+def baseline_of(runs: list[RunResult]) -> str | None:
+    """The name of the transformers run among `runs`, the others' baseline."""
+    return next((run.name for run in runs if run.name.startswith("transformers")), None)
 
 
 def label(run: RunResult) -> str:
@@ -175,9 +266,12 @@ def write_benchmarks(results_dir: Path, docs: Path) -> None:
         "configuration that was not measured has no row.",
         "",
         "Columns: prefill and decode speed in tokens per second, time to the first token, decode speed as a",
-        "multiple of the transformers + accelerate baseline's, decode time per token as a multiple of the",
-        "physical floor (see below), peak memory (CUDA: allocated on the device; CPU: the process's resident",
-        "set after the run), the expert cache's hit rate and the bytes it copied per decode token.",
+        "multiple of the transformers baseline's (with accelerate's device_map under the budget, or all in memory),",
+        "decode time per token as a multiple of the",
+        "physical floor (see below), the host's time per decode token (queueing the step and sampling, not",
+        "waiting for the device: on the CPU, all of it), the kernel-launching aten ops of one decode token per",
+        "MoE layer, peak memory (CUDA: allocated on the device; CPU: the process's resident set after the run),",
+        "the expert cache's hit rate and the bytes it copied per decode token.",
         "",
         "The floor is max(bytes a token must copy / host-to-device bandwidth, bytes it must read / device",
         "memory bandwidth), with both bandwidths measured in the same run; on the CPU, bytes read and copied",
@@ -197,7 +291,7 @@ def write_benchmarks(results_dir: Path, docs: Path) -> None:
             "",
         ]
         runs = [RunResult(**{k: v for k, v in run.items()}) for run in r["runs"]]
-        lines += [results_table(runs, floor["floor_s"], "transformers + accelerate"), ""]
+        lines += [results_table(runs, floor["floor_s"], baseline_of(runs)), ""]
         lines += [f"- {label(run)}: {run.detail}" for run in runs if run.detail]
         lines += [f"- greedy tokens equal to the reference run's, before the first difference: {r['same_tokens']}"]
     sections = _cache_sections(results_dir / "cache") + _kernel_sections(results_dir / "kernels")
@@ -231,7 +325,10 @@ def _cache_sections(folder: Path) -> list[str]:
             "to cache every miss, the bound of a policy that copies every miss. Static oracle: the experts the "
             "trace uses most, pinned from the start. Start: one cache through the whole trace (continuing), each "
             "request a run of its own from an empty cache (fresh), or from the routing profile of the other "
-            "requests (profile). Copied and CPU: experts per token.",
+            "requests (profile). Miss policies: copy (every miss copied before use, the bound: admit-all Belady), "
+            "bypass (misses the policy would not admit computed on the CPU), direct (misses read where they lie, "
+            "then admitted when the token is over if the policy ranks them above their victim). Copied, CPU and "
+            "in place: experts per token.",
         ]
         for size in r["sizes"]:
             lines += [
@@ -239,14 +336,14 @@ def _cache_sections(folder: Path) -> list[str]:
                 f"**{size['slots']} slots ({size['slots'] / total:.0%} of experts)**: Belady {size['belady']:.3f}, "
                 f"admit-all Belady {size['belady_admit_all']:.3f}, static oracle {size['static_oracle']:.3f}.",
                 "",
-                "| policy | pool | start | hit rate | of Belady | of admit-all Belady | copied | CPU |",
-                "|---|---|---|---|---|---|---|---|",
+                "| policy | pool | start | hit rate | of Belady | of admit-all Belady | copied | CPU | in place |",
+                "|---|---|---|---|---|---|---|---|---|",
             ]
             for row in size["rows"]:
                 lines.append(
                     f"| {row['policy']} | {row['pool']} | {row['start']} | {row['hit_rate']:.3f} | "
                     f"{row['of_belady']:.2f} | {row['of_belady_admit_all']:.2f} | {row['copied_per_token']:.2f} | "
-                    f"{row['on_cpu_per_token']:.2f} |"
+                    f"{row['on_cpu_per_token']:.2f} | {row['in_place_per_token']:.2f} |"
                 )
         sweep = r["decay_sweep"]
         if sweep["rows"]:

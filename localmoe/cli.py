@@ -12,7 +12,7 @@ from pathlib import Path
 import click
 
 from localmoe.errors import LocalMoEError, as_flag
-from localmoe.options import CHAT_TOKENS, DEFAULT_CONTEXT, GENERATE_TOKENS, RuntimeOptions, parse_size
+from localmoe.options import CHAT_TOKENS, CUDA_GRAPHS, DEFAULT_CONTEXT, GENERATE_TOKENS, RuntimeOptions, parse_size
 
 DEFAULTS = RuntimeOptions()  # every setting's one default
 SAMPLING_FLAGS = ("temperature", "top_k", "top_p", "min_p", "repetition_penalty", "seed")
@@ -172,8 +172,8 @@ def _cache_options(fn):
             "--prefetch",
             type=click.IntRange(min=0),
             default=DEFAULTS.prefetch,
-            show_default=True,
-            help="MoE layers to look ahead; 0: off.",
+            help="MoE layers to look ahead, for the miss policies that decide on the host (copy, cpu, auto, "
+            "bypass); 0: off.  [default: 1 for those, 0 for direct]",
         ),
         click.option(
             "--prefetch-margin",
@@ -186,10 +186,13 @@ def _cache_options(fn):
             "--miss-policy",
             type=_Registry("localmoe.runtime.miss_policy", "MISS_POLICIES"),
             default=DEFAULTS.miss_policy,
-            show_default=True,
-            help="An expert not in a slot: copy it to the device, compute it on the CPU from the host copy, "
-            "whichever the measured bandwidths say is faster, or (bypass) on the CPU when the policy ranks it "
-            "below the expert it would evict.",
+            help="An expert not in a slot: direct: read by the kernel where it lies in the host copy (over the bus "
+            "on CUDA), nothing waiting for the host, the cache learning a token later; copy: copied to the device "
+            "first; cpu: computed on the CPU from the host copy; auto: whichever the measured bandwidths say is "
+            "faster; bypass: on the CPU when the policy ranks it below the expert it would evict. All but direct "
+            "read each MoE layer's routing on the host before its experts run: one wait for the device per layer, "
+            "which on a GPU keeps decode bound by the host.  [default: direct, or copy where the host copy cannot be "
+            "read in place (experts mapped from disk)]",
         ),
         click.option(
             "--copy-bandwidth",
@@ -209,6 +212,14 @@ def _cache_options(fn):
             show_default=True,
             help="Expert kernels: the PyTorch reference, the fused Triton kernels (CUDA), the compiled CPU "
             "kernels (--device cpu; built at first use), or the fastest that works here.",
+        ),
+        click.option(
+            "--cuda-graphs",
+            type=click.Choice(list(CUDA_GRAPHS)),
+            default=DEFAULTS.cuda_graphs,
+            show_default=True,
+            help="Capture decode steps as CUDA graphs: auto where they can be (CUDA, fused kernels, direct misses, "
+            "a model whose layers all run static steps), on (or an error saying why not), off.",
         ),
         click.option(
             "--trace", type=click.Path(dir_okay=False, path_type=Path), help="Write the routing as JSON lines."
@@ -341,12 +352,13 @@ def _check_flags_take_effect(flags: dict) -> None:
 
     if flags.get("expert_group_size") is not None and flags["expert_bits"] == "16":
         raise LocalMoEError("--expert-group-size sets how experts are quantized: add --expert-bits 8 or 4")
-    if flags.get("prefetch_margin") and not flags["prefetch"]:
+    if flags.get("prefetch_margin") and flags.get("prefetch") == 0:
         raise LocalMoEError("--prefetch-margin widens prefetching, which --prefetch 0 turns off")
     bandwidths = flags.get("copy_bandwidth") is not None or flags.get("cpu_bandwidth") is not None
-    if bandwidths and not MISS_POLICIES[flags["miss_policy"]].weighs_bandwidths:
+    misses = flags.get("miss_policy")
+    if bandwidths and not (misses and MISS_POLICIES[misses].weighs_bandwidths):
         raise LocalMoEError(
-            f"--copy-bandwidth and --cpu-bandwidth are weighed by --miss-policy auto, not {flags['miss_policy']}"
+            f"--copy-bandwidth and --cpu-bandwidth are weighed by --miss-policy auto, not {misses or 'the default'}"
         )
 
 

@@ -22,17 +22,17 @@ from localmoe.kernels import KERNELS, host_kernel, pair_kernel
 from localmoe.kernels.quantized import QuantSpec
 from localmoe.kernels.reference import expert_pair_outputs
 from localmoe.loader import DTYPES, ModelParts, footprint, load_resident_weights, model_skeleton, open_checkpoint
-from localmoe.models.moe import moe_blocks
+from localmoe.models.moe import MoESpec, moe_blocks
 from localmoe.models.state import KVCache
-from localmoe.options import CHAT_TOKENS, GENERATE_TOKENS, RuntimeOptions
+from localmoe.options import CHAT_TOKENS, CUDA_GRAPHS, GENERATE_TOKENS, RuntimeOptions
 from localmoe.paths import cache_dir
 from localmoe.runtime.cpu_experts import Bandwidths, calibrated
-from localmoe.runtime.expert_cache import POLICIES, ExpertCache
+from localmoe.runtime.expert_cache import POLICIES, ExpertCache, SlotTable
 from localmoe.runtime.expert_store import ExpertStore
-from localmoe.runtime.generate import GenerationStats, check_fits, generate_tokens
+from localmoe.runtime.generate import GenerationStats, StepHooks, check_fits, generate_tokens
 from localmoe.runtime.layouts import layout_of
 from localmoe.runtime.memory import MemoryPlan, format_bytes, format_rate, plan_memory
-from localmoe.runtime.miss_policy import MISS_POLICIES, miss_policy
+from localmoe.runtime.miss_policy import DEFAULT, FALLBACK, MISS_POLICIES, miss_policy
 from localmoe.runtime.offload import OffloadedExperts
 from localmoe.runtime.profile import default_profile_path
 from localmoe.runtime.quantized_cache import QuantizedLayers, cache_folder
@@ -81,9 +81,11 @@ class Engine:
         kernels: str = "reference",
         offloaded: OffloadedExperts | None = None,
         tokenizer: Tokenizer | None = None,
+        graphs_barred: list[str] = (),
     ):
         """`experts` computes the routed experts; `offloaded`, the same object when they go through the
-        expert cache, else None; `tokenizer`, the checkpoint's where it was read already."""
+        expert cache, else None; `tokenizer`, the checkpoint's where it was read already. `graphs_barred`:
+        why decode steps cannot be CUDA graphs, whatever the miss policy (none: they can)."""
         self.checkpoint = checkpoint
         self.parts = parts
         self.model = parts.model
@@ -92,10 +94,23 @@ class Engine:
         self._offloaded = offloaded
         self.options = options
         self.kernels = kernels  # which expert kernels run, and why
+        self._graphs_barred = list(graphs_barred)
         self.eos_ids = eos_ids(checkpoint)
         self.stats = GenerationStats()
         self._tokenizer = tokenizer
         self.sampler: Sampler | None = None  # the last run's, with its record of log-probabilities
+
+    def use_device(self) -> None:
+        """Make the engine's CUDA device the current one of the calling thread (the current device is per
+        thread: a worker thread that generates calls this first); nothing on the CPU."""
+        if self.device.type == "cuda":
+            torch.cuda.set_device(self.device)
+
+    def close(self) -> None:
+        """Release what outlives the Python objects: the experts' host copy is unpinned. The engine is not
+        used after."""
+        if self._offloaded is not None:
+            self._offloaded.cache.store.close()
 
     @property
     def tokenizer(self) -> Tokenizer:
@@ -142,6 +157,7 @@ class Engine:
             if on_prefill:
                 on_prefill()
 
+        runtime = self._offloaded
         tokens = generate_tokens(
             self.model,
             prompt,
@@ -154,6 +170,8 @@ class Engine:
             context=self.plan.context,
             prefill_chunk=self.plan.prefill_chunk,
             on_prefill=after_prefill,
+            hooks=None if runtime is None else StepHooks(runtime.begin_step, runtime.end_step),
+            graphs=not self.graphs_barred(),
         )
         try:
             for token in tokens:
@@ -162,8 +180,21 @@ class Engine:
                     break
         finally:
             tokens.close()
+            if runtime is not None:
+                runtime.settle()
             if self.experts.trace:
                 self.experts.trace.flush()
+
+    def graphs_barred(self) -> list[str]:
+        """Why decode steps run eagerly, not as CUDA graphs (empty: they are captured)."""
+        barred = list(self._graphs_barred)
+        if self._offloaded is not None and not self._offloaded.miss_policy.in_place:
+            barred.append(f"the {self.miss_policy} miss policy reads the routing on the host at every layer")
+        if self.options.cuda_graphs == "on" and barred:
+            raise LocalMoEError(
+                f"{setting('cuda_graphs')} on: decode steps cannot be captured here: {'; '.join(barred)}"
+            )
+        return barred if self.options.cuda_graphs != "off" else ["off as asked"]
 
     def json_constraint(self, schema: dict | None = None) -> JsonConstraint:
         """Output that is JSON valid under `schema` (any JSON object without one), for `generate_ids`."""
@@ -250,6 +281,12 @@ class Engine:
         """What a miss does (None: every expert is resident, there are no misses)."""
         return None if self._offloaded is None else str(self._offloaded.miss_policy)
 
+    def can_use(self, miss_policy: str) -> bool:
+        """Whether the expert cache can run this miss policy (direct needs a host copy it can read in place)."""
+        if self._offloaded is None:
+            return False
+        return not MISS_POLICIES[miss_policy].in_place or self._offloaded.cache.store.readable_in_place
+
     @property
     def bandwidths(self) -> Bandwidths | None:
         """The copy and CPU bandwidths the miss policy weighs, where it weighs them."""
@@ -261,11 +298,14 @@ class Engine:
         plan, fp = self.plan, self.plan.footprint
         home = {"none": "none needed", "pinned": "pinned RAM", "ram": "RAM", "mmap": "checkpoint files (mmap)"}
         model = self.checkpoint.part or self.parts.family.name
+        barred = self.graphs_barred()
+        decode = "static steps" if self.model.static_decode else "eager (the model has layers without static steps)"
+        graphs = "CUDA graphs" if not barred else f"no CUDA graphs ({'; '.join(barred)})"
         return (
             f"{self.checkpoint.name}: {model} on {plan.device}, {self.parts.dtype}; "
             f"resident {format_bytes(fp.resident_bytes)}; expert slots {plan.slots}/{fp.total_experts}; "
             f"experts' host copy: {home[plan.store]}; context {plan.context}{self._misses()}; "
-            f"kernels: {self.kernels}; {torch.get_num_threads()} CPU threads"
+            f"kernels: {self.kernels}; {torch.get_num_threads()} CPU threads; decode: {decode}, {graphs}"
         ) + "".join(f"\n{notice}" for notice in plan.notices)
 
     def _misses(self) -> str:
@@ -273,7 +313,9 @@ class Engine:
             return ""
         rates = self.bandwidths
         measured = f" (copy {format_rate(rates.copy)}, CPU {format_rate(rates.cpu)})" if rates else ""
-        return f"; misses: {self.miss_policy}{measured}"
+        why = self._offloaded.cache.store.not_in_place()
+        fallback = f" ({DEFAULT} cannot be: {why})" if self.options.miss_policy is None and why else ""
+        return f"; misses: {self.miss_policy}{measured}{fallback}"
 
     def cache_report(self) -> str:
         """The memory plan and, when experts are offloaded, the cache counters so far."""
@@ -309,20 +351,17 @@ class Engine:
         options = replace(self.options, **{key: value for key, value in changes.items() if value is not None})
         _check_settings(options)
         runtime = self._offloaded
+        if miss_policy is not None:
+            runtime.settle()  # what the old policy left to learn
+            spec = next(iter(runtime.specs.values()))
+            runtime.miss_policy, runtime.host.kernel = _miss_policy(options, runtime.cache, spec, runtime.pair_outputs)
+        runtime.configure_prefetch(*_prefetch(options, runtime.miss_policy))
         if cold or policy is not None:
             runtime.clear(options.policy)
         if slots is not None:
             self._resize(slots)
-        runtime.configure_prefetch(options.prefetch, options.prefetch_margin)
         runtime.pin_hot = options.pin_hot
-        if miss_policy is not None:
-            runtime.host.kernel = _host_kernel(runtime.cache.rows.device, runtime.pair_outputs, miss_policy)
-            runtime.miss_policy = _miss_policy(options, runtime.cache, self._blocks, runtime.host.kernel)
         self.options = options
-
-    @property
-    def _blocks(self):
-        return moe_blocks(self.model)
 
     def _resize(self, slots: int) -> None:
         cache, top_k = self._offloaded.cache, self.plan.footprint.top_k
@@ -398,6 +437,9 @@ def place(prepared: Prepared) -> Engine:
     )
     device = resolve_device(str(prepared.device))
     torch.set_num_threads(options.threads or physical_cores())
+    if device.type == "cuda":  # Triton launches, streams and events on this device, not device 0
+        device = torch.device("cuda", device.index if device.index is not None else torch.cuda.current_device())
+        torch.cuda.set_device(device)
     sweep_temporaries(cache_dir(), recursive=True)  # left by runs killed while writing
     blocks = moe_blocks(parts.model)
     trace = RoutingTrace(options.trace, blocks[0].layer_idx) if options.trace else None  # an unwritable path fails now
@@ -412,15 +454,19 @@ def place(prepared: Prepared) -> Engine:
     else:
         mode = "mmap" if plan.store == "mmap" else "ram"
         store = ExpertStore(parts.experts, parts.dtype, mode, device, quant, quantized)
-        cache = ExpertCache(store, plan.slots, device, options.policy, layers=len(blocks))
-        on_cpu = _host_kernel(device, kernel, options.miss_policy)
+        specs = [block.spec for block in blocks]
+        table = SlotTable([spec.layer for spec in specs], specs[0].experts, device)
+        cache = ExpertCache(store, plan.slots, device, options.policy, layers=len(blocks), table=table)
+        misses, on_cpu = _miss_policy(options, cache, specs[0], kernel)
+        depth, margin = _prefetch(options, misses)
         experts = offloaded = OffloadedExperts(
             cache,
-            blocks,
-            prefetch=options.prefetch,
-            margin=options.prefetch_margin,
+            specs,
+            {block.layer_idx: block.gate.scores for block in blocks},
+            prefetch=depth,
+            margin=margin,
             trace=trace,
-            miss_policy=_miss_policy(options, cache, blocks, on_cpu),
+            miss_policy=misses,
             pair_outputs=kernel,
             pin_hot=options.pin_hot,
             host_kernel=on_cpu,
@@ -431,7 +477,8 @@ def place(prepared: Prepared) -> Engine:
         own = options.profile == "auto"
         offloaded.start_from_profile(default_profile_path(checkpoint) if own else Path(options.profile), own)
     tokenizer = prepared.__dict__.get("tokenizer")  # where the preparation has read it already
-    return Engine(checkpoint, parts, plan, experts, options, kernels, offloaded, tokenizer)
+    barred = _graphs_barred(device, kernel, parts.model, options)
+    return Engine(checkpoint, parts, plan, experts, options, kernels, offloaded, tokenizer, barred)
 
 
 def physical_cores() -> int:
@@ -476,20 +523,56 @@ def plan_for(
 
 def _host_kernel(device: torch.device, kernel: Callable, policy: str) -> Callable:
     """The kernel for the CPU's share of the misses: on a CPU device the device's own `kernel`, so that both
-    give the same bits; the compiled CPU kernels elsewhere, but none to build where the policy copies every
-    miss."""
+    give the same bits; elsewhere the compiled CPU kernels, but none to build where the policy computes no
+    miss on the CPU."""
     if device.type == "cpu":
         return kernel
-    return expert_pair_outputs if policy == "copy" else host_kernel()
+    return host_kernel() if MISS_POLICIES[policy].computes_on_cpu else expert_pair_outputs
 
 
-def _miss_policy(options: RuntimeOptions, cache: ExpertCache, blocks, on_cpu):
-    """The miss policy the options name, with the bandwidths it weighs, measured once per machine with the
-    kernel `on_cpu` that computes the CPU's share."""
-    if not MISS_POLICIES[options.miss_policy].weighs_bandwidths:
-        return miss_policy(options.miss_policy)
-    rates = calibrated(cache.store, cache.rows[0], blocks[0], on_cpu, *options.bandwidths())
-    return miss_policy(options.miss_policy, rates)
+def _miss_policy(options: RuntimeOptions, cache: ExpertCache, spec: MoESpec, kernel: Callable):
+    """(the miss policy the options name (by default, direct where the host copy can be read in place,
+    else copy), with the bandwidths it weighs, measured once per machine with the kernel that computes
+    the CPU's share; that kernel), `kernel` being the device's."""
+    why = cache.store.not_in_place()
+    name = options.miss_policy or (FALLBACK if why else DEFAULT)
+    if MISS_POLICIES[name].in_place and why:
+        raise LocalMoEError(
+            f"{setting('miss_policy')} {name} reads each miss where it lies, which cannot be done here: {why}; "
+            f"use {setting('miss_policy')} {FALLBACK}"
+        )
+    on_cpu = _host_kernel(cache.rows.device, kernel, name)
+    if not MISS_POLICIES[name].weighs_bandwidths:
+        return miss_policy(name), on_cpu
+    rates = calibrated(cache.store, cache.rows[0], spec, on_cpu, *options.bandwidths())
+    return miss_policy(name, rates), on_cpu
+
+
+def _prefetch(options: RuntimeOptions, misses) -> tuple[int, int]:
+    """Prefetch depth and margin: by default one layer ahead where misses are decided on the host. The
+    direct miss policy has no host decision in the middle of a step to prefetch with: it admits misses
+    one step later instead."""
+    if misses.in_place and options.prefetch:
+        raise LocalMoEError(
+            f"{setting('prefetch')} predicts the next layer's experts on the host in the middle of a step, which the "
+            f"{misses} miss policy never does (it admits misses a step later): use {setting('miss_policy')} copy "
+            f"to prefetch, or {setting('prefetch')} 0"
+        )
+    return misses.prefetch if options.prefetch is None else options.prefetch, options.prefetch_margin
+
+
+def _graphs_barred(device: torch.device, kernel, model, options: RuntimeOptions) -> list[str]:
+    """Why decode steps cannot be CUDA graphs whatever the miss policy."""
+    barred = []
+    if device.type != "cuda":
+        barred.append("not on CUDA")
+    if kernel is expert_pair_outputs:
+        barred.append("the reference expert kernel reads which experts are chosen on the host")
+    if not model.static_decode:
+        barred.append("the model has layers without static steps")
+    if options.trace:
+        barred.append("a trace reads the routing on the host")
+    return barred
 
 
 def _quant(options: RuntimeOptions, source) -> QuantSpec | None:
@@ -529,10 +612,15 @@ def _plan(parts: ModelParts, device: torch.device, options: RuntimeOptions, quan
 
 def _check_settings(options: RuntimeOptions) -> None:
     """Settings that are wrong whatever the model."""
-    for name, table in (("policy", POLICIES), ("miss_policy", MISS_POLICIES), ("kernels", KERNELS)):
-        if getattr(options, name) not in table:
+    for name, table in (
+        ("policy", POLICIES),
+        ("miss_policy", MISS_POLICIES),
+        ("kernels", KERNELS),
+        ("cuda_graphs", CUDA_GRAPHS),
+    ):
+        if getattr(options, name) not in table and not (name == "miss_policy" and options.miss_policy is None):
             raise LocalMoEError(f"unknown {setting(name)} {getattr(options, name)!r}: choose one of {', '.join(table)}")
-    if options.prefetch < 0 or options.prefetch_margin < 0 or options.pin_hot < 0:
+    if (options.prefetch or 0) < 0 or options.prefetch_margin < 0 or options.pin_hot < 0:
         raise LocalMoEError(
             f"{setting('prefetch')}, {setting('prefetch_margin')} and {setting('pin_hot')} cannot be negative"
         )

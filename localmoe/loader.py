@@ -16,6 +16,7 @@ from torch import nn
 from localmoe.checkpoint import INTEGER_DTYPES, WEIGHT_DTYPES, Checkpoint
 from localmoe.errors import LocalMoEError
 from localmoe.models import family_for
+from localmoe.models.attention import Attention
 from localmoe.models.expert_source import ExpertSource
 from localmoe.models.expert_tensors import block_shapes
 from localmoe.models.family import Family, ModelArgs
@@ -136,6 +137,9 @@ def load_resident_weights(parts: ModelParts, ckpt: Checkpoint, device: torch.dev
     parts.model.load_state_dict(state, strict=True, assign=True)
     parts.model.to(device)  # the buffers computed at construction (rotary frequencies)
     parts.model.requires_grad_(False).eval()
+    for module in parts.model.modules():
+        if isinstance(module, Attention):
+            module.prepare_decode()
 
 
 def footprint(parts: ModelParts) -> Footprint:

@@ -16,6 +16,7 @@ GENERATE_TOKENS = 128  # new tokens by default: `Engine.generate` and `stream`, 
 CHAT_TOKENS = 1024  # per answer by default: `Engine.chat`, `localmoe chat`
 EXPERT_BITS = (16, 8, 4)
 GIGA = 1e9  # bandwidths are written in GB/s
+CUDA_GRAPHS = ("auto", "on", "off")
 
 
 def parse_size(text: str) -> int:
@@ -48,14 +49,17 @@ class RuntimeOptions:
     pin_hot: int = 0  # experts pinned: the profile's hottest, or else those the first prompt used most
     profile: str | Path | None = None  # routing profile: "auto" (this checkpoint's, in the cache folder), a file,
     # or none ("off")
-    prefetch: int = 1  # MoE layers to look ahead; 0 turns prefetch off
+    prefetch: int | None = None  # MoE layers to look ahead; None: 1 where the miss policy decides on the host,
+    # else 0; 0 turns prefetch off
     prefetch_margin: int = 0  # experts predicted beyond the top-k
     context: int | None = None  # tokens of KV cache; default: DEFAULT_CONTEXT, or the model's maximum if smaller
     prefill_chunk: int = 512
     trace: str | Path | None = None  # write the routing of every token here (JSON lines)
-    miss_policy: str = "auto"  # one of MISS_POLICIES: copied to the device, computed on the CPU, or whichever is faster
+    miss_policy: str | None = None  # one of MISS_POLICIES; None: direct where the host copy can be read in place,
+    # else copy
     kernels: str = "auto"  # one of KERNELS: reference, triton (CUDA), cpu (compiled CPU kernels), or the fastest here
     threads: int | None = None  # CPU threads (torch.set_num_threads); default: the physical cores
+    cuda_graphs: str = "auto"  # one of CUDA_GRAPHS: decode steps captured as CUDA graphs
     expert_bits: int | str = 16  # 8 or 4: routed experts quantized group-wise, kept so on disk between runs
     expert_group_size: int | None = None  # columns per scale, with expert_bits 8 or 4; default: the largest up to
     # 64 that divides the experts' widths

@@ -98,6 +98,7 @@ class Worker(threading.Thread):
             return False
 
     def run(self) -> None:
+        self.engine.use_device()  # the current CUDA device is per thread
         while True:
             job = self.jobs.get()
             if job.cancelled.is_set():

@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 
 from localmoe.errors import LocalMoEError
-from localmoe.runtime.expert_cache import CacheCounters, CachePolicy, ExpertCache, Key, passed_over
+from localmoe.runtime.expert_cache import CacheCounters, CachePolicy, ExpertCache, Key, Visit, passed_over
 from localmoe.runtime.layouts import ExpertLayout
 from localmoe.runtime.profile import RoutingProfile, start_from_profile
 
@@ -80,7 +80,7 @@ class Replay:
     @property
     def bytes_per_token(self) -> float:
         c = self.counters
-        return (c.misses + c.prefetch_wasted + c.warmup_copies) * self.expert_bytes / self.tokens
+        return (c.misses + c.prefetch_wasted + c.warmup_copies + c.admissions) * self.expert_bytes / self.tokens
 
     @property
     def prefetch_precision(self) -> float:
@@ -146,8 +146,10 @@ class _OneNumberStore:
     dtype = row_dtype = torch.float32
     expert_bytes = 1
 
-    def copy_to(self, row: torch.Tensor, layer: int, expert: int) -> None:
+    def copy_to(self, row: torch.Tensor, layer: int, expert: int, then=None) -> None:
         row.fill_(expert)
+        if then is not None:
+            then()
 
 
 def replay(
@@ -156,7 +158,7 @@ def replay(
     policy: str | Callable[[], object],
     prefetch: bool = False,
     pin_hot: int = 0,
-    bypass: bool = False,
+    miss: str = "copy",
     shared: bool = False,
     profile: RoutingProfile | None = None,
 ) -> Replay:
@@ -166,12 +168,16 @@ def replay(
     `policy` is a cache policy name, "belady", or a function making a policy (`Score` with another
     decay, say). With `prefetch`, the experts the trace records as
     predicted for the next layer are prefetched after each layer, as the runtime does. With `pin_hot`,
-    the first request is the warm-up whose hottest experts get pinned, as `--pin-hot` does. With
-    `bypass`, the misses the policy does not admit are computed on the CPU (`--miss-policy bypass`).
+    the first request is the warm-up whose hottest experts get pinned, as `--pin-hot` does. `miss` says
+    what a miss does, as `--miss-policy`: "copy" (copied before use), "bypass" (the misses the policy
+    does not admit computed on the CPU), or "direct" (read where it lies, and once the token is over,
+    admitted where the policy ranks it above its victim: the rule the runtime follows a step behind).
     With a routing `profile`, the cache starts from it as a run with `--profile` does.
     """
     if prefetch and trace.predicted is None:
         raise LocalMoEError("this trace has no predictions of the next layer's experts: replay it without prefetch")
+    if prefetch and miss == "direct":
+        raise LocalMoEError("the direct miss policy admits misses a token later; it does not prefetch")
     if policy == "belady" and (prefetch or pin_hot or profile):
         raise LocalMoEError("Belady's bound is computed without prefetch, pinning or a profile")
     chosen = Belady(trace.visits()) if policy == "belady" else policy if isinstance(policy, str) else policy()
@@ -180,11 +186,15 @@ def replay(
         start_from_profile(cache, profile)
     for r, request in enumerate(trace.requests):
         for t, token in enumerate(request):
+            visits = []
             for i, (layer, experts) in enumerate(zip(trace.layers, token, strict=True)):
-                cache.begin_layer(
-                    layer, Counter(experts), trace.probabilities[r][t][i] if trace.probabilities else None
-                )
-                on_cpu = cache.bypassed(layer, experts) if bypass else set()
+                probabilities = trace.probabilities[r][t][i] if trace.probabilities else None
+                if miss == "direct":
+                    found = {expert for expert in experts if (layer, expert) in cache}
+                    visits.append(Visit(layer, Counter(experts), probabilities, found))
+                    continue
+                cache.begin_layer(layer, Counter(experts), probabilities)
+                on_cpu = cache.bypassed(layer, experts) if miss == "bypass" else set()
                 if on_cpu:
                     cache.computed_on_cpu(layer, len(on_cpu), 0.0)
                 copied = [expert for expert in experts if expert not in on_cpu]
@@ -192,6 +202,8 @@ def replay(
                 if prefetch and i + 1 < len(trace.layers):
                     cache.prefetch(trace.layers[i + 1], trace.predicted[r][t][i])
                 cache.release(layer, copied)
+            if visits:
+                cache.record_step(visits)
         if r == 0 and pin_hot:
             cache.pin([key for key, _ in cache.token_counts.most_common(pin_hot)])
     return Replay(cache.totals(), trace.tokens, per_layer=dict(cache.counters))

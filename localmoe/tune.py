@@ -1,12 +1,13 @@
 """`localmoe tune`: time a short decode at a few expert cache settings on the user's own machine, and
 say which flags were fastest.
 
-One knob at a time, from the planned slot count: the policy, then prefetch depth, then its margin,
-then pinning the prompt's hottest experts, then what a miss does, each candidate timed several times
-(interleaved, the median kept). Then the best setting at a half and three quarters of the slots, to
-show what a smaller budget would cost. Every setting runs on the same loaded model: the cache is
-emptied between tries and resized within the pool allocated at load, so nothing is reloaded and the
-memory plan never changes. The candidates are the registries' entries.
+One knob at a time, from the planned slot count: the policy, then what a miss does, then, for a miss
+policy that decides on the host, prefetch depth and its margin, then pinning the prompt's hottest
+experts, each candidate timed several times (interleaved, the median kept). Then the best setting at a
+half and three quarters of the slots, to show what a smaller budget would cost. Every setting runs on
+the same loaded model: the cache is emptied between tries and resized within the pool allocated at
+load, so nothing is reloaded and the memory plan never changes. The candidates are the registries'
+entries.
 """
 
 import statistics
@@ -67,15 +68,17 @@ class Tuner:
 
     def run(self) -> Setting:
         """The fastest setting found (its timing in `timings`)."""
-        plan, options = self.engine.plan, self.engine.options
+        plan, options, miss = self.engine.plan, self.engine.options, self.engine.miss_policy
         hot = max(0, (plan.slots - plan.footprint.top_k) // 4)
-        start = Setting(options.policy, options.prefetch, options.prefetch_margin, 0, options.miss_policy)
+        start = Setting(options.policy, MISS_POLICIES[miss].prefetch, options.prefetch_margin, 0, miss)
         best = self.fastest([replace(start, policy=policy) for policy in POLICIES])
-        best = self.fastest([replace(best, prefetch=depth) for depth in PREFETCH_DEPTHS])
-        if best.prefetch:
-            best = self.fastest([replace(best, prefetch_margin=margin) for margin in PREFETCH_MARGINS])
+        misses = [replace(best, miss_policy=name, prefetch=kind.prefetch) for name, kind in MISS_POLICIES.items()]
+        best = self.fastest([setting for setting in misses if self.engine.can_use(setting.miss_policy)])
+        if not MISS_POLICIES[best.miss_policy].in_place:
+            best = self.fastest([replace(best, prefetch=depth) for depth in PREFETCH_DEPTHS])
+            if best.prefetch:
+                best = self.fastest([replace(best, prefetch_margin=margin) for margin in PREFETCH_MARGINS])
         best = self.fastest([replace(best, pin_hot=count) for count in sorted({0, hot})])
-        best = self.fastest([replace(best, miss_policy=miss) for miss in MISS_POLICIES])
         planned, least = plan.slots, plan.footprint.top_k + best.pin_hot
         smaller = [replace(best, slots=slots) for slots in sorted({planned // 2, planned * 3 // 4} - {planned})]
         self.time([setting for setting in smaller if setting.slots >= least])

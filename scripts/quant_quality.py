@@ -30,17 +30,16 @@ from localmoe.demo import demo_checkpoint  # noqa: E402
 from localmoe.engine import RuntimeOptions, load  # noqa: E402
 from localmoe.files import write_atomic  # noqa: E402
 from localmoe.loader import DTYPES  # noqa: E402
-from localmoe.models.moe import moe_blocks  # noqa: E402
+from localmoe.models.moe import Routing, moe_blocks  # noqa: E402
 
 
 def recorded_inputs(engine, prompts: list[torch.Tensor]) -> tuple[list[torch.Tensor], list[tuple]]:
-    """The logits [T, V] of each prompt, and every MoE layer call's (layer, x, weights, ids, output) on
-    the way."""
+    """The logits [T, V] of each prompt, and every MoE layer call's (layer, x, routing, output) on the way."""
     calls, experts = [], engine.experts
 
-    def record(layer, x, weights, ids):
-        out = experts(layer, x, weights, ids)
-        calls.append((layer, x.clone(), weights.clone(), ids.clone(), out.float()))
+    def record(layer, x, routing):
+        out = experts(layer, x, routing)
+        calls.append((layer, x.clone(), Routing(*(t.clone() for t in routing)), out.float()))
         return out
 
     blocks = moe_blocks(engine.model)
@@ -60,8 +59,8 @@ def forward(engine, prompt: torch.Tensor) -> torch.Tensor:
 @torch.inference_mode()
 def measure(engine, prompts, reference_logits, calls) -> dict:
     per_layer: dict[int, list[float]] = {}
-    for layer, x, weights, ids, expected in calls:
-        got = engine.experts(layer, x, weights, ids).float()
+    for layer, x, routing, expected in calls:
+        got = engine.experts(layer, x, routing).float()
         per_layer.setdefault(layer, []).append(((got - expected).norm() / expected.norm()).item())
     kl, agree, positions = 0.0, 0, 0
     for prompt, expected in zip(prompts, reference_logits, strict=True):

@@ -9,9 +9,11 @@ used experts pinned from the start). Then per configuration: the hit rate, its r
 figures, experts copied and experts computed on the CPU per token (in experts: x one expert's bytes
 for a real model), and for traces that recorded predictions, prefetch precision and recall.
 
-Configurations: each policy with one pool shared by all layers and with a quota per layer; the score
-policy with bypass admission; and each request as a run of its own from an empty cache, without and
-with the routing profile of the other requests (what `--profile` gives a new run). `--decays` also
+Configurations: each policy with one pool shared by all layers and with a quota per layer, every miss
+copied; the score policy with bypass admission; each policy with misses read where they lie and
+admitted a token later when the policy ranks them above their victim (the direct miss policy, the
+default); and each request as a run of its own from an empty cache, without and with the routing
+profile of the other requests (what `--profile` gives a new run). `--decays` also
 sweeps the score policy's decay at one slot count. Unless --no-write, results go to
 bench/results/cache/ and docs/benchmarks.md is regenerated.
 """
@@ -34,21 +36,27 @@ from localmoe.files import write_atomic  # noqa: E402
 from localmoe.runtime.expert_cache import Score  # noqa: E402
 from localmoe.simulate import Trace, fresh_runs, load_trace, replay, static_oracle_hit_rate  # noqa: E402
 
-# (label, policy, shared pool, bypass admission, start): start is "continuing" (one cache through the
-# whole trace), "fresh" (each request a new run) or "profile" (a new run from the others' profile)
+# (policy, shared pool, miss policy, start): start is "continuing" (one cache through the whole trace),
+# "fresh" (each request a new run) or "profile" (a new run from the others' profile)
 CONFIGURATIONS = [
-    ("lru", "lru", True, False, "continuing"),
-    ("lru", "lru", False, False, "continuing"),
-    ("lfu", "lfu", True, False, "continuing"),
-    ("lfu", "lfu", False, False, "continuing"),
-    ("score", "score", True, False, "continuing"),
-    ("score", "score", False, False, "continuing"),
-    ("score, bypass", "score", True, True, "continuing"),
-    ("score, bypass", "score", False, True, "continuing"),
-    ("score", "score", False, False, "fresh"),
-    ("lru", "lru", False, False, "profile"),
-    ("lfu", "lfu", False, False, "profile"),
-    ("score", "score", False, False, "profile"),
+    ("lru", True, "copy", "continuing"),
+    ("lru", False, "copy", "continuing"),
+    ("lfu", True, "copy", "continuing"),
+    ("lfu", False, "copy", "continuing"),
+    ("score", True, "copy", "continuing"),
+    ("score", False, "copy", "continuing"),
+    ("score", True, "bypass", "continuing"),
+    ("score", False, "bypass", "continuing"),
+    ("lru", False, "direct", "continuing"),
+    ("lfu", False, "direct", "continuing"),
+    ("score", True, "direct", "continuing"),
+    ("score", False, "direct", "continuing"),
+    ("score", False, "copy", "fresh"),
+    ("score", False, "direct", "fresh"),
+    ("lru", False, "copy", "profile"),
+    ("lfu", False, "copy", "profile"),
+    ("score", False, "copy", "profile"),
+    ("score", False, "direct", "profile"),
 ]
 
 
@@ -60,14 +68,14 @@ def slot_counts(trace: Trace, shares: list[float]) -> list[int]:
 def references(trace: Trace, slots: int) -> dict:
     return {
         "slots": slots,
-        "belady": replay(trace, slots, "belady", shared=True, bypass=True).hit_rate,
+        "belady": replay(trace, slots, "belady", shared=True, miss="bypass").hit_rate,
         "belady_admit_all": replay(trace, slots, "belady", shared=True).hit_rate,
         "static_oracle": static_oracle_hit_rate(trace, slots),
     }
 
 
-def measure(trace: Trace, slots: int, policy, shared: bool, bypass: bool, start: str, prefetch: bool, pin_hot: int):
-    options = {"shared": shared, "bypass": bypass, "prefetch": prefetch, "pin_hot": pin_hot}
+def measure(trace: Trace, slots: int, policy, shared: bool, miss: str, start: str, prefetch: bool, pin_hot: int):
+    options = {"shared": shared, "miss": miss, "prefetch": prefetch and miss != "direct", "pin_hot": pin_hot}
     if start == "continuing":
         return replay(trace, slots, policy, **options)
     return fresh_runs(trace, slots, policy, start == "profile", **options)
@@ -77,6 +85,7 @@ def row(label: str, shared: bool, start: str, result, bounds: dict, prefetch: bo
     counters = result.counters
     return {
         "policy": label,
+        "in_place_per_token": counters.direct / result.tokens,
         "pool": "shared" if shared else "per layer",
         "start": start,
         "hit_rate": result.hit_rate,
@@ -96,14 +105,14 @@ def simulate(trace: Trace, slots: list[int], prefetch: bool, pin_hot: int) -> li
         pins = min(pin_hot, count - trace.top_k * len(trace.layers))
         bounds["rows"] = [
             row(
-                label,
+                policy if miss == "copy" else f"{policy}, {miss}",
                 shared,
                 start,
-                measure(trace, count, policy, shared, bypass, start, prefetch, pins),
+                measure(trace, count, policy, shared, miss, start, prefetch, pins),
                 bounds,
-                prefetch,
+                prefetch and miss != "direct",
             )
-            for label, policy, shared, bypass, start in CONFIGURATIONS
+            for policy, shared, miss, start in CONFIGURATIONS
         ]
         sizes.append(bounds)
     return sizes
@@ -134,12 +143,13 @@ def print_tables(name: str, trace: Trace, sizes: list[dict], sweep: list[dict], 
         )
         print(
             f"{'policy':>14} {'pool':>9} {'start':>10} {'hit rate':>9} {'of Belady':>10} {'of admit-all':>13} "
-            f"{'copied/token':>13} {'CPU/token':>10}"
+            f"{'copied/token':>13} {'CPU/token':>10} {'in place/token':>15}"
         )
         for r in size["rows"]:
             line = (
                 f"{r['policy']:>14} {r['pool']:>9} {r['start']:>10} {r['hit_rate']:>9.3f} {r['of_belady']:>10.2f} "
-                f"{r['of_belady_admit_all']:>13.2f} {r['copied_per_token']:>13.2f} {r['on_cpu_per_token']:>10.2f}"
+                f"{r['of_belady_admit_all']:>13.2f} {r['copied_per_token']:>13.2f} {r['on_cpu_per_token']:>10.2f} "
+                f"{r['in_place_per_token']:>15.2f}"
             )
             if r["prefetch_precision"] is not None:
                 line += f"  prefetch precision {r['prefetch_precision']:.2f} recall {r['prefetch_recall']:.2f}"
@@ -160,10 +170,10 @@ def plot(results: dict[str, tuple[Trace, list[dict]]], path: Path) -> None:
     for name, (trace, sizes) in results.items():
         total = len(trace.layers) * trace.num_experts
         shares = [size["slots"] / total for size in sizes]
-        for i, (label, _, shared, _, start) in enumerate(CONFIGURATIONS):
+        for i, (policy, shared, miss, start) in enumerate(CONFIGURATIONS):
             pool = "shared" if shared else "per layer"
             points = [size["rows"][i]["hit_rate"] for size in sizes]
-            axis.plot(shares, points, marker="o", label=f"{Path(name).stem}: {label}, {pool}, {start}")
+            axis.plot(shares, points, marker="o", label=f"{Path(name).stem}: {policy}, {miss}, {pool}, {start}")
         axis.plot(shares, [size["belady"] for size in sizes], linestyle="--", color="black", label="Belady")
     axis.set_xlabel("experts cached (share of all)")
     axis.set_ylabel("hit rate (share of expert uses)")

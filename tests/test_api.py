@@ -16,6 +16,7 @@ def test_load_takes_the_flags_by_name_and_as_written(tiny_mixtral):
         host_budget="1GiB",
         policy="lfu",
         prefetch=2,
+        miss_policy="auto",  # which prefetches, and weighs the bandwidths
         expert_bits="16",
         copy_bandwidth=2,  # GB/s, as --copy-bandwidth
         cpu_bandwidth=3,

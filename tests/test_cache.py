@@ -14,6 +14,7 @@ def test_cache_lists_and_removes_what_localmoe_keeps(tiny_mixtral, tmp_path):
         return CliRunner().invoke(main, list(args), env=env)
 
     args = ["-p", "Hi", "-n", "3", "--device", "cpu", "--expert-slots", "4", "--expert-bits", "8"]
+    args += ["--miss-policy", "auto"]  # which calibrates
     assert run("generate", str(tiny_mixtral), *args).exit_code == 0
     listed = run("cache")
     assert listed.exit_code == 0, listed.output
@@ -41,6 +42,7 @@ def test_a_calibration_that_measured_nonsense_is_measured_again(tiny_mixtral, tm
     the check at the next start finds it far off and measures again."""
     env = {"LOCALMOE_CACHE": str(tmp_path)}
     args = ["generate", str(tiny_mixtral), "-p", "Hi", "-n", "2", "--device", "cpu", "--expert-slots", "4"]
+    args += ["--miss-policy", "auto"]  # which calibrates
     assert CliRunner().invoke(main, args, env=env).exit_code == 0
     path = tmp_path / "calibration.json"
     [(key, measured)] = json.loads(path.read_text()).items()

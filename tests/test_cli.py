@@ -31,7 +31,7 @@ def test_misses_computed_on_the_cpu_give_the_same_text(tiny_mixtral):
     args = ["generate", str(tiny_mixtral), "--prompt", "Hello", "-n", "12", "--device", "cpu", "--expert-slots", "2"]
     copied = run(*args, "--miss-policy", "copy")
     on_cpu = run(*args, "--miss-policy", "cpu", "--stats")
-    auto = run(*args, "--copy-bandwidth", "1", "--cpu-bandwidth", "1.5")
+    auto = run(*args, "--miss-policy", "auto", "--copy-bandwidth", "1", "--cpu-bandwidth", "1.5")
     assert copied.exit_code == on_cpu.exit_code == auto.exit_code == 0, on_cpu.output
     assert copied.stdout == on_cpu.stdout == auto.stdout
     assert "misses: cpu" in on_cpu.stderr and "computed on the CPU from the host store" in on_cpu.stderr

@@ -4,8 +4,9 @@ from collections import Counter
 
 import torch
 
-from localmoe.runtime.expert_cache import LFU, LRU, ExpertCache, Score
+from localmoe.runtime.expert_cache import LFU, LRU, ExpertCache, Score, SlotTable, Visit
 from localmoe.runtime.layouts import ExpertLayout
+from localmoe.runtime.prefetch import Copies
 
 
 class ToyStore:
@@ -15,8 +16,10 @@ class ToyStore:
     dtype = row_dtype = torch.float32
     expert_bytes = layout.numel * 4
 
-    def copy_to(self, row, layer, expert):
+    def copy_to(self, row, layer, expert, then=None):
         row.fill_(100 * layer + expert)
+        if then is not None:
+            then()
 
 
 def cache(slots: int, policy: str = "lru", layers: int | None = None) -> ExpertCache:
@@ -199,3 +202,48 @@ def test_resize_shrinks_evicting_the_dropped_rows_and_grows_back():
     visit(c, 0, [5, 6])
     visit(c, 1, [5])
     assert len(c.slot_of) == 4 and all(held(c, *key) for key in c.slot_of)
+
+
+def test_the_device_table_follows_the_pool():
+    c = ExpertCache(ToyStore(), 2, torch.device("cpu"), "lru", table=SlotTable([0, 3], 4, torch.device("cpu")))
+    visit(c, 3, [1, 2])
+    assert c.table.row(3).tolist() == [-1, c.slot_of[(3, 1)], c.slot_of[(3, 2)], -1]
+    visit(c, 0, [0])  # evicts (3, 1), the least recent
+    assert c.table.row(3)[1] == -1 and c.table.row(0)[0] == c.slot_of[(0, 0)]
+
+
+class ArrivingCopies(Copies):
+    """CPU copies whose slots in `arriving` have not landed yet."""
+
+    arriving: set[int] = set()
+
+    def landed(self, slot: int) -> bool:
+        return slot not in self.arriving
+
+
+def test_a_slot_whose_copy_has_not_landed_is_no_admissions_victim_but_a_demand_copy_may_take_it():
+    c = cache(2)
+    c.copies = ArrivingCopies(torch.device("cpu"), 2)
+    visit(c, 0, [0])
+    visit(c, 0, [1])
+    c.copies.arriving = {c.slot_of[(0, 0)]}  # the least recent, still arriving
+    c.record_step([Visit(0, Counter([2]), None)])  # admitting 2 must evict 1, not the arriving 0
+    assert (0, 0) in c and (0, 2) in c and (0, 1) not in c
+    c.copies.arriving = {c.slot_of[(0, 0)], c.slot_of[(0, 2)]}
+    c.record_step([Visit(0, Counter([3]), None)])  # nothing landed to evict: 3 stays out
+    assert (0, 3) not in c
+    visit(c, 0, [3])  # a demand copy takes an arriving slot when nothing else can be freed
+    assert held(c, 0, 3)
+
+
+def test_a_step_learned_later_counts_hits_and_reads_in_place_and_admits_by_rank():
+    c = cache(2, "score")
+    c.record_step([Visit(0, Counter([0, 1]), {0: 0.5, 1: 0.5})])
+    total = c.totals()
+    assert (total.uses, total.hits, total.direct, total.admissions) == (2, 0, 2, 2)
+    assert total.bytes_direct == 2 * ToyStore.expert_bytes == total.bytes_copied
+    # a miss that ranks below both cached experts is read in place again and not admitted
+    c.record_step([Visit(0, Counter([0, 1, 2]), {0: 0.4, 1: 0.4, 2: 0.2}, found={0, 1})])
+    total = c.totals()
+    assert (total.hits, total.direct, total.admissions) == (2, 3, 2) and (0, 2) not in c
+    assert total.hits + total.misses + total.direct + total.on_cpu == total.uses

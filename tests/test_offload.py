@@ -13,7 +13,8 @@ from hypothesis import strategies as st
 import localmoe
 from localmoe.engine import RuntimeOptions
 from localmoe.errors import LocalMoEError
-from localmoe.runtime.expert_cache import ExpertCache
+from localmoe.models.moe import moe_blocks
+from localmoe.runtime.expert_cache import ExpertCache, SlotTable
 from localmoe.runtime.expert_store import ExpertStore
 from localmoe.runtime.miss_policy import MissPolicy
 from localmoe.runtime.offload import OffloadedExperts
@@ -73,7 +74,7 @@ def offloaded(path: str, **options) -> localmoe.Engine:
     policy=st.sampled_from(["lru", "lfu", "score"]),
     prefetch=st.integers(min_value=0, max_value=2),
     margin=st.integers(min_value=0, max_value=2),
-    miss=st.sampled_from(["copy", "cpu", "auto", "bypass"]),
+    miss=st.sampled_from(["direct", "copy", "cpu", "auto", "bypass"]),
     cpu_bandwidth=st.sampled_from([1e8, 1e9, 1e10]),  # against copies at 1e9: auto gives the CPU none, some, most
     mmap=st.booleans(),
 )
@@ -84,11 +85,13 @@ def test_any_cache_gives_the_all_resident_tokens_and_logits(
     top_k = FAMILIES[family][1]["num_experts_per_tok"]
     total = localmoe.load(path, device="cpu").plan.footprint.total_experts
     slots = min(top_k + spare, total - 1)  # from the smallest pool that works to all but one expert
+    if miss == "direct" and mmap:
+        miss = None  # the default: experts mapped from the checkpoint cannot be read in place, so copied
     engine = offloaded(
         path,
         expert_slots=slots,
         policy=policy,
-        prefetch=prefetch,
+        prefetch=0 if miss == "direct" else prefetch,  # direct admits a step later instead
         prefetch_margin=margin,
         miss_policy=miss,
         copy_bandwidth=1e9,
@@ -100,6 +103,7 @@ def test_any_cache_gives_the_all_resident_tokens_and_logits(
     assert tokens == expected_tokens
     for got, expected in zip(logits, expected_logits, strict=True):
         assert torch.equal(got, expected)
+    assert_counters_add_up(engine)
 
 
 def test_pinned_hot_experts_and_mmap_store_give_the_same_tokens(checkpoints, references):
@@ -135,13 +139,14 @@ def test_a_profile_of_another_model_is_refused(checkpoints, tmp_path):
         offloaded(checkpoints["qwen3"], expert_slots=9, profile=str(profile))
 
 
-@pytest.mark.parametrize("miss", ["copy", "auto"])
+@pytest.mark.parametrize("miss", ["copy", "auto", "direct"])
 def test_counters_add_up(checkpoints, miss):
-    """Every use is a hit, a miss or computed on the CPU; copies account for every byte copied."""
+    """Every use is a hit, a miss, read in place or computed on the CPU; copies account for every byte
+    copied, reads in place for every byte read where it lies."""
     engine = offloaded(
         checkpoints["qwen3"],
         expert_slots=5,
-        prefetch=2,
+        prefetch=0 if miss == "direct" else 2,
         prefetch_margin=1,
         pin_hot=1,
         miss_policy=miss,
@@ -149,25 +154,36 @@ def test_counters_add_up(checkpoints, miss):
         cpu_bandwidth=1e9,
     )
     run(engine)
-    cache = engine.experts.cache
-    total = cache.totals()
-    assert total.uses > 0 and total.prefetch_issued > 0 and len(cache.pinned) == 1
+    snapshot = engine.expert_cache()
+    total = snapshot.total
+    assert total.uses > 0 and (total.prefetch_issued > 0) == (miss != "direct") and snapshot.pinned == 1
     assert (total.on_cpu > 0) == (miss == "auto") and (total.cpu_seconds > 0) == (miss == "auto")
-    for counters in [*cache.counters.values(), total]:
-        assert counters.hits + counters.misses + counters.on_cpu == counters.uses
-        copies = counters.misses + counters.prefetch_wasted + counters.warmup_copies
+    assert (total.direct > 0) == (total.admissions > 0) == (miss == "direct")
+    assert_counters_add_up(engine)
+
+
+def assert_counters_add_up(engine: localmoe.Engine) -> None:
+    snapshot, cache = engine.expert_cache(), engine.experts.cache
+    for counters in [*snapshot.per_layer.values(), snapshot.total]:
+        assert counters.hits + counters.misses + counters.direct + counters.on_cpu == counters.uses
+        copies = counters.misses + counters.prefetch_wasted + counters.warmup_copies + counters.admissions
         assert counters.bytes_copied == copies * cache.store.expert_bytes
+        assert counters.bytes_direct == counters.direct * cache.store.expert_bytes
         assert counters.prefetch_used + counters.prefetch_wasted <= counters.prefetch_issued
+    # every copy took a free slot or evicted an expert: what is left is what the pool holds
+    assert snapshot.total.bytes_copied // cache.store.expert_bytes - snapshot.total.evictions == len(cache.slot_of)
 
 
 def cache_path_engine(path: str, slots: int) -> localmoe.Engine:
     """An engine whose experts go through the expert cache even when every expert has a slot."""
-    engine = localmoe.load(path, device="cpu", dtype=torch.float32)
-    store = ExpertStore(engine.parts.experts, torch.float32, "ram", torch.device("cpu"))
-    blocks = list(engine.parts.experts.blocks.values())
-    engine.experts = OffloadedExperts(
-        ExpertCache(store, slots, torch.device("cpu"), "lru"), blocks, miss_policy=MissPolicy()
-    )
+    engine, cpu = localmoe.load(path, device="cpu", dtype=torch.float32), torch.device("cpu")
+    store = ExpertStore(engine.parts.experts, torch.float32, "ram", cpu)
+    blocks = moe_blocks(engine.model)
+    specs = [block.spec for block in blocks]
+    table = SlotTable([spec.layer for spec in specs], specs[0].experts, cpu)
+    predictors = {block.layer_idx: block.gate.scores for block in blocks}
+    cache = ExpertCache(store, slots, cpu, "lru", table=table)
+    engine.experts = OffloadedExperts(cache, specs, predictors, prefetch=1, miss_policy=MissPolicy())
     for block in blocks:
         block.experts = engine.experts
     return engine
@@ -187,28 +203,28 @@ def test_no_misses_once_every_expert_is_cached(checkpoints, references):
 
 
 def test_each_expert_copied_at_most_once_per_layer_visit(checkpoints):
-    engine = offloaded(checkpoints["mixtral"], expert_slots=6, prefetch=2, prefetch_margin=1)
+    engine = offloaded(checkpoints["mixtral"], expert_slots=6, prefetch=2, prefetch_margin=1, miss_policy="copy")
     experts, cache = engine.experts, engine.experts.cache
     spans: list[list[tuple[int, int]]] = []
     copy_to = cache.store.copy_to
 
-    def recording_copy(row, layer, expert):
+    def recording_copy(row, layer, expert, then=None):
         spans[-1].append((layer, expert))
-        copy_to(row, layer, expert)
+        return copy_to(row, layer, expert, then)
 
-    def visit(layer, x, weights, ids):
+    def visit(layer, x, routing):
         spans.append([])
-        return experts(layer, x, weights, ids)
+        return experts(layer, x, routing)
 
     cache.store.copy_to = recording_copy
-    for block in experts.blocks.values():
+    for block in moe_blocks(engine.model):
         block.experts = visit
     list(engine.generate_ids(prompt(), DECODE))
     assert any(spans)
     for span in spans:
         assert len(span) == len(set(span))
     # In decode (one round per layer), what a visit prefetched is not copied again by the next visit.
-    layers = sorted(experts.blocks)
+    layers = sorted(experts.specs)
     decode_spans = spans[len(layers) :]
     for this, following in zip(decode_spans, decode_spans[1:], strict=False):
         assert not set(this) & set(following)
@@ -230,7 +246,7 @@ def test_trace_has_every_token_at_every_moe_layer(checkpoints, tmp_path):
     engine = offloaded(checkpoints["mixtral"], expert_slots=4, trace=trace)
     tokens = list(engine.generate_ids(prompt(), 6))
     rows = [json.loads(line) for line in trace.read_text().splitlines()]
-    layers = sorted(engine.experts.blocks)
+    layers = sorted(engine.experts.specs)
     positions = PROMPT + len(tokens) - 1  # the last token is never fed back
     assert len(rows) == positions * len(layers)
     assert {row["token"] for row in rows} == set(range(positions))
@@ -251,10 +267,12 @@ def test_resident_run_writes_the_same_trace(checkpoints, tmp_path):
 
 
 def test_trace_with_prefetch_records_the_predictions(checkpoints, tmp_path):
-    offload = offloaded(checkpoints["mixtral"], expert_slots=3, prefetch=1, prefetch_margin=1, trace=tmp_path / "t")
+    offload = offloaded(
+        checkpoints["mixtral"], expert_slots=3, prefetch=1, prefetch_margin=1, trace=tmp_path / "t", miss_policy="copy"
+    )
     list(offload.generate_ids(prompt(), 4))
     rows = [json.loads(line) for line in (tmp_path / "t").read_text().splitlines()]
-    last = max(offload.experts.blocks)
+    last = max(offload.experts.specs)
     assert all(len(row["predicted"]) == 3 for row in rows if row["layer"] != last)  # top-2 + margin 1
     assert all("predicted" not in row for row in rows if row["layer"] == last)
 
@@ -282,14 +300,17 @@ def test_the_list_covers_every_registered_family():
 @pytest.mark.parametrize("family", list(TINY_FAMILIES))
 def test_every_family_offloaded_equals_resident(family, tmp_path):
     """The smallest pool, a middling one and all but one expert, with prefetch two layers ahead, misses
-    copied; and the smallest pool with misses computed on the CPU."""
+    copied; the smallest pool with misses computed on the CPU; and the smallest and middling ones with
+    misses read in place."""
     config_class, config = TINY_FAMILIES[family]
     path = str(save_hf(hf_model(config_class, **config), tmp_path, "sharded"))
     resident = localmoe.load(path, device="cpu", dtype=torch.float32)
     expected_tokens, expected_logits = run(resident)
     fp = resident.plan.footprint
     sizes = sorted({fp.top_k, (fp.top_k + fp.total_experts) // 2, fp.total_experts - 1})
-    for slots, miss in [*((size, "copy") for size in sizes), (fp.top_k, "cpu")]:
-        tokens, logits = run(offloaded(path, expert_slots=slots, prefetch=2, prefetch_margin=1, miss_policy=miss))
+    copied = [(size, "copy") for size in sizes]
+    for slots, miss in [*copied, (fp.top_k, "cpu"), (fp.top_k, "direct"), (sizes[1], "direct")]:
+        depth = 0 if miss == "direct" else 2
+        tokens, logits = run(offloaded(path, expert_slots=slots, prefetch=depth, prefetch_margin=1, miss_policy=miss))
         assert tokens == expected_tokens, f"{slots} slots, {miss}"
         assert all(torch.equal(a, b) for a, b in zip(logits, expected_logits, strict=True)), f"{slots} slots, {miss}"

@@ -59,7 +59,7 @@ def test_belady_bounds_every_online_policy(data, layers, experts, top_k, tokens)
     trace = Trace(requests, list(range(layers)), experts, probabilities=probabilities)
     slots = data.draw(st.integers(top_k, layers * experts))
     best = replay(trace, slots, "belady", shared=True).counters.hits
-    best_bypass = replay(trace, slots, "belady", shared=True, bypass=True).counters.hits
+    best_bypass = replay(trace, slots, "belady", shared=True, miss="bypass").counters.hits
     assert best <= best_bypass
     # the static oracle starts with its experts in place: up to their first uses, which Belady misses
     static = static_oracle_hit_rate(trace, slots) * tokens * layers * top_k
@@ -69,7 +69,7 @@ def test_belady_bounds_every_online_policy(data, layers, experts, top_k, tokens)
             counters = replay(trace, slots, policy, shared=shared).counters
             assert counters.hits <= best
             assert counters.hits + counters.misses == counters.uses == tokens * layers * top_k
-            bypassed = replay(trace, slots, policy, shared=shared, bypass=True).counters
+            bypassed = replay(trace, slots, policy, shared=shared, miss="bypass").counters
             assert bypassed.hits <= best_bypass
             assert bypassed.hits + bypassed.misses + bypassed.on_cpu == tokens * layers * top_k
 
@@ -77,7 +77,7 @@ def test_belady_bounds_every_online_policy(data, layers, experts, top_k, tokens)
 def test_belady_keeps_the_expert_needed_soonest():
     trace = one_layer(A, B, C, A, B)  # at C, A is needed again before B: B goes, then misses once more
     assert replay(trace, 2, "belady").counters.hits == 1
-    assert replay(trace, 2, "belady", bypass=True).counters.hits == 2  # C is not worth a slot
+    assert replay(trace, 2, "belady", miss="bypass").counters.hits == 2  # C is not worth a slot
     with pytest.raises(LocalMoEError, match="without prefetch, pinning or a profile"):
         replay(trace, 2, "belady", pin_hot=1)
 
@@ -118,7 +118,7 @@ def test_a_run_and_its_replay_count_the_same(tmp_path, policy, miss):
     trace = load_trace(tmp_path / "run.jsonl")
     assert trace.tokens == 40 and trace.predicted is not None  # the last token is never fed back, the prompt is
     assert (trace.probabilities is not None) == (policy == "score")
-    simulated = replay(trace, 5, policy, prefetch=True, bypass=miss == "bypass").counters
+    simulated = replay(trace, 5, policy, prefetch=True, miss=miss).counters
     real = engine.experts.cache.totals()
     assert replace(simulated, bytes_copied=0) == replace(real, bytes_copied=0, cpu_seconds=0.0)
     assert simulated.bytes_copied * engine.experts.cache.store.expert_bytes == real.bytes_copied  # one-byte experts

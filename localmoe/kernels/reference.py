@@ -67,10 +67,14 @@ def expert_pair_outputs(
 
 
 def _expert(inputs: torch.Tensor, stack: ExpertStack, row: int, act) -> torch.Tensor:
-    """One expert of `stack` (at `row`) applied to inputs [P, E]."""
-    bias_in = None if stack.gate_up_bias is None else stack.gate_up_bias[row]
-    bias_out = None if stack.down_bias is None else stack.down_bias[row]
-    return F.linear(act.combine(F.linear(inputs, stack.gate_up[row], bias_in)), stack.down[row], bias_out)
+    """One expert of `stack` (at `row`) applied to inputs [P, E]; a host row is brought to the inputs'
+    device (the reference's way of reading it where it lies: the same bytes)."""
+
+    def weights(rows):
+        return None if rows is None else rows[row].to(inputs.device)
+
+    gate_up = F.linear(inputs, weights(stack.gate_up), weights(stack.gate_up_bias))
+    return F.linear(act.combine(gate_up), weights(stack.down), weights(stack.down_bias))
 
 
 def combine_pairs(pair_outputs: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:

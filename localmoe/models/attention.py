@@ -31,6 +31,8 @@ class Attention(nn.Module):
     sigmoid per head); `v_head_dim` values narrower or wider than queries and keys (MiMo-V2-Flash).
     """
 
+    static = True  # runs static decode steps (see layers.Step)
+
     def __init__(
         self,
         hidden: int,
@@ -106,27 +108,38 @@ class Attention(nn.Module):
         """Queries, keys and values [B, T, heads x dim] of hidden states x [B, T, E]."""
         return self.q_proj(x), self.k_proj(x), self.v_proj(x)
 
+    def prepare_decode(self) -> None:
+        """Once the weights are loaded: q, k and v's weights become views of one matrix, so that a decode
+        token projects them in one matmul (one token: the same bits as three on every shape measured;
+        many tokens keep three, where BLAS may block a wider matrix differently); and q_norm and k_norm's
+        weights are laid side by side, for one norm over queries and keys. Not fused: an output gate or a
+        norm over all heads between the projections, or projections of a family's own."""
+        if self.qk_norm in ("head", "head_after_rope"):
+            q_weight, k_weight = self.q_norm.weight, self.k_norm.weight
+            self.qk_norm_weight = torch.cat((q_weight.expand(self.heads, -1), k_weight.expand(self.kv_heads, -1)))
+        if self.output_gate or self.qk_norm == "full" or type(self).project is not Attention.project:
+            return
+        projections = (self.q_proj, self.k_proj, self.v_proj)
+        weight = torch.cat([p.weight for p in projections])
+        biases = [p.bias for p in projections]
+        self.qkv_bias = None if biases[0] is None else torch.cat(biases)
+        for projection, part in zip(projections, weight.split([p.out_features for p in projections]), strict=True):
+            projection.weight = nn.Parameter(part, requires_grad=False)
+        self.qkv_weight = weight
+
     def forward(self, x: torch.Tensor, step: Step, kv: AttentionKV) -> torch.Tensor:
         B, T, _ = x.shape
-        q, k, v = self.project(x)
-        if self.output_gate:  # per head: [query | gate]
-            q, gate = q.view(B, T, self.heads, 2 * self.head_dim).chunk(2, dim=-1)
-        if self.qk_norm == "full":
-            q, k = self.q_norm(q), self.k_norm(k)
-        if self.clip_qkv is not None:
-            q, k, v = (t.clamp(-self.clip_qkv, self.clip_qkv) for t in (q, k, v))
-        q = q.view(B, T, self.heads, self.head_dim)
-        k = k.view(B, T, self.kv_heads, self.head_dim)
-        v = v.view(B, T, self.kv_heads, self.v_head_dim)
+        qk, v, gate = self._projections(x)  # queries and keys side by side: one norm, one rotation for both
         if self.qk_norm == "head":
-            q, k = self.q_norm(q), self.k_norm(k)
-        q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # [B, H, T, D]
+            qk = self._head_norm(qk)
+        qk = qk.transpose(1, 2)  # [B, H + H_kv, T, D]
         if self.rope:
             cos, sin = (step.cos, step.sin) if self.rotary is None else step.rotary(self.rotary)
-            q, k = self.rotate(q, cos, sin), self.rotate(k, cos, sin)
+            qk = self.rotate(qk, cos, sin)
         if self.qk_norm == "head_after_rope":
-            q, k = self.q_norm(q), self.k_norm(k)
-        k, v, positions = kv.update(k, v, step.start)  # [B, H_kv, S, D]
+            qk = self._head_norm(qk.transpose(1, 2)).transpose(1, 2)
+        q, k = qk.split((self.heads, self.kv_heads), dim=1)
+        k, v, positions = kv.update(k, v.transpose(1, 2), step)  # [B, H_kv, S, D]
         if hasattr(self, "sinks"):
             visible = step.visible(self.sliding_window, positions)
             out = attend_with_sinks(q, k, v, visible, self.sinks, self.scale)
@@ -142,6 +155,32 @@ class Attention(nn.Module):
             scale = self.gate_act(self.gate_proj(x).float()).to(out.dtype).view(B, T, self.heads, -1)
             out = (out.view(B, T, self.heads, -1) * scale).reshape(B, T, -1)
         return self.o_proj(out)
+
+    def _projections(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """Queries and keys as heads side by side [B, T, H + H_kv, D], values [B, T, H_kv, D] and the
+        output gate where the layer has one: a decode token's from one matmul where the weights are fused."""
+        B, T, _ = x.shape
+        q_width, kv_width = self.heads * self.head_dim, self.kv_heads * self.head_dim
+        if T == 1 and hasattr(self, "qkv_weight"):
+            qkv = F.linear(x, self.qkv_weight, self.qkv_bias)
+            if self.clip_qkv is not None:
+                qkv = qkv.clamp(-self.clip_qkv, self.clip_qkv)
+            qk, v = qkv.split((q_width + kv_width, self.kv_heads * self.v_head_dim), dim=-1)
+            return qk.view(B, T, -1, self.head_dim), v.view(B, T, self.kv_heads, self.v_head_dim), None
+        q, k, v = self.project(x)
+        gate = None
+        if self.output_gate:  # per head: [query | gate]
+            q, gate = q.view(B, T, self.heads, 2 * self.head_dim).chunk(2, dim=-1)
+        if self.qk_norm == "full":
+            q, k = self.q_norm(q), self.k_norm(k)
+        if self.clip_qkv is not None:
+            q, k, v = (t.clamp(-self.clip_qkv, self.clip_qkv) for t in (q, k, v))
+        q, k = q.reshape(B, T, self.heads, self.head_dim), k.reshape(B, T, self.kv_heads, self.head_dim)
+        return torch.cat((q, k), dim=2), v.reshape(B, T, self.kv_heads, self.v_head_dim), gate
+
+    def _head_norm(self, qk: torch.Tensor) -> torch.Tensor:
+        """q_norm on the query heads and k_norm on the key heads of qk [B, T, H + H_kv, D], at once."""
+        return self.q_norm.scaled(qk, self.qk_norm_weight)
 
 
 def attend_with_sinks(
@@ -174,6 +213,8 @@ class LatentAttention(nn.Module):
     Queries come from the hidden state directly or through their own low-rank bottleneck. With
     `rope=False` (Kimi-Linear) the "rotary" parts are not rotated: a shared key part like any other.
     """
+
+    static = True
 
     def __init__(
         self,
@@ -236,7 +277,7 @@ class LatentAttention(nn.Module):
             beta, context = self.position_scaling
             scale = (1 + beta * torch.log1p(torch.floor(step.positions().float() / context))).to(q_rot.dtype)
             q_nope, q_rot = q_nope * scale[:, None], q_rot * scale[:, None]
-        latent, k_rot = kv.update(latent, k_rot, step.start)  # [B, S, rank], [B, 1, S, rope]
+        latent, k_rot = kv.update(latent, k_rot, step)  # [B, S, rank], [B, 1, S, rope]
         mask, is_causal = self.mask(x, q_low, step, kv)
         attend = self._absorbed if self.absorbs(T) else self._expanded
         out = attend(q_nope, q_rot, latent, k_rot, mask, is_causal)  # [B, H, T, v]

@@ -16,7 +16,7 @@ from localmoe.models.attention import Attention
 from localmoe.models.expert_tensors import PerExpert
 from localmoe.models.family import Family, ModelArgs
 from localmoe.models.layers import MLP, Backbone, CausalLM, RMSNorm, Step
-from localmoe.models.moe import FUSED_EXPERTS, MLP_EXPERTS, GatedActivation, SparseMoE
+from localmoe.models.moe import FUSED_EXPERTS, MLP_EXPERTS, GatedActivation, Routing, SparseMoE
 from localmoe.models.rotary import RotaryEmbedding
 
 COMBINATIONS = ("average", "sum")  # how the shared experts' output joins the routed experts'
@@ -140,14 +140,16 @@ class TopLogitsRouter(nn.Module):
     def scores(self, x: torch.Tensor) -> torch.Tensor:
         return F.linear(x, self.weight).float()
 
-    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        logits, ids = F.linear(x, self.weight).topk(self.top_k, dim=-1)
+    def forward(self, x: torch.Tensor) -> Routing:
+        every = F.linear(x, self.weight)
+        logits, ids = every.topk(self.top_k, dim=-1)
+        scores = every.float().sigmoid() if self.sigmoid else every.float().softmax(dim=-1)
         if not self.sigmoid:
-            return logits.softmax(dim=-1, dtype=torch.float32).to(x.dtype).float(), ids
+            return Routing(logits.softmax(dim=-1, dtype=torch.float32).to(x.dtype).float(), ids, scores)
         weights = logits.sigmoid()
         if self.normalize:
             weights = weights / weights.sum(dim=-1, keepdim=True)
-        return weights.to(x.dtype).float(), ids
+        return Routing(weights.to(x.dtype).float(), ids, scores)
 
 
 class Cohere2MoeBlock(SparseMoE):
@@ -159,10 +161,11 @@ class Cohere2MoeBlock(SparseMoE):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         flat = x.reshape(-1, x.shape[-1])
-        weights, ids = self.gate(flat)
-        out = self.experts(self.layer_idx, flat, weights, ids)
-        if hasattr(self, "shared_expert"):
-            out = out + self.shared_expert(flat)
+        routing = self.gate(flat)
+        shared = self.shared(flat)  # queued first: it does not depend on the routing
+        out = self.experts(self.layer_idx, flat, routing)
+        if shared is not None:
+            out = out + shared
             if self.average:
                 out = out / 2
         return out.view(x.shape)

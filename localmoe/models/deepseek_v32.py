@@ -93,6 +93,8 @@ class SparseLatentAttention(LatentAttention):
     """Latent attention over the earlier tokens the indexer selects: its own indexer's choice where it
     `computes_selection`, else the choice of the last layer that computed one in this step."""
 
+    static = False  # the indexer's selection depends on how many keys there are
+
     def __init__(self, args: DeepseekV32Args, computes_selection: bool):
         super().__init__(
             args.hidden_size,

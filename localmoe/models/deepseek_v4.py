@@ -26,7 +26,7 @@ from localmoe.models.attention import attend_with_sinks
 from localmoe.models.expert_tensors import PerExpert
 from localmoe.models.family import Family, ModelArgs, ReleaseLayout
 from localmoe.models.layers import Backbone, CausalLM, Step, UpcastRMSNorm
-from localmoe.models.moe import FUSED_EXPERTS, GatedActivation, GatedMLP, SparseMoE
+from localmoe.models.moe import FUSED_EXPERTS, GatedActivation, GatedMLP, Routing, SparseMoE
 from localmoe.models.rotary import RotaryEmbedding, rope_parameters
 from localmoe.models.state import REWIND_SLACK, CompressedKV, PooledState, WindowKV
 
@@ -279,7 +279,7 @@ class CompressedAttention(nn.Module):
         q = unweighted_rms(self.q_b_proj(q_low).view(B, T, self.heads, self.dim).transpose(1, 2), self.eps)
         q = rotate_pairs(q, cos, sin)
         kv = rotate_pairs(self.kv_norm(self.kv_proj(x))[:, None], cos, sin)  # [B, 1, T, D]: keys are values
-        keys, _, positions = state.window.update(kv, kv, step.start)
+        keys, _, positions = state.window.update(kv, kv, step)
         visible = step.visible(self.window, positions).expand(B, 1, T, -1)
         if self.kind != SLIDING:
             entries = self.compressor(x, state.compressor, self.compress_rotary)
@@ -369,10 +369,11 @@ class V4Router(nn.Module):
     def scores(self, x: torch.Tensor) -> torch.Tensor:
         return sqrt_softplus(F.linear(x, self.weight)) + self.e_score_correction_bias
 
-    def forward(self, x: torch.Tensor, tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def forward(self, x: torch.Tensor, tokens: torch.Tensor) -> Routing:
         scores = sqrt_softplus(F.linear(x, self.weight))
-        ids = (scores + self.e_score_correction_bias).topk(self.top_k, dim=-1).indices
-        return _weights(scores, ids, self.scaling), ids
+        choice = scores + self.e_score_correction_bias
+        ids = choice.topk(self.top_k, dim=-1).indices
+        return Routing(_weights(scores, ids, self.scaling), ids, choice.float())
 
 
 class HashRouter(nn.Module):
@@ -388,12 +389,16 @@ class HashRouter(nn.Module):
 
     def scores(self, x: torch.Tensor) -> torch.Tensor:
         """Exact for the prefetcher: one for the experts this step's tokens are hashed to."""
-        chosen = self.tid2eid[self.tokens.reshape(-1)]
-        return torch.zeros(x.shape[0], self.weight.shape[0], device=x.device).scatter_(1, chosen, 1.0)
+        return _one_hot(self.tid2eid[self.tokens.reshape(-1)], self.weight.shape[0])
 
-    def forward(self, x: torch.Tensor, tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def forward(self, x: torch.Tensor, tokens: torch.Tensor) -> Routing:
         ids = self.tid2eid[tokens.reshape(-1)]
-        return _weights(sqrt_softplus(F.linear(x, self.weight)), ids, self.scaling), ids
+        weights = _weights(sqrt_softplus(F.linear(x, self.weight)), ids, self.scaling)
+        return Routing(weights, ids, _one_hot(ids, self.weight.shape[0]))
+
+
+def _one_hot(ids: torch.Tensor, experts: int) -> torch.Tensor:
+    return torch.zeros(ids.shape[0], experts, device=ids.device).scatter_(1, ids, 1.0)
 
 
 def _weights(scores: torch.Tensor, ids: torch.Tensor, scaling: float) -> torch.Tensor:
@@ -406,8 +411,9 @@ class V4MoE(SparseMoE):
 
     def forward(self, x: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
         flat = x.reshape(-1, x.shape[-1])
-        weights, ids = self.gate(flat, tokens)
-        return (self.experts(self.layer_idx, flat, weights, ids) + self.shared_expert(flat)).view(x.shape)
+        routing = self.gate(flat, tokens)
+        shared = self.shared_expert(flat)  # queued first: it does not depend on the routing
+        return (self.experts(self.layer_idx, flat, routing) + shared).view(x.shape)
 
 
 # --- the stack ------------------------------------------------------------------------------------------

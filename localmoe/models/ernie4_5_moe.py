@@ -13,7 +13,7 @@ from localmoe.models.attention import Attention
 from localmoe.models.expert_tensors import PerExpert
 from localmoe.models.family import Family, ModelArgs, causal_lm
 from localmoe.models.layers import MLP, CausalLM, DecoderLayer
-from localmoe.models.moe import FUSED_EXPERTS, MLP_EXPERTS, GatedActivation, SparseMoE
+from localmoe.models.moe import FUSED_EXPERTS, MLP_EXPERTS, GatedActivation, Routing, SparseMoE
 
 
 class ErnieRouter(nn.Module):
@@ -30,11 +30,11 @@ class ErnieRouter(nn.Module):
     def scores(self, x: torch.Tensor) -> torch.Tensor:
         return F.linear(x.float(), self.weight.float()).softmax(dim=-1)
 
-    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def forward(self, x: torch.Tensor) -> Routing:
         probs = self.scores(x)
         ids = (probs + self.moe_statics.e_score_correction_bias.float()).topk(self.top_k, dim=-1).indices
         weights = probs.gather(-1, ids)
-        return weights / weights.sum(dim=-1, keepdim=True).clamp(min=self.norm_min), ids
+        return Routing(weights / weights.sum(dim=-1, keepdim=True).clamp(min=self.norm_min), ids, probs)
 
 
 @dataclass

@@ -22,7 +22,7 @@ from localmoe.models.attention import Attention
 from localmoe.models.expert_tensors import Fused
 from localmoe.models.family import Family, ModelArgs, Multimodal
 from localmoe.models.layers import MLP, Backbone, CausalLM, Step, UpcastRMSNorm, activation, rms_normalize
-from localmoe.models.moe import GatedActivation, SparseMoE
+from localmoe.models.moe import GatedActivation, Routing, SparseMoE
 from localmoe.models.rotary import RotaryEmbedding, rope_parameters
 from localmoe.models.state import AttentionKV, WindowKV
 
@@ -121,6 +121,9 @@ class Gemma4Attention(Attention):
             del self.v_proj
         self.eps = args.rms_norm_eps
 
+    def prepare_decode(self) -> None:
+        pass  # its own forward projects q, k and v apart
+
     def forward(self, x: torch.Tensor, step: Step, kv: AttentionKV | WindowKV) -> torch.Tensor:
         B, T, _ = x.shape
         q = self.q_norm(self.q_proj(x).view(B, T, self.heads, self.head_dim)).transpose(1, 2)
@@ -130,7 +133,7 @@ class Gemma4Attention(Attention):
         v = rms_normalize(v, self.eps).transpose(1, 2)
         cos, sin = (step.cos, step.sin) if self.rotary is None else step.rotary(self.rotary)
         q, k = self.rotate(q, cos, sin), self.rotate(k, cos, sin)
-        k, v, positions = kv.update(k, v, step.start)
+        k, v, positions = kv.update(k, v, step)
         mask, is_causal = step.mask(self.sliding_window, positions)
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=is_causal, scale=1.0, enable_gqa=True)
         return self.o_proj(out.transpose(1, 2).reshape(B, T, -1))
@@ -151,18 +154,19 @@ class Gemma4Router(nn.Module):
         x = rms_normalize(x, self.eps) * self.scale * x.shape[-1] ** -0.5
         return self.proj(x).softmax(dim=-1, dtype=torch.float32)
 
-    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        weights, ids = self.scores(x).topk(self.top_k, dim=-1)
+    def forward(self, x: torch.Tensor) -> Routing:
+        scores = self.scores(x)
+        weights, ids = scores.topk(self.top_k, dim=-1)
         weights = weights / weights.sum(dim=-1, keepdim=True)
-        return weights * self.per_expert_scale[ids], ids
+        return Routing(weights * self.per_expert_scale[ids], ids, scores)
 
 
 class Gemma4MoE(SparseMoE):
     """Routes on the residual stream, runs the experts on their own normalisation of it."""
 
     def forward(self, x: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:
-        weights, ids = self.gate(residual.reshape(-1, residual.shape[-1]))
-        return self.experts(self.layer_idx, x.reshape(-1, x.shape[-1]), weights, ids).view(x.shape)
+        routing = self.gate(residual.reshape(-1, residual.shape[-1]))
+        return self.experts(self.layer_idx, x.reshape(-1, x.shape[-1]), routing).view(x.shape)
 
 
 class Gemma4DecoderLayer(nn.Module):

@@ -40,30 +40,36 @@ class RMSNorm(nn.Module):
         self.eps = eps
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        # Normalise in float32 and cast back before the scale, as the reference implementations do.
-        x32 = x.float()
-        x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * x32.to(x.dtype)
+        return self.scaled(x, self.weight)
+
+    def scaled(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+        """x normalised in float32 and cast back before the scale `weight` (which broadcasts over x), as
+        the reference implementations do; one fused op where all is float32 (the same bits)."""
+        if x.dtype == weight.dtype == torch.float32 and weight.shape == x.shape[-1:]:
+            return F.rms_norm(x, weight.shape, weight, self.eps)
+        return weight * rms_normalize(x, self.eps)
 
 
 class UpcastRMSNorm(RMSNorm):
     """Scales in float32 before casting back to the input dtype (gpt-oss, Gemma 4)."""
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return (self.weight * rms_normalize(x.float(), self.eps)).to(x.dtype)
+    def scaled(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+        if x.dtype == weight.dtype == torch.float32 and weight.shape == x.shape[-1:]:
+            return F.rms_norm(x, weight.shape, weight, self.eps)
+        return (weight * rms_normalize(x.float(), self.eps)).to(x.dtype)
 
 
 def rms_normalize(x: torch.Tensor, eps: float) -> torch.Tensor:
-    """RMS normalisation without a weight, computed in float32."""
-    x32 = x.float()
-    return (x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + eps)).to(x.dtype)
+    """RMS normalisation without a weight, computed in float32 (one fused op: the same bits as
+    x * rsqrt(mean(x^2) + eps) written out)."""
+    return F.rms_norm(x.float(), x.shape[-1:], eps=eps).to(x.dtype)
 
 
 class ZeroCenteredRMSNorm(RMSNorm):
     """Scales by 1 + weight (the checkpoint stores the offset from one), in float32 before casting back."""
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return (rms_normalize(x.float(), self.eps) * (1 + self.weight.float())).to(x.dtype)
+    def scaled(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+        return (rms_normalize(x.float(), self.eps) * (1 + weight.float())).to(x.dtype)
 
 
 # --- where a forward pass is --------------------------------------------------------------------------------
@@ -71,21 +77,37 @@ class ZeroCenteredRMSNorm(RMSNorm):
 
 @dataclass
 class Step:
-    """Where one forward call sits in the sequence; shared by all its layers."""
+    """Where one forward call sits in the sequence; shared by all its layers.
 
-    start: int
+    A decode token reads keys through the first `bucket` slots of each layer's cache, masked by position,
+    so that its work depends on the bucket, not on the position (a prefill chunk reads exactly the keys
+    before it). An eager step knows where it starts on the host (`start`); a static step (what a CUDA
+    graph captures) knows its position only on the device: `start` is None, and a layer that needs it
+    cannot run static steps.
+    """
+
+    start: int | None
     length: int
     cos: torch.Tensor
     sin: torch.Tensor
     layer_inputs: torch.Tensor | None = None  # [B, T, layers, D]: Gemma 4's per-layer embeddings
     ids: torch.Tensor | None = None  # [B, T] the tokens, where routing reads them (DeepSeek-V4's hash layers)
+    bucket: int | None = None  # a decode token's key slots
+    _positions: torch.Tensor | None = None  # [T] on the device: given to a static step, computed by an eager one
     _memo: dict = field(default_factory=dict)
+
+    @property
+    def static(self) -> bool:
+        return self.start is None
 
     def rotary(self, rotary: RotaryEmbedding) -> tuple[torch.Tensor, torch.Tensor]:
         """cos and sin from a rotary embedding other than the model's (for layers of another kind),
         computed once per step."""
         if rotary not in self._memo:
-            self._memo[rotary] = rotary(self.start, self.length, self.cos.dtype)
+            if self.static:
+                self._memo[rotary] = rotary.at(self.positions(), self.cos.dtype)
+            else:
+                self._memo[rotary] = rotary(self.start, self.length, self.cos.dtype)
         return self._memo[rotary]
 
     def mask(self, window: int | None, positions: torch.Tensor | None = None) -> tuple[torch.Tensor | None, bool]:
@@ -94,6 +116,8 @@ class Step:
         The common cases need no mask tensor: a first chunk with no window to cut, or one new token that
         sees the whole cache.
         """
+        if positions is None and self.bucket is not None:
+            return self.visible(window), False
         if positions is None:
             start, length = self.start, self.length
             within_window = window is None or start + length <= window
@@ -111,7 +135,8 @@ class Step:
             visible = (positions >= 0) & (positions <= queries)
             return visible & (positions > queries - window) if window is not None else visible
         if window not in self._memo:
-            keys = torch.arange(self.start + self.length, device=self.cos.device)[None, :]
+            seen = self.bucket or self.start + self.length
+            keys = torch.arange(seen, device=self.cos.device)[None, :]
             visible = keys <= queries
             if window is not None:
                 visible &= keys > queries - window
@@ -119,8 +144,16 @@ class Step:
         return self._memo[window]
 
     def positions(self) -> torch.Tensor:
-        """The positions of the new tokens [T]."""
-        return torch.arange(self.start, self.start + self.length, device=self.cos.device)
+        """The positions of the new tokens [T], on the device."""
+        if self._positions is None:
+            self._positions = torch.arange(self.start, self.start + self.length, device=self.cos.device)
+        return self._positions
+
+
+def bucket(position: int, limit: int) -> int:
+    """The key slots a decode token at `position` reads: the next power of two above it (at least 64), at
+    most `limit`, the cache's length. One CUDA graph per bucket; attention does not read the whole context."""
+    return min(max(64, 1 << position.bit_length()), limit)
 
 
 # --- feed-forward and the decoder stack --------------------------------------------------------------------
@@ -224,6 +257,8 @@ class CausalLM(nn.Module):
                 f"{start + length} tokens do not fit the {cache.max_len}-token context allocated for this run"
             )
         step = Step(start, length, *self.rotary(start, length, self.model.embed_tokens.weight.dtype))
+        if length == 1 and self.static_decode:  # as a static step would, with the position on the host
+            step.bucket = bucket(start, cache.max_len)
         h = self.embed(ids, step)
         cache.writing = True
         for layer, kv in zip(self.model.layers, cache.layers, strict=True):
@@ -231,6 +266,23 @@ class CausalLM(nn.Module):
         cache.pos += length
         cache.writing = False
         return self.logits(h if all_logits else h[:, -1:])
+
+    @property
+    def static_decode(self) -> bool:
+        """Whether every layer can run a static decode step (see `Step`)."""
+        return self.rotary.static and all(getattr(layer.self_attn, "static", False) for layer in self.model.layers)
+
+    def decode_step(self, ids: torch.Tensor, position: torch.Tensor, cache: KVCache, keys: int) -> torch.Tensor:
+        """Logits [B, 1, V] for one token ids [B, 1] at `position` ([1], on the device), reading keys through
+        the first `keys` (> position, see `bucket`) slots of the cache: the same work whatever the position,
+        so that it can be captured once per bucket; the same as `forward` gives. The caller moves
+        `cache.pos` on."""
+        cos, sin = self.rotary.at(position, self.model.embed_tokens.weight.dtype)
+        step = Step(None, 1, cos, sin, bucket=keys, _positions=position)
+        h = self.embed(ids, step)
+        for layer, kv in zip(self.model.layers, cache.layers, strict=True):
+            h = layer(h, step, kv)
+        return self.logits(h)
 
     def logits(self, h: torch.Tensor) -> torch.Tensor:
         """Logits [B, T, V] from the last layer's hidden states."""

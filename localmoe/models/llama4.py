@@ -15,7 +15,7 @@ from localmoe.models.attention import Attention
 from localmoe.models.expert_tensors import Fused
 from localmoe.models.family import Family, ModelArgs, Multimodal, causal_lm
 from localmoe.models.layers import MLP, CausalLM, DecoderLayer, Step, rms_normalize
-from localmoe.models.moe import GatedActivation, SparseMoE
+from localmoe.models.moe import GatedActivation, Routing, SparseMoE
 from localmoe.models.state import AttentionKV, WindowKV
 
 EXPERTS = "model.layers.{layer}.feed_forward.experts"
@@ -72,6 +72,8 @@ class Llama4Attention(Attention):
     q and k RMS-normalised without a weight; attention within chunks of `chunk` tokens; and, on the
     layers without rotary, queries scaled by 1 + attn_scale * log(1 + floor((pos + 1) / floor_scale))."""
 
+    static = False  # chunked attention and query temperatures from host positions
+
     def __init__(self, args: Llama4Args, i: int, head_dim: int):
         super().__init__(
             args.hidden_size,
@@ -107,7 +109,7 @@ class Llama4Attention(Attention):
             positions = torch.arange(step.start, step.start + T, device=x.device, dtype=torch.float32)
             scale = torch.log1p(torch.floor((positions + 1) / floor_scale)) * attn_scale + 1
             q = (q * scale[:, None]).to(q.dtype)
-        k, v, positions = kv.update(k, v, step.start)
+        k, v, positions = kv.update(k, v, step)
         mask, is_causal = _mask(step, self.chunk, positions)
         out = F.scaled_dot_product_attention(
             q, k, v, attn_mask=mask, is_causal=is_causal, scale=self.head_dim**-0.5, enable_gqa=True
@@ -136,10 +138,10 @@ class SigmoidTopKRouter(nn.Module):
     def scores(self, x: torch.Tensor) -> torch.Tensor:
         return F.linear(x, self.weight)
 
-    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def forward(self, x: torch.Tensor) -> Routing:
         logits = self.scores(x)
         values, ids = logits.topk(self.top_k, dim=-1)
-        return values.float().sigmoid().to(logits.dtype).float(), ids
+        return Routing(values.float().sigmoid().to(logits.dtype).float(), ids, logits.float())
 
 
 def build(args: Llama4Args) -> CausalLM:

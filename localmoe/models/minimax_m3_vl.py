@@ -119,6 +119,8 @@ class BlockSparseAttention(Attention):
     """Attention over the blocks of keys its indexer picks, each indexer head's pick shared by a group
     of attention heads."""
 
+    static = False  # the block indexer's selection depends on how many keys there are
+
     def __init__(self, args: MiniMaxM3Args, *other, **options):
         super().__init__(*other, **options)
         self.indexer = BlockIndexer(args)
@@ -135,7 +137,7 @@ class BlockSparseAttention(Attention):
         k = self.k_norm(self.k_proj(x).view(B, T, self.kv_heads, self.head_dim)).transpose(1, 2)
         v = self.v_proj(x).view(B, T, self.kv_heads, self.head_dim).transpose(1, 2)
         q, k = apply_rotary(q, step.cos, step.sin), apply_rotary(k, step.cos, step.sin)
-        k, v, _ = kv.update(k, v, step.start)
+        k, v, _ = kv.update(k, v, step)
         keys = kv.update_index(self.indexer.keys(x, step), step.start)
         selection = self.indexer.selection(x, keys, step)  # [B, index heads, T, S]
         mask = selection.repeat_interleave(self.heads // self.indexer.heads, dim=1)

@@ -2,11 +2,13 @@
 
 The block routes tokens and hands the choice to `experts`, a callable the runtime binds: a family
 declares where its routed experts are stored (`expert_tensors`) but never holds or places them.
-Shared experts and the shared expert gate are ordinary resident modules of the block.
+Shared experts and the shared expert gate are ordinary resident modules of the block. What the
+runtime learns of a block is its `MoESpec`, and of each call the `Routing`: the seam runs one way.
 """
 
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -15,9 +17,18 @@ from torch import nn
 from localmoe.models.expert_tensors import Fused
 from localmoe.models.layers import MLP, activation
 
-# (layer index, the experts' inputs [T, E], router weights [T, k] float32, expert ids [T, k]) -> [T, E]; for
-# experts in a latent space also `routed=`, the hidden states the router saw, from which a runtime predicts
-# coming layers' experts
+
+class Routing(NamedTuple):
+    """A router's choice for T tokens: weights [T, k] float32, expert ids [T, k], and its scores of every
+    expert [T, experts] (float32), which the cache's score policy weighs."""
+
+    weights: torch.Tensor
+    ids: torch.Tensor
+    scores: torch.Tensor
+
+
+# (layer index, the experts' inputs [T, E], routing) -> [T, E]; for experts in a latent space also `routed=`,
+# the hidden states the router saw, from which a runtime predicts coming layers' experts
 ExpertsFn = Callable[..., torch.Tensor]
 
 # transformers 5 keeps every family's experts under these names in memory; checkpoints saved that way load.
@@ -72,6 +83,21 @@ class GatedActivation:
         return activation(self.act)(gate) * up
 
 
+@dataclass(frozen=True)
+class MoESpec:
+    """What the runtime needs to know of one MoE block: its layer, the shapes of its routed experts and
+    how they compute (`weights_on_input`: the router weight scales an expert's input, not its output)."""
+
+    layer: int
+    hidden: int
+    intermediate: int
+    experts: int
+    top_k: int
+    act: GatedActivation
+    bias: bool
+    weights_on_input: bool
+
+
 class GatedMLP(MLP):
     """A dense MLP whose gate and up projections combine as `glu` says (the clamped SwiGLUs of dense
     layers and shared experts: DeepSeek-V4, Step-3.7, MiniMax-M3)."""
@@ -100,12 +126,13 @@ class TopKRouter(nn.Module):
         dtype, which some families keep in float32."""
         return F.linear(x.to(self.weight.dtype), self.weight, self.bias).softmax(dim=-1, dtype=torch.float32)
 
-    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Router weights [T, k] (float32) and expert ids [T, k] for hidden states [T, E]."""
-        weights, ids = self.scores(x).topk(self.top_k, dim=-1)
+    def forward(self, x: torch.Tensor) -> Routing:
+        """The routing of hidden states [T, E]."""
+        scores = self.scores(x)
+        weights, ids = scores.topk(self.top_k, dim=-1)
         if self.normalize:
             weights = weights / weights.sum(dim=-1, keepdim=True)
-        return weights, ids
+        return Routing(weights, ids, scores)
 
 
 class GroupedTopKRouter(nn.Module):
@@ -150,7 +177,7 @@ class GroupedTopKRouter(nn.Module):
             logits = torch.tanh(logits / self.softcap) * self.softcap
         return logits.sigmoid() if self.scoring == "sigmoid" else logits.softmax(dim=-1)
 
-    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def forward(self, x: torch.Tensor) -> Routing:
         scores = self.scores(x)
         choice = scores + self.e_score_correction_bias.float() if hasattr(self, "e_score_correction_bias") else scores
         groups = choice.view(choice.shape[0], self.n_group, -1)
@@ -164,7 +191,7 @@ class GroupedTopKRouter(nn.Module):
         weights = scores.gather(1, ids)
         if self.normalize:
             weights = weights / (weights.sum(dim=-1, keepdim=True) + self.norm_eps)
-        return weights * self.scaling, ids
+        return Routing(weights * self.scaling, ids, scores)
 
 
 def biased_sigmoid_router(
@@ -242,20 +269,37 @@ class SparseMoE(nn.Module):
     def gated(self) -> bool:
         return self.act.gated
 
+    @property
+    def spec(self) -> MoESpec:
+        return MoESpec(
+            self.layer_idx,
+            self.hidden_size,
+            self.intermediate_size,
+            self.num_experts,
+            self.top_k,
+            self.act,
+            self.expert_bias,
+            self.weights_on_input,
+        )
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         flat = x.reshape(-1, x.shape[-1])
-        weights, ids = self.gate(flat)
+        routing = self.gate(flat)
+        shared = self.shared(flat)  # queued first: it does not depend on the routing
         if hasattr(self, "fc1_latent_proj"):
-            latent = self.fc1_latent_proj(flat)
-            out = self.fc2_latent_proj(self.experts(self.layer_idx, latent, weights, ids, routed=flat))
+            out = self.fc2_latent_proj(self.experts(self.layer_idx, self.fc1_latent_proj(flat), routing, routed=flat))
         else:
-            out = self.experts(self.layer_idx, flat, weights, ids)
-        if hasattr(self, "shared_expert"):
-            shared = self.shared_expert(flat)
-            if hasattr(self, "shared_expert_gate"):
-                shared = torch.sigmoid(self.shared_expert_gate(flat)) * shared
-            out = out + shared
-        return out.view(x.shape)
+            out = self.experts(self.layer_idx, flat, routing)
+        return (out if shared is None else out + shared).view(x.shape)
+
+    def shared(self, flat: torch.Tensor) -> torch.Tensor | None:
+        """The shared expert's output for tokens [T, E] (gated where the block has that gate), if any."""
+        if not hasattr(self, "shared_expert"):
+            return None
+        shared = self.shared_expert(flat)
+        if hasattr(self, "shared_expert_gate"):
+            shared = torch.sigmoid(self.shared_expert_gate(flat)) * shared
+        return shared
 
 
 def sigmoid_moe(

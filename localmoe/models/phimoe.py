@@ -13,7 +13,7 @@ from localmoe.models.attention import Attention
 from localmoe.models.expert_tensors import PerExpert
 from localmoe.models.family import Family, ModelArgs, causal_lm
 from localmoe.models.layers import CausalLM, DecoderLayer
-from localmoe.models.moe import FUSED_EXPERTS, MIXTRAL_EXPERTS, GatedActivation, SparseMoE
+from localmoe.models.moe import FUSED_EXPERTS, MIXTRAL_EXPERTS, GatedActivation, Routing, SparseMoE
 from localmoe.models.rotary import RotaryEmbedding
 
 
@@ -29,11 +29,12 @@ class SparseMixerRouter(nn.Module):
     def scores(self, x: torch.Tensor) -> torch.Tensor:
         return F.linear(x, self.weight).float()
 
-    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def forward(self, x: torch.Tensor) -> Routing:
         logits = F.linear(x, self.weight)
         first_weight, first = self._pick(logits, logits)
         second_weight, second = self._pick(logits.scatter(-1, first, float("-inf")), logits)
-        return torch.cat((first_weight, second_weight), dim=-1).float(), torch.cat((first, second), dim=-1)
+        weights = torch.cat((first_weight, second_weight), dim=-1).float()
+        return Routing(weights, torch.cat((first, second), dim=-1), logits.float())
 
     def _pick(self, candidates: torch.Tensor, logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         best, index = candidates.max(dim=-1, keepdim=True)
@@ -45,6 +46,8 @@ class PhimoeRotary(RotaryEmbedding):
     """As transformers computes Phi-MoE's longrope: the short factors' frequencies at every length, and
     cos/sin scaled by long_mscale once a forward pass reaches past the original context (short_mscale
     before)."""
+
+    static = False  # the scale depends on how far the forward pass reaches
 
     def __init__(self, params: dict, head_dim: int, max_positions: int):
         super().__init__(params, head_dim, max_positions)

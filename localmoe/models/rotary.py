@@ -118,6 +118,8 @@ def _longrope_inv_freq(
 
 
 class RotaryEmbedding(nn.Module):
+    static = True  # cos and sin of a position do not depend on the rest of its forward pass
+
     def __init__(self, params: dict[str, Any], head_dim: int, max_positions: int):
         super().__init__()
         with torch.device("cpu"):  # real values even when the model is being built on `meta`
@@ -146,7 +148,8 @@ def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch
     rot, rest = x[..., : cos.shape[-1]], x[..., cos.shape[-1] :]
     half = rot.shape[-1] // 2
     rotated = torch.cat((-rot[..., half:], rot[..., :half]), dim=-1)
-    return torch.cat((rot * cos + rotated * sin, rest), dim=-1)
+    turned = rot * cos + rotated * sin
+    return torch.cat((turned, rest), dim=-1) if rest.shape[-1] else turned
 
 
 def apply_rotary_interleaved(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:

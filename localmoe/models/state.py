@@ -59,12 +59,16 @@ class AttentionKV:
         self.k = torch.zeros(batch, kv_heads, max_len, head_dim, dtype=dtype, device=device)
         self.v = torch.zeros(batch, kv_heads, max_len, v_dim or head_dim, dtype=dtype, device=device)
 
-    def update(self, k: torch.Tensor, v: torch.Tensor, start: int) -> tuple[torch.Tensor, torch.Tensor, None]:
-        """Write the new [B, H_kv, T, D] keys and values at `start`; return all of them so far, and None
-        for their positions: they are 0, 1, ... in order."""
-        end = start + k.shape[2]
-        self.k[:, :, start:end] = k
-        self.v[:, :, start:end] = v
+    def update(self, k: torch.Tensor, v: torch.Tensor, step) -> tuple[torch.Tensor, torch.Tensor, None]:
+        """Write the new [B, H_kv, T, D] keys and values at the step's positions; return all of them so far
+        (a decode token: its bucket's, masked by the step), and None for their positions: 0, 1, ... in order."""
+        if step.bucket is not None:
+            self.k.index_copy_(2, step.positions(), k)
+            self.v.index_copy_(2, step.positions(), v)
+            return self.k[:, :, : step.bucket], self.v[:, :, : step.bucket], None
+        end = step.start + k.shape[2]
+        self.k[:, :, step.start : end] = k
+        self.v[:, :, step.start : end] = v
         return self.k[:, :, :end], self.v[:, :, :end], None
 
     def truncate(self, pos: int, current: int, interrupted: bool) -> bool:
@@ -87,10 +91,10 @@ class WindowKV:
         self.v = torch.zeros(batch, kv_heads, self.size, v_dim or head_dim, dtype=dtype, device=device)
         self.positions = torch.full((self.size,), -1, dtype=torch.long, device=device)
 
-    def update(self, k: torch.Tensor, v: torch.Tensor, start: int):
-        """Take the new [B, H_kv, T, D] keys and values at `start`; return keys and values that include
-        every one the new queries may see, with their positions [S], in no particular order."""
-        new = torch.arange(start, start + k.shape[2], device=k.device)
+    def update(self, k: torch.Tensor, v: torch.Tensor, step):
+        """Take the new [B, H_kv, T, D] keys and values at the step's positions; return keys and values that
+        include every one the new queries may see, with their positions [S], in no particular order."""
+        new = step.positions()
         if k.shape[2] == 1:  # its slot held a position too old for any query from now on
             self._write(k, v, new)
             return self.k, self.v, self.positions
@@ -124,10 +128,16 @@ class LatentKV:
         self.latent = torch.zeros(batch, max_len, rank, dtype=dtype, device=device)
         self.k_rot = torch.zeros(batch, 1, max_len, rope_dim, dtype=dtype, device=device)
 
-    def update(self, latent: torch.Tensor, k_rot: torch.Tensor, start: int) -> tuple[torch.Tensor, torch.Tensor]:
-        end = start + latent.shape[1]
-        self.latent[:, start:end] = latent
-        self.k_rot[:, :, start:end] = k_rot
+    def update(self, latent: torch.Tensor, k_rot: torch.Tensor, step) -> tuple[torch.Tensor, torch.Tensor]:
+        """Write the new latents [B, T, rank] and rotary keys [B, 1, T, rope] at the step's positions;
+        return those so far (a decode token: its bucket's)."""
+        if step.bucket is not None:
+            self.latent.index_copy_(1, step.positions(), latent)
+            self.k_rot.index_copy_(2, step.positions(), k_rot)
+            return self.latent[:, : step.bucket], self.k_rot[:, :, : step.bucket]
+        end = step.start + latent.shape[1]
+        self.latent[:, step.start : end] = latent
+        self.k_rot[:, :, step.start : end] = k_rot
         return self.latent[:, :end], self.k_rot[:, :, :end]
 
     def truncate(self, pos: int, current: int, interrupted: bool) -> bool:

@@ -22,7 +22,7 @@ from torch import nn
 from localmoe.errors import LocalMoEError
 from localmoe.models.family import Family, ModelArgs
 from localmoe.models.layers import Backbone, CausalLM, RMSNorm, Step
-from localmoe.models.moe import FUSED_EXPERTS, GatedActivation, SparseMoE
+from localmoe.models.moe import FUSED_EXPERTS, GatedActivation, Routing, SparseMoE
 from localmoe.models.rotary import RotaryEmbedding, apply_rotary, rope_parameters
 from localmoe.models.state import REWIND_SLACK, CombinedState, ConvRing, attention_state
 
@@ -162,7 +162,7 @@ class ZayaAttention(nn.Module):
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # [B, H, T, D]
         cos, sin = (step.cos, step.sin) if self.rotary is None else step.rotary(self.rotary)
         q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
-        k, v, positions = state.kv.update(k, v, step.start)
+        k, v, positions = state.kv.update(k, v, step)
         mask, is_causal = step.mask(self.sliding_window, positions)
         out = F.scaled_dot_product_attention(
             q, k, v, attn_mask=mask, is_causal=is_causal, scale=self.head_dim**-0.5, enable_gqa=True
@@ -200,8 +200,8 @@ class ZayaRouter(nn.Module):
         predictions do not have): a ranking for prefetch and the cache policy only."""
         return self.probabilities(self.down_proj(x))[:, :-1].float()
 
-    def forward(self, x: torch.Tensor, carried: torch.Tensor | None):
-        """(weights [T, k] float32, ids [T, k], this layer's state for the next [T, width])."""
+    def forward(self, x: torch.Tensor, carried: torch.Tensor | None) -> tuple[Routing, torch.Tensor]:
+        """(the routing, this layer's state for the next [T, width])."""
         projected = self.down_proj(x)
         if carried is not None and hasattr(self, "router_states_scale"):
             projected = projected + carried * self.router_states_scale
@@ -209,14 +209,14 @@ class ZayaRouter(nn.Module):
         ids = (probs.float() + self.balancing_biases.float()).topk(self.top_k, dim=-1).indices
         skip = ids == self.num_experts
         weights = probs.gather(1, ids).masked_fill(skip, 0)
-        return weights.float(), ids.masked_fill(skip, 0), projected
+        return Routing(weights.float(), ids.masked_fill(skip, 0), probs[:, :-1].float()), projected
 
 
 class ZayaMoE(SparseMoE):
     def forward(self, x: torch.Tensor, carried: torch.Tensor | None):
         flat = x.reshape(-1, x.shape[-1])
-        weights, ids, state = self.gate(flat, carried)
-        return self.experts(self.layer_idx, flat, weights, ids).view(x.shape), state
+        routing, state = self.gate(flat, carried)
+        return self.experts(self.layer_idx, flat, routing).view(x.shape), state
 
 
 class ResidualScaling(nn.Module):

@@ -19,7 +19,7 @@ import torch
 
 from localmoe.files import locked, write_atomic
 from localmoe.kernels.reference import expert_pair_outputs
-from localmoe.models.moe import SparseMoE
+from localmoe.models.moe import MoESpec
 from localmoe.paths import cache_dir
 from localmoe.runtime.expert_store import ExpertStore
 
@@ -42,7 +42,7 @@ class HostExperts:
 
     def compute(
         self,
-        block: SparseMoE,
+        spec: MoESpec,
         x: torch.Tensor,
         ids: torch.Tensor,
         scale: torch.Tensor | None,
@@ -51,9 +51,9 @@ class HostExperts:
     ) -> None:
         """out[p] for each (token, choice) pair p routed to one of `experts`; other rows untouched.
         All on the CPU: x [T, E], ids [T, k], scale [T*k] or None, out [T*k, E]."""
-        layer = block.layer_idx
+        layer = spec.layer
         if layer in self.store.rows:  # packed in RAM, or quantized and mapped
-            self._run(block, x, ids, scale, self.store.rows[layer], experts, experts, out)
+            self._run(spec, x, ids, scale, self.store.rows[layer], experts, experts, out)
             return
         for start in range(0, len(experts), self.MMAP_GROUP):
             group = experts[start : start + self.MMAP_GROUP]
@@ -62,15 +62,15 @@ class HostExperts:
                 self.store.layout.pack(
                     row, self.store.source.read(layer, expert, packed=self.store.layout.reads_packed)
                 )
-            self._run(block, x, ids, scale, rows, group, list(range(len(group))), out)
+            self._run(spec, x, ids, scale, rows, group, list(range(len(group))), out)
 
-    def _run(self, block, x, ids, scale, rows: torch.Tensor, experts: list[int], indices: list[int], out) -> None:
+    def _run(self, spec, x, ids, scale, rows: torch.Tensor, experts: list[int], indices: list[int], out) -> None:
         """The kernel over `rows`, where expert experts[i] is row indices[i]."""
         layout = self.store.layout
-        table = torch.full((block.num_experts,), -1, dtype=torch.int64)
+        table = torch.full((spec.experts,), -1, dtype=torch.int64)
         table[experts] = torch.tensor(indices)
         gate_up, down = layout.gate_up(rows), layout.down(rows)
-        self.kernel(out, x, gate_up, down, table[ids], block.act, *layout.biases(rows), scale)
+        self.kernel(out, x, gate_up, down, table[ids], spec.act, *layout.biases(rows), scale)
 
     def _rows(self, count: int) -> torch.Tensor:
         if self._scratch is None:  # allocated once: fresh memory would page-fault on every call
@@ -111,17 +111,17 @@ def experts_for_cpu(misses: dict[int, int], expert_bytes: int, bandwidths: Bandw
 def calibrated(
     store: ExpertStore,
     slot: torch.Tensor,
-    block: SparseMoE,
+    spec: MoESpec,
     kernel=expert_pair_outputs,
     copy: float | None = None,
     cpu: float | None = None,
 ) -> Bandwidths:
     """The two bandwidths for this machine, device, dtype, expert size and CPU kernel: `copy` and `cpu`
     where given, else the calibration kept in localmoe's cache folder, measured (copying into `slot`, an
-    unused device row, and computing `block`'s experts with `kernel`) where there is none yet. A kept one
-    is checked at each start with a one-expert measurement, and measured again where that is `FAR` from
-    it: one measured while the machine was busy is not kept for good. Runs measure one at a time, under
-    the file's lock: two at once would slow each other down."""
+    unused device row, and computing experts of `spec`'s layer with `kernel`) where there is none yet. A
+    kept one is checked at each start with a one-expert measurement, and measured again where that is
+    `FAR` from it: one measured while the machine was busy is not kept for good. Runs measure one at a
+    time, under the file's lock: two at once would slow each other down."""
     if copy is not None and cpu is not None:
         return Bandwidths(copy, cpu)
     device = slot.device
@@ -131,13 +131,13 @@ def calibrated(
     with locked(path):
         known = _read(path)
         kept = _bandwidths(known.get(key))
-        if kept is None or _far(_measure(store, slot, block, kernel, samples=1), kept):
+        if kept is None or _far(_measure(store, slot, spec, kernel, samples=1), kept):
             if kept is not None:
                 print(
                     f"localmoe: the bandwidths of {path} are far from those measured now: measuring again",
                     file=sys.stderr,
                 )
-            kept = _measure(store, slot, block, kernel)
+            kept = _measure(store, slot, spec, kernel)
             known[key] = asdict(kept)
             _write(path, known)
     return Bandwidths(copy or kept.copy, cpu or kept.cpu)
@@ -158,20 +158,21 @@ def _positive(value) -> bool:
     return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value) and value > 0
 
 
-def _measure(store: ExpertStore, slot: torch.Tensor, block: SparseMoE, kernel, samples: int = 3) -> Bandwidths:
+def _measure(store: ExpertStore, slot: torch.Tensor, spec: MoESpec, kernel, samples: int = 3) -> Bandwidths:
     """Median of `samples` experts each way, after a warm-up."""
     host = HostExperts(store, kernel)
-    experts = [e % block.num_experts for e in range(samples + 1)]
-    x = torch.randn(1, block.hidden_size).to(store.dtype)
-    out = torch.empty(1, block.hidden_size, dtype=store.dtype)
+    experts = [e % spec.experts for e in range(samples + 1)]
+    x = torch.randn(1, spec.hidden).to(store.dtype)
+    out = torch.empty(1, spec.hidden, dtype=store.dtype)
 
     def copy(expert: int) -> None:
-        store.copy_to(slot, block.layer_idx, expert)
+        if queued := store.copy_to(slot, spec.layer, expert):
+            queued.wait()  # the reader thread has queued it
         if slot.is_cuda:
             torch.cuda.synchronize(slot.device)
 
     def compute(expert: int) -> None:
-        host.compute(block, x, torch.tensor([[expert]]), None, [expert], out)
+        host.compute(spec, x, torch.tensor([[expert]]), None, [expert], out)
 
     return Bandwidths(
         copy=store.expert_bytes / _median_seconds(copy, experts),

@@ -1,17 +1,21 @@
-"""The device tier: one pool of expert slots shared by every layer, allocated once at start-up.
+"""The device tier: one pool of expert slots shared by every layer, allocated once at start-up, and the
+device-side table the kernels look slots up in.
 
 Accounting, per layer: every distinct expert a layer visit needs is one use. A use is a hit when the
 expert was already in a slot before anything was done for this use, and a miss when it had to be
 copied for it, whether on demand (the compute waits) or by a prefetch that arrived ahead of time
-(`prefetch_used`). A prefetch whose expert is not needed at the visit it was made for is wasted.
-So bytes copied = (misses + prefetch_wasted + warmup_copies) x expert bytes. A use the miss policy
-computed on the CPU instead (`on_cpu`) is neither a hit nor a miss and copies nothing.
+(`prefetch_used`). A prefetch whose expert is not needed at the visit it was made for is wasted. A use
+the kernel read where it lies, in the host store (the direct miss policy), is `direct`; one the miss
+policy computed on the CPU is `on_cpu`: neither copies anything for the use. A miss read in place may be
+admitted afterwards, for later uses (`admissions`). So hits + misses + direct + on_cpu = uses, bytes
+copied = (misses + prefetch_wasted + warmup_copies + admissions) x expert bytes, and bytes read in place
+= direct x expert bytes.
 """
 
 import heapq
 from collections import Counter, OrderedDict
 from collections.abc import Callable
-from dataclasses import dataclass, fields, replace
+from dataclasses import dataclass, field, fields, replace
 
 import torch
 
@@ -33,13 +37,17 @@ class CacheCounters:
     bytes_copied: int = 0
     on_cpu: int = 0  # uses computed on the CPU from the host store
     cpu_seconds: float = 0.0
+    direct: int = 0  # uses the kernel read where they lie, in the host store (over the bus on CUDA)
+    bytes_direct: int = 0
+    admissions: int = 0  # experts read in place, then copied into a slot for later uses
+    evictions: int = 0  # experts dropped to make room
 
     def copy(self) -> "CacheCounters":
         return replace(self)
 
     def __iadd__(self, other: "CacheCounters") -> "CacheCounters":
-        for field in fields(self):
-            setattr(self, field.name, getattr(self, field.name) + getattr(other, field.name))
+        for name in (f.name for f in fields(self)):
+            setattr(self, name, getattr(self, name) + getattr(other, name))
         return self
 
     @property
@@ -223,13 +231,48 @@ class Score(CachePolicy):
 POLICIES: dict[str, type[CachePolicy]] = {"lru": LRU, "lfu": LFU, "score": Score}
 
 
+class SlotTable:
+    """Where each expert is on the device: int32 [MoE layers, experts], a slot or -1. The kernels map a
+    layer's routed ids through their row, so hits and misses are told apart on the device."""
+
+    def __init__(self, layers: list[int], experts: int, device: torch.device):
+        self.index = {layer: i for i, layer in enumerate(layers)}
+        self.slots = torch.full((len(layers), experts), -1, dtype=torch.int32, device=device)
+
+    def row(self, layer: int) -> torch.Tensor:
+        return self.slots[self.index[layer]]
+
+    def set(self, key: Key, slot: int) -> None:
+        """Write one entry, on the current stream (no host sync)."""
+        self.slots[self.index[key[0]], key[1]] = slot
+
+
+@dataclass
+class Visit:
+    """A layer visit as the device made it, told to the cache afterwards (the direct miss policy): the
+    tokens routed to each expert, the router's probabilities summed over them (where weighed), and the
+    experts the kernel found in a slot."""
+
+    layer: int
+    routed: Counter[int]
+    probabilities: dict[int, float] | None
+    found: set[int] = field(default_factory=set)
+
+
 class ExpertCache:
     """Maps (layer, expert) to slots of a fixed pool; copies experts in from the store on demand,
     ahead of time (prefetch) or to pin them; evicts by policy.
 
     A slot is never taken from an expert the current layer is using (`acquire` .. `release`) or that
-    is pinned. A prefetch also never takes one from another prefetch that has not been used yet; a
-    demand copy does so only when no other slot can be freed, since the compute cannot go on without it.
+    is pinned. A prefetch or an admission also never takes one from another prefetch that has not been
+    used yet, nor one whose copy has not landed; a demand copy does so only when no other slot can be
+    freed, since the compute cannot go on without it.
+
+    With a `table`, the device's view follows: a copy writes the expert's entry on the copy stream once
+    its bytes have landed, so a kernel reading the table concurrently sees -1 or a complete slot; an
+    eviction writes -1 on the compute stream, after every kernel queued so far (and after the slot's
+    own copy, should it still be on its way, so that no late entry outlives it), and the next copy
+    into the slot waits for that point. No kernel can then read a slot while it is overwritten.
 
     With `layers` (the number of MoE layers sharing the pool), each layer has a quota of an equal
     share of the unpinned slots: a layer at its quota evicts its own experts, one below it evicts from
@@ -239,9 +282,17 @@ class ExpertCache:
     """
 
     def __init__(
-        self, store: ExpertStore, slots: int, device: torch.device, policy: str | CachePolicy, layers: int | None = None
+        self,
+        store: ExpertStore,
+        slots: int,
+        device: torch.device,
+        policy: str | CachePolicy,
+        layers: int | None = None,
+        table: SlotTable | None = None,
     ):
-        """`policy`: a name from POLICIES, or a policy object (the simulator passes Belady's)."""
+        """`policy`: a name from POLICIES, or a policy object (the simulator passes Belady's). `layers`:
+        the number of MoE layers sharing the pool, for quotas (None: one pool shared freely). `table`:
+        the device-side table to keep (none in the simulator)."""
         self.store = store
         self.rows = torch.empty(slots, store.layout.numel, dtype=store.row_dtype, device=device)
         self.gate_up = store.layout.gate_up(self.rows)
@@ -252,6 +303,7 @@ class ExpertCache:
         self.slot_of: dict[Key, int] = {}
         self.slots = slots  # in use, at most the rows allocated (see `resize`)
         self.layers = layers
+        self.table = table
         self._held: Counter[int] = Counter()  # unpinned experts in slots, per layer
         self._free = list(reversed(range(slots)))
         self.pinned: set[Key] = set()
@@ -349,14 +401,50 @@ class ExpertCache:
             if free:
                 free -= 1
                 continue
-            victim = self._victim(
-                layer, lambda k: k in self._in_use or k in self._fresh or k in needed or k in displaced
-            )
+            victim = self._victim(layer, lambda k: self._kept(k, demand=False) or k in needed or k in displaced)
             if victim is not None and self.policy.rank((layer, expert)) > self.policy.rank(victim):
                 displaced.add(victim)
             else:
                 refused.add(expert)
         return refused
+
+    def record_step(self, visits: list[Visit]) -> None:
+        """A step's layer visits whose misses the kernel read where they lay, told after the step: count
+        each visit's uses (hits, and misses read in place), show it to the policy, then admit each visit's
+        misses that the policy ranks above the expert they would evict (every miss, for a policy that does
+        not rank), layer by layer, in rank order. An admitted expert serves from its slot once its copy
+        has landed; until then the kernel keeps reading it in place."""
+        for visit in visits:
+            self.begin_layer(visit.layer, visit.routed, visit.probabilities)
+            counters = self._layer(visit.layer)
+            missed = set(visit.routed) - visit.found
+            counters.uses += len(visit.routed)
+            counters.hits += len(visit.found)
+            counters.direct += len(missed)
+            counters.bytes_direct += len(missed) * self.store.expert_bytes
+            for expert in visit.found:
+                key = (visit.layer, expert)
+                if key in self.slot_of and key not in self.pinned:
+                    self.policy.used(key)
+        for visit in visits:
+            self.admit(visit.layer, list(set(visit.routed) - visit.found), set(visit.routed))
+
+    def admit(self, layer: int, misses: list[int], needed: set[int]) -> None:
+        """Copy in the `misses` of a layer visit the policy admits, best ranked first, keeping the visit's
+        `needed` experts; those that find no slot to take stay out."""
+        self._in_use = {(layer, expert) for expert in needed}
+        refused = self.bypassed(layer, list(needed))
+        ranked = sorted(misses, key=lambda e: self.policy.rank((layer, e)), reverse=True)
+        for expert in ranked:
+            key = (layer, expert)
+            if expert in refused or key in self.slot_of:
+                continue
+            slot = self._take_slot(layer, for_prefetch=True)
+            if slot is None:
+                break
+            self._load(key, slot, urgent=False)
+            self._layer(layer).admissions += 1
+        self._in_use = set()
 
     def computed_on_cpu(self, layer: int, experts: int, seconds: float) -> None:
         """Count uses that the CPU computed from the host store: nothing was copied or cached for them."""
@@ -377,7 +465,7 @@ class ExpertCache:
             slot = self._take_slot(layer, for_prefetch=True)
             if slot is None:
                 return
-            self._load(key, slot)
+            self._load(key, slot, urgent=False)
             self._fresh[key] = None
             self._layer(layer).prefetch_issued += 1
 
@@ -388,7 +476,7 @@ class ExpertCache:
             if not self._free:
                 return
             if key not in self.slot_of and (self.quota is None or self._held[key[0]] < self.quota):
-                self._load(key, self._free.pop())
+                self._load(key, self._free.pop(), urgent=False)
                 self._layer(key[0]).warmup_copies += 1
 
     def pin(self, keys: list[Key]) -> None:
@@ -411,15 +499,24 @@ class ExpertCache:
         """A slot for an expert of `layer`: a free one, else a victim's."""
         if self._free:
             return self._free.pop()
-        key = self._victim(layer, lambda k: k in self._in_use or k in self._fresh)
+        key = self._victim(layer, lambda k: self._kept(k, demand=False))
         if key is None and not for_prefetch:
-            # A demand copy cannot wait: take a prefetched expert's slot when nothing else is free.
-            key = self._victim(layer, lambda k: k in self._in_use)
+            # A demand copy cannot wait: take a prefetched or still arriving expert's slot when nothing
+            # else is free.
+            key = self._victim(layer, lambda k: self._kept(k, demand=True))
         if key is None:
             if for_prefetch:
                 return None
             raise RuntimeError("expert cache: no slot can be freed for a demand copy (pool smaller than planned)")
+        self._layer(key[0]).evictions += 1
         return self._evict(key)
+
+    def _kept(self, key: Key, demand: bool) -> bool:
+        """Whether `key` may not be evicted now: in use by the current visit; and, unless for a demand
+        copy, prefetched and not used yet or still on its way to its slot."""
+        if key in self._in_use:
+            return True
+        return not demand and (key in self._fresh or not self.copies.landed(self.slot_of[key]))
 
     def _victim(self, layer: int, skip: Callable[[Key], bool]) -> Key | None:
         """The policy's victim, taken first from the layers quotas say should give a slot up."""
@@ -440,10 +537,17 @@ class ExpertCache:
         else:
             self._held[key[0]] -= 1
         self.policy.removed(key)
-        return self.slot_of.pop(key)
+        slot = self.slot_of.pop(key)
+        if self.table is not None:
+            self.copies.after_copy(slot)  # its entry is written before it is cleared
+            self.table.set(key, -1)
+        self.copies.freed(slot)
+        return slot
 
-    def _load(self, key: Key, slot: int) -> None:
-        self.copies.copy(slot, lambda: self.store.copy_to(self.rows[slot], *key))
+    def _load(self, key: Key, slot: int, urgent: bool = True) -> None:
+        """Copy `key` into `slot` (`urgent`: a layer waits for it, ahead of speculative copies)."""
+        publish = None if self.table is None else (lambda: self.table.set(key, slot))
+        self.copies.copy(slot, lambda then: self.store.copy_to(self.rows[slot], *key, then), publish, urgent)
         self.slot_of[key] = slot
         self._held[key[0]] += 1
         self.policy.added(key)

@@ -1,19 +1,25 @@
-"""The host tier: every routed expert, ready to be copied into a device slot.
+"""The host tier: every routed expert, ready to be copied into a device slot or read where it lies.
 
 In RAM, each expert is one contiguous row [gate | up | down | biases] in the compute dtype, so a miss
-is one copy; for CUDA the rows are pinned (registered in place, not through PyTorch's pinned
-allocator, which rounds each block up to a power of two). When RAM is short the store reads experts
-straight from the checkpoint's memory-mapped shards instead, role by role.
+is one copy; for CUDA the rows are pinned in place through the driver, mapped for the device (not
+through PyTorch's pinned allocator, which rounds each block up to a power of two), so that a kernel
+can also read them over the bus. When RAM is short the store reads experts straight from the
+checkpoint's memory-mapped shards instead, role by role.
 """
 
 import functools
+import queue
+import threading
+from collections.abc import Callable
 
 import torch
 
 from localmoe.kernels.quantized import QuantSpec
+from localmoe.kernels.reference import ExpertStack
 from localmoe.models.expert_source import ExpertSource
 from localmoe.progress import progress
 from localmoe.runtime.layouts import ExpertLayout, layout_of
+from localmoe.runtime.pinning import Driver, Pinned
 from localmoe.runtime.quantized_cache import QuantizedLayers
 
 PAGE = 4096
@@ -52,45 +58,129 @@ class ExpertStore:
         device: torch.device,
         quant: QuantSpec | None = None,
         quantized: QuantizedLayers | None = None,
+        driver: Driver | None = None,
     ):
         """mode "ram": packed rows in host memory, pinned in place for a CUDA `device`; "mmap": read from
         the shards, through a pinned staging row for CUDA. With `quant`, experts are kept quantized, their
-        rows coming from (and going to) the on-disk cache `quantized`: "mmap" then maps its files."""
+        rows coming from (and going to) the on-disk cache `quantized`: "mmap" then maps its files.
+        `driver`: what pins RAM rows: for CUDA, the CUDA driver unless given; given, even for the CPU
+        device (tests give a stand-in)."""
         self.source = source
         self.dtype = dtype
         self.layout = layout_of(source, quant, dtype)
         self.row_dtype = self.layout.row_dtype or dtype
         self.mode = mode
         self.rows: dict[int, torch.Tensor] = {}
-        self.pinned_layers = 0
-        cuda = device.type == "cuda"
+        self.pinned: set[int] = set()  # layers whose rows are page-locked (and mapped for the device)
+        self.cuda = cuda = device.type == "cuda"
+        self._pins = Pinned(driver)
         if mode == "ram" or quant is not None:
             for layer, rows in host_rows(source, self.layout, dtype, quantized, mapped=mode == "mmap"):
                 self.rows[layer] = rows
-                self.pinned_layers += cuda and mode == "ram" and _pin_in_place(rows)
-        # Page faults make direct copies from a mapped file to the GPU crawl: a miss gathers its roles
-        # in this pinned row first.
-        self._staging = (
-            torch.empty(self.layout.numel, dtype=self.row_dtype, pin_memory=True) if cuda and mode == "mmap" else None
-        )
+                if (cuda or driver is not None) and mode == "ram" and self._pins.add(rows):
+                    self.pinned.add(layer)
+        # Page faults make direct copies from a mapped file to the GPU crawl, and a copy from pageable
+        # memory is synchronous: a reader thread gathers each miss in pinned staging rows first.
+        self._reader = StagedReader(self, device) if cuda and mode == "mmap" else None
 
     @property
     def expert_bytes(self) -> int:
         return self.layout.numel * self.row_dtype.itemsize
 
-    def copy_to(self, row: torch.Tensor, layer: int, expert: int) -> None:
-        """Copy one expert into the flat device row `row`, on the current stream."""
+    @property
+    def readable_in_place(self) -> bool:
+        return self.not_in_place() is None
+
+    def not_in_place(self) -> str | None:
+        """Why a kernel cannot read every layer's experts where they lie, or None when it can: rows in
+        memory (RAM, or mapped quantized files on the CPU), pinned for CUDA, whose device reads them over
+        the bus."""
+        layers = set(self.source.blocks)
+        if set(self.rows) != layers:
+            return "the experts are read from the checkpoint files (mmap), RAM being short"
+        if self.cuda and self.mode == "mmap":
+            return "the quantized experts are mapped from their files, whose pages are not pinned"
+        if self.cuda and self.pinned != layers:
+            refused = len(layers - self.pinned)
+            return f"pinning the experts' host copy was refused for {refused} layers ({self._pins.refused})"
+        return None
+
+    def close(self) -> None:
+        """Unpin the rows (also done when the store is collected), stop the reader; not used after."""
+        self._pins.close()
+        if self._reader is not None:
+            self._reader.close()
+
+    def in_place(self, layer: int) -> ExpertStack:
+        """The layer's experts as a kernel reads them where they lie, indexed by expert id."""
+        rows = self.rows[layer]
+        return ExpertStack(self.layout.gate_up(rows), self.layout.down(rows), *self.layout.biases(rows))
+
+    def copy_to(
+        self, row: torch.Tensor, layer: int, expert: int, then: Callable[[], None] | None = None
+    ) -> threading.Event | None:
+        """Copy one expert into the flat device row `row`, on the current stream, then run `then` (on the
+        same stream, once the copy is queued). From the mapped shards to CUDA, the copy is queued later by
+        the reader thread: the returned event is set once it is (None: it is queued on return)."""
+        if self._reader is not None:
+            return self._reader.submit(row, layer, expert, torch.cuda.current_stream(row.device), then)
         if self.mode == "ram":
             # Asynchronous from pinned rows; from a layer whose pinning was refused it is synchronous.
             row.copy_(self.rows[layer][expert], non_blocking=row.is_cuda)
-            return
-        staging = row if row.device.type == "cpu" else self._staging
-        if layer in self.rows:  # mapped quantized rows
-            staging.copy_(self.rows[layer][expert])
         else:
-            self.layout.pack(staging, self.source.read(layer, expert, packed=self.layout.reads_packed))
-        if staging is not row:
-            row.copy_(staging)  # synchronous, so the staging row is free again on return
+            self.read_into(row, layer, expert)
+        if then is not None:
+            then()
+        return None
+
+    def read_into(self, row: torch.Tensor, layer: int, expert: int) -> None:
+        """Fill a host row with one expert from the mapped files (quantized rows, or the shards packed)."""
+        if layer in self.rows:
+            row.copy_(self.rows[layer][expert])
+        else:
+            self.layout.pack(row, self.source.read(layer, expert, packed=self.layout.reads_packed))
+
+
+class StagedReader:
+    """Copies from mapped files to a CUDA device, off the caller's thread: a reader thread reads each
+    expert into the next of a ring of pinned staging rows (disk reads and page faults happen there),
+    then queues its copy to the device on the stream the request came from, and records the staging
+    row's event after it: a row is filled again only once its last copy has passed. Requests run in the
+    order they came."""
+
+    RING = 2
+
+    def __init__(self, store: ExpertStore, device: torch.device, ring: int = RING):
+        self.store, self.device = store, device
+        self.rows = [torch.empty(store.layout.numel, dtype=store.row_dtype, pin_memory=True) for _ in range(ring)]
+        self.events = [torch.cuda.Event() for _ in range(ring)]
+        self.requests: queue.Queue = queue.Queue()
+        self.thread = threading.Thread(target=self._read, daemon=True, name="localmoe-expert-reader")
+        self.thread.start()
+
+    def submit(self, row, layer: int, expert: int, stream, then: Callable[[], None] | None) -> threading.Event:
+        queued = threading.Event()
+        self.requests.put((row, layer, expert, stream, then, queued))
+        return queued
+
+    def close(self) -> None:
+        self.requests.put(None)
+
+    def _read(self) -> None:
+        torch.cuda.set_device(self.device)  # the current device is per thread
+        served = 0
+        while (request := self.requests.get()) is not None:
+            row, layer, expert, stream, then, queued = request
+            staging, event = self.rows[served % len(self.rows)], self.events[served % len(self.rows)]
+            event.synchronize()  # its last copy has passed
+            self.store.read_into(staging, layer, expert)
+            with torch.cuda.stream(stream):
+                row.copy_(staging, non_blocking=True)
+                event.record(stream)
+                if then is not None:
+                    then()
+            queued.set()
+            served += 1
 
 
 def _page_aligned_empty(rows: int, numel: int, dtype: torch.dtype) -> torch.Tensor:
@@ -99,18 +189,3 @@ def _page_aligned_empty(rows: int, numel: int, dtype: torch.dtype) -> torch.Tens
     raw = torch.empty(nbytes + PAGE, dtype=torch.uint8)
     start = -raw.data_ptr() % PAGE
     return raw[start : start + nbytes].view(dtype).view(rows, numel)
-
-
-def _pin_in_place(tensor: torch.Tensor) -> bool:
-    """Page-lock `tensor`'s memory for fast asynchronous copies; False (and unpinned) where refused.
-
-    The memory stays registered for the life of the process: the store outlives every copy from it.
-    """
-    if not torch.cuda.is_available():
-        return False
-    cudart = torch.cuda.cudart()
-    # The binding returns the CUDA error code instead of raising.
-    code = cudart.cudaHostRegister(tensor.data_ptr(), tensor.numel() * tensor.element_size(), 0)
-    if int(code) != 0 and hasattr(cudart, "cudaGetLastError"):
-        cudart.cudaGetLastError()  # clear it, so that a later launch check does not report it
-    return int(code) == 0

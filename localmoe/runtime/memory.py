@@ -148,6 +148,13 @@ class MemoryPlan:
         lines += self.notices
         if self.store == "mmap" and disk_bandwidth:
             lines.append(self.disk_notice(disk_bandwidth))
+        if self.store in ("pinned", "ram"):
+            lines.append("default miss policy: direct (misses read where they lie, in the host copy, by the kernel)")
+        elif self.store == "mmap":
+            lines.append(
+                "default miss policy: copy (misses copied into slots): the experts are read from disk, where the "
+                "kernel cannot read them in place as direct does"
+            )
         lines.append(
             f"flags: --device {self.device} --vram-budget {flag_size(self.device_budget)} "
             f"--host-budget {flag_size(self.host_budget)} --expert-slots {slots_in_use or self.slots} "

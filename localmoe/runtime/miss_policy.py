@@ -9,10 +9,15 @@ from localmoe.runtime.expert_cache import ExpertCache
 
 
 class MissPolicy:
-    """Copies every miss into a slot before the layer computes (the compute waits for it)."""
+    """Copies every miss into a slot before the layer computes (the compute waits for it). Like every
+    policy but `direct`, it reads each MoE layer's routing on the host before the layer's experts run:
+    one device-to-host wait per layer, which keeps decode host-bound on a GPU."""
 
     name: ClassVar[str] = "copy"
     weighs_bandwidths: ClassVar[bool] = False  # needs the machine's copy and CPU bandwidths
+    in_place: ClassVar[bool] = False  # misses read by the kernel where they lie, the routing learned later
+    computes_on_cpu: ClassVar[bool] = False  # some misses computed by the CPU (`for_cpu` can answer any)
+    prefetch: ClassVar[int] = 1  # MoE layers looked ahead by default: predicting needs the host mid-step
 
     def for_cpu(self, cache: ExpertCache, layer: int, need: Counter[int]) -> set[int]:
         """Of a layer visit's experts (expert -> tokens routed to it), those the CPU computes from the
@@ -24,10 +29,22 @@ class MissPolicy:
         return self.name
 
 
+class Direct(MissPolicy):
+    """Misses are read by the kernel where they lie, in the host store (pinned memory over the bus on
+    CUDA), in the same launch as the hits: no layer waits for the host. The cache learns the routing one
+    step later and admits the misses its policy ranks above their victims. Needs a host store that can be
+    read in place: rows in RAM, pinned for CUDA."""
+
+    name = "direct"
+    in_place = True
+    prefetch = 0  # no host decision in the middle of a step to prefetch with: misses are admitted a step later
+
+
 class OnCpu(MissPolicy):
     """Computes every miss on the CPU, from the host store, and caches none of them."""
 
     name = "cpu"
+    computes_on_cpu = True
 
     def for_cpu(self, cache: ExpertCache, layer: int, need: Counter[int]) -> set[int]:
         return {expert for expert in need if (layer, expert) not in cache}
@@ -37,6 +54,7 @@ class Auto(MissPolicy):
     """Sends each miss where it would be done first, copied or on the CPU, as the measured bandwidths say."""
 
     name = "auto"
+    computes_on_cpu = True
     weighs_bandwidths = True
 
     def __init__(self, bandwidths: Bandwidths):
@@ -51,12 +69,16 @@ class Bypass(MissPolicy):
     """Computes on the CPU the misses the cache policy would not admit (see `ExpertCache.bypassed`)."""
 
     name = "bypass"
+    computes_on_cpu = True
 
     def for_cpu(self, cache: ExpertCache, layer: int, need: Counter[int]) -> set[int]:
         return cache.bypassed(layer, list(need))
 
 
-MISS_POLICIES: dict[str, type[MissPolicy]] = {policy.name: policy for policy in (Auto, MissPolicy, OnCpu, Bypass)}
+MISS_POLICIES: dict[str, type[MissPolicy]] = {
+    policy.name: policy for policy in (Direct, MissPolicy, OnCpu, Auto, Bypass)
+}
+DEFAULT, FALLBACK = "direct", "copy"  # the fallback where the host store cannot be read in place
 
 
 def miss_policy(name: str, bandwidths: Bandwidths | None = None) -> MissPolicy:

@@ -10,6 +10,7 @@ import torch
 from localmoe.kernels.quantized import QuantSpec
 from localmoe.kernels.reference import expert_mlp, expert_pair_outputs
 from localmoe.models.expert_source import ExpertSource
+from localmoe.models.moe import Routing
 from localmoe.runtime.expert_store import host_rows
 from localmoe.runtime.layouts import layout_of
 from localmoe.runtime.quantized_cache import QuantizedLayers
@@ -31,18 +32,16 @@ class ResidentExperts:
     ):
         """`quant`: keep the experts quantized, their rows from the on-disk cache `quantized`."""
         self.layout = layout_of(source, quant, dtype)
-        self.blocks = source.blocks
+        self.specs = {layer: block.spec for layer, block in source.blocks.items()}
         self.trace = trace
         self.pair_outputs = pair_outputs  # the kernel (see localmoe.kernels.pair_kernel)
         # Packed in host memory, then moved in one copy: the mapped shards are read sequentially.
         self.rows = {layer: rows.to(device) for layer, rows in host_rows(source, self.layout, dtype, quantized)}
 
-    def __call__(
-        self, layer: int, x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor, routed=None
-    ) -> torch.Tensor:
+    def __call__(self, layer: int, x: torch.Tensor, routing: Routing, routed=None) -> torch.Tensor:
         """The layer's experts applied to x (`routed`, the router's inputs, is for runtimes that predict)."""
-        block, rows = self.blocks[layer], self.rows[layer]
-        if self.trace:
-            self.trace.record(layer, ids.reshape(-1).tolist(), weights.reshape(-1).tolist(), block.top_k)
+        spec, rows, (weights, ids, _) = self.specs[layer], self.rows[layer], routing
+        if self.trace:  # a host read per layer: a trace is for analysis, not speed
+            self.trace.record(layer, ids.reshape(-1).tolist(), weights.reshape(-1).tolist(), spec.top_k)
         gate_up, down, biases = self.layout.gate_up(rows), self.layout.down(rows), self.layout.biases(rows)
-        return expert_mlp(x, gate_up, down, weights, ids, block.act, *biases, block.weights_on_input, self.pair_outputs)
+        return expert_mlp(x, gate_up, down, weights, ids, spec.act, *biases, spec.weights_on_input, self.pair_outputs)

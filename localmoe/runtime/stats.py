@@ -6,7 +6,8 @@ from dataclasses import dataclass
 from localmoe.runtime.expert_cache import CacheCounters, ExpertCache
 from localmoe.runtime.memory import format_bytes
 
-COLUMNS = ("uses", "hits", "misses", "on cpu", "hit rate", "prefetched", "used", "wasted", "copied")
+COLUMNS = ("uses", "hits", "misses", "in place", "on cpu", "hit rate", "prefetched", "used", "wasted", "admitted")
+COLUMNS += ("evicted", "copied", "read in place")
 
 
 @dataclass(frozen=True)
@@ -26,8 +27,8 @@ class CacheSnapshot:
 def cache_report(cache: ExpertCache) -> str:
     rows = [(str(layer), cache.counters[layer]) for layer in sorted(cache.counters)]
     rows.append(("all", cache.totals()))
-    lines = [f"{'layer':>5}  " + "  ".join(f"{name:>10}" for name in COLUMNS)]
-    lines += [f"{name:>5}  " + "  ".join(f"{cell:>10}" for cell in _cells(counters)) for name, counters in rows]
+    lines = [f"{'layer':>5}  " + "  ".join(f"{name:>13}" for name in COLUMNS)]
+    lines += [f"{name:>5}  " + "  ".join(f"{cell:>13}" for cell in _cells(counters)) for name, counters in rows]
     stall = cache.copies.stall_seconds()
     waited = "compute waited for copies" if cache.copies.cuda else "copying (synchronous on the CPU)"
     total = cache.totals()
@@ -35,6 +36,11 @@ def cache_report(cache: ExpertCache) -> str:
         f"{waited}: {stall:.3f} s; pinned experts: {len(cache.pinned)}; slots: {cache.slots} "
         f"(per layer: {cache.quota or 'shared'}); warm-up copies: {total.warmup_copies}"
     )
+    if total.direct:
+        lines.append(
+            f"read where they lie (the host copy, over the bus on CUDA): {total.direct} expert uses, "
+            f"{format_bytes(total.bytes_direct)}; admitted into slots afterwards: {total.admissions}"
+        )
     if total.on_cpu:
         lines.append(
             f"computed on the CPU from the host store: {total.on_cpu} expert uses in {total.cpu_seconds:.3f} s"
@@ -47,10 +53,14 @@ def _cells(c: CacheCounters) -> list[str]:
         str(c.uses),
         str(c.hits),
         str(c.misses),
+        str(c.direct),
         str(c.on_cpu),
         f"{c.hit_rate:.3f}",
         str(c.prefetch_issued),
         str(c.prefetch_used),
         str(c.prefetch_wasted),
+        str(c.admissions),
+        str(c.evictions),
         format_bytes(c.bytes_copied),
+        format_bytes(c.bytes_direct),
     ]
