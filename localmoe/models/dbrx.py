@@ -13,7 +13,7 @@ from torch import nn
 from localmoe.models.expert_tensors import Concatenated
 from localmoe.models.family import Family, ModelArgs, causal_lm
 from localmoe.models.layers import CausalLM, DecoderLayer
-from localmoe.models.moe import GatedActivation, SparseMoE, TopKRouter
+from localmoe.models.moe import GatedActivation, Routing, SparseMoE, TopKRouter
 from localmoe.models.sarvam_moe import FusedQKVAttention
 
 LayerNorm = partial(nn.LayerNorm, bias=False)
@@ -65,9 +65,11 @@ class PNormRouter(TopKRouter):
         super().__init__(hidden, num_experts, top_k, normalize=False)
         self.p = p
 
-    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        weights, ids = super().forward(x)
-        return (weights if self.p is None else weights / weights.norm(p=self.p, dim=-1, keepdim=True)), ids
+    def forward(self, x: torch.Tensor) -> Routing:
+        weights, ids, scores = super().forward(x)
+        if self.p is not None:
+            weights = weights / weights.norm(p=self.p, dim=-1, keepdim=True)
+        return Routing(weights, ids, scores)
 
 
 def build(args: DbrxArgs) -> CausalLM:

@@ -15,7 +15,7 @@ from localmoe.models import ernie4_5_moe
 from localmoe.models.expert_tensors import PerExpert
 from localmoe.models.family import Family, Multimodal
 from localmoe.models.layers import CausalLM
-from localmoe.models.moe import MLP_EXPERTS
+from localmoe.models.moe import MLP_EXPERTS, Routing
 
 
 @dataclass
@@ -42,11 +42,11 @@ class TextRouter(ernie4_5_moe.ErnieRouter):
     def scores(self, x: torch.Tensor) -> torch.Tensor:
         return F.linear(x.float(), self.weight.float().T).softmax(dim=-1)
 
-    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def forward(self, x: torch.Tensor) -> Routing:
         probs = self.scores(x)
         ids = (probs + self.moe_statics.e_score_correction_bias[0].float()).topk(self.top_k, dim=-1).indices
         weights = probs.gather(-1, ids)
-        return weights / weights.sum(dim=-1, keepdim=True).clamp(min=self.norm_min), ids
+        return Routing(weights / weights.sum(dim=-1, keepdim=True).clamp(min=self.norm_min), ids, probs)
 
 
 def build(args: Ernie45VLMoeTextArgs) -> CausalLM:

@@ -181,6 +181,9 @@ class Concatenated:
         for name in self.names.values():
             ckpt.check_tensor(name.format(layer=block.layer_idx), (rows, block.hidden_size))
 
+    def stored_form(self, ckpt: Checkpoint, block) -> None:
+        return None  # read as floats
+
     def read(self, ckpt: Checkpoint, block, expert: int) -> dict[str, torch.Tensor]:
         shape = (block.num_experts, block.intermediate_size, block.hidden_size)
         roles = {

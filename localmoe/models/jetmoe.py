@@ -99,13 +99,13 @@ class MixtureOfAttentionHeads(nn.Module):
         B, T, E = x.shape
         kv_heads, D, k = self.kv_heads, self.head_dim, self.top_k
         flat = x.reshape(-1, E)
-        weights, ids = self.experts.router(flat)  # [BT, k]
+        weights, ids, _ = self.experts.router(flat)  # [BT, k]
         q = self.experts.input_linear(flat.repeat_interleave(k, dim=0), ids.flatten())  # [BT k, kv_heads D]
         # each key-value head's queries from the k experts side by side: head h reads key-value head h // k
         q = q.view(B, T, k, kv_heads, D).permute(0, 3, 2, 1, 4).reshape(B, kv_heads * k, T, D)
         keys, values = (t.view(B, T, kv_heads, D).transpose(1, 2) for t in self.kv_proj(x).chunk(2, dim=-1))
         q, keys = apply_rotary(q, step.cos, step.sin), apply_rotary(keys, step.cos, step.sin)
-        keys, values, positions = kv.update(keys, values, step.start)
+        keys, values, positions = kv.update(keys, values, step)
         mask, is_causal = step.mask(None, positions)
         out = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, is_causal=is_causal, enable_gqa=True)
         out = out.view(B, kv_heads, k, T, D).permute(0, 3, 2, 1, 4).reshape(B * T * k, kv_heads * D)
