@@ -23,7 +23,6 @@ Without CUDA it says so in one RESULT line and exits with status 2. How to read 
 """
 
 import argparse
-import ctypes
 import json
 import os
 import subprocess
@@ -36,6 +35,10 @@ import torch
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))  # run from a checkout without installing
+
+from localmoe.runtime.pinning import Driver  # noqa: E402
+
+DRIVER = Driver()
 
 PHASES = ("env", "kernels", "overflow", "register", "offload", "card12")
 STARTED = time.perf_counter()
@@ -118,15 +121,13 @@ def copy_rate(target: torch.Tensor, source: torch.Tensor) -> float:
 
 
 def register(tensor: torch.Tensor) -> int:
-    """Page-lock a CPU tensor's memory and map it into the device's address space through the driver API
-    (cuMemHostRegister, PORTABLE | DEVICEMAP); the driver's status (0: done)."""
-    driver = ctypes.CDLL("libcuda.so.1")
-    nbytes = tensor.numel() * tensor.element_size()
-    return driver.cuMemHostRegister_v2(ctypes.c_void_p(tensor.data_ptr()), ctypes.c_size_t(nbytes), ctypes.c_uint(3))
+    """Page-lock a CPU tensor's memory and map it into the device's address space as the runtime does
+    (localmoe.runtime.pinning: cuMemHostRegister, PORTABLE | DEVICEMAP); the driver's status (0: done)."""
+    return DRIVER.register(tensor.data_ptr(), tensor.numel() * tensor.element_size())
 
 
 def unregister(tensor: torch.Tensor) -> int:
-    return ctypes.CDLL("libcuda.so.1").cuMemHostUnregister(ctypes.c_void_p(tensor.data_ptr()))
+    return DRIVER.unregister(tensor.data_ptr())
 
 
 # name: (hidden, expert intermediate, top-k, weight format, the activation's GatedActivation fields)
