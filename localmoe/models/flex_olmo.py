@@ -8,17 +8,18 @@ from typing import ClassVar
 import torch
 from torch import nn
 
-from localmoe.models.attention import Attention
+from localmoe.models import olmoe
 from localmoe.models.expert_tensors import PerExpert
-from localmoe.models.family import Family, ModelArgs, causal_lm
+from localmoe.models.family import Family, ModelArgs
 from localmoe.models.layers import CausalLM, Step, UpcastRMSNorm
-from localmoe.models.moe import FUSED_EXPERTS, MLP_EXPERTS, GatedActivation, SparseMoE, TopKRouter
+from localmoe.models.moe import FUSED_EXPERTS, MLP_EXPERTS
 
 
 @dataclass
 class FlexOlmoArgs(ModelArgs):
     default_rope_theta: ClassVar[float] = 500_000.0
     config_aliases: ClassVar[dict[str, tuple[str, ...]]] = {"num_experts": ("num_local_experts",)}
+    clip_qkv: ClassVar[None] = None  # OLMo 2 does not clip q/k/v (OLMoE's build reads it)
 
     vocab_size: int
     hidden_size: int
@@ -53,36 +54,7 @@ class PostNormDecoderLayer(nn.Module):
 
 
 def build(args: FlexOlmoArgs) -> CausalLM:
-    hidden, experts, top_k = args.hidden_size, args.num_experts, args.num_experts_per_tok
-    head_dim = args.attention_head_dim
-    layers = [
-        PostNormDecoderLayer(
-            Attention(
-                hidden,
-                args.num_attention_heads,
-                args.key_value_heads,
-                head_dim,
-                qkv_bias=args.attention_bias,
-                out_bias=args.attention_bias,
-                qk_norm="full",
-                norm_eps=args.rms_norm_eps,
-                norm=UpcastRMSNorm,
-            ),
-            SparseMoE(
-                i,
-                hidden,
-                args.intermediate_size,
-                experts,
-                top_k,
-                TopKRouter(hidden, experts, top_k, args.norm_topk_prob),
-                act=GatedActivation(act=args.hidden_act),
-            ),
-            hidden,
-            args.rms_norm_eps,
-        )
-        for i in range(args.num_hidden_layers)
-    ]
-    return causal_lm(args, layers, head_dim, norm=UpcastRMSNorm)
+    return olmoe.build(args, layer=PostNormDecoderLayer, norm=UpcastRMSNorm)
 
 
 FAMILY = Family(

@@ -7,7 +7,7 @@ from typing import ClassVar
 from localmoe.models.attention import Attention
 from localmoe.models.expert_tensors import PerExpert
 from localmoe.models.family import Family, ModelArgs, causal_lm
-from localmoe.models.layers import CausalLM, DecoderLayer
+from localmoe.models.layers import CausalLM, DecoderLayer, RMSNorm
 from localmoe.models.moe import FUSED_EXPERTS, MLP_EXPERTS, GatedActivation, SparseMoE, TopKRouter
 
 
@@ -34,11 +34,12 @@ class OlmoeArgs(ModelArgs):
     rope: dict = field(default_factory=dict)
 
 
-def build(args: OlmoeArgs) -> CausalLM:
+def build(args: OlmoeArgs, layer=DecoderLayer, norm=RMSNorm) -> CausalLM:
+    """OLMoE; FlexOlmo (OLMo 2's layer) gives its own `layer` class and `norm`."""
     hidden, experts, top_k = args.hidden_size, args.num_experts, args.num_experts_per_tok
     head_dim = args.attention_head_dim
     layers = [
-        DecoderLayer(
+        layer(
             Attention(
                 hidden,
                 args.num_attention_heads,
@@ -49,6 +50,7 @@ def build(args: OlmoeArgs) -> CausalLM:
                 qk_norm="full",
                 norm_eps=args.rms_norm_eps,
                 clip_qkv=args.clip_qkv,
+                norm=norm,
             ),
             SparseMoE(
                 i,
@@ -64,7 +66,7 @@ def build(args: OlmoeArgs) -> CausalLM:
         )
         for i in range(args.num_hidden_layers)
     ]
-    return causal_lm(args, layers, head_dim)
+    return causal_lm(args, layers, head_dim, norm=norm)
 
 
 FAMILY = Family(
