@@ -58,6 +58,8 @@ class RunResult:
     miss_policy: str = ""  # localmoe with an expert cache: what it does with a miss
     host_ms_per_token: float | None = None  # decode: time the host spent queueing a step and sampling
     ops_per_layer: float | None = None  # decode: kernel-launching ops of one token per MoE layer
+    loaded_per_token: float | None = None  # decode: experts loaded from outside the slots per token
+    acceptance_rate: float | None = None  # speculative decoding: drafted tokens kept
     detail: str = ""
     tokens: list[int] = field(default_factory=list)
 
@@ -112,17 +114,23 @@ def decode_floor(footprint: Footprint, bandwidth: dict[str, float], copied_per_t
     }
 
 
-def run_engine(engine: Engine, name: str, prompt: list[int], new_tokens: int, detail: str = "") -> RunResult:
+def run_engine(
+    engine: Engine, name: str, prompt: list[int], new_tokens: int, detail: str = "", speculative: bool = True
+) -> RunResult:
     """Time one greedy generation on a loaded engine, after a two-token warm-up (whose cache traffic
-    is then cleared, so the run starts cold as a fresh process would)."""
+    is then cleared, so the run starts cold as a fresh process would); decoding speculative as the
+    engine's options say, or plain where not `speculative`."""
     device = engine.device
-    list(engine.generate_ids(prompt[:1], 2))
+    list(engine.generate_ids(prompt[:1], 2, speculative=speculative))
     if engine.expert_cache() is not None:
         engine.reconfigure(cold=True)  # the timed prompt, not the warm-up, decides what --pin-hot pins
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     prefill_copies = []
-    tokens = list(engine.generate_ids(prompt, new_tokens, on_prefill=lambda: prefill_copies.append(_copied(engine))))
+    tokens = engine.generate_ids(
+        prompt, new_tokens, on_prefill=lambda: prefill_copies.append(_copied(engine)), speculative=speculative
+    )
+    tokens = list(tokens)
     stats = engine.stats
     peak = torch.cuda.max_memory_allocated(device) if device.type == "cuda" else psutil.Process().memory_info().rss
     result = RunResult(
@@ -133,6 +141,8 @@ def run_engine(engine: Engine, name: str, prompt: list[int], new_tokens: int, de
         peak_memory_bytes=peak,
         detail=detail,
         tokens=tokens,
+        loaded_per_token=stats.loaded_per_token,
+        acceptance_rate=None if stats.speculation is None else stats.speculation.acceptance_rate,
     )
     decode_steps = max(len(tokens) - 1, 1)
     result.host_ms_per_token = 1000 * stats.decode_host_seconds / decode_steps
@@ -226,7 +236,9 @@ def results_table(
     speed to the baseline's and the floor's multiple where given."""
     base = next((r for r in results if r.name == baseline), None)
     columns = ["run", "misses", "prefill tok/s", "first token s", "decode tok/s", "vs baseline", "x floor"]
-    columns += ["host ms/token", "ops/layer", "peak memory", "hit rate", "copied/token"]
+    columns += ["host ms/token", "ops/layer", "peak memory", "hit rate", "copied/token", "loaded/token"]
+    speculative = any(r.acceptance_rate is not None for r in results)
+    columns += ["accepted"] if speculative else []
     rows = []
     for r in results:
         ratio = f"{r.decode_tokens_per_s / base.decode_tokens_per_s:.2f}x" if base and base.decode_tokens_per_s else ""
@@ -238,9 +250,14 @@ def results_table(
         rows.append(
             [r.name, r.miss_policy, f"{r.prefill_tokens_per_s:.1f}", f"{r.time_to_first_token_s:.2f}"]
             + [f"{r.decode_tokens_per_s:.2f}", ratio, multiple, host, ops, format_bytes(r.peak_memory_bytes)]
-            + [hit, copied]
+            + [hit, copied, "" if r.loaded_per_token is None else f"{r.loaded_per_token:.1f}"]
+            + ([_share(r.acceptance_rate)] if speculative else [])
         )
     return render(columns, rows, markdown)
+
+
+def _share(rate: float | None) -> str:
+    return "" if rate is None else f"{rate:.1%}"
 
 
 def baseline_of(runs: list[RunResult]) -> str | None:

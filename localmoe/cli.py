@@ -12,7 +12,17 @@ from pathlib import Path
 import click
 
 from localmoe.errors import LocalMoEError, as_flag
-from localmoe.options import CHAT_TOKENS, CUDA_GRAPHS, DEFAULT_CONTEXT, GENERATE_TOKENS, RuntimeOptions, parse_size
+from localmoe.options import (
+    CHAT_TOKENS,
+    CUDA_GRAPHS,
+    DEFAULT_CONTEXT,
+    DRAFT_TOKENS,
+    GENERATE_TOKENS,
+    MOST_DRAFT_TOKENS,
+    SPECULATIVE,
+    RuntimeOptions,
+    parse_size,
+)
 
 DEFAULTS = RuntimeOptions()  # every setting's one default
 SAMPLING_FLAGS = ("temperature", "top_k", "top_p", "min_p", "repetition_penalty", "seed")
@@ -228,7 +238,28 @@ def _cache_options(fn):
     return _options(options)(fn)
 
 
-_stats_option = click.option("--stats", is_flag=True, help="Print the memory plan and the cache counters.")
+_stats_option = click.option(
+    "--stats", is_flag=True, help="Print the memory plan, the cache counters and speculative decoding's."
+)
+_speculative_options = _options(
+    [
+        click.option(
+            "--speculative",
+            type=click.Choice(list(SPECULATIVE)),
+            default=None,
+            help="Draft tokens and check them all in one forward pass: mtp (the checkpoint's multi-token-prediction "
+            "layers), lookup (n-gram matches in the prompt and the output), off. Greedy decoding gives the tokens "
+            "it gives without (see docs/speculative.md), sampling the same distribution.  [default: mtp where the "
+            "checkpoint has MTP layers, else off]",
+        ),
+        click.option(
+            "--draft-tokens",
+            type=click.IntRange(1, MOST_DRAFT_TOKENS),
+            default=None,
+            help=f"Most drafted tokens checked per forward pass, with --speculative.  [default: {DRAFT_TOKENS}]",
+        ),
+    ]
+)
 
 
 def _sampling_options(fn):
@@ -410,6 +441,7 @@ def _prompt_text(prompt: str | None, file: Path | None) -> str:
 @_sampling_options
 @_placement_options
 @_cache_options
+@_speculative_options
 @_stats_option
 def generate(
     model: str,
@@ -463,6 +495,7 @@ def generate(
 @_sampling_options
 @_placement_options
 @_cache_options
+@_speculative_options
 def chat(model: str, system: str | None, max_new_tokens: int | None, revision: str | None, **flags):
     """Chat with MODEL. In a terminal: a prompt with history and /commands (/help). With piped input:
     each line is a message, and the answers are printed as plain text."""
@@ -545,15 +578,21 @@ def tune(model: str, tokens: int, repeats: int, revision: str | None, **flags):
 @_revision_option
 @_placement_options
 @_cache_options
+@_speculative_options
 @_stats_option
 def bench(model: str, tokens: int, markdown: bool, revision: str | None, **flags):
-    """Measure prefill and decode speed on this machine, against the physical floor."""
+    """Measure prefill and decode speed on this machine, against the physical floor; with speculative
+    decoding, with and without it (its acceptance, and so its speed, needs a real checkpoint and text)."""
     from localmoe.bench import decode_floor, measure_bandwidth, results_table, run_engine
 
     engine = _load(model, revision, flags, _fits(len(BENCH_PROMPT), tokens, tokens, "tokens"))
-    result = run_engine(engine, "localmoe", _bench_prompt(engine), tokens)
+    result = run_engine(engine, "localmoe", _bench_prompt(engine), tokens, speculative=False)
+    results = [result]
+    if engine.speculative != "off":
+        name = f"localmoe, speculative {engine.speculative}"
+        results.append(run_engine(engine, name, _bench_prompt(engine), tokens))
     floor = decode_floor(engine.plan.footprint, measure_bandwidth(engine.device), result.bytes_copied_per_token or 0)
-    click.echo(results_table([result], floor["floor_s"], markdown=markdown))
+    click.echo(results_table(results, floor["floor_s"], markdown=markdown))
     click.echo(f"floor: {floor['floor_s'] * 1000:.1f} ms per token, set by {floor['bound']}")
     if flags["stats"]:
         click.echo(engine.cache_report(), err=True)
@@ -647,6 +686,7 @@ def _placement_flags(model: str, revision: str | None, flags: dict, engine) -> l
 @_sampling_options
 @_placement_options
 @_cache_options
+@_speculative_options
 def serve(model, host, port, api_key, names, queue, max_tokens_limit, max_body, cors, revision, **flags):
     """Serve MODEL over the OpenAI API (/v1/chat/completions, /v1/completions, /v1/models) and Anthropic's
     (/v1/messages), with /health and /metrics, one generation at a time. Sampling flags set the
@@ -818,6 +858,8 @@ def _report(engine, text: str) -> dict:
         "time_to_first_token_s": stats.prefill_seconds,
         "prefill_tokens_per_s": stats.prefill_rate,
         "decode_tokens_per_s": stats.decode_rate,
+        "experts_loaded_per_token": stats.loaded_per_token,
+        "speculation": None if stats.speculation is None else stats.speculation.as_dict(),
         "device": engine.plan.device,
         "expert_slots": engine.plan.slots if cache is None else cache.slots,
         "total_experts": engine.plan.footprint.total_experts,

@@ -24,7 +24,7 @@ from localmoe.kernels.reference import expert_pair_outputs
 from localmoe.loader import DTYPES, ModelParts, footprint, load_resident_weights, model_skeleton, open_checkpoint
 from localmoe.models.moe import MoESpec, moe_blocks
 from localmoe.models.state import KVCache
-from localmoe.options import CHAT_TOKENS, CUDA_GRAPHS, GENERATE_TOKENS, RuntimeOptions
+from localmoe.options import CHAT_TOKENS, CUDA_GRAPHS, DRAFT_TOKENS, GENERATE_TOKENS, RuntimeOptions
 from localmoe.paths import cache_dir
 from localmoe.runtime.cpu_experts import Bandwidths, calibrated
 from localmoe.runtime.expert_cache import POLICIES, ExpertCache, SlotTable
@@ -38,6 +38,7 @@ from localmoe.runtime.profile import default_profile_path
 from localmoe.runtime.quantized_cache import QuantizedLayers, cache_folder
 from localmoe.runtime.resident import ResidentExperts
 from localmoe.runtime.sampling import Constraint, Sampler, SamplingParams
+from localmoe.runtime.speculative import DRAFTERS, Drafter
 from localmoe.runtime.stats import CacheSnapshot, cache_report
 from localmoe.runtime.trace import RoutingTrace
 from localmoe.tokenizer import StopStrings, Tokenizer
@@ -96,6 +97,7 @@ class Engine:
         self.kernels = kernels  # which expert kernels run, and why
         self._graphs_barred = list(graphs_barred)
         self.eos_ids = eos_ids(checkpoint)
+        self.speculative = speculation(options, self.model)  # what drafts tokens: one of SPECULATIVE
         self.stats = GenerationStats()
         self._tokenizer = tokenizer
         self.sampler: Sampler | None = None  # the last run's, with its record of log-probabilities
@@ -141,23 +143,33 @@ class Engine:
         on_prefill: Callable[[], None] | None = None,
         constraint: Constraint | None = None,
         top_logprobs: int | None = None,
+        drafter: Drafter | None = None,
+        draft_tokens: int | None = None,
+        speculative: bool = True,
     ) -> Iterator[int]:
         """Token ids after `prompt` (greedy unless `sampling` says otherwise); `self.stats` describes the
         run as it goes. `cache` and `reuse`: see `generate_tokens`; `on_prefill` runs once the prompt is in.
         A `constraint` (`json_constraint`) limits the tokens and ends the run once complete; with
-        `top_logprobs`, `self.sampler.steps` records each token's log-probabilities as it comes."""
-        self.stats = GenerationStats()
+        `top_logprobs`, `self.sampler.steps` records each token's log-probabilities as it comes. Decoding
+        is speculative where the options say so (`self.speculative`), or with the `drafter` given, checking
+        up to `draft_tokens` (default: the options') per forward pass; plain where not `speculative`."""
+        self.stats = stats = GenerationStats()
+        drafter = (drafter or self.new_drafter()) if speculative else None
+        runtime = self._offloaded
+        loaded_before = 0
         self.sampler = sampler = Sampler(
             sampling or SamplingParams(), self.device, constraint=constraint, top_logprobs=top_logprobs
         )
 
         def after_prefill() -> None:
-            if self._offloaded is not None:
-                self._offloaded.after_prefill()
+            nonlocal loaded_before
+            if runtime is not None:
+                runtime.after_prefill()
+                runtime.settle()  # the prompt's experts are not counted as the decode's
+                loaded_before = runtime.cache.totals().loaded
             if on_prefill:
                 on_prefill()
 
-        runtime = self._offloaded
         tokens = generate_tokens(
             self.model,
             prompt,
@@ -172,6 +184,8 @@ class Engine:
             on_prefill=after_prefill,
             hooks=None if runtime is None else StepHooks(runtime.begin_step, runtime.end_step),
             graphs=not self.graphs_barred(),
+            drafter=drafter,
+            draft_tokens=draft_tokens or self.options.draft_tokens or DRAFT_TOKENS,
         )
         try:
             for token in tokens:
@@ -182,8 +196,13 @@ class Engine:
             tokens.close()
             if runtime is not None:
                 runtime.settle()
+                stats.experts_loaded = runtime.cache.totals().loaded - loaded_before
             if self.experts.trace:
                 self.experts.trace.flush()
+
+    def new_drafter(self) -> Drafter | None:
+        """A drafter for one generation, as `self.speculative` says (None: plain decoding)."""
+        return DRAFTERS[self.speculative](self.model, self.plan.context)
 
     def graphs_barred(self) -> list[str]:
         """Why decode steps run eagerly, not as CUDA graphs (empty: they are captured)."""
@@ -306,7 +325,14 @@ class Engine:
             f"resident {format_bytes(fp.resident_bytes)}; expert slots {plan.slots}/{fp.total_experts}; "
             f"experts' host copy: {home[plan.store]}; context {plan.context}{self._misses()}; "
             f"kernels: {self.kernels}; {torch.get_num_threads()} CPU threads; decode: {decode}, {graphs}"
+            f"{self._speculation()}"
         ) + "".join(f"\n{notice}" for notice in plan.notices)
+
+    def _speculation(self) -> str:
+        if self.speculative == "off":
+            return ""
+        drafts = self.options.draft_tokens or DRAFT_TOKENS
+        return f"; speculative: {self.speculative}, up to {drafts} drafted tokens per check"
 
     def _misses(self) -> str:
         if self.miss_policy is None:
@@ -421,6 +447,7 @@ def prepare(
         raise LocalMoEError(f"this machine has no CUDA device: give {setting('vram_budget')} to plan for one")
     checkpoint, family = open_checkpoint(source, revision, weights=not headers_only)
     parts = model_skeleton(checkpoint, family, _dtype(dtype))
+    speculation(options, parts.model)  # an impossible choice is refused before any weight is read
     quant = _quant(options, parts.experts)
     return Prepared(checkpoint, parts, target, options, _plan(parts, target, options, quant), quant)
 
@@ -479,6 +506,25 @@ def place(prepared: Prepared) -> Engine:
     tokenizer = prepared.__dict__.get("tokenizer")  # where the preparation has read it already
     barred = _graphs_barred(device, kernel, parts.model, options)
     return Engine(checkpoint, parts, plan, experts, options, kernels, offloaded, tokenizer, barred)
+
+
+def speculation(options: RuntimeOptions, model) -> str:
+    """What drafts the tokens speculative decoding checks: as the options say, by default the checkpoint's
+    MTP layers where it has them, else nothing."""
+    has_mtp = getattr(model, "mtp", None) is not None
+    if options.speculative == "mtp" and not has_mtp:
+        raise LocalMoEError(
+            f"{setting('speculative')} mtp drafts with the checkpoint's multi-token-prediction layers, and this "
+            f"checkpoint has none: use {setting('speculative')} lookup (n-gram matches) or off"
+        )
+    chosen = options.speculative or ("mtp" if has_mtp else "off")
+    if chosen == "off" and options.draft_tokens is not None:
+        why = "is off" if options.speculative else "is off by default where a checkpoint has no MTP layers"
+        raise LocalMoEError(
+            f"{setting('draft_tokens')} sets how many tokens speculative decoding drafts, which {why}: add "
+            f"{setting('speculative')} lookup or mtp"
+        )
+    return chosen
 
 
 def physical_cores() -> int:

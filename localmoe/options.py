@@ -17,6 +17,11 @@ CHAT_TOKENS = 1024  # per answer by default: `Engine.chat`, `localmoe chat`
 EXPERT_BITS = (16, 8, 4)
 GIGA = 1e9  # bandwidths are written in GB/s
 CUDA_GRAPHS = ("auto", "on", "off")
+# what drafts the tokens that speculative decoding checks: the checkpoint's multi-token-prediction layers,
+# n-gram matches in the prompt and the output so far, or nothing (plain decoding)
+SPECULATIVE = ("mtp", "lookup", "off")
+DRAFT_TOKENS = 4  # drafted tokens checked per forward pass by default: a choice, not a measured optimum
+MOST_DRAFT_TOKENS = 64  # a draft rolls back within the rings' rewind slack (models.state.REWIND_SLACK)
 
 
 def parse_size(text: str) -> int:
@@ -65,6 +70,8 @@ class RuntimeOptions:
     # 64 that divides the experts' widths
     copy_bandwidth: float | None = None  # GB/s for the miss policy's cost model; default: measured
     cpu_bandwidth: float | None = None
+    speculative: str | None = None  # one of SPECULATIVE; None: mtp where the checkpoint has MTP layers, else off
+    draft_tokens: int | None = None  # at most this many drafted tokens checked per forward pass; None: DRAFT_TOKENS
 
     def __post_init__(self):
         for name in ("vram_budget", "host_budget"):
@@ -77,6 +84,17 @@ class RuntimeOptions:
         if str(self.expert_bits) not in {str(bits) for bits in EXPERT_BITS}:
             raise LocalMoEError(f"{setting('expert_bits')} {self.expert_bits} is not supported: use 16, 8 or 4")
         self.expert_bits = int(self.expert_bits)
+        if self.speculative is not None and self.speculative not in SPECULATIVE:
+            raise LocalMoEError(
+                f"unknown {setting('speculative')} {self.speculative!r}: choose one of {', '.join(SPECULATIVE)}"
+            )
+        draft = self.draft_tokens
+        if draft is not None and (
+            not isinstance(draft, int) or isinstance(draft, bool) or not 1 <= draft <= MOST_DRAFT_TOKENS
+        ):
+            raise LocalMoEError(
+                f"{setting('draft_tokens')} must be an integer from 1 to {MOST_DRAFT_TOKENS}, not {draft!r}"
+            )
         if any(rate is not None and not rate > 0 for rate in (self.copy_bandwidth, self.cpu_bandwidth)):
             raise LocalMoEError(f"{setting('copy_bandwidth')} and {setting('cpu_bandwidth')} must be positive (GB/s)")
 

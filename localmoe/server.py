@@ -34,6 +34,7 @@ from localmoe.api import BadRequest, GenerationRequest, parse_chat, parse_comple
 from localmoe.engine import Engine
 from localmoe.errors import LocalMoEError, as_flag
 from localmoe.runtime.sampling import Constraint, SamplingParams, StepLogprobs
+from localmoe.runtime.speculative import SpeculationStats
 from localmoe.tokenizer import StopStrings
 from localmoe.tool_calls import HarmonyParser, Parsed, ToolCallParser, markers, output_parser, template_messages
 
@@ -88,6 +89,8 @@ class Worker(threading.Thread):
         self.jobs: queue.Queue[Job] = queue.Queue(maxsize=queue_size)
         self.totals = {"accepted": 0, "requests": 0, "cancelled": 0, "prompt_tokens": 0, "generated_tokens": 0}
         self.last_decode_rate = 0.0
+        self.last_loaded_per_token: float | None = None
+        self.speculation = SpeculationStats()  # summed over the requests
 
     def submit(self, job: Job) -> bool:
         try:
@@ -139,6 +142,9 @@ class Worker(threading.Thread):
         self.totals["prompt_tokens"] += len(job.ids)
         self.totals["generated_tokens"] += len(generated)
         self.last_decode_rate = engine.stats.decode_rate
+        self.last_loaded_per_token = engine.stats.loaded_per_token
+        if engine.stats.speculation is not None:
+            self.speculation += engine.stats.speculation
         hit_limit = len(generated) == job.max_tokens and not ended_on_eos and not stops.stopped
         finish = "length" if hit_limit and not engine.sampler.finished else "stop"
         usage = {
@@ -303,6 +309,18 @@ class Server:
             f"{self.worker.last_decode_rate:.3f}",
         )
         metric("localmoe_queue_length", "gauge", "requests waiting for the model", self.worker.jobs.qsize())
+        if (loaded := self.worker.last_loaded_per_token) is not None:
+            what = "experts loaded from outside the slots per decoded token, in the last request"
+            metric("localmoe_experts_loaded_per_token", "gauge", what, f"{loaded:.3f}")
+        if self.engine.speculative != "off":
+            spec = self.worker.speculation
+            metric("localmoe_draft_tokens_total", "counter", "tokens drafted for speculative decoding", spec.drafted)
+            metric("localmoe_draft_tokens_accepted_total", "counter", "drafted tokens the model kept", spec.accepted)
+            metric("localmoe_verifications_total", "counter", "forward passes that checked a draft", spec.verifications)
+            name = "localmoe_draft_acceptance_rate"
+            lines += [f"# HELP {name} share of the drafts reaching a position whose token there was kept"]
+            lines += [f"# TYPE {name} gauge"]
+            lines += [f'{name}{{position="{i + 1}"}} {rate:.4f}' for i, rate in enumerate(spec.rates())]
         if (cache := self.engine.expert_cache()) is not None:
             totals = cache.total
             for name in (

@@ -3,9 +3,11 @@ in a ring), latents, compressed entries, recurrent matrices, rings of a convolut
 
 Every state follows `LayerState`: it takes what its layer writes (`update`, whose arguments are each
 kind's own), can `truncate` itself to its first positions (or say it cannot, and the whole cache
-restarts) and `reset`.
+restarts) and `reset`. A state that cannot be cut back (it sums over every token) can `save` itself
+before forward passes that may be undone (speculative decoding's verification) and `restore` that.
 """
 
+from dataclasses import dataclass
 from typing import Protocol
 
 import torch
@@ -25,6 +27,16 @@ class LayerState(Protocol):
 
     def reset(self) -> None: ...
 
+    def save(self, pos: int) -> object | None:
+        """What `restore` needs to put the state back to `pos` (where it is now) after later forward
+        passes; None where `truncate` cuts it back instead (also the default of the classes below)."""
+        return None
+
+    def restore(self, saved: object, current: int) -> bool:
+        """Back to the position `save` was given, from `current`; False where that is impossible (then
+        `reset` follows)."""
+        raise NotImplementedError
+
 
 def attention_state(
     batch: int,
@@ -43,7 +55,7 @@ def attention_state(
     return AttentionKV(batch, kv_heads, head_dim, max_len, dtype, device, v_dim)
 
 
-class AttentionKV:
+class AttentionKV(LayerState):
     """Keys and values of one attention layer: [B, H_kv, max_len, D] each (values `v_dim` wide if given)."""
 
     def __init__(
@@ -78,7 +90,7 @@ class AttentionKV:
         pass
 
 
-class WindowKV:
+class WindowKV(LayerState):
     """Keys and values of a layer that sees at most the last `span` positions (a sliding window, Llama 4's
     chunks), in a ring of span + REWIND_SLACK slots: position p lives in slot p % size, so memory does
     not grow with the context. `positions` [size] says which position each slot holds (-1: none)."""
@@ -120,7 +132,7 @@ class WindowKV:
         self.positions.fill_(-1)
 
 
-class LatentKV:
+class LatentKV(LayerState):
     """Multi-head latent attention's state: the latent [B, max_len, rank] and the shared rotary key
     [B, 1, max_len, rope dim] of every token; keys and values are expanded from them when attending."""
 
@@ -188,8 +200,15 @@ class PooledState:
         self.overlap: tuple[torch.Tensor, torch.Tensor] | None = None
         self.count = 0
 
+    def save(self) -> tuple:
+        # the compressor replaces these rather than writing into them; entries past `count` are written again
+        return self.pending_kv, self.pending_gate, self.overlap, self.count
 
-class CompressedKV:
+    def restore(self, saved: tuple) -> None:
+        self.pending_kv, self.pending_gate, self.overlap, self.count = saved
+
+
+class CompressedKV(LayerState):
     """Keys of a sliding window (a ring) beside compressed entries of the whole past (DeepSeek-V4): the
     compressor's and, where entries are selected, the indexer's. Pooled entries cannot be cut back to
     an earlier position: like a recurrent state, it is fed again."""
@@ -202,12 +221,23 @@ class CompressedKV:
 
     def reset(self) -> None:
         self.window.reset()
-        for state in (self.compressor, self.indexer):
-            if state is not None:
-                state.reset()
+        for state in self._pooled():
+            state.reset()
+
+    def save(self, pos: int) -> tuple:
+        return pos, [state.save() for state in self._pooled()]
+
+    def restore(self, saved: tuple, current: int) -> bool:
+        pos, pooled = saved
+        for state, kept in zip(self._pooled(), pooled, strict=True):
+            state.restore(kept)
+        return self.window.truncate(pos, current, False)
+
+    def _pooled(self) -> list[PooledState]:
+        return [state for state in (self.compressor, self.indexer) if state is not None]
 
 
-class RecurrentState:
+class RecurrentState(LayerState):
     """A recurrent layer's state (linear attention, Gated DeltaNet, Mamba-2, Kimi Delta Attention): named
     tensors that sum over every token so far, such as a convolution's last inputs [B, C, K - 1] or a
     scan's matrices (kept in float32). It cannot be rewound to an earlier position, only kept when
@@ -224,8 +254,16 @@ class RecurrentState:
         for tensor in self.tensors.values():
             tensor.zero_()
 
+    def save(self, pos: int) -> dict[str, torch.Tensor]:
+        return {name: tensor.clone() for name, tensor in self.tensors.items()}
 
-class ConvRing:
+    def restore(self, saved: dict[str, torch.Tensor], current: int) -> bool:
+        for name, tensor in self.tensors.items():
+            tensor.copy_(saved[name])
+        return True
+
+
+class ConvRing(LayerState):
     """A short convolution's inputs [B, C, size] for the last `size` = K - 1 + REWIND_SLACK positions,
     position p in slot p % size: enough to convolve the next tokens (which see the K - 1 before them)
     after a rewind of up to REWIND_SLACK positions, in memory that does not grow with the context."""
@@ -255,7 +293,7 @@ class ConvRing:
         self.inputs.zero_()
 
 
-class CombinedState:
+class CombinedState(LayerState):
     """A layer's states side by side, by name (ZAYA's keys and values beside its two rings of past
     inputs): it can be cut back only where every one of them can."""
 
@@ -270,8 +308,16 @@ class CombinedState:
         for state in self.states.values():
             state.reset()
 
+    def save(self, pos: int) -> tuple | None:
+        saved = {name: state.save(pos) for name, state in self.states.items()}
+        return (pos, saved) if any(kept is not None for kept in saved.values()) else None
 
-class NoState:
+    def restore(self, saved: tuple, current: int) -> bool:
+        pos, states = saved
+        return all([_back_to(state, states[name], pos, current) for name, state in self.states.items()])
+
+
+class NoState(LayerState):
     """The state of a layer that mixes nothing across positions (Nemotron-H's MLP and MoE layers)."""
 
     def truncate(self, pos: int, current: int, interrupted: bool) -> bool:
@@ -300,3 +346,34 @@ class KVCache:
             pos = 0
         self.pos, self.writing = pos, False
         return pos
+
+    def save(self) -> "SavedCache":
+        """Before forward passes that may be undone (a speculative verification): what `rollback` needs."""
+        return SavedCache(self.pos, [state.save(self.pos) for state in self.layers])
+
+    def rollback(self, saved: "SavedCache", pos: int) -> int:
+        """Keep the first `pos` positions after the forward passes (finished) since `saved` was taken; returns the
+        positions kept: `pos` where every state can be cut there; else `saved.pos`, the saved states
+        restored and the others cut back there, for the caller to feed the tokens between again; 0 when
+        even that is impossible and everything restarts (as `rewind`)."""
+        if all(kept is None for kept in saved.states):
+            return self.rewind(pos)
+        back = [
+            _back_to(state, kept, saved.pos, self.pos) for state, kept in zip(self.layers, saved.states, strict=True)
+        ]
+        self.writing = False
+        if not all(back):
+            return self.rewind(0)
+        self.pos = saved.pos
+        return saved.pos
+
+
+@dataclass
+class SavedCache:
+    pos: int
+    states: list  # each layer's `save`, None where it is cut back instead
+
+
+def _back_to(state: LayerState, saved, pos: int, current: int) -> bool:
+    """Put `state` back to `pos` from `current`: restored from `saved`, or cut back where nothing was saved."""
+    return state.truncate(pos, current, False) if saved is None else state.restore(saved, current)

@@ -54,6 +54,11 @@ class CacheCounters:
     def hit_rate(self) -> float:
         return self.hits / self.uses if self.uses else 0.0
 
+    @property
+    def loaded(self) -> int:
+        """Uses served from outside the slots: copied in, read in place or computed on the CPU."""
+        return self.uses - self.hits
+
 
 def passed_over(key: Key, skip: Callable[[Key], bool], layers: set[int] | None) -> bool:
     """Whether a policy must pass over `key`: the cache's rule says so, or it is outside `layers`."""

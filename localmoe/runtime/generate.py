@@ -11,8 +11,9 @@ from torch import nn
 
 from localmoe.errors import LocalMoEError, setting
 from localmoe.models.layers import bucket
-from localmoe.models.state import KVCache
+from localmoe.models.state import KVCache, SavedCache
 from localmoe.runtime.sampling import Sampler, SamplingParams
+from localmoe.runtime.speculative import Drafter, SpeculationStats
 
 
 @dataclass
@@ -24,6 +25,8 @@ class GenerationStats:
     prefill_seconds: float = 0.0  # until the first new token was chosen: the time to first token
     decode_seconds: float = 0.0
     decode_host_seconds: float = 0.0  # of which the host spent queueing decode steps and sampling (not waiting)
+    speculation: SpeculationStats | None = None  # where decoding was speculative
+    experts_loaded: int | None = None  # by the decode steps from outside the expert slots (None: all resident)
 
     @property
     def prefill_rate(self) -> float:
@@ -34,11 +37,20 @@ class GenerationStats:
         # The first new token comes from the prefill; the rest each cost one decode step.
         return max(self.new_tokens - 1, 0) / self.decode_seconds if self.decode_seconds else 0.0
 
+    @property
+    def loaded_per_token(self) -> float | None:
+        """Experts loaded per decoded token (the first token comes from the prefill)."""
+        decoded = self.new_tokens - 1
+        return self.experts_loaded / decoded if self.experts_loaded is not None and decoded > 0 else None
+
     def summary(self) -> str:
-        return (
+        line = (
             f"prompt: {self.prompt_tokens} tokens, {self.prefill_rate:.1f} tok/s, first token after "
             f"{self.prefill_seconds:.2f} s; generated: {self.new_tokens} tokens, {self.decode_rate:.1f} tok/s"
         )
+        if self.loaded_per_token is not None:
+            line += f"; {self.loaded_per_token:.1f} experts loaded per decoded token"
+        return line + (f"; {self.speculation.summary()}" if self.speculation else "")
 
 
 @dataclass
@@ -124,6 +136,8 @@ def generate_tokens(
     on_prefill: Callable[[], None] | None = None,
     hooks: StepHooks | None = None,
     graphs: bool = False,
+    drafter: Drafter | None = None,
+    draft_tokens: int = 4,
 ) -> Iterator[int]:
     """Yield up to `max_new_tokens` tokens after `prompt`, stopping after an EOS id.
 
@@ -132,6 +146,8 @@ def generate_tokens(
     goes through the model in chunks of `prefill_chunk` tokens, which bounds a long prompt's
     activations; `on_prefill` runs once the prompt is in the cache. Greedy without a `sampler`. `hooks`
     run around every forward step; `graphs`: capture the decode steps as CUDA graphs (see DecodeSteps).
+    With a `drafter`, decoding is speculative: up to `draft_tokens` drafted tokens checked per forward
+    pass (see localmoe.runtime.speculative), counted in `stats.speculation`.
     """
     limit = model.max_position_embeddings
     check_fits(len(prompt), max_new_tokens, min(context or limit, limit, cache.max_len if cache else limit), limit)
@@ -147,12 +163,22 @@ def generate_tokens(
     seen = torch.tensor([*prompt, *[0] * max_new_tokens], device=device)
     stats.prompt_tokens = len(prompt) - reuse
     start = time.perf_counter()
+    hidden = drafter is not None and drafter.reads_hidden
     for chunk in range(reuse, len(prompt), prefill_chunk):
         hooks.before()
-        logits = _forward(model, seen[None, chunk : min(chunk + prefill_chunk, len(prompt))], cache)
+        logits, h = _forward(model, seen[None, chunk : min(chunk + prefill_chunk, len(prompt))], cache, hidden, hidden)
         hooks.after()
+        if hidden:
+            drafter.observe(chunk, h.shape[1], h[0])
     if on_prefill:
         on_prefill()
+    if drafter is not None:
+        stats.speculation = SpeculationStats()
+        steps = Speculation(
+            model, cache, decode, drafter, draft_tokens, hooks, prefill_chunk, prompt, stats.speculation
+        )
+        yield from steps.run(logits[:, -1:], sampler, seen, max_new_tokens, eos_ids, stats, start)
+        return
     for produced in range(1, max_new_tokens + 1):
         position = len(prompt) + produced - 1
         seen[position] = sampler(logits[0, -1], seen[:position])
@@ -186,6 +212,93 @@ def check_fits(prompt_tokens: int, max_new_tokens: int, context: int, limit: int
         )
 
 
+class Speculation:
+    """Speculative decode steps: the drafter's tokens fed after the last chosen one in one forward pass,
+    kept while the sampler chooses them; the cache then cut back to the tokens kept, through the states'
+    own `rollback`, feeding again the kept ones where states that cannot be cut back were restored."""
+
+    def __init__(self, model, cache, decode, drafter, draft_tokens, hooks, prefill_chunk, prompt, stats):
+        self.model, self.cache, self.decode, self.drafter = model, cache, decode, drafter
+        self.draft_tokens, self.hooks, self.prefill_chunk = draft_tokens, hooks, prefill_chunk
+        self.tokens = list(prompt)  # prompt and output so far, on the host
+        self.stats: SpeculationStats = stats
+        self.saved: SavedCache | None = None  # the cache before the last draft was fed
+        self.fed: tuple[int, torch.Tensor] | None = None  # (first position, hidden states) of the last forward
+
+    def run(self, logits, sampler, seen, max_new_tokens, eos_ids, stats: GenerationStats, start) -> Iterator[int]:
+        """Yield the tokens after the prompt, from the prefill's last logits [1, 1, V] on."""
+        rows, drafts, produced = logits[0], [], 0
+        try:
+            while True:
+                for kept, row in enumerate(rows):  # row i follows draft i - 1: `kept` drafts precede it
+                    position = len(self.tokens)
+                    seen[position] = sampler(row, seen[:position])
+                    queued = time.perf_counter()
+                    token = int(seen[position])  # waits for the device: the timings below are real
+                    now = time.perf_counter()
+                    if produced == 0:
+                        stats.prefill_seconds = now - start
+                    else:
+                        stats.decode_seconds += now - start
+                        stats.decode_host_seconds += queued - start
+                    self.tokens.append(token)
+                    produced = stats.new_tokens = produced + 1
+                    yield token
+                    start = time.perf_counter()
+                    if token in eos_ids or produced == max_new_tokens:
+                        return
+                    if kept == len(drafts) or token != drafts[kept]:
+                        break
+                if drafts:
+                    self.stats.record(len(drafts), kept)
+                self._settle(kept + 1)
+                room = min(self.draft_tokens, max_new_tokens - produced - 1, self.cache.max_len - len(self.tokens))
+                drafts = self.drafter.propose(self.tokens, room)[:room] if room > 0 else []
+                rows = self._verify(drafts, seen.device)
+        finally:
+            self._settle(None)
+
+    def _verify(self, drafts: list[int], device: torch.device) -> torch.Tensor:
+        """Logits [1 + len(drafts), V] after the last chosen token and after each draft."""
+        ids = torch.tensor([self.tokens[-1:] + drafts], device=device)
+        if not drafts and not self.drafter.reads_hidden:
+            return self.decode(ids)[0]
+        self.saved = self.cache.save() if drafts else None
+        first = self.cache.pos
+        self.hooks.before()
+        logits, h = _forward(self.model, ids, self.cache, True, self.drafter.reads_hidden)
+        self.hooks.after()
+        self.fed = (first, h) if h is not None else None
+        return logits[0]
+
+    def _settle(self, kept: int | None) -> None:
+        """Once the last forward pass's tokens are chosen: the drafter learns that the first `kept` were
+        kept (None: the generation ends), and the cache keeps every token but the last chosen, as plain
+        decoding's does."""
+        if self.fed is not None and kept is not None:
+            self.drafter.observe(self.fed[0], kept, self.fed[1][0])
+        self.fed = None
+        keep, saved, self.saved = len(self.tokens) - 1, self.saved, None
+        if saved is None or self.cache.pos <= keep or self.cache.writing:
+            return  # nothing fed beyond, or a forward pass cut short, which the next rewind sees
+        done = self.cache.rollback(saved, keep)
+        self.stats.fed_again += keep - done
+        device = self.model.model.embed_tokens.weight.device
+        for chunk in range(done, keep, self.prefill_chunk):
+            self.hooks.before()
+            _forward(
+                self.model,
+                torch.tensor([self.tokens[chunk : min(chunk + self.prefill_chunk, keep)]], device=device),
+                self.cache,
+            )
+            self.hooks.after()
+
+
 @torch.inference_mode()
-def _forward(model: nn.Module, ids: torch.Tensor, cache: KVCache) -> torch.Tensor:
-    return model(ids, cache)
+def _forward(model: nn.Module, ids: torch.Tensor, cache: KVCache, every: bool = False, hidden: bool = False) -> tuple:
+    """(logits, the last layer's hidden states or None): of the last position, or of every one with
+    `every` (a draft's check); hidden states where `hidden` (for a drafter that reads them: then of
+    every position)."""
+    if hidden:
+        return model(ids, cache, all_logits=True, hidden=True)
+    return model(ids, cache, all_logits=every), None

@@ -1,0 +1,221 @@
+"""Speculative decoding against plain decoding: the same tokens on every family, all-resident and
+offloaded, whatever the drafts (all kept, all rejected, any mix), with EOS and max_new_tokens inside a
+kept run, and the cache left as plain decoding leaves it."""
+
+import pytest
+import torch
+from conftest import TINY_FAMILIES, hf_model, save_hf
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+import localmoe
+from localmoe.options import RuntimeOptions
+from localmoe.runtime.generate import GenerationStats, generate_tokens
+from localmoe.runtime.sampling import Sampler, SamplingParams
+from localmoe.runtime.speculative import Drafter, PromptLookup, SpeculationStats
+
+NEW = 12
+# random tokens, then their first half again: prompt lookup finds something to draft
+PROMPT = torch.randint(0, 200, (10,), generator=torch.Generator().manual_seed(5)).tolist()
+PROMPT += PROMPT[:5]
+# one family per kind of state: keys and values, rings (windows, convolutions), latents, the delta rule,
+# lightning attention, Mamba-1 and -2 scans, DeepSeek-V4's compressed entries, ZAYA's combined states
+KINDS = ["mixtral", "gpt_oss", "deepseek_v3", "qwen3_next", "minimax", "jamba", "nemotron_h", "deepseek_v4"]
+KINDS += ["lfm2_moe", "zaya", "kimi_linear"]
+
+
+class Scripted(Drafter):
+    """A test double: drafts the known plain continuation, with its tokens wrong (plus one) from the
+    position `plan` gives for each round (None: all right), `length` tokens long."""
+
+    def __init__(self, continuation: list[int], vocab: int, plan=(), wrong_from: int | None = None):
+        self.continuation, self.vocab = continuation, vocab
+        self.plan, self.rounds, self.wrong_from = list(plan), 0, wrong_from
+
+    def propose(self, tokens, limit):
+        if self.plan:
+            length, wrong_from = self.plan[self.rounds % len(self.plan)]
+        else:
+            length, wrong_from = limit, self.wrong_from
+        self.rounds += 1
+        right = self.continuation[len(tokens) - len(PROMPT) :][: min(length, limit)]
+        return [t if wrong_from is None or i < wrong_from else (t + 1) % self.vocab for i, t in enumerate(right)]
+
+
+def always_right(continuation, vocab):
+    return Scripted(continuation, vocab)
+
+
+def always_wrong(continuation, vocab):
+    return Scripted(continuation, vocab, wrong_from=0)
+
+
+def mixed(continuation, vocab):
+    return Scripted(continuation, vocab, plan=[(3, 1), (2, None), (3, 0), (1, None), (3, 2)])
+
+
+def assert_plain(model, prompt, got: list[int], expected: list[int], sampling: SamplingParams | None = None):
+    """`got` (speculative) equals `expected` (plain decoding), or first differs at a token that rounding
+    decides: T tokens through one forward pass round differently from T single-token steps, and where a
+    router's top-k is a near-tie, that picks another expert and can change the token (measured: Kimi
+    Linear's tiny model, two experts 6e-8 apart at 0.71). Such a token is one that plain decoding itself
+    changes to the speculative one when its embeddings are perturbed by 1e-5 of their scale, in one of
+    eight draws; any other difference fails."""
+    if got == expected:
+        return
+    k = next(i for i, (a, b) in enumerate(zip(got, expected, strict=False)) if a != b) if got[:1] else 0
+    assert k < min(len(got), len(expected)), f"the same tokens but {len(got)} of them, not {len(expected)}"
+    embed = model.model.embed_tokens
+    for seed in range(8):
+        noise = torch.Generator().manual_seed(seed)
+
+        def perturb(module, args, out, noise=noise):
+            return out + torch.randn(out.shape, generator=noise) * out.abs().mean() * 1e-5
+
+        hook = embed.register_forward_hook(perturb)
+        try:
+            sampler = Sampler(sampling or SamplingParams(), "cpu")
+            perturbed = list(generate_tokens(model, prompt, k + 1, sampler=sampler))
+        finally:
+            hook.remove()
+        if perturbed[:k] == expected[:k] and perturbed[k] == got[k]:
+            return
+    raise AssertionError(f"token {k}: plain {expected[k]}, speculative {got[k]}, and no perturbation explains it")
+
+
+def vocab(engine) -> int:
+    return engine.model.model.embed_tokens.weight.shape[0]
+
+
+def checkpoint(family: str, folder) -> str:
+    config_class, config = TINY_FAMILIES[family]
+    return str(save_hf(hf_model(config_class, **config), folder, "sharded"))
+
+
+@pytest.fixture(scope="module", params=list(TINY_FAMILIES))
+def every_family(request, tmp_path_factory):
+    return checkpoint(request.param, tmp_path_factory.mktemp(request.param))
+
+
+@pytest.fixture(scope="module", params=KINDS)
+def each_kind(request, tmp_path_factory):
+    path = checkpoint(request.param, tmp_path_factory.mktemp(request.param))
+    engine = localmoe.load(path, device="cpu", dtype=torch.float32)
+    return engine, list(engine.generate_ids(PROMPT, NEW))
+
+
+def offloaded(path: str, slots: int) -> localmoe.Engine:
+    return localmoe.load(path, device="cpu", dtype=torch.float32, options=RuntimeOptions(expert_slots=slots))
+
+
+def test_every_family_speculates_exactly(every_family):
+    """Drafts all kept, all rejected, mixed and from prompt lookup, all-resident; mixed drafts offloaded
+    with the fewest slots and a middling number."""
+    resident = localmoe.load(every_family, device="cpu", dtype=torch.float32)
+    model, expected = resident.model, list(resident.generate_ids(PROMPT, NEW))
+    for make in (always_right, always_wrong, mixed):
+        got = list(resident.generate_ids(PROMPT, NEW, drafter=make(expected, vocab(resident)), draft_tokens=3))
+        assert_plain(model, PROMPT, got, expected)
+    assert_plain(model, PROMPT, list(resident.generate_ids(PROMPT, NEW, drafter=PromptLookup())), expected)
+    fp = resident.plan.footprint
+    for slots in sorted({fp.top_k, (fp.top_k + fp.total_experts) // 2}):
+        engine = offloaded(every_family, slots)
+        assert_plain(
+            model, PROMPT, list(engine.generate_ids(PROMPT, NEW, drafter=mixed(expected, vocab(engine)))), expected
+        )
+
+
+def test_drafts_all_kept_and_all_rejected_are_counted(tmp_path):
+    engine = localmoe.load(checkpoint("mixtral", tmp_path), device="cpu", dtype=torch.float32)
+    expected = list(engine.generate_ids(PROMPT, NEW))
+    assert list(engine.generate_ids(PROMPT, NEW, drafter=always_right(expected, vocab(engine)))) == expected
+    kept = engine.stats.speculation
+    # the prefill's token, then rounds of four drafts and the target's own token, then one plain step
+    assert (kept.drafted, kept.accepted, kept.verifications, kept.fed_again) == (8, 8, 2, 0)
+    assert kept.rates() == [1.0] * 4
+    assert list(engine.generate_ids(PROMPT, NEW, drafter=always_wrong(expected, vocab(engine)))) == expected
+    rejected = engine.stats.speculation
+    assert rejected.accepted == 0 and rejected.verifications == NEW - 2 and rejected.rates() == [0.0] * 4
+    assert rejected.drafted == 4 * (NEW - 5) + 3 + 2 + 1  # shorter drafts once max_new_tokens is near
+
+
+@settings(max_examples=6, deadline=None, derandomize=True, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(
+    plan=st.lists(st.tuples(st.integers(1, 5), st.one_of(st.none(), st.integers(0, 4))), min_size=1, max_size=4),
+    draft_tokens=st.integers(1, 5),
+)
+def test_any_drafts_give_the_plain_tokens(each_kind, plan, draft_tokens):
+    engine, expected = each_kind
+    drafter = Scripted(expected, vocab(engine), plan)
+    got = list(engine.generate_ids(PROMPT, NEW, drafter=drafter, draft_tokens=draft_tokens))
+    assert_plain(engine.model, PROMPT, got, expected)
+
+
+def test_seeded_sampling_draws_what_plain_decoding_draws(each_kind):
+    """One sampler call per token, in order: the same draws from the same generator."""
+    engine, _ = each_kind
+    sampling = SamplingParams(temperature=1.5, top_k=50, repetition_penalty=1.1, seed=7)
+    sampled = list(engine.generate_ids(PROMPT, NEW, sampling))
+    for make in (always_right, mixed):
+        got = list(engine.generate_ids(PROMPT, NEW, sampling, drafter=make(sampled, vocab(engine))))
+        assert_plain(engine.model, PROMPT, got, sampled, sampling)
+
+
+@pytest.mark.parametrize("stop_at", [3, 4, 7])
+def test_eos_and_the_token_limit_inside_a_kept_run(each_kind, stop_at):
+    """Drafts of five, all kept: the run ends at the EOS token or at max_new_tokens though the draft
+    went on, and the cache holds what plain decoding's does (every token but the last)."""
+    engine, expected = each_kind
+    model = engine.model
+    for eos, limit in ((frozenset({expected[stop_at]}), NEW), (frozenset(), stop_at + 1)):
+        want = expected[: expected.index(expected[stop_at]) + 1] if eos else expected[:limit]
+        cache = model.new_cache(1, len(PROMPT) + NEW)
+        drafter = always_right(expected, vocab(engine))
+        got = list(generate_tokens(model, PROMPT, limit, eos_ids=eos, cache=cache, drafter=drafter, draft_tokens=5))
+        assert_plain(model, PROMPT, got, want)
+        assert cache.pos == len(PROMPT) + len(got) - 1
+
+
+def test_a_run_stopped_early_leaves_the_cache_as_plain_decoding_does(each_kind):
+    """The consumer stops reading in the middle of a kept run (a stop string); the conversation then
+    goes on from the cache, as a chat's next turn does."""
+    engine, expected = each_kind
+    model = engine.model
+    cache = model.new_cache(1, 64)
+    tokens = generate_tokens(model, PROMPT, NEW, cache=cache, drafter=always_right(expected, vocab(engine)))
+    got = [next(tokens) for _ in range(3)]
+    tokens.close()
+    assert cache.pos == len(PROMPT) + 2
+    follow = PROMPT + got + [5, 6]
+    plain = list(generate_tokens(model, follow, 6))
+    drafter = mixed(plain, vocab(engine))
+    drafter.continuation = [0] * (len(follow) - len(PROMPT)) + plain
+    reuse = len(PROMPT) + 2
+    assert_plain(
+        model, follow, list(generate_tokens(model, follow, 6, cache=cache, reuse=reuse, drafter=drafter)), plain
+    )
+
+
+def test_prompt_lookup_drafts_what_followed_the_latest_longest_match():
+    lookup = PromptLookup(longest=3, shortest=1)
+    assert lookup.propose([1, 2, 3, 4, 9, 2, 3, 5, 7, 2, 3], 3) == [5, 7, 2]  # 2 3 last followed by 5
+    assert lookup.propose([1, 2, 3, 4, 9, 2, 3, 5, 7, 2, 3, 4], 2) == [9, 2]  # 2 3 4: longer than 3 4
+    assert PromptLookup().propose([1, 2, 3], 4) == []
+    assert PromptLookup(longest=2, shortest=2).propose([1, 2, 1, 3, 1], 4) == []  # a 1-gram is too short here
+
+
+def test_acceptance_by_position():
+    stats = SpeculationStats()
+    stats.record(3, 1)
+    stats.record(2, 2)
+    stats.record(4, 0)
+    assert (stats.drafted, stats.accepted, stats.verifications) == (9, 3, 3)
+    assert stats.rates() == [2 / 3, 1 / 3, 0.0, 0.0]
+    assert "9 drafted, 3 accepted (33.3%)" in stats.summary()
+
+
+def test_plain_decoding_counts_no_speculation(each_kind):
+    engine, _ = each_kind
+    stats = GenerationStats()
+    list(generate_tokens(engine.model, PROMPT, 3, stats=stats, sampler=Sampler(SamplingParams(), "cpu")))
+    assert stats.speculation is None
