@@ -2,17 +2,23 @@
 offloaded, whatever the drafts (all kept, all rejected, any mix), with EOS and max_new_tokens inside a
 kept run, and the cache left as plain decoding leaves it."""
 
+import http.client
+import json
+
 import pytest
 import torch
-from conftest import TINY_FAMILIES, hf_model, save_hf
+from click.testing import CliRunner
+from conftest import TINY_FAMILIES, hf_model, save_hf, serve_app
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import localmoe
+from localmoe.cli import main
 from localmoe.options import RuntimeOptions
 from localmoe.runtime.generate import GenerationStats, generate_tokens
 from localmoe.runtime.sampling import Sampler, SamplingParams
 from localmoe.runtime.speculative import Drafter, PromptLookup, SpeculationStats
+from localmoe.server import Server
 
 NEW = 12
 # random tokens, then their first half again: prompt lookup finds something to draft
@@ -219,3 +225,73 @@ def test_plain_decoding_counts_no_speculation(each_kind):
     stats = GenerationStats()
     list(generate_tokens(engine.model, PROMPT, 3, stats=stats, sampler=Sampler(SamplingParams(), "cpu")))
     assert stats.speculation is None
+
+
+def test_the_cli_speculates_and_counts(tiny_mixtral):
+    args = ["generate", str(tiny_mixtral), "-p", "abcabcabc", "-n", "12", "--device", "cpu", "--expert-slots", "4"]
+    plain = CliRunner().invoke(main, args)
+    speculative = CliRunner().invoke(main, [*args, "--speculative", "lookup", "--draft-tokens", "3", "--stats"])
+    assert plain.exit_code == speculative.exit_code == 0, speculative.output
+    assert speculative.stdout == plain.stdout
+    assert "speculation: " in speculative.stderr and "experts loaded per decoded token" in speculative.stderr
+    assert "speculative: lookup, up to 3 drafted tokens per check" in speculative.stderr
+    report = json.loads(CliRunner().invoke(main, [*args, "--speculative", "lookup", "--json"]).stdout)
+    assert report["speculation"]["drafted"] >= report["speculation"]["accepted"] >= 0
+    assert report["experts_loaded_per_token"] > 0
+
+
+@pytest.mark.parametrize(
+    "flags,needle",
+    [
+        (["--speculative", "mtp"], "--speculative mtp drafts with the checkpoint's multi-token-prediction layers"),
+        (["--draft-tokens", "3"], "--draft-tokens sets how many tokens speculative decoding drafts"),
+        (["--speculative", "off", "--draft-tokens", "3"], "which is off: add --speculative lookup or mtp"),
+        (["--speculative", "lookup", "--draft-tokens", "0"], "--draft-tokens"),
+        (["--speculative", "maybe"], "--speculative"),
+    ],
+)
+def test_bad_speculative_flags_are_one_line(tiny_mixtral, flags, needle):
+    result = CliRunner().invoke(main, ["generate", str(tiny_mixtral), "-p", "hi", "--device", "cpu", *flags])
+    assert result.exit_code == 2 and needle in result.stderr.strip().splitlines()[-1], result.output
+    assert "Traceback" not in result.stderr
+
+
+def test_the_python_api_takes_the_settings(tiny_mixtral):
+    bad = [
+        ({"speculative": "maybe"}, "unknown speculative"),
+        ({"speculative": "lookup", "draft_tokens": 65}, "1 to 64"),
+    ]
+    for given_settings, needle in bad:
+        with pytest.raises(localmoe.LocalMoEError, match=needle):
+            localmoe.load(str(tiny_mixtral), device="cpu", **given_settings)
+    engine = localmoe.load(str(tiny_mixtral), device="cpu", speculative="lookup", draft_tokens=2)
+    plain = localmoe.load(str(tiny_mixtral), device="cpu")
+    assert engine.speculative == "lookup" and plain.speculative == "off"
+    assert engine.generate("abcabcabc", 10) == plain.generate("abcabcabc", 10)
+    assert engine.stats.speculation is not None and plain.stats.speculation is None
+    assert len(engine.stats.speculation.drafted_at) <= 2
+
+
+def test_bench_measures_with_and_without_speculation(tiny_mixtral):
+    args = ["bench", str(tiny_mixtral), "--device", "cpu", "--expert-slots", "4", "--tokens", "6"]
+    result = CliRunner().invoke(main, [*args, "--speculative", "lookup"])
+    assert result.exit_code == 0, result.output
+    rows = [line for line in result.stdout.splitlines() if line.startswith("localmoe")]
+    assert [row.split("  ")[0] for row in rows] == ["localmoe", "localmoe, speculative lookup"]
+    assert "accepted" in result.stdout and "loaded/token" in result.stdout
+
+
+def test_metrics_count_the_drafts(chat_model):
+    engine = localmoe.load(str(chat_model), device="cpu", expert_slots=6, speculative="lookup")
+    with serve_app(Server(engine, "tiny", None, queue_size=2, max_tokens_limit=500).app()) as port:
+        body = json.dumps({"model": "tiny", "prompt": "la la la la la", "max_tokens": 8, "temperature": 0})
+        connection = http.client.HTTPConnection("127.0.0.1", port, timeout=120)
+        connection.request("POST", "/v1/completions", body=body, headers={"Content-Type": "application/json"})
+        response = connection.getresponse()
+        assert response.status == 200, response.read()
+        response.read()
+        connection.request("GET", "/metrics")
+        metrics = connection.getresponse().read().decode()
+        connection.close()
+    assert "localmoe_draft_tokens_total " in metrics and "localmoe_draft_tokens_accepted_total " in metrics
+    assert "localmoe_verifications_total " in metrics and "localmoe_experts_loaded_per_token " in metrics
