@@ -78,6 +78,7 @@ class Checkpoint:
         self.name = name or path.name  # for people: a Hub repo id, or the folder's name
         self.part = ""  # the part of the model a view shows, for messages (see `part_view`)
         self._prefixes: tuple[tuple[str, str], ...] = ()  # a view's (name prefix, stored prefix) pairs
+        self._aliases: dict[str, str] = {}  # a view's other names for tensors: alias -> name (see `with_aliases`)
         self.weights_here = headers is None
         self.config = _read_json(checkpoint_file(path, "config.json"), required=True)
         self.generation_config = _read_json(checkpoint_file(path, "generation_config.json"), required=False)
@@ -142,8 +143,22 @@ class Checkpoint:
                 view._shard_of[new] = shard
         return view
 
+    def with_aliases(self, prefixes: list[tuple[str, str]]) -> "Checkpoint":
+        """This checkpoint with every tensor under each prefix of `prefixes` (pairs (alias prefix, prefix))
+        also seen under the alias prefix (a release's multi-token-prediction layers under DeepSeek-V3's
+        names). One tensor may have several aliases."""
+        view = copy.copy(self)
+        view._shard_of, view._aliases = dict(self._shard_of), dict(self._aliases)
+        for alias, prefix in prefixes:
+            for name in self.tensor_names:
+                if name.startswith(prefix):
+                    view._aliases[alias + name[len(prefix) :]] = name
+                    view._shard_of[alias + name[len(prefix) :]] = self._shard_of[name]
+        return view
+
     def stored_name(self, name: str) -> str:
-        """The name under which tensor `name` is stored (other than `name` in a part view only)."""
+        """The name under which tensor `name` is stored (other than `name` in a view only)."""
+        name = self._aliases.get(name, name)
         ours, disk = next(((o, d) for o, d in self._prefixes if name.startswith(o)), ("", ""))
         return disk + name[len(ours) :]
 

@@ -15,7 +15,7 @@ from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors
 
 from localmoe.checkpoint import INDEX_FILE
 from localmoe.files import temporary_path
-from localmoe.loader import DTYPES
+from localmoe.loader import DTYPES, disk_names
 from localmoe.models import family_for
 from localmoe.models.expert_tensors import block_shapes
 from localmoe.models.moe import moe_blocks
@@ -81,7 +81,8 @@ def write_random_checkpoint(folder: Path, config: dict[str, Any], *, seed: int =
         values = torch.ones(shape) if ones else torch.randn(shape, generator=generator) * 0.02
         return values.to(dtype)
 
-    tensors = {family.disk_names(name)[0]: random(p.shape, "norm" in name) for name, p in model.named_parameters()}
+    parameters = model.named_parameters()
+    tensors = {disk_names(model, family, name)[0]: random(p.shape, "norm" in name) for name, p in parameters}
     hub_layout = family.experts[0]  # the Hub's own layout comes first: one tensor per expert and role
     for block in moe_blocks(model):
         shapes = block_shapes(block)

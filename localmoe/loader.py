@@ -8,6 +8,7 @@ never invented: where transformers would initialise it randomly and carry on, lo
 
 import math
 import re
+import sys
 from dataclasses import dataclass
 
 import torch
@@ -45,13 +46,20 @@ def open_checkpoint(source: str, revision: str | None = None, weights: bool = Tr
     """`Checkpoint.open`, seeing a multimodal checkpoint as the language model it holds and a maker's own
     release in transformers' names; and its family."""
     ckpt = Checkpoint.open(source, revision, weights)
-    architectures = ckpt.config.get("architectures") or [None]
     family = family_for(ckpt.config)
+    view = _language_model(ckpt, family)
+    if family.mtp is not None:  # its MTP layers under DeepSeek-V3's names
+        view = view.with_aliases(family.mtp.aliases(view.config))
+    return view, family
+
+
+def _language_model(ckpt: Checkpoint, family: Family) -> Checkpoint:
+    architectures = ckpt.config.get("architectures") or [None]
     if family.release is not None and family.release.marker in ckpt:
-        return ckpt.part_view("", ckpt.config, family.release.prefixes), family
+        return ckpt.part_view("", ckpt.config, family.release.prefixes)
     wrapper = next((w for w in family.multimodal if w.architecture == architectures[0]), None)
     if wrapper is None:
-        return ckpt, family
+        return ckpt
     levels = [ckpt.config]  # the config, and each one nested in it on the way to the text config
     for key in wrapper.text_config:
         levels.append(levels[-1].get(key))
@@ -71,7 +79,7 @@ def open_checkpoint(source: str, revision: str | None = None, weights: bool = Tr
     if "tie_word_embeddings" in holder:
         config["tie_word_embeddings"] = holder["tie_word_embeddings"]
     part = f"the language model of {wrapper.architecture} (text only; its other towers stay on disk)"
-    return ckpt.part_view(part, config, wrapper.prefixes), family
+    return ckpt.part_view(part, config, wrapper.prefixes)
 
 
 def model_skeleton(ckpt: Checkpoint, family: Family, dtype: torch.dtype | None = None) -> ModelParts:
@@ -82,6 +90,7 @@ def model_skeleton(ckpt: Checkpoint, family: Family, dtype: torch.dtype | None =
     _check_layer_count(ckpt, args)
     with torch.device("meta"):
         model = family.model(args)
+    _drop_incomplete_mtp(model, ckpt, family)
     sources = _resident_sources(model, ckpt, family)
     experts = ExpertSource(ckpt, family.experts, moe_blocks(model))
     return ModelParts(model, experts, family, args, dtype or checkpoint_dtype(ckpt), sources)
@@ -199,11 +208,44 @@ def _to(tensor: torch.Tensor, device, dtype: torch.dtype) -> torch.Tensor:
     return staged.to(device)
 
 
+def _drop_incomplete_mtp(model: nn.Module, ckpt: Checkpoint, family: Family) -> None:
+    """Load without the multi-token-prediction layers the config promises where the checkpoint lacks a
+    tensor of theirs (many releases strip them) or stores one in another shape, with a line that says so:
+    a checkpoint whose backbone loads is never refused for its MTP layers."""
+    mtp = getattr(model, "mtp", None)
+    if mtp is None:
+        return
+    try:
+        for name, param in mtp.named_parameters():
+            candidates = family.disk_names(mtp.stored_name(name))
+            found = next((c for c in candidates if ckpt.has_weight(c)), None)
+            if found is None:
+                missing = candidates[0]
+                release = family.mtp.release_name(missing, ckpt.config) if family.mtp else ckpt.stored_name(missing)
+                raise LocalMoEError(f"{ckpt.path} lacks {release}")
+            ckpt.check_weight(found, tuple(param.shape))
+        for block in moe_blocks(mtp):
+            if not any(layout.present(ckpt, block) for layout in family.experts):
+                raise LocalMoEError(f"{ckpt.path} lacks the routed experts of layer {block.layer_idx}")
+        ExpertSource(ckpt, family.experts, moe_blocks(mtp))  # their shapes checked
+    except LocalMoEError as error:
+        promised = "loading without the multi-token-prediction layers config.json promises"
+        print(f"localmoe: {error}: {promised}", file=sys.stderr)
+        model.mtp = None
+
+
+def disk_names(model: nn.Module, family: Family, name: str) -> list[str]:
+    """Names under which parameter `name` may be stored: an MTP layer's under DeepSeek-V3's names for it."""
+    if name.startswith("mtp."):
+        name = model.mtp.stored_name(name.removeprefix("mtp."))
+    return family.disk_names(name)
+
+
 def _resident_sources(model: nn.Module, ckpt: Checkpoint, family: Family) -> dict[str, str]:
     """Parameter name -> checkpoint tensor name, for every parameter; shapes checked."""
     sources = {}
     for name, param in model.named_parameters():
-        candidates = family.disk_names(name)
+        candidates = disk_names(model, family, name)
         found = next((c for c in candidates if ckpt.has_weight(c)), None)
         if found is None:
             raise LocalMoEError(

@@ -105,8 +105,9 @@ def attention_scale(args: DeepseekV2Args) -> float:
     return scale
 
 
-def build(args: DeepseekV2Args, moe: Callable[..., SparseMoE] = SparseMoE) -> CausalLM:
-    """`moe` the MoE block's class, where a family adds to it (A.X-K1's norm after it)."""
+def build(args: DeepseekV2Args, moe: Callable[..., SparseMoE] = SparseMoE, mtp: int = 0) -> CausalLM:
+    """`moe` the MoE block's class, where a family adds to it (A.X-K1's norm after it); `mtp` the
+    multi-token-prediction layers to build after the last decoder layer, as the following layers."""
     hidden = args.hidden_size
 
     def feed_forward(i: int) -> nn.Module:
@@ -126,9 +127,9 @@ def build(args: DeepseekV2Args, moe: Callable[..., SparseMoE] = SparseMoE) -> Ca
 
     layers = [
         DecoderLayer(args.attention(i), feed_forward(i), hidden, args.rms_norm_eps)
-        for i in range(args.num_hidden_layers)
+        for i in range(args.num_hidden_layers + mtp)
     ]
-    return causal_lm(args, layers, args.rotary_dim)
+    return causal_lm(args, layers[: args.num_hidden_layers], args.rotary_dim, mtp=layers[args.num_hidden_layers :])
 
 
 FAMILY = Family(

@@ -1,7 +1,8 @@
 """DeepSeek-V3 (also DeepSeek-R1, Kimi-K2 and other checkpoints of this architecture): DeepSeek-V2's
 latent attention and shared experts, with sigmoid routing whose learned correction bias steers the
-choice of experts (kept in float32) but not their weights. The multi-token-prediction layers that
-follow the last layer in the checkpoint are not part of the causal LM and are not loaded."""
+choice of experts (kept in float32) but not their weights. The multi-token-prediction layers that follow
+the last layer in the checkpoint (`model.layers.{num_hidden_layers}.*`) are loaded as `mtp`, for drafts
+(see localmoe/models/mtp.py)."""
 
 from dataclasses import dataclass
 from typing import ClassVar
@@ -11,6 +12,7 @@ from torch import nn
 from localmoe.models.deepseek_v2 import DeepseekV2Args, build
 from localmoe.models.expert_tensors import PerExpert
 from localmoe.models.family import Family, Multimodal
+from localmoe.models.layers import CausalLM
 from localmoe.models.moe import FUSED_EXPERTS, MLP_EXPERTS, GroupedTopKRouter
 
 
@@ -29,6 +31,7 @@ class DeepseekV3Args(DeepseekV2Args):
     routed_scaling_factor: float = 2.5
     rope_interleave: bool = True
     max_position_embeddings: int = 4096
+    num_nextn_predict_layers: int = 0  # transformers says 1; a config that does not say so promises none
 
     def router(self) -> nn.Module:
         return GroupedTopKRouter(
@@ -48,11 +51,15 @@ class DeepseekV3Args(DeepseekV2Args):
         return self.rope_interleave
 
 
+def build_v3(args: DeepseekV3Args) -> CausalLM:
+    return build(args, mtp=args.num_nextn_predict_layers)
+
+
 FAMILY = Family(
     architectures=("DeepseekV3ForCausalLM",),
     model_type="deepseek_v3",
     args=DeepseekV3Args,
-    model=build,
+    model=build_v3,
     experts=(PerExpert(MLP_EXPERTS), FUSED_EXPERTS),
     hub_aliases=((".mlp.shared_expert.", ".mlp.shared_experts."),),
     keep_float32=("e_score_correction_bias",),

@@ -13,6 +13,7 @@ from torch import nn
 from localmoe.errors import LocalMoEError
 from localmoe.models.expert_tensors import ExpertTensors
 from localmoe.models.layers import Backbone, CausalLM, RMSNorm
+from localmoe.models.mtp import MTPLayer, MultiTokenPredictor
 from localmoe.models.rotary import RotaryEmbedding, rope_parameters
 
 
@@ -109,6 +110,7 @@ MAY_BE_ZERO = frozenset(
         "hidden_size_per_layer_input",
         "num_dense_layers",
         "num_nextn_predict_layers",
+        "mtp_num_hidden_layers",
         "num_shared_experts",
         "shared_intermediate_size",  # GraniteMoeShared: no shared MLP
         "attn_layer_offset",  # Jamba
@@ -200,6 +202,36 @@ class ReleaseLayout:
 
 
 @dataclass(frozen=True)
+class MtpLayout:
+    """Where a release keeps its multi-token-prediction layers, when not under DeepSeek-V3's names
+    (`model.layers.{num_hidden_layers + k}.*`, see localmoe/models/mtp.py): pairs of (DeepSeek-V3's prefix,
+    the release's prefix) with {layer} (num_hidden_layers + k) and {depth} (k), the most specific first;
+    `count`, the config field that says how many MTP layers there are. The loader sees each tensor of the
+    release's under DeepSeek-V3's name too, so that the MTP layers and their experts are read from there."""
+
+    count: str
+    prefixes: tuple[tuple[str, str], ...]
+
+    def aliases(self, config: dict[str, Any]) -> list[tuple[str, str]]:
+        """The pairs for the layers `config` promises (none where it says nothing readable: the config's
+        own check refuses that later)."""
+        layers, count = config.get("num_hidden_layers"), config.get(self.count)
+        if not (_is_int(layers) and _is_int(count)):
+            return []
+        depths = range(min(count, layers))  # a damaged count must not make this loop for ever
+        return [
+            (ours.format(layer=layers + k, depth=k), theirs.format(layer=layers + k, depth=k))
+            for k in depths
+            for ours, theirs in self.prefixes
+        ]
+
+    def release_name(self, name: str, config: dict[str, Any]) -> str:
+        """The release's name of tensor `name` (DeepSeek-V3's), for messages about one that is missing."""
+        ours, theirs = next(((o, t) for o, t in self.aliases(config) if name.startswith(o)), ("", ""))
+        return theirs + name[len(ours) :]
+
+
+@dataclass(frozen=True)
 class Family:
     """One model family: the architectures it serves, its args, its model, and its on-disk tensor names.
 
@@ -223,6 +255,7 @@ class Family:
     quantizations: tuple[str, ...] = ()  # quantization_config.quant_method values only it reads
     multimodal: tuple[Multimodal, ...] = ()
     release: ReleaseLayout | None = None
+    mtp: MtpLayout | None = None  # where its releases keep their MTP layers, if not where DeepSeek-V3 does
     example: str = ""
 
     @property
@@ -255,11 +288,17 @@ def causal_lm(
     lm_head_bias=False,
     embed_scale: float = 1.0,
     model=CausalLM,
+    mtp: list[nn.Module] = (),
     **extra,
 ) -> CausalLM:
     """The stack around a family's decoder layers, from the config fields every family has (vocab_size,
     hidden_size, rms_norm_eps, rope, max_position_embeddings, tie_word_embeddings): a `model` (CausalLM
-    or a subclass, given `extra` arguments of its own)."""
+    or a subclass, given `extra` arguments of its own). `mtp`: the decoder layers of the checkpoint's
+    multi-token-prediction layers, numbered on from the last of `layers` (see localmoe/models/mtp.py)."""
+    if mtp:
+        extra["mtp"] = MultiTokenPredictor(
+            [MTPLayer(block, args.hidden_size, args.rms_norm_eps, norm) for block in mtp], len(layers)
+        )
     return model(
         Backbone(args.vocab_size, args.hidden_size, layers, args.rms_norm_eps, norm=norm),
         rotary(args.rope, rotary_dim, args.max_position_embeddings),

@@ -1,6 +1,7 @@
 """GLM-4.5 and GLM-4.5-Air (Glm4MoeForCausalLM): grouped-query attention with q/k/v biases, rotary on
 part of each head (half by default), optional per-head q/k norm, dense first layers, shared experts,
-and DeepSeek-V3's sigmoid routing with a correction bias. Multi-token-prediction layers are not loaded."""
+and DeepSeek-V3's sigmoid routing with a correction bias. Its multi-token-prediction layers are stored as
+DeepSeek-V3's (`model.layers.{num_hidden_layers}.*`) and loaded as `mtp` (see localmoe/models/mtp.py)."""
 
 from dataclasses import dataclass, field
 from typing import ClassVar
@@ -41,6 +42,7 @@ class Glm4MoeArgs(ModelArgs):
     rms_norm_eps: float = 1e-5
     max_position_embeddings: int = 131072
     tie_word_embeddings: bool = False
+    num_nextn_predict_layers: int = 0  # transformers says 1; a config that does not say so promises none
     rope: dict = field(default_factory=dict)
 
 
@@ -63,9 +65,9 @@ def build(args: Glm4MoeArgs, attention: type[Attention] = Attention) -> CausalLM
             hidden,
             args.rms_norm_eps,
         )
-        for i in range(args.num_hidden_layers)
+        for i in range(args.num_hidden_layers + args.num_nextn_predict_layers)
     ]
-    return causal_lm(args, layers, head_dim)
+    return causal_lm(args, layers[: args.num_hidden_layers], head_dim, mtp=layers[args.num_hidden_layers :])
 
 
 def feed_forward(args: Glm4MoeArgs, i: int) -> nn.Module:

@@ -225,11 +225,14 @@ class CausalLM(nn.Module):
         lm_head_bias: bool = False,
         embed_scale: float = 1.0,
         logit_softcap: float | None = None,
+        mtp: nn.Module | None = None,
     ):
+        """`mtp`: the checkpoint's multi-token-prediction layers (a MultiTokenPredictor of mtp.py), if any."""
         super().__init__()
         self.embed_scale, self.logit_softcap = embed_scale, logit_softcap  # Gemma: sqrt(hidden), tanh capping
         self.model = backbone
         self.rotary = rotary
+        self.mtp = mtp
         vocab_size, hidden = backbone.embed_tokens.weight.shape
         self.lm_head = None if tie_word_embeddings else nn.Linear(hidden, vocab_size, bias=lm_head_bias)
         if tie_word_embeddings and lm_head_bias:  # ERNIE: tied weights, and still a bias of its own
@@ -241,31 +244,63 @@ class CausalLM(nn.Module):
         states = [layer.self_attn.new_state(batch, max_len, weight.dtype, weight.device) for layer in self.model.layers]
         return KVCache(states, max_len)
 
+    def new_mtp_cache(self, batch: int, max_len: int, depth: int = 0) -> KVCache:
+        """The state of MTP layer `depth`, for `mtp_draft`: positions of its own, as the backbone's cache has."""
+        weight = self.model.embed_tokens.weight
+        attention = self.mtp.layers[depth].block.self_attn
+        return KVCache([attention.new_state(batch, max_len, weight.dtype, weight.device)], max_len)
+
     def kv_bytes_per_token(self, dtype: torch.dtype) -> int:
-        return sum(layer.self_attn.state_bytes_per_token(dtype) for layer in self.model.layers)
+        """The backbone's state per token, and the MTP layers' (which drafting fills as it goes)."""
+        mtp = [] if self.mtp is None else [layer.block for layer in self.mtp.layers]
+        return sum(layer.self_attn.state_bytes_per_token(dtype) for layer in [*self.model.layers, *mtp])
 
     def fixed_state_bytes(self, dtype: torch.dtype) -> int:
         """Generation state whose size does not grow with the context (recurrent layers)."""
         return sum(getattr(layer.self_attn, "fixed_state_bytes", lambda _: 0)(dtype) for layer in self.model.layers)
 
-    def forward(self, ids: torch.Tensor, cache: KVCache, all_logits: bool = False) -> torch.Tensor:
+    def forward(
+        self, ids: torch.Tensor, cache: KVCache, all_logits: bool = False, hidden: bool = False
+    ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
         """Logits [B, T, V] for ids [B, T] following what the cache holds (only the last position unless
-        `all_logits`); the cache advances by T."""
-        start, length = cache.pos, ids.shape[1]
-        if start + length > cache.max_len:
-            raise LocalMoEError(
-                f"{start + length} tokens do not fit the {cache.max_len}-token context allocated for this run"
-            )
-        step = Step(start, length, *self.rotary(start, length, self.model.embed_tokens.weight.dtype))
-        if length == 1 and self.static_decode:  # as a static step would, with the position on the host
-            step.bucket = bucket(start, cache.max_len)
+        `all_logits`); the cache advances by T. With `hidden`, (logits, h): h [B, T, E] the last layer's
+        output before the final norm, at the same positions (what `mtp_draft` takes)."""
+        step = self._step(cache, ids.shape[1])
+        if step.length == 1 and self.static_decode:  # as a static step would, with the position on the host
+            step.bucket = bucket(step.start, cache.max_len)
         h = self.embed(ids, step)
         cache.writing = True
         for layer, kv in zip(self.model.layers, cache.layers, strict=True):
             h = layer(h, step, kv)
-        cache.pos += length
+        cache.pos += step.length
         cache.writing = False
-        return self.logits(h if all_logits else h[:, -1:])
+        h = h if all_logits else h[:, -1:]
+        return (self.logits(h), h) if hidden else self.logits(h)
+
+    def mtp_draft(
+        self, h: torch.Tensor, next_ids: torch.Tensor, cache: KVCache, depth: int = 0
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """MTP layer `depth` over h [B, T, E] (hidden states at positions p .. p+T-1, from `forward` with
+        `hidden` or from this layer's previous draft) and next_ids [B, T] (the tokens at p+1 .. p+T):
+        (logits [B, T, V] of the tokens at p+2 .. p+T+1, the layer's output [B, T, E] before its final
+        norm). `cache` (from `new_mtp_cache` for this depth) is at position p, and advances by T."""
+        layer = self.mtp.layers[depth]
+        step = self._step(cache, next_ids.shape[1])
+        step.ids = next_ids
+        cache.writing = True
+        h = layer(h, self.embed(next_ids, step), step, cache.layers[0])
+        cache.pos += step.length
+        cache.writing = False
+        return self.head(layer.shared_head.norm(h)), h
+
+    def _step(self, cache: KVCache, length: int) -> Step:
+        """The step of `length` new tokens after what `cache` holds, refused where they do not fit it."""
+        start = cache.pos
+        if start + length > cache.max_len:
+            raise LocalMoEError(
+                f"{start + length} tokens do not fit the {cache.max_len}-token context allocated for this run"
+            )
+        return Step(start, length, *self.rotary(start, length, self.model.embed_tokens.weight.dtype))
 
     @property
     def static_decode(self) -> bool:
@@ -286,7 +321,10 @@ class CausalLM(nn.Module):
 
     def logits(self, h: torch.Tensor) -> torch.Tensor:
         """Logits [B, T, V] from the last layer's hidden states."""
-        h = self.model.norm(h)
+        return self.head(self.model.norm(h))
+
+    def head(self, h: torch.Tensor) -> torch.Tensor:
+        """Logits [B, T, V] from normalised hidden states: the LM head (the MTP layers share it)."""
         if self.lm_head is None:
             logits = F.linear(h, self.model.embed_tokens.weight, getattr(self, "lm_head_bias", None))
         else:

@@ -1,7 +1,9 @@
 """Qwen3.5-MoE (Qwen3_5MoeForCausalLM, and the language model of Qwen3_5MoeForConditionalGeneration,
 e.g. Qwen/Qwen3.5-35B-A3B): three layers in four are Gated DeltaNet linear attention, the fourth full
 attention with an output gate and partial rotary; norms scale by 1 + weight; every layer is MoE with
-renormalised softmax top-k routing and a sigmoid-gated shared expert."""
+renormalised softmax top-k routing and a sigmoid-gated shared expert. The multi-token-prediction layers
+(`mtp.*`: fc, pre_fc_norm_embedding, pre_fc_norm_hidden, layers.K (full attention and MoE), norm) are
+loaded as `mtp`, for drafts (see localmoe/models/mtp.py); the model's embedding and LM head serve them."""
 
 from dataclasses import dataclass, field
 from typing import ClassVar
@@ -10,7 +12,7 @@ from torch import nn
 
 from localmoe.models.attention import Attention
 from localmoe.models.expert_tensors import PerExpert
-from localmoe.models.family import Family, ModelArgs, Multimodal, causal_lm
+from localmoe.models.family import Family, ModelArgs, MtpLayout, Multimodal, causal_lm
 from localmoe.models.gated_deltanet import DELTANET_ALIASES, GatedDeltaNet
 from localmoe.models.layers import MLP, CausalLM, DecoderLayer, ZeroCenteredRMSNorm
 from localmoe.models.moe import FUSED_EXPERTS, MLP_EXPERTS, GatedActivation, SparseMoE, TopKRouter
@@ -19,6 +21,8 @@ from localmoe.models.moe import FUSED_EXPERTS, MLP_EXPERTS, GatedActivation, Spa
 @dataclass
 class Qwen3_5MoeArgs(ModelArgs):
     default_rope: ClassVar[dict] = {"partial_rotary_factor": 0.25}
+    # Qwen3.5's configs name the MTP layers' count so; vLLM reads Qwen3-Next's under the other name too
+    config_aliases: ClassVar[dict[str, tuple[str, ...]]] = {"mtp_num_hidden_layers": ("num_nextn_predict_layers",)}
 
     vocab_size: int
     hidden_size: int
@@ -42,6 +46,7 @@ class Qwen3_5MoeArgs(ModelArgs):
     rms_norm_eps: float = 1e-6
     max_position_embeddings: int = 32768
     tie_word_embeddings: bool = False
+    mtp_num_hidden_layers: int = 0
     rope: dict = field(default_factory=dict)
 
     def linear(self, i: int) -> bool:
@@ -54,6 +59,11 @@ def token_mixer(args: Qwen3_5MoeArgs, i: int, grouped: bool = False) -> nn.Modul
     """Layer i's Gated DeltaNet (with Qwen3-Next's `grouped` projections) or gated full attention."""
     if args.linear(i):
         return GatedDeltaNet(args, grouped)
+    return gated_attention(args)
+
+
+def gated_attention(args: Qwen3_5MoeArgs) -> Attention:
+    """The full attention layers' (and the MTP layers')."""
     return Attention(
         args.hidden_size,
         args.num_attention_heads,
@@ -84,8 +94,17 @@ def sparse_moe(args: Qwen3_5MoeArgs, i: int, normalize: bool = True) -> SparseMo
     )
 
 
-def decoder(args: Qwen3_5MoeArgs, layers: list[DecoderLayer]) -> CausalLM:
-    return causal_lm(args, layers, args.attention_head_dim, norm=ZeroCenteredRMSNorm)
+def decoder(args: Qwen3_5MoeArgs, layers: list[DecoderLayer], feed_forward) -> CausalLM:
+    """The model around `layers`, with its MTP layers: full attention, and the feed-forward
+    `feed_forward(layer index, MTP depth)` gives (vLLM's qwen3_5_mtp.py and qwen3_next_mtp.py)."""
+    first = args.num_hidden_layers
+    mtp = [
+        DecoderLayer(
+            gated_attention(args), feed_forward(first + k, k), args.hidden_size, args.rms_norm_eps, ZeroCenteredRMSNorm
+        )
+        for k in range(args.mtp_num_hidden_layers)
+    ]
+    return causal_lm(args, layers, args.attention_head_dim, norm=ZeroCenteredRMSNorm, mtp=mtp)
 
 
 def build(args: Qwen3_5MoeArgs) -> CausalLM:
@@ -95,7 +114,20 @@ def build(args: Qwen3_5MoeArgs) -> CausalLM:
         )
         for i in range(args.num_hidden_layers)
     ]
-    return decoder(args, layers)
+    return decoder(args, layers, lambda i, _: sparse_moe(args, i))
+
+
+# Qwen3-Next's and Qwen3.5's MTP layers, `mtp.*`, seen under DeepSeek-V3's names
+QWEN_MTP = MtpLayout(
+    "mtp_num_hidden_layers",
+    (
+        ("model.layers.{layer}.enorm.", "mtp.pre_fc_norm_embedding."),
+        ("model.layers.{layer}.hnorm.", "mtp.pre_fc_norm_hidden."),
+        ("model.layers.{layer}.eh_proj.", "mtp.fc."),
+        ("model.layers.{layer}.shared_head.norm.", "mtp.norm."),
+        ("model.layers.{layer}.", "mtp.layers.{depth}."),
+    ),
+)
 
 
 FAMILY = Family(
@@ -105,12 +137,13 @@ FAMILY = Family(
     model=build,
     experts=(FUSED_EXPERTS, PerExpert(MLP_EXPERTS)),
     hub_aliases=DELTANET_ALIASES,
-    # the multi-token-prediction head (mtp.*) and the vision tower are left on disk
+    # the vision tower is left on disk
     multimodal=(
         Multimodal(
             "Qwen3_5MoeForConditionalGeneration",
-            (("model.", "model.language_model."), ("lm_head.", "lm_head.")),
+            (("model.", "model.language_model."), ("lm_head.", "lm_head."), ("mtp.", "mtp.")),
         ),
     ),
+    mtp=QWEN_MTP,
     example="Qwen/Qwen3.5-35B-A3B",
 )

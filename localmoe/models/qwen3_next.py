@@ -2,7 +2,7 @@
 layers before it (Gated DeltaNet in three layers of four, gated full attention with partial rotary,
 norms scaling by 1 + weight, a sigmoid-gated shared expert), with the DeltaNet's projections fused and
 laid out key head by key head, optional top-k renormalisation, and dense layers where `mlp_only_layers`
-or `decoder_sparse_step` say so."""
+or `decoder_sparse_step` say so. Its multi-token-prediction layers are Qwen3.5's (`mtp.*`)."""
 
 from dataclasses import dataclass
 
@@ -11,7 +11,7 @@ from localmoe.models.family import Family
 from localmoe.models.gated_deltanet import DELTANET_ALIASES
 from localmoe.models.layers import MLP, CausalLM, DecoderLayer, ZeroCenteredRMSNorm
 from localmoe.models.moe import FUSED_EXPERTS, MLP_EXPERTS
-from localmoe.models.qwen3_5_moe import Qwen3_5MoeArgs, decoder, sparse_moe, token_mixer
+from localmoe.models.qwen3_5_moe import QWEN_MTP, Qwen3_5MoeArgs, decoder, sparse_moe, token_mixer
 
 
 @dataclass
@@ -30,22 +30,23 @@ class Qwen3NextArgs(Qwen3_5MoeArgs):
 
 
 def build(args: Qwen3NextArgs) -> CausalLM:
-    def feed_forward(i: int):
-        if args.is_moe_layer(i):
+    def feed_forward(i: int, sparse: bool):
+        if sparse:
             return sparse_moe(args, i, normalize=args.norm_topk_prob)
         return MLP(args.hidden_size, args.intermediate_size, args.hidden_act)
 
     layers = [
         DecoderLayer(
             token_mixer(args, i, grouped=True),
-            feed_forward(i),
+            feed_forward(i, args.is_moe_layer(i)),
             args.hidden_size,
             args.rms_norm_eps,
             norm=ZeroCenteredRMSNorm,
         )
         for i in range(args.num_hidden_layers)
     ]
-    return decoder(args, layers)
+    # vLLM numbers an MTP layer by its depth where it decides whether it is MoE
+    return decoder(args, layers, lambda i, depth: feed_forward(i, args.is_moe_layer(depth)))
 
 
 FAMILY = Family(
@@ -54,6 +55,7 @@ FAMILY = Family(
     args=Qwen3NextArgs,
     model=build,
     experts=(PerExpert(MLP_EXPERTS), FUSED_EXPERTS),
-    hub_aliases=DELTANET_ALIASES,  # the multi-token-prediction head (mtp.*) is left on disk
+    hub_aliases=DELTANET_ALIASES,
+    mtp=QWEN_MTP,
     example="Qwen/Qwen3-Next-80B-A3B-Instruct",
 )

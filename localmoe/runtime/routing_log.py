@@ -70,17 +70,20 @@ class RoutingLog:
         return (buffers or self._buffers)[name][:tokens, self.row[layer], :width]
 
     def close(self) -> None:
-        """The step is complete: send its rows to the host (CUDA: asynchronously, on the current stream)."""
+        """The step is complete: send its rows to the host (CUDA: asynchronously, on the current stream), and
+        mark every layer's ids unwritten (-1), so that the host skips the layers the next step does not run
+        (a step of the multi-token-prediction layers alone)."""
         tokens = self._tokens
         if not self.cuda:
             self._pending.append(({name: rows[:tokens].clone() for name, rows in self._buffers.items()}, tokens, None))
-            return
-        host = self._host_buffers()
-        for name, rows in self._buffers.items():
-            host[name][:tokens].copy_(rows[:tokens], non_blocking=True)
-        event = torch.cuda.Event()
-        event.record()
-        self._pending.append((host, tokens, event))
+        else:
+            host = self._host_buffers()
+            for name, rows in self._buffers.items():
+                host[name][:tokens].copy_(rows[:tokens], non_blocking=True)
+            event = torch.cuda.Event()
+            event.record()
+            self._pending.append((host, tokens, event))
+        self._buffers["ids"][:tokens].fill_(-1)
 
     def taken(self, wait: bool = False) -> list[list[LayerRouting]]:
         """The steps whose rows have reached the host, oldest first, each as its layers' routing; `wait`:
@@ -105,6 +108,7 @@ class RoutingLog:
         return [
             LayerRouting(layer, rows("ids", layer), rows("slots", layer), rows("scores", layer), rows("weights", layer))
             for layer in self.layers
+            if self._rows("ids", layer, tokens, host)[0, 0] >= 0
         ]
 
     def _allocate(self, tokens: int) -> None:
@@ -123,6 +127,8 @@ class RoutingLog:
             kinds["weights"] = (k, torch.float32)
         with torch.inference_mode(False):  # normal tensors, written in and out of inference mode
             return {
-                name: torch.zeros(tokens, layers, width, dtype=dtype, device=device, pin_memory=pin)
+                name: torch.full(
+                    (tokens, layers, width), -1 if name == "ids" else 0, dtype=dtype, device=device, pin_memory=pin
+                )
                 for name, (width, dtype) in kinds.items()
             }

@@ -1,0 +1,55 @@
+"""Multi-token prediction layers, as DeepSeek-V3 ships them (its report, section 2.2) and the releases that
+followed its design (GLM-4.5, Qwen3-Next and Qwen3.5): MTP layer k takes the hidden state h at position i
+(the backbone's last layer's, before its final norm, or the previous MTP layer's output) and the embedding
+e of token i+1, computes eh_proj([enorm(e); hnorm(h)]) (the embedding first), runs one decoder layer of
+the family's own kind (with its own KV state) over that, and predicts token i+2 through its own final norm
+and the model's shared embedding and LM head.
+
+In memory the layers are `mtp.layers.{k}.{enorm,hnorm,eh_proj,block,shared_head.norm}`; they are read
+from DeepSeek-V3's names, `model.layers.{num_hidden_layers + k}.*` (the decoder layer's tensors directly
+under that prefix), which a release stored otherwise is seen under (see `MtpTensors`). DeepSeek-V3 also
+stores a copy of the embedding and the LM head in each MTP layer; as SGLang does, the model's own are used
+(the report: "the embedding layer and the output head ... are shared with the main model")."""
+
+import torch
+from torch import nn
+
+from localmoe.models.layers import RMSNorm, Step
+
+
+class SharedHead(nn.Module):
+    """What an MTP layer keeps of the output head: its final norm (the LM head is the model's)."""
+
+    def __init__(self, norm: nn.Module):
+        super().__init__()
+        self.norm = norm
+
+
+class MTPLayer(nn.Module):
+    def __init__(self, block: nn.Module, hidden: int, eps: float, norm=RMSNorm):
+        """`block`: the decoder layer, of the family's own kind (attention in `self_attn`)."""
+        super().__init__()
+        self.enorm = norm(hidden, eps)
+        self.hnorm = norm(hidden, eps)
+        self.eh_proj = nn.Linear(2 * hidden, hidden, bias=False)
+        self.block = block
+        self.shared_head = SharedHead(norm(hidden, eps))
+
+    def forward(self, h: torch.Tensor, embedded: torch.Tensor, step: Step, kv) -> torch.Tensor:
+        """The layer's output [B, T, E] before its final norm, for hidden states h and the next tokens'
+        embeddings `embedded`, both [B, T, E]."""
+        return self.block(self.eh_proj(torch.cat([self.enorm(embedded), self.hnorm(h)], dim=-1)), step, kv)
+
+
+class MultiTokenPredictor(nn.Module):
+    """A checkpoint's MTP layers, the first of which follows decoder layer `first_layer` - 1."""
+
+    def __init__(self, layers: list[MTPLayer], first_layer: int):
+        super().__init__()
+        self.layers = nn.ModuleList(layers)
+        self.first_layer = first_layer
+
+    def stored_name(self, name: str) -> str:
+        """DeepSeek-V3's name of parameter `name` (relative to this module, `layers.{k}.*`)."""
+        _, depth, rest = name.split(".", 2)
+        return f"model.layers.{self.first_layer + int(depth)}.{rest.removeprefix('block.')}"
