@@ -202,7 +202,9 @@ class Engine:
 
     def new_drafter(self) -> Drafter | None:
         """A drafter for one generation, as `self.speculative` says (None: plain decoding)."""
-        return DRAFTERS[self.speculative](self.model, self.plan.context)
+        runtime = self._offloaded
+        hooks = None if runtime is None else StepHooks(runtime.begin_step, runtime.end_step)
+        return DRAFTERS[self.speculative](self.model, self.plan.context, hooks)
 
     def graphs_barred(self) -> list[str]:
         """Why decode steps run eagerly, not as CUDA graphs (empty: they are captured)."""

@@ -11,13 +11,14 @@ from click.testing import CliRunner
 from conftest import TINY_FAMILIES, hf_model, save_hf, serve_app
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from test_mtp import RELEASES
 
 import localmoe
 from localmoe.cli import main
 from localmoe.options import RuntimeOptions
 from localmoe.runtime.generate import GenerationStats, generate_tokens
 from localmoe.runtime.sampling import Sampler, SamplingParams
-from localmoe.runtime.speculative import Drafter, PromptLookup, SpeculationStats
+from localmoe.runtime.speculative import Drafter, MtpDrafter, PromptLookup, SpeculationStats
 from localmoe.server import Server
 
 NEW = 12
@@ -295,3 +296,44 @@ def test_metrics_count_the_drafts(chat_model):
         connection.close()
     assert "localmoe_draft_tokens_total " in metrics and "localmoe_draft_tokens_accepted_total " in metrics
     assert "localmoe_verifications_total " in metrics and "localmoe_experts_loaded_per_token " in metrics
+
+
+@pytest.fixture(scope="module", params=list(RELEASES))
+def mtp_release(request, tmp_path_factory):
+    return RELEASES[request.param](tmp_path_factory.mktemp(request.param)).folder
+
+
+def test_mtp_speculates_exactly(mtp_release):
+    """On by default where the checkpoint has MTP layers; the plain tokens all-resident and offloaded
+    (the MTP layer's experts through the expert cache too)."""
+    plain = localmoe.load(str(mtp_release), device="cpu", dtype=torch.float32, speculative="off")
+    expected = list(plain.generate_ids(PROMPT, NEW))
+    engine = localmoe.load(str(mtp_release), device="cpu", dtype=torch.float32)
+    assert engine.speculative == "mtp" and "speculative: mtp" in engine.summary()
+    assert_plain(plain.model, PROMPT, list(engine.generate_ids(PROMPT, NEW)), expected)
+    assert engine.stats.speculation.drafted > 0
+    top_k = plain.parts.args.num_experts_per_tok
+    for miss_policy in ("direct", "copy"):
+        options = RuntimeOptions(expert_slots=top_k, miss_policy=miss_policy, speculative="mtp", draft_tokens=3)
+        offloaded = localmoe.load(str(mtp_release), device="cpu", dtype=torch.float32, options=options)
+        assert_plain(plain.model, PROMPT, list(offloaded.generate_ids(PROMPT, NEW)), expected)
+
+
+def test_mtp_drafts_are_the_layer_run_on_the_sequence(mtp_release):
+    """The drafter's first draft after the prompt is the MTP layer's prediction from the target's hidden
+    states at every prompt position and the tokens after them; its next ones chain its own outputs."""
+    engine = localmoe.load(str(mtp_release), device="cpu", dtype=torch.float32)
+    model, first = engine.model, list(engine.generate_ids(PROMPT, 1, speculative=False))
+    drafter = MtpDrafter(model, 64)
+    with torch.no_grad():
+        cache = model.new_cache(1, 64)
+        _, h = model(torch.tensor([PROMPT]), cache, all_logits=True, hidden=True)
+        drafter.observe(0, len(PROMPT), h[0])
+        drafts = drafter.propose(PROMPT + first, 3)
+        mtp_cache = model.new_mtp_cache(1, 64)
+        logits, out = model.mtp_draft(h, torch.tensor([PROMPT[1:] + first]), mtp_cache)
+        expected = [int(logits[0, -1].argmax())]
+        for _ in range(2):
+            logits, out = model.mtp_draft(out[:, -1:], torch.tensor([expected[-1:]]), mtp_cache)
+            expected.append(int(logits[0, -1].argmax()))
+    assert drafts == expected

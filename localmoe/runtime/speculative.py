@@ -16,9 +16,12 @@ from T single-token steps (other matmul shapes), as chunked prefill does.
 
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
 import torch
+
+if TYPE_CHECKING:
+    from localmoe.runtime.generate import StepHooks
 
 
 class Drafter(Protocol):
@@ -59,6 +62,54 @@ class PromptLookup(Drafter):
             if len(tokens) >= n and (after := self.follows.get(tuple(tokens[-n:]))) is not None:
                 return list(tokens[after : after + limit])
         return []
+
+
+class MtpDrafter(Drafter):
+    """Drafts with the checkpoint's multi-token-prediction layer (DeepSeek-V3's MTP, as vLLM and SGLang
+    run it): at position i it takes the target's hidden state there and the token at i + 1, and predicts
+    the token at i + 2; further drafts feed it its own output and the token it drafted (one layer, reused
+    at every depth). Its KV cache follows the target's positions (from the first one it was shown: in a
+    conversation's later turns, it has not seen the earlier ones); drafted positions are dropped from it
+    before the target's hidden states there are fed."""
+
+    reads_hidden = True
+
+    def __init__(self, model, context: int, hooks: "StepHooks | None" = None):
+        """`context`: the target's, in positions; `hooks`: run around each step of the MTP layer, as around
+        the target's (the expert cache learns from its routing there)."""
+        self.model, self.context, self.hooks = model, context, hooks
+        self.cache = None  # allocated at the first hidden states, for the positions from there on
+        self.first = 0  # the target's position of the cache's position 0
+        self.pending: list[torch.Tensor] = []  # hidden states [T, H] of kept positions not fed yet
+        self.fed = 0  # target positions whose hidden states went through the MTP layer (from `first`)
+
+    def observe(self, start: int, kept: int, hidden: torch.Tensor) -> None:
+        if self.cache is None:
+            self.cache = self.model.new_mtp_cache(1, self.context - start)
+            self.first = self.fed = start
+        waiting = self.fed + sum(h.shape[0] for h in self.pending)
+        assert start == waiting, f"hidden states at {start}, expected at {waiting}"
+        self.pending.append(hidden[:kept])
+
+    @torch.inference_mode()
+    def propose(self, tokens: Sequence[int], limit: int) -> list[int]:
+        self.cache.rewind(self.fed - self.first)  # the last draft's positions
+        h = torch.cat(self.pending)[None]
+        self.pending = []
+        device = h.device
+        following = torch.tensor([tokens[self.fed + 1 : self.fed + 1 + h.shape[1]]], device=device)
+        self.fed += h.shape[1]
+        drafts = []
+        while True:
+            if self.hooks:
+                self.hooks.before()
+            logits, h = self.model.mtp_draft(h, following, self.cache)
+            if self.hooks:
+                self.hooks.after()
+            drafts.append(int(logits[0, -1].argmax()))
+            if len(drafts) == limit:
+                return drafts
+            h, following = h[:, -1:], torch.tensor([drafts[-1:]], device=device)
 
 
 @dataclass
@@ -118,9 +169,10 @@ class SpeculationStats:
         )
 
 
-# what drafts for each choice of `--speculative` (localmoe.options.SPECULATIVE), given the target model and
-# the context it runs in
+# what drafts for each choice of `--speculative` (localmoe.options.SPECULATIVE), given the target model, the
+# context it runs in and the hooks of its steps
 DRAFTERS = {
-    "lookup": lambda model, context: PromptLookup(),
-    "off": lambda model, context: None,
+    "mtp": MtpDrafter,
+    "lookup": lambda model, context, hooks: PromptLookup(),
+    "off": lambda model, context, hooks: None,
 }
