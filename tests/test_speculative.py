@@ -144,6 +144,11 @@ def test_drafts_all_kept_and_all_rejected_are_counted(tmp_path):
     rejected = engine.stats.speculation
     assert rejected.accepted == 0 and rejected.verifications == NEW - 2 and rejected.rates() == [0.0] * 4
     assert rejected.drafted == 4 * (NEW - 5) + 3 + 2 + 1  # shorter drafts once max_new_tokens is near
+    stats = GenerationStats()  # an EOS as the second of four drafts: the two after it are not counted
+    eos = frozenset({expected[2]})
+    drafter = always_right(expected, vocab(engine))
+    assert list(generate_tokens(engine.model, PROMPT, NEW, eos_ids=eos, stats=stats, drafter=drafter)) == expected[:3]
+    assert (stats.speculation.drafted, stats.speculation.accepted) == (2, 2)
 
 
 @settings(max_examples=6, deadline=None, derandomize=True, suppress_health_check=[HealthCheck.function_scoped_fixture])

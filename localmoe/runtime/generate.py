@@ -245,9 +245,12 @@ class Speculation:
                     produced = stats.new_tokens = produced + 1
                     yield token
                     start = time.perf_counter()
+                    matched = kept < len(drafts) and token == drafts[kept]
                     if token in eos_ids or produced == max_new_tokens:
+                        if drafts:  # the drafts after this token were never judged
+                            self.stats.record(min(len(drafts), kept + 1), kept + matched)
                         return
-                    if kept == len(drafts) or token != drafts[kept]:
+                    if not matched:
                         break
                 if drafts:
                     self.stats.record(len(drafts), kept)
