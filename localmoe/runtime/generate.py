@@ -181,21 +181,28 @@ def generate_tokens(
         return
     for produced in range(1, max_new_tokens + 1):
         position = len(prompt) + produced - 1
-        seen[position] = sampler(logits[0, -1], seen[:position])
-        queued = time.perf_counter()
-        token = int(seen[position])  # waits for the device: the timings below are real
-        now = time.perf_counter()
-        if produced == 1:
-            stats.prefill_seconds = now - start
-        else:
-            stats.decode_seconds += now - start
-            stats.decode_host_seconds += queued - start
-        stats.new_tokens = produced
+        token = _choose(sampler, logits[0, -1], seen, position, stats, start)
         yield token
         if token in eos_ids or produced == max_new_tokens:
             return
         start = time.perf_counter()
         logits = decode(seen[None, position : position + 1])
+
+
+def _choose(sampler: Sampler, logits: torch.Tensor, seen: torch.Tensor, position: int, stats, start: float) -> int:
+    """The token at `position` of `seen`, chosen from `logits` [V]; the time since `start` counted in
+    `stats`, the first token's as the prefill's."""
+    seen[position] = sampler(logits, seen[:position])
+    queued = time.perf_counter()
+    token = int(seen[position])  # waits for the device: the timings below are real
+    now = time.perf_counter()
+    if stats.new_tokens == 0:
+        stats.prefill_seconds = now - start
+    else:
+        stats.decode_seconds += now - start
+        stats.decode_host_seconds += queued - start
+    stats.new_tokens += 1
+    return token
 
 
 def check_fits(prompt_tokens: int, max_new_tokens: int, context: int, limit: int, name: str = "max_new_tokens") -> None:
@@ -227,22 +234,13 @@ class Speculation:
 
     def run(self, logits, sampler, seen, max_new_tokens, eos_ids, stats: GenerationStats, start) -> Iterator[int]:
         """Yield the tokens after the prompt, from the prefill's last logits [1, 1, V] on."""
-        rows, drafts, produced = logits[0], [], 0
+        rows, drafts = logits[0], []
         try:
             while True:
                 for kept, row in enumerate(rows):  # row i follows draft i - 1: `kept` drafts precede it
-                    position = len(self.tokens)
-                    seen[position] = sampler(row, seen[:position])
-                    queued = time.perf_counter()
-                    token = int(seen[position])  # waits for the device: the timings below are real
-                    now = time.perf_counter()
-                    if produced == 0:
-                        stats.prefill_seconds = now - start
-                    else:
-                        stats.decode_seconds += now - start
-                        stats.decode_host_seconds += queued - start
+                    token = _choose(sampler, row, seen, len(self.tokens), stats, start)
                     self.tokens.append(token)
-                    produced = stats.new_tokens = produced + 1
+                    produced = stats.new_tokens
                     yield token
                     start = time.perf_counter()
                     matched = kept < len(drafts) and token == drafts[kept]
