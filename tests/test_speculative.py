@@ -86,6 +86,7 @@ def assert_plain(model, prompt, got: list[int], expected: list[int], sampling: S
         finally:
             hook.remove()
         if perturbed[:k] == expected[:k] and perturbed[k] == got[k]:
+            print(f"token {k}: {got[k]} for plain {expected[k]}, rounding-sensitive (perturbation {seed} gives it)")
             return
     raise AssertionError(f"token {k}: plain {expected[k]}, speculative {got[k]}, and no perturbation explains it")
 
