@@ -15,10 +15,11 @@ from localmoe.models.moe import FUSED_EXPERTS, MLP_EXPERTS
 class SolarOpenArgs(ModelArgs):
     default_rope_theta: ClassVar[float] = 1_000_000.0
     config_aliases: ClassVar[dict[str, tuple[str, ...]]] = {"n_routed_experts": ("num_local_experts",)}
-    # what GLM-4.5's build reads and Solar Open fixes: no dense layers, no q/k norm
+    # what GLM-4.5's build reads and Solar Open fixes: no dense layers, no q/k norm, no MTP layers
     first_k_dense_replace: ClassVar[int] = 0
     intermediate_size: ClassVar[int] = 0
     use_qk_norm: ClassVar[bool] = False
+    num_nextn_predict_layers: ClassVar[int] = 0
 
     vocab_size: int
     hidden_size: int
