@@ -1075,6 +1075,22 @@ FLINT = dict(
     mlp_only_layers=[1],
 )
 
+LONGCAT_FLASH = dict(
+    BASE,
+    num_layers=2,  # two attention sublayers each
+    ffn_hidden_size=48,
+    expert_ffn_hidden_size=32,
+    n_routed_experts=6,
+    zero_expert_num=4,  # identity experts past the routed ones: chosen 67% and 42% of the time here
+    moe_topk=4,
+    q_lora_rank=24,
+    kv_lora_rank=16,
+    qk_nope_head_dim=12,
+    qk_rope_head_dim=8,
+    head_dim=8,
+    v_head_dim=12,
+)
+
 TINY_FAMILIES = {
     "mixtral": ("MixtralConfig", MIXTRAL),  # 3 MoE layers x 5 experts, top-2
     "qwen2_moe": ("Qwen2MoeConfig", QWEN2_MOE),
@@ -1135,6 +1151,7 @@ TINY_FAMILIES = {
     "ernie4_5_vl_moe_text": ("Ernie4_5_VLMoeConfig", ERNIE4_5_VL_MOE),
     "axk1": ("AXK1Config", AXK1),
     "flint": ("FlintConfig", FLINT),
+    "longcat_flash": ("LongcatFlashConfig", LONGCAT_FLASH),
 }
 
 

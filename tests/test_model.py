@@ -69,6 +69,8 @@ MODELS = {
     "jamba": ("jamba", {}, None),
     # queries from routed attention experts, keys and values shared by them
     "jetmoe": ("jetmoe", {}, None),
+    # two latent attention states per layer, side by side
+    "longcat-flash": ("longcat_flash", {}, None),
 }
 
 # The chat rewind alone for families whose kinds of state MODELS already covers in depth:
@@ -219,7 +221,8 @@ def test_a_forward_cut_short_is_not_trusted(model, tolerance, monkeypatch):
     monkeypatch.undo()
     kept = cache.rewind(6)
     plain_kinds = (layer_state.AttentionKV, layer_state.LatentKV, layer_state.NoState)
-    plain = all(isinstance(state, plain_kinds) for state in cache.layers)
+    parts = [part for state in cache.layers for part in getattr(state, "states", {"": state}).values()]
+    plain = all(isinstance(state, plain_kinds) for state in parts)
     assert kept == (6 if plain else 0)
     got = model(ids[:, kept:], cache, all_logits=True)
     assert (got - expected[:, kept:]).abs().max().item() < tolerance

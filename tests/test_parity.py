@@ -844,6 +844,24 @@ CASES = {
         "single",
     ),
     "flint-fused": ("flint", {}, "fused"),
+    "longcat-flash-sharded": ("longcat_flash", {}, "sharded"),
+    # no identity experts, biases, tied embeddings, yarn (its attention scale)
+    "longcat-flash-no-identities-yarn": (
+        "longcat_flash",
+        {
+            "zero_expert_num": 0,
+            "attention_bias": True,
+            "tie_word_embeddings": True,
+            "rope_parameters": {
+                "rope_type": "yarn",
+                "rope_theta": 10000.0,
+                "factor": 4.0,
+                "original_max_position_embeddings": 64,
+                "mscale_all_dim": 1.0,
+            },
+        },
+        "single",
+    ),
 }
 
 

@@ -38,6 +38,7 @@ from localmoe.models import (
     laguna,
     lfm2_moe,
     llama4,
+    longcat_flash,
     mellum,
     mimo_v2_flash,
     minimax,
@@ -117,6 +118,7 @@ FAMILIES: tuple[Family, ...] = (
     ernie4_5_vl_moe.FAMILY,
     axk1.FAMILY,
     flint.FAMILY,
+    longcat_flash.FAMILY,
 )
 
 

@@ -20,7 +20,8 @@ from localmoe.models.layers import MLP, activation
 
 class Routing(NamedTuple):
     """A router's choice for T tokens: weights [T, k] float32, expert ids [T, k], and its scores of every
-    expert [T, experts] (float32), which the cache's score policy weighs."""
+    expert [T, experts] (float32), which the cache's score policy weighs. An id of -1 is a choice of no
+    expert the runtime holds (an identity expert, which the block adds itself, with weight 0 here)."""
 
     weights: torch.Tensor
     ids: torch.Tensor
@@ -86,7 +87,9 @@ class GatedActivation:
 @dataclass(frozen=True)
 class MoESpec:
     """What the runtime needs to know of one MoE block: its layer, the shapes of its routed experts and
-    how they compute (`weights_on_input`: the router weight scales an expert's input, not its output)."""
+    how they compute (`weights_on_input`: the router weight scales an expert's input, not its output);
+    `may_skip`: some choices may be -1, no expert (see `Routing`), which the runtime neither looks up,
+    counts, copies nor computes."""
 
     layer: int
     hidden: int
@@ -96,6 +99,7 @@ class MoESpec:
     act: GatedActivation
     bias: bool
     weights_on_input: bool
+    may_skip: bool = False
 
 
 class GatedMLP(MLP):
@@ -230,6 +234,11 @@ class SparseMoE(nn.Module):
     With `latent` (Nemotron-H), the experts work in a narrower space: the routed tokens go through
     fc1_latent_proj to it and their sum through fc2_latent_proj back, while routing and the shared
     expert see the hidden states; `hidden_size` is then the experts' width, the latent one.
+
+    With `identity_experts` (LongCat-Flash's zero-computation experts), the router scores that many
+    experts past the routed ones, each of which returns its input: the block adds the input times their
+    weights itself, and the runtime sees those choices as -1, no expert, so that they take no slot and
+    are never copied.
     """
 
     def __init__(
@@ -248,6 +257,7 @@ class SparseMoE(nn.Module):
         shared_expert_gate: bool = False,
         latent: int | None = None,
         latent_bias: bool = False,
+        identity_experts: int = 0,
     ):
         super().__init__()
         self.gate = router
@@ -256,7 +266,7 @@ class SparseMoE(nn.Module):
         if latent is not None:
             self.fc1_latent_proj = nn.Linear(hidden, latent, bias=latent_bias)
             self.fc2_latent_proj = nn.Linear(latent, hidden, bias=latent_bias)
-        self.num_experts, self.top_k = num_experts, top_k
+        self.num_experts, self.top_k, self.identity_experts = num_experts, top_k, identity_experts
         self.act, self.expert_bias = act, expert_bias
         self.weights_on_input = weights_on_input  # Llama 4: the router weight scales the expert's input
         if shared_expert is not None:
@@ -280,17 +290,38 @@ class SparseMoE(nn.Module):
             self.act,
             self.expert_bias,
             self.weights_on_input,
+            self.identity_experts > 0,
         )
+
+    def scores(self, x: torch.Tensor) -> torch.Tensor:
+        """The router's scores of the routed experts [T, experts] (float32), from which a runtime predicts."""
+        scores = self.gate.scores(x)
+        return scores[:, : self.num_experts] if self.identity_experts else scores
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         flat = x.reshape(-1, x.shape[-1])
         routing = self.gate(flat)
         shared = self.shared(flat)  # queued first: it does not depend on the routing
+        if self.identity_experts:
+            routing, identity = self.split_identities(flat, routing)
+            shared = identity if shared is None else shared + identity
         if hasattr(self, "fc1_latent_proj"):
             out = self.fc2_latent_proj(self.experts(self.layer_idx, self.fc1_latent_proj(flat), routing, routed=flat))
         else:
             out = self.experts(self.layer_idx, flat, routing)
         return (out if shared is None else out + shared).view(x.shape)
+
+    def split_identities(self, flat: torch.Tensor, routing: Routing) -> tuple[Routing, torch.Tensor]:
+        """The routing of the routed experts (identity choices as -1 with weight 0, scores of the routed
+        experts only), and what the identity choices add: the input times their summed weight [T, E]."""
+        identity = routing.ids >= self.num_experts
+        weight = (routing.weights * identity).sum(dim=-1, keepdim=True)
+        routed = Routing(
+            routing.weights.masked_fill(identity, 0.0),
+            routing.ids.masked_fill(identity, -1),
+            routing.scores[:, : self.num_experts],
+        )
+        return routed, (flat.float() * weight).to(flat.dtype)
 
     def shared(self, flat: torch.Tensor) -> torch.Tensor | None:
         """The shared expert's output for tokens [T, E] (gated where the block has that gate), if any."""
