@@ -1091,6 +1091,19 @@ LONGCAT_FLASH = dict(
     v_head_dim=12,
 )
 
+KOLIBRI1 = dict(
+    BASE,
+    num_hidden_layers=3,
+    num_key_value_heads=2,
+    head_dim=16,
+    moe_intermediate_size=32,
+    shared_expert_intermediate_size=40,
+    num_experts=6,
+    num_experts_per_tok=2,
+    sliding_window=8,  # shorter than the prompts
+    layer_types=["sliding_attention", "full_attention", "sliding_attention"],
+)
+
 TINY_FAMILIES = {
     "mixtral": ("MixtralConfig", MIXTRAL),  # 3 MoE layers x 5 experts, top-2
     "qwen2_moe": ("Qwen2MoeConfig", QWEN2_MOE),
@@ -1152,6 +1165,7 @@ TINY_FAMILIES = {
     "axk1": ("AXK1Config", AXK1),
     "flint": ("FlintConfig", FLINT),
     "longcat_flash": ("LongcatFlashConfig", LONGCAT_FLASH),
+    "kolibri1": ("Kolibri1Config", KOLIBRI1),
 }
 
 

@@ -862,6 +862,16 @@ CASES = {
         },
         "single",
     ),
+    "kolibri1-sharded": ("kolibri1", {}, "sharded"),
+    # transformers' default layer kinds (every fifth global), renormalised weights, no windows at all, tied
+    "kolibri1-defaults-normalized": (
+        "kolibri1",
+        {"num_hidden_layers": 5, "layer_types": None, "norm_topk_prob": True},
+        "single",
+    ),
+    # (without a sliding_window, transformers 5.24 fails building the sliding mask it always builds)
+    "kolibri1-tied": ("kolibri1", {"tie_word_embeddings": True}, "single"),
+    "kolibri1-fused": ("kolibri1", {}, "fused"),
 }
 
 

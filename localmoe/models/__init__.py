@@ -35,6 +35,7 @@ from localmoe.models import (
     jamba,
     jetmoe,
     kimi_linear,
+    kolibri1,
     laguna,
     lfm2_moe,
     llama4,
@@ -119,6 +120,7 @@ FAMILIES: tuple[Family, ...] = (
     axk1.FAMILY,
     flint.FAMILY,
     longcat_flash.FAMILY,
+    kolibri1.FAMILY,
 )
 
 
