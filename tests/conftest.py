@@ -1104,6 +1104,22 @@ KOLIBRI1 = dict(
     layer_types=["sliding_attention", "full_attention", "sliding_attention"],
 )
 
+BEAM = dict(
+    BASE,
+    intermediate_size=96,
+    num_hidden_layers=4,
+    num_key_value_heads=2,
+    head_dim=16,
+    moe_intermediate_size=32,
+    num_experts=8,
+    num_experts_per_tok=2,
+    n_group=4,
+    topk_group=2,
+    sliding_window=8,  # shorter than the prompts
+    layer_types=["sliding_attention", "full_attention", "sliding_attention", "full_attention"],
+    mlp_layer_types=["dense", "sparse", "sparse", "sparse"],
+)
+
 TINY_FAMILIES = {
     "mixtral": ("MixtralConfig", MIXTRAL),  # 3 MoE layers x 5 experts, top-2
     "qwen2_moe": ("Qwen2MoeConfig", QWEN2_MOE),
@@ -1166,6 +1182,7 @@ TINY_FAMILIES = {
     "flint": ("FlintConfig", FLINT),
     "longcat_flash": ("LongcatFlashConfig", LONGCAT_FLASH),
     "kolibri1": ("Kolibri1Config", KOLIBRI1),
+    "beam": ("BeamConfig", BEAM),
 }
 
 

@@ -96,6 +96,7 @@ REWIND_ONLY = {
     "axk1": ("axk1", None),
     "flint-ring": ("flint", 3),
     "kolibri1-ring": ("kolibri1", 3),
+    "beam-ring": ("beam", 3),
 }
 
 

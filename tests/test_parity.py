@@ -872,6 +872,27 @@ CASES = {
     # (without a sliding_window, transformers 5.24 fails building the sliding mask it always builds)
     "kolibri1-tied": ("kolibri1", {"tie_word_embeddings": True}, "single"),
     "kolibri1-fused": ("kolibri1", {}, "fused"),
+    "beam-sharded": ("beam", {}, "sharded"),
+    # transformers' default layer kinds, three dense layers, rotary on the global layers too (and no query
+    # scale there), no renormalisation, biases, tied embeddings, no soft-capping
+    "beam-defaults-rotary-everywhere": (
+        "beam",
+        {
+            "num_hidden_layers": 6,
+            "layer_types": None,
+            "mlp_layer_types": None,
+            "rope_parameters": {
+                "sliding_attention": {"rope_type": "default", "rope_theta": 10000.0},
+                "full_attention": {"rope_type": "default", "rope_theta": 500000.0},
+            },
+            "norm_topk_prob": False,
+            "attention_bias": True,
+            "tie_word_embeddings": True,
+            "final_logit_softcapping": None,
+        },
+        "single",
+    ),
+    "beam-fused": ("beam", {}, "fused"),
 }
 
 

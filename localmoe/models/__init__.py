@@ -8,6 +8,7 @@ from localmoe.models import (
     aria_text,
     axk1,
     bailing_hybrid,
+    beam,
     cohere2_moe,
     dbrx,
     deepseek_v2,
@@ -121,6 +122,7 @@ FAMILIES: tuple[Family, ...] = (
     flint.FAMILY,
     longcat_flash.FAMILY,
     kolibri1.FAMILY,
+    beam.FAMILY,
 )
 
 

@@ -4,6 +4,8 @@ multi-head latent attention, whose KV cache holds one compressed latent per toke
 Shapes: B batch, T new tokens, S tokens in the cache, H heads, D head dim.
 """
 
+from collections.abc import Callable
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -28,7 +30,9 @@ class Attention(nn.Module):
     1/sqrt(head_dim) (Granite's attention_multiplier, Step-3.7's query_pre_attn_scalar); `gate` an
     output gate of its own projection, act(gate_proj(x)) scaling each output channel or, with
     `gate_per_head`, each head (AFMoE: sigmoid per channel; Laguna: softplus per head; Step-3.7:
-    sigmoid per head); `v_head_dim` values narrower or wider than queries and keys (MiMo-V2-Flash).
+    sigmoid per head), plus a learned bias per head with `gate_bias` (Beam); `v_head_dim` values
+    narrower or wider than queries and keys (MiMo-V2-Flash); `query_scale` a factor on each query by its
+    position, a function of positions [T] giving float32 [T] (Beam's global layers without rotary).
     """
 
     static = True  # runs static decode steps (see layers.Step)
@@ -56,6 +60,8 @@ class Attention(nn.Module):
         scale: float | None = None,
         gate: str | None = None,
         gate_per_head: bool = False,
+        gate_bias: bool = False,
+        query_scale: Callable[[torch.Tensor], torch.Tensor] | None = None,
     ):
         super().__init__()
         self.heads, self.kv_heads, self.head_dim = heads, kv_heads, head_dim
@@ -63,7 +69,7 @@ class Attention(nn.Module):
         self.rope, self.scale = rope, head_dim**-0.5 if scale is None else scale
         self.qk_norm, self.clip_qkv, self.sliding_window = qk_norm, clip_qkv, sliding_window
         self.rotate = apply_rotary_interleaved if interleaved_rope else apply_rotary
-        self.output_gate = output_gate
+        self.output_gate, self.query_scale = output_gate, query_scale
         self.rotary = rotary  # a rotary of this layer's kind, shared by such layers; None: the model's
         self.q_proj = nn.Linear(hidden, heads * head_dim * (2 if output_gate else 1), bias=qkv_bias)
         self.k_proj = nn.Linear(hidden, kv_heads * head_dim, bias=qkv_bias)
@@ -78,6 +84,8 @@ class Attention(nn.Module):
         if gate is not None:
             self.gate_proj = nn.Linear(hidden, heads if gate_per_head else heads * head_dim, bias=False)
             self.gate_act = activation(gate)
+        if gate_bias:
+            self.gate_bias = nn.Parameter(torch.empty(heads))
 
     def new_state(self, batch: int, max_len: int, dtype: torch.dtype, device) -> AttentionKV | WindowKV:
         return attention_state(
@@ -139,6 +147,8 @@ class Attention(nn.Module):
         if self.qk_norm == "head_after_rope":
             qk = self._head_norm(qk.transpose(1, 2)).transpose(1, 2)
         q, k = qk.split((self.heads, self.kv_heads), dim=1)
+        if self.query_scale is not None:
+            q = (q.float() * self.query_scale(step.positions())[:, None]).to(q.dtype)
         k, v, positions = kv.update(k, v.transpose(1, 2), step)  # [B, H_kv, S, D]
         if hasattr(self, "sinks"):
             visible = step.visible(self.sliding_window, positions)
@@ -152,7 +162,10 @@ class Attention(nn.Module):
         if self.output_gate:
             out = out * torch.sigmoid(gate.reshape(B, T, -1))
         if hasattr(self, "gate_proj"):
-            scale = self.gate_act(self.gate_proj(x).float()).to(out.dtype).view(B, T, self.heads, -1)
+            gate = self.gate_proj(x).view(B, T, self.heads, -1)
+            if hasattr(self, "gate_bias"):
+                gate = gate + self.gate_bias[:, None]
+            scale = self.gate_act(gate.float()).to(out.dtype)
             out = (out.view(B, T, self.heads, -1) * scale).reshape(B, T, -1)
         return self.o_proj(out)
 
