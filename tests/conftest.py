@@ -1120,6 +1120,26 @@ BEAM = dict(
     mlp_layer_types=["dense", "sparse", "sparse", "sparse"],
 )
 
+AXK2 = dict(
+    BASE,
+    intermediate_size=96,
+    moe_intermediate_size=32,
+    num_hidden_layers=3,
+    n_shared_experts=1,
+    n_routed_experts=8,
+    num_experts_per_tok=2,
+    kv_lora_rank=16,
+    q_lora_rank=24,
+    qk_rope_head_dim=8,
+    qk_nope_head_dim=16,
+    v_head_dim=12,
+    index_topk=8,  # fewer than the prompt's tokens: the selection cuts
+    index_head_dim=16,
+    index_n_heads=16,
+    gated_norm_rank=4,
+    mlp_layer_types=["dense", "sparse", "sparse"],
+)
+
 TINY_FAMILIES = {
     "mixtral": ("MixtralConfig", MIXTRAL),  # 3 MoE layers x 5 experts, top-2
     "qwen2_moe": ("Qwen2MoeConfig", QWEN2_MOE),
@@ -1183,6 +1203,7 @@ TINY_FAMILIES = {
     "longcat_flash": ("LongcatFlashConfig", LONGCAT_FLASH),
     "kolibri1": ("Kolibri1Config", KOLIBRI1),
     "beam": ("BeamConfig", BEAM),
+    "axk2": ("AXK2Config", AXK2),
 }
 
 

@@ -97,6 +97,7 @@ REWIND_ONLY = {
     "flint-ring": ("flint", 3),
     "kolibri1-ring": ("kolibri1", 3),
     "beam-ring": ("beam", 3),
+    "axk2": ("axk2", None),
 }
 
 

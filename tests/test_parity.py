@@ -893,6 +893,14 @@ CASES = {
         "single",
     ),
     "beam-fused": ("beam", {}, "fused"),
+    "axk2-sharded": ("axk2", {}, "sharded"),
+    # grouped routing (dropped groups score 0), no renormalisation, tied embeddings
+    "axk2-groups-tied": (
+        "axk2",
+        {"n_group": 4, "topk_group": 2, "norm_topk_prob": False, "tie_word_embeddings": True},
+        "single",
+    ),
+    "axk2-fused": ("axk2", {}, "fused"),
 }
 
 

@@ -7,6 +7,7 @@ from localmoe.models import (
     afmoe,
     aria_text,
     axk1,
+    axk2,
     bailing_hybrid,
     beam,
     cohere2_moe,
@@ -123,6 +124,7 @@ FAMILIES: tuple[Family, ...] = (
     longcat_flash.FAMILY,
     kolibri1.FAMILY,
     beam.FAMILY,
+    axk2.FAMILY,
 )
 
 

@@ -274,10 +274,17 @@ class LatentAttention(nn.Module):
         """As `Attention.prefill_attention_shape`: a long chunk expands the latents to every head."""
         return self.heads, self.nope_dim + self.rope_dim + self.v_dim
 
+    def queries(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+        """Queries [B, T, heads x (nope + rope)], the query's bottleneck [B, T, rank] (None without one), and
+        an output gate [B, T, heads x v] where the query projection gives one (A.X-K2; None here)."""
+        if hasattr(self, "q_proj"):
+            return self.q_proj(x), None, None
+        q_low = self.q_a_layernorm(self.q_a_proj(x))
+        return self.q_b_proj(q_low), q_low, None
+
     def forward(self, x: torch.Tensor, step: Step, kv: LatentKV) -> torch.Tensor:
         B, T, _ = x.shape
-        q_low = None if hasattr(self, "q_proj") else self.q_a_layernorm(self.q_a_proj(x))  # the query's bottleneck
-        q = self.q_proj(x) if q_low is None else self.q_b_proj(q_low)
+        q, q_low, gate = self.queries(x)
         q = q.view(B, T, self.heads, -1).transpose(1, 2)  # [B, H, T, nope + rope]
         q_nope, q_rot = q.split((self.nope_dim, self.rope_dim), dim=-1)
         latent, k_rot = self.kv_a_proj_with_mqa(x).split((self.kv_lora_rank, self.rope_dim), dim=-1)
@@ -293,8 +300,10 @@ class LatentAttention(nn.Module):
         latent, k_rot = kv.update(latent, k_rot, step)  # [B, S, rank], [B, 1, S, rope]
         mask, is_causal = self.mask(x, q_low, step, kv)
         attend = self._absorbed if self.absorbs(T) else self._expanded
-        out = attend(q_nope, q_rot, latent, k_rot, mask, is_causal)  # [B, H, T, v]
-        return self.output(x, out.transpose(1, 2).reshape(B, T, -1))
+        out = attend(q_nope, q_rot, latent, k_rot, mask, is_causal).transpose(1, 2).reshape(B, T, -1)  # [B, T, H x v]
+        if gate is not None:
+            out = (out * torch.sigmoid(gate.float())).to(out.dtype)
+        return self.output(x, out)
 
     def absorbs(self, queries: int) -> bool:
         """Whether attending in the latent space costs fewer multiplies for this many queries: per query

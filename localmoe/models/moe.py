@@ -147,7 +147,8 @@ class GroupedTopKRouter(nn.Module):
     learned correction bias to the scores for choosing only (the weights use the plain scores).
     `group_by_top2` overrides the ranking (Mistral 4: softmax scores, best-two sums, no bias);
     `norm_eps` is added to the sum the weights are renormalised by; `softcap` caps the logits at
-    +-softcap by tanh before scoring (Laguna).
+    +-softcap by tanh before scoring (Laguna); `dropped` is what the experts of dropped groups score for
+    the choice (-inf with a correction bias, 0 without, as V2; A.X-K2: 0 with one).
     """
 
     def __init__(
@@ -165,9 +166,11 @@ class GroupedTopKRouter(nn.Module):
         group_by_top2: bool | None = None,
         norm_eps: float = 1e-20,
         softcap: float | None = None,
+        dropped: float | None = None,
     ):
         super().__init__()
         self.weight = nn.Parameter(torch.empty(num_experts, hidden))
+        self.dropped = (float("-inf") if correction_bias else 0.0) if dropped is None else dropped
         if correction_bias:
             self.e_score_correction_bias = nn.Parameter(torch.empty(num_experts))
         self.top_k, self.scoring, self.normalize, self.scaling = top_k, scoring, normalize, scaling
@@ -188,9 +191,7 @@ class GroupedTopKRouter(nn.Module):
         top2 = self.group_by_top2
         group_scores = groups.topk(2, dim=-1).values.sum(dim=-1) if top2 else groups.max(dim=-1).values
         kept = torch.zeros_like(group_scores).scatter_(1, group_scores.topk(self.topk_group, dim=-1).indices, 1)
-        # Experts of dropped groups can never win: -inf for sigmoid scores, 0 for softmax ones as V2 does.
-        floor = float("-inf") if hasattr(self, "e_score_correction_bias") else 0.0
-        choice = groups.masked_fill(kept.unsqueeze(-1) == 0, floor).view_as(choice)
+        choice = groups.masked_fill(kept.unsqueeze(-1) == 0, self.dropped).view_as(choice)
         ids = choice.topk(self.top_k, dim=-1).indices
         weights = scores.gather(1, ids)
         if self.normalize:
