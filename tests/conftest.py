@@ -1140,6 +1140,33 @@ AXK2 = dict(
     mlp_layer_types=["dense", "sparse", "sparse"],
 )
 
+MUSE_SPARK = dict(
+    text_config=dict(
+        BASE,
+        intermediate_size=96,
+        num_hidden_layers=5,  # the first and the last global without rotary, by default
+        num_key_value_heads=2,
+        head_dim=16,
+        moe_intermediate_size=32,
+        moe_hidden_size=48,
+        num_local_experts=6,
+        num_experts_per_tok=2,
+        sliding_window=8,  # shorter than the prompts
+        mlp_layer_types=["dense", "sparse", "sparse", "sparse", "sparse"],
+    ),
+    vision_config=dict(
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        pos_emb_height=4,
+        pos_emb_width=4,
+    ),
+    audio_config=dict(patch_sizes=[2, 2], hidden_sizes=[8, 16], depths=[1, 1], num_hidden_layers=2, out_hidden_size=64),
+    out_hidden_size=32,
+    projector_hidden_size=32,
+)
+
 TINY_FAMILIES = {
     "mixtral": ("MixtralConfig", MIXTRAL),  # 3 MoE layers x 5 experts, top-2
     "qwen2_moe": ("Qwen2MoeConfig", QWEN2_MOE),
@@ -1204,6 +1231,7 @@ TINY_FAMILIES = {
     "kolibri1": ("Kolibri1Config", KOLIBRI1),
     "beam": ("BeamConfig", BEAM),
     "axk2": ("AXK2Config", AXK2),
+    "muse_spark_text": ("MuseSparkConfig", MUSE_SPARK),
 }
 
 

@@ -98,6 +98,7 @@ REWIND_ONLY = {
     "kolibri1-ring": ("kolibri1", 3),
     "beam-ring": ("beam", 3),
     "axk2": ("axk2", None),
+    "muse-spark-ring": ("muse_spark_text", 3),
 }
 
 

@@ -14,6 +14,7 @@ from conftest import (
     LLAMA4,
     MINIMAX_M3,
     MISTRAL4,
+    MUSE_SPARK,
     PHIMOE,
     QWEN3_5_MOE,
     QWEN3_OMNI_MOE,
@@ -901,6 +902,21 @@ CASES = {
         "single",
     ),
     "axk2-fused": ("axk2", {}, "fused"),
+    "muse-spark-sharded": ("muse_spark_text", {}, "sharded"),
+    # rotary on every layer, a routed scaling factor, biases, another gate temperature
+    "muse-spark-rotary-everywhere-bias": (
+        "muse_spark_text",
+        {
+            "text_config": {
+                **MUSE_SPARK["text_config"],
+                "layer_rope_theta": [500000.0] * 5,
+                "routed_scaling_factor": 2.5,
+                "attention_bias": True,
+                "residual_gate_temperature": 0.7,
+            }
+        },
+        "single",
+    ),
 }
 
 
@@ -928,7 +944,18 @@ def test_experts_read_in_the_layout_written(pair, request):
     name = request.node.callspec.params["pair"]
     # save_pretrained writes the Hub's per-expert names, except for the families whose Hub layout is fused
     # (one tensor for gate and up) or stacked (one per role)
-    fused_on_the_hub = ("gpt-oss", "llama4", "gemma4", "mistral4", "qwen3-vl-moe", "granite", "zaya", "aria", "jetmoe")
+    fused_on_the_hub = (
+        "gpt-oss",
+        "llama4",
+        "gemma4",
+        "mistral4",
+        "qwen3-vl-moe",
+        "granite",
+        "zaya",
+        "aria",
+        "jetmoe",
+        "muse",
+    )
     expected = Fused if CASES[name][2] == "fused" or name.startswith(fused_on_the_hub) else PerExpert
     expected = Stacked if name.startswith("step3p7") else expected
     expected = Concatenated if name.startswith("dbrx") else expected

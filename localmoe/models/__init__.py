@@ -49,6 +49,7 @@ from localmoe.models import (
     minimax_m3_vl,
     mistral4,
     mixtral,
+    muse_spark,
     nemotron_h,
     olmoe,
     phimoe,
@@ -125,6 +126,7 @@ FAMILIES: tuple[Family, ...] = (
     kolibri1.FAMILY,
     beam.FAMILY,
     axk2.FAMILY,
+    muse_spark.FAMILY,
 )
 
 

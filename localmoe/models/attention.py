@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from localmoe.models.layers import RMSNorm, Step, activation
+from localmoe.models.layers import RMSNorm, Step, activation, rms_normalize
 from localmoe.models.rotary import RotaryEmbedding, apply_rotary, apply_rotary_interleaved
 from localmoe.models.state import REWIND_SLACK, AttentionKV, LatentKV, WindowKV, attention_state
 
@@ -32,7 +32,8 @@ class Attention(nn.Module):
     `gate_per_head`, each head (AFMoE: sigmoid per channel; Laguna: softplus per head; Step-3.7:
     sigmoid per head), plus a learned bias per head with `gate_bias` (Beam); `v_head_dim` values
     narrower or wider than queries and keys (MiMo-V2-Flash); `query_scale` a factor on each query by its
-    position, a function of positions [T] giving float32 [T] (Beam's global layers without rotary).
+    position, a function of positions [T] giving float32 [T] (Beam's global layers without rotary);
+    `output_norm_eps` RMS-normalises each head's output, without a scale, before any gate (Muse Spark).
     """
 
     static = True  # runs static decode steps (see layers.Step)
@@ -62,6 +63,7 @@ class Attention(nn.Module):
         gate_per_head: bool = False,
         gate_bias: bool = False,
         query_scale: Callable[[torch.Tensor], torch.Tensor] | None = None,
+        output_norm_eps: float | None = None,
     ):
         super().__init__()
         self.heads, self.kv_heads, self.head_dim = heads, kv_heads, head_dim
@@ -69,7 +71,7 @@ class Attention(nn.Module):
         self.rope, self.scale = rope, head_dim**-0.5 if scale is None else scale
         self.qk_norm, self.clip_qkv, self.sliding_window = qk_norm, clip_qkv, sliding_window
         self.rotate = apply_rotary_interleaved if interleaved_rope else apply_rotary
-        self.output_gate, self.query_scale = output_gate, query_scale
+        self.output_gate, self.query_scale, self.output_norm_eps = output_gate, query_scale, output_norm_eps
         self.rotary = rotary  # a rotary of this layer's kind, shared by such layers; None: the model's
         self.q_proj = nn.Linear(hidden, heads * head_dim * (2 if output_gate else 1), bias=qkv_bias)
         self.k_proj = nn.Linear(hidden, kv_heads * head_dim, bias=qkv_bias)
@@ -159,6 +161,8 @@ class Attention(nn.Module):
                 q, k, v, attn_mask=mask, is_causal=is_causal, scale=self.scale, enable_gqa=True
             )
         out = out.transpose(1, 2).reshape(B, T, -1)
+        if self.output_norm_eps is not None:
+            out = rms_normalize(out.view(B, T, self.heads, -1), self.output_norm_eps).view(B, T, -1)
         if self.output_gate:
             out = out * torch.sigmoid(gate.reshape(B, T, -1))
         if hasattr(self, "gate_proj"):

@@ -89,7 +89,8 @@ class MoESpec:
     """What the runtime needs to know of one MoE block: its layer, the shapes of its routed experts and
     how they compute (`weights_on_input`: the router weight scales an expert's input, not its output);
     `may_skip`: some choices may be -1, no expert (see `Routing`), which the runtime neither looks up,
-    counts, copies nor computes."""
+    counts, copies nor computes; `per_choice`: the runtime returns each choice's output unweighted,
+    [T, k, E], for the block to combine (Muse Spark normalises each expert's output first)."""
 
     layer: int
     hidden: int
@@ -100,6 +101,7 @@ class MoESpec:
     bias: bool
     weights_on_input: bool
     may_skip: bool = False
+    per_choice: bool = False
 
 
 class GatedMLP(MLP):
@@ -148,7 +150,8 @@ class GroupedTopKRouter(nn.Module):
     `group_by_top2` overrides the ranking (Mistral 4: softmax scores, best-two sums, no bias);
     `norm_eps` is added to the sum the weights are renormalised by; `softcap` caps the logits at
     +-softcap by tanh before scoring (Laguna); `dropped` is what the experts of dropped groups score for
-    the choice (-inf with a correction bias, 0 without, as V2; A.X-K2: 0 with one).
+    the choice (-inf with a correction bias, 0 without, as V2; A.X-K2: 0 with one); `logit_scale`
+    multiplies the logits before scoring (Muse Spark).
     """
 
     def __init__(
@@ -167,6 +170,7 @@ class GroupedTopKRouter(nn.Module):
         norm_eps: float = 1e-20,
         softcap: float | None = None,
         dropped: float | None = None,
+        logit_scale: float = 1.0,
     ):
         super().__init__()
         self.weight = nn.Parameter(torch.empty(num_experts, hidden))
@@ -176,10 +180,12 @@ class GroupedTopKRouter(nn.Module):
         self.top_k, self.scoring, self.normalize, self.scaling = top_k, scoring, normalize, scaling
         self.n_group, self.topk_group = n_group, topk_group
         self.group_by_top2 = correction_bias if group_by_top2 is None else group_by_top2
-        self.norm_eps, self.softcap = norm_eps, softcap
+        self.norm_eps, self.softcap, self.logit_scale = norm_eps, softcap, logit_scale
 
     def scores(self, x: torch.Tensor) -> torch.Tensor:
         logits = F.linear(x.float(), self.weight.float())
+        if self.logit_scale != 1.0:
+            logits = logits * self.logit_scale
         if self.softcap:
             logits = torch.tanh(logits / self.softcap) * self.softcap
         return logits.sigmoid() if self.scoring == "sigmoid" else logits.softmax(dim=-1)
@@ -259,6 +265,7 @@ class SparseMoE(nn.Module):
         latent: int | None = None,
         latent_bias: bool = False,
         identity_experts: int = 0,
+        per_choice: bool = False,
     ):
         super().__init__()
         self.gate = router
@@ -268,6 +275,7 @@ class SparseMoE(nn.Module):
             self.fc1_latent_proj = nn.Linear(hidden, latent, bias=latent_bias)
             self.fc2_latent_proj = nn.Linear(latent, hidden, bias=latent_bias)
         self.num_experts, self.top_k, self.identity_experts = num_experts, top_k, identity_experts
+        self.per_choice = per_choice  # the bound experts return each choice's output: a subclass combines them
         self.act, self.expert_bias = act, expert_bias
         self.weights_on_input = weights_on_input  # Llama 4: the router weight scales the expert's input
         if shared_expert is not None:
@@ -292,6 +300,7 @@ class SparseMoE(nn.Module):
             self.expert_bias,
             self.weights_on_input,
             self.identity_experts > 0,
+            self.per_choice,
         )
 
     def scores(self, x: torch.Tensor) -> torch.Tensor:

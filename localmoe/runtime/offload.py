@@ -233,6 +233,8 @@ class OffloadedExperts:
 
     def _combined(self, spec: MoESpec, pairs: torch.Tensor, routing: Routing) -> torch.Tensor:
         weights = routing.weights
+        if spec.per_choice:
+            return pairs.view(*weights.shape, -1)
         return combine_pairs(pairs, torch.ones_like(weights) if spec.weights_on_input else weights)
 
     # --- warm-up, profile, what callers see -----------------------------------------------------------
