@@ -7,6 +7,7 @@ import pytest
 import torch
 from conftest import (
     ARIA_TEXT,
+    AXK2,
     DEEPSEEK_V2,
     ERNIE4_5_VL_MOE,
     GEMMA4,
@@ -1361,3 +1362,27 @@ def test_jetmoe_config_as_the_release_writes_it():
     args = family.args.from_config(config)
     assert family.model_type == "jetmoe"
     assert (args.intermediate_size, args.num_local_experts, args.num_experts_per_tok) == (5632, 8, 2)
+
+
+def test_axk2_dropped_groups_score_zero():
+    """A.X-K2's dropped expert groups score 0 for the choice, not -inf: with a correction bias that makes
+    the kept experts' scores negative, the dropped ones win, as in transformers."""
+    import transformers
+    from transformers.models.axk2.modeling_axk2 import AXK2TopkRouter
+
+    from localmoe.models.axk2 import AXK2Args
+
+    config = transformers.AXK2Config(**{**AXK2, "n_group": 4, "topk_group": 2})
+    theirs = AXK2TopkRouter(config)
+    generator = torch.Generator().manual_seed(3)
+    with torch.no_grad():
+        theirs.weight.copy_(torch.randn(theirs.weight.shape, generator=generator))
+        theirs.e_score_correction_bias.fill_(-0.9)
+    ours = AXK2Args.from_config(config.to_dict()).router()
+    ours.load_state_dict(theirs.state_dict())
+    x = torch.randn(16, config.hidden_size, generator=generator)
+    _, weights, ids = theirs(x)
+    got = ours(x)
+    order, got_order = ids.argsort(dim=-1), got.ids.argsort(dim=-1)
+    assert torch.equal(ids.gather(1, order), got.ids.gather(1, got_order))
+    assert torch.allclose(weights.gather(1, order), got.weights.gather(1, got_order))

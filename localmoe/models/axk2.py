@@ -6,6 +6,7 @@ the best expert groups only where `n_group` is set (dropped groups score 0, not 
 
 from dataclasses import dataclass
 from functools import partial
+from typing import ClassVar
 
 import torch
 import torch.nn.functional as F
@@ -16,11 +17,13 @@ from localmoe.models.deepseek_v32 import KEEP_FLOAT32, DeepseekV32Args, SparseLa
 from localmoe.models.expert_tensors import PerExpert
 from localmoe.models.family import Family
 from localmoe.models.layers import CausalLM, DecoderLayer, RMSNorm
-from localmoe.models.moe import FUSED_EXPERTS, MLP_EXPERTS, GroupedTopKRouter, SparseMoE
+from localmoe.models.moe import FUSED_EXPERTS, MLP_EXPERTS, SparseMoE
 
 
 @dataclass
 class AXK2Args(DeepseekV32Args):
+    dropped_group_score: ClassVar[float | None] = 0.0  # as its reference implementation
+
     n_routed_experts: int = 128
     n_shared_experts: int | None = 1
     moe_intermediate_size: int = 512
@@ -42,20 +45,6 @@ class AXK2Args(DeepseekV32Args):
         if self.mlp_layer_types is None:
             return not (i >= self.first_k_dense_replace and i % self.moe_layer_freq == 0)
         return self.mlp_layer_types[i] == "dense"
-
-    def router(self) -> nn.Module:
-        return GroupedTopKRouter(
-            self.hidden_size,
-            self.n_routed_experts,
-            self.num_experts_per_tok,
-            scoring="sigmoid",
-            n_group=self.n_group or 1,
-            topk_group=self.topk_group or 1,
-            normalize=self.norm_topk_prob,
-            scaling=self.routed_scaling_factor,
-            correction_bias=True,
-            dropped=0.0,
-        )
 
     def attention(self, i: int) -> nn.Module:
         return GatedQueryLatentAttention(self)
