@@ -1075,6 +1075,26 @@ FLINT = dict(
     mlp_only_layers=[1],
 )
 
+HY_V4 = dict(
+    BASE,
+    intermediate_size=96,
+    moe_intermediate_size=32,
+    num_hidden_layers=5,  # transformers' default indexers: full, full, shared, shared, shared; a dense first layer
+    n_routed_experts=8,
+    num_experts_per_tok=2,
+    routed_scaling_factor=2.5,
+    kv_lora_rank=16,
+    q_lora_rank=24,
+    qk_rope_head_dim=8,
+    qk_nope_head_dim=16,
+    v_head_dim=12,
+    index_topk=8,  # fewer than the prompt's tokens: the selection cuts
+    index_head_dim=16,
+    index_n_heads=16,  # enough heads that relu leaves no exact ties for top-k to break either way
+    hc_mult=3,
+    pad_token_id=0,
+)
+
 TINY_FAMILIES = {
     "mixtral": ("MixtralConfig", MIXTRAL),  # 3 MoE layers x 5 experts, top-2
     "qwen2_moe": ("Qwen2MoeConfig", QWEN2_MOE),
@@ -1135,6 +1155,7 @@ TINY_FAMILIES = {
     "ernie4_5_vl_moe_text": ("Ernie4_5_VLMoeConfig", ERNIE4_5_VL_MOE),
     "axk1": ("AXK1Config", AXK1),
     "flint": ("FlintConfig", FLINT),
+    "hy_v4": ("HYV4Config", HY_V4),
 }
 
 

@@ -69,6 +69,8 @@ MODELS = {
     "jamba": ("jamba", {}, None),
     # queries from routed attention experts, keys and values shared by them
     "jetmoe": ("jetmoe", {}, None),
+    # sinks in latent attention over chunks, the indexer's choice shared by later layers, hyper-connections
+    "hy-v4": ("hy_v4", {"index_topk": 4}, None),
 }
 
 # The chat rewind alone for families whose kinds of state MODELS already covers in depth:

@@ -844,6 +844,29 @@ CASES = {
         "single",
     ),
     "flint-fused": ("flint", {}, "fused"),
+    "hy-v4-sharded": ("hy_v4", {}, "sharded"),
+    # clamps that bite, biases, a smaller hyper-connection magnitude, indexers alternating, yarn whose
+    # mscale_all_dim scales the attention, tied embeddings
+    "hy-v4-clamped-bias-yarn-tied": (
+        "hy_v4",
+        {
+            "swiglu_limit": 0.3,
+            "attention_bias": True,
+            "hc_magnitude": 1.5,
+            "indexer_types": ["full", "shared", "full", "shared", "full"],
+            "rope_parameters": {
+                "rope_type": "yarn",
+                "rope_theta": 10000.0,
+                "factor": 4.0,
+                "original_max_position_embeddings": 16,
+                "mscale": 1.0,
+                "mscale_all_dim": 1.0,
+            },
+            "tie_word_embeddings": True,
+        },
+        "single",
+    ),
+    "hy-v4-fused": ("hy_v4", {}, "fused"),
 }
 
 
@@ -871,7 +894,18 @@ def test_experts_read_in_the_layout_written(pair, request):
     name = request.node.callspec.params["pair"]
     # save_pretrained writes the Hub's per-expert names, except for the families whose Hub layout is fused
     # (one tensor for gate and up) or stacked (one per role)
-    fused_on_the_hub = ("gpt-oss", "llama4", "gemma4", "mistral4", "qwen3-vl-moe", "granite", "zaya", "aria", "jetmoe")
+    fused_on_the_hub = (
+        "gpt-oss",
+        "llama4",
+        "gemma4",
+        "mistral4",
+        "qwen3-vl-moe",
+        "granite",
+        "zaya",
+        "aria",
+        "jetmoe",
+        "hy-v4",
+    )
     expected = Fused if CASES[name][2] == "fused" or name.startswith(fused_on_the_hub) else PerExpert
     expected = Stacked if name.startswith("step3p7") else expected
     expected = Concatenated if name.startswith("dbrx") else expected
