@@ -1095,6 +1095,17 @@ HY_V4 = dict(
     pad_token_id=0,
 )
 
+HY_V4_VL = dict(  # the language model beside a tiny vision tower
+    text_config=dict(
+        HY_V4,
+        rms_norm_eps=1e-5,  # the latent norms' too, in this model
+        rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [2, 1, 1]},
+    ),
+    vision_config=dict(
+        hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2, out_hidden_size=64
+    ),
+)
+
 TINY_FAMILIES = {
     "mixtral": ("MixtralConfig", MIXTRAL),  # 3 MoE layers x 5 experts, top-2
     "qwen2_moe": ("Qwen2MoeConfig", QWEN2_MOE),
@@ -1156,6 +1167,7 @@ TINY_FAMILIES = {
     "axk1": ("AXK1Config", AXK1),
     "flint": ("FlintConfig", FLINT),
     "hy_v4": ("HYV4Config", HY_V4),
+    "hy_v4_vl_text": ("HYV4VLConfig", HY_V4_VL),
 }
 
 

@@ -95,6 +95,7 @@ REWIND_ONLY = {
     "ernie4-5-vl-moe": ("ernie4_5_vl_moe_text", None),
     "axk1": ("axk1", None),
     "flint-ring": ("flint", 3),
+    "hy-v4-vl": ("hy_v4_vl_text", None),
 }
 
 

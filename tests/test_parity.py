@@ -11,6 +11,7 @@ from conftest import (
     ERNIE4_5_VL_MOE,
     GEMMA4,
     GLM4V_MOE,
+    HY_V4_VL,
     LLAMA4,
     MINIMAX_M3,
     MISTRAL4,
@@ -867,6 +868,23 @@ CASES = {
         "single",
     ),
     "hy-v4-fused": ("hy_v4", {}, "fused"),
+    # transformers defines Hy4-VL's language model only inside its multimodal model: the reference is that
+    "hy-v4-vl-sharded": ("hy_v4_vl_text", {}, "sharded"),
+    # clamps that bite, biases, indexers alternating
+    "hy-v4-vl-clamped-bias": (
+        "hy_v4_vl_text",
+        {
+            "text_config": {
+                **HY_V4_VL["text_config"],
+                "swiglu_limit": 0.3,
+                "attention_bias": True,
+                "indexer_types": ["full", "shared", "full", "shared", "full"],
+            }
+        },
+        "single",
+    ),
+    # (no "fused" case: transformers keeps the language model under model.language_model. in memory, which no
+    # release stores)
 }
 
 

@@ -33,6 +33,7 @@ from localmoe.models import (
     hunyuan_v1_moe,
     hy_v3,
     hy_v4,
+    hy_v4_vl,
     jamba,
     jetmoe,
     kimi_linear,
@@ -119,6 +120,7 @@ FAMILIES: tuple[Family, ...] = (
     axk1.FAMILY,
     flint.FAMILY,
     hy_v4.FAMILY,
+    hy_v4_vl.FAMILY,
 )
 
 

@@ -180,6 +180,7 @@ HUB_NAMES = (
     ),
     (".hc_head.hc_", ".hc_head.hc_head_"),
     (".hc_head.hc_", ".hc_pre.hc_head.hc_head_"),
+    (".hc_head.hc_", ".hc_head.hc_pre.hc_head_"),  # as it writes Hy4-VL's
     (".mlp.shared_expert.", ".mlp.shared_experts."),
 )
 KEEP_FLOAT32 = (
