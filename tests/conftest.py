@@ -1106,6 +1106,23 @@ HY_V4_VL = dict(  # the language model beside a tiny vision tower
     ),
 )
 
+LARA_MINI = dict(
+    BASE,
+    num_hidden_layers=5,  # transformers' default period: linear, sliding, linear, full (no rotary), sliding
+    num_key_value_heads=2,
+    head_dim=16,
+    sliding_window=8,  # shorter than the prompts
+    linear_num_key_heads=2,
+    linear_num_value_heads=4,  # two value heads per key head
+    linear_key_head_dim=16,
+    linear_value_head_dim=8,
+    moe_intermediate_size=32,
+    shared_expert_intermediate_size=48,
+    num_experts=6,
+    num_experts_per_tok=2,
+    pad_token_id=0,
+)
+
 TINY_FAMILIES = {
     "mixtral": ("MixtralConfig", MIXTRAL),  # 3 MoE layers x 5 experts, top-2
     "qwen2_moe": ("Qwen2MoeConfig", QWEN2_MOE),
@@ -1168,6 +1185,7 @@ TINY_FAMILIES = {
     "flint": ("FlintConfig", FLINT),
     "hy_v4": ("HYV4Config", HY_V4),
     "hy_v4_vl_text": ("HYV4VLConfig", HY_V4_VL),
+    "lara_mini": ("LaraMiniConfig", LARA_MINI),
 }
 
 

@@ -96,6 +96,7 @@ REWIND_ONLY = {
     "axk1": ("axk1", None),
     "flint-ring": ("flint", 3),
     "hy-v4-vl": ("hy_v4_vl_text", None),
+    "lara-mini-ring": ("lara_mini", 3),
 }
 
 

@@ -885,6 +885,26 @@ CASES = {
     ),
     # (no "fused" case: transformers keeps the language model under model.language_model. in memory, which no
     # release stores)
+    "lara-mini-sharded": ("lara_mini", {}, "sharded"),
+    # its own layer kinds, no renormalisation, biases, an LM head of its own
+    "lara-mini-layers-bias-untied": (
+        "lara_mini",
+        {
+            "layer_types": [
+                "full_attention",
+                "linear_attention",
+                "sliding_attention",
+                "linear_attention",
+                "full_attention",
+            ],
+            "norm_topk_prob": False,
+            "attention_bias": True,
+            "tie_word_embeddings": False,
+        },
+        "single",
+    ),
+    # (no "fused" case: transformers keeps the linear layers' input projections apart in memory, which no
+    # release stores)
 }
 
 
@@ -923,6 +943,7 @@ def test_experts_read_in_the_layout_written(pair, request):
         "aria",
         "jetmoe",
         "hy-v4",
+        "lara-mini",
     )
     expected = Fused if CASES[name][2] == "fused" or name.startswith(fused_on_the_hub) else PerExpert
     expected = Stacked if name.startswith("step3p7") else expected
@@ -1008,6 +1029,7 @@ LONG_PROMPTS = {
     "granitemoehybrid": {},  # transformers' chunks of 256, localmoe's 128
     "kimi_linear": {},  # delta rule chunks of 64, a decay per key channel
     "jamba": {},  # selective scan chunks of 16, a decay per state entry
+    "lara_mini": {},  # delta rule chunks of 64
 }
 
 

@@ -38,6 +38,7 @@ from localmoe.models import (
     jetmoe,
     kimi_linear,
     laguna,
+    lara_mini,
     lfm2_moe,
     llama4,
     mellum,
@@ -121,6 +122,7 @@ FAMILIES: tuple[Family, ...] = (
     flint.FAMILY,
     hy_v4.FAMILY,
     hy_v4_vl.FAMILY,
+    lara_mini.FAMILY,
 )
 
 
