@@ -1123,6 +1123,34 @@ LARA_MINI = dict(
     pad_token_id=0,
 )
 
+MISTRAL_LARGE4 = dict(  # the language model beside a tiny vision tower
+    text_config=dict(
+        BASE,
+        intermediate_size=96,
+        moe_intermediate_size=32,
+        num_hidden_layers=4,  # transformers' default: the fourth without rotary
+        num_key_value_heads=4,
+        n_routed_experts=8,
+        num_experts_per_tok=2,
+        n_group=2,
+        topk_group=1,
+        routed_scaling_factor=1.5,
+        kv_lora_rank=16,
+        qk_rope_head_dim=8,
+        qk_nope_head_dim=16,
+        v_head_dim=12,
+        index_topk=8,  # fewer than the prompt's tokens: the selection cuts
+        index_head_dim=16,
+        index_n_heads=16,  # enough heads that relu leaves no exact ties for top-k to break either way
+        indexer_types=["full", "full", "shared", "full"],
+        first_k_dense_replace=1,
+        final_logit_softcapping=3.0,  # below the logits: the cap bites
+    ),
+    vision_config=dict(
+        hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2, image_size=28, patch_size=14
+    ),
+)
+
 TINY_FAMILIES = {
     "mixtral": ("MixtralConfig", MIXTRAL),  # 3 MoE layers x 5 experts, top-2
     "qwen2_moe": ("Qwen2MoeConfig", QWEN2_MOE),
@@ -1186,6 +1214,7 @@ TINY_FAMILIES = {
     "hy_v4": ("HYV4Config", HY_V4),
     "hy_v4_vl_text": ("HYV4VLConfig", HY_V4_VL),
     "lara_mini": ("LaraMiniConfig", LARA_MINI),
+    "mistral_large4_text": ("MistralLarge4Config", MISTRAL_LARGE4),
 }
 
 

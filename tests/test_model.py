@@ -97,6 +97,7 @@ REWIND_ONLY = {
     "flint-ring": ("flint", 3),
     "hy-v4-vl": ("hy_v4_vl_text", None),
     "lara-mini-ring": ("lara_mini", 3),
+    "mistral-large4": ("mistral_large4_text", None),
 }
 
 

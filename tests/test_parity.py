@@ -15,6 +15,7 @@ from conftest import (
     LLAMA4,
     MINIMAX_M3,
     MISTRAL4,
+    MISTRAL_LARGE4,
     PHIMOE,
     QWEN3_5_MOE,
     QWEN3_OMNI_MOE,
@@ -904,6 +905,25 @@ CASES = {
         "single",
     ),
     # (no "fused" case: transformers keeps the linear layers' input projections apart in memory, which no
+    # release stores)
+    # transformers defines Mistral Large 4's language model only inside its multimodal model: the reference is that
+    "mistral-large4-sharded": ("mistral_large4_text", {}, "sharded"),
+    # rotary on other layers, every layer its own selection, one group of experts, plain rotary, biases
+    "mistral-large4-layers-plain-rope-bias": (
+        "mistral_large4_text",
+        {
+            "text_config": {
+                **MISTRAL_LARGE4["text_config"],
+                "no_rope_layers": [0, 1, 0, 1],
+                "indexer_types": ["full"] * 4,
+                "n_group": 1,
+                "rope_parameters": {"rope_type": "default", "rope_theta": 10000.0},
+                "attention_bias": True,
+            }
+        },
+        "single",
+    ),
+    # (no "fused" case: transformers keeps the language model under model.language_model. in memory, which no
     # release stores)
 }
 

@@ -47,6 +47,7 @@ from localmoe.models import (
     minimax_m2,
     minimax_m3_vl,
     mistral4,
+    mistral_large4,
     mixtral,
     nemotron_h,
     olmoe,
@@ -123,6 +124,7 @@ FAMILIES: tuple[Family, ...] = (
     hy_v4.FAMILY,
     hy_v4_vl.FAMILY,
     lara_mini.FAMILY,
+    mistral_large4.FAMILY,
 )
 
 

@@ -277,10 +277,7 @@ class LatentAttention(nn.Module):
         if self.rope:
             rotate = apply_rotary_interleaved if self.interleaved_rope else apply_rotary
             q_rot, k_rot = rotate(q_rot, step.cos, step.sin), rotate(k_rot, step.cos, step.sin)
-        if self.position_scaling is not None:
-            beta, context = self.position_scaling
-            scale = (1 + beta * torch.log1p(torch.floor(step.positions().float() / context))).to(q_rot.dtype)
-            q_nope, q_rot = q_nope * scale[:, None], q_rot * scale[:, None]
+        q_nope, q_rot = self.scale_queries(q_nope, q_rot, step)
         latent, k_rot = kv.update(latent, k_rot, step)  # [B, S, rank], [B, 1, S, rope]
         mask, is_causal = self.mask(x, q_low, step, kv)
         if hasattr(self, "sinks") and mask is None:  # the sinks' softmax takes no shortcut: an explicit mask
@@ -288,6 +285,14 @@ class LatentAttention(nn.Module):
         attend = self._absorbed if self.absorbs(T) else self._expanded
         out = attend(q_nope, q_rot, latent, k_rot, mask, is_causal)  # [B, H, T, v]
         return self.output(x, out.transpose(1, 2).reshape(B, T, -1))
+
+    def scale_queries(self, q_nope: torch.Tensor, q_rot: torch.Tensor, step: Step):
+        """The queries [B, H, T, *] scaled by position where the layer does (Mistral 4: `position_scaling`)."""
+        if self.position_scaling is None:
+            return q_nope, q_rot
+        beta, context = self.position_scaling
+        scale = (1 + beta * torch.log1p(torch.floor(step.positions().float() / context))).to(q_rot.dtype)
+        return q_nope * scale[:, None], q_rot * scale[:, None]
 
     def absorbs(self, queries: int) -> bool:
         """Whether attending in the latent space costs fewer multiplies for this many queries: per query
