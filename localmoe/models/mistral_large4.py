@@ -134,6 +134,7 @@ class MistralLarge4Attention(SparseLatentAttention):
             qk_nope_head_dim=nope if rope else nope + rotated,
             qk_rope_head_dim=rotated if rope else 0,
             rope=rope,
+            latent_eps=args.rms_norm_eps,
         )
         self.softmax_scaling = SoftmaxScaling(args.num_attention_heads)
         if args.indexer_types[i] == "full":
