@@ -1,8 +1,8 @@
 """Compile every variant of the Triton expert kernels ahead of time for real GPUs, on a machine without one.
 
 For each weight format (bfloat16, float16, float32, int8, int4, and as checkpoints ship them: symmetric
-int4 with bfloat16 scales by 32 columns (Kimi K2), symmetric int8 by row (GPTQ), MXFP4, NVFP4, FP8),
-each kernel (decode and grouped; gate_up and down), plain and with everything optional at once
+int4 with bfloat16 scales by 32 columns (Kimi K2), symmetric int8 by row (GPTQ), MXFP4, NVFP4, FP8 in
+blocks and by row), each kernel (decode and grouped; gate_up and down), plain and with everything optional at once
 (biases, input scales and the direct-read path, pairs computed from host rows: the most registers a
 variant can need), at the expert shapes of Mixtral (4096 x 14336), Qwen3-30B-A3B (2048 x 768),
 DeepSeek-V3 and Kimi K2 (7168 x 2048), gpt-oss (2880 x 2880, MXFP4) and Nemotron-3's ungated
@@ -77,7 +77,7 @@ RELU2 = GatedActivation(kind="ungated", act="relu2")  # up projection only: gate
 # they work in a latent space
 SHAPES = {
     "mixtral-8x7b": (4096, 14336, ("bf16", "fp16", "fp32", "int8", "int4"), SWIGLU),
-    "qwen3-30b-a3b": (2048, 768, ("bf16", "int8", "int4", "int8-row", "nvfp4"), SWIGLU),
+    "qwen3-30b-a3b": (2048, 768, ("bf16", "int8", "int4", "int8-row", "nvfp4", "fp8-row"), SWIGLU),
     "deepseek-v3": (7168, 2048, ("fp8", "bf16"), SWIGLU),
     "kimi-k2": (7168, 2048, ("int4-sym",), SWIGLU),
     "gpt-oss": (2880, 2880, ("mxfp4",), CLAMPED),
@@ -90,7 +90,7 @@ OTHER_ACTIVATIONS = {
     "clamped-glu": GatedActivation("clamped_glu"),
     "clamped-after": GatedActivation("glu_clamped_after", limit=7.0),  # Step-3.7
 }
-FORMATS = ("bf16", "fp16", "fp32", "int8", "int4", "int4-sym", "int8-row", "mxfp4", "nvfp4", "fp8")
+FORMATS = ("bf16", "fp16", "fp32", "int8", "int4", "int4-sym", "int8-row", "mxfp4", "nvfp4", "fp8", "fp8-row")
 # checkpoints' integer forms: Kimi K2's (compressed-tensors), GPTQ's 8 bits with group_size -1
 CHECKPOINT_INTEGERS = {
     "int4-sym": QuantSpec(4, 32, symmetric=True, scale_dtype=torch.bfloat16),
@@ -118,8 +118,11 @@ def stack(fmt: str, rows: int, columns: int, parts: int = 1):
     if fmt == "nvfp4":  # part scales for gate and up (the gate_up stacks have even rows), or one
         codes, scales = (torch.empty(SLOTS, rows, columns // n, dtype=torch.uint8) for n in (2, 16))
         return Nvfp4Weights(codes, scales, torch.empty(SLOTS, parts), True, torch.bfloat16)
-    scales = torch.empty(SLOTS, -(-rows // 128), -(-columns // 128), dtype=torch.float32)
-    return Fp8Weights(torch.empty(SLOTS, rows, columns, dtype=torch.uint8), scales, 128, torch.bfloat16)
+    block = 128 if fmt == "fp8" else (1, 0)  # DeepSeek's 128 x 128 tiles, or a scale per row
+    scales = torch.empty(
+        SLOTS, rows if fmt == "fp8-row" else -(-rows // 128), 1 if fmt == "fp8-row" else -(-columns // 128)
+    )
+    return Fp8Weights(torch.empty(SLOTS, rows, columns, dtype=torch.uint8), scales, block, torch.bfloat16)
 
 
 def variants(formats=FORMATS):

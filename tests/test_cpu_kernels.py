@@ -39,6 +39,7 @@ ACTS = {
     "clamped-glu": GatedActivation(kind="clamped_glu", limit=0.5),
 }
 FORMATS = ("dense", "int8", "int4", "fp8", "mxfp4", "int4-sym", "int8-row", "int4-row", "nvfp4", "nvfp4-ct")
+FORMATS += ("fp8-row", "fp8-oblong")  # FP8 scaled per row (compressed-tensors channel, AutoFP8), in 2:1 tiles
 # the integer forms checkpoints store beside localmoe's own (asymmetric, float16 scales per group)
 CHECKPOINT_INTEGERS = {
     "int4-sym": dict(bits=4, symmetric=True, scale_dtype=torch.bfloat16),  # Kimi K2.5/K2.6, compressed-tensors
@@ -63,8 +64,9 @@ def experts(fmt: str, count: int, hidden: int, inter: int, dtype, seed: int, bia
         group = widths if hidden % widths == 0 and inter % widths == 0 else 2  # 2: every shape, the scalar path
         spec = QuantSpec(**{"group": group, **form})
         gate_up, down = quantized_stack(gate_up, spec), quantized_stack(down, spec)
-    elif fmt == "fp8":
+    elif fmt.startswith("fp8"):
         block = 128 if hidden % 128 == 0 and inter % 128 == 0 else 8
+        block = {"fp8": block, "fp8-row": (1, 0), "fp8-oblong": (block, block // 2)}[fmt]
         gate_up, down = (
             _random_stored(StoredFormat("fp8", block), count, w.shape[1:], dtype, "cpu") for w in (gate_up, down)
         )

@@ -85,7 +85,7 @@ SPECS = {  # localmoe's own forms, and those checkpoints store
     "int4-row": QuantSpec(4, 0, scale_dtype=torch.bfloat16),  # compressed-tensors asymmetric by channel
 }
 # Forms checkpoints store that the kernels do not read yet: `auto` takes the reference for them
-REFERENCE_ONLY = [QuantSpec(4, 8, act_order=True), StoredFormat("fp8", (1, 0)), StoredFormat("fp8", (128, 64))]
+REFERENCE_ONLY = [QuantSpec(4, 8, act_order=True), QuantSpec(8, 0, act_order=True)]
 
 
 @pytest.mark.parametrize("spec", REFERENCE_ONLY, ids=lambda spec: spec.words)
@@ -234,7 +234,9 @@ def stored_stack(fmt: str, rows: int, columns: int, experts: int, g: torch.Gener
             codes, scales, torch.rand(experts, parts, generator=g) + 0.5, fmt == "nvfp4-ct", torch.float32
         )
     bits = (torch.randn(experts, rows, columns, generator=g) * 4).to(torch.float8_e4m3fn).view(torch.uint8)
-    return Fp8Weights(bits, torch.rand(experts, -(-rows // 16), -(-columns // 16), generator=g) / 8, 16, torch.float32)
+    block = {"fp8": (16, 16), "fp8-row": (1, 0), "fp8-oblong": (16, 8)}[fmt]  # FP8 in tiles or by row
+    tiles = (-(-rows // block[0]), -(-columns // (block[1] or columns)))
+    return Fp8Weights(bits, torch.rand(experts, *tiles, generator=g) / 8, 16 if fmt == "fp8" else block, torch.float32)
 
 
 def take(stack, rows: list[int]):
@@ -250,6 +252,7 @@ def take(stack, rows: list[int]):
 
 
 FORMATS = ["float32", "int8", "int4", "mxfp4", "fp8", "int4-sym", "int8-row", "int4-row", "nvfp4", "nvfp4-ct"]
+FORMATS += ["fp8-row", "fp8-oblong"]
 
 
 @pytest.mark.parametrize("fmt", FORMATS)

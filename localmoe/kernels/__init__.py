@@ -83,12 +83,10 @@ SCALE_DTYPES = (torch.float16, torch.bfloat16, torch.float32)  # the integers' s
 def fused_reads(form: QuantSpec | StoredFormat | None) -> bool:
     """Whether the fused kernels (Triton and CPU) read experts in `form`: the compute dtype, integers by
     group of columns or by row, asymmetric or symmetric, with float16, bfloat16 or float32 scales (localmoe's
-    own, GPTQ, AWQ, compressed-tensors), MXFP4, NVFP4, and FP8 in square blocks. Act order (GPTQ's
-    desc_act: each column's group from a table) and FP8 by row or in oblong blocks run on the reference."""
+    own, GPTQ, AWQ, compressed-tensors), MXFP4, NVFP4, and FP8 in blocks or by row. Act order (GPTQ's
+    desc_act: each column's group from a table) runs on the reference."""
     if isinstance(form, QuantSpec):
         return not form.act_order and form.scale_dtype in SCALE_DTYPES
-    if isinstance(form, StoredFormat):
-        return form.kind in ("mxfp4", "nvfp4") or (form.kind == "fp8" and isinstance(form.block, int))
     return True
 
 
@@ -125,8 +123,7 @@ def self_check(
     shapes (few and many tokens), each activation, weights quantized by `quant` if given; else what
     went wrong, in a line."""
     generator = torch.Generator().manual_seed(0)
-    unit = (quant.group or 16) if isinstance(quant, QuantSpec) else quant.block if quant else 16  # widths it divides
-    experts, hidden, inter = 4, 3 * unit, 2 * unit
+    experts, hidden, inter = 4, 3 * _unit(quant), 2 * _unit(quant)
 
     def rand(*shape, scale=0.25):
         return (torch.randn(*shape, generator=generator) * scale).to(device=device, dtype=dtype)
@@ -155,6 +152,15 @@ def self_check(
     return None
 
 
+def _unit(form: QuantSpec | StoredFormat | None) -> int:
+    """A width the form's groups or blocks divide."""
+    if isinstance(form, QuantSpec):
+        return form.group or 16
+    if isinstance(form, StoredFormat):
+        return (form.block if isinstance(form.block, int) else max(form.block)) or 16
+    return 16
+
+
 def _random_stored(fmt: StoredFormat, experts: int, shape, dtype: torch.dtype, device, parts: int = 1):
     """Random weights in a checkpoint's stored format, with scales that keep them near unit size; `parts`:
     NVFP4's part scales per matrix (gate and up: 2)."""
@@ -170,5 +176,7 @@ def _random_stored(fmt: StoredFormat, experts: int, shape, dtype: torch.dtype, d
         global_scale = torch.rand(experts, parts, generator=generator) + 0.5
         return Nvfp4Weights(codes.to(device), scales.to(device), global_scale.to(device), fmt.divides, dtype)
     bits = torch.randn(experts, rows, columns, generator=generator).to(torch.float8_e4m3fn).view(torch.uint8)
-    scales = torch.rand(experts, rows // fmt.block, columns // fmt.block, generator=generator) / 8
+    block_rows, block_columns = (fmt.block, fmt.block) if isinstance(fmt.block, int) else fmt.block
+    tiles = (-(-rows // (block_rows or rows)), -(-columns // (block_columns or columns)))
+    scales = torch.rand(experts, *tiles, generator=generator) / 8
     return Fp8Weights(bits.to(device), scales.to(device), fmt.block, dtype)

@@ -166,7 +166,7 @@ def _reads(weights, act) -> bool:
     if missing_activations([act]):
         return False
     if isinstance(weights, QuantizedWeights):
-        return fused_reads(weights.spec) and weights.scale.dtype in DTYPES
+        return fused_reads(weights.spec)
     if isinstance(weights, Fp8Weights):  # whole blocks of columns
         return weights.shape[2] % (_form(weights)[1] or weights.shape[2]) == 0
     if isinstance(weights, (Mxfp4Weights, Nvfp4Weights)):
@@ -176,12 +176,12 @@ def _reads(weights, act) -> bool:
 
 def _form(weights) -> tuple[int, int, int, bool]:
     """(the library's format code, columns per scale (0: the whole row, and dense weights), weight rows per
-    row of scales, whether NVFP4's part scales divide) of a stack of weights."""
+    row of scales (0: all of them), whether NVFP4's part scales divide) of a stack of weights."""
     if isinstance(weights, QuantizedWeights):
         return (INT8 if weights.spec.bits == 8 else INT4), weights.spec.group, 1, False
     if isinstance(weights, Fp8Weights):
         rows, columns = (weights.block, weights.block) if isinstance(weights.block, int) else weights.block
-        return FP8, columns, rows or weights.shape[1], False
+        return FP8, columns, rows, False
     if isinstance(weights, Mxfp4Weights):
         return MXFP4, 32, 1, False
     if isinstance(weights, Nvfp4Weights):
@@ -327,7 +327,7 @@ def _matrix_fields(w: torch.Tensor, s: torch.Tensor | None, z: torch.Tensor | No
         fields += [0, 0] if t is None else [t.stride(0) * t.element_size(), t.stride(1) * t.element_size()]
     zero_rows = rows // z.shape[1] if z is not None and z.dim() == 2 else 1  # NVFP4: rows per part
     scale_type = DTYPES.get(s.dtype, 0) if s is not None else 0
-    return [*fields, rows, cols, block, block_rows, zero_rows, scale_type, int(divides)]
+    return [*fields, rows, cols, block, block_rows or rows, zero_rows, scale_type, int(divides)]
 
 
 def _stack_fields(parts: list, form: tuple) -> list[int]:

@@ -178,6 +178,7 @@ def _row_sums(
     stride_sr,
     BITS: tl.constexpr,
     GROUP: tl.constexpr,
+    GROUP_ROWS: tl.constexpr,
     SYMMETRIC: tl.constexpr,
     DIVIDES: tl.constexpr,
     SPAN: tl.constexpr,
@@ -228,8 +229,8 @@ def _row_sums(
             if BITS == 1:
                 scale_at = rows[:, None] * stride_sr + group[None, :]
                 acc += tl.sum(part * _power_of_two(tl.load(s + scale_at, mask=scale_ok, other=127)), axis=1)
-            elif BITS == 2:  # a scale per GROUP x GROUP tile
-                scale_at = (rows // GROUP)[:, None] * stride_sr + group[None, :]
+            elif BITS == 2:  # a scale per GROUP_ROWS x GROUP tile
+                scale_at = (rows // GROUP_ROWS)[:, None] * stride_sr + group[None, :]
                 acc += tl.sum(part * tl.load(s + scale_at, mask=scale_ok, other=0.0), axis=1)
             elif BITS == 3:
                 scale_at = rows[:, None] * stride_sr + group[None, :]
@@ -290,6 +291,7 @@ def _gate_up_rows(
     HAS_HOST: tl.constexpr,
     BITS: tl.constexpr,
     GROUP: tl.constexpr,
+    GROUP_ROWS: tl.constexpr,
     SYMMETRIC: tl.constexpr,
     DIVIDES: tl.constexpr,
     SPAN: tl.constexpr,
@@ -314,12 +316,12 @@ def _gate_up_rows(
         GATED: tl.constexpr = ACT < 5  # else the rows are up's alone, and up's offset is 0, not INTER
         if GATED:
             gate = _row_sums(
-                w, s, z, rows, row_ok, x, stored, stride_wr, stride_sr, BITS, GROUP, SYMMETRIC, DIVIDES, SPAN,
-                BLOCK_R, BLOCK_K
+                w, s, z, rows, row_ok, x, stored, stride_wr, stride_sr, BITS, GROUP, GROUP_ROWS, SYMMETRIC, DIVIDES,
+                SPAN, BLOCK_R, BLOCK_K
             )  # fmt: skip
         up = _row_sums(
             w, s, _up_part(z, GATED, BITS), rows + INTER if GATED else rows, row_ok, x, stored, stride_wr, stride_sr,
-            BITS, GROUP, SYMMETRIC, DIVIDES, SPAN, BLOCK_R, BLOCK_K
+            BITS, GROUP, GROUP_ROWS, SYMMETRIC, DIVIDES, SPAN, BLOCK_R, BLOCK_K
         )  # fmt: skip
         if not GATED:
             gate = up
@@ -368,6 +370,7 @@ def _down_rows(
     HAS_HOST: tl.constexpr,
     BITS: tl.constexpr,
     GROUP: tl.constexpr,
+    GROUP_ROWS: tl.constexpr,
     SYMMETRIC: tl.constexpr,
     DIVIDES: tl.constexpr,
     SPAN: tl.constexpr,
@@ -387,8 +390,8 @@ def _down_rows(
         h = h_ptr + pair.to(tl.int64) * INTER
         stored = INTER_STORED
         acc = _row_sums(
-            w, s, z, rows, row_ok, h, stored, stride_wr, stride_sr, BITS, GROUP, SYMMETRIC, DIVIDES, SPAN, BLOCK_R,
-            BLOCK_K
+            w, s, z, rows, row_ok, h, stored, stride_wr, stride_sr, BITS, GROUP, GROUP_ROWS, SYMMETRIC, DIVIDES, SPAN,
+            BLOCK_R, BLOCK_K
         )  # fmt: skip
         if HAS_BIAS:
             bias = _source(slot, expert, bias_ptr, host_bias_ptr, stride_bs, stride_host_bs, HAS_HOST)
@@ -398,14 +401,17 @@ def _down_rows(
 
 
 @triton.jit
-def _tile(w, s, z, r, c, mask, stride_r, stride_sr, BITS: tl.constexpr, GROUP: tl.constexpr, SYMMETRIC: tl.constexpr):
+def _tile(
+    w, s, z, r, c, mask, stride_r, stride_sr, BITS: tl.constexpr, GROUP: tl.constexpr, GROUP_ROWS: tl.constexpr,
+    SYMMETRIC: tl.constexpr
+):  # fmt: skip
     """Weights at rows r and columns c (broadcastable index tensors) in float32, for the 16- and 8-bit
     formats: loaded, or decoded and scaled with each column's group."""
     if BITS == 16:
         w = tl.load(w + r * stride_r + c, mask=mask, other=0.0).to(tl.float32)
     elif BITS == 2:
         value = _e4m3(tl.load(w + r * stride_r + c, mask=mask, other=0).to(tl.int32))
-        w = value * tl.load(s + (r // GROUP) * stride_sr + c // GROUP, mask=mask, other=0.0)
+        w = value * tl.load(s + (r // GROUP_ROWS) * stride_sr + c // GROUP, mask=mask, other=0.0)
     else:
         q = tl.load(w + r * stride_r + c, mask=mask, other=0).to(tl.float32)
         group = r * stride_sr + c // GROUP
@@ -453,6 +459,7 @@ def _grouped_product(
     PRECISION: tl.constexpr,
     BITS: tl.constexpr,
     GROUP: tl.constexpr,
+    GROUP_ROWS: tl.constexpr,
     SYMMETRIC: tl.constexpr,
     DIVIDES: tl.constexpr,
     BLOCK_K: tl.constexpr,
@@ -486,6 +493,7 @@ def _grouped_product(
                 stride_sr,
                 BITS,
                 GROUP,
+                GROUP_ROWS,
                 SYMMETRIC,
             )
             a = tl.load(a_rows[:, None] + cols[None, :], mask=a_ok[:, None] & col_ok[None, :], other=0.0)
@@ -536,6 +544,7 @@ def _grouped_gate_up(
     HAS_HOST: tl.constexpr,
     BITS: tl.constexpr,
     GROUP: tl.constexpr,
+    GROUP_ROWS: tl.constexpr,
     SYMMETRIC: tl.constexpr,
     DIVIDES: tl.constexpr,
     alpha,
@@ -565,13 +574,13 @@ def _grouped_gate_up(
         if GATED:
             gate = _grouped_product(
                 x_rows, valid, w, s, z, rows, row_ok, HIDDEN, stride_wr, stride_sr, zeros, dtype, PRECISION, BITS,
-                GROUP, SYMMETRIC, DIVIDES, BLOCK_K
+                GROUP, GROUP_ROWS, SYMMETRIC, DIVIDES, BLOCK_K
             )  # fmt: skip
         # (the offset added here and to the bias pointer below, not kept in a row vector across the loop: that
         # cost gpt-oss's MXFP4 kernel a spill on sm_80)
         up = _grouped_product(
             x_rows, valid, w, s, _up_part(z, GATED, BITS), rows + INTER if GATED else rows, row_ok, HIDDEN, stride_wr,
-            stride_sr, zeros, dtype, PRECISION, BITS, GROUP, SYMMETRIC, DIVIDES, BLOCK_K
+            stride_sr, zeros, dtype, PRECISION, BITS, GROUP, GROUP_ROWS, SYMMETRIC, DIVIDES, BLOCK_K
         )  # fmt: skip
         if not GATED:
             gate = up
@@ -621,6 +630,7 @@ def _grouped_down(
     HAS_HOST: tl.constexpr,
     BITS: tl.constexpr,
     GROUP: tl.constexpr,
+    GROUP_ROWS: tl.constexpr,
     SYMMETRIC: tl.constexpr,
     DIVIDES: tl.constexpr,
     PRECISION: tl.constexpr,  # of float32 products: ieee, not the tf32 default
@@ -645,7 +655,7 @@ def _grouped_down(
         acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
         acc = _grouped_product(
             h_ptr + safe * INTER, valid, w, s, z, rows, row_ok, INTER, stride_wr, stride_sr, acc, dtype, PRECISION,
-            BITS, GROUP, SYMMETRIC, DIVIDES, BLOCK_K
+            BITS, GROUP, GROUP_ROWS, SYMMETRIC, DIVIDES, BLOCK_K
         )  # fmt: skip
         if HAS_BIAS:
             bias = _source(slot, expert, bias_ptr, host_bias_ptr, stride_bs, stride_host_bs, HAS_HOST)
@@ -668,7 +678,8 @@ class WeightArgs(NamedTuple):
     stride_r: int
     stride_sr: int
     bits: int
-    group: int  # columns per scale (FP8: the side of its square tiles)
+    group: int  # columns per scale
+    group_rows: int = 1  # rows per scale (FP8's tiles)
     symmetric: bool = False  # integers without zero points: each is 2^(bits - 1)
     divides: bool = False  # NVFP4: the part scale divides (compressed-tensors) rather than multiplies
 
@@ -681,13 +692,15 @@ class WeightArgs(NamedTuple):
     @property
     def form(self) -> tuple:
         """What the kernels compile for: the format and its variant."""
-        return self.bits, self.group, self.symmetric, self.divides
+        return self.bits, self.group, self.group_rows, self.symmetric, self.divides
 
 
 def _weight_args(weights) -> WeightArgs:
     if isinstance(weights, Fp8Weights):
         w, s = weights.bits, weights.scales
-        return WeightArgs(w, s, s, w.stride(0), s.stride(0), s.stride(0), w.stride(1), s.stride(1), FP8, weights.block)
+        rows, columns = (weights.block, weights.block) if isinstance(weights.block, int) else weights.block
+        strides = (w.stride(0), s.stride(0), s.stride(0), w.stride(1), s.stride(1))
+        return WeightArgs(w, s, s, *strides, FP8, columns or w.shape[2], rows or w.shape[1])
     if isinstance(weights, Mxfp4Weights):
         w, s = weights.blocks, weights.scales
         return WeightArgs(w, s, s, w.stride(0), s.stride(0), s.stride(0), w.stride(1), s.stride(1), MXFP4, 32)
@@ -700,7 +713,7 @@ def _weight_args(weights) -> WeightArgs:
         z = s if weights.zero is None else weights.zero  # symmetric: any pointer, the kernels do not read it
         group = spec.group or weights.shape[2]  # one group per row: the whole width
         strides = (w.stride(0), s.stride(0), z.stride(0), w.stride(1), s.stride(1))
-        return WeightArgs(w, s, z, *strides, spec.bits, group, spec.symmetric)
+        return WeightArgs(w, s, z, *strides, spec.bits, group, symmetric=spec.symmetric)
     return WeightArgs(weights, weights, weights, weights.stride(0), 0, 0, weights.stride(1), 0, PLAIN, 1)
 
 
@@ -710,7 +723,7 @@ def _part_shapes(args: WeightArgs, rows: int, columns: int, parts: int) -> list[
     if args.bits == PLAIN:
         return [(rows, columns)]
     if args.bits == FP8:
-        return [(rows, columns), (-(-rows // args.group), -(-columns // args.group))]
+        return [(rows, columns), (-(-rows // args.group_rows), -(-columns // args.group))]
     scales = (rows, columns // args.group)
     return [(rows, _stored(args, columns)), scales, (parts,) if args.bits == NVFP4 else scales]
 
@@ -950,7 +963,9 @@ def kernel_launches(
 
 
 def _form_flags(args: WeightArgs) -> dict:
-    return dict(BITS=args.bits, GROUP=args.group, SYMMETRIC=args.symmetric, DIVIDES=args.divides)
+    return dict(
+        BITS=args.bits, GROUP=args.group, GROUP_ROWS=args.group_rows, SYMMETRIC=args.symmetric, DIVIDES=args.divides
+    )
 
 
 class _Sources(NamedTuple):
