@@ -1,11 +1,13 @@
 """Compile every variant of the Triton expert kernels ahead of time for real GPUs, on a machine without one.
 
-For each weight format (bfloat16, float16, float32, int8, int4, MXFP4, FP8), each kernel (decode and
-grouped; gate_up and down), plain and with everything optional at once (biases, input scales and the
-direct-read path, pairs computed from host rows: the most registers a variant can need), at the expert
-shapes of Mixtral (4096 x 14336), Qwen3-30B-A3B (2048 x 768), DeepSeek-V3 (7168 x 2048), gpt-oss
-(2880 x 2880, MXFP4) and Nemotron-3's ungated ReLU-squared experts (Nano: 2688 x 1856; Super: 1024 x
-2688, in its latent space), and the activations those shapes do not use, it builds the launches
+For each weight format (bfloat16, float16, float32, int8, int4, and as checkpoints ship them: symmetric
+int4 with bfloat16 scales by 32 columns (Kimi K2), symmetric int8 by row (GPTQ), MXFP4, NVFP4, FP8 in
+blocks and by row), each kernel (decode and grouped; gate_up and down), plain and with everything optional at once
+(biases, input scales and the direct-read path, pairs computed from host rows: the most registers a
+variant can need), at the expert shapes of Mixtral (4096 x 14336), Qwen3-30B-A3B (2048 x 768),
+DeepSeek-V3 and Kimi K2 (7168 x 2048), gpt-oss (2880 x 2880, MXFP4) and Nemotron-3's ungated
+ReLU-squared experts (Nano: 2688 x 1856; Super: 1024 x 2688, in its latent space), and the
+activations those shapes do not use, it builds the launches
 `triton_pair_outputs` would make (`kernel_launches`, on untouched `torch.empty` tensors) and compiles
 them with Triton's own compiler and ptxas for sm_80, sm_86, sm_89 and sm_90. It fails (exit 1) on:
 
@@ -57,7 +59,13 @@ sys.path.insert(0, str(ROOT))  # run from a checkout without installing
 
 from localmoe.bench import compile_table  # noqa: E402
 from localmoe.kernels import triton_experts  # noqa: E402
-from localmoe.kernels.quantized import Fp8Weights, Mxfp4Weights, QuantizedWeights, QuantSpec  # noqa: E402
+from localmoe.kernels.quantized import (  # noqa: E402
+    Fp8Weights,
+    Mxfp4Weights,
+    Nvfp4Weights,
+    QuantizedWeights,
+    QuantSpec,
+)
 from localmoe.kernels.reference import ExpertStack  # noqa: E402
 from localmoe.models.moe import GatedActivation  # noqa: E402
 
@@ -69,8 +77,9 @@ RELU2 = GatedActivation(kind="ungated", act="relu2")  # up projection only: gate
 # they work in a latent space
 SHAPES = {
     "mixtral-8x7b": (4096, 14336, ("bf16", "fp16", "fp32", "int8", "int4"), SWIGLU),
-    "qwen3-30b-a3b": (2048, 768, ("bf16", "int8", "int4"), SWIGLU),
+    "qwen3-30b-a3b": (2048, 768, ("bf16", "int8", "int4", "int8-row", "nvfp4", "fp8-row"), SWIGLU),
     "deepseek-v3": (7168, 2048, ("fp8", "bf16"), SWIGLU),
+    "kimi-k2": (7168, 2048, ("int4-sym",), SWIGLU),
     "gpt-oss": (2880, 2880, ("mxfp4",), CLAMPED),
     "nemotron-3-nano": (2688, 1856, ("bf16", "int8", "int4"), RELU2),
     "nemotron-3-super": (1024, 2688, ("bf16", "int4"), RELU2),
@@ -81,26 +90,39 @@ OTHER_ACTIVATIONS = {
     "clamped-glu": GatedActivation("clamped_glu"),
     "clamped-after": GatedActivation("glu_clamped_after", limit=7.0),  # Step-3.7
 }
-FORMATS = ("bf16", "fp16", "fp32", "int8", "int4", "mxfp4", "fp8")
+FORMATS = ("bf16", "fp16", "fp32", "int8", "int4", "int4-sym", "int8-row", "mxfp4", "nvfp4", "fp8", "fp8-row")
+# checkpoints' integer forms: Kimi K2's (compressed-tensors), GPTQ's 8 bits with group_size -1
+CHECKPOINT_INTEGERS = {
+    "int4-sym": QuantSpec(4, 32, symmetric=True, scale_dtype=torch.bfloat16),
+    "int8-row": QuantSpec(8, 0, symmetric=True),
+}
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 SLOTS, TOP_K = 2, 2
 TOKENS = {"decode": 1, "grouped": 64}  # 2 and 128 pairs: the matrix-vector and the grouped kernels
 
 
-def stack(fmt: str, rows: int, columns: int):
-    """An untouched stack of SLOTS matrices [rows, columns] in `fmt`: real strides, no memory touched."""
+def stack(fmt: str, rows: int, columns: int, parts: int = 1):
+    """An untouched stack of SLOTS matrices [rows, columns] in `fmt`: real strides, no memory touched;
+    `parts`: NVFP4's part scales (gate and up: 2)."""
     if fmt in DTYPES:
         return torch.empty(SLOTS, rows, columns, dtype=DTYPES[fmt])
-    if fmt in ("int8", "int4"):
-        spec = QuantSpec(int(fmt[3:]), 64)
+    if fmt in ("int8", "int4") or fmt in CHECKPOINT_INTEGERS:
+        spec = CHECKPOINT_INTEGERS.get(fmt) or QuantSpec(int(fmt[3:]), 64)
         q = torch.empty(SLOTS, rows, spec.packed_columns(columns), dtype=torch.uint8)
-        scale, zero = (torch.empty(SLOTS, rows, columns // spec.group, dtype=torch.float16) for _ in range(2))
+        scale = torch.empty(SLOTS, rows, spec.groups(columns), dtype=spec.scale_dtype)
+        zero = None if spec.symmetric else torch.empty(SLOTS, rows, spec.groups(columns), dtype=torch.float16)
         return QuantizedWeights(q, scale, zero, spec, torch.bfloat16)
     if fmt == "mxfp4":
         blocks = torch.empty(SLOTS, rows, columns // 2, dtype=torch.uint8)
         return Mxfp4Weights(blocks, torch.empty(SLOTS, rows, columns // 32, dtype=torch.uint8), torch.bfloat16)
-    scales = torch.empty(SLOTS, -(-rows // 128), -(-columns // 128), dtype=torch.float32)
-    return Fp8Weights(torch.empty(SLOTS, rows, columns, dtype=torch.uint8), scales, 128, torch.bfloat16)
+    if fmt == "nvfp4":  # part scales for gate and up (the gate_up stacks have even rows), or one
+        codes, scales = (torch.empty(SLOTS, rows, columns // n, dtype=torch.uint8) for n in (2, 16))
+        return Nvfp4Weights(codes, scales, torch.empty(SLOTS, parts), True, torch.bfloat16)
+    block = 128 if fmt == "fp8" else (1, 0)  # DeepSeek's 128 x 128 tiles, or a scale per row
+    scales = torch.empty(
+        SLOTS, rows if fmt == "fp8-row" else -(-rows // 128), 1 if fmt == "fp8-row" else -(-columns // 128)
+    )
+    return Fp8Weights(torch.empty(SLOTS, rows, columns, dtype=torch.uint8), scales, block, torch.bfloat16)
 
 
 def variants(formats=FORMATS):
@@ -118,7 +140,7 @@ def variants(formats=FORMATS):
         hidden, inter = SHAPES[shape][:2]
         dtype = DTYPES.get(fmt, torch.bfloat16)
         in_rows = (2 if act.gated else 1) * inter  # gate and up rows, or up alone
-        gate_up, down = stack(fmt, in_rows, hidden), stack(fmt, hidden, inter)
+        gate_up, down = stack(fmt, in_rows, hidden, 2 if act.gated else 1), stack(fmt, hidden, inter)
         biases = (torch.empty(SLOTS, in_rows, dtype=dtype), torch.empty(SLOTS, hidden, dtype=dtype))
         experts = ExpertStack(gate_up, down, *biases) if extras else ExpertStack(gate_up, down)
         for size, tokens in TOKENS.items():

@@ -18,6 +18,7 @@ from conftest import TINY_FAMILIES
 from quantized_models import check_against_transformers, linear, quantized_checkpoint
 
 import localmoe
+from localmoe.engine import RuntimeOptions
 from localmoe.runtime.layouts import Fp8Layout, Mxfp4Layout, Nvfp4Layout, QuantizedLayout
 
 # Kimi K2 is DeepSeek-V3 with its own model_type; both families with experts 32 wide, as the formats' groups need
@@ -141,6 +142,29 @@ def stored_expert_bytes(source) -> int:
         for name in ckpt.tensor_names
         if name.startswith(prefixes) and not name.endswith("weight_shape")
     )
+
+
+@pytest.mark.slow  # whole models through Triton's interpreter
+@pytest.mark.parametrize(
+    "family, scheme_name",
+    [(KIMI, "int4-kimi"), (QWEN3, "int8-asym-row+int4-attention"), (QWEN3, "fp8-row"), (QWEN3, "nvfp4")],
+    ids=["kimi-int4", "qwen3-int8-row", "qwen3-fp8-row", "qwen3-nvfp4"],
+)
+def test_the_triton_kernels_read_the_stored_experts_in_place(tmp_path, family, scheme_name):
+    """The Triton kernels (in the interpreter) on the pool's rows as the checkpoint stores them, all
+    resident and with misses read in place from the host rows, give the reference kernel's greedy tokens."""
+    _, folder = write(tmp_path, family, scheme_name)
+    prompt = list(range(3, 13))
+
+    def tokens(**options):
+        engine = localmoe.load(str(folder), device="cpu", dtype=torch.float32, options=RuntimeOptions(**options))
+        return list(engine.generate_ids(prompt, 5)), engine
+
+    expected, _ = tokens(kernels="reference")
+    resident, engine = tokens(kernels="triton")
+    assert resident == expected and "kernels: triton" in engine.summary()
+    slots = engine.plan.footprint.top_k + 1
+    assert tokens(kernels="triton", expert_slots=slots, miss_policy="direct")[0] == expected
 
 
 def test_kimi_keeps_its_experts_in_int4_and_attention_in_bfloat16(tmp_path):

@@ -38,7 +38,14 @@ ACTS = {
     "clamped-swiglu": GatedActivation(kind="clamped_swiglu", alpha=1.702, limit=0.5),  # a limit that clamps
     "clamped-glu": GatedActivation(kind="clamped_glu", limit=0.5),
 }
-FORMATS = ("dense", "int8", "int4", "fp8", "mxfp4")
+FORMATS = ("dense", "int8", "int4", "fp8", "mxfp4", "int4-sym", "int8-row", "int4-row", "nvfp4", "nvfp4-ct")
+FORMATS += ("fp8-row", "fp8-oblong")  # FP8 scaled per row (compressed-tensors channel, AutoFP8), in 2:1 tiles
+# the integer forms checkpoints store beside localmoe's own (asymmetric, float16 scales per group)
+CHECKPOINT_INTEGERS = {
+    "int4-sym": dict(bits=4, symmetric=True, scale_dtype=torch.bfloat16),  # Kimi K2.5/K2.6, compressed-tensors
+    "int8-row": dict(bits=8, group=0, symmetric=True),  # GPTQ 8-bit with group_size -1
+    "int4-row": dict(bits=4, group=0, scale_dtype=torch.float32),  # compressed-tensors asymmetric by channel
+}
 # |kernel - reference| <= TOLERANCE * max |reference|, for experts with few pairs (the matrix-vector path):
 # float32 differs by summation order only; in 16 bits the reference also rounds each dequantized
 # weight to the compute dtype, and an accumulation one float32 ulp apart can flip a 16-bit rounding of
@@ -51,17 +58,24 @@ def experts(fmt: str, count: int, hidden: int, inter: int, dtype, seed: int, bia
     g = torch.Generator().manual_seed(seed)
     gate_up = (torch.randn(count, 2 * inter, hidden, generator=g) / hidden**0.5).to(dtype)
     down = (torch.randn(count, hidden, inter, generator=g) / inter**0.5).to(dtype)
-    if fmt in ("int8", "int4"):
-        group = 64 if hidden % 64 == 0 and inter % 64 == 0 else 2  # 2: every shape, the scalar path
-        spec = QuantSpec(int(fmt[3:]), group)
+    if fmt in ("int8", "int4") or fmt in CHECKPOINT_INTEGERS:
+        form = CHECKPOINT_INTEGERS[fmt] if fmt in CHECKPOINT_INTEGERS else dict(bits=int(fmt[3:]))
+        widths = 32 if fmt == "int4-sym" else 64  # Kimi's groups are 32 columns
+        group = widths if hidden % widths == 0 and inter % widths == 0 else 2  # 2: every shape, the scalar path
+        spec = QuantSpec(**{"group": group, **form})
         gate_up, down = quantized_stack(gate_up, spec), quantized_stack(down, spec)
-    elif fmt == "fp8":
+    elif fmt.startswith("fp8"):
         block = 128 if hidden % 128 == 0 and inter % 128 == 0 else 8
+        block = {"fp8": block, "fp8-row": (1, 0), "fp8-oblong": (block, block // 2)}[fmt]
         gate_up, down = (
             _random_stored(StoredFormat("fp8", block), count, w.shape[1:], dtype, "cpu") for w in (gate_up, down)
         )
     elif fmt == "mxfp4":
         gate_up, down = (_random_stored(MXFP4, count, w.shape[1:], dtype, "cpu") for w in (gate_up, down))
+    elif fmt.startswith("nvfp4"):  # ModelOpt's part scales multiply, compressed-tensors' divide
+        form = StoredFormat("nvfp4", 16, divides=fmt == "nvfp4-ct")
+        gate_up = _random_stored(form, count, gate_up.shape[1:], dtype, "cpu", parts=2)
+        down = _random_stored(form, count, down.shape[1:], dtype, "cpu")
     biases = (torch.randn(count, 2 * inter, generator=g).to(dtype), torch.randn(count, hidden, generator=g).to(dtype))
     return ExpertStack(gate_up, down, *(biases if bias else (None, None)))
 
@@ -79,8 +93,9 @@ def assert_near(got, expected, dtype):
 
 
 def small(fmt: str) -> tuple[int, int]:
-    """Widths that no vector fits (MXFP4's exponents cover 32 columns: the smallest it has)."""
-    return (96, 32) if fmt == "mxfp4" else (40, 24)
+    """Widths that no vector fits (MXFP4's exponents cover 32 columns, NVFP4's 16: the smallest they
+    have)."""
+    return {"mxfp4": (96, 32), "nvfp4": (48, 16), "nvfp4-ct": (48, 16)}.get(fmt, (40, 24))
 
 
 def case(tokens: int, k: int, count: int, hidden: int, seed: int, dtype, skipped: bool = True):
@@ -92,11 +107,14 @@ def case(tokens: int, k: int, count: int, hidden: int, seed: int, dtype, skipped
     return x, slots
 
 
-@pytest.mark.parametrize("fmt", FORMATS)
+# each format on 2 threads, and the first five (whose code the threading shares with the others) on 1
+THREADED = [(fmt, threads) for fmt in FORMATS for threads in ((1, 2) if fmt in FORMATS[:5] else (2,))]
+
+
+@pytest.mark.parametrize("fmt, thread_count", THREADED)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("tokens", [1, 2, 5, 8])
-@pytest.mark.parametrize("thread_count", [1, 2])
-def test_small_shapes_match_the_reference(fmt, dtype, tokens, thread_count):
+def test_small_shapes_match_the_reference(fmt, thread_count, dtype, tokens):
     """Ragged widths (the scalar path) and widths the vector path takes, 1-8 tokens, top-1 to top-4, on
     `thread_count` threads."""
     torch.set_num_threads(thread_count)
@@ -125,6 +143,8 @@ MODELS = {
     "qwen3-30b": (2048, 768, "dense", 8),
     "deepseek": (7168, 2048, "fp8", 2),
     "gpt-oss": (2880, 2880, "mxfp4", 3),
+    "kimi-k2": (7168, 2048, "int4-sym", 1),
+    "qwen3-30b-nvfp4": (2048, 768, "nvfp4-ct", 4),
 }
 
 

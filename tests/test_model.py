@@ -69,6 +69,10 @@ MODELS = {
     "jamba": ("jamba", {}, None),
     # queries from routed attention experts, keys and values shared by them
     "jetmoe": ("jetmoe", {}, None),
+    # sinks in latent attention over chunks, the indexer's choice shared by later layers, hyper-connections
+    "hy-v4": ("hy_v4", {"index_topk": 4}, None),
+    # two latent attention states per layer, side by side
+    "longcat-flash": ("longcat_flash", {}, None),
 }
 
 # The chat rewind alone for families whose kinds of state MODELS already covers in depth:
@@ -93,6 +97,13 @@ REWIND_ONLY = {
     "ernie4-5-vl-moe": ("ernie4_5_vl_moe_text", None),
     "axk1": ("axk1", None),
     "flint-ring": ("flint", 3),
+    "hy-v4-vl": ("hy_v4_vl_text", None),
+    "lara-mini-ring": ("lara_mini", 3),
+    "mistral-large4": ("mistral_large4_text", None),
+    "kolibri1-ring": ("kolibri1", 3),
+    "beam-ring": ("beam", 3),
+    "axk2": ("axk2", None),
+    "muse-spark-ring": ("muse_spark_text", 3),
 }
 
 
@@ -219,7 +230,8 @@ def test_a_forward_cut_short_is_not_trusted(model, tolerance, monkeypatch):
     monkeypatch.undo()
     kept = cache.rewind(6)
     plain_kinds = (layer_state.AttentionKV, layer_state.LatentKV, layer_state.NoState)
-    plain = all(isinstance(state, plain_kinds) for state in cache.layers)
+    parts = [part for state in cache.layers for part in getattr(state, "states", {"": state}).values()]
+    plain = all(isinstance(state, plain_kinds) for state in parts)
     assert kept == (6 if plain else 0)
     got = model(ids[:, kept:], cache, all_logits=True)
     assert (got - expected[:, kept:]).abs().max().item() < tolerance

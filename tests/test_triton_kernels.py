@@ -10,7 +10,15 @@ from conftest import GPT_OSS, LLAMA4, MIXTRAL, TINY_FAMILIES, hf_model, save_hf
 import localmoe
 from localmoe.engine import RuntimeOptions
 from localmoe.kernels import pair_kernel, self_check
-from localmoe.kernels.quantized import MXFP4, Fp8Weights, Mxfp4Weights, QuantSpec, StoredFormat, quantized_stack
+from localmoe.kernels.quantized import (
+    MXFP4,
+    Fp8Weights,
+    Mxfp4Weights,
+    Nvfp4Weights,
+    QuantSpec,
+    StoredFormat,
+    quantized_stack,
+)
 from localmoe.kernels.reference import ExpertStack, expert_pair_outputs
 from localmoe.models.moe import GatedActivation
 
@@ -69,14 +77,15 @@ def test_activations_biases_and_input_scales(act, tokens):
     compare(ACTS[act], tokens, 2, seed=3, biases=True, scale=True)
 
 
-SPECS = {"int8": QuantSpec(8, 8), "int4": QuantSpec(4, 8)}  # localmoe's own forms, which the kernels read
+SPECS = {  # localmoe's own forms, and those checkpoints store
+    "int8": QuantSpec(8, 8),
+    "int4": QuantSpec(4, 8),
+    "int4-sym": QuantSpec(4, 8, symmetric=True, scale_dtype=torch.bfloat16),  # Kimi K2's experts
+    "int8-row": QuantSpec(8, 0, symmetric=True, scale_dtype=torch.float32),  # GPTQ 8-bit by row
+    "int4-row": QuantSpec(4, 0, scale_dtype=torch.bfloat16),  # compressed-tensors asymmetric by channel
+}
 # Forms checkpoints store that the kernels do not read yet: `auto` takes the reference for them
-REFERENCE_ONLY = [
-    QuantSpec(4, 8, symmetric=True, scale_dtype=torch.bfloat16),  # Kimi K2's experts
-    QuantSpec(8, 0, scale_dtype=torch.float32),
-    QuantSpec(4, 0, symmetric=True),
-    QuantSpec(4, 8, act_order=True),
-]
+REFERENCE_ONLY = [QuantSpec(4, 8, act_order=True), QuantSpec(8, 0, act_order=True)]
 
 
 @pytest.mark.parametrize("spec", REFERENCE_ONLY, ids=lambda spec: spec.words)
@@ -155,6 +164,8 @@ def test_self_check_passes_and_catches_a_broken_kernel():
     assert self_check(triton_experts.triton_pair_outputs, cpu, torch.float32, acts, QuantSpec(4, 8)) is None
     assert self_check(triton_experts.triton_pair_outputs, cpu, torch.float32, acts, MXFP4) is None
     assert self_check(triton_experts.triton_pair_outputs, cpu, torch.float32, acts, StoredFormat("fp8", 8)) is None
+    nvfp4 = StoredFormat("nvfp4", 16, divides=True)  # part scales for gate and up, or up alone
+    assert self_check(triton_experts.triton_pair_outputs, cpu, torch.float32, acts, nvfp4) is None
 
     def off_by_one(out, *args):
         triton_experts.triton_pair_outputs(out, *args)
@@ -204,19 +215,28 @@ def test_greedy_tokens_equal_the_reference_path(config_class, config, tmp_path):
     assert tokens(kernels="triton", expert_bits=4, expert_group_size=8)[0] == quantized_reference
 
 
-def stored_stack(fmt: str, rows: int, columns: int, experts: int, g: torch.Generator):
-    """Random experts [experts, rows, columns] in one of the kernels' weight formats (float32 compute)."""
+def stored_stack(fmt: str, rows: int, columns: int, experts: int, g: torch.Generator, parts: int = 1):
+    """Random experts [experts, rows, columns] in one of the kernels' weight formats (float32 compute);
+    `parts`: NVFP4's part scales (gate and up: 2)."""
     if fmt == "float32":
         return torch.randn(experts, rows, columns, generator=g) / 4
-    if fmt in ("int8", "int4"):
-        return quantized_stack(torch.randn(experts, rows, columns, generator=g) / 4, QuantSpec(int(fmt[3:]), 8))
+    if fmt in SPECS:
+        return quantized_stack(torch.randn(experts, rows, columns, generator=g) / 4, SPECS[fmt])
     if fmt == "mxfp4":
         blocks = torch.randint(0, 256, (experts, rows, columns // 2), generator=g, dtype=torch.uint8)
         return Mxfp4Weights(
             blocks, torch.randint(120, 128, (experts, rows, columns // 32), generator=g).to(torch.uint8), torch.float32
         )
+    if fmt.startswith("nvfp4"):  # ModelOpt's part scales multiply, compressed-tensors' (nvfp4-ct) divide
+        codes = torch.randint(0, 256, (experts, rows, columns // 2), generator=g, dtype=torch.uint8)
+        scales = torch.randint(32, 48, (experts, rows, columns // 16), generator=g).to(torch.uint8)  # e4m3 1/8-1/2
+        return Nvfp4Weights(
+            codes, scales, torch.rand(experts, parts, generator=g) + 0.5, fmt == "nvfp4-ct", torch.float32
+        )
     bits = (torch.randn(experts, rows, columns, generator=g) * 4).to(torch.float8_e4m3fn).view(torch.uint8)
-    return Fp8Weights(bits, torch.rand(experts, -(-rows // 16), -(-columns // 16), generator=g) / 8, 16, torch.float32)
+    block = {"fp8": (16, 16), "fp8-row": (1, 0), "fp8-oblong": (16, 8)}[fmt]  # FP8 in tiles or by row
+    tiles = (-(-rows // block[0]), -(-columns // (block[1] or columns)))
+    return Fp8Weights(bits, torch.rand(experts, *tiles, generator=g) / 8, 16 if fmt == "fp8" else block, torch.float32)
 
 
 def take(stack, rows: list[int]):
@@ -231,7 +251,8 @@ def take(stack, rows: list[int]):
     return dataclasses.replace(stack, **parts)
 
 
-FORMATS = ["float32", "int8", "int4", "mxfp4", "fp8"]
+FORMATS = ["float32", "int8", "int4", "mxfp4", "fp8", "int4-sym", "int8-row", "int4-row", "nvfp4", "nvfp4-ct"]
+FORMATS += ["fp8-row", "fp8-oblong"]
 
 
 @pytest.mark.parametrize("fmt", FORMATS)
@@ -243,7 +264,7 @@ def test_pairs_outside_the_pool_read_from_the_host_stack(fmt, tokens, k):
     check_host_stack(fmt, tokens, k, ACTS["clamped"])
 
 
-@pytest.mark.parametrize("fmt", ["float32", "mxfp4"])
+@pytest.mark.parametrize("fmt", ["float32", "mxfp4", "nvfp4"])
 @pytest.mark.parametrize("tokens, k", [(1, 4), (12, 2)])  # decode, grouped
 def test_ungated_experts_from_the_pool_and_the_host_stack(fmt, tokens, k):
     check_host_stack(fmt, tokens, k, UNGATED)
@@ -254,7 +275,7 @@ def check_host_stack(fmt: str, tokens: int, k: int, act: GatedActivation) -> Non
     experts, hidden, inter = 6, 64, 32
     in_rows = (2 if act.gated else 1) * inter
     host = ExpertStack(
-        stored_stack(fmt, in_rows, hidden, experts, g),
+        stored_stack(fmt, in_rows, hidden, experts, g, parts=2 if act.gated else 1),
         stored_stack(fmt, hidden, inter, experts, g),
         torch.randn(experts, in_rows, generator=g),
         torch.randn(experts, hidden, generator=g),

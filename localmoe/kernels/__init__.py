@@ -8,7 +8,14 @@ from collections.abc import Callable
 import torch
 
 from localmoe.errors import LocalMoEError, setting
-from localmoe.kernels.quantized import Fp8Weights, Mxfp4Weights, QuantSpec, StoredFormat, quantized_stack
+from localmoe.kernels.quantized import (
+    Fp8Weights,
+    Mxfp4Weights,
+    Nvfp4Weights,
+    QuantSpec,
+    StoredFormat,
+    quantized_stack,
+)
 from localmoe.kernels.reference import expert_pair_outputs
 
 KERNELS = ("auto", "reference", "triton", "cpu")
@@ -70,15 +77,16 @@ def pair_kernel(
     return triton_pair_outputs, "triton"
 
 
+SCALE_DTYPES = (torch.float16, torch.bfloat16, torch.float32)  # the integers' scales the fused kernels read
+
+
 def fused_reads(form: QuantSpec | StoredFormat | None) -> bool:
-    """Whether the fused kernels (Triton and CPU) read experts in `form`: the compute dtype, localmoe's own integers
-    (asymmetric, float16 scales per group of columns), MXFP4, and FP8 in square blocks. The other forms
-    checkpoints store (symmetric integers, other scale dtypes, one group per row, act order, NVFP4, FP8
-    by row or in oblong blocks) run on the reference kernel."""
+    """Whether the fused kernels (Triton and CPU) read experts in `form`: the compute dtype, integers by
+    group of columns or by row, asymmetric or symmetric, with float16, bfloat16 or float32 scales (localmoe's
+    own, GPTQ, AWQ, compressed-tensors), MXFP4, NVFP4, and FP8 in blocks or by row. Act order (GPTQ's
+    desc_act: each column's group from a table) runs on the reference."""
     if isinstance(form, QuantSpec):
-        return form.group > 0 and not (form.symmetric or form.act_order) and form.scale_dtype == torch.float16
-    if isinstance(form, StoredFormat):
-        return form.kind == "mxfp4" or (form.kind == "fp8" and isinstance(form.block, int))
+        return not form.act_order and form.scale_dtype in SCALE_DTYPES
     return True
 
 
@@ -115,8 +123,7 @@ def self_check(
     shapes (few and many tokens), each activation, weights quantized by `quant` if given; else what
     went wrong, in a line."""
     generator = torch.Generator().manual_seed(0)
-    unit = (quant.group or 16) if isinstance(quant, QuantSpec) else quant.block if quant else 16  # widths it divides
-    experts, hidden, inter = 4, 3 * unit, 2 * unit
+    experts, hidden, inter = 4, 3 * _unit(quant), 2 * _unit(quant)
 
     def rand(*shape, scale=0.25):
         return (torch.randn(*shape, generator=generator) * scale).to(device=device, dtype=dtype)
@@ -126,9 +133,9 @@ def self_check(
         if isinstance(quant, QuantSpec):
             gate_up, down = quantized_stack(gate_up, quant), quantized_stack(down, quant)
         elif quant is not None:
-            gate_up, down = (
-                _random_stored(quant, experts, shape, dtype, device) for shape in (gate_up.shape[1:], down.shape[1:])
-            )
+            parts = 2 if act.gated else 1
+            gate_up = _random_stored(quant, experts, gate_up.shape[1:], dtype, device, parts)
+            down = _random_stored(quant, experts, down.shape[1:], dtype, device)
         for tokens in (1, 40):
             x = rand(tokens, hidden, scale=1.0)
             slots = torch.randint(-1, experts, (tokens, 2), generator=generator).to(device)
@@ -145,14 +152,31 @@ def self_check(
     return None
 
 
-def _random_stored(fmt: StoredFormat, experts: int, shape, dtype: torch.dtype, device):
-    """Random weights in a checkpoint's stored format, with scales that keep them near unit size."""
+def _unit(form: QuantSpec | StoredFormat | None) -> int:
+    """A width the form's groups or blocks divide."""
+    if isinstance(form, QuantSpec):
+        return form.group or 16
+    if isinstance(form, StoredFormat):
+        return (form.block if isinstance(form.block, int) else max(form.block)) or 16
+    return 16
+
+
+def _random_stored(fmt: StoredFormat, experts: int, shape, dtype: torch.dtype, device, parts: int = 1):
+    """Random weights in a checkpoint's stored format, with scales that keep them near unit size; `parts`:
+    NVFP4's part scales per matrix (gate and up: 2)."""
     generator = torch.Generator().manual_seed(1)
     rows, columns = shape
+    if fmt.kind in ("mxfp4", "nvfp4"):
+        codes = torch.randint(0, 256, (experts, rows, columns // 2), generator=generator, dtype=torch.uint8)
     if fmt.kind == "mxfp4":
-        blocks = torch.randint(0, 256, (experts, rows, columns // 2), generator=generator, dtype=torch.uint8)
         scales = torch.randint(122, 126, (experts, rows, columns // 32), generator=generator, dtype=torch.uint8)
-        return Mxfp4Weights(blocks.to(device), scales.to(device), dtype)
+        return Mxfp4Weights(codes.to(device), scales.to(device), dtype)
+    if fmt.kind == "nvfp4":  # block scales near 1/8 (e4m3 bytes 40-47), a part scale for gate's rows and up's
+        scales = torch.randint(32, 40, (experts, rows, columns // 16), generator=generator, dtype=torch.uint8)
+        global_scale = torch.rand(experts, parts, generator=generator) + 0.5
+        return Nvfp4Weights(codes.to(device), scales.to(device), global_scale.to(device), fmt.divides, dtype)
     bits = torch.randn(experts, rows, columns, generator=generator).to(torch.float8_e4m3fn).view(torch.uint8)
-    scales = torch.rand(experts, rows // fmt.block, columns // fmt.block, generator=generator) / 8
+    block_rows, block_columns = (fmt.block, fmt.block) if isinstance(fmt.block, int) else fmt.block
+    tiles = (-(-rows // (block_rows or rows)), -(-columns // (block_columns or columns)))
+    scales = torch.rand(experts, *tiles, generator=generator) / 8
     return Fp8Weights(bits.to(device), scales.to(device), fmt.block, dtype)

@@ -30,7 +30,7 @@ import torch
 
 from localmoe.files import locked, temporary_path
 from localmoe.kernels import fused_reads
-from localmoe.kernels.quantized import Fp8Weights, Mxfp4Weights, QuantizedWeights
+from localmoe.kernels.quantized import Fp8Weights, Mxfp4Weights, Nvfp4Weights, QuantizedWeights
 from localmoe.kernels.reference import ExpertStack, _expert, expert_pair_outputs
 from localmoe.paths import cache_dir
 
@@ -52,14 +52,15 @@ ISAS = {
 
 # the library's codes (cpu_experts.cpp's Format, Dtype, Kind, Act)
 DENSE_FORMATS = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
-INT8, INT4, FP8, MXFP4 = 3, 4, 5, 6
-DTYPES = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
+INT8, INT4, FP8, MXFP4, NVFP4 = 3, 4, 5, 6, 7
+NIBBLES = (INT4, MXFP4, NVFP4)  # two weights a byte
+DTYPES = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}  # also the integer formats' scale dtypes
 KINDS = {"glu": 0, "clamped_swiglu": 1, "clamped_glu": 2}
 ACTS = {"silu": 0, "swish": 0, "gelu": 1, "gelu_pytorch_tanh": 2}
 MANY_PAIRS = 8  # pairs of one expert from which the matrix products of the reference take over (prefill)
 
 
-MATRIX_FIELDS = 12  # cpu_experts.cpp's Matrix: 3 pointers, 6 strides, rows, columns, block
+MATRIX_FIELDS = 16  # cpu_experts.cpp's Matrix: 3 pointers, 6 strides, rows, columns, block, 4 more of the form
 
 
 def cpu_isa() -> str:
@@ -166,30 +167,38 @@ def _reads(weights, act) -> bool:
         return False
     if isinstance(weights, QuantizedWeights):
         return fused_reads(weights.spec)
-    if isinstance(weights, Fp8Weights):
-        return isinstance(weights.block, int)
-    return isinstance(weights, Mxfp4Weights) or (isinstance(weights, torch.Tensor) and weights.dtype in DENSE_FORMATS)
+    if isinstance(weights, Fp8Weights):  # whole blocks of columns
+        return weights.shape[2] % (_form(weights)[1] or weights.shape[2]) == 0
+    if isinstance(weights, (Mxfp4Weights, Nvfp4Weights)):
+        return True
+    return isinstance(weights, torch.Tensor) and weights.dtype in DENSE_FORMATS
 
 
-def _format(weights) -> tuple[int, int]:
-    """(the library's format code, its block: columns per scale, 0 for dense) of a stack of weights."""
+def _form(weights) -> tuple[int, int, int, bool]:
+    """(the library's format code, columns per scale (0: the whole row, and dense weights), weight rows per
+    row of scales (0: all of them), whether NVFP4's part scales divide) of a stack of weights."""
     if isinstance(weights, QuantizedWeights):
-        return (INT8 if weights.spec.bits == 8 else INT4), weights.spec.group
+        return (INT8 if weights.spec.bits == 8 else INT4), weights.spec.group, 1, False
     if isinstance(weights, Fp8Weights):
-        return FP8, weights.block
+        rows, columns = (weights.block, weights.block) if isinstance(weights.block, int) else weights.block
+        return FP8, columns, rows, False
     if isinstance(weights, Mxfp4Weights):
-        return MXFP4, 32
-    return DENSE_FORMATS[weights.dtype], 0
+        return MXFP4, 32, 1, False
+    if isinstance(weights, Nvfp4Weights):
+        return NVFP4, 16, 1, weights.divides
+    return DENSE_FORMATS[weights.dtype], 0, 1, False
 
 
 def _tensors(weights) -> list[torch.Tensor | None]:
-    """The weights, scales and zero points of a stack, as the op takes them."""
+    """The weights, scales and zero points (NVFP4: part scales) of a stack, as the op takes them."""
     if isinstance(weights, QuantizedWeights):
         return [weights.q, weights.scale, weights.zero]
     if isinstance(weights, Fp8Weights):
         return [weights.bits, weights.scales, None]
     if isinstance(weights, Mxfp4Weights):
         return [weights.blocks, weights.scales, None]
+    if isinstance(weights, Nvfp4Weights):
+        return [weights.codes, weights.scales, weights.global_scale]
     return [weights, None, None]
 
 
@@ -223,14 +232,14 @@ def cpu_pair_outputs(
     if not _reads(gate_up, act):
         expert_pair_outputs(out, x, gate_up, down, slots, act, gate_up_bias, down_bias, input_scale, ids=ids, host=host)
         return
-    code, block = _format(gate_up)
-    if host is not None and _format(host.gate_up) != (code, block):
+    form = _form(gate_up)
+    if host is not None and _form(host.gate_up) != form:
         raise ValueError("the host stack and the pool hold experts in different formats")
     key = (KINDS[act.kind], ACTS[act.act], float(act.alpha), float(act.limit))
     _activations.setdefault(key, act)
     pool = _stack(ExpertStack(gate_up, down, gate_up_bias, down_bias))
     host_parts = _stack(host) if host is not None and ids is not None else []
-    torch.ops.localmoe.expert_pairs(out, x, slots, ids, input_scale, pool, host_parts, code, block, *key)
+    torch.ops.localmoe.expert_pairs(out, x, slots, ids, input_scale, pool, host_parts, *form, *key)
 
 
 _op_library: torch.library.Library | None = None  # the op lives as long as this does
@@ -241,12 +250,15 @@ def _define_op() -> None:
     _op_library = torch.library.Library("localmoe", "DEF")
     _op_library.define(
         "expert_pairs(Tensor(a!) out, Tensor x, Tensor slots, Tensor? ids, Tensor? input_scale, Tensor?[] pool, "
-        "Tensor?[] host, int format, int block, int kind, int act, float alpha, float limit) -> ()"
+        "Tensor?[] host, int format, int block, int block_rows, bool divides, int kind, int act, float alpha, "
+        "float limit) -> ()"
     )
     _op_library.impl("expert_pairs", _expert_pairs, "CPU")
 
 
-def _expert_pairs(out, x, slots, ids, input_scale, pool, host, fmt, block, kind, act, alpha, limit) -> None:
+def _expert_pairs(
+    out, x, slots, ids, input_scale, pool, host, fmt, block, block_rows, divides, kind, act, alpha, limit
+) -> None:
     """The op on CPU tensors: the library's matrix-vector path, then the reference's matrix products for
     the experts it leaves."""
     if x.dtype not in DTYPES or out.dtype != x.dtype or out.stride(1) != 1 or x.stride(1) != 1:
@@ -256,12 +268,12 @@ def _expert_pairs(out, x, slots, ids, input_scale, pool, host, fmt, block, kind,
     ids = _int64(ids) if ids is not None and host else None
     if input_scale is not None and (input_scale.dtype != torch.float32 or not input_scale.is_contiguous()):
         input_scale = input_scale.float().contiguous()
-    nibbles = fmt in (INT4, MXFP4)
+    form = (fmt, block, block_rows, divides)
     call = [out.data_ptr(), x.data_ptr(), out.stride(0) * out.element_size(), x.stride(0) * x.element_size()]
-    call += [tokens, k, x.shape[1], pool[3].shape[2] * (2 if nibbles else 1), slots.data_ptr()]
+    call += [tokens, k, x.shape[1], pool[3].shape[2] * (2 if fmt in NIBBLES else 1), slots.data_ptr()]
     call += [0 if ids is None else ids.data_ptr(), 0 if input_scale is None else input_scale.data_ptr()]
-    call += _stack_fields(pool, nibbles, block)
-    call += _stack_fields(host, nibbles, block) if ids is not None else [0] * (2 * MATRIX_FIELDS + 5)
+    call += _stack_fields(pool, form)
+    call += _stack_fields(host, form) if ids is not None else [0] * (2 * MATRIX_FIELDS + 5)
     left = array.array("q", bytes(16 * tokens * k))
     call += [fmt, DTYPES[x.dtype], kind, act, torch.get_num_threads(), MANY_PAIRS, left.buffer_info()[0], 0, 0]
     fields = array.array("q", call)
@@ -275,7 +287,7 @@ def _expert_pairs(out, x, slots, ids, input_scale, pool, host, fmt, block, kind,
         inputs = x[pairs // k]
         if input_scale is not None:
             inputs = (inputs * input_scale[pairs, None]).to(x.dtype)
-        weights = [_dense(parts[i : i + 3], fmt, block, expert, x.dtype) for i in (0, 3)]
+        weights = [_dense(parts[i : i + 3], form, expert, x.dtype) for i in (0, 3)]
         biases = [None if b is None else b[expert : expert + 1] for b in parts[6:]]
         stack = ExpertStack(weights[0][None], weights[1][None], *biases)
         out[pairs] = _expert(inputs, stack, 0, _activations[(kind, act, alpha, limit)])
@@ -287,36 +299,40 @@ def _int64(index: torch.Tensor) -> torch.Tensor:
     return index.reshape(-1).to(torch.int64).contiguous()
 
 
-def _dense(parts: list, fmt: int, block: int, expert: int, dtype: torch.dtype) -> torch.Tensor:
+def _dense(parts: list, form: tuple, expert: int, dtype: torch.dtype) -> torch.Tensor:
     """One expert's matrix (weights, scales, zero points) in the compute dtype: the stack's own, or
     dequantized by the library."""
-    if fmt < INT8:
+    if form[0] < INT8:
         return parts[0][expert]
-    matrix = array.array("q", _matrix_fields(*parts, fmt in (INT4, MXFP4), block))
+    matrix = array.array("q", _matrix_fields(*parts, form))
     out = torch.empty(matrix[9], matrix[10], dtype=dtype)  # rows, columns
     address = matrix.buffer_info()[0]
-    _library.lm_dequantize(address, fmt, expert, DTYPES[dtype], out.data_ptr(), torch.get_num_threads())
+    _library.lm_dequantize(address, form[0], expert, DTYPES[dtype], out.data_ptr(), torch.get_num_threads())
     return out
 
 
-def _matrix_fields(w: torch.Tensor, s: torch.Tensor | None, z: torch.Tensor | None, nibbles: bool, block: int):
-    """cpu_experts.cpp's Matrix of weights [experts, rows, columns] with their scales and zero points."""
+def _matrix_fields(w: torch.Tensor, s: torch.Tensor | None, z: torch.Tensor | None, form: tuple) -> list[int]:
+    """cpu_experts.cpp's Matrix of weights [experts, rows, columns] with their scales and zero points (or
+    NVFP4's part scales [experts, parts]), in `form` (_form's)."""
+    fmt, block, block_rows, divides = form
     if w.dim() != 3 or w.stride(2) != 1:
         raise ValueError("expert weights must be [experts, rows, columns], rows contiguous")
     experts, rows, cols = w.shape
-    cols *= 2 if nibbles else 1
+    cols *= 2 if fmt in NIBBLES else 1
     block = block or cols
     if cols % block:
         raise ValueError(f"the block size {block} must divide the {cols} columns")
     fields = [w.data_ptr(), 0 if s is None else s.data_ptr(), 0 if z is None else z.data_ptr()]
     for t in (w, s, z):
         fields += [0, 0] if t is None else [t.stride(0) * t.element_size(), t.stride(1) * t.element_size()]
-    return [*fields, rows, cols, block]
+    zero_rows = rows // z.shape[1] if z is not None and z.dim() == 2 else 1  # NVFP4: rows per part
+    scale_type = DTYPES.get(s.dtype, 0) if s is not None else 0
+    return [*fields, rows, cols, block, block_rows or rows, zero_rows, scale_type, int(divides)]
 
 
-def _stack_fields(parts: list, nibbles: bool, block: int) -> list[int]:
+def _stack_fields(parts: list, form: tuple) -> list[int]:
     """cpu_experts.cpp's lm_stack: gate_up, its scales and zeros, down, its scales and zeros, biases."""
-    fields = _matrix_fields(*parts[0:3], nibbles, block) + _matrix_fields(*parts[3:6], nibbles, block)
+    fields = _matrix_fields(*parts[0:3], form) + _matrix_fields(*parts[3:6], form)
     biases = parts[6:]
     fields += [0 if b is None else b.data_ptr() for b in biases]
     fields += [0 if b is None else b.stride(0) * b.element_size() for b in biases]

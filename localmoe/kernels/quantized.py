@@ -185,7 +185,8 @@ class StoredFormat:
     def words(self) -> str:
         """The form in a few words, for messages."""
         if self.kind == "fp8":
-            return f"FP8 in {self.block}x{self.block} blocks" if isinstance(self.block, int) else "FP8 scaled per row"
+            rows, columns = (self.block, self.block) if isinstance(self.block, int) else self.block
+            return "FP8 scaled per row" if (rows, columns) == (1, 0) else f"FP8 in {rows}x{columns} blocks"
         return self.kind.upper()
 
 

@@ -33,7 +33,7 @@ import torch
 import triton
 import triton.language as tl
 
-from localmoe.kernels.quantized import Fp8Weights, Mxfp4Weights, QuantizedWeights
+from localmoe.kernels.quantized import Fp8Weights, Mxfp4Weights, Nvfp4Weights, QuantizedWeights
 from localmoe.kernels.reference import ExpertStack
 
 # activation codes: act(gate, up), or act(up) for ungated experts (the codes from UNGATED on, whose input
@@ -49,14 +49,15 @@ ACTIVATIONS = {
     ("ungated", "relu2"): RELU2,
 }
 # weight formats, the kernels' BITS (literals in the kernels, which cannot read Python globals)
-PLAIN, INT8, INT4, FP8, MXFP4 = 16, 8, 4, 2, 1  # compute dtype, 8- and 4-bit affine, e4m3fn blocks, MXFP4
+# compute dtype, 8- and 4-bit affine, e4m3fn blocks, MXFP4, NVFP4
+PLAIN, INT8, INT4, FP8, MXFP4, NVFP4 = 16, 8, 4, 2, 1, 3
 DECODE_PAIRS = 16  # up to this many pairs, the matrix-vector kernels
 BLOCK_M = 16  # pairs per block of the grouped kernels (tl.dot wants at least 16)
 DECODE_ROWS = 32  # output rows per decode program
 # columns per step of the decode kernels (256 bytes of each row for 16-bit and 8-bit weights, 128 and 64 for
 # int4 and MXFP4), so that every variant compiles without register spills (scripts/check_kernels.py; 256
 # columns of MXFP4 spilled on sm_90)
-DECODE_COLUMNS = {PLAIN: 128, FP8: 256, INT8: 256, MXFP4: 128, INT4: 256}
+DECODE_COLUMNS = {PLAIN: 128, FP8: 256, INT8: 256, MXFP4: 128, NVFP4: 128, INT4: 256}
 INDEX_LIMIT = 2**31  # 32-bit offsets inside one expert's matrix
 
 
@@ -131,14 +132,25 @@ def _source(slot, expert, pool, host, stride_pool, stride_host, HAS_HOST: tl.con
 
 @triton.jit
 def _matrix_source(
-    slot, expert, w, s, z, host_w, host_s, host_z, stride_w, stride_s, stride_host_w, stride_host_s, HAS_HOST
+    slot, expert, w, s, z, host_w, host_s, host_z, stride_w, stride_s, stride_z, stride_host_w, stride_host_s,
+    stride_host_z, HAS_HOST
 ):  # fmt: skip
-    """The parts (weights, scales, zero points) of one expert's matrix where they lie (see `_source`)."""
+    """The parts (weights, scales, zero points or NVFP4's part scales) of one expert's matrix where they lie
+    (see `_source`)."""
     return (
         _source(slot, expert, w, host_w, stride_w, stride_host_w, HAS_HOST),
         _source(slot, expert, s, host_s, stride_s, stride_host_s, HAS_HOST),
-        _source(slot, expert, z, host_z, stride_s, stride_host_s, HAS_HOST),
+        _source(slot, expert, z, host_z, stride_z, stride_host_z, HAS_HOST),
     )
+
+
+@triton.jit
+def _up_part(z, GATED: tl.constexpr, BITS: tl.constexpr):
+    """Where up's zero points lie (the gate's, whose rows they continue), or its NVFP4 part scale (gate's
+    and up's are [2]: the next one)."""
+    if GATED and BITS == 3:
+        z = z + 1
+    return z
 
 
 @triton.jit
@@ -166,6 +178,9 @@ def _row_sums(
     stride_sr,
     BITS: tl.constexpr,
     GROUP: tl.constexpr,
+    GROUP_ROWS: tl.constexpr,
+    SYMMETRIC: tl.constexpr,
+    DIVIDES: tl.constexpr,
     SPAN: tl.constexpr,
     BLOCK_R: tl.constexpr,
     BLOCK_K: tl.constexpr,
@@ -174,8 +189,9 @@ def _row_sums(
     row, bytes for the 4-bit formats) and one input row, in float32 [BLOCK_R]. Each step covers BLOCK_K
     columns as groups of SPAN sharing a scale: every weight byte is loaded once (4-bit formats unpack
     both nibbles of it), each group is reduced in float32 and then scaled once, (sum q x - zero sum x)
-    * scale for the affine formats."""
-    PACKED: tl.constexpr = BITS == 4 or BITS == 1  # two columns per byte
+    * scale for the affine formats (zero 2^(bits - 1) where SYMMETRIC); NVFP4's part scale (at z) is
+    applied to the sum."""
+    PACKED: tl.constexpr = BITS == 4 or BITS == 1 or BITS == 3  # two columns per byte
     STRIDE: tl.constexpr = 1 + PACKED  # columns per stored element
     groups = tl.arange(0, BLOCK_K // SPAN)
     # the stored elements of a step as [NG, J], counted in stored units so that the compiler sees each
@@ -197,7 +213,7 @@ def _row_sums(
             if PACKED:
                 x1 = tl.load(x_ptr + cols + 1, mask=col_ok, other=0.0).to(tl.float32)[None, :, :]
                 low, high = stored & 0xF, stored >> 4
-                if BITS == 1:
+                if BITS == 1 or BITS == 3:
                     part = tl.sum(_e2m1(low) * x0 + _e2m1(high) * x1, axis=2)
                 else:
                     part = tl.sum(low.to(tl.float32) * x0 + high.to(tl.float32) * x1, axis=2)
@@ -213,15 +229,31 @@ def _row_sums(
             if BITS == 1:
                 scale_at = rows[:, None] * stride_sr + group[None, :]
                 acc += tl.sum(part * _power_of_two(tl.load(s + scale_at, mask=scale_ok, other=127)), axis=1)
-            elif BITS == 2:  # a scale per GROUP x GROUP tile
-                scale_at = (rows // GROUP)[:, None] * stride_sr + group[None, :]
+            elif BITS == 2:  # a scale per GROUP_ROWS x GROUP tile
+                scale_at = (rows // GROUP_ROWS)[:, None] * stride_sr + group[None, :]
                 acc += tl.sum(part * tl.load(s + scale_at, mask=scale_ok, other=0.0), axis=1)
+            elif BITS == 3:
+                scale_at = rows[:, None] * stride_sr + group[None, :]
+                acc += tl.sum(part * _e4m3(tl.load(s + scale_at, mask=scale_ok, other=0).to(tl.int32)), axis=1)
             else:
                 scale_at = rows[:, None] * stride_sr + group[None, :]
                 scale = tl.load(s + scale_at, mask=scale_ok, other=0.0).to(tl.float32)
-                zero = tl.load(z + scale_at, mask=scale_ok, other=0.0).to(tl.float32)
-                acc += tl.sum((part - zero * x_sum) * scale, axis=1)
+                if SYMMETRIC:
+                    acc += tl.sum((part - (1 << (BITS - 1)) * x_sum) * scale, axis=1)
+                else:
+                    zero = tl.load(z + scale_at, mask=scale_ok, other=0.0).to(tl.float32)
+                    acc += tl.sum((part - zero * x_sum) * scale, axis=1)
+    if BITS == 3:
+        acc = _part_scaled(acc, z, DIVIDES)
     return acc
+
+
+@triton.jit
+def _part_scaled(value, part_scale, DIVIDES: tl.constexpr):
+    """NVFP4: `value` with the float32 scale of its part of the matrix (at `part_scale`) applied: divided by
+    it (compressed-tensors) or multiplied (ModelOpt)."""
+    scale = tl.load(part_scale)
+    return value / scale if DIVIDES else value * scale
 
 
 @triton.jit
@@ -251,12 +283,17 @@ def _gate_up_rows(
     stride_host_bs,
     stride_wr,
     stride_sr,
+    stride_zs,
+    stride_host_zs,
     ACT: tl.constexpr,
     HAS_BIAS: tl.constexpr,
     HAS_SCALE: tl.constexpr,
     HAS_HOST: tl.constexpr,
     BITS: tl.constexpr,
     GROUP: tl.constexpr,
+    GROUP_ROWS: tl.constexpr,
+    SYMMETRIC: tl.constexpr,
+    DIVIDES: tl.constexpr,
     SPAN: tl.constexpr,
     alpha,
     limit,
@@ -271,19 +308,20 @@ def _gate_up_rows(
         rows = tl.program_id(1) * BLOCK_R + tl.arange(0, BLOCK_R)
         row_ok = rows < INTER
         w, s, z = _matrix_source(
-            slot, expert, w_ptr, s_ptr, z_ptr, host_w_ptr, host_s_ptr, host_z_ptr, stride_ws, stride_ss,
-            stride_host_ws, stride_host_ss, HAS_HOST
+            slot, expert, w_ptr, s_ptr, z_ptr, host_w_ptr, host_s_ptr, host_z_ptr, stride_ws, stride_ss, stride_zs,
+            stride_host_ws, stride_host_ss, stride_host_zs, HAS_HOST
         )  # fmt: skip
         x = x_ptr + token.to(tl.int64) * stride_x
         stored = HIDDEN_STORED
         GATED: tl.constexpr = ACT < 5  # else the rows are up's alone, and up's offset is 0, not INTER
         if GATED:
             gate = _row_sums(
-                w, s, z, rows, row_ok, x, stored, stride_wr, stride_sr, BITS, GROUP, SPAN, BLOCK_R, BLOCK_K
-            )
+                w, s, z, rows, row_ok, x, stored, stride_wr, stride_sr, BITS, GROUP, GROUP_ROWS, SYMMETRIC, DIVIDES,
+                SPAN, BLOCK_R, BLOCK_K
+            )  # fmt: skip
         up = _row_sums(
-            w, s, z, rows + INTER if GATED else rows, row_ok, x, stored, stride_wr, stride_sr, BITS, GROUP, SPAN,
-            BLOCK_R, BLOCK_K
+            w, s, _up_part(z, GATED, BITS), rows + INTER if GATED else rows, row_ok, x, stored, stride_wr, stride_sr,
+            BITS, GROUP, GROUP_ROWS, SYMMETRIC, DIVIDES, SPAN, BLOCK_R, BLOCK_K
         )  # fmt: skip
         if not GATED:
             gate = up
@@ -326,10 +364,15 @@ def _down_rows(
     stride_host_bs,
     stride_wr,
     stride_sr,
+    stride_zs,
+    stride_host_zs,
     HAS_BIAS: tl.constexpr,
     HAS_HOST: tl.constexpr,
     BITS: tl.constexpr,
     GROUP: tl.constexpr,
+    GROUP_ROWS: tl.constexpr,
+    SYMMETRIC: tl.constexpr,
+    DIVIDES: tl.constexpr,
     SPAN: tl.constexpr,
     BLOCK_R: tl.constexpr,
     BLOCK_K: tl.constexpr,
@@ -341,12 +384,15 @@ def _down_rows(
         rows = tl.program_id(1) * BLOCK_R + tl.arange(0, BLOCK_R)
         row_ok = rows < HIDDEN
         w, s, z = _matrix_source(
-            slot, expert, w_ptr, s_ptr, z_ptr, host_w_ptr, host_s_ptr, host_z_ptr, stride_ws, stride_ss,
-            stride_host_ws, stride_host_ss, HAS_HOST
+            slot, expert, w_ptr, s_ptr, z_ptr, host_w_ptr, host_s_ptr, host_z_ptr, stride_ws, stride_ss, stride_zs,
+            stride_host_ws, stride_host_ss, stride_host_zs, HAS_HOST
         )  # fmt: skip
         h = h_ptr + pair.to(tl.int64) * INTER
         stored = INTER_STORED
-        acc = _row_sums(w, s, z, rows, row_ok, h, stored, stride_wr, stride_sr, BITS, GROUP, SPAN, BLOCK_R, BLOCK_K)
+        acc = _row_sums(
+            w, s, z, rows, row_ok, h, stored, stride_wr, stride_sr, BITS, GROUP, GROUP_ROWS, SYMMETRIC, DIVIDES, SPAN,
+            BLOCK_R, BLOCK_K
+        )  # fmt: skip
         if HAS_BIAS:
             bias = _source(slot, expert, bias_ptr, host_bias_ptr, stride_bs, stride_host_bs, HAS_HOST)
             acc += tl.load(bias + rows, mask=row_ok, other=0.0).to(tl.float32)
@@ -355,35 +401,43 @@ def _down_rows(
 
 
 @triton.jit
-def _tile(w, s, z, r, c, mask, stride_r, stride_sr, BITS: tl.constexpr, GROUP: tl.constexpr):
+def _tile(
+    w, s, z, r, c, mask, stride_r, stride_sr, BITS: tl.constexpr, GROUP: tl.constexpr, GROUP_ROWS: tl.constexpr,
+    SYMMETRIC: tl.constexpr
+):  # fmt: skip
     """Weights at rows r and columns c (broadcastable index tensors) in float32, for the 16- and 8-bit
     formats: loaded, or decoded and scaled with each column's group."""
     if BITS == 16:
         w = tl.load(w + r * stride_r + c, mask=mask, other=0.0).to(tl.float32)
     elif BITS == 2:
         value = _e4m3(tl.load(w + r * stride_r + c, mask=mask, other=0).to(tl.int32))
-        w = value * tl.load(s + (r // GROUP) * stride_sr + c // GROUP, mask=mask, other=0.0)
+        w = value * tl.load(s + (r // GROUP_ROWS) * stride_sr + c // GROUP, mask=mask, other=0.0)
     else:
         q = tl.load(w + r * stride_r + c, mask=mask, other=0).to(tl.float32)
         group = r * stride_sr + c // GROUP
-        w = (q - tl.load(z + group, mask=mask, other=0.0).to(tl.float32)) * tl.load(s + group, mask=mask, other=0.0).to(
-            tl.float32
-        )
+        zero = 128.0 if SYMMETRIC else tl.load(z + group, mask=mask, other=0.0).to(tl.float32)
+        w = (q - zero) * tl.load(s + group, mask=mask, other=0.0).to(tl.float32)
     return w
 
 
 @triton.jit
-def _nibble_tiles(w, s, z, r, b, mask, stride_r, stride_sr, BITS: tl.constexpr, GROUP: tl.constexpr):
+def _nibble_tiles(
+    w, s, z, r, b, mask, stride_r, stride_sr, BITS: tl.constexpr, GROUP: tl.constexpr, SYMMETRIC: tl.constexpr,
+    DIVIDES: tl.constexpr
+):  # fmt: skip
     """The 4-bit formats' weights at rows r and bytes b (columns 2b and 2b + 1), each byte loaded once: the
     even and the odd columns' weights in float32. Both columns of a byte share its group's scale."""
     stored = tl.load(w + r * stride_r + b, mask=mask, other=0).to(tl.int32)
     group = r * stride_sr + (2 * b) // GROUP
-    if BITS == 1:
-        scale = _power_of_two(tl.load(s + group, mask=mask, other=127))
+    if BITS == 1 or BITS == 3:
+        if BITS == 1:
+            scale = _power_of_two(tl.load(s + group, mask=mask, other=127))
+        else:  # as kernels/quantized.py: the block scale with the part scale applied, then the codes
+            scale = _part_scaled(_e4m3(tl.load(s + group, mask=mask, other=0).to(tl.int32)), z, DIVIDES)
         even, odd = _e2m1(stored & 0xF) * scale, _e2m1(stored >> 4) * scale
     else:
         scale = tl.load(s + group, mask=mask, other=0.0).to(tl.float32)
-        zero = tl.load(z + group, mask=mask, other=0.0).to(tl.float32)
+        zero = 8.0 if SYMMETRIC else tl.load(z + group, mask=mask, other=0.0).to(tl.float32)
         even, odd = ((stored & 0xF).to(tl.float32) - zero) * scale, ((stored >> 4).to(tl.float32) - zero) * scale
     return even, odd
 
@@ -405,17 +459,22 @@ def _grouped_product(
     PRECISION: tl.constexpr,
     BITS: tl.constexpr,
     GROUP: tl.constexpr,
+    GROUP_ROWS: tl.constexpr,
+    SYMMETRIC: tl.constexpr,
+    DIVIDES: tl.constexpr,
     BLOCK_K: tl.constexpr,
 ):
     """acc [M, N] plus the input rows at a_rows [M] (pointers; a_ok where valid) times one expert's weights
     at `rows` [N] over K columns, the weights decoded to DTYPE for tl.dot."""
-    PACKED: tl.constexpr = BITS == 4 or BITS == 1
+    PACKED: tl.constexpr = BITS == 4 or BITS == 1 or BITS == 3
     for start in range(0, K, BLOCK_K):
         if PACKED:  # the even and the odd columns as two products, so that each byte is loaded once
             b = start // 2 + tl.arange(0, BLOCK_K // 2)
             b_ok = 2 * b < K
             ok = b_ok[:, None] & row_ok[None, :]
-            even, odd = _nibble_tiles(w, s, z, rows[None, :], b[:, None], ok, stride_wr, stride_sr, BITS, GROUP)
+            even, odd = _nibble_tiles(
+                w, s, z, rows[None, :], b[:, None], ok, stride_wr, stride_sr, BITS, GROUP, SYMMETRIC, DIVIDES
+            )
             a_even = tl.load(a_rows[:, None] + 2 * b[None, :], mask=a_ok[:, None] & b_ok[None, :], other=0.0)
             a_odd = tl.load(a_rows[:, None] + 2 * b[None, :] + 1, mask=a_ok[:, None] & b_ok[None, :], other=0.0)
             acc += tl.dot(a_even.to(DTYPE), even.to(DTYPE), input_precision=PRECISION)
@@ -434,6 +493,8 @@ def _grouped_product(
                 stride_sr,
                 BITS,
                 GROUP,
+                GROUP_ROWS,
+                SYMMETRIC,
             )
             a = tl.load(a_rows[:, None] + cols[None, :], mask=a_ok[:, None] & col_ok[None, :], other=0.0)
             acc += tl.dot(a.to(DTYPE), wk.to(DTYPE), input_precision=PRECISION)
@@ -475,12 +536,17 @@ def _grouped_gate_up(
     stride_host_bs,
     stride_wr,
     stride_sr,
+    stride_zs,
+    stride_host_zs,
     ACT: tl.constexpr,
     HAS_BIAS: tl.constexpr,
     HAS_SCALE: tl.constexpr,
     HAS_HOST: tl.constexpr,
     BITS: tl.constexpr,
     GROUP: tl.constexpr,
+    GROUP_ROWS: tl.constexpr,
+    SYMMETRIC: tl.constexpr,
+    DIVIDES: tl.constexpr,
     alpha,
     limit,
     PRECISION: tl.constexpr,  # of float32 products: ieee, not the tf32 default
@@ -498,8 +564,8 @@ def _grouped_gate_up(
         rows = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
         row_ok = rows < INTER
         w, s, z = _matrix_source(
-            slot, expert, w_ptr, s_ptr, z_ptr, host_w_ptr, host_s_ptr, host_z_ptr, stride_ws, stride_ss,
-            stride_host_ws, stride_host_ss, HAS_HOST
+            slot, expert, w_ptr, s_ptr, z_ptr, host_w_ptr, host_s_ptr, host_z_ptr, stride_ws, stride_ss, stride_zs,
+            stride_host_ws, stride_host_ss, stride_host_zs, HAS_HOST
         )  # fmt: skip
         x_rows = x_ptr + tokens.to(tl.int64) * stride_x
         dtype = x_ptr.dtype.element_ty
@@ -508,13 +574,13 @@ def _grouped_gate_up(
         if GATED:
             gate = _grouped_product(
                 x_rows, valid, w, s, z, rows, row_ok, HIDDEN, stride_wr, stride_sr, zeros, dtype, PRECISION, BITS,
-                GROUP, BLOCK_K
+                GROUP, GROUP_ROWS, SYMMETRIC, DIVIDES, BLOCK_K
             )  # fmt: skip
         # (the offset added here and to the bias pointer below, not kept in a row vector across the loop: that
         # cost gpt-oss's MXFP4 kernel a spill on sm_80)
         up = _grouped_product(
-            x_rows, valid, w, s, z, rows + INTER if GATED else rows, row_ok, HIDDEN, stride_wr, stride_sr, zeros,
-            dtype, PRECISION, BITS, GROUP, BLOCK_K
+            x_rows, valid, w, s, _up_part(z, GATED, BITS), rows + INTER if GATED else rows, row_ok, HIDDEN, stride_wr,
+            stride_sr, zeros, dtype, PRECISION, BITS, GROUP, GROUP_ROWS, SYMMETRIC, DIVIDES, BLOCK_K
         )  # fmt: skip
         if not GATED:
             gate = up
@@ -558,10 +624,15 @@ def _grouped_down(
     stride_host_bs,
     stride_wr,
     stride_sr,
+    stride_zs,
+    stride_host_zs,
     HAS_BIAS: tl.constexpr,
     HAS_HOST: tl.constexpr,
     BITS: tl.constexpr,
     GROUP: tl.constexpr,
+    GROUP_ROWS: tl.constexpr,
+    SYMMETRIC: tl.constexpr,
+    DIVIDES: tl.constexpr,
     PRECISION: tl.constexpr,  # of float32 products: ieee, not the tf32 default
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
@@ -577,14 +648,14 @@ def _grouped_down(
         rows = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
         row_ok = rows < HIDDEN
         w, s, z = _matrix_source(
-            slot, expert, w_ptr, s_ptr, z_ptr, host_w_ptr, host_s_ptr, host_z_ptr, stride_ws, stride_ss,
-            stride_host_ws, stride_host_ss, HAS_HOST
+            slot, expert, w_ptr, s_ptr, z_ptr, host_w_ptr, host_s_ptr, host_z_ptr, stride_ws, stride_ss, stride_zs,
+            stride_host_ws, stride_host_ss, stride_host_zs, HAS_HOST
         )  # fmt: skip
         dtype = out_ptr.dtype.element_ty  # the compute dtype, as the reference multiplies in
         acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
         acc = _grouped_product(
             h_ptr + safe * INTER, valid, w, s, z, rows, row_ok, INTER, stride_wr, stride_sr, acc, dtype, PRECISION,
-            BITS, GROUP, BLOCK_K
+            BITS, GROUP, GROUP_ROWS, SYMMETRIC, DIVIDES, BLOCK_K
         )  # fmt: skip
         if HAS_BIAS:
             bias = _source(slot, expert, bias_ptr, host_bias_ptr, stride_bs, stride_host_bs, HAS_HOST)
@@ -594,62 +665,100 @@ def _grouped_down(
 
 
 class WeightArgs(NamedTuple):
-    """One stack of expert matrices as the kernels take it: the parts (weights, scales, zero points; the
-    weights again where a format lacks a part), their strides per expert and per row, and its format."""
+    """One stack of expert matrices as the kernels take it: the parts (weights, scales, zero points or
+    NVFP4's part scales; the weights or scales again where a format lacks a part), their strides per expert
+    and per row, and its format."""
 
     w: torch.Tensor
     s: torch.Tensor
     z: torch.Tensor
     stride_w: int
     stride_s: int
+    stride_z: int
     stride_r: int
     stride_sr: int
     bits: int
-    group: int
+    group: int  # columns per scale
+    group_rows: int = 1  # rows per scale (FP8's tiles)
+    symmetric: bool = False  # integers without zero points: each is 2^(bits - 1)
+    divides: bool = False  # NVFP4: the part scale divides (compressed-tensors) rather than multiplies
 
     @property
     def parts(self) -> tuple[torch.Tensor, ...]:
-        return (self.w,) if self.bits == PLAIN else (self.w, self.s, self.z)
+        if self.bits == PLAIN:
+            return (self.w,)
+        return (self.w, self.s) if self.bits in (FP8, MXFP4) or self.symmetric else (self.w, self.s, self.z)
+
+    @property
+    def form(self) -> tuple:
+        """What the kernels compile for: the format and its variant."""
+        return self.bits, self.group, self.group_rows, self.symmetric, self.divides
 
 
 def _weight_args(weights) -> WeightArgs:
     if isinstance(weights, Fp8Weights):
         w, s = weights.bits, weights.scales
-        return WeightArgs(w, s, s, w.stride(0), s.stride(0), w.stride(1), s.stride(1), FP8, weights.block)
+        rows, columns = (weights.block, weights.block) if isinstance(weights.block, int) else weights.block
+        strides = (w.stride(0), s.stride(0), s.stride(0), w.stride(1), s.stride(1))
+        return WeightArgs(w, s, s, *strides, FP8, columns or w.shape[2], rows or w.shape[1])
     if isinstance(weights, Mxfp4Weights):
         w, s = weights.blocks, weights.scales
-        return WeightArgs(w, s, s, w.stride(0), s.stride(0), w.stride(1), s.stride(1), MXFP4, 32)
+        return WeightArgs(w, s, s, w.stride(0), s.stride(0), s.stride(0), w.stride(1), s.stride(1), MXFP4, 32)
+    if isinstance(weights, Nvfp4Weights):
+        w, s, g = weights.codes, weights.scales, weights.global_scale
+        strides = (w.stride(0), s.stride(0), g.stride(0), w.stride(1), s.stride(1))
+        return WeightArgs(w, s, g, *strides, NVFP4, 16, divides=weights.divides)
     if isinstance(weights, QuantizedWeights):
         w, s, spec = weights.q, weights.scale, weights.spec
-        return WeightArgs(w, s, weights.zero, w.stride(0), s.stride(0), w.stride(1), s.stride(1), spec.bits, spec.group)
-    return WeightArgs(weights, weights, weights, weights.stride(0), 0, weights.stride(1), 0, PLAIN, 1)
+        z = s if weights.zero is None else weights.zero  # symmetric: any pointer, the kernels do not read it
+        group = spec.group or weights.shape[2]  # one group per row: the whole width
+        strides = (w.stride(0), s.stride(0), z.stride(0), w.stride(1), s.stride(1))
+        return WeightArgs(w, s, z, *strides, spec.bits, group, symmetric=spec.symmetric)
+    return WeightArgs(weights, weights, weights, weights.stride(0), 0, 0, weights.stride(1), 0, PLAIN, 1)
 
 
-def _part_shapes(args: WeightArgs, rows: int, columns: int) -> list[tuple[int, int]]:
-    """The [rows, columns] of each part of a `rows` x `columns` matrix in this format."""
+def _part_shapes(args: WeightArgs, rows: int, columns: int, parts: int) -> list[tuple[int, ...]]:
+    """The shape of each part of a `rows` x `columns` matrix in this format, but the experts' axis (`parts`:
+    NVFP4's part scales, gate and up or one)."""
     if args.bits == PLAIN:
         return [(rows, columns)]
     if args.bits == FP8:
-        scales = (-(-rows // args.group), -(-columns // args.group))
-        return [(rows, columns), scales, scales]
-    return [(rows, _stored(args, columns)), (rows, columns // args.group), (rows, columns // args.group)]
+        return [(rows, columns), (-(-rows // args.group_rows), -(-columns // args.group))]
+    scales = (rows, columns // args.group)
+    return [(rows, _stored(args, columns)), scales, (parts,) if args.bits == NVFP4 else scales]
 
 
-def _check_stack(name: str, args: WeightArgs, rows: int, columns: int, experts: int | None) -> list[str]:
-    """What is wrong with a stack of `experts` matrices [rows, columns] in `args` (nothing: [])."""
+SCALE_DTYPES = (torch.float16, torch.bfloat16, torch.float32)  # of the integer formats' scales
+
+
+def _part_dtypes(args: WeightArgs) -> tuple[tuple[torch.dtype, ...], ...]:
+    """The dtypes each part of a quantized format may have."""
+    return {
+        FP8: ((torch.uint8,), (torch.float32,)),
+        MXFP4: ((torch.uint8,), (torch.uint8,)),
+        NVFP4: ((torch.uint8,), (torch.uint8,), (torch.float32,)),
+    }.get(args.bits, ((torch.uint8,), SCALE_DTYPES, (torch.float16,)))
+
+
+def _check_stack(
+    name: str, args: WeightArgs, rows: int, columns: int, experts: int | None, parts: int = 1
+) -> list[str]:
+    """What is wrong with a stack of `experts` matrices [rows, columns] in `args` (nothing: []); `parts`:
+    how many row parts it has (gate and up: 2)."""
     problems = []
-    expected_dtypes = {PLAIN: None, FP8: (torch.uint8, torch.float32), MXFP4: (torch.uint8, torch.uint8)}
-    dtypes = expected_dtypes.get(args.bits, (torch.uint8, torch.float16))
-    for index, (part, shape) in enumerate(zip(args.parts, _part_shapes(args, rows, columns), strict=False)):
-        if part.dim() != 3 or tuple(part.shape[1:]) != shape or (experts is not None and part.shape[0] != experts):
+    shapes, dtypes = _part_shapes(args, rows, columns, parts), _part_dtypes(args)
+    for index, part in enumerate(args.parts):
+        shape = shapes[index]
+        if part.dim() != 1 + len(shape) or tuple(part.shape[1:]) != shape or (experts not in (None, part.shape[0])):
             problems.append(f"{name} part {index} has shape {tuple(part.shape)}, not ({experts or 'N'}, *{shape})")
-        elif part.stride(2) != 1:
+        elif part.stride(-1) != 1:
             problems.append(f"{name} part {index} has strided rows {part.stride()}: its columns must be contiguous")
-        elif (part.shape[1] - 1) * part.stride(1) + part.shape[2] > INDEX_LIMIT:
+        elif len(shape) == 2 and (part.shape[1] - 1) * part.stride(1) + part.shape[2] > INDEX_LIMIT:
             problems.append(f"{name} part {index} spans 2^31 elements or more in one expert: 32-bit offsets overflow")
-        if dtypes and part.dtype != dtypes[min(index, 1)]:
-            problems.append(f"{name} part {index} is {part.dtype}, not {dtypes[min(index, 1)]}")
-    if args.bits in (INT8, INT4) and (args.s.shape != args.z.shape or args.s.stride() != args.z.stride()):
+        if args.bits != PLAIN and part.dtype not in dtypes[index]:
+            problems.append(f"{name} part {index} is {part.dtype}, not {' or '.join(map(str, dtypes[index]))}")
+    zero_points = len(args.parts) == 3 and args.bits != NVFP4
+    if zero_points and (args.s.shape, args.s.stride()) != (args.z.shape, args.z.stride()):
         problems.append(f"{name}: scales and zero points must have the same shape and strides")
     return problems
 
@@ -694,7 +803,7 @@ def _check_launch(out, x, gate_up, down, slots, biases, input_scale, ids, host, 
     stacks = [("gate_up", gate_up, in_rows, hidden), ("down", down, hidden, inter)]
     for name, stack, rows, cols in stacks:
         args = _weight_args(stack)
-        problems += _check_stack(name, args, rows, cols, experts)
+        problems += _check_stack(name, args, rows, cols, experts, parts if name == "gate_up" else 1)
         if args.bits == PLAIN and stack.dtype != x.dtype:
             problems.append(f"{name} is {stack.dtype}, not x's {x.dtype}")
     problems += _check_bias("gate_up_bias", biases[0], in_rows, experts)
@@ -722,13 +831,8 @@ def _check_host(x, slots, gate_up, down, biases, ids, host: ExpertStack) -> list
             problems.append(f"host {name} {type(stack).__name__} {tuple(stack.shape)} is not in the pool's format")
             continue
         pool_args, args = _weight_args(pool), _weight_args(stack)
-        problems += _check_stack(f"host {name}", args, *pool.shape[1:], experts)
-        if (args.bits, args.group, args.stride_r, args.stride_sr) != (
-            pool_args.bits,
-            pool_args.group,
-            pool_args.stride_r,
-            pool_args.stride_sr,
-        ):
+        problems += _check_stack(f"host {name}", args, *pool.shape[1:], experts, pool_args.z.shape[-1])
+        if (args.form, args.stride_r, args.stride_sr) != (pool_args.form, pool_args.stride_r, pool_args.stride_sr):
             problems.append(f"host {name} rows are laid out unlike the pool's (format, group or row strides)")
         if args.bits == PLAIN and stack.dtype != x.dtype:
             problems.append(f"host {name} is {stack.dtype}, not x's {x.dtype}")
@@ -808,8 +912,8 @@ def kernel_launches(
     host_bias_in, host_bias_out = (host.gate_up_bias, host.down_bias) if has_host else (gate_up_bias, down_bias)
     sources_in = _source_args(pool_in, host_in, gate_up_bias, host_bias_in, flat)
     sources_out = _source_args(pool_out, host_out, down_bias, host_bias_out, flat)
-    flags_in = dict(HAS_BIAS=gate_up_bias is not None, HAS_HOST=has_host, BITS=pool_in.bits, GROUP=pool_in.group)
-    flags_out = dict(HAS_BIAS=down_bias is not None, HAS_HOST=has_host, BITS=pool_out.bits, GROUP=pool_out.group)
+    flags_in = dict(HAS_BIAS=gate_up_bias is not None, HAS_HOST=has_host, **_form_flags(pool_in))
+    flags_out = dict(HAS_BIAS=down_bias is not None, HAS_HOST=has_host, **_form_flags(pool_out))
     activation = dict(ACT=code, alpha=float(act.alpha), limit=float(act.limit), HAS_SCALE=input_scale is not None)
     pairs = flat.numel()
     if pairs <= DECODE_PAIRS:
@@ -858,9 +962,15 @@ def kernel_launches(
     ]  # fmt: skip
 
 
+def _form_flags(args: WeightArgs) -> dict:
+    return dict(
+        BITS=args.bits, GROUP=args.group, GROUP_ROWS=args.group_rows, SYMMETRIC=args.symmetric, DIVIDES=args.divides
+    )
+
+
 class _Sources(NamedTuple):
     pointers: tuple  # pool w, s, z, bias; host w, s, z, bias
-    strides: tuple  # per expert: pool w, s, bias; host w, s, bias; per row: w, s
+    strides: tuple  # per expert: pool w, s, bias; host w, s, bias; per row: w, s; per expert: pool z, host z
 
 
 def _source_args(pool: WeightArgs, host: WeightArgs, bias, host_bias, anything) -> _Sources:
@@ -872,13 +982,13 @@ def _source_args(pool: WeightArgs, host: WeightArgs, bias, host_bias, anything) 
         (pool.w, pool.s, pool.z, anything if bias is None else bias, host.w, host.s, host.z,
          anything if host_bias is None else host_bias),
         (pool.stride_w, pool.stride_s, bias_stride, host.stride_w, host.stride_s, host_bias_stride, pool.stride_r,
-         pool.stride_sr),
+         pool.stride_sr, pool.stride_z, host.stride_z),
     )  # fmt: skip
 
 
 def _stored(args: WeightArgs, columns: int) -> int:
     """Stored elements of a row of `columns` weights: bytes of two weights each for the 4-bit formats."""
-    return columns // 2 if args.bits in (INT4, MXFP4) else columns
+    return columns // 2 if args.bits in (INT4, MXFP4, NVFP4) else columns
 
 
 def _decode_tiling(args: WeightArgs) -> dict:

@@ -105,9 +105,13 @@ def attention_scale(args: DeepseekV2Args) -> float:
     return scale
 
 
-def build(args: DeepseekV2Args, moe: Callable[..., SparseMoE] = SparseMoE, mtp: int = 0) -> CausalLM:
-    """`moe` the MoE block's class, where a family adds to it (A.X-K1's norm after it); `mtp` the
-    multi-token-prediction layers to build after the last decoder layer, as the following layers."""
+def build(
+    args: DeepseekV2Args, moe: Callable[..., SparseMoE] = SparseMoE, layer=DecoderLayer, mtp: int = 0, **stack
+) -> CausalLM:
+    """`moe` the MoE block's class, where a family adds to it (A.X-K1's norm after it); `layer` the decoder
+    layer's (A.X-K2's gated norms); `mtp` the multi-token-prediction layers to build after the last decoder
+    layer, as the following layers; `stack`: `causal_lm`'s options (Mistral Large 4's learned rotary and
+    logit capping)."""
     hidden = args.hidden_size
 
     def feed_forward(i: int) -> nn.Module:
@@ -126,10 +130,11 @@ def build(args: DeepseekV2Args, moe: Callable[..., SparseMoE] = SparseMoE, mtp: 
         )
 
     layers = [
-        DecoderLayer(args.attention(i), feed_forward(i), hidden, args.rms_norm_eps)
+        layer(args.attention(i), feed_forward(i), hidden, args.rms_norm_eps)
         for i in range(args.num_hidden_layers + mtp)
     ]
-    return causal_lm(args, layers[: args.num_hidden_layers], args.rotary_dim, mtp=layers[args.num_hidden_layers :])
+    mtp_layers = layers[args.num_hidden_layers :]
+    return causal_lm(args, layers[: args.num_hidden_layers], args.rotary_dim, mtp=mtp_layers, **stack)
 
 
 FAMILY = Family(
