@@ -24,6 +24,7 @@ from localmoe.models import (
     glm4_moe,
     glm4_moe_lite,
     glm4v_moe,
+    glm5_next,
     glm_moe_dsa,
     gpt_oss,
     granitemoe,
@@ -125,6 +126,7 @@ FAMILIES: tuple[Family, ...] = (
     hy_v4_vl.FAMILY,
     lara_mini.FAMILY,
     mistral_large4.FAMILY,
+    glm5_next.FAMILY,
 )
 
 
