@@ -462,7 +462,7 @@ def place(prepared: Prepared) -> Engine:
         experts = offloaded = OffloadedExperts(
             cache,
             specs,
-            {block.layer_idx: block.gate.scores for block in blocks},
+            {block.layer_idx: block.scores for block in blocks},
             prefetch=depth,
             margin=margin,
             trace=trace,

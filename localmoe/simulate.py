@@ -45,9 +45,10 @@ class Trace:
         return len(self.requests[0][0][0])
 
     def visits(self) -> list[list[Key]]:
-        """The (layer, expert) uses of every layer visit, in the order a run makes them."""
+        """The (layer, expert) uses of every layer visit, in the order a run makes them (a choice of no
+        expert, -1, uses none: LongCat-Flash's identity experts)."""
         return [
-            [(layer, expert) for expert in experts]
+            [(layer, expert) for expert in experts if expert >= 0]
             for request in self.requests
             for token in request
             for layer, experts in zip(self.layers, token, strict=True)
@@ -188,6 +189,7 @@ def replay(
         for t, token in enumerate(request):
             visits = []
             for i, (layer, experts) in enumerate(zip(trace.layers, token, strict=True)):
+                experts = [expert for expert in experts if expert >= 0]  # -1: no expert (an identity)
                 probabilities = trace.probabilities[r][t][i] if trace.probabilities else None
                 if miss == "direct":
                     found = {expert for expert in experts if (layer, expert) in cache}

@@ -1151,6 +1151,98 @@ MISTRAL_LARGE4 = dict(  # the language model beside a tiny vision tower
     ),
 )
 
+LONGCAT_FLASH = dict(
+    BASE,
+    num_layers=2,  # two attention sublayers each
+    ffn_hidden_size=48,
+    expert_ffn_hidden_size=32,
+    n_routed_experts=6,
+    zero_expert_num=4,  # identity experts past the routed ones: chosen 67% and 42% of the time here
+    moe_topk=4,
+    q_lora_rank=24,
+    kv_lora_rank=16,
+    qk_nope_head_dim=12,
+    qk_rope_head_dim=8,
+    head_dim=8,
+    v_head_dim=12,
+)
+
+KOLIBRI1 = dict(
+    BASE,
+    num_hidden_layers=3,
+    num_key_value_heads=2,
+    head_dim=16,
+    moe_intermediate_size=32,
+    shared_expert_intermediate_size=40,
+    num_experts=6,
+    num_experts_per_tok=2,
+    sliding_window=8,  # shorter than the prompts
+    layer_types=["sliding_attention", "full_attention", "sliding_attention"],
+)
+
+BEAM = dict(
+    BASE,
+    intermediate_size=96,
+    num_hidden_layers=4,
+    num_key_value_heads=2,
+    head_dim=16,
+    moe_intermediate_size=32,
+    num_experts=8,
+    num_experts_per_tok=2,
+    n_group=4,
+    topk_group=2,
+    sliding_window=8,  # shorter than the prompts
+    layer_types=["sliding_attention", "full_attention", "sliding_attention", "full_attention"],
+    mlp_layer_types=["dense", "sparse", "sparse", "sparse"],
+)
+
+AXK2 = dict(
+    BASE,
+    intermediate_size=96,
+    moe_intermediate_size=32,
+    num_hidden_layers=3,
+    n_shared_experts=1,
+    n_routed_experts=8,
+    num_experts_per_tok=2,
+    kv_lora_rank=16,
+    q_lora_rank=24,
+    qk_rope_head_dim=8,
+    qk_nope_head_dim=16,
+    v_head_dim=12,
+    index_topk=8,  # fewer than the prompt's tokens: the selection cuts
+    index_head_dim=16,
+    index_n_heads=16,
+    gated_norm_rank=4,
+    mlp_layer_types=["dense", "sparse", "sparse"],
+)
+
+MUSE_SPARK = dict(
+    text_config=dict(
+        BASE,
+        intermediate_size=96,
+        num_hidden_layers=5,  # the first and the last global without rotary, by default
+        num_key_value_heads=2,
+        head_dim=16,
+        moe_intermediate_size=32,
+        moe_hidden_size=48,
+        num_local_experts=6,
+        num_experts_per_tok=2,
+        sliding_window=8,  # shorter than the prompts
+        mlp_layer_types=["dense", "sparse", "sparse", "sparse", "sparse"],
+    ),
+    vision_config=dict(
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        pos_emb_height=4,
+        pos_emb_width=4,
+    ),
+    audio_config=dict(patch_sizes=[2, 2], hidden_sizes=[8, 16], depths=[1, 1], num_hidden_layers=2, out_hidden_size=64),
+    out_hidden_size=32,
+    projector_hidden_size=32,
+)
+
 GLM5_NEXT = dict(  # the language model beside a tiny vision tower
     text_config=dict(
         BASE,
@@ -1250,6 +1342,11 @@ TINY_FAMILIES = {
     "hy_v4_vl_text": ("HYV4VLConfig", HY_V4_VL),
     "lara_mini": ("LaraMiniConfig", LARA_MINI),
     "mistral_large4_text": ("MistralLarge4Config", MISTRAL_LARGE4),
+    "longcat_flash": ("LongcatFlashConfig", LONGCAT_FLASH),
+    "kolibri1": ("Kolibri1Config", KOLIBRI1),
+    "beam": ("BeamConfig", BEAM),
+    "axk2": ("AXK2Config", AXK2),
+    "muse_spark_text": ("MuseSparkConfig", MUSE_SPARK),
     "glm5_next_text": ("Glm5NextConfig", GLM5_NEXT),
 }
 

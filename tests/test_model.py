@@ -74,6 +74,8 @@ MODELS = {
     "jetmoe": ("jetmoe", {}, None),
     # sinks in latent attention over chunks, the indexer's choice shared by later layers, hyper-connections
     "hy-v4": ("hy_v4", {"index_topk": 4}, None),
+    # two latent attention states per layer, side by side
+    "longcat-flash": ("longcat_flash", {}, None),
     # the indexer's blocks of four closing inside and across chunks, its choice shared by the next layer, the
     # query's own incomplete block; bounded Kimi Delta Attention; hyper-connections averaged at the end
     "glm5-next": ("glm5_next_text", {}, None),
@@ -104,6 +106,10 @@ REWIND_ONLY = {
     "hy-v4-vl": ("hy_v4_vl_text", None),
     "lara-mini-ring": ("lara_mini", 3),
     "mistral-large4": ("mistral_large4_text", None),
+    "kolibri1-ring": ("kolibri1", 3),
+    "beam-ring": ("beam", 3),
+    "axk2": ("axk2", None),
+    "muse-spark-ring": ("muse_spark_text", 3),
 }
 
 
@@ -230,7 +236,8 @@ def test_a_forward_cut_short_is_not_trusted(model, tolerance, monkeypatch):
     monkeypatch.undo()
     kept = cache.rewind(6)
     plain_kinds = (layer_state.AttentionKV, layer_state.LatentKV, layer_state.NoState)
-    plain = all(isinstance(state, plain_kinds) for state in cache.layers)
+    parts = [part for state in cache.layers for part in getattr(state, "states", {"": state}).values()]
+    plain = all(isinstance(state, plain_kinds) for state in parts)
     assert kept == (6 if plain else 0)
     got = model(ids[:, kept:], cache, all_logits=True)
     assert (got - expected[:, kept:]).abs().max().item() < tolerance

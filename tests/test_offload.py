@@ -162,6 +162,31 @@ def test_counters_add_up(checkpoints, miss):
     assert_counters_add_up(engine)
 
 
+@pytest.mark.parametrize("miss", ["direct", "copy"])
+def test_identity_experts_take_no_slot(tmp_path, miss):
+    """LongCat-Flash's identity experts are choices of no expert for the runtime: the cache counts the
+    routed choices alone, each once, and never gives an identity a slot."""
+    config_class, config = TINY_FAMILIES["longcat_flash"]
+    path = str(save_hf(hf_model(config_class, **config), tmp_path, "sharded"))
+    engine = offloaded(path, expert_slots=config["moe_topk"], miss_policy=miss)
+    routed, identities = [], []
+
+    def count(_, __, routing) -> None:
+        routed.append(int((routing.ids < 6).sum()))
+        identities.append(int((routing.ids >= 6).sum()))
+
+    for block in moe_blocks(engine.model):
+        block.gate.register_forward_hook(count)
+    list(engine.generate_ids(prompt(), DECODE))
+    engine.experts.settle()
+    cache = engine.experts.cache
+    assert sum(identities) > 0
+    assert {expert for _, expert in cache.token_counts} <= set(range(6))
+    assert {expert for _, expert in cache.slot_of} <= set(range(6))
+    assert sum(cache.token_counts.values()) == sum(routed)
+    assert_counters_add_up(engine)
+
+
 def assert_counters_add_up(engine: localmoe.Engine) -> None:
     snapshot, cache = engine.expert_cache(), engine.experts.cache
     for counters in [*snapshot.per_layer.values(), snapshot.total]:

@@ -7,6 +7,7 @@ import pytest
 import torch
 from conftest import (
     ARIA_TEXT,
+    AXK2,
     DEEPSEEK_V2,
     ERNIE4_5_VL_MOE,
     GEMMA4,
@@ -17,6 +18,7 @@ from conftest import (
     MINIMAX_M3,
     MISTRAL4,
     MISTRAL_LARGE4,
+    MUSE_SPARK,
     PHIMOE,
     QWEN3_5_MOE,
     QWEN3_OMNI_MOE,
@@ -926,6 +928,78 @@ CASES = {
     ),
     # (no "fused" case: transformers keeps the language model under model.language_model. in memory, which no
     # release stores)
+    "longcat-flash-sharded": ("longcat_flash", {}, "sharded"),
+    # no identity experts, biases, tied embeddings, yarn (its attention scale)
+    "longcat-flash-no-identities-yarn": (
+        "longcat_flash",
+        {
+            "zero_expert_num": 0,
+            "attention_bias": True,
+            "tie_word_embeddings": True,
+            "rope_parameters": {
+                "rope_type": "yarn",
+                "rope_theta": 10000.0,
+                "factor": 4.0,
+                "original_max_position_embeddings": 64,
+                "mscale_all_dim": 1.0,
+            },
+        },
+        "single",
+    ),
+    "kolibri1-sharded": ("kolibri1", {}, "sharded"),
+    # transformers' default layer kinds (every fifth global), renormalised weights
+    "kolibri1-defaults-normalized": (
+        "kolibri1",
+        {"num_hidden_layers": 5, "layer_types": None, "norm_topk_prob": True},
+        "single",
+    ),
+    # (without a sliding_window, transformers 5.24 fails building the sliding mask it always builds)
+    "kolibri1-tied": ("kolibri1", {"tie_word_embeddings": True}, "single"),
+    "kolibri1-fused": ("kolibri1", {}, "fused"),
+    "beam-sharded": ("beam", {}, "sharded"),
+    # transformers' default layer kinds, three dense layers, rotary on the global layers too (and no query
+    # scale there), no renormalisation, biases, tied embeddings, no soft-capping
+    "beam-defaults-rotary-everywhere": (
+        "beam",
+        {
+            "num_hidden_layers": 6,
+            "layer_types": None,
+            "mlp_layer_types": None,
+            "rope_parameters": {
+                "sliding_attention": {"rope_type": "default", "rope_theta": 10000.0},
+                "full_attention": {"rope_type": "default", "rope_theta": 500000.0},
+            },
+            "norm_topk_prob": False,
+            "attention_bias": True,
+            "tie_word_embeddings": True,
+            "final_logit_softcapping": None,
+        },
+        "single",
+    ),
+    "beam-fused": ("beam", {}, "fused"),
+    "axk2-sharded": ("axk2", {}, "sharded"),
+    # grouped routing (dropped groups score 0), no renormalisation, tied embeddings
+    "axk2-groups-tied": (
+        "axk2",
+        {"n_group": 4, "topk_group": 2, "norm_topk_prob": False, "tie_word_embeddings": True},
+        "single",
+    ),
+    "axk2-fused": ("axk2", {}, "fused"),
+    "muse-spark-sharded": ("muse_spark_text", {}, "sharded"),
+    # rotary on every layer, a routed scaling factor, biases, another gate temperature
+    "muse-spark-rotary-everywhere-bias": (
+        "muse_spark_text",
+        {
+            "text_config": {
+                **MUSE_SPARK["text_config"],
+                "layer_rope_theta": [500000.0] * 5,
+                "routed_scaling_factor": 2.5,
+                "attention_bias": True,
+                "residual_gate_temperature": 0.7,
+            }
+        },
+        "single",
+    ),
     # transformers defines GLM-5.3-Flash's language model only inside its multimodal model: the reference is that
     "glm5-next-sharded": ("glm5_next_text", {}, "sharded"),
     # every attention layer its own selection, the unbounded delta rule decay, biases, one group of experts,
@@ -983,6 +1057,7 @@ def test_experts_read_in_the_layout_written(pair, request):
         "jetmoe",
         "hy-v4",
         "lara-mini",
+        "muse",
     )
     expected = Fused if CASES[name][2] == "fused" or name.startswith(fused_on_the_hub) else PerExpert
     expected = Stacked if name.startswith("step3p7") else expected
@@ -1391,6 +1466,30 @@ def test_jetmoe_config_as_the_release_writes_it():
     args = family.args.from_config(config)
     assert family.model_type == "jetmoe"
     assert (args.intermediate_size, args.num_local_experts, args.num_experts_per_tok) == (5632, 8, 2)
+
+
+def test_axk2_dropped_groups_score_zero():
+    """A.X-K2's dropped expert groups score 0 for the choice, not -inf: with a correction bias that makes
+    the kept experts' scores negative, the dropped ones win, as in transformers."""
+    import transformers
+    from transformers.models.axk2.modeling_axk2 import AXK2TopkRouter
+
+    from localmoe.models.axk2 import AXK2Args
+
+    config = transformers.AXK2Config(**{**AXK2, "n_group": 4, "topk_group": 2})
+    theirs = AXK2TopkRouter(config)
+    generator = torch.Generator().manual_seed(3)
+    with torch.no_grad():
+        theirs.weight.copy_(torch.randn(theirs.weight.shape, generator=generator))
+        theirs.e_score_correction_bias.fill_(-0.9)
+    ours = AXK2Args.from_config(config.to_dict()).router()
+    ours.load_state_dict(theirs.state_dict())
+    x = torch.randn(16, config.hidden_size, generator=generator)
+    _, weights, ids = theirs(x)
+    got = ours(x)
+    order, got_order = ids.argsort(dim=-1), got.ids.argsort(dim=-1)
+    assert torch.equal(ids.gather(1, order), got.ids.gather(1, got_order))
+    assert torch.allclose(weights.gather(1, order), got.weights.gather(1, got_order))
 
 
 def test_glm5_next_config_as_the_release_writes_it():

@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy
 import pytest
 import torch
-from conftest import MIXTRAL, hf_model, save_hf
+from conftest import LONGCAT_FLASH, MIXTRAL, hf_model, save_hf
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -123,6 +123,19 @@ def test_a_run_and_its_replay_count_the_same(tmp_path, policy, miss):
     assert replace(simulated, bytes_copied=0) == replace(real, bytes_copied=0, cpu_seconds=0.0)
     assert simulated.bytes_copied * engine.experts.cache.store.expert_bytes == real.bytes_copied  # one-byte experts
     assert miss == "copy" or real.on_cpu > 0
+
+
+def test_identity_experts_are_no_uses_in_a_replay(tmp_path):
+    """LongCat-Flash's trace lists its identity choices as -1: the replay, like the run, counts none."""
+    folder = save_hf(hf_model("LongcatFlashConfig", **LONGCAT_FLASH), tmp_path / "m", "sharded")
+    options = RuntimeOptions(expert_slots=4, policy="lru", prefetch=0, trace=tmp_path / "run.jsonl", miss_policy="copy")
+    engine = localmoe.load(str(folder), device="cpu", dtype=torch.float32, options=options)
+    list(engine.generate_ids([7], 20))
+    trace = load_trace(tmp_path / "run.jsonl")
+    assert any(-1 in experts for request in trace.requests for token in request for experts in token)
+    simulated = replay(trace, 4, "lru").counters
+    real = engine.experts.cache.totals()
+    assert replace(simulated, bytes_copied=0) == replace(real, bytes_copied=0, cpu_seconds=0.0)
 
 
 @pytest.mark.slow

@@ -95,11 +95,15 @@ def expert_mlp(
     down_bias: torch.Tensor | None = None,
     weights_on_input: bool = False,
     pair_outputs=expert_pair_outputs,
+    per_choice: bool = False,
 ) -> torch.Tensor:
     """sum_j weights[t, j] * expert slots[t, j] applied to x[t] (or, `weights_on_input`, the sum of the
     experts applied to weights[t, j] * x[t]): the whole MoE sum in one call, its pairs computed by
-    `pair_outputs` (this module's, or a fused kernel with its signature). [T, E]"""
+    `pair_outputs` (this module's, or a fused kernel with its signature). [T, E]; with `per_choice`, each
+    choice's output unweighted, [T, k, E]."""
     pairs = x.new_zeros(slots.numel(), x.shape[1])
     scale = weights.reshape(-1) if weights_on_input else None
     pair_outputs(pairs, x, gate_up, down, slots, act, gate_up_bias, down_bias, scale)
+    if per_choice:
+        return pairs.view(*slots.shape, -1)
     return combine_pairs(pairs, torch.ones_like(weights) if weights_on_input else weights)

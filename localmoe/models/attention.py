@@ -4,11 +4,13 @@ multi-head latent attention, whose KV cache holds one compressed latent per toke
 Shapes: B batch, T new tokens, S tokens in the cache, H heads, D head dim.
 """
 
+from collections.abc import Callable
+
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from localmoe.models.layers import RMSNorm, Step, activation
+from localmoe.models.layers import RMSNorm, Step, activation, rms_normalize
 from localmoe.models.rotary import RotaryEmbedding, apply_rotary, apply_rotary_interleaved
 from localmoe.models.state import REWIND_SLACK, AttentionKV, LatentKV, WindowKV, attention_state
 
@@ -28,7 +30,10 @@ class Attention(nn.Module):
     1/sqrt(head_dim) (Granite's attention_multiplier, Step-3.7's query_pre_attn_scalar); `gate` an
     output gate of its own projection, act(gate_proj(x)) scaling each output channel or, with
     `gate_per_head`, each head (AFMoE: sigmoid per channel; Laguna: softplus per head; Step-3.7:
-    sigmoid per head); `v_head_dim` values narrower or wider than queries and keys (MiMo-V2-Flash).
+    sigmoid per head), plus a learned bias per head with `gate_bias` (Beam); `v_head_dim` values
+    narrower or wider than queries and keys (MiMo-V2-Flash); `query_scale` a factor on each query by its
+    position, a function of positions [T] giving float32 [T] (Beam's global layers without rotary);
+    `output_norm_eps` RMS-normalises each head's output, without a scale, before any gate (Muse Spark).
     """
 
     static = True  # runs static decode steps (see layers.Step)
@@ -56,6 +61,9 @@ class Attention(nn.Module):
         scale: float | None = None,
         gate: str | None = None,
         gate_per_head: bool = False,
+        gate_bias: bool = False,
+        query_scale: Callable[[torch.Tensor], torch.Tensor] | None = None,
+        output_norm_eps: float | None = None,
     ):
         super().__init__()
         self.heads, self.kv_heads, self.head_dim = heads, kv_heads, head_dim
@@ -63,7 +71,7 @@ class Attention(nn.Module):
         self.rope, self.scale = rope, head_dim**-0.5 if scale is None else scale
         self.qk_norm, self.clip_qkv, self.sliding_window = qk_norm, clip_qkv, sliding_window
         self.rotate = apply_rotary_interleaved if interleaved_rope else apply_rotary
-        self.output_gate = output_gate
+        self.output_gate, self.query_scale, self.output_norm_eps = output_gate, query_scale, output_norm_eps
         self.rotary = rotary  # a rotary of this layer's kind, shared by such layers; None: the model's
         self.q_proj = nn.Linear(hidden, heads * head_dim * (2 if output_gate else 1), bias=qkv_bias)
         self.k_proj = nn.Linear(hidden, kv_heads * head_dim, bias=qkv_bias)
@@ -78,6 +86,8 @@ class Attention(nn.Module):
         if gate is not None:
             self.gate_proj = nn.Linear(hidden, heads if gate_per_head else heads * head_dim, bias=False)
             self.gate_act = activation(gate)
+        if gate_bias:
+            self.gate_bias = nn.Parameter(torch.empty(heads))
 
     def new_state(self, batch: int, max_len: int, dtype: torch.dtype, device) -> AttentionKV | WindowKV:
         return attention_state(
@@ -139,6 +149,8 @@ class Attention(nn.Module):
         if self.qk_norm == "head_after_rope":
             qk = self._head_norm(qk.transpose(1, 2)).transpose(1, 2)
         q, k = qk.split((self.heads, self.kv_heads), dim=1)
+        if self.query_scale is not None:
+            q = (q.float() * self.query_scale(step.positions())[:, None]).to(q.dtype)
         k, v, positions = kv.update(k, v.transpose(1, 2), step)  # [B, H_kv, S, D]
         if hasattr(self, "sinks"):
             visible = step.visible(self.sliding_window, positions)
@@ -149,10 +161,15 @@ class Attention(nn.Module):
                 q, k, v, attn_mask=mask, is_causal=is_causal, scale=self.scale, enable_gqa=True
             )
         out = out.transpose(1, 2).reshape(B, T, -1)
+        if self.output_norm_eps is not None:
+            out = rms_normalize(out.view(B, T, self.heads, -1), self.output_norm_eps).view(B, T, -1)
         if self.output_gate:
             out = out * torch.sigmoid(gate.reshape(B, T, -1))
         if hasattr(self, "gate_proj"):
-            scale = self.gate_act(self.gate_proj(x).float()).to(out.dtype).view(B, T, self.heads, -1)
+            gate = self.gate_proj(x).view(B, T, self.heads, -1)
+            if hasattr(self, "gate_bias"):
+                gate = gate + self.gate_bias[:, None]
+            scale = self.gate_act(gate.float()).to(out.dtype)
             out = (out.view(B, T, self.heads, -1) * scale).reshape(B, T, -1)
         return self.o_proj(out)
 
@@ -265,10 +282,17 @@ class LatentAttention(nn.Module):
         """As `Attention.prefill_attention_shape`: a long chunk expands the latents to every head."""
         return self.heads, self.nope_dim + self.rope_dim + self.v_dim
 
+    def queries(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+        """Queries [B, T, heads x (nope + rope)], the query's bottleneck [B, T, rank] (None without one), and
+        an output gate [B, T, heads x v] where the query projection gives one (A.X-K2; None here)."""
+        if hasattr(self, "q_proj"):
+            return self.q_proj(x), None, None
+        q_low = self.q_a_layernorm(self.q_a_proj(x))
+        return self.q_b_proj(q_low), q_low, None
+
     def forward(self, x: torch.Tensor, step: Step, kv: LatentKV) -> torch.Tensor:
         B, T, _ = x.shape
-        q_low = None if hasattr(self, "q_proj") else self.q_a_layernorm(self.q_a_proj(x))  # the query's bottleneck
-        q = self.q_proj(x) if q_low is None else self.q_b_proj(q_low)
+        q, q_low, gate = self.queries(x)
         q = q.view(B, T, self.heads, -1).transpose(1, 2)  # [B, H, T, nope + rope]
         q_nope, q_rot = q.split((self.nope_dim, self.rope_dim), dim=-1)
         latent, k_rot = self.kv_a_proj_with_mqa(x).split((self.kv_lora_rank, self.rope_dim), dim=-1)
@@ -283,8 +307,10 @@ class LatentAttention(nn.Module):
         if hasattr(self, "sinks") and mask is None:  # the sinks' softmax takes no shortcut: an explicit mask
             mask = step.visible(None)
         attend = self._absorbed if self.absorbs(T) else self._expanded
-        out = attend(q_nope, q_rot, latent, k_rot, mask, is_causal)  # [B, H, T, v]
-        return self.output(x, out.transpose(1, 2).reshape(B, T, -1))
+        out = attend(q_nope, q_rot, latent, k_rot, mask, is_causal).transpose(1, 2).reshape(B, T, -1)  # [B, T, H x v]
+        if gate is not None:
+            out = (out * torch.sigmoid(gate.float())).to(out.dtype)
+        return self.output(x, out)
 
     def scale_queries(self, q_nope: torch.Tensor, q_rot: torch.Tensor, step: Step):
         """The queries [B, H, T, *] scaled by position where the layer does (Mistral 4: `position_scaling`)."""

@@ -105,9 +105,10 @@ def attention_scale(args: DeepseekV2Args) -> float:
     return scale
 
 
-def build(args: DeepseekV2Args, moe: Callable[..., SparseMoE] = SparseMoE, **stack) -> CausalLM:
-    """`moe` the MoE block's class, where a family adds to it (A.X-K1's norm after it); `stack`: `causal_lm`'s
-    options (Mistral Large 4's learned rotary and logit capping)."""
+def build(args: DeepseekV2Args, moe: Callable[..., SparseMoE] = SparseMoE, layer=DecoderLayer, **stack) -> CausalLM:
+    """`moe` the MoE block's class, where a family adds to it (A.X-K1's norm after it); `layer` the decoder
+    layer's (A.X-K2's gated norms); `stack`: `causal_lm`'s options (Mistral Large 4's learned rotary and
+    logit capping)."""
     hidden = args.hidden_size
 
     def feed_forward(i: int) -> nn.Module:
@@ -126,8 +127,7 @@ def build(args: DeepseekV2Args, moe: Callable[..., SparseMoE] = SparseMoE, **sta
         )
 
     layers = [
-        DecoderLayer(args.attention(i), feed_forward(i), hidden, args.rms_norm_eps)
-        for i in range(args.num_hidden_layers)
+        layer(args.attention(i), feed_forward(i), hidden, args.rms_norm_eps) for i in range(args.num_hidden_layers)
     ]
     return causal_lm(args, layers, args.rotary_dim, **stack)
 

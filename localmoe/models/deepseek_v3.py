@@ -17,6 +17,7 @@ from localmoe.models.moe import FUSED_EXPERTS, MLP_EXPERTS, GroupedTopKRouter
 @dataclass
 class DeepseekV3Args(DeepseekV2Args):
     default_rope_theta: ClassVar[float] = 10_000.0
+    dropped_group_score: ClassVar[float | None] = None  # what dropped groups' experts score (None: -inf)
 
     num_experts_per_tok: int = 8
     n_routed_experts: int = 256
@@ -41,6 +42,7 @@ class DeepseekV3Args(DeepseekV2Args):
             normalize=self.norm_topk_prob,
             scaling=self.routed_scaling_factor,
             correction_bias=True,
+            dropped=self.dropped_group_score,
         )
 
     @property

@@ -114,6 +114,7 @@ MAY_BE_ZERO = frozenset(
         "shared_intermediate_size",  # GraniteMoeShared: no shared MLP
         "attn_layer_offset",  # Jamba
         "expert_layer_offset",
+        "zero_expert_num",  # LongCat-Flash: no identity experts
     }
 )
 MAY_BE_NEGATIVE = frozenset({"moe_layer_end_index"})  # ERNIE: -1 for the last layer

@@ -20,7 +20,8 @@ from localmoe.models.layers import MLP, activation
 
 class Routing(NamedTuple):
     """A router's choice for T tokens: weights [T, k] float32, expert ids [T, k], and its scores of every
-    expert [T, experts] (float32), which the cache's score policy weighs."""
+    expert [T, experts] (float32), which the cache's score policy weighs. An id of -1 is a choice of no
+    expert the runtime holds (an identity expert, which the block adds itself, with weight 0 here)."""
 
     weights: torch.Tensor
     ids: torch.Tensor
@@ -86,7 +87,10 @@ class GatedActivation:
 @dataclass(frozen=True)
 class MoESpec:
     """What the runtime needs to know of one MoE block: its layer, the shapes of its routed experts and
-    how they compute (`weights_on_input`: the router weight scales an expert's input, not its output)."""
+    how they compute (`weights_on_input`: the router weight scales an expert's input, not its output);
+    `may_skip`: some choices may be -1, no expert (see `Routing`), which the runtime neither looks up,
+    counts, copies nor computes; `per_choice`: the runtime returns each choice's output unweighted,
+    [T, k, E], for the block to combine (Muse Spark normalises each expert's output first)."""
 
     layer: int
     hidden: int
@@ -96,6 +100,8 @@ class MoESpec:
     act: GatedActivation
     bias: bool
     weights_on_input: bool
+    may_skip: bool = False
+    per_choice: bool = False
 
 
 class GatedMLP(MLP):
@@ -143,7 +149,9 @@ class GroupedTopKRouter(nn.Module):
     learned correction bias to the scores for choosing only (the weights use the plain scores).
     `group_by_top2` overrides the ranking (Mistral 4: softmax scores, best-two sums, no bias);
     `norm_eps` is added to the sum the weights are renormalised by; `softcap` caps the logits at
-    +-softcap by tanh before scoring (Laguna).
+    +-softcap by tanh before scoring (Laguna); `dropped` is what the experts of dropped groups score for
+    the choice (-inf with a correction bias, 0 without, as V2; A.X-K2: 0 with one); `logit_scale`
+    multiplies the logits before scoring (Muse Spark).
     """
 
     def __init__(
@@ -161,18 +169,23 @@ class GroupedTopKRouter(nn.Module):
         group_by_top2: bool | None = None,
         norm_eps: float = 1e-20,
         softcap: float | None = None,
+        dropped: float | None = None,
+        logit_scale: float = 1.0,
     ):
         super().__init__()
         self.weight = nn.Parameter(torch.empty(num_experts, hidden))
+        self.dropped = (float("-inf") if correction_bias else 0.0) if dropped is None else dropped
         if correction_bias:
             self.e_score_correction_bias = nn.Parameter(torch.empty(num_experts))
         self.top_k, self.scoring, self.normalize, self.scaling = top_k, scoring, normalize, scaling
         self.n_group, self.topk_group = n_group, topk_group
         self.group_by_top2 = correction_bias if group_by_top2 is None else group_by_top2
-        self.norm_eps, self.softcap = norm_eps, softcap
+        self.norm_eps, self.softcap, self.logit_scale = norm_eps, softcap, logit_scale
 
     def scores(self, x: torch.Tensor) -> torch.Tensor:
         logits = F.linear(x.float(), self.weight.float())
+        if self.logit_scale != 1.0:
+            logits = logits * self.logit_scale
         if self.softcap:
             logits = torch.tanh(logits / self.softcap) * self.softcap
         return logits.sigmoid() if self.scoring == "sigmoid" else logits.softmax(dim=-1)
@@ -184,9 +197,7 @@ class GroupedTopKRouter(nn.Module):
         top2 = self.group_by_top2
         group_scores = groups.topk(2, dim=-1).values.sum(dim=-1) if top2 else groups.max(dim=-1).values
         kept = torch.zeros_like(group_scores).scatter_(1, group_scores.topk(self.topk_group, dim=-1).indices, 1)
-        # Experts of dropped groups can never win: -inf for sigmoid scores, 0 for softmax ones as V2 does.
-        floor = float("-inf") if hasattr(self, "e_score_correction_bias") else 0.0
-        choice = groups.masked_fill(kept.unsqueeze(-1) == 0, floor).view_as(choice)
+        choice = groups.masked_fill(kept.unsqueeze(-1) == 0, self.dropped).view_as(choice)
         ids = choice.topk(self.top_k, dim=-1).indices
         weights = scores.gather(1, ids)
         if self.normalize:
@@ -230,6 +241,11 @@ class SparseMoE(nn.Module):
     With `latent` (Nemotron-H), the experts work in a narrower space: the routed tokens go through
     fc1_latent_proj to it and their sum through fc2_latent_proj back, while routing and the shared
     expert see the hidden states; `hidden_size` is then the experts' width, the latent one.
+
+    With `identity_experts` (LongCat-Flash's zero-computation experts), the router scores that many
+    experts past the routed ones, each of which returns its input: the block adds the input times their
+    weights itself, and the runtime sees those choices as -1, no expert, so that they take no slot and
+    are never copied.
     """
 
     def __init__(
@@ -248,6 +264,8 @@ class SparseMoE(nn.Module):
         shared_expert_gate: bool = False,
         latent: int | None = None,
         latent_bias: bool = False,
+        identity_experts: int = 0,
+        per_choice: bool = False,
     ):
         super().__init__()
         self.gate = router
@@ -256,7 +274,8 @@ class SparseMoE(nn.Module):
         if latent is not None:
             self.fc1_latent_proj = nn.Linear(hidden, latent, bias=latent_bias)
             self.fc2_latent_proj = nn.Linear(latent, hidden, bias=latent_bias)
-        self.num_experts, self.top_k = num_experts, top_k
+        self.num_experts, self.top_k, self.identity_experts = num_experts, top_k, identity_experts
+        self.per_choice = per_choice  # the bound experts return each choice's output: a subclass combines them
         self.act, self.expert_bias = act, expert_bias
         self.weights_on_input = weights_on_input  # Llama 4: the router weight scales the expert's input
         if shared_expert is not None:
@@ -280,17 +299,39 @@ class SparseMoE(nn.Module):
             self.act,
             self.expert_bias,
             self.weights_on_input,
+            self.identity_experts > 0,
+            self.per_choice,
         )
+
+    def scores(self, x: torch.Tensor) -> torch.Tensor:
+        """The router's scores of the routed experts [T, experts] (float32), from which a runtime predicts."""
+        scores = self.gate.scores(x)
+        return scores[:, : self.num_experts] if self.identity_experts else scores
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         flat = x.reshape(-1, x.shape[-1])
         routing = self.gate(flat)
         shared = self.shared(flat)  # queued first: it does not depend on the routing
+        if self.identity_experts:
+            routing, identity = self.split_identities(flat, routing)
+            shared = identity if shared is None else shared + identity
         if hasattr(self, "fc1_latent_proj"):
             out = self.fc2_latent_proj(self.experts(self.layer_idx, self.fc1_latent_proj(flat), routing, routed=flat))
         else:
             out = self.experts(self.layer_idx, flat, routing)
         return (out if shared is None else out + shared).view(x.shape)
+
+    def split_identities(self, flat: torch.Tensor, routing: Routing) -> tuple[Routing, torch.Tensor]:
+        """The routing of the routed experts (identity choices as -1 with weight 0, scores of the routed
+        experts only), and what the identity choices add: the input times their summed weight [T, E]."""
+        identity = routing.ids >= self.num_experts
+        weight = (routing.weights * identity).sum(dim=-1, keepdim=True)
+        routed = Routing(
+            routing.weights.masked_fill(identity, 0.0),
+            routing.ids.masked_fill(identity, -1),
+            routing.scores[:, : self.num_experts],
+        )
+        return routed, (flat.float() * weight).to(flat.dtype)
 
     def shared(self, flat: torch.Tensor) -> torch.Tensor | None:
         """The shared expert's output for tokens [T, E] (gated where the block has that gate), if any."""

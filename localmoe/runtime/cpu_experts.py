@@ -67,7 +67,7 @@ class HostExperts:
     def _run(self, spec, x, ids, scale, rows: torch.Tensor, experts: list[int], indices: list[int], out) -> None:
         """The kernel over `rows`, where expert experts[i] is row indices[i]."""
         layout = self.store.layout
-        table = torch.full((spec.experts,), -1, dtype=torch.int64)
+        table = torch.full((spec.experts + 1,), -1, dtype=torch.int64)  # the last for id -1, no expert
         table[experts] = torch.tensor(indices)
         gate_up, down = layout.gate_up(rows), layout.down(rows)
         self.kernel(out, x, gate_up, down, table[ids], spec.act, *layout.biases(rows), scale)

@@ -94,9 +94,13 @@ class OffloadedExperts:
 
     def _read_in_place(self, spec: MoESpec, x: torch.Tensor, routing: Routing) -> torch.Tensor:
         """Every pair in one kernel call, from its slot or its host row; only device work, no host read."""
-        slots = self.log.lookup(spec.layer, self.cache.table.row(spec.layer), routing.ids)  # [T, k]
+        ids = routing.ids.clamp(min=0) if spec.may_skip else routing.ids
+        slots = self.log.lookup(spec.layer, self.cache.table.row(spec.layer), ids)  # [T, k]
+        if spec.may_skip:  # no slot and no host row: the kernel leaves the pair's zeros
+            slots.masked_fill_(routing.ids < 0, -1)
         self.log.record(spec.layer, routing)
-        pairs = x.new_empty(routing.ids.numel(), x.shape[1])  # every pair is written
+        shape = (routing.ids.numel(), x.shape[1])
+        pairs = x.new_zeros(shape) if spec.may_skip else x.new_empty(shape)  # else every pair is written
         self._pairs(spec, x, routing, slots, pairs, self.in_place[spec.layer])
         return self._combined(spec, pairs, routing)
 
@@ -127,7 +131,7 @@ class OffloadedExperts:
             every = distribution.reshape(-1).tolist() if weighs else None
             self.trace.record(spec.layer, ids, routing.weights.reshape(-1).tolist(), spec.top_k, None, every)
         probabilities = dict(enumerate(distribution.sum(axis=0).tolist())) if weighs else None
-        return Visit(spec.layer, Counter(ids), probabilities, found)
+        return Visit(spec.layer, experts_used(ids), probabilities, found)
 
     # --- misses decided on the host -------------------------------------------------------------------
 
@@ -150,7 +154,7 @@ class OffloadedExperts:
             predicted_next = [int(v) for v in host[1]] if coming else None
             every = host[-1] if distribution is not None else None
             self.trace.record(layer, chosen, host[1 + len(coming)], spec.top_k, predicted_next, every)
-        need = Counter(chosen)
+        need = experts_used(chosen)
         self.cache.begin_layer(layer, need, probabilities)
         on_cpu = self.miss_policy.for_cpu(self.cache, layer, need)
         if on_cpu:  # the inputs reach the host now, while the device is idle, not after its work is queued
@@ -212,6 +216,8 @@ class OffloadedExperts:
         reads some from disk, what is in slots already is computed first."""
         slots = [self.cache.slot_of[(spec.layer, expert)] for expert in experts]
         table = self.cache.table.row(spec.layer)
+        if spec.may_skip:  # a choice of no expert has no slot
+            table = torch.cat((table, table.new_full((1,), -1)))  # row -1
         if self.cache.copies.queuing(slots):
             self._pairs(spec, x, routing, table[routing.ids], pairs, None)
         self.cache.copies.wait(slots)
@@ -227,6 +233,8 @@ class OffloadedExperts:
 
     def _combined(self, spec: MoESpec, pairs: torch.Tensor, routing: Routing) -> torch.Tensor:
         weights = routing.weights
+        if spec.per_choice:
+            return pairs.view(*weights.shape, -1)
         return combine_pairs(pairs, torch.ones_like(weights) if spec.weights_on_input else weights)
 
     # --- warm-up, profile, what callers see -----------------------------------------------------------
@@ -273,3 +281,8 @@ class OffloadedExperts:
         added = counts - self._profiled
         self.profile = merge_into(self.profile_path, added, top_k, self._own_profile, set(self.specs), experts)
         self._profiled = Counter(counts)
+
+
+def experts_used(ids: list[int]) -> Counter[int]:
+    """The tokens routed to each expert, of a layer's choices (-1, no expert, is none)."""
+    return Counter(expert for expert in ids if expert >= 0)

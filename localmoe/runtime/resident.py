@@ -44,4 +44,6 @@ class ResidentExperts:
         if self.trace:  # a host read per layer: a trace is for analysis, not speed
             self.trace.record(layer, ids.reshape(-1).tolist(), weights.reshape(-1).tolist(), spec.top_k)
         gate_up, down, biases = self.layout.gate_up(rows), self.layout.down(rows), self.layout.biases(rows)
-        return expert_mlp(x, gate_up, down, weights, ids, spec.act, *biases, spec.weights_on_input, self.pair_outputs)
+        return expert_mlp(
+            x, gate_up, down, weights, ids, spec.act, *biases, spec.weights_on_input, self.pair_outputs, spec.per_choice
+        )
