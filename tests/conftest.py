@@ -1243,6 +1243,41 @@ MUSE_SPARK = dict(
     projector_hidden_size=32,
 )
 
+GLM5_NEXT = dict(  # the language model beside a tiny vision tower
+    text_config=dict(
+        BASE,
+        intermediate_size=96,
+        moe_intermediate_size=32,
+        num_hidden_layers=5,
+        # delta attention, attention computing its selection then one sharing it, delta attention, attention
+        # (under the older name transformers maps to indexed_attention)
+        layer_types=["linear_attention", "indexed_attention", "indexed_attention", "linear_attention"]
+        + ["full_attention"],
+        indexer_types=["full", "full", "shared", "full", "full"],
+        mlp_layer_types=["dense", "sparse", "sparse", "dense", "sparse"],  # a dense layer after sparse ones too
+        num_key_value_heads=4,
+        n_routed_experts=8,
+        num_experts_per_tok=2,
+        n_group=2,
+        topk_group=1,
+        routed_scaling_factor=1.5,
+        kv_lora_rank=16,
+        q_lora_rank=24,
+        qk_nope_head_dim=16,
+        v_head_dim=12,
+        index_topk=8,  # two blocks of four: fewer than the prompt's, so the selection cuts
+        index_kpool=4,
+        index_head_dim=16,
+        index_n_heads=16,  # enough heads that relu leaves no exact ties for top-k to break either way
+        linear_head_dim=16,
+        linear_num_heads=4,
+        hc_mult=3,
+        swiglu_limit=0.5,  # within the projections' range: the clamps bite
+        pad_token_id=0,
+    ),
+    vision_config=dict(hidden_size=32, intermediate_size=64, depth=1, num_heads=2, out_hidden_size=64),
+)
+
 TINY_FAMILIES = {
     "mixtral": ("MixtralConfig", MIXTRAL),  # 3 MoE layers x 5 experts, top-2
     "qwen2_moe": ("Qwen2MoeConfig", QWEN2_MOE),
@@ -1312,6 +1347,7 @@ TINY_FAMILIES = {
     "beam": ("BeamConfig", BEAM),
     "axk2": ("AXK2Config", AXK2),
     "muse_spark_text": ("MuseSparkConfig", MUSE_SPARK),
+    "glm5_next_text": ("Glm5NextConfig", GLM5_NEXT),
 }
 
 

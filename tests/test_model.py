@@ -22,6 +22,9 @@ LOOSER = {
     "bailing-hybrid": 1e-4,
     "step3p7-ring": 1e-4,
     "minimax-m3": 1e-4,
+    # the chunked and the token-by-token delta rule again, through hyper-connections (logits reach 3.3:
+    # measured 2.0e-5 apart at most over 60 random chunkings)
+    "glm5-next": 1e-4,
 }
 
 # name: (family in TINY_FAMILIES, overrides of its config, the rewind slack of windowed layers: small,
@@ -73,6 +76,9 @@ MODELS = {
     "hy-v4": ("hy_v4", {"index_topk": 4}, None),
     # two latent attention states per layer, side by side
     "longcat-flash": ("longcat_flash", {}, None),
+    # the indexer's blocks of four closing inside and across chunks, its choice shared by the next layer, the
+    # query's own incomplete block; bounded Kimi Delta Attention; hyper-connections averaged at the end
+    "glm5-next": ("glm5_next_text", {}, None),
 }
 
 # The chat rewind alone for families whose kinds of state MODELS already covers in depth:

@@ -12,6 +12,7 @@ from conftest import (
     ERNIE4_5_VL_MOE,
     GEMMA4,
     GLM4V_MOE,
+    GLM5_NEXT,
     HY_V4_VL,
     LLAMA4,
     MINIMAX_M3,
@@ -999,6 +1000,24 @@ CASES = {
         },
         "single",
     ),
+    # transformers defines GLM-5.3-Flash's language model only inside its multimodal model: the reference is that
+    "glm5-next-sharded": ("glm5_next_text", {}, "sharded"),
+    # every attention layer its own selection, the unbounded delta rule decay, biases, one group of experts,
+    # transformers' default layer kinds (delta attention, then attention in every fourth layer) and dense layers
+    "glm5-next-unbounded-bias-defaults": (
+        "glm5_next_text",
+        {
+            "text_config": {
+                **{k: v for k, v in GLM5_NEXT["text_config"].items() if k not in ("layer_types", "mlp_layer_types")},
+                "num_hidden_layers": 4,
+                "indexer_types": ["full"] * 4,
+                "linear_lower_bound": None,
+                "attention_bias": True,
+                "n_group": 1,
+            }
+        },
+        "single",
+    ),
 }
 
 
@@ -1125,6 +1144,7 @@ LONG_PROMPTS = {
     "kimi_linear": {},  # delta rule chunks of 64, a decay per key channel
     "jamba": {},  # selective scan chunks of 16, a decay per state entry
     "lara_mini": {},  # delta rule chunks of 64
+    "glm5_next_text": {},  # delta rule chunks of 64, and many of the indexer's blocks of 4 to choose 2 from
 }
 
 
@@ -1470,3 +1490,19 @@ def test_axk2_dropped_groups_score_zero():
     order, got_order = ids.argsort(dim=-1), got.ids.argsort(dim=-1)
     assert torch.equal(ids.gather(1, order), got.ids.gather(1, got_order))
     assert torch.allclose(weights.gather(1, order), got.weights.gather(1, got_order))
+
+
+def test_glm5_next_config_as_the_release_writes_it():
+    """The release keeps the delta attention's sizes in linear_attn_config (its gate's bound defaulting to -5
+    where the gate is safe); a layer sharing a selection must follow the attention layer that made it."""
+    from localmoe.models.glm5_next import Glm5NextTextArgs
+
+    config = dict(GLM5_NEXT["text_config"], linear_lower_bound=None)
+    config["linear_attn_config"] = {"head_dim": 8, "num_heads": 8, "short_conv_kernel_size": 3, "safe_gate": True}
+    args = Glm5NextTextArgs.from_config(config)
+    assert (args.linear_head_dim, args.linear_num_heads, args.linear_conv_kernel_dim) == (8, 8, 3)
+    assert args.linear_lower_bound == -5.0
+    assert args.layer_types[4] == "indexed_attention"
+    config = dict(GLM5_NEXT["text_config"], indexer_types=["full", "full", "shared", "full", "shared"])
+    with pytest.raises(localmoe.LocalMoEError, match="layer 4 shares a selection"):
+        Glm5NextTextArgs.from_config(config)

@@ -26,6 +26,7 @@ from localmoe.models import (
     glm4_moe,
     glm4_moe_lite,
     glm4v_moe,
+    glm5_next,
     glm_moe_dsa,
     gpt_oss,
     granitemoe,
@@ -135,6 +136,7 @@ FAMILIES: tuple[Family, ...] = (
     beam.FAMILY,
     axk2.FAMILY,
     muse_spark.FAMILY,
+    glm5_next.FAMILY,
 )
 
 

@@ -11,14 +11,13 @@ from dataclasses import dataclass
 from typing import ClassVar
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from localmoe.models.attention import LatentAttention
 from localmoe.models.deepseek_v2 import attention_scale, build
 from localmoe.models.expert_tensors import PerExpert
 from localmoe.models.family import Family
-from localmoe.models.kimi_delta_attention import KimiDeltaAttention
+from localmoe.models.kimi_delta_attention import BoundedDeltaAttention
 from localmoe.models.kimi_linear import KimiLinearArgs
 from localmoe.models.moe import FUSED_EXPERTS, MLP_EXPERTS
 
@@ -76,28 +75,23 @@ class BailingHybridArgs(KimiLinearArgs):
         )
 
 
-class BailingDeltaAttention(KimiDeltaAttention):
-    """Kimi Delta Attention with full-width projections for its forget and output gates; the forget
-    gate's log decay is kda_lower_bound * sigmoid(exp(A_log) * (f(x) + dt_bias)) where the gate is safe."""
+class BailingDeltaAttention(BoundedDeltaAttention):
+    """Bounded Kimi Delta Attention (where the gate is safe) with full-width projections for its forget and
+    output gates."""
 
     def __init__(self, args: BailingHybridArgs):
         heads = args.linear_num_heads or args.num_attention_heads
         head_dim = args.linear_head_dim or args.head_dim
         kernel = args.linear_conv_kernel_dim or args.short_conv_kernel_size
-        super().__init__(args.hidden_size, heads, head_dim, kernel, args.rms_norm_eps, args.hidden_act)
+        bound = args.kda_lower_bound if args.kda_safe_gate else None
+        super().__init__(args.hidden_size, heads, head_dim, kernel, args.rms_norm_eps, args.hidden_act, bound)
         del self.f_a_proj, self.f_b_proj, self.g_a_proj, self.g_b_proj
         width = heads * head_dim
         self.f_proj = nn.Linear(args.hidden_size, width, bias=False)
         self.g_proj = nn.Linear(args.hidden_size, width, bias=False)
-        self.A_log = nn.Parameter(torch.empty(heads))
-        self.lower_bound = args.kda_lower_bound if args.kda_safe_gate else None
 
-    def log_decay(self, x: torch.Tensor) -> torch.Tensor:
-        g = (self.f_proj(x).float() + self.dt_bias.float()).view(*x.shape[:2], self.heads, -1)
-        rate = self.A_log.float().exp()[:, None]  # [H, 1]
-        if self.lower_bound is not None:
-            return (self.lower_bound * torch.sigmoid(rate * g)).flatten(2)
-        return (-rate * F.softplus(g)).flatten(2)
+    def forget(self, x: torch.Tensor) -> torch.Tensor:
+        return self.f_proj(x)
 
     def output_gate(self, x: torch.Tensor) -> torch.Tensor:
         return self.g_proj(x)

@@ -439,12 +439,12 @@ class V4DecoderLayer(nn.Module):
 
     def forward(self, streams: torch.Tensor, step: Step, state: CompressedKV) -> torch.Tensor:
         post, comb, collapsed = self.attn_hc(streams)
-        streams = _spread(self.self_attn(self.input_layernorm(collapsed), step, state), post, comb, streams)
+        streams = spread_streams(self.self_attn(self.input_layernorm(collapsed), step, state), post, comb, streams)
         post, comb, collapsed = self.ffn_hc(streams)
-        return _spread(self.mlp(self.post_attention_layernorm(collapsed), step.ids), post, comb, streams)
+        return spread_streams(self.mlp(self.post_attention_layernorm(collapsed), step.ids), post, comb, streams)
 
 
-def _spread(out: torch.Tensor, post: torch.Tensor, comb: torch.Tensor, streams: torch.Tensor) -> torch.Tensor:
+def spread_streams(out: torch.Tensor, post: torch.Tensor, comb: torch.Tensor, streams: torch.Tensor) -> torch.Tensor:
     dtype = streams.dtype
     return post.to(dtype)[..., None] * out[..., None, :] + comb.to(dtype).transpose(-1, -2) @ streams
 

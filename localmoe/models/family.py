@@ -104,6 +104,7 @@ MAY_BE_ZERO = frozenset(
         "num_kv_shared_layers",
         "num_hash_layers",
         "index_skip_topk_offset",
+        "qk_rope_head_dim",  # GLM-5.3-Flash: latent attention without rotary
         "max_window_layers",
         "moe_layer_start_index",
         "sliding_window",

@@ -64,8 +64,15 @@ class KimiDeltaAttention(nn.Module):
 
     def log_decay(self, x: torch.Tensor) -> torch.Tensor:
         """The state's log decay per head and key channel, [B, T, H x D] float32: -exp(A_log) * softplus(...)."""
-        g = (self.f_b_proj(self.f_a_proj(x)).float() + self.dt_bias.float()).view(*x.shape[:2], self.heads, -1)
-        return (-self.A_log.float().exp() * F.softplus(g)).flatten(2)
+        return (-self.A_log.float().exp() * F.softplus(self._forget(x))).flatten(2)
+
+    def forget(self, x: torch.Tensor) -> torch.Tensor:
+        """The forget gate's projection, [B, T, H x D]."""
+        return self.f_b_proj(self.f_a_proj(x))
+
+    def _forget(self, x: torch.Tensor) -> torch.Tensor:
+        """forget(x) + dt_bias per head, [B, T, H, D] float32."""
+        return (self.forget(x).float() + self.dt_bias.float()).view(*x.shape[:2], self.heads, -1)
 
     def output_gate(self, x: torch.Tensor) -> torch.Tensor:
         """The output norm's gate, [B, T, H x D]."""
@@ -74,6 +81,23 @@ class KimiDeltaAttention(nn.Module):
     def _heads(self, t: torch.Tensor) -> torch.Tensor:
         """[B, T, H * D] -> [B, H, T, D] in float32."""
         return t.view(*t.shape[:2], self.heads, self.head_dim).transpose(1, 2).float()
+
+
+class BoundedDeltaAttention(KimiDeltaAttention):
+    """Kimi Delta Attention with one decay rate per head (A_log [H]) whose log decay, where `lower_bound` is
+    set, is lower_bound * sigmoid(exp(A_log) * (f(x) + dt_bias)): bounded below, never the softplus's
+    unbounded -exp(A_log) * softplus(...) (Ling 3's safe gate, GLM-5.3-Flash)."""
+
+    def __init__(self, hidden: int, heads: int, head_dim: int, kernel: int, eps: float, act: str, lower_bound):
+        super().__init__(hidden, heads, head_dim, kernel, eps, act)
+        self.A_log = nn.Parameter(torch.empty(heads))
+        self.lower_bound = lower_bound
+
+    def log_decay(self, x: torch.Tensor) -> torch.Tensor:
+        g, rate = self._forget(x), self.A_log.float().exp()[:, None]  # [B, T, H, D], [H, 1]
+        if self.lower_bound is not None:
+            return (self.lower_bound * torch.sigmoid(rate * g)).flatten(2)
+        return (-rate * F.softplus(g)).flatten(2)
 
 
 class SigmoidGatedRMSNorm(nn.Module):
