@@ -32,10 +32,13 @@ from localmoe.models import (
     granitemoeshared,
     hunyuan_v1_moe,
     hy_v3,
+    hy_v4,
+    hy_v4_vl,
     jamba,
     jetmoe,
     kimi_linear,
     laguna,
+    lara_mini,
     lfm2_moe,
     llama4,
     mellum,
@@ -44,6 +47,7 @@ from localmoe.models import (
     minimax_m2,
     minimax_m3_vl,
     mistral4,
+    mistral_large4,
     mixtral,
     nemotron_h,
     olmoe,
@@ -117,6 +121,10 @@ FAMILIES: tuple[Family, ...] = (
     ernie4_5_vl_moe.FAMILY,
     axk1.FAMILY,
     flint.FAMILY,
+    hy_v4.FAMILY,
+    hy_v4_vl.FAMILY,
+    lara_mini.FAMILY,
+    mistral_large4.FAMILY,
 )
 
 

@@ -105,9 +105,10 @@ def attention_scale(args: DeepseekV2Args) -> float:
     return scale
 
 
-def build(args: DeepseekV2Args, moe: Callable[..., SparseMoE] = SparseMoE, mtp: int = 0) -> CausalLM:
+def build(args: DeepseekV2Args, moe: Callable[..., SparseMoE] = SparseMoE, mtp: int = 0, **stack) -> CausalLM:
     """`moe` the MoE block's class, where a family adds to it (A.X-K1's norm after it); `mtp` the
-    multi-token-prediction layers to build after the last decoder layer, as the following layers."""
+    multi-token-prediction layers to build after the last decoder layer, as the following layers; `stack`:
+    `causal_lm`'s options (Mistral Large 4's learned rotary and logit capping)."""
     hidden = args.hidden_size
 
     def feed_forward(i: int) -> nn.Module:
@@ -129,7 +130,8 @@ def build(args: DeepseekV2Args, moe: Callable[..., SparseMoE] = SparseMoE, mtp: 
         DecoderLayer(args.attention(i), feed_forward(i), hidden, args.rms_norm_eps)
         for i in range(args.num_hidden_layers + mtp)
     ]
-    return causal_lm(args, layers[: args.num_hidden_layers], args.rotary_dim, mtp=layers[args.num_hidden_layers :])
+    first = args.num_hidden_layers
+    return causal_lm(args, layers[:first], args.rotary_dim, mtp=layers[first:], **stack)
 
 
 FAMILY = Family(
