@@ -13,13 +13,14 @@ from hypothesis import strategies as st
 import localmoe
 from localmoe.engine import RuntimeOptions
 from localmoe.errors import LocalMoEError
-from localmoe.models.moe import moe_blocks
+from localmoe.models.moe import Routing, moe_blocks
 from localmoe.runtime.expert_cache import ExpertCache, SlotTable
 from localmoe.runtime.expert_store import ExpertStore
 from localmoe.runtime.miss_policy import MissPolicy
 from localmoe.runtime.offload import OffloadedExperts
 from localmoe.runtime.profile import RoutingProfile
 from localmoe.runtime.resident import ResidentExperts
+from localmoe.runtime.routing_log import RoutingLog
 
 PROMPT, DECODE = 24, 10
 FAMILIES = {
@@ -339,3 +340,27 @@ def test_every_family_offloaded_equals_resident(family, tmp_path):
         tokens, logits = run(offloaded(path, expert_slots=slots, prefetch=depth, prefetch_margin=1, miss_policy=miss))
         assert tokens == expected_tokens, f"{slots} slots, {miss}"
         assert all(torch.equal(a, b) for a, b in zip(logits, expected_logits, strict=True)), f"{slots} slots, {miss}"
+
+
+def test_the_routing_log_learns_only_the_rows_a_step_wrote():
+    """A step that runs some layers (a draft through the multi-token-prediction layer alone) is learned
+    for those only; a replayed decode step, which writes its rows without telling the log how many, for
+    the rows it wrote."""
+    log = RoutingLog({3: 2, 5: 2}, 4, torch.device("cpu"), weights=False)
+    table = torch.tensor([0, -1, 1, -1], dtype=torch.int32)
+
+    def run(layer: int, ids: torch.Tensor) -> None:
+        log.lookup(layer, table, ids)
+        log.record(layer, Routing(torch.ones(ids.shape), ids, torch.rand(ids.shape[0], 4)))
+
+    run(3, torch.tensor([[0, 1], [2, 3], [1, 2]]))
+    run(5, torch.tensor([[3, 0], [1, 2], [0, 2]]))
+    log.close()
+    log._rows("ids", 3, 1).copy_(torch.tensor([[2, 0]]))  # what a captured one-token step writes on replay
+    log.close()
+    run(5, torch.tensor([[3, 1]]))
+    log.close()
+    both, replayed, drafted = log.taken()
+    assert [(r.layer, r.ids.shape) for r in both] == [(3, (3, 2)), (5, (3, 2))]
+    assert [(r.layer, r.ids.tolist()) for r in replayed] == [(3, [[2, 0]])]
+    assert [(r.layer, r.ids.tolist(), r.slots.tolist()) for r in drafted] == [(5, [[3, 1]], [[-1, -1]])]

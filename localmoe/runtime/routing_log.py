@@ -102,14 +102,15 @@ class RoutingLog:
         return steps
 
     def _layers(self, host: dict[str, torch.Tensor], tokens: int) -> list[LayerRouting]:
-        def rows(name: str, layer: int) -> numpy.ndarray | None:
-            return self._rows(name, layer, tokens, host).numpy().copy() if name in host else None
-
-        return [
-            LayerRouting(layer, rows("ids", layer), rows("slots", layer), rows("scores", layer), rows("weights", layer))
-            for layer in self.layers
-            if self._rows("ids", layer, tokens, host)[0, 0] >= 0
-        ]
+        """Each layer's rows the step wrote (ids not -1): none for a layer it did not run, and only the
+        first of a replayed decode step's, whose token count the log keeps from an earlier step."""
+        layers = []
+        for layer in self.layers:
+            written = self._rows("ids", layer, tokens, host)[:, 0].numpy() >= 0
+            if written.any():
+                rows = {name: self._rows(name, layer, tokens, host).numpy()[written] for name in host}
+                layers.append(LayerRouting(layer, rows["ids"], rows["slots"], rows["scores"], rows.get("weights")))
+        return layers
 
     def _allocate(self, tokens: int) -> None:
         """Device buffers for steps of up to `tokens` tokens (between steps only: a captured step keeps its)."""
