@@ -82,14 +82,17 @@ def _language_model(ckpt: Checkpoint, family: Family) -> Checkpoint:
     return ckpt.part_view(part, config, wrapper.prefixes)
 
 
-def model_skeleton(ckpt: Checkpoint, family: Family, dtype: torch.dtype | None = None) -> ModelParts:
+def model_skeleton(ckpt: Checkpoint, family: Family, dtype: torch.dtype | None = None, mtp: bool = True) -> ModelParts:
     """The model of `family` built on `meta`, with every tensor it needs found in the checkpoint and its
-    shape checked; no weights are read."""
+    shape checked; no weights are read. Without `mtp`, no multi-token-prediction layers: nothing drafts
+    with them, so their weights would only take memory and their experts cache slots and prefetches."""
     _check_quantization(ckpt, family)
     args = family.args.from_config(ckpt.config)
     _check_layer_count(ckpt, args)
     with torch.device("meta"):
         model = family.model(args)
+    if not mtp:
+        model.mtp = None
     _drop_incomplete_mtp(model, ckpt, family)
     sources = _resident_sources(model, ckpt, family)
     experts = ExpertSource(ckpt, family.experts, moe_blocks(model))

@@ -325,6 +325,16 @@ def test_mtp_speculates_exactly(mtp_release):
         assert_plain(plain.model, PROMPT, list(offloaded.generate_ids(PROMPT, NEW)), expected)
 
 
+def test_without_mtp_drafts_the_mtp_layers_are_not_loaded(mtp_release):
+    """Speculation off or by lookup: the MTP layers would only take memory, slots and prefetches."""
+    with_mtp = localmoe.load(str(mtp_release), device="cpu", dtype=torch.float32)
+    for speculative in ("off", "lookup"):
+        engine = localmoe.load(str(mtp_release), device="cpu", dtype=torch.float32, speculative=speculative)
+        assert engine.model.mtp is None
+        assert engine.plan.footprint.moe_layers == with_mtp.plan.footprint.moe_layers - 1
+        assert not any(name.startswith("mtp.") for name, _ in engine.model.named_parameters())
+
+
 def test_mtp_drafts_are_the_layer_run_on_the_sequence(mtp_release):
     """The drafter's first draft after the prompt is the MTP layer's prediction from the target's hidden
     states at every prompt position and the tokens after them; its next ones chain its own outputs."""
