@@ -1075,6 +1075,29 @@ FLINT = dict(
     mlp_only_layers=[1],
 )
 
+INKLING = dict(
+    BASE,
+    num_hidden_layers=3,
+    num_key_value_heads=2,
+    head_dim=16,
+    swa_num_attention_heads=2,  # sliding layers: their own head counts and head size
+    swa_num_key_value_heads=1,
+    swa_head_dim=24,
+    sliding_window_size=8,  # shorter than the prompts, as is the full layers' relative bias
+    rel_extent=12,
+    d_rel=4,
+    local_layer_ids=[0, 2],
+    log_scaling_n_floor=6,  # queries and biases scaled from position 6 on
+    dense_mlp_idx=1,
+    intermediate_size=48,
+    moe_intermediate_size=32,
+    n_routed_experts=5,
+    num_experts_per_tok=2,
+    n_shared_experts=2,
+    unpadded_vocab_size=257,
+    logits_mup_width_multiplier=0.25,  # logits of a useful size for the tolerance
+)
+
 TINY_FAMILIES = {
     "mixtral": ("MixtralConfig", MIXTRAL),  # 3 MoE layers x 5 experts, top-2
     "qwen2_moe": ("Qwen2MoeConfig", QWEN2_MOE),
@@ -1135,6 +1158,7 @@ TINY_FAMILIES = {
     "ernie4_5_vl_moe_text": ("Ernie4_5_VLMoeConfig", ERNIE4_5_VL_MOE),
     "axk1": ("AXK1Config", AXK1),
     "flint": ("FlintConfig", FLINT),
+    "inkling_text": ("InklingTextConfig", INKLING),
 }
 
 

@@ -64,6 +64,9 @@ MODELS = {
     "minimax-m3": ("minimax_m3_vl_text", {}, None),
     # keys and values beside rings of the convolutions' inputs and of the delayed values
     "zaya-ring": ("zaya", {}, 4),
+    # rings of keys and values, of the key and value convolutions' inputs and of the layer outputs'
+    # convolutions, with no rotary: positions from a relative bias
+    "inkling-ring": ("inkling_text", {}, 4),
     "bailing-hybrid": ("bailing_hybrid", {}, None),
     # Mamba-1 state (a convolution window and a state per channel) beside keys and values without rotary
     "jamba": ("jamba", {}, None),

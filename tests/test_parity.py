@@ -844,6 +844,19 @@ CASES = {
         "single",
     ),
     "flint-fused": ("flint", {}, "fused"),
+    "inkling-sharded": ("inkling_text", {}, "sharded"),
+    # every layer full and sparse, no logarithmic scaling, a head without padding, one shared expert
+    "inkling-full-sparse": (
+        "inkling_text",
+        {
+            "local_layer_ids": [],
+            "dense_mlp_idx": 0,
+            "log_scaling_n_floor": None,
+            "unpadded_vocab_size": None,
+            "n_shared_experts": 1,
+        },
+        "single",
+    ),
 }
 
 
@@ -871,7 +884,18 @@ def test_experts_read_in_the_layout_written(pair, request):
     name = request.node.callspec.params["pair"]
     # save_pretrained writes the Hub's per-expert names, except for the families whose Hub layout is fused
     # (one tensor for gate and up) or stacked (one per role)
-    fused_on_the_hub = ("gpt-oss", "llama4", "gemma4", "mistral4", "qwen3-vl-moe", "granite", "zaya", "aria", "jetmoe")
+    fused_on_the_hub = (
+        "gpt-oss",
+        "llama4",
+        "gemma4",
+        "mistral4",
+        "qwen3-vl-moe",
+        "granite",
+        "zaya",
+        "aria",
+        "jetmoe",
+        "inkling",
+    )
     expected = Fused if CASES[name][2] == "fused" or name.startswith(fused_on_the_hub) else PerExpert
     expected = Stacked if name.startswith("step3p7") else expected
     expected = Concatenated if name.startswith("dbrx") else expected
@@ -1277,3 +1301,28 @@ def test_jetmoe_config_as_the_release_writes_it():
     args = family.args.from_config(config)
     assert family.model_type == "jetmoe"
     assert (args.intermediate_size, args.num_local_experts, args.num_experts_per_tok) == (5632, 8, 2)
+
+
+def test_inkling_config_as_the_release_writes_it():
+    """Inkling's release gives the experts' width as intermediate_size beside a dense_intermediate_size,
+    the convolution's width as sconv_kernel_size and the context as model_max_length; transformers
+    reads them so."""
+    from localmoe.models import family_for
+
+    config = {
+        "architectures": ["InklingForCausalLM"],
+        "model_type": "inkling_text",
+        "vocab_size": 201024,
+        "hidden_size": 6144,
+        "num_hidden_layers": 12,
+        "intermediate_size": 3072,
+        "dense_intermediate_size": 24576,
+        "dense_mlp_idx": 2,
+        "sconv_kernel_size": 3,
+        "model_max_length": 65536,
+    }
+    args = family_for(config).args.from_config(config)
+    assert (args.moe_intermediate_size, args.intermediate_size) == (3072, 24576)
+    assert args.mlp_layer_types == ["dense"] * 2 + ["sparse"] * 10
+    assert args.layer_types == (["hybrid_sliding"] * 5 + ["hybrid"]) * 2
+    assert (args.conv_kernel_size, args.max_position_embeddings) == (3, 65536)

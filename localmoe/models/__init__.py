@@ -32,6 +32,7 @@ from localmoe.models import (
     granitemoeshared,
     hunyuan_v1_moe,
     hy_v3,
+    inkling,
     jamba,
     jetmoe,
     kimi_linear,
@@ -117,6 +118,7 @@ FAMILIES: tuple[Family, ...] = (
     ernie4_5_vl_moe.FAMILY,
     axk1.FAMILY,
     flint.FAMILY,
+    inkling.FAMILY,
 )
 
 
