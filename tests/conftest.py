@@ -782,7 +782,7 @@ COHERE2_MOE = dict(
     BASE,
     intermediate_size=24,  # routed and shared experts
     prefix_dense_intermediate_size=48,
-    num_hidden_layers=5,  # a dense prefix layer, then three sliding-window layers and a global one
+    num_hidden_layers=4,  # a dense prefix layer, then three sliding-window layers and a global one
     num_key_value_heads=2,
     head_dim=16,
     num_experts=6,
@@ -1098,6 +1098,32 @@ INKLING = dict(
     logits_mup_width_multiplier=0.25,  # logits of a useful size for the tolerance
 )
 
+INKLING2 = dict(
+    BASE,
+    unpadded_vocab_size=257,  # the head's last row is padding
+    num_hidden_layers=4,
+    num_key_value_heads=2,
+    head_dim=16,
+    swa_num_attention_heads=2,  # sliding layers: their own head counts and head size
+    swa_num_key_value_heads=1,
+    swa_head_dim=24,
+    sliding_window_size=8,  # shorter than the prompts, as is the full layers' relative bias
+    rel_extent=12,
+    d_rel=4,
+    log_scaling_n_floor=6,  # queries and relative states scaled from position 6 on
+    layer_types=["hybrid_sliding", "hybrid", "hybrid_sliding", "hybrid"],
+    n_layers_per_attn_res_block=2,  # two blocks
+    qk_l2_clip_threshold=0.2,  # clips some query heads, not all
+    rel_l2_clip_threshold=0.1,
+    mlp_gate_softcap=0.3,  # bites on the gates of this scale
+    mlp_up_softcap=0.3,
+    final_logit_softcapping=3.0,
+    moe_intermediate_size=32,
+    n_routed_experts=5,
+    num_experts_per_tok=2,
+    eos_token_id=257,
+)
+
 TINY_FAMILIES = {
     "mixtral": ("MixtralConfig", MIXTRAL),  # 3 MoE layers x 5 experts, top-2
     "qwen2_moe": ("Qwen2MoeConfig", QWEN2_MOE),
@@ -1159,6 +1185,7 @@ TINY_FAMILIES = {
     "axk1": ("AXK1Config", AXK1),
     "flint": ("FlintConfig", FLINT),
     "inkling_text": ("InklingTextConfig", INKLING),
+    "inkling2_text": ("Inkling2TextConfig", INKLING2),
 }
 
 

@@ -22,6 +22,7 @@ LOOSER = {
     "bailing-hybrid": 1e-4,
     "step3p7-ring": 1e-4,
     "minimax-m3": 1e-4,
+    "inkling2-ring": 3e-5,
 }
 
 # name: (family in TINY_FAMILIES, overrides of its config, the rewind slack of windowed layers: small,
@@ -67,6 +68,8 @@ MODELS = {
     # rings of keys and values, of the key and value convolutions' inputs and of the layer outputs'
     # convolutions, with no rotary: positions from a relative bias
     "inkling-ring": ("inkling_text", {}, 4),
+    # Inkling's states, with dynamic convolutions; block states carried between layers within a pass
+    "inkling2-ring": ("inkling2_text", {}, 4),
     "bailing-hybrid": ("bailing_hybrid", {}, None),
     # Mamba-1 state (a convolution window and a state per channel) beside keys and values without rotary
     "jamba": ("jamba", {}, None),

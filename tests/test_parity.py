@@ -11,6 +11,7 @@ from conftest import (
     ERNIE4_5_VL_MOE,
     GEMMA4,
     GLM4V_MOE,
+    INKLING2,
     LLAMA4,
     MINIMAX_M3,
     MISTRAL4,
@@ -857,6 +858,13 @@ CASES = {
         },
         "single",
     ),
+    "inkling2-sharded": ("inkling2_text", {}, "sharded"),
+    # a block per layer, every layer full: dynamic convolutions and three attention inputs throughout
+    "inkling2-full-blocks": (
+        "inkling2_text",
+        {"layer_types": ["hybrid"] * 3, "num_hidden_layers": 3, "n_layers_per_attn_res_block": 1},
+        "single",
+    ),
 }
 
 
@@ -1139,6 +1147,19 @@ MULTIMODAL = {
         "Step3p7ForConditionalGeneration",
         STEP3P7["text_config"],
         STEP3P7["vision_config"],
+    ),
+    "inkling2": (
+        "Inkling2Config",
+        "Inkling2ForConditionalGeneration",
+        INKLING2,
+        dict(
+            hidden_size=16,
+            num_hidden_layers=1,
+            num_attention_heads=2,
+            patch_size=4,
+            projection_hidden_dim=16,
+            text_hidden_size=64,
+        ),
     ),
 }
 

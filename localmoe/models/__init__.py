@@ -33,6 +33,7 @@ from localmoe.models import (
     hunyuan_v1_moe,
     hy_v3,
     inkling,
+    inkling2,
     jamba,
     jetmoe,
     kimi_linear,
@@ -119,6 +120,7 @@ FAMILIES: tuple[Family, ...] = (
     axk1.FAMILY,
     flint.FAMILY,
     inkling.FAMILY,
+    inkling2.FAMILY,
 )
 
 

@@ -277,11 +277,11 @@ def inkling_moe(args: InklingArgs, i: int) -> InklingMoE:
 
 
 class NormedEmbedding(nn.Embedding):
-    """Embeddings, RMS-normalised."""
+    """Embeddings, RMS-normalised (by `norm`, a class of layers.py's norms)."""
 
-    def __init__(self, vocab_size: int, hidden: int, eps: float):
+    def __init__(self, vocab_size: int, hidden: int, eps: float, norm=RMSNorm):
         super().__init__(vocab_size, hidden)
-        self.embed_norm = RMSNorm(hidden, eps)
+        self.embed_norm = norm(hidden, eps)
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
         return self.embed_norm(super().forward(ids))
