@@ -1124,6 +1124,16 @@ INKLING2 = dict(
     eos_token_id=257,
 )
 
+INKLING2_LOOP = dict(
+    INKLING2,
+    num_hidden_layers=6,
+    layer_types=["hybrid_sliding", "hybrid"] * 3,
+    loop_layer_index_start=2,  # the middle block (a sliding and a full layer) three times
+    loop_layer_index_end=4,
+    loop_num_passes=3,
+    loop_gate_rank=8,
+)
+
 TINY_FAMILIES = {
     "mixtral": ("MixtralConfig", MIXTRAL),  # 3 MoE layers x 5 experts, top-2
     "qwen2_moe": ("Qwen2MoeConfig", QWEN2_MOE),
@@ -1186,6 +1196,7 @@ TINY_FAMILIES = {
     "flint": ("FlintConfig", FLINT),
     "inkling_text": ("InklingTextConfig", INKLING),
     "inkling2_text": ("Inkling2TextConfig", INKLING2),
+    "inkling2_loop_text": ("Inkling2LoopTextConfig", INKLING2_LOOP),
 }
 
 

@@ -12,6 +12,7 @@ from conftest import (
     GEMMA4,
     GLM4V_MOE,
     INKLING2,
+    INKLING2_LOOP,
     LLAMA4,
     MINIMAX_M3,
     MISTRAL4,
@@ -865,6 +866,18 @@ CASES = {
         {"layer_types": ["hybrid"] * 3, "num_hidden_layers": 3, "n_layers_per_attn_res_block": 1},
         "single",
     ),
+    "inkling2-loop-sharded": ("inkling2_loop_text", {}, "sharded"),
+    # two loop blocks of one layer each, twice; layers after the loop
+    "inkling2-loop-two-blocks": (
+        "inkling2_loop_text",
+        {
+            "n_layers_per_attn_res_block": 1,
+            "loop_layer_index_start": 1,
+            "loop_layer_index_end": 3,
+            "loop_num_passes": 2,
+        },
+        "single",
+    ),
 }
 
 
@@ -1148,6 +1161,19 @@ MULTIMODAL = {
         STEP3P7["text_config"],
         STEP3P7["vision_config"],
     ),
+    "inkling2-loop": (
+        "Inkling2LoopConfig",
+        "Inkling2LoopForConditionalGeneration",
+        INKLING2_LOOP,
+        dict(
+            hidden_size=16,
+            num_hidden_layers=1,
+            num_attention_heads=2,
+            patch_size=4,
+            projection_hidden_dim=16,
+            text_hidden_size=64,
+        ),
+    ),
     "inkling2": (
         "Inkling2Config",
         "Inkling2ForConditionalGeneration",
@@ -1347,3 +1373,21 @@ def test_inkling_config_as_the_release_writes_it():
     assert args.mlp_layer_types == ["dense"] * 2 + ["sparse"] * 10
     assert args.layer_types == (["hybrid_sliding"] * 5 + ["hybrid"]) * 2
     assert (args.conv_kernel_size, args.max_position_embeddings) == (3, 65536)
+
+
+def test_inkling2_loop_settings_as_the_release_nests_them():
+    """The release gives the loop's settings in a `loop_config` of its own names; transformers reads them so."""
+    from localmoe.models import family_for
+
+    config = {
+        "architectures": ["Inkling2LoopForCausalLM"],
+        "model_type": "inkling2_loop_text",
+        "vocab_size": 201024,
+        "hidden_size": 2304,
+        "num_hidden_layers": 24,
+        "loop_config": {"core_start": 12, "core_end": 18, "num_passes": 2, "gate_rank": 32},
+    }
+    args = family_for(config).args.from_config(config)
+    assert (args.loop, args.loop_num_passes, args.loop_gate_rank) == (range(12, 18), 2, 32)
+    with pytest.raises(localmoe.LocalMoEError, match="not whole blocks of 6"):
+        family_for(config).args.from_config({**config, "loop_config": {"core_start": 4}})

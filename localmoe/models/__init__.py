@@ -34,6 +34,7 @@ from localmoe.models import (
     hy_v3,
     inkling,
     inkling2,
+    inkling2_loop,
     jamba,
     jetmoe,
     kimi_linear,
@@ -121,6 +122,7 @@ FAMILIES: tuple[Family, ...] = (
     flint.FAMILY,
     inkling.FAMILY,
     inkling2.FAMILY,
+    inkling2_loop.FAMILY,
 )
 
 
