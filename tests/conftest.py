@@ -1134,6 +1134,41 @@ INKLING2_LOOP = dict(
     loop_gate_rank=8,
 )
 
+DOTS3_NOTE = dict(
+    BASE,
+    intermediate_size=96,
+    moe_intermediate_size=32,
+    num_hidden_layers=6,
+    num_key_value_heads=4,
+    n_shared_experts=2,
+    shared_experts_intermediate_size=20,
+    n_routed_experts=8,
+    num_experts_per_tok=2,
+    n_group=2,
+    topk_group=1,
+    routed_scaling_factor=1.5,
+    kv_lora_rank=16,
+    q_lora_rank=24,
+    qk_rope_head_dim=8,
+    qk_nope_head_dim=16,
+    head_dim=24,
+    v_head_dim=16,
+    index_topk=8,  # fewer than the prompts' tokens: the indexer selects
+    index_head_dim=16,
+    index_n_heads=16,  # enough heads that relu leaves no exact ties for top-k to break either way
+    sliding_window=8,
+    # indexed layers 0, 1 and 5, sliding ones between: their own heads, ranks and head sizes
+    swa_num_attention_heads=2,
+    swa_num_key_value_heads=2,
+    swa_q_lora_rank=16,
+    swa_kv_lora_rank=12,
+    swa_head_dim=20,
+    swa_qk_nope_head_dim=12,
+    swa_v_head_dim=8,
+    rope_theta=10000.0,  # the sliding layers keep 50000
+    pad_token_id=0,
+)
+
 TINY_FAMILIES = {
     "mixtral": ("MixtralConfig", MIXTRAL),  # 3 MoE layers x 5 experts, top-2
     "qwen2_moe": ("Qwen2MoeConfig", QWEN2_MOE),
@@ -1197,6 +1232,7 @@ TINY_FAMILIES = {
     "inkling_text": ("InklingTextConfig", INKLING),
     "inkling2_text": ("Inkling2TextConfig", INKLING2),
     "inkling2_loop_text": ("Inkling2LoopTextConfig", INKLING2_LOOP),
+    "dots3_note_text": ("Dots3NoteTextConfig", DOTS3_NOTE),
 }
 
 

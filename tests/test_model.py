@@ -104,6 +104,8 @@ REWIND_ONLY = {
     "ernie4-5-vl-moe": ("ernie4_5_vl_moe_text", None),
     "axk1": ("axk1", None),
     "flint-ring": ("flint", 3),
+    # latents of every position in sliding layers beside indexed ones
+    "dots3-note": ("dots3_note_text", None),
 }
 
 

@@ -878,6 +878,15 @@ CASES = {
         },
         "single",
     ),
+    "dots3-note-sharded": ("dots3_note_text", {}, "sharded"),
+    # every layer indexed (no window), one group of experts, shared experts as wide as the routed ones
+    "dots3-note-indexed-fused": (
+        "dots3_note_text",
+        {"use_sliding_window": False, "n_group": 1, "shared_experts_intermediate_size": 32},
+        "fused",
+    ),
+    # plain latent attention where the indexer was (use_dsa false), a dense second layer
+    "dots3-note-full-sliding": ("dots3_note_text", {"use_dsa": False, "moe_layer_freq": [1, 0, 1, 1, 1, 1]}, "single"),
 }
 
 
@@ -1391,3 +1400,33 @@ def test_inkling2_loop_settings_as_the_release_nests_them():
     assert (args.loop, args.loop_num_passes, args.loop_gate_rank) == (range(12, 18), 2, 32)
     with pytest.raises(localmoe.LocalMoEError, match="not whole blocks of 6"):
         family_for(config).args.from_config({**config, "loop_config": {"core_start": 4}})
+
+
+def test_dots3_note_config_as_the_release_writes_it():
+    """The release gives the sliding layers' sizes as `swa_*` fields and the MoE schedule as DeepSeek does;
+    localmoe derives the layers as transformers does."""
+    import transformers
+
+    from localmoe.models import family_for
+
+    config = {
+        "architectures": ["Dots3NoteForCausalLM"],
+        "model_type": "dots3_note_text",
+        "vocab_size": 1000,
+        "hidden_size": 512,
+        "num_hidden_layers": 8,
+        "first_k_dense_replace": 2,
+        "swa_num_attention_heads": 8,
+        "swa_num_key_value_heads": 8,
+        "swa_q_lora_rank": 96,
+        "swa_head_dim": 96,
+        "swa_qk_nope_head_dim": 64,
+    }
+    args = family_for(config).args.from_config(config)
+    reference = transformers.Dots3NoteTextConfig(**{k: v for k, v in config.items() if k != "architectures"})
+    assert args.layer_types == reference.layer_types and args.mlp_layer_types == reference.mlp_layer_types
+    for i in range(8):
+        ours, theirs = args.layer(i), reference.per_layer_config[i]
+        for size in ("num_attention_heads", "q_lora_rank", "kv_lora_rank", "qk_nope_head_dim", "qk_rope_head_dim"):
+            assert getattr(ours, size) == getattr(theirs, size), (i, size)
+    assert args.rope("sliding_attention")["rope_theta"] == reference.rope_parameters["sliding_attention"]["rope_theta"]

@@ -15,6 +15,7 @@ from localmoe.models import (
     deepseek_v4,
     deepseek_v32,
     dots1,
+    dots3_note,
     ernie4_5_moe,
     ernie4_5_vl_moe,
     exaone_moe,
@@ -123,6 +124,7 @@ FAMILIES: tuple[Family, ...] = (
     inkling.FAMILY,
     inkling2.FAMILY,
     inkling2_loop.FAMILY,
+    dots3_note.FAMILY,
 )
 
 

@@ -232,11 +232,13 @@ class LatentAttention(nn.Module):
         latent_eps: float = 1e-6,
         position_scaling: tuple[float, int] | None = None,
         rope: bool = True,
+        rotary: RotaryEmbedding | None = None,
     ):
         super().__init__()
         self.heads, self.kv_lora_rank = heads, kv_lora_rank
         self.nope_dim, self.rope_dim, self.v_dim = qk_nope_head_dim, qk_rope_head_dim, v_head_dim
         self.interleaved_rope, self.scale, self.rope = interleaved_rope, scale, rope
+        self.rotary = rotary  # as Attention's: a rotary of this layer's kind, where the model has several
         # Mistral 4: queries times 1 + beta * log(1 + floor(position / original context)), as (beta, context)
         self.position_scaling = position_scaling
         qk_head_dim = qk_nope_head_dim + qk_rope_head_dim
@@ -267,12 +269,12 @@ class LatentAttention(nn.Module):
         q = self.q_proj(x) if q_low is None else self.q_b_proj(q_low)
         q = q.view(B, T, self.heads, -1).transpose(1, 2)  # [B, H, T, nope + rope]
         q_nope, q_rot = q.split((self.nope_dim, self.rope_dim), dim=-1)
-        latent, k_rot = self.kv_a_proj_with_mqa(x).split((self.kv_lora_rank, self.rope_dim), dim=-1)
-        latent = self.kv_a_layernorm(latent)  # [B, T, rank]
+        latent, k_rot = self.latent(x)  # [B, T, rank], [B, T, rope]
         k_rot = k_rot.view(B, 1, T, self.rope_dim)
         if self.rope:
             rotate = apply_rotary_interleaved if self.interleaved_rope else apply_rotary
-            q_rot, k_rot = rotate(q_rot, step.cos, step.sin), rotate(k_rot, step.cos, step.sin)
+            cos, sin = (step.cos, step.sin) if self.rotary is None else step.rotary(self.rotary)
+            q_rot, k_rot = rotate(q_rot, cos, sin), rotate(k_rot, cos, sin)
         if self.position_scaling is not None:
             beta, context = self.position_scaling
             scale = (1 + beta * torch.log1p(torch.floor(step.positions().float() / context))).to(q_rot.dtype)
@@ -282,6 +284,11 @@ class LatentAttention(nn.Module):
         attend = self._absorbed if self.absorbs(T) else self._expanded
         out = attend(q_nope, q_rot, latent, k_rot, mask, is_causal)  # [B, H, T, v]
         return self.output(x, out.transpose(1, 2).reshape(B, T, -1))
+
+    def latent(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Each token's normalised latent [B, T, rank] and its rotary key before rotation [B, T, rope]."""
+        latent, k_rot = self.kv_a_proj_with_mqa(x).split((self.kv_lora_rank, self.rope_dim), dim=-1)
+        return self.kv_a_layernorm(latent), k_rot
 
     def absorbs(self, queries: int) -> bool:
         """Whether attending in the latent space costs fewer multiplies for this many queries: per query
