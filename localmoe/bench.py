@@ -418,11 +418,12 @@ def _cpu_sections(folder: Path) -> list[str]:
 
 def _load(model: dict) -> str:
     """The machine's load average during a model's rounds, where measured, else a note on it."""
+    note = model.get("note", "")
     if "load" in model:
         load = model["load"]
         spread = f"{load['median']:.1f} ({load['min']:.1f}-{load['max']:.1f})"
-        return f"Load average (1 minute) at each round's start: {spread}."
-    return model.get("note", "")
+        return f"Load average (1 minute) at each round's start: {spread}. {note}".strip()
+    return note
 
 
 def _kernel_sections(folder: Path) -> list[str]:

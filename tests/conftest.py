@@ -782,7 +782,7 @@ COHERE2_MOE = dict(
     BASE,
     intermediate_size=24,  # routed and shared experts
     prefix_dense_intermediate_size=48,
-    num_hidden_layers=4,  # a dense prefix layer, then three sliding-window layers and a global one
+    num_hidden_layers=5,  # a dense prefix layer, then three sliding-window layers and a global one
     num_key_value_heads=2,
     head_dim=16,
     num_experts=6,
@@ -1075,6 +1075,82 @@ FLINT = dict(
     mlp_only_layers=[1],
 )
 
+HY_V4 = dict(
+    BASE,
+    intermediate_size=96,
+    moe_intermediate_size=32,
+    num_hidden_layers=5,  # transformers' default indexers: full, full, shared, shared, shared; a dense first layer
+    n_routed_experts=8,
+    num_experts_per_tok=2,
+    routed_scaling_factor=2.5,
+    kv_lora_rank=16,
+    q_lora_rank=24,
+    qk_rope_head_dim=8,
+    qk_nope_head_dim=16,
+    v_head_dim=12,
+    index_topk=8,  # fewer than the prompt's tokens: the selection cuts
+    index_head_dim=16,
+    index_n_heads=16,  # enough heads that relu leaves no exact ties for top-k to break either way
+    hc_mult=3,
+    pad_token_id=0,
+)
+
+HY_V4_VL = dict(  # the language model beside a tiny vision tower
+    text_config=dict(
+        HY_V4,
+        rms_norm_eps=1e-5,  # the latent norms' too, in this model
+        rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [2, 1, 1]},
+    ),
+    vision_config=dict(
+        hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2, out_hidden_size=64
+    ),
+)
+
+LARA_MINI = dict(
+    BASE,
+    num_hidden_layers=5,  # transformers' default period: linear, sliding, linear, full (no rotary), sliding
+    num_key_value_heads=2,
+    head_dim=16,
+    sliding_window=8,  # shorter than the prompts
+    linear_num_key_heads=2,
+    linear_num_value_heads=4,  # two value heads per key head
+    linear_key_head_dim=16,
+    linear_value_head_dim=8,
+    moe_intermediate_size=32,
+    shared_expert_intermediate_size=48,
+    num_experts=6,
+    num_experts_per_tok=2,
+    pad_token_id=0,
+)
+
+MISTRAL_LARGE4 = dict(  # the language model beside a tiny vision tower
+    text_config=dict(
+        BASE,
+        intermediate_size=96,
+        moe_intermediate_size=32,
+        num_hidden_layers=4,  # transformers' default: the fourth without rotary
+        num_key_value_heads=4,
+        n_routed_experts=8,
+        num_experts_per_tok=2,
+        n_group=2,
+        topk_group=1,
+        routed_scaling_factor=1.5,
+        kv_lora_rank=16,
+        qk_rope_head_dim=8,
+        qk_nope_head_dim=16,
+        v_head_dim=12,
+        index_topk=8,  # fewer than the prompt's tokens: the selection cuts
+        index_head_dim=16,
+        index_n_heads=16,  # enough heads that relu leaves no exact ties for top-k to break either way
+        indexer_types=["full", "full", "shared", "full"],
+        first_k_dense_replace=1,
+        final_logit_softcapping=3.0,  # below the logits: the cap bites
+    ),
+    vision_config=dict(
+        hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2, image_size=28, patch_size=14
+    ),
+)
+
 INKLING = dict(
     BASE,
     num_hidden_layers=3,
@@ -1229,6 +1305,10 @@ TINY_FAMILIES = {
     "ernie4_5_vl_moe_text": ("Ernie4_5_VLMoeConfig", ERNIE4_5_VL_MOE),
     "axk1": ("AXK1Config", AXK1),
     "flint": ("FlintConfig", FLINT),
+    "hy_v4": ("HYV4Config", HY_V4),
+    "hy_v4_vl_text": ("HYV4VLConfig", HY_V4_VL),
+    "lara_mini": ("LaraMiniConfig", LARA_MINI),
+    "mistral_large4_text": ("MistralLarge4Config", MISTRAL_LARGE4),
     "inkling_text": ("InklingTextConfig", INKLING),
     "inkling2_text": ("Inkling2TextConfig", INKLING2),
     "inkling2_loop_text": ("Inkling2LoopTextConfig", INKLING2_LOOP),

@@ -80,6 +80,8 @@ MODELS = {
     "jamba": ("jamba", {}, None),
     # queries from routed attention experts, keys and values shared by them
     "jetmoe": ("jetmoe", {}, None),
+    # sinks in latent attention over chunks, the indexer's choice shared by later layers, hyper-connections
+    "hy-v4": ("hy_v4", {"index_topk": 4}, None),
 }
 
 # The chat rewind alone for families whose kinds of state MODELS already covers in depth:
@@ -104,6 +106,9 @@ REWIND_ONLY = {
     "ernie4-5-vl-moe": ("ernie4_5_vl_moe_text", None),
     "axk1": ("axk1", None),
     "flint-ring": ("flint", 3),
+    "hy-v4-vl": ("hy_v4_vl_text", None),
+    "lara-mini-ring": ("lara_mini", 3),
+    "mistral-large4": ("mistral_large4_text", None),
     # latents of every position in sliding layers beside indexed ones
     "dots3-note": ("dots3_note_text", None),
 }

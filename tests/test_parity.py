@@ -11,11 +11,13 @@ from conftest import (
     ERNIE4_5_VL_MOE,
     GEMMA4,
     GLM4V_MOE,
+    HY_V4_VL,
     INKLING2,
     INKLING2_LOOP,
     LLAMA4,
     MINIMAX_M3,
     MISTRAL4,
+    MISTRAL_LARGE4,
     PHIMOE,
     QWEN3_5_MOE,
     QWEN3_OMNI_MOE,
@@ -846,6 +848,85 @@ CASES = {
         "single",
     ),
     "flint-fused": ("flint", {}, "fused"),
+    "hy-v4-sharded": ("hy_v4", {}, "sharded"),
+    # clamps that bite, biases, a smaller hyper-connection magnitude, indexers alternating, yarn whose
+    # mscale_all_dim scales the attention, tied embeddings
+    "hy-v4-clamped-bias-yarn-tied": (
+        "hy_v4",
+        {
+            "swiglu_limit": 0.3,
+            "attention_bias": True,
+            "hc_magnitude": 1.5,
+            "indexer_types": ["full", "shared", "full", "shared", "full"],
+            "rope_parameters": {
+                "rope_type": "yarn",
+                "rope_theta": 10000.0,
+                "factor": 4.0,
+                "original_max_position_embeddings": 16,
+                "mscale": 1.0,
+                "mscale_all_dim": 1.0,
+            },
+            "tie_word_embeddings": True,
+        },
+        "single",
+    ),
+    "hy-v4-fused": ("hy_v4", {}, "fused"),
+    # transformers defines Hy4-VL's language model only inside its multimodal model: the reference is that
+    "hy-v4-vl-sharded": ("hy_v4_vl_text", {}, "sharded"),
+    # clamps that bite, biases, indexers alternating
+    "hy-v4-vl-clamped-bias": (
+        "hy_v4_vl_text",
+        {
+            "text_config": {
+                **HY_V4_VL["text_config"],
+                "swiglu_limit": 0.3,
+                "attention_bias": True,
+                "indexer_types": ["full", "shared", "full", "shared", "full"],
+            }
+        },
+        "single",
+    ),
+    # (no "fused" case: transformers keeps the language model under model.language_model. in memory, which no
+    # release stores)
+    "lara-mini-sharded": ("lara_mini", {}, "sharded"),
+    # its own layer kinds, no renormalisation, biases, an LM head of its own
+    "lara-mini-layers-bias-untied": (
+        "lara_mini",
+        {
+            "layer_types": [
+                "full_attention",
+                "linear_attention",
+                "sliding_attention",
+                "linear_attention",
+                "full_attention",
+            ],
+            "norm_topk_prob": False,
+            "attention_bias": True,
+            "tie_word_embeddings": False,
+        },
+        "single",
+    ),
+    # (no "fused" case: transformers keeps the linear layers' input projections apart in memory, which no
+    # release stores)
+    # transformers defines Mistral Large 4's language model only inside its multimodal model: the reference is that
+    "mistral-large4-sharded": ("mistral_large4_text", {}, "sharded"),
+    # rotary on other layers, every layer its own selection, one group of experts, plain rotary, biases
+    "mistral-large4-layers-plain-rope-bias": (
+        "mistral_large4_text",
+        {
+            "text_config": {
+                **MISTRAL_LARGE4["text_config"],
+                "no_rope_layers": [0, 1, 0, 1],
+                "indexer_types": ["full"] * 4,
+                "n_group": 1,
+                "rope_parameters": {"rope_type": "default", "rope_theta": 10000.0},
+                "attention_bias": True,
+            }
+        },
+        "single",
+    ),
+    # (no "fused" case: transformers keeps the language model under model.language_model. in memory, which no
+    # release stores)
     "inkling-sharded": ("inkling_text", {}, "sharded"),
     # every layer full and sparse, no logarithmic scaling, a head without padding, one shared expert
     "inkling-full-sparse": (
@@ -924,6 +1005,8 @@ def test_experts_read_in_the_layout_written(pair, request):
         "zaya",
         "aria",
         "jetmoe",
+        "hy-v4",
+        "lara-mini",
         "inkling",
     )
     expected = Fused if CASES[name][2] == "fused" or name.startswith(fused_on_the_hub) else PerExpert
@@ -1010,6 +1093,7 @@ LONG_PROMPTS = {
     "granitemoehybrid": {},  # transformers' chunks of 256, localmoe's 128
     "kimi_linear": {},  # delta rule chunks of 64, a decay per key channel
     "jamba": {},  # selective scan chunks of 16, a decay per state entry
+    "lara_mini": {},  # delta rule chunks of 64
 }
 
 

@@ -212,6 +212,7 @@ class LatentAttention(nn.Module):
     about a fifteenth of full keys and values, and expands them for every head when attending.
     Queries come from the hidden state directly or through their own low-rank bottleneck. With
     `rope=False` (Kimi-Linear) the "rotary" parts are not rotated: a shared key part like any other.
+    `sinks`: a learned logit per head that takes part in the softmax without a value (Hy4).
     """
 
     static = True
@@ -233,6 +234,7 @@ class LatentAttention(nn.Module):
         position_scaling: tuple[float, int] | None = None,
         rope: bool = True,
         rotary: RotaryEmbedding | None = None,
+        sinks: bool = False,
     ):
         super().__init__()
         self.heads, self.kv_lora_rank = heads, kv_lora_rank
@@ -252,6 +254,8 @@ class LatentAttention(nn.Module):
         self.kv_a_layernorm = RMSNorm(kv_lora_rank, latent_eps)
         self.kv_b_proj = nn.Linear(kv_lora_rank, heads * (qk_nope_head_dim + v_head_dim), bias=False)
         self.o_proj = nn.Linear(heads * v_head_dim, hidden, bias=bias)
+        if sinks:
+            self.sinks = nn.Parameter(torch.empty(heads))
 
     def new_state(self, batch: int, max_len: int, dtype: torch.dtype, device: torch.device) -> LatentKV:
         return LatentKV(batch, self.kv_lora_rank, self.rope_dim, max_len, dtype, device)
@@ -275,12 +279,11 @@ class LatentAttention(nn.Module):
             rotate = apply_rotary_interleaved if self.interleaved_rope else apply_rotary
             cos, sin = (step.cos, step.sin) if self.rotary is None else step.rotary(self.rotary)
             q_rot, k_rot = rotate(q_rot, cos, sin), rotate(k_rot, cos, sin)
-        if self.position_scaling is not None:
-            beta, context = self.position_scaling
-            scale = (1 + beta * torch.log1p(torch.floor(step.positions().float() / context))).to(q_rot.dtype)
-            q_nope, q_rot = q_nope * scale[:, None], q_rot * scale[:, None]
+        q_nope, q_rot = self.scale_queries(q_nope, q_rot, step)
         latent, k_rot = kv.update(latent, k_rot, step)  # [B, S, rank], [B, 1, S, rope]
         mask, is_causal = self.mask(x, q_low, step, kv)
+        if hasattr(self, "sinks") and mask is None:  # the sinks' softmax takes no shortcut: an explicit mask
+            mask = step.visible(None)
         attend = self._absorbed if self.absorbs(T) else self._expanded
         out = attend(q_nope, q_rot, latent, k_rot, mask, is_causal)  # [B, H, T, v]
         return self.output(x, out.transpose(1, 2).reshape(B, T, -1))
@@ -289,6 +292,14 @@ class LatentAttention(nn.Module):
         """Each token's normalised latent [B, T, rank] and its rotary key before rotation [B, T, rope]."""
         latent, k_rot = self.kv_a_proj_with_mqa(x).split((self.kv_lora_rank, self.rope_dim), dim=-1)
         return self.kv_a_layernorm(latent), k_rot
+
+    def scale_queries(self, q_nope: torch.Tensor, q_rot: torch.Tensor, step: Step):
+        """The queries [B, H, T, *] scaled by position where the layer does (Mistral 4: `position_scaling`)."""
+        if self.position_scaling is None:
+            return q_nope, q_rot
+        beta, context = self.position_scaling
+        scale = (1 + beta * torch.log1p(torch.floor(step.positions().float() / context))).to(q_rot.dtype)
+        return q_nope * scale[:, None], q_rot * scale[:, None]
 
     def absorbs(self, queries: int) -> bool:
         """Whether attending in the latent space costs fewer multiplies for this many queries: per query
@@ -304,8 +315,7 @@ class LatentAttention(nn.Module):
             self.kv_b_proj(latent).view(B, S, self.heads, -1).transpose(1, 2).split((self.nope_dim, self.v_dim), -1)
         )
         k = torch.cat((k_nope, k_rot.expand(-1, self.heads, -1, -1)), dim=-1)
-        q = torch.cat((q_nope, q_rot), dim=-1)
-        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=is_causal, scale=self.scale)
+        return self._attend(torch.cat((q_nope, q_rot), dim=-1), k, v, mask, is_causal)
 
     def _absorbed(self, q_nope, q_rot, latent, k_rot, mask, is_causal) -> torch.Tensor:
         """The same attention in the latent space, as DeepSeek's own inference code runs it
@@ -319,10 +329,17 @@ class LatentAttention(nn.Module):
         q = torch.cat((q_nope @ w_key, q_rot), dim=-1)  # [B, H, T, rank + rope]
         latent = latent.unsqueeze(1)  # one key and value head, shared by all: [B, 1, S, rank]
         k = torch.cat((latent, k_rot), dim=-1)
-        out = F.scaled_dot_product_attention(
-            q, k, latent, attn_mask=mask, is_causal=is_causal, scale=self.scale, enable_gqa=True
-        )  # [B, H, T, rank]
+        out = self._attend(q, k, latent, mask, is_causal)  # [B, H, T, rank]
         return out @ w_value.transpose(1, 2)
+
+    def _attend(self, q, k, v, mask, is_causal) -> torch.Tensor:
+        """Attention of queries [B, H, T, D] over keys and values of H or one head(s), with the sinks where
+        the layer has them (then `mask` is the visible keys)."""
+        if hasattr(self, "sinks"):
+            return attend_with_sinks(q, k, v, mask, self.sinks, self.scale)
+        return F.scaled_dot_product_attention(
+            q, k, v, attn_mask=mask, is_causal=is_causal, scale=self.scale, enable_gqa=k.shape[1] != q.shape[1]
+        )
 
     def output(self, x: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
         """The layer's output [B, T, E] from the heads' outputs [B, T, heads x v dim] (x: its input)."""

@@ -105,8 +105,9 @@ def attention_scale(args: DeepseekV2Args) -> float:
     return scale
 
 
-def build(args: DeepseekV2Args, moe: Callable[..., SparseMoE] = SparseMoE) -> CausalLM:
-    """`moe` the MoE block's class, where a family adds to it (A.X-K1's norm after it)."""
+def build(args: DeepseekV2Args, moe: Callable[..., SparseMoE] = SparseMoE, **stack) -> CausalLM:
+    """`moe` the MoE block's class, where a family adds to it (A.X-K1's norm after it); `stack`: `causal_lm`'s
+    options (Mistral Large 4's learned rotary and logit capping)."""
     hidden = args.hidden_size
 
     def feed_forward(i: int) -> nn.Module:
@@ -128,7 +129,7 @@ def build(args: DeepseekV2Args, moe: Callable[..., SparseMoE] = SparseMoE) -> Ca
         DecoderLayer(args.attention(i), feed_forward(i), hidden, args.rms_norm_eps)
         for i in range(args.num_hidden_layers)
     ]
-    return causal_lm(args, layers, args.rotary_dim)
+    return causal_lm(args, layers, args.rotary_dim, **stack)
 
 
 FAMILY = Family(

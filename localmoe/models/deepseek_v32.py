@@ -50,6 +50,15 @@ class DeepseekV32Args(DeepseekV3Args):
         """Whether the indexer rotates adjacent pairs (GLM-5) or halves (DeepSeek-V3.2)."""
         return False
 
+    @property
+    def index_rope_last(self) -> bool:
+        """Whether the indexer rotates the last rope dims of its heads (Hy4) or the first."""
+        return False
+
+    @property
+    def index_norm_eps(self) -> float:
+        return 1e-6
+
     def is_dense(self, i: int) -> bool:
         if self.mlp_layer_types is not None:
             return self.mlp_layer_types[i] == "dense"
@@ -61,30 +70,40 @@ class DeepseekV32Args(DeepseekV3Args):
 
 class Indexer(nn.Module):
     """Scores earlier tokens for each query: sum over heads h of w_h(x) * relu(q_h . k) / sqrt(d), q_h from
-    the query's bottleneck, k from the hidden state, both rotated on their first rope dims."""
+    the query's bottleneck, k from the hidden state, both rotated on their first (or last) rope dims."""
 
-    def __init__(self, args: DeepseekV32Args):
+    def __init__(self, args: DeepseekV32Args, query_width: int | None = None):
+        """`query_width`: what its queries are projected from, if not the query's bottleneck."""
         super().__init__()
         self.heads, self.dim, self.rope_dim = args.index_n_heads, args.index_head_dim, args.qk_rope_head_dim
         self.rotate = apply_rotary_interleaved if args.interleaved_index_rope else apply_rotary
-        self.wq_b = nn.Linear(args.q_lora_rank, self.heads * self.dim, bias=False)
+        self.rope_last = args.index_rope_last
+        self.wq_b = nn.Linear(query_width or args.q_lora_rank, self.heads * self.dim, bias=False)
         self.wk = nn.Linear(args.hidden_size, self.dim, bias=False)
-        self.k_norm = nn.LayerNorm(self.dim, eps=1e-6)
+        self.k_norm = nn.LayerNorm(self.dim, eps=args.index_norm_eps)
         self.weights_proj = nn.Linear(args.hidden_size, self.heads, bias=False)
 
     def keys(self, x: torch.Tensor, step: Step) -> torch.Tensor:
         """[B, T, dim], rotated."""
-        return self._rotate(self.k_norm(self.wk(x))[:, None], step)[:, 0]
+        keys = self.k_norm(self.wk(x).to(self.k_norm.weight.dtype)).to(x.dtype)  # the norm in its own dtype
+        return self._rotate(keys[:, None], step)[:, 0]
+
+    def queries(self, x: torch.Tensor, q_low: torch.Tensor, step: Step) -> torch.Tensor:
+        """[B, H, T, dim], rotated, from the query's bottleneck q_low."""
+        B, T, _ = x.shape
+        return self._rotate(self.wq_b(q_low).view(B, T, self.heads, self.dim).transpose(1, 2), step)
 
     def scores(self, x: torch.Tensor, q_low: torch.Tensor, keys: torch.Tensor, step: Step) -> torch.Tensor:
         """[B, T, S] float32 for the new tokens against keys [B, S, dim]."""
-        B, T, _ = x.shape
-        q = self._rotate(self.wq_b(q_low).view(B, T, self.heads, self.dim).transpose(1, 2), step)  # [B, H, T, d]
+        q = self.queries(x, q_low, step)  # [B, H, T, d]
         relu = F.relu((q.float() @ keys.float()[:, None].transpose(-1, -2)) * self.dim**-0.5)  # [B, H, T, S]
         weights = self.weights_proj(x.to(self.weights_proj.weight.dtype)).float() * self.heads**-0.5  # [B, T, H]
         return (weights.transpose(1, 2)[..., None] * relu).sum(dim=1)
 
     def _rotate(self, x: torch.Tensor, step: Step) -> torch.Tensor:
+        if self.rope_last:
+            rest, rot = x.split((x.shape[-1] - self.rope_dim, self.rope_dim), dim=-1)
+            return torch.cat((rest, self.rotate(rot, step.cos, step.sin)), dim=-1)
         rot, rest = x[..., : self.rope_dim], x[..., self.rope_dim :]
         return torch.cat((self.rotate(rot, step.cos, step.sin), rest), dim=-1)
 
@@ -95,19 +114,19 @@ class SparseLatentAttention(LatentAttention):
 
     static = False  # the indexer's selection depends on how many keys there are
 
-    def __init__(self, args: DeepseekV32Args, computes_selection: bool):
-        super().__init__(
-            args.hidden_size,
-            args.num_attention_heads,
+    def __init__(self, args: DeepseekV32Args, computes_selection: bool, **options):
+        """`options`: LatentAttention's, where a family adds to them (Hy4's sinks) or sets them otherwise."""
+        shape = dict(
             q_lora_rank=args.q_lora_rank,
             kv_lora_rank=args.kv_lora_rank,
             qk_nope_head_dim=args.qk_nope_head_dim,
             qk_rope_head_dim=args.qk_rope_head_dim,
             v_head_dim=args.v_head_dim,
             bias=args.attention_bias,
-            interleaved_rope=True,
+            interleaved_rope=args.interleaved_rope,
             scale=attention_scale(args),
         )
+        super().__init__(args.hidden_size, args.num_attention_heads, **{**shape, **options})
         self.top_k = args.index_topk
         if computes_selection:
             self.indexer = Indexer(args)

@@ -452,9 +452,10 @@ def _spread(out: torch.Tensor, post: torch.Tensor, comb: torch.Tensor, streams: 
 class DeepseekV4LM(CausalLM):
     """The stack over `hc_mult` copies of the embedding, collapsed by `hc_head` before the final norm."""
 
-    def __init__(self, args: DeepseekV4Args, layers: list[nn.Module], rotary: RotaryEmbedding):
+    def __init__(self, args: DeepseekV4Args, layers: list[nn.Module], rotary: RotaryEmbedding, norm=UpcastRMSNorm):
+        """`norm` the final norm's class (Hy4's casts before it scales)."""
         super().__init__(
-            Backbone(args.vocab_size, args.hidden_size, layers, args.rms_norm_eps, norm=UpcastRMSNorm),
+            Backbone(args.vocab_size, args.hidden_size, layers, args.rms_norm_eps, norm=norm),
             rotary,
             tie_word_embeddings=args.tie_word_embeddings,
             max_position_embeddings=args.max_position_embeddings,

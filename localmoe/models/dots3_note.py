@@ -42,7 +42,10 @@ class Dots3NoteArgs(ModelArgs):
         "shared_experts_intermediate_size": ("moe_shared_expert_intermediate_size",),
         "sliding_window": ("sliding_window_size",),
     }
-    interleaved_index_rope: ClassVar[bool] = True  # the indexer rotates adjacent pairs, as GLM-5's does
+    # the indexer (deepseek_v32.Indexer) rotates the first rope dims of its heads in adjacent pairs, as GLM-5's
+    interleaved_index_rope: ClassVar[bool] = True
+    index_rope_last: ClassVar[bool] = False
+    index_norm_eps: ClassVar[float] = 1e-6
 
     vocab_size: int
     hidden_size: int

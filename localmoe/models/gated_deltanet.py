@@ -13,25 +13,28 @@ from localmoe.models.short_conv import causal_conv
 from localmoe.models.state import RecurrentState
 
 # transformers names a linear layer's token mixer `linear_attn`; ours is `self_attn` in every layer
-DELTANET_WEIGHTS = ("in_proj_", "conv1d.", "dt_bias", "A_log", "norm.", "out_proj.")
+DELTANET_WEIGHTS = ("in_proj", "conv1d.", "dt_bias", "A_log", "norm.", "out_proj.")
 DELTANET_ALIASES = tuple((f".self_attn.{name}", f".linear_attn.{name}") for name in DELTANET_WEIGHTS)
 
 
 class GatedDeltaNet(nn.Module):
     """`args` has the linear_* sizes, hidden_size and rms_norm_eps. `grouped`: Qwen3-Next's projections,
     one for q, k, v, z and one for b, a, each laid out key head by key head (q, k, then the values and
-    gates of the value heads that key head serves); otherwise Qwen3.5's, one projection per part."""
+    gates of the value heads that key head serves); `fused`: Lara's one projection, rows q, k, v, z, b, a;
+    otherwise Qwen3.5's, one projection per part. `norm` the output norm's class."""
 
-    def __init__(self, args, grouped: bool = False):
+    def __init__(self, args, grouped: bool = False, fused: bool = False, norm=RMSNorm):
         super().__init__()
         hidden = args.hidden_size
         self.k_heads, self.v_heads = args.linear_num_key_heads, args.linear_num_value_heads
         self.k_dim, self.v_dim = args.linear_key_head_dim, args.linear_value_head_dim
         self.kernel = args.linear_conv_kernel_dim
-        self.grouped = grouped
+        self.grouped, self.fused = grouped, fused
         self.channels = 2 * self.k_heads * self.k_dim + self.v_heads * self.v_dim
         values = self.v_heads * self.v_dim
-        if grouped:
+        if fused:
+            self.in_proj = nn.Linear(hidden, self.channels + values + 2 * self.v_heads, bias=False)
+        elif grouped:
             self.in_proj_qkvz = nn.Linear(hidden, self.channels + values, bias=False)
             self.in_proj_ba = nn.Linear(hidden, 2 * self.v_heads, bias=False)
         else:
@@ -42,7 +45,7 @@ class GatedDeltaNet(nn.Module):
         self.conv1d = nn.Conv1d(self.channels, self.channels, self.kernel, groups=self.channels, bias=False)
         self.dt_bias = nn.Parameter(torch.empty(self.v_heads))
         self.A_log = nn.Parameter(torch.empty(self.v_heads))
-        self.norm = RMSNorm(self.v_dim, args.rms_norm_eps)
+        self.norm = norm(self.v_dim, args.rms_norm_eps)
         self.out_proj = nn.Linear(values, hidden, bias=False)
 
     def new_state(self, batch: int, max_len: int, dtype: torch.dtype, device) -> RecurrentState:
@@ -59,6 +62,11 @@ class GatedDeltaNet(nn.Module):
     def projections(self, x: torch.Tensor):
         """(q, k, v before the convolution [B, T, channels], z [B, T, H, Dv], b and a [B, T, H])."""
         B, T, _ = x.shape
+        if self.fused:
+            qkv, z, b, a = self.in_proj(x).split(
+                (self.channels, self.v_heads * self.v_dim, self.v_heads, self.v_heads), -1
+            )
+            return qkv, z.view(B, T, self.v_heads, self.v_dim), b, a
         if not self.grouped:
             z = self.in_proj_z(x).view(B, T, self.v_heads, self.v_dim)
             return self.in_proj_qkv(x), z, self.in_proj_b(x), self.in_proj_a(x)

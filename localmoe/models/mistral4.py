@@ -51,18 +51,24 @@ class Mistral4Args(DeepseekV2Args):
         return None if beta is None else (beta, self.rope["original_max_position_embeddings"])
 
     def router(self) -> nn.Module:
-        return GroupedTopKRouter(
-            self.hidden_size,
-            self.n_routed_experts,
-            self.num_experts_per_tok,
-            scoring="softmax",
-            n_group=self.n_group or 1,
-            topk_group=self.topk_group or 1,
-            normalize=self.norm_topk_prob,
-            scaling=self.routed_scaling_factor,
-            correction_bias=False,
-            group_by_top2=True,
-        )
+        return top2_group_router(self, self.norm_topk_prob)
+
+
+def top2_group_router(args: DeepseekV2Args, normalize: bool) -> GroupedTopKRouter:
+    """Softmax scores over the best groups of experts, ranked by their top-two sums, no correction bias
+    (Mistral 4 and Mistral Large 4)."""
+    return GroupedTopKRouter(
+        args.hidden_size,
+        args.n_routed_experts,
+        args.num_experts_per_tok,
+        scoring="softmax",
+        n_group=args.n_group or 1,
+        topk_group=args.topk_group or 1,
+        normalize=normalize,
+        scaling=args.routed_scaling_factor,
+        correction_bias=False,
+        group_by_top2=True,
+    )
 
 
 DEFAULT_ROPE = {

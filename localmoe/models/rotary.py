@@ -126,6 +126,10 @@ class RotaryEmbedding(nn.Module):
             inv_freq, self.scaling = rope_inv_freq(params, head_dim, max_positions)
         self.register_buffer("inv_freq", inv_freq, persistent=False)
 
+    def frequencies(self) -> torch.Tensor:
+        """The angle per position of each pair of rotated dims [rotary dim / 2] (learned in Mistral Large 4)."""
+        return self.inv_freq
+
     def scale(self, start: int, length: int) -> float:
         """The factor on cos and sin for a forward pass over positions start .. start + length - 1."""
         return self.scaling
@@ -137,7 +141,7 @@ class RotaryEmbedding(nn.Module):
 
     def at(self, positions: torch.Tensor, dtype: torch.dtype, scale: float | None = None):
         """cos and sin [N, rotary dim] for any positions [N]."""
-        freqs = torch.outer(positions.to(self.inv_freq.device, torch.float32), self.inv_freq)
+        freqs = torch.outer(positions.to(self.inv_freq.device, torch.float32), self.frequencies())
         angles = torch.cat((freqs, freqs), dim=-1)
         scale = self.scaling if scale is None else scale
         return (angles.cos() * scale).to(dtype), (angles.sin() * scale).to(dtype)
