@@ -1278,6 +1278,100 @@ GLM5_NEXT = dict(  # the language model beside a tiny vision tower
     vision_config=dict(hidden_size=32, intermediate_size=64, depth=1, num_heads=2, out_hidden_size=64),
 )
 
+INKLING = dict(
+    BASE,
+    num_hidden_layers=3,
+    num_key_value_heads=2,
+    head_dim=16,
+    swa_num_attention_heads=2,  # sliding layers: their own head counts and head size
+    swa_num_key_value_heads=1,
+    swa_head_dim=24,
+    sliding_window_size=8,  # shorter than the prompts, as is the full layers' relative bias
+    rel_extent=12,
+    d_rel=4,
+    local_layer_ids=[0, 2],
+    log_scaling_n_floor=6,  # queries and biases scaled from position 6 on
+    dense_mlp_idx=1,
+    intermediate_size=48,
+    moe_intermediate_size=32,
+    n_routed_experts=5,
+    num_experts_per_tok=2,
+    n_shared_experts=2,
+    unpadded_vocab_size=257,
+    logits_mup_width_multiplier=0.25,  # logits of a useful size for the tolerance
+)
+
+INKLING2 = dict(
+    BASE,
+    unpadded_vocab_size=257,  # the head's last row is padding
+    num_hidden_layers=4,
+    num_key_value_heads=2,
+    head_dim=16,
+    swa_num_attention_heads=2,  # sliding layers: their own head counts and head size
+    swa_num_key_value_heads=1,
+    swa_head_dim=24,
+    sliding_window_size=8,  # shorter than the prompts, as is the full layers' relative bias
+    rel_extent=12,
+    d_rel=4,
+    log_scaling_n_floor=6,  # queries and relative states scaled from position 6 on
+    layer_types=["hybrid_sliding", "hybrid", "hybrid_sliding", "hybrid"],
+    n_layers_per_attn_res_block=2,  # two blocks
+    qk_l2_clip_threshold=0.2,  # clips some query heads, not all
+    rel_l2_clip_threshold=0.1,
+    mlp_gate_softcap=0.3,  # bites on the gates of this scale
+    mlp_up_softcap=0.3,
+    final_logit_softcapping=3.0,
+    moe_intermediate_size=32,
+    n_routed_experts=5,
+    num_experts_per_tok=2,
+    eos_token_id=257,
+)
+
+INKLING2_LOOP = dict(
+    INKLING2,
+    num_hidden_layers=6,
+    layer_types=["hybrid_sliding", "hybrid"] * 3,
+    loop_layer_index_start=2,  # the middle block (a sliding and a full layer) three times
+    loop_layer_index_end=4,
+    loop_num_passes=3,
+    loop_gate_rank=8,
+)
+
+DOTS3_NOTE = dict(
+    BASE,
+    intermediate_size=96,
+    moe_intermediate_size=32,
+    num_hidden_layers=6,
+    num_key_value_heads=4,
+    n_shared_experts=2,
+    shared_experts_intermediate_size=20,
+    n_routed_experts=8,
+    num_experts_per_tok=2,
+    n_group=2,
+    topk_group=1,
+    routed_scaling_factor=1.5,
+    kv_lora_rank=16,
+    q_lora_rank=24,
+    qk_rope_head_dim=8,
+    qk_nope_head_dim=16,
+    head_dim=24,
+    v_head_dim=16,
+    index_topk=8,  # fewer than the prompts' tokens: the indexer selects
+    index_head_dim=16,
+    index_n_heads=16,  # enough heads that relu leaves no exact ties for top-k to break either way
+    sliding_window=8,
+    # indexed layers 0, 1 and 5, sliding ones between: their own heads, ranks and head sizes
+    swa_num_attention_heads=2,
+    swa_num_key_value_heads=2,
+    swa_q_lora_rank=16,
+    swa_kv_lora_rank=12,
+    swa_head_dim=20,
+    swa_qk_nope_head_dim=12,
+    swa_v_head_dim=8,
+    rope_theta=10000.0,  # the sliding layers keep 50000
+    pad_token_id=0,
+)
+
 TINY_FAMILIES = {
     "mixtral": ("MixtralConfig", MIXTRAL),  # 3 MoE layers x 5 experts, top-2
     "qwen2_moe": ("Qwen2MoeConfig", QWEN2_MOE),
@@ -1342,6 +1436,10 @@ TINY_FAMILIES = {
     "hy_v4_vl_text": ("HYV4VLConfig", HY_V4_VL),
     "lara_mini": ("LaraMiniConfig", LARA_MINI),
     "mistral_large4_text": ("MistralLarge4Config", MISTRAL_LARGE4),
+    "inkling_text": ("InklingTextConfig", INKLING),
+    "inkling2_text": ("Inkling2TextConfig", INKLING2),
+    "inkling2_loop_text": ("Inkling2LoopTextConfig", INKLING2_LOOP),
+    "dots3_note_text": ("Dots3NoteTextConfig", DOTS3_NOTE),
     "longcat_flash": ("LongcatFlashConfig", LONGCAT_FLASH),
     "kolibri1": ("Kolibri1Config", KOLIBRI1),
     "beam": ("BeamConfig", BEAM),

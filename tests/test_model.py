@@ -14,7 +14,9 @@ TOLERANCE = 1e-5
 # token-by-token delta rule round differently (Qwen3-Next's logits reach 7.4 here: 2e-4 is 3e-5 of
 # them; Ling 3's reach 3.3, measured 6e-5 apart at most), Gemma 4 renormalises four times a layer, and
 # Step-3.7's and MiniMax-M3's logits reach 6.1 and 7.4 through norms that scale by 1 + weight (measured
-# 2.4e-5 and 1.1e-5 apart at most).
+# 2.4e-5 and 1.1e-5 apart at most);
+# Inkling 2's and Inkling 2 Loop's reach 2.5 through float32 mixes of block states and dynamic convolutions
+# (measured 1.05e-5 and 1.6e-5 apart at most over 30 random chunkings).
 LOOSER = {
     "qwen3.5": 1e-4,
     "qwen3-next": 2e-4,
@@ -22,6 +24,8 @@ LOOSER = {
     "bailing-hybrid": 1e-4,
     "step3p7-ring": 1e-4,
     "minimax-m3": 1e-4,
+    "inkling2-ring": 3e-5,
+    "inkling2-loop-ring": 3e-5,
     # the chunked and the token-by-token delta rule again, through hyper-connections (logits reach 3.3:
     # measured 2.0e-5 apart at most over 60 random chunkings)
     "glm5-next": 1e-4,
@@ -67,6 +71,13 @@ MODELS = {
     "minimax-m3": ("minimax_m3_vl_text", {}, None),
     # keys and values beside rings of the convolutions' inputs and of the delayed values
     "zaya-ring": ("zaya", {}, 4),
+    # rings of keys and values, of the key and value convolutions' inputs and of the layer outputs'
+    # convolutions, with no rotary: positions from a relative bias
+    "inkling-ring": ("inkling_text", {}, 4),
+    # Inkling's states, with dynamic convolutions; block states carried between layers within a pass
+    "inkling2-ring": ("inkling2_text", {}, 4),
+    # the same, with the middle block looped three times, each pass on states of its own
+    "inkling2-loop-ring": ("inkling2_loop_text", {}, 4),
     "bailing-hybrid": ("bailing_hybrid", {}, None),
     # Mamba-1 state (a convolution window and a state per channel) beside keys and values without rotary
     "jamba": ("jamba", {}, None),
@@ -101,6 +112,8 @@ REWIND_ONLY = {
     "qwen3-omni-moe": ("qwen3_omni_moe_text", None),
     "aria-text": ("aria_text", None),
     "ernie4-5-vl-moe": ("ernie4_5_vl_moe_text", None),
+    # latents of every position in sliding layers beside indexed ones
+    "dots3-note": ("dots3_note_text", None),
     "axk1": ("axk1", None),
     "flint-ring": ("flint", 3),
     "hy-v4-vl": ("hy_v4_vl_text", None),

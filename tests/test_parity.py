@@ -14,6 +14,8 @@ from conftest import (
     GLM4V_MOE,
     GLM5_NEXT,
     HY_V4_VL,
+    INKLING2,
+    INKLING2_LOOP,
     LLAMA4,
     MINIMAX_M3,
     MISTRAL4,
@@ -928,6 +930,47 @@ CASES = {
     ),
     # (no "fused" case: transformers keeps the language model under model.language_model. in memory, which no
     # release stores)
+    "inkling-sharded": ("inkling_text", {}, "sharded"),
+    # every layer full and sparse, no logarithmic scaling, a head without padding, one shared expert
+    "inkling-full-sparse": (
+        "inkling_text",
+        {
+            "local_layer_ids": [],
+            "dense_mlp_idx": 0,
+            "log_scaling_n_floor": None,
+            "unpadded_vocab_size": None,
+            "n_shared_experts": 1,
+        },
+        "single",
+    ),
+    "inkling2-sharded": ("inkling2_text", {}, "sharded"),
+    # a block per layer, every layer full: dynamic convolutions and three attention inputs throughout
+    "inkling2-full-blocks": (
+        "inkling2_text",
+        {"layer_types": ["hybrid"] * 3, "num_hidden_layers": 3, "n_layers_per_attn_res_block": 1},
+        "single",
+    ),
+    "inkling2-loop-sharded": ("inkling2_loop_text", {}, "sharded"),
+    # two loop blocks of one layer each, twice; layers after the loop
+    "inkling2-loop-two-blocks": (
+        "inkling2_loop_text",
+        {
+            "n_layers_per_attn_res_block": 1,
+            "loop_layer_index_start": 1,
+            "loop_layer_index_end": 3,
+            "loop_num_passes": 2,
+        },
+        "single",
+    ),
+    "dots3-note-sharded": ("dots3_note_text", {}, "sharded"),
+    # every layer indexed (no window), one group of experts, shared experts as wide as the routed ones
+    "dots3-note-indexed-fused": (
+        "dots3_note_text",
+        {"use_sliding_window": False, "n_group": 1, "shared_experts_intermediate_size": 32},
+        "fused",
+    ),
+    # plain latent attention where the indexer was (use_dsa false), a dense second layer
+    "dots3-note-full-sliding": ("dots3_note_text", {"use_dsa": False, "moe_layer_freq": [1, 0, 1, 1, 1, 1]}, "single"),
     "longcat-flash-sharded": ("longcat_flash", {}, "sharded"),
     # no identity experts, biases, tied embeddings, yarn (its attention scale)
     "longcat-flash-no-identities-yarn": (
@@ -1058,6 +1101,7 @@ def test_experts_read_in_the_layout_written(pair, request):
         "hy-v4",
         "lara-mini",
         "muse",
+        "inkling",
     )
     expected = Fused if CASES[name][2] == "fused" or name.startswith(fused_on_the_hub) else PerExpert
     expected = Stacked if name.startswith("step3p7") else expected
@@ -1305,6 +1349,32 @@ MULTIMODAL = {
         STEP3P7["text_config"],
         STEP3P7["vision_config"],
     ),
+    "inkling2-loop": (
+        "Inkling2LoopConfig",
+        "Inkling2LoopForConditionalGeneration",
+        INKLING2_LOOP,
+        dict(
+            hidden_size=16,
+            num_hidden_layers=1,
+            num_attention_heads=2,
+            patch_size=4,
+            projection_hidden_dim=16,
+            text_hidden_size=64,
+        ),
+    ),
+    "inkling2": (
+        "Inkling2Config",
+        "Inkling2ForConditionalGeneration",
+        INKLING2,
+        dict(
+            hidden_size=16,
+            num_hidden_layers=1,
+            num_attention_heads=2,
+            patch_size=4,
+            projection_hidden_dim=16,
+            text_hidden_size=64,
+        ),
+    ),
 }
 
 
@@ -1466,6 +1536,79 @@ def test_jetmoe_config_as_the_release_writes_it():
     args = family.args.from_config(config)
     assert family.model_type == "jetmoe"
     assert (args.intermediate_size, args.num_local_experts, args.num_experts_per_tok) == (5632, 8, 2)
+
+
+def test_inkling_config_as_the_release_writes_it():
+    """Inkling's release gives the experts' width as intermediate_size beside a dense_intermediate_size,
+    the convolution's width as sconv_kernel_size and the context as model_max_length; transformers
+    reads them so."""
+    from localmoe.models import family_for
+
+    config = {
+        "architectures": ["InklingForCausalLM"],
+        "model_type": "inkling_text",
+        "vocab_size": 201024,
+        "hidden_size": 6144,
+        "num_hidden_layers": 12,
+        "intermediate_size": 3072,
+        "dense_intermediate_size": 24576,
+        "dense_mlp_idx": 2,
+        "sconv_kernel_size": 3,
+        "model_max_length": 65536,
+    }
+    args = family_for(config).args.from_config(config)
+    assert (args.moe_intermediate_size, args.intermediate_size) == (3072, 24576)
+    assert args.mlp_layer_types == ["dense"] * 2 + ["sparse"] * 10
+    assert args.layer_types == (["hybrid_sliding"] * 5 + ["hybrid"]) * 2
+    assert (args.conv_kernel_size, args.max_position_embeddings) == (3, 65536)
+
+
+def test_inkling2_loop_settings_as_the_release_nests_them():
+    """The release gives the loop's settings in a `loop_config` of its own names; transformers reads them so."""
+    from localmoe.models import family_for
+
+    config = {
+        "architectures": ["Inkling2LoopForCausalLM"],
+        "model_type": "inkling2_loop_text",
+        "vocab_size": 201024,
+        "hidden_size": 2304,
+        "num_hidden_layers": 24,
+        "loop_config": {"core_start": 12, "core_end": 18, "num_passes": 2, "gate_rank": 32},
+    }
+    args = family_for(config).args.from_config(config)
+    assert (args.loop, args.loop_num_passes, args.loop_gate_rank) == (range(12, 18), 2, 32)
+    with pytest.raises(localmoe.LocalMoEError, match="not whole blocks of 6"):
+        family_for(config).args.from_config({**config, "loop_config": {"core_start": 4}})
+
+
+def test_dots3_note_config_as_the_release_writes_it():
+    """The release gives the sliding layers' sizes as `swa_*` fields and the MoE schedule as DeepSeek does;
+    localmoe derives the layers as transformers does."""
+    import transformers
+
+    from localmoe.models import family_for
+
+    config = {
+        "architectures": ["Dots3NoteForCausalLM"],
+        "model_type": "dots3_note_text",
+        "vocab_size": 1000,
+        "hidden_size": 512,
+        "num_hidden_layers": 8,
+        "first_k_dense_replace": 2,
+        "swa_num_attention_heads": 8,
+        "swa_num_key_value_heads": 8,
+        "swa_q_lora_rank": 96,
+        "swa_head_dim": 96,
+        "swa_qk_nope_head_dim": 64,
+    }
+    args = family_for(config).args.from_config(config)
+    reference = transformers.Dots3NoteTextConfig(**{k: v for k, v in config.items() if k != "architectures"})
+    assert args.layer_types == reference.layer_types and args.mlp_layer_types == reference.mlp_layer_types
+    for i in range(8):
+        ours, theirs = args.layer(i), reference.per_layer_config[i]
+        for size in ("num_attention_heads", "q_lora_rank", "kv_lora_rank", "qk_nope_head_dim", "qk_rope_head_dim"):
+            assert getattr(ours, size) == getattr(theirs, size), (i, size)
+    assert args.rope("sliding_attention")["rope_theta"] == reference.rope_parameters["sliding_attention"]["rope_theta"]
 
 
 def test_axk2_dropped_groups_score_zero():

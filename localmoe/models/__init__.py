@@ -17,6 +17,7 @@ from localmoe.models import (
     deepseek_v4,
     deepseek_v32,
     dots1,
+    dots3_note,
     ernie4_5_moe,
     ernie4_5_vl_moe,
     exaone_moe,
@@ -37,6 +38,9 @@ from localmoe.models import (
     hy_v3,
     hy_v4,
     hy_v4_vl,
+    inkling,
+    inkling2,
+    inkling2_loop,
     jamba,
     jetmoe,
     kimi_linear,
@@ -137,6 +141,10 @@ FAMILIES: tuple[Family, ...] = (
     axk2.FAMILY,
     muse_spark.FAMILY,
     glm5_next.FAMILY,
+    inkling.FAMILY,
+    inkling2.FAMILY,
+    inkling2_loop.FAMILY,
+    dots3_note.FAMILY,
 )
 
 

@@ -250,12 +250,14 @@ class LatentAttention(nn.Module):
         latent_eps: float = 1e-6,
         position_scaling: tuple[float, int] | None = None,
         rope: bool = True,
+        rotary: RotaryEmbedding | None = None,
         sinks: bool = False,
     ):
         super().__init__()
         self.heads, self.kv_lora_rank = heads, kv_lora_rank
         self.nope_dim, self.rope_dim, self.v_dim = qk_nope_head_dim, qk_rope_head_dim, v_head_dim
         self.interleaved_rope, self.scale, self.rope = interleaved_rope, scale, rope
+        self.rotary = rotary  # as Attention's: a rotary of this layer's kind, where the model has several
         # Mistral 4: queries times 1 + beta * log(1 + floor(position / original context)), as (beta, context)
         self.position_scaling = position_scaling
         qk_head_dim = qk_nope_head_dim + qk_rope_head_dim
@@ -295,12 +297,12 @@ class LatentAttention(nn.Module):
         q, q_low, gate = self.queries(x)
         q = q.view(B, T, self.heads, -1).transpose(1, 2)  # [B, H, T, nope + rope]
         q_nope, q_rot = q.split((self.nope_dim, self.rope_dim), dim=-1)
-        latent, k_rot = self.kv_a_proj_with_mqa(x).split((self.kv_lora_rank, self.rope_dim), dim=-1)
-        latent = self.kv_a_layernorm(latent)  # [B, T, rank]
+        latent, k_rot = self.latent(x)  # [B, T, rank], [B, T, rope]
         k_rot = k_rot.view(B, 1, T, self.rope_dim)
         if self.rope:
             rotate = apply_rotary_interleaved if self.interleaved_rope else apply_rotary
-            q_rot, k_rot = rotate(q_rot, step.cos, step.sin), rotate(k_rot, step.cos, step.sin)
+            cos, sin = (step.cos, step.sin) if self.rotary is None else step.rotary(self.rotary)
+            q_rot, k_rot = rotate(q_rot, cos, sin), rotate(k_rot, cos, sin)
         q_nope, q_rot = self.scale_queries(q_nope, q_rot, step)
         latent, k_rot = kv.update(latent, k_rot, step)  # [B, S, rank], [B, 1, S, rope]
         mask, is_causal = self.mask(x, q_low, step, kv)
@@ -311,6 +313,11 @@ class LatentAttention(nn.Module):
         if gate is not None:
             out = (out * torch.sigmoid(gate.float())).to(out.dtype)
         return self.output(x, out)
+
+    def latent(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Each token's normalised latent [B, T, rank] and its rotary key before rotation [B, T, rope]."""
+        latent, k_rot = self.kv_a_proj_with_mqa(x).split((self.kv_lora_rank, self.rope_dim), dim=-1)
+        return self.kv_a_layernorm(latent), k_rot
 
     def scale_queries(self, q_nope: torch.Tensor, q_rot: torch.Tensor, step: Step):
         """The queries [B, H, T, *] scaled by position where the layer does (Mistral 4: `position_scaling`)."""

@@ -270,8 +270,7 @@ class CausalLM(nn.Module):
             step.bucket = bucket(step.start, cache.max_len)
         h = self.embed(ids, step)
         cache.writing = True
-        for layer, kv in zip(self.model.layers, cache.layers, strict=True):
-            h = layer(h, step, kv)
+        h = self.run_layers(h, step, cache.layers)
         cache.pos += step.length
         cache.writing = False
         h = h if all_logits else h[:, -1:]
@@ -314,10 +313,13 @@ class CausalLM(nn.Module):
         `cache.pos` on."""
         cos, sin = self.rotary.at(position, self.model.embed_tokens.weight.dtype)
         step = Step(None, 1, cos, sin, bucket=keys, _positions=position)
-        h = self.embed(ids, step)
-        for layer, kv in zip(self.model.layers, cache.layers, strict=True):
-            h = layer(h, step, kv)
-        return self.logits(h)
+        return self.logits(self.run_layers(self.embed(ids, step), step, cache.layers))
+
+    def run_layers(self, h: torch.Tensor, step: Step, states: list) -> torch.Tensor:
+        """The decoder layers over the first layer's input h, each with its state; their last output."""
+        for layer, state in zip(self.model.layers, states, strict=True):
+            h = layer(h, step, state)
+        return h
 
     def logits(self, h: torch.Tensor) -> torch.Tensor:
         """Logits [B, T, V] from the last layer's hidden states."""

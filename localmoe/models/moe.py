@@ -52,14 +52,16 @@ class GatedActivation:
     `glu`: act(gate) * up. `clamped_swiglu` (gpt-oss): gate clamped above at `limit`, up clamped to
     [-limit, limit], then gate * sigmoid(alpha * gate) * (up + 1). `clamped_glu` (DeepSeek-V4): the
     same clamps, then act(gate) * up. `glu_clamped_after` (Step-3.7): act(gate) clamped above at
-    `limit`, times up clamped to [-limit, limit]. `ungated` (Nemotron-H): experts without a gate
-    projection, act(up).
+    `limit`, times up clamped to [-limit, limit]. `softcapped_glu` (Inkling 2): sigmoid(gate) times gate
+    and up, each capped by tanh, at `gate_limit` and `limit`. `ungated` (Nemotron-H): experts without a
+    gate projection, act(up).
     """
 
     kind: str = "glu"
     act: str = "silu"
     alpha: float = 1.702
     limit: float = 7.0
+    gate_limit: float = 0.0
 
     @property
     def gated(self) -> bool:
@@ -79,9 +81,17 @@ class GatedActivation:
             up = up.clamp(min=-self.limit, max=self.limit)
         if self.kind == "clamped_swiglu":
             return gate * torch.sigmoid(gate * self.alpha) * (up + 1)
+        if self.kind == "softcapped_glu":  # in float32, as the original
+            g, u = gate.float(), up.float()
+            return (softcap(g, self.gate_limit) * torch.sigmoid(g) * softcap(u, self.limit)).to(gate.dtype)
         if self.kind == "glu_clamped_after":
             return activation(self.act)(gate).clamp(max=self.limit) * up.clamp(min=-self.limit, max=self.limit)
         return activation(self.act)(gate) * up
+
+
+def softcap(x: torch.Tensor, cap: float) -> torch.Tensor:
+    """x bounded to (-cap, cap) by tanh, nearly unchanged well inside."""
+    return torch.tanh(x / cap) * cap
 
 
 @dataclass(frozen=True)
