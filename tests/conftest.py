@@ -1278,6 +1278,37 @@ GLM5_NEXT = dict(  # the language model beside a tiny vision tower
     vision_config=dict(hidden_size=32, intermediate_size=64, depth=1, num_heads=2, out_hidden_size=64),
 )
 
+QWEN4_EXP = dict(
+    BASE,
+    num_hidden_layers=4,
+    # Gated DeltaNet with PLE, QSA attention (under the release's older name), DeltaNet with PLE, QSA attention
+    layer_types=["linear_attention", "full_attention", "linear_attention", "indexed_attention"],
+    num_key_value_heads=2,
+    head_dim=16,
+    rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "partial_rotary_factor": 0.5},
+    linear_num_key_heads=2,
+    linear_num_value_heads=4,
+    linear_key_head_dim=16,
+    linear_value_head_dim=8,
+    moe_intermediate_size=32,
+    shared_expert_intermediate_size=48,
+    num_experts=6,
+    num_experts_per_tok=2,
+    hc_count=3,
+    hc_lowrank=8,
+    ple_layer_ids=[3, 1],
+    ple_embed_dim=32,
+    heads_per_ngram=2,  # bigrams and trigrams, two heads each: tables of 53, 59, 61, 67 rows (then 71 .. 83)
+    ngram_vocab_size_base=50,
+    make_ngram_vocab_size_divisible_by=8,
+    split_ngram_parts=2,  # stored in two shards, as the release stores them in 512
+    indexer_n_heads=8,
+    indexer_kv_heads=1,
+    indexer_head_dim=16,
+    indexer_budget=8,  # two blocks of four: fewer than the prompt's, so the selection cuts
+    indexer_compress_ratio=4,
+)
+
 INKLING = dict(
     BASE,
     num_hidden_layers=3,
@@ -1446,6 +1477,7 @@ TINY_FAMILIES = {
     "axk2": ("AXK2Config", AXK2),
     "muse_spark_text": ("MuseSparkConfig", MUSE_SPARK),
     "glm5_next_text": ("Glm5NextConfig", GLM5_NEXT),
+    "qwen4_exp_text": ("Qwen4ExpTextConfig", QWEN4_EXP),
 }
 
 

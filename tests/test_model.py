@@ -29,6 +29,9 @@ LOOSER = {
     # the chunked and the token-by-token delta rule again, through hyper-connections (logits reach 3.3:
     # measured 2.0e-5 apart at most over 60 random chunkings)
     "glm5-next": 1e-4,
+    # and through Qwen4-Exp's gated hyper-connections and PLE (logits reach 3.4: measured 1.8e-5 apart at
+    # most over 60 random chunkings)
+    "qwen4-exp": 1e-4,
 }
 
 # name: (family in TINY_FAMILIES, overrides of its config, the rewind slack of windowed layers: small,
@@ -90,6 +93,9 @@ MODELS = {
     # the indexer's blocks of four closing inside and across chunks, its choice shared by the next layer, the
     # query's own incomplete block; bounded Kimi Delta Attention; hyper-connections averaged at the end
     "glm5-next": ("glm5_next_text", {}, None),
+    # PLE's n-gram tokens and dilated convolution across chunks, the QSA indexer's blocks closing inside and
+    # across chunks, Gated DeltaNet, gated hyper-connections
+    "qwen4-exp": ("qwen4_exp_text", {}, None),
 }
 
 # The chat rewind alone for families whose kinds of state MODELS already covers in depth:

@@ -26,6 +26,7 @@ from conftest import (
     QWEN3_OMNI_MOE,
     QWEN3_VL_MOE_TEXT,
     QWEN3_VL_VISION,
+    QWEN4_EXP,
     STEP3P7,
     TINY_FAMILIES,
     hf_model,
@@ -1045,6 +1046,23 @@ CASES = {
     ),
     # transformers defines GLM-5.3-Flash's language model only inside its multimodal model: the reference is that
     "glm5-next-sharded": ("glm5_next_text", {}, "sharded"),
+    "qwen4-exp-sharded": ("qwen4_exp_text", {}, "sharded"),
+    # transformers' default layer kinds, a sigmoid output gate on Gated DeltaNet, one PLE layer, trigrams only
+    # up to 4-grams, eos as a list
+    "qwen4-exp-defaults-sigmoid": (
+        "qwen4_exp_text",
+        {
+            "layer_types": None,
+            "output_gate_type": "sigmoid",
+            "ple_layer_ids": [2],
+            "ngram_size": 4,
+            "heads_per_ngram": 1,
+            "ple_embed_dim": 24,
+            "eos_token_id": [257, 256],
+            "tie_word_embeddings": True,
+        },
+        "single",
+    ),
     # every attention layer its own selection, the unbounded delta rule decay, biases, one group of experts,
     # transformers' default layer kinds (delta attention, then attention in every fourth layer) and dense layers
     "glm5-next-unbounded-bias-defaults": (
@@ -1189,6 +1207,7 @@ LONG_PROMPTS = {
     "jamba": {},  # selective scan chunks of 16, a decay per state entry
     "lara_mini": {},  # delta rule chunks of 64
     "glm5_next_text": {},  # delta rule chunks of 64, and many of the indexer's blocks of 4 to choose 2 from
+    "qwen4_exp_text": {},  # delta rule chunks of 64, and many of the QSA indexer's blocks of 4 to choose 2 from
 }
 
 
@@ -1292,6 +1311,12 @@ MULTIMODAL = {
         "Qwen3_5MoeConfig",
         "Qwen3_5MoeForConditionalGeneration",
         QWEN3_5_MOE,
+        dict(depth=1, hidden_size=16, intermediate_size=32, num_heads=2, out_hidden_size=64, patch_size=4),
+    ),
+    "qwen4-exp": (
+        "Qwen4ExpConfig",
+        "Qwen4ExpForConditionalGeneration",
+        QWEN4_EXP,
         dict(depth=1, hidden_size=16, intermediate_size=32, num_heads=2, out_hidden_size=64, patch_size=4),
     ),
     "mistral4": (
@@ -1649,3 +1674,46 @@ def test_glm5_next_config_as_the_release_writes_it():
     config = dict(GLM5_NEXT["text_config"], indexer_types=["full", "full", "shared", "full", "shared"])
     with pytest.raises(localmoe.LocalMoEError, match="layer 4 shares a selection"):
         Glm5NextTextArgs.from_config(config)
+
+
+def test_qwen4_exp_ngram_hashes_at_the_release_sizes():
+    """The n-gram hash multipliers and each head's prime table size, bit for bit as transformers derives
+    them, at the release's vocabulary and table sizes (the tiny models' logits check the ids they give)."""
+    from transformers.models.qwen4_exp import modeling_qwen4_exp as hf
+
+    from localmoe.models.qwen4_exp import hash_multipliers, primes_from
+
+    vocab, heads, base = 248320, 16, 20_000_000
+    primes = primes_from(base, 3 * heads)
+    for ple_index in range(3):
+        assert (
+            hash_multipliers(vocab, 3, ple_index, 1234)
+            == hf._build_layer_multipliers(vocab, 3, ple_index, 1234).tolist()
+        )
+        for head in (0, heads - 1):
+            global_head = ple_index * heads + head
+            assert primes[global_head] == hf._find_nth_prime_after(base - 1, global_head + 1)
+
+
+def test_qwen4_exp_config_checks():
+    """PLE only on linear attention layers, and an indexer with one key head, as transformers requires."""
+    from localmoe.models.qwen4_exp import Qwen4ExpArgs
+
+    with pytest.raises(localmoe.LocalMoEError, match="ple_layer_ids must name linear attention layers"):
+        Qwen4ExpArgs.from_config(dict(QWEN4_EXP, ple_layer_ids=[2]))
+    with pytest.raises(localmoe.LocalMoEError, match="one key head"):
+        Qwen4ExpArgs.from_config(dict(QWEN4_EXP, indexer_kv_heads=2))
+
+
+def test_qwen4_exp_documents_in_the_prompt(tmp_path):
+    """eos tokens inside the prompt end documents: the n-gram hashes see eos for tokens across a boundary,
+    as transformers' do (prompt_ids never holds eos)."""
+    config_class, config = TINY_FAMILIES["qwen4_exp_text"]
+    reference = hf_model(config_class, **config)
+    engine = localmoe.load(str(save_hf(reference, tmp_path, "single")), device="cpu", dtype=torch.float32)
+    ids = torch.randint(0, 258, (1, 40), generator=torch.Generator().manual_seed(5))
+    ids[0, [3, 4, 17, 30]] = config["eos_token_id"]  # two in a row too
+    with torch.no_grad():
+        expected = reference(ids).logits
+    got = engine.model(ids, engine.model.new_cache(1, ids.shape[1]), all_logits=True)
+    assert (got - expected).abs().max().item() < TOLERANCE

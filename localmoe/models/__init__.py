@@ -68,6 +68,7 @@ from localmoe.models import (
     qwen3_next,
     qwen3_omni_moe,
     qwen3_vl_moe,
+    qwen4_exp,
     sarvam_moe,
     solar_open,
     step3p7,
@@ -145,6 +146,7 @@ FAMILIES: tuple[Family, ...] = (
     inkling2.FAMILY,
     inkling2_loop.FAMILY,
     dots3_note.FAMILY,
+    qwen4_exp.FAMILY,
 )
 
 

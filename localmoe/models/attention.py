@@ -156,7 +156,7 @@ class Attention(nn.Module):
             visible = step.visible(self.sliding_window, positions)
             out = attend_with_sinks(q, k, v, visible, self.sinks, self.scale)
         else:
-            mask, is_causal = step.mask(self.sliding_window, positions)
+            mask, is_causal = self.mask(x, step, kv, positions)
             out = F.scaled_dot_product_attention(
                 q, k, v, attn_mask=mask, is_causal=is_causal, scale=self.scale, enable_gqa=True
             )
@@ -172,6 +172,11 @@ class Attention(nn.Module):
             scale = self.gate_act(gate.float()).to(out.dtype)
             out = (out.view(B, T, self.heads, -1) * scale).reshape(B, T, -1)
         return self.o_proj(out)
+
+    def mask(self, x: torch.Tensor, step: Step, kv, positions: torch.Tensor | None) -> tuple[torch.Tensor | None, bool]:
+        """(mask, is_causal) for scaled_dot_product_attention over the keys `kv.update` gave; a layer that
+        selects keys from x (Qwen4-Exp's indexer) narrows it."""
+        return step.mask(self.sliding_window, positions)
 
     def _projections(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
         """Queries and keys as heads side by side [B, T, H + H_kv, D], values [B, T, H_kv, D] and the

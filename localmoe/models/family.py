@@ -117,6 +117,7 @@ MAY_BE_ZERO = frozenset(
         "attn_layer_offset",  # Jamba
         "expert_layer_offset",
         "zero_expert_num",  # LongCat-Flash: no identity experts
+        "seed",  # Qwen4-Exp's n-gram hashes
     }
 )
 MAY_BE_NEGATIVE = frozenset({"moe_layer_end_index"})  # ERNIE: -1 for the last layer

@@ -8,7 +8,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from localmoe.kernels.delta_rule import gated_delta_rule, gated_delta_rule_chunked
-from localmoe.models.layers import RMSNorm, Step
+from localmoe.models.layers import RMSNorm, Step, activation
 from localmoe.models.short_conv import causal_conv
 from localmoe.models.state import RecurrentState
 
@@ -21,15 +21,17 @@ class GatedDeltaNet(nn.Module):
     """`args` has the linear_* sizes, hidden_size and rms_norm_eps. `grouped`: Qwen3-Next's projections,
     one for q, k, v, z and one for b, a, each laid out key head by key head (q, k, then the values and
     gates of the value heads that key head serves); `fused`: Lara's one projection, rows q, k, v, z, b, a;
-    otherwise Qwen3.5's, one projection per part. `norm` the output norm's class."""
+    otherwise Qwen3.5's, one projection per part. `norm` the output norm's class; `gate` the output gate's
+    activation (Qwen4-Exp may take sigmoid)."""
 
-    def __init__(self, args, grouped: bool = False, fused: bool = False, norm=RMSNorm):
+    def __init__(self, args, grouped: bool = False, fused: bool = False, norm=RMSNorm, gate: str = "silu"):
         super().__init__()
         hidden = args.hidden_size
         self.k_heads, self.v_heads = args.linear_num_key_heads, args.linear_num_value_heads
         self.k_dim, self.v_dim = args.linear_key_head_dim, args.linear_value_head_dim
         self.kernel = args.linear_conv_kernel_dim
         self.grouped, self.fused = grouped, fused
+        self.gate_act = activation(gate)
         self.channels = 2 * self.k_heads * self.k_dim + self.v_heads * self.v_dim
         values = self.v_heads * self.v_dim
         if fused:
@@ -90,7 +92,7 @@ class GatedDeltaNet(nn.Module):
         g = (-self.A_log.float().exp() * F.softplus(a.float() + self.dt_bias)).transpose(1, 2)
         rule = gated_delta_rule if T == 1 else gated_delta_rule_chunked
         out = rule(q, k, v, g, beta, state.matrix).transpose(1, 2).to(x.dtype)  # [B, T, H, Dv]
-        out = (self.norm(out) * F.silu(z.float())).to(x.dtype)
+        out = (self.norm(out) * self.gate_act(z.float())).to(x.dtype)
         return self.out_proj(out.reshape(B, T, -1))
 
 

@@ -62,9 +62,10 @@ def token_mixer(args: Qwen3_5MoeArgs, i: int, grouped: bool = False) -> nn.Modul
     return gated_attention(args)
 
 
-def gated_attention(args: Qwen3_5MoeArgs) -> Attention:
-    """The full attention layers' (and the MTP layers')."""
-    return Attention(
+def gated_attention(args: Qwen3_5MoeArgs, kind: type[Attention] = Attention, **extra) -> Attention:
+    """The full attention layers' (and the MTP layers'): an Attention, or a subclass `kind` given `extra`
+    arguments of its own (Qwen4-Exp's indexed attention)."""
+    return kind(
         args.hidden_size,
         args.num_attention_heads,
         args.key_value_heads,
@@ -75,6 +76,7 @@ def gated_attention(args: Qwen3_5MoeArgs) -> Attention:
         norm_eps=args.rms_norm_eps,
         output_gate=True,
         norm=ZeroCenteredRMSNorm,
+        **extra,
     )
 
 
