@@ -254,7 +254,8 @@ def test_ctrl_c_in_a_terminal_stops_the_answer_and_keeps_the_chat(chat_model, tm
     # an answer far longer than the test waits for: Ctrl-C is what ends it
     pexpect, child = _chat_in_a_terminal(chat_model, tmp_path, 3000)
     child.sendline("tell me everything")
-    child.expect("assistant|\\S")  # the answer has started streaming
+    child.expect("tell me everything\r\n")  # the terminal's echo of the line (not yet the answer)
+    child.expect("\\S")  # the answer has started streaming: a Ctrl-C before it would stop the line, not the answer
     child.sendintr()
     child.expect(r"\[stopped\]")
     child.expect("> ")
