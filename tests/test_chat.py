@@ -5,6 +5,7 @@ import errno
 import io
 import json
 import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -223,7 +224,16 @@ PATIENCE = 600
 def _chat_in_a_terminal(chat_model, tmp_path, max_new_tokens: int):
     pexpect = pytest.importorskip("pexpect")
     command = f"{sys.executable} -m localmoe chat {chat_model} --device cpu --expert-slots 6 -n {max_new_tokens}"
-    child = pexpect.spawn(command, cwd=str(tmp_path), encoding="utf-8", timeout=PATIENCE, dimensions=(40, 200))
+    # Ctrl-C must reach the chat as a user's terminal delivers it, even where the test runner ignores
+    # SIGINT (a background job of a non-interactive shell does, and a child inherits that)
+    child = pexpect.spawn(
+        command,
+        cwd=str(tmp_path),
+        encoding="utf-8",
+        timeout=PATIENCE,
+        dimensions=(40, 200),
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
+    )
     child.expect("Type /help")
     child.expect("> ")
     return pexpect, child
