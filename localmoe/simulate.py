@@ -7,6 +7,7 @@ counters it reports are the ones a run would report for the same routing.
 
 import bisect
 import csv
+import heapq
 import json
 from collections import Counter, defaultdict
 from collections.abc import Callable
@@ -97,13 +98,10 @@ class Replay:
 
 
 class Belady(CachePolicy):
-    """Offline optimal replacement for a known sequence of layer visits: evict the cached expert needed
-    again furthest in the future. It follows the cache's policy interface, so the cache's own rules
-    (what the current layer uses is never evicted) bound it as they bind others. With bypass admission
-    its `rank` lets a miss take a slot only from an expert needed again later than it: the offline
-    optimum of a cache that may leave misses to the CPU."""
-
-    ranks = True
+    """Offline optimal replacement for a known sequence of layer visits, for a cache that copies every
+    miss: evict the cached expert needed again furthest in the future. It follows the cache's policy
+    interface, so the cache's own rules (what the current layer uses is never evicted) bound it as they
+    bind others."""
 
     def __init__(self, visits: list[list[Key]]):
         self._visits = visits
@@ -131,13 +129,73 @@ class Belady(CachePolicy):
 
     def victim(self, skip, layers: set[int] | None = None) -> Key | None:
         candidates = [key for key in self._cached if not passed_over(key, skip, layers)]
-        return min(candidates, key=self.rank, default=None)
+        return min(candidates, key=self._next_use, default=None)
 
-    def rank(self, key: Key) -> float:
+    def _next_use(self, key: Key) -> float:
         """Minus the expert's next use after the visit under way: the sooner, the higher."""
         uses = self._uses[key]
         i = bisect.bisect_left(uses, self._starts[self._visit + 1])
         return -uses[i] if i < len(uses) else float("-inf")
+
+
+def belady_uncached(trace: Trace, slots: int) -> Replay:
+    """The offline optimum of one pool of `slots` experts that may leave a miss uncached (computed on the
+    CPU or read where it lies) and decides what to keep once each token's step is over, as the direct
+    miss policy does: at each miss, of the pooled experts and the miss, the one needed again furthest
+    ahead stays out.
+
+    Hits depend only on what the pool holds as a step begins, and after it the pool may hold any of what
+    it held and what the step used, so farthest-in-future counted in steps is optimal (which of two
+    experts needed by the same later step stays makes no difference: that step may keep either). It
+    bounds every policy the cache runs: those that copy or bypass decide within the step, and keep a
+    visit's experts in place while it runs. Misses are the uncached uses that took a slot (copies)."""
+    steps = [
+        [(layer, e) for layer, experts in zip(trace.layers, token, strict=True) for e in experts if e >= 0]
+        for request in trace.requests
+        for token in request
+    ]
+    uses: dict[Key, list[int]] = defaultdict(list)
+    for time, step in enumerate(steps):
+        for key in step:
+            uses[key].append(time)
+
+    def next_use(key: Key, time: int) -> float:
+        later = uses[key]
+        i = bisect.bisect_right(later, time)
+        return later[i] if i < len(later) else float("inf")
+
+    pool: dict[Key, float] = {}  # key -> its next use
+    furthest: list[tuple[float, Key]] = []  # a max-heap of (-next use, key), stale entries skipped
+    per_layer: dict[int, CacheCounters] = defaultdict(CacheCounters)
+    for time, step in enumerate(steps):
+        for key in step:
+            per_layer[key[0]].uses += 1
+            if key in pool:
+                per_layer[key[0]].hits += 1
+                pool[key] = next_use(key, time)
+                heapq.heappush(furthest, (-pool[key], key))
+        for key in sorted((k for k in step if k not in pool), key=lambda k: next_use(k, time)):
+            when, counters = next_use(key, time), per_layer[key[0]]
+            if len(pool) >= slots:
+                while -furthest[0][0] != pool.get(furthest[0][1]):
+                    heapq.heappop(furthest)
+                if -furthest[0][0] <= when:
+                    counters.on_cpu += 1
+                    continue
+                _, victim = heapq.heappop(furthest)
+                del pool[victim]
+                counters.evictions += 1
+            elif when == float("inf"):
+                counters.on_cpu += 1  # never needed again: not worth a copy
+                continue
+            pool[key] = when
+            heapq.heappush(furthest, (-when, key))
+            counters.misses += 1
+            counters.bytes_copied += 1
+    total = CacheCounters()
+    for counters in per_layer.values():
+        total += counters
+    return Replay(total, trace.tokens, per_layer=dict(per_layer))
 
 
 class _OneNumberStore:
@@ -167,12 +225,13 @@ def replay(
     layer, or with `shared`, one pool shared freely.
 
     `policy` is a cache policy name, "belady", or a function making a policy (`Score` with another
-    decay, say). With `prefetch`, the experts the trace records as
-    predicted for the next layer are prefetched after each layer, as the runtime does. With `pin_hot`,
-    the first request is the warm-up whose hottest experts get pinned, as `--pin-hot` does. `miss` says
-    what a miss does, as `--miss-policy`: "copy" (copied before use), "bypass" (the misses the policy
-    does not admit computed on the CPU), or "direct" (read where it lies, and once the token is over,
-    admitted where the policy ranks it above its victim: the rule the runtime follows a step behind).
+    decay, say); "belady" with a miss policy other than "copy" is `belady_uncached`'s bound. With
+    `prefetch`, the experts the trace records as predicted for the next layer are prefetched after each
+    layer, as the runtime does. With `pin_hot`, the first request is the warm-up whose hottest experts
+    get pinned, as `--pin-hot` does. `miss` says what a miss does, as `--miss-policy`: "copy" (copied
+    before use), "bypass" (the misses the policy does not admit computed on the CPU), or "direct" (read
+    where it lies, and once the token is over, admitted where the policy ranks it above its victim: the
+    rule the runtime follows a step behind).
     With a routing `profile`, the cache starts from it as a run with `--profile` does.
     """
     if prefetch and trace.predicted is None:
@@ -181,6 +240,10 @@ def replay(
         raise LocalMoEError("the direct miss policy admits misses a token later; it does not prefetch")
     if policy == "belady" and (prefetch or pin_hot or profile):
         raise LocalMoEError("Belady's bound is computed without prefetch, pinning or a profile")
+    if policy == "belady" and miss != "copy":
+        if not shared:
+            raise LocalMoEError("Belady's bound for misses left uncached is one shared pool's: replay it with shared")
+        return belady_uncached(trace, slots)
     chosen = Belady(trace.visits()) if policy == "belady" else policy if isinstance(policy, str) else policy()
     cache = ExpertCache(_OneNumberStore(), slots, torch.device("cpu"), chosen, None if shared else len(trace.layers))
     if profile:

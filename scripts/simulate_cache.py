@@ -3,8 +3,9 @@
     python scripts/simulate_cache.py ../shared/traces/qwen15moe_decode.npz
     python scripts/simulate_cache.py run.jsonl --prefetch --no-write    # a trace from `localmoe generate --trace`
 
-Per slot count it prints the offline references: Belady's optimum (a miss may be left uncached, as
-bypass admission does), Belady restricted to admitting every miss, and the static oracle (the most
+Per slot count it prints the offline references: Belady's optimum (a miss may be left uncached and
+what to keep is chosen once each token is over, as the direct miss policy does; it bounds every
+policy), Belady restricted to admitting every miss before use, and the static oracle (the most
 used experts pinned from the start). Then per configuration: the hit rate, its ratio to both Belady
 figures, experts copied and experts computed on the CPU per token (in experts: x one expert's bytes
 for a real model), and for traces that recorded predictions, prefetch precision and recall.
