@@ -1,7 +1,7 @@
 """The CPU expert kernels (kernels/cpu_experts.cpp) against the reference: every weight format, the
-activations, biases and input scales, real models' expert shapes and ragged small ones, 1-8 tokens, 1-2
-threads; the instruction set forced down to AVX2 and to plain C++ in a subprocess; the build's fallback;
-one op per call."""
+activations, biases and input scales, real models' expert shapes and ragged small ones, 1-8 tokens and
+prefills of 9-300, 1-2 threads; the instruction set forced down to AVX2 and to plain C++ in a subprocess;
+the build's fallback; one op per call."""
 
 import os
 import subprocess
@@ -148,9 +148,12 @@ MODELS = {
 }
 
 
+@pytest.mark.parametrize("prefill", [False, True])
 @pytest.mark.parametrize("model", list(MODELS))
-def test_model_shapes_match_the_reference(model):
+def test_model_shapes_match_the_reference(model, prefill):
+    """A few tokens, or 33 (a prefill: two tiles of pairs and one more on each expert)."""
     hidden, inter, fmt, tokens = MODELS[model]
+    tokens = 33 if prefill else tokens
     stack = experts(fmt, 2, hidden, inter, torch.bfloat16, seed=4, bias=model == "gpt-oss")
     x, slots = case(tokens, 2, 2, hidden, seed=5, dtype=torch.bfloat16, skipped=False)
     act = ACTS["clamped-swiglu"] if model == "gpt-oss" else ACTS["swiglu"]
@@ -158,17 +161,62 @@ def test_model_shapes_match_the_reference(model):
     assert_near(outputs(cpu.cpu_pair_outputs, stack, x, slots, act), expected, torch.bfloat16)
 
 
+def tiles() -> bool:
+    """Whether experts with many pairs run on AMX tiles here (bfloat16)."""
+    return cpu.cpu_kernel()[1].endswith("+amx")
+
+
 @pytest.mark.parametrize("fmt", FORMATS)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_experts_with_many_pairs_equal_the_reference_bit_for_bit(fmt, dtype):
-    """From GEMM_PAIRS pairs on, an expert runs the reference's own arithmetic (a prefill)."""
+def test_experts_with_many_pairs_match_the_reference(fmt, dtype):
+    """From MANY_PAIRS pairs on, an expert runs the prefill path: AMX tiles in bfloat16 where the CPU has
+    them (the reference's oneDNN products sum in their own order: within TOLERANCE), else the reference's
+    own arithmetic (bit for bit)."""
     stack = experts(fmt, 3, 256, 128, dtype, seed=6, bias=True)
     x, _ = case(24, 1, 3, 256, seed=7, dtype=dtype)
     slots = torch.tensor([[0, 1]] * 12 + [[1, 2]] * 12)  # 12, 24 and 12 pairs per expert
     scale = torch.rand(slots.numel(), generator=torch.Generator().manual_seed(8))
     for act in ("swiglu", "clamped-swiglu"):
         expected = outputs(expert_pair_outputs, stack, x, slots, ACTS[act], scale)
-        assert torch.equal(outputs(cpu.cpu_pair_outputs, stack, x, slots, ACTS[act], scale), expected)
+        got = outputs(cpu.cpu_pair_outputs, stack, x, slots, ACTS[act], scale)
+        if dtype == torch.bfloat16 and tiles():
+            assert_near(got, expected, dtype)
+        else:
+            assert torch.equal(got, expected)
+
+
+@pytest.mark.parametrize("fmt", FORMATS)
+@pytest.mark.parametrize("tokens", [9, 17, 40, 300])
+def test_prefill_token_counts_match_the_reference(fmt, tokens):
+    """Prefills of 9 to a few hundred tokens, top-2 of 4 experts (one to many tiles of 16 pairs, ragged last
+    tiles), biases and input scales, bfloat16, on a tiled shape and a ragged one (left to the reference's
+    products); on tiles the same bits on 1 and 2 threads."""
+    for hidden, inter in ((256, 128), small(fmt)):
+        stack = experts(fmt, 4, hidden, inter, torch.bfloat16, seed=tokens, bias=True)
+        x, slots = case(tokens, 2, 4, hidden, seed=tokens, dtype=torch.bfloat16)
+        scale = torch.rand(slots.numel(), generator=torch.Generator().manual_seed(tokens))
+        expected = outputs(expert_pair_outputs, stack, x, slots, ACTS["swiglu"], scale)
+        by_threads = []
+        for thread_count in (1, 2):
+            torch.set_num_threads(thread_count)
+            by_threads.append(outputs(cpu.cpu_pair_outputs, stack, x, slots, ACTS["swiglu"], scale))
+            assert_near(by_threads[-1], expected, torch.bfloat16)
+        if tiles() and hidden % 32 == 0:
+            assert torch.equal(*by_threads)
+
+
+def test_on_tiles_a_pair_does_not_depend_on_the_other_pairs():
+    """A token's outputs are the same bits whichever pairs share its expert's tiles, and wherever in a tile
+    it falls (prefill chunks differ between an offloaded run and a resident one only in what they hold)."""
+    if not tiles():
+        pytest.skip("no AMX tiles here")
+    stack = experts("int4", 2, 256, 128, torch.bfloat16, seed=15, bias=True)
+    x, _ = case(40, 1, 2, 256, seed=16, dtype=torch.bfloat16)
+    slots = torch.tensor([[t % 2, 1 - t % 2] for t in range(40)])  # 40 pairs per expert
+    everything = outputs(cpu.cpu_pair_outputs, stack, x, slots, ACTS["swiglu"])
+    for first, last in ((0, 18), (5, 23), (3, 40)):
+        part = outputs(cpu.cpu_pair_outputs, stack, x[first:last], slots[first:last], ACTS["swiglu"])
+        assert torch.equal(part, everything[2 * first : 2 * last])
 
 
 @pytest.mark.parametrize("fmt", FORMATS)

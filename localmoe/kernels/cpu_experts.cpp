@@ -8,8 +8,9 @@
 // together, so the activation follows at once, then the down rows. Blocks of rows are handed to the
 // threads (OpenMP, the runtime torch uses) in turn. Each output is one row's dot product, summed in a
 // fixed order: the result depends neither on the thread count, nor on the other pairs of the call, nor
-// on where the expert's bytes lie (pool or host). Experts with more pairs are left to the caller, which
-// runs the reference's own matrix products on weights `lm_dequantize` decodes exactly as the reference.
+// on where the expert's bytes lie (pool or host). Experts with more pairs (prefill) run on AMX tiles in
+// bfloat16 where the CPU has them (tile_prefill); elsewhere they are left to the caller, which runs the
+// reference's own matrix products on weights `lm_dequantize` decodes exactly as the reference.
 //
 // Plain C ABI, no torch headers: it compiles in seconds with any C++17 compiler, for the instruction
 // set the caller picks (the AVX-512 and AVX2 paths below, else loops the compiler vectorizes).
@@ -24,6 +25,11 @@
 
 #if defined(__AVX512F__) || defined(__AVX2__)
 #include <immintrin.h>
+#endif
+#if defined(__AVX512BF16__) && defined(__linux__) && defined(__x86_64__)
+#include <cpuid.h>  // AMX: whether the CPU has it, and Linux's permission to use it
+#include <sys/syscall.h>
+#include <unistd.h>
 #endif
 
 namespace {
@@ -900,6 +906,240 @@ void dequantize_format(const Matrix& m, int64_t format, int64_t expert, uint8_t*
   }
 }
 
+
+// ---------------------------------------------------------------------------------------------------
+// Prefill on AMX (Intel's tile units): experts with `many` pairs or more, in bfloat16, every format.
+//
+// An expert's weight rows are the left tiles as they lie (bfloat16) or decoded 16 rows at a time into a
+// buffer the core keeps in cache (every other format: each weight exactly as the reference dequantizes
+// it, float32 arithmetic rounded once to bfloat16), and the pairs' activations the right tiles, 16
+// pairs per tile, arranged once per expert in pairs of columns (the tiles' layout). Each output sums its
+// columns 32 at a time in one order, in float32: like the matrix-vector path it depends neither on the
+// thread count nor on the other pairs, and it differs from the reference's oneDNN products by float32
+// summation order only. Where the CPU or the kernel lack AMX, these experts are left to the caller.
+#if defined(__AVX512BF16__) && defined(__linux__) && defined(__x86_64__)
+
+// Whether this CPU has AMX tiles with bfloat16 products and Linux lets this process use them (it must
+// ask once: the tile state is large).
+bool amx_usable() {
+  static const bool usable = [] {
+    unsigned a, b, c, d;
+    if (!__get_cpuid_count(7, 0, &a, &b, &c, &d) || !(d & (1u << 24)) || !(d & (1u << 22))) return false;
+    constexpr long ARCH_REQ_XCOMP_PERM = 0x1023, XFEATURE_XTILEDATA = 18;
+    return syscall(SYS_arch_prctl, ARCH_REQ_XCOMP_PERM, XFEATURE_XTILEDATA) == 0;
+  }();
+  return usable;
+}
+
+constexpr int TILE = 16;  // rows of a tile: 16 weight rows, or 16 pairs; 32 bfloat16 columns each
+constexpr int64_t TILE_COLS = 32;
+
+struct TileConfig {  // the 64 bytes of ldtilecfg, palette 1: every tile 16 rows of 64 bytes
+  uint8_t palette = 1, start_row = 0, reserved[14] = {};
+  uint16_t bytes_per_row[16] = {};
+  uint8_t rows[16] = {};
+  TileConfig() {
+    for (int t = 0; t < 8; ++t) bytes_per_row[t] = 64, rows[t] = TILE;
+  }
+};
+
+// Tiles 0-3 accumulate (a0, b0), (a1, b0), (a0, b1), (a1, b1) over `cols` columns, then go to c, 16 x 16
+// float32 each: 16 weight rows of a0 and of a1 (rows `a0_row`, `a1_row` bytes apart) by 16 pairs of b0 and
+// of b1 (arranged as `arranged_pair` says). NB: one or two tiles of pairs.
+template <int NB>
+__attribute__((target("amx-tile,amx-bf16"))) void tile_products(const uint16_t* a0, int64_t a0_row, const uint16_t* a1,
+                                                                  int64_t a1_row, const uint16_t* b0, const uint16_t* b1,
+                                                                  int64_t cols, float* c) {
+  _tile_zero(0);
+  _tile_zero(1);
+  if constexpr (NB == 2) {
+    _tile_zero(2);
+    _tile_zero(3);
+  }
+  for (int64_t k = 0; k < cols; k += TILE_COLS) {
+    _tile_loadd(4, a0 + k, a0_row);
+    _tile_loadd(5, a1 + k, a1_row);
+    _tile_loadd(6, b0 + k * TILE, 64);
+    _tile_dpbf16ps(0, 4, 6);
+    _tile_dpbf16ps(1, 5, 6);
+    if constexpr (NB == 2) {
+      _tile_loadd(7, b1 + k * TILE, 64);
+      _tile_dpbf16ps(2, 4, 7);
+      _tile_dpbf16ps(3, 5, 7);
+    }
+  }
+  _tile_stored(0, c, 64);
+  _tile_stored(1, c + 256, 64);
+  if constexpr (NB == 2) {
+    _tile_stored(2, c + 512, 64);
+    _tile_stored(3, c + 768, 64);
+  }
+}
+
+__attribute__((target("amx-tile"))) void tiles_configured(const TileConfig& config) { _tile_loadconfig(&config); }
+__attribute__((target("amx-tile"))) void tiles_released() { _tile_release(); }
+
+// Where column `col` of pair `p` goes among a unit's arranged activations (`cols` columns): per 16 pairs,
+// per 32 columns, 16 rows of 16 pairs x 2 consecutive columns (the right tile's layout)
+inline int64_t arranged_pair(int64_t p, int64_t col, int64_t cols) {
+  return (p / TILE) * cols * TILE + (col / 2) * 2 * TILE + (p % TILE) * 2 + (col & 1);
+}
+
+// Row r of `expert` as bfloat16, exactly the reference's dequantized weight (float32, rounded once)
+template <int FMT>
+void bf16_row(const Matrix& m, int64_t expert, int64_t r, uint16_t* out) {
+  using D = Decode<FMT>;
+  Row row = m.row(expert, r);
+  if (!FloatPath<FMT>::vector_fits(m) || m.cols % (2 * W) != 0) {
+    for (int64_t c = 0; c < m.cols; ++c) out[c] = bf16_bits(D::at(row, c, c / m.block));
+    return;
+  }
+  // a nibble format's 32 columns come as the low nibbles (even columns), then the high ones
+  const __m512i in_order = _mm512_set_epi16(31, 15, 30, 14, 29, 13, 28, 12, 27, 11, 26, 10, 25, 9, 24, 8, 23, 7, 22,
+                                            6, 21, 5, 20, 4, 19, 3, 18, 2, 17, 1, 16, 0);
+  const int64_t span = std::max<int64_t>(m.block, 2 * W);  // as dequantize_row
+  for (int64_t first = 0; first < m.cols; first += span) {
+    F s[2];
+    D::scales(row, first / m.block, s);
+    for (int64_t c = first, end = c + span; c < end; c += 2 * W) {
+      read_ahead(row.w, byte_of(FMT, c));
+      F w[2];
+      D::load(row, c, s, w);
+      if constexpr (D::V == 2) {
+        _mm512_storeu_si512(out + c, _mm512_permutexvar_epi16(in_order, (__m512i)pack_bh(w[0], w[1])));
+      } else {
+        D::load(row, c + W, s, w + 1);
+        _mm512_storeu_si512(out + c, (__m512i)pack_bh(w[0], w[1]));
+      }
+    }
+  }
+}
+
+// Rows [r, r + TILE) of `expert` as bfloat16: where they lie (bfloat16 weights), else decoded into
+// `buffer`. Sets their stride in bytes.
+template <int FMT>
+const uint16_t* tile_rows(const Matrix& m, int64_t expert, int64_t r, uint16_t* buffer, int64_t* row_bytes) {
+  if constexpr (FMT == BF16) {
+    *row_bytes = m.w_row;
+    return (const uint16_t*)m.row(expert, r).w;
+  }
+  for (int i = 0; i < TILE; ++i) bf16_row<FMT>(m, expert, r + i, buffer + i * m.cols);
+  *row_bytes = 2 * m.cols;
+  return buffer;
+}
+
+inline int64_t tiles_of(int64_t n) { return (n + TILE - 1) / TILE; }
+
+constexpr int64_t TASK_ROWS = 64;  // weight rows per task
+
+// Whether tile_prefill takes a call: bfloat16, AMX usable, widths in whole tiles.
+bool tiles_fit(const lm_call& c) {
+  return c.dtype == DT_BF16 && c.hidden % (2 * TILE) == 0 && c.inter % (2 * TILE) == 0 && amx_usable();
+}
+
+// The pairs of `units` (bfloat16 activations): gate/up and the activation into h, then down into out, as
+// matrix_vector computes them, with tiles.
+template <int FMT>
+void tile_prefill(lm_call& c, std::vector<Unit*>& units) {
+  using N = Num<DT_BF16>;
+  const int64_t H = c.hidden, I = c.inter;
+  int64_t padded = 0;  // pairs, each unit's rounded up to whole tiles
+  for (Unit* u : units) u->first = padded, padded += tiles_of(int64_t(u->pairs.size())) * TILE;
+  std::vector<uint16_t> xin(padded * H, 0), h(padded * I, 0);
+  for (Unit* u : units)
+    for (int64_t i = 0; i < int64_t(u->pairs.size()); ++i) {
+      const int64_t pair = u->pairs[i];
+      const uint8_t* row = c.x + (pair / c.k) * c.x_row;
+      uint16_t* dst = xin.data() + u->first * H;
+      for (int64_t e = 0; e < H; ++e) {
+        const float v = N::get(row, e);
+        dst[arranged_pair(i, e, H)] = bf16_bits(c.input_scale ? N::round(v * c.input_scale[pair]) : v);
+      }
+    }
+  const TileConfig config;
+  const int64_t gu_tasks = I / TASK_ROWS + (I % TASK_ROWS != 0);
+  share(int64_t(units.size()) * gu_tasks, c.threads, [&](int64_t task) {
+    const Unit& u = *units[task / gu_tasks];
+    const int64_t P = int64_t(u.pairs.size());
+    const lm_stack& st = *u.stack;
+    const uint8_t* bias = bias_of(st.gate_up_bias, st.gate_up_bias_expert, u.expert);
+    thread_local std::vector<uint16_t> buffer;
+    buffer.resize(2 * TILE * H);
+    alignas(64) float out[4][TILE][TILE];
+    tiles_configured(config);
+    const int64_t first = (task % gu_tasks) * TASK_ROWS;
+    for (int64_t r = first; r < std::min(I, first + TASK_ROWS); r += TILE) {
+      int64_t gate_row, up_row;
+      const uint16_t* gate = tile_rows<FMT>(st.gate_up, u.expert, r, buffer.data(), &gate_row);
+      const uint16_t* up = tile_rows<FMT>(st.gate_up, u.expert, I + r, buffer.data() + TILE * H, &up_row);
+      for (int64_t p0 = 0; p0 < P; p0 += 2 * TILE) {
+        const uint16_t* b = xin.data() + (u.first + p0) * H;
+        if (P - p0 > TILE)
+          tile_products<2>(gate, gate_row, up, up_row, b, b + TILE * H, H, &out[0][0][0]);
+        else
+          tile_products<1>(gate, gate_row, up, up_row, b, b, H, &out[0][0][0]);
+        for (int64_t p = p0; p < std::min(P, p0 + 2 * TILE); ++p) {
+          const int t = int(p - p0) / TILE * 2;  // gate's tile for this pair, then up's
+          for (int64_t i = 0; i < TILE; ++i) {
+            const float g = N::round(out[t][i][p % TILE] + (bias ? N::get(bias, r + i) : 0.f));
+            const float v = N::round(out[t + 1][i][p % TILE] + (bias ? N::get(bias, I + r + i) : 0.f));
+            h[u.first * I + arranged_pair(p, r + i, I)] = bf16_bits(activate<DT_BF16>(c.kind, c.act, c.alpha, c.limit, g, v));
+          }
+        }
+      }
+    }
+    tiles_released();
+  });
+  const int64_t dn_tasks = H / TASK_ROWS + (H % TASK_ROWS != 0);
+  share(int64_t(units.size()) * dn_tasks, c.threads, [&](int64_t task) {
+    const Unit& u = *units[task / dn_tasks];
+    const int64_t P = int64_t(u.pairs.size());
+    const lm_stack& st = *u.stack;
+    const uint8_t* bias = bias_of(st.down_bias, st.down_bias_expert, u.expert);
+    thread_local std::vector<uint16_t> buffer;
+    buffer.resize(2 * TILE * I);
+    alignas(64) float out[4][TILE][TILE];
+    tiles_configured(config);
+    const int64_t first = (task % dn_tasks) * TASK_ROWS;
+    for (int64_t r = first; r < std::min(H, first + TASK_ROWS); r += 2 * TILE) {
+      int64_t row0, row1;
+      const uint16_t* a0 = tile_rows<FMT>(st.down, u.expert, r, buffer.data(), &row0);
+      const uint16_t* a1 = tile_rows<FMT>(st.down, u.expert, r + TILE, buffer.data() + TILE * I, &row1);
+      for (int64_t p0 = 0; p0 < P; p0 += 2 * TILE) {
+        const uint16_t* b = h.data() + (u.first + p0) * I;
+        if (P - p0 > TILE)
+          tile_products<2>(a0, row0, a1, row1, b, b + TILE * I, I, &out[0][0][0]);
+        else
+          tile_products<1>(a0, row0, a1, row1, b, b, I, &out[0][0][0]);
+        for (int64_t p = p0; p < std::min(P, p0 + 2 * TILE); ++p) {
+          uint8_t* o = c.out + u.pairs[p] * c.out_row;
+          const int t = int(p - p0) / TILE * 2;
+          for (int64_t i = 0; i < 2 * TILE; ++i)
+            N::put(o, r + i, out[t + i / TILE][i % TILE][p % TILE] + (bias ? N::get(bias, r + i) : 0.f));
+        }
+      }
+    }
+    tiles_released();
+  });
+}
+
+// `units` through tile_prefill where it takes the call (true), else nothing done (false)
+bool tile_prefill_format(lm_call& c, std::vector<Unit*>& units) {
+  if (units.empty() || !tiles_fit(c)) return false;
+  switch (c.format) {
+    case BF16: return tile_prefill<BF16>(c, units), true;
+    case INT8: return tile_prefill<INT8>(c, units), true;
+    case INT4: return tile_prefill<INT4>(c, units), true;
+    case FP8: return tile_prefill<FP8>(c, units), true;
+    case MXFP4: return tile_prefill<MXFP4>(c, units), true;
+    case NVFP4: return tile_prefill<NVFP4>(c, units), true;
+  }
+  return false;
+}
+#else
+bool tile_prefill_format(lm_call&, std::vector<Unit*>&) { return false; }
+#endif
+
 }  // namespace
 
 extern "C" {
@@ -921,22 +1161,29 @@ int lm_expert_pairs(lm_call* c, double alpha, double limit) {
     if (u < 0) u = int64_t(units.size()), units.push_back({which == 0 ? &c->pool : &c->host, row, {}});
     units[u].pairs.push_back(p);
   }
-  std::vector<Unit*> few;
+  std::vector<Unit*> few, more;
   c->left_count = 0;
   const int64_t many = std::min<int64_t>(c->many, MAX_PAIRS_PER_UNIT);
-  for (Unit& u : units) {
-    if (int64_t(u.pairs.size()) < many) {
-      few.push_back(&u);
-    } else {
-      c->left[2 * c->left_count] = u.stack == &c->pool ? 0 : 1;
-      c->left[2 * c->left_count + 1] = u.expert;
+  for (Unit& u : units) (int64_t(u.pairs.size()) < many ? few : more).push_back(&u);
+  if (!tile_prefill_format(*c, more))
+    for (Unit* u : more) {
+      c->left[2 * c->left_count] = u->stack == &c->pool ? 0 : 1;
+      c->left[2 * c->left_count + 1] = u->expert;
       ++c->left_count;
     }
-  }
   if (c->dtype == DT_F32) run_format<DT_F32>(*c, few);
   if (c->dtype == DT_BF16) run_format<DT_BF16>(*c, few);
   if (c->dtype == DT_F16) run_format<DT_F16>(*c, few);
   return 0;
+}
+
+// Whether experts with many pairs run on AMX tiles here (else they are left to the caller).
+int lm_tiles() {
+#if defined(__AVX512BF16__) && defined(__linux__) && defined(__x86_64__)
+  return amx_usable();
+#else
+  return 0;
+#endif
 }
 
 // One expert's matrix dequantized into `out` [rows, cols] in the compute dtype, exactly as

@@ -10,8 +10,11 @@ torch's own where torch ships its libgomp, so the two never compete for the core
 possible (no compiler), `cpu_kernel()` says why and the caller keeps the reference.
 LOCALMOE_CPU_ISA=avx512|avx2|generic forces a lower instruction set (for tests).
 
-Experts with many pairs (prefill) go through the reference's own code here, on weights the library
-dequantizes exactly as kernels/quantized.py does: bit for bit the reference.
+Experts with many pairs (prefill) run in bfloat16 on the AMX tiles of the CPUs that have them (the library's
+tile_prefill: one pass per expert over its weights, decoded 16 rows at a time into cache exactly as
+kernels/quantized.py dequantizes them, every pair of the expert per tile); elsewhere, and in float32 or
+float16, through the reference's own code here, on weights the library dequantizes exactly as
+kernels/quantized.py does: bit for bit the reference.
 """
 
 import array
@@ -57,7 +60,7 @@ NIBBLES = (INT4, MXFP4, NVFP4)  # two weights a byte
 DTYPES = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}  # also the integer formats' scale dtypes
 KINDS = {"glu": 0, "clamped_swiglu": 1, "clamped_glu": 2}
 ACTS = {"silu": 0, "swish": 0, "gelu": 1, "gelu_pytorch_tanh": 2}
-MANY_PAIRS = 8  # pairs of one expert from which the matrix products of the reference take over (prefill)
+MANY_PAIRS = 8  # pairs of one expert from which the prefill path takes over (AMX tiles, or the reference's products)
 
 
 MATRIX_FIELDS = 16  # cpu_experts.cpp's Matrix: 3 pointers, 6 strides, rows, columns, block, 4 more of the form
@@ -87,7 +90,8 @@ def _cpu_flags() -> set[str]:
 
 @functools.cache
 def cpu_kernel() -> tuple[bool, str]:
-    """(whether the op is there, a few words: the instruction set, or why it is not), once per process."""
+    """(whether the op is there, a few words: the instruction set, "+amx" where prefill runs on AMX tiles,
+    or why it is not there), once per process."""
     return load()
 
 
@@ -111,7 +115,7 @@ def load() -> tuple[bool, str]:
     if _library is None:
         _define_op()
     _library = library
-    return True, isa
+    return True, f"{isa}+amx" if library.lm_tiles() else isa
 
 
 def _built(isa: str) -> Path:
@@ -225,8 +229,9 @@ def cpu_pair_outputs(
     host: ExpertStack | None = None,
 ) -> None:
     """`reference.expert_pair_outputs` in one call of the op: same arguments, same rows of `out` written;
-    bit for bit the reference for experts with MANY_PAIRS pairs or more, within float32 summation order
-    (see tests/test_cpu_kernels.py) for the others. Experts in a form or with an activation the op does not
+    bit for bit the reference for experts with MANY_PAIRS pairs or more in float32 and float16, within
+    float32 summation order (see tests/test_cpu_kernels.py) for the others (AMX tiles in bfloat16, and
+    fewer pairs). Experts in a form or with an activation the op does not
     read (a checkpoint's symmetric integers, NVFP4, ...) are computed by the reference: the misses' CPU
     share takes this function whatever the model stores."""
     if not _reads(gate_up, act):
@@ -259,8 +264,8 @@ def _define_op() -> None:
 def _expert_pairs(
     out, x, slots, ids, input_scale, pool, host, fmt, block, block_rows, divides, kind, act, alpha, limit
 ) -> None:
-    """The op on CPU tensors: the library's matrix-vector path, then the reference's matrix products for
-    the experts it leaves."""
+    """The op on CPU tensors: the library's matrix-vector path and AMX tiles, then the reference's matrix
+    products for the experts it leaves."""
     if x.dtype not in DTYPES or out.dtype != x.dtype or out.stride(1) != 1 or x.stride(1) != 1:
         raise ValueError("the CPU expert kernels take float32, bfloat16 or float16 x and out, rows contiguous")
     tokens, k = slots.shape
