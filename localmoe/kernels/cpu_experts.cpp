@@ -985,11 +985,36 @@ inline int64_t arranged_pair(int64_t p, int64_t col, int64_t cols) {
   return (p / TILE) * cols * TILE + (col / 2) * 2 * TILE + (p % TILE) * 2 + (col & 1);
 }
 
+// A row of 4-bit codes (INT4, MXFP4; groups of whole 32 columns) as bfloat16 through a table per group:
+// its 16 weights, each computed as the reference does (float32, rounded once), looked up by code.
+template <int FMT>
+void bf16_row_nibbles(const Matrix& m, const Row& row, uint16_t* out) {
+  const __m512i low = _mm512_set1_epi32(0x0F), high = _mm512_set1_epi32(0xF0);
+  for (int64_t g = 0; g < m.cols / m.block; ++g) {
+    F values;
+    if constexpr (FMT == INT4)
+      values = mul(sub(loadf(IOTA), set1(zero_at<4>(row, g))), set1(scale_at(row, g)));
+    else
+      values = mul(loadf(FP4), set1(std::ldexp(1.f, int(row.s[g]) - 127)));
+    const __m512i table = _mm512_zextsi256_si512((__m256i)_mm512_cvtneps_pbh(values));
+    for (int64_t c = g * m.block, end = c + m.block; c < end; c += TILE_COLS) {
+      read_ahead(row.w, c / 2);
+      // byte b of 16 as the codes of columns 2b and 2b + 1, one 16-bit word each
+      const __m512i b = _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i*)(row.w + c / 2)));
+      const __m512i codes = _mm512_or_si512(_mm512_and_si512(b, low), _mm512_slli_epi32(_mm512_and_si512(b, high), 12));
+      _mm512_storeu_si512(out + c, _mm512_permutexvar_epi16(codes, table));
+    }
+  }
+}
+
 // Row r of `expert` as bfloat16, exactly the reference's dequantized weight (float32, rounded once)
 template <int FMT>
 void bf16_row(const Matrix& m, int64_t expert, int64_t r, uint16_t* out) {
   using D = Decode<FMT>;
   Row row = m.row(expert, r);
+  if constexpr (FMT == INT4 || FMT == MXFP4) {
+    if (m.block % TILE_COLS == 0) return bf16_row_nibbles<FMT>(m, row, out);
+  }
   if (!FloatPath<FMT>::vector_fits(m) || m.cols % (2 * W) != 0) {
     for (int64_t c = 0; c < m.cols; ++c) out[c] = bf16_bits(D::at(row, c, c / m.block));
     return;
