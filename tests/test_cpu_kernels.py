@@ -169,9 +169,9 @@ def tiles() -> bool:
 @pytest.mark.parametrize("fmt", FORMATS)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_experts_with_many_pairs_match_the_reference(fmt, dtype):
-    """From MANY_PAIRS pairs on, an expert runs the prefill path: AMX tiles in bfloat16 where the CPU has
-    them (the reference's oneDNN products sum in their own order: within TOLERANCE), else the reference's
-    own arithmetic (bit for bit)."""
+    """Experts with many pairs run the prefill path: AMX tiles in bfloat16 where the CPU has them (from 4
+    pairs; the reference's oneDNN products sum in their own order: within TOLERANCE), else from MANY_PAIRS
+    on the reference's own arithmetic (bit for bit)."""
     stack = experts(fmt, 3, 256, 128, dtype, seed=6, bias=True)
     x, _ = case(24, 1, 3, 256, seed=7, dtype=dtype)
     slots = torch.tensor([[0, 1]] * 12 + [[1, 2]] * 12)  # 12, 24 and 12 pairs per expert

@@ -10,11 +10,11 @@ torch's own where torch ships its libgomp, so the two never compete for the core
 possible (no compiler), `cpu_kernel()` says why and the caller keeps the reference.
 LOCALMOE_CPU_ISA=avx512|avx2|generic forces a lower instruction set (for tests).
 
-Experts with many pairs (prefill) run in bfloat16 on the AMX tiles of the CPUs that have them (the library's
-tile_prefill: one pass per expert over its weights, decoded 16 rows at a time into cache exactly as
-kernels/quantized.py dequantizes them, every pair of the expert per tile); elsewhere, and in float32 or
-float16, through the reference's own code here, on weights the library dequantizes exactly as
-kernels/quantized.py does: bit for bit the reference.
+Experts with several pairs (prefill: 4 or more) run in bfloat16 on the AMX tiles of the CPUs that have them
+(the library's tile_prefill: one pass per expert over its weights, decoded 16 rows at a time into cache
+exactly as kernels/quantized.py dequantizes them, all the expert's pairs per pass). Elsewhere, and in
+float32 or float16, experts with MANY_PAIRS pairs or more go through the reference's own code here, on
+weights the library dequantizes exactly as kernels/quantized.py does: bit for bit the reference.
 """
 
 import array
@@ -60,7 +60,7 @@ NIBBLES = (INT4, MXFP4, NVFP4)  # two weights a byte
 DTYPES = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}  # also the integer formats' scale dtypes
 KINDS = {"glu": 0, "clamped_swiglu": 1, "clamped_glu": 2}
 ACTS = {"silu": 0, "swish": 0, "gelu": 1, "gelu_pytorch_tanh": 2}
-MANY_PAIRS = 8  # pairs of one expert from which the prefill path takes over (AMX tiles, or the reference's products)
+MANY_PAIRS = 8  # pairs of one expert from which the reference's products take over where AMX tiles do not (prefill)
 
 
 MATRIX_FIELDS = 16  # cpu_experts.cpp's Matrix: 3 pointers, 6 strides, rows, columns, block, 4 more of the form
@@ -229,9 +229,9 @@ def cpu_pair_outputs(
     host: ExpertStack | None = None,
 ) -> None:
     """`reference.expert_pair_outputs` in one call of the op: same arguments, same rows of `out` written;
-    bit for bit the reference for experts with MANY_PAIRS pairs or more in float32 and float16, within
-    float32 summation order (see tests/test_cpu_kernels.py) for the others (AMX tiles in bfloat16, and
-    fewer pairs). Experts in a form or with an activation the op does not
+    bit for bit the reference for experts with MANY_PAIRS pairs or more that AMX tiles do not take (float32,
+    float16, CPUs without AMX), within float32 summation order (see tests/test_cpu_kernels.py) for the
+    others. Experts in a form or with an activation the op does not
     read (a checkpoint's symmetric integers, NVFP4, ...) are computed by the reference: the misses' CPU
     share takes this function whatever the model stores."""
     if not _reads(gate_up, act):
