@@ -1,6 +1,7 @@
 """Lookup tables kept in host memory (Qwen4-Exp's n-gram tables): never on the device, mapped from the
 checkpoint's shards or copied into RAM as the plan says, and the same tokens either way."""
 
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -88,6 +89,10 @@ def test_tables_mapped_or_in_ram_give_the_same_tokens(qwen4_exp):
     assert (resident.plan.tables, mapped.plan.tables, mapped.plan.store) == ("ram", "mmap", "mmap")
     assert "lookup tables" in resident.plan.describe() and "lookup tables (" in mapped.summary()
     assert "the model gathers rows of its lookup tables on the host each step" in mapped.graphs_barred()
+    mapped.options = replace(mapped.options, cuda_graphs="on")  # refused in one line, never captured
+    with pytest.raises(localmoe.LocalMoEError, match="cannot be captured here: .*gathers rows of its lookup tables"):
+        mapped.graphs_barred()
+    mapped.options = replace(mapped.options, cuda_graphs="auto")
     ids = torch.tensor([PROMPT])
     logits = [e.model(ids, e.model.new_cache(1, ids.shape[1]), all_logits=True) for e in (resident, mapped)]
     assert torch.equal(*logits)
