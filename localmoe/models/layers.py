@@ -183,11 +183,17 @@ class HostEmbedding(nn.Module):
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
         flat = ids.reshape(-1).cpu()
         which = flat // self.per_part
+        order = which.argsort()  # block by block: one gather from each block an id names
+        local = (flat - which * self.per_part)[order]
+        gathered = torch.empty(flat.shape[0], self.dim, dtype=self.blocks[0].dtype)
+        end = 0
+        for block, count in zip(self.blocks, torch.bincount(which, minlength=len(self.blocks)).tolist(), strict=True):
+            if count:
+                torch.index_select(block, 0, local[end : end + count], out=gathered[end : end + count])
+            end += count
         # PyTorch's pinned allocator does not hand this block out again before its copy has passed
         rows = torch.empty(flat.shape[0], self.dim, dtype=self.dtype, pin_memory=ids.is_cuda)
-        for i in which.unique().tolist():
-            here = which == i
-            rows[here] = self.blocks[i][flat[here] - i * self.per_part]  # converted row by row, not the table
+        rows[order] = gathered.to(self.dtype)  # the rows converted, never the table
         return rows.to(ids.device, non_blocking=True).view(*ids.shape, self.dim)
 
 
