@@ -47,6 +47,7 @@ from localmoe.tokenizer import StopStrings, Tokenizer
 # where the plan keeps the experts' host copy and the lookup tables, in the load summary
 HOMES = {"none": "none needed", "pinned": "pinned RAM", "ram": "RAM", "mmap": "checkpoint files (mmap)"}
 
+
 def fit_new_tokens(
     prompt_tokens: int, asked: int | None, default: int, plan: MemoryPlan, name: str = "max_new_tokens"
 ) -> int:
