@@ -978,6 +978,8 @@ CASES = {
     # plain latent attention where the indexer was (use_dsa false), a dense second layer
     "dots3-note-full-sliding": ("dots3_note_text", {"use_dsa": False, "moe_layer_freq": [1, 0, 1, 1, 1, 1]}, "single"),
     "longcat-flash-sharded": ("longcat_flash", {}, "sharded"),
+    # transformers' in-memory layout: gate_up holds the identity experts' rows past the routed ones, down does not
+    "longcat-flash-fused": ("longcat_flash", {}, "fused"),
     # no identity experts, biases, tied embeddings, yarn (its attention scale)
     "longcat-flash-no-identities-yarn": (
         "longcat_flash",
