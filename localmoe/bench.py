@@ -393,6 +393,10 @@ def _quality_sections(folder: Path) -> list[str]:
     return lines
 
 
+# what scripts/bench_cpu.py's runs did before their results said (their localmoe and transformers prefill was cold)
+OLD_WARM_UP = "llama.cpp's run of the measured prompt; localmoe and transformers a 4-token prompt"
+
+
 def _cpu_sections(folder: Path) -> list[str]:
     """scripts/bench_cpu.py's runs: localmoe's CPU kernels beside llama.cpp and transformers."""
     lines = []
@@ -403,7 +407,7 @@ def _cpu_sections(folder: Path) -> list[str]:
             "once per round: the median tokens/s and (in brackets) the range over the rounds. x llama.cpp: the median "
             "as a multiple of llama.cpp's in the same format (its experts-only file where there is one: the same "
             "bytes per token as localmoe); of floor: the median as a share of the tokens/s that reading the weights "
-            "at the RAM bandwidth measured in each round would allow.",
+            "at the RAM bandwidth measured in each round would allow. Warm-up: " + r.get("warm_up", OLD_WARM_UP) + ".",
         ]
         for model in r["models"]:
             config, bw = model["config"], model["bandwidth"]

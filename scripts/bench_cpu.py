@@ -1,6 +1,9 @@
 """CPU decode and prefill: localmoe's CPU expert kernels beside llama.cpp and transformers, on the same
 random weights, in one run, repetitions interleaved (every engine once per round) so that the load of a
 shared machine falls on all of them alike; each figure is the median of the rounds with their range.
+Every engine runs the measured prompt once before timing it (llama-bench's warm-up run): a first
+prompt of a new length pays one-time costs (page faults, kernels built for its shapes) that no later
+prompt pays.
 
 Two checkpoints, written once with random weights: Mixtral-like (hidden 2048, 8 experts of 5632, top-2,
 8 layers) and Qwen3-30B-like (hidden 2048, 128 experts of 768, top-8, 6 layers), in bfloat16, with a
@@ -207,7 +210,7 @@ def child_localmoe(path: Path, bits: int, prompt: list[int], new: int, threads: 
     options = RuntimeOptions(expert_bits=bits, expert_group_size=GROUP, threads=threads, profile=None)
     engine = load(str(path), device="cpu", dtype=torch.bfloat16, options=options)
     assert engine.plan.all_resident, "the bench wants every expert resident in RAM"
-    list(engine.generate_ids(prompt[:4], 3))  # warm up: page faults, the kernels' first use
+    list(engine.generate_ids(prompt, 3))  # warm up as llama-bench does: a run of the same prompt first
     list(engine.generate_ids(prompt, new))
     fp = engine.plan.footprint
     return {
@@ -226,7 +229,7 @@ def child_transformers(path: Path, prompt: list[int], new: int, threads: int) ->
     model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.bfloat16).eval()
     ids = torch.tensor([prompt])
     with torch.inference_mode():
-        model.generate(ids[:, :4], max_new_tokens=3, do_sample=False)  # warm up
+        model.generate(ids, max_new_tokens=3, do_sample=False)  # warm up as llama-bench does: the same prompt
         start = time.perf_counter()
         out = model(ids, use_cache=True)
         prefill = time.perf_counter() - start
@@ -312,6 +315,9 @@ def bench_model(args, model: str) -> dict:
     return {"model": model, "config": config, "bandwidth": spread(bandwidths), "load": spread(loads), "rows": rows}
 
 
+WARM_UP = "every engine runs the measured prompt once before timing it"
+
+
 def random_prompt(tokens: int) -> list[int]:
     return torch.randint(2, VOCAB, (tokens,), generator=torch.Generator().manual_seed(0)).tolist()
 
@@ -361,6 +367,7 @@ def main() -> None:
         "machine": machine(),
         "threads": args.threads,
         "prompt_tokens": args.prompt,
+        "warm_up": WARM_UP,
         "new_tokens": args.new,
         "rounds": args.rounds,
         "models": [bench_model(args, model) for model in args.models.split(",")],
