@@ -823,7 +823,11 @@ std::vector<float> group_sums(const Matrix& m, const typename Path::X* v, int64_
     const int64_t groups = m.cols / m.block;
     std::vector<float> sums(pairs * groups, 0.f);
     for (int64_t p = 0; p < pairs; ++p)
-      for (int64_t c = 0; c < m.cols; ++c) sums[p * groups + c / m.block] += bf16_value(v[p * m.cols + Path::arranged(m, c)]);
+      for (int64_t g = 0; g < groups; ++g) {
+        float sum = 0.f;
+        for (int64_t c = g * m.block; c < (g + 1) * m.block; ++c) sum += bf16_value(v[p * m.cols + Path::arranged(m, c)]);
+        sums[p * groups + g] = sum;
+      }
     return sums;
   }
 }
@@ -849,6 +853,12 @@ void matrix_vector(lm_call& c, std::vector<Unit*>& units) {
       const int64_t pair = u->pairs[i];
       const uint8_t* row = c.x + (pair / c.k) * c.x_row;
       X* dst = xin.data() + (u->first + i) * H;
+      if constexpr (std::is_same_v<X, typename N::type>) {
+        if (!c.input_scale) {  // activations kept as the input stores them: the same bits, rearranged
+          for (int64_t e = 0; e < H; ++e) dst[Path::arranged(gu, e)] = ((const X*)row)[e];
+          continue;
+        }
+      }
       for (int64_t e = 0; e < H; ++e) {
         const float v = N::get(row, e);
         dst[Path::arranged(gu, e)] = Path::value(c.input_scale ? N::round(v * c.input_scale[pair]) : v);
