@@ -161,6 +161,24 @@ def test_model_shapes_match_the_reference(model, prefill):
     assert_near(outputs(cpu.cpu_pair_outputs, stack, x, slots, act), expected, torch.bfloat16)
 
 
+@pytest.mark.parametrize("bits", [4, 8])
+@pytest.mark.parametrize("group", [8, 16, 32, 64, 128, 256])
+@pytest.mark.parametrize("symmetric", [False, True])
+def test_integer_groups_within_and_across_vector_steps(bits, group, symmetric):
+    """The bfloat16 path reads 4-bit codes 128 columns a step and 8-bit ones 64, each float lane of a
+    step's sums covering 8 (4) columns: groups of several lanes, of a step, and of several steps."""
+    g = torch.Generator().manual_seed(group + bits)
+    hidden, inter = 512, 256
+    spec = QuantSpec(bits=bits, group=group, symmetric=symmetric)
+    gate_up = quantized_stack((torch.randn(3, 2 * inter, hidden, generator=g) / hidden**0.5).bfloat16(), spec)
+    down = quantized_stack((torch.randn(3, hidden, inter, generator=g) / inter**0.5).bfloat16(), spec)
+    stack = ExpertStack(gate_up, down)
+    for tokens in (1, 3):
+        x, slots = case(tokens, 2, 3, hidden, seed=group, dtype=torch.bfloat16)
+        expected = outputs(expert_pair_outputs, stack, x, slots, ACTS["swiglu"])
+        assert_near(outputs(cpu.cpu_pair_outputs, stack, x, slots, ACTS["swiglu"]), expected, torch.bfloat16)
+
+
 def tiles() -> bool:
     """Whether experts with many pairs run on AMX tiles here (bfloat16)."""
     return cpu.cpu_kernel()[1].endswith("+amx")

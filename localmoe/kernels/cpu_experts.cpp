@@ -405,11 +405,11 @@ constexpr int64_t byte_of(int format, int64_t c) {
 
 constexpr int chunk_of(int format) { return nibbles(format) ? 2 * W : W; }
 
-// Where column c of an activation vector goes for a vector path that reads nibble codes in chunks of
-// `chunk` columns: within each chunk, the even columns first, then the odd ones.
-inline int64_t deinterleaved(int64_t c, int64_t chunk) {
+// Where column c of an activation vector goes for a vector path that reads codes in chunks of `chunk`
+// columns, `ways` interleaved: within each chunk, the columns 0 modulo `ways` first, then 1, ...
+inline int64_t deinterleaved(int64_t c, int64_t chunk, int64_t ways) {
   int64_t j = c % chunk;
-  return c - j + (j % 2) * (chunk / 2) + j / 2;
+  return c - j + (j % ways) * (chunk / ways) + j / ways;
 }
 
 // ---------------------------------------------------------------------------------------------------
@@ -486,7 +486,7 @@ struct FloatPath {
   }
   static X value(float v) { return v; }
   static int64_t arranged(const Matrix& m, int64_t c) {
-    return vector_fits(m) && chunk_of(FMT) == 2 * W ? deinterleaved(c, 2 * W) : c;
+    return vector_fits(m) && chunk_of(FMT) == 2 * W ? deinterleaved(c, 2 * W, 2) : c;
   }
   static constexpr bool SUMS = false;
   // rows r0 and r1 of `expert` against `pairs` activation vectors (the bfloat16 path's group sums and
@@ -502,110 +502,153 @@ struct FloatPath {
 #if defined(__AVX512BF16__)
 // The bfloat16 path (AVX512-BF16), for bfloat16 activations: products of pairs of bfloat16 summed into
 // float32 (vdpbf16ps: exact products, float32 sums). Dense weights go in as they are. Grouped formats
-// go in as their codes' values, exact in bfloat16 (integers 0-255, FP4 values), each group's sum then
-// scaled: sum_g s_g * (sum_{c in g} q_c x_c - zero_g * sum_{c in g} x_c), the zero points through the
-// groups' sums of x computed once per vector.
+// go in as their codes' values, exact in bfloat16, each group's sum then scaled: sum_g s_g * (sum_{c in
+// g} v_c x_c - (zero_g + offset) * sum_{c in g} x_c), the zero points through the groups' sums of x
+// computed once per vector. Integer codes become bfloat16 by bit operations alone, two instructions a
+// vector, with an offset that the zero points take back: 0x4300 | n is the bfloat16 of 128 + n for a
+// nibble n (7 mantissa bits, one unit apart at 128), 0x4500 | n that of 2048 + 16 n; a byte splits into
+// its two nibbles, 128 + low and 2048 + 16 high, which sum to 2176 + the byte. The offset costs
+// float32 bits in the sums (about 2^-24 of 2176 times the activations), far below bfloat16's rounding.
 using BH = __m512bh;  // 32 bfloat16
 inline BH bh(__m512i v) { return (BH)v; }
 inline BH load_bh(const void* p) { return bh(_mm512_loadu_si512(p)); }
 inline BH pack_bh(F low, F high) { return _mm512_cvtne2ps_pbh(high, low); }  // 16 + 16, rounded to nearest even
-alignas(64) constexpr float IOTA[16] = {0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15};
 
+// (v >> shift) & 15 | base in each 16-bit lane (ternary logic 0xEA: (a & b) | c)
+inline BH nibble_bh(__m512i v, int shift, int base) {
+  const __m512i low = _mm512_set1_epi16(15), high = _mm512_set1_epi16(int16_t(base));
+  return bh(_mm512_ternarylogic_epi32(_mm512_srli_epi16(v, shift), low, high, 0xEA));
+}
+
+// Per format: STEP columns per step, read as V vectors of 32 bfloat16 codes from 64 bytes; vector v
+// multiplies the activations at x_of(v) * 32 of the step, arranged as `arranged` says; `offset` is what
+// the codes carry beyond their values.
 template <int FMT>
-struct Grouped;  // per format: columns per step, code values, per-group scales
+struct Grouped;
 
+// The first n % 16 lanes, for a vector loop's last step (all 16 where n is a multiple)
+inline __mmask16 head_lanes(int64_t n) { return __mmask16((1u << (n % 16 ? n % 16 : 16)) - 1); }
+
+// An integer format's scales of a row as float32
+inline void integer_scales(const Row& r, int64_t n, float* out) {
+  if (r.scale_type != DT_F16) {
+    for (int64_t g = 0; g < n; ++g) out[g] = scale_at(r, g);
+    return;
+  }
+  for (int64_t g = 0; g < n; g += 16) {
+    const __mmask16 lanes = g + 16 <= n ? __mmask16(0xFFFF) : head_lanes(n);
+    const __m256i half = _mm256_maskz_loadu_epi16(lanes, (const uint16_t*)r.s + g);
+    _mm512_mask_storeu_ps(out + g, lanes, _mm512_cvtph_ps(half));
+  }
+}
+
+// A 16-bit lane i of the 64 bytes holds columns 4i .. 4i + 3 (low nibble first): vector k is column 4i + k
 template <>
-struct Grouped<INT8> {
-  static constexpr int STEP = 32, V = 1;
-  static void load(const uint8_t* w, int64_t c, __m512i, BH* out) {
-    out[0] = pack_bh(to_float(bytes(w + c)), to_float(bytes(w + c + 16)));
+struct Grouped<INT4> {
+  static constexpr int STEP = 128, V = 4;
+  static constexpr float offset = 128.f;
+  static constexpr int x_of(int v) { return v; }
+  static int64_t arranged(int64_t c) { return deinterleaved(c, STEP, 4); }
+  static void load(const uint8_t* w, int64_t c, BH* out) {
+    const __m512i q = _mm512_loadu_si512(w + c / 2);
+    for (int k = 0; k < 4; ++k) out[k] = nibble_bh(q, 4 * k, 0x4300);
   }
-  static void scales(const Row& r, int64_t groups, float* s) { scales_to_float(r, groups, s); }
-  static __m512i table() { return _mm512_setzero_si512(); }
-  static void scales_to_float(const Row& r, int64_t n, float* out) {
-    int64_t g = 0;
-    if (r.scale_type == DT_F16)
-      for (; g + 16 <= n; g += 16) storef(out + g, from_f16((const uint16_t*)r.s + g));
-    for (; g < n; ++g) out[g] = scale_at(r, g);
-  }
+  static void scales(const Row& r, int64_t groups, float* s) { integer_scales(r, groups, s); }
 };
 
-// 4-bit codes: 64 columns per step, the low nibbles (even columns) then the high ones, through a table
-template <int FMT>
-struct Nibbles {
+// A 16-bit lane i holds columns 2i and 2i + 1, a byte each: their low and high nibbles
+template <>
+struct Grouped<INT8> {
+  static constexpr int STEP = 64, V = 4;
+  static constexpr float offset = 2176.f;
+  static constexpr int x_of(int v) { return v / 2; }
+  static int64_t arranged(int64_t c) { return deinterleaved(c, STEP, 2); }
+  static void load(const uint8_t* w, int64_t c, BH* out) {
+    const __m512i q = _mm512_loadu_si512(w + c);
+    for (int k = 0; k < 4; ++k) out[k] = nibble_bh(q, 4 * k, k % 2 ? 0x4500 : 0x4300);
+  }
+  static void scales(const Row& r, int64_t groups, float* s) { integer_scales(r, groups, s); }
+};
+
+// FP4 codes, 64 columns per step from 32 bytes: the low nibbles (even columns) then the high ones,
+// through a table of their values; a power-of-two scale per 32 columns
+template <>
+struct Grouped<MXFP4> {
   static constexpr int STEP = 64, V = 2;
-  static void load(const uint8_t* w, int64_t c, __m512i table, BH* out) {
+  static constexpr float offset = 0.f;
+  static constexpr int x_of(int v) { return v; }
+  static int64_t arranged(int64_t c) { return deinterleaved(c, STEP, 2); }
+  static void load(const uint8_t* w, int64_t c, BH* out) {
+    const __m512i table = (__m512i)pack_bh(loadf(FP4), loadf(FP4));
     __m512i codes = _mm512_cvtepu8_epi16(_mm256_loadu_si256((const __m256i*)(w + c / 2)));
     out[0] = bh(_mm512_permutexvar_epi16(_mm512_and_si512(codes, _mm512_set1_epi16(15)), table));
     out[1] = bh(_mm512_permutexvar_epi16(_mm512_srli_epi16(codes, 4), table));
   }
-};
-
-template <>
-struct Grouped<INT4> : Nibbles<INT4> {
-  static __m512i table() { return (__m512i)pack_bh(loadf(IOTA), loadf(IOTA)); }
-  static void scales(const Row& r, int64_t groups, float* s) { Grouped<INT8>::scales_to_float(r, groups, s); }
-};
-
-template <>
-struct Grouped<MXFP4> : Nibbles<MXFP4> {
-  static __m512i table() { return (__m512i)pack_bh(loadf(FP4), loadf(FP4)); }
   static void scales(const Row& r, int64_t blocks, float* s) {  // 2^(e - 127), exactly
     for (int64_t g = 0; g < blocks; ++g) s[g] = std::ldexp(1.f, int(r.s[g]) - 127);
   }
 };
 
-// sum_g scale_g * zero_g * sum_g(x), the zero points float16, or all `implied` where there are none
-inline float zero_points(const float* scales, const uint8_t* zeros, float implied, const float* sums, int64_t groups) {
+// The float lanes of a step's sums each cover STEP / 16 columns (a pair of bfloat16 lanes of every
+// vector): groups must hold whole lanes and fit a step, or span whole steps.
+template <int FMT>
+bool groups_fit(const Matrix& m) {
+  constexpr int64_t step = Grouped<FMT>::STEP, lane = step / 16;
+  return m.cols % step == 0 && (m.block % step == 0 || (step % m.block == 0 && m.block % lane == 0));
+}
+
+// sum_g scale_g * (zero_g + offset) * sum_g(x), the zero points float16, or all `implied` where there are none
+inline float zero_points(const float* scales, const uint8_t* zeros, float implied, float offset, const float* sums,
+                         int64_t groups) {
   F acc = zero();
-  int64_t g = 0;
-  for (; g + W <= groups; g += W) {
-    const F z = zeros ? from_f16((const uint16_t*)zeros + g) : set1(implied);
-    acc = fmadd(mul(loadf(scales + g), z), loadf(sums + g), acc);
+  for (int64_t g = 0; g < groups; g += 16) {
+    const __mmask16 lanes = g + 16 <= groups ? __mmask16(0xFFFF) : head_lanes(groups);
+    const F z = zeros ? _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(lanes, (const uint16_t*)zeros + g)) : set1(implied);
+    const F scaled = _mm512_maskz_mul_ps(lanes, _mm512_maskz_loadu_ps(lanes, scales + g), add(z, set1(offset)));
+    acc = fmadd(scaled, _mm512_maskz_loadu_ps(lanes, sums + g), acc);
   }
-  float total = hsum(acc);
-  for (; g < groups; ++g) total += scales[g] * (zeros ? half_at(zeros, g) : implied) * sums[g];
-  return total;
+  return hsum(acc);
 }
 
 template <int FMT, int NP>
 void dot2_grouped(const Matrix& m, Row r0, Row r1, const uint16_t* x, int64_t stride, const float* sums,
                   int64_t sum_stride, float* scales, float* out0, float* out1) {
   using G = Grouped<FMT>;
-  constexpr int V = G::V;
+  constexpr int V = G::V, STEP = G::STEP;
   const int64_t groups = m.cols / m.block;
-  float *s0 = scales, *s1 = scales + groups;
+  float *s0 = scales, *s1 = scales + groups + W;  // each followed by a vector's room (the lanes' loads)
   G::scales(r0, groups, s0);
   G::scales(r1, groups, s1);
-  const __m512i table = G::table();
-  const bool paired = m.block < G::STEP;  // 32-column groups, two per step: lanes 0-7 and 8-15
+  // several groups per step (the block divides STEP: a power of two): float lane j's group is the
+  // step's first + j * STEP / 16 / block
+  const bool several = m.block < STEP;
+  const __m512i lane = _mm512_set_epi32(15, 14, 13, 12, 11, 10, 9, 8, 7, 6, 5, 4, 3, 2, 1, 0);
+  const __m512i lane_group = _mm512_srl_epi32(_mm512_mullo_epi32(lane, _mm512_set1_epi32(STEP / 16)),
+                                              _mm_cvtsi32_si128(several ? __builtin_ctzll(m.block) : 31));
   F total0[NP], total1[NP];
   for (int p = 0; p < NP; ++p) total0[p] = total1[p] = zero();
-  for (int64_t c = 0, g = 0; c < m.cols; g += paired ? 2 : 1) {
-    const int64_t end = c + (paired ? G::STEP : m.block);
-    F acc0[NP][V], acc1[NP][V];
-    for (int p = 0; p < NP; ++p)
-      for (int v = 0; v < V; ++v) acc0[p][v] = acc1[p][v] = zero();
-    for (; c < end; c += G::STEP) {
+  for (int64_t c = 0; c < m.cols;) {
+    const int64_t g = c / m.block, end = c + (several ? STEP : m.block);
+    F acc0[NP][2], acc1[NP][2];
+    for (int p = 0; p < NP; ++p) acc0[p][0] = acc0[p][1] = acc1[p][0] = acc1[p][1] = zero();
+    for (; c < end; c += STEP) {
       BH w0[V], w1[V];
       read_ahead(r0.w, byte_of(FMT, c));
       read_ahead(r1.w, byte_of(FMT, c));
-      G::load(r0.w, c, table, w0);
-      G::load(r1.w, c, table, w1);
+      G::load(r0.w, c, w0);
+      G::load(r1.w, c, w1);
       for (int p = 0; p < NP; ++p)
         for (int v = 0; v < V; ++v) {
-          BH xv = load_bh(x + p * stride + c + 32 * v);
-          acc0[p][v] = _mm512_dpbf16_ps(acc0[p][v], w0[v], xv);
-          acc1[p][v] = _mm512_dpbf16_ps(acc1[p][v], w1[v], xv);
+          BH xv = load_bh(x + p * stride + c + 32 * G::x_of(v));
+          acc0[p][v % 2] = _mm512_dpbf16_ps(acc0[p][v % 2], w0[v], xv);
+          acc1[p][v % 2] = _mm512_dpbf16_ps(acc1[p][v % 2], w1[v], xv);
         }
     }
-    F scale0 = paired ? _mm512_insertf32x8(set1(s0[g]), _mm256_set1_ps(s0[g + 1]), 1) : set1(s0[g]);
-    F scale1 = paired ? _mm512_insertf32x8(set1(s1[g]), _mm256_set1_ps(s1[g + 1]), 1) : set1(s1[g]);
+    const F scale0 = several ? _mm512_permutexvar_ps(lane_group, loadf(s0 + g)) : set1(s0[g]);
+    const F scale1 = several ? _mm512_permutexvar_ps(lane_group, loadf(s1 + g)) : set1(s1[g]);
     for (int p = 0; p < NP; ++p) {
-      F a0 = acc0[p][0], a1 = acc1[p][0];
-      if constexpr (V == 2) a0 = add(a0, acc0[p][1]), a1 = add(a1, acc1[p][1]);
-      total0[p] = fmadd(a0, scale0, total0[p]);
-      total1[p] = fmadd(a1, scale1, total1[p]);
+      total0[p] = fmadd(add(acc0[p][0], acc0[p][1]), scale0, total0[p]);
+      total1[p] = fmadd(add(acc1[p][0], acc1[p][1]), scale1, total1[p]);
     }
   }
   for (int p = 0; p < NP; ++p) {
@@ -613,8 +656,8 @@ void dot2_grouped(const Matrix& m, Row r0, Row r1, const uint16_t* x, int64_t st
     out1[p] = hsum(total1[p]);
     if constexpr (FMT != MXFP4) {
       constexpr float implied = FMT == INT8 ? 128.f : 8.f;  // symmetric formats' zero point
-      out0[p] -= zero_points(s0, r0.z, implied, sums + p * sum_stride, groups);
-      out1[p] -= zero_points(s1, r1.z, implied, sums + p * sum_stride, groups);
+      out0[p] -= zero_points(s0, r0.z, implied, G::offset, sums + p * sum_stride, groups);
+      out1[p] -= zero_points(s1, r1.z, implied, G::offset, sums + p * sum_stride, groups);
     }
   }
 }
@@ -647,11 +690,13 @@ struct Bf16Path {
   static constexpr bool SUMS = FMT == INT8 || FMT == INT4;  // zero points need the groups' sums of x
   static X value(float v) { return bf16_bits(v); }  // exact: v is a bfloat16 already
   static bool fits(const Matrix& m) {
-    if (FMT == BF16) return m.cols % 64 == 0;
-    if (FMT == INT8) return m.block % 32 == 0;
-    return m.cols % 64 == 0 && (m.block == 32 || m.block % 64 == 0);  // INT4 (MXFP4's blocks are 32)
+    if constexpr (FMT == BF16) return m.cols % 64 == 0;
+    else return groups_fit<FMT>(m);
   }
-  static int64_t arranged(const Matrix&, int64_t c) { return FMT == INT4 || FMT == MXFP4 ? deinterleaved(c, 64) : c; }
+  static int64_t arranged(const Matrix&, int64_t c) {
+    if constexpr (FMT == BF16) return c;
+    else return Grouped<FMT>::arranged(c);
+  }
   static void rows2(const Matrix& m, int64_t expert, int64_t r0, int64_t r1, const X* x, int64_t stride,
                     const float* sums, int64_t sum_stride, float* scales, int pairs, float* out0, float* out1) {
     Row a = m.row(expert, r0), b = m.row(expert, r1);
@@ -784,7 +829,11 @@ std::vector<float> group_sums(const Matrix& m, const typename Path::X* v, int64_
     const int64_t groups = m.cols / m.block;
     std::vector<float> sums(pairs * groups, 0.f);
     for (int64_t p = 0; p < pairs; ++p)
-      for (int64_t c = 0; c < m.cols; ++c) sums[p * groups + c / m.block] += bf16_value(v[p * m.cols + Path::arranged(m, c)]);
+      for (int64_t g = 0; g < groups; ++g) {
+        float sum = 0.f;
+        for (int64_t c = g * m.block; c < (g + 1) * m.block; ++c) sum += bf16_value(v[p * m.cols + Path::arranged(m, c)]);
+        sums[p * groups + g] = sum;
+      }
     return sums;
   }
 }
@@ -810,6 +859,12 @@ void matrix_vector(lm_call& c, std::vector<Unit*>& units) {
       const int64_t pair = u->pairs[i];
       const uint8_t* row = c.x + (pair / c.k) * c.x_row;
       X* dst = xin.data() + (u->first + i) * H;
+      if constexpr (std::is_same_v<X, typename N::type>) {
+        if (!c.input_scale) {  // activations kept as the input stores them: the same bits, rearranged
+          for (int64_t e = 0; e < H; ++e) dst[Path::arranged(gu, e)] = ((const X*)row)[e];
+          continue;
+        }
+      }
       for (int64_t e = 0; e < H; ++e) {
         const float v = N::get(row, e);
         dst[Path::arranged(gu, e)] = Path::value(c.input_scale ? N::round(v * c.input_scale[pair]) : v);
@@ -823,7 +878,7 @@ void matrix_vector(lm_call& c, std::vector<Unit*>& units) {
     const lm_stack& st = *u.stack;
     const uint8_t* bias = bias_of(st.gate_up_bias, st.gate_up_bias_expert, u.expert);
     const float* sums = x_sums.empty() ? nullptr : x_sums.data() + u.first * gu_groups;
-    std::vector<float> scales(2 * gu_groups);
+    std::vector<float> scales(2 * (gu_groups + W));  // see dot2_grouped
     float gate[MAX_PAIRS_PER_UNIT], up[MAX_PAIRS_PER_UNIT];
     for (int64_t r = (task % gu_blocks) * ROW_BLOCK, end = std::min(I, r + ROW_BLOCK); r < end; ++r) {
       Path::rows2(st.gate_up, u.expert, r, r + I, xin.data() + u.first * H, H, sums, gu_groups, scales.data(), P, gate,
@@ -843,7 +898,7 @@ void matrix_vector(lm_call& c, std::vector<Unit*>& units) {
     const lm_stack& st = *u.stack;
     const uint8_t* bias = bias_of(st.down_bias, st.down_bias_expert, u.expert);
     const float* sums = h_sums.empty() ? nullptr : h_sums.data() + u.first * dn_groups;
-    std::vector<float> scales(2 * dn_groups);
+    std::vector<float> scales(2 * (dn_groups + W));  // see dot2_grouped
     float y0[MAX_PAIRS_PER_UNIT], y1[MAX_PAIRS_PER_UNIT];
     for (int64_t r = (task % dn_blocks) * ROW_BLOCK, end = std::min(H, r + ROW_BLOCK); r < end; r += 2) {
       const int64_t r1 = std::min(r + 1, end - 1);  // an odd last row is computed twice

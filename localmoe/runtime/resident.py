@@ -8,7 +8,7 @@ when the memory plan finds room for every expert.
 import torch
 
 from localmoe.kernels.quantized import QuantSpec
-from localmoe.kernels.reference import expert_mlp, expert_pair_outputs
+from localmoe.kernels.reference import ExpertStack, expert_mlp, expert_pair_outputs
 from localmoe.models.expert_source import ExpertSource
 from localmoe.models.moe import Routing
 from localmoe.runtime.expert_store import host_rows
@@ -37,13 +37,17 @@ class ResidentExperts:
         self.pair_outputs = pair_outputs  # the kernel (see localmoe.kernels.pair_kernel)
         # Packed in host memory, then moved in one copy: the mapped shards are read sequentially.
         self.rows = {layer: rows.to(device) for layer, rows in host_rows(source, self.layout, dtype, quantized)}
+        # the typed views of each layer's rows, made once: a decode step would otherwise rebuild them per layer
+        self.stacks = {
+            layer: ExpertStack(self.layout.gate_up(rows), self.layout.down(rows), *self.layout.biases(rows))
+            for layer, rows in self.rows.items()
+        }
 
     def __call__(self, layer: int, x: torch.Tensor, routing: Routing, routed=None) -> torch.Tensor:
         """The layer's experts applied to x (`routed`, the router's inputs, is for runtimes that predict)."""
-        spec, rows, (weights, ids, _) = self.specs[layer], self.rows[layer], routing
+        spec, stack, (weights, ids, _) = self.specs[layer], self.stacks[layer], routing
         if self.trace:  # a host read per layer: a trace is for analysis, not speed
             self.trace.record(layer, ids.reshape(-1).tolist(), weights.reshape(-1).tolist(), spec.top_k)
-        gate_up, down, biases = self.layout.gate_up(rows), self.layout.down(rows), self.layout.biases(rows)
         return expert_mlp(
-            x, gate_up, down, weights, ids, spec.act, *biases, spec.weights_on_input, self.pair_outputs, spec.per_choice
+            x, *stack[:2], weights, ids, spec.act, *stack[2:], spec.weights_on_input, self.pair_outputs, spec.per_choice
         )
