@@ -109,6 +109,7 @@ def model_skeleton(ckpt: Checkpoint, family: Family, dtype: torch.dtype | None =
     _drop_incomplete_mtp(model, ckpt, family)
     sources = _resident_sources(model, ckpt, family)
     experts = ExpertSource(ckpt, family.experts, moe_blocks(model))
+    _check_quantized_weights(ckpt, experts)
     return ModelParts(model, experts, family, args, dtype or checkpoint_dtype(ckpt), sources)
 
 
@@ -133,13 +134,21 @@ def _check_quantization(ckpt: Checkpoint, family: Family) -> None:
             f"{ckpt.path} is quantized ({method}), which localmoe cannot read yet for {family.name}: "
             "use an unquantized (bf16) release of the model"
         )
+
+
+def _check_quantized_weights(ckpt: Checkpoint, experts: ExpertSource) -> None:
+    """Refuse a quantization config over weights none of which are stored so: neither a module nor the
+    routed experts (where a family's layout stores them fused in a quantized form: Inkling 2's releases)."""
     formats = ckpt.quantization.formats
+    if experts.stored_form is not None or not formats:
+        return
     modules = {name.rpartition(".")[0] for name in ckpt.tensor_names}
-    if formats and not any(fmt.stores(ckpt, module) for module in modules for fmt in formats):
+    if not any(fmt.stores(ckpt, module) for module in modules for fmt in formats):
         said = " or ".join(describe(fmt) for fmt in formats)
         raise LocalMoEError(
-            f"{ckpt.path}/config.json says it is quantized ({method}: {said}), yet no weight is stored so: the "
-            "config does not describe these weights (for an unquantized (bf16) release, remove quantization_config)"
+            f"{ckpt.path}/config.json says it is quantized ({ckpt.quantization.method}: {said}), yet no weight is "
+            "stored so: the config does not describe these weights (for an unquantized (bf16) release, remove "
+            "quantization_config)"
         )
 
 

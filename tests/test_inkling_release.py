@@ -4,15 +4,26 @@
 - Inkling: InklingForConditionalGeneration's layout (`model.llm.*`, `attn.wq_du`, gate and up alternating
   by rows in `w13` tensors), which transformers' save_pretrained writes by reversing its own conversion
   (conversion_mapping.py, "inkling_mm_model") and reads back through it.
+- Inkling 2: the MXFP8 release (thinkingmachines/Inkling-2-Small-MXFP8): each routed expert tensor
+  `w13_weight`/`w2_weight` float8 e4m3 with `_scale`, a ue8m0 exponent byte per 32 inputs, and
+  quantization_config fp8 with weight_block_size [1, 32] and scale_fmt ue8m0, as transformers' FP8
+  quantizer reads it (quantizer_finegrained_fp8.py). Written by transformers' own quantizer (Fp8Quantize,
+  integrations/finegrained_fp8.py) and decoded for the reference by transformers' own decoding of these
+  tensors (Inkling2LoopDequantizeExperts, core_model_loading.py).
 """
+
+import json
+import re
+import types
 
 import pytest
 import torch
-from conftest import INKLING, randomize
+from conftest import INKLING, INKLING2, randomize
 from quantized_models import check_against_transformers
 from safetensors import safe_open
+from safetensors.torch import load_file, save_file
 
-from localmoe.runtime.layouts import ExpertLayout
+from localmoe.runtime.layouts import ExpertLayout, Fp8Layout
 
 TOWERS = dict(
     vision_config=dict(hidden_size=16, n_layers=1, num_attention_heads=2, patch_size=4),
@@ -48,3 +59,108 @@ def test_inkling_loads_as_released(inkling_release):
     }
     assert release <= names and not any("gate_proj" in name or "up_proj" in name for name in names)
     check_against_transformers(reference, folder, ExpertLayout)
+
+
+INKLING2_VISION = dict(
+    hidden_size=16,
+    num_hidden_layers=1,
+    num_attention_heads=2,
+    patch_size=4,
+    projection_hidden_dim=16,
+    text_hidden_size=64,
+)
+EXPERTS = re.compile(r"model\.llm\.layers\.\d+\.mlp\.experts\.w(13|2)_weight")
+MXFP8_CONFIG = {
+    "quant_method": "fp8",
+    "activation_scheme": "dynamic",
+    "weight_block_size": [1, 32],
+    "scale_fmt": "ue8m0",
+}
+
+
+def mxfp8(weight: torch.Tensor) -> dict[str, torch.Tensor]:
+    """An expert tensor [E, R, C] as MXFP8, by transformers' FP8 quantizer at 1 x 32 blocks with ue8m0
+    scales: {"": e4m3 weights, "_scale": exponent bytes [E, R, C / 32]}."""
+    from transformers import FineGrainedFP8Config
+    from transformers.integrations.finegrained_fp8 import Fp8Quantize
+
+    config = FineGrainedFP8Config(weight_block_size=(1, 32), scale_fmt="ue8m0")
+    quantized = Fp8Quantize(types.SimpleNamespace(quantization_config=config))._quantize_one("w", weight)
+    return {"": quantized["w"], "_scale": quantized["w_scale_inv"].view(torch.uint8)}
+
+
+def transformers_decoding(name: str, stored: dict[str, torch.Tensor]) -> torch.Tensor:
+    """transformers 5.24's decoding of one release expert tensor ({suffix: tensor}), in float32."""
+    from transformers.core_model_loading import Inkling2LoopDequantizeExperts
+
+    suffixes = ("", "_scale", "_amax", "_outer_scale_denominator")
+    inputs = {name + suffix: stored[suffix] for suffix in suffixes if suffix in stored}
+    model = types.SimpleNamespace(get_parameter=lambda _: torch.empty(0))  # decode to float32
+    decoded = Inkling2LoopDequantizeExperts().convert(
+        inputs, [name + suffix for suffix in suffixes], ["decoded"], model=model, full_layer_name="decoded"
+    )
+    return decoded["decoded"]
+
+
+def quantized_release(folder, config_class: str, model_class: str, text: dict, quantize, quantization_config):
+    """(the release's folder, the same model with its experts decoded, in the release layout otherwise):
+    a randomised multimodal model saved by transformers in the release layout, its routed experts then
+    stored as `quantize` gives them ({suffix: tensor} per expert tensor)."""
+    import transformers
+
+    config = getattr(transformers, config_class)(text_config=text, vision_config=INKLING2_VISION)
+    torch.manual_seed(0)
+    wrapper = getattr(transformers, model_class)(config).eval()
+    randomize(wrapper)
+    decoded, release = folder / "decoded", folder / "release"
+    wrapper.save_pretrained(decoded)
+    state, stored = load_file(str(decoded / "model.safetensors")), {}
+    for name, tensor in state.items():
+        if not EXPERTS.fullmatch(name):
+            stored[name] = tensor
+            continue
+        parts = quantize(name, tensor)
+        stored.update({name + suffix: part.contiguous() for suffix, part in parts.items()})
+        state[name] = transformers_decoding(name, parts)
+    save_file(state, str(decoded / "model.safetensors"), metadata={"format": "pt"})
+    release.mkdir()
+    save_file(stored, str(release / "model.safetensors"), metadata={"format": "pt"})
+    config_json = json.loads((decoded / "config.json").read_text())
+    if quantization_config:
+        config_json["quantization_config"] = quantization_config
+    (release / "config.json").write_text(json.dumps(config_json))
+    return release, decoded
+
+
+def test_inkling2_mxfp8_experts_stay_fp8(tmp_path):
+    import transformers
+
+    release, decoded = quantized_release(
+        tmp_path, "Inkling2Config", "Inkling2ForConditionalGeneration", INKLING2, lambda _, w: mxfp8(w), MXFP8_CONFIG
+    )
+    reference = transformers.Inkling2ForConditionalGeneration.from_pretrained(decoded, dtype=torch.float32).eval()
+    store = check_against_transformers(reference, release, Fp8Layout)
+    assert store.layout.block == (1, 32)
+    # a row holds the stored e4m3 bytes, and each ue8m0 exponent widened to a float32 multiplier (exactly),
+    # each of its four sections padded to 16 bytes
+    weights = 3 * INKLING2["moe_intermediate_size"] * 64
+    assert weights + 4 * weights // 32 <= store.expert_bytes <= weights + 4 * weights // 32 + 4 * 16
+
+
+def test_inkling2_experts_in_another_float8_are_refused_in_one_line(tmp_path):
+    """float8 e5m2 elements (another MX variant) are not read: one line naming them, exit status 2."""
+    from click.testing import CliRunner
+
+    from localmoe.cli import main
+
+    def e5m2(name, weight):
+        parts = mxfp8(weight)
+        return {**parts, "": parts[""].float().to(torch.float8_e5m2)} if "w2_" in name else parts
+
+    release, _ = quantized_release(
+        tmp_path, "Inkling2Config", "Inkling2ForConditionalGeneration", INKLING2, e5m2, MXFP8_CONFIG
+    )
+    result = CliRunner().invoke(main, ["plan", str(release), "--device", "cpu"])
+    assert result.exit_code == 2
+    [line] = result.stderr.strip().splitlines()
+    assert re.search(r"w2_weight is float8_e5m2 with uint8 scales, a form .* localmoe does not read", line), line
