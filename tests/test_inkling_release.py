@@ -10,6 +10,10 @@
   quantizer reads it (quantizer_finegrained_fp8.py). Written by transformers' own quantizer (Fp8Quantize,
   integrations/finegrained_fp8.py) and decoded for the reference by transformers' own decoding of these
   tensors (Inkling2LoopDequantizeExperts, core_model_loading.py).
+- Inkling 2 Loop: NVFP4 experts (e2m1 codes, e4m3 scales per 16 inputs, and per expert `_amax` over
+  `_outer_scale_denominator`), MXFP8 ones, or both in one checkpoint, with no quantization_config: read
+  by transformers itself through that decoding. Written by ModelOpt's NVFP4QTensor per expert, whose
+  matrix scale amax / (6 x 448) is the release's factor with a denominator of 2688.
 """
 
 import json
@@ -18,12 +22,12 @@ import types
 
 import pytest
 import torch
-from conftest import INKLING, INKLING2, randomize
+from conftest import INKLING, INKLING2, INKLING2_LOOP, randomize
 from quantized_models import check_against_transformers
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
-from localmoe.runtime.layouts import ExpertLayout, Fp8Layout
+from localmoe.runtime.layouts import ExpertLayout, Fp8Layout, Nvfp4Layout
 
 TOWERS = dict(
     vision_config=dict(hidden_size=16, n_layers=1, num_attention_heads=2, patch_size=4),
@@ -164,3 +168,44 @@ def test_inkling2_experts_in_another_float8_are_refused_in_one_line(tmp_path):
     assert result.exit_code == 2
     [line] = result.stderr.strip().splitlines()
     assert re.search(r"w2_weight is float8_e5m2 with uint8 scales, a form .* localmoe does not read", line), line
+
+
+def nvfp4(weight: torch.Tensor) -> dict[str, torch.Tensor]:
+    """An expert tensor [E, R, C] as NVFP4, each expert by ModelOpt's NVFP4QTensor: {"": codes [E, R, C / 2],
+    "_scale": e4m3 [E, R, C / 16], "_amax": [E], "_outer_scale_denominator": 6 x 448}, whose factor
+    amax / denominator is the matrix scale ModelOpt quantized each expert with."""
+    from modelopt.torch.quantization.qtensor import NVFP4QTensor
+
+    experts = [NVFP4QTensor.quantize(matrix.float(), 16) for matrix in weight]
+    amax = weight.float().abs().amax(dim=(1, 2))
+    denominator = torch.tensor(6.0 * 448.0)
+    assert torch.equal(torch.stack([scale_2.reshape(()) for _, _, scale_2 in experts]), amax / denominator)
+    return {
+        "": torch.stack([packed._quantized_data for packed, _, _ in experts]),
+        "_scale": torch.stack([scale for _, scale, _ in experts]),
+        "_amax": amax,
+        "_outer_scale_denominator": denominator,
+    }
+
+
+@pytest.mark.parametrize("mixed", [False, True], ids=["nvfp4", "nvfp4-and-mxfp8"])
+def test_inkling2_loop_quantized_experts(tmp_path, mixed):
+    """NVFP4 experts stay NVFP4 (the factor amax / denominator each matrix's scale); a checkpoint whose
+    gate_up and down differ in form (NVFP4 and MXFP8) has its experts decoded to the compute dtype."""
+    import transformers
+
+    def quantize(name, weight):
+        return mxfp8(weight) if mixed and "w2_" in name else nvfp4(weight)
+
+    release, _ = quantized_release(
+        tmp_path, "Inkling2LoopConfig", "Inkling2LoopForConditionalGeneration", INKLING2_LOOP, quantize, None
+    )
+    model_class = transformers.Inkling2LoopForConditionalGeneration
+    reference = model_class.from_pretrained(release, dtype=torch.float32).eval()  # transformers' own decoding
+    store = check_against_transformers(reference, release, ExpertLayout if mixed else Nvfp4Layout)
+    if not mixed:
+        # a row holds the stored bytes: half a byte per weight, an e4m3 scale per 16, and the three matrices'
+        # factors (gate's and up's the expert's w13 factor), each of its six sections padded to 16 bytes
+        weights = 3 * INKLING2_LOOP["moe_intermediate_size"] * 64
+        stored = weights // 2 + weights // 16 + 3 * 4
+        assert stored <= store.expert_bytes <= stored + 6 * 16
