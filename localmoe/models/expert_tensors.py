@@ -14,6 +14,7 @@ from localmoe.checkpoint import Checkpoint
 from localmoe.errors import LocalMoEError
 from localmoe.kernels.quantized import (
     MXFP4,
+    MXFP8,
     Fp8Weights,
     Mxfp4Weights,
     Nvfp4Weights,
@@ -23,7 +24,6 @@ from localmoe.kernels.quantized import (
 
 MXFP4_DTYPES = frozenset({torch.uint8})  # FP4 codes two to a byte, and exponents
 E8M0_DTYPES = frozenset({torch.uint8, torch.float8_e8m0fnu})  # power-of-two exponents, 2^(b - 127)
-MXFP8 = StoredFormat("fp8", (1, 32))  # e4m3 with an exponent per 32 inputs, kept as FP8 in 1 x 32 tiles
 
 
 def role_shapes(hidden: int, intermediate: int, bias: bool, gated: bool = True) -> dict[str, tuple[int, ...]]:
@@ -273,8 +273,8 @@ class FusedScaled:
     - NVFP4 (where `_amax` is present): e2m1 codes [E, R, C / 2] (uint8, the even column in the low
       nibble), `_scale` [E, R, C / 16] float8 e4m3, and a factor per expert, `_amax` [E] divided by
       `_outer_scale_denominator` (one, or one per expert), that multiplies.
-    Kept as stored: MXFP8 as FP8 in 1 x 32 tiles (its exponents as float32 multipliers, exactly), NVFP4 as
-    NVFP4 with the factor as each matrix's scale. A layer whose two tensors differ is decoded."""
+    Kept as stored: MXFP8 as FP8 in 1 x 32 tiles scaled by its exponent bytes, NVFP4 as NVFP4 with the
+    factor as each matrix's scale. A layer whose two tensors differ is decoded."""
 
     gate_up: str
     down: str
@@ -300,9 +300,9 @@ class FusedScaled:
         for template, rows, cols in ((self.gate_up, 2 * inter, hidden), (self.down, hidden, inter)):
             name = template.format(layer=block.layer_idx)
             form = self._form(ckpt, name)
-            if cols % (32 if form.kind == "fp8" else 16):
+            if cols % form.block:
                 raise LocalMoEError(f"{ckpt.stored_name(name)}: {form.words} needs whole blocks of inputs, not {cols}")
-            if form.kind == "fp8":
+            if form == MXFP8:
                 ckpt.check_tensor(name, (count, rows, cols), frozenset({torch.float8_e4m3fn}))
                 ckpt.check_tensor(f"{name}_scale", (count, rows, cols // 32), E8M0_DTYPES)
                 continue
@@ -336,8 +336,7 @@ class FusedScaled:
     def _matrix(self, ckpt: Checkpoint, name: str, expert: int, rows: slice):
         weight, scale = ckpt.tensor(name)[expert][rows], ckpt.tensor(f"{name}_scale")[expert][rows]
         if self._form(ckpt, name) == MXFP8:
-            multipliers = torch.exp2(scale.view(torch.uint8).float() - 127)
-            return Fp8Weights(weight.view(torch.uint8)[None], multipliers[None], MXFP8.block, torch.float32)
+            return Fp8Weights(weight.view(torch.uint8)[None], scale.view(torch.uint8)[None], (1, 32), torch.float32)
         denominator = ckpt.tensor(f"{name}_outer_scale_denominator").float().reshape(-1)
         factor = ckpt.tensor(f"{name}_amax")[expert].float() / denominator[expert if denominator.numel() > 1 else 0]
         codes, scales = weight.view(torch.uint8)[None], scale.view(torch.uint8)[None]
