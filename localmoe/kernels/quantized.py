@@ -12,8 +12,9 @@ their own dtype, no zero points (symmetric: zero = 2^(bits - 1)), one group per 
 
 Floating-point formats kept as checkpoints ship them: MXFP4 (e2m1 codes, a power-of-two exponent per
 32 columns), NVFP4 (e2m1 codes, an FP8 e4m3 scale per 16 columns and a float32 scale per matrix),
-block-scaled FP8, and MXFP8 (FP8 e4m3 with a power-of-two exponent per 32 columns). A stack of matrices [N, R, C] in any of these forms dequantizes one matrix at a time
-on indexing, so the reference kernel runs on them unchanged.
+block-scaled FP8, and MXFP8 (FP8 e4m3 with a power-of-two exponent per 32 columns). A stack of matrices
+[N, R, C] in any of these forms dequantizes one matrix at a time on indexing, so the reference kernel
+runs on them unchanged.
 """
 
 import math
