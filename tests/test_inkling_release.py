@@ -22,7 +22,7 @@ import types
 
 import pytest
 import torch
-from conftest import INKLING, INKLING2, INKLING2_LOOP, randomize
+from conftest import INKLING, INKLING2, INKLING2_LOOP, INKLING2_VISION, randomize
 from quantized_models import check_against_transformers
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
@@ -65,14 +65,6 @@ def test_inkling_loads_as_released(inkling_release):
     check_against_transformers(reference, folder, ExpertLayout)
 
 
-INKLING2_VISION = dict(
-    hidden_size=16,
-    num_hidden_layers=1,
-    num_attention_heads=2,
-    patch_size=4,
-    projection_hidden_dim=16,
-    text_hidden_size=64,
-)
 EXPERTS = re.compile(r"model\.llm\.layers\.\d+\.mlp\.experts\.w(13|2)_weight")
 MXFP8_CONFIG = {
     "quant_method": "fp8",
