@@ -20,7 +20,7 @@ from localmoe.models import family_for
 from localmoe.models.attention import Attention
 from localmoe.models.expert_source import ExpertSource
 from localmoe.models.expert_tensors import block_shapes
-from localmoe.models.family import Family, ModelArgs
+from localmoe.models.family import Family, Interleaved, ModelArgs
 from localmoe.models.layers import host_tables
 from localmoe.models.moe import moe_blocks
 from localmoe.progress import progress
@@ -40,7 +40,20 @@ class ModelParts:
     family: Family
     args: ModelArgs
     dtype: torch.dtype
-    resident_sources: dict[str, str]  # parameter name -> checkpoint tensor name
+    resident_sources: dict[str, "str | Alternate"]  # parameter name -> checkpoint tensor (or its slices)
+
+
+@dataclass(frozen=True)
+class Alternate:
+    """Every other slice along `dim` of checkpoint tensor `tensor`, from `start`: a parameter a release
+    stores interleaved with another (see family.Interleaved)."""
+
+    tensor: str
+    start: int
+    dim: int
+
+    def read(self, ckpt: Checkpoint) -> torch.Tensor:
+        return ckpt.weight(self.tensor).movedim(self.dim, 0)[self.start :: 2].movedim(0, self.dim)
 
 
 def open_checkpoint(source: str, revision: str | None = None, weights: bool = True) -> tuple[Checkpoint, Family]:
@@ -97,6 +110,7 @@ def model_skeleton(ckpt: Checkpoint, family: Family, dtype: torch.dtype | None =
     _drop_incomplete_mtp(model, ckpt, family)
     sources = _resident_sources(model, ckpt, family)
     experts = ExpertSource(ckpt, family.experts, moe_blocks(model))
+    _check_quantized_weights(ckpt, experts)
     return ModelParts(model, experts, family, args, dtype or checkpoint_dtype(ckpt), sources)
 
 
@@ -121,13 +135,21 @@ def _check_quantization(ckpt: Checkpoint, family: Family) -> None:
             f"{ckpt.path} is quantized ({method}), which localmoe cannot read yet for {family.name}: "
             "use an unquantized (bf16) release of the model"
         )
+
+
+def _check_quantized_weights(ckpt: Checkpoint, experts: ExpertSource) -> None:
+    """Refuse a quantization config over weights none of which are stored so: neither a module nor the
+    routed experts (where a family's layout stores them fused in a quantized form: Inkling 2's releases)."""
     formats = ckpt.quantization.formats
+    if experts.stored_form is not None or not formats:
+        return
     modules = {name.rpartition(".")[0] for name in ckpt.tensor_names}
-    if formats and not any(fmt.stores(ckpt, module) for module in modules for fmt in formats):
+    if not any(fmt.stores(ckpt, module) for module in modules for fmt in formats):
         said = " or ".join(describe(fmt) for fmt in formats)
         raise LocalMoEError(
-            f"{ckpt.path}/config.json says it is quantized ({method}: {said}), yet no weight is stored so: the "
-            "config does not describe these weights (for an unquantized (bf16) release, remove quantization_config)"
+            f"{ckpt.path}/config.json says it is quantized ({ckpt.quantization.method}: {said}), yet no weight is "
+            "stored so: the config does not describe these weights (for an unquantized (bf16) release, remove "
+            "quantization_config)"
         )
 
 
@@ -150,12 +172,12 @@ def load_resident_weights(
     for prefix, table in host_tables(parts.model).items():
         names = [f"{prefix}.{name}" for name, _ in table.named_parameters()]
         dtype = resident_dtype(parts, names[0])
-        blocks = [ckpt.weight(sources.pop(name)) for name in names]  # mapped, not read
+        blocks = [_read(ckpt, sources.pop(name)) for name in names]  # mapped, not read
         if tables == "ram":
             blocks = [block.to(dtype, copy=True) for block in progress(blocks, len(blocks), "reading lookup tables")]
         table.place(blocks, dtype)
     state = {
-        name: _to(ckpt.weight(source), device, resident_dtype(parts, name))
+        name: _to(_read(ckpt, source), device, resident_dtype(parts, name))
         for name, source in progress(sources.items(), len(sources), "loading resident weights")
     }
     parts.model.load_state_dict(state, strict=True, assign=True)
@@ -220,6 +242,10 @@ def checkpoint_dtype(ckpt: Checkpoint) -> torch.dtype:
     return torch.float32
 
 
+def _read(ckpt: Checkpoint, source: "str | Alternate") -> torch.Tensor:
+    return ckpt.weight(source) if isinstance(source, str) else source.read(ckpt)
+
+
 def _to(tensor: torch.Tensor, device, dtype: torch.dtype) -> torch.Tensor:
     """A copy in host memory first (copy=True: never alias the shard's mapping), then on the device:
     copying a mapped file straight to a GPU page-faults its way through at a crawl. Integer tables are
@@ -261,17 +287,38 @@ def disk_names(model: nn.Module, family: Family, name: str) -> list[str]:
     return family.disk_names(name)
 
 
-def _resident_sources(model: nn.Module, ckpt: Checkpoint, family: Family) -> dict[str, str]:
-    """Parameter name -> checkpoint tensor name, for every parameter; shapes checked."""
+def _resident_sources(model: nn.Module, ckpt: Checkpoint, family: Family) -> dict[str, "str | Alternate"]:
+    """Parameter name -> checkpoint tensor name (or the slices of one it is interleaved in), for every
+    parameter; shapes checked."""
     sources = {}
     for name, param in model.named_parameters():
         candidates = disk_names(model, family, name)
         found = next((c for c in candidates if ckpt.has_weight(c)), None)
+        if found is None:  # in a tensor a release interleaves it in (shape checked there)
+            found = next(
+                (a for pair in family.interleaved if (a := _interleaved(ckpt, family, pair, name, param))), None
+            )
         if found is None:
             raise LocalMoEError(
                 f"{ckpt.path} lacks tensor {ckpt.stored_name(candidates[0])}, which {family.name} "
                 "needs: the checkpoint is incomplete or its index is damaged; download it again"
             )
-        ckpt.check_weight(found, tuple(param.shape), WEIGHT_DTYPES if param.is_floating_point() else INTEGER_DTYPES)
+        if isinstance(found, str):
+            ckpt.check_weight(found, tuple(param.shape), WEIGHT_DTYPES if param.is_floating_point() else INTEGER_DTYPES)
         sources[name] = found
     return sources
+
+
+def _interleaved(ckpt: Checkpoint, family: Family, pair: Interleaved, name: str, param) -> Alternate | None:
+    """Where parameter `name` is read from a tensor it is stored interleaved in, if it is; shape checked."""
+    stored = pair.stored_as(name)
+    if stored is None:
+        return None
+    fused, start = stored
+    found = next((c for c in family.disk_names(fused) if ckpt.has_weight(c)), None)
+    if found is None:
+        return None
+    shape = list(param.shape)
+    shape[pair.dim] *= 2
+    ckpt.check_weight(found, tuple(shape))
+    return Alternate(found, start, pair.dim)

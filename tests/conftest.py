@@ -1358,6 +1358,15 @@ INKLING2 = dict(
     eos_token_id=257,
 )
 
+INKLING2_VISION = dict(  # the vision tower beside Inkling 2's language model, in its multimodal wrappers
+    hidden_size=16,
+    num_hidden_layers=1,
+    num_attention_heads=2,
+    patch_size=4,
+    projection_hidden_dim=16,
+    text_hidden_size=64,
+)
+
 INKLING2_LOOP = dict(
     INKLING2,
     num_hidden_layers=6,

@@ -15,7 +15,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from localmoe.errors import LocalMoEError
 from localmoe.kernels import _random_stored, pair_kernel
 from localmoe.kernels import cpu_experts as cpu
-from localmoe.kernels.quantized import MXFP4, QuantSpec, StoredFormat, quantized_stack
+from localmoe.kernels.quantized import MXFP4, MXFP8, QuantSpec, StoredFormat, quantized_stack
 from localmoe.kernels.reference import ExpertStack, expert_pair_outputs
 from localmoe.models.moe import GatedActivation
 
@@ -40,6 +40,7 @@ ACTS = {
 }
 FORMATS = ("dense", "int8", "int4", "fp8", "mxfp4", "int4-sym", "int8-row", "int4-row", "nvfp4", "nvfp4-ct")
 FORMATS += ("fp8-row", "fp8-oblong")  # FP8 scaled per row (compressed-tensors channel, AutoFP8), in 2:1 tiles
+FORMATS += ("fp8-mx",)  # MXFP8 (Inkling 2's releases): FP8 in 1 x 32 tiles, scaled by exponent bytes
 # the integer forms checkpoints store beside localmoe's own (asymmetric, float16 scales per group)
 CHECKPOINT_INTEGERS = {
     "int4-sym": dict(bits=4, symmetric=True, scale_dtype=torch.bfloat16),  # Kimi K2.5/K2.6, compressed-tensors
@@ -66,10 +67,9 @@ def experts(fmt: str, count: int, hidden: int, inter: int, dtype, seed: int, bia
         gate_up, down = quantized_stack(gate_up, spec), quantized_stack(down, spec)
     elif fmt.startswith("fp8"):
         block = 128 if hidden % 128 == 0 and inter % 128 == 0 else 8
-        block = {"fp8": block, "fp8-row": (1, 0), "fp8-oblong": (block, block // 2)}[fmt]
-        gate_up, down = (
-            _random_stored(StoredFormat("fp8", block), count, w.shape[1:], dtype, "cpu") for w in (gate_up, down)
-        )
+        form = {"fp8": block, "fp8-row": (1, 0), "fp8-oblong": (block, block // 2)}
+        form = MXFP8 if fmt == "fp8-mx" else StoredFormat("fp8", form[fmt])
+        gate_up, down = (_random_stored(form, count, w.shape[1:], dtype, "cpu") for w in (gate_up, down))
     elif fmt == "mxfp4":
         gate_up, down = (_random_stored(MXFP4, count, w.shape[1:], dtype, "cpu") for w in (gate_up, down))
     elif fmt.startswith("nvfp4"):  # ModelOpt's part scales multiply, compressed-tensors' divide
@@ -93,9 +93,9 @@ def assert_near(got, expected, dtype):
 
 
 def small(fmt: str) -> tuple[int, int]:
-    """Widths that no vector fits (MXFP4's exponents cover 32 columns, NVFP4's 16: the smallest they
-    have)."""
-    return {"mxfp4": (96, 32), "nvfp4": (48, 16), "nvfp4-ct": (48, 16)}.get(fmt, (40, 24))
+    """Widths that no vector fits (MXFP4's and MXFP8's exponents cover 32 columns, NVFP4's 16: the
+    smallest they have)."""
+    return {"mxfp4": (96, 32), "fp8-mx": (96, 32), "nvfp4": (48, 16), "nvfp4-ct": (48, 16)}.get(fmt, (40, 24))
 
 
 def case(tokens: int, k: int, count: int, hidden: int, seed: int, dtype, skipped: bool = True):

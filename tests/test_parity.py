@@ -16,6 +16,7 @@ from conftest import (
     HY_V4_VL,
     INKLING2,
     INKLING2_LOOP,
+    INKLING2_VISION,
     LLAMA4,
     MINIMAX_M3,
     MISTRAL4,
@@ -1390,27 +1391,13 @@ MULTIMODAL = {
         "Inkling2LoopConfig",
         "Inkling2LoopForConditionalGeneration",
         INKLING2_LOOP,
-        dict(
-            hidden_size=16,
-            num_hidden_layers=1,
-            num_attention_heads=2,
-            patch_size=4,
-            projection_hidden_dim=16,
-            text_hidden_size=64,
-        ),
+        INKLING2_VISION,
     ),
     "inkling2": (
         "Inkling2Config",
         "Inkling2ForConditionalGeneration",
         INKLING2,
-        dict(
-            hidden_size=16,
-            num_hidden_layers=1,
-            num_attention_heads=2,
-            patch_size=4,
-            projection_hidden_dim=16,
-            text_hidden_size=64,
-        ),
+        INKLING2_VISION,
     ),
 }
 

@@ -234,9 +234,13 @@ def stored_stack(fmt: str, rows: int, columns: int, experts: int, g: torch.Gener
             codes, scales, torch.rand(experts, parts, generator=g) + 0.5, fmt == "nvfp4-ct", torch.float32
         )
     bits = (torch.randn(experts, rows, columns, generator=g) * 4).to(torch.float8_e4m3fn).view(torch.uint8)
-    block = {"fp8": (16, 16), "fp8-row": (1, 0), "fp8-oblong": (16, 8)}[fmt]  # FP8 in tiles or by row
+    # FP8 in tiles, by row, or in 1 x 32 tiles scaled by exponent bytes (MXFP8: 2^-7 to 2^-3)
+    block = {"fp8": (16, 16), "fp8-row": (1, 0), "fp8-oblong": (16, 8), "fp8-mx": (1, 32)}[fmt]
     tiles = (-(-rows // block[0]), -(-columns // (block[1] or columns)))
-    return Fp8Weights(bits, torch.rand(experts, *tiles, generator=g) / 8, 16 if fmt == "fp8" else block, torch.float32)
+    scales = torch.rand(experts, *tiles, generator=g) / 8
+    if fmt == "fp8-mx":
+        scales = torch.randint(120, 125, (experts, *tiles), generator=g).to(torch.uint8)
+    return Fp8Weights(bits, scales, 16 if fmt == "fp8" else block, torch.float32)
 
 
 def take(stack, rows: list[int]):
@@ -252,7 +256,7 @@ def take(stack, rows: list[int]):
 
 
 FORMATS = ["float32", "int8", "int4", "mxfp4", "fp8", "int4-sym", "int8-row", "int4-row", "nvfp4", "nvfp4-ct"]
-FORMATS += ["fp8-row", "fp8-oblong"]
+FORMATS += ["fp8-row", "fp8-oblong", "fp8-mx"]
 
 
 @pytest.mark.parametrize("fmt", FORMATS)

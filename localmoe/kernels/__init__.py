@@ -9,6 +9,7 @@ import torch
 
 from localmoe.errors import LocalMoEError, setting
 from localmoe.kernels.quantized import (
+    MXFP8,
     Fp8Weights,
     Mxfp4Weights,
     Nvfp4Weights,
@@ -176,6 +177,9 @@ def _random_stored(fmt: StoredFormat, experts: int, shape, dtype: torch.dtype, d
         global_scale = torch.rand(experts, parts, generator=generator) + 0.5
         return Nvfp4Weights(codes.to(device), scales.to(device), global_scale.to(device), fmt.divides, dtype)
     bits = torch.randn(experts, rows, columns, generator=generator).to(torch.float8_e4m3fn).view(torch.uint8)
+    if fmt == MXFP8:  # exponents 2^-7 to 2^-3
+        scales = torch.randint(120, 125, (experts, rows, columns // 32), generator=generator, dtype=torch.uint8)
+        return Fp8Weights(bits.to(device), scales.to(device), (1, 32), dtype)
     block_rows, block_columns = (fmt.block, fmt.block) if isinstance(fmt.block, int) else fmt.block
     tiles = (-(-rows // (block_rows or rows)), -(-columns // (block_columns or columns)))
     scales = torch.rand(experts, *tiles, generator=generator) / 8

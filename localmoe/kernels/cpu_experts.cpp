@@ -248,7 +248,7 @@ struct Row {  // one row of one expert: its weights, and its row of scales and z
   const uint8_t* w;
   const uint8_t* s;
   const uint8_t* z;  // zero points (null: symmetric), or NVFP4's scale of the row's part of the matrix
-  int64_t scale_type;  // the integers' scales: a Dtype
+  int64_t scale_type;  // the integers' scales: a Dtype; FP8's: float32, or SCALE_EXPONENTS
   bool divides;  // NVFP4: the part's scale divides the block scales (compressed-tensors), else multiplies
 };
 
@@ -257,6 +257,12 @@ inline float scale_at(const Row& r, int64_t g) {
   if (r.scale_type == DT_F16) return half_at(r.s, g);
   if (r.scale_type == DT_BF16) return bf16_value(((const uint16_t*)r.s)[g]);
   return ((const float*)r.s)[g];
+}
+
+// FP8's multiplier of tile g: float32, or an exponent byte 2^(b - 127) (MXFP8)
+constexpr int64_t SCALE_EXPONENTS = 3;
+inline float fp8_tile_scale(const Row& r, int64_t g) {
+  return r.scale_type == SCALE_EXPONENTS ? std::ldexp(1.f, int(r.s[g]) - 127) : ((const float*)r.s)[g];
 }
 
 // Its zero point: stored (float16), or implied by a symmetric format: 2^(bits - 1)
@@ -332,13 +338,13 @@ struct Decode<INT4> {
   }
 };
 
-// Block-scaled FP8 (e4m3fn bits), a float32 multiplier per block x block tile.
+// Block-scaled FP8 (e4m3fn bits), a float32 multiplier (or an exponent byte: MXFP8) per tile.
 template <>
 struct Decode<FP8> {
   static constexpr int V = 1;
-  static void scales(const Row& r, int64_t g, F* s) { s[0] = set1(((const float*)r.s)[g]); }
+  static void scales(const Row& r, int64_t g, F* s) { s[0] = set1(fp8_tile_scale(r, g)); }
   static void load(const Row& r, int64_t c, const F* s, F* w) { w[0] = mul(mul(from_fp8(r.w + c), set1(256.f)), s[0]); }
-  static float at(const Row& r, int64_t c, int64_t g) { return fp8_value(r.w[c]) * ((const float*)r.s)[g]; }
+  static float at(const Row& r, int64_t c, int64_t g) { return fp8_value(r.w[c]) * fp8_tile_scale(r, g); }
 };
 
 // MXFP4 (gpt-oss): e2m1 codes, two per byte (low nibble first), a power-of-two exponent per 32 columns.

@@ -58,6 +58,8 @@ DENSE_FORMATS = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
 INT8, INT4, FP8, MXFP4, NVFP4 = 3, 4, 5, 6, 7
 NIBBLES = (INT4, MXFP4, NVFP4)  # two weights a byte
 DTYPES = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}  # also the integer formats' scale dtypes
+# the scale_type of a Matrix: DTYPES, or uint8 exponent bytes 2^(b - 127) (MXFP8's; the FP8 format reads it)
+SCALE_TYPES = {**DTYPES, torch.uint8: 3}
 KINDS = {"glu": 0, "clamped_swiglu": 1, "clamped_glu": 2}
 ACTS = {"silu": 0, "swish": 0, "gelu": 1, "gelu_pytorch_tanh": 2}
 MANY_PAIRS = 8  # pairs of one expert from which the reference's products take over where AMX tiles do not (prefill)
@@ -331,7 +333,7 @@ def _matrix_fields(w: torch.Tensor, s: torch.Tensor | None, z: torch.Tensor | No
     for t in (w, s, z):
         fields += [0, 0] if t is None else [t.stride(0) * t.element_size(), t.stride(1) * t.element_size()]
     zero_rows = rows // z.shape[1] if z is not None and z.dim() == 2 else 1  # NVFP4: rows per part
-    scale_type = DTYPES.get(s.dtype, 0) if s is not None else 0
+    scale_type = SCALE_TYPES.get(s.dtype, 0) if s is not None else 0
     return [*fields, rows, cols, block, block_rows or rows, zero_rows, scale_type, int(divides)]
 
 

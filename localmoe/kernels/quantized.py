@@ -11,9 +11,10 @@ their own dtype, no zero points (symmetric: zero = 2^(bits - 1)), one group per 
 (GPTQ's desc_act): each column's group read from a table rather than from its position.
 
 Floating-point formats kept as checkpoints ship them: MXFP4 (e2m1 codes, a power-of-two exponent per
-32 columns), NVFP4 (e2m1 codes, an FP8 e4m3 scale per 16 columns and a float32 scale per matrix) and
-block-scaled FP8. A stack of matrices [N, R, C] in any of these forms dequantizes one matrix at a time
-on indexing, so the reference kernel runs on them unchanged.
+32 columns), NVFP4 (e2m1 codes, an FP8 e4m3 scale per 16 columns and a float32 scale per matrix),
+block-scaled FP8, and MXFP8 (FP8 e4m3 with a power-of-two exponent per 32 columns). A stack of matrices
+[N, R, C] in any of these forms dequantizes one matrix at a time on indexing, so the reference kernel
+runs on them unchanged.
 """
 
 import math
@@ -174,8 +175,10 @@ FP4_VALUES = (0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0, -0.0, -0.5, -1.0, -1.5, -2
 class StoredFormat:
     """A checkpoint's own floating-point format, kept as stored: "mxfp4" (32 columns per exponent),
     "nvfp4" (16 columns per e4m3 scale, and a float32 scale per matrix that multiplies, as ModelOpt
-    stores it, or `divides`, as compressed-tensors does) or "fp8" (a multiplier per `block` x `block`
-    tile, or per (rows, columns) tile where 0 stands for the whole width: (1, 0) is one per row)."""
+    stores it, or `divides`, as compressed-tensors does), "fp8" (a multiplier per `block` x `block`
+    tile, or per (rows, columns) tile where 0 stands for the whole width: (1, 0) is one per row) or
+    "mxfp8" (FP8 with a power-of-two exponent per 32 columns: Fp8Weights in 1 x 32 tiles whose scales are
+    the exponent bytes)."""
 
     kind: str
     block: int | tuple[int, int]
@@ -191,6 +194,7 @@ class StoredFormat:
 
 
 MXFP4 = StoredFormat("mxfp4", 32)
+MXFP8 = StoredFormat("mxfp8", 32)
 
 
 def dequantize_mxfp4(blocks: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
@@ -264,21 +268,24 @@ class Nvfp4Weights:
 
 def dequantize_fp8_blocks(w: torch.Tensor, scale: torch.Tensor, block: tuple[int, int]) -> torch.Tensor:
     """Block-scaled FP8 (as DeepSeek, Kimi, MiniMax and Qwen ship FP8 checkpoints): w [R, C] float8
-    (or its bits as uint8), scale [ceil(R / b0), ceil(C / b1)] float32 multipliers -> float32 [R, C]. A
-    block size of 0 spans the whole dimension ((1, 0): a multiplier per row)."""
+    (or its bits as uint8), scale [ceil(R / b0), ceil(C / b1)] float32 multipliers, or uint8 exponent
+    bytes 2^(b - 127) (MXFP8) -> float32 [R, C]. A block size of 0 spans the whole dimension ((1, 0): a
+    multiplier per row)."""
     if w.dtype == torch.uint8:
         w = w.view(torch.float8_e4m3fn)
     rows, columns = w.shape
     block = (block[0] or rows, block[1] or columns)
+    scale = torch.exp2(scale.float() - 127) if scale.dtype == torch.uint8 else scale
     full = scale.float().repeat_interleave(block[0], 0)[:rows].repeat_interleave(block[1], 1)[:, :columns]
     return w.float() * full
 
 
 @dataclass(frozen=True)
 class Fp8Weights:
-    """A stack of block-scaled FP8 matrices [N, R, C]: bits [N, R, C] uint8 and float32 scales, one per
-    `block` x `block` tile [N, R / b, C / b], or per (rows, columns) tile for a tuple (0: the whole
-    width, (1, 0): [N, R, 1]), dequantized one at a time on indexing (see QuantizedWeights)."""
+    """A stack of block-scaled FP8 matrices [N, R, C]: bits [N, R, C] uint8 and scales, float32 multipliers
+    or (MXFP8) uint8 exponent bytes, one per `block` x `block` tile [N, R / b, C / b], or per (rows,
+    columns) tile for a tuple (0: the whole width, (1, 0): [N, R, 1]), dequantized one at a time on
+    indexing (see QuantizedWeights)."""
 
     bits: torch.Tensor
     scales: torch.Tensor

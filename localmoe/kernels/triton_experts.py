@@ -19,7 +19,8 @@ The activation (SwiGLU, tanh-GELU GLU, gpt-oss's clamped SwiGLU, DeepSeek-V4's c
 SwiGLU clamped after the activation, and Nemotron-H's ungated ReLU-squared, whose experts have an up
 projection and no gate: gate_up [N, I, E]), expert biases and Llama 4's input scale match the
 reference. Weights are in the compute dtype, quantized to 8 or 4 bits (kernels/quantized.py), or
-block-scaled FP8 and MXFP4 as checkpoints ship them, decoded in registers with integer bit operations.
+block-scaled FP8 (with float32 multipliers, or MXFP8's exponent bytes), MXFP4 and NVFP4 as checkpoints
+ship them, decoded in registers with integer bit operations.
 Offsets along pairs, tokens, slots and experts are 64-bit; offsets inside one expert's matrix are
 32-bit, which the launcher's checks keep below 2^31 (scripts/check_kernels.py finds any 32-bit product
 along pairs or slots in the compiled kernels). The sort runs on the device without a host sync. Under
@@ -118,6 +119,14 @@ def _e4m3(byte):
 def _power_of_two(exponent):
     """2^(e - 127) for MXFP4's biased exponent bytes, built as float32 bits (e = 0 gives 0, not 2^-127)."""
     return (exponent.to(tl.int32) << 23).to(tl.float32, bitcast=True)
+
+
+@triton.jit
+def _tile_scales(s, at, mask):
+    """FP8's tile multipliers at offsets `at`: float32 as stored, or MXFP8's exponent bytes as 2^(b - 127)."""
+    if s.dtype.element_ty == tl.uint8:
+        return _power_of_two(tl.load(s + at, mask=mask, other=127))
+    return tl.load(s + at, mask=mask, other=0.0)
 
 
 @triton.jit
@@ -231,7 +240,7 @@ def _row_sums(
                 acc += tl.sum(part * _power_of_two(tl.load(s + scale_at, mask=scale_ok, other=127)), axis=1)
             elif BITS == 2:  # a scale per GROUP_ROWS x GROUP tile
                 scale_at = (rows // GROUP_ROWS)[:, None] * stride_sr + group[None, :]
-                acc += tl.sum(part * tl.load(s + scale_at, mask=scale_ok, other=0.0), axis=1)
+                acc += tl.sum(part * _tile_scales(s, scale_at, scale_ok), axis=1)
             elif BITS == 3:
                 scale_at = rows[:, None] * stride_sr + group[None, :]
                 acc += tl.sum(part * _e4m3(tl.load(s + scale_at, mask=scale_ok, other=0).to(tl.int32)), axis=1)
@@ -411,7 +420,7 @@ def _tile(
         w = tl.load(w + r * stride_r + c, mask=mask, other=0.0).to(tl.float32)
     elif BITS == 2:
         value = _e4m3(tl.load(w + r * stride_r + c, mask=mask, other=0).to(tl.int32))
-        w = value * tl.load(s + (r // GROUP_ROWS) * stride_sr + c // GROUP, mask=mask, other=0.0)
+        w = value * _tile_scales(s, (r // GROUP_ROWS) * stride_sr + c // GROUP, mask)
     else:
         q = tl.load(w + r * stride_r + c, mask=mask, other=0).to(tl.float32)
         group = r * stride_sr + c // GROUP
@@ -734,7 +743,7 @@ SCALE_DTYPES = (torch.float16, torch.bfloat16, torch.float32)  # of the integer 
 def _part_dtypes(args: WeightArgs) -> tuple[tuple[torch.dtype, ...], ...]:
     """The dtypes each part of a quantized format may have."""
     return {
-        FP8: ((torch.uint8,), (torch.float32,)),
+        FP8: ((torch.uint8,), (torch.float32, torch.uint8)),  # multipliers, or MXFP8's exponent bytes
         MXFP4: ((torch.uint8,), (torch.uint8,)),
         NVFP4: ((torch.uint8,), (torch.uint8,), (torch.float32,)),
     }.get(args.bits, ((torch.uint8,), SCALE_DTYPES, (torch.float16,)))

@@ -12,9 +12,18 @@ import torch
 
 from localmoe.checkpoint import Checkpoint
 from localmoe.errors import LocalMoEError
-from localmoe.kernels.quantized import MXFP4, Mxfp4Weights, dequantize_mxfp4
+from localmoe.kernels.quantized import (
+    MXFP4,
+    MXFP8,
+    Fp8Weights,
+    Mxfp4Weights,
+    Nvfp4Weights,
+    StoredFormat,
+    dequantize_mxfp4,
+)
 
 MXFP4_DTYPES = frozenset({torch.uint8})  # FP4 codes two to a byte, and exponents
+E8M0_DTYPES = frozenset({torch.uint8, torch.float8_e8m0fnu})  # power-of-two exponents, 2^(b - 127)
 
 
 def role_shapes(hidden: int, intermediate: int, bias: bool, gated: bool = True) -> dict[str, tuple[int, ...]]:
@@ -259,7 +268,86 @@ class Mxfp4:
         return MXFP4
 
 
-ExpertTensors = PerExpert | Fused | Stacked | Concatenated | Mxfp4
+@dataclass(frozen=True)
+class FusedScaled:
+    """Experts fused per layer with gate and up alternating by rows (gate_up [E, 2I, H], down [E, H, I],
+    as `Fused` interleaved) in a block-scaled form, its companions named by suffix: Inkling 2's releases.
+    Per tensor, as transformers 5.24 decodes them (Inkling2LoopDequantizeExperts, core_model_loading.py):
+    - MXFP8: float8 e4m3 weights and `_scale` [E, R, C / 32], ue8m0 exponent bytes (2^(b - 127));
+    - NVFP4 (where `_amax` is present): e2m1 codes [E, R, C / 2] (uint8, the even column in the low
+      nibble), `_scale` [E, R, C / 16] float8 e4m3, and a factor per expert, `_amax` [E] divided by
+      `_outer_scale_denominator` (one, or one per expert), that multiplies.
+    Kept as stored: MXFP8 as FP8 in 1 x 32 tiles scaled by its exponent bytes, NVFP4 as NVFP4 with the
+    factor as each matrix's scale. A layer whose two tensors differ is decoded."""
+
+    gate_up: str
+    down: str
+
+    def present(self, ckpt: Checkpoint, block) -> bool:
+        return f"{self.gate_up.format(layer=block.layer_idx)}_scale" in ckpt
+
+    def _form(self, ckpt: Checkpoint, name: str) -> StoredFormat:
+        """The tensor's form, refused in one line where it is neither variant."""
+        weight, scale = ckpt.info(name).dtype, ckpt.info(f"{name}_scale").dtype
+        if f"{name}_amax" in ckpt:
+            return StoredFormat("nvfp4", 16)
+        if weight == torch.float8_e4m3fn and scale in E8M0_DTYPES:
+            return MXFP8
+        raise LocalMoEError(
+            f"{ckpt.path}: {ckpt.stored_name(name)} is {str(weight).removeprefix('torch.')} with "
+            f"{str(scale).removeprefix('torch.')} scales, a form of quantized experts localmoe does not read (it "
+            "reads MXFP8 as float8_e4m3fn with ue8m0 scales, and NVFP4 with _amax)"
+        )
+
+    def check(self, ckpt: Checkpoint, block) -> None:
+        count, hidden, inter = block.num_experts, block.hidden_size, block.intermediate_size
+        for template, rows, cols in ((self.gate_up, 2 * inter, hidden), (self.down, hidden, inter)):
+            name = template.format(layer=block.layer_idx)
+            form = self._form(ckpt, name)
+            if cols % form.block:
+                raise LocalMoEError(f"{ckpt.stored_name(name)}: {form.words} needs whole blocks of inputs, not {cols}")
+            if form == MXFP8:
+                ckpt.check_tensor(name, (count, rows, cols), frozenset({torch.float8_e4m3fn}))
+                ckpt.check_tensor(f"{name}_scale", (count, rows, cols // 32), E8M0_DTYPES)
+                continue
+            ckpt.check_tensor(name, (count, rows, cols // 2), frozenset({torch.uint8, torch.int8}))
+            ckpt.check_tensor(f"{name}_scale", (count, rows, cols // 16), frozenset({torch.float8_e4m3fn}))
+            ckpt.check_tensor(f"{name}_amax", (count,), frozenset({torch.float32}))
+            denominator = ckpt.info(f"{name}_outer_scale_denominator").shape
+            if denominator not in ((), (1,), (count,)):
+                raise LocalMoEError(
+                    f"{ckpt.stored_name(name)}_outer_scale_denominator in {ckpt.path} has shape {list(denominator)}, "
+                    f"not one number or one per expert ({count}): the checkpoint is damaged"
+                )
+
+    def stored_form(self, ckpt: Checkpoint, block):
+        forms = {self._form(ckpt, t.format(layer=block.layer_idx)) for t in (self.gate_up, self.down)}
+        return forms.pop() if len(forms) == 1 else None
+
+    def read(self, ckpt: Checkpoint, block, expert: int) -> dict[str, torch.Tensor]:
+        return {role: weights[0] for role, weights in self.read_packed(ckpt, block, expert).items()}
+
+    def read_packed(self, ckpt: Checkpoint, block, expert: int) -> dict:
+        """The expert as stored: gate, up and down each a stack of one matrix (kernels/quantized.py)."""
+        layer = block.layer_idx
+        gate_up, down = self.gate_up.format(layer=layer), self.down.format(layer=layer)
+        return {
+            "gate": self._matrix(ckpt, gate_up, expert, slice(0, None, 2)),
+            "up": self._matrix(ckpt, gate_up, expert, slice(1, None, 2)),
+            "down": self._matrix(ckpt, down, expert, slice(None)),
+        }
+
+    def _matrix(self, ckpt: Checkpoint, name: str, expert: int, rows: slice):
+        weight, scale = ckpt.tensor(name)[expert][rows], ckpt.tensor(f"{name}_scale")[expert][rows]
+        if self._form(ckpt, name) == MXFP8:
+            return Fp8Weights(weight.view(torch.uint8)[None], scale.view(torch.uint8)[None], (1, 32), torch.float32)
+        denominator = ckpt.tensor(f"{name}_outer_scale_denominator").float().reshape(-1)
+        factor = ckpt.tensor(f"{name}_amax")[expert].float() / denominator[expert if denominator.numel() > 1 else 0]
+        codes, scales = weight.view(torch.uint8)[None], scale.view(torch.uint8)[None]
+        return Nvfp4Weights(codes, scales, factor.reshape(1, 1), False, torch.float32)
+
+
+ExpertTensors = PerExpert | Fused | Stacked | Concatenated | Mxfp4 | FusedScaled
 
 
 def _split_gate_up(gate_up: torch.Tensor, block, interleaved: bool) -> dict[str, torch.Tensor]:

@@ -205,6 +205,26 @@ class ReleaseLayout:
 
 
 @dataclass(frozen=True)
+class Interleaved:
+    """Two parameters a release stores as one tensor, their slices alternating along `dim` (the first's,
+    then the second's: gate and up in Inkling's `w13` tensors): a parameter whose name holds `first` or
+    `second` and is not stored under its own names is read from the name with `stored` in their place
+    (hub aliases applied as to any name), every other slice from the first or the second on."""
+
+    first: str
+    second: str
+    stored: str
+    dim: int
+
+    def stored_as(self, name: str) -> tuple[str, int] | None:
+        """(the stored tensor's name, where parameter `name`'s slices start), or None if it is neither."""
+        for start, fragment in enumerate((self.first, self.second)):
+            if fragment in name:
+                return name.replace(fragment, self.stored), start
+        return None
+
+
+@dataclass(frozen=True)
 class MtpLayout:
     """Where a release keeps its multi-token-prediction layers, when not under DeepSeek-V3's names
     (`model.layers.{num_hidden_layers + k}.*`, see localmoe/models/mtp.py): pairs of (DeepSeek-V3's prefix,
@@ -245,7 +265,8 @@ class Family:
     in `experts` (the layouts their checkpoints come in, in order of preference), because the
     runtime, not the model, owns them. `multimodal` lists the architectures that wrap the family's
     language model with other inputs; a family with no `architectures` of its own is run only from them.
-    `release` is a layout of the maker's own that it also reads.
+    `release` is a layout of the maker's own that it also reads; `interleaved`, pairs of parameters a
+    release stores as one tensor.
     """
 
     architectures: tuple[str, ...]
@@ -254,6 +275,7 @@ class Family:
     model: Callable[[Any], nn.Module]
     experts: tuple[ExpertTensors, ...]
     hub_aliases: tuple[tuple[str, str], ...] = ()
+    interleaved: tuple[Interleaved, ...] = ()
     keep_float32: tuple[str, ...] = ()
     quantizations: tuple[str, ...] = ()  # quantization_config.quant_method values only it reads
     multimodal: tuple[Multimodal, ...] = ()

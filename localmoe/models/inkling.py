@@ -14,6 +14,12 @@ are a softmax over the log-sigmoids of their logits and of the shared experts' l
 experts take part as a sink, and each shared expert is weighed by its share. The embeddings are
 RMS-normalised; the final hidden states are divided by a muP width multiplier before the LM head,
 whose padded rows past `unpadded_vocab_size` are dropped.
+
+Read in the layout transformers saves InklingForCausalLM in, or as thinkingmachines releases Inkling
+(InklingForConditionalGeneration, its language model under `model.llm.`, attention under `attn.` with
+`wq_du`-style names): there gate and up alternate by rows in `w13` tensors, which are split when loaded
+(the dense MLP's `w13_dn`, the shared experts' `shared_w13_weight`) or read so (the routed experts'
+`w13_weight`), as transformers' conversion for `inkling_mm_model` does (conversion_mapping.py).
 """
 
 from dataclasses import dataclass, field
@@ -24,7 +30,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from localmoe.models.attention import Attention
-from localmoe.models.family import Family, ModelArgs, causal_lm
+from localmoe.models.expert_tensors import Fused
+from localmoe.models.family import Family, Interleaved, ModelArgs, Multimodal, causal_lm
 from localmoe.models.layers import MLP, CausalLM, RMSNorm, Step, activation
 from localmoe.models.moe import FUSED_EXPERTS, GatedActivation, Routing, SparseMoE
 from localmoe.models.short_conv import causal_conv
@@ -314,12 +321,46 @@ def build(args: InklingArgs) -> CausalLM:
     return model
 
 
+# transformers' names -> the release's (transformers 5.24's conversion_mapping.py, "inkling_mm_model")
+RELEASE_NAMES = (
+    ("model.embed_tokens.embed_norm.", "model.llm.embed_norm."),
+    ("model.embed_tokens.", "model.llm.embed."),
+    ("model.layers.", "model.llm.layers."),
+    ("model.norm.", "model.llm.norm."),
+    ("lm_head.", "model.llm.unembed."),
+    (".self_attn.", ".attn."),
+    (".q_proj.", ".wq_du."),
+    (".k_proj.", ".wk_dv."),
+    (".v_proj.", ".wv_dv."),
+    (".r_proj.", ".wr_du."),
+    (".o_proj.", ".wo_ud."),
+    (".conv1d.", "."),
+    (".input_layernorm.", ".attn_norm."),
+    (".post_attention_layernorm.", ".mlp_norm."),
+    (".gate.e_score_correction_bias", ".gate.bias"),
+    (".mlp.down_proj.", ".mlp.w2_md."),
+    (".shared_experts.down_proj", ".shared_experts.shared_w2_weight"),
+)
+
 FAMILY = Family(
     architectures=("InklingForCausalLM",),
     model_type="inkling_text",
     args=InklingArgs,
     model=build,
-    experts=(FUSED_EXPERTS,),
+    experts=(
+        FUSED_EXPERTS,
+        Fused(
+            "model.llm.layers.{layer}.mlp.experts.w13_weight",
+            "model.llm.layers.{layer}.mlp.experts.w2_weight",
+            interleaved=True,
+        ),
+    ),
+    hub_aliases=RELEASE_NAMES,
+    interleaved=(
+        Interleaved(".mlp.gate_proj.", ".mlp.up_proj.", ".mlp.w13_dn.", dim=0),
+        Interleaved(".shared_experts.gate_proj", ".shared_experts.up_proj", ".shared_experts.shared_w13_weight", dim=1),
+    ),
     keep_float32=("sconv", "e_score_correction_bias", "gate.global_scale"),
+    multimodal=(Multimodal("InklingForConditionalGeneration", (("model.llm.", "model.llm."),)),),
     example="thinkingmachines/Inkling",
 )

@@ -18,7 +18,8 @@ Experts: sigmoid routing with a learned bias for the choice, renormalised and sc
 gate factor and up projection are each capped by tanh. Logits are capped by tanh too.
 
 Read in the layout transformers saves and thinkingmachines releases (`model.llm.*`, `attn.wq_du`,
-gate and up interleaved in `w13_weight`).
+gate and up interleaved in `w13_weight`), the experts in the compute dtype or as the releases quantize
+them (MXFP8, and NVFP4 in Inkling 2 Loop's: see expert_tensors.FusedScaled).
 """
 
 import math
@@ -29,7 +30,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from localmoe.models.expert_tensors import Fused
+from localmoe.models.expert_tensors import Fused, FusedScaled
 from localmoe.models.family import Family, ModelArgs, Multimodal
 from localmoe.models.inkling import NormedEmbedding, RelativeLogits
 from localmoe.models.layers import Backbone, CausalLM, Step, UpcastRMSNorm, activation, rms_normalize
@@ -390,6 +391,9 @@ FAMILY = Family(
     args=Inkling2Args,
     model=build,
     experts=(
+        FusedScaled(
+            "model.llm.layers.{layer}.mlp.experts.w13_weight", "model.llm.layers.{layer}.mlp.experts.w2_weight"
+        ),
         Fused(
             "model.llm.layers.{layer}.mlp.experts.w13_weight",
             "model.llm.layers.{layer}.mlp.experts.w2_weight",

@@ -11,6 +11,7 @@ import torch
 
 from localmoe.kernels.quantized import (
     MXFP4,
+    MXFP8,
     Fp8Weights,
     Mxfp4Weights,
     Nvfp4Weights,
@@ -291,27 +292,30 @@ class Nvfp4Layout(_ByteRows):
 class Fp8Layout(_ByteRows):
     """Block-scaled FP8 experts kept as the checkpoint stores them: each matrix's bits (one byte per
     weight) and a float32 multiplier per `block` x `block` tile, or per (rows, columns) tile where 0
-    spans the whole width (one per row: (1, 0)), gate rows first."""
+    spans the whole width (one per row: (1, 0)), gate rows first; or (`exponents`, MXFP8) an exponent
+    byte per 1 x 32 tile."""
 
     hidden: int
     intermediate: int
     bias: bool
     block: int | tuple[int, int]
     dtype: torch.dtype
+    exponents: bool = False
 
     reads_packed = True
 
     @property
     def format(self) -> StoredFormat:
-        return StoredFormat("fp8", self.block)
+        return MXFP8 if self.exponents else StoredFormat("fp8", self.block)
 
     def _parts(self):
         h, i = self.hidden, self.intermediate
+        scale = torch.uint8 if self.exponents else torch.float32
         return [
             ("gate_up", (2 * i, h), torch.uint8),
-            ("gate_up_scale", _grid(self.block, 2 * i, h), torch.float32),
+            ("gate_up_scale", _grid(self.block, 2 * i, h), scale),
             ("down", (h, i), torch.uint8),
-            ("down_scale", _grid(self.block, h, i), torch.float32),
+            ("down_scale", _grid(self.block, h, i), scale),
         ]
 
     def gate_up(self, rows: torch.Tensor) -> Fp8Weights:
@@ -364,6 +368,8 @@ def layout_of(source: ExpertSource, quant: QuantSpec | None = None, dtype: torch
         return Mxfp4Layout(h, i, bias, dtype)
     if isinstance(form, StoredFormat) and form.kind == "nvfp4":
         return Nvfp4Layout(h, i, bias, form.divides, dtype)
+    if form == MXFP8 and not bias:  # whole tiles: the checkpoint's layout checks its widths
+        return Fp8Layout(h, i, bias, (1, 32), dtype, exponents=True)
     if isinstance(form, StoredFormat) and form.kind == "fp8" and not bias and _tiles(form.block, h, i):
         return Fp8Layout(h, i, bias, form.block, dtype)
     if quant is None:
