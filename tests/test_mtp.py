@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import DEEPSEEK_V2, GLM4_MOE, MIMO_V2_FLASH, QWEN3_5_MOE, QWEN3_NEXT, hf_model, save_hf
+from conftest import DEEPSEEK_V2, DEEPSEEK_V4, GLM4_MOE, MIMO_V2_FLASH, QWEN3_5_MOE, QWEN3_NEXT, hf_model, save_hf
 from safetensors.torch import load_file, save_file
 
 import localmoe
@@ -225,11 +225,101 @@ def mimo_release(depths: int):
     return write
 
 
+class V4Release(Release):
+    """DeepSeek-V4's MTP layer, as DeepSeek's inference/model.py computes it (MTPBlock.forward, and
+    ParallelHead.hc_head for its collapse): the hidden state is the last layer's streams [B, T, N, E]."""
+
+    def backbone(self, ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        streams = []
+        hook = self.reference.model.layers[-1].register_forward_hook(lambda m, a, out: streams.append(out))
+        try:
+            with torch.no_grad():
+                logits = self.reference(ids).logits
+        finally:
+            hook.remove()
+        return logits, streams[0]
+
+    def draft(self, h, next_ids, start=0, depth=0):
+        from transformers.masking_utils import create_sliding_window_causal_mask
+
+        w, model, eps, config = self.mtp[depth], self.reference.model, self.eps, self.reference.config
+        with torch.no_grad():
+            e = rms(model.embed_tokens(next_ids), w["enorm"], eps)
+            x = F.linear(e, w["e"])[:, :, None] + F.linear(rms(h, w["hnorm"], eps), w["h"])
+            positions = torch.arange(start, start + x.shape[1])[None]
+            rotary = {
+                kind: model.rotary_emb(e, position_ids=positions, layer_type=kind) for kind in ("main", "compress")
+            }
+            mask = create_sliding_window_causal_mask(
+                config=config, inputs_embeds=e, attention_mask=None, cache=None, position_ids=positions
+            )
+            out = self.blocks[depth](
+                x, input_ids=next_ids, position_embeddings=rotary, position_ids=positions, attention_mask=mask
+            )
+            flat = out.flatten(2)
+            mixes = F.linear(flat * torch.rsqrt(flat.square().mean(-1, keepdim=True) + eps), w["hc_fn"])
+            pre = torch.sigmoid(mixes * w["hc_scale"] + w["hc_base"]) + config.hc_eps
+            collapsed = (pre[..., None] * out).sum(dim=2)
+            return self.reference.lm_head(rms(collapsed, w["norm"], eps)), out
+
+
+def v4_release(folder: Path) -> Release:
+    """DeepSeek-V4's release layout (deepseek-ai/DeepSeek-V4-Flash): bare names, and its MTP layer at
+    `mtp.0.*` (the decoder layer's tensors in the release's names directly under it; e_proj, h_proj, enorm,
+    hnorm, norm, hc_head_{fn,base,scale}; copies of the embedding and the LM head), a sliding-window layer
+    routed by scores (the trailing 0 of V4-Flash's compress_ratios)."""
+    from test_deepseek_v4_release import release_name
+
+    config, layers = DEEPSEEK_V4, DEEPSEEK_V4["num_hidden_layers"]
+    full = hf_model(
+        "DeepseekV4Config",
+        **{
+            **config,
+            "num_hidden_layers": layers + 1,
+            "layer_types": [*config["layer_types"], "sliding_attention"],
+            "mlp_layer_types": [*config["mlp_layer_types"], "moe"],
+        },
+    )
+    save_hf(full, folder / "full", "single")
+    stored = load_file(str(folder / "full" / "model.safetensors"))
+    last = f"model.layers.{layers}."
+    stored = {"mtp.0." + k[len(last) :] if k.startswith(last) else release_name(k): v for k, v in stored.items()}
+    hidden, streams = config["hidden_size"], config["hc_mult"]
+    generator = torch.Generator().manual_seed(3)
+    mtp = {
+        "enorm": 1 + 0.1 * torch.randn(hidden, generator=generator),
+        "hnorm": 1 + 0.1 * torch.randn(hidden, generator=generator),
+        "e": 0.1 * torch.randn(hidden, hidden, generator=generator),
+        "h": 0.1 * torch.randn(hidden, hidden, generator=generator),
+        "norm": 1 + 0.1 * torch.randn(hidden, generator=generator),
+        "hc_fn": 0.1 * torch.randn(streams, streams * hidden, generator=generator),
+        "hc_base": 0.1 * torch.randn(streams, generator=generator),
+        "hc_scale": 1 + 0.1 * torch.randn(1, generator=generator),
+    }
+    names = {"e": "e_proj.weight", "h": "h_proj.weight", "hc_fn": "hc_head_fn", "hc_base": "hc_head_base"}
+    names |= {"hc_scale": "hc_head_scale", "enorm": "enorm.weight", "hnorm": "hnorm.weight", "norm": "norm.weight"}
+    stored |= {f"mtp.0.{names[role]}": weight for role, weight in mtp.items()}
+    stored |= {"mtp.0.embed.weight": stored["embed.weight"].clone(), "mtp.0.head.weight": stored["head.weight"].clone()}
+    release = folder / "release"
+    release.mkdir()
+    save_file({k: v.contiguous() for k, v in stored.items()}, str(release / "model.safetensors"))
+    saved = json.loads((folder / "full" / "config.json").read_text())
+    saved |= {**config, "num_nextn_predict_layers": 1}
+    (release / "config.json").write_text(json.dumps(saved))
+    block = full.model.layers[layers]
+    full.model.layers = full.model.layers[:layers]
+    full.config.num_hidden_layers = layers
+    for per_layer in ("layer_types", "mlp_layer_types"):
+        setattr(full.config, per_layer, getattr(full.config, per_layer)[:layers])
+    return V4Release(release, full, [block], [mtp], 0.0, "num_nextn_predict_layers")
+
+
 RELEASES = {
     "deepseek_v3": deepseek_release("DeepseekV3Config", {**DEEPSEEK_V2, "n_group": 4, "topk_group": 2}),
     # DeepSeek-V3's design with more than one MTP layer (its report trains D of them; V3 ships one)
     "deepseek_v3_depth2": deepseek_release("DeepseekV3Config", {**DEEPSEEK_V2, "n_group": 4, "topk_group": 2}, 2),
     "mimo_v2_flash": mimo_release(3),
+    "deepseek_v4": v4_release,
     "glm4_moe": deepseek_release("Glm4MoeConfig", GLM4_MOE),
     "qwen3_5_moe": qwen_release("Qwen3_5MoeTextConfig", QWEN3_5_MOE),
     "qwen3_next": qwen_release("Qwen3NextConfig", QWEN3_NEXT),
@@ -368,9 +458,9 @@ def test_the_plan_counts_the_mtp_layers(release):
     assert routed == sum(any(".experts" in name for name, _ in block.named_modules()) for block in release.blocks)
     assert footprint.moe_layers == backbone + routed
     assert footprint.total_experts == (backbone + routed) * footprint.experts_per_layer
-    assert footprint.resident_bytes == sum(p.numel() * p.dtype.itemsize for p in engine.model.parameters())
-    assert any(name.startswith("mtp.") for name, _ in engine.model.named_parameters())
     plain = load(release.folder, speculative="off").plan.footprint
+    mtp_bytes = sum(p.numel() * p.dtype.itemsize for p in engine.model.mtp.parameters())
+    assert footprint.resident_bytes - plain.resident_bytes == mtp_bytes > 0
     mtp_state = sum(
         attention.state_bytes_per_token(torch.float32) * engine.plan.context
         + getattr(attention, "fixed_state_bytes", lambda _: 0)(torch.float32)
@@ -389,7 +479,7 @@ def test_without_the_promise_or_the_tensors_the_backbone_loads_as_before(release
     expected = model(ids, model.new_cache(1, PROMPT), all_logits=True)
     config = json.loads((release.folder / "config.json").read_text())
     stored = load_file(str(release.folder / "model.safetensors"))
-    eh_proj = next(name for name in stored if name.endswith(("eh_proj.weight", "mtp.fc.weight")))
+    eh_proj = next(name for name in stored if name.endswith(("eh_proj.weight", "mtp.fc.weight", "mtp.0.e_proj.weight")))
     variants = {
         "unsaid": ({k: v for k, v in config.items() if k != release.count}, stored),
         "none": ({**config, release.count: 0}, stored),
@@ -433,4 +523,25 @@ def test_qwen3_5_multimodal_release_keeps_its_mtp_layers(tmp_path_factory):
     save_file(moved, str(folder / "model.safetensors"))
     ids = prompt()
     expected, got = drafts(load(text.folder), ids, 4), drafts(load(folder), ids, 4)
+    assert torch.equal(got[0], expected[0]) and torch.equal(got[1], expected[1])
+
+
+def test_deepseek_v4_mtp_layers_beside_transformers_layout(tmp_path_factory):
+    """transformers' DeepSeek-V4 drops `mtp.*` (it never saves them); a checkpoint in its names that keeps
+    the release's `mtp.0.*` beside them drafts as the release does."""
+    from test_deepseek_v4_release import RELEASE_PREFIXES
+
+    release = RELEASES["deepseek_v4"](tmp_path_factory.mktemp("deepseek_v4_release"))
+    folder = tmp_path_factory.mktemp("deepseek_v4_transformers")
+    back = {new: old for old, new in RELEASE_PREFIXES.items()}
+
+    def transformers_name(name: str) -> str:
+        return next((old + name[len(new) :] for new, old in back.items() if name.startswith(new)), name)
+
+    stored = load_file(str(release.folder / "model.safetensors"))
+    save_file({transformers_name(k): v for k, v in stored.items()}, str(folder / "model.safetensors"))
+    (folder / "config.json").write_text((release.folder / "config.json").read_text())
+    assert "embed.weight" not in load_file(str(folder / "model.safetensors"))  # not the release's layout
+    ids = prompt()
+    expected, got = drafts(load(release.folder), ids, 4), drafts(load(folder), ids, 4)
     assert torch.equal(got[0], expected[0]) and torch.equal(got[1], expected[1])
