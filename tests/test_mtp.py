@@ -13,7 +13,18 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import DEEPSEEK_V2, DEEPSEEK_V4, GLM4_MOE, MIMO_V2_FLASH, QWEN3_5_MOE, QWEN3_NEXT, hf_model, save_hf
+from conftest import (
+    DEEPSEEK_V2,
+    DEEPSEEK_V4,
+    DEEPSEEK_V32,
+    GLM4_MOE,
+    GLM_MOE_DSA,
+    MIMO_V2_FLASH,
+    QWEN3_5_MOE,
+    QWEN3_NEXT,
+    hf_model,
+    save_hf,
+)
 from safetensors.torch import load_file, save_file
 
 import localmoe
@@ -110,17 +121,23 @@ def write_release(
     save_file({k: v.contiguous() for k, v in stored.items()}, str(release / "model.safetensors"))
     saved = json.loads((folder / "full" / "config.json").read_text())
     saved |= {**config, count: depths}
+    for per_layer in PER_LAYER:  # as a release's config lists them: for the model's layers
+        if isinstance(saved.get(per_layer), list):
+            saved[per_layer] = saved[per_layer][:layers]
     (release / "config.json").write_text(json.dumps(saved))
     blocks = list(full.model.layers[layers:])
     full.model.layers = full.model.layers[:layers]
     full.config.num_hidden_layers = layers
-    for per_layer in ("layer_types", "mlp_layer_types"):
+    for per_layer in PER_LAYER:
         if getattr(full.config, per_layer, None):
             setattr(full.config, per_layer, getattr(full.config, per_layer)[:layers])
     return Release(release, full, blocks, mtp, offset, count, **layer)
 
 
-def deepseek_release(config_class: str, config: dict, depths: int = 1):
+PER_LAYER = ("layer_types", "mlp_layer_types", "indexer_types")  # config fields with an entry per layer
+
+
+def deepseek_release(config_class: str, config: dict, depths: int = 1, extend=None, **layer):
     """DeepSeek-V3's layout (GLM-4.5's too): MTP layer k is `model.layers.{num_hidden_layers + k}`, its
     decoder layer's tensors under that prefix as any layer's (per-expert names), beside enorm, hnorm,
     eh_proj, shared_head.norm, and copies of the embedding and the LM head (embed_tokens, shared_head.head)."""
@@ -132,12 +149,13 @@ def deepseek_release(config_class: str, config: dict, depths: int = 1):
             folder,
             config_class,
             config,
-            lambda c, n: {**c, "num_hidden_layers": layers + n},
+            extend or (lambda c, n: {**c, "num_hidden_layers": layers + n}),
             "model.layers.{layer}.",
             names,
             0.0,
             "num_nextn_predict_layers",
             depths,
+            **layer,
         )
         path = release.folder / "model.safetensors"
         stored = load_file(str(path))
@@ -314,12 +332,25 @@ def v4_release(folder: Path) -> Release:
     return V4Release(release, full, [block], [mtp], 0.0, "num_nextn_predict_layers")
 
 
+def glm5_with_mtp(config: dict, depths: int) -> dict:
+    """GLM-5's tiny config with `depths` more layers, those computing their own selection ("full")."""
+    import transformers
+
+    layers = config["num_hidden_layers"]
+    backbone = transformers.GlmMoeDsaConfig(**config).indexer_types
+    return {**config, "num_hidden_layers": layers + depths, "indexer_types": [*backbone, *["full"] * depths]}
+
+
 RELEASES = {
     "deepseek_v3": deepseek_release("DeepseekV3Config", {**DEEPSEEK_V2, "n_group": 4, "topk_group": 2}),
     # DeepSeek-V3's design with more than one MTP layer (its report trains D of them; V3 ships one)
     "deepseek_v3_depth2": deepseek_release("DeepseekV3Config", {**DEEPSEEK_V2, "n_group": 4, "topk_group": 2}, 2),
     "mimo_v2_flash": mimo_release(3),
     "deepseek_v4": v4_release,
+    # DeepSeek-V3.2's and GLM-5's: the MTP layer a sparse-attention layer with an indexer of its own
+    # (transformers' sparse attention wants a causal mask: a window longer than any test's prompt)
+    "deepseek_v32": deepseek_release("DeepseekV32Config", DEEPSEEK_V32, window=1 << 20),
+    "glm_moe_dsa": deepseek_release("GlmMoeDsaConfig", GLM_MOE_DSA, extend=glm5_with_mtp, window=1 << 20),
     "glm4_moe": deepseek_release("Glm4MoeConfig", GLM4_MOE),
     "qwen3_5_moe": qwen_release("Qwen3_5MoeTextConfig", QWEN3_5_MOE),
     "qwen3_next": qwen_release("Qwen3NextConfig", QWEN3_NEXT),
@@ -545,3 +576,20 @@ def test_deepseek_v4_mtp_layers_beside_transformers_layout(tmp_path_factory):
     ids = prompt()
     expected, got = drafts(load(release.folder), ids, 4), drafts(load(folder), ids, 4)
     assert torch.equal(got[0], expected[0]) and torch.equal(got[1], expected[1])
+
+
+@pytest.mark.parametrize("name", ["deepseek_v32", "glm_moe_dsa"])
+def test_sparse_attention_mtp_layers_select_with_their_own_indexer(name, tmp_path_factory):
+    """Their config lists the model's layers only (GLM-5's indexer_types too): the MTP layer past them
+    computes its own selection, from its indexer's tensors in the checkpoint."""
+    release = RELEASES[name](tmp_path_factory.mktemp(name))
+    config = json.loads((release.folder / "config.json").read_text())
+    assert all(len(config[key]) == config["num_hidden_layers"] for key in PER_LAYER if key in config)
+    engine = load(release.folder)
+    attention = engine.model.mtp.layers[0].block.self_attn
+    assert hasattr(attention, "indexer")
+    sources = engine.parts.resident_sources
+    layer = config["num_hidden_layers"]
+    assert (
+        sources["mtp.layers.0.block.self_attn.indexer.wk.weight"] == f"model.layers.{layer}.self_attn.indexer.wk.weight"
+    )
