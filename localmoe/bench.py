@@ -337,16 +337,17 @@ def _cache_sections(folder: Path) -> list[str]:
         lines += _heading(f"Cache policies on the routing of {r['trace']}, {r['date']}", r)
         lines += [
             f"{r['requests']} requests, {r['tokens']} tokens, {r['layers']} MoE layers x {r['experts']} experts, "
-            f"top-{r['top_k']}, replayed through the runtime's own `ExpertCache`. Hit rate: share of expert uses "
-            "found in a slot. Belady: the offline optimum of a pool that may leave a miss uncached and chooses what "
-            "to keep once each token is over (the direct miss policy's optimum; it bounds every policy); admit-all: "
-            "Belady made to cache every miss before use, the bound of a policy that copies every miss. Static oracle: the experts the "
-            "trace uses most, pinned from the start. Start: one cache through the whole trace (continuing), each "
-            "request a run of its own from an empty cache (fresh), or from the routing profile of the other "
-            "requests (profile). Miss policies: copy (every miss copied before use, the bound: admit-all Belady), "
-            "bypass (misses the policy would not admit computed on the CPU), direct (misses read where they lie, "
-            "then admitted when the token is over if the policy ranks them above their victim). Copied, CPU and "
-            "in place: experts per token.",
+            f"top-{r['top_k']}, "
+            "replayed through the runtime's own `ExpertCache`. Hit rate: share of expert uses found in a slot. "
+            "Belady: the offline optimum of a pool that may leave a miss uncached and chooses what to keep once "
+            "each token is over (the direct miss policy's optimum; it bounds every policy); admit-all: Belady "
+            "made to cache every miss before use, the bound of a policy that copies every miss. Static oracle: "
+            "the experts the trace uses most, pinned from the start. Start: one cache through the whole trace "
+            "(continuing), each request a run of its own from an empty cache (fresh), or from the routing profile"
+            " of the other requests (profile). Miss policies: copy (every miss copied before use, the bound: "
+            "admit-all Belady), bypass (misses the policy would not admit computed on the CPU), direct (misses "
+            "read where they lie, then admitted when the token is over if the policy ranks them above their "
+            "victim). Copied, CPU and in place: experts per token.",
         ]
         for size in r["sizes"]:
             lines += [

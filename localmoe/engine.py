@@ -22,6 +22,7 @@ from localmoe.kernels import KERNELS, host_kernel, pair_kernel
 from localmoe.kernels.quantized import QuantSpec
 from localmoe.kernels.reference import expert_pair_outputs
 from localmoe.loader import DTYPES, ModelParts, footprint, load_resident_weights, model_skeleton, open_checkpoint
+from localmoe.models.layers import host_tables
 from localmoe.models.moe import MoESpec, moe_blocks
 from localmoe.models.state import KVCache
 from localmoe.options import CHAT_TOKENS, CUDA_GRAPHS, DRAFT_TOKENS, GENERATE_TOKENS, RuntimeOptions
@@ -42,6 +43,9 @@ from localmoe.runtime.speculative import DRAFTERS, Drafter
 from localmoe.runtime.stats import CacheSnapshot, cache_report
 from localmoe.runtime.trace import RoutingTrace
 from localmoe.tokenizer import StopStrings, Tokenizer
+
+# where the plan keeps the experts' host copy and the lookup tables, in the load summary
+HOMES = {"none": "none needed", "pinned": "pinned RAM", "ram": "RAM", "mmap": "checkpoint files (mmap)"}
 
 
 def fit_new_tokens(
@@ -317,7 +321,6 @@ class Engine:
         """One line: what was loaded, where, and how the experts are placed; then a line for each thing the
         plan changed from what was asked, and any warning about the kernels."""
         plan, fp = self.plan, self.plan.footprint
-        home = {"none": "none needed", "pinned": "pinned RAM", "ram": "RAM", "mmap": "checkpoint files (mmap)"}
         model = self.checkpoint.part or self.parts.family.name
         barred = self.graphs_barred()
         decode = "static steps" if self.model.static_decode else "eager (the model has layers without static steps)"
@@ -325,10 +328,15 @@ class Engine:
         return (
             f"{self.checkpoint.name}: {model} on {plan.device}, {self.parts.dtype}; "
             f"resident {format_bytes(fp.resident_bytes)}; expert slots {plan.slots}/{fp.total_experts}; "
-            f"experts' host copy: {home[plan.store]}; context {plan.context}{self._misses()}; "
+            f"experts' host copy: {HOMES[plan.store]}{self._tables()}; context {plan.context}{self._misses()}; "
             f"kernels: {self.kernels}; {torch.get_num_threads()} CPU threads; decode: {decode}, {graphs}"
             f"{self._speculation()}"
         ) + "".join(f"\n{notice}" for notice in plan.notices)
+
+    def _tables(self) -> str:
+        if self.plan.tables is None:
+            return ""
+        return f"; lookup tables ({format_bytes(self.plan.footprint.host_table_bytes)}): {HOMES[self.plan.tables]}"
 
     def _speculation(self) -> str:
         if self.speculative == "off":
@@ -472,7 +480,7 @@ def place(prepared: Prepared) -> Engine:
     sweep_temporaries(cache_dir(), recursive=True)  # left by runs killed while writing
     blocks = moe_blocks(parts.model)
     trace = RoutingTrace(options.trace, blocks[0].layer_idx) if options.trace else None  # an unwritable path fails now
-    load_resident_weights(parts, checkpoint, device)
+    load_resident_weights(parts, checkpoint, device, plan.tables)
     weights = layout_of(parts.experts, quant, parts.dtype).format  # what the kernels will read
     kernel, kernels = pair_kernel(options.kernels, device, parts.dtype, [block.act for block in blocks], weights)
     settings = _quant_settings(quant, parts.dtype) if quant else ""
@@ -618,6 +626,8 @@ def _graphs_barred(device: torch.device, kernel, model, options: RuntimeOptions)
         barred.append("the reference expert kernel reads which experts are chosen on the host")
     if not model.static_decode:
         barred.append("the model has layers without static steps")
+    if host_tables(model):
+        barred.append("the model gathers rows of its lookup tables on the host each step")
     if options.trace:
         barred.append("a trace reads the routing on the host")
     return barred

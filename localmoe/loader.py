@@ -21,6 +21,7 @@ from localmoe.models.attention import Attention
 from localmoe.models.expert_source import ExpertSource
 from localmoe.models.expert_tensors import block_shapes
 from localmoe.models.family import Family, ModelArgs
+from localmoe.models.layers import host_tables
 from localmoe.models.moe import moe_blocks
 from localmoe.progress import progress
 from localmoe.quantization import describe
@@ -135,13 +136,24 @@ def resident_dtype(parts: ModelParts, name: str) -> torch.dtype:
     return torch.float32 if any(fragment in name for fragment in parts.family.keep_float32) else parts.dtype
 
 
-def load_resident_weights(parts: ModelParts, ckpt: Checkpoint, device: torch.device | str) -> None:
-    """Load every non-expert weight of the skeleton onto `device`, in the compute dtype.
+def load_resident_weights(
+    parts: ModelParts, ckpt: Checkpoint, device: torch.device | str, tables: str | None = "mmap"
+) -> None:
+    """Load every non-expert weight of the skeleton onto `device`, in the compute dtype, but its host
+    tables (`HostEmbedding`): those stay in host memory, mapped from the checkpoint's shards (`tables`
+    "mmap") or copied into RAM ("ram").
 
     Routed experts are not loaded: `parts.experts` reads them on demand, and the runtime decides
     where they live and binds them to the model's MoE blocks.
     """
-    sources = parts.resident_sources
+    sources = dict(parts.resident_sources)
+    for prefix, table in host_tables(parts.model).items():
+        names = [f"{prefix}.{name}" for name, _ in table.named_parameters()]
+        dtype = resident_dtype(parts, names[0])
+        blocks = [ckpt.weight(sources.pop(name)) for name in names]  # mapped, not read
+        if tables == "ram":
+            blocks = [block.to(dtype, copy=True) for block in progress(blocks, len(blocks), "reading lookup tables")]
+        table.place(blocks, dtype)
     state = {
         name: _to(ckpt.weight(source), device, resident_dtype(parts, name))
         for name, source in progress(sources.items(), len(sources), "loading resident weights")
@@ -162,6 +174,8 @@ def footprint(parts: ModelParts) -> Footprint:
     if len(shapes) > 1:
         raise LocalMoEError(f"{parts.family.name} with experts of different shapes per layer is not supported")
     size = parts.dtype.itemsize
+    host = host_tables(parts.model).items()
+    tables = {f"{prefix}.{name}": p for prefix, table in host for name, p in table.named_parameters()}
     # an embedding table is read one row per token, unless it is the LM head as well (tied)
     lookups = [m for m in parts.model.modules() if isinstance(m, nn.Embedding)]
     if getattr(parts.model, "lm_head", True) is None:
@@ -171,8 +185,11 @@ def footprint(parts: ModelParts) -> Footprint:
     hidden = first.hidden_size
     return Footprint(
         resident_bytes=sum(
-            p.numel() * resident_dtype(parts, name).itemsize for name, p in parts.model.named_parameters()
+            p.numel() * resident_dtype(parts, name).itemsize
+            for name, p in parts.model.named_parameters()
+            if name not in tables
         ),
+        host_table_bytes=sum(p.numel() * resident_dtype(parts, name).itemsize for name, p in tables.items()),
         expert_bytes=sum(math.prod(shape) for shape in block_shapes(first).values()) * size,
         moe_layers=len(blocks),
         experts_per_layer=first.num_experts,

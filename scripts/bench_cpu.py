@@ -45,6 +45,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))  # run from a checkout without installing
 
 from localmoe.bench import machine, write_benchmarks  # noqa: E402
+from localmoe.files import temporary_path  # noqa: E402
 from localmoe.paths import cache_dir  # noqa: E402
 
 MODELS = {
@@ -146,11 +147,7 @@ def gguf_files(work: Path, model: str, folder: Path, llama_cpp: Path, source: Pa
     """llama.cpp's files for each of `formats`, converted from `folder` once."""
     bf16 = work / f"{model}-BF16.gguf"
     if not bf16.is_file():
-        part = bf16.with_suffix(".part")
-        argv = ["convert_hf_to_gguf.py", str(folder), "--outfile", str(part), "--outtype", "bf16"]
-        script = CONVERT.format(source=str(source), argv=argv, script=str(source / "convert_hf_to_gguf.py"))
-        subprocess.run([sys.executable, "-c", script], check=True)
-        part.replace(bf16)  # an interrupted conversion leaves no file that looks finished
+        written_whole(bf16, lambda part: convert_command(source, folder, part))
     files = {}
     for name, _, kind, extra in formats:
         if extra is None:
@@ -158,12 +155,28 @@ def gguf_files(work: Path, model: str, folder: Path, llama_cpp: Path, source: Pa
             continue
         path = work / f"{model}-{kind}{'-experts' if extra else ''}.gguf"
         if not path.is_file():
-            part = path.with_suffix(".part")
-            command = [str(llama_cpp / "bin" / "llama-quantize"), *extra, str(bf16), str(part), kind]
-            subprocess.run(command, check=True)
-            part.replace(path)
+            quantize = [str(llama_cpp / "bin" / "llama-quantize"), *extra, str(bf16)]
+            written_whole(path, lambda part, quantize=quantize, kind=kind: [*quantize, str(part), kind])
         files[name] = path
     return files
+
+
+def convert_command(source: Path, folder: Path, out: Path) -> list[str]:
+    """llama.cpp's converter writing `folder` to `out` in BF16, with its own gguf-py."""
+    argv = ["convert_hf_to_gguf.py", str(folder), "--outfile", str(out), "--outtype", "bf16"]
+    script = CONVERT.format(source=str(source), argv=argv, script=str(source / "convert_hf_to_gguf.py"))
+    return [sys.executable, "-c", script]
+
+
+def written_whole(path: Path, command) -> None:
+    """Run `command(part)`, which writes a temporary file of its own, then rename it to `path`: an
+    interrupted run leaves no file that looks finished, and two runs never write the same file."""
+    part = temporary_path(path)
+    try:
+        subprocess.run(command(part), check=True)
+        part.replace(path)
+    finally:
+        part.unlink(missing_ok=True)
 
 
 def run_llama(llama_cpp: Path, path: Path, prompt: int, new: int, threads: int) -> dict:

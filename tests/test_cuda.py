@@ -56,3 +56,23 @@ def test_cuda_n_is_the_current_device_of_the_loading_thread_and_of_a_worker(chec
     thread.start()
     thread.join()
     assert seen == [1]
+
+
+def test_host_tables_on_cuda_give_the_same_tokens(tmp_path_factory):
+    """Qwen4-Exp's n-gram tables stay on the host, their gathered rows copied over from pinned memory without
+    waiting: mapped from the shards with offloaded experts, the tokens of the tables in RAM with every
+    expert resident."""
+    from localmoe.models.layers import host_tables
+
+    config_class, config = TINY_FAMILIES["qwen4_exp_text"]
+    path = str(save_hf(hf_model(config_class, **config), tmp_path_factory.mktemp("qwen4"), "sharded"))
+    engine = localmoe.load(path, device="cuda", dtype=torch.float32, options=RuntimeOptions(profile=None))
+    try:
+        tables = host_tables(engine.model).values()
+        assert tables and {block.device.type for table in tables for block in table.blocks} == {"cpu"}
+        ids = torch.tensor([[0, 5, 70]], device="cuda")
+        table = next(iter(tables))
+        assert torch.equal(table(ids).cpu(), torch.cat(table.blocks)[ids.cpu()])
+    finally:
+        engine.close()
+    assert tokens(path) == tokens(path, expert_slots=2, host_budget=1)

@@ -197,3 +197,20 @@ def test_the_floor_reads_one_row_of_an_embedding_table():
     tables = replace(MIXTRAL_8X7B, lookup_bytes=32000 * 4096 * 2, lookup_row_bytes=4096 * 2)
     saved = MIXTRAL_8X7B.read_per_token - tables.read_per_token
     assert saved == 32000 * 4096 * 2 - 4096 * 2
+
+
+def test_host_tables_take_host_memory_never_the_device():
+    """40 GiB of lookup tables beside Mixtral's 84 GiB of experts: no device byte, whatever their home; in RAM
+    when the host budget holds them after the experts' pinned copy, else mapped from the checkpoint."""
+    tables = replace(MIXTRAL_8X7B, host_table_bytes=40 * GiB)
+    for host, store, home in ((256 * GiB, "pinned", "ram"), (100 * GiB, "pinned", "mmap"), (64 * GiB, "mmap", "ram")):
+        plan = plan_memory(tables, CUDA, vram_budget=12 * GiB, host_budget=host)
+        without = plan_memory(MIXTRAL_8X7B, CUDA, vram_budget=12 * GiB, host_budget=host)
+        assert (plan.store, plan.tables) == (store, home) and without.tables is None
+        assert (plan.slots, plan.device_bytes) == (without.slots, without.device_bytes)
+        where = "host RAM" if home == "ram" else "checkpoint files (mmap)"
+        assert any(line.startswith("lookup tables") and where in line for line in plan.describe().splitlines())
+    # on the CPU the device is the host: the tables come after everything the plan puts there
+    cpu = torch.device("cpu")
+    assert plan_memory(tables, cpu, vram_budget=12 * GiB, host_budget=100 * GiB).tables == "mmap"
+    assert plan_memory(tables, cpu, vram_budget=12 * GiB, host_budget=200 * GiB).tables == "ram"

@@ -1,5 +1,5 @@
 """Each family against transformers, in float32: logits over a prompt and over incremental decode steps
-within 1e-4, and identical greedy tokens."""
+within 3e-5 (1e-4 for the chunked Gated DeltaNet families), and identical greedy tokens."""
 
 import json
 
@@ -39,6 +39,11 @@ from localmoe.models.expert_tensors import Concatenated, Fused, PerExpert, Stack
 from localmoe.runtime.generate import generate_tokens
 
 TOLERANCE = 1e-4
+# Prompt and decode-step logits measured within 2.2e-5 of transformers' on every case but those of the
+# chunked Gated DeltaNet families (3.1e-5): 3e-5 holds them and still catches an error the size of a wrong
+# norm epsilon (6e-5 on Mistral Large 4, which 1e-4 let through).
+STEP_TOLERANCE = 3e-5
+CHUNKED_DELTA_RULE = {"qwen3_5_moe_text", "qwen3_next"}
 PROMPT_TOKENS, DECODE_STEPS, GREEDY_TOKENS = 24, 16, 32
 
 PHIMOE_LONGROPE = {
@@ -973,6 +978,8 @@ CASES = {
     # plain latent attention where the indexer was (use_dsa false), a dense second layer
     "dots3-note-full-sliding": ("dots3_note_text", {"use_dsa": False, "moe_layer_freq": [1, 0, 1, 1, 1, 1]}, "single"),
     "longcat-flash-sharded": ("longcat_flash", {}, "sharded"),
+    # transformers' in-memory layout: gate_up holds the identity experts' rows past the routed ones, down does not
+    "longcat-flash-fused": ("longcat_flash", {}, "fused"),
     # no identity experts, biases, tied embeddings, yarn (its attention scale)
     "longcat-flash-no-identities-yarn": (
         "longcat_flash",
@@ -1153,17 +1160,22 @@ def prompt_ids(length: int = PROMPT_TOKENS) -> torch.Tensor:
     return torch.randint(0, 256, (1, length), generator=torch.Generator().manual_seed(1))
 
 
-def test_prefill_logits_match(pair):
+def step_tolerance(request) -> float:
+    family = CASES[request.node.callspec.params["pair"]][0]
+    return TOLERANCE if family in CHUNKED_DELTA_RULE else STEP_TOLERANCE
+
+
+def test_prefill_logits_match(pair, request):
     reference, engine = pair
     ids = prompt_ids()
     with torch.no_grad():
         expected = reference(ids).logits
     got = engine.model(ids, engine.model.new_cache(1, ids.shape[1]), all_logits=True)
     assert got.shape == expected.shape
-    assert (got - expected).abs().max().item() < TOLERANCE
+    assert (got - expected).abs().max().item() < step_tolerance(request)
 
 
-def test_decode_steps_match(pair):
+def test_decode_steps_match(pair, request):
     reference, engine = pair
     ids = prompt_ids()
     steps = torch.randint(0, 256, (1, DECODE_STEPS), generator=torch.Generator().manual_seed(2))
@@ -1178,7 +1190,7 @@ def test_decode_steps_match(pair):
             out = reference(token, past_key_values=past, use_cache=True, position_ids=position)
             past = out.past_key_values
             got = engine.model(token, cache)
-            assert (got[:, -1] - out.logits[:, -1]).abs().max().item() < TOLERANCE, f"decode step {i}"
+            assert (got[:, -1] - out.logits[:, -1]).abs().max().item() < step_tolerance(request), f"step {i}"
 
 
 def test_greedy_tokens_identical(pair, request):

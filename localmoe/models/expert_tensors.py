@@ -85,7 +85,9 @@ class Fused:
     [E, H, I]. `transposed`: gate_up [E, H, 2I] and down [E, I, H] (Llama 4, gpt-oss); `interleaved`:
     gate and up alternate instead of the gate coming first (gpt-oss). Biases, where the experts have
     them: [E, 2I] (same order as gate_up) and [E, H]. For ungated experts `gate_up` names up alone,
-    [E, I, H] (Nemotron-H).
+    [E, I, H] (Nemotron-H). `identity_rows`: gate_up holds rows for the block's identity experts too, past
+    the routed ones ([E + identities, 2I, H], LongCat-Flash in transformers' memory): never read, they are
+    no experts.
     """
 
     gate_up: str
@@ -94,6 +96,7 @@ class Fused:
     down_bias: str | None = None
     transposed: bool = False
     interleaved: bool = False
+    identity_rows: bool = False
 
     def present(self, ckpt: Checkpoint, block) -> bool:
         """Its tensors are there, in its orientation: Qwen3-VL-MoE's Hub files store transposed experts
@@ -109,9 +112,10 @@ class Fused:
         """The shapes of gate_up and down."""
         count, hidden, inter = block.num_experts, block.hidden_size, block.intermediate_size
         inputs = len(input_roles(block.gated)) * inter
+        rows = count + block.identity_experts if self.identity_rows else count
         if self.transposed:
-            return (count, hidden, inputs), (count, inter, hidden)
-        return (count, inputs, hidden), (count, hidden, inter)
+            return (rows, hidden, inputs), (count, inter, hidden)
+        return (rows, inputs, hidden), (count, hidden, inter)
 
     def check(self, ckpt: Checkpoint, block) -> None:
         layer, count = block.layer_idx, block.num_experts

@@ -156,6 +156,52 @@ def bucket(position: int, limit: int) -> int:
     return min(max(64, 1 << position.bit_length()), limit)
 
 
+class HostEmbedding(nn.Module):
+    """An embedding table too large for the device, stored in row blocks `shard_0`, `shard_1`, ... (torch.chunk's
+    split of its rows; Qwen4-Exp's n-gram tables are tens of GiB). The loader keeps its rows in host memory
+    (`place`): mapped from the checkpoint's shards, or copied into RAM where the plan finds room. A call
+    gathers on the host only the rows its ids name and copies those to the ids' device (from pinned memory
+    on CUDA, without waiting); the ids are read on the host, so a model with such a table decodes eagerly.
+    Built (on `meta`), the blocks are parameters: what the loader checks and finds in the checkpoint."""
+
+    def __init__(self, rows: int, dim: int, parts: int):
+        super().__init__()
+        self.per_part, self.dim = -(-rows // parts), dim
+        for i, start in enumerate(range(0, rows, self.per_part)):
+            block = nn.Module()  # names the parameter as stored: shard_{i}.weight
+            block.weight = nn.Parameter(torch.empty(min(self.per_part, rows - start), dim))
+            self.add_module(f"shard_{i}", block)
+        self.blocks: list[torch.Tensor] = []  # placed: host tensors, which no `.to(device)` moves
+        self.dtype: torch.dtype | None = None
+
+    def place(self, blocks: list[torch.Tensor], dtype: torch.dtype) -> None:
+        """Serve rows from `blocks` (host tensors, in the order of the parameters they replace), in `dtype`."""
+        for name in [name for name, _ in self.named_children()]:
+            delattr(self, name)
+        self.blocks, self.dtype = blocks, dtype
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        flat = ids.reshape(-1).cpu()
+        which = flat // self.per_part
+        order = which.argsort()  # block by block: one gather from each block an id names
+        local = (flat - which * self.per_part)[order]
+        gathered = torch.empty(flat.shape[0], self.dim, dtype=self.blocks[0].dtype)
+        end = 0
+        for block, count in zip(self.blocks, torch.bincount(which, minlength=len(self.blocks)).tolist(), strict=True):
+            if count:
+                torch.index_select(block, 0, local[end : end + count], out=gathered[end : end + count])
+            end += count
+        # PyTorch's pinned allocator does not hand this block out again before its copy has passed
+        rows = torch.empty(flat.shape[0], self.dim, dtype=self.dtype, pin_memory=ids.is_cuda)
+        rows[order] = gathered.to(self.dtype)  # the rows converted, never the table
+        return rows.to(ids.device, non_blocking=True).view(*ids.shape, self.dim)
+
+
+def host_tables(model: nn.Module) -> dict[str, HostEmbedding]:
+    """The model's host-memory tables by module name."""
+    return {name: module for name, module in model.named_modules() if isinstance(module, HostEmbedding)}
+
+
 # --- feed-forward and the decoder stack --------------------------------------------------------------------
 
 

@@ -6,7 +6,7 @@ weights scaled, not renormalised): an identity expert returns its input, so the 
 the runtime never sees, caches or copies one. The attention is DeepSeek-V3's with its query and latent
 scaled by sqrt(hidden / LoRA rank). The multi-token-prediction layers (model.mtp.*) are not used."""
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import ClassVar
 
 import torch
@@ -17,7 +17,7 @@ from localmoe.models.deepseek_v2 import attention_scale
 from localmoe.models.expert_tensors import PerExpert
 from localmoe.models.family import Family, ModelArgs, causal_lm
 from localmoe.models.layers import MLP, CausalLM, RMSNorm, Step
-from localmoe.models.moe import MLP_EXPERTS, GatedActivation, GroupedTopKRouter, SparseMoE
+from localmoe.models.moe import FUSED_EXPERTS, MLP_EXPERTS, GatedActivation, GroupedTopKRouter, SparseMoE
 from localmoe.models.state import CombinedState
 
 
@@ -157,9 +157,8 @@ FAMILY = Family(
     model_type="longcat_flash",
     args=LongcatFlashArgs,
     model=build,
-    # transformers keeps gate_up for the identity experts too in memory ([routed + identities, 2I, H]):
-    # only the Hub's per-expert layout is read
-    experts=(PerExpert(MLP_EXPERTS),),
+    # transformers keeps gate_up for the identity experts too in memory ([routed + identities, 2I, H])
+    experts=(PerExpert(MLP_EXPERTS), replace(FUSED_EXPERTS, identity_rows=True)),
     hub_aliases=((".mlp.gate.weight", ".mlp.router.classifier.weight"), (".mlp.gate.e_score", ".mlp.router.e_score")),
     keep_float32=("mlp.gate.weight", "e_score_correction_bias"),
     example="meituan-longcat/LongCat-Flash-Chat",

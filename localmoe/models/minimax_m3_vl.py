@@ -131,18 +131,10 @@ class BlockSparseAttention(Attention):
     def state_bytes_per_token(self, dtype: torch.dtype) -> int:
         return super().state_bytes_per_token(dtype) + self.indexer.dim * dtype.itemsize
 
-    def forward(self, x: torch.Tensor, step: Step, kv: IndexedKV) -> torch.Tensor:
-        B, T, _ = x.shape
-        q = self.q_norm(self.q_proj(x).view(B, T, self.heads, self.head_dim)).transpose(1, 2)
-        k = self.k_norm(self.k_proj(x).view(B, T, self.kv_heads, self.head_dim)).transpose(1, 2)
-        v = self.v_proj(x).view(B, T, self.kv_heads, self.head_dim).transpose(1, 2)
-        q, k = apply_rotary(q, step.cos, step.sin), apply_rotary(k, step.cos, step.sin)
-        k, v, _ = kv.update(k, v, step)
+    def mask(self, x: torch.Tensor, step: Step, kv: IndexedKV, positions) -> tuple[torch.Tensor, bool]:
         keys = kv.update_index(self.indexer.keys(x, step), step.start)
         selection = self.indexer.selection(x, keys, step)  # [B, index heads, T, S]
-        mask = selection.repeat_interleave(self.heads // self.indexer.heads, dim=1)
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=self.scale, enable_gqa=True)
-        return self.o_proj(out.transpose(1, 2).reshape(B, T, -1))
+        return selection.repeat_interleave(self.heads // self.indexer.heads, dim=1), False
 
 
 def build(args: MiniMaxM3Args) -> "CausalLM":  # noqa: F821

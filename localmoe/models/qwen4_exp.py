@@ -11,8 +11,8 @@ renormalised top-k experts with a sigmoid-gated shared expert; norms scale by 1 
   the last collapse (without a final norm) feeds the LM head.
 - per-layer embeddings (PLE) on `ple_layer_ids` (one-indexed): hashed 2..n-gram ids of the tokens
   (splitmix64 multipliers, a distinct prime table per head), their embeddings gate a value into each
-  stream, plus a dilated depthwise convolution over the gated values. The n-gram tables are stored in
-  `split_ngram_parts` shards, which stay apart here.
+  stream, plus a dilated depthwise convolution over the gated values. The n-gram tables (tens of GiB
+  in the release) are stored in `split_ngram_parts` shards, which stay apart and in host memory.
 """
 
 import functools
@@ -29,7 +29,7 @@ from localmoe.models.attention import Attention
 from localmoe.models.expert_tensors import PerExpert
 from localmoe.models.family import Family, Multimodal, causal_lm
 from localmoe.models.gated_deltanet import DELTANET_ALIASES, GatedDeltaNet
-from localmoe.models.layers import CausalLM, Step, ZeroCenteredRMSNorm, rms_normalize
+from localmoe.models.layers import CausalLM, HostEmbedding, Step, ZeroCenteredRMSNorm, rms_normalize
 from localmoe.models.moe import FUSED_EXPERTS, MLP_EXPERTS
 from localmoe.models.qwen3_5_moe import Qwen3_5MoeArgs, gated_attention, sparse_moe
 from localmoe.models.rotary import RotaryEmbedding, apply_rotary
@@ -234,27 +234,6 @@ def shift_in_document(ids: torch.Tensor, shift: int, eos: int) -> torch.Tensor:
     return torch.where(positions - last_eos - 1 >= shift, shifted, eos)
 
 
-class ShardedEmbedding(nn.Module):
-    """An embedding table kept in the checkpoint's `shard_{i}` row blocks (torch.chunk's split of it):
-    the whole table can be tens of GiB, and is never concatenated."""
-
-    def __init__(self, rows: int, dim: int, parts: int):
-        super().__init__()
-        self.per_shard = -(-rows // parts)
-        counts = [min(self.per_shard, rows - start) for start in range(0, rows, self.per_shard)]
-        for i, count in enumerate(counts):
-            self.add_module(f"shard_{i}", nn.Embedding(count, dim))
-
-    def forward(self, ids: torch.Tensor) -> torch.Tensor:
-        shards = list(self.children())
-        out = torch.empty(*ids.shape, shards[0].embedding_dim, dtype=shards[0].weight.dtype, device=ids.device)
-        which = ids // self.per_shard
-        for i in which.unique().tolist():
-            here = which == i
-            out[here] = shards[i](ids[here] - i * self.per_shard)
-        return out
-
-
 class NGramEmbedding(nn.Module):
     """Each token's embeddings [B, T, ple_embed_dim]: for n = 2 .. ngram_size, `heads_per_ngram` heads each
     look up (xor of token_k x multiplier_k over the last n tokens of the document) mod its own prime,
@@ -273,7 +252,7 @@ class NGramEmbedding(nn.Module):
             self.register_buffer("offsets", torch.tensor([0, *primes[:-1]]).cumsum(0), persistent=False)
         divisor = args.make_ngram_vocab_size_divisible_by
         rows = -(-sum(primes) // divisor) * divisor
-        self.ngram_embedding = ShardedEmbedding(rows, args.ple_embed_dim // heads, args.split_ngram_parts)
+        self.ngram_embedding = HostEmbedding(rows, args.ple_embed_dim // heads, args.split_ngram_parts)
 
     def forward(self, ids: torch.Tensor, step: Step, ring: ConvRing) -> torch.Tensor:
         before = self.n - 1

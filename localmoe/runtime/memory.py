@@ -33,7 +33,7 @@ def format_rate(bytes_per_s: float) -> str:
 class Footprint:
     """Sizes the plan needs, from the model's shapes and the compute dtype; no weights are read."""
 
-    resident_bytes: int  # every non-expert weight
+    resident_bytes: int  # every non-expert weight but the host tables
     expert_bytes: int  # one routed expert, all its roles
     moe_layers: int
     experts_per_layer: int
@@ -47,6 +47,7 @@ class Footprint:
     lookup_row_bytes: int = 0  # what one token reads of those tables
     attention_heads: int = 0  # the most query heads of any attention layer
     attention_head_width: int = 0  # the widest key plus value width per head of any attention layer
+    host_table_bytes: int = 0  # lookup tables kept in host memory (`HostEmbedding`), never on the device
 
     def attention_bytes(self, queries: int, keys: int) -> int:
         """The prefill attention's transient memory for `queries` new tokens against `keys` positions, as
@@ -80,6 +81,7 @@ class MemoryPlan:
     device_budget: int
     host_budget: int
     host_margin: int = 0  # RAM left to the OS and the load out of what was available (pinned stores)
+    tables: str | None = None  # where the host tables are: "ram" or "mmap" (None: the model has none)
     notices: tuple[str, ...] = ()  # what the plan changed from what was asked, a line each
 
     @property
@@ -133,6 +135,8 @@ class MemoryPlan:
             rows.append(
                 (f"all {fp.total_experts} routed experts", home[self.store], fp.total_experts * fp.expert_bytes)
             )
+        if self.tables is not None:
+            rows.append(("lookup tables (rows gathered per token)", home[self.tables], fp.host_table_bytes))
         width = max(len(what) for what, _, _ in rows)
         lines = [f"{'what':<{width}}  {'where':<24}  bytes"]
         lines += [f"{what:<{width}}  {where:<24}  {format_bytes(size)}" for what, where, size in rows]
@@ -140,7 +144,7 @@ class MemoryPlan:
             f"one expert: {format_bytes(fp.expert_bytes)}; {fp.moe_layers} MoE layers x {fp.experts_per_layer} "
             f"experts, top-{fp.top_k}"
         )
-        if self.host_margin and not self.all_resident:
+        if self.host_margin and (not self.all_resident or self.tables is not None):
             lines.append(
                 f"host budget {format_bytes(self.host_budget)}: the RAM available at start less "
                 f"{format_bytes(self.host_margin)} kept for the OS and the load"
@@ -227,8 +231,9 @@ def plan_memory(
             f"{setting('expert_slots')}"
         )
     store = _expert_home(fp, device, slots, fixed, host_budget)
+    tables = _table_home(fp, device, slots, fixed, host_budget, store)
     return MemoryPlan(
-        str(device), fp, context, chunk, slots, store, device_budget, host_budget, host_margin, tuple(notices)
+        str(device), fp, context, chunk, slots, store, device_budget, host_budget, host_margin, tables, tuple(notices)
     )
 
 
@@ -290,6 +295,19 @@ def _expert_home(fp: Footprint, device: torch.device, slots: int, fixed: int, ho
     if room < fp.total_experts * fp.expert_bytes:
         return "mmap"
     return "pinned" if device.type == "cuda" else "ram"
+
+
+def _table_home(
+    fp: Footprint, device: torch.device, slots: int, fixed: int, host_budget: int, store: str
+) -> str | None:
+    """Host tables in RAM when the host budget holds them beside the experts' copy (which comes first: a
+    token reads whole experts, and a few rows of a table), else mapped from the checkpoint's shards."""
+    if not fp.host_table_bytes:
+        return None
+    taken = fixed + slots * fp.expert_bytes if device.type == "cpu" else 0
+    if store in ("pinned", "ram"):
+        taken += fp.total_experts * fp.expert_bytes
+    return "ram" if host_budget - taken >= fp.host_table_bytes else "mmap"
 
 
 def _free_device_memory(device: torch.device) -> int:
