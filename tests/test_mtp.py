@@ -13,7 +13,18 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import DEEPSEEK_V2, GLM4_MOE, QWEN3_5_MOE, QWEN3_NEXT, hf_model, save_hf
+from conftest import (
+    DEEPSEEK_V2,
+    DEEPSEEK_V4,
+    DEEPSEEK_V32,
+    GLM4_MOE,
+    GLM_MOE_DSA,
+    MIMO_V2_FLASH,
+    QWEN3_5_MOE,
+    QWEN3_NEXT,
+    hf_model,
+    save_hf,
+)
 from safetensors.torch import load_file, save_file
 
 import localmoe
@@ -30,12 +41,15 @@ def rms(x: torch.Tensor, weight: torch.Tensor, eps: float, offset: float = 0.0) 
 
 
 class Release:
-    """A tiny checkpoint in a release's MTP layout, with transformers' backbone and MTP decoder layer, and
-    the MTP layer's own weights (`offset`: 1 where its norms scale by 1 + weight)."""
+    """A tiny checkpoint in a release's MTP layout, with transformers' backbone and MTP decoder layers, and
+    the MTP layers' own weights (`offset`: 1 where its norms scale by 1 + weight). `rotary` gives the MTP
+    layers' rotary embeddings from the reference's, `window` their sliding window (None: causal only)."""
 
-    def __init__(self, folder: Path, reference, block, mtp: dict, eps: float, offset: float, count: str):
-        self.folder, self.reference, self.block, self.mtp = folder, reference, block, mtp
-        self.eps, self.offset, self.count = eps, offset, count
+    def __init__(self, folder: Path, reference, blocks: list, mtp: list[dict], offset: float, count: str, **layer):
+        self.folder, self.reference, self.blocks, self.mtp = folder, reference, blocks, mtp
+        self.eps, self.offset, self.count = reference.config.rms_norm_eps, offset, count
+        self.rotary = layer.get("rotary", lambda model, x, positions: model.rotary_emb(x, positions))
+        self.window = layer.get("window")
         reference.config.tie_last_hidden_states = False  # its last hidden states before the final norm
 
     def backbone(self, ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -44,22 +58,37 @@ class Release:
             out = self.reference(ids, output_hidden_states=True)
         return out.logits, out.hidden_states[-1]
 
-    def draft(self, h: torch.Tensor, next_ids: torch.Tensor, start: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
-        """The MTP layer over h [1, T, E] at positions start .. start+T-1 (attending to them alone when
-        start is 0) and the next tokens [1, T]: (logits, output before the final norm)."""
-        w, model, eps, offset = self.mtp, self.reference.model, self.eps, self.offset
+    def draft(
+        self, h: torch.Tensor, next_ids: torch.Tensor, start: int = 0, depth: int = 0
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """MTP layer `depth` over h [1, T, E] at positions start .. start+T-1 (attending to them alone) and
+        the next tokens [1, T]: (logits, output before the final norm)."""
+        w, model, eps, offset = self.mtp[depth], self.reference.model, self.eps, self.offset
         with torch.no_grad():
             embedded = model.embed_tokens(next_ids)
             inputs = torch.cat([rms(embedded, w["enorm"], eps, offset), rms(h, w["hnorm"], eps, offset)], -1)
             x = F.linear(inputs, w["eh"])
             positions = torch.arange(start, start + x.shape[1])[None]
-            out = self.block(x, position_ids=positions, position_embeddings=model.rotary_emb(x, positions))
+            out = self.blocks[depth](
+                x,
+                position_ids=positions,
+                position_embeddings=self.rotary(model, x, positions),
+                attention_mask=self.mask(x.shape[1]),
+            )
             out = out[0] if isinstance(out, tuple) else out
             return self.reference.lm_head(rms(out, w["norm"], eps, offset)), out
 
+    def mask(self, length: int) -> torch.Tensor | None:
+        """The additive mask of a sliding window of `self.window` positions, the query's own included."""
+        if self.window is None:
+            return None
+        distance = torch.arange(length)[:, None] - torch.arange(length)[None]
+        allowed = (distance >= 0) & (distance < self.window)
+        return torch.zeros(length, length).masked_fill(~allowed, float("-inf"))[None, None]
 
-def mtp_weights(hidden: int, offset: float) -> dict[str, torch.Tensor]:
-    generator = torch.Generator().manual_seed(3)
+
+def mtp_weights(hidden: int, offset: float, depth: int = 0) -> dict[str, torch.Tensor]:
+    generator = torch.Generator().manual_seed(3 + depth)
     norm = 1 - offset  # norms near one
     return {
         "enorm": norm + 0.1 * torch.randn(hidden, generator=generator),
@@ -69,36 +98,47 @@ def mtp_weights(hidden: int, offset: float) -> dict[str, torch.Tensor]:
     }
 
 
-def write_release(folder: Path, config_class: str, config: dict, extend, renamed: str, names, offset: float, count):
-    """A model of one more layer than `config` says, written by transformers; its last layer becomes the
-    MTP layer's decoder layer, stored under `renamed` (with {layer}), beside the MTP layer's own weights
-    under `names` (enorm, hnorm, eh, norm -> stored name), with the config's `count` field saying 1.
-    `extend`: the config of one more layer."""
+def write_release(
+    folder: Path, config_class: str, config: dict, extend, renamed: str, names, offset: float, count, depths=1, **layer
+):
+    """A model of `depths` more layers than `config` says, written by transformers; those layers become the
+    MTP layers' decoder layers, stored under `renamed` (with {layer} and {depth}; `layer["inner"]` renames
+    what is under it), beside the MTP layers' own weights under `names` (enorm, hnorm, eh, norm -> stored
+    name), with the config's `count` field saying `depths`. `extend`: the config of `depths` more layers."""
     layers = config["num_hidden_layers"]
-    full = hf_model(config_class, **extend(config))
+    full = hf_model(config_class, **extend(config, depths))
     save_hf(full, folder / "full", "single")
     stored = load_file(str(folder / "full" / "model.safetensors"))
-    last = f"model.layers.{layers}."
-    prefix = renamed.format(layer=layers)
-    stored = {prefix + k[len(last) :] if k.startswith(last) else k: v for k, v in stored.items()}
-    mtp = mtp_weights(config["hidden_size"], offset)
-    stored |= {names[role].format(layer=layers): weight for role, weight in mtp.items()}
+    inner = layer.pop("inner", lambda name: name)
+    for depth in range(depths):
+        last, prefix = f"model.layers.{layers + depth}.", renamed.format(layer=layers + depth, depth=depth)
+        stored = {prefix + inner(k[len(last) :]) if k.startswith(last) else k: v for k, v in stored.items()}
+    mtp = [mtp_weights(config["hidden_size"], offset, depth) for depth in range(depths)]
+    for depth, weights in enumerate(mtp):
+        stored |= {names[role].format(layer=layers + depth, depth=depth): w for role, w in weights.items()}
     release = folder / "release"
     release.mkdir()
     save_file({k: v.contiguous() for k, v in stored.items()}, str(release / "model.safetensors"))
     saved = json.loads((folder / "full" / "config.json").read_text())
-    saved |= {**config, count: 1}
+    saved |= {**config, count: depths}
+    for per_layer in PER_LAYER:  # as a release's config lists them: for the model's layers
+        if isinstance(saved.get(per_layer), list):
+            saved[per_layer] = saved[per_layer][:layers]
     (release / "config.json").write_text(json.dumps(saved))
-    block = full.model.layers[layers]
+    blocks = list(full.model.layers[layers:])
     full.model.layers = full.model.layers[:layers]
     full.config.num_hidden_layers = layers
-    if getattr(full.config, "layer_types", None):
-        full.config.layer_types = full.config.layer_types[:layers]
-    return Release(release, full, block, mtp, full.config.rms_norm_eps, offset, count)
+    for per_layer in PER_LAYER:
+        if getattr(full.config, per_layer, None):
+            setattr(full.config, per_layer, getattr(full.config, per_layer)[:layers])
+    return Release(release, full, blocks, mtp, offset, count, **layer)
 
 
-def deepseek_release(config_class: str, config: dict):
-    """DeepSeek-V3's layout (GLM-4.5's too): the MTP layer is `model.layers.{num_hidden_layers}`, its
+PER_LAYER = ("layer_types", "mlp_layer_types", "indexer_types")  # config fields with an entry per layer
+
+
+def deepseek_release(config_class: str, config: dict, depths: int = 1, extend=None, **layer):
+    """DeepSeek-V3's layout (GLM-4.5's too): MTP layer k is `model.layers.{num_hidden_layers + k}`, its
     decoder layer's tensors under that prefix as any layer's (per-expert names), beside enorm, hnorm,
     eh_proj, shared_head.norm, and copies of the embedding and the LM head (embed_tokens, shared_head.head)."""
 
@@ -109,16 +149,19 @@ def deepseek_release(config_class: str, config: dict):
             folder,
             config_class,
             config,
-            lambda c: {**c, "num_hidden_layers": layers + 1},
+            extend or (lambda c, n: {**c, "num_hidden_layers": layers + n}),
             "model.layers.{layer}.",
             names,
             0.0,
             "num_nextn_predict_layers",
+            depths,
+            **layer,
         )
         path = release.folder / "model.safetensors"
         stored = load_file(str(path))
         copies = {"embed_tokens": "model.embed_tokens.weight", "shared_head.head": "lm_head.weight"}
-        stored |= {f"model.layers.{layers}.{copy}.weight": stored[name].clone() for copy, name in copies.items()}
+        for depth in range(depths):
+            stored |= {f"model.layers.{layers + depth}.{c}.weight": stored[n].clone() for c, n in copies.items()}
         save_file(stored, str(path))
         return release
 
@@ -139,10 +182,10 @@ QWEN_NAMES = {
 def qwen_release(config_class: str, config: dict):
     """Qwen's layout: `mtp.*`, the decoder layer full attention whatever the layer types say."""
 
-    def extend(c: dict) -> dict:
+    def extend(c: dict, depths: int) -> dict:
         layers = c["num_hidden_layers"]
         types = ["linear_attention" if (i + 1) % 4 else "full_attention" for i in range(layers)]
-        return {**c, "num_hidden_layers": layers + 1, "layer_types": [*types, "full_attention"]}
+        return {**c, "num_hidden_layers": layers + depths, "layer_types": [*types, *["full_attention"] * depths]}
 
     def write(folder: Path) -> Release:
         return write_release(
@@ -152,8 +195,162 @@ def qwen_release(config_class: str, config: dict):
     return write
 
 
+# MiMo-V2-Flash's (vLLM's mimo_v2_flash_mtp.py, SGLang's mimo_v2_flash_nextn.py): model.mtp.layers.{k}.*, the
+# decoder layer's tensors directly under it (a sliding-window layer with sinks, a dense MLP, its second norm
+# pre_mlp_layernorm) beside enorm, hnorm, eh_proj and final_layernorm
+MIMO_NAMES = {
+    "enorm": "model.mtp.layers.{depth}.enorm.weight",
+    "hnorm": "model.mtp.layers.{depth}.hnorm.weight",
+    "eh": "model.mtp.layers.{depth}.eh_proj.weight",
+    "norm": "model.mtp.layers.{depth}.final_layernorm.weight",
+}
+
+
+def mimo_release(depths: int):
+    """MiMo-V2-Flash's layout, with `depths` MTP layers (the release has three)."""
+    config = MIMO_V2_FLASH
+
+    def extend(c: dict, n: int) -> dict:
+        layers = c["num_hidden_layers"]
+        return {
+            **c,
+            "num_hidden_layers": layers + n,
+            "layer_types": [*c["layer_types"], *["sliding_attention"] * n],
+            "mlp_layer_types": ["dense", *["sparse"] * (layers - 1), *["dense"] * n],
+        }
+
+    def inner(name: str) -> str:
+        return re.sub(r"^post_attention_layernorm\.", "pre_mlp_layernorm.", name).replace(
+            "self_attn.sinks", "self_attn.attention_sink_bias"
+        )
+
+    def write(folder: Path) -> Release:
+        return write_release(
+            folder,
+            "MiMoV2FlashConfig",
+            config,
+            extend,
+            "model.mtp.layers.{depth}.",
+            MIMO_NAMES,
+            0.0,
+            "num_nextn_predict_layers",
+            depths,
+            inner=inner,
+            rotary=lambda model, x, positions: model.rotary_emb(x, positions, "sliding_attention"),
+            window=config["sliding_window"],
+        )
+
+    return write
+
+
+class V4Release(Release):
+    """DeepSeek-V4's MTP layer, as DeepSeek's inference/model.py computes it (MTPBlock.forward, and
+    ParallelHead.hc_head for its collapse): the hidden state is the last layer's streams [B, T, N, E]."""
+
+    def backbone(self, ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        streams = []
+        hook = self.reference.model.layers[-1].register_forward_hook(lambda m, a, out: streams.append(out))
+        try:
+            with torch.no_grad():
+                logits = self.reference(ids).logits
+        finally:
+            hook.remove()
+        return logits, streams[0]
+
+    def draft(self, h, next_ids, start=0, depth=0):
+        from transformers.masking_utils import create_sliding_window_causal_mask
+
+        w, model, eps, config = self.mtp[depth], self.reference.model, self.eps, self.reference.config
+        with torch.no_grad():
+            e = rms(model.embed_tokens(next_ids), w["enorm"], eps)
+            x = F.linear(e, w["e"])[:, :, None] + F.linear(rms(h, w["hnorm"], eps), w["h"])
+            positions = torch.arange(start, start + x.shape[1])[None]
+            rotary = {
+                kind: model.rotary_emb(e, position_ids=positions, layer_type=kind) for kind in ("main", "compress")
+            }
+            mask = create_sliding_window_causal_mask(
+                config=config, inputs_embeds=e, attention_mask=None, cache=None, position_ids=positions
+            )
+            out = self.blocks[depth](
+                x, input_ids=next_ids, position_embeddings=rotary, position_ids=positions, attention_mask=mask
+            )
+            flat = out.flatten(2)
+            mixes = F.linear(flat * torch.rsqrt(flat.square().mean(-1, keepdim=True) + eps), w["hc_fn"])
+            pre = torch.sigmoid(mixes * w["hc_scale"] + w["hc_base"]) + config.hc_eps
+            collapsed = (pre[..., None] * out).sum(dim=2)
+            return self.reference.lm_head(rms(collapsed, w["norm"], eps)), out
+
+
+def v4_release(folder: Path) -> Release:
+    """DeepSeek-V4's release layout (deepseek-ai/DeepSeek-V4-Flash): bare names, and its MTP layer at
+    `mtp.0.*` (the decoder layer's tensors in the release's names directly under it; e_proj, h_proj, enorm,
+    hnorm, norm, hc_head_{fn,base,scale}; copies of the embedding and the LM head), a sliding-window layer
+    routed by scores (the trailing 0 of V4-Flash's compress_ratios)."""
+    from test_deepseek_v4_release import release_name
+
+    config, layers = DEEPSEEK_V4, DEEPSEEK_V4["num_hidden_layers"]
+    full = hf_model(
+        "DeepseekV4Config",
+        **{
+            **config,
+            "num_hidden_layers": layers + 1,
+            "layer_types": [*config["layer_types"], "sliding_attention"],
+            "mlp_layer_types": [*config["mlp_layer_types"], "moe"],
+        },
+    )
+    save_hf(full, folder / "full", "single")
+    stored = load_file(str(folder / "full" / "model.safetensors"))
+    last = f"model.layers.{layers}."
+    stored = {"mtp.0." + k[len(last) :] if k.startswith(last) else release_name(k): v for k, v in stored.items()}
+    hidden, streams = config["hidden_size"], config["hc_mult"]
+    generator = torch.Generator().manual_seed(3)
+    mtp = {
+        "enorm": 1 + 0.1 * torch.randn(hidden, generator=generator),
+        "hnorm": 1 + 0.1 * torch.randn(hidden, generator=generator),
+        "e": 0.1 * torch.randn(hidden, hidden, generator=generator),
+        "h": 0.1 * torch.randn(hidden, hidden, generator=generator),
+        "norm": 1 + 0.1 * torch.randn(hidden, generator=generator),
+        "hc_fn": 0.1 * torch.randn(streams, streams * hidden, generator=generator),
+        "hc_base": 0.1 * torch.randn(streams, generator=generator),
+        "hc_scale": 1 + 0.1 * torch.randn(1, generator=generator),
+    }
+    names = {"e": "e_proj.weight", "h": "h_proj.weight", "hc_fn": "hc_head_fn", "hc_base": "hc_head_base"}
+    names |= {"hc_scale": "hc_head_scale", "enorm": "enorm.weight", "hnorm": "hnorm.weight", "norm": "norm.weight"}
+    stored |= {f"mtp.0.{names[role]}": weight for role, weight in mtp.items()}
+    stored |= {"mtp.0.embed.weight": stored["embed.weight"].clone(), "mtp.0.head.weight": stored["head.weight"].clone()}
+    release = folder / "release"
+    release.mkdir()
+    save_file({k: v.contiguous() for k, v in stored.items()}, str(release / "model.safetensors"))
+    saved = json.loads((folder / "full" / "config.json").read_text())
+    saved |= {**config, "num_nextn_predict_layers": 1}
+    (release / "config.json").write_text(json.dumps(saved))
+    block = full.model.layers[layers]
+    full.model.layers = full.model.layers[:layers]
+    full.config.num_hidden_layers = layers
+    for per_layer in ("layer_types", "mlp_layer_types"):
+        setattr(full.config, per_layer, getattr(full.config, per_layer)[:layers])
+    return V4Release(release, full, [block], [mtp], 0.0, "num_nextn_predict_layers")
+
+
+def glm5_with_mtp(config: dict, depths: int) -> dict:
+    """GLM-5's tiny config with `depths` more layers, those computing their own selection ("full")."""
+    import transformers
+
+    layers = config["num_hidden_layers"]
+    backbone = transformers.GlmMoeDsaConfig(**config).indexer_types
+    return {**config, "num_hidden_layers": layers + depths, "indexer_types": [*backbone, *["full"] * depths]}
+
+
 RELEASES = {
     "deepseek_v3": deepseek_release("DeepseekV3Config", {**DEEPSEEK_V2, "n_group": 4, "topk_group": 2}),
+    # DeepSeek-V3's design with more than one MTP layer (its report trains D of them; V3 ships one)
+    "deepseek_v3_depth2": deepseek_release("DeepseekV3Config", {**DEEPSEEK_V2, "n_group": 4, "topk_group": 2}, 2),
+    "mimo_v2_flash": mimo_release(3),
+    "deepseek_v4": v4_release,
+    # DeepSeek-V3.2's and GLM-5's: the MTP layer a sparse-attention layer with an indexer of its own
+    # (transformers' sparse attention wants a causal mask: a window longer than any test's prompt)
+    "deepseek_v32": deepseek_release("DeepseekV32Config", DEEPSEEK_V32, window=1 << 20),
+    "glm_moe_dsa": deepseek_release("GlmMoeDsaConfig", GLM_MOE_DSA, extend=glm5_with_mtp, window=1 << 20),
     "glm4_moe": deepseek_release("Glm4MoeConfig", GLM4_MOE),
     "qwen3_5_moe": qwen_release("Qwen3_5MoeTextConfig", QWEN3_5_MOE),
     "qwen3_next": qwen_release("Qwen3NextConfig", QWEN3_NEXT),
@@ -224,6 +421,30 @@ def test_a_draft_from_a_draft_is_the_reference(release):
     assert (logits - expected_logits[:, -1:]).abs().max() < TOLERANCE
 
 
+def test_each_layer_takes_the_output_of_the_one_before(release):
+    """MTP layer k at position i: layer k - 1's output there and the token at i + k + 1 (DeepSeek-V3's
+    report, section 2.2; transformers' MtpModel.forward), over a KV state of its own fed a prompt at once
+    and then one position at a time."""
+    model, depths = load(release.folder).model, len(release.blocks)
+    ids = prompt()
+    length, split = PROMPT - depths, 4
+    _, expected_h = release.backbone(ids[:, :length])
+    with torch.no_grad():
+        _, h = model(ids[:, :length], model.new_cache(1, length), all_logits=True, hidden=True)
+    for depth in range(depths):
+        following = ids[:, depth + 1 : depth + 1 + length]
+        expected_logits, expected_h = release.draft(expected_h, following, depth=depth)
+        cache = model.new_mtp_cache(1, length, depth)
+        with torch.no_grad():
+            pieces = [model.mtp_draft(h[:, :split], following[:, :split], cache, depth)]
+            pieces += [
+                model.mtp_draft(h[:, i : i + 1], following[:, i : i + 1], cache, depth) for i in range(split, length)
+            ]
+        logits, h = (torch.cat([piece[j] for piece in pieces], 1) for j in (0, 1))
+        assert (logits - expected_logits).abs().max() < TOLERANCE, depth
+        assert (h - expected_h).abs().max() < TOLERANCE, depth
+
+
 @pytest.mark.parametrize("miss_policy", ["direct", "copy"])
 def test_offloaded_drafts_are_the_resident_ones(release, miss_policy):
     resident = load(release.folder)
@@ -237,7 +458,7 @@ def test_offloaded_drafts_are_the_resident_ones(release, miss_policy):
     # the cache counts each step's layers: the backbone's in a backbone step, the MTP layer's in a draft
     experts, model = offloaded.experts, offloaded.model
     experts.settle()
-    mtp_layer = max(experts.specs)
+    mtp_layer = model.mtp.first_layer  # the first MTP layer's index (MiMo's has no routed experts)
 
     def uses() -> dict[int, int]:
         experts.end_step()
@@ -251,19 +472,34 @@ def test_offloaded_drafts_are_the_resident_ones(release, miss_policy):
         backbone = uses()
         model.mtp_draft(h[:, :-1], ids[:, 1:], mtp_cache)
         drafted = uses()
-    assert backbone[mtp_layer] == before[mtp_layer] and backbone[mtp_layer - 1] > before[mtp_layer - 1]
-    assert drafted[mtp_layer] > backbone[mtp_layer]
+    assert all(backbone[layer] == before[layer] for layer in backbone if layer >= mtp_layer)
+    assert backbone[mtp_layer - 1] > before[mtp_layer - 1]
+    assert (drafted.get(mtp_layer, 0) > backbone.get(mtp_layer, 0)) == (mtp_layer in experts.specs)
     assert all(drafted[layer] == backbone[layer] for layer in drafted if layer != mtp_layer)
 
 
-def test_the_plan_counts_the_mtp_layer(release):
-    """Its routed experts go through the expert store like any layer's; its other weights are resident."""
+def test_the_plan_counts_the_mtp_layers(release):
+    """Their routed experts go through the expert store like any layer's; their other weights are resident;
+    their states (keys and values, windows' rings) are in the context's bytes."""
     engine = load(release.folder)
     footprint, backbone = engine.plan.footprint, len(moe_blocks(engine.model.model))
-    assert footprint.moe_layers == backbone + 1
-    assert footprint.total_experts == (backbone + 1) * footprint.experts_per_layer
-    assert footprint.resident_bytes == sum(p.numel() * p.dtype.itemsize for p in engine.model.parameters())
-    assert any(name.startswith("mtp.") for name, _ in engine.model.named_parameters())
+    config = json.loads((release.folder / "config.json").read_text())
+    assert len(engine.model.mtp.layers) == config[release.count] == len(release.blocks)
+    routed = len(moe_blocks(engine.model.mtp))
+    assert routed == sum(any(".experts" in name for name, _ in block.named_modules()) for block in release.blocks)
+    assert footprint.moe_layers == backbone + routed
+    assert footprint.total_experts == (backbone + routed) * footprint.experts_per_layer
+    plain = load(release.folder, speculative="off").plan.footprint
+    mtp_bytes = sum(p.numel() * p.dtype.itemsize for p in engine.model.mtp.parameters())
+    assert footprint.resident_bytes - plain.resident_bytes == mtp_bytes > 0
+    mtp_state = sum(
+        attention.state_bytes_per_token(torch.float32) * engine.plan.context
+        + getattr(attention, "fixed_state_bytes", lambda _: 0)(torch.float32)
+        for attention in (layer.block.self_attn for layer in engine.model.mtp.layers)
+    )
+    assert mtp_state > 0
+    with_mtp = footprint.kv_bytes_per_token * engine.plan.context + footprint.fixed_state_bytes
+    assert with_mtp - (plain.kv_bytes_per_token * engine.plan.context + plain.fixed_state_bytes) == mtp_state
 
 
 def test_without_the_promise_or_the_tensors_the_backbone_loads_as_before(release, tmp_path, capsys):
@@ -274,7 +510,7 @@ def test_without_the_promise_or_the_tensors_the_backbone_loads_as_before(release
     expected = model(ids, model.new_cache(1, PROMPT), all_logits=True)
     config = json.loads((release.folder / "config.json").read_text())
     stored = load_file(str(release.folder / "model.safetensors"))
-    eh_proj = next(name for name in stored if name.endswith(("eh_proj.weight", "mtp.fc.weight")))
+    eh_proj = next(name for name in stored if name.endswith(("eh_proj.weight", "mtp.fc.weight", "mtp.0.e_proj.weight")))
     variants = {
         "unsaid": ({k: v for k, v in config.items() if k != release.count}, stored),
         "none": ({**config, release.count: 0}, stored),
@@ -319,3 +555,41 @@ def test_qwen3_5_multimodal_release_keeps_its_mtp_layers(tmp_path_factory):
     ids = prompt()
     expected, got = drafts(load(text.folder), ids, 4), drafts(load(folder), ids, 4)
     assert torch.equal(got[0], expected[0]) and torch.equal(got[1], expected[1])
+
+
+def test_deepseek_v4_mtp_layers_beside_transformers_layout(tmp_path_factory):
+    """transformers' DeepSeek-V4 drops `mtp.*` (it never saves them); a checkpoint in its names that keeps
+    the release's `mtp.0.*` beside them drafts as the release does."""
+    from test_deepseek_v4_release import RELEASE_PREFIXES
+
+    release = RELEASES["deepseek_v4"](tmp_path_factory.mktemp("deepseek_v4_release"))
+    folder = tmp_path_factory.mktemp("deepseek_v4_transformers")
+    back = {new: old for old, new in RELEASE_PREFIXES.items()}
+
+    def transformers_name(name: str) -> str:
+        return next((old + name[len(new) :] for new, old in back.items() if name.startswith(new)), name)
+
+    stored = load_file(str(release.folder / "model.safetensors"))
+    save_file({transformers_name(k): v for k, v in stored.items()}, str(folder / "model.safetensors"))
+    (folder / "config.json").write_text((release.folder / "config.json").read_text())
+    assert "embed.weight" not in load_file(str(folder / "model.safetensors"))  # not the release's layout
+    ids = prompt()
+    expected, got = drafts(load(release.folder), ids, 4), drafts(load(folder), ids, 4)
+    assert torch.equal(got[0], expected[0]) and torch.equal(got[1], expected[1])
+
+
+@pytest.mark.parametrize("name", ["deepseek_v32", "glm_moe_dsa"])
+def test_sparse_attention_mtp_layers_select_with_their_own_indexer(name, tmp_path_factory):
+    """Their config lists the model's layers only (GLM-5's indexer_types too): the MTP layer past them
+    computes its own selection, from its indexer's tensors in the checkpoint."""
+    release = RELEASES[name](tmp_path_factory.mktemp(name))
+    config = json.loads((release.folder / "config.json").read_text())
+    assert all(len(config[key]) == config["num_hidden_layers"] for key in PER_LAYER if key in config)
+    engine = load(release.folder)
+    attention = engine.model.mtp.layers[0].block.self_attn
+    assert hasattr(attention, "indexer")
+    sources = engine.parts.resident_sources
+    layer = config["num_hidden_layers"]
+    assert (
+        sources["mtp.layers.0.block.self_attn.indexer.wk.weight"] == f"model.layers.{layer}.self_attn.indexer.wk.weight"
+    )

@@ -15,6 +15,7 @@ from test_mtp import RELEASES
 
 import localmoe
 from localmoe.cli import main
+from localmoe.models.moe import moe_blocks
 from localmoe.options import RuntimeOptions
 from localmoe.runtime.generate import GenerationStats, generate_tokens
 from localmoe.runtime.sampling import Sampler, SamplingParams
@@ -331,25 +332,67 @@ def test_without_mtp_drafts_the_mtp_layers_are_not_loaded(mtp_release):
     for speculative in ("off", "lookup"):
         engine = localmoe.load(str(mtp_release), device="cpu", dtype=torch.float32, speculative=speculative)
         assert engine.model.mtp is None
-        assert engine.plan.footprint.moe_layers == with_mtp.plan.footprint.moe_layers - 1
+        routed = len(moe_blocks(with_mtp.model.mtp))
+        assert engine.plan.footprint.moe_layers == with_mtp.plan.footprint.moe_layers - routed
         assert not any(name.startswith("mtp.") for name, _ in engine.model.named_parameters())
 
 
-def test_mtp_drafts_are_the_layer_run_on_the_sequence(mtp_release):
-    """The drafter's first draft after the prompt is the MTP layer's prediction from the target's hidden
-    states at every prompt position and the tokens after them; its next ones chain its own outputs."""
+def test_mtp_drafts_are_the_layers_run_on_the_sequence(mtp_release):
+    """The drafter's first drafts after the prompt: layer 0 over the target's hidden states at every prompt
+    position and the tokens after them, each next layer over the previous one's outputs and the tokens
+    after those (the last ones drafted), then the last layer on at the next positions, fed its own output
+    and its draft."""
     engine = localmoe.load(str(mtp_release), device="cpu", dtype=torch.float32)
     model, first = engine.model, list(engine.generate_ids(PROMPT, 1, speculative=False))
+    layers, limit = len(model.mtp.layers), len(model.mtp.layers) + 2
     drafter = MtpDrafter(model, 64)
     with torch.no_grad():
         cache = model.new_cache(1, 64)
         _, h = model(torch.tensor([PROMPT]), cache, all_logits=True, hidden=True)
         drafter.observe(0, len(PROMPT), h[0])
-        drafts = drafter.propose(PROMPT + first, 3)
-        mtp_cache = model.new_mtp_cache(1, 64)
-        logits, out = model.mtp_draft(h, torch.tensor([PROMPT[1:] + first]), mtp_cache)
-        expected = [int(logits[0, -1].argmax())]
-        for _ in range(2):
-            logits, out = model.mtp_draft(out[:, -1:], torch.tensor([expected[-1:]]), mtp_cache)
+        drafts = drafter.propose(PROMPT + first, limit)
+        known, expected = PROMPT + first, []
+        for depth in range(layers):
+            mtp_cache = model.new_mtp_cache(1, 64, depth)
+            following = (known[depth + 1 :] + expected)[: len(PROMPT)]
+            logits, h = model.mtp_draft(h, torch.tensor([following]), mtp_cache, depth)
+            expected.append(int(logits[0, -1].argmax()))
+        while len(expected) < limit:
+            logits, h = model.mtp_draft(h[:, -1:], torch.tensor([expected[-1:]]), mtp_cache, layers - 1)
             expected.append(int(logits[0, -1].argmax()))
     assert drafts == expected
+
+
+class Recording(MtpDrafter):
+    """The MTP drafter, keeping what it was asked in each round and the logits of its drafts then."""
+
+    rounds: list
+
+    def propose(self, tokens, limit):
+        self.rounds = [*getattr(self, "rounds", []), (list(tokens), limit, [])]
+        return super().propose(tokens, limit)
+
+    def _step(self, h, following, depth):
+        logits, h = super()._step(h, following, depth)
+        self.rounds[-1][2].append(logits[0, -1])
+        return logits, h
+
+
+def test_mtp_drafts_after_rejections_are_those_of_the_kept_sequence(mtp_release):
+    """After rounds of drafts partly rejected, the drafter's states hold only what the kept tokens give: in
+    every round, its draft logits are those of a new drafter shown the whole kept sequence at once."""
+    engine = localmoe.load(str(mtp_release), device="cpu", dtype=torch.float32)
+    model = engine.model
+    drafter = Recording(model, 64)
+    list(engine.generate_ids(PROMPT, NEW, drafter=drafter, draft_tokens=3))
+    stats = engine.stats.speculation
+    assert stats.accepted < stats.drafted  # some were rejected (random weights)
+    for tokens, limit, logits in drafter.rounds[1:]:
+        fresh = Recording(model, 64)
+        with torch.no_grad():
+            _, h = model(torch.tensor([tokens[:-1]]), model.new_cache(1, 64), all_logits=True, hidden=True)
+        fresh.observe(0, len(tokens) - 1, h[0])
+        fresh.propose(tokens, limit)
+        expected = fresh.rounds[0][2]
+        assert len(expected) == len(logits) == limit
+        assert max((a - b).abs().max() for a, b in zip(expected, logits, strict=True)) < 1e-4, len(tokens)

@@ -1,7 +1,9 @@
 """DeepSeek-V3.2 (DeepseekV32ForCausalLM): DeepSeek-V3's latent attention, routing and shared experts,
 with DeepSeek sparse attention in every layer: a small "indexer" scores every earlier token for each
 query, and the query attends only to the `index_topk` best (all of them while the context is that
-short). GLM-5 builds on this file. The multi-token-prediction layer after the last one is not used."""
+short). GLM-5 builds on this file. The multi-token-prediction layer after the last one
+(`model.layers.{num_hidden_layers}`, DeepSeek-V3's layout) is loaded as `mtp`, for drafts, with an indexer
+of its own (vLLM's deepseek_mtp.py builds its decoder layer as any V3.2 layer's)."""
 
 from dataclasses import dataclass
 from typing import ClassVar
@@ -16,7 +18,7 @@ from localmoe.models.deepseek_v2 import attention_scale, build
 from localmoe.models.deepseek_v3 import DeepseekV3Args
 from localmoe.models.expert_tensors import PerExpert
 from localmoe.models.family import Family
-from localmoe.models.layers import Step
+from localmoe.models.layers import CausalLM, Step
 from localmoe.models.moe import FUSED_EXPERTS, MLP_EXPERTS
 from localmoe.models.rotary import apply_rotary, apply_rotary_interleaved
 from localmoe.models.state import IndexedLatentKV, LatentKV
@@ -60,7 +62,8 @@ class DeepseekV32Args(DeepseekV3Args):
         return 1e-6
 
     def is_dense(self, i: int) -> bool:
-        if self.mlp_layer_types is not None:
+        """The config's mlp_layer_types where it lists layer i (not an MTP layer's: those are MoE)."""
+        if self.mlp_layer_types is not None and i < len(self.mlp_layer_types):
             return self.mlp_layer_types[i] == "dense"
         return super().is_dense(i)
 
@@ -155,11 +158,15 @@ class SparseLatentAttention(LatentAttention):
         return step.mask(None) if selection is None else (selection, False)
 
 
+def build_with_mtp(args: DeepseekV32Args) -> CausalLM:
+    return build(args, mtp=args.num_nextn_predict_layers)
+
+
 FAMILY = Family(
     architectures=("DeepseekV32ForCausalLM",),
     model_type="deepseek_v32",
     args=DeepseekV32Args,
-    model=build,
+    model=build_with_mtp,
     experts=(PerExpert(MLP_EXPERTS), FUSED_EXPERTS),
     hub_aliases=((".mlp.shared_expert.", ".mlp.shared_experts."),),
     keep_float32=KEEP_FLOAT32,

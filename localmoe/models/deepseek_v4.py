@@ -13,6 +13,9 @@
 
 The compressed state of a layer cannot be cut back to an earlier position: like a recurrent state,
 a conversation that changes its past is fed again.
+
+Its multi-token-prediction layers (`mtp.N.*` in the release) are loaded as `mtp`, for drafts: DeepSeek's
+inference/model.py, MTPBlock, as `V4MTPLayer` says.
 """
 
 from dataclasses import dataclass
@@ -24,9 +27,10 @@ from torch import nn
 
 from localmoe.models.attention import attend_with_sinks
 from localmoe.models.expert_tensors import PerExpert
-from localmoe.models.family import Family, ModelArgs, ReleaseLayout
+from localmoe.models.family import Family, ModelArgs, MtpLayout, ReleaseLayout
 from localmoe.models.layers import Backbone, CausalLM, Step, UpcastRMSNorm
 from localmoe.models.moe import FUSED_EXPERTS, GatedActivation, GatedMLP, Routing, SparseMoE
+from localmoe.models.mtp import MultiTokenPredictor, SharedHead
 from localmoe.models.rotary import RotaryEmbedding, rope_parameters
 from localmoe.models.state import REWIND_SLACK, CompressedKV, PooledState, WindowKV
 
@@ -79,9 +83,12 @@ class DeepseekV4Args(ModelArgs):
     rms_norm_eps: float = 1e-6
     max_position_embeddings: int = 1048576
     tie_word_embeddings: bool = False
+    num_nextn_predict_layers: int = 0
 
     def __post_init__(self):
-        """transformers' derivations, from either spelling of the config."""
+        """transformers' derivations, from either spelling of the config; the MTP layers' kinds from the
+        release's compress_ratios, which list them after the model's (0, sliding, in V4-Flash's), else
+        sliding."""
         n = self.num_hidden_layers
         rates = {CSA: 4, HCA: 128, **(self.compress_rates or {})}
         rates[CSA] = self.compress_rate_csa or rates[CSA]
@@ -91,6 +98,8 @@ class DeepseekV4Args(ModelArgs):
             self.layer_types = [RATIO_TO_KIND[ratio] for ratio in self.compress_ratios]
         if self.layer_types is None:
             self.layer_types = [HCA] * min(n, 2) + [CSA if i % 2 else HCA for i in range(max(n - 2, 0))]
+        mtp = self.layer_types[n : n + self.num_nextn_predict_layers]
+        self.mtp_layer_types = mtp + [SLIDING] * (self.num_nextn_predict_layers - len(mtp))
         self.layer_types = self.layer_types[:n]
         if self.mlp_layer_types is None:
             hashed = 3 if self.num_hash_layers is None else self.num_hash_layers
@@ -420,16 +429,18 @@ class V4MoE(SparseMoE):
 
 
 class V4DecoderLayer(nn.Module):
-    def __init__(self, args: DeepseekV4Args, i: int, compress_rotary: RotaryEmbedding):
+    def __init__(self, args: DeepseekV4Args, i: int, compress_rotary: RotaryEmbedding, kinds: tuple[str, str] = ()):
+        """`kinds`: the attention's and the MoE's (default: layer i's in the config)."""
         super().__init__()
+        attention, routing = kinds or (args.layer_types[i], args.mlp_layer_types[i])
         hidden, inter, experts, top_k = (
             args.hidden_size,
             args.moe_intermediate_size,
             args.n_routed_experts,
             args.num_experts_per_tok,
         )
-        self.self_attn = CompressedAttention(args, args.layer_types[i], compress_rotary)
-        router = HashRouter(args) if args.mlp_layer_types[i] == "hash_moe" else V4Router(args)
+        self.self_attn = CompressedAttention(args, attention, compress_rotary)
+        router = HashRouter(args) if routing == "hash_moe" else V4Router(args)
         act = GatedActivation(kind="clamped_glu", act=args.hidden_act, limit=args.swiglu_limit)
         shared = GatedMLP(hidden, inter, GatedActivation(kind="clamped_glu", limit=args.swiglu_limit))
         self.mlp = V4MoE(i, hidden, inter, experts, top_k, router, act=act, shared_expert=shared)
@@ -452,13 +463,16 @@ def spread_streams(out: torch.Tensor, post: torch.Tensor, comb: torch.Tensor, st
 class DeepseekV4LM(CausalLM):
     """The stack over `hc_mult` copies of the embedding, collapsed by `hc_head` before the final norm."""
 
-    def __init__(self, args: DeepseekV4Args, layers: list[nn.Module], rotary: RotaryEmbedding, norm=UpcastRMSNorm):
-        """`norm` the final norm's class (Hy4's casts before it scales)."""
+    def __init__(
+        self, args: DeepseekV4Args, layers: list[nn.Module], rotary: RotaryEmbedding, norm=UpcastRMSNorm, mtp=None
+    ):
+        """`norm` the final norm's class (Hy4's casts before it scales); `mtp` the MTP layers, if any."""
         super().__init__(
             Backbone(args.vocab_size, args.hidden_size, layers, args.rms_norm_eps, norm=norm),
             rotary,
             tie_word_embeddings=args.tie_word_embeddings,
             max_position_embeddings=args.max_position_embeddings,
+            mtp=mtp,
         )
         self.streams = args.hc_mult
         self.model.hc_head = HyperHead(args)
@@ -475,11 +489,50 @@ class DeepseekV4LM(CausalLM):
         return super().logits(self.model.hc_head(h))
 
 
+class CollapsedNorm(nn.Module):
+    """An MTP layer's last collapse of the streams (hc_head) and its final norm, as the model's logits take
+    its own."""
+
+    def __init__(self, args: DeepseekV4Args):
+        super().__init__()
+        self.hc_head = HyperHead(args)
+        self.norm = UpcastRMSNorm(args.hidden_size, args.rms_norm_eps)
+
+    def forward(self, streams: torch.Tensor) -> torch.Tensor:
+        return self.norm(self.hc_head(streams))
+
+
+class V4MTPLayer(nn.Module):
+    """DeepSeek-V4's MTP layer (DeepSeek's inference/model.py, MTPBlock.forward): the token's embedding and
+    the hidden streams, each normed and projected on its own (e_proj, h_proj; the embedding's projection
+    added to every stream), through a decoder layer of the model's kind, then (for logits) a collapse of
+    its own and its final norm before the shared LM head. What the next draft takes is the streams."""
+
+    def __init__(self, args: DeepseekV4Args, block: V4DecoderLayer):
+        super().__init__()
+        hidden, eps = args.hidden_size, args.rms_norm_eps
+        self.enorm, self.hnorm = UpcastRMSNorm(hidden, eps), UpcastRMSNorm(hidden, eps)
+        self.e_proj = nn.Linear(hidden, hidden, bias=False)
+        self.h_proj = nn.Linear(hidden, hidden, bias=False)
+        self.block = block
+        self.shared_head = SharedHead(CollapsedNorm(args))
+
+    def forward(self, h: torch.Tensor, embedded: torch.Tensor, step: Step, kv) -> torch.Tensor:
+        """h: streams [B, T, N, E]; `embedded` as the model embeds (N copies of the token's embedding)."""
+        return self.block(self.e_proj(self.enorm(embedded)) + self.h_proj(self.hnorm(h)), step, kv)
+
+
 def build(args: DeepseekV4Args) -> CausalLM:
     main = RotaryEmbedding(args.rope("main"), args.head_dim, args.max_position_embeddings)
     compress = RotaryEmbedding(args.rope("compress"), args.head_dim, args.max_position_embeddings)
-    layers = [V4DecoderLayer(args, i, compress) for i in range(args.num_hidden_layers)]
-    return DeepseekV4LM(args, layers, main)
+    n = args.num_hidden_layers
+    layers = [V4DecoderLayer(args, i, compress) for i in range(n)]
+    # score-routed: the release's hash layers are the first num_hash_layers only
+    mtp = [
+        V4MTPLayer(args, V4DecoderLayer(args, n + k, compress, (kind, "moe")))
+        for k, kind in enumerate(args.mtp_layer_types)
+    ]
+    return DeepseekV4LM(args, layers, main, mtp=MultiTokenPredictor(mtp, n) if mtp else None)
 
 
 # (ours, as stored by transformers 5.23): one fragment each
@@ -520,8 +573,8 @@ HUB_NAMES = (
 )
 
 # DeepSeek's own release (deepseek-ai/DeepSeek-V4-Flash, -Pro; inference/ in the repo): transformers' names
-# without `model.`, the embedding `embed`, the last collapse `hc_head_{fn,base,scale}`; `mtp.N.*` (the
-# multi-token prediction layers) are no part of the causal LM. Quantized as localmoe/quantization.py says.
+# without `model.`, the embedding `embed`, the last collapse `hc_head_{fn,base,scale}`; `mtp.N.*` the
+# multi-token prediction layers. Quantized as localmoe/quantization.py says.
 RELEASE = ReleaseLayout(
     marker="embed.weight",
     prefixes=(
@@ -530,6 +583,20 @@ RELEASE = ReleaseLayout(
         ("model.norm.", "norm."),
         ("model.hc_head.hc_", "hc_head_"),
         ("head.", "head."),
+        ("mtp.", "mtp."),
+    ),
+)
+
+# the release's MTP layers, `mtp.{k}.*` (the decoder layer's tensors directly under it, in the names
+# HUB_NAMES gives; beside them e_proj, h_proj, enorm, hnorm, norm, hc_head_{fn,base,scale}, and copies of
+# the embedding and the LM head, which are not read: the model's own are shared), seen under DeepSeek-V3's
+# names
+V4_MTP = MtpLayout(
+    "num_nextn_predict_layers",
+    (
+        ("model.layers.{layer}.shared_head.norm.hc_head.hc_", "mtp.{depth}.hc_head_"),
+        ("model.layers.{layer}.shared_head.norm.norm.", "mtp.{depth}.norm."),
+        ("model.layers.{layer}.", "mtp.{depth}."),
     ),
 )
 
@@ -550,5 +617,6 @@ FAMILY = Family(
     hub_aliases=HUB_NAMES,
     keep_float32=("_hc.", "hc_head", "sinks", "position_bias", "e_score_correction_bias", "norm"),
     release=RELEASE,
+    mtp=V4_MTP,
     example="deepseek-ai/DeepSeek-V4-Flash",
 )

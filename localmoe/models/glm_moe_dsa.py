@@ -1,14 +1,15 @@
 """GLM-5 (GlmMoeDsaForCausalLM): DeepSeek-V3.2's sparse latent attention (deepseek_v32.py), with the
 indexer rotating adjacent pairs, and layers marked "shared" reusing the selection of the last layer
-that computed one. The multi-token-prediction layer after the last one in the checkpoint is not used."""
+that computed one. The multi-token-prediction layer after the last one in the checkpoint
+(`model.layers.{num_hidden_layers}`) is loaded as `mtp`, for drafts, computing its own selection (its
+indexer's tensors are in the release; vLLM's deepseek_mtp.py runs it as a V3.2 layer with its indexer)."""
 
 from dataclasses import dataclass
 
 from torch import nn
 
 from localmoe.errors import LocalMoEError
-from localmoe.models.deepseek_v2 import build
-from localmoe.models.deepseek_v32 import KEEP_FLOAT32, DeepseekV32Args, SparseLatentAttention
+from localmoe.models.deepseek_v32 import KEEP_FLOAT32, DeepseekV32Args, SparseLatentAttention, build_with_mtp
 from localmoe.models.expert_tensors import PerExpert
 from localmoe.models.family import Family
 from localmoe.models.moe import FUSED_EXPERTS, MLP_EXPERTS
@@ -53,14 +54,15 @@ class GlmMoeDsaArgs(DeepseekV32Args):
         return True
 
     def attention(self, i: int) -> nn.Module:
-        return SparseLatentAttention(self, self.indexer_types[i] == "full")
+        """Layer i's: its own selection where indexer_types says "full", or for an MTP layer (past the list)."""
+        return SparseLatentAttention(self, i >= len(self.indexer_types) or self.indexer_types[i] == "full")
 
 
 FAMILY = Family(
     architectures=("GlmMoeDsaForCausalLM",),
     model_type="glm_moe_dsa",
     args=GlmMoeDsaArgs,
-    model=build,
+    model=build_with_mtp,
     experts=(PerExpert(MLP_EXPERTS), FUSED_EXPERTS),
     hub_aliases=((".mlp.shared_expert.", ".mlp.shared_experts."),),
     keep_float32=KEEP_FLOAT32,

@@ -298,12 +298,18 @@ class CausalLM(nn.Module):
 
     def kv_bytes_per_token(self, dtype: torch.dtype) -> int:
         """The backbone's state per token, and the MTP layers' (which drafting fills as it goes)."""
-        mtp = [] if self.mtp is None else [layer.block for layer in self.mtp.layers]
-        return sum(layer.self_attn.state_bytes_per_token(dtype) for layer in [*self.model.layers, *mtp])
+        return sum(layer.self_attn.state_bytes_per_token(dtype) for layer in self._stateful_layers())
 
     def fixed_state_bytes(self, dtype: torch.dtype) -> int:
-        """Generation state whose size does not grow with the context (recurrent layers)."""
-        return sum(getattr(layer.self_attn, "fixed_state_bytes", lambda _: 0)(dtype) for layer in self.model.layers)
+        """Generation state whose size does not grow with the context (recurrent layers, windows' rings),
+        the MTP layers' included."""
+        return sum(
+            getattr(layer.self_attn, "fixed_state_bytes", lambda _: 0)(dtype) for layer in self._stateful_layers()
+        )
+
+    def _stateful_layers(self) -> list[nn.Module]:
+        """The decoder layers that keep a state while generating: the backbone's and the MTP layers'."""
+        return [*self.model.layers, *([] if self.mtp is None else [layer.block for layer in self.mtp.layers])]
 
     def forward(
         self, ids: torch.Tensor, cache: KVCache, all_logits: bool = False, hidden: bool = False

@@ -2,8 +2,10 @@
 with its own rotary on part of the head; the windowed layers have twice the KV heads and attention
 sinks; values are narrower than queries and keys (`v_head_dim`) and scaled by `attention_value_scale`;
 a dense first layer, then MoE layers with DeepSeek-V3's sigmoid routing (a correction bias steers the
-choice of experts, over the best groups) and no shared expert. The multi-token-prediction layers
-(model.mtp.*) are not used."""
+choice of experts, over the best groups) and no shared expert. Its multi-token-prediction layers
+(`model.mtp.layers.{k}`, three in the release) are sliding-window layers with a dense MLP (vLLM's
+mimo_v2_flash_mtp.py, SGLang's mimo_v2_flash_nextn.py: MiMoV2MTPLayer), loaded as `mtp` for drafts (see
+localmoe/models/mtp.py)."""
 
 from dataclasses import dataclass
 from typing import Any, ClassVar
@@ -13,9 +15,10 @@ from torch import nn
 
 from localmoe.models.attention import Attention
 from localmoe.models.expert_tensors import PerExpert
-from localmoe.models.family import Family, ModelArgs
+from localmoe.models.family import Family, ModelArgs, MtpLayout
 from localmoe.models.layers import MLP, Backbone, CausalLM, DecoderLayer
 from localmoe.models.moe import FUSED_EXPERTS, MLP_EXPERTS, sigmoid_moe
+from localmoe.models.mtp import MTPLayer, MultiTokenPredictor
 from localmoe.models.rotary import RotaryEmbedding, rope_parameters
 
 # transformers' rotary per kind of layer where the config gives none (the release's thetas)
@@ -55,6 +58,7 @@ class MiMoV2FlashArgs(ModelArgs):
     rms_norm_eps: float = 1e-5
     max_position_embeddings: int = 131072
     tie_word_embeddings: bool = False
+    num_nextn_predict_layers: int = 0
 
     def __post_init__(self):
         if self.sliding_window_size is not None:
@@ -90,11 +94,12 @@ class ScaledValueAttention(Attention):
 def build(args: MiMoV2FlashArgs) -> CausalLM:
     hidden = args.hidden_size
     kinds = sorted(set(args.layer_types))
-    rotaries = {kind: RotaryEmbedding(args.rope(kind), args.head_dim, args.max_position_embeddings) for kind in kinds}
+    # the MTP layers are sliding-window ones whatever the backbone's kinds
+    needed = kinds + ["sliding_attention"] * (args.num_nextn_predict_layers > 0)
+    rotaries = {kind: RotaryEmbedding(args.rope(kind), args.head_dim, args.max_position_embeddings) for kind in needed}
     main = kinds[0]  # the model's rotary; layers of the other kind use theirs through the step
 
-    def attention(i: int) -> nn.Module:
-        kind = args.layer_types[i]
+    def attention(kind: str) -> nn.Module:
         sliding = kind == "sliding_attention"
         return ScaledValueAttention(
             hidden,
@@ -126,14 +131,41 @@ def build(args: MiMoV2FlashArgs) -> CausalLM:
         )
 
     layers = [
-        DecoderLayer(attention(i), feed_forward(i), hidden, args.rms_norm_eps) for i in range(args.num_hidden_layers)
+        DecoderLayer(attention(args.layer_types[i]), feed_forward(i), hidden, args.rms_norm_eps)
+        for i in range(args.num_hidden_layers)
+    ]
+    mtp = [
+        MTPLayer(
+            DecoderLayer(
+                attention("sliding_attention"),
+                MLP(hidden, args.intermediate_size, args.hidden_act),
+                hidden,
+                args.rms_norm_eps,
+            ),
+            hidden,
+            args.rms_norm_eps,
+        )
+        for _ in range(args.num_nextn_predict_layers)
     ]
     return CausalLM(
         Backbone(args.vocab_size, hidden, layers, args.rms_norm_eps),
         rotaries[main],
         tie_word_embeddings=args.tie_word_embeddings,
         max_position_embeddings=args.max_position_embeddings,
+        mtp=MultiTokenPredictor(mtp, args.num_hidden_layers) if mtp else None,
     )
+
+
+# the release's MTP layers, `model.mtp.layers.{k}.*` (the decoder layer's tensors directly under that prefix,
+# its second norm named pre_mlp_layernorm), seen under DeepSeek-V3's names
+MIMO_MTP = MtpLayout(
+    "num_nextn_predict_layers",
+    (
+        ("model.layers.{layer}.shared_head.norm.", "model.mtp.layers.{depth}.final_layernorm."),
+        ("model.layers.{layer}.post_attention_layernorm.", "model.mtp.layers.{depth}.pre_mlp_layernorm."),
+        ("model.layers.{layer}.", "model.mtp.layers.{depth}."),
+    ),
+)
 
 
 FAMILY = Family(
@@ -145,5 +177,6 @@ FAMILY = Family(
     hub_aliases=((".self_attn.sinks", ".self_attn.attention_sink_bias"),),
     # the release stores the router weight in float32, like the correction bias
     keep_float32=("e_score_correction_bias", ".mlp.gate.weight"),
+    mtp=MIMO_MTP,
     example="XiaomiMiMo/MiMo-V2-Flash",
 )

@@ -1,13 +1,14 @@
 """Multi-token prediction layers, as DeepSeek-V3 ships them (its report, section 2.2) and the releases that
-followed its design (GLM-4.5, Qwen3-Next and Qwen3.5): MTP layer k takes the hidden state h at position i
-(the backbone's last layer's, before its final norm, or the previous MTP layer's output) and the embedding
-e of token i+1, computes eh_proj([enorm(e); hnorm(h)]) (the embedding first), runs one decoder layer of
-the family's own kind (with its own KV state) over that, and predicts token i+2 through its own final norm
-and the model's shared embedding and LM head.
+followed its design (GLM-4.5, Qwen3-Next, Qwen3.5, MiMo-V2-Flash): MTP layer k takes the hidden state h at
+position i (layer k - 1's output there, before its final norm; for layer 0 the backbone's last layer's)
+and the embedding e of token i + k + 1, computes eh_proj([enorm(e); hnorm(h)]) (the embedding first), runs
+one decoder layer (with its own KV state) over that, and predicts token i + k + 2 through its own final
+norm and the model's shared embedding and LM head. The decoder layer is of the family's own kind, or what
+the release's inference code makes it (MiMo-V2-Flash's: sliding-window attention and a dense MLP).
 
 In memory the layers are `mtp.layers.{k}.{enorm,hnorm,eh_proj,block,shared_head.norm}`; they are read
 from DeepSeek-V3's names, `model.layers.{num_hidden_layers + k}.*` (the decoder layer's tensors directly
-under that prefix), which a release stored otherwise is seen under (see `MtpTensors`). DeepSeek-V3 also
+under that prefix), which a release stored otherwise is seen under (see `MtpLayout` in family.py). DeepSeek-V3 also
 stores a copy of the embedding and the LM head in each MTP layer; as SGLang does, the model's own are used
 (the report: "the embedding layer and the output head ... are shared with the main model")."""
 

@@ -217,6 +217,8 @@ class CompressedKV(LayerState):
         self.window, self.compressor, self.indexer = window, compressor, indexer
 
     def truncate(self, pos: int, current: int, interrupted: bool) -> bool:
+        if not self._pooled():  # a sliding layer's: its ring alone
+            return self.window.truncate(pos, current, interrupted)
         return pos == current and not interrupted
 
     def reset(self) -> None:

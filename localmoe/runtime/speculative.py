@@ -65,51 +65,65 @@ class PromptLookup(Drafter):
 
 
 class MtpDrafter(Drafter):
-    """Drafts with the checkpoint's multi-token-prediction layer (DeepSeek-V3's MTP, as vLLM and SGLang
-    run it): at position i it takes the target's hidden state there and the token at i + 1, and predicts
-    the token at i + 2; further drafts feed it its own output and the token it drafted (one layer, reused
-    at every depth). Its KV cache follows the target's positions (from the first one it was shown: in a
-    conversation's later turns, it has not seen the earlier ones); drafted positions are dropped from it
-    before the target's hidden states there are fed."""
+    """Drafts with the checkpoint's multi-token-prediction layers, chained as they were trained (DeepSeek-V3's
+    report, section 2.2; transformers' MtpModel.forward): layer k at position i takes layer k - 1's output
+    there (layer 0: the target's hidden state) and the token at i + k + 1, and predicts the token at i + k + 2.
+    So at the last position P the target ran, layer 0 predicts the token at P + 2 from the target's own next
+    token, and layer k the one at P + k + 2 from the tokens drafted before it: n layers draft n tokens, each
+    layer at P. Past the checkpoint's layers the last one drafts on at P + 1, P + 2, ..., fed its own output
+    and the token it drafted (as vLLM and SGLang reuse their one layer: these layers were trained for no
+    further depth). Each layer keeps a KV cache over the target's positions (from the first one it was shown:
+    in a conversation's later turns, it has not seen the earlier ones); the entries a drafted token reached
+    (the last k of layer k, and every one past P) are dropped before the next draft and computed again with
+    the kept tokens, from the target's hidden states, kept for that. Layers beyond the drafts asked for are
+    not run (the number asked only falls within a generation)."""
 
     reads_hidden = True
 
     def __init__(self, model, context: int, hooks: "StepHooks | None" = None):
-        """`context`: the target's, in positions; `hooks`: run around each step of the MTP layer, as around
+        """`context`: the target's, in positions; `hooks`: run around each step of an MTP layer, as around
         the target's (the expert cache learns from its routing there)."""
         self.model, self.context, self.hooks = model, context, hooks
-        self.cache = None  # allocated at the first hidden states, for the positions from there on
-        self.first = 0  # the target's position of the cache's position 0
-        self.pending: list[torch.Tensor] = []  # hidden states [T, H] of kept positions not fed yet
-        self.fed = 0  # target positions whose hidden states went through the MTP layer (from `first`)
+        self.depth = len(model.mtp.layers)  # the layers that draft
+        self.caches: list | None = None  # one per layer, allocated at the first hidden states
+        self.first = 0  # the target's position of the caches' position 0
+        self.fed = 0  # target positions every drafting layer has run with kept tokens only
+        self.hidden: torch.Tensor | None = None  # the target's hidden states [T, H] from position `fed` on
 
     def observe(self, start: int, kept: int, hidden: torch.Tensor) -> None:
-        if self.cache is None:
-            self.cache = self.model.new_mtp_cache(1, self.context - start)
+        if self.caches is None:
+            self.caches = [self.model.new_mtp_cache(1, self.context - start, k) for k in range(self.depth)]
             self.first = self.fed = start
-        waiting = self.fed + sum(h.shape[0] for h in self.pending)
+            self.hidden = hidden[:0]
+        waiting = self.fed + self.hidden.shape[0]
         assert start == waiting, f"hidden states at {start}, expected at {waiting}"
-        self.pending.append(hidden[:kept])
+        self.hidden = torch.cat([self.hidden, hidden[:kept]])
 
     @torch.inference_mode()
     def propose(self, tokens: Sequence[int], limit: int) -> list[int]:
-        self.cache.rewind(self.fed - self.first)  # the last draft's positions
-        h = torch.cat(self.pending)[None]
-        self.pending = []
-        device = h.device
-        following = torch.tensor([tokens[self.fed + 1 : self.fed + 1 + h.shape[1]]], device=device)
-        self.fed += h.shape[1]
-        drafts = []
-        while True:
-            if self.hooks:
-                self.hooks.before()
-            logits, h = self.model.mtp_draft(h, following, self.cache)
-            if self.hooks:
-                self.hooks.after()
+        self.depth = min(self.depth, limit)
+        start, h = self.fed, self.hidden[None]  # positions start .. P
+        length, device = h.shape[1], h.device
+        drafts: list[int] = []
+        for k in range(self.depth):
+            self.caches[k].rewind(start - self.first)
+            following = (list(tokens[start + k + 1 :]) + drafts)[:length]  # the tokens at i + k + 1
+            logits, h = self._step(h, torch.tensor([following], device=device), k)
             drafts.append(int(logits[0, -1].argmax()))
-            if len(drafts) == limit:
-                return drafts
-            h, following = h[:, -1:], torch.tensor([drafts[-1:]], device=device)
+        kept = max(start, start + length + 1 - self.depth)  # the last k positions of layer k saw drafts
+        self.hidden, self.fed = self.hidden[kept - start :], kept
+        while len(drafts) < limit:
+            logits, h = self._step(h[:, -1:], torch.tensor([drafts[-1:]], device=device), self.depth - 1)
+            drafts.append(int(logits[0, -1].argmax()))
+        return drafts
+
+    def _step(self, h: torch.Tensor, following: torch.Tensor, depth: int) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.hooks:
+            self.hooks.before()
+        logits, h = self.model.mtp_draft(h, following, self.caches[depth], depth)
+        if self.hooks:
+            self.hooks.after()
+        return logits, h
 
 
 @dataclass
