@@ -1046,6 +1046,8 @@ inline int64_t arranged_pair(int64_t p, int64_t col, int64_t cols) {
   return (p / TILE) * cols * TILE + (col / 2) * 2 * TILE + (p % TILE) * 2 + (col & 1);
 }
 
+alignas(64) constexpr float IOTA[16] = {0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15};  // INT4 codes
+
 // A row of 4-bit codes (INT4, MXFP4; groups of whole 32 columns) as bfloat16 through a table per group:
 // its 16 weights, each computed as the reference does (float32, rounded once), looked up by code.
 template <int FMT>
