@@ -1153,8 +1153,8 @@ def test_phimoe_long_mscale_past_the_original_context(tmp_path):
     rope = {**PHIMOE_LONGROPE, "short_mscale": 1.1, "long_mscale": 1.3}
     reference = hf_model("PhimoeConfig", **PHIMOE, rope_parameters=rope)
     engine = localmoe.load(str(save_hf(reference, tmp_path, "single")), device="cpu", dtype=torch.float32)
-    test_prefill_logits_match((reference, engine))
-    test_decode_steps_match((reference, engine))
+    prefill_logits_match((reference, engine), TOLERANCE)
+    decode_steps_match((reference, engine), TOLERANCE)
 
 
 def prompt_ids(length: int = PROMPT_TOKENS) -> torch.Tensor:
@@ -1167,16 +1167,24 @@ def step_tolerance(request) -> float:
 
 
 def test_prefill_logits_match(pair, request):
+    prefill_logits_match(pair, step_tolerance(request))
+
+
+def test_decode_steps_match(pair, request):
+    decode_steps_match(pair, step_tolerance(request))
+
+
+def prefill_logits_match(pair, tolerance: float) -> None:
     reference, engine = pair
     ids = prompt_ids()
     with torch.no_grad():
         expected = reference(ids).logits
     got = engine.model(ids, engine.model.new_cache(1, ids.shape[1]), all_logits=True)
     assert got.shape == expected.shape
-    assert (got - expected).abs().max().item() < step_tolerance(request)
+    assert (got - expected).abs().max().item() < tolerance
 
 
-def test_decode_steps_match(pair, request):
+def decode_steps_match(pair, tolerance: float) -> None:
     reference, engine = pair
     ids = prompt_ids()
     steps = torch.randint(0, 256, (1, DECODE_STEPS), generator=torch.Generator().manual_seed(2))
@@ -1191,7 +1199,7 @@ def test_decode_steps_match(pair, request):
             out = reference(token, past_key_values=past, use_cache=True, position_ids=position)
             past = out.past_key_values
             got = engine.model(token, cache)
-            assert (got[:, -1] - out.logits[:, -1]).abs().max().item() < step_tolerance(request), f"step {i}"
+            assert (got[:, -1] - out.logits[:, -1]).abs().max().item() < tolerance, f"step {i}"
 
 
 def test_greedy_tokens_identical(pair, request):
@@ -1485,7 +1493,7 @@ def test_sarvam_as_released(tmp_path):
     saved["auto_map"] = {"AutoModelForCausalLM": "modeling_sarvam_moe.SarvamMoEForCausalLM"}
     (folder / "config.json").write_text(json.dumps(saved))
     engine = localmoe.load(str(folder), device="cpu", dtype=torch.float32)
-    test_prefill_logits_match((reference, engine))
+    prefill_logits_match((reference, engine), TOLERANCE)
 
 
 def test_minimax_m3_rotates_the_width_rotary_dim_says():
