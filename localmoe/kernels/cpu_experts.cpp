@@ -1132,6 +1132,20 @@ bool tiles_fit(const lm_call& c) {
   return c.dtype == DT_BF16 && format && c.hidden % (2 * TILE) == 0 && c.inter % (2 * TILE) == 0 && amx_usable();
 }
 
+// Each unit's output rows [0, rows) in blocks of TASK_ROWS handed to the threads in turn, each block run
+// as work(unit, first row, past its last row) with the tiles configured.
+template <class Work>
+void tile_tasks(const std::vector<Unit*>& units, int64_t rows, int64_t threads, const Work& work) {
+  const TileConfig config;
+  const int64_t tasks = rows / TASK_ROWS + (rows % TASK_ROWS != 0);
+  share(int64_t(units.size()) * tasks, threads, [&](int64_t task) {
+    const int64_t first = (task % tasks) * TASK_ROWS;
+    tiles_configured(config);
+    work(*units[task / tasks], first, std::min(rows, first + TASK_ROWS));
+    tiles_released();
+  });
+}
+
 // The pairs of `units` (bfloat16 activations): gate/up and the activation into h, then down into out, as
 // matrix_vector computes them, with tiles.
 template <int FMT>
@@ -1151,19 +1165,14 @@ void tile_prefill(lm_call& c, std::vector<Unit*>& units) {
         dst[arranged_pair(i, e, H)] = bf16_bits(c.input_scale ? N::round(v * c.input_scale[pair]) : v);
       }
     }
-  const TileConfig config;
-  const int64_t gu_tasks = I / TASK_ROWS + (I % TASK_ROWS != 0);
-  share(int64_t(units.size()) * gu_tasks, c.threads, [&](int64_t task) {
-    const Unit& u = *units[task / gu_tasks];
+  tile_tasks(units, I, c.threads, [&](const Unit& u, int64_t first, int64_t last) {
     const int64_t P = int64_t(u.pairs.size());
     const lm_stack& st = *u.stack;
     const uint8_t* bias = bias_of(st.gate_up_bias, st.gate_up_bias_expert, u.expert);
     thread_local std::vector<uint16_t> buffer;
     buffer.resize(2 * TILE * H);
     alignas(64) float out[4][TILE][TILE];
-    tiles_configured(config);
-    const int64_t first = (task % gu_tasks) * TASK_ROWS;
-    for (int64_t r = first; r < std::min(I, first + TASK_ROWS); r += TILE) {
+    for (int64_t r = first; r < last; r += TILE) {
       int64_t gate_row, up_row;
       const uint16_t* gate = tile_rows<FMT>(st.gate_up, u.expert, r, buffer.data(), &gate_row);
       const uint16_t* up = tile_rows<FMT>(st.gate_up, u.expert, I + r, buffer.data() + TILE * H, &up_row);
@@ -1183,20 +1192,15 @@ void tile_prefill(lm_call& c, std::vector<Unit*>& units) {
         }
       }
     }
-    tiles_released();
   });
-  const int64_t dn_tasks = H / TASK_ROWS + (H % TASK_ROWS != 0);
-  share(int64_t(units.size()) * dn_tasks, c.threads, [&](int64_t task) {
-    const Unit& u = *units[task / dn_tasks];
+  tile_tasks(units, H, c.threads, [&](const Unit& u, int64_t first, int64_t last) {
     const int64_t P = int64_t(u.pairs.size());
     const lm_stack& st = *u.stack;
     const uint8_t* bias = bias_of(st.down_bias, st.down_bias_expert, u.expert);
     thread_local std::vector<uint16_t> buffer;
     buffer.resize(2 * TILE * I);
     alignas(64) float out[4][TILE][TILE];
-    tiles_configured(config);
-    const int64_t first = (task % dn_tasks) * TASK_ROWS;
-    for (int64_t r = first; r < std::min(H, first + TASK_ROWS); r += 2 * TILE) {
+    for (int64_t r = first; r < last; r += 2 * TILE) {
       int64_t row0, row1;
       const uint16_t* a0 = tile_rows<FMT>(st.down, u.expert, r, buffer.data(), &row0);
       const uint16_t* a1 = tile_rows<FMT>(st.down, u.expert, r + TILE, buffer.data() + TILE * I, &row1);
@@ -1214,7 +1218,6 @@ void tile_prefill(lm_call& c, std::vector<Unit*>& units) {
         }
       }
     }
-    tiles_released();
   });
 }
 
