@@ -174,8 +174,8 @@ def belady_uncached(trace: Trace, slots: int) -> Replay:
                 per_layer[key[0]].hits += 1
                 pool[key] = next_use(key, time)
                 heapq.heappush(furthest, (-pool[key], key))
-        for key in sorted((k for k in step if k not in pool), key=lambda k: next_use(k, time)):
-            when, counters = next_use(key, time), per_layer[key[0]]
+        for when, key in sorted((next_use(k, time), k) for k in step if k not in pool):
+            counters = per_layer[key[0]]
             if len(pool) >= slots:
                 while -furthest[0][0] != pool.get(furthest[0][1]):
                     heapq.heappop(furthest)
