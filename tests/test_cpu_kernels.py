@@ -179,17 +179,12 @@ def test_integer_groups_within_and_across_vector_steps(bits, group, symmetric):
         assert_near(outputs(cpu.cpu_pair_outputs, stack, x, slots, ACTS["swiglu"]), expected, torch.bfloat16)
 
 
-def tiles() -> bool:
-    """Whether experts with many pairs run on AMX tiles here (bfloat16)."""
-    return cpu.cpu_kernel()[1].endswith("+amx")
-
-
 @pytest.mark.parametrize("fmt", FORMATS)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_experts_with_many_pairs_match_the_reference(fmt, dtype):
-    """Experts with many pairs run the prefill path: AMX tiles in bfloat16 where the CPU has them (from 4
-    pairs; the reference's oneDNN products sum in their own order: within TOLERANCE), else from MANY_PAIRS
-    on the reference's own arithmetic (bit for bit)."""
+    """Experts with many pairs run the prefill path: in bfloat16 AMX tiles where the CPU has them, else the
+    vector prefill (from 4 pairs; the reference's oneDNN products sum in their own order: within
+    TOLERANCE); in float32 from MANY_PAIRS on the reference's own arithmetic (bit for bit)."""
     stack = experts(fmt, 3, 256, 128, dtype, seed=6, bias=True)
     x, _ = case(24, 1, 3, 256, seed=7, dtype=dtype)
     slots = torch.tensor([[0, 1]] * 12 + [[1, 2]] * 12)  # 12, 24 and 12 pairs per expert
@@ -197,7 +192,7 @@ def test_experts_with_many_pairs_match_the_reference(fmt, dtype):
     for act in ACTS:
         expected = outputs(expert_pair_outputs, stack, x, slots, ACTS[act], scale)
         got = outputs(cpu.cpu_pair_outputs, stack, x, slots, ACTS[act], scale)
-        if dtype == torch.bfloat16 and tiles():
+        if dtype == torch.bfloat16:
             assert_near(got, expected, dtype)
         else:
             assert torch.equal(got, expected)
@@ -208,7 +203,7 @@ def test_experts_with_many_pairs_match_the_reference(fmt, dtype):
 def test_prefill_token_counts_match_the_reference(fmt, tokens):
     """Prefills of 9 to a few hundred tokens, top-2 of 4 experts (one to many tiles of 16 pairs, ragged last
     tiles), biases and input scales, bfloat16, on a tiled shape and a ragged one (left to the reference's
-    products); on tiles the same bits on 1 and 2 threads."""
+    products); on the prefill path the same bits on 1 and 2 threads."""
     for hidden, inter in ((256, 128), small(fmt)):
         stack = experts(fmt, 4, hidden, inter, torch.bfloat16, seed=tokens, bias=True)
         x, slots = case(tokens, 2, 4, hidden, seed=tokens, dtype=torch.bfloat16)
@@ -219,15 +214,14 @@ def test_prefill_token_counts_match_the_reference(fmt, tokens):
             torch.set_num_threads(thread_count)
             by_threads.append(outputs(cpu.cpu_pair_outputs, stack, x, slots, ACTS["swiglu"], scale))
             assert_near(by_threads[-1], expected, torch.bfloat16)
-        if tiles() and hidden % 32 == 0:
+        if hidden % 32 == 0:
             assert torch.equal(*by_threads)
 
 
-def test_on_tiles_a_pair_does_not_depend_on_the_other_pairs():
-    """A token's outputs are the same bits whichever pairs share its expert's tiles, and wherever in a tile
-    it falls (prefill chunks differ between an offloaded run and a resident one only in what they hold)."""
-    if not tiles():
-        pytest.skip("no AMX tiles here")
+def test_on_the_prefill_path_a_pair_does_not_depend_on_the_other_pairs():
+    """A token's outputs are the same bits whichever pairs share its expert's pass, and wherever in a tile
+    or a step it falls (prefill chunks differ between an offloaded run and a resident one only in what they
+    hold)."""
     stack = experts("int4", 2, 256, 128, torch.bfloat16, seed=15, bias=True)
     x, _ = case(40, 1, 2, 256, seed=16, dtype=torch.bfloat16)
     slots = torch.tensor([[t % 2, 1 - t % 2] for t in range(40)])  # 40 pairs per expert
@@ -299,16 +293,32 @@ for fmt in t.FORMATS:
             for act in t.ACTS.values():
                 expected = t.outputs(t.expert_pair_outputs, stack, x, slots, act)
                 t.assert_near(t.outputs(cpu.cpu_pair_outputs, stack, x, slots, act), expected, dtype)
+    # prefill (experts with many pairs, bfloat16): within TOLERANCE, the same bits on 1 and 2 threads and
+    # whichever other pairs share the expert
+    stack = t.experts(fmt, 4, 256, 128, torch.bfloat16, seed=15, bias=True)
+    x, _ = t.case(40, 2, 4, 256, seed=16, dtype=torch.bfloat16)
+    slots = torch.tensor([[i % 4, (i + 1) % 4] for i in range(40)])  # 20 pairs per expert, 9 in the part
+    scale = torch.rand(slots.numel(), generator=torch.Generator().manual_seed(17))
+    expected = t.outputs(t.expert_pair_outputs, stack, x, slots, t.ACTS["swiglu"], scale)
+    by_threads = []
+    for threads in (1, 2):
+        torch.set_num_threads(threads)
+        by_threads.append(t.outputs(cpu.cpu_pair_outputs, stack, x, slots, t.ACTS["swiglu"], scale))
+        t.assert_near(by_threads[-1], expected, torch.bfloat16)
+    assert torch.equal(*by_threads)
+    part = t.outputs(cpu.cpu_pair_outputs, stack, x[5:23], slots[5:23], t.ACTS["swiglu"], scale[10:46])
+    assert torch.equal(part, by_threads[0][10:46])
 print("ok")
 """
 
 
-@pytest.mark.parametrize("isa", ["avx2", "generic"])
+@pytest.mark.parametrize("isa", ["avx512bf16", "avx512", "avx2", "generic"])
 def test_lower_instruction_sets_match_the_reference(isa):
-    """The AVX2 path (consumer CPUs without AVX-512) and the plain C++ one (other architectures), forced
-    on this CPU; each is its own library, so each runs in its own process."""
-    if isa == "avx2" and not set(cpu.ISAS["avx2"][0]) <= cpu._cpu_flags():
-        pytest.skip("this CPU has no AVX2")
+    """The instruction sets below this CPU's, forced: AVX512-BF16 without AMX tiles (AMD Zen 4 and 5), AVX-512
+    alone, AVX2 (consumer CPUs without AVX-512) and plain C++ (other architectures); each is its own library,
+    so each runs in its own process."""
+    if not set(cpu.ISAS[isa][0]) <= cpu._cpu_flags():
+        pytest.skip(f"this CPU has no {isa}")
     env = {
         **os.environ,
         "LOCALMOE_CPU_ISA": isa,

@@ -26,7 +26,7 @@
 #if defined(__AVX512F__) || defined(__AVX2__)
 #include <immintrin.h>
 #endif
-#if defined(__AVX512BF16__) && defined(__linux__) && defined(__x86_64__)
+#if defined(LOCALMOE_AMX) && defined(__AVX512BF16__) && defined(__linux__) && defined(__x86_64__)
 #include <cpuid.h>  // AMX: whether the CPU has it, and Linux's permission to use it
 #include <sys/syscall.h>
 #include <unistd.h>
@@ -969,82 +969,10 @@ void dequantize_format(const Matrix& m, int64_t format, int64_t expert, uint8_t*
 
 
 // ---------------------------------------------------------------------------------------------------
-// Prefill on AMX (Intel's tile units): experts with `many` pairs or more, in bfloat16, every format.
-//
-// An expert's weight rows are the left tiles as they lie (bfloat16) or decoded 16 rows at a time into a
-// buffer the core keeps in cache (every other format: each weight exactly as the reference dequantizes
-// it, float32 arithmetic rounded once to bfloat16), and the pairs' activations the right tiles, 16
-// pairs per tile, arranged once per expert in pairs of columns (the tiles' layout). Each output sums its
-// columns 32 at a time in one order, in float32: like the matrix-vector path it depends neither on the
-// thread count nor on the other pairs, and it differs from the reference's oneDNN products by float32
-// summation order only. Where the CPU or the kernel lack AMX, these experts are left to the caller.
-#if defined(__AVX512BF16__) && defined(__linux__) && defined(__x86_64__)
+// Weight rows decoded to bfloat16 for the prefill paths, each weight exactly the reference's
 
-// Whether this CPU has AMX tiles with bfloat16 products and Linux lets this process use them (it must
-// ask once: the tile state is large).
-bool amx_usable() {
-  static const bool usable = [] {
-    unsigned a, b, c, d;
-    if (!__get_cpuid_count(7, 0, &a, &b, &c, &d) || !(d & (1u << 24)) || !(d & (1u << 22))) return false;
-    constexpr long ARCH_REQ_XCOMP_PERM = 0x1023, XFEATURE_XTILEDATA = 18;
-    return syscall(SYS_arch_prctl, ARCH_REQ_XCOMP_PERM, XFEATURE_XTILEDATA) == 0;
-  }();
-  return usable;
-}
-
-constexpr int TILE = 16;  // rows of a tile: 16 weight rows, or 16 pairs; 32 bfloat16 columns each
-constexpr int64_t TILE_COLS = 32;
-
-struct TileConfig {  // the 64 bytes of ldtilecfg, palette 1: every tile 16 rows of 64 bytes
-  uint8_t palette = 1, start_row = 0, reserved[14] = {};
-  uint16_t bytes_per_row[16] = {};
-  uint8_t rows[16] = {};
-  TileConfig() {
-    for (int t = 0; t < 8; ++t) bytes_per_row[t] = 64, rows[t] = TILE;
-  }
-};
-
-// Tiles 0-3 accumulate (a0, b0), (a1, b0), (a0, b1), (a1, b1) over `cols` columns, then go to c, 16 x 16
-// float32 each: 16 weight rows of a0 and of a1 (rows `a0_row`, `a1_row` bytes apart) by 16 pairs of b0 and
-// of b1 (arranged as `arranged_pair` says). NB: one or two tiles of pairs.
-template <int NB>
-__attribute__((target("amx-tile,amx-bf16"))) void tile_products(const uint16_t* a0, int64_t a0_row, const uint16_t* a1,
-                                                                  int64_t a1_row, const uint16_t* b0, const uint16_t* b1,
-                                                                  int64_t cols, float* c) {
-  _tile_zero(0);
-  _tile_zero(1);
-  if constexpr (NB == 2) {
-    _tile_zero(2);
-    _tile_zero(3);
-  }
-  for (int64_t k = 0; k < cols; k += TILE_COLS) {
-    _tile_loadd(4, a0 + k, a0_row);
-    _tile_loadd(5, a1 + k, a1_row);
-    _tile_loadd(6, b0 + k * TILE, 64);
-    _tile_dpbf16ps(0, 4, 6);
-    _tile_dpbf16ps(1, 5, 6);
-    if constexpr (NB == 2) {
-      _tile_loadd(7, b1 + k * TILE, 64);
-      _tile_dpbf16ps(2, 4, 7);
-      _tile_dpbf16ps(3, 5, 7);
-    }
-  }
-  _tile_stored(0, c, 64);
-  _tile_stored(1, c + 256, 64);
-  if constexpr (NB == 2) {
-    _tile_stored(2, c + 512, 64);
-    _tile_stored(3, c + 768, 64);
-  }
-}
-
-__attribute__((target("amx-tile"))) void tiles_configured(const TileConfig& config) { _tile_loadconfig(&config); }
-__attribute__((target("amx-tile"))) void tiles_released() { _tile_release(); }
-
-// Where column `col` of pair `p` goes among a unit's arranged activations (`cols` columns): per 16 pairs,
-// per 32 columns, 16 rows of 16 pairs x 2 consecutive columns (the right tile's layout)
-inline int64_t arranged_pair(int64_t p, int64_t col, int64_t cols) {
-  return (p / TILE) * cols * TILE + (col / 2) * 2 * TILE + (p % TILE) * 2 + (col & 1);
-}
+#if defined(__AVX512BF16__)
+constexpr int64_t TILE_COLS = 32;  // bfloat16 columns per 64 bytes: one row of a tile, one vdpbf16ps
 
 alignas(64) constexpr float IOTA[16] = {0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15};  // INT4 codes
 
@@ -1103,6 +1031,85 @@ void bf16_row(const Matrix& m, int64_t expert, int64_t r, uint16_t* out) {
   }
 }
 
+#endif
+
+// ---------------------------------------------------------------------------------------------------
+// Prefill on AMX (Intel's tile units): experts with `many` pairs or more, in bfloat16, every format.
+//
+// An expert's weight rows are the left tiles as they lie (bfloat16) or decoded 16 rows at a time into a
+// buffer the core keeps in cache (every other format: each weight exactly as the reference dequantizes
+// it, float32 arithmetic rounded once to bfloat16), and the pairs' activations the right tiles, 16
+// pairs per tile, arranged once per expert in pairs of columns (the tiles' layout). Each output sums its
+// columns 32 at a time in one order, in float32: like the matrix-vector path it depends neither on the
+// thread count nor on the other pairs, and it differs from the reference's oneDNN products by float32
+// summation order only. Where the CPU or the kernel lack AMX, these experts are left to the caller.
+#if defined(LOCALMOE_AMX) && defined(__AVX512BF16__) && defined(__linux__) && defined(__x86_64__)
+
+// Whether this CPU has AMX tiles with bfloat16 products and Linux lets this process use them (it must
+// ask once: the tile state is large).
+bool amx_usable() {
+  static const bool usable = [] {
+    unsigned a, b, c, d;
+    if (!__get_cpuid_count(7, 0, &a, &b, &c, &d) || !(d & (1u << 24)) || !(d & (1u << 22))) return false;
+    constexpr long ARCH_REQ_XCOMP_PERM = 0x1023, XFEATURE_XTILEDATA = 18;
+    return syscall(SYS_arch_prctl, ARCH_REQ_XCOMP_PERM, XFEATURE_XTILEDATA) == 0;
+  }();
+  return usable;
+}
+
+constexpr int TILE = 16;  // rows of a tile: 16 weight rows, or 16 pairs; TILE_COLS bfloat16 columns each
+
+struct TileConfig {  // the 64 bytes of ldtilecfg, palette 1: every tile 16 rows of 64 bytes
+  uint8_t palette = 1, start_row = 0, reserved[14] = {};
+  uint16_t bytes_per_row[16] = {};
+  uint8_t rows[16] = {};
+  TileConfig() {
+    for (int t = 0; t < 8; ++t) bytes_per_row[t] = 64, rows[t] = TILE;
+  }
+};
+
+// Tiles 0-3 accumulate (a0, b0), (a1, b0), (a0, b1), (a1, b1) over `cols` columns, then go to c, 16 x 16
+// float32 each: 16 weight rows of a0 and of a1 (rows `a0_row`, `a1_row` bytes apart) by 16 pairs of b0 and
+// of b1 (arranged as `arranged_pair` says). NB: one or two tiles of pairs.
+template <int NB>
+__attribute__((target("amx-tile,amx-bf16"))) void tile_products(const uint16_t* a0, int64_t a0_row, const uint16_t* a1,
+                                                                  int64_t a1_row, const uint16_t* b0, const uint16_t* b1,
+                                                                  int64_t cols, float* c) {
+  _tile_zero(0);
+  _tile_zero(1);
+  if constexpr (NB == 2) {
+    _tile_zero(2);
+    _tile_zero(3);
+  }
+  for (int64_t k = 0; k < cols; k += TILE_COLS) {
+    _tile_loadd(4, a0 + k, a0_row);
+    _tile_loadd(5, a1 + k, a1_row);
+    _tile_loadd(6, b0 + k * TILE, 64);
+    _tile_dpbf16ps(0, 4, 6);
+    _tile_dpbf16ps(1, 5, 6);
+    if constexpr (NB == 2) {
+      _tile_loadd(7, b1 + k * TILE, 64);
+      _tile_dpbf16ps(2, 4, 7);
+      _tile_dpbf16ps(3, 5, 7);
+    }
+  }
+  _tile_stored(0, c, 64);
+  _tile_stored(1, c + 256, 64);
+  if constexpr (NB == 2) {
+    _tile_stored(2, c + 512, 64);
+    _tile_stored(3, c + 768, 64);
+  }
+}
+
+__attribute__((target("amx-tile"))) void tiles_configured(const TileConfig& config) { _tile_loadconfig(&config); }
+__attribute__((target("amx-tile"))) void tiles_released() { _tile_release(); }
+
+// Where column `col` of pair `p` goes among a unit's arranged activations (`cols` columns): per 16 pairs,
+// per 32 columns, 16 rows of 16 pairs x 2 consecutive columns (the right tile's layout)
+inline int64_t arranged_pair(int64_t p, int64_t col, int64_t cols) {
+  return (p / TILE) * cols * TILE + (col / 2) * 2 * TILE + (p % TILE) * 2 + (col & 1);
+}
+
 // Rows [r, r + TILE) of `expert` as bfloat16: where they lie (bfloat16 weights), else decoded into
 // `buffer`. Sets their stride in bytes.
 template <int FMT>
@@ -1125,12 +1132,8 @@ constexpr int64_t TASK_ROWS = 64;  // weight rows per task
 // 4-bit 856 -> 916 tok/s, 8-bit 752 -> 834 with 4 rather than 8).
 constexpr int64_t TILE_PAIRS = 4;
 
-// Whether tile_prefill takes a call: bfloat16, a format it reads, widths in whole tiles, AMX usable.
-bool tiles_fit(const lm_call& c) {
-  const bool format = c.format == BF16 || c.format == INT8 || c.format == INT4 || c.format == FP8 ||
-                      c.format == MXFP4 || c.format == NVFP4;
-  return c.dtype == DT_BF16 && format && c.hidden % (2 * TILE) == 0 && c.inter % (2 * TILE) == 0 && amx_usable();
-}
+// Whether tile_prefill takes the calls that prefill_fits: AMX usable.
+bool tiles_usable() { return amx_usable(); }
 
 // Each unit's output rows [0, rows) in blocks of TASK_ROWS handed to the threads in turn, each block run
 // as work(unit, first row, past its last row) with the tiles configured.
@@ -1221,7 +1224,7 @@ void tile_prefill(lm_call& c, std::vector<Unit*>& units) {
   });
 }
 
-// `units` through tile_prefill, in a call tiles_fit
+// `units` through tile_prefill, in a call prefill_fits
 void tile_prefill_format(lm_call& c, std::vector<Unit*>& units) {
   switch (c.format) {
     case BF16: return tile_prefill<BF16>(c, units);
@@ -1234,9 +1237,208 @@ void tile_prefill_format(lm_call& c, std::vector<Unit*>& units) {
 }
 #else
 constexpr int64_t TILE_PAIRS = 0;
-bool tiles_fit(const lm_call&) { return false; }
+bool tiles_usable() { return false; }
 void tile_prefill_format(lm_call&, std::vector<Unit*>&) {}
 #endif
+
+// ---------------------------------------------------------------------------------------------------
+// Prefill without AMX: experts with VECTOR_PAIRS pairs or more, in bfloat16, in the formats tile_prefill
+// reads, on the CPUs without tiles (AVX512-BF16: AMD Zen 4 and 5; AVX-512 or AVX2 alone: most others).
+//
+// As tile_prefill, one pass per expert over its weights: ROWS rows at a time decoded into a buffer that
+// stays in the first-level cache (each weight exactly the reference's bfloat16 value; bfloat16 weights
+// read where they lie), then multiplied with every pair's activations, ROWS rows by a few pairs a step,
+// so that each loaded row vector serves several pairs and each activation vector several rows. With
+// AVX512-BF16 the products are vdpbf16ps on bfloat16 (Bf16Rows); elsewhere fused multiply-adds on the
+// same values in float32, where the products of two bfloat16 are exact (FloatRows). Each output has its
+// own float32 accumulator vector, summed along the row in one order and then across its lanes: like the
+// other paths it depends neither on the thread count nor on the other pairs, and differs from the
+// reference's products by float32 summation order only. The dequantize-then-ATen path it replaces cost a
+// fresh tensor per expert (page faults) and a second pass over RAM.
+
+constexpr int ROWS = 4;  // weight rows per step
+
+// Experts with this many pairs or more take the vector prefill where it fits, as TILE_PAIRS does the tiles.
+constexpr int64_t VECTOR_PAIRS = 4;
+
+// Whether a call's experts with many pairs can take a prefill path: bfloat16, a format the paths decode,
+// widths in whole 32 columns (a tile's row, a bfloat16 vector).
+bool prefill_fits(const lm_call& c) {
+  const bool format = c.format == BF16 || c.format == INT8 || c.format == INT4 || c.format == FP8 ||
+                      c.format == MXFP4 || c.format == NVFP4;
+  return c.dtype == DT_BF16 && format && c.hidden % 32 == 0 && c.inter % 32 == 0;
+}
+
+#if defined(__AVX512BF16__)
+struct Bf16Rows {
+  using T = uint16_t;
+  static constexpr int PAIRS = 4;  // pairs per step: 16 accumulators, 4 row vectors, one activation vector
+  static T value(float v) { return bf16_bits(v); }  // v: a bfloat16 value already
+  // rows [r, r + ROWS) of `expert`: where they lie (bfloat16), else decoded into `buffer`; their stride
+  template <int FMT>
+  static const T* rows(const Matrix& m, int64_t expert, int64_t r, T* buffer, int64_t* stride) {
+    if constexpr (FMT == BF16) {
+      *stride = m.w_row / 2;
+      return (const T*)m.row(expert, r).w;
+    }
+    for (int i = 0; i < ROWS; ++i) bf16_row<FMT>(m, expert, r + i, buffer + i * m.cols);
+    *stride = m.cols;
+    return buffer;
+  }
+  // out[i * out_stride + p] = row i of a . pair p of b, for ROWS rows and NP pairs
+  template <int NP>
+  static void products(const T* a, int64_t a_stride, const T* b, int64_t cols, float* out, int64_t out_stride) {
+    __m512 acc[ROWS][NP];
+    for (int i = 0; i < ROWS; ++i)
+      for (int p = 0; p < NP; ++p) acc[i][p] = _mm512_setzero_ps();
+    for (int64_t c = 0; c < cols; c += TILE_COLS) {
+      BH w[ROWS];
+      for (int i = 0; i < ROWS; ++i) w[i] = load_bh(a + i * a_stride + c);
+      for (int p = 0; p < NP; ++p) {
+        const BH x = load_bh(b + p * cols + c);
+        for (int i = 0; i < ROWS; ++i) acc[i][p] = _mm512_dpbf16_ps(acc[i][p], w[i], x);
+      }
+    }
+    for (int i = 0; i < ROWS; ++i)
+      for (int p = 0; p < NP; ++p) out[i * out_stride + p] = _mm512_reduce_add_ps(acc[i][p]);
+  }
+};
+#endif
+
+struct FloatRows {
+  using T = float;
+  static constexpr int PAIRS = MAX_PAIRS;  // as the matrix-vector path: what the registers hold
+  static T value(float v) { return v; }
+  template <int FMT>
+  static const T* rows(const Matrix& m, int64_t expert, int64_t r, T* buffer, int64_t* stride) {
+    for (int i = 0; i < ROWS; ++i) {
+      float* row = buffer + i * m.cols;
+      dequantize_row<FMT>(m, expert, r + i, row);
+      if constexpr (FMT != BF16)  // the reference's weight: float32, rounded once to bfloat16
+        for (int64_t c = 0; c < m.cols; ++c) row[c] = Num<DT_BF16>::round(row[c]);
+    }
+    *stride = m.cols;
+    return buffer;
+  }
+  template <int NP>
+  static void products(const T* a, int64_t a_stride, const T* b, int64_t cols, float* out, int64_t out_stride) {
+    F acc[ROWS][NP];
+    for (int i = 0; i < ROWS; ++i)
+      for (int p = 0; p < NP; ++p) acc[i][p] = zero();
+    for (int64_t c = 0; c < cols; c += W) {
+      F w[ROWS];
+      for (int i = 0; i < ROWS; ++i) w[i] = loadf(a + i * a_stride + c);
+      for (int p = 0; p < NP; ++p) {
+        const F x = loadf(b + p * cols + c);
+        for (int i = 0; i < ROWS; ++i) acc[i][p] = fmadd(w[i], x, acc[i][p]);
+      }
+    }
+    for (int i = 0; i < ROWS; ++i)
+      for (int p = 0; p < NP; ++p) out[i * out_stride + p] = hsum(acc[i][p]);
+  }
+};
+
+// ROWS rows of `a` against `pairs` activation vectors of `cols` columns (b, one after another), K::PAIRS
+// at a time: out[i * pairs + p]
+template <class K>
+void row_products(const typename K::T* a, int64_t a_stride, const typename K::T* b, int64_t pairs, int64_t cols,
+                  float* out) {
+  for (int64_t p = 0; p < pairs; p += K::PAIRS) {
+    const int64_t n = std::min<int64_t>(pairs - p, K::PAIRS);
+    const typename K::T* x = b + p * cols;
+    if (n == 4) K::template products<K::PAIRS == 4 ? 4 : 1>(a, a_stride, x, cols, out + p, pairs);
+    if (n == 3) K::template products<K::PAIRS == 4 ? 3 : 1>(a, a_stride, x, cols, out + p, pairs);
+    if (n == 2) K::template products<2>(a, a_stride, x, cols, out + p, pairs);
+    if (n == 1) K::template products<1>(a, a_stride, x, cols, out + p, pairs);
+  }
+}
+
+// The pairs of `units` (bfloat16 activations): gate/up and the activation into h, then down into out, as
+// matrix_vector computes them, ROWS weight rows at a time.
+template <class K, int FMT>
+void vector_prefill(lm_call& c, std::vector<Unit*>& units) {
+  using N = Num<DT_BF16>;
+  using T = typename K::T;
+  const int64_t H = c.hidden, I = c.inter;
+  int64_t pairs = 0;
+  for (Unit* u : units) u->first = pairs, pairs += int64_t(u->pairs.size());
+  std::vector<T> xin(pairs * H), h(pairs * I);
+  for (Unit* u : units)
+    for (int64_t i = 0; i < int64_t(u->pairs.size()); ++i) {
+      const int64_t pair = u->pairs[i];
+      const uint8_t* row = c.x + (pair / c.k) * c.x_row;
+      T* dst = xin.data() + (u->first + i) * H;
+      for (int64_t e = 0; e < H; ++e) {
+        const float v = N::get(row, e);
+        dst[e] = K::value(c.input_scale ? N::round(v * c.input_scale[pair]) : v);
+      }
+    }
+  const int64_t gu_tasks = (I + ROW_BLOCK - 1) / ROW_BLOCK;
+  share(int64_t(units.size()) * gu_tasks, c.threads, [&](int64_t task) {
+    const Unit& u = *units[task / gu_tasks];
+    const int64_t P = int64_t(u.pairs.size());
+    const lm_stack& st = *u.stack;
+    const uint8_t* bias = bias_of(st.gate_up_bias, st.gate_up_bias_expert, u.expert);
+    thread_local std::vector<T> buffer;
+    thread_local std::vector<float> out;
+    buffer.resize(2 * ROWS * H), out.resize(2 * ROWS * P);
+    for (int64_t r = (task % gu_tasks) * ROW_BLOCK, end = std::min(I, r + ROW_BLOCK); r < end; r += ROWS) {
+      int64_t gate_stride, up_stride;
+      const T* gate = K::template rows<FMT>(st.gate_up, u.expert, r, buffer.data(), &gate_stride);
+      const T* up = K::template rows<FMT>(st.gate_up, u.expert, I + r, buffer.data() + ROWS * H, &up_stride);
+      row_products<K>(gate, gate_stride, xin.data() + u.first * H, P, H, out.data());
+      row_products<K>(up, up_stride, xin.data() + u.first * H, P, H, out.data() + ROWS * P);
+      for (int64_t p = 0; p < P; ++p)
+        for (int i = 0; i < ROWS; ++i) {
+          const float g = N::round(out[i * P + p] + (bias ? N::get(bias, r + i) : 0.f));
+          const float v = N::round(out[(ROWS + i) * P + p] + (bias ? N::get(bias, I + r + i) : 0.f));
+          h[(u.first + p) * I + r + i] = K::value(activate<DT_BF16>(c.kind, c.act, c.alpha, c.limit, g, v));
+        }
+    }
+  });
+  const int64_t dn_tasks = (H + ROW_BLOCK - 1) / ROW_BLOCK;
+  share(int64_t(units.size()) * dn_tasks, c.threads, [&](int64_t task) {
+    const Unit& u = *units[task / dn_tasks];
+    const int64_t P = int64_t(u.pairs.size());
+    const lm_stack& st = *u.stack;
+    const uint8_t* bias = bias_of(st.down_bias, st.down_bias_expert, u.expert);
+    thread_local std::vector<T> buffer;
+    thread_local std::vector<float> out;
+    buffer.resize(ROWS * I), out.resize(ROWS * P);
+    for (int64_t r = (task % dn_tasks) * ROW_BLOCK, end = std::min(H, r + ROW_BLOCK); r < end; r += ROWS) {
+      int64_t stride;
+      const T* rows = K::template rows<FMT>(st.down, u.expert, r, buffer.data(), &stride);
+      row_products<K>(rows, stride, h.data() + u.first * I, P, I, out.data());
+      for (int64_t p = 0; p < P; ++p) {
+        uint8_t* o = c.out + u.pairs[p] * c.out_row;
+        for (int i = 0; i < ROWS; ++i) N::put(o, r + i, out[i * P + p] + (bias ? N::get(bias, r + i) : 0.f));
+      }
+    }
+  });
+}
+
+// `units` through vector_prefill, in a call prefill_fits
+template <class K>
+void vector_prefill_format(lm_call& c, std::vector<Unit*>& units) {
+  switch (c.format) {
+    case BF16: return vector_prefill<K, BF16>(c, units);
+    case INT8: return vector_prefill<K, INT8>(c, units);
+    case INT4: return vector_prefill<K, INT4>(c, units);
+    case FP8: return vector_prefill<K, FP8>(c, units);
+    case MXFP4: return vector_prefill<K, MXFP4>(c, units);
+    case NVFP4: return vector_prefill<K, NVFP4>(c, units);
+  }
+}
+
+// The experts with many pairs of a call prefill_fits: on tiles where AMX is usable, else vector_prefill
+void prefill(lm_call& c, std::vector<Unit*>& units) {
+  if (tiles_usable()) return tile_prefill_format(c, units);
+#if defined(__AVX512BF16__)
+  vector_prefill_format<Bf16Rows>(c, units);
+#else
+  vector_prefill_format<FloatRows>(c, units);
+#endif
+}
 
 }  // namespace
 
@@ -1259,15 +1461,15 @@ int lm_expert_pairs(lm_call* c, double alpha, double limit) {
     if (u < 0) u = int64_t(units.size()), units.push_back({which == 0 ? &c->pool : &c->host, row, {}});
     units[u].pairs.push_back(p);
   }
-  std::vector<Unit*> few, tiled, left;
+  std::vector<Unit*> few, blocked, left;
   c->left_count = 0;
   const int64_t many = std::min<int64_t>(c->many, MAX_PAIRS_PER_UNIT);
-  const bool tiles = tiles_fit(*c);
+  const int64_t blocked_from = prefill_fits(*c) ? (tiles_usable() ? TILE_PAIRS : VECTOR_PAIRS) : INT64_MAX;
   for (Unit& u : units) {
     const int64_t n = int64_t(u.pairs.size());
-    (tiles && n >= TILE_PAIRS ? tiled : n < many ? few : left).push_back(&u);
+    (n >= blocked_from ? blocked : n < many ? few : left).push_back(&u);
   }
-  if (!tiled.empty()) tile_prefill_format(*c, tiled);
+  if (!blocked.empty()) prefill(*c, blocked);
   for (Unit* u : left) {
     c->left[2 * c->left_count] = u->stack == &c->pool ? 0 : 1;
     c->left[2 * c->left_count + 1] = u->expert;
@@ -1281,7 +1483,7 @@ int lm_expert_pairs(lm_call* c, double alpha, double limit) {
 
 // Whether experts with many pairs run on AMX tiles here (else they are left to the caller).
 int lm_tiles() {
-#if defined(__AVX512BF16__) && defined(__linux__) && defined(__x86_64__)
+#if defined(LOCALMOE_AMX) && defined(__AVX512BF16__) && defined(__linux__) && defined(__x86_64__)
   return amx_usable();
 #else
   return 0;

@@ -40,11 +40,15 @@ from localmoe.paths import cache_dir
 SOURCE = Path(__file__).with_name("cpu_experts.cpp")
 
 # instruction sets, best first: the CPU flags each needs (/proc/cpuinfo's names) and the compiler's
+# (LOCALMOE_AMX: prefill on AMX tiles where Linux permits them; without it, the same library prefills with
+# vdpbf16ps, as on CPUs without tiles)
+AVX512BF16 = (
+    ("avx512f", "avx512bw", "avx512vl", "avx512dq", "avx512_bf16", "avx2", "fma", "f16c"),
+    ["-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq", "-mavx512bf16", "-mavx2", "-mfma", "-mf16c"],
+)
 ISAS = {
-    "avx512bf16": (
-        ("avx512f", "avx512bw", "avx512vl", "avx512dq", "avx512_bf16", "avx2", "fma", "f16c"),
-        ["-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq", "-mavx512bf16", "-mavx2", "-mfma", "-mf16c"],
-    ),
+    "avx512bf16+amx": (("amx_tile", "amx_bf16", *AVX512BF16[0]), [*AVX512BF16[1], "-DLOCALMOE_AMX"]),
+    "avx512bf16": AVX512BF16,
     "avx512": (
         ("avx512f", "avx512bw", "avx512vl", "avx512dq", "avx2", "fma", "f16c"),
         ["-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq", "-mavx2", "-mfma", "-mf16c"],
@@ -92,8 +96,8 @@ def _cpu_flags() -> set[str]:
 
 @functools.cache
 def cpu_kernel() -> tuple[bool, str]:
-    """(whether the op is there, a few words: the instruction set, "+amx" where prefill runs on AMX tiles,
-    or why it is not there), once per process."""
+    """(whether the op is there, a few words: the instruction set ("avx512bf16+amx" where prefill runs on
+    AMX tiles), or why it is not there), once per process."""
     return load()
 
 
@@ -117,7 +121,7 @@ def load() -> tuple[bool, str]:
     if _library is None:
         _define_op()
     _library = library
-    return True, f"{isa}+amx" if library.lm_tiles() else isa
+    return True, "avx512bf16" if isa == "avx512bf16+amx" and not library.lm_tiles() else isa
 
 
 def _built(isa: str) -> Path:
