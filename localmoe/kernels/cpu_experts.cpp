@@ -8,9 +8,10 @@
 // together, so the activation follows at once, then the down rows. Blocks of rows are handed to the
 // threads (OpenMP, the runtime torch uses) in turn. Each output is one row's dot product, summed in a
 // fixed order: the result depends neither on the thread count, nor on the other pairs of the call, nor
-// on where the expert's bytes lie (pool or host). Experts with more pairs (prefill) run on AMX tiles in
-// bfloat16 where the CPU has them (tile_prefill); elsewhere they are left to the caller, which runs the
-// reference's own matrix products on weights `lm_dequantize` decodes exactly as the reference.
+// on where the expert's bytes lie (pool or host). Experts with more pairs (prefill) run in bfloat16 on AMX
+// tiles where the CPU has them (tile_prefill), else on vectors (vector_prefill); in float32 and float16
+// they are left to the caller, which runs the reference's own matrix products on weights `lm_dequantize`
+// decodes exactly as the reference.
 //
 // Plain C ABI, no torch headers: it compiles in seconds with any C++17 compiler, for the instruction
 // set the caller picks (the AVX-512 and AVX2 paths below, else loops the compiler vectorizes).
@@ -1042,7 +1043,7 @@ void bf16_row(const Matrix& m, int64_t expert, int64_t r, uint16_t* out) {
 // pairs per tile, arranged once per expert in pairs of columns (the tiles' layout). Each output sums its
 // columns 32 at a time in one order, in float32: like the matrix-vector path it depends neither on the
 // thread count nor on the other pairs, and it differs from the reference's oneDNN products by float32
-// summation order only. Where the CPU or the kernel lack AMX, these experts are left to the caller.
+// summation order only. Where the CPU or the kernel lack AMX, vector_prefill takes these experts.
 #if defined(LOCALMOE_AMX) && defined(__AVX512BF16__) && defined(__linux__) && defined(__x86_64__)
 
 // Whether this CPU has AMX tiles with bfloat16 products and Linux lets this process use them (it must
@@ -1258,8 +1259,11 @@ void tile_prefill_format(lm_call&, std::vector<Unit*>&) {}
 
 constexpr int ROWS = 4;  // weight rows per step
 
-// Experts with this many pairs or more take the vector prefill where it fits, as TILE_PAIRS does the tiles.
-constexpr int64_t VECTOR_PAIRS = 4;
+// Experts with this many pairs or more take the vector prefill where it fits. Below it the matrix-vector
+// path is faster: its bfloat16 path reads 4-bit codes without decoding them into a buffer (one thread,
+// 64 tokens top-2 of 32 experts of 2048 x 768, 4-bit: 22 ms from 4 pairs, 19 ms from 8, 19 from 12 or 16).
+// Not above the caller's MANY_PAIRS (8), from which the matrix-vector path leaves experts to the caller.
+constexpr int64_t VECTOR_PAIRS = 8;
 
 // Whether a call's experts with many pairs can take a prefill path: bfloat16, a format the paths decode,
 // widths in whole 32 columns (a tile's row, a bfloat16 vector).
@@ -1272,7 +1276,7 @@ bool prefill_fits(const lm_call& c) {
 #if defined(__AVX512BF16__)
 struct Bf16Rows {
   using T = uint16_t;
-  static constexpr int PAIRS = 4;  // pairs per step: 16 accumulators, 4 row vectors, one activation vector
+  static constexpr int PAIRS = 4;  // pairs per step: 16 accumulators, 4 row vectors, one activation vector (6: no faster)
   static T value(float v) { return bf16_bits(v); }  // v: a bfloat16 value already
   // rows [r, r + ROWS) of `expert`: where they lie (bfloat16), else decoded into `buffer`; their stride
   template <int FMT>
@@ -1338,18 +1342,24 @@ struct FloatRows {
   }
 };
 
+// K::products for n pairs, n <= NP
+template <class K, int NP>
+inline void pairs_step(int n, const typename K::T* a, int64_t a_stride, const typename K::T* b, int64_t cols,
+                       float* out, int64_t out_stride) {
+  if constexpr (NP > 0) {
+    if (n == NP) return K::template products<NP>(a, a_stride, b, cols, out, out_stride);
+    pairs_step<K, NP - 1>(n, a, a_stride, b, cols, out, out_stride);
+  }
+}
+
 // ROWS rows of `a` against `pairs` activation vectors of `cols` columns (b, one after another), K::PAIRS
 // at a time: out[i * pairs + p]
 template <class K>
 void row_products(const typename K::T* a, int64_t a_stride, const typename K::T* b, int64_t pairs, int64_t cols,
                   float* out) {
   for (int64_t p = 0; p < pairs; p += K::PAIRS) {
-    const int64_t n = std::min<int64_t>(pairs - p, K::PAIRS);
-    const typename K::T* x = b + p * cols;
-    if (n == 4) K::template products<K::PAIRS == 4 ? 4 : 1>(a, a_stride, x, cols, out + p, pairs);
-    if (n == 3) K::template products<K::PAIRS == 4 ? 3 : 1>(a, a_stride, x, cols, out + p, pairs);
-    if (n == 2) K::template products<2>(a, a_stride, x, cols, out + p, pairs);
-    if (n == 1) K::template products<1>(a, a_stride, x, cols, out + p, pairs);
+    const int n = int(std::min<int64_t>(pairs - p, K::PAIRS));
+    pairs_step<K, K::PAIRS>(n, a, a_stride, b + p * cols, cols, out + p, pairs);
   }
 }
 

@@ -8,13 +8,17 @@ install`, keeps installation free of a build environment (pip's would fetch a CU
 the binary to the CPU: AVX512-BF16, AVX-512, AVX2, or plain C++ elsewhere. Its OpenMP threads are
 torch's own where torch ships its libgomp, so the two never compete for the cores. Where no build is
 possible (no compiler), `cpu_kernel()` says why and the caller keeps the reference.
-LOCALMOE_CPU_ISA=avx512|avx2|generic forces a lower instruction set (for tests).
+LOCALMOE_CPU_ISA=avx512bf16|avx512|avx2|generic forces a lower instruction set (for tests and benchmarks;
+avx512bf16 is the build without AMX tiles, avx512bf16+amx the one with them).
 
-Experts with several pairs (prefill: 4 or more) run in bfloat16 on the AMX tiles of the CPUs that have them
-(the library's tile_prefill: one pass per expert over its weights, decoded 16 rows at a time into cache
-exactly as kernels/quantized.py dequantizes them, all the expert's pairs per pass). Elsewhere, and in
-float32 or float16, experts with MANY_PAIRS pairs or more go through the reference's own code here, on
-weights the library dequantizes exactly as kernels/quantized.py does: bit for bit the reference.
+Experts with several pairs (prefill) run in bfloat16 on the AMX tiles of the CPUs that have them, from 4
+pairs (the library's tile_prefill: one pass per expert over its weights, decoded 16 rows at a time into
+cache exactly as kernels/quantized.py dequantizes them, all the expert's pairs per pass). On the CPUs
+without tiles, experts with MANY_PAIRS pairs or more take the library's vector_prefill: the same single
+pass, 4 rows at a time decoded into cache and multiplied with every pair, by vdpbf16ps (AVX512-BF16) or
+float32 fused multiply-adds (AVX-512, AVX2, plain C++). In float32 or float16, experts with MANY_PAIRS
+pairs or more go through the reference's own code here, on weights the library dequantizes exactly as
+kernels/quantized.py does: bit for bit the reference.
 """
 
 import array
@@ -66,7 +70,7 @@ DTYPES = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}  # also the int
 SCALE_TYPES = {**DTYPES, torch.uint8: 3}
 KINDS = {"glu": 0, "clamped_swiglu": 1, "clamped_glu": 2}
 ACTS = {"silu": 0, "swish": 0, "gelu": 1, "gelu_pytorch_tanh": 2}
-MANY_PAIRS = 8  # pairs of one expert from which the reference's products take over where AMX tiles do not (prefill)
+MANY_PAIRS = 8  # pairs of one expert from which prefill takes over: vector_prefill (bf16), else the reference
 
 
 MATRIX_FIELDS = 16  # cpu_experts.cpp's Matrix: 3 pointers, 6 strides, rows, columns, block, 4 more of the form
@@ -235,11 +239,11 @@ def cpu_pair_outputs(
     host: ExpertStack | None = None,
 ) -> None:
     """`reference.expert_pair_outputs` in one call of the op: same arguments, same rows of `out` written;
-    bit for bit the reference for experts with MANY_PAIRS pairs or more that AMX tiles do not take (float32,
-    float16, CPUs without AMX), within float32 summation order (see tests/test_cpu_kernels.py) for the
-    others. Experts in a form or with an activation the op does not
-    read (a checkpoint's symmetric integers, NVFP4, ...) are computed by the reference: the misses' CPU
-    share takes this function whatever the model stores."""
+    bit for bit the reference for experts with MANY_PAIRS pairs or more in float32 and float16 (and in
+    bfloat16 at widths not in whole 32 columns), within float32 summation order (see
+    tests/test_cpu_kernels.py) for the others. Experts in a form or with an activation the op does not read
+    (a checkpoint's symmetric integers, NVFP4, ...) are computed by the reference: the misses' CPU share
+    takes this function whatever the model stores."""
     if not _reads(gate_up, act):
         expert_pair_outputs(out, x, gate_up, down, slots, act, gate_up_bias, down_bias, input_scale, ids=ids, host=host)
         return
