@@ -7,7 +7,8 @@ them (avx512bf16: vdpbf16ps; avx512, avx2: float32 FMA):
     python scripts/bench_cpu_prefill.py --checkpoint ~/.cache/localmoe/bench-cpu/mixtral-2layers \\
         --bits 4 --variant tiles=avx512bf16+amx --variant vectors=avx512bf16 --variant fma=avx2
 
-A variant is LABEL=ISA, or LABEL=ISA@CHECKOUT for another checkout's localmoe. The checkpoints are
+A variant is LABEL=ISA, or LABEL=ISA@CHECKOUT for another checkout's localmoe; below AMX, torch's oneDNN
+is held to the same instruction set (ONEDNN_MAX_CPU_ISA). The checkpoints are
 scripts/bench_cpu.py's (--layers 2). Prints each variant's median prefill tok/s with its range and writes
 them to --out (JSON). It prints "measuring" when every variant is loaded, before the timed rounds.
 """
@@ -22,6 +23,10 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 GROUP = 32  # quantization group, as scripts/bench_cpu.py (Q8_0, Q4_0)
+# torch's own oneDNN products (attention, and the reference's products where the kernels leave an expert)
+# held to the same instruction set, so that a variant runs as on a CPU with only that one (oneDNN uses AMX
+# tiles wherever the CPU has them otherwise)
+ONEDNN_ISAS = {"avx512bf16": "AVX512_CORE_BF16", "avx512": "AVX512_CORE", "avx2": "AVX2"}
 
 
 def child(args) -> None:
@@ -44,6 +49,8 @@ def start(variant: str, args) -> tuple[str, subprocess.Popen]:
     label, _, spec = variant.partition("=")
     isa, _, checkout = spec.partition("@")
     env = {**os.environ, "LOCALMOE_CPU_ISA": isa, "PYTHONPATH": checkout or str(ROOT)}
+    if isa in ONEDNN_ISAS:
+        env["ONEDNN_MAX_CPU_ISA"] = ONEDNN_ISAS[isa]
     command = [sys.executable, __file__, "--child", "--checkpoint", str(args.checkpoint), "--bits", str(args.bits)]
     command += ["--prompt", str(args.prompt), "--threads", str(args.threads)]
     process = subprocess.Popen(command, env=env, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
