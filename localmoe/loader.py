@@ -21,7 +21,7 @@ from localmoe.models.attention import Attention
 from localmoe.models.expert_source import ExpertSource
 from localmoe.models.expert_tensors import block_shapes
 from localmoe.models.family import Family, Interleaved, ModelArgs
-from localmoe.models.layers import host_tables
+from localmoe.models.layers import Linear, host_tables
 from localmoe.models.moe import moe_blocks
 from localmoe.progress import progress
 from localmoe.quantization import describe
@@ -186,6 +186,8 @@ def load_resident_weights(
     for module in parts.model.modules():
         if isinstance(module, Attention):
             module.prepare_decode()
+        if type(module) is nn.Linear and torch.device(device).type == "cpu":
+            module.__class__ = Linear  # the same module, its products through `linear` (layers.py)
 
 
 def footprint(parts: ModelParts) -> Footprint:

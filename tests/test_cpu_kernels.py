@@ -1,7 +1,8 @@
 """The CPU expert kernels (kernels/cpu_experts.cpp) against the reference: every weight format, the
 activations, biases and input scales, real models' expert shapes and ragged small ones, 1-8 tokens and
 prefills of 9-300, 1-2 threads; the instruction set forced down to AVX2 and to plain C++ in a subprocess;
-the build's fallback; one op per call."""
+the build's fallback; one op per call. The dense products of decode (`cpu.linear`) against F.linear, and
+in a bfloat16 model loaded on the CPU."""
 
 import os
 import subprocess
@@ -10,13 +11,18 @@ from pathlib import Path
 
 import pytest
 import torch
+import torch.nn.functional as F
+from conftest import QWEN2_MOE, hf_model, save_hf
 from torch.utils._python_dispatch import TorchDispatchMode
 
+import localmoe
+from localmoe.engine import RuntimeOptions
 from localmoe.errors import LocalMoEError
 from localmoe.kernels import _random_stored, pair_kernel
 from localmoe.kernels import cpu_experts as cpu
 from localmoe.kernels.quantized import MXFP4, MXFP8, QuantSpec, StoredFormat, quantized_stack
 from localmoe.kernels.reference import ExpertStack, expert_pair_outputs
+from localmoe.models.layers import Linear
 from localmoe.models.moe import GatedActivation
 
 
@@ -299,6 +305,7 @@ for fmt in t.FORMATS:
             for act in t.ACTS.values():
                 expected = t.outputs(t.expert_pair_outputs, stack, x, slots, act)
                 t.assert_near(t.outputs(cpu.cpu_pair_outputs, stack, x, slots, act), expected, dtype)
+t.check_dense_products()
 print("ok")
 """
 
@@ -363,3 +370,94 @@ def test_two_processes_starting_at_once_build_the_library_once(tmp_path):
     built = sorted(path.name for path in (tmp_path / "kernels").iterdir())
     assert len([name for name in built if name.endswith(".so")]) == 1
     assert not [name for name in built if name.endswith(".tmp")], built
+
+
+# (rows, columns) of dense weights: attention's q/k/v side by side and o (Qwen3-30B), a router, an LM head,
+# and ragged ones no vector or block of 4 rows fits
+DENSE_SHAPES = ((5120, 2048), (2048, 4096), (128, 2048), (320, 2048), (37, 100), (3, 33), (1, 64))
+
+
+def check_dense_products():
+    """cpu.linear within the bfloat16 tolerance of F.linear in float32, for 1-5 rows of activations (the
+    library's limit lifted to reach its passes of two and the last one alone), with and without a bias,
+    on 1 and 2 threads; each activation row's outputs the same bits whether computed alone or with the
+    others, and whatever the thread count."""
+    g = torch.Generator().manual_seed(21)
+    limit, cpu.DENSE_ROWS = cpu.DENSE_ROWS, 8
+    try:
+        for rows, cols in DENSE_SHAPES:
+            w = (torch.randn(rows, cols, generator=g) / cols**0.5).bfloat16()
+            bias = torch.randn(rows, generator=g).bfloat16()
+            x = torch.randn(5, cols, generator=g).bfloat16()
+            for b in (None, bias):
+                expected = F.linear(x.float(), w.float(), None if b is None else b.float())
+                results = []
+                for threads in (1, 2):
+                    torch.set_num_threads(threads)
+                    results += [cpu.linear(x, w, b), torch.cat([cpu.linear(x[i : i + 1], w, b) for i in range(5)])]
+                assert_near(results[0], expected, torch.bfloat16)
+                assert all(torch.equal(r, results[0]) for r in results), (rows, cols)
+    finally:
+        cpu.DENSE_ROWS = limit
+
+
+def test_dense_products_match_the_reference():
+    check_dense_products()
+
+
+class CountedLibrary:
+    """The library, counting its calls of lm_dense."""
+
+    def __init__(self, library):
+        self.library, self.dense_calls = library, 0
+
+    def __getattr__(self, name):
+        return getattr(self.library, name)
+
+    def lm_dense(self, *args):
+        self.dense_calls += 1
+        return self.library.lm_dense(*args)
+
+
+def test_dense_products_leave_the_rest_to_f_linear(monkeypatch):
+    """More rows than DENSE_ROWS, float32, a weight whose rows are not contiguous, autograd: F.linear."""
+    g = torch.Generator().manual_seed(22)
+    w, x = torch.randn(48, 64, generator=g).bfloat16(), torch.randn(cpu.DENSE_ROWS + 1, 64, generator=g).bfloat16()
+    counted = CountedLibrary(cpu._library)
+    monkeypatch.setattr(cpu, "_library", counted)
+    trained = w.clone().requires_grad_()
+    cases = [(x, w), (x[:1].float(), w.float()), (x[:1], w.t().contiguous().t()), (x[:1], trained)]
+    for a, b in cases:
+        assert torch.equal(cpu.linear(a, b), F.linear(a, b))
+    assert counted.dense_calls == 0
+    cpu.linear(x[: cpu.DENSE_ROWS], w)
+    assert counted.dense_calls == 1
+
+
+@pytest.fixture(scope="module")
+def qwen2_moe(tmp_path_factory):
+    """Shared experts and their gate, biases on q/k/v, a router: the dense products of a MoE decode step."""
+    return str(save_hf(hf_model("Qwen2MoeConfig", **QWEN2_MOE), tmp_path_factory.mktemp("qwen2_moe"), "sharded"))
+
+
+def test_a_bfloat16_model_on_the_cpu_decodes_through_the_dense_kernel(qwen2_moe, monkeypatch):
+    """Loaded on the CPU, every nn.Linear takes `linear`; a decode step's products run in the library,
+    its logits within the bfloat16 tolerance of F.linear's (the library's limit set to none)."""
+    engine = localmoe.load(qwen2_moe, device="cpu", dtype=torch.bfloat16, options=RuntimeOptions(threads=2))
+    model = engine.model
+    assert not [m for m in model.modules() if isinstance(m, torch.nn.Linear) and type(m) is not Linear]
+    counted = CountedLibrary(cpu._library)
+    monkeypatch.setattr(cpu, "_library", counted)
+
+    def decode_logits() -> torch.Tensor:
+        cache = model.new_cache(1, 32)
+        with torch.inference_mode():
+            model(torch.tensor([[5, 9, 77, 3]]), cache)
+            return model(torch.tensor([[12]]), cache).float()
+
+    ours = decode_logits()
+    layers = len(model.model.layers)  # per layer q/k/v at once, o, the router, the shared expert's 3 and gate
+    assert counted.dense_calls == 7 * layers + 2  # and the LM head, also on the prompt's last position
+    monkeypatch.setattr(cpu, "DENSE_ROWS", 0)
+    assert_near(ours, decode_logits(), torch.bfloat16)
+    assert counted.dense_calls == 7 * layers + 2

@@ -15,6 +15,11 @@ Experts with several pairs (prefill: 4 or more) run in bfloat16 on the AMX tiles
 exactly as kernels/quantized.py dequantizes them, all the expert's pairs per pass). Elsewhere, and in
 float32 or float16, experts with MANY_PAIRS pairs or more go through the reference's own code here, on
 weights the library dequantizes exactly as kernels/quantized.py does: bit for bit the reference.
+
+The library also has the dense products of decode (`linear`): a few rows of bfloat16 activations times
+bfloat16 weights, the attention projections, routers, shared experts, dense MLPs and LM heads of a
+CPU decode step, where oneDNN's matrix-vector products read the weights at about three quarters of
+the RAM's bandwidth.
 """
 
 import array
@@ -30,6 +35,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 
 from localmoe.files import locked, temporary_path
 from localmoe.kernels import fused_reads
@@ -114,6 +120,8 @@ def load() -> tuple[bool, str]:
         return False, reason
     library.lm_expert_pairs.argtypes = [ctypes.c_void_p, ctypes.c_double, ctypes.c_double]
     library.lm_dequantize.argtypes = [ctypes.c_void_p, *[ctypes.c_int64] * 3, ctypes.c_void_p, ctypes.c_int64]
+    library.lm_dense.argtypes = [*[ctypes.c_void_p] * 4, *[ctypes.c_int64] * 7]
+    library.lm_dense.restype = None
     if _library is None:
         _define_op()
     _library = library
@@ -344,3 +352,38 @@ def _stack_fields(parts: list, form: tuple) -> list[int]:
     fields += [0 if b is None else b.data_ptr() for b in biases]
     fields += [0 if b is None else b.stride(0) * b.element_size() for b in biases]
     return [*fields, parts[0].shape[0]]
+
+
+# rows of activations up to which `linear` takes the library's kernel: with more, oneDNN's products are
+# faster (2 threads, 12 matrices of 2048 x 5120 and 4096 x 2048: 28 GB/s against oneDNN's 23 for one row, 27
+# against 24 for two, 23 against 24.5 for four)
+DENSE_ROWS = 2
+
+
+def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """F.linear(x, weight, bias); by the library for at most DENSE_ROWS rows of bfloat16 on the CPU
+    (cpu_experts.cpp's lm_dense: float32 sums in one order per output, rounded once, whatever the thread
+    count and the other rows), where it is built. The model's decode products (models/layers.py)."""
+    if not (x.device.type == "cpu" and x.dtype == weight.dtype == torch.bfloat16 and _dense_reads(x, weight, bias)):
+        return F.linear(x, weight, bias)
+    rows = x.reshape(-1, x.shape[-1])
+    out = torch.empty(*x.shape[:-1], weight.shape[0], dtype=x.dtype)
+    bias_address = None if bias is None else bias.data_ptr()
+    _library.lm_dense(
+        out.data_ptr(), rows.data_ptr(), weight.data_ptr(), bias_address, rows.shape[0], weight.shape[0],
+        weight.shape[1], weight.shape[0], rows.stride(0), weight.stride(0), torch.get_num_threads(),
+    )  # fmt: skip
+    return out
+
+
+def _dense_reads(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> bool:
+    """Whether lm_dense takes these operands: few rows, each contiguous, no autograd, a bias like them."""
+    return (
+        x.numel() <= DENSE_ROWS * x.shape[-1]
+        and x.stride(-1) == 1
+        and weight.dim() == 2
+        and weight.stride(1) == 1
+        and (bias is None or (bias.dtype == torch.bfloat16 and bias.dim() == 1 and bias.stride(0) == 1))
+        and not (torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad))
+        and cpu_kernel()[0]
+    )

@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from localmoe.models.layers import RMSNorm, Step, activation, rms_normalize
+from localmoe.models.layers import RMSNorm, Step, activation, linear, rms_normalize
 from localmoe.models.rotary import RotaryEmbedding, apply_rotary, apply_rotary_interleaved
 from localmoe.models.state import REWIND_SLACK, AttentionKV, LatentKV, WindowKV, attention_state
 
@@ -184,7 +184,7 @@ class Attention(nn.Module):
         B, T, _ = x.shape
         q_width, kv_width = self.heads * self.head_dim, self.kv_heads * self.head_dim
         if T == 1 and hasattr(self, "qkv_weight"):
-            qkv = F.linear(x, self.qkv_weight, self.qkv_bias)
+            qkv = linear(x, self.qkv_weight, self.qkv_bias)
             if self.clip_qkv is not None:
                 qkv = qkv.clamp(-self.clip_qkv, self.clip_qkv)
             qk, v = qkv.split((q_width + kv_width, self.kv_heads * self.v_head_dim), dim=-1)

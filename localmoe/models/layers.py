@@ -13,6 +13,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from localmoe.errors import LocalMoEError
+from localmoe.kernels.cpu_experts import linear
 from localmoe.models.rotary import RotaryEmbedding
 from localmoe.models.state import KVCache
 
@@ -202,6 +203,14 @@ def host_tables(model: nn.Module) -> dict[str, HostEmbedding]:
     return {name: module for name, module in model.named_modules() if isinstance(module, HostEmbedding)}
 
 
+class Linear(nn.Linear):
+    """nn.Linear through `linear` (kernels/cpu_experts.py), which takes a decode token's bfloat16 products on
+    the CPU: the loader makes a CPU model's nn.Linear modules these."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return linear(x, self.weight, self.bias)
+
+
 # --- feed-forward and the decoder stack --------------------------------------------------------------------
 
 
@@ -380,7 +389,7 @@ class CausalLM(nn.Module):
     def head(self, h: torch.Tensor) -> torch.Tensor:
         """Logits [B, T, V] from normalised hidden states: the LM head (the MTP layers share it)."""
         if self.lm_head is None:
-            logits = F.linear(h, self.model.embed_tokens.weight, getattr(self, "lm_head_bias", None))
+            logits = linear(h, self.model.embed_tokens.weight, getattr(self, "lm_head_bias", None))
         else:
             logits = self.lm_head(h)
         if self.logit_softcap is not None:
