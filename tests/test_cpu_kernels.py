@@ -22,7 +22,7 @@ from localmoe.kernels import _random_stored, pair_kernel
 from localmoe.kernels import cpu_experts as cpu
 from localmoe.kernels.quantized import MXFP4, MXFP8, QuantSpec, StoredFormat, quantized_stack
 from localmoe.kernels.reference import ExpertStack, expert_pair_outputs
-from localmoe.models.layers import Linear
+from localmoe.models.layers import Linear, RMSNorm, rms_normalize
 from localmoe.models.moe import GatedActivation
 
 
@@ -306,6 +306,7 @@ for fmt in t.FORMATS:
                 expected = t.outputs(t.expert_pair_outputs, stack, x, slots, act)
                 t.assert_near(t.outputs(cpu.cpu_pair_outputs, stack, x, slots, act), expected, dtype)
 t.check_dense_products()
+t.check_rms_norms()
 print("ok")
 """
 
@@ -405,11 +406,38 @@ def test_dense_products_match_the_reference():
     check_dense_products()
 
 
+def check_rms_norms():
+    """cpu.rms_norm within the bfloat16 tolerance of RMSNorm's ATen ops, most values the same bits: a hidden
+    state's norm, per-head norms of queries and keys (a weight per head), and ragged widths."""
+    g = torch.Generator().manual_seed(23)
+    for shape, weight_shape in (((1, 1, 2048), (2048,)), ((1, 1, 36, 128), (36, 128)), ((2, 3, 37), (37,))):
+        x = (torch.randn(*shape, generator=g) * 3).bfloat16()
+        weight = (1 + torch.randn(*weight_shape, generator=g) / 4).bfloat16()
+        expected = weight * rms_normalize(x, 1e-6)
+        got = cpu.rms_norm(x, weight, 1e-6)
+        assert_near(got, expected, torch.bfloat16)
+        assert (got == expected).float().mean() > 0.99, shape
+
+
+def test_rms_norms_match_the_reference():
+    check_rms_norms()
+
+
+def test_rms_norms_leave_the_rest_to_aten():
+    """float32, more than NORM_VALUES values, a weight that broadcasts otherwise: None, ATen's ops run."""
+    x, weight = torch.randn(1, 4, 64).bfloat16(), torch.ones(64).bfloat16()
+    assert cpu.rms_norm(x.float(), weight.float(), 1e-6) is None
+    assert cpu.rms_norm(torch.randn(2, cpu.NORM_VALUES // 64, 64).bfloat16(), weight, 1e-6) is None
+    assert cpu.rms_norm(x, torch.ones(1, 1, 64).bfloat16(), 1e-6) is None
+    norm = RMSNorm(64, 1e-6).bfloat16()
+    assert torch.equal(norm(x.float().bfloat16()), cpu.rms_norm(x, norm.weight, 1e-6))
+
+
 class CountedLibrary:
-    """The library, counting its calls of lm_dense."""
+    """The library, counting its calls of lm_dense and lm_rms_norm."""
 
     def __init__(self, library):
-        self.library, self.dense_calls = library, 0
+        self.library, self.dense_calls, self.norm_calls = library, 0, 0
 
     def __getattr__(self, name):
         return getattr(self.library, name)
@@ -417,6 +445,10 @@ class CountedLibrary:
     def lm_dense(self, *args):
         self.dense_calls += 1
         return self.library.lm_dense(*args)
+
+    def lm_rms_norm(self, *args):
+        self.norm_calls += 1
+        return self.library.lm_rms_norm(*args)
 
 
 def test_dense_products_leave_the_rest_to_f_linear(monkeypatch):
@@ -440,9 +472,9 @@ def qwen2_moe(tmp_path_factory):
     return str(save_hf(hf_model("Qwen2MoeConfig", **QWEN2_MOE), tmp_path_factory.mktemp("qwen2_moe"), "sharded"))
 
 
-def test_a_bfloat16_model_on_the_cpu_decodes_through_the_dense_kernel(qwen2_moe, monkeypatch):
-    """Loaded on the CPU, every nn.Linear takes `linear`; a decode step's products run in the library,
-    its logits within the bfloat16 tolerance of F.linear's (the library's limit set to none)."""
+def test_a_bfloat16_model_on_the_cpu_decodes_through_the_library(qwen2_moe, monkeypatch):
+    """Loaded on the CPU, every nn.Linear takes `linear`; a decode step's products and norms run in the
+    library, its logits within the bfloat16 tolerance of ATen's (the library's limits set to none)."""
     engine = localmoe.load(qwen2_moe, device="cpu", dtype=torch.bfloat16, options=RuntimeOptions(threads=2))
     model = engine.model
     assert not [m for m in model.modules() if isinstance(m, torch.nn.Linear) and type(m) is not Linear]
@@ -458,6 +490,8 @@ def test_a_bfloat16_model_on_the_cpu_decodes_through_the_dense_kernel(qwen2_moe,
     ours = decode_logits()
     layers = len(model.model.layers)  # per layer q/k/v at once, o, the router, the shared expert's 3 and gate
     assert counted.dense_calls == 7 * layers + 2  # and the LM head, also on the prompt's last position
+    assert counted.norm_calls == 2 * (2 * layers + 1)  # two a layer and the final one, for the prompt too
     monkeypatch.setattr(cpu, "DENSE_ROWS", 0)
+    monkeypatch.setattr(cpu, "NORM_VALUES", 0)
     assert_near(ours, decode_logits(), torch.bfloat16)
-    assert counted.dense_calls == 7 * layers + 2
+    assert (counted.dense_calls, counted.norm_calls) == (7 * layers + 2, 2 * (2 * layers + 1))

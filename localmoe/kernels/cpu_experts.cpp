@@ -1413,3 +1413,33 @@ void lm_dense(uint16_t* out, const uint16_t* x, const uint16_t* w, const uint16_
 }
 
 }  // extern "C"
+
+// ---------------------------------------------------------------------------------------------------
+// RMS normalisation of a few rows of bfloat16 (models/layers.py's RMSNorm.scaled, through
+// kernels/cpu_experts.py's rms_norm): each row's mean square summed in float32, x times 1 / sqrt(it + eps)
+// rounded to bfloat16, then times the weight, rounded again, as the reference's float32 norm, cast and
+// bfloat16 product do. One thread: a decode token's rows are a few microseconds' work, and ATen's
+// half-dozen ops for the same cost more than that each.
+
+extern "C" {
+
+// out [rows, cols] = x [rows, cols] normalised, times weight row r % weight_rows ([weight_rows, cols])
+void lm_rms_norm(uint16_t* out, const uint16_t* x, const uint16_t* weight, int64_t rows, int64_t cols,
+                 int64_t weight_rows, double eps) {
+  const int64_t whole = cols - cols % W;
+  for (int64_t r = 0; r < rows; ++r) {
+    const uint16_t *xr = x + r * cols, *wr = weight + (r % weight_rows) * cols;
+    F acc = zero();
+    for (int64_t c = 0; c < whole; c += W) {
+      const F v = from_bf16(xr + c);
+      acc = fmadd(v, v, acc);
+    }
+    float squares = hsum(acc);
+    for (int64_t c = whole; c < cols; ++c) squares += bf16_value(xr[c]) * bf16_value(xr[c]);
+    const float inverse = 1.f / std::sqrt(squares / float(cols) + float(eps));
+    for (int64_t c = 0; c < cols; ++c)
+      out[r * cols + c] = bf16_bits(bf16_value(wr[c]) * bf16_value(bf16_bits(bf16_value(xr[c]) * inverse)));
+  }
+}
+
+}  // extern "C"

@@ -19,7 +19,7 @@ weights the library dequantizes exactly as kernels/quantized.py does: bit for bi
 The library also has the dense products of decode (`linear`): a few rows of bfloat16 activations times
 bfloat16 weights, the attention projections, routers, shared experts, dense MLPs and LM heads of a
 CPU decode step, where oneDNN's matrix-vector products read the weights at about three quarters of
-the RAM's bandwidth.
+the RAM's bandwidth; and decode's RMS norms (`rms_norm`), one call where ATen runs about ten ops.
 """
 
 import array
@@ -122,6 +122,8 @@ def load() -> tuple[bool, str]:
     library.lm_dequantize.argtypes = [ctypes.c_void_p, *[ctypes.c_int64] * 3, ctypes.c_void_p, ctypes.c_int64]
     library.lm_dense.argtypes = [*[ctypes.c_void_p] * 4, *[ctypes.c_int64] * 7]
     library.lm_dense.restype = None
+    library.lm_rms_norm.argtypes = [*[ctypes.c_void_p] * 3, *[ctypes.c_int64] * 3, ctypes.c_double]
+    library.lm_rms_norm.restype = None
     if _library is None:
         _define_op()
     _library = library
@@ -387,3 +389,22 @@ def _dense_reads(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | Non
         and not (torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad))
         and cpu_kernel()[0]
     )
+
+
+NORM_VALUES = 16384  # values of x up to which `rms_norm` takes the library: a few tokens' (ATen's ops are parallel)
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor | None:
+    """models/layers.py's RMSNorm.scaled (weight * x normalised in float32 and cast back) of bfloat16 x [...,
+    E] by the library, with weight [E] or one per row of x's last two axes [N, E] (per-head norms); None
+    where it does not take them (other dtypes, the CPU's library not built, more than NORM_VALUES values)."""
+    if not (x.device.type == "cpu" and x.dtype == weight.dtype == torch.bfloat16 and x.numel() <= NORM_VALUES):
+        return None
+    if weight.shape not in (x.shape[-1:], x.shape[-2:]) or not cpu_kernel()[0]:
+        return None
+    x, weight = x.contiguous(), weight.contiguous()
+    out = torch.empty_like(x)
+    rows = x.numel() // x.shape[-1]
+    weight_rows = weight.numel() // x.shape[-1]
+    _library.lm_rms_norm(out.data_ptr(), x.data_ptr(), weight.data_ptr(), rows, x.shape[-1], weight_rows, eps)
+    return out

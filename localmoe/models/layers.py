@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from localmoe.errors import LocalMoEError
-from localmoe.kernels.cpu_experts import linear
+from localmoe.kernels.cpu_experts import linear, rms_norm
 from localmoe.models.rotary import RotaryEmbedding
 from localmoe.models.state import KVCache
 
@@ -45,9 +45,12 @@ class RMSNorm(nn.Module):
 
     def scaled(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
         """x normalised in float32 and cast back before the scale `weight` (which broadcasts over x), as
-        the reference implementations do; one fused op where all is float32 (the same bits)."""
+        the reference implementations do; one fused op where all is float32 (the same bits), one call of
+        the CPU's library for a decode token's bfloat16 (kernels/cpu_experts.py's rms_norm)."""
         if x.dtype == weight.dtype == torch.float32 and weight.shape == x.shape[-1:]:
             return F.rms_norm(x, weight.shape, weight, self.eps)
+        if (out := rms_norm(x, weight, self.eps)) is not None:
+            return out
         return weight * rms_normalize(x, self.eps)
 
 
