@@ -24,6 +24,7 @@ from localmoe.kernels.quantized import MXFP4, MXFP8, QuantSpec, StoredFormat, qu
 from localmoe.kernels.reference import ExpertStack, expert_pair_outputs
 from localmoe.models.layers import Linear, RMSNorm, rms_normalize
 from localmoe.models.moe import GatedActivation
+from localmoe.models.rotary import apply_rotary
 
 
 @pytest.fixture(autouse=True)
@@ -307,6 +308,7 @@ for fmt in t.FORMATS:
                 t.assert_near(t.outputs(cpu.cpu_pair_outputs, stack, x, slots, act), expected, dtype)
 t.check_dense_products()
 t.check_rms_norms()
+t.check_rotary()
 print("ok")
 """
 
@@ -423,6 +425,24 @@ def test_rms_norms_match_the_reference():
     check_rms_norms()
 
 
+def check_rotary():
+    """cpu.rotary the same bits as apply_rotary's ATen ops (which run for two positions): whole and partial
+    rotation, heads laid out as attention's transposed projections, two sequences."""
+    g = torch.Generator().manual_seed(24)
+    for batch, heads, dim, rot in ((1, 36, 128, 128), (2, 3, 64, 32), (1, 2, 40, 24)):
+        x = (torch.randn(batch, 1, heads, dim, generator=g) * 3).bfloat16().transpose(1, 2)  # [B, H, 1, D]
+        cos, sin = torch.randn(2, 1, rot, generator=g).bfloat16()
+        expected = apply_rotary(torch.cat((x, x), dim=2), torch.cat((cos, cos)), torch.cat((sin, sin)))[:, :, :1]
+        assert torch.equal(cpu.rotary(x, cos, sin), expected), (batch, heads, dim, rot)
+
+
+def test_rotary_matches_the_reference():
+    check_rotary()
+    x, cos = torch.randn(1, 2, 3, 8).bfloat16(), torch.randn(3, 8).bfloat16()
+    assert cpu.rotary(x, cos, cos) is None  # several positions: ATen's ops
+    assert cpu.rotary(x[:, :, :1].float(), cos[:1].float(), cos[:1].float()) is None
+
+
 def test_rms_norms_leave_the_rest_to_aten():
     """float32, more than NORM_VALUES values, a weight that broadcasts otherwise: None, ATen's ops run."""
     x, weight = torch.randn(1, 4, 64).bfloat16(), torch.ones(64).bfloat16()
@@ -434,10 +454,10 @@ def test_rms_norms_leave_the_rest_to_aten():
 
 
 class CountedLibrary:
-    """The library, counting its calls of lm_dense and lm_rms_norm."""
+    """The library, counting its calls of lm_dense, lm_rms_norm and lm_rotary."""
 
     def __init__(self, library):
-        self.library, self.dense_calls, self.norm_calls = library, 0, 0
+        self.library, self.dense_calls, self.norm_calls, self.rotary_calls = library, 0, 0, 0
 
     def __getattr__(self, name):
         return getattr(self.library, name)
@@ -449,6 +469,10 @@ class CountedLibrary:
     def lm_rms_norm(self, *args):
         self.norm_calls += 1
         return self.library.lm_rms_norm(*args)
+
+    def lm_rotary(self, *args):
+        self.rotary_calls += 1
+        return self.library.lm_rotary(*args)
 
 
 def test_dense_products_leave_the_rest_to_f_linear(monkeypatch):
@@ -473,8 +497,9 @@ def qwen2_moe(tmp_path_factory):
 
 
 def test_a_bfloat16_model_on_the_cpu_decodes_through_the_library(qwen2_moe, monkeypatch):
-    """Loaded on the CPU, every nn.Linear takes `linear`; a decode step's products and norms run in the
-    library, its logits within the bfloat16 tolerance of ATen's (the library's limits set to none)."""
+    """Loaded on the CPU, every nn.Linear takes `linear`; a decode step's products, norms and rotary
+    embeddings run in the library, its logits within the bfloat16 tolerance of ATen's (the library's limits
+    set to none: the rotary embedding is the same bits either way)."""
     engine = localmoe.load(qwen2_moe, device="cpu", dtype=torch.bfloat16, options=RuntimeOptions(threads=2))
     model = engine.model
     assert not [m for m in model.modules() if isinstance(m, torch.nn.Linear) and type(m) is not Linear]
@@ -491,6 +516,7 @@ def test_a_bfloat16_model_on_the_cpu_decodes_through_the_library(qwen2_moe, monk
     layers = len(model.model.layers)  # per layer q/k/v at once, o, the router, the shared expert's 3 and gate
     assert counted.dense_calls == 7 * layers + 2  # and the LM head, also on the prompt's last position
     assert counted.norm_calls == 2 * (2 * layers + 1)  # two a layer and the final one, for the prompt too
+    assert counted.rotary_calls == layers  # the decode token's queries and keys, at once
     monkeypatch.setattr(cpu, "DENSE_ROWS", 0)
     monkeypatch.setattr(cpu, "NORM_VALUES", 0)
     assert_near(ours, decode_logits(), torch.bfloat16)

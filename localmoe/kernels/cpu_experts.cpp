@@ -1404,12 +1404,15 @@ extern "C" {
 void lm_dense(uint16_t* out, const uint16_t* x, const uint16_t* w, const uint16_t* bias, int64_t activations,
               int64_t rows, int64_t cols, int64_t out_stride, int64_t x_stride, int64_t w_stride, int64_t threads) {
   const Dense d{out, x, w, bias, activations, rows, cols, out_stride, x_stride, w_stride};
-  share((rows + DENSE_BLOCK - 1) / DENSE_BLOCK, threads, [&](int64_t task) {
-    const int64_t end = std::min(rows, (task + 1) * DENSE_BLOCK);
-    int64_t r = task * DENSE_BLOCK;
+  const auto task = [&](int64_t t) {
+    const int64_t end = std::min(rows, (t + 1) * DENSE_BLOCK);
+    int64_t r = t * DENSE_BLOCK;
     for (; r + DENSE_ROWS <= end; r += DENSE_ROWS) dense_rows<DENSE_ROWS>(d, r);
     for (; r < end; ++r) dense_rows<1>(d, r);
-  });
+  };
+  const int64_t tasks = (rows + DENSE_BLOCK - 1) / DENSE_BLOCK;
+  if (tasks == 1) return task(0);  // a gate or a small head: no threads to wake
+  share(tasks, threads, task);
 }
 
 }  // extern "C"
@@ -1439,6 +1442,33 @@ void lm_rms_norm(uint16_t* out, const uint16_t* x, const uint16_t* weight, int64
     const float inverse = 1.f / std::sqrt(squares / float(cols) + float(eps));
     for (int64_t c = 0; c < cols; ++c)
       out[r * cols + c] = bf16_bits(bf16_value(wr[c]) * bf16_value(bf16_bits(bf16_value(xr[c]) * inverse)));
+  }
+}
+
+}  // extern "C"
+
+// ---------------------------------------------------------------------------------------------------
+// Rotary embedding of one position's rows in bfloat16 (models/rotary.py's apply_rotary, through
+// kernels/cpu_experts.py's rotary): the first `rot` dims turned in halves, x cos + rotate_half(x) sin, each
+// product and the sum rounded to bfloat16 as the reference's three tensor ops do (the same bits); the
+// rest copied.
+
+extern "C" {
+
+// out [rows, dim] from x [rows, dim] (row stride x_stride), cos and sin [rot]
+void lm_rotary(uint16_t* out, const uint16_t* x, const uint16_t* cos, const uint16_t* sin, int64_t rows, int64_t dim,
+               int64_t rot, int64_t x_stride) {
+  const int64_t half = rot / 2;
+  for (int64_t r = 0; r < rows; ++r) {
+    const uint16_t* xr = x + r * x_stride;
+    uint16_t* o = out + r * dim;
+    for (int64_t c = 0; c < rot; ++c) {
+      const float turned = c < half ? -bf16_value(xr[c + half]) : bf16_value(xr[c - half]);
+      const float a = bf16_value(bf16_bits(bf16_value(xr[c]) * bf16_value(cos[c])));
+      const float b = bf16_value(bf16_bits(turned * bf16_value(sin[c])));
+      o[c] = bf16_bits(a + b);
+    }
+    for (int64_t c = rot; c < dim; ++c) o[c] = xr[c];
   }
 }
 

@@ -19,7 +19,8 @@ weights the library dequantizes exactly as kernels/quantized.py does: bit for bi
 The library also has the dense products of decode (`linear`): a few rows of bfloat16 activations times
 bfloat16 weights, the attention projections, routers, shared experts, dense MLPs and LM heads of a
 CPU decode step, where oneDNN's matrix-vector products read the weights at about three quarters of
-the RAM's bandwidth; and decode's RMS norms (`rms_norm`), one call where ATen runs about ten ops.
+the RAM's bandwidth; and decode's RMS norms (`rms_norm`) and rotary embeddings (`rotary`), one call each
+where ATen runs about ten ops.
 """
 
 import array
@@ -124,6 +125,8 @@ def load() -> tuple[bool, str]:
     library.lm_dense.restype = None
     library.lm_rms_norm.argtypes = [*[ctypes.c_void_p] * 3, *[ctypes.c_int64] * 3, ctypes.c_double]
     library.lm_rms_norm.restype = None
+    library.lm_rotary.argtypes = [*[ctypes.c_void_p] * 4, *[ctypes.c_int64] * 4]
+    library.lm_rotary.restype = None
     if _library is None:
         _define_op()
     _library = library
@@ -407,4 +410,26 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor 
     rows = x.numel() // x.shape[-1]
     weight_rows = weight.numel() // x.shape[-1]
     _library.lm_rms_norm(out.data_ptr(), x.data_ptr(), weight.data_ptr(), rows, x.shape[-1], weight_rows, eps)
+    return out
+
+
+def rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor | None:
+    """models/rotary.py's apply_rotary (the first cos.shape[-1] dims of x [B, H, 1, D] turned in halves) of
+    one position in bfloat16 by the library: the same bits. None where it does not take them (more
+    positions, other dtypes, the library not built)."""
+    if not (x.device.type == "cpu" and x.dtype == cos.dtype == sin.dtype == torch.bfloat16 and x.dim() == 4):
+        return None
+    if x.shape[2] != 1 or cos.shape != sin.shape or cos.numel() != cos.shape[-1] or cos.shape[-1] % 2:
+        return None
+    if cos.shape[-1] > x.shape[-1] or not cpu_kernel()[0]:
+        return None
+    rows = x.reshape(-1, x.shape[-1])
+    if rows.stride(1) != 1:
+        rows = rows.contiguous()
+    cos, sin = cos.contiguous(), sin.contiguous()
+    out = torch.empty(x.shape, dtype=x.dtype)
+    _library.lm_rotary(
+        out.data_ptr(), rows.data_ptr(), cos.data_ptr(), sin.data_ptr(), rows.shape[0], x.shape[-1],
+        cos.shape[-1], rows.stride(0),
+    )  # fmt: skip
     return out
