@@ -1311,8 +1311,8 @@ namespace {
 
 constexpr int64_t DENSE_BLOCK = 64;  // weight rows per task: one long stream per 4 rows, few tasks to share
 constexpr int DENSE_ROWS = 4;  // weight rows read side by side: each activation vector loaded once for 4
-// activation rows per pass: with more, the products rather than the reads bound a pass (vdpbf16ps: 4 rows
-// of activations ran at 23 GB/s against 28 for 1 and 27 for 2, on 2 threads of a Xeon with AVX512-BF16)
+// activation rows per pass: with more, the products rather than the reads bound a pass (passes of 4 rows
+// of activations read 23 GB/s against 28 for 1 and 27 for 2, on 2 threads of a Xeon with AVX512-BF16)
 constexpr int DENSE_ACTIVATIONS = 2;
 
 #if defined(__AVX512BF16__)

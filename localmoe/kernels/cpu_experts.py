@@ -360,8 +360,8 @@ def _stack_fields(parts: list, form: tuple) -> list[int]:
 
 
 # rows of activations up to which `linear` takes the library's kernel: with more, oneDNN's products are
-# faster (2 threads, 12 matrices of 2048 x 5120 and 4096 x 2048: 28 GB/s against oneDNN's 23 for one row, 27
-# against 24 for two, 23 against 24.5 for four)
+# faster (scripts/bench_cpu_dense.py, 2 threads: 24.7 GB/s against oneDNN's 22.8 for one row, 23.9 against
+# 22.2 for two, 18.8 against 22.1 for four; bench/results/cpu-dense/20261202-1109.json)
 DENSE_ROWS = 2
 
 
