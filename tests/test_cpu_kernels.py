@@ -309,6 +309,7 @@ for fmt in t.FORMATS:
 t.check_dense_products()
 t.check_rms_norms()
 t.check_rotary()
+t.check_decode_attention()
 print("ok")
 """
 
@@ -443,6 +444,38 @@ def test_rotary_matches_the_reference():
     assert cpu.rotary(x[:, :, :1].float(), cos[:1].float(), cos[:1].float()) is None
 
 
+def check_decode_attention():
+    """cpu.decode_attention within the bfloat16 tolerance of scaled_dot_product_attention in float32, on 1
+    and 2 threads with the same bits: grouped heads over a cache's first keys (a view of a longer cache), a
+    mask of visible keys or none, values of another width, two sequences, one key."""
+    g = torch.Generator().manual_seed(25)
+    shapes = ((1, 32, 4, 64, 128, 128), (2, 4, 2, 7, 40, 24), (1, 2, 1, 1, 8, 8))
+    for batch, heads, kv_heads, keys, dim, v_dim in shapes:
+        q = torch.randn(batch, 1, heads + kv_heads, dim, generator=g).bfloat16().transpose(1, 2)[:, :heads]
+        k = torch.randn(batch, kv_heads, keys + 5, dim, generator=g).bfloat16()[:, :, :keys]
+        v = torch.randn(batch, kv_heads, keys + 5, v_dim, generator=g).bfloat16()[:, :, :keys]
+        visible = torch.rand(1, keys, generator=g) < 0.7
+        visible[0, -1] = True
+        for mask in (None, visible):
+            expected = F.scaled_dot_product_attention(
+                q.float(), k.float(), v.float(), attn_mask=mask, scale=0.1, enable_gqa=True
+            )
+            results = []
+            for threads in (1, 2):
+                torch.set_num_threads(threads)
+                results.append(cpu.decode_attention(q, k, v, mask, False, 0.1))
+            assert_near(results[0], expected, torch.bfloat16)
+            assert torch.equal(results[0], results[1]), (batch, heads, keys)
+
+
+def test_decode_attention_matches_the_reference():
+    check_decode_attention()
+    q, k = torch.randn(1, 4, 2, 8).bfloat16(), torch.randn(1, 2, 5, 8).bfloat16()
+    assert cpu.decode_attention(q, k, k, None, False, 0.1) is None  # two positions: ATen's
+    assert cpu.decode_attention(q[:, :, :1], k, k, None, True, 0.1) is None  # causal: ATen's
+    assert cpu.decode_attention(q[:, :, :1], k, k, torch.ones(1, 4, 1, 5, dtype=torch.bool), False, 0.1) is None
+
+
 def test_rms_norms_leave_the_rest_to_aten():
     """float32, more than NORM_VALUES values, a weight that broadcasts otherwise: None, ATen's ops run."""
     x, weight = torch.randn(1, 4, 64).bfloat16(), torch.ones(64).bfloat16()
@@ -454,10 +487,10 @@ def test_rms_norms_leave_the_rest_to_aten():
 
 
 class CountedLibrary:
-    """The library, counting its calls of lm_dense, lm_rms_norm and lm_rotary."""
+    """The library, counting its calls of lm_dense, lm_rms_norm, lm_rotary and lm_decode_attention."""
 
     def __init__(self, library):
-        self.library, self.dense_calls, self.norm_calls, self.rotary_calls = library, 0, 0, 0
+        self.library, self.dense_calls, self.norm_calls, self.rotary_calls, self.attention_calls = library, 0, 0, 0, 0
 
     def __getattr__(self, name):
         return getattr(self.library, name)
@@ -473,6 +506,10 @@ class CountedLibrary:
     def lm_rotary(self, *args):
         self.rotary_calls += 1
         return self.library.lm_rotary(*args)
+
+    def lm_decode_attention(self, *args):
+        self.attention_calls += 1
+        return self.library.lm_decode_attention(*args)
 
 
 def test_dense_products_leave_the_rest_to_f_linear(monkeypatch):
@@ -498,8 +535,8 @@ def qwen2_moe(tmp_path_factory):
 
 def test_a_bfloat16_model_on_the_cpu_decodes_through_the_library(qwen2_moe, monkeypatch):
     """Loaded on the CPU, every nn.Linear takes `linear`; a decode step's products, norms and rotary
-    embeddings run in the library, its logits within the bfloat16 tolerance of ATen's (the library's limits
-    set to none: the rotary embedding is the same bits either way)."""
+    embeddings and attention run in the library, its logits within the bfloat16 tolerance of ATen's (the
+    library taken as unavailable: the experts' op still runs it)."""
     engine = localmoe.load(qwen2_moe, device="cpu", dtype=torch.bfloat16, options=RuntimeOptions(threads=2))
     model = engine.model
     assert not [m for m in model.modules() if isinstance(m, torch.nn.Linear) and type(m) is not Linear]
@@ -517,7 +554,8 @@ def test_a_bfloat16_model_on_the_cpu_decodes_through_the_library(qwen2_moe, monk
     assert counted.dense_calls == 7 * layers + 2  # and the LM head, also on the prompt's last position
     assert counted.norm_calls == 2 * (2 * layers + 1)  # two a layer and the final one, for the prompt too
     assert counted.rotary_calls == layers  # the decode token's queries and keys, at once
-    monkeypatch.setattr(cpu, "DENSE_ROWS", 0)
-    monkeypatch.setattr(cpu, "NORM_VALUES", 0)
+    assert counted.attention_calls == layers
+    calls = (counted.dense_calls, counted.norm_calls, counted.rotary_calls, counted.attention_calls)
+    monkeypatch.setattr(cpu, "cpu_kernel", lambda: (False, "ATen's run"))  # the experts' op is bound already
     assert_near(ours, decode_logits(), torch.bfloat16)
-    assert (counted.dense_calls, counted.norm_calls) == (7 * layers + 2, 2 * (2 * layers + 1))
+    assert (counted.dense_calls, counted.norm_calls, counted.rotary_calls, counted.attention_calls) == calls

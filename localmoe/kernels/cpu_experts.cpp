@@ -1473,3 +1473,75 @@ void lm_rotary(uint16_t* out, const uint16_t* x, const uint16_t* cos, const uint
 }
 
 }  // extern "C"
+
+// ---------------------------------------------------------------------------------------------------
+// Attention of one query position over a layer's cached keys (models/attention.py's Attention, through
+// kernels/cpu_experts.py's decode_attention), bfloat16 in and out: each head's scores summed in float32,
+// the softmax and the weighted sum of values in float32, rounded once. Query heads are handed to the
+// threads in turn, each in one fixed order, so the result does not depend on the thread count.
+
+namespace {
+
+struct DecodeAttention {
+  uint16_t* out;  // [batch, heads, v_dim]
+  const uint16_t *q, *k, *v;
+  const uint8_t* visible;  // [keys] booleans shared by every head, or null: all
+  int64_t heads, kv_heads, keys, dim, v_dim;
+  int64_t q_batch, q_head, k_batch, k_head, k_key, v_batch, v_head, v_key;  // strides in elements
+  float scale;
+};
+
+float dot_bf16(const uint16_t* a, const uint16_t* b, int64_t n) {
+  const int64_t whole = n - n % W;
+  F acc = zero();
+  for (int64_t c = 0; c < whole; c += W) acc = fmadd(from_bf16(a + c), from_bf16(b + c), acc);
+  float sum = hsum(acc);
+  for (int64_t c = whole; c < n; ++c) sum += bf16_value(a[c]) * bf16_value(b[c]);
+  return sum;
+}
+
+void attend_head(const DecodeAttention& d, int64_t b, int64_t h, std::vector<float>& scores, std::vector<float>& acc) {
+  const int64_t g = h / (d.heads / d.kv_heads);
+  const uint16_t* q = d.q + b * d.q_batch + h * d.q_head;
+  const uint16_t* k = d.k + b * d.k_batch + g * d.k_head;
+  const uint16_t* v = d.v + b * d.v_batch + g * d.v_head;
+  float top = -INFINITY;
+  for (int64_t s = 0; s < d.keys; ++s) {
+    scores[s] = d.visible && !d.visible[s] ? -INFINITY : d.scale * dot_bf16(q, k + s * d.k_key, d.dim);
+    top = std::max(top, scores[s]);
+  }
+  std::fill(acc.begin(), acc.end(), 0.f);
+  float total = 0.f;
+  const int64_t whole = d.v_dim - d.v_dim % W;
+  for (int64_t s = 0; s < d.keys; ++s) {
+    if (scores[s] == -INFINITY) continue;
+    const float p = std::exp(scores[s] - top);
+    total += p;
+    const uint16_t* vs = v + s * d.v_key;
+    const F pv = set1(p);
+    for (int64_t c = 0; c < whole; c += W) storef(acc.data() + c, fmadd(pv, from_bf16(vs + c), loadf(acc.data() + c)));
+    for (int64_t c = whole; c < d.v_dim; ++c) acc[c] += p * bf16_value(vs[c]);
+  }
+  uint16_t* o = d.out + (b * d.heads + h) * d.v_dim;
+  for (int64_t c = 0; c < d.v_dim; ++c) o[c] = bf16_bits(acc[c] / total);  // no key visible: 0 / 0, NaN as ATen
+}
+
+}  // namespace
+
+extern "C" {
+
+// strides: q's batch and head, k's batch, head and key, v's batch, head and key (elements)
+void lm_decode_attention(uint16_t* out, const uint16_t* q, const uint16_t* k, const uint16_t* v, const uint8_t* visible,
+                         int64_t batch, int64_t heads, int64_t kv_heads, int64_t keys, int64_t dim, int64_t v_dim,
+                         const int64_t* strides, double scale, int64_t threads) {
+  const DecodeAttention d{out,   q,          k,          v,          visible,    heads,      kv_heads,
+                          keys,  dim,        v_dim,      strides[0], strides[1], strides[2], strides[3],
+                          strides[4], strides[5], strides[6], strides[7], float(scale)};
+  share(batch * heads, threads, [&](int64_t task) {
+    thread_local std::vector<float> scores, acc;
+    scores.resize(keys), acc.resize(v_dim);
+    attend_head(d, task / heads, task % heads, scores, acc);
+  });
+}
+
+}  // extern "C"

@@ -19,8 +19,8 @@ weights the library dequantizes exactly as kernels/quantized.py does: bit for bi
 The library also has the dense products of decode (`linear`): a few rows of bfloat16 activations times
 bfloat16 weights, the attention projections, routers, shared experts, dense MLPs and LM heads of a
 CPU decode step, where oneDNN's matrix-vector products read the weights at about three quarters of
-the RAM's bandwidth; and decode's RMS norms (`rms_norm`) and rotary embeddings (`rotary`), one call each
-where ATen runs about ten ops.
+the RAM's bandwidth; and decode's RMS norms (`rms_norm`), rotary embeddings (`rotary`) and attention
+(`decode_attention`), one call each where ATen runs several ops.
 """
 
 import array
@@ -127,6 +127,9 @@ def load() -> tuple[bool, str]:
     library.lm_rms_norm.restype = None
     library.lm_rotary.argtypes = [*[ctypes.c_void_p] * 4, *[ctypes.c_int64] * 4]
     library.lm_rotary.restype = None
+    library.lm_decode_attention.argtypes = [*[ctypes.c_void_p] * 5, *[ctypes.c_int64] * 6, ctypes.c_void_p]
+    library.lm_decode_attention.argtypes += [ctypes.c_double, ctypes.c_int64]
+    library.lm_decode_attention.restype = None
     if _library is None:
         _define_op()
     _library = library
@@ -431,5 +434,32 @@ def rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tenso
     _library.lm_rotary(
         out.data_ptr(), rows.data_ptr(), cos.data_ptr(), sin.data_ptr(), rows.shape[0], x.shape[-1],
         cos.shape[-1], rows.stride(0),
+    )  # fmt: skip
+    return out
+
+
+def decode_attention(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None, is_causal: bool, scale: float
+) -> torch.Tensor | None:
+    """F.scaled_dot_product_attention(q, k, v, mask, is_causal, scale, enable_gqa=True) [B, H, 1, Dv] of one
+    query position in bfloat16 by the library (float32 scores, softmax and sums, rounded once), with `mask`
+    None or the keys' booleans shared by all heads; None where it does not take them."""
+    if not (q.device.type == "cpu" and q.dtype == k.dtype == v.dtype == torch.bfloat16 and q.dim() == 4):
+        return None
+    (batch, heads, positions, dim), (keys, v_dim) = q.shape, (k.shape[2], v.shape[3])
+    if positions != 1 or is_causal or k.shape[:2] != v.shape[:2] or v.shape[2] != keys or heads % k.shape[1]:
+        return None
+    if k.shape[0] != batch or k.shape[3] != dim or not q.stride(3) == k.stride(3) == v.stride(3) == 1:
+        return None
+    if mask is not None and (mask.dtype != torch.bool or mask.numel() != keys):
+        return None
+    if not cpu_kernel()[0]:
+        return None
+    visible = None if mask is None else mask.reshape(keys).contiguous().view(torch.uint8)
+    out = torch.empty(batch, heads, 1, v_dim, dtype=q.dtype)
+    strides = (ctypes.c_int64 * 8)(q.stride(0), q.stride(1), *k.stride()[:3], *v.stride()[:3])
+    _library.lm_decode_attention(
+        out.data_ptr(), q.data_ptr(), k.data_ptr(), v.data_ptr(), None if visible is None else visible.data_ptr(),
+        batch, heads, k.shape[1], keys, dim, v_dim, strides, scale, torch.get_num_threads(),
     )  # fmt: skip
     return out
