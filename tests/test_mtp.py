@@ -18,6 +18,7 @@ from conftest import (
     DEEPSEEK_V4,
     DEEPSEEK_V32,
     GLM4_MOE,
+    GLM4_MOE_LITE,
     GLM_MOE_DSA,
     MIMO_V2_FLASH,
     QWEN3_5_MOE,
@@ -341,6 +342,16 @@ def glm5_with_mtp(config: dict, depths: int) -> dict:
     return {**config, "num_hidden_layers": layers + depths, "indexer_types": [*backbone, *["full"] * depths]}
 
 
+def with_sparse_mtp_layers(config: dict, depths: int) -> dict:
+    """GLM-4.7-Flash's tiny config with `depths` more layers, MoE ones (`mlp_layer_types` lists them)."""
+    layers = config["num_hidden_layers"]
+    return {
+        **config,
+        "num_hidden_layers": layers + depths,
+        "mlp_layer_types": [*config["mlp_layer_types"], *["sparse"] * depths],
+    }
+
+
 RELEASES = {
     "deepseek_v3": deepseek_release("DeepseekV3Config", {**DEEPSEEK_V2, "n_group": 4, "topk_group": 2}),
     # DeepSeek-V3's design with more than one MTP layer (its report trains D of them; V3 ships one)
@@ -352,6 +363,8 @@ RELEASES = {
     "deepseek_v32": deepseek_release("DeepseekV32Config", DEEPSEEK_V32, window=1 << 20),
     "glm_moe_dsa": deepseek_release("GlmMoeDsaConfig", GLM_MOE_DSA, extend=glm5_with_mtp, window=1 << 20),
     "glm4_moe": deepseek_release("Glm4MoeConfig", GLM4_MOE),
+    # GLM-4.7-Flash's (vLLM's glm4_moe_lite_mtp.py): DeepSeek-V3's layout, a latent-attention MoE layer
+    "glm4_moe_lite": deepseek_release("Glm4MoeLiteConfig", GLM4_MOE_LITE, extend=with_sparse_mtp_layers),
     "qwen3_5_moe": qwen_release("Qwen3_5MoeTextConfig", QWEN3_5_MOE),
     "qwen3_next": qwen_release("Qwen3NextConfig", QWEN3_NEXT),
 }
