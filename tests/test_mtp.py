@@ -20,10 +20,12 @@ from conftest import (
     GLM4_MOE,
     GLM4_MOE_LITE,
     GLM_MOE_DSA,
+    LONGCAT_FLASH,
     MIMO_V2_FLASH,
     QWEN3_5_MOE,
     QWEN3_NEXT,
     hf_model,
+    randomize,
     save_hf,
 )
 from safetensors.torch import load_file, save_file
@@ -333,6 +335,76 @@ def v4_release(folder: Path) -> Release:
     return V4Release(release, full, [block], [mtp], 0.0, "num_nextn_predict_layers")
 
 
+class LongcatRelease(Release):
+    """LongCat-Flash's MTP layer as vLLM's longcat_flash_mtp.py (LongCatMultiTokenPredictorLayer) and SGLang's
+    longcat_flash_nextn.py (LongcatFlashModelNextN) compute it: eh_proj([enorm(e); hnorm(h)]), a pre-norm
+    decoder layer (DeepSeek-V2's, there) of transformers' LongCat latent attention, whose latent norms take
+    rms_norm_eps as DeepSeek-V2's attention does, and its dense MLP, then the final norm, whose output is
+    both what the LM head takes and what the next draft takes as h."""
+
+    def draft(self, h, next_ids, start=0, depth=0):
+        w, model, eps, block = self.mtp[depth], self.reference.model, self.eps, self.blocks[depth]
+        with torch.no_grad():
+            embedded = model.embed_tokens(next_ids)
+            x = F.linear(torch.cat([rms(embedded, w["enorm"], eps), rms(h, w["hnorm"], eps)], -1), w["eh"])
+            positions = torch.arange(start, start + x.shape[1])[None]
+            attended, _ = block.self_attn(
+                block.input_layernorm(x),
+                position_embeddings=model.rotary_emb(x, positions),
+                attention_mask=self.mask(x.shape[1]),
+            )
+            x = x + attended
+            out = rms(x + block.mlp(block.post_attention_layernorm(x)), w["norm"], eps)
+            return self.reference.lm_head(out), out
+
+
+# LongCat-Flash's release names (vLLM's and SGLang's name tables): model.mtp.layers.0.{enorm.m, hnorm.m,
+# eh_proj, input_layernorm, self_attn.*, post_attention_layernorm, transformer_layer.mlp.*}, model.mtp.norm,
+# and a copy of the embedding, model.mtp.embed_tokens
+LONGCAT_NAMES = {
+    "enorm": "model.mtp.layers.0.enorm.m.weight",
+    "hnorm": "model.mtp.layers.0.hnorm.m.weight",
+    "eh": "model.mtp.layers.0.eh_proj.weight",
+    "norm": "model.mtp.norm.weight",
+}
+
+
+def longcat_release(folder: Path) -> Release:
+    from torch import nn
+    from transformers.models.longcat_flash import modeling_longcat_flash as longcat
+
+    # an eps large enough that the latent norms' (rms_norm_eps here, 1e-6 in the model's layers) shows
+    reference = hf_model("LongcatFlashConfig", **{**LONGCAT_FLASH, "rms_norm_eps": 0.05})
+    save_hf(reference, folder / "full", "single")
+    config, hidden = reference.config, LONGCAT_FLASH["hidden_size"]
+    block = nn.ModuleDict(
+        {
+            "input_layernorm": longcat.LongcatFlashRMSNorm(hidden, config.rms_norm_eps),
+            "self_attn": longcat.LongcatFlashMLA(config, layer_idx=0),
+            "post_attention_layernorm": longcat.LongcatFlashRMSNorm(hidden, config.rms_norm_eps),
+            "mlp": longcat.LongcatFlashMLP(config),
+        }
+    )
+    for norm in (block.self_attn.q_a_layernorm, block.self_attn.kv_a_layernorm):
+        norm.variance_epsilon = config.rms_norm_eps
+    randomize(block, seed=7)
+    block.eval()
+    stored = load_file(str(folder / "full" / "model.safetensors"))
+    inner = {"mlp.": "transformer_layer.mlp."}
+    for name, tensor in block.state_dict().items():
+        renamed = next((new + name[len(old) :] for old, new in inner.items() if name.startswith(old)), name)
+        stored[f"model.mtp.layers.0.{renamed}"] = tensor
+    mtp = mtp_weights(hidden, 0.0)
+    stored |= {LONGCAT_NAMES[role]: weight for role, weight in mtp.items()}
+    stored["model.mtp.embed_tokens.weight"] = stored["model.embed_tokens.weight"].clone()
+    release = folder / "release"
+    release.mkdir()
+    save_file({k: v.contiguous() for k, v in stored.items()}, str(release / "model.safetensors"))
+    saved = json.loads((folder / "full" / "config.json").read_text())
+    (release / "config.json").write_text(json.dumps({**saved, "num_nextn_predict_layers": 1}))
+    return LongcatRelease(release, reference, [block], [mtp], 0.0, "num_nextn_predict_layers", window=1 << 20)
+
+
 def glm5_with_mtp(config: dict, depths: int) -> dict:
     """GLM-5's tiny config with `depths` more layers, those computing their own selection ("full")."""
     import transformers
@@ -365,6 +437,7 @@ RELEASES = {
     "glm4_moe": deepseek_release("Glm4MoeConfig", GLM4_MOE),
     # GLM-4.7-Flash's (vLLM's glm4_moe_lite_mtp.py): DeepSeek-V3's layout, a latent-attention MoE layer
     "glm4_moe_lite": deepseek_release("Glm4MoeLiteConfig", GLM4_MOE_LITE, extend=with_sparse_mtp_layers),
+    "longcat_flash": longcat_release,
     "qwen3_5_moe": qwen_release("Qwen3_5MoeTextConfig", QWEN3_5_MOE),
     "qwen3_next": qwen_release("Qwen3NextConfig", QWEN3_NEXT),
 }
@@ -461,7 +534,7 @@ def test_each_layer_takes_the_output_of_the_one_before(release):
 @pytest.mark.parametrize("miss_policy", ["direct", "copy"])
 def test_offloaded_drafts_are_the_resident_ones(release, miss_policy):
     resident = load(release.folder)
-    top_k = resident.parts.args.num_experts_per_tok
+    top_k = resident.plan.footprint.top_k
     offloaded = load(release.folder, expert_slots=top_k, miss_policy=miss_policy)
     assert isinstance(offloaded.experts, OffloadedExperts)
     ids = prompt(seed=5)
