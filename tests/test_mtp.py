@@ -20,6 +20,7 @@ from conftest import (
     GLM4_MOE,
     GLM4_MOE_LITE,
     GLM_MOE_DSA,
+    HY_V3,
     LONGCAT_FLASH,
     MIMO_V2_FLASH,
     QWEN3_5_MOE,
@@ -90,6 +91,14 @@ class Release:
         return torch.zeros(length, length).masked_fill(~allowed, float("-inf"))[None, None]
 
 
+class NormedRelease(Release):
+    """A release whose MTP layer passes its final norm's output on to the next draft (vLLM's hy_v3_mtp.py)."""
+
+    def draft(self, h, next_ids, start=0, depth=0):
+        logits, out = super().draft(h, next_ids, start, depth)
+        return logits, rms(out, self.mtp[depth]["norm"], self.eps, self.offset)
+
+
 def mtp_weights(hidden: int, offset: float, depth: int = 0) -> dict[str, torch.Tensor]:
     generator = torch.Generator().manual_seed(3 + depth)
     norm = 1 - offset  # norms near one
@@ -113,6 +122,7 @@ def write_release(
     save_hf(full, folder / "full", "single")
     stored = load_file(str(folder / "full" / "model.safetensors"))
     inner = layer.pop("inner", lambda name: name)
+    kind = layer.pop("kind", Release)
     for depth in range(depths):
         last, prefix = f"model.layers.{layers + depth}.", renamed.format(layer=layers + depth, depth=depth)
         stored = {prefix + inner(k[len(last) :]) if k.startswith(last) else k: v for k, v in stored.items()}
@@ -134,7 +144,7 @@ def write_release(
     for per_layer in PER_LAYER:
         if getattr(full.config, per_layer, None):
             setattr(full.config, per_layer, getattr(full.config, per_layer)[:layers])
-    return Release(release, full, blocks, mtp, offset, count, **layer)
+    return kind(release, full, blocks, mtp, offset, count, **layer)
 
 
 PER_LAYER = ("layer_types", "mlp_layer_types", "indexer_types")  # config fields with an entry per layer
@@ -180,6 +190,12 @@ QWEN_NAMES = {
     "eh": "mtp.fc.weight",
     "norm": "mtp.norm.weight",
 }
+
+
+# Hy3's (vLLM's hy_v3_mtp.py): model.layers.{num_hidden_layers}.{enorm, hnorm, eh_proj, final_layernorm} beside
+# the decoder layer's tensors, as DeepSeek-V3's but for the final norm
+HY_V3_NAMES = {role: f"model.layers.{{layer}}.{name}.weight" for role, name in DEEPSEEK_NAMES.items()}
+HY_V3_NAMES["norm"] = "model.layers.{layer}.final_layernorm.weight"
 
 
 def qwen_release(config_class: str, config: dict):
@@ -438,6 +454,17 @@ RELEASES = {
     # GLM-4.7-Flash's (vLLM's glm4_moe_lite_mtp.py): DeepSeek-V3's layout, a latent-attention MoE layer
     "glm4_moe_lite": deepseek_release("Glm4MoeLiteConfig", GLM4_MOE_LITE, extend=with_sparse_mtp_layers),
     "longcat_flash": longcat_release,
+    "hy_v3": lambda folder: write_release(
+        folder,
+        "HYV3Config",
+        HY_V3,
+        lambda c, n: {**c, "num_hidden_layers": c["num_hidden_layers"] + n},
+        "model.layers.{layer}.",
+        HY_V3_NAMES,
+        0.0,
+        "num_nextn_predict_layers",
+        kind=NormedRelease,
+    ),
     "qwen3_5_moe": qwen_release("Qwen3_5MoeTextConfig", QWEN3_5_MOE),
     "qwen3_next": qwen_release("Qwen3NextConfig", QWEN3_NEXT),
 }

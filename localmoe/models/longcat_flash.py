@@ -11,7 +11,7 @@ longcat_flash_mtp.py (LongCatMultiTokenPredictorLayer) and SGLang's longcat_flas
 (LongcatFlashModelNextN) build it: enorm and hnorm (`enorm.m`, `hnorm.m`), eh_proj, then one plain pre-norm
 decoder layer of the same latent attention and a dense MLP (`transformer_layer.mlp`, ffn_hidden_size wide; no
 MoE, no shortcut), then its final norm (`model.mtp.norm`). Both pass the normed output on to the next draft,
-so `NormedMTPLayer` does; the model's own embedding and LM head serve it (SGLang skips the release's copy of
+as `NormedMTPLayer` does; the model's own embedding and LM head serve it (SGLang skips the release's copy of
 the embedding, `model.mtp.embed_tokens`)."""
 
 from dataclasses import dataclass, field, replace
@@ -26,7 +26,7 @@ from localmoe.models.expert_tensors import PerExpert
 from localmoe.models.family import Family, ModelArgs, MtpLayout, causal_lm
 from localmoe.models.layers import MLP, CausalLM, DecoderLayer, RMSNorm, Step
 from localmoe.models.moe import FUSED_EXPERTS, MLP_EXPERTS, GatedActivation, GroupedTopKRouter, SparseMoE
-from localmoe.models.mtp import MTPLayer, SharedHead
+from localmoe.models.mtp import NormedMTPLayer
 from localmoe.models.state import CombinedState
 
 
@@ -137,20 +137,6 @@ class ShortcutDecoderLayer(nn.Module):
                 shortcut = self.mlp(x)
             h = h + self.mlps[i](x)
         return h + shortcut
-
-
-class NormedMTPLayer(MTPLayer):
-    """An MTP layer whose output passes its final norm before it is passed on, as LongCat's published code
-    returns it from the layer (vLLM: `final_layernorm(hidden_states, residual)`; SGLang: the same norm), to
-    the LM head as it is and to the next draft as its hidden state."""
-
-    def __init__(self, block: nn.Module, hidden: int, eps: float, norm=RMSNorm):
-        super().__init__(block, hidden, eps, norm)
-        self.final_layernorm = norm(hidden, eps)
-        self.shared_head = SharedHead(nn.Identity())
-
-    def forward(self, h: torch.Tensor, embedded: torch.Tensor, step: Step, kv) -> torch.Tensor:
-        return self.final_layernorm(super().forward(h, embedded, step, kv))
 
 
 def latent_attention(args: LongcatFlashArgs, latent_eps: float = 1e-6) -> LatentAttention:
