@@ -25,6 +25,7 @@ from conftest import (
     MIMO_V2_FLASH,
     QWEN3_5_MOE,
     QWEN3_NEXT,
+    STEP3P7,
     hf_model,
     randomize,
     save_hf,
@@ -51,7 +52,7 @@ class Release:
 
     def __init__(self, folder: Path, reference, blocks: list, mtp: list[dict], offset: float, count: str, **layer):
         self.folder, self.reference, self.blocks, self.mtp = folder, reference, blocks, mtp
-        self.eps, self.offset, self.count = reference.config.rms_norm_eps, offset, count
+        self.eps, self.offset, self.count = reference.config.get_text_config().rms_norm_eps, offset, count
         self.rotary = layer.get("rotary", lambda model, x, positions: model.rotary_emb(x, positions))
         self.window = layer.get("window")
         reference.config.tie_last_hidden_states = False  # its last hidden states before the final norm
@@ -421,6 +422,71 @@ def longcat_release(folder: Path) -> Release:
     return LongcatRelease(release, reference, [block], [mtp], 0.0, "num_nextn_predict_layers", window=1 << 20)
 
 
+class StepRelease(Release):
+    """Step-3.5's and Step-3.7's MTP layers as vLLM's and SGLang's step3p5_mtp.py compute them (norms that scale by
+    1 + weight; the output before shared_head.norm passed on), each with the attention of its kind; the
+    reference is transformers' multimodal model, whose language model runs the first num_hidden_layers."""
+
+    def __init__(self, folder, reference, blocks, mtp, kinds):
+        super().__init__(folder, reference, blocks, mtp, 1.0, "num_nextn_predict_layers")
+        self.kinds, self.text = kinds, reference.model.language_model
+        reference.config.text_config.tie_last_hidden_states = False  # the language model's outputs
+
+    def draft(self, h, next_ids, start=0, depth=0):
+        w, model, eps, kind = self.mtp[depth], self.text, self.eps, self.kinds[depth]
+        with torch.no_grad():
+            embedded = model.embed_tokens(next_ids)
+            x = F.linear(torch.cat([rms(embedded, w["enorm"], eps, 1.0), rms(h, w["hnorm"], eps, 1.0)], -1), w["eh"])
+            positions = torch.arange(start, start + x.shape[1])[None]
+            self.window = model.config.sliding_window if kind == "sliding_attention" else 1 << 20
+            out = self.blocks[depth](
+                x,
+                position_ids=positions,
+                position_embeddings=model.rotary_emb(x, positions, kind),
+                attention_mask=self.mask(x.shape[1]),
+            )
+            return self.reference.lm_head(rms(out, w["norm"], eps, 1.0)), out
+
+
+# Step-3.5's and Step-3.7's names (vLLM's and SGLang's step3p5_mtp.py): model.layers.{num_hidden_layers + k}.*, the
+# decoder layer's tensors as any layer's, beside enorm, hnorm, eh_proj, shared_head.norm and the layer's copy of
+# the LM head, shared_head.output
+STEP_NAMES = {role: f"model.layers.{{layer}}.{name}.weight" for role, name in DEEPSEEK_NAMES.items()}
+STEP_MTP_KINDS = [("sliding_attention", "sparse", 0.3), ("full_attention", "dense", 0.0)]
+
+
+def step_release(folder: Path) -> Release:
+    """Two MTP layers (the release has three): a sliding-window MoE one whose experts clamp, and a dense full
+    one, listed after the model's layers in the per-layer lists as the release's config lists them."""
+    text = STEP3P7["text_config"]
+    layers, depths = text["num_hidden_layers"], len(STEP_MTP_KINDS)
+    kinds, mlps, limits = (list(column) for column in zip(*STEP_MTP_KINDS, strict=True))
+    padded = {
+        **text,
+        "num_hidden_layers": layers + depths,
+        "layer_types": [*text["layer_types"], *kinds],
+        "mlp_layer_types": [*text["mlp_layer_types"], *mlps],
+        "swiglu_limits": [*text["swiglu_limits"], *limits],
+        "swiglu_limits_shared": [*text["swiglu_limits_shared"], *limits],
+    }
+    full = hf_model("Step3p7Config", **{**STEP3P7, "text_config": padded})
+    save_hf(full, folder / "full", "single")
+    stored = load_file(str(folder / "full" / "model.safetensors"))
+    mtp = [mtp_weights(text["hidden_size"], 1.0, depth) for depth in range(depths)]
+    for depth, weights in enumerate(mtp):
+        stored |= {STEP_NAMES[role].format(layer=layers + depth): w for role, w in weights.items()}
+        stored[f"model.layers.{layers + depth}.shared_head.output.weight"] = stored["lm_head.weight"].clone()
+    release = folder / "release"
+    release.mkdir()
+    save_file({k: v.contiguous() for k, v in stored.items()}, str(release / "model.safetensors"))
+    saved = json.loads((folder / "full" / "config.json").read_text())
+    saved["text_config"] |= {"num_hidden_layers": layers, "num_nextn_predict_layers": depths}
+    (release / "config.json").write_text(json.dumps(saved))
+    full.config.text_config.num_hidden_layers = layers  # the language model runs its first layers only
+    blocks = list(full.model.language_model.layers[layers:])
+    return StepRelease(release, full, blocks, mtp, kinds)
+
+
 def glm5_with_mtp(config: dict, depths: int) -> dict:
     """GLM-5's tiny config with `depths` more layers, those computing their own selection ("full")."""
     import transformers
@@ -465,9 +531,17 @@ RELEASES = {
         "num_nextn_predict_layers",
         kind=NormedRelease,
     ),
+    "step3p5": step_release,
     "qwen3_5_moe": qwen_release("Qwen3_5MoeTextConfig", QWEN3_5_MOE),
     "qwen3_next": qwen_release("Qwen3NextConfig", QWEN3_NEXT),
 }
+
+
+def with_count(config: dict, count: str, value: int | None) -> dict:
+    """`config` with its MTP layers' count (in the text config of a multimodal one) `value`, or none said."""
+    if "text_config" in config:
+        return {**config, "text_config": with_count(config["text_config"], count, value)}
+    return {k: v for k, v in config.items() if k != count} | ({} if value is None else {count: value})
 
 
 @pytest.fixture(params=list(RELEASES), scope="module")
@@ -597,7 +671,7 @@ def test_the_plan_counts_the_mtp_layers(release):
     engine = load(release.folder)
     footprint, backbone = engine.plan.footprint, len(moe_blocks(engine.model.model))
     config = json.loads((release.folder / "config.json").read_text())
-    assert len(engine.model.mtp.layers) == config[release.count] == len(release.blocks)
+    assert len(engine.model.mtp.layers) == config.get("text_config", config)[release.count] == len(release.blocks)
     routed = len(moe_blocks(engine.model.mtp))
     assert routed == sum(any(".experts" in name for name, _ in block.named_modules()) for block in release.blocks)
     assert footprint.moe_layers == backbone + routed
@@ -625,8 +699,8 @@ def test_without_the_promise_or_the_tensors_the_backbone_loads_as_before(release
     stored = load_file(str(release.folder / "model.safetensors"))
     eh_proj = next(name for name in stored if name.endswith(("eh_proj.weight", "mtp.fc.weight", "mtp.0.e_proj.weight")))
     variants = {
-        "unsaid": ({k: v for k, v in config.items() if k != release.count}, stored),
-        "none": ({**config, release.count: 0}, stored),
+        "unsaid": (with_count(config, release.count, None), stored),
+        "none": (with_count(config, release.count, 0), stored),
         "stripped": (config, {k: v for k, v in stored.items() if k != eh_proj}),
         "misshapen": (config, {**stored, eh_proj: stored[eh_proj][:, :-1].contiguous()}),
     }
