@@ -780,3 +780,29 @@ def test_sparse_attention_mtp_layers_select_with_their_own_indexer(name, tmp_pat
     assert (
         sources["mtp.layers.0.block.self_attn.indexer.wk.weight"] == f"model.layers.{layer}.self_attn.indexer.wk.weight"
     )
+
+
+def test_step_mtp_kinds_as_transformers_saves_them(tmp_path_factory):
+    """transformers splits the release's padded per-layer lists into the model's and `mtp_layer_types`,
+    `mtp_mlp_layer_types`: the MTP layers are built of the same kinds from either."""
+    from localmoe.models.step3p7 import Step3p7Args
+
+    release = RELEASES["step3p5"](tmp_path_factory.mktemp("step3p5"))
+    padded = json.loads((release.folder / "config.json").read_text())["text_config"]
+    layers = padded["num_hidden_layers"]
+    split = {
+        **padded,
+        "layer_types": padded["layer_types"][:layers],
+        "mlp_layer_types": padded["mlp_layer_types"][:layers],
+    }
+    split |= {
+        "mtp_layer_types": padded["layer_types"][layers:],
+        "mtp_mlp_layer_types": padded["mlp_layer_types"][layers:],
+    }
+    for config in (padded, split):
+        args = Step3p7Args.from_config(config)
+        assert args.layer_types == padded["layer_types"][:layers]
+        assert (args.mtp_layer_types, args.mtp_mlp_layer_types) == (
+            [k for k, _, _ in STEP_MTP_KINDS],
+            [m for _, m, _ in STEP_MTP_KINDS],
+        )
