@@ -2,8 +2,8 @@
 GLM-4.5 body (dense or MoE layers as `mlp_layer_types` lists them, a shared expert, sigmoid routing with
 a correction bias). Its multi-token-prediction layer is stored as DeepSeek-V3's
 (`model.layers.{num_hidden_layers}.*`: enorm, hnorm, eh_proj, shared_head.norm, a latent-attention MoE decoder
-layer) and loaded as `mtp` for drafts (vLLM's glm4_moe_lite_mtp.py, Glm4MoeLiteMultiTokenPredictorLayer; see
-localmoe/models/mtp.py)."""
+layer) and loaded as `mtp` for drafts (vLLM's glm4_moe_lite_mtp.py, Glm4MoeLiteMultiTokenPredictorLayer; SGLang's
+glm4_moe_lite_nextn.py; see localmoe/models/mtp.py)."""
 
 from dataclasses import dataclass
 from typing import ClassVar
