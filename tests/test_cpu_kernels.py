@@ -4,6 +4,7 @@ prefills of 9-300, 1-2 threads; the instruction set forced down to AVX2 and to p
 the build's fallback; one op per call. The dense products of decode (`cpu.linear`) against F.linear, and
 in a bfloat16 model loaded on the CPU."""
 
+import collections
 import os
 import subprocess
 import sys
@@ -487,29 +488,19 @@ def test_rms_norms_leave_the_rest_to_aten():
 
 
 class CountedLibrary:
-    """The library, counting its calls of lm_dense, lm_rms_norm, lm_rotary and lm_decode_attention."""
+    """The library, counting its calls by function name."""
 
     def __init__(self, library):
-        self.library, self.dense_calls, self.norm_calls, self.rotary_calls, self.attention_calls = library, 0, 0, 0, 0
+        self.library, self.calls = library, collections.Counter()
 
     def __getattr__(self, name):
-        return getattr(self.library, name)
+        function = getattr(self.library, name)
 
-    def lm_dense(self, *args):
-        self.dense_calls += 1
-        return self.library.lm_dense(*args)
+        def counted(*args):
+            self.calls[name] += 1
+            return function(*args)
 
-    def lm_rms_norm(self, *args):
-        self.norm_calls += 1
-        return self.library.lm_rms_norm(*args)
-
-    def lm_rotary(self, *args):
-        self.rotary_calls += 1
-        return self.library.lm_rotary(*args)
-
-    def lm_decode_attention(self, *args):
-        self.attention_calls += 1
-        return self.library.lm_decode_attention(*args)
+        return counted
 
 
 def test_dense_products_leave_the_rest_to_f_linear(monkeypatch):
@@ -522,9 +513,9 @@ def test_dense_products_leave_the_rest_to_f_linear(monkeypatch):
     cases = [(x, w), (x[:1].float(), w.float()), (x[:1], w.t().contiguous().t()), (x[:1], trained)]
     for a, b in cases:
         assert torch.equal(cpu.linear(a, b), F.linear(a, b))
-    assert counted.dense_calls == 0
+    assert counted.calls["lm_dense"] == 0
     cpu.linear(x[: cpu.DENSE_ROWS], w)
-    assert counted.dense_calls == 1
+    assert counted.calls["lm_dense"] == 1
 
 
 @pytest.fixture(scope="module")
@@ -551,11 +542,10 @@ def test_a_bfloat16_model_on_the_cpu_decodes_through_the_library(qwen2_moe, monk
 
     ours = decode_logits()
     layers = len(model.model.layers)  # per layer q/k/v at once, o, the router, the shared expert's 3 and gate
-    assert counted.dense_calls == 7 * layers + 2  # and the LM head, also on the prompt's last position
-    assert counted.norm_calls == 2 * (2 * layers + 1)  # two a layer and the final one, for the prompt too
-    assert counted.rotary_calls == layers  # the decode token's queries and keys, at once
-    assert counted.attention_calls == layers
-    calls = (counted.dense_calls, counted.norm_calls, counted.rotary_calls, counted.attention_calls)
+    assert counted.calls["lm_dense"] == 7 * layers + 2  # and the LM head, also on the prompt's last position
+    assert counted.calls["lm_rms_norm"] == 2 * (2 * layers + 1)  # two a layer and the final one, the prompt's too
+    assert counted.calls["lm_rotary"] == counted.calls["lm_decode_attention"] == layers  # the decode token's
+    calls = {name: counted.calls[name] for name in ("lm_dense", "lm_rms_norm", "lm_rotary", "lm_decode_attention")}
     monkeypatch.setattr(cpu, "cpu_kernel", lambda: (False, "ATen's run"))  # the experts' op is bound already
     assert_near(ours, decode_logits(), torch.bfloat16)
-    assert (counted.dense_calls, counted.norm_calls, counted.rotary_calls, counted.attention_calls) == calls
+    assert {name: counted.calls[name] for name in calls} == calls
