@@ -475,6 +475,8 @@ def test_decode_attention_matches_the_reference():
     assert cpu.decode_attention(q, k, k, None, False, 0.1) is None  # two positions: ATen's
     assert cpu.decode_attention(q[:, :, :1], k, k, None, True, 0.1) is None  # causal: ATen's
     assert cpu.decode_attention(q[:, :, :1], k, k, torch.ones(1, 4, 1, 5, dtype=torch.bool), False, 0.1) is None
+    many = torch.randn(1, 2, cpu.ATTENTION_KEYS + 1, 8).bfloat16()
+    assert cpu.decode_attention(q[:, :, :1], many, many, None, False, 0.1) is None  # a long context: ATen's
 
 
 def test_rms_norms_leave_the_rest_to_aten():
