@@ -17,6 +17,7 @@ from conftest import (
     DEEPSEEK_V2,
     DEEPSEEK_V4,
     DEEPSEEK_V32,
+    EXAONE_MOE,
     GLM4_MOE,
     GLM_MOE_DSA,
     MIMO_V2_FLASH,
@@ -243,6 +244,42 @@ def mimo_release(depths: int):
     return write
 
 
+def exaone_release(kind: str = "full_attention", window: int | None = None):
+    """K-EXAONE's (vLLM's exaone_moe_mtp.py and exaone_moe.py with is_mtp, SGLang's exaone_moe.py): Qwen's
+    names under `mtp.`, the decoder layer's MLP dense, its attention of the kind the config's mtp_layer_types
+    gives (the release's: full, so without positions, as the model's global layers) with the window of
+    mtp_sliding_windows (the release's: 0)."""
+    config = EXAONE_MOE
+
+    def extend(c: dict, n: int) -> dict:
+        layers = c["num_hidden_layers"]
+        backbone = ["full_attention" if (i + 1) % 4 == 0 else "sliding_attention" for i in range(layers)]
+        dense = ["dense", *["sparse"] * (layers - 1)]
+        return {**c, "num_hidden_layers": layers + n, "layer_types": [*backbone, *[kind] * n]} | {
+            "mlp_layer_types": [*dense, *["dense"] * n]
+        }
+
+    def write(folder: Path) -> Release:
+        release = write_release(
+            folder,
+            "ExaoneMoeConfig",
+            config,
+            extend,
+            "mtp.layers.{depth}.",
+            QWEN_NAMES,
+            0.0,
+            "num_nextn_predict_layers",
+            window=window,
+        )
+        path = release.folder / "config.json"
+        saved = json.loads(path.read_text())
+        saved |= {"mtp_layer_types": [kind], "mtp_sliding_windows": [window or 0]}
+        path.write_text(json.dumps(saved))
+        return release
+
+    return write
+
+
 class V4Release(Release):
     """DeepSeek-V4's MTP layer, as DeepSeek's inference/model.py computes it (MTPBlock.forward, and
     ParallelHead.hc_head for its collapse): the hidden state is the last layer's streams [B, T, N, E]."""
@@ -354,6 +391,9 @@ RELEASES = {
     "glm4_moe": deepseek_release("Glm4MoeConfig", GLM4_MOE),
     "qwen3_5_moe": qwen_release("Qwen3_5MoeTextConfig", QWEN3_5_MOE),
     "qwen3_next": qwen_release("Qwen3NextConfig", QWEN3_NEXT),
+    "exaone_moe": exaone_release(),
+    # K-EXAONE's design with a sliding-window MTP layer (its window narrower than the model's 8)
+    "exaone_moe_sliding": exaone_release("sliding_attention", 5),
 }
 
 
