@@ -21,6 +21,7 @@ from conftest import (
     GLM4_MOE,
     GLM_MOE_DSA,
     MIMO_V2_FLASH,
+    NEMOTRON_H,
     QWEN3_5_MOE,
     QWEN3_NEXT,
     hf_model,
@@ -280,6 +281,52 @@ def exaone_release(kind: str = "full_attention", window: int | None = None):
     return write
 
 
+class Blocks(torch.nn.Module):
+    """transformers' Nemotron-H blocks one after another, as vLLM's nemotron_h_mtp.py runs an MTP layer's."""
+
+    def __init__(self, blocks: list):
+        super().__init__()
+        self.blocks = torch.nn.ModuleList(blocks)
+
+    def forward(self, x, position_ids, position_embeddings, attention_mask):
+        for block in self.blocks:
+            x = block(x, attention_mask=attention_mask, position_ids=position_ids)
+        return x
+
+
+def nemotron_release(folder: Path) -> Release:
+    """Nemotron 3 Super's (vLLM's nemotron_h_mtp.py): `mtp.layers.{j}.*` the blocks of mtp_hybrid_override_pattern
+    "*E" (attention without positions, then MoE with per-expert tensors), enorm, hnorm and eh_proj on the
+    first, final_layernorm on the last; the model's embedding and LM head shared."""
+    config, layers = NEMOTRON_H, len(NEMOTRON_H["layers_block_type"])
+    full = hf_model(
+        "NemotronHConfig", **{**config, "layers_block_type": [*config["layers_block_type"], "full_attention", "moe"]}
+    )
+    save_hf(full, folder / "full", "single")
+    stored = load_file(str(folder / "full" / "model.safetensors"))
+    for j in range(2):
+        last = f"backbone.layers.{layers + j}."
+        stored = {f"mtp.layers.{j}." + k[len(last) :] if k.startswith(last) else k: v for k, v in stored.items()}
+    mtp = mtp_weights(config["hidden_size"], 0.0)
+    names = {"enorm": "mtp.layers.0.enorm", "hnorm": "mtp.layers.0.hnorm", "eh": "mtp.layers.0.eh_proj"}
+    stored |= {f"{names[role]}.weight": mtp[role] for role in names} | {
+        "mtp.layers.1.final_layernorm.weight": mtp["norm"]
+    }
+    release = folder / "release"
+    release.mkdir()
+    save_file({k: v.contiguous() for k, v in stored.items()}, str(release / "model.safetensors"))
+    saved = json.loads((folder / "full" / "config.json").read_text())
+    saved |= {**config, "num_nextn_predict_layers": 1, "mtp_hybrid_override_pattern": "*E"}
+    saved.pop("mtp_layers_block_type")  # the release names its MTP blocks by the pattern alone
+    (release / "config.json").write_text(json.dumps(saved))
+    blocks = Blocks(list(full.model.layers[layers:]))
+    full.model.layers = full.model.layers[:layers]
+    full.config.layers_block_type = config["layers_block_type"]
+    full.model.embed_tokens = full.model.embeddings  # where Release looks for it
+    full.config.rms_norm_eps = config.get("layer_norm_epsilon", 1e-5)
+    return Release(release, full, [blocks], [mtp], 0.0, "num_nextn_predict_layers", rotary=lambda *_: None)
+
+
 class V4Release(Release):
     """DeepSeek-V4's MTP layer, as DeepSeek's inference/model.py computes it (MTPBlock.forward, and
     ParallelHead.hc_head for its collapse): the hidden state is the last layer's streams [B, T, N, E]."""
@@ -391,6 +438,7 @@ RELEASES = {
     "glm4_moe": deepseek_release("Glm4MoeConfig", GLM4_MOE),
     "qwen3_5_moe": qwen_release("Qwen3_5MoeTextConfig", QWEN3_5_MOE),
     "qwen3_next": qwen_release("Qwen3NextConfig", QWEN3_NEXT),
+    "nemotron_h": nemotron_release,
     "exaone_moe": exaone_release(),
     # K-EXAONE's design with a sliding-window MTP layer (its window narrower than the model's 8)
     "exaone_moe_sliding": exaone_release("sliding_attention", 5),
@@ -633,3 +681,27 @@ def test_sparse_attention_mtp_layers_select_with_their_own_indexer(name, tmp_pat
     assert (
         sources["mtp.layers.0.block.self_attn.indexer.wk.weight"] == f"model.layers.{layer}.self_attn.indexer.wk.weight"
     )
+
+
+def test_nemotron_h_mtp_blocks_as_transformers_reads_them():
+    """mtp_layers_block_type, else mtp_hybrid_override_pattern (which wins over the list's default, as
+    transformers' config reads them), else attention and MoE; blocks vLLM's MTP does not build are refused."""
+    from localmoe.errors import LocalMoEError
+    from localmoe.models.nemotron_h import NemotronHArgs
+
+    base = {"vocab_size": 64, "hidden_size": 32, "num_nextn_predict_layers": 1}
+    read = {
+        "default": ({}, ["full_attention", "moe"]),
+        "pattern": ({"mtp_hybrid_override_pattern": "E*"}, ["moe", "full_attention"]),
+        "legacy list": ({"mtp_layers_block_type": ["moe", "attention"]}, ["moe", "full_attention"]),
+        "default list and pattern": (
+            {"mtp_layers_block_type": ["full_attention", "moe"], "mtp_hybrid_override_pattern": "*"},
+            ["full_attention"],
+        ),
+    }
+    for name, (given, kinds) in read.items():
+        assert NemotronHArgs.from_config(base | given).mtp_kinds() == kinds, name
+    for pattern in ("*M", "**E", "E", "*EE"):
+        with pytest.raises(LocalMoEError, match="lists MTP blocks"):
+            NemotronHArgs.from_config(base | {"mtp_hybrid_override_pattern": pattern})
+    NemotronHArgs.from_config(base | {"num_nextn_predict_layers": 0, "mtp_hybrid_override_pattern": "*M"})
