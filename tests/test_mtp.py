@@ -298,7 +298,8 @@ def nemotron_release(folder: Path) -> Release:
     """Nemotron 3 Super's (vLLM's nemotron_h_mtp.py): `mtp.layers.{j}.*` the blocks of mtp_hybrid_override_pattern
     "*E" (attention without positions, then MoE with per-expert tensors), enorm, hnorm and eh_proj on the
     first, final_layernorm on the last; the model's embedding and LM head shared."""
-    config, layers = NEMOTRON_H, len(NEMOTRON_H["layers_block_type"])
+    config = {**NEMOTRON_H, "moe_latent_size": 24}  # Super's MoE works in a narrower latent space
+    layers = len(config["layers_block_type"])
     full = hf_model(
         "NemotronHConfig", **{**config, "layers_block_type": [*config["layers_block_type"], "full_attention", "moe"]}
     )
