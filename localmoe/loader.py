@@ -268,7 +268,8 @@ def _drop_incomplete_mtp(model: nn.Module, ckpt: Checkpoint, family: Family) -> 
             found = next((c for c in candidates if ckpt.has_weight(c)), None)
             if found is None:
                 # (the release's name from DeepSeek-V3's, which the hub's spelling of it may not start with)
-                release = family.mtp.release_name(ours, ckpt.config) if family.mtp else ckpt.stored_name(candidates[0])
+                missing = family.mtp.release_name(ours, ckpt.config) if family.mtp else candidates[0]
+                release = ckpt.stored_name(missing)  # as stored (a multimodal checkpoint's under its prefix)
                 raise LocalMoEError(f"{ckpt.path} lacks {release}")
             ckpt.check_weight(found, tuple(param.shape))
         for block in moe_blocks(mtp):

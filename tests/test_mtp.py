@@ -9,6 +9,7 @@ layer at the positions of h, then the layer's final norm and the model's LM head
 import json
 import re
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -21,6 +22,7 @@ from conftest import (
     GLM4_MOE,
     GLM_MOE_DSA,
     MIMO_V2_FLASH,
+    MINIMAX_M3,
     NEMOTRON_H,
     QWEN3_5_MOE,
     QWEN3_NEXT,
@@ -328,6 +330,54 @@ def nemotron_release(folder: Path) -> Release:
     return Release(release, full, [blocks], [mtp], 0.0, "num_nextn_predict_layers", rotary=lambda *_: None)
 
 
+class TextModel(torch.nn.Module):
+    """MiniMax-M3's language model and LM head, out of transformers' multimodal model."""
+
+    def __init__(self, full):
+        super().__init__()
+        self.model, self.lm_head, self.config = full.model.language_model, full.lm_head, full.config.text_config
+
+    def forward(self, ids: torch.Tensor, output_hidden_states: bool = False):
+        out = self.model(ids, output_hidden_states=output_hidden_states)
+        return SimpleNamespace(logits=self.lm_head(out.last_hidden_state), hidden_states=out.hidden_states)
+
+
+def minimax_m3_release(folder: Path) -> Release:
+    """MiniMax-M3's (vLLM's minimax_m3/nvidia/mtp.py; the names rtp-llm's MiniMax-M3 loader reads): inside the
+    multimodal checkpoint, `model.mtp.layers.0.*` holds enorm, hnorm, eh_proj and final_layernorm (scaling by 1 +
+    weight), and the decoder layer under `transformer_layer.`, with block-sparse attention and MoE (per-expert
+    w1/w2/w3) whatever the layer types say; `num_mtp_modules` in the text config."""
+    text = {**MINIMAX_M3["text_config"], "index_block_size": 2}  # the prompts span more blocks than are kept
+    layers = text["num_hidden_layers"]
+    extended = {
+        **text,
+        "num_hidden_layers": layers + 1,
+        "layer_types": [*text["layer_types"], "minimax_m3_sparse"],
+        "mlp_layer_types": [*text["mlp_layer_types"], "sparse"],
+    }
+    full = hf_model("MiniMaxM3VLConfig", **{**MINIMAX_M3, "text_config": extended})
+    save_hf(full, folder / "full", "single")
+    stored = load_file(str(folder / "full" / "model.safetensors"))
+    last, mtp_prefix = f"language_model.model.layers.{layers}.", "language_model.model.mtp.layers.0."
+    stored = {
+        mtp_prefix + "transformer_layer." + k[len(last) :] if k.startswith(last) else k: v for k, v in stored.items()
+    }
+    mtp = mtp_weights(text["hidden_size"], 1.0)
+    names = {"enorm": "enorm", "hnorm": "hnorm", "eh": "eh_proj", "norm": "final_layernorm"}
+    stored |= {f"{mtp_prefix}{names[role]}.weight": weight for role, weight in mtp.items()}
+    release = folder / "release"
+    release.mkdir()
+    save_file({k: v.contiguous() for k, v in stored.items()}, str(release / "model.safetensors"))
+    saved = json.loads((folder / "full" / "config.json").read_text())
+    saved["text_config"] |= {**text, "num_mtp_modules": 1}
+    (release / "config.json").write_text(json.dumps(saved))
+    language = full.model.language_model
+    block = language.layers[layers]
+    language.layers = language.layers[:layers]
+    full.config.text_config.num_hidden_layers = layers
+    return Release(release, TextModel(full), [block], [mtp], 1.0, "num_mtp_modules")
+
+
 class V4Release(Release):
     """DeepSeek-V4's MTP layer, as DeepSeek's inference/model.py computes it (MTPBlock.forward, and
     ParallelHead.hc_head for its collapse): the hidden state is the last layer's streams [B, T, N, E]."""
@@ -440,6 +490,7 @@ RELEASES = {
     "qwen3_5_moe": qwen_release("Qwen3_5MoeTextConfig", QWEN3_5_MOE),
     "qwen3_next": qwen_release("Qwen3NextConfig", QWEN3_NEXT),
     "nemotron_h": nemotron_release,
+    "minimax_m3_vl": minimax_m3_release,
     "exaone_moe": exaone_release(),
     # K-EXAONE's design with a sliding-window MTP layer (its window narrower than the model's 8)
     "exaone_moe_sliding": exaone_release("sliding_attention", 5),
@@ -573,6 +624,7 @@ def test_the_plan_counts_the_mtp_layers(release):
     engine = load(release.folder)
     footprint, backbone = engine.plan.footprint, len(moe_blocks(engine.model.model))
     config = json.loads((release.folder / "config.json").read_text())
+    config = config.get("text_config", config)
     assert len(engine.model.mtp.layers) == config[release.count] == len(release.blocks)
     routed = len(moe_blocks(engine.model.mtp))
     assert routed == sum(any(".experts" in name for name, _ in block.named_modules()) for block in release.blocks)
@@ -591,6 +643,13 @@ def test_the_plan_counts_the_mtp_layers(release):
     assert with_mtp - (plain.kv_bytes_per_token * engine.plan.context + plain.fixed_state_bytes) == mtp_state
 
 
+def with_count(config: dict, count: str, value: int | None) -> dict:
+    """`config` with its field `count` (in its text_config where it has one) set to `value`, or left out."""
+    if "text_config" in config:
+        return {**config, "text_config": with_count(config["text_config"], count, value)}
+    return {k: v for k, v in config.items() if k != count} | ({} if value is None else {count: value})
+
+
 def test_without_the_promise_or_the_tensors_the_backbone_loads_as_before(release, tmp_path, capsys):
     """No count in the config, a count of 0, or a tensor missing or misshapen (one line says so): mtp is
     None and the backbone's outputs are the same bits."""
@@ -601,8 +660,8 @@ def test_without_the_promise_or_the_tensors_the_backbone_loads_as_before(release
     stored = load_file(str(release.folder / "model.safetensors"))
     eh_proj = next(name for name in stored if name.endswith(("eh_proj.weight", "mtp.fc.weight", "mtp.0.e_proj.weight")))
     variants = {
-        "unsaid": ({k: v for k, v in config.items() if k != release.count}, stored),
-        "none": ({**config, release.count: 0}, stored),
+        "unsaid": (with_count(config, release.count, None), stored),
+        "none": (with_count(config, release.count, 0), stored),
         "stripped": (config, {k: v for k, v in stored.items() if k != eh_proj}),
         "misshapen": (config, {**stored, eh_proj: stored[eh_proj][:, :-1].contiguous()}),
     }
