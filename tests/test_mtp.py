@@ -21,6 +21,7 @@ from conftest import (
     EXAONE_MOE,
     GLM4_MOE,
     GLM_MOE_DSA,
+    MELLUM,
     MIMO_V2_FLASH,
     MINIMAX_M3,
     NEMOTRON_H,
@@ -378,6 +379,35 @@ def minimax_m3_release(folder: Path) -> Release:
     return Release(release, TextModel(full), [block], [mtp], 1.0, "num_mtp_modules")
 
 
+def mellum_release(folder: Path) -> Release:
+    """Mellum's (transformers' MtpModel, modeling_layers.py, reading conversion_mapping.py's Mellum names): Qwen's
+    names under `mtp.`, the decoder layer of the kinds mtp_layer_types and mtp_mlp_layer_types give (transformers'
+    defaults: sliding, MoE)."""
+    config = MELLUM
+
+    def extend(c: dict, n: int) -> dict:
+        types = {"layer_types": ["sliding_attention"] * n, "mlp_layer_types": ["sparse"] * n}
+        return {**c, "num_hidden_layers": c["num_hidden_layers"] + n} | {k: [*c[k], *v] for k, v in types.items()}
+
+    release = write_release(
+        folder,
+        "MellumConfig",
+        config,
+        extend,
+        "mtp.layers.{depth}.",
+        QWEN_NAMES,
+        0.0,
+        "num_nextn_predict_layers",
+        rotary=lambda model, x, positions: model.rotary_emb(x, positions, "sliding_attention"),
+        window=config["sliding_window"],
+    )
+    path = release.folder / "config.json"
+    saved = json.loads(path.read_text())
+    saved |= {"mtp_layer_types": ["sliding_attention"], "mtp_mlp_layer_types": ["sparse"]}
+    path.write_text(json.dumps(saved))
+    return release
+
+
 class V4Release(Release):
     """DeepSeek-V4's MTP layer, as DeepSeek's inference/model.py computes it (MTPBlock.forward, and
     ParallelHead.hc_head for its collapse): the hidden state is the last layer's streams [B, T, N, E]."""
@@ -491,6 +521,7 @@ RELEASES = {
     "qwen3_next": qwen_release("Qwen3NextConfig", QWEN3_NEXT),
     "nemotron_h": nemotron_release,
     "minimax_m3_vl": minimax_m3_release,
+    "mellum": mellum_release,
     "exaone_moe": exaone_release(),
     # K-EXAONE's design with a sliding-window MTP layer (its window narrower than the model's 8)
     "exaone_moe_sliding": exaone_release("sliding_attention", 5),
@@ -765,3 +796,26 @@ def test_nemotron_h_mtp_blocks_as_transformers_reads_them():
         with pytest.raises(LocalMoEError, match="lists MTP blocks"):
             NemotronHArgs.from_config(base | {"mtp_hybrid_override_pattern": pattern})
     NemotronHArgs.from_config(base | {"num_nextn_predict_layers": 0, "mtp_hybrid_override_pattern": "*M"})
+
+
+def test_mellum_drafts_are_transformers_mtp_model(tmp_path_factory):
+    """transformers 5.24 drafts with Mellum's MTP layer itself (MtpModel, loading the release's `mtp.*` names):
+    its logits, from the model's hidden states and the next tokens, are the MTP layer's here."""
+    import transformers
+    from transformers.modeling_layers import MtpModel
+
+    release = RELEASES["mellum"](tmp_path_factory.mktemp("mellum"))
+    main = transformers.AutoModelForCausalLM.from_pretrained(str(release.folder), dtype=torch.float32).eval()
+    main.config.tie_last_hidden_states = False  # its last hidden states before the final norm
+    mtp = MtpModel.from_pretrained(main).eval()
+    ids = prompt()
+    positions = torch.arange(PROMPT - 1)[None]
+    with torch.no_grad():
+        h = main(ids[:, :-1], output_hidden_states=True).hidden_states[-1]
+        embedded = mtp.embed_tokens(ids[:, 1:])
+        rotary = mtp.rotary_emb(embedded, position_ids=positions, layer_type=mtp.config.layer_types[0])
+        masks = mtp.create_masks_for_mtp_layer(0, embedded, None, positions)
+        out = mtp.layers[0](embedded, h, position_embeddings=rotary, position_ids=positions, cache=None, **masks)
+        expected = mtp._project_to_logits(out)
+    for split in (PROMPT - 1, 4):
+        assert (drafts(load(release.folder), ids, split)[0] - expected).abs().max() < TOLERANCE
