@@ -15,6 +15,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from conftest import (
+    BAILING_HYBRID,
     DEEPSEEK_V2,
     DEEPSEEK_V4,
     DEEPSEEK_V32,
@@ -408,6 +409,34 @@ def mellum_release(folder: Path) -> Release:
     return release
 
 
+def bailing_release(folder: Path) -> Release:
+    """Ling 3's (vLLM's bailing_moe_v3_mtp.py): DeepSeek-V3's layout, `model.layers.{num_hidden_layers}` in the
+    release's names, its final norm `final_layernorm`, the decoder layer latent attention (whatever the layer
+    groups say) and MoE."""
+    config = BAILING_HYBRID
+    names = {role: f"model.layers.{{layer}}.{name}.weight" for role, name in DEEPSEEK_NAMES.items()}
+    names["norm"] = "model.layers.{layer}.final_layernorm.weight"
+
+    def extend(c: dict, n: int) -> dict:
+        layers = c["num_hidden_layers"]
+        types = [
+            "full_attention" if (i + 1) % c["layer_group_size"] == 0 else "linear_attention" for i in range(layers)
+        ]
+        return {**c, "num_hidden_layers": layers + n, "layer_types": [*types, *["full_attention"] * n]}
+
+    return write_release(
+        folder,
+        "BailingHybridConfig",
+        config,
+        extend,
+        "model.layers.{layer}.",
+        names,
+        0.0,
+        "num_nextn_predict_layers",
+        rotary=lambda model, x, positions: model.rotary_emb(x, positions),
+    )
+
+
 class V4Release(Release):
     """DeepSeek-V4's MTP layer, as DeepSeek's inference/model.py computes it (MTPBlock.forward, and
     ParallelHead.hc_head for its collapse): the hidden state is the last layer's streams [B, T, N, E]."""
@@ -522,6 +551,7 @@ RELEASES = {
     "nemotron_h": nemotron_release,
     "minimax_m3_vl": minimax_m3_release,
     "mellum": mellum_release,
+    "bailing_hybrid": bailing_release,
     "exaone_moe": exaone_release(),
     # K-EXAONE's design with a sliding-window MTP layer (its window narrower than the model's 8)
     "exaone_moe_sliding": exaone_release("sliding_attention", 5),
