@@ -9,10 +9,11 @@ scaled, plus a shared expert; every MLP a clamped SwiGLU as gpt-oss's (gate and 
 
 transformers saves the text-only MiniMaxM3VLForCausalLM under its in-memory names (one `gate_up_proj`
 for the dense and shared MLPs), which no release uses: localmoe reads the release's layout, that of
-the multimodal checkpoint. Its multi-token-prediction layers (`model.mtp.layers.{k}`, `num_mtp_modules` of them)
-are loaded as `mtp`, for drafts (see localmoe/models/mtp.py), as vLLM's minimax_m3/nvidia/mtp.py builds them:
-DeepSeek-V3's enorm, hnorm (scaling by 1 + weight) and eh_proj, a decoder layer (`transformer_layer.*`) with
-block-sparse attention and MoE whatever the model's layer types say, and final_layernorm."""
+the multimodal checkpoint. Its multi-token-prediction layers (`model.mtp.layers.{k}`, `num_mtp_modules`
+of them) are loaded as `mtp`, for drafts (see localmoe/models/mtp.py), as vLLM's minimax_m3/nvidia/mtp.py
+builds them: DeepSeek-V3's enorm, hnorm (scaling by 1 + weight) and eh_proj, a decoder layer
+(`transformer_layer.*`, as rtp-llm's MiniMax-M3 loader names it) with block-sparse attention and MoE
+whatever the model's layer types say, and final_layernorm."""
 
 from dataclasses import dataclass, field
 from typing import ClassVar
