@@ -249,6 +249,28 @@ def mimo_release(depths: int):
     return write
 
 
+def qwen_names_release(folder: Path, config_class: str, config: dict, extend, **layer) -> Release:
+    """One MTP layer in Qwen's names under `mtp.` (K-EXAONE's, Mellum's), its count num_nextn_predict_layers."""
+    return write_release(
+        folder,
+        config_class,
+        config,
+        extend,
+        "mtp.layers.{depth}.",
+        QWEN_NAMES,
+        0.0,
+        "num_nextn_predict_layers",
+        **layer,
+    )
+
+
+def with_config(release: Release, **fields) -> Release:
+    """`release` with `fields` added to its config.json."""
+    path = release.folder / "config.json"
+    path.write_text(json.dumps(json.loads(path.read_text()) | fields))
+    return release
+
+
 def exaone_release(kind: str = "full_attention", window: int | None = None):
     """K-EXAONE's (vLLM's exaone_moe_mtp.py and exaone_moe.py with is_mtp, SGLang's exaone_moe.py): Qwen's
     names under `mtp.`, the decoder layer's MLP dense, its attention of the kind the config's mtp_layer_types
@@ -265,22 +287,8 @@ def exaone_release(kind: str = "full_attention", window: int | None = None):
         }
 
     def write(folder: Path) -> Release:
-        release = write_release(
-            folder,
-            "ExaoneMoeConfig",
-            config,
-            extend,
-            "mtp.layers.{depth}.",
-            QWEN_NAMES,
-            0.0,
-            "num_nextn_predict_layers",
-            window=window,
-        )
-        path = release.folder / "config.json"
-        saved = json.loads(path.read_text())
-        saved |= {"mtp_layer_types": [kind], "mtp_sliding_windows": [window or 0]}
-        path.write_text(json.dumps(saved))
-        return release
+        release = qwen_names_release(folder, "ExaoneMoeConfig", config, extend, window=window)
+        return with_config(release, mtp_layer_types=[kind], mtp_sliding_windows=[window or 0])
 
     return write
 
@@ -390,23 +398,15 @@ def mellum_release(folder: Path) -> Release:
         types = {"layer_types": ["sliding_attention"] * n, "mlp_layer_types": ["sparse"] * n}
         return {**c, "num_hidden_layers": c["num_hidden_layers"] + n} | {k: [*c[k], *v] for k, v in types.items()}
 
-    release = write_release(
+    release = qwen_names_release(
         folder,
         "MellumConfig",
         config,
         extend,
-        "mtp.layers.{depth}.",
-        QWEN_NAMES,
-        0.0,
-        "num_nextn_predict_layers",
         rotary=lambda model, x, positions: model.rotary_emb(x, positions, "sliding_attention"),
         window=config["sliding_window"],
     )
-    path = release.folder / "config.json"
-    saved = json.loads(path.read_text())
-    saved |= {"mtp_layer_types": ["sliding_attention"], "mtp_mlp_layer_types": ["sparse"]}
-    path.write_text(json.dumps(saved))
-    return release
+    return with_config(release, mtp_layer_types=["sliding_attention"], mtp_mlp_layer_types=["sparse"])
 
 
 def bailing_release(folder: Path) -> Release:
