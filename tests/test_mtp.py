@@ -828,6 +828,20 @@ def test_nemotron_h_mtp_blocks_as_transformers_reads_them():
     NemotronHArgs.from_config(base | {"num_nextn_predict_layers": 0, "mtp_hybrid_override_pattern": "*M"})
 
 
+def test_nemotron_h_mtp_layers_are_numbered_on_by_block():
+    """vLLM's nemotron_h_mtp.py numbers the blocks of all its MTP layers in one run (mtp.layers.{k * blocks + j});
+    its first holds enorm, hnorm and eh_proj, its last the final norm, its MoE the experts of layer n + k."""
+    from localmoe.models.nemotron_h import FAMILY
+
+    config = {"vocab_size": 64, "hidden_size": 32, "hybrid_override_pattern": "M*E", "num_nextn_predict_layers": 2}
+    aliases = dict(FAMILY.mtp.aliases(config))
+    assert aliases["model.layers.4.eh_proj."] == "mtp.layers.2.eh_proj."
+    assert aliases["model.layers.4.shared_head.norm."] == "mtp.layers.3.final_layernorm."
+    assert aliases["model.layers.4.layers.1."] == "mtp.layers.3."
+    assert aliases["backbone.layers.4.mixer.experts."] == "mtp.layers.3.mixer.experts."
+    assert aliases["model.layers.3.layers.0."] == "mtp.layers.0."
+
+
 def test_mellum_drafts_are_transformers_mtp_model(tmp_path_factory):
     """transformers 5.24 drafts with Mellum's MTP layer itself (MtpModel, loading the release's `mtp.*` names):
     its logits, from the model's hidden states and the next tokens, are the MTP layer's here."""
