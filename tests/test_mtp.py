@@ -270,7 +270,8 @@ def mimo_release(depths: int):
 
 
 def qwen_names_release(folder: Path, config_class: str, config: dict, extend, **layer) -> Release:
-    """One MTP layer in Qwen's names under `mtp.` (K-EXAONE's, Mellum's), its count num_nextn_predict_layers."""
+    """One MTP layer in Qwen's names under `mtp.` (K-EXAONE's, Mellum's), its count num_nextn_predict_layers, its
+    final norm's output passed on."""
     return write_release(
         folder,
         config_class,
@@ -280,6 +281,7 @@ def qwen_names_release(folder: Path, config_class: str, config: dict, extend, **
         QWEN_NAMES,
         0.0,
         "num_nextn_predict_layers",
+        kind=NormedRelease,
         **layer,
     )
 
@@ -357,7 +359,7 @@ def nemotron_release(folder: Path) -> Release:
     full.config.layers_block_type = config["layers_block_type"]
     full.model.embed_tokens = full.model.embeddings  # where Release looks for it
     full.config.rms_norm_eps = config.get("layer_norm_epsilon", 1e-5)
-    return Release(release, full, [blocks], [mtp], 0.0, "num_nextn_predict_layers", rotary=lambda *_: None)
+    return NormedRelease(release, full, [blocks], [mtp], 0.0, "num_nextn_predict_layers", rotary=lambda *_: None)
 
 
 class TextModel(torch.nn.Module):
@@ -432,10 +434,8 @@ def mellum_release(folder: Path) -> Release:
 def bailing_release(folder: Path) -> Release:
     """Ling 3's (vLLM's bailing_moe_v3_mtp.py): DeepSeek-V3's layout, `model.layers.{num_hidden_layers}` in the
     release's names, its final norm `final_layernorm`, the decoder layer latent attention (whatever the layer
-    groups say) and MoE."""
+    groups say) and MoE, its final norm's output passed on: Hy3's names and design."""
     config = BAILING_HYBRID
-    names = {role: f"model.layers.{{layer}}.{name}.weight" for role, name in DEEPSEEK_NAMES.items()}
-    names["norm"] = "model.layers.{layer}.final_layernorm.weight"
 
     def extend(c: dict, n: int) -> dict:
         layers = c["num_hidden_layers"]
@@ -450,10 +450,10 @@ def bailing_release(folder: Path) -> Release:
         config,
         extend,
         "model.layers.{layer}.",
-        names,
+        HY_V3_NAMES,
         0.0,
         "num_nextn_predict_layers",
-        rotary=lambda model, x, positions: model.rotary_emb(x, positions),
+        kind=NormedRelease,
     )
 
 
@@ -1015,7 +1015,7 @@ def test_nemotron_h_mtp_layers_are_numbered_on_by_block():
     config = {"vocab_size": 64, "hidden_size": 32, "hybrid_override_pattern": "M*E", "num_nextn_predict_layers": 2}
     aliases = dict(FAMILY.mtp.aliases(config))
     assert aliases["model.layers.4.eh_proj."] == "mtp.layers.2.eh_proj."
-    assert aliases["model.layers.4.shared_head.norm."] == "mtp.layers.3.final_layernorm."
+    assert aliases["model.layers.4.final_layernorm."] == "mtp.layers.3.final_layernorm."
     assert aliases["model.layers.4.layers.1."] == "mtp.layers.3."
     assert aliases["backbone.layers.4.mixer.experts."] == "mtp.layers.3.mixer.experts."
     assert aliases["model.layers.3.layers.0."] == "mtp.layers.0."
@@ -1023,7 +1023,8 @@ def test_nemotron_h_mtp_layers_are_numbered_on_by_block():
 
 def test_mellum_drafts_are_transformers_mtp_model(tmp_path_factory):
     """transformers 5.24 drafts with Mellum's MTP layer itself (MtpModel, loading the release's `mtp.*` names):
-    its logits, from the model's hidden states and the next tokens, are the MTP layer's here."""
+    its logits, from the model's hidden states and the next tokens, and the output it passes on to the next
+    draft, are the MTP layer's here."""
     import transformers
     from transformers.modeling_layers import MtpModel
 
@@ -1041,7 +1042,9 @@ def test_mellum_drafts_are_transformers_mtp_model(tmp_path_factory):
         out = mtp.layers[0](embedded, h, position_embeddings=rotary, position_ids=positions, cache=None, **masks)
         expected = mtp._project_to_logits(out)
     for split in (PROMPT - 1, 4):
-        assert (drafts(load(release.folder), ids, split)[0] - expected).abs().max() < TOLERANCE
+        logits, passed_on = drafts(load(release.folder), ids, split)
+        assert (logits - expected).abs().max() < TOLERANCE
+        assert (passed_on - out).abs().max() < TOLERANCE  # the normed output, as MtpModel chains it
 
 
 def test_step_mtp_kinds_as_transformers_saves_them(tmp_path_factory):

@@ -8,7 +8,8 @@ release's names (`word_embeddings`, `attention`, `dense`, `expert_bias`); an LM 
 always, as transformers keeps it. Its multi-token-prediction layers after the last one
 (`model.layers.{num_hidden_layers + k}`, DeepSeek-V3's layout with its final norm named final_layernorm) are
 loaded as `mtp`, for drafts (see localmoe/models/mtp.py), as vLLM's bailing_moe_v3_mtp.py builds them: latent
-attention whatever the layer groups say, and MoE."""
+attention whatever the layer groups say, and MoE; the output of its final norm is passed on to the next
+draft, as vLLM's returns it (`NormedMTPLayer`)."""
 
 from dataclasses import dataclass
 from typing import ClassVar
@@ -19,10 +20,11 @@ from torch import nn
 from localmoe.models.attention import LatentAttention
 from localmoe.models.deepseek_v2 import attention_scale, build
 from localmoe.models.expert_tensors import PerExpert
-from localmoe.models.family import Family, MtpLayout
+from localmoe.models.family import Family
 from localmoe.models.kimi_delta_attention import BoundedDeltaAttention
 from localmoe.models.kimi_linear import KimiLinearArgs
 from localmoe.models.moe import FUSED_EXPERTS, MLP_EXPERTS
+from localmoe.models.mtp import NormedMTPLayer
 
 
 @dataclass
@@ -119,7 +121,7 @@ class HeadGatedLatentAttention(LatentAttention):
 
 
 def build_with_mtp(args: BailingHybridArgs) -> nn.Module:
-    return build(args, mtp=args.num_nextn_predict_layers)
+    return build(args, mtp=args.num_nextn_predict_layers, mtp_layer=NormedMTPLayer)
 
 
 FAMILY = Family(
@@ -136,9 +138,5 @@ FAMILY = Family(
         (".mlp.shared_expert.", ".mlp.shared_experts."),
     ),
     keep_float32=("e_score_correction_bias", ".mlp.gate.weight", "dt_bias", "A_log"),
-    mtp=MtpLayout(
-        "num_nextn_predict_layers",
-        (("model.layers.{layer}.shared_head.norm.", "model.layers.{layer}.final_layernorm."),),
-    ),
     example="inclusionAI/Ling-3.0-Flash",
 )

@@ -5,7 +5,8 @@ of experts, plus shared experts. Its multi-token-prediction layers (`mtp.*`, in 
 pre_fc_norm_embedding, pre_fc_norm_hidden, layers.K, norm; transformers drops them) are loaded as `mtp`, for
 drafts (see localmoe/models/mtp.py): each a decoder layer with a dense MLP, its attention of the kind
 `mtp_layer_types` gives (the release's: full, so without positions) with the window `mtp_sliding_windows`
-gives (vLLM's exaone_moe_mtp.py and exaone_moe.py with is_mtp; SGLang's exaone_moe.py)."""
+gives (vLLM's exaone_moe_mtp.py and exaone_moe.py with is_mtp; SGLang's exaone_moe.py). As vLLM's returns
+it, the output of its final norm is passed on to the next draft (`NormedMTPLayer`)."""
 
 from dataclasses import dataclass, field
 from typing import ClassVar
@@ -18,7 +19,8 @@ from localmoe.models.expert_tensors import PerExpert
 from localmoe.models.family import Family, ModelArgs, MtpLayout, causal_lm
 from localmoe.models.layers import MLP, CausalLM, DecoderLayer
 from localmoe.models.moe import FUSED_EXPERTS, MLP_EXPERTS, sigmoid_moe
-from localmoe.models.qwen3_5_moe import QWEN_MTP
+from localmoe.models.mtp import NormedMTPLayer
+from localmoe.models.qwen3_5_moe import NORMED_QWEN_MTP_PREFIXES
 
 
 @dataclass
@@ -142,7 +144,7 @@ def build(args: ExaoneMoeArgs) -> CausalLM:
         )
         for k in range(args.num_nextn_predict_layers)
     ]
-    return causal_lm(args, layers, head_dim, mtp=mtp)
+    return causal_lm(args, layers, head_dim, mtp=mtp, mtp_layer=NormedMTPLayer)
 
 
 FAMILY = Family(
@@ -156,6 +158,6 @@ FAMILY = Family(
         (".mlp.shared_expert.", ".mlp.shared_experts."),
     ),
     keep_float32=("e_score_correction_bias",),
-    mtp=MtpLayout("num_nextn_predict_layers", QWEN_MTP.prefixes),  # Qwen3-Next's names (vLLM's exaone_moe_mtp.py)
+    mtp=MtpLayout("num_nextn_predict_layers", NORMED_QWEN_MTP_PREFIXES),  # Qwen3-Next's (vLLM's exaone_moe_mtp.py)
     example="LGAI-EXAONE/K-EXAONE-236B-A23B",
 )

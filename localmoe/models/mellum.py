@@ -4,7 +4,8 @@ ones), and dense or MoE feed-forward per layer as `mlp_layer_types` says. Its mu
 (`mtp.*` in Qwen3-Next's names: fc, pre_fc_norm_embedding, pre_fc_norm_hidden, layers.0, norm; at most one) is
 loaded as `mtp`, for drafts (see localmoe/models/mtp.py), as transformers' MtpModel builds it (modeling_layers.py,
 with conversion_mapping.py's Mellum names): a decoder layer of the kind `mtp_layer_types` gives (sliding by
-default, with that kind's rotary) and the feed-forward `mtp_mlp_layer_types` gives (MoE by default)."""
+default, with that kind's rotary) and the feed-forward `mtp_mlp_layer_types` gives (MoE by default); its
+final norm's output is passed on to the next draft, as MtpModel chains it (`NormedMTPLayer`)."""
 
 from dataclasses import dataclass
 from typing import Any, ClassVar
@@ -14,8 +15,8 @@ from localmoe.models.expert_tensors import PerExpert
 from localmoe.models.family import Family, ModelArgs, MtpLayout
 from localmoe.models.layers import MLP, Backbone, CausalLM, DecoderLayer
 from localmoe.models.moe import FUSED_EXPERTS, MLP_EXPERTS, GatedActivation, SparseMoE, TopKRouter
-from localmoe.models.mtp import MTPLayer, MultiTokenPredictor
-from localmoe.models.qwen3_5_moe import QWEN_MTP
+from localmoe.models.mtp import MultiTokenPredictor, NormedMTPLayer
+from localmoe.models.qwen3_5_moe import NORMED_QWEN_MTP_PREFIXES
 from localmoe.models.rotary import RotaryEmbedding, rope_parameters
 
 ROPE_THETAS = {"full_attention": 500_000.0, "sliding_attention": 10_000.0}
@@ -121,7 +122,7 @@ def build(args: MellumArgs) -> CausalLM:
         for i in every
     ]
     n = args.num_hidden_layers
-    mtp = [MTPLayer(block, hidden, args.rms_norm_eps) for block in layers[n:]]
+    mtp = [NormedMTPLayer(block, hidden, args.rms_norm_eps) for block in layers[n:]]
     return CausalLM(
         Backbone(args.vocab_size, hidden, layers[:n], args.rms_norm_eps),
         rotaries[main],
@@ -145,6 +146,6 @@ FAMILY = Family(
     args=MellumArgs,
     model=build,
     experts=(PerExpert(MLP_EXPERTS), FUSED_EXPERTS),
-    mtp=MellumMtpLayout("num_nextn_predict_layers", QWEN_MTP.prefixes),
+    mtp=MellumMtpLayout("num_nextn_predict_layers", NORMED_QWEN_MTP_PREFIXES),
     example="JetBrains/Mellum2-12B-A2.5B-Base",
 )

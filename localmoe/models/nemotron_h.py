@@ -8,7 +8,8 @@ Its multi-token-prediction layer (Nemotron 3 Super's: `mtp.layers.0` and `mtp.la
 drafts (see localmoe/models/mtp.py), as vLLM's nemotron_h_mtp.py builds it: the blocks
 `mtp_layers_block_type` (or `mtp_hybrid_override_pattern`, "*E" in the release) lists, attention then MoE, one
 after another between DeepSeek-V3's eh_proj over [enorm(embedding); hnorm(hidden)] (stored on the first
-block) and a final norm (`final_layernorm`, stored on the last). Its attention is the layer's only state:
+block) and a final norm (`final_layernorm`, stored on the last), whose output is passed on to the next draft
+as vLLM's returns it (`NormedMTPLayer`). Its attention is the layer's only state:
 the model's Mamba states are rolled back as every draft check's are."""
 
 from dataclasses import dataclass, field
@@ -24,6 +25,7 @@ from localmoe.models.family import Family, ModelArgs, MtpLayout, causal_lm
 from localmoe.models.layers import CausalLM, Step, UngatedMLP, UpcastRMSNorm
 from localmoe.models.mamba2 import Mamba2Mixer
 from localmoe.models.moe import GatedActivation, GroupedTopKRouter, SparseMoE
+from localmoe.models.mtp import NormedMTPLayer
 from localmoe.models.state import NoState
 
 # one letter per block in `hybrid_override_pattern`, and the older names of `layers_block_type`
@@ -232,7 +234,7 @@ def build(args: NemotronHArgs) -> CausalLM:
         )
         for k in range(args.num_nextn_predict_layers)
     ]
-    return causal_lm(args, layers, args.head_dim, norm=UpcastRMSNorm, mtp=mtp)
+    return causal_lm(args, layers, args.head_dim, norm=UpcastRMSNorm, mtp=mtp, mtp_layer=NormedMTPLayer)
 
 
 @dataclass(frozen=True)
@@ -252,7 +254,7 @@ class NemotronMtpLayout(MtpLayout):
         for k in range(min(args.num_nextn_predict_layers, first)):
             ours, start = f"model.layers.{first + k}.", k * len(kinds)
             pairs += [(ours + name, f"mtp.layers.{start}.{name}") for name in ("enorm.", "hnorm.", "eh_proj.")]
-            pairs.append((ours + "shared_head.norm.", f"mtp.layers.{start + len(kinds) - 1}.final_layernorm."))
+            pairs.append((ours + "final_layernorm.", f"mtp.layers.{start + len(kinds) - 1}.final_layernorm."))
             for j, kind in enumerate(kinds):
                 pairs.append((f"{ours}layers.{j}.", f"mtp.layers.{start + j}."))
                 if kind == "moe":
