@@ -265,11 +265,13 @@ def _drop_incomplete_mtp(model: nn.Module, ckpt: Checkpoint, family: Family) -> 
         return
     try:
         for name, param in mtp.named_parameters():
-            candidates = family.disk_names(mtp.stored_name(name))
+            ours = mtp.stored_name(name)
+            candidates = family.disk_names(ours)
             found = next((c for c in candidates if ckpt.has_weight(c)), None)
             if found is None:
-                missing = candidates[0]
-                release = family.mtp.release_name(missing, ckpt.config) if family.mtp else ckpt.stored_name(missing)
+                # (the release's name from DeepSeek-V3's, which the hub's spelling of it may not start with)
+                missing = family.mtp.release_name(ours, ckpt.config) if family.mtp else candidates[0]
+                release = ckpt.stored_name(missing)  # as stored (a multimodal checkpoint's under its prefix)
                 raise LocalMoEError(f"{ckpt.path} lacks {release}")
             ckpt.check_weight(found, tuple(param.shape))
         for block in moe_blocks(mtp):
