@@ -9,20 +9,31 @@ layer at the positions of h, then the layer's final norm and the model's LM head
 import json
 import re
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
 import torch.nn.functional as F
 from conftest import (
+    BAILING_HYBRID,
     DEEPSEEK_V2,
     DEEPSEEK_V4,
     DEEPSEEK_V32,
+    EXAONE_MOE,
     GLM4_MOE,
+    GLM4_MOE_LITE,
     GLM_MOE_DSA,
+    HY_V3,
+    LONGCAT_FLASH,
+    MELLUM,
     MIMO_V2_FLASH,
+    MINIMAX_M3,
+    NEMOTRON_H,
     QWEN3_5_MOE,
     QWEN3_NEXT,
+    STEP3P7,
     hf_model,
+    randomize,
     save_hf,
 )
 from safetensors.torch import load_file, save_file
@@ -47,7 +58,7 @@ class Release:
 
     def __init__(self, folder: Path, reference, blocks: list, mtp: list[dict], offset: float, count: str, **layer):
         self.folder, self.reference, self.blocks, self.mtp = folder, reference, blocks, mtp
-        self.eps, self.offset, self.count = reference.config.rms_norm_eps, offset, count
+        self.eps, self.offset, self.count = reference.config.get_text_config().rms_norm_eps, offset, count
         self.rotary = layer.get("rotary", lambda model, x, positions: model.rotary_emb(x, positions))
         self.window = layer.get("window")
         reference.config.tie_last_hidden_states = False  # its last hidden states before the final norm
@@ -87,6 +98,14 @@ class Release:
         return torch.zeros(length, length).masked_fill(~allowed, float("-inf"))[None, None]
 
 
+class NormedRelease(Release):
+    """A release whose MTP layer passes its final norm's output on to the next draft (vLLM's hy_v3_mtp.py)."""
+
+    def draft(self, h, next_ids, start=0, depth=0):
+        logits, out = super().draft(h, next_ids, start, depth)
+        return logits, rms(out, self.mtp[depth]["norm"], self.eps, self.offset)
+
+
 def mtp_weights(hidden: int, offset: float, depth: int = 0) -> dict[str, torch.Tensor]:
     generator = torch.Generator().manual_seed(3 + depth)
     norm = 1 - offset  # norms near one
@@ -110,6 +129,7 @@ def write_release(
     save_hf(full, folder / "full", "single")
     stored = load_file(str(folder / "full" / "model.safetensors"))
     inner = layer.pop("inner", lambda name: name)
+    kind = layer.pop("kind", Release)
     for depth in range(depths):
         last, prefix = f"model.layers.{layers + depth}.", renamed.format(layer=layers + depth, depth=depth)
         stored = {prefix + inner(k[len(last) :]) if k.startswith(last) else k: v for k, v in stored.items()}
@@ -131,7 +151,7 @@ def write_release(
     for per_layer in PER_LAYER:
         if getattr(full.config, per_layer, None):
             setattr(full.config, per_layer, getattr(full.config, per_layer)[:layers])
-    return Release(release, full, blocks, mtp, offset, count, **layer)
+    return kind(release, full, blocks, mtp, offset, count, **layer)
 
 
 PER_LAYER = ("layer_types", "mlp_layer_types", "indexer_types")  # config fields with an entry per layer
@@ -177,6 +197,12 @@ QWEN_NAMES = {
     "eh": "mtp.fc.weight",
     "norm": "mtp.norm.weight",
 }
+
+
+# Hy3's (vLLM's hy_v3_mtp.py): model.layers.{num_hidden_layers}.{enorm, hnorm, eh_proj, final_layernorm} beside
+# the decoder layer's tensors, as DeepSeek-V3's but for the final norm
+HY_V3_NAMES = {role: f"model.layers.{{layer}}.{name}.weight" for role, name in DEEPSEEK_NAMES.items()}
+HY_V3_NAMES["norm"] = "model.layers.{layer}.final_layernorm.weight"
 
 
 def qwen_release(config_class: str, config: dict):
@@ -241,6 +267,194 @@ def mimo_release(depths: int):
         )
 
     return write
+
+
+def qwen_names_release(folder: Path, config_class: str, config: dict, extend, **layer) -> Release:
+    """One MTP layer in Qwen's names under `mtp.` (K-EXAONE's, Mellum's), its count num_nextn_predict_layers, its
+    final norm's output passed on."""
+    return write_release(
+        folder,
+        config_class,
+        config,
+        extend,
+        "mtp.layers.{depth}.",
+        QWEN_NAMES,
+        0.0,
+        "num_nextn_predict_layers",
+        kind=NormedRelease,
+        **layer,
+    )
+
+
+def with_config(release: Release, **fields) -> Release:
+    """`release` with `fields` added to its config.json."""
+    path = release.folder / "config.json"
+    path.write_text(json.dumps(json.loads(path.read_text()) | fields))
+    return release
+
+
+def exaone_release(kind: str = "full_attention", window: int | None = None):
+    """K-EXAONE's (vLLM's exaone_moe_mtp.py and exaone_moe.py with is_mtp, SGLang's exaone_moe.py): Qwen's
+    names under `mtp.`, the decoder layer's MLP dense, its attention of the kind the config's mtp_layer_types
+    gives (the release's: full, so without positions, as the model's global layers) with the window of
+    mtp_sliding_windows (the release's: 0)."""
+    config = EXAONE_MOE
+
+    def extend(c: dict, n: int) -> dict:
+        layers = c["num_hidden_layers"]
+        backbone = ["full_attention" if (i + 1) % 4 == 0 else "sliding_attention" for i in range(layers)]
+        dense = ["dense", *["sparse"] * (layers - 1)]
+        return {**c, "num_hidden_layers": layers + n, "layer_types": [*backbone, *[kind] * n]} | {
+            "mlp_layer_types": [*dense, *["dense"] * n]
+        }
+
+    def write(folder: Path) -> Release:
+        release = qwen_names_release(folder, "ExaoneMoeConfig", config, extend, window=window)
+        return with_config(release, mtp_layer_types=[kind], mtp_sliding_windows=[window or 0])
+
+    return write
+
+
+class Blocks(torch.nn.Module):
+    """transformers' Nemotron-H blocks one after another, as vLLM's nemotron_h_mtp.py runs an MTP layer's."""
+
+    def __init__(self, blocks: list):
+        super().__init__()
+        self.blocks = torch.nn.ModuleList(blocks)
+
+    def forward(self, x, position_ids, position_embeddings, attention_mask):
+        for block in self.blocks:
+            x = block(x, attention_mask=attention_mask, position_ids=position_ids)
+        return x
+
+
+def nemotron_release(folder: Path) -> Release:
+    """Nemotron 3 Super's (vLLM's nemotron_h_mtp.py): `mtp.layers.{j}.*` the blocks of mtp_hybrid_override_pattern
+    "*E" (attention without positions, then MoE with per-expert tensors), enorm, hnorm and eh_proj on the
+    first, final_layernorm on the last; the model's embedding and LM head shared."""
+    config = {**NEMOTRON_H, "moe_latent_size": 24}  # Super's MoE works in a narrower latent space
+    layers = len(config["layers_block_type"])
+    full = hf_model(
+        "NemotronHConfig", **{**config, "layers_block_type": [*config["layers_block_type"], "full_attention", "moe"]}
+    )
+    save_hf(full, folder / "full", "single")
+    stored = load_file(str(folder / "full" / "model.safetensors"))
+    for j in range(2):
+        last = f"backbone.layers.{layers + j}."
+        stored = {f"mtp.layers.{j}." + k[len(last) :] if k.startswith(last) else k: v for k, v in stored.items()}
+    mtp = mtp_weights(config["hidden_size"], 0.0)
+    names = {"enorm": "mtp.layers.0.enorm", "hnorm": "mtp.layers.0.hnorm", "eh": "mtp.layers.0.eh_proj"}
+    stored |= {f"{names[role]}.weight": mtp[role] for role in names} | {
+        "mtp.layers.1.final_layernorm.weight": mtp["norm"]
+    }
+    release = folder / "release"
+    release.mkdir()
+    save_file({k: v.contiguous() for k, v in stored.items()}, str(release / "model.safetensors"))
+    saved = json.loads((folder / "full" / "config.json").read_text())
+    saved |= {**config, "num_nextn_predict_layers": 1, "mtp_hybrid_override_pattern": "*E"}
+    saved.pop("mtp_layers_block_type")  # the release names its MTP blocks by the pattern alone
+    (release / "config.json").write_text(json.dumps(saved))
+    blocks = Blocks(list(full.model.layers[layers:]))
+    full.model.layers = full.model.layers[:layers]
+    full.config.layers_block_type = config["layers_block_type"]
+    full.model.embed_tokens = full.model.embeddings  # where Release looks for it
+    full.config.rms_norm_eps = config.get("layer_norm_epsilon", 1e-5)
+    return NormedRelease(release, full, [blocks], [mtp], 0.0, "num_nextn_predict_layers", rotary=lambda *_: None)
+
+
+class TextModel(torch.nn.Module):
+    """MiniMax-M3's language model and LM head, out of transformers' multimodal model."""
+
+    def __init__(self, full):
+        super().__init__()
+        self.model, self.lm_head, self.config = full.model.language_model, full.lm_head, full.config.text_config
+
+    def forward(self, ids: torch.Tensor, output_hidden_states: bool = False):
+        out = self.model(ids, output_hidden_states=output_hidden_states)
+        return SimpleNamespace(logits=self.lm_head(out.last_hidden_state), hidden_states=out.hidden_states)
+
+
+def minimax_m3_release(folder: Path) -> Release:
+    """MiniMax-M3's (vLLM's minimax_m3/nvidia/mtp.py; the names rtp-llm's MiniMax-M3 loader reads): inside the
+    multimodal checkpoint, `model.mtp.layers.0.*` holds enorm, hnorm, eh_proj and final_layernorm (scaling by 1 +
+    weight), and the decoder layer under `transformer_layer.`, with block-sparse attention and MoE (per-expert
+    w1/w2/w3) whatever the layer types say; `num_mtp_modules` in the text config."""
+    text = {**MINIMAX_M3["text_config"], "index_block_size": 2}  # the prompts span more blocks than are kept
+    layers = text["num_hidden_layers"]
+    extended = {
+        **text,
+        "num_hidden_layers": layers + 1,
+        "layer_types": [*text["layer_types"], "minimax_m3_sparse"],
+        "mlp_layer_types": [*text["mlp_layer_types"], "sparse"],
+    }
+    full = hf_model("MiniMaxM3VLConfig", **{**MINIMAX_M3, "text_config": extended})
+    save_hf(full, folder / "full", "single")
+    stored = load_file(str(folder / "full" / "model.safetensors"))
+    last, mtp_prefix = f"language_model.model.layers.{layers}.", "language_model.model.mtp.layers.0."
+    stored = {
+        mtp_prefix + "transformer_layer." + k[len(last) :] if k.startswith(last) else k: v for k, v in stored.items()
+    }
+    mtp = mtp_weights(text["hidden_size"], 1.0)
+    names = {"enorm": "enorm", "hnorm": "hnorm", "eh": "eh_proj", "norm": "final_layernorm"}
+    stored |= {f"{mtp_prefix}{names[role]}.weight": weight for role, weight in mtp.items()}
+    release = folder / "release"
+    release.mkdir()
+    save_file({k: v.contiguous() for k, v in stored.items()}, str(release / "model.safetensors"))
+    saved = json.loads((folder / "full" / "config.json").read_text())
+    saved["text_config"] |= {**text, "num_mtp_modules": 1}
+    (release / "config.json").write_text(json.dumps(saved))
+    language = full.model.language_model
+    block = language.layers[layers]
+    language.layers = language.layers[:layers]
+    full.config.text_config.num_hidden_layers = layers
+    return Release(release, TextModel(full), [block], [mtp], 1.0, "num_mtp_modules")
+
+
+def mellum_release(folder: Path) -> Release:
+    """Mellum's (transformers' MtpModel, modeling_layers.py, reading conversion_mapping.py's Mellum names): Qwen's
+    names under `mtp.`, the decoder layer of the kinds mtp_layer_types and mtp_mlp_layer_types give (transformers'
+    defaults: sliding, MoE)."""
+    config = MELLUM
+
+    def extend(c: dict, n: int) -> dict:
+        types = {"layer_types": ["sliding_attention"] * n, "mlp_layer_types": ["sparse"] * n}
+        return {**c, "num_hidden_layers": c["num_hidden_layers"] + n} | {k: [*c[k], *v] for k, v in types.items()}
+
+    release = qwen_names_release(
+        folder,
+        "MellumConfig",
+        config,
+        extend,
+        rotary=lambda model, x, positions: model.rotary_emb(x, positions, "sliding_attention"),
+        window=config["sliding_window"],
+    )
+    return with_config(release, mtp_layer_types=["sliding_attention"], mtp_mlp_layer_types=["sparse"])
+
+
+def bailing_release(folder: Path) -> Release:
+    """Ling 3's (vLLM's bailing_moe_v3_mtp.py): DeepSeek-V3's layout, `model.layers.{num_hidden_layers}` in the
+    release's names, its final norm `final_layernorm`, the decoder layer latent attention (whatever the layer
+    groups say) and MoE, its final norm's output passed on: Hy3's names and design."""
+    config = BAILING_HYBRID
+
+    def extend(c: dict, n: int) -> dict:
+        layers = c["num_hidden_layers"]
+        types = [
+            "full_attention" if (i + 1) % c["layer_group_size"] == 0 else "linear_attention" for i in range(layers)
+        ]
+        return {**c, "num_hidden_layers": layers + n, "layer_types": [*types, *["full_attention"] * n]}
+
+    return write_release(
+        folder,
+        "BailingHybridConfig",
+        config,
+        extend,
+        "model.layers.{layer}.",
+        HY_V3_NAMES,
+        0.0,
+        "num_nextn_predict_layers",
+        kind=NormedRelease,
+    )
 
 
 class V4Release(Release):
@@ -332,6 +546,141 @@ def v4_release(folder: Path) -> Release:
     return V4Release(release, full, [block], [mtp], 0.0, "num_nextn_predict_layers")
 
 
+class LongcatRelease(Release):
+    """LongCat-Flash's MTP layer as vLLM's longcat_flash_mtp.py (LongCatMultiTokenPredictorLayer) and SGLang's
+    longcat_flash_nextn.py (LongcatFlashModelNextN) compute it: eh_proj([enorm(e); hnorm(h)]), a pre-norm
+    decoder layer (DeepSeek-V2's, there) of transformers' LongCat latent attention, whose latent norms take
+    rms_norm_eps as DeepSeek-V2's attention does, and its dense MLP, then the final norm, whose output is
+    both what the LM head takes and what the next draft takes as h."""
+
+    def draft(self, h, next_ids, start=0, depth=0):
+        w, model, eps, block = self.mtp[depth], self.reference.model, self.eps, self.blocks[depth]
+        with torch.no_grad():
+            embedded = model.embed_tokens(next_ids)
+            x = F.linear(torch.cat([rms(embedded, w["enorm"], eps), rms(h, w["hnorm"], eps)], -1), w["eh"])
+            positions = torch.arange(start, start + x.shape[1])[None]
+            attended, _ = block.self_attn(
+                block.input_layernorm(x),
+                position_embeddings=model.rotary_emb(x, positions),
+                attention_mask=self.mask(x.shape[1]),
+            )
+            x = x + attended
+            out = rms(x + block.mlp(block.post_attention_layernorm(x)), w["norm"], eps)
+            return self.reference.lm_head(out), out
+
+
+# LongCat-Flash's release names (vLLM's and SGLang's name tables): model.mtp.layers.0.{enorm.m, hnorm.m,
+# eh_proj, input_layernorm, self_attn.*, post_attention_layernorm, transformer_layer.mlp.*}, model.mtp.norm,
+# and a copy of the embedding, model.mtp.embed_tokens
+LONGCAT_NAMES = {
+    "enorm": "model.mtp.layers.0.enorm.m.weight",
+    "hnorm": "model.mtp.layers.0.hnorm.m.weight",
+    "eh": "model.mtp.layers.0.eh_proj.weight",
+    "norm": "model.mtp.norm.weight",
+}
+
+
+def longcat_release(folder: Path) -> Release:
+    from torch import nn
+    from transformers.models.longcat_flash import modeling_longcat_flash as longcat
+
+    # an eps large enough that the latent norms' (rms_norm_eps here, 1e-6 in the model's layers) shows
+    reference = hf_model("LongcatFlashConfig", **{**LONGCAT_FLASH, "rms_norm_eps": 0.05})
+    save_hf(reference, folder / "full", "single")
+    config, hidden = reference.config, LONGCAT_FLASH["hidden_size"]
+    block = nn.ModuleDict(
+        {
+            "input_layernorm": longcat.LongcatFlashRMSNorm(hidden, config.rms_norm_eps),
+            "self_attn": longcat.LongcatFlashMLA(config, layer_idx=0),
+            "post_attention_layernorm": longcat.LongcatFlashRMSNorm(hidden, config.rms_norm_eps),
+            "mlp": longcat.LongcatFlashMLP(config),
+        }
+    )
+    for norm in (block.self_attn.q_a_layernorm, block.self_attn.kv_a_layernorm):
+        norm.variance_epsilon = config.rms_norm_eps
+    randomize(block, seed=7)
+    block.eval()
+    stored = load_file(str(folder / "full" / "model.safetensors"))
+    inner = {"mlp.": "transformer_layer.mlp."}
+    for name, tensor in block.state_dict().items():
+        renamed = next((new + name[len(old) :] for old, new in inner.items() if name.startswith(old)), name)
+        stored[f"model.mtp.layers.0.{renamed}"] = tensor
+    mtp = mtp_weights(hidden, 0.0)
+    stored |= {LONGCAT_NAMES[role]: weight for role, weight in mtp.items()}
+    stored["model.mtp.embed_tokens.weight"] = stored["model.embed_tokens.weight"].clone()
+    release = folder / "release"
+    release.mkdir()
+    save_file({k: v.contiguous() for k, v in stored.items()}, str(release / "model.safetensors"))
+    saved = json.loads((folder / "full" / "config.json").read_text())
+    (release / "config.json").write_text(json.dumps({**saved, "num_nextn_predict_layers": 1}))
+    return LongcatRelease(release, reference, [block], [mtp], 0.0, "num_nextn_predict_layers", window=1 << 20)
+
+
+class StepRelease(Release):
+    """Step-3.5's and Step-3.7's MTP layers as vLLM's and SGLang's step3p5_mtp.py compute them (norms that scale by
+    1 + weight; the output before shared_head.norm passed on), each with the attention of its kind; the
+    reference is transformers' multimodal model, whose language model runs the first num_hidden_layers."""
+
+    def __init__(self, folder, reference, blocks, mtp, kinds):
+        super().__init__(folder, reference, blocks, mtp, 1.0, "num_nextn_predict_layers")
+        self.kinds, self.text = kinds, reference.model.language_model
+        reference.config.text_config.tie_last_hidden_states = False  # the language model's outputs
+
+    def draft(self, h, next_ids, start=0, depth=0):
+        w, model, eps, kind = self.mtp[depth], self.text, self.eps, self.kinds[depth]
+        with torch.no_grad():
+            embedded = model.embed_tokens(next_ids)
+            x = F.linear(torch.cat([rms(embedded, w["enorm"], eps, 1.0), rms(h, w["hnorm"], eps, 1.0)], -1), w["eh"])
+            positions = torch.arange(start, start + x.shape[1])[None]
+            self.window = model.config.sliding_window if kind == "sliding_attention" else 1 << 20
+            out = self.blocks[depth](
+                x,
+                position_ids=positions,
+                position_embeddings=model.rotary_emb(x, positions, kind),
+                attention_mask=self.mask(x.shape[1]),
+            )
+            return self.reference.lm_head(rms(out, w["norm"], eps, 1.0)), out
+
+
+# Step-3.5's and Step-3.7's names (vLLM's and SGLang's step3p5_mtp.py): model.layers.{num_hidden_layers + k}.*, the
+# decoder layer's tensors as any layer's, beside enorm, hnorm, eh_proj, shared_head.norm and the layer's copy of
+# the LM head, shared_head.output
+STEP_NAMES = {role: f"model.layers.{{layer}}.{name}.weight" for role, name in DEEPSEEK_NAMES.items()}
+STEP_MTP_KINDS = [("sliding_attention", "sparse", 0.3), ("full_attention", "dense", 0.0)]
+
+
+def step_release(folder: Path) -> Release:
+    """Two MTP layers (the release has three): a sliding-window MoE one whose experts clamp, and a dense full
+    one, listed after the model's layers in the per-layer lists as the release's config lists them."""
+    text = STEP3P7["text_config"]
+    layers, depths = text["num_hidden_layers"], len(STEP_MTP_KINDS)
+    kinds, mlps, limits = (list(column) for column in zip(*STEP_MTP_KINDS, strict=True))
+    padded = {
+        **text,
+        "num_hidden_layers": layers + depths,
+        "layer_types": [*text["layer_types"], *kinds],
+        "mlp_layer_types": [*text["mlp_layer_types"], *mlps],
+        "swiglu_limits": [*text["swiglu_limits"], *limits],
+        "swiglu_limits_shared": [*text["swiglu_limits_shared"], *limits],
+    }
+    full = hf_model("Step3p7Config", **{**STEP3P7, "text_config": padded})
+    save_hf(full, folder / "full", "single")
+    stored = load_file(str(folder / "full" / "model.safetensors"))
+    mtp = [mtp_weights(text["hidden_size"], 1.0, depth) for depth in range(depths)]
+    for depth, weights in enumerate(mtp):
+        stored |= {STEP_NAMES[role].format(layer=layers + depth): w for role, w in weights.items()}
+        stored[f"model.layers.{layers + depth}.shared_head.output.weight"] = stored["lm_head.weight"].clone()
+    release = folder / "release"
+    release.mkdir()
+    save_file({k: v.contiguous() for k, v in stored.items()}, str(release / "model.safetensors"))
+    saved = json.loads((folder / "full" / "config.json").read_text())
+    saved["text_config"] |= {"num_hidden_layers": layers, "num_nextn_predict_layers": depths}
+    (release / "config.json").write_text(json.dumps(saved))
+    full.config.text_config.num_hidden_layers = layers  # the language model runs its first layers only
+    blocks = list(full.model.language_model.layers[layers:])
+    return StepRelease(release, full, blocks, mtp, kinds)
+
+
 def glm5_with_mtp(config: dict, depths: int) -> dict:
     """GLM-5's tiny config with `depths` more layers, those computing their own selection ("full")."""
     import transformers
@@ -339,6 +688,16 @@ def glm5_with_mtp(config: dict, depths: int) -> dict:
     layers = config["num_hidden_layers"]
     backbone = transformers.GlmMoeDsaConfig(**config).indexer_types
     return {**config, "num_hidden_layers": layers + depths, "indexer_types": [*backbone, *["full"] * depths]}
+
+
+def with_sparse_mtp_layers(config: dict, depths: int) -> dict:
+    """GLM-4.7-Flash's tiny config with `depths` more layers, MoE ones (`mlp_layer_types` lists them)."""
+    layers = config["num_hidden_layers"]
+    return {
+        **config,
+        "num_hidden_layers": layers + depths,
+        "mlp_layer_types": [*config["mlp_layer_types"], *["sparse"] * depths],
+    }
 
 
 RELEASES = {
@@ -352,9 +711,38 @@ RELEASES = {
     "deepseek_v32": deepseek_release("DeepseekV32Config", DEEPSEEK_V32, window=1 << 20),
     "glm_moe_dsa": deepseek_release("GlmMoeDsaConfig", GLM_MOE_DSA, extend=glm5_with_mtp, window=1 << 20),
     "glm4_moe": deepseek_release("Glm4MoeConfig", GLM4_MOE),
+    # GLM-4.7-Flash's (vLLM's glm4_moe_lite_mtp.py): DeepSeek-V3's layout, a latent-attention MoE layer
+    "glm4_moe_lite": deepseek_release("Glm4MoeLiteConfig", GLM4_MOE_LITE, extend=with_sparse_mtp_layers),
+    "longcat_flash": longcat_release,
+    "hy_v3": lambda folder: write_release(
+        folder,
+        "HYV3Config",
+        HY_V3,
+        lambda c, n: {**c, "num_hidden_layers": c["num_hidden_layers"] + n},
+        "model.layers.{layer}.",
+        HY_V3_NAMES,
+        0.0,
+        "num_nextn_predict_layers",
+        kind=NormedRelease,
+    ),
+    "step3p5": step_release,
     "qwen3_5_moe": qwen_release("Qwen3_5MoeTextConfig", QWEN3_5_MOE),
     "qwen3_next": qwen_release("Qwen3NextConfig", QWEN3_NEXT),
+    "nemotron_h": nemotron_release,
+    "minimax_m3_vl": minimax_m3_release,
+    "mellum": mellum_release,
+    "bailing_hybrid": bailing_release,
+    "exaone_moe": exaone_release(),
+    # K-EXAONE's design with a sliding-window MTP layer (its window narrower than the model's 8)
+    "exaone_moe_sliding": exaone_release("sliding_attention", 5),
 }
+
+
+def with_count(config: dict, count: str, value: int | None) -> dict:
+    """`config` with its MTP layers' count (in the text config of a multimodal one) `value`, or none said."""
+    if "text_config" in config:
+        return {**config, "text_config": with_count(config["text_config"], count, value)}
+    return {k: v for k, v in config.items() if k != count} | ({} if value is None else {count: value})
 
 
 @pytest.fixture(params=list(RELEASES), scope="module")
@@ -448,7 +836,7 @@ def test_each_layer_takes_the_output_of_the_one_before(release):
 @pytest.mark.parametrize("miss_policy", ["direct", "copy"])
 def test_offloaded_drafts_are_the_resident_ones(release, miss_policy):
     resident = load(release.folder)
-    top_k = resident.parts.args.num_experts_per_tok
+    top_k = resident.plan.footprint.top_k
     offloaded = load(release.folder, expert_slots=top_k, miss_policy=miss_policy)
     assert isinstance(offloaded.experts, OffloadedExperts)
     ids = prompt(seed=5)
@@ -484,7 +872,7 @@ def test_the_plan_counts_the_mtp_layers(release):
     engine = load(release.folder)
     footprint, backbone = engine.plan.footprint, len(moe_blocks(engine.model.model))
     config = json.loads((release.folder / "config.json").read_text())
-    assert len(engine.model.mtp.layers) == config[release.count] == len(release.blocks)
+    assert len(engine.model.mtp.layers) == config.get("text_config", config)[release.count] == len(release.blocks)
     routed = len(moe_blocks(engine.model.mtp))
     assert routed == sum(any(".experts" in name for name, _ in block.named_modules()) for block in release.blocks)
     assert footprint.moe_layers == backbone + routed
@@ -512,8 +900,8 @@ def test_without_the_promise_or_the_tensors_the_backbone_loads_as_before(release
     stored = load_file(str(release.folder / "model.safetensors"))
     eh_proj = next(name for name in stored if name.endswith(("eh_proj.weight", "mtp.fc.weight", "mtp.0.e_proj.weight")))
     variants = {
-        "unsaid": ({k: v for k, v in config.items() if k != release.count}, stored),
-        "none": ({**config, release.count: 0}, stored),
+        "unsaid": (with_count(config, release.count, None), stored),
+        "none": (with_count(config, release.count, 0), stored),
         "stripped": (config, {k: v for k, v in stored.items() if k != eh_proj}),
         "misshapen": (config, {**stored, eh_proj: stored[eh_proj][:, :-1].contiguous()}),
     }
@@ -593,3 +981,93 @@ def test_sparse_attention_mtp_layers_select_with_their_own_indexer(name, tmp_pat
     assert (
         sources["mtp.layers.0.block.self_attn.indexer.wk.weight"] == f"model.layers.{layer}.self_attn.indexer.wk.weight"
     )
+
+
+def test_nemotron_h_mtp_blocks_as_transformers_reads_them():
+    """mtp_layers_block_type, else mtp_hybrid_override_pattern (which wins over the list's default, as
+    transformers' config reads them), else attention and MoE; blocks vLLM's MTP does not build are refused."""
+    from localmoe.errors import LocalMoEError
+    from localmoe.models.nemotron_h import NemotronHArgs
+
+    base = {"vocab_size": 64, "hidden_size": 32, "num_nextn_predict_layers": 1}
+    read = {
+        "default": ({}, ["full_attention", "moe"]),
+        "pattern": ({"mtp_hybrid_override_pattern": "E*"}, ["moe", "full_attention"]),
+        "legacy list": ({"mtp_layers_block_type": ["moe", "attention"]}, ["moe", "full_attention"]),
+        "default list and pattern": (
+            {"mtp_layers_block_type": ["full_attention", "moe"], "mtp_hybrid_override_pattern": "*"},
+            ["full_attention"],
+        ),
+    }
+    for name, (given, kinds) in read.items():
+        assert NemotronHArgs.from_config(base | given).mtp_kinds() == kinds, name
+    for pattern in ("*M", "**E", "E", "*EE"):
+        with pytest.raises(LocalMoEError, match="lists MTP blocks"):
+            NemotronHArgs.from_config(base | {"mtp_hybrid_override_pattern": pattern})
+    NemotronHArgs.from_config(base | {"num_nextn_predict_layers": 0, "mtp_hybrid_override_pattern": "*M"})
+
+
+def test_nemotron_h_mtp_layers_are_numbered_on_by_block():
+    """vLLM's nemotron_h_mtp.py numbers the blocks of all its MTP layers in one run (mtp.layers.{k * blocks + j});
+    its first holds enorm, hnorm and eh_proj, its last the final norm, its MoE the experts of layer n + k."""
+    from localmoe.models.nemotron_h import FAMILY
+
+    config = {"vocab_size": 64, "hidden_size": 32, "hybrid_override_pattern": "M*E", "num_nextn_predict_layers": 2}
+    aliases = dict(FAMILY.mtp.aliases(config))
+    assert aliases["model.layers.4.eh_proj."] == "mtp.layers.2.eh_proj."
+    assert aliases["model.layers.4.final_layernorm."] == "mtp.layers.3.final_layernorm."
+    assert aliases["model.layers.4.layers.1."] == "mtp.layers.3."
+    assert aliases["backbone.layers.4.mixer.experts."] == "mtp.layers.3.mixer.experts."
+    assert aliases["model.layers.3.layers.0."] == "mtp.layers.0."
+
+
+def test_mellum_drafts_are_transformers_mtp_model(tmp_path_factory):
+    """transformers 5.24 drafts with Mellum's MTP layer itself (MtpModel, loading the release's `mtp.*` names):
+    its logits, from the model's hidden states and the next tokens, and the output it passes on to the next
+    draft, are the MTP layer's here."""
+    import transformers
+    from transformers.modeling_layers import MtpModel
+
+    release = RELEASES["mellum"](tmp_path_factory.mktemp("mellum"))
+    main = transformers.AutoModelForCausalLM.from_pretrained(str(release.folder), dtype=torch.float32).eval()
+    main.config.tie_last_hidden_states = False  # its last hidden states before the final norm
+    mtp = MtpModel.from_pretrained(main).eval()
+    ids = prompt()
+    positions = torch.arange(PROMPT - 1)[None]
+    with torch.no_grad():
+        h = main(ids[:, :-1], output_hidden_states=True).hidden_states[-1]
+        embedded = mtp.embed_tokens(ids[:, 1:])
+        rotary = mtp.rotary_emb(embedded, position_ids=positions, layer_type=mtp.config.layer_types[0])
+        masks = mtp.create_masks_for_mtp_layer(0, embedded, None, positions)
+        out = mtp.layers[0](embedded, h, position_embeddings=rotary, position_ids=positions, cache=None, **masks)
+        expected = mtp._project_to_logits(out)
+    for split in (PROMPT - 1, 4):
+        logits, passed_on = drafts(load(release.folder), ids, split)
+        assert (logits - expected).abs().max() < TOLERANCE
+        assert (passed_on - out).abs().max() < TOLERANCE  # the normed output, as MtpModel chains it
+
+
+def test_step_mtp_kinds_as_transformers_saves_them(tmp_path_factory):
+    """transformers splits the release's padded per-layer lists into the model's and `mtp_layer_types`,
+    `mtp_mlp_layer_types`: the MTP layers are built of the same kinds from either."""
+    from localmoe.models.step3p7 import Step3p7Args
+
+    release = RELEASES["step3p5"](tmp_path_factory.mktemp("step3p5"))
+    padded = json.loads((release.folder / "config.json").read_text())["text_config"]
+    layers = padded["num_hidden_layers"]
+    split = {
+        **padded,
+        "layer_types": padded["layer_types"][:layers],
+        "mlp_layer_types": padded["mlp_layer_types"][:layers],
+    }
+    split |= {
+        "mtp_layer_types": padded["layer_types"][layers:],
+        "mtp_mlp_layer_types": padded["mlp_layer_types"][layers:],
+    }
+    for config in (padded, split):
+        args = Step3p7Args.from_config(config)
+        assert args.layer_types == padded["layer_types"][:layers]
+        assert (args.mtp_layer_types, args.mtp_mlp_layer_types) == (
+            [k for k, _, _ in STEP_MTP_KINDS],
+            [m for _, m, _ in STEP_MTP_KINDS],
+        )
