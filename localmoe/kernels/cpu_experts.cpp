@@ -505,11 +505,24 @@ struct FloatPath {
   }
 };
 
+#if defined(__AVX512F__)
+// The first n % 16 lanes, for a vector loop's last step (all 16 where n is a multiple)
+inline __mmask16 head_lanes(int64_t n) { return __mmask16((1u << (n % 16 ? n % 16 : 16)) - 1); }
+#endif
+
 // An integer format's scales of a row as float32
 inline void integer_scales(const Row& r, int64_t n, float* out) {
   int64_t g = 0;
-  if (r.scale_type == DT_F16)
+  if (r.scale_type == DT_F16) {
     for (; g + W <= n; g += W) storef(out + g, from_f16((const uint16_t*)r.s + g));
+#if defined(__AVX512F__)
+    if (g < n) {  // the last lanes in one masked step
+      const __m256i half = _mm256_maskz_loadu_epi16(head_lanes(n), (const uint16_t*)r.s + g);
+      _mm512_mask_storeu_ps(out + g, head_lanes(n), _mm512_cvtph_ps(half));
+      return;
+    }
+#endif
+  }
   for (; g < n; ++g) out[g] = scale_at(r, g);
 }
 
@@ -522,6 +535,14 @@ inline float zero_points(const float* scales, const uint8_t* zeros, float implie
     const F z = zeros ? from_f16((const uint16_t*)zeros + g) : set1(implied);
     acc = fmadd(mul(loadf(scales + g), add(z, set1(offset))), loadf(sums + g), acc);
   }
+#if defined(__AVX512F__)
+  if (g < groups) {  // the last lanes in one masked step
+    const __mmask16 lanes = head_lanes(groups);
+    const F z = zeros ? _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(lanes, (const uint16_t*)zeros + g)) : set1(implied);
+    const F scaled = _mm512_maskz_mul_ps(lanes, _mm512_maskz_loadu_ps(lanes, scales + g), add(z, set1(offset)));
+    return hsum(fmadd(scaled, _mm512_maskz_loadu_ps(lanes, sums + g), acc));
+  }
+#endif
   float total = hsum(acc);
   for (; g < groups; ++g) total += scales[g] * ((zeros ? half_at(zeros, g) : implied) + offset) * sums[g];
   return total;
@@ -614,8 +635,6 @@ inline BH nibble_bh(__m512i v, int shift, int base) {
 template <int FMT>
 struct Grouped;
 
-// The first n % 16 lanes, for a vector loop's last step (all 16 where n is a multiple)
-inline __mmask16 head_lanes(int64_t n) { return __mmask16((1u << (n % 16 ? n % 16 : 16)) - 1); }
 
 // A 16-bit lane i of the 64 bytes holds columns 4i .. 4i + 3 (low nibble first): vector k is column 4i + k
 template <>
@@ -684,13 +703,14 @@ void dot2_grouped(const Matrix& m, Row r0, Row r1, const uint16_t* x, int64_t st
   // several groups per step (the block divides STEP: a power of two): float lane j's group is the
   // step's first + j * STEP / 16 / block
   const bool several = m.block < STEP;
+  const int64_t groups_per_step = several ? STEP / m.block : 1;  // per pass of the loop below
   const __m512i lane = _mm512_set_epi32(15, 14, 13, 12, 11, 10, 9, 8, 7, 6, 5, 4, 3, 2, 1, 0);
   const __m512i lane_group = _mm512_srl_epi32(_mm512_mullo_epi32(lane, _mm512_set1_epi32(STEP / 16)),
                                               _mm_cvtsi32_si128(several ? __builtin_ctzll(m.block) : 31));
   F total0[NP], total1[NP];
   for (int p = 0; p < NP; ++p) total0[p] = total1[p] = zero();
-  for (int64_t c = 0; c < m.cols;) {
-    const int64_t g = c / m.block, end = c + (several ? STEP : m.block);
+  for (int64_t c = 0, g = 0; c < m.cols; g += groups_per_step) {
+    const int64_t end = c + (several ? STEP : m.block);
     F acc0[NP][2], acc1[NP][2];
     for (int p = 0; p < NP; ++p) acc0[p][0] = acc0[p][1] = acc1[p][0] = acc1[p][1] = zero();
     for (; c < end; c += STEP) {
