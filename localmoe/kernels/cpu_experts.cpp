@@ -422,7 +422,7 @@ inline int64_t deinterleaved(int64_t c, int64_t chunk, int64_t ways) {
 // Dot products of two rows with NP activation vectors (x + p * stride, arranged as `arranged` says)
 
 template <int FMT, int NP>
-void dot2(const Matrix& m, Row r0, Row r1, const float* x, int64_t stride, float* out0, float* out1) {
+void dot2(const Matrix& m, const Row& r0, const Row& r1, const float* x, int64_t stride, float* out0, float* out1) {
   using D = Decode<FMT>;
   constexpr int V = D::V;
   F acc0[NP][V], acc1[NP][V];
@@ -457,7 +457,7 @@ void dot2(const Matrix& m, Row r0, Row r1, const float* x, int64_t stride, float
 
 // For shapes the vector path does not fit (small ragged test shapes): one weight at a time.
 template <int FMT>
-void dot2_scalar(const Matrix& m, Row r0, Row r1, const float* x, int64_t stride, int pairs, float* out0, float* out1) {
+void dot2_scalar(const Matrix& m, const Row& r0, const Row& r1, const float* x, int64_t stride, int pairs, float* out0, float* out1) {
   for (int p = 0; p < pairs; ++p) {
     float a0 = 0.f, a1 = 0.f;
     for (int64_t c = 0; c < m.cols; ++c) {
@@ -556,7 +556,7 @@ inline float zero_points(const float* scales, const uint8_t* zeros, float implie
 // a byte plus the offset that makes it one by bit operations), which cost twice as many of its
 // products, and each of them costs about four multiply-adds on the CPUs that have it.
 template <int NP>
-void dot2_bytes(const Matrix& m, Row r0, Row r1, const float* x, int64_t stride, const float* sums,
+void dot2_bytes(const Matrix& m, const Row& r0, const Row& r1, const float* x, int64_t stride, const float* sums,
                 int64_t sum_stride, float* scales, float* out0, float* out1) {
   const int64_t groups = m.cols / m.block;
   float *s0 = scales, *s1 = scales + groups + W;
@@ -692,7 +692,7 @@ bool groups_fit(const Matrix& m) {
 }
 
 template <int FMT, int NP>
-void dot2_grouped(const Matrix& m, Row r0, Row r1, const uint16_t* x, int64_t stride, const float* sums,
+void dot2_grouped(const Matrix& m, const Row& r0, const Row& r1, const uint16_t* x, int64_t stride, const float* sums,
                   int64_t sum_stride, float* scales, float* out0, float* out1) {
   using G = Grouped<FMT>;
   constexpr int V = G::V, STEP = G::STEP;
@@ -745,7 +745,7 @@ void dot2_grouped(const Matrix& m, Row r0, Row r1, const uint16_t* x, int64_t st
 }
 
 template <int NP>
-void dot2_dense_bf16(const Matrix& m, Row r0, Row r1, const uint16_t* x, int64_t stride, float* out0, float* out1) {
+void dot2_dense_bf16(const Matrix& m, const Row& r0, const Row& r1, const uint16_t* x, int64_t stride, float* out0, float* out1) {
   F acc0[NP][2], acc1[NP][2];
   for (int p = 0; p < NP; ++p) acc0[p][0] = acc0[p][1] = acc1[p][0] = acc1[p][1] = zero();
   const uint16_t *w0 = (const uint16_t*)r0.w, *w1 = (const uint16_t*)r1.w;
