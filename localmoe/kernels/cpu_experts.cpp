@@ -146,6 +146,7 @@ inline F set1(float v) { return _mm512_set1_ps(v); }
 inline F loadf(const float* p) { return _mm512_loadu_ps(p); }
 inline void storef(float* p, F v) { _mm512_storeu_ps(p, v); }
 inline F fmadd(F a, F b, F c) { return _mm512_fmadd_ps(a, b, c); }
+inline F fnmadd(F a, F b, F c) { return _mm512_fnmadd_ps(a, b, c); }
 inline F add(F a, F b) { return _mm512_add_ps(a, b); }
 inline F sub(F a, F b) { return _mm512_sub_ps(a, b); }
 inline F mul(F a, F b) { return _mm512_mul_ps(a, b); }
@@ -175,6 +176,7 @@ inline F set1(float v) { return _mm256_set1_ps(v); }
 inline F loadf(const float* p) { return _mm256_loadu_ps(p); }
 inline void storef(float* p, F v) { _mm256_storeu_ps(p, v); }
 inline F fmadd(F a, F b, F c) { return _mm256_fmadd_ps(a, b, c); }
+inline F fnmadd(F a, F b, F c) { return _mm256_fnmadd_ps(a, b, c); }
 inline F add(F a, F b) { return _mm256_add_ps(a, b); }
 inline F sub(F a, F b) { return _mm256_sub_ps(a, b); }
 inline F mul(F a, F b) { return _mm256_mul_ps(a, b); }
@@ -218,6 +220,7 @@ inline F set1(float x) { F r; LANES r.v[l] = x; return r; }
 inline F loadf(const float* p) { F r; LANES r.v[l] = p[l]; return r; }
 inline void storef(float* p, F a) { LANES p[l] = a.v[l]; }
 inline F fmadd(F a, F b, F c) { F r; LANES r.v[l] = std::fma(a.v[l], b.v[l], c.v[l]); return r; }
+inline F fnmadd(F a, F b, F c) { F r; LANES r.v[l] = std::fma(-a.v[l], b.v[l], c.v[l]); return r; }
 inline F add(F a, F b) { F r; LANES r.v[l] = a.v[l] + b.v[l]; return r; }
 inline F sub(F a, F b) { F r; LANES r.v[l] = a.v[l] - b.v[l]; return r; }
 inline F mul(F a, F b) { F r; LANES r.v[l] = a.v[l] * b.v[l]; return r; }
@@ -526,25 +529,25 @@ inline void integer_scales(const Row& r, int64_t n, float* out) {
   for (; g < n; ++g) out[g] = scale_at(r, g);
 }
 
-// sum_g scale_g * (zero_g + offset) * sums_g, the zero points float16, or all `implied` where there are none
-inline float zero_points(const float* scales, const uint8_t* zeros, float implied, float offset, const float* sums,
-                         int64_t groups) {
-  F acc = zero();
+// The sum of a row's lanes less sum_g scale_g * (zero_g + offset) * sums_g, the zero points float16, or
+// all `implied` where there are none: one horizontal sum for both
+inline float less_zero_points(F lanes, const float* scales, const uint8_t* zeros, float implied, float offset,
+                              const float* sums, int64_t groups) {
   int64_t g = 0;
   for (; g + W <= groups; g += W) {
     const F z = zeros ? from_f16((const uint16_t*)zeros + g) : set1(implied);
-    acc = fmadd(mul(loadf(scales + g), add(z, set1(offset))), loadf(sums + g), acc);
+    lanes = fnmadd(mul(loadf(scales + g), add(z, set1(offset))), loadf(sums + g), lanes);
   }
 #if defined(__AVX512F__)
-  if (g < groups) {  // the last lanes in one masked step
-    const __mmask16 lanes = head_lanes(groups);
-    const F z = zeros ? _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(lanes, (const uint16_t*)zeros + g)) : set1(implied);
-    const F scaled = _mm512_maskz_mul_ps(lanes, _mm512_maskz_loadu_ps(lanes, scales + g), add(z, set1(offset)));
-    return hsum(fmadd(scaled, _mm512_maskz_loadu_ps(lanes, sums + g), acc));
+  if (g < groups) {  // the last groups in one masked step
+    const __mmask16 last = head_lanes(groups);
+    const F z = zeros ? _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(last, (const uint16_t*)zeros + g)) : set1(implied);
+    const F scaled = _mm512_maskz_mul_ps(last, _mm512_maskz_loadu_ps(last, scales + g), add(z, set1(offset)));
+    return hsum(fnmadd(scaled, _mm512_maskz_loadu_ps(last, sums + g), lanes));
   }
 #endif
-  float total = hsum(acc);
-  for (; g < groups; ++g) total += scales[g] * ((zeros ? half_at(zeros, g) : implied) + offset) * sums[g];
+  float total = hsum(lanes);
+  for (; g < groups; ++g) total -= scales[g] * ((zeros ? half_at(zeros, g) : implied) + offset) * sums[g];
   return total;
 }
 
@@ -586,8 +589,8 @@ void dot2_bytes(const Matrix& m, const Row& r0, const Row& r1, const float* x, i
     }
   }
   for (int p = 0; p < NP; ++p) {
-    out0[p] = hsum(total0[p]) - zero_points(s0, r0.z, 128.f, 0.f, sums + p * sum_stride, groups);
-    out1[p] = hsum(total1[p]) - zero_points(s1, r1.z, 128.f, 0.f, sums + p * sum_stride, groups);
+    out0[p] = less_zero_points(total0[p], s0, r0.z, 128.f, 0.f, sums + p * sum_stride, groups);
+    out1[p] = less_zero_points(total1[p], s1, r1.z, 128.f, 0.f, sums + p * sum_stride, groups);
   }
 }
 
@@ -734,12 +737,13 @@ void dot2_grouped(const Matrix& m, const Row& r0, const Row& r1, const uint16_t*
     }
   }
   for (int p = 0; p < NP; ++p) {
-    out0[p] = hsum(total0[p]);
-    out1[p] = hsum(total1[p]);
-    if constexpr (FMT != MXFP4) {
+    if constexpr (FMT == MXFP4) {
+      out0[p] = hsum(total0[p]);
+      out1[p] = hsum(total1[p]);
+    } else {
       constexpr float implied = FMT == INT8 ? 128.f : 8.f;  // symmetric formats' zero point
-      out0[p] -= zero_points(s0, r0.z, implied, G::offset, sums + p * sum_stride, groups);
-      out1[p] -= zero_points(s1, r1.z, implied, G::offset, sums + p * sum_stride, groups);
+      out0[p] = less_zero_points(total0[p], s0, r0.z, implied, G::offset, sums + p * sum_stride, groups);
+      out1[p] = less_zero_points(total1[p], s1, r1.z, implied, G::offset, sums + p * sum_stride, groups);
     }
   }
 }
