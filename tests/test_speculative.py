@@ -210,6 +210,32 @@ def test_a_run_stopped_early_leaves_the_cache_as_plain_decoding_does(each_kind):
     )
 
 
+def tensor_bytes(kept) -> int:
+    """The bytes of the tensors in nested tuples, lists and dicts."""
+    if isinstance(kept, torch.Tensor):
+        return kept.nbytes
+    items = kept.values() if isinstance(kept, dict) else kept if isinstance(kept, (tuple, list)) else ()
+    return sum(tensor_bytes(item) for item in items)
+
+
+@pytest.mark.parametrize("family", ["qwen3_next", "kimi_linear", "minimax", "jamba", "nemotron_h", "deepseek_v4"])
+def test_the_plan_counts_what_a_check_keeps(family, tmp_path):
+    """What a check keeps beside the cache (its saved states) is in the plan where speculation is on, and
+    `localmoe plan` shows it; nothing where it is off."""
+    path = checkpoint(family, tmp_path)
+    engine = localmoe.load(path, device="cpu", dtype=torch.float32, speculative="lookup", draft_tokens=4)
+    fp, model = engine.plan.footprint, engine.model
+    cache = model.new_cache(1, 64)
+    list(generate_tokens(model, PROMPT, 3, cache=cache))  # the compressors hold pending tokens
+    kept = tensor_bytes(cache.save().states)
+    assert fp.recurrent_state_bytes <= kept <= fp.recurrent_state_bytes + fp.pending_state_bytes
+    assert kept > 0 and engine.plan.speculation_bytes >= kept
+    assert localmoe.load(path, device="cpu", dtype=torch.float32).plan.speculation_bytes == 0
+    shown = CliRunner().invoke(main, ["plan", path, "--device", "cpu", "--speculative", "lookup"])
+    assert shown.exit_code == 0 and "speculative decoding (lookup, 4-token drafts" in shown.stdout, shown.output
+    assert "speculative decoding" not in CliRunner().invoke(main, ["plan", path, "--device", "cpu"]).stdout
+
+
 def test_prompt_lookup_drafts_what_followed_the_latest_longest_match():
     lookup = PromptLookup(longest=3, shortest=1)
     assert lookup.propose([1, 2, 3, 4, 9, 2, 3, 5, 7, 2, 3], 3) == [5, 7, 2]  # 2 3 last followed by 5
@@ -393,6 +419,6 @@ def test_mtp_drafts_after_rejections_are_those_of_the_kept_sequence(mtp_release)
             _, h = model(torch.tensor([tokens[:-1]]), model.new_cache(1, 64), all_logits=True, hidden=True)
         fresh.observe(0, len(tokens) - 1, h[0])
         fresh.propose(tokens, limit)
-        expected = fresh.rounds[0][2]
+        expected, logits = fresh.rounds[0][2][-limit:], logits[-limit:]  # the drafts' steps are the last ones
         assert len(expected) == len(logits) == limit
         assert max((a - b).abs().max() for a, b in zip(expected, logits, strict=True)) < 1e-4, len(tokens)

@@ -50,6 +50,8 @@ class GatedDeltaNet(nn.Module):
         self.norm = norm(self.v_dim, args.rms_norm_eps)
         self.out_proj = nn.Linear(values, hidden, bias=False)
 
+    recurrent = True  # its state is a RecurrentState (see CausalLM.recurrent_state_bytes)
+
     def new_state(self, batch: int, max_len: int, dtype: torch.dtype, device) -> RecurrentState:
         conv = torch.zeros(batch, self.channels, self.kernel - 1, dtype=dtype, device=device)
         matrix = torch.zeros(batch, self.v_heads, self.k_dim, self.v_dim, dtype=torch.float32, device=device)

@@ -33,6 +33,8 @@ class KimiDeltaAttention(nn.Module):
         self.o_norm = SigmoidGatedRMSNorm(head_dim, eps)
         self.o_proj = nn.Linear(width, hidden, bias=False)
 
+    recurrent = True  # its state is a RecurrentState (see CausalLM.recurrent_state_bytes)
+
     def new_state(self, batch: int, max_len: int, dtype: torch.dtype, device) -> RecurrentState:
         width = self.heads * self.head_dim
         conv = torch.zeros(batch, 3 * width, self.kernel - 1, dtype=dtype, device=device)  # q, k, v

@@ -307,6 +307,17 @@ class CausalLM(nn.Module):
             getattr(layer.self_attn, "fixed_state_bytes", lambda _: 0)(dtype) for layer in self._stateful_layers()
         )
 
+    def recurrent_state_bytes(self, dtype: torch.dtype) -> int:
+        """Of fixed_state_bytes, the backbone's states that sum over every token (`RecurrentState`, of mixers
+        marked `recurrent`): what a speculative check keeps a copy of."""
+        mixers = [layer.self_attn for layer in self.model.layers]
+        return sum(mixer.fixed_state_bytes(dtype) for mixer in mixers if getattr(mixer, "recurrent", False))
+
+    def pending_state_bytes(self, dtype: torch.dtype) -> int:
+        """The most the backbone's compressors hold of tokens not yet pooled (`PooledState`): what a
+        speculative check keeps a copy of."""
+        return sum(getattr(layer.self_attn, "pending_state_bytes", lambda _: 0)(dtype) for layer in self.model.layers)
+
     def _stateful_layers(self) -> list[nn.Module]:
         """The decoder layers that keep a state while generating: the backbone's and the MTP layers'."""
         return [*self.model.layers, *([] if self.mtp is None else [layer.block for layer in self.mtp.layers])]

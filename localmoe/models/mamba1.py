@@ -46,6 +46,8 @@ class Mamba1Mixer(nn.Module):
             self.b_layernorm = RMSNorm(state_size, inner_norm_eps)
             self.c_layernorm = RMSNorm(state_size, inner_norm_eps)
 
+    recurrent = True  # its state is a RecurrentState (see CausalLM.recurrent_state_bytes)
+
     def new_state(self, batch: int, max_len: int, dtype: torch.dtype, device) -> RecurrentState:
         conv = torch.zeros(batch, self.inner, self.kernel - 1, dtype=dtype, device=device)
         ssm = torch.zeros(batch, self.inner, self.state_size, dtype=torch.float32, device=device)

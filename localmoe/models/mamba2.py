@@ -63,6 +63,8 @@ class Mamba2Mixer(nn.Module):
         self.norm = GroupGatedRMSNorm(inner, inner // groups, eps)
         self.out_proj = nn.Linear(inner, hidden, bias=proj_bias)
 
+    recurrent = True  # its state is a RecurrentState (see CausalLM.recurrent_state_bytes)
+
     def new_state(self, batch: int, max_len: int, dtype: torch.dtype, device) -> RecurrentState:
         conv = torch.zeros(batch, self.channels, self.kernel - 1, dtype=dtype, device=device)
         ssm = torch.zeros(batch, self.heads, self.head_dim, self.state_size, dtype=torch.float32, device=device)

@@ -36,6 +36,8 @@ class LightningAttention(nn.Module):
         self.out_proj = nn.Linear(heads * head_dim, hidden, bias=False)
         self.register_buffer("slope", slope.view(heads, 1, 1), persistent=False)
 
+    recurrent = True  # its state is a RecurrentState (see CausalLM.recurrent_state_bytes)
+
     def new_state(self, batch: int, max_len: int, dtype: torch.dtype, device) -> RecurrentState:
         return RecurrentState(
             kv=torch.zeros(batch, self.heads, self.head_dim, self.head_dim, dtype=dtype, device=device)

@@ -201,8 +201,9 @@ class PooledState:
         self.count = 0
 
     def save(self) -> tuple:
-        # the compressor replaces these rather than writing into them; entries past `count` are written again
-        return self.pending_kv, self.pending_gate, self.overlap, self.count
+        # the compressor replaces these rather than writing into them; entries past `count` are written again.
+        # The pending tokens are copied: they are a view of the whole last forward pass's projections
+        return self.pending_kv.clone(), self.pending_gate.clone(), self.overlap, self.count
 
     def restore(self, saved: tuple) -> None:
         self.pending_kv, self.pending_gate, self.overlap, self.count = saved

@@ -88,32 +88,41 @@ class MtpDrafter(Drafter):
         self.caches: list | None = None  # one per layer, allocated at the first hidden states
         self.first = 0  # the target's position of the caches' position 0
         self.fed = 0  # target positions every drafting layer has run with kept tokens only
-        self.hidden: torch.Tensor | None = None  # the target's hidden states [T, H] from position `fed` on
+        # the target's hidden states [t, H] from position `fed` on, in the pieces it gave them: the layers
+        # run over them piece by piece, never over more positions at once than the target did
+        self.hidden: list[torch.Tensor] = []
 
     def observe(self, start: int, kept: int, hidden: torch.Tensor) -> None:
         if self.caches is None:
             self.caches = [self.model.new_mtp_cache(1, self.context - start, k) for k in range(self.depth)]
             self.first = self.fed = start
-            self.hidden = hidden[:0]
-        waiting = self.fed + self.hidden.shape[0]
+        waiting = self.fed + sum(piece.shape[0] for piece in self.hidden)
         assert start == waiting, f"hidden states at {start}, expected at {waiting}"
-        self.hidden = torch.cat([self.hidden, hidden[:kept]])
+        self.hidden.append(hidden[:kept])
 
     @torch.inference_mode()
     def propose(self, tokens: Sequence[int], limit: int) -> list[int]:
         self.depth = min(self.depth, limit)
-        start, h = self.fed, self.hidden[None]  # positions start .. P
-        length, device = h.shape[1], h.device
-        drafts: list[int] = []
+        start = self.fed  # the layers run positions start .. P, P the last the target ran
+        known, drafts = list(tokens), []  # the token at position i: known[i], then the drafts
         for k in range(self.depth):
             self.caches[k].rewind(start - self.first)
-            following = (list(tokens[start + k + 1 :]) + drafts)[:length]  # the tokens at i + k + 1
-            logits, h = self._step(h, torch.tensor([following], device=device), k)
-            drafts.append(int(logits[0, -1].argmax()))
-        kept = max(start, start + length + 1 - self.depth)  # the last k positions of layer k saw drafts
-        self.hidden, self.fed = self.hidden[kept - start :], kept
+        pieces = self.hidden
+        while len(pieces) > 1 and pieces[-1].shape[0] < self.depth:  # the positions that read drafts in one piece
+            pieces = [*pieces[:-2], torch.cat(pieces[-2:])]
+        at = start
+        for piece in pieces:
+            h, n = piece[None], piece.shape[0]
+            for k in range(self.depth):  # layer k over this piece, once the layers before it drafted
+                following = (known[at + k + 1 : at + k + 1 + n] + drafts)[:n]  # the tokens at i + k + 1
+                logits, h = self._step(h, torch.tensor([following], device=h.device), k)
+                if at + n == len(known) - 1:  # the last piece: P is in it
+                    drafts.append(int(logits[0, -1].argmax()))
+            at += n
+        kept = max(start, at + 1 - self.depth)  # the last k positions of layer k saw drafts
+        self.hidden, self.fed = _last_rows(pieces, at - kept), kept
         while len(drafts) < limit:
-            logits, h = self._step(h[:, -1:], torch.tensor([drafts[-1:]], device=device), self.depth - 1)
+            logits, h = self._step(h[:, -1:], torch.tensor([drafts[-1:]], device=h.device), self.depth - 1)
             drafts.append(int(logits[0, -1].argmax()))
         return drafts
 
@@ -124,6 +133,17 @@ class MtpDrafter(Drafter):
         if self.hooks:
             self.hooks.after()
         return logits, h
+
+
+def _last_rows(pieces: list[torch.Tensor], rows: int) -> list[torch.Tensor]:
+    """The last `rows` rows of the pieces put end to end, as one copy (the pieces are freed)."""
+    tail = []
+    for piece in reversed(pieces):
+        if rows <= 0:
+            break
+        tail.insert(0, piece[-rows:])
+        rows -= piece.shape[0]
+    return [torch.cat(tail).clone()] if tail else []
 
 
 @dataclass
