@@ -210,30 +210,63 @@ def test_a_run_stopped_early_leaves_the_cache_as_plain_decoding_does(each_kind):
     )
 
 
-def tensor_bytes(kept) -> int:
-    """The bytes of the tensors in nested tuples, lists and dicts."""
-    if isinstance(kept, torch.Tensor):
-        return kept.nbytes
-    items = kept.values() if isinstance(kept, dict) else kept if isinstance(kept, (tuple, list)) else ()
-    return sum(tensor_bytes(item) for item in items)
+def kept_bytes(kept) -> int:
+    """The bytes of the tensors in nested tuples, lists and dicts, each storage once (views share one)."""
+    storages = {}
+
+    def walk(item):
+        if isinstance(item, torch.Tensor):
+            storages[item.untyped_storage().data_ptr()] = item.untyped_storage().nbytes()
+        elif isinstance(item, (tuple, list, dict)):
+            for inner in item.values() if isinstance(item, dict) else item:
+                walk(inner)
+
+    walk(kept)
+    return sum(storages.values())
 
 
-@pytest.mark.parametrize("family", ["qwen3_next", "kimi_linear", "minimax", "jamba", "nemotron_h", "deepseek_v4"])
+RECURRENT_KINDS = ["qwen3_next", "kimi_linear", "minimax", "jamba", "nemotron_h"]
+
+
+@pytest.mark.parametrize("family", [*RECURRENT_KINDS, "deepseek_v4"])
 def test_the_plan_counts_what_a_check_keeps(family, tmp_path):
-    """What a check keeps beside the cache (its saved states) is in the plan where speculation is on, and
-    `localmoe plan` shows it; nothing where it is off."""
+    """What a check of four drafts keeps beside the cache (its saved states, the recurrent states after each
+    position) is in the plan where speculation is on, and `localmoe plan` shows it; nothing where it is off."""
     path = checkpoint(family, tmp_path)
     engine = localmoe.load(path, device="cpu", dtype=torch.float32, speculative="lookup", draft_tokens=4)
-    fp, model = engine.plan.footprint, engine.model
+    model = engine.model
     cache = model.new_cache(1, 64)
     list(generate_tokens(model, PROMPT, 3, cache=cache))  # the compressors hold pending tokens
-    kept = tensor_bytes(cache.save().states)
-    assert fp.recurrent_state_bytes <= kept <= fp.recurrent_state_bytes + fp.pending_state_bytes
-    assert kept > 0 and engine.plan.speculation_bytes >= kept
+    saved = cache.save()
+    with torch.no_grad():
+        model(torch.tensor([PROMPT[:5]]), cache, all_logits=True, trail=True)
+    trails = [state.pieces for state in cache.layers if hasattr(state, "pieces")]
+    kept = kept_bytes([saved.states, trails])
+    assert 0 < kept <= engine.plan.speculation_bytes
     assert localmoe.load(path, device="cpu", dtype=torch.float32).plan.speculation_bytes == 0
     shown = CliRunner().invoke(main, ["plan", path, "--device", "cpu", "--speculative", "lookup"])
     assert shown.exit_code == 0 and "speculative decoding (lookup, 4-token drafts" in shown.stdout, shown.output
     assert "speculative decoding" not in CliRunner().invoke(main, ["plan", path, "--device", "cpu"]).stdout
+
+
+@pytest.mark.parametrize("family", [*RECURRENT_KINDS, "deepseek_v4"])
+def test_a_rejection_feeds_nothing_again_where_states_keep_their_trail(family, tmp_path):
+    """Recurrent states are cut back into the check's trail: with every draft rejected, one forward pass per
+    token after the prefill, none fed again. DeepSeek-V4's pooled entries still restore and feed again."""
+    engine = localmoe.load(checkpoint(family, tmp_path), device="cpu", dtype=torch.float32)
+    expected = list(engine.generate_ids(PROMPT, NEW))
+    passes = []
+    hook = engine.model.model.layers[0].register_forward_hook(lambda *_: passes.append(1))
+    try:
+        got = list(engine.generate_ids(PROMPT, NEW, drafter=always_wrong(expected, vocab(engine)), draft_tokens=3))
+    finally:
+        hook.remove()
+    assert_plain(engine.model, PROMPT, got, expected)
+    stats = engine.stats.speculation
+    if family == "deepseek_v4":
+        assert stats.fed_again == stats.verifications > 0 and len(passes) == NEW + stats.verifications
+    else:
+        assert stats.fed_again == 0 and len(passes) == NEW  # the prefill, then one pass per new token
 
 
 def test_prompt_lookup_drafts_what_followed_the_latest_longest_match():

@@ -222,7 +222,8 @@ def check_fits(prompt_tokens: int, max_new_tokens: int, context: int, limit: int
 class Speculation:
     """Speculative decode steps: the drafter's tokens fed after the last chosen one in one forward pass,
     kept while the sampler chooses them; the cache then cut back to the tokens kept, through the states'
-    own `rollback`, feeding again the kept ones where states that cannot be cut back were restored."""
+    own `rollback` (recurrent states into the check's trail), feeding again the kept ones only where
+    states that can do neither were restored (DeepSeek-V4's pooled entries)."""
 
     def __init__(self, model, cache, decode, drafter, draft_tokens, hooks, prefill_chunk, prompt, stats):
         self.model, self.cache, self.decode, self.drafter = model, cache, decode, drafter
@@ -267,7 +268,7 @@ class Speculation:
         self.saved = self.cache.save() if drafts else None
         first = self.cache.pos
         self.hooks.before()
-        logits, h = _forward(self.model, ids, self.cache, True, self.drafter.reads_hidden)
+        logits, h = _forward(self.model, ids, self.cache, True, self.drafter.reads_hidden, trail=bool(drafts))
         self.hooks.after()
         self.fed = (first, h) if h is not None else None
         return logits[0]
@@ -296,10 +297,12 @@ class Speculation:
 
 
 @torch.inference_mode()
-def _forward(model: nn.Module, ids: torch.Tensor, cache: KVCache, every: bool = False, hidden: bool = False) -> tuple:
+def _forward(
+    model: nn.Module, ids: torch.Tensor, cache: KVCache, every: bool = False, hidden: bool = False, trail: bool = False
+) -> tuple:
     """(logits, the last layer's hidden states or None): of the last position, or of every one with
     `every` (a draft's check); hidden states where `hidden` (for a drafter that reads them: then of
-    every position)."""
+    every position). `trail`: a check, which the cache may be cut back into (see Step.trail)."""
     if hidden:
-        return model(ids, cache, all_logits=True, hidden=True)
-    return model(ids, cache, all_logits=every), None
+        return model(ids, cache, all_logits=True, hidden=True, trail=trail)
+    return model(ids, cache, all_logits=every, trail=trail), None

@@ -84,10 +84,12 @@ class Speculating:
     mtp: bool = False
 
     def state_bytes(self, fp: Footprint, context: int) -> int:
-        """Device memory kept beside the cache: a check saves the recurrent states before it (copies) and
-        the compressors' pending tokens; the MTP drafter keeps the target's hidden states of the prompt
+        """Device memory kept beside the cache: a check keeps the recurrent states after each of its
+        positions (at most their size each: a convolution's windows are views of its inputs) and a copy
+        of the compressors' pending tokens; the MTP drafter keeps the target's hidden states of the prompt
         until its first draft (its layers' own caches are in the footprint's state already)."""
-        saved = fp.recurrent_state_bytes + fp.pending_state_bytes if self.draft_tokens else 0
+        tokens = self.draft_tokens + 1 if self.draft_tokens else 0
+        saved = tokens * fp.recurrent_state_bytes + (fp.pending_state_bytes if tokens else 0)
         return saved + (context * fp.hidden_bytes_per_token if self.mtp else 0)
 
     def workspace(self, fp: Footprint, chunk: int, context: int) -> int:
