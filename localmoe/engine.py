@@ -208,7 +208,8 @@ class Engine:
         """A drafter for one generation, as `self.speculative` says (None: plain decoding)."""
         runtime = self._offloaded
         hooks = None if runtime is None else StepHooks(runtime.begin_step, runtime.end_step)
-        return DRAFTERS[self.speculative](self.model, self.plan.context, hooks)
+        drafts = self.options.draft_tokens or DRAFT_TOKENS
+        return DRAFTERS[self.speculative](self.model, self.plan.context, hooks, drafts)
 
     def graphs_barred(self) -> list[str]:
         """Why decode steps run eagerly, not as CUDA graphs (empty: they are captured)."""

@@ -452,6 +452,33 @@ def test_mtp_drafts_after_rejections_are_those_of_the_kept_sequence(mtp_release)
             _, h = model(torch.tensor([tokens[:-1]]), model.new_cache(1, 64), all_logits=True, hidden=True)
         fresh.observe(0, len(tokens) - 1, h[0])
         fresh.propose(tokens, limit)
-        expected, logits = fresh.rounds[0][2][-limit:], logits[-limit:]  # the drafts' steps are the last ones
-        assert len(expected) == len(logits) == limit
+        drafting = max(drafter.depth, limit)  # the drafts' steps, the last ones of a round
+        expected, logits = fresh.rounds[0][2][-drafting:], logits[-drafting:]
+        assert len(expected) == len(logits) == drafting
         assert max((a - b).abs().max() for a, b in zip(expected, logits, strict=True)) < 1e-4, len(tokens)
+
+
+def test_the_mtp_drafter_goes_on_from_turn_to_turn(mtp_release):
+    """A conversation's next turn reuses the cache's prefix and the drafter its own caches: its drafts are
+    then those of a new drafter shown the whole kept sequence, and the tokens those of plain decoding. Near
+    the end of a turn, with fewer drafts asked than layers, every layer still runs (it could not catch up)."""
+    engine = localmoe.load(str(mtp_release), device="cpu", dtype=torch.float32)
+    model = engine.model
+    cache, drafter = model.new_cache(1, 96), Recording(model, 96, drafts=3)
+    first = list(generate_tokens(model, PROMPT, NEW, cache=cache, drafter=drafter, draft_tokens=3))
+    follow = [*PROMPT, *first, 5, 6, 7]
+    rounds = len(drafter.rounds)
+    reuse = len(PROMPT) + NEW - 1  # the cache holds every token but the last chosen
+    second = list(generate_tokens(model, follow, NEW, cache=cache, reuse=reuse, drafter=drafter, draft_tokens=3))
+    assert_plain(model, follow, second, list(generate_tokens(model, follow, NEW)))
+    assert drafter.first == 0 and len(drafter.rounds) > rounds  # the first turn's caches, kept
+    for tokens, limit, logits in drafter.rounds[rounds:]:
+        fresh = Recording(model, 96, drafts=3)
+        with torch.no_grad():
+            _, h = model(torch.tensor([tokens[:-1]]), model.new_cache(1, 96), all_logits=True, hidden=True)
+        fresh.observe(0, len(tokens) - 1, h[0])
+        fresh.propose(tokens, limit)
+        drafting = max(drafter.depth, limit)  # the drafts' steps, the last ones of a round
+        expected, logits = fresh.rounds[0][2][-drafting:], logits[-drafting:]
+        assert len(expected) == len(logits) == drafting
+        assert max((a - b).abs().max() for a, b in zip(expected, logits, strict=True)) < 1e-4

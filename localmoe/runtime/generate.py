@@ -160,6 +160,8 @@ def generate_tokens(
     decode = DecodeSteps(model, cache, graphs, hooks)
     # the last prompt token is always fed: its logits pick the first token
     reuse = cache.rewind(min(reuse, len(prompt) - 1))
+    if drafter is not None:
+        drafter.rewind(reuse)
     seen = torch.tensor([*prompt, *[0] * max_new_tokens], device=device)
     stats.prompt_tokens = len(prompt) - reuse
     start = time.perf_counter()
@@ -253,12 +255,12 @@ class Speculation:
                         break
                 if drafts:
                     self.stats.record(len(drafts), kept)
-                self._settle(kept + 1)
+                self._settle()
                 room = min(self.draft_tokens, max_new_tokens - produced - 1, self.cache.max_len - len(self.tokens))
                 drafts = self.drafter.propose(self.tokens, room)[:room] if room > 0 else []
                 rows = self._verify(drafts, seen.device)
         finally:
-            self._settle(None)
+            self._settle()
 
     def _verify(self, drafts: list[int], device: torch.device) -> torch.Tensor:
         """Logits [1 + len(drafts), V] after the last chosen token and after each draft."""
@@ -273,14 +275,15 @@ class Speculation:
         self.fed = (first, h) if h is not None else None
         return logits[0]
 
-    def _settle(self, kept: int | None) -> None:
-        """Once the last forward pass's tokens are chosen: the drafter learns that the first `kept` were
-        kept (None: the generation ends), and the cache keeps every token but the last chosen, as plain
-        decoding's does."""
-        if self.fed is not None and kept is not None:
-            self.drafter.observe(self.fed[0], kept, self.fed[1][0])
-        self.fed = None
+    def _settle(self) -> None:
+        """Once the last forward pass's tokens are chosen (all of them, or those before the generation
+        ended): the cache keeps every token but the last chosen, as plain decoding's does, and the drafter
+        learns which of the pass's positions that keeps (a conversation's next turn may go on from them)."""
         keep, saved, self.saved = len(self.tokens) - 1, self.saved, None
+        if self.fed is not None:
+            first, hidden = self.fed
+            self.drafter.observe(first, min(keep - first, hidden.shape[1]), hidden[0])
+        self.fed = None
         if saved is None or self.cache.pos <= keep or self.cache.writing:
             return  # nothing fed beyond, or a forward pass cut short, which the next rewind sees
         done = self.cache.rollback(saved, keep)
