@@ -446,10 +446,17 @@ def test_mtp_drafts_after_rejections_are_those_of_the_kept_sequence(mtp_release)
     list(engine.generate_ids(PROMPT, NEW, drafter=drafter, draft_tokens=3))
     stats = engine.stats.speculation
     assert stats.accepted < stats.drafted  # some were rejected (random weights)
-    for tokens, limit, logits in drafter.rounds[1:]:
-        fresh = Recording(model, 64)
+    assert_drafts_of_the_kept_sequence(drafter, drafter.rounds[1:], 64)
+
+
+def assert_drafts_of_the_kept_sequence(drafter: Recording, rounds: list, context: int) -> None:
+    """In each of the `rounds` the drafter recorded, its draft logits are those of a new drafter shown the
+    whole kept sequence at once."""
+    model = drafter.model
+    for tokens, limit, logits in rounds:
+        fresh = Recording(model, context, drafts=drafter.depth)
         with torch.no_grad():
-            _, h = model(torch.tensor([tokens[:-1]]), model.new_cache(1, 64), all_logits=True, hidden=True)
+            _, h = model(torch.tensor([tokens[:-1]]), model.new_cache(1, context), all_logits=True, hidden=True)
         fresh.observe(0, len(tokens) - 1, h[0])
         fresh.propose(tokens, limit)
         drafting = max(drafter.depth, limit)  # the drafts' steps, the last ones of a round
@@ -472,13 +479,4 @@ def test_the_mtp_drafter_goes_on_from_turn_to_turn(mtp_release):
     second = list(generate_tokens(model, follow, NEW, cache=cache, reuse=reuse, drafter=drafter, draft_tokens=3))
     assert_plain(model, follow, second, list(generate_tokens(model, follow, NEW)))
     assert drafter.first == 0 and len(drafter.rounds) > rounds  # the first turn's caches, kept
-    for tokens, limit, logits in drafter.rounds[rounds:]:
-        fresh = Recording(model, 96, drafts=3)
-        with torch.no_grad():
-            _, h = model(torch.tensor([tokens[:-1]]), model.new_cache(1, 96), all_logits=True, hidden=True)
-        fresh.observe(0, len(tokens) - 1, h[0])
-        fresh.propose(tokens, limit)
-        drafting = max(drafter.depth, limit)  # the drafts' steps, the last ones of a round
-        expected, logits = fresh.rounds[0][2][-drafting:], logits[-drafting:]
-        assert len(expected) == len(logits) == drafting
-        assert max((a - b).abs().max() for a, b in zip(expected, logits, strict=True)) < 1e-4
+    assert_drafts_of_the_kept_sequence(drafter, drafter.rounds[rounds:], 96)
