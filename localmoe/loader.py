@@ -273,11 +273,39 @@ def _drop_incomplete_mtp(model: nn.Module, ckpt: Checkpoint, family: Family) -> 
         for block in moe_blocks(mtp):
             if not any(layout.present(ckpt, block) for layout in family.experts):
                 raise LocalMoEError(f"{ckpt.path} lacks the routed experts of layer {block.layer_idx}")
-        ExpertSource(ckpt, family.experts, moe_blocks(mtp))  # their shapes checked
+        _check_mtp_scales(mtp, ckpt)
+        _check_mtp_experts_form(model, ckpt, family)
     except LocalMoEError as error:
         promised = "loading without the multi-token-prediction layers config.json promises"
         print(f"localmoe: {error}: {promised}", file=sys.stderr)
         model.mtp = None
+
+
+def _check_mtp_scales(mtp: nn.Module, ckpt: Checkpoint) -> None:
+    """Refuse an MTP layer with an FP8 weight that no format of the quantization config decodes: its
+    scale is missing (a release downloaded in part), which would otherwise stop the load only when read."""
+    prefixes = tuple(mtp.stored_name(f"layers.{depth}.") for depth in range(len(mtp.layers)))  # model.layers.{n}.
+    weights = (name for name in ckpt.tensor_names if name.startswith(prefixes) and name.endswith(".weight"))
+    for name in weights:
+        if ckpt.info(name).dtype == torch.float8_e4m3fn and ckpt.stored_form(name) is None:
+            raise ckpt.unscaled_fp8(name)
+
+
+def _check_mtp_experts_form(model: nn.Module, ckpt: Checkpoint, family: Family) -> None:
+    """Refuse MTP layers whose routed experts are stored in another form than the model's (bfloat16 MTP
+    layers in an NVFP4 or GPTQ release: Qwen3.5's): the expert store keeps one form, and holding every
+    expert decoded would take the quantized experts' memory several times over for the drafts' sake.
+    The model's form is its last MoE layer's; the MTP layers' shapes are checked on the way."""
+    drafting = moe_blocks(model.mtp)
+    form = ExpertSource(ckpt, family.experts, drafting).stored_form
+    last = [block for block in moe_blocks(model) if all(block is not b for b in drafting)][-1:]
+    model_form = ExpertSource(ckpt, family.experts, last).stored_form
+    if drafting and model_form is not None and form != model_form:
+        stored = "unquantized (or in mixed forms)" if form is None else f"as {form.words}"
+        raise LocalMoEError(
+            f"{ckpt.path} stores the routed experts of its multi-token-prediction layers {stored} and the model's "
+            f"as {model_form.words}, where one expert store keeps one form"
+        )
 
 
 def disk_names(model: nn.Module, family: Family, name: str) -> list[str]:

@@ -1,0 +1,163 @@
+"""MTP layers in checkpoints quantized as shipped: their dense weights read decoded as the model's are,
+their routed experts kept in the stored form through the expert store, their drafts the reference's on the
+decoded weights, and speculation giving plain decoding's tokens.
+
+What the releases store (their configs, and the inference code that loads them):
+- DeepSeek-V3/R1 (FP8 in 128x128 blocks, `weight_scale_inv`; no modules_to_not_convert): the MTP layer
+  `model.layers.61` is FP8 like any layer but for `eh_proj`, which vLLM's deepseek_mtp.py and
+  glm4_moe_mtp.py build as a plain nn.Linear, so bfloat16 on disk; GLM-4.5's MTP layer likewise.
+- Qwen3-Next's and Qwen3.5's FP8 releases (fp8, 128x128 blocks): modules_to_not_convert names `mtp.fc`,
+  the MTP layer's router and shared-expert gate and its norms; its attention and experts are FP8.
+- GLM-4.6-FP8-BLOCK (llm-compressor's model_free_ptq, compressed-tensors): ignores only the routers,
+  lm_head and the embedding, so `eh_proj` is FP8 as well (the "all quantized" case below).
+- nvidia/Qwen3.5-397B-A17B-NVFP4 and Qwen's GPTQ-Int4 releases keep the whole MTP layer bfloat16 (vLLM
+  PRs 38650 and 47828), routed experts included (the "unquantized MTP layer" case below)."""
+
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+from test_fp8 import BLOCK, quantize_fp8
+from test_mtp import PROMPT, RELEASES, TOLERANCE, drafts, load, prompt
+from test_speculative import NEW, assert_plain
+from test_speculative import PROMPT as SPECULATION_PROMPT
+
+from localmoe.kernels.quantized import dequantize_fp8_blocks
+from localmoe.runtime.layouts import Fp8Layout
+
+KEPT = ("embed_tokens", "lm_head", "norm", "mlp.gate.weight", "shared_expert_gate", "shared_head.head")
+EH = ("eh_proj.weight", "mtp.fc.weight")  # the MTP layers' input projection, as DeepSeek and Qwen name it
+FP8_CONFIG = {"quant_method": "fp8", "fmt": "e4m3", "activation_scheme": "dynamic", "weight_block_size": [BLOCK] * 2}
+
+# name -> (release, whether eh_proj is FP8, whether the MTP layer's decoder layer is FP8, modules_to_not_convert)
+VARIANTS = {
+    "deepseek_v3": ("deepseek_v3", False, True, None),
+    "qwen3_next": ("qwen3_next", False, True, ["lm_head", "mtp.fc", "mtp.layers.0.mlp.gate", "mtp.norm"]),
+    "glm4_moe-all": ("glm4_moe", True, True, None),
+    "deepseek_v3-bf16-mtp": ("deepseek_v3", False, False, ["lm_head", "model.layers.3"]),
+}
+
+
+def fp8_rounded(w: torch.Tensor) -> torch.Tensor:
+    """w [..., R, C] as its FP8 blocks decode: each matrix quantized as the checkpoint stores it."""
+    flat = w.detach().reshape(-1, *w.shape[-2:])
+    decoded = [dequantize_fp8_blocks(*quantize_fp8(m, BLOCK), (BLOCK, BLOCK)) for m in flat]
+    return torch.stack(decoded).reshape(w.shape)
+
+
+def linear(name: str, param: torch.Tensor) -> bool:
+    """What FP8 releases quantize, in transformers' names (routed experts fused [E, rows, columns]): with
+    square blocks dividing the experts' width, the same tiles as the checkpoint's one matrix per expert."""
+    stacked = ".experts." in name and not name.endswith(".weight")
+    shape_fits = param.dim() == 3 if stacked else param.dim() == 2 and name.endswith(".weight")
+    return shape_fits and not any(part in name for part in KEPT)
+
+
+def fp8_release(variant: str, folder):
+    """The release with its linear weights stored FP8 (the MTP layer's as the variant says), and the
+    reference's weights set to what they decode to."""
+    name, eh_fp8, block_fp8, not_converted = VARIANTS[variant]
+    release = RELEASES[name](folder)
+    mtp_prefix = "mtp." if name.startswith("qwen") else f"model.layers.{release.reference.config.num_hidden_layers}."
+    path = release.folder / "model.safetensors"
+    stored = {}
+    for tensor_name, tensor in load_file(str(path)).items():
+        in_mtp = tensor_name.startswith(mtp_prefix)
+        quantized = eh_fp8 if tensor_name.endswith(EH) else block_fp8 or not in_mtp
+        if (
+            quantized
+            and tensor.dim() == 2
+            and tensor_name.endswith(".weight")
+            and not any(k in tensor_name for k in KEPT)
+        ):
+            stored[tensor_name], stored[tensor_name + "_scale_inv"] = quantize_fp8(tensor, BLOCK)
+        else:
+            stored[tensor_name] = tensor
+    save_file(stored, str(path))
+    config = json.loads((release.folder / "config.json").read_text())
+    config["quantization_config"] = FP8_CONFIG | ({"modules_to_not_convert": not_converted} if not_converted else {})
+    (release.folder / "config.json").write_text(json.dumps(config))
+    with torch.no_grad():
+        for module in [release.reference, *(release.blocks if block_fp8 else [])]:
+            for param_name, param in module.named_parameters():
+                if linear(param_name, param):
+                    param.copy_(fp8_rounded(param))
+    if eh_fp8:
+        for weights in release.mtp:
+            weights["eh"] = fp8_rounded(weights["eh"])
+    return release
+
+
+@pytest.fixture(scope="module", params=[v for v in VARIANTS if v != "deepseek_v3-bf16-mtp"])
+def release(request, tmp_path_factory):
+    return fp8_release(request.param, tmp_path_factory.mktemp(request.param))
+
+
+def test_mtp_layers_read_decoded_and_draft_the_reference(release):
+    engine = load(release.folder)
+    assert isinstance(engine.experts.layout, Fp8Layout)  # the MTP layer's experts FP8 with the model's
+    sources, ckpt = engine.parts.resident_sources, engine.checkpoint
+    attention = next(
+        name for name in sources if name.startswith("mtp.layers.0.block.self_attn.") and "norm" not in name
+    )
+    assert ckpt.stored_form(sources[attention]) is not None  # stored FP8, held decoded
+    ids = prompt()
+    _, h = release.backbone(ids[:, :-1])
+    expected_logits, expected_out = release.draft(h, ids[:, 1:])
+    for split in (PROMPT - 1, 4):
+        logits, out = drafts(engine, ids, split)
+        assert (logits - expected_logits).abs().max() < TOLERANCE
+        assert (out - expected_out).abs().max() < TOLERANCE
+
+
+def test_mtp_experts_stay_fp8_through_the_store_and_speculation_is_exact(release):
+    plain = load(release.folder, speculative="off")
+    expected = list(plain.generate_ids(SPECULATION_PROMPT, NEW))
+    resident = load(release.folder)
+    assert resident.model.mtp is not None
+    assert_plain(plain.model, SPECULATION_PROMPT, list(resident.generate_ids(SPECULATION_PROMPT, NEW)), expected)
+    top_k = plain.parts.args.num_experts_per_tok
+    offloaded = load(release.folder, expert_slots=top_k, miss_policy="copy", prefetch=0, draft_tokens=3)
+    store, experts = offloaded.experts.cache.store, offloaded.experts
+    mtp_layer = offloaded.model.mtp.first_layer
+    assert isinstance(store.layout, Fp8Layout) and mtp_layer in store.source.layers
+    assert_plain(plain.model, SPECULATION_PROMPT, list(offloaded.generate_ids(SPECULATION_PROMPT, NEW)), expected)
+    assert offloaded.stats.speculation.drafted > 0
+    experts.settle()
+    assert experts.cache.counters[mtp_layer].misses > 0  # the drafts' experts came through the store
+    total = experts.cache.totals()
+    assert total.bytes_copied == total.misses * store.expert_bytes  # each miss the stored FP8 bytes
+
+
+def test_an_unquantized_mtp_layer_leaves_the_model_fp8(tmp_path, capsys):
+    """Kept bfloat16 where the model is FP8 (modules_to_not_convert): its dense weights would load, but its
+    routed experts cannot share the FP8 store, so one line says the model loads without it; the model's
+    experts stay FP8 and its logits are the reference's."""
+    release = fp8_release("deepseek_v3-bf16-mtp", tmp_path)
+    capsys.readouterr()
+    engine = load(release.folder)
+    warned = capsys.readouterr().err
+    assert warned.count("\n") == 1 and "multi-token-prediction layers unquantized" in warned
+    assert "FP8 in 8x8 blocks" in warned and engine.model.mtp is None
+    assert isinstance(engine.experts.layout, Fp8Layout)
+    ids = prompt()
+    logits = engine.model(ids, engine.model.new_cache(1, PROMPT), all_logits=True)
+    assert (logits - release.backbone(ids)[0]).abs().max() < TOLERANCE
+
+
+@pytest.mark.parametrize("tensor", ["model.layers.3.self_attn.kv_b_proj", "model.layers.3.mlp.experts.5.down_proj"])
+def test_an_mtp_weight_without_its_scale_is_one_line(tmp_path, capsys, tensor):
+    """A half-downloaded release (an MTP weight's scale missing): the model loads without its MTP layers,
+    and one line names the scale."""
+    release = fp8_release("deepseek_v3", tmp_path)
+    path = release.folder / "model.safetensors"
+    stored = load_file(str(path))
+    del stored[f"{tensor}.weight_scale_inv"]
+    save_file(stored, str(path))
+    capsys.readouterr()
+    engine = load(release.folder)
+    warned = capsys.readouterr().err
+    assert warned.count("\n") == 1 and f"{tensor}.weight_scale_inv" in warned
+    assert "loading without the multi-token-prediction layers" in warned and engine.model.mtp is None
+    assert isinstance(engine.experts.layout, Fp8Layout)
