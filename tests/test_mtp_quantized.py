@@ -10,21 +10,28 @@ What the releases store (their configs, and the inference code that loads them):
   the MTP layer's router and shared-expert gate and its norms; its attention and experts are FP8.
 - GLM-4.6-FP8-BLOCK (llm-compressor's model_free_ptq, compressed-tensors): ignores only the routers,
   lm_head and the embedding, so `eh_proj` is FP8 as well (the "all quantized" case below).
-- nvidia/Qwen3.5-397B-A17B-NVFP4 and Qwen's GPTQ-Int4 releases keep the whole MTP layer bfloat16 (vLLM
-  PRs 38650 and 47828), routed experts included (the "unquantized MTP layer" case below)."""
+- nvidia/DeepSeek-R1-FP4 (ModelOpt NVFP4) excludes `model.layers.61*` in its hf_quant_config.json (vLLM
+  PR 25987), and nvidia/Qwen3.5-397B-A17B-NVFP4 and Qwen's GPTQ-Int4 releases keep the whole MTP layer
+  bfloat16 too (vLLM PRs 38650 and 47828), routed experts included: the "unquantized MTP layer" cases.
+- compressed-tensors NVFP4 releases of DeepSeek-V3's design quantize the routed experts and leave attention
+  bfloat16 (Kimi K2's ignore list); written here by the compressed-tensors package with the MTP layer
+  quantized alike (eh_proj and experts NVFP4) or named in the ignore list."""
 
 import json
 
 import pytest
 import torch
+from compressed_tensors.quantization import QuantizationConfig
+from conftest import DEEPSEEK_V2
 from safetensors.torch import load_file, save_file
+from test_compressed_tensors import KIMI_IGNORE, compress, groups, scheme_of
 from test_fp8 import BLOCK, quantize_fp8
-from test_mtp import PROMPT, RELEASES, TOLERANCE, drafts, load, prompt
+from test_mtp import PROMPT, RELEASES, TOLERANCE, deepseek_release, drafts, load, prompt
 from test_speculative import NEW, assert_plain
 from test_speculative import PROMPT as SPECULATION_PROMPT
 
 from localmoe.kernels.quantized import dequantize_fp8_blocks
-from localmoe.runtime.layouts import Fp8Layout
+from localmoe.runtime.layouts import Fp8Layout, Nvfp4Layout
 
 KEPT = ("embed_tokens", "lm_head", "norm", "mlp.gate.weight", "shared_expert_gate", "shared_head.head")
 EH = ("eh_proj.weight", "mtp.fc.weight")  # the MTP layers' input projection, as DeepSeek and Qwen name it
@@ -89,19 +96,77 @@ def fp8_release(variant: str, folder):
     return release
 
 
-@pytest.fixture(scope="module", params=[v for v in VARIANTS if v != "deepseek_v3-bf16-mtp"])
-def release(request, tmp_path_factory):
-    return fp8_release(request.param, tmp_path_factory.mktemp(request.param))
+NVFP4 = groups(("NVFP4A16", ["Linear"], {}))
+NVFP4_DEEPSEEK = deepseek_release(
+    "DeepseekV3Config", {**DEEPSEEK_V2, "n_group": 4, "topk_group": 2, "moe_intermediate_size": 32}
+)  # experts 32 wide: NVFP4 groups inputs by 16
 
 
-def test_mtp_layers_read_decoded_and_draft_the_reference(release):
+def nvfp4_release(folder, mtp_ignored: bool):
+    """DeepSeek-V3's layout in compressed-tensors NVFP4 (Kimi K2's ignore list, and the MTP layer's prefix
+    where `mtp_ignored`), written by compressed-tensors; the reference's weights those it decodes."""
+    release = NVFP4_DEEPSEEK(folder)
+    layers = release.reference.config.num_hidden_layers
+    ignore = [*KIMI_IGNORE, *([f"re:model\\.layers\\.{layers}\\..*"] if mtp_ignored else [])]
+    path, stored, decoded = release.folder / "model.safetensors", {}, {}
+    for name, tensor in load_file(str(path)).items():
+        kept = any(part in name for part in KEPT) or tensor.dim() != 2 or not name.endswith(".weight")
+        scheme = None if kept else scheme_of(name, NVFP4, ignore)
+        if scheme is None:
+            stored[name] = decoded[name] = tensor
+            continue
+        parts = compress(tensor, scheme, "nvfp4-pack-quantized", None)
+        decoded[name] = parts.pop("decoded").float()
+        stored |= {f"{name.removesuffix('.weight')}.{suffix}": part for suffix, part in parts.items()}
+    save_file({k: v.contiguous() for k, v in stored.items()}, str(path))
+    config = json.loads((release.folder / "config.json").read_text())
+    config["quantization_config"] = QuantizationConfig(
+        config_groups=NVFP4, format="nvfp4-pack-quantized", ignore=ignore, quantization_status="compressed"
+    ).to_dict()
+    (release.folder / "config.json").write_text(json.dumps(config))
+    set_decoded(release, decoded, folder)
+    return release
+
+
+def set_decoded(release, decoded: dict, folder) -> None:
+    """The reference's backbone, MTP decoder layers and eh_proj set to `decoded` (the release's tensors,
+    decoded), through transformers' own loading of a model with the MTP layers as its last layers."""
+    import transformers
+
+    plain = folder / "decoded"
+    plain.mkdir()
+    save_file({k: v.contiguous() for k, v in decoded.items()}, str(plain / "model.safetensors"))
+    (plain / "config.json").write_text((folder / "full" / "config.json").read_text())
+    full = transformers.AutoModelForCausalLM.from_pretrained(plain, dtype=torch.float32).eval()
+    layers = release.reference.config.num_hidden_layers
+    state = full.state_dict()
+    mtp = tuple(f"model.layers.{layers + depth}." for depth in range(len(release.blocks)))
+    release.reference.load_state_dict({k: v for k, v in state.items() if not k.startswith(mtp)})
+    for depth, block in enumerate(release.blocks):
+        block.load_state_dict(full.model.layers[layers + depth].state_dict())
+        release.mtp[depth]["eh"] = decoded[f"model.layers.{layers + depth}.eh_proj.weight"]
+
+
+# fixture name -> (how it is written, the layout its experts are kept in, an MTP weight stored quantized)
+WRITTEN = {
+    "deepseek_v3": (lambda folder: fp8_release("deepseek_v3", folder), Fp8Layout, "block.self_attn.kv_b_proj"),
+    "qwen3_next": (lambda folder: fp8_release("qwen3_next", folder), Fp8Layout, "block.self_attn.q_proj"),
+    "glm4_moe-all": (lambda folder: fp8_release("glm4_moe-all", folder), Fp8Layout, "eh_proj"),
+    "deepseek_v3-nvfp4": (lambda folder: nvfp4_release(folder, mtp_ignored=False), Nvfp4Layout, "eh_proj"),
+}
+
+
+@pytest.fixture(scope="module", params=list(WRITTEN))
+def written(request, tmp_path_factory):
+    write, layout, quantized = WRITTEN[request.param]
+    return write(tmp_path_factory.mktemp(request.param)), layout, f"mtp.layers.0.{quantized}.weight"
+
+
+def test_mtp_layers_read_decoded_and_draft_the_reference(written):
+    release, layout, quantized = written
     engine = load(release.folder)
-    assert isinstance(engine.experts.layout, Fp8Layout)  # the MTP layer's experts FP8 with the model's
-    sources, ckpt = engine.parts.resident_sources, engine.checkpoint
-    attention = next(
-        name for name in sources if name.startswith("mtp.layers.0.block.self_attn.") and "norm" not in name
-    )
-    assert ckpt.stored_form(sources[attention]) is not None  # stored FP8, held decoded
+    assert isinstance(engine.experts.layout, layout)  # the MTP layer's experts in the model's form
+    assert engine.checkpoint.stored_form(engine.parts.resident_sources[quantized]) is not None  # held decoded
     ids = prompt()
     _, h = release.backbone(ids[:, :-1])
     expected_logits, expected_out = release.draft(h, ids[:, 1:])
@@ -111,7 +176,8 @@ def test_mtp_layers_read_decoded_and_draft_the_reference(release):
         assert (out - expected_out).abs().max() < TOLERANCE
 
 
-def test_mtp_experts_stay_fp8_through_the_store_and_speculation_is_exact(release):
+def test_mtp_experts_stay_as_stored_through_the_store_and_speculation_is_exact(written):
+    release, layout, _ = written
     plain = load(release.folder, speculative="off")
     expected = list(plain.generate_ids(SPECULATION_PROMPT, NEW))
     resident = load(release.folder)
@@ -121,26 +187,34 @@ def test_mtp_experts_stay_fp8_through_the_store_and_speculation_is_exact(release
     offloaded = load(release.folder, expert_slots=top_k, miss_policy="copy", prefetch=0, draft_tokens=3)
     store, experts = offloaded.experts.cache.store, offloaded.experts
     mtp_layer = offloaded.model.mtp.first_layer
-    assert isinstance(store.layout, Fp8Layout) and mtp_layer in store.source.layers
+    assert isinstance(store.layout, layout) and mtp_layer in store.source.layers
     assert_plain(plain.model, SPECULATION_PROMPT, list(offloaded.generate_ids(SPECULATION_PROMPT, NEW)), expected)
     assert offloaded.stats.speculation.drafted > 0
     experts.settle()
     assert experts.cache.counters[mtp_layer].misses > 0  # the drafts' experts came through the store
     total = experts.cache.totals()
-    assert total.bytes_copied == total.misses * store.expert_bytes  # each miss the stored FP8 bytes
+    assert total.bytes_copied == total.misses * store.expert_bytes  # each miss the stored bytes
 
 
-def test_an_unquantized_mtp_layer_leaves_the_model_fp8(tmp_path, capsys):
-    """Kept bfloat16 where the model is FP8 (modules_to_not_convert): its dense weights would load, but its
-    routed experts cannot share the FP8 store, so one line says the model loads without it; the model's
-    experts stay FP8 and its logits are the reference's."""
-    release = fp8_release("deepseek_v3-bf16-mtp", tmp_path)
+UNQUANTIZED = {
+    "fp8": (lambda folder: fp8_release("deepseek_v3-bf16-mtp", folder), Fp8Layout, "FP8 in 8x8 blocks"),
+    "nvfp4": (lambda folder: nvfp4_release(folder, mtp_ignored=True), Nvfp4Layout, "as NVFP4"),
+}
+
+
+@pytest.mark.parametrize("variant", list(UNQUANTIZED))
+def test_an_unquantized_mtp_layer_leaves_the_model_quantized(tmp_path, capsys, variant):
+    """Kept bfloat16 where the model is quantized (modules_to_not_convert, an ignore list): its dense
+    weights would load, but its routed experts cannot share the model's store, so one line says the model
+    loads without it; the model's experts stay as stored and its logits are the reference's."""
+    write, layout, words = UNQUANTIZED[variant]
+    release = write(tmp_path)
     capsys.readouterr()
     engine = load(release.folder)
     warned = capsys.readouterr().err
     assert warned.count("\n") == 1 and "multi-token-prediction layers unquantized" in warned
-    assert "FP8 in 8x8 blocks" in warned and engine.model.mtp is None
-    assert isinstance(engine.experts.layout, Fp8Layout)
+    assert words in warned and engine.model.mtp is None
+    assert isinstance(engine.experts.layout, layout)
     ids = prompt()
     logits = engine.model(ids, engine.model.new_cache(1, PROMPT), all_logits=True)
     assert (logits - release.backbone(ids)[0]).abs().max() < TOLERANCE
