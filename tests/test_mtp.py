@@ -18,11 +18,16 @@ from conftest import (
     DEEPSEEK_V4,
     DEEPSEEK_V32,
     GLM4_MOE,
+    GLM4_MOE_LITE,
     GLM_MOE_DSA,
+    HY_V3,
+    LONGCAT_FLASH,
     MIMO_V2_FLASH,
     QWEN3_5_MOE,
     QWEN3_NEXT,
+    STEP3P7,
     hf_model,
+    randomize,
     save_hf,
 )
 from safetensors.torch import load_file, save_file
@@ -47,7 +52,7 @@ class Release:
 
     def __init__(self, folder: Path, reference, blocks: list, mtp: list[dict], offset: float, count: str, **layer):
         self.folder, self.reference, self.blocks, self.mtp = folder, reference, blocks, mtp
-        self.eps, self.offset, self.count = reference.config.rms_norm_eps, offset, count
+        self.eps, self.offset, self.count = reference.config.get_text_config().rms_norm_eps, offset, count
         self.rotary = layer.get("rotary", lambda model, x, positions: model.rotary_emb(x, positions))
         self.window = layer.get("window")
         reference.config.tie_last_hidden_states = False  # its last hidden states before the final norm
@@ -87,6 +92,14 @@ class Release:
         return torch.zeros(length, length).masked_fill(~allowed, float("-inf"))[None, None]
 
 
+class NormedRelease(Release):
+    """A release whose MTP layer passes its final norm's output on to the next draft (vLLM's hy_v3_mtp.py)."""
+
+    def draft(self, h, next_ids, start=0, depth=0):
+        logits, out = super().draft(h, next_ids, start, depth)
+        return logits, rms(out, self.mtp[depth]["norm"], self.eps, self.offset)
+
+
 def mtp_weights(hidden: int, offset: float, depth: int = 0) -> dict[str, torch.Tensor]:
     generator = torch.Generator().manual_seed(3 + depth)
     norm = 1 - offset  # norms near one
@@ -110,6 +123,7 @@ def write_release(
     save_hf(full, folder / "full", "single")
     stored = load_file(str(folder / "full" / "model.safetensors"))
     inner = layer.pop("inner", lambda name: name)
+    kind = layer.pop("kind", Release)
     for depth in range(depths):
         last, prefix = f"model.layers.{layers + depth}.", renamed.format(layer=layers + depth, depth=depth)
         stored = {prefix + inner(k[len(last) :]) if k.startswith(last) else k: v for k, v in stored.items()}
@@ -131,7 +145,7 @@ def write_release(
     for per_layer in PER_LAYER:
         if getattr(full.config, per_layer, None):
             setattr(full.config, per_layer, getattr(full.config, per_layer)[:layers])
-    return Release(release, full, blocks, mtp, offset, count, **layer)
+    return kind(release, full, blocks, mtp, offset, count, **layer)
 
 
 PER_LAYER = ("layer_types", "mlp_layer_types", "indexer_types")  # config fields with an entry per layer
@@ -177,6 +191,12 @@ QWEN_NAMES = {
     "eh": "mtp.fc.weight",
     "norm": "mtp.norm.weight",
 }
+
+
+# Hy3's (vLLM's hy_v3_mtp.py): model.layers.{num_hidden_layers}.{enorm, hnorm, eh_proj, final_layernorm} beside
+# the decoder layer's tensors, as DeepSeek-V3's but for the final norm
+HY_V3_NAMES = {role: f"model.layers.{{layer}}.{name}.weight" for role, name in DEEPSEEK_NAMES.items()}
+HY_V3_NAMES["norm"] = "model.layers.{layer}.final_layernorm.weight"
 
 
 def qwen_release(config_class: str, config: dict):
@@ -332,6 +352,141 @@ def v4_release(folder: Path) -> Release:
     return V4Release(release, full, [block], [mtp], 0.0, "num_nextn_predict_layers")
 
 
+class LongcatRelease(Release):
+    """LongCat-Flash's MTP layer as vLLM's longcat_flash_mtp.py (LongCatMultiTokenPredictorLayer) and SGLang's
+    longcat_flash_nextn.py (LongcatFlashModelNextN) compute it: eh_proj([enorm(e); hnorm(h)]), a pre-norm
+    decoder layer (DeepSeek-V2's, there) of transformers' LongCat latent attention, whose latent norms take
+    rms_norm_eps as DeepSeek-V2's attention does, and its dense MLP, then the final norm, whose output is
+    both what the LM head takes and what the next draft takes as h."""
+
+    def draft(self, h, next_ids, start=0, depth=0):
+        w, model, eps, block = self.mtp[depth], self.reference.model, self.eps, self.blocks[depth]
+        with torch.no_grad():
+            embedded = model.embed_tokens(next_ids)
+            x = F.linear(torch.cat([rms(embedded, w["enorm"], eps), rms(h, w["hnorm"], eps)], -1), w["eh"])
+            positions = torch.arange(start, start + x.shape[1])[None]
+            attended, _ = block.self_attn(
+                block.input_layernorm(x),
+                position_embeddings=model.rotary_emb(x, positions),
+                attention_mask=self.mask(x.shape[1]),
+            )
+            x = x + attended
+            out = rms(x + block.mlp(block.post_attention_layernorm(x)), w["norm"], eps)
+            return self.reference.lm_head(out), out
+
+
+# LongCat-Flash's release names (vLLM's and SGLang's name tables): model.mtp.layers.0.{enorm.m, hnorm.m,
+# eh_proj, input_layernorm, self_attn.*, post_attention_layernorm, transformer_layer.mlp.*}, model.mtp.norm,
+# and a copy of the embedding, model.mtp.embed_tokens
+LONGCAT_NAMES = {
+    "enorm": "model.mtp.layers.0.enorm.m.weight",
+    "hnorm": "model.mtp.layers.0.hnorm.m.weight",
+    "eh": "model.mtp.layers.0.eh_proj.weight",
+    "norm": "model.mtp.norm.weight",
+}
+
+
+def longcat_release(folder: Path) -> Release:
+    from torch import nn
+    from transformers.models.longcat_flash import modeling_longcat_flash as longcat
+
+    # an eps large enough that the latent norms' (rms_norm_eps here, 1e-6 in the model's layers) shows
+    reference = hf_model("LongcatFlashConfig", **{**LONGCAT_FLASH, "rms_norm_eps": 0.05})
+    save_hf(reference, folder / "full", "single")
+    config, hidden = reference.config, LONGCAT_FLASH["hidden_size"]
+    block = nn.ModuleDict(
+        {
+            "input_layernorm": longcat.LongcatFlashRMSNorm(hidden, config.rms_norm_eps),
+            "self_attn": longcat.LongcatFlashMLA(config, layer_idx=0),
+            "post_attention_layernorm": longcat.LongcatFlashRMSNorm(hidden, config.rms_norm_eps),
+            "mlp": longcat.LongcatFlashMLP(config),
+        }
+    )
+    for norm in (block.self_attn.q_a_layernorm, block.self_attn.kv_a_layernorm):
+        norm.variance_epsilon = config.rms_norm_eps
+    randomize(block, seed=7)
+    block.eval()
+    stored = load_file(str(folder / "full" / "model.safetensors"))
+    inner = {"mlp.": "transformer_layer.mlp."}
+    for name, tensor in block.state_dict().items():
+        renamed = next((new + name[len(old) :] for old, new in inner.items() if name.startswith(old)), name)
+        stored[f"model.mtp.layers.0.{renamed}"] = tensor
+    mtp = mtp_weights(hidden, 0.0)
+    stored |= {LONGCAT_NAMES[role]: weight for role, weight in mtp.items()}
+    stored["model.mtp.embed_tokens.weight"] = stored["model.embed_tokens.weight"].clone()
+    release = folder / "release"
+    release.mkdir()
+    save_file({k: v.contiguous() for k, v in stored.items()}, str(release / "model.safetensors"))
+    saved = json.loads((folder / "full" / "config.json").read_text())
+    (release / "config.json").write_text(json.dumps({**saved, "num_nextn_predict_layers": 1}))
+    return LongcatRelease(release, reference, [block], [mtp], 0.0, "num_nextn_predict_layers", window=1 << 20)
+
+
+class StepRelease(Release):
+    """Step-3.5's and Step-3.7's MTP layers as vLLM's and SGLang's step3p5_mtp.py compute them (norms that scale by
+    1 + weight; the output before shared_head.norm passed on), each with the attention of its kind; the
+    reference is transformers' multimodal model, whose language model runs the first num_hidden_layers."""
+
+    def __init__(self, folder, reference, blocks, mtp, kinds):
+        super().__init__(folder, reference, blocks, mtp, 1.0, "num_nextn_predict_layers")
+        self.kinds, self.text = kinds, reference.model.language_model
+        reference.config.text_config.tie_last_hidden_states = False  # the language model's outputs
+
+    def draft(self, h, next_ids, start=0, depth=0):
+        w, model, eps, kind = self.mtp[depth], self.text, self.eps, self.kinds[depth]
+        with torch.no_grad():
+            embedded = model.embed_tokens(next_ids)
+            x = F.linear(torch.cat([rms(embedded, w["enorm"], eps, 1.0), rms(h, w["hnorm"], eps, 1.0)], -1), w["eh"])
+            positions = torch.arange(start, start + x.shape[1])[None]
+            self.window = model.config.sliding_window if kind == "sliding_attention" else 1 << 20
+            out = self.blocks[depth](
+                x,
+                position_ids=positions,
+                position_embeddings=model.rotary_emb(x, positions, kind),
+                attention_mask=self.mask(x.shape[1]),
+            )
+            return self.reference.lm_head(rms(out, w["norm"], eps, 1.0)), out
+
+
+# Step-3.5's and Step-3.7's names (vLLM's and SGLang's step3p5_mtp.py): model.layers.{num_hidden_layers + k}.*, the
+# decoder layer's tensors as any layer's, beside enorm, hnorm, eh_proj, shared_head.norm and the layer's copy of
+# the LM head, shared_head.output
+STEP_NAMES = {role: f"model.layers.{{layer}}.{name}.weight" for role, name in DEEPSEEK_NAMES.items()}
+STEP_MTP_KINDS = [("sliding_attention", "sparse", 0.3), ("full_attention", "dense", 0.0)]
+
+
+def step_release(folder: Path) -> Release:
+    """Two MTP layers (the release has three): a sliding-window MoE one whose experts clamp, and a dense full
+    one, listed after the model's layers in the per-layer lists as the release's config lists them."""
+    text = STEP3P7["text_config"]
+    layers, depths = text["num_hidden_layers"], len(STEP_MTP_KINDS)
+    kinds, mlps, limits = (list(column) for column in zip(*STEP_MTP_KINDS, strict=True))
+    padded = {
+        **text,
+        "num_hidden_layers": layers + depths,
+        "layer_types": [*text["layer_types"], *kinds],
+        "mlp_layer_types": [*text["mlp_layer_types"], *mlps],
+        "swiglu_limits": [*text["swiglu_limits"], *limits],
+        "swiglu_limits_shared": [*text["swiglu_limits_shared"], *limits],
+    }
+    full = hf_model("Step3p7Config", **{**STEP3P7, "text_config": padded})
+    save_hf(full, folder / "full", "single")
+    stored = load_file(str(folder / "full" / "model.safetensors"))
+    mtp = [mtp_weights(text["hidden_size"], 1.0, depth) for depth in range(depths)]
+    for depth, weights in enumerate(mtp):
+        stored |= {STEP_NAMES[role].format(layer=layers + depth): w for role, w in weights.items()}
+        stored[f"model.layers.{layers + depth}.shared_head.output.weight"] = stored["lm_head.weight"].clone()
+    release = folder / "release"
+    release.mkdir()
+    save_file({k: v.contiguous() for k, v in stored.items()}, str(release / "model.safetensors"))
+    saved = json.loads((folder / "full" / "config.json").read_text())
+    saved["text_config"] |= {"num_hidden_layers": layers, "num_nextn_predict_layers": depths}
+    (release / "config.json").write_text(json.dumps(saved))
+    full.config.text_config.num_hidden_layers = layers  # the language model runs its first layers only
+    blocks = list(full.model.language_model.layers[layers:])
+    return StepRelease(release, full, blocks, mtp, kinds)
+
+
 def glm5_with_mtp(config: dict, depths: int) -> dict:
     """GLM-5's tiny config with `depths` more layers, those computing their own selection ("full")."""
     import transformers
@@ -339,6 +494,16 @@ def glm5_with_mtp(config: dict, depths: int) -> dict:
     layers = config["num_hidden_layers"]
     backbone = transformers.GlmMoeDsaConfig(**config).indexer_types
     return {**config, "num_hidden_layers": layers + depths, "indexer_types": [*backbone, *["full"] * depths]}
+
+
+def with_sparse_mtp_layers(config: dict, depths: int) -> dict:
+    """GLM-4.7-Flash's tiny config with `depths` more layers, MoE ones (`mlp_layer_types` lists them)."""
+    layers = config["num_hidden_layers"]
+    return {
+        **config,
+        "num_hidden_layers": layers + depths,
+        "mlp_layer_types": [*config["mlp_layer_types"], *["sparse"] * depths],
+    }
 
 
 RELEASES = {
@@ -352,9 +517,31 @@ RELEASES = {
     "deepseek_v32": deepseek_release("DeepseekV32Config", DEEPSEEK_V32, window=1 << 20),
     "glm_moe_dsa": deepseek_release("GlmMoeDsaConfig", GLM_MOE_DSA, extend=glm5_with_mtp, window=1 << 20),
     "glm4_moe": deepseek_release("Glm4MoeConfig", GLM4_MOE),
+    # GLM-4.7-Flash's (vLLM's glm4_moe_lite_mtp.py): DeepSeek-V3's layout, a latent-attention MoE layer
+    "glm4_moe_lite": deepseek_release("Glm4MoeLiteConfig", GLM4_MOE_LITE, extend=with_sparse_mtp_layers),
+    "longcat_flash": longcat_release,
+    "hy_v3": lambda folder: write_release(
+        folder,
+        "HYV3Config",
+        HY_V3,
+        lambda c, n: {**c, "num_hidden_layers": c["num_hidden_layers"] + n},
+        "model.layers.{layer}.",
+        HY_V3_NAMES,
+        0.0,
+        "num_nextn_predict_layers",
+        kind=NormedRelease,
+    ),
+    "step3p5": step_release,
     "qwen3_5_moe": qwen_release("Qwen3_5MoeTextConfig", QWEN3_5_MOE),
     "qwen3_next": qwen_release("Qwen3NextConfig", QWEN3_NEXT),
 }
+
+
+def with_count(config: dict, count: str, value: int | None) -> dict:
+    """`config` with its MTP layers' count (in the text config of a multimodal one) `value`, or none said."""
+    if "text_config" in config:
+        return {**config, "text_config": with_count(config["text_config"], count, value)}
+    return {k: v for k, v in config.items() if k != count} | ({} if value is None else {count: value})
 
 
 @pytest.fixture(params=list(RELEASES), scope="module")
@@ -448,7 +635,7 @@ def test_each_layer_takes_the_output_of_the_one_before(release):
 @pytest.mark.parametrize("miss_policy", ["direct", "copy"])
 def test_offloaded_drafts_are_the_resident_ones(release, miss_policy):
     resident = load(release.folder)
-    top_k = resident.parts.args.num_experts_per_tok
+    top_k = resident.plan.footprint.top_k
     offloaded = load(release.folder, expert_slots=top_k, miss_policy=miss_policy)
     assert isinstance(offloaded.experts, OffloadedExperts)
     ids = prompt(seed=5)
@@ -484,7 +671,7 @@ def test_the_plan_counts_the_mtp_layers(release):
     engine = load(release.folder)
     footprint, backbone = engine.plan.footprint, len(moe_blocks(engine.model.model))
     config = json.loads((release.folder / "config.json").read_text())
-    assert len(engine.model.mtp.layers) == config[release.count] == len(release.blocks)
+    assert len(engine.model.mtp.layers) == config.get("text_config", config)[release.count] == len(release.blocks)
     routed = len(moe_blocks(engine.model.mtp))
     assert routed == sum(any(".experts" in name for name, _ in block.named_modules()) for block in release.blocks)
     assert footprint.moe_layers == backbone + routed
@@ -512,8 +699,8 @@ def test_without_the_promise_or_the_tensors_the_backbone_loads_as_before(release
     stored = load_file(str(release.folder / "model.safetensors"))
     eh_proj = next(name for name in stored if name.endswith(("eh_proj.weight", "mtp.fc.weight", "mtp.0.e_proj.weight")))
     variants = {
-        "unsaid": ({k: v for k, v in config.items() if k != release.count}, stored),
-        "none": ({**config, release.count: 0}, stored),
+        "unsaid": (with_count(config, release.count, None), stored),
+        "none": (with_count(config, release.count, 0), stored),
         "stripped": (config, {k: v for k, v in stored.items() if k != eh_proj}),
         "misshapen": (config, {**stored, eh_proj: stored[eh_proj][:, :-1].contiguous()}),
     }
@@ -593,3 +780,29 @@ def test_sparse_attention_mtp_layers_select_with_their_own_indexer(name, tmp_pat
     assert (
         sources["mtp.layers.0.block.self_attn.indexer.wk.weight"] == f"model.layers.{layer}.self_attn.indexer.wk.weight"
     )
+
+
+def test_step_mtp_kinds_as_transformers_saves_them(tmp_path_factory):
+    """transformers splits the release's padded per-layer lists into the model's and `mtp_layer_types`,
+    `mtp_mlp_layer_types`: the MTP layers are built of the same kinds from either."""
+    from localmoe.models.step3p7 import Step3p7Args
+
+    release = RELEASES["step3p5"](tmp_path_factory.mktemp("step3p5"))
+    padded = json.loads((release.folder / "config.json").read_text())["text_config"]
+    layers = padded["num_hidden_layers"]
+    split = {
+        **padded,
+        "layer_types": padded["layer_types"][:layers],
+        "mlp_layer_types": padded["mlp_layer_types"][:layers],
+    }
+    split |= {
+        "mtp_layer_types": padded["layer_types"][layers:],
+        "mtp_mlp_layer_types": padded["mlp_layer_types"][layers:],
+    }
+    for config in (padded, split):
+        args = Step3p7Args.from_config(config)
+        assert args.layer_types == padded["layer_types"][:layers]
+        assert (args.mtp_layer_types, args.mtp_mlp_layer_types) == (
+            [k for k, _, _ in STEP_MTP_KINDS],
+            [m for _, m, _ in STEP_MTP_KINDS],
+        )

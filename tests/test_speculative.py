@@ -319,7 +319,7 @@ def test_mtp_speculates_exactly(mtp_release):
     assert engine.speculative == "mtp" and "speculative: mtp" in engine.summary()
     assert_plain(plain.model, PROMPT, list(engine.generate_ids(PROMPT, NEW)), expected)
     assert engine.stats.speculation.drafted > 0
-    top_k = plain.parts.args.num_experts_per_tok
+    top_k = plain.plan.footprint.top_k
     for miss_policy in ("direct", "copy"):
         options = RuntimeOptions(expert_slots=top_k, miss_policy=miss_policy, speculative="mtp", draft_tokens=3)
         offloaded = localmoe.load(str(mtp_release), device="cpu", dtype=torch.float32, options=options)

@@ -228,17 +228,18 @@ class Interleaved:
 class MtpLayout:
     """Where a release keeps its multi-token-prediction layers, when not under DeepSeek-V3's names
     (`model.layers.{num_hidden_layers + k}.*`, see localmoe/models/mtp.py): pairs of (DeepSeek-V3's prefix,
-    the release's prefix) with {layer} (num_hidden_layers + k) and {depth} (k), the most specific first;
-    `count`, the config field that says how many MTP layers there are. The loader sees each tensor of the
+    the release's prefix) with {layer} (the decoder layers' count + k) and {depth} (k), the most specific
+    first; `count`, the config field that says how many MTP layers there are. The loader sees each tensor of the
     release's under DeepSeek-V3's name too, so that the MTP layers and their experts are read from there."""
 
     count: str
     prefixes: tuple[tuple[str, str], ...]
+    layers: str = "num_hidden_layers"  # the config field that counts the decoder layers before them
 
     def aliases(self, config: dict[str, Any]) -> list[tuple[str, str]]:
         """The pairs for the layers `config` promises (none where it says nothing readable: the config's
         own check refuses that later)."""
-        layers, count = config.get("num_hidden_layers"), config.get(self.count)
+        layers, count = config.get(self.layers), config.get(self.count)
         if not (_is_int(layers) and _is_int(count)):
             return []
         depths = range(min(count, layers))  # a damaged count must not make this loop for ever
@@ -314,15 +315,17 @@ def causal_lm(
     embed_scale: float = 1.0,
     model=CausalLM,
     mtp: list[nn.Module] = (),
+    mtp_layer=MTPLayer,
     **extra,
 ) -> CausalLM:
     """The stack around a family's decoder layers, from the config fields every family has (vocab_size,
     hidden_size, rms_norm_eps, rope, max_position_embeddings, tie_word_embeddings): a `model` (CausalLM
     or a subclass, given `extra` arguments of its own). `mtp`: the decoder layers of the checkpoint's
-    multi-token-prediction layers, numbered on from the last of `layers` (see localmoe/models/mtp.py)."""
+    multi-token-prediction layers, numbered on from the last of `layers` (see localmoe/models/mtp.py), each
+    in an `mtp_layer` (MTPLayer or a subclass)."""
     if mtp:
         extra["mtp"] = MultiTokenPredictor(
-            [MTPLayer(block, args.hidden_size, args.rms_norm_eps, norm) for block in mtp], len(layers)
+            [mtp_layer(block, args.hidden_size, args.rms_norm_eps, norm) for block in mtp], len(layers)
         )
     return model(
         Backbone(args.vocab_size, args.hidden_size, layers, args.rms_norm_eps, norm=norm),

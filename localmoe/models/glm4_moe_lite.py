@@ -1,12 +1,14 @@
 """GLM-4.7-Flash (Glm4MoeLiteForCausalLM, zai-org/GLM-4.7-Flash): DeepSeek-V3's latent attention on a
 GLM-4.5 body (dense or MoE layers as `mlp_layer_types` lists them, a shared expert, sigmoid routing with
-a correction bias). The multi-token-prediction layer after the last one is not loaded."""
+a correction bias). Its multi-token-prediction layer is stored as DeepSeek-V3's
+(`model.layers.{num_hidden_layers}.*`: enorm, hnorm, eh_proj, shared_head.norm, a latent-attention MoE decoder
+layer) and loaded as `mtp` for drafts (vLLM's glm4_moe_lite_mtp.py, Glm4MoeLiteMultiTokenPredictorLayer; SGLang's
+glm4_moe_lite_nextn.py; see localmoe/models/mtp.py)."""
 
 from dataclasses import dataclass
 from typing import ClassVar
 
-from localmoe.models.deepseek_v2 import build
-from localmoe.models.deepseek_v3 import DeepseekV3Args
+from localmoe.models.deepseek_v3 import DeepseekV3Args, build_v3
 from localmoe.models.expert_tensors import PerExpert
 from localmoe.models.family import Family
 from localmoe.models.moe import FUSED_EXPERTS, MLP_EXPERTS
@@ -36,14 +38,15 @@ class Glm4MoeLiteArgs(DeepseekV3Args):
     def is_dense(self, i: int) -> bool:
         if self.mlp_layer_types is None:  # transformers' default: MoE from the second layer on
             return i == 0
-        return self.mlp_layer_types[i] == "dense"
+        # the MTP layer past the list is an MoE one (vLLM: from first_k_dense_replace on, every layer)
+        return i < len(self.mlp_layer_types) and self.mlp_layer_types[i] == "dense"
 
 
 FAMILY = Family(
     architectures=("Glm4MoeLiteForCausalLM",),
     model_type="glm4_moe_lite",
     args=Glm4MoeLiteArgs,
-    model=build,
+    model=build_v3,
     experts=(PerExpert(MLP_EXPERTS), FUSED_EXPERTS),
     hub_aliases=((".mlp.shared_expert.", ".mlp.shared_experts."),),
     keep_float32=("e_score_correction_bias",),

@@ -2,8 +2,12 @@
 layer (or as `mlp_layer_types` says), and MoE layers whose sigmoid routing picks experts with a
 correction bias, renormalises the chosen weights and scales them by `router_scaling_factor`, plus a
 shared expert. transformers adds the shared expert in float32 (`enable_moe_fp32_combine`): for a
-single addition that rounds exactly as adding in the compute dtype does. The multi-token-prediction
-layer after the last one is not used."""
+single addition that rounds exactly as adding in the compute dtype does.
+
+Its multi-token-prediction layer (`model.layers.{num_hidden_layers}.*`: enorm, hnorm, eh_proj, an MoE decoder
+layer of the model's kind, final_layernorm) is loaded as `mtp` for drafts, as vLLM's hy_v3_mtp.py
+(HYV3MultiTokenPredictorLayer) builds it: its output passes final_layernorm, then goes to the LM head as it is
+and to the next draft (`NormedMTPLayer`); the model's embedding and LM head serve it."""
 
 from dataclasses import dataclass, field
 from typing import ClassVar
@@ -15,6 +19,7 @@ from localmoe.models.expert_tensors import PerExpert
 from localmoe.models.family import Family, ModelArgs, causal_lm
 from localmoe.models.layers import MLP, CausalLM, DecoderLayer
 from localmoe.models.moe import FUSED_EXPERTS, MLP_EXPERTS, sigmoid_moe
+from localmoe.models.mtp import NormedMTPLayer
 
 
 @dataclass
@@ -40,11 +45,13 @@ class HYV3Args(ModelArgs):
     rms_norm_eps: float = 1e-5
     max_position_embeddings: int = 131072
     tie_word_embeddings: bool = False
+    num_nextn_predict_layers: int = 0  # a config that does not say so promises none
     rope: dict = field(default_factory=dict)
 
     def is_dense(self, i: int) -> bool:
+        # the MTP layer past the list is an MoE one (vLLM: from first_k_dense_replace on, every layer)
         if self.mlp_layer_types is not None:
-            return self.mlp_layer_types[i] == "dense"
+            return i < len(self.mlp_layer_types) and self.mlp_layer_types[i] == "dense"
         return i == 0
 
 
@@ -82,9 +89,10 @@ def build(args: HYV3Args) -> CausalLM:
             hidden,
             args.rms_norm_eps,
         )
-        for i in range(args.num_hidden_layers)
+        for i in range(args.num_hidden_layers + args.num_nextn_predict_layers)
     ]
-    return causal_lm(args, layers, head_dim)
+    backbone, mtp = layers[: args.num_hidden_layers], layers[args.num_hidden_layers :]
+    return causal_lm(args, backbone, head_dim, mtp=mtp, mtp_layer=NormedMTPLayer)
 
 
 FAMILY = Family(

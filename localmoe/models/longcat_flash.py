@@ -4,7 +4,15 @@ input and whose output joins the residual after the second. The router scores `z
 zero-computation experts past the routed ones (softmax over all, a correction bias steering the choice,
 weights scaled, not renormalised): an identity expert returns its input, so the block adds it itself and
 the runtime never sees, caches or copies one. The attention is DeepSeek-V3's with its query and latent
-scaled by sqrt(hidden / LoRA rank). The multi-token-prediction layers (model.mtp.*) are not used."""
+scaled by sqrt(hidden / LoRA rank).
+
+Its multi-token-prediction layer (`model.mtp.*`, one in the release) is loaded as `mtp` for drafts, as vLLM's
+longcat_flash_mtp.py (LongCatMultiTokenPredictorLayer) and SGLang's longcat_flash_nextn.py
+(LongcatFlashModelNextN) build it: enorm and hnorm (`enorm.m`, `hnorm.m`), eh_proj, then one plain pre-norm
+decoder layer of the same latent attention and a dense MLP (`transformer_layer.mlp`, ffn_hidden_size wide; no
+MoE, no shortcut), then its final norm (`model.mtp.norm`). Both pass the normed output on to the next draft,
+as `NormedMTPLayer` does; the model's own embedding and LM head serve it (SGLang skips the release's copy of
+the embedding, `model.mtp.embed_tokens`)."""
 
 from dataclasses import dataclass, field, replace
 from typing import ClassVar
@@ -15,9 +23,10 @@ from torch import nn
 from localmoe.models.attention import LatentAttention
 from localmoe.models.deepseek_v2 import attention_scale
 from localmoe.models.expert_tensors import PerExpert
-from localmoe.models.family import Family, ModelArgs, causal_lm
-from localmoe.models.layers import MLP, CausalLM, RMSNorm, Step
+from localmoe.models.family import Family, ModelArgs, MtpLayout, causal_lm
+from localmoe.models.layers import MLP, CausalLM, DecoderLayer, RMSNorm, Step
 from localmoe.models.moe import FUSED_EXPERTS, MLP_EXPERTS, GatedActivation, GroupedTopKRouter, SparseMoE
+from localmoe.models.mtp import NormedMTPLayer
 from localmoe.models.state import CombinedState
 
 
@@ -46,6 +55,7 @@ class LongcatFlashArgs(ModelArgs):
     rms_norm_eps: float = 1e-5
     max_position_embeddings: int = 131072
     tie_word_embeddings: bool = False
+    num_nextn_predict_layers: int = 0  # SGLang reads the release's; a config that does not say so promises none
     rope: dict = field(default_factory=dict)
 
     @property
@@ -129,7 +139,9 @@ class ShortcutDecoderLayer(nn.Module):
         return h + shortcut
 
 
-def latent_attention(args: LongcatFlashArgs) -> LatentAttention:
+def latent_attention(args: LongcatFlashArgs, latent_eps: float = 1e-6) -> LatentAttention:
+    """`latent_eps`: the eps of the query's and latent's norms (transformers' 1e-6 for the model's layers;
+    vLLM's and SGLang's MTP layer, a DeepSeek-V2 attention, take rms_norm_eps)."""
     attention = LatentAttention(
         args.hidden_size,
         args.num_attention_heads,
@@ -143,13 +155,33 @@ def latent_attention(args: LongcatFlashArgs) -> LatentAttention:
         scale=attention_scale(args),
     )
     for name, rank in (("q_a_layernorm", args.q_lora_rank), ("kv_a_layernorm", args.kv_lora_rank)):
-        setattr(attention, name, ScaledRMSNorm(rank, 1e-6, (args.hidden_size / rank) ** 0.5))
+        setattr(attention, name, ScaledRMSNorm(rank, latent_eps, (args.hidden_size / rank) ** 0.5))
     return attention
 
 
 def build(args: LongcatFlashArgs) -> CausalLM:
+    hidden, eps = args.hidden_size, args.rms_norm_eps
     layers = [ShortcutDecoderLayer(args, i) for i in range(args.num_layers)]
-    return causal_lm(args, layers, args.head_dim)
+    mtp = [
+        DecoderLayer(latent_attention(args, eps), MLP(hidden, args.ffn_hidden_size, args.hidden_act), hidden, eps)
+        for _ in range(args.num_nextn_predict_layers)
+    ]
+    return causal_lm(args, layers, args.head_dim, mtp=mtp, mtp_layer=NormedMTPLayer)
+
+
+# the release's MTP layer (vLLM's and SGLang's name tables), seen under DeepSeek-V3's names; its final norm is
+# model.mtp.norm (one layer in the release, and one norm)
+LONGCAT_MTP = MtpLayout(
+    "num_nextn_predict_layers",
+    (
+        ("model.layers.{layer}.enorm.", "model.mtp.layers.{depth}.enorm.m."),
+        ("model.layers.{layer}.hnorm.", "model.mtp.layers.{depth}.hnorm.m."),
+        ("model.layers.{layer}.final_layernorm.", "model.mtp.norm."),
+        ("model.layers.{layer}.mlp.", "model.mtp.layers.{depth}.transformer_layer.mlp."),
+        ("model.layers.{layer}.", "model.mtp.layers.{depth}."),
+    ),
+    layers="num_layers",
+)
 
 
 FAMILY = Family(
@@ -161,5 +193,6 @@ FAMILY = Family(
     experts=(PerExpert(MLP_EXPERTS), replace(FUSED_EXPERTS, identity_rows=True)),
     hub_aliases=((".mlp.gate.weight", ".mlp.router.classifier.weight"), (".mlp.gate.e_score", ".mlp.router.e_score")),
     keep_float32=("mlp.gate.weight", "e_score_correction_bias"),
+    mtp=LONGCAT_MTP,
     example="meituan-longcat/LongCat-Flash-Chat",
 )

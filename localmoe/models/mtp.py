@@ -4,7 +4,8 @@ position i (layer k - 1's output there, before its final norm; for layer 0 the b
 and the embedding e of token i + k + 1, computes eh_proj([enorm(e); hnorm(h)]) (the embedding first), runs
 one decoder layer (with its own KV state) over that, and predicts token i + k + 2 through its own final
 norm and the model's shared embedding and LM head. The decoder layer is of the family's own kind, or what
-the release's inference code makes it (MiMo-V2-Flash's: sliding-window attention and a dense MLP).
+the release's inference code makes it (MiMo-V2-Flash's: sliding-window attention and a dense MLP). Where
+that code passes the layer's output on after its final norm (LongCat-Flash, Hy3), `NormedMTPLayer` does.
 
 In memory the layers are `mtp.layers.{k}.{enorm,hnorm,eh_proj,block,shared_head.norm}`; they are read
 from DeepSeek-V3's names, `model.layers.{num_hidden_layers + k}.*` (the decoder layer's tensors directly
@@ -40,6 +41,20 @@ class MTPLayer(nn.Module):
         """The layer's output [B, T, E] before its final norm, for hidden states h and the next tokens'
         embeddings `embedded`, both [B, T, E]."""
         return self.block(self.eh_proj(torch.cat([self.enorm(embedded), self.hnorm(h)], dim=-1)), step, kv)
+
+
+class NormedMTPLayer(MTPLayer):
+    """An MTP layer whose output passes its final norm (`final_layernorm`) before it is passed on, to the LM
+    head as it is and to the next draft as its hidden state, as LongCat-Flash's (vLLM's longcat_flash_mtp.py,
+    SGLang's longcat_flash_nextn.py) and Hy3's (vLLM's hy_v3_mtp.py) published code returns it."""
+
+    def __init__(self, block: nn.Module, hidden: int, eps: float, norm=RMSNorm):
+        super().__init__(block, hidden, eps, norm)
+        self.final_layernorm = norm(hidden, eps)
+        self.shared_head = SharedHead(nn.Identity())
+
+    def forward(self, h: torch.Tensor, embedded: torch.Tensor, step: Step, kv) -> torch.Tensor:
+        return self.final_layernorm(super().forward(h, embedded, step, kv))
 
 
 class MultiTokenPredictor(nn.Module):

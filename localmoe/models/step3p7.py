@@ -5,8 +5,16 @@ q/k RMSNorm; each head's output scaled by a sigmoid gate of its own (`g_proj`); 
 1 + weight; dense first layers, then MoE layers with sigmoid routing whose correction bias steers the
 choice of experts, the routed sum scaled, plus a shared expert; on some layers the SwiGLU of the
 experts clamps act(gate) and up (`swiglu_limits`, `swiglu_limits_shared`). The routed experts are
-stored stacked per layer and role (`moe.gate_proj` [E, I, H]). The multi-token-prediction layers
-after the last one are not used."""
+stored stacked per layer and role (`moe.gate_proj` [E, I, H]).
+
+Its multi-token-prediction layers (`model.layers.{num_hidden_layers + k}.*`: enorm, hnorm, eh_proj,
+shared_head.norm, norms that scale by 1 + weight, and a decoder layer of the model's kind) are loaded as `mtp`
+for drafts, as vLLM's step3p5_mtp.py (Step3p5AMultiTokenPredictorLayer) and SGLang's step3p5_mtp.py (which
+serves Step3p7ForConditionalGeneration too) build them: the layer's kind of attention, MLP and SwiGLU clamps
+are the entries past the model's layers in the release's per-layer lists (transformers keeps the first two as
+`mtp_layer_types` and `mtp_mlp_layer_types`), and the output before shared_head.norm is passed on (SGLang's
+chain_mtp_hidden_states). Both read an LM head of the layer's own, `shared_head.output`; the model's is used
+here, as transformers' MtpModel does (a release's copy of the head is the same tensor)."""
 
 from dataclasses import dataclass
 from typing import Any, ClassVar
@@ -18,6 +26,7 @@ from localmoe.models.expert_tensors import Stacked
 from localmoe.models.family import Family, ModelArgs, Multimodal
 from localmoe.models.layers import Backbone, CausalLM, DecoderLayer, ZeroCenteredRMSNorm
 from localmoe.models.moe import GatedActivation, GatedMLP, GroupedTopKRouter, SparseMoE
+from localmoe.models.mtp import MTPLayer, MultiTokenPredictor
 from localmoe.models.rotary import RotaryEmbedding, rope_parameters
 
 EXPERTS = {role: f"model.layers.{{layer}}.moe.{role}_proj.weight" for role in ("gate", "up", "down")}
@@ -50,6 +59,8 @@ class Step3p7Args(ModelArgs):
     mlp_layer_types: list[str] | None = None
     moe_layers_enum: str | list | None = None  # older configs: the MoE layers' indices
     num_nextn_predict_layers: int = 0
+    mtp_layer_types: list[str] | None = None  # as transformers saves them: the MTP layers' kinds
+    mtp_mlp_layer_types: list[str] | None = None
     rope_parameters: dict | None = None  # one set per kind of layer
     rope_theta: float | list | None = None  # older configs: per layer, or one for all
     partial_rotary_factors: list | None = None  # older configs: per layer
@@ -68,19 +79,28 @@ class Step3p7Args(ModelArgs):
     tie_word_embeddings: bool = False
 
     def __post_init__(self):
-        # older configs list the multi-token-prediction layers after the others in their per-layer lists
+        # older configs list the multi-token-prediction layers after the others in their per-layer lists: the
+        # kinds of theirs are kept apart; the clamps stay listed, layer i's at i (vLLM's Step3p5DecoderLayer
+        # reads index num_hidden_layers + k for MTP layer k)
         layers, padded = self.num_hidden_layers, self.num_hidden_layers + self.num_nextn_predict_layers
-        for name in ("layer_types", "mlp_layer_types", "swiglu_limits", "swiglu_limits_shared"):
+        for name, mtp_name in (("layer_types", "mtp_layer_types"), ("mlp_layer_types", "mtp_mlp_layer_types")):
             value = getattr(self, name)
             if isinstance(value, list) and len(value) == padded:
                 setattr(self, name, value[:layers])
+                setattr(self, mtp_name, value[layers:])
         if self.layer_types is None:
             self.layer_types = ["full_attention"] * layers
+        count = self.num_nextn_predict_layers
+        if not isinstance(self.mtp_layer_types, list) or len(self.mtp_layer_types) != count:
+            self.mtp_layer_types = ["full_attention"] * count  # transformers' default
+        enum = self.moe_layers_enum
+        items = enum.split(",") if isinstance(enum, str) else enum
+        moe = {int(i) for i in items if str(i).strip()} if enum is not None else set(range(3, layers))
+        kinds = ["sparse" if i in moe else "dense" for i in range(padded)]
         if self.mlp_layer_types is None:
-            enum = self.moe_layers_enum
-            items = enum.split(",") if isinstance(enum, str) else enum
-            moe = {int(i) for i in items if str(i).strip()} if enum is not None else set(range(3, layers))
-            self.mlp_layer_types = ["sparse" if i in moe else "dense" for i in range(layers)]
+            self.mlp_layer_types = kinds[:layers]
+        if not isinstance(self.mtp_mlp_layer_types, list) or len(self.mtp_mlp_layer_types) != count:
+            self.mtp_mlp_layer_types = kinds[layers:]
         if self.num_sliding_attention_heads is None:
             other = self.attention_other_setting or {}
             self.num_sliding_attention_heads = other.get("num_attention_heads", self.num_attention_heads)
@@ -101,7 +121,7 @@ class Step3p7Args(ModelArgs):
         if isinstance(given.get(kind), dict):
             params = dict(given[kind])
         else:
-            i = self.layer_types.index(kind)
+            i = [*self.layer_types, *self.mtp_layer_types].index(kind)  # the MTP layers' entries follow
             theta = self.rope_theta[i] if isinstance(self.rope_theta, list) else self.rope_theta
             params = {"rope_type": "default", "rope_theta": 10_000.0 if theta is None else theta}
             if self.partial_rotary_factors:
@@ -114,7 +134,7 @@ class Step3p7Args(ModelArgs):
 
     def limit(self, limits: list | None, i: int) -> float | None:
         """Layer i's SwiGLU clamp from a per-layer list; a zero or missing entry means none."""
-        return (limits[i] or None) if limits else None
+        return (limits[i] or None) if limits and i < len(limits) else None
 
 
 def clamped(act: str, limit: float | None) -> GatedActivation:
@@ -123,15 +143,14 @@ def clamped(act: str, limit: float | None) -> GatedActivation:
 
 def build(args: Step3p7Args) -> CausalLM:
     hidden, eps = args.hidden_size, args.rms_norm_eps
-    kinds = sorted(set(args.layer_types))
+    kinds = sorted({*args.layer_types, *args.mtp_layer_types})
     rotaries = {kind: RotaryEmbedding(args.rope(kind), args.head_dim, args.max_position_embeddings) for kind in kinds}
     main = kinds[0]  # the model's rotary; layers of the other kind use theirs through the step
 
-    def attention(i: int) -> nn.Module:
-        kind = args.layer_types[i]
+    def attention(kind: str, heads: int) -> nn.Module:
         return Attention(
             hidden,
-            args.heads(i),
+            heads,
             args.num_key_value_heads,
             args.head_dim,
             qkv_bias=args.attention_bias,
@@ -146,9 +165,9 @@ def build(args: Step3p7Args) -> CausalLM:
             gate_per_head=True,
         )
 
-    def feed_forward(i: int) -> nn.Module:
+    def feed_forward(i: int, kind: str) -> nn.Module:
         shared_glu = clamped("silu", args.limit(args.swiglu_limits_shared, i))
-        if args.mlp_layer_types[i] == "dense":
+        if kind == "dense":
             return GatedMLP(hidden, args.intermediate_size, shared_glu, args.mlp_bias)
         router = GroupedTopKRouter(
             hidden,
@@ -173,14 +192,37 @@ def build(args: Step3p7Args) -> CausalLM:
         )
 
     layers = [
-        DecoderLayer(attention(i), feed_forward(i), hidden, eps, norm=ZeroCenteredRMSNorm)
+        DecoderLayer(
+            attention(args.layer_types[i], args.heads(i)),
+            feed_forward(i, args.mlp_layer_types[i]),
+            hidden,
+            eps,
+            norm=ZeroCenteredRMSNorm,
+        )
         for i in range(args.num_hidden_layers)
+    ]
+    heads = {"sliding_attention": args.num_sliding_attention_heads}
+    mtp = [
+        MTPLayer(
+            DecoderLayer(
+                attention(kind, heads.get(kind, args.num_attention_heads)),
+                feed_forward(args.num_hidden_layers + k, mlp_kind),
+                hidden,
+                eps,
+                norm=ZeroCenteredRMSNorm,
+            ),
+            hidden,
+            eps,
+            ZeroCenteredRMSNorm,
+        )
+        for k, (kind, mlp_kind) in enumerate(zip(args.mtp_layer_types, args.mtp_mlp_layer_types, strict=True))
     ]
     return CausalLM(
         Backbone(args.vocab_size, hidden, layers, eps, norm=ZeroCenteredRMSNorm),
         rotaries[main],
         tie_word_embeddings=args.tie_word_embeddings,
         max_position_embeddings=args.max_position_embeddings,
+        mtp=MultiTokenPredictor(mtp, args.num_hidden_layers) if mtp else None,
     )
 
 
