@@ -23,6 +23,7 @@ import pytest
 import torch
 from compressed_tensors.quantization import QuantizationConfig
 from conftest import DEEPSEEK_V2
+from packers import pack_gptq
 from safetensors.torch import load_file, save_file
 from test_compressed_tensors import KIMI_IGNORE, compress, groups, scheme_of
 from test_fp8 import BLOCK, quantize_fp8
@@ -31,7 +32,7 @@ from test_speculative import NEW, assert_plain
 from test_speculative import PROMPT as SPECULATION_PROMPT
 
 from localmoe.kernels.quantized import dequantize_fp8_blocks
-from localmoe.runtime.layouts import Fp8Layout, Nvfp4Layout
+from localmoe.runtime.layouts import Fp8Layout, Nvfp4Layout, QuantizedLayout
 
 KEPT = ("embed_tokens", "lm_head", "norm", "mlp.gate.weight", "shared_expert_gate", "shared_head.head")
 EH = ("eh_proj.weight", "mtp.fc.weight")  # the MTP layers' input projection, as DeepSeek and Qwen name it
@@ -108,21 +109,48 @@ def nvfp4_release(folder, mtp_ignored: bool):
     release = NVFP4_DEEPSEEK(folder)
     layers = release.reference.config.num_hidden_layers
     ignore = [*KIMI_IGNORE, *([f"re:model\\.layers\\.{layers}\\..*"] if mtp_ignored else [])]
+
+    def quantize(name: str, tensor: torch.Tensor) -> dict | None:
+        scheme = scheme_of(name, NVFP4, ignore)
+        return None if scheme is None else compress(tensor, scheme, "nvfp4-pack-quantized", None)
+
+    config = QuantizationConfig(
+        config_groups=NVFP4, format="nvfp4-pack-quantized", ignore=ignore, quantization_status="compressed"
+    )
+    return stored_quantized(release, folder, quantize, config.to_dict())
+
+
+def gptq_release(folder):
+    """DeepSeek-V3's layout with the model's routed experts in 4-bit GPTQ (groups of 32, symmetric) and the
+    MTP layer bfloat16, as Qwen3.5's GPTQ-Int4 releases keep it."""
+    release = NVFP4_DEEPSEEK(folder)
+    mtp = f"model.layers.{release.reference.config.num_hidden_layers}."
+
+    def quantize(name: str, tensor: torch.Tensor) -> dict | None:
+        if ".mlp.experts." not in name or name.startswith(mtp):
+            return None
+        tensors, decoded = pack_gptq(tensor, bits=4, group=32, symmetric=True)
+        return {**tensors, "decoded": decoded}
+
+    config = {"quant_method": "gptq", "bits": 4, "group_size": 32, "desc_act": False, "sym": True}
+    return stored_quantized(release, folder, quantize, config)
+
+
+def stored_quantized(release, folder, quantize, quantization_config: dict):
+    """The release with each linear weight that `quantize` maps to its stored tensors ({suffix: tensor},
+    and what they decode to under "decoded") stored so, and the reference's weights the decoded ones."""
     path, stored, decoded = release.folder / "model.safetensors", {}, {}
     for name, tensor in load_file(str(path)).items():
         kept = any(part in name for part in KEPT) or tensor.dim() != 2 or not name.endswith(".weight")
-        scheme = None if kept else scheme_of(name, NVFP4, ignore)
-        if scheme is None:
+        parts = None if kept else quantize(name, tensor)
+        if parts is None:
             stored[name] = decoded[name] = tensor
             continue
-        parts = compress(tensor, scheme, "nvfp4-pack-quantized", None)
         decoded[name] = parts.pop("decoded").float()
         stored |= {f"{name.removesuffix('.weight')}.{suffix}": part for suffix, part in parts.items()}
     save_file({k: v.contiguous() for k, v in stored.items()}, str(path))
     config = json.loads((release.folder / "config.json").read_text())
-    config["quantization_config"] = QuantizationConfig(
-        config_groups=NVFP4, format="nvfp4-pack-quantized", ignore=ignore, quantization_status="compressed"
-    ).to_dict()
+    config["quantization_config"] = quantization_config
     (release.folder / "config.json").write_text(json.dumps(config))
     set_decoded(release, decoded, folder)
     return release
@@ -204,6 +232,7 @@ def mtp_lines(err: str) -> list[str]:
 UNQUANTIZED = {
     "fp8": (lambda folder: fp8_release("deepseek_v3-bf16-mtp", folder), Fp8Layout, "FP8 in 8x8 blocks"),
     "nvfp4": (lambda folder: nvfp4_release(folder, mtp_ignored=True), Nvfp4Layout, "as NVFP4"),
+    "gptq": (gptq_release, QuantizedLayout, "as int4 (float16 scales, groups of 32, symmetric)"),
 }
 
 
