@@ -8,8 +8,9 @@ What the releases store (their configs, and the inference code that loads them):
   glm4_moe_mtp.py build as a plain nn.Linear, so bfloat16 on disk; GLM-4.5's MTP layer likewise.
 - Qwen3-Next's and Qwen3.5's FP8 releases (fp8, 128x128 blocks): modules_to_not_convert names `mtp.fc`,
   the MTP layer's router and shared-expert gate and its norms; its attention and experts are FP8.
-- GLM-4.6-FP8-BLOCK (llm-compressor's model_free_ptq, compressed-tensors): ignores only the routers,
-  lm_head and the embedding, so `eh_proj` is FP8 as well (the "all quantized" case below).
+- llm-compressor's GLM-4.6 FP8-BLOCK example (model_free_ptq, compressed-tensors) ignores only the
+  routers, lm_head and the embedding, so `eh_proj` is FP8 as well: the "all quantized" case below, written
+  in the fp8 method's layout (compressed-tensors' FP8 blocks read through the same Fp8Weights).
 - nvidia/DeepSeek-R1-FP4 (ModelOpt NVFP4) excludes `model.layers.61*` in its hf_quant_config.json (vLLM
   PR 25987), and nvidia/Qwen3.5-397B-A17B-NVFP4 and Qwen's GPTQ-Int4 releases keep the whole MTP layer
   bfloat16 too (vLLM PRs 38650 and 47828), routed experts included: the "unquantized MTP layer" cases.
