@@ -21,7 +21,7 @@ from localmoe.models.attention import Attention
 from localmoe.models.expert_source import ExpertSource
 from localmoe.models.expert_tensors import block_shapes
 from localmoe.models.family import Family, Interleaved, ModelArgs
-from localmoe.models.layers import host_tables
+from localmoe.models.layers import Linear, host_tables
 from localmoe.models.moe import moe_blocks
 from localmoe.progress import progress
 from localmoe.quantization import describe
@@ -191,6 +191,8 @@ def load_resident_weights(
     for module in parts.model.modules():
         if isinstance(module, Attention):
             module.prepare_decode()
+        if type(module) is nn.Linear and torch.device(device).type == "cpu":
+            module.__class__ = Linear  # the same module, its products through `linear` (layers.py)
 
 
 def footprint(parts: ModelParts) -> Footprint:
@@ -268,11 +270,13 @@ def _drop_incomplete_mtp(model: nn.Module, ckpt: Checkpoint, family: Family, sto
         return
     try:
         for name, param in mtp.named_parameters():
-            candidates = family.disk_names(mtp.stored_name(name))
+            ours = mtp.stored_name(name)
+            candidates = family.disk_names(ours)
             found = next((c for c in candidates if ckpt.has_weight(c)), None)
             if found is None:
-                missing = candidates[0]
-                release = family.mtp.release_name(missing, ckpt.config) if family.mtp else ckpt.stored_name(missing)
+                # (the release's name from DeepSeek-V3's, which the hub's spelling of it may not start with)
+                missing = family.mtp.release_name(ours, ckpt.config) if family.mtp else candidates[0]
+                release = ckpt.stored_name(missing)  # as stored (a multimodal checkpoint's under its prefix)
                 raise LocalMoEError(f"{ckpt.path} lacks {release}")
             ckpt.check_weight(found, tuple(param.shape))
         for block in moe_blocks(mtp):

@@ -1,8 +1,10 @@
 """The CPU expert kernels (kernels/cpu_experts.cpp) against the reference: every weight format, the
 activations, biases and input scales, real models' expert shapes and ragged small ones, 1-8 tokens and
 prefills of 9-300, 1-2 threads; the instruction set forced down to AVX2 and to plain C++ in a subprocess;
-the build's fallback; one op per call."""
+the build's fallback; one op per call. The dense products of decode (`cpu.linear`) against F.linear, and
+in a bfloat16 model loaded on the CPU."""
 
+import collections
 import os
 import subprocess
 import sys
@@ -10,14 +12,20 @@ from pathlib import Path
 
 import pytest
 import torch
+import torch.nn.functional as F
+from conftest import QWEN2_MOE, hf_model, save_hf
 from torch.utils._python_dispatch import TorchDispatchMode
 
+import localmoe
+from localmoe.engine import RuntimeOptions
 from localmoe.errors import LocalMoEError
 from localmoe.kernels import _random_stored, pair_kernel
 from localmoe.kernels import cpu_experts as cpu
 from localmoe.kernels.quantized import MXFP4, MXFP8, QuantSpec, StoredFormat, quantized_stack
 from localmoe.kernels.reference import ExpertStack, expert_pair_outputs
+from localmoe.models.layers import Linear, RMSNorm, rms_normalize
 from localmoe.models.moe import GatedActivation
+from localmoe.models.rotary import apply_rotary
 
 
 @pytest.fixture(autouse=True)
@@ -299,6 +307,10 @@ for fmt in t.FORMATS:
             for act in t.ACTS.values():
                 expected = t.outputs(t.expert_pair_outputs, stack, x, slots, act)
                 t.assert_near(t.outputs(cpu.cpu_pair_outputs, stack, x, slots, act), expected, dtype)
+t.check_dense_products()
+t.check_rms_norms()
+t.check_rotary()
+t.check_decode_attention()
 print("ok")
 """
 
@@ -363,3 +375,179 @@ def test_two_processes_starting_at_once_build_the_library_once(tmp_path):
     built = sorted(path.name for path in (tmp_path / "kernels").iterdir())
     assert len([name for name in built if name.endswith(".so")]) == 1
     assert not [name for name in built if name.endswith(".tmp")], built
+
+
+# (rows, columns) of dense weights: attention's q/k/v side by side and o (Qwen3-30B), a router, an LM head,
+# and ragged ones no vector or block of 4 rows fits
+DENSE_SHAPES = ((5120, 2048), (2048, 4096), (128, 2048), (320, 2048), (37, 100), (3, 33), (1, 64))
+
+
+def check_dense_products():
+    """cpu.linear within the bfloat16 tolerance of F.linear in float32, for 1-5 rows of activations (the
+    library's limit lifted to reach its passes of two and the last one alone), with and without a bias,
+    on 1 and 2 threads; each activation row's outputs the same bits whether computed alone or with the
+    others, and whatever the thread count."""
+    g = torch.Generator().manual_seed(21)
+    limit, cpu.DENSE_ROWS = cpu.DENSE_ROWS, 8
+    try:
+        for rows, cols in DENSE_SHAPES:
+            w = (torch.randn(rows, cols, generator=g) / cols**0.5).bfloat16()
+            bias = torch.randn(rows, generator=g).bfloat16()
+            x = torch.randn(5, cols, generator=g).bfloat16()
+            for b in (None, bias):
+                expected = F.linear(x.float(), w.float(), None if b is None else b.float())
+                results = []
+                for threads in (1, 2):
+                    torch.set_num_threads(threads)
+                    results += [cpu.linear(x, w, b), torch.cat([cpu.linear(x[i : i + 1], w, b) for i in range(5)])]
+                assert_near(results[0], expected, torch.bfloat16)
+                assert all(torch.equal(r, results[0]) for r in results), (rows, cols)
+    finally:
+        cpu.DENSE_ROWS = limit
+
+
+def test_dense_products_match_the_reference():
+    check_dense_products()
+
+
+def check_rms_norms():
+    """cpu.rms_norm within the bfloat16 tolerance of RMSNorm's ATen ops, most values the same bits: a hidden
+    state's norm, per-head norms of queries and keys (a weight per head), and ragged widths."""
+    g = torch.Generator().manual_seed(23)
+    for shape, weight_shape in (((1, 1, 2048), (2048,)), ((1, 1, 36, 128), (36, 128)), ((2, 3, 37), (37,))):
+        x = (torch.randn(*shape, generator=g) * 3).bfloat16()
+        weight = (1 + torch.randn(*weight_shape, generator=g) / 4).bfloat16()
+        expected = weight * rms_normalize(x, 1e-6)
+        got = cpu.rms_norm(x, weight, 1e-6)
+        assert_near(got, expected, torch.bfloat16)
+        assert (got == expected).float().mean() > 0.99, shape
+
+
+def test_rms_norms_match_the_reference():
+    check_rms_norms()
+
+
+def check_rotary():
+    """cpu.rotary the same bits as apply_rotary's ATen ops (which run for two positions): whole and partial
+    rotation, heads laid out as attention's transposed projections, two sequences."""
+    g = torch.Generator().manual_seed(24)
+    for batch, heads, dim, rot in ((1, 36, 128, 128), (2, 3, 64, 32), (1, 2, 40, 24)):
+        x = (torch.randn(batch, 1, heads, dim, generator=g) * 3).bfloat16().transpose(1, 2)  # [B, H, 1, D]
+        cos, sin = torch.randn(2, 1, rot, generator=g).bfloat16()
+        expected = apply_rotary(torch.cat((x, x), dim=2), torch.cat((cos, cos)), torch.cat((sin, sin)))[:, :, :1]
+        assert torch.equal(cpu.rotary(x, cos, sin), expected), (batch, heads, dim, rot)
+
+
+def test_rotary_matches_the_reference():
+    check_rotary()
+    x, cos = torch.randn(1, 2, 3, 8).bfloat16(), torch.randn(3, 8).bfloat16()
+    assert cpu.rotary(x, cos, cos) is None  # several positions: ATen's ops
+    assert cpu.rotary(x[:, :, :1].float(), cos[:1].float(), cos[:1].float()) is None
+
+
+def check_decode_attention():
+    """cpu.decode_attention within the bfloat16 tolerance of scaled_dot_product_attention in float32, on 1
+    and 2 threads with the same bits: grouped heads over a cache's first keys (a view of a longer cache), a
+    mask of visible keys or none, values of another width, two sequences, one key."""
+    g = torch.Generator().manual_seed(25)
+    shapes = ((1, 32, 4, 64, 128, 128), (2, 4, 2, 7, 40, 24), (1, 2, 1, 1, 8, 8))
+    for batch, heads, kv_heads, keys, dim, v_dim in shapes:
+        q = torch.randn(batch, 1, heads + kv_heads, dim, generator=g).bfloat16().transpose(1, 2)[:, :heads]
+        k = torch.randn(batch, kv_heads, keys + 5, dim, generator=g).bfloat16()[:, :, :keys]
+        v = torch.randn(batch, kv_heads, keys + 5, v_dim, generator=g).bfloat16()[:, :, :keys]
+        visible = torch.rand(1, keys, generator=g) < 0.7
+        visible[0, -1] = True
+        for mask in (None, visible):
+            expected = F.scaled_dot_product_attention(
+                q.float(), k.float(), v.float(), attn_mask=mask, scale=0.1, enable_gqa=True
+            )
+            results = []
+            for threads in (1, 2):
+                torch.set_num_threads(threads)
+                results.append(cpu.decode_attention(q, k, v, mask, False, 0.1))
+            assert_near(results[0], expected, torch.bfloat16)
+            assert torch.equal(results[0], results[1]), (batch, heads, keys)
+
+
+def test_decode_attention_matches_the_reference():
+    check_decode_attention()
+    q, k = torch.randn(1, 4, 2, 8).bfloat16(), torch.randn(1, 2, 5, 8).bfloat16()
+    assert cpu.decode_attention(q, k, k, None, False, 0.1) is None  # two positions: ATen's
+    assert cpu.decode_attention(q[:, :, :1], k, k, None, True, 0.1) is None  # causal: ATen's
+    assert cpu.decode_attention(q[:, :, :1], k, k, torch.ones(1, 4, 1, 5, dtype=torch.bool), False, 0.1) is None
+    many = torch.randn(1, 2, cpu.ATTENTION_KEYS + 1, 8).bfloat16()
+    assert cpu.decode_attention(q[:, :, :1], many, many, None, False, 0.1) is None  # a long context: ATen's
+
+
+def test_rms_norms_leave_the_rest_to_aten():
+    """float32, more than NORM_VALUES values, a weight that broadcasts otherwise: None, ATen's ops run."""
+    x, weight = torch.randn(1, 4, 64).bfloat16(), torch.ones(64).bfloat16()
+    assert cpu.rms_norm(x.float(), weight.float(), 1e-6) is None
+    assert cpu.rms_norm(torch.randn(2, cpu.NORM_VALUES // 64, 64).bfloat16(), weight, 1e-6) is None
+    assert cpu.rms_norm(x, torch.ones(1, 1, 64).bfloat16(), 1e-6) is None
+    norm = RMSNorm(64, 1e-6).bfloat16()
+    assert torch.equal(norm(x.float().bfloat16()), cpu.rms_norm(x, norm.weight, 1e-6))
+
+
+class CountedLibrary:
+    """The library, counting its calls by function name."""
+
+    def __init__(self, library):
+        self.library, self.calls = library, collections.Counter()
+
+    def __getattr__(self, name):
+        function = getattr(self.library, name)
+
+        def counted(*args):
+            self.calls[name] += 1
+            return function(*args)
+
+        return counted
+
+
+def test_dense_products_leave_the_rest_to_f_linear(monkeypatch):
+    """More rows than DENSE_ROWS, float32, a weight whose rows are not contiguous, autograd: F.linear."""
+    g = torch.Generator().manual_seed(22)
+    w, x = torch.randn(48, 64, generator=g).bfloat16(), torch.randn(cpu.DENSE_ROWS + 1, 64, generator=g).bfloat16()
+    counted = CountedLibrary(cpu._library)
+    monkeypatch.setattr(cpu, "_library", counted)
+    trained = w.clone().requires_grad_()
+    cases = [(x, w), (x[:1].float(), w.float()), (x[:1], w.t().contiguous().t()), (x[:1], trained)]
+    for a, b in cases:
+        assert torch.equal(cpu.linear(a, b), F.linear(a, b))
+    assert counted.calls["lm_dense"] == 0
+    cpu.linear(x[: cpu.DENSE_ROWS], w)
+    assert counted.calls["lm_dense"] == 1
+
+
+@pytest.fixture(scope="module")
+def qwen2_moe(tmp_path_factory):
+    """Shared experts and their gate, biases on q/k/v, a router: the dense products of a MoE decode step."""
+    return str(save_hf(hf_model("Qwen2MoeConfig", **QWEN2_MOE), tmp_path_factory.mktemp("qwen2_moe"), "sharded"))
+
+
+def test_a_bfloat16_model_on_the_cpu_decodes_through_the_library(qwen2_moe, monkeypatch):
+    """Loaded on the CPU, every nn.Linear takes `linear`; a decode step's products, norms and rotary
+    embeddings and attention run in the library, its logits within the bfloat16 tolerance of ATen's (the
+    library taken as unavailable: the experts' op still runs it)."""
+    engine = localmoe.load(qwen2_moe, device="cpu", dtype=torch.bfloat16, options=RuntimeOptions(threads=2))
+    model = engine.model
+    assert not [m for m in model.modules() if isinstance(m, torch.nn.Linear) and type(m) is not Linear]
+    counted = CountedLibrary(cpu._library)
+    monkeypatch.setattr(cpu, "_library", counted)
+
+    def decode_logits() -> torch.Tensor:
+        cache = model.new_cache(1, 32)
+        with torch.inference_mode():
+            model(torch.tensor([[5, 9, 77, 3]]), cache)
+            return model(torch.tensor([[12]]), cache).float()
+
+    ours = decode_logits()
+    layers = len(model.model.layers)  # per layer q/k/v at once, o, the router, the shared expert's 3 and gate
+    assert counted.calls["lm_dense"] == 7 * layers + 2  # and the LM head, also on the prompt's last position
+    assert counted.calls["lm_rms_norm"] == 2 * (2 * layers + 1)  # two a layer and the final one, the prompt's too
+    assert counted.calls["lm_rotary"] == counted.calls["lm_decode_attention"] == layers  # the decode token's
+    calls = {name: counted.calls[name] for name in ("lm_dense", "lm_rms_norm", "lm_rotary", "lm_decode_attention")}
+    monkeypatch.setattr(cpu, "cpu_kernel", lambda: (False, "ATen's run"))  # the experts' op is bound already
+    assert_near(ours, decode_logits(), torch.bfloat16)
+    assert {name: counted.calls[name] for name in calls} == calls

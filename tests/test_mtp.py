@@ -9,20 +9,26 @@ layer at the positions of h, then the layer's final norm and the model's LM head
 import json
 import re
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
 import torch.nn.functional as F
 from conftest import (
+    BAILING_HYBRID,
     DEEPSEEK_V2,
     DEEPSEEK_V4,
     DEEPSEEK_V32,
+    EXAONE_MOE,
     GLM4_MOE,
     GLM4_MOE_LITE,
     GLM_MOE_DSA,
     HY_V3,
     LONGCAT_FLASH,
+    MELLUM,
     MIMO_V2_FLASH,
+    MINIMAX_M3,
+    NEMOTRON_H,
     QWEN3_5_MOE,
     QWEN3_NEXT,
     STEP3P7,
@@ -261,6 +267,194 @@ def mimo_release(depths: int):
         )
 
     return write
+
+
+def qwen_names_release(folder: Path, config_class: str, config: dict, extend, **layer) -> Release:
+    """One MTP layer in Qwen's names under `mtp.` (K-EXAONE's, Mellum's), its count num_nextn_predict_layers, its
+    final norm's output passed on."""
+    return write_release(
+        folder,
+        config_class,
+        config,
+        extend,
+        "mtp.layers.{depth}.",
+        QWEN_NAMES,
+        0.0,
+        "num_nextn_predict_layers",
+        kind=NormedRelease,
+        **layer,
+    )
+
+
+def with_config(release: Release, **fields) -> Release:
+    """`release` with `fields` added to its config.json."""
+    path = release.folder / "config.json"
+    path.write_text(json.dumps(json.loads(path.read_text()) | fields))
+    return release
+
+
+def exaone_release(kind: str = "full_attention", window: int | None = None):
+    """K-EXAONE's (vLLM's exaone_moe_mtp.py and exaone_moe.py with is_mtp, SGLang's exaone_moe.py): Qwen's
+    names under `mtp.`, the decoder layer's MLP dense, its attention of the kind the config's mtp_layer_types
+    gives (the release's: full, so without positions, as the model's global layers) with the window of
+    mtp_sliding_windows (the release's: 0)."""
+    config = EXAONE_MOE
+
+    def extend(c: dict, n: int) -> dict:
+        layers = c["num_hidden_layers"]
+        backbone = ["full_attention" if (i + 1) % 4 == 0 else "sliding_attention" for i in range(layers)]
+        dense = ["dense", *["sparse"] * (layers - 1)]
+        return {**c, "num_hidden_layers": layers + n, "layer_types": [*backbone, *[kind] * n]} | {
+            "mlp_layer_types": [*dense, *["dense"] * n]
+        }
+
+    def write(folder: Path) -> Release:
+        release = qwen_names_release(folder, "ExaoneMoeConfig", config, extend, window=window)
+        return with_config(release, mtp_layer_types=[kind], mtp_sliding_windows=[window or 0])
+
+    return write
+
+
+class Blocks(torch.nn.Module):
+    """transformers' Nemotron-H blocks one after another, as vLLM's nemotron_h_mtp.py runs an MTP layer's."""
+
+    def __init__(self, blocks: list):
+        super().__init__()
+        self.blocks = torch.nn.ModuleList(blocks)
+
+    def forward(self, x, position_ids, position_embeddings, attention_mask):
+        for block in self.blocks:
+            x = block(x, attention_mask=attention_mask, position_ids=position_ids)
+        return x
+
+
+def nemotron_release(folder: Path) -> Release:
+    """Nemotron 3 Super's (vLLM's nemotron_h_mtp.py): `mtp.layers.{j}.*` the blocks of mtp_hybrid_override_pattern
+    "*E" (attention without positions, then MoE with per-expert tensors), enorm, hnorm and eh_proj on the
+    first, final_layernorm on the last; the model's embedding and LM head shared."""
+    config = {**NEMOTRON_H, "moe_latent_size": 24}  # Super's MoE works in a narrower latent space
+    layers = len(config["layers_block_type"])
+    full = hf_model(
+        "NemotronHConfig", **{**config, "layers_block_type": [*config["layers_block_type"], "full_attention", "moe"]}
+    )
+    save_hf(full, folder / "full", "single")
+    stored = load_file(str(folder / "full" / "model.safetensors"))
+    for j in range(2):
+        last = f"backbone.layers.{layers + j}."
+        stored = {f"mtp.layers.{j}." + k[len(last) :] if k.startswith(last) else k: v for k, v in stored.items()}
+    mtp = mtp_weights(config["hidden_size"], 0.0)
+    names = {"enorm": "mtp.layers.0.enorm", "hnorm": "mtp.layers.0.hnorm", "eh": "mtp.layers.0.eh_proj"}
+    stored |= {f"{names[role]}.weight": mtp[role] for role in names} | {
+        "mtp.layers.1.final_layernorm.weight": mtp["norm"]
+    }
+    release = folder / "release"
+    release.mkdir()
+    save_file({k: v.contiguous() for k, v in stored.items()}, str(release / "model.safetensors"))
+    saved = json.loads((folder / "full" / "config.json").read_text())
+    saved |= {**config, "num_nextn_predict_layers": 1, "mtp_hybrid_override_pattern": "*E"}
+    saved.pop("mtp_layers_block_type")  # the release names its MTP blocks by the pattern alone
+    (release / "config.json").write_text(json.dumps(saved))
+    blocks = Blocks(list(full.model.layers[layers:]))
+    full.model.layers = full.model.layers[:layers]
+    full.config.layers_block_type = config["layers_block_type"]
+    full.model.embed_tokens = full.model.embeddings  # where Release looks for it
+    full.config.rms_norm_eps = config.get("layer_norm_epsilon", 1e-5)
+    return NormedRelease(release, full, [blocks], [mtp], 0.0, "num_nextn_predict_layers", rotary=lambda *_: None)
+
+
+class TextModel(torch.nn.Module):
+    """MiniMax-M3's language model and LM head, out of transformers' multimodal model."""
+
+    def __init__(self, full):
+        super().__init__()
+        self.model, self.lm_head, self.config = full.model.language_model, full.lm_head, full.config.text_config
+
+    def forward(self, ids: torch.Tensor, output_hidden_states: bool = False):
+        out = self.model(ids, output_hidden_states=output_hidden_states)
+        return SimpleNamespace(logits=self.lm_head(out.last_hidden_state), hidden_states=out.hidden_states)
+
+
+def minimax_m3_release(folder: Path) -> Release:
+    """MiniMax-M3's (vLLM's minimax_m3/nvidia/mtp.py; the names rtp-llm's MiniMax-M3 loader reads): inside the
+    multimodal checkpoint, `model.mtp.layers.0.*` holds enorm, hnorm, eh_proj and final_layernorm (scaling by 1 +
+    weight), and the decoder layer under `transformer_layer.`, with block-sparse attention and MoE (per-expert
+    w1/w2/w3) whatever the layer types say; `num_mtp_modules` in the text config."""
+    text = {**MINIMAX_M3["text_config"], "index_block_size": 2}  # the prompts span more blocks than are kept
+    layers = text["num_hidden_layers"]
+    extended = {
+        **text,
+        "num_hidden_layers": layers + 1,
+        "layer_types": [*text["layer_types"], "minimax_m3_sparse"],
+        "mlp_layer_types": [*text["mlp_layer_types"], "sparse"],
+    }
+    full = hf_model("MiniMaxM3VLConfig", **{**MINIMAX_M3, "text_config": extended})
+    save_hf(full, folder / "full", "single")
+    stored = load_file(str(folder / "full" / "model.safetensors"))
+    last, mtp_prefix = f"language_model.model.layers.{layers}.", "language_model.model.mtp.layers.0."
+    stored = {
+        mtp_prefix + "transformer_layer." + k[len(last) :] if k.startswith(last) else k: v for k, v in stored.items()
+    }
+    mtp = mtp_weights(text["hidden_size"], 1.0)
+    names = {"enorm": "enorm", "hnorm": "hnorm", "eh": "eh_proj", "norm": "final_layernorm"}
+    stored |= {f"{mtp_prefix}{names[role]}.weight": weight for role, weight in mtp.items()}
+    release = folder / "release"
+    release.mkdir()
+    save_file({k: v.contiguous() for k, v in stored.items()}, str(release / "model.safetensors"))
+    saved = json.loads((folder / "full" / "config.json").read_text())
+    saved["text_config"] |= {**text, "num_mtp_modules": 1}
+    (release / "config.json").write_text(json.dumps(saved))
+    language = full.model.language_model
+    block = language.layers[layers]
+    language.layers = language.layers[:layers]
+    full.config.text_config.num_hidden_layers = layers
+    return Release(release, TextModel(full), [block], [mtp], 1.0, "num_mtp_modules")
+
+
+def mellum_release(folder: Path) -> Release:
+    """Mellum's (transformers' MtpModel, modeling_layers.py, reading conversion_mapping.py's Mellum names): Qwen's
+    names under `mtp.`, the decoder layer of the kinds mtp_layer_types and mtp_mlp_layer_types give (transformers'
+    defaults: sliding, MoE)."""
+    config = MELLUM
+
+    def extend(c: dict, n: int) -> dict:
+        types = {"layer_types": ["sliding_attention"] * n, "mlp_layer_types": ["sparse"] * n}
+        return {**c, "num_hidden_layers": c["num_hidden_layers"] + n} | {k: [*c[k], *v] for k, v in types.items()}
+
+    release = qwen_names_release(
+        folder,
+        "MellumConfig",
+        config,
+        extend,
+        rotary=lambda model, x, positions: model.rotary_emb(x, positions, "sliding_attention"),
+        window=config["sliding_window"],
+    )
+    return with_config(release, mtp_layer_types=["sliding_attention"], mtp_mlp_layer_types=["sparse"])
+
+
+def bailing_release(folder: Path) -> Release:
+    """Ling 3's (vLLM's bailing_moe_v3_mtp.py): DeepSeek-V3's layout, `model.layers.{num_hidden_layers}` in the
+    release's names, its final norm `final_layernorm`, the decoder layer latent attention (whatever the layer
+    groups say) and MoE, its final norm's output passed on: Hy3's names and design."""
+    config = BAILING_HYBRID
+
+    def extend(c: dict, n: int) -> dict:
+        layers = c["num_hidden_layers"]
+        types = [
+            "full_attention" if (i + 1) % c["layer_group_size"] == 0 else "linear_attention" for i in range(layers)
+        ]
+        return {**c, "num_hidden_layers": layers + n, "layer_types": [*types, *["full_attention"] * n]}
+
+    return write_release(
+        folder,
+        "BailingHybridConfig",
+        config,
+        extend,
+        "model.layers.{layer}.",
+        HY_V3_NAMES,
+        0.0,
+        "num_nextn_predict_layers",
+        kind=NormedRelease,
+    )
 
 
 class V4Release(Release):
@@ -534,6 +728,13 @@ RELEASES = {
     "step3p5": step_release,
     "qwen3_5_moe": qwen_release("Qwen3_5MoeTextConfig", QWEN3_5_MOE),
     "qwen3_next": qwen_release("Qwen3NextConfig", QWEN3_NEXT),
+    "nemotron_h": nemotron_release,
+    "minimax_m3_vl": minimax_m3_release,
+    "mellum": mellum_release,
+    "bailing_hybrid": bailing_release,
+    "exaone_moe": exaone_release(),
+    # K-EXAONE's design with a sliding-window MTP layer (its window narrower than the model's 8)
+    "exaone_moe_sliding": exaone_release("sliding_attention", 5),
 }
 
 
@@ -780,6 +981,70 @@ def test_sparse_attention_mtp_layers_select_with_their_own_indexer(name, tmp_pat
     assert (
         sources["mtp.layers.0.block.self_attn.indexer.wk.weight"] == f"model.layers.{layer}.self_attn.indexer.wk.weight"
     )
+
+
+def test_nemotron_h_mtp_blocks_as_transformers_reads_them():
+    """mtp_layers_block_type, else mtp_hybrid_override_pattern (which wins over the list's default, as
+    transformers' config reads them), else attention and MoE; blocks vLLM's MTP does not build are refused."""
+    from localmoe.errors import LocalMoEError
+    from localmoe.models.nemotron_h import NemotronHArgs
+
+    base = {"vocab_size": 64, "hidden_size": 32, "num_nextn_predict_layers": 1}
+    read = {
+        "default": ({}, ["full_attention", "moe"]),
+        "pattern": ({"mtp_hybrid_override_pattern": "E*"}, ["moe", "full_attention"]),
+        "legacy list": ({"mtp_layers_block_type": ["moe", "attention"]}, ["moe", "full_attention"]),
+        "default list and pattern": (
+            {"mtp_layers_block_type": ["full_attention", "moe"], "mtp_hybrid_override_pattern": "*"},
+            ["full_attention"],
+        ),
+    }
+    for name, (given, kinds) in read.items():
+        assert NemotronHArgs.from_config(base | given).mtp_kinds() == kinds, name
+    for pattern in ("*M", "**E", "E", "*EE"):
+        with pytest.raises(LocalMoEError, match="lists MTP blocks"):
+            NemotronHArgs.from_config(base | {"mtp_hybrid_override_pattern": pattern})
+    NemotronHArgs.from_config(base | {"num_nextn_predict_layers": 0, "mtp_hybrid_override_pattern": "*M"})
+
+
+def test_nemotron_h_mtp_layers_are_numbered_on_by_block():
+    """vLLM's nemotron_h_mtp.py numbers the blocks of all its MTP layers in one run (mtp.layers.{k * blocks + j});
+    its first holds enorm, hnorm and eh_proj, its last the final norm, its MoE the experts of layer n + k."""
+    from localmoe.models.nemotron_h import FAMILY
+
+    config = {"vocab_size": 64, "hidden_size": 32, "hybrid_override_pattern": "M*E", "num_nextn_predict_layers": 2}
+    aliases = dict(FAMILY.mtp.aliases(config))
+    assert aliases["model.layers.4.eh_proj."] == "mtp.layers.2.eh_proj."
+    assert aliases["model.layers.4.final_layernorm."] == "mtp.layers.3.final_layernorm."
+    assert aliases["model.layers.4.layers.1."] == "mtp.layers.3."
+    assert aliases["backbone.layers.4.mixer.experts."] == "mtp.layers.3.mixer.experts."
+    assert aliases["model.layers.3.layers.0."] == "mtp.layers.0."
+
+
+def test_mellum_drafts_are_transformers_mtp_model(tmp_path_factory):
+    """transformers 5.24 drafts with Mellum's MTP layer itself (MtpModel, loading the release's `mtp.*` names):
+    its logits, from the model's hidden states and the next tokens, and the output it passes on to the next
+    draft, are the MTP layer's here."""
+    import transformers
+    from transformers.modeling_layers import MtpModel
+
+    release = RELEASES["mellum"](tmp_path_factory.mktemp("mellum"))
+    main = transformers.AutoModelForCausalLM.from_pretrained(str(release.folder), dtype=torch.float32).eval()
+    main.config.tie_last_hidden_states = False  # its last hidden states before the final norm
+    mtp = MtpModel.from_pretrained(main).eval()
+    ids = prompt()
+    positions = torch.arange(PROMPT - 1)[None]
+    with torch.no_grad():
+        h = main(ids[:, :-1], output_hidden_states=True).hidden_states[-1]
+        embedded = mtp.embed_tokens(ids[:, 1:])
+        rotary = mtp.rotary_emb(embedded, position_ids=positions, layer_type=mtp.config.layer_types[0])
+        masks = mtp.create_masks_for_mtp_layer(0, embedded, None, positions)
+        out = mtp.layers[0](embedded, h, position_embeddings=rotary, position_ids=positions, cache=None, **masks)
+        expected = mtp._project_to_logits(out)
+    for split in (PROMPT - 1, 4):
+        logits, passed_on = drafts(load(release.folder), ids, split)
+        assert (logits - expected).abs().max() < TOLERANCE
+        assert (passed_on - out).abs().max() < TOLERANCE  # the normed output, as MtpModel chains it
 
 
 def test_step_mtp_kinds_as_transformers_saves_them(tmp_path_factory):

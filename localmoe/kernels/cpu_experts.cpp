@@ -1297,3 +1297,251 @@ void lm_dequantize(const Matrix* m, int64_t format, int64_t expert, int64_t dtyp
 }
 
 }  // extern "C"
+
+// ---------------------------------------------------------------------------------------------------
+// Dense products of a few rows (decode's attention projections, routers, shared experts, dense MLPs and
+// LM heads; kernels/cpu_experts.py's dense_linear): out[m, n] = sum_c x[m, c] w[n, c] (+ bias[n]), all
+// bfloat16, summed in float32 and rounded once. Blocks of DENSE_BLOCK weight rows are handed to the
+// threads; each output is one weight row's dot product with one activation row in a fixed order (vector
+// lanes over the columns, then the lanes, then the bias), so it depends neither on the thread count nor
+// on which other rows are computed with it: a token gets the same bits decoded alone or verified with
+// others. Each weight vector read serves DENSE_ACTIVATIONS activation rows.
+
+namespace {
+
+constexpr int64_t DENSE_BLOCK = 64;  // weight rows per task: one long stream per 4 rows, few tasks to share
+constexpr int DENSE_ROWS = 4;  // weight rows read side by side: each activation vector loaded once for 4
+// activation rows per pass: with more, the products rather than the reads bound a pass (passes of 4 rows
+// of activations read 23 GB/s against 28 for 1 and 27 for 2, on 2 threads of a Xeon with AVX512-BF16)
+constexpr int DENSE_ACTIVATIONS = 2;
+
+#if defined(__AVX512BF16__)
+constexpr int64_t DENSE_STEP = 32;  // bfloat16 pairs multiplied and summed into float32 (vdpbf16ps)
+
+// The first `n` (at most 32) bfloat16 of p, zeros after
+inline BH load_bh_head(const uint16_t* p, int64_t n) {
+  return bh(_mm512_maskz_loadu_epi16(n >= 32 ? ~__mmask32(0) : (__mmask32(1) << n) - 1, p));
+}
+
+template <int NR, int NA>
+void dense_pass(const uint16_t* const* w, const uint16_t* x, int64_t x_stride, int64_t cols, float* out) {
+  F acc[NR][NA];
+  for (int r = 0; r < NR; ++r)
+    for (int a = 0; a < NA; ++a) acc[r][a] = zero();
+  for (int64_t c = 0; c < cols; c += DENSE_STEP) {
+    const int64_t n = cols - c;
+    BH wv[NR];
+    for (int r = 0; r < NR; ++r) wv[r] = n >= DENSE_STEP ? load_bh(w[r] + c) : load_bh_head(w[r] + c, n);
+    for (int a = 0; a < NA; ++a) {
+      const uint16_t* xa = x + a * x_stride + c;
+      const BH xv = n >= DENSE_STEP ? load_bh(xa) : load_bh_head(xa, n);
+      for (int r = 0; r < NR; ++r) acc[r][a] = _mm512_dpbf16_ps(acc[r][a], wv[r], xv);
+    }
+  }
+  for (int r = 0; r < NR; ++r)
+    for (int a = 0; a < NA; ++a) out[r * NA + a] = hsum(acc[r][a]);
+}
+#else
+// W columns at a time in float32 vectors, the columns past the last whole vector one by one after
+template <int NR, int NA>
+void dense_pass(const uint16_t* const* w, const uint16_t* x, int64_t x_stride, int64_t cols, float* out) {
+  F acc[NR][NA];
+  for (int r = 0; r < NR; ++r)
+    for (int a = 0; a < NA; ++a) acc[r][a] = zero();
+  const int64_t whole = cols - cols % W;
+  for (int64_t c = 0; c < whole; c += W) {
+    F wv[NR];
+    for (int r = 0; r < NR; ++r) wv[r] = from_bf16(w[r] + c);
+    for (int a = 0; a < NA; ++a) {
+      const F xv = from_bf16(x + a * x_stride + c);
+      for (int r = 0; r < NR; ++r) acc[r][a] = fmadd(wv[r], xv, acc[r][a]);
+    }
+  }
+  for (int r = 0; r < NR; ++r)
+    for (int a = 0; a < NA; ++a) {
+      float tail = 0.f;
+      for (int64_t c = whole; c < cols; ++c) tail += bf16_value(w[r][c]) * bf16_value(x[a * x_stride + c]);
+      out[r * NA + a] = hsum(acc[r][a]) + tail;
+    }
+}
+#endif
+
+struct Dense {
+  uint16_t* out;
+  const uint16_t *x, *w, *bias;  // bias: null for none
+  int64_t activations, rows, cols, out_stride, x_stride, w_stride;  // strides in elements
+};
+
+// Weight rows [r, r + NR) against activation rows [a, a + NA): sums [NR, NA]
+template <int NR, int NA>
+void dense_sums(const Dense& d, int64_t r, int64_t a, float* sums) {
+  const uint16_t* w[NR];
+  for (int i = 0; i < NR; ++i) w[i] = d.w + (r + i) * d.w_stride;
+  dense_pass<NR, NA>(w, d.x + a * d.x_stride, d.x_stride, d.cols, sums);
+}
+
+// Weight rows [r, r + NR) against every activation row, DENSE_ACTIVATIONS at a time
+template <int NR>
+void dense_rows(const Dense& d, int64_t r) {
+  for (int64_t a = 0; a < d.activations; a += DENSE_ACTIVATIONS) {
+    float sums[NR * DENSE_ACTIVATIONS];
+    const int na = int(std::min<int64_t>(DENSE_ACTIVATIONS, d.activations - a));
+    if (na == 2) dense_sums<NR, 2>(d, r, a, sums);
+    else dense_sums<NR, 1>(d, r, a, sums);
+    for (int i = 0; i < NR; ++i) {
+      const float b = d.bias ? bf16_value(d.bias[r + i]) : 0.f;
+      for (int j = 0; j < na; ++j) d.out[(a + j) * d.out_stride + r + i] = bf16_bits(sums[i * na + j] + b);
+    }
+  }
+}
+
+}  // namespace
+
+extern "C" {
+
+// out [activations, rows] = x [activations, cols] times w [rows, cols] transposed, plus bias [rows]
+// where given; bfloat16, rows of each contiguous, strides in elements.
+void lm_dense(uint16_t* out, const uint16_t* x, const uint16_t* w, const uint16_t* bias, int64_t activations,
+              int64_t rows, int64_t cols, int64_t out_stride, int64_t x_stride, int64_t w_stride, int64_t threads) {
+  const Dense d{out, x, w, bias, activations, rows, cols, out_stride, x_stride, w_stride};
+  const auto task = [&](int64_t t) {
+    const int64_t end = std::min(rows, (t + 1) * DENSE_BLOCK);
+    int64_t r = t * DENSE_BLOCK;
+    for (; r + DENSE_ROWS <= end; r += DENSE_ROWS) dense_rows<DENSE_ROWS>(d, r);
+    for (; r < end; ++r) dense_rows<1>(d, r);
+  };
+  const int64_t tasks = (rows + DENSE_BLOCK - 1) / DENSE_BLOCK;
+  if (tasks == 1) return task(0);  // a gate or a small head: no threads to wake
+  share(tasks, threads, task);
+}
+
+}  // extern "C"
+
+// ---------------------------------------------------------------------------------------------------
+// RMS normalisation of a few rows of bfloat16 (models/layers.py's RMSNorm.scaled, through
+// kernels/cpu_experts.py's rms_norm): each row's mean square summed in float32, x times 1 / sqrt(it + eps)
+// rounded to bfloat16, then times the weight, rounded again, as the reference's float32 norm, cast and
+// bfloat16 product do. One thread: a decode token's rows are a few microseconds' work, and ATen's
+// half-dozen ops for the same cost more than that each.
+
+extern "C" {
+
+// out [rows, cols] = x [rows, cols] normalised, times weight row r % weight_rows ([weight_rows, cols])
+void lm_rms_norm(uint16_t* out, const uint16_t* x, const uint16_t* weight, int64_t rows, int64_t cols,
+                 int64_t weight_rows, double eps) {
+  const int64_t whole = cols - cols % W;
+  for (int64_t r = 0; r < rows; ++r) {
+    const uint16_t *xr = x + r * cols, *wr = weight + (r % weight_rows) * cols;
+    F acc = zero();
+    for (int64_t c = 0; c < whole; c += W) {
+      const F v = from_bf16(xr + c);
+      acc = fmadd(v, v, acc);
+    }
+    float squares = hsum(acc);
+    for (int64_t c = whole; c < cols; ++c) squares += bf16_value(xr[c]) * bf16_value(xr[c]);
+    const float inverse = 1.f / std::sqrt(squares / float(cols) + float(eps));
+    for (int64_t c = 0; c < cols; ++c)
+      out[r * cols + c] = bf16_bits(bf16_value(wr[c]) * bf16_value(bf16_bits(bf16_value(xr[c]) * inverse)));
+  }
+}
+
+}  // extern "C"
+
+// ---------------------------------------------------------------------------------------------------
+// Rotary embedding of one position's rows in bfloat16 (models/rotary.py's apply_rotary, through
+// kernels/cpu_experts.py's rotary): the first `rot` dims turned in halves, x cos + rotate_half(x) sin, each
+// product and the sum rounded to bfloat16 as the reference's three tensor ops do (the same bits); the
+// rest copied.
+
+extern "C" {
+
+// out [rows, dim] from x [rows, dim] (row stride x_stride), cos and sin [rot]
+void lm_rotary(uint16_t* out, const uint16_t* x, const uint16_t* cos, const uint16_t* sin, int64_t rows, int64_t dim,
+               int64_t rot, int64_t x_stride) {
+  const int64_t half = rot / 2;
+  for (int64_t r = 0; r < rows; ++r) {
+    const uint16_t* xr = x + r * x_stride;
+    uint16_t* o = out + r * dim;
+    for (int64_t c = 0; c < rot; ++c) {
+      const float turned = c < half ? -bf16_value(xr[c + half]) : bf16_value(xr[c - half]);
+      const float a = bf16_value(bf16_bits(bf16_value(xr[c]) * bf16_value(cos[c])));
+      const float b = bf16_value(bf16_bits(turned * bf16_value(sin[c])));
+      o[c] = bf16_bits(a + b);
+    }
+    for (int64_t c = rot; c < dim; ++c) o[c] = xr[c];
+  }
+}
+
+}  // extern "C"
+
+// ---------------------------------------------------------------------------------------------------
+// Attention of one query position over a layer's cached keys (models/attention.py's Attention, through
+// kernels/cpu_experts.py's decode_attention), bfloat16 in and out: each head's scores summed in float32,
+// the softmax and the weighted sum of values in float32, rounded once. Query heads are handed to the
+// threads in turn, each in one fixed order, so the result does not depend on the thread count.
+
+namespace {
+
+struct DecodeAttention {
+  uint16_t* out;  // [batch, heads, v_dim]
+  const uint16_t *q, *k, *v;
+  const uint8_t* visible;  // [keys] booleans shared by every head, or null: all
+  int64_t heads, kv_heads, keys, dim, v_dim;
+  int64_t q_batch, q_head, k_batch, k_head, k_key, v_batch, v_head, v_key;  // strides in elements
+  float scale;
+};
+
+float dot_bf16(const uint16_t* a, const uint16_t* b, int64_t n) {
+  const int64_t whole = n - n % W;
+  F acc = zero();
+  for (int64_t c = 0; c < whole; c += W) acc = fmadd(from_bf16(a + c), from_bf16(b + c), acc);
+  float sum = hsum(acc);
+  for (int64_t c = whole; c < n; ++c) sum += bf16_value(a[c]) * bf16_value(b[c]);
+  return sum;
+}
+
+void attend_head(const DecodeAttention& d, int64_t b, int64_t h, std::vector<float>& scores, std::vector<float>& acc) {
+  const int64_t g = h / (d.heads / d.kv_heads);
+  const uint16_t* q = d.q + b * d.q_batch + h * d.q_head;
+  const uint16_t* k = d.k + b * d.k_batch + g * d.k_head;
+  const uint16_t* v = d.v + b * d.v_batch + g * d.v_head;
+  float top = -INFINITY;
+  for (int64_t s = 0; s < d.keys; ++s) {
+    scores[s] = d.visible && !d.visible[s] ? -INFINITY : d.scale * dot_bf16(q, k + s * d.k_key, d.dim);
+    top = std::max(top, scores[s]);
+  }
+  std::fill(acc.begin(), acc.end(), 0.f);
+  float total = 0.f;
+  const int64_t whole = d.v_dim - d.v_dim % W;
+  for (int64_t s = 0; s < d.keys; ++s) {
+    if (scores[s] == -INFINITY) continue;
+    const float p = std::exp(scores[s] - top);
+    total += p;
+    const uint16_t* vs = v + s * d.v_key;
+    const F pv = set1(p);
+    for (int64_t c = 0; c < whole; c += W) storef(acc.data() + c, fmadd(pv, from_bf16(vs + c), loadf(acc.data() + c)));
+    for (int64_t c = whole; c < d.v_dim; ++c) acc[c] += p * bf16_value(vs[c]);
+  }
+  uint16_t* o = d.out + (b * d.heads + h) * d.v_dim;
+  for (int64_t c = 0; c < d.v_dim; ++c) o[c] = bf16_bits(acc[c] / total);  // no key visible: 0 / 0, NaN as ATen
+}
+
+}  // namespace
+
+extern "C" {
+
+// strides: q's batch and head, k's batch, head and key, v's batch, head and key (elements)
+void lm_decode_attention(uint16_t* out, const uint16_t* q, const uint16_t* k, const uint16_t* v, const uint8_t* visible,
+                         int64_t batch, int64_t heads, int64_t kv_heads, int64_t keys, int64_t dim, int64_t v_dim,
+                         const int64_t* strides, double scale, int64_t threads) {
+  const DecodeAttention d{out,   q,          k,          v,          visible,    heads,      kv_heads,
+                          keys,  dim,        v_dim,      strides[0], strides[1], strides[2], strides[3],
+                          strides[4], strides[5], strides[6], strides[7], float(scale)};
+  share(batch * heads, threads, [&](int64_t task) {
+    thread_local std::vector<float> scores, acc;
+    scores.resize(keys), acc.resize(v_dim);
+    attend_head(d, task / heads, task % heads, scores, acc);
+  });
+}
+
+}  // extern "C"

@@ -15,6 +15,12 @@ Experts with several pairs (prefill: 4 or more) run in bfloat16 on the AMX tiles
 exactly as kernels/quantized.py dequantizes them, all the expert's pairs per pass). Elsewhere, and in
 float32 or float16, experts with MANY_PAIRS pairs or more go through the reference's own code here, on
 weights the library dequantizes exactly as kernels/quantized.py does: bit for bit the reference.
+
+The library also has the dense products of decode (`linear`): a few rows of bfloat16 activations times
+bfloat16 weights, the attention projections, routers, shared experts, dense MLPs and LM heads of a
+CPU decode step, where oneDNN's matrix-vector products read the weights at about three quarters of
+the RAM's bandwidth; and decode's RMS norms (`rms_norm`), rotary embeddings (`rotary`) and attention
+(`decode_attention`), one call each where ATen runs several ops.
 """
 
 import array
@@ -30,6 +36,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 
 from localmoe.files import locked, temporary_path
 from localmoe.kernels import fused_reads
@@ -114,6 +121,15 @@ def load() -> tuple[bool, str]:
         return False, reason
     library.lm_expert_pairs.argtypes = [ctypes.c_void_p, ctypes.c_double, ctypes.c_double]
     library.lm_dequantize.argtypes = [ctypes.c_void_p, *[ctypes.c_int64] * 3, ctypes.c_void_p, ctypes.c_int64]
+    library.lm_dense.argtypes = [*[ctypes.c_void_p] * 4, *[ctypes.c_int64] * 7]
+    library.lm_dense.restype = None
+    library.lm_rms_norm.argtypes = [*[ctypes.c_void_p] * 3, *[ctypes.c_int64] * 3, ctypes.c_double]
+    library.lm_rms_norm.restype = None
+    library.lm_rotary.argtypes = [*[ctypes.c_void_p] * 4, *[ctypes.c_int64] * 4]
+    library.lm_rotary.restype = None
+    library.lm_decode_attention.argtypes = [*[ctypes.c_void_p] * 5, *[ctypes.c_int64] * 6, ctypes.c_void_p]
+    library.lm_decode_attention.argtypes += [ctypes.c_double, ctypes.c_int64]
+    library.lm_decode_attention.restype = None
     if _library is None:
         _define_op()
     _library = library
@@ -344,3 +360,116 @@ def _stack_fields(parts: list, form: tuple) -> list[int]:
     fields += [0 if b is None else b.data_ptr() for b in biases]
     fields += [0 if b is None else b.stride(0) * b.element_size() for b in biases]
     return [*fields, parts[0].shape[0]]
+
+
+# rows of activations up to which `linear` takes the library's kernel: with more, oneDNN's products are
+# faster (scripts/bench_cpu_dense.py, 2 threads: 24.7 GB/s against oneDNN's 22.8 for one row, 23.9 against
+# 22.2 for two, 18.8 against 22.1 for four; bench/results/cpu-dense/20261202-1109.json)
+DENSE_ROWS = 2
+
+
+def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """F.linear(x, weight, bias); by the library for at most DENSE_ROWS rows of bfloat16 on the CPU
+    (cpu_experts.cpp's lm_dense: float32 sums in one order per output, rounded once, whatever the thread
+    count and the other rows), where it is built. The model's decode products (models/layers.py)."""
+    if not (x.device.type == "cpu" and x.dtype == weight.dtype == torch.bfloat16 and _dense_reads(x, weight, bias)):
+        return F.linear(x, weight, bias)
+    rows = x.reshape(-1, x.shape[-1])
+    out = torch.empty(*x.shape[:-1], weight.shape[0], dtype=x.dtype)
+    bias_address = None if bias is None else bias.data_ptr()
+    _library.lm_dense(
+        out.data_ptr(), rows.data_ptr(), weight.data_ptr(), bias_address, rows.shape[0], weight.shape[0],
+        weight.shape[1], weight.shape[0], rows.stride(0), weight.stride(0), torch.get_num_threads(),
+    )  # fmt: skip
+    return out
+
+
+def _dense_reads(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> bool:
+    """Whether lm_dense takes these operands: few rows, each contiguous, no autograd, a bias like them."""
+    return (
+        x.numel() <= DENSE_ROWS * x.shape[-1]
+        and x.stride(-1) == 1
+        and weight.dim() == 2
+        and weight.stride(1) == 1
+        and (bias is None or (bias.dtype == torch.bfloat16 and bias.dim() == 1 and bias.stride(0) == 1))
+        and not (torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad))
+        and cpu_kernel()[0]
+    )
+
+
+NORM_VALUES = 16384  # values of x up to which `rms_norm` takes the library: a few tokens' (ATen's ops are parallel)
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor | None:
+    """models/layers.py's RMSNorm.scaled (weight * x normalised in float32 and cast back) of bfloat16 x [...,
+    E] by the library, with weight [E] or one per row of x's last two axes [N, E] (per-head norms); None
+    where it does not take them (other dtypes, the CPU's library not built, more than NORM_VALUES values)."""
+    if not (x.device.type == "cpu" and x.dtype == weight.dtype == torch.bfloat16 and x.numel() <= NORM_VALUES):
+        return None
+    if weight.shape not in (x.shape[-1:], x.shape[-2:]) or not cpu_kernel()[0]:
+        return None
+    x, weight = x.contiguous(), weight.contiguous()
+    out = torch.empty_like(x)
+    rows = x.numel() // x.shape[-1]
+    weight_rows = weight.numel() // x.shape[-1]
+    _library.lm_rms_norm(out.data_ptr(), x.data_ptr(), weight.data_ptr(), rows, x.shape[-1], weight_rows, eps)
+    return out
+
+
+def rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor | None:
+    """models/rotary.py's apply_rotary (the first cos.shape[-1] dims of x [B, H, 1, D] turned in halves) of
+    one position in bfloat16 by the library: the same bits. None where it does not take them (more
+    positions, other dtypes, the library not built)."""
+    if not (x.device.type == "cpu" and x.dtype == cos.dtype == sin.dtype == torch.bfloat16 and x.dim() == 4):
+        return None
+    if x.shape[2] != 1 or cos.shape != sin.shape or cos.numel() != cos.shape[-1] or cos.shape[-1] % 2:
+        return None
+    if cos.shape[-1] > x.shape[-1] or not cpu_kernel()[0]:
+        return None
+    rows = x.reshape(-1, x.shape[-1])
+    if rows.stride(1) != 1:
+        rows = rows.contiguous()
+    cos, sin = cos.contiguous(), sin.contiguous()
+    out = torch.empty(x.shape, dtype=x.dtype)
+    _library.lm_rotary(
+        out.data_ptr(), rows.data_ptr(), cos.data_ptr(), sin.data_ptr(), rows.shape[0], x.shape[-1],
+        cos.shape[-1], rows.stride(0),
+    )  # fmt: skip
+    return out
+
+
+# keys up to which `decode_attention` takes the library: each query head reads its group's keys and values
+# itself, and beyond this ATen's flash attention is faster (2 threads, 32 query heads over 4 of 128 wide:
+# 36 against 38 us at 64 keys, 57 against 50 at 128, 356 against 192 at 1024, warm; in a decode step, where
+# the weights streamed through evict everything, 25-37 against 90 us at 64 keys)
+ATTENTION_KEYS = 64
+
+
+def decode_attention(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None, is_causal: bool, scale: float
+) -> torch.Tensor | None:
+    """F.scaled_dot_product_attention(q, k, v, mask, is_causal, scale, enable_gqa=True) [B, H, 1, Dv] of one
+    query position over at most ATTENTION_KEYS keys in bfloat16 by the library (float32 scores, softmax and
+    sums, rounded once), with `mask` None or the keys' booleans shared by all heads; None where it does not
+    take them."""
+    if not (q.device.type == "cpu" and q.dtype == k.dtype == v.dtype == torch.bfloat16 and q.dim() == 4):
+        return None
+    (batch, heads, positions, dim), (keys, v_dim) = q.shape, (k.shape[2], v.shape[3])
+    if positions != 1 or is_causal or k.shape[:2] != v.shape[:2] or v.shape[2] != keys or heads % k.shape[1]:
+        return None
+    if keys > ATTENTION_KEYS:
+        return None
+    if k.shape[0] != batch or k.shape[3] != dim or not q.stride(3) == k.stride(3) == v.stride(3) == 1:
+        return None
+    if mask is not None and (mask.dtype != torch.bool or mask.numel() != keys):
+        return None
+    if not cpu_kernel()[0]:
+        return None
+    visible = None if mask is None else mask.reshape(keys).contiguous().view(torch.uint8)
+    out = torch.empty(batch, heads, 1, v_dim, dtype=q.dtype)
+    strides = (ctypes.c_int64 * 8)(q.stride(0), q.stride(1), *k.stride()[:3], *v.stride()[:3])
+    _library.lm_decode_attention(
+        out.data_ptr(), q.data_ptr(), k.data_ptr(), v.data_ptr(), None if visible is None else visible.data_ptr(),
+        batch, heads, k.shape[1], keys, dim, v_dim, strides, scale, torch.get_num_threads(),
+    )  # fmt: skip
+    return out

@@ -10,7 +10,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from localmoe.models.layers import RMSNorm, Step, activation, rms_normalize
+from localmoe.kernels.cpu_experts import decode_attention
+from localmoe.models.layers import RMSNorm, Step, activation, linear, rms_normalize
 from localmoe.models.rotary import RotaryEmbedding, apply_rotary, apply_rotary_interleaved
 from localmoe.models.state import REWIND_SLACK, AttentionKV, LatentKV, WindowKV, attention_state
 
@@ -157,9 +158,11 @@ class Attention(nn.Module):
             out = attend_with_sinks(q, k, v, visible, self.sinks, self.scale)
         else:
             mask, is_causal = self.mask(x, step, kv, positions)
-            out = F.scaled_dot_product_attention(
-                q, k, v, attn_mask=mask, is_causal=is_causal, scale=self.scale, enable_gqa=True
-            )
+            out = decode_attention(q, k, v, mask, is_causal, self.scale)  # a decode token on the CPU, else None
+            if out is None:
+                out = F.scaled_dot_product_attention(
+                    q, k, v, attn_mask=mask, is_causal=is_causal, scale=self.scale, enable_gqa=True
+                )
         out = out.transpose(1, 2).reshape(B, T, -1)
         if self.output_norm_eps is not None:
             out = rms_normalize(out.view(B, T, self.heads, -1), self.output_norm_eps).view(B, T, -1)
@@ -184,7 +187,7 @@ class Attention(nn.Module):
         B, T, _ = x.shape
         q_width, kv_width = self.heads * self.head_dim, self.kv_heads * self.head_dim
         if T == 1 and hasattr(self, "qkv_weight"):
-            qkv = F.linear(x, self.qkv_weight, self.qkv_bias)
+            qkv = linear(x, self.qkv_weight, self.qkv_bias)
             if self.clip_qkv is not None:
                 qkv = qkv.clamp(-self.clip_qkv, self.clip_qkv)
             qk, v = qkv.split((q_width + kv_width, self.kv_heads * self.v_head_dim), dim=-1)

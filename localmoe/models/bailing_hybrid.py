@@ -5,7 +5,11 @@ interleaved pairs and each head's output scaled by a sigmoid gate of its own; on
 Its delta attention differs from Kimi-Linear's in its projections: one for the forget gate, bounded
 below by `kda_lower_bound` where `kda_safe_gate`, and one for the output gate. Stored under the
 release's names (`word_embeddings`, `attention`, `dense`, `expert_bias`); an LM head of its own
-always, as transformers keeps it. The multi-token-prediction layers after the last one are not used."""
+always, as transformers keeps it. Its multi-token-prediction layers after the last one
+(`model.layers.{num_hidden_layers + k}`, DeepSeek-V3's layout with its final norm named final_layernorm) are
+loaded as `mtp`, for drafts (see localmoe/models/mtp.py), as vLLM's bailing_moe_v3_mtp.py builds them: latent
+attention whatever the layer groups say, and MoE; the output of its final norm is passed on to the next
+draft, as vLLM's returns it (`NormedMTPLayer`)."""
 
 from dataclasses import dataclass
 from typing import ClassVar
@@ -20,6 +24,7 @@ from localmoe.models.family import Family
 from localmoe.models.kimi_delta_attention import BoundedDeltaAttention
 from localmoe.models.kimi_linear import KimiLinearArgs
 from localmoe.models.moe import FUSED_EXPERTS, MLP_EXPERTS
+from localmoe.models.mtp import NormedMTPLayer
 
 
 @dataclass
@@ -58,8 +63,13 @@ class BailingHybridArgs(KimiLinearArgs):
     def interleaved_rope(self) -> bool:
         return True
 
+    def is_dense(self, i: int) -> bool:
+        """Whether layer i's feed-forward is dense; an MTP layer's (past the model's) is MoE."""
+        return i < self.num_hidden_layers and super().is_dense(i)
+
     def attention(self, i: int) -> nn.Module:
-        if self.linear(i):
+        """Layer i's; an MTP layer's (past the model's) latent attention."""
+        if i < self.num_hidden_layers and self.linear(i):
             return BailingDeltaAttention(self)
         return HeadGatedLatentAttention(
             self.hidden_size,
@@ -110,11 +120,15 @@ class HeadGatedLatentAttention(LatentAttention):
         return self.o_proj((out.view(B, T, self.heads, -1) * gate[..., None]).view(B, T, -1))
 
 
+def build_with_mtp(args: BailingHybridArgs) -> nn.Module:
+    return build(args, mtp=args.num_nextn_predict_layers, mtp_layer=NormedMTPLayer)
+
+
 FAMILY = Family(
     architectures=("BailingHybridForCausalLM",),
     model_type="bailing_hybrid",
     args=BailingHybridArgs,
-    model=build,
+    model=build_with_mtp,
     experts=(PerExpert(MLP_EXPERTS), FUSED_EXPERTS),
     hub_aliases=(
         ("model.embed_tokens.", "model.word_embeddings."),

@@ -1,7 +1,12 @@
 """K-EXAONE (ExaoneMoeForCausalLM, LG AI Research): sliding-window layers with rotary and global layers
 without positions (NoPE) as `layer_types` alternates them, per-head q/k RMSNorm, dense layers as
 `mlp_layer_types` says, and DeepSeek-V3's MoE: sigmoid routing whose correction bias steers the choice
-of experts, plus shared experts. The multi-token-prediction layers (mtp.*) are not used."""
+of experts, plus shared experts. Its multi-token-prediction layers (`mtp.*`, in Qwen3-Next's layout: fc,
+pre_fc_norm_embedding, pre_fc_norm_hidden, layers.K, norm; transformers drops them) are loaded as `mtp`, for
+drafts (see localmoe/models/mtp.py): each a decoder layer with a dense MLP, its attention of the kind
+`mtp_layer_types` gives (the release's: full, so without positions) with the window `mtp_sliding_windows`
+gives (vLLM's exaone_moe_mtp.py and exaone_moe.py with is_mtp; SGLang's exaone_moe.py). As vLLM's returns
+it, the output of its final norm is passed on to the next draft (`NormedMTPLayer`)."""
 
 from dataclasses import dataclass, field
 from typing import ClassVar
@@ -11,9 +16,11 @@ from torch import nn
 from localmoe.errors import LocalMoEError
 from localmoe.models.attention import Attention
 from localmoe.models.expert_tensors import PerExpert
-from localmoe.models.family import Family, ModelArgs, causal_lm
+from localmoe.models.family import Family, ModelArgs, MtpLayout, causal_lm
 from localmoe.models.layers import MLP, CausalLM, DecoderLayer
 from localmoe.models.moe import FUSED_EXPERTS, MLP_EXPERTS, sigmoid_moe
+from localmoe.models.mtp import NormedMTPLayer
+from localmoe.models.qwen3_5_moe import NORMED_QWEN_MTP_PREFIXES
 
 
 @dataclass
@@ -44,6 +51,9 @@ class ExaoneMoeArgs(ModelArgs):
     rms_norm_eps: float = 1e-5
     max_position_embeddings: int = 2048
     tie_word_embeddings: bool = False
+    num_nextn_predict_layers: int = 0
+    mtp_layer_types: list[str] | None = None
+    mtp_sliding_windows: list[int] | None = None  # 0: no window
     rope: dict = field(default_factory=dict)
 
     def __post_init__(self):
@@ -69,6 +79,21 @@ class ExaoneMoeArgs(ModelArgs):
     def sliding(self, i: int) -> bool:
         return self.layer_types[i] == "sliding_attention"
 
+    def mtp_window(self, k: int) -> int | None:
+        """MTP layer k's sliding window, None where it attends to every position (vLLM and SGLang read the
+        kind from mtp_layer_types, which they need; without it, full attention, as the release says)."""
+        if (self.mtp_layer_types or [])[k : k + 1] != ["sliding_attention"]:
+            return None
+        windows = self.mtp_sliding_windows or []
+        return windows[k] if k < len(windows) and windows[k] else self.sliding_window
+
+    def _contradictions(self):
+        yield from super()._contradictions()
+        for name in ("mtp_layer_types", "mtp_sliding_windows"):
+            listed = getattr(self, name)
+            if listed is not None and len(listed) < self.num_nextn_predict_layers:
+                yield f"lists {len(listed)} {name} for its {self.num_nextn_predict_layers} MTP layers"
+
 
 def build(args: ExaoneMoeArgs) -> CausalLM:
     hidden = args.hidden_size
@@ -91,26 +116,35 @@ def build(args: ExaoneMoeArgs) -> CausalLM:
             scaling=args.routed_scaling_factor,
         )
 
+    def attention(window: int | None) -> Attention:
+        return Attention(
+            hidden,
+            args.num_attention_heads,
+            args.key_value_heads,
+            head_dim,
+            qk_norm="head",
+            norm_eps=args.rms_norm_eps,
+            sliding_window=window,
+            # global layers of a model with windows attend without positions
+            rope=args.sliding_window is None or window is not None,
+        )
+
     layers = [
         DecoderLayer(
-            Attention(
-                hidden,
-                args.num_attention_heads,
-                args.key_value_heads,
-                head_dim,
-                qk_norm="head",
-                norm_eps=args.rms_norm_eps,
-                sliding_window=args.sliding_window if args.sliding(i) else None,
-                # global layers of a model with windows attend without positions
-                rope=args.sliding_window is None or args.sliding(i),
-            ),
-            feed_forward(i),
-            hidden,
-            args.rms_norm_eps,
+            attention(args.sliding_window if args.sliding(i) else None), feed_forward(i), hidden, args.rms_norm_eps
         )
         for i in range(args.num_hidden_layers)
     ]
-    return causal_lm(args, layers, head_dim)
+    mtp = [
+        DecoderLayer(
+            attention(args.mtp_window(k)),
+            MLP(hidden, args.intermediate_size, args.hidden_act),
+            hidden,
+            args.rms_norm_eps,
+        )
+        for k in range(args.num_nextn_predict_layers)
+    ]
+    return causal_lm(args, layers, head_dim, mtp=mtp, mtp_layer=NormedMTPLayer)
 
 
 FAMILY = Family(
@@ -124,5 +158,6 @@ FAMILY = Family(
         (".mlp.shared_expert.", ".mlp.shared_experts."),
     ),
     keep_float32=("e_score_correction_bias",),
+    mtp=MtpLayout("num_nextn_predict_layers", NORMED_QWEN_MTP_PREFIXES),  # Qwen3-Next's (vLLM's exaone_moe_mtp.py)
     example="LGAI-EXAONE/K-EXAONE-236B-A23B",
 )

@@ -112,6 +112,8 @@ MAY_BE_ZERO = frozenset(
         "num_dense_layers",
         "num_nextn_predict_layers",
         "mtp_num_hidden_layers",
+        "num_mtp_modules",  # MiniMax-M3
+        "num_mtp_layers",  # Mellum, Bailing
         "num_shared_experts",
         "shared_intermediate_size",  # GraniteMoeShared: no shared MLP
         "attn_layer_offset",  # Jamba

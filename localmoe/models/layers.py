@@ -13,6 +13,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from localmoe.errors import LocalMoEError
+from localmoe.kernels.cpu_experts import linear, rms_norm
 from localmoe.models.rotary import RotaryEmbedding
 from localmoe.models.state import KVCache
 
@@ -44,9 +45,12 @@ class RMSNorm(nn.Module):
 
     def scaled(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
         """x normalised in float32 and cast back before the scale `weight` (which broadcasts over x), as
-        the reference implementations do; one fused op where all is float32 (the same bits)."""
+        the reference implementations do; one fused op where all is float32 (the same bits), one call of
+        the CPU's library for a decode token's bfloat16 (kernels/cpu_experts.py's rms_norm)."""
         if x.dtype == weight.dtype == torch.float32 and weight.shape == x.shape[-1:]:
             return F.rms_norm(x, weight.shape, weight, self.eps)
+        if (out := rms_norm(x, weight, self.eps)) is not None:
+            return out
         return weight * rms_normalize(x, self.eps)
 
 
@@ -200,6 +204,14 @@ class HostEmbedding(nn.Module):
 def host_tables(model: nn.Module) -> dict[str, HostEmbedding]:
     """The model's host-memory tables by module name."""
     return {name: module for name, module in model.named_modules() if isinstance(module, HostEmbedding)}
+
+
+class Linear(nn.Linear):
+    """nn.Linear through `linear` (kernels/cpu_experts.py), which takes a decode token's bfloat16 products on
+    the CPU: the loader makes a CPU model's nn.Linear modules these."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return linear(x, self.weight, self.bias)
 
 
 # --- feed-forward and the decoder stack --------------------------------------------------------------------
@@ -380,7 +392,7 @@ class CausalLM(nn.Module):
     def head(self, h: torch.Tensor) -> torch.Tensor:
         """Logits [B, T, V] from normalised hidden states: the LM head (the MTP layers share it)."""
         if self.lm_head is None:
-            logits = F.linear(h, self.model.embed_tokens.weight, getattr(self, "lm_head_bias", None))
+            logits = linear(h, self.model.embed_tokens.weight, getattr(self, "lm_head_bias", None))
         else:
             logits = self.lm_head(h)
         if self.logit_softcap is not None:

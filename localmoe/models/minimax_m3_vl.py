@@ -9,7 +9,11 @@ scaled, plus a shared expert; every MLP a clamped SwiGLU as gpt-oss's (gate and 
 
 transformers saves the text-only MiniMaxM3VLForCausalLM under its in-memory names (one `gate_up_proj`
 for the dense and shared MLPs), which no release uses: localmoe reads the release's layout, that of
-the multimodal checkpoint. The multi-token-prediction layers (mtp.*) are not used."""
+the multimodal checkpoint. Its multi-token-prediction layers (`model.mtp.layers.{k}`, `num_mtp_modules`
+of them) are loaded as `mtp`, for drafts (see localmoe/models/mtp.py), as vLLM's minimax_m3/nvidia/mtp.py
+builds them: DeepSeek-V3's enorm, hnorm (scaling by 1 + weight) and eh_proj, a decoder layer
+(`transformer_layer.*`, as rtp-llm's MiniMax-M3 loader names it) with block-sparse attention and MoE
+whatever the model's layer types say, and final_layernorm."""
 
 from dataclasses import dataclass, field
 from typing import ClassVar
@@ -20,7 +24,7 @@ from torch import nn
 
 from localmoe.models.attention import Attention
 from localmoe.models.expert_tensors import PerExpert
-from localmoe.models.family import Family, ModelArgs, Multimodal, causal_lm
+from localmoe.models.family import Family, ModelArgs, MtpLayout, Multimodal, causal_lm
 from localmoe.models.layers import DecoderLayer, Step, ZeroCenteredRMSNorm
 from localmoe.models.moe import MIXTRAL_EXPERTS, GatedActivation, GatedMLP, GroupedTopKRouter, SparseMoE
 from localmoe.models.rotary import apply_rotary
@@ -58,6 +62,7 @@ class MiniMaxM3Args(ModelArgs):
     rms_norm_eps: float = 1e-6
     max_position_embeddings: int = 524288
     tie_word_embeddings: bool = False
+    num_mtp_modules: int = 0
     rope: dict = field(default_factory=dict)
 
     def __post_init__(self):
@@ -140,16 +145,14 @@ class BlockSparseAttention(Attention):
 def build(args: MiniMaxM3Args) -> "CausalLM":  # noqa: F821
     hidden, eps = args.hidden_size, args.rms_norm_eps
 
-    def attention(i: int) -> nn.Module:
+    def attention(sparse: bool) -> nn.Module:
         shape = (hidden, args.num_attention_heads, args.num_key_value_heads, args.head_dim)
         options = dict(qk_norm="head", norm_eps=eps, norm=ZeroCenteredRMSNorm)
-        if args.layer_types[i] == SPARSE:
+        if sparse:
             return BlockSparseAttention(args, *shape, **options)
         return Attention(*shape, **options)
 
-    def feed_forward(i: int) -> nn.Module:
-        if args.mlp_layer_types[i] == "dense":
-            return GatedMLP(hidden, args.dense_intermediate_size, args.glu)
+    def moe(i: int) -> nn.Module:
         router = GroupedTopKRouter(
             hidden,
             args.num_local_experts,
@@ -172,11 +175,36 @@ def build(args: MiniMaxM3Args) -> "CausalLM":  # noqa: F821
             shared_expert=GatedMLP(hidden, args.shared_intermediate_size, args.glu),
         )
 
+    def feed_forward(i: int) -> nn.Module:
+        if args.mlp_layer_types[i] == "dense":
+            return GatedMLP(hidden, args.dense_intermediate_size, args.glu)
+        return moe(i)
+
     layers = [
-        DecoderLayer(attention(i), feed_forward(i), hidden, eps, norm=ZeroCenteredRMSNorm)
+        DecoderLayer(attention(args.layer_types[i] == SPARSE), feed_forward(i), hidden, eps, norm=ZeroCenteredRMSNorm)
         for i in range(args.num_hidden_layers)
     ]
-    return causal_lm(args, layers, args.head_dim, norm=ZeroCenteredRMSNorm)
+    first = args.num_hidden_layers
+    mtp = [
+        DecoderLayer(attention(True), moe(first + k), hidden, eps, norm=ZeroCenteredRMSNorm)
+        for k in range(args.num_mtp_modules)
+    ]
+    return causal_lm(args, layers, args.head_dim, norm=ZeroCenteredRMSNorm, mtp=mtp)
+
+
+# the release's MTP layers, `model.mtp.layers.{k}.*` (the decoder layer's tensors under `transformer_layer.`),
+# seen under DeepSeek-V3's names
+MINIMAX_M3_MTP = MtpLayout(
+    "num_mtp_modules",
+    (
+        *(
+            (f"model.layers.{{layer}}.{name}.", f"model.mtp.layers.{{depth}}.{name}.")
+            for name in ("enorm", "hnorm", "eh_proj")
+        ),
+        ("model.layers.{layer}.shared_head.norm.", "model.mtp.layers.{depth}.final_layernorm."),
+        ("model.layers.{layer}.", "model.mtp.layers.{depth}.transformer_layer."),
+    ),
+)
 
 
 FAMILY = Family(
@@ -197,6 +225,7 @@ FAMILY = Family(
         ),
     ),
     keep_float32=("e_score_correction_bias",),
+    mtp=MINIMAX_M3_MTP,
     # the vision tower, its projector and patch merger stay on disk
     multimodal=(
         Multimodal(

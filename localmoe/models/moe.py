@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from localmoe.models.expert_tensors import Fused
-from localmoe.models.layers import MLP, activation
+from localmoe.models.layers import MLP, activation, linear
 
 
 class Routing(NamedTuple):
@@ -140,7 +140,7 @@ class TopKRouter(nn.Module):
     def scores(self, x: torch.Tensor) -> torch.Tensor:
         """Selection scores [T, experts] (float32): the top k of these are chosen. In the router's own
         dtype, which some families keep in float32."""
-        return F.linear(x.to(self.weight.dtype), self.weight, self.bias).softmax(dim=-1, dtype=torch.float32)
+        return linear(x.to(self.weight.dtype), self.weight, self.bias).softmax(dim=-1, dtype=torch.float32)
 
     def forward(self, x: torch.Tensor) -> Routing:
         """The routing of hidden states [T, E]."""

@@ -2,11 +2,18 @@
 mixer each, as `layers_block_type` (or the older `hybrid_override_pattern`) lists them: Mamba-2, attention
 without position embeddings, a dense ungated MLP, or MoE. The MoE's experts are ungated (ReLU-squared by
 default), optionally in a narrower latent space, routed as DeepSeek-V3 routes (sigmoid, correction bias,
-groups), beside an ungated shared expert. Tensors are stored under `backbone.`; the multi-token-prediction
-layers are not loaded."""
+groups), beside an ungated shared expert. Tensors are stored under `backbone.`.
+
+Its multi-token-prediction layer (Nemotron 3 Super's: `mtp.layers.0` and `mtp.layers.1`) is loaded as `mtp`, for
+drafts (see localmoe/models/mtp.py), as vLLM's nemotron_h_mtp.py builds it: the blocks
+`mtp_layers_block_type` (or `mtp_hybrid_override_pattern`, "*E" in the release) lists, attention then MoE, one
+after another between DeepSeek-V3's eh_proj over [enorm(embedding); hnorm(hidden)] (stored on the first
+block) and a final norm (`final_layernorm`, stored on the last), whose output is passed on to the next draft
+as vLLM's returns it (`NormedMTPLayer`). Its attention is the layer's only state:
+the model's Mamba states are rolled back as every draft check's are."""
 
 from dataclasses import dataclass, field
-from typing import ClassVar
+from typing import Any, ClassVar
 
 import torch
 from torch import nn
@@ -14,15 +21,17 @@ from torch import nn
 from localmoe.errors import LocalMoEError
 from localmoe.models.attention import Attention
 from localmoe.models.expert_tensors import Fused, PerExpert
-from localmoe.models.family import Family, ModelArgs, causal_lm
+from localmoe.models.family import Family, ModelArgs, MtpLayout, causal_lm
 from localmoe.models.layers import CausalLM, Step, UngatedMLP, UpcastRMSNorm
 from localmoe.models.mamba2 import Mamba2Mixer
 from localmoe.models.moe import GatedActivation, GroupedTopKRouter, SparseMoE
+from localmoe.models.mtp import NormedMTPLayer
 from localmoe.models.state import NoState
 
 # one letter per block in `hybrid_override_pattern`, and the older names of `layers_block_type`
 PATTERN = {"M": "linear_attention", "E": "moe", "*": "full_attention", "-": "mlp"}
 LEGACY_NAMES = {"mamba": "linear_attention", "attention": "full_attention"}
+MTP_DEFAULT = ["full_attention", "moe"]  # transformers' default MTP blocks, and the release's
 
 
 @dataclass
@@ -66,6 +75,9 @@ class NemotronHArgs(ModelArgs):
     norm_topk_prob: bool = True
     layer_norm_epsilon: float = 1e-5
     max_position_embeddings: int = 4096
+    num_nextn_predict_layers: int = 0
+    mtp_layers_block_type: list[str] | None = None
+    mtp_hybrid_override_pattern: str | None = None
     rope: dict = field(default_factory=dict)  # unused: no layer has position embeddings
 
     @property
@@ -94,6 +106,26 @@ class NemotronHArgs(ModelArgs):
         if unknown:
             raise LocalMoEError(f"config.json names block types localmoe does not know: {', '.join(unknown)}")
         return kinds
+
+    def mtp_kinds(self) -> list[str]:
+        """The blocks of each MTP layer, as transformers reads them: the list, else the pattern, else
+        attention and MoE (its default, and the release's "*E")."""
+        listed = [LEGACY_NAMES.get(kind, kind) for kind in self.mtp_layers_block_type or []]
+        if listed and (listed != MTP_DEFAULT or self.mtp_hybrid_override_pattern is None):
+            return listed
+        if self.mtp_hybrid_override_pattern is not None:
+            return [PATTERN.get(letter, letter) for letter in self.mtp_hybrid_override_pattern]
+        return MTP_DEFAULT
+
+    def _contradictions(self):
+        yield from super()._contradictions()
+        kinds = self.mtp_kinds()
+        one_each = sorted(kinds) == sorted(set(kinds)) and "full_attention" in kinds
+        if self.num_nextn_predict_layers and not (one_each and set(kinds) <= set(MTP_DEFAULT)):
+            yield (
+                f"lists MTP blocks {kinds}: localmoe builds them as vLLM's nemotron_h_mtp.py does from attention "
+                "and MoE blocks, with one attention (its state) and at most one MoE per MTP layer"
+            )
 
 
 class Stateless:
@@ -126,6 +158,23 @@ class NemotronHBlock(nn.Module):
     def forward(self, h: torch.Tensor, step: Step, state) -> torch.Tensor:
         x = self.norm(h)
         return h + (self.mixer(x, step, state) if hasattr(self.mixer, "new_state") else self.mixer(x))
+
+
+class MtpBlocks(nn.Module):
+    """An MTP layer's decoder layer: its blocks one after another, the attention's state the layer's."""
+
+    def __init__(self, blocks: list[NemotronHBlock]):
+        super().__init__()
+        self.layers = nn.ModuleList(blocks)
+
+    @property
+    def self_attn(self) -> nn.Module:
+        return next(block.mixer for block in self.layers if hasattr(block.mixer, "new_state"))
+
+    def forward(self, h: torch.Tensor, step: Step, state) -> torch.Tensor:
+        for block in self.layers:
+            h = block(h, step, state)
+        return h
 
 
 def build(args: NemotronHArgs) -> CausalLM:
@@ -178,7 +227,40 @@ def build(args: NemotronHArgs) -> CausalLM:
         )
 
     layers = [NemotronHBlock(mixer(i, kind), hidden, args.layer_norm_epsilon) for i, kind in enumerate(args.kinds())]
-    return causal_lm(args, layers, args.head_dim, norm=UpcastRMSNorm)
+    # MTP layer k's MoE is layer num_hidden_layers + k of the expert cache
+    mtp = [
+        MtpBlocks(
+            [NemotronHBlock(mixer(len(layers) + k, kind), hidden, args.layer_norm_epsilon) for kind in args.mtp_kinds()]
+        )
+        for k in range(args.num_nextn_predict_layers)
+    ]
+    return causal_lm(args, layers, args.head_dim, norm=UpcastRMSNorm, mtp=mtp, mtp_layer=NormedMTPLayer)
+
+
+@dataclass(frozen=True)
+class NemotronMtpLayout(MtpLayout):
+    """The release's MTP layers, seen under DeepSeek-V3's names: MTP layer k's blocks are
+    `mtp.layers.{k * blocks + j}` (vLLM's numbering; the release has one layer), the first holding enorm,
+    hnorm and eh_proj, the last final_layernorm; the MoE block's experts are seen where the expert layouts
+    look for layer num_hidden_layers + k's."""
+
+    def aliases(self, config: dict[str, Any]) -> list[tuple[str, str]]:
+        try:
+            args = NemotronHArgs.from_config(config)
+        except LocalMoEError:
+            return []  # the config's own check refuses it
+        kinds, first = args.mtp_kinds(), args.num_hidden_layers
+        pairs = []
+        for k in range(min(args.num_nextn_predict_layers, first)):
+            ours, start = f"model.layers.{first + k}.", k * len(kinds)
+            pairs += [(ours + name, f"mtp.layers.{start}.{name}") for name in ("enorm.", "hnorm.", "eh_proj.")]
+            pairs.append((ours + "final_layernorm.", f"mtp.layers.{start + len(kinds) - 1}.final_layernorm."))
+            for j, kind in enumerate(kinds):
+                pairs.append((f"{ours}layers.{j}.", f"mtp.layers.{start + j}."))
+                if kind == "moe":
+                    experts = f"mtp.layers.{start + j}.mixer.experts."
+                    pairs.append((f"backbone.layers.{first + k}.mixer.experts.", experts))
+        return pairs
 
 
 FAMILY = Family(
@@ -202,5 +284,6 @@ FAMILY = Family(
         (".mixer.shared_expert.", ".mixer.shared_experts."),
     ),
     keep_float32=("e_score_correction_bias", "mixer.gate.weight"),
+    mtp=NemotronMtpLayout("num_nextn_predict_layers", ()),
     example="nvidia/NVIDIA-Nemotron-3-Nano-30B-A3B-BF16",
 )

@@ -130,6 +130,11 @@ QWEN_MTP = MtpLayout(
         ("model.layers.{layer}.", "mtp.layers.{depth}."),
     ),
 )
+# the same names for an MTP layer whose final norm's output is passed on (NormedMTPLayer: K-EXAONE's, Mellum's)
+NORMED_QWEN_MTP_PREFIXES = tuple(
+    ("model.layers.{layer}.final_layernorm.", theirs) if ours.endswith(".shared_head.norm.") else (ours, theirs)
+    for ours, theirs in QWEN_MTP.prefixes
+)
 
 
 FAMILY = Family(

@@ -8,6 +8,7 @@ import torch
 from torch import nn
 
 from localmoe.errors import LocalMoEError
+from localmoe.kernels.cpu_experts import rotary
 
 
 def rope_parameters(
@@ -148,7 +149,10 @@ class RotaryEmbedding(nn.Module):
 
 
 def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotate the first cos.shape[-1] dims of x [B, H, T, D] in halves; the rest pass through."""
+    """Rotate the first cos.shape[-1] dims of x [B, H, T, D] in halves; the rest pass through. A decode
+    token's bfloat16 on the CPU in one call of the library (kernels/cpu_experts.py's rotary: the same bits)."""
+    if (out := rotary(x, cos, sin)) is not None:
+        return out
     rot, rest = x[..., : cos.shape[-1]], x[..., cos.shape[-1] :]
     half = rot.shape[-1] // 2
     rotated = torch.cat((-rot[..., half:], rot[..., :half]), dim=-1)
