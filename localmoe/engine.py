@@ -457,7 +457,8 @@ def prepare(
     if target.type == "cuda" and not torch.cuda.is_available() and options.vram_budget is None:
         raise LocalMoEError(f"this machine has no CUDA device: give {setting('vram_budget')} to plan for one")
     checkpoint, family = open_checkpoint(source, revision, weights=not headers_only)
-    parts = model_skeleton(checkpoint, family, _dtype(dtype), mtp=options.speculative in (None, "mtp"))
+    mtp = options.speculative in (None, "mtp")
+    parts = model_skeleton(checkpoint, family, _dtype(dtype), mtp=mtp, stored_form=options.expert_bits == 16)
     speculation(options, parts.model)  # an impossible choice is refused before any weight is read
     quant = _quant(options, parts.experts)
     return Prepared(checkpoint, parts, target, options, _plan(parts, target, options, quant), quant)
