@@ -44,6 +44,8 @@ class ChatSession:
     def __post_init__(self):
         self._cache = self.engine.new_cache()
         self._cached: list[int] = []  # the tokens whose keys and values the cache holds, in order
+        # the drafter goes on from turn to turn as the cache does (MTP layers keep caches of their own)
+        self._drafter = self.engine.new_drafter()
 
     @property
     def context(self) -> int:
@@ -74,7 +76,9 @@ class ChatSession:
         generated: list[int] = []
         answer: list[str] = []
         self._cached = self._cached[:reuse]  # all the cache can be trusted with until this turn completes
-        tokens = self.engine.generate_ids(ids, budget, self.sampling, cache=self._cache, reuse=reuse)
+        tokens = self.engine.generate_ids(
+            ids, budget, self.sampling, cache=self._cache, reuse=reuse, drafter=self._drafter
+        )
         try:
             for piece in self.engine.text(_recorded(tokens, generated), self.stop):
                 answer.append(piece)

@@ -242,11 +242,15 @@ class Checkpoint:
             return fmt.read(self, name.removesuffix(".weight"))[0]
         tensor = self.tensor(name)
         if tensor.dtype in (torch.float8_e4m3fn, torch.float8_e5m2):
-            raise LocalMoEError(
-                f"{self.path}: tensor {self.stored_name(name)} is FP8 without a block scale "
-                f"({self.stored_name(name)}_scale_inv) or an fp8 quantization_config: localmoe cannot decode it"
-            )
+            raise self.unscaled_fp8(name)
         return tensor
+
+    def unscaled_fp8(self, name: str) -> LocalMoEError:
+        """An FP8 weight stored without the scale its quantization config names (a half-downloaded release)."""
+        return LocalMoEError(
+            f"{self.path}: tensor {self.stored_name(name)} is FP8 without a block scale "
+            f"({self.stored_name(name)}_scale_inv) or an fp8 quantization_config: localmoe cannot decode it"
+        )
 
     def _format(self, name: str):
         """The quantization format that stores weight `name`, or None where it is plain."""

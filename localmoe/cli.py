@@ -518,6 +518,7 @@ def chat(model: str, system: str | None, max_new_tokens: int | None, revision: s
 @click.argument("model")
 @_revision_option
 @_options(_placement(yes=False))
+@_speculative_options
 def plan(model: str, revision: str | None, **flags):
     """Print where MODEL's weights would live, without loading them. A Hub model's shards are not
     downloaded: their headers are read from the Hub. Works without the GPU: give --device cuda

@@ -32,7 +32,7 @@ from localmoe.runtime.expert_cache import POLICIES, ExpertCache, SlotTable
 from localmoe.runtime.expert_store import ExpertStore
 from localmoe.runtime.generate import GenerationStats, StepHooks, check_fits, generate_tokens
 from localmoe.runtime.layouts import layout_of
-from localmoe.runtime.memory import MemoryPlan, format_bytes, format_rate, plan_memory
+from localmoe.runtime.memory import MemoryPlan, Speculating, format_bytes, format_rate, plan_memory
 from localmoe.runtime.miss_policy import DEFAULT, FALLBACK, MISS_POLICIES, miss_policy
 from localmoe.runtime.offload import OffloadedExperts
 from localmoe.runtime.profile import default_profile_path
@@ -208,7 +208,8 @@ class Engine:
         """A drafter for one generation, as `self.speculative` says (None: plain decoding)."""
         runtime = self._offloaded
         hooks = None if runtime is None else StepHooks(runtime.begin_step, runtime.end_step)
-        return DRAFTERS[self.speculative](self.model, self.plan.context, hooks)
+        drafts = self.options.draft_tokens or DRAFT_TOKENS
+        return DRAFTERS[self.speculative](self.model, self.plan.context, hooks, drafts)
 
     def graphs_barred(self) -> list[str]:
         """Why decode steps run eagerly, not as CUDA graphs (empty: they are captured)."""
@@ -456,7 +457,8 @@ def prepare(
     if target.type == "cuda" and not torch.cuda.is_available() and options.vram_budget is None:
         raise LocalMoEError(f"this machine has no CUDA device: give {setting('vram_budget')} to plan for one")
     checkpoint, family = open_checkpoint(source, revision, weights=not headers_only)
-    parts = model_skeleton(checkpoint, family, _dtype(dtype), mtp=options.speculative in (None, "mtp"))
+    mtp = options.speculative in (None, "mtp")
+    parts = model_skeleton(checkpoint, family, _dtype(dtype), mtp=mtp, stored_form=options.expert_bits == 16)
     speculation(options, parts.model)  # an impossible choice is refused before any weight is read
     quant = _quant(options, parts.experts)
     return Prepared(checkpoint, parts, target, options, _plan(parts, target, options, quant), quant)
@@ -658,6 +660,7 @@ def _plan(parts: ModelParts, device: torch.device, options: RuntimeOptions, quan
         expert_slots=options.expert_slots,
         context=options.context,
         prefill_chunk=options.prefill_chunk,
+        speculating=_speculating(options, parts.model),
     )
     most = plan.slots - plan.footprint.top_k
     if options.pin_hot > most and not plan.all_resident:
@@ -666,6 +669,14 @@ def _plan(parts: ModelParts, device: torch.device, options: RuntimeOptions, quan
             f"{plan.slots} slots free: use at most {max(most, 0)}, or more slots"
         )
     return plan
+
+
+def _speculating(options: RuntimeOptions, model) -> Speculating:
+    """What the plan counts for speculative decoding, as the options choose it (nothing where it is off)."""
+    chosen = speculation(options, model)
+    if chosen == "off":
+        return Speculating()
+    return Speculating(options.draft_tokens or DRAFT_TOKENS, mtp=chosen == "mtp")
 
 
 def _check_settings(options: RuntimeOptions) -> None:

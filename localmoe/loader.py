@@ -25,6 +25,7 @@ from localmoe.models.layers import Linear, host_tables
 from localmoe.models.moe import moe_blocks
 from localmoe.progress import progress
 from localmoe.quantization import describe
+from localmoe.runtime.layouts import layout_of
 from localmoe.runtime.memory import Footprint
 
 LAYER_INDEX = re.compile(r"(?:^|\.)layers\.(\d+)\.")  # in tensor names: model.layers.N.*
@@ -96,10 +97,14 @@ def _language_model(ckpt: Checkpoint, family: Family) -> Checkpoint:
     return ckpt.part_view(part, config, wrapper.prefixes)
 
 
-def model_skeleton(ckpt: Checkpoint, family: Family, dtype: torch.dtype | None = None, mtp: bool = True) -> ModelParts:
+def model_skeleton(
+    ckpt: Checkpoint, family: Family, dtype: torch.dtype | None = None, mtp: bool = True, stored_form: bool = True
+) -> ModelParts:
     """The model of `family` built on `meta`, with every tensor it needs found in the checkpoint and its
     shape checked; no weights are read. Without `mtp`, no multi-token-prediction layers: nothing drafts
-    with them, so their weights would only take memory and their experts cache slots and prefetches."""
+    with them, so their weights would only take memory and their experts cache slots and prefetches.
+    `stored_form`: the routed experts are to be kept in the form the checkpoint stores them (not
+    quantized by localmoe), so MTP layers must store theirs in the model's form."""
     _check_quantization(ckpt, family)
     args = family.args.from_config(ckpt.config)
     _check_layer_count(ckpt, args)
@@ -107,7 +112,7 @@ def model_skeleton(ckpt: Checkpoint, family: Family, dtype: torch.dtype | None =
         model = family.model(args)
     if not mtp:
         model.mtp = None
-    _drop_incomplete_mtp(model, ckpt, family)
+    _drop_incomplete_mtp(model, ckpt, family, stored_form)
     sources = _resident_sources(model, ckpt, family)
     experts = ExpertSource(ckpt, family.experts, moe_blocks(model))
     _check_quantized_weights(ckpt, experts)
@@ -225,6 +230,10 @@ def footprint(parts: ModelParts) -> Footprint:
         activation_bytes_per_token=4 * (8 * hidden + 4 * widest + 3 * first.top_k * hidden),
         max_positions=parts.model.max_position_embeddings,
         fixed_state_bytes=parts.model.fixed_state_bytes(parts.dtype),
+        recurrent_state_bytes=parts.model.recurrent_state_bytes(parts.dtype),
+        pending_state_bytes=parts.model.pending_state_bytes(parts.dtype),
+        logits_bytes_per_token=parts.model.model.embed_tokens.weight.shape[0] * size,
+        hidden_bytes_per_token=hidden * size,
         lookup_bytes=sum(m.weight.numel() for m in lookups) * size,
         lookup_row_bytes=sum(m.embedding_dim for m in lookups) * size,
         attention_heads=max((heads for heads, _ in attention), default=0),
@@ -256,7 +265,7 @@ def _to(tensor: torch.Tensor, device, dtype: torch.dtype) -> torch.Tensor:
     return staged.to(device)
 
 
-def _drop_incomplete_mtp(model: nn.Module, ckpt: Checkpoint, family: Family) -> None:
+def _drop_incomplete_mtp(model: nn.Module, ckpt: Checkpoint, family: Family, stored_form: bool) -> None:
     """Load without the multi-token-prediction layers the config promises where the checkpoint lacks a
     tensor of theirs (many releases strip them) or stores one in another shape, with a line that says so:
     a checkpoint whose backbone loads is never refused for its MTP layers."""
@@ -277,11 +286,41 @@ def _drop_incomplete_mtp(model: nn.Module, ckpt: Checkpoint, family: Family) -> 
         for block in moe_blocks(mtp):
             if not any(layout.present(ckpt, block) for layout in family.experts):
                 raise LocalMoEError(f"{ckpt.path} lacks the routed experts of layer {block.layer_idx}")
-        ExpertSource(ckpt, family.experts, moe_blocks(mtp))  # their shapes checked
+        _check_mtp_scales(mtp, ckpt)
+        _check_mtp_experts_form(model, ckpt, family, stored_form)
     except LocalMoEError as error:
         promised = "loading without the multi-token-prediction layers config.json promises"
         print(f"localmoe: {error}: {promised}", file=sys.stderr)
         model.mtp = None
+
+
+def _check_mtp_scales(mtp: nn.Module, ckpt: Checkpoint) -> None:
+    """Refuse an MTP layer with an FP8 weight that no format of the quantization config decodes: its
+    scale is missing (a release downloaded in part), which would otherwise stop the load only when read."""
+    prefixes = tuple(mtp.stored_name(f"layers.{depth}.") for depth in range(len(mtp.layers)))  # model.layers.{n}.
+    weights = (name for name in ckpt.tensor_names if name.startswith(prefixes) and name.endswith(".weight"))
+    for name in weights:
+        if ckpt.info(name).dtype == torch.float8_e4m3fn and ckpt.stored_form(name) is None:
+            raise ckpt.unscaled_fp8(name)
+
+
+def _check_mtp_experts_form(model: nn.Module, ckpt: Checkpoint, family: Family, stored_form: bool) -> None:
+    """Refuse MTP layers whose routed experts are stored in another form than the model's where the
+    model's are kept as stored (bfloat16 MTP layers in NVFP4 and GPTQ releases: DeepSeek-R1's and
+    Qwen3.5's): the expert store keeps one form, and holding every expert decoded would take the quantized
+    experts' memory several times over for the drafts' sake. The model's form is its last MoE layer's;
+    the MTP layers' shapes are checked on the way."""
+    drafting = moe_blocks(model.mtp)
+    form = ExpertSource(ckpt, family.experts, drafting).stored_form
+    last = [block for block in moe_blocks(model) if all(block is not b for b in drafting)][-1:]
+    backbone = ExpertSource(ckpt, family.experts, last)
+    if not drafting or not stored_form or layout_of(backbone).row_dtype is None or form == backbone.stored_form:
+        return  # no routed experts, or all of them to be decoded (or quantized by localmoe) anyway
+    stored = "unquantized (or in mixed forms)" if form is None else f"as {form.words}"
+    raise LocalMoEError(
+        f"{ckpt.path} stores the routed experts of its multi-token-prediction layers {stored} and the model's "
+        f"as {backbone.stored_form.words}, where one expert store keeps one form"
+    )
 
 
 def disk_names(model: nn.Module, family: Family, name: str) -> list[str]:

@@ -62,3 +62,18 @@ def test_a_decay_shared_by_every_channel_is_a_decay_per_head():
     got = gated_delta_rule_chunked(q, k, v, g[..., None].expand(*g.shape, k.shape[-1]), beta, per_channel)
     torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(per_channel, per_head, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("per_channel", [False, True])
+@pytest.mark.parametrize("T, chunk", [(5, 64), (37, 16)])
+def test_the_state_after_each_position(T, chunk, per_channel):
+    """A speculative check's trail: the chunked form's state after each position is the token-by-token
+    one's, and the last of them is the state the pass leaves."""
+    args, state = inputs(T, per_channel=per_channel)
+    expected, got = [], []
+    gated_delta_rule(*args, state.clone(), trail=expected)
+    final = state.clone()
+    gated_delta_rule_chunked(*args, final, chunk=chunk, trail=got)
+    assert len(got) == -(-T // chunk) and len(expected) == T
+    torch.testing.assert_close(torch.cat(got, dim=2), torch.cat(expected, dim=2), atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(got[-1][:, :, -1], final)

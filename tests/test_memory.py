@@ -13,7 +13,7 @@ from localmoe.cli import main
 from localmoe.errors import LocalMoEError
 from localmoe.options import parse_size
 from localmoe.runtime import memory
-from localmoe.runtime.memory import Footprint, format_bytes, format_rate, plan_memory
+from localmoe.runtime.memory import Footprint, Speculating, format_bytes, format_rate, plan_memory
 
 MiB, GiB = 2**20, 2**30
 # Mixtral-8x7B in bf16, roughly: 1.6 GB of non-expert weights, 256 experts of 352 MB, top-2.
@@ -214,3 +214,48 @@ def test_host_tables_take_host_memory_never_the_device():
     cpu = torch.device("cpu")
     assert plan_memory(tables, cpu, vram_budget=12 * GiB, host_budget=100 * GiB).tables == "mmap"
     assert plan_memory(tables, cpu, vram_budget=12 * GiB, host_budget=200 * GiB).tables == "ram"
+
+
+# Qwen3-Next-like recurrent states, a 152K-token vocabulary, 2048-wide hidden states (bf16)
+RECURRENT = replace(
+    QWEN3_30B, recurrent_state_bytes=36 * 2 * MiB, pending_state_bytes=3 * MiB, logits_bytes_per_token=152064 * 2,
+    hidden_bytes_per_token=2048 * 2,
+)  # fmt: skip
+
+
+def test_speculation_is_counted_where_it_is_on_and_only_there():
+    """A check keeps the recurrent states after each of its positions and a copy of the compressors' pending
+    tokens; MTP drafts keep the prompt's hidden states and compute the prefill's logits at every position."""
+    budget = dict(vram_budget=24 * GiB, host_budget=128 * GiB)
+    off = plan_memory(RECURRENT, CUDA, **budget)
+    lookup = plan_memory(RECURRENT, CUDA, **budget, speculating=Speculating(4))
+    mtp = plan_memory(RECURRENT, CUDA, **budget, speculating=Speculating(4, mtp=True))
+    assert off.speculation_bytes == 0 and "speculative decoding" not in off.describe()
+    assert lookup.speculation_bytes == 5 * 72 * MiB + 3 * MiB  # a check of 5 tokens needs less than a prefill chunk
+    assert mtp.speculation_bytes == lookup.speculation_bytes + 4096 * 2048 * 2 + 512 * 152064 * 2
+    for plan in (lookup, mtp):
+        assert plan.device_bytes == off.device_bytes - off.pool_bytes + plan.speculation_bytes + plan.pool_bytes
+        assert plan.slots < off.slots and plan.device_bytes <= 24 * GiB
+        assert f"speculative decoding ({'MTP' if plan is mtp else 'lookup'}, 4-token drafts" in plan.describe()
+    # just enough for one layer's experts without speculation (at the smallest prefill chunk): too small with it
+    small = plan_memory(RECURRENT, CUDA, **budget, prefill_chunk=64)
+    fixed = small.device_bytes - small.pool_bytes + RECURRENT.top_k * RECURRENT.expert_bytes
+    plan_memory(RECURRENT, CUDA, vram_budget=fixed, host_budget=128 * GiB, prefill_chunk=64)
+    with pytest.raises(LocalMoEError, match="too small.*speculative decoding"):
+        plan_memory(
+            RECURRENT, CUDA, vram_budget=fixed, host_budget=128 * GiB, prefill_chunk=64, speculating=Speculating(4)
+        )
+
+
+def test_a_check_longer_than_the_prefill_chunk_counts_its_activations():
+    """64 drafts and the chosen token against a 64-token prefill chunk: one token's activations and attention
+    more, and the logits of all 65."""
+    plan = plan_memory(RECURRENT, CUDA, vram_budget=24 * GiB, host_budget=128 * GiB, prefill_chunk=64)
+    check = plan_memory(
+        RECURRENT, CUDA, vram_budget=24 * GiB, host_budget=128 * GiB, prefill_chunk=64, speculating=Speculating(64)
+    )
+    more = (
+        RECURRENT.activation_bytes_per_token + RECURRENT.attention_bytes(65, 4096) - RECURRENT.attention_bytes(64, 4096)
+    )
+    assert check.speculation_bytes == 65 * 72 * MiB + 3 * MiB + more + 65 * RECURRENT.logits_bytes_per_token
+    assert plan.speculation_bytes == 0

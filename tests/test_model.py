@@ -231,13 +231,32 @@ def rewind_and_continue(model, tolerance: float) -> None:
     assert (got - expected[:, kept:]).abs().max().item() < tolerance
 
 
-def cannot_rewind(positions: int):
+def test_a_check_is_cut_back_into(model, tolerance):
+    """A forward pass that keeps its trail (a speculative check) can be cut back to any of its positions,
+    recurrent states included (into the state after that position); DeepSeek-V4's pooled entries cannot."""
+    ids = tokens(1, 20)
+    expected = full_forward(model, ids)
+    for keep in (13, 15, 17):  # not 12: a check keeps at least its first token
+        cache = model.new_cache(1, 20)
+        model(ids[:, :12], cache)
+        model(ids[:, 12:18], cache, trail=True)
+        kept = cache.rewind(keep)
+        assert kept == (0 if any(map(cannot_rewind(18 - keep, into_check=True), cache.layers)) else keep)
+        got = model(ids[:, kept:], cache, all_logits=True)
+        assert (got - expected[:, kept:]).abs().max().item() < tolerance
+
+
+def cannot_rewind(positions: int, into_check: bool = False):
+    """Whether a state cannot be cut back `positions`; `into_check`: into a forward pass that kept its trail."""
+
     def test(state) -> bool:
         if isinstance(state, layer_state.CombinedState):
             return any(map(test, state.states.values()))
         if isinstance(state, (layer_state.WindowKV, layer_state.ConvRing)):
             return positions > layer_state.REWIND_SLACK
-        return isinstance(state, (layer_state.RecurrentState, layer_state.CompressedKV))
+        if isinstance(state, layer_state.RecurrentState):
+            return not into_check
+        return isinstance(state, layer_state.CompressedKV)
 
     return test
 

@@ -210,6 +210,65 @@ def test_a_run_stopped_early_leaves_the_cache_as_plain_decoding_does(each_kind):
     )
 
 
+def kept_bytes(kept) -> int:
+    """The bytes of the tensors in nested tuples, lists and dicts, each storage once (views share one)."""
+    storages = {}
+
+    def walk(item):
+        if isinstance(item, torch.Tensor):
+            storages[item.untyped_storage().data_ptr()] = item.untyped_storage().nbytes()
+        elif isinstance(item, (tuple, list, dict)):
+            for inner in item.values() if isinstance(item, dict) else item:
+                walk(inner)
+
+    walk(kept)
+    return sum(storages.values())
+
+
+RECURRENT_KINDS = ["qwen3_next", "kimi_linear", "minimax", "jamba", "nemotron_h"]
+
+
+@pytest.mark.parametrize("family", [*RECURRENT_KINDS, "deepseek_v4"])
+def test_the_plan_counts_what_a_check_keeps(family, tmp_path):
+    """What a check of four drafts keeps beside the cache (its saved states, the recurrent states after each
+    position) is in the plan where speculation is on, and `localmoe plan` shows it; nothing where it is off."""
+    path = checkpoint(family, tmp_path)
+    engine = localmoe.load(path, device="cpu", dtype=torch.float32, speculative="lookup", draft_tokens=4)
+    model = engine.model
+    cache = model.new_cache(1, 64)
+    list(generate_tokens(model, PROMPT, 3, cache=cache))  # the compressors hold pending tokens
+    saved = cache.save()
+    with torch.no_grad():
+        model(torch.tensor([PROMPT[:5]]), cache, all_logits=True, trail=True)
+    trails = [state.pieces for state in cache.layers if hasattr(state, "pieces")]
+    kept = kept_bytes([saved.states, trails])
+    assert 0 < kept <= engine.plan.speculation_bytes
+    assert localmoe.load(path, device="cpu", dtype=torch.float32).plan.speculation_bytes == 0
+    shown = CliRunner().invoke(main, ["plan", path, "--device", "cpu", "--speculative", "lookup"])
+    assert shown.exit_code == 0 and "speculative decoding (lookup, 4-token drafts" in shown.stdout, shown.output
+    assert "speculative decoding" not in CliRunner().invoke(main, ["plan", path, "--device", "cpu"]).stdout
+
+
+@pytest.mark.parametrize("family", [*RECURRENT_KINDS, "deepseek_v4"])
+def test_a_rejection_feeds_nothing_again_where_states_keep_their_trail(family, tmp_path):
+    """Recurrent states are cut back into the check's trail: with every draft rejected, one forward pass per
+    token after the prefill, none fed again. DeepSeek-V4's pooled entries still restore and feed again."""
+    engine = localmoe.load(checkpoint(family, tmp_path), device="cpu", dtype=torch.float32)
+    expected = list(engine.generate_ids(PROMPT, NEW))
+    passes = []
+    hook = engine.model.model.layers[0].register_forward_hook(lambda *_: passes.append(1))
+    try:
+        got = list(engine.generate_ids(PROMPT, NEW, drafter=always_wrong(expected, vocab(engine)), draft_tokens=3))
+    finally:
+        hook.remove()
+    assert_plain(engine.model, PROMPT, got, expected)
+    stats = engine.stats.speculation
+    if family == "deepseek_v4":
+        assert stats.fed_again == stats.verifications > 0 and len(passes) == NEW + stats.verifications
+    else:
+        assert stats.fed_again == 0 and len(passes) == NEW  # the prefill, then one pass per new token
+
+
 def test_prompt_lookup_drafts_what_followed_the_latest_longest_match():
     lookup = PromptLookup(longest=3, shortest=1)
     assert lookup.propose([1, 2, 3, 4, 9, 2, 3, 5, 7, 2, 3], 3) == [5, 7, 2]  # 2 3 last followed by 5
@@ -387,12 +446,37 @@ def test_mtp_drafts_after_rejections_are_those_of_the_kept_sequence(mtp_release)
     list(engine.generate_ids(PROMPT, NEW, drafter=drafter, draft_tokens=3))
     stats = engine.stats.speculation
     assert stats.accepted < stats.drafted  # some were rejected (random weights)
-    for tokens, limit, logits in drafter.rounds[1:]:
-        fresh = Recording(model, 64)
+    assert_drafts_of_the_kept_sequence(drafter, drafter.rounds[1:], 64)
+
+
+def assert_drafts_of_the_kept_sequence(drafter: Recording, rounds: list, context: int) -> None:
+    """In each of the `rounds` the drafter recorded, its draft logits are those of a new drafter shown the
+    whole kept sequence at once."""
+    model = drafter.model
+    for tokens, limit, logits in rounds:
+        fresh = Recording(model, context, drafts=drafter.depth)
         with torch.no_grad():
-            _, h = model(torch.tensor([tokens[:-1]]), model.new_cache(1, 64), all_logits=True, hidden=True)
+            _, h = model(torch.tensor([tokens[:-1]]), model.new_cache(1, context), all_logits=True, hidden=True)
         fresh.observe(0, len(tokens) - 1, h[0])
         fresh.propose(tokens, limit)
-        expected = fresh.rounds[0][2]
-        assert len(expected) == len(logits) == limit
+        drafting = max(drafter.depth, limit)  # the drafts' steps, the last ones of a round
+        expected, logits = fresh.rounds[0][2][-drafting:], logits[-drafting:]
+        assert len(expected) == len(logits) == drafting
         assert max((a - b).abs().max() for a, b in zip(expected, logits, strict=True)) < 1e-4, len(tokens)
+
+
+def test_the_mtp_drafter_goes_on_from_turn_to_turn(mtp_release):
+    """A conversation's next turn reuses the cache's prefix and the drafter its own caches: its drafts are
+    then those of a new drafter shown the whole kept sequence, and the tokens those of plain decoding. Near
+    the end of a turn, with fewer drafts asked than layers, every layer still runs (it could not catch up)."""
+    engine = localmoe.load(str(mtp_release), device="cpu", dtype=torch.float32)
+    model = engine.model
+    cache, drafter = model.new_cache(1, 96), Recording(model, 96, drafts=3)
+    first = list(generate_tokens(model, PROMPT, NEW, cache=cache, drafter=drafter, draft_tokens=3))
+    follow = [*PROMPT, *first, 5, 6, 7]
+    rounds = len(drafter.rounds)
+    reuse = len(PROMPT) + NEW - 1  # the cache holds every token but the last chosen
+    second = list(generate_tokens(model, follow, NEW, cache=cache, reuse=reuse, drafter=drafter, draft_tokens=3))
+    assert_plain(model, follow, second, list(generate_tokens(model, follow, NEW)))
+    assert drafter.first == 0 and len(drafter.rounds) > rounds  # the first turn's caches, kept
+    assert_drafts_of_the_kept_sequence(drafter, drafter.rounds[rounds:], 96)

@@ -47,3 +47,17 @@ def test_zero_steps_leave_the_state_and_read_it():
     out = ssd_chunked(x, torch.zeros_like(dt), A, B, C, state)
     torch.testing.assert_close(state, before)
     torch.testing.assert_close(out, (before[:, :, None] @ C[..., None]).squeeze(-1))
+
+
+@pytest.mark.parametrize("T, chunk", [(5, 128), (37, 16)])
+def test_the_state_after_each_position(T, chunk):
+    """A speculative check's trail: the chunked form's state after each position is the token-by-token
+    one's, and the last of them is the state the pass leaves."""
+    args, state = inputs(T)
+    expected, got = [], []
+    ssd_scan(*args, state.clone(), trail=expected)
+    final = state.clone()
+    ssd_chunked(*args, final, chunk=chunk, trail=got)
+    assert len(got) == -(-T // chunk) and len(expected) == T
+    torch.testing.assert_close(torch.cat(got, dim=2), torch.cat(expected, dim=2), atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(got[-1][:, :, -1], final)

@@ -147,6 +147,7 @@ inline F set1(float v) { return _mm512_set1_ps(v); }
 inline F loadf(const float* p) { return _mm512_loadu_ps(p); }
 inline void storef(float* p, F v) { _mm512_storeu_ps(p, v); }
 inline F fmadd(F a, F b, F c) { return _mm512_fmadd_ps(a, b, c); }
+inline F fnmadd(F a, F b, F c) { return _mm512_fnmadd_ps(a, b, c); }
 inline F add(F a, F b) { return _mm512_add_ps(a, b); }
 inline F sub(F a, F b) { return _mm512_sub_ps(a, b); }
 inline F mul(F a, F b) { return _mm512_mul_ps(a, b); }
@@ -176,6 +177,7 @@ inline F set1(float v) { return _mm256_set1_ps(v); }
 inline F loadf(const float* p) { return _mm256_loadu_ps(p); }
 inline void storef(float* p, F v) { _mm256_storeu_ps(p, v); }
 inline F fmadd(F a, F b, F c) { return _mm256_fmadd_ps(a, b, c); }
+inline F fnmadd(F a, F b, F c) { return _mm256_fnmadd_ps(a, b, c); }
 inline F add(F a, F b) { return _mm256_add_ps(a, b); }
 inline F sub(F a, F b) { return _mm256_sub_ps(a, b); }
 inline F mul(F a, F b) { return _mm256_mul_ps(a, b); }
@@ -219,6 +221,7 @@ inline F set1(float x) { F r; LANES r.v[l] = x; return r; }
 inline F loadf(const float* p) { F r; LANES r.v[l] = p[l]; return r; }
 inline void storef(float* p, F a) { LANES p[l] = a.v[l]; }
 inline F fmadd(F a, F b, F c) { F r; LANES r.v[l] = std::fma(a.v[l], b.v[l], c.v[l]); return r; }
+inline F fnmadd(F a, F b, F c) { F r; LANES r.v[l] = std::fma(-a.v[l], b.v[l], c.v[l]); return r; }
 inline F add(F a, F b) { F r; LANES r.v[l] = a.v[l] + b.v[l]; return r; }
 inline F sub(F a, F b) { F r; LANES r.v[l] = a.v[l] - b.v[l]; return r; }
 inline F mul(F a, F b) { F r; LANES r.v[l] = a.v[l] * b.v[l]; return r; }
@@ -423,7 +426,7 @@ inline int64_t deinterleaved(int64_t c, int64_t chunk, int64_t ways) {
 // Dot products of two rows with NP activation vectors (x + p * stride, arranged as `arranged` says)
 
 template <int FMT, int NP>
-void dot2(const Matrix& m, Row r0, Row r1, const float* x, int64_t stride, float* out0, float* out1) {
+void dot2(const Matrix& m, const Row& r0, const Row& r1, const float* x, int64_t stride, float* out0, float* out1) {
   using D = Decode<FMT>;
   constexpr int V = D::V;
   F acc0[NP][V], acc1[NP][V];
@@ -458,7 +461,7 @@ void dot2(const Matrix& m, Row r0, Row r1, const float* x, int64_t stride, float
 
 // For shapes the vector path does not fit (small ragged test shapes): one weight at a time.
 template <int FMT>
-void dot2_scalar(const Matrix& m, Row r0, Row r1, const float* x, int64_t stride, int pairs, float* out0, float* out1) {
+void dot2_scalar(const Matrix& m, const Row& r0, const Row& r1, const float* x, int64_t stride, int pairs, float* out0, float* out1) {
   for (int p = 0; p < pairs; ++p) {
     float a0 = 0.f, a1 = 0.f;
     for (int64_t c = 0; c < m.cols; ++c) {
@@ -506,6 +509,109 @@ struct FloatPath {
   }
 };
 
+#if defined(__AVX512F__)
+// The first n % 16 lanes, for a vector loop's last step (all 16 where n is a multiple)
+inline __mmask16 head_lanes(int64_t n) { return __mmask16((1u << (n % 16 ? n % 16 : 16)) - 1); }
+#endif
+
+// An integer format's scales of a row as float32
+inline void integer_scales(const Row& r, int64_t n, float* out) {
+  int64_t g = 0;
+  if (r.scale_type == DT_F16) {
+    for (; g + W <= n; g += W) storef(out + g, from_f16((const uint16_t*)r.s + g));
+#if defined(__AVX512F__)
+    if (g < n) {  // the last lanes in one masked step
+      const __m256i half = _mm256_maskz_loadu_epi16(head_lanes(n), (const uint16_t*)r.s + g);
+      _mm512_mask_storeu_ps(out + g, head_lanes(n), _mm512_cvtph_ps(half));
+      return;
+    }
+#endif
+  }
+  for (; g < n; ++g) out[g] = scale_at(r, g);
+}
+
+// The sum of a row's lanes less sum_g scale_g * (zero_g + offset) * sums_g, the zero points float16, or
+// all `implied` where there are none: one horizontal sum for both
+inline float less_zero_points(F lanes, const float* scales, const uint8_t* zeros, float implied, float offset,
+                              const float* sums, int64_t groups) {
+  int64_t g = 0;
+  for (; g + W <= groups; g += W) {
+    const F z = zeros ? from_f16((const uint16_t*)zeros + g) : set1(implied);
+    lanes = fnmadd(mul(loadf(scales + g), add(z, set1(offset))), loadf(sums + g), lanes);
+  }
+#if defined(__AVX512F__)
+  if (g < groups) {  // the last groups in one masked step
+    const __mmask16 last = head_lanes(groups);
+    const F z = zeros ? _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(last, (const uint16_t*)zeros + g)) : set1(implied);
+    const F scaled = _mm512_maskz_mul_ps(last, _mm512_maskz_loadu_ps(last, scales + g), add(z, set1(offset)));
+    return hsum(fnmadd(scaled, _mm512_maskz_loadu_ps(last, sums + g), lanes));
+  }
+#endif
+  float total = hsum(lanes);
+  for (; g < groups; ++g) total -= scales[g] * ((zeros ? half_at(zeros, g) : implied) + offset) * sums[g];
+  return total;
+}
+
+// The byte path, for 8-bit integer codes and bfloat16 activations (any instruction set): each code
+// widened and converted to float32 exactly, multiplied by the activations as float32, each group's sum
+// scaled: sum_g s_g * (sum_{c in g} q_c x_c - zero_g * sum_{c in g} x_c), the zero points through the
+// groups' sums of x computed once per vector. Three instructions per W weights (widen, convert,
+// multiply-add): vdpbf16ps takes a byte only as two nibbles (a bfloat16 holds 8 significant bits, not
+// a byte plus the offset that makes it one by bit operations), which cost twice as many of its
+// products, and each of them costs about four multiply-adds on the CPUs that have it.
+template <int NP>
+void dot2_bytes(const Matrix& m, const Row& r0, const Row& r1, const float* x, int64_t stride, const float* sums,
+                int64_t sum_stride, float* scales, float* out0, float* out1) {
+  const int64_t groups = m.cols / m.block;
+  float *s0 = scales, *s1 = scales + groups + W;
+  integer_scales(r0, groups, s0);
+  integer_scales(r1, groups, s1);
+  F total0[NP], total1[NP];
+  for (int p = 0; p < NP; ++p) total0[p] = total1[p] = zero();
+  for (int64_t g = 0, c = 0; g < groups; ++g) {
+    F acc0[NP][2], acc1[NP][2];
+    for (int p = 0; p < NP; ++p) acc0[p][0] = acc0[p][1] = acc1[p][0] = acc1[p][1] = zero();
+    for (const int64_t end = c + m.block; c < end; c += 2 * W) {
+      read_ahead(r0.w, c);
+      read_ahead(r1.w, c);
+      const F a[2] = {to_float(bytes(r0.w + c)), to_float(bytes(r0.w + c + W))};
+      const F b[2] = {to_float(bytes(r1.w + c)), to_float(bytes(r1.w + c + W))};
+      for (int p = 0; p < NP; ++p)
+        for (int v = 0; v < 2; ++v) {
+          const F xv = loadf(x + p * stride + c + v * W);
+          acc0[p][v] = fmadd(a[v], xv, acc0[p][v]);
+          acc1[p][v] = fmadd(b[v], xv, acc1[p][v]);
+        }
+    }
+    const F scale0 = set1(s0[g]), scale1 = set1(s1[g]);
+    for (int p = 0; p < NP; ++p) {
+      total0[p] = fmadd(add(acc0[p][0], acc0[p][1]), scale0, total0[p]);
+      total1[p] = fmadd(add(acc1[p][0], acc1[p][1]), scale1, total1[p]);
+    }
+  }
+  for (int p = 0; p < NP; ++p) {
+    out0[p] = less_zero_points(total0[p], s0, r0.z, 128.f, 0.f, sums + p * sum_stride, groups);
+    out1[p] = less_zero_points(total1[p], s1, r1.z, 128.f, 0.f, sums + p * sum_stride, groups);
+  }
+}
+
+struct BytePath {
+  using X = float;
+  static constexpr bool SUMS = true;
+  static X value(float v) { return v; }
+  static float number(X v) { return v; }
+  static bool fits(const Matrix& m) { return m.block % (2 * W) == 0; }  // the block divides the columns
+  static int64_t arranged(const Matrix&, int64_t c) { return c; }
+  static void rows2(const Matrix& m, int64_t expert, int64_t r0, int64_t r1, const X* x, int64_t stride,
+                    const float* sums, int64_t sum_stride, float* scales, int pairs, float* out0, float* out1) {
+    Row a = m.row(expert, r0), b = m.row(expert, r1);
+    in_groups(pairs, [&](auto np, int p) {
+      dot2_bytes<decltype(np)::value>(m, a, b, x + p * stride, stride, sums + p * sum_stride, sum_stride, scales,
+                                      out0 + p, out1 + p);
+    });
+  }
+};
+
 #if defined(__AVX512BF16__)
 // The bfloat16 path (AVX512-BF16), for bfloat16 activations: products of pairs of bfloat16 summed into
 // float32 (vdpbf16ps: exact products, float32 sums). Dense weights go in as they are. Grouped formats
@@ -533,21 +639,6 @@ inline BH nibble_bh(__m512i v, int shift, int base) {
 template <int FMT>
 struct Grouped;
 
-// The first n % 16 lanes, for a vector loop's last step (all 16 where n is a multiple)
-inline __mmask16 head_lanes(int64_t n) { return __mmask16((1u << (n % 16 ? n % 16 : 16)) - 1); }
-
-// An integer format's scales of a row as float32
-inline void integer_scales(const Row& r, int64_t n, float* out) {
-  if (r.scale_type != DT_F16) {
-    for (int64_t g = 0; g < n; ++g) out[g] = scale_at(r, g);
-    return;
-  }
-  for (int64_t g = 0; g < n; g += 16) {
-    const __mmask16 lanes = g + 16 <= n ? __mmask16(0xFFFF) : head_lanes(n);
-    const __m256i half = _mm256_maskz_loadu_epi16(lanes, (const uint16_t*)r.s + g);
-    _mm512_mask_storeu_ps(out + g, lanes, _mm512_cvtph_ps(half));
-  }
-}
 
 // A 16-bit lane i of the 64 bytes holds columns 4i .. 4i + 3 (low nibble first): vector k is column 4i + k
 template <>
@@ -604,21 +695,8 @@ bool groups_fit(const Matrix& m) {
   return m.cols % step == 0 && (m.block % step == 0 || (step % m.block == 0 && m.block % lane == 0));
 }
 
-// sum_g scale_g * (zero_g + offset) * sum_g(x), the zero points float16, or all `implied` where there are none
-inline float zero_points(const float* scales, const uint8_t* zeros, float implied, float offset, const float* sums,
-                         int64_t groups) {
-  F acc = zero();
-  for (int64_t g = 0; g < groups; g += 16) {
-    const __mmask16 lanes = g + 16 <= groups ? __mmask16(0xFFFF) : head_lanes(groups);
-    const F z = zeros ? _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(lanes, (const uint16_t*)zeros + g)) : set1(implied);
-    const F scaled = _mm512_maskz_mul_ps(lanes, _mm512_maskz_loadu_ps(lanes, scales + g), add(z, set1(offset)));
-    acc = fmadd(scaled, _mm512_maskz_loadu_ps(lanes, sums + g), acc);
-  }
-  return hsum(acc);
-}
-
 template <int FMT, int NP>
-void dot2_grouped(const Matrix& m, Row r0, Row r1, const uint16_t* x, int64_t stride, const float* sums,
+void dot2_grouped(const Matrix& m, const Row& r0, const Row& r1, const uint16_t* x, int64_t stride, const float* sums,
                   int64_t sum_stride, float* scales, float* out0, float* out1) {
   using G = Grouped<FMT>;
   constexpr int V = G::V, STEP = G::STEP;
@@ -629,13 +707,14 @@ void dot2_grouped(const Matrix& m, Row r0, Row r1, const uint16_t* x, int64_t st
   // several groups per step (the block divides STEP: a power of two): float lane j's group is the
   // step's first + j * STEP / 16 / block
   const bool several = m.block < STEP;
+  const int64_t groups_per_step = several ? STEP / m.block : 1;  // per pass of the loop below
   const __m512i lane = _mm512_set_epi32(15, 14, 13, 12, 11, 10, 9, 8, 7, 6, 5, 4, 3, 2, 1, 0);
   const __m512i lane_group = _mm512_srl_epi32(_mm512_mullo_epi32(lane, _mm512_set1_epi32(STEP / 16)),
                                               _mm_cvtsi32_si128(several ? __builtin_ctzll(m.block) : 31));
   F total0[NP], total1[NP];
   for (int p = 0; p < NP; ++p) total0[p] = total1[p] = zero();
-  for (int64_t c = 0; c < m.cols;) {
-    const int64_t g = c / m.block, end = c + (several ? STEP : m.block);
+  for (int64_t c = 0, g = 0; c < m.cols; g += groups_per_step) {
+    const int64_t end = c + (several ? STEP : m.block);
     F acc0[NP][2], acc1[NP][2];
     for (int p = 0; p < NP; ++p) acc0[p][0] = acc0[p][1] = acc1[p][0] = acc1[p][1] = zero();
     for (; c < end; c += STEP) {
@@ -659,18 +738,19 @@ void dot2_grouped(const Matrix& m, Row r0, Row r1, const uint16_t* x, int64_t st
     }
   }
   for (int p = 0; p < NP; ++p) {
-    out0[p] = hsum(total0[p]);
-    out1[p] = hsum(total1[p]);
-    if constexpr (FMT != MXFP4) {
+    if constexpr (FMT == MXFP4) {
+      out0[p] = hsum(total0[p]);
+      out1[p] = hsum(total1[p]);
+    } else {
       constexpr float implied = FMT == INT8 ? 128.f : 8.f;  // symmetric formats' zero point
-      out0[p] -= zero_points(s0, r0.z, implied, G::offset, sums + p * sum_stride, groups);
-      out1[p] -= zero_points(s1, r1.z, implied, G::offset, sums + p * sum_stride, groups);
+      out0[p] = less_zero_points(total0[p], s0, r0.z, implied, G::offset, sums + p * sum_stride, groups);
+      out1[p] = less_zero_points(total1[p], s1, r1.z, implied, G::offset, sums + p * sum_stride, groups);
     }
   }
 }
 
 template <int NP>
-void dot2_dense_bf16(const Matrix& m, Row r0, Row r1, const uint16_t* x, int64_t stride, float* out0, float* out1) {
+void dot2_dense_bf16(const Matrix& m, const Row& r0, const Row& r1, const uint16_t* x, int64_t stride, float* out0, float* out1) {
   F acc0[NP][2], acc1[NP][2];
   for (int p = 0; p < NP; ++p) acc0[p][0] = acc0[p][1] = acc1[p][0] = acc1[p][1] = zero();
   const uint16_t *w0 = (const uint16_t*)r0.w, *w1 = (const uint16_t*)r1.w;
@@ -696,6 +776,7 @@ struct Bf16Path {
   using X = uint16_t;  // bfloat16 bits
   static constexpr bool SUMS = FMT == INT8 || FMT == INT4;  // zero points need the groups' sums of x
   static X value(float v) { return bf16_bits(v); }  // exact: v is a bfloat16 already
+  static float number(X v) { return bf16_value(v); }
   static bool fits(const Matrix& m) {
     if constexpr (FMT == BF16) return m.cols % 64 == 0;
     else return groups_fit<FMT>(m);
@@ -838,7 +919,7 @@ std::vector<float> group_sums(const Matrix& m, const typename Path::X* v, int64_
     for (int64_t p = 0; p < pairs; ++p)
       for (int64_t g = 0; g < groups; ++g) {
         float sum = 0.f;
-        for (int64_t c = g * m.block; c < (g + 1) * m.block; ++c) sum += bf16_value(v[p * m.cols + Path::arranged(m, c)]);
+        for (int64_t c = g * m.block; c < (g + 1) * m.block; ++c) sum += Path::number(v[p * m.cols + Path::arranged(m, c)]);
         sums[p * groups + g] = sum;
       }
     return sums;
@@ -922,6 +1003,10 @@ void matrix_vector(lm_call& c, std::vector<Unit*>& units) {
 template <int FMT, int DT>
 void run(lm_call& c, std::vector<Unit*>& units) {
   if (units.empty()) return;
+  if constexpr (DT == DT_BF16 && FMT == INT8) {
+    const lm_stack& st = *units[0]->stack;
+    if (BytePath::fits(st.gate_up) && BytePath::fits(st.down)) return matrix_vector<BytePath, FMT, DT>(c, units);
+  }
 #if defined(__AVX512BF16__)
   if constexpr (DT == DT_BF16 && (FMT == BF16 || FMT == INT8 || FMT == INT4 || FMT == MXFP4)) {
     const lm_stack& st = *units[0]->stack;

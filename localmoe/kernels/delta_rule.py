@@ -8,13 +8,15 @@ S <- A S + beta k (v - (A S)^T k)^T with A the decay, and the output is S^T q.
 the same result with matrix products over chunks of tokens (the prefill).
 
 Shapes: q, k [B, H, T, Dk]; v [B, H, T, Dv]; g (log decay, <= 0) [B, H, T] or [B, H, T, Dk]; beta
-[B, H, T]; state [B, H, Dk, Dv], updated in place.
+[B, H, T]; state [B, H, Dk, Dv], updated in place. Where a list is given as `trail` (a speculative check,
+which may be cut back to any of its positions), the states after each position are appended to it,
+[B, H, n, Dk, Dv] for n positions at a time; nothing is computed for it otherwise.
 """
 
 import torch
 
 
-def gated_delta_rule(q, k, v, g, beta, state: torch.Tensor) -> torch.Tensor:
+def gated_delta_rule(q, k, v, g, beta, state: torch.Tensor, trail: list | None = None) -> torch.Tensor:
     """Token by token: out [B, H, T, Dv]."""
     decay = g.exp() if g.dim() == 4 else g.exp()[..., None]  # [B, H, T, Dk or 1]
     out = v.new_empty(v.shape)
@@ -24,23 +26,28 @@ def gated_delta_rule(q, k, v, g, beta, state: torch.Tensor) -> torch.Tensor:
         correction = (v[..., t, :] - predicted) * beta[..., t, None]
         state.add_(k[..., t, :, None] * correction[..., None, :])
         out[..., t, :] = (q[..., t, None, :] @ state).squeeze(-2)
+        if trail is not None:
+            trail.append(state[:, :, None].clone())
     return out
 
 
-def gated_delta_rule_chunked(q, k, v, g, beta, state: torch.Tensor, chunk: int = 64) -> torch.Tensor:
+def gated_delta_rule_chunked(
+    q, k, v, g, beta, state: torch.Tensor, chunk: int = 64, trail: list | None = None
+) -> torch.Tensor:
     """Chunk by chunk: out [B, H, T, Dv], equal to `gated_delta_rule` up to rounding."""
     one_chunk = _one_chunk_per_channel if g.dim() == 4 else _one_chunk
     pieces = [
-        one_chunk(*(x[:, :, start : start + chunk] for x in (q, k, v, g, beta)), state)
+        one_chunk(*(x[:, :, start : start + chunk] for x in (q, k, v, g, beta)), state, trail)
         for start in range(0, q.shape[2], chunk)
     ]
     return torch.cat(pieces, dim=2)
 
 
-def _one_chunk(q, k, v, g, beta, state: torch.Tensor) -> torch.Tensor:
+def _one_chunk(q, k, v, g, beta, state: torch.Tensor, trail: list | None) -> torch.Tensor:
     """With c_t the cumulative log decay inside the chunk and S0 the state before it, the values written
     u_t = beta_t (v_t - exp(c_t) S0^T k_t - sum_{j<t} exp(c_t - c_j) (k_t . k_j) u_j) solve a unit lower
-    triangular system; outputs and the next state follow from u by matrix products."""
+    triangular system; outputs and the next state follow from u by matrix products, and so does the
+    state after each position, S_t = exp(c_t) S0 + sum_{j<=t} exp(c_t - c_j) k_j u_j^T."""
     n = q.shape[2]
     decay = g.cumsum(-1)  # [B, H, n]
     causal = torch.ones(n, n, dtype=torch.bool, device=q.device).tril()
@@ -52,12 +59,16 @@ def _one_chunk(q, k, v, g, beta, state: torch.Tensor) -> torch.Tensor:
     written, decayed_keys = solved.split((v.shape[-1], k.shape[-1]), dim=-1)
     u = written - decayed_keys @ state  # [B, H, n, Dv]
     out = (q * decay.exp()[..., None]) @ state + ((q @ k.transpose(-1, -2)) * between) @ u
+    if trail is not None:
+        trail.append(
+            decay.exp()[..., None, None] * state[:, :, None] + torch.einsum("bhtj,bhjk,bhjv->bhtkv", between, k, u)
+        )
     total = decay[..., -1:]
     state.mul_(total.exp()[..., None]).add_((k * (total - decay).exp()[..., None]).transpose(-1, -2) @ u)
     return out
 
 
-def _one_chunk_per_channel(q, k, v, g, beta, state: torch.Tensor) -> torch.Tensor:
+def _one_chunk_per_channel(q, k, v, g, beta, state: torch.Tensor, trail: list | None) -> torch.Tensor:
     """`_one_chunk` with a decay per key channel: products of keys (and of queries with keys) weigh each
     channel by its own decay between the two positions, [B, H, n, n, Dk] at once."""
     n = q.shape[2]
@@ -72,6 +83,8 @@ def _one_chunk_per_channel(q, k, v, g, beta, state: torch.Tensor) -> torch.Tenso
     u = written - decayed_keys @ state  # [B, H, n, Dv]
     scores = (q[..., :, None, :] * k[..., None, :, :] * between).sum(-1)  # [B, H, n, n], zero above the diagonal
     out = (q * decay.exp()) @ state + scores @ u
+    if trail is not None:
+        trail.append(decay.exp()[..., None] * state[:, :, None] + torch.einsum("bhtjd,bhjd,bhjv->bhtdv", between, k, u))
     total = decay[..., -1:, :]  # [B, H, 1, Dk]
     state.mul_(total.exp().transpose(-1, -2)).add_((k * (total - decay).exp()).transpose(-1, -2) @ u)
     return out

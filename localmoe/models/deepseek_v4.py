@@ -168,6 +168,12 @@ class Compressor(nn.Module):
     def new_state(self, batch: int, max_len: int, dtype, device) -> PooledState:
         return PooledState(batch, self.kv_proj.out_features, self.dim, self.rate, max_len, dtype, device)
 
+    def pending_bytes(self, dtype: torch.dtype) -> int:
+        """The most its state holds of tokens not yet pooled: rate - 1 projections and gates, and with
+        `overlap` the last window's first halves."""
+        overlap = 2 * self.rate * self.dim if self.overlap else 0
+        return (2 * (self.rate - 1) * self.kv_proj.out_features + overlap) * dtype.itemsize
+
     def forward(self, x: torch.Tensor, state: PooledState, rotary: RotaryEmbedding) -> torch.Tensor:
         """All entries so far [B, n, dim], after adding those the new tokens complete."""
         first = state.count * self.rate
@@ -280,6 +286,12 @@ class CompressedAttention(nn.Module):
 
     def fixed_state_bytes(self, dtype: torch.dtype) -> int:
         return 2 * (self.window + REWIND_SLACK) * self.dim * dtype.itemsize
+
+    def pending_state_bytes(self, dtype: torch.dtype) -> int:
+        if self.kind == SLIDING:
+            return 0
+        indexer = self.compressor.indexer.compressor.pending_bytes(dtype) if self.kind == CSA else 0
+        return self.compressor.pending_bytes(dtype) + indexer
 
     def forward(self, x: torch.Tensor, step: Step, state: CompressedKV) -> torch.Tensor:
         B, T, _ = x.shape

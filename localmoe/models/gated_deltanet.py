@@ -50,6 +50,8 @@ class GatedDeltaNet(nn.Module):
         self.norm = norm(self.v_dim, args.rms_norm_eps)
         self.out_proj = nn.Linear(values, hidden, bias=False)
 
+    recurrent = True  # its state is a RecurrentState (see CausalLM.recurrent_state_bytes)
+
     def new_state(self, batch: int, max_len: int, dtype: torch.dtype, device) -> RecurrentState:
         conv = torch.zeros(batch, self.channels, self.kernel - 1, dtype=dtype, device=device)
         matrix = torch.zeros(batch, self.v_heads, self.k_dim, self.v_dim, dtype=torch.float32, device=device)
@@ -82,7 +84,8 @@ class GatedDeltaNet(nn.Module):
     def forward(self, x: torch.Tensor, step: Step, state: RecurrentState) -> torch.Tensor:
         B, T, _ = x.shape
         qkv, z, b, a = self.projections(x)
-        mixed = F.silu(causal_conv(qkv, state.conv, self.conv1d.weight))  # [B, T, C]
+        state.begin(step)
+        mixed = F.silu(causal_conv(qkv, state.conv, self.conv1d.weight, trail=state.pieces["conv"]))  # [B, T, C]
         q, k, v = mixed.split((self.k_heads * self.k_dim, self.k_heads * self.k_dim, self.v_heads * self.v_dim), -1)
         groups = self.v_heads // self.k_heads  # each q/k head serves this many consecutive value heads
         q, k = (l2_normalize(heads(t, self.k_dim).repeat_interleave(groups, dim=1)) for t in (q, k))
@@ -91,7 +94,7 @@ class GatedDeltaNet(nn.Module):
         beta = torch.sigmoid(b).float().transpose(1, 2)  # [B, H, T]
         g = (-self.A_log.float().exp() * F.softplus(a.float() + self.dt_bias)).transpose(1, 2)
         rule = gated_delta_rule if T == 1 else gated_delta_rule_chunked
-        out = rule(q, k, v, g, beta, state.matrix).transpose(1, 2).to(x.dtype)  # [B, T, H, Dv]
+        out = rule(q, k, v, g, beta, state.matrix, trail=state.pieces["matrix"]).transpose(1, 2).to(x.dtype)
         out = (self.norm(out) * self.gate_act(z.float())).to(x.dtype)
         return self.out_proj(out.reshape(B, T, -1))
 

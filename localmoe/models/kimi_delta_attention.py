@@ -33,6 +33,8 @@ class KimiDeltaAttention(nn.Module):
         self.o_norm = SigmoidGatedRMSNorm(head_dim, eps)
         self.o_proj = nn.Linear(width, hidden, bias=False)
 
+    recurrent = True  # its state is a RecurrentState (see CausalLM.recurrent_state_bytes)
+
     def new_state(self, batch: int, max_len: int, dtype: torch.dtype, device) -> RecurrentState:
         width = self.heads * self.head_dim
         conv = torch.zeros(batch, 3 * width, self.kernel - 1, dtype=dtype, device=device)  # q, k, v
@@ -48,17 +50,21 @@ class KimiDeltaAttention(nn.Module):
 
     def forward(self, x: torch.Tensor, step: Step, state: RecurrentState) -> torch.Tensor:
         B, T, _ = x.shape
+        state.begin(step)
         windows = state.conv.chunk(3, dim=1)  # views: each convolution keeps its own inputs
         convs = (self.q_conv1d, self.k_conv1d, self.v_conv1d)
+        trails = None if state.pieces["conv"] is None else []
         q, k, v = (
-            self._heads(self.act(causal_conv(proj(x), window, conv.weight)))
+            self._heads(self.act(causal_conv(proj(x), window, conv.weight, trail=trails)))
             for proj, window, conv in zip((self.q_proj, self.k_proj, self.v_proj), windows, convs, strict=True)
         )
+        if trails is not None:
+            state.pieces["conv"].append(torch.cat(trails, dim=1))
         q, k = _l2_normalize(q) * self.head_dim**-0.5, _l2_normalize(k)
         g = self.log_decay(x).view(B, T, self.heads, self.head_dim)  # [B, T, H, D] float32
         beta = torch.sigmoid(self.b_proj(x)).float().transpose(1, 2)  # [B, H, T]
         rule = gated_delta_rule if T == 1 else gated_delta_rule_chunked
-        out = rule(q, k, v, g.transpose(1, 2), beta, state.matrix).transpose(1, 2)  # [B, T, H, D] float32
+        out = rule(q, k, v, g.transpose(1, 2), beta, state.matrix, trail=state.pieces["matrix"]).transpose(1, 2)
         gate = self.output_gate(x).view(B, T, self.heads, self.head_dim)
         return self.o_proj(self.o_norm(out, gate).to(x.dtype).reshape(B, T, -1))
 

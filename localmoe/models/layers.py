@@ -97,6 +97,7 @@ class Step:
     layer_inputs: torch.Tensor | None = None  # [B, T, layers, D]: Gemma 4's per-layer embeddings
     ids: torch.Tensor | None = None  # [B, T] the tokens, where routing reads them (DeepSeek-V4's hash layers)
     bucket: int | None = None  # a decode token's key slots
+    trail: bool = False  # a speculative check: recurrent states keep their state after each position (RecurrentState)
     _positions: torch.Tensor | None = None  # [T] on the device: given to a static step, computed by an eager one
     _memo: dict = field(default_factory=dict)
 
@@ -319,17 +320,30 @@ class CausalLM(nn.Module):
             getattr(layer.self_attn, "fixed_state_bytes", lambda _: 0)(dtype) for layer in self._stateful_layers()
         )
 
+    def recurrent_state_bytes(self, dtype: torch.dtype) -> int:
+        """Of fixed_state_bytes, the backbone's states that sum over every token (`RecurrentState`, of mixers
+        marked `recurrent`): a speculative check keeps them after each of its positions."""
+        mixers = [layer.self_attn for layer in self.model.layers]
+        return sum(mixer.fixed_state_bytes(dtype) for mixer in mixers if getattr(mixer, "recurrent", False))
+
+    def pending_state_bytes(self, dtype: torch.dtype) -> int:
+        """The most the backbone's compressors hold of tokens not yet pooled (`PooledState`): what a
+        speculative check keeps a copy of."""
+        return sum(getattr(layer.self_attn, "pending_state_bytes", lambda _: 0)(dtype) for layer in self.model.layers)
+
     def _stateful_layers(self) -> list[nn.Module]:
         """The decoder layers that keep a state while generating: the backbone's and the MTP layers'."""
         return [*self.model.layers, *([] if self.mtp is None else [layer.block for layer in self.mtp.layers])]
 
     def forward(
-        self, ids: torch.Tensor, cache: KVCache, all_logits: bool = False, hidden: bool = False
+        self, ids: torch.Tensor, cache: KVCache, all_logits: bool = False, hidden: bool = False, trail: bool = False
     ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
         """Logits [B, T, V] for ids [B, T] following what the cache holds (only the last position unless
         `all_logits`); the cache advances by T. With `hidden`, (logits, h): h [B, T, E] the last layer's
-        output before the final norm, at the same positions (what `mtp_draft` takes)."""
+        output before the final norm, at the same positions (what `mtp_draft` takes). With `trail` (a
+        speculative check), the cache can then be cut back to any of these positions (see Step.trail)."""
         step = self._step(cache, ids.shape[1])
+        step.trail = trail
         if step.length == 1 and self.static_decode:  # as a static step would, with the position on the host
             step.bucket = bucket(step.start, cache.max_len)
         h = self.embed(ids, step)

@@ -46,6 +46,8 @@ class Mamba1Mixer(nn.Module):
             self.b_layernorm = RMSNorm(state_size, inner_norm_eps)
             self.c_layernorm = RMSNorm(state_size, inner_norm_eps)
 
+    recurrent = True  # its state is a RecurrentState (see CausalLM.recurrent_state_bytes)
+
     def new_state(self, batch: int, max_len: int, dtype: torch.dtype, device) -> RecurrentState:
         conv = torch.zeros(batch, self.inner, self.kernel - 1, dtype=dtype, device=device)
         ssm = torch.zeros(batch, self.inner, self.state_size, dtype=torch.float32, device=device)
@@ -59,13 +61,15 @@ class Mamba1Mixer(nn.Module):
 
     def forward(self, x: torch.Tensor, step: Step, state: RecurrentState) -> torch.Tensor:
         xs, gate = self.in_proj(x).chunk(2, dim=-1)  # [B, T, inner]
-        xs = self.act(causal_conv(xs, state.conv, self.conv1d.weight, self.conv1d.bias))
+        state.begin(step)
+        xs = self.act(causal_conv(xs, state.conv, self.conv1d.weight, self.conv1d.bias, state.pieces["conv"]))
         dt, B, C = self.x_proj(xs).split((self.dt_rank, self.state_size, self.state_size), dim=-1)
         if hasattr(self, "dt_layernorm"):
             dt, B, C = self.dt_layernorm(dt), self.b_layernorm(B), self.c_layernorm(C)
         dt = F.softplus(F.linear(dt, self.dt_proj.weight).float() + self.dt_proj.bias.float())  # [B, T, inner]
         inputs = xs.transpose(1, 2).float()  # [B, inner, T]
         scan = selective_scan if x.shape[1] == 1 else selective_chunked
-        out = scan(inputs, dt.transpose(1, 2), -self.A_log.float().exp(), B.float(), C.float(), state.ssm)
+        A = -self.A_log.float().exp()
+        out = scan(inputs, dt.transpose(1, 2), A, B.float(), C.float(), state.ssm, trail=state.pieces["ssm"])
         out = (out + inputs * self.D.float()[:, None]) * F.silu(gate.transpose(1, 2).float())
         return self.out_proj(out.transpose(1, 2).to(x.dtype))

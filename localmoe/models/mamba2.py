@@ -63,6 +63,8 @@ class Mamba2Mixer(nn.Module):
         self.norm = GroupGatedRMSNorm(inner, inner // groups, eps)
         self.out_proj = nn.Linear(inner, hidden, bias=proj_bias)
 
+    recurrent = True  # its state is a RecurrentState (see CausalLM.recurrent_state_bytes)
+
     def new_state(self, batch: int, max_len: int, dtype: torch.dtype, device) -> RecurrentState:
         conv = torch.zeros(batch, self.channels, self.kernel - 1, dtype=dtype, device=device)
         ssm = torch.zeros(batch, self.heads, self.head_dim, self.state_size, dtype=torch.float32, device=device)
@@ -78,14 +80,15 @@ class Mamba2Mixer(nn.Module):
         B_, T, _ = x.shape
         inner, shared = self.heads * self.head_dim, self.groups * self.state_size
         gate, conv_in, dt = self.in_proj(x).split((inner, self.channels, self.heads), dim=-1)
-        mixed = self.act(causal_conv(conv_in, state.conv, self.conv1d.weight, self.conv1d.bias))
+        state.begin(step)
+        mixed = self.act(causal_conv(conv_in, state.conv, self.conv1d.weight, self.conv1d.bias, state.pieces["conv"]))
         xs, B, C = mixed.split((inner, shared, shared), dim=-1)
         dt = F.softplus(dt.float() + self.dt_bias.float()).clamp(*self.dt_limit).transpose(1, 2)  # [B, H, T]
         per_group = self.heads // self.groups
         B, C = (t.view(B_, T, self.groups, -1).repeat_interleave(per_group, 2).transpose(1, 2).float() for t in (B, C))
         heads = xs.view(B_, T, self.heads, self.head_dim).transpose(1, 2).float()  # [B, H, T, P]
         scan = ssd_scan if T == 1 else ssd_chunked
-        out = scan(heads, dt, -self.A_log.float().exp(), B, C, state.ssm)
+        out = scan(heads, dt, -self.A_log.float().exp(), B, C, state.ssm, trail=state.pieces["ssm"])
         out = out + heads * self.D.float()[:, None, None]
         out = out.transpose(1, 2).reshape(B_, T, inner)  # float32 through the norm, as transformers' prefill
         return self.out_proj(self.norm(out, gate).to(x.dtype))

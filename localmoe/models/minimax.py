@@ -36,6 +36,8 @@ class LightningAttention(nn.Module):
         self.out_proj = nn.Linear(heads * head_dim, hidden, bias=False)
         self.register_buffer("slope", slope.view(heads, 1, 1), persistent=False)
 
+    recurrent = True  # its state is a RecurrentState (see CausalLM.recurrent_state_bytes)
+
     def new_state(self, batch: int, max_len: int, dtype: torch.dtype, device) -> RecurrentState:
         return RecurrentState(
             kv=torch.zeros(batch, self.heads, self.head_dim, self.head_dim, dtype=dtype, device=device)
@@ -51,6 +53,7 @@ class LightningAttention(nn.Module):
         B, T, _ = x.shape
         qkv = self.act(self.qkv_proj(x)).view(B, T, self.heads, 3 * self.head_dim).transpose(1, 2)
         q, k, v = qkv.split(self.head_dim, dim=-1)  # [B, H, T, D]
+        state.begin(step)
         out = torch.cat([self._block(q, k, v, state, i) for i in range(0, T, self.block_size)], dim=2)
         out = self.norm(out.transpose(1, 2).reshape(B, T, -1))
         return self.out_proj(torch.sigmoid(self.output_gate(x)) * out)
@@ -64,6 +67,9 @@ class LightningAttention(nn.Module):
         query_decay = torch.exp(-self.slope * steps[:, None]).to(q.dtype)  # [H, n, 1]
         key_decay = torch.exp(-self.slope * (n - steps[:, None])).to(q.dtype)
         out = (q @ k.transpose(-1, -2) * within) @ v + (q * query_decay) @ state.kv
+        if state.pieces["kv"] is not None:  # the state after each position of a check
+            written = torch.einsum("hts,bhsd,bhse->bhtde", within, k, v)
+            state.pieces["kv"].append(query_decay[..., None] * state.kv[:, :, None] + written)
         state.kv.copy_(state.kv * torch.exp(-self.slope * n).to(q.dtype) + (k * key_decay).transpose(-1, -2) @ v)
         return out
 

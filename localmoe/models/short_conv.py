@@ -13,12 +13,21 @@ from localmoe.models.layers import Step
 from localmoe.models.state import REWIND_SLACK, ConvRing
 
 
-def causal_conv(x: torch.Tensor, window: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None):
+def causal_conv(
+    x: torch.Tensor,
+    window: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None = None,
+    trail: list | None = None,
+):
     """x [B, T, C] convolved per channel with weight [C, 1, K] over each position and the K - 1 before
     it, continuing from `window` [B, C, K - 1] (the inputs before x; updated in place to the last K - 1
-    inputs): [B, T, C], before any activation."""
+    inputs): [B, T, C], before any activation. Where a list is given as `trail`, the window after each
+    position is appended to it, [B, C, T, K - 1] (views of the inputs)."""
     inputs = torch.cat((window, x.transpose(1, 2)), dim=-1)  # [B, C, K - 1 + T]
     window.copy_(inputs[..., inputs.shape[-1] - window.shape[-1] :])
+    if trail is not None:
+        trail.append(inputs.unfold(-1, window.shape[-1], 1)[:, :, 1:])
     return F.conv1d(inputs, weight, bias, groups=inputs.shape[1]).transpose(1, 2)
 
 

@@ -3,8 +3,10 @@ in a ring), latents, compressed entries, recurrent matrices, rings of a convolut
 
 Every state follows `LayerState`: it takes what its layer writes (`update`, whose arguments are each
 kind's own), can `truncate` itself to its first positions (or say it cannot, and the whole cache
-restarts) and `reset`. A state that cannot be cut back (it sums over every token) can `save` itself
-before forward passes that may be undone (speculative decoding's verification) and `restore` that.
+restarts) and `reset`. A recurrent state (it sums over every token) is cut back only into a forward pass
+that kept the state after each of its positions (speculative decoding's check: `RecurrentState`); a
+state that can do neither (DeepSeek-V4's pooled entries) can `save` itself before forward passes that may
+be undone and `restore` that, and then the tokens kept are fed again.
 """
 
 from dataclasses import dataclass
@@ -201,8 +203,9 @@ class PooledState:
         self.count = 0
 
     def save(self) -> tuple:
-        # the compressor replaces these rather than writing into them; entries past `count` are written again
-        return self.pending_kv, self.pending_gate, self.overlap, self.count
+        # the compressor replaces these rather than writing into them; entries past `count` are written again.
+        # The pending tokens are copied: they are a view of the whole last forward pass's projections
+        return self.pending_kv.clone(), self.pending_gate.clone(), self.overlap, self.count
 
     def restore(self, saved: tuple) -> None:
         self.pending_kv, self.pending_gate, self.overlap, self.count = saved
@@ -240,29 +243,54 @@ class CompressedKV(LayerState):
 
 
 class RecurrentState(LayerState):
-    """A recurrent layer's state (linear attention, Gated DeltaNet, Mamba-2, Kimi Delta Attention): named
-    tensors that sum over every token so far, such as a convolution's last inputs [B, C, K - 1] or a
-    scan's matrices (kept in float32). It cannot be rewound to an earlier position, only kept when
-    nothing is dropped."""
+    """A recurrent layer's state (linear attention, Gated DeltaNet, Mamba-1 and -2, Kimi Delta Attention):
+    named tensors [B, X, ...] that sum over every token so far, such as a convolution's last inputs
+    [B, C, K - 1] or a scan's matrices (kept in float32). It cannot be rewound to an earlier position,
+    except into a forward pass that kept its trail (a speculative check, `Step.trail`): its layer then
+    appends the state after each of the pass's positions to `pieces` (what the kernels' `trail` takes),
+    [B, X, n, ...] for n positions at a time, and any of them can be taken back without feeding a token
+    again (vLLM and SGLang keep the state of every checked position likewise)."""
 
     def __init__(self, **tensors: torch.Tensor):
         self.tensors = tensors
         self.__dict__.update(tensors)
+        self.start = 0  # the first position of the last forward pass
+        self.pieces: dict[str, list[torch.Tensor] | None] = dict.fromkeys(tensors)
+
+    def begin(self, step) -> None:
+        """A forward pass over `step` starts: lists for its trail where it keeps one, else none (and any
+        earlier trail is dropped)."""
+        self.start = step.start
+        self.pieces = {name: [] if step.trail else None for name in self.tensors}
 
     def truncate(self, pos: int, current: int, interrupted: bool) -> bool:
-        return pos == current and not interrupted
+        pieces, self.pieces = self.pieces, dict.fromkeys(self.tensors)
+        if interrupted or pos == current:
+            return not interrupted
+        index = pos - self.start - 1  # the state after position pos - 1
+        for name, tensor in self.tensors.items():
+            if pieces[name] is None or current != self.start + _positions(pieces[name]) or index < 0:
+                return False
+            tensor.copy_(_position(pieces[name], index))
+        return True
 
     def reset(self) -> None:
         for tensor in self.tensors.values():
             tensor.zero_()
+        self.pieces = dict.fromkeys(self.tensors)
 
-    def save(self, pos: int) -> dict[str, torch.Tensor]:
-        return {name: tensor.clone() for name, tensor in self.tensors.items()}
 
-    def restore(self, saved: dict[str, torch.Tensor], current: int) -> bool:
-        for name, tensor in self.tensors.items():
-            tensor.copy_(saved[name])
-        return True
+def _positions(pieces: list[torch.Tensor]) -> int:
+    return sum(piece.shape[2] for piece in pieces)
+
+
+def _position(pieces: list[torch.Tensor], index: int) -> torch.Tensor:
+    """The state after position `index` of pieces [B, X, n, ...] laid end to end."""
+    for piece in pieces:
+        if index < piece.shape[2]:
+            return piece[:, :, index]
+        index -= piece.shape[2]
+    raise IndexError("past the trail")
 
 
 class ConvRing(LayerState):

@@ -160,6 +160,8 @@ def generate_tokens(
     decode = DecodeSteps(model, cache, graphs, hooks)
     # the last prompt token is always fed: its logits pick the first token
     reuse = cache.rewind(min(reuse, len(prompt) - 1))
+    if drafter is not None:
+        drafter.rewind(reuse)
     seen = torch.tensor([*prompt, *[0] * max_new_tokens], device=device)
     stats.prompt_tokens = len(prompt) - reuse
     start = time.perf_counter()
@@ -222,7 +224,8 @@ def check_fits(prompt_tokens: int, max_new_tokens: int, context: int, limit: int
 class Speculation:
     """Speculative decode steps: the drafter's tokens fed after the last chosen one in one forward pass,
     kept while the sampler chooses them; the cache then cut back to the tokens kept, through the states'
-    own `rollback`, feeding again the kept ones where states that cannot be cut back were restored."""
+    own `rollback` (recurrent states into the check's trail), feeding again the kept ones only where
+    states that can do neither were restored (DeepSeek-V4's pooled entries)."""
 
     def __init__(self, model, cache, decode, drafter, draft_tokens, hooks, prefill_chunk, prompt, stats):
         self.model, self.cache, self.decode, self.drafter = model, cache, decode, drafter
@@ -252,12 +255,12 @@ class Speculation:
                         break
                 if drafts:
                     self.stats.record(len(drafts), kept)
-                self._settle(kept + 1)
+                self._settle()
                 room = min(self.draft_tokens, max_new_tokens - produced - 1, self.cache.max_len - len(self.tokens))
                 drafts = self.drafter.propose(self.tokens, room)[:room] if room > 0 else []
                 rows = self._verify(drafts, seen.device)
         finally:
-            self._settle(None)
+            self._settle()
 
     def _verify(self, drafts: list[int], device: torch.device) -> torch.Tensor:
         """Logits [1 + len(drafts), V] after the last chosen token and after each draft."""
@@ -267,19 +270,20 @@ class Speculation:
         self.saved = self.cache.save() if drafts else None
         first = self.cache.pos
         self.hooks.before()
-        logits, h = _forward(self.model, ids, self.cache, True, self.drafter.reads_hidden)
+        logits, h = _forward(self.model, ids, self.cache, True, self.drafter.reads_hidden, trail=bool(drafts))
         self.hooks.after()
         self.fed = (first, h) if h is not None else None
         return logits[0]
 
-    def _settle(self, kept: int | None) -> None:
-        """Once the last forward pass's tokens are chosen: the drafter learns that the first `kept` were
-        kept (None: the generation ends), and the cache keeps every token but the last chosen, as plain
-        decoding's does."""
-        if self.fed is not None and kept is not None:
-            self.drafter.observe(self.fed[0], kept, self.fed[1][0])
-        self.fed = None
+    def _settle(self) -> None:
+        """Once the last forward pass's tokens are chosen (all of them, or those before the generation
+        ended): the cache keeps every token but the last chosen, as plain decoding's does, and the drafter
+        learns which of the pass's positions that keeps (a conversation's next turn may go on from them)."""
         keep, saved, self.saved = len(self.tokens) - 1, self.saved, None
+        if self.fed is not None:
+            first, hidden = self.fed
+            self.drafter.observe(first, min(keep - first, hidden.shape[1]), hidden[0])
+        self.fed = None
         if saved is None or self.cache.pos <= keep or self.cache.writing:
             return  # nothing fed beyond, or a forward pass cut short, which the next rewind sees
         done = self.cache.rollback(saved, keep)
@@ -296,10 +300,12 @@ class Speculation:
 
 
 @torch.inference_mode()
-def _forward(model: nn.Module, ids: torch.Tensor, cache: KVCache, every: bool = False, hidden: bool = False) -> tuple:
+def _forward(
+    model: nn.Module, ids: torch.Tensor, cache: KVCache, every: bool = False, hidden: bool = False, trail: bool = False
+) -> tuple:
     """(logits, the last layer's hidden states or None): of the last position, or of every one with
     `every` (a draft's check); hidden states where `hidden` (for a drafter that reads them: then of
-    every position)."""
+    every position). `trail`: a check, which the cache may be cut back into (see Step.trail)."""
     if hidden:
-        return model(ids, cache, all_logits=True, hidden=True)
-    return model(ids, cache, all_logits=every), None
+        return model(ids, cache, all_logits=True, hidden=True, trail=trail)
+    return model(ids, cache, all_logits=every, trail=trail), None

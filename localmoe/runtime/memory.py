@@ -48,6 +48,11 @@ class Footprint:
     attention_heads: int = 0  # the most query heads of any attention layer
     attention_head_width: int = 0  # the widest key plus value width per head of any attention layer
     host_table_bytes: int = 0  # lookup tables kept in host memory (`HostEmbedding`), never on the device
+    # what speculative decoding adds (see `Speculating`)
+    recurrent_state_bytes: int = 0  # of fixed_state_bytes, the states that sum over every token (RecurrentState)
+    pending_state_bytes: int = 0  # the most the compressors' pending tokens take (DeepSeek-V4's PooledState)
+    logits_bytes_per_token: int = 0  # one position's logits, in the compute dtype
+    hidden_bytes_per_token: int = 0  # one position's last hidden state, in the compute dtype
 
     def attention_bytes(self, queries: int, keys: int) -> int:
         """The prefill attention's transient memory for `queries` new tokens against `keys` positions, as
@@ -71,6 +76,35 @@ class Footprint:
 
 
 @dataclass(frozen=True)
+class Speculating:
+    """Speculative decoding as the plan counts it: checks of `draft_tokens` drafted tokens and the last chosen
+    one in one forward pass (0: no speculation), drafted by the checkpoint's MTP layers where `mtp`."""
+
+    draft_tokens: int = 0
+    mtp: bool = False
+
+    def state_bytes(self, fp: Footprint, context: int) -> int:
+        """Device memory kept beside the cache: a check keeps the recurrent states after each of its
+        positions (at most their size each: a convolution's windows are views of its inputs) and a copy
+        of the compressors' pending tokens; the MTP drafter keeps the target's hidden states of the prompt
+        until its first draft (its layers' own caches are in the footprint's state already)."""
+        tokens = self.draft_tokens + 1 if self.draft_tokens else 0
+        saved = tokens * fp.recurrent_state_bytes + (fp.pending_state_bytes if tokens else 0)
+        return saved + (context * fp.hidden_bytes_per_token if self.mtp else 0)
+
+    def workspace(self, fp: Footprint, chunk: int, context: int) -> int:
+        """Transient memory beyond a plain prefill chunk's: a check is a forward pass over draft_tokens + 1
+        tokens with logits at every one of them; with MTP drafts, the prefill computes logits at every
+        position of a chunk too."""
+        tokens = self.draft_tokens + 1 if self.draft_tokens else 0
+        check = fp.activation_bytes_per_token * tokens + fp.attention_bytes(tokens, context)
+        check += fp.logits_bytes_per_token * tokens
+        prefill = fp.activation_bytes_per_token * chunk + fp.attention_bytes(chunk, context)
+        logits = fp.logits_bytes_per_token * chunk if self.mtp else 0
+        return max(check - prefill, 0) + logits
+
+
+@dataclass(frozen=True)
 class MemoryPlan:
     device: str
     footprint: Footprint
@@ -83,10 +117,18 @@ class MemoryPlan:
     host_margin: int = 0  # RAM left to the OS and the load out of what was available (pinned stores)
     tables: str | None = None  # where the host tables are: "ram" or "mmap" (None: the model has none)
     notices: tuple[str, ...] = ()  # what the plan changed from what was asked, a line each
+    speculating: Speculating = Speculating()
 
     @property
     def kv_bytes(self) -> int:
         return self.footprint.kv_bytes_per_token * self.context + self.footprint.fixed_state_bytes
+
+    @property
+    def speculation_bytes(self) -> int:
+        """What speculative decoding keeps and computes beyond plain decoding (0: it is off)."""
+        return self.speculating.state_bytes(self.footprint, self.context) + self.speculating.workspace(
+            self.footprint, self.prefill_chunk, self.context
+        )
 
     @property
     def workspace_bytes(self) -> int:
@@ -98,7 +140,8 @@ class MemoryPlan:
 
     @property
     def device_bytes(self) -> int:
-        return self.footprint.resident_bytes + self.kv_bytes + self.workspace_bytes + self.pool_bytes
+        fixed = self.footprint.resident_bytes + self.kv_bytes + self.workspace_bytes + self.speculation_bytes
+        return fixed + self.pool_bytes
 
     @property
     def all_resident(self) -> bool:
@@ -128,6 +171,7 @@ class MemoryPlan:
             ("non-expert weights", self.device, fp.resident_bytes),
             (f"KV cache ({self.context} tokens)", self.device, self.kv_bytes),
             (f"workspace ({self.prefill_chunk}-token prefill chunks)", self.device, self.workspace_bytes),
+            *self._speculation_rows(),
             (f"expert slots ({slots} of {fp.total_experts} experts)", self.device, self.pool_bytes),
             (f"total on {self.device} (budget {format_bytes(self.device_budget)})", "", self.device_bytes),
         ]
@@ -166,6 +210,14 @@ class MemoryPlan:
         )
         return "\n".join(lines)
 
+    def _speculation_rows(self) -> list[tuple[str, str, int]]:
+        drafts = self.speculating.draft_tokens
+        if not drafts:
+            return []
+        drafter = "MTP" if self.speculating.mtp else "lookup"
+        what = f"speculative decoding ({drafter}, {drafts}-token drafts: saved states, checks)"
+        return [(what, self.device, self.speculation_bytes)]
+
 
 def flag_size(n: int) -> str:
     """A size as a flag value that parse_size reads back (rounded to MiB or to a hundredth of a GiB)."""
@@ -181,6 +233,7 @@ def plan_memory(
     expert_slots: int | None = None,
     context: int | None = None,
     prefill_chunk: int = 512,
+    speculating: Speculating = Speculating(),
 ) -> MemoryPlan:
     """Decide the slot count and the experts' host tier.
 
@@ -192,7 +245,8 @@ def plan_memory(
     in RAM (pinned for CUDA, leaving a margin of the available RAM to the OS) when the host budget
     holds it, else it is read from the checkpoint through mmap; when every expert has a slot, no host
     copy is kept at all. `context`: tokens of KV cache, at most the model's maximum; None: DEFAULT_CONTEXT,
-    or the maximum where it is smaller.
+    or the maximum where it is smaller. `speculating`: what speculative decoding adds is counted with the
+    rest (see `Speculating`).
     """
     fp = footprint
     context = _context(context, fp.max_positions)
@@ -204,13 +258,13 @@ def plan_memory(
         host_margin = host_ram_margin() if device.type == "cuda" else 0
         host_budget = max(available - host_margin, 0)
     asked = min(prefill_chunk, context)
-    chunk = _prefill_chunk(fp, asked, context, device_budget)
+    chunk = _prefill_chunk(fp, asked, context, device_budget, speculating)
     if chunk < asked:
         notices.append(
             f"prefill in chunks of {chunk} tokens, not {asked}: the prefill attention of a {context}-token "
             "context leaves no room for the experts otherwise"
         )
-    fixed = _fixed_bytes(fp, chunk, context)
+    fixed = _fixed_bytes(fp, chunk, context, speculating)
     if expert_slots is None:
         slots = min(fp.total_experts, max(device_budget - fixed, 0) // fp.expert_bytes)
     else:
@@ -221,19 +275,31 @@ def plan_memory(
             )
         slots = expert_slots
     needed = fixed + fp.top_k * fp.expert_bytes
+    drafts = ", speculative decoding" if speculating.draft_tokens else ""
     over_budget = vram_budget is not None and fixed + slots * fp.expert_bytes > device_budget
     if slots < fp.top_k or over_budget:
         raise LocalMoEError(
             f"a device budget of {format_bytes(device_budget)} is too small: this model needs at least "
             f"{format_bytes(needed)} ({format_bytes(fp.resident_bytes)} of non-expert weights, the KV cache and "
-            f"workspace for {context} tokens, and {max(slots, fp.top_k)} expert slots of "
+            f"workspace for {context} tokens{drafts}, and {max(slots, fp.top_k)} expert slots of "
             f"{format_bytes(fp.expert_bytes)}); raise {setting('vram_budget')}, or lower {setting('context')} or "
             f"{setting('expert_slots')}"
         )
     store = _expert_home(fp, device, slots, fixed, host_budget)
     tables = _table_home(fp, device, slots, fixed, host_budget, store)
     return MemoryPlan(
-        str(device), fp, context, chunk, slots, store, device_budget, host_budget, host_margin, tables, tuple(notices)
+        str(device),
+        fp,
+        context,
+        chunk,
+        slots,
+        store,
+        device_budget,
+        host_budget,
+        host_margin,
+        tables,
+        tuple(notices),
+        speculating,
     )
 
 
@@ -254,9 +320,10 @@ def _device_budget(device: torch.device, vram_budget: int | None, notices: list[
     return free
 
 
-def _fixed_bytes(fp: Footprint, chunk: int, context: int) -> int:
+def _fixed_bytes(fp: Footprint, chunk: int, context: int, speculating: Speculating) -> int:
     """Everything on the device but the expert slots."""
-    return fp.resident_bytes + fp.kv_bytes_per_token * context + fp.fixed_state_bytes + _workspace(fp, chunk, context)
+    state = fp.kv_bytes_per_token * context + fp.fixed_state_bytes + speculating.state_bytes(fp, context)
+    return fp.resident_bytes + state + _workspace(fp, chunk, context) + speculating.workspace(fp, chunk, context)
 
 
 def _workspace(fp: Footprint, chunk: int, context: int) -> int:
@@ -264,9 +331,12 @@ def _workspace(fp: Footprint, chunk: int, context: int) -> int:
     return fp.activation_bytes_per_token * chunk + fp.attention_bytes(chunk, context)
 
 
-def _prefill_chunk(fp: Footprint, chunk: int, context: int, device_budget: int) -> int:
+def _prefill_chunk(fp: Footprint, chunk: int, context: int, device_budget: int, speculating: Speculating) -> int:
     """The requested prefill chunk, halved while its workspace leaves no room for one layer's experts."""
-    while chunk > MIN_PREFILL_CHUNK and _fixed_bytes(fp, chunk, context) + fp.top_k * fp.expert_bytes > device_budget:
+    while (
+        chunk > MIN_PREFILL_CHUNK
+        and _fixed_bytes(fp, chunk, context, speculating) + fp.top_k * fp.expert_bytes > device_budget
+    ):
         chunk = max(chunk // 2, MIN_PREFILL_CHUNK)
     return chunk
 

@@ -39,6 +39,10 @@ class Drafter(Protocol):
         were rejected drafts); `hidden` [T, H]: its last layer's outputs there, before the final norm.
         Only called where `reads_hidden`."""
 
+    def rewind(self, pos: int) -> None:
+        """A generation starts over a cache that holds the first `pos` positions of its prompt (a
+        conversation's next turn): keep what the drafter learnt of them, or forget it all."""
+
 
 class PromptLookup(Drafter):
     """Prompt lookup decoding (Saxena 2023; transformers' `prompt_lookup_num_tokens`, vLLM's `ngram`): the
@@ -51,6 +55,9 @@ class PromptLookup(Drafter):
         self.sizes = range(longest, shortest - 1, -1)
         self.follows: dict[tuple[int, ...], int] = {}  # n-gram -> where the token after its latest occurrence is
         self.indexed = 0  # the n-grams ending before this position are in `follows`
+
+    def rewind(self, pos: int) -> None:
+        self.follows, self.indexed = {}, 0  # indexed again from the tokens it is shown next
 
     def propose(self, tokens: Sequence[int], limit: int) -> list[int]:
         for end in range(self.indexed, len(tokens) - 1):  # n-grams with a token after them, the last excluded
@@ -72,50 +79,72 @@ class MtpDrafter(Drafter):
     token, and layer k the one at P + k + 2 from the tokens drafted before it: n layers draft n tokens, each
     layer at P. Past the checkpoint's layers the last one drafts on at P + 1, P + 2, ..., fed its own output
     and the token it drafted (as vLLM and SGLang reuse their one layer: these layers were trained for no
-    further depth). Each layer keeps a KV cache over the target's positions (from the first one it was shown:
-    in a conversation's later turns, it has not seen the earlier ones); the entries a drafted token reached
-    (the last k of layer k, and every one past P) are dropped before the next draft and computed again with
-    the kept tokens, from the target's hidden states, kept for that. Layers beyond the drafts asked for are
-    not run (the number asked only falls within a generation)."""
+    further depth). Each layer keeps a KV cache over the target's positions (from the first one it was shown;
+    a conversation keeps it from turn to turn where the target's cache keeps its prefix, see `rewind`); the
+    entries a drafted token reached (the last k of layer k, and every one past P) are dropped before the
+    next draft and computed again with the kept tokens, from the target's hidden states, kept for that.
+    Layers beyond `drafts` (the most drafted tokens a check takes) are never run; the others run in every
+    round, even where a round asks for fewer drafts (near the end of a generation), so that each layer's
+    cache stays whole for the next round and the next turn."""
 
     reads_hidden = True
 
-    def __init__(self, model, context: int, hooks: "StepHooks | None" = None):
+    def __init__(self, model, context: int, hooks: "StepHooks | None" = None, drafts: int | None = None):
         """`context`: the target's, in positions; `hooks`: run around each step of an MTP layer, as around
-        the target's (the expert cache learns from its routing there)."""
+        the target's (the expert cache learns from its routing there); `drafts`: the most tokens a round
+        will be asked for (None: as many as there are layers, or more)."""
         self.model, self.context, self.hooks = model, context, hooks
-        self.depth = len(model.mtp.layers)  # the layers that draft
+        self.depth = min(len(model.mtp.layers), drafts or len(model.mtp.layers))  # the layers that draft
         self.caches: list | None = None  # one per layer, allocated at the first hidden states
         self.first = 0  # the target's position of the caches' position 0
         self.fed = 0  # target positions every drafting layer has run with kept tokens only
-        self.hidden: torch.Tensor | None = None  # the target's hidden states [T, H] from position `fed` on
+        # the target's hidden states [t, H] from position `fed` on, in the pieces it gave them: the layers
+        # run over them piece by piece, never over more positions at once than the target did
+        self.hidden: list[torch.Tensor] = []
 
     def observe(self, start: int, kept: int, hidden: torch.Tensor) -> None:
         if self.caches is None:
             self.caches = [self.model.new_mtp_cache(1, self.context - start, k) for k in range(self.depth)]
             self.first = self.fed = start
-            self.hidden = hidden[:0]
-        waiting = self.fed + self.hidden.shape[0]
+        waiting = self.fed + sum(piece.shape[0] for piece in self.hidden)
         assert start == waiting, f"hidden states at {start}, expected at {waiting}"
-        self.hidden = torch.cat([self.hidden, hidden[:kept]])
+        self.hidden.append(hidden[:kept])
+
+    def rewind(self, pos: int) -> None:
+        seen = self.fed + sum(piece.shape[0] for piece in self.hidden)
+        kept = self.caches is not None and self.first <= pos <= seen
+        if kept and pos < self.fed:  # the layers' entries past pos go; the target feeds those positions again
+            kept = all(cache.rewind(pos - self.first) == pos - self.first for cache in self.caches)
+            self.fed, self.hidden = pos, []
+        elif kept:
+            self.hidden = _first_rows(self.hidden, pos - self.fed)
+        if not kept:
+            self.caches, self.hidden = None, []
 
     @torch.inference_mode()
     def propose(self, tokens: Sequence[int], limit: int) -> list[int]:
-        self.depth = min(self.depth, limit)
-        start, h = self.fed, self.hidden[None]  # positions start .. P
-        length, device = h.shape[1], h.device
-        drafts: list[int] = []
+        start = self.fed  # the layers run positions start .. P, P the last the target ran
+        known, drafts = list(tokens), []  # the token at position i: known[i], then the drafts
         for k in range(self.depth):
             self.caches[k].rewind(start - self.first)
-            following = (list(tokens[start + k + 1 :]) + drafts)[:length]  # the tokens at i + k + 1
-            logits, h = self._step(h, torch.tensor([following], device=device), k)
-            drafts.append(int(logits[0, -1].argmax()))
-        kept = max(start, start + length + 1 - self.depth)  # the last k positions of layer k saw drafts
-        self.hidden, self.fed = self.hidden[kept - start :], kept
+        pieces = self.hidden
+        while len(pieces) > 1 and pieces[-1].shape[0] < self.depth:  # the positions that read drafts in one piece
+            pieces = [*pieces[:-2], torch.cat(pieces[-2:])]
+        at = start
+        for piece in pieces:
+            h, n = piece[None], piece.shape[0]
+            for k in range(self.depth):  # layer k over this piece, once the layers before it drafted
+                following = (known[at + k + 1 : at + k + 1 + n] + drafts)[:n]  # the tokens at i + k + 1
+                logits, h = self._step(h, torch.tensor([following], device=h.device), k)
+                if at + n == len(known) - 1:  # the last piece: P is in it
+                    drafts.append(int(logits[0, -1].argmax()))
+            at += n
+        kept = max(start, at + 1 - self.depth)  # the last k positions of layer k saw drafts
+        self.hidden, self.fed = _last_rows(pieces, at - kept), kept
         while len(drafts) < limit:
-            logits, h = self._step(h[:, -1:], torch.tensor([drafts[-1:]], device=device), self.depth - 1)
+            logits, h = self._step(h[:, -1:], torch.tensor([drafts[-1:]], device=h.device), self.depth - 1)
             drafts.append(int(logits[0, -1].argmax()))
-        return drafts
+        return drafts[:limit]
 
     def _step(self, h: torch.Tensor, following: torch.Tensor, depth: int) -> tuple[torch.Tensor, torch.Tensor]:
         if self.hooks:
@@ -124,6 +153,28 @@ class MtpDrafter(Drafter):
         if self.hooks:
             self.hooks.after()
         return logits, h
+
+
+def _first_rows(pieces: list[torch.Tensor], rows: int) -> list[torch.Tensor]:
+    """The first `rows` rows of the pieces put end to end, in pieces."""
+    kept = []
+    for piece in pieces:
+        if rows <= 0:
+            break
+        kept.append(piece[:rows])
+        rows -= piece.shape[0]
+    return kept
+
+
+def _last_rows(pieces: list[torch.Tensor], rows: int) -> list[torch.Tensor]:
+    """The last `rows` rows of the pieces put end to end, as one copy (the pieces are freed)."""
+    tail = []
+    for piece in reversed(pieces):
+        if rows <= 0:
+            break
+        tail.insert(0, piece[-rows:])
+        rows -= piece.shape[0]
+    return [torch.cat(tail).clone()] if tail else []
 
 
 @dataclass
@@ -184,9 +235,9 @@ class SpeculationStats:
 
 
 # what drafts for each choice of `--speculative` (localmoe.options.SPECULATIVE), given the target model, the
-# context it runs in and the hooks of its steps
+# context it runs in, the hooks of its steps and the most tokens a check takes
 DRAFTERS = {
     "mtp": MtpDrafter,
-    "lookup": lambda model, context, hooks: PromptLookup(),
-    "off": lambda model, context, hooks: None,
+    "lookup": lambda model, context, hooks, drafts: PromptLookup(),
+    "off": lambda model, context, hooks, drafts: None,
 }

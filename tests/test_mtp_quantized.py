@@ -1,0 +1,274 @@
+"""MTP layers in checkpoints quantized as shipped: their dense weights read decoded as the model's are,
+their routed experts kept in the stored form through the expert store, their drafts the reference's on the
+decoded weights, and speculation giving plain decoding's tokens.
+
+What the releases store (their configs, and the inference code that loads them):
+- DeepSeek-V3/R1 (FP8 in 128x128 blocks, `weight_scale_inv`; no modules_to_not_convert): the MTP layer
+  `model.layers.61` is FP8 like any layer but for `eh_proj`, which vLLM's deepseek_mtp.py and
+  glm4_moe_mtp.py build as a plain nn.Linear, so bfloat16 on disk; GLM-4.5's MTP layer likewise.
+- Qwen3-Next's and Qwen3.5's FP8 releases (fp8, 128x128 blocks): modules_to_not_convert names `mtp.fc`,
+  the MTP layer's router and shared-expert gate and its norms; its attention and experts are FP8.
+- llm-compressor's GLM-4.6 FP8-BLOCK example (model_free_ptq, compressed-tensors) ignores only the
+  routers, lm_head and the embedding, so `eh_proj` is FP8 as well: the "all quantized" case below, written
+  in the fp8 method's layout (compressed-tensors' FP8 blocks read through the same Fp8Weights).
+- nvidia/DeepSeek-R1-FP4 (ModelOpt NVFP4) excludes `model.layers.61*` in its hf_quant_config.json (vLLM
+  PR 25987), and nvidia/Qwen3.5-397B-A17B-NVFP4 and Qwen's GPTQ-Int4 releases keep the whole MTP layer
+  bfloat16 too (vLLM PRs 38650 and 47828), routed experts included: the "unquantized MTP layer" cases.
+- compressed-tensors NVFP4 releases of DeepSeek-V3's design quantize the routed experts and leave attention
+  bfloat16 (Kimi K2's ignore list); written here by the compressed-tensors package with the MTP layer
+  quantized alike (eh_proj and experts NVFP4) or named in the ignore list."""
+
+import json
+
+import pytest
+import torch
+from compressed_tensors.quantization import QuantizationConfig
+from conftest import DEEPSEEK_V2
+from packers import pack_gptq
+from safetensors.torch import load_file, save_file
+from test_compressed_tensors import KIMI_IGNORE, compress, groups, scheme_of
+from test_fp8 import BLOCK, quantize_fp8
+from test_mtp import PROMPT, RELEASES, TOLERANCE, deepseek_release, drafts, load, prompt
+from test_speculative import NEW, assert_plain
+from test_speculative import PROMPT as SPECULATION_PROMPT
+
+from localmoe.kernels.quantized import dequantize_fp8_blocks
+from localmoe.runtime.layouts import Fp8Layout, Nvfp4Layout, QuantizedLayout
+
+KEPT = ("embed_tokens", "lm_head", "norm", "mlp.gate.weight", "shared_expert_gate", "shared_head.head")
+EH = ("eh_proj.weight", "mtp.fc.weight")  # the MTP layers' input projection, as DeepSeek and Qwen name it
+FP8_CONFIG = {"quant_method": "fp8", "fmt": "e4m3", "activation_scheme": "dynamic", "weight_block_size": [BLOCK] * 2}
+
+# name -> (release, whether eh_proj is FP8, whether the MTP layer's decoder layer is FP8, modules_to_not_convert)
+VARIANTS = {
+    "deepseek_v3": ("deepseek_v3", False, True, None),
+    "qwen3_next": ("qwen3_next", False, True, ["lm_head", "mtp.fc", "mtp.layers.0.mlp.gate", "mtp.norm"]),
+    "glm4_moe-all": ("glm4_moe", True, True, None),
+    "deepseek_v3-bf16-mtp": ("deepseek_v3", False, False, ["lm_head", "model.layers.3"]),
+}
+
+
+def fp8_rounded(w: torch.Tensor) -> torch.Tensor:
+    """w [..., R, C] as its FP8 blocks decode: each matrix quantized as the checkpoint stores it."""
+    flat = w.detach().reshape(-1, *w.shape[-2:])
+    decoded = [dequantize_fp8_blocks(*quantize_fp8(m, BLOCK), (BLOCK, BLOCK)) for m in flat]
+    return torch.stack(decoded).reshape(w.shape)
+
+
+def linear(name: str, param: torch.Tensor) -> bool:
+    """What FP8 releases quantize, in transformers' names (routed experts fused [E, rows, columns]): with
+    square blocks dividing the experts' width, the same tiles as the checkpoint's one matrix per expert."""
+    stacked = ".experts." in name and not name.endswith(".weight")
+    shape_fits = param.dim() == 3 if stacked else param.dim() == 2 and name.endswith(".weight")
+    return shape_fits and not any(part in name for part in KEPT)
+
+
+def fp8_release(variant: str, folder):
+    """The release with its linear weights stored FP8 (the MTP layer's as the variant says), and the
+    reference's weights set to what they decode to."""
+    name, eh_fp8, block_fp8, not_converted = VARIANTS[variant]
+    release = RELEASES[name](folder)
+    mtp_prefix = "mtp." if name.startswith("qwen") else f"model.layers.{release.reference.config.num_hidden_layers}."
+    path = release.folder / "model.safetensors"
+    stored = {}
+    for tensor_name, tensor in load_file(str(path)).items():
+        in_mtp = tensor_name.startswith(mtp_prefix)
+        quantized = eh_fp8 if tensor_name.endswith(EH) else block_fp8 or not in_mtp
+        if (
+            quantized
+            and tensor.dim() == 2
+            and tensor_name.endswith(".weight")
+            and not any(k in tensor_name for k in KEPT)
+        ):
+            stored[tensor_name], stored[tensor_name + "_scale_inv"] = quantize_fp8(tensor, BLOCK)
+        else:
+            stored[tensor_name] = tensor
+    save_file(stored, str(path))
+    config = json.loads((release.folder / "config.json").read_text())
+    config["quantization_config"] = FP8_CONFIG | ({"modules_to_not_convert": not_converted} if not_converted else {})
+    (release.folder / "config.json").write_text(json.dumps(config))
+    with torch.no_grad():
+        for module in [release.reference, *(release.blocks if block_fp8 else [])]:
+            for param_name, param in module.named_parameters():
+                if linear(param_name, param):
+                    param.copy_(fp8_rounded(param))
+    if eh_fp8:
+        for weights in release.mtp:
+            weights["eh"] = fp8_rounded(weights["eh"])
+    return release
+
+
+NVFP4 = groups(("NVFP4A16", ["Linear"], {}))
+NVFP4_DEEPSEEK = deepseek_release(
+    "DeepseekV3Config", {**DEEPSEEK_V2, "n_group": 4, "topk_group": 2, "moe_intermediate_size": 32}
+)  # experts 32 wide: NVFP4 groups inputs by 16
+
+
+def nvfp4_release(folder, mtp_ignored: bool):
+    """DeepSeek-V3's layout in compressed-tensors NVFP4 (Kimi K2's ignore list, and the MTP layer's prefix
+    where `mtp_ignored`), written by compressed-tensors; the reference's weights those it decodes."""
+    release = NVFP4_DEEPSEEK(folder)
+    layers = release.reference.config.num_hidden_layers
+    ignore = [*KIMI_IGNORE, *([f"re:model\\.layers\\.{layers}\\..*"] if mtp_ignored else [])]
+
+    def quantize(name: str, tensor: torch.Tensor) -> dict | None:
+        scheme = scheme_of(name, NVFP4, ignore)
+        return None if scheme is None else compress(tensor, scheme, "nvfp4-pack-quantized", None)
+
+    config = QuantizationConfig(
+        config_groups=NVFP4, format="nvfp4-pack-quantized", ignore=ignore, quantization_status="compressed"
+    )
+    return stored_quantized(release, folder, quantize, config.to_dict())
+
+
+def gptq_release(folder):
+    """DeepSeek-V3's layout with the model's routed experts in 4-bit GPTQ (groups of 32, symmetric) and the
+    MTP layer bfloat16, as Qwen3.5's GPTQ-Int4 releases keep it."""
+    release = NVFP4_DEEPSEEK(folder)
+    mtp = f"model.layers.{release.reference.config.num_hidden_layers}."
+
+    def quantize(name: str, tensor: torch.Tensor) -> dict | None:
+        if ".mlp.experts." not in name or name.startswith(mtp):
+            return None
+        tensors, decoded = pack_gptq(tensor, bits=4, group=32, symmetric=True)
+        return {**tensors, "decoded": decoded}
+
+    config = {"quant_method": "gptq", "bits": 4, "group_size": 32, "desc_act": False, "sym": True}
+    return stored_quantized(release, folder, quantize, config)
+
+
+def stored_quantized(release, folder, quantize, quantization_config: dict):
+    """The release with each linear weight that `quantize` maps to its stored tensors ({suffix: tensor},
+    and what they decode to under "decoded") stored so, and the reference's weights the decoded ones."""
+    path, stored, decoded = release.folder / "model.safetensors", {}, {}
+    for name, tensor in load_file(str(path)).items():
+        kept = any(part in name for part in KEPT) or tensor.dim() != 2 or not name.endswith(".weight")
+        parts = None if kept else quantize(name, tensor)
+        if parts is None:
+            stored[name] = decoded[name] = tensor
+            continue
+        decoded[name] = parts.pop("decoded").float()
+        stored |= {f"{name.removesuffix('.weight')}.{suffix}": part for suffix, part in parts.items()}
+    save_file({k: v.contiguous() for k, v in stored.items()}, str(path))
+    config = json.loads((release.folder / "config.json").read_text())
+    config["quantization_config"] = quantization_config
+    (release.folder / "config.json").write_text(json.dumps(config))
+    set_decoded(release, decoded, folder)
+    return release
+
+
+def set_decoded(release, decoded: dict, folder) -> None:
+    """The reference's backbone, MTP decoder layers and eh_proj set to `decoded` (the release's tensors,
+    decoded), through transformers' own loading of a model with the MTP layers as its last layers."""
+    import transformers
+
+    plain = folder / "decoded"
+    plain.mkdir()
+    save_file({k: v.contiguous() for k, v in decoded.items()}, str(plain / "model.safetensors"))
+    (plain / "config.json").write_text((folder / "full" / "config.json").read_text())
+    full = transformers.AutoModelForCausalLM.from_pretrained(plain, dtype=torch.float32).eval()
+    layers = release.reference.config.num_hidden_layers
+    state = full.state_dict()
+    mtp = tuple(f"model.layers.{layers + depth}." for depth in range(len(release.blocks)))
+    release.reference.load_state_dict({k: v for k, v in state.items() if not k.startswith(mtp)})
+    for depth, block in enumerate(release.blocks):
+        block.load_state_dict(full.model.layers[layers + depth].state_dict())
+        release.mtp[depth]["eh"] = decoded[f"model.layers.{layers + depth}.eh_proj.weight"]
+
+
+# fixture name -> (how it is written, the layout its experts are kept in, an MTP weight stored quantized)
+WRITTEN = {
+    "deepseek_v3": (lambda folder: fp8_release("deepseek_v3", folder), Fp8Layout, "block.self_attn.kv_b_proj"),
+    "qwen3_next": (lambda folder: fp8_release("qwen3_next", folder), Fp8Layout, "block.self_attn.q_proj"),
+    "glm4_moe-all": (lambda folder: fp8_release("glm4_moe-all", folder), Fp8Layout, "eh_proj"),
+    "deepseek_v3-nvfp4": (lambda folder: nvfp4_release(folder, mtp_ignored=False), Nvfp4Layout, "eh_proj"),
+}
+
+
+@pytest.fixture(scope="module", params=list(WRITTEN))
+def written(request, tmp_path_factory):
+    write, layout, quantized = WRITTEN[request.param]
+    return write(tmp_path_factory.mktemp(request.param)), layout, f"mtp.layers.0.{quantized}.weight"
+
+
+def test_mtp_layers_read_decoded_and_draft_the_reference(written):
+    release, layout, quantized = written
+    engine = load(release.folder)
+    assert isinstance(engine.experts.layout, layout)  # the MTP layer's experts in the model's form
+    assert engine.checkpoint.stored_form(engine.parts.resident_sources[quantized]) is not None  # held decoded
+    ids = prompt()
+    _, h = release.backbone(ids[:, :-1])
+    expected_logits, expected_out = release.draft(h, ids[:, 1:])
+    for split in (PROMPT - 1, 4):
+        logits, out = drafts(engine, ids, split)
+        assert (logits - expected_logits).abs().max() < TOLERANCE
+        assert (out - expected_out).abs().max() < TOLERANCE
+
+
+def test_mtp_experts_stay_as_stored_through_the_store_and_speculation_is_exact(written):
+    release, layout, _ = written
+    plain = load(release.folder, speculative="off")
+    expected = list(plain.generate_ids(SPECULATION_PROMPT, NEW))
+    resident = load(release.folder)
+    assert resident.model.mtp is not None
+    assert_plain(plain.model, SPECULATION_PROMPT, list(resident.generate_ids(SPECULATION_PROMPT, NEW)), expected)
+    top_k = plain.parts.args.num_experts_per_tok
+    offloaded = load(release.folder, expert_slots=top_k, miss_policy="copy", prefetch=0, draft_tokens=3)
+    store, experts = offloaded.experts.cache.store, offloaded.experts
+    mtp_layer = offloaded.model.mtp.first_layer
+    assert isinstance(store.layout, layout) and mtp_layer in store.source.layers
+    assert_plain(plain.model, SPECULATION_PROMPT, list(offloaded.generate_ids(SPECULATION_PROMPT, NEW)), expected)
+    assert offloaded.stats.speculation.drafted > 0
+    experts.settle()
+    assert experts.cache.counters[mtp_layer].misses > 0  # the drafts' experts came through the store
+    total = experts.cache.totals()
+    assert total.bytes_copied == total.misses * store.expert_bytes  # each miss the stored bytes
+
+
+def mtp_lines(err: str) -> list[str]:
+    """The lines about MTP layers among what a load printed (a first run also builds the CPU kernels)."""
+    return [line for line in err.splitlines() if "multi-token" in line]
+
+
+UNQUANTIZED = {
+    "fp8": (lambda folder: fp8_release("deepseek_v3-bf16-mtp", folder), Fp8Layout, "FP8 in 8x8 blocks"),
+    "nvfp4": (lambda folder: nvfp4_release(folder, mtp_ignored=True), Nvfp4Layout, "as NVFP4"),
+    "gptq": (gptq_release, QuantizedLayout, "as int4 (float16 scales, groups of 32, symmetric)"),
+}
+
+
+@pytest.mark.parametrize("variant", list(UNQUANTIZED))
+def test_an_unquantized_mtp_layer_leaves_the_model_quantized(tmp_path, capsys, variant):
+    """Kept bfloat16 where the model is quantized (modules_to_not_convert, an ignore list): its dense
+    weights would load, but its routed experts cannot share the model's store, so one line says the model
+    loads without it; the model's experts stay as stored and its logits are the reference's. Where
+    localmoe quantizes every expert itself (expert_bits), the MTP layer loads."""
+    write, layout, words = UNQUANTIZED[variant]
+    release = write(tmp_path)
+    capsys.readouterr()
+    engine = load(release.folder)
+    [warned] = mtp_lines(capsys.readouterr().err)
+    assert "multi-token-prediction layers unquantized" in warned and words in warned and engine.model.mtp is None
+    assert isinstance(engine.experts.layout, layout)
+    ids = prompt()
+    logits = engine.model(ids, engine.model.new_cache(1, PROMPT), all_logits=True)
+    assert (logits - release.backbone(ids)[0]).abs().max() < TOLERANCE
+    requantized = load(release.folder, expert_bits=4)  # every expert decoded, then quantized: the MTP layer's too
+    assert requantized.model.mtp is not None and "multi-token" not in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("tensor", ["model.layers.3.self_attn.kv_b_proj", "model.layers.3.mlp.experts.5.down_proj"])
+def test_an_mtp_weight_without_its_scale_is_one_line(tmp_path, capsys, tensor):
+    """A half-downloaded release (an MTP weight's scale missing): the model loads without its MTP layers,
+    and one line names the scale."""
+    release = fp8_release("deepseek_v3", tmp_path)
+    path = release.folder / "model.safetensors"
+    stored = load_file(str(path))
+    del stored[f"{tensor}.weight_scale_inv"]
+    save_file(stored, str(path))
+    capsys.readouterr()
+    engine = load(release.folder)
+    [warned] = mtp_lines(capsys.readouterr().err)
+    assert f"{tensor}.weight_scale_inv" in warned
+    assert "loading without the multi-token-prediction layers" in warned and engine.model.mtp is None
+    assert isinstance(engine.experts.layout, Fp8Layout)
