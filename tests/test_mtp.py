@@ -206,7 +206,8 @@ HY_V3_NAMES["norm"] = "model.layers.{layer}.final_layernorm.weight"
 
 
 def qwen_release(config_class: str, config: dict):
-    """Qwen's layout: `mtp.*`, the decoder layer full attention whatever the layer types say."""
+    """Qwen's layout: `mtp.*`, the decoder layer full attention whatever the layer types say, its final norm's
+    output passed on."""
 
     def extend(c: dict, depths: int) -> dict:
         layers = c["num_hidden_layers"]
@@ -215,7 +216,15 @@ def qwen_release(config_class: str, config: dict):
 
     def write(folder: Path) -> Release:
         return write_release(
-            folder, config_class, config, extend, "mtp.layers.0.", QWEN_NAMES, 1.0, "mtp_num_hidden_layers"
+            folder,
+            config_class,
+            config,
+            extend,
+            "mtp.layers.0.",
+            QWEN_NAMES,
+            1.0,
+            "mtp_num_hidden_layers",
+            kind=NormedRelease,
         )
 
     return write

@@ -20,7 +20,7 @@ from localmoe.models.family import Family, ModelArgs, MtpLayout, causal_lm
 from localmoe.models.layers import MLP, CausalLM, DecoderLayer
 from localmoe.models.moe import FUSED_EXPERTS, MLP_EXPERTS, sigmoid_moe
 from localmoe.models.mtp import NormedMTPLayer
-from localmoe.models.qwen3_5_moe import NORMED_QWEN_MTP_PREFIXES
+from localmoe.models.qwen3_5_moe import QWEN_MTP
 
 
 @dataclass
@@ -158,6 +158,6 @@ FAMILY = Family(
         (".mlp.shared_expert.", ".mlp.shared_experts."),
     ),
     keep_float32=("e_score_correction_bias",),
-    mtp=MtpLayout("num_nextn_predict_layers", NORMED_QWEN_MTP_PREFIXES),  # Qwen3-Next's (vLLM's exaone_moe_mtp.py)
+    mtp=MtpLayout("num_nextn_predict_layers", QWEN_MTP.prefixes),  # Qwen3-Next's (vLLM's exaone_moe_mtp.py)
     example="LGAI-EXAONE/K-EXAONE-236B-A23B",
 )

@@ -16,7 +16,7 @@ from localmoe.models.family import Family, ModelArgs, MtpLayout
 from localmoe.models.layers import MLP, Backbone, CausalLM, DecoderLayer
 from localmoe.models.moe import FUSED_EXPERTS, MLP_EXPERTS, GatedActivation, SparseMoE, TopKRouter
 from localmoe.models.mtp import MultiTokenPredictor, NormedMTPLayer
-from localmoe.models.qwen3_5_moe import NORMED_QWEN_MTP_PREFIXES
+from localmoe.models.qwen3_5_moe import QWEN_MTP
 from localmoe.models.rotary import RotaryEmbedding, rope_parameters
 
 ROPE_THETAS = {"full_attention": 500_000.0, "sliding_attention": 10_000.0}
@@ -146,6 +146,6 @@ FAMILY = Family(
     args=MellumArgs,
     model=build,
     experts=(PerExpert(MLP_EXPERTS), FUSED_EXPERTS),
-    mtp=MellumMtpLayout("num_nextn_predict_layers", NORMED_QWEN_MTP_PREFIXES),
+    mtp=MellumMtpLayout("num_nextn_predict_layers", QWEN_MTP.prefixes),
     example="JetBrains/Mellum2-12B-A2.5B-Base",
 )

@@ -16,6 +16,7 @@ from localmoe.models.family import Family, ModelArgs, MtpLayout, Multimodal, cau
 from localmoe.models.gated_deltanet import DELTANET_ALIASES, GatedDeltaNet
 from localmoe.models.layers import MLP, CausalLM, DecoderLayer, ZeroCenteredRMSNorm
 from localmoe.models.moe import FUSED_EXPERTS, MLP_EXPERTS, GatedActivation, SparseMoE, TopKRouter
+from localmoe.models.mtp import NormedMTPLayer
 
 
 @dataclass
@@ -98,7 +99,8 @@ def sparse_moe(args: Qwen3_5MoeArgs, i: int, normalize: bool = True) -> SparseMo
 
 def decoder(args: Qwen3_5MoeArgs, layers: list[DecoderLayer], feed_forward) -> CausalLM:
     """The model around `layers`, with its MTP layers: full attention, and the feed-forward
-    `feed_forward(layer index, MTP depth)` gives (vLLM's qwen3_5_mtp.py and qwen3_next_mtp.py)."""
+    `feed_forward(layer index, MTP depth)` gives; each passes its final norm's output on to the next draft,
+    as vLLM's qwen3_5_mtp.py and qwen3_next_mtp.py and SGLang's qwen3_5_mtp.py return it."""
     first = args.num_hidden_layers
     mtp = [
         DecoderLayer(
@@ -106,7 +108,7 @@ def decoder(args: Qwen3_5MoeArgs, layers: list[DecoderLayer], feed_forward) -> C
         )
         for k in range(args.mtp_num_hidden_layers)
     ]
-    return causal_lm(args, layers, args.attention_head_dim, norm=ZeroCenteredRMSNorm, mtp=mtp)
+    return causal_lm(args, layers, args.attention_head_dim, norm=ZeroCenteredRMSNorm, mtp=mtp, mtp_layer=NormedMTPLayer)
 
 
 def build(args: Qwen3_5MoeArgs) -> CausalLM:
@@ -119,21 +121,17 @@ def build(args: Qwen3_5MoeArgs) -> CausalLM:
     return decoder(args, layers, lambda i, _: sparse_moe(args, i))
 
 
-# Qwen3-Next's and Qwen3.5's MTP layers, `mtp.*`, seen under DeepSeek-V3's names
+# Qwen3-Next's and Qwen3.5's MTP layers, `mtp.*`, seen under DeepSeek-V3's names with the final norm of a
+# NormedMTPLayer (K-EXAONE and Mellum store theirs so too)
 QWEN_MTP = MtpLayout(
     "mtp_num_hidden_layers",
     (
         ("model.layers.{layer}.enorm.", "mtp.pre_fc_norm_embedding."),
         ("model.layers.{layer}.hnorm.", "mtp.pre_fc_norm_hidden."),
         ("model.layers.{layer}.eh_proj.", "mtp.fc."),
-        ("model.layers.{layer}.shared_head.norm.", "mtp.norm."),
+        ("model.layers.{layer}.final_layernorm.", "mtp.norm."),
         ("model.layers.{layer}.", "mtp.layers.{depth}."),
     ),
-)
-# the same names for an MTP layer whose final norm's output is passed on (NormedMTPLayer: K-EXAONE's, Mellum's)
-NORMED_QWEN_MTP_PREFIXES = tuple(
-    ("model.layers.{layer}.final_layernorm.", theirs) if ours.endswith(".shared_head.norm.") else (ours, theirs)
-    for ours, theirs in QWEN_MTP.prefixes
 )
 
 
