@@ -3,10 +3,10 @@ in a ring), latents, compressed entries, recurrent matrices, rings of a convolut
 
 Every state follows `LayerState`: it takes what its layer writes (`update`, whose arguments are each
 kind's own), can `truncate` itself to its first positions (or say it cannot, and the whole cache
-restarts) and `reset`. A recurrent state (it sums over every token) is cut back only into a forward pass
-that kept the state after each of its positions (speculative decoding's check: `RecurrentState`); a
-state that can do neither (DeepSeek-V4's pooled entries) can `save` itself before forward passes that may
-be undone and `restore` that, and then the tokens kept are fed again.
+restarts) and `reset`. A state that sums over every token (`RecurrentState`) or pools tokens
+(DeepSeek-V4's `PooledState`) is cut back only where nothing is dropped or into a forward pass that kept
+its trail (speculative decoding's check: the state after each position, or the projections it pools
+from), so that a rejected draft feeds nothing again.
 """
 
 from dataclasses import dataclass
@@ -28,16 +28,6 @@ class LayerState(Protocol):
         ...
 
     def reset(self) -> None: ...
-
-    def save(self, pos: int) -> object | None:
-        """What `restore` needs to put the state back to `pos` (where it is now) after later forward
-        passes; None where `truncate` cuts it back instead (also the default of the classes below)."""
-        return None
-
-    def restore(self, saved: object, current: int) -> bool:
-        """Back to the position `save` was given, from `current`; False where that is impossible (then
-        `reset` follows)."""
-        raise NotImplementedError
 
 
 def attention_state(
@@ -360,14 +350,6 @@ class CombinedState(LayerState):
         for state in self.states.values():
             state.reset()
 
-    def save(self, pos: int) -> tuple | None:
-        saved = {name: state.save(pos) for name, state in self.states.items()}
-        return (pos, saved) if any(kept is not None for kept in saved.values()) else None
-
-    def restore(self, saved: tuple, current: int) -> bool:
-        pos, states = saved
-        return all([_back_to(state, states[name], pos, current) for name, state in self.states.items()])
-
 
 class NoState(LayerState):
     """The state of a layer that mixes nothing across positions (Nemotron-H's MLP and MoE layers)."""
@@ -398,34 +380,3 @@ class KVCache:
             pos = 0
         self.pos, self.writing = pos, False
         return pos
-
-    def save(self) -> "SavedCache":
-        """Before forward passes that may be undone (a speculative verification): what `rollback` needs."""
-        return SavedCache(self.pos, [state.save(self.pos) for state in self.layers])
-
-    def rollback(self, saved: "SavedCache", pos: int) -> int:
-        """Keep the first `pos` positions after the forward passes (finished) since `saved` was taken; returns the
-        positions kept: `pos` where every state can be cut there; else `saved.pos`, the saved states
-        restored and the others cut back there, for the caller to feed the tokens between again; 0 when
-        even that is impossible and everything restarts (as `rewind`)."""
-        if all(kept is None for kept in saved.states):
-            return self.rewind(pos)
-        back = [
-            _back_to(state, kept, saved.pos, self.pos) for state, kept in zip(self.layers, saved.states, strict=True)
-        ]
-        self.writing = False
-        if not all(back):
-            return self.rewind(0)
-        self.pos = saved.pos
-        return saved.pos
-
-
-@dataclass
-class SavedCache:
-    pos: int
-    states: list  # each layer's `save`, None where it is cut back instead
-
-
-def _back_to(state: LayerState, saved, pos: int, current: int) -> bool:
-    """Put `state` back to `pos` from `current`: restored from `saved`, or cut back where nothing was saved."""
-    return state.truncate(pos, current, False) if saved is None else state.restore(saved, current)
