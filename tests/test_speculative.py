@@ -15,6 +15,7 @@ from test_mtp import RELEASES
 
 import localmoe
 from localmoe.cli import main
+from localmoe.models import state as layer_state
 from localmoe.models.moe import moe_blocks
 from localmoe.models.state import CompressedKV, RecurrentState
 from localmoe.options import RuntimeOptions
@@ -276,6 +277,21 @@ def test_a_rejection_feeds_nothing_again_where_states_keep_their_trail(family, t
     stats = engine.stats.speculation
     assert stats.verifications > 0 and stats.fed_again == 0
     assert len(passes) == NEW  # the prefill, then one pass per new token
+
+
+def test_where_a_state_cannot_be_cut_back_the_kept_tokens_are_fed_again(tmp_path, monkeypatch):
+    """A ring with one position of slack cannot be cut back two or more into a check: the cache restarts and
+    every kept token is fed again, still to the plain tokens."""
+    monkeypatch.setattr(layer_state, "REWIND_SLACK", 1)
+    engine = localmoe.load(checkpoint("gpt_oss", tmp_path), device="cpu", dtype=torch.float32)
+    expected = list(engine.generate_ids(PROMPT, NEW))
+    drafter = Scripted(expected, vocab(engine), plan=[(3, 0)])
+    got = list(engine.generate_ids(PROMPT, NEW, drafter=drafter, draft_tokens=3))
+    assert_plain(engine.model, PROMPT, got, expected)
+    stats = engine.stats.speculation
+    # check i (from 0) starts at position len(PROMPT) + i and keeps its first token, all of which is fed again
+    # where it is cut back more than one: those of two drafts or more (the last ones draft fewer)
+    assert stats.fed_again == sum(len(PROMPT) + i + 1 for i in range(stats.drafted_at[1])) > 0
 
 
 @pytest.mark.parametrize(
