@@ -134,9 +134,13 @@ def _power_of_two(exponent):
 @triton.jit
 def _tile_scales(s, at, mask):
     """FP8's tile multipliers at offsets `at`: float32 as stored, or MXFP8's exponent bytes as 2^(b - 127)."""
+    # one return after the compile-time branch: the compiler takes both returns of an early one (the
+    # interpreter does not)
     if s.dtype.element_ty == tl.uint8:
-        return _power_of_two(tl.load(s + at, mask=mask, other=127))
-    return tl.load(s + at, mask=mask, other=0.0)
+        scales = _power_of_two(tl.load(s + at, mask=mask, other=127))
+    else:
+        scales = tl.load(s + at, mask=mask, other=0.0)
+    return scales
 
 
 @triton.jit
