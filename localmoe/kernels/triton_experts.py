@@ -100,7 +100,8 @@ def _activate(gate, up, ACT: tl.constexpr, alpha, limit, gate_limit):
 
 @triton.jit
 def _softcap(x, cap):
-    # cap * tanh(x / cap), tanh(y) being 2 sigmoid(2y) - 1 (Triton's language has no tanh)
+    # cap * tanh(x / cap), tanh(y) being 2 sigmoid(2y) - 1: Triton's language has no tanh, and libdevice's
+    # does not run in the interpreter
     return cap * (2.0 * tl.sigmoid(2.0 * x / cap) - 1.0)
 
 
