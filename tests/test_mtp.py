@@ -651,10 +651,11 @@ class StepRelease(Release):
             return self.reference.lm_head(rms(out, w["norm"], eps, 1.0)), out
 
 
-# Step-3.5's and Step-3.7's names (vLLM's and SGLang's step3p5_mtp.py): model.layers.{num_hidden_layers + k}.*, the
-# decoder layer's tensors as any layer's, beside enorm, hnorm, eh_proj, shared_head.norm and the layer's copy of
-# the LM head, shared_head.output
+# Step-3.5's and Step-3.7's names (vLLM's and SGLang's step3p5_mtp.py, and the releases' safetensors indexes):
+# model.layers.{num_hidden_layers + k}.*, the decoder layer's tensors as any layer's, beside enorm, hnorm, eh_proj,
+# and under `transformer.` the final norm, shared_head.norm, and the layer's copy of the LM head, shared_head.output
 STEP_NAMES = {role: f"model.layers.{{layer}}.{name}.weight" for role, name in DEEPSEEK_NAMES.items()}
+STEP_NAMES["norm"] = "model.layers.{layer}.transformer.shared_head.norm.weight"
 STEP_MTP_KINDS = [("sliding_attention", "sparse", 0.3), ("full_attention", "dense", 0.0)]
 
 
@@ -678,7 +679,9 @@ def step_release(folder: Path) -> Release:
     mtp = [mtp_weights(text["hidden_size"], 1.0, depth) for depth in range(depths)]
     for depth, weights in enumerate(mtp):
         stored |= {STEP_NAMES[role].format(layer=layers + depth): w for role, w in weights.items()}
-        stored[f"model.layers.{layers + depth}.shared_head.output.weight"] = stored["lm_head.weight"].clone()
+        stored[f"model.layers.{layers + depth}.transformer.shared_head.output.weight"] = stored[
+            "lm_head.weight"
+        ].clone()
     release = folder / "release"
     release.mkdir()
     save_file({k: v.contiguous() for k, v in stored.items()}, str(release / "model.safetensors"))
@@ -1080,3 +1083,20 @@ def test_step_mtp_kinds_as_transformers_saves_them(tmp_path_factory):
             [k for k, _, _ in STEP_MTP_KINDS],
             [m for _, m, _ in STEP_MTP_KINDS],
         )
+
+
+def test_step_mtp_final_norm_without_the_transformer_prefix(tmp_path_factory):
+    """vLLM's step3p5_mtp.py strips `.transformer.` from an MTP layer's names where it is there: a checkpoint
+    that stores the final norm as `shared_head.norm` drafts as the release's `transformer.shared_head.norm`."""
+    release = RELEASES["step3p5"](tmp_path_factory.mktemp("step3p5"))
+    folder = tmp_path_factory.mktemp("step3p5_plain")
+    stored = load_file(str(release.folder / "model.safetensors"))
+    assert any(".transformer.shared_head.norm." in name for name in stored)
+    save_file(
+        {k.replace(".transformer.shared_head.", ".shared_head."): v for k, v in stored.items()},
+        str(folder / "model.safetensors"),
+    )
+    (folder / "config.json").write_text((release.folder / "config.json").read_text())
+    ids = prompt()
+    expected, got = drafts(load(release.folder), ids, 4), drafts(load(folder), ids, 4)
+    assert torch.equal(got[0], expected[0]) and torch.equal(got[1], expected[1])
