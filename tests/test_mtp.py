@@ -39,6 +39,7 @@ from conftest import (
 from safetensors.torch import load_file, save_file
 
 import localmoe
+from localmoe.models import family_for
 from localmoe.models.moe import moe_blocks
 from localmoe.options import RuntimeOptions
 from localmoe.runtime.offload import OffloadedExperts
@@ -621,7 +622,8 @@ def longcat_release(folder: Path) -> Release:
     release.mkdir()
     save_file({k: v.contiguous() for k, v in stored.items()}, str(release / "model.safetensors"))
     saved = json.loads((folder / "full" / "config.json").read_text())
-    (release / "config.json").write_text(json.dumps({**saved, "num_nextn_predict_layers": 1}))
+    (release / "config.json").write_text(json.dumps(saved))  # as released: no count, model.mtp.* says there is one
+    assert "num_nextn_predict_layers" not in saved
     return LongcatRelease(release, reference, [block], [mtp], 0.0, "num_nextn_predict_layers", window=1 << 20)
 
 
@@ -884,7 +886,8 @@ def test_the_plan_counts_the_mtp_layers(release):
     engine = load(release.folder)
     footprint, backbone = engine.plan.footprint, len(moe_blocks(engine.model.model))
     config = json.loads((release.folder / "config.json").read_text())
-    assert len(engine.model.mtp.layers) == config.get("text_config", config)[release.count] == len(release.blocks)
+    count = config.get("text_config", config).get(release.count, 1)  # LongCat-Flash's: none said, one stored
+    assert len(engine.model.mtp.layers) == count == len(release.blocks)
     routed = len(moe_blocks(engine.model.mtp))
     assert routed == sum(any(".experts" in name for name, _ in block.named_modules()) for block in release.blocks)
     assert footprint.moe_layers == backbone + routed
@@ -903,16 +906,17 @@ def test_the_plan_counts_the_mtp_layers(release):
 
 
 def test_without_the_promise_or_the_tensors_the_backbone_loads_as_before(release, tmp_path, capsys):
-    """No count in the config, a count of 0, or a tensor missing or misshapen (one line says so): mtp is
-    None and the backbone's outputs are the same bits."""
+    """No count in the config (where the family's layout implies none from the tensors), a count of 0, or a
+    tensor missing or misshapen (one line says so): mtp is None and the backbone's outputs are the same bits."""
     ids = prompt()
     model = load(release.folder).model
+    implied = family_for(json.loads((release.folder / "config.json").read_text())).mtp
     expected = model(ids, model.new_cache(1, PROMPT), all_logits=True)
     config = json.loads((release.folder / "config.json").read_text())
     stored = load_file(str(release.folder / "model.safetensors"))
     eh_proj = next(name for name in stored if name.endswith(("eh_proj.weight", "mtp.fc.weight", "mtp.0.e_proj.weight")))
     variants = {
-        "unsaid": (with_count(config, release.count, None), stored),
+        **({} if implied and implied.implied else {"unsaid": (with_count(config, release.count, None), stored)}),
         "none": (with_count(config, release.count, 0), stored),
         "stripped": (config, {k: v for k, v in stored.items() if k != eh_proj}),
         "misshapen": (config, {**stored, eh_proj: stored[eh_proj][:, :-1].contiguous()}),
@@ -1099,4 +1103,28 @@ def test_step_mtp_final_norm_without_the_transformer_prefix(tmp_path_factory):
     (folder / "config.json").write_text((release.folder / "config.json").read_text())
     ids = prompt()
     expected, got = drafts(load(release.folder), ids, 4), drafts(load(folder), ids, 4)
+    assert torch.equal(got[0], expected[0]) and torch.equal(got[1], expected[1])
+
+
+def test_longcat_mtp_layer_is_counted_from_its_tensors(tmp_path_factory, capsys):
+    """LongCat-Flash's config.json names no MTP count: one layer where `model.mtp.layers.0.*` is stored (as vLLM's
+    and SGLang's configs default it), the same as with the count said; none, silently, where nothing is."""
+    release = RELEASES["longcat_flash"](tmp_path_factory.mktemp("longcat_flash"))
+    config = json.loads((release.folder / "config.json").read_text())
+    stored = load_file(str(release.folder / "model.safetensors"))
+    variants = {
+        "said": ({**config, "num_nextn_predict_layers": 1}, stored),
+        "stripped": (config, {k: v for k, v in stored.items() if not k.startswith("model.mtp.")}),
+    }
+    engines = {"as released": load(release.folder)}
+    for name, (variant_config, tensors) in variants.items():
+        folder = tmp_path_factory.mktemp(name)
+        (folder / "config.json").write_text(json.dumps(variant_config))
+        save_file(tensors, str(folder / "model.safetensors"))
+        capsys.readouterr()
+        engines[name] = load(folder)
+        assert capsys.readouterr().err == ""
+    assert len(engines["as released"].model.mtp.layers) == 1 and engines["stripped"].model.mtp is None
+    ids = prompt()
+    expected, got = drafts(engines["said"], ids, 4), drafts(engines["as released"], ids, 4)
     assert torch.equal(got[0], expected[0]) and torch.equal(got[1], expected[1])
