@@ -118,8 +118,9 @@ def offloaded(path: str, slots: int) -> localmoe.Engine:
 
 
 def test_every_family_speculates_exactly(every_family):
-    """Drafts all kept, all rejected, mixed and from prompt lookup, all-resident; mixed drafts offloaded
-    with the fewest slots and a middling number."""
+    """Drafts all kept, all rejected, mixed and from prompt lookup, all-resident; offloaded, prompt lookup and
+    drafts all rejected with the fewest slots (every check's tokens route past them), drafts all kept with a
+    middling number."""
     resident = localmoe.load(every_family, device="cpu", dtype=torch.float32)
     model, expected = resident.model, list(resident.generate_ids(PROMPT, NEW))
     for make in (always_right, always_wrong, mixed):
@@ -127,11 +128,12 @@ def test_every_family_speculates_exactly(every_family):
         assert_plain(model, PROMPT, got, expected)
     assert_plain(model, PROMPT, list(resident.generate_ids(PROMPT, NEW, drafter=PromptLookup())), expected)
     fp = resident.plan.footprint
-    for slots in sorted({fp.top_k, (fp.top_k + fp.total_experts) // 2}):
-        engine = offloaded(every_family, slots)
-        assert_plain(
-            model, PROMPT, list(engine.generate_ids(PROMPT, NEW, drafter=mixed(expected, vocab(engine)))), expected
-        )
+    fewest, middling = offloaded(every_family, fp.top_k), offloaded(every_family, (fp.top_k + fp.total_experts) // 2)
+    runs = [(fewest, PromptLookup()), (fewest, always_wrong(expected, vocab(resident)))]
+    runs += [(middling, always_right(expected, vocab(resident)))]
+    for engine, drafter in runs:
+        assert_plain(model, PROMPT, list(engine.generate_ids(PROMPT, NEW, drafter=drafter)), expected)
+        assert engine.stats.experts_loaded is not None
 
 
 def test_drafts_all_kept_and_all_rejected_are_counted(tmp_path):
@@ -369,20 +371,45 @@ def mtp_release(request, tmp_path_factory):
     return RELEASES[request.param](tmp_path_factory.mktemp(request.param)).folder
 
 
+class ForcedMtp(Drafter):
+    """A test double of the MTP drafter: the engine's runs its layers in every round as it would (their caches
+    and routed experts see what they would), and the round's draft is the script's."""
+
+    reads_hidden = True
+
+    def __init__(self, mtp: MtpDrafter, script: Drafter):
+        self.mtp, self.script = mtp, script
+
+    def observe(self, start, kept, hidden):
+        self.mtp.observe(start, kept, hidden)
+
+    def rewind(self, pos):
+        self.mtp.rewind(pos)
+
+    def propose(self, tokens, limit):
+        self.mtp.propose(tokens, limit)
+        return self.script.propose(tokens, limit)
+
+
 def test_mtp_speculates_exactly(mtp_release):
-    """On by default where the checkpoint has MTP layers; the plain tokens all-resident and offloaded
-    (the MTP layer's experts through the expert cache too)."""
+    """On by default where the checkpoint has MTP layers; the plain tokens all-resident and offloaded (the MTP
+    layer's experts through the expert cache too) with the fewest slots and a middling number, with the MTP
+    layers' own drafts and with drafts all rejected and all kept (the MTP layers running all the same)."""
     plain = localmoe.load(str(mtp_release), device="cpu", dtype=torch.float32, speculative="off")
     expected = list(plain.generate_ids(PROMPT, NEW))
     engine = localmoe.load(str(mtp_release), device="cpu", dtype=torch.float32)
     assert engine.speculative == "mtp" and "speculative: mtp" in engine.summary()
     assert_plain(plain.model, PROMPT, list(engine.generate_ids(PROMPT, NEW)), expected)
     assert engine.stats.speculation.drafted > 0
-    top_k = plain.plan.footprint.top_k
-    for miss_policy in ("direct", "copy"):
-        options = RuntimeOptions(expert_slots=top_k, miss_policy=miss_policy, speculative="mtp", draft_tokens=3)
+    fp = plain.plan.footprint
+    settings = [(fp.top_k, "direct", always_wrong), ((fp.top_k + fp.total_experts) // 2, "copy", always_right)]
+    for slots, miss_policy, script in settings:
+        options = RuntimeOptions(expert_slots=slots, miss_policy=miss_policy, speculative="mtp", draft_tokens=3)
         offloaded = localmoe.load(str(mtp_release), device="cpu", dtype=torch.float32, options=options)
         assert_plain(plain.model, PROMPT, list(offloaded.generate_ids(PROMPT, NEW)), expected)
+        forced = ForcedMtp(offloaded.new_drafter(), script(expected, vocab(plain)))
+        assert_plain(plain.model, PROMPT, list(offloaded.generate_ids(PROMPT, NEW, drafter=forced)), expected)
+        assert offloaded.stats.speculation.acceptance_rate == (script is always_right)
 
 
 def test_without_mtp_drafts_the_mtp_layers_are_not_loaded(mtp_release):
