@@ -309,20 +309,41 @@ def test_the_cli_speculates_and_counts(tiny_mixtral):
     assert report["experts_loaded_per_token"] > 0
 
 
-@pytest.mark.parametrize(
-    "flags,needle",
-    [
-        (["--speculative", "mtp"], "--speculative mtp drafts with the checkpoint's multi-token-prediction layers"),
-        (["--draft-tokens", "3"], "--draft-tokens sets how many tokens speculative decoding drafts"),
-        (["--speculative", "off", "--draft-tokens", "3"], "which is off: add --speculative lookup or mtp"),
-        (["--speculative", "lookup", "--draft-tokens", "0"], "--draft-tokens"),
-        (["--speculative", "maybe"], "--speculative"),
-    ],
-)
-def test_bad_speculative_flags_are_one_line(tiny_mixtral, flags, needle):
-    result = CliRunner().invoke(main, ["generate", str(tiny_mixtral), "-p", "hi", "--device", "cpu", *flags])
+BAD_FLAGS = [
+    (["--speculative", "mtp"], "--speculative mtp drafts with the checkpoint's multi-token-prediction layers"),
+    (["--draft-tokens", "3"], "--draft-tokens sets how many tokens speculative decoding drafts"),
+    (["--speculative", "off", "--draft-tokens", "3"], "which is off: add --speculative lookup or mtp"),
+    (["--speculative", "lookup", "--draft-tokens", "0"], "--draft-tokens"),
+    (["--speculative", "lookup", "--draft-tokens", "-2"], "--draft-tokens"),
+    (["--speculative", "lookup", "--draft-tokens", "65"], "--draft-tokens"),
+    (["--speculative", "lookup", "--draft-tokens", str(10**30)], "--draft-tokens"),
+    (["--speculative", "lookup", "--draft-tokens", "four"], "--draft-tokens"),
+    (["--speculative", "maybe"], "--speculative"),
+]
+# the commands that take the flags, with what each needs beside them
+COMMANDS = {"generate": ["-p", "hi"], "chat": [], "serve": [], "bench": ["--tokens", "2"]}
+
+
+@pytest.mark.parametrize("flags,needle", BAD_FLAGS)
+@pytest.mark.parametrize("command", list(COMMANDS))
+def test_bad_speculative_flags_are_one_line(tiny_mixtral, command, flags, needle):
+    args = [command, str(tiny_mixtral), *COMMANDS[command], "--device", "cpu", *flags]
+    result = CliRunner().invoke(main, args, input="")
     assert result.exit_code == 2 and needle in result.stderr.strip().splitlines()[-1], result.output
     assert "Traceback" not in result.stderr
+
+
+def test_chat_turns_speculate_exactly(chat_model):
+    """Piped turns, offloaded, with prompt lookup: the answers of plain decoding, and /stats shows the drafts and
+    the experts loaded per decoded token."""
+    args = ["chat", str(chat_model), "--device", "cpu", "-n", "8", "--expert-slots", "6", "--temperature", "0"]
+    turns = "la la la la la la\nla la la\n/stats\n"
+    plain = CliRunner().invoke(main, args, input=turns)
+    speculative = CliRunner().invoke(main, [*args, "--speculative", "lookup", "--draft-tokens", "3"], input=turns)
+    assert plain.exit_code == speculative.exit_code == 0, speculative.output
+    assert speculative.stdout == plain.stdout and len(plain.stdout.strip().splitlines()) >= 2
+    assert "speculation: " in speculative.stderr and "experts loaded per decoded token" in speculative.stderr
+    assert "speculation: " not in plain.stderr
 
 
 def test_the_python_api_takes_the_settings(tiny_mixtral):
