@@ -136,6 +136,25 @@ def test_every_family_speculates_exactly(every_family):
         assert engine.stats.experts_loaded is not None
 
 
+# the cache settings beside the slot counts above: misses computed on the CPU, misses bypassing the slots, and
+# experts quantized by localmoe
+CACHE_SETTINGS = [{"miss_policy": "cpu"}, {"miss_policy": "bypass"}, {"expert_bits": 8}]
+
+
+def test_every_cache_setting_speculates_exactly(tmp_path):
+    """With the fewest slots and mixed drafts, each setting's own plain tokens (a model with delta-rule states
+    rolled back and a check's tokens routed together)."""
+    path = checkpoint("qwen3_next", tmp_path)
+    top_k = localmoe.load(path, device="cpu", dtype=torch.float32).plan.footprint.top_k
+    for setting in CACHE_SETTINGS:
+        options = RuntimeOptions(expert_slots=top_k, **setting)
+        engine = localmoe.load(path, device="cpu", dtype=torch.float32, options=options)
+        expected = list(engine.generate_ids(PROMPT, NEW))
+        got = list(engine.generate_ids(PROMPT, NEW, drafter=mixed(expected, vocab(engine)), draft_tokens=3))
+        assert_plain(engine.model, PROMPT, got, expected)
+        assert engine.stats.speculation.verifications > 0 and engine.stats.experts_loaded is not None, setting
+
+
 def test_drafts_all_kept_and_all_rejected_are_counted(tmp_path):
     engine = localmoe.load(checkpoint("mixtral", tmp_path), device="cpu", dtype=torch.float32)
     expected = list(engine.generate_ids(PROMPT, NEW))
