@@ -352,6 +352,27 @@ def test_bad_speculative_flags_are_one_line(tiny_mixtral, command, flags, needle
     assert "Traceback" not in result.stderr
 
 
+def test_serve_takes_the_speculative_flags(tiny_mixtral, monkeypatch):
+    """`serve` hands them to the engine it serves (the server is not started: uvicorn.run is recorded)."""
+    import uvicorn
+
+    from localmoe import cli, server
+
+    engines, real = [], server.Server.__init__
+
+    def record(self, engine, *args, **kwargs):
+        engines.append(engine)
+        real(self, engine, *args, **kwargs)
+
+    monkeypatch.setattr(server.Server, "__init__", record)
+    monkeypatch.setattr(uvicorn, "run", lambda app, **settings: None)
+    monkeypatch.setattr(cli, "_exit_on_sigterm_as_on_ctrl_c", lambda: None)
+    flags = ["--speculative", "lookup", "--draft-tokens", "2"]
+    result = CliRunner().invoke(main, ["serve", str(tiny_mixtral), "--device", "cpu", *flags])
+    assert result.exit_code == 0, result.output
+    assert engines[0].speculative == "lookup" and engines[0].options.draft_tokens == 2
+
+
 def test_chat_turns_speculate_exactly(chat_model):
     """Piped turns, offloaded, with prompt lookup: the answers of plain decoding, and /stats shows the drafts and
     the experts loaded per decoded token."""
