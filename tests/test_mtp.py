@@ -936,6 +936,8 @@ def test_without_the_promise_or_the_tensors_the_backbone_loads_as_before(release
         assert torch.equal(got, expected), name
         if name in ("stripped", "misshapen"):
             assert warned.count("\n") == 1 and eh_proj in warned and "loading without the multi-token" in warned
+            with pytest.raises(localmoe.LocalMoEError, match="has none that load .a line above says why"):
+                load(folder, speculative="mtp")
         else:
             assert warned == ""
 
