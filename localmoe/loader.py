@@ -233,6 +233,7 @@ def footprint(parts: ModelParts) -> Footprint:
         fixed_state_bytes=parts.model.fixed_state_bytes(parts.dtype),
         recurrent_state_bytes=parts.model.recurrent_state_bytes(parts.dtype),
         pending_state_bytes=parts.model.pending_state_bytes(parts.dtype),
+        trail_bytes_per_token=parts.model.trail_bytes_per_token(parts.dtype),
         logits_bytes_per_token=parts.model.model.embed_tokens.weight.shape[0] * size,
         hidden_bytes_per_token=hidden * size,
         lookup_bytes=sum(m.weight.numel() for m in lookups) * size,

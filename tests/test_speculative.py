@@ -15,7 +15,9 @@ from test_mtp import RELEASES
 
 import localmoe
 from localmoe.cli import main
+from localmoe.models import state as layer_state
 from localmoe.models.moe import moe_blocks
+from localmoe.models.state import CompressedKV, RecurrentState
 from localmoe.options import RuntimeOptions
 from localmoe.runtime.generate import GenerationStats, generate_tokens
 from localmoe.runtime.sampling import Sampler, SamplingParams
@@ -245,23 +247,33 @@ def kept_bytes(kept) -> int:
     return sum(storages.values())
 
 
+def kept_by_check(state) -> list:
+    """What a layer's state keeps of the check it took last: a recurrent state's states after each position,
+    a compressor's projections and gates of its pending and new tokens and the overlap before it."""
+    if isinstance(state, RecurrentState):
+        return [state.pieces]
+    if isinstance(state, CompressedKV):
+        trails = [pooled.trail for pooled in (state.compressor, state.indexer) if pooled is not None]
+        return [(trail.kv, trail.gate, trail.overlap) for trail in trails]
+    return []
+
+
 RECURRENT_KINDS = ["qwen3_next", "kimi_linear", "minimax", "jamba", "nemotron_h"]
 
 
 @pytest.mark.parametrize("family", [*RECURRENT_KINDS, "deepseek_v4"])
 def test_the_plan_counts_what_a_check_keeps(family, tmp_path):
-    """What a check of four drafts keeps beside the cache (its saved states, the recurrent states after each
-    position) is in the plan where speculation is on, and `localmoe plan` shows it; nothing where it is off."""
+    """What a check of four drafts keeps beside the cache (the recurrent states after each position, the
+    compressors' projections of its tokens) is in the plan where speculation is on, and
+    `localmoe plan` shows it; nothing where it is off."""
     path = checkpoint(family, tmp_path)
     engine = localmoe.load(path, device="cpu", dtype=torch.float32, speculative="lookup", draft_tokens=4)
     model = engine.model
     cache = model.new_cache(1, 64)
     list(generate_tokens(model, PROMPT, 3, cache=cache))  # the compressors hold pending tokens
-    saved = cache.save()
     with torch.no_grad():
         model(torch.tensor([PROMPT[:5]]), cache, all_logits=True, trail=True)
-    trails = [state.pieces for state in cache.layers if hasattr(state, "pieces")]
-    kept = kept_bytes([saved.states, trails])
+    kept = kept_bytes([kept_by_check(state) for state in cache.layers])
     assert 0 < kept <= engine.plan.speculation_bytes
     assert localmoe.load(path, device="cpu", dtype=torch.float32).plan.speculation_bytes == 0
     shown = CliRunner().invoke(main, ["plan", path, "--device", "cpu", "--speculative", "lookup"])
@@ -271,8 +283,8 @@ def test_the_plan_counts_what_a_check_keeps(family, tmp_path):
 
 @pytest.mark.parametrize("family", [*RECURRENT_KINDS, "deepseek_v4"])
 def test_a_rejection_feeds_nothing_again_where_states_keep_their_trail(family, tmp_path):
-    """Recurrent states are cut back into the check's trail: with every draft rejected, one forward pass per
-    token after the prefill, none fed again. DeepSeek-V4's pooled entries still restore and feed again."""
+    """Recurrent states and DeepSeek-V4's pooled entries are cut back into the check's trail: with every draft
+    rejected, one forward pass per token after the prefill, none fed again."""
     engine = localmoe.load(checkpoint(family, tmp_path), device="cpu", dtype=torch.float32)
     expected = list(engine.generate_ids(PROMPT, NEW))
     passes = []
@@ -283,10 +295,47 @@ def test_a_rejection_feeds_nothing_again_where_states_keep_their_trail(family, t
         hook.remove()
     assert_plain(engine.model, PROMPT, got, expected)
     stats = engine.stats.speculation
-    if family == "deepseek_v4":
-        assert stats.fed_again == stats.verifications > 0 and len(passes) == NEW + stats.verifications
-    else:
-        assert stats.fed_again == 0 and len(passes) == NEW  # the prefill, then one pass per new token
+    assert stats.verifications > 0 and stats.fed_again == 0
+    assert len(passes) == NEW  # the prefill, then one pass per new token
+
+
+def test_where_a_state_cannot_be_cut_back_the_kept_tokens_are_fed_again(tmp_path, monkeypatch):
+    """A ring with one position of slack cannot be cut back two or more into a check: the cache restarts and
+    every kept token is fed again, still to the plain tokens."""
+    monkeypatch.setattr(layer_state, "REWIND_SLACK", 1)
+    engine = localmoe.load(checkpoint("gpt_oss", tmp_path), device="cpu", dtype=torch.float32)
+    expected = list(engine.generate_ids(PROMPT, NEW))
+    drafter = Scripted(expected, vocab(engine), plan=[(3, 0)])
+    got = list(engine.generate_ids(PROMPT, NEW, drafter=drafter, draft_tokens=3))
+    assert_plain(engine.model, PROMPT, got, expected)
+    stats = engine.stats.speculation
+    # check i (from 0) starts at position len(PROMPT) + i and keeps its first token, all of which is fed again
+    # where it is cut back more than one: those of two drafts or more (the last ones draft fewer)
+    assert stats.fed_again == sum(len(PROMPT) + i + 1 for i in range(stats.drafted_at[1])) > 0
+
+
+@pytest.mark.parametrize(
+    "rates",
+    [
+        {},  # the tiny model's: CSA's windows of 4 (one ends in every check of 4), HCA's of 8
+        {"compressed_sparse_attention": 2, "heavily_compressed_attention": 3},  # several end in one check
+    ],
+)
+def test_deepseek_v4_checks_are_cut_back_where_windows_end_inside_them(rates, tmp_path):
+    """Overlapping windows (CSA, with its indexer's) and plain ones (HCA) completed inside checks, which are
+    cut back before, at and after their ends: the plain tokens whatever the drafts, nothing fed again."""
+    config_class, config = TINY_FAMILIES["deepseek_v4"]
+    config = {**config, "compress_rates": {**config["compress_rates"], **rates}}
+    path = save_hf(hf_model(config_class, **config), tmp_path, "sharded")
+    engine = localmoe.load(str(path), device="cpu", dtype=torch.float32)
+    expected = list(engine.generate_ids(PROMPT, NEW))
+    for make in (always_right, always_wrong, mixed):
+        for draft_tokens in (3, 5):
+            drafter = make(expected, vocab(engine))
+            got = list(engine.generate_ids(PROMPT, NEW, drafter=drafter, draft_tokens=draft_tokens))
+            assert_plain(engine.model, PROMPT, got, expected)
+            stats = engine.stats.speculation
+            assert stats.verifications > 0 and stats.fed_again == 0, (make.__name__, draft_tokens)
 
 
 def test_prompt_lookup_drafts_what_followed_the_latest_longest_match():
