@@ -19,6 +19,7 @@ from conftest import (
     DEEPSEEK_V2,
     DEEPSEEK_V4,
     DEEPSEEK_V32,
+    ERNIE,
     EXAONE_MOE,
     GLM4_MOE,
     GLM4_MOE_LITE,
@@ -79,7 +80,7 @@ class Release:
         with torch.no_grad():
             embedded = model.embed_tokens(next_ids)
             inputs = torch.cat([rms(embedded, w["enorm"], eps, offset), rms(h, w["hnorm"], eps, offset)], -1)
-            x = F.linear(inputs, w["eh"])
+            x = F.linear(inputs, w["eh"], w.get("eh_bias"))
             positions = torch.arange(start, start + x.shape[1])[None]
             out = self.blocks[depth](
                 x,
@@ -88,7 +89,8 @@ class Release:
                 attention_mask=self.mask(x.shape[1]),
             )
             out = out[0] if isinstance(out, tuple) else out
-            return self.reference.lm_head(rms(out, w["norm"], eps, offset)), out
+            normed = rms(out, w["norm"], eps, offset) if "norm" in w else out  # (ERNIE's has no norm there)
+            return self.reference.lm_head(normed), out
 
     def mask(self, length: int) -> torch.Tensor | None:
         """The additive mask of a sliding window of `self.window` positions, the query's own included."""
@@ -131,12 +133,13 @@ def write_release(
     stored = load_file(str(folder / "full" / "model.safetensors"))
     inner = layer.pop("inner", lambda name: name)
     kind = layer.pop("kind", Release)
+    weights = layer.pop("weights", mtp_weights)
     for depth in range(depths):
         last, prefix = f"model.layers.{layers + depth}.", renamed.format(layer=layers + depth, depth=depth)
         stored = {prefix + inner(k[len(last) :]) if k.startswith(last) else k: v for k, v in stored.items()}
-    mtp = [mtp_weights(config["hidden_size"], offset, depth) for depth in range(depths)]
-    for depth, weights in enumerate(mtp):
-        stored |= {names[role].format(layer=layers + depth, depth=depth): w for role, w in weights.items()}
+    mtp = [weights(config["hidden_size"], offset, depth) for depth in range(depths)]
+    for depth, own in enumerate(mtp):
+        stored |= {names[role].format(layer=layers + depth, depth=depth): w for role, w in own.items()}
     release = folder / "release"
     release.mkdir()
     save_file({k: v.contiguous() for k, v in stored.items()}, str(release / "model.safetensors"))
@@ -695,6 +698,44 @@ def step_release(folder: Path) -> Release:
     return StepRelease(release, full, blocks, mtp, kinds)
 
 
+# ERNIE 4.5's names (vLLM's ernie_mtp.py, SGLang's ernie4_eagle.py): model.mtp_emb_norm.{k}, model.mtp_hidden_norm.{k},
+# model.mtp_linear_proj.{k} (with a bias where the model has biases), model.mtp_block.{k}.*; no final norm
+ERNIE_NAMES = {
+    "enorm": "model.mtp_emb_norm.{depth}.weight",
+    "hnorm": "model.mtp_hidden_norm.{depth}.weight",
+    "eh": "model.mtp_linear_proj.{depth}.weight",
+    "eh_bias": "model.mtp_linear_proj.{depth}.bias",
+}
+
+
+def ernie_weights(hidden: int, offset: float, depth: int = 0) -> dict[str, torch.Tensor]:
+    weights = mtp_weights(hidden, offset, depth)
+    del weights["norm"]
+    weights["eh_bias"] = 0.1 * torch.randn(hidden, generator=torch.Generator().manual_seed(9 + depth))
+    return weights
+
+
+def ernie_release(folder: Path) -> Release:
+    """The MTP layer's decoder layer dense (its MLP of intermediate_size), as the MoE layers end before it."""
+
+    def extend(c: dict, n: int) -> dict:
+        return {**c, "num_hidden_layers": c["num_hidden_layers"] + n, "moe_layer_end_index": c["num_hidden_layers"] - 1}
+
+    config = {**ERNIE, "use_bias": True}
+    names = ERNIE_NAMES
+    return write_release(
+        folder,
+        "Ernie4_5_MoeConfig",
+        config,
+        extend,
+        "model.mtp_block.{depth}.",
+        names,
+        0.0,
+        "num_nextn_predict_layers",
+        weights=ernie_weights,
+    )
+
+
 def glm5_with_mtp(config: dict, depths: int) -> dict:
     """GLM-5's tiny config with `depths` more layers, those computing their own selection ("full")."""
     import transformers
@@ -728,6 +769,7 @@ RELEASES = {
     # GLM-4.7-Flash's (vLLM's glm4_moe_lite_mtp.py): DeepSeek-V3's layout, a latent-attention MoE layer
     "glm4_moe_lite": deepseek_release("Glm4MoeLiteConfig", GLM4_MOE_LITE, extend=with_sparse_mtp_layers),
     "longcat_flash": longcat_release,
+    "ernie4_5_moe": ernie_release,
     "hy_v3": lambda folder: write_release(
         folder,
         "HYV3Config",
@@ -905,6 +947,10 @@ def test_the_plan_counts_the_mtp_layers(release):
     assert with_mtp - (plain.kv_bytes_per_token * engine.plan.context + plain.fixed_state_bytes) == mtp_state
 
 
+# each release's name of an MTP layer's projection of [embedding; hidden state]
+PROJECTIONS = ("eh_proj.weight", "mtp.fc.weight", "mtp.0.e_proj.weight", "mtp_linear_proj.0.weight")
+
+
 def test_without_the_promise_or_the_tensors_the_backbone_loads_as_before(release, tmp_path, capsys):
     """No count in the config (where the family's layout implies none from the tensors), a count of 0, or a
     tensor missing or misshapen (one line says so): mtp is None and the backbone's outputs are the same bits."""
@@ -914,7 +960,7 @@ def test_without_the_promise_or_the_tensors_the_backbone_loads_as_before(release
     expected = model(ids, model.new_cache(1, PROMPT), all_logits=True)
     config = json.loads((release.folder / "config.json").read_text())
     stored = load_file(str(release.folder / "model.safetensors"))
-    eh_proj = next(name for name in stored if name.endswith(("eh_proj.weight", "mtp.fc.weight", "mtp.0.e_proj.weight")))
+    eh_proj = next(name for name in stored if name.endswith(PROJECTIONS))
     variants = {
         **({} if implied and implied.implied else {"unsaid": (with_count(config, release.count, None), stored)}),
         "none": (with_count(config, release.count, 0), stored),
