@@ -223,11 +223,9 @@ def written(request, tmp_path_factory):
     return write(tmp_path_factory.mktemp(request.param)), layout, f"mtp.layers.0.{quantized}.weight"
 
 
-def test_mtp_layers_read_decoded_and_draft_the_reference(written):
-    release, layout, quantized = written
-    engine = load(release.folder)
-    assert isinstance(engine.experts.layout, layout)  # the MTP layer's experts in the model's form
-    assert engine.checkpoint.stored_form(engine.parts.resident_sources[quantized]) is not None  # held decoded
+def assert_drafts_are_the_reference(engine, release) -> None:
+    """The MTP layer's logits and outputs, over a prompt at once and then one position at a time, are the
+    reference's."""
     ids = prompt()
     _, h = release.backbone(ids[:, :-1])
     expected_logits, expected_out = release.draft(h, ids[:, 1:])
@@ -235,6 +233,14 @@ def test_mtp_layers_read_decoded_and_draft_the_reference(written):
         logits, out = drafts(engine, ids, split)
         assert (logits - expected_logits).abs().max() < TOLERANCE
         assert (out - expected_out).abs().max() < TOLERANCE
+
+
+def test_mtp_layers_read_decoded_and_draft_the_reference(written):
+    release, layout, quantized = written
+    engine = load(release.folder)
+    assert isinstance(engine.experts.layout, layout)  # the MTP layer's experts in the model's form
+    assert engine.checkpoint.stored_form(engine.parts.resident_sources[quantized]) is not None  # held decoded
+    assert_drafts_are_the_reference(engine, release)
 
 
 def test_mtp_experts_stay_as_stored_through_the_store_and_speculation_is_exact(written):
@@ -314,26 +320,23 @@ def test_an_unquantized_mtp_layer_drafts_with_its_experts_in_the_model_form(unqu
     ids = prompt()
     logits = engine.model(ids, engine.model.new_cache(1, PROMPT), all_logits=True)
     assert (logits - release.backbone(ids)[0]).abs().max() < TOLERANCE
-    _, h = release.backbone(ids[:, :-1])
-    expected_logits, expected_out = release.draft(h, ids[:, 1:])
-    for split in (PROMPT - 1, 4):
-        draft_logits, out = drafts(engine, ids, split)
-        assert (draft_logits - expected_logits).abs().max() < TOLERANCE
-        assert (out - expected_out).abs().max() < TOLERANCE
+    assert_drafts_are_the_reference(engine, release)
 
 
-@pytest.mark.parametrize("slots", ["resident", "top_k", "layer"])
+@pytest.mark.parametrize("slots", ["resident", "top_k", "layer", "top_k-mmap"])
 def test_an_unquantized_mtp_layer_speculates_exactly_through_one_store(unquantized, slots):
     """Greedy speculation is plain decoding, all experts resident and offloaded (one layer's top-k slots,
-    and one layer's experts): the MTP layer's experts go through the same slots, each miss copying one
-    row of the model's layout, whichever layer's."""
+    and one layer's experts; the host copy in RAM, or read from the files where RAM is short: the model's
+    experts from the checkpoint, the MTP layer's from the quantized cache): the MTP layer's experts go
+    through the same slots, each miss copying one row of the model's layout, whichever layer's."""
     release, layout = unquantized
     plain = load(release.folder, speculative="off")
     expected = list(plain.generate_ids(SPECULATION_PROMPT, NEW))
     block = moe_blocks(plain.model)[0]
-    count = {"resident": None, "top_k": block.top_k, "layer": block.num_experts}[slots]
+    count = {"resident": None, "top_k": block.top_k, "layer": block.num_experts}[slots.removesuffix("-mmap")]
     offload = {} if count is None else {"expert_slots": count, "miss_policy": "copy", "prefetch": 0}
-    engine = load(release.folder, draft_tokens=3, **offload)
+    engine = load(release.folder, draft_tokens=3, **offload, **({"host_budget": 1} if "mmap" in slots else {}))
+    assert engine.plan.store == ("mmap" if "mmap" in slots else "none" if count is None else "ram")
     assert engine.speculative == "mtp"
     assert_plain(plain.model, SPECULATION_PROMPT, list(engine.generate_ids(SPECULATION_PROMPT, NEW)), expected)
     assert engine.stats.speculation.drafted > 0
@@ -341,7 +344,8 @@ def test_an_unquantized_mtp_layer_speculates_exactly_through_one_store(unquantiz
         return
     experts, mtp_layer = engine.experts, engine.model.mtp.first_layer
     store = experts.cache.store
-    assert isinstance(store.layout, layout) and mtp_layer in store.rows  # quantized once, kept in RAM
+    assert isinstance(store.layout, layout) and mtp_layer in store.rows  # quantized once, kept (or mapped)
+    assert len(store.rows) == (1 if "mmap" in slots else len(store.source.layers))
     experts.settle()
     assert experts.cache.counters[mtp_layer].misses > 0  # the drafts' experts came through the slots
     total = experts.cache.totals()
