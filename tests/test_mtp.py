@@ -64,10 +64,11 @@ class Release:
         self.eps, self.offset, self.count = reference.config.get_text_config().rms_norm_eps, offset, count
         self.rotary = layer.get("rotary", lambda model, x, positions: model.rotary_emb(x, positions))
         self.window = layer.get("window")
-        reference.config.tie_last_hidden_states = False  # its last hidden states before the final norm
 
     def backbone(self, ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """transformers' logits and last layer's output (before the final norm) for ids [1, T]."""
+        """transformers' logits and last hidden states for ids [1, T]: hidden_states[-1], which transformers
+        ties to the output after the final norm (capture_outputs' tie_last_hidden_states), as its MTP
+        drafting (candidate_generator.py) hands them on."""
         with torch.no_grad():
             out = self.reference(ids, output_hidden_states=True)
         return out.logits, out.hidden_states[-1]
@@ -639,7 +640,6 @@ class StepRelease(Release):
     def __init__(self, folder, reference, blocks, mtp, kinds):
         super().__init__(folder, reference, blocks, mtp, 1.0, "num_nextn_predict_layers")
         self.kinds, self.text = kinds, reference.model.language_model
-        reference.config.text_config.tie_last_hidden_states = False  # the language model's outputs
 
     def draft(self, h, next_ids, start=0, depth=0):
         w, model, eps, kind = self.mtp[depth], self.text, self.eps, self.kinds[depth]
@@ -869,6 +869,24 @@ def test_backbone_hidden_states_are_transformers(release):
     assert (h - expected_h).abs().max() < TOLERANCE
     last_logits, last_h = engine.model(ids, engine.model.new_cache(1, PROMPT), hidden=True)
     assert torch.equal(last_h, h[:, -1:]) and (last_logits - logits[:, -1:]).abs().max() < TOLERANCE
+
+
+@pytest.mark.parametrize("name", ["deepseek_v3", "glm4_moe", "qwen3_5_moe", "nemotron_h"])
+def test_the_mtp_layers_are_handed_the_hidden_states_after_the_final_norm(name, tmp_path_factory):
+    """The target hands its MTP layers its last layer's output after the final norm (model.norm), what its
+    LM head takes: what DeepSeek's modeling_deepseek.py, vLLM, SGLang and transformers' MTP drafting hand
+    them, and what their hnorm was fit on."""
+    model = load(RELEASES[name](tmp_path_factory.mktemp(name)).folder).model
+    outputs = []
+    hook = model.model.layers[-1].register_forward_hook(lambda module, args, out: outputs.append(out))
+    try:
+        with torch.no_grad():
+            logits, h = model(prompt(), model.new_cache(1, PROMPT), all_logits=True, hidden=True)
+    finally:
+        hook.remove()
+    last = outputs[0][0] if isinstance(outputs[0], tuple) else outputs[0]
+    assert torch.equal(h, model.model.norm(last))
+    assert (logits - model.head(h)).abs().max() < TOLERANCE
 
 
 @pytest.mark.parametrize("split", [PROMPT - 1, 4, 1])
@@ -1127,7 +1145,6 @@ def test_mellum_drafts_are_transformers_mtp_model(tmp_path_factory):
 
     release = RELEASES["mellum"](tmp_path_factory.mktemp("mellum"))
     main = transformers.AutoModelForCausalLM.from_pretrained(str(release.folder), dtype=torch.float32).eval()
-    main.config.tie_last_hidden_states = False  # its last hidden states before the final norm
     mtp = MtpModel.from_pretrained(main).eval()
     ids = prompt()
     positions = torch.arange(PROMPT - 1)[None]

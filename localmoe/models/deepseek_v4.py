@@ -516,7 +516,12 @@ class DeepseekV4LM(CausalLM):
         return h[:, :, None].expand(-1, -1, self.streams, -1).contiguous()
 
     def logits(self, h: torch.Tensor) -> torch.Tensor:
-        return super().logits(self.model.hc_head(h))
+        return self.head(self.model.norm(self.model.hc_head(h)))
+
+    def final_hidden(self, h: torch.Tensor) -> torch.Tensor:
+        """The streams [B, T, N, E] as they are: DeepSeek's inference/model.py hands MTPBlock the last block's
+        output (its collapse and final norm come after, in ParallelHead)."""
+        return h
 
 
 class CollapsedNorm(nn.Module):
