@@ -104,7 +104,8 @@ class Release:
 
 
 class NormedRelease(Release):
-    """A release whose MTP layer passes its final norm's output on to the next draft (vLLM's hy_v3_mtp.py)."""
+    """A release whose MTP layer passes its final norm's output on to the next draft, as transformers' MtpModel and
+    the published code of most releases do (see localmoe/models/mtp.py)."""
 
     def draft(self, h, next_ids, start=0, depth=0):
         logits, out = super().draft(h, next_ids, start, depth)
@@ -166,7 +167,9 @@ PER_LAYER = ("layer_types", "mlp_layer_types", "indexer_types")  # config fields
 def deepseek_release(config_class: str, config: dict, depths: int = 1, extend=None, **layer):
     """DeepSeek-V3's layout (GLM-4.5's too): MTP layer k is `model.layers.{num_hidden_layers + k}`, its
     decoder layer's tensors under that prefix as any layer's (per-expert names), beside enorm, hnorm,
-    eh_proj, shared_head.norm, and copies of the embedding and the LM head (embed_tokens, shared_head.head)."""
+    eh_proj, shared_head.norm, and copies of the embedding and the LM head (embed_tokens, shared_head.head);
+    the output after shared_head.norm passed on (vLLM's deepseek_mtp.py since its PR 45895, SGLang's
+    deepseek_nextn.py, transformers' MtpModel)."""
 
     def write(folder: Path) -> Release:
         names = {role: f"model.layers.{{layer}}.{name}.weight" for role, name in DEEPSEEK_NAMES.items()}
@@ -181,6 +184,7 @@ def deepseek_release(config_class: str, config: dict, depths: int = 1, extend=No
             0.0,
             "num_nextn_predict_layers",
             depths,
+            kind=NormedRelease,
             **layer,
         )
         path = release.folder / "model.safetensors"
@@ -248,7 +252,8 @@ MIMO_NAMES = {
 
 
 def mimo_release(depths: int):
-    """MiMo-V2-Flash's layout, with `depths` MTP layers (the release has three)."""
+    """MiMo-V2-Flash's layout, with `depths` MTP layers (the release has three), each passing its final norm's
+    output on (vLLM's mimo_v2_mtp.py)."""
     config = MIMO_V2_FLASH
 
     def extend(c: dict, n: int) -> dict:
@@ -277,6 +282,7 @@ def mimo_release(depths: int):
             "num_nextn_predict_layers",
             depths,
             inner=inner,
+            kind=NormedRelease,
             rotary=lambda model, x, positions: model.rotary_emb(x, positions, "sliding_attention"),
             window=config["sliding_window"],
         )
@@ -773,7 +779,7 @@ def dots3_release(folder: Path) -> Release:
     """dots3-note's (vLLM's dots3_note/nvidia/mtp.py): DeepSeek-V3's layout and names, a sliding dense decoder
     layer, the output after shared_head.norm passed on, and a copy of the embedding, model.mtp.embed_tokens. As
     vLLM's config defaults the count to 1, the config says none here."""
-    release = deepseek_release("Dots3NoteTextConfig", DOTS3_NOTE, extend=dots3_with_mtp, kind=NormedRelease)(folder)
+    release = deepseek_release("Dots3NoteTextConfig", DOTS3_NOTE, extend=dots3_with_mtp)(folder)
     release.rotary = lambda model, x, positions: model.rotary_emb(x, positions, "sliding_attention")
     release.window = DOTS3_NOTE["sliding_window"]
     path = release.folder / "model.safetensors"
