@@ -793,11 +793,13 @@ class InklingRelease(Release):
     InklingMTP.compute_logits): input_proj([hidden_norm(h); embed_norm(e)]), e after the model's own embed_norm
     and the first depth's h the model's last hidden states after its final norm; a decoder layer of
     transformers' (dense, sliding where mtp_config.local_layer_ids lists it); its output divided by the muP
-    multiplier before the LM head, and passed on unnormed (chain_hidden_post_norm false)."""
+    multiplier before the LM head, and passed on: unnormed, or after the one `chain` norm of every depth where
+    chain_hidden_post_norm."""
 
     def __init__(self, folder, reference, blocks, mtp, sliding: list[bool]):
         super().__init__(folder, reference, blocks, mtp, 0.0, "mtp_config.num_nextn_predict_layers")
         self.text, self.sliding = reference.model.language_model, sliding
+        self.chain: torch.Tensor | None = None
 
     def backbone(self, ids):
         with torch.no_grad():
@@ -811,6 +813,7 @@ class InklingRelease(Release):
             self.window = config.sliding_window_size if self.sliding[depth] else 1 << 20
             positions = torch.arange(start, start + x.shape[1])[None]
             out = self.blocks[depth](x, attention_mask=self.mask(x.shape[1]), position_ids=positions)
+            out = out if self.chain is None else rms(out, self.chain, eps)
             logits = self.reference.lm_head(out / config.logits_mup_width_multiplier)
             return logits[..., : config.unpadded_vocab_size], out
 
@@ -1304,3 +1307,16 @@ def test_longcat_mtp_layer_is_counted_from_its_tensors(tmp_path_factory, capsys)
     ids = prompt()
     expected, got = drafts(engines["said"], ids, 4), drafts(engines["as released"], ids, 4)
     assert torch.equal(got[0], expected[0]) and torch.equal(got[1], expected[1])
+
+
+def test_inkling_chain_norm_feeds_the_head_and_the_next_depth(tmp_path_factory):
+    """With mtp_config.chain_hidden_post_norm, each depth's output passes the one model.mtp.chain_norm, on its way
+    to the LM head and to the next depth alike (vLLM's InklingMultiTokenPredictor.forward)."""
+    release = RELEASES["inkling"](tmp_path_factory.mktemp("inkling_chained"))
+    release.chain = 1 + 0.1 * torch.randn(INKLING["hidden_size"], generator=torch.Generator().manual_seed(11))
+    path = release.folder / "model.safetensors"
+    save_file({**load_file(str(path)), "model.mtp.chain_norm.weight": release.chain}, str(path))
+    config = json.loads((release.folder / "config.json").read_text())
+    config["mtp_config"]["chain_hidden_post_norm"] = True
+    (release.folder / "config.json").write_text(json.dumps(config))
+    test_each_layer_takes_the_output_of_the_one_before(release)
