@@ -25,6 +25,7 @@ from conftest import (
     GLM4_MOE_LITE,
     GLM_MOE_DSA,
     HY_V3,
+    HY_V4,
     LONGCAT_FLASH,
     MELLUM,
     MIMO_V2_FLASH,
@@ -755,6 +756,81 @@ def with_sparse_mtp_layers(config: dict, depths: int) -> dict:
     }
 
 
+class PlainPreNormBlock(torch.nn.Module):
+    """Hy4's MTP decoder layer (vLLM's hy_v4_mtp.py builds HYV4DecoderLayer with enable_ihc=False; SGLang's
+    hunyuan_v4_nextn.py, HYV4MTPDecoderLayer): transformers' Hy4 attention and MoE of a decoder layer, each
+    after its norm with a plain residual, the layer's hyper-connections unused."""
+
+    def __init__(self, layer):
+        super().__init__()
+        self.layer = layer
+
+    def forward(self, x, position_ids, position_embeddings, attention_mask):
+        layer = self.layer
+        attended = layer.self_attn(
+            layer.input_layernorm(x),
+            attention_mask=attention_mask,
+            position_ids=position_ids,
+            position_embeddings=position_embeddings,
+        )[0]
+        x = x + attended
+        return x + layer.mlp(layer.post_attention_layernorm(x))
+
+
+class HyV4Release(NormedRelease):
+    """Hy4's hidden state for its MTP layers: the last layer's streams collapsed by hc_head, before the norm."""
+
+    def backbone(self, ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        collapsed = []
+        hook = self.reference.model.hc_head.register_forward_hook(lambda m, a, out: collapsed.append(out))
+        try:
+            with torch.no_grad():
+                logits = self.reference(ids).logits
+        finally:
+            hook.remove()
+        return logits, collapsed[0]
+
+
+# Hy4's (vLLM's hy_v4_mtp.py, SGLang's hunyuan_v4_nextn.py): model.mtp_layers.{k}.{enorm, hnorm, eh_proj,
+# final_layernorm} beside the decoder layer's tensors, which has no hyper-connections
+HY_V4_NAMES = {role: f"model.mtp_layers.{{depth}}.{name}.weight" for role, name in DEEPSEEK_NAMES.items()}
+HY_V4_NAMES["norm"] = "model.mtp_layers.{depth}.final_layernorm.weight"
+
+
+def hy_v4_release(folder: Path) -> Release:
+    """The MTP layer an MoE one computing its own selection, as the release's is (its count
+    num_nextn_predict_layers); its hyper-connections dropped from the release."""
+    import transformers
+
+    def extend(c: dict, n: int) -> dict:
+        backbone = transformers.HYV4Config(**c)
+        types = {"indexer_types": [*backbone.indexer_types, *["full"] * n]}
+        return {
+            **c,
+            "num_hidden_layers": c["num_hidden_layers"] + n,
+            "mlp_layer_types": [*backbone.mlp_layer_types, *["sparse"] * n],
+        } | types
+
+    release = write_release(
+        folder,
+        "HYV4Config",
+        HY_V4,
+        extend,
+        "model.mtp_layers.{depth}.",
+        HY_V4_NAMES,
+        0.0,
+        "num_nextn_predict_layers",
+        kind=HyV4Release,
+        window=1 << 20,
+    )
+    path = release.folder / "model.safetensors"
+    save_file(
+        {k: v for k, v in load_file(str(path)).items() if not re.match(r"model\.mtp_layers\.\d+\.hc_", k)}, str(path)
+    )
+    release.blocks = [PlainPreNormBlock(block) for block in release.blocks]
+    return release
+
+
 RELEASES = {
     "deepseek_v3": deepseek_release("DeepseekV3Config", {**DEEPSEEK_V2, "n_group": 4, "topk_group": 2}),
     # DeepSeek-V3's design with more than one MTP layer (its report trains D of them; V3 ships one)
@@ -781,6 +857,7 @@ RELEASES = {
         "num_nextn_predict_layers",
         kind=NormedRelease,
     ),
+    "hy_v4": hy_v4_release,
     "step3p5": step_release,
     "qwen3_5_moe": qwen_release("Qwen3_5MoeTextConfig", QWEN3_5_MOE),
     "qwen3_next": qwen_release("Qwen3NextConfig", QWEN3_NEXT),
