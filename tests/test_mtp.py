@@ -23,6 +23,7 @@ from conftest import (
     EXAONE_MOE,
     GLM4_MOE,
     GLM4_MOE_LITE,
+    GLM5_NEXT,
     GLM_MOE_DSA,
     HY_V3,
     HY_V4,
@@ -377,7 +378,7 @@ def nemotron_release(folder: Path) -> Release:
 
 
 class TextModel(torch.nn.Module):
-    """MiniMax-M3's language model and LM head, out of transformers' multimodal model."""
+    """The language model and LM head, out of transformers' multimodal model (MiniMax-M3's, GLM-5.3-Flash's)."""
 
     def __init__(self, full):
         super().__init__()
@@ -757,16 +758,20 @@ def with_sparse_mtp_layers(config: dict, depths: int) -> dict:
 
 
 class PlainPreNormBlock(torch.nn.Module):
-    """Hy4's MTP decoder layer (vLLM's hy_v4_mtp.py builds HYV4DecoderLayer with enable_ihc=False; SGLang's
-    hunyuan_v4_nextn.py, HYV4MTPDecoderLayer): transformers' Hy4 attention and MoE of a decoder layer, each
-    after its norm with a plain residual, the layer's hyper-connections unused."""
+    """An MTP decoder layer without the hyper-connections of the model's (vLLM's hy_v4_mtp.py builds
+    HYV4DecoderLayer with enable_ihc=False, SGLang's hunyuan_v4_nextn.py HYV4MTPDecoderLayer; vLLM's
+    glm5_next_mtp.py, Glm5NextMTPBlock): transformers' attention and MoE of a decoder layer of the family,
+    each after its norm with a plain residual. `padding_mask`: the attention takes a [B, T] mask of ones
+    (GLM-5.3-Flash's, as its model passes it) rather than the causal one."""
 
-    def __init__(self, layer):
+    def __init__(self, layer, padding_mask: bool = False):
         super().__init__()
-        self.layer = layer
+        self.layer, self.padding_mask = layer, padding_mask
 
     def forward(self, x, position_ids, position_embeddings, attention_mask):
         layer = self.layer
+        if self.padding_mask:
+            attention_mask = torch.ones(x.shape[:2], dtype=torch.bool)
         attended = layer.self_attn(
             layer.input_layernorm(x),
             attention_mask=attention_mask,
@@ -777,8 +782,8 @@ class PlainPreNormBlock(torch.nn.Module):
         return x + layer.mlp(layer.post_attention_layernorm(x))
 
 
-class HyV4Release(NormedRelease):
-    """Hy4's hidden state for its MTP layers: the last layer's streams collapsed by hc_head, before the norm."""
+class CollapsedStreams:
+    """A release whose MTP layers take the last layer's streams collapsed by hc_head, before the final norm."""
 
     def backbone(self, ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         collapsed = []
@@ -789,6 +794,14 @@ class HyV4Release(NormedRelease):
         finally:
             hook.remove()
         return logits, collapsed[0]
+
+
+class HyV4Release(CollapsedStreams, NormedRelease):
+    pass
+
+
+class Glm5NextRelease(CollapsedStreams, Release):
+    pass
 
 
 # Hy4's (vLLM's hy_v4_mtp.py, SGLang's hunyuan_v4_nextn.py): model.mtp_layers.{k}.{enorm, hnorm, eh_proj,
@@ -831,6 +844,42 @@ def hy_v4_release(folder: Path) -> Release:
     return release
 
 
+def glm5_next_release(folder: Path) -> Release:
+    """GLM-5.3-Flash's (vLLM's glm5_next_mtp.py; transformers skips `layers.{num_hidden_layers}`): DeepSeek-V3's
+    layout inside the multimodal checkpoint, `model.language_model.layers.{num_hidden_layers}.*`, the decoder
+    layer's tensors (per-expert, no hyper-connections: those are dropped here) beside enorm, hnorm, eh_proj and
+    shared_head.norm; an attention layer computing its own selection, and MoE; num_nextn_predict_layers in the
+    text config."""
+    text = {**GLM5_NEXT["text_config"], "index_topk": 4}  # one block: the MTP layer's selection cuts too
+    layers = text["num_hidden_layers"]
+    added = {"layer_types": "indexed_attention", "indexer_types": "full", "mlp_layer_types": "sparse"}
+    extended = {**text, "num_hidden_layers": layers + 1} | {k: [*text[k], kind] for k, kind in added.items()}
+    full = hf_model("Glm5NextConfig", **{**GLM5_NEXT, "text_config": extended})
+    save_hf(full, folder / "full", "single")
+    prefix = f"model.language_model.layers.{layers}."
+    stored = {
+        k: v
+        for k, v in load_file(str(folder / "full" / "model.safetensors")).items()
+        if not k.startswith(prefix + "hc_")
+    }
+    mtp = mtp_weights(text["hidden_size"], 0.0)
+    stored |= {f"{prefix}{name}.weight": mtp[role] for role, name in DEEPSEEK_NAMES.items()}
+    release = folder / "release"
+    release.mkdir()
+    save_file({k: v.contiguous() for k, v in stored.items()}, str(release / "model.safetensors"))
+    saved = json.loads((folder / "full" / "config.json").read_text())
+    saved["text_config"] |= {**text, "num_nextn_predict_layers": 1}
+    (release / "config.json").write_text(json.dumps(saved))
+    language = full.model.language_model
+    block = PlainPreNormBlock(language.layers[layers], padding_mask=True)
+    language.layers = language.layers[:layers]
+    full.config.text_config.num_hidden_layers = layers
+    for per_layer in added:
+        setattr(full.config.text_config, per_layer, getattr(full.config.text_config, per_layer)[:layers])
+    reference = TextModel(full)
+    return Glm5NextRelease(release, reference, [block], [mtp], 0.0, "num_nextn_predict_layers", rotary=lambda *_: None)
+
+
 RELEASES = {
     "deepseek_v3": deepseek_release("DeepseekV3Config", {**DEEPSEEK_V2, "n_group": 4, "topk_group": 2}),
     # DeepSeek-V3's design with more than one MTP layer (its report trains D of them; V3 ships one)
@@ -858,6 +907,7 @@ RELEASES = {
         kind=NormedRelease,
     ),
     "hy_v4": hy_v4_release,
+    "glm5_next": glm5_next_release,
     "step3p5": step_release,
     "qwen3_5_moe": qwen_release("Qwen3_5MoeTextConfig", QWEN3_5_MOE),
     "qwen3_next": qwen_release("Qwen3NextConfig", QWEN3_NEXT),

@@ -25,11 +25,11 @@ import torch.nn.functional as F
 from torch import nn
 
 from localmoe.errors import LocalMoEError
-from localmoe.models.deepseek_v4 import DeepseekV4LM
+from localmoe.models.deepseek_v4 import CollapsedLM
 from localmoe.models.deepseek_v32 import DeepseekV32Args, SparseLatentAttention
 from localmoe.models.expert_tensors import PerExpert
 from localmoe.models.family import Family, MtpLayout
-from localmoe.models.layers import MLP, CausalLM, DecoderLayer, RMSNorm, Step
+from localmoe.models.layers import MLP, DecoderLayer, RMSNorm, Step
 from localmoe.models.moe import FUSED_EXPERTS, MLP_EXPERTS, GatedActivation, SparseMoE
 from localmoe.models.mtp import MultiTokenPredictor, NormedMTPLayer
 from localmoe.models.rotary import RotaryEmbedding
@@ -161,21 +161,9 @@ def feed_forward(args: HYV4Args, i: int) -> nn.Module:
     )
 
 
-class HYV4LM(DeepseekV4LM):
-    """DeepSeek-V4's stack of streams, spread from the embedding and collapsed by `hc_head` within the layers'
-    run (the MTP layers take the embedding and the collapse, no streams), with an LM head in its own dtype
-    (float32, as transformers keeps it)."""
-
-    def embed(self, ids: torch.Tensor, step: Step) -> torch.Tensor:
-        step.ids = ids
-        return CausalLM.embed(self, ids, step)
-
-    def run_layers(self, h: torch.Tensor, step: Step, states: list) -> torch.Tensor:
-        streams = h[:, :, None].expand(-1, -1, self.streams, -1).contiguous()
-        return self.model.hc_head(super().run_layers(streams, step, states))
-
-    def logits(self, h: torch.Tensor) -> torch.Tensor:
-        return self.head(self.model.norm(h))
+class HYV4LM(CollapsedLM):
+    """The stack of streams collapsed within the layers' run, with an LM head in its own dtype (float32, as
+    transformers keeps it)."""
 
     def head(self, h: torch.Tensor) -> torch.Tensor:
         weight = self.model.embed_tokens.weight if self.lm_head is None else self.lm_head.weight
