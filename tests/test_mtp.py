@@ -389,6 +389,18 @@ class TextModel(torch.nn.Module):
         return SimpleNamespace(logits=self.lm_head(out.last_hidden_state), hidden_states=out.hidden_states)
 
 
+def write_multimodal(folder: Path, stored: dict, text: dict) -> Path:
+    """A multimodal release of tensors `stored`, its config the one written to folder/full with `text` in its
+    text config."""
+    release = folder / "release"
+    release.mkdir()
+    save_file({k: v.contiguous() for k, v in stored.items()}, str(release / "model.safetensors"))
+    saved = json.loads((folder / "full" / "config.json").read_text())
+    saved["text_config"] |= text
+    (release / "config.json").write_text(json.dumps(saved))
+    return release
+
+
 def minimax_m3_release(folder: Path) -> Release:
     """MiniMax-M3's (vLLM's minimax_m3/nvidia/mtp.py; the names rtp-llm's MiniMax-M3 loader reads): inside the
     multimodal checkpoint, `model.mtp.layers.0.*` holds enorm, hnorm, eh_proj and final_layernorm (scaling by 1 +
@@ -412,12 +424,7 @@ def minimax_m3_release(folder: Path) -> Release:
     mtp = mtp_weights(text["hidden_size"], 1.0)
     names = {"enorm": "enorm", "hnorm": "hnorm", "eh": "eh_proj", "norm": "final_layernorm"}
     stored |= {f"{mtp_prefix}{names[role]}.weight": weight for role, weight in mtp.items()}
-    release = folder / "release"
-    release.mkdir()
-    save_file({k: v.contiguous() for k, v in stored.items()}, str(release / "model.safetensors"))
-    saved = json.loads((folder / "full" / "config.json").read_text())
-    saved["text_config"] |= {**text, "num_mtp_modules": 1}
-    (release / "config.json").write_text(json.dumps(saved))
+    release = write_multimodal(folder, stored, {**text, "num_mtp_modules": 1})
     language = full.model.language_model
     block = language.layers[layers]
     language.layers = language.layers[:layers]
@@ -472,19 +479,24 @@ def bailing_release(folder: Path) -> Release:
     )
 
 
+def logits_and_output(reference, module: torch.nn.Module, ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """transformers' logits for ids [1, T], and what `module` (a part of `reference`) gave in that run."""
+    outputs = []
+    hook = module.register_forward_hook(lambda m, a, out: outputs.append(out))
+    try:
+        with torch.no_grad():
+            logits = reference(ids).logits
+    finally:
+        hook.remove()
+    return logits, outputs[0]
+
+
 class V4Release(Release):
     """DeepSeek-V4's MTP layer, as DeepSeek's inference/model.py computes it (MTPBlock.forward, and
     ParallelHead.hc_head for its collapse): the hidden state is the last layer's streams [B, T, N, E]."""
 
     def backbone(self, ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        streams = []
-        hook = self.reference.model.layers[-1].register_forward_hook(lambda m, a, out: streams.append(out))
-        try:
-            with torch.no_grad():
-                logits = self.reference(ids).logits
-        finally:
-            hook.remove()
-        return logits, streams[0]
+        return logits_and_output(self.reference, self.reference.model.layers[-1], ids)
 
     def draft(self, h, next_ids, start=0, depth=0):
         from transformers.masking_utils import create_sliding_window_causal_mask
@@ -786,14 +798,7 @@ class CollapsedStreams:
     """A release whose MTP layers take the last layer's streams collapsed by hc_head, before the final norm."""
 
     def backbone(self, ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        collapsed = []
-        hook = self.reference.model.hc_head.register_forward_hook(lambda m, a, out: collapsed.append(out))
-        try:
-            with torch.no_grad():
-                logits = self.reference(ids).logits
-        finally:
-            hook.remove()
-        return logits, collapsed[0]
+        return logits_and_output(self.reference, self.reference.model.hc_head, ids)
 
 
 class HyV4Release(CollapsedStreams, NormedRelease):
@@ -864,12 +869,7 @@ def glm5_next_release(folder: Path) -> Release:
     }
     mtp = mtp_weights(text["hidden_size"], 0.0)
     stored |= {f"{prefix}{name}.weight": mtp[role] for role, name in DEEPSEEK_NAMES.items()}
-    release = folder / "release"
-    release.mkdir()
-    save_file({k: v.contiguous() for k, v in stored.items()}, str(release / "model.safetensors"))
-    saved = json.loads((folder / "full" / "config.json").read_text())
-    saved["text_config"] |= {**text, "num_nextn_predict_layers": 1}
-    (release / "config.json").write_text(json.dumps(saved))
+    release = write_multimodal(folder, stored, {**text, "num_nextn_predict_layers": 1})
     language = full.model.language_model
     block = PlainPreNormBlock(language.layers[layers], padding_mask=True)
     language.layers = language.layers[:layers]
