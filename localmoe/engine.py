@@ -22,6 +22,7 @@ from localmoe.kernels import KERNELS, host_kernel, pair_kernel
 from localmoe.kernels.quantized import QuantSpec
 from localmoe.kernels.reference import expert_pair_outputs
 from localmoe.loader import DTYPES, ModelParts, footprint, load_resident_weights, model_skeleton, open_checkpoint
+from localmoe.models.expert_source import ExpertSource
 from localmoe.models.layers import host_tables
 from localmoe.models.moe import MoESpec, moe_blocks
 from localmoe.models.state import KVCache
@@ -29,7 +30,7 @@ from localmoe.options import CHAT_TOKENS, CUDA_GRAPHS, DRAFT_TOKENS, GENERATE_TO
 from localmoe.paths import cache_dir
 from localmoe.runtime.cpu_experts import Bandwidths, calibrated
 from localmoe.runtime.expert_cache import POLICIES, ExpertCache, SlotTable
-from localmoe.runtime.expert_store import ExpertStore
+from localmoe.runtime.expert_store import ExpertStore, quantized_here
 from localmoe.runtime.generate import GenerationStats, StepHooks, check_fits, generate_tokens
 from localmoe.runtime.layouts import layout_of
 from localmoe.runtime.memory import MemoryPlan, Speculating, format_bytes, format_rate, plan_memory
@@ -458,7 +459,7 @@ def prepare(
         raise LocalMoEError(f"this machine has no CUDA device: give {setting('vram_budget')} to plan for one")
     checkpoint, family = open_checkpoint(source, revision, weights=not headers_only)
     mtp = options.speculative in (None, "mtp")
-    parts = model_skeleton(checkpoint, family, _dtype(dtype), mtp=mtp, stored_form=options.expert_bits == 16)
+    parts = model_skeleton(checkpoint, family, _dtype(dtype), mtp=mtp)
     speculation(options, parts.model)  # an impossible choice is refused before any weight is read
     quant = _quant(options, parts.experts)
     return Prepared(checkpoint, parts, target, options, _plan(parts, target, options, quant), quant)
@@ -483,10 +484,9 @@ def place(prepared: Prepared) -> Engine:
     blocks = moe_blocks(parts.model)
     trace = RoutingTrace(options.trace, blocks[0].layer_idx) if options.trace else None  # an unwritable path fails now
     load_resident_weights(parts, checkpoint, device, plan.tables)
-    weights = layout_of(parts.experts, quant, parts.dtype).format  # what the kernels will read
-    kernel, kernels = pair_kernel(options.kernels, device, parts.dtype, [block.act for block in blocks], weights)
-    settings = _quant_settings(quant, parts.dtype) if quant else ""
-    quantized = QuantizedLayers(cache_folder(checkpoint, settings), settings) if quant else None
+    layout = layout_of(parts.experts, quant, parts.dtype)
+    kernel, kernels = pair_kernel(options.kernels, device, parts.dtype, [block.act for block in blocks], layout.format)
+    quantized = _quantized_layers(checkpoint, parts, quant, layout)
     offloaded = None
     if plan.all_resident:
         experts = ResidentExperts(parts.experts, device, parts.dtype, trace, kernel, quant, quantized)
@@ -647,10 +647,38 @@ def _quant_settings(quant: QuantSpec, dtype: torch.dtype) -> str:
     return f"bits={quant.bits} group={quant.group} dtype={dtype}"
 
 
+def _quantized_layers(
+    checkpoint: Checkpoint, parts: ModelParts, quant: QuantSpec | None, layout
+) -> QuantizedLayers | None:
+    """The on-disk cache of the experts localmoe quantizes: every one (`quant`), or the MTP layers' that it
+    quantizes into the form the model's are kept in as stored; None where it quantizes none."""
+    if quant is not None:
+        settings = _quant_settings(quant, parts.dtype)
+    elif any(quantized_here(parts.experts, layout, layer) for layer in parts.experts.layers):
+        settings = f"MTP layers' experts as {layout}"  # the layout's every field: form, shapes and dtype
+    else:
+        return None
+    return QuantizedLayers(cache_folder(checkpoint, settings), settings)
+
+
+def _mtp_quantized(source: ExpertSource, layout) -> str | None:
+    """A line where localmoe quantizes the MTP layers' experts into the form the model's are kept in."""
+    layers = [layer for layer in source.drafting if quantized_here(source, layout, layer)]
+    if not layers or not layout.reads_packed:  # none, or every expert (expert_bits)
+        return None
+    form = source.forms[layers[0]]
+    stored = "unquantized" if form is None else f"as {form.words}"
+    return (
+        f"the MTP layers' routed experts, stored {stored}, are quantized by localmoe to the model's "
+        f"{source.stored_form.words} to share its expert slots: they only draft, and the model checks every "
+        "drafted token"
+    )
+
+
 def _plan(parts: ModelParts, device: torch.device, options: RuntimeOptions, quant: QuantSpec | None) -> MemoryPlan:
     fp = footprint(parts)
     layout = layout_of(parts.experts, quant, parts.dtype)
-    if layout.row_dtype is not None:  # quantized or stored byte rows: the plan counts their size
+    if layout.row_dtype is not None:  # quantized or stored byte rows (the MTP layers' too): the plan counts their size
         fp = replace(fp, expert_bytes=layout.numel)
     _check_settings(options)
     plan = plan_memory(
@@ -663,6 +691,8 @@ def _plan(parts: ModelParts, device: torch.device, options: RuntimeOptions, quan
         prefill_chunk=options.prefill_chunk,
         speculating=_speculating(options, parts.model),
     )
+    if notice := _mtp_quantized(parts.experts, layout):
+        plan = replace(plan, notices=(*plan.notices, notice))
     most = plan.slots - plan.footprint.top_k
     if options.pin_hot > most and not plan.all_resident:
         raise LocalMoEError(

@@ -19,6 +19,7 @@ from conftest import (
     DEEPSEEK_V2,
     DEEPSEEK_V4,
     DEEPSEEK_V32,
+    DOTS3_NOTE,
     ERNIE,
     EXAONE_MOE,
     GLM4_MOE,
@@ -880,6 +881,37 @@ def glm5_next_release(folder: Path) -> Release:
     return Glm5NextRelease(release, reference, [block], [mtp], 0.0, "num_nextn_predict_layers", rotary=lambda *_: None)
 
 
+def dots3_with_mtp(config: dict, depths: int) -> dict:
+    """dots3-note's tiny config with `depths` more layers, sliding ones with a dense MLP (vLLM's MTP layer)."""
+    import transformers
+
+    backbone = transformers.Dots3NoteTextConfig(**config)
+    return {
+        **config,
+        "num_hidden_layers": config["num_hidden_layers"] + depths,
+        "layer_types": [*backbone.layer_types, *["sliding_attention"] * depths],
+        "mlp_layer_types": [*backbone.mlp_layer_types, *["dense"] * depths],
+    }
+
+
+def dots3_release(folder: Path) -> Release:
+    """dots3-note's (vLLM's dots3_note/nvidia/mtp.py): DeepSeek-V3's layout and names, a sliding dense decoder
+    layer, the output after shared_head.norm passed on, and a copy of the embedding, model.mtp.embed_tokens. As
+    vLLM's config defaults the count to 1, the config says none here."""
+    release = deepseek_release("Dots3NoteTextConfig", DOTS3_NOTE, extend=dots3_with_mtp, kind=NormedRelease)(folder)
+    release.rotary = lambda model, x, positions: model.rotary_emb(x, positions, "sliding_attention")
+    release.window = DOTS3_NOTE["sliding_window"]
+    path = release.folder / "model.safetensors"
+    stored = load_file(str(path))
+    stored["model.mtp.embed_tokens.weight"] = stored.pop(
+        f"model.layers.{DOTS3_NOTE['num_hidden_layers']}.embed_tokens.weight"
+    )
+    save_file(stored, str(path))
+    config = json.loads((release.folder / "config.json").read_text())
+    (release.folder / "config.json").write_text(json.dumps(with_count(config, release.count, None)))
+    return release
+
+
 RELEASES = {
     "deepseek_v3": deepseek_release("DeepseekV3Config", {**DEEPSEEK_V2, "n_group": 4, "topk_group": 2}),
     # DeepSeek-V3's design with more than one MTP layer (its report trains D of them; V3 ships one)
@@ -894,6 +926,7 @@ RELEASES = {
     # GLM-4.7-Flash's (vLLM's glm4_moe_lite_mtp.py): DeepSeek-V3's layout, a latent-attention MoE layer
     "glm4_moe_lite": deepseek_release("Glm4MoeLiteConfig", GLM4_MOE_LITE, extend=with_sparse_mtp_layers),
     "longcat_flash": longcat_release,
+    "dots3_note": dots3_release,
     "ernie4_5_moe": ernie_release,
     "hy_v3": lambda folder: write_release(
         folder,

@@ -6,6 +6,14 @@ DeepSeek sparse attention's indexer selects (GLM-5's: rotary on adjacent pairs).
 Besides: the normalised query and key-value latents are scaled by sqrt(hidden / rank); the shared
 rotary key is RMS-normalised before it is rotated; each head's output is gated by sigmoid(g_proj(x)).
 Sliding layers keep every position's latent (the window is a mask, not a ring).
+
+Its multi-token-prediction layer is loaded as `mtp` for drafts, as vLLM's dots3_note/nvidia/mtp.py
+(Dots3NoteMultiTokenPredictorLayer, on deepseek_v32/nvidia/mtp.py) builds it: DeepSeek-V3's layer and names
+(`model.layers.{num_hidden_layers}.{enorm,hnorm,eh_proj,shared_head.norm}` beside its decoder layer's tensors),
+whose decoder layer is a sliding one with a dense MLP (the layer past the model's is not MoE there; llama.cpp's
+convert_hf_to_gguf.py: "the NextN/MTP block uses the sliding-attention MLA"). Its output passes shared_head.norm
+and goes on as it is, to the LM head and to the next draft (`NormedMTPLayer`). The model's embedding serves it
+(vLLM reads the release's copy, `model.mtp.embed_tokens`, instead) and its LM head.
 """
 
 import dataclasses
@@ -15,12 +23,14 @@ from typing import Any, ClassVar
 import torch
 from torch import nn
 
+from localmoe.errors import LocalMoEError
 from localmoe.models.attention import LatentAttention
 from localmoe.models.deepseek_v32 import KEEP_FLOAT32, Indexer, SparseLatentAttention
 from localmoe.models.expert_tensors import PerExpert
-from localmoe.models.family import Family, ModelArgs
+from localmoe.models.family import Family, ModelArgs, MtpLayout
 from localmoe.models.layers import MLP, Backbone, CausalLM, DecoderLayer, RMSNorm, Step
 from localmoe.models.moe import FUSED_EXPERTS, MLP_EXPERTS, GatedActivation, GroupedTopKRouter, SparseMoE
+from localmoe.models.mtp import MultiTokenPredictor, NormedMTPLayer
 from localmoe.models.rotary import RotaryEmbedding, rope_parameters
 from localmoe.models.state import LatentKV
 
@@ -80,6 +90,7 @@ class Dots3NoteArgs(ModelArgs):
     mlp_layer_types: list[str] | None = None
     per_layer_config: dict | None = None
     rope_parameters: dict | None = None  # one set per kind of layer
+    num_nextn_predict_layers: int = 0  # the release's config may say nothing: the loader counts them (DOTS3_MTP)
     # the release's spellings, which transformers turns into the fields above
     first_k_dense_replace: int = 1
     moe_layer_freq: int | list[int] = 1
@@ -239,7 +250,34 @@ def build(args: Dots3NoteArgs) -> CausalLM:
         rotaries[main],
         tie_word_embeddings=args.tie_word_embeddings,
         max_position_embeddings=args.max_position_embeddings,
+        mtp=multi_token_predictor(args, attention) if args.num_nextn_predict_layers else None,
     )
+
+
+def multi_token_predictor(args: Dots3NoteArgs, attention) -> MultiTokenPredictor:
+    """The MTP layers: each a sliding layer's attention (`attention` of the model's first sliding layer builds
+    one of its sizes and rotary) and a dense MLP, in a NormedMTPLayer."""
+    if "sliding_attention" not in args.layer_types:
+        raise LocalMoEError(
+            "config.json promises MTP layers, whose attention is a sliding layer's, and names no sliding layer to "
+            "size it by: the config is damaged"
+        )
+    sliding, hidden, eps = args.layer_types.index("sliding_attention"), args.hidden_size, args.rms_norm_eps
+    blocks = [
+        DecoderLayer(attention(sliding), MLP(hidden, args.intermediate_size, args.hidden_act), hidden, eps)
+        for _ in range(args.num_nextn_predict_layers)
+    ]
+    return MultiTokenPredictor([NormedMTPLayer(block, hidden, eps) for block in blocks], args.num_hidden_layers)
+
+
+# the release's MTP layer, under DeepSeek-V3's names but for its final norm (shared_head.norm, which NormedMTPLayer
+# calls final_layernorm). vLLM's config (transformers_utils/configs/dots3_note.py) defaults the count to 1: one layer
+# where `model.layers.{num_hidden_layers}.*` is stored
+DOTS3_MTP = MtpLayout(
+    "num_nextn_predict_layers",
+    (("model.layers.{layer}.final_layernorm.", "model.layers.{layer}.shared_head.norm."),),
+    implied=1,
+)
 
 
 FAMILY = Family(
@@ -250,5 +288,6 @@ FAMILY = Family(
     experts=(PerExpert(MLP_EXPERTS), FUSED_EXPERTS),
     hub_aliases=((".mlp.shared_expert.", ".mlp.shared_experts."),),
     keep_float32=KEEP_FLOAT32,
+    mtp=DOTS3_MTP,
     example="dots-studio/dots3-note-prev",
 )
