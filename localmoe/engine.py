@@ -186,7 +186,7 @@ class Engine:
             context=self.plan.context,
             prefill_chunk=self.plan.prefill_chunk,
             on_prefill=after_prefill,
-            hooks=None if runtime is None else StepHooks(runtime.begin_step, runtime.end_step),
+            hooks=self._step_hooks(),
             graphs=not self.graphs_barred(),
             drafter=drafter,
             draft_tokens=draft_tokens or self.options.draft_tokens or DRAFT_TOKENS,
@@ -206,10 +206,14 @@ class Engine:
 
     def new_drafter(self) -> Drafter | None:
         """A drafter for one generation, as `self.speculative` says (None: plain decoding)."""
-        runtime = self._offloaded
-        hooks = None if runtime is None else StepHooks(runtime.begin_step, runtime.end_step)
         drafts = self.options.draft_tokens or DRAFT_TOKENS
-        return DRAFTERS[self.speculative](self.model, self.plan.context, hooks, drafts)
+        graphs = not self.graphs_barred()
+        return DRAFTERS[self.speculative](self.model, self.plan.context, self._step_hooks(), drafts, graphs)
+
+    def _step_hooks(self) -> StepHooks | None:
+        """What runs around each forward step: the expert cache's, where experts are offloaded."""
+        runtime = self._offloaded
+        return None if runtime is None else StepHooks(runtime.begin_step, runtime.end_step, runtime.step_tokens)
 
     def graphs_barred(self) -> list[str]:
         """Why decode steps run eagerly, not as CUDA graphs (empty: they are captured)."""
