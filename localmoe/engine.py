@@ -347,7 +347,17 @@ class Engine:
         if self.speculative == "off":
             return ""
         drafts = self.options.draft_tokens or DRAFT_TOKENS
-        return f"; speculative: {self.speculative}, up to {drafts} drafted tokens per check"
+        checks = "static steps" if self.model.static_decode else "eager"
+        barred = self.drafts_barred()
+        mtp = "" if self.speculative != "mtp" else "; MTP drafts: " + (f"eager ({barred[0]})" if barred else checks)
+        return f"; speculative: {self.speculative}, up to {drafts} drafted tokens per check (checks: {checks}{mtp})"
+
+    def drafts_barred(self) -> list[str]:
+        """Why the MTP layers' draft steps run eagerly where the checks are static steps, captured as the
+        decode steps are (empty: they run static too, or nothing drafts with MTP layers)."""
+        if self.speculative != "mtp" or not self.model.static_decode or self.model.static_mtp:
+            return []
+        return ["the MTP layers have layers without static steps"]
 
     def _misses(self) -> str:
         if self.miss_policy is None:
