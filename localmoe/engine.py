@@ -357,7 +357,7 @@ class Engine:
         decode steps are (empty: they run static too, or nothing drafts with MTP layers)."""
         if self.speculative != "mtp" or not self.model.static_decode or self.model.static_mtp:
             return []
-        return ["the MTP layers have layers without static steps"]
+        return ["an MTP layer has no static steps"]
 
     def _misses(self) -> str:
         if self.miss_policy is None:

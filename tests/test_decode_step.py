@@ -205,6 +205,26 @@ def test_the_decode_step_captured_as_a_cuda_graph_gives_the_eager_tokens(checkpo
     assert tokens("on") == tokens("off")
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("speculative", ["lookup", "mtp"])
+def test_speculative_steps_captured_as_cuda_graphs_give_the_eager_tokens(checkpoints, tmp_path, speculative):
+    """Checks of every length (prompt lookup drafts what it finds) and the MTP layer's steps, one graph
+    per kind, bucket and token count, offloaded with misses read in place: the tokens without graphs."""
+    from test_mtp import RELEASES
+
+    path = checkpoints["qwen3_moe"] if speculative == "lookup" else str(RELEASES["deepseek_v3"](tmp_path).folder)
+
+    def tokens(graphs: str) -> list[int]:
+        options = RuntimeOptions(
+            expert_slots=8, cuda_graphs=graphs, kernels="triton", speculative=speculative, draft_tokens=3
+        )
+        engine = localmoe.load(path, device="cuda", dtype=torch.float32, options=options)
+        assert bool(engine.graphs_barred()) == (graphs == "off") and not engine.drafts_barred()
+        return list(engine.generate_ids(PROMPT * 3, 40))  # past the first bucket
+
+    assert tokens("on") == tokens("off")
+
+
 def test_graphs_are_refused_with_the_reason_where_they_cannot_be(checkpoints):
     options = RuntimeOptions(expert_slots=8, cuda_graphs="on")
     engine = localmoe.load(checkpoints["qwen3_moe"], device="cpu", dtype=torch.float32, options=options)

@@ -604,3 +604,20 @@ def test_static_checks_cut_back_window_rings(static_family_of):
     drafter = mixed(expected, model.model.embed_tokens.weight.shape[0], LONG)
     got = list(generate_tokens(model, LONG, NEW, cache=cache, drafter=drafter, draft_tokens=3))
     assert_plain(model, LONG, got, expected)
+
+
+def test_the_summary_says_what_speculation_runs_as_static_steps(static_family_of, monkeypatch):
+    """Checks and MTP drafts run static where the model's layers do (captured where decode steps are:
+    nothing in `graphs_barred` is about speculation); where the MTP layers cannot, `drafts_barred` and
+    the summary say so; where the backbone cannot, `graphs_barred` says why."""
+    engine = localmoe.load(static_family_of["deepseek_v3"], device="cpu", dtype=torch.float32)
+    assert engine.drafts_barred() == [] and "not on CUDA" in engine.graphs_barred()
+    assert not any(word in reason for reason in engine.graphs_barred() for word in ("specul", "draft", "MTP"))
+    assert "(checks: static steps; MTP drafts: static steps)" in engine.summary()
+    monkeypatch.setattr(CausalLM, "static_mtp", property(lambda self: False))
+    assert engine.drafts_barred() == ["an MTP layer has no static steps"]
+    assert "MTP drafts: eager (an MTP layer has no static steps)" in engine.summary()
+    eager_only(monkeypatch)
+    assert engine.drafts_barred() == [] and "(checks: eager; MTP drafts: eager)" in engine.summary()
+    barred = localmoe.load(static_family_of["deepseek_v3"], device="cpu", dtype=torch.float32).graphs_barred()
+    assert "the model has layers without static steps" in barred
