@@ -247,7 +247,8 @@ class Speculation:
         self.saved = self.cache.save() if drafts else None
         first = self.cache.pos
         logits, h = self.decode.check(ids)
-        self.fed = (first, h) if self.drafter.reads_hidden else None
+        if self.drafter.reads_hidden:  # a copy of a graph's outputs: its next replay may come before they are read
+            self.fed = first, h.clone() if self.decode.graphs else h
         return logits[0]
 
     def _settle(self) -> None:
