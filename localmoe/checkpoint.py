@@ -143,11 +143,12 @@ class Checkpoint:
                 view._shard_of[new] = shard
         return view
 
-    def with_aliases(self, prefixes: list[tuple[str, str]]) -> "Checkpoint":
+    def with_aliases(self, prefixes: list[tuple[str, str]], config: dict | None = None) -> "Checkpoint":
         """This checkpoint with every tensor under each prefix of `prefixes` (pairs (alias prefix, prefix))
         also seen under the alias prefix (a release's multi-token-prediction layers under DeepSeek-V3's
-        names). One tensor may have several aliases."""
+        names), and `config` (where given) as its config. One tensor may have several aliases."""
         view = copy.copy(self)
+        view.config = self.config if config is None else config
         view._shard_of, view._aliases = dict(self._shard_of), dict(self._aliases)
         for alias, prefix in prefixes:
             for name in self.tensor_names:

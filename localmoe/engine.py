@@ -541,7 +541,8 @@ def speculation(options: RuntimeOptions, model) -> str:
     if options.speculative == "mtp" and not has_mtp:
         raise LocalMoEError(
             f"{setting('speculative')} mtp drafts with the checkpoint's multi-token-prediction layers, and this "
-            f"checkpoint has none: use {setting('speculative')} lookup (n-gram matches) or off"
+            f"checkpoint has none that load (a line above says why where it promises some): use "
+            f"{setting('speculative')} lookup (n-gram matches) or off"
         )
     chosen = options.speculative or ("mtp" if has_mtp else "off")
     if chosen == "off" and options.draft_tokens is not None:

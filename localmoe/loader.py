@@ -63,8 +63,9 @@ def open_checkpoint(source: str, revision: str | None = None, weights: bool = Tr
     ckpt = Checkpoint.open(source, revision, weights)
     family = family_for(ckpt.config)
     view = _language_model(ckpt, family)
-    if family.mtp is not None:  # its MTP layers under DeepSeek-V3's names
-        view = view.with_aliases(family.mtp.aliases(view.config))
+    if family.mtp is not None:  # its MTP layers under DeepSeek-V3's names (counted where the config does not)
+        config = family.mtp.counted(view.config, view.tensor_names)
+        view = view.with_aliases(family.mtp.aliases(config), config)
     return view, family
 
 
@@ -232,6 +233,7 @@ def footprint(parts: ModelParts) -> Footprint:
         fixed_state_bytes=parts.model.fixed_state_bytes(parts.dtype),
         recurrent_state_bytes=parts.model.recurrent_state_bytes(parts.dtype),
         pending_state_bytes=parts.model.pending_state_bytes(parts.dtype),
+        trail_bytes_per_token=parts.model.trail_bytes_per_token(parts.dtype),
         logits_bytes_per_token=parts.model.model.embed_tokens.weight.shape[0] * size,
         hidden_bytes_per_token=hidden * size,
         lookup_bytes=sum(m.weight.numel() for m in lookups) * size,
@@ -266,9 +268,9 @@ def _to(tensor: torch.Tensor, device, dtype: torch.dtype) -> torch.Tensor:
 
 
 def _drop_incomplete_mtp(model: nn.Module, ckpt: Checkpoint, family: Family, stored_form: bool) -> None:
-    """Load without the multi-token-prediction layers the config promises where the checkpoint lacks a
-    tensor of theirs (many releases strip them) or stores one in another shape, with a line that says so:
-    a checkpoint whose backbone loads is never refused for its MTP layers."""
+    """Load without the multi-token-prediction layers the config (or a tensor of theirs) promises where the
+    checkpoint lacks a tensor of theirs (many releases strip them) or stores one in another shape, with a line
+    that says so: a checkpoint whose backbone loads is never refused for its MTP layers."""
     mtp = getattr(model, "mtp", None)
     if mtp is None:
         return
@@ -289,7 +291,7 @@ def _drop_incomplete_mtp(model: nn.Module, ckpt: Checkpoint, family: Family, sto
         _check_mtp_scales(mtp, ckpt)
         _check_mtp_experts_form(model, ckpt, family, stored_form)
     except LocalMoEError as error:
-        promised = "loading without the multi-token-prediction layers config.json promises"
+        promised = "loading without the multi-token-prediction layers it promises"
         print(f"localmoe: {error}: {promised}", file=sys.stderr)
         model.mtp = None
 

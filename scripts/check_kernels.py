@@ -2,14 +2,15 @@
 
 For each weight format (bfloat16, float16, float32, int8, int4, and as checkpoints ship them: symmetric
 int4 with bfloat16 scales by 32 columns (Kimi K2), symmetric int8 by row (GPTQ), MXFP4, NVFP4, FP8 in
-blocks and by row), each kernel (decode and grouped; gate_up and down), plain and with everything optional at once
-(biases, input scales and the direct-read path, pairs computed from host rows: the most registers a
-variant can need), at the expert shapes of Mixtral (4096 x 14336), Qwen3-30B-A3B (2048 x 768),
-DeepSeek-V3 and Kimi K2 (7168 x 2048), gpt-oss (2880 x 2880, MXFP4) and Nemotron-3's ungated
-ReLU-squared experts (Nano: 2688 x 1856; Super: 1024 x 2688, in its latent space), and the
-activations those shapes do not use, it builds the launches
-`triton_pair_outputs` would make (`kernel_launches`, on untouched `torch.empty` tensors) and compiles
-them with Triton's own compiler and ptxas for sm_80, sm_86, sm_89 and sm_90. It fails (exit 1) on:
+blocks and by row, MXFP8: FP8 in 1 x 32 tiles scaled by exponent bytes (Inkling 2)), each kernel (decode
+and grouped; gate_up and down), plain and with everything optional at once (biases, input scales and the
+direct-read path, pairs computed from host rows: the most registers a variant can need), at the expert
+shapes of Mixtral (4096 x 14336), Qwen3-30B-A3B (2048 x 768), DeepSeek-V3 and Kimi K2 (7168 x 2048),
+gpt-oss (2880 x 2880, MXFP4), Inkling 2 (4608 x 2304, MXFP8, its softcapped GLU) and Nemotron-3's
+ungated ReLU-squared experts (Nano: 2688 x 1856; Super: 1024 x 2688, in its latent space), and the
+activations those shapes do not use, it builds the launches `triton_pair_outputs` would make
+(`kernel_launches`, on untouched `torch.empty` tensors) and compiles them with Triton's own compiler and
+ptxas for sm_80, sm_86, sm_89 and sm_90. It fails (exit 1) on:
 
 - a compile error;
 - a register spill (ptxas's spill stores);
@@ -73,6 +74,7 @@ TARGETS = (80, 86, 89, 90)
 SHARED_LIMIT = {80: 166912, 86: 101376, 89: 101376, 90: 232448}  # bytes one block may opt into
 SWIGLU, CLAMPED = GatedActivation(), GatedActivation(kind="clamped_swiglu", alpha=1.702, limit=7.0)
 RELU2 = GatedActivation(kind="ungated", act="relu2")  # up projection only: gate_up is [N, I, E]
+SOFTCAPPED = GatedActivation(kind="softcapped_glu", gate_limit=4.0, limit=25.0)  # Inkling 2's
 # name: (hidden, expert intermediate, formats, activation); the experts' hidden width, the latent one where
 # they work in a latent space
 SHAPES = {
@@ -81,6 +83,7 @@ SHAPES = {
     "deepseek-v3": (7168, 2048, ("fp8", "bf16"), SWIGLU),
     "kimi-k2": (7168, 2048, ("int4-sym",), SWIGLU),
     "gpt-oss": (2880, 2880, ("mxfp4",), CLAMPED),
+    "inkling-2": (4608, 2304, ("fp8-mx",), SOFTCAPPED),  # transformers' Inkling2TextConfig's defaults
     "nemotron-3-nano": (2688, 1856, ("bf16", "int8", "int4"), RELU2),
     "nemotron-3-super": (1024, 2688, ("bf16", "int4"), RELU2),
 }
@@ -91,6 +94,7 @@ OTHER_ACTIVATIONS = {
     "clamped-after": GatedActivation("glu_clamped_after", limit=7.0),  # Step-3.7
 }
 FORMATS = ("bf16", "fp16", "fp32", "int8", "int4", "int4-sym", "int8-row", "mxfp4", "nvfp4", "fp8", "fp8-row")
+FORMATS += ("fp8-mx",)
 # checkpoints' integer forms: Kimi K2's (compressed-tensors), GPTQ's 8 bits with group_size -1
 CHECKPOINT_INTEGERS = {
     "int4-sym": QuantSpec(4, 32, symmetric=True, scale_dtype=torch.bfloat16),
@@ -118,6 +122,9 @@ def stack(fmt: str, rows: int, columns: int, parts: int = 1):
     if fmt == "nvfp4":  # part scales for gate and up (the gate_up stacks have even rows), or one
         codes, scales = (torch.empty(SLOTS, rows, columns // n, dtype=torch.uint8) for n in (2, 16))
         return Nvfp4Weights(codes, scales, torch.empty(SLOTS, parts), True, torch.bfloat16)
+    if fmt == "fp8-mx":  # MXFP8: an exponent byte per 1 x 32 tile
+        scales = torch.empty(SLOTS, rows, columns // 32, dtype=torch.uint8)
+        return Fp8Weights(torch.empty(SLOTS, rows, columns, dtype=torch.uint8), scales, (1, 32), torch.bfloat16)
     block = 128 if fmt == "fp8" else (1, 0)  # DeepSeek's 128 x 128 tiles, or a scale per row
     scales = torch.empty(
         SLOTS, rows if fmt == "fp8-row" else -(-rows // 128), 1 if fmt == "fp8-row" else -(-columns // 128)

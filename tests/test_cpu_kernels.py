@@ -5,6 +5,7 @@ the build's fallback; one op per call. The dense products of decode (`cpu.linear
 in a bfloat16 model loaded on the CPU."""
 
 import collections
+import dataclasses
 import os
 import subprocess
 import sys
@@ -13,7 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import QWEN2_MOE, hf_model, save_hf
+from conftest import QWEN2_MOE, TINY_FAMILIES, hf_model, save_hf
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import localmoe
@@ -45,6 +46,8 @@ ACTS = {
     "gelu": GatedActivation(act="gelu"),
     "clamped-swiglu": GatedActivation(kind="clamped_swiglu", alpha=1.702, limit=0.5),  # a limit that clamps
     "clamped-glu": GatedActivation(kind="clamped_glu", limit=0.5),
+    "clamped-after": GatedActivation(kind="glu_clamped_after", limit=0.3),  # Step-3.7
+    "softcapped-glu": GatedActivation(kind="softcapped_glu", gate_limit=0.7, limit=1.5),  # Inkling 2; caps that bend
 }
 FORMATS = ("dense", "int8", "int4", "fp8", "mxfp4", "int4-sym", "int8-row", "int4-row", "nvfp4", "nvfp4-ct")
 FORMATS += ("fp8-row", "fp8-oblong")  # FP8 scaled per row (compressed-tensors channel, AutoFP8), in 2:1 tiles
@@ -197,9 +200,10 @@ def test_experts_with_many_pairs_match_the_reference(fmt, dtype):
     x, _ = case(24, 1, 3, 256, seed=7, dtype=dtype)
     slots = torch.tensor([[0, 1]] * 12 + [[1, 2]] * 12)  # 12, 24 and 12 pairs per expert
     scale = torch.rand(slots.numel(), generator=torch.Generator().manual_seed(8))
-    for act in ACTS:
-        expected = outputs(expert_pair_outputs, stack, x, slots, ACTS[act], scale)
-        got = outputs(cpu.cpu_pair_outputs, stack, x, slots, ACTS[act], scale)
+    # and Inkling 2's kind with another gate cap alone: each is handed to the reference's code as itself
+    for act in [*ACTS.values(), dataclasses.replace(ACTS["softcapped-glu"], gate_limit=2.0)]:
+        expected = outputs(expert_pair_outputs, stack, x, slots, act, scale)
+        got = outputs(cpu.cpu_pair_outputs, stack, x, slots, act, scale)
         if dtype == torch.bfloat16:
             assert_near(got, expected, dtype)
         else:
@@ -341,7 +345,7 @@ def test_lower_instruction_sets_match_the_reference(isa):
 
 
 def test_the_choice_of_kernels_on_the_cpu(monkeypatch):
-    here, acts = torch.device("cpu"), [ACTS["swiglu"], ACTS["clamped-swiglu"]]
+    here, acts = torch.device("cpu"), list(ACTS.values())  # every activation the families use
     isa = cpu.cpu_kernel()[1]
     assert pair_kernel("auto", here, torch.bfloat16, acts, QuantSpec(4, 32)) == (cpu.cpu_pair_outputs, f"cpu ({isa})")
     assert pair_kernel("cpu", here, torch.float32, acts, MXFP4)[0] is cpu.cpu_pair_outputs
@@ -352,6 +356,25 @@ def test_the_choice_of_kernels_on_the_cpu(monkeypatch):
     assert pair_kernel("auto", here, torch.float32, acts) == expected
     with pytest.raises(LocalMoEError, match="could not be built"):
         pair_kernel("cpu", here, torch.float32, acts)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("family", ["step3p5", "inkling2_text"])  # SwiGLU clamped after; the softcapped GLU
+def test_families_with_clamped_or_softcapped_experts_run_the_library(family, dtype, tmp_path):
+    """Step-3.7's and Inkling 2's experts take the CPU kernels, with the reference kernel's greedy tokens;
+    so the reference kernel no longer bars CUDA graphs (the same choice on CUDA takes Triton)."""
+    config_class, config = TINY_FAMILIES[family]
+    path = str(save_hf(hf_model(config_class, **config), tmp_path, "single"))
+    prompt = list(range(3, 15))
+
+    def run(kernels: str):
+        engine = localmoe.load(path, device="cpu", dtype=dtype, options=RuntimeOptions(kernels=kernels))
+        return list(engine.generate_ids(prompt, 8)), engine
+
+    (expected, reference), (got, engine) = run("reference"), run("auto")
+    assert engine.kernels == f"cpu ({cpu.cpu_kernel()[1]})" and got == expected
+    for barred, kernel in ((reference.graphs_barred(), True), (engine.graphs_barred(), False)):
+        assert any("reference expert kernel" in why for why in barred) == kernel
 
 
 def test_without_a_compiler_the_reference_is_kept_with_one_notice(monkeypatch, tmp_path, capsys):

@@ -216,22 +216,24 @@ def test_host_tables_take_host_memory_never_the_device():
     assert plan_memory(tables, cpu, vram_budget=12 * GiB, host_budget=200 * GiB).tables == "ram"
 
 
-# Qwen3-Next-like recurrent states, a 152K-token vocabulary, 2048-wide hidden states (bf16)
+# Qwen3-Next-like recurrent states, DeepSeek-V4-like compressors, a 152K-token vocabulary, 2048-wide hidden
+# states (bf16)
 RECURRENT = replace(
-    QWEN3_30B, recurrent_state_bytes=36 * 2 * MiB, pending_state_bytes=3 * MiB, logits_bytes_per_token=152064 * 2,
-    hidden_bytes_per_token=2048 * 2,
+    QWEN3_30B, recurrent_state_bytes=36 * 2 * MiB, pending_state_bytes=3 * MiB, trail_bytes_per_token=MiB,
+    logits_bytes_per_token=152064 * 2, hidden_bytes_per_token=2048 * 2,
 )  # fmt: skip
 
 
 def test_speculation_is_counted_where_it_is_on_and_only_there():
-    """A check keeps the recurrent states after each of its positions and a copy of the compressors' pending
-    tokens; MTP drafts keep the prompt's hidden states and compute the prefill's logits at every position."""
+    """A check keeps the recurrent states after each of its positions and the compressors' projections of its
+    tokens and of those pending before it; MTP drafts keep the prompt's hidden states and compute the
+    prefill's logits at every position."""
     budget = dict(vram_budget=24 * GiB, host_budget=128 * GiB)
     off = plan_memory(RECURRENT, CUDA, **budget)
     lookup = plan_memory(RECURRENT, CUDA, **budget, speculating=Speculating(4))
     mtp = plan_memory(RECURRENT, CUDA, **budget, speculating=Speculating(4, mtp=True))
     assert off.speculation_bytes == 0 and "speculative decoding" not in off.describe()
-    assert lookup.speculation_bytes == 5 * 72 * MiB + 3 * MiB  # a check of 5 tokens needs less than a prefill chunk
+    assert lookup.speculation_bytes == 5 * 73 * MiB + 3 * MiB  # a check of 5 tokens needs less than a prefill chunk
     assert mtp.speculation_bytes == lookup.speculation_bytes + 4096 * 2048 * 2 + 512 * 152064 * 2
     for plan in (lookup, mtp):
         assert plan.device_bytes == off.device_bytes - off.pool_bytes + plan.speculation_bytes + plan.pool_bytes
@@ -257,5 +259,5 @@ def test_a_check_longer_than_the_prefill_chunk_counts_its_activations():
     more = (
         RECURRENT.activation_bytes_per_token + RECURRENT.attention_bytes(65, 4096) - RECURRENT.attention_bytes(64, 4096)
     )
-    assert check.speculation_bytes == 65 * 72 * MiB + 3 * MiB + more + 65 * RECURRENT.logits_bytes_per_token
+    assert check.speculation_bytes == 65 * 73 * MiB + 3 * MiB + more + 65 * RECURRENT.logits_bytes_per_token
     assert plan.speculation_bytes == 0

@@ -233,7 +233,7 @@ def rewind_and_continue(model, tolerance: float) -> None:
 
 def test_a_check_is_cut_back_into(model, tolerance):
     """A forward pass that keeps its trail (a speculative check) can be cut back to any of its positions,
-    recurrent states included (into the state after that position); DeepSeek-V4's pooled entries cannot."""
+    recurrent states (into the state after that position) and DeepSeek-V4's pooled entries included."""
     ids = tokens(1, 20)
     expected = full_forward(model, ids)
     for keep in (13, 15, 17):  # not 12: a check keeps at least its first token
@@ -254,9 +254,7 @@ def cannot_rewind(positions: int, into_check: bool = False):
             return any(map(test, state.states.values()))
         if isinstance(state, (layer_state.WindowKV, layer_state.ConvRing)):
             return positions > layer_state.REWIND_SLACK
-        if isinstance(state, layer_state.RecurrentState):
-            return not into_check
-        return isinstance(state, layer_state.CompressedKV)
+        return isinstance(state, (layer_state.RecurrentState, layer_state.CompressedKV)) and not into_check
 
     return test
 

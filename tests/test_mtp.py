@@ -19,6 +19,7 @@ from conftest import (
     DEEPSEEK_V2,
     DEEPSEEK_V4,
     DEEPSEEK_V32,
+    ERNIE,
     EXAONE_MOE,
     GLM4_MOE,
     GLM4_MOE_LITE,
@@ -39,6 +40,7 @@ from conftest import (
 from safetensors.torch import load_file, save_file
 
 import localmoe
+from localmoe.models import family_for
 from localmoe.models.moe import moe_blocks
 from localmoe.options import RuntimeOptions
 from localmoe.runtime.offload import OffloadedExperts
@@ -78,7 +80,7 @@ class Release:
         with torch.no_grad():
             embedded = model.embed_tokens(next_ids)
             inputs = torch.cat([rms(embedded, w["enorm"], eps, offset), rms(h, w["hnorm"], eps, offset)], -1)
-            x = F.linear(inputs, w["eh"])
+            x = F.linear(inputs, w["eh"], w.get("eh_bias"))
             positions = torch.arange(start, start + x.shape[1])[None]
             out = self.blocks[depth](
                 x,
@@ -87,7 +89,8 @@ class Release:
                 attention_mask=self.mask(x.shape[1]),
             )
             out = out[0] if isinstance(out, tuple) else out
-            return self.reference.lm_head(rms(out, w["norm"], eps, offset)), out
+            normed = rms(out, w["norm"], eps, offset) if "norm" in w else out  # (ERNIE's has no norm there)
+            return self.reference.lm_head(normed), out
 
     def mask(self, length: int) -> torch.Tensor | None:
         """The additive mask of a sliding window of `self.window` positions, the query's own included."""
@@ -130,12 +133,13 @@ def write_release(
     stored = load_file(str(folder / "full" / "model.safetensors"))
     inner = layer.pop("inner", lambda name: name)
     kind = layer.pop("kind", Release)
+    weights = layer.pop("weights", mtp_weights)
     for depth in range(depths):
         last, prefix = f"model.layers.{layers + depth}.", renamed.format(layer=layers + depth, depth=depth)
         stored = {prefix + inner(k[len(last) :]) if k.startswith(last) else k: v for k, v in stored.items()}
-    mtp = [mtp_weights(config["hidden_size"], offset, depth) for depth in range(depths)]
-    for depth, weights in enumerate(mtp):
-        stored |= {names[role].format(layer=layers + depth, depth=depth): w for role, w in weights.items()}
+    mtp = [weights(config["hidden_size"], offset, depth) for depth in range(depths)]
+    for depth, own in enumerate(mtp):
+        stored |= {names[role].format(layer=layers + depth, depth=depth): w for role, w in own.items()}
     release = folder / "release"
     release.mkdir()
     save_file({k: v.contiguous() for k, v in stored.items()}, str(release / "model.safetensors"))
@@ -621,7 +625,8 @@ def longcat_release(folder: Path) -> Release:
     release.mkdir()
     save_file({k: v.contiguous() for k, v in stored.items()}, str(release / "model.safetensors"))
     saved = json.loads((folder / "full" / "config.json").read_text())
-    (release / "config.json").write_text(json.dumps({**saved, "num_nextn_predict_layers": 1}))
+    (release / "config.json").write_text(json.dumps(saved))  # as released: no count, model.mtp.* says there is one
+    assert "num_nextn_predict_layers" not in saved
     return LongcatRelease(release, reference, [block], [mtp], 0.0, "num_nextn_predict_layers", window=1 << 20)
 
 
@@ -651,10 +656,11 @@ class StepRelease(Release):
             return self.reference.lm_head(rms(out, w["norm"], eps, 1.0)), out
 
 
-# Step-3.5's and Step-3.7's names (vLLM's and SGLang's step3p5_mtp.py): model.layers.{num_hidden_layers + k}.*, the
-# decoder layer's tensors as any layer's, beside enorm, hnorm, eh_proj, shared_head.norm and the layer's copy of
-# the LM head, shared_head.output
+# Step-3.5's and Step-3.7's names (vLLM's and SGLang's step3p5_mtp.py, and the releases' safetensors indexes):
+# model.layers.{num_hidden_layers + k}.*, the decoder layer's tensors as any layer's, beside enorm, hnorm, eh_proj,
+# and under `transformer.` the final norm, shared_head.norm, and the layer's copy of the LM head, shared_head.output
 STEP_NAMES = {role: f"model.layers.{{layer}}.{name}.weight" for role, name in DEEPSEEK_NAMES.items()}
+STEP_NAMES["norm"] = "model.layers.{layer}.transformer.shared_head.norm.weight"
 STEP_MTP_KINDS = [("sliding_attention", "sparse", 0.3), ("full_attention", "dense", 0.0)]
 
 
@@ -678,7 +684,9 @@ def step_release(folder: Path) -> Release:
     mtp = [mtp_weights(text["hidden_size"], 1.0, depth) for depth in range(depths)]
     for depth, weights in enumerate(mtp):
         stored |= {STEP_NAMES[role].format(layer=layers + depth): w for role, w in weights.items()}
-        stored[f"model.layers.{layers + depth}.shared_head.output.weight"] = stored["lm_head.weight"].clone()
+        stored[f"model.layers.{layers + depth}.transformer.shared_head.output.weight"] = stored[
+            "lm_head.weight"
+        ].clone()
     release = folder / "release"
     release.mkdir()
     save_file({k: v.contiguous() for k, v in stored.items()}, str(release / "model.safetensors"))
@@ -688,6 +696,44 @@ def step_release(folder: Path) -> Release:
     full.config.text_config.num_hidden_layers = layers  # the language model runs its first layers only
     blocks = list(full.model.language_model.layers[layers:])
     return StepRelease(release, full, blocks, mtp, kinds)
+
+
+# ERNIE 4.5's names (vLLM's ernie_mtp.py, SGLang's ernie4_eagle.py): model.mtp_emb_norm.{k}, model.mtp_hidden_norm.{k},
+# model.mtp_linear_proj.{k} (with a bias where the model has biases), model.mtp_block.{k}.*; no final norm
+ERNIE_NAMES = {
+    "enorm": "model.mtp_emb_norm.{depth}.weight",
+    "hnorm": "model.mtp_hidden_norm.{depth}.weight",
+    "eh": "model.mtp_linear_proj.{depth}.weight",
+    "eh_bias": "model.mtp_linear_proj.{depth}.bias",
+}
+
+
+def ernie_weights(hidden: int, offset: float, depth: int = 0) -> dict[str, torch.Tensor]:
+    weights = mtp_weights(hidden, offset, depth)
+    del weights["norm"]
+    weights["eh_bias"] = 0.1 * torch.randn(hidden, generator=torch.Generator().manual_seed(9 + depth))
+    return weights
+
+
+def ernie_release(folder: Path) -> Release:
+    """The MTP layer's decoder layer dense (its MLP of intermediate_size), as the MoE layers end before it."""
+
+    def extend(c: dict, n: int) -> dict:
+        return {**c, "num_hidden_layers": c["num_hidden_layers"] + n, "moe_layer_end_index": c["num_hidden_layers"] - 1}
+
+    config = {**ERNIE, "use_bias": True}
+    names = ERNIE_NAMES
+    return write_release(
+        folder,
+        "Ernie4_5_MoeConfig",
+        config,
+        extend,
+        "model.mtp_block.{depth}.",
+        names,
+        0.0,
+        "num_nextn_predict_layers",
+        weights=ernie_weights,
+    )
 
 
 def glm5_with_mtp(config: dict, depths: int) -> dict:
@@ -723,6 +769,7 @@ RELEASES = {
     # GLM-4.7-Flash's (vLLM's glm4_moe_lite_mtp.py): DeepSeek-V3's layout, a latent-attention MoE layer
     "glm4_moe_lite": deepseek_release("Glm4MoeLiteConfig", GLM4_MOE_LITE, extend=with_sparse_mtp_layers),
     "longcat_flash": longcat_release,
+    "ernie4_5_moe": ernie_release,
     "hy_v3": lambda folder: write_release(
         folder,
         "HYV3Config",
@@ -881,7 +928,8 @@ def test_the_plan_counts_the_mtp_layers(release):
     engine = load(release.folder)
     footprint, backbone = engine.plan.footprint, len(moe_blocks(engine.model.model))
     config = json.loads((release.folder / "config.json").read_text())
-    assert len(engine.model.mtp.layers) == config.get("text_config", config)[release.count] == len(release.blocks)
+    count = config.get("text_config", config).get(release.count, 1)  # LongCat-Flash's: none said, one stored
+    assert len(engine.model.mtp.layers) == count == len(release.blocks)
     routed = len(moe_blocks(engine.model.mtp))
     assert routed == sum(any(".experts" in name for name, _ in block.named_modules()) for block in release.blocks)
     assert footprint.moe_layers == backbone + routed
@@ -899,17 +947,22 @@ def test_the_plan_counts_the_mtp_layers(release):
     assert with_mtp - (plain.kv_bytes_per_token * engine.plan.context + plain.fixed_state_bytes) == mtp_state
 
 
+# each release's name of an MTP layer's projection of [embedding; hidden state]
+PROJECTIONS = ("eh_proj.weight", "mtp.fc.weight", "mtp.0.e_proj.weight", "mtp_linear_proj.0.weight")
+
+
 def test_without_the_promise_or_the_tensors_the_backbone_loads_as_before(release, tmp_path, capsys):
-    """No count in the config, a count of 0, or a tensor missing or misshapen (one line says so): mtp is
-    None and the backbone's outputs are the same bits."""
+    """No count in the config (where the family's layout implies none from the tensors), a count of 0, or a
+    tensor missing or misshapen (one line says so): mtp is None and the backbone's outputs are the same bits."""
     ids = prompt()
     model = load(release.folder).model
+    implied = family_for(json.loads((release.folder / "config.json").read_text())).mtp
     expected = model(ids, model.new_cache(1, PROMPT), all_logits=True)
     config = json.loads((release.folder / "config.json").read_text())
     stored = load_file(str(release.folder / "model.safetensors"))
-    eh_proj = next(name for name in stored if name.endswith(("eh_proj.weight", "mtp.fc.weight", "mtp.0.e_proj.weight")))
+    eh_proj = next(name for name in stored if name.endswith(PROJECTIONS))
     variants = {
-        "unsaid": (with_count(config, release.count, None), stored),
+        **({} if implied and implied.implied else {"unsaid": (with_count(config, release.count, None), stored)}),
         "none": (with_count(config, release.count, 0), stored),
         "stripped": (config, {k: v for k, v in stored.items() if k != eh_proj}),
         "misshapen": (config, {**stored, eh_proj: stored[eh_proj][:, :-1].contiguous()}),
@@ -929,6 +982,8 @@ def test_without_the_promise_or_the_tensors_the_backbone_loads_as_before(release
         assert torch.equal(got, expected), name
         if name in ("stripped", "misshapen"):
             assert warned.count("\n") == 1 and eh_proj in warned and "loading without the multi-token" in warned
+            with pytest.raises(localmoe.LocalMoEError, match="has none that load .a line above says why"):
+                load(folder, speculative="mtp")
         else:
             assert warned == ""
 
@@ -1080,6 +1135,47 @@ def test_step_mtp_kinds_as_transformers_saves_them(tmp_path_factory):
             [k for k, _, _ in STEP_MTP_KINDS],
             [m for _, m, _ in STEP_MTP_KINDS],
         )
+
+
+def test_step_mtp_final_norm_without_the_transformer_prefix(tmp_path_factory):
+    """vLLM's step3p5_mtp.py strips `.transformer.` from an MTP layer's names where it is there: a checkpoint
+    that stores the final norm as `shared_head.norm` drafts as the release's `transformer.shared_head.norm`."""
+    release = RELEASES["step3p5"](tmp_path_factory.mktemp("step3p5"))
+    folder = tmp_path_factory.mktemp("step3p5_plain")
+    stored = load_file(str(release.folder / "model.safetensors"))
+    assert any(".transformer.shared_head.norm." in name for name in stored)
+    save_file(
+        {k.replace(".transformer.shared_head.", ".shared_head."): v for k, v in stored.items()},
+        str(folder / "model.safetensors"),
+    )
+    (folder / "config.json").write_text((release.folder / "config.json").read_text())
+    ids = prompt()
+    expected, got = drafts(load(release.folder), ids, 4), drafts(load(folder), ids, 4)
+    assert torch.equal(got[0], expected[0]) and torch.equal(got[1], expected[1])
+
+
+def test_longcat_mtp_layer_is_counted_from_its_tensors(tmp_path_factory, capsys):
+    """LongCat-Flash's config.json names no MTP count: one layer where `model.mtp.layers.0.*` is stored (as vLLM's
+    and SGLang's configs default it), the same as with the count said; none, silently, where nothing is."""
+    release = RELEASES["longcat_flash"](tmp_path_factory.mktemp("longcat_flash"))
+    config = json.loads((release.folder / "config.json").read_text())
+    stored = load_file(str(release.folder / "model.safetensors"))
+    variants = {
+        "said": ({**config, "num_nextn_predict_layers": 1}, stored),
+        "stripped": (config, {k: v for k, v in stored.items() if not k.startswith("model.mtp.")}),
+    }
+    engines = {"as released": load(release.folder)}
+    for name, (variant_config, tensors) in variants.items():
+        folder = tmp_path_factory.mktemp(name)
+        (folder / "config.json").write_text(json.dumps(variant_config))
+        save_file(tensors, str(folder / "model.safetensors"))
+        capsys.readouterr()
+        engines[name] = load(folder)
+        assert capsys.readouterr().err == ""
+    assert len(engines["as released"].model.mtp.layers) == 1 and engines["stripped"].model.mtp is None
+    ids = prompt()
+    expected, got = drafts(engines["said"], ids, 4), drafts(engines["as released"], ids, 4)
+    assert torch.equal(got[0], expected[0]) and torch.equal(got[1], expected[1])
 
 
 # latent attention, GLM-4.5's grouped-query attention, MiMo-V2-Flash's sliding window; and static backbones

@@ -17,8 +17,10 @@ from test_mtp import RELEASES
 import localmoe
 from localmoe.bench import LaunchCounter
 from localmoe.cli import main
+from localmoe.models import state as layer_state
 from localmoe.models.layers import CausalLM
 from localmoe.models.moe import moe_blocks
+from localmoe.models.state import CompressedKV, RecurrentState
 from localmoe.options import RuntimeOptions
 from localmoe.runtime.generate import GenerationStats, generate_tokens
 from localmoe.runtime.sampling import Sampler, SamplingParams
@@ -122,8 +124,9 @@ def offloaded(path: str, slots: int) -> localmoe.Engine:
 
 
 def test_every_family_speculates_exactly(every_family):
-    """Drafts all kept, all rejected, mixed and from prompt lookup, all-resident; mixed drafts offloaded
-    with the fewest slots and a middling number."""
+    """Drafts all kept, all rejected, mixed and from prompt lookup, all-resident; offloaded, prompt lookup and
+    drafts all rejected with the fewest slots (every check's tokens route past them), drafts all kept with a
+    middling number."""
     resident = localmoe.load(every_family, device="cpu", dtype=torch.float32)
     model, expected = resident.model, list(resident.generate_ids(PROMPT, NEW))
     for make in (always_right, always_wrong, mixed):
@@ -131,11 +134,30 @@ def test_every_family_speculates_exactly(every_family):
         assert_plain(model, PROMPT, got, expected)
     assert_plain(model, PROMPT, list(resident.generate_ids(PROMPT, NEW, drafter=PromptLookup())), expected)
     fp = resident.plan.footprint
-    for slots in sorted({fp.top_k, (fp.top_k + fp.total_experts) // 2}):
-        engine = offloaded(every_family, slots)
-        assert_plain(
-            model, PROMPT, list(engine.generate_ids(PROMPT, NEW, drafter=mixed(expected, vocab(engine)))), expected
-        )
+    fewest, middling = offloaded(every_family, fp.top_k), offloaded(every_family, (fp.top_k + fp.total_experts) // 2)
+    runs = [(fewest, PromptLookup()), (fewest, always_wrong(expected, vocab(resident)))]
+    runs += [(middling, always_right(expected, vocab(resident)))]
+    for engine, drafter in runs:
+        assert_plain(model, PROMPT, list(engine.generate_ids(PROMPT, NEW, drafter=drafter)), expected)
+
+
+# the cache settings beside the slot counts above: misses computed on the CPU, misses bypassing the slots, and
+# experts quantized by localmoe
+CACHE_SETTINGS = [{"miss_policy": "cpu"}, {"miss_policy": "bypass"}, {"expert_bits": 8}]
+
+
+def test_every_cache_setting_speculates_exactly(tmp_path):
+    """With the fewest slots and mixed drafts, each setting's own plain tokens (a model with delta-rule states
+    rolled back and a check's tokens routed together)."""
+    path = checkpoint("qwen3_next", tmp_path)
+    top_k = localmoe.load(path, device="cpu", dtype=torch.float32).plan.footprint.top_k
+    for setting in CACHE_SETTINGS:
+        options = RuntimeOptions(expert_slots=top_k, **setting)
+        engine = localmoe.load(path, device="cpu", dtype=torch.float32, options=options)
+        expected = list(engine.generate_ids(PROMPT, NEW))
+        got = list(engine.generate_ids(PROMPT, NEW, drafter=mixed(expected, vocab(engine)), draft_tokens=3))
+        assert_plain(engine.model, PROMPT, got, expected)
+        assert engine.stats.speculation.verifications > 0 and engine.stats.experts_loaded is not None, setting
 
 
 def test_drafts_all_kept_and_all_rejected_are_counted(tmp_path):
@@ -229,23 +251,33 @@ def kept_bytes(kept) -> int:
     return sum(storages.values())
 
 
+def kept_by_check(state) -> list:
+    """What a layer's state keeps of the check it took last: a recurrent state's states after each position,
+    a compressor's projections and gates of its pending and new tokens and the overlap before it."""
+    if isinstance(state, RecurrentState):
+        return [state.pieces]
+    if isinstance(state, CompressedKV):
+        trails = [pooled.trail for pooled in (state.compressor, state.indexer) if pooled is not None]
+        return [(trail.kv, trail.gate, trail.overlap) for trail in trails]
+    return []
+
+
 RECURRENT_KINDS = ["qwen3_next", "kimi_linear", "minimax", "jamba", "nemotron_h"]
 
 
 @pytest.mark.parametrize("family", [*RECURRENT_KINDS, "deepseek_v4"])
 def test_the_plan_counts_what_a_check_keeps(family, tmp_path):
-    """What a check of four drafts keeps beside the cache (its saved states, the recurrent states after each
-    position) is in the plan where speculation is on, and `localmoe plan` shows it; nothing where it is off."""
+    """What a check of four drafts keeps beside the cache (the recurrent states after each position, the
+    compressors' projections of its tokens) is in the plan where speculation is on, and
+    `localmoe plan` shows it; nothing where it is off."""
     path = checkpoint(family, tmp_path)
     engine = localmoe.load(path, device="cpu", dtype=torch.float32, speculative="lookup", draft_tokens=4)
     model = engine.model
     cache = model.new_cache(1, 64)
     list(generate_tokens(model, PROMPT, 3, cache=cache))  # the compressors hold pending tokens
-    saved = cache.save()
     with torch.no_grad():
         model(torch.tensor([PROMPT[:5]]), cache, all_logits=True, trail=True)
-    trails = [state.pieces for state in cache.layers if hasattr(state, "pieces")]
-    kept = kept_bytes([saved.states, trails])
+    kept = kept_bytes([kept_by_check(state) for state in cache.layers])
     assert 0 < kept <= engine.plan.speculation_bytes
     assert localmoe.load(path, device="cpu", dtype=torch.float32).plan.speculation_bytes == 0
     shown = CliRunner().invoke(main, ["plan", path, "--device", "cpu", "--speculative", "lookup"])
@@ -255,8 +287,8 @@ def test_the_plan_counts_what_a_check_keeps(family, tmp_path):
 
 @pytest.mark.parametrize("family", [*RECURRENT_KINDS, "deepseek_v4"])
 def test_a_rejection_feeds_nothing_again_where_states_keep_their_trail(family, tmp_path):
-    """Recurrent states are cut back into the check's trail: with every draft rejected, one forward pass per
-    token after the prefill, none fed again. DeepSeek-V4's pooled entries still restore and feed again."""
+    """Recurrent states and DeepSeek-V4's pooled entries are cut back into the check's trail: with every draft
+    rejected, one forward pass per token after the prefill, none fed again."""
     engine = localmoe.load(checkpoint(family, tmp_path), device="cpu", dtype=torch.float32)
     expected = list(engine.generate_ids(PROMPT, NEW))
     passes = []
@@ -267,10 +299,47 @@ def test_a_rejection_feeds_nothing_again_where_states_keep_their_trail(family, t
         hook.remove()
     assert_plain(engine.model, PROMPT, got, expected)
     stats = engine.stats.speculation
-    if family == "deepseek_v4":
-        assert stats.fed_again == stats.verifications > 0 and len(passes) == NEW + stats.verifications
-    else:
-        assert stats.fed_again == 0 and len(passes) == NEW  # the prefill, then one pass per new token
+    assert stats.verifications > 0 and stats.fed_again == 0
+    assert len(passes) == NEW  # the prefill, then one pass per new token
+
+
+def test_where_a_state_cannot_be_cut_back_the_kept_tokens_are_fed_again(tmp_path, monkeypatch):
+    """A ring with one position of slack cannot be cut back two or more into a check: the cache restarts and
+    every kept token is fed again, still to the plain tokens."""
+    monkeypatch.setattr(layer_state, "REWIND_SLACK", 1)
+    engine = localmoe.load(checkpoint("gpt_oss", tmp_path), device="cpu", dtype=torch.float32)
+    expected = list(engine.generate_ids(PROMPT, NEW))
+    drafter = Scripted(expected, vocab(engine), plan=[(3, 0)])
+    got = list(engine.generate_ids(PROMPT, NEW, drafter=drafter, draft_tokens=3))
+    assert_plain(engine.model, PROMPT, got, expected)
+    stats = engine.stats.speculation
+    # check i (from 0) starts at position len(PROMPT) + i and keeps its first token, all of which is fed again
+    # where it is cut back more than one: those of two drafts or more (the last ones draft fewer)
+    assert stats.fed_again == sum(len(PROMPT) + i + 1 for i in range(stats.drafted_at[1])) > 0
+
+
+@pytest.mark.parametrize(
+    "rates",
+    [
+        {},  # the tiny model's: CSA's windows of 4 (one ends in every check of 4), HCA's of 8
+        {"compressed_sparse_attention": 2, "heavily_compressed_attention": 3},  # several end in one check
+    ],
+)
+def test_deepseek_v4_checks_are_cut_back_where_windows_end_inside_them(rates, tmp_path):
+    """Overlapping windows (CSA, with its indexer's) and plain ones (HCA) completed inside checks, which are
+    cut back before, at and after their ends: the plain tokens whatever the drafts, nothing fed again."""
+    config_class, config = TINY_FAMILIES["deepseek_v4"]
+    config = {**config, "compress_rates": {**config["compress_rates"], **rates}}
+    path = save_hf(hf_model(config_class, **config), tmp_path, "sharded")
+    engine = localmoe.load(str(path), device="cpu", dtype=torch.float32)
+    expected = list(engine.generate_ids(PROMPT, NEW))
+    for make in (always_right, always_wrong, mixed):
+        for draft_tokens in (3, 5):
+            drafter = make(expected, vocab(engine))
+            got = list(engine.generate_ids(PROMPT, NEW, drafter=drafter, draft_tokens=draft_tokens))
+            assert_plain(engine.model, PROMPT, got, expected)
+            stats = engine.stats.speculation
+            assert stats.verifications > 0 and stats.fed_again == 0, (make.__name__, draft_tokens)
 
 
 def test_prompt_lookup_drafts_what_followed_the_latest_longest_match():
@@ -311,20 +380,62 @@ def test_the_cli_speculates_and_counts(tiny_mixtral):
     assert report["experts_loaded_per_token"] > 0
 
 
-@pytest.mark.parametrize(
-    "flags,needle",
-    [
-        (["--speculative", "mtp"], "--speculative mtp drafts with the checkpoint's multi-token-prediction layers"),
-        (["--draft-tokens", "3"], "--draft-tokens sets how many tokens speculative decoding drafts"),
-        (["--speculative", "off", "--draft-tokens", "3"], "which is off: add --speculative lookup or mtp"),
-        (["--speculative", "lookup", "--draft-tokens", "0"], "--draft-tokens"),
-        (["--speculative", "maybe"], "--speculative"),
-    ],
-)
-def test_bad_speculative_flags_are_one_line(tiny_mixtral, flags, needle):
-    result = CliRunner().invoke(main, ["generate", str(tiny_mixtral), "-p", "hi", "--device", "cpu", *flags])
+BAD_FLAGS = [
+    (["--speculative", "mtp"], "--speculative mtp drafts with the checkpoint's multi-token-prediction layers"),
+    (["--draft-tokens", "3"], "--draft-tokens sets how many tokens speculative decoding drafts"),
+    (["--speculative", "off", "--draft-tokens", "3"], "which is off: add --speculative lookup or mtp"),
+    (["--speculative", "lookup", "--draft-tokens", "0"], "--draft-tokens"),
+    (["--speculative", "lookup", "--draft-tokens", "-2"], "--draft-tokens"),
+    (["--speculative", "lookup", "--draft-tokens", "65"], "--draft-tokens"),
+    (["--speculative", "lookup", "--draft-tokens", str(10**30)], "--draft-tokens"),
+    (["--speculative", "lookup", "--draft-tokens", "four"], "--draft-tokens"),
+    (["--speculative", "maybe"], "--speculative"),
+]
+# the commands that take the flags, with what each needs beside them
+COMMANDS = {"generate": ["-p", "hi"], "chat": [], "serve": [], "bench": ["--tokens", "2"]}
+
+
+@pytest.mark.parametrize("flags,needle", BAD_FLAGS)
+@pytest.mark.parametrize("command", list(COMMANDS))
+def test_bad_speculative_flags_are_one_line(tiny_mixtral, command, flags, needle):
+    args = [command, str(tiny_mixtral), *COMMANDS[command], "--device", "cpu", *flags]
+    result = CliRunner().invoke(main, args, input="")
     assert result.exit_code == 2 and needle in result.stderr.strip().splitlines()[-1], result.output
     assert "Traceback" not in result.stderr
+
+
+def test_serve_takes_the_speculative_flags(tiny_mixtral, monkeypatch):
+    """`serve` hands them to the engine it serves (the server is not started: uvicorn.run is recorded)."""
+    import uvicorn
+
+    from localmoe import cli, server
+
+    engines, real = [], server.Server.__init__
+
+    def record(self, engine, *args, **kwargs):
+        engines.append(engine)
+        real(self, engine, *args, **kwargs)
+
+    monkeypatch.setattr(server.Server, "__init__", record)
+    monkeypatch.setattr(uvicorn, "run", lambda app, **settings: None)
+    monkeypatch.setattr(cli, "_exit_on_sigterm_as_on_ctrl_c", lambda: None)
+    flags = ["--speculative", "lookup", "--draft-tokens", "2"]
+    result = CliRunner().invoke(main, ["serve", str(tiny_mixtral), "--device", "cpu", *flags])
+    assert result.exit_code == 0, result.output
+    assert engines[0].speculative == "lookup" and engines[0].options.draft_tokens == 2
+
+
+def test_chat_turns_speculate_exactly(chat_model):
+    """Piped turns, offloaded, with prompt lookup: the answers of plain decoding, and /stats shows the drafts and
+    the experts loaded per decoded token."""
+    args = ["chat", str(chat_model), "--device", "cpu", "-n", "8", "--expert-slots", "6", "--temperature", "0"]
+    turns = "la la la la la la\nla la la\n/stats\n"
+    plain = CliRunner().invoke(main, args, input=turns)
+    speculative = CliRunner().invoke(main, [*args, "--speculative", "lookup", "--draft-tokens", "3"], input=turns)
+    assert plain.exit_code == speculative.exit_code == 0, speculative.output
+    assert speculative.stdout == plain.stdout and len(plain.stdout.strip().splitlines()) >= 2
+    assert "speculation: " in speculative.stderr and "experts loaded per decoded token" in speculative.stderr
+    assert "speculation: " not in plain.stderr
 
 
 def test_the_python_api_takes_the_settings(tiny_mixtral):
@@ -373,20 +484,47 @@ def mtp_release(request, tmp_path_factory):
     return RELEASES[request.param](tmp_path_factory.mktemp(request.param)).folder
 
 
+class ForcedMtp(Drafter):
+    """A test double of the MTP drafter: the engine's runs its layers in every round as it would (their caches
+    and routed experts see what they would), and the round's draft is the script's."""
+
+    reads_hidden = True
+
+    def __init__(self, mtp: MtpDrafter, script: Drafter):
+        self.mtp, self.script = mtp, script
+
+    def observe(self, start, kept, hidden):
+        self.mtp.observe(start, kept, hidden)
+
+    def rewind(self, pos):
+        self.mtp.rewind(pos)
+
+    def propose(self, tokens, limit):
+        self.mtp.propose(tokens, limit)
+        return self.script.propose(tokens, limit)
+
+
 def test_mtp_speculates_exactly(mtp_release):
-    """On by default where the checkpoint has MTP layers; the plain tokens all-resident and offloaded
-    (the MTP layer's experts through the expert cache too)."""
+    """On by default where the checkpoint has MTP layers; the plain tokens all-resident and offloaded (the MTP
+    layer's experts through the expert cache too) with the fewest slots and a middling number, with the MTP
+    layers' own drafts and with drafts all rejected and all kept (the MTP layers running all the same)."""
     plain = localmoe.load(str(mtp_release), device="cpu", dtype=torch.float32, speculative="off")
     expected = list(plain.generate_ids(PROMPT, NEW))
     engine = localmoe.load(str(mtp_release), device="cpu", dtype=torch.float32)
     assert engine.speculative == "mtp" and "speculative: mtp" in engine.summary()
     assert_plain(plain.model, PROMPT, list(engine.generate_ids(PROMPT, NEW)), expected)
     assert engine.stats.speculation.drafted > 0
-    top_k = plain.plan.footprint.top_k
-    for miss_policy in ("direct", "copy"):
-        options = RuntimeOptions(expert_slots=top_k, miss_policy=miss_policy, speculative="mtp", draft_tokens=3)
+    fp = plain.plan.footprint
+    settings = [(fp.top_k, "direct", always_wrong), ((fp.top_k + fp.total_experts) // 2, "copy", always_right)]
+    for slots, miss_policy, script in settings:
+        options = RuntimeOptions(expert_slots=slots, miss_policy=miss_policy, speculative="mtp", draft_tokens=3)
         offloaded = localmoe.load(str(mtp_release), device="cpu", dtype=torch.float32, options=options)
         assert_plain(plain.model, PROMPT, list(offloaded.generate_ids(PROMPT, NEW)), expected)
+        forced = ForcedMtp(offloaded.new_drafter(), script(expected, vocab(plain)))
+        got = list(offloaded.generate_ids(PROMPT, NEW, drafter=forced))
+        assert_plain(plain.model, PROMPT, got, expected)
+        if got == expected:  # (else a token rounding decides was kept, and the script's drafts go wrong after it)
+            assert offloaded.stats.speculation.acceptance_rate == (script is always_right)
 
 
 def test_without_mtp_drafts_the_mtp_layers_are_not_loaded(mtp_release):

@@ -1,11 +1,15 @@
-"""Generation state: which layers get a ring, what a ring holds, and when it can be rewound."""
+"""Generation state: which layers get a ring, what a ring holds, and when it can be rewound; a compressor's
+pooled state cut back into a speculative check."""
 
 import pytest
 import torch
+from torch import nn
 
 from localmoe.models import state as layer_state
+from localmoe.models.deepseek_v4 import Compressor, DeepseekV4Args
 from localmoe.models.layers import Step
-from localmoe.models.state import AttentionKV, KVCache, WindowKV, attention_state
+from localmoe.models.rotary import RotaryEmbedding
+from localmoe.models.state import AttentionKV, KVCache, PooledState, WindowKV, attention_state
 
 
 def keys(start: int, length: int) -> torch.Tensor:
@@ -61,3 +65,68 @@ def test_a_ring_cut_short_is_not_kept(monkeypatch, interrupted):
     ring.update(keys(0, 6), keys(0, 6), at(0, 6))
     cache.pos, cache.writing = 6, interrupted
     assert cache.rewind(6) == (0 if interrupted else 6)
+
+
+def compressor(rate: int, overlap: bool) -> tuple[Compressor, RotaryEmbedding]:
+    """A DeepSeek-V4 compressor with random weights and its rotary."""
+    torch.manual_seed(rate + overlap)
+    args = DeepseekV4Args(vocab_size=8, hidden_size=16, num_hidden_layers=1, num_attention_heads=2, head_dim=8)
+    module = Compressor(16, 8, rate, overlap, 1e-6).double()
+    nn.init.normal_(module.position_bias)
+    return module, RotaryEmbedding(args.rope("compress"), 8, 64)
+
+
+def pooled(module: Compressor, rotary, *chunks: torch.Tensor, trail: bool = False) -> PooledState:
+    """A state fed the hidden states `chunks` [1, T, 16] one forward pass each (the last one with `trail`)."""
+    state = module.new_state(1, 64, torch.float64, "cpu")
+    for i, x in enumerate(chunks):
+        module(x, state, rotary, trail and i == len(chunks) - 1)
+    return state
+
+
+@pytest.mark.parametrize(
+    "rate,overlap,before",
+    [
+        (4, True, 6),  # CSA: a check of 7 from 6 completes a window inside it, and one straddling its start
+        (3, True, 3),  # the check starts on a window boundary; two windows end inside it
+        (8, False, 5),  # HCA: one window ends inside the check
+        (2, False, 0),  # the check is the first pass: nothing pending before it, no overlap
+    ],
+)
+def test_a_pooled_state_is_cut_back_into_a_check(rate, overlap, before):
+    """Cut back to each position of a check, a compressor's state is the one fed just the tokens through it,
+    and pools the tokens after it as that one does."""
+    module, rotary = compressor(rate, overlap)
+    x = torch.randn(1, before + 7 + 5, 16, dtype=torch.float64)  # 5 tokens after the check
+    prefix, check = x[:, :before], x[:, before : before + 7]
+    with torch.no_grad():
+        for keep in range(before, before + 8):
+            cut = pooled(module, rotary, prefix, check, trail=True)
+            assert cut.truncate(keep, before + 7) and cut.trail is None
+            fed = pooled(module, rotary, prefix, x[:, before:keep])
+            assert cut.count == fed.count == keep // rate
+            for got, expected in ((cut.pending_kv, fed.pending_kv), (cut.pending_gate, fed.pending_gate)):
+                assert got.shape[1] == keep % rate
+                torch.testing.assert_close(got, expected)
+            for state in (cut, fed):  # what the pending tokens keep alive: themselves, not their forward pass
+                pending = (state.pending_kv, state.pending_gate)
+                assert all(t.untyped_storage().nbytes() == t.nbytes for t in pending)
+            assert (cut.overlap is None) == (fed.overlap is None) == (not overlap or keep < rate)
+            for got, expected in zip(cut.overlap or (), fed.overlap or (), strict=True):
+                torch.testing.assert_close(got, expected)
+            rest = x[:, keep:]
+            torch.testing.assert_close(module(rest, cut, rotary, False), module(rest, fed, rotary, False))
+
+
+def test_a_pooled_state_is_not_cut_back_without_its_trail():
+    """A pass without trail (a prefill chunk) or an older one: the state can only stay where it is."""
+    module, rotary = compressor(4, True)
+    x = torch.randn(1, 12, 16, dtype=torch.float64)
+    with torch.no_grad():
+        assert not pooled(module, rotary, x[:, :6], x[:, 6:]).truncate(9, 12)
+        state = pooled(module, rotary, x[:, :6], x[:, 6:10], trail=True)
+        module(x[:, 10:], state, rotary, False)  # the trail is dropped
+        assert state.trail is None and not state.truncate(9, 12)
+        state = pooled(module, rotary, x[:, :6], x[:, 6:], trail=True)
+        assert not state.truncate(3, 12)  # before the check's first pending token (position 4)
+        assert pooled(module, rotary, x[:, :6], x[:, 6:], trail=True).truncate(4, 12)

@@ -12,6 +12,7 @@ from localmoe.engine import RuntimeOptions
 from localmoe.kernels import pair_kernel, self_check
 from localmoe.kernels.quantized import (
     MXFP4,
+    MXFP8,
     Fp8Weights,
     Mxfp4Weights,
     Nvfp4Weights,
@@ -31,6 +32,7 @@ ACTS = {
     "clamped": GatedActivation(kind="clamped_swiglu", alpha=1.702, limit=0.5),  # a limit that clamps
     "clamped-glu": GatedActivation(kind="clamped_glu", limit=0.5),
     "clamped-after": GatedActivation(kind="glu_clamped_after", limit=0.2),
+    "softcapped": GatedActivation(kind="softcapped_glu", gate_limit=0.7, limit=1.5),  # Inkling 2; caps that bend
     "relu2-ungated": GatedActivation(kind="ungated", act="relu2"),  # Nemotron-H: up alone, no gate
 }
 UNGATED = ACTS["relu2-ungated"]
@@ -174,9 +176,14 @@ def test_self_check_passes_and_catches_a_broken_kernel():
     assert "max error" in self_check(off_by_one, torch.device("cpu"), torch.float32, acts)
 
 
-def test_the_choice_of_kernels():
+def test_the_choice_of_kernels(monkeypatch):
     cpu, acts = torch.device("cpu"), [ACTS["swiglu"]]
     assert pair_kernel("triton", cpu, torch.float32, acts)[1] == "triton"  # here, in the interpreter
+    import localmoe.kernels as kernels
+
+    monkeypatch.setattr(kernels, "self_check", lambda *args: None)  # nothing runs on the device
+    for act in ACTS.values():  # every activation the families use: Triton on CUDA, never the reference
+        assert pair_kernel("auto", torch.device("cuda"), torch.bfloat16, [act], MXFP8)[1] == "triton"
     with pytest.raises(localmoe.LocalMoEError, match="lack the glu/gelu activation"):
         pair_kernel("triton", cpu, torch.float32, [GatedActivation(act="gelu")])
     act_order = QuantSpec(4, 128, act_order=True)  # GPTQ's desc_act: each column's group from a table
@@ -193,8 +200,9 @@ def test_the_choice_of_kernels():
         ("Llama4TextConfig", {**LLAMA4, "num_experts_per_tok": 2}),
         TINY_FAMILIES["nemotron_h"],  # ungated ReLU-squared experts in a latent space
         TINY_FAMILIES["step3p5"],  # SwiGLU clamped after the activation
+        TINY_FAMILIES["inkling2_text"],  # the softcapped GLU
     ],
-    ids=["mixtral", "gpt-oss", "llama4", "nemotron-h", "step-3.7"],
+    ids=["mixtral", "gpt-oss", "llama4", "nemotron-h", "step-3.7", "inkling-2"],
 )
 def test_greedy_tokens_equal_the_reference_path(config_class, config, tmp_path):
     """End to end in float32, resident and offloaded, with the kernels in the interpreter."""
@@ -208,6 +216,7 @@ def test_greedy_tokens_equal_the_reference_path(config_class, config, tmp_path):
     expected, _ = tokens(kernels="reference")
     resident, engine = tokens(kernels="triton")
     assert resident == expected and "kernels: triton" in engine.summary()
+    assert not [why for why in engine.graphs_barred() if "reference expert kernel" in why]
     for misses in ("copy", "direct"):  # direct: the kernels read the misses from the host rows
         offloaded, _ = tokens(kernels="triton", expert_slots=engine.plan.footprint.top_k + 1, miss_policy=misses)
         assert offloaded == expected
@@ -272,6 +281,12 @@ def test_pairs_outside_the_pool_read_from_the_host_stack(fmt, tokens, k):
 @pytest.mark.parametrize("tokens, k", [(1, 4), (12, 2)])  # decode, grouped
 def test_ungated_experts_from_the_pool_and_the_host_stack(fmt, tokens, k):
     check_host_stack(fmt, tokens, k, UNGATED)
+
+
+@pytest.mark.parametrize("tokens, k", [(1, 4), (12, 2)])  # decode, grouped
+def test_softcapped_experts_in_mxfp8_from_the_pool_and_the_host_stack(tokens, k):
+    """Inkling 2's activation on its release's stored form."""
+    check_host_stack("fp8-mx", tokens, k, ACTS["softcapped"])
 
 
 def check_host_stack(fmt: str, tokens: int, k: int, act: GatedActivation) -> None:

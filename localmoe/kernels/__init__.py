@@ -129,7 +129,7 @@ def self_check(
     def rand(*shape, scale=0.25):
         return (torch.randn(*shape, generator=generator) * scale).to(device=device, dtype=dtype)
 
-    for act in {(a.kind, a.act, a.alpha, a.limit): a for a in acts}.values():
+    for act in {(a.kind, a.act, a.alpha, a.limit, a.gate_limit): a for a in acts}.values():
         gate_up, down = rand(experts, (2 if act.gated else 1) * inter, hidden), rand(experts, hidden, inter)
         if isinstance(quant, QuantSpec):
             gate_up, down = quantized_stack(gate_up, quant), quantized_stack(down, quant)

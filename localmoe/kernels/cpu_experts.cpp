@@ -827,34 +827,6 @@ void dequantize_row(const Matrix& m, int64_t expert, int64_t r, float* out) {
   }
 }
 
-// ---------------------------------------------------------------------------------------------------
-// The activation, rounding to the compute dtype wherever the reference's tensor ops do
-
-enum Kind { GLU, CLAMPED_SWIGLU, CLAMPED_GLU };
-enum Act { SILU, GELU, GELU_TANH };
-
-inline float apply(int64_t act, float g) {
-  switch (act) {
-    case SILU: return g / (1.f + std::exp(-g));
-    case GELU: return 0.5f * g * (1.f + std::erf(g * 0.70710678118654752f));
-    default: return 0.5f * g * (1.f + std::tanh(0.7978845608028654f * (g + 0.044715f * g * g * g)));
-  }
-}
-
-template <int DT>
-inline float activate(int64_t kind, int64_t act, float alpha, float limit, float g, float u) {  // g, u: rounded already
-  auto rd = Num<DT>::round;
-  if (kind != GLU) {
-    g = rd(std::min(g, limit));
-    u = rd(std::min(std::max(u, -limit), limit));
-  }
-  if (kind == CLAMPED_SWIGLU) {
-    const float sig = rd(1.f / (1.f + std::exp(-rd(g * alpha))));
-    return rd(rd(g * sig) * rd(u + 1.f));
-  }
-  return rd(rd(apply(act, g)) * u);
-}
-
 }  // namespace
 
 // ---------------------------------------------------------------------------------------------------
@@ -882,12 +854,45 @@ struct lm_call {
   int64_t threads, many;  // experts with `many` pairs or more are left to the caller
   int64_t* left;  // out: (0 pool / 1 host, expert) of each expert left, room for tokens * k
   int64_t left_count;  // out
-  float alpha, limit;  // set from the arguments of lm_expert_pairs
+  float alpha, limit, gate_limit;  // the activation's, set from the arguments of lm_expert_pairs
 };
 
 }  // extern "C"
 
 namespace {
+
+// ---------------------------------------------------------------------------------------------------
+// The activation, rounding to the compute dtype wherever the reference's tensor ops do
+
+enum Kind { GLU, CLAMPED_SWIGLU, CLAMPED_GLU, GLU_CLAMPED_AFTER, SOFTCAPPED_GLU };
+enum Act { SILU, GELU, GELU_TANH };
+
+inline float apply(int64_t act, float g) {
+  switch (act) {
+    case SILU: return g / (1.f + std::exp(-g));
+    case GELU: return 0.5f * g * (1.f + std::erf(g * 0.70710678118654752f));
+    default: return 0.5f * g * (1.f + std::tanh(0.7978845608028654f * (g + 0.044715f * g * g * g)));
+  }
+}
+
+inline float softcap(float x, float cap) { return std::tanh(x / cap) * cap; }
+
+template <int DT>
+inline float activate(const lm_call& c, float g, float u) {  // g, u: rounded already
+  auto rd = Num<DT>::round;
+  const float limit = c.limit;
+  if (c.kind == SOFTCAPPED_GLU)  // in float32, as the reference, then rounded once
+    return rd(softcap(g, c.gate_limit) * (1.f / (1.f + std::exp(-g))) * softcap(u, limit));
+  if (c.kind == GLU) return rd(rd(apply(c.act, g)) * u);
+  u = rd(std::min(std::max(u, -limit), limit));  // the clamped kinds clamp up alike
+  if (c.kind == GLU_CLAMPED_AFTER) return rd(rd(std::min(rd(apply(c.act, g)), limit)) * u);
+  g = rd(std::min(g, limit));
+  if (c.kind == CLAMPED_SWIGLU) {
+    const float sig = rd(1.f / (1.f + std::exp(-rd(g * c.alpha))));
+    return rd(rd(g * sig) * rd(u + 1.f));
+  }
+  return rd(rd(apply(c.act, g)) * u);  // CLAMPED_GLU
+}
 
 struct Unit {  // one expert of one stack and the pairs routed to it
   const lm_stack* stack;
@@ -974,7 +979,7 @@ void matrix_vector(lm_call& c, std::vector<Unit*>& units) {
       for (int p = 0; p < P; ++p) {
         const float g = N::round(gate[p] + (bias ? N::get(bias, r) : 0.f));
         const float v = N::round(up[p] + (bias ? N::get(bias, r + I) : 0.f));
-        h[(u.first + p) * I + Path::arranged(dn, r)] = Path::value(activate<DT>(c.kind, c.act, c.alpha, c.limit, g, v));
+        h[(u.first + p) * I + Path::arranged(dn, r)] = Path::value(activate<DT>(c, g, v));
       }
     }
   });
@@ -1276,7 +1281,7 @@ void tile_prefill(lm_call& c, std::vector<Unit*>& units) {
           for (int64_t i = 0; i < TILE; ++i) {
             const float g = N::round(out[t][i][p % TILE] + (bias ? N::get(bias, r + i) : 0.f));
             const float v = N::round(out[t + 1][i][p % TILE] + (bias ? N::get(bias, I + r + i) : 0.f));
-            h[u.first * I + arranged_pair(p, r + i, I)] = bf16_bits(activate<DT_BF16>(c.kind, c.act, c.alpha, c.limit, g, v));
+            h[u.first * I + arranged_pair(p, r + i, I)] = bf16_bits(activate<DT_BF16>(c, g, v));
           }
         }
       }
@@ -1487,7 +1492,7 @@ void vector_prefill(lm_call& c, std::vector<Unit*>& units) {
         for (int i = 0; i < ROWS; ++i) {
           const float g = N::round(out[i * P + p] + (bias ? N::get(bias, r + i) : 0.f));
           const float v = N::round(out[(ROWS + i) * P + p] + (bias ? N::get(bias, I + r + i) : 0.f));
-          h[(u.first + p) * I + r + i] = K::value(activate<DT_BF16>(c.kind, c.act, c.alpha, c.limit, g, v));
+          h[(u.first + p) * I + r + i] = K::value(activate<DT_BF16>(c, g, v));
         }
     }
   });
@@ -1541,8 +1546,8 @@ extern "C" {
 
 // The pairs of experts with fewer than `many` pairs into `out`; the others listed in `left`. 0, or 1
 // for a slot or expert id out of its stack's range.
-int lm_expert_pairs(lm_call* c, double alpha, double limit) {
-  c->alpha = float(alpha), c->limit = float(limit);
+int lm_expert_pairs(lm_call* c, double alpha, double limit, double gate_limit) {
+  c->alpha = float(alpha), c->limit = float(limit), c->gate_limit = float(gate_limit);
   const int64_t count = c->tokens * c->k;
   std::vector<int64_t> unit_of[2] = {std::vector<int64_t>(c->pool.experts, -1),
                                      std::vector<int64_t>(c->ids ? c->host.experts : 0, -1)};

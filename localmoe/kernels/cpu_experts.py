@@ -75,7 +75,7 @@ NIBBLES = (INT4, MXFP4, NVFP4)  # two weights a byte
 DTYPES = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}  # also the integer formats' scale dtypes
 # the scale_type of a Matrix: DTYPES, or uint8 exponent bytes 2^(b - 127) (MXFP8's; the FP8 format reads it)
 SCALE_TYPES = {**DTYPES, torch.uint8: 3}
-KINDS = {"glu": 0, "clamped_swiglu": 1, "clamped_glu": 2}
+KINDS = {"glu": 0, "clamped_swiglu": 1, "clamped_glu": 2, "glu_clamped_after": 3, "softcapped_glu": 4}
 ACTS = {"silu": 0, "swish": 0, "gelu": 1, "gelu_pytorch_tanh": 2}
 MANY_PAIRS = 8  # pairs of one expert from which prefill takes over: vector_prefill (bf16), else the reference
 
@@ -127,7 +127,7 @@ def load() -> tuple[bool, str]:
         print(f"localmoe: the CPU expert kernels are not available ({reason}); using the slower reference",
               file=sys.stderr)  # fmt: skip
         return False, reason
-    library.lm_expert_pairs.argtypes = [ctypes.c_void_p, ctypes.c_double, ctypes.c_double]
+    library.lm_expert_pairs.argtypes = [ctypes.c_void_p, *[ctypes.c_double] * 3]
     library.lm_dequantize.argtypes = [ctypes.c_void_p, *[ctypes.c_int64] * 3, ctypes.c_void_p, ctypes.c_int64]
     library.lm_dense.argtypes = [*[ctypes.c_void_p] * 4, *[ctypes.c_int64] * 7]
     library.lm_dense.restype = None
@@ -236,8 +236,8 @@ def _stack(stack: ExpertStack) -> list[torch.Tensor | None]:
     return [*_tensors(stack.gate_up), *_tensors(stack.down), stack.gate_up_bias, stack.down_bias]
 
 
-# the activations the op has been called with, by its codes: the matrix-product path runs the object
-_activations: dict[tuple[int, int, float, float], Callable] = {}
+# the activations the op has been called with, by its codes and parameters: the matrix-product path runs the object
+_activations: dict[tuple[int, int, float, float, float], Callable] = {}
 
 
 def cpu_pair_outputs(
@@ -266,7 +266,7 @@ def cpu_pair_outputs(
     form = _form(gate_up)
     if host is not None and _form(host.gate_up) != form:
         raise ValueError("the host stack and the pool hold experts in different formats")
-    key = (KINDS[act.kind], ACTS[act.act], float(act.alpha), float(act.limit))
+    key = (KINDS[act.kind], ACTS[act.act], float(act.alpha), float(act.limit), float(act.gate_limit))
     _activations.setdefault(key, act)
     pool = _stack(ExpertStack(gate_up, down, gate_up_bias, down_bias))
     host_parts = _stack(host) if host is not None and ids is not None else []
@@ -282,13 +282,13 @@ def _define_op() -> None:
     _op_library.define(
         "expert_pairs(Tensor(a!) out, Tensor x, Tensor slots, Tensor? ids, Tensor? input_scale, Tensor?[] pool, "
         "Tensor?[] host, int format, int block, int block_rows, bool divides, int kind, int act, float alpha, "
-        "float limit) -> ()"
+        "float limit, float gate_limit) -> ()"
     )
     _op_library.impl("expert_pairs", _expert_pairs, "CPU")
 
 
 def _expert_pairs(
-    out, x, slots, ids, input_scale, pool, host, fmt, block, block_rows, divides, kind, act, alpha, limit
+    out, x, slots, ids, input_scale, pool, host, fmt, block, block_rows, divides, kind, act, alpha, limit, gate_limit
 ) -> None:
     """The op on CPU tensors: the library's matrix-vector path and AMX tiles, then the reference's matrix
     products for the experts it leaves."""
@@ -308,7 +308,7 @@ def _expert_pairs(
     left = array.array("q", bytes(16 * tokens * k))
     call += [fmt, DTYPES[x.dtype], kind, act, torch.get_num_threads(), MANY_PAIRS, left.buffer_info()[0], 0, 0]
     fields = array.array("q", call)
-    if _library.lm_expert_pairs(fields.buffer_info()[0], alpha, limit) != 0:
+    if _library.lm_expert_pairs(fields.buffer_info()[0], alpha, limit, gate_limit) != 0:
         raise ValueError("a slot or expert id is out of its stack's range")
     for i in range(fields[-2]):  # left_count
         which, expert = left[2 * i], left[2 * i + 1]
@@ -321,7 +321,7 @@ def _expert_pairs(
         weights = [_dense(parts[i : i + 3], form, expert, x.dtype) for i in (0, 3)]
         biases = [None if b is None else b[expert : expert + 1] for b in parts[6:]]
         stack = ExpertStack(weights[0][None], weights[1][None], *biases)
-        out[pairs] = _expert(inputs, stack, 0, _activations[(kind, act, alpha, limit)])
+        out[pairs] = _expert(inputs, stack, 0, _activations[(kind, act, alpha, limit, gate_limit)])
 
 
 def _int64(index: torch.Tensor) -> torch.Tensor:

@@ -16,9 +16,9 @@ which the kernel reads over the bus (see `triton_pair_outputs`). Both sources ru
 same bytes, so a pair's output does not depend on where its expert lies.
 
 The activation (SwiGLU, tanh-GELU GLU, gpt-oss's clamped SwiGLU, DeepSeek-V4's clamped GLU, Step-3.7's
-SwiGLU clamped after the activation, and Nemotron-H's ungated ReLU-squared, whose experts have an up
-projection and no gate: gate_up [N, I, E]), expert biases and Llama 4's input scale match the
-reference. Weights are in the compute dtype, quantized to 8 or 4 bits (kernels/quantized.py), or
+SwiGLU clamped after the activation, Inkling 2's softcapped GLU, and Nemotron-H's ungated ReLU-squared,
+whose experts have an up projection and no gate: gate_up [N, I, E]), expert biases and Llama 4's input
+scale match the reference. Weights are in the compute dtype, quantized to 8 or 4 bits (kernels/quantized.py), or
 block-scaled FP8 (with float32 multipliers, or MXFP8's exponent bytes), MXFP4 and NVFP4 as checkpoints
 ship them, decoded in registers with integer bit operations.
 Offsets along pairs, tokens, slots and experts are 64-bit; offsets inside one expert's matrix are
@@ -39,8 +39,8 @@ from localmoe.kernels.reference import ExpertStack
 
 # activation codes: act(gate, up), or act(up) for ungated experts (the codes from UNGATED on, whose input
 # projection is up alone)
-SILU_GLU, GELU_TANH_GLU, CLAMPED_SWIGLU, CLAMPED_SILU_GLU, SILU_GLU_CLAMPED_AFTER = 0, 1, 2, 3, 4
-UNGATED = RELU2 = 5
+SILU_GLU, GELU_TANH_GLU, CLAMPED_SWIGLU, CLAMPED_SILU_GLU, SILU_GLU_CLAMPED_AFTER, SOFTCAPPED_GLU = 0, 1, 2, 3, 4, 5
+UNGATED = RELU2 = 6
 ACTIVATIONS = {
     ("glu", "silu"): SILU_GLU,
     ("glu", "swish"): SILU_GLU,
@@ -68,13 +68,15 @@ def activation_code(act) -> int | None:
         return CLAMPED_SWIGLU
     if act.kind == "clamped_glu":
         return CLAMPED_SILU_GLU if act.act in ("silu", "swish") else None
+    if act.kind == "softcapped_glu":  # sigmoid whatever `act` says, as the reference
+        return SOFTCAPPED_GLU
     return ACTIVATIONS.get((act.kind, act.act))
 
 
 @triton.jit
-def _activate(gate, up, ACT: tl.constexpr, alpha, limit):
+def _activate(gate, up, ACT: tl.constexpr, alpha, limit, gate_limit):
     # one return after compile-time branches: the compiler rejects returns inside control flow; ungated
-    # activations (ACT >= 5) read up only
+    # activations (ACT >= 6) read up only
     if ACT == 0:
         out = gate * tl.sigmoid(gate) * up
     elif ACT == 1:
@@ -86,12 +88,21 @@ def _activate(gate, up, ACT: tl.constexpr, alpha, limit):
     elif ACT == 4:
         out = tl.minimum(gate * tl.sigmoid(gate), limit) * tl.minimum(tl.maximum(up, -limit), limit)
     elif ACT == 5:
+        out = _softcap(gate, gate_limit) * tl.sigmoid(gate) * _softcap(up, limit)
+    elif ACT == 6:
         positive = tl.maximum(up, 0.0)
         out = positive * positive
     else:
         clamped = tl.minimum(gate, limit)
         out = clamped * tl.sigmoid(clamped * alpha) * (tl.minimum(tl.maximum(up, -limit), limit) + 1.0)
     return out
+
+
+@triton.jit
+def _softcap(x, cap):
+    # cap * tanh(x / cap), tanh(y) being 2 sigmoid(2y) - 1: Triton's language has no tanh, and libdevice's
+    # does not run in the interpreter
+    return cap * (2.0 * tl.sigmoid(2.0 * x / cap) - 1.0)
 
 
 @triton.jit
@@ -124,9 +135,13 @@ def _power_of_two(exponent):
 @triton.jit
 def _tile_scales(s, at, mask):
     """FP8's tile multipliers at offsets `at`: float32 as stored, or MXFP8's exponent bytes as 2^(b - 127)."""
+    # one return after the compile-time branch: the compiler takes both returns of an early one (the
+    # interpreter does not)
     if s.dtype.element_ty == tl.uint8:
-        return _power_of_two(tl.load(s + at, mask=mask, other=127))
-    return tl.load(s + at, mask=mask, other=0.0)
+        scales = _power_of_two(tl.load(s + at, mask=mask, other=127))
+    else:
+        scales = tl.load(s + at, mask=mask, other=0.0)
+    return scales
 
 
 @triton.jit
@@ -306,6 +321,7 @@ def _gate_up_rows(
     SPAN: tl.constexpr,
     alpha,
     limit,
+    gate_limit,
     BLOCK_R: tl.constexpr,
     BLOCK_K: tl.constexpr,
 ):
@@ -322,7 +338,7 @@ def _gate_up_rows(
         )  # fmt: skip
         x = x_ptr + token.to(tl.int64) * stride_x
         stored = HIDDEN_STORED
-        GATED: tl.constexpr = ACT < 5  # else the rows are up's alone, and up's offset is 0, not INTER
+        GATED: tl.constexpr = ACT < 6  # else the rows are up's alone, and up's offset is 0, not INTER
         if GATED:
             gate = _row_sums(
                 w, s, z, rows, row_ok, x, stored, stride_wr, stride_sr, BITS, GROUP, GROUP_ROWS, SYMMETRIC, DIVIDES,
@@ -343,7 +359,7 @@ def _gate_up_rows(
             gate += tl.load(bias + rows, mask=row_ok, other=0.0).to(tl.float32)
             up_bias = bias + INTER if GATED else bias
             up += tl.load(up_bias + rows, mask=row_ok, other=0.0).to(tl.float32)
-        h = _activate(gate, up, ACT, alpha, limit)
+        h = _activate(gate, up, ACT, alpha, limit, gate_limit)
         tl.store(h_ptr + pair.to(tl.int64) * INTER + rows, h, mask=row_ok)
 
 
@@ -558,6 +574,7 @@ def _grouped_gate_up(
     DIVIDES: tl.constexpr,
     alpha,
     limit,
+    gate_limit,
     PRECISION: tl.constexpr,  # of float32 products: ieee, not the tf32 default
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
@@ -579,7 +596,7 @@ def _grouped_gate_up(
         x_rows = x_ptr + tokens.to(tl.int64) * stride_x
         dtype = x_ptr.dtype.element_ty
         zeros = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
-        GATED: tl.constexpr = ACT < 5  # else the rows are up's alone, and up's offset is 0, not INTER
+        GATED: tl.constexpr = ACT < 6  # else the rows are up's alone, and up's offset is 0, not INTER
         if GATED:
             gate = _grouped_product(
                 x_rows, valid, w, s, z, rows, row_ok, HIDDEN, stride_wr, stride_sr, zeros, dtype, PRECISION, BITS,
@@ -602,7 +619,7 @@ def _grouped_gate_up(
             gate += tl.load(bias + rows, mask=row_ok, other=0.0).to(tl.float32)[None, :]
             up_bias = bias + INTER if GATED else bias
             up += tl.load(up_bias + rows, mask=row_ok, other=0.0).to(tl.float32)[None, :]
-        h = _activate(gate, up, ACT, alpha, limit)
+        h = _activate(gate, up, ACT, alpha, limit, gate_limit)
         h_rows = h_ptr + tl.where(valid, pairs, 0).to(tl.int64) * INTER
         tl.store(h_rows[:, None] + rows[None, :], h, mask=valid[:, None] & row_ok[None, :])
 
@@ -923,7 +940,8 @@ def kernel_launches(
     sources_out = _source_args(pool_out, host_out, down_bias, host_bias_out, flat)
     flags_in = dict(HAS_BIAS=gate_up_bias is not None, HAS_HOST=has_host, **_form_flags(pool_in))
     flags_out = dict(HAS_BIAS=down_bias is not None, HAS_HOST=has_host, **_form_flags(pool_out))
-    activation = dict(ACT=code, alpha=float(act.alpha), limit=float(act.limit), HAS_SCALE=input_scale is not None)
+    activation = dict(ACT=code, alpha=float(act.alpha), limit=float(act.limit), gate_limit=float(act.gate_limit))
+    activation["HAS_SCALE"] = input_scale is not None
     pairs = flat.numel()
     if pairs <= DECODE_PAIRS:
         id_of_pair = ids.reshape(-1).to(torch.int32).contiguous() if has_host else flat

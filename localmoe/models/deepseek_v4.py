@@ -11,8 +11,9 @@
 - MoE on every layer: sqrt(softplus) scores with a correction bias, renormalised and scaled, or (hash
   layers) experts fixed per token by a table; SwiGLU with clamps, and a shared expert.
 
-The compressed state of a layer cannot be cut back to an earlier position: like a recurrent state,
-a conversation that changes its past is fed again.
+The compressed state of a layer is cut back to an earlier position only where nothing is dropped or into
+a speculative check (which keeps its tokens' projections, `PooledTrail`), as a recurrent state is: a
+conversation that changes its past is fed again.
 
 Its multi-token-prediction layers (`mtp.N.*` in the release) are loaded as `mtp`, for drafts: DeepSeek's
 inference/model.py, MTPBlock, as `V4MTPLayer` says.
@@ -32,7 +33,7 @@ from localmoe.models.layers import Backbone, CausalLM, Step, UpcastRMSNorm
 from localmoe.models.moe import FUSED_EXPERTS, GatedActivation, GatedMLP, Routing, SparseMoE
 from localmoe.models.mtp import MultiTokenPredictor, SharedHead
 from localmoe.models.rotary import RotaryEmbedding, rope_parameters
-from localmoe.models.state import REWIND_SLACK, CompressedKV, PooledState, WindowKV
+from localmoe.models.state import REWIND_SLACK, CompressedKV, PooledState, PooledTrail, WindowKV
 
 SLIDING, CSA, HCA = "sliding_attention", "compressed_sparse_attention", "heavily_compressed_attention"
 RATIO_TO_KIND = {0: SLIDING, 4: CSA, 128: HCA}
@@ -166,22 +167,33 @@ class Compressor(nn.Module):
         self.kv_norm = UpcastRMSNorm(dim, eps)
 
     def new_state(self, batch: int, max_len: int, dtype, device) -> PooledState:
-        return PooledState(batch, self.kv_proj.out_features, self.dim, self.rate, max_len, dtype, device)
+        width = self.kv_proj.out_features
+        return PooledState(batch, width, self.dim, self.rate, max_len, dtype, device, self.overlap)
 
     def pending_bytes(self, dtype: torch.dtype) -> int:
         """The most its state holds of tokens not yet pooled: rate - 1 projections and gates, and with
-        `overlap` the last window's first halves."""
-        overlap = 2 * self.rate * self.dim if self.overlap else 0
-        return (2 * (self.rate - 1) * self.kv_proj.out_features + overlap) * dtype.itemsize
+        `overlap` the last window's first halves (the gates' with the position bias added, in the dtype
+        that sum takes)."""
+        gate_dtype = torch.promote_types(dtype, self.position_bias.dtype)
+        overlap = self.rate * self.dim * (dtype.itemsize + gate_dtype.itemsize) if self.overlap else 0
+        return 2 * (self.rate - 1) * self.kv_proj.out_features * dtype.itemsize + overlap
 
-    def forward(self, x: torch.Tensor, state: PooledState, rotary: RotaryEmbedding) -> torch.Tensor:
-        """All entries so far [B, n, dim], after adding those the new tokens complete."""
+    def trail_bytes_per_token(self, dtype: torch.dtype) -> int:
+        """What a speculative check keeps of each of its tokens: its projection and gate (`PooledTrail`)."""
+        return 2 * self.kv_proj.out_features * dtype.itemsize
+
+    def forward(self, x: torch.Tensor, state: PooledState, rotary: RotaryEmbedding, trail: bool) -> torch.Tensor:
+        """All entries so far [B, n, dim], after adding those the new tokens complete. `trail`: a check,
+        which the state may be cut back into (see Step.trail)."""
         first = state.count * self.rate
         kv = torch.cat((state.pending_kv, self.kv_proj(x)), dim=1)
         gate = torch.cat((state.pending_gate, self.gate_proj(x)), dim=1)
+        state.trail = PooledTrail(state.count, kv, gate, state.overlap, self.position_bias) if trail else None
         usable = kv.shape[1] // self.rate * self.rate
         state.pending_kv, state.pending_gate = kv[:, usable:], gate[:, usable:]
         if usable:
+            # copies: views of their tail would keep the whole pass's projections alive
+            state.pending_kv, state.pending_gate = state.pending_kv.clone(), state.pending_gate.clone()
             windows = usable // self.rate
             kv = kv[:, :usable].unflatten(1, (windows, self.rate))
             gate = gate[:, :usable].unflatten(1, (windows, self.rate)) + self.position_bias
@@ -223,7 +235,7 @@ class Indexer(nn.Module):
     def visible(self, x, q_low, step: Step, state: PooledState, rotary: RotaryEmbedding) -> torch.Tensor:
         """[B, T, n] booleans: the entries each new token attends to."""
         B, T, _ = x.shape
-        keys = self.compressor(x, state, rotary)  # [B, n, d]
+        keys = self.compressor(x, state, rotary, step.trail)  # [B, n, d]
         cos, sin = step.rotary(rotary)
         q = rotate_pairs(self.q_b_proj(q_low).view(B, T, self.heads, self.dim).transpose(1, 2), cos, sin)
         scores = F.relu(q.float() @ keys.float()[:, None].transpose(-1, -2)) * self.dim**-0.5  # [B, H, T, n]
@@ -288,10 +300,16 @@ class CompressedAttention(nn.Module):
         return 2 * (self.window + REWIND_SLACK) * self.dim * dtype.itemsize
 
     def pending_state_bytes(self, dtype: torch.dtype) -> int:
+        return sum(compressor.pending_bytes(dtype) for compressor in self._compressors())
+
+    def trail_bytes_per_token(self, dtype: torch.dtype) -> int:
+        return sum(compressor.trail_bytes_per_token(dtype) for compressor in self._compressors())
+
+    def _compressors(self) -> list[Compressor]:
+        """The compressor, and the indexer's where entries are selected."""
         if self.kind == SLIDING:
-            return 0
-        indexer = self.compressor.indexer.compressor.pending_bytes(dtype) if self.kind == CSA else 0
-        return self.compressor.pending_bytes(dtype) + indexer
+            return []
+        return [self.compressor, *([self.compressor.indexer.compressor] if self.kind == CSA else [])]
 
     def forward(self, x: torch.Tensor, step: Step, state: CompressedKV) -> torch.Tensor:
         B, T, _ = x.shape
@@ -303,7 +321,7 @@ class CompressedAttention(nn.Module):
         keys, _, positions = state.window.update(kv, kv, step)
         visible = step.visible(self.window, positions).expand(B, 1, T, -1)
         if self.kind != SLIDING:
-            entries = self.compressor(x, state.compressor, self.compress_rotary)
+            entries = self.compressor(x, state.compressor, self.compress_rotary, step.trail)
             if self.kind == CSA:
                 seen = self.compressor.indexer.visible(x, q_low, step, state.indexer, self.compress_rotary)
             else:

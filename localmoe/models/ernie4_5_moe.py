@@ -1,8 +1,15 @@
 """ERNIE 4.5 MoE (Ernie4_5_MoeForCausalLM): rotary on adjacent pairs of dims, biases everywhere or nowhere
 (`use_bias`, the LM head included even when tied), dense first layers, shared experts, and softmax
-routing whose choice (not weights) a learned correction bias steers; the router stays in float32."""
+routing whose choice (not weights) a learned correction bias steers; the router stays in float32.
+
+Its multi-token-prediction layers (`model.mtp_emb_norm.{k}`, `model.mtp_hidden_norm.{k}`,
+`model.mtp_linear_proj.{k}`, `model.mtp_block.{k}.*`) are loaded as `mtp` for drafts, as vLLM's ernie_mtp.py
+and SGLang's ernie4_eagle.py build them: DeepSeek-V3's design with a decoder layer of the model's attention
+and a dense MLP, the projection biased where the model's layers are (SGLang's), and no norm between the
+layer's output and the LM head (nor on what is passed on)."""
 
 from dataclasses import dataclass, field
+from functools import partial
 from typing import ClassVar
 
 import torch
@@ -11,9 +18,10 @@ from torch import nn
 
 from localmoe.models.attention import Attention
 from localmoe.models.expert_tensors import PerExpert
-from localmoe.models.family import Family, ModelArgs, causal_lm
-from localmoe.models.layers import MLP, CausalLM, DecoderLayer
+from localmoe.models.family import Family, ModelArgs, MtpLayout, causal_lm
+from localmoe.models.layers import MLP, CausalLM, DecoderLayer, RMSNorm
 from localmoe.models.moe import FUSED_EXPERTS, MLP_EXPERTS, GatedActivation, Routing, SparseMoE
+from localmoe.models.mtp import MTPLayer, SharedHead
 
 
 class ErnieRouter(nn.Module):
@@ -65,6 +73,7 @@ class Ernie45MoeArgs(ModelArgs):
     rms_norm_eps: float = 1e-5
     max_position_embeddings: int = 131072
     tie_word_embeddings: bool = True
+    num_nextn_predict_layers: int = 0
     rope: dict = field(default_factory=dict)
 
     def is_moe_layer(self, i: int) -> bool:
@@ -76,10 +85,31 @@ class Ernie45MoeArgs(ModelArgs):
         return self.moe_intermediate_size
 
 
-def build(args: Ernie45MoeArgs, router=ErnieRouter, lm_head_bias: bool | None = None) -> CausalLM:
-    """`router` its class (ERNIE-4.5-VL stores its weight transposed); `lm_head_bias` where it is not use_bias."""
+class ErnieMTPLayer(MTPLayer):
+    """An MTP layer whose projection may have a bias, and whose output goes to the LM head unnormed."""
+
+    def __init__(self, block: nn.Module, hidden: int, eps: float, norm=RMSNorm, bias: bool = False):
+        super().__init__(block, hidden, eps, norm)
+        self.eh_proj = nn.Linear(2 * hidden, hidden, bias=bias)
+        self.shared_head = SharedHead(nn.Identity())
+
+
+def build(args: Ernie45MoeArgs, router=ErnieRouter, lm_head_bias: bool | None = None, mtp: bool = True) -> CausalLM:
+    """`router` its class (ERNIE-4.5-VL stores its weight transposed); `lm_head_bias` where it is not use_bias;
+    `mtp`: the checkpoint's MTP layers are built (ERNIE-4.5-VL's are not read)."""
     hidden, bias = args.hidden_size, args.use_bias
     head_dim = args.attention_head_dim
+
+    def attention() -> Attention:
+        return Attention(
+            hidden,
+            args.num_attention_heads,
+            args.key_value_heads,
+            head_dim,
+            qkv_bias=bias,
+            out_bias=bias,
+            interleaved_rope=True,
+        )
 
     def feed_forward(i: int) -> nn.Module:
         if not args.is_moe_layer(i):
@@ -97,23 +127,34 @@ def build(args: Ernie45MoeArgs, router=ErnieRouter, lm_head_bias: bool | None = 
         )
 
     layers = [
-        DecoderLayer(
-            Attention(
-                hidden,
-                args.num_attention_heads,
-                args.key_value_heads,
-                head_dim,
-                qkv_bias=bias,
-                out_bias=bias,
-                interleaved_rope=True,
-            ),
-            feed_forward(i),
-            hidden,
-            args.rms_norm_eps,
-        )
-        for i in range(args.num_hidden_layers)
+        DecoderLayer(attention(), feed_forward(i), hidden, args.rms_norm_eps) for i in range(args.num_hidden_layers)
     ]
-    return causal_lm(args, layers, head_dim, lm_head_bias=bias if lm_head_bias is None else lm_head_bias)
+    dense = [
+        DecoderLayer(
+            attention(), MLP(hidden, args.intermediate_size, args.hidden_act, bias=bias), hidden, args.rms_norm_eps
+        )
+        for _ in range(args.num_nextn_predict_layers if mtp else 0)
+    ]
+    return causal_lm(
+        args,
+        layers,
+        head_dim,
+        lm_head_bias=bias if lm_head_bias is None else lm_head_bias,
+        mtp=dense,
+        mtp_layer=partial(ErnieMTPLayer, bias=bias),
+    )
+
+
+# the release's MTP layers (vLLM's and SGLang's name tables), seen under DeepSeek-V3's names
+ERNIE_MTP = MtpLayout(
+    "num_nextn_predict_layers",
+    (
+        ("model.layers.{layer}.enorm.", "model.mtp_emb_norm.{depth}."),
+        ("model.layers.{layer}.hnorm.", "model.mtp_hidden_norm.{depth}."),
+        ("model.layers.{layer}.eh_proj.", "model.mtp_linear_proj.{depth}."),
+        ("model.layers.{layer}.", "model.mtp_block.{depth}."),
+    ),
+)
 
 
 FAMILY = Family(
@@ -128,5 +169,6 @@ FAMILY = Family(
         ("lm_head_bias", "lm_head.bias"),
     ),
     keep_float32=("mlp.gate.weight", "moe_statics"),
+    mtp=ERNIE_MTP,
     example="baidu/ERNIE-4.5-21B-A3B-PT",
 )

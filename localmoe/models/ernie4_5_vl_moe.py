@@ -50,7 +50,7 @@ class TextRouter(ernie4_5_moe.ErnieRouter):
 
 
 def build(args: Ernie45VLMoeTextArgs) -> CausalLM:
-    return ernie4_5_moe.build(args, router=TextRouter, lm_head_bias=False)
+    return ernie4_5_moe.build(args, router=TextRouter, lm_head_bias=False, mtp=False)
 
 
 PREFIXES = (("model.", "model."), ("lm_head.", "lm_head."))

@@ -4,7 +4,7 @@ import dataclasses
 import math
 import types
 import typing
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
@@ -237,6 +237,17 @@ class MtpLayout:
     count: str
     prefixes: tuple[tuple[str, str], ...]
     layers: str = "num_hidden_layers"  # the config field that counts the decoder layers before them
+    # the count where the config names none and the checkpoint stores the first layer's tensors (LongCat-Flash's
+    # config says nothing: vLLM's and SGLang's configs default it to 1 and read `model.mtp.*` where it is stored)
+    implied: int = 0
+
+    def counted(self, config: dict[str, Any], names: Iterable[str]) -> dict[str, Any]:
+        """`config`, with the count `implied` where it names none and a tensor in `names` is under the first
+        layer's release prefix."""
+        if not self.implied or self.count in config:
+            return config
+        first = tuple(theirs for _, theirs in self.aliases({**config, self.count: 1}))
+        return {**config, self.count: self.implied} if first and any(n.startswith(first) for n in names) else config
 
     def aliases(self, config: dict[str, Any]) -> list[tuple[str, str]]:
         """The pairs for the layers `config` promises (none where it says nothing readable: the config's

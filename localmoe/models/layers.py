@@ -97,7 +97,9 @@ class Step:
     layer_inputs: torch.Tensor | None = None  # [B, T, layers, D]: Gemma 4's per-layer embeddings
     ids: torch.Tensor | None = None  # [B, T] the tokens, where routing reads them (DeepSeek-V4's hash layers)
     bucket: int | None = None  # a decode token's key slots
-    trail: bool = False  # a speculative check: recurrent states keep their state after each position (RecurrentState)
+    # a speculative check: recurrent states keep their state after each position (RecurrentState), compressors
+    # their tokens' projections (PooledTrail), so that the cache can be cut back to any of its positions
+    trail: bool = False
     _positions: torch.Tensor | None = None  # [T] on the device: given to a static step, computed by an eager one
     _memo: dict = field(default_factory=dict)
 
@@ -328,8 +330,16 @@ class CausalLM(nn.Module):
 
     def pending_state_bytes(self, dtype: torch.dtype) -> int:
         """The most the backbone's compressors hold of tokens not yet pooled (`PooledState`): what a
-        speculative check keeps a copy of."""
-        return sum(getattr(layer.self_attn, "pending_state_bytes", lambda _: 0)(dtype) for layer in self.model.layers)
+        speculative check keeps of them from before it (`PooledTrail`)."""
+        return self._backbone_bytes("pending_state_bytes", dtype)
+
+    def trail_bytes_per_token(self, dtype: torch.dtype) -> int:
+        """What the backbone's compressors keep of each token of a speculative check (`PooledTrail`)."""
+        return self._backbone_bytes("trail_bytes_per_token", dtype)
+
+    def _backbone_bytes(self, name: str, dtype: torch.dtype) -> int:
+        """The sum of the backbone's mixers' `name`(dtype), 0 for those without it."""
+        return sum(getattr(layer.self_attn, name, lambda _: 0)(dtype) for layer in self.model.layers)
 
     def _stateful_layers(self) -> list[nn.Module]:
         """The decoder layers that keep a state while generating: the backbone's and the MTP layers'."""

@@ -55,7 +55,9 @@ class LongcatFlashArgs(ModelArgs):
     rms_norm_eps: float = 1e-5
     max_position_embeddings: int = 131072
     tie_word_embeddings: bool = False
-    num_nextn_predict_layers: int = 0  # SGLang reads the release's; a config that does not say so promises none
+    num_nextn_predict_layers: int = (
+        0  # the release's config says nothing: the loader counts `model.mtp.*` (LONGCAT_MTP)
+    )
     rope: dict = field(default_factory=dict)
 
     @property
@@ -170,7 +172,9 @@ def build(args: LongcatFlashArgs) -> CausalLM:
 
 
 # the release's MTP layer (vLLM's and SGLang's name tables), seen under DeepSeek-V3's names; its final norm is
-# model.mtp.norm (one layer in the release, and one norm)
+# model.mtp.norm (one layer in the release, and one norm). The release's config.json names no count: one layer
+# where `model.mtp.layers.0.*` is stored, as vLLM (its speculative config's default of 1) and SGLang (its
+# LongcatFlashConfig's) read it
 LONGCAT_MTP = MtpLayout(
     "num_nextn_predict_layers",
     (
@@ -181,6 +185,7 @@ LONGCAT_MTP = MtpLayout(
         ("model.layers.{layer}.", "model.mtp.layers.{depth}."),
     ),
     layers="num_layers",
+    implied=1,
 )
 
 

@@ -3,10 +3,10 @@ in a ring), latents, compressed entries, recurrent matrices, rings of a convolut
 
 Every state follows `LayerState`: it takes what its layer writes (`update`, whose arguments are each
 kind's own), can `truncate` itself to its first positions (or say it cannot, and the whole cache
-restarts) and `reset`. A recurrent state (it sums over every token) is cut back only into a forward pass
-that kept the state after each of its positions (speculative decoding's check: `RecurrentState`); a
-state that can do neither (DeepSeek-V4's pooled entries) can `save` itself before forward passes that may
-be undone and `restore` that, and then the tokens kept are fed again.
+restarts) and `reset`. A state that sums over every token (`RecurrentState`) or pools tokens
+(DeepSeek-V4's `PooledState`) is cut back only where nothing is dropped or into a forward pass that kept
+its trail (speculative decoding's check: the state after each position, or the projections it pools
+from), so that a rejected draft feeds nothing again.
 """
 
 from dataclasses import dataclass
@@ -28,16 +28,6 @@ class LayerState(Protocol):
         ...
 
     def reset(self) -> None: ...
-
-    def save(self, pos: int) -> object | None:
-        """What `restore` needs to put the state back to `pos` (where it is now) after later forward
-        passes; None where `truncate` cuts it back instead (also the default of the classes below)."""
-        return None
-
-    def restore(self, saved: object, current: int) -> bool:
-        """Back to the position `save` was given, from `current`; False where that is impossible (then
-        `reset` follows)."""
-        raise NotImplementedError
 
 
 def attention_state(
@@ -189,10 +179,12 @@ class IndexedKV(AttentionKV):
 
 class PooledState:
     """A compressor's state: one entry per `rate` tokens pooled from their projections (DeepSeek-V4).
-    It keeps the projections of tokens not yet making a full window, the previous window's first half
-    for overlapping windows, and the entries emitted so far."""
+    It keeps the projections of tokens not yet making a full window (a copy: at most rate - 1 tokens),
+    the last window's first halves for overlapping windows, and the entries emitted so far; after a
+    forward pass that kept its trail (a speculative check), what cuts it back to any of its positions."""
 
-    def __init__(self, batch: int, width: int, dim: int, rate: int, max_len: int, dtype, device):
+    def __init__(self, batch: int, width: int, dim: int, rate: int, max_len: int, dtype, device, overlapping: bool):
+        self.rate, self.overlapping = rate, overlapping
         self.empty = torch.zeros(batch, 0, width, dtype=dtype, device=device)
         self.entries = torch.zeros(batch, max_len // rate + 1, dim, dtype=dtype, device=device)
         self.reset()
@@ -201,42 +193,62 @@ class PooledState:
         self.pending_kv = self.pending_gate = self.empty
         self.overlap: tuple[torch.Tensor, torch.Tensor] | None = None
         self.count = 0
+        self.trail: PooledTrail | None = None
 
-    def save(self) -> tuple:
-        # the compressor replaces these rather than writing into them; entries past `count` are written again.
-        # The pending tokens are copied: they are a view of the whole last forward pass's projections
-        return self.pending_kv.clone(), self.pending_gate.clone(), self.overlap, self.count
+    def truncate(self, pos: int, current: int) -> bool:
+        """Back to the first `pos` of the `current` positions: where nothing is dropped, or into the last
+        forward pass where it kept its trail (from its first pending token on). The entries count is
+        then pos // rate (those past it are written again), the pending tokens those after the last full
+        window, and the overlap that window's first halves."""
+        trail, self.trail = self.trail, None
+        if pos == current:
+            return True
+        first = trail.count * self.rate if trail is not None else current  # the trail's first position
+        if trail is None or current != first + trail.kv.shape[1] or pos < first:
+            return False
+        self.count = pos // self.rate
+        done = self.count * self.rate - first  # the trail's index of the first token left pending
+        self.pending_kv, self.pending_gate = (t[:, done : pos - first].clone() for t in (trail.kv, trail.gate))
+        self.overlap = trail.overlap
+        if self.overlapping and self.count > trail.count:  # the last full window is in the trail
+            last, d = slice(done - self.rate, done), trail.kv.shape[-1] // 2
+            self.overlap = (trail.kv[:, last, :d].clone(), trail.gate[:, last, :d] + trail.bias[:, :d])
+        return True
 
-    def restore(self, saved: tuple) -> None:
-        self.pending_kv, self.pending_gate, self.overlap, self.count = saved
+
+@dataclass
+class PooledTrail:
+    """What a compressor's state keeps through a speculative check (`Step.trail`) to be cut back to any of
+    its positions: the entries count before it, the projections and gates [B, n, width] of the tokens
+    then pending followed by the check's own (the tensors the forward pass pools from, not copies), the
+    overlap before it, and the gates' position bias [rate, width] (an overlap's gates carry it)."""
+
+    count: int
+    kv: torch.Tensor
+    gate: torch.Tensor
+    overlap: tuple[torch.Tensor, torch.Tensor] | None
+    bias: torch.Tensor
 
 
 class CompressedKV(LayerState):
     """Keys of a sliding window (a ring) beside compressed entries of the whole past (DeepSeek-V4): the
-    compressor's and, where entries are selected, the indexer's. Pooled entries cannot be cut back to
-    an earlier position: like a recurrent state, it is fed again."""
+    compressor's and, where entries are selected, the indexer's. Pooled entries are cut back only where
+    nothing is dropped or into a forward pass that kept its trail (a speculative check), as a recurrent
+    state is."""
 
     def __init__(self, window: WindowKV, compressor: PooledState | None, indexer: PooledState | None):
         self.window, self.compressor, self.indexer = window, compressor, indexer
 
     def truncate(self, pos: int, current: int, interrupted: bool) -> bool:
-        if not self._pooled():  # a sliding layer's: its ring alone
-            return self.window.truncate(pos, current, interrupted)
-        return pos == current and not interrupted
+        if interrupted:
+            return False  # `reset` follows, which drops the trails
+        pooled = [state.truncate(pos, current) for state in self._pooled()]  # each drops its trail
+        return all(pooled) and self.window.truncate(pos, current, interrupted)
 
     def reset(self) -> None:
         self.window.reset()
         for state in self._pooled():
             state.reset()
-
-    def save(self, pos: int) -> tuple:
-        return pos, [state.save() for state in self._pooled()]
-
-    def restore(self, saved: tuple, current: int) -> bool:
-        pos, pooled = saved
-        for state, kept in zip(self._pooled(), pooled, strict=True):
-            state.restore(kept)
-        return self.window.truncate(pos, current, False)
 
     def _pooled(self) -> list[PooledState]:
         return [state for state in (self.compressor, self.indexer) if state is not None]
@@ -338,14 +350,6 @@ class CombinedState(LayerState):
         for state in self.states.values():
             state.reset()
 
-    def save(self, pos: int) -> tuple | None:
-        saved = {name: state.save(pos) for name, state in self.states.items()}
-        return (pos, saved) if any(kept is not None for kept in saved.values()) else None
-
-    def restore(self, saved: tuple, current: int) -> bool:
-        pos, states = saved
-        return all([_back_to(state, states[name], pos, current) for name, state in self.states.items()])
-
 
 class NoState(LayerState):
     """The state of a layer that mixes nothing across positions (Nemotron-H's MLP and MoE layers)."""
@@ -376,34 +380,3 @@ class KVCache:
             pos = 0
         self.pos, self.writing = pos, False
         return pos
-
-    def save(self) -> "SavedCache":
-        """Before forward passes that may be undone (a speculative verification): what `rollback` needs."""
-        return SavedCache(self.pos, [state.save(self.pos) for state in self.layers])
-
-    def rollback(self, saved: "SavedCache", pos: int) -> int:
-        """Keep the first `pos` positions after the forward passes (finished) since `saved` was taken; returns the
-        positions kept: `pos` where every state can be cut there; else `saved.pos`, the saved states
-        restored and the others cut back there, for the caller to feed the tokens between again; 0 when
-        even that is impossible and everything restarts (as `rewind`)."""
-        if all(kept is None for kept in saved.states):
-            return self.rewind(pos)
-        back = [
-            _back_to(state, kept, saved.pos, self.pos) for state, kept in zip(self.layers, saved.states, strict=True)
-        ]
-        self.writing = False
-        if not all(back):
-            return self.rewind(0)
-        self.pos = saved.pos
-        return saved.pos
-
-
-@dataclass
-class SavedCache:
-    pos: int
-    states: list  # each layer's `save`, None where it is cut back instead
-
-
-def _back_to(state: LayerState, saved, pos: int, current: int) -> bool:
-    """Put `state` back to `pos` from `current`: restored from `saved`, or cut back where nothing was saved."""
-    return state.truncate(pos, current, False) if saved is None else state.restore(saved, current)

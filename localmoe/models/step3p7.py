@@ -8,12 +8,14 @@ experts clamps act(gate) and up (`swiglu_limits`, `swiglu_limits_shared`). The r
 stored stacked per layer and role (`moe.gate_proj` [E, I, H]).
 
 Its multi-token-prediction layers (`model.layers.{num_hidden_layers + k}.*`: enorm, hnorm, eh_proj,
-shared_head.norm, norms that scale by 1 + weight, and a decoder layer of the model's kind) are loaded as `mtp`
+transformer.shared_head.norm (the releases' name; `shared_head.norm` is read too, as vLLM's step3p5_mtp.py
+strips `.transformer.` where it is there), norms that scale by 1 + weight, and a decoder layer of the model's
+kind) are loaded as `mtp`
 for drafts, as vLLM's step3p5_mtp.py (Step3p5AMultiTokenPredictorLayer) and SGLang's step3p5_mtp.py (which
 serves Step3p7ForConditionalGeneration too) build them: the layer's kind of attention, MLP and SwiGLU clamps
 are the entries past the model's layers in the release's per-layer lists (transformers keeps the first two as
 `mtp_layer_types` and `mtp_mlp_layer_types`), and the output before shared_head.norm is passed on (SGLang's
-chain_mtp_hidden_states). Both read an LM head of the layer's own, `shared_head.output`; the model's is used
+chain_mtp_hidden_states). Both read an LM head of the layer's own, `transformer.shared_head.output`; the model's is used
 here, as transformers' MtpModel does (a release's copy of the head is the same tensor)."""
 
 from dataclasses import dataclass
@@ -237,6 +239,7 @@ FAMILY = Family(
         (".mlp.gate.e_score_correction_bias", ".moe.router_bias"),
         (".mlp.gate.", ".moe.gate."),
         (".mlp.shared_expert.", ".share_expert."),
+        (".shared_head.norm.", ".transformer.shared_head.norm."),  # the MTP layers' final norm, as released
     ),
     keep_float32=("e_score_correction_bias",),
     # the vision tower (vision_model.*, vit_large_projector.*) stays on disk

@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 from localmoe.errors import LocalMoEError, setting
-from localmoe.models.state import KVCache, SavedCache
+from localmoe.models.state import KVCache
 from localmoe.runtime.sampling import Sampler, SamplingParams
 from localmoe.runtime.speculative import Drafter, SpeculationStats
 from localmoe.runtime.steps import StaticSteps, StepHooks
@@ -200,16 +200,15 @@ def check_fits(prompt_tokens: int, max_new_tokens: int, context: int, limit: int
 
 class Speculation:
     """Speculative decode steps: the drafter's tokens fed after the last chosen one in one forward pass,
-    kept while the sampler chooses them; the cache then cut back to the tokens kept, through the states'
-    own `rollback` (recurrent states into the check's trail), feeding again the kept ones only where
-    states that can do neither were restored (DeepSeek-V4's pooled entries)."""
+    kept while the sampler chooses them; the cache then cut back to the tokens kept, through each state's
+    `truncate` (recurrent and pooled states into the check's trail), feeding the kept ones again only where
+    a state could not be cut there."""
 
     def __init__(self, model, cache, decode, drafter, draft_tokens, hooks, prefill_chunk, prompt, stats):
         self.model, self.cache, self.decode, self.drafter = model, cache, decode, drafter
         self.draft_tokens, self.hooks, self.prefill_chunk = draft_tokens, hooks, prefill_chunk
         self.tokens = list(prompt)  # prompt and output so far, on the host
         self.stats: SpeculationStats = stats
-        self.saved: SavedCache | None = None  # the cache before the last draft was fed
         self.fed: tuple[int, torch.Tensor] | None = None  # (first position, hidden states) of the last forward
 
     def run(self, logits, sampler, seen, max_new_tokens, eos_ids, stats: GenerationStats, start) -> Iterator[int]:
@@ -244,7 +243,6 @@ class Speculation:
         ids = torch.tensor([self.tokens[-1:] + drafts], device=device)
         if not drafts and not self.drafter.reads_hidden:
             return self.decode(ids)[0]
-        self.saved = self.cache.save() if drafts else None
         first = self.cache.pos
         logits, h = self.decode.check(ids)
         if self.drafter.reads_hidden:  # a copy of a graph's outputs: its next replay may come before they are read
@@ -255,14 +253,14 @@ class Speculation:
         """Once the last forward pass's tokens are chosen (all of them, or those before the generation
         ended): the cache keeps every token but the last chosen, as plain decoding's does, and the drafter
         learns which of the pass's positions that keeps (a conversation's next turn may go on from them)."""
-        keep, saved, self.saved = len(self.tokens) - 1, self.saved, None
+        keep = len(self.tokens) - 1
         if self.fed is not None:
             first, hidden = self.fed
             self.drafter.observe(first, min(keep - first, hidden.shape[1]), hidden[0])
         self.fed = None
-        if saved is None or self.cache.pos <= keep or self.cache.writing:
+        if self.cache.pos <= keep or self.cache.writing:
             return  # nothing fed beyond, or a forward pass cut short, which the next rewind sees
-        done = self.cache.rollback(saved, keep)
+        done = self.cache.rewind(keep)
         self.stats.fed_again += keep - done
         device = self.model.model.embed_tokens.weight.device
         for chunk in range(done, keep, self.prefill_chunk):

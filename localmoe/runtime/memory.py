@@ -51,6 +51,7 @@ class Footprint:
     # what speculative decoding adds (see `Speculating`)
     recurrent_state_bytes: int = 0  # of fixed_state_bytes, the states that sum over every token (RecurrentState)
     pending_state_bytes: int = 0  # the most the compressors' pending tokens take (DeepSeek-V4's PooledState)
+    trail_bytes_per_token: int = 0  # what the compressors keep of each token of a check (PooledTrail)
     logits_bytes_per_token: int = 0  # one position's logits, in the compute dtype
     hidden_bytes_per_token: int = 0  # one position's last hidden state, in the compute dtype
 
@@ -85,11 +86,13 @@ class Speculating:
 
     def state_bytes(self, fp: Footprint, context: int) -> int:
         """Device memory kept beside the cache: a check keeps the recurrent states after each of its
-        positions (at most their size each: a convolution's windows are views of its inputs) and a copy
-        of the compressors' pending tokens; the MTP drafter keeps the target's hidden states of the prompt
-        until its first draft (its layers' own caches are in the footprint's state already)."""
+        positions (at most their size each: a convolution's windows are views of its inputs), and the
+        compressors' projections of its tokens after those of the tokens pending before it, with the
+        overlap before it; the MTP drafter keeps the target's hidden states of the prompt until its first
+        draft (its layers' own caches are in the footprint's state already)."""
         tokens = self.draft_tokens + 1 if self.draft_tokens else 0
-        saved = tokens * fp.recurrent_state_bytes + (fp.pending_state_bytes if tokens else 0)
+        trail = tokens * (fp.recurrent_state_bytes + fp.trail_bytes_per_token)
+        saved = trail + (fp.pending_state_bytes if tokens else 0)
         return saved + (context * fp.hidden_bytes_per_token if self.mtp else 0)
 
     def workspace(self, fp: Footprint, chunk: int, context: int) -> int:

@@ -205,7 +205,7 @@ class SpeculationStats:
     drafted: int = 0
     accepted: int = 0
     verifications: int = 0  # forward passes that checked a draft
-    fed_again: int = 0  # tokens fed again after a rejection, where states that cannot be cut back were restored
+    fed_again: int = 0  # tokens fed again after a rejection, where a state could not be cut back to them
     drafted_at: list[int] = field(default_factory=list)  # [i]: drafts that had an i-th token
     accepted_at: list[int] = field(default_factory=list)  # [i]: drafts whose i-th token was kept
 
