@@ -125,13 +125,14 @@ class NoDeviceReads(torch.utils._python_dispatch.TorchDispatchMode):
         return func(*args, **(kwargs or {}))
 
 
-@pytest.mark.parametrize("tokens", [1, 4], ids=["decode", "check"])
+@pytest.mark.parametrize("tokens", [1, 6], ids=["decode", "check"])
 @pytest.mark.parametrize("kernel", ["stand-in", "triton"])
 def test_the_direct_decode_step_reads_nothing_from_the_device(checkpoints, kernel, tokens):
     """Between the embedding and the logits, no op waits for the device, and the routing still reaches
     the cache (a step later, through the routing log). With a kernel that reads nothing back itself: a
     stand-in, or the fused kernels (in Triton's interpreter: their launches are no aten ops). A decode
-    token, and a speculative check of four (the last chosen token and three drafts)."""
+    token, and a speculative check of six (the last chosen token and five drafts: 18 pairs, past the
+    matrix-vector kernels' 16, so the grouped ones run)."""
     if kernel == "triton":
         pytest.importorskip("triton")
     options = RuntimeOptions(expert_slots=8, kernels="triton" if kernel == "triton" else "reference")
@@ -143,7 +144,7 @@ def test_the_direct_decode_step_reads_nothing_from_the_device(checkpoints, kerne
     cache = engine.model.new_cache(1, 64)
     hooks = StepHooks(runtime.begin_step, runtime.end_step, runtime.step_tokens)
     steps = DecodeSteps(engine.model, cache, hooks=hooks, most=tokens)
-    ids = torch.tensor([[7, 8, 9, 10][:tokens]])
+    ids = torch.tensor([[7, 8, 9, 10, 11, 12][:tokens]])
     with torch.inference_mode():
         engine.model(torch.tensor([PROMPT]), cache)
         steps.check(ids)  # warm: buffers allocated
