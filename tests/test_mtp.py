@@ -1336,3 +1336,33 @@ def test_longcat_mtp_layer_is_counted_from_its_tensors(tmp_path_factory, capsys)
     ids = prompt()
     expected, got = drafts(engines["said"], ids, 4), drafts(engines["as released"], ids, 4)
     assert torch.equal(got[0], expected[0]) and torch.equal(got[1], expected[1])
+
+
+# latent attention, GLM-4.5's grouped-query attention, MiMo-V2-Flash's sliding window; and static backbones
+STATIC_MTP = ["deepseek_v3", "glm4_moe", "mimo_v2_flash"]
+
+
+@pytest.mark.parametrize("name", STATIC_MTP)
+def test_the_static_mtp_step_gives_what_mtp_draft_gives(name, tmp_path):
+    """An MTP layer's static step (positions on the device, keys through their bucket) gives the eager
+    step's bits: a catch-up over several positions, one position, across the first bucket's end and at
+    the context's last position."""
+    from localmoe.models.layers import bucket
+
+    model = load(RELEASES[name](tmp_path).folder).model
+    assert model.static_decode and model.static_mtp
+    context = 70
+    ids = torch.randint(0, 256, (1, context + 1), generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        _, h = model(ids[:, :context], model.new_cache(1, context), all_logits=True, hidden=True)
+        eager, static = model.new_mtp_cache(1, context), model.new_mtp_cache(1, context)
+        for start, length in ((0, 12), (12, 4), (16, 1), (61, 5), (66, 4)):
+            for cache in (eager, static):  # on from `start` (a gap reads as unwritten)
+                cache.rewind(start)
+            piece, following = h[:, start : start + length], ids[:, start + 1 : start + 1 + length]
+            expected = model.mtp_draft(piece, following, eager)
+            positions = torch.arange(start, start + length)
+            keys = bucket(start + length - 1, context)
+            got = model.mtp_step(piece, following, positions, static, keys)
+            static.pos += length
+            assert all(torch.equal(a, b) for a, b in zip(got, expected, strict=True))
