@@ -22,6 +22,7 @@ from localmoe.kernels import KERNELS, host_kernel, pair_kernel
 from localmoe.kernels.quantized import QuantSpec
 from localmoe.kernels.reference import expert_pair_outputs
 from localmoe.loader import DTYPES, ModelParts, footprint, load_resident_weights, model_skeleton, open_checkpoint
+from localmoe.models.expert_source import ExpertSource
 from localmoe.models.layers import host_tables
 from localmoe.models.moe import MoESpec, moe_blocks
 from localmoe.models.state import KVCache
@@ -29,7 +30,7 @@ from localmoe.options import CHAT_TOKENS, CUDA_GRAPHS, DRAFT_TOKENS, GENERATE_TO
 from localmoe.paths import cache_dir
 from localmoe.runtime.cpu_experts import Bandwidths, calibrated
 from localmoe.runtime.expert_cache import POLICIES, ExpertCache, SlotTable
-from localmoe.runtime.expert_store import ExpertStore
+from localmoe.runtime.expert_store import ExpertStore, quantized_here
 from localmoe.runtime.generate import GenerationStats, StepHooks, check_fits, generate_tokens
 from localmoe.runtime.layouts import layout_of
 from localmoe.runtime.memory import MemoryPlan, Speculating, format_bytes, format_rate, plan_memory
@@ -186,7 +187,7 @@ class Engine:
             context=self.plan.context,
             prefill_chunk=self.plan.prefill_chunk,
             on_prefill=after_prefill,
-            hooks=None if runtime is None else StepHooks(runtime.begin_step, runtime.end_step),
+            hooks=self._step_hooks(),
             graphs=not self.graphs_barred(),
             drafter=drafter,
             draft_tokens=draft_tokens or self.options.draft_tokens or DRAFT_TOKENS,
@@ -206,10 +207,14 @@ class Engine:
 
     def new_drafter(self) -> Drafter | None:
         """A drafter for one generation, as `self.speculative` says (None: plain decoding)."""
-        runtime = self._offloaded
-        hooks = None if runtime is None else StepHooks(runtime.begin_step, runtime.end_step)
         drafts = self.options.draft_tokens or DRAFT_TOKENS
-        return DRAFTERS[self.speculative](self.model, self.plan.context, hooks, drafts)
+        graphs = not self.graphs_barred()
+        return DRAFTERS[self.speculative](self.model, self.plan.context, self._step_hooks(), drafts, graphs)
+
+    def _step_hooks(self) -> StepHooks | None:
+        """What runs around each forward step: the expert cache's, where experts are offloaded."""
+        runtime = self._offloaded
+        return None if runtime is None else StepHooks(runtime.begin_step, runtime.end_step, runtime.step_tokens)
 
     def graphs_barred(self) -> list[str]:
         """Why decode steps run eagerly, not as CUDA graphs (empty: they are captured)."""
@@ -343,7 +348,17 @@ class Engine:
         if self.speculative == "off":
             return ""
         drafts = self.options.draft_tokens or DRAFT_TOKENS
-        return f"; speculative: {self.speculative}, up to {drafts} drafted tokens per check"
+        checks = "static steps" if self.model.static_decode else "eager"
+        barred = self.drafts_barred()
+        mtp = "" if self.speculative != "mtp" else "; MTP drafts: " + (f"eager ({barred[0]})" if barred else checks)
+        return f"; speculative: {self.speculative}, up to {drafts} drafted tokens per check (checks: {checks}{mtp})"
+
+    def drafts_barred(self) -> list[str]:
+        """Why the MTP layers' draft steps run eagerly where the checks are static steps, captured as the
+        decode steps are (empty: they run static too, or nothing drafts with MTP layers)."""
+        if self.speculative != "mtp" or not self.model.static_decode or self.model.static_mtp:
+            return []
+        return ["an MTP layer has no static steps"]
 
     def _misses(self) -> str:
         if self.miss_policy is None:
@@ -458,7 +473,7 @@ def prepare(
         raise LocalMoEError(f"this machine has no CUDA device: give {setting('vram_budget')} to plan for one")
     checkpoint, family = open_checkpoint(source, revision, weights=not headers_only)
     mtp = options.speculative in (None, "mtp")
-    parts = model_skeleton(checkpoint, family, _dtype(dtype), mtp=mtp, stored_form=options.expert_bits == 16)
+    parts = model_skeleton(checkpoint, family, _dtype(dtype), mtp=mtp)
     speculation(options, parts.model)  # an impossible choice is refused before any weight is read
     quant = _quant(options, parts.experts)
     return Prepared(checkpoint, parts, target, options, _plan(parts, target, options, quant), quant)
@@ -483,10 +498,9 @@ def place(prepared: Prepared) -> Engine:
     blocks = moe_blocks(parts.model)
     trace = RoutingTrace(options.trace, blocks[0].layer_idx) if options.trace else None  # an unwritable path fails now
     load_resident_weights(parts, checkpoint, device, plan.tables)
-    weights = layout_of(parts.experts, quant, parts.dtype).format  # what the kernels will read
-    kernel, kernels = pair_kernel(options.kernels, device, parts.dtype, [block.act for block in blocks], weights)
-    settings = _quant_settings(quant, parts.dtype) if quant else ""
-    quantized = QuantizedLayers(cache_folder(checkpoint, settings), settings) if quant else None
+    layout = layout_of(parts.experts, quant, parts.dtype)
+    kernel, kernels = pair_kernel(options.kernels, device, parts.dtype, [block.act for block in blocks], layout.format)
+    quantized = _quantized_layers(checkpoint, parts, quant, layout)
     offloaded = None
     if plan.all_resident:
         experts = ResidentExperts(parts.experts, device, parts.dtype, trace, kernel, quant, quantized)
@@ -647,10 +661,38 @@ def _quant_settings(quant: QuantSpec, dtype: torch.dtype) -> str:
     return f"bits={quant.bits} group={quant.group} dtype={dtype}"
 
 
+def _quantized_layers(
+    checkpoint: Checkpoint, parts: ModelParts, quant: QuantSpec | None, layout
+) -> QuantizedLayers | None:
+    """The on-disk cache of the experts localmoe quantizes: every one (`quant`), or the MTP layers' that it
+    quantizes into the form the model's are kept in as stored; None where it quantizes none."""
+    if quant is not None:
+        settings = _quant_settings(quant, parts.dtype)
+    elif any(quantized_here(parts.experts, layout, layer) for layer in parts.experts.layers):
+        settings = f"MTP layers' experts as {layout}"  # the layout's every field: form, shapes and dtype
+    else:
+        return None
+    return QuantizedLayers(cache_folder(checkpoint, settings), settings)
+
+
+def _mtp_quantized(source: ExpertSource, layout) -> str | None:
+    """A line where localmoe quantizes the MTP layers' experts into the form the model's are kept in."""
+    layers = [layer for layer in source.drafting if quantized_here(source, layout, layer)]
+    if not layers or not layout.reads_packed:  # none, or every expert (expert_bits)
+        return None
+    form = source.forms[layers[0]]
+    stored = "unquantized" if form is None else f"as {form.words}"
+    return (
+        f"the MTP layers' routed experts, stored {stored}, are quantized by localmoe to the model's "
+        f"{source.stored_form.words} to share its expert slots: they only draft, and the model checks every "
+        "drafted token"
+    )
+
+
 def _plan(parts: ModelParts, device: torch.device, options: RuntimeOptions, quant: QuantSpec | None) -> MemoryPlan:
     fp = footprint(parts)
     layout = layout_of(parts.experts, quant, parts.dtype)
-    if layout.row_dtype is not None:  # quantized or stored byte rows: the plan counts their size
+    if layout.row_dtype is not None:  # quantized or stored byte rows (the MTP layers' too): the plan counts their size
         fp = replace(fp, expert_bytes=layout.numel)
     _check_settings(options)
     plan = plan_memory(
@@ -663,6 +705,8 @@ def _plan(parts: ModelParts, device: torch.device, options: RuntimeOptions, quan
         prefill_chunk=options.prefill_chunk,
         speculating=_speculating(options, parts.model),
     )
+    if notice := _mtp_quantized(parts.experts, layout):
+        plan = replace(plan, notices=(*plan.notices, notice))
     most = plan.slots - plan.footprint.top_k
     if options.pin_hot > most and not plan.all_resident:
         raise LocalMoEError(

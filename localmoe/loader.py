@@ -25,7 +25,6 @@ from localmoe.models.layers import Linear, host_tables
 from localmoe.models.moe import moe_blocks
 from localmoe.progress import progress
 from localmoe.quantization import describe
-from localmoe.runtime.layouts import layout_of
 from localmoe.runtime.memory import Footprint
 
 LAYER_INDEX = re.compile(r"(?:^|\.)layers\.(\d+)\.")  # in tensor names: model.layers.N.*
@@ -98,14 +97,10 @@ def _language_model(ckpt: Checkpoint, family: Family) -> Checkpoint:
     return ckpt.part_view(part, config, wrapper.prefixes)
 
 
-def model_skeleton(
-    ckpt: Checkpoint, family: Family, dtype: torch.dtype | None = None, mtp: bool = True, stored_form: bool = True
-) -> ModelParts:
+def model_skeleton(ckpt: Checkpoint, family: Family, dtype: torch.dtype | None = None, mtp: bool = True) -> ModelParts:
     """The model of `family` built on `meta`, with every tensor it needs found in the checkpoint and its
     shape checked; no weights are read. Without `mtp`, no multi-token-prediction layers: nothing drafts
-    with them, so their weights would only take memory and their experts cache slots and prefetches.
-    `stored_form`: the routed experts are to be kept in the form the checkpoint stores them (not
-    quantized by localmoe), so MTP layers must store theirs in the model's form."""
+    with them, so their weights would only take memory and their experts cache slots and prefetches."""
     _check_quantization(ckpt, family)
     args = family.args.from_config(ckpt.config)
     _check_layer_count(ckpt, args)
@@ -113,9 +108,10 @@ def model_skeleton(
         model = family.model(args)
     if not mtp:
         model.mtp = None
-    _drop_incomplete_mtp(model, ckpt, family, stored_form)
+    _drop_incomplete_mtp(model, ckpt, family)
     sources = _resident_sources(model, ckpt, family)
-    experts = ExpertSource(ckpt, family.experts, moe_blocks(model))
+    drafting = moe_blocks(model.mtp) if getattr(model, "mtp", None) is not None else []
+    experts = ExpertSource(ckpt, family.experts, moe_blocks(model), [block.layer_idx for block in drafting])
     _check_quantized_weights(ckpt, experts)
     return ModelParts(model, experts, family, args, dtype or checkpoint_dtype(ckpt), sources)
 
@@ -267,10 +263,11 @@ def _to(tensor: torch.Tensor, device, dtype: torch.dtype) -> torch.Tensor:
     return staged.to(device)
 
 
-def _drop_incomplete_mtp(model: nn.Module, ckpt: Checkpoint, family: Family, stored_form: bool) -> None:
+def _drop_incomplete_mtp(model: nn.Module, ckpt: Checkpoint, family: Family) -> None:
     """Load without the multi-token-prediction layers the config (or a tensor of theirs) promises where the
     checkpoint lacks a tensor of theirs (many releases strip them) or stores one in another shape, with a line
-    that says so: a checkpoint whose backbone loads is never refused for its MTP layers."""
+    that says so: a checkpoint whose backbone loads is never refused for its MTP layers. Their routed experts
+    may be stored in another form than the model's (see `ExpertSource.stored_form`)."""
     mtp = getattr(model, "mtp", None)
     if mtp is None:
         return
@@ -284,10 +281,11 @@ def _drop_incomplete_mtp(model: nn.Module, ckpt: Checkpoint, family: Family, sto
             if isinstance(found, str):
                 ckpt.check_weight(found, tuple(param.shape))
         for block in moe_blocks(mtp):
-            if not any(layout.present(ckpt, block) for layout in family.experts):
+            layout = next((layout for layout in family.experts if layout.present(ckpt, block)), None)
+            if layout is None:
                 raise LocalMoEError(f"{ckpt.path} lacks the routed experts of layer {block.layer_idx}")
+            layout.check(ckpt, block)  # in the shapes the config gives them
         _check_mtp_scales(mtp, ckpt)
-        _check_mtp_experts_form(model, ckpt, family, stored_form)
     except LocalMoEError as error:
         promised = "loading without the multi-token-prediction layers it promises"
         print(f"localmoe: {error}: {promised}", file=sys.stderr)
@@ -311,25 +309,6 @@ def _check_mtp_scales(mtp: nn.Module, ckpt: Checkpoint) -> None:
     for name in weights:
         if ckpt.info(name).dtype == torch.float8_e4m3fn and ckpt.stored_form(name) is None:
             raise ckpt.unscaled_fp8(name)
-
-
-def _check_mtp_experts_form(model: nn.Module, ckpt: Checkpoint, family: Family, stored_form: bool) -> None:
-    """Refuse MTP layers whose routed experts are stored in another form than the model's where the
-    model's are kept as stored (bfloat16 MTP layers in NVFP4 and GPTQ releases: DeepSeek-R1's and
-    Qwen3.5's): the expert store keeps one form, and holding every expert decoded would take the quantized
-    experts' memory several times over for the drafts' sake. The model's form is its last MoE layer's;
-    the MTP layers' shapes are checked on the way."""
-    drafting = moe_blocks(model.mtp)
-    form = ExpertSource(ckpt, family.experts, drafting).stored_form
-    last = [block for block in moe_blocks(model) if all(block is not b for b in drafting)][-1:]
-    backbone = ExpertSource(ckpt, family.experts, last)
-    if not drafting or not stored_form or layout_of(backbone).row_dtype is None or form == backbone.stored_form:
-        return  # no routed experts, or all of them to be decoded (or quantized by localmoe) anyway
-    stored = "unquantized (or in mixed forms)" if form is None else f"as {form.words}"
-    raise LocalMoEError(
-        f"{ckpt.path} stores the routed experts of its multi-token-prediction layers {stored} and the model's "
-        f"as {backbone.stored_form.words}, where one expert store keeps one form"
-    )
 
 
 def disk_names(model: nn.Module, family: Family, name: str) -> list[str]:

@@ -24,8 +24,10 @@ from conftest import (
     EXAONE_MOE,
     GLM4_MOE,
     GLM4_MOE_LITE,
+    GLM5_NEXT,
     GLM_MOE_DSA,
     HY_V3,
+    HY_V4,
     INKLING,
     LONGCAT_FLASH,
     MELLUM,
@@ -378,7 +380,7 @@ def nemotron_release(folder: Path) -> Release:
 
 
 class TextModel(torch.nn.Module):
-    """MiniMax-M3's language model and LM head, out of transformers' multimodal model."""
+    """The language model and LM head, out of transformers' multimodal model (MiniMax-M3's, GLM-5.3-Flash's)."""
 
     def __init__(self, full):
         super().__init__()
@@ -387,6 +389,18 @@ class TextModel(torch.nn.Module):
     def forward(self, ids: torch.Tensor, output_hidden_states: bool = False):
         out = self.model(ids, output_hidden_states=output_hidden_states)
         return SimpleNamespace(logits=self.lm_head(out.last_hidden_state), hidden_states=out.hidden_states)
+
+
+def write_multimodal(folder: Path, stored: dict, text: dict) -> Path:
+    """A multimodal release of tensors `stored`, its config the one written to folder/full with `text` in its
+    text config."""
+    release = folder / "release"
+    release.mkdir()
+    save_file({k: v.contiguous() for k, v in stored.items()}, str(release / "model.safetensors"))
+    saved = json.loads((folder / "full" / "config.json").read_text())
+    saved["text_config"] |= text
+    (release / "config.json").write_text(json.dumps(saved))
+    return release
 
 
 def minimax_m3_release(folder: Path) -> Release:
@@ -412,12 +426,7 @@ def minimax_m3_release(folder: Path) -> Release:
     mtp = mtp_weights(text["hidden_size"], 1.0)
     names = {"enorm": "enorm", "hnorm": "hnorm", "eh": "eh_proj", "norm": "final_layernorm"}
     stored |= {f"{mtp_prefix}{names[role]}.weight": weight for role, weight in mtp.items()}
-    release = folder / "release"
-    release.mkdir()
-    save_file({k: v.contiguous() for k, v in stored.items()}, str(release / "model.safetensors"))
-    saved = json.loads((folder / "full" / "config.json").read_text())
-    saved["text_config"] |= {**text, "num_mtp_modules": 1}
-    (release / "config.json").write_text(json.dumps(saved))
+    release = write_multimodal(folder, stored, {**text, "num_mtp_modules": 1})
     language = full.model.language_model
     block = language.layers[layers]
     language.layers = language.layers[:layers]
@@ -472,19 +481,24 @@ def bailing_release(folder: Path) -> Release:
     )
 
 
+def logits_and_output(reference, module: torch.nn.Module, ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """transformers' logits for ids [1, T], and what `module` (a part of `reference`) gave in that run."""
+    outputs = []
+    hook = module.register_forward_hook(lambda m, a, out: outputs.append(out))
+    try:
+        with torch.no_grad():
+            logits = reference(ids).logits
+    finally:
+        hook.remove()
+    return logits, outputs[0]
+
+
 class V4Release(Release):
     """DeepSeek-V4's MTP layer, as DeepSeek's inference/model.py computes it (MTPBlock.forward, and
     ParallelHead.hc_head for its collapse): the hidden state is the last layer's streams [B, T, N, E]."""
 
     def backbone(self, ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        streams = []
-        hook = self.reference.model.layers[-1].register_forward_hook(lambda m, a, out: streams.append(out))
-        try:
-            with torch.no_grad():
-                logits = self.reference(ids).logits
-        finally:
-            hook.remove()
-        return logits, streams[0]
+        return logits_and_output(self.reference, self.reference.model.layers[-1], ids)
 
     def draft(self, h, next_ids, start=0, depth=0):
         from transformers.masking_utils import create_sliding_window_causal_mask
@@ -757,6 +771,117 @@ def with_sparse_mtp_layers(config: dict, depths: int) -> dict:
     }
 
 
+class PlainPreNormBlock(torch.nn.Module):
+    """An MTP decoder layer without the hyper-connections of the model's (vLLM's hy_v4_mtp.py builds
+    HYV4DecoderLayer with enable_ihc=False, SGLang's hunyuan_v4_nextn.py HYV4MTPDecoderLayer; vLLM's
+    glm5_next_mtp.py, Glm5NextMTPBlock): transformers' attention and MoE of a decoder layer of the family,
+    each after its norm with a plain residual. `padding_mask`: the attention takes a [B, T] mask of ones
+    (GLM-5.3-Flash's, as its model passes it) rather than the causal one."""
+
+    def __init__(self, layer, padding_mask: bool = False):
+        super().__init__()
+        self.layer, self.padding_mask = layer, padding_mask
+
+    def forward(self, x, position_ids, position_embeddings, attention_mask):
+        layer = self.layer
+        if self.padding_mask:
+            attention_mask = torch.ones(x.shape[:2], dtype=torch.bool)
+        attended = layer.self_attn(
+            layer.input_layernorm(x),
+            attention_mask=attention_mask,
+            position_ids=position_ids,
+            position_embeddings=position_embeddings,
+        )[0]
+        x = x + attended
+        return x + layer.mlp(layer.post_attention_layernorm(x))
+
+
+class CollapsedStreams:
+    """A release whose MTP layers take the last layer's streams collapsed by hc_head, before the final norm."""
+
+    def backbone(self, ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return logits_and_output(self.reference, self.reference.model.hc_head, ids)
+
+
+class HyV4Release(CollapsedStreams, NormedRelease):
+    pass
+
+
+class Glm5NextRelease(CollapsedStreams, Release):
+    pass
+
+
+# Hy4's (vLLM's hy_v4_mtp.py, SGLang's hunyuan_v4_nextn.py): model.mtp_layers.{k}.{enorm, hnorm, eh_proj,
+# final_layernorm} beside the decoder layer's tensors, which has no hyper-connections
+HY_V4_NAMES = {role: f"model.mtp_layers.{{depth}}.{name}.weight" for role, name in DEEPSEEK_NAMES.items()}
+HY_V4_NAMES["norm"] = "model.mtp_layers.{depth}.final_layernorm.weight"
+
+
+def hy_v4_release(folder: Path) -> Release:
+    """The MTP layer an MoE one computing its own selection, as the release's is (its count
+    num_nextn_predict_layers); its hyper-connections dropped from the release."""
+    import transformers
+
+    def extend(c: dict, n: int) -> dict:
+        backbone = transformers.HYV4Config(**c)
+        types = {"indexer_types": [*backbone.indexer_types, *["full"] * n]}
+        return {
+            **c,
+            "num_hidden_layers": c["num_hidden_layers"] + n,
+            "mlp_layer_types": [*backbone.mlp_layer_types, *["sparse"] * n],
+        } | types
+
+    release = write_release(
+        folder,
+        "HYV4Config",
+        HY_V4,
+        extend,
+        "model.mtp_layers.{depth}.",
+        HY_V4_NAMES,
+        0.0,
+        "num_nextn_predict_layers",
+        kind=HyV4Release,
+        window=1 << 20,
+    )
+    path = release.folder / "model.safetensors"
+    save_file(
+        {k: v for k, v in load_file(str(path)).items() if not re.match(r"model\.mtp_layers\.\d+\.hc_", k)}, str(path)
+    )
+    release.blocks = [PlainPreNormBlock(block) for block in release.blocks]
+    return release
+
+
+def glm5_next_release(folder: Path) -> Release:
+    """GLM-5.3-Flash's (vLLM's glm5_next_mtp.py; transformers skips `layers.{num_hidden_layers}`): DeepSeek-V3's
+    layout inside the multimodal checkpoint, `model.language_model.layers.{num_hidden_layers}.*`, the decoder
+    layer's tensors (per-expert, no hyper-connections: those are dropped here) beside enorm, hnorm, eh_proj and
+    shared_head.norm; an attention layer computing its own selection, and MoE; num_nextn_predict_layers in the
+    text config."""
+    text = {**GLM5_NEXT["text_config"], "index_topk": 4}  # one block: the MTP layer's selection cuts too
+    layers = text["num_hidden_layers"]
+    added = {"layer_types": "indexed_attention", "indexer_types": "full", "mlp_layer_types": "sparse"}
+    extended = {**text, "num_hidden_layers": layers + 1} | {k: [*text[k], kind] for k, kind in added.items()}
+    full = hf_model("Glm5NextConfig", **{**GLM5_NEXT, "text_config": extended})
+    save_hf(full, folder / "full", "single")
+    prefix = f"model.language_model.layers.{layers}."
+    stored = {
+        k: v
+        for k, v in load_file(str(folder / "full" / "model.safetensors")).items()
+        if not k.startswith(prefix + "hc_")
+    }
+    mtp = mtp_weights(text["hidden_size"], 0.0)
+    stored |= {f"{prefix}{name}.weight": mtp[role] for role, name in DEEPSEEK_NAMES.items()}
+    release = write_multimodal(folder, stored, {**text, "num_nextn_predict_layers": 1})
+    language = full.model.language_model
+    block = PlainPreNormBlock(language.layers[layers], padding_mask=True)
+    language.layers = language.layers[:layers]
+    full.config.text_config.num_hidden_layers = layers
+    for per_layer in added:
+        setattr(full.config.text_config, per_layer, getattr(full.config.text_config, per_layer)[:layers])
+    reference = TextModel(full)
+    return Glm5NextRelease(release, reference, [block], [mtp], 0.0, "num_nextn_predict_layers", rotary=lambda *_: None)
+
+
 def dots3_with_mtp(config: dict, depths: int) -> dict:
     """dots3-note's tiny config with `depths` more layers, sliding ones with a dense MLP (vLLM's MTP layer)."""
     import transformers
@@ -901,6 +1026,8 @@ RELEASES = {
         "num_nextn_predict_layers",
         kind=NormedRelease,
     ),
+    "hy_v4": hy_v4_release,
+    "glm5_next": glm5_next_release,
     "step3p5": step_release,
     "qwen3_5_moe": qwen_release("Qwen3_5MoeTextConfig", QWEN3_5_MOE),
     "qwen3_next": qwen_release("Qwen3NextConfig", QWEN3_NEXT),
@@ -1307,6 +1434,36 @@ def test_longcat_mtp_layer_is_counted_from_its_tensors(tmp_path_factory, capsys)
     ids = prompt()
     expected, got = drafts(engines["said"], ids, 4), drafts(engines["as released"], ids, 4)
     assert torch.equal(got[0], expected[0]) and torch.equal(got[1], expected[1])
+
+
+# latent attention, GLM-4.5's grouped-query attention, MiMo-V2-Flash's sliding window; and static backbones
+STATIC_MTP = ["deepseek_v3", "glm4_moe", "mimo_v2_flash"]
+
+
+@pytest.mark.parametrize("name", STATIC_MTP)
+def test_the_static_mtp_step_gives_what_mtp_draft_gives(name, tmp_path):
+    """An MTP layer's static step (positions on the device, keys through their bucket) gives the eager
+    step's bits: a catch-up over several positions, one position, across the first bucket's end and at
+    the context's last position."""
+    from localmoe.models.layers import bucket
+
+    model = load(RELEASES[name](tmp_path).folder).model
+    assert model.static_decode and model.static_mtp
+    context = 70
+    ids = torch.randint(0, 256, (1, context + 1), generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        _, h = model(ids[:, :context], model.new_cache(1, context), all_logits=True, hidden=True)
+        eager, static = model.new_mtp_cache(1, context), model.new_mtp_cache(1, context)
+        for start, length in ((0, 12), (12, 4), (16, 1), (61, 5), (66, 4)):
+            for cache in (eager, static):  # on from `start` (a gap reads as unwritten)
+                cache.rewind(start)
+            piece, following = h[:, start : start + length], ids[:, start + 1 : start + 1 + length]
+            expected = model.mtp_draft(piece, following, eager)
+            positions = torch.arange(start, start + length)
+            keys = bucket(start + length - 1, context)
+            got = model.mtp_step(piece, following, positions, static, keys)
+            static.pos += length
+            assert all(torch.equal(a, b) for a, b in zip(got, expected, strict=True))
 
 
 def test_inkling_chain_norm_feeds_the_head_and_the_next_depth(tmp_path_factory):

@@ -13,7 +13,9 @@ What the releases store (their configs, and the inference code that loads them):
   in the fp8 method's layout (compressed-tensors' FP8 blocks read through the same Fp8Weights).
 - nvidia/DeepSeek-R1-FP4 (ModelOpt NVFP4) excludes `model.layers.61*` in its hf_quant_config.json (vLLM
   PR 25987), and nvidia/Qwen3.5-397B-A17B-NVFP4 and Qwen's GPTQ-Int4 releases keep the whole MTP layer
-  bfloat16 too (vLLM PRs 38650 and 47828), routed experts included: the "unquantized MTP layer" cases.
+  bfloat16 too (vLLM PRs 38650 and 47828), routed experts included: the "unquantized MTP layer" cases, whose
+  experts localmoe quantizes into the model's form to share its expert store (drafts only: the model checks
+  every drafted token), the reference's MTP experts rounded alike.
 - compressed-tensors NVFP4 releases of DeepSeek-V3's design quantize the routed experts and leave attention
   bfloat16 (Kimi K2's ignore list); written here by the compressed-tensors package with the MTP layer
   quantized alike (eh_proj and experts NVFP4) or named in the ignore list."""
@@ -32,7 +34,10 @@ from test_mtp import PROMPT, RELEASES, TOLERANCE, deepseek_release, drafts, load
 from test_speculative import NEW, assert_plain
 from test_speculative import PROMPT as SPECULATION_PROMPT
 
+from localmoe.engine import plan_for
 from localmoe.kernels.quantized import dequantize_fp8_blocks
+from localmoe.models.moe import moe_blocks
+from localmoe.options import RuntimeOptions
 from localmoe.runtime.layouts import Fp8Layout, Nvfp4Layout, QuantizedLayout
 
 KEPT = ("embed_tokens", "lm_head", "norm", "mlp.gate.weight", "shared_expert_gate", "shared_head.head")
@@ -121,23 +126,47 @@ def nvfp4_release(folder, mtp_ignored: bool):
     return stored_quantized(release, folder, quantize, config.to_dict())
 
 
+GPTQ_INT4 = {"quant_method": "gptq", "bits": 4, "group_size": 32, "desc_act": False, "sym": True}
+
+
+def gptq_int4(name: str, tensor: torch.Tensor) -> dict:
+    tensors, decoded = pack_gptq(tensor, bits=4, group=32, symmetric=True)
+    return {**tensors, "decoded": decoded}
+
+
+def model_experts(mtp: str, quantize):
+    """`quantize` for the model's routed experts, not the MTP layer's (under `mtp`) nor anything else."""
+
+    def quantized(name: str, tensor: torch.Tensor) -> dict | None:
+        return None if ".mlp.experts." not in name or name.startswith(mtp) else quantize(name, tensor)
+
+    return quantized
+
+
 def gptq_release(folder):
     """DeepSeek-V3's layout with the model's routed experts in 4-bit GPTQ (groups of 32, symmetric) and the
     MTP layer bfloat16, as Qwen3.5's GPTQ-Int4 releases keep it."""
     release = NVFP4_DEEPSEEK(folder)
     mtp = f"model.layers.{release.reference.config.num_hidden_layers}."
-
-    def quantize(name: str, tensor: torch.Tensor) -> dict | None:
-        if ".mlp.experts." not in name or name.startswith(mtp):
-            return None
-        tensors, decoded = pack_gptq(tensor, bits=4, group=32, symmetric=True)
-        return {**tensors, "decoded": decoded}
-
-    config = {"quant_method": "gptq", "bits": 4, "group_size": 32, "desc_act": False, "sym": True}
-    return stored_quantized(release, folder, quantize, config)
+    return stored_quantized(release, folder, model_experts(mtp, gptq_int4), GPTQ_INT4)
 
 
-def stored_quantized(release, folder, quantize, quantization_config: dict):
+def qwen3_5_release(folder, kind: str):
+    """Qwen3.5's layout (`mtp.*`) with the model's routed experts in 4-bit GPTQ, as Qwen's GPTQ-Int4 releases,
+    or in NVFP4 written by ModelOpt, as nvidia/Qwen3.5-397B-A17B-NVFP4; the MTP layer bfloat16."""
+    release = RELEASES["qwen3_5_moe"](folder)
+    if kind == "gptq":
+        return stored_quantized(release, folder, model_experts("mtp.", gptq_int4), GPTQ_INT4, mtp=False)
+    from modelopt.torch.export.convert_hf_config import convert_hf_quant_config_format
+    from test_quantized_checkpoints import modelopt_hf_quant_config, modelopt_nvfp4
+
+    hf_quant_config = modelopt_hf_quant_config()
+    hf_quant_config["quantization"]["exclude_modules"] = ["lm_head", "mtp*", "*self_attn*", "*linear_attn*"]
+    config = convert_hf_quant_config_format(hf_quant_config)
+    return stored_quantized(release, folder, model_experts("mtp.", modelopt_nvfp4), config, mtp=False)
+
+
+def stored_quantized(release, folder, quantize, quantization_config: dict, mtp: bool = True):
     """The release with each linear weight that `quantize` maps to its stored tensors ({suffix: tensor},
     and what they decode to under "decoded") stored so, and the reference's weights the decoded ones."""
     path, stored, decoded = release.folder / "model.safetensors", {}, {}
@@ -153,13 +182,14 @@ def stored_quantized(release, folder, quantize, quantization_config: dict):
     config = json.loads((release.folder / "config.json").read_text())
     config["quantization_config"] = quantization_config
     (release.folder / "config.json").write_text(json.dumps(config))
-    set_decoded(release, decoded, folder)
+    set_decoded(release, decoded, folder, mtp)
     return release
 
 
-def set_decoded(release, decoded: dict, folder) -> None:
-    """The reference's backbone, MTP decoder layers and eh_proj set to `decoded` (the release's tensors,
-    decoded), through transformers' own loading of a model with the MTP layers as its last layers."""
+def set_decoded(release, decoded: dict, folder, mtp: bool = True) -> None:
+    """The reference's backbone, and (`mtp`: stored in DeepSeek-V3's names) its MTP decoder layers and
+    eh_proj, set to `decoded` (the release's tensors, decoded), through transformers' own loading of a
+    model with the MTP layers as its last layers."""
     import transformers
 
     plain = folder / "decoded"
@@ -169,8 +199,10 @@ def set_decoded(release, decoded: dict, folder) -> None:
     full = transformers.AutoModelForCausalLM.from_pretrained(plain, dtype=torch.float32).eval()
     layers = release.reference.config.num_hidden_layers
     state = full.state_dict()
-    mtp = tuple(f"model.layers.{layers + depth}." for depth in range(len(release.blocks)))
-    release.reference.load_state_dict({k: v for k, v in state.items() if not k.startswith(mtp)})
+    mtp_layers = tuple(f"model.layers.{layers + depth}." for depth in range(len(release.blocks)))
+    release.reference.load_state_dict({k: v for k, v in state.items() if not k.startswith(mtp_layers)})
+    if not mtp:
+        return  # kept as written
     for depth, block in enumerate(release.blocks):
         block.load_state_dict(full.model.layers[layers + depth].state_dict())
         release.mtp[depth]["eh"] = decoded[f"model.layers.{layers + depth}.eh_proj.weight"]
@@ -191,11 +223,9 @@ def written(request, tmp_path_factory):
     return write(tmp_path_factory.mktemp(request.param)), layout, f"mtp.layers.0.{quantized}.weight"
 
 
-def test_mtp_layers_read_decoded_and_draft_the_reference(written):
-    release, layout, quantized = written
-    engine = load(release.folder)
-    assert isinstance(engine.experts.layout, layout)  # the MTP layer's experts in the model's form
-    assert engine.checkpoint.stored_form(engine.parts.resident_sources[quantized]) is not None  # held decoded
+def assert_drafts_are_the_reference(engine, release) -> None:
+    """The MTP layer's logits and outputs, over a prompt at once and then one position at a time, are the
+    reference's."""
     ids = prompt()
     _, h = release.backbone(ids[:, :-1])
     expected_logits, expected_out = release.draft(h, ids[:, 1:])
@@ -203,6 +233,14 @@ def test_mtp_layers_read_decoded_and_draft_the_reference(written):
         logits, out = drafts(engine, ids, split)
         assert (logits - expected_logits).abs().max() < TOLERANCE
         assert (out - expected_out).abs().max() < TOLERANCE
+
+
+def test_mtp_layers_read_decoded_and_draft_the_reference(written):
+    release, layout, quantized = written
+    engine = load(release.folder)
+    assert isinstance(engine.experts.layout, layout)  # the MTP layer's experts in the model's form
+    assert engine.checkpoint.stored_form(engine.parts.resident_sources[quantized]) is not None  # held decoded
+    assert_drafts_are_the_reference(engine, release)
 
 
 def test_mtp_experts_stay_as_stored_through_the_store_and_speculation_is_exact(written):
@@ -230,31 +268,108 @@ def mtp_lines(err: str) -> list[str]:
     return [line for line in err.splitlines() if "multi-token" in line]
 
 
+def round_mtp_experts(release, layout) -> None:
+    """The reference's MTP layers' routed experts as localmoe keeps them: quantized into `layout`'s form."""
+    row = torch.zeros(layout.numel, dtype=torch.uint8)
+    with torch.no_grad():
+        for experts in (block.mlp.experts for block in release.blocks):
+            written = experts.down_proj.clone()
+            for expert in range(experts.gate_up_proj.shape[0]):
+                gate, up = experts.gate_up_proj[expert].chunk(2)
+                layout.pack(row, {"gate": gate, "up": up, "down": experts.down_proj[expert]})
+                experts.gate_up_proj[expert] = layout.gate_up(row[None])[0]
+                experts.down_proj[expert] = layout.down(row[None])[0]
+            assert (experts.down_proj - written).abs().max() > 10 * TOLERANCE  # rounding the drafts tell apart
+
+
+# name -> (how it is written, the layout the model's experts are kept in as stored)
 UNQUANTIZED = {
-    "fp8": (lambda folder: fp8_release("deepseek_v3-bf16-mtp", folder), Fp8Layout, "FP8 in 8x8 blocks"),
-    "nvfp4": (lambda folder: nvfp4_release(folder, mtp_ignored=True), Nvfp4Layout, "as NVFP4"),
-    "gptq": (gptq_release, QuantizedLayout, "as int4 (float16 scales, groups of 32, symmetric)"),
+    "deepseek_v3-fp8": (lambda folder: fp8_release("deepseek_v3-bf16-mtp", folder), Fp8Layout),
+    "deepseek_v3-nvfp4": (lambda folder: nvfp4_release(folder, mtp_ignored=True), Nvfp4Layout),
+    "deepseek_v3-gptq": (gptq_release, QuantizedLayout),
+    "qwen3_5-nvfp4": (lambda folder: qwen3_5_release(folder, "nvfp4"), Nvfp4Layout),
+    "qwen3_5-gptq": (lambda folder: qwen3_5_release(folder, "gptq"), QuantizedLayout),
 }
 
 
-@pytest.mark.parametrize("variant", list(UNQUANTIZED))
-def test_an_unquantized_mtp_layer_leaves_the_model_quantized(tmp_path, capsys, variant):
-    """Kept bfloat16 where the model is quantized (modules_to_not_convert, an ignore list): its dense
-    weights would load, but its routed experts cannot share the model's store, so one line says the model
-    loads without it; the model's experts stay as stored and its logits are the reference's. Where
-    localmoe quantizes every expert itself (expert_bits), the MTP layer loads."""
-    write, layout, words = UNQUANTIZED[variant]
-    release = write(tmp_path)
+@pytest.fixture(scope="module", params=list(UNQUANTIZED))
+def unquantized(request, tmp_path_factory):
+    """A release whose MTP layer is bfloat16 beside the model's quantized experts, with the reference's MTP
+    experts rounded as localmoe quantizes them; the layout."""
+    write, layout = UNQUANTIZED[request.param]
+    release = write(tmp_path_factory.mktemp(request.param))
+    engine = load(release.folder)
+    assert isinstance(engine.experts.layout, layout)
+    round_mtp_experts(release, engine.experts.layout)
+    return release, layout
+
+
+def test_an_unquantized_mtp_layer_drafts_with_its_experts_in_the_model_form(unquantized, capsys):
+    """Kept bfloat16 where the model is quantized (modules_to_not_convert, an ignore list, exclude_modules):
+    the MTP layer loads, its experts quantized into the model's form (the plan says so in a line), the
+    model's kept as stored; the model's logits and the drafts are the reference's."""
+    release, layout = unquantized
     capsys.readouterr()
     engine = load(release.folder)
-    [warned] = mtp_lines(capsys.readouterr().err)
-    assert "multi-token-prediction layers unquantized" in warned and words in warned and engine.model.mtp is None
-    assert isinstance(engine.experts.layout, layout)
+    assert engine.model.mtp is not None and not mtp_lines(capsys.readouterr().err)
+    [notice] = [line for line in engine.plan.notices if "MTP layers' routed experts" in line]
+    assert "stored unquantized, are quantized by localmoe" in notice
+    source, mtp_layer = engine.parts.experts, engine.model.mtp.first_layer
+    assert source.stored_form is not None and not source.kept_as_stored(mtp_layer)
+    assert all(source.kept_as_stored(layer) for layer in source.layers if layer != mtp_layer)
     ids = prompt()
     logits = engine.model(ids, engine.model.new_cache(1, PROMPT), all_logits=True)
     assert (logits - release.backbone(ids)[0]).abs().max() < TOLERANCE
-    requantized = load(release.folder, expert_bits=4)  # every expert decoded, then quantized: the MTP layer's too
-    assert requantized.model.mtp is not None and "multi-token" not in capsys.readouterr().err
+    assert_drafts_are_the_reference(engine, release)
+
+
+@pytest.mark.parametrize("slots", ["resident", "top_k", "layer", "top_k-mmap"])
+def test_an_unquantized_mtp_layer_speculates_exactly_through_one_store(unquantized, slots):
+    """Greedy speculation is plain decoding, all experts resident and offloaded (one layer's top-k slots,
+    and one layer's experts; the host copy in RAM, or read from the files where RAM is short: the model's
+    experts from the checkpoint, the MTP layer's from the quantized cache): the MTP layer's experts go
+    through the same slots, each miss copying one row of the model's layout, whichever layer's."""
+    release, layout = unquantized
+    plain = load(release.folder, speculative="off")
+    expected = list(plain.generate_ids(SPECULATION_PROMPT, NEW))
+    block = moe_blocks(plain.model)[0]
+    count = {"resident": None, "top_k": block.top_k, "layer": block.num_experts}[slots.removesuffix("-mmap")]
+    offload = {} if count is None else {"expert_slots": count, "miss_policy": "copy", "prefetch": 0}
+    engine = load(release.folder, draft_tokens=3, **offload, **({"host_budget": 1} if "mmap" in slots else {}))
+    assert engine.plan.store == ("mmap" if "mmap" in slots else "none" if count is None else "ram")
+    assert engine.speculative == "mtp"
+    assert_plain(plain.model, SPECULATION_PROMPT, list(engine.generate_ids(SPECULATION_PROMPT, NEW)), expected)
+    assert engine.stats.speculation.drafted > 0
+    if count is None:
+        return
+    experts, mtp_layer = engine.experts, engine.model.mtp.first_layer
+    store = experts.cache.store
+    assert isinstance(store.layout, layout) and mtp_layer in store.rows  # quantized once, kept (or mapped)
+    assert len(store.rows) == (1 if "mmap" in slots else len(store.source.layers))
+    experts.settle()
+    assert experts.cache.counters[mtp_layer].misses > 0  # the drafts' experts came through the slots
+    total = experts.cache.totals()
+    assert total.bytes_copied == total.misses * store.expert_bytes
+
+
+def test_the_plan_counts_the_mtp_experts_in_the_model_form(unquantized):
+    """The memory plan counts every expert, the MTP layer's too, at one row of the model's layout."""
+    release, layout = unquantized
+    options = RuntimeOptions(expert_slots=2)
+    plan = plan_for(str(release.folder), device="cpu", dtype=torch.float32, options=options)
+    engine = load(release.folder)
+    source = engine.parts.experts
+    assert plan.footprint.expert_bytes == engine.experts.layout.numel
+    assert plan.footprint.total_experts == sum(block.num_experts for block in source.blocks.values())
+    assert any("MTP layers' routed experts" in notice for notice in plan.notices)
+
+
+def test_expert_bits_quantizes_the_mtp_experts_with_the_model(tmp_path, capsys):
+    """Where localmoe quantizes every expert itself, the MTP layer's are quantized alike, without a notice."""
+    release = gptq_release(tmp_path)
+    engine = load(release.folder, expert_bits=4)
+    assert engine.model.mtp is not None and not engine.experts.layout.stored
+    assert not [line for line in engine.plan.notices if "MTP" in line]
 
 
 @pytest.mark.parametrize("tensor", ["model.layers.3.self_attn.kv_b_proj", "model.layers.3.mlp.experts.5.down_proj"])

@@ -14,7 +14,8 @@ Floating-point formats kept as checkpoints ship them: MXFP4 (e2m1 codes, a power
 32 columns), NVFP4 (e2m1 codes, an FP8 e4m3 scale per 16 columns and a float32 scale per matrix),
 block-scaled FP8, and MXFP8 (FP8 e4m3 with a power-of-two exponent per 32 columns). A stack of matrices
 [N, R, C] in any of these forms dequantizes one matrix at a time on indexing, so the reference kernel
-runs on them unchanged.
+runs on them unchanged. Each form also has a quantizer (round to nearest, scales from each block's largest
+magnitude), for the MTP layers' experts a release keeps unquantized beside the model's quantized ones.
 """
 
 import math
@@ -206,6 +207,32 @@ def dequantize_mxfp4(blocks: torch.Tensor, scales: torch.Tensor) -> torch.Tensor
     return values.reshape(blocks.shape[0], -1)
 
 
+def nearest_fp4(x: torch.Tensor) -> torch.Tensor:
+    """The e2m1 code of the FP4 value nearest each of x (beyond +-6: +-6), as int64 in [0, 16)."""
+    midpoints = torch.tensor([0.25, 0.75, 1.25, 1.75, 2.5, 3.5, 5.0], device=x.device)  # of FP4_VALUES[:8]
+    return torch.bucketize(x.abs(), midpoints) | (torch.signbit(x).long() << 3)
+
+
+def _nibbles(codes: torch.Tensor) -> torch.Tensor:
+    """Codes [R, C] in [0, 16) -> bytes [R, C / 2], the even column in the low nibble."""
+    return (codes[:, 0::2] | (codes[:, 1::2] << 4)).to(torch.uint8)
+
+
+def _exponents(amax: torch.Tensor, largest: float) -> torch.Tensor:
+    """The least power-of-two exponent (within the e8m0 range) that scales `amax` to `largest` or less."""
+    return torch.ceil(torch.log2(amax / largest)).clamp(-127, 127)
+
+
+def quantize_mxfp4(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """w [R, C] -> (codes [R, C / 2] uint8, exponents [R, C / 32] uint8, biased by 127): `dequantize_mxfp4`'s
+    input, each 32 columns scaled by the least power of two that brings them within +-6."""
+    rows, columns = w.shape
+    groups = w.float().reshape(rows, -1, 32)
+    exponent = _exponents(groups.abs().amax(-1), 6.0)
+    codes = nearest_fp4(groups / torch.exp2(exponent)[..., None]).reshape(rows, columns)
+    return _nibbles(codes), (exponent + 127).to(torch.uint8)
+
+
 @dataclass(frozen=True)
 class Mxfp4Weights:
     """A stack of MXFP4 matrices [N, R, C]: codes [N, R, C / 2] and exponents [N, R, C / 32], dequantized
@@ -240,6 +267,20 @@ def dequantize_nvfp4(
     rows = global_scale.float().repeat_interleave(codes.shape[0] // global_scale.shape[0])[:, None]
     block = block / rows if divides else block * rows
     return values * block.repeat_interleave(16, dim=-1)
+
+
+def quantize_nvfp4(w: torch.Tensor, divides: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """w [R, C] -> `dequantize_nvfp4`'s input for one part: codes [R, C / 2], e4m3 scales [R, C / 16] (bits as
+    uint8) and the matrix's float32 scale [1] (ModelOpt's and compressed-tensors' recipe: the largest
+    magnitude maps to 6 x 448, the largest FP4 value times the largest e4m3 one)."""
+    rows, columns = w.shape
+    groups = w.float().reshape(rows, -1, 16)
+    per_matrix = (groups.abs().amax() / (6 * 448)).clamp(min=torch.finfo(torch.float32).tiny)
+    stored = (1 / per_matrix if divides else per_matrix).reshape(1)
+    scales = (groups.abs().amax(-1) / 6 / per_matrix).clamp(max=448).to(torch.float8_e4m3fn)
+    block = scales.float() / stored if divides else scales.float() * stored  # as `dequantize_nvfp4` reads it
+    scaled = torch.where(block[..., None] > 0, groups / block[..., None], 0.0)  # an all-zero block: codes 0
+    return _nibbles(nearest_fp4(scaled).reshape(rows, columns)), scales.view(torch.uint8), stored
 
 
 @dataclass(frozen=True)
@@ -278,6 +319,25 @@ def dequantize_fp8_blocks(w: torch.Tensor, scale: torch.Tensor, block: tuple[int
     scale = torch.exp2(scale.float() - 127) if scale.dtype == torch.uint8 else scale
     full = scale.float().repeat_interleave(block[0], 0)[:rows].repeat_interleave(block[1], 1)[:, :columns]
     return w.float() * full
+
+
+def quantize_fp8_blocks(
+    w: torch.Tensor, block: tuple[int, int], exponents: bool = False
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """w [R, C] -> `dequantize_fp8_blocks`' input: bits [R, C] uint8 and a scale per tile, that maps its
+    largest magnitude to 448 (the largest e4m3 value): float32, or (`exponents`, MXFP8) the least power of
+    two that does so, as an exponent byte. The tiles divide the matrix (0: the whole dimension)."""
+    rows, columns = w.shape
+    tile = (block[0] or rows, block[1] or columns)
+    tiles = w.float().reshape(rows // tile[0], tile[0], columns // tile[1], tile[1])
+    amax = tiles.abs().amax(dim=(1, 3))
+    if exponents:
+        exponent = _exponents(amax, 448.0)
+        scale, stored = torch.exp2(exponent), (exponent + 127).to(torch.uint8)
+    else:
+        scale = stored = torch.where(amax > 0, amax / 448, torch.ones_like(amax))
+    scaled = (tiles / scale[:, None, :, None]).clamp(-448, 448)
+    return scaled.to(torch.float8_e4m3fn).reshape(rows, columns).view(torch.uint8), stored
 
 
 @dataclass(frozen=True)

@@ -21,7 +21,7 @@ from localmoe.files import locked, write_atomic
 from localmoe.kernels.reference import expert_pair_outputs
 from localmoe.models.moe import MoESpec
 from localmoe.paths import cache_dir
-from localmoe.runtime.expert_store import ExpertStore
+from localmoe.runtime.expert_store import ExpertStore, pack_expert
 
 CALIBRATION_FILE = "calibration.json"
 FAR = 2.0  # a start's check this many times off the kept calibration, either way, has it measured again
@@ -59,9 +59,7 @@ class HostExperts:
             group = experts[start : start + self.MMAP_GROUP]
             rows = self._rows(len(group))
             for row, expert in zip(rows, group, strict=True):
-                self.store.layout.pack(
-                    row, self.store.source.read(layer, expert, packed=self.store.layout.reads_packed)
-                )
+                pack_expert(row, self.store.source, self.store.layout, layer, expert)
             self._run(spec, x, ids, scale, rows, group, list(range(len(group))), out)
 
     def _run(self, spec, x, ids, scale, rows: torch.Tensor, experts: list[int], indices: list[int], out) -> None:

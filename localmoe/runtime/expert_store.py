@@ -25,24 +25,47 @@ from localmoe.runtime.quantized_cache import QuantizedLayers
 PAGE = 4096
 
 
+def quantized_here(source: ExpertSource, layout, layer: int) -> bool:
+    """Whether localmoe quantizes the layer's experts into the layout's form: every layer's for
+    --expert-bits; where the experts are kept as stored, the MTP layers' stored otherwise (bfloat16)."""
+    return layout.row_dtype is not None and not (layout.reads_packed and source.kept_as_stored(layer))
+
+
+def pack_expert(row: torch.Tensor, source: ExpertSource, layout, layer: int, expert: int) -> None:
+    """Fill `row` [numel] with one expert: copied as stored, or decoded and packed (quantized) by `layout`."""
+    if layout.reads_packed and source.kept_as_stored(layer):
+        layout.pack_stored(row, source.read(layer, expert, packed=True))
+    else:
+        layout.pack(row, source.read(layer, expert))
+
+
 def packed_layer(source: ExpertSource, layer: int, layout: ExpertLayout, rows: torch.Tensor) -> torch.Tensor:
     """Fill `rows` [E, numel] with the layer's experts, in expert order."""
     for expert in range(rows.shape[0]):
-        layout.pack(rows[expert], source.read(layer, expert, packed=layout.reads_packed))
+        pack_expert(rows[expert], source, layout, layer, expert)
     return rows
 
 
-def host_rows(source: ExpertSource, layout, dtype: torch.dtype, quantized: QuantizedLayers | None, mapped=False):
-    """Each MoE layer's experts as host rows [E, numel], in layer order: (layer, rows). Packed from the
-    checkpoint in the compute dtype; or, for a quantized layout, through the on-disk cache of quantized
-    rows (read into RAM, or `mapped` from its files), quantizing the layers it lacks."""
+def host_rows(
+    source: ExpertSource,
+    layout,
+    dtype: torch.dtype,
+    quantized: QuantizedLayers | None,
+    mapped=False,
+    layers: list[int] | None = None,
+):
+    """The experts of `layers` (default: every MoE layer) as host rows [E, numel], in layer order: (layer,
+    rows). Packed from the checkpoint; those localmoe quantizes (`quantized_here`) through the on-disk cache
+    of quantized rows `quantized` where given (read into RAM, or `mapped` from its files), quantizing the
+    layers it lacks."""
     row_dtype = layout.row_dtype or dtype
-    layers = source.blocks
-    what = "reading quantized experts" if quantized and quantized.complete(layers) else "quantizing experts"
-    label = f"{what} (layers)" if quantized else "packing experts into host RAM (layers)"
+    layers = {layer: source.blocks[layer] for layer in (source.layers if layers is None else layers)}
+    cached = [layer for layer in layers if quantized is not None and quantized_here(source, layout, layer)]
+    what = "reading quantized experts" if quantized and quantized.complete(cached) else "quantizing experts"
+    label = f"{what} (layers)" if cached else "packing experts into host RAM (layers)"
     for layer, block in progress(layers.items(), len(layers), label):
         shape = (block.num_experts, layout.numel)
-        if quantized is None:
+        if layer not in cached:
             yield layer, packed_layer(source, layer, layout, _page_aligned_empty(*shape, row_dtype))
             continue
         build = functools.partial(packed_layer, source, layer, layout)
@@ -62,7 +85,8 @@ class ExpertStore:
     ):
         """mode "ram": packed rows in host memory, pinned in place for a CUDA `device`; "mmap": read from
         the shards, through a pinned staging row for CUDA. With `quant`, experts are kept quantized, their
-        rows coming from (and going to) the on-disk cache `quantized`: "mmap" then maps its files.
+        rows coming from (and going to) the on-disk cache `quantized`: "mmap" then maps its files; so are
+        the MTP layers' experts that localmoe quantizes into the form the model's are kept in as stored.
         `driver`: what pins RAM rows: for CUDA, the CUDA driver unless given; given, even for the CPU
         device (tests give a stand-in)."""
         self.source = source
@@ -74,8 +98,10 @@ class ExpertStore:
         self.pinned: set[int] = set()  # layers whose rows are page-locked (and mapped for the device)
         self.cuda = cuda = device.type == "cuda"
         self._pins = Pinned(driver)
-        if mode == "ram" or quant is not None:
-            for layer, rows in host_rows(source, self.layout, dtype, quantized, mapped=mode == "mmap"):
+        # "mmap" reads the experts kept as stored from the shards; what localmoe quantizes, from its files
+        held = source.layers if mode == "ram" else [i for i in source.layers if quantized_here(source, self.layout, i)]
+        if held:
+            for layer, rows in host_rows(source, self.layout, dtype, quantized, mode == "mmap", held):
                 self.rows[layer] = rows
                 if (cuda or driver is not None) and mode == "ram" and self._pins.add(rows):
                     self.pinned.add(layer)
@@ -138,7 +164,7 @@ class ExpertStore:
         if layer in self.rows:
             row.copy_(self.rows[layer][expert])
         else:
-            self.layout.pack(row, self.source.read(layer, expert, packed=self.layout.reads_packed))
+            pack_expert(row, self.source, self.layout, layer, expert)
 
 
 class StagedReader:

@@ -2,7 +2,9 @@
 ungated experts), in the compute dtype or as typed byte sections (quantized integers, MXFP4, NVFP4, FP8),
 and views of a stack of such rows by role. The host store,
 the slot pool and the resident experts all hold rows of one layout, so a miss is one row copied and
-every kernel reads a slot and a host row alike."""
+every kernel reads a slot and a host row alike. A byte layout packs an expert as the checkpoint stores it
+(`pack_stored`) or quantizes its decoded weights into its form (`pack`): localmoe's own quantization, and
+the MTP layers' experts a release keeps unquantized beside the model's quantized ones."""
 
 import math
 from dataclasses import dataclass
@@ -19,6 +21,9 @@ from localmoe.kernels.quantized import (
     QuantSpec,
     StoredFormat,
     quantize,
+    quantize_fp8_blocks,
+    quantize_mxfp4,
+    quantize_nvfp4,
 )
 from localmoe.models.expert_source import ExpertSource
 from localmoe.models.expert_tensors import input_roles, role_shapes
@@ -131,7 +136,16 @@ class _ByteRows:
             self._view(rows, "gate_up_bias")[0].copy_(torch.cat([roles[f"{role}_bias"] for role in inputs]))
             self._view(rows, "down_bias")[0].copy_(roles["down_bias"])
 
-    def _pack_stored(self, row: torch.Tensor, roles: dict) -> None:
+    def _encoded(self, w: torch.Tensor):
+        """A decoded matrix [R, C] quantized into the layout's form, as a stack of one (kernels/quantized.py)."""
+        raise NotImplementedError
+
+    def pack(self, row: torch.Tensor, roles: dict[str, torch.Tensor]) -> None:
+        """Quantize an expert's decoded roles into its byte row [numel], then pack them as stored."""
+        encoded = {role: w if role.endswith("_bias") else self._encoded(w) for role, w in roles.items()}
+        self.pack_stored(row, encoded)
+
+    def pack_stored(self, row: torch.Tensor, roles: dict) -> None:
         """Copy an expert as stored (its roles each a stack of one matrix, see `ExpertSource.read` with
         `packed`) into its byte row: gate and up stacked along the rows of every part (and along the parts
         of per-part tables: act-order groups, NVFP4's global scales), then down, then the biases."""
@@ -195,19 +209,15 @@ class QuantizedLayout(_ByteRows):
     def down(self, rows: torch.Tensor) -> QuantizedWeights:
         return self._weights(rows, "down")
 
-    def pack(self, row: torch.Tensor, roles: dict) -> None:
-        """Quantize an expert's roles into its byte row [numel], or copy them as stored."""
-        if self.stored:
-            self._pack_stored(row, roles)
-            return
-        rows = row[None]
-        gate_up = torch.cat([roles[role] for role in input_roles(self.gated)])
-        for name, matrix in (("gate_up", gate_up), ("down", roles["down"])):
-            q, scale, zero = quantize(matrix, self.spec)
-            for suffix, part in (("", q), ("_scale", scale), ("_zero", zero)):
-                if part is not None:
-                    self._view(rows, name + suffix)[0].copy_(part)
-        self._pack_biases(rows, roles)
+    def _encoded(self, w: torch.Tensor) -> QuantizedWeights:
+        """Groups by position: with act order, each column's group is its position's."""
+        q, scale, zero = quantize(w, self.spec)
+        columns = w.shape[1]
+        g_idx = (
+            (torch.arange(columns) // (self.spec.group or columns)).int()[None, None] if self.spec.act_order else None
+        )
+        zero = None if zero is None else zero[None]
+        return QuantizedWeights(q[None], scale[None], zero, self.spec, self.dtype, g_idx)
 
 
 @dataclass(frozen=True)
@@ -240,8 +250,9 @@ class Mxfp4Layout(_ByteRows):
     def down(self, rows: torch.Tensor) -> Mxfp4Weights:
         return Mxfp4Weights(self._view(rows, "down"), self._view(rows, "down_scales"), self.dtype)
 
-    def pack(self, row: torch.Tensor, roles: dict) -> None:
-        self._pack_stored(row, roles)
+    def _encoded(self, w: torch.Tensor) -> Mxfp4Weights:
+        codes, exponents = quantize_mxfp4(w)
+        return Mxfp4Weights(codes[None], exponents[None], self.dtype)
 
 
 @dataclass(frozen=True)
@@ -284,8 +295,9 @@ class Nvfp4Layout(_ByteRows):
     def down(self, rows: torch.Tensor) -> Nvfp4Weights:
         return self._weights(rows, "down")
 
-    def pack(self, row: torch.Tensor, roles: dict) -> None:
-        self._pack_stored(row, roles)
+    def _encoded(self, w: torch.Tensor) -> Nvfp4Weights:
+        codes, scales, global_scale = quantize_nvfp4(w, self.divides)
+        return Nvfp4Weights(codes[None], scales[None], global_scale[None], self.divides, self.dtype)
 
 
 @dataclass(frozen=True)
@@ -324,8 +336,9 @@ class Fp8Layout(_ByteRows):
     def down(self, rows: torch.Tensor) -> Fp8Weights:
         return Fp8Weights(self._view(rows, "down"), self._view(rows, "down_scale"), self.block, self.dtype)
 
-    def pack(self, row: torch.Tensor, roles: dict) -> None:
-        self._pack_stored(row, roles)
+    def _encoded(self, w: torch.Tensor) -> Fp8Weights:
+        bits, scale = quantize_fp8_blocks(w, _tile(self.block, *w.shape), self.exponents)
+        return Fp8Weights(bits[None], scale[None], self.block, self.dtype)
 
 
 def _tile(block: int | tuple[int, int], rows: int, columns: int) -> tuple[int, int]:
