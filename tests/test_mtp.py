@@ -28,6 +28,7 @@ from conftest import (
     GLM_MOE_DSA,
     HY_V3,
     HY_V4,
+    INKLING,
     LONGCAT_FLASH,
     MELLUM,
     MIMO_V2_FLASH,
@@ -912,6 +913,91 @@ def dots3_release(folder: Path) -> Release:
     return release
 
 
+class InklingRelease(Release):
+    """Inkling's MTP layers as vLLM's inkling/nvidia/mtp.py computes them (InklingMultiTokenPredictor.forward,
+    InklingMTP.compute_logits): input_proj([hidden_norm(h); embed_norm(e)]), e after the model's own embed_norm
+    and the first depth's h the model's last hidden states after its final norm; a decoder layer of
+    transformers' (dense, sliding where mtp_config.local_layer_ids lists it); its output divided by the muP
+    multiplier before the LM head, and passed on: unnormed, or after the one `chain` norm of every depth where
+    chain_hidden_post_norm."""
+
+    def __init__(self, folder, reference, blocks, mtp, sliding: list[bool]):
+        super().__init__(folder, reference, blocks, mtp, 0.0, "mtp_config.num_nextn_predict_layers")
+        self.text, self.sliding = reference.model.language_model, sliding
+        self.chain: torch.Tensor | None = None
+
+    def backbone(self, ids):
+        with torch.no_grad():
+            return self.reference(ids).logits, self.text(ids).last_hidden_state  # after the final norm
+
+    def draft(self, h, next_ids, start=0, depth=0):
+        w, eps, config = self.mtp[depth], self.eps, self.text.config
+        with torch.no_grad():
+            embedded = self.text.embed_tokens(next_ids)  # after the model's embed_norm
+            x = F.linear(torch.cat([rms(h, w["hnorm"], eps), rms(embedded, w["enorm"], eps)], -1), w["eh"])
+            self.window = config.sliding_window_size if self.sliding[depth] else 1 << 20
+            positions = torch.arange(start, start + x.shape[1])[None]
+            out = self.blocks[depth](x, attention_mask=self.mask(x.shape[1]), position_ids=positions)
+            out = out if self.chain is None else rms(out, self.chain, eps)
+            logits = self.reference.lm_head(out / config.logits_mup_width_multiplier)
+            return logits[..., : config.unpadded_vocab_size], out
+
+
+# Inkling's release names (vLLM's inkling/nvidia/mtp.py): model.mtp.layers.{k}.{hidden_norm, embed_norm, input_proj,
+# transformer_block.*} (the decoder layer in the release's names, as the model's layers are), model.mtp.chain_norm
+INKLING_NAMES = {
+    "enorm": "model.mtp.layers.{depth}.embed_norm.weight",
+    "hnorm": "model.mtp.layers.{depth}.hidden_norm.weight",
+    "eh": "model.mtp.layers.{depth}.input_proj.weight",
+}
+INKLING_MTP_SLIDING = [False, True]  # mtp_config.local_layer_ids [1]
+
+
+def inkling_release(folder: Path) -> Release:
+    """InklingForConditionalGeneration saved by transformers in the release layout with two more layers, dense,
+    which become the MTP layers' decoder layers; the count and their kinds in a top-level mtp_config."""
+    import transformers
+    from test_inkling_release import TOWERS
+
+    layers, depths = INKLING["num_hidden_layers"], len(INKLING_MTP_SLIDING)
+    backbone = transformers.InklingTextConfig(**INKLING)
+    kinds = ["hybrid_sliding" if sliding else "hybrid" for sliding in INKLING_MTP_SLIDING]
+    text = {k: v for k, v in INKLING.items() if k not in ("local_layer_ids", "dense_mlp_idx")}
+    text |= {
+        "num_hidden_layers": layers + depths,
+        "layer_types": [*backbone.layer_types, *kinds],
+        "mlp_layer_types": [*backbone.mlp_layer_types, *["dense"] * depths],
+    }
+    torch.manual_seed(0)
+    full = transformers.InklingForConditionalGeneration(transformers.InklingConfig(text_config=text, **TOWERS))
+    randomize(full)
+    full.eval().save_pretrained(folder / "full")
+    stored = load_file(str(folder / "full" / "model.safetensors"))
+    for depth in range(depths):
+        last, prefix = f"model.llm.layers.{layers + depth}.", f"model.mtp.layers.{depth}.transformer_block."
+        stored = {prefix + k[len(last) :] if k.startswith(last) else k: v for k, v in stored.items()}
+    mtp = [mtp_weights(INKLING["hidden_size"], 0.0, depth) for depth in range(depths)]
+    for depth, weights in enumerate(mtp):
+        del weights["norm"]
+        stored |= {INKLING_NAMES[role].format(depth=depth): w for role, w in weights.items()}
+    release = folder / "release"
+    release.mkdir()
+    save_file({k: v.contiguous() for k, v in stored.items()}, str(release / "model.safetensors"))
+    saved = json.loads((folder / "full" / "config.json").read_text())
+    saved["text_config"] |= {key: getattr(backbone, key) for key in ("num_hidden_layers", *PER_LAYER[:2])}
+    local = [depth for depth, sliding in enumerate(INKLING_MTP_SLIDING) if sliding]
+    saved["mtp_config"] = {
+        "num_nextn_predict_layers": depths,
+        "local_layer_ids": local,
+        "chain_hidden_post_norm": False,
+    }
+    (release / "config.json").write_text(json.dumps(saved))
+    text_model = full.model.language_model
+    blocks = list(text_model.layers[layers:])
+    text_model.layers = text_model.layers[:layers]
+    return InklingRelease(release, full, blocks, mtp, INKLING_MTP_SLIDING)
+
+
 RELEASES = {
     "deepseek_v3": deepseek_release("DeepseekV3Config", {**DEEPSEEK_V2, "n_group": 4, "topk_group": 2}),
     # DeepSeek-V3's design with more than one MTP layer (its report trains D of them; V3 ships one)
@@ -927,6 +1013,7 @@ RELEASES = {
     "glm4_moe_lite": deepseek_release("Glm4MoeLiteConfig", GLM4_MOE_LITE, extend=with_sparse_mtp_layers),
     "longcat_flash": longcat_release,
     "dots3_note": dots3_release,
+    "inkling": inkling_release,
     "ernie4_5_moe": ernie_release,
     "hy_v3": lambda folder: write_release(
         folder,
@@ -955,7 +1042,11 @@ RELEASES = {
 
 
 def with_count(config: dict, count: str, value: int | None) -> dict:
-    """`config` with its MTP layers' count (in the text config of a multimodal one) `value`, or none said."""
+    """`config` with its MTP layers' count (in the text config of a multimodal one, or where a dotted `count`
+    leads) `value`, or none said."""
+    if "." in count:
+        section, rest = count.split(".", 1)
+        return {**config, section: with_count(config.get(section, {}), rest, value)}
     if "text_config" in config:
         return {**config, "text_config": with_count(config["text_config"], count, value)}
     return {k: v for k, v in config.items() if k != count} | ({} if value is None else {count: value})
@@ -1088,7 +1179,8 @@ def test_the_plan_counts_the_mtp_layers(release):
     engine = load(release.folder)
     footprint, backbone = engine.plan.footprint, len(moe_blocks(engine.model.model))
     config = json.loads((release.folder / "config.json").read_text())
-    count = config.get("text_config", config).get(release.count, 1)  # LongCat-Flash's: none said, one stored
+    count = family_for(config).mtp.stated(config) if "." in release.count else None  # Inkling's: a section's
+    count = count or config.get("text_config", config).get(release.count, 1)  # LongCat-Flash's: none, one stored
     assert len(engine.model.mtp.layers) == count == len(release.blocks)
     routed = len(moe_blocks(engine.model.mtp))
     assert routed == sum(any(".experts" in name for name, _ in block.named_modules()) for block in release.blocks)
@@ -1108,7 +1200,13 @@ def test_the_plan_counts_the_mtp_layers(release):
 
 
 # each release's name of an MTP layer's projection of [embedding; hidden state]
-PROJECTIONS = ("eh_proj.weight", "mtp.fc.weight", "mtp.0.e_proj.weight", "mtp_linear_proj.0.weight")
+PROJECTIONS = (
+    "eh_proj.weight",
+    "mtp.fc.weight",
+    "mtp.0.e_proj.weight",
+    "mtp_linear_proj.0.weight",
+    "input_proj.weight",
+)
 
 
 def test_without_the_promise_or_the_tensors_the_backbone_loads_as_before(release, tmp_path, capsys):
@@ -1366,3 +1464,16 @@ def test_the_static_mtp_step_gives_what_mtp_draft_gives(name, tmp_path):
             got = model.mtp_step(piece, following, positions, static, keys)
             static.pos += length
             assert all(torch.equal(a, b) for a, b in zip(got, expected, strict=True))
+
+
+def test_inkling_chain_norm_feeds_the_head_and_the_next_depth(tmp_path_factory):
+    """With mtp_config.chain_hidden_post_norm, each depth's output passes the one model.mtp.chain_norm, on its way
+    to the LM head and to the next depth alike (vLLM's InklingMultiTokenPredictor.forward)."""
+    release = RELEASES["inkling"](tmp_path_factory.mktemp("inkling_chained"))
+    release.chain = 1 + 0.1 * torch.randn(INKLING["hidden_size"], generator=torch.Generator().manual_seed(11))
+    path = release.folder / "model.safetensors"
+    save_file({**load_file(str(path)), "model.mtp.chain_norm.weight": release.chain}, str(path))
+    config = json.loads((release.folder / "config.json").read_text())
+    config["mtp_config"]["chain_hidden_post_norm"] = True
+    (release.folder / "config.json").write_text(json.dumps(config))
+    test_each_layer_takes_the_output_of_the_one_before(release)

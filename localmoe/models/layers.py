@@ -349,8 +349,8 @@ class CausalLM(nn.Module):
         self, ids: torch.Tensor, cache: KVCache, all_logits: bool = False, hidden: bool = False, trail: bool = False
     ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
         """Logits [B, T, V] for ids [B, T] following what the cache holds (only the last position unless
-        `all_logits`); the cache advances by T. With `hidden`, (logits, h): h [B, T, E] the last layer's
-        output before the final norm, at the same positions (what `mtp_draft` takes). With `trail` (a
+        `all_logits`); the cache advances by T. With `hidden`, (logits, h): h [B, T, E] what the MTP layers
+        take of the last layer's output (`mtp_hidden`), at the same positions (what `mtp_draft` takes). With `trail` (a
         speculative check), the cache can then be cut back to any of these positions (see Step.trail)."""
         step = self._step(cache, ids.shape[1])
         step.trail = trail
@@ -362,7 +362,11 @@ class CausalLM(nn.Module):
         cache.pos += step.length
         cache.writing = False
         h = h if all_logits else h[:, -1:]
-        return (self.logits(h), h) if hidden else self.logits(h)
+        return (self.logits(h), self.mtp_hidden(h)) if hidden else self.logits(h)
+
+    def mtp_hidden(self, h: torch.Tensor) -> torch.Tensor:
+        """What the first MTP layer takes of the last layer's output h: h, before the final norm."""
+        return h
 
     def mtp_draft(
         self, h: torch.Tensor, next_ids: torch.Tensor, cache: KVCache, depth: int = 0
@@ -433,7 +437,7 @@ class CausalLM(nn.Module):
         step = self._static_step(positions, keys)
         step.trail = hidden
         h = self.run_layers(self.embed(ids, step), step, cache.layers)
-        return (self.logits(h), h) if hidden else self.logits(h)
+        return (self.logits(h), self.mtp_hidden(h)) if hidden else self.logits(h)
 
     def _static_step(self, positions: torch.Tensor, keys: int) -> Step:
         cos, sin = self.rotary.at(positions, self.model.embed_tokens.weight.dtype)

@@ -28,6 +28,8 @@ class SharedHead(nn.Module):
 
 
 class MTPLayer(nn.Module):
+    hidden_first = False  # Inkling's projects [hnorm(h); enorm(e)] (transformers' mtp_hidden_states_first)
+
     def __init__(self, block: nn.Module, hidden: int, eps: float, norm=RMSNorm):
         """`block`: the decoder layer, of the family's own kind (attention in `self_attn`)."""
         super().__init__()
@@ -40,7 +42,8 @@ class MTPLayer(nn.Module):
     def forward(self, h: torch.Tensor, embedded: torch.Tensor, step: Step, kv) -> torch.Tensor:
         """The layer's output [B, T, E] before its final norm, for hidden states h and the next tokens'
         embeddings `embedded`, both [B, T, E]."""
-        return self.block(self.eh_proj(torch.cat([self.enorm(embedded), self.hnorm(h)], dim=-1)), step, kv)
+        normed = [self.enorm(embedded), self.hnorm(h)]
+        return self.block(self.eh_proj(torch.cat(normed[:: -1 if self.hidden_first else 1], dim=-1)), step, kv)
 
 
 class NormedMTPLayer(MTPLayer):
