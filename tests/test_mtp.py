@@ -1332,16 +1332,20 @@ def test_without_the_promise_or_the_tensors_the_backbone_loads_as_before(release
             assert warned == ""
 
 
-def test_qwen3_5_multimodal_release_keeps_its_mtp_layers(tmp_path_factory):
-    """Qwen3.5's Hub releases wrap the language model (model.language_model.*) beside a vision tower; the
-    MTP layers stay at the top (mtp.*) and load as in the text-only layout."""
-    text = RELEASES["qwen3_5_moe"](tmp_path_factory.mktemp("qwen3_5_text"))
-    folder = tmp_path_factory.mktemp("qwen3_5_multimodal")
+@pytest.mark.parametrize(
+    "family, wrapper_type",
+    [("qwen3_5_moe", "Qwen3_5MoeForConditionalGeneration"), ("qwen4_exp", "Qwen4ExpForConditionalGeneration")],
+)
+def test_qwen_multimodal_release_keeps_its_mtp_layers(tmp_path_factory, family, wrapper_type):
+    """Qwen3.5's and Qwen4-Exp's Hub releases wrap the language model (model.language_model.*) beside a vision
+    tower; the MTP layers stay at the top (mtp.*) and load as in the text-only layout."""
+    text = RELEASES[family](tmp_path_factory.mktemp(f"{family}_text"))
+    folder = tmp_path_factory.mktemp(f"{family}_multimodal")
     config = json.loads((text.folder / "config.json").read_text())
     wrapper = {
-        "architectures": ["Qwen3_5MoeForConditionalGeneration"],
-        "model_type": "qwen3_5_moe",
-        "text_config": {**config, "model_type": "qwen3_5_moe_text"},
+        "architectures": [wrapper_type],
+        "model_type": config["model_type"].removesuffix("_text"),
+        "text_config": config,
         "tie_word_embeddings": config.get("tie_word_embeddings", False),
     }
     (folder / "config.json").write_text(json.dumps(wrapper))
