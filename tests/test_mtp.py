@@ -36,6 +36,7 @@ from conftest import (
     NEMOTRON_H,
     QWEN3_5_MOE,
     QWEN3_NEXT,
+    QWEN4_EXP,
     STEP3P7,
     hf_model,
     randomize,
@@ -998,6 +999,89 @@ def inkling_release(folder: Path) -> Release:
     return InklingRelease(release, full, blocks, mtp, INKLING_MTP_SLIDING)
 
 
+class Qwen4ExpRelease(Release):
+    """Qwen4-Exp's MTP layer as SGLang's qwen4_exp_mtp.py computes it (Qwen4ExpForCausalLMMTP: its
+    _fuse_residual_linear_shared, then a one-layer Qwen4ExpModel whose hyper_connection_mixer feeds the LM
+    head): the hidden state is the last layer's streams [B, T, hc x E] (hc_hidden_states), normed over
+    their whole width, each stream projected by fc_hidden, fc_embedding of the normed embedding added to
+    every one; transformers' decoder layer (QSA attention, MoE, hyper-connections) and its GatedResidual as
+    the collapse."""
+
+    def backbone(self, ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return logits_and_output(self.reference, self.reference.model.layers[-1], ids)
+
+    def draft(self, h, next_ids, start=0, depth=0):
+        from transformers.masking_utils import create_causal_mask
+        from transformers.models.qwen4_exp.modeling_qwen4_exp import Qwen4ExpTextGatedResidual
+
+        w, model, eps, config = self.mtp[depth], self.reference.model, self.eps, self.reference.config
+        mixer = Qwen4ExpTextGatedResidual(config, use_combine=False)
+        mixer.load_state_dict({name: w[name] for name in mixer.state_dict()})
+        with torch.no_grad():
+            e = model.embed_tokens(next_ids)
+            streams = rms(h, w["hnorm"], eps, 1.0).unflatten(-1, (config.hc_count, config.hidden_size))
+            x = F.linear(streams, w["h"]) + F.linear(rms(e, w["enorm"], eps, 1.0), w["e"])[:, :, None]
+            positions = torch.arange(start, start + x.shape[1])[None]
+            mask = create_causal_mask(
+                config=config,
+                inputs_embeds=e,
+                attention_mask=None,
+                cache=None,
+                position_ids=positions,
+                allow_is_causal_skip=False,
+            )
+            out = self.blocks[depth](
+                x.flatten(-2), position_embeddings=model.rotary_emb(e, positions), attention_mask=mask
+            )
+            return self.reference.lm_head(mixer(out)), out
+
+
+# Qwen4-Exp's (SGLang's qwen4_exp_mtp.py, read by Qwen3_5ForCausalLMMTP.load_weights): mtp.layers.0.* beside
+# mtp.{pre_fc_norm_embedding, pre_fc_norm_hidden, fc_embedding, fc_hidden, hyper_connection_mixer.*}
+QWEN4_EXP_NAMES = {
+    "enorm": "mtp.pre_fc_norm_embedding.weight",
+    "hnorm": "mtp.pre_fc_norm_hidden.weight",
+    "e": "mtp.fc_embedding.weight",
+    "h": "mtp.fc_hidden.weight",
+    "hc_norm.weight": "mtp.hyper_connection_mixer.hc_norm.weight",
+    "input_mix_weight_down.weight": "mtp.hyper_connection_mixer.input_mix_weight_down.weight",
+    "input_mix_weight_up.weight": "mtp.hyper_connection_mixer.input_mix_weight_up.weight",
+}
+
+
+def qwen4_exp_weights(hidden: int, offset: float, depth: int = 0) -> dict[str, torch.Tensor]:
+    generator = torch.Generator().manual_seed(3 + depth)
+    width, rank = QWEN4_EXP["hc_count"] * hidden, QWEN4_EXP["hc_lowrank"]
+    shapes = {"enorm": (hidden,), "hnorm": (width,), "e": (hidden, hidden), "h": (hidden, hidden)}
+    shapes |= {"hc_norm.weight": (width,), "input_mix_weight_down.weight": (rank, width)}
+    shapes |= {"input_mix_weight_up.weight": (width, rank)}
+    return {role: 0.1 * torch.randn(shape, generator=generator) for role, shape in shapes.items()}  # norms: 1 + w
+
+
+def qwen4_exp_release(folder: Path) -> Release:
+    """The MTP layer a QSA attention MoE layer with hyper-connections and no PLE, as SGLang builds it."""
+
+    def extend(c: dict, n: int) -> dict:
+        return {
+            **c,
+            "num_hidden_layers": c["num_hidden_layers"] + n,
+            "layer_types": [*c["layer_types"], *["indexed_attention"] * n],
+        }
+
+    return write_release(
+        folder,
+        "Qwen4ExpTextConfig",
+        QWEN4_EXP,
+        extend,
+        "mtp.layers.{depth}.",
+        QWEN4_EXP_NAMES,
+        1.0,
+        "mtp_num_hidden_layers",
+        kind=Qwen4ExpRelease,
+        weights=qwen4_exp_weights,
+    )
+
+
 RELEASES = {
     "deepseek_v3": deepseek_release("DeepseekV3Config", {**DEEPSEEK_V2, "n_group": 4, "topk_group": 2}),
     # DeepSeek-V3's design with more than one MTP layer (its report trains D of them; V3 ships one)
@@ -1031,6 +1115,7 @@ RELEASES = {
     "step3p5": step_release,
     "qwen3_5_moe": qwen_release("Qwen3_5MoeTextConfig", QWEN3_5_MOE),
     "qwen3_next": qwen_release("Qwen3NextConfig", QWEN3_NEXT),
+    "qwen4_exp": qwen4_exp_release,
     "nemotron_h": nemotron_release,
     "minimax_m3_vl": minimax_m3_release,
     "mellum": mellum_release,
@@ -1204,6 +1289,7 @@ PROJECTIONS = (
     "eh_proj.weight",
     "mtp.fc.weight",
     "mtp.0.e_proj.weight",
+    "mtp.fc_hidden.weight",
     "mtp_linear_proj.0.weight",
     "input_proj.weight",
 )
@@ -1246,16 +1332,20 @@ def test_without_the_promise_or_the_tensors_the_backbone_loads_as_before(release
             assert warned == ""
 
 
-def test_qwen3_5_multimodal_release_keeps_its_mtp_layers(tmp_path_factory):
-    """Qwen3.5's Hub releases wrap the language model (model.language_model.*) beside a vision tower; the
-    MTP layers stay at the top (mtp.*) and load as in the text-only layout."""
-    text = RELEASES["qwen3_5_moe"](tmp_path_factory.mktemp("qwen3_5_text"))
-    folder = tmp_path_factory.mktemp("qwen3_5_multimodal")
+@pytest.mark.parametrize(
+    "family, wrapper_type",
+    [("qwen3_5_moe", "Qwen3_5MoeForConditionalGeneration"), ("qwen4_exp", "Qwen4ExpForConditionalGeneration")],
+)
+def test_qwen_multimodal_release_keeps_its_mtp_layers(tmp_path_factory, family, wrapper_type):
+    """Qwen3.5's and Qwen4-Exp's Hub releases wrap the language model (model.language_model.*) beside a vision
+    tower; the MTP layers stay at the top (mtp.*) and load as in the text-only layout."""
+    text = RELEASES[family](tmp_path_factory.mktemp(f"{family}_text"))
+    folder = tmp_path_factory.mktemp(f"{family}_multimodal")
     config = json.loads((text.folder / "config.json").read_text())
     wrapper = {
-        "architectures": ["Qwen3_5MoeForConditionalGeneration"],
-        "model_type": "qwen3_5_moe",
-        "text_config": {**config, "model_type": "qwen3_5_moe_text"},
+        "architectures": [wrapper_type],
+        "model_type": config["model_type"].removesuffix("_text"),
+        "text_config": config,
         "tie_word_embeddings": config.get("tie_word_embeddings", False),
     }
     (folder / "config.json").write_text(json.dumps(wrapper))
