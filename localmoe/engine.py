@@ -187,7 +187,7 @@ class Engine:
             context=self.plan.context,
             prefill_chunk=self.plan.prefill_chunk,
             on_prefill=after_prefill,
-            hooks=None if runtime is None else StepHooks(runtime.begin_step, runtime.end_step),
+            hooks=self._step_hooks(),
             graphs=not self.graphs_barred(),
             drafter=drafter,
             draft_tokens=draft_tokens or self.options.draft_tokens or DRAFT_TOKENS,
@@ -207,10 +207,14 @@ class Engine:
 
     def new_drafter(self) -> Drafter | None:
         """A drafter for one generation, as `self.speculative` says (None: plain decoding)."""
-        runtime = self._offloaded
-        hooks = None if runtime is None else StepHooks(runtime.begin_step, runtime.end_step)
         drafts = self.options.draft_tokens or DRAFT_TOKENS
-        return DRAFTERS[self.speculative](self.model, self.plan.context, hooks, drafts)
+        graphs = not self.graphs_barred()
+        return DRAFTERS[self.speculative](self.model, self.plan.context, self._step_hooks(), drafts, graphs)
+
+    def _step_hooks(self) -> StepHooks | None:
+        """What runs around each forward step: the expert cache's, where experts are offloaded."""
+        runtime = self._offloaded
+        return None if runtime is None else StepHooks(runtime.begin_step, runtime.end_step, runtime.step_tokens)
 
     def graphs_barred(self) -> list[str]:
         """Why decode steps run eagerly, not as CUDA graphs (empty: they are captured)."""
@@ -344,7 +348,17 @@ class Engine:
         if self.speculative == "off":
             return ""
         drafts = self.options.draft_tokens or DRAFT_TOKENS
-        return f"; speculative: {self.speculative}, up to {drafts} drafted tokens per check"
+        checks = "static steps" if self.model.static_decode else "eager"
+        barred = self.drafts_barred()
+        mtp = "" if self.speculative != "mtp" else "; MTP drafts: " + (f"eager ({barred[0]})" if barred else checks)
+        return f"; speculative: {self.speculative}, up to {drafts} drafted tokens per check (checks: {checks}{mtp})"
+
+    def drafts_barred(self) -> list[str]:
+        """Why the MTP layers' draft steps run eagerly where the checks are static steps, captured as the
+        decode steps are (empty: they run static too, or nothing drafts with MTP layers)."""
+        if self.speculative != "mtp" or not self.model.static_decode or self.model.static_mtp:
+            return []
+        return ["an MTP layer has no static steps"]
 
     def _misses(self) -> str:
         if self.miss_policy is None:

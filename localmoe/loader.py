@@ -274,14 +274,12 @@ def _drop_incomplete_mtp(model: nn.Module, ckpt: Checkpoint, family: Family) -> 
     try:
         for name, param in mtp.named_parameters():
             ours = mtp.stored_name(name)
-            candidates = family.disk_names(ours)
-            found = next((c for c in candidates if ckpt.has_weight(c)), None)
+            found = _source(ckpt, family, ours, param)
             if found is None:
-                # (the release's name from DeepSeek-V3's, which the hub's spelling of it may not start with)
-                missing = family.mtp.release_name(ours, ckpt.config) if family.mtp else candidates[0]
-                release = ckpt.stored_name(missing)  # as stored (a multimodal checkpoint's under its prefix)
+                release = ckpt.stored_name(_release_name(family, ours, ckpt.config))  # (a multimodal's: its prefix)
                 raise LocalMoEError(f"{ckpt.path} lacks {release}")
-            ckpt.check_weight(found, tuple(param.shape))
+            if isinstance(found, str):
+                ckpt.check_weight(found, tuple(param.shape))
         for block in moe_blocks(mtp):
             layout = next((layout for layout in family.experts if layout.present(ckpt, block)), None)
             if layout is None:
@@ -292,6 +290,15 @@ def _drop_incomplete_mtp(model: nn.Module, ckpt: Checkpoint, family: Family) -> 
         promised = "loading without the multi-token-prediction layers it promises"
         print(f"localmoe: {error}: {promised}", file=sys.stderr)
         model.mtp = None
+
+
+def _release_name(family: Family, ours: str, config: dict) -> str:
+    """The release's name of MTP tensor `ours` (DeepSeek-V3's name), from it or from the Hub's spelling of it
+    (Inkling's layout is in that spelling), for a message."""
+    names = [ours, *family.disk_names(ours)]
+    if family.mtp is None:
+        return names[1]
+    return next((theirs for name in names if (theirs := family.mtp.release_name(name, config)) != name), names[1])
 
 
 def _check_mtp_scales(mtp: nn.Module, ckpt: Checkpoint) -> None:
@@ -306,9 +313,12 @@ def _check_mtp_scales(mtp: nn.Module, ckpt: Checkpoint) -> None:
 
 def disk_names(model: nn.Module, family: Family, name: str) -> list[str]:
     """Names under which parameter `name` may be stored: an MTP layer's under DeepSeek-V3's names for it."""
-    if name.startswith("mtp."):
-        name = model.mtp.stored_name(name.removeprefix("mtp."))
-    return family.disk_names(name)
+    return family.disk_names(model_name(model, name))
+
+
+def model_name(model: nn.Module, name: str) -> str:
+    """Parameter `name`, an MTP layer's as DeepSeek-V3 names it."""
+    return model.mtp.stored_name(name.removeprefix("mtp.")) if name.startswith("mtp.") else name
 
 
 def _resident_sources(model: nn.Module, ckpt: Checkpoint, family: Family) -> dict[str, "str | Alternate"]:
@@ -317,11 +327,7 @@ def _resident_sources(model: nn.Module, ckpt: Checkpoint, family: Family) -> dic
     sources = {}
     for name, param in model.named_parameters():
         candidates = disk_names(model, family, name)
-        found = next((c for c in candidates if ckpt.has_weight(c)), None)
-        if found is None:  # in a tensor a release interleaves it in (shape checked there)
-            found = next(
-                (a for pair in family.interleaved if (a := _interleaved(ckpt, family, pair, name, param))), None
-            )
+        found = _source(ckpt, family, model_name(model, name), param)
         if found is None:
             raise LocalMoEError(
                 f"{ckpt.path} lacks tensor {ckpt.stored_name(candidates[0])}, which {family.name} "
@@ -331,6 +337,15 @@ def _resident_sources(model: nn.Module, ckpt: Checkpoint, family: Family) -> dic
             ckpt.check_weight(found, tuple(param.shape), WEIGHT_DTYPES if param.is_floating_point() else INTEGER_DTYPES)
         sources[name] = found
     return sources
+
+
+def _source(ckpt: Checkpoint, family: Family, ours: str, param) -> "str | Alternate | None":
+    """Where the parameter of model name `ours` (an MTP layer's under DeepSeek-V3's name) is stored: a tensor,
+    or the slices of one a release interleaves it in (shape checked there); None where neither."""
+    found = next((c for c in family.disk_names(ours) if ckpt.has_weight(c)), None)
+    if found is None:
+        found = next((a for pair in family.interleaved if (a := _interleaved(ckpt, family, pair, ours, param))), None)
+    return found
 
 
 def _interleaved(ckpt: Checkpoint, family: Family, pair: Interleaved, name: str, param) -> Alternate | None:

@@ -67,6 +67,28 @@ def test_the_static_step_gives_what_the_forward_gives(checkpoints, family):
             assert torch.equal(got, expected)
 
 
+@pytest.mark.parametrize("context", [100, 1100], ids=["whole", "rings"])  # windows of 8 in rings past 1032
+@pytest.mark.parametrize("family", STATIC)
+def test_the_static_check_gives_what_the_forward_gives(checkpoints, family, context):
+    """A speculative check (the last chosen token and drafts: T tokens, their logits and hidden states at
+    every position) as a static step gives the eager check's bits, whatever T: within a bucket, one
+    token, across a bucket's end (positions 62 .. 66 read 128 keys) and up to the context's last position."""
+    model = localmoe.load(checkpoints[family], device="cpu", dtype=torch.float32).model
+    eager, static = model.new_cache(1, context), model.new_cache(1, context)
+    with torch.inference_mode():
+        model(torch.tensor([PROMPT]), eager)
+        model(torch.tensor([PROMPT]), static)
+        for start, length in ((24, 3), (27, 1), (62, 5), (context - 4, 4)):
+            for cache in (eager, static):  # on from `start`: what a rollback leaves (a gap reads as unwritten)
+                cache.rewind(start)
+            ids = torch.randint(0, 200, (1, length), generator=torch.Generator().manual_seed(start))
+            expected = model(ids, eager, all_logits=True, hidden=True, trail=True)
+            positions = torch.arange(start, start + length)
+            got = model.decode_step(ids, positions, static, bucket(start + length - 1, context), hidden=True)
+            static.pos += length
+            assert all(torch.equal(a, b) for a, b in zip(got, expected, strict=True))
+
+
 def test_buckets_cover_the_position_and_stay_within_the_cache():
     assert [bucket(p, 4096) for p in (0, 63, 64, 100, 127, 128, 4095)] == [64, 64, 128, 128, 128, 256, 4096]
     assert bucket(70, 100) == 100
@@ -103,11 +125,14 @@ class NoDeviceReads(torch.utils._python_dispatch.TorchDispatchMode):
         return func(*args, **(kwargs or {}))
 
 
+@pytest.mark.parametrize("tokens", [1, 6], ids=["decode", "check"])
 @pytest.mark.parametrize("kernel", ["stand-in", "triton"])
-def test_the_direct_decode_step_reads_nothing_from_the_device(checkpoints, kernel):
+def test_the_direct_decode_step_reads_nothing_from_the_device(checkpoints, kernel, tokens):
     """Between the embedding and the logits, no op waits for the device, and the routing still reaches
     the cache (a step later, through the routing log). With a kernel that reads nothing back itself: a
-    stand-in, or the fused kernels (in Triton's interpreter: their launches are no aten ops)."""
+    stand-in, or the fused kernels (in Triton's interpreter: their launches are no aten ops). A decode
+    token, and a speculative check of six (the last chosen token and five drafts: 18 pairs, past the
+    matrix-vector kernels' 16, so the grouped ones run)."""
     if kernel == "triton":
         pytest.importorskip("triton")
     options = RuntimeOptions(expert_slots=8, kernels="triton" if kernel == "triton" else "reference")
@@ -117,14 +142,17 @@ def test_the_direct_decode_step_reads_nothing_from_the_device(checkpoints, kerne
     if kernel == "stand-in":
         runtime.pair_outputs = gathered_pairs
     cache = engine.model.new_cache(1, 64)
-    steps = DecodeSteps(engine.model, cache, hooks=StepHooks(runtime.begin_step, runtime.end_step))
+    hooks = StepHooks(runtime.begin_step, runtime.end_step, runtime.step_tokens)
+    steps = DecodeSteps(engine.model, cache, hooks=hooks, most=tokens)
+    ids = torch.tensor([[7, 8, 9, 10, 11, 12][:tokens]])
     with torch.inference_mode():
         engine.model(torch.tensor([PROMPT]), cache)
-        steps(torch.tensor([[7]]))  # warm: buffers allocated
+        steps.check(ids)  # warm: buffers allocated
         uses = runtime.cache.totals().uses
         runtime.begin_step()
+        positions = torch.arange(cache.pos, cache.pos + tokens)
         with NoDeviceReads():
-            engine.model.decode_step(steps.token, steps.position.fill_(cache.pos), cache, bucket(cache.pos, 64))
+            engine.model.decode_step(ids, positions, cache, bucket(cache.pos + tokens - 1, 64), hidden=True)
         runtime.end_step()
     assert runtime.cache.totals().uses > uses  # the step was learned from
 
@@ -174,6 +202,26 @@ def test_the_decode_step_captured_as_a_cuda_graph_gives_the_eager_tokens(checkpo
         engine = localmoe.load(checkpoints["qwen3_moe"], device="cuda", dtype=torch.float32, options=options)
         assert bool(engine.graphs_barred()) == (graphs == "off")
         return list(engine.generate_ids(PROMPT, 80))  # past the first bucket: two graphs
+
+    assert tokens("on") == tokens("off")
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("speculative", ["lookup", "mtp"])
+def test_speculative_steps_captured_as_cuda_graphs_give_the_eager_tokens(checkpoints, tmp_path, speculative):
+    """Checks of every length (prompt lookup drafts what it finds) and the MTP layer's steps, one graph
+    per kind, bucket and token count, offloaded with misses read in place: the tokens without graphs."""
+    from test_mtp import RELEASES
+
+    path = checkpoints["qwen3_moe"] if speculative == "lookup" else str(RELEASES["deepseek_v3"](tmp_path).folder)
+
+    def tokens(graphs: str) -> list[int]:
+        options = RuntimeOptions(
+            expert_slots=8, cuda_graphs=graphs, kernels="triton", speculative=speculative, draft_tokens=3
+        )
+        engine = localmoe.load(path, device="cuda", dtype=torch.float32, options=options)
+        assert bool(engine.graphs_barred()) == (graphs == "off") and not engine.drafts_barred()
+        return list(engine.generate_ids(PROMPT * 3, 40))  # past the first bucket
 
     assert tokens("on") == tokens("off")
 

@@ -24,8 +24,11 @@ from conftest import (
     EXAONE_MOE,
     GLM4_MOE,
     GLM4_MOE_LITE,
+    GLM5_NEXT,
     GLM_MOE_DSA,
     HY_V3,
+    HY_V4,
+    INKLING,
     LONGCAT_FLASH,
     MELLUM,
     MIMO_V2_FLASH,
@@ -33,6 +36,7 @@ from conftest import (
     NEMOTRON_H,
     QWEN3_5_MOE,
     QWEN3_NEXT,
+    QWEN4_EXP,
     STEP3P7,
     hf_model,
     randomize,
@@ -384,7 +388,7 @@ def nemotron_release(folder: Path) -> Release:
 
 
 class TextModel(torch.nn.Module):
-    """MiniMax-M3's language model and LM head, out of transformers' multimodal model."""
+    """The language model and LM head, out of transformers' multimodal model (MiniMax-M3's, GLM-5.3-Flash's)."""
 
     def __init__(self, full):
         super().__init__()
@@ -393,6 +397,18 @@ class TextModel(torch.nn.Module):
     def forward(self, ids: torch.Tensor, output_hidden_states: bool = False):
         out = self.model(ids, output_hidden_states=output_hidden_states)
         return SimpleNamespace(logits=self.lm_head(out.last_hidden_state), hidden_states=out.hidden_states)
+
+
+def write_multimodal(folder: Path, stored: dict, text: dict) -> Path:
+    """A multimodal release of tensors `stored`, its config the one written to folder/full with `text` in its
+    text config."""
+    release = folder / "release"
+    release.mkdir()
+    save_file({k: v.contiguous() for k, v in stored.items()}, str(release / "model.safetensors"))
+    saved = json.loads((folder / "full" / "config.json").read_text())
+    saved["text_config"] |= text
+    (release / "config.json").write_text(json.dumps(saved))
+    return release
 
 
 def minimax_m3_release(folder: Path) -> Release:
@@ -418,12 +434,7 @@ def minimax_m3_release(folder: Path) -> Release:
     mtp = mtp_weights(text["hidden_size"], 1.0)
     names = {"enorm": "enorm", "hnorm": "hnorm", "eh": "eh_proj", "norm": "final_layernorm"}
     stored |= {f"{mtp_prefix}{names[role]}.weight": weight for role, weight in mtp.items()}
-    release = folder / "release"
-    release.mkdir()
-    save_file({k: v.contiguous() for k, v in stored.items()}, str(release / "model.safetensors"))
-    saved = json.loads((folder / "full" / "config.json").read_text())
-    saved["text_config"] |= {**text, "num_mtp_modules": 1}
-    (release / "config.json").write_text(json.dumps(saved))
+    release = write_multimodal(folder, stored, {**text, "num_mtp_modules": 1})
     language = full.model.language_model
     block = language.layers[layers]
     language.layers = language.layers[:layers]
@@ -478,19 +489,24 @@ def bailing_release(folder: Path) -> Release:
     )
 
 
+def logits_and_output(reference, module: torch.nn.Module, ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """transformers' logits for ids [1, T], and what `module` (a part of `reference`) gave in that run."""
+    outputs = []
+    hook = module.register_forward_hook(lambda m, a, out: outputs.append(out))
+    try:
+        with torch.no_grad():
+            logits = reference(ids).logits
+    finally:
+        hook.remove()
+    return logits, outputs[0]
+
+
 class V4Release(Release):
     """DeepSeek-V4's MTP layer, as DeepSeek's inference/model.py computes it (MTPBlock.forward, and
     ParallelHead.hc_head for its collapse): the hidden state is the last layer's streams [B, T, N, E]."""
 
     def backbone(self, ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        streams = []
-        hook = self.reference.model.layers[-1].register_forward_hook(lambda m, a, out: streams.append(out))
-        try:
-            with torch.no_grad():
-                logits = self.reference(ids).logits
-        finally:
-            hook.remove()
-        return logits, streams[0]
+        return logits_and_output(self.reference, self.reference.model.layers[-1], ids)
 
     def draft(self, h, next_ids, start=0, depth=0):
         from transformers.masking_utils import create_sliding_window_causal_mask
@@ -762,6 +778,117 @@ def with_sparse_mtp_layers(config: dict, depths: int) -> dict:
     }
 
 
+class PlainPreNormBlock(torch.nn.Module):
+    """An MTP decoder layer without the hyper-connections of the model's (vLLM's hy_v4_mtp.py builds
+    HYV4DecoderLayer with enable_ihc=False, SGLang's hunyuan_v4_nextn.py HYV4MTPDecoderLayer; vLLM's
+    glm5_next_mtp.py, Glm5NextMTPBlock): transformers' attention and MoE of a decoder layer of the family,
+    each after its norm with a plain residual. `padding_mask`: the attention takes a [B, T] mask of ones
+    (GLM-5.3-Flash's, as its model passes it) rather than the causal one."""
+
+    def __init__(self, layer, padding_mask: bool = False):
+        super().__init__()
+        self.layer, self.padding_mask = layer, padding_mask
+
+    def forward(self, x, position_ids, position_embeddings, attention_mask):
+        layer = self.layer
+        if self.padding_mask:
+            attention_mask = torch.ones(x.shape[:2], dtype=torch.bool)
+        attended = layer.self_attn(
+            layer.input_layernorm(x),
+            attention_mask=attention_mask,
+            position_ids=position_ids,
+            position_embeddings=position_embeddings,
+        )[0]
+        x = x + attended
+        return x + layer.mlp(layer.post_attention_layernorm(x))
+
+
+class CollapsedStreams:
+    """A release whose MTP layers take the last layer's streams collapsed by hc_head, before the final norm."""
+
+    def backbone(self, ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return logits_and_output(self.reference, self.reference.model.hc_head, ids)
+
+
+class HyV4Release(CollapsedStreams, NormedRelease):
+    pass
+
+
+class Glm5NextRelease(CollapsedStreams, Release):
+    pass
+
+
+# Hy4's (vLLM's hy_v4_mtp.py, SGLang's hunyuan_v4_nextn.py): model.mtp_layers.{k}.{enorm, hnorm, eh_proj,
+# final_layernorm} beside the decoder layer's tensors, which has no hyper-connections
+HY_V4_NAMES = {role: f"model.mtp_layers.{{depth}}.{name}.weight" for role, name in DEEPSEEK_NAMES.items()}
+HY_V4_NAMES["norm"] = "model.mtp_layers.{depth}.final_layernorm.weight"
+
+
+def hy_v4_release(folder: Path) -> Release:
+    """The MTP layer an MoE one computing its own selection, as the release's is (its count
+    num_nextn_predict_layers); its hyper-connections dropped from the release."""
+    import transformers
+
+    def extend(c: dict, n: int) -> dict:
+        backbone = transformers.HYV4Config(**c)
+        types = {"indexer_types": [*backbone.indexer_types, *["full"] * n]}
+        return {
+            **c,
+            "num_hidden_layers": c["num_hidden_layers"] + n,
+            "mlp_layer_types": [*backbone.mlp_layer_types, *["sparse"] * n],
+        } | types
+
+    release = write_release(
+        folder,
+        "HYV4Config",
+        HY_V4,
+        extend,
+        "model.mtp_layers.{depth}.",
+        HY_V4_NAMES,
+        0.0,
+        "num_nextn_predict_layers",
+        kind=HyV4Release,
+        window=1 << 20,
+    )
+    path = release.folder / "model.safetensors"
+    save_file(
+        {k: v for k, v in load_file(str(path)).items() if not re.match(r"model\.mtp_layers\.\d+\.hc_", k)}, str(path)
+    )
+    release.blocks = [PlainPreNormBlock(block) for block in release.blocks]
+    return release
+
+
+def glm5_next_release(folder: Path) -> Release:
+    """GLM-5.3-Flash's (vLLM's glm5_next_mtp.py; transformers skips `layers.{num_hidden_layers}`): DeepSeek-V3's
+    layout inside the multimodal checkpoint, `model.language_model.layers.{num_hidden_layers}.*`, the decoder
+    layer's tensors (per-expert, no hyper-connections: those are dropped here) beside enorm, hnorm, eh_proj and
+    shared_head.norm; an attention layer computing its own selection, and MoE; num_nextn_predict_layers in the
+    text config."""
+    text = {**GLM5_NEXT["text_config"], "index_topk": 4}  # one block: the MTP layer's selection cuts too
+    layers = text["num_hidden_layers"]
+    added = {"layer_types": "indexed_attention", "indexer_types": "full", "mlp_layer_types": "sparse"}
+    extended = {**text, "num_hidden_layers": layers + 1} | {k: [*text[k], kind] for k, kind in added.items()}
+    full = hf_model("Glm5NextConfig", **{**GLM5_NEXT, "text_config": extended})
+    save_hf(full, folder / "full", "single")
+    prefix = f"model.language_model.layers.{layers}."
+    stored = {
+        k: v
+        for k, v in load_file(str(folder / "full" / "model.safetensors")).items()
+        if not k.startswith(prefix + "hc_")
+    }
+    mtp = mtp_weights(text["hidden_size"], 0.0)
+    stored |= {f"{prefix}{name}.weight": mtp[role] for role, name in DEEPSEEK_NAMES.items()}
+    release = write_multimodal(folder, stored, {**text, "num_nextn_predict_layers": 1})
+    language = full.model.language_model
+    block = PlainPreNormBlock(language.layers[layers], padding_mask=True)
+    language.layers = language.layers[:layers]
+    full.config.text_config.num_hidden_layers = layers
+    for per_layer in added:
+        setattr(full.config.text_config, per_layer, getattr(full.config.text_config, per_layer)[:layers])
+    reference = TextModel(full)
+    return Glm5NextRelease(release, reference, [block], [mtp], 0.0, "num_nextn_predict_layers", rotary=lambda *_: None)
+
+
 def dots3_with_mtp(config: dict, depths: int) -> dict:
     """dots3-note's tiny config with `depths` more layers, sliding ones with a dense MLP (vLLM's MTP layer)."""
     import transformers
@@ -793,6 +920,174 @@ def dots3_release(folder: Path) -> Release:
     return release
 
 
+class InklingRelease(Release):
+    """Inkling's MTP layers as vLLM's inkling/nvidia/mtp.py computes them (InklingMultiTokenPredictor.forward,
+    InklingMTP.compute_logits): input_proj([hidden_norm(h); embed_norm(e)]), e after the model's own embed_norm
+    and the first depth's h the model's last hidden states after its final norm; a decoder layer of
+    transformers' (dense, sliding where mtp_config.local_layer_ids lists it); its output divided by the muP
+    multiplier before the LM head, and passed on: unnormed, or after the one `chain` norm of every depth where
+    chain_hidden_post_norm."""
+
+    def __init__(self, folder, reference, blocks, mtp, sliding: list[bool]):
+        super().__init__(folder, reference, blocks, mtp, 0.0, "mtp_config.num_nextn_predict_layers")
+        self.text, self.sliding = reference.model.language_model, sliding
+        self.chain: torch.Tensor | None = None
+
+    def backbone(self, ids):
+        with torch.no_grad():
+            return self.reference(ids).logits, self.text(ids).last_hidden_state  # after the final norm
+
+    def draft(self, h, next_ids, start=0, depth=0):
+        w, eps, config = self.mtp[depth], self.eps, self.text.config
+        with torch.no_grad():
+            embedded = self.text.embed_tokens(next_ids)  # after the model's embed_norm
+            x = F.linear(torch.cat([rms(h, w["hnorm"], eps), rms(embedded, w["enorm"], eps)], -1), w["eh"])
+            self.window = config.sliding_window_size if self.sliding[depth] else 1 << 20
+            positions = torch.arange(start, start + x.shape[1])[None]
+            out = self.blocks[depth](x, attention_mask=self.mask(x.shape[1]), position_ids=positions)
+            out = out if self.chain is None else rms(out, self.chain, eps)
+            logits = self.reference.lm_head(out / config.logits_mup_width_multiplier)
+            return logits[..., : config.unpadded_vocab_size], out
+
+
+# Inkling's release names (vLLM's inkling/nvidia/mtp.py): model.mtp.layers.{k}.{hidden_norm, embed_norm, input_proj,
+# transformer_block.*} (the decoder layer in the release's names, as the model's layers are), model.mtp.chain_norm
+INKLING_NAMES = {
+    "enorm": "model.mtp.layers.{depth}.embed_norm.weight",
+    "hnorm": "model.mtp.layers.{depth}.hidden_norm.weight",
+    "eh": "model.mtp.layers.{depth}.input_proj.weight",
+}
+INKLING_MTP_SLIDING = [False, True]  # mtp_config.local_layer_ids [1]
+
+
+def inkling_release(folder: Path) -> Release:
+    """InklingForConditionalGeneration saved by transformers in the release layout with two more layers, dense,
+    which become the MTP layers' decoder layers; the count and their kinds in a top-level mtp_config."""
+    import transformers
+    from test_inkling_release import TOWERS
+
+    layers, depths = INKLING["num_hidden_layers"], len(INKLING_MTP_SLIDING)
+    backbone = transformers.InklingTextConfig(**INKLING)
+    kinds = ["hybrid_sliding" if sliding else "hybrid" for sliding in INKLING_MTP_SLIDING]
+    text = {k: v for k, v in INKLING.items() if k not in ("local_layer_ids", "dense_mlp_idx")}
+    text |= {
+        "num_hidden_layers": layers + depths,
+        "layer_types": [*backbone.layer_types, *kinds],
+        "mlp_layer_types": [*backbone.mlp_layer_types, *["dense"] * depths],
+    }
+    torch.manual_seed(0)
+    full = transformers.InklingForConditionalGeneration(transformers.InklingConfig(text_config=text, **TOWERS))
+    randomize(full)
+    full.eval().save_pretrained(folder / "full")
+    stored = load_file(str(folder / "full" / "model.safetensors"))
+    for depth in range(depths):
+        last, prefix = f"model.llm.layers.{layers + depth}.", f"model.mtp.layers.{depth}.transformer_block."
+        stored = {prefix + k[len(last) :] if k.startswith(last) else k: v for k, v in stored.items()}
+    mtp = [mtp_weights(INKLING["hidden_size"], 0.0, depth) for depth in range(depths)]
+    for depth, weights in enumerate(mtp):
+        del weights["norm"]
+        stored |= {INKLING_NAMES[role].format(depth=depth): w for role, w in weights.items()}
+    release = folder / "release"
+    release.mkdir()
+    save_file({k: v.contiguous() for k, v in stored.items()}, str(release / "model.safetensors"))
+    saved = json.loads((folder / "full" / "config.json").read_text())
+    saved["text_config"] |= {key: getattr(backbone, key) for key in ("num_hidden_layers", *PER_LAYER[:2])}
+    local = [depth for depth, sliding in enumerate(INKLING_MTP_SLIDING) if sliding]
+    saved["mtp_config"] = {
+        "num_nextn_predict_layers": depths,
+        "local_layer_ids": local,
+        "chain_hidden_post_norm": False,
+    }
+    (release / "config.json").write_text(json.dumps(saved))
+    text_model = full.model.language_model
+    blocks = list(text_model.layers[layers:])
+    text_model.layers = text_model.layers[:layers]
+    return InklingRelease(release, full, blocks, mtp, INKLING_MTP_SLIDING)
+
+
+class Qwen4ExpRelease(Release):
+    """Qwen4-Exp's MTP layer as SGLang's qwen4_exp_mtp.py computes it (Qwen4ExpForCausalLMMTP: its
+    _fuse_residual_linear_shared, then a one-layer Qwen4ExpModel whose hyper_connection_mixer feeds the LM
+    head): the hidden state is the last layer's streams [B, T, hc x E] (hc_hidden_states), normed over
+    their whole width, each stream projected by fc_hidden, fc_embedding of the normed embedding added to
+    every one; transformers' decoder layer (QSA attention, MoE, hyper-connections) and its GatedResidual as
+    the collapse."""
+
+    def backbone(self, ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return logits_and_output(self.reference, self.reference.model.layers[-1], ids)
+
+    def draft(self, h, next_ids, start=0, depth=0):
+        from transformers.masking_utils import create_causal_mask
+        from transformers.models.qwen4_exp.modeling_qwen4_exp import Qwen4ExpTextGatedResidual
+
+        w, model, eps, config = self.mtp[depth], self.reference.model, self.eps, self.reference.config
+        mixer = Qwen4ExpTextGatedResidual(config, use_combine=False)
+        mixer.load_state_dict({name: w[name] for name in mixer.state_dict()})
+        with torch.no_grad():
+            e = model.embed_tokens(next_ids)
+            streams = rms(h, w["hnorm"], eps, 1.0).unflatten(-1, (config.hc_count, config.hidden_size))
+            x = F.linear(streams, w["h"]) + F.linear(rms(e, w["enorm"], eps, 1.0), w["e"])[:, :, None]
+            positions = torch.arange(start, start + x.shape[1])[None]
+            mask = create_causal_mask(
+                config=config,
+                inputs_embeds=e,
+                attention_mask=None,
+                cache=None,
+                position_ids=positions,
+                allow_is_causal_skip=False,
+            )
+            out = self.blocks[depth](
+                x.flatten(-2), position_embeddings=model.rotary_emb(e, positions), attention_mask=mask
+            )
+            return self.reference.lm_head(mixer(out)), out
+
+
+# Qwen4-Exp's (SGLang's qwen4_exp_mtp.py, read by Qwen3_5ForCausalLMMTP.load_weights): mtp.layers.0.* beside
+# mtp.{pre_fc_norm_embedding, pre_fc_norm_hidden, fc_embedding, fc_hidden, hyper_connection_mixer.*}
+QWEN4_EXP_NAMES = {
+    "enorm": "mtp.pre_fc_norm_embedding.weight",
+    "hnorm": "mtp.pre_fc_norm_hidden.weight",
+    "e": "mtp.fc_embedding.weight",
+    "h": "mtp.fc_hidden.weight",
+    "hc_norm.weight": "mtp.hyper_connection_mixer.hc_norm.weight",
+    "input_mix_weight_down.weight": "mtp.hyper_connection_mixer.input_mix_weight_down.weight",
+    "input_mix_weight_up.weight": "mtp.hyper_connection_mixer.input_mix_weight_up.weight",
+}
+
+
+def qwen4_exp_weights(hidden: int, offset: float, depth: int = 0) -> dict[str, torch.Tensor]:
+    generator = torch.Generator().manual_seed(3 + depth)
+    width, rank = QWEN4_EXP["hc_count"] * hidden, QWEN4_EXP["hc_lowrank"]
+    shapes = {"enorm": (hidden,), "hnorm": (width,), "e": (hidden, hidden), "h": (hidden, hidden)}
+    shapes |= {"hc_norm.weight": (width,), "input_mix_weight_down.weight": (rank, width)}
+    shapes |= {"input_mix_weight_up.weight": (width, rank)}
+    return {role: 0.1 * torch.randn(shape, generator=generator) for role, shape in shapes.items()}  # norms: 1 + w
+
+
+def qwen4_exp_release(folder: Path) -> Release:
+    """The MTP layer a QSA attention MoE layer with hyper-connections and no PLE, as SGLang builds it."""
+
+    def extend(c: dict, n: int) -> dict:
+        return {
+            **c,
+            "num_hidden_layers": c["num_hidden_layers"] + n,
+            "layer_types": [*c["layer_types"], *["indexed_attention"] * n],
+        }
+
+    return write_release(
+        folder,
+        "Qwen4ExpTextConfig",
+        QWEN4_EXP,
+        extend,
+        "mtp.layers.{depth}.",
+        QWEN4_EXP_NAMES,
+        1.0,
+        "mtp_num_hidden_layers",
+        kind=Qwen4ExpRelease,
+        weights=qwen4_exp_weights,
+    )
+
+
 RELEASES = {
     "deepseek_v3": deepseek_release("DeepseekV3Config", {**DEEPSEEK_V2, "n_group": 4, "topk_group": 2}),
     # DeepSeek-V3's design with more than one MTP layer (its report trains D of them; V3 ships one)
@@ -808,6 +1103,7 @@ RELEASES = {
     "glm4_moe_lite": deepseek_release("Glm4MoeLiteConfig", GLM4_MOE_LITE, extend=with_sparse_mtp_layers),
     "longcat_flash": longcat_release,
     "dots3_note": dots3_release,
+    "inkling": inkling_release,
     "ernie4_5_moe": ernie_release,
     "hy_v3": lambda folder: write_release(
         folder,
@@ -820,9 +1116,12 @@ RELEASES = {
         "num_nextn_predict_layers",
         kind=NormedRelease,
     ),
+    "hy_v4": hy_v4_release,
+    "glm5_next": glm5_next_release,
     "step3p5": step_release,
     "qwen3_5_moe": qwen_release("Qwen3_5MoeTextConfig", QWEN3_5_MOE),
     "qwen3_next": qwen_release("Qwen3NextConfig", QWEN3_NEXT),
+    "qwen4_exp": qwen4_exp_release,
     "nemotron_h": nemotron_release,
     "minimax_m3_vl": minimax_m3_release,
     "mellum": mellum_release,
@@ -834,7 +1133,11 @@ RELEASES = {
 
 
 def with_count(config: dict, count: str, value: int | None) -> dict:
-    """`config` with its MTP layers' count (in the text config of a multimodal one) `value`, or none said."""
+    """`config` with its MTP layers' count (in the text config of a multimodal one, or where a dotted `count`
+    leads) `value`, or none said."""
+    if "." in count:
+        section, rest = count.split(".", 1)
+        return {**config, section: with_count(config.get(section, {}), rest, value)}
     if "text_config" in config:
         return {**config, "text_config": with_count(config["text_config"], count, value)}
     return {k: v for k, v in config.items() if k != count} | ({} if value is None else {count: value})
@@ -985,7 +1288,8 @@ def test_the_plan_counts_the_mtp_layers(release):
     engine = load(release.folder)
     footprint, backbone = engine.plan.footprint, len(moe_blocks(engine.model.model))
     config = json.loads((release.folder / "config.json").read_text())
-    count = config.get("text_config", config).get(release.count, 1)  # LongCat-Flash's: none said, one stored
+    count = family_for(config).mtp.stated(config) if "." in release.count else None  # Inkling's: a section's
+    count = count or config.get("text_config", config).get(release.count, 1)  # LongCat-Flash's: none, one stored
     assert len(engine.model.mtp.layers) == count == len(release.blocks)
     routed = len(moe_blocks(engine.model.mtp))
     assert routed == sum(any(".experts" in name for name, _ in block.named_modules()) for block in release.blocks)
@@ -1005,7 +1309,14 @@ def test_the_plan_counts_the_mtp_layers(release):
 
 
 # each release's name of an MTP layer's projection of [embedding; hidden state]
-PROJECTIONS = ("eh_proj.weight", "mtp.fc.weight", "mtp.0.e_proj.weight", "mtp_linear_proj.0.weight")
+PROJECTIONS = (
+    "eh_proj.weight",
+    "mtp.fc.weight",
+    "mtp.0.e_proj.weight",
+    "mtp.fc_hidden.weight",
+    "mtp_linear_proj.0.weight",
+    "input_proj.weight",
+)
 
 
 def test_without_the_promise_or_the_tensors_the_backbone_loads_as_before(release, tmp_path, capsys):
@@ -1045,16 +1356,20 @@ def test_without_the_promise_or_the_tensors_the_backbone_loads_as_before(release
             assert warned == ""
 
 
-def test_qwen3_5_multimodal_release_keeps_its_mtp_layers(tmp_path_factory):
-    """Qwen3.5's Hub releases wrap the language model (model.language_model.*) beside a vision tower; the
-    MTP layers stay at the top (mtp.*) and load as in the text-only layout."""
-    text = RELEASES["qwen3_5_moe"](tmp_path_factory.mktemp("qwen3_5_text"))
-    folder = tmp_path_factory.mktemp("qwen3_5_multimodal")
+@pytest.mark.parametrize(
+    "family, wrapper_type",
+    [("qwen3_5_moe", "Qwen3_5MoeForConditionalGeneration"), ("qwen4_exp", "Qwen4ExpForConditionalGeneration")],
+)
+def test_qwen_multimodal_release_keeps_its_mtp_layers(tmp_path_factory, family, wrapper_type):
+    """Qwen3.5's and Qwen4-Exp's Hub releases wrap the language model (model.language_model.*) beside a vision
+    tower; the MTP layers stay at the top (mtp.*) and load as in the text-only layout."""
+    text = RELEASES[family](tmp_path_factory.mktemp(f"{family}_text"))
+    folder = tmp_path_factory.mktemp(f"{family}_multimodal")
     config = json.loads((text.folder / "config.json").read_text())
     wrapper = {
-        "architectures": ["Qwen3_5MoeForConditionalGeneration"],
-        "model_type": "qwen3_5_moe",
-        "text_config": {**config, "model_type": "qwen3_5_moe_text"},
+        "architectures": [wrapper_type],
+        "model_type": config["model_type"].removesuffix("_text"),
+        "text_config": config,
         "tie_word_embeddings": config.get("tie_word_embeddings", False),
     }
     (folder / "config.json").write_text(json.dumps(wrapper))
@@ -1232,3 +1547,46 @@ def test_longcat_mtp_layer_is_counted_from_its_tensors(tmp_path_factory, capsys)
     ids = prompt()
     expected, got = drafts(engines["said"], ids, 4), drafts(engines["as released"], ids, 4)
     assert torch.equal(got[0], expected[0]) and torch.equal(got[1], expected[1])
+
+
+# latent attention, GLM-4.5's grouped-query attention, MiMo-V2-Flash's sliding window; and static backbones
+STATIC_MTP = ["deepseek_v3", "glm4_moe", "mimo_v2_flash"]
+
+
+@pytest.mark.parametrize("name", STATIC_MTP)
+def test_the_static_mtp_step_gives_what_mtp_draft_gives(name, tmp_path):
+    """An MTP layer's static step (positions on the device, keys through their bucket) gives the eager
+    step's bits: a catch-up over several positions, one position, across the first bucket's end and at
+    the context's last position."""
+    from localmoe.models.layers import bucket
+
+    model = load(RELEASES[name](tmp_path).folder).model
+    assert model.static_decode and model.static_mtp
+    context = 70
+    ids = torch.randint(0, 256, (1, context + 1), generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        _, h = model(ids[:, :context], model.new_cache(1, context), all_logits=True, hidden=True)
+        eager, static = model.new_mtp_cache(1, context), model.new_mtp_cache(1, context)
+        for start, length in ((0, 12), (12, 4), (16, 1), (61, 5), (66, 4)):
+            for cache in (eager, static):  # on from `start` (a gap reads as unwritten)
+                cache.rewind(start)
+            piece, following = h[:, start : start + length], ids[:, start + 1 : start + 1 + length]
+            expected = model.mtp_draft(piece, following, eager)
+            positions = torch.arange(start, start + length)
+            keys = bucket(start + length - 1, context)
+            got = model.mtp_step(piece, following, positions, static, keys)
+            static.pos += length
+            assert all(torch.equal(a, b) for a, b in zip(got, expected, strict=True))
+
+
+def test_inkling_chain_norm_feeds_the_head_and_the_next_depth(tmp_path_factory):
+    """With mtp_config.chain_hidden_post_norm, each depth's output passes the one model.mtp.chain_norm, on its way
+    to the LM head and to the next depth alike (vLLM's InklingMultiTokenPredictor.forward)."""
+    release = RELEASES["inkling"](tmp_path_factory.mktemp("inkling_chained"))
+    release.chain = 1 + 0.1 * torch.randn(INKLING["hidden_size"], generator=torch.Generator().manual_seed(11))
+    path = release.folder / "model.safetensors"
+    save_file({**load_file(str(path)), "model.mtp.chain_norm.weight": release.chain}, str(path))
+    config = json.loads((release.folder / "config.json").read_text())
+    config["mtp_config"]["chain_hidden_post_norm"] = True
+    (release.folder / "config.json").write_text(json.dumps(config))
+    test_each_layer_takes_the_output_of_the_one_before(release)

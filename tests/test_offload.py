@@ -364,3 +364,21 @@ def test_the_routing_log_learns_only_the_rows_a_step_wrote():
     assert [(r.layer, r.ids.shape) for r in both] == [(3, (3, 2)), (5, (3, 2))]
     assert [(r.layer, r.ids.tolist()) for r in replayed] == [(3, [[2, 0]])]
     assert [(r.layer, r.ids.tolist(), r.slots.tolist()) for r in drafted] == [(5, [[3, 1]], [[-1, -1]])]
+
+
+def test_a_replayed_check_is_learned_for_the_rows_its_step_says():
+    """A captured speculative check writes its rows on replay without a lookup: told its token count first
+    (StepHooks.tokens), the log learns every one of them, also after a shorter step; the room for them was
+    made before the capture, so the buffers the capture holds are the log's."""
+    log = RoutingLog({3: 2}, 4, torch.device("cpu"), weights=False)
+    log.expect(4)  # before anything is captured
+    captured = log._rows("ids", 3, 4)  # what the captured check writes into
+    ids = torch.tensor([[1, 0]])
+    log.lookup(3, torch.tensor([0, -1, 1, -1], dtype=torch.int32), ids)  # a one-token step, run eagerly
+    log.record(3, Routing(torch.ones(ids.shape), ids, torch.rand(1, 4)))
+    log.close()
+    log.expect(4)
+    captured.copy_(torch.tensor([[2, 0], [3, 1], [0, 1], [2, 3]]))  # the replay
+    log.close()
+    one, replayed = log.taken()
+    assert one[0].ids.tolist() == [[1, 0]] and replayed[0].ids.tolist() == [[2, 0], [3, 1], [0, 1], [2, 3]]

@@ -4,6 +4,7 @@ kept run, and the cache left as plain decoding leaves it."""
 
 import http.client
 import json
+from collections import Counter
 
 import pytest
 import torch
@@ -14,14 +15,17 @@ from hypothesis import strategies as st
 from test_mtp import RELEASES
 
 import localmoe
+from localmoe.bench import LaunchCounter
 from localmoe.cli import main
 from localmoe.models import state as layer_state
+from localmoe.models.layers import CausalLM
 from localmoe.models.moe import moe_blocks
 from localmoe.models.state import CompressedKV, RecurrentState
 from localmoe.options import RuntimeOptions
 from localmoe.runtime.generate import GenerationStats, generate_tokens
 from localmoe.runtime.sampling import Sampler, SamplingParams
 from localmoe.runtime.speculative import Drafter, MtpDrafter, PromptLookup, SpeculationStats
+from localmoe.runtime.steps import StaticSteps
 from localmoe.server import Server
 
 NEW = 12
@@ -38,8 +42,8 @@ class Scripted(Drafter):
     """A test double: drafts the known plain continuation, with its tokens wrong (plus one) from the
     position `plan` gives for each round (None: all right), `length` tokens long."""
 
-    def __init__(self, continuation: list[int], vocab: int, plan=(), wrong_from: int | None = None):
-        self.continuation, self.vocab = continuation, vocab
+    def __init__(self, continuation: list[int], vocab: int, plan=(), wrong_from: int | None = None, prompt=PROMPT):
+        self.continuation, self.vocab, self.prompt = continuation, vocab, len(prompt)
         self.plan, self.rounds, self.wrong_from = list(plan), 0, wrong_from
 
     def propose(self, tokens, limit):
@@ -48,7 +52,7 @@ class Scripted(Drafter):
         else:
             length, wrong_from = limit, self.wrong_from
         self.rounds += 1
-        right = self.continuation[len(tokens) - len(PROMPT) :][: min(length, limit)]
+        right = self.continuation[len(tokens) - self.prompt :][: min(length, limit)]
         return [t if wrong_from is None or i < wrong_from else (t + 1) % self.vocab for i, t in enumerate(right)]
 
 
@@ -60,8 +64,8 @@ def always_wrong(continuation, vocab):
     return Scripted(continuation, vocab, wrong_from=0)
 
 
-def mixed(continuation, vocab):
-    return Scripted(continuation, vocab, plan=[(3, 1), (2, None), (3, 0), (1, None), (3, 2)])
+def mixed(continuation, vocab, prompt=PROMPT):
+    return Scripted(continuation, vocab, plan=[(3, 1), (2, None), (3, 0), (1, None), (3, 2)], prompt=prompt)
 
 
 def assert_plain(model, prompt, got: list[int], expected: list[int], sampling: SamplingParams | None = None):
@@ -618,3 +622,140 @@ def test_the_mtp_drafter_goes_on_from_turn_to_turn(mtp_release):
     assert_plain(model, follow, second, list(generate_tokens(model, follow, NEW)))
     assert drafter.first == 0 and len(drafter.rounds) > rounds  # the first turn's caches, kept
     assert_drafts_of_the_kept_sequence(drafter, drafter.rounds[rounds:], 96)
+
+
+# --- static checks and MTP steps (what CUDA graphs capture) -------------------------------------------------
+
+LONG = PROMPT * 4  # 60 tokens: decoding crosses the end of the first bucket (64 keys)
+
+
+def eager_only(monkeypatch) -> None:
+    """Every step eager: the speculative path of a model without static steps."""
+    monkeypatch.setattr(CausalLM, "static_decode", property(lambda self: False))
+    monkeypatch.setattr(CausalLM, "static_mtp", property(lambda self: False))
+
+
+def counting_static_steps(monkeypatch) -> Counter:
+    """Counts the static steps run, by kind."""
+    kinds, call = Counter(), StaticSteps.__call__
+
+    def counted(self, kind, step, **inputs):
+        kinds[kind] += 1
+        return call(self, kind, step, **inputs)
+
+    monkeypatch.setattr(StaticSteps, "__call__", counted)
+    return kinds
+
+
+@pytest.fixture(scope="module")
+def static_family_of(tmp_path_factory):
+    """A family's tiny checkpoint (an MTP release where test_mtp has one), written when first asked for."""
+
+    class Checkpoints(dict):
+        def __missing__(self, family: str) -> str:
+            folder = tmp_path_factory.mktemp(family)
+            self[family] = path = (
+                str(RELEASES[family](folder).folder) if family in RELEASES else checkpoint(family, folder)
+            )
+            return path
+
+    return Checkpoints()
+
+
+# keys and values, a window with sinks, latents with MTP layers, GLM-4.5's MTP layer
+@pytest.fixture(params=["qwen3_moe", "gpt_oss", "deepseek_v3", "glm4_moe"])
+def static_family(request, static_family_of):
+    return static_family_of[request.param]
+
+
+@pytest.mark.parametrize("placement", ["resident", "offloaded"])
+def test_static_speculation_gives_the_plain_tokens_and_the_eager_path_s(static_family, placement, monkeypatch):
+    """Checks (and MTP steps) as static steps: the plain tokens, as the eager path gives them, all-resident
+    and offloaded (misses read in place, the policy CUDA graphs take), across the first bucket's end and
+    up to the context's end (the cache holds the prompt and the new tokens, no more: the last drafts are
+    cut short), with drafts of every length (scripted, prompt lookup) or the checkpoint's MTP layers."""
+    plain = localmoe.load(static_family, device="cpu", dtype=torch.float32, speculative="off")
+    expected = list(plain.generate_ids(LONG, NEW))
+    slots = plain.plan.footprint.top_k if placement == "offloaded" else None
+    options = RuntimeOptions(expert_slots=slots, miss_policy="direct" if slots else None)
+    engine = localmoe.load(static_family, device="cpu", dtype=torch.float32, options=options)
+    mtp = engine.speculative == "mtp"
+    assert engine.model.static_decode and engine.model.static_mtp == mtp
+    for make in [lambda: None] if mtp else [lambda: mixed(expected, vocab(engine), LONG), PromptLookup]:
+        with monkeypatch.context() as patch:
+            kinds = counting_static_steps(patch)
+            assert_plain(plain.model, LONG, list(engine.generate_ids(LONG, NEW, drafter=make())), expected)
+        assert kinds["check"] >= engine.stats.speculation.verifications > 0 and (kinds["mtp"] > 0) == mtp
+        with monkeypatch.context() as patch:
+            eager_only(patch)
+            kinds = counting_static_steps(patch)
+            assert_plain(plain.model, LONG, list(engine.generate_ids(LONG, NEW, drafter=make())), expected)
+        assert not kinds
+
+
+class DecodeLaunches(LaunchCounter):
+    """The kernel-launching ops of the decode steps: from the end of the prefill on."""
+
+    decoding = False
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if not self.decoding:
+            return func(*args, **(kwargs or {}))
+        return super().__torch_dispatch__(func, types, args, kwargs)
+
+
+def launches_per_token(engine, drafter, monkeypatch, graphs: bool) -> float:
+    """Ops launched per decoded token; with `graphs`, a static step that a graph would replay counts as one."""
+    counter = DecodeLaunches()
+    with monkeypatch.context() as patch:
+        if graphs:
+            patch.setattr(StaticSteps, "_run", counter.as_one(StaticSteps._run))
+        else:
+            eager_only(patch)
+        with counter:
+            tokens = list(
+                engine.generate_ids(LONG, NEW, drafter=drafter, on_prefill=lambda: setattr(counter, "decoding", True))
+            )
+    return sum(counter.ops.values()) / (len(tokens) - 1)
+
+
+@pytest.mark.parametrize("family", ["qwen3_moe", "deepseek_v3"])
+def test_captured_checks_launch_a_fraction_of_the_eager_ops(static_family_of, family, monkeypatch):
+    """Machine-independent: kernel-launching ops per decoded token, speculative, every step eager against
+    static steps counted as one launch each (what a CUDA graph's replay is), the rest (sampling, copies
+    into the steps' buffers, the drafter's host work) counted as it runs."""
+    engine = localmoe.load(static_family_of[family], device="cpu", dtype=torch.float32)
+    drafter = (lambda: None) if engine.speculative == "mtp" else PromptLookup
+    eager = launches_per_token(engine, drafter(), monkeypatch, graphs=False)
+    captured = launches_per_token(engine, drafter(), monkeypatch, graphs=True)
+    print(f"{family}: {eager:.0f} ops per decoded token eager, {captured:.0f} with the static steps captured")
+    assert captured * 10 < eager
+
+
+def test_static_checks_cut_back_window_rings(static_family_of):
+    """gpt-oss's windows of 8 in rings (a context past 1032 positions): static checks write the drafts'
+    positions into the rings, and the rollback drops the rejected ones; the plain tokens."""
+    model = localmoe.load(static_family_of["gpt_oss"], device="cpu", dtype=torch.float32).model
+    expected = list(generate_tokens(model, LONG, NEW, cache=model.new_cache(1, 1100)))
+    cache = model.new_cache(1, 1100)
+    assert type(cache.layers[0]).__name__ == "WindowKV"
+    drafter = mixed(expected, model.model.embed_tokens.weight.shape[0], LONG)
+    got = list(generate_tokens(model, LONG, NEW, cache=cache, drafter=drafter, draft_tokens=3))
+    assert_plain(model, LONG, got, expected)
+
+
+def test_the_summary_says_what_speculation_runs_as_static_steps(static_family_of, monkeypatch):
+    """Checks and MTP drafts run static where the model's layers do (captured where decode steps are:
+    nothing in `graphs_barred` is about speculation); where the MTP layers cannot, `drafts_barred` and
+    the summary say so; where the backbone cannot, `graphs_barred` says why."""
+    engine = localmoe.load(static_family_of["deepseek_v3"], device="cpu", dtype=torch.float32)
+    assert engine.drafts_barred() == [] and "not on CUDA" in engine.graphs_barred()
+    assert not any(word in reason for reason in engine.graphs_barred() for word in ("specul", "draft", "MTP"))
+    assert "(checks: static steps; MTP drafts: static steps)" in engine.summary()
+    monkeypatch.setattr(CausalLM, "static_mtp", property(lambda self: False))
+    assert engine.drafts_barred() == ["an MTP layer has no static steps"]
+    assert "MTP drafts: eager (an MTP layer has no static steps)" in engine.summary()
+    eager_only(monkeypatch)
+    assert engine.drafts_barred() == [] and "(checks: eager; MTP drafts: eager)" in engine.summary()
+    barred = localmoe.load(static_family_of["deepseek_v3"], device="cpu", dtype=torch.float32).graphs_barred()
+    assert "the model has layers without static steps" in barred

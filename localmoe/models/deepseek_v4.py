@@ -516,12 +516,28 @@ class DeepseekV4LM(CausalLM):
         return h[:, :, None].expand(-1, -1, self.streams, -1).contiguous()
 
     def logits(self, h: torch.Tensor) -> torch.Tensor:
-        return self.head(self.model.norm(self.model.hc_head(h)))
+        return super().logits(self.model.hc_head(h))
 
-    def final_hidden(self, h: torch.Tensor) -> torch.Tensor:
+    def mtp_hidden(self, h: torch.Tensor) -> torch.Tensor:
         """The streams [B, T, N, E] as they are: DeepSeek's inference/model.py hands MTPBlock the last block's
         output (its collapse and final norm come after, in ParallelHead)."""
         return h
+
+
+class CollapsedLM(DeepseekV4LM):
+    """The stack of streams spread from the embedding and collapsed by `hc_head` within the layers' run, so that
+    the hidden state it gives (what MTP layers of one stream take: Hy4's, GLM-5.3-Flash's) is [B, T, E]."""
+
+    def embed(self, ids: torch.Tensor, step: Step) -> torch.Tensor:
+        step.ids = ids
+        return CausalLM.embed(self, ids, step)
+
+    def run_layers(self, h: torch.Tensor, step: Step, states: list) -> torch.Tensor:
+        streams = h[:, :, None].expand(-1, -1, self.streams, -1).contiguous()
+        return self.model.hc_head(super().run_layers(streams, step, states))
+
+    def logits(self, h: torch.Tensor) -> torch.Tensor:
+        return self.head(self.model.norm(h))
 
 
 class CollapsedNorm(nn.Module):

@@ -231,7 +231,8 @@ class MtpLayout:
     """Where a release keeps its multi-token-prediction layers, when not under DeepSeek-V3's names
     (`model.layers.{num_hidden_layers + k}.*`, see localmoe/models/mtp.py): pairs of (DeepSeek-V3's prefix,
     the release's prefix) with {layer} (the decoder layers' count + k) and {depth} (k), the most specific
-    first; `count`, the config field that says how many MTP layers there are. The loader sees each tensor of the
+    first; `count`, the config field that says how many MTP layers there are (a dotted path into a section of
+    the config: Inkling's `mtp_config.num_nextn_predict_layers`). The loader sees each tensor of the
     release's under DeepSeek-V3's name too, so that the MTP layers and their experts are read from there."""
 
     count: str
@@ -244,7 +245,7 @@ class MtpLayout:
     def counted(self, config: dict[str, Any], names: Iterable[str]) -> dict[str, Any]:
         """`config`, with the count `implied` where it names none and a tensor in `names` is under the first
         layer's release prefix."""
-        if not self.implied or self.count in config:
+        if not self.implied or self.stated(config) is not None:
             return config
         first = tuple(theirs for _, theirs in self.aliases({**config, self.count: 1}))
         return {**config, self.count: self.implied} if first and any(n.startswith(first) for n in names) else config
@@ -252,7 +253,7 @@ class MtpLayout:
     def aliases(self, config: dict[str, Any]) -> list[tuple[str, str]]:
         """The pairs for the layers `config` promises (none where it says nothing readable: the config's
         own check refuses that later)."""
-        layers, count = config.get(self.layers), config.get(self.count)
+        layers, count = config.get(self.layers), self.stated(config)
         if not (_is_int(layers) and _is_int(count)):
             return []
         depths = range(min(count, layers))  # a damaged count must not make this loop for ever
@@ -261,6 +262,13 @@ class MtpLayout:
             for k in depths
             for ours, theirs in self.prefixes
         ]
+
+    def stated(self, config: dict[str, Any]) -> Any:
+        """The count `config` states (None where it states none)."""
+        value = config
+        for key in self.count.split("."):
+            value = value.get(key) if isinstance(value, dict) else None
+        return value
 
     def release_name(self, name: str, config: dict[str, Any]) -> str:
         """The release's name of tensor `name` (DeepSeek-V3's), for messages about one that is missing."""

@@ -11,6 +11,12 @@ no text-only causal LM class).
   before the final norm by their plain mean.
 - DeepSeek-V3's sigmoid routing with a correction bias, a shared expert, and dense first layers; every
   SwiGLU (experts, shared expert, dense layers) clamped at `swiglu_limit`.
+
+Its multi-token-prediction layer (DeepSeek-V3's layout, `model.layers.{num_hidden_layers}.*`: enorm, hnorm,
+eh_proj, shared_head.norm beside the decoder layer's tensors; transformers skips it) is loaded as `mtp`, for
+drafts, as vLLM's glm5_next_mtp.py builds it (Glm5NextMTPBlock): a plain pre-norm decoder layer (the release
+stores no hyper-connections for it) of the model's pooled sparse attention, computing its own selection, and
+its MoE. It takes the streams' mean, before the final norm.
 """
 
 from dataclasses import dataclass
@@ -22,14 +28,15 @@ from torch import nn
 
 from localmoe.errors import LocalMoEError
 from localmoe.models.attention import LatentAttention
-from localmoe.models.deepseek_v4 import DeepseekV4LM, HyperConnection, spread_streams
+from localmoe.models.deepseek_v4 import CollapsedLM, HyperConnection, spread_streams
 from localmoe.models.deepseek_v32 import SELECTION, Indexer
 from localmoe.models.expert_tensors import PerExpert
 from localmoe.models.family import Family, Multimodal
 from localmoe.models.glm_moe_dsa import GlmMoeDsaArgs
 from localmoe.models.kimi_delta_attention import BoundedDeltaAttention
-from localmoe.models.layers import RMSNorm, Step
+from localmoe.models.layers import DecoderLayer, RMSNorm, Step
 from localmoe.models.moe import FUSED_EXPERTS, MLP_EXPERTS, GatedActivation, GatedMLP, SparseMoE
+from localmoe.models.mtp import MTPLayer, MultiTokenPredictor
 from localmoe.models.rotary import RotaryEmbedding
 from localmoe.models.state import IndexedLatentKV, LatentKV
 
@@ -178,15 +185,9 @@ class PooledSparseLatentAttention(LatentAttention):
 class Glm5NextDecoderLayer(nn.Module):
     def __init__(self, args: Glm5NextTextArgs, i: int):
         super().__init__()
-        hidden, inter = args.hidden_size, args.moe_intermediate_size
-        glu = GatedActivation(kind="clamped_glu", act=args.hidden_act, limit=args.swiglu_limit)
+        hidden = args.hidden_size
         self.self_attn = args.attention(i)
-        if args.is_dense(i):
-            self.mlp = GatedMLP(hidden, args.intermediate_size, glu)
-        else:
-            shared = GatedMLP(hidden, inter * args.n_shared_experts, glu)
-            experts, top_k = args.n_routed_experts, args.num_experts_per_tok
-            self.mlp = SparseMoE(i, hidden, inter, experts, top_k, args.router(), act=glu, shared_expert=shared)
+        self.mlp = GatedMLP(hidden, args.intermediate_size, clamped_glu(args)) if args.is_dense(i) else moe(args, i)
         self.input_layernorm = RMSNorm(hidden, args.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(hidden, args.rms_norm_eps)
         self.attn_hc, self.ffn_hc = HyperConnection(args), HyperConnection(args)
@@ -198,14 +199,34 @@ class Glm5NextDecoderLayer(nn.Module):
         return spread_streams(self.mlp(self.post_attention_layernorm(collapsed)), post, comb, streams)
 
 
+def clamped_glu(args: Glm5NextTextArgs) -> GatedActivation:
+    return GatedActivation(kind="clamped_glu", act=args.hidden_act, limit=args.swiglu_limit)
+
+
+def moe(args: Glm5NextTextArgs, i: int) -> SparseMoE:
+    hidden, inter, glu = args.hidden_size, args.moe_intermediate_size, clamped_glu(args)
+    shared = GatedMLP(hidden, inter * args.n_shared_experts, glu)
+    experts, top_k = args.n_routed_experts, args.num_experts_per_tok
+    return SparseMoE(i, hidden, inter, experts, top_k, args.router(), act=glu, shared_expert=shared)
+
+
+def mtp_block(args: Glm5NextTextArgs, i: int) -> DecoderLayer:
+    """MTP layer i's decoder layer: without hyper-connections, its sparse attention selecting for itself."""
+    attention = PooledSparseLatentAttention(args, computes_selection=True)
+    return DecoderLayer(attention, moe(args, i), args.hidden_size, args.rms_norm_eps)
+
+
 class StreamMean(nn.Module):
     def forward(self, streams: torch.Tensor) -> torch.Tensor:
         return streams.mean(dim=2)
 
 
-def build(args: Glm5NextTextArgs) -> DeepseekV4LM:
-    layers = [Glm5NextDecoderLayer(args, i) for i in range(args.num_hidden_layers)]
-    model = DeepseekV4LM(args, layers, RotaryEmbedding(args.rope, 0, args.max_position_embeddings), norm=RMSNorm)
+def build(args: Glm5NextTextArgs) -> CollapsedLM:
+    n, hidden, eps = args.num_hidden_layers, args.hidden_size, args.rms_norm_eps
+    layers = [Glm5NextDecoderLayer(args, i) for i in range(n)]
+    mtp = [MTPLayer(mtp_block(args, i), hidden, eps) for i in range(n, n + args.num_nextn_predict_layers)]
+    rotary = RotaryEmbedding(args.rope, 0, args.max_position_embeddings)
+    model = CollapsedLM(args, layers, rotary, norm=RMSNorm, mtp=MultiTokenPredictor(mtp, n) if mtp else None)
     model.model.hc_head = StreamMean()  # the last collapse: a plain mean of the streams
     return model
 

@@ -7,7 +7,14 @@ The residual is `hc_mult` streams, as DeepSeek-V4's (deepseek_v4.py), mixed more
 block a learned sigmoid mix collapses them into its input, and its output is added back to every stream
 with a weight of its own (`hc_magnitude` times a sigmoid); no mixing of the streams among themselves.
 transformers keeps the hyper-connections, the router, the indexer's head weights and key norm, the sinks
-and the LM head in float32. The multi-token-prediction layers after the last one are not used.
+and the LM head in float32.
+
+Its multi-token-prediction layers (`model.mtp_layers.{k}.*`: enorm, hnorm, eh_proj, final_layernorm, and a
+decoder layer's tensors directly under that prefix) are loaded as `mtp`, for drafts, as vLLM's hy_v4_mtp.py
+(HYV4MultiTokenPredictorLayer, built with enable_ihc=False) and SGLang's hunyuan_v4_nextn.py build them: a
+plain pre-norm decoder layer (the release stores no hyper-connections for it) of the model's gated sparse
+attention, computing its own selection, and its MoE; the final norm's output goes to the LM head and to the
+next draft (`NormedMTPLayer`). They take the streams collapsed by `hc_head`, before the final norm.
 """
 
 from dataclasses import dataclass
@@ -18,12 +25,13 @@ import torch.nn.functional as F
 from torch import nn
 
 from localmoe.errors import LocalMoEError
-from localmoe.models.deepseek_v4 import DeepseekV4LM
+from localmoe.models.deepseek_v4 import CollapsedLM
 from localmoe.models.deepseek_v32 import DeepseekV32Args, SparseLatentAttention
 from localmoe.models.expert_tensors import PerExpert
-from localmoe.models.family import Family
-from localmoe.models.layers import MLP, RMSNorm, Step
+from localmoe.models.family import Family, MtpLayout
+from localmoe.models.layers import MLP, DecoderLayer, RMSNorm, Step
 from localmoe.models.moe import FUSED_EXPERTS, MLP_EXPERTS, GatedActivation, SparseMoE
+from localmoe.models.mtp import MultiTokenPredictor, NormedMTPLayer
 from localmoe.models.rotary import RotaryEmbedding
 from localmoe.models.state import LatentKV
 
@@ -153,19 +161,30 @@ def feed_forward(args: HYV4Args, i: int) -> nn.Module:
     )
 
 
-class HYV4LM(DeepseekV4LM):
-    """DeepSeek-V4's stack of streams, with an LM head in its own dtype (float32, as transformers keeps it)."""
+class HYV4LM(CollapsedLM):
+    """The stack of streams collapsed within the layers' run, with an LM head in its own dtype (float32, as
+    transformers keeps it)."""
 
-    def logits(self, h: torch.Tensor) -> torch.Tensor:
-        h = self.model.norm(self.model.hc_head(h))
-        head = self.model.embed_tokens.weight if self.lm_head is None else self.lm_head.weight
-        return F.linear(h.to(head.dtype), head)
+    def head(self, h: torch.Tensor) -> torch.Tensor:
+        weight = self.model.embed_tokens.weight if self.lm_head is None else self.lm_head.weight
+        return super().head(h.to(weight.dtype))
 
 
 def build(args: HYV4Args) -> HYV4LM:
     rotary = RotaryEmbedding(args.rope, args.qk_rope_head_dim, args.max_position_embeddings)
-    layers = [HYV4DecoderLayer(args, i) for i in range(args.num_hidden_layers)]
-    return HYV4LM(args, layers, rotary, norm=RMSNorm)
+    n = args.num_hidden_layers
+    layers = [HYV4DecoderLayer(args, i) for i in range(n)]
+    mtp = [
+        NormedMTPLayer(mtp_block(args, i), args.hidden_size, args.rms_norm_eps)
+        for i in range(n, n + args.num_nextn_predict_layers)
+    ]
+    return HYV4LM(args, layers, rotary, norm=RMSNorm, mtp=MultiTokenPredictor(mtp, n) if mtp else None)
+
+
+def mtp_block(args: HYV4Args, i: int) -> DecoderLayer:
+    """MTP layer i's decoder layer: without hyper-connections, its sparse attention selecting for itself."""
+    hidden = args.hidden_size
+    return DecoderLayer(GatedSparseLatentAttention(args, True), feed_forward(args, i), hidden, args.rms_norm_eps)
 
 
 # (ours, the release's) as transformers' conversion mapping renames them both ways: it loads either spelling
@@ -202,5 +221,6 @@ FAMILY = Family(
     experts=(FUSED_EXPERTS, PerExpert(MLP_EXPERTS)),
     hub_aliases=HUB_NAMES,
     keep_float32=KEEP_FLOAT32,
+    mtp=MtpLayout("num_nextn_predict_layers", (("model.layers.{layer}.", "model.mtp_layers.{depth}."),)),
     example="tencent/Hy4-preview",
 )

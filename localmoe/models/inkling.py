@@ -20,6 +20,14 @@ Read in the layout transformers saves InklingForCausalLM in, or as thinkingmachi
 `wq_du`-style names): there gate and up alternate by rows in `w13` tensors, which are split when loaded
 (the dense MLP's `w13_dn`, the shared experts' `shared_w13_weight`) or read so (the routed experts'
 `w13_weight`), as transformers' conversion for `inkling_mm_model` does (conversion_mapping.py).
+
+Its multi-token-prediction layers (`model.mtp.layers.{k}.{hidden_norm, embed_norm, input_proj, transformer_block.*}`
+in the release's names, and `model.mtp.chain_norm`; counted by `mtp_config`) are loaded as `mtp` for drafts, as
+vLLM's inkling/nvidia/mtp.py builds them: input_proj([hidden_norm(h); embed_norm(e)]) (the hidden state first;
+e the embedding after the model's own embed_norm), then a decoder layer with a dense MLP, full or sliding by
+`mtp_config.local_layer_ids`; its output goes to the LM head (after the muP division) and to the next depth as
+it is, or both after the shared chain_norm where `chain_hidden_post_norm`. The first depth takes the model's
+last hidden states after its final norm (transformers' MtpModel takes `hidden_states[-1]`, which is that).
 """
 
 from dataclasses import dataclass, field
@@ -31,9 +39,10 @@ from torch import nn
 
 from localmoe.models.attention import Attention
 from localmoe.models.expert_tensors import Fused
-from localmoe.models.family import Family, Interleaved, ModelArgs, Multimodal, causal_lm
+from localmoe.models.family import Family, Interleaved, ModelArgs, MtpLayout, Multimodal, causal_lm
 from localmoe.models.layers import MLP, CausalLM, RMSNorm, Step, activation
 from localmoe.models.moe import FUSED_EXPERTS, GatedActivation, Routing, SparseMoE
+from localmoe.models.mtp import MTPLayer, NormedMTPLayer, SharedHead
 from localmoe.models.short_conv import causal_conv
 from localmoe.models.state import REWIND_SLACK, CombinedState, ConvRing, attention_state
 
@@ -81,6 +90,7 @@ class InklingArgs(ModelArgs):
     unpadded_vocab_size: int | None = None
     max_position_embeddings: int = 131072
     rope: dict = field(default_factory=dict)  # unused: no layer rotates
+    mtp_config: dict | None = None  # the release's top-level section on its MTP layers (INKLING_MTP)
 
     def __post_init__(self):
         if self.layer_types is None:  # as transformers derives them
@@ -93,6 +103,20 @@ class InklingArgs(ModelArgs):
             ]
         if self.dense_intermediate_size is not None:  # then intermediate_size is the experts' width
             self.moe_intermediate_size, self.intermediate_size = self.intermediate_size, self.dense_intermediate_size
+        mtp = self.mtp_config or {}
+        self.num_nextn_predict_layers = mtp.get("num_nextn_predict_layers", 0)
+        self.mtp_local_layer_ids = mtp.get("local_layer_ids") or []
+        self.chain_hidden_post_norm = mtp.get("chain_hidden_post_norm", False)
+
+    def _contradictions(self):
+        yield from super()._contradictions()
+        count, local = self.num_nextn_predict_layers, self.mtp_local_layer_ids
+        if not (type(count) is int and count >= 0):
+            yield f"gives mtp_config.num_nextn_predict_layers {count!r}, not a count"
+        if not (isinstance(local, list) and all(type(i) is int and i >= 0 for i in local)):
+            yield f"gives mtp_config.local_layer_ids {local!r}, not a list of MTP layers' indices"
+        if not isinstance(self.chain_hidden_post_norm, bool):
+            yield f"gives mtp_config.chain_hidden_post_norm {self.chain_hidden_post_norm!r}, not true or false"
 
 
 class ShortConv(nn.Module):
@@ -258,11 +282,11 @@ class ScaledMLP(MLP):
 class InklingDecoderLayer(nn.Module):
     """Pre-norm attention and pre-norm feed-forward, each output convolved (ShortConv) before its residual."""
 
-    def __init__(self, args: InklingArgs, i: int):
+    def __init__(self, args: InklingArgs, i: int, sliding: bool, dense: bool):
         super().__init__()
         hidden, eps, kernel = args.hidden_size, args.rms_norm_eps, args.conv_kernel_size
-        self.self_attn = InklingAttention(args, sliding=args.layer_types[i] == "hybrid_sliding")
-        if args.mlp_layer_types[i] == "dense":
+        self.self_attn = InklingAttention(args, sliding)
+        if dense:
             self.mlp = ScaledMLP(hidden, args.intermediate_size, args.hidden_act)
         else:
             self.mlp = inkling_moe(args, i)
@@ -302,18 +326,44 @@ class InklingLM(CausalLM):
         super().__init__(*args, **kwargs)
         self.width_multiplier, self.unpadded = width_multiplier, unpadded
 
-    def logits(self, h: torch.Tensor) -> torch.Tensor:
-        logits = self.lm_head(self.model.norm(h) / self.width_multiplier)
+    def head(self, h: torch.Tensor) -> torch.Tensor:
+        logits = self.lm_head(h / self.width_multiplier)
         return logits if self.unpadded is None else logits[..., : self.unpadded]
 
 
+class InklingMTPLayer(MTPLayer):
+    """The hidden state first in the projection's input; no norm after the decoder layer."""
+
+    hidden_first = True
+
+    def __init__(self, block: nn.Module, hidden: int, eps: float, norm=RMSNorm):
+        super().__init__(block, hidden, eps, norm)
+        self.shared_head = SharedHead(nn.Identity())
+
+
+class ChainedInklingMTPLayer(NormedMTPLayer):
+    """The hidden state first; the output after the chain norm (`final_layernorm`, one tensor for every depth)."""
+
+    hidden_first = True
+
+
 def build(args: InklingArgs) -> CausalLM:
-    layers = [InklingDecoderLayer(args, i) for i in range(args.num_hidden_layers)]
+    layers = [
+        InklingDecoderLayer(args, i, args.layer_types[i] == "hybrid_sliding", args.mlp_layer_types[i] == "dense")
+        for i in range(args.num_hidden_layers)
+    ]
+    # the MTP layers' decoder layers: dense, sliding where `mtp_config.local_layer_ids` lists them
+    mtp = [
+        InklingDecoderLayer(args, args.num_hidden_layers + k, k in args.mtp_local_layer_ids, dense=True)
+        for k in range(args.num_nextn_predict_layers)
+    ]
     model = causal_lm(
         args,
         layers,
         args.head_dim,
         model=InklingLM,
+        mtp=mtp,
+        mtp_layer=ChainedInklingMTPLayer if args.chain_hidden_post_norm else InklingMTPLayer,
         width_multiplier=args.logits_mup_width_multiplier,
         unpadded=args.unpadded_vocab_size,
     )
@@ -342,6 +392,18 @@ RELEASE_NAMES = (
     (".shared_experts.down_proj", ".shared_experts.shared_w2_weight"),
 )
 
+# the release's MTP layers (vLLM's inkling/nvidia/mtp.py), seen under DeepSeek-V3's names as RELEASE_NAMES spell them
+INKLING_MTP = MtpLayout(
+    count="mtp_config.num_nextn_predict_layers",
+    prefixes=(
+        ("model.llm.layers.{layer}.enorm.", "model.mtp.layers.{depth}.embed_norm."),
+        ("model.llm.layers.{layer}.hnorm.", "model.mtp.layers.{depth}.hidden_norm."),
+        ("model.llm.layers.{layer}.eh_proj.", "model.mtp.layers.{depth}.input_proj."),
+        ("model.llm.layers.{layer}.final_layernorm.", "model.mtp.chain_norm."),
+        ("model.llm.layers.{layer}.", "model.mtp.layers.{depth}.transformer_block."),
+    ),
+)
+
 FAMILY = Family(
     architectures=("InklingForCausalLM",),
     model_type="inkling_text",
@@ -361,6 +423,9 @@ FAMILY = Family(
         Interleaved(".shared_experts.gate_proj", ".shared_experts.up_proj", ".shared_experts.shared_w13_weight", dim=1),
     ),
     keep_float32=("sconv", "e_score_correction_bias", "gate.global_scale"),
-    multimodal=(Multimodal("InklingForConditionalGeneration", (("model.llm.", "model.llm."),)),),
+    multimodal=(
+        Multimodal("InklingForConditionalGeneration", (("model.llm.", "model.llm."), ("model.mtp.", "model.mtp."))),
+    ),
+    mtp=INKLING_MTP,
     example="thinkingmachines/Inkling",
 )

@@ -350,19 +350,25 @@ class CausalLM(nn.Module):
     ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
         """Logits [B, T, V] for ids [B, T] following what the cache holds (only the last position unless
         `all_logits`); the cache advances by T. With `hidden`, (logits, h): h [B, T, E] at the same positions,
-        what the MTP layers are handed (`final_hidden`, what `mtp_draft` takes). With `trail` (a
+        what the MTP layers are handed (`mtp_hidden`, what `mtp_draft` takes). With `trail` (a
         speculative check), the cache can then be cut back to any of these positions (see Step.trail)."""
         step = self._step(cache, ids.shape[1])
         step.trail = trail
-        if step.length == 1 and self.static_decode:  # as a static step would, with the position on the host
-            step.bucket = bucket(step.start, cache.max_len)
+        if (step.length == 1 or trail) and self.static_decode:  # as a static step would, positions on the host
+            step.bucket = bucket(step.start + step.length - 1, cache.max_len)
         h = self.embed(ids, step)
         cache.writing = True
         h = self.run_layers(h, step, cache.layers)
         cache.pos += step.length
         cache.writing = False
         h = h if all_logits else h[:, -1:]
-        return (self.logits(h), self.final_hidden(h)) if hidden else self.logits(h)
+        return (self.logits(h), self.mtp_hidden(h)) if hidden else self.logits(h)
+
+    def mtp_hidden(self, h: torch.Tensor) -> torch.Tensor:
+        """What the first MTP layer is handed of the last layer's output h: h after the final norm, what the LM
+        head takes, as the published code hands it (DeepSeek's modeling_deepseek.py, vLLM's and SGLang's MTP
+        drafting, transformers' via hidden_states[-1]; see docs/speculative.md)."""
+        return self.final_hidden(h)
 
     def mtp_draft(
         self, h: torch.Tensor, next_ids: torch.Tensor, cache: KVCache, depth: int = 0
@@ -372,13 +378,35 @@ class CausalLM(nn.Module):
         (the tokens at p+1 .. p+T): (logits [B, T, V] of the tokens at p+2 .. p+T+1, the layer's output
         [B, T, E] as the next draft takes it, see mtp.py). `cache` (from `new_mtp_cache` for this depth) is
         at position p, and advances by T."""
-        layer = self.mtp.layers[depth]
         step = self._step(cache, next_ids.shape[1])
-        step.ids = next_ids
+        if self.static_mtp:  # as a static step would (`mtp_step`), positions on the host
+            step.bucket = bucket(step.start + step.length - 1, cache.max_len)
         cache.writing = True
-        h = layer(h, self.embed(next_ids, step), step, cache.layers[0])
+        out = self._mtp_layer(h, next_ids, step, cache, depth)
         cache.pos += step.length
         cache.writing = False
+        return out
+
+    def mtp_step(
+        self,
+        h: torch.Tensor,
+        next_ids: torch.Tensor,
+        positions: torch.Tensor,
+        cache: KVCache,
+        keys: int,
+        depth: int = 0,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """`mtp_draft` as a static step (see `decode_step`): next_ids [B, T] at `positions` ([T], on the
+        device), keys read through the first `keys` slots of the layer's cache; the same results. The
+        caller moves `cache.pos` on."""
+        return self._mtp_layer(h, next_ids, self._static_step(positions, keys), cache, depth)
+
+    def _mtp_layer(
+        self, h: torch.Tensor, next_ids: torch.Tensor, step: Step, cache: KVCache, depth: int
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        layer = self.mtp.layers[depth]
+        step.ids = next_ids
+        h = layer(h, self.embed(next_ids, step), step, cache.layers[0])
         return self.head(layer.shared_head.norm(h)), h
 
     def _step(self, cache: KVCache, length: int) -> Step:
@@ -395,14 +423,28 @@ class CausalLM(nn.Module):
         """Whether every layer can run a static decode step (see `Step`)."""
         return self.rotary.static and all(getattr(layer.self_attn, "static", False) for layer in self.model.layers)
 
-    def decode_step(self, ids: torch.Tensor, position: torch.Tensor, cache: KVCache, keys: int) -> torch.Tensor:
-        """Logits [B, 1, V] for one token ids [B, 1] at `position` ([1], on the device), reading keys through
-        the first `keys` (> position, see `bucket`) slots of the cache: the same work whatever the position,
-        so that it can be captured once per bucket; the same as `forward` gives. The caller moves
-        `cache.pos` on."""
-        cos, sin = self.rotary.at(position, self.model.embed_tokens.weight.dtype)
-        step = Step(None, 1, cos, sin, bucket=keys, _positions=position)
-        return self.logits(self.run_layers(self.embed(ids, step), step, cache.layers))
+    @property
+    def static_mtp(self) -> bool:
+        """Whether the MTP layers can run static steps (`mtp_step`), as `static_decode` for the backbone."""
+        blocks = [] if self.mtp is None else [layer.block for layer in self.mtp.layers]
+        return bool(blocks) and self.rotary.static and all(getattr(b.self_attn, "static", False) for b in blocks)
+
+    def decode_step(
+        self, ids: torch.Tensor, positions: torch.Tensor, cache: KVCache, keys: int, hidden: bool = False
+    ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+        """Logits [B, T, V] for tokens ids [B, T] at `positions` ([T], on the device: the cache's next ones),
+        reading keys through the first `keys` (> the last position, see `bucket`) slots of the cache: the
+        same work whatever the positions, so that it can be captured once per bucket and T; the same as
+        `forward` gives (with `all_logits`). With `hidden`, a speculative check: (logits, h) as `forward`
+        gives them with `hidden` and `trail`. The caller moves `cache.pos` on."""
+        step = self._static_step(positions, keys)
+        step.trail = hidden
+        h = self.run_layers(self.embed(ids, step), step, cache.layers)
+        return (self.logits(h), self.mtp_hidden(h)) if hidden else self.logits(h)
+
+    def _static_step(self, positions: torch.Tensor, keys: int) -> Step:
+        cos, sin = self.rotary.at(positions, self.model.embed_tokens.weight.dtype)
+        return Step(None, positions.shape[0], cos, sin, bucket=keys, _positions=positions)
 
     def run_layers(self, h: torch.Tensor, step: Step, states: list) -> torch.Tensor:
         """The decoder layers over the first layer's input h, each with its state; their last output."""
@@ -415,9 +457,7 @@ class CausalLM(nn.Module):
         return self.head(self.final_hidden(h))
 
     def final_hidden(self, h: torch.Tensor) -> torch.Tensor:
-        """The last layer's output h [B, T, E] after the final norm: what the LM head takes, and what the MTP
-        layers are handed, as the published code hands it them (DeepSeek's modeling_deepseek.py, vLLM's and
-        SGLang's MTP drafting, transformers' MtpModel via hidden_states[-1]; see docs/speculative.md)."""
+        """The last layer's output h [B, T, E] after the final norm: what the LM head takes."""
         return self.model.norm(h)
 
     def head(self, h: torch.Tensor) -> torch.Tensor:

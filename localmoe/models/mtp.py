@@ -1,7 +1,7 @@
 """Multi-token prediction layers, as DeepSeek-V3 ships them (its report, section 2.2) and the releases that
 followed its design (GLM-4.5, Qwen3-Next, Qwen3.5, MiMo-V2-Flash): MTP layer k takes the hidden state h at
 position i (layer k - 1's output there as it passes it on; for layer 0 the target's, after its final norm:
-`CausalLM.final_hidden`) and the embedding e of token i + k + 1, computes eh_proj([enorm(e); hnorm(h)]) (the
+`CausalLM.mtp_hidden`) and the embedding e of token i + k + 1, computes eh_proj([enorm(e); hnorm(h)]) (the
 embedding first), runs one decoder layer (with its own KV state) over that, and predicts token i + k + 2
 through its own final norm and the model's shared embedding and LM head. The decoder layer is of the
 family's own kind, or what the release's inference code makes it (MiMo-V2-Flash's: sliding-window attention
@@ -32,6 +32,8 @@ class SharedHead(nn.Module):
 
 
 class MTPLayer(nn.Module):
+    hidden_first = False  # Inkling's projects [hnorm(h); enorm(e)] (transformers' mtp_hidden_states_first)
+
     def __init__(self, block: nn.Module, hidden: int, eps: float, norm=RMSNorm):
         """`block`: the decoder layer, of the family's own kind (attention in `self_attn`)."""
         super().__init__()
@@ -44,7 +46,8 @@ class MTPLayer(nn.Module):
     def forward(self, h: torch.Tensor, embedded: torch.Tensor, step: Step, kv) -> torch.Tensor:
         """The layer's output [B, T, E] before its final norm, for hidden states h and the next tokens'
         embeddings `embedded`, both [B, T, E]."""
-        return self.block(self.eh_proj(torch.cat([self.enorm(embedded), self.hnorm(h)], dim=-1)), step, kv)
+        normed = [self.enorm(embedded), self.hnorm(h)]
+        return self.block(self.eh_proj(torch.cat(normed[:: -1 if self.hidden_first else 1], dim=-1)), step, kv)
 
 
 class NormedMTPLayer(MTPLayer):

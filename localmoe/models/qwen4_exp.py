@@ -13,6 +13,10 @@ renormalised top-k experts with a sigmoid-gated shared expert; norms scale by 1 
   (splitmix64 multipliers, a distinct prime table per head), their embeddings gate a value into each
   stream, plus a dilated depthwise convolution over the gated values. The n-gram tables (tens of GiB
   in the release) are stored in `split_ngram_parts` shards, which stay apart and in host memory.
+
+Its multi-token-prediction layer (`mtp.*`: pre_fc_norm_embedding, pre_fc_norm_hidden, fc_embedding,
+fc_hidden, layers.0 (a QSA attention MoE layer with hyper-connections, no PLE), hyper_connection_mixer) is
+loaded as `mtp`, for drafts, as `StreamMTPLayer` says.
 """
 
 import functools
@@ -27,10 +31,11 @@ from torch import nn
 from localmoe.errors import LocalMoEError
 from localmoe.models.attention import Attention
 from localmoe.models.expert_tensors import PerExpert
-from localmoe.models.family import Family, Multimodal, causal_lm
+from localmoe.models.family import Family, MtpLayout, Multimodal, causal_lm
 from localmoe.models.gated_deltanet import DELTANET_ALIASES, GatedDeltaNet
 from localmoe.models.layers import CausalLM, HostEmbedding, Step, ZeroCenteredRMSNorm, rms_normalize
 from localmoe.models.moe import FUSED_EXPERTS, MLP_EXPERTS
+from localmoe.models.mtp import SharedHead
 from localmoe.models.qwen3_5_moe import Qwen3_5MoeArgs, gated_attention, sparse_moe
 from localmoe.models.rotary import RotaryEmbedding, apply_rotary
 from localmoe.models.state import CombinedState, ConvRing, IndexedKV, KVCache
@@ -75,7 +80,8 @@ class Qwen4ExpArgs(Qwen3_5MoeArgs):
         if isinstance(self.eos_token_id, list):
             self.eos_token_id = self.eos_token_id[0] if self.eos_token_id else None
         sizes = (self.indexer_n_heads, self.indexer_head_dim, self.indexer_budget, self.indexer_compress_ratio)
-        if INDEXED in self.layer_types and None in sizes:
+        indexed = INDEXED in self.layer_types or self.mtp_num_hidden_layers  # the MTP layers' attention is QSA
+        if indexed and None in sizes:
             raise LocalMoEError("config.json lacks the QSA indexer's sizes (indexer_*): the config is damaged")
         if INDEXED in self.layer_types and (self.indexer_kv_heads or 1) != 1:
             raise LocalMoEError("config.json: Qwen4-Exp's indexer has one key head (indexer_kv_heads 1)")
@@ -313,9 +319,10 @@ class PerLayerEmbedding(nn.Module):
 
 
 class Qwen4ExpDecoderLayer(nn.Module):
-    def __init__(self, args: Qwen4ExpArgs, i: int, rotary: RotaryEmbedding):
+    def __init__(self, args: Qwen4ExpArgs, i: int, rotary: RotaryEmbedding, kind: str | None = None):
+        """Layer `i`, of the kind `layer_types` says unless `kind` says (an MTP layer's)."""
         super().__init__()
-        if args.layer_types[i] == LINEAR:
+        if (kind or args.layer_types[i]) == LINEAR:
             self.self_attn = GatedDeltaNet(args, gate=args.output_gate_type)
         else:
             self.self_attn = gated_attention(args, QsaAttention, indexer=QsaIndexer(args, rotary))
@@ -363,14 +370,70 @@ class Qwen4ExpLM(CausalLM):
     def logits(self, h: torch.Tensor) -> torch.Tensor:
         return self.head(self.model.hyper_connection_mixer(h))
 
+    def mtp_hidden(self, h: torch.Tensor) -> torch.Tensor:
+        """The last layer's streams [B, T, hc x E], uncollapsed: SGLang's Qwen4ExpModel hands its MTP layer
+        these (hc_hidden_states), not what the LM head takes."""
+        return h
+
+
+class StreamMTPLayer(nn.Module):
+    """Qwen4-Exp's MTP layer (SGLang's qwen4_exp_mtp.py, Qwen4ExpForCausalLMMTP._fuse_residual_linear_shared):
+    the hidden streams normalised over their whole hc x E width and projected stream by stream (fc_hidden),
+    the token's normalised embedding projected (fc_embedding) and added to every stream, through a decoder
+    layer of the model's kind; for logits a collapse of its own (hyper_connection_mixer, no final norm, as
+    the model's). What the next draft takes is the streams."""
+
+    def __init__(self, args: Qwen4ExpArgs, block: Qwen4ExpDecoderLayer):
+        super().__init__()
+        hidden, eps = args.hidden_size, args.rms_norm_eps
+        self.pre_fc_norm_embedding = ZeroCenteredRMSNorm(hidden, eps)
+        self.pre_fc_norm_hidden = ZeroCenteredRMSNorm(args.hc_count * hidden, eps)
+        self.fc_embedding = nn.Linear(hidden, hidden, bias=False)
+        self.fc_hidden = nn.Linear(hidden, hidden, bias=False)
+        self.block = block
+        self.shared_head = SharedHead(GatedResidual(args, inject=False))
+
+    def forward(self, h: torch.Tensor, embedded: torch.Tensor, step: Step, kv) -> torch.Tensor:
+        """h: streams [B, T, hc x E]; `embedded` as the model embeds (hc copies of the token's embedding)."""
+        streams = self.pre_fc_norm_hidden(h).unflatten(-1, (-1, self.fc_hidden.in_features))
+        token = self.fc_embedding(self.pre_fc_norm_embedding(embedded[..., : self.fc_embedding.in_features]))
+        return self.block((self.fc_hidden(streams) + token[..., None, :]).flatten(-2), step, kv)
+
 
 def build(args: Qwen4ExpArgs) -> Qwen4ExpLM:
     rotary = RotaryEmbedding(args.rope, args.attention_head_dim, args.max_position_embeddings)
-    layers = [Qwen4ExpDecoderLayer(args, i, rotary) for i in range(args.num_hidden_layers)]
-    model = causal_lm(args, layers, args.attention_head_dim, model=Qwen4ExpLM, rotary=lambda *_: rotary)
+    n = args.num_hidden_layers
+    layers = [Qwen4ExpDecoderLayer(args, i, rotary) for i in range(n)]
+    # SGLang builds its MTP layer as "full_attention", which a config with the indexer's sizes makes QSA
+    mtp = [Qwen4ExpDecoderLayer(args, n + k, rotary, INDEXED) for k in range(args.mtp_num_hidden_layers)]
+    model = causal_lm(
+        args,
+        layers,
+        args.attention_head_dim,
+        model=Qwen4ExpLM,
+        rotary=lambda *_: rotary,
+        mtp=mtp,
+        mtp_layer=lambda block, *_: StreamMTPLayer(args, block),
+    )
     del model.model.norm  # none: the last collapse feeds the head
     model.model.hyper_connection_mixer = GatedResidual(args, inject=False)
     return model
+
+
+# the release's MTP layer (SGLang's Qwen3_5ForCausalLMMTP.load_weights reads `mtp.*` for Qwen4-Exp's too):
+# its own tensors and its collapse under `mtp.`, its decoder layer's under `mtp.layers.{depth}.`; its
+# embedding and LM head are the model's
+QWEN4_MTP = MtpLayout(
+    "mtp_num_hidden_layers",
+    (
+        *(
+            (f"model.layers.{{layer}}.{name}.", f"mtp.{name}.")
+            for name in ("pre_fc_norm_embedding", "pre_fc_norm_hidden", "fc_embedding", "fc_hidden")
+        ),
+        ("model.layers.{layer}.shared_head.norm.", "mtp.hyper_connection_mixer."),
+        ("model.layers.{layer}.", "mtp.layers.{depth}."),
+    ),
+)
 
 
 FAMILY = Family(
@@ -382,7 +445,11 @@ FAMILY = Family(
     hub_aliases=DELTANET_ALIASES,
     # the vision tower is left on disk
     multimodal=(
-        Multimodal("Qwen4ExpForConditionalGeneration", (("model.", "model.language_model."), ("lm_head.", "lm_head."))),
+        Multimodal(
+            "Qwen4ExpForConditionalGeneration",
+            (("model.", "model.language_model."), ("lm_head.", "lm_head."), ("mtp.", "mtp.")),
+        ),
     ),
+    mtp=QWEN4_MTP,
     example="Qwen/Qwen4-Exp",
 )

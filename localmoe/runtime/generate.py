@@ -10,10 +10,10 @@ import torch
 from torch import nn
 
 from localmoe.errors import LocalMoEError, setting
-from localmoe.models.layers import bucket
 from localmoe.models.state import KVCache
 from localmoe.runtime.sampling import Sampler, SamplingParams
 from localmoe.runtime.speculative import Drafter, SpeculationStats
+from localmoe.runtime.steps import StaticSteps, StepHooks
 
 
 @dataclass
@@ -54,71 +54,48 @@ class GenerationStats:
 
 
 @dataclass
-class StepHooks:
-    """What runs around every forward step, outside any captured graph: `before` once the previous step
-    is queued, `after` once this one is (the expert cache learns from the routing there)."""
-
-    before: Callable[[], None] = lambda: None
-    after: Callable[[], None] = lambda: None
-
-
-@dataclass
 class DecodeSteps:
-    """One decode token after another over `cache`: a static step (`CausalLM.decode_step`) where the model
-    allows, its token and position in device buffers, captured as a CUDA graph per bucket with `graphs`;
-    the model's forward otherwise."""
+    """One decode token after another over `cache`, and speculative checks of up to `most` tokens: static
+    steps (`CausalLM.decode_step`) where the model allows, captured as CUDA graphs with `graphs` (see
+    StaticSteps); the model's forward otherwise."""
 
     model: nn.Module
     cache: KVCache
     graphs: bool = False
     hooks: StepHooks = field(default_factory=StepHooks)
+    most: int = 1
 
     def __post_init__(self):
         self.static = self.model.static_decode
         device = self.model.model.embed_tokens.weight.device
-        self.token = torch.zeros(1, 1, dtype=torch.long, device=device)
-        self.position = torch.zeros(1, dtype=torch.long, device=device)
-        self._captured: dict[int, tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
+        self.steps = StaticSteps(self.cache, device, self.graphs, self.hooks, self.most) if self.static else None
 
-    @torch.inference_mode()
     def __call__(self, token: torch.Tensor) -> torch.Tensor:
         """Logits [1, 1, V] after `token` ([1, 1], on the device) at the cache's next position."""
+        if self.static:
+            return self.steps("decode", self._decode, ids=token)
+        return self._eager(lambda: self.model(token, self.cache))
+
+    def check(self, ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """A speculative check of ids [1, T] (the last chosen token, then the drafts) at the cache's next
+        positions: logits [1, T, V] and the last layer's hidden states [1, T, E] at every position."""
+        if self.static:
+            return self.steps("check", self._check, ids=ids)
+        # a recurrent state keeps its trail where there are drafts to cut back
+        return self._eager(lambda: _forward(self.model, ids, self.cache, True, True, trail=ids.shape[1] > 1))
+
+    def _decode(self, positions: torch.Tensor, keys: int, ids: torch.Tensor) -> torch.Tensor:
+        return self.model.decode_step(ids, positions, self.cache, keys)
+
+    def _check(self, positions: torch.Tensor, keys: int, ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.model.decode_step(ids, positions, self.cache, keys, hidden=True)
+
+    @torch.inference_mode()
+    def _eager(self, run: Callable[[], object]):
         self.hooks.before()
-        position = self.cache.pos
-        if not self.static:
-            logits = self.model(token, self.cache)
-        else:
-            if position >= self.cache.max_len:
-                raise LocalMoEError(f"{position + 1} tokens do not fit the {self.cache.max_len}-token context")
-            self.token.copy_(token)
-            self.position.fill_(position)
-            self.cache.writing = True
-            logits = self._run(bucket(position, self.cache.max_len))
-            self.cache.pos, self.cache.writing = position + 1, False
+        out = run()
         self.hooks.after()
-        return logits
-
-    def _run(self, keys: int) -> torch.Tensor:
-        if not self.graphs:
-            return self.model.decode_step(self.token, self.position, self.cache, keys)
-        if keys not in self._captured:
-            self._captured[keys] = self._capture(keys)
-        graph, logits = self._captured[keys]
-        graph.replay()
-        return logits
-
-    def _capture(self, keys: int) -> tuple[torch.cuda.CUDAGraph, torch.Tensor]:
-        """Run the step once on a side stream (lazy initialisation, kernel compilation), then capture it.
-        Both write what the replay writes again (this token's keys and values, its routing), harmlessly."""
-        side = torch.cuda.Stream()
-        side.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(side):
-            self.model.decode_step(self.token, self.position, self.cache, keys)
-        torch.cuda.current_stream().wait_stream(side)
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
-            logits = self.model.decode_step(self.token, self.position, self.cache, keys)
-        return graph, logits
+        return out
 
 
 def generate_tokens(
@@ -157,7 +134,7 @@ def generate_tokens(
     if cache is None:
         cache = model.new_cache(1, len(prompt) + max_new_tokens)
     hooks = hooks or StepHooks()
-    decode = DecodeSteps(model, cache, graphs, hooks)
+    decode = DecodeSteps(model, cache, graphs, hooks, most=1 + draft_tokens if drafter is not None else 1)
     # the last prompt token is always fed: its logits pick the first token
     reuse = cache.rewind(min(reuse, len(prompt) - 1))
     if drafter is not None:
@@ -267,10 +244,9 @@ class Speculation:
         if not drafts and not self.drafter.reads_hidden:
             return self.decode(ids)[0]
         first = self.cache.pos
-        self.hooks.before()
-        logits, h = _forward(self.model, ids, self.cache, True, self.drafter.reads_hidden, trail=bool(drafts))
-        self.hooks.after()
-        self.fed = (first, h) if h is not None else None
+        logits, h = self.decode.check(ids)
+        if self.drafter.reads_hidden:  # a copy of a graph's outputs: its next replay may come before they are read
+            self.fed = first, h.clone() if self.decode.graphs else h
         return logits[0]
 
     def _settle(self) -> None:

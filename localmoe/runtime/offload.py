@@ -108,6 +108,10 @@ class OffloadedExperts:
         """Before a forward step: learn from the steps whose routing has reached the host."""
         self._learn()
 
+    def step_tokens(self, tokens: int) -> None:
+        """Before a static step (maybe a replayed graph): its token count, for the routing log."""
+        self.log.expect(tokens)
+
     def end_step(self) -> None:
         """After a forward step: send its routing to the host (on the CPU, learned at once)."""
         if self.miss_policy.in_place:

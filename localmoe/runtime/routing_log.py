@@ -43,19 +43,28 @@ class RoutingLog:
         self._tokens = 0  # tokens of the step being written
         self._pending: deque[tuple[dict[str, torch.Tensor], int, torch.cuda.Event | None]] = deque()
         self._spare: list[dict[str, torch.Tensor]] = []  # pinned host buffers to reuse
+        self._retired: list[dict[str, torch.Tensor]] = []  # device buffers outgrown, which a graph may write
         self._allocate(1)
 
     def lookup(self, layer: int, table: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
         """The slots of a layer's [T, k] pairs, `table` [experts] at `ids`, written into the log (one op
         for a decode token) and returned, for the kernel to read."""
         tokens = ids.shape[0]
-        if tokens > self._capacity:
-            self._allocate(tokens)
-        self._tokens = tokens
+        self.expect(tokens)
         slots = self._rows("slots", layer, tokens)
         if slots.is_contiguous():
             return torch.index_select(table, 0, ids.view(-1), out=slots.view(-1)).view(slots.shape)
         return slots.copy_(table[ids])
+
+    def expect(self, tokens: int) -> None:
+        """The coming step has `tokens` tokens: what a replayed graph, which runs no `lookup`, cannot say.
+        Rows for them are allocated where there are fewer; a step captured before keeps writing the
+        buffers it was captured with, which stay allocated (its rows then never reach the host: the
+        static steps tell their most tokens before capturing any, so this does not happen to them)."""
+        if tokens > self._capacity:
+            self._retired.append(self._buffers)
+            self._allocate(max(tokens, 2 * self._capacity))
+        self._tokens = tokens
 
     def record(self, layer: int, routing: Routing) -> None:
         """Log the layer's routing beside the slots written through `slots` (device copies, no sync)."""

@@ -16,12 +16,11 @@ from T single-token steps (other matmul shapes), as chunked prefill does.
 
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Protocol
+from typing import Protocol
 
 import torch
 
-if TYPE_CHECKING:
-    from localmoe.runtime.generate import StepHooks
+from localmoe.runtime.steps import StaticSteps, StepHooks
 
 
 class Drafter(Protocol):
@@ -37,7 +36,7 @@ class Drafter(Protocol):
     def observe(self, start: int, kept: int, hidden: torch.Tensor) -> None:
         """The target fed positions start, start + 1, ... and keeps the first `kept` of them (the rest
         were rejected drafts); `hidden` [T, H]: its hidden states there as it hands them to its MTP layers,
-        after its final norm (`CausalLM.final_hidden`). Only called where `reads_hidden`."""
+        after its final norm (`CausalLM.mtp_hidden`). Only called where `reads_hidden`."""
 
     def rewind(self, pos: int) -> None:
         """A generation starts over a cache that holds the first `pos` positions of its prompt (a
@@ -89,13 +88,20 @@ class MtpDrafter(Drafter):
 
     reads_hidden = True
 
-    def __init__(self, model, context: int, hooks: "StepHooks | None" = None, drafts: int | None = None):
+    def __init__(
+        self, model, context: int, hooks: StepHooks | None = None, drafts: int | None = None, graphs: bool = False
+    ):
         """`context`: the target's, in positions; `hooks`: run around each step of an MTP layer, as around
         the target's (the expert cache learns from its routing there); `drafts`: the most tokens a round
-        will be asked for (None: as many as there are layers, or more)."""
-        self.model, self.context, self.hooks = model, context, hooks
+        will be asked for (None: as many as there are layers, or more); `graphs`: capture the layers'
+        static steps as CUDA graphs (see StaticSteps), where the MTP layers run static steps."""
+        self.model, self.context, self.hooks, self.graphs = model, context, hooks or StepHooks(), graphs
         self.depth = min(len(model.mtp.layers), drafts or len(model.mtp.layers))  # the layers that draft
+        # the most positions a layer runs at once after the first round: the depth - 1 kept from the round
+        # before and a check's drafts + 1 (a prompt's chunks run uncaptured)
+        self.most = (drafts or self.depth) + self.depth
         self.caches: list | None = None  # one per layer, allocated at the first hidden states
+        self.steps: list[StaticSteps] | None = None  # each layer's static steps over its cache, per generation
         self.first = 0  # the target's position of the caches' position 0
         self.fed = 0  # target positions every drafting layer has run with kept tokens only
         # the target's hidden states [t, H] from position `fed` on, in the pieces it gave them: the layers
@@ -106,6 +112,7 @@ class MtpDrafter(Drafter):
         if self.caches is None:
             self.caches = [self.model.new_mtp_cache(1, self.context - start, k) for k in range(self.depth)]
             self.first = self.fed = start
+            self.steps = self._static_steps()
         waiting = self.fed + sum(piece.shape[0] for piece in self.hidden)
         assert start == waiting, f"hidden states at {start}, expected at {waiting}"
         self.hidden.append(hidden[:kept])
@@ -120,6 +127,15 @@ class MtpDrafter(Drafter):
             self.hidden = _first_rows(self.hidden, pos - self.fed)
         if not kept:
             self.caches, self.hidden = None, []
+        # a new generation: graphs captured anew (what they write into may have been reallocated since)
+        self.steps = self._static_steps()
+
+    def _static_steps(self) -> list[StaticSteps] | None:
+        """Each layer's static steps over its cache, where the layers run static steps and have caches."""
+        if self.caches is None or not self.model.static_mtp:
+            return None
+        device = self.model.model.embed_tokens.weight.device
+        return [StaticSteps(cache, device, self.graphs, self.hooks, self.most) for cache in self.caches]
 
     @torch.inference_mode()
     def propose(self, tokens: Sequence[int], limit: int) -> list[int]:
@@ -147,11 +163,16 @@ class MtpDrafter(Drafter):
         return drafts[:limit]
 
     def _step(self, h: torch.Tensor, following: torch.Tensor, depth: int) -> tuple[torch.Tensor, torch.Tensor]:
-        if self.hooks:
-            self.hooks.before()
+        if self.steps is not None:
+            cache = self.caches[depth]
+
+            def step(positions, keys, h, ids):
+                return self.model.mtp_step(h, ids, positions, cache, keys, depth)
+
+            return self.steps[depth]("mtp", step, h=h, ids=following)
+        self.hooks.before()
         logits, h = self.model.mtp_draft(h, following, self.caches[depth], depth)
-        if self.hooks:
-            self.hooks.after()
+        self.hooks.after()
         return logits, h
 
 
@@ -235,9 +256,9 @@ class SpeculationStats:
 
 
 # what drafts for each choice of `--speculative` (localmoe.options.SPECULATIVE), given the target model, the
-# context it runs in, the hooks of its steps and the most tokens a check takes
+# context it runs in, the hooks of its steps, the most tokens a check takes and whether to capture CUDA graphs
 DRAFTERS = {
     "mtp": MtpDrafter,
-    "lookup": lambda model, context, hooks, drafts: PromptLookup(),
-    "off": lambda model, context, hooks, drafts: None,
+    "lookup": lambda model, context, hooks, drafts, graphs: PromptLookup(),
+    "off": lambda model, context, hooks, drafts, graphs: None,
 }
