@@ -68,10 +68,11 @@ class Release:
         self.eps, self.offset, self.count = reference.config.get_text_config().rms_norm_eps, offset, count
         self.rotary = layer.get("rotary", lambda model, x, positions: model.rotary_emb(x, positions))
         self.window = layer.get("window")
-        reference.config.tie_last_hidden_states = False  # its last hidden states before the final norm
 
     def backbone(self, ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """transformers' logits and last layer's output (before the final norm) for ids [1, T]."""
+        """transformers' logits and last hidden states for ids [1, T]: hidden_states[-1], which transformers
+        ties to the output after the final norm (capture_outputs' tie_last_hidden_states), as its MTP
+        drafting (candidate_generator.py) hands them on."""
         with torch.no_grad():
             out = self.reference(ids, output_hidden_states=True)
         return out.logits, out.hidden_states[-1]
@@ -107,7 +108,8 @@ class Release:
 
 
 class NormedRelease(Release):
-    """A release whose MTP layer passes its final norm's output on to the next draft (vLLM's hy_v3_mtp.py)."""
+    """A release whose MTP layer passes its final norm's output on to the next draft, as transformers' MtpModel and
+    the published code of most releases do (see localmoe/models/mtp.py)."""
 
     def draft(self, h, next_ids, start=0, depth=0):
         logits, out = super().draft(h, next_ids, start, depth)
@@ -169,7 +171,9 @@ PER_LAYER = ("layer_types", "mlp_layer_types", "indexer_types")  # config fields
 def deepseek_release(config_class: str, config: dict, depths: int = 1, extend=None, **layer):
     """DeepSeek-V3's layout (GLM-4.5's too): MTP layer k is `model.layers.{num_hidden_layers + k}`, its
     decoder layer's tensors under that prefix as any layer's (per-expert names), beside enorm, hnorm,
-    eh_proj, shared_head.norm, and copies of the embedding and the LM head (embed_tokens, shared_head.head)."""
+    eh_proj, shared_head.norm, and copies of the embedding and the LM head (embed_tokens, shared_head.head);
+    the output after shared_head.norm passed on (vLLM's deepseek_mtp.py since its PR 45895, SGLang's
+    deepseek_nextn.py, transformers' MtpModel)."""
 
     def write(folder: Path) -> Release:
         names = {role: f"model.layers.{{layer}}.{name}.weight" for role, name in DEEPSEEK_NAMES.items()}
@@ -184,6 +188,7 @@ def deepseek_release(config_class: str, config: dict, depths: int = 1, extend=No
             0.0,
             "num_nextn_predict_layers",
             depths,
+            kind=NormedRelease,
             **layer,
         )
         path = release.folder / "model.safetensors"
@@ -251,7 +256,8 @@ MIMO_NAMES = {
 
 
 def mimo_release(depths: int):
-    """MiMo-V2-Flash's layout, with `depths` MTP layers (the release has three)."""
+    """MiMo-V2-Flash's layout, with `depths` MTP layers (the release has three), each passing its final norm's
+    output on (vLLM's mimo_v2_mtp.py)."""
     config = MIMO_V2_FLASH
 
     def extend(c: dict, n: int) -> dict:
@@ -280,6 +286,7 @@ def mimo_release(depths: int):
             "num_nextn_predict_layers",
             depths,
             inner=inner,
+            kind=NormedRelease,
             rotary=lambda model, x, positions: model.rotary_emb(x, positions, "sliding_attention"),
             window=config["sliding_window"],
         )
@@ -655,7 +662,6 @@ class StepRelease(Release):
     def __init__(self, folder, reference, blocks, mtp, kinds):
         super().__init__(folder, reference, blocks, mtp, 1.0, "num_nextn_predict_layers")
         self.kinds, self.text = kinds, reference.model.language_model
-        reference.config.text_config.tie_last_hidden_states = False  # the language model's outputs
 
     def draft(self, h, next_ids, start=0, depth=0):
         w, model, eps, kind = self.mtp[depth], self.text, self.eps, self.kinds[depth]
@@ -900,7 +906,7 @@ def dots3_release(folder: Path) -> Release:
     """dots3-note's (vLLM's dots3_note/nvidia/mtp.py): DeepSeek-V3's layout and names, a sliding dense decoder
     layer, the output after shared_head.norm passed on, and a copy of the embedding, model.mtp.embed_tokens. As
     vLLM's config defaults the count to 1, the config says none here."""
-    release = deepseek_release("Dots3NoteTextConfig", DOTS3_NOTE, extend=dots3_with_mtp, kind=NormedRelease)(folder)
+    release = deepseek_release("Dots3NoteTextConfig", DOTS3_NOTE, extend=dots3_with_mtp)(folder)
     release.rotary = lambda model, x, positions: model.rotary_emb(x, positions, "sliding_attention")
     release.window = DOTS3_NOTE["sliding_window"]
     path = release.folder / "model.safetensors"
@@ -1174,6 +1180,24 @@ def test_backbone_hidden_states_are_transformers(release):
     assert torch.equal(last_h, h[:, -1:]) and (last_logits - logits[:, -1:]).abs().max() < TOLERANCE
 
 
+@pytest.mark.parametrize("name", ["deepseek_v3", "glm4_moe", "qwen3_5_moe", "nemotron_h"])
+def test_the_mtp_layers_are_handed_the_hidden_states_after_the_final_norm(name, tmp_path_factory):
+    """The target hands its MTP layers its last layer's output after the final norm (model.norm), what its
+    LM head takes: what DeepSeek's modeling_deepseek.py, vLLM, SGLang and transformers' MTP drafting hand
+    them, and what their hnorm was fit on."""
+    model = load(RELEASES[name](tmp_path_factory.mktemp(name)).folder).model
+    outputs = []
+    hook = model.model.layers[-1].register_forward_hook(lambda module, args, out: outputs.append(out))
+    try:
+        with torch.no_grad():
+            logits, h = model(prompt(), model.new_cache(1, PROMPT), all_logits=True, hidden=True)
+    finally:
+        hook.remove()
+    last = outputs[0][0] if isinstance(outputs[0], tuple) else outputs[0]
+    assert torch.equal(h, model.model.norm(last))
+    assert (logits - model.head(h)).abs().max() < TOLERANCE
+
+
 @pytest.mark.parametrize("split", [PROMPT - 1, 4, 1])
 def test_draft_logits_are_the_reference(release, split):
     """Over a prompt at once, and a prompt then one position at a time through the MTP layer's KV state."""
@@ -1442,7 +1466,6 @@ def test_mellum_drafts_are_transformers_mtp_model(tmp_path_factory):
 
     release = RELEASES["mellum"](tmp_path_factory.mktemp("mellum"))
     main = transformers.AutoModelForCausalLM.from_pretrained(str(release.folder), dtype=torch.float32).eval()
-    main.config.tie_last_hidden_states = False  # its last hidden states before the final norm
     mtp = MtpModel.from_pretrained(main).eval()
     ids = prompt()
     positions = torch.arange(PROMPT - 1)[None]

@@ -9,7 +9,7 @@ always, as transformers keeps it. Its multi-token-prediction layers after the la
 (`model.layers.{num_hidden_layers + k}`, DeepSeek-V3's layout with its final norm named final_layernorm) are
 loaded as `mtp`, for drafts (see localmoe/models/mtp.py), as vLLM's bailing_moe_v3_mtp.py builds them: latent
 attention whatever the layer groups say, and MoE; the output of its final norm is passed on to the next
-draft, as vLLM's returns it (`NormedMTPLayer`)."""
+draft, as vLLM's returns it (`NormedMTPLayer`, as DeepSeek-V3's)."""
 
 from dataclasses import dataclass
 from typing import ClassVar
@@ -24,7 +24,6 @@ from localmoe.models.family import Family
 from localmoe.models.kimi_delta_attention import BoundedDeltaAttention
 from localmoe.models.kimi_linear import KimiLinearArgs
 from localmoe.models.moe import FUSED_EXPERTS, MLP_EXPERTS
-from localmoe.models.mtp import NormedMTPLayer
 
 
 @dataclass
@@ -121,7 +120,7 @@ class HeadGatedLatentAttention(LatentAttention):
 
 
 def build_with_mtp(args: BailingHybridArgs) -> nn.Module:
-    return build(args, mtp=args.num_nextn_predict_layers, mtp_layer=NormedMTPLayer)
+    return build(args, mtp=args.num_nextn_predict_layers)
 
 
 FAMILY = Family(

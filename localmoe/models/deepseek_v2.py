@@ -14,6 +14,7 @@ from localmoe.models.expert_tensors import PerExpert
 from localmoe.models.family import Family, ModelArgs, causal_lm
 from localmoe.models.layers import MLP, CausalLM, DecoderLayer
 from localmoe.models.moe import FUSED_EXPERTS, MLP_EXPERTS, GatedActivation, GroupedTopKRouter, SparseMoE
+from localmoe.models.mtp import NormedMTPLayer
 
 
 @dataclass
@@ -110,8 +111,9 @@ def build(
 ) -> CausalLM:
     """`moe` the MoE block's class, where a family adds to it (A.X-K1's norm after it); `layer` the decoder
     layer's (A.X-K2's gated norms); `mtp` the multi-token-prediction layers to build after the last decoder
-    layer, as the following layers; `stack`: `causal_lm`'s options (Mistral Large 4's learned rotary and
-    logit capping)."""
+    layer, as the following layers, each passing its final norm's output on to the next draft (vLLM's
+    deepseek_mtp.py since its PR 45895, SGLang's deepseek_nextn.py, transformers' MtpModel); `stack`:
+    `causal_lm`'s options (Mistral Large 4's learned rotary and logit capping)."""
     hidden = args.hidden_size
 
     def feed_forward(i: int) -> nn.Module:
@@ -134,7 +136,9 @@ def build(
         for i in range(args.num_hidden_layers + mtp)
     ]
     mtp_layers = layers[args.num_hidden_layers :]
-    return causal_lm(args, layers[: args.num_hidden_layers], args.rotary_dim, mtp=mtp_layers, **stack)
+    return causal_lm(
+        args, layers[: args.num_hidden_layers], args.rotary_dim, mtp=mtp_layers, mtp_layer=NormedMTPLayer, **stack
+    )
 
 
 FAMILY = Family(

@@ -11,7 +11,7 @@ from torch import nn
 
 from localmoe.models.deepseek_v2 import DeepseekV2Args, build
 from localmoe.models.expert_tensors import PerExpert
-from localmoe.models.family import Family, Multimodal
+from localmoe.models.family import DEEPSEEK_MTP, Family, Multimodal
 from localmoe.models.layers import CausalLM
 from localmoe.models.moe import FUSED_EXPERTS, MLP_EXPERTS, GroupedTopKRouter
 
@@ -70,5 +70,6 @@ FAMILY = Family(
         Multimodal(name, (("model.", "language_model.model."), ("lm_head.", "language_model.lm_head.")))
         for name in ("KimiK25ForConditionalGeneration", "Kimi_K25ForConditionalGeneration")
     ),
+    mtp=DEEPSEEK_MTP,
     example="moonshotai/Moonlight-16B-A3B-Instruct",
 )

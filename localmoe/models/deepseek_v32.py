@@ -17,7 +17,7 @@ from localmoe.models.attention import LatentAttention
 from localmoe.models.deepseek_v2 import attention_scale, build
 from localmoe.models.deepseek_v3 import DeepseekV3Args
 from localmoe.models.expert_tensors import PerExpert
-from localmoe.models.family import Family
+from localmoe.models.family import DEEPSEEK_MTP, Family
 from localmoe.models.layers import CausalLM, Step
 from localmoe.models.moe import FUSED_EXPERTS, MLP_EXPERTS
 from localmoe.models.rotary import apply_rotary, apply_rotary_interleaved
@@ -170,5 +170,6 @@ FAMILY = Family(
     experts=(PerExpert(MLP_EXPERTS), FUSED_EXPERTS),
     hub_aliases=((".mlp.shared_expert.", ".mlp.shared_experts."),),
     keep_float32=KEEP_FLOAT32,
+    mtp=DEEPSEEK_MTP,
     example="deepseek-ai/DeepSeek-V3.2",
 )

@@ -518,6 +518,11 @@ class DeepseekV4LM(CausalLM):
     def logits(self, h: torch.Tensor) -> torch.Tensor:
         return super().logits(self.model.hc_head(h))
 
+    def mtp_hidden(self, h: torch.Tensor) -> torch.Tensor:
+        """The streams [B, T, N, E] as they are: DeepSeek's inference/model.py hands MTPBlock the last block's
+        output (its collapse and final norm come after, in ParallelHead)."""
+        return h
+
 
 class CollapsedLM(DeepseekV4LM):
     """The stack of streams spread from the embedding and collapsed by `hc_head` within the layers' run, so that

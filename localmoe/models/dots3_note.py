@@ -27,7 +27,7 @@ from localmoe.errors import LocalMoEError
 from localmoe.models.attention import LatentAttention
 from localmoe.models.deepseek_v32 import KEEP_FLOAT32, Indexer, SparseLatentAttention
 from localmoe.models.expert_tensors import PerExpert
-from localmoe.models.family import Family, ModelArgs, MtpLayout
+from localmoe.models.family import DEEPSEEK_MTP, Family, ModelArgs
 from localmoe.models.layers import MLP, Backbone, CausalLM, DecoderLayer, RMSNorm, Step
 from localmoe.models.moe import FUSED_EXPERTS, MLP_EXPERTS, GatedActivation, GroupedTopKRouter, SparseMoE
 from localmoe.models.mtp import MultiTokenPredictor, NormedMTPLayer
@@ -270,14 +270,10 @@ def multi_token_predictor(args: Dots3NoteArgs, attention) -> MultiTokenPredictor
     return MultiTokenPredictor([NormedMTPLayer(block, hidden, eps) for block in blocks], args.num_hidden_layers)
 
 
-# the release's MTP layer, under DeepSeek-V3's names but for its final norm (shared_head.norm, which NormedMTPLayer
-# calls final_layernorm). vLLM's config (transformers_utils/configs/dots3_note.py) defaults the count to 1: one layer
-# where `model.layers.{num_hidden_layers}.*` is stored
-DOTS3_MTP = MtpLayout(
-    "num_nextn_predict_layers",
-    (("model.layers.{layer}.final_layernorm.", "model.layers.{layer}.shared_head.norm."),),
-    implied=1,
-)
+# the release's MTP layer, under DeepSeek-V3's names (DEEPSEEK_MTP). vLLM's config
+# (transformers_utils/configs/dots3_note.py) defaults the count to 1: one layer where
+# `model.layers.{num_hidden_layers}.*` is stored
+DOTS3_MTP = dataclasses.replace(DEEPSEEK_MTP, implied=1)
 
 
 FAMILY = Family(

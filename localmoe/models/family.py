@@ -276,6 +276,13 @@ class MtpLayout:
         return theirs + name[len(ours) :]
 
 
+# DeepSeek-V3's own names, its MTP layers' final norm stored as shared_head.norm (what NormedMTPLayer calls
+# final_layernorm)
+DEEPSEEK_MTP = MtpLayout(
+    "num_nextn_predict_layers", (("model.layers.{layer}.final_layernorm.", "model.layers.{layer}.shared_head.norm."),)
+)
+
+
 @dataclass(frozen=True)
 class Family:
     """One model family: the architectures it serves, its args, its model, and its on-disk tensor names.

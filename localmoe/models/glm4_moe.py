@@ -10,9 +10,10 @@ from torch import nn
 
 from localmoe.models.attention import Attention
 from localmoe.models.expert_tensors import PerExpert
-from localmoe.models.family import Family, ModelArgs, causal_lm
+from localmoe.models.family import DEEPSEEK_MTP, Family, ModelArgs, causal_lm
 from localmoe.models.layers import MLP, CausalLM, DecoderLayer
 from localmoe.models.moe import FUSED_EXPERTS, MLP_EXPERTS, sigmoid_moe
+from localmoe.models.mtp import NormedMTPLayer
 
 
 @dataclass
@@ -67,7 +68,8 @@ def build(args: Glm4MoeArgs, attention: type[Attention] = Attention) -> CausalLM
         )
         for i in range(args.num_hidden_layers + args.num_nextn_predict_layers)
     ]
-    return causal_lm(args, layers[: args.num_hidden_layers], head_dim, mtp=layers[args.num_hidden_layers :])
+    mtp = layers[args.num_hidden_layers :]  # each passing its final norm's output on, as DeepSeek-V3's do
+    return causal_lm(args, layers[: args.num_hidden_layers], head_dim, mtp=mtp, mtp_layer=NormedMTPLayer)
 
 
 def feed_forward(args: Glm4MoeArgs, i: int) -> nn.Module:
@@ -97,5 +99,6 @@ FAMILY = Family(
     experts=(PerExpert(MLP_EXPERTS), FUSED_EXPERTS),
     hub_aliases=((".mlp.shared_expert.", ".mlp.shared_experts."),),
     keep_float32=("e_score_correction_bias",),
+    mtp=DEEPSEEK_MTP,
     example="zai-org/GLM-4.5-Air",
 )

@@ -10,7 +10,7 @@ from typing import ClassVar
 
 from localmoe.models.deepseek_v3 import DeepseekV3Args, build_v3
 from localmoe.models.expert_tensors import PerExpert
-from localmoe.models.family import Family
+from localmoe.models.family import DEEPSEEK_MTP, Family
 from localmoe.models.moe import FUSED_EXPERTS, MLP_EXPERTS
 
 
@@ -50,5 +50,6 @@ FAMILY = Family(
     experts=(PerExpert(MLP_EXPERTS), FUSED_EXPERTS),
     hub_aliases=((".mlp.shared_expert.", ".mlp.shared_experts."),),
     keep_float32=("e_score_correction_bias",),
+    mtp=DEEPSEEK_MTP,
     example="zai-org/GLM-4.7-Flash",
 )

@@ -11,7 +11,7 @@ from torch import nn
 from localmoe.errors import LocalMoEError
 from localmoe.models.deepseek_v32 import KEEP_FLOAT32, DeepseekV32Args, SparseLatentAttention, build_with_mtp
 from localmoe.models.expert_tensors import PerExpert
-from localmoe.models.family import Family
+from localmoe.models.family import DEEPSEEK_MTP, Family
 from localmoe.models.moe import FUSED_EXPERTS, MLP_EXPERTS
 
 
@@ -66,5 +66,6 @@ FAMILY = Family(
     experts=(PerExpert(MLP_EXPERTS), FUSED_EXPERTS),
     hub_aliases=((".mlp.shared_expert.", ".mlp.shared_experts."),),
     keep_float32=KEEP_FLOAT32,
+    mtp=DEEPSEEK_MTP,
     example="zai-org/GLM-5",
 )

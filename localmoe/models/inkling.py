@@ -330,10 +330,6 @@ class InklingLM(CausalLM):
         logits = self.lm_head(h / self.width_multiplier)
         return logits if self.unpadded is None else logits[..., : self.unpadded]
 
-    def mtp_hidden(self, h: torch.Tensor) -> torch.Tensor:
-        """The last hidden states after the final norm (vLLM's inkling/nvidia/mtp.py takes the target's)."""
-        return self.model.norm(h)
-
 
 class InklingMTPLayer(MTPLayer):
     """The hidden state first in the projection's input; no norm after the decoder layer."""

@@ -349,8 +349,8 @@ class CausalLM(nn.Module):
         self, ids: torch.Tensor, cache: KVCache, all_logits: bool = False, hidden: bool = False, trail: bool = False
     ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
         """Logits [B, T, V] for ids [B, T] following what the cache holds (only the last position unless
-        `all_logits`); the cache advances by T. With `hidden`, (logits, h): h [B, T, E] what the MTP layers
-        take of the last layer's output (`mtp_hidden`), at the same positions (what `mtp_draft` takes). With `trail` (a
+        `all_logits`); the cache advances by T. With `hidden`, (logits, h): h [B, T, E] at the same positions,
+        what the MTP layers are handed (`mtp_hidden`, what `mtp_draft` takes). With `trail` (a
         speculative check), the cache can then be cut back to any of these positions (see Step.trail)."""
         step = self._step(cache, ids.shape[1])
         step.trail = trail
@@ -365,16 +365,19 @@ class CausalLM(nn.Module):
         return (self.logits(h), self.mtp_hidden(h)) if hidden else self.logits(h)
 
     def mtp_hidden(self, h: torch.Tensor) -> torch.Tensor:
-        """What the first MTP layer takes of the last layer's output h: h, before the final norm."""
-        return h
+        """What the first MTP layer is handed of the last layer's output h: h after the final norm, what the LM
+        head takes, as the published code hands it (DeepSeek's modeling_deepseek.py, vLLM's and SGLang's MTP
+        drafting, transformers' via hidden_states[-1]; see docs/speculative.md)."""
+        return self.final_hidden(h)
 
     def mtp_draft(
         self, h: torch.Tensor, next_ids: torch.Tensor, cache: KVCache, depth: int = 0
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """MTP layer `depth` over h [B, T, E] (hidden states at positions p .. p+T-1, from `forward` with
-        `hidden` or from this layer's previous draft) and next_ids [B, T] (the tokens at p+1 .. p+T):
-        (logits [B, T, V] of the tokens at p+2 .. p+T+1, the layer's output [B, T, E] before its final
-        norm). `cache` (from `new_mtp_cache` for this depth) is at position p, and advances by T."""
+        """MTP layer `depth` over h [B, T, E] (hidden states at positions p .. p+T-1: the target's from
+        `forward` with `hidden`, after its final norm, or this layer's previous output) and next_ids [B, T]
+        (the tokens at p+1 .. p+T): (logits [B, T, V] of the tokens at p+2 .. p+T+1, the layer's output
+        [B, T, E] as the next draft takes it, see mtp.py). `cache` (from `new_mtp_cache` for this depth) is
+        at position p, and advances by T."""
         step = self._step(cache, next_ids.shape[1])
         if self.static_mtp:  # as a static step would (`mtp_step`), positions on the host
             step.bucket = bucket(step.start + step.length - 1, cache.max_len)
@@ -451,7 +454,11 @@ class CausalLM(nn.Module):
 
     def logits(self, h: torch.Tensor) -> torch.Tensor:
         """Logits [B, T, V] from the last layer's hidden states."""
-        return self.head(self.model.norm(h))
+        return self.head(self.final_hidden(h))
+
+    def final_hidden(self, h: torch.Tensor) -> torch.Tensor:
+        """The last layer's output h [B, T, E] after the final norm: what the LM head takes."""
+        return self.model.norm(h)
 
     def head(self, h: torch.Tensor) -> torch.Tensor:
         """Logits [B, T, V] from normalised hidden states: the LM head (the MTP layers share it)."""

@@ -5,7 +5,7 @@ a dense first layer, then MoE layers with DeepSeek-V3's sigmoid routing (a corre
 choice of experts, over the best groups) and no shared expert. Its multi-token-prediction layers
 (`model.mtp.layers.{k}`, three in the release) are sliding-window layers with a dense MLP (vLLM's
 mimo_v2_flash_mtp.py, SGLang's mimo_v2_flash_nextn.py: MiMoV2MTPLayer), loaded as `mtp` for drafts (see
-localmoe/models/mtp.py)."""
+localmoe/models/mtp.py); each passes its final norm's output on, as vLLM's mimo_v2_mtp.py returns it."""
 
 from dataclasses import dataclass
 from typing import Any, ClassVar
@@ -18,7 +18,7 @@ from localmoe.models.expert_tensors import PerExpert
 from localmoe.models.family import Family, ModelArgs, MtpLayout
 from localmoe.models.layers import MLP, Backbone, CausalLM, DecoderLayer
 from localmoe.models.moe import FUSED_EXPERTS, MLP_EXPERTS, sigmoid_moe
-from localmoe.models.mtp import MTPLayer, MultiTokenPredictor
+from localmoe.models.mtp import MultiTokenPredictor, NormedMTPLayer
 from localmoe.models.rotary import RotaryEmbedding, rope_parameters
 
 # transformers' rotary per kind of layer where the config gives none (the release's thetas)
@@ -135,7 +135,7 @@ def build(args: MiMoV2FlashArgs) -> CausalLM:
         for i in range(args.num_hidden_layers)
     ]
     mtp = [
-        MTPLayer(
+        NormedMTPLayer(
             DecoderLayer(
                 attention("sliding_attention"),
                 MLP(hidden, args.intermediate_size, args.hidden_act),
@@ -161,7 +161,7 @@ def build(args: MiMoV2FlashArgs) -> CausalLM:
 MIMO_MTP = MtpLayout(
     "num_nextn_predict_layers",
     (
-        ("model.layers.{layer}.shared_head.norm.", "model.mtp.layers.{depth}.final_layernorm."),
+        ("model.layers.{layer}.final_layernorm.", "model.mtp.layers.{depth}.final_layernorm."),
         ("model.layers.{layer}.post_attention_layernorm.", "model.mtp.layers.{depth}.pre_mlp_layernorm."),
         ("model.layers.{layer}.", "model.mtp.layers.{depth}."),
     ),

@@ -1,11 +1,15 @@
 """Multi-token prediction layers, as DeepSeek-V3 ships them (its report, section 2.2) and the releases that
 followed its design (GLM-4.5, Qwen3-Next, Qwen3.5, MiMo-V2-Flash): MTP layer k takes the hidden state h at
-position i (layer k - 1's output there, before its final norm; for layer 0 the backbone's last layer's)
-and the embedding e of token i + k + 1, computes eh_proj([enorm(e); hnorm(h)]) (the embedding first), runs
-one decoder layer (with its own KV state) over that, and predicts token i + k + 2 through its own final
-norm and the model's shared embedding and LM head. The decoder layer is of the family's own kind, or what
-the release's inference code makes it (MiMo-V2-Flash's: sliding-window attention and a dense MLP). Where
-that code passes the layer's output on after its final norm (LongCat-Flash, Hy3), `NormedMTPLayer` does.
+position i (layer k - 1's output there as it passes it on; for layer 0 the target's, after its final norm:
+`CausalLM.mtp_hidden`) and the embedding e of token i + k + 1, computes eh_proj([enorm(e); hnorm(h)]) (the
+embedding first), runs one decoder layer (with its own KV state) over that, and predicts token i + k + 2
+through its own final norm and the model's shared embedding and LM head. The decoder layer is of the
+family's own kind, or what the release's inference code makes it (MiMo-V2-Flash's: sliding-window attention
+and a dense MLP). Where that code passes the layer's output on after its final norm, as transformers'
+MtpModel, vLLM's deepseek_mtp.py (since its PR 45895) and SGLang's deepseek_nextn.py do and most families'
+releases follow, `NormedMTPLayer` does; `MTPLayer` passes it on before that norm, as the published code of
+Step-3.5/3.7 does (SGLang's chain_mtp_hidden_states), or where there is none (ERNIE); MiniMax-M3's too, whose
+published MTP code was not at hand to say otherwise.
 
 In memory the layers are `mtp.layers.{k}.{enorm,hnorm,eh_proj,block,shared_head.norm}`; they are read
 from DeepSeek-V3's names, `model.layers.{num_hidden_layers + k}.*` (the decoder layer's tensors directly

@@ -35,8 +35,8 @@ class Drafter(Protocol):
 
     def observe(self, start: int, kept: int, hidden: torch.Tensor) -> None:
         """The target fed positions start, start + 1, ... and keeps the first `kept` of them (the rest
-        were rejected drafts); `hidden` [T, H]: its last layer's outputs there, before the final norm.
-        Only called where `reads_hidden`."""
+        were rejected drafts); `hidden` [T, H]: its hidden states there as it hands them to its MTP layers,
+        after its final norm (`CausalLM.mtp_hidden`). Only called where `reads_hidden`."""
 
     def rewind(self, pos: int) -> None:
         """A generation starts over a cache that holds the first `pos` positions of its prompt (a
