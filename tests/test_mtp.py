@@ -804,10 +804,10 @@ class PlainPreNormBlock(torch.nn.Module):
 
 
 class CollapsedStreams:
-    """A release whose MTP layers take the last layer's streams collapsed by hc_head, before the final norm."""
+    """A release whose MTP layers take the last layer's streams collapsed by hc_head, after the final norm."""
 
     def backbone(self, ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        return logits_and_output(self.reference, self.reference.model.hc_head, ids)
+        return logits_and_output(self.reference, self.reference.model.norm, ids)
 
 
 class HyV4Release(CollapsedStreams, NormedRelease):

@@ -539,6 +539,11 @@ class CollapsedLM(DeepseekV4LM):
     def logits(self, h: torch.Tensor) -> torch.Tensor:
         return self.head(self.model.norm(h))
 
+    def mtp_hidden(self, h: torch.Tensor) -> torch.Tensor:
+        """The collapsed state after the final norm, as the model's forward returns it to the drafting in
+        SGLang's hunyuan_v4_nextn.py (HYV4Model: norm(hc_head(streams))) and in GLM-5.3-Flash's ports."""
+        return CausalLM.mtp_hidden(self, h)
+
 
 class CollapsedNorm(nn.Module):
     """An MTP layer's last collapse of the streams (hc_head) and its final norm, as the model's logits take
